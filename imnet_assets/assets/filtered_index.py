@@ -1,0 +1,34 @@
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, TableRecord, asset
+
+from ..core.stages import INDEX_VERSION, build_filtered_index
+from ..settings import Settings
+from .common import GROUP, logger
+
+
+def make(settings: Settings):
+    @asset(
+        name="filtered_index",
+        group_name=GROUP,
+        deps=["synset_manifest"],
+        code_version=INDEX_VERSION,
+        description=(
+            "One row per raw member (catalog table `images`): key, synset, tar, data offset and size, "
+            "sha256, width/height/format/mode from the image header, and status with reason. Images "
+            "under 32 px and undecodable files are excluded with their reason; truncated ones are "
+            "kept and marked for repair. One sequential pass per tar, tars in parallel; unchanged "
+            "tars are not rescanned."
+        ),
+    )
+    def filtered_index(context: AssetExecutionContext) -> MaterializeResult:
+        facts = build_filtered_index(settings, context.run_id, logger(context))
+        reasons = facts.pop("reasons")
+        return MaterializeResult(
+            metadata={
+                **{k: v for k, v in facts.items() if v is not None},
+                "exclusion_reasons": MetadataValue.table(
+                    [TableRecord({"reason": r, "images": int(n)}) for r, n in reasons]
+                ),
+            }
+        )
+
+    return filtered_index

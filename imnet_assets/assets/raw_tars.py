@@ -1,0 +1,32 @@
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+
+from ..core.stages import build_raw_tars
+from ..settings import Settings
+from .common import GROUP, logger
+
+
+def make(settings: Settings):
+    @asset(
+        name="raw_tars",
+        group_name=GROUP,
+        code_version="1",
+        description=(
+            "Inventory of the per-synset raw tars `<wnid>.tar` under IMNET_RAW_ROOT (local folder or "
+            "s3:// prefix): size and member count of each. Unpacks `winter21_whole.tar.gz` first when "
+            "that is all the root holds. Member counts are reused for unchanged tars."
+        ),
+    )
+    def raw_tars(context: AssetExecutionContext) -> MaterializeResult:
+        facts = build_raw_tars(settings, context.run_id, logger(context))
+        return MaterializeResult(
+            metadata={
+                "tars": facts["tars"],
+                "bytes": MetadataValue.int(int(facts["bytes"])),
+                "members": MetadataValue.int(int(facts["members"])),
+                "ignored_files": facts["ignored_files"],
+                "raw_root": MetadataValue.text(settings.raw_root),
+            },
+            data_version=None,
+        )
+
+    return raw_tars

@@ -1,0 +1,72 @@
+import os
+
+from dagster import (
+    AssetExecutionContext,
+    DataVersion,
+    MaterializeResult,
+    MetadataValue,
+    StaticPartitionsDefinition,
+    asset,
+)
+
+from ..checks import SHARD_COMPLETE, result, wds_shards_checks
+from ..core.audit import encode_settings
+from ..core.shard import build_shard, code_version, read_manifest, verify_shard
+from ..settings import Settings
+from .common import GROUP, logger
+
+SHARD_POOL = "imnet_shards"
+
+
+def make(settings: Settings):
+    enc = encode_settings(settings)
+    partitions = StaticPartitionsDefinition(settings.partition_keys)
+
+    @asset(
+        name="wds_shards",
+        group_name=GROUP,
+        deps=["shuffled_plan"],
+        partitions_def=partitions,
+        code_version=code_version(enc),
+        check_specs=wds_shards_checks,
+        pool=SHARD_POOL,
+        description=(
+            "One WebDataset tar per partition (IMNET_SHARD_PATTERN under IMNET_OUT_ROOT). Reads the "
+            "partition's plan slice, range-reads each source straight from its raw tar, encodes "
+            "WebP (short side capped at 768, colour-space EXIF and RGB ICC kept, everything else "
+            "stripped, truncated images repaired) in IMNET_WORKERS processes, and commits the tar "
+            "and its manifest atomically. Never writes the catalog."
+        ),
+    )
+    def wds_shards(context: AssetExecutionContext) -> MaterializeResult:
+        key = context.partition_key
+        name = settings.shard_name(key)
+        res = build_shard(
+            out_root=settings.out_root, raw_root=settings.raw_root, shard_key=key, shard_name=name,
+            settings=enc, workers=settings.workers, run_id=context.run_id, log=logger(context),
+        )
+        problems = verify_shard(settings.out_root, key, name)
+        manifest = read_manifest(settings.out_root, key) or {}
+        reasons = {}
+        for e in res.excluded:
+            reasons[e["reason"].split(":")[0]] = reasons.get(e["reason"].split(":")[0], 0) + 1
+        return MaterializeResult(
+            metadata={
+                "path": MetadataValue.path(res.path),
+                "samples": res.num_samples,
+                "planned": res.planned,
+                "bytes": MetadataValue.int(res.bytes),
+                "seconds": round(res.seconds, 3),
+                "images_per_s": round(res.images_per_second, 2),
+                "repaired": res.repaired,
+                "excluded": len(res.excluded),
+                "excluded_reasons": MetadataValue.json(reasons),
+                "sha256": res.sha256,
+                "workers": settings.workers,
+                "pid": os.getpid(),
+            },
+            data_version=DataVersion(manifest.get("fingerprint", "")[:16]),
+            check_results=[result(SHARD_COMPLETE, "wds_shards", problems, samples=res.num_samples)],
+        )
+
+    return wds_shards, partitions

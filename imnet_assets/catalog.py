@@ -1,0 +1,89 @@
+"""The DuckDB catalog: opens the file and runs the statements kept in `sql/`.
+
+No SQL text lives in Python: every statement is a file under `sql/`, run by name.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from functools import cache
+from pathlib import Path
+
+import duckdb
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+
+
+@cache
+def sql(name: str) -> str:
+    path = SQL_DIR / f"{name}.sql"
+    if not path.exists():
+        raise FileNotFoundError(f"no SQL statement {name!r} in {SQL_DIR}")
+    return path.read_text()
+
+
+def _statements(text: str) -> list[str]:
+    # Our files hold plain statements separated by ';' at line ends (no procedural blocks).
+    body = "\n".join(line for line in text.splitlines() if not line.strip().startswith("--"))
+    return [s.strip() for s in body.split(";\n") if s.strip().strip(";").strip()]
+
+
+class Catalog:
+    """A connection to the catalog file. Writers create the schema; readers open read-only."""
+
+    def __init__(self, path: str, read_only: bool = False, retries: float = 30.0):
+        self.path = path
+        if not read_only:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        elif not os.path.exists(path):
+            raise FileNotFoundError(f"catalog {path} does not exist yet: run `imnet build` first")
+        deadline = time.monotonic() + retries
+        while True:
+            try:
+                self.con = duckdb.connect(path, read_only=read_only)
+                break
+            except duckdb.IOException as e:
+                # Another process holds the write lock (e.g. an audit in progress): wait for it.
+                if "lock" not in str(e).lower() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        self.con.execute("SET enable_progress_bar = false")
+        if not read_only:
+            self.run("schema")
+
+    def run(self, name: str, params: dict | None = None):
+        """Run every statement of `sql/<name>.sql`; returns the cursor of the last one."""
+        result = None
+        for stmt in _statements(sql(name)):
+            used = {k: v for k, v in (params or {}).items() if f"${k}" in stmt}
+            result = self.con.execute(stmt, used) if used else self.con.execute(stmt)
+        return result
+
+    def rows(self, name: str, params: dict | None = None) -> list[tuple]:
+        return self.run(name, params).fetchall()
+
+    def dicts(self, name: str, params: dict | None = None) -> list[dict]:
+        cur = self.run(name, params)
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+    def one(self, name: str, params: dict | None = None) -> dict:
+        found = self.dicts(name, params)
+        return found[0] if found else {}
+
+    def stage_fingerprint(self, stage: str) -> str | None:
+        row = self.rows("stage_get", {"stage": stage})
+        return row[0][0] if row else None
+
+    def set_stage(self, stage: str, fingerprint: str, run_id: str) -> None:
+        self.run("stage_set", {"stage": stage, "fingerprint": fingerprint, "run_id": run_id})
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,46 @@
+"""The blocking asset checks: declared here, evaluated inside the asset that they guard."""
+
+from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec
+
+SHARD_COMPLETE = "shard_holds_its_plan"
+AUDIT_RECONCILED = "nothing_lost_or_duplicated"
+AUDIT_INFO = "info_json_agrees"
+
+wds_shards_checks = [
+    AssetCheckSpec(
+        SHARD_COMPLETE,
+        asset="wds_shards",
+        blocking=True,
+        description=(
+            "The committed shard holds exactly its planned samples (minus exclusions recorded with a "
+            "reason), in plan order, each with .cls/.json/.webp, and every WebP decodes to the "
+            "recorded size."
+        ),
+    )
+]
+shard_audit_checks = [
+    AssetCheckSpec(
+        AUDIT_RECONCILED,
+        asset="shard_audit",
+        blocking=True,
+        description="Every planned image is in its shard or recorded as excluded: none lost, duplicated, "
+        "misplaced or unplanned; every shard present and fresh.",
+    ),
+    AssetCheckSpec(
+        AUDIT_INFO,
+        asset="shard_audit",
+        blocking=True,
+        description="`_info.json` lists exactly the shards with the sample counts they hold.",
+    ),
+]
+
+
+def result(name: str, asset: str, problems: list[str], **metadata) -> AssetCheckResult:
+    return AssetCheckResult(
+        check_name=name,
+        asset_key=asset,
+        passed=not problems,
+        severity=AssetCheckSeverity.ERROR,
+        description="; ".join(problems[:20]) if problems else "ok",
+        metadata={"problems": len(problems), **metadata},
+    )

@@ -1,0 +1,335 @@
+"""`imnet`: sample-raw, build, demo, status, lineage, verify (SPEC: Command line)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+
+from .settings import Settings, SettingsError, shard_key
+
+DEMO_SHARDS = 8
+
+
+def parse_shards(spec: str | None, keys: list[str]) -> list[str]:
+    """`0000-0015,0042` -> those partition keys (all when spec is empty or 'all')."""
+    if not spec or spec == "all":
+        return list(keys)
+    known = set(keys)
+    chosen: list[str] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        lo, sep, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise SettingsError(f"--shards: {part!r} is not a shard number or range like 0000-0015") from None
+        for i in range(a, b + 1):
+            k = shard_key(i)
+            if k not in known:
+                raise SettingsError(f"--shards: shard {k} does not exist (IMNET_NUM_SHARDS={len(keys)})")
+            if k not in chosen:
+                chosen.append(k)
+    return chosen
+
+
+class Build:
+    """Materializes stages through Dagster, in this process, recording into the instance."""
+
+    def __init__(self, settings: Settings, out=sys.stdout):
+        from dagster import DagsterInstance
+
+        from .definitions import build_definitions
+
+        self.settings = settings
+        self.defs = build_definitions(settings)
+        self.assets = list(self.defs.assets)
+        self.instance = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else DagsterInstance.ephemeral()
+        self.out = out
+
+    def say(self, msg: str) -> None:
+        print(msg, file=self.out, flush=True)
+
+    def materialize(self, selection: list[str], partition_key: str | None = None):
+        from dagster import materialize
+
+        result = materialize(
+            self.assets, selection=selection, partition_key=partition_key, instance=self.instance,
+            raise_on_error=False, tags={"imnet/launched_by": "imnet build"},
+            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+        )
+        failures = []
+        for ev in result.get_step_failure_events():
+            err = ev.step_failure_data.error
+            while err is not None and err.cause is not None:
+                err = err.cause  # the user code's own error, not Dagster's wrapper
+            failures.append(f"{ev.step_key} failed: {err.message.strip() if err else 'unknown error'}")
+        for ev in result.get_asset_check_evaluations():
+            if not ev.passed:
+                failures.append(f"check {ev.asset_key.to_user_string()}:{ev.check_name} failed: {ev.description}")
+        if not result.success and not failures:
+            failures.append(f"run {result.run_id} failed")
+        return result, failures
+
+    def run(self, shards_spec: str | None) -> int:
+        from .core.audit import audit_fingerprint
+        from .core.stages import stale_stages
+        from .schedules import shard_partition_status
+
+        s = self.settings
+        self.say(f"imnet build: raw {s.raw_root} -> out {s.out_root}, catalog {s.catalog}, "
+                 f"{s.num_shards} shards, {s.workers} workers, instance "
+                 f"{os.environ.get('DAGSTER_HOME') or '(ephemeral)'}")
+        wanted = parse_shards(shards_spec, s.partition_keys)
+        for stage in ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]:
+            if stage not in stale_stages(s, log=self.say):
+                self.say(f"  {stage:16s} fresh, skipped")
+                continue
+            t0 = time.perf_counter()
+            result, failures = self.materialize([stage])
+            if failures:
+                return self.fail(stage, failures)
+            self.say(f"  {stage:16s} materialized in {time.perf_counter() - t0:.1f}s  {self._facts(result, stage)}")
+        status = shard_partition_status(s, self.instance)
+        todo = [k for k in wanted if status[k] != "fresh"]
+        busy = [k for k in todo if status[k] == "in_flight"]
+        todo = [k for k in todo if k not in busy]
+        if busy:
+            self.say(f"  wds_shards: {len(busy)} shards have a run in flight elsewhere, left to it: {busy[:8]}")
+        self.say(f"  wds_shards: {len(wanted) - len(todo) - len(busy)} of {len(wanted)} selected shards fresh, "
+                 f"{len(todo)} to build")
+        started, images = time.perf_counter(), 0
+        for i, key in enumerate(todo, 1):
+            result, failures = self.materialize(["wds_shards"], partition_key=key)
+            if failures:
+                return self.fail(f"wds_shards[{key}]", failures)
+            md = self._metadata(result, "wds_shards")
+            images += int(md.get("samples", 0))
+            elapsed = time.perf_counter() - started
+            eta = elapsed / i * (len(todo) - i)
+            self.say(f"  [{i}/{len(todo)}] shard {key}: {md.get('samples')} samples "
+                     f"({md.get('excluded')} excluded, {md.get('repaired')} repaired), "
+                     f"{md.get('images_per_s')} img/s; overall {images / elapsed:.1f} img/s, eta {eta:.0f}s")
+        if set(wanted) != set(s.partition_keys):
+            self.say("  shard_audit: skipped (only some shards were selected; run `imnet build` for all)")
+            return 0
+        fp = audit_fingerprint(s)
+        if not todo and fp is not None and self._stage_fp("shard_audit") == fp:
+            self.say("  shard_audit      fresh, skipped")
+        else:
+            result, failures = self.materialize(["shard_audit"])
+            if failures:
+                return self.fail("shard_audit", failures)
+            md = self._metadata(result, "shard_audit")
+            self.say(f"  shard_audit      ok: {md.get('samples')} samples in {md.get('shards')} shards, "
+                     f"{md.get('excluded')} excluded, {md.get('repaired')} repaired")
+        self.say(f"shards: {s.out_root}  (_info.json beside them); catalog: {s.catalog}")
+        return 0
+
+    def _stage_fp(self, stage: str) -> str | None:
+        from .catalog import Catalog
+
+        if not os.path.exists(self.settings.catalog):
+            return None
+        with Catalog(self.settings.catalog, read_only=True) as cat:
+            return cat.stage_fingerprint(stage)
+
+    def _metadata(self, result, asset: str) -> dict:
+        for ev in result.get_asset_materialization_events():
+            mat = ev.event_specific_data.materialization
+            if mat.asset_key.to_user_string() == asset:
+                return {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
+        return {}
+
+    def _facts(self, result, asset: str) -> str:
+        md = self._metadata(result, asset)
+        shown = {k: v for k, v in md.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return ", ".join(f"{k}={v}" for k, v in list(shown.items())[:6])
+
+    def fail(self, stage: str, failures: list[str]) -> int:
+        from .core.fs import redact
+
+        self.say(f"imnet build: {stage} FAILED")
+        for f in failures:
+            self.say("  " + redact(f))
+        return 1
+
+
+def cmd_sample_raw(args) -> int:
+    from .core.sample_raw import write_sample_raw
+
+    summary = write_sample_raw(args.dir, synsets=args.synsets, images=args.images, seed=args.seed)
+    print(f"wrote {len(summary.wnids)} synset tars with {summary.total_members} files to {args.dir}")
+    print("quirks: " + ", ".join(f"{k} ({len(v)})" for k, v in sorted(summary.quirks.items())))
+    return 0
+
+
+def cmd_build(args) -> int:
+    return Build(Settings.from_env()).run(args.shards)
+
+
+def cmd_demo(args) -> int:
+    from .core import fs
+    from .core.sample_raw import write_sample_raw
+
+    if not os.environ.get("IMNET_NUM_SHARDS"):
+        os.environ["IMNET_NUM_SHARDS"] = str(DEMO_SHARDS)
+        print(f"imnet demo: IMNET_NUM_SHARDS not set, using {DEMO_SHARDS} shards for the sample release")
+    s = Settings.from_env()
+    if not any(e["name"].endswith(".tar") for e in fs.listdir(s.raw_root)):
+        summary = write_sample_raw(s.raw_root, synsets=args.synsets, images=args.images, seed=0)
+        print(f"imnet demo: wrote a sample raw release ({len(summary.wnids)} synsets, "
+              f"{summary.total_members} files with ImageNet's quirks) to {s.raw_root}")
+    code = Build(s).run(None)
+    if code == 0:
+        print(f"demo done: shards and _info.json in {s.out_root}; try `imnet lineage <key>`, `imnet verify`,")
+        print("or `dagster dev -w workspace.yaml` to see the assets (with DAGSTER_HOME set to keep history).")
+    return code
+
+
+def cmd_status(args) -> int:
+    from collections import Counter
+
+    from dagster import DagsterInstance
+
+    from .core.stages import stale_stages
+    from .schedules import shard_partition_status
+
+    s = Settings.from_env()
+    stale = stale_stages(s, log=lambda _m: None)
+    for stage in ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]:
+        print(f"{stage:16s} {'stale' if stage in stale else 'fresh'}")
+    inst = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else None
+    status = shard_partition_status(s, inst)
+    counts = Counter(status.values())
+    print("wds_shards       " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    not_fresh = [k for k, v in status.items() if v != "fresh"]
+    if not_fresh:
+        print("  not fresh: " + ", ".join(not_fresh[:32]) + (" ..." if len(not_fresh) > 32 else ""))
+    return 0
+
+
+def cmd_lineage(args) -> int:
+    from .catalog import Catalog
+
+    s = Settings.from_env()
+    with Catalog(s.catalog, read_only=True) as cat:
+        rows = cat.dicts("lineage", {"key": args.key})
+    if not rows:
+        print(f"no image with key {args.key!r} in {s.catalog}", file=sys.stderr)
+        return 1
+    for r in rows:
+        print(f"key          {r['key']}  ({r['wnid']})")
+        print(f"source       {r['tar']} member {r['member']}")
+        print(f"             offset {r['offset']}  size {r['size']}  sha256 {r['sha256']}")
+        print(f"status       {r['status']}" + (f"  ({r['reason']})" if r["reason"] else ""))
+        if r["shard"] is not None:
+            print(f"shard        {r['shard']}  position {r['position']}  file {r['path'] or '(not written yet)'}")
+            if r["run_id"]:
+                print(f"written by   run {r['run_id']}  code version {r['code_version']}  at {r['written_at']}")
+                print(f"webp sha256  {r['webp_sha256']}  repaired {r['repaired']}")
+        print()
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from PIL import Image
+
+    from .catalog import Catalog
+    from .core import fs
+    from .core.shard import iter_samples
+
+    s = Settings.from_env()
+    with Catalog(s.catalog, read_only=True) as cat:
+        shards = cat.dicts("verify_shards")
+        expected = {sh["shard"]: cat.rows("verify_samples", {"shard": sh["shard"]}) for sh in shards}
+    if not shards:
+        print(f"no shards recorded in {s.catalog}: run `imnet build` first", file=sys.stderr)
+        return 1
+    bad = 0
+    for sh in shards:
+        url = fs.join(s.out_root, sh["path"])
+        if not fs.exists(url):
+            print(f"FAIL shard {sh['shard']} ({sh['path']}): missing from {s.out_root}")
+            bad += 1
+            continue
+        digest = hashlib.sha256()
+        with fs.open_read(url) as f:
+            while chunk := f.read(8 << 20):
+                digest.update(chunk)
+        problems = []
+        if digest.hexdigest() != sh["sha256"]:
+            problems.append(f"tar sha256 {digest.hexdigest()[:16]} != catalog {sh['sha256'][:16]}")
+        want = expected[sh["shard"]]
+        got = []
+        try:
+            for key, parts in iter_samples(url):
+                got.append(key)
+                payload = parts.get("webp", b"")
+                i = len(got) - 1
+                if i >= len(want) or want[i][0] != key:
+                    problems.append(f"sample {key} at position {i} is not the catalog's")
+                elif hashlib.sha256(payload).hexdigest() != want[i][2]:
+                    problems.append(f"sample {key}: webp payload sha256 differs from the catalog")
+                elif args.decode:
+                    import io
+
+                    try:
+                        Image.open(io.BytesIO(payload)).load()
+                    except Exception as e:  # noqa: BLE001
+                        problems.append(f"sample {key}: does not decode ({e})")
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"unreadable tar: {e}")
+        if len(got) != len(want):
+            problems.append(f"{len(got)} samples, catalog says {len(want)}")
+        for p in problems:
+            print(f"FAIL shard {sh['shard']} ({sh['path']}): {p}")
+        bad += bool(problems)
+        if not problems and args.verbose:
+            print(f"ok   shard {sh['shard']}: {len(got)} samples")
+    print(f"verify: {len(shards) - bad} of {len(shards)} shards ok" + (f", {bad} FAILED" if bad else ""))
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="imnet", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sp = sub.add_parser("sample-raw", help="write a small synthetic raw release with ImageNet's quirks")
+    sp.add_argument("dir")
+    sp.add_argument("--synsets", type=int, default=6)
+    sp.add_argument("--images", type=int, default=40)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=cmd_sample_raw)
+    sp = sub.add_parser("build", help="materialize every stage through Dagster, then shards, then the audit")
+    sp.add_argument("--shards", help="shard partitions to build, e.g. 0000-0015,0042 (default all)")
+    sp.set_defaults(func=cmd_build)
+    sp = sub.add_parser("demo", help="sample-raw into the raw root when empty, then build")
+    sp.add_argument("--synsets", type=int, default=6)
+    sp.add_argument("--images", type=int, default=40)
+    sp.set_defaults(func=cmd_demo)
+    sp = sub.add_parser("status", help="which stages and shard partitions are fresh")
+    sp.set_defaults(func=cmd_status)
+    sp = sub.add_parser("lineage", help="where a sample came from and where it went")
+    sp.add_argument("key")
+    sp.set_defaults(func=cmd_lineage)
+    sp = sub.add_parser("verify", help="re-read every shard and check it against the catalog")
+    sp.add_argument("--decode", action="store_true", help="also decode every WebP")
+    sp.add_argument("-v", "--verbose", action="store_true")
+    sp.set_defaults(func=cmd_verify)
+    args = p.parse_args(argv)
+    try:
+        return args.func(args)
+    except SettingsError as e:
+        print(f"imnet: configuration error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"imnet: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("imnet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

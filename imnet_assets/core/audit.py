@@ -1,0 +1,212 @@
+"""shard_audit: reconcile the plan against the committed shards and publish `_info.json`.
+
+The audit is the only process that writes shard facts into the catalog: it reads every shard's
+manifest from the out root (local or S3), loads them with one SQL statement, and checks that
+every planned image is in its shard or recorded as excluded, none twice, none misplaced.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageDraw
+
+from ..catalog import Catalog
+from ..settings import Settings
+from . import fs
+from .encode import EncodeSettings
+from .plan import read_index, split_shards
+from .shard import fingerprint, manifest_url, read_manifest
+
+DATASET_NAME = "imagenet-w21-webp-wds"
+
+
+def encode_settings(settings: Settings) -> EncodeSettings:
+    return EncodeSettings(quality=settings.webp_quality, method=settings.webp_method)
+
+
+def expected_shard_fingerprints(settings: Settings) -> dict[str, str]:
+    """Partition key -> the fingerprint a fresh shard carries under the current plan and settings."""
+    index = read_index(settings.out_root)
+    if index is None:
+        return {}
+    enc = encode_settings(settings)
+    return {k: fingerprint(d, enc) for k, d in index["digests"].items()}
+
+
+@dataclass
+class AuditReport:
+    totals: dict
+    reconcile: dict
+    per_shard: list[dict]
+    reasons: list[dict]
+    class_sizes: list[tuple]
+    image_sizes: list[tuple]
+    missing: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    bad_files: list[str] = field(default_factory=list)
+    info_written: bool = False
+
+    @property
+    def problems(self) -> list[str]:
+        out = []
+        r = self.reconcile
+        for name in ("lost", "duplicated", "misplaced", "unplanned"):
+            if r.get(name):
+                extra = f" e.g. {r['lost_examples']}" if name == "lost" else ""
+                out.append(f"{r[name]} planned images {name}{extra}")
+        if self.missing:
+            out.append(f"{len(self.missing)} shards missing: {self.missing[:10]}")
+        if self.stale:
+            out.append(f"{len(self.stale)} shards stale (written from another plan or settings): {self.stale[:10]}")
+        out.extend(self.bad_files)
+        return out
+
+
+def info_document(settings: Settings, lengths: dict[str, int]) -> dict:
+    """timm's `_info.json`: one entry per split, shard basenames and their sample counts."""
+    splits = {}
+    for name, indices in split_shards(settings.num_shards, settings.holdout).items():
+        keys = [settings.partition_keys[i] for i in indices]
+        counts = [lengths[k] for k in keys]
+        splits[name] = {
+            "name": name,
+            "filenames": [settings.shard_name(k) for k in keys],
+            "shard_lengths": counts,
+            "num_samples": sum(counts),
+        }
+    return {"name": DATASET_NAME, "splits": splits}
+
+
+def info_url(settings: Settings) -> str:
+    return fs.join(settings.out_root, "_info.json")
+
+
+def render_info(doc: dict) -> bytes:
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = print) -> AuditReport:
+    audit_fp = audit_fingerprint(settings)
+    expected = expected_shard_fingerprints(settings)
+    if not expected:
+        raise FileNotFoundError(f"no plan under {settings.out_root}: materialize shuffled_plan first")
+    present, missing, stale, bad = [], [], [], []
+    lengths: dict[str, int] = {}
+    for key in settings.partition_keys:
+        manifest = read_manifest(settings.out_root, key)
+        shard_url = fs.join(settings.out_root, settings.shard_name(key))
+        if manifest is None or not fs.exists(shard_url):
+            missing.append(key)
+            continue
+        if manifest.get("fingerprint") != expected.get(key):
+            stale.append(key)
+            continue
+        size = fs.size(shard_url)
+        if size != manifest["bytes"]:
+            bad.append(f"shard {key}: {size} bytes on storage, manifest says {manifest['bytes']}")
+        present.append(manifest_url(settings.out_root, key))
+        lengths[key] = manifest["num_samples"]
+    with Catalog(settings.catalog) as cat:
+        if fs.is_remote(settings.out_root):
+            cat.con.register_filesystem(fs.filesystem(settings.out_root)[0])
+        if present:
+            cat.run("audit_load", {"files": present})
+            cat.run("audit_replace")
+        else:
+            cat.run("audit_clear")
+        reconcile = cat.one("audit_reconcile")
+        report = AuditReport(
+            totals=cat.one("audit_totals"),
+            reconcile=reconcile,
+            per_shard=cat.dicts("audit_per_shard"),
+            reasons=cat.dicts("audit_reasons"),
+            class_sizes=cat.rows("audit_class_sizes", {"width": _bucket_width(cat, "class")}),
+            image_sizes=cat.rows("audit_image_sizes", {"width": 64}),
+            missing=missing, stale=stale, bad_files=bad,
+        )
+        if audit_fp:
+            cat.set_stage("shard_audit", audit_fp, run_id)
+    if not missing and not stale:
+        fs.write_atomic(info_url(settings), render_info(info_document(settings, lengths)))
+        report.info_written = True
+    else:
+        log(f"_info.json not written: {len(missing)} shards missing, {len(stale)} stale")
+    return report
+
+
+def _bucket_width(cat: Catalog, _what: str) -> int:
+    total = cat.one("audit_totals")
+    per_class = (total.get("samples") or 0) / max(total.get("synsets") or 1, 1)
+    return max(1, int(per_class // 10) or 1)
+
+
+def check_info(settings: Settings) -> list[str]:
+    """`_info.json` agrees with the shards on storage (names, lengths, totals)."""
+    try:
+        doc = json.loads(fs.read_bytes(info_url(settings)))
+    except (FileNotFoundError, OSError, ValueError) as e:
+        return [f"_info.json unreadable: {e}"]
+    problems = []
+    listed = []
+    for name, split in doc.get("splits", {}).items():
+        if len(split["filenames"]) != len(split["shard_lengths"]):
+            problems.append(f"_info.json split {name}: filenames and shard_lengths differ in length")
+        if sum(split["shard_lengths"]) != split["num_samples"]:
+            problems.append(f"_info.json split {name}: num_samples is not the sum of shard_lengths")
+        listed += list(zip(split["filenames"], split["shard_lengths"]))
+    by_name = {settings.shard_name(k): k for k in settings.partition_keys}
+    if sorted(n for n, _ in listed) != sorted(by_name):
+        problems.append("_info.json does not list exactly the shards of the plan")
+    for fname, n in listed:
+        key = by_name.get(fname)
+        manifest = read_manifest(settings.out_root, key) if key else None
+        if manifest is None or manifest["num_samples"] != n:
+            problems.append(f"_info.json says {fname} holds {n} samples; its manifest disagrees")
+    return problems
+
+
+def bar_chart_png(rows: list[tuple], title: str, xlabel: str) -> bytes:
+    """A small bar chart (PNG) drawn with Pillow, for markdown metadata in the Dagster UI."""
+    w, h, pad = 640, 260, 36
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.text((pad, 8), title, fill="black")
+    d.text((pad, h - 18), xlabel, fill="black")
+    if rows:
+        top = max(v for _, v in rows) or 1
+        bw = max(1, (w - 2 * pad) // len(rows))
+        for i, (_label, v) in enumerate(rows):
+            x0 = pad + i * bw
+            y0 = h - pad - int((h - 2 * pad - 10) * v / top)
+            d.rectangle([x0, y0, x0 + max(1, bw - 2), h - pad], fill=(70, 110, 180))
+        d.text((pad, h - pad + 2), str(rows[0][0]), fill="black")
+        d.text((w - pad - 40, h - pad + 2), str(rows[-1][0]), fill="black")
+        d.text((4, pad), str(top), fill="black")
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def png_markdown(png: bytes, alt: str) -> str:
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def audit_fingerprint(settings: Settings) -> str | None:
+    """What the audit's output depends on: every shard's committed sha256 and the plan."""
+    from .plan import read_index
+    from .shard import read_state
+
+    index = read_index(settings.out_root)
+    if index is None:
+        return None
+    parts = [index["fingerprint"], settings.shard_pattern, json.dumps(settings.holdout)]
+    for key in settings.partition_keys:
+        state = read_state(settings.out_root, key)
+        parts.append(state["sha256"] if state else "-")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()

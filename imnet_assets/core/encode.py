@@ -1,0 +1,493 @@
+"""One raw image in, one WebP out: the pixel and metadata rules of SPEC.md "Output".
+
+Pure functions with no dagster dependency; everything here is a picklable top-level function so the
+shard runs can call it from worker processes.
+
+Chain on the happy path (one header parse, one decode, at most one conversion and one resize):
+
+1. identify the bytes with Pillow's plugins, *without* the decompression-bomb check (``open_image``);
+2. reject tiny (< 32 px side), refused formats/modes and, for non-draftable formats, huge images;
+3. for JPEG sources that get downsized, ``draft`` so libjpeg decodes at 1/2, 1/4 or 1/8 scale
+   (always >= the target size);
+4. decode; on a decoding error retry once tolerating truncated/broken data (``repaired=True``);
+5. colour: what ``convert("RGB")`` gives (16-bit / 32-bit / float greyscale is scaled to 8 bit first);
+6. resize to ``target_size`` with ``RESAMPLE``;
+7. lossy WebP, with only the colour-space EXIF tags and an RGB ICC profile carried over.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+from dataclasses import dataclass
+
+from PIL import Image, ImageFile, JpegImagePlugin, UnidentifiedImageError
+
+MAX_SHORT = 768
+MIN_SIDE = 32
+
+# Formats without DCT draft scaling are decoded at full size; above this many pixels they are rejected
+# rather than risking the worker's memory (144 MP RGB is ~430 MB).  JPEG is checked against the same
+# limit *after* draft, which can only exceed it for > 48k x 24k px files.  The limit is below Pillow's
+# own hard decompression-bomb limit (2 * Image.MAX_IMAGE_PIXELS ~ 179 MP), which some plugins also
+# check while loading.
+MAX_FULL_DECODE_PIXELS = 12000 * 12000
+
+# Resampling filter, used identically by ``encode_image`` and ``bare_chain``.  LANCZOS is Pillow's
+# highest-quality antialiasing downscaler (the one ``thumbnail`` uses).  After a JPEG draft the decoded
+# image is less than ~2x the target per side, so the filter cost is small next to decode + WebP encode.
+# No ``reducing_gap``: the result is the exact filter output of the (drafted) decoded image.
+RESAMPLE = Image.Resampling.LANCZOS
+
+# Pillow formats we refuse to decode even though Pillow identifies them: EPS is rendered by running
+# Ghostscript on the file's PostScript program.
+REFUSED_FORMATS = frozenset({"EPS"})
+
+# Modes we can turn into RGB.  ("La" is the only mode Pillow cannot convert to RGB.)
+SUPPORTED_MODES = frozenset(
+    {
+        "1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV",
+        "I", "I;16", "I;16L", "I;16B", "I;16N", "F",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    quality: int = 90
+    method: int = 4
+    max_short: int = MAX_SHORT
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.quality <= 100:
+            raise ValueError(f"WebP quality must be 0..100, got {self.quality}")
+        if not 0 <= self.method <= 6:
+            raise ValueError(f"WebP method must be 0..6, got {self.method}")
+        if self.max_short < MIN_SIDE:
+            raise ValueError(f"max_short must be >= {MIN_SIDE}, got {self.max_short}")
+
+
+class ImageRejected(Exception):
+    """The image must be excluded; ``reason`` is a short, deterministic, human-readable string."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Encoded:
+    webp: bytes
+    width: int
+    height: int
+    orig_width: int
+    orig_height: int
+    repaired: bool
+
+
+def target_size(width: int, height: int, max_short: int = MAX_SHORT) -> tuple[int, int]:
+    """Output size: when ``min(w, h) > max_short`` the short side becomes exactly ``max_short`` and the
+    long side ``round(long * max_short / short)``; otherwise unchanged."""
+    short = min(width, height)
+    if short <= max_short:
+        return width, height
+    if width <= height:
+        return max_short, round(height * max_short / width)
+    return round(width * max_short / height), max_short
+
+
+# --------------------------------------------------------------------------------------------------
+# Opening
+
+
+_OPEN_SKIP_ERRORS = (SyntaxError, IndexError, TypeError, struct.error)
+_plugins_loaded = False
+
+
+def open_image(data: bytes) -> ImageFile.ImageFile:
+    """Identify ``data`` exactly as ``Image.open`` does (same plugins, same order, same tolerated
+    errors) but without the decompression-bomb size check, and without touching any global state
+    (``Image.MAX_IMAGE_PIXELS`` or warning filters).  Header parse only; nothing is decoded.
+
+    Raises ``UnidentifiedImageError`` (fixed message) when no plugin accepts the bytes.
+    """
+    global _plugins_loaded
+    if not _plugins_loaded:
+        Image.preinit()  # the common plugins first, like Image.open
+        Image.init()
+        _plugins_loaded = True
+    fp = io.BytesIO(data)
+    prefix = data[:16]
+    for fmt in tuple(Image.ID):
+        factory, accept = Image.OPEN[fmt]
+        if accept is not None:
+            accepted = accept(prefix)
+            if not accepted or isinstance(accepted, str):
+                continue
+        fp.seek(0)
+        try:
+            return factory(fp, "")
+        except _OPEN_SKIP_ERRORS:
+            continue
+    raise UnidentifiedImageError("cannot identify image file")
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` with object addresses removed, so reasons are deterministic."""
+    msg = re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc)).strip()
+    name = type(exc).__name__
+    return f"{name}: {msg}" if msg else name
+
+
+def _is_draftable(img: Image.Image) -> bool:
+    return isinstance(img, JpegImagePlugin.JpegImageFile)  # JPEG and MPO
+
+
+def plan_decode(
+    img: ImageFile.ImageFile, max_short: int = MAX_SHORT
+) -> tuple[tuple[int, int], tuple[float, float, float, float] | None]:
+    """Validate an opened (not yet loaded) image and prepare its decode.
+
+    Returns ``(target, box)``: the output size and, when a JPEG draft was applied, the region of the
+    drafted image that corresponds to the full original (for ``resize(box=...)``).  Raises
+    ``ImageRejected`` for images that must be excluded.  Header-only: the probe calls it too, so the
+    probe and the encoder agree on what is excluded.
+    """
+    w, h = img.size
+    if w < MIN_SIDE or h < MIN_SIDE:
+        raise ImageRejected(f"too small: {w}x{h} (min side {MIN_SIDE})")
+    if img.format in REFUSED_FORMATS:
+        raise ImageRejected(f"unsupported format {img.format}")
+    if img.mode not in SUPPORTED_MODES:
+        raise ImageRejected(f"unsupported mode {img.mode} ({img.format})")
+    target = target_size(w, h, max_short)
+    box = None
+    if target != (w, h) and _is_draftable(img):
+        # DCT-domain downscale by 1/2, 1/4 or 1/8; the decoded size stays >= target.
+        drafted = img.draft(img.mode, target)
+        if drafted is not None:
+            box = drafted[1]
+    dw, dh = img.size
+    if dw * dh > MAX_FULL_DECODE_PIXELS:
+        raise ImageRejected(
+            f"too large to decode: {w}x{h} {img.format} "
+            f"({dw * dh} px to decode > {MAX_FULL_DECODE_PIXELS})"
+        )
+    return target, box
+
+
+def _open_planned(data: bytes, max_short: int):
+    if not data:
+        raise ImageRejected("empty file")
+    try:
+        img = open_image(data)
+    except UnidentifiedImageError as e:
+        raise ImageRejected("not an image: cannot identify image file") from e
+    except Image.DecompressionBombError as e:  # raised by a few plugins while parsing headers
+        raise ImageRejected(f"too large to decode: {describe_error(e)}") from e
+    orig = img.size
+    target, box = plan_decode(img, max_short)
+    return img, orig, target, box
+
+
+def _load_truncated(img: ImageFile.ImageFile) -> None:
+    """``img.load()`` with Pillow's truncated-image tolerance, scoped to this call.
+
+    Encoding runs in worker processes, one image at a time, so flipping the module flag inside
+    try/finally does not leak to other code."""
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        img.load()
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def _is_uniform(img: Image.Image) -> bool:
+    ext = img.getextrema()
+    if isinstance(ext[0], tuple):
+        return all(lo == hi for lo, hi in ext)
+    return ext[0] == ext[1]
+
+
+def _decode(data: bytes, max_short: int):
+    """Open, plan and decode.  Returns ``(img, orig_size, target, box, repaired)``."""
+    img, orig, target, box = _open_planned(data, max_short)
+    try:
+        img.load()
+        return img, orig, target, box, False
+    except MemoryError:
+        raise
+    except Exception as first:  # truncated / broken data: decode again, as far as the data goes
+        first_error = describe_error(first)
+    img, orig, target, box = _open_planned(data, max_short)
+    try:
+        _load_truncated(img)
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise ImageRejected(f"undecodable: {first_error}; {describe_error(e)}") from e
+    # Pillow fills what it could not decode with a constant (black, or grey for baseline JPEG); a
+    # result that is a single colour carries no decoded data (e.g. header only, broken first scan,
+    # truncated progressive JPEG, which Pillow can only decode whole).
+    if _is_uniform(img):
+        raise ImageRejected(f"undecodable: no image data could be decoded ({first_error})")
+    return img, orig, target, box, True
+
+
+# --------------------------------------------------------------------------------------------------
+# Colour and size
+
+
+def _to_8bit_grey(img: Image.Image) -> Image.Image:
+    """I;16*, I and F to "L".  Pillow's plain convert clips these at 255 (mostly white images), so
+    16-bit data is scaled instead: round(v / 257).  "I" is treated as 16-bit data when it holds values
+    above 255 (else as 8-bit).  "F" in [0, 1] is scaled by 255, other float ranges are clipped."""
+    mode = img.mode
+    if mode.startswith("I;16"):
+        return img.point(lambda v: v / 257 + 0.5).convert("L")
+    if mode == "I":
+        lo, hi = img.getextrema()
+        if hi > 255:
+            img = img.point(lambda v: v / 257 + 0.5)
+        return img.convert("L")
+    # "F"
+    lo, hi = img.getextrema()
+    if lo >= 0.0 and hi <= 1.0:
+        img = img.point(lambda v: v * 255 + 0.5)
+    return img.convert("L")
+
+
+def _to_rgb_resized(
+    img: Image.Image, target: tuple[int, int], box: tuple[float, float, float, float] | None
+) -> Image.Image:
+    """Colour per ``convert("RGB")`` and resize to ``target``.
+
+    Single-channel sources ("1", "L", "LA", 16-bit/float grey) are resized as "L" and expanded to RGB
+    afterwards: convert("RGB") replicates the grey value into the three channels and the resampler
+    works per channel, so this is bit-identical to convert-then-resize at a third of the cost.  All
+    other modes are converted first (CMYK/P/alpha conversions are not per-channel linear; resizing
+    RGBA would also premultiply alpha).
+    """
+    mode = img.mode
+    if mode in ("P", "PA"):
+        # Transparency only affects the output's info, never RGB pixel values; dropping it avoids
+        # Pillow's "Palette images with Transparency expressed in bytes" warning.
+        img.info.pop("transparency", None)
+    if mode in ("1", "LA"):
+        img = img.convert("L")
+    elif mode in ("I", "F") or mode.startswith("I;16"):
+        img = _to_8bit_grey(img)
+    elif mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    if img.size != target:
+        img = img.resize(target, RESAMPLE, box=box)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+# --------------------------------------------------------------------------------------------------
+# Metadata
+
+ICC_RGB = b"RGB "
+
+# Colour-space EXIF tags kept (everything else, including Orientation, GPS, maker notes, is dropped).
+_KEEP_IFD0 = frozenset({0x013E, 0x013F, 0x0211, 0x0212, 0x0213})  # WhitePoint, PrimaryChromaticities,
+# YCbCrCoefficients, YCbCrSubSampling, YCbCrPositioning
+_KEEP_EXIF = frozenset({0xA001, 0xA500})  # ColorSpace, Gamma
+_KEEP_INTEROP = frozenset({0x0001})  # InteroperabilityIndex
+_EXIF_IFD = 0x8769
+_INTEROP_IFD = 0xA005
+# TIFF field type -> bytes per value
+_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
+_MAX_ENTRIES = 1024
+
+Entry = tuple[int, int, bytes]  # (type, count, raw value bytes in the source byte order)
+
+
+def _read_ifd(tiff: bytes, bo: str, offset: int) -> dict[int, Entry]:
+    entries: dict[int, Entry] = {}
+    if offset < 8 or offset + 2 > len(tiff):
+        return entries
+    (n,) = struct.unpack_from(bo + "H", tiff, offset)
+    n = min(n, _MAX_ENTRIES, (len(tiff) - offset - 2) // 12)
+    for i in range(n):
+        pos = offset + 2 + 12 * i
+        tag, typ, count = struct.unpack_from(bo + "HHI", tiff, pos)
+        size = _TYPE_SIZES.get(typ)
+        if size is None:
+            continue
+        total = size * count
+        if total <= 4:
+            value = tiff[pos + 8 : pos + 8 + total]
+        else:
+            (voff,) = struct.unpack_from(bo + "I", tiff, pos + 8)
+            value = tiff[voff : voff + total]
+        if len(value) == total:
+            entries[tag] = (typ, count, value)
+    return entries
+
+
+def _pointer(entries: dict[int, Entry], tag: int, bo: str) -> int | None:
+    entry = entries.get(tag)
+    if entry is None or entry[0] not in (4, 13) or entry[1] != 1:
+        return None
+    return struct.unpack(bo + "I", entry[2])[0]
+
+
+def _ifd_size(entries: dict[int, Entry]) -> int:
+    data = sum(len(v) + (len(v) & 1) for _, _, v in entries.values() if len(v) > 4)
+    return 2 + 12 * len(entries) + 4 + data
+
+
+def _write_ifd(entries: dict[int, Entry], start: int, bo: str) -> bytes:
+    head = [struct.pack(bo + "H", len(entries))]
+    data = bytearray()
+    data_start = start + 2 + 12 * len(entries) + 4
+    for tag in sorted(entries):
+        typ, count, value = entries[tag]
+        if len(value) <= 4:
+            field = value.ljust(4, b"\0")
+        else:
+            field = struct.pack(bo + "I", data_start + len(data))
+            data += value
+            if len(value) & 1:
+                data += b"\0"
+        head.append(struct.pack(bo + "HHI", tag, typ, count) + field)
+    head.append(struct.pack(bo + "I", 0))
+    return b"".join(head) + bytes(data)
+
+
+def filter_exif(raw: bytes | None) -> bytes | None:
+    """Keep only the colour-space EXIF tags (values byte for byte, source byte order).
+
+    ``raw`` is the source's EXIF block (with or without the ``Exif\\0\\0`` prefix).  Returns a TIFF
+    structure (IFD0 [+ Exif IFD [+ Interop IFD]]) or ``None`` when nothing is kept or the block cannot
+    be parsed.  Only the three IFDs involved are read; maker notes, GPS, thumbnails are never parsed.
+    """
+    if not raw:
+        return None
+    try:
+        return _filter_exif(bytes(raw))
+    except (struct.error, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _filter_exif(tiff: bytes) -> bytes | None:
+    if tiff.startswith(b"Exif\x00\x00"):
+        tiff = tiff[6:]
+    if tiff[:2] == b"II":
+        bo = "<"
+    elif tiff[:2] == b"MM":
+        bo = ">"
+    else:
+        return None
+    magic, ifd0_off = struct.unpack_from(bo + "HI", tiff, 2)
+    if magic != 42:
+        return None
+    ifd0 = _read_ifd(tiff, bo, ifd0_off)
+    keep0 = {t: e for t, e in ifd0.items() if t in _KEEP_IFD0}
+    keep_exif: dict[int, Entry] = {}
+    keep_interop: dict[int, Entry] = {}
+    exif_off = _pointer(ifd0, _EXIF_IFD, bo)
+    if exif_off is not None and exif_off != ifd0_off:
+        exif = _read_ifd(tiff, bo, exif_off)
+        keep_exif = {t: e for t, e in exif.items() if t in _KEEP_EXIF}
+        interop_off = _pointer(exif, _INTEROP_IFD, bo)
+        if interop_off is not None and interop_off not in (ifd0_off, exif_off):
+            interop = _read_ifd(tiff, bo, interop_off)
+            keep_interop = {t: e for t, e in interop.items() if t in _KEEP_INTEROP}
+    if not (keep0 or keep_exif or keep_interop):
+        return None
+
+    def ptr(offset: int) -> Entry:
+        return (4, 1, struct.pack(bo + "I", offset))
+
+    # Layout: header | IFD0 | Exif IFD | Interop IFD.  Pointer entries are inline, so sizes are known
+    # before the offsets are filled in.
+    if keep_interop:
+        keep_exif[_INTEROP_IFD] = ptr(0)
+    if keep_exif:
+        keep0[_EXIF_IFD] = ptr(0)
+    off0 = 8
+    off_exif = off0 + _ifd_size(keep0)
+    off_interop = off_exif + (_ifd_size(keep_exif) if keep_exif else 0)
+    if keep_interop:
+        keep_exif[_INTEROP_IFD] = ptr(off_interop)
+    if keep_exif:
+        keep0[_EXIF_IFD] = ptr(off_exif)
+    header = tiff[:2] + struct.pack(bo + "HI", 42, off0)
+    parts = [header, _write_ifd(keep0, off0, bo)]
+    if keep_exif:
+        parts.append(_write_ifd(keep_exif, off_exif, bo))
+    if keep_interop:
+        parts.append(_write_ifd(keep_interop, off_interop, bo))
+    return b"".join(parts)
+
+
+def rgb_icc_profile(icc: bytes | None) -> bytes | None:
+    """The ICC profile to carry: only a profile whose colour space (header bytes 16:20) is RGB.
+    CMYK/grey profiles describe pixels that convert("RGB") has already converted naively."""
+    if icc and len(icc) >= 128 and icc[16:20] == ICC_RGB:
+        return bytes(icc)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry points
+
+DEFAULT_SETTINGS = EncodeSettings()
+
+
+def encode_image(data: bytes, settings: EncodeSettings = DEFAULT_SETTINGS) -> Encoded:
+    """Encode one raw image per SPEC "Output".  Raises ``ImageRejected`` for any bad input; other
+    exceptions only for environment problems (``MemoryError``) or bugs."""
+    try:
+        img, (ow, oh), target, box, repaired = _decode(data, settings.max_short)
+        info = img.info
+        exif = filter_exif(info.get("exif"))
+        icc = rgb_icc_profile(info.get("icc_profile"))
+        out = _to_rgb_resized(img, target, box)
+    except (ImageRejected, MemoryError):
+        raise
+    except Exception as e:
+        raise ImageRejected(f"undecodable: {describe_error(e)}") from e
+    buf = io.BytesIO()
+    out.save(
+        buf,
+        "WEBP",
+        quality=settings.quality,
+        method=settings.method,
+        exif=exif or b"",
+        icc_profile=icc,
+    )
+    return Encoded(
+        webp=buf.getvalue(),
+        width=out.width,
+        height=out.height,
+        orig_width=ow,
+        orig_height=oh,
+        repaired=repaired,
+    )
+
+
+def bare_chain(data: bytes, settings: EncodeSettings = DEFAULT_SETTINGS) -> bytes:
+    """The minimal reference chain for the benchmark: open, draft when downsizing JPEG, convert to
+    RGB, resize with the same filter, WebP with the same quality/method.  No validation, metadata,
+    truncation handling or error mapping."""
+    img = open_image(data)
+    target = target_size(img.width, img.height, settings.max_short)
+    box = None
+    if target != img.size and _is_draftable(img):
+        drafted = img.draft(img.mode, target)
+        if drafted is not None:
+            box = drafted[1]
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if img.size != target:
+        img = img.resize(target, RESAMPLE, box=box)
+    buf = io.BytesIO()
+    img.save(buf, "WEBP", quality=settings.quality, method=settings.method)
+    return buf.getvalue()

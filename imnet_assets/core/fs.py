@@ -1,0 +1,248 @@
+"""One code path for local folders and `s3://` prefixes (through fsspec/s3fs).
+
+Everything that touches the raw root or the out root goes through here: listing, range reads,
+and atomic commits (temporary name + rename locally; multipart upload committed on close on S3,
+aborted on error, so nothing is visible at a final path until it is complete).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import re
+import uuid
+from collections.abc import Iterator
+from functools import lru_cache
+
+import fsspec
+
+TMP_MARK = ".tmp-"
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def join(root: str, *parts: str) -> str:
+    if is_remote(root):
+        return posixpath.join(root.rstrip("/"), *parts)
+    return os.path.join(root, *parts)
+
+
+def basename(url: str) -> str:
+    return posixpath.basename(url.rstrip("/")) if is_remote(url) else os.path.basename(url)
+
+
+def dirname(url: str) -> str:
+    return posixpath.dirname(url.rstrip("/")) if is_remote(url) else os.path.dirname(url)
+
+
+def _storage_options(protocol: str) -> dict:
+    if protocol in ("s3", "s3a"):
+        opts: dict = {}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            opts.setdefault("client_kwargs", {})["region_name"] = region
+        return opts
+    return {}
+
+
+@lru_cache(maxsize=8)
+def _fs_for(protocol: str, pid: int, endpoint: str | None) -> fsspec.AbstractFileSystem:
+    # Cached per process (fsspec clients are not fork safe) and per endpoint.
+    return fsspec.filesystem(protocol, **_storage_options(protocol))
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem that holds `url`, and the path to give it."""
+    if is_remote(url):
+        protocol, _, rest = url.partition("://")
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        return _fs_for(protocol, os.getpid(), endpoint), rest
+    path = url[len("file://"):] if url.startswith("file://") else url
+    return _fs_for("file", os.getpid(), None), os.path.abspath(path)
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def size(url: str) -> int:
+    fs, path = filesystem(url)
+    return int(fs.size(path))
+
+
+def listdir(url: str) -> list[dict]:
+    """Entries directly under `url`: dicts with `name` (basename), `url`, `size`, `mtime` (str)."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return []
+    fs.invalidate_cache(path)
+    out = []
+    for info in fs.ls(path, detail=True):
+        if info.get("type") != "file":
+            continue
+        name = posixpath.basename(info["name"].rstrip("/"))
+        stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
+        out.append(
+            {"name": name, "url": join(url, name), "size": int(info.get("size") or 0), "mtime": str(stamp)}
+        )
+    return sorted(out, key=lambda e: e["name"])
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    return fs.cat_file(path)
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode("utf-8")
+
+
+def open_read(url: str, block_size: int = 8 << 20):
+    """A seekable binary reader; on S3 it reads ahead in large blocks (for sequential scans)."""
+    fs, path = filesystem(url)
+    if is_remote(url):
+        return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
+    return open(path, "rb", buffering=block_size)
+
+
+class RangeReader:
+    """Reads byte ranges of raw tars by offset, keeping local files open; no whole-file download."""
+
+    def __init__(self, max_open: int = 64):
+        self._files: dict[str, object] = {}
+        self._max_open = max_open
+
+    def read(self, url: str, offset: int, length: int) -> bytes:
+        if is_remote(url):
+            fs, path = filesystem(url)
+            return fs.cat_file(path, start=offset, end=offset + length)
+        fd = self._files.get(url)
+        if fd is None:
+            if len(self._files) >= self._max_open:
+                os.close(self._files.pop(next(iter(self._files))))
+            fd = self._files[url] = os.open(url, os.O_RDONLY)
+        data = os.pread(fd, length, offset)
+        while len(data) < length:
+            more = os.pread(fd, length - len(data), offset + len(data))
+            if not more:
+                break
+            data += more
+        return data
+
+    def close(self) -> None:
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+    def __enter__(self) -> RangeReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def atomic_open(url: str) -> Iterator:
+    """Write a file that appears at `url` only once complete.
+
+    Local: written to a hidden temporary name beside the target, fsynced, renamed into place.
+    S3: written as an upload that commits on close; an error aborts it, a killed process leaves
+    only an incomplete multipart upload, which is never visible as an object.
+    """
+    fs, path = filesystem(url)
+    if is_remote(url):
+        f = fs.open(path, "wb", block_size=16 << 20)
+        try:
+            yield f
+        except BaseException:
+            discard = getattr(f, "discard", None)
+            if discard is not None:
+                discard()
+            raise
+        f.close()
+        return
+    folder, name = os.path.split(path)
+    os.makedirs(folder or ".", exist_ok=True)
+    tmp = os.path.join(folder, f".{name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    f = open(tmp, "wb")
+    try:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+    except BaseException:
+        f.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _fsync_dir(folder: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_atomic(url: str, data: bytes) -> None:
+    with atomic_open(url) as f:
+        f.write(data)
+
+
+def remove_partials(url: str) -> list[str]:
+    """Delete leftovers of killed writers of `url` (local temporary files; S3 uploads never committed)."""
+    removed: list[str] = []
+    if is_remote(url):
+        fs, path = filesystem(url)
+        bucket, _, key = path.partition("/")
+        with contextlib.suppress(Exception):
+            resp = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key)
+            for up in resp.get("Uploads", []):
+                if up["Key"] == key:
+                    fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=up["UploadId"])
+                    removed.append(f"s3://{bucket}/{key} (upload {up['UploadId'][:8]})")
+        return removed
+    folder, name = os.path.split(os.path.abspath(url))
+    if not os.path.isdir(folder):
+        return removed
+    pattern = re.compile(re.escape(f".{name}{TMP_MARK}") + r"\d+-[0-9a-f]{8}$")
+    for entry in os.listdir(folder):
+        if pattern.match(entry):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, entry))
+                removed.append(os.path.join(folder, entry))
+    return removed
+
+
+def remove(url: str) -> None:
+    fs, path = filesystem(url)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path)
+
+
+def makedirs(url: str) -> None:
+    if not is_remote(url):
+        os.makedirs(url, exist_ok=True)
+
+
+SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+
+
+def redact(text: str) -> str:
+    """Remove credential values from a message before it is logged or stored."""
+    for var in SECRET_VARS:
+        value = os.environ.get(var)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text

@@ -1,0 +1,78 @@
+"""raw_tars: the inventory of per-synset tars under the raw root, and the release fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tarfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from . import fs
+from .rawtar import WHOLE_RELEASE, unpack_whole_release
+
+WNID_TAR = re.compile(r"^(n\d{8})\.tar$")
+TEXT_FILES = ("words.txt", "gloss.txt")
+
+
+@dataclass(frozen=True)
+class RawListing:
+    tars: list[dict]  # name, url, size, mtime — sorted by name
+    texts: dict[str, dict]  # words.txt / gloss.txt entries present
+    ignored: list[str]  # other files under the root, reported, not used
+
+    @property
+    def fingerprint(self) -> str:
+        payload = [(t["name"], t["size"], t["mtime"]) for t in self.tars]
+        payload += [(n, e["size"], e["mtime"]) for n, e in sorted(self.texts.items())]
+        return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+
+
+def list_raw(raw_root: str, unpack: bool = False, log: Callable[[str], None] = print) -> RawListing:
+    """List the raw release. When the root holds only `winter21_whole.tar.gz`, unpack it first."""
+    entries = fs.listdir(raw_root)
+    names = {e["name"] for e in entries}
+    if unpack and WHOLE_RELEASE in names and not any(WNID_TAR.match(n) for n in names):
+        log(f"unpacking {WHOLE_RELEASE} into {raw_root} (one pass, per-synset tars)")
+        unpack_whole_release(fs.join(raw_root, WHOLE_RELEASE), raw_root)
+        entries = fs.listdir(raw_root)
+    tars = [e for e in entries if WNID_TAR.match(e["name"])]
+    texts = {e["name"]: e for e in entries if e["name"] in TEXT_FILES}
+    ignored = [e["name"] for e in entries if e not in tars and e["name"] not in TEXT_FILES]
+    return RawListing(tars, texts, ignored)
+
+
+def count_members(url: str) -> int:
+    """Regular-file members of a tar, walking headers only (data is skipped by seeking)."""
+    n = 0
+    with fs.open_read(url, block_size=1 << 20) as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r:") as tf:
+                while True:
+                    try:
+                        info = tf.next()
+                    except (tarfile.TarError, OSError, EOFError):
+                        break  # a broken tail: the index records it with its reason
+                    if info is None:
+                        break
+                    n += info.isreg()
+        except tarfile.ReadError:
+            return 0
+    return n
+
+
+def inventory(listing: RawListing, known: dict[str, tuple], workers: int = 8) -> list[tuple]:
+    """Rows (tar, wnid, size, mtime, num_members); member counts are reused for unchanged tars."""
+
+    def row(t: dict) -> tuple:
+        prev = known.get(t["name"])
+        if prev and prev[0] == t["size"] and prev[1] == t["mtime"] and prev[2] is not None:
+            members = prev[2]
+        else:
+            members = count_members(t["url"])
+        return (t["name"], t["name"][: -len(".tar")], t["size"], t["mtime"], members)
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(row, listing.tars))

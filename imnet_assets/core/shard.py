@@ -1,0 +1,373 @@
+"""One shard: read its plan slice, range-read each source from its raw tar, encode in parallel,
+write the WebDataset tar in plan order, and commit it and its manifest atomically.
+
+The tar layout lives only here: each sample is `<key>.cls`, `<key>.json`, `<key>.webp`, in that
+(sorted) order, with fixed member metadata so that the same input gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import multiprocessing
+import tarfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+from PIL import Image
+
+from . import fs
+from .encode import EncodeSettings, ImageRejected, encode_image
+from .plan import SliceRow, read_slice
+
+# Bump when the bytes a shard holds for the same input would change (encoding rules, tar layout,
+# JSON fields). Part of every shard's fingerprint, so a bump makes every shard stale.
+ENCODER_VERSION = "1"
+MANIFEST_DIR = "_manifests"
+READ_THREADS = 8
+
+
+def fingerprint(plan_digest: str, settings: EncodeSettings) -> str:
+    """What a shard's bytes depend on: its plan slice, the encoder version and the settings."""
+    text = json.dumps(
+        {"plan": plan_digest, "encoder": ENCODER_VERSION, "settings": asdict(settings)}, sort_keys=True
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def code_version(settings: EncodeSettings) -> str:
+    return f"enc{ENCODER_VERSION}-q{settings.quality}-m{settings.method}-s{settings.max_short}"
+
+
+def manifest_url(out_root: str, shard_key: str) -> str:
+    return fs.join(out_root, MANIFEST_DIR, f"{shard_key}.json")
+
+
+def state_url(out_root: str, shard_key: str) -> str:
+    return fs.join(out_root, MANIFEST_DIR, f"{shard_key}.state.json")
+
+
+def read_state(out_root: str, shard_key: str) -> dict | None:
+    """The small commit record written last: fingerprint, bytes, sha256, num_samples."""
+    try:
+        return json.loads(fs.read_bytes(state_url(out_root, shard_key)))
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def read_manifest(out_root: str, shard_key: str) -> dict | None:
+    try:
+        return json.loads(fs.read_bytes(manifest_url(out_root, shard_key)))
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+@dataclass
+class ShardResult:
+    shard: str
+    path: str
+    planned: int
+    num_samples: int
+    bytes: int
+    sha256: str
+    seconds: float
+    repaired: int
+    excluded: list[dict] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.num_samples / self.seconds if self.seconds > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def _encode_one(data: bytes | None, settings: EncodeSettings):
+    """Never raises: ("ok", Encoded) or ("excluded", reason). Runs in worker processes."""
+    if data is None:
+        return "excluded", "source unreadable"
+    try:
+        return "ok", encode_image(data, settings)
+    except ImageRejected as e:
+        return "excluded", e.reason
+    except MemoryError:
+        return "excluded", "out of memory while decoding"
+    except Exception as e:  # noqa: BLE001 - one bad image never crashes the shard
+        return "excluded", f"encoder error: {type(e).__name__}: {e}"
+
+
+def _bounded_map(pool: Executor, fn: Callable, items: Iterable, window: int, *args) -> Iterator:
+    """Ordered map with at most `window` tasks in flight, so memory stays bounded."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, item, *args))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _read_source(row: SliceRow, raw_root: str, reader: fs.RangeReader) -> tuple[SliceRow, bytes | None, str]:
+    url = fs.join(raw_root, row.tar)
+    try:
+        data = reader.read(url, row.offset, row.size)
+    except Exception as e:  # noqa: BLE001
+        return row, None, fs.redact(f"cannot read {row.tar}@{row.offset}: {type(e).__name__}: {e}")
+    if len(data) != row.size:
+        return row, None, f"raw tar {row.tar} is shorter than indexed: {len(data)} of {row.size} bytes at {row.offset}"
+    if hashlib.sha256(data).hexdigest() != row.sha256:
+        return row, None, f"source bytes changed since indexing ({row.tar}@{row.offset}: sha256 differs)"
+    return row, data, ""
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["imnet_assets.core.encode"])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+
+def encoded_stream(rows: list[SliceRow], raw_root: str, settings: EncodeSettings, workers: int) -> Iterator:
+    """(row, "ok", Encoded) or (row, "excluded", reason) per row, in plan order.
+
+    Reads run in threads ahead of the encoders; encoders run in `workers` processes (in this
+    process when workers == 1). At most a few dozen sources are in memory at once.
+    """
+    with fs.RangeReader() as reader, ThreadPoolExecutor(READ_THREADS) as readers:
+        sources = _bounded_map(readers, _read_source, rows, READ_THREADS * 4, raw_root, reader)
+        if workers <= 1:
+            for row, data, problem in sources:
+                if data is None:
+                    yield row, "excluded", problem
+                else:
+                    yield (row, *_encode_one(data, settings))
+            return
+        with _pool(workers) as pool:
+            window: collections.deque = collections.deque()
+            for row, data, problem in sources:
+                window.append((row, problem, pool.submit(_encode_one, data, settings) if data else None))
+                if len(window) >= workers * 3:
+                    yield _finish(*window.popleft())
+            while window:
+                yield _finish(*window.popleft())
+
+
+def _finish(row: SliceRow, problem: str, future):
+    if future is None:
+        return row, "excluded", problem
+    return (row, *future.result())
+
+
+# ----------------------------------------------------------------------------- tar layout
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def sample_members(row: SliceRow, enc) -> list[tuple[str, bytes]]:
+    """The three members of one sample, in the order they are written."""
+    meta = {
+        "filename": f"{row.wnid}/{row.key}.JPEG",
+        "label": row.label,
+        "class_name": row.wnid,
+        "width": enc.width,
+        "height": enc.height,
+        "orig_width": enc.orig_width,
+        "orig_height": enc.orig_height,
+        "source_sha256": row.sha256,
+    }
+    return [
+        (f"{row.key}.cls", str(row.label).encode("ascii")),
+        (f"{row.key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")),
+        (f"{row.key}.webp", enc.webp),
+    ]
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, f):
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.count
+
+    def write(self, b) -> int:
+        self._f.write(b)
+        self.sha.update(b)
+        self.count += len(b)
+        return len(b)
+
+
+def build_shard(
+    *,
+    out_root: str,
+    raw_root: str,
+    shard_key: str,
+    shard_name: str,
+    settings: EncodeSettings,
+    workers: int,
+    run_id: str,
+    log: Callable[[str], None] = lambda _m: None,
+) -> ShardResult:
+    """Encode and commit one shard and its manifest. Bad images become recorded exclusions."""
+    started = time.perf_counter()
+    final = fs.join(out_root, shard_name)
+    mf_url = manifest_url(out_root, shard_key)
+    st_url = state_url(out_root, shard_key)
+    for leftover in fs.remove_partials(final) + fs.remove_partials(mf_url) + fs.remove_partials(st_url):
+        log(f"removed leftover of an interrupted run: {leftover}")
+    rows, plan_digest = read_slice(out_root, shard_key)
+    samples: list[dict] = []
+    excluded: list[dict] = []
+    with fs.atomic_open(final) as raw_out:
+        out = _HashingWriter(raw_out)
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for row, status, value in encoded_stream(rows, raw_root, settings, workers):
+                if status != "ok":
+                    excluded.append({"key": row.key, "position": row.position, "reason": value})
+                    log(f"excluded {row.key} ({row.tar}@{row.offset}): {value}")
+                    continue
+                for name, payload in sample_members(row, value):
+                    tar.addfile(_tarinfo(name, len(payload)), io.BytesIO(payload))
+                samples.append(
+                    {
+                        "key": row.key, "position": row.position, "width": value.width,
+                        "height": value.height, "orig_width": value.orig_width,
+                        "orig_height": value.orig_height, "webp_bytes": len(value.webp),
+                        "webp_sha256": hashlib.sha256(value.webp).hexdigest(), "repaired": value.repaired,
+                    }
+                )
+    seconds = time.perf_counter() - started
+    manifest = {
+        "shard": shard_key,
+        "path": shard_name,
+        "fingerprint": fingerprint(plan_digest, settings),
+        "plan_digest": plan_digest,
+        "code_version": code_version(settings),
+        "settings": asdict(settings),
+        "planned": len(rows),
+        "num_samples": len(samples),
+        "bytes": out.count,
+        "sha256": out.sha.hexdigest(),
+        "run_id": run_id,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(seconds, 3),
+        "samples": samples,
+        "excluded": excluded,
+    }
+    fs.write_atomic(mf_url, json.dumps(manifest, separators=(",", ":")).encode())
+    state = {k: manifest[k] for k in ("shard", "path", "fingerprint", "bytes", "sha256", "num_samples")}
+    fs.write_atomic(state_url(out_root, shard_key), json.dumps(state, sort_keys=True).encode())
+    return ShardResult(
+        shard_key, final, len(rows), len(samples), out.count, manifest["sha256"], seconds,
+        sum(1 for s in samples if s["repaired"]), excluded,
+    )
+
+
+# ----------------------------------------------------------------------------- freshness & checks
+
+
+def shard_state(out_root: str, shard_key: str, shard_name: str, expected_fingerprint: str | None) -> str:
+    """"fresh", "missing" or "stale" for one shard, from what sits in the out root."""
+    state = read_state(out_root, shard_key)
+    if state is None or not fs.exists(fs.join(out_root, shard_name)):
+        return "missing"
+    if expected_fingerprint is None or state.get("fingerprint") != expected_fingerprint:
+        return "stale"
+    try:
+        if fs.size(fs.join(out_root, shard_name)) != state.get("bytes"):
+            return "stale"
+    except (FileNotFoundError, OSError):
+        return "missing"
+    return "fresh"
+
+
+def iter_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample of a shard, grouped the way webdataset groups them."""
+    with fs.open_read(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        key, parts = None, {}
+        for info in tar:
+            stem, _, ext = info.name.partition(".")
+            data = tar.extractfile(info).read() if info.isreg() else b""
+            if stem != key and key is not None:
+                yield key, parts
+                parts = {}
+            key = stem
+            parts[ext] = data
+        if key is not None:
+            yield key, parts
+
+
+def verify_shard(out_root: str, shard_key: str, shard_name: str, decode: bool = True) -> list[str]:
+    """Problems with a committed shard, checked against its plan slice and its manifest.
+
+    Every planned key is either in the tar (in plan order) or recorded as excluded; nothing else
+    is in the tar; every sample's three members are consistent; each WebP decodes to the
+    recorded size (header and frame, or a full decode when `decode`).
+    """
+    problems: list[str] = []
+    manifest = read_manifest(out_root, shard_key)
+    if manifest is None:
+        return [f"shard {shard_key}: no manifest"]
+    rows, digest = read_slice(out_root, shard_key)
+    if manifest.get("plan_digest") != digest:
+        problems.append(f"shard {shard_key}: written from another plan ({manifest.get('plan_digest')[:12]})")
+    excluded = {e["key"] for e in manifest["excluded"]}
+    expected = [r for r in rows if r.key not in excluded]
+    by_key = {s["key"]: s for s in manifest["samples"]}
+    url = fs.join(out_root, shard_name)
+    sha = hashlib.sha256()
+    with fs.open_read(url) as f:
+        while chunk := f.read(8 << 20):
+            sha.update(chunk)
+    if sha.hexdigest() != manifest["sha256"]:
+        problems.append(f"shard {shard_key}: tar sha256 differs from its manifest")
+    seen = []
+    for key, parts in iter_samples(url):
+        seen.append(key)
+        if sorted(parts) != ["cls", "json", "webp"]:
+            problems.append(f"shard {shard_key} sample {key}: members {sorted(parts)}")
+            continue
+        rec = by_key.get(key)
+        if rec is None:
+            problems.append(f"shard {shard_key} sample {key}: not in the manifest")
+            continue
+        if hashlib.sha256(parts["webp"]).hexdigest() != rec["webp_sha256"]:
+            problems.append(f"shard {shard_key} sample {key}: webp bytes differ from the manifest")
+        meta = json.loads(parts["json"])
+        if (meta.get("width"), meta.get("height")) != (rec["width"], rec["height"]):
+            problems.append(f"shard {shard_key} sample {key}: json size differs from the manifest")
+        if parts["cls"].decode("ascii", "replace") != str(meta.get("label")):
+            problems.append(f"shard {shard_key} sample {key}: .cls and .json labels differ")
+        try:
+            with Image.open(io.BytesIO(parts["webp"])) as im:
+                if im.format != "WEBP" or im.size != (rec["width"], rec["height"]):
+                    problems.append(f"shard {shard_key} sample {key}: webp is {im.format} {im.size}")
+                if decode:
+                    im.load()
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"shard {shard_key} sample {key}: webp does not decode: {e}")
+    if seen != [r.key for r in expected]:
+        missing = sorted(set(r.key for r in expected) - set(seen))[:5]
+        extra = sorted(set(seen) - set(r.key for r in expected))[:5]
+        dups = len(seen) - len(set(seen))
+        problems.append(
+            f"shard {shard_key}: holds {len(seen)} samples, plan wants {len(expected)} "
+            f"(missing {missing}, unplanned {extra}, duplicated {dups}, order {'ok' if not (missing or extra or dups) else '?'})"
+        )
+    return problems

@@ -1,0 +1,160 @@
+"""The four catalog stages before the shards, as plain functions over Settings and the catalog.
+
+Each returns a dict of facts (shown as Dagster metadata by the thin asset layer) and records the
+input fingerprint it was built from, so `imnet build` can tell a fresh stage from a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+
+from ..catalog import Catalog
+from ..settings import Settings
+from . import fs
+from .csvstage import staged_csv
+from .index import FIELDS, scan_tars
+from .inventory import inventory, list_raw
+from .plan import PLAN_VERSION, render_slice, shard_sizes, write_index, write_slice
+from .synsets import read_text_file
+
+INDEX_VERSION = "1"
+Log = Callable[[str], None]
+
+
+def _h(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def expected_fingerprints(settings: Settings, unpack: bool = False, log: Log = print) -> dict[str, str]:
+    """The input fingerprint each stage would record if built now (cheap: a listing of the raw root)."""
+    listing = list_raw(settings.raw_root, unpack=unpack, log=log)
+    raw = _h("raw_tars", listing.fingerprint)
+    synsets = _h("synset_manifest", listing.fingerprint)
+    index = _h("filtered_index", listing.fingerprint, INDEX_VERSION)
+    plan = _h("shuffled_plan", index, settings.seed, settings.num_shards, settings.holdout, PLAN_VERSION)
+    return {"raw_tars": raw, "synset_manifest": synsets, "filtered_index": index, "shuffled_plan": plan}
+
+
+def stale_stages(settings: Settings, log: Log = print) -> list[str]:
+    """Stages whose recorded input differs from the current one (or whose output is gone)."""
+    from .plan import read_index
+
+    want = expected_fingerprints(settings, unpack=True, log=log)
+    if not fs.exists(settings.catalog):
+        return list(want)
+    with Catalog(settings.catalog) as cat:
+        have = {stage: cat.stage_fingerprint(stage) for stage in want}
+    stale = [s for s in want if have[s] != want[s]]
+    index = read_index(settings.out_root)
+    if "shuffled_plan" not in stale and (index is None or index.get("fingerprint") != want["shuffled_plan"]):
+        stale.append("shuffled_plan")
+    order = list(want)
+    # Everything downstream of a stale stage is stale too.
+    first = min((order.index(s) for s in stale), default=len(order))
+    return order[first:]
+
+
+def build_raw_tars(settings: Settings, run_id: str, log: Log = print) -> dict:
+    listing = list_raw(settings.raw_root, unpack=True, log=log)
+    if not listing.tars:
+        raise FileNotFoundError(
+            f"no <wnid>.tar files under IMNET_RAW_ROOT={settings.raw_root} "
+            f"(run `imnet sample-raw {settings.raw_root}` for a small synthetic release)"
+        )
+    for name in listing.ignored:
+        log(f"ignoring {name} under the raw root (not <wnid>.tar, words.txt or gloss.txt)")
+    with Catalog(settings.catalog) as cat:
+        known = {t: (s, m, n) for t, s, m, n in cat.rows("raw_tars_known")}
+        rows = inventory(listing, known)
+        with staged_csv(["tar", "wnid", "size", "mtime", "num_members"], rows) as path:
+            cat.run("raw_tars_stage", {"path": path})
+        cat.run("raw_tars_replace")
+        cat.set_stage("raw_tars", _h("raw_tars", listing.fingerprint), run_id)
+        facts = cat.one("raw_tars_summary")
+    facts["ignored_files"] = len(listing.ignored)
+    facts["fingerprint"] = listing.fingerprint
+    return facts
+
+
+def build_synset_manifest(settings: Settings, run_id: str, log: Log = print) -> dict:
+    listing = list_raw(settings.raw_root)
+    words = read_text_file(settings.raw_root, "words.txt", "words.txt" in listing.texts)
+    gloss = read_text_file(settings.raw_root, "gloss.txt", "gloss.txt" in listing.texts)
+    with Catalog(settings.catalog) as cat, staged_csv(["wnid", "text"], sorted(words.items())) as w, \
+            staged_csv(["wnid", "text"], sorted(gloss.items())) as g:
+        cat.run("synsets_stage_text", {"words": w, "gloss": g})
+        cat.run("synsets_replace")
+        cat.set_stage("synset_manifest", _h("synset_manifest", listing.fingerprint), run_id)
+        return cat.one("synsets_summary")
+
+
+def build_filtered_index(settings: Settings, run_id: str, log: Log = print) -> dict:
+    """Scan new or changed tars (in parallel processes); unchanged tars keep their rows."""
+    listing = list_raw(settings.raw_root)
+    started = time.perf_counter()
+    with Catalog(settings.catalog) as cat:
+        scanned = {t: (s, m) for t, s, m in cat.rows("index_scanned")}
+        todo = [t for t in listing.tars if scanned.get(t["name"]) != (t["size"], t["mtime"])]
+        with staged_csv(["tar"], [(t["name"],) for t in todo]) as path:
+            cat.run("index_stage_rescan", {"path": path})
+        cat.run("index_forget_tars")
+        log(f"indexing {len(todo)} of {len(listing.tars)} tars ({len(listing.tars) - len(todo)} unchanged)")
+        by_url = {t["url"]: t for t in todo}
+        batch: list[tuple] = []
+        done_bytes = 0
+        for n, (url, records) in enumerate(scan_tars(by_url, settings.workers), 1):
+            t = by_url[url]
+            batch.extend(r.row() for r in records)
+            done_bytes += t["size"]
+            cat.run("index_record_scan", {"tar": t["name"], "size": t["size"], "mtime": t["mtime"],
+                                          "num_records": len(records)})
+            if len(batch) >= 200_000 or n == len(todo):
+                with staged_csv(FIELDS, batch) as path:
+                    cat.run("index_load", {"path": path})
+                batch = []
+                log(f"indexed {n}/{len(todo)} tars")
+        cat.run("index_duplicates")
+        cat.run("index_count_kept")
+        cat.set_stage("filtered_index", _h("filtered_index", listing.fingerprint, INDEX_VERSION), run_id)
+        facts = cat.one("index_summary")
+        facts["reasons"] = cat.rows("index_reasons")
+    seconds = time.perf_counter() - started
+    facts.update(tars_scanned=len(todo), seconds=round(seconds, 2),
+                 scan_mb_per_s=round(done_bytes / 1e6 / seconds, 1) if seconds > 0 else 0.0)
+    return facts
+
+
+def build_shuffled_plan(settings: Settings, run_id: str, log: Log = print) -> dict:
+    """Shuffle, cut into balanced shards, and publish one slice file per shard under the out root."""
+    fps = expected_fingerprints(settings)
+    started = time.perf_counter()
+    digests: dict[str, str] = {}
+    with Catalog(settings.catalog) as cat:
+        cat.run("plan_build", {"seed": settings.seed, "num_shards": settings.num_shards})
+        step = 64
+        keys = settings.partition_keys
+        for i in range(0, len(keys), step):
+            first, last = keys[i], keys[min(i + step, len(keys)) - 1]
+            by_shard: dict[str, list[tuple]] = {k: [] for k in keys[i:i + step]}
+            for row in cat.run("plan_slices", {"first": first, "last": last}).fetchall():
+                by_shard[row[0]].append(row[1:])
+            for key, rows in by_shard.items():
+                digests[key] = write_slice(settings.out_root, key, rows)
+        facts = cat.one("plan_summary")
+        lengths = [n for _, n in cat.rows("plan_shard_lengths")]
+        cat.set_stage("shuffled_plan", fps["shuffled_plan"], run_id)
+    lengths += [0] * (settings.num_shards - len(lengths))
+    n = sum(lengths)
+    if lengths != shard_sizes(n, settings.num_shards):
+        raise AssertionError(f"plan shard sizes {lengths[:8]}... are not balanced for {n} samples")
+    write_index(settings.out_root, {
+        "fingerprint": fps["shuffled_plan"], "seed": settings.seed, "num_shards": settings.num_shards,
+        "num_samples": n, "shard_lengths": lengths, "holdout": [list(h) for h in settings.holdout],
+        "digests": digests, "empty_slice_digest": hashlib.sha256(render_slice([])).hexdigest(),
+    })
+    facts.update(seconds=round(time.perf_counter() - started, 2), num_shards=settings.num_shards,
+                 seed=settings.seed)
+    return facts

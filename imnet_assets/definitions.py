@@ -1,0 +1,31 @@
+"""Assembles the Dagster definitions: six assets, their checks, the schedule and the sensor."""
+
+from dagster import Definitions, in_process_executor
+
+from .assets import filtered_index, raw_tars, shard_audit, shuffled_plan, synset_manifest, wds_shards
+from .schedules import make as make_schedules
+from .settings import Settings
+
+
+def build_definitions(settings: Settings) -> Definitions:
+    shards, _partitions = wds_shards.make(settings)
+    topup, audit_sensor = make_schedules(settings)
+    return Definitions(
+        assets=[
+            raw_tars.make(settings),
+            synset_manifest.make(settings),
+            filtered_index.make(settings),
+            shuffled_plan.make(settings),
+            shards,
+            shard_audit.make(settings),
+        ],
+        schedules=[topup],
+        sensors=[audit_sensor],
+        # Each run is one stage or one shard: in-process keeps a shard run's start-up small; the
+        # parallelism is inside the shard (IMNET_WORKERS) and across runs (the run queue).
+        executor=in_process_executor,
+    )
+
+
+settings = Settings.from_env()
+defs = build_definitions(settings)

@@ -1,0 +1,116 @@
+"""The shard top-up schedule and the audit sensor.
+
+The schedule asks for runs only for shard partitions that are missing, failed or stale (judged
+from what sits in the out root against the current plan and settings), at most
+IMNET_SCHEDULE_MAX_RUNS per tick, skipping partitions that already have a run queued or running.
+The sensor requests `shard_audit` once every shard is in and fresh, once per set of shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from dagster import (
+    AssetKey,
+    DagsterInstance,
+    DagsterRunStatus,
+    DefaultScheduleStatus,
+    DefaultSensorStatus,
+    RunRequest,
+    RunsFilter,
+    ScheduleEvaluationContext,
+    SensorEvaluationContext,
+    SkipReason,
+    schedule,
+    sensor,
+)
+
+from .core.audit import expected_shard_fingerprints
+from .core.shard import read_state, shard_state
+from .settings import Settings
+
+IN_FLIGHT = [
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+    DagsterRunStatus.CANCELING,
+]
+PARTITION_TAG = "dagster/partition"
+SHARDS = AssetKey("wds_shards")
+
+
+def _partitions_of(instance: DagsterInstance, statuses, limit: int | None = None) -> dict[str, str]:
+    """Partition key -> run id of runs (newest first) in these statuses that target wds_shards."""
+    out: dict[str, str] = {}
+    for rec in instance.get_run_records(RunsFilter(statuses=statuses), limit=limit):
+        run = rec.dagster_run
+        key = run.tags.get(PARTITION_TAG)
+        if key and run.asset_selection and SHARDS in run.asset_selection:
+            out.setdefault(key, run.run_id)
+    return out
+
+
+def shard_partition_status(settings: Settings, instance: DagsterInstance | None) -> dict[str, str]:
+    """Every partition's status: fresh, missing, stale, failed, or in_flight."""
+    expected = expected_shard_fingerprints(settings)
+    in_flight = _partitions_of(instance, IN_FLIGHT) if instance else {}
+    failed = _partitions_of(instance, [DagsterRunStatus.FAILURE], limit=5000) if instance else {}
+    status = {}
+    for key in settings.partition_keys:
+        if key in in_flight:
+            status[key] = "in_flight"
+            continue
+        state = shard_state(settings.out_root, key, settings.shard_name(key), expected.get(key))
+        status[key] = "failed" if state != "fresh" and key in failed else state
+    return status
+
+
+def shards_to_request(settings: Settings, instance: DagsterInstance | None, limit: int) -> list[str]:
+    status = shard_partition_status(settings, instance)
+    return [k for k, s in status.items() if s in ("missing", "stale", "failed")][:limit]
+
+
+def make(settings: Settings):
+    @schedule(
+        name="wds_shards_topup",
+        cron_schedule=settings.schedule_cron,
+        target=[SHARDS],
+        default_status=DefaultScheduleStatus.STOPPED,
+        description=(
+            "Requests runs for shard partitions that are missing, failed or stale, at most "
+            f"{settings.schedule_max_runs} per tick; partitions with a run queued or running are skipped."
+        ),
+    )
+    def wds_shards_topup(context: ScheduleEvaluationContext):
+        if not expected_shard_fingerprints(settings):
+            return SkipReason("no shuffled plan under the out root yet: materialize the upstream stages first")
+        keys = shards_to_request(settings, context.instance, settings.schedule_max_runs)
+        if not keys:
+            return SkipReason("every shard partition is fresh, queued or running")
+        return [
+            RunRequest(run_key=None, partition_key=k, asset_selection=[SHARDS], tags={"imnet/reason": "topup"})
+            for k in keys
+        ]
+
+    @sensor(
+        name="shard_audit_when_complete",
+        target=["shard_audit"],
+        minimum_interval_seconds=30,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="Materializes shard_audit once every shard partition is in and fresh.",
+    )
+    def shard_audit_when_complete(context: SensorEvaluationContext):
+        expected = expected_shard_fingerprints(settings)
+        if not expected:
+            return SkipReason("no plan yet")
+        fps = []
+        for key in settings.partition_keys:
+            state = read_state(settings.out_root, key)
+            if state is None or state.get("fingerprint") != expected.get(key):
+                return SkipReason(f"shard {key} is not in yet")
+            fps.append(state["sha256"])
+        run_key = hashlib.sha256("".join(fps).encode()).hexdigest()[:32]
+        return RunRequest(run_key=run_key, asset_selection=[AssetKey("shard_audit")])
+
+    return wds_shards_topup, shard_audit_when_complete

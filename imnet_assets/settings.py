@@ -1,0 +1,101 @@
+"""Every IMNET_* environment variable, read in one place (SPEC: Configuration)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+DEFAULT_SHARD_PATTERN = "imagenet12k-train-{shard}.tar"
+# Chosen by measurement (bench/encode.py and the README's "WebP settings" section).
+DEFAULT_WEBP_QUALITY = 90
+DEFAULT_WEBP_METHOD = 4
+
+
+class SettingsError(ValueError):
+    """An IMNET_* variable holds a value the project cannot use."""
+
+
+def _int(env: dict, name: str, default: int, low: int, high: int | None = None) -> int:
+    raw = env.get(name, "")
+    if raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise SettingsError(f"{name}={value} must be {bound}")
+    return value
+
+
+def parse_holdout(text: str) -> tuple[tuple[str, int], ...]:
+    """`validation:2,test:2` -> (("validation", 2), ("test", 2)); the splits take the last shards."""
+    splits: list[tuple[str, int]] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, count = part.partition(":")
+        if not sep or not name.strip() or not count.strip().isdigit() or int(count) < 1:
+            raise SettingsError(f"IMNET_HOLDOUT entry {part!r} must look like name:count, e.g. validation:2")
+        if name.strip() == "train":
+            raise SettingsError("IMNET_HOLDOUT cannot name the 'train' split")
+        splits.append((name.strip(), int(count)))
+    names = [n for n, _ in splits]
+    if len(set(names)) != len(names):
+        raise SettingsError(f"IMNET_HOLDOUT names a split twice: {text!r}")
+    return tuple(splits)
+
+
+@dataclass(frozen=True)
+class Settings:
+    raw_root: str = "data/raw"
+    out_root: str = "data/out"
+    catalog: str = "data/catalog.duckdb"
+    num_shards: int = 1024
+    seed: int = 0
+    shard_pattern: str = DEFAULT_SHARD_PATTERN
+    webp_quality: int = DEFAULT_WEBP_QUALITY
+    webp_method: int = DEFAULT_WEBP_METHOD
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    holdout: tuple[tuple[str, int], ...] = ()
+    schedule_cron: str = "*/30 * * * *"
+    schedule_max_runs: int = 64
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        pattern = env.get("IMNET_SHARD_PATTERN") or DEFAULT_SHARD_PATTERN
+        if "{shard}" not in pattern or "/" in pattern:
+            raise SettingsError(
+                f"IMNET_SHARD_PATTERN={pattern!r} must contain '{{shard}}' and no '/' (it is a file name)"
+            )
+        num_shards = _int(env, "IMNET_NUM_SHARDS", 1024, 1, 9999)
+        holdout = parse_holdout(env.get("IMNET_HOLDOUT", ""))
+        if sum(n for _, n in holdout) >= num_shards:
+            raise SettingsError(
+                f"IMNET_HOLDOUT takes {sum(n for _, n in holdout)} shards of {num_shards}; train needs at least one"
+            )
+        return cls(
+            raw_root=(env.get("IMNET_RAW_ROOT") or "data/raw").rstrip("/"),
+            out_root=(env.get("IMNET_OUT_ROOT") or "data/out").rstrip("/"),
+            catalog=env.get("IMNET_CATALOG") or "data/catalog.duckdb",
+            num_shards=num_shards,
+            seed=_int(env, "IMNET_SEED", 0, 0),
+            shard_pattern=pattern,
+            webp_quality=_int(env, "IMNET_WEBP_QUALITY", DEFAULT_WEBP_QUALITY, 0, 100),
+            webp_method=_int(env, "IMNET_WEBP_METHOD", DEFAULT_WEBP_METHOD, 0, 6),
+            workers=_int(env, "IMNET_WORKERS", os.cpu_count() or 1, 1),
+            holdout=holdout,
+            schedule_cron=env.get("IMNET_SCHEDULE_CRON") or "*/30 * * * *",
+            schedule_max_runs=_int(env, "IMNET_SCHEDULE_MAX_RUNS", 64, 1),
+        )
+
+    @property
+    def partition_keys(self) -> list[str]:
+        return [shard_key(i) for i in range(self.num_shards)]
+
+    def shard_name(self, key: str) -> str:
+        return self.shard_pattern.format(shard=key)
+
+
+def shard_key(index: int) -> str:
+    return f"{index:04d}"

@@ -1,0 +1,23 @@
+-- Replace the shard tables with what the manifests say.
+DELETE FROM shards;
+INSERT INTO shards BY NAME
+SELECT shard, path, num_samples, planned, bytes, sha256, fingerprint, plan_digest, run_id, code_version,
+       written_at, seconds
+FROM manifests;
+DELETE FROM shard_samples;
+INSERT INTO shard_samples BY NAME
+SELECT shard, s.key, s.position, s.width, s.height, s.orig_width, s.orig_height, s.webp_bytes,
+       s.webp_sha256, s.repaired
+FROM (SELECT shard, unnest(samples) AS s FROM manifests);
+DELETE FROM shard_exclusions;
+INSERT INTO shard_exclusions BY NAME
+SELECT shard, e.key, e.position, e.reason
+FROM (SELECT shard, unnest(excluded) AS e FROM manifests);
+-- Carry what the encoder found back to the images table: repairs, and exclusions made at
+-- encode time (recorded with their reason, so no planned image is ever silently missing).
+UPDATE images SET repaired = s.repaired
+FROM shard_samples s WHERE images.key = s.key AND images.status = 'kept';
+UPDATE images SET status = 'excluded', excluded_at = 'encode', reason = 'encode: ' || e.reason
+FROM shard_exclusions e WHERE images.key = e.key AND images.status = 'kept';
+UPDATE synsets SET num_kept = coalesce(
+    (SELECT count(*) FROM images i WHERE i.wnid = synsets.wnid AND i.status = 'kept'), 0);

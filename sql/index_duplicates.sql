@@ -1,0 +1,13 @@
+-- The same key in more than one place: the first (by tar, offset) stays, the others are excluded.
+UPDATE images SET status = 'kept', reason = NULL, excluded_at = NULL
+WHERE starts_with(reason, 'duplicate key');
+UPDATE images AS i SET status = 'excluded', excluded_at = 'index',
+    reason = 'duplicate key: also in ' || d.first_tar || ' at byte ' || d.first_offset
+FROM (
+    SELECT key, tar, "offset",
+           first_value(tar) OVER w AS first_tar, first_value("offset") OVER w AS first_offset,
+           row_number() OVER w AS n
+    FROM images WHERE status = 'kept'
+    WINDOW w AS (PARTITION BY key ORDER BY tar, "offset")
+) d
+WHERE d.n > 1 AND i.key = d.key AND i.tar = d.tar AND i."offset" = d."offset";

@@ -1,0 +1,9 @@
+-- Load one batch of scan records written by the indexer as CSV.
+INSERT INTO images
+SELECT key, wnid, tar, member, "offset", size, sha256, width, height, format, mode, status, reason,
+       needs_repair, NULL AS repaired, CASE WHEN status = 'excluded' THEN 'index' END AS excluded_at
+FROM read_csv($path, header = true, auto_detect = false, quote = '"', escape = '"',
+    columns = {'key': 'VARCHAR', 'wnid': 'VARCHAR', 'tar': 'VARCHAR', 'member': 'VARCHAR',
+               'offset': 'BIGINT', 'size': 'BIGINT', 'sha256': 'VARCHAR', 'width': 'INTEGER',
+               'height': 'INTEGER', 'format': 'VARCHAR', 'mode': 'VARCHAR', 'status': 'VARCHAR',
+               'reason': 'VARCHAR', 'needs_repair': 'BOOLEAN'});

@@ -1,0 +1,1 @@
+SELECT tar, size, mtime FROM tar_scans;

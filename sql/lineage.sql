@@ -1,0 +1,9 @@
+-- Where one sample came from and where it went.
+SELECT i.key, i.wnid, i.tar, i.member, i."offset", i.size, i.sha256, i.status, i.reason,
+       p.shard, p.position, s.path, s.run_id, s.code_version, s.written_at, ss.webp_sha256, ss.repaired
+FROM images i
+LEFT JOIN plan p ON p.key = i.key AND p.tar = i.tar AND p."offset" = i."offset"
+LEFT JOIN shard_samples ss ON ss.key = i.key AND ss.shard = p.shard
+LEFT JOIN shards s ON s.shard = p.shard
+WHERE i.key = $key
+ORDER BY i.status DESC, i.tar, i."offset";

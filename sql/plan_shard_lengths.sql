@@ -1,0 +1,1 @@
+SELECT shard, count(*) AS n FROM plan GROUP BY shard ORDER BY shard;

@@ -1,0 +1,1 @@
+SELECT tar, size, mtime, num_members FROM raw_tars;

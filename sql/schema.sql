@@ -1,0 +1,93 @@
+-- The catalog: every table the project keeps (SPEC: Catalog). Idempotent.
+CREATE TABLE IF NOT EXISTS raw_tars (
+    tar VARCHAR PRIMARY KEY,      -- file name, <wnid>.tar
+    wnid VARCHAR NOT NULL,
+    size BIGINT NOT NULL,
+    mtime VARCHAR,                -- modification time or ETag, to notice a changed tar
+    num_members INTEGER
+);
+CREATE TABLE IF NOT EXISTS synsets (
+    wnid VARCHAR PRIMARY KEY,
+    label INTEGER NOT NULL,       -- index in the sorted list of synset tars
+    lemma VARCHAR,
+    gloss VARCHAR,
+    num_images INTEGER,           -- members in the raw tar
+    num_kept INTEGER              -- kept by the filtered index
+);
+CREATE TABLE IF NOT EXISTS images (
+    key VARCHAR NOT NULL,
+    wnid VARCHAR NOT NULL,
+    tar VARCHAR NOT NULL,
+    member VARCHAR,
+    "offset" BIGINT,              -- byte offset of the member's data in its tar
+    size BIGINT,
+    sha256 VARCHAR,
+    width INTEGER,
+    height INTEGER,
+    format VARCHAR,
+    mode VARCHAR,
+    status VARCHAR NOT NULL,      -- kept | excluded
+    reason VARCHAR,               -- why excluded (or why it needs repair)
+    needs_repair BOOLEAN,         -- the index saw a truncated file; the encoder repairs it
+    repaired BOOLEAN,             -- set by the audit from the shard manifests
+    excluded_at VARCHAR           -- index | encode
+);
+CREATE TABLE IF NOT EXISTS tar_scans (
+    tar VARCHAR PRIMARY KEY,
+    size BIGINT,
+    mtime VARCHAR,
+    num_records INTEGER
+);
+CREATE TABLE IF NOT EXISTS plan (
+    key VARCHAR NOT NULL,
+    shard VARCHAR NOT NULL,       -- the partition key, 0000 ...
+    position INTEGER NOT NULL,    -- position in the shard's plan slice
+    wnid VARCHAR,
+    label INTEGER,
+    tar VARCHAR,
+    member VARCHAR,
+    "offset" BIGINT,
+    size BIGINT,
+    sha256 VARCHAR,
+    width INTEGER,
+    height INTEGER,
+    needs_repair BOOLEAN
+);
+CREATE TABLE IF NOT EXISTS shards (
+    shard VARCHAR PRIMARY KEY,
+    path VARCHAR,
+    num_samples INTEGER,
+    planned INTEGER,
+    bytes BIGINT,
+    sha256 VARCHAR,
+    fingerprint VARCHAR,
+    plan_digest VARCHAR,
+    run_id VARCHAR,
+    code_version VARCHAR,
+    written_at VARCHAR,
+    seconds DOUBLE
+);
+CREATE TABLE IF NOT EXISTS shard_samples (
+    key VARCHAR NOT NULL,
+    shard VARCHAR NOT NULL,
+    position INTEGER NOT NULL,    -- position in the shard's plan slice
+    width INTEGER,
+    height INTEGER,
+    orig_width INTEGER,
+    orig_height INTEGER,
+    webp_bytes BIGINT,
+    webp_sha256 VARCHAR,
+    repaired BOOLEAN
+);
+CREATE TABLE IF NOT EXISTS shard_exclusions (
+    key VARCHAR NOT NULL,
+    shard VARCHAR NOT NULL,
+    position INTEGER,
+    reason VARCHAR
+);
+CREATE TABLE IF NOT EXISTS stages (
+    stage VARCHAR PRIMARY KEY,
+    input_fingerprint VARCHAR,    -- what the stage's output depends on; equal means fresh
+    run_id VARCHAR,
+    updated_at TIMESTAMP
+);

@@ -1,0 +1,1 @@
+SELECT input_fingerprint FROM stages WHERE stage = $stage;

@@ -1,0 +1,1 @@
+INSERT OR REPLACE INTO stages VALUES ($stage, $fingerprint, $run_id, now()::TIMESTAMP);

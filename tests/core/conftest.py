@@ -1,0 +1,97 @@
+"""Real image bytes made with Pillow (and one hand-assembled huge JPEG) for the core tests."""
+
+from __future__ import annotations
+
+import io
+import struct
+import types
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, ImageCms
+
+
+def to_bytes(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def smooth_rgb(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A photo-like RGB image: gradients plus mild noise (compresses and resamples like a photo)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    r = 255 * x / max(width - 1, 1)
+    g = 255 * y / max(height - 1, 1)
+    b = 127.5 + 100 * np.sin(x / 37.0) * np.cos(y / 23.0)
+    arr = np.stack([r, g, b], axis=-1) + rng.normal(0, 4, (height, width, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def decode(webp: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(webp))
+    img.load()
+    return img
+
+
+def mean_abs_diff(a: Image.Image, b: Image.Image) -> float:
+    assert a.size == b.size, (a.size, b.size)
+    return float(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).mean())
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_header(width: int, height: int, bit_depth: int = 8, colour_type: int = 2) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
+
+
+def flat_grey_jpeg(width: int, height: int) -> bytes:
+    """A real, valid baseline greyscale JPEG of any size (multiple of 8) filled with grey 128,
+    assembled without allocating the image: every 8x8 block is "DC diff 0, EOB" (6 bits with the
+    standard Huffman tables), i.e. the 3-byte pattern 28 A2 8A per 4 blocks."""
+    assert width % 8 == 0 and height % 8 == 0 and (width // 8 * height // 8) % 4 == 0
+    small = to_bytes(Image.new("L", (32, 8), 128), "JPEG", quality=50)  # 4 blocks -> 28 A2 8A
+    sos = small.index(b"\xff\xda")
+    scan_start = sos + 2 + int.from_bytes(small[sos + 2 : sos + 4], "big")
+    assert small[scan_start:] == b"\x28\xa2\x8a\xff\xd9"
+    header = bytearray(small[:scan_start])
+    sof = header.index(b"\xff\xc0")
+    header[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    blocks = (width // 8) * (height // 8)
+    return bytes(header) + b"\x28\xa2\x8a" * (blocks // 4) + b"\xff\xd9"
+
+
+def srgb_icc() -> bytes:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def icc_with_colour_space(space: bytes) -> bytes:
+    """A profile whose header declares another colour space (e.g. b"CMYK", b"GRAY")."""
+    icc = bytearray(srgb_icc())
+    icc[16:20] = space
+    return bytes(icc)
+
+
+@pytest.fixture(scope="session")
+def huge_jpeg() -> bytes:
+    return flat_grey_jpeg(14000, 14000)
+
+
+@pytest.fixture(scope="session")
+def imgs():
+    """The helpers above, as a fixture (works whether or not tests/ is a package)."""
+    return types.SimpleNamespace(
+        to_bytes=to_bytes,
+        smooth_rgb=smooth_rgb,
+        decode=decode,
+        mean_abs_diff=mean_abs_diff,
+        png_chunk=png_chunk,
+        png_header=png_header,
+        flat_grey_jpeg=flat_grey_jpeg,
+        srgb_icc=srgb_icc,
+        icc_with_colour_space=icc_with_colour_space,
+    )
