@@ -120,7 +120,7 @@ def _q_rgba_png(g):
 
 
 def _q_palette_png(g):
-    img = _photo(g, 300, 225).quantize(colors=64, method=Image.Quantize.MEDIANCUT)
+    img = _photo(g, 300, 225).quantize(colors=64, method=Image.Quantize.FASTOCTREE)
     arr = np.asarray(img).copy()
     arr[:40, :60] = 0  # a transparent corner
     out = Image.fromarray(arr, mode="P")
@@ -129,7 +129,7 @@ def _q_palette_png(g):
 
 
 def _q_gif(g):
-    img = _photo(g, 320, 240).quantize(colors=128, method=Image.Quantize.MEDIANCUT)
+    img = _photo(g, 320, 240).quantize(colors=128, method=Image.Quantize.FASTOCTREE)
     buf = io.BytesIO()
     img.save(buf, "GIF")
     return buf.getvalue()

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-import os
+import io
 import time
 
 import numpy as np
@@ -8,7 +8,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from imnet_assets.core import probe as probe_mod
-from imnet_assets.core.encode import MAX_FULL_DECODE_PIXELS, MIN_SIDE
+from imnet_assets.core.encode import MAX_FULL_DECODE_PIXELS, MIN_SIDE, ImageRejected, plan_decode
 from imnet_assets.core.probe import Probe, looks_truncated, probe_image
 
 
@@ -129,7 +129,7 @@ def test_truncated_png_and_gif_flagged(imgs):
 
 
 def test_looks_truncated_unit():
-    assert looks_truncated(b"\xff\xd8...\xff\xd9", "JPEG")
+    assert not looks_truncated(b"\xff\xd8...\xff\xd9", "JPEG")
     assert looks_truncated(b"\xff\xd8...", "MPO")
     assert not looks_truncated(b"\xff\xd8...\xff\xd9\x00\x00", "JPEG")
     assert not looks_truncated(b"anything", "BMP")
@@ -144,7 +144,7 @@ def test_huge_jpeg_probed_from_header(huge_jpeg):
     # the global decompression-bomb limit is untouched: plain Image.open still refuses it
     assert Image.MAX_IMAGE_PIXELS == saved
     with pytest.raises(Image.DecompressionBombError):
-        Image.open(__import__("io").BytesIO(huge_jpeg))
+        Image.open(io.BytesIO(huge_jpeg))
 
 
 def test_huge_non_draftable_excluded(imgs):
@@ -160,19 +160,12 @@ def test_huge_non_draftable_excluded(imgs):
     assert probe_image(ok).status == "kept"
 
 
-def test_unsupported_mode_excluded():
-    # a TIFF in mode "La" is something Pillow cannot convert to RGB
-    class Fake:
-        pass
-
-    # build via Pillow: TIFF can't store La, so check the shared rule through plan_decode directly
-    from imnet_assets.core.encode import ImageRejected, plan_decode
-
+def test_unsupported_mode_excluded_by_shared_rule():
+    # "La" is the one mode Pillow cannot convert to RGB; no file format stores it, so check the rule
+    # the probe shares with the encoder (plan_decode) directly
     img = Image.new("La", (64, 64))
-    img.format = "TIFF"
     with pytest.raises(ImageRejected, match="unsupported mode La"):
         plan_decode(img)
-    del Fake
 
 
 def test_probe_does_not_touch_global_flags(imgs):
@@ -182,11 +175,11 @@ def test_probe_does_not_touch_global_flags(imgs):
 
 
 def test_probe_is_fast(imgs):
-    # header only: a 4000x3000 JPEG probes in well under a decode's time
+    # header only: a 2000x1500 JPEG probes in well under a decode's time
     data = imgs.to_bytes(imgs.smooth_rgb(2000, 1500), "JPEG", quality=90)
     n = 200
     t0 = time.perf_counter()
     for _ in range(n):
         probe_image(data)
     per = (time.perf_counter() - t0) / n
-    assert per < 0.002 or os.environ.get("CI_SLOW")
+    assert per < 0.005, f"{per * 1000:.2f} ms per probe"

@@ -1,0 +1,67 @@
+"""Shared fixtures: a generated raw release, isolated settings, and running `imnet` for real."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imnet_assets.core.sample_raw import write_sample_raw
+from imnet_assets.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def sample_release(tmp_path_factory) -> tuple[Path, object]:
+    """The default sample release (6 synsets x 40 images, every quirk), generated once."""
+    root = tmp_path_factory.mktemp("raw")
+    summary = write_sample_raw(root, synsets=6, images=40, seed=0)
+    return root, summary
+
+
+@pytest.fixture
+def raw_copy(sample_release, tmp_path) -> Path:
+    """A private copy of the sample release, for tests that change the raw input."""
+    dst = tmp_path / "raw"
+    shutil.copytree(sample_release[0], dst)
+    return dst
+
+
+def build_env(tmp_path: Path, raw: Path | str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMNET_", "DAGSTER_HOME"))}
+    env.update(
+        IMNET_RAW_ROOT=str(raw),
+        IMNET_OUT_ROOT=str(tmp_path / "out"),
+        IMNET_CATALOG=str(tmp_path / "catalog.duckdb"),
+        IMNET_NUM_SHARDS="4",
+        IMNET_WORKERS="2",
+    )
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def settings_of(env: dict[str, str]) -> Settings:
+    return Settings.from_env(env)
+
+
+def imnet(args: list[str], env: dict[str, str], cwd: Path | None = None, check: bool = True,
+          timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run the installed `imnet` command in a subprocess, as a user would."""
+    exe = shutil.which("imnet", path=os.path.dirname(sys.executable)) or "imnet"
+    proc = subprocess.run([exe, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"imnet {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def dagster_home(tmp_path: Path) -> Path:
+    """A DAGSTER_HOME holding the project's own dagster.yaml."""
+    home = tmp_path / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    return home

@@ -1,0 +1,176 @@
+"""The whole pipeline through Dagster (`imnet build`) on a generated raw release, read back the
+way users read it: webdataset for the shards, DuckDB for the catalog, Dagster's instance."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+
+import duckdb
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from imnet_assets.core.encode import target_size
+from imnet_assets.core.plan import shard_sizes
+from tests.conftest import build_env, dagster_home, imnet
+
+
+@pytest.fixture(scope="module")
+def built(sample_release, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("build")
+    env = build_env(tmp, sample_release[0], DAGSTER_HOME=str(dagster_home(tmp)))
+    first = imnet(["build"], env)
+    return tmp, env, first, sample_release[1]
+
+
+def catalog(tmp):
+    return duckdb.connect(str(tmp / "catalog.duckdb"), read_only=True)
+
+
+def test_info_json_lists_balanced_shards(built):
+    tmp, env, _, _ = built
+    info = json.loads((tmp / "out" / "_info.json").read_text())
+    train = info["splits"]["train"]
+    assert train["name"] == "train"
+    assert train["filenames"] == [f"imagenet12k-train-{i:04d}.tar" for i in range(4)]
+    assert sum(train["shard_lengths"]) == train["num_samples"]
+    with catalog(tmp) as con:
+        planned = con.execute("SELECT count(*) FROM plan").fetchone()[0]
+    assert train["shard_lengths"] == shard_sizes(planned, 4)  # nothing excluded at encode time here
+    assert max(train["shard_lengths"]) - min(train["shard_lengths"]) <= 1
+
+
+def test_webdataset_reads_every_kept_image_exactly_once(built):
+    tmp, _, _, summary = built
+    urls = [str(tmp / "out" / f"imagenet12k-train-{i:04d}.tar") for i in range(4)]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
+    keys = [s["__key__"] for s in samples]
+    assert len(keys) == len(set(keys))
+    with catalog(tmp) as con:
+        kept = {k for (k,) in con.execute("SELECT key FROM images WHERE status = 'kept'").fetchall()}
+        labels = dict(con.execute("SELECT wnid, label FROM synsets").fetchall())
+        sizes = {k: (w, h) for k, w, h in con.execute("SELECT key, width, height FROM images").fetchall()}
+    assert set(keys) == kept
+    wnids = sorted(summary.wnids)
+    for s in samples:
+        meta = s["json"]
+        wnid = s["__key__"].split("_")[0]
+        assert meta["class_name"] == wnid
+        assert meta["filename"] == f"{wnid}/{s['__key__']}.JPEG"
+        assert s["cls"] == labels[wnid] == wnids.index(wnid) == meta["label"]
+        img = s["webp"]
+        assert img.mode == "RGB"
+        assert img.size == (meta["width"], meta["height"])
+        assert (meta["orig_width"], meta["orig_height"]) == sizes[s["__key__"]]
+        assert img.size == target_size(meta["orig_width"], meta["orig_height"])
+        assert min(img.size) <= 768
+
+
+def test_raw_members_are_stored_as_lossy_webp_with_fixed_member_metadata(built):
+    import tarfile
+
+    tmp, _, _, _ = built
+    with tarfile.open(tmp / "out" / "imagenet12k-train-0000.tar") as tf:
+        members = tf.getmembers()
+    assert [m.name.rsplit(".", 1)[1] for m in members[:3]] == ["cls", "json", "webp"]
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.gname) for m in members} == {(0, 0, 0, "", "")}
+    with tarfile.open(tmp / "out" / "imagenet12k-train-0000.tar") as tf:
+        webp = tf.extractfile(members[2]).read()
+    assert webp[:4] == b"RIFF" and webp[8:16] == b"WEBPVP8 "  # lossy VP8 (or VP8X + VP8 with metadata)
+
+
+def test_excluded_files_are_recorded_with_reasons(built):
+    tmp, _, _, summary = built
+    with catalog(tmp) as con:
+        rows = dict(con.execute("SELECT member, reason FROM images WHERE status = 'excluded'").fetchall())
+        total = con.execute("SELECT count(*) FROM images").fetchone()[0]
+    assert total == summary.total_members  # one row per raw member, none dropped
+    for quirk in ("tiny", "undecodable", "empty"):
+        for member in summary.quirks[quirk]:
+            assert member in rows, f"{quirk} {member} is not recorded as excluded"
+            assert rows[member], f"{quirk} {member} has no reason"
+    assert all("too small" in rows[m] for m in summary.quirks["tiny"])
+
+
+def test_catalog_offsets_point_at_the_exact_raw_bytes(built, sample_release):
+    tmp, _, _, _ = built
+    with catalog(tmp) as con:
+        rows = con.execute('SELECT tar, member, "offset", size, sha256 FROM images WHERE sha256 IS NOT NULL').fetchall()
+    assert rows
+    import tarfile
+
+    for tar, member, offset, size, sha in rows:
+        with open(sample_release[0] / tar, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        assert hashlib.sha256(data).hexdigest() == sha
+        with tarfile.open(sample_release[0] / tar) as tf:
+            assert tf.extractfile(member).read() == data
+
+
+def test_catalog_tables_agree_with_shards(built):
+    tmp, _, _, _ = built
+    with catalog(tmp) as con:
+        shards = con.execute("SELECT shard, path, num_samples, bytes, sha256, run_id, code_version FROM shards ORDER BY shard").fetchall()
+        per_shard = dict(con.execute("SELECT shard, count(*) FROM shard_samples GROUP BY shard").fetchall())
+        plan_vs_samples = con.execute(
+            "SELECT count(*) FROM plan p JOIN shard_samples s USING (key) WHERE p.shard = s.shard AND p.position = s.position"
+        ).fetchone()[0]
+        planned = con.execute("SELECT count(*) FROM plan").fetchone()[0]
+    assert [s[0] for s in shards] == ["0000", "0001", "0002", "0003"]
+    assert plan_vs_samples == planned
+    for shard, path, n, size, sha, run_id, code_version in shards:
+        data = (tmp / "out" / path).read_bytes()
+        assert len(data) == size and hashlib.sha256(data).hexdigest() == sha
+        assert per_shard[shard] == n
+        assert run_id and code_version
+
+
+def test_dagster_instance_records_every_partition_and_passing_checks(built):
+    tmp, env, _, _ = built
+    from dagster import AssetKey, DagsterInstance
+
+    os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
+    try:
+        inst = DagsterInstance.get()
+        mats = inst.get_materialized_partitions(AssetKey("wds_shards"))
+        assert mats == {"0000", "0001", "0002", "0003"}
+        for asset in ("raw_tars", "synset_manifest", "filtered_index", "shuffled_plan", "shard_audit"):
+            assert inst.get_latest_materialization_event(AssetKey(asset)) is not None
+    finally:
+        del os.environ["DAGSTER_HOME"]
+
+
+def test_second_build_redoes_nothing(built):
+    tmp, env, first, _ = built
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp / "out").glob("*.tar")}
+    second = imnet(["build"], env)
+    assert "0 to build" in second.stdout
+    for stage in ("raw_tars", "synset_manifest", "filtered_index", "shuffled_plan", "shard_audit"):
+        assert f"{stage}" in second.stdout and "fresh, skipped" in second.stdout
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp / "out").glob("*.tar")}
+    assert before == after
+
+
+def test_images_decode_close_to_their_sources(built, sample_release):
+    """Spot-check pixels: a stored WebP is its source's RGB conversion, resized, within WebP loss."""
+    tmp, _, _, _ = built
+    with catalog(tmp) as con:
+        rows = con.execute(
+            """SELECT i.tar, i."offset", i.size, s.shard, s.key FROM images i JOIN shard_samples s USING (key)
+               WHERE i.format = 'JPEG' AND NOT coalesce(i.needs_repair, false) ORDER BY i.key LIMIT 12"""
+        ).fetchall()
+    import numpy as np
+
+    for tar, offset, size, shard, key in rows:
+        with open(sample_release[0] / tar, "rb") as f:
+            f.seek(offset)
+            src = Image.open(io.BytesIO(f.read(size))).convert("RGB")
+        ds = wds.WebDataset(str(tmp / "out" / f"imagenet12k-train-{shard}.tar"), shardshuffle=False).decode("pil")
+        got = next(s["webp"] for s in ds if s["__key__"] == key)
+        ref = src.resize(got.size, Image.Resampling.LANCZOS)
+        diff = np.abs(np.asarray(got, dtype=np.int16) - np.asarray(ref, dtype=np.int16)).mean()
+        assert diff < 6, f"{key}: mean abs diff {diff:.2f}"
