@@ -186,6 +186,10 @@ def _open_planned(data: bytes, max_short: int):
         raise ImageRejected("not an image: cannot identify image file") from e
     except Image.DecompressionBombError as e:  # raised by a few plugins while parsing headers
         raise ImageRejected(f"too large to decode: {describe_error(e)}") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # a plugin recognised the format but its header is cut or corrupt
+        raise ImageRejected(f"unreadable header: {describe_error(e)}") from e
     orig = img.size
     target, box = plan_decode(img, max_short)
     return img, orig, target, box
@@ -202,6 +206,31 @@ def _load_truncated(img: ImageFile.ImageFile) -> None:
         img.load()
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def jpeg_scan_bytes(data: bytes) -> int:
+    """Bytes of entropy-coded data after the first SOS header of a JPEG (trailing zero padding and EOI
+    not counted); -1 when no SOS segment is found.  Walks the marker segments, so SOS markers inside
+    APP segments (EXIF thumbnails) are skipped."""
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return -1
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # standalone markers
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xDA:
+            scan = data[pos + 2 + length :].rstrip(b"\x00")
+            if scan.endswith(b"\xff\xd9"):
+                scan = scan[:-2]
+            return len(scan)
+        pos += 2 + length
+    return -1
 
 
 def _is_uniform(img: Image.Image) -> bool:
@@ -222,15 +251,18 @@ def _decode(data: bytes, max_short: int):
     except Exception as first:  # truncated / broken data: decode again, as far as the data goes
         first_error = describe_error(first)
     img, orig, target, box = _open_planned(data, max_short)
+    if _is_draftable(img) and jpeg_scan_bytes(data) <= 0:
+        # libjpeg would invent a grey image (plus a little noise) from the header alone
+        raise ImageRejected(f"undecodable: no image data could be decoded ({first_error})")
     try:
         _load_truncated(img)
     except MemoryError:
         raise
     except Exception as e:
         raise ImageRejected(f"undecodable: {first_error}; {describe_error(e)}") from e
-    # Pillow fills what it could not decode with a constant (black, or grey for baseline JPEG); a
-    # result that is a single colour carries no decoded data (e.g. header only, broken first scan,
-    # truncated progressive JPEG, which Pillow can only decode whole).
+    # Pillow fills what it could not decode with a constant (black, or grey for JPEG); a result that
+    # is a single colour carries no decoded data (e.g. a PNG whose IDAT is not zlib data, a JPEG
+    # whose first scan is unusable).
     if _is_uniform(img):
         raise ImageRejected(f"undecodable: no image data could be decoded ({first_error})")
     return img, orig, target, box, True

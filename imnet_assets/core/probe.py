@@ -79,8 +79,8 @@ def _probe(data: bytes) -> Probe:
         return _excluded("not an image: cannot identify image file")
     except Image.DecompressionBombError as e:  # a few plugins check sizes while parsing headers
         return _excluded(f"too large to decode: {describe_error(e)}")
-    except Exception as e:
-        return _excluded(f"not an image: {describe_error(e)}")
+    except Exception as e:  # a plugin recognised the format but its header is cut or corrupt
+        return _excluded(f"unreadable header: {describe_error(e)}")
     with img:
         width, height = img.size
         fmt, mode = img.format, img.mode

@@ -194,7 +194,7 @@ _XMP = (
     '    xmlns:exif="http://ns.adobe.com/exif/1.0/"\n'
     '   xmp:CreatorTool="Adobe Photoshop Lightroom 3.5"\n'
     '   exif:GPSLatitude="52,31.2057N" exif:GPSLongitude="13,24.0945E">\n'
-    '   <dc:creator><rdf:Seq><rdf:li>A. Photographer</rdf:li></rdf:Seq></dc:creator>\n'
+    "   <dc:creator><rdf:Seq><rdf:li>A. Photographer</rdf:li></rdf:Seq></dc:creator>\n"
     '   <dc:rights><rdf:Alt><rdf:li xml:lang="x-default">All rights reserved</rdf:li></rdf:Alt></dc:rights>\n'
     "  </rdf:Description>\n"
     " </rdf:RDF>\n"
@@ -221,11 +221,9 @@ def _q_orientation(value: int) -> Callable[[np.random.Generator], bytes]:
 
 
 def _q_undecodable_jpeg(g):
-    # A JFIF header (SOI + APP0), then bytes that are not a marker.
+    # A JFIF header (SOI + APP0), then garbage with no 0xFF byte, so no further marker is found.
     head = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
-    body = bytearray(g.integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    body[0] = 0x00
-    return head + bytes(body)
+    return head + g.integers(0, 255, 4096, dtype=np.uint8).tobytes()
 
 
 def _q_undecodable_text(g):
@@ -305,7 +303,7 @@ def _lemma_and_gloss(g: np.random.Generator) -> tuple[str, str]:
     if g.random() < 0.3:
         words.append(f"{words[0].capitalize()} {_word(g)}")  # a Latin-style binomial
     lemma = ", ".join(words)
-    gloss = f"a synthetic {_word(g)} of the {_word(g)} family; often \"{words[0]}\" in the field"
+    gloss = f'a synthetic {_word(g)} of the {_word(g)} family; often "{words[0]}" in the field'
     return lemma, gloss
 
 

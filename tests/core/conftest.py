@@ -21,12 +21,19 @@ def to_bytes(img: Image.Image, fmt: str, **kw) -> bytes:
 def smooth_rgb(width: int, height: int, seed: int = 0) -> Image.Image:
     """A photo-like RGB image: gradients plus mild noise (compresses and resamples like a photo)."""
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    r = 255 * x / max(width - 1, 1)
-    g = 255 * y / max(height - 1, 1)
-    b = 127.5 + 100 * np.sin(x / 37.0) * np.cos(y / 23.0)
-    arr = np.stack([r, g, b], axis=-1) + rng.normal(0, 4, (height, width, 3))
+    x = np.arange(width, dtype=np.float32)[None, :]
+    y = np.arange(height, dtype=np.float32)[:, None]
+    arr = np.empty((height, width, 3), np.float32)
+    arr[..., 0] = 255 * x / max(width - 1, 1)
+    arr[..., 1] = 255 * y / max(height - 1, 1)
+    arr[..., 2] = 127.5 + 100 * np.sin(x / 37.0) * np.cos(y / 23.0)
+    arr += rng.integers(-6, 7, (height, width, 3), dtype=np.int8)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def palette(img: Image.Image, colors: int = 64) -> Image.Image:
+    """Adaptive palette without dithering (smooth, so lossy WebP stays close to it)."""
+    return img.quantize(colors, dither=Image.Dither.NONE)
 
 
 def decode(webp: bytes) -> Image.Image:
@@ -87,6 +94,7 @@ def imgs():
     return types.SimpleNamespace(
         to_bytes=to_bytes,
         smooth_rgb=smooth_rgb,
+        palette=palette,
         decode=decode,
         mean_abs_diff=mean_abs_diff,
         png_chunk=png_chunk,
