@@ -29,7 +29,8 @@ _COARSE = 96
 # (downscale factor, amplitude) levels of the texture pyramid. Tuned for ~100 KB at 500x375 q90.
 _FINE_AMP = 22.0
 _CHROMA_AMP = 14.0
-_STROKES = 500
+_STROKES = 350
+_SQRT12 = math.sqrt(12.0)
 _LEVELS = ((16, 12.0), (8, 16.0), (4, 20.0), (2, 26.0))
 
 
@@ -79,11 +80,12 @@ def make_photo(width: int, height: int, rng: Rng) -> Image.Image:
     step = 1.0 / (1.0 + np.exp(-(yy - horizon) * float(g.uniform(8, 30))))
     canvas += ground[:, None, None] * step
 
-    # Low-frequency colour variation (lighting, large structures).
-    for _ in range(2):
-        n = int(g.integers(3, 8))
-        grid = g.normal(0, 22, (3, n, n)).astype(np.float32)
-        canvas += np.stack([_resize_f(grid[c], cw, ch, Image.BICUBIC) for c in range(3)])
+    # Low-frequency colour variation (lighting, large structures): a few random smooth waves.
+    waves = g.uniform([0.5, -np.pi, 0], [4.0, np.pi, 2 * np.pi], (4, 3))
+    amps = g.normal(0, 18, (4, 3)).astype(np.float32)
+    for (freq, direction, phase), amp in zip(waves.tolist(), amps):
+        wave = np.cos((math.cos(direction) * xx + math.sin(direction) * yy) * (freq * math.pi) + phase)
+        canvas += amp[:, None, None] * wave
 
     # A few soft blobs / ellipses (objects), some with a sharp-ish edge.
     for _ in range(int(g.integers(3, 9))):
@@ -121,8 +123,9 @@ def make_photo(width: int, height: int, rng: Rng) -> Image.Image:
         tw, th = max(1, -(-width // level_div)), max(1, -(-height // level_div))
         if tex is not None:
             tex = _resize_f(tex, tw, th, Image.BICUBIC)
-        level = g.standard_normal((th, tw), dtype=np.float32)
-        level *= amp * detail
+        level = g.random((th, tw), dtype=np.float32)  # uniform, unit variance after scaling
+        level -= 0.5
+        level *= amp * detail * _SQRT12
         tex = level if tex is None else tex + level
     if tex.shape != (wh, ww):
         tex = _resize_f(tex, ww, wh, Image.BICUBIC)

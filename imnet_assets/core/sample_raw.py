@@ -313,19 +313,15 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = TAR_MTIME
-            info.mode = TAR_MODE
-            info.uid = info.gid = 0
-            info.uname = info.gname = "root"
-            info.type = tarfile.REGTYPE
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+def _tar_info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = TAR_MTIME
+    info.mode = TAR_MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    info.type = tarfile.REGTYPE
+    return info
 
 
 def write_sample_raw(root: str | Path, synsets: int = 6, images: int = 40, seed: int = 0) -> SampleSummary:
@@ -351,24 +347,28 @@ def write_sample_raw(root: str | Path, synsets: int = 6, images: int = 40, seed:
     total_bytes = 0
     for si, wnid in enumerate(wnids):
         g_names = _rng(seed, 2, si)
-        numbers = np.sort(g_names.choice(_MEMBER_N_MAX, size=images, replace=False) + 1).tolist()
-        content: list[tuple[str, bytes]] = []
-        for slot, n in enumerate(numbers):
-            name = f"{wnid}_{n}.JPEG"
-            g = _rng(seed, 3, si, slot)
-            qi = slot * synsets + si
-            if qi < len(QUIRK_SLOTS):
-                names, maker = QUIRK_SLOTS[qi]
-                data = maker(g)
-                for q in names:
-                    quirks.setdefault(q, []).append(name)
-            else:
-                data = _normal(g)
-            content.append((name, data))
-        tar = _tar_bytes(content)
-        _write_atomic(root / f"{wnid}.tar", tar)
-        total_bytes += len(tar)
-        members[wnid] = [name for name, _ in content]
+        pool = max(_MEMBER_N_MAX, 2 * images)
+        numbers = np.sort(g_names.choice(pool, size=images, replace=False) + 1).tolist()
+        names_in_tar: list[str] = []
+        final = root / f"{wnid}.tar"
+        tmp = final.with_name(final.name + ".tmp")
+        with tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            for slot, n in enumerate(numbers):
+                name = f"{wnid}_{n}.JPEG"
+                g = _rng(seed, 3, si, slot)
+                qi = slot * synsets + si
+                if qi < len(QUIRK_SLOTS):
+                    quirk_names, maker = QUIRK_SLOTS[qi]
+                    data = maker(g)
+                    for q in quirk_names:
+                        quirks.setdefault(q, []).append(name)
+                else:
+                    data = _normal(g)
+                tf.addfile(_tar_info(name, len(data)), io.BytesIO(data))
+                names_in_tar.append(name)
+        os.replace(tmp, final)
+        total_bytes += final.stat().st_size
+        members[wnid] = names_in_tar
 
     g_words = _rng(seed, 4)
     words, glosses = [], []

@@ -6,7 +6,6 @@ import io
 import random
 import re
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -275,13 +274,9 @@ def test_make_photo_any_size(size):
     assert make_photo(*size, random.Random(0)).size == size
 
 
-def test_make_photo_large_is_fast():
-    make_photo(500, 375, random.Random(0))  # warm up
-    start = time.perf_counter()
+def test_make_photo_large_has_photo_like_bit_rate():
     img = make_photo(3000, 2000, random.Random(0))
-    elapsed = time.perf_counter() - start
     assert img.size == (3000, 2000)
-    assert elapsed < 2.5, elapsed  # well under a second on an idle machine; slack for loaded CI
     bpp = 8 * jpeg_size(img) / (3000 * 2000)
     assert 0.8 < bpp < 6, bpp
 
