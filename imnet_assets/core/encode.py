@@ -34,6 +34,9 @@ MIN_SIDE = 32
 # check while loading.
 MAX_FULL_DECODE_PIXELS = 12000 * 12000
 
+# libwebp cannot store a side longer than this (an extreme panorama whose short side is <= 768).
+WEBP_MAX_SIDE = 16383
+
 # Resampling filter, used identically by ``encode_image`` and ``bare_chain``.  LANCZOS is Pillow's
 # highest-quality antialiasing downscaler (the one ``thumbnail`` uses).  After a JPEG draft the decoded
 # image is less than ~2x the target per side, so the filter cost is small next to decode + WebP encode.
@@ -162,6 +165,10 @@ def plan_decode(
     if img.mode not in SUPPORTED_MODES:
         raise ImageRejected(f"unsupported mode {img.mode} ({img.format})")
     target = target_size(w, h, max_short)
+    if max(target) > WEBP_MAX_SIDE:
+        raise ImageRejected(
+            f"too large for WebP: {w}x{h} {img.format} -> {target[0]}x{target[1]} (max side {WEBP_MAX_SIDE})"
+        )
     box = None
     if target != (w, h) and _is_draftable(img):
         # DCT-domain downscale by 1/2, 1/4 or 1/8; the decoded size stays >= target.
@@ -171,8 +178,7 @@ def plan_decode(
     dw, dh = img.size
     if dw * dh > MAX_FULL_DECODE_PIXELS:
         raise ImageRejected(
-            f"too large to decode: {w}x{h} {img.format} "
-            f"({dw * dh} px to decode > {MAX_FULL_DECODE_PIXELS})"
+            f"too large to decode: {w}x{h} {img.format} ({dw * dh} px to decode > {MAX_FULL_DECODE_PIXELS})"
         )
     return target, box
 
@@ -278,6 +284,8 @@ def _to_8bit_grey(img: Image.Image) -> Image.Image:
     above 255 (else as 8-bit).  "F" in [0, 1] is scaled by 255, other float ranges are clipped."""
     mode = img.mode
     if mode.startswith("I;16"):
+        if mode != "I;16":  # point() only supports native "I;16"; "I" holds any 16-bit value
+            img = img.convert("I")
         return img.point(lambda v: v / 257 + 0.5).convert("L")
     if mode == "I":
         lo, hi = img.getextrema()
@@ -487,14 +495,19 @@ def encode_image(data: bytes, settings: EncodeSettings = DEFAULT_SETTINGS) -> En
     except Exception as e:
         raise ImageRejected(f"undecodable: {describe_error(e)}") from e
     buf = io.BytesIO()
-    out.save(
-        buf,
-        "WEBP",
-        quality=settings.quality,
-        method=settings.method,
-        exif=exif or b"",
-        icc_profile=icc,
-    )
+    try:
+        out.save(
+            buf,
+            "WEBP",
+            quality=settings.quality,
+            method=settings.method,
+            exif=exif or b"",
+            icc_profile=icc,
+        )
+    except MemoryError:
+        raise
+    except Exception as e:  # not expected: sizes are checked in plan_decode
+        raise ImageRejected(f"cannot encode WebP: {describe_error(e)}") from e
     return Encoded(
         webp=buf.getvalue(),
         width=out.width,

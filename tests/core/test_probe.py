@@ -68,7 +68,10 @@ def test_min_side_boundary_kept(imgs):
     "data,reason",
     [
         (b"", "empty file"),
-        (b"this is definitely not an image, just some text\n" * 10, "not an image: cannot identify image file"),
+        (
+            b"this is definitely not an image, just some text\n" * 10,
+            "not an image: cannot identify image file",
+        ),
         (b"\x00" * 1000, "not an image: cannot identify image file"),
         (b"<html><body>404 Not Found</body></html>", "not an image: cannot identify image file"),
     ],
@@ -183,3 +186,14 @@ def test_probe_is_fast(imgs):
         probe_image(data)
     per = (time.perf_counter() - t0) / n
     assert per < 0.005, f"{per * 1000:.2f} ms per probe"
+
+
+def test_panorama_beyond_webp_limit_excluded(imgs):
+    p = probe_image(imgs.to_bytes(Image.new("L", (20000, 40), 90), "PNG"))
+    assert p.status == "excluded" and p.reason.startswith("too large for WebP: 20000x40 PNG")
+
+
+def test_cut_header_reason(imgs):
+    data = imgs.to_bytes(imgs.smooth_rgb(300, 200), "JPEG", quality=90, exif=Image.Exif().tobytes())
+    p = probe_image(data[:100])
+    assert p.status == "excluded" and p.reason.startswith(("unreadable header", "not an image"))
