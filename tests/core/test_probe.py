@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 import pytest
@@ -140,9 +139,7 @@ def test_looks_truncated_unit():
 
 def test_huge_jpeg_probed_from_header(huge_jpeg):
     saved = Image.MAX_IMAGE_PIXELS
-    t0 = time.perf_counter()
     p = probe_image(huge_jpeg)
-    assert time.perf_counter() - t0 < 0.5  # header only: nothing decoded
     assert p == Probe(14000, 14000, "JPEG", "L", "kept", None, False)
     # the global decompression-bomb limit is untouched: plain Image.open still refuses it
     assert Image.MAX_IMAGE_PIXELS == saved
@@ -175,17 +172,6 @@ def test_probe_does_not_touch_global_flags(imgs):
     data = imgs.to_bytes(imgs.smooth_rgb(100, 100), "JPEG")
     probe_image(data[:300])
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
-
-
-def test_probe_is_fast(imgs):
-    # header only: a 2000x1500 JPEG probes in well under a decode's time
-    data = imgs.to_bytes(imgs.smooth_rgb(2000, 1500), "JPEG", quality=90)
-    n = 200
-    t0 = time.perf_counter()
-    for _ in range(n):
-        probe_image(data)
-    per = (time.perf_counter() - t0) / n
-    assert per < 0.005, f"{per * 1000:.2f} ms per probe"
 
 
 def test_panorama_beyond_webp_limit_excluded(imgs):
