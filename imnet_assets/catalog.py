@@ -6,6 +6,7 @@ No SQL text lives in Python: every statement is a file under `sql/`, run by name
 from __future__ import annotations
 
 import os
+import re
 import time
 from functools import cache
 from pathlib import Path
@@ -26,7 +27,7 @@ def sql(name: str) -> str:
 def _statements(text: str) -> list[str]:
     # Our files hold plain statements separated by ';' at line ends (no procedural blocks).
     body = "\n".join(line for line in text.splitlines() if not line.strip().startswith("--"))
-    return [s.strip() for s in body.split(";\n") if s.strip().strip(";").strip()]
+    return [s.strip() for s in re.split(r";[ \t]*\n", body) if s.strip().strip(";").strip()]
 
 
 class Catalog:
@@ -56,7 +57,7 @@ class Catalog:
         """Run every statement of `sql/<name>.sql`; returns the cursor of the last one."""
         result = None
         for stmt in _statements(sql(name)):
-            used = {k: v for k, v in (params or {}).items() if f"${k}" in stmt}
+            used = {k: v for k, v in (params or {}).items() if re.search(rf"\${re.escape(k)}\b", stmt)}
             result = self.con.execute(stmt, used) if used else self.con.execute(stmt)
         return result
 

@@ -34,7 +34,7 @@ def parse_holdout(text: str) -> tuple[tuple[str, int], ...]:
     splits: list[tuple[str, int]] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, count = part.partition(":")
-        if not sep or not name.strip() or not count.strip().isdigit() or int(count) < 1:
+        if not sep or not name.strip() or not count.strip().isdecimal() or int(count) < 1:
             raise SettingsError(f"IMNET_HOLDOUT entry {part!r} must look like name:count, e.g. validation:2")
         if name.strip() == "train":
             raise SettingsError("IMNET_HOLDOUT cannot name the 'train' split")
@@ -68,6 +68,15 @@ class Settings:
             raise SettingsError(
                 f"IMNET_SHARD_PATTERN={pattern!r} must contain '{{shard}}' and no '/' (it is a file name)"
             )
+        try:
+            distinct = pattern.format(shard=shard_key(0)) != pattern.format(shard=shard_key(1))
+        except (KeyError, IndexError, ValueError) as e:
+            raise SettingsError(
+                f"IMNET_SHARD_PATTERN={pattern!r}: {{shard}} must be its only placeholder "
+                f"(write other braces as '{{{{' and '}}}}'): {type(e).__name__}: {e}"
+            ) from None
+        if not distinct:
+            raise SettingsError(f"IMNET_SHARD_PATTERN={pattern!r} gives every shard the same file name")
         num_shards = _int(env, "IMNET_NUM_SHARDS", 1024, 1, 9999)
         holdout = parse_holdout(env.get("IMNET_HOLDOUT", ""))
         if sum(n for _, n in holdout) >= num_shards:

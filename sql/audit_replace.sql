@@ -13,6 +13,9 @@ DELETE FROM shard_exclusions;
 INSERT INTO shard_exclusions BY NAME
 SELECT shard, e.key, e.position, e.reason
 FROM (SELECT shard, unnest(excluded) AS e FROM manifests);
+-- Exclusions made at encode time are re-derived from the current manifests each time (a rebuilt
+-- shard may now hold an image an earlier encoder excluded).
+UPDATE images SET status = 'kept', reason = NULL, excluded_at = NULL WHERE excluded_at = 'encode';
 -- Carry what the encoder found back to the images table: repairs, and exclusions made at
 -- encode time (recorded with their reason, so no planned image is ever silently missing).
 UPDATE images SET repaired = s.repaired

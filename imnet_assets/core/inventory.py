@@ -15,6 +15,9 @@ from .rawtar import WHOLE_RELEASE, unpack_whole_release
 
 WNID_TAR = re.compile(r"^(n\d{8})\.tar$")
 TEXT_FILES = ("words.txt", "gloss.txt")
+# Present while winter21_whole.tar.gz is being unpacked: a run killed mid-way leaves it, and the
+# next run unpacks again instead of taking the tars committed so far for the whole release.
+UNPACKING_MARK = f".{WHOLE_RELEASE}.unpacking"
 
 
 @dataclass(frozen=True)
@@ -34,9 +37,13 @@ def list_raw(raw_root: str, unpack: bool = False, log: Callable[[str], None] = p
     """List the raw release. When the root holds only `winter21_whole.tar.gz`, unpack it first."""
     entries = fs.listdir(raw_root)
     names = {e["name"] for e in entries}
-    if unpack and WHOLE_RELEASE in names and not any(WNID_TAR.match(n) for n in names):
-        log(f"unpacking {WHOLE_RELEASE} into {raw_root} (one pass, per-synset tars)")
+    interrupted = UNPACKING_MARK in names
+    if unpack and WHOLE_RELEASE in names and (interrupted or not any(WNID_TAR.match(n) for n in names)):
+        again = " again (an earlier unpack did not finish)" if interrupted else ""
+        log(f"unpacking {WHOLE_RELEASE} into {raw_root}{again} (one pass, per-synset tars)")
+        fs.write_atomic(fs.join(raw_root, UNPACKING_MARK), b"unpack in progress\n")
         unpack_whole_release(fs.join(raw_root, WHOLE_RELEASE), raw_root)
+        fs.remove(fs.join(raw_root, UNPACKING_MARK))
         entries = fs.listdir(raw_root)
     tars = [e for e in entries if WNID_TAR.match(e["name"])]
     texts = {e["name"]: e for e in entries if e["name"] in TEXT_FILES}

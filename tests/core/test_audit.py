@@ -1,0 +1,213 @@
+"""shard_audit on a tiny built release: reconciliation, `_info.json`, and what it reports when a
+shard is missing or a manifest lists a sample twice."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import types
+
+import duckdb
+import pytest
+import webdataset as wds
+
+from imnet_assets.core import stages
+from imnet_assets.core.audit import (
+    DATASET_NAME,
+    check_info,
+    encode_settings,
+    expected_shard_fingerprints,
+    info_url,
+    run_audit,
+)
+from imnet_assets.core.plan import read_index, shard_sizes
+from imnet_assets.core.sample_raw import write_sample_raw
+from imnet_assets.core.shard import build_shard, manifest_url
+from imnet_assets.settings import Settings
+
+QUIET = lambda _m: None  # noqa: E731
+NUM_SHARDS = 3
+
+
+def settings_for(raw, folder, **extra) -> Settings:
+    env = {
+        "IMNET_RAW_ROOT": str(raw),
+        "IMNET_OUT_ROOT": str(folder / "out"),
+        "IMNET_CATALOG": str(folder / "catalog.duckdb"),
+        "IMNET_NUM_SHARDS": str(NUM_SHARDS),
+        "IMNET_WORKERS": "1",
+        "IMNET_HOLDOUT": "validation:1",
+    }
+    env.update({k: str(v) for k, v in extra.items()})
+    return Settings.from_env(env)
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """Raw release, catalog stages and every shard built once (the audit not run yet)."""
+    base = tmp_path_factory.mktemp("audit")
+    write_sample_raw(base / "raw", synsets=2, images=20, seed=0)
+    settings = settings_for(base / "raw", base)
+    stages.build_raw_tars(settings, "run-raw", log=QUIET)
+    stages.build_synset_manifest(settings, "run-syn", log=QUIET)
+    stages.build_filtered_index(settings, "run-idx", log=QUIET)
+    stages.build_shuffled_plan(settings, "run-plan", log=QUIET)
+    for key in settings.partition_keys:
+        build_shard(out_root=settings.out_root, raw_root=settings.raw_root, shard_key=key,
+                    shard_name=settings.shard_name(key), settings=encode_settings(settings),
+                    workers=1, run_id=f"run-shard-{key}")
+    return base
+
+
+@pytest.fixture
+def copy(release, tmp_path):
+    """A private copy of the built out root and catalog (the raw release is shared, read-only)."""
+    shutil.copytree(release / "out", tmp_path / "out")
+    shutil.copy(release / "catalog.duckdb", tmp_path / "catalog.duckdb")
+    return types.SimpleNamespace(folder=tmp_path, settings=settings_for(release / "raw", tmp_path),
+                                 raw=release / "raw")
+
+
+def query(settings: Settings, text: str) -> list[tuple]:
+    with duckdb.connect(settings.catalog, read_only=True) as con:
+        return con.execute(text).fetchall()
+
+
+def test_clean_release_audits_without_problems_and_writes_info(copy):
+    s = copy.settings
+    assert not os.path.exists(info_url(s))
+    report = run_audit(s, "run-audit", log=QUIET)
+    assert report.problems == []
+    assert report.missing == [] and report.stale == [] and report.bad_files == []
+    r = report.reconcile
+    assert r["planned"] > 0 and r["written"] == r["planned"] - r["excluded_at_encode"]
+    assert (r["lost"], r["duplicated"], r["misplaced"], r["unplanned"]) == (0, 0, 0, 0)
+    assert report.info_written
+
+    info = json.loads(open(info_url(s)).read())
+    assert info["name"] == DATASET_NAME
+    assert list(info["splits"]) == ["train", "validation"]
+    names = [s.shard_name(k) for k in s.partition_keys]
+    train, val = info["splits"]["train"], info["splits"]["validation"]
+    assert train["name"] == "train" and val["name"] == "validation"
+    assert train["filenames"] == names[:2]  # the holdout takes the last shard
+    assert val["filenames"] == names[2:]
+    # shard_lengths are what the tars hold, num_samples their sum.
+    for split in (train, val):
+        assert split["num_samples"] == sum(split["shard_lengths"])
+        for fname, n in zip(split["filenames"], split["shard_lengths"]):
+            assert sum(1 for _ in wds.WebDataset([os.path.join(s.out_root, fname)], shardshuffle=False)) == n
+    kept = query(s, "SELECT count(*) FROM images WHERE status = 'kept'")[0][0]
+    assert train["num_samples"] + val["num_samples"] == kept == r["written"]
+    assert train["shard_lengths"] + val["shard_lengths"] == shard_sizes(r["planned"], NUM_SHARDS)
+    assert check_info(s) == []
+
+    # The catalog's shard tables now hold what the shards hold.
+    shards = query(s, "SELECT shard, path, num_samples, bytes, sha256, run_id FROM shards ORDER BY shard")
+    assert [row[0] for row in shards] == s.partition_keys
+    for key, path, _n, size, sha, run_id in shards:
+        data = open(os.path.join(s.out_root, path), "rb").read()
+        assert (size, sha) == (len(data), hashlib.sha256(data).hexdigest())
+        assert run_id == f"run-shard-{key}"
+    assert [row[2] for row in shards] == train["shard_lengths"] + val["shard_lengths"]
+    assert query(s, "SELECT count(*), count(DISTINCT key) FROM shard_samples")[0] == (kept, kept)
+    mismatched = query(s, "SELECT count(*) FROM shard_samples ss JOIN plan p USING (key) "
+                          "WHERE ss.shard <> p.shard OR ss.position <> p.position")[0][0]
+    assert mismatched == 0
+    assert report.totals["samples"] == kept and report.totals["shards"] == NUM_SHARDS
+    assert [row["written"] for row in report.per_shard] == [row[2] for row in shards]
+
+
+def test_info_without_holdout_has_only_train(copy):
+    s = settings_for(copy.raw, copy.folder, IMNET_HOLDOUT="")
+    report = run_audit(s, "run-audit", log=QUIET)
+    assert report.problems == []
+    info = json.loads(open(info_url(s)).read())
+    assert list(info["splits"]) == ["train"]
+    assert info["splits"]["train"]["filenames"] == [s.shard_name(k) for k in s.partition_keys]
+    assert info["splits"]["train"]["num_samples"] == report.reconcile["written"]
+
+
+def test_audit_is_repeatable(copy):
+    first = run_audit(copy.settings, "run-a", log=QUIET)
+    info = open(info_url(copy.settings), "rb").read()
+    second = run_audit(copy.settings, "run-b", log=QUIET)
+    assert second.problems == [] and second.reconcile == first.reconcile
+    assert open(info_url(copy.settings), "rb").read() == info
+
+
+def test_deleted_shard_is_reported_missing_and_info_is_not_rewritten(copy):
+    s = copy.settings
+    run_audit(s, "run-1", log=QUIET)
+    info_path = info_url(s)
+    before = open(info_path, "rb").read()
+    stamp = os.stat(info_path).st_mtime_ns - 10_000_000_000
+    os.utime(info_path, ns=(stamp, stamp))
+    gone = s.partition_keys[1]
+    planned_there = read_index(s.out_root)["shard_lengths"][1]
+    os.unlink(os.path.join(s.out_root, s.shard_name(gone)))
+
+    logged: list[str] = []
+    report = run_audit(s, "run-2", log=logged.append)
+    assert report.missing == [gone]
+    assert not report.info_written
+    assert any("missing" in p and gone in p for p in report.problems)
+    assert report.reconcile["lost"] == planned_there
+    assert any("_info.json not written" in m for m in logged)
+    assert open(info_path, "rb").read() == before
+    assert os.stat(info_path).st_mtime_ns == stamp
+    assert query(s, "SELECT shard FROM shards ORDER BY shard") == [(k,) for k in s.partition_keys if k != gone]
+
+
+def test_missing_manifest_counts_as_missing_shard(copy):
+    s = copy.settings
+    key = s.partition_keys[0]
+    os.unlink(manifest_url(s.out_root, key))
+    report = run_audit(s, "run", log=QUIET)
+    assert report.missing == [key] and not report.info_written
+    assert not os.path.exists(info_url(s))
+
+
+def test_duplicated_sample_in_a_manifest_is_reported(copy):
+    s = copy.settings
+    key = s.partition_keys[0]
+    path = manifest_url(s.out_root, key)
+    manifest = json.loads(open(path).read())
+    manifest["samples"].append(dict(manifest["samples"][0]))
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    report = run_audit(s, "run", log=QUIET)
+    assert report.reconcile["duplicated"] == 1
+    assert any("duplicated" in p for p in report.problems)
+    assert report.reconcile["lost"] == 0
+
+
+def test_sample_in_the_wrong_shard_is_misplaced(copy):
+    s = copy.settings
+    a, b = (manifest_url(s.out_root, k) for k in s.partition_keys[:2])
+    ma, mb = json.loads(open(a).read()), json.loads(open(b).read())
+    moved = ma["samples"].pop()
+    mb["samples"].append(moved)
+    for path, m in ((a, ma), (b, mb)):
+        with open(path, "w") as f:
+            json.dump(m, f)
+    report = run_audit(s, "run", log=QUIET)
+    assert report.reconcile["misplaced"] == 1
+    assert report.reconcile["lost"] == 1 and report.reconcile["lost_examples"] == [moved["key"]]
+    assert report.problems
+
+
+def test_shard_from_other_settings_is_stale(copy):
+    s = settings_for(copy.raw, copy.folder, IMNET_WEBP_QUALITY=encode_settings(copy.settings).quality - 1)
+    assert expected_shard_fingerprints(s) != expected_shard_fingerprints(copy.settings)
+    report = run_audit(s, "run", log=QUIET)
+    assert report.stale == s.partition_keys
+    assert not report.info_written
+
+
+def test_audit_without_a_plan_is_a_clear_error(tmp_path):
+    s = settings_for(tmp_path / "raw", tmp_path)
+    with pytest.raises(FileNotFoundError, match="shuffled_plan"):
+        run_audit(s, "run", log=QUIET)

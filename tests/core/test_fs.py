@@ -1,0 +1,180 @@
+"""core.fs on local folders (and the pure URL helpers for s3:// roots)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from imnet_assets.core import fs
+
+
+def test_join_basename_dirname_local(tmp_path):
+    root = str(tmp_path / "out")
+    assert fs.join(root, "_plan", "0001.csv") == os.path.join(root, "_plan", "0001.csv")
+    assert fs.basename(fs.join(root, "a.tar")) == "a.tar"
+    assert fs.dirname(fs.join(root, "a.tar")) == root
+    assert not fs.is_remote(root)
+    assert not fs.is_remote("file:///tmp/x")
+
+
+def test_join_basename_dirname_s3():
+    assert fs.is_remote("s3://bucket/prefix")
+    assert fs.join("s3://bucket/prefix", "_plan", "0001.csv") == "s3://bucket/prefix/_plan/0001.csv"
+    assert fs.join("s3://bucket/prefix/", "x.tar") == "s3://bucket/prefix/x.tar"  # no double slash
+    assert fs.basename("s3://bucket/prefix/x.tar") == "x.tar"
+    assert fs.basename("s3://bucket/prefix/") == "prefix"
+    assert fs.dirname("s3://bucket/prefix/x.tar") == "s3://bucket/prefix"
+
+
+def test_file_urls_are_local(tmp_path):
+    (tmp_path / "f.bin").write_bytes(b"abc")
+    url = "file://" + str(tmp_path / "f.bin")
+    assert fs.exists(url)
+    assert fs.read_bytes(url) == b"abc"
+    assert fs.size(url) == 3
+
+
+def test_listdir_lists_files_only_sorted(tmp_path):
+    (tmp_path / "b.tar").write_bytes(b"12345")
+    (tmp_path / "a.txt").write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "inner.tar").write_bytes(b"x")
+    entries = fs.listdir(str(tmp_path))
+    assert [e["name"] for e in entries] == ["a.txt", "b.tar"]
+    assert entries[1]["size"] == 5
+    assert entries[1]["url"] == os.path.join(str(tmp_path), "b.tar")
+    assert all(isinstance(e["mtime"], str) and e["mtime"] for e in entries)
+    assert fs.listdir(str(tmp_path / "nope")) == []
+
+
+def test_atomic_open_commits_only_on_success(tmp_path):
+    target = tmp_path / "deep" / "folder" / "shard.tar"
+    with fs.atomic_open(str(target)) as f:
+        f.write(b"part one ")
+        # Not visible at the final path until the block ends.
+        assert not target.exists()
+        f.write(b"part two")
+    assert target.read_bytes() == b"part one part two"
+    assert sorted(os.listdir(target.parent)) == ["shard.tar"]  # no temporary left behind
+
+
+def test_atomic_open_leaves_nothing_on_exception(tmp_path):
+    target = tmp_path / "shard.tar"
+    with pytest.raises(RuntimeError, match="boom"), fs.atomic_open(str(target)) as f:
+        f.write(b"half a shard")
+        raise RuntimeError("boom")
+    assert not target.exists()
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_open_keeps_the_old_file_when_a_rewrite_fails(tmp_path):
+    target = tmp_path / "shard.tar"
+    fs.write_atomic(str(target), b"old complete shard")
+    with pytest.raises(KeyboardInterrupt), fs.atomic_open(str(target)) as f:
+        f.write(b"new but incomplete")
+        raise KeyboardInterrupt
+    assert target.read_bytes() == b"old complete shard"
+    assert os.listdir(tmp_path) == ["shard.tar"]
+
+
+def test_write_atomic_replaces(tmp_path):
+    target = str(tmp_path / "m.json")
+    fs.write_atomic(target, b"1")
+    fs.write_atomic(target, b"22")
+    assert fs.read_bytes(target) == b"22"
+    assert fs.read_text(target) == "22"
+    assert os.listdir(tmp_path) == ["m.json"]
+
+
+def test_remove_partials_removes_only_this_targets_temporaries(tmp_path):
+    target = str(tmp_path / "shard-0001.tar")
+    mine = [tmp_path / f".shard-0001.tar{fs.TMP_MARK}{pid}-{tag}" for pid, tag in ((12, "0123abcd"), (999, "ffffffff"))]
+    others = [
+        tmp_path / f".shard-0002.tar{fs.TMP_MARK}12-0123abcd",  # another shard's temporary
+        tmp_path / f".shard-0001.tar{fs.TMP_MARK}12-0123abcd.keep",  # not the temporary pattern
+        tmp_path / f".shard-0001.tar{fs.TMP_MARK}x-0123abcd",
+        tmp_path / "shard-0001.tar",  # the committed file itself
+        tmp_path / "shard-0001.tar.bak",
+    ]
+    for p in mine + others:
+        p.write_bytes(b"x")
+    removed = fs.remove_partials(target)
+    assert sorted(removed) == sorted(str(p) for p in mine)
+    assert all(not p.exists() for p in mine)
+    assert all(p.exists() for p in others)
+    assert fs.remove_partials(target) == []
+    assert fs.remove_partials(str(tmp_path / "missing-folder" / "x.tar")) == []
+
+
+def test_remove_partials_matches_what_atomic_open_leaves(tmp_path):
+    """A writer killed mid-way leaves its temporary; remove_partials finds exactly that file."""
+    target = str(tmp_path / "shard.tar")
+    cm = fs.atomic_open(target)
+    f = cm.__enter__()  # simulate a writer that dies before the context ends
+    f.write(b"partial")
+    f.flush()
+    leftovers = [n for n in os.listdir(tmp_path) if n != "shard.tar"]
+    assert len(leftovers) == 1
+    f.close()
+    assert fs.remove_partials(target) == [str(tmp_path / leftovers[0])]
+    assert os.listdir(tmp_path) == []
+
+
+def test_range_reader_reads_exact_ranges(tmp_path):
+    data = bytes(range(256)) * 40
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"{i}.bin"
+        p.write_bytes(data[i:])
+        paths.append(str(p))
+    with fs.RangeReader(max_open=2) as reader:  # more files than may stay open
+        for _ in range(2):
+            for i, p in enumerate(paths):
+                for offset, length in ((0, 1), (1, 511), (512, 1000), (len(data) - i - 10, 10), (100, 0)):
+                    assert reader.read(p, offset, length) == data[i:][offset:offset + length]
+        # Past the end: short, never padded.
+        assert reader.read(paths[0], len(data) - 3, 10) == data[-3:]
+        assert reader.read(paths[0], len(data) + 5, 10) == b""
+    with pytest.raises(FileNotFoundError):
+        fs.RangeReader().read(str(tmp_path / "missing.bin"), 0, 1)
+
+
+def test_open_read_is_seekable(tmp_path):
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"0123456789")
+    with fs.open_read(str(p)) as f:
+        f.seek(4)
+        assert f.read(3) == b"456"
+
+
+def test_remove_and_makedirs(tmp_path):
+    d = str(tmp_path / "a" / "b")
+    fs.makedirs(d)
+    assert os.path.isdir(d)
+    f = fs.join(d, "x")
+    fs.write_atomic(f, b"1")
+    fs.remove(f)
+    assert not fs.exists(f)
+    fs.remove(f)  # removing what is gone is fine
+
+
+def test_redact_hides_aws_secrets(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEKEY12345")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t/Value+With=Chars")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "tokentokentoken")
+    msg = ("cannot read s3://b/x.tar: key AKIAEXAMPLEKEY12345 secret s3cr3t/Value+With=Chars "
+           "token tokentokentoken again s3cr3t/Value+With=Chars")
+    out = fs.redact(msg)
+    for secret in ("AKIAEXAMPLEKEY12345", "s3cr3t/Value+With=Chars", "tokentokentoken"):
+        assert secret not in out
+    assert "cannot read s3://b/x.tar" in out
+    assert out.count("***") == 4
+
+
+def test_redact_leaves_text_alone_without_secrets(monkeypatch):
+    for var in fs.SECRET_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert fs.redact("nothing to hide") == "nothing to hide"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "")
+    assert fs.redact("nothing to hide") == "nothing to hide"

@@ -1,0 +1,410 @@
+"""One shard: tar layout, build from a plan slice over real raw tars, manifests, freshness, verify."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import types
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from imnet_assets.core import shard as shard_mod
+from imnet_assets.core.encode import EncodeSettings
+from imnet_assets.core.plan import SliceRow, read_slice, write_slice
+from imnet_assets.core.shard import (
+    _tarinfo,
+    build_shard,
+    fingerprint,
+    iter_samples,
+    read_manifest,
+    read_state,
+    sample_members,
+    shard_state,
+    verify_shard,
+)
+
+KEY = "0001"
+NAME = "imagenet12k-train-0001.tar"
+ENC = EncodeSettings(quality=80, method=2)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def jpeg(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
+    arr = (x * rng.uniform(0.2, 1, 3) + y * rng.uniform(0.2, 1, 3)) / 2 + rng.integers(0, 20, (height, width, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB").save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_raw_tar(path, members: list[tuple[str, bytes]]) -> dict[str, tuple[int, int]]:
+    """A raw synset tar; returns member name -> (data offset, size)."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tf:
+        return {m.name: (m.offset_data, m.size) for m in tf.getmembers()}
+
+
+SOURCES = {
+    # wnid -> [(image number, width, height)]
+    "n01440764": [(10026, 64, 48), (37, 40, 90), (512, 96, 96)],
+    "n02102040": [(7, 120, 80), (8, 33, 50), (99, 70, 40)],
+}
+
+
+@pytest.fixture
+def raw(tmp_path):
+    """Two raw tars of real JPEGs, and slice rows for all their members (not yet ordered)."""
+    root = tmp_path / "raw"
+    root.mkdir()
+    rows = []
+    for label, (wnid, images) in enumerate(sorted(SOURCES.items())):
+        members = [(f"{wnid}_{n}.JPEG", jpeg(w, h, n)) for n, w, h in images]
+        where = write_raw_tar(root / f"{wnid}.tar", members)
+        for (name, data), (_, w, h) in zip(members, images):
+            offset, size = where[name]
+            rows.append([name[:-5], wnid, label, f"{wnid}.tar", name, offset, size,
+                         hashlib.sha256(data).hexdigest(), w, h, False])
+    return types.SimpleNamespace(root=root, rows=rows)
+
+
+def planned(rows: list[list], order: list[int]) -> list[tuple]:
+    """Slice rows (position first) taking `rows` in the given order."""
+    return [(pos, *rows[i]) for pos, i in enumerate(order)]
+
+
+ORDER = [4, 0, 5, 2, 1, 3]  # a shuffled plan order, not the raw order
+
+
+def build(out, raw_root, workers=1, settings=ENC, name=NAME):
+    return build_shard(out_root=str(out), raw_root=str(raw_root), shard_key=KEY, shard_name=name,
+                       settings=settings, workers=workers, run_id="run-test")
+
+
+@pytest.fixture
+def built(raw, tmp_path):
+    out = tmp_path / "out"
+    write_slice(str(out), KEY, planned(raw.rows, ORDER))
+    result = build(out, raw.root)
+    return types.SimpleNamespace(out=out, raw=raw, result=result, tar=out / NAME,
+                                 keys=[raw.rows[i][0] for i in ORDER])
+
+
+def tar_names(path) -> list[str]:
+    with tarfile.open(path) as tf:
+        return tf.getnames()
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def test_sample_members_order_and_content():
+    row = SliceRow(5, "n01440764_10026", "n01440764", 1234, "n01440764.tar", "n01440764_10026.JPEG",
+                   1536, 999, "ab" * 32, 1000, 800, True)
+    enc = types.SimpleNamespace(webp=b"RIFFxxxxWEBP", width=960, height=768, orig_width=1000,
+                                orig_height=800, repaired=True)
+    members = sample_members(row, enc)
+    assert [n for n, _ in members] == ["n01440764_10026.cls", "n01440764_10026.json", "n01440764_10026.webp"]
+    assert [n for n, _ in members] == sorted(n for n, _ in members)
+    cls = members[0][1]
+    assert cls == b"1234"  # ASCII decimal, no newline
+    meta = json.loads(members[1][1].decode("utf-8"))
+    assert meta["filename"] == "n01440764/n01440764_10026.JPEG"
+    assert meta["label"] == 1234 and isinstance(meta["label"], int)
+    assert meta["class_name"] == "n01440764"
+    assert (meta["width"], meta["height"]) == (960, 768)
+    assert (meta["orig_width"], meta["orig_height"]) == (1000, 800)
+    assert members[2][1] == b"RIFFxxxxWEBP"
+    # Canonical JSON: the same sample gives the same bytes.
+    assert sample_members(row, enc)[1][1] == members[1][1]
+
+
+def test_label_zero_is_written():
+    row = SliceRow(0, "n0_1", "n0", 0, "n0.tar", "n0_1.JPEG", 512, 1, "0" * 64, 1, 1, False)
+    enc = types.SimpleNamespace(webp=b"", width=1, height=1, orig_width=1, orig_height=1, repaired=False)
+    assert sample_members(row, enc)[0] == ("n0_1.cls", b"0")
+
+
+def test_tarinfo_has_fixed_metadata():
+    info = _tarinfo("n01_1.webp", 1234)
+    assert (info.name, info.size, info.mtime, info.mode) == ("n01_1.webp", 1234, 0, 0o444)
+    assert (info.uid, info.gid, info.uname, info.gname) == (0, 0, "", "")
+    assert info.type == tarfile.REGTYPE
+    a = _tarinfo("x.cls", 1).tobuf(tarfile.USTAR_FORMAT)
+    b = _tarinfo("x.cls", 1).tobuf(tarfile.USTAR_FORMAT)
+    assert a == b and len(a) == 512
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def test_build_shard_is_readable_by_webdataset_in_plan_order(built):
+    samples = list(wds.WebDataset([str(built.tar)], shardshuffle=False))
+    assert [s["__key__"] for s in samples] == built.keys
+    rows = {r[0]: r for r in built.raw.rows}
+    for s in samples:
+        key = s["__key__"]
+        _, wnid, label, *_ , width, height, _ = rows[key]
+        assert s["cls"] == str(label).encode()
+        meta = json.loads(s["json"])
+        assert meta["filename"] == f"{wnid}/{key}.JPEG"
+        assert meta["class_name"] == wnid and meta["label"] == label
+        assert (meta["orig_width"], meta["orig_height"]) == (width, height)
+        with Image.open(io.BytesIO(s["webp"])) as im:
+            assert im.format == "WEBP" and im.mode == "RGB"
+            assert im.size == (meta["width"], meta["height"]) == (width, height)
+    # Each sample is three consecutive members: .cls, .json, .webp, with fixed metadata.
+    names = tar_names(built.tar)
+    assert names == [f"{k}.{ext}" for k in built.keys for ext in ("cls", "json", "webp")]
+    with tarfile.open(built.tar) as tf:
+        for m in tf.getmembers():
+            assert (m.mtime, m.mode, m.uid, m.gid, m.uname, m.gname) == (0, 0o444, 0, 0, "", "")
+    assert sorted(os.listdir(built.out)) == ["_manifests", "_plan", NAME]  # no temporaries
+
+
+def test_manifest_and_state_agree_with_the_tar(built):
+    data = built.tar.read_bytes()
+    manifest = read_manifest(str(built.out), KEY)
+    state = read_state(str(built.out), KEY)
+    _, digest = read_slice(str(built.out), KEY)
+    assert manifest["bytes"] == len(data) == built.result.bytes
+    assert manifest["sha256"] == hashlib.sha256(data).hexdigest() == built.result.sha256
+    assert manifest["num_samples"] == len(manifest["samples"]) == 6 == built.result.num_samples
+    assert manifest["planned"] == 6 and manifest["excluded"] == []
+    assert manifest["plan_digest"] == digest
+    assert manifest["fingerprint"] == fingerprint(digest, ENC)
+    assert manifest["shard"] == KEY and manifest["path"] == NAME and manifest["run_id"] == "run-test"
+    assert [s["key"] for s in manifest["samples"]] == built.keys
+    assert [s["position"] for s in manifest["samples"]] == list(range(6))
+    webps = {k: parts["webp"] for k, parts in iter_samples(str(built.tar))}
+    for s in manifest["samples"]:
+        assert s["webp_sha256"] == hashlib.sha256(webps[s["key"]]).hexdigest()
+        assert s["webp_bytes"] == len(webps[s["key"]])
+        assert s["repaired"] is False
+    assert state == {k: manifest[k] for k in ("shard", "path", "fingerprint", "bytes", "sha256", "num_samples")}
+    assert built.result.path == str(built.tar)
+
+
+def test_undecodable_source_becomes_an_exclusion(raw, tmp_path):
+    garbage = b"\xff\xd8\xff\xe0 this is not really a JPEG " * 20
+    wnid = "n09999999"
+    where = write_raw_tar(raw.root / f"{wnid}.tar", [(f"{wnid}_1.JPEG", garbage)])
+    offset, size = where[f"{wnid}_1.JPEG"]
+    bad = [f"{wnid}_1", wnid, 2, f"{wnid}.tar", f"{wnid}_1.JPEG", offset, size,
+           hashlib.sha256(garbage).hexdigest(), 100, 100, False]
+    out = tmp_path / "out"
+    write_slice(str(out), KEY, planned([*raw.rows[:3], bad], [0, 3, 1, 2]))
+    result = build(out, raw.root)
+    manifest = read_manifest(str(out), KEY)
+    assert result.planned == 4 and result.num_samples == 3
+    assert [e["key"] for e in manifest["excluded"]] == [f"{wnid}_1"]
+    assert manifest["excluded"][0]["position"] == 1
+    assert manifest["excluded"][0]["reason"]
+    assert result.excluded == manifest["excluded"]
+    assert [s["key"] for s in manifest["samples"]] == [raw.rows[i][0] for i in (0, 1, 2)]
+    assert [s["position"] for s in manifest["samples"]] == [0, 2, 3]
+    assert f"{wnid}_1.webp" not in tar_names(out / NAME)
+    assert verify_shard(str(out), KEY, NAME) == []
+
+
+def test_changed_source_bytes_become_an_exclusion_with_a_clear_reason(raw, tmp_path):
+    out = tmp_path / "out"
+    write_slice(str(out), KEY, planned(raw.rows, ORDER))
+    victim = raw.rows[1]  # n01440764_37
+    tar_path = raw.root / victim[3]
+    with open(tar_path, "r+b") as f:  # same length, different bytes
+        f.seek(victim[5] + victim[6] // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    build(out, raw.root)
+    manifest = read_manifest(str(out), KEY)
+    assert [e["key"] for e in manifest["excluded"]] == [victim[0]]
+    reason = manifest["excluded"][0]["reason"]
+    assert "sha256" in reason and victim[3] in reason and "changed" in reason
+    assert manifest["num_samples"] == 5
+    assert verify_shard(str(out), KEY, NAME) == []
+
+
+def test_raw_tar_shorter_than_indexed_becomes_an_exclusion(raw, tmp_path):
+    out = tmp_path / "out"
+    write_slice(str(out), KEY, planned(raw.rows, ORDER))
+    last = raw.rows[2]  # the last member of the first tar
+    with open(raw.root / last[3], "r+b") as f:
+        f.truncate(last[5] + last[6] // 2)
+    build(out, raw.root)
+    manifest = read_manifest(str(out), KEY)
+    assert [e["key"] for e in manifest["excluded"]] == [last[0]]
+    assert "shorter" in manifest["excluded"][0]["reason"]
+    assert manifest["num_samples"] == 5
+
+
+def test_missing_raw_tar_becomes_exclusions(raw, tmp_path):
+    out = tmp_path / "out"
+    write_slice(str(out), KEY, planned(raw.rows, ORDER))
+    os.unlink(raw.root / "n02102040.tar")
+    result = build(out, raw.root)
+    assert sorted(e["key"] for e in result.excluded) == sorted(r[0] for r in raw.rows[3:])
+    assert all("n02102040.tar" in e["reason"] for e in result.excluded)
+    assert result.num_samples == 3
+
+
+def test_verify_shard_finds_nothing_wrong_with_a_good_shard(built):
+    assert verify_shard(str(built.out), KEY, NAME) == []
+    assert verify_shard(str(built.out), KEY, NAME, decode=False) == []
+
+
+def test_verify_shard_reports_a_tampered_tar(built):
+    data = bytearray(built.tar.read_bytes())
+    with tarfile.open(built.tar) as tf:
+        webp = next(m for m in tf.getmembers() if m.name.endswith(".webp"))
+    data[webp.offset_data + webp.size // 2] ^= 0x55
+    built.tar.write_bytes(bytes(data))
+    problems = verify_shard(str(built.out), KEY, NAME)
+    assert any("sha256" in p for p in problems)
+    assert any(webp.name[: -len(".webp")] in p for p in problems)
+
+
+def test_verify_shard_reports_a_missing_sample_even_with_a_consistent_manifest(built):
+    """A tar lacking a planned sample, its manifest rewritten to match the tar's bytes."""
+    with tarfile.open(built.tar) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for m, payload in members[:-3]:
+            tf.addfile(m, io.BytesIO(payload))
+    built.tar.write_bytes(buf.getvalue())
+    manifest = read_manifest(str(built.out), KEY)
+    manifest.update(bytes=len(buf.getvalue()), sha256=hashlib.sha256(buf.getvalue()).hexdigest())
+    (built.out / "_manifests" / f"{KEY}.json").write_text(json.dumps(manifest))
+    problems = verify_shard(str(built.out), KEY, NAME)
+    assert len(problems) == 1
+    assert "holds 5 samples, plan wants 6" in problems[0] and built.keys[-1] in problems[0]
+
+
+def test_verify_shard_without_manifest(built):
+    os.unlink(built.out / "_manifests" / f"{KEY}.json")
+    assert verify_shard(str(built.out), KEY, NAME) == [f"shard {KEY}: no manifest"]
+
+
+def test_verify_shard_reports_another_plan(built):
+    write_slice(str(built.out), KEY, planned(built.raw.rows, list(reversed(ORDER))))
+    problems = verify_shard(str(built.out), KEY, NAME)
+    assert any("another plan" in p for p in problems)
+
+
+# ----------------------------------------------------------------------------- freshness
+
+
+def test_shard_state_transitions(raw, tmp_path):
+    out = tmp_path / "out"
+    digest = write_slice(str(out), KEY, planned(raw.rows, ORDER))
+    want = fingerprint(digest, ENC)
+    assert shard_state(str(out), KEY, NAME, want) == "missing"
+    build(out, raw.root)
+    assert shard_state(str(out), KEY, NAME, want) == "fresh"
+    assert shard_state(str(out), KEY, NAME, fingerprint(digest, EncodeSettings(quality=81, method=2))) == "stale"
+    assert shard_state(str(out), KEY, NAME, None) == "stale"
+    # The tar changed size on storage: stale.
+    tar_path = out / NAME
+    data = tar_path.read_bytes()
+    tar_path.write_bytes(data + b"\0" * 512)
+    assert shard_state(str(out), KEY, NAME, want) == "stale"
+    tar_path.write_bytes(data)
+    assert shard_state(str(out), KEY, NAME, want) == "fresh"
+    # A new plan for this shard: stale until rebuilt.
+    new_digest = write_slice(str(out), KEY, planned(raw.rows, list(reversed(ORDER))))
+    new_want = fingerprint(new_digest, ENC)
+    assert shard_state(str(out), KEY, NAME, new_want) == "stale"
+    build(out, raw.root)
+    assert shard_state(str(out), KEY, NAME, new_want) == "fresh"
+    # The tar or its state file gone: missing.
+    os.unlink(tar_path)
+    assert shard_state(str(out), KEY, NAME, new_want) == "missing"
+    build(out, raw.root)
+    os.unlink(out / "_manifests" / f"{KEY}.state.json")
+    assert shard_state(str(out), KEY, NAME, new_want) == "missing"
+
+
+def test_fingerprint_depends_on_plan_quality_method_and_size():
+    base = fingerprint("d" * 64, EncodeSettings(quality=90, method=4))
+    assert base == fingerprint("d" * 64, EncodeSettings(quality=90, method=4))
+    others = [
+        fingerprint("e" * 64, EncodeSettings(quality=90, method=4)),
+        fingerprint("d" * 64, EncodeSettings(quality=89, method=4)),
+        fingerprint("d" * 64, EncodeSettings(quality=90, method=5)),
+        fingerprint("d" * 64, EncodeSettings(quality=90, method=4, max_short=512)),
+    ]
+    assert len({base, *others}) == 5
+
+
+def test_fingerprint_depends_on_the_encoder_version(monkeypatch):
+    before = fingerprint("d" * 64, ENC)
+    monkeypatch.setattr(shard_mod, "ENCODER_VERSION", shard_mod.ENCODER_VERSION + "-next")
+    assert fingerprint("d" * 64, ENC) != before
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def test_building_twice_gives_identical_bytes(built):
+    first = built.tar.read_bytes()
+    first_samples = read_manifest(str(built.out), KEY)["samples"]
+    build(built.out, built.raw.root)
+    assert built.tar.read_bytes() == first
+    assert read_manifest(str(built.out), KEY)["samples"] == first_samples
+    assert sorted(os.listdir(built.out / "_manifests")) == [f"{KEY}.json", f"{KEY}.state.json"]
+
+
+def test_one_and_two_workers_give_identical_bytes(raw, tmp_path):
+    results = []
+    for workers in (1, 2):
+        out = tmp_path / f"out-{workers}"
+        write_slice(str(out), KEY, planned(raw.rows, ORDER))
+        results.append(build(out, raw.root, workers=workers))
+    assert results[0].num_samples == results[1].num_samples == 6
+    assert (tmp_path / "out-1" / NAME).read_bytes() == (tmp_path / "out-2" / NAME).read_bytes()
+    assert results[0].sha256 == results[1].sha256
+
+
+def test_leftovers_of_an_interrupted_run_are_removed(built):
+    leftover = built.out / f".{NAME}.tmp-4242-0123abcd"
+    leftover.write_bytes(b"half a shard")
+    build(built.out, built.raw.root)
+    assert not leftover.exists()
+    assert verify_shard(str(built.out), KEY, NAME) == []
+
+
+def test_empty_slice_gives_an_empty_valid_shard(tmp_path):
+    out = tmp_path / "out"
+    write_slice(str(out), KEY, [])
+    result = build(out, tmp_path)
+    assert result.num_samples == 0 and result.planned == 0
+    assert tar_names(out / NAME) == []
+    assert verify_shard(str(out), KEY, NAME) == []
+
+
+def test_zero_byte_source_has_a_reason_with_two_workers(tmp_path):
+    root = tmp_path / "raw"
+    root.mkdir()
+    where = write_raw_tar(root / "n00000001.tar", [("n00000001_1.JPEG", b"")])
+    row = ["n00000001_1", "n00000001", 0, "n00000001.tar", "n00000001_1.JPEG", *where["n00000001_1.JPEG"],
+           hashlib.sha256(b"").hexdigest(), 1, 1, False]
+    out = tmp_path / "out"
+    write_slice(str(out), KEY, planned([row], [0]))
+    result = build(out, root, workers=2)
+    assert [e["key"] for e in result.excluded] == ["n00000001_1"]
+    assert result.excluded[0]["reason"]

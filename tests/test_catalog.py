@@ -1,0 +1,128 @@
+"""The DuckDB catalog: SPEC's tables and columns, read-only opening, statements run from sql/."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+
+from imnet_assets import catalog as catalog_mod
+from imnet_assets.catalog import Catalog, _statements, sql
+
+# SPEC "Catalog": tables with at least these columns.
+SPEC_COLUMNS = {
+    "synsets": ["wnid", "label", "lemma", "gloss", "num_images", "num_kept"],
+    "images": ["key", "wnid", "tar", "member", "offset", "size", "sha256", "width", "height", "format",
+               "mode", "status", "reason"],
+    "plan": ["key", "shard", "position"],
+    "shard_samples": ["key", "shard", "position", "width", "height", "webp_bytes", "webp_sha256", "repaired"],
+    "shards": ["shard", "path", "num_samples", "bytes", "sha256", "run_id", "code_version", "written_at"],
+}
+
+
+def columns(con, table: str) -> list[str]:
+    return [r[0] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
+        [table],
+    ).fetchall()]
+
+
+def test_schema_has_specs_tables_and_columns(tmp_path):
+    path = str(tmp_path / "sub" / "catalog.duckdb")  # the folder is created
+    with Catalog(path):
+        pass
+    with duckdb.connect(path, read_only=True) as con:
+        for table, wanted in SPEC_COLUMNS.items():
+            have = columns(con, table)
+            missing = [c for c in wanted if c not in have]
+            assert not missing, f"{table} lacks {missing} (has {have})"
+
+
+def test_schema_is_idempotent_and_keeps_data(tmp_path):
+    path = str(tmp_path / "catalog.duckdb")
+    with Catalog(path) as cat:
+        cat.set_stage("raw_tars", "fp-1", "run-1")
+    with Catalog(path) as cat:  # reopening as a writer reruns the schema
+        assert cat.stage_fingerprint("raw_tars") == "fp-1"
+        assert cat.stage_fingerprint("shuffled_plan") is None
+        cat.set_stage("raw_tars", "fp-2", "run-2")  # replaces, no duplicate key error
+        assert cat.stage_fingerprint("raw_tars") == "fp-2"
+
+
+def test_read_only_open_of_a_missing_catalog_is_a_clear_error(tmp_path):
+    path = tmp_path / "nowhere" / "catalog.duckdb"
+    with pytest.raises(FileNotFoundError) as err:
+        Catalog(str(path), read_only=True)
+    assert str(path) in str(err.value)
+    assert "imnet build" in str(err.value)
+    assert not path.parent.exists()  # a reader creates nothing
+
+
+def test_read_only_catalog_reads_but_cannot_write(tmp_path):
+    path = str(tmp_path / "catalog.duckdb")
+    with Catalog(path) as cat:
+        cat.set_stage("synset_manifest", "abc", "r")
+    with Catalog(path, read_only=True) as cat:
+        assert cat.stage_fingerprint("synset_manifest") == "abc"
+        with pytest.raises(duckdb.Error):
+            cat.set_stage("synset_manifest", "def", "r")
+
+
+@pytest.fixture
+def sql_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "sql"
+    folder.mkdir()
+    monkeypatch.setattr(catalog_mod, "SQL_DIR", folder)
+    sql.cache_clear()
+    yield folder
+    sql.cache_clear()
+
+
+def test_run_executes_every_statement_of_a_file(tmp_path, sql_dir):
+    (sql_dir / "schema.sql").write_text("CREATE TABLE IF NOT EXISTS t (k VARCHAR, n INTEGER);\n")
+    (sql_dir / "fill.sql").write_text(
+        "-- a comment line; with a semicolon at its end;\n"
+        "DELETE FROM t;\n"
+        "INSERT INTO t VALUES ('a', $n);   \n"  # blanks after the ';'
+
+        "INSERT INTO t\n"
+        "VALUES ('b', $n + 1),\n"
+        "       ('c;d', 3);\n"
+        "\n"
+        "SELECT k, n FROM t WHERE n >= $low ORDER BY k;"
+    )
+    with Catalog(str(tmp_path / "c.duckdb")) as cat:
+        rows = cat.rows("fill", {"n": 1, "low": 2, "unused": 5})
+        assert rows == [("b", 2), ("c;d", 3)]  # the result is the last statement's
+        assert cat.con.execute("SELECT count(*) FROM t").fetchone()[0] == 3
+        cat.run("fill", {"n": 10, "low": 0})  # rerunnable: the DELETE ran first
+        assert cat.con.execute("SELECT sum(n) FROM t").fetchone()[0] == 10 + 11 + 3
+        assert cat.dicts("fill", {"n": 1, "low": 3}) == [{"k": "c;d", "n": 3}]
+        assert cat.one("fill", {"n": 1, "low": 3}) == {"k": "c;d", "n": 3}
+        assert cat.one("fill", {"n": 1, "low": 99}) == {}
+
+
+def test_sql_names_a_missing_statement(sql_dir):
+    with pytest.raises(FileNotFoundError, match="no_such_statement"):
+        sql("no_such_statement")
+
+
+def test_statements_split_at_line_end_semicolons():
+    text = "-- header\nSELECT 1;\nSELECT ';';\t \n-- only a comment;\nSELECT 2\n;\n\n"
+    assert _statements(text) == ["SELECT 1", "SELECT ';'", "SELECT 2"]
+
+
+def test_every_project_sql_file_splits_into_statements():
+    for path in sorted(catalog_mod.SQL_DIR.glob("*.sql")):
+        stmts = _statements(path.read_text())
+        assert stmts, path.name
+        for s in stmts:
+            # A leftover ';' followed by more text would mean two statements run as one.
+            assert ";\n" not in s, path.name
+
+
+def test_parameters_are_matched_by_whole_name(tmp_path, sql_dir):
+    (sql_dir / "schema.sql").write_text("SELECT 1;\n")
+    (sql_dir / "names.sql").write_text("SELECT $name AS name, $name_2 AS name_2;\n")
+    with Catalog(str(tmp_path / "c.duckdb")) as cat:
+        # `n` and `nam` are prefixes of `$name`, but that statement does not use them.
+        assert cat.one("names", {"n": 0, "nam": 0, "name": "x", "name_2": 2}) == {"name": "x", "name_2": 2}
