@@ -25,12 +25,16 @@ def parse_shards(spec: str | None, keys: list[str]) -> list[str]:
             a, b = int(lo), int(hi) if sep else int(lo)
         except ValueError:
             raise SettingsError(f"--shards: {part!r} is not a shard number or range like 0000-0015") from None
+        if b < a:
+            raise SettingsError(f"--shards: {part!r} is a backwards range (write the lower shard first)")
         for i in range(a, b + 1):
             k = shard_key(i)
             if k not in known:
                 raise SettingsError(f"--shards: shard {k} does not exist (IMNET_NUM_SHARDS={len(keys)})")
             if k not in chosen:
                 chosen.append(k)
+    if not chosen:
+        raise SettingsError(f"--shards: {spec!r} selects no shard")
     return chosen
 
 
@@ -212,6 +216,7 @@ def cmd_status(args) -> int:
 
 def cmd_lineage(args) -> int:
     from .catalog import Catalog
+    from .core import fs
 
     s = Settings.from_env()
     with Catalog(s.catalog, read_only=True) as cat:
@@ -221,75 +226,175 @@ def cmd_lineage(args) -> int:
         return 1
     for r in rows:
         print(f"key          {r['key']}  ({r['wnid']})")
-        print(f"source       {r['tar']} member {r['member']}")
-        print(f"             offset {r['offset']}  size {r['size']}  sha256 {r['sha256']}")
+        print(f"source       {fs.join(s.raw_root, r['tar'])} member {r['member'] or '(none: tar damage)'}")
+        print(f"             offset {r['offset']}  size {r['size']}  sha256 {r['sha256'] or '(unreadable)'}")
         print(f"status       {r['status']}" + (f"  ({r['reason']})" if r["reason"] else ""))
         if r["shard"] is not None:
-            print(f"shard        {r['shard']}  position {r['position']}  file {r['path'] or '(not written yet)'}")
-            if r["run_id"]:
+            where = fs.join(s.out_root, r["path"] or s.shard_name(r["shard"]))
+            print(f"shard        {r['shard']}  position {r['position']}  file {where}")
+            if not r["run_id"]:
+                print("written by   (not written yet: run `imnet build`)")
+            elif r["webp_sha256"] is None:
+                print(f"written by   run {r['run_id']}  code version {r['code_version']}  at {r['written_at']}"
+                      "  (this image is not in the shard: excluded when encoding)")
+            else:
                 print(f"written by   run {r['run_id']}  code version {r['code_version']}  at {r['written_at']}")
                 print(f"webp sha256  {r['webp_sha256']}  repaired {r['repaired']}")
         print()
     return 0
 
 
-def cmd_verify(args) -> int:
+VERIFY_SHOWN = 20  # problems printed per shard; the rest are counted
+
+
+def _verify_shard(url: str, shard: dict, want: list[dict], decode: bool) -> list[str]:
+    """Problems of one shard file against its catalog rows (empty when it matches exactly)."""
+    import io
+    import json
+
     from PIL import Image
 
+    from .core import fs
+    from .core.rawtar import Damage, iter_tar
+
+    problems: list[str] = []
+    size = fs.size(url)
+    if size != shard["bytes"]:
+        problems.append(f"{size} bytes, catalog says {shard['bytes']}")
+    digest = hashlib.sha256()
+    with fs.open_read(url) as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != shard["sha256"]:
+        problems.append(f"tar sha256 {digest.hexdigest()[:16]} != catalog {shard['sha256'][:16]}")
+    tar_differs = bool(problems)
+
+    # Group consecutive members into samples the way webdataset does (key = name up to the first dot).
+    samples: list[tuple[str, list[tuple[str, bytes]]]] = []
+    for item in iter_tar(url, what="shard"):
+        if isinstance(item, Damage):
+            after = f" (after sample {samples[-1][0]})" if samples else " (before the first sample)"
+            problems.append(f"tar structure damaged at byte {item.offset}{after}: {item.reason}")
+            continue
+        key, _, ext = item.name.partition(".")
+        if not samples or samples[-1][0] != key:
+            samples.append((key, []))
+        samples[-1][1].append((ext, item.data))
+
+    by_key = {w["key"]: w for w in want}
+    for key, parts in samples:
+        exp = by_key.get(key)
+        if exp is None:
+            problems.append(f"sample {key}: in the tar but not in the catalog for this shard")
+            continue
+        exts = [e for e, _ in parts]
+        if exts != ["cls", "json", "webp"]:
+            problems.append(f"sample {key}: members {exts}, expected ['cls', 'json', 'webp']")
+        payload = dict(parts)
+        webp = payload.get("webp", b"")
+        if len(webp) != exp["webp_bytes"] or hashlib.sha256(webp).hexdigest() != exp["webp_sha256"]:
+            problems.append(f"sample {key}: webp payload sha256 differs from the catalog")
+        elif decode:
+            try:
+                with Image.open(io.BytesIO(webp)) as im:
+                    im.load()
+            except Exception as e:  # noqa: BLE001
+                problems.append(f"sample {key}: webp does not decode ({e})")
+        if payload.get("cls") != str(exp["label"]).encode("ascii"):
+            problems.append(f"sample {key}: .cls {payload.get('cls')!r} != label {exp['label']}")
+        try:
+            meta = json.loads(payload.get("json", b""))
+        except ValueError as e:
+            problems.append(f"sample {key}: .json does not parse ({e})")
+            continue
+        fields = {
+            "filename": f"{exp['wnid']}/{key}.JPEG", "label": exp["label"], "class_name": exp["wnid"],
+            "width": exp["width"], "height": exp["height"],
+            "orig_width": exp["orig_width"], "orig_height": exp["orig_height"],
+        }
+        if "source_sha256" in meta:
+            fields["source_sha256"] = exp["source_sha256"]
+        wrong = sorted(k for k, v in fields.items() if not isinstance(meta, dict) or meta.get(k) != v)
+        if wrong:
+            problems.append(f"sample {key}: .json fields {wrong} differ from the catalog")
+
+    got = [k for k, _ in samples]
+    expected = [w["key"] for w in want]
+    if got != expected:
+        missing = [k for k in expected if k not in set(got)]
+        dups = sorted({k for k in got if got.count(k) > 1})
+        detail = f"{len(got)} samples, catalog says {len(expected)}"
+        if missing:
+            detail += f"; missing {missing[:5]}" + (" ..." if len(missing) > 5 else "")
+        if dups:
+            detail += f"; duplicated {dups[:5]}"
+        if not missing and not dups and sorted(got) == sorted(expected):
+            detail += "; samples out of catalog order"
+        problems.append(detail)
+    if tar_differs and len(problems) == 1 + (size != shard["bytes"]):
+        problems.append("every sample's payload matches: the difference is in tar headers or padding")
+    return problems
+
+
+def _verify_info(s: Settings, shards: list[dict]) -> list[str]:
+    """`_info.json` lists exactly the catalog's shards with their sample counts."""
+    import json
+
+    from .core import fs
+
+    url = fs.join(s.out_root, "_info.json")
+    if not fs.exists(url):
+        return [f"{url} is missing"]
+    try:
+        splits = json.loads(fs.read_bytes(url))["splits"]
+        listed = {
+            name: n for sp in splits.values() for name, n in zip(sp["filenames"], sp["shard_lengths"], strict=True)
+        }
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return [f"{url} is not a valid info file ({type(e).__name__}: {e})"]
+    recorded = {sh["path"]: sh["num_samples"] for sh in shards}
+    if listed != recorded:
+        diff = sorted(set(listed.items()) ^ set(recorded.items()))[:6]
+        return [f"{url} disagrees with the catalog's shards (differing entries {diff})"]
+    return []
+
+
+def cmd_verify(args) -> int:
     from .catalog import Catalog
     from .core import fs
-    from .core.shard import iter_samples
 
     s = Settings.from_env()
     with Catalog(s.catalog, read_only=True) as cat:
         shards = cat.dicts("verify_shards")
-        expected = {sh["shard"]: cat.rows("verify_samples", {"shard": sh["shard"]}) for sh in shards}
+        expected = {sh["shard"]: cat.dicts("verify_samples", {"shard": sh["shard"]}) for sh in shards}
     if not shards:
         print(f"no shards recorded in {s.catalog}: run `imnet build` first", file=sys.stderr)
         return 1
     bad = 0
     for sh in shards:
         url = fs.join(s.out_root, sh["path"])
+        label = f"shard {sh['shard']} ({sh['path']})"
         if not fs.exists(url):
-            print(f"FAIL shard {sh['shard']} ({sh['path']}): missing from {s.out_root}")
+            print(f"FAIL {label}: missing from {s.out_root}")
             bad += 1
             continue
-        digest = hashlib.sha256()
-        with fs.open_read(url) as f:
-            while chunk := f.read(8 << 20):
-                digest.update(chunk)
-        problems = []
-        if digest.hexdigest() != sh["sha256"]:
-            problems.append(f"tar sha256 {digest.hexdigest()[:16]} != catalog {sh['sha256'][:16]}")
-        want = expected[sh["shard"]]
-        got = []
         try:
-            for key, parts in iter_samples(url):
-                got.append(key)
-                payload = parts.get("webp", b"")
-                i = len(got) - 1
-                if i >= len(want) or want[i][0] != key:
-                    problems.append(f"sample {key} at position {i} is not the catalog's")
-                elif hashlib.sha256(payload).hexdigest() != want[i][2]:
-                    problems.append(f"sample {key}: webp payload sha256 differs from the catalog")
-                elif args.decode:
-                    import io
-
-                    try:
-                        Image.open(io.BytesIO(payload)).load()
-                    except Exception as e:  # noqa: BLE001
-                        problems.append(f"sample {key}: does not decode ({e})")
-        except Exception as e:  # noqa: BLE001
-            problems.append(f"unreadable tar: {e}")
-        if len(got) != len(want):
-            problems.append(f"{len(got)} samples, catalog says {len(want)}")
-        for p in problems:
-            print(f"FAIL shard {sh['shard']} ({sh['path']}): {p}")
+            problems = _verify_shard(url, sh, expected[sh["shard"]], args.decode)
+        except Exception as e:  # noqa: BLE001 - an unreadable shard is a failure, not a crash
+            problems = [f"unreadable: {type(e).__name__}: {fs.redact(str(e))}"]
+        for p in problems[:VERIFY_SHOWN]:
+            print(f"FAIL {label}: {p}")
+        if len(problems) > VERIFY_SHOWN:
+            print(f"FAIL {label}: ... and {len(problems) - VERIFY_SHOWN} more problems")
         bad += bool(problems)
         if not problems and args.verbose:
-            print(f"ok   shard {sh['shard']}: {len(got)} samples")
-    print(f"verify: {len(shards) - bad} of {len(shards)} shards ok" + (f", {bad} FAILED" if bad else ""))
-    return 1 if bad else 0
+            print(f"ok   {label}: {len(expected[sh['shard']])} samples")
+    info_problems = _verify_info(s, shards)
+    for p in info_problems:
+        print(f"FAIL _info.json: {p}")
+    print(f"verify: {len(shards) - bad} of {len(shards)} shards ok" + (f", {bad} FAILED" if bad else "")
+          + (", _info.json FAILED" if info_problems else ""))
+    return 1 if bad or info_problems else 0
 
 
 def main(argv: list[str] | None = None) -> int:

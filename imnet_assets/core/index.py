@@ -7,13 +7,12 @@ height, format and mode read from the image header only), and whether the image 
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import astuple, dataclass
 
 from . import fs
 from .probe import probe_image
+from .procpool import process_pool
 from .rawtar import Damage, iter_tar, member_key
 
 
@@ -83,6 +82,5 @@ def scan_tars(urls: Iterable[str], workers: int) -> Iterator[tuple[str, list[Ima
         for url in urls:
             yield url, scan_tar(url)
         return
-    ctx = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=min(workers, len(urls)), mp_context=ctx) as pool:
+    with process_pool(min(workers, len(urls))) as pool:
         yield from zip(urls, pool.map(scan_tar, urls, chunksize=1))

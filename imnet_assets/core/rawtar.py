@@ -57,55 +57,90 @@ def member_key(name: str) -> tuple[str | None, str | None]:
     return key, None
 
 
-def iter_tar(url: str) -> Iterator[Member | Damage]:
-    """Every member of the tar at `url`, in order, with its data; damage is yielded, not raised."""
+def iter_tar(url: str, what: str = "raw tar") -> Iterator[Member | Damage]:
+    """Every member of the tar at `url`, in order, with its data; damage is yielded, not raised.
+
+    Damage reasons read "<what> <tar name>: ..." (what: "raw tar", or "shard" when verifying).
+    """
     total = fs.size(url)
     with fs.open_read(url) as f:
-        yield from _iter_fileobj(f, total, fs.basename(url))
+        yield from _iter_fileobj(f, total, fs.basename(url), what)
 
 
-def _iter_fileobj(f, total: int, label: str) -> Iterator[Member | Damage]:
+def _nonzero(f, start: int, length: int) -> bool:
+    """Whether any byte in [start, start + length) is not NUL."""
+    f.seek(start)
+    while length > 0:
+        chunk = f.read(min(length, 1 << 20))
+        if not chunk:
+            return False
+        if chunk.strip(b"\0"):
+            return True
+        length -= len(chunk)
+    return False
+
+
+def _iter_fileobj(f, total: int, label: str, what: str = "raw tar") -> Iterator[Member | Damage]:
+    # ignore_zeros: tarfile steps over a damaged header block by block to the next valid one
+    # (instead of stopping there), so members after a damaged spot are still found; every
+    # stretch it skipped that is not zero padding is reported as damage below.
     try:
-        tf = tarfile.open(fileobj=f, mode="r:")
+        tf = tarfile.open(fileobj=f, mode="r:", ignore_zeros=True)
     except tarfile.ReadError as e:
-        yield Damage("", 0, total, f"not a readable tar ({label}): {e}")
+        yield Damage("", 0, total, f"not a readable tar ({what} {label}): {e}")
         return
-    end_of_members = 0
+    expected = 0  # where the next header should start
     while True:
         try:
             info = tf.next()
         except (tarfile.TarError, OSError, EOFError) as e:
-            yield Damage("", tf.offset, total - tf.offset, f"broken tar header in {label} at byte {tf.offset}: {e}")
+            yield Damage("", tf.offset, max(total - tf.offset, 0),
+                         f"truncated or damaged {what} {label}: broken header at byte {tf.offset}: {e}")
             return
         if info is None:
             break
-        end_of_members = info.offset_data + ((info.size + 511) // 512) * 512
-        if info.isdir():
-            continue
-        if not info.isreg():
-            kind = "symlink" if info.issym() else "hard link" if info.islnk() else "special file"
-            yield Damage(info.name, info.offset_data, info.size, f"not a regular file ({kind}) in {label}")
+        if info.offset > expected and _nonzero(f, expected, info.offset - expected):
+            yield Damage(
+                "", expected, info.offset - expected,
+                f"damaged {what} {label}: {info.offset - expected} unreadable bytes skipped at byte "
+                f"{expected} (a damaged header; the member there is lost)",
+            )
+        expected = info.offset_data + ((info.size + 511) // 512) * 512
+        if info.isdir() and info.size == 0:
+            continue  # a folder entry holds no file
+        if not info.isreg() or info.isdir() or info.issparse():
+            kind = ("symlink" if info.issym() else "hard link" if info.islnk() else
+                    "sparse file" if info.issparse() else "directory with data" if info.isdir() else
+                    "special file")
+            yield Damage(info.name, info.offset_data, info.size, f"not a regular file ({kind}) in {what} {label}")
             continue
         f.seek(info.offset_data)
         data = f.read(info.size)
         if len(data) < info.size:
             yield Damage(
                 info.name, info.offset_data, info.size,
-                f"truncated raw tar {label}: member data cut at byte {info.offset_data + len(data)} "
+                f"truncated {what} {label}: member data cut at byte {info.offset_data + len(data)} "
                 f"of {info.offset_data + info.size}",
             )
             return
         yield Member(info.name, info.offset_data, info.size, data)
     # tarfile stops quietly at a header cut short; anything but zero padding after the last
-    # member means the tar's tail is broken.
-    if end_of_members < total:
-        f.seek(end_of_members)
-        tail = f.read(min(total - end_of_members, 1 << 20))
-        if tail.strip(b"\0"):
+    # member means the tar's tail is broken, and a tar that ends right after a member (no
+    # end-of-archive blocks) was cut at a member boundary: members after it may be lost.
+    if expected < total:
+        if _nonzero(f, expected, total - expected):
+            cause = "not a tar" if expected == 0 else "a header cut short or damaged"
             yield Damage(
-                "", end_of_members, total - end_of_members,
-                f"truncated raw tar {label}: {total - end_of_members} unreadable bytes after byte {end_of_members}",
+                "", expected, total - expected,
+                f"truncated or damaged {what} {label}: {total - expected} unreadable bytes from "
+                f"byte {expected} ({cause})",
             )
+    elif expected > 0:
+        yield Damage(
+            "", total, 0,
+            f"truncated {what} {label}: ends at byte {total} without the end-of-archive blocks "
+            f"(cut at a member boundary: members after it, if any, are lost)",
+        )
 
 
 WHOLE_RELEASE = "winter21_whole.tar.gz"

@@ -11,7 +11,6 @@ import collections
 import hashlib
 import io
 import json
-import multiprocessing
 import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -23,6 +22,7 @@ from PIL import Image
 from . import fs
 from .encode import EncodeSettings, ImageRejected, encode_image
 from .plan import SliceRow, read_slice
+from .procpool import process_pool
 
 # Bump when the bytes a shard holds for the same input would change (encoding rules, tar layout,
 # JSON fields). Part of every shard's fingerprint, so a bump makes every shard stale.
@@ -125,9 +125,8 @@ def _read_source(row: SliceRow, raw_root: str, reader: fs.RangeReader) -> tuple[
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["imnet_assets.core.encode"])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    # Workers exit by themselves when this process is killed (see procpool).
+    return process_pool(workers, preload=["imnet_assets.core.encode"])
 
 
 def encoded_stream(rows: list[SliceRow], raw_root: str, settings: EncodeSettings, workers: int) -> Iterator:
@@ -148,7 +147,7 @@ def encoded_stream(rows: list[SliceRow], raw_root: str, settings: EncodeSettings
         with _pool(workers) as pool:
             window: collections.deque = collections.deque()
             for row, data, problem in sources:
-                window.append((row, problem, pool.submit(_encode_one, data, settings) if data else None))
+                window.append((row, problem, pool.submit(_encode_one, data, settings) if data is not None else None))
                 if len(window) >= workers * 3:
                     yield _finish(*window.popleft())
             while window:

@@ -1,0 +1,169 @@
+"""The filtered index over hostile and damaged raw tars: every member becomes exactly one record
+with a safe key, damage and unsafe names become exclusions with reasons naming the tar, and
+duplicate keys across tars keep the first copy (by tar name, then offset)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tarfile
+
+import duckdb
+
+from imnet_assets.core.index import scan_tar, scan_tars
+from imnet_assets.core.stages import build_filtered_index, build_raw_tars, build_synset_manifest
+from imnet_assets.settings import Settings
+from tests.core.test_rawtar import jpeg, layout, make_tar
+
+SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def write(path, members) -> bytes:
+    data = make_tar(members)
+    path.write_bytes(data)
+    return data
+
+
+def hostile_members():
+    sym = tarfile.TarInfo("n00000001_90.JPEG")
+    sym.type, sym.linkname = tarfile.SYMTYPE, "../../etc/passwd"
+    hard = tarfile.TarInfo("n00000001_91.JPEG")
+    hard.type, hard.linkname = tarfile.LNKTYPE, "n00000001_1.JPEG"
+    return [
+        ("n00000001_1.JPEG", jpeg(1)),
+        ("sub/n00000001_2.JPEG", jpeg(2)),
+        ("../evil.JPEG", jpeg(3)),
+        ("/etc/evil.JPEG", jpeg(4)),
+        ("a/../../evil2.JPEG", jpeg(5)),
+        sym,
+        hard,
+        ("n00000001 3.JPEG", jpeg(6)),
+    ]
+
+
+def test_hostile_names_get_safe_keys_or_recorded_exclusions(tmp_path):
+    data = write(tmp_path / "n00000001.tar", hostile_members())
+    records = scan_tar(str(tmp_path / "n00000001.tar"))
+    by_member = {r.member: r for r in records}
+    assert len(records) == 8  # one record per member, none dropped
+    assert all(SAFE_KEY.match(r.key) for r in records), [r.key for r in records]
+    assert all(r.wnid == "n00000001" and r.tar == "n00000001.tar" for r in records)
+
+    assert by_member["n00000001_1.JPEG"].status == "kept"
+    sub = by_member["sub/n00000001_2.JPEG"]
+    assert (sub.key, sub.status) == ("n00000001_2", "kept")
+    assert by_member["n00000001 3.JPEG"].key == "n00000001_3"
+    for name in ("../evil.JPEG", "a/../../evil2.JPEG"):
+        r = by_member[name]
+        assert r.status == "excluded" and "unsafe member name" in r.reason and "'..'" in r.reason
+        assert "evil" not in r.key
+    r = by_member["/etc/evil.JPEG"]
+    assert r.status == "excluded" and "absolute" in r.reason and "evil" not in r.key
+    assert by_member["n00000001_90.JPEG"].status == "excluded"
+    assert "symlink" in by_member["n00000001_90.JPEG"].reason
+    assert by_member["n00000001_91.JPEG"].status == "excluded"
+    assert "hard link" in by_member["n00000001_91.JPEG"].reason
+    # Where the data is recorded, it points at exactly the member's bytes.
+    for r in records:
+        if r.sha256:
+            assert hashlib.sha256(data[r.offset : r.offset + r.size]).hexdigest() == r.sha256
+    keys = [r.key for r in records]
+    assert len(keys) == len(set(keys))  # fallback keys of refused names are distinct
+
+
+def test_truncated_tar_keeps_its_readable_members_and_records_the_tail(tmp_path):
+    files = [(f"n00000002_{i}.JPEG", jpeg(i)) for i in range(1, 6)]
+    full = make_tar(files)
+    fourth = layout(full)[3]
+    for variant, cut in (("mid-member", fourth.offset_data + 100), ("mid-header", fourth.offset + 300)):
+        path = tmp_path / variant / "n00000002.tar"
+        path.parent.mkdir()
+        path.write_bytes(full[:cut])
+        records = scan_tar(str(path))
+        kept = [r for r in records if r.status == "kept"]
+        assert [r.member for r in kept] == [n for n, _ in files[:3]], variant
+        excluded = [r for r in records if r.status == "excluded"]
+        assert len(excluded) == 1, variant
+        tail = excluded[0]
+        assert "n00000002.tar" in tail.reason and "truncated" in tail.reason, variant
+        assert SAFE_KEY.match(tail.key), variant
+        if variant == "mid-member":
+            assert (tail.key, tail.member, tail.offset) == ("n00000002_4", files[3][0], fourth.offset_data)
+        else:
+            assert tail.offset == fourth.offset and tail.member == ""
+
+
+def test_parallel_scan_gives_the_same_records_as_a_serial_one(tmp_path):
+    urls = []
+    for t in range(3):
+        wnid = f"n0000001{t}"
+        write(tmp_path / f"{wnid}.tar", [(f"{wnid}_{i}.JPEG", jpeg(i + t)) for i in range(4)])
+        urls.append(str(tmp_path / f"{wnid}.tar"))
+    serial = list(scan_tars(urls, workers=1))
+    parallel = list(scan_tars(urls, workers=2))
+    assert parallel == serial
+    assert [u for u, _ in parallel] == urls
+
+
+def index_release(raw, tmp_path) -> list[tuple]:
+    s = Settings.from_env({"IMNET_RAW_ROOT": str(raw), "IMNET_OUT_ROOT": str(tmp_path / "out"),
+                           "IMNET_CATALOG": str(tmp_path / "catalog.duckdb"), "IMNET_WORKERS": "1"})
+    quiet = lambda _m: None  # noqa: E731
+    build_raw_tars(s, "test-run", quiet)
+    build_synset_manifest(s, "test-run", quiet)
+    build_filtered_index(s, "test-run", quiet)
+    with duckdb.connect(s.catalog, read_only=True) as con:
+        return con.execute(
+            'SELECT key, tar, member, "offset", status, reason FROM images ORDER BY tar, "offset"'
+        ).fetchall()
+
+
+def test_duplicate_keys_keep_the_first_by_tar_then_offset(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    a = write(raw / "n00000001.tar", [("n00000001_1.JPEG", jpeg(1)), ("sub/n00000001_1.JPEG", jpeg(2)),
+                                      ("n00000001_2.JPEG", jpeg(3))])
+    write(raw / "n00000002.tar", [("n00000002_1.JPEG", jpeg(4)), ("n00000001_1.JPEG", jpeg(5)),
+                                  ("n00000001_2.jpeg", jpeg(6))])
+    first_offset = layout(a)[0].offset_data
+    second_offset = layout(a)[2].offset_data
+    rows = index_release(raw, tmp_path)
+    assert len(rows) == 6
+    status = {(tar, member): (st, reason) for _k, tar, member, _o, st, reason in rows}
+    assert status[("n00000001.tar", "n00000001_1.JPEG")] == ("kept", None)
+    assert status[("n00000001.tar", "n00000001_2.JPEG")] == ("kept", None)
+    assert status[("n00000002.tar", "n00000002_1.JPEG")] == ("kept", None)
+    for where, first in ((("n00000001.tar", "sub/n00000001_1.JPEG"), first_offset),
+                         (("n00000002.tar", "n00000001_1.JPEG"), first_offset),
+                         (("n00000002.tar", "n00000001_2.jpeg"), second_offset)):
+        st, reason = status[where]
+        assert st == "excluded" and reason.startswith("duplicate key"), where
+        assert f"n00000001.tar at byte {first}" in reason, where
+    kept = [k for k, *_rest, st, _r in rows if st == "kept"]
+    assert len(kept) == len(set(kept)) == 3
+
+    # When the first copy goes away, the next one (by tar, then offset) takes its place.
+    os.remove(raw / "n00000001.tar")
+    rows = index_release(raw, tmp_path)
+    status = {(tar, member): (st, reason) for _k, tar, member, _o, st, reason in rows}
+    assert status == {
+        ("n00000002.tar", "n00000002_1.JPEG"): ("kept", None),
+        ("n00000002.tar", "n00000001_1.JPEG"): ("kept", None),
+        ("n00000002.tar", "n00000001_2.jpeg"): ("kept", None),
+    }
+
+
+def test_damaged_tar_rows_load_into_the_catalog_with_reasons(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    full = make_tar([(f"n00000003_{i}.JPEG", jpeg(i)) for i in range(1, 4)])
+    (raw / "n00000003.tar").write_bytes(full[: layout(full)[2].offset_data + 50])
+    write(raw / "n00000004.tar", hostile_members())
+    rows = index_release(raw, tmp_path)
+    assert len(rows) == 3 + 8
+    excluded = {(tar, member): reason for _k, tar, member, _o, st, reason in rows if st == "excluded"}
+    assert "truncated raw tar n00000003.tar" in excluded[("n00000003.tar", "n00000003_3.JPEG")]
+    assert {m for t, m in excluded if t == "n00000004.tar"} == {
+        "../evil.JPEG", "/etc/evil.JPEG", "a/../../evil2.JPEG", "n00000001_90.JPEG", "n00000001_91.JPEG"}
+    assert all(excluded.values())

@@ -1,0 +1,200 @@
+"""Raw tars read in one pass: exact data offsets, and every kind of damage reported, never raised
+or dropped (truncated data, truncated or damaged headers, missing end blocks, links, non-tars)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+
+import pytest
+from PIL import Image
+
+from imnet_assets.core.rawtar import Damage, Member, iter_tar, member_key
+
+
+def jpeg(seed: int, size=(64, 48)) -> bytes:
+    img = Image.new("RGB", size, ((seed * 37) % 256, (seed * 91) % 256, 128))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def make_tar(members, fmt=tarfile.USTAR_FORMAT) -> bytes:
+    """members: (name, bytes) for regular files, or a ready TarInfo (links, folders, fifos)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        for m in members:
+            if isinstance(m, tarfile.TarInfo):
+                tf.addfile(m)
+                continue
+            name, data = m
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 1318550400
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def layout(data: bytes) -> list[tarfile.TarInfo]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        return tf.getmembers()
+
+
+def scan(tmp_path, data: bytes, name: str = "n00000001.tar") -> list[Member | Damage]:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return list(iter_tar(str(path)))
+
+
+FILES = [(f"n00000001_{i}.JPEG", jpeg(i)) for i in range(1, 5)]
+
+
+def test_clean_tar_gives_every_member_with_its_exact_offset(tmp_path):
+    data = make_tar(FILES)
+    items = scan(tmp_path, data)
+    assert all(isinstance(i, Member) for i in items)
+    assert [(i.name, i.data) for i in items] == FILES
+    for item in items:
+        assert data[item.offset : item.offset + item.size] == item.data
+
+
+def test_long_names_and_pax_headers_keep_offsets_exact(tmp_path):
+    long = "sub/" + "x" * 150 + "/n00000001_9.JPEG"
+    files = [*FILES[:2], (long, jpeg(9)), ("n00000001_ü.JPEG", jpeg(10))]
+    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        data = make_tar(files, fmt)
+        items = scan(tmp_path, data)
+        assert [(i.name, i.data) for i in items] == files
+        assert all(data[i.offset : i.offset + i.size] == i.data for i in items)
+
+
+def test_cut_mid_member_keeps_the_readable_members_and_reports_the_cut_one(tmp_path):
+    data = make_tar(FILES)
+    third = layout(data)[2]
+    cut = data[: third.offset_data + third.size // 2]
+    items = scan(tmp_path, cut)
+    assert [i.name for i in items if isinstance(i, Member)] == [n for n, _ in FILES[:2]]
+    damage = items[-1]
+    assert isinstance(damage, Damage) and len(items) == 3
+    assert damage.name == FILES[2][0] and damage.offset == third.offset_data
+    assert "truncated raw tar n00000001.tar" in damage.reason
+
+
+def test_cut_mid_header_keeps_the_readable_members_and_reports_the_tail(tmp_path):
+    data = make_tar(FILES)
+    third = layout(data)[2]
+    cut = data[: third.offset + 200]
+    items = scan(tmp_path, cut)
+    assert [i.name for i in items if isinstance(i, Member)] == [n for n, _ in FILES[:2]]
+    damage = items[-1]
+    assert isinstance(damage, Damage) and len(items) == 3
+    assert damage.name == "" and damage.offset == third.offset and damage.size == 200
+    assert "n00000001.tar" in damage.reason and "truncated" in damage.reason
+
+
+def test_cut_at_a_member_boundary_is_reported_not_silent(tmp_path):
+    data = make_tar(FILES)
+    third = layout(data)[2]
+    items = scan(tmp_path, data[: third.offset])
+    assert [i.name for i in items if isinstance(i, Member)] == [n for n, _ in FILES[:2]]
+    assert isinstance(items[-1], Damage) and "end-of-archive" in items[-1].reason
+    assert "n00000001.tar" in items[-1].reason
+
+
+def test_cut_in_the_padding_after_the_last_data(tmp_path):
+    data = make_tar(FILES)
+    last = layout(data)[-1]
+    end = last.offset_data + last.size
+    assert end % 512, "the test needs padding after the last member's data"
+    items = scan(tmp_path, data[: end + 1])
+    members = [i for i in items if isinstance(i, Member)]
+    assert [m.name for m in members] == [n for n, _ in FILES]  # every byte of every member is there
+    assert isinstance(items[-1], Damage) and "n00000001.tar" in items[-1].reason
+
+
+def test_damaged_header_in_the_middle_loses_only_that_member(tmp_path):
+    data = bytearray(make_tar(FILES))
+    second = layout(bytes(data))[1]
+    data[second.offset + 10] ^= 0xFF  # a name byte: the header checksum no longer matches
+    items = scan(tmp_path, bytes(data))
+    names = [i.name for i in items if isinstance(i, Member)]
+    assert names == [FILES[0][0], FILES[2][0], FILES[3][0]]
+    damage = [i for i in items if isinstance(i, Damage)]
+    assert len(damage) == 1 and damage[0].offset == second.offset
+    assert damage[0].size == second.offset_data - second.offset + (second.size + 511) // 512 * 512
+    assert "n00000001.tar" in damage[0].reason
+
+
+def test_trailing_garbage_after_the_end_blocks_is_reported(tmp_path):
+    data = make_tar(FILES) + b"garbage" * 100
+    items = scan(tmp_path, data)
+    assert len([i for i in items if isinstance(i, Member)]) == len(FILES)
+    assert isinstance(items[-1], Damage) and "n00000001.tar" in items[-1].reason
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 100, b"this is not a tar" * 100, jpeg(1)])
+def test_not_a_tar_is_one_damage_record(tmp_path, content):
+    items = scan(tmp_path, content)
+    assert len(items) == 1 and isinstance(items[0], Damage)
+    assert "n00000001.tar" in items[0].reason
+
+
+def test_links_and_special_files_are_reported_and_folders_skipped(tmp_path):
+    sym = tarfile.TarInfo("n00000001_7.JPEG")
+    sym.type, sym.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    hard = tarfile.TarInfo("n00000001_8.JPEG")
+    hard.type, hard.linkname = tarfile.LNKTYPE, FILES[0][0]
+    fifo = tarfile.TarInfo("n00000001_9.JPEG")
+    fifo.type = tarfile.FIFOTYPE
+    folder = tarfile.TarInfo("sub")
+    folder.type = tarfile.DIRTYPE
+    data = make_tar([FILES[0], sym, hard, fifo, folder, FILES[1]])
+    items = scan(tmp_path, data)
+    assert [i.name for i in items if isinstance(i, Member)] == [FILES[0][0], FILES[1][0]]
+    reasons = {i.name: i.reason for i in items if isinstance(i, Damage)}
+    assert set(reasons) == {"n00000001_7.JPEG", "n00000001_8.JPEG", "n00000001_9.JPEG"}
+    assert "symlink" in reasons["n00000001_7.JPEG"]
+    assert "hard link" in reasons["n00000001_8.JPEG"]
+    assert "special file" in reasons["n00000001_9.JPEG"]
+    assert all("n00000001.tar" in r for r in reasons.values())
+
+
+def test_member_data_hash_matches_the_bytes_at_the_offset(tmp_path):
+    data = make_tar([("sub/n00000001_1.JPEG", jpeg(1)), ("../evil.JPEG", jpeg(2)), ("/etc/evil.JPEG", jpeg(3))])
+    for item in scan(tmp_path, data):
+        assert isinstance(item, Member)
+        assert hashlib.sha256(data[item.offset : item.offset + item.size]).digest() == hashlib.sha256(item.data).digest()
+
+
+@pytest.mark.parametrize(
+    "name, key",
+    [
+        ("n01440764_10026.JPEG", "n01440764_10026"),
+        ("sub/n01440764_1.JPEG", "n01440764_1"),
+        ("a/b/c/n01440764_2.jpeg", "n01440764_2"),
+        ("./n01440764_3.JPEG", "n01440764_3"),
+        ("n01440764_4", "n01440764_4"),
+        ("n01440764 5.tar.JPEG", "n01440764_5_tar"),
+        ("n0144\u00e9_6.JPEG", "n0144__6"),
+    ],
+)
+def test_member_key_of_safe_names(name, key):
+    assert member_key(name) == (key, None)
+
+
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("../evil.JPEG", ".."),
+        ("sub/../../evil.JPEG", ".."),
+        ("/etc/evil.JPEG", "absolute"),
+        ("C:\\evil.JPEG", "POSIX"),
+        ("", "absolute"),
+        (".JPEG", "no usable key"),
+        ("sub/...JPEG", "no usable key"),
+    ],
+)
+def test_member_key_refuses_unsafe_names_with_a_reason(name, why):
+    key, reason = member_key(name)
+    assert key is None and why in reason

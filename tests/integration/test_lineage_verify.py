@@ -1,0 +1,235 @@
+"""`imnet build` over a damaged raw release (a tar cut mid-member, a tar cut mid-header, a tar
+of hostile member names), then `imnet lineage` and `imnet verify` as a user runs them."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import shutil
+import tarfile
+from pathlib import Path
+
+import duckdb
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from tests.conftest import build_env, imnet
+
+HOSTILE = "n99999999"  # sorts after every sample wnid: its duplicate of another tar's key loses
+
+
+def jpeg(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 64), (seed * 40 % 256, 90, 200)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def hostile_tar(path: Path, duplicate_of: str) -> None:
+    def reg(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        return info, io.BytesIO(data)
+
+    sym = tarfile.TarInfo(f"{HOSTILE}_7.JPEG")
+    sym.type, sym.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    hard = tarfile.TarInfo(f"{HOSTILE}_8.JPEG")
+    hard.type, hard.linkname = tarfile.LNKTYPE, f"{HOSTILE}_1.JPEG"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        tf.addfile(*reg(f"{HOSTILE}_1.JPEG", jpeg(1)))
+        tf.addfile(*reg(f"sub/{HOSTILE}_2.JPEG", jpeg(2)))
+        tf.addfile(*reg("../evil.JPEG", jpeg(3)))
+        tf.addfile(*reg("/etc/evil.JPEG", jpeg(4)))
+        tf.addfile(sym)
+        tf.addfile(hard)
+        tf.addfile(*reg(duplicate_of, jpeg(5)))
+
+
+def members(path: Path) -> list[tarfile.TarInfo]:
+    with tarfile.open(path) as tf:
+        return tf.getmembers()
+
+
+@pytest.fixture(scope="module")
+def damaged(sample_release, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("damaged")
+    raw = tmp / "raw"
+    shutil.copytree(sample_release[0], raw)
+    tars = sorted(raw.glob("n*.tar"))
+    # Cut the first tar in the middle of its third-last member, the second in a header.
+    mid_member = members(tars[0])[-3]
+    with open(tars[0], "r+b") as f:
+        f.truncate(mid_member.offset_data + mid_member.size // 2)
+    mid_header = members(tars[1])[-2]
+    with open(tars[1], "r+b") as f:
+        f.truncate(mid_header.offset + 100)
+    duplicate = members(tars[2])[-1].name
+    hostile_tar(raw / f"{HOSTILE}.tar", duplicate)
+    env = build_env(tmp, raw)
+    built = imnet(["build"], env, cwd=tmp)
+    facts = {"cut_member": (tars[0].name, mid_member), "cut_header": (tars[1].name, mid_header),
+             "duplicate": (tars[2].name, duplicate)}
+    return tmp, env, built, facts
+
+
+def catalog(tmp: Path):
+    return duckdb.connect(str(tmp / "catalog.duckdb"), read_only=True)
+
+
+def test_build_records_damaged_tars_and_hostile_names(damaged):
+    tmp, _env, built, facts = damaged
+    assert "shard_audit      ok" in built.stdout
+    with catalog(tmp) as con:
+        rows = con.execute('SELECT key, tar, member, "offset", status, reason FROM images').fetchall()
+    by_member = {(tar, member): (key, off, st, reason) for key, tar, member, off, st, reason in rows}
+
+    tar, cut = facts["cut_member"]
+    key, off, st, reason = by_member[(tar, cut.name)]
+    assert st == "excluded" and off == cut.offset_data and f"truncated raw tar {tar}" in reason
+    readable = [m for m in members_before(tmp / "raw" / tar, cut)]
+    assert all((tar, m) in by_member for m in readable)
+
+    tar, cut = facts["cut_header"]
+    tails = [(k, o, r) for (t, m), (k, o, s, r) in by_member.items() if t == tar and s == "excluded" and not m]
+    assert len(tails) == 1 and tails[0][1] == cut.offset and tar in tails[0][2] and "truncated" in tails[0][2]
+    assert all((tar, m) in by_member for m in members_before(tmp / "raw" / tar, cut))
+
+    hostile = f"{HOSTILE}.tar"
+    assert by_member[(hostile, f"{HOSTILE}_1.JPEG")][2] == "kept"
+    assert by_member[(hostile, f"sub/{HOSTILE}_2.JPEG")][::2] == (f"{HOSTILE}_2", "kept")
+    assert "'..'" in by_member[(hostile, "../evil.JPEG")][3]
+    assert "absolute" in by_member[(hostile, "/etc/evil.JPEG")][3]
+    assert "symlink" in by_member[(hostile, f"{HOSTILE}_7.JPEG")][3]
+    assert "hard link" in by_member[(hostile, f"{HOSTILE}_8.JPEG")][3]
+    first_tar, dup_name = facts["duplicate"]
+    assert by_member[(first_tar, dup_name)][2] == "kept"
+    dup = by_member[(hostile, dup_name)]
+    assert dup[2] == "excluded" and dup[3].startswith(f"duplicate key: also in {first_tar} at byte ")
+    for key, _tar, _m, _o, st, reason in rows:
+        assert re.fullmatch(r"[A-Za-z0-9_\-]+", key), key
+        assert st == "kept" or reason, key
+
+    # Nothing was ever extracted, and the shards hold exactly the kept images.
+    assert not list(tmp.rglob("evil*")) and not Path("/etc/evil.JPEG").exists()
+    with catalog(tmp) as con:
+        kept = {k for (k,) in con.execute("SELECT key FROM images WHERE status = 'kept'").fetchall()}
+    urls = [str(p) for p in sorted((tmp / "out").glob("imagenet12k-train-*.tar"))]
+    keys = [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False)]
+    assert sorted(keys) == sorted(kept) and f"{HOSTILE}_2" in kept
+
+
+def members_before(path: Path, cut: tarfile.TarInfo) -> list[str]:
+    """Names of the members wholly before the cut member (read from the damaged tar itself)."""
+    names = []
+    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+        for info in tf:
+            if info.offset >= cut.offset:
+                break
+            names.append(info.name)
+    assert names
+    return names
+
+
+LINE = {
+    "source": re.compile(r"^source\s+(\S+) member (.+)$", re.M),
+    "bytes": re.compile(r"^\s+offset (\d+)\s+size (\d+)\s+sha256 ([0-9a-f]{64})$", re.M),
+    "shard": re.compile(r"^shard\s+(\d{4})\s+position (\d+)\s+file (\S+)$", re.M),
+    "run": re.compile(r"^written by\s+run (\S+)\s+code version (\S+)", re.M),
+    "webp": re.compile(r"^webp sha256\s+([0-9a-f]{64})", re.M),
+}
+
+
+def lineage(key: str, env, tmp) -> dict:
+    out = imnet(["lineage", key], env, cwd=tmp).stdout
+    found = {name: rx.search(out) for name, rx in LINE.items()}
+    missing = [n for n, m in found.items() if m is None]
+    assert not missing, f"lineage {key}: no {missing} line in\n{out}"
+    return {name: m.groups() for name, m in found.items()}
+
+
+@pytest.mark.parametrize("which", ["plain", "from a folder"])
+def test_lineage_points_at_the_raw_bytes_and_the_run_that_wrote_the_shard(damaged, which):
+    tmp, env, _built, facts = damaged
+    with catalog(tmp) as con:
+        key = f"{HOSTILE}_2" if which == "from a folder" else con.execute(
+            "SELECT min(key) FROM images WHERE status = 'kept' AND tar = ?", [facts["duplicate"][0]]
+        ).fetchone()[0]
+        runs = dict(con.execute("SELECT shard, run_id FROM shards").fetchall())
+        code_versions = dict(con.execute("SELECT shard, code_version FROM shards").fetchall())
+    got = lineage(key, env, tmp)
+    tar_path, member = got["source"]
+    offset, size, sha = int(got["bytes"][0]), int(got["bytes"][1]), got["bytes"][2]
+    with open(tar_path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    assert len(data) == size and hashlib.sha256(data).hexdigest() == sha
+    with tarfile.open(tar_path) as tf:
+        assert tf.extractfile(member).read() == data
+
+    shard, position, shard_file = got["shard"][0], int(got["shard"][1]), got["shard"][2]
+    run_id, code_version = got["run"]
+    assert run_id == runs[shard] and code_version == code_versions[shard]
+    samples = list(wds.WebDataset(shard_file, shardshuffle=False))
+    assert samples[position]["__key__"] == key  # nothing excluded at encode time here
+    assert hashlib.sha256(samples[position]["webp"]).hexdigest() == got["webp"][0]
+
+
+def test_lineage_of_excluded_and_unknown_keys(damaged):
+    tmp, env, _built, facts = damaged
+    tar, cut = facts["cut_member"]
+    key = cut.name.rsplit(".", 1)[0]
+    out = imnet(["lineage", key], env, cwd=tmp).stdout
+    assert re.search(rf"^status\s+excluded\s+\(truncated raw tar {tar}", out, re.M), out
+    assert "shard " not in out
+    missing = imnet(["lineage", "n00000000_0"], env, cwd=tmp, check=False)
+    assert missing.returncode != 0 and "n00000000_0" in missing.stderr
+
+
+def test_verify_passes_on_a_good_build(damaged):
+    tmp, env, _built, _facts = damaged
+    result = imnet(["verify", "--decode"], env, cwd=tmp, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 of 4 shards ok" in result.stdout
+
+
+def flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x5A]))
+
+
+@pytest.mark.parametrize("damage", ["webp payload", "json payload", "tar header", "cut tail", "missing shard"])
+def test_verify_names_the_damaged_shard_and_sample(damaged, tmp_path, damage):
+    tmp, env, _built, _facts = damaged
+    shutil.copytree(tmp / "out", tmp_path / "out")
+    shutil.copy(tmp / "catalog.duckdb", tmp_path / "catalog.duckdb")
+    env = {**env, "IMNET_OUT_ROOT": str(tmp_path / "out"), "IMNET_CATALOG": str(tmp_path / "catalog.duckdb")}
+    shard = tmp_path / "out" / "imagenet12k-train-0001.tar"
+    infos = members(shard)
+    sample = infos[3 * 5 + 2]  # the sixth sample's .webp
+    key = sample.name.split(".")[0]
+    if damage == "webp payload":
+        flip(shard, sample.offset_data + sample.size // 2)
+    elif damage == "json payload":
+        js = infos[3 * 5 + 1]
+        flip(shard, js.offset_data + js.size // 3)
+    elif damage == "tar header":
+        flip(shard, infos[3 * 5].offset + 3)  # inside the name of the sample's .cls header
+    elif damage == "cut tail":
+        with open(shard, "r+b") as f:
+            f.truncate(infos[-1].offset_data + 10)
+    else:
+        shard.unlink()
+    result = imnet(["verify"], env, cwd=tmp_path, check=False)
+    out = result.stdout
+    assert result.returncode != 0, out
+    assert "FAIL shard 0001 (imagenet12k-train-0001.tar)" in out, out
+    assert "3 of 4 shards ok, 1 FAILED" in out, out
+    if damage in ("webp payload", "json payload"):
+        assert f"sample {key}: {damage.split()[0]}" in out.replace(".json", "json"), out
+    if damage == "tar header":
+        assert re.search(r"tar structure damaged at byte \d+ \(after sample \w+\)", out), out
+        assert f"sample {key}: members ['json', 'webp']" in out, out  # found again after the damage
