@@ -1,1 +1,1 @@
-SELECT tar, size, mtime FROM tar_scans;
+SELECT tar, size, mtime, index_version FROM tar_scans;

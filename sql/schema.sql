@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS tar_scans (
     tar VARCHAR PRIMARY KEY,
     size BIGINT,
     mtime VARCHAR,
-    num_records INTEGER
+    num_records INTEGER,
+    index_version VARCHAR         -- a tar scanned by an older indexer is scanned again
 );
 CREATE TABLE IF NOT EXISTS plan (
     key VARCHAR NOT NULL,

@@ -93,6 +93,8 @@ def render_info(doc: dict) -> bytes:
 
 def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = print) -> AuditReport:
     audit_fp = audit_fingerprint(settings)
+    for leftover in fs.sweep_partials(settings.out_root):
+        log(f"removed leftover of an interrupted run: {leftover}")
     expected = expected_shard_fingerprints(settings)
     if not expected:
         raise FileNotFoundError(f"no plan under {settings.out_root}: materialize shuffled_plan first")

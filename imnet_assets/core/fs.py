@@ -40,7 +40,10 @@ def dirname(url: str) -> str:
 
 def _storage_options(protocol: str) -> dict:
     if protocol in ("s3", "s3a"):
-        opts: dict = {}
+        # Endpoint and region only: credentials come from the standard AWS variables (or the
+        # instance/pod role) through botocore, so they are never held in options that could be
+        # logged or recorded. No listings cache: other machines write the out root meanwhile.
+        opts: dict = {"use_listings_cache": False}
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             opts["endpoint_url"] = endpoint
@@ -162,9 +165,7 @@ def atomic_open(url: str) -> Iterator:
         try:
             yield f
         except BaseException:
-            discard = getattr(f, "discard", None)
-            if discard is not None:
-                discard()
+            _discard(f)
             raise
         f.close()
         return
@@ -184,6 +185,23 @@ def atomic_open(url: str) -> Iterator:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _discard(f) -> None:
+    """Abandon a remote upload: abort its multipart upload if one began, and never commit it.
+
+    fsspec files commit on close(), and their __del__ closes files left open, so a discarded file
+    must be marked closed or garbage collection would try to commit it. A failed abort leaves
+    an incomplete upload (never visible; `remove_partials` clears it) and is not raised over the
+    error that caused the discard.
+    """
+    try:
+        discard = getattr(f, "discard", None)
+        if discard is not None:
+            with contextlib.suppress(Exception):
+                discard()
+    finally:
+        f.closed = True
 
 
 def _fsync_dir(folder: str) -> None:
@@ -223,6 +241,37 @@ def remove_partials(url: str) -> list[str]:
                 os.unlink(os.path.join(folder, entry))
                 removed.append(os.path.join(folder, entry))
     return removed
+
+
+_TMP_NAME = re.compile(r"^\..+" + re.escape(TMP_MARK) + r"(\d+)-[0-9a-f]{8}$")
+
+
+def sweep_partials(folder_url: str) -> list[str]:
+    """Delete temporary files in a local folder whose writing process is gone (killed runs).
+
+    On S3 there is nothing to sweep: an upload that never completed is never visible.
+    """
+    if is_remote(folder_url) or not os.path.isdir(folder_url):
+        return []
+    removed = []
+    for entry in os.listdir(folder_url):
+        m = _TMP_NAME.match(entry)
+        if not m or _pid_alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(folder_url, entry))
+            removed.append(os.path.join(folder_url, entry))
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def remove(url: str) -> None:

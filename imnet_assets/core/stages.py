@@ -17,7 +17,7 @@ from . import fs
 from .csvstage import staged_csv
 from .index import FIELDS, scan_tars
 from .inventory import inventory, list_raw
-from .plan import PLAN_VERSION, render_slice, shard_sizes, write_index, write_slice
+from .plan import PLAN_DIR, PLAN_VERSION, render_slice, shard_sizes, write_index, write_slice
 from .synsets import read_text_file
 
 INDEX_VERSION = "1"
@@ -96,8 +96,8 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print) -> d
     listing = list_raw(settings.raw_root)
     started = time.perf_counter()
     with Catalog(settings.catalog) as cat:
-        scanned = {t: (s, m) for t, s, m in cat.rows("index_scanned")}
-        todo = [t for t in listing.tars if scanned.get(t["name"]) != (t["size"], t["mtime"])]
+        scanned = {t: (s, m, v) for t, s, m, v in cat.rows("index_scanned")}
+        todo = [t for t in listing.tars if scanned.get(t["name"]) != (t["size"], t["mtime"], INDEX_VERSION)]
         with staged_csv(["tar"], [(t["name"],) for t in todo]) as path:
             cat.run("index_stage_rescan", {"path": path})
         cat.run("index_forget_tars")
@@ -110,7 +110,7 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print) -> d
             batch.extend(r.row() for r in records)
             done_bytes += t["size"]
             cat.run("index_record_scan", {"tar": t["name"], "size": t["size"], "mtime": t["mtime"],
-                                          "num_records": len(records)})
+                                          "num_records": len(records), "index_version": INDEX_VERSION})
             if len(batch) >= 200_000 or n == len(todo):
                 with staged_csv(FIELDS, batch) as path:
                     cat.run("index_load", {"path": path})
@@ -131,6 +131,8 @@ def build_shuffled_plan(settings: Settings, run_id: str, log: Log = print) -> di
     """Shuffle, cut into balanced shards, and publish one slice file per shard under the out root."""
     fps = expected_fingerprints(settings)
     started = time.perf_counter()
+    for leftover in fs.sweep_partials(fs.join(settings.out_root, PLAN_DIR)):
+        log(f"removed leftover of an interrupted run: {leftover}")
     digests: dict[str, str] = {}
     with Catalog(settings.catalog) as cat:
         cat.run("plan_build", {"seed": settings.seed, "num_shards": settings.num_shards})

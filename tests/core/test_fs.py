@@ -178,3 +178,19 @@ def test_redact_leaves_text_alone_without_secrets(monkeypatch):
     assert fs.redact("nothing to hide") == "nothing to hide"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "")
     assert fs.redact("nothing to hide") == "nothing to hide"
+
+
+def test_sweep_partials_removes_only_temporaries_of_dead_writers(tmp_path):
+    import os
+    import subprocess
+
+    from imnet_assets.core import fs
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    (tmp_path / f"._info.json.tmp-{proc.pid}-abcdef12").write_bytes(b"partial")
+    (tmp_path / f".0001.csv.tmp-{os.getpid()}-abcdef12").write_bytes(b"being written")
+    (tmp_path / "_info.json").write_bytes(b"{}")
+    removed = fs.sweep_partials(str(tmp_path))
+    assert [os.path.basename(r) for r in removed] == [f"._info.json.tmp-{proc.pid}-abcdef12"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".0001.csv.tmp-{os.getpid()}-abcdef12", "_info.json"]
