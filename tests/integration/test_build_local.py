@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 
 import duckdb
@@ -13,8 +12,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from imnet_assets.core.encode import target_size
-from imnet_assets.core.plan import shard_sizes
+from tests.checks import check_info_json, check_samples
 from tests.conftest import build_env, dagster_home, imnet
 
 
@@ -31,42 +29,13 @@ def catalog(tmp):
 
 
 def test_info_json_lists_balanced_shards(built):
-    tmp, env, _, _ = built
-    info = json.loads((tmp / "out" / "_info.json").read_text())
-    train = info["splits"]["train"]
-    assert train["name"] == "train"
-    assert train["filenames"] == [f"imagenet12k-train-{i:04d}.tar" for i in range(4)]
-    assert sum(train["shard_lengths"]) == train["num_samples"]
-    with catalog(tmp) as con:
-        planned = con.execute("SELECT count(*) FROM plan").fetchone()[0]
-    assert train["shard_lengths"] == shard_sizes(planned, 4)  # nothing excluded at encode time here
-    assert max(train["shard_lengths"]) - min(train["shard_lengths"]) <= 1
+    tmp, _, _, _ = built
+    check_info_json(tmp / "out", tmp / "catalog.duckdb", 4)
 
 
 def test_webdataset_reads_every_kept_image_exactly_once(built):
     tmp, _, _, summary = built
-    urls = [str(tmp / "out" / f"imagenet12k-train-{i:04d}.tar") for i in range(4)]
-    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
-    keys = [s["__key__"] for s in samples]
-    assert len(keys) == len(set(keys))
-    with catalog(tmp) as con:
-        kept = {k for (k,) in con.execute("SELECT key FROM images WHERE status = 'kept'").fetchall()}
-        labels = dict(con.execute("SELECT wnid, label FROM synsets").fetchall())
-        sizes = {k: (w, h) for k, w, h in con.execute("SELECT key, width, height FROM images").fetchall()}
-    assert set(keys) == kept
-    wnids = sorted(summary.wnids)
-    for s in samples:
-        meta = s["json"]
-        wnid = s["__key__"].split("_")[0]
-        assert meta["class_name"] == wnid
-        assert meta["filename"] == f"{wnid}/{s['__key__']}.JPEG"
-        assert s["cls"] == labels[wnid] == wnids.index(wnid) == meta["label"]
-        img = s["webp"]
-        assert img.mode == "RGB"
-        assert img.size == (meta["width"], meta["height"])
-        assert (meta["orig_width"], meta["orig_height"]) == sizes[s["__key__"]]
-        assert img.size == target_size(meta["orig_width"], meta["orig_height"])
-        assert min(img.size) <= 768
+    check_samples(tmp / "out", tmp / "catalog.duckdb", summary.wnids, 4)
 
 
 def test_raw_members_are_stored_as_lossy_webp_with_fixed_member_metadata(built):
