@@ -14,9 +14,11 @@ DEMO_SHARDS = 8
 
 
 def parse_shards(spec: str | None, keys: list[str]) -> list[str]:
-    """`0000-0015,0042` -> those partition keys (all when spec is empty or 'all')."""
+    """`0000-0015,0042` -> those partition keys (all when spec is empty or 'all'; none for 'none')."""
     if not spec or spec == "all":
         return list(keys)
+    if spec == "none":
+        return []
     known = set(keys)
     chosen: list[str] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
@@ -115,6 +117,9 @@ class Build:
             self.say(f"  [{i}/{len(todo)}] shard {key}: {md.get('samples')} samples "
                      f"({md.get('excluded')} excluded, {md.get('repaired')} repaired), "
                      f"{md.get('images_per_s')} img/s; overall {images / elapsed:.1f} img/s, eta {eta:.0f}s")
+        if not wanted:
+            self.say("  shards and audit: skipped (--shards none: the catalog stages and the plan only)")
+            return 0
         if set(wanted) != set(s.partition_keys):
             self.say("  shard_audit: skipped (only some shards were selected; run `imnet build` for all)")
             return 0
@@ -407,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(func=cmd_sample_raw)
     sp = sub.add_parser("build", help="materialize every stage through Dagster, then shards, then the audit")
-    sp.add_argument("--shards", help="shard partitions to build, e.g. 0000-0015,0042 (default all)")
+    sp.add_argument("--shards", help="shard partitions to build, e.g. 0000-0015,0042 (default all; 'none' "
+                    "builds only the catalog stages and the plan)")
     sp.set_defaults(func=cmd_build)
     sp = sub.add_parser("demo", help="sample-raw into the raw root when empty, then build")
     sp.add_argument("--synsets", type=int, default=6)

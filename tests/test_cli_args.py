@@ -48,3 +48,9 @@ def test_all_or_nothing_selects_every_shard(spec):
 def test_bad_specs_raise_settings_error(spec):
     with pytest.raises(SettingsError, match="--shards"):
         parse_shards(spec, KEYS)
+
+
+def test_none_selects_no_shard():
+    from imnet_assets.cli import parse_shards
+
+    assert parse_shards("none", [f"{i:04d}" for i in range(4)]) == []
