@@ -25,6 +25,7 @@ from dagster import (
     sensor,
 )
 
+from .core import fs
 from .core.audit import expected_shard_fingerprints
 from .core.shard import read_state, shard_state
 from .settings import Settings
@@ -40,13 +41,23 @@ PARTITION_TAG = "dagster/partition"
 SHARDS = AssetKey("wds_shards")
 
 
+def _targets_shards(run) -> bool:
+    """Whether a partitioned run materializes wds_shards.
+
+    Runs launched from the UI, a backfill or this schedule carry an asset selection; runs of
+    `imnet build` (in-process `materialize`, an ephemeral job) carry none. wds_shards is the only
+    partitioned asset, so a partitioned run without a selection is a shard run.
+    """
+    return not run.asset_selection or SHARDS in run.asset_selection
+
+
 def _partitions_of(instance: DagsterInstance, statuses, limit: int | None = None) -> dict[str, str]:
     """Partition key -> run id of runs (newest first) in these statuses that target wds_shards."""
     out: dict[str, str] = {}
     for rec in instance.get_run_records(RunsFilter(statuses=statuses), limit=limit):
         run = rec.dagster_run
         key = run.tags.get(PARTITION_TAG)
-        if key and run.asset_selection and SHARDS in run.asset_selection:
+        if key and _targets_shards(run):
             out.setdefault(key, run.run_id)
     return out
 
@@ -88,8 +99,11 @@ def make(settings: Settings):
         keys = shards_to_request(settings, context.instance, settings.schedule_max_runs)
         if not keys:
             return SkipReason("every shard partition is fresh, queued or running")
+        # Several requests per tick need run keys; the scheduler scopes them to the tick's
+        # scheduled time, so the same partition can be asked for again on a later tick.
         return [
-            RunRequest(run_key=None, partition_key=k, asset_selection=[SHARDS], tags={"imnet/reason": "topup"})
+            RunRequest(run_key=f"wds_shards-{k}", partition_key=k, asset_selection=[SHARDS],
+                       tags={"imnet/reason": "topup"})
             for k in keys
         ]
 
@@ -104,11 +118,18 @@ def make(settings: Settings):
         expected = expected_shard_fingerprints(settings)
         if not expected:
             return SkipReason("no plan yet")
+        # One listing of the out root for every shard's size (one request on S3), then each
+        # shard's commit record: in means committed, on storage with the committed size, and fresh.
+        sizes = {e["name"]: e["size"] for e in fs.listdir(settings.out_root)}
         fps = []
         for key in settings.partition_keys:
             state = read_state(settings.out_root, key)
-            if state is None or state.get("fingerprint") != expected.get(key):
-                return SkipReason(f"shard {key} is not in yet")
+            size = sizes.get(settings.shard_name(key))
+            if state is None or size is None:
+                return SkipReason(f"shard {key} is not in yet (missing)")
+            if state.get("fingerprint") != expected.get(key) or state.get("bytes") != size:
+                return SkipReason(f"shard {key} is not in yet (stale: written from another plan or settings, "
+                                  "or changed on storage)")
             fps.append(state["sha256"])
         run_key = hashlib.sha256("".join(fps).encode()).hexdigest()[:32]
         return RunRequest(run_key=run_key, asset_selection=[AssetKey("shard_audit")])

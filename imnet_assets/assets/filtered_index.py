@@ -20,7 +20,7 @@ def make(settings: Settings):
         ),
     )
     def filtered_index(context: AssetExecutionContext) -> MaterializeResult:
-        facts = build_filtered_index(settings, context.run_id, logger(context))
+        facts = build_filtered_index(settings, context.run.run_id, logger(context))
         reasons = facts.pop("reasons")
         return MaterializeResult(
             metadata={

@@ -17,7 +17,7 @@ def make(settings: Settings):
         ),
     )
     def raw_tars(context: AssetExecutionContext) -> MaterializeResult:
-        facts = build_raw_tars(settings, context.run_id, logger(context))
+        facts = build_raw_tars(settings, context.run.run_id, logger(context))
         return MaterializeResult(
             metadata={
                 "tars": facts["tars"],

@@ -1,9 +1,69 @@
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, TableRecord, asset
+from dagster import (
+    AssetExecutionContext,
+    MaterializeResult,
+    MetadataValue,
+    TableColumn,
+    TableRecord,
+    TableSchema,
+    asset,
+)
 
 from ..checks import AUDIT_INFO, AUDIT_RECONCILED, result, shard_audit_checks
-from ..core.audit import bar_chart_png, check_info, png_markdown, run_audit
+from ..core.audit import AuditReport, bar_chart_png, check_info, png_markdown, run_audit
 from ..settings import Settings
 from .common import GROUP, logger
+
+# Explicit schemas: the UI shows typed columns, and an empty table (a release with no exclusions)
+# is still valid metadata (Dagster cannot infer a schema from no records).
+REASONS_SCHEMA = TableSchema(columns=[
+    TableColumn("stage", "string", description="index (probe) or encode (inside a shard run)"),
+    TableColumn("reason", "string"),
+    TableColumn("images", "int"),
+])
+PER_SHARD_SCHEMA = TableSchema(columns=[
+    TableColumn("shard", "string"),
+    TableColumn("planned", "int"),
+    TableColumn("written", "int"),
+    TableColumn("excluded", "int"),
+    TableColumn("bytes", "int"),
+    TableColumn("repaired", "int"),
+    TableColumn("run_id", "string"),
+    TableColumn("code_version", "string"),
+])
+MAX_TABLE_ROWS = 1024
+
+
+def _table(rows: list[dict], schema: TableSchema) -> MetadataValue:
+    names = [c.name for c in schema.columns]
+    records = [
+        TableRecord({n: ("" if row.get(n) is None else row[n]) for n in names}) for row in rows[:MAX_TABLE_ROWS]
+    ]
+    return MetadataValue.table(records, schema=schema)
+
+
+def audit_metadata(report: AuditReport) -> dict:
+    """What the UI shows for one audit: totals, exclusion reasons, per-shard facts, distributions."""
+    t = report.totals
+    charts = "\n\n".join([
+        "**Samples per class**",
+        png_markdown(bar_chart_png(report.class_sizes, "classes by number of samples", "samples per class"),
+                     "class sizes"),
+        "**Source short side**",
+        png_markdown(bar_chart_png(report.image_sizes, "samples by source short side", "short side (px)"),
+                     "image sizes"),
+    ])
+    ratio = t["shard_bytes"] / t["source_bytes"] if t.get("source_bytes") else 0.0
+    return {
+        **{k: MetadataValue.int(int(v)) for k, v in t.items() if v is not None},
+        "compression_ratio": MetadataValue.float(round(float(ratio), 4)),
+        "missing_shards": MetadataValue.int(len(report.missing)),
+        "stale_shards": MetadataValue.int(len(report.stale)),
+        "exclusion_reasons": _table(report.reasons, REASONS_SCHEMA),
+        "per_shard": _table(report.per_shard, PER_SHARD_SCHEMA),
+        "distributions": MetadataValue.md(charts),
+        "class_sizes": MetadataValue.json([[int(a), int(b)] for a, b in report.class_sizes]),
+        "image_short_sides": MetadataValue.json([[int(a), int(b)] for a, b in report.image_sizes]),
+    }
 
 
 def make(settings: Settings):
@@ -20,33 +80,11 @@ def make(settings: Settings):
         ),
     )
     def shard_audit(context: AssetExecutionContext) -> MaterializeResult:
-        report = run_audit(settings, context.run_id, logger(context))
+        report = run_audit(settings, context.run.run_id, logger(context))
         info_problems = check_info(settings) if report.info_written else ["_info.json not written: " + (
             f"{len(report.missing)} shards missing, {len(report.stale)} stale")]
-        t = report.totals
-        shards_table = MetadataValue.table([
-            TableRecord({k: (v if v is not None else "") for k, v in row.items() if k != "path"})
-            for row in report.per_shard[:1024]
-        ])
-        reasons = MetadataValue.table([TableRecord(r) for r in report.reasons])
-        charts = "\n\n".join([
-            png_markdown(bar_chart_png(report.class_sizes, "classes by number of samples", "samples per class"),
-                         "class sizes"),
-            png_markdown(bar_chart_png(report.image_sizes, "samples by source short side", "short side (px)"),
-                         "image sizes"),
-        ])
         return MaterializeResult(
-            metadata={
-                **{k: MetadataValue.int(int(v)) for k, v in t.items() if v is not None},
-                "compression_ratio": round(t["shard_bytes"] / t["source_bytes"], 4) if t.get("source_bytes") else 0,
-                "missing_shards": len(report.missing),
-                "stale_shards": len(report.stale),
-                "exclusion_reasons": reasons,
-                "per_shard": shards_table,
-                "distributions": MetadataValue.md(charts),
-                "class_sizes": MetadataValue.json([[int(a), int(b)] for a, b in report.class_sizes]),
-                "image_short_sides": MetadataValue.json([[int(a), int(b)] for a, b in report.image_sizes]),
-            },
+            metadata=audit_metadata(report),
             check_results=[
                 result(AUDIT_RECONCILED, "shard_audit", report.problems,
                        **{k: int(v) for k, v in report.reconcile.items() if isinstance(v, int)}),

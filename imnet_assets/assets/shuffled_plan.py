@@ -21,7 +21,7 @@ def make(settings: Settings):
         ),
     )
     def shuffled_plan(context: AssetExecutionContext) -> MaterializeResult:
-        facts = build_shuffled_plan(settings, context.run_id, logger(context))
+        facts = build_shuffled_plan(settings, context.run.run_id, logger(context))
         index = read_index(settings.out_root) or {}
         return MaterializeResult(
             metadata={k: v for k, v in facts.items() if v is not None},

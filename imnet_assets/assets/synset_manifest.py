@@ -17,7 +17,7 @@ def make(settings: Settings):
         ),
     )
     def synset_manifest(context: AssetExecutionContext) -> MaterializeResult:
-        facts = build_synset_manifest(settings, context.run_id, logger(context))
+        facts = build_synset_manifest(settings, context.run.run_id, logger(context))
         return MaterializeResult(metadata={k: v for k, v in facts.items() if v is not None})
 
     return synset_manifest

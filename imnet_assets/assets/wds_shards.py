@@ -43,7 +43,7 @@ def make(settings: Settings):
         name = settings.shard_name(key)
         res = build_shard(
             out_root=settings.out_root, raw_root=settings.raw_root, shard_key=key, shard_name=name,
-            settings=enc, workers=settings.workers, run_id=context.run_id, log=logger(context),
+            settings=enc, workers=settings.workers, run_id=context.run.run_id, log=logger(context),
         )
         problems = verify_shard(settings.out_root, key, name)
         manifest = read_manifest(settings.out_root, key) or {}
@@ -53,20 +53,21 @@ def make(settings: Settings):
         return MaterializeResult(
             metadata={
                 "path": MetadataValue.path(res.path),
-                "samples": res.num_samples,
-                "planned": res.planned,
+                "samples": MetadataValue.int(res.num_samples),
+                "planned": MetadataValue.int(res.planned),
                 "bytes": MetadataValue.int(res.bytes),
-                "seconds": round(res.seconds, 3),
-                "images_per_s": round(res.images_per_second, 2),
-                "repaired": res.repaired,
-                "excluded": len(res.excluded),
+                "seconds": MetadataValue.float(round(res.seconds, 3)),
+                "images_per_s": MetadataValue.float(round(res.images_per_second, 2)),
+                "repaired": MetadataValue.int(res.repaired),
+                "excluded": MetadataValue.int(len(res.excluded)),
                 "excluded_reasons": MetadataValue.json(reasons),
-                "sha256": res.sha256,
-                "workers": settings.workers,
-                "pid": os.getpid(),
+                "sha256": MetadataValue.text(res.sha256),
+                "workers": MetadataValue.int(settings.workers),
+                "pid": MetadataValue.int(os.getpid()),
             },
             data_version=DataVersion(manifest.get("fingerprint", "")[:16]),
-            check_results=[result(SHARD_COMPLETE, "wds_shards", problems, samples=res.num_samples)],
+            # The check is not partitioned: its metadata names the shard it judged.
+            check_results=[result(SHARD_COMPLETE, "wds_shards", problems, shard=key, samples=res.num_samples)],
         )
 
     return wds_shards, partitions

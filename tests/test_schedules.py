@@ -1,0 +1,263 @@
+"""The wds_shards_topup schedule and the shard_audit_when_complete sensor, evaluated against a real
+release built by `imnet build` and the real Dagster instance (the project's dagster.yaml) that
+recorded it.
+
+The release has 8 shards so that one build holds every case at once: fresh, missing (tar or state
+file gone), failed (a real run that failed), stale (rewritten by a real run at another WebP
+quality, or changed on storage), and missing/stale shards that already have a run queued or
+running (which the schedule must leave alone).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from dagster import (
+    AssetKey,
+    DagsterEvent,
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRunStatus,
+    RunRequest,
+    build_schedule_context,
+    build_sensor_context,
+    instance_for_test,
+    materialize,
+)
+from dagster._core.remote_origin import InProcessCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
+from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+from imnet_assets import schedules
+from imnet_assets.assets import wds_shards
+from imnet_assets.core.shard import state_url
+from imnet_assets.definitions import build_definitions
+from imnet_assets.settings import Settings
+from tests.conftest import REPO, build_env, dagster_home, imnet, settings_of
+
+NUM_SHARDS = 8
+KEYS = [f"{i:04d}" for i in range(NUM_SHARDS)]
+SHARDS = AssetKey("wds_shards")
+AUDIT = AssetKey("shard_audit")
+LIFECYCLE = {
+    DagsterRunStatus.QUEUED: DagsterEventType.RUN_ENQUEUED,
+    DagsterRunStatus.STARTING: DagsterEventType.RUN_STARTING,
+    DagsterRunStatus.STARTED: DagsterEventType.RUN_START,
+    DagsterRunStatus.FAILURE: DagsterEventType.RUN_FAILURE,
+}
+
+
+@pytest.fixture(scope="module")
+def release(sample_release, tmp_path_factory):
+    """The sample release built once by `imnet build` into a DAGSTER_HOME with the project's dagster.yaml."""
+    tmp = tmp_path_factory.mktemp("topup")
+    env = build_env(tmp, sample_release[0], DAGSTER_HOME=str(dagster_home(tmp)),
+                    IMNET_NUM_SHARDS=str(NUM_SHARDS), IMNET_WORKERS="1")
+    imnet(["build"], env)
+    return tmp, env
+
+
+@dataclass
+class Site:
+    env: dict
+    settings: Settings
+    instance: DagsterInstance
+    out: Path
+
+    def with_env(self, **extra: str) -> Settings:
+        return settings_of({**self.env, **extra})
+
+    def tar(self, key: str) -> Path:
+        return self.out / self.settings.shard_name(key)
+
+    def state(self, key: str) -> Path:
+        return Path(state_url(str(self.out), key))
+
+    def run_shard(self, key: str, settings: Settings | None = None):
+        """A real in-process materialization of one partition, recorded in the instance."""
+        defs = build_definitions(settings or self.settings)
+        return materialize(list(defs.assets), selection=["wds_shards"], partition_key=key,
+                           instance=self.instance, raise_on_error=False)
+
+    def add_run(self, key: str, status: DagsterRunStatus) -> str:
+        """A run of one wds_shards partition, moved to `status` by the event the daemon would report."""
+        job = build_definitions(self.settings).resolve_implicit_global_asset_job_def()
+        run = self.instance.create_run_for_job(
+            job_def=job, asset_selection={SHARDS}, tags={schedules.PARTITION_TAG: key},
+            remote_job_origin=_job_origin(job.name),
+        )
+        event = DagsterEvent(event_type_value=LIFECYCLE[status].value, job_name=run.job_name)
+        self.instance.report_dagster_event(event, run_id=run.run_id)
+        assert self.instance.get_run_by_id(run.run_id).status == status
+        return run.run_id
+
+
+def _job_origin(job_name: str) -> RemoteJobOrigin:
+    """Where the daemon would load the job from (queued runs must say), as workspace.yaml names it."""
+    target = LoadableTargetOrigin(module_name="imnet_assets.definitions", attribute="defs")
+    location = InProcessCodeLocationOrigin(target, location_name="imnet_assets.definitions:defs")
+    return RemoteJobOrigin(RemoteRepositoryOrigin(location, "__repository__"), job_name)
+
+
+@pytest.fixture
+def site(release, tmp_path):
+    """A private copy of the built out root and of the instance that recorded the build."""
+    src, env = release
+    shutil.copytree(src / "out", tmp_path / "out")
+    shutil.copytree(src / "dagster_home", tmp_path / "dagster_home")
+    env = {**env, "IMNET_OUT_ROOT": str(tmp_path / "out"), "IMNET_CATALOG": str(tmp_path / "catalog.duckdb"),
+           "DAGSTER_HOME": str(tmp_path / "dagster_home")}
+    config = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    with instance_for_test(overrides=config, temp_dir=str(tmp_path / "dagster_home")) as instance:
+        yield Site(env, settings_of(env), instance, tmp_path / "out")
+
+
+def tick(schedule_settings: Settings, instance: DagsterInstance):
+    topup, _ = schedules.make(schedule_settings)
+    repo = build_definitions(schedule_settings).get_repository_def()
+    return topup.evaluate_tick(build_schedule_context(instance=instance, repository_def=repo))
+
+
+def requested(data) -> list[str]:
+    for req in data.run_requests or []:
+        assert isinstance(req, RunRequest)
+        assert list(req.asset_selection) == [SHARDS]
+        assert req.tags.get("imnet/reason") == "topup"
+        assert req.run_key == f"wds_shards-{req.partition_key}"  # several per tick need run keys
+    return [req.partition_key for req in data.run_requests or []]
+
+
+def sense(settings: Settings, instance: DagsterInstance):
+    _, sensor = schedules.make(settings)
+    return sensor.evaluate_tick(build_sensor_context(instance=instance, definitions=build_definitions(settings)))
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_fresh_build_needs_nothing(site):
+    status = schedules.shard_partition_status(site.settings, site.instance)
+    assert status == dict.fromkeys(KEYS, "fresh")
+    data = tick(site.settings, site.instance)
+    assert data.run_requests == [] and "fresh" in data.skip_message
+
+
+def test_topup_requests_missing_failed_and_stale_partitions_only(site):
+    s = site
+    # 0000: fresh, though an older run of it failed
+    s.add_run("0000", DagsterRunStatus.FAILURE)
+    # 0001: its tar is gone; 0002: its commit record is gone
+    s.tar("0001").unlink()
+    s.state("0002").unlink()
+    # 0003: a real run failed (its plan slice unreadable) after the shard was lost
+    s.tar("0003").unlink()
+    s.state("0003").unlink()
+    plan_slice = s.out / "_plan" / "0003.csv"
+    saved = plan_slice.read_bytes()
+    plan_slice.write_text("not a plan slice\n")
+    failed = s.run_shard("0003")
+    plan_slice.write_bytes(saved)
+    assert not failed.success
+    # 0004: rewritten by a real (successful) run at another WebP quality
+    other = s.with_env(IMNET_WEBP_QUALITY=str(s.settings.webp_quality - 15))
+    assert s.run_shard("0004", other).success
+    # 0005: missing, but a run for it waits in the queue; 0006: changed on storage, and running
+    s.tar("0005").unlink()
+    s.add_run("0005", DagsterRunStatus.QUEUED)
+    with open(s.tar("0006"), "r+b") as f:
+        f.truncate(10240)
+    s.add_run("0006", DagsterRunStatus.STARTED)
+    # 0007: untouched
+
+    status = schedules.shard_partition_status(s.settings, s.instance)
+    assert status == {
+        "0000": "fresh", "0001": "missing", "0002": "missing", "0003": "failed",
+        "0004": "stale", "0005": "in_flight", "0006": "in_flight", "0007": "fresh",
+    }
+    assert requested(tick(s.settings, s.instance)) == ["0001", "0002", "0003", "0004"]
+
+    # IMNET_SCHEDULE_MAX_RUNS bounds each tick; what the daemon queued is not asked for again.
+    bounded = s.with_env(IMNET_SCHEDULE_MAX_RUNS="3")
+    first = requested(tick(bounded, s.instance))
+    assert first == ["0001", "0002", "0003"]
+    for key in first:
+        s.add_run(key, DagsterRunStatus.QUEUED)
+    assert requested(tick(bounded, s.instance)) == ["0004"]
+    s.add_run("0004", DagsterRunStatus.STARTING)
+    data = tick(bounded, s.instance)
+    assert data.run_requests == [] and data.skip_message
+
+
+def test_topup_skips_before_the_plan_exists(site):
+    shutil.rmtree(site.out / "_plan")
+    data = tick(site.settings, site.instance)
+    assert data.run_requests == [] and "plan" in data.skip_message
+
+
+def test_a_quality_change_makes_every_shard_stale_and_changes_the_code_version(release):
+    _, env = release
+    settings = settings_of(env)
+    again = settings_of(env)
+    lower = settings_of({**env, "IMNET_WEBP_QUALITY": str(settings.webp_quality - 10)})
+
+    def code_version(s: Settings) -> str:
+        asset, _ = wds_shards.make(s)
+        return asset.code_versions_by_key[SHARDS]
+
+    assert code_version(again) == code_version(settings)
+    assert code_version(lower) != code_version(settings)
+    assert schedules.shard_partition_status(again, None) == dict.fromkeys(KEYS, "fresh")
+    assert schedules.shard_partition_status(lower, None) == dict.fromkeys(KEYS, "stale")
+    with instance_for_test() as instance:
+        assert requested(tick(again, instance)) == []
+        assert requested(tick(lower, instance)) == KEYS
+        bounded = settings_of({**env, "IMNET_WEBP_QUALITY": str(lower.webp_quality), "IMNET_SCHEDULE_MAX_RUNS": "5"})
+        assert requested(tick(bounded, instance)) == KEYS[:5]
+
+
+# ----------------------------------------------------------------------------- sensor
+
+
+def test_audit_sensor_waits_for_every_shard_then_asks_once(site):
+    s = site
+    data = sense(s.settings, s.instance)
+    assert len(data.run_requests) == 1
+    req = data.run_requests[0]
+    assert list(req.asset_selection) == [AUDIT]
+    assert req.run_key
+
+    # nothing changed: the same run key, so the daemon launches the audit only once
+    assert [r.run_key for r in sense(s.settings, s.instance).run_requests] == [req.run_key]
+    # a rerun that writes the same bytes changes nothing either
+    assert s.run_shard("0001").success
+    assert [r.run_key for r in sense(s.settings, s.instance).run_requests] == [req.run_key]
+
+    # a shard missing (its commit record, or its tar) or changed on storage: skip, naming it
+    saved = s.state("0002").read_bytes()
+    s.state("0002").unlink()
+    data = sense(s.settings, s.instance)
+    assert data.run_requests == [] and "shard 0002" in data.skip_message
+    s.state("0002").write_bytes(saved)
+    tar = s.tar("0006").read_bytes()
+    s.tar("0006").unlink()
+    data = sense(s.settings, s.instance)
+    assert data.run_requests == [] and "shard 0006" in data.skip_message
+    s.tar("0006").write_bytes(tar[:-10240])
+    data = sense(s.settings, s.instance)
+    assert data.run_requests == [] and "shard 0006" in data.skip_message
+    s.tar("0006").write_bytes(tar)
+    assert [r.run_key for r in sense(s.settings, s.instance).run_requests] == [req.run_key]
+
+    # a shard committed with other bytes: a new audit
+    state = json.loads(saved)
+    s.state("0002").write_text(json.dumps({**state, "sha256": "0" * 64}))
+    changed = sense(s.settings, s.instance).run_requests
+    assert len(changed) == 1 and changed[0].run_key != req.run_key
+
+    # stale shards (other settings) are not "in": no audit
+    data = sense(s.with_env(IMNET_WEBP_QUALITY=str(s.settings.webp_quality - 10)), s.instance)
+    assert data.run_requests == [] and data.skip_message
