@@ -111,7 +111,8 @@ def make(settings: Settings):
         name="shard_audit_when_complete",
         target=["shard_audit"],
         minimum_interval_seconds=30,
-        default_status=DefaultSensorStatus.RUNNING,
+        # Off (IMNET_AUDIT_SENSOR=off) where ordinary run pods cannot reach the catalog (deploy/k8s).
+        default_status=DefaultSensorStatus.RUNNING if settings.audit_sensor else DefaultSensorStatus.STOPPED,
         description="Materializes shard_audit once every shard partition is in and fresh.",
     )
     def shard_audit_when_complete(context: SensorEvaluationContext):

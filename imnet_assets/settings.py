@@ -29,6 +29,17 @@ def _int(env: dict, name: str, default: int, low: int, high: int | None = None) 
     return value
 
 
+def _switch(env: dict, name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("on", "1", "true", "yes", "running"):
+        return True
+    if raw in ("off", "0", "false", "no", "stopped"):
+        return False
+    raise SettingsError(f"{name}={raw!r} must be on or off")
+
+
 def parse_holdout(text: str) -> tuple[tuple[str, int], ...]:
     """`validation:2,test:2` -> (("validation", 2), ("test", 2)); the splits take the last shards."""
     splits: list[tuple[str, int]] = []
@@ -59,6 +70,7 @@ class Settings:
     holdout: tuple[tuple[str, int], ...] = ()
     schedule_cron: str = "*/30 * * * *"
     schedule_max_runs: int = 64
+    audit_sensor: bool = True
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:
@@ -96,6 +108,7 @@ class Settings:
             holdout=holdout,
             schedule_cron=env.get("IMNET_SCHEDULE_CRON") or "*/30 * * * *",
             schedule_max_runs=_int(env, "IMNET_SCHEDULE_MAX_RUNS", 64, 1),
+            audit_sensor=_switch(env, "IMNET_AUDIT_SENSOR", True),
         )
 
     @property

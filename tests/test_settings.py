@@ -169,3 +169,14 @@ def test_shard_key_is_zero_padded():
     assert shard_key(0) == "0000"
     assert shard_key(42) == "0042"
     assert shard_key(1023) == "1023"
+
+
+def test_audit_sensor_switch():
+    import pytest
+
+    from imnet_assets.settings import Settings, SettingsError
+
+    assert Settings.from_env({}).audit_sensor is True
+    assert Settings.from_env({"IMNET_AUDIT_SENSOR": "off"}).audit_sensor is False
+    with pytest.raises(SettingsError, match="IMNET_AUDIT_SENSOR"):
+        Settings.from_env({"IMNET_AUDIT_SENSOR": "maybe"})
