@@ -266,12 +266,9 @@ def _verify_shard(url: str, shard: dict, want: list[dict], decode: bool) -> list
     size = fs.size(url)
     if size != shard["bytes"]:
         problems.append(f"{size} bytes, catalog says {shard['bytes']}")
-    digest = hashlib.sha256()
-    with fs.open_read(url) as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    if digest.hexdigest() != shard["sha256"]:
-        problems.append(f"tar sha256 {digest.hexdigest()[:16]} != catalog {shard['sha256'][:16]}")
+    digest = fs.sha256_file(url)
+    if digest != shard["sha256"]:
+        problems.append(f"tar sha256 {digest[:16]} != catalog {shard['sha256'][:16]}")
     tar_differs = bool(problems)
 
     # Group consecutive members into samples the way webdataset does (key = name up to the first dot).

@@ -8,6 +8,7 @@ aborted on error, so nothing is visible at a final path until it is complete).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import posixpath
 import re
@@ -101,6 +102,15 @@ def listdir(url: str) -> list[dict]:
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     return fs.cat_file(path)
+
+
+def sha256_file(url: str) -> str:
+    """Hex sha256 of a whole file, read in large blocks."""
+    digest = hashlib.sha256()
+    with open_read(url) as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_text(url: str) -> str:
