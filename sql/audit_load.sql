@@ -1,7 +1,7 @@
--- Load every shard manifest (a JSON file per shard, written by the shard runs) into the catalog.
--- The audit is the catalog's single writer for these tables.
+-- Load shard manifests (a JSON file per shard, written by the shard runs) into a temporary table,
+-- with the file each row came from. The audit is the catalog's single writer for the shard tables.
 CREATE OR REPLACE TEMP TABLE manifests AS
-SELECT * FROM read_json($files, format = 'auto', maximum_object_size = 1073741824, columns = {
+SELECT * FROM read_json($files, format = 'auto', maximum_object_size = 268435456, filename = true, columns = {
     'shard': 'VARCHAR', 'path': 'VARCHAR', 'fingerprint': 'VARCHAR', 'plan_digest': 'VARCHAR',
     'code_version': 'VARCHAR', 'planned': 'INTEGER', 'num_samples': 'INTEGER', 'bytes': 'BIGINT',
     'sha256': 'VARCHAR', 'run_id': 'VARCHAR', 'written_at': 'VARCHAR', 'seconds': 'DOUBLE',

@@ -1,21 +1,24 @@
 -- Plan against shards: one row of counts; every count but planned/written/excluded must be 0.
+-- misplaced (a sample whose plan row names another shard or position) and unplanned (a sample
+-- with no plan row) come from one pass: samples left-joined to the plan.
 WITH
-lost AS (
+lost AS MATERIALIZED (
     SELECT p.key FROM plan p
     WHERE NOT EXISTS (SELECT 1 FROM shard_samples s WHERE s.key = p.key AND s.shard = p.shard)
       AND NOT EXISTS (SELECT 1 FROM shard_exclusions e WHERE e.key = p.key AND e.shard = p.shard)
 ),
 dups AS (SELECT key, count(*) - 1 AS extra FROM shard_samples GROUP BY key HAVING count(*) > 1),
-misplaced AS (
-    SELECT s.key FROM shard_samples s JOIN plan p USING (key)
-    WHERE s.shard <> p.shard OR s.position <> p.position
-),
-unplanned AS (SELECT s.key FROM shard_samples s ANTI JOIN plan p USING (key))
+against_plan AS MATERIALIZED (
+    SELECT count(*) FILTER (WHERE p.key IS NOT NULL AND (s.shard <> p.shard OR s.position <> p.position))
+               AS misplaced,
+           count(*) FILTER (WHERE p.key IS NULL) AS unplanned
+    FROM shard_samples s LEFT JOIN plan p ON p.key = s.key
+)
 SELECT (SELECT count(*) FROM plan) AS planned,
        (SELECT count(*) FROM shard_samples) AS written,
        (SELECT count(*) FROM shard_exclusions) AS excluded_at_encode,
        (SELECT count(*) FROM lost) AS lost,
        (SELECT coalesce(sum(extra), 0) FROM dups) AS duplicated,
-       (SELECT count(*) FROM misplaced) AS misplaced,
-       (SELECT count(*) FROM unplanned) AS unplanned,
+       (SELECT misplaced FROM against_plan) AS misplaced,
+       (SELECT unplanned FROM against_plan) AS unplanned,
        (SELECT list(key ORDER BY key)[1:5] FROM lost) AS lost_examples;

@@ -16,11 +16,5 @@ FROM (SELECT shard, unnest(excluded) AS e FROM manifests);
 -- Exclusions made at encode time are re-derived from the current manifests each time (a rebuilt
 -- shard may now hold an image an earlier encoder excluded).
 UPDATE images SET status = 'kept', reason = NULL, excluded_at = NULL WHERE excluded_at = 'encode';
--- Carry what the encoder found back to the images table: repairs, and exclusions made at
--- encode time (recorded with their reason, so no planned image is ever silently missing).
-UPDATE images SET repaired = s.repaired
-FROM shard_samples s WHERE images.key = s.key AND images.status = 'kept';
-UPDATE images SET status = 'excluded', excluded_at = 'encode', reason = 'encode: ' || e.reason
-FROM shard_exclusions e WHERE images.key = e.key AND images.status = 'kept';
-UPDATE synsets SET num_kept = coalesce(
-    (SELECT count(*) FROM images i WHERE i.wnid = synsets.wnid AND i.status = 'kept'), 0);
+-- The manifests are in the shard tables now; free their memory before the reconciliation.
+DROP TABLE manifests;

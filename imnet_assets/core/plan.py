@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import fs
@@ -19,6 +20,7 @@ from . import fs
 PLAN_VERSION = "1"
 PLAN_DIR = "_plan"
 PLAN_INDEX = "_index.json"
+SLICE_BATCH = 128  # shards rendered per query by publish_slices (~2.3 MB of text each at full size)
 SLICE_COLUMNS = ["position", "key", "wnid", "label", "tar", "member", "offset", "size", "sha256",
                  "width", "height", "needs_repair"]
 
@@ -85,7 +87,10 @@ def render_slice(rows: list[tuple]) -> bytes:
 
 def write_slice(out_root: str, shard_key: str, rows: list[tuple]) -> str:
     """Commit one shard's slice file; returns its sha256 (the shard's plan digest)."""
-    data = render_slice(rows)
+    return _commit_slice(out_root, shard_key, render_slice(rows))
+
+
+def _commit_slice(out_root: str, shard_key: str, data: bytes) -> str:
     url = slice_url(out_root, shard_key)
     digest = hashlib.sha256(data).hexdigest()
     try:
@@ -95,6 +100,48 @@ def write_slice(out_root: str, shard_key: str, rows: list[tuple]) -> str:
         pass
     fs.write_atomic(url, data)
     return digest
+
+
+def publish_slices(cat, out_root: str, shard_keys: list[str], batch: int = SLICE_BATCH) -> dict[str, str]:
+    """Commit the slice file of every shard in `shard_keys` from the catalog's plan table; returns
+    shard key -> digest.
+
+    The CSV text is rendered by DuckDB (`sql/plan_slices_text.sql`), `batch` shards per query, and
+    is byte for byte what `write_slice` writes for the same rows, so digests (and with them every
+    shard's fingerprint) do not depend on the path taken; a shard with a text field that needs CSV
+    quoting is rendered by `render_slice` from its rows instead. Files are committed in a thread
+    while the next batch is rendered; at most two batches are held at once.
+    """
+    header = render_slice([])
+    digests: dict[str, str] = {}
+
+    def commit(files: list[tuple[str, bytes]]) -> None:
+        for key, data in files:
+            digests[key] = _commit_slice(out_root, key, data)
+
+    with ThreadPoolExecutor(1) as writer:
+        pending = None
+        for i in range(0, len(shard_keys), batch):
+            keys = shard_keys[i:i + batch]
+            bodies = {shard: (exotic, body) for shard, exotic, body
+                      in cat.rows("plan_slices_text", {"first": keys[0], "last": keys[-1]})}
+            files = []
+            for key in keys:
+                exotic, body = bodies.pop(key, (False, ""))
+                if exotic:
+                    rows = cat.rows("plan_slices", {"first": key, "last": key})
+                    files.append((key, render_slice([row[1:] for row in rows])))
+                else:
+                    files.append((key, header + body.encode("utf-8")))
+            if bodies:
+                raise ValueError(f"plan rows for shards outside the partition keys: {sorted(bodies)[:5]}")
+            del bodies
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(commit, files)
+        if pending is not None:
+            pending.result()
+    return {key: digests[key] for key in shard_keys}
 
 
 def read_slice(out_root: str, shard_key: str) -> tuple[list[SliceRow], str]:

@@ -1,0 +1,85 @@
+"""Wall time, the CPU time of this process tree, and what the rest of the machine used meanwhile.
+
+On a shared machine the wall time of a run depends on what else runs. `measure(fn)` also returns
+the CPU seconds this process and its children used (including worker processes forked by a
+multiprocessing forkserver, which are counted once the forkserver has reaped them) and the CPU
+seconds the whole machine was busy (from /proc/stat), so a report can show how loaded the machine
+was. Linux only; elsewhere the CPU figures are NaN.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import dataclass
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@dataclass
+class Sample:
+    wall: float
+    cpu: float  # this process tree
+    machine: float  # every CPU's busy time, all processes
+    own: float = 0.0  # this process alone (all its threads)
+
+    @property
+    def others_cores(self) -> float:
+        """Cores' worth of CPU that other processes used during the run."""
+        return max(0.0, (self.machine - self.cpu) / self.wall) if self.wall > 0 else 0.0
+
+    @property
+    def cores(self) -> float:
+        return self.cpu / self.wall if self.wall > 0 else 0.0
+
+
+def _machine_busy() -> float:
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:]
+    except OSError:
+        return float("nan")
+    v = [int(x) for x in fields]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    guest = sum(v[8:10]) if len(v) > 9 else 0  # already counted in user / nice
+    return (sum(v) - idle - guest) / _TICK
+
+
+def _children_cpu() -> float:
+    """CPU of live direct children (and of their reaped children), from /proc."""
+    me = str(os.getpid())
+    total = 0.0
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return float("nan")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        rest = stat[stat.rfind(")") + 2:].split()
+        if rest[1] != me:  # ppid
+            continue
+        utime, stime, cutime, cstime = (int(x) for x in rest[11:15])
+        total += (utime + stime + cutime + cstime) / _TICK
+    return total
+
+
+def own_cpu() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime
+
+
+def tree_cpu() -> float:
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own_cpu() + reaped.ru_utime + reaped.ru_stime + _children_cpu()
+
+
+def measure(fn) -> Sample:
+    o0, c0, m0, t0 = own_cpu(), tree_cpu(), _machine_busy(), time.perf_counter()
+    fn()
+    t1 = time.perf_counter()
+    return Sample(t1 - t0, tree_cpu() - c0, _machine_busy() - m0, own_cpu() - o0)

@@ -1,0 +1,404 @@
+"""The catalog stages at the real release's size, and the index scan against a plain read.
+
+    .venv/bin/python bench/scale.py [--work /tmp/imnet-bench] [--rows 13151276] [--synsets 19167]
+                                    [--scan-gb 1] [--skip-catalog] [--skip-scan] [--keep]
+
+Catalog part (each stage in its own child process, so the peak RSS printed is that stage's):
+  catalog    synthetic `synsets` and `images` tables (plus 0.2% excluded rows) in a temp DuckDB
+             catalog, generated with SQL (cached under --work/scale; not a goal);
+  plan       `stages.build_shuffled_plan`: the SQL shuffle and 1024 plan slice files;
+  manifests  one manifest per shard in the layout `core/shard.py` writes (samples from the plan,
+             1 in 50,000 recorded as an encode-time exclusion), state files, and sparse shard
+             files of the manifest's size, all generated with DuckDB COPY (not a goal);
+  audit      `audit.run_audit`: manifests checked and loaded, reconciliation, `_info.json`.
+Scan part: `index.scan_tars` (IMNET_WORKERS=2) over generated raw tars against a plain sequential
+read of the same files, both from a cold page cache (each file is evicted with
+posix_fadvise(DONTNEED) before every pass) and both warm.
+
+Slices, manifests and scan tars are deleted at the end unless --keep; the catalog is kept as a
+cache (delete --work/scale to drop it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+REAL_ROWS = 13_151_276
+REAL_SYNSETS = 19_167
+NUM_SHARDS = 1024
+EXCLUDED_PER_MILLE = 2
+
+# Bench-only SQL: synthetic data, not statements the project runs (those live in sql/).
+GEN_SYNSETS = """
+INSERT INTO synsets
+SELECT 'n' || lpad((1440764 + s * 712)::VARCHAR, 8, '0') AS wnid, s::INTEGER AS label,
+       'synset ' || s AS lemma, 'a synthetic synset number ' || s AS gloss, NULL, NULL
+FROM range($synsets) t(s)
+"""
+# Kept rows i = 0 .. rows-1: synset i % synsets, image number i // synsets + 1; then excluded rows.
+GEN_IMAGES = """
+INSERT INTO images
+WITH r AS (
+    SELECT i, i % $synsets AS s, i // $synsets + 1 AS n, hash(i) AS h, i >= $rows AS excluded
+    FROM range($rows + $excluded) t(i)
+), sized AS (
+    SELECT *, CASE h % 20 WHEN 0 THEN 1024 WHEN 1 THEN 1600 WHEN 2 THEN 333 WHEN 3 THEN 375
+                          ELSE 500 END AS w,
+              CASE h % 20 WHEN 0 THEN 768 WHEN 1 THEN 1200 WHEN 2 THEN 500 WHEN 3 THEN 500
+                          ELSE 375 END AS ht
+    FROM r
+)
+SELECT 'n' || lpad((1440764 + s * 712)::VARCHAR, 8, '0') || '_' || (n + 100000 * excluded::INT) AS key,
+       'n' || lpad((1440764 + s * 712)::VARCHAR, 8, '0') AS wnid,
+       'n' || lpad((1440764 + s * 712)::VARCHAR, 8, '0') || '.tar' AS tar,
+       'n' || lpad((1440764 + s * 712)::VARCHAR, 8, '0') || '_' || (n + 100000 * excluded::INT) || '.JPEG',
+       512 + (n - 1) * 180736 AS "offset", 40000 + (h >> 8) % 140000 AS size,
+       sha256(i::VARCHAR) AS sha256,
+       CASE WHEN excluded THEN 24 ELSE w END, CASE WHEN excluded THEN 18 ELSE ht END, 'JPEG', 'RGB',
+       CASE WHEN excluded THEN 'excluded' ELSE 'kept' END,
+       CASE WHEN excluded THEN 'too small: 24x18 (min side 32)' END,
+       false, NULL, CASE WHEN excluded THEN 'index' END
+FROM sized
+"""
+COUNT_IMAGES = "SELECT count(*) FILTER (WHERE status = 'kept'), (SELECT count(*) FROM synsets) FROM images"
+# What a previous audit changed in the cached catalog, undone so every run plans the same images.
+RESET_IMAGES = """
+UPDATE images SET status = 'kept', reason = NULL, excluded_at = NULL, repaired = NULL
+WHERE excluded_at = 'encode' OR repaired IS NOT NULL
+"""
+MANIFESTS = """
+COPY (
+    SELECT p.shard AS part, p.shard, 'imagenet12k-train-' || p.shard || '.tar' AS path, f.fingerprint,
+           f.plan_digest, $code_version AS code_version,
+           {'quality': $quality, 'method': $method, 'max_short': 768} AS settings,
+           count(*)::INTEGER AS planned,
+           (count(*) FILTER (WHERE NOT x))::INTEGER AS num_samples,
+           (10240 + sum(1536 + (size * 3 // 4 + 511) // 512 * 512) FILTER (WHERE NOT x))::BIGINT AS bytes,
+           sha256(p.shard) AS sha256, 'bench-scale' AS run_id, '2026-01-01T00:00:00Z' AS written_at,
+           600.0 AS seconds,
+           coalesce(list({'key': key, 'position': position,
+                          'width': CASE WHEN least(width, height) <= 768 THEN width
+                                        WHEN width <= height THEN 768
+                                        ELSE round(width * 768 / height)::INTEGER END,
+                          'height': CASE WHEN least(width, height) <= 768 THEN height
+                                         WHEN height <= width THEN 768
+                                         ELSE round(height * 768 / width)::INTEGER END,
+                          'orig_width': width, 'orig_height': height, 'webp_bytes': size * 3 // 4,
+                          'webp_sha256': sha256(key), 'repaired': false} ORDER BY position)
+                    FILTER (WHERE NOT x), []) AS samples,
+           coalesce(list({'key': key, 'position': position,
+                          'reason': 'undecodable: broken data stream when reading image file'}
+                         ORDER BY position) FILTER (WHERE x),
+                    []::STRUCT(key VARCHAR, position INTEGER, reason VARCHAR)[]) AS excluded
+    FROM (SELECT *, hash(key) % 50000 = 0 AS x FROM plan WHERE shard >= $first AND shard <= $last) p
+    JOIN fps f USING (shard)
+    GROUP BY ALL
+) TO '{folder}' (FORMAT json, PARTITION_BY (part), OVERWRITE_OR_IGNORE)
+"""
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def scale_settings(work: Path):
+    from imnet_assets.settings import Settings
+
+    base = work / "scale"
+    (base / "raw").mkdir(parents=True, exist_ok=True)
+    return Settings(raw_root=str(base / "raw"), out_root=str(base / "out"), catalog=str(base / "catalog.duckdb"),
+                    num_shards=NUM_SHARDS, workers=os.cpu_count() or 1)
+
+
+# ------------------------------------------------------------------------------------ child stages
+
+
+def stage_catalog(args) -> dict:
+    from imnet_assets.catalog import Catalog
+
+    settings = scale_settings(args.work)
+    excluded = args.rows * EXCLUDED_PER_MILLE // 1000
+    with Catalog(settings.catalog) as cat:
+        kept, synsets = cat.con.execute(COUNT_IMAGES).fetchone()
+        if (kept, synsets) == (args.rows, args.synsets):
+            cat.con.execute(RESET_IMAGES)
+            return {"generated": False}
+        cat.con.execute("DELETE FROM images; DELETE FROM synsets; DELETE FROM plan")
+        cat.con.execute(GEN_SYNSETS, {"synsets": args.synsets})
+        cat.con.execute(GEN_IMAGES, {"synsets": args.synsets, "rows": args.rows, "excluded": excluded})
+        cat.con.execute("CHECKPOINT")
+    return {"generated": True, "rows": args.rows, "excluded": excluded}
+
+
+def stage_plan(args) -> dict:
+    from imnet_assets.core.stages import build_shuffled_plan
+
+    facts = build_shuffled_plan(scale_settings(args.work), "bench-scale", log=lambda _m: None)
+    return {"samples": facts.get("samples"), "shards": facts.get("shards")}
+
+
+def stage_manifests(args) -> dict:
+    from imnet_assets.catalog import Catalog
+    from imnet_assets.core import fs
+    from imnet_assets.core.audit import encode_settings
+    from imnet_assets.core.plan import read_index
+    from imnet_assets.core.shard import code_version, fingerprint, manifest_url, state_url
+
+    settings = scale_settings(args.work)
+    enc = encode_settings(settings)
+    index = read_index(settings.out_root)
+    tmp = Path(settings.out_root) / "_bench_tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fps = tmp / "fps.csv"
+    fps.write_text("shard,fingerprint,plan_digest\n" + "".join(
+        f"{k},{fingerprint(d, enc)},{d}\n" for k, d in sorted(index["digests"].items())))
+    keys = settings.partition_keys
+    with Catalog(settings.catalog) as cat:
+        cat.con.execute(f"CREATE TEMP TABLE fps AS SELECT * FROM read_csv('{fps}', all_varchar = true)")
+        for i in range(0, len(keys), 64):  # in batches: one COPY of all 13M samples needs > 18 GB
+            cat.con.execute(MANIFESTS.replace("{folder}", str(tmp / f"m{i}")), {
+                "code_version": code_version(enc), "quality": enc.quality, "method": enc.method,
+                "first": keys[i], "last": keys[min(i + 64, len(keys)) - 1]})
+    written = 0
+    for part in sorted(p for batch in tmp.glob("m*") for p in batch.iterdir()):
+        key = part.name.split("=", 1)[1]
+        (data,) = [f for f in part.iterdir() if f.stat().st_size > 0]
+        url = manifest_url(settings.out_root, key)
+        os.makedirs(os.path.dirname(url), exist_ok=True)
+        os.replace(data, url)
+        with open(url, "rb") as f:  # only the head: the fields before "samples"
+            head = json.loads(f.read(4096).split(b',"samples":', 1)[0] + b"}")
+        state = {k: head[k] for k in ("shard", "path", "fingerprint", "bytes", "sha256", "num_samples")}
+        Path(state_url(settings.out_root, key)).write_text(json.dumps(state, sort_keys=True))
+        shard_path = fs.join(settings.out_root, settings.shard_name(key))
+        with open(shard_path, "wb") as f:
+            f.truncate(head["bytes"])  # sparse: the audit only compares sizes
+        written += 1
+    shutil.rmtree(tmp)
+    return {"manifests": written}
+
+
+def stage_audit(args) -> dict:
+    from imnet_assets.core.audit import run_audit
+
+    report = run_audit(scale_settings(args.work), "bench-scale", log=lambda _m: None)
+    r = report.reconcile
+    return {"planned": r.get("planned"), "written": r.get("written"), "excluded": r.get("excluded_at_encode"),
+            "problems": report.problems[:5], "info_written": report.info_written}
+
+
+STAGES = {"catalog": stage_catalog, "plan": stage_plan, "manifests": stage_manifests, "audit": stage_audit}
+
+
+def run_child(args, stage: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", stage, "--work", str(args.work), "--rows", str(args.rows),
+           "--synsets", str(args.synsets)]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"stage {stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    out = json.loads(lines[-1][len("RESULT "):])
+    out["wall"] = seconds
+    return out
+
+
+def child_main(args) -> None:
+    started = time.perf_counter()
+    facts = STAGES[args.child](args)
+    facts.update(seconds=time.perf_counter() - started, peak_rss_mb=peak_rss_mb())
+    print("RESULT " + json.dumps(facts), flush=True)
+
+
+# ------------------------------------------------------------------------------------ scan
+
+
+def scan_tars_for(args) -> list[Path]:
+    """Raw tars of ~700 photos each (the real average) totalling --scan-gb, built from the cached
+    photo release by repeating its members under new names."""
+    import photo_release
+
+    photos = [m for t in photo_release.ensure_photos(args.work, 12) for m in photo_release.read_members(t)]
+    folder = args.work / f"scan-{args.scan_gb:g}gb"
+    target = int(args.scan_gb * 1e9)
+    done = folder / "complete"
+    if done.exists():
+        return sorted(folder.glob("*.tar"))
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    total, t, i = 0, 0, 0
+    paths = []
+    while total < target:
+        wnid = photo_release.wnid(1000 + t)
+        path = folder / f"{wnid}.tar"
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for n in range(700):
+                _name, data = photos[i % len(photos)]
+                i += 1
+                info = tarfile.TarInfo(f"{wnid}_{n + 1}.JPEG")
+                info.size = len(data)
+                info.mtime = 1318550400
+                tf.addfile(info, io.BytesIO(data))
+        total += path.stat().st_size
+        paths.append(path)
+        t += 1
+    os.sync()
+    done.touch()
+    return paths
+
+
+def evict(paths: list[Path]) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def plain_read(paths: list[Path]) -> int:
+    buf = bytearray(8 << 20)
+    n = 0
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while k := f.readinto(buf):
+                n += k
+    return n
+
+
+def scan(paths: list[Path], workers: int) -> int:
+    from imnet_assets.core.index import scan_tars
+
+    return sum(len(recs) for _url, recs in scan_tars([str(p) for p in paths], workers))
+
+
+def scan_part(args) -> list[list[str]]:
+    paths = scan_tars_for(args)
+    size = sum(p.stat().st_size for p in paths)
+    workers = args.scan_workers
+    print(f"\nscan: {len(paths)} tars, {size / 1e9:.2f} GB, scan_tars with {workers} workers vs plain "
+          f"read, {args.scan_rounds} rounds", flush=True)
+    rates: dict[str, list[float]] = {"read_cold": [], "scan_cold": [], "read_warm": [], "scan_warm": []}
+    for r in range(args.scan_rounds):
+        order = ["read", "scan"] if r % 2 == 0 else ["scan", "read"]
+        for cache in ("cold", "warm"):
+            for kind in order:
+                if cache == "cold":
+                    evict(paths)
+                else:
+                    plain_read(paths)  # warm the page cache
+                started = time.perf_counter()
+                if kind == "read":
+                    plain_read(paths)
+                else:
+                    scan(paths, workers)
+                rates[f"{kind}_{cache}"].append(size / 1e6 / (time.perf_counter() - started))
+        print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} MB/s" for k, v in rates.items()),
+              flush=True)
+    cold = [s / r for s, r in zip(rates["scan_cold"], rates["read_cold"])]
+    warm = [s / r for s, r in zip(rates["scan_warm"], rates["read_warm"])]
+    if not args.keep:
+        shutil.rmtree(paths[0].parent)
+    return [
+        ["plain read, cold cache, MB/s", spread(rates["read_cold"], 0), "", ""],
+        ["scan_tars, cold cache, MB/s", spread(rates["scan_cold"], 0), "", ""],
+        ["scan / read, cold cache", spread(cold), ">= 0.8", met(statistics.median(cold) >= 0.8)],
+        ["plain read, warm cache, MB/s", spread(rates["read_warm"], 0), "", ""],
+        ["scan_tars, warm cache, MB/s", spread(rates["scan_warm"], 0), "", ""],
+        ["scan / read, warm cache", spread(warm), "", ""],
+    ]
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+    med = statistics.median(values)
+    if len(values) < 2:
+        return f"{med:,.{digits}f}"
+    return f"{med:,.{digits}f} ({min(values):,.{digits}f}-{max(values):,.{digits}f})"
+
+
+def met(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
+def print_table(title: str, rows: list[list[str]]) -> None:
+    head = ["measure", "value", "goal", "met"]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    print(f"\n{title}")
+    for r in [head, ["-" * w for w in widths], *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def catalog_part(args) -> list[list[str]]:
+    print(f"catalog: {args.rows:,} kept images, {args.synsets:,} synsets, {NUM_SHARDS} shards", flush=True)
+    res = {}
+    for stage in ("catalog", "plan", "manifests", "audit"):
+        res[stage] = run_child(args, stage)
+        print(f"  {stage}: {res[stage]['seconds']:.1f} s, peak RSS {res[stage]['peak_rss_mb']:,.0f} MB  "
+              f"{ {k: v for k, v in res[stage].items() if k not in ('seconds', 'peak_rss_mb', 'wall')} }",
+              flush=True)
+    if res["audit"]["problems"]:
+        raise SystemExit(f"the audit found problems: {res['audit']['problems']}")
+    if not args.keep:
+        settings = scale_settings(args.work)
+        shutil.rmtree(settings.out_root)
+    plan, audit = res["plan"], res["audit"]
+    gb = 1024
+    return [
+        ["synthetic catalog (setup), s", f"{res['catalog']['seconds']:.1f}", "", ""],
+        ["plan: build_shuffled_plan, s", f"{plan['seconds']:.1f}", "<= 60", met(plan["seconds"] <= 60)],
+        ["plan: peak RSS, GB", f"{plan['peak_rss_mb'] / gb:.2f}", "<= 4", met(plan["peak_rss_mb"] <= 4 * gb)],
+        ["manifests + state files (setup), s", f"{res['manifests']['seconds']:.1f}", "", ""],
+        ["audit: run_audit, s", f"{audit['seconds']:.1f}", "<= 120", met(audit["seconds"] <= 120)],
+        ["audit: peak RSS, GB", f"{audit['peak_rss_mb'] / gb:.2f}", "<= 4", met(audit["peak_rss_mb"] <= 4 * gb)],
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("/tmp/imnet-bench"))
+    p.add_argument("--rows", type=int, default=REAL_ROWS, help="kept images in the synthetic index")
+    p.add_argument("--synsets", type=int, default=REAL_SYNSETS)
+    p.add_argument("--scan-gb", type=float, default=1.0, help="size of the raw tars the scan reads")
+    p.add_argument("--scan-workers", type=int, default=2)
+    p.add_argument("--scan-rounds", type=int, default=2)
+    p.add_argument("--skip-catalog", action="store_true")
+    p.add_argument("--skip-scan", action="store_true")
+    p.add_argument("--keep", action="store_true", help="keep slices, manifests and scan tars")
+    p.add_argument("--child", choices=sorted(STAGES), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.work = args.work.resolve()
+    if args.child:
+        child_main(args)
+        return
+    tables = {}
+    if not args.skip_catalog:
+        tables["plan and audit at scale (one child process per stage)"] = catalog_part(args)
+    if not args.skip_scan:
+        tables["index scan against a plain sequential read"] = scan_part(args)
+    print(f"\n$ {shlex.join([os.path.relpath(sys.executable), *sys.argv])}")
+    for title, rows in tables.items():
+        print_table(title, rows)
+
+
+if __name__ == "__main__":
+    main()
