@@ -133,9 +133,9 @@ def stage_catalog(args) -> dict:
     settings = scale_settings(args.work)
     excluded = args.rows * EXCLUDED_PER_MILLE // 1000
     with Catalog(settings.catalog) as cat:
+        cat.con.execute(RESET_IMAGES)
         kept, synsets = cat.con.execute(COUNT_IMAGES).fetchone()
         if (kept, synsets) == (args.rows, args.synsets):
-            cat.con.execute(RESET_IMAGES)
             return {"generated": False}
         cat.con.execute("DELETE FROM images; DELETE FROM synsets; DELETE FROM plan")
         cat.con.execute(GEN_SYNSETS, {"synsets": args.synsets})
