@@ -111,7 +111,7 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
             if heads is None:
                 manifest = read_manifest(settings.out_root, key)
             else:
-                manifest = heads.get(url)
+                manifest = heads.get(key)
             shard_url = fs.join(settings.out_root, settings.shard_name(key))
             if manifest is None or not fs.exists(shard_url):
                 missing.append(key)
@@ -127,8 +127,9 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
         if present:
             if heads is None:
                 cat.run("audit_load", {"files": present})
-            else:
-                cat.run("audit_keep", {"files": present})
+            else:  # DuckDB names the files its own way (e.g. memory:///...): keep by those names
+                keep = {heads[k]["filename"] for k in lengths}
+                cat.run("audit_keep", {"files": sorted(keep)})
             cat.run("audit_replace")
             _mark_repaired(cat)
             cat.run("audit_mark_excluded")
@@ -156,7 +157,7 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
 
 def _load_manifests(cat: Catalog, settings: Settings) -> dict[str, dict] | None:
     """Load every manifest present under the out root into the `manifests` temp table with one
-    SQL statement, and return the fields the audit checks per manifest, by manifest URL.
+    SQL statement, and return the fields the audit checks per manifest, by shard key.
 
     Parsing the manifests once in DuckDB rather than once more in Python saves ~40 s at the real
     release's size. Returns None when a manifest cannot be loaded that way (unreadable, not the
@@ -164,16 +165,18 @@ def _load_manifests(cat: Catalog, settings: Settings) -> dict[str, dict] | None:
     does, so a damaged manifest counts as a missing shard either way.
     """
     names = {e["name"] for e in fs.listdir(fs.join(settings.out_root, MANIFEST_DIR))}
-    urls = [manifest_url(settings.out_root, k) for k in settings.partition_keys if f"{k}.json" in names]
-    if not urls:
+    keys = [k for k in settings.partition_keys if f"{k}.json" in names]
+    if not keys:
         return {}
     try:
-        cat.run("audit_load", {"files": urls})
+        cat.run("audit_load", {"files": [manifest_url(settings.out_root, k) for k in keys]})
         rows = cat.rows("audit_manifest_heads")
     except duckdb.Error:
         return None
-    heads = {filename: {"fingerprint": fp, "bytes": size, "num_samples": n} for filename, fp, size, n in rows}
-    if len(rows) != len(urls) or set(heads) != set(urls):  # one object per file, named as given
+    heads = {fs.basename(filename)[: -len(".json")]: {"fingerprint": fp, "bytes": size, "num_samples": n,
+                                                       "filename": filename}
+             for filename, fp, size, n in rows}
+    if len(rows) != len(keys) or set(heads) != set(keys):  # one object per file
         return None
     return heads
 

@@ -211,3 +211,35 @@ def test_audit_without_a_plan_is_a_clear_error(tmp_path):
     s = settings_for(tmp_path / "raw", tmp_path)
     with pytest.raises(FileNotFoundError, match="shuffled_plan"):
         run_audit(s, "run", log=QUIET)
+
+
+def test_remote_out_root_loads_every_manifest_in_one_statement(copy):
+    """DuckDB names files from a registered fsspec filesystem its own way (memory://x comes back as
+    memory:///x): the audit matches manifests by shard key, so it still takes the one-statement
+    path on a remote out root instead of falling back to reading manifests one by one."""
+    import fsspec
+
+    from imnet_assets.catalog import Catalog
+    from imnet_assets.core import audit as audit_module
+    from imnet_assets.core import fs
+
+    mem = fsspec.filesystem("memory")
+    root = "memory://audit-remote/out"
+    local = copy.folder / "out"
+    for path in local.rglob("*"):
+        if path.is_file():
+            mem.pipe(f"/audit-remote/out/{path.relative_to(local).as_posix()}", path.read_bytes())
+    s = settings_for(copy.raw, copy.folder, IMNET_OUT_ROOT=root)
+    try:
+        with Catalog(s.catalog) as cat:
+            cat.con.register_filesystem(fs.filesystem(root)[0])
+            heads = audit_module._load_manifests(cat, s)
+        assert heads is not None and sorted(heads) == s.partition_keys
+        assert all(h["filename"].startswith("memory://") for h in heads.values())
+        report = run_audit(s, "run-remote", log=QUIET)
+        assert report.problems == [] and report.info_written
+        r = report.reconcile
+        assert r["written"] == r["planned"] - r["excluded_at_encode"] > 0
+        assert query(s, "SELECT count(*) FROM shards")[0][0] == NUM_SHARDS
+    finally:
+        mem.rm("/audit-remote", recursive=True)
