@@ -17,7 +17,7 @@ from . import fs
 from .csvstage import staged_csv
 from .index import FIELDS, scan_tars
 from .inventory import inventory, list_raw
-from .plan import PLAN_DIR, PLAN_VERSION, render_slice, shard_sizes, write_index, write_slice
+from .plan import PLAN_DIR, PLAN_VERSION, publish_slices, render_slice, shard_sizes, write_index
 from .synsets import read_text_file
 
 INDEX_VERSION = "1"
@@ -133,18 +133,9 @@ def build_shuffled_plan(settings: Settings, run_id: str, log: Log = print) -> di
     started = time.perf_counter()
     for leftover in fs.sweep_partials(fs.join(settings.out_root, PLAN_DIR)):
         log(f"removed leftover of an interrupted run: {leftover}")
-    digests: dict[str, str] = {}
     with Catalog(settings.catalog) as cat:
         cat.run("plan_build", {"seed": settings.seed, "num_shards": settings.num_shards})
-        step = 64
-        keys = settings.partition_keys
-        for i in range(0, len(keys), step):
-            first, last = keys[i], keys[min(i + step, len(keys)) - 1]
-            by_shard: dict[str, list[tuple]] = {k: [] for k in keys[i:i + step]}
-            for row in cat.run("plan_slices", {"first": first, "last": last}).fetchall():
-                by_shard[row[0]].append(row[1:])
-            for key, rows in by_shard.items():
-                digests[key] = write_slice(settings.out_root, key, rows)
+        digests = publish_slices(cat, settings.out_root, settings.partition_keys)
         facts = cat.one("plan_summary")
         lengths = [n for _, n in cat.rows("plan_shard_lengths")]
         cat.set_stage("shuffled_plan", fps["shuffled_plan"], run_id)

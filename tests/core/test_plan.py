@@ -11,6 +11,7 @@ from collections import Counter
 import duckdb
 import pytest
 
+from imnet_assets.catalog import Catalog
 from imnet_assets.core import plan, stages
 from imnet_assets.core.plan import (
     SLICE_COLUMNS,
@@ -301,3 +302,37 @@ def test_rebuilding_the_plan_rewrites_nothing(release):
     after = {k: os.stat(slice_url(settings.out_root, k)).st_ino for k in settings.partition_keys}
     assert before == after
     assert read_index(settings.out_root) == index_before
+
+
+def test_published_slices_are_byte_for_byte_what_render_slice_writes(release, tmp_path):
+    """DuckDB renders the slice text (publish_slices) for speed; the bytes, and so every digest and
+    shard fingerprint, must be those of render_slice, also for text that needs CSV quoting (rendered
+    in Python), a repaired source, and batches that cut the shard list anywhere."""
+    _, settings, _ = release
+    shutil.copy(settings.catalog, tmp_path / "catalog.duckdb")
+    other = settings_for(settings.raw_root, tmp_path)
+    with duckdb.connect(other.catalog) as con:
+        first = con.execute("SELECT key FROM plan WHERE shard = '0001' ORDER BY position LIMIT 2").fetchall()
+        con.execute("UPDATE plan SET key = 'odd,\"key\"', member = 'a\nb' WHERE key = ?", [first[0][0]])
+        con.execute("UPDATE plan SET needs_repair = true WHERE key = ?", [first[1][0]])
+        last = con.execute("SELECT key FROM plan WHERE shard = '0002' ORDER BY position LIMIT 1").fetchone()[0]
+        con.execute("UPDATE plan SET needs_repair = true WHERE key = ?", [last])
+    rows = plan_table(other)
+    for batch in (1, 2, 64):
+        out = tmp_path / f"out-{batch}"
+        with Catalog(other.catalog) as cat:
+            digests = plan.publish_slices(cat, str(out), other.partition_keys, batch=batch)
+        assert list(digests) == other.partition_keys
+        for key in other.partition_keys:
+            want = plan.render_slice([r[1:] for r in rows if r[0] == key])
+            data = (out / "_plan" / f"{key}.csv").read_bytes()
+            assert data == want, key
+            assert digests[key] == hashlib.sha256(want).hexdigest()
+        got, _ = read_slice(str(out), "0001")
+        assert got[0].key == 'odd,"key"' and got[0].member == "a\nb" and got[1].needs_repair is True
+
+
+def test_plan_rows_outside_the_partition_keys_are_an_error(release, tmp_path):
+    _, settings, _ = release
+    with Catalog(settings.catalog) as cat, pytest.raises(ValueError, match="outside the partition keys"):
+        plan.publish_slices(cat, str(tmp_path / "out"), settings.partition_keys[:1] + ["9999"], batch=8)
