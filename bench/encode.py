@@ -108,7 +108,7 @@ def run_project(settings: Settings, enc: EncodeSettings, workers: int) -> None:
 
 
 def run_verify(settings: Settings, decode: bool) -> None:
-    problems = verify_shard(settings.out_root, SHARD, settings.shard_name(SHARD), decode=decode)
+    problems = verify_shard(settings.out_root, SHARD, settings.shard_name(SHARD), decode_every=1 if decode else 0)
     if problems:
         raise SystemExit(f"verify_shard found problems: {problems[:3]}")
 

@@ -13,8 +13,9 @@ wds_shards_checks = [
         blocking=True,
         description=(
             "The committed shard holds exactly its planned samples (minus exclusions recorded with a "
-            "reason), in plan order, each with .cls/.json/.webp, and every WebP decodes to the "
-            "recorded size."
+            "reason), in plan order, each with .cls/.json/.webp; every WebP is the encoder's output "
+            "(sha256) with a header of the recorded size, and every IMNET_CHECK_DECODE_EVERY-th one "
+            "(default 16th) and every repaired one decodes in full."
         ),
     )
 ]

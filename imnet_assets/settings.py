@@ -71,6 +71,7 @@ class Settings:
     schedule_cron: str = "*/30 * * * *"
     schedule_max_runs: int = 64
     audit_sensor: bool = True
+    check_decode_every: int = 16
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:
@@ -109,6 +110,7 @@ class Settings:
             schedule_cron=env.get("IMNET_SCHEDULE_CRON") or "*/30 * * * *",
             schedule_max_runs=_int(env, "IMNET_SCHEDULE_MAX_RUNS", 64, 1),
             audit_sensor=_switch(env, "IMNET_AUDIT_SENSOR", True),
+            check_decode_every=_int(env, "IMNET_CHECK_DECODE_EVERY", 16, 0),
         )
 
     @property

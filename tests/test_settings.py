@@ -180,3 +180,15 @@ def test_audit_sensor_switch():
     assert Settings.from_env({"IMNET_AUDIT_SENSOR": "off"}).audit_sensor is False
     with pytest.raises(SettingsError, match="IMNET_AUDIT_SENSOR"):
         Settings.from_env({"IMNET_AUDIT_SENSOR": "maybe"})
+
+
+def test_check_decode_every():
+    import pytest
+
+    from imnet_assets.settings import Settings, SettingsError
+
+    assert Settings.from_env({}).check_decode_every == 16
+    assert Settings.from_env({"IMNET_CHECK_DECODE_EVERY": "1"}).check_decode_every == 1
+    assert Settings.from_env({"IMNET_CHECK_DECODE_EVERY": "0"}).check_decode_every == 0
+    with pytest.raises(SettingsError, match="IMNET_CHECK_DECODE_EVERY"):
+        Settings.from_env({"IMNET_CHECK_DECODE_EVERY": "-1"})

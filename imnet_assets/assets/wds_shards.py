@@ -45,7 +45,7 @@ def make(settings: Settings):
             out_root=settings.out_root, raw_root=settings.raw_root, shard_key=key, shard_name=name,
             settings=enc, workers=settings.workers, run_id=context.run.run_id, log=logger(context),
         )
-        problems = verify_shard(settings.out_root, key, name)
+        problems = verify_shard(settings.out_root, key, name, decode_every=settings.check_decode_every)
         manifest = read_manifest(settings.out_root, key) or {}
         reasons = {}
         for e in res.excluded:
@@ -67,7 +67,8 @@ def make(settings: Settings):
             },
             data_version=DataVersion(manifest.get("fingerprint", "")[:16]),
             # The check is not partitioned: its metadata names the shard it judged.
-            check_results=[result(SHARD_COMPLETE, "wds_shards", problems, shard=key, samples=res.num_samples)],
+            check_results=[result(SHARD_COMPLETE, "wds_shards", problems, shard=key, samples=res.num_samples,
+                                  decoded_every=settings.check_decode_every)],
         )
 
     return wds_shards, partitions

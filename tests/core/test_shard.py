@@ -265,7 +265,8 @@ def test_missing_raw_tar_becomes_exclusions(raw, tmp_path):
 
 def test_verify_shard_finds_nothing_wrong_with_a_good_shard(built):
     assert verify_shard(str(built.out), KEY, NAME) == []
-    assert verify_shard(str(built.out), KEY, NAME, decode=False) == []
+    assert verify_shard(str(built.out), KEY, NAME, decode_every=0) == []
+    assert verify_shard(str(built.out), KEY, NAME, decode_every=16) == []
 
 
 def test_verify_shard_reports_a_tampered_tar(built):
@@ -294,6 +295,45 @@ def test_verify_shard_reports_a_missing_sample_even_with_a_consistent_manifest(b
     problems = verify_shard(str(built.out), KEY, NAME)
     assert len(problems) == 1
     assert "holds 5 samples, plan wants 6" in problems[0] and built.keys[-1] in problems[0]
+
+
+def corrupt_pixels_consistently(built, index: int) -> str:
+    """Damage the image data of the index-th WebP in the tar, then rewrite the manifest so every
+    hash agrees with the damaged bytes (what only a pixel decode can still catch). Returns its key."""
+    with tarfile.open(built.tar) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    webps = [i for i, (m, _) in enumerate(members) if m.name.endswith(".webp")]
+    m, payload = members[webps[index]]
+    damaged = payload[:40] + b"\xff" * (len(payload) - 40)  # header intact, VP8 partitions garbled
+    members[webps[index]] = (m, damaged)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for info, data in members:
+            tf.addfile(info, io.BytesIO(data))
+    built.tar.write_bytes(buf.getvalue())
+    key = m.name[: -len(".webp")]
+    manifest = read_manifest(str(built.out), KEY)
+    manifest.update(bytes=len(buf.getvalue()), sha256=hashlib.sha256(buf.getvalue()).hexdigest())
+    for rec in manifest["samples"]:
+        if rec["key"] == key:
+            rec["webp_sha256"] = hashlib.sha256(damaged).hexdigest()
+    (built.out / "_manifests" / f"{KEY}.json").write_text(json.dumps(manifest))
+    return key
+
+
+def test_verify_shard_decodes_every_nth_sample_and_every_repaired_one(built):
+    key = corrupt_pixels_consistently(built, 2)
+    assert verify_shard(str(built.out), KEY, NAME, decode_every=0) == []  # hashes and header agree
+    assert verify_shard(str(built.out), KEY, NAME, decode_every=4) == []  # samples 0 and 4 decode fine
+    for every in (1, 2):  # sample 2 is decoded
+        problems = verify_shard(str(built.out), KEY, NAME, decode_every=every)
+        assert len(problems) == 1 and key in problems[0] and "does not decode" in problems[0], problems
+    manifest = read_manifest(str(built.out), KEY)
+    for rec in manifest["samples"]:
+        rec["repaired"] = rec["key"] == key
+    (built.out / "_manifests" / f"{KEY}.json").write_text(json.dumps(manifest))
+    problems = verify_shard(str(built.out), KEY, NAME, decode_every=0)  # repaired: always decoded
+    assert len(problems) == 1 and key in problems[0], problems
 
 
 def test_verify_shard_without_manifest(built):
