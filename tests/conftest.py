@@ -49,6 +49,32 @@ def settings_of(env: dict[str, str]) -> Settings:
     return Settings.from_env(env)
 
 
+def local_settings(raw: Path | str, folder: Path | str, **env) -> Settings:
+    """Settings for core-level tests: out root and catalog under `folder`, one encode worker;
+    `env` adds or overrides IMNET_* variables."""
+    values = {
+        "IMNET_RAW_ROOT": str(raw),
+        "IMNET_OUT_ROOT": str(Path(folder) / "out"),
+        "IMNET_CATALOG": str(Path(folder) / "catalog.duckdb"),
+        "IMNET_WORKERS": "1",
+    }
+    values.update({k: str(v) for k, v in env.items()})
+    return Settings.from_env(values)
+
+
+def build_catalog_stages(settings: Settings) -> dict:
+    """raw_tars, synset_manifest, filtered_index and shuffled_plan, without Dagster; the plan's facts."""
+    from imnet_assets.core import stages
+
+    def quiet(_msg: str) -> None:
+        pass
+
+    stages.build_raw_tars(settings, "run-raw", log=quiet)
+    stages.build_synset_manifest(settings, "run-syn", log=quiet)
+    stages.build_filtered_index(settings, "run-idx", log=quiet)
+    return stages.build_shuffled_plan(settings, "run-plan", log=quiet)
+
+
 def imnet(args: list[str], env: dict[str, str], cwd: Path | None = None, check: bool = True,
           timeout: int = 900) -> subprocess.CompletedProcess:
     """Run the installed `imnet` command in a subprocess, as a user would."""

@@ -3,6 +3,7 @@ shard is missing or a manifest lists a sample twice."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -13,7 +14,6 @@ import duckdb
 import pytest
 import webdataset as wds
 
-from imnet_assets.core import stages
 from imnet_assets.core.audit import (
     DATASET_NAME,
     check_info,
@@ -26,22 +26,13 @@ from imnet_assets.core.plan import read_index, shard_sizes
 from imnet_assets.core.sample_raw import write_sample_raw
 from imnet_assets.core.shard import build_shard, manifest_url
 from imnet_assets.settings import Settings
+from tests.conftest import build_catalog_stages, local_settings
 
 QUIET = lambda _m: None  # noqa: E731
 NUM_SHARDS = 3
 
 
-def settings_for(raw, folder, **extra) -> Settings:
-    env = {
-        "IMNET_RAW_ROOT": str(raw),
-        "IMNET_OUT_ROOT": str(folder / "out"),
-        "IMNET_CATALOG": str(folder / "catalog.duckdb"),
-        "IMNET_NUM_SHARDS": str(NUM_SHARDS),
-        "IMNET_WORKERS": "1",
-        "IMNET_HOLDOUT": "validation:1",
-    }
-    env.update({k: str(v) for k, v in extra.items()})
-    return Settings.from_env(env)
+settings_for = functools.partial(local_settings, IMNET_NUM_SHARDS=NUM_SHARDS, IMNET_HOLDOUT="validation:1")
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +41,7 @@ def release(tmp_path_factory):
     base = tmp_path_factory.mktemp("audit")
     write_sample_raw(base / "raw", synsets=2, images=20, seed=0)
     settings = settings_for(base / "raw", base)
-    stages.build_raw_tars(settings, "run-raw", log=QUIET)
-    stages.build_synset_manifest(settings, "run-syn", log=QUIET)
-    stages.build_filtered_index(settings, "run-idx", log=QUIET)
-    stages.build_shuffled_plan(settings, "run-plan", log=QUIET)
+    build_catalog_stages(settings)
     for key in settings.partition_keys:
         build_shard(out_root=settings.out_root, raw_root=settings.raw_root, shard_key=key,
                     shard_name=settings.shard_name(key), settings=encode_settings(settings),

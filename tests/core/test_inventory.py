@@ -16,6 +16,7 @@ from imnet_assets.core import stages
 from imnet_assets.core.inventory import count_members, inventory, list_raw
 from imnet_assets.core.synsets import labels, parse_text, read_text_file
 from imnet_assets.settings import Settings
+from tests.conftest import local_settings
 
 QUIET = lambda _m: None  # noqa: E731
 
@@ -45,13 +46,7 @@ def synset_tar(wnid: str, n: int) -> bytes:
 
 
 def settings_for(raw, tmp_path) -> Settings:
-    return Settings.from_env({
-        "IMNET_RAW_ROOT": str(raw),
-        "IMNET_OUT_ROOT": str(tmp_path / "out"),
-        "IMNET_CATALOG": str(tmp_path / "catalog.duckdb"),
-        "IMNET_NUM_SHARDS": "2",
-        "IMNET_WORKERS": "1",
-    })
+    return local_settings(raw, tmp_path, IMNET_NUM_SHARDS=2)
 
 
 def query(settings: Settings, text: str) -> list[tuple]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from imnet_assets.core.plan import (
 )
 from imnet_assets.core.sample_raw import write_sample_raw
 from imnet_assets.settings import Settings
+from tests.conftest import build_catalog_stages, local_settings
 
 NUM_SHARDS = 3
 
@@ -168,24 +170,8 @@ def test_index_round_trip(tmp_path):
 # ----------------------------------------------------------------------------- the SQL plan
 
 
-def settings_for(raw, folder, **extra) -> Settings:
-    env = {
-        "IMNET_RAW_ROOT": str(raw),
-        "IMNET_OUT_ROOT": str(folder / "out"),
-        "IMNET_CATALOG": str(folder / "catalog.duckdb"),
-        "IMNET_NUM_SHARDS": str(NUM_SHARDS),
-        "IMNET_WORKERS": "1",
-    }
-    env.update({k: str(v) for k, v in extra.items()})
-    return Settings.from_env(env)
-
-
-def build_stages(settings: Settings) -> dict:
-    quiet = lambda _m: None  # noqa: E731
-    stages.build_raw_tars(settings, "run-raw", log=quiet)
-    stages.build_synset_manifest(settings, "run-syn", log=quiet)
-    stages.build_filtered_index(settings, "run-idx", log=quiet)
-    return stages.build_shuffled_plan(settings, "run-plan", log=quiet)
+settings_for = functools.partial(local_settings, IMNET_NUM_SHARDS=NUM_SHARDS)
+build_stages = build_catalog_stages
 
 
 PLAN_COLUMNS = ", ".join(f'"{c}"' for c in plan.SLICE_COLUMNS)
