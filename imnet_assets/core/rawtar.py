@@ -6,6 +6,7 @@ range-reads exactly those bytes later (see `fs.RangeReader`).
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 import tarfile
@@ -24,7 +25,7 @@ class Member:
     name: str  # the member name as stored in the tar
     offset: int  # byte offset of the member's data in the tar
     size: int
-    data: bytes
+    data: bytes | memoryview  # a read-only memoryview only when asked for (`iter_tar(views=True)`)
 
 
 @dataclass(frozen=True)
@@ -57,14 +58,251 @@ def member_key(name: str) -> tuple[str | None, str | None]:
     return key, None
 
 
-def iter_tar(url: str, what: str = "raw tar") -> Iterator[Member | Damage]:
+def iter_tar(url: str, what: str = "raw tar", *, views: bool = False) -> Iterator[Member | Damage]:
     """Every member of the tar at `url`, in order, with its data; damage is yielded, not raised.
 
     Damage reasons read "<what> <tar name>: ..." (what: "raw tar", or "shard" when verifying).
+    With `views`, each member's data is a read-only memoryview into the chunk it was read with
+    instead of a copy (the index scan hashes and probes it in place; see `_Window`).
     """
     total = fs.size(url)
     with fs.open_read(url) as f:
-        yield from _iter_fileobj(f, total, fs.basename(url), what)
+        yield from _iter_fileobj(f, total, fs.basename(url), what, views)
+
+
+def _iter_fileobj(f, total: int, label: str, what: str = "raw tar", views: bool = False) -> Iterator[Member | Damage]:
+    # Plain headers (the whole of a real ImageNet tar) are read by `_fast_walk` from large
+    # sequential chunks; at the first header it does not fully understand (pax, links, bad
+    # checksums, ...) it stops, and tarfile carries on from exactly there.
+    resume = yield from _fast_walk(f, total, label, what, views)
+    if resume is not None:
+        yield from _tarfile_walk(f, total, label, what, *resume)
+
+
+CHUNK = 16 << 20  # bytes per sequential read of the fast walk
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+_OCTAL = re.compile(rb" *[0-7]* *")
+_PLAIN_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.GNUTYPE_LONGNAME)
+
+
+def _blocks(size: int) -> int:
+    return (size + _BLOCK - 1) // _BLOCK * _BLOCK
+
+
+def _nts(field: bytes) -> str:
+    """A NUL-terminated header string, decoded the way tarfile decodes member names."""
+    return field.split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
+
+
+def _octal(field: bytes) -> int | None:
+    """A plain octal number field (optionally space padded, NUL terminated), else None.
+
+    Stricter than tarfile (no base-256, no other whitespace): whatever passes here tarfile reads
+    as the same number, and anything else is left to tarfile.
+    """
+    digits = field.split(b"\0", 1)[0].strip(b" ")
+    if digits.translate(None, b"01234567"):
+        return None  # not octal digits, or spaces inside the number
+    return int(digits, 8) if digits else 0
+
+
+# Number fields besides size and checksum, as one key: within a tar they rarely change, so
+# checking each new combination once is enough (bounded: a hostile tar cannot grow it forever).
+_plain_fields: set[bytes] = set()
+
+
+def _plain_numbers(block: bytes) -> bool:
+    """Whether every number field tarfile parses (mode, uid, gid, size, mtime, devmajor,
+    devminor) is plain octal: one it cannot parse makes the whole header invalid."""
+    if _octal(block[124:136]) is None:
+        return False
+    key = block[100:124] + block[136:148] + block[329:345]
+    if key in _plain_fields:
+        return True
+    if any(_octal(key[a : a + 8]) is None for a in (0, 8, 16, 36, 44)) or _octal(key[24:36]) is None:
+        return False
+    if len(_plain_fields) < 1024:
+        _plain_fields.add(key)
+    return True
+
+
+def _plain_header(block: bytes) -> tuple[bytes, str, int] | None:
+    """(type, name, size) of a header tarfile would read without any surprise, else None.
+
+    Plain: the unsigned checksum matches, every number field is plain octal, and the type is a
+    regular file, a folder or a GNU long name. Names are built as `TarInfo.frombuf` builds them
+    (a V7 folder is a regular type with a trailing slash; a non-empty ustar prefix is prepended).
+    """
+    kind = block[156:157]
+    if kind not in _PLAIN_TYPES:
+        return None
+    checksum = _octal(block[148:156])
+    if checksum is None or checksum != 256 + sum(block) - sum(block[148:156]) or not _plain_numbers(block):
+        return None
+    name = _nts(block[0:100])
+    if kind == tarfile.AREGTYPE and name.endswith("/"):
+        kind = tarfile.DIRTYPE
+    if kind == tarfile.DIRTYPE:
+        name = name.rstrip("/")
+    if block[345] and kind not in tarfile.GNU_TYPES:  # a ustar prefix
+        name = _nts(block[345:500]) + "/" + name
+    return kind, name, _octal(block[124:136])
+
+
+def _fast_walk(f, total: int, label: str, what: str, views: bool):
+    """Read plain headers and their members from large chunks, exactly as tarfile would.
+
+    A generator that yields what `_iter_fileobj` yields and returns None when the whole tar is
+    done, or `(start, expected)` when tarfile must read on from the header at `start` (`expected`:
+    where the last member's data blocks ended). (0, 0) means from the beginning: before the first
+    plain header, tarfile's own rules for the start of a file apply.
+    """
+    win = _Window(f)
+    pos = expected = 0  # the next header; the end of the last member's data blocks
+    parsed = False  # whether a plain header was read (a resumed tarfile skips the first member)
+    while total - pos >= _BLOCK:
+        block = win.read(pos, pos + _BLOCK)
+        if block == _ZERO_BLOCK:
+            pos += _BLOCK  # end-of-archive or padding blocks; tarfile (ignore_zeros) steps over them
+            continue
+        start = pos
+        header = _plain_header(block)
+        if header is not None and header[0] == tarfile.GNUTYPE_LONGNAME:
+            header, pos = _long_name(win, total, pos, header[2])
+        if header is None or (header[0] == tarfile.DIRTYPE and header[2]):
+            return (start, expected) if parsed else (0, 0)
+        parsed = True
+        kind, name, size = header
+        data_at = pos + _BLOCK
+        if kind == tarfile.DIRTYPE:
+            pos = expected = data_at  # a folder entry holds no file
+            continue
+        end, pos = data_at + size, data_at + _blocks(size)
+        expected = pos
+        if end > total:
+            yield Damage(name, data_at, size, f"truncated {what} {label}: member data cut at byte {total} of {end}")
+            return None
+        yield Member(name, data_at, size, win.view(data_at, end) if views else win.read(data_at, end))
+        if pos > total:  # the data is all there but its padding is cut
+            yield Damage("", pos, 0, f"truncated or damaged {what} {label}: broken header at byte {pos}: "
+                                     "unexpected end of data")
+            return None
+    if pos == 0:
+        return (0, 0)  # shorter than one block: tarfile says why it is not a tar
+    yield from _tail(f, total, expected, label, what)
+    return None
+
+
+def _long_name(win: _Window, total: int, pos: int, size: int) -> tuple[tuple[bytes, str, int] | None, int]:
+    """The header after a GNU long name at `pos`, named by it, and where that header is.
+
+    None unless the name's blocks and a plain, non-long-name header after them are all there.
+    """
+    after = pos + _BLOCK + _blocks(size)
+    if total - after < _BLOCK:
+        return None, pos
+    header = _plain_header(win.read(after, after + _BLOCK))
+    if header is None or header[0] == tarfile.GNUTYPE_LONGNAME:
+        return None, pos
+    kind, _short, size = header
+    name = _nts(win.read(pos + _BLOCK, after))
+    if kind == tarfile.DIRTYPE:
+        name = name.removesuffix("/")
+    return (kind, name, size), after
+
+
+class _Window:
+    """A file read forward in large chunks, with byte ranges served from memory.
+
+    Chunk buffers are reused (within a tar and across tars: allocating and zeroing 16 MB per
+    chunk costs more than the copy from the page cache), but only once no view handed out by
+    `view` still points into them (`_unshared`), so a view keeps its bytes for as long as it is held.
+    """
+
+    def __init__(self, f):
+        self._f = f
+        self._chunk = CHUNK
+        self._data = memoryview(b"")  # the current chunk
+        self._buf = bytearray()
+        self._start = self._end = 0  # file offsets of the current chunk (the file is at _end)
+        try:
+            self._fd: int | None = f.fileno()
+        except (AttributeError, OSError, ValueError):  # fsspec files have no descriptor
+            self._fd = None
+
+    def view(self, start: int, end: int) -> memoryview:
+        """Read-only view of bytes [start, end); `end` must not be past the end of the file."""
+        if end > self._end:
+            self._fill(start, end)
+        return self._data[start - self._start : end - self._start]
+
+    def read(self, start: int, end: int) -> bytes:
+        return bytes(self.view(start, end))
+
+    def _fill(self, start: int, end: int) -> None:
+        keep = self._data[start - self._start :] if start < self._end else self._data[:0]
+        size = max(self._chunk, end - start)
+        buf = _take_buffer(size)
+        mv = memoryview(buf)
+        mv[: len(keep)] = keep
+        n = len(keep)
+        if start > self._end:
+            self._f.seek(start)
+        while n < size and (k := self._f.readinto(mv[n:size])):
+            n += k
+        _give_buffer(self._buf)
+        self._buf = buf
+        self._data = mv[:n].toreadonly()
+        self._start, self._end = start, start + n
+        if self._fd is not None:  # let the disk read the next chunk while this one is hashed
+            os.posix_fadvise(self._fd, self._end, self._chunk, os.POSIX_FADV_WILLNEED)
+
+
+# Chunk buffers no longer read from; a few are kept for the next chunk or tar.
+_spare_buffers: list[bytearray] = []
+
+
+def _take_buffer(size: int) -> bytearray:
+    try:
+        buf = _spare_buffers.pop()
+    except IndexError:
+        return bytearray(size)
+    return buf if len(buf) >= size and _unshared(buf) else bytearray(size)
+
+
+def _give_buffer(buf: bytearray) -> None:
+    if len(buf) == CHUNK and len(_spare_buffers) < 2:
+        _spare_buffers.append(buf)
+
+
+def _unshared(buf: bytearray) -> bool:
+    """Whether no memoryview points into `buf` (resizing a bytearray with live views fails)."""
+    try:
+        buf.append(buf.pop())
+    except BufferError:
+        return False
+    return True
+
+
+def _tail(f, total: int, expected: int, label: str, what: str) -> Iterator[Damage]:
+    # tarfile stops quietly at a header cut short; anything but zero padding after the last
+    # member means the tar's tail is broken, and a tar that ends right after a member (no
+    # end-of-archive blocks) was cut at a member boundary: members after it may be lost.
+    if expected < total:
+        if _nonzero(f, expected, total - expected):
+            cause = "not a tar" if expected == 0 else "a header cut short or damaged"
+            yield Damage(
+                "", expected, total - expected,
+                f"truncated or damaged {what} {label}: {total - expected} unreadable bytes from "
+                f"byte {expected} ({cause})",
+            )
+    elif expected > 0:
+        yield Damage(
+            "", total, 0,
+            f"truncated {what} {label}: ends at byte {total} without the end-of-archive blocks "
+            f"(cut at a member boundary: members after it, if any, are lost)",
+        )
 
 
 def _nonzero(f, start: int, length: int) -> bool:
@@ -80,16 +318,20 @@ def _nonzero(f, start: int, length: int) -> bool:
     return False
 
 
-def _iter_fileobj(f, total: int, label: str, what: str = "raw tar") -> Iterator[Member | Damage]:
+def _tarfile_walk(f, total: int, label: str, what: str, start: int = 0, expected: int = 0) -> Iterator[Member | Damage]:
+    """The tar read with tarfile from the header at `start` on (see `_fast_walk`)."""
     # ignore_zeros: tarfile steps over a damaged header block by block to the next valid one
     # (instead of stopping there), so members after a damaged spot are still found; every
     # stretch it skipped that is not zero padding is reported as damage below.
+    f.seek(0)
     try:
         tf = tarfile.open(fileobj=f, mode="r:", ignore_zeros=True)
     except tarfile.ReadError as e:
         yield Damage("", 0, total, f"not a readable tar ({what} {label}): {e}")
         return
-    expected = 0  # where the next header should start
+    if start:
+        tf.next()  # the first member, already read by the fast walk
+        tf.offset = start
     while True:
         try:
             info = tf.next()
@@ -124,23 +366,7 @@ def _iter_fileobj(f, total: int, label: str, what: str = "raw tar") -> Iterator[
             )
             return
         yield Member(info.name, info.offset_data, info.size, data)
-    # tarfile stops quietly at a header cut short; anything but zero padding after the last
-    # member means the tar's tail is broken, and a tar that ends right after a member (no
-    # end-of-archive blocks) was cut at a member boundary: members after it may be lost.
-    if expected < total:
-        if _nonzero(f, expected, total - expected):
-            cause = "not a tar" if expected == 0 else "a header cut short or damaged"
-            yield Damage(
-                "", expected, total - expected,
-                f"truncated or damaged {what} {label}: {total - expected} unreadable bytes from "
-                f"byte {expected} ({cause})",
-            )
-    elif expected > 0:
-        yield Damage(
-            "", total, 0,
-            f"truncated {what} {label}: ends at byte {total} without the end-of-archive blocks "
-            f"(cut at a member boundary: members after it, if any, are lost)",
-        )
+    yield from _tail(f, total, expected, label, what)
 
 
 WHOLE_RELEASE = "winter21_whole.tar.gz"
