@@ -45,7 +45,7 @@ def scan_tar(url: str) -> list[ImageRecord]:
     tar = fs.basename(url)
     wnid = tar[: -len(".tar")] if tar.endswith(".tar") else tar
     records: list[ImageRecord] = []
-    for item in iter_tar(url):
+    for item in iter_tar(url, views=True):  # members are hashed and probed in place, not copied
         if isinstance(item, Damage):
             key = member_key(item.name)[0] if item.name else None
             records.append(
@@ -76,11 +76,16 @@ def scan_tar(url: str) -> list[ImageRecord]:
 
 
 def scan_tars(urls: Iterable[str], workers: int) -> Iterator[tuple[str, list[ImageRecord]]]:
-    """Scan tars in parallel processes; yields (url, records) as each tar finishes, in input order."""
+    """Scan tars in parallel processes; yields (url, records) as each tar finishes, in input order.
+
+    The forkserver preloads this module, so workers start with Pillow, fsspec and the scan code
+    already imported (~0.2 s of CPU per worker otherwise, per pool). The forkserver is shared by
+    the whole process: whichever pool starts it first decides what it preloads.
+    """
     urls = list(urls)
     if workers <= 1 or len(urls) <= 1:
         for url in urls:
             yield url, scan_tar(url)
         return
-    with process_pool(min(workers, len(urls))) as pool:
+    with process_pool(min(workers, len(urls)), preload=[__name__]) as pool:
         yield from zip(urls, pool.map(scan_tar, urls, chunksize=1))
