@@ -147,11 +147,12 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
         )
         if audit_fp:
             cat.set_stage("shard_audit", audit_fp, run_id)
-    if not missing and not stale:
+    # timm and users take _info.json as "this release is complete": only a clean audit writes it.
+    if not report.problems:
         fs.write_atomic(info_url(settings), render_info(info_document(settings, lengths)))
         report.info_written = True
     else:
-        log(f"_info.json not written: {len(missing)} shards missing, {len(stale)} stale")
+        log(f"_info.json not written: {'; '.join(report.problems)[:500]}")
     return report
 
 

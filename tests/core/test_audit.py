@@ -170,6 +170,7 @@ def test_duplicated_sample_in_a_manifest_is_reported(copy):
     assert report.reconcile["duplicated"] == 1
     assert any("duplicated" in p for p in report.problems)
     assert report.reconcile["lost"] == 0
+    assert not report.info_written and not os.path.exists(info_url(s))
 
 
 def test_sample_in_the_wrong_shard_is_misplaced(copy):
@@ -185,6 +186,7 @@ def test_sample_in_the_wrong_shard_is_misplaced(copy):
     assert report.reconcile["misplaced"] == 1
     assert report.reconcile["lost"] == 1 and report.reconcile["lost_examples"] == [moved["key"]]
     assert report.problems
+    assert not report.info_written and not os.path.exists(info_url(s))
 
 
 def test_shard_from_other_settings_is_stale(copy):
