@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass
 
 from . import fs
@@ -75,17 +76,29 @@ def scan_tar(url: str) -> list[ImageRecord]:
     return records
 
 
-def scan_tars(urls: Iterable[str], workers: int) -> Iterator[tuple[str, list[ImageRecord]]]:
-    """Scan tars in parallel processes; yields (url, records) as each tar finishes, in input order.
+# Up to this many workers the scan runs in threads of this process, beyond it in processes.
+# sha256 and the reads release the GIL and are ~70% of a tar's scan, so two threads keep two cores
+# busy; a process pool would add its start-up to every scan (a forkserver, and each worker re-running
+# the main script: seconds under the `dagster` and `imnet` console scripts) and pickle every record.
+THREAD_WORKERS = 2
 
-    The forkserver preloads this module, so workers start with Pillow, fsspec and the scan code
-    already imported (~0.2 s of CPU per worker otherwise, per pool). The forkserver is shared by
-    the whole process: whichever pool starts it first decides what it preloads.
+
+def scan_tars(urls: Iterable[str], workers: int) -> Iterator[tuple[str, list[ImageRecord]]]:
+    """Scan tars in parallel; yields (url, records) as each tar finishes, in input order.
+
+    With more than `THREAD_WORKERS` workers, in processes whose forkserver preloads this module,
+    so workers start with Pillow, fsspec and the scan code already imported. The forkserver is
+    shared by the whole process: whichever pool starts it first decides what it preloads.
     """
     urls = list(urls)
     if workers <= 1 or len(urls) <= 1:
         for url in urls:
             yield url, scan_tar(url)
         return
-    with process_pool(min(workers, len(urls)), preload=[__name__]) as pool:
+    workers = min(workers, len(urls))
+    if workers <= THREAD_WORKERS:
+        with ThreadPoolExecutor(workers, thread_name_prefix="scan") as pool:
+            yield from zip(urls, pool.map(scan_tar, urls))
+        return
+    with process_pool(workers, preload=[__name__]) as pool:
         yield from zip(urls, pool.map(scan_tar, urls, chunksize=1))
