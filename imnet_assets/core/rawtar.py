@@ -6,6 +6,7 @@ range-reads exactly those bytes later (see `fs.RangeReader`).
 
 from __future__ import annotations
 
+import mmap
 import os
 import posixpath
 import re
@@ -158,7 +159,7 @@ def _fast_walk(f, total: int, label: str, what: str, views: bool):
     where the last member's data blocks ended). (0, 0) means from the beginning: before the first
     plain header, tarfile's own rules for the start of a file apply.
     """
-    win = _Window(f)
+    win = _window(f, total)
     pos = expected = 0  # the next header; the end of the last member's data blocks
     parsed = False  # whether a plain header was read (a resumed tarfile skips the first member)
     while total - pos >= _BLOCK:
@@ -210,6 +211,37 @@ def _long_name(win: _Window, total: int, pos: int, size: int) -> tuple[tuple[byt
     if kind == tarfile.DIRTYPE:
         name = name.removesuffix("/")
     return (kind, name, size), after
+
+
+def _window(f, total: int) -> _Window | _MappedWindow:
+    """A memory map of a local file, chunked reads for anything else (fsspec files)."""
+    try:
+        return _MappedWindow(f.fileno(), total)
+    except (AttributeError, OSError, ValueError):  # no descriptor (fsspec), empty or shrunk file
+        return _Window(f)
+
+
+class _MappedWindow:
+    """A local tar mapped into memory: headers and members are read straight from the page cache,
+    with no copy into a buffer (a fifth of a tar's scan time), and the kernel reads ahead of the
+    walk by itself. A view keeps the mapping alive for as long as it is held.
+
+    The price: a tar cut short in place while it is being scanned (not an atomic replace) ends the
+    process with SIGBUS instead of being recorded as truncated; raw tars are written whole and
+    renamed into place, never rewritten.
+    """
+
+    def __init__(self, fd: int, total: int):
+        self._map = mmap.mmap(fd, total, access=mmap.ACCESS_READ)
+        if hasattr(mmap, "MADV_SEQUENTIAL"):
+            self._map.madvise(mmap.MADV_SEQUENTIAL)
+        self._data = memoryview(self._map)
+
+    def view(self, start: int, end: int) -> memoryview:
+        return self._data[start:end]
+
+    def read(self, start: int, end: int) -> bytes:
+        return self._map[start:end]
 
 
 class _Window:

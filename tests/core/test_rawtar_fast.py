@@ -21,11 +21,29 @@ def as_rows(items) -> list[tuple]:
             for i in items]
 
 
-def walks(data: bytes, views: bool = False) -> tuple[list[tuple], list[tuple]]:
-    """(fast walk, tarfile walk) over the same bytes."""
-    fast = as_rows(_iter_fileobj(io.BytesIO(data), len(data), "n00000001.tar", "raw tar", views))
-    slow = as_rows(_tarfile_walk(io.BytesIO(data), len(data), "n00000001.tar", "raw tar"))
-    return fast, slow
+@pytest.fixture(params=["memory", "file"])
+def walks(request, tmp_path):
+    """(fast walk, tarfile walk) over the same bytes: from memory (the chunked reads fsspec files
+    get) or from a local file (memory-mapped)."""
+    count = iter(range(1 << 30))
+
+    def walk(data: bytes, views: bool = False) -> tuple[list[tuple], list[tuple]]:
+        if request.param == "memory":
+            def source():
+                return io.BytesIO(data)
+        else:
+            path = tmp_path / f"{next(count)}.tar"
+            path.write_bytes(data)
+
+            def source():
+                return open(path, "rb")
+        with source() as f:
+            fast = as_rows(_iter_fileobj(f, len(data), "n00000001.tar", "raw tar", views))
+        with source() as f:
+            slow = as_rows(_tarfile_walk(f, len(data), "n00000001.tar", "raw tar"))
+        return fast, slow
+
+    return walk
 
 
 def special_members() -> list:
@@ -55,14 +73,14 @@ TARS = {
 
 @pytest.mark.parametrize("name", sorted(TARS))
 @pytest.mark.parametrize("views", [False, True])
-def test_whole_tars_read_alike(name, views):
+def test_whole_tars_read_alike(walks, name, views):
     fast, slow = walks(TARS[name], views)
     assert fast == slow
     assert any(r[0] == "Member" for r in fast)
 
 
 @pytest.mark.parametrize("name", sorted(TARS))
-def test_every_cut_reads_alike(name):
+def test_every_cut_reads_alike(walks, name):
     data = TARS[name]
     cuts = sorted({*range(0, len(data), 97), *(i.offset + d for i in layout(data) for d in (0, 1, 200, 511, 512)),
                    *(i.offset_data + i.size + d for i in layout(data) for d in (-1, 0, 1))})
@@ -72,7 +90,7 @@ def test_every_cut_reads_alike(name):
 
 
 @pytest.mark.parametrize("name", sorted(TARS))
-def test_damaged_header_bytes_read_alike(name):
+def test_damaged_header_bytes_read_alike(walks, name):
     data = TARS[name]
     for info in layout(data):
         for at in (0, 10, 99, 100, 124, 130, 148, 150, 156, 257, 345, 400, 511):
@@ -85,12 +103,12 @@ def test_damaged_header_bytes_read_alike(name):
 
 @pytest.mark.parametrize("content", [b"", b"\x00" * 100, b"\x00" * 1024, b"\x00" * 1100, b"not a tar" * 100,
                                      jpeg(1), make_tar(FILES) + b"garbage" * 100, b"\x00" * 2048 + make_tar(FILES)])
-def test_odd_files_read_alike(content):
+def test_odd_files_read_alike(walks, content):
     fast, slow = walks(content)
     assert fast == slow
 
 
-def test_small_chunks_and_members_larger_than_a_chunk(monkeypatch):
+def test_small_chunks_and_members_larger_than_a_chunk(walks, monkeypatch):
     monkeypatch.setattr(rawtar, "CHUNK", 1000)
     big = [("n00000001_1.JPEG", bytes(range(256)) * 40), *FILES, ("n00000001_9.JPEG", b"y" * 3000)]
     for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT):
