@@ -86,9 +86,8 @@ THREAD_WORKERS = 2
 def scan_tars(urls: Iterable[str], workers: int) -> Iterator[tuple[str, list[ImageRecord]]]:
     """Scan tars in parallel; yields (url, records) as each tar finishes, in input order.
 
-    With more than `THREAD_WORKERS` workers, in processes whose forkserver preloads this module,
-    so workers start with Pillow, fsspec and the scan code already imported. The forkserver is
-    shared by the whole process: whichever pool starts it first decides what it preloads.
+    With more than `THREAD_WORKERS` workers, in processes whose forkserver preloads this module
+    (see procpool), so workers start with Pillow, fsspec and the scan code already imported.
     """
     urls = list(urls)
     if workers <= 1 or len(urls) <= 1:
@@ -100,5 +99,5 @@ def scan_tars(urls: Iterable[str], workers: int) -> Iterator[tuple[str, list[Ima
         with ThreadPoolExecutor(workers, thread_name_prefix="scan") as pool:
             yield from zip(urls, pool.map(scan_tar, urls))
         return
-    with process_pool(workers, preload=[__name__]) as pool:
+    with process_pool(workers) as pool:
         yield from zip(urls, pool.map(scan_tar, urls, chunksize=1))

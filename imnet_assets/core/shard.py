@@ -7,12 +7,10 @@ The tar layout lives only here: each sample is `<key>.cls`, `<key>.json`, `<key>
 
 from __future__ import annotations
 
-import ast
 import collections
 import hashlib
 import io
 import json
-import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -128,33 +126,9 @@ def _read_source(row: SliceRow, raw_root: str, reader: fs.RangeReader) -> tuple[
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
-    """The encode workers. They exit by themselves when this process is killed (see procpool).
-
-    Every forkserver worker re-runs the main script before its first task (multiprocessing's
-    "safe importing of main"). For the `dagster` and `imnet` console scripts that imports all of
-    Dagster: ~0.7-2.5 s of CPU per worker per shard run, and the same memory again in every worker.
-    So the forkserver preloads what the main script imports (and this module) once, and the
-    workers forked from it find those modules already there. ("__main__" itself is listed too, but
-    Python 3.11's forkserver never receives the main path, so that entry alone does not help.)
-    """
-    return process_pool(workers, preload=["__main__", *_main_script_imports(), __name__])
-
-
-def _main_script_imports() -> list[str]:
-    """Modules the main script imports at its top level (absolute imports only), or []."""
-    path = getattr(sys.modules.get("__main__"), "__file__", None)
-    try:
-        with open(path, "rb") as f:
-            tree = ast.parse(f.read())
-    except (TypeError, OSError, SyntaxError, ValueError):
-        return []
-    names: list[str] = []
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            names += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.append(node.module)
-    return [n for n in dict.fromkeys(names) if n != "__future__"]
+    """The encode workers: they exit by themselves when this process is killed, and start from a
+    forkserver that already holds Dagster, Pillow and this module (see procpool)."""
+    return process_pool(workers)
 
 
 def encoded_stream(rows: list[SliceRow], raw_root: str, settings: EncodeSettings, workers: int) -> Iterator:

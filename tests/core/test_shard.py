@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 import tarfile
 import types
 
@@ -449,17 +448,3 @@ def test_zero_byte_source_has_a_reason_with_two_workers(tmp_path):
     result = build(out, root, workers=2)
     assert [e["key"] for e in result.excluded] == ["n00000001_1"]
     assert result.excluded[0]["reason"]
-
-
-def test_encode_pool_preloads_what_the_main_script_imports(tmp_path, monkeypatch):
-    """The forkserver cannot preload "__main__" itself (Python never hands it the main path), so
-    the pool preloads the main script's top-level absolute imports instead."""
-    script = tmp_path / "console_script.py"
-    script.write_text("from __future__ import annotations\nimport re\nimport json, csv\n"
-                      "from dagster.cli import main\nfrom . import relative\nif True:\n    import nested\n")
-    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__file__=str(script)))
-    assert shard_mod._main_script_imports() == ["re", "json", "csv", "dagster.cli"]
-    script.write_text("this is not python (")
-    assert shard_mod._main_script_imports() == []
-    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace())  # e.g. an interactive session
-    assert shard_mod._main_script_imports() == []

@@ -1,0 +1,33 @@
+"""Process pools: workers start from a forkserver that already holds the modules pools run, and
+the main script's imports (exit-with-parent is covered by tests/integration/test_crash_safety.py)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+from imnet_assets.core import procpool
+
+
+def test_workers_find_the_pool_modules_already_imported():
+    with procpool.process_pool(1) as pool:
+        loaded = pool.submit(eval, "sorted(__import__('sys').modules)").result(timeout=120)
+        pid = pool.submit(eval, "__import__('os').getpid()").result(timeout=120)
+    assert pid != __import__("os").getpid()
+    for name in procpool.POOL_MODULES:
+        assert name in loaded
+    assert "PIL.Image" in loaded  # what those modules import came along
+
+
+def test_main_script_imports_are_read_from_its_source(tmp_path, monkeypatch):
+    """The forkserver cannot preload "__main__" itself (Python never hands it the main path), so
+    the pool preloads the main script's top-level absolute imports instead."""
+    script = tmp_path / "console_script.py"
+    script.write_text("from __future__ import annotations\nimport re\nimport json, csv\n"
+                      "from dagster.cli import main\nfrom . import relative\nif True:\n    import nested\n")
+    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__file__=str(script)))
+    assert procpool.main_script_imports() == ["re", "json", "csv", "dagster.cli"]
+    script.write_text("this is not python (")
+    assert procpool.main_script_imports() == []
+    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace())  # e.g. an interactive session
+    assert procpool.main_script_imports() == []
