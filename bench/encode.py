@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import photo_release  # noqa: E402
 from cpuload import Sample, measure  # noqa: E402
+from report import met, print_table, spread  # noqa: E402
 
 from imnet_assets.core import fs  # noqa: E402
 from imnet_assets.core.encode import EncodeSettings, bare_chain, encode_image  # noqa: E402
@@ -111,31 +112,6 @@ def run_verify(settings: Settings, decode: bool) -> None:
     problems = verify_shard(settings.out_root, SHARD, settings.shard_name(SHARD), decode_every=1 if decode else 0)
     if problems:
         raise SystemExit(f"verify_shard found problems: {problems[:3]}")
-
-
-def fmt_row(cells: list[str], widths: list[int]) -> str:
-    return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-
-
-def print_table(title: str, rows: list[list[str]]) -> None:
-    head = ["measure", "value", "goal", "met"]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
-    print(f"\n{title}")
-    print(fmt_row(head, widths))
-    print(fmt_row(["-" * w for w in widths], widths))
-    for r in rows:
-        print(fmt_row(r, widths))
-
-
-def spread(values: list[float], digits: int = 2) -> str:
-    med = statistics.median(values)
-    if len(values) < 2:
-        return f"{med:.{digits}f}"
-    return f"{med:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
-
-def met(ok: bool) -> str:
-    return "yes" if ok else "NO"
 
 
 # ------------------------------------------------------------------------------------------------

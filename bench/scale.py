@@ -37,6 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from report import met, print_table, spread  # noqa: E402
+
 REAL_ROWS = 13_151_276
 REAL_SYNSETS = 19_167
 NUM_SHARDS = 1024
@@ -324,28 +326,6 @@ def scan_part(args) -> list[list[str]]:
         ["scan_tars, warm cache, MB/s", spread(rates["scan_warm"], 0), "", ""],
         ["scan / read, warm cache", spread(warm), "", ""],
     ]
-
-
-# ------------------------------------------------------------------------------------ report
-
-
-def spread(values: list[float], digits: int = 2) -> str:
-    med = statistics.median(values)
-    if len(values) < 2:
-        return f"{med:,.{digits}f}"
-    return f"{med:,.{digits}f} ({min(values):,.{digits}f}-{max(values):,.{digits}f})"
-
-
-def met(ok: bool) -> str:
-    return "yes" if ok else "NO"
-
-
-def print_table(title: str, rows: list[list[str]]) -> None:
-    head = ["measure", "value", "goal", "met"]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
-    print(f"\n{title}")
-    for r in [head, ["-" * w for w in widths], *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 def catalog_part(args) -> list[list[str]]:
