@@ -216,9 +216,18 @@ def tags_of(run: dict) -> dict[str, str]:
     return {t["key"]: t["value"] for t in run["tags"]}
 
 
+HANDOVER_SECONDS = 0.5
+
+
 def max_overlap(spans: list[tuple[float, float]]) -> int:
-    """The most (start, end) spans in progress at one moment."""
-    return max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
+    """The most (start, end) spans in progress at one moment, HANDOVER_SECONDS after each start.
+
+    The daemon counts a run against its pool until the run's status says it ended; the events
+    that close a step land a few hundred milliseconds around that, so a queued run's step can be
+    logged as started a moment before the previous step is logged as done. Without a pool all
+    four steps (seconds each) would overlap far longer than that.
+    """
+    return max(sum(1 for s, e in spans if s <= t + HANDOVER_SECONDS < e) for t, _ in spans)
 
 
 def step_spans(dev, runs: list[dict]) -> list[tuple[float, float]]:
