@@ -59,23 +59,27 @@ def member_key(name: str) -> tuple[str | None, str | None]:
     return key, None
 
 
-def iter_tar(url: str, what: str = "raw tar", *, views: bool = False) -> Iterator[Member | Damage]:
+def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bool = False) -> Iterator[Member | Damage]:
     """Every member of the tar at `url`, in order, with its data; damage is yielded, not raised.
 
     Damage reasons read "<what> <tar name>: ..." (what: "raw tar", or "shard" when verifying).
     With `views`, each member's data is a read-only memoryview into the chunk it was read with
     instead of a copy (the index scan hashes and probes it in place; see `_Window`).
+    With `mapped`, a local tar is memory-mapped (see `_MappedWindow`: faster, but a read error
+    then kills the process with SIGBUS instead of being recorded): only for processes whose
+    death their parent handles.
     """
     total = fs.size(url)
     with fs.open_read(url) as f:
-        yield from _iter_fileobj(f, total, fs.basename(url), what, views)
+        yield from _iter_fileobj(f, total, fs.basename(url), what, views, mapped)
 
 
-def _iter_fileobj(f, total: int, label: str, what: str = "raw tar", views: bool = False) -> Iterator[Member | Damage]:
+def _iter_fileobj(f, total: int, label: str, what: str = "raw tar", views: bool = False,
+                  mapped: bool = False) -> Iterator[Member | Damage]:
     # Plain headers (the whole of a real ImageNet tar) are read by `_fast_walk` from large
     # sequential chunks; at the first header it does not fully understand (pax, links, bad
     # checksums, ...) it stops, and tarfile carries on from exactly there.
-    resume = yield from _fast_walk(f, total, label, what, views)
+    resume = yield from _fast_walk(f, total, label, what, views, mapped)
     if resume is not None:
         yield from _tarfile_walk(f, total, label, what, *resume)
 
@@ -151,7 +155,7 @@ def _plain_header(block: bytes) -> tuple[bytes, str, int] | None:
     return kind, name, _octal(block[124:136])
 
 
-def _fast_walk(f, total: int, label: str, what: str, views: bool):
+def _fast_walk(f, total: int, label: str, what: str, views: bool, mapped: bool = False):
     """Read plain headers and their members from large chunks, exactly as tarfile would.
 
     A generator that yields what `_iter_fileobj` yields and returns None when the whole tar is
@@ -159,7 +163,7 @@ def _fast_walk(f, total: int, label: str, what: str, views: bool):
     where the last member's data blocks ended). (0, 0) means from the beginning: before the first
     plain header, tarfile's own rules for the start of a file apply.
     """
-    win = _window(f, total)
+    win = _window(f, total) if mapped else _Window(f)
     pos = expected = 0  # the next header; the end of the last member's data blocks
     parsed = False  # whether a plain header was read (a resumed tarfile skips the first member)
     while total - pos >= _BLOCK:
@@ -226,9 +230,10 @@ class _MappedWindow:
     with no copy into a buffer (a fifth of a tar's scan time), and the kernel reads ahead of the
     walk by itself. A view keeps the mapping alive for as long as it is held.
 
-    The price: a tar cut short in place while it is being scanned (not an atomic replace) ends the
-    process with SIGBUS instead of being recorded as truncated; raw tars are written whole and
-    renamed into place, never rewritten.
+    The price: a read error (a bad sector, a network file system failing) or a tar cut short in
+    place while it is being scanned ends the process with SIGBUS instead of being recorded. So only
+    pool workers map tars; `index.scan_tars` rescans a dead worker's tars in its own process
+    without a map, where such damage is recorded with its reason.
     """
 
     def __init__(self, fd: int, total: int):

@@ -105,7 +105,7 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print) -> d
         by_url = {t["url"]: t for t in todo}
         batch: list[tuple] = []
         done_bytes = 0
-        for n, (url, records) in enumerate(scan_tars(by_url, settings.workers), 1):
+        for n, (url, records) in enumerate(scan_tars(by_url, settings.workers, log=log), 1):
             t = by_url[url]
             batch.extend(r.row() for r in records)
             done_bytes += t["size"]

@@ -21,10 +21,10 @@ def as_rows(items) -> list[tuple]:
             for i in items]
 
 
-@pytest.fixture(params=["memory", "file"])
+@pytest.fixture(params=["memory", "file", "mapped file"])
 def walks(request, tmp_path):
     """(fast walk, tarfile walk) over the same bytes: from memory (the chunked reads fsspec files
-    get) or from a local file (memory-mapped)."""
+    get), from a local file read in chunks, or from a memory-mapped local file (pool workers)."""
     count = iter(range(1 << 30))
 
     def walk(data: bytes, views: bool = False) -> tuple[list[tuple], list[tuple]]:
@@ -38,7 +38,8 @@ def walks(request, tmp_path):
             def source():
                 return open(path, "rb")
         with source() as f:
-            fast = as_rows(_iter_fileobj(f, len(data), "n00000001.tar", "raw tar", views))
+            fast = as_rows(_iter_fileobj(f, len(data), "n00000001.tar", "raw tar", views,
+                                         mapped=request.param == "mapped file"))
         with source() as f:
             slow = as_rows(_tarfile_walk(f, len(data), "n00000001.tar", "raw tar"))
         return fast, slow
