@@ -140,7 +140,8 @@ def test_not_a_tar_is_one_damage_record(tmp_path, content):
     assert "n00000001.tar" in items[0].reason
 
 
-def test_links_and_special_files_are_reported_and_folders_skipped(tmp_path):
+def special_infos() -> list[tarfile.TarInfo]:
+    """A symlink, a hard link, a FIFO (all named like images) and a folder."""
     sym = tarfile.TarInfo("n00000001_7.JPEG")
     sym.type, sym.linkname = tarfile.SYMTYPE, "/etc/passwd"
     hard = tarfile.TarInfo("n00000001_8.JPEG")
@@ -149,7 +150,11 @@ def test_links_and_special_files_are_reported_and_folders_skipped(tmp_path):
     fifo.type = tarfile.FIFOTYPE
     folder = tarfile.TarInfo("sub")
     folder.type = tarfile.DIRTYPE
-    data = make_tar([FILES[0], sym, hard, fifo, folder, FILES[1]])
+    return [sym, hard, fifo, folder]
+
+
+def test_links_and_special_files_are_reported_and_folders_skipped(tmp_path):
+    data = make_tar([FILES[0], *special_infos(), FILES[1]])
     items = scan(tmp_path, data)
     assert [i.name for i in items if isinstance(i, Member)] == [FILES[0][0], FILES[1][0]]
     reasons = {i.name: i.reason for i in items if isinstance(i, Damage)}

@@ -11,7 +11,7 @@ import pytest
 
 from imnet_assets.core import rawtar
 from imnet_assets.core.rawtar import Damage, Member, _iter_fileobj, _tarfile_walk
-from tests.core.test_rawtar import jpeg, layout, make_tar
+from tests.core.test_rawtar import jpeg, layout, make_tar, special_infos
 
 FILES = [(f"n00000001_{i}.JPEG", jpeg(i)) for i in range(1, 5)]
 
@@ -48,14 +48,7 @@ def walks(request, tmp_path):
 
 
 def special_members() -> list:
-    sym = tarfile.TarInfo("n00000001_7.JPEG")
-    sym.type, sym.linkname = tarfile.SYMTYPE, "/etc/passwd"
-    hard = tarfile.TarInfo("n00000001_8.JPEG")
-    hard.type, hard.linkname = tarfile.LNKTYPE, FILES[0][0]
-    fifo = tarfile.TarInfo("n00000001_9.JPEG")
-    fifo.type = tarfile.FIFOTYPE
-    folder = tarfile.TarInfo("sub")
-    folder.type = tarfile.DIRTYPE
+    sym, hard, fifo, folder = special_infos()
     return [FILES[0], sym, FILES[1], hard, fifo, folder, FILES[2]]
 
 
