@@ -13,7 +13,7 @@ from dataclasses import astuple, dataclass
 
 from . import fs
 from .probe import probe_image
-from .procpool import process_pool
+from .procpool import bounded_map, process_pool
 from .rawtar import Damage, iter_tar, member_key
 
 
@@ -97,8 +97,9 @@ def scan_tars(urls: Iterable[str], workers: int, log: Callable[[str], None] = la
     done = 0
     if workers > 1 and len(urls) > 1:
         try:
-            with process_pool(min(workers, len(urls))) as pool:
-                for url, records in zip(urls, pool.map(worker_scan, urls, chunksize=1)):
+            n = min(workers, len(urls))
+            with process_pool(n) as pool:
+                for url, records in zip(urls, bounded_map(pool, worker_scan, urls, 2 * n)):
                     yield url, records
                     done += 1
         except BrokenProcessPool as e:

@@ -13,8 +13,8 @@ import io
 import json
 import tarfile
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from PIL import Image
@@ -22,7 +22,7 @@ from PIL import Image
 from . import fs
 from .encode import EncodeSettings, ImageRejected, encode_image
 from .plan import SliceRow, read_slice
-from .procpool import process_pool
+from .procpool import bounded_map, process_pool
 
 # Bump when the bytes a shard holds for the same input would change (encoding rules, tar layout,
 # JSON fields). Part of every shard's fingerprint, so a bump makes every shard stale.
@@ -101,17 +101,6 @@ def _encode_one(data: bytes | None, settings: EncodeSettings):
         return "excluded", f"encoder error: {type(e).__name__}: {e}"
 
 
-def _bounded_map(pool: Executor, fn: Callable, items: Iterable, window: int, *args) -> Iterator:
-    """Ordered map with at most `window` tasks in flight, so memory stays bounded."""
-    pending: collections.deque = collections.deque()
-    for item in items:
-        pending.append(pool.submit(fn, item, *args))
-        if len(pending) >= window:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
 def _read_source(row: SliceRow, raw_root: str, reader: fs.RangeReader) -> tuple[SliceRow, bytes | None, str]:
     url = fs.join(raw_root, row.tar)
     try:
@@ -138,7 +127,7 @@ def encoded_stream(rows: list[SliceRow], raw_root: str, settings: EncodeSettings
     process when workers == 1). At most a few dozen sources are in memory at once.
     """
     with fs.RangeReader() as reader, ThreadPoolExecutor(READ_THREADS) as readers:
-        sources = _bounded_map(readers, _read_source, rows, READ_THREADS * 4, raw_root, reader)
+        sources = bounded_map(readers, _read_source, rows, READ_THREADS * 4, raw_root, reader)
         if workers <= 1:
             for row, data, problem in sources:
                 if data is None:
