@@ -163,7 +163,7 @@ def _fast_walk(f, total: int, label: str, what: str, views: bool, mapped: bool =
     where the last member's data blocks ended). (0, 0) means from the beginning: before the first
     plain header, tarfile's own rules for the start of a file apply.
     """
-    win = _window(f, total) if mapped else _Window(f)
+    win = _window(f, total, mapped)
     pos = expected = 0  # the next header; the end of the last member's data blocks
     parsed = False  # whether a plain header was read (a resumed tarfile skips the first member)
     while total - pos >= _BLOCK:
@@ -217,12 +217,15 @@ def _long_name(win: _Window, total: int, pos: int, size: int) -> tuple[tuple[byt
     return (kind, name, size), after
 
 
-def _window(f, total: int) -> _Window | _MappedWindow:
-    """A memory map of a local file, chunked reads for anything else (fsspec files)."""
-    try:
-        return _MappedWindow(f.fileno(), total)
-    except (AttributeError, OSError, ValueError):  # no descriptor (fsspec), empty or shrunk file
-        return _Window(f)
+def _window(f, total: int, mapped: bool) -> _Window | _MappedWindow:
+    """A memory map of a local file when `mapped`, chunked reads otherwise and for anything that
+    cannot be mapped (fsspec files)."""
+    if mapped:
+        try:
+            return _MappedWindow(f.fileno(), total)
+        except (AttributeError, OSError, ValueError):  # no descriptor (fsspec), empty or shrunk file
+            pass
+    return _Window(f)
 
 
 class _MappedWindow:

@@ -14,7 +14,7 @@ import json
 import tarfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from PIL import Image
@@ -114,12 +114,6 @@ def _read_source(row: SliceRow, raw_root: str, reader: fs.RangeReader) -> tuple[
     return row, data, ""
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
-    """The encode workers: they exit by themselves when this process is killed, and start from a
-    forkserver that already holds Dagster, Pillow and this module (see procpool)."""
-    return process_pool(workers)
-
-
 def encoded_stream(rows: list[SliceRow], raw_root: str, settings: EncodeSettings, workers: int) -> Iterator:
     """(row, "ok", Encoded) or (row, "excluded", reason) per row, in plan order.
 
@@ -135,7 +129,8 @@ def encoded_stream(rows: list[SliceRow], raw_root: str, settings: EncodeSettings
                 else:
                     yield (row, *_encode_one(data, settings))
             return
-        with _pool(workers) as pool:
+        # Workers exit with this process and start from a forkserver holding Dagster and Pillow.
+        with process_pool(workers) as pool:
             # Results are taken in plan order: a deep window keeps every worker busy while the
             # oldest task is a large image (a 3000 px source costs ~10 ordinary ones).
             window: collections.deque = collections.deque()
