@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import astuple, dataclass
+from typing import NamedTuple
 
 from . import fs
 from .probe import probe_image
@@ -17,8 +17,10 @@ from .procpool import bounded_map, process_pool
 from .rawtar import Damage, iter_tar, member_key
 
 
-@dataclass(frozen=True)
-class ImageRecord:
+class ImageRecord(NamedTuple):
+    """One catalog `images` row, in its column order (a tuple: workers send 13M of them to the
+    catalog writer, and a tuple pickles and loads several times faster than a dataclass)."""
+
     key: str
     wnid: str
     tar: str
@@ -34,11 +36,8 @@ class ImageRecord:
     reason: str | None
     needs_repair: bool
 
-    def row(self) -> tuple:
-        return astuple(self)
 
-
-FIELDS = list(ImageRecord.__dataclass_fields__)
+FIELDS = list(ImageRecord._fields)
 
 
 def scan_tar(url: str, mapped: bool = False) -> list[ImageRecord]:

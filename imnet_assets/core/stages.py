@@ -107,7 +107,7 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print) -> d
         done_bytes = 0
         for n, (url, records) in enumerate(scan_tars(by_url, settings.workers, log=log), 1):
             t = by_url[url]
-            batch.extend(r.row() for r in records)
+            batch.extend(records)
             done_bytes += t["size"]
             cat.run("index_record_scan", {"tar": t["name"], "size": t["size"], "mtime": t["mtime"],
                                           "num_records": len(records), "index_version": INDEX_VERSION})
