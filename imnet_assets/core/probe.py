@@ -105,7 +105,12 @@ class _Header(NamedTuple):
 
 def _probe_jpeg(data: bytes | memoryview) -> Probe | None:
     """The probe of a JPEG whose header ``_jpeg_header`` reads with certainty, else None."""
-    header = _jpeg_header(data)
+    # The walk indexes bytes faster than a memoryview, and a usual header ends within its first
+    # kilobytes; a walk that needs more of the file than that returns None and is done again on
+    # all of it. (A header found in the head is the header of the file: nothing past it was read.)
+    header = _jpeg_header(bytes(data[:_HEAD]))
+    if header is None and len(data) > _HEAD:
+        header = _jpeg_header(data)
     if header is None:
         return None
     width, height = header.size
@@ -126,6 +131,9 @@ _SKIPPED = frozenset({0xC4, 0xCC, 0xDC, 0xDD, 0xDF, 0xDA})
 _SOF = frozenset({0xC0, 0xC1, 0xC2})  # baseline, extended sequential, progressive
 _MODES = {1: "L", 3: "RGB", 4: "CMYK"}
 _DQT, _SOS, _COM, _APP0, _APP1, _APP2, _APP13, _APP14 = 0xDB, 0xDA, 0xFE, 0xE0, 0xE1, 0xE2, 0xED, 0xEE
+
+
+_HEAD = 4096
 
 
 def _jpeg_header(data: bytes | memoryview) -> _Header | None:

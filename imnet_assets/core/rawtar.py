@@ -11,6 +11,7 @@ import os
 import posixpath
 import re
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -95,6 +96,12 @@ def _blocks(size: int) -> int:
     return (size + _BLOCK - 1) // _BLOCK * _BLOCK
 
 
+def _byte_sum(block: bytes) -> int:
+    """``sum(block)`` of one 512-byte header, five times faster: Adler-32's low half is one plus
+    the byte sum modulo 65521, and a 256-byte half sums to at most 65280, so it is exact."""
+    return (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2
+
+
 def _nts(field: bytes) -> str:
     """A NUL-terminated header string, decoded the way tarfile decodes member names."""
     return field.split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
@@ -143,7 +150,7 @@ def _plain_header(block: bytes) -> tuple[bytes, str, int] | None:
     if kind not in _PLAIN_TYPES:
         return None
     checksum = _octal(block[148:156])
-    if checksum is None or checksum != 256 + sum(block) - sum(block[148:156]) or not _plain_numbers(block):
+    if checksum is None or checksum != 256 + _byte_sum(block) - sum(block[148:156]) or not _plain_numbers(block):
         return None
     name = _nts(block[0:100])
     if kind == tarfile.AREGTYPE and name.endswith("/"):

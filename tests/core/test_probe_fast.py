@@ -204,3 +204,14 @@ def test_every_header_byte_mutated():
                 bad = bytearray(data)
                 bad[at] = value
                 same(bytes(bad))
+
+
+def test_headers_longer_than_the_head_the_walk_reads_first():
+    plain = jpeg()
+    head = probe_mod._HEAD
+    # A comment before the frame puts the frame, or a segment's edge, past the head: the walk is
+    # then done again on the whole file, and still answers (the same as Pillow).
+    for size in (head, head - 5, head - 2, head + 300, 10 * head):
+        data = with_segment(plain, 0xFE, b"c" * size)
+        assert same(data), size
+        assert probe_image(data).width == 120

@@ -156,3 +156,14 @@ def test_tarfile_resumes_at_the_first_header_it_must_read():
     pax = layout(TARS["pax"])  # pax headers only where needed: before the long name
     assert fast_only(TARS["pax"]) == (pax[2].offset, pax[2].offset)
     assert fast_only(b"") == (0, 0)
+
+
+def test_header_byte_sum_is_exact():
+    import random
+
+    rng = random.Random(5)
+    blocks = [bytes(512), b"\xff" * 512, b"\xff" * 256 + bytes(256), bytes(256) + b"\xff" * 256]
+    blocks += [bytes(rng.randrange(256) for _ in range(512)) for _ in range(200)]
+    blocks += [bytes(rng.choice((0, 255)) for _ in range(512)) for _ in range(200)]
+    for block in blocks:
+        assert rawtar._byte_sum(block) == sum(block)
