@@ -279,6 +279,15 @@ def test_verify_shard_reports_a_tampered_tar(built):
     assert any(webp.name[: -len(".webp")] in p for p in problems)
 
 
+def test_verify_shard_reports_a_cut_tar_instead_of_raising(built):
+    data = built.tar.read_bytes()
+    built.tar.write_bytes(data[: len(data) // 2 + 100])
+    problems = verify_shard(str(built.out), KEY, NAME)
+    assert any("tar unreadable after" in p for p in problems), problems
+    assert any("tar sha256 differs" in p for p in problems)
+    assert any("plan wants" in p for p in problems)
+
+
 def test_verify_shard_reports_a_missing_sample_even_with_a_consistent_manifest(built):
     """A tar lacking a planned sample, its manifest rewritten to match the tar's bytes."""
     with tarfile.open(built.tar) as tf:
