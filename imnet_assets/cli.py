@@ -262,26 +262,29 @@ def _verify_shard(url: str, shard: dict, want: list[dict], decode: bool) -> list
     from .core import fs
     from .core.rawtar import Damage, iter_tar
 
-    problems: list[str] = []
-    size = fs.size(url)
-    if size != shard["bytes"]:
-        problems.append(f"{size} bytes, catalog says {shard['bytes']}")
-    digest = fs.sha256_file(url)
-    if digest != shard["sha256"]:
-        problems.append(f"tar sha256 {digest[:16]} != catalog {shard['sha256'][:16]}")
-    tar_differs = bool(problems)
-
-    # Group consecutive members into samples the way webdataset does (key = name up to the first dot).
+    # Group consecutive members into samples the way webdataset does (key = name up to the first
+    # dot); the tar's sha256 comes from the same read.
     samples: list[tuple[str, list[tuple[str, bytes]]]] = []
-    for item in iter_tar(url, what="shard"):
+    damage: list[str] = []
+    digests: list[str] = []
+    for item in iter_tar(url, what="shard", digest=digests):
         if isinstance(item, Damage):
             after = f" (after sample {samples[-1][0]})" if samples else " (before the first sample)"
-            problems.append(f"tar structure damaged at byte {item.offset}{after}: {item.reason}")
+            damage.append(f"tar structure damaged at byte {item.offset}{after}: {item.reason}")
             continue
         key, _, ext = item.name.partition(".")
         if not samples or samples[-1][0] != key:
             samples.append((key, []))
         samples[-1][1].append((ext, item.data))
+
+    problems: list[str] = []
+    size = fs.size(url)
+    if size != shard["bytes"]:
+        problems.append(f"{size} bytes, catalog says {shard['bytes']}")
+    if digests[0] != shard["sha256"]:
+        problems.append(f"tar sha256 {digests[0][:16]} != catalog {shard['sha256'][:16]}")
+    tar_differs = bool(problems)
+    problems += damage
 
     by_key = {w["key"]: w for w in want}
     for key, parts in samples:

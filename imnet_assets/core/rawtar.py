@@ -60,7 +60,8 @@ def member_key(name: str) -> tuple[str | None, str | None]:
     return key, None
 
 
-def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bool = False) -> Iterator[Member | Damage]:
+def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bool = False,
+             digest: list[str] | None = None) -> Iterator[Member | Damage]:
     """Every member of the tar at `url`, in order, with its data; damage is yielded, not raised.
 
     Damage reasons read "<what> <tar name>: ..." (what: "raw tar", or "shard" when verifying).
@@ -69,10 +70,17 @@ def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bo
     With `mapped`, a local tar is memory-mapped (see `_MappedWindow`: faster, but a read error
     then kills the process with SIGBUS instead of being recorded): only for processes whose
     death their parent handles.
+    `digest`: a list to which the whole file's sha256 is appended once the walk is done, taken
+    from the same read (not with `mapped`).
     """
     total = fs.size(url)
     with fs.open_read(url) as f:
-        yield from _iter_fileobj(f, total, fs.basename(url), what, views, mapped)
+        if digest is None:
+            yield from _iter_fileobj(f, total, fs.basename(url), what, views, mapped)
+            return
+        hashing = fs.HashingReader(f)
+        yield from _iter_fileobj(hashing, total, fs.basename(url), what, views)
+        digest.append(hashing.hexdigest())
 
 
 def _iter_fileobj(f, total: int, label: str, what: str = "raw tar", views: bool = False,

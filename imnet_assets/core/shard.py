@@ -284,32 +284,11 @@ def shard_state(out_root: str, shard_key: str, shard_name: str, expected_fingerp
     return "fresh"
 
 
-class _HashingReader:
-    """A file read forward, hashing every byte that passes (one read of a shard for both its
-    sha256 and its samples: on S3 that is half the download)."""
-
-    def __init__(self, f):
-        self._f = f
-        self.digest = hashlib.sha256()
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        self.digest.update(data)
-        return data
-
-    def hexdigest_to_end(self) -> str:
-        """The sha256 of the whole file: what the reads did not reach (the tar's end padding after
-        its end-of-archive blocks) is read here."""
-        while self.read(8 << 20):
-            pass
-        return self.digest.hexdigest()
-
-
 def iter_samples(url: str, digest: list[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) per sample of a shard, grouped the way webdataset groups them.
     `digest`: a list to which the whole file's sha256 is appended once every sample was read."""
     with fs.open_read(url) as raw:
-        f = _HashingReader(raw)
+        f = fs.HashingReader(raw)
         with tarfile.open(fileobj=f, mode="r|") as tar:
             key, parts = None, {}
             for info in tar:
@@ -323,7 +302,7 @@ def iter_samples(url: str, digest: list[str] | None = None) -> Iterator[tuple[st
             if key is not None:
                 yield key, parts
         if digest is not None:
-            digest.append(f.hexdigest_to_end())
+            digest.append(f.hexdigest())
 
 
 def verify_shard(out_root: str, shard_key: str, shard_name: str, decode_every: int = 1) -> list[str]:

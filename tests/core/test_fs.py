@@ -194,3 +194,82 @@ def test_sweep_partials_removes_only_temporaries_of_dead_writers(tmp_path):
     removed = fs.sweep_partials(str(tmp_path))
     assert [os.path.basename(r) for r in removed] == [f"._info.json.tmp-{proc.pid}-abcdef12"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".0001.csv.tmp-{os.getpid()}-abcdef12", "_info.json"]
+
+
+def test_hashing_reader_gives_the_file_sha256_however_it_is_read(tmp_path):
+    import hashlib
+
+    data = os.urandom(3 << 20) + b"tail"
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    want = hashlib.sha256(data).hexdigest()
+
+    def reads(steps) -> str:
+        with open(path, "rb") as raw:
+            f = fs.HashingReader(raw)
+            for op, arg in steps:
+                if op == "read":
+                    f.read(arg)
+                elif op == "readinto":
+                    f.readinto(memoryview(bytearray(arg)))
+                else:
+                    f.seek(arg)
+                    assert f.tell() == arg
+            return f.hexdigest()
+
+    assert reads([]) == want  # nothing read: all of it read at the end
+    assert reads([("read", -1)]) == want
+    assert reads([("readinto", 1 << 20)] * 4) == want  # past the end
+    assert reads([("read", 1000), ("seek", 10), ("read", 5000), ("read", 100)]) == want  # back a little
+    assert reads([("read", 1000), ("seek", 2 << 20), ("read", 1000)]) == want  # a gap: read at the end
+
+
+def test_a_tar_walk_with_its_digest_reads_the_file_once(tmp_path, monkeypatch):
+    import hashlib
+    import io
+    import tarfile
+
+    from imnet_assets.core import rawtar
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for i in range(20):
+            payload = os.urandom(50_000 + i)
+            info = tarfile.TarInfo(f"s{i:03d}.webp")
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    data = buf.getvalue()
+    path = tmp_path / "shard.tar"
+    path.write_bytes(data)
+    read = []
+    real_open = fs.open_read
+
+    class Counting:
+        def __init__(self, f):
+            self._f = f
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+        def read(self, n=-1):
+            out = self._f.read(n)
+            read.append(len(out))
+            return out
+
+        def readinto(self, b):
+            k = self._f.readinto(b)
+            read.append(k)
+            return k
+
+    monkeypatch.setattr(fs, "open_read", lambda url, *a, **k: Counting(real_open(url, *a, **k)))
+    digest: list[str] = []
+    members = [m for m in rawtar.iter_tar(str(path), what="shard", digest=digest)]
+    assert len(members) == 20
+    assert digest == [hashlib.sha256(data).hexdigest()]
+    assert sum(read) <= len(data) + 10240  # the end-of-archive padding is looked at twice at most
