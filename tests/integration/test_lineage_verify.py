@@ -228,6 +228,8 @@ def test_verify_names_the_damaged_shard_and_sample(damaged, tmp_path, damage):
     assert result.returncode != 0, out
     assert "FAIL shard 0001 (imagenet12k-train-0001.tar)" in out, out
     assert "3 of 4 shards ok, 1 FAILED" in out, out
+    if damage != "missing shard":  # the whole file's sha256, taken during the same walk
+        assert re.search(r"tar sha256 [0-9a-f]{16} != catalog [0-9a-f]{16}", out), out
     if damage in ("webp payload", "json payload"):
         assert f"sample {key}: {damage.split()[0]}" in out.replace(".json", "json"), out
     if damage == "tar header":
