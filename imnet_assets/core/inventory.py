@@ -52,11 +52,13 @@ def list_raw(raw_root: str, unpack: bool = False, log: Callable[[str], None] = p
 
 
 def count_members(url: str) -> int:
-    """Regular-file members of a tar, walking headers only (data is skipped by seeking)."""
+    """Regular-file members of a tar, walking headers only (data is skipped by seeking). Past a
+    damaged header the walk goes on block by block to the next valid one (`ignore_zeros`, as the
+    index's walk does), so members after the damage are counted too."""
     n = 0
     with fs.open_read(url, block_size=1 << 20) as f:
         try:
-            with tarfile.open(fileobj=f, mode="r:") as tf:
+            with tarfile.open(fileobj=f, mode="r:", ignore_zeros=True) as tf:
                 while True:
                     try:
                         info = tf.next()

@@ -122,6 +122,20 @@ def test_count_members_of_broken_files_does_not_raise(tmp_path):
     assert count_members(str(path)) == 0
 
 
+def test_count_members_goes_on_past_a_damaged_header_like_the_index(tmp_path):
+    from imnet_assets.core.rawtar import Damage, Member, iter_tar
+
+    data = bytearray(tar_bytes([(f"n1_{i}.JPEG", jpeg(i)) for i in range(6)]))
+    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tf:
+        infos = tf.getmembers()
+    data[infos[2].offset + 5] ^= 0x41  # the third header's checksum no longer matches
+    path = tmp_path / "n1.tar"
+    path.write_bytes(bytes(data))
+    walked = list(iter_tar(str(path)))
+    assert any(isinstance(i, Damage) for i in walked)
+    assert count_members(str(path)) == 5 == sum(isinstance(i, Member) for i in walked)
+
+
 def test_inventory_rows_and_reuse_of_known_counts(tmp_path):
     (tmp_path / "n00000001.tar").write_bytes(synset_tar("n00000001", 3))
     (tmp_path / "n00000002.tar").write_bytes(synset_tar("n00000002", 5))
