@@ -341,7 +341,13 @@ def verify_shard(out_root: str, shard_key: str, shard_name: str, decode_every: i
                 continue
             if hashlib.sha256(parts["webp"]).hexdigest() != rec["webp_sha256"]:
                 problems.append(f"shard {shard_key} sample {key}: webp bytes differ from the manifest")
-            meta = json.loads(parts["json"])
+            try:
+                meta = json.loads(parts["json"])
+                if not isinstance(meta, dict):
+                    raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+            except ValueError as e:  # includes UnicodeDecodeError
+                problems.append(f"shard {shard_key} sample {key}: .json does not parse ({e})")
+                meta = {}
             if (meta.get("width"), meta.get("height")) != (rec["width"], rec["height"]):
                 problems.append(f"shard {shard_key} sample {key}: json size differs from the manifest")
             if parts["cls"].decode("ascii", "replace") != str(meta.get("label")):

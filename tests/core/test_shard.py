@@ -279,6 +279,18 @@ def test_verify_shard_reports_a_tampered_tar(built):
     assert any(webp.name[: -len(".webp")] in p for p in problems)
 
 
+def test_verify_shard_reports_a_garbled_json_instead_of_raising(built):
+    data = bytearray(built.tar.read_bytes())
+    with tarfile.open(built.tar) as tf:
+        js = next(m for m in tf.getmembers() if m.name.endswith(".json"))
+    data[js.offset_data] = ord("]")  # no longer a JSON document
+    built.tar.write_bytes(bytes(data))
+    problems = verify_shard(str(built.out), KEY, NAME)
+    key = js.name[: -len(".json")]
+    assert any(f"sample {key}: .json does not parse" in p for p in problems), problems
+    assert any("tar sha256 differs" in p for p in problems)
+
+
 def test_verify_shard_reports_a_cut_tar_instead_of_raising(built):
     data = built.tar.read_bytes()
     built.tar.write_bytes(data[: len(data) // 2 + 100])
