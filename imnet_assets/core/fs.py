@@ -151,15 +151,6 @@ class HashingReader:
         return self._digest.hexdigest()
 
 
-def sha256_file(url: str) -> str:
-    """Hex sha256 of a whole file, read in large blocks."""
-    digest = hashlib.sha256()
-    with open_read(url) as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_text(url: str) -> str:
     return read_bytes(url).decode("utf-8")
 

@@ -288,7 +288,7 @@ def iter_samples(url: str, digest: list[str] | None = None) -> Iterator[tuple[st
     """(key, {ext: bytes}) per sample of a shard, grouped the way webdataset groups them.
     `digest`: a list to which the whole file's sha256 is appended once every sample was read."""
     with fs.open_read(url) as raw:
-        f = fs.HashingReader(raw)
+        f = fs.HashingReader(raw) if digest is not None else raw
         with tarfile.open(fileobj=f, mode="r|") as tar:
             key, parts = None, {}
             for info in tar:
