@@ -25,13 +25,15 @@ shard_audit_checks = [
         asset="shard_audit",
         blocking=True,
         description="Every planned image is in its shard or recorded as excluded: none lost, duplicated, "
-        "misplaced or unplanned; every shard present and fresh.",
+        "misplaced or unplanned; every shard present and fresh; no file beside them named like a shard "
+        "that is not one (left by a build with more shards).",
     ),
     AssetCheckSpec(
         AUDIT_INFO,
         asset="shard_audit",
         blocking=True,
-        description="`_info.json` lists exactly the shards with the sample counts they hold.",
+        description="`_info.json` is exactly the document the shards' manifests give: every shard once, "
+        "in order, in its split, with the sample count it holds, and each split's total.",
     ),
 ]
 

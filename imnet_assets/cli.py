@@ -342,31 +342,31 @@ def _verify_shard(url: str, shard: dict, want: list[dict], decode: bool) -> list
 
 
 def _verify_info(s: Settings, shards: list[dict]) -> list[str]:
-    """`_info.json` lists exactly the catalog's shards with their sample counts."""
+    """`_info.json` is exactly the document the catalog's shards give: the same shards, in order,
+    in the same splits, with their sample counts and totals."""
     import json
 
     from .core import fs
+    from .core.audit import info_differences, info_document
 
     url = fs.join(s.out_root, "_info.json")
     if not fs.exists(url):
         return [f"{url} is missing"]
     try:
-        splits = json.loads(fs.read_bytes(url))["splits"]
-        listed = {
-            name: n for sp in splits.values() for name, n in zip(sp["filenames"], sp["shard_lengths"], strict=True)
-        }
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        return [f"{url} is not a valid info file ({type(e).__name__}: {e})"]
-    recorded = {sh["path"]: sh["num_samples"] for sh in shards}
-    if listed != recorded:
-        diff = sorted(set(listed.items()) ^ set(recorded.items()))[:6]
-        return [f"{url} disagrees with the catalog's shards (differing entries {diff})"]
-    return []
+        doc = json.loads(fs.read_bytes(url))
+    except ValueError as e:
+        return [f"{url} is not JSON ({e})"]
+    lengths = {sh["shard"]: sh["num_samples"] for sh in shards}
+    if sorted(lengths) != s.partition_keys:
+        return [f"the catalog records {len(lengths)} shards, the settings say {s.num_shards} "
+                f"(IMNET_NUM_SHARDS): run `imnet build`"]
+    return info_differences(doc, info_document(s, lengths))
 
 
 def cmd_verify(args) -> int:
     from .catalog import Catalog
     from .core import fs
+    from .core.audit import stray_problem, stray_shards
 
     s = Settings.from_env()
     with Catalog(s.catalog, read_only=True) as cat:
@@ -397,9 +397,13 @@ def cmd_verify(args) -> int:
     info_problems = _verify_info(s, shards)
     for p in info_problems:
         print(f"FAIL _info.json: {p}")
+    stray = stray_shards(s)
+    if stray:
+        print(f"FAIL {stray_problem(stray)}")
     print(f"verify: {len(shards) - bad} of {len(shards)} shards ok" + (f", {bad} FAILED" if bad else "")
-          + (", _info.json FAILED" if info_problems else ""))
-    return 1 if bad or info_problems else 0
+          + (", _info.json FAILED" if info_problems else "")
+          + (f", {len(stray)} stray shard files" if stray else ""))
+    return 1 if bad or info_problems or stray else 0
 
 
 def main(argv: list[str] | None = None) -> int:

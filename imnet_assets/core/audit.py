@@ -11,6 +11,7 @@ import base64
 import hashlib
 import io
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -51,6 +52,7 @@ class AuditReport:
     missing: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
     bad_files: list[str] = field(default_factory=list)
+    stray: list[str] = field(default_factory=list)
     info_written: bool = False
 
     @property
@@ -66,6 +68,8 @@ class AuditReport:
         if self.stale:
             out.append(f"{len(self.stale)} shards stale (written from another plan or settings): {self.stale[:10]}")
         out.extend(self.bad_files)
+        if self.stray:
+            out.append(stray_problem(self.stray))
         return out
 
 
@@ -143,7 +147,7 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
             reasons=cat.dicts("audit_reasons"),
             class_sizes=cat.rows("audit_class_sizes", {"width": _bucket_width(cat, "class")}),
             image_sizes=cat.rows("audit_image_sizes", {"width": 64}),
-            missing=missing, stale=stale, bad_files=bad,
+            missing=missing, stale=stale, bad_files=bad, stray=stray_shards(settings),
         )
         if audit_fp:
             cat.set_stage("shard_audit", audit_fp, run_id)
@@ -197,28 +201,82 @@ def _bucket_width(cat: Catalog, _what: str) -> int:
 
 
 def check_info(settings: Settings) -> list[str]:
-    """`_info.json` agrees with the shards on storage (names, lengths, totals)."""
+    """`_info.json` is exactly the document the shards' manifests give (names, order, splits,
+    lengths, totals)."""
     try:
         doc = json.loads(fs.read_bytes(info_url(settings)))
     except (FileNotFoundError, OSError, ValueError) as e:
         return [f"_info.json unreadable: {e}"]
+    lengths = {}
+    for key in settings.partition_keys:
+        manifest = read_manifest(settings.out_root, key)
+        if manifest is None:
+            return [f"shard {key} has no manifest: _info.json cannot be checked against it"]
+        lengths[key] = manifest["num_samples"]
+    return info_differences(doc, info_document(settings, lengths))
+
+
+def info_differences(doc, expected: dict) -> list[str]:
+    """How an `_info.json` document differs from the expected one (empty when they are equal)."""
+    if doc == expected:
+        return []
+    if not isinstance(doc, dict) or not isinstance(doc.get("splits"), dict):
+        return ["_info.json has no 'splits' object"]
     problems = []
-    listed = []
-    for name, split in doc.get("splits", {}).items():
-        if len(split["filenames"]) != len(split["shard_lengths"]):
-            problems.append(f"_info.json split {name}: filenames and shard_lengths differ in length")
-        if sum(split["shard_lengths"]) != split["num_samples"]:
-            problems.append(f"_info.json split {name}: num_samples is not the sum of shard_lengths")
-        listed += list(zip(split["filenames"], split["shard_lengths"]))
-    by_name = {settings.shard_name(k): k for k in settings.partition_keys}
-    if sorted(n for n, _ in listed) != sorted(by_name):
-        problems.append("_info.json does not list exactly the shards of the plan")
-    for fname, n in listed:
-        key = by_name.get(fname)
-        manifest = read_manifest(settings.out_root, key) if key else None
-        if manifest is None or manifest["num_samples"] != n:
-            problems.append(f"_info.json says {fname} holds {n} samples; its manifest disagrees")
-    return problems
+    if doc.get("name") != expected["name"]:
+        problems.append(f"_info.json name {doc.get('name')!r}, expected {expected['name']!r}")
+    got, want = doc["splits"], expected["splits"]
+    problems += [f"_info.json split {n!r} is not one of this release's splits {sorted(want)}"
+                 for n in sorted(set(got) - set(want))]
+    problems += [f"_info.json split {n!r} is missing" for n in sorted(set(want) - set(got))]
+    for name in [n for n in want if n in got]:
+        g, w = got[name], want[name]
+        if not isinstance(g, dict):
+            problems.append(f"_info.json split {name!r} is not an object")
+            continue
+        for key in ("name", "filenames", "shard_lengths", "num_samples"):
+            if g.get(key) != w[key]:
+                problems.append(f"_info.json split {name!r}: {key} {_list_difference(g.get(key), w[key])}")
+    if set(doc) - {"name", "splits"}:
+        problems.append(f"_info.json has fields the audit does not write: {sorted(set(doc) - {'name', 'splits'})}")
+    return problems or ["_info.json differs from the document the audit writes"]
+
+
+def _list_difference(got, want) -> str:
+    if not isinstance(got, list) or not isinstance(want, list):
+        return f"is {json.dumps(got)[:80]}, expected {json.dumps(want)[:80]}"
+    if len(got) == len(want) and sorted(map(str, got)) == sorted(map(str, want)):
+        at = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+        return f"same entries in another order (first at position {at}: {got[at]!r}, expected {want[at]!r})"
+    if len(got) != len(want):
+        detail = f"{len(got)} entries, expected {len(want)}"
+    else:
+        at = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+        detail = f"entry {at} is {got[at]!r}, expected {want[at]!r}"
+    extra = [x for x in got if x not in want][:3]
+    lacking = [x for x in want if x not in got][:3]
+    if extra and all(isinstance(x, str) for x in extra):
+        detail += f"; not expected: {extra}"
+    if lacking and all(isinstance(x, str) for x in lacking):
+        detail += f"; missing: {lacking}"
+    return detail
+
+
+def stray_shards(settings: Settings) -> list[str]:
+    """Files beside the shards that are named like shards but are no shard of this release: left
+    by a build with more shards (IMNET_NUM_SHARDS was lowered). They hold images this release
+    also holds, so a reader that globs the folder would read those twice."""
+    named = re.compile(r"(\d{4})".join(map(re.escape, settings.shard_name("\0").split("\0"))))
+    ours = {settings.shard_name(k) for k in settings.partition_keys}
+    return [e["name"] for e in fs.listdir(settings.out_root)
+            if (m := named.fullmatch(e["name"])) and e["name"] not in ours
+            and settings.shard_name(m.group(1)) == e["name"]]
+
+
+def stray_problem(stray: list[str]) -> str:
+    return (f"{len(stray)} files named like shards are not shards of this release "
+            f"(left by a build with more shards?): {stray[:10]}{' ...' if len(stray) > 10 else ''}; they "
+            "repeat images this release holds: delete them")
 
 
 def bar_chart_png(rows: list[tuple], title: str, xlabel: str) -> bytes:

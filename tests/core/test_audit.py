@@ -19,8 +19,10 @@ from imnet_assets.core.audit import (
     check_info,
     encode_settings,
     expected_shard_fingerprints,
+    info_differences,
     info_url,
     run_audit,
+    stray_shards,
 )
 from imnet_assets.core.plan import read_index, shard_sizes
 from imnet_assets.core.sample_raw import write_sample_raw
@@ -233,3 +235,63 @@ def test_remote_out_root_loads_every_manifest_in_one_statement(copy):
         assert query(s, "SELECT count(*) FROM shards")[0][0] == NUM_SHARDS
     finally:
         mem.rm("/audit-remote", recursive=True)
+
+
+def test_stray_shard_files_fail_the_audit(copy):
+    """A build with more shards leaves its higher-numbered shards behind when IMNET_NUM_SHARDS is
+    lowered: they repeat this release's images, so the audit names them and publishes nothing."""
+    s = copy.settings
+    out = copy.folder / "out"
+    first = out / s.shard_name(s.partition_keys[0])
+    for name in (s.shard_name("0003"), s.shard_name("0010"), "imagenet12k-train-0003.tar.tmp",
+                 "imagenet12k-train-03.tar", "other-0004.tar"):
+        shutil.copy(first, out / name)
+    report = run_audit(s, "run", log=QUIET)
+    assert report.stray == [s.shard_name("0003"), s.shard_name("0010")]
+    assert report.reconcile["lost"] == report.reconcile["duplicated"] == 0
+    assert any("not shards of this release" in p and s.shard_name("0010") in p for p in report.problems)
+    assert not report.info_written and not os.path.exists(info_url(s))
+    for name in (s.shard_name("0003"), s.shard_name("0010")):
+        os.unlink(out / name)
+    assert run_audit(s, "run", log=QUIET).problems == []
+
+
+def test_stray_shards_follow_the_shard_pattern(copy):
+    s = settings_for(copy.raw, copy.folder, IMNET_SHARD_PATTERN="w21-{{v2}}-{shard}.tar")
+    out = copy.folder / "out"
+    for name in ("w21-{v2}-0007.tar", "w21-{v2}-0001.tar", "imagenet12k-train-0007.tar", "w21-v2-0007.tar"):
+        (out / name).write_bytes(b"x")
+    assert stray_shards(s) == ["w21-{v2}-0007.tar"]  # 0001 is one of its 3 shards
+
+
+def test_check_info_wants_exactly_the_document_the_audit_writes(copy):
+    s = copy.settings
+    assert run_audit(s, "run", log=QUIET).info_written
+    path = info_url(s)
+    good = json.loads(open(path).read())
+    assert check_info(s) == [] and info_differences(good, good) == []
+
+    def variant(change) -> list[str]:
+        doc = json.loads(json.dumps(good))
+        change(doc)
+        with open(path, "w") as f:
+            json.dump(doc, f)
+        problems = check_info(s)
+        assert problems == info_differences(doc, good)
+        return problems
+
+    train = "'train'"
+    assert variant(lambda d: d["splits"]["train"].update(num_samples=999)) == [
+        f"_info.json split {train}: num_samples is 999, expected {good['splits']['train']['num_samples']}"]
+    assert "same entries in another order (first at position 0" in variant(
+        lambda d: d["splits"]["train"]["filenames"].reverse())[0]
+    assert variant(lambda d: d["splits"].update(test=d["splits"]["validation"])) == [
+        "_info.json split 'test' is not one of this release's splits ['train', 'validation']"]
+    dropped = variant(lambda d: d["splits"].pop("validation"))
+    assert dropped == ["_info.json split 'validation' is missing"]
+    moved = variant(lambda d: d["splits"]["train"]["filenames"].append(d["splits"]["validation"]["filenames"][0]))
+    assert moved == [f"_info.json split {train}: filenames 3 entries, expected 2; not expected: "
+                     f"['{s.shard_name('0002')}']"]
+    assert variant(lambda d: d.update(name="x"))[0].startswith("_info.json name 'x'")
+    assert variant(lambda d: d.update(extra=1)) == ["_info.json has fields the audit does not write: ['extra']"]
+    assert variant(lambda d: d.update(splits=[])) == ["_info.json has no 'splits' object"]

@@ -235,3 +235,44 @@ def test_verify_names_the_damaged_shard_and_sample(damaged, tmp_path, damage):
     if damage == "tar header":
         assert re.search(r"tar structure damaged at byte \d+ \(after sample \w+\)", out), out
         assert f"sample {key}: members ['json', 'webp']" in out, out  # found again after the damage
+
+
+def _tamper_info(path: Path, how: str) -> None:
+    import json
+
+    doc = json.loads(path.read_text())
+    train = doc["splits"]["train"]
+    if how == "num_samples":
+        train["num_samples"] += 1
+    elif how == "shard order":
+        f, n = train["filenames"], train["shard_lengths"]
+        f[0], f[1], n[0], n[1] = f[1], f[0], n[1], n[0]
+    else:  # a second split listing every shard again
+        doc["splits"]["validation"] = {**train, "name": "validation"}
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("damage", ["num_samples", "shard order", "extra split", "stray shard"])
+def test_verify_fails_on_a_wrong_info_json_or_a_stray_shard(damaged, tmp_path, damage):
+    """Each of these still lists every shard with its length, which is all an earlier verify looked at."""
+    tmp, env, _built, _facts = damaged
+    shutil.copytree(tmp / "out", tmp_path / "out")
+    shutil.copy(tmp / "catalog.duckdb", tmp_path / "catalog.duckdb")
+    env = {**env, "IMNET_OUT_ROOT": str(tmp_path / "out"), "IMNET_CATALOG": str(tmp_path / "catalog.duckdb")}
+    if damage == "stray shard":  # as a build with more shards leaves it behind
+        shutil.copy(tmp_path / "out" / "imagenet12k-train-0000.tar", tmp_path / "out" / "imagenet12k-train-0004.tar")
+        shutil.copy(tmp_path / "out" / "_info.json", tmp_path / "out" / "imagenet12k-train-info.tar")  # not a shard name
+    else:
+        _tamper_info(tmp_path / "out" / "_info.json", damage)
+    result = imnet(["verify"], env, cwd=tmp_path, check=False)
+    out = result.stdout
+    assert result.returncode != 0, out
+    assert "4 of 4 shards ok" in out, out  # the shards themselves are fine
+    expect = {
+        "num_samples": r"FAIL _info.json: _info.json split 'train': num_samples is \d+, expected \d+",
+        "shard order": r"FAIL _info.json: .*'train': filenames same entries in another order",
+        "extra split": r"FAIL _info.json: _info.json split 'validation' is not one of this release's splits",
+        "stray shard": r"FAIL 1 files named like shards are not shards of this release .*"
+                       r"\['imagenet12k-train-0004.tar'\]",
+    }[damage]
+    assert re.search(expect, out), out
