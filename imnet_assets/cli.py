@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import socket
 import sys
 import time
 
@@ -60,9 +61,11 @@ class Build:
     def materialize(self, selection: list[str], partition_key: str | None = None):
         from dagster import materialize
 
+        from .schedules import HOST_TAG
+
         result = materialize(
             self.assets, selection=selection, partition_key=partition_key, instance=self.instance,
-            raise_on_error=False, tags={"imnet/launched_by": "imnet build"},
+            raise_on_error=False, tags={"imnet/launched_by": "imnet build", HOST_TAG: socket.gethostname()},
             run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
         )
         failures = []
@@ -81,7 +84,7 @@ class Build:
     def run(self, shards_spec: str | None) -> int:
         from .core.audit import audit_fingerprint
         from .core.stages import stale_stages
-        from .schedules import shard_partition_status
+        from .schedules import fail_dead_runs, shard_partition_status
 
         s = self.settings
         self.say(f"imnet build: raw {s.raw_root} -> out {s.out_root}, catalog {s.catalog}, "
@@ -97,6 +100,8 @@ class Build:
             if failures:
                 return self.fail(stage, failures)
             self.say(f"  {stage:16s} materialized in {time.perf_counter() - t0:.1f}s  {self._facts(result, stage)}")
+        if self.instance is not None:
+            fail_dead_runs(self.instance, log=lambda m: self.say(f"  wds_shards: {m}"))
         status = shard_partition_status(s, self.instance)
         todo = [k for k in wanted if status[k] != "fresh"]
         busy = [k for k in todo if status[k] == "in_flight"]

@@ -9,9 +9,12 @@ The sensor requests `shard_audit` once every shard is in and fresh, once per set
 from __future__ import annotations
 
 import hashlib
+import socket
+from functools import partial
 
 from dagster import (
     AssetKey,
+    DagsterEventType,
     DagsterInstance,
     DagsterRunStatus,
     DefaultScheduleStatus,
@@ -27,6 +30,7 @@ from dagster import (
 
 from .core import fs
 from .core.audit import expected_shard_fingerprints
+from .core.procpool import pid_alive
 from .core.shard import read_state, shard_state
 from .settings import Settings
 
@@ -38,6 +42,7 @@ IN_FLIGHT = [
     DagsterRunStatus.CANCELING,
 ]
 PARTITION_TAG = "dagster/partition"
+HOST_TAG = "imnet/host"  # where the run's worker process runs (set by `imnet build` and by wds_shards)
 SHARDS = AssetKey("wds_shards")
 
 
@@ -51,21 +56,55 @@ def _targets_shards(run) -> bool:
     return not run.asset_selection or SHARDS in run.asset_selection
 
 
-def _partitions_of(instance: DagsterInstance, statuses, limit: int | None = None) -> dict[str, str]:
+def _partitions_of(instance: DagsterInstance, statuses, limit: int | None = None,
+                   skip=lambda _run: False) -> dict[str, str]:
     """Partition key -> run id of runs (newest first) in these statuses that target wds_shards."""
     out: dict[str, str] = {}
     for rec in instance.get_run_records(RunsFilter(statuses=statuses), limit=limit):
         run = rec.dagster_run
         key = run.tags.get(PARTITION_TAG)
-        if key and _targets_shards(run):
+        if key and _targets_shards(run) and not skip(run):
             out.setdefault(key, run.run_id)
     return out
 
 
+def run_worker_gone(instance: DagsterInstance, run) -> bool:
+    """Whether a run the instance still has as started lost its run worker: a process of this host
+    (HOST_TAG) that is no longer running (kill -9, the OOM killer, a machine that rebooted).
+    Such a run would stay "started" forever, since the worker writes a run's end; the default run
+    launcher cannot tell Dagster's run monitoring about it. Runs of other hosts are left to it."""
+    if run.status not in (DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING):
+        return False
+    if run.tags.get(HOST_TAG) != socket.gethostname():
+        return False
+    records = instance.get_records_for_run(run.run_id, of_type=DagsterEventType.RUN_START, limit=1).records
+    if not records:
+        return False
+    entry = records[0].event_log_entry
+    pid = entry.dagster_event.pid if entry.dagster_event else None
+    return pid is not None and not pid_alive(pid, started_by=entry.timestamp)
+
+
+def fail_dead_runs(instance: DagsterInstance, log=lambda _m: None) -> list[str]:
+    """Mark started shard runs whose worker is gone (`run_worker_gone`) as failed, so their
+    partitions count as failed and are built again; returns their partition keys."""
+    dead = []
+    for rec in instance.get_run_records(RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING])):
+        run = rec.dagster_run
+        key = run.tags.get(PARTITION_TAG)
+        if key and _targets_shards(run) and run_worker_gone(instance, run):
+            instance.report_run_failed(
+                run, f"run worker process on {run.tags.get(HOST_TAG)} is gone (killed?): marked failed by imnet")
+            log(f"shard {key}: run {run.run_id[:8]} had lost its process (killed?); marked failed")
+            dead.append(key)
+    return dead
+
+
 def shard_partition_status(settings: Settings, instance: DagsterInstance | None) -> dict[str, str]:
-    """Every partition's status: fresh, missing, stale, failed, or in_flight."""
+    """Every partition's status: fresh, missing, stale, failed, or in_flight (a run queued or
+    running; not one whose worker is gone, see `run_worker_gone`)."""
     expected = expected_shard_fingerprints(settings)
-    in_flight = _partitions_of(instance, IN_FLIGHT) if instance else {}
+    in_flight = _partitions_of(instance, IN_FLIGHT, skip=partial(run_worker_gone, instance)) if instance else {}
     failed = _partitions_of(instance, [DagsterRunStatus.FAILURE], limit=5000) if instance else {}
     status = {}
     for key in settings.partition_keys:
@@ -96,6 +135,7 @@ def make(settings: Settings):
     def wds_shards_topup(context: ScheduleEvaluationContext):
         if not expected_shard_fingerprints(settings):
             return SkipReason("no shuffled plan under the out root yet: materialize the upstream stages first")
+        fail_dead_runs(context.instance, log=context.log.warning)
         keys = shards_to_request(settings, context.instance, settings.schedule_max_runs)
         if not keys:
             return SkipReason("every shard partition is fresh, queued or running")

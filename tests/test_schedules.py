@@ -11,7 +11,11 @@ running (which the schedule must leave alone).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,15 +87,18 @@ class Site:
         return materialize(list(defs.assets), selection=["wds_shards"], partition_key=key,
                            instance=self.instance, raise_on_error=False)
 
-    def add_run(self, key: str, status: DagsterRunStatus) -> str:
-        """A run of one wds_shards partition, moved to `status` by the event the daemon would report."""
+    def add_run(self, key: str, status: DagsterRunStatus, host: str | None = None, pid: int | None = None,
+                at: float | None = None) -> str:
+        """A run of one wds_shards partition, moved to `status` by the event the daemon would report
+        (from process `pid`, by default this one, at Unix time `at`); `host`: the run's HOST_TAG."""
         job = build_definitions(self.settings).resolve_implicit_global_asset_job_def()
+        tags = {schedules.PARTITION_TAG: key, **({schedules.HOST_TAG: host} if host else {})}
         run = self.instance.create_run_for_job(
-            job_def=job, asset_selection={SHARDS}, tags={schedules.PARTITION_TAG: key},
-            remote_job_origin=_job_origin(job.name),
+            job_def=job, asset_selection={SHARDS}, tags=tags, remote_job_origin=_job_origin(job.name),
         )
-        event = DagsterEvent(event_type_value=LIFECYCLE[status].value, job_name=run.job_name)
-        self.instance.report_dagster_event(event, run_id=run.run_id)
+        event = DagsterEvent(event_type_value=LIFECYCLE[status].value, job_name=run.job_name,
+                             pid=os.getpid() if pid is None else pid)
+        self.instance.report_dagster_event(event, run_id=run.run_id, timestamp=at)
         assert self.instance.get_run_by_id(run.run_id).status == status
         return run.run_id
 
@@ -190,6 +197,45 @@ def test_topup_requests_missing_failed_and_stale_partitions_only(site):
     s.add_run("0004", DagsterRunStatus.STARTING)
     data = tick(bounded, s.instance)
     assert data.run_requests == [] and data.skip_message
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_runs_whose_worker_process_is_gone_are_failed_and_their_shards_requested(site):
+    """kill -9 of a run's worker (or of `imnet build`) leaves its run "started" for good. On this
+    host the schedule (and `imnet build`) see that the process is gone and fail the run; a run on
+    another host, or whose worker is alive, stays in flight."""
+    s = site
+    here = socket.gethostname()
+    for key in ("0001", "0002", "0003", "0004"):
+        s.tar(key).unlink()
+    killed = s.add_run("0001", DagsterRunStatus.STARTED, host=here, pid=dead_pid())
+    alive = s.add_run("0002", DagsterRunStatus.STARTED, host=here)  # this process: alive
+    elsewhere = s.add_run("0003", DagsterRunStatus.STARTED, host="another-host", pid=dead_pid())
+    untagged = s.add_run("0004", DagsterRunStatus.STARTED, pid=dead_pid())  # killed before it said where
+    # A live process that started after the run did holds a reused number: the run's worker is gone.
+    younger = subprocess.Popen(["sleep", "120"])
+    reused = s.add_run("0005", DagsterRunStatus.STARTED, host=here, pid=younger.pid, at=time.time() - 3600)
+
+    status = schedules.shard_partition_status(s.settings, s.instance)  # reads, changes nothing
+    assert [status[k] for k in ("0001", "0002", "0003", "0004")] == ["missing", "in_flight", "in_flight", "in_flight"]
+    assert status["0005"] == "fresh"
+    assert s.instance.get_run_by_id(killed).status == DagsterRunStatus.STARTED
+
+    assert requested(tick(s.settings, s.instance)) == ["0001"]
+    runs = {r: s.instance.get_run_by_id(r).status for r in (killed, alive, elsewhere, untagged, reused)}
+    assert runs == {killed: DagsterRunStatus.FAILURE, alive: DagsterRunStatus.STARTED,
+                    elsewhere: DagsterRunStatus.STARTED, untagged: DagsterRunStatus.STARTED,
+                    reused: DagsterRunStatus.FAILURE}
+    younger.kill()
+    younger.wait()
+    failure = s.instance.get_records_for_run(killed, of_type=DagsterEventType.RUN_FAILURE).records[0]
+    assert "run worker process on" in failure.event_log_entry.dagster_event.message
+    assert schedules.shard_partition_status(s.settings, s.instance)["0001"] == "failed"
 
 
 def test_topup_skips_before_the_plan_exists(site):

@@ -18,6 +18,8 @@ from functools import lru_cache
 
 import fsspec
 
+from .procpool import pid_alive
+
 TMP_MARK = ".tmp-"
 
 
@@ -304,22 +306,16 @@ def sweep_partials(folder_url: str) -> list[str]:
     removed = []
     for entry in os.listdir(folder_url):
         m = _TMP_NAME.match(entry)
-        if not m or _pid_alive(int(m.group(1))):
+        path = os.path.join(folder_url, entry)
+        if not m:
             continue
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(folder_url, entry))
-            removed.append(os.path.join(folder_url, entry))
+            # its writer started before it was created: a younger process has only reused the number
+            if pid_alive(int(m.group(1)), started_by=os.stat(path).st_ctime):
+                continue
+            os.unlink(path)
+            removed.append(path)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove(url: str) -> None:

@@ -82,3 +82,38 @@ def bounded_map(pool: Executor, fn: Callable, items: Iterable, window: int, *arg
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
+
+
+def pid_alive(pid: int, started_by: float | None = None) -> bool:
+    """Whether process `pid` of this host is running (not a zombie) and, when `started_by` (a Unix
+    time) is given, started no later than that: a process that started after it is a reuse of the
+    number by someone else, so the process that was meant is gone."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (not Linux): ask the kernel whether the number is taken
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    fields = stat[stat.rfind(b")") + 2 :].split()  # after "pid (comm) ": state is field 3
+    if fields[0] in (b"Z", b"X"):
+        return False
+    if started_by is None:
+        return True
+    return _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK") <= started_by + 1.0
+
+
+def _boot_time() -> float:
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"btime "):
+                return float(line.split()[1])
+    return 0.0

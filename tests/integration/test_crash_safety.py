@@ -6,7 +6,9 @@ while a later shard is being written. After each kill every final shard path hol
 nothing or a complete shard, and no process of the build is left. A normal build then finishes
 the job, leaves no temporary file, and its shards and `_info.json` are byte-identical to an
 undisturbed build of the same raw release in another folder, and to a one-worker build of a
-copy of the release made from yet another folder with relative paths.
+copy of the release made from yet another folder with relative paths. The killed builds record
+into a real instance (DAGSTER_HOME), where their shard runs are left "started" by the kill: the
+next build must see that their process is gone, mark them failed and build those shards.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import time
 from pathlib import Path
 
 import pytest
+from dagster import DagsterInstance, DagsterRunStatus
 
 from imnet_assets.core.rawtar import Damage, iter_tar
-from tests.conftest import build_env, imnet
+from tests.conftest import build_env, dagster_home, imnet
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, sends SIGKILL")
 
@@ -154,9 +157,9 @@ def assert_identical(a: Path, b: Path) -> None:
 
 
 def test_killed_builds_leave_no_partial_shard_and_the_rerun_is_byte_identical(
-    sample_release, reference, tmp_path
+    sample_release, reference, tmp_path, monkeypatch
 ):
-    env = build_env(tmp_path, sample_release[0])
+    env = build_env(tmp_path, sample_release[0], DAGSTER_HOME=str(dagster_home(tmp_path)))
     out, log = tmp_path / "out", tmp_path / "build.log"
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
@@ -195,9 +198,19 @@ def test_killed_builds_leave_no_partial_shard_and_the_rerun_is_byte_identical(
     assert assert_final_shards_complete(out) == set(SHARDS[:2])
     assert not (out / "_info.json").exists()
 
+    # The second build saw the first one's run of shard 0000 left "started" by the kill.
+    assert re.search(r"shard 0000: run \w{8} had lost its process \(killed\?\); marked failed", log.read_text())
+
     # 3. A normal build finishes the job from there.
     done = imnet(["build"], env, cwd=cwd)
+    assert re.search(r"shard 0002: run \w{8} had lost its process", done.stdout), done.stdout
     assert "2 to build" in done.stdout, done.stdout  # 0000 and 0001 were kept, not redone
+    assert "in flight" not in done.stdout, done.stdout
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])  # the instance's storage reads it
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        statuses = [r.dagster_run.status for r in instance.get_run_records()]
+    assert DagsterRunStatus.STARTED not in statuses, statuses
+    assert statuses.count(DagsterRunStatus.FAILURE) == 2, statuses  # the two killed shard runs
     assert temp_files(out, tmp_path) == []
     assert assert_final_shards_complete(out) == set(SHARDS)
     assert_identical(reference, out)
