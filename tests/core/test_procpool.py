@@ -3,6 +3,7 @@ the main script's imports (exit-with-parent is covered by tests/integration/test
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 
@@ -49,3 +50,20 @@ def test_bounded_map_keeps_order_and_at_most_window_tasks_ahead():
             assert value == (consumed - 1) ** 2
             assert len(pulled) <= consumed + 5  # never more than the window ahead of the consumer
     assert len(pulled) == 50
+
+
+def test_pid_alive_sees_exited_zombie_and_reused_processes():
+    import subprocess
+    import time
+
+    from imnet_assets.core.procpool import pid_alive
+
+    assert pid_alive(os.getpid()) and pid_alive(os.getpid(), started_by=time.time())
+    assert not pid_alive(os.getpid(), started_by=time.time() - 3600)  # "meant a process before mine"
+    child = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 10
+    while pid_alive(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not pid_alive(child.pid)  # exited, not yet reaped: a zombie is not running
+    child.wait()
+    assert not pid_alive(child.pid) and not pid_alive(0) and not pid_alive(-1)
