@@ -101,12 +101,29 @@ def _encode_one(data: bytes | None, settings: EncodeSettings):
         return "excluded", f"encoder error: {type(e).__name__}: {e}"
 
 
+class SourceUnreadable(OSError):
+    """A raw tar could not be read at all (gone, no permission, an I/O or network error that
+    outlasted the retries). Not a property of the image: the shard run fails, naming the tar, and
+    commits nothing, so that a rerun builds the shard whole once the storage answers again."""
+
+
+READ_RETRY_SECONDS = (0.5, 2.0)  # waits before the second and third attempt of a failed read
+
+
 def _read_source(row: SliceRow, raw_root: str, reader: fs.RangeReader) -> tuple[SliceRow, bytes | None, str]:
+    """The row's source bytes, or None and why they are not the indexed ones (the tar is shorter
+    than indexed, or its bytes changed there: recorded as an exclusion)."""
     url = fs.join(raw_root, row.tar)
-    try:
-        data = reader.read(url, row.offset, row.size)
-    except Exception as e:  # noqa: BLE001
-        return row, None, fs.redact(f"cannot read {row.tar}@{row.offset}: {type(e).__name__}: {e}")
+    for wait in (*READ_RETRY_SECONDS, None):
+        try:
+            data = reader.read(url, row.offset, row.size)
+            break
+        except Exception as e:  # noqa: BLE001 - retried, then raised as what it is
+            if wait is None:
+                raise SourceUnreadable(fs.redact(
+                    f"cannot read raw tar {url} at byte {row.offset} (for {row.key}): {type(e).__name__}: {e}; "
+                    "if it moved or changed since indexing, `imnet build` indexes it again")) from None
+            time.sleep(wait)
     if len(data) != row.size:
         return row, None, f"raw tar {row.tar} is shorter than indexed: {len(data)} of {row.size} bytes at {row.offset}"
     if hashlib.sha256(data).hexdigest() != row.sha256:

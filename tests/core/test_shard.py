@@ -252,14 +252,37 @@ def test_raw_tar_shorter_than_indexed_becomes_an_exclusion(raw, tmp_path):
     assert manifest["num_samples"] == 5
 
 
-def test_missing_raw_tar_becomes_exclusions(raw, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_unreadable_raw_tar_fails_the_run_and_commits_nothing(raw, tmp_path, workers):
+    """A tar that cannot be read is no fault of its images: excluding them would publish a shard
+    that a later run, with the storage back, never rebuilds. The run fails naming the tar."""
     out = tmp_path / "out"
     write_slice(str(out), KEY, planned(raw.rows, ORDER))
-    os.unlink(raw.root / "n02102040.tar")
-    result = build(out, raw.root)
-    assert sorted(e["key"] for e in result.excluded) == sorted(r[0] for r in raw.rows[3:])
-    assert all("n02102040.tar" in e["reason"] for e in result.excluded)
-    assert result.num_samples == 3
+    gone = raw.root / "n02102040.tar"
+    os.rename(gone, tmp_path / "away.tar")
+    with pytest.raises(shard_mod.SourceUnreadable, match=r"cannot read raw tar .*n02102040\.tar at byte \d+ "
+                       r"\(for n02102040_\d+\): FileNotFoundError"):
+        build(out, raw.root, workers=workers)
+    assert sorted(os.listdir(out)) == ["_plan"]  # no shard, no manifest, no temporary file
+    os.rename(tmp_path / "away.tar", gone)
+    assert build(out, raw.root, workers=workers).num_samples == 6
+
+
+def test_a_raw_tar_back_within_the_retries_is_read(raw, tmp_path):
+    """A read that fails for a moment (a network file system or S3 hiccup) is tried again."""
+    import threading
+
+    out = tmp_path / "out"
+    write_slice(str(out), KEY, planned(raw.rows, ORDER))
+    tar = raw.root / "n02102040.tar"
+    os.rename(tar, tmp_path / "away.tar")
+    back = threading.Timer(0.2, os.rename, (tmp_path / "away.tar", tar))
+    back.start()
+    try:
+        result = build(out, raw.root)
+    finally:
+        back.join()
+    assert result.num_samples == 6 and result.excluded == []
 
 
 def test_verify_shard_finds_nothing_wrong_with_a_good_shard(built):
