@@ -6,6 +6,7 @@ range-reads exactly those bytes later (see `fs.RangeReader`).
 
 from __future__ import annotations
 
+import gzip
 import mmap
 import os
 import posixpath
@@ -433,18 +434,29 @@ def unpack_whole_release(archive_url: str, raw_root: str) -> list[str]:
     Streams the archive once; each inner tar is committed atomically. Returns the names written.
     """
     written: list[str] = []
-    with fs.open_read(archive_url) as raw, tarfile.open(fileobj=raw, mode="r|gz") as tf:
-        for info in tf:
-            if not info.isreg():
-                continue
-            base = posixpath.basename(info.name)
-            if not (base.endswith(".tar") or base in ("words.txt", "gloss.txt")):
-                continue
-            if info.name.startswith("/") or ".." in info.name.split("/"):
-                continue
-            src = tf.extractfile(info)
-            with fs.atomic_open(fs.join(raw_root, base)) as out:
-                while chunk := src.read(8 << 20):
-                    out.write(chunk)
-            written.append(base)
+    try:
+        with fs.open_read(archive_url) as raw, tarfile.open(fileobj=raw, mode="r|gz") as tf:
+            for info in tf:
+                if not info.isreg():
+                    continue
+                base = posixpath.basename(info.name)
+                if not (base.endswith(".tar") or base in ("words.txt", "gloss.txt")):
+                    continue
+                if info.name.startswith("/") or ".." in info.name.split("/"):
+                    continue
+                src = tf.extractfile(info)
+                with fs.atomic_open(fs.join(raw_root, base)) as out:
+                    while chunk := src.read(8 << 20):
+                        out.write(chunk)
+                written.append(base)
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        where = f"after {len(written)} files (last {written[-1]})" if written else "before its first file"
+        raise ArchiveDamaged(
+            f"{fs.redact(archive_url)} is damaged or cut short: {type(e).__name__}: {e}, {where}. Its size "
+            "or checksum will differ from the published one: download it again (the next run unpacks "
+            "it again from the start)") from None
     return written
+
+
+class ArchiveDamaged(ValueError):
+    """winter21_whole.tar.gz cannot be read to its end."""

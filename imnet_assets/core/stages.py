@@ -42,7 +42,9 @@ def stale_stages(settings: Settings, log: Log = print) -> list[str]:
     """Stages whose recorded input differs from the current one (or whose output is gone)."""
     from .plan import read_index
 
-    want = expected_fingerprints(settings, unpack=True, log=log)
+    # No unpacking here: a root holding only winter21_whole.tar.gz (or a half-unpacked one) lists
+    # no (or other) tars, so raw_tars is stale and unpacks it when it runs, as the first stage.
+    want = expected_fingerprints(settings, log=log)
     if not fs.exists(settings.catalog):
         return list(want)
     with Catalog(settings.catalog) as cat:

@@ -14,6 +14,7 @@ from PIL import Image
 from imnet_assets.core import inventory as inventory_mod
 from imnet_assets.core import stages
 from imnet_assets.core.inventory import count_members, inventory, list_raw
+from imnet_assets.core.rawtar import ArchiveDamaged
 from imnet_assets.core.synsets import labels, parse_text, read_text_file
 from imnet_assets.settings import Settings
 from tests.conftest import local_settings
@@ -219,6 +220,38 @@ def test_an_interrupted_unpack_is_redone(tmp_path, monkeypatch):
     facts = stages.build_raw_tars(settings, "run-2", log=QUIET)
     assert facts["tars"] == 3 and facts["members"] == 6
     assert sorted(os.listdir(raw)) == sorted([*inner, "winter21_whole.tar.gz"])
+
+
+@pytest.mark.parametrize("cut", [45_000, 100])
+def test_a_cut_archive_is_a_clear_error_and_unpacked_again_next_time(tmp_path, cut):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    inner = {f"n0000000{i}.tar": os.urandom(30_000) for i in (1, 2, 3)}  # incompressible
+    whole_release(tmp_path / "whole.tar.gz", inner)
+    (raw / "winter21_whole.tar.gz").write_bytes((tmp_path / "whole.tar.gz").read_bytes()[:cut])
+    settings = settings_for(raw, tmp_path)
+    where = r"after 0 files|before its first file" if cut == 100 else r"after \d files \(last n0000000\d\.tar\)"
+    with pytest.raises(ArchiveDamaged, match=rf"winter21_whole\.tar\.gz is damaged or cut short: .*({where})"):
+        stages.build_raw_tars(settings, "run-1", log=QUIET)
+    assert stages.stale_stages(settings, log=QUIET)[0] == "raw_tars"
+    (raw / "winter21_whole.tar.gz").write_bytes((tmp_path / "whole.tar.gz").read_bytes())
+    facts = stages.build_raw_tars(settings, "run-2", log=QUIET)
+    assert facts["tars"] == 3
+    assert sorted(os.listdir(raw)) == sorted([*inner, "winter21_whole.tar.gz"])
+
+
+def test_looking_at_a_packed_release_does_not_unpack_it(tmp_path):
+    """`imnet status` and `imnet build`'s freshness check only list the root: unpacking (hours
+    for the real release) is the raw_tars stage's work, recorded as such."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    whole_release(raw / "winter21_whole.tar.gz", {"n00000001.tar": synset_tar("n00000001", 2)})
+    settings = settings_for(raw, tmp_path)
+    assert stages.stale_stages(settings, log=QUIET) == ["raw_tars", "synset_manifest", "filtered_index",
+                                                         "shuffled_plan"]
+    assert os.listdir(raw) == ["winter21_whole.tar.gz"]
+    stages.build_raw_tars(settings, "run", log=QUIET)
+    assert "raw_tars" not in stages.stale_stages(settings, log=QUIET)
 
 
 def test_tars_given_beside_the_archive_are_used_as_they_are(tmp_path):
