@@ -80,6 +80,9 @@ class Catalog:
     def set_stage(self, stage: str, fingerprint: str, run_id: str) -> None:
         self.run("stage_set", {"stage": stage, "fingerprint": fingerprint, "run_id": run_id})
 
+    def clear_stage(self, stage: str) -> None:
+        self.run("stage_clear", {"stage": stage})
+
     def close(self) -> None:
         self.con.close()
 

@@ -126,3 +126,28 @@ def test_parameters_are_matched_by_whole_name(tmp_path, sql_dir):
     with Catalog(str(tmp_path / "c.duckdb")) as cat:
         # `n` and `nam` are prefixes of `$name`, but that statement does not use them.
         assert cat.one("names", {"n": 0, "nam": 0, "name": "x", "name_2": 2}) == {"name": "x", "name_2": 2}
+
+
+def test_freshness_is_read_while_another_process_reads_the_catalog(tmp_path):
+    """`imnet status` and the start of `imnet build` only read the catalog: a reader elsewhere
+    (`duckdb -readonly`, another status) does not make them wait for a write lock."""
+    import subprocess
+    import sys
+
+    from imnet_assets.core import stages
+    from imnet_assets.core.sample_raw import write_sample_raw
+    from tests.conftest import build_catalog_stages, local_settings
+
+    write_sample_raw(tmp_path / "raw", synsets=2, images=6, seed=0)
+    settings = local_settings(tmp_path / "raw", tmp_path, IMNET_NUM_SHARDS="2")
+    build_catalog_stages(settings)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1], read_only=True); "
+         "print('open', flush=True); time.sleep(120)", settings.catalog], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        # A writer's open would wait for the lock, then raise (duckdb.IOException).
+        assert stages.stale_stages(settings, log=lambda _m: None) == []
+    finally:
+        holder.kill()
+        holder.wait()

@@ -149,8 +149,11 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
             image_sizes=cat.rows("audit_image_sizes", {"width": 64}),
             missing=missing, stale=stale, bad_files=bad, stray=stray_shards(settings),
         )
-        if audit_fp:
+        # Only a clean audit is fresh: one that found problems is done again by the next build.
+        if audit_fp and not report.problems:
             cat.set_stage("shard_audit", audit_fp, run_id)
+        else:
+            cat.clear_stage("shard_audit")
     # timm and users take _info.json as "this release is complete": only a clean audit writes it.
     if not report.problems:
         fs.write_atomic(info_url(settings), render_info(info_document(settings, lengths)))

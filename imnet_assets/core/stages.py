@@ -47,7 +47,7 @@ def stale_stages(settings: Settings, log: Log = print) -> list[str]:
     want = expected_fingerprints(settings, log=log)
     if not fs.exists(settings.catalog):
         return list(want)
-    with Catalog(settings.catalog) as cat:
+    with Catalog(settings.catalog, read_only=True) as cat:  # a reader: never the write lock
         have = {stage: cat.stage_fingerprint(stage) for stage in want}
     stale = [s for s in want if have[s] != want[s]]
     index = read_index(settings.out_root)

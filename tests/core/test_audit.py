@@ -16,6 +16,7 @@ import webdataset as wds
 
 from imnet_assets.core.audit import (
     DATASET_NAME,
+    audit_fingerprint,
     check_info,
     encode_settings,
     expected_shard_fingerprints,
@@ -149,6 +150,22 @@ def test_deleted_shard_is_reported_missing_and_info_is_not_rewritten(copy):
     assert open(info_path, "rb").read() == before
     assert os.stat(info_path).st_mtime_ns == stamp
     assert query(s, "SELECT shard FROM shards ORDER BY shard") == [(k,) for k in s.partition_keys if k != gone]
+    # Not fresh: the next build runs the audit again instead of taking this one as done.
+    assert query(s, "SELECT count(*) FROM stages WHERE stage = 'shard_audit'") == [(0,)]
+
+
+def test_only_a_clean_audit_is_recorded_as_fresh(copy):
+    s = copy.settings
+    run_audit(s, "run-1", log=QUIET)
+    assert query(s, "SELECT input_fingerprint, run_id FROM stages WHERE stage = 'shard_audit'") == [
+        (audit_fingerprint(s), "run-1")]
+    # A problem that changes no shard, so the audit's input fingerprint stays the same.
+    (copy.folder / "out" / s.shard_name("0009")).write_bytes(b"stray")
+    assert run_audit(s, "run-2", log=QUIET).problems
+    assert query(s, "SELECT count(*) FROM stages WHERE stage = 'shard_audit'") == [(0,)]
+    os.unlink(copy.folder / "out" / s.shard_name("0009"))
+    assert run_audit(s, "run-3", log=QUIET).problems == []
+    assert query(s, "SELECT run_id FROM stages WHERE stage = 'shard_audit'") == [("run-3",)]
 
 
 def test_missing_manifest_counts_as_missing_shard(copy):

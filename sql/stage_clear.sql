@@ -1,0 +1,1 @@
+DELETE FROM stages WHERE stage = $stage;
