@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import socket
 import sys
 import time
 
+from .core.fs import StorageError
 from .settings import Settings, SettingsError, shard_key
 
 DEMO_SHARDS = 8
+
+
+_SHARD_NUMBER = re.compile(r"[0-9]{1,4}")  # ASCII digits only (int() also takes "+3", "0_1", "٣")
 
 
 def parse_shards(spec: str | None, keys: list[str]) -> list[str]:
@@ -23,11 +28,10 @@ def parse_shards(spec: str | None, keys: list[str]) -> list[str]:
     known = set(keys)
     chosen: list[str] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
-        lo, sep, hi = part.partition("-")
-        try:
-            a, b = int(lo), int(hi) if sep else int(lo)
-        except ValueError:
-            raise SettingsError(f"--shards: {part!r} is not a shard number or range like 0000-0015") from None
+        lo, sep, hi = (p.strip() for p in part.partition("-"))
+        if not _SHARD_NUMBER.fullmatch(lo) or (sep and not _SHARD_NUMBER.fullmatch(hi)):
+            raise SettingsError(f"--shards: {part!r} is not a shard number or range like 0000-0015")
+        a, b = int(lo), int(hi) if sep else int(lo)
         if b < a:
             raise SettingsError(f"--shards: {part!r} is a backwards range (write the lower shard first)")
         for i in range(a, b + 1):
@@ -444,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imnet: configuration error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
+        print(f"imnet: {e}", file=sys.stderr)
+        return 1
+    except StorageError as e:
         print(f"imnet: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

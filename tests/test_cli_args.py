@@ -43,11 +43,45 @@ def test_all_or_nothing_selects_every_shard(spec):
         "0010-0020",  # runs past the last shard
         "0005-0002",  # a backwards range selects nothing: an error, not a silent empty build
         ",",  # nothing at all
+        "0_1",  # Python's int() reads these as numbers; a shard spec does not
+        "+3",
+        "\u0663",  # ARABIC-INDIC DIGIT THREE
+        "00001",  # more digits than a shard key has
     ],
 )
 def test_bad_specs_raise_settings_error(spec):
     with pytest.raises(SettingsError, match="--shards"):
         parse_shards(spec, KEYS)
+
+
+def test_an_unreachable_s3_endpoint_is_a_clear_error_naming_it(tmp_path):
+    """No traceback: what could not be done, on which URL, and what to check."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"PATH": "/usr/bin:/bin", "AWS_ACCESS_KEY_ID": "AKIAUNREACHABLE0001", "AWS_SECRET_ACCESS_KEY": "s3cr3t-unreachable",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "1",
+           "IMNET_RAW_ROOT": "s3://nowhere/raw", "IMNET_OUT_ROOT": "s3://nowhere/out",
+           "IMNET_CATALOG": str(tmp_path / "catalog.duckdb")}
+    result = subprocess.run([sys.executable, "-m", "imnet_assets.cli", "status"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("imnet: cannot list s3://nowhere/raw: EndpointConnectionError"), result.stderr
+    assert f"the storage endpoint http://127.0.0.1:{port} cannot be reached: check AWS_ENDPOINT_URL" in result.stderr
+    assert "s3cr3t-unreachable" not in result.stderr + result.stdout
+
+
+def test_refused_credentials_are_named_as_such():
+    from imnet_assets.core import fs
+
+    err = fs._storage_error("s3://b/raw", "list", PermissionError("Forbidden"))
+    assert isinstance(err, OSError) and not isinstance(err, FileNotFoundError)
+    assert str(err).startswith("cannot list s3://b/raw: PermissionError: Forbidden (the storage refused the credentials")
 
 
 def test_none_selects_no_shard():

@@ -8,6 +8,7 @@ aborted on error, so nothing is visible at a final path until it is complete).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import posixpath
@@ -73,16 +74,61 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return _fs_for("file", os.getpid(), None), os.path.abspath(path)
 
 
+class StorageError(OSError):
+    """Remote storage did not do what was asked (an unreachable endpoint, refused credentials, a
+    throttled or failing service), with the URL and what to check; never any credential."""
+
+
+def _storage_error(url: str, what: str, e: BaseException) -> StorageError:
+    text = f"{type(e).__name__}: {e}"
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if isinstance(e, PermissionError) or any(
+        s in text for s in ("AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+    ):
+        hint = ("the storage refused the credentials: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or the machine's role) and the bucket's policy")
+    elif isinstance(e, (ConnectionError, TimeoutError)) or "connect" in text.lower():
+        hint = (f"the storage endpoint {endpoint or '(the AWS default for the region)'} cannot be reached: "
+                "check AWS_ENDPOINT_URL and the network")
+    else:
+        hint = ""
+    return StorageError(redact(f"cannot {what} {url}: {text}" + (f" ({hint})" if hint else "")))
+
+
+def _names_remote_errors(what: str):
+    """Errors of a remote URL's storage come out as StorageError naming the URL (a missing file
+    stays FileNotFoundError); local paths raise what the OS raises."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(url: str, *args, **kwargs):
+            if not is_remote(url):
+                return fn(url, *args, **kwargs)
+            try:
+                return fn(url, *args, **kwargs)
+            except (FileNotFoundError, StorageError):
+                raise
+            except Exception as e:  # noqa: BLE001 - botocore's errors are not OSErrors
+                raise _storage_error(url, what, e) from e
+
+        return call
+
+    return wrap
+
+
+@_names_remote_errors("look for")
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
     return fs.exists(path)
 
 
+@_names_remote_errors("get the size of")
 def size(url: str) -> int:
     fs, path = filesystem(url)
     return int(fs.size(path))
 
 
+@_names_remote_errors("list")
 def listdir(url: str) -> list[dict]:
     """Entries directly under `url`: dicts with `name` (basename), `url`, `size`, `mtime` (str)."""
     fs, path = filesystem(url)
@@ -101,6 +147,7 @@ def listdir(url: str) -> list[dict]:
     return sorted(out, key=lambda e: e["name"])
 
 
+@_names_remote_errors("read")
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     return fs.cat_file(path)
@@ -157,12 +204,19 @@ def read_text(url: str) -> str:
     return read_bytes(url).decode("utf-8")
 
 
+@_names_remote_errors("open")
 def open_read(url: str, block_size: int = 8 << 20):
     """A seekable binary reader; on S3 it reads ahead in large blocks (for sequential scans)."""
     fs, path = filesystem(url)
     if is_remote(url):
         return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
     return open(path, "rb", buffering=block_size)
+
+
+@_names_remote_errors("read")
+def _read_range(url: str, offset: int, length: int) -> bytes:
+    fs, path = filesystem(url)
+    return fs.cat_file(path, start=offset, end=offset + length)
 
 
 class RangeReader:
@@ -174,8 +228,7 @@ class RangeReader:
 
     def read(self, url: str, offset: int, length: int) -> bytes:
         if is_remote(url):
-            fs, path = filesystem(url)
-            return fs.cat_file(path, start=offset, end=offset + length)
+            return _read_range(url, offset, length)
         fd = self._files.get(url)
         if fd is None:
             if len(self._files) >= self._max_open:
