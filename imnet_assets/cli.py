@@ -215,9 +215,13 @@ def cmd_status(args) -> int:
     from .schedules import shard_partition_status
 
     s = Settings.from_env()
-    stale = stale_stages(s, log=lambda _m: None)
-    for stage in ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]:
-        print(f"{stage:16s} {'stale' if stage in stale else 'fresh'}")
+    if os.path.exists(s.catalog):
+        stale = stale_stages(s, log=lambda _m: None)
+        for stage in ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]:
+            print(f"{stage:16s} {'stale' if stage in stale else 'fresh'}")
+    else:
+        print(f"catalog stages   unknown here: no catalog at {s.catalog} (IMNET_CATALOG; it lives on the "
+              "machine that builds the stages and runs the audit)")
     inst = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else None
     status = shard_partition_status(s, inst)
     counts = Counter(status.values())

@@ -143,3 +143,20 @@ def test_images_decode_close_to_their_sources(built, sample_release):
         ref = src.resize(got.size, Image.Resampling.LANCZOS)
         diff = np.abs(np.asarray(got, dtype=np.int16) - np.asarray(ref, dtype=np.int16)).mean()
         assert diff < 6, f"{key}: mean abs diff {diff:.2f}"
+
+
+def test_status_says_what_is_fresh_missing_and_unknown(built, tmp_path):
+    import shutil
+
+    tmp, env, _, _ = built
+    fresh = imnet(["status"], env)
+    assert fresh.stdout.splitlines()[:5] == [
+        "raw_tars         fresh", "synset_manifest  fresh", "filtered_index   fresh", "shuffled_plan    fresh",
+        "wds_shards       4 fresh"]
+    shutil.copytree(tmp / "out", tmp_path / "out")
+    (tmp_path / "out" / "imagenet12k-train-0002.tar").unlink()
+    elsewhere = {**env, "IMNET_OUT_ROOT": str(tmp_path / "out"), "IMNET_CATALOG": str(tmp_path / "none.duckdb")}
+    out = imnet(["status"], elsewhere).stdout
+    assert out.startswith("catalog stages   unknown here: no catalog at "), out
+    assert "wds_shards       3 fresh, 1 missing\n  not fresh: 0002" in out, out
+    assert not (tmp_path / "none.duckdb").exists()
