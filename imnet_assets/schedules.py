@@ -3,12 +3,14 @@
 The schedule asks for runs only for shard partitions that are missing, failed or stale (judged
 from what sits in the out root against the current plan and settings), at most
 IMNET_SCHEDULE_MAX_RUNS per tick, skipping partitions that already have a run queued or running.
-The sensor requests `shard_audit` once every shard is in and fresh, once per set of shards.
+The sensor requests `shard_audit` once every shard is in and fresh, once per change of the shards
+(or of stray shard files beside them).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 from functools import partial
 
@@ -29,7 +31,7 @@ from dagster import (
 )
 
 from .core import fs
-from .core.audit import expected_shard_fingerprints
+from .core.audit import expected_shard_fingerprints, stray_shards
 from .core.procpool import pid_alive
 from .core.shard import read_state, shard_state
 from .settings import Settings
@@ -92,11 +94,21 @@ def fail_dead_runs(instance: DagsterInstance, log=lambda _m: None) -> list[str]:
     for rec in instance.get_run_records(RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING])):
         run = rec.dagster_run
         key = run.tags.get(PARTITION_TAG)
-        if key and _targets_shards(run) and run_worker_gone(instance, run):
-            instance.report_run_failed(
-                run, f"run worker process on {run.tags.get(HOST_TAG)} is gone (killed?): marked failed by imnet")
+        if not (key and _targets_shards(run) and run_worker_gone(instance, run)):
+            continue
+        # Its worker is gone, so its status can no longer change: read it again, in case the run
+        # ended (and its worker exited) between the listing above and the look at its process.
+        run = instance.get_run_by_id(run.run_id)
+        why = f"run worker process on {run.tags.get(HOST_TAG)} is gone (killed?)"
+        if run.status == DagsterRunStatus.STARTED:
+            instance.report_run_failed(run, f"{why}: marked failed by imnet")
             log(f"shard {key}: run {run.run_id[:8]} had lost its process (killed?); marked failed")
-            dead.append(key)
+        elif run.status == DagsterRunStatus.CANCELING:  # what the user asked for: not to be retried
+            instance.report_run_canceled(run, f"{why} while canceling: marked canceled by imnet")
+            log(f"shard {key}: run {run.run_id[:8]} was being canceled and lost its process; marked canceled")
+        else:
+            continue
+        dead.append(key)
     return dead
 
 
@@ -172,7 +184,16 @@ def make(settings: Settings):
                 return SkipReason(f"shard {key} is not in yet (stale: written from another plan or settings, "
                                   "or changed on storage)")
             fps.append(state["sha256"])
-        run_key = hashlib.sha256("".join(fps).encode()).hexdigest()[:32]
-        return RunRequest(run_key=run_key, asset_selection=[AssetKey("shard_audit")])
+        # Stray shard files fail the audit, so they are part of what it is asked for with.
+        fps += stray_shards(settings, list(sizes))
+        state = hashlib.sha256("".join(fps).encode()).hexdigest()[:32]
+        # One request per change of that state, including a change back to an earlier one (strays
+        # come, fail the audit, and go: the shards are as they were, the audit must run again).
+        seen = json.loads(context.cursor) if context.cursor else {}
+        if seen.get("state") == state:
+            return SkipReason("shard_audit was already asked for with the shards as they are")
+        n = int(seen.get("n", 0)) + 1
+        context.update_cursor(json.dumps({"state": state, "n": n}))
+        return RunRequest(run_key=f"{state}-{n}", asset_selection=[AssetKey("shard_audit")])
 
     return wds_shards_topup, shard_audit_when_complete

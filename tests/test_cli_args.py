@@ -71,7 +71,9 @@ def test_an_unreachable_s3_endpoint_is_a_clear_error_naming_it(tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.startswith("imnet: cannot list s3://nowhere/raw: EndpointConnectionError"), result.stderr
+    # (no catalog here, so status goes straight to the plan under the out root)
+    assert result.stderr.startswith("imnet: cannot read s3://nowhere/out/_plan/_index.json: "
+                                    "EndpointConnectionError"), result.stderr
     assert f"the storage endpoint http://127.0.0.1:{port} cannot be reached: check AWS_ENDPOINT_URL" in result.stderr
     assert "s3cr3t-unreachable" not in result.stderr + result.stdout
 

@@ -138,9 +138,10 @@ def requested(data) -> list[str]:
     return [req.partition_key for req in data.run_requests or []]
 
 
-def sense(settings: Settings, instance: DagsterInstance):
+def sense(settings: Settings, instance: DagsterInstance, cursor: str | None = None):
     _, sensor = schedules.make(settings)
-    return sensor.evaluate_tick(build_sensor_context(instance=instance, definitions=build_definitions(settings)))
+    return sensor.evaluate_tick(build_sensor_context(instance=instance, definitions=build_definitions(settings),
+                                                     cursor=cursor))
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -268,42 +269,65 @@ def test_a_quality_change_makes_every_shard_stale_and_changes_the_code_version(r
 # ----------------------------------------------------------------------------- sensor
 
 
-def test_audit_sensor_waits_for_every_shard_then_asks_once(site):
+def test_audit_sensor_waits_for_every_shard_then_asks_once_per_change(site):
     s = site
-    data = sense(s.settings, s.instance)
+    cursor = None
+
+    def look(settings=None):
+        """One sensor tick, carrying the cursor from tick to tick as the daemon does."""
+        nonlocal cursor
+        data = sense(settings or s.settings, s.instance, cursor)
+        cursor = data.cursor if data.cursor is not None else cursor
+        return data
+
+    data = look()
     assert len(data.run_requests) == 1
     req = data.run_requests[0]
     assert list(req.asset_selection) == [AUDIT]
     assert req.run_key
 
-    # nothing changed: the same run key, so the daemon launches the audit only once
-    assert [r.run_key for r in sense(s.settings, s.instance).run_requests] == [req.run_key]
+    # nothing changed: no new request, so the daemon launches the audit only once
+    assert look().run_requests == []
     # a rerun that writes the same bytes changes nothing either
     assert s.run_shard("0001").success
-    assert [r.run_key for r in sense(s.settings, s.instance).run_requests] == [req.run_key]
+    data = look()
+    assert data.run_requests == [] and "already asked" in data.skip_message
 
     # a shard missing (its commit record, or its tar) or changed on storage: skip, naming it
     saved = s.state("0002").read_bytes()
     s.state("0002").unlink()
-    data = sense(s.settings, s.instance)
+    data = look()
     assert data.run_requests == [] and "shard 0002" in data.skip_message
     s.state("0002").write_bytes(saved)
     tar = s.tar("0006").read_bytes()
     s.tar("0006").unlink()
-    data = sense(s.settings, s.instance)
+    data = look()
     assert data.run_requests == [] and "shard 0006" in data.skip_message
     s.tar("0006").write_bytes(tar[:-10240])
-    data = sense(s.settings, s.instance)
+    data = look()
     assert data.run_requests == [] and "shard 0006" in data.skip_message
     s.tar("0006").write_bytes(tar)
-    assert [r.run_key for r in sense(s.settings, s.instance).run_requests] == [req.run_key]
+    assert look().run_requests == []  # back as they were when the audit was asked for
+
+    # stray shard files (which fail the audit) appear, then are deleted: a new audit each time,
+    # the second one although the shards are again what the first audit saw
+    keys = {req.run_key}
+    stray = s.out / s.settings.shard_name("0012")
+    stray.write_bytes(tar)
+    for _ in range(2):
+        changed = look().run_requests
+        assert len(changed) == 1 and changed[0].run_key not in keys
+        keys.add(changed[0].run_key)
+        assert look().run_requests == []
+        if stray.exists():
+            stray.unlink()
 
     # a shard committed with other bytes: a new audit
     state = json.loads(saved)
     s.state("0002").write_text(json.dumps({**state, "sha256": "0" * 64}))
-    changed = sense(s.settings, s.instance).run_requests
-    assert len(changed) == 1 and changed[0].run_key != req.run_key
+    changed = look().run_requests
+    assert len(changed) == 1 and changed[0].run_key not in keys
 
     # stale shards (other settings) are not "in": no audit
-    data = sense(s.with_env(IMNET_WEBP_QUALITY=str(s.settings.webp_quality - 10)), s.instance)
+    data = look(s.with_env(IMNET_WEBP_QUALITY=str(s.settings.webp_quality - 10)))
     assert data.run_requests == [] and data.skip_message

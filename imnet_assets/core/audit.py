@@ -265,15 +265,16 @@ def _list_difference(got, want) -> str:
     return detail
 
 
-def stray_shards(settings: Settings) -> list[str]:
+def stray_shards(settings: Settings, names: list[str] | None = None) -> list[str]:
     """Files beside the shards that are named like shards but are no shard of this release: left
     by a build with more shards (IMNET_NUM_SHARDS was lowered). They hold images this release
-    also holds, so a reader that globs the folder would read those twice."""
+    also holds, so a reader that globs the folder would read those twice. `names`: the out root's
+    file names when already listed."""
+    if names is None:
+        names = [e["name"] for e in fs.listdir(settings.out_root)]
     named = re.compile(r"(\d{4})".join(map(re.escape, settings.shard_name("\0").split("\0"))))
     ours = {settings.shard_name(k) for k in settings.partition_keys}
-    return [e["name"] for e in fs.listdir(settings.out_root)
-            if (m := named.fullmatch(e["name"])) and e["name"] not in ours
-            and settings.shard_name(m.group(1)) == e["name"]]
+    return [n for n in names if (m := named.fullmatch(n)) and n not in ours and settings.shard_name(m.group(1)) == n]
 
 
 def stray_problem(stray: list[str]) -> str:

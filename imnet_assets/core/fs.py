@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import posixpath
 import re
+import threading
 import uuid
 from collections.abc import Iterator
 from functools import lru_cache
@@ -153,6 +155,18 @@ def read_bytes(url: str) -> bytes:
     return fs.cat_file(path)
 
 
+def read_json(url: str):
+    """The JSON document at `url`, or None when there is none there or it does not parse (a file
+    being replaced, a torn local write). Storage that does not answer is an error (StorageError),
+    not an absent file."""
+    try:
+        return json.loads(read_bytes(url))
+    except StorageError:
+        raise
+    except (OSError, ValueError):
+        return None
+
+
 class HashingReader:
     """A binary file, read through this wrapper, hashed (sha256) on the way: the longest prefix
     read so far in order is hashed as it passes, so a sequential walk of a file (a tar read by
@@ -220,20 +234,35 @@ def _read_range(url: str, offset: int, length: int) -> bytes:
 
 
 class RangeReader:
-    """Reads byte ranges of raw tars by offset, keeping local files open; no whole-file download."""
+    """Reads byte ranges of raw tars by offset, keeping local files open; no whole-file download.
 
-    def __init__(self, max_open: int = 64):
-        self._files: dict[str, object] = {}
-        self._max_open = max_open
+    Shared by reader threads, each of which keeps its own open files: a descriptor one thread
+    closed to make room could otherwise be reused for another tar while a second thread reads it.
+    """
+
+    def __init__(self, max_open: int = 16):
+        self._max_open = max_open  # per thread
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._tables: list[dict[str, int]] = []
+
+    def _files(self) -> dict[str, int]:
+        files = getattr(self._local, "files", None)
+        if files is None:
+            files = self._local.files = {}
+            with self._lock:
+                self._tables.append(files)
+        return files
 
     def read(self, url: str, offset: int, length: int) -> bytes:
         if is_remote(url):
             return _read_range(url, offset, length)
-        fd = self._files.get(url)
+        files = self._files()
+        fd = files.get(url)
         if fd is None:
-            if len(self._files) >= self._max_open:
-                os.close(self._files.pop(next(iter(self._files))))
-            fd = self._files[url] = os.open(url, os.O_RDONLY)
+            if len(files) >= self._max_open:
+                os.close(files.pop(next(iter(files))))
+            fd = files[url] = os.open(url, os.O_RDONLY)
         data = os.pread(fd, length, offset)
         while len(data) < length:
             more = os.pread(fd, length - len(data), offset + len(data))
@@ -243,9 +272,12 @@ class RangeReader:
         return data
 
     def close(self) -> None:
-        for fd in self._files.values():
-            os.close(fd)
-        self._files.clear()
+        """Close every thread's files (once the threads are done reading)."""
+        with self._lock:
+            for files in self._tables:
+                for fd in files.values():
+                    os.close(fd)
+                files.clear()
 
     def __enter__(self) -> RangeReader:
         return self

@@ -163,7 +163,4 @@ def write_index(out_root: str, index: dict) -> None:
 
 
 def read_index(out_root: str) -> dict | None:
-    try:
-        return json.loads(fs.read_bytes(index_url(out_root)))
-    except (FileNotFoundError, OSError, ValueError):
-        return None
+    return fs.read_json(index_url(out_root))

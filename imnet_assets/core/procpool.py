@@ -91,17 +91,15 @@ def pid_alive(pid: int, started_by: float | None = None) -> bool:
     if pid <= 0:
         return False
     try:
+        os.kill(pid, 0)  # is the number taken at all?
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # taken, by another user's process
+    try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc (not Linux): ask the kernel whether the number is taken
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
+    except OSError:  # no /proc (not Linux) or not ours to see (hidepid): the number is taken
         return True
     fields = stat[stat.rfind(b")") + 2 :].split()  # after "pid (comm) ": state is field 3
     if fields[0] in (b"Z", b"X"):

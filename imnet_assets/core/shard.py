@@ -54,17 +54,11 @@ def state_url(out_root: str, shard_key: str) -> str:
 
 def read_state(out_root: str, shard_key: str) -> dict | None:
     """The small commit record written last: fingerprint, bytes, sha256, num_samples."""
-    try:
-        return json.loads(fs.read_bytes(state_url(out_root, shard_key)))
-    except (FileNotFoundError, OSError, ValueError):
-        return None
+    return fs.read_json(state_url(out_root, shard_key))
 
 
 def read_manifest(out_root: str, shard_key: str) -> dict | None:
-    try:
-        return json.loads(fs.read_bytes(manifest_url(out_root, shard_key)))
-    except (FileNotFoundError, OSError, ValueError):
-        return None
+    return fs.read_json(manifest_url(out_root, shard_key))
 
 
 @dataclass
@@ -138,25 +132,34 @@ def encoded_stream(rows: list[SliceRow], raw_root: str, settings: EncodeSettings
     process when workers == 1). At most a few dozen sources are in memory at once.
     """
     with fs.RangeReader() as reader, ThreadPoolExecutor(READ_THREADS) as readers:
-        sources = bounded_map(readers, _read_source, rows, READ_THREADS * 4, raw_root, reader)
-        if workers <= 1:
-            for row, data, problem in sources:
-                if data is None:
-                    yield row, "excluded", problem
-                else:
-                    yield (row, *_encode_one(data, settings))
-            return
-        # Workers exit with this process and start from a forkserver holding Dagster and Pillow.
-        with process_pool(workers) as pool:
-            # Results are taken in plan order: a deep window keeps every worker busy while the
-            # oldest task is a large image (a 3000 px source costs ~10 ordinary ones).
-            window: collections.deque = collections.deque()
-            for row, data, problem in sources:
-                window.append((row, problem, pool.submit(_encode_one, data, settings) if data is not None else None))
-                if len(window) >= workers * ENCODE_WINDOW:
-                    yield _finish(*window.popleft())
-            while window:
+        try:
+            yield from _encode_sources(rows, raw_root, settings, workers, reader, readers)
+        except BaseException:  # a tar that cannot be read, or the consumer stopped: read no further
+            readers.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _encode_sources(rows: list[SliceRow], raw_root: str, settings: EncodeSettings, workers: int,
+                    reader: fs.RangeReader, readers: ThreadPoolExecutor) -> Iterator:
+    sources = bounded_map(readers, _read_source, rows, READ_THREADS * 4, raw_root, reader)
+    if workers <= 1:
+        for row, data, problem in sources:
+            if data is None:
+                yield row, "excluded", problem
+            else:
+                yield (row, *_encode_one(data, settings))
+        return
+    # Workers exit with this process and start from a forkserver holding Dagster and Pillow.
+    with process_pool(workers) as pool:
+        # Results are taken in plan order: a deep window keeps every worker busy while the
+        # oldest task is a large image (a 3000 px source costs ~10 ordinary ones).
+        window: collections.deque = collections.deque()
+        for row, data, problem in sources:
+            window.append((row, problem, pool.submit(_encode_one, data, settings) if data is not None else None))
+            if len(window) >= workers * ENCODE_WINDOW:
                 yield _finish(*window.popleft())
+        while window:
+            yield _finish(*window.popleft())
 
 
 def _finish(row: SliceRow, problem: str, future):
@@ -296,7 +299,7 @@ def shard_state(out_root: str, shard_key: str, shard_name: str, expected_fingerp
     try:
         if fs.size(fs.join(out_root, shard_name)) != state.get("bytes"):
             return "stale"
-    except (FileNotFoundError, OSError):
+    except FileNotFoundError:  # gone since the look above
         return "missing"
     return "fresh"
 

@@ -273,3 +273,46 @@ def test_a_tar_walk_with_its_digest_reads_the_file_once(tmp_path, monkeypatch):
     assert len(members) == 20
     assert digest == [hashlib.sha256(data).hexdigest()]
     assert sum(read) <= len(data) + 10240  # the end-of-archive padding is looked at twice at most
+
+
+def test_range_reader_shared_by_threads_reads_the_right_file(tmp_path):
+    """Reader threads each keep their own open files: with one shared table, a descriptor closed by
+    one thread (to make room) and reused for another file gave a second thread the wrong bytes."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = []
+    for i in range(64):
+        p = tmp_path / f"{i:02d}.tar"
+        p.write_bytes(bytes([i]) * 4096)
+        paths.append(str(p))
+    rng = random.Random(0)
+    asks = [(rng.randrange(64), rng.randrange(4000)) for _ in range(20000)]
+    with fs.RangeReader(max_open=2) as reader, ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda a: reader.read(paths[a[0]], a[1], 96), asks))
+    wrong = [(a, g[:1]) for a, g in zip(asks, got) if g != bytes([a[0]]) * 96]
+    assert wrong == []
+
+
+def test_a_storage_error_is_not_taken_for_a_missing_file(monkeypatch):
+    """read_json (commit records, manifests, the plan index) says None for no file, but storage
+    that does not answer is an error: else every shard would look missing and be rebuilt."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNREACHABLE0002")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "unreachable")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(fs.StorageError, match=rf"cannot read s3://b/_manifests/0000.state.json: .*127.0.0.1:{port}"):
+        fs.read_json("s3://b/_manifests/0000.state.json")
+
+
+def test_read_json_is_none_for_no_file_or_a_torn_one(tmp_path):
+    assert fs.read_json(str(tmp_path / "none.json")) is None
+    (tmp_path / "torn.json").write_text('{"a": ')
+    assert fs.read_json(str(tmp_path / "torn.json")) is None
+    (tmp_path / "ok.json").write_text('{"a": 1}')
+    assert fs.read_json(str(tmp_path / "ok.json")) == {"a": 1}
