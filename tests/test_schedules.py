@@ -51,6 +51,7 @@ LIFECYCLE = {
     DagsterRunStatus.QUEUED: DagsterEventType.RUN_ENQUEUED,
     DagsterRunStatus.STARTING: DagsterEventType.RUN_STARTING,
     DagsterRunStatus.STARTED: DagsterEventType.RUN_START,
+    DagsterRunStatus.CANCELING: DagsterEventType.RUN_CANCELING,
     DagsterRunStatus.FAILURE: DagsterEventType.RUN_FAILURE,
 }
 
@@ -218,6 +219,12 @@ def test_runs_whose_worker_process_is_gone_are_failed_and_their_shards_requested
     alive = s.add_run("0002", DagsterRunStatus.STARTED, host=here)  # this process: alive
     elsewhere = s.add_run("0003", DagsterRunStatus.STARTED, host="another-host", pid=dead_pid())
     untagged = s.add_run("0004", DagsterRunStatus.STARTED, pid=dead_pid())  # killed before it said where
+    # Being canceled when its worker died: canceled (as asked), not failed (which would be retried).
+    canceling = s.add_run("0006", DagsterRunStatus.STARTED, host=here, pid=dead_pid())
+    s.instance.report_dagster_event(DagsterEvent(event_type_value=DagsterEventType.RUN_CANCELING.value,
+                                                 job_name=s.instance.get_run_by_id(canceling).job_name),
+                                    run_id=canceling)
+    assert s.instance.get_run_by_id(canceling).status == DagsterRunStatus.CANCELING
     # A live process that started after the run did holds a reused number: the run's worker is gone.
     younger = subprocess.Popen(["sleep", "120"])
     reused = s.add_run("0005", DagsterRunStatus.STARTED, host=here, pid=younger.pid, at=time.time() - 3600)
@@ -228,10 +235,10 @@ def test_runs_whose_worker_process_is_gone_are_failed_and_their_shards_requested
     assert s.instance.get_run_by_id(killed).status == DagsterRunStatus.STARTED
 
     assert requested(tick(s.settings, s.instance)) == ["0001"]
-    runs = {r: s.instance.get_run_by_id(r).status for r in (killed, alive, elsewhere, untagged, reused)}
+    runs = {r: s.instance.get_run_by_id(r).status for r in (killed, alive, elsewhere, untagged, reused, canceling)}
     assert runs == {killed: DagsterRunStatus.FAILURE, alive: DagsterRunStatus.STARTED,
                     elsewhere: DagsterRunStatus.STARTED, untagged: DagsterRunStatus.STARTED,
-                    reused: DagsterRunStatus.FAILURE}
+                    reused: DagsterRunStatus.FAILURE, canceling: DagsterRunStatus.CANCELED}
     younger.kill()
     younger.wait()
     failure = s.instance.get_records_for_run(killed, of_type=DagsterEventType.RUN_FAILURE).records[0]
