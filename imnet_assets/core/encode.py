@@ -9,7 +9,10 @@ Chain on the happy path (one header parse, one decode, at most one conversion an
 2. reject tiny (< 32 px side), refused formats/modes and, for non-draftable formats, huge images;
 3. for JPEG sources that get downsized, ``draft`` so libjpeg decodes at 1/2, 1/4 or 1/8 scale
    (always >= the target size);
-4. decode; on a decoding error retry once tolerating truncated/broken data (``repaired=True``);
+4. decode; on a decoding error retry once tolerating truncated/broken data (``repaired=True``); a JPEG
+   that decoded without error but whose data ran out before its last block (libjpeg fills the rest
+   with grey and only warns) is found by ``_jpeg_ran_out`` and is ``repaired=True`` too; a JPEG that
+   ran out before ``MIN_DECODED_FRACTION`` of its rows is rejected;
 5. colour: what ``convert("RGB")`` gives (16-bit / 32-bit / float greyscale is scaled to 8 bit first);
 6. resize to ``target_size`` with ``RESAMPLE``;
 7. lossy WebP, with only the colour-space EXIF tags and an RGB ICC profile carried over.
@@ -21,8 +24,9 @@ import io
 import re
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from PIL import Image, ImageFile, JpegImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageFile, JpegImagePlugin, UnidentifiedImageError
 
 MAX_SHORT = 768
 MIN_SIDE = 32
@@ -33,6 +37,15 @@ MIN_SIDE = 32
 # own hard decompression-bomb limit (2 * Image.MAX_IMAGE_PIXELS ~ 179 MP), which some plugins also
 # check while loading.
 MAX_FULL_DECODE_PIXELS = 12000 * 12000
+
+# A progressive JPEG is decoded through a whole-image buffer of DCT coefficients, 128 bytes per 8x8
+# block of every component, whatever the draft scale: 3 bytes per pixel for 4:2:0 YCbCr, 6 for 4:4:4,
+# 8 for 4:4:4 CMYK.  A file of a few hundred bytes can claim 65535 x 65535 px (13 GB at 4:2:0).  The
+# limit is what a 144 MP 4:2:0 image needs (the pixel limit above), 72 MP at 4:4:4: several times
+# ImageNet's largest photos (10-20 MP); with the small drafted image it keeps a worker well under
+# 1 GB.  (libjpeg needs the same buffer for a sequential JPEG whose components come in separate
+# scans; the header Pillow reads ends before the first SOS, so those are not limited here.)
+MAX_COEFFICIENT_BYTES = 3 * MAX_FULL_DECODE_PIXELS
 
 # libwebp cannot store a side longer than this (an extreme panorama whose short side is <= 768).
 WEBP_MAX_SIDE = 16383
@@ -147,6 +160,40 @@ def _is_draftable(img: Image.Image) -> bool:
     return isinstance(img, JpegImagePlugin.JpegImageFile)  # JPEG and MPO
 
 
+def _frame_blocks(img, size: tuple[int, int], padded: bool) -> int:
+    """8x8 blocks of all components of the JPEG frame ``img.layer`` describes at ``size``: per
+    component ``ceil(width * h / (8 * h_max))`` by ``ceil(height * v / (8 * v_max))`` (libjpeg's
+    jdinput.c), each rounded up to a multiple of its sampling factors when ``padded`` (the whole-image
+    coefficient buffer, jdcoefct.c).  Sampling factors outside 1..4, which libjpeg refuses, count as 1."""
+    layers = getattr(img, "layers", 0) or len(img.layer)
+    sampling = [(min(max(h, 1), 4), min(max(v, 1), 4)) for _, h, v, _ in img.layer[-layers:]]
+    if not sampling:
+        return 0
+    w, h = size
+    h_max = max(s[0] for s in sampling)
+    v_max = max(s[1] for s in sampling)
+    blocks = 0
+    for hs, vs in sampling:
+        cols = -(-w * hs // (8 * h_max))
+        rows = -(-h * vs // (8 * v_max))
+        if padded:
+            cols, rows = -(-cols // hs) * hs, -(-rows // vs) * vs
+        blocks += cols * rows
+    return blocks
+
+
+def coefficient_bytes(img) -> int:
+    """Bytes of the whole-image coefficient buffer libjpeg allocates to decode ``img`` when it is a
+    progressive JPEG (0 for anything else), from the frame header only: 64 two-byte coefficients per
+    block of every component.
+
+    ``img`` is an opened, not drafted ``JpegImageFile`` or anything with the same ``size``, ``format``,
+    ``info`` and ``layer`` (the probe's header record)."""
+    if img.format not in ("JPEG", "MPO") or not img.info.get("progressive"):
+        return 0
+    return 128 * _frame_blocks(img, img.size, padded=True)
+
+
 def plan_decode(
     img: ImageFile.ImageFile, max_short: int = MAX_SHORT
 ) -> tuple[tuple[int, int], tuple[float, float, float, float] | None]:
@@ -168,6 +215,12 @@ def plan_decode(
     if max(target) > WEBP_MAX_SIDE:
         raise ImageRejected(
             f"too large for WebP: {w}x{h} {img.format} -> {target[0]}x{target[1]} (max side {WEBP_MAX_SIDE})"
+        )
+    coef = coefficient_bytes(img)
+    if coef > MAX_COEFFICIENT_BYTES:
+        raise ImageRejected(
+            f"too large to decode: {w}x{h} progressive JPEG needs ~{coef / 1e9:.2f} GB of coefficient"
+            f" memory (max {MAX_COEFFICIENT_BYTES / 1e9:.2f} GB)"
         )
     box = None
     if target != (w, h) and _is_draftable(img):
@@ -246,16 +299,205 @@ def _is_uniform(img: Image.Image) -> bool:
     return ext[0] == ext[1]
 
 
+# ---- JPEG data that ends early
+#
+# When the entropy-coded data of a scan stops at a marker (typically a file cut short that still ends
+# with EOI, or one Pillow completes with a fake EOI), libjpeg only warns: the blocks it has no data
+# for keep all-zero coefficients, which decode to mid grey (128 in every channel; 127 for Adobe
+# inverted CMYK), at every draft scale; scans that never started leave a progressive image coarse.
+
+# A JPEG whose data ran out before this fraction of its rows decoded is rejected, not stored nearly
+# all grey.
+MIN_DECODED_FRACTION = 0.05
+
+_FILL_VALUES = (127, 128)
+_NOT_FILL_LUT = [0 if v in _FILL_VALUES else 255 for v in range(256)]
+# The first marker after entropy-coded data (fill bytes included): 0xFF followed by anything but a
+# stuffed zero or a restart marker.
+_ECS_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+# One-bits (0xFF, stuffed) put after the last scan's data in the confirming decode: enough for the
+# bit reader's look-ahead (57 bits) on the last block of a complete scan.
+_ONE_BITS = b"\xff\x00" * 8
+# Bytes (no 0xFF) that decode as arbitrary Huffman codes, for the progressive confirmation.
+_FILLER = bytes((37 * i + 11) % 255 for i in range(64))
+_SOS_OR_EOI = re.compile(rb"\xff[\xd9\xda]")
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_ALL_COEFFICIENTS = (1 << 64) - 1
+
+
+def _is_fill(pixel) -> bool:
+    if isinstance(pixel, int):
+        return pixel in _FILL_VALUES
+    return all(v in _FILL_VALUES for v in pixel)
+
+
+class JpegScans(NamedTuple):
+    sof: int  # the frame's marker (0xC0 baseline ... 0xC2 progressive, 0xC9.. arithmetic coding)
+    components: bytes  # the frame's component ids
+    scans: list[bytes]  # each scan's SOS header, without its length field
+    starts: list[int]  # offset where each scan's entropy-coded data starts
+
+
+def jpeg_scans(data: bytes) -> JpegScans | None:
+    """The frame and the scans before the first EOI of a JPEG; None when the marker segments up to
+    the first SOS cannot be walked, or there is no frame.
+
+    Inside entropy-coded data a 0xFF byte is only ever followed by 0x00 or a restart marker, and the
+    table segments between scans cannot hold FF DA or FF D9 (0xFF is no Huffman symbol), so after the
+    first SOS the others and the EOI are found by one regex search (C speed, ~60 us for 100 kB)."""
+    pos, n = 2, len(data)
+    sof, components = 0, b""
+    while True:
+        if pos + 4 > n or data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        length = data[pos + 2] << 8 | data[pos + 3]
+        if marker in _SOF_MARKERS and length >= 8:
+            segment = data[pos + 4 : pos + 2 + length]
+            sof, components = marker, segment[6::3][: segment[5]]
+        if marker == 0xDA:
+            break
+        if marker in (0xD8, 0xD9) or length < 2:
+            return None
+        pos += 2 + length
+    scans, starts = [], []
+    for found in _SOS_OR_EOI.finditer(data, pos):
+        at = found.start()
+        if data[at + 1] == 0xD9:
+            break
+        length = data[at + 2] << 8 | data[at + 3] if at + 4 <= n else 0
+        scans.append(data[at + 4 : at + 2 + length])
+        starts.append(min(at + 2 + length, n))
+    if not components:
+        return None
+    return JpegScans(sof, components, scans, starts)
+
+
+def _scan_data_end(data: bytes, start: int) -> int:
+    """Where the entropy-coded data starting at ``start`` ends: at the first marker (or fill bytes
+    before one) that follows it, else at the end of ``data``."""
+    found = _ECS_END.search(data, start)
+    if found is None:
+        return len(data)
+    end = found.start()
+    while end > start and data[end - 1] == 0xFF:
+        end -= 1
+    return end
+
+
+def _scan_script_complete(components: bytes, scans: list[bytes], progressive: bool) -> bool:
+    """Whether the scans bring every coefficient of every component to full precision (a progressive
+    scan with Al = 0), or, for a sequential JPEG, include every component."""
+    done = dict.fromkeys(components, 0)
+    for sos in scans:
+        ns = sos[0] if sos else 0
+        if len(sos) < 2 * ns + 4:
+            continue  # cut short: its scan has no data
+        ss, se, al = sos[2 * ns + 1], sos[2 * ns + 2], sos[2 * ns + 3] & 15
+        if not progressive:
+            bits = _ALL_COEFFICIENTS
+        elif al == 0 and ss <= se:
+            bits = ((1 << (se + 1)) - 1) ^ ((1 << ss) - 1)
+        else:
+            continue
+        for c in sos[1 : 2 * ns + 1 : 2]:
+            if c in done:
+                done[c] |= bits
+    return all(v & _ALL_COEFFICIENTS == _ALL_COEFFICIENTS for v in done.values())
+
+
+def _jpeg_ran_out(img: Image.Image, orig: tuple[int, int], data: bytes, max_short: int) -> bool:
+    """Whether the entropy-coded data of a JPEG that decoded without error (``img``, loaded; ``orig``
+    its size before any draft) ran out before the image was complete.
+
+    Sequential JPEG: the block decoded last (bottom right) is then libjpeg's grey, so a bottom-right
+    pixel that is not grey settles it (one ``getpixel``: every usual image stops here).  Otherwise
+    the file is decoded again, strictly, with its data after the last scan replaced by a few bytes of
+    one-bits and no EOI: complete data decodes to the same pixels (the extra bits are skipped as
+    padding), while data that ran out makes libjpeg wait for more (an error) or decode the extra
+    bits (other pixels).  A cut inside the last few blocks can go unseen.
+
+    Progressive JPEG (the scan headers are walked, ~50 us per 100 kB): the data ran out when the scan
+    script stops before every coefficient is complete, or when the file is too small to hold even the
+    first DC scan (1 bit per block at least, with Huffman coding), or, when the bottom-right pixel is
+    grey, when a few filler bytes put after each scan's data change the decoded pixels (a complete
+    scan skips them).  A cut inside the final scan, which only refines detail, is not detected.
+    """
+    progressive = bool(img.info.get("progressive"))
+    grey_corner = _is_fill(img.getpixel((img.width - 1, img.height - 1)))
+    if not (progressive or grey_corner):
+        return False
+    walked = jpeg_scans(data)
+    if walked is None:
+        return False  # nothing to go on: what decoded is what there is
+    if not _scan_script_complete(walked.components, walked.scans, progressive):
+        return True
+    if progressive and walked.sof < 0xC8 and 8 * len(data) < _frame_blocks(img, orig, padded=False):
+        return True
+    if not grey_corner:
+        return False
+    if progressive:
+        # The filler inserted after each scan's data is skipped by a scan that is complete, and
+        # decoded (into DC values other than the grey's) by one that ran out.
+        patched, last = [], 0
+        for start in walked.starts:
+            end = _scan_data_end(data, start)
+            patched += [data[last:end], _FILLER]
+            last = end
+        patched.append(data[last:])
+        again_data = b"".join(patched)
+    else:
+        again_data = data[: _scan_data_end(data, walked.starts[-1])] + _ONE_BITS
+    try:
+        again = _open_planned(again_data, max_short)[0]
+        again.load()
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - libjpeg asked for more data than there is
+        return True
+    return again.tobytes() != img.tobytes()
+
+
+def _decoded_rows(img: Image.Image) -> int:
+    """Rows of a decoded JPEG down to the last one holding a pixel that is not libjpeg's grey fill."""
+    mask = None
+    for band in img.split():
+        not_fill = band.point(_NOT_FILL_LUT)
+        mask = not_fill if mask is None else ImageChops.lighter(mask, not_fill)
+    bbox = mask.getbbox() if mask is not None else None
+    return bbox[3] if bbox else 0
+
+
+def _check_decoded_part(img: Image.Image) -> None:
+    """Reject a JPEG whose data ran out so early that almost all of it is grey fill."""
+    rows = _decoded_rows(img)
+    if rows < MIN_DECODED_FRACTION * img.height:
+        raise ImageRejected(
+            f"undecodable: image data ends early, only the top {100 * rows / img.height:.1f}% decoded"
+            f" (min {MIN_DECODED_FRACTION:.0%})"
+        )
+
+
 def _decode(data: bytes, max_short: int):
     """Open, plan and decode.  Returns ``(img, orig_size, target, box, repaired)``."""
     img, orig, target, box = _open_planned(data, max_short)
     try:
         img.load()
-        return img, orig, target, box, False
     except MemoryError:
         raise
     except Exception as first:  # truncated / broken data: decode again, as far as the data goes
         first_error = describe_error(first)
+    else:
+        if _is_draftable(img) and _jpeg_ran_out(img, orig, data, max_short):
+            _check_decoded_part(img)
+            return img, orig, target, box, True
+        return img, orig, target, box, False
     img, orig, target, box = _open_planned(data, max_short)
     if _is_draftable(img) and jpeg_scan_bytes(data) <= 0:
         # libjpeg would invent a grey image (plus a little noise) from the header alone
@@ -271,6 +513,8 @@ def _decode(data: bytes, max_short: int):
     # whose first scan is unusable).
     if _is_uniform(img):
         raise ImageRejected(f"undecodable: no image data could be decoded ({first_error})")
+    if _is_draftable(img):
+        _check_decoded_part(img)
     return img, orig, target, box, True
 
 

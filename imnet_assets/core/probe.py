@@ -96,11 +96,21 @@ def probe_image(data: bytes | memoryview, fast: bool = True) -> Probe:
 
 
 class _Header(NamedTuple):
-    """What ``plan_decode`` reads from an opened image, for a JPEG read by ``_jpeg_header``."""
+    """What ``plan_decode`` reads from an opened image, for a JPEG read by ``_jpeg_header``: its
+    size, mode, format, and for ``coefficient_bytes`` the frame's components as Pillow's ``layer``
+    and ``layers`` hold them (``(id, h, v, table)`` per component triple, the declared count) and
+    whether it is progressive (Pillow's ``info``)."""
 
     size: tuple[int, int]
     mode: str
     format: str = "JPEG"
+    layer: tuple[tuple[int, int, int, int], ...] = ()
+    layers: int = 0
+    progressive: bool = False
+
+    @property
+    def info(self) -> dict[str, int]:
+        return {"progressive": 1} if self.progressive else {}
 
 
 def _probe_jpeg(data: bytes | memoryview) -> Probe | None:
@@ -128,7 +138,8 @@ def _probe_jpeg(data: bytes | memoryview) -> Probe | None:
 # DRI, EXP, SOS), or reads as below; any other marker (other SOFs, RSTn, JPGn, a second SOI,
 # unknown ones) leaves the file to Pillow.
 _SKIPPED = frozenset({0xC4, 0xCC, 0xDC, 0xDD, 0xDF, 0xDA})
-_SOF = frozenset({0xC0, 0xC1, 0xC2})  # baseline, extended sequential, progressive
+_SOF2 = 0xC2
+_SOF = frozenset({0xC0, 0xC1, _SOF2})  # baseline, extended sequential, progressive
 _MODES = {1: "L", 3: "RGB", 4: "CMYK"}
 _DQT, _SOS, _COM, _APP0, _APP1, _APP2, _APP13, _APP14 = 0xDB, 0xDA, 0xFE, 0xE0, 0xE1, 0xE2, 0xED, 0xEE
 
@@ -147,6 +158,8 @@ def _jpeg_header(data: bytes | memoryview) -> _Header | None:
         return None
     pos = 2  # Pillow reads its first marker from the third byte on
     size = mode = None
+    layer: tuple[tuple[int, int, int, int], ...] = ()
+    layers, progressive = 0, False
     dpi = exif = False
     while True:
         if pos + 1 >= n:
@@ -168,6 +181,10 @@ def _jpeg_header(data: bytes | memoryview) -> _Header | None:
             mode = _MODES.get(data[start + 5])
             if mode is None:
                 return None
+            layer = tuple(
+                (data[i], data[i + 1] >> 4, data[i + 1] & 15, data[i + 2]) for i in range(start + 6, end, 3)
+            )
+            layers, progressive = data[start + 5], marker == _SOF2
         elif 0xE0 <= marker <= 0xEF:
             app = _app_segment(marker, bytes(data[start : min(end, start + 16)]), length - 2)
             if app is None:
@@ -185,7 +202,7 @@ def _jpeg_header(data: bytes | memoryview) -> _Header | None:
             return None  # junk between segments: Pillow skips it byte by byte
     if size is None or mode is None or not (size[0] and size[1]) or (exif and not dpi):
         return None  # no frame or an empty one (another plugin is tried), or EXIF to read
-    return _Header(size, mode)
+    return _Header(size, mode, "JPEG", layer, layers, progressive)
 
 
 def _app_segment(marker: int, head: bytes, length: int) -> str | None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import struct
 import subprocess
 import sys
 import warnings
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from imnet_assets.core.encode import (
+    MAX_COEFFICIENT_BYTES,
     MAX_FULL_DECODE_PIXELS,
     RESAMPLE,
     Encoded,
@@ -19,11 +21,14 @@ from imnet_assets.core.encode import (
     ImageRejected,
     _to_rgb_resized,
     bare_chain,
+    coefficient_bytes,
     encode_image,
     filter_exif,
     open_image,
+    plan_decode,
     target_size,
 )
+from imnet_assets.core.photos import make_photo
 
 S = EncodeSettings()
 REPO = Path(__file__).resolve().parents[2]
@@ -462,6 +467,123 @@ def test_truncated_progressive_jpeg_repaired(imgs):
     assert imgs.mean_abs_diff(imgs.decode(enc.webp), src) < 8
 
 
+def to_bytes(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _photo_jpeg(size=(640, 480), mode="RGB", seed=0, **kw) -> bytes:
+    img = make_photo(*size, np.random.default_rng(seed))
+    return to_bytes(img if mode == "RGB" else img.convert(mode), "JPEG", quality=90, **kw)
+
+
+def _cut_with_eoi(data: bytes, fraction: float) -> bytes:
+    """The first part of a JPEG's bytes, closed by an EOI marker as if the file were complete."""
+    return data[: int(len(data) * fraction)] + b"\xff\xd9"
+
+
+def _with_frame_size(data: bytes, width: int, height: int, sof: bytes = b"\xff\xc0") -> bytes:
+    """The JPEG with its SOF header claiming another size (its scan data unchanged)."""
+    at = data.index(sof)
+    return data[: at + 5] + struct.pack(">HH", height, width) + data[at + 9 :]
+
+
+def _pillow_loads(data: bytes, max_short: int = 768) -> Image.Image:
+    img = open_image(data)  # Image.open without its decompression-bomb check
+    img.draft(img.mode, target_size(*img.size, max_short))
+    img.load()  # no error: libjpeg only warns about the data that is missing
+    return img
+
+
+@pytest.mark.parametrize("max_short", [768, 240, 60])  # full size, 1/2 and 1/8 DCT scale
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_jpeg_cut_short_but_ending_in_eoi_repaired(mode, max_short):
+    settings = EncodeSettings(max_short=max_short)
+    data = _photo_jpeg(mode=mode)
+    cut = _cut_with_eoi(data, 0.5)
+    decoded = _pillow_loads(cut, max_short)
+    corner = decoded.getpixel((decoded.width - 1, decoded.height - 1))
+    assert corner in (128, (128,) * 3, (127,) * 4)  # libjpeg's fill for the blocks it had no data for
+    enc = encode_image(cut, settings)
+    assert enc.repaired is True
+    assert encode_image(data, settings).repaired is False
+    if max_short == 768:
+        out = np.asarray(Image.open(io.BytesIO(enc.webp)).convert("RGB"), dtype=np.int16)
+        ref = np.asarray(reference(data), dtype=np.int16)
+        assert np.abs(out[:150] - ref[:150]).mean() < 6  # the decoded top is kept as it is
+        if mode != "CMYK":
+            assert np.abs(out[-60:] - 128).max() <= 3  # the rest is libjpeg's grey
+
+
+@pytest.mark.parametrize(
+    "kw", [{"restart_marker_rows": 1}, {"restart_marker_blocks": 3}, {"optimize": True}, {"subsampling": 0}]
+)
+def test_jpeg_cut_short_but_ending_in_eoi_repaired_kinds(kw):
+    data = _photo_jpeg(size=(641, 483), **kw)  # odd sizes: partial MCUs on the right and bottom
+    for fraction in (0.1, 0.5, 0.9, 0.99):
+        for max_short in (768, 240, 60):
+            enc = encode_image(_cut_with_eoi(data, fraction), EncodeSettings(max_short=max_short))
+            assert enc.repaired is True, (fraction, max_short)
+    assert encode_image(data, S).repaired is False
+
+
+def test_progressive_jpeg_cut_but_ending_in_eoi_repaired():
+    # Scans that never started leave the image coarse rather than grey: the scan headers tell.
+    data = _photo_jpeg(progressive=True)
+    for fraction in (0.05, 0.2, 0.4):
+        cut = _cut_with_eoi(data, fraction)
+        _pillow_loads(cut)
+        assert encode_image(cut, S).repaired is True, fraction
+        assert encode_image(cut, EncodeSettings(max_short=60)).repaired is True, fraction
+    assert encode_image(data, S).repaired is False
+
+
+def test_header_claiming_far_more_than_the_data_rejected():
+    # 30000x30000 claimed, 256x192 px of data: libjpeg decodes a 99.9% grey image without an error.
+    small = _photo_jpeg(size=(256, 192))
+    lying = _with_frame_size(small, 30000, 30000)
+    assert _pillow_loads(lying).size == (3750, 3750)  # 1/8 scale, no error
+    with pytest.raises(ImageRejected) as exc:
+        encode_image(lying, S)
+    assert exc.value.reason == "undecodable: image data ends early, only the top 0.1% decoded (min 5%)"
+    # the same for a progressive JPEG (file too small for its DC scan; or grey filler detected)
+    small = _photo_jpeg(size=(64, 48), progressive=True)
+    for size in ((3000, 2000), (640, 480)):
+        with pytest.raises(ImageRejected, match=r"^undecodable: image data ends early, only the top"):
+            encode_image(_with_frame_size(small, *size, sof=b"\xff\xc2"), S)
+    # a meaningful part decoded: kept, repaired
+    assert encode_image(_with_frame_size(small, 128, 96, sof=b"\xff\xc2"), S).repaired is True
+
+
+def test_jpeg_with_almost_nothing_decoded_rejected_without_eoi_too():
+    data = _photo_jpeg()
+    with pytest.raises(ImageRejected, match=r"^undecodable: image data ends early, only the top [0-4]\.\d% "):
+        encode_image(data[: len(data) // 50], S)
+    assert encode_image(data[: len(data) // 10], S).repaired is True
+
+
+def test_complete_grey_jpegs_not_marked_repaired(imgs):
+    # Grey that the data really encodes is not mistaken for libjpeg's fill: the confirming decode
+    # (with the data after the last scan replaced) gives the same pixels.
+    for data in (
+        imgs.flat_grey_jpeg(1024, 768),
+        to_bytes(Image.new("RGB", (640, 480), (128, 128, 128)), "JPEG"),
+        to_bytes(Image.new("CMYK", (640, 480), (127, 127, 127, 127)), "JPEG"),
+        to_bytes(Image.new("RGB", (640, 480), (128, 128, 128)), "JPEG", progressive=True),
+    ):
+        for max_short in (768, 240, 60):
+            assert encode_image(data, EncodeSettings(max_short=max_short)).repaired is False
+    photo = make_photo(640, 480, np.random.default_rng(3))
+    photo.paste((128, 128, 128), (560, 400, 640, 480))
+    for kw in ({}, {"progressive": True}, {"restart_marker_rows": 1}):
+        data = to_bytes(photo, "JPEG", quality=95, **kw)
+        assert _pillow_loads(data).getpixel((639, 479)) == (128, 128, 128)  # the check looks further
+        enc = encode_image(data, S)
+        assert enc.repaired is False
+        assert enc == encode_image(data, S)
+
+
 def test_jpeg_cut_inside_header_rejected(imgs):
     data = imgs.to_bytes(imgs.smooth_rgb(300, 200), "JPEG", quality=90)
     with pytest.raises(ImageRejected, match="unreadable header|not an image"):
@@ -539,6 +661,80 @@ def test_huge_jpeg_memory_bounded(huge_jpeg, tmp_path):
     w, h, maxrss_kib = map(int, res.stdout.split())
     assert (w, h) == (768, 768)
     assert maxrss_kib < 250 * 1024, f"peak RSS {maxrss_kib / 1024:.0f} MiB"
+
+
+def _progressive_header(width: int, height: int, mode: str = "RGB", subsampling: int = 2) -> bytes:
+    """A valid small progressive JPEG whose frame header claims ``width`` x ``height``."""
+    data = to_bytes(Image.new(mode, (64, 48)), "JPEG", progressive=True, subsampling=subsampling)
+    return _with_frame_size(data, width, height, sof=b"\xff\xc2")
+
+
+def test_progressive_coefficient_memory_from_the_header():
+    def coef(*args):
+        return coefficient_bytes(open_image(_progressive_header(*args)))
+
+    # 128 bytes per 8x8 block: 3 bytes per pixel at 4:2:0, 6 at 4:4:4, 8 for CMYK, 2 for grey
+    assert coef(16000, 16000) == 16000 * 16000 * 3
+    assert coef(4000, 3000, "RGB", 0) == 4000 * 3000 * 6
+    assert coef(3000, 3000, "CMYK", 0) == 3000 * 3000 * 8
+    assert coef(4000, 4000, "L") == 4000 * 4000 * 2
+    assert coef(5000, 5000, "L") == 626 * 626 * 128  # blocks rounded up to the (2x2) sampling
+    assert coef(17, 9) == (4 * 2 + 2 * 2 * 1 * 1) * 128  # partial blocks, MCUs of 2x2 luma blocks
+    assert coefficient_bytes(open_image(_photo_jpeg(size=(64, 48)))) == 0  # baseline: none
+    # The limit: 144 MP at 4:2:0 (the full-decode pixel limit), 72 MP at 4:4:4; ImageNet's largest
+    # photos are 10-20 MP.
+    assert MAX_COEFFICIENT_BYTES == 3 * MAX_FULL_DECODE_PIXELS < 2**30
+    assert coef(12000, 12000) == MAX_COEFFICIENT_BYTES
+    assert coef(8000, 6000, "CMYK", 0) < MAX_COEFFICIENT_BYTES
+
+
+@pytest.mark.parametrize(
+    "size,mode,subsampling,gb",
+    [((16000, 16000), "RGB", 2, "0.77"), ((65535, 65535), "RGB", 2, "12.88"), ((9000, 9000), "RGB", 0, "0.49"),
+     ((7000, 8000), "CMYK", 0, "0.45"), ((12001, 12000), "RGB", 2, "0.43")],
+)  # fmt: skip
+def test_progressive_too_large_rejected_by_plan(size, mode, subsampling, gb):
+    img = open_image(_progressive_header(*size, mode, subsampling))
+    with pytest.raises(ImageRejected) as exc:
+        plan_decode(img)  # header only: nothing is decoded
+    assert exc.value.reason == (
+        f"too large to decode: {size[0]}x{size[1]} progressive JPEG needs ~{gb} GB of coefficient memory"
+        " (max 0.43 GB)"
+    )
+
+
+def test_progressive_too_large_memory_bounded(tmp_path):
+    # In a fresh process under an address-space limit, so that a regression fails instead of taking
+    # the machine's memory: a 16000x16000 claim would take 0.77 GB, 65535x65535 12.9 GB.
+    sizes = [(16000, 16000), (65535, 65535), (3000, 3000)]
+    for i, size in enumerate(sizes):
+        (tmp_path / f"{i}.jpg").write_bytes(_progressive_header(*size, "RGB", 0))
+    code = (
+        "import re, resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "from imnet_assets.core.encode import encode_image, coefficient_bytes, open_image, ImageRejected\n"
+        "def hwm(): return int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))\n"
+        "for path in sys.argv[1:]:\n"
+        "    data = open(path, 'rb').read()\n"
+        "    start = hwm()\n"
+        "    try:\n"
+        "        encode_image(data); reason = 'kept'\n"
+        "    except ImageRejected as e:\n"
+        "        reason = e.reason\n"
+        "    print((hwm() - start) * 1024, coefficient_bytes(open_image(data)), reason, sep='|')\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, *(str(tmp_path / f"{i}.jpg") for i in range(len(sizes)))],
+        capture_output=True, text=True, check=True, cwd=REPO,
+    )  # fmt: skip
+    rows = [line.split("|") for line in res.stdout.splitlines()]
+    for (grew, _coef, reason), size in zip(rows[:2], sizes):
+        assert reason.startswith(f"too large to decode: {size[0]}x{size[1]} progressive JPEG needs")
+        assert int(grew) < 20 * 2**20  # rejected before decoding
+    # libjpeg really allocates what coefficient_bytes says (here 54 MB), on top of small images
+    grew, coef, reason = rows[2]
+    assert reason.startswith("undecodable: image data ends early")
+    assert int(coef) == 54_000_000 and int(coef) <= int(grew) < int(coef) + 30 * 2**20
 
 
 def test_huge_non_draftable_rejected_without_decoding(imgs):

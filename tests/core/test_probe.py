@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
 from imnet_assets.core import probe as probe_mod
-from imnet_assets.core.encode import MAX_FULL_DECODE_PIXELS, MIN_SIDE, ImageRejected, plan_decode
+from imnet_assets.core.encode import MAX_FULL_DECODE_PIXELS, MIN_SIDE, ImageRejected, open_image, plan_decode
 from imnet_assets.core.probe import Probe, looks_truncated, probe_image
 
 
@@ -183,3 +184,57 @@ def test_cut_header_reason(imgs):
     data = imgs.to_bytes(imgs.smooth_rgb(300, 200), "JPEG", quality=90, exif=Image.Exif().tobytes())
     p = probe_image(data[:100])
     assert p.status == "excluded" and p.reason.startswith(("unreadable header", "not an image"))
+
+
+def _progressive(width: int, height: int, mode: str = "RGB", subsampling: int = 2, sampling=None) -> bytes:
+    """A small progressive JPEG whose frame header claims ``width`` x ``height`` (and, optionally,
+    other sampling factors: one byte per component, h << 4 | v)."""
+    buf = io.BytesIO()
+    Image.new(mode, (64, 48)).save(buf, "JPEG", progressive=True, subsampling=subsampling)
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc2")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    for i, hv in enumerate(sampling or ()):
+        data[sof + 11 + 3 * i] = hv
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "args,excluded",
+    [
+        ((16000, 16000), True),  # Pillow decides (more pixels than the fast path answers for)
+        ((65535, 65535), True),
+        ((12001, 12000), True),
+        ((12000, 12000), False),  # exactly the limit at 4:2:0
+        ((9000, 9000, "RGB", 0), True),  # 4:4:4, answered by the JPEG marker walk
+        ((8400, 8400, "RGB", 0), False),
+        ((7000, 8000, "CMYK", 0), True),
+        ((6000, 8000, "CMYK", 0), False),
+        ((12000, 12000, "L"), False),
+        ((9000, 9000, "RGB", 0, [0x11, 0x00, 0x11]), True),  # a sampling factor libjpeg refuses
+        ((9000, 9000, "RGB", 0, [0x55, 0x11, 0x11]), False),
+        ((9000, 9000, "RGB", 0, [0x22, 0x22, 0x22]), True),
+        ((8000, 8000, "RGB", 0, [0x41, 0x14, 0x22]), False),
+    ],
+)
+def test_progressive_too_large_excluded_by_shared_rule(args, excluded):
+    data = _progressive(*args)
+    p = probe_image(data)
+    assert p == probe_image(data, fast=False) == probe_image(memoryview(data))  # the marker walk agrees
+    assert (p.width, p.height, p.format) == (args[0], args[1], "JPEG")
+    if args[0] * args[1] <= MAX_FULL_DECODE_PIXELS:
+        assert probe_mod._probe_jpeg(data) is not None  # the walk answered
+    assert p.kept is not excluded
+    if excluded:
+        with pytest.raises(ImageRejected) as exc:
+            plan_decode(open_image(data))
+        assert p.reason == exc.value.reason  # the encoder's own rule and reason
+        assert p.reason.startswith(f"too large to decode: {args[0]}x{args[1]} progressive JPEG needs ~")
+        assert p.reason.endswith(" GB of coefficient memory (max 0.43 GB)")
+
+
+def test_baseline_jpeg_has_no_coefficient_limit(imgs):
+    # A baseline JPEG is decoded a row of blocks at a time: the huge flat one stays kept.
+    data = imgs.flat_grey_jpeg(16384, 12000)
+    assert probe_image(data) == probe_image(data, fast=False)
+    assert probe_image(data).kept
