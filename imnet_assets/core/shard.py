@@ -26,7 +26,7 @@ from .procpool import bounded_map, process_pool
 
 # Bump when the bytes a shard holds for the same input would change (encoding rules, tar layout,
 # JSON fields). Part of every shard's fingerprint, so a bump makes every shard stale.
-ENCODER_VERSION = "1"
+ENCODER_VERSION = "2"  # 2: JPEG data that runs out before EOI is repaired or rejected; progressive memory cap
 MANIFEST_DIR = "_manifests"
 READ_THREADS = 8
 ENCODE_WINDOW = 8  # tasks in flight per encode worker
