@@ -249,7 +249,11 @@ def cmd_lineage(args) -> int:
         print(f"status       {r['status']}" + (f"  ({r['reason']})" if r["reason"] else ""))
         if r["shard"] is not None:
             where = fs.join(s.out_root, r["path"] or s.shard_name(r["shard"]))
-            print(f"shard        {r['shard']}  position {r['position']}  file {where}")
+            if r["position"] is None:  # planned there; not written (yet, or refused by the encoder)
+                print(f"shard        {r['shard']}  plan position {r['plan_position']}  file {where}")
+            else:
+                moved = f" (plan position {r['plan_position']})" if r["position"] != r["plan_position"] else ""
+                print(f"shard        {r['shard']}  position {r['position']}{moved}  file {where}")
             if not r["run_id"]:
                 print("written by   (not written yet: run `imnet build`)")
             elif r["webp_sha256"] is None:

@@ -7,7 +7,7 @@ FROM (
     SELECT key, tar, "offset",
            first_value(tar) OVER w AS first_tar, first_value("offset") OVER w AS first_offset,
            row_number() OVER w AS n
-    FROM images WHERE status = 'kept'
+    FROM images WHERE status = 'kept' OR excluded_at = 'encode'  -- kept by the index
     WINDOW w AS (PARTITION BY key ORDER BY tar, "offset")
 ) d
 WHERE d.n > 1 AND i.key = d.key AND i.tar = d.tar AND i."offset" = d."offset";

@@ -30,7 +30,9 @@ WITH kept AS (
     SELECT i.rowid AS rid,
            row_number() OVER (ORDER BY md5($seed::VARCHAR || ':' || i.key), i.key) - 1 AS g
     FROM images i SEMI JOIN synsets s USING (wnid)
-    WHERE i.status = 'kept'
+    -- what the index keeps: an image the encoder refused is planned again (and refused again, with
+    -- its reason), so the plan depends on the index alone, whatever the last audit found
+    WHERE i.status = 'kept' OR i.excluded_at = 'encode'
 ),
 sizes AS (
     SELECT count(*) // $num_shards AS q, count(*) % $num_shards AS r FROM kept

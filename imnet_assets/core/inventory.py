@@ -27,7 +27,15 @@ class RawListing:
     ignored: list[str]  # other files under the root, reported, not used
 
     @property
+    def tars_fingerprint(self) -> str:
+        """The synset tars (names, sizes, modification times): what the inventory, the index and so
+        the plan are built from."""
+        payload = [(t["name"], t["size"], t["mtime"]) for t in self.tars]
+        return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+
+    @property
     def fingerprint(self) -> str:
+        """The tars and words.txt / gloss.txt: the synset manifest's input."""
         payload = [(t["name"], t["size"], t["mtime"]) for t in self.tars]
         payload += [(n, e["size"], e["mtime"]) for n, e in sorted(self.texts.items())]
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest()

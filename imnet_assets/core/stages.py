@@ -31,9 +31,10 @@ def _h(*parts) -> str:
 def expected_fingerprints(settings: Settings, unpack: bool = False, log: Log = print) -> dict[str, str]:
     """The input fingerprint each stage would record if built now (cheap: a listing of the raw root)."""
     listing = list_raw(settings.raw_root, unpack=unpack, log=log)
-    raw = _h("raw_tars", listing.fingerprint)
+    # Each from what it reads: a words.txt or gloss.txt edit makes only the synset manifest stale.
+    raw = _h("raw_tars", listing.tars_fingerprint)
     synsets = _h("synset_manifest", listing.fingerprint)
-    index = _h("filtered_index", listing.fingerprint, INDEX_VERSION)
+    index = _h("filtered_index", listing.tars_fingerprint, INDEX_VERSION)
     plan = _h("shuffled_plan", index, settings.seed, settings.num_shards, settings.holdout, PLAN_VERSION)
     return {"raw_tars": raw, "synset_manifest": synsets, "filtered_index": index, "shuffled_plan": plan}
 
@@ -53,10 +54,9 @@ def stale_stages(settings: Settings, log: Log = print) -> list[str]:
     index = read_index(settings.out_root)
     if "shuffled_plan" not in stale and (index is None or index.get("fingerprint") != want["shuffled_plan"]):
         stale.append("shuffled_plan")
-    order = list(want)
-    # Everything downstream of a stale stage is stale too.
-    first = min((order.index(s) for s in stale), default=len(order))
-    return order[first:]
+    # No cascade: each fingerprint already holds its upstream's input (the plan's holds the index's,
+    # which holds the tars'), so a stage whose own fingerprint matches reads what it was built from.
+    return [s for s in want if s in stale]
 
 
 def build_raw_tars(settings: Settings, run_id: str, log: Log = print) -> dict:
@@ -74,10 +74,10 @@ def build_raw_tars(settings: Settings, run_id: str, log: Log = print) -> dict:
         with staged_csv(["tar", "wnid", "size", "mtime", "num_members"], rows) as path:
             cat.run("raw_tars_stage", {"path": path})
         cat.run("raw_tars_replace")
-        cat.set_stage("raw_tars", _h("raw_tars", listing.fingerprint), run_id)
+        cat.set_stage("raw_tars", _h("raw_tars", listing.tars_fingerprint), run_id)
         facts = cat.one("raw_tars_summary")
     facts["ignored_files"] = len(listing.ignored)
-    facts["fingerprint"] = listing.fingerprint
+    facts["fingerprint"] = listing.tars_fingerprint
     return facts
 
 
@@ -120,7 +120,7 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print) -> d
                 log(f"indexed {n}/{len(todo)} tars")
         cat.run("index_duplicates")
         cat.run("index_count_kept")
-        cat.set_stage("filtered_index", _h("filtered_index", listing.fingerprint, INDEX_VERSION), run_id)
+        cat.set_stage("filtered_index", _h("filtered_index", listing.tars_fingerprint, INDEX_VERSION), run_id)
         facts = cat.one("index_summary")
         facts["reasons"] = cat.rows("index_reasons")
     seconds = time.perf_counter() - started
