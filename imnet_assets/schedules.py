@@ -183,7 +183,7 @@ def make(settings: Settings):
             if state.get("fingerprint") != expected.get(key) or state.get("bytes") != size:
                 return SkipReason(f"shard {key} is not in yet (stale: written from another plan or settings, "
                                   "or changed on storage)")
-            fps.append(state["sha256"])
+            fps.append(f"{state['sha256']}:{state.get('run_id', '')}")  # a rebuild names a new run
         # Stray shard files fail the audit, so they are part of what it is asked for with.
         fps += stray_shards(settings, list(sizes))
         state = hashlib.sha256("".join(fps).encode()).hexdigest()[:32]

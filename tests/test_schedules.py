@@ -294,11 +294,14 @@ def test_audit_sensor_waits_for_every_shard_then_asks_once_per_change(site):
     assert req.run_key
 
     # nothing changed: no new request, so the daemon launches the audit only once
-    assert look().run_requests == []
-    # a rerun that writes the same bytes changes nothing either
-    assert s.run_shard("0001").success
     data = look()
     assert data.run_requests == [] and "already asked" in data.skip_message
+    # a rerun that writes the same bytes is another run: audited again, so lineage names it
+    assert s.run_shard("0001").success
+    again = look().run_requests
+    assert len(again) == 1 and again[0].run_key != req.run_key
+    req = again[0]
+    assert look().run_requests == []
 
     # a shard missing (its commit record, or its tar) or changed on storage: skip, naming it
     saved = s.state("0002").read_bytes()

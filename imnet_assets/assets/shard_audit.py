@@ -81,8 +81,9 @@ def make(settings: Settings):
     )
     def shard_audit(context: AssetExecutionContext) -> MaterializeResult:
         report = run_audit(settings, context.run.run_id, logger(context))
-        info_problems = check_info(settings) if report.info_written else ["_info.json not written: " + (
-            f"{len(report.missing)} shards missing, {len(report.stale)} stale")]
+        info_problems = check_info(settings) if report.info_written else [
+            f"_info.json not written, the audit found {len(report.problems)} problems: "
+            + "; ".join(report.problems[:3])]
         return MaterializeResult(
             metadata=audit_metadata(report),
             check_results=[

@@ -369,12 +369,18 @@ def remove_partials(url: str) -> list[str]:
     folder, name = os.path.split(os.path.abspath(url))
     if not os.path.isdir(folder):
         return removed
-    pattern = re.compile(re.escape(f".{name}{TMP_MARK}") + r"\d+-[0-9a-f]{8}$")
+    pattern = re.compile(re.escape(f".{name}{TMP_MARK}") + r"(\d+)-[0-9a-f]{8}$")
     for entry in os.listdir(folder):
-        if pattern.match(entry):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(folder, entry))
-                removed.append(os.path.join(folder, entry))
+        m = pattern.match(entry)
+        path = os.path.join(folder, entry)
+        if not m:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            # another run of the same shard still writing (two runs of a partition at once)
+            if int(m.group(1)) != os.getpid() and pid_alive(int(m.group(1)), started_by=os.stat(path).st_ctime):
+                continue
+            os.unlink(path)
+            removed.append(path)
     return removed
 
 

@@ -278,7 +278,7 @@ def build_shard(
         "excluded": excluded,
     }
     fs.write_atomic(mf_url, json.dumps(manifest, separators=(",", ":")).encode())
-    state = {k: manifest[k] for k in ("shard", "path", "fingerprint", "bytes", "sha256", "num_samples")}
+    state = {k: manifest[k] for k in ("shard", "path", "fingerprint", "bytes", "sha256", "num_samples", "run_id")}
     fs.write_atomic(state_url(out_root, shard_key), json.dumps(state, sort_keys=True).encode())
     return ShardResult(
         shard_key, final, len(rows), len(samples), out.count, manifest["sha256"], seconds,

@@ -87,9 +87,18 @@ def test_write_atomic_replaces(tmp_path):
     assert os.listdir(tmp_path) == ["m.json"]
 
 
+def exited_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
 def test_remove_partials_removes_only_this_targets_temporaries(tmp_path):
     target = str(tmp_path / "shard-0001.tar")
-    mine = [tmp_path / f".shard-0001.tar{fs.TMP_MARK}{pid}-{tag}" for pid, tag in ((12, "0123abcd"), (999, "ffffffff"))]
+    mine = [tmp_path / f".shard-0001.tar{fs.TMP_MARK}{pid}-{tag}"
+            for pid, tag in ((exited_pid(), "0123abcd"), (os.getpid(), "ffffffff"))]
     others = [
         tmp_path / f".shard-0002.tar{fs.TMP_MARK}12-0123abcd",  # another shard's temporary
         tmp_path / f".shard-0001.tar{fs.TMP_MARK}12-0123abcd.keep",  # not the temporary pattern
@@ -105,6 +114,22 @@ def test_remove_partials_removes_only_this_targets_temporaries(tmp_path):
     assert all(p.exists() for p in others)
     assert fs.remove_partials(target) == []
     assert fs.remove_partials(str(tmp_path / "missing-folder" / "x.tar")) == []
+
+
+def test_remove_partials_spares_a_live_writers_temporary(tmp_path):
+    """Two runs of one shard at once: the second must not delete what the first is writing."""
+    import subprocess
+
+    target = str(tmp_path / "shard-0001.tar")
+    writer = subprocess.Popen(["sleep", "60"])
+    try:
+        live = tmp_path / f".shard-0001.tar{fs.TMP_MARK}{writer.pid}-0123abcd"
+        live.write_bytes(b"being written")
+        assert fs.remove_partials(target) == [] and live.exists()
+    finally:
+        writer.kill()
+        writer.wait()
+    assert fs.remove_partials(target) == [str(live)]
 
 
 def test_remove_partials_matches_what_atomic_open_leaves(tmp_path):

@@ -150,7 +150,9 @@ def assert_identical(a: Path, b: Path) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs between {a} and {b}"
     for i in range(4):
         state = f"_manifests/{i:04d}.state.json"
-        assert json.loads((a / state).read_text()) == json.loads((b / state).read_text()), state
+        ours, theirs = (json.loads((x / state).read_text()) for x in (a, b))
+        assert ours.pop("run_id") != theirs.pop("run_id")  # which run wrote it: all else is the same
+        assert ours == theirs, state
 
 
 # ----------------------------------------------------------------------------- tests
