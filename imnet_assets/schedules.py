@@ -2,7 +2,8 @@
 
 The schedule asks for runs only for shard partitions that are missing, failed or stale (judged
 from what sits in the out root against the current plan and settings), at most
-IMNET_SCHEDULE_MAX_RUNS per tick, skipping partitions that already have a run queued or running.
+IMNET_SCHEDULE_MAX_RUNS per tick, skipping partitions that already have a run queued or running,
+or a failed run that Dagster's run retries are about to launch again.
 The sensor requests `shard_audit` once every shard is in and fresh, once per change of the shards
 (or of stray shard files beside them).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import time
 from functools import partial
 
 from dagster import (
@@ -21,6 +23,7 @@ from dagster import (
     DagsterRunStatus,
     DefaultScheduleStatus,
     DefaultSensorStatus,
+    RunRecord,
     RunRequest,
     RunsFilter,
     ScheduleEvaluationContext,
@@ -44,6 +47,7 @@ IN_FLIGHT = [
     DagsterRunStatus.CANCELING,
 ]
 PARTITION_TAG = "dagster/partition"
+WILL_RETRY_TAG = "dagster/will_retry"  # set by the instance on a failed run: "true" when run_retries will relaunch it
 HOST_TAG = "imnet/host"  # where the run's worker process runs (set by `imnet build` and by wds_shards)
 SHARDS = AssetKey("wds_shards")
 
@@ -59,15 +63,26 @@ def _targets_shards(run) -> bool:
 
 
 def _partitions_of(instance: DagsterInstance, statuses, limit: int | None = None,
-                   skip=lambda _run: False) -> dict[str, str]:
-    """Partition key -> run id of runs (newest first) in these statuses that target wds_shards."""
-    out: dict[str, str] = {}
+                   skip=lambda _run: False) -> dict[str, RunRecord]:
+    """Partition key -> the newest run record in these statuses that targets wds_shards."""
+    out: dict[str, RunRecord] = {}
     for rec in instance.get_run_records(RunsFilter(statuses=statuses), limit=limit):
         run = rec.dagster_run
         key = run.tags.get(PARTITION_TAG)
         if key and _targets_shards(run) and not skip(run):
-            out.setdefault(key, run.run_id)
+            out.setdefault(key, rec)
     return out
+
+
+RETRY_GRACE_SECONDS = 600  # how long a failed run that Dagster will retry is left to that retry
+
+
+def _retry_pending(rec: RunRecord | None) -> bool:
+    """Whether Dagster's run retries (dagster.yaml `run_retries`) will launch this failed run again:
+    the instance tagged it so when it failed. Bounded in time: if no retry shows up (no daemon
+    running the retries), the partition counts as failed again and is requested."""
+    return (rec is not None and rec.dagster_run.tags.get(WILL_RETRY_TAG) == "true"
+            and rec.end_time is not None and time.time() - rec.end_time < RETRY_GRACE_SECONDS)
 
 
 def run_worker_gone(instance: DagsterInstance, run) -> bool:
@@ -113,7 +128,8 @@ def fail_dead_runs(instance: DagsterInstance, log=lambda _m: None) -> list[str]:
 
 
 def shard_partition_status(settings: Settings, instance: DagsterInstance | None) -> dict[str, str]:
-    """Every partition's status: fresh, missing, stale, failed, or in_flight (a run queued or
+    """Every partition's status: fresh, missing, stale, failed, retrying (failed, and Dagster's run
+    retries will launch it again: the schedule leaves it to them), or in_flight (a run queued or
     running; not one whose worker is gone, see `run_worker_gone`)."""
     expected = expected_shard_fingerprints(settings)
     in_flight = _partitions_of(instance, IN_FLIGHT, skip=partial(run_worker_gone, instance)) if instance else {}
@@ -124,7 +140,9 @@ def shard_partition_status(settings: Settings, instance: DagsterInstance | None)
             status[key] = "in_flight"
             continue
         state = shard_state(settings.out_root, key, settings.shard_name(key), expected.get(key))
-        status[key] = "failed" if state != "fresh" and key in failed else state
+        if state != "fresh" and key in failed:
+            state = "retrying" if _retry_pending(failed[key]) else "failed"
+        status[key] = state
     return status
 
 

@@ -155,7 +155,7 @@ def test_fresh_build_needs_nothing(site):
     assert data.run_requests == [] and "fresh" in data.skip_message
 
 
-def test_topup_requests_missing_failed_and_stale_partitions_only(site):
+def test_topup_requests_missing_failed_and_stale_partitions_only(site, monkeypatch):
     s = site
     # 0000: fresh, though an older run of it failed
     s.add_run("0000", DagsterRunStatus.FAILURE)
@@ -182,11 +182,18 @@ def test_topup_requests_missing_failed_and_stale_partitions_only(site):
     s.add_run("0006", DagsterRunStatus.STARTED)
     # 0007: untouched
 
+    # 0003's run failed moments ago, and dagster.yaml's run retries will launch it again: the
+    # schedule leaves it to that retry (else the shard would be built twice) ...
+    assert s.instance.get_run_by_id(failed.run_id).tags.get(schedules.WILL_RETRY_TAG) == "true"
     status = schedules.shard_partition_status(s.settings, s.instance)
     assert status == {
-        "0000": "fresh", "0001": "missing", "0002": "missing", "0003": "failed",
+        "0000": "fresh", "0001": "missing", "0002": "missing", "0003": "retrying",
         "0004": "stale", "0005": "in_flight", "0006": "in_flight", "0007": "fresh",
     }
+    assert requested(tick(s.settings, s.instance)) == ["0001", "0002", "0004"]
+    # ... for a while: when no retry came (no daemon running retries), it is requested again.
+    monkeypatch.setattr(schedules, "RETRY_GRACE_SECONDS", 0)
+    assert schedules.shard_partition_status(s.settings, s.instance)["0003"] == "failed"
     assert requested(tick(s.settings, s.instance)) == ["0001", "0002", "0003", "0004"]
 
     # IMNET_SCHEDULE_MAX_RUNS bounds each tick; what the daemon queued is not asked for again.
@@ -207,7 +214,7 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def test_runs_whose_worker_process_is_gone_are_failed_and_their_shards_requested(site):
+def test_runs_whose_worker_process_is_gone_are_failed_and_their_shards_requested(site, monkeypatch):
     """kill -9 of a run's worker (or of `imnet build`) leaves its run "started" for good. On this
     host the schedule (and `imnet build`) see that the process is gone and fail the run; a run on
     another host, or whose worker is alive, stays in flight."""
@@ -234,7 +241,8 @@ def test_runs_whose_worker_process_is_gone_are_failed_and_their_shards_requested
     assert status["0005"] == "fresh"
     assert s.instance.get_run_by_id(killed).status == DagsterRunStatus.STARTED
 
-    assert requested(tick(s.settings, s.instance)) == ["0001"]
+    # Failed now, the killed run is relaunched by Dagster's run retries: the tick leaves 0001 to them.
+    assert requested(tick(s.settings, s.instance)) == []
     runs = {r: s.instance.get_run_by_id(r).status for r in (killed, alive, elsewhere, untagged, reused, canceling)}
     assert runs == {killed: DagsterRunStatus.FAILURE, alive: DagsterRunStatus.STARTED,
                     elsewhere: DagsterRunStatus.STARTED, untagged: DagsterRunStatus.STARTED,
@@ -243,7 +251,9 @@ def test_runs_whose_worker_process_is_gone_are_failed_and_their_shards_requested
     younger.wait()
     failure = s.instance.get_records_for_run(killed, of_type=DagsterEventType.RUN_FAILURE).records[0]
     assert "run worker process on" in failure.event_log_entry.dagster_event.message
-    assert schedules.shard_partition_status(s.settings, s.instance)["0001"] == "failed"
+    assert schedules.shard_partition_status(s.settings, s.instance)["0001"] == "retrying"
+    monkeypatch.setattr(schedules, "RETRY_GRACE_SECONDS", 0)  # no retry came: the schedule asks
+    assert requested(tick(s.settings, s.instance)) == ["0001"]
 
 
 def test_topup_skips_before_the_plan_exists(site):
