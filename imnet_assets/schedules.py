@@ -14,6 +14,7 @@ import hashlib
 import json
 import socket
 import time
+from collections.abc import Iterator
 from functools import partial
 
 from dagster import (
@@ -36,7 +37,7 @@ from dagster import (
 from .core import fs
 from .core.audit import expected_shard_fingerprints, stray_shards
 from .core.procpool import pid_alive
-from .core.shard import read_state, shard_state
+from .core.shard import committed_as, read_state, shard_state
 from .settings import Settings
 
 IN_FLIGHT = [
@@ -62,14 +63,20 @@ def _targets_shards(run) -> bool:
     return not run.asset_selection or SHARDS in run.asset_selection
 
 
+def _shard_runs(instance: DagsterInstance, statuses, limit: int | None = None) -> Iterator[tuple[str, RunRecord]]:
+    """(partition key, run record) of the runs in these statuses that target wds_shards, newest first."""
+    for rec in instance.get_run_records(RunsFilter(statuses=statuses), limit=limit):
+        key = rec.dagster_run.tags.get(PARTITION_TAG)
+        if key and _targets_shards(rec.dagster_run):
+            yield key, rec
+
+
 def _partitions_of(instance: DagsterInstance, statuses, limit: int | None = None,
                    skip=lambda _run: False) -> dict[str, RunRecord]:
     """Partition key -> the newest run record in these statuses that targets wds_shards."""
     out: dict[str, RunRecord] = {}
-    for rec in instance.get_run_records(RunsFilter(statuses=statuses), limit=limit):
-        run = rec.dagster_run
-        key = run.tags.get(PARTITION_TAG)
-        if key and _targets_shards(run) and not skip(run):
+    for key, rec in _shard_runs(instance, statuses, limit):
+        if not skip(rec.dagster_run):
             out.setdefault(key, rec)
     return out
 
@@ -106,10 +113,9 @@ def fail_dead_runs(instance: DagsterInstance, log=lambda _m: None) -> list[str]:
     """Mark started shard runs whose worker is gone (`run_worker_gone`) as failed, so their
     partitions count as failed and are built again; returns their partition keys."""
     dead = []
-    for rec in instance.get_run_records(RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING])):
+    for key, rec in _shard_runs(instance, [DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]):
         run = rec.dagster_run
-        key = run.tags.get(PARTITION_TAG)
-        if not (key and _targets_shards(run) and run_worker_gone(instance, run)):
+        if not run_worker_gone(instance, run):
             continue
         # Its worker is gone, so its status can no longer change: read it again, in case the run
         # ended (and its worker exited) between the listing above and the look at its process.
@@ -201,17 +207,17 @@ def make(settings: Settings):
             if state.get("fingerprint") != expected.get(key) or state.get("bytes") != size:
                 return SkipReason(f"shard {key} is not in yet (stale: written from another plan or settings, "
                                   "or changed on storage)")
-            fps.append(f"{state['sha256']}:{state.get('run_id', '')}")  # a rebuild names a new run
+            fps.append(committed_as(state))
         # Stray shard files fail the audit, so they are part of what it is asked for with.
         fps += stray_shards(settings, list(sizes))
-        state = hashlib.sha256("".join(fps).encode()).hexdigest()[:32]
-        # One request per change of that state, including a change back to an earlier one (strays
+        shards_now = hashlib.sha256("".join(fps).encode()).hexdigest()[:32]
+        # One request per change of the shards, including a change back to an earlier one (strays
         # come, fail the audit, and go: the shards are as they were, the audit must run again).
         seen = json.loads(context.cursor) if context.cursor else {}
-        if seen.get("state") == state:
+        if seen.get("state") == shards_now:
             return SkipReason("shard_audit was already asked for with the shards as they are")
         n = int(seen.get("n", 0)) + 1
-        context.update_cursor(json.dumps({"state": state, "n": n}))
-        return RunRequest(run_key=f"{state}-{n}", asset_selection=[AssetKey("shard_audit")])
+        context.update_cursor(json.dumps({"state": shards_now, "n": n}))
+        return RunRequest(run_key=f"{shards_now}-{n}", asset_selection=[AssetKey("shard_audit")])
 
     return wds_shards_topup, shard_audit_when_complete

@@ -313,7 +313,7 @@ def audit_fingerprint(settings: Settings) -> str | None:
     """What the audit's output depends on: every shard's committed sha256 and the run that wrote it
     (the catalog's lineage names it, so a rebuild of the same bytes is audited again), and the plan."""
     from .plan import read_index
-    from .shard import read_state
+    from .shard import committed_as, read_state
 
     index = read_index(settings.out_root)
     if index is None:
@@ -321,5 +321,5 @@ def audit_fingerprint(settings: Settings) -> str | None:
     parts = [index["fingerprint"], settings.shard_pattern, json.dumps(settings.holdout)]
     for key in settings.partition_keys:
         state = read_state(settings.out_root, key)
-        parts.append(f"{state['sha256']}:{state.get('run_id', '')}" if state else "-")
+        parts.append(committed_as(state) if state else "-")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()

@@ -375,11 +375,10 @@ def remove_partials(url: str) -> list[str]:
         path = os.path.join(folder, entry)
         if not m:
             continue
-        with contextlib.suppress(FileNotFoundError):
-            # another run of the same shard still writing (two runs of a partition at once)
-            if int(m.group(1)) != os.getpid() and pid_alive(int(m.group(1)), started_by=os.stat(path).st_ctime):
-                continue
-            os.unlink(path)
+        # another run of the same shard still writing (two runs of a partition at once) keeps its file
+        if int(m.group(1)) != os.getpid() and _writer_alive(path, int(m.group(1))):
+            continue
+        if _unlink(path):
             removed.append(path)
     return removed
 
@@ -398,15 +397,27 @@ def sweep_partials(folder_url: str) -> list[str]:
     for entry in os.listdir(folder_url):
         m = _TMP_NAME.match(entry)
         path = os.path.join(folder_url, entry)
-        if not m:
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            # its writer started before it was created: a younger process has only reused the number
-            if pid_alive(int(m.group(1)), started_by=os.stat(path).st_ctime):
-                continue
-            os.unlink(path)
+        if m and not _writer_alive(path, int(m.group(1))) and _unlink(path):
             removed.append(path)
     return removed
+
+
+def _writer_alive(path: str, pid: int) -> bool:
+    """Whether process `pid`, named in temporary file `path`, is still there to write it. Its writer
+    started before the file was last changed: a younger process has only reused the number."""
+    try:
+        return pid_alive(pid, started_by=os.stat(path).st_ctime)
+    except FileNotFoundError:  # committed or removed meanwhile
+        return False
+
+
+def _unlink(path: str) -> bool:
+    """Remove `path`; False when it was gone already."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def remove(url: str) -> None:

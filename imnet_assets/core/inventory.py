@@ -30,15 +30,19 @@ class RawListing:
     def tars_fingerprint(self) -> str:
         """The synset tars (names, sizes, modification times): what the inventory, the index and so
         the plan are built from."""
-        payload = [(t["name"], t["size"], t["mtime"]) for t in self.tars]
-        return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+        return _digest(self._tar_entries())
 
     @property
     def fingerprint(self) -> str:
         """The tars and words.txt / gloss.txt: the synset manifest's input."""
-        payload = [(t["name"], t["size"], t["mtime"]) for t in self.tars]
-        payload += [(n, e["size"], e["mtime"]) for n, e in sorted(self.texts.items())]
-        return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+        return _digest(self._tar_entries() + [(n, e["size"], e["mtime"]) for n, e in sorted(self.texts.items())])
+
+    def _tar_entries(self) -> list[tuple]:
+        return [(t["name"], t["size"], t["mtime"]) for t in self.tars]
+
+
+def _digest(entries: list[tuple]) -> str:
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
 def list_raw(raw_root: str, unpack: bool = False, log: Callable[[str], None] = print) -> RawListing:

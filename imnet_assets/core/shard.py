@@ -57,6 +57,12 @@ def read_state(out_root: str, shard_key: str) -> dict | None:
     return fs.read_json(state_url(out_root, shard_key))
 
 
+def committed_as(state: dict) -> str:
+    """What a commit record says was committed: the tar's sha256 and the run that wrote it (a
+    rebuild of the same bytes is another commit: the catalog's lineage names its run)."""
+    return f"{state['sha256']}:{state.get('run_id', '')}"
+
+
 def read_manifest(out_root: str, shard_key: str) -> dict | None:
     return fs.read_json(manifest_url(out_root, shard_key))
 

@@ -16,7 +16,7 @@ from ..settings import Settings
 from . import fs
 from .csvstage import staged_csv
 from .index import FIELDS, scan_tars
-from .inventory import inventory, list_raw
+from .inventory import RawListing, inventory, list_raw
 from .plan import PLAN_DIR, PLAN_VERSION, publish_slices, render_slice, shard_sizes, write_index
 from .synsets import read_text_file
 
@@ -30,7 +30,12 @@ def _h(*parts) -> str:
 
 def expected_fingerprints(settings: Settings, unpack: bool = False, log: Log = print) -> dict[str, str]:
     """The input fingerprint each stage would record if built now (cheap: a listing of the raw root)."""
-    listing = list_raw(settings.raw_root, unpack=unpack, log=log)
+    return _fingerprints(list_raw(settings.raw_root, unpack=unpack, log=log), settings)
+
+
+def _fingerprints(listing: RawListing, settings: Settings) -> dict[str, str]:
+    """Each stage's input fingerprint for this listing: what a stage records when it is built, and
+    what `stale_stages` compares that record with."""
     # Each from what it reads: a words.txt or gloss.txt edit makes only the synset manifest stale.
     raw = _h("raw_tars", listing.tars_fingerprint)
     synsets = _h("synset_manifest", listing.fingerprint)
@@ -74,7 +79,7 @@ def build_raw_tars(settings: Settings, run_id: str, log: Log = print) -> dict:
         with staged_csv(["tar", "wnid", "size", "mtime", "num_members"], rows) as path:
             cat.run("raw_tars_stage", {"path": path})
         cat.run("raw_tars_replace")
-        cat.set_stage("raw_tars", _h("raw_tars", listing.tars_fingerprint), run_id)
+        cat.set_stage("raw_tars", _fingerprints(listing, settings)["raw_tars"], run_id)
         facts = cat.one("raw_tars_summary")
     facts["ignored_files"] = len(listing.ignored)
     facts["fingerprint"] = listing.tars_fingerprint
@@ -89,7 +94,7 @@ def build_synset_manifest(settings: Settings, run_id: str, log: Log = print) -> 
             staged_csv(["wnid", "text"], sorted(gloss.items())) as g:
         cat.run("synsets_stage_text", {"words": w, "gloss": g})
         cat.run("synsets_replace")
-        cat.set_stage("synset_manifest", _h("synset_manifest", listing.fingerprint), run_id)
+        cat.set_stage("synset_manifest", _fingerprints(listing, settings)["synset_manifest"], run_id)
         return cat.one("synsets_summary")
 
 
@@ -120,7 +125,7 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print) -> d
                 log(f"indexed {n}/{len(todo)} tars")
         cat.run("index_duplicates")
         cat.run("index_count_kept")
-        cat.set_stage("filtered_index", _h("filtered_index", listing.tars_fingerprint, INDEX_VERSION), run_id)
+        cat.set_stage("filtered_index", _fingerprints(listing, settings)["filtered_index"], run_id)
         facts = cat.one("index_summary")
         facts["reasons"] = cat.rows("index_reasons")
     seconds = time.perf_counter() - started
