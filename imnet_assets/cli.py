@@ -375,9 +375,23 @@ def _verify_info(s: Settings, shards: list[dict]) -> list[str]:
         return [f"{url} is not JSON ({e})"]
     lengths = {sh["shard"]: sh["num_samples"] for sh in shards}
     if sorted(lengths) != s.partition_keys:
-        return [f"the catalog records {len(lengths)} shards, the settings say {s.num_shards} "
-                f"(IMNET_NUM_SHARDS): run `imnet build`"]
+        return [f"the catalog records {len(lengths)} shards, the plan under {s.out_root} has "
+                f"{s.num_shards}: run `imnet build`"]
     return info_differences(doc, info_document(s, lengths))
+
+
+def _as_built(s: Settings) -> Settings:
+    """`s` with the shard layout the out root was built with (its plan index: shard count and
+    holdout), which `imnet demo` chooses itself when IMNET_NUM_SHARDS is not set."""
+    import dataclasses
+
+    from .core.plan import read_index
+
+    index = read_index(s.out_root)
+    if index is None:
+        return s
+    return dataclasses.replace(s, num_shards=index["num_shards"],
+                               holdout=tuple((name, n) for name, n in index["holdout"]))
 
 
 def cmd_verify(args) -> int:
@@ -385,7 +399,7 @@ def cmd_verify(args) -> int:
     from .core import fs
     from .core.audit import stray_problem, stray_shards
 
-    s = Settings.from_env()
+    s = _as_built(Settings.from_env())
     with Catalog(s.catalog, read_only=True) as cat:
         shards = cat.dicts("verify_shards")
         expected = {sh["shard"]: cat.dicts("verify_samples", {"shard": sh["shard"]}) for sh in shards}

@@ -186,11 +186,16 @@ def test_lineage_of_excluded_and_unknown_keys(damaged):
     assert missing.returncode != 0 and "n00000000_0" in missing.stderr
 
 
-def test_verify_passes_on_a_good_build(damaged):
+@pytest.mark.parametrize("shards_set", [True, False])
+def test_verify_passes_on_a_good_build(damaged, shards_set):
+    """Also without IMNET_NUM_SHARDS in the environment (as after `imnet demo`, which picks its own
+    shard count): the out root's plan says how many shards the release has."""
     tmp, env, _built, _facts = damaged
+    if not shards_set:
+        env = {k: v for k, v in env.items() if k != "IMNET_NUM_SHARDS"}
     result = imnet(["verify", "--decode"], env, cwd=tmp, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "4 of 4 shards ok" in result.stdout
+    assert "4 of 4 shards ok" in result.stdout and "FAIL" not in result.stdout
 
 
 def flip(path: Path, offset: int) -> None:
@@ -260,6 +265,8 @@ def test_verify_fails_on_a_wrong_info_json_or_a_stray_shard(damaged, tmp_path, d
     shutil.copy(tmp / "catalog.duckdb", tmp_path / "catalog.duckdb")
     env = {**env, "IMNET_OUT_ROOT": str(tmp_path / "out"), "IMNET_CATALOG": str(tmp_path / "catalog.duckdb")}
     if damage == "stray shard":  # as a build with more shards leaves it behind
+        # (found by the out root's own layout: as after `imnet demo`, IMNET_NUM_SHARDS may be unset)
+        env = {k: v for k, v in env.items() if k != "IMNET_NUM_SHARDS"}
         shutil.copy(tmp_path / "out" / "imagenet12k-train-0000.tar", tmp_path / "out" / "imagenet12k-train-0004.tar")
         shutil.copy(tmp_path / "out" / "_info.json", tmp_path / "out" / "imagenet12k-train-info.tar")  # not a shard name
     else:
