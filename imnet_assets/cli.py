@@ -191,7 +191,8 @@ def cmd_demo(args) -> int:
     from .core import fs
     from .core.sample_raw import write_sample_raw
 
-    if not os.environ.get("IMNET_NUM_SHARDS"):
+    chosen = not os.environ.get("IMNET_NUM_SHARDS")
+    if chosen:
         os.environ["IMNET_NUM_SHARDS"] = str(DEMO_SHARDS)
         print(f"imnet demo: IMNET_NUM_SHARDS not set, using {DEMO_SHARDS} shards for the sample release")
     s = Settings.from_env()
@@ -201,8 +202,11 @@ def cmd_demo(args) -> int:
               f"{summary.total_members} files with ImageNet's quirks) to {s.raw_root}")
     code = Build(s).run(None)
     if code == 0:
+        # the other commands read the layout from the environment too: name it when the demo chose it
+        env = f"IMNET_NUM_SHARDS={s.num_shards} " if chosen else ""
         print(f"demo done: shards and _info.json in {s.out_root}; try `imnet lineage <key>`, `imnet verify`,")
-        print("or `dagster dev -w workspace.yaml` to see the assets (with DAGSTER_HOME set to keep history).")
+        print(f"`{env}imnet status`, or `{env}dagster dev -w workspace.yaml` to see the assets (with "
+              "DAGSTER_HOME set to keep history).")
     return code
 
 
@@ -215,6 +219,10 @@ def cmd_status(args) -> int:
     from .schedules import shard_partition_status
 
     s = Settings.from_env()
+    built = _as_built(s)
+    if built.num_shards != s.num_shards or built.holdout != s.holdout:
+        print(f"note: {s.out_root} was planned as {_layout(built)}; this environment asks for "
+              f"{_layout(s)} (IMNET_NUM_SHARDS, IMNET_HOLDOUT), so `imnet build` would plan it again")
     if os.path.exists(s.catalog):
         stale = stale_stages(s, log=lambda _m: None)
         for stage in ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]:
@@ -380,6 +388,11 @@ def _verify_info(s: Settings, shards: list[dict]) -> list[str]:
     return info_differences(doc, info_document(s, lengths))
 
 
+def _layout(s: Settings) -> str:
+    held = ", ".join(f"{n} for {name}" for name, n in s.holdout)
+    return f"{s.num_shards} shards" + (f" ({held})" if held else "")
+
+
 def _as_built(s: Settings) -> Settings:
     """`s` with the shard layout the out root was built with (its plan index: shard count and
     holdout), which `imnet demo` chooses itself when IMNET_NUM_SHARDS is not set."""
@@ -475,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:
         print(f"imnet: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `imnet status | head`: the reader has gone; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("imnet: interrupted", file=sys.stderr)
         return 130

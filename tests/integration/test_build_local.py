@@ -160,3 +160,13 @@ def test_status_says_what_is_fresh_missing_and_unknown(built, tmp_path):
     assert out.startswith("catalog stages   unknown here: no catalog at "), out
     assert "wds_shards       3 fresh, 1 missing\n  not fresh: 0002" in out, out
     assert not (tmp_path / "none.duckdb").exists()
+
+
+def test_status_names_a_shard_layout_other_than_the_built_one(built):
+    """As after `imnet demo` (which picks its own shard count) in a shell without IMNET_NUM_SHARDS:
+    status says the plan would be made again, and with what, instead of only listing missing shards."""
+    _tmp, env, _, _ = built
+    out = imnet(["status"], {**env, "IMNET_NUM_SHARDS": "6"}).stdout
+    assert out.splitlines()[0].startswith("note: ") and "was planned as 4 shards" in out, out
+    assert "asks for 6 shards" in out and "shuffled_plan    stale" in out, out
+    assert "note:" not in imnet(["status"], env).stdout
