@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dagster import AssetExecutionContext
+from dagster import AssetExecutionContext, MetadataValue, TableRecord, TableSchema
 
 from ..core.fs import redact
 
@@ -20,3 +20,17 @@ def plain(value):
     if hasattr(value, "item"):
         return value.item()
     return value
+
+
+MAX_TABLE_ROWS = 1024
+
+
+def table(rows: list[dict], schema: TableSchema) -> MetadataValue:
+    """A metadata table with an explicit schema: the UI shows typed columns, and an empty table (a
+    release with no exclusions) is still valid metadata (Dagster cannot infer a schema from no
+    records, and refuses the table)."""
+    names = [c.name for c in schema.columns]
+    records = [
+        TableRecord({n: ("" if row.get(n) is None else row[n]) for n in names}) for row in rows[:MAX_TABLE_ROWS]
+    ]
+    return MetadataValue.table(records, schema=schema)

@@ -1,8 +1,10 @@
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, TableRecord, asset
+from dagster import AssetExecutionContext, MaterializeResult, TableColumn, TableSchema, asset
 
 from ..core.stages import INDEX_VERSION, build_filtered_index
 from ..settings import Settings
-from .common import GROUP, logger
+from .common import GROUP, logger, table
+
+REASONS_SCHEMA = TableSchema(columns=[TableColumn("reason", "string"), TableColumn("images", "int")])
 
 
 def make(settings: Settings):
@@ -25,9 +27,7 @@ def make(settings: Settings):
         return MaterializeResult(
             metadata={
                 **{k: v for k, v in facts.items() if v is not None},
-                "exclusion_reasons": MetadataValue.table(
-                    [TableRecord({"reason": r, "images": int(n)}) for r, n in reasons]
-                ),
+                "exclusion_reasons": table([{"reason": r, "images": int(n)} for r, n in reasons], REASONS_SCHEMA),
             }
         )
 

@@ -3,7 +3,6 @@ from dagster import (
     MaterializeResult,
     MetadataValue,
     TableColumn,
-    TableRecord,
     TableSchema,
     asset,
 )
@@ -11,10 +10,8 @@ from dagster import (
 from ..checks import AUDIT_INFO, AUDIT_RECONCILED, result, shard_audit_checks
 from ..core.audit import AuditReport, bar_chart_png, check_info, png_markdown, run_audit
 from ..settings import Settings
-from .common import GROUP, logger
+from .common import GROUP, logger, table
 
-# Explicit schemas: the UI shows typed columns, and an empty table (a release with no exclusions)
-# is still valid metadata (Dagster cannot infer a schema from no records).
 REASONS_SCHEMA = TableSchema(columns=[
     TableColumn("stage", "string", description="index (probe) or encode (inside a shard run)"),
     TableColumn("reason", "string"),
@@ -30,17 +27,6 @@ PER_SHARD_SCHEMA = TableSchema(columns=[
     TableColumn("run_id", "string"),
     TableColumn("code_version", "string"),
 ])
-MAX_TABLE_ROWS = 1024
-
-
-def _table(rows: list[dict], schema: TableSchema) -> MetadataValue:
-    names = [c.name for c in schema.columns]
-    records = [
-        TableRecord({n: ("" if row.get(n) is None else row[n]) for n in names}) for row in rows[:MAX_TABLE_ROWS]
-    ]
-    return MetadataValue.table(records, schema=schema)
-
-
 def audit_metadata(report: AuditReport) -> dict:
     """What the UI shows for one audit: totals, exclusion reasons, per-shard facts, distributions."""
     t = report.totals
@@ -58,8 +44,8 @@ def audit_metadata(report: AuditReport) -> dict:
         "compression_ratio": MetadataValue.float(round(float(ratio), 4)),
         "missing_shards": MetadataValue.int(len(report.missing)),
         "stale_shards": MetadataValue.int(len(report.stale)),
-        "exclusion_reasons": _table(report.reasons, REASONS_SCHEMA),
-        "per_shard": _table(report.per_shard, PER_SHARD_SCHEMA),
+        "exclusion_reasons": table(report.reasons, REASONS_SCHEMA),
+        "per_shard": table(report.per_shard, PER_SHARD_SCHEMA),
         "distributions": MetadataValue.md(charts),
         "class_sizes": MetadataValue.json([[int(a), int(b)] for a, b in report.class_sizes]),
         "image_short_sides": MetadataValue.json([[int(a), int(b)] for a, b in report.image_sizes]),

@@ -170,3 +170,38 @@ def test_status_names_a_shard_layout_other_than_the_built_one(built):
     assert out.splitlines()[0].startswith("note: ") and "was planned as 4 shards" in out, out
     assert "asks for 6 shards" in out and "shuffled_plan    stale" in out, out
     assert "note:" not in imnet(["status"], env).stdout
+
+
+def test_a_release_with_nothing_to_exclude_builds(tmp_path):
+    """No exclusion reasons at all: the index's metadata table is empty and must still be valid."""
+    import tarfile
+
+    from dagster import AssetKey, DagsterInstance
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for s, wnid in enumerate(["n00000001", "n00000002"]):
+        with tarfile.open(raw / f"{wnid}.tar", "w", format=tarfile.USTAR_FORMAT) as tf:
+            for n in range(3):
+                buf = io.BytesIO()
+                Image.new("RGB", (64 + n, 48), (40 * s, 80, 20 * n)).save(buf, "JPEG", quality=90)
+                info = tarfile.TarInfo(f"{wnid}_{n}.JPEG")
+                info.size = buf.tell()
+                tf.addfile(info, io.BytesIO(buf.getvalue()))
+    env = build_env(tmp_path, raw, IMNET_NUM_SHARDS="2", DAGSTER_HOME=str(dagster_home(tmp_path)))
+    out = imnet(["build"], env, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    with catalog(tmp_path) as con:
+        assert con.execute("SELECT count(*) FROM images WHERE status = 'excluded'").fetchone() == (0,)
+        assert con.execute("SELECT count(*) FROM shard_samples").fetchone() == (6,)
+    os.environ["DAGSTER_HOME"], old = env["DAGSTER_HOME"], os.environ.get("DAGSTER_HOME")
+    try:
+        with DagsterInstance.get() as inst:
+            event = inst.get_latest_materialization_event(AssetKey("filtered_index"))
+    finally:
+        if old is None:
+            del os.environ["DAGSTER_HOME"]
+        else:
+            os.environ["DAGSTER_HOME"] = old
+    assert event is not None
+    assert event.asset_materialization.metadata["exclusion_reasons"].value.records == []
