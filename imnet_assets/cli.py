@@ -215,14 +215,14 @@ def cmd_status(args) -> int:
 
     from dagster import DagsterInstance
 
+    from .core.audit import plan_mismatch
+    from .core.plan import read_index
     from .core.stages import stale_stages
     from .schedules import shard_partition_status
 
     s = Settings.from_env()
-    built = _as_built(s)
-    if built.num_shards != s.num_shards or built.holdout != s.holdout:
-        print(f"note: {s.out_root} was planned as {_layout(built)}; this environment asks for "
-              f"{_layout(s)} (IMNET_NUM_SHARDS, IMNET_HOLDOUT), so `imnet build` would plan it again")
+    if why := plan_mismatch(s, read_index(s.out_root)):
+        print(f"note: {why}")
     if os.path.exists(s.catalog):
         stale = stale_stages(s, log=lambda _m: None)
         for stage in ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]:
@@ -386,11 +386,6 @@ def _verify_info(s: Settings, shards: list[dict]) -> list[str]:
         return [f"the catalog records {len(lengths)} shards, the plan under {s.out_root} has "
                 f"{s.num_shards}: run `imnet build`"]
     return info_differences(doc, info_document(s, lengths))
-
-
-def _layout(s: Settings) -> str:
-    held = ", ".join(f"{n} for {name}" for name, n in s.holdout)
-    return f"{s.num_shards} shards" + (f" ({held})" if held else "")
 
 
 def _as_built(s: Settings) -> Settings:

@@ -35,7 +35,8 @@ from dagster import (
 )
 
 from .core import fs
-from .core.audit import expected_shard_fingerprints, stray_shards
+from .core.audit import expected_shard_fingerprints, plan_mismatch, stray_shards
+from .core.plan import read_index
 from .core.procpool import pid_alive
 from .core.shard import committed_as, read_state, shard_state
 from .settings import Settings
@@ -169,8 +170,11 @@ def make(settings: Settings):
         ),
     )
     def wds_shards_topup(context: ScheduleEvaluationContext):
-        if not expected_shard_fingerprints(settings):
+        index = read_index(settings.out_root)
+        if index is None:
             return SkipReason("no shuffled plan under the out root yet: materialize the upstream stages first")
+        if why := plan_mismatch(settings, index):
+            return SkipReason(why)  # shards cut from it would be rebuilt again once it is redone
         fail_dead_runs(context.instance, log=context.log.warning)
         keys = shards_to_request(settings, context.instance, settings.schedule_max_runs)
         if not keys:
@@ -194,7 +198,7 @@ def make(settings: Settings):
     def shard_audit_when_complete(context: SensorEvaluationContext):
         expected = expected_shard_fingerprints(settings)
         if not expected:
-            return SkipReason("no plan yet")
+            return SkipReason(plan_mismatch(settings, read_index(settings.out_root)) or "no plan yet")
         # One listing of the out root for every shard's size (one request on S3), then each
         # shard's commit record: in means committed, on storage with the committed size, and fresh.
         sizes = {e["name"]: e["size"] for e in fs.listdir(settings.out_root)}

@@ -262,6 +262,30 @@ def test_topup_skips_before_the_plan_exists(site):
     assert data.run_requests == [] and "plan" in data.skip_message
 
 
+@pytest.mark.parametrize("change", [{"IMNET_SEED": "3"}, {"IMNET_NUM_SHARDS": str(NUM_SHARDS + 2)},
+                                    {"IMNET_HOLDOUT": "validation:1"}])
+def test_a_layout_change_leaves_no_shard_fresh_and_nothing_requested_before_the_new_plan(site, change):
+    """Seed, shard count or holdout changed: the published plan is another layout's, so no shard is
+    fresh; the schedule asks for no shard cut from it (nor for keys it has no slice for) but says
+    why, the audit sensor waits, and a shard run fails naming the settings, writing nothing."""
+    changed = site.with_env(**change)
+    status = schedules.shard_partition_status(changed, site.instance)
+    assert sorted(status) == changed.partition_keys
+    assert {status[k] for k in KEYS if k in status} == {"stale"}
+    assert {v for k, v in status.items() if k not in KEYS} <= {"missing"}
+    data = tick(changed, site.instance)
+    assert data.run_requests == [] and "the settings ask for" in data.skip_message, data.skip_message
+    assert "materialize shuffled_plan" in data.skip_message
+    assert "the settings ask for" in sense(changed, site.instance).skip_message
+    before = {p.name: p.stat().st_mtime_ns for p in site.out.iterdir()}
+    result = site.run_shard(changed.partition_keys[-1], changed)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "PlanOutdated" in str(failure.event_specific_data.error) or "the settings ask for" in str(
+        failure.event_specific_data.error)
+    assert {p.name: p.stat().st_mtime_ns for p in site.out.iterdir()} == before
+
+
 def test_a_quality_change_makes_every_shard_stale_and_changes_the_code_version(release):
     _, env = release
     settings = settings_of(env)

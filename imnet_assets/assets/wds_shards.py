@@ -11,7 +11,7 @@ from dagster import (
 )
 
 from ..checks import SHARD_COMPLETE, result, wds_shards_checks
-from ..core.audit import encode_settings
+from ..core.audit import encode_settings, require_current_plan
 from ..core.shard import build_shard, code_version, read_manifest, verify_shard
 from ..schedules import HOST_TAG
 from ..settings import Settings
@@ -45,6 +45,7 @@ def make(settings: Settings):
         name = settings.shard_name(key)
         if context.run.tags.get(HOST_TAG) is None:  # lets a rerun see this run's worker die (schedules)
             context.instance.add_run_tags(context.run.run_id, {HOST_TAG: socket.gethostname()})
+        require_current_plan(settings)  # a clear error, not a shard cut from another layout's plan
         res = build_shard(
             out_root=settings.out_root, raw_root=settings.raw_root, shard_key=key, shard_name=name,
             settings=enc, workers=settings.workers, run_id=context.run.run_id, log=logger(context),

@@ -32,10 +32,45 @@ def encode_settings(settings: Settings) -> EncodeSettings:
     return EncodeSettings(quality=settings.webp_quality, method=settings.webp_method)
 
 
-def expected_shard_fingerprints(settings: Settings) -> dict[str, str]:
-    """Partition key -> the fingerprint a fresh shard carries under the current plan and settings."""
+class PlanOutdated(RuntimeError):
+    """The published plan was made for another shard layout than the settings ask for."""
+
+
+def plan_mismatch(settings: Settings, index: dict | None) -> str | None:
+    """Why the published plan (its index) is not the plan these settings make, as far as the
+    settings alone tell (seed, shard count, holdout; a changed raw input takes a catalog to see), or
+    None. Shards cut from such a plan are not what the settings ask for, whatever their state."""
+    if index is None:
+        return None
+    had = (index.get("seed"), index.get("num_shards"), [list(h) for h in index.get("holdout", [])])
+    want = (settings.seed, settings.num_shards, [list(h) for h in settings.holdout])
+    if had == want:
+        return None
+
+    def say(seed, n, holdout):
+        held = ", ".join(f"{name}:{k}" for name, k in holdout)
+        return f"seed {seed}, {n} shards" + (f", holdout {held}" if held else "")
+
+    return (f"the plan under {fs.redact(settings.out_root)} was made with {say(*had)}; the settings ask for "
+            f"{say(*want)} (IMNET_SEED, IMNET_NUM_SHARDS, IMNET_HOLDOUT): materialize shuffled_plan "
+            "(`imnet build` does) before any shard")
+
+
+def require_current_plan(settings: Settings) -> None:
+    """Raise FileNotFoundError when no plan is published, PlanOutdated when it does not match the
+    settings (see plan_mismatch)."""
     index = read_index(settings.out_root)
     if index is None:
+        raise FileNotFoundError(f"no plan under {fs.redact(settings.out_root)}: materialize shuffled_plan first")
+    if why := plan_mismatch(settings, index):
+        raise PlanOutdated(why)
+
+
+def expected_shard_fingerprints(settings: Settings) -> dict[str, str]:
+    """Partition key -> the fingerprint a fresh shard carries under the current plan and settings
+    (none when the plan is missing or made for other settings: then no shard is fresh)."""
+    index = read_index(settings.out_root)
+    if index is None or plan_mismatch(settings, index):
         return {}
     enc = encode_settings(settings)
     return {k: fingerprint(d, enc) for k, d in index["digests"].items()}
@@ -100,9 +135,8 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
     audit_fp = audit_fingerprint(settings)
     for leftover in fs.sweep_partials(settings.out_root):
         log(f"removed leftover of an interrupted run: {leftover}")
+    require_current_plan(settings)
     expected = expected_shard_fingerprints(settings)
-    if not expected:
-        raise FileNotFoundError(f"no plan under {settings.out_root}: materialize shuffled_plan first")
     with Catalog(settings.catalog) as cat:
         cat.run("audit_memory")
         if fs.is_remote(settings.out_root):

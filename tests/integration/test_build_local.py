@@ -167,8 +167,9 @@ def test_status_names_a_shard_layout_other_than_the_built_one(built):
     status says the plan would be made again, and with what, instead of only listing missing shards."""
     _tmp, env, _, _ = built
     out = imnet(["status"], {**env, "IMNET_NUM_SHARDS": "6"}).stdout
-    assert out.splitlines()[0].startswith("note: ") and "was planned as 4 shards" in out, out
-    assert "asks for 6 shards" in out and "shuffled_plan    stale" in out, out
+    assert out.splitlines()[0].startswith("note: ") and "was made with seed 0, 4 shards;" in out, out
+    assert "ask for seed 0, 6 shards" in out and "shuffled_plan    stale" in out, out
+    assert "wds_shards       2 missing, 4 stale" in out, out
     assert "note:" not in imnet(["status"], env).stdout
 
 
