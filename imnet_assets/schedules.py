@@ -38,7 +38,7 @@ from .core import fs
 from .core.audit import expected_shard_fingerprints, plan_mismatch, stray_shards
 from .core.plan import read_index
 from .core.procpool import pid_alive
-from .core.shard import committed_as, read_state, shard_state
+from .core.shard import committed_as, read_state, shard_state, unchanged_on_storage
 from .settings import Settings
 
 IN_FLIGHT = [
@@ -201,19 +201,20 @@ def make(settings: Settings):
             return SkipReason(plan_mismatch(settings, read_index(settings.out_root)) or "no plan yet")
         # One listing of the out root for every shard's size (one request on S3), then each
         # shard's commit record: in means committed, on storage with the committed size, and fresh.
-        sizes = {e["name"]: e["size"] for e in fs.listdir(settings.out_root)}
+        listing = {e["name"]: (e["size"], e["stamp"]) for e in fs.listdir(settings.out_root)}
         fps = []
         for key in settings.partition_keys:
             state = read_state(settings.out_root, key)
-            size = sizes.get(settings.shard_name(key))
-            if state is None or size is None:
+            name = settings.shard_name(key)
+            if state is None or name not in listing:
                 return SkipReason(f"shard {key} is not in yet (missing)")
-            if state.get("fingerprint") != expected.get(key) or state.get("bytes") != size:
+            if state.get("fingerprint") != expected.get(key) or not unchanged_on_storage(
+                    fs.join(settings.out_root, name), state, listing[name]):
                 return SkipReason(f"shard {key} is not in yet (stale: written from another plan or settings, "
                                   "or changed on storage)")
             fps.append(committed_as(state))
         # Stray shard files fail the audit, so they are part of what it is asked for with.
-        fps += stray_shards(settings, list(sizes))
+        fps += stray_shards(settings, list(listing))
         shards_now = hashlib.sha256("".join(fps).encode()).hexdigest()[:32]
         # One request per change of the shards, including a change back to an earlier one (strays
         # come, fail the audit, and go: the shards are as they were, the audit must run again).

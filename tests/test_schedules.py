@@ -262,6 +262,23 @@ def test_topup_skips_before_the_plan_exists(site):
     assert data.run_requests == [] and "plan" in data.skip_message
 
 
+def test_a_shard_edited_in_place_is_stale_and_one_only_retimed_is_fresh(site):
+    """Same size, other bytes (a flipped byte): stale and requested, and the audit sensor waits.
+    Same bytes under a new mtime (a copy that did not keep times): still fresh, by its sha256."""
+    os.utime(site.tar("0002"), ns=(1, 1))
+    flipped = site.tar("0005")
+    with open(flipped, "r+b") as f:
+        f.seek(4096)
+        byte = f.read(1)
+        f.seek(4096)
+        f.write(bytes([byte[0] ^ 0x01]))
+    status = schedules.shard_partition_status(site.settings, site.instance)
+    assert status["0005"] == "stale" and status["0002"] == "fresh"
+    assert [k for k, v in status.items() if v != "fresh"] == ["0005"]
+    assert requested(tick(site.settings, site.instance)) == ["0005"]
+    assert "0005 is not in yet (stale" in sense(site.settings, site.instance).skip_message
+
+
 @pytest.mark.parametrize("change", [{"IMNET_SEED": "3"}, {"IMNET_NUM_SHARDS": str(NUM_SHARDS + 2)},
                                     {"IMNET_HOLDOUT": "validation:1"}])
 def test_a_layout_change_leaves_no_shard_fresh_and_nothing_requested_before_the_new_plan(site, change):

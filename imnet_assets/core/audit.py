@@ -23,7 +23,7 @@ from ..settings import Settings
 from . import fs
 from .encode import EncodeSettings
 from .plan import read_index, split_shards
-from .shard import MANIFEST_DIR, fingerprint, manifest_url, read_manifest
+from .shard import MANIFEST_DIR, fingerprint, manifest_url, read_manifest, read_state, state_url
 
 DATASET_NAME = "imagenet-w21-webp-wds"
 
@@ -157,9 +157,11 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
             if manifest.get("fingerprint") != expected.get(key):
                 stale.append(key)
                 continue
-            size = fs.size(shard_url)
+            size, stamp = fs.stat(shard_url)
             if size != manifest["bytes"]:
                 bad.append(f"shard {key}: {size} bytes on storage, manifest says {manifest['bytes']}")
+            elif changed := _changed_in_place(settings, key, shard_url, stamp):
+                bad.append(changed)
             present.append(url)
             lengths[key] = manifest["num_samples"]
         if present:
@@ -195,6 +197,21 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
     else:
         log(f"_info.json not written: {'; '.join(report.problems)[:500]}")
     return report
+
+
+def _changed_in_place(settings: Settings, key: str, shard_url: str, stamp: str) -> str | None:
+    """A problem when the shard's bytes are no longer those its run committed (edited in place: same
+    size, another stamp, another sha256). Same bytes under a new stamp (a copy that did not keep
+    times) are fine, and the commit record takes the new stamp, so freshness checks need not hash
+    the file again."""
+    state = read_state(settings.out_root, key)
+    if state is None or state.get("stamp", stamp) == stamp:
+        return None
+    if fs.sha256(shard_url) != state.get("sha256"):
+        return (f"shard {key}: its bytes changed on storage after run {state.get('run_id')} committed them "
+                "(sha256 differs): `imnet build` writes it again")
+    fs.write_atomic(state_url(settings.out_root, key), json.dumps({**state, "stamp": stamp}, sort_keys=True).encode())
+    return None
 
 
 def _load_manifests(cat: Catalog, settings: Settings) -> dict[str, dict] | None:

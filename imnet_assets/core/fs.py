@@ -130,9 +130,31 @@ def size(url: str) -> int:
     return int(fs.size(path))
 
 
+def _stamp(info: dict) -> str:
+    """What changes whenever a file's bytes are rewritten in place: S3's ETag, else the
+    modification time (a copy that does not keep times changes it too, see shard.shard_state)."""
+    return str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "")
+
+
+@_names_remote_errors("look at")
+def stat(url: str) -> tuple[int, str]:
+    """A file's size and its stamp (`_stamp`)."""
+    fs, path = filesystem(url)
+    fs.invalidate_cache(path)
+    info = fs.info(path)
+    return int(info.get("size") or 0), _stamp(info)
+
+
+def sha256(url: str) -> str:
+    """The sha256 of a whole file, read sequentially."""
+    with open_read(url) as f:
+        return HashingReader(f).hexdigest()
+
+
 @_names_remote_errors("list")
 def listdir(url: str) -> list[dict]:
-    """Entries directly under `url`: dicts with `name` (basename), `url`, `size`, `mtime` (str)."""
+    """Entries directly under `url`: dicts with `name` (basename), `url`, `size`, `mtime` (str),
+    `stamp` (see `_stamp`)."""
     fs, path = filesystem(url)
     if not fs.exists(path):
         return []
@@ -143,9 +165,8 @@ def listdir(url: str) -> list[dict]:
             continue
         name = posixpath.basename(info["name"].rstrip("/"))
         stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
-        out.append(
-            {"name": name, "url": join(url, name), "size": int(info.get("size") or 0), "mtime": str(stamp)}
-        )
+        out.append({"name": name, "url": join(url, name), "size": int(info.get("size") or 0), "mtime": str(stamp),
+                    "stamp": _stamp(info)})
     return sorted(out, key=lambda e: e["name"])
 
 

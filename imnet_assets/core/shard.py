@@ -285,6 +285,7 @@ def build_shard(
     }
     fs.write_atomic(mf_url, json.dumps(manifest, separators=(",", ":")).encode())
     state = {k: manifest[k] for k in ("shard", "path", "fingerprint", "bytes", "sha256", "num_samples", "run_id")}
+    state["stamp"] = fs.stat(final)[1]  # an edit in place on storage changes it (shard_state)
     fs.write_atomic(state_url(out_root, shard_key), json.dumps(state, sort_keys=True).encode())
     return ShardResult(
         shard_key, final, len(rows), len(samples), out.count, manifest["sha256"], seconds,
@@ -303,11 +304,21 @@ def shard_state(out_root: str, shard_key: str, shard_name: str, expected_fingerp
     if expected_fingerprint is None or state.get("fingerprint") != expected_fingerprint:
         return "stale"
     try:
-        if fs.size(fs.join(out_root, shard_name)) != state.get("bytes"):
-            return "stale"
+        return "fresh" if unchanged_on_storage(fs.join(out_root, shard_name), state) else "stale"
     except FileNotFoundError:  # gone since the look above
         return "missing"
-    return "fresh"
+
+
+def unchanged_on_storage(url: str, state: dict, size_stamp: tuple[int, str] | None = None) -> bool:
+    """Whether the shard file at `url` is still the one its commit record describes: the same size
+    and stamp (mtime or ETag) as when it was committed, or, when only the stamp differs (an edit in
+    place, or a copy that did not keep times), the same sha256. `size_stamp`: from a listing."""
+    size, stamp = size_stamp or fs.stat(url)
+    if size != state.get("bytes"):
+        return False
+    if state.get("stamp", stamp) == stamp:  # records from before stamps: size only
+        return True
+    return fs.sha256(url) == state.get("sha256")
 
 
 def iter_samples(url: str, digest: list[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:

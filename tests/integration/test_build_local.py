@@ -206,3 +206,39 @@ def test_a_release_with_nothing_to_exclude_builds(tmp_path):
             os.environ["DAGSTER_HOME"] = old
     assert event is not None
     assert event.asset_materialization.metadata["exclusion_reasons"].value.records == []
+
+
+def test_a_shard_edited_in_place_fails_the_audit_and_is_rebuilt_alone(built, tmp_path):
+    """A flipped byte keeps the shard's size: the commit record's stamp and sha256 still catch it.
+    A shard only retimed (same bytes) stays fresh, and the audit gives its record the new stamp."""
+    import shutil
+
+    from imnet_assets.core.audit import run_audit
+    from imnet_assets.core.shard import read_state
+    from imnet_assets.settings import Settings
+
+    tmp, env, _, _ = built
+    shutil.copytree(tmp / "out", tmp_path / "out")
+    shutil.copy(tmp / "catalog.duckdb", tmp_path / "catalog.duckdb")
+    env = {k: v for k, v in env.items() if k != "DAGSTER_HOME"}
+    env.update(IMNET_OUT_ROOT=str(tmp_path / "out"), IMNET_CATALOG=str(tmp_path / "catalog.duckdb"))
+    edited, retimed = (tmp_path / "out" / f"imagenet12k-train-{k}.tar" for k in ("0001", "0002"))
+    original = edited.read_bytes()
+    with open(edited, "r+b") as f:
+        f.seek(3000)
+        byte = f.read(1)
+        f.seek(3000)
+        f.write(bytes([byte[0] ^ 0x01]))
+    os.utime(retimed, ns=(10**18, 10**18))
+
+    status = imnet(["status"], env).stdout
+    assert "wds_shards       3 fresh, 1 stale\n  not fresh: 0001" in status, status
+    report = run_audit(Settings.from_env(env), "test-audit", log=lambda _m: None)
+    assert any(p.startswith("shard 0001: its bytes changed on storage") for p in report.problems), report.problems
+    assert not any("0002" in p for p in report.problems), report.problems
+    # fsspec's local mtime is st_mtime, a float
+    assert read_state(str(tmp_path / "out"), "0002")["stamp"] == str(os.stat(retimed).st_mtime)
+    build = imnet(["build"], env)
+    assert "[1/1] shard 0001" in build.stdout and "shard_audit      ok" in build.stdout, build.stdout
+    assert edited.read_bytes() == original
+    assert "wds_shards       4 fresh\n" in imnet(["status"], env).stdout

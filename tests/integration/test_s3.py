@@ -147,6 +147,10 @@ def test_second_build_on_s3_redoes_and_rewrites_nothing(s3_build):
         assert re.search(rf"{stage}\s+fresh, skipped", out), (stage, out)
     writes = [(r.method, r.key) for r in s3_build.third_requests if r.method in ("PUT", "POST", "DELETE")]
     assert not writes, writes
+    # freshness compares each shard's size and ETag with its commit record: no shard is read again
+    shard_reads = [r.key for r in s3_build.third_requests
+                   if r.bucket == OUT_BUCKET and r.method == "GET" and r.key.endswith(".tar")]
+    assert not shard_reads, shard_reads
 
 
 def test_credentials_appear_nowhere(s3_build):
