@@ -48,7 +48,7 @@ def parse_shards(spec: str | None, keys: list[str]) -> list[str]:
 class Build:
     """Materializes stages through Dagster, in this process, recording into the instance."""
 
-    def __init__(self, settings: Settings, out=sys.stdout):
+    def __init__(self, settings: Settings, out=sys.stdout, verbose: bool = False):
         from dagster import DagsterInstance
 
         from .definitions import build_definitions
@@ -58,6 +58,9 @@ class Build:
         self.assets = list(self.defs.assets)
         self.instance = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else DagsterInstance.ephemeral()
         self.out = out
+        # Dagster's console logger prints each failed step's whole stack trace; this command names
+        # the failure itself (`fail`), so by default only -v shows them (the instance keeps them all)
+        self.log_level = "WARNING" if verbose else "CRITICAL"
 
     def say(self, msg: str) -> None:
         print(msg, file=self.out, flush=True)
@@ -70,11 +73,13 @@ class Build:
         result = materialize(
             self.assets, selection=selection, partition_key=partition_key, instance=self.instance,
             raise_on_error=False, tags={"imnet/launched_by": "imnet build", HOST_TAG: socket.gethostname()},
-            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            run_config={"loggers": {"console": {"config": {"log_level": self.log_level}}}},
         )
         failures = []
         for ev in result.get_step_failure_events():
             err = ev.step_failure_data.error
+            if err is not None and err.cls_name == "DagsterExecutionInterruptedError":
+                raise KeyboardInterrupt  # Ctrl-C inside the run: say so, not "FAILED" (main)
             while err is not None and err.cause is not None:
                 err = err.cause  # the user code's own error, not Dagster's wrapper
             failures.append(f"{ev.step_key} failed: {err.message.strip() if err else 'unknown error'}")
@@ -171,6 +176,9 @@ class Build:
         self.say(f"imnet build: {stage} FAILED")
         for f in failures:
             self.say("  " + redact(f))
+        if self.log_level == "CRITICAL":
+            self.say("  (the full error with its stack trace: run again with -v, or see the run in the Dagster UI"
+                     " when DAGSTER_HOME is set)")
         return 1
 
 
@@ -184,7 +192,7 @@ def cmd_sample_raw(args) -> int:
 
 
 def cmd_build(args) -> int:
-    return Build(Settings.from_env()).run(args.shards)
+    return Build(Settings.from_env(), verbose=args.verbose).run(args.shards)
 
 
 def cmd_demo(args) -> int:
@@ -200,7 +208,7 @@ def cmd_demo(args) -> int:
         summary = write_sample_raw(s.raw_root, synsets=args.synsets, images=args.images, seed=0)
         print(f"imnet demo: wrote a sample raw release ({len(summary.wnids)} synsets, "
               f"{summary.total_members} files with ImageNet's quirks) to {s.raw_root}")
-    code = Build(s).run(None)
+    code = Build(s, verbose=args.verbose).run(None)
     if code == 0:
         # the other commands read the layout from the environment too: name it when the demo chose it
         env = f"IMNET_NUM_SHARDS={s.num_shards} " if chosen else ""
@@ -457,10 +465,13 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("build", help="materialize every stage through Dagster, then shards, then the audit")
     sp.add_argument("--shards", help="shard partitions to build, e.g. 0000-0015,0042 (default all; 'none' "
                     "builds only the catalog stages and the plan)")
+    sp.add_argument("-v", "--verbose", action="store_true", help="also print Dagster's warnings and errors "
+                    "(with stack traces)")
     sp.set_defaults(func=cmd_build)
     sp = sub.add_parser("demo", help="sample-raw into the raw root when empty, then build")
     sp.add_argument("--synsets", type=int, default=6)
     sp.add_argument("--images", type=int, default=40)
+    sp.add_argument("-v", "--verbose", action="store_true", help="as for build")
     sp.set_defaults(func=cmd_demo)
     sp = sub.add_parser("status", help="which stages and shard partitions are fresh")
     sp.set_defaults(func=cmd_status)

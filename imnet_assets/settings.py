@@ -15,6 +15,19 @@ class SettingsError(ValueError):
     """An IMNET_* variable holds a value the project cannot use."""
 
 
+def _cron(env: dict, name: str, default: str) -> str:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:  # the schedule's own parser, so what passes here is what the schedule accepts
+        from dagster._utils.schedules import is_valid_cron_string
+    except ImportError:  # moved in another Dagster version: the schedule's definition will say
+        return raw
+    if not is_valid_cron_string(raw):
+        raise SettingsError(f"{name}={raw!r} is not a cron schedule (five fields, e.g. '*/30 * * * *', or @daily)")
+    return raw
+
+
 def _int(env: dict, name: str, default: int, low: int, high: int | None = None) -> int:
     raw = env.get(name, "")
     if raw.strip() == "":
@@ -107,7 +120,7 @@ class Settings:
             webp_method=_int(env, "IMNET_WEBP_METHOD", DEFAULT_WEBP_METHOD, 0, 6),
             workers=_int(env, "IMNET_WORKERS", os.cpu_count() or 1, 1),
             holdout=holdout,
-            schedule_cron=env.get("IMNET_SCHEDULE_CRON") or "*/30 * * * *",
+            schedule_cron=_cron(env, "IMNET_SCHEDULE_CRON", "*/30 * * * *"),
             schedule_max_runs=_int(env, "IMNET_SCHEDULE_MAX_RUNS", 64, 1),
             audit_sensor=_switch(env, "IMNET_AUDIT_SENSOR", True),
             check_decode_every=_int(env, "IMNET_CHECK_DECODE_EVERY", 16, 0),

@@ -111,6 +111,8 @@ def test_bounds_are_inclusive():
         ("IMNET_WORKERS", "0"),
         ("IMNET_WORKERS", "many"),
         ("IMNET_SCHEDULE_MAX_RUNS", "0"),
+        ("IMNET_SCHEDULE_CRON", "every minute"),
+        ("IMNET_SCHEDULE_CRON", "99 * * * *"),
         ("IMNET_HOLDOUT", "validation"),
         ("IMNET_HOLDOUT", "validation:0"),
         ("IMNET_HOLDOUT", "validation:-1"),

@@ -231,3 +231,21 @@ def test_a_one_worker_build_elsewhere_is_byte_identical(sample_release, referenc
     assert (cwd / "cat" / "catalog.duckdb").exists()
     assert_identical(reference, cwd / "out")
     assert temp_files(cwd) == []
+
+
+def test_ctrl_c_during_a_shard_says_interrupted_and_leaves_no_partial(sample_release, tmp_path):
+    """SIGINT (Ctrl-C) while a shard is being written: the command says it was interrupted (exit
+    130), not that the shard failed, and no file is left at the shard's final path."""
+    env = build_env(tmp_path, sample_release[0], IMNET_WORKERS="1")
+    log = tmp_path / "build.log"
+    proc = start_build(env, tmp_path, log)
+    try:
+        wait_for("shard 0000 being written", lambda: writing_shard(tmp_path / "out", "0000"), proc, log)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "imnet: interrupted" in text and "FAILED" not in text, text
+    assert not (tmp_path / "out" / "imagenet12k-train-0000.tar").exists()
