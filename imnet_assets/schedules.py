@@ -10,7 +10,6 @@ The sensor requests `shard_audit` once every shard is in and fresh, once per cha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import socket
 import time
@@ -34,11 +33,10 @@ from dagster import (
     sensor,
 )
 
-from .core import fs
-from .core.audit import expected_shard_fingerprints, plan_mismatch, stray_shards
+from .core.audit import expected_shard_fingerprints, last_clean_audit, plan_mismatch, shards_as_they_are
 from .core.plan import read_index
 from .core.procpool import pid_alive
-from .core.shard import committed_as, read_state, shard_state, unchanged_on_storage
+from .core.shard import shard_state
 from .settings import Settings
 
 IN_FLIGHT = [
@@ -196,29 +194,16 @@ def make(settings: Settings):
         description="Materializes shard_audit once every shard partition is in and fresh.",
     )
     def shard_audit_when_complete(context: SensorEvaluationContext):
-        expected = expected_shard_fingerprints(settings)
-        if not expected:
-            return SkipReason(plan_mismatch(settings, read_index(settings.out_root)) or "no plan yet")
-        # One listing of the out root for every shard's size (one request on S3), then each
-        # shard's commit record: in means committed, on storage with the committed size, and fresh.
-        listing = {e["name"]: (e["size"], e["stamp"]) for e in fs.listdir(settings.out_root)}
-        fps = []
-        for key in settings.partition_keys:
-            state = read_state(settings.out_root, key)
-            name = settings.shard_name(key)
-            if state is None or name not in listing:
-                return SkipReason(f"shard {key} is not in yet (missing)")
-            if state.get("fingerprint") != expected.get(key) or not unchanged_on_storage(
-                    fs.join(settings.out_root, name), state, listing[name]):
-                return SkipReason(f"shard {key} is not in yet (stale: written from another plan or settings, "
-                                  "or changed on storage)")
-            fps.append(committed_as(state))
-        # Stray shard files fail the audit, so they are part of what it is asked for with.
-        fps += stray_shards(settings, list(listing))
-        shards_now = hashlib.sha256("".join(fps).encode()).hexdigest()[:32]
+        shards_now, why = shards_as_they_are(settings)
+        if shards_now is None:
+            return SkipReason(why)
+        seen = json.loads(context.cursor) if context.cursor else {}
+        if shards_now == last_clean_audit(settings):
+            if seen.get("state") != shards_now:
+                context.update_cursor(json.dumps({"state": shards_now, "n": int(seen.get("n", 0))}))
+            return SkipReason("the last clean audit found the shards as they are")
         # One request per change of the shards, including a change back to an earlier one (strays
         # come, fail the audit, and go: the shards are as they were, the audit must run again).
-        seen = json.loads(context.cursor) if context.cursor else {}
         if seen.get("state") == shards_now:
             return SkipReason("shard_audit was already asked for with the shards as they are")
         n = int(seen.get("n", 0)) + 1

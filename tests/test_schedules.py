@@ -338,21 +338,19 @@ def test_audit_sensor_waits_for_every_shard_then_asks_once_per_change(site):
         cursor = data.cursor if data.cursor is not None else cursor
         return data
 
+    # `imnet build` audited these very shards cleanly: nothing to ask for, though no cursor yet
+    # (as for `dagster dev` started after a build)
     data = look()
-    assert len(data.run_requests) == 1
-    req = data.run_requests[0]
-    assert list(req.asset_selection) == [AUDIT]
-    assert req.run_key
-
-    # nothing changed: no new request, so the daemon launches the audit only once
-    data = look()
-    assert data.run_requests == [] and "already asked" in data.skip_message
+    assert data.run_requests == [] and "last clean audit" in data.skip_message
     # a rerun that writes the same bytes is another run: audited again, so lineage names it
     assert s.run_shard("0001").success
     again = look().run_requests
-    assert len(again) == 1 and again[0].run_key != req.run_key
+    assert len(again) == 1
     req = again[0]
-    assert look().run_requests == []
+    assert list(req.asset_selection) == [AUDIT] and req.run_key
+    # nothing changed: no new request, so the daemon launches the audit only once
+    data = look()
+    assert data.run_requests == [] and "already asked" in data.skip_message
 
     # a shard missing (its commit record, or its tar) or changed on storage: skip, naming it
     saved = s.state("0002").read_bytes()

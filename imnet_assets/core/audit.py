@@ -23,7 +23,16 @@ from ..settings import Settings
 from . import fs
 from .encode import EncodeSettings
 from .plan import read_index, split_shards
-from .shard import MANIFEST_DIR, fingerprint, manifest_url, read_manifest, read_state, state_url
+from .shard import (
+    MANIFEST_DIR,
+    committed_as,
+    fingerprint,
+    manifest_url,
+    read_manifest,
+    read_state,
+    state_url,
+    unchanged_on_storage,
+)
 
 DATASET_NAME = "imagenet-w21-webp-wds"
 
@@ -136,6 +145,8 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
     for leftover in fs.sweep_partials(settings.out_root):
         log(f"removed leftover of an interrupted run: {leftover}")
     require_current_plan(settings)
+    before, _ = shards_as_they_are(settings)  # what a clean audit vouches for (the sensor reads it)
+    record_clean_audit(settings, None)
     expected = expected_shard_fingerprints(settings)
     with Catalog(settings.catalog) as cat:
         cat.run("audit_memory")
@@ -194,6 +205,7 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
     if not report.problems:
         fs.write_atomic(info_url(settings), render_info(info_document(settings, lengths)))
         report.info_written = True
+        record_clean_audit(settings, before)
     else:
         log(f"_info.json not written: {'; '.join(report.problems)[:500]}")
     return report
@@ -326,6 +338,54 @@ def stray_shards(settings: Settings, names: list[str] | None = None) -> list[str
     named = re.compile(r"(\d{4})".join(map(re.escape, settings.shard_name("\0").split("\0"))))
     ours = {settings.shard_name(k) for k in settings.partition_keys}
     return [n for n in names if (m := named.fullmatch(n)) and n not in ours and settings.shard_name(m.group(1)) == n]
+
+
+AUDITED = "_audited.json"  # in the manifest folder: the shards as the last clean audit found them
+
+
+def shards_as_they_are(settings: Settings) -> tuple[str | None, str]:
+    """(a digest of every shard's commit, strays included, reason) once every shard is in: committed,
+    on storage as committed and fresh; else (None, which shard is not in and why). One listing of
+    the out root (one request on S3), then each shard's commit record."""
+    expected = expected_shard_fingerprints(settings)
+    if not expected:
+        return None, plan_mismatch(settings, read_index(settings.out_root)) or "no plan yet"
+    listing = {e["name"]: (e["size"], e["stamp"]) for e in fs.listdir(settings.out_root)}
+    commits = []
+    for key in settings.partition_keys:
+        state = read_state(settings.out_root, key)
+        name = settings.shard_name(key)
+        if state is None or name not in listing:
+            return None, f"shard {key} is not in yet (missing)"
+        if state.get("fingerprint") != expected.get(key) or not unchanged_on_storage(
+                fs.join(settings.out_root, name), state, listing[name]):
+            return None, (f"shard {key} is not in yet (stale: written from another plan or settings, "
+                          "or changed on storage)")
+        commits.append(committed_as(state))
+    # Stray shard files fail the audit, so they are part of what it is asked for with.
+    commits += stray_shards(settings, list(listing))
+    return hashlib.sha256("".join(commits).encode()).hexdigest()[:32], "every shard is in"
+
+
+def audited_url(settings: Settings) -> str:
+    return fs.join(settings.out_root, MANIFEST_DIR, AUDITED)
+
+
+def last_clean_audit(settings: Settings) -> str | None:
+    """The `shards_as_they_are` digest the last clean audit recorded (see `record_clean_audit`)."""
+    doc = fs.read_json(audited_url(settings))
+    return doc.get("shards") if isinstance(doc, dict) else None
+
+
+def record_clean_audit(settings: Settings, shards: str | None) -> None:
+    """After a clean audit of `shards` (taken before it ran): the audit sensor need not ask again for
+    them, also when it has no cursor yet (a new deployment, `dagster dev` after `imnet build`).
+    With None (an audit that found problems, or shards that were not all in) the record is removed."""
+    if shards is None:
+        if fs.exists(audited_url(settings)):
+            fs.remove(audited_url(settings))
+        return
+    fs.write_atomic(audited_url(settings), json.dumps({"shards": shards}).encode())
 
 
 def stray_problem(stray: list[str]) -> str:
