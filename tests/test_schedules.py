@@ -279,8 +279,13 @@ def test_a_shard_edited_in_place_is_stale_and_one_only_retimed_is_fresh(site):
     assert "0005 is not in yet (stale" in sense(site.settings, site.instance).skip_message
 
 
-@pytest.mark.parametrize("change", [{"IMNET_SEED": "3"}, {"IMNET_NUM_SHARDS": str(NUM_SHARDS + 2)},
-                                    {"IMNET_HOLDOUT": "validation:1"}])
+def test_a_holdout_change_leaves_every_shard_fresh(site):
+    """The holdout names splits in _info.json only: no shard depends on it."""
+    held = site.with_env(IMNET_HOLDOUT="validation:1")
+    assert schedules.shard_partition_status(held, site.instance) == dict.fromkeys(KEYS, "fresh")
+
+
+@pytest.mark.parametrize("change", [{"IMNET_SEED": "3"}, {"IMNET_NUM_SHARDS": str(NUM_SHARDS + 2)}])
 def test_a_layout_change_leaves_no_shard_fresh_and_nothing_requested_before_the_new_plan(site, change):
     """Seed, shard count or holdout changed: the published plan is another layout's, so no shard is
     fresh; the schedule asks for no shard cut from it (nor for keys it has no slice for) but says

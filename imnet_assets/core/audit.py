@@ -47,22 +47,18 @@ class PlanOutdated(RuntimeError):
 
 def plan_mismatch(settings: Settings, index: dict | None) -> str | None:
     """Why the published plan (its index) is not the plan these settings make, as far as the
-    settings alone tell (seed, shard count, holdout; a changed raw input takes a catalog to see), or
-    None. Shards cut from such a plan are not what the settings ask for, whatever their state."""
+    settings alone tell (seed and shard count; a changed raw input takes a catalog to see), or None.
+    Shards cut from such a plan are not what the settings ask for, whatever their state. (The
+    holdout only names splits in `_info.json`: shards do not depend on it.)"""
     if index is None:
         return None
-    had = (index.get("seed"), index.get("num_shards"), [list(h) for h in index.get("holdout", [])])
-    want = (settings.seed, settings.num_shards, [list(h) for h in settings.holdout])
+    had = (index.get("seed"), index.get("num_shards"))
+    want = (settings.seed, settings.num_shards)
     if had == want:
         return None
-
-    def say(seed, n, holdout):
-        held = ", ".join(f"{name}:{k}" for name, k in holdout)
-        return f"seed {seed}, {n} shards" + (f", holdout {held}" if held else "")
-
-    return (f"the plan under {fs.redact(settings.out_root)} was made with {say(*had)}; the settings ask for "
-            f"{say(*want)} (IMNET_SEED, IMNET_NUM_SHARDS, IMNET_HOLDOUT): materialize shuffled_plan "
-            "(`imnet build` does) before any shard")
+    return (f"the plan under {fs.redact(settings.out_root)} was made with seed {had[0]}, {had[1]} shards; the "
+            f"settings ask for seed {want[0]}, {want[1]} shards (IMNET_SEED, IMNET_NUM_SHARDS): materialize "
+            "shuffled_plan (`imnet build` does) before any shard")
 
 
 def require_current_plan(settings: Settings) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable
 
@@ -155,6 +156,12 @@ def build_shuffled_plan(settings: Settings, run_id: str, log: Log = print) -> di
         "num_samples": n, "shard_lengths": lengths, "holdout": [list(h) for h in settings.holdout],
         "digests": digests, "empty_slice_digest": hashlib.sha256(render_slice([])).hexdigest(),
     })
+    # Slices of shards this layout no longer has (IMNET_NUM_SHARDS lowered): no run may read them.
+    ours = {f"{k}.csv" for k in settings.partition_keys}
+    for e in fs.listdir(fs.join(settings.out_root, PLAN_DIR)):
+        if re.fullmatch(r"\d{4}\.csv", e["name"]) and e["name"] not in ours:
+            fs.remove(e["url"])
+            log(f"removed the slice of a shard this plan does not have: {e['name']}")
     facts.update(seconds=round(time.perf_counter() - started, 2), num_shards=settings.num_shards,
                  seed=settings.seed)
     return facts

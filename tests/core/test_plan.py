@@ -280,6 +280,20 @@ def test_more_shards_than_images_leaves_empty_slices(release, tmp_path):
     assert sorted(r[2] for r in plan_table(other)) == sorted(r[2] for r in plan_table(settings))
 
 
+def test_fewer_shards_remove_the_slices_of_shards_gone(release, tmp_path):
+    base, settings, facts = release
+    shutil.copy(settings.catalog, tmp_path / "catalog.duckdb")
+    more = settings_for(base / "raw", tmp_path, IMNET_NUM_SHARDS=NUM_SHARDS + 3)
+    stages.build_shuffled_plan(more, "run-plan-more", log=lambda _m: None)
+    assert os.path.exists(slice_url(more.out_root, f"{NUM_SHARDS + 2:04d}"))
+    fewer = settings_for(base / "raw", tmp_path, IMNET_NUM_SHARDS=NUM_SHARDS)
+    said = []
+    stages.build_shuffled_plan(fewer, "run-plan-fewer", log=said.append)
+    slices = sorted(p.name for p in (tmp_path / "out" / "_plan").glob("*.csv"))
+    assert slices == [f"{k}.csv" for k in fewer.partition_keys]
+    assert sum("does not have" in m for m in said) == 3, said
+
+
 def test_rebuilding_the_plan_rewrites_nothing(release):
     _, settings, _ = release
     before = {k: os.stat(slice_url(settings.out_root, k)).st_ino for k in settings.partition_keys}
