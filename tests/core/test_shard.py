@@ -194,6 +194,7 @@ def test_manifest_and_state_agree_with_the_tar(built):
         assert s["webp_sha256"] == hashlib.sha256(webps[s["key"]]).hexdigest()
         assert s["webp_bytes"] == len(webps[s["key"]])
         assert s["repaired"] is False
+    assert state.pop("stamp") == str(os.stat(built.out / manifest["path"]).st_mtime)  # the tar's, as committed
     assert state == {k: manifest[k] for k in ("shard", "path", "fingerprint", "bytes", "sha256", "num_samples", "run_id")}
     assert built.result.path == str(built.tar)
 

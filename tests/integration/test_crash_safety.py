@@ -152,6 +152,7 @@ def assert_identical(a: Path, b: Path) -> None:
         state = f"_manifests/{i:04d}.state.json"
         ours, theirs = (json.loads((x / state).read_text()) for x in (a, b))
         assert ours.pop("run_id") != theirs.pop("run_id")  # which run wrote it: all else is the same
+        assert ours.pop("stamp") != theirs.pop("stamp")  # and when (the tar's mtime)
         assert ours == theirs, state
 
 
