@@ -33,7 +33,7 @@ from dagster import (
     sensor,
 )
 
-from .core.audit import expected_shard_fingerprints, last_clean_audit, plan_mismatch, shards_as_they_are
+from .core.audit import expected_shard_fingerprints, plan_mismatch, shards_as_they_are
 from .core.plan import read_index
 from .core.procpool import pid_alive
 from .core.shard import shard_state
@@ -197,13 +197,9 @@ def make(settings: Settings):
         shards_now, why = shards_as_they_are(settings)
         if shards_now is None:
             return SkipReason(why)
-        seen = json.loads(context.cursor) if context.cursor else {}
-        if shards_now == last_clean_audit(settings):
-            if seen.get("state") != shards_now:
-                context.update_cursor(json.dumps({"state": shards_now, "n": int(seen.get("n", 0))}))
-            return SkipReason("the last clean audit found the shards as they are")
         # One request per change of the shards, including a change back to an earlier one (strays
         # come, fail the audit, and go: the shards are as they were, the audit must run again).
+        seen = json.loads(context.cursor) if context.cursor else {}
         if seen.get("state") == shards_now:
             return SkipReason("shard_audit was already asked for with the shards as they are")
         n = int(seen.get("n", 0)) + 1

@@ -262,9 +262,9 @@ def test_topup_skips_before_the_plan_exists(site):
     assert data.run_requests == [] and "plan" in data.skip_message
 
 
-def test_a_shard_edited_in_place_is_stale_and_one_only_retimed_is_fresh(site):
+def test_a_shard_edited_in_place_or_retimed_is_stale(site):
     """Same size, other bytes (a flipped byte): stale and requested, and the audit sensor waits.
-    Same bytes under a new mtime (a copy that did not keep times): still fresh, by its sha256."""
+    Same bytes under a new mtime (a copy that did not keep times): stale too, never hashed."""
     os.utime(site.tar("0002"), ns=(1, 1))
     flipped = site.tar("0005")
     with open(flipped, "r+b") as f:
@@ -273,10 +273,10 @@ def test_a_shard_edited_in_place_is_stale_and_one_only_retimed_is_fresh(site):
         f.seek(4096)
         f.write(bytes([byte[0] ^ 0x01]))
     status = schedules.shard_partition_status(site.settings, site.instance)
-    assert status["0005"] == "stale" and status["0002"] == "fresh"
-    assert [k for k, v in status.items() if v != "fresh"] == ["0005"]
-    assert requested(tick(site.settings, site.instance)) == ["0005"]
-    assert "0005 is not in yet (stale" in sense(site.settings, site.instance).skip_message
+    assert [k for k, v in status.items() if v != "fresh"] == ["0002", "0005"]
+    assert {status["0002"], status["0005"]} == {"stale"}
+    assert requested(tick(site.settings, site.instance)) == ["0002", "0005"]
+    assert "0002 is not in yet (stale" in sense(site.settings, site.instance).skip_message
 
 
 def test_a_holdout_change_leaves_every_shard_fresh(site):
@@ -343,19 +343,21 @@ def test_audit_sensor_waits_for_every_shard_then_asks_once_per_change(site):
         cursor = data.cursor if data.cursor is not None else cursor
         return data
 
-    # `imnet build` audited these very shards cleanly: nothing to ask for, though no cursor yet
-    # (as for `dagster dev` started after a build)
     data = look()
-    assert data.run_requests == [] and "last clean audit" in data.skip_message
-    # a rerun that writes the same bytes is another run: audited again, so lineage names it
-    assert s.run_shard("0001").success
-    again = look().run_requests
-    assert len(again) == 1
-    req = again[0]
-    assert list(req.asset_selection) == [AUDIT] and req.run_key
+    assert len(data.run_requests) == 1
+    req = data.run_requests[0]
+    assert list(req.asset_selection) == [AUDIT]
+    assert req.run_key
+
     # nothing changed: no new request, so the daemon launches the audit only once
     data = look()
     assert data.run_requests == [] and "already asked" in data.skip_message
+    # a rerun that writes the same bytes is another run: audited again, so lineage names it
+    assert s.run_shard("0001").success
+    again = look().run_requests
+    assert len(again) == 1 and again[0].run_key != req.run_key
+    req = again[0]
+    assert look().run_requests == []
 
     # a shard missing (its commit record, or its tar) or changed on storage: skip, naming it
     saved = s.state("0002").read_bytes()
@@ -363,7 +365,7 @@ def test_audit_sensor_waits_for_every_shard_then_asks_once_per_change(site):
     data = look()
     assert data.run_requests == [] and "shard 0002" in data.skip_message
     s.state("0002").write_bytes(saved)
-    tar = s.tar("0006").read_bytes()
+    tar, mtime = s.tar("0006").read_bytes(), s.tar("0006").stat().st_mtime_ns
     s.tar("0006").unlink()
     data = look()
     assert data.run_requests == [] and "shard 0006" in data.skip_message
@@ -371,6 +373,8 @@ def test_audit_sensor_waits_for_every_shard_then_asks_once_per_change(site):
     data = look()
     assert data.run_requests == [] and "shard 0006" in data.skip_message
     s.tar("0006").write_bytes(tar)
+    assert "shard 0006" in look().skip_message  # the same bytes, but not the file committed (mtime)
+    os.utime(s.tar("0006"), ns=(mtime, mtime))
     assert look().run_requests == []  # back as they were when the audit was asked for
 
     # stray shard files (which fail the audit) appear, then are deleted: a new audit each time,

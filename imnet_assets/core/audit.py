@@ -30,7 +30,6 @@ from .shard import (
     manifest_url,
     read_manifest,
     read_state,
-    state_url,
     unchanged_on_storage,
 )
 
@@ -141,8 +140,6 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
     for leftover in fs.sweep_partials(settings.out_root):
         log(f"removed leftover of an interrupted run: {leftover}")
     require_current_plan(settings)
-    before, _ = shards_as_they_are(settings)  # what a clean audit vouches for (the sensor reads it)
-    record_clean_audit(settings, None)
     expected = expected_shard_fingerprints(settings)
     with Catalog(settings.catalog) as cat:
         cat.run("audit_memory")
@@ -167,7 +164,7 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
             size, stamp = fs.stat(shard_url)
             if size != manifest["bytes"]:
                 bad.append(f"shard {key}: {size} bytes on storage, manifest says {manifest['bytes']}")
-            elif changed := _changed_in_place(settings, key, shard_url, stamp):
+            elif changed := _changed_in_place(settings, key, stamp):
                 bad.append(changed)
             present.append(url)
             lengths[key] = manifest["num_samples"]
@@ -201,25 +198,19 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
     if not report.problems:
         fs.write_atomic(info_url(settings), render_info(info_document(settings, lengths)))
         report.info_written = True
-        record_clean_audit(settings, before)
     else:
         log(f"_info.json not written: {'; '.join(report.problems)[:500]}")
     return report
 
 
-def _changed_in_place(settings: Settings, key: str, shard_url: str, stamp: str) -> str | None:
-    """A problem when the shard's bytes are no longer those its run committed (edited in place: same
-    size, another stamp, another sha256). Same bytes under a new stamp (a copy that did not keep
-    times) are fine, and the commit record takes the new stamp, so freshness checks need not hash
-    the file again."""
+def _changed_in_place(settings: Settings, key: str, stamp: str) -> str | None:
+    """A problem when the shard file is not the one its run committed: same size, another stamp
+    (edited in place, or copied without keeping times; see shard.unchanged_on_storage)."""
     state = read_state(settings.out_root, key)
     if state is None or state.get("stamp", stamp) == stamp:
         return None
-    if fs.sha256(shard_url) != state.get("sha256"):
-        return (f"shard {key}: its bytes changed on storage after run {state.get('run_id')} committed them "
-                "(sha256 differs): `imnet build` writes it again")
-    fs.write_atomic(state_url(settings.out_root, key), json.dumps({**state, "stamp": stamp}, sort_keys=True).encode())
-    return None
+    return (f"shard {key}: the file on storage is not the one run {state.get('run_id')} committed (its mtime or "
+            "ETag changed: edited in place, or copied without keeping times): `imnet build` writes it again")
 
 
 def _load_manifests(cat: Catalog, settings: Settings) -> dict[str, dict] | None:
@@ -336,9 +327,6 @@ def stray_shards(settings: Settings, names: list[str] | None = None) -> list[str
     return [n for n in names if (m := named.fullmatch(n)) and n not in ours and settings.shard_name(m.group(1)) == n]
 
 
-AUDITED = "_audited.json"  # in the manifest folder: the shards as the last clean audit found them
-
-
 def shards_as_they_are(settings: Settings) -> tuple[str | None, str]:
     """(a digest of every shard's commit, strays included, reason) once every shard is in: committed,
     on storage as committed and fresh; else (None, which shard is not in and why). One listing of
@@ -361,27 +349,6 @@ def shards_as_they_are(settings: Settings) -> tuple[str | None, str]:
     # Stray shard files fail the audit, so they are part of what it is asked for with.
     commits += stray_shards(settings, list(listing))
     return hashlib.sha256("".join(commits).encode()).hexdigest()[:32], "every shard is in"
-
-
-def audited_url(settings: Settings) -> str:
-    return fs.join(settings.out_root, MANIFEST_DIR, AUDITED)
-
-
-def last_clean_audit(settings: Settings) -> str | None:
-    """The `shards_as_they_are` digest the last clean audit recorded (see `record_clean_audit`)."""
-    doc = fs.read_json(audited_url(settings))
-    return doc.get("shards") if isinstance(doc, dict) else None
-
-
-def record_clean_audit(settings: Settings, shards: str | None) -> None:
-    """After a clean audit of `shards` (taken before it ran): the audit sensor need not ask again for
-    them, also when it has no cursor yet (a new deployment, `dagster dev` after `imnet build`).
-    With None (an audit that found problems, or shards that were not all in) the record is removed."""
-    if shards is None:
-        if fs.exists(audited_url(settings)):
-            fs.remove(audited_url(settings))
-        return
-    fs.write_atomic(audited_url(settings), json.dumps({"shards": shards}).encode())
 
 
 def stray_problem(stray: list[str]) -> str:

@@ -145,12 +145,6 @@ def stat(url: str) -> tuple[int, str]:
     return int(info.get("size") or 0), _stamp(info)
 
 
-def sha256(url: str) -> str:
-    """The sha256 of a whole file, read sequentially."""
-    with open_read(url) as f:
-        return HashingReader(f).hexdigest()
-
-
 @_names_remote_errors("list")
 def listdir(url: str) -> list[dict]:
     """Entries directly under `url`: dicts with `name` (basename), `url`, `size`, `mtime` (str),

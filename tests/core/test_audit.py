@@ -237,7 +237,10 @@ def test_remote_out_root_loads_every_manifest_in_one_statement(copy):
     local = copy.folder / "out"
     for path in local.rglob("*"):
         if path.is_file():
-            mem.pipe(f"/audit-remote/out/{path.relative_to(local).as_posix()}", path.read_bytes())
+            data = path.read_bytes()
+            if path.name.endswith(".state.json"):  # the memory store has no mtime to compare with
+                data = json.dumps({k: v for k, v in json.loads(data).items() if k != "stamp"}).encode()
+            mem.pipe(f"/audit-remote/out/{path.relative_to(local).as_posix()}", data)
     s = settings_for(copy.raw, copy.folder, IMNET_OUT_ROOT=root)
     try:
         with Catalog(s.catalog) as cat:

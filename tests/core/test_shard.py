@@ -405,10 +405,13 @@ def test_shard_state_transitions(raw, tmp_path):
     assert shard_state(str(out), KEY, NAME, None) == "stale"
     # The tar changed size on storage: stale.
     tar_path = out / NAME
-    data = tar_path.read_bytes()
+    data, mtime = tar_path.read_bytes(), tar_path.stat().st_mtime_ns
     tar_path.write_bytes(data + b"\0" * 512)
     assert shard_state(str(out), KEY, NAME, want) == "stale"
+    # The same bytes written again: not the file committed (its mtime), so stale, until the time is back.
     tar_path.write_bytes(data)
+    assert shard_state(str(out), KEY, NAME, want) == "stale"
+    os.utime(tar_path, ns=(mtime, mtime))
     assert shard_state(str(out), KEY, NAME, want) == "fresh"
     # A new plan for this shard: stale until rebuilt.
     new_digest = write_slice(str(out), KEY, planned(raw.rows, list(reversed(ORDER))))
