@@ -60,20 +60,24 @@ def plan_mismatch(settings: Settings, index: dict | None) -> str | None:
             "shuffled_plan (`imnet build` does) before any shard")
 
 
-def require_current_plan(settings: Settings) -> None:
-    """Raise FileNotFoundError when no plan is published, PlanOutdated when it does not match the
-    settings (see plan_mismatch)."""
+def require_current_plan(settings: Settings) -> dict:
+    """The published plan's index; raises FileNotFoundError when there is none, PlanOutdated when it
+    does not match the settings (see plan_mismatch)."""
     index = read_index(settings.out_root)
     if index is None:
         raise FileNotFoundError(f"no plan under {fs.redact(settings.out_root)}: materialize shuffled_plan first")
     if why := plan_mismatch(settings, index):
         raise PlanOutdated(why)
+    return index
 
 
 def expected_shard_fingerprints(settings: Settings) -> dict[str, str]:
     """Partition key -> the fingerprint a fresh shard carries under the current plan and settings
     (none when the plan is missing or made for other settings: then no shard is fresh)."""
-    index = read_index(settings.out_root)
+    return _shard_fingerprints(settings, read_index(settings.out_root))
+
+
+def _shard_fingerprints(settings: Settings, index: dict | None) -> dict[str, str]:
     if index is None or plan_mismatch(settings, index):
         return {}
     enc = encode_settings(settings)
@@ -139,8 +143,7 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
     audit_fp = audit_fingerprint(settings)
     for leftover in fs.sweep_partials(settings.out_root):
         log(f"removed leftover of an interrupted run: {leftover}")
-    require_current_plan(settings)
-    expected = expected_shard_fingerprints(settings)
+    expected = _shard_fingerprints(settings, require_current_plan(settings))
     with Catalog(settings.catalog) as cat:
         cat.run("audit_memory")
         if fs.is_remote(settings.out_root):
@@ -164,7 +167,7 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
             size, stamp = fs.stat(shard_url)
             if size != manifest["bytes"]:
                 bad.append(f"shard {key}: {size} bytes on storage, manifest says {manifest['bytes']}")
-            elif changed := _changed_in_place(settings, key, stamp):
+            elif changed := _changed_in_place(settings, key, shard_url, (size, stamp)):
                 bad.append(changed)
             present.append(url)
             lengths[key] = manifest["num_samples"]
@@ -203,11 +206,11 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
     return report
 
 
-def _changed_in_place(settings: Settings, key: str, stamp: str) -> str | None:
-    """A problem when the shard file is not the one its run committed: same size, another stamp
-    (edited in place, or copied without keeping times; see shard.unchanged_on_storage)."""
+def _changed_in_place(settings: Settings, key: str, shard_url: str, size_stamp: tuple[int, str]) -> str | None:
+    """A problem when the shard file (of the manifest's size) is not the one its run committed:
+    another stamp (edited in place, or copied without keeping times; see shard.unchanged_on_storage)."""
     state = read_state(settings.out_root, key)
-    if state is None or state.get("stamp", stamp) == stamp:
+    if state is None or unchanged_on_storage(shard_url, state, size_stamp):
         return None
     return (f"shard {key}: the file on storage is not the one run {state.get('run_id')} committed (its mtime or "
             "ETag changed: edited in place, or copied without keeping times): `imnet build` writes it again")
@@ -331,9 +334,10 @@ def shards_as_they_are(settings: Settings) -> tuple[str | None, str]:
     """(a digest of every shard's commit, strays included, reason) once every shard is in: committed,
     on storage as committed and fresh; else (None, which shard is not in and why). One listing of
     the out root (one request on S3), then each shard's commit record."""
-    expected = expected_shard_fingerprints(settings)
+    index = read_index(settings.out_root)
+    expected = _shard_fingerprints(settings, index)
     if not expected:
-        return None, plan_mismatch(settings, read_index(settings.out_root)) or "no plan yet"
+        return None, plan_mismatch(settings, index) or "no plan yet"
     listing = {e["name"]: (e["size"], e["stamp"]) for e in fs.listdir(settings.out_root)}
     commits = []
     for key in settings.partition_keys:

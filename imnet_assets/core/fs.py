@@ -132,7 +132,8 @@ def size(url: str) -> int:
 
 def _stamp(info: dict) -> str:
     """What changes whenever a file's bytes are rewritten in place: S3's ETag, else the
-    modification time (a copy that does not keep times changes it too, see shard.shard_state)."""
+    modification time (a copy that does not keep times changes it too, see
+    shard.unchanged_on_storage)."""
     return str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "")
 
 
@@ -158,6 +159,8 @@ def listdir(url: str) -> list[dict]:
         if info.get("type") != "file":
             continue
         name = posixpath.basename(info["name"].rstrip("/"))
+        # `mtime` prefers LastModified to the ETag: the raw listing's fingerprints were built on it
+        # (changing it would make every S3 raw release stale); `stamp` is the shard commit's
         stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
         out.append({"name": name, "url": join(url, name), "size": int(info.get("size") or 0), "mtime": str(stamp),
                     "stamp": _stamp(info)})
