@@ -780,3 +780,18 @@ def bare_chain(data: bytes, settings: EncodeSettings = DEFAULT_SETTINGS) -> byte
     buf = io.BytesIO()
     img.save(buf, "WEBP", quality=settings.quality, method=settings.method)
     return buf.getvalue()
+
+
+def trial_decode(data: bytes, max_short: int = MAX_SHORT) -> str | None:
+    """Why the encoder would refuse these bytes when decoding them, or None when it decodes them
+    (repaired or not). The index runs it on the images it saw truncated, so that the encoder's
+    decoding rules (the 5% rule among them) settle those before the plan and shards balance."""
+    try:
+        _decode(bytes(data), max_short)
+    except ImageRejected as e:
+        return e.reason
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - as encode_image words it
+        return f"undecodable: {describe_error(e)}"
+    return None

@@ -12,9 +12,10 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import NamedTuple
 
 from . import fs
+from .encode import trial_decode
 from .probe import probe_image
 from .procpool import bounded_map, process_pool
-from .rawtar import Damage, iter_tar, member_key
+from .rawtar import Damage, iter_tar, member_key, printable_name
 
 
 class ImageRecord(NamedTuple):
@@ -48,12 +49,13 @@ def scan_tar(url: str, mapped: bool = False) -> list[ImageRecord]:
     records: list[ImageRecord] = []
     # members are hashed and probed in place, not copied
     for item in iter_tar(url, views=True, mapped=mapped):
+        member = printable_name(item.name)
         if isinstance(item, Damage):
             key = member_key(item.name)[0] if item.name else None
             records.append(
                 ImageRecord(
-                    key or f"{wnid}__damage_{item.offset}", wnid, tar, item.name or "", item.offset,
-                    item.size, None, None, None, None, None, "excluded", item.reason, False,
+                    key or f"{wnid}__damage_{item.offset}", wnid, tar, member, item.offset,
+                    item.size, None, None, None, None, None, "excluded", printable_name(item.reason), False,
                 )
             )
             continue
@@ -62,16 +64,23 @@ def scan_tar(url: str, mapped: bool = False) -> list[ImageRecord]:
         if key is None:
             records.append(
                 ImageRecord(
-                    f"{wnid}__member_{item.offset}", wnid, tar, item.name, item.offset, item.size, digest,
+                    f"{wnid}__member_{item.offset}", wnid, tar, member, item.offset, item.size, digest,
                     None, None, None, None, "excluded", bad_name, False,
                 )
             )
             continue
         p = probe_image(item.data)
+        status, reason = p.status, p.reason
+        if p.needs_repair and p.kept:
+            # Settled here, not at encode time: an image the encoder would refuse (less than 5% of
+            # its rows decode, nothing decodes) leaves the plan, so shards balance exactly.
+            refused = trial_decode(item.data)
+            if refused is not None:
+                status, reason = "excluded", refused
         records.append(
             ImageRecord(
-                key, wnid, tar, item.name, item.offset, item.size, digest, p.width, p.height,
-                p.format, p.mode, p.status, p.reason, p.needs_repair,
+                key, wnid, tar, member, item.offset, item.size, digest, p.width, p.height,
+                p.format, p.mode, status, reason, p.needs_repair and status == "kept",
             )
         )
     return records
