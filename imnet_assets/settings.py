@@ -85,6 +85,7 @@ class Settings:
     schedule_max_runs: int = 64
     audit_sensor: bool = True
     check_decode_every: int = 16
+    index_batch_rows: int = 200_000
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:
@@ -124,6 +125,7 @@ class Settings:
             schedule_max_runs=_int(env, "IMNET_SCHEDULE_MAX_RUNS", 64, 1),
             audit_sensor=_switch(env, "IMNET_AUDIT_SENSOR", True),
             check_decode_every=_int(env, "IMNET_CHECK_DECODE_EVERY", 16, 0),
+            index_batch_rows=_int(env, "IMNET_INDEX_BATCH_ROWS", 200_000, 1),
         )
 
     @property

@@ -98,8 +98,8 @@ def build_synset_manifest(settings: Settings, run_id: str, log: Log = print) -> 
         return cat.one("synsets_summary")
 
 
-INDEX_BATCH_ROWS = 200_000  # rows loaded per transaction ...
-INDEX_BATCH_SECONDS = 60.0  # ... or fewer, so that a kill costs at most about a minute of scanning
+# Rows are committed IMNET_INDEX_BATCH_ROWS at a time (200,000 by default), or every
+INDEX_BATCH_SECONDS = 60.0  # at most, so that a kill costs at most about a minute of scanning
 SCAN_FIELDS = ["tar", "size", "mtime", "num_records", "index_version"]
 
 
@@ -129,7 +129,7 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print) -> d
             rows.extend(records)
             scans.append((t["name"], t["size"], t["mtime"], len(records), INDEX_VERSION))
             done_bytes += t["size"]
-            if (len(rows) >= INDEX_BATCH_ROWS or n == len(todo)
+            if (len(rows) >= settings.index_batch_rows or n == len(todo)
                     or time.monotonic() - flushed >= INDEX_BATCH_SECONDS):
                 _commit_scans(cat, rows, scans)
                 rows, scans, flushed = [], [], time.monotonic()
