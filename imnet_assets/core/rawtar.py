@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import fs
+from .prefetch import PrefetchedFile
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
 
@@ -83,7 +84,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bool = False,
-             digest: list[str] | None = None) -> Iterator[Member | Damage]:
+             digest: list[str] | None = None, depth: int | None = None) -> Iterator[Member | Damage]:
     """Every member of the tar at `url`, in order, with its data; damage is yielded, not raised.
 
     Damage reasons read "<what> <tar name>: ..." (what: "raw tar", or "shard" when verifying).
@@ -94,9 +95,12 @@ def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bo
     death their parent handles.
     `digest`: a list to which the whole file's sha256 is appended once the walk is done, taken
     from the same read (not with `mapped`).
+    `depth`: for a remote tar, keep this many ranged requests in flight ahead of the walk
+    (`prefetch.PrefetchedFile`) instead of reading it as one stream.
     """
     total = fs.size(url)
-    with fs.open_read(url) as f:
+    opened = PrefetchedFile(url, total, depth=depth) if depth and fs.is_remote(url) else fs.open_read(url)
+    with opened as f:
         if digest is None:
             yield from _iter_fileobj(f, total, fs.basename(url), what, views, mapped)
             return
