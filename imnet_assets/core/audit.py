@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 from ..catalog import Catalog
 from ..settings import Settings
-from . import fs
+from . import altlabels, card, fs
 from .encode import EncodeSettings
 from .plan import read_index, split_shards
 from .shard import (
@@ -37,7 +37,8 @@ DATASET_NAME = "imagenet-w21-webp-wds"
 
 
 def encode_settings(settings: Settings) -> EncodeSettings:
-    return EncodeSettings(quality=settings.webp_quality, method=settings.webp_method)
+    return EncodeSettings(quality=settings.webp_quality, method=settings.webp_method,
+                          alt_labels=settings.alt_labels)  # issue 17
 
 
 class PlanOutdated(RuntimeError):
@@ -128,6 +129,7 @@ def info_document(settings: Settings, lengths: dict[str, int]) -> dict:
             "shard_lengths": counts,
             "num_samples": sum(counts),
         }
+    splits.update(altlabels.info_splits_for(settings, splits["train"]))  # issue 17: train_in1k
     return {"name": DATASET_NAME, "splits": splits}
 
 
@@ -201,6 +203,7 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
     if not report.problems:
         fs.write_atomic(info_url(settings), render_info(info_document(settings, lengths)))
         report.info_written = True
+        card.write_card(settings, report)  # issue 17: the dataset card, <out>/README.md
     else:
         log(f"_info.json not written: {'; '.join(report.problems)[:500]}")
     return report

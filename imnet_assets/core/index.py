@@ -12,6 +12,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import NamedTuple
 
 from . import fs
+from .perceptual import image_hash
 from .probe import probe_image
 from .procpool import bounded_map, process_pool
 from .rawtar import Damage, iter_tar, member_key
@@ -35,6 +36,7 @@ class ImageRecord(NamedTuple):
     status: str  # kept | excluded
     reason: str | None
     needs_repair: bool
+    phash: int | None = None  # issue 17: 64-bit pHash of a kept image (core/perceptual.py)
 
 
 FIELDS = list(ImageRecord._fields)
@@ -72,6 +74,7 @@ def scan_tar(url: str, mapped: bool = False) -> list[ImageRecord]:
             ImageRecord(
                 key, wnid, tar, item.name, item.offset, item.size, digest, p.width, p.height,
                 p.format, p.mode, p.status, p.reason, p.needs_repair,
+                image_hash(item.data) if p.status == "kept" else None,  # issue 17: eval matching
             )
         )
     return records
