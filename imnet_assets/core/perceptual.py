@@ -5,7 +5,7 @@ the 8x8 lowest frequencies: set when the coefficient is above their median. Re-e
 resizing move few of those bits; unrelated photos differ in about half of them (bench/
 phash_threshold.py measures both and chose NEAR_DUPLICATE_BITS; bench/README.md has the figures).
 
-Cost at index time: a JPEG is decoded at 1/8 scale (libjpeg's DCT scaling through Pillow's
+Cost at index time: a JPEG is decoded at reduced scale (libjpeg's DCT scaling through Pillow's
 `draft`), so hashing costs a fraction of a full decode. The same function hashes raw images and
 eval images, so both sides see the same reduction.
 
@@ -51,7 +51,7 @@ def grey_thumbnail(data: bytes, side: int = HASH_SIDE) -> np.ndarray | None:
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as im:
                 if im.format == "JPEG":
-                    im.draft("L", (side, side))  # libjpeg scales by 1/2..1/8, never below side x side
+                    im.draft("L", (side * 2, side * 2))  # libjpeg scales by 1/2..1/8, never below 2x side
                 elif im.width * im.height > MAX_FULL_DECODE_PIXELS:
                     return None
                 if getattr(im, "n_frames", 1) > 1:

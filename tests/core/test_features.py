@@ -288,6 +288,7 @@ def test_dedup_exact_excludes_later_copies_and_off_brings_them_back(built, copy)
     assert "filtered_index" in stages.stale_stages(s, log=QUIET)
     facts = stages.build_filtered_index(s, "run-dedup", log=QUIET)
     assert facts["tars_scanned"] == 0 and facts["dedup_excluded"] == 3
+    assert ("duplicate of", 3) in facts["reasons"]  # one kind of reason, not one per key
     rows = dict(query(s, "SELECT key, reason FROM images WHERE starts_with(reason, 'duplicate of ')"))
     assert rows == {f"{WNIDS[3]}_90": f"duplicate of {WNIDS[0]}_2", f"{WNIDS[1]}_91": f"duplicate of {WNIDS[1]}_3",
                     f"{WNIDS[1]}_92": f"duplicate of {WNIDS[1]}_3"}
@@ -332,3 +333,45 @@ def test_the_filtered_index_asset_shows_duplicates_and_eval_overlaps_in_dagster(
     assert md["eval_overlaps_exact"] == 2 and md["eval_overlaps_near"] == 4 and md["eval_images"] == 10
     rows = mat.metadata["largest_duplicate_groups"].records
     assert [(r.data["first_key"], r.data["copies"]) for r in rows] == [(f"{WNIDS[1]}_3", 3), (f"{WNIDS[0]}_2", 2)]
+
+
+def test_an_s3_eval_prefix_hashes_like_the_same_local_folder(built, monkeypatch):
+    """IMNET_EVAL_EXCLUDE=s3://...: the same files (nested, a tar among them) on moto's real S3
+    server give the same names and hashes as the local folder."""
+    import uuid
+
+    from imnet_assets.core.decontam import eval_listing, hash_eval_set
+    from tests.s3server import MotoS3
+
+    local = sorted(hash_eval_set(eval_listing(str(built.rel.eval)), 2, QUIET))
+    with MotoS3(secret=f"evalSecret-{uuid.uuid4().hex}") as server:
+        for k in [k for k in os.environ if k.startswith("AWS_")]:
+            monkeypatch.delenv(k)
+        for k, v in server.env().items():
+            monkeypatch.setenv(k, v)
+        bucket = f"eval-{uuid.uuid4().hex[:12]}"
+        client = server.client()
+        client.create_bucket(Bucket=bucket)
+        server.put_tree(client, built.rel.eval, bucket, "imagenet/val")
+        remote = sorted(hash_eval_set(eval_listing(f"s3://{bucket}/imagenet/val"), 2, QUIET))
+    assert remote == local and len(local) == 10
+
+
+def test_settings_read_the_three_variables_and_refuse_unknown_modes():
+    from imnet_assets.settings import Settings, SettingsError
+
+    d = Settings.from_env({})
+    assert (d.eval_exclude, d.dedup, d.alt_labels) == (None, "off", "")
+    s = Settings.from_env({"IMNET_EVAL_EXCLUDE": "s3://bucket/val/", "IMNET_DEDUP": "EXACT", "IMNET_ALT_LABELS": "in1k"})
+    assert (s.eval_exclude, s.dedup, s.alt_labels) == ("s3://bucket/val", "exact", "in1k")
+    assert Settings.from_env({"IMNET_EVAL_EXCLUDE": " ", "IMNET_DEDUP": "", "IMNET_ALT_LABELS": ""}) == d
+    for name, value in (("IMNET_DEDUP", "near"), ("IMNET_ALT_LABELS", "in21k")):
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env({name: value})
+
+
+def test_a_missing_eval_folder_is_a_clear_error(tmp_path):
+    from imnet_assets.core.decontam import eval_listing
+
+    with pytest.raises(FileNotFoundError, match="IMNET_EVAL_EXCLUDE"):
+        eval_listing(str(tmp_path / "nowhere"))
