@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 from ..catalog import Catalog
 from ..settings import Settings
-from . import fs
+from . import altlabels, card, fs
 from .encode import EncodeSettings
 from .plan import read_index, split_shards
 from .shard import (
@@ -37,7 +37,8 @@ DATASET_NAME = "imagenet-w21-webp-wds"
 
 
 def encode_settings(settings: Settings) -> EncodeSettings:
-    return EncodeSettings(quality=settings.webp_quality, method=settings.webp_method)
+    return EncodeSettings(quality=settings.webp_quality, method=settings.webp_method,
+                          alt_labels=settings.alt_labels)  # issue 17
 
 
 class PlanOutdated(RuntimeError):
@@ -130,6 +131,7 @@ def info_document(settings: Settings, lengths: dict[str, int]) -> dict:
             "shard_lengths": counts,
             "num_samples": sum(counts),
         }
+    splits.update(altlabels.info_splits_for(settings, splits["train"]))  # issue 17: train_in1k
     return {"name": DATASET_NAME, "splits": splits}
 
 
@@ -201,14 +203,17 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
         if report.problems:
             cat.clear_stage("shard_audit")  # only a clean audit is fresh: this one is done again
         cat.con.commit()
-        # timm and users take _info.json as "this release is complete": only a clean audit writes
-        # it, and the audit is recorded as done only once it is written (a kill in between: again).
-        if not report.problems:
-            fs.write_atomic(info_url(settings), render_info(info_document(settings, lengths)))
-            report.info_written = True
-            if audit_fp:
+    # timm and users take _info.json as "this release is complete": only a clean audit writes it,
+    # and the audit is recorded as done only once it and the card are written (a kill in between:
+    # the next build audits again).
+    if not report.problems:
+        fs.write_atomic(info_url(settings), render_info(info_document(settings, lengths)))
+        report.info_written = True
+        card.write_card(settings, report)  # issue 17: the dataset card, <out>/README.md
+        if audit_fp:
+            with Catalog(settings.catalog) as cat:
                 cat.set_stage("shard_audit", audit_fp, run_id)
-    if report.problems:
+    else:
         log(f"_info.json not written: {'; '.join(report.problems)[:500]}")
     return report
 

@@ -74,6 +74,7 @@ class EncodeSettings:
     quality: int = 90
     method: int = 4
     max_short: int = MAX_SHORT
+    alt_labels: str = ""  # issue 17: IMNET_ALT_LABELS, extra label fields in each sample's JSON (core/altlabels.py)
 
     def __post_init__(self) -> None:
         if not 0 <= self.quality <= 100:

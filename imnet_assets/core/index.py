@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from . import fs
 from .encode import trial_decode
+from .perceptual import image_hash
 from .prefetch import depth_for
 from .probe import probe_image
 from .procpool import bounded_map, process_pool
@@ -38,6 +39,7 @@ class ImageRecord(NamedTuple):
     status: str  # kept | excluded
     reason: str | None
     needs_repair: bool
+    phash: int | None = None  # issue 17: 64-bit pHash of a kept image (core/perceptual.py)
 
 
 FIELDS = list(ImageRecord._fields)
@@ -84,6 +86,7 @@ def scan_tar(url: str, mapped: bool = False, depth: int | None = None) -> list[I
             ImageRecord(
                 key, wnid, tar, member, item.offset, item.size, digest, p.width, p.height,
                 p.format, p.mode, status, reason, p.needs_repair and status == "kept",
+                image_hash(item.data) if status == "kept" else None,  # issue 17: eval matching
             )
         )
     return records

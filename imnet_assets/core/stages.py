@@ -16,12 +16,14 @@ from ..catalog import Catalog
 from ..settings import Settings
 from . import fs
 from .csvstage import staged_csv
+from .decontam import index_inputs, settle_index
 from .index import FIELDS, scan_tars
 from .inventory import RawListing, inventory, list_raw
 from .plan import PLAN_DIR, PLAN_VERSION, publish_slices, render_slice, shard_sizes, write_index
 from .synsets import read_text_file
 
-INDEX_VERSION = "2"  # 2: hostile member names get safe keys; truncated candidates trial-decoded
+# 2: hostile member names get safe keys; truncated candidates trial-decoded; a pHash per kept image
+INDEX_VERSION = "2"
 Log = Callable[[str], None]
 
 
@@ -40,7 +42,8 @@ def _fingerprints(listing: RawListing, settings: Settings) -> dict[str, str]:
     # Each from what it reads: a words.txt or gloss.txt edit makes only the synset manifest stale.
     raw = _h("raw_tars", listing.tars_fingerprint)
     synsets = _h("synset_manifest", listing.fingerprint)
-    index = _h("filtered_index", listing.tars_fingerprint, INDEX_VERSION)
+    # issue 17: + the eval set's listing digest and the dedup mode (nothing under the defaults)
+    index = _h("filtered_index", listing.tars_fingerprint, INDEX_VERSION, *index_inputs(settings))
     plan = _h("shuffled_plan", index, settings.seed, settings.num_shards, settings.holdout, PLAN_VERSION)
     return {"raw_tars": raw, "synset_manifest": synsets, "filtered_index": index, "shuffled_plan": plan}
 
@@ -135,11 +138,13 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print) -> d
                 rows, scans, flushed = [], [], time.monotonic()
                 log(f"indexed {n}/{len(todo)} tars")
         with cat.transaction():
+            overlaps = settle_index(cat, settings, run_id, log)  # issue 17: eval overlaps, duplicate_of, dedup
             cat.run("index_duplicates")
             cat.run("index_count_kept")
             cat.set_stage("filtered_index", _fingerprints(listing, settings)["filtered_index"], run_id)
         facts = cat.one("index_summary")
         facts["reasons"] = cat.rows("index_reasons")
+        facts.update(overlaps)  # issue 17
     seconds = time.perf_counter() - started
     facts.update(tars_scanned=len(todo), seconds=round(seconds, 2),
                  scan_mb_per_s=round(done_bytes / 1e6 / seconds, 1) if seconds > 0 else 0.0)
