@@ -115,3 +115,307 @@ def _boot_time() -> float:
             if line.startswith(b"btime "):
                 return float(line.split()[1])
     return 0.0
+
+
+# ----------------------------------------------------------------------------- long-lived worker pool
+
+EXIT_OUT_OF_MEMORY = 71  # a worker whose job raised MemoryError exits with this (see WorkerPool)
+
+
+class WorkerDied(Exception):
+    """The worker process running a job died (SIGKILL by the OOM killer, a codec segfault, or it
+    exited on MemoryError). `culprit`: the index (within the job) of the item the worker was
+    working on when it died, when it was working on one (see `mark`)."""
+
+    def __init__(self, exitcode: int | None, culprit: int | None):
+        self.exitcode = exitcode
+        self.culprit = culprit
+        super().__init__(f"worker process died ({self.how}) working on item {culprit}")
+
+    @property
+    def out_of_memory(self) -> bool:
+        return self.exitcode == EXIT_OUT_OF_MEMORY
+
+    @property
+    def how(self) -> str:
+        if self.exitcode is None:
+            return "unknown exit"
+        if self.exitcode < 0:
+            return f"signal {-self.exitcode}"
+        if self.exitcode == EXIT_OUT_OF_MEMORY:
+            return "out of memory"
+        return f"exit status {self.exitcode}"
+
+
+class _Marker:
+    """What a worker is working on, in shared memory the parent reads after the worker died:
+    (task id, item index), -1 when between items. Two plain stores, no system call."""
+
+    def __init__(self, slot, task_id: int):
+        self._slot, self._task = slot, task_id
+
+    def __call__(self, index: int) -> None:
+        self._slot[1] = -1
+        self._slot[0] = self._task
+        self._slot[1] = index
+
+
+def _worker_main(conn, slot, threads: int) -> None:
+    """A pool worker: a receiver thread takes jobs off the pipe as they come and starts each one's
+    `prefetch` at once (its reads run in `threads` reader threads while earlier jobs encode); the
+    main thread runs the jobs in the order they came and sends each result back."""
+    import pickle
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
+    _watch_parent()
+    readers = ThreadPoolExecutor(threads, thread_name_prefix="prefetch")
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+
+    def receive() -> None:
+        try:
+            while True:
+                msg = conn.recv_bytes()
+                if not msg:  # retired: finish what is queued, then exit
+                    jobs.put(None)
+                    return
+                task_id, job = pickle.loads(msg)
+                try:
+                    jobs.put((task_id, job, job.prefetch(readers), None))
+                except BaseException as e:  # noqa: BLE001 - sent back to the job's caller
+                    jobs.put((task_id, job, None, e))
+        except (EOFError, OSError):  # the parent is gone
+            os._exit(EXIT_PARENT_GONE)
+
+    threading.Thread(target=receive, name="receive", daemon=True).start()
+    while True:
+        item = jobs.get()
+        if item is None:
+            conn.close()
+            os._exit(0)
+        task_id, job, state, error = item
+        try:
+            if error is not None:
+                raise error
+            reply = (task_id, True, job.run(state, _Marker(slot, task_id)))
+        except MemoryError:
+            # Not a property of the image: the parent retries it in a fresh process (the slot
+            # still names the item).
+            os._exit(EXIT_OUT_OF_MEMORY)
+        except BaseException as e:  # noqa: BLE001 - sent back to the job's caller
+            reply = (task_id, False, e)
+        slot[1] = -1
+        try:
+            data = pickle.dumps(reply, protocol=5)
+        except Exception as e:  # noqa: BLE001 - an exception that does not pickle
+            data = pickle.dumps((task_id, False, RuntimeError(f"{type(e).__name__}: {e}")), protocol=5)
+        conn.send_bytes(data)
+
+
+class _Worker:
+    def __init__(self, proc, conn, slot):
+        self.proc, self.conn, self.slot = proc, conn, slot
+        self.tasks: dict[int, tuple[object, object]] = {}  # task id -> (job, future)
+        self.retiring = False
+
+
+class WorkerPool:
+    """Long-lived worker processes (forkserver, exit with this process) that run jobs, shared by
+    every thread of this process (`shared_pool`).
+
+    A job is a picklable object with `prefetch(readers) -> state` (called in the worker as soon as
+    the job arrives, to start its reads in the worker's reader threads: it must not block) and
+    `run(state, mark) -> result` (called in the worker's main thread, one job after another;
+    `mark(i)` says which item the job works on, so a death is blamed on that item). Each worker
+    holds up to `depth` jobs, so its reads run ahead of its encoding.
+
+    A worker that dies is replaced; each of its jobs fails with `WorkerDied` (naming the item it
+    was working on, for the job that was running) and the caller decides what to retry. One
+    dispatcher thread owns the pipes; `submit` is thread-safe.
+    """
+
+    def __init__(self, workers: int, threads: int = 16, depth: int = 4):
+        import socket
+
+        self.pid = os.getpid()
+        self.threads, self.depth = threads, depth
+        self._ctx = multiprocessing.get_context("forkserver")
+        self._ctx.set_forkserver_preload(["__main__", *main_script_imports(), *POOL_MODULES])
+        self._lock = threading.Lock()
+        self._queue: collections.deque = collections.deque()
+        self._workers: list[_Worker] = []
+        self._target = max(1, workers)
+        self._next_id = 0
+        self.started = 0  # worker processes started so far (replacements included)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._thread = threading.Thread(target=self._loop, name="worker-pool", daemon=True)
+        self._thread.start()
+
+    @property
+    def size(self) -> int:
+        return self._target
+
+    def pids(self) -> list[int]:
+        """The live workers' process ids (tests kill one)."""
+        with self._lock:
+            return [w.proc.pid for w in self._workers if w.proc.pid and not w.retiring]
+
+    def resize(self, workers: int) -> None:
+        with self._lock:
+            self._target = max(1, workers)
+        self._wake()
+
+    def submit(self, job):
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        with self._lock:
+            self._next_id += 1
+            self._queue.append((self._next_id, job, future))
+        self._wake()
+        return future
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except BlockingIOError:  # already awake
+            pass
+
+    # -- the dispatcher thread
+
+    def _start_worker(self) -> _Worker:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        slot = self._ctx.RawArray("q", 2)
+        slot[0] = slot[1] = -1
+        proc = self._ctx.Process(target=_worker_main, args=(child_conn, slot, self.threads), daemon=True,
+                                 name="imnet-encode")
+        proc.start()
+        child_conn.close()
+        self.started += 1
+        return _Worker(proc, parent_conn, slot)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - never leave callers waiting forever
+                self._fail_everything(e)
+
+    def _fail_everything(self, error: BaseException) -> None:
+        with self._lock:
+            queued, self._queue = list(self._queue), collections.deque()
+        for w in self._workers:
+            for _job, fut in w.tasks.values():
+                if not fut.done():
+                    fut.set_exception(error)
+            w.tasks.clear()
+        for _tid, _job, fut in queued:
+            if not fut.done():
+                fut.set_exception(error)
+
+    def _step(self) -> None:
+        import pickle
+
+        self._balance()
+        self._dispatch()
+        conns = {w.conn: w for w in self._workers}
+        sentinels = {w.proc.sentinel: w for w in self._workers}
+        ready = wait([self._wake_r, *conns, *sentinels])
+        for obj in ready:
+            if obj is self._wake_r:
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            elif obj in conns:
+                w = conns[obj]
+                try:
+                    self._settle(w, pickle.loads(w.conn.recv_bytes()))
+                except (EOFError, OSError):
+                    w.proc.join(5)  # its sentinel says the rest
+        for obj in ready:
+            if obj in sentinels:
+                self._bury(sentinels[obj])
+
+    def _settle(self, w: _Worker, reply) -> None:
+        task_id, ok, value = reply
+        _job, fut = w.tasks.pop(task_id)
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+        if w.retiring and not w.tasks:
+            w.conn.send_bytes(b"")
+
+    def _bury(self, w: _Worker) -> None:
+        import pickle
+
+        while True:  # results it sent before dying are good
+            try:
+                if not w.conn.poll():
+                    break
+                self._settle(w, pickle.loads(w.conn.recv_bytes()))
+            except (EOFError, OSError, KeyError):
+                break
+        w.proc.join(5)
+        task, index = w.slot[0], w.slot[1]
+        for task_id, (_job, fut) in w.tasks.items():
+            fut.set_exception(WorkerDied(w.proc.exitcode, index if task_id == task and index >= 0 else None))
+        w.tasks.clear()
+        w.conn.close()
+        self._workers.remove(w)
+
+    def _balance(self) -> None:
+        with self._lock:
+            target = self._target
+        active = [w for w in self._workers if not w.retiring]
+        for w in active[target:]:  # shrink: retire the extra ones once idle
+            w.retiring = True
+            if not w.tasks:
+                w.conn.send_bytes(b"")
+        for _ in range(target - len(active)):
+            self._workers.append(self._start_worker())
+
+    def _dispatch(self) -> None:
+        import pickle
+
+        while True:
+            free = [w for w in self._workers if not w.retiring and len(w.tasks) < self.depth]
+            if not free:
+                return
+            with self._lock:
+                if not self._queue:
+                    return
+                task_id, job, fut = self._queue.popleft()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            w = min(free, key=lambda x: len(x.tasks))
+            try:
+                data = pickle.dumps((task_id, job), protocol=5)
+            except Exception as e:  # noqa: BLE001
+                fut.set_exception(e)
+                continue
+            w.tasks[task_id] = (job, fut)
+            try:
+                w.conn.send_bytes(data)
+            except OSError:
+                pass  # dead: its sentinel fails the task, and the caller retries it
+
+
+_shared: WorkerPool | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_pool(workers: int) -> WorkerPool:
+    """This process's worker pool, started on first use and kept for the life of the process (shard
+    runs reuse it), resized to `workers` when asked for another size (the latest request wins while
+    several threads share it). A forked child gets a pool of its own."""
+    global _shared
+    with _shared_lock:
+        if _shared is None or _shared.pid != os.getpid():
+            _shared = WorkerPool(workers)
+        elif _shared.size != workers:
+            _shared.resize(workers)
+        return _shared
