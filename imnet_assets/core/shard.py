@@ -114,7 +114,6 @@ MEMORY_RETRIES = 3  # MemoryErrors of one image before the run fails (each time 
 MAX_JOB_RETRIES = 8  # deaths of one job's workers, however caused, before the run fails
 TAR_FORMAT = tarfile.PAX_FORMAT  # ustar headers for ordinary names; a pax record for long / non-ASCII keys
 TAR_ENCODING = "utf-8"
-CRASH_HOOK = "IMNET_TEST_CRASH_SHA256"  # test hook, see _crash_hook
 
 
 _reader: tuple[int, fs.RangeReader] | None = None
@@ -151,12 +150,11 @@ def _read_source(row: SliceRow, raw_root: str) -> tuple[bytes | None, str]:
     return data, ""
 
 
-def _crash_hook(sha256: str) -> None:
-    """Test hook: IMNET_TEST_CRASH_SHA256=<a source sha256> makes the encoder process segfault
-    (a real SIGSEGV, as a codec crash would) whenever it is about to encode that source. Read only
-    in encode workers (never in the coordinating process), so tests can make an image that always
-    kills its worker."""
-    if os.environ.get(CRASH_HOOK) == sha256 and multiprocessing.parent_process() is not None:
+def _crash_hook(sha256: str, crash_sha256: str | None) -> None:
+    """Test hook (settings.test_crash_sha256, IMNET_TEST_CRASH_SHA256): the encode worker process
+    segfaults (a real SIGSEGV, as a codec crash would) whenever it is about to encode the source of
+    that sha256. Only ever in a pool worker, never in the coordinating process."""
+    if crash_sha256 == sha256 and multiprocessing.parent_process() is not None:
         import ctypes
 
         ctypes.string_at(0)  # reads address 0: SIGSEGV
@@ -194,12 +192,12 @@ def _webp_problem(webp: bytes, size: tuple[int, int], decode: bool) -> str:
 
 
 def prepare_sample(row: SliceRow, data: bytes | None, problem: str, settings: EncodeSettings,
-                   decode_every: int, encode: Callable = None) -> tuple:
+                   decode_every: int, encode: Callable | None = None, crash_sha256: str | None = None) -> tuple:
     """("ok", sample bytes, manifest record, check problem) or ("excluded", reason) for one row.
     MemoryError propagates (the worker exits and the image is tried again in a fresh process)."""
     if data is None:
         return "excluded", problem
-    _crash_hook(row.sha256)
+    _crash_hook(row.sha256, crash_sha256)
     try:
         enc = (encode or encode_image)(data, settings)
     except ImageRejected as e:
@@ -226,6 +224,7 @@ class EncodeJob:
     settings: EncodeSettings
     decode_every: int
     encode: Callable | None = None  # None: encode_image (bench/scaleup.py passes a null codec)
+    crash_sha256: str | None = None  # test hook, see _crash_hook
 
     def prefetch(self, readers):
         return [readers.submit(_read_source, row, self.raw_root) for row in self.rows]
@@ -235,7 +234,8 @@ class EncodeJob:
         for i, (row, read) in enumerate(zip(self.rows, reads)):
             data, problem = read.result()
             mark(i)
-            out.append(prepare_sample(row, data, problem, self.settings, self.decode_every, self.encode))
+            out.append(prepare_sample(row, data, problem, self.settings, self.decode_every, self.encode,
+                                      self.crash_sha256))
         return out
 
 
@@ -255,8 +255,11 @@ def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettin
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    from ..settings import test_crash_sha256
+
     batch = _batch_size(len(rows), max(workers, 1))
-    jobs = (EncodeJob(raw_root, rows[i:i + batch], settings, decode_every, encode)
+    crash = test_crash_sha256()
+    jobs = (EncodeJob(raw_root, rows[i:i + batch], settings, decode_every, encode, crash)
             for i in range(0, len(rows), batch))
     if workers <= 1:
         with ThreadPoolExecutor(8, thread_name_prefix="read") as readers:
