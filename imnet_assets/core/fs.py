@@ -14,7 +14,9 @@ import json
 import os
 import posixpath
 import re
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from functools import lru_cache
@@ -49,7 +51,9 @@ def _storage_options(protocol: str) -> dict:
         # Endpoint and region only: credentials come from the standard AWS variables (or the
         # instance/pod role) through botocore, so they are never held in options that could be
         # logged or recorded. No listings cache: other machines write the out root meanwhile.
-        opts: dict = {"use_listings_cache": False}
+        # Connections for every reader thread of an encode worker (shard.EncodeJob.prefetch reads
+        # 16 sources at once per worker): botocore's default pool of 10 would queue them.
+        opts: dict = {"use_listings_cache": False, "config_kwargs": {"max_pool_connections": 32}}
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             opts["endpoint_url"] = endpoint
@@ -315,12 +319,15 @@ def atomic_open(url: str) -> Iterator:
     fs, path = filesystem(url)
     if is_remote(url):
         f = fs.open(path, "wb", block_size=16 << 20)
+        upload = _LeasedUpload(f, url)
         try:
-            yield f
+            yield upload
         except BaseException:
             _discard(f)
+            upload.release()
             raise
         f.close()
+        upload.release()
         return
     folder, name = os.path.split(path)
     os.makedirs(folder or ".", exist_ok=True)
@@ -338,6 +345,71 @@ def atomic_open(url: str) -> Iterator:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+UPLOADS_DIR = "_uploads"  # beside a file being uploaded: leases naming the writer of each upload
+STALE_UPLOAD_SECONDS = 24 * 3600  # an upload this old is abandoned, whoever began it
+
+
+def _lease_url(url: str, upload_id: str) -> str:
+    digest = hashlib.sha256(upload_id.encode()).hexdigest()[:32]
+    return join(dirname(url), UPLOADS_DIR, f"{basename(url)}.{digest}.json")
+
+
+class _LeasedUpload:
+    """A remote file being written. Once its multipart upload exists (s3fs begins one when the
+    first 16 MiB block is sent), a small lease object names the writer (host, pid, when), so that
+    `remove_partials` of another process aborts the upload only once its writer is gone. Removed
+    when the upload is committed or discarded."""
+
+    def __init__(self, f, url: str):
+        self._f, self._url = f, url
+        self._lease: str | None = None
+
+    def write(self, data) -> int:
+        n = self._f.write(data)
+        self._note_upload()
+        return n
+
+    def flush(self, *args, **kwargs):
+        out = self._f.flush(*args, **kwargs)
+        self._note_upload()
+        return out
+
+    def _note_upload(self) -> None:
+        mpu = getattr(self._f, "mpu", None)
+        if self._lease is None and mpu and mpu.get("UploadId"):
+            self._lease = _lease_url(self._url, mpu["UploadId"])
+            writer = {"host": socket.gethostname(), "pid": os.getpid(), "written": time.time(), "key": self._url}
+            write_atomic(self._lease, json.dumps(writer).encode())
+
+    def release(self) -> None:
+        if self._lease is not None:
+            with contextlib.suppress(Exception):
+                remove(self._lease)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def _upload_writer_alive(lease: dict | None, initiated) -> bool:
+    """Whether the writer of a multipart upload may still be writing it: its lease names a live
+    process of this host, or another host's (which cannot be asked), or there is no lease yet (the
+    moment between beginning the upload and writing the lease); never once the upload is older
+    than STALE_UPLOAD_SECONDS (by its lease's time, on this side's clock, else by the storage's
+    `Initiated`). This process's own leftovers are not live (as for local temporaries)."""
+    try:
+        since = float(lease["written"]) if isinstance(lease, dict) else initiated.timestamp()
+    except (AttributeError, KeyError, TypeError, ValueError):
+        since = time.time()
+    if time.time() - since > STALE_UPLOAD_SECONDS:
+        return False
+    if not isinstance(lease, dict):
+        return True
+    if lease.get("host") != socket.gethostname():
+        return True
+    pid = int(lease.get("pid", 0))
+    return pid != os.getpid() and pid_alive(pid, started_by=since)
 
 
 def _discard(f) -> None:
@@ -372,7 +444,10 @@ def write_atomic(url: str, data: bytes) -> None:
 
 
 def remove_partials(url: str) -> list[str]:
-    """Delete leftovers of killed writers of `url` (local temporary files; S3 uploads never committed)."""
+    """Delete leftovers of killed writers of `url` (local temporary files; S3 uploads never
+    committed). A writer still at work keeps its file or upload: on S3 an upload is aborted only
+    when its lease (`_LeasedUpload`) names a process of this host that is gone, or it is older than
+    STALE_UPLOAD_SECONDS."""
     removed: list[str] = []
     if is_remote(url):
         fs, path = filesystem(url)
@@ -380,9 +455,14 @@ def remove_partials(url: str) -> list[str]:
         with contextlib.suppress(Exception):
             resp = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key)
             for up in resp.get("Uploads", []):
-                if up["Key"] == key:
-                    fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=up["UploadId"])
-                    removed.append(f"s3://{bucket}/{key} (upload {up['UploadId'][:8]})")
+                if up["Key"] != key:
+                    continue
+                lease = _lease_url(url, up["UploadId"])
+                if _upload_writer_alive(read_json(lease), up.get("Initiated")):
+                    continue
+                fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=up["UploadId"])
+                remove(lease)
+                removed.append(f"s3://{bucket}/{key} (upload {up['UploadId'][:8]})")
         return removed
     folder, name = os.path.split(os.path.abspath(url))
     if not os.path.isdir(folder):
