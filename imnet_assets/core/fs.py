@@ -256,7 +256,8 @@ def _read_range(url: str, offset: int, length: int) -> bytes:
 
 
 class RangeReader:
-    """Reads byte ranges of raw tars by offset, keeping local files open; no whole-file download.
+    """Reads byte ranges of raw tars by offset, keeping local files open (reopened when the name
+    now holds another file: encode workers live across shard runs); no whole-file download.
 
     Shared by reader threads, each of which keeps its own open files: a descriptor one thread
     closed to make room could otherwise be reused for another tar while a second thread reads it.
@@ -266,9 +267,9 @@ class RangeReader:
         self._max_open = max_open  # per thread
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._tables: list[dict[str, int]] = []
+        self._tables: list[dict[str, tuple[int, tuple[int, int]]]] = []  # url -> (fd, (dev, inode))
 
-    def _files(self) -> dict[str, int]:
+    def _files(self) -> dict[str, tuple[int, tuple[int, int]]]:
         files = getattr(self._local, "files", None)
         if files is None:
             files = self._local.files = {}
@@ -280,11 +281,17 @@ class RangeReader:
         if is_remote(url):
             return _read_range(url, offset, length)
         files = self._files()
-        fd = files.get(url)
+        now = os.stat(url)  # a file replaced under the same name since it was opened is opened again
+        fd, ino = files.get(url, (None, None))
+        if fd is not None and ino != (now.st_dev, now.st_ino):
+            os.close(files.pop(url)[0])
+            fd = None
         if fd is None:
             if len(files) >= self._max_open:
-                os.close(files.pop(next(iter(files))))
-            fd = files[url] = os.open(url, os.O_RDONLY)
+                os.close(files.pop(next(iter(files)))[0])
+            fd = os.open(url, os.O_RDONLY)
+            st = os.fstat(fd)
+            files[url] = (fd, (st.st_dev, st.st_ino))
         data = os.pread(fd, length, offset)
         while len(data) < length:
             more = os.pread(fd, length - len(data), offset + len(data))
@@ -297,7 +304,7 @@ class RangeReader:
         """Close every thread's files (once the threads are done reading)."""
         with self._lock:
             for files in self._tables:
-                for fd in files.values():
+                for fd, _ in files.values():
                     os.close(fd)
                 files.clear()
 

@@ -193,7 +193,8 @@ def _webp_problem(webp: bytes, size: tuple[int, int], decode: bool) -> str:
 
 def prepare_sample(row: SliceRow, data: bytes | None, problem: str, settings: EncodeSettings,
                    decode_every: int, encode: Callable | None = None, crash_sha256: str | None = None) -> tuple:
-    """("ok", sample bytes, manifest record, check problem) or ("excluded", reason) for one row.
+    """("ok", sample bytes, manifest record, check problem, sha256 of the sample bytes) or
+    ("excluded", reason) for one row.
     MemoryError propagates (the worker exits and the image is tried again in a fresh process)."""
     if data is None:
         return "excluded", problem
@@ -212,7 +213,9 @@ def prepare_sample(row: SliceRow, data: bytes | None, problem: str, settings: En
         "webp_sha256": hashlib.sha256(enc.webp).hexdigest(), "repaired": enc.repaired,
     }
     decode = enc.repaired or (decode_every > 0 and row.position % decode_every == 0)
-    return "ok", sample_bytes(row, enc), record, _webp_problem(enc.webp, (enc.width, enc.height), decode)
+    blob = sample_bytes(row, enc)
+    problem = _webp_problem(enc.webp, (enc.width, enc.height), decode)
+    return "ok", blob, record, problem, hashlib.sha256(blob).hexdigest()
 
 
 @dataclass
@@ -422,7 +425,7 @@ def build_shard(
     rows, plan_digest = read_slice(out_root, shard_key)
     fs.remove(st_url)  # from here until the check passed, this shard is not fresh
     samples: list[dict] = []
-    offsets: list[int] = []
+    spans: list[dict] = []  # where each sample's bytes went, and their sha256 (the read-back checks them)
     excluded: list[dict] = []
     problems: list[str] = []
     with fs.atomic_open(final) as raw_out:
@@ -432,8 +435,8 @@ def build_shard(
                 excluded.append({"key": row.key, "position": row.position, "reason": prepared[1]})
                 log(f"excluded {row.key} ({row.tar}@{row.offset}): {prepared[1]}")
                 continue
-            _, blob, record, problem = prepared
-            offsets.append(out.count)
+            _, blob, record, problem, blob_sha256 = prepared
+            spans.append({"offset": out.count, "sample_size": len(blob), "sample_sha256": blob_sha256})
             out.write(blob)
             samples.append(record)
             if problem:
@@ -460,7 +463,7 @@ def build_shard(
     fs.write_atomic(mf_url, json.dumps(manifest, separators=(",", ":")).encode())
     if after_commit is not None:
         after_commit(final)
-    expected = [dict(s, offset=o) for s, o in zip(samples, offsets)]
+    expected = [dict(s, **span) for s, span in zip(samples, spans)]
     problems += [f"shard {shard_key}: {p}" for p in
                  check_committed(final, expected, manifest["sha256"], True, decode_every=decode_every, workers=workers)]
     if not problems:
@@ -496,20 +499,37 @@ class CheckChunkJob:
     def prefetch(self, readers):
         return None
 
-    def run(self, _state=None, _mark=None) -> tuple[list[str], list[str]]:
-        if self.end is None:
-            with fs.open_read(self.url) as f:
-                f.seek(self.start)
-                data = f.read()
-        else:
-            data = _range_reader().read(self.url, self.start, self.end - self.start)
-        return _check_bytes(data, self.expected, self.decode)
+    def run(self, _state=None, _mark=None) -> tuple[list[str], list[str], bool]:
+        # A fresh open, never the raw tars' reader: it keeps files open, and a rebuilt shard is
+        # another file under the same name.
+        with fs.open_read(self.url) as f:
+            f.seek(self.start)
+            data = f.read() if self.end is None else f.read(self.end - self.start)
+        return _check_bytes(data, self.start, self.end is None, self.expected, self.decode)
 
 
-def _check_bytes(data: bytes, expected: list[dict], decode: list[bool]) -> tuple[list[str], list[str]]:
-    """(keys of the samples found in order, problems) for tar bytes starting at a sample."""
+def _spans_intact(data: bytes, start: int, last: bool, expected: list[dict]) -> bool:
+    """Whether every sample's bytes, re-read, hash to what was written at its offset, and (for the
+    last chunk) the tar's end follows them exactly: then the file is byte for byte what was written."""
+    for rec in expected:
+        a = rec["offset"] - start
+        if hashlib.sha256(data[a:a + rec["sample_size"]]).digest().hex() != rec["sample_sha256"]:
+            return False
+    if last:
+        end = (expected[-1]["offset"] + expected[-1]["sample_size"]) if expected else start
+        return data[end - start:] == tar_end(end)
+    return True
+
+
+def _check_bytes(data: bytes, start: int, last: bool, expected: list[dict],
+                 decode: list[bool]) -> tuple[list[str], list[str], bool | None]:
+    """(keys of the samples found in order, problems, whether the written bytes are intact (None:
+    not known, no spans recorded)) for tar bytes starting at a sample, at byte `start` of the file."""
     keys: list[str] = []
     problems: list[str] = []
+    intact = None
+    if all("sample_sha256" in r for r in expected) and (expected or last):
+        intact = _spans_intact(data, start, last, expected)
     groups: list[tuple[str, dict[str, bytes]]] = []
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
@@ -527,7 +547,7 @@ def _check_bytes(data: bytes, expected: list[dict], decode: list[bool]) -> tuple
         if rec is None or rec["key"] != key:
             continue  # the key sequence is compared as a whole by the caller
         problems += [f"sample {key}: {p}" for p in _sample_problems(parts, rec, decode[i])]
-    return keys, problems
+    return keys, problems, intact
 
 
 def _sample_problems(parts: dict[str, bytes], rec: dict, decode: bool) -> list[str]:
@@ -564,8 +584,10 @@ def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, dec
     hashes tie to the file's).
 
     The read-back is split at sample starts (records' `offset`, when given) into chunks checked in
-    the worker pool (workers > 1) while this thread hashes the whole file: the check costs the
-    coordinating process one sequential sha256 pass.
+    the worker pool (workers > 1). When the records also give each sample's bytes (`sample_size`,
+    `sample_sha256`: build_shard's), each chunk proves its samples' bytes are those written, so
+    the file's sha256 is `tar_sha256` without this process hashing it again; otherwise this
+    thread hashes the whole file while the chunks are checked.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -576,10 +598,12 @@ def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, dec
 
     flags = [decode(r, i) for i, r in enumerate(expected_samples)]
     cuts = [0]
-    if all("offset" in r for r in expected_samples):
+    if expected_samples and all("offset" in r for r in expected_samples):
+        # at least one chunk per worker, at most CHECK_CHUNK_BYTES each
+        chunk = min(CHECK_CHUNK_BYTES, expected_samples[-1]["offset"] // max(workers, 1) + 1)
         at = 0
         for i, r in enumerate(expected_samples):
-            if r["offset"] - at >= CHECK_CHUNK_BYTES:
+            if r["offset"] - at >= chunk:
                 cuts.append(i)
                 at = r["offset"]
     jobs = []
@@ -588,23 +612,22 @@ def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, dec
         end = expected_samples[b]["offset"] if b is not None else None
         jobs.append(CheckChunkJob(url, start, end, expected_samples[a:b], flags[a:b]))
     problems: list[str] = []
+    spans = all("sample_sha256" in r and "offset" in r for r in expected_samples)
     try:
-        if workers > 1 and len(jobs) > 1:
-            pool = shared_pool(workers)
-            futures = [pool.submit(j) for j in jobs]
-            digest = _file_sha256(url)
-            results = [f.result() for f in futures]
-        else:
-            with ThreadPoolExecutor(1) as hasher:
-                digest_future = hasher.submit(_file_sha256, url)
+        with ThreadPoolExecutor(1) as hasher:
+            digest_future = None if spans else hasher.submit(_file_sha256, url)
+            if workers > 1:
+                pool = shared_pool(workers)
+                results = [f.result() for f in [pool.submit(j) for j in jobs]]
+            else:
                 results = [j.run() for j in jobs]
-                digest = digest_future.result()
+            intact = all(r[2] for r in results) if spans else digest_future.result() == tar_sha256
     except (OSError, WorkerDied) as e:
         return [f"cannot read back {fs.basename(url)}: {type(e).__name__}: {e}"]
-    keys = [k for ks, _ in results for k in ks]
-    for _, ps in results:
+    keys = [k for ks, _, _ in results for k in ks]
+    for _, ps, _ in results:
         problems += ps
-    if digest != tar_sha256:
+    if not intact:
         problems.append("tar sha256 differs from its manifest")
     want = [r["key"] for r in expected_samples]
     if keys != want:

@@ -211,3 +211,17 @@ def test_two_shard_runs_in_two_threads_share_one_pool(photos, tmp_path):
     write_slice(str(alone), KEY, planned(rows, orders[1]))
     build(alone, photos.raw)
     assert (alone / NAME).read_bytes() == (outs[1] / NAME).read_bytes()
+
+
+def test_a_raw_tar_replaced_between_shard_runs_is_read_anew_by_the_long_lived_workers(tmp_path):
+    """The workers outlive a shard run; a raw tar rewritten since (re-indexed: other offsets) must
+    be read from the new file, not from a descriptor the worker kept open."""
+    raw = release(tmp_path / "raw", 8)
+    out = tmp_path / "out"
+    write_slice(str(out), KEY, planned(raw.rows, list(range(8))))
+    assert build(out, raw).excluded == []
+    moved = release(tmp_path / "raw-new", 9, [f"n01440764_{i}" for i in [99, *range(8)]])  # shifted offsets
+    os.replace(moved.root / "n01440764.tar", raw.root / "n01440764.tar")
+    write_slice(str(out), KEY, planned(moved.rows, list(range(9))))
+    result = build(out, raw)
+    assert result.excluded == [] and result.num_samples == 9 and result.problems == []
