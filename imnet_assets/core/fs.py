@@ -51,8 +51,8 @@ def _storage_options(protocol: str) -> dict:
         # Endpoint and region only: credentials come from the standard AWS variables (or the
         # instance/pod role) through botocore, so they are never held in options that could be
         # logged or recorded. No listings cache: other machines write the out root meanwhile.
-        # Connections for every reader thread of an encode worker (shard.EncodeJob.prefetch reads
-        # 16 sources at once per worker): botocore's default pool of 10 would queue them.
+        # Connections for every reader thread of an encode worker (procpool.WorkerPool: 24 source
+        # reads at once per worker): botocore's default pool of 10 would queue them.
         opts: dict = {"use_listings_cache": False, "config_kwargs": {"max_pool_connections": 32}}
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:

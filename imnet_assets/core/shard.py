@@ -265,7 +265,7 @@ def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettin
     jobs = (EncodeJob(raw_root, rows[i:i + batch], settings, decode_every, encode, crash)
             for i in range(0, len(rows), batch))
     if workers <= 1:
-        with ThreadPoolExecutor(8, thread_name_prefix="read") as readers:
+        with ThreadPoolExecutor(16, thread_name_prefix="read") as readers:
             window: collections.deque = collections.deque()
             try:
                 for job in jobs:
