@@ -225,3 +225,22 @@ def test_a_raw_tar_replaced_between_shard_runs_is_read_anew_by_the_long_lived_wo
     write_slice(str(out), KEY, planned(moved.rows, list(range(9))))
     result = build(out, raw)
     assert result.excluded == [] and result.num_samples == 9 and result.problems == []
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_check_committed_from_a_manifest_alone(photos, tmp_path, workers):
+    """The read-back without the writer's spans (as `imnet verify` has it: the manifest's records):
+    the whole file is hashed, every sample is parsed, the sampled ones are decoded here."""
+    out = tmp_path / "out"
+    write_slice(str(out), KEY, planned(photos.raw.rows, list(range(len(photos.raw.rows)))))
+    build(out, photos.raw)
+    manifest = read_manifest(str(out), KEY)
+    url = str(out / NAME)
+    check = shard_mod.check_committed
+    assert check(url, manifest["samples"], manifest["sha256"], False, decode_every=1, workers=workers) == []
+    assert check(url, manifest["samples"][:-1], manifest["sha256"], False, workers=workers)[0].startswith(
+        f"holds {len(photos.raw.rows)} samples, plan wants {len(photos.raw.rows) - 1}")
+    corrupt_a_webp_byte(url)
+    problems = check(url, manifest["samples"], manifest["sha256"], False, decode_every=1, workers=workers)
+    assert "tar sha256 differs from its manifest" in problems
+    assert any("webp bytes differ from the manifest" in p for p in problems), problems
