@@ -131,17 +131,24 @@ def test_an_image_that_always_kills_its_encoder_is_excluded_naming_the_crash(pho
     assert all(samples[s["key"]] == s["webp_sha256"] for s in manifest["samples"])
 
 
-def test_memory_error_is_not_an_exclusion(photos, tmp_path):
-    """Running out of memory says nothing about the image: the run fails, nothing is committed."""
+def out_of_memory(data, settings):
+    """A codec that runs out of memory (module level: the pool's workers import it by name)."""
+    raise MemoryError
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_memory_error_is_not_an_exclusion(photos, tmp_path, workers):
+    """Running out of memory says nothing about the image: it is retried in fresh worker processes
+    (each exits on MemoryError), then the run fails naming it, and nothing is committed."""
     out = tmp_path / "out"
     write_slice(str(out), KEY, planned(photos.raw.rows[:3], [0, 1, 2]))
-
-    def no_memory(data, settings):
-        raise MemoryError
-
+    logs: list[str] = []
     with pytest.raises(shard_mod.EncoderOutOfMemory, match="out of memory"):
-        build(out, photos.raw, workers=1, encode=no_memory)
+        build(out, photos.raw, workers=workers, encode=out_of_memory, log=logs.append)
     assert sorted(os.listdir(out)) == ["_plan"]
+    if workers > 1:
+        tries = [m for m in logs if "ran out of memory on n01440764_0" in m]
+        assert len(tries) == shard_mod.MEMORY_RETRIES, logs
 
 
 def corrupt_a_webp_byte(url: str) -> None:
