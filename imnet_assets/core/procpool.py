@@ -27,6 +27,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from multiprocessing.connection import wait
@@ -352,6 +353,7 @@ class WorkerPool:
                 self._step()
             except Exception as e:  # noqa: BLE001 - never leave callers waiting forever
                 self._fail_everything(e)
+                time.sleep(0.1)  # not a busy loop should it keep failing
 
     def _fail_everything(self, error: BaseException) -> None:
         with self._lock:
