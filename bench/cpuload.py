@@ -47,13 +47,16 @@ def _machine_busy() -> float:
 
 
 def _children_cpu() -> float:
-    """CPU of live direct children (and of their reaped children), from /proc."""
-    me = str(os.getpid())
-    total = 0.0
+    """CPU of every live descendant (and of their reaped children), from /proc: the encode
+    workers are grandchildren (children of the forkserver) and live as long as this process
+    (core.procpool.shared_pool), so they are never reaped into RUSAGE_CHILDREN."""
+    me = os.getpid()
     try:
         pids = [p for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
         return float("nan")
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
@@ -61,10 +64,16 @@ def _children_cpu() -> float:
         except OSError:
             continue
         rest = stat[stat.rfind(")") + 2:].split()
-        if rest[1] != me:  # ppid
-            continue
         utime, stime, cutime, cstime = (int(x) for x in rest[11:15])
-        total += (utime + stime + cutime + cstime) / _TICK
+        parent[int(pid)] = int(rest[1])
+        cpu[int(pid)] = (utime + stime + cutime + cstime) / _TICK
+    total = 0.0
+    for pid, c in cpu.items():
+        p, seen = parent.get(pid), 0
+        while p and p != me and seen < 64:
+            p, seen = parent.get(p), seen + 1
+        if p == me:
+            total += c
     return total
 
 

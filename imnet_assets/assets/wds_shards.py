@@ -12,7 +12,7 @@ from dagster import (
 
 from ..checks import SHARD_COMPLETE, result, wds_shards_checks
 from ..core.audit import encode_settings, require_current_plan
-from ..core.shard import build_shard, code_version, read_manifest, verify_shard
+from ..core.shard import build_shard, code_version, read_manifest
 from ..schedules import HOST_TAG
 from ..settings import Settings
 from .common import GROUP, logger
@@ -49,8 +49,11 @@ def make(settings: Settings):
         res = build_shard(
             out_root=settings.out_root, raw_root=settings.raw_root, shard_key=key, shard_name=name,
             settings=enc, workers=settings.workers, run_id=context.run.run_id, log=logger(context),
+            decode_every=settings.check_decode_every,
         )
-        problems = verify_shard(settings.out_root, key, name, decode_every=settings.check_decode_every)
+        # The check ran inside build_shard, against the committed tar, before the commit record
+        # (what freshness reads) was written: a failed check leaves the shard not fresh.
+        problems = res.problems
         manifest = read_manifest(settings.out_root, key) or {}
         reasons = {}
         for e in res.excluded:
@@ -62,6 +65,7 @@ def make(settings: Settings):
                 "planned": MetadataValue.int(res.planned),
                 "bytes": MetadataValue.int(res.bytes),
                 "seconds": MetadataValue.float(round(res.seconds, 3)),
+                "check_seconds": MetadataValue.float(round(res.check_seconds, 3)),
                 "images_per_s": MetadataValue.float(round(res.images_per_second, 2)),
                 "repaired": MetadataValue.int(res.repaired),
                 "excluded": MetadataValue.int(len(res.excluded)),

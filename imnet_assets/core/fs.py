@@ -14,7 +14,9 @@ import json
 import os
 import posixpath
 import re
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from functools import lru_cache
@@ -49,7 +51,9 @@ def _storage_options(protocol: str) -> dict:
         # Endpoint and region only: credentials come from the standard AWS variables (or the
         # instance/pod role) through botocore, so they are never held in options that could be
         # logged or recorded. No listings cache: other machines write the out root meanwhile.
-        opts: dict = {"use_listings_cache": False}
+        # Connections for every reader thread of an encode worker (procpool.WorkerPool: 24 source
+        # reads at once per worker): botocore's default pool of 10 would queue them.
+        opts: dict = {"use_listings_cache": False, "config_kwargs": {"max_pool_connections": 32}}
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             opts["endpoint_url"] = endpoint
@@ -257,7 +261,8 @@ def read_range(url: str, offset: int, length: int) -> bytes:
 
 
 class RangeReader:
-    """Reads byte ranges of raw tars by offset, keeping local files open; no whole-file download.
+    """Reads byte ranges of raw tars by offset, keeping local files open (reopened when the name
+    now holds another file: encode workers live across shard runs); no whole-file download.
 
     Shared by reader threads, each of which keeps its own open files: a descriptor one thread
     closed to make room could otherwise be reused for another tar while a second thread reads it.
@@ -267,9 +272,9 @@ class RangeReader:
         self._max_open = max_open  # per thread
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._tables: list[dict[str, int]] = []
+        self._tables: list[dict[str, tuple[int, tuple[int, int]]]] = []  # url -> (fd, (dev, inode))
 
-    def _files(self) -> dict[str, int]:
+    def _files(self) -> dict[str, tuple[int, tuple[int, int]]]:
         files = getattr(self._local, "files", None)
         if files is None:
             files = self._local.files = {}
@@ -281,11 +286,17 @@ class RangeReader:
         if is_remote(url):
             return _read_range(url, offset, length)
         files = self._files()
-        fd = files.get(url)
+        now = os.stat(url)  # a file replaced under the same name since it was opened is opened again
+        fd, ino = files.get(url, (None, None))
+        if fd is not None and ino != (now.st_dev, now.st_ino):
+            os.close(files.pop(url)[0])
+            fd = None
         if fd is None:
             if len(files) >= self._max_open:
-                os.close(files.pop(next(iter(files))))
-            fd = files[url] = os.open(url, os.O_RDONLY)
+                os.close(files.pop(next(iter(files)))[0])
+            fd = os.open(url, os.O_RDONLY)
+            st = os.fstat(fd)
+            files[url] = (fd, (st.st_dev, st.st_ino))
         data = os.pread(fd, length, offset)
         while len(data) < length:
             more = os.pread(fd, length - len(data), offset + len(data))
@@ -298,7 +309,7 @@ class RangeReader:
         """Close every thread's files (once the threads are done reading)."""
         with self._lock:
             for files in self._tables:
-                for fd in files.values():
+                for fd, _ in files.values():
                     os.close(fd)
                 files.clear()
 
@@ -320,12 +331,15 @@ def atomic_open(url: str) -> Iterator:
     fs, path = filesystem(url)
     if is_remote(url):
         f = fs.open(path, "wb", block_size=16 << 20)
+        upload = _LeasedUpload(f, url)
         try:
-            yield f
+            yield upload
         except BaseException:
             _discard(f)
+            upload.release()
             raise
         f.close()
+        upload.release()
         return
     folder, name = os.path.split(path)
     os.makedirs(folder or ".", exist_ok=True)
@@ -343,6 +357,71 @@ def atomic_open(url: str) -> Iterator:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+UPLOADS_DIR = "_uploads"  # beside a file being uploaded: leases naming the writer of each upload
+STALE_UPLOAD_SECONDS = 24 * 3600  # an upload this old is abandoned, whoever began it
+
+
+def _lease_url(url: str, upload_id: str) -> str:
+    digest = hashlib.sha256(upload_id.encode()).hexdigest()[:32]
+    return join(dirname(url), UPLOADS_DIR, f"{basename(url)}.{digest}.json")
+
+
+class _LeasedUpload:
+    """A remote file being written. Once its multipart upload exists (s3fs begins one when the
+    first 16 MiB block is sent), a small lease object names the writer (host, pid, when), so that
+    `remove_partials` of another process aborts the upload only once its writer is gone. Removed
+    when the upload is committed or discarded."""
+
+    def __init__(self, f, url: str):
+        self._f, self._url = f, url
+        self._lease: str | None = None
+
+    def write(self, data) -> int:
+        n = self._f.write(data)
+        self._note_upload()
+        return n
+
+    def flush(self, *args, **kwargs):
+        out = self._f.flush(*args, **kwargs)
+        self._note_upload()
+        return out
+
+    def _note_upload(self) -> None:
+        mpu = getattr(self._f, "mpu", None)
+        if self._lease is None and mpu and mpu.get("UploadId"):
+            self._lease = _lease_url(self._url, mpu["UploadId"])
+            writer = {"host": socket.gethostname(), "pid": os.getpid(), "written": time.time(), "key": self._url}
+            write_atomic(self._lease, json.dumps(writer).encode())
+
+    def release(self) -> None:
+        if self._lease is not None:
+            with contextlib.suppress(Exception):
+                remove(self._lease)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def _upload_writer_alive(lease: dict | None, initiated) -> bool:
+    """Whether the writer of a multipart upload may still be writing it: its lease names a live
+    process of this host, or another host's (which cannot be asked), or there is no lease yet (the
+    moment between beginning the upload and writing the lease); never once the upload is older
+    than STALE_UPLOAD_SECONDS (by its lease's time, on this side's clock, else by the storage's
+    `Initiated`). This process's own leftovers are not live (as for local temporaries)."""
+    try:
+        since = float(lease["written"]) if isinstance(lease, dict) else initiated.timestamp()
+    except (AttributeError, KeyError, TypeError, ValueError):
+        since = time.time()
+    if time.time() - since > STALE_UPLOAD_SECONDS:
+        return False
+    if not isinstance(lease, dict):
+        return True
+    if lease.get("host") != socket.gethostname():
+        return True
+    pid = int(lease.get("pid", 0))
+    return pid != os.getpid() and pid_alive(pid, started_by=since)
 
 
 def _discard(f) -> None:
@@ -377,7 +456,10 @@ def write_atomic(url: str, data: bytes) -> None:
 
 
 def remove_partials(url: str) -> list[str]:
-    """Delete leftovers of killed writers of `url` (local temporary files; S3 uploads never committed)."""
+    """Delete leftovers of killed writers of `url` (local temporary files; S3 uploads never
+    committed). A writer still at work keeps its file or upload: on S3 an upload is aborted only
+    when its lease (`_LeasedUpload`) names a process of this host that is gone, or it is older than
+    STALE_UPLOAD_SECONDS."""
     removed: list[str] = []
     if is_remote(url):
         fs, path = filesystem(url)
@@ -385,9 +467,14 @@ def remove_partials(url: str) -> list[str]:
         with contextlib.suppress(Exception):
             resp = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key)
             for up in resp.get("Uploads", []):
-                if up["Key"] == key:
-                    fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=up["UploadId"])
-                    removed.append(f"s3://{bucket}/{key} (upload {up['UploadId'][:8]})")
+                if up["Key"] != key:
+                    continue
+                lease = _lease_url(url, up["UploadId"])
+                if _upload_writer_alive(read_json(lease), up.get("Initiated")):
+                    continue
+                fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=up["UploadId"])
+                remove(lease)
+                removed.append(f"s3://{bucket}/{key} (upload {up['UploadId'][:8]})")
         return removed
     folder, name = os.path.split(os.path.abspath(url))
     if not os.path.isdir(folder):

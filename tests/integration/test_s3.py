@@ -230,21 +230,82 @@ def test_s3_object_appears_only_when_the_writer_closes(s3):
         f.write(data)
         f.flush()
         assert _uploads(client, s3.bucket) == ["wds/_manifests/0000.json"]
-        assert _keys(client, s3.bucket) == []
-    assert _keys(client, s3.bucket) == ["wds/_manifests/0000.json"]
+        assert _keys(client, s3.bucket) == _leases(client, s3.bucket)  # only the writer's lease
+        assert len(_leases(client, s3.bucket)) == 1
+    assert _keys(client, s3.bucket) == ["wds/_manifests/0000.json"]  # the lease went on commit
     assert _uploads(client, s3.bucket) == []
     assert fs.read_bytes(url) == data
 
 
-def test_remove_partials_aborts_a_killed_writers_upload(s3):
+WRITER = """
+import os, sys, time
+from imnet_assets.core import fs
+cm = fs.atomic_open(sys.argv[1])  # kept referenced: a dropped one would discard the upload
+f = cm.__enter__()
+f.write(os.urandom(20 << 20))  # over the 16 MiB block: the multipart upload begins, its lease is written
+f.flush()
+print("uploading", flush=True)
+time.sleep(600)
+"""
+
+
+def _leases(client, bucket: str) -> list[str]:
+    return [k for k in _keys(client, bucket) if f"/{fs.UPLOADS_DIR}/" in k]
+
+
+def test_remove_partials_spares_a_live_writers_upload_and_aborts_a_killed_ones(s3):
+    """A live writer's upload (a real process of this host, mid-upload) is kept; once that process
+    is SIGKILLed, its upload and lease are removed."""
+    import signal
+    import subprocess
+
     client = s3.client()
     url = f"s3://{s3.bucket}/wds/imagenet12k-train-0001.tar"
-    s3fs, path = fs.filesystem(url)
-    f = s3fs.open(path, "wb", block_size=5 << 20)
-    f.write(os.urandom(12 << 20))  # parts uploaded, never completed: what a kill -9 leaves
-    f.closed = True  # the "killed" writer never closes
-    assert _uploads(client, s3.bucket) == ["wds/imagenet12k-train-0001.tar"]
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "uploading"
+        assert _uploads(client, s3.bucket) == ["wds/imagenet12k-train-0001.tar"]
+        assert len(_leases(client, s3.bucket)) == 1
+        assert fs.remove_partials(url) == []  # its writer is alive: kept
+        assert _uploads(client, s3.bucket) == ["wds/imagenet12k-train-0001.tar"]
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait(timeout=30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
     removed = fs.remove_partials(url)
     assert len(removed) == 1 and "imagenet12k-train-0001.tar" in removed[0]
     assert _uploads(client, s3.bucket) == []
+    assert _keys(client, s3.bucket) == []  # the lease went with it
+
+
+def test_remove_partials_keeps_another_hosts_upload_until_it_is_stale(s3, monkeypatch):
+    """An upload whose lease names another host (whose processes cannot be asked) is kept until it
+    is older than STALE_UPLOAD_SECONDS; one with no lease at all, once it is that old by the
+    storage's clock (moto dates every upload 2010-11-10: stale)."""
+    import json
+    import time
+
+    client = s3.client()
+    url = f"s3://{s3.bucket}/wds/imagenet12k-train-0002.tar"
+    s3fs, path = fs.filesystem(url)
+    f = s3fs.open(path, "wb", block_size=5 << 20)
+    f.write(os.urandom(12 << 20))  # parts uploaded, never completed
+    f.closed = True
+    upload = client.list_multipart_uploads(Bucket=s3.bucket)["Uploads"][0]["UploadId"]
+    lease = {"host": "another-host", "pid": 1, "written": time.time(), "key": url}
+    fs.write_atomic(fs._lease_url(url, upload), json.dumps(lease).encode())
+    assert fs.remove_partials(url) == []
+    assert _uploads(client, s3.bucket) == ["wds/imagenet12k-train-0002.tar"]
+    monkeypatch.setattr(fs, "STALE_UPLOAD_SECONDS", 3600)
+    lease["written"] = time.time() - 7200
+    fs.write_atomic(fs._lease_url(url, upload), json.dumps(lease).encode())
+    assert len(fs.remove_partials(url)) == 1
+    assert _uploads(client, s3.bucket) == []
     assert _keys(client, s3.bucket) == []
+    # No lease: judged by the storage's Initiated date.
+    f = s3fs.open(path, "wb", block_size=5 << 20)
+    f.write(os.urandom(12 << 20))
+    f.closed = True
+    assert len(fs.remove_partials(url)) == 1
+    assert _uploads(client, s3.bucket) == []
