@@ -157,6 +157,7 @@ def catalog_stages(settings, proxy):
     for stage, fn in zip(STAGES, [stages.build_raw_tars, stages.build_synset_manifest,
                                   stages.build_filtered_index, stages.build_shuffled_plan]):
         out[stage] = measured(proxy, fn, settings, f"rehearsal-{stage}", log=quiet)
+        print(f"  {stage} ({'S3' if proxy else 'local'}): {out[stage][0]:.1f}s {req(out[stage][1])}", flush=True)
     return out
 
 
@@ -271,6 +272,7 @@ def main() -> int:
         t0 = time.perf_counter()
         lshards = shard_runs(local, local.partition_keys, None, workers=1)
         local_shards_s = time.perf_counter() - t0
+        print(f"  {len(lshards)} shards built locally in {local_shards_s:.0f}s", flush=True)
         from imnet_assets.core.audit import run_audit
 
         laudit = measured(None, run_audit, local, "rehearsal-audit", log=lambda _m: None)
