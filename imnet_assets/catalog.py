@@ -5,9 +5,11 @@ No SQL text lives in Python: every statement is a file under `sql/`, run by name
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
@@ -82,6 +84,18 @@ class Catalog:
 
     def clear_stage(self, stage: str) -> None:
         self.run("stage_clear", {"stage": stage})
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Statements run inside are committed together or not at all: a process killed inside
+        leaves the catalog as it was before (DuckDB replays only committed transactions)."""
+        self.con.begin()
+        try:
+            yield
+        except BaseException:
+            self.con.rollback()
+            raise
+        self.con.commit()
 
     def close(self) -> None:
         self.con.close()

@@ -53,6 +53,22 @@ def _switch(env: dict, name: str, default: bool) -> bool:
     raise SettingsError(f"{name}={raw!r} must be on or off")
 
 
+DEDUP_MODES = ("off", "exact")
+ALT_LABEL_MODES = ("", "in1k")
+
+
+def _choice(env: dict, name: str, default: str, allowed: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "none") and "" in allowed:
+        return ""
+    if raw == "":
+        return default
+    if raw not in allowed:
+        raise SettingsError(f"{name}={raw!r} must be one of {', '.join(a for a in allowed if a) or '(none)'}"
+                            + (" (or unset)" if "" in allowed else ""))
+    return raw
+
+
 def parse_holdout(text: str) -> tuple[tuple[str, int], ...]:
     """`validation:2,test:2` -> (("validation", 2), ("test", 2)); the splits take the last shards."""
     splits: list[tuple[str, int]] = []
@@ -85,6 +101,11 @@ class Settings:
     schedule_max_runs: int = 64
     audit_sensor: bool = True
     check_decode_every: int = 16
+    index_batch_rows: int = 200_000
+    # Beyond the release (issue 17): eval-set decontamination, deduplication, alternative labels.
+    eval_exclude: str | None = None  # folder or s3:// prefix of eval images (IMNET_EVAL_EXCLUDE)
+    dedup: str = "off"  # off | exact (IMNET_DEDUP)
+    alt_labels: str = ""  # "" | in1k (IMNET_ALT_LABELS)
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:
@@ -124,6 +145,10 @@ class Settings:
             schedule_max_runs=_int(env, "IMNET_SCHEDULE_MAX_RUNS", 64, 1),
             audit_sensor=_switch(env, "IMNET_AUDIT_SENSOR", True),
             check_decode_every=_int(env, "IMNET_CHECK_DECODE_EVERY", 16, 0),
+            index_batch_rows=_int(env, "IMNET_INDEX_BATCH_ROWS", 200_000, 1),
+            eval_exclude=(env.get("IMNET_EVAL_EXCLUDE") or "").strip().rstrip("/") or None,
+            dedup=_choice(env, "IMNET_DEDUP", "off", DEDUP_MODES),
+            alt_labels=_choice(env, "IMNET_ALT_LABELS", "", ALT_LABEL_MODES),
         )
 
     @property

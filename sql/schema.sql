@@ -92,3 +92,27 @@ CREATE TABLE IF NOT EXISTS stages (
     run_id VARCHAR,
     updated_at TIMESTAMP
 );
+-- Beyond the release (issue 17; core/decontam.py, core/perceptual.py): each raw image's 64-bit
+-- pHash (signed, NULL when not hashed) and the first key with the same sha256. Added by ALTER so
+-- catalogs made before them gain the columns too, at the end of the table as index_load.sql writes.
+ALTER TABLE images ADD COLUMN IF NOT EXISTS phash BIGINT;
+ALTER TABLE images ADD COLUMN IF NOT EXISTS duplicate_of VARCHAR;
+CREATE TABLE IF NOT EXISTS eval_images (
+    file VARCHAR NOT NULL,        -- path under IMNET_EVAL_EXCLUDE (<tar>/<member> inside a tar)
+    sha256 VARCHAR NOT NULL,
+    phash BIGINT                  -- NULL when the file does not decode as an image
+);
+CREATE TABLE IF NOT EXISTS eval_overlaps (
+    key VARCHAR NOT NULL,
+    tar VARCHAR NOT NULL,
+    "offset" BIGINT,
+    eval_file VARCHAR NOT NULL,   -- the eval image it copies (the exclusion reason names it)
+    distance INTEGER              -- pHash Hamming distance; -1: byte-identical (sha256)
+);
+-- Groups of raw members with identical bytes: one row per sha256 held by more than one member.
+CREATE OR REPLACE VIEW duplicate_groups AS
+SELECT sha256, min(key) AS first_key, count(*) AS copies,
+       count(*) FILTER (WHERE status = 'kept') AS kept,
+       string_agg(key, ' ' ORDER BY key) AS keys
+FROM images WHERE sha256 IS NOT NULL
+GROUP BY sha256 HAVING count(*) > 1;

@@ -52,7 +52,7 @@ def check_samples(out: Path, catalog_path: Path | str, wnids: list[str], num_sha
     with catalog(catalog_path) as con:
         kept = {k for (k,) in con.execute("SELECT key FROM images WHERE status = 'kept'").fetchall()}
         labels = dict(con.execute("SELECT wnid, label FROM synsets").fetchall())
-        sizes = {k: (w, h) for k, w, h in con.execute("SELECT key, width, height FROM images").fetchall()}
+        sizes = {k: (w, h) for k, w, h in con.execute("SELECT key, width, height FROM images WHERE status = 'kept'").fetchall()}
     assert set(keys) == kept, (
         f"shards and kept images differ: missing {sorted(kept - set(keys))[:5]}, extra {sorted(set(keys) - kept)[:5]}"
     )

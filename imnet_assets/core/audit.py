@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 from ..catalog import Catalog
 from ..settings import Settings
-from . import fs
+from . import altlabels, card, fs
 from .encode import EncodeSettings
 from .freshness import OutRootLook, look_at_shards, verdict
 from .plan import read_index, split_shards
@@ -36,7 +36,8 @@ DATASET_NAME = "imagenet-w21-webp-wds"
 
 
 def encode_settings(settings: Settings) -> EncodeSettings:
-    return EncodeSettings(quality=settings.webp_quality, method=settings.webp_method)
+    return EncodeSettings(quality=settings.webp_quality, method=settings.webp_method,
+                          alt_labels=settings.alt_labels)  # issue 17
 
 
 class PlanOutdated(RuntimeError):
@@ -95,6 +96,7 @@ class AuditReport:
     stale: list[str] = field(default_factory=list)
     bad_files: list[str] = field(default_factory=list)
     stray: list[str] = field(default_factory=list)
+    conservation: list[str] = field(default_factory=list)  # sql/audit_conservation.sql
     info_written: bool = False
     lengths: dict[str, int] = field(default_factory=dict)  # shard key -> samples, from its manifest
 
@@ -113,6 +115,7 @@ class AuditReport:
         out.extend(self.bad_files)
         if self.stray:
             out.append(stray_problem(self.stray))
+        out.extend(self.conservation)
         return out
 
 
@@ -128,6 +131,7 @@ def info_document(settings: Settings, lengths: dict[str, int]) -> dict:
             "shard_lengths": counts,
             "num_samples": sum(counts),
         }
+    splits.update(altlabels.info_splits_for(settings, splits["train"]))  # issue 17: train_in1k
     return {"name": DATASET_NAME, "splits": splits}
 
 
@@ -184,6 +188,9 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
                 bad.append(changed)
             present.append(url)
             lengths[key] = manifest["num_samples"]
+        # Every catalog write below is one transaction: an audit killed at any moment leaves the
+        # catalog as the last complete audit left it (the manifests' temp table is not part of it).
+        cat.con.begin()
         if present:
             if heads is None:
                 cat.run("audit_load", {"files": present})
@@ -204,20 +211,37 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
             class_sizes=cat.rows("audit_class_sizes", {"width": _bucket_width(cat, "class")}),
             image_sizes=cat.rows("audit_image_sizes", {"width": 64}),
             missing=missing, stale=stale, bad_files=bad, stray=stray_shards(settings, look.names),
-            lengths=lengths,
+            conservation=conservation_problems(cat), lengths=lengths,
         )
-        # Only a clean audit is fresh: one that found problems is done again by the next build.
-        if audit_fp and not report.problems:
-            cat.set_stage("shard_audit", audit_fp, run_id)
-        else:
-            cat.clear_stage("shard_audit")
-    # timm and users take _info.json as "this release is complete": only a clean audit writes it.
+        if report.problems:
+            cat.clear_stage("shard_audit")  # only a clean audit is fresh: this one is done again
+        cat.con.commit()
+    # timm and users take _info.json as "this release is complete": only a clean audit writes it,
+    # and the audit is recorded as done only once it and the card are written (a kill in between:
+    # the next build audits again).
     if not report.problems:
         fs.write_atomic(info_url(settings), render_info(info_document(settings, lengths)))
         report.info_written = True
+        card.write_card(settings, report)  # issue 17: the dataset card, <out>/README.md
+        if audit_fp:
+            with Catalog(settings.catalog) as cat:
+                cat.set_stage("shard_audit", audit_fp, run_id)
     else:
         log(f"_info.json not written: {'; '.join(report.problems)[:500]}")
     return report
+
+
+CONSERVATION_SHOWN = 50  # differences named; the rest are counted
+
+
+def conservation_problems(cat: Catalog) -> list[str]:
+    """Every raw member accounted for (SPEC: Failure behaviour): per tar, images rows = members
+    counted from its headers; kept = planned; per written shard, planned = samples + encode-time
+    exclusions. Each difference names its tar or shard; empty when everything adds up."""
+    found = [p for (p,) in cat.rows("audit_conservation")]
+    if len(found) > CONSERVATION_SHOWN:
+        found = found[:CONSERVATION_SHOWN] + [f"... and {len(found) - CONSERVATION_SHOWN} more conservation differences"]
+    return found
 
 
 def _changed_in_place(key: str, shard_url: str, state: dict | None, size_stamp: tuple[int, str]) -> str | None:

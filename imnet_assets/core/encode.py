@@ -74,6 +74,7 @@ class EncodeSettings:
     quality: int = 90
     method: int = 4
     max_short: int = MAX_SHORT
+    alt_labels: str = ""  # issue 17: IMNET_ALT_LABELS, extra label fields in each sample's JSON (core/altlabels.py)
 
     def __post_init__(self) -> None:
         if not 0 <= self.quality <= 100:
@@ -780,3 +781,18 @@ def bare_chain(data: bytes, settings: EncodeSettings = DEFAULT_SETTINGS) -> byte
     buf = io.BytesIO()
     img.save(buf, "WEBP", quality=settings.quality, method=settings.method)
     return buf.getvalue()
+
+
+def trial_decode(data: bytes, max_short: int = MAX_SHORT) -> str | None:
+    """Why the encoder would refuse these bytes when decoding them, or None when it decodes them
+    (repaired or not). The index runs it on the images it saw truncated, so that the encoder's
+    decoding rules (the 5% rule among them) settle those before the plan and shards balance."""
+    try:
+        _decode(bytes(data), max_short)
+    except ImageRejected as e:
+        return e.reason
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - as encode_image words it
+        return f"undecodable: {describe_error(e)}"
+    return None

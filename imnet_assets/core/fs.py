@@ -311,6 +311,11 @@ def _read_range(url: str, offset: int, length: int) -> bytes:
     return fs.cat_file(path, start=offset, end=offset + length)
 
 
+def read_range(url: str, offset: int, length: int) -> bytes:
+    """`length` bytes of the file at `url` from `offset` (fewer at its end): one ranged request."""
+    return _read_range(url, offset, length)
+
+
 class RangeReader:
     """Reads byte ranges of raw tars by offset, keeping local files open; no whole-file download.
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tarfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import fs
@@ -63,37 +61,8 @@ def list_raw(raw_root: str, unpack: bool = False, log: Callable[[str], None] = p
     return RawListing(tars, texts, ignored)
 
 
-def count_members(url: str) -> int:
-    """Regular-file members of a tar, walking headers only (data is skipped by seeking). Past a
-    damaged header the walk goes on block by block to the next valid one (`ignore_zeros`, as the
-    index's walk does), so members after the damage are counted too."""
-    n = 0
-    with fs.open_read(url, block_size=1 << 20) as f:
-        try:
-            with tarfile.open(fileobj=f, mode="r:", ignore_zeros=True) as tf:
-                while True:
-                    try:
-                        info = tf.next()
-                    except (tarfile.TarError, OSError, EOFError):
-                        break  # a broken tail: the index records it with its reason
-                    if info is None:
-                        break
-                    n += info.isreg()
-        except tarfile.ReadError:
-            return 0
-    return n
-
-
-def inventory(listing: RawListing, known: dict[str, tuple], workers: int = 8) -> list[tuple]:
-    """Rows (tar, wnid, size, mtime, num_members); member counts are reused for unchanged tars."""
-
-    def row(t: dict) -> tuple:
-        prev = known.get(t["name"])
-        if prev and prev[0] == t["size"] and prev[1] == t["mtime"] and prev[2] is not None:
-            members = prev[2]
-        else:
-            members = count_members(t["url"])
-        return (t["name"], t["name"][: -len(".tar")], t["size"], t["mtime"], members)
-
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(row, listing.tars))
+def inventory(listing: RawListing) -> list[tuple]:
+    """Rows (tar, wnid, size, mtime). No tar is read here: its member count comes from the one
+    walk of its headers that filtered_index makes anyway (sql/raw_tars_replace.sql, and
+    sql/index_record_scans.sql), so the catalog stages read the raw bytes once, not twice."""
+    return [(t["name"], t["name"][: -len(".tar")], t["size"], t["mtime"]) for t in listing.tars]

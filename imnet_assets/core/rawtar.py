@@ -7,6 +7,7 @@ range-reads exactly those bytes later (see `fs.RangeReader`).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import mmap
 import os
 import posixpath
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import fs
+from .prefetch import PrefetchedFile
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
 
@@ -41,28 +43,48 @@ class Damage:
     reason: str
 
 
+MAX_KEY_CHARS = 64  # a key's ".webp" member name always fits a plain ustar name field (100 bytes)
+
+
 def member_key(name: str) -> tuple[str | None, str | None]:
     """The sample key for a member name, or (None, reason) when the name is unsafe.
 
-    `n01440764_10026.JPEG` -> `n01440764_10026`. Names with folders keep only their last part;
-    absolute names and names with `..` are refused. Characters webdataset treats specially
-    (dots, spaces, slashes) become `_`.
+    `n01440764_10026.JPEG` (or `.jpeg`, or `folder/n01440764_10026.JPEG`) -> `n01440764_10026`:
+    the stem of the last path part. Absolute names and names with `..` are refused. A stem that is
+    not plain ASCII letters, digits, `_` and `-` (a dot inside it, spaces, newlines, bytes that are
+    not UTF-8, which tar readers hand over as surrogate escapes), or is longer than MAX_KEY_CHARS,
+    is sanitized: each other character becomes `_`, it is cut to length, and a digest of the whole
+    raw name is appended, so that two names sanitized alike still get two keys. Keys hold no dot,
+    so webdataset splits `<key>.<ext>` where the shard writer put it.
     """
     if not name or name.startswith("/") or "\\" in name:
-        return None, f"unsafe member name {name!r}: absolute or not POSIX"
+        return None, f"unsafe member name: absolute or not POSIX ({printable_name(name)!r})"
     parts = name.split("/")
     if ".." in parts:
-        return None, f"unsafe member name {name!r}: contains '..'"
-    base = posixpath.basename(name)
+        return None, f"unsafe member name: contains '..' ({printable_name(name)!r})"
+    base = parts[-1]
     stem = base.rsplit(".", 1)[0] if "." in base else base
     key = _KEY_UNSAFE.sub("_", stem)
     if not key.strip("_"):
-        return None, f"member name {name!r} gives no usable key"
+        return None, f"unusable member name: gives no key ({printable_name(name)!r})"
+    if key != stem or len(key) > MAX_KEY_CHARS:
+        digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        key = f"{key[: MAX_KEY_CHARS - 14]}_h{digest}"
     return key, None
 
 
+def printable_name(name: str) -> str:
+    """A member name as valid, printable UTF-8 (for the catalog, CSV staging and logs): bytes that
+    are not UTF-8 and control characters (a newline in a name) become backslash escapes."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bool = False,
-             digest: list[str] | None = None) -> Iterator[Member | Damage]:
+             digest: list[str] | None = None, depth: int | None = None) -> Iterator[Member | Damage]:
     """Every member of the tar at `url`, in order, with its data; damage is yielded, not raised.
 
     Damage reasons read "<what> <tar name>: ..." (what: "raw tar", or "shard" when verifying).
@@ -73,9 +95,12 @@ def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bo
     death their parent handles.
     `digest`: a list to which the whole file's sha256 is appended once the walk is done, taken
     from the same read (not with `mapped`).
+    `depth`: for a remote tar, keep this many ranged requests in flight ahead of the walk
+    (`prefetch.PrefetchedFile`) instead of reading it as one stream.
     """
     total = fs.size(url)
-    with fs.open_read(url) as f:
+    opened = PrefetchedFile(url, total, depth=depth) if depth and fs.is_remote(url) else fs.open_read(url)
+    with opened as f:
         if digest is None:
             yield from _iter_fileobj(f, total, fs.basename(url), what, views, mapped)
             return

@@ -52,6 +52,8 @@ class SampleSummary:
     # wnid -> member names, in tar order.
     members: dict[str, list[str]] = field(default_factory=dict)
     total_bytes: int = 0
+    # kind -> the hostile member name given to an ordinary photo (see HOSTILE_NAMES)
+    hostile: dict[str, str] = field(default_factory=dict)
 
     @property
     def total_members(self) -> int:
@@ -273,6 +275,27 @@ QUIRK_SLOTS: list[tuple[tuple[str, ...], Callable[[np.random.Generator], bytes]]
 QUIRK_NAMES: tuple[str, ...] = tuple(dict.fromkeys(n for names, _ in QUIRK_SLOTS for n in names))
 
 
+# Member names no stage may crash on (SPEC: Output), each given to one ordinary photo, taken from
+# the last slots of the synsets round-robin. `{n}` is the member's usual name, `{wnid}` its synset.
+# A name that is not UTF-8 is written as its raw bytes (surrogate escapes); a long one with a GNU
+# long-name header, the way GNU tar stores it.
+HOSTILE_NAMES: list[tuple[str, str]] = [
+    ("not_utf8", "{wnid}_caf\udce9-\udcff.JPEG"),
+    ("long", "{wnid}_" + "very_long_name_" * 8 + "{num}.JPEG"),
+    ("folder", "images/train/{n}"),
+    ("dotdot", "../{n}"),
+    ("absolute", "/tmp/{n}"),
+    ("newline", "{wnid}_{num}\nsecond line.JPEG"),
+    ("dot_in_stem", "{wnid}_{num}.v2.JPEG"),
+    ("repeated_key", "again/{first}"),
+    ("lower_case_ext", "{wnid}_{num}.jpeg"),
+]
+
+
+def _hostile_name(kind_index: int, name: str, wnid: str, num: int, first: str) -> str:
+    return HOSTILE_NAMES[kind_index][1].format(n=name, wnid=wnid, num=num, first=first)
+
+
 # --------------------------------------------------------------------------------------------
 # Release
 # --------------------------------------------------------------------------------------------
@@ -324,12 +347,15 @@ def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def write_sample_raw(root: str | Path, synsets: int = 6, images: int = 40, seed: int = 0) -> SampleSummary:
+def write_sample_raw(root: str | Path, synsets: int = 6, images: int = 40, seed: int = 0,
+                     hostile_names: bool = True) -> SampleSummary:
     """Write a synthetic raw release of `synsets` tars with `images` members each under `root`.
 
     Quirk slot i goes to synset `i % synsets`, slot `i // synsets` (the first slots), so the
     quirks are spread over the synsets and all present whenever `synsets * images` leaves room
     (always for `synsets >= 2, images >= 20`); the other slots are ordinary JPEG photos.
+    With `hostile_names`, ordinary photos in the last slots get the names of HOSTILE_NAMES (one
+    each, round-robin over the synsets, when there is room after the quirk slots).
     Existing files with the same names are replaced; other files in `root` are left alone.
     """
     if synsets < 1 or images < 1:
@@ -344,6 +370,8 @@ def write_sample_raw(root: str | Path, synsets: int = 6, images: int = 40, seed:
 
     quirks: dict[str, list[str]] = {}
     members: dict[str, list[str]] = {}
+    hostile: dict[str, str] = {}
+    quirk_rows = -(-len(QUIRK_SLOTS) // synsets)  # slots per synset that quirks may take
     total_bytes = 0
     for si, wnid in enumerate(wnids):
         g_names = _rng(seed, 2, si)
@@ -357,6 +385,10 @@ def write_sample_raw(root: str | Path, synsets: int = 6, images: int = 40, seed:
                 name = f"{wnid}_{n}.JPEG"
                 g = _rng(seed, 3, si, slot)
                 qi = slot * synsets + si
+                hi = (images - 1 - slot) * synsets + si  # hostile names from the last slot back
+                if hostile_names and hi < len(HOSTILE_NAMES) and slot >= max(quirk_rows, 1):
+                    name = _hostile_name(hi, name, wnid, n, names_in_tar[0])
+                    hostile[HOSTILE_NAMES[hi][0]] = name
                 if qi < len(QUIRK_SLOTS):
                     quirk_names, maker = QUIRK_SLOTS[qi]
                     data = maker(g)
@@ -364,6 +396,10 @@ def write_sample_raw(root: str | Path, synsets: int = 6, images: int = 40, seed:
                         quirks.setdefault(q, []).append(name)
                 else:
                     data = _normal(g)
+                # A name too long for ustar gets a GNU long-name header (as GNU tar writes it);
+                # every other member stays plain ustar.
+                tf.format = tarfile.GNU_FORMAT if len(name.encode("utf-8", "surrogateescape")) > 100 \
+                    else tarfile.USTAR_FORMAT
                 tf.addfile(_tar_info(name, len(data)), io.BytesIO(data))
                 names_in_tar.append(name)
         os.replace(tmp, final)
@@ -386,4 +422,5 @@ def write_sample_raw(root: str | Path, synsets: int = 6, images: int = 40, seed:
         quirks=quirks,
         members=members,
         total_bytes=total_bytes,
+        hostile=hostile,
     )

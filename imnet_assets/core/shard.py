@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from PIL import Image
 
 from . import fs
+from .altlabels import sample_fields
 from .encode import EncodeSettings, ImageRejected, encode_image
 from .plan import SliceRow, read_slice
 from .procpool import bounded_map, process_pool
@@ -35,7 +36,9 @@ ENCODE_WINDOW = 8  # tasks in flight per encode worker
 def fingerprint(plan_digest: str, settings: EncodeSettings) -> str:
     """What a shard's bytes depend on: its plan slice, the encoder version and the settings."""
     text = json.dumps(
-        {"plan": plan_digest, "encoder": ENCODER_VERSION, "settings": asdict(settings)}, sort_keys=True
+        # issue 17: alt_labels counts only when set, so shards built without it keep their fingerprint
+        {"plan": plan_digest, "encoder": ENCODER_VERSION,
+         "settings": {k: v for k, v in asdict(settings).items() if k != "alt_labels" or v}}, sort_keys=True
     )
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -188,7 +191,7 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def sample_members(row: SliceRow, enc) -> list[tuple[str, bytes]]:
+def sample_members(row: SliceRow, enc, alt_labels: str = "") -> list[tuple[str, bytes]]:
     """The three members of one sample, in the order they are written."""
     meta = {
         "filename": f"{row.wnid}/{row.key}.JPEG",
@@ -199,6 +202,7 @@ def sample_members(row: SliceRow, enc) -> list[tuple[str, bytes]]:
         "orig_width": enc.orig_width,
         "orig_height": enc.orig_height,
         "source_sha256": row.sha256,
+        **sample_fields(row.wnid, alt_labels),  # issue 17: label_in1k under IMNET_ALT_LABELS=in1k
     }
     return [
         (f"{row.key}.cls", str(row.label).encode("ascii")),
@@ -255,7 +259,7 @@ def build_shard(
                     excluded.append({"key": row.key, "position": row.position, "reason": value})
                     log(f"excluded {row.key} ({row.tar}@{row.offset}): {value}")
                     continue
-                for name, payload in sample_members(row, value):
+                for name, payload in sample_members(row, value, settings.alt_labels):
                     tar.addfile(_tarinfo(name, len(payload)), io.BytesIO(payload))
                 samples.append(
                     {

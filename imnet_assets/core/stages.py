@@ -16,12 +16,14 @@ from ..catalog import Catalog
 from ..settings import Settings
 from . import fs
 from .csvstage import staged_csv
+from .decontam import index_inputs, settle_index
 from .index import FIELDS, scan_tars
 from .inventory import RawListing, inventory, list_raw
 from .plan import PLAN_DIR, PLAN_VERSION, publish_slices, render_slice, shard_sizes, write_index
 from .synsets import read_text_file
 
-INDEX_VERSION = "1"
+# 2: hostile member names get safe keys; truncated candidates trial-decoded; a pHash per kept image
+INDEX_VERSION = "2"
 Log = Callable[[str], None]
 
 
@@ -40,7 +42,8 @@ def _fingerprints(listing: RawListing, settings: Settings) -> dict[str, str]:
     # Each from what it reads: a words.txt or gloss.txt edit makes only the synset manifest stale.
     raw = _h("raw_tars", listing.tars_fingerprint)
     synsets = _h("synset_manifest", listing.fingerprint)
-    index = _h("filtered_index", listing.tars_fingerprint, INDEX_VERSION)
+    # issue 17: + the eval set's listing digest and the dedup mode (nothing under the defaults)
+    index = _h("filtered_index", listing.tars_fingerprint, INDEX_VERSION, *index_inputs(settings))
     plan = _h("shuffled_plan", index, settings.seed, settings.num_shards, settings.holdout, PLAN_VERSION)
     return {"raw_tars": raw, "synset_manifest": synsets, "filtered_index": index, "shuffled_plan": plan}
 
@@ -75,12 +78,10 @@ def build_raw_tars(settings: Settings, run_id: str, log: Log = print) -> dict:
     for name in listing.ignored:
         log(f"ignoring {name} under the raw root (not <wnid>.tar, words.txt or gloss.txt)")
     with Catalog(settings.catalog) as cat:
-        known = {t: (s, m, n) for t, s, m, n in cat.rows("raw_tars_known")}
-        rows = inventory(listing, known)
-        with staged_csv(["tar", "wnid", "size", "mtime", "num_members"], rows) as path:
+        with staged_csv(["tar", "wnid", "size", "mtime"], inventory(listing)) as path, cat.transaction():
             cat.run("raw_tars_stage", {"path": path})
-        cat.run("raw_tars_replace")
-        cat.set_stage("raw_tars", _fingerprints(listing, settings)["raw_tars"], run_id)
+            cat.run("raw_tars_replace")
+            cat.set_stage("raw_tars", _fingerprints(listing, settings)["raw_tars"], run_id)
         facts = cat.one("raw_tars_summary")
     facts["ignored_files"] = len(listing.ignored)
     facts["fingerprint"] = listing.tars_fingerprint
@@ -93,46 +94,68 @@ def build_synset_manifest(settings: Settings, run_id: str, log: Log = print) -> 
     gloss = read_text_file(settings.raw_root, "gloss.txt", "gloss.txt" in listing.texts)
     with Catalog(settings.catalog) as cat, staged_csv(["wnid", "text"], sorted(words.items())) as w, \
             staged_csv(["wnid", "text"], sorted(gloss.items())) as g:
-        cat.run("synsets_stage_text", {"words": w, "gloss": g})
-        cat.run("synsets_replace")
-        cat.set_stage("synset_manifest", _fingerprints(listing, settings)["synset_manifest"], run_id)
+        with cat.transaction():
+            cat.run("synsets_stage_text", {"words": w, "gloss": g})
+            cat.run("synsets_replace")
+            cat.set_stage("synset_manifest", _fingerprints(listing, settings)["synset_manifest"], run_id)
         return cat.one("synsets_summary")
 
 
+# Rows are committed IMNET_INDEX_BATCH_ROWS at a time (200,000 by default), or every
+INDEX_BATCH_SECONDS = 60.0  # at most, so that a kill costs at most about a minute of scanning
+SCAN_FIELDS = ["tar", "size", "mtime", "num_records", "index_version"]
+
+
 def build_filtered_index(settings: Settings, run_id: str, log: Log = print) -> dict:
-    """Scan new or changed tars (in parallel processes); unchanged tars keep their rows."""
+    """Scan new or changed tars (in parallel processes); unchanged tars keep their rows.
+
+    Crash safety: a tar's rows and its scan record (`tar_scans`, and its member count in
+    `raw_tars`) are committed in one transaction, batch by batch, so a process killed at any
+    moment leaves only whole tars recorded as scanned; the next run scans the others again.
+    """
     listing = list_raw(settings.raw_root)
     started = time.perf_counter()
     with Catalog(settings.catalog) as cat:
         scanned = {t: (s, m, v) for t, s, m, v in cat.rows("index_scanned")}
         todo = [t for t in listing.tars if scanned.get(t["name"]) != (t["size"], t["mtime"], INDEX_VERSION)]
-        with staged_csv(["tar"], [(t["name"],) for t in todo]) as path:
+        with staged_csv(["tar"], [(t["name"],) for t in todo]) as path, cat.transaction():
             cat.run("index_stage_rescan", {"path": path})
-        cat.run("index_forget_tars")
+            cat.run("index_forget_tars")
         log(f"indexing {len(todo)} of {len(listing.tars)} tars ({len(listing.tars) - len(todo)} unchanged)")
         by_url = {t["url"]: t for t in todo}
-        batch: list[tuple] = []
+        rows: list[tuple] = []
+        scans: list[tuple] = []
         done_bytes = 0
+        flushed = time.monotonic()
         for n, (url, records) in enumerate(scan_tars(by_url, settings.workers, log=log), 1):
             t = by_url[url]
-            batch.extend(records)
+            rows.extend(records)
+            scans.append((t["name"], t["size"], t["mtime"], len(records), INDEX_VERSION))
             done_bytes += t["size"]
-            cat.run("index_record_scan", {"tar": t["name"], "size": t["size"], "mtime": t["mtime"],
-                                          "num_records": len(records), "index_version": INDEX_VERSION})
-            if len(batch) >= 200_000 or n == len(todo):
-                with staged_csv(FIELDS, batch) as path:
-                    cat.run("index_load", {"path": path})
-                batch = []
+            if (len(rows) >= settings.index_batch_rows or n == len(todo)
+                    or time.monotonic() - flushed >= INDEX_BATCH_SECONDS):
+                _commit_scans(cat, rows, scans)
+                rows, scans, flushed = [], [], time.monotonic()
                 log(f"indexed {n}/{len(todo)} tars")
-        cat.run("index_duplicates")
-        cat.run("index_count_kept")
-        cat.set_stage("filtered_index", _fingerprints(listing, settings)["filtered_index"], run_id)
+        with cat.transaction():
+            overlaps = settle_index(cat, settings, run_id, log)  # issue 17: eval overlaps, duplicate_of, dedup
+            cat.run("index_duplicates")
+            cat.run("index_count_kept")
+            cat.set_stage("filtered_index", _fingerprints(listing, settings)["filtered_index"], run_id)
         facts = cat.one("index_summary")
         facts["reasons"] = cat.rows("index_reasons")
+        facts.update(overlaps)  # issue 17
     seconds = time.perf_counter() - started
     facts.update(tars_scanned=len(todo), seconds=round(seconds, 2),
                  scan_mb_per_s=round(done_bytes / 1e6 / seconds, 1) if seconds > 0 else 0.0)
     return facts
+
+
+def _commit_scans(cat: Catalog, rows: list[tuple], scans: list[tuple]) -> None:
+    """Load these tars' rows and record them as scanned, all or nothing."""
+    with staged_csv(FIELDS, rows) as rows_path, staged_csv(SCAN_FIELDS, scans) as scans_path, cat.transaction():
+        cat.run("index_load", {"path": rows_path})
+        cat.run("index_record_scans", {"path": scans_path})
 
 
 def build_shuffled_plan(settings: Settings, run_id: str, log: Log = print) -> dict:

@@ -315,3 +315,35 @@ def test_check_info_wants_exactly_the_document_the_audit_writes(copy):
     assert variant(lambda d: d.update(name="x"))[0].startswith("_info.json name 'x'")
     assert variant(lambda d: d.update(extra=1)) == ["_info.json has fields the audit does not write: ['extra']"]
     assert variant(lambda d: d.update(splits=[])) == ["_info.json has no 'splits' object"]
+
+
+@pytest.mark.parametrize("damage, named", [
+    # a tar's rows lost after its scan was recorded (the kill bug this guards against)
+    ("DELETE FROM images WHERE rowid = (SELECT min(rowid) FROM images WHERE tar = '{tar}')",
+     "tar {tar}: 20 members counted from its headers, 19 images rows"),
+    # a tar whose scan never finished
+    ("UPDATE raw_tars SET num_members = NULL WHERE tar = '{tar}'", "tar {tar}: never fully indexed"),
+    # a kept image that the plan does not hold
+    ("DELETE FROM plan WHERE rowid = (SELECT min(rowid) FROM plan)", "kept by the index but not planned: 1 images"),
+])
+def test_the_audit_fails_naming_the_tar_or_shard_that_does_not_add_up(copy, damage, named):
+    tar = sorted(n for n in os.listdir(copy.settings.raw_root) if n.endswith(".tar"))[0]
+    assert run_audit(copy.settings, "run-clean", log=QUIET).conservation == []
+    with duckdb.connect(copy.settings.catalog) as con:
+        con.execute(damage.format(tar=tar))
+    report = run_audit(copy.settings, "run-damaged", log=QUIET)
+    assert any(p.startswith(named.format(tar=tar)) for p in report.conservation), report.conservation
+    assert report.problems and not report.info_written
+
+
+def test_the_audit_fails_naming_a_shard_whose_samples_do_not_add_up(copy):
+    run_audit(copy.settings, "run-clean", log=QUIET)
+    # a manifest that lost a sample and does not record it as excluded either
+    url = manifest_url(copy.settings.out_root, "0001")
+    with open(url) as f:
+        manifest = json.load(f)
+    manifest["samples"].pop()
+    with open(url, "w") as f:
+        json.dump(manifest, f)
+    report = run_audit(copy.settings, "run-damaged", log=QUIET)
+    assert any(p.startswith("shard 0001: ") and "planned" in p for p in report.conservation), report.conservation

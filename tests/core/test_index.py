@@ -11,6 +11,7 @@ import signal
 import tarfile
 
 import duckdb
+import pytest
 
 from imnet_assets.core.index import scan_tar, scan_tars
 from imnet_assets.core.stages import build_filtered_index, build_raw_tars, build_synset_manifest
@@ -54,7 +55,7 @@ def test_hostile_names_get_safe_keys_or_recorded_exclusions(tmp_path):
     assert by_member["n00000001_1.JPEG"].status == "kept"
     sub = by_member["sub/n00000001_2.JPEG"]
     assert (sub.key, sub.status) == ("n00000001_2", "kept")
-    assert by_member["n00000001 3.JPEG"].key == "n00000001_3"
+    assert by_member["n00000001 3.JPEG"].key.startswith("n00000001_3_h")  # sanitized: a digest of the name
     for name in ("../evil.JPEG", "a/../../evil2.JPEG"):
         r = by_member[name]
         assert r.status == "excluded" and "unsafe member name" in r.reason and "'..'" in r.reason
@@ -190,3 +191,23 @@ def test_damaged_tar_rows_load_into_the_catalog_with_reasons(tmp_path):
     assert {m for t, m in excluded if t == "n00000004.tar"} == {
         "../evil.JPEG", "/etc/evil.JPEG", "a/../../evil2.JPEG", "n00000001_90.JPEG", "n00000001_91.JPEG"}
     assert all(excluded.values())
+
+
+def test_truncated_images_are_trial_decoded_at_index_time(tmp_path):
+    # Exact balance: an image the encoder would refuse for the 5% rule is excluded by the index,
+    # before the plan; one from which enough decodes stays kept and marked for repair.
+    from imnet_assets.core.encode import EncodeSettings, ImageRejected, encode_image
+    from tests.core.test_encode import _photo_jpeg
+
+    data = _photo_jpeg()
+    almost_nothing, a_tenth = data[: len(data) // 50], data[: len(data) // 10]
+    write(tmp_path / "n00000002.tar", [("n00000002_1.JPEG", almost_nothing), ("n00000002_2.JPEG", a_tenth),
+                                       ("n00000002_3.JPEG", data)])
+    by_key = {r.key: r for r in scan_tar(str(tmp_path / "n00000002.tar"))}
+    refused = by_key["n00000002_1"]
+    assert refused.status == "excluded" and not refused.needs_repair
+    with pytest.raises(ImageRejected) as exc:  # exactly the reason the encoder gives
+        encode_image(almost_nothing, EncodeSettings())
+    assert refused.reason == exc.value.reason and "only the top" in refused.reason
+    assert (by_key["n00000002_2"].status, by_key["n00000002_2"].needs_repair) == ("kept", True)
+    assert (by_key["n00000002_3"].status, by_key["n00000002_3"].needs_repair) == ("kept", False)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from imnet_assets.core import inventory as inventory_mod
 from imnet_assets.core import stages
-from imnet_assets.core.inventory import count_members, inventory, list_raw
+from imnet_assets.core.inventory import inventory, list_raw
 from imnet_assets.core.rawtar import ArchiveDamaged
 from imnet_assets.core.synsets import labels, parse_text, read_text_file
 from imnet_assets.settings import Settings
@@ -98,57 +98,13 @@ def test_listing_fingerprint_follows_tars_and_texts_only(tmp_path):
 # ----------------------------------------------------------------------------- counting
 
 
-def test_count_members_counts_regular_files(tmp_path):
-    data = tar_bytes([(f"n1_{i}.JPEG", jpeg(i)) for i in range(4)], extra_dir="somedir")
-    path = tmp_path / "a.tar"
-    path.write_bytes(data)
-    assert count_members(str(path)) == 4
-    (tmp_path / "empty.tar").write_bytes(tar_bytes([]))
-    assert count_members(str(tmp_path / "empty.tar")) == 0
-
-
-def test_count_members_of_broken_files_does_not_raise(tmp_path):
-    members = [(f"n1_{i}.JPEG", b"y" * 3000) for i in range(3)]
-    data = tar_bytes(members)
-    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
-        infos = tf.getmembers()
-    path = tmp_path / "t.tar"
-    path.write_bytes(data[: infos[2].offset + 100])  # the third header cut short
-    assert count_members(str(path)) == 2
-    path.write_bytes(data[: infos[2].offset_data + 10])  # the third member's data cut short
-    assert count_members(str(path)) == 3
-    path.write_bytes(b"this is not a tar archive at all " * 40)
-    assert count_members(str(path)) == 0
-    path.write_bytes(b"")
-    assert count_members(str(path)) == 0
-
-
-def test_count_members_goes_on_past_a_damaged_header_like_the_index(tmp_path):
-    from imnet_assets.core.rawtar import Damage, Member, iter_tar
-
-    data = bytearray(tar_bytes([(f"n1_{i}.JPEG", jpeg(i)) for i in range(6)]))
-    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tf:
-        infos = tf.getmembers()
-    data[infos[2].offset + 5] ^= 0x41  # the third header's checksum no longer matches
-    path = tmp_path / "n1.tar"
-    path.write_bytes(bytes(data))
-    walked = list(iter_tar(str(path)))
-    assert any(isinstance(i, Damage) for i in walked)
-    assert count_members(str(path)) == 5 == sum(isinstance(i, Member) for i in walked)
-
-
-def test_inventory_rows_and_reuse_of_known_counts(tmp_path):
+def test_inventory_reads_no_tar(tmp_path):
     (tmp_path / "n00000001.tar").write_bytes(synset_tar("n00000001", 3))
-    (tmp_path / "n00000002.tar").write_bytes(synset_tar("n00000002", 5))
+    (tmp_path / "n00000002.tar").write_bytes(b"not even a tar")
     listing = list_raw(str(tmp_path), log=QUIET)
-    rows = inventory(listing, {})
-    assert [(r[0], r[1], r[4]) for r in rows] == [("n00000001.tar", "n00000001", 3), ("n00000002.tar", "n00000002", 5)]
+    rows = inventory(listing)  # no tar is opened: a broken one is the index's to record
+    assert [r[:2] for r in rows] == [("n00000001.tar", "n00000001"), ("n00000002.tar", "n00000002")]
     assert [(r[2], r[3]) for r in rows] == [(t["size"], t["mtime"]) for t in listing.tars]
-    # An unchanged tar keeps its known count (not re-read); a changed one is counted again.
-    t1, t2 = listing.tars
-    known = {t1["name"]: (t1["size"], t1["mtime"], 99), t2["name"]: (t2["size"] + 1, t2["mtime"], 99)}
-    again = inventory(listing, known)
-    assert [r[4] for r in again] == [99, 5]
 
 
 # ----------------------------------------------------------------------------- the raw_tars stage
@@ -183,19 +139,21 @@ def test_build_raw_tars_unpacks_the_whole_release(tmp_path):
     assert sorted(os.listdir(raw)) == sorted([*inner, "winter21_whole.tar.gz"])
     for name, data in inner.items():
         assert (raw / name).read_bytes() == data
-    assert facts["tars"] == 3 and facts["members"] == 6
+    assert facts["tars"] == 3 and facts["tars_to_count"] == 3  # counted by the index's walk
     assert facts["bytes"] == sum(len(d) for n, d in inner.items() if n.endswith(".tar"))
     assert facts["ignored_files"] == 1  # the archive itself, reported
     assert any("winter21_whole.tar.gz" in m for m in logged)
     assert query(settings, "SELECT tar, wnid, num_members FROM raw_tars ORDER BY tar") == [
-        ("n00000001.tar", "n00000001", 3), ("n00000002.tar", "n00000002", 1), ("n00000003.tar", "n00000003", 2),
+        ("n00000001.tar", "n00000001", None), ("n00000002.tar", "n00000002", None),
+        ("n00000003.tar", "n00000003", None),
     ]
     # The next run finds the unpacked tars and does not unpack again.
     mtime = os.stat(raw / "n00000001.tar").st_mtime_ns
     stages.build_raw_tars(settings, "run-2", log=QUIET)
     assert os.stat(raw / "n00000001.tar").st_mtime_ns == mtime
-    # The synset stage reads the unpacked words.txt.
+    # The synset stage reads the unpacked words.txt; the index counts the members.
     stages.build_synset_manifest(settings, "run-3", log=QUIET)
+    stages.build_filtered_index(settings, "run-4", log=QUIET)
     assert query(settings, "SELECT wnid, label, lemma, gloss, num_images FROM synsets ORDER BY wnid") == [
         ("n00000001", 0, "one", None, 3), ("n00000002", 1, "two", None, 1), ("n00000003", 2, "three", None, 2),
     ]
@@ -218,7 +176,7 @@ def test_an_interrupted_unpack_is_redone(tmp_path, monkeypatch):
     monkeypatch.undo()
     # One synset tar is there, but the release is not: the next run unpacks again.
     facts = stages.build_raw_tars(settings, "run-2", log=QUIET)
-    assert facts["tars"] == 3 and facts["members"] == 6
+    assert facts["tars"] == 3
     assert sorted(os.listdir(raw)) == sorted([*inner, "winter21_whole.tar.gz"])
 
 
@@ -280,14 +238,23 @@ def test_build_raw_tars_follows_changes(tmp_path):
     (raw / "n00000002.tar").write_bytes(synset_tar("n00000002", 2))
     settings = settings_for(raw, tmp_path)
     stages.build_raw_tars(settings, "run-1", log=QUIET)
+    stages.build_synset_manifest(settings, "run-1", log=QUIET)
+    stages.build_filtered_index(settings, "run-1", log=QUIET)
     os.unlink(raw / "n00000002.tar")
     (raw / "n00000001.tar").write_bytes(synset_tar("n00000001", 4))
     (raw / "n00000005.tar").write_bytes(synset_tar("n00000005", 1))
+    (raw / "n00000006.tar").write_bytes(synset_tar("n00000006", 3))
+    os.utime(raw / "n00000006.tar", (1, 1))
     facts = stages.build_raw_tars(settings, "run-2", log=QUIET)
-    assert facts["tars"] == 2 and facts["members"] == 5
+    # The member counts of changed and new tars are unknown until the index walks them again.
+    assert facts["tars"] == 3 and facts["tars_to_count"] == 3
+    stages.build_filtered_index(settings, "run-2", log=QUIET)
     assert query(settings, "SELECT tar, num_members FROM raw_tars ORDER BY tar") == [
-        ("n00000001.tar", 4), ("n00000005.tar", 1),
+        ("n00000001.tar", 4), ("n00000005.tar", 1), ("n00000006.tar", 3),
     ]
+    # An unchanged tar keeps its count through another inventory.
+    facts = stages.build_raw_tars(settings, "run-3", log=QUIET)
+    assert facts["tars_to_count"] == 0 and facts["members"] == 8
 
 
 # ----------------------------------------------------------------------------- synsets and labels
@@ -306,7 +273,9 @@ def test_parse_text_reads_tab_separated_lines():
 def test_read_text_file_only_when_present(tmp_path):
     (tmp_path / "words.txt").write_text("n00000001\tone\n")
     assert read_text_file(str(tmp_path), "words.txt", True) == {"n00000001": "one"}
-    assert read_text_file(str(tmp_path), "gloss.txt", False) == {}
+    # absent: the shipped synset table's glosses (fall11's 21,844 synsets)
+    shipped = read_text_file(str(tmp_path), "gloss.txt", False)
+    assert len(shipped) == 21_844 and "n01440764" in shipped
 
 
 def test_synset_manifest_labels_lemmas_and_glosses(tmp_path):
@@ -320,6 +289,8 @@ def test_synset_manifest_labels_lemmas_and_glosses(tmp_path):
     )
     settings = settings_for(raw, tmp_path)
     stages.build_raw_tars(settings, "run-1", log=QUIET)
+    stages.build_synset_manifest(settings, "run-2", log=QUIET)
+    stages.build_filtered_index(settings, "run-2", log=QUIET)  # it counts the members
     facts = stages.build_synset_manifest(settings, "run-2", log=QUIET)
     rows = query(settings, "SELECT wnid, label, lemma, gloss, num_images FROM synsets ORDER BY label")
     assert rows == [

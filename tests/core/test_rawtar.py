@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import tarfile
 
 import pytest
 from PIL import Image
 
-from imnet_assets.core.rawtar import Damage, Member, iter_tar, member_key
+from imnet_assets.core.rawtar import Damage, Member, iter_tar, member_key, printable_name
 
 
 def jpeg(seed: int, size=(64, 48)) -> bytes:
@@ -180,12 +181,36 @@ def test_member_data_hash_matches_the_bytes_at_the_offset(tmp_path):
         ("a/b/c/n01440764_2.jpeg", "n01440764_2"),
         ("./n01440764_3.JPEG", "n01440764_3"),
         ("n01440764_4", "n01440764_4"),
-        ("n01440764 5.tar.JPEG", "n01440764_5_tar"),
-        ("n0144\u00e9_6.JPEG", "n0144__6"),
     ],
 )
 def test_member_key_of_safe_names(name, key):
     assert member_key(name) == (key, None)
+
+
+@pytest.mark.parametrize(
+    "name, prefix",
+    [
+        ("n01440764 5.tar.JPEG", "n01440764_5_tar_h"),  # a space, a dot inside the stem
+        ("n0144\u00e9_6.JPEG", "n0144__6_h"),  # not ASCII
+        ("n0144_caf\udce9\udcff.JPEG", "n0144_caf___h"),  # not UTF-8 (tar readers' surrogate escapes)
+        ("n0144_7\nsecond.JPEG", "n0144_7_second_h"),  # a newline
+        ("n0144_" + "x" * 200 + ".JPEG", "n0144_xxx"),  # longer than a ustar name field
+    ],
+)
+def test_member_key_sanitizes_hostile_names_into_distinct_short_keys(name, prefix):
+    key, reason = member_key(name)
+    assert reason is None and key.startswith(prefix)
+    assert re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", key)  # no dot: webdataset splits <key>.<ext> right
+    assert len(f"{key}.webp".encode()) <= 100  # a plain ustar name field holds every member name
+    # sanitized alike, named differently: two keys
+    assert member_key(name.replace(".JPEG", "!.JPEG"))[0] != key
+
+
+def test_printable_name_escapes_what_is_not_printable_utf8():
+    assert printable_name("n01_caf\udce9.JPEG") == "n01_caf\\xe9.JPEG"
+    assert printable_name("a\nb\tc.JPEG") == "a\\x0ab\\x09c.JPEG"
+    assert printable_name("n01440764_1.JPEG") == "n01440764_1.JPEG"
+    printable_name("x\udcff\n").encode("utf-8")  # always valid UTF-8
 
 
 @pytest.mark.parametrize(
@@ -196,8 +221,8 @@ def test_member_key_of_safe_names(name, key):
         ("/etc/evil.JPEG", "absolute"),
         ("C:\\evil.JPEG", "POSIX"),
         ("", "absolute"),
-        (".JPEG", "no usable key"),
-        ("sub/...JPEG", "no usable key"),
+        (".JPEG", "gives no key"),
+        ("sub/...JPEG", "gives no key"),
     ],
 )
 def test_member_key_refuses_unsafe_names_with_a_reason(name, why):

@@ -77,13 +77,16 @@ def test_layout(release):
         assert names == summary.members[wnid]
         assert len(names) == images
         numbers = []
+        hostile = set(summary.hostile.values())
         for info, data in members:
+            assert info.isreg() and info.size == len(data)
+            assert (info.mtime, info.uid, info.gid, info.mode) == (TAR_MTIME, 0, 0, 0o644)
+            if info.name in hostile:  # the names no stage may crash on (HOSTILE_NAMES)
+                continue
             m = re.fullmatch(rf"{wnid}_(\d+)\.JPEG", info.name)
             assert m, info.name
             numbers.append(int(m.group(1)))
-            assert info.isreg() and info.size == len(data)
-            assert (info.mtime, info.uid, info.gid, info.mode) == (TAR_MTIME, 0, 0, 0o644)
-        assert len(set(numbers)) == images
+        assert len(set(numbers)) == len(numbers) == images - sum(n in hostile for n in names)
 
 
 def test_words_and_gloss(release):
@@ -299,3 +302,16 @@ def test_imagenet_size_mix():
     assert 0.05 * len(sizes) < portrait < 0.5 * len(sizes)
     # numpy generators work too
     assert imagenet_size_mix(np.random.default_rng(1)) == imagenet_size_mix(np.random.default_rng(1))
+
+
+def test_hostile_member_names_by_default_and_on_request(sample_release, tmp_path):
+    from imnet_assets.core.sample_raw import HOSTILE_NAMES
+
+    root, summary = sample_release
+    assert set(summary.hostile) == {kind for kind, _ in HOSTILE_NAMES}
+    in_tars = {m for names in summary.members.values() for m in names}
+    assert set(summary.hostile.values()) <= in_tars
+    assert len(summary.hostile["long"].encode()) > 100  # more than a ustar name field holds
+    plain = write_sample_raw(tmp_path, synsets=2, images=20, hostile_names=False)
+    assert plain.hostile == {}
+    assert all(re.fullmatch(r"n\d{8}_\d+\.JPEG", m) for names in plain.members.values() for m in names)

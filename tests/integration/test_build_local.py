@@ -12,6 +12,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from imnet_assets.core.rawtar import member_key, printable_name
 from tests.checks import check_info_json, check_samples
 from tests.conftest import build_env, dagster_home, imnet
 
@@ -77,7 +78,9 @@ def test_catalog_offsets_point_at_the_exact_raw_bytes(built, sample_release):
             data = f.read(size)
         assert hashlib.sha256(data).hexdigest() == sha
         with tarfile.open(sample_release[0] / tar) as tf:
-            assert tf.extractfile(member).read() == data
+            info = next(i for i in tf.getmembers() if i.offset_data == offset)
+            assert tf.extractfile(info).read() == data
+            assert member == printable_name(info.name)  # hostile names, escaped as printable UTF-8
 
 
 def test_catalog_tables_agree_with_shards(built):
@@ -245,3 +248,33 @@ def test_a_shard_edited_in_place_fails_the_audit_and_is_rebuilt_alone(built, tmp
     assert "2 to build" in build.stdout and "shard_audit      ok" in build.stdout, build.stdout
     assert edited.read_bytes() == original and retimed.read_bytes() == same
     assert "wds_shards       4 fresh\n" in imnet(["status"], env).stdout
+
+
+def test_hostile_member_names_are_all_accounted_for_and_read_back(built):
+    # The sample release gives ordinary photos hostile names (not UTF-8, long, folders, '..', an
+    # absolute path, a newline, a dot in the stem, a repeated key, '.jpeg'): every one has its
+    # images row; unsafe ones and the repeated key are excluded with their reason; the others are
+    # in the shards under keys webdataset splits back exactly.
+    tmp, _, _, summary = built
+    assert len(summary.hostile) == 9
+    with catalog(tmp) as con:
+        rows = {m: (k, s, r) for m, k, s, r in con.execute("SELECT member, key, status, reason FROM images").fetchall()}
+        per_tar = con.execute("SELECT count(*) FROM raw_tars r WHERE r.num_members <> "
+                              "(SELECT count(*) FROM images i WHERE i.tar = r.tar)").fetchone()[0]
+    assert per_tar == 0
+    keys_in_shards = set()
+    for i in range(4):
+        for sample in wds.WebDataset(str(tmp / "out" / f"imagenet12k-train-{i:04d}.tar"), shardshuffle=False):
+            assert {k for k in sample if not k.startswith("__")} == {"cls", "json", "webp"}, sample.keys()
+            keys_in_shards.add(sample["__key__"])
+    for kind, name in summary.hostile.items():
+        key, status, reason = rows[printable_name(name)]
+        if kind in ("dotdot", "absolute"):
+            assert status == "excluded" and reason.startswith("unsafe member name"), (kind, reason)
+        elif kind == "repeated_key":
+            assert status == "excluded" and reason.startswith("duplicate key"), (kind, reason)
+        else:
+            assert (status, key) == ("kept", member_key(name)[0]) and key in keys_in_shards, (kind, key, status)
+    # nothing was written outside the out root: the unsafe names are not on disk anywhere
+    for name in (summary.hostile["dotdot"], summary.hostile["absolute"]):
+        assert not os.path.exists(name) and not os.path.exists(tmp / name.lstrip("/"))

@@ -1,0 +1,89 @@
+"""A 64-bit perceptual hash (pHash) of image bytes, for finding near duplicates of eval images.
+
+pHash: the image as 8-bit grey, reduced to 32x32, its 2-D DCT-II, and one bit per coefficient of
+the 8x8 lowest frequencies: set when the coefficient is above their median. Re-encoding and
+resizing move few of those bits; unrelated photos differ in about half of them (bench/
+phash_threshold.py measures both and chose NEAR_DUPLICATE_BITS; bench/README.md has the figures).
+
+Cost at index time: a JPEG is decoded at reduced scale (libjpeg's DCT scaling through Pillow's
+`draft`), so hashing costs a fraction of a full decode. The same function hashes raw images and
+eval images, so both sides see the same reduction.
+
+The hash is stored as a signed 64-bit integer (DuckDB BIGINT): the unsigned value minus 2**64
+when its top bit is set. Hamming distance is `bit_count(xor(a, b))` either way.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+
+HASH_SIDE = 32  # the grey image the DCT is taken of
+LOW = 8  # LOW x LOW lowest frequencies give the 64 bits
+# Largest Hamming distance (bits of 64) at which a raw image counts as a copy of an eval image:
+# chosen by bench/phash_threshold.py (see bench/README.md "Perceptual hash threshold").
+NEAR_DUPLICATE_BITS = 7
+# A non-JPEG source is decoded in full (no draft): above this many pixels it is not hashed (it
+# can still match an eval image byte for byte by sha256).
+MAX_FULL_DECODE_PIXELS = 64_000_000
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    k = np.arange(n)[:, None]
+    i = np.arange(n)[None, :]
+    m = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
+    m[0] /= np.sqrt(2.0)
+    return m
+
+
+_DCT = _dct_matrix(HASH_SIDE)
+_WEIGHTS = (1 << np.arange(63, -1, -1, dtype=np.uint64)).astype(np.uint64)
+
+
+def grey_thumbnail(data: bytes, side: int = HASH_SIDE) -> np.ndarray | None:
+    """The image as a side x side float grey array, decoding a JPEG at reduced scale; None when
+    Pillow cannot decode it (or it is too large to decode in full)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                if im.format == "JPEG":
+                    im.draft("L", (side * 2, side * 2))  # libjpeg scales by 1/2..1/8, never below 2x side
+                elif im.width * im.height > MAX_FULL_DECODE_PIXELS:
+                    return None
+                if getattr(im, "n_frames", 1) > 1:
+                    im.seek(0)
+                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                    arr = np.asarray(im, dtype=np.float64)
+                    grey = Image.fromarray(np.clip(arr / 257.0, 0, 255).astype(np.uint8), "L")
+                else:
+                    grey = im.convert("L")
+                small = grey.resize((side, side), Image.Resampling.BOX)
+                return np.asarray(small, dtype=np.float64)
+    except Exception:  # noqa: BLE001 - an image that does not decode simply has no hash
+        return None
+
+
+def phash_of_grey(grey: np.ndarray) -> int:
+    """The unsigned 64-bit pHash of a HASH_SIDE x HASH_SIDE grey array."""
+    coeffs = (_DCT @ grey @ _DCT.T)[:LOW, :LOW].ravel()
+    bits = coeffs > np.median(coeffs)
+    return int((bits.astype(np.uint64) * _WEIGHTS).sum(dtype=np.uint64))
+
+
+def signed64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def image_hash(data: bytes | memoryview) -> int | None:
+    """The signed 64-bit pHash of image bytes, or None when they do not decode."""
+    grey = grey_thumbnail(bytes(data) if isinstance(data, memoryview) else data)
+    return None if grey is None else signed64(phash_of_grey(grey))
+
+
+def distance(a: int, b: int) -> int:
+    """Hamming distance of two hashes (signed or unsigned)."""
+    return bin((a ^ b) & ((1 << 64) - 1)).count("1")

@@ -1,0 +1,3 @@
+-- Synsets with at least one written sample (the dataset card's class count).
+SELECT count(DISTINCT p.wnid) AS classes
+FROM shard_samples s JOIN plan p ON p.shard = s.shard AND p.position = s.position;

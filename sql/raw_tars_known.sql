@@ -1,1 +1,0 @@
-SELECT tar, size, mtime, num_members FROM raw_tars;
