@@ -231,8 +231,8 @@ def upload_raw(raw: Path, client, prefix: str) -> None:
         list(pool.map(lambda p: client.upload_file(str(p), RAW_BUCKET, f"{prefix}/{p.name}"), files))
 
 
-def manifest_gets(log: list[tuple[str, str]]) -> Counter:
-    return Counter(t.split("?")[0] for m, t in log
+def manifest_gets(log: list[list]) -> Counter:
+    return Counter(t.split("?")[0] for m, t, _ in log
                    if m == "GET" and "/_manifests/" in t and t.split("?")[0].endswith(".json")
                    and not t.split("?")[0].endswith(".state.json"))
 
@@ -312,8 +312,12 @@ def main() -> int:
             ls, ss = lstages[stage], sstages[stage]
             table.add(f"{stage} wall", f"{ls[0]:.1f} s", f"{ss[0]:.1f} s ({req(ss[1])})")
         read = sum(sstages[s][1].bytes_out for s in STAGES)
-        ratio = read / size
-        table.add("catalog stages: bytes read / raw size", "", f"{ratio:.2f}x", "<= 1.05x", verdict(ratio <= 1.05))
+        tar_bytes = sum(n for s in STAGES for m, t, n in sstages[s][3] if m == "GET" and t.split("?")[0].endswith(".tar"))
+        tars = sum(p.stat().st_size for p in raw.glob("*.tar"))
+        ratio = tar_bytes / tars
+        table.add("catalog stages: tar bytes read / tar bytes", "", f"{ratio:.2f}x", "<= 1.05x", verdict(ratio <= 1.05))
+        table.add("catalog stages: all bytes read / raw size (listings, words.txt, gloss.txt too)", "",
+                  f"{read / size:.2f}x")
         peak = sstages["filtered_index"][1].max_in_flight
         table.add("filtered_index: most requests in flight", "", str(peak), ">= 64", verdict(peak >= 64))
         plan_peak = sstages["shuffled_plan"][1].max_in_flight

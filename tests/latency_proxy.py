@@ -48,7 +48,8 @@ class LatencyProxy:
         self.host = host
         self._counts = Counts()
         self._in_flight = 0
-        self.log: list[tuple[str, str]] = []  # (method, target) of every request, in arrival order
+        # [method, target, response body bytes] of every request, in arrival order
+        self.log: list[list] = []
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -124,7 +125,8 @@ class LatencyProxy:
                 with self._lock:
                     self._counts.requests += 1
                     self._counts.by_method[method] = self._counts.by_method.get(method, 0) + 1
-                    self.log.append((method, line.split(b" ")[1].decode("latin-1")))
+                    entry = [method, line.split(b" ")[1].decode("latin-1"), 0]
+                    self.log.append(entry)
                     self._in_flight += 1
                     self._counts.max_in_flight = max(self._counts.max_in_flight, self._in_flight)
                 rbody = b""
@@ -151,6 +153,7 @@ class LatencyProxy:
                     with self._lock:
                         self._in_flight -= 1
                         self._counts.bytes_out += len(rbody)
+                        entry[2] = len(rbody)
                 # The upstream (werkzeug, under moto) closes every connection; the client's side
                 # stays open as long as the client keeps it, as real S3 does.
                 if "close" in headers.get("connection", "").lower():

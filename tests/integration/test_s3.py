@@ -326,7 +326,7 @@ def test_status_schedule_and_sensor_look_at_every_shard_in_a_few_round_trips(s3_
         digest, why = shards_as_they_are(settings)
         sensor = proxy.counts().minus(cold).minus(warm)
     assert digest and why == "every shard is in"
-    state_reads = sorted(t.split("?")[0] for m, t in cold_log if ".state.json" in t)
+    state_reads = sorted(t.split("?")[0] for m, t, _ in cold_log if ".state.json" in t)
     assert state_reads == [f"/{OUT_BUCKET}/wds/_manifests/{k}.state.json" for k in settings.partition_keys]
     assert "HEAD" not in cold.by_method, cold_log
     assert cold.requests == NUM_SHARDS + 3, cold_log  # the index, two listings, one read per record
