@@ -272,6 +272,8 @@ def test_read_many_on_s3_is_one_get_per_object_all_in_flight_at_once(s3):
     assert first.max_in_flight >= len(urls) - 4  # about one round trip, not 41
     assert first.connections <= len(urls)
     assert second.requests == 1 and second.connections == 0  # the pool's connections are reused
+    assert fs.listdir(f"s3://{s3.bucket}/wds/nothing-here") == []  # an absent prefix lists empty
+    assert [e["name"] for e in fs.listdir(f"s3://{s3.bucket}/wds/_manifests")] == sorted(n.rpartition("/")[2] for n in names)
 
 
 def test_read_many_raises_a_storage_error_rather_than_taking_it_for_a_missing_object(s3, monkeypatch):
