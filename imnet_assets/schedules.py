@@ -14,6 +14,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 
 from dagster import (
@@ -34,9 +35,9 @@ from dagster import (
 )
 
 from .core.audit import expected_shard_fingerprints, plan_mismatch, shards_as_they_are
+from .core.freshness import shard_states
 from .core.plan import read_index
 from .core.procpool import pid_alive
-from .core.shard import shard_state
 from .settings import Settings
 
 IN_FLIGHT = [
@@ -132,27 +133,96 @@ def fail_dead_runs(instance: DagsterInstance, log=lambda _m: None) -> list[str]:
     return dead
 
 
-def shard_partition_status(settings: Settings, instance: DagsterInstance | None) -> dict[str, str]:
+# A partition whose last BACKOFF_AFTER runs all failed is not requested again until
+# BACKOFF_SECONDS * 2**(failures - BACKOFF_AFTER) (at most BACKOFF_MAX_SECONDS) after the last one
+# ended: a shard that fails for good (a source that crashes the encoder's process, a bucket it may
+# not write) would otherwise take a run every tick, forever. `imnet build` still builds it.
+BACKOFF_AFTER = 3
+BACKOFF_SECONDS = 1800
+BACKOFF_MAX_SECONDS = 6 * 3600
+RUN_HISTORY_LIMIT = 10000  # newest shard runs read (one query) to find each partition's failures in a row
+
+
+@dataclass(frozen=True)
+class FailureStreak:
+    """A partition's failed runs since its last successful one (newest first)."""
+
+    latest: RunRecord
+    count: int
+
+    def backoff_until(self) -> float | None:
+        """Unix time before which the partition is not requested again, or None (no backoff)."""
+        if self.count < BACKOFF_AFTER or self.latest.end_time is None:
+            return None
+        wait = min(BACKOFF_SECONDS * 2 ** (self.count - BACKOFF_AFTER), BACKOFF_MAX_SECONDS)
+        return self.latest.end_time + wait
+
+
+def _failure_streaks(instance: DagsterInstance) -> dict[str, FailureStreak]:
+    """Partition key -> its failures in a row, from one query of the newest ended shard runs."""
+    streaks: dict[str, FailureStreak] = {}
+    done: set[str] = set()
+    ended = [DagsterRunStatus.FAILURE, DagsterRunStatus.SUCCESS]
+    for key, rec in _shard_runs(instance, ended, limit=RUN_HISTORY_LIMIT):
+        if key in done:
+            continue
+        if rec.dagster_run.status == DagsterRunStatus.SUCCESS:
+            done.add(key)
+            continue
+        streak = streaks.get(key)
+        streaks[key] = FailureStreak(rec, 1) if streak is None else FailureStreak(streak.latest, streak.count + 1)
+    return streaks
+
+
+def shard_partition_status(settings: Settings, instance: DagsterInstance | None,
+                           now: float | None = None) -> dict[str, str]:
     """Every partition's status: fresh, missing, stale, failed, retrying (failed, and Dagster's run
-    retries will launch it again: the schedule leaves it to them), or in_flight (a run queued or
-    running; not one whose worker is gone, see `run_worker_gone`)."""
+    retries will launch it again: the schedule leaves it to them), backoff (failed BACKOFF_AFTER
+    or more times in a row, the last one too recently: see FailureStreak), or in_flight (a run
+    queued or running; not one whose worker is gone, see `run_worker_gone`).
+
+    Two listings of the out root, one concurrent batch of commit-record reads (core.freshness) and
+    two queries of the instance, whatever the number of shards."""
     expected = expected_shard_fingerprints(settings)
     in_flight = _partitions_of(instance, IN_FLIGHT, skip=partial(run_worker_gone, instance)) if instance else {}
-    failed = _partitions_of(instance, [DagsterRunStatus.FAILURE], limit=5000) if instance else {}
+    streaks = _failure_streaks(instance) if instance else {}
+    now = time.time() if now is None else now
+    keys = settings.partition_keys
+    states = shard_states(settings.out_root, keys, [settings.shard_name(k) for k in keys], expected)
     status = {}
-    for key in settings.partition_keys:
+    for key in keys:
         if key in in_flight:
             status[key] = "in_flight"
             continue
-        state = shard_state(settings.out_root, key, settings.shard_name(key), expected.get(key))
-        if state != "fresh" and key in failed:
-            state = "retrying" if _retry_pending(failed[key]) else "failed"
+        state = states[key]
+        streak = streaks.get(key)
+        if state != "fresh" and streak is not None:
+            until = streak.backoff_until()
+            if _retry_pending(streak.latest):
+                state = "retrying"
+            elif until is not None and now < until:
+                state = "backoff"
+            else:
+                state = "failed"
         status[key] = state
     return status
 
 
-def shards_to_request(settings: Settings, instance: DagsterInstance | None, limit: int) -> list[str]:
-    status = shard_partition_status(settings, instance)
+def backoff_note(settings: Settings, instance: DagsterInstance | None, status: dict[str, str]) -> str:
+    """A line naming the partitions held back after repeated failures, and when each is tried again."""
+    held = [k for k, v in status.items() if v == "backoff"]
+    if not held or instance is None:
+        return ""
+    streaks = _failure_streaks(instance)
+    parts = [f"{k} ({streaks[k].count} failures, again after "
+             f"{time.strftime('%H:%M:%SZ', time.gmtime(streaks[k].backoff_until()))})" for k in held[:16] if k in streaks]
+    return (f"{len(held)} partitions backed off after {BACKOFF_AFTER}+ failed runs in a row: "
+            + ", ".join(parts) + (" ..." if len(held) > 16 else ""))
+
+
+def shards_to_request(settings: Settings, instance: DagsterInstance | None, limit: int,
+                      status: dict[str, str] | None = None) -> list[str]:
+    status = shard_partition_status(settings, instance) if status is None else status
     return [k for k, s in status.items() if s in ("missing", "stale", "failed")][:limit]
 
 
@@ -174,9 +244,14 @@ def make(settings: Settings):
         if why := plan_mismatch(settings, index):
             return SkipReason(why)  # shards cut from it would be rebuilt again once it is redone
         fail_dead_runs(context.instance, log=context.log.warning)
-        keys = shards_to_request(settings, context.instance, settings.schedule_max_runs)
+        status = shard_partition_status(settings, context.instance)
+        keys = shards_to_request(settings, context.instance, settings.schedule_max_runs, status)
+        held = backoff_note(settings, context.instance, status)
+        if held:
+            context.log.warning(held)
         if not keys:
-            return SkipReason("every shard partition is fresh, queued or running")
+            return SkipReason(f"nothing to request: {held}" if held else
+                              "every shard partition is fresh, queued or running")
         # Several requests per tick need run keys; the scheduler scopes them to the tick's
         # scheduled time, so the same partition can be asked for again on a later tick.
         return [

@@ -28,6 +28,7 @@ from dagster import (
     DagsterInstance,
     DagsterRunStatus,
     RunRequest,
+    RunsFilter,
     build_schedule_context,
     build_sensor_context,
     instance_for_test,
@@ -399,3 +400,49 @@ def test_audit_sensor_waits_for_every_shard_then_asks_once_per_change(site):
     # stale shards (other settings) are not "in": no audit
     data = look(s.with_env(IMNET_WEBP_QUALITY=str(s.settings.webp_quality - 10)))
     assert data.run_requests == [] and data.skip_message
+
+
+def test_a_partition_that_keeps_failing_is_backed_off_and_the_tick_says_so(site, monkeypatch):
+    """Real runs of one partition fail (its plan slice is unreadable): after BACKOFF_AFTER failures
+    in a row the schedule stops asking for it until a wait that doubles with each further failure
+    has passed, and says so; other partitions are still requested; a success ends the streak."""
+    s = site
+    monkeypatch.setattr(schedules, "RETRY_GRACE_SECONDS", 0)  # no daemon here runs the retries
+    for key in ("0003", "0005"):
+        s.tar(key).unlink()
+    plan_slice = s.out / "_plan" / "0003.csv"
+    saved = plan_slice.read_bytes()
+    plan_slice.write_text("not a plan slice\n")
+
+    def fail_once() -> float:
+        result = s.run_shard("0003")
+        assert not result.success
+        return s.instance.get_run_records(RunsFilter(run_ids=[result.run_id]))[0].end_time
+
+    for attempt in range(schedules.BACKOFF_AFTER):
+        assert schedules.shard_partition_status(s.settings, s.instance)["0003"] == ("missing" if attempt == 0 else "failed")
+        assert requested(tick(s.settings, s.instance)) == ["0003", "0005"]
+        ended = fail_once()
+
+    status = schedules.shard_partition_status(s.settings, s.instance)
+    assert status["0003"] == "backoff" and status["0005"] == "missing"
+    assert requested(tick(s.settings, s.instance)) == ["0005"]  # the others are still asked for
+    s.add_run("0005", DagsterRunStatus.QUEUED)
+    data = tick(s.settings, s.instance)
+    assert data.run_requests == []
+    assert f"0003 ({schedules.BACKOFF_AFTER} failures, again after" in data.skip_message, data.skip_message
+
+    # once the wait is over it is tried again; one more failure doubles the wait
+    wait = schedules.BACKOFF_SECONDS
+    assert schedules.shard_partition_status(s.settings, s.instance, now=ended + wait - 5)["0003"] == "backoff"
+    assert schedules.shard_partition_status(s.settings, s.instance, now=ended + wait + 5)["0003"] == "failed"
+    ended = fail_once()
+    assert schedules.shard_partition_status(s.settings, s.instance, now=ended + wait + 5)["0003"] == "backoff"
+    assert schedules.shard_partition_status(s.settings, s.instance, now=ended + 2 * wait + 5)["0003"] == "failed"
+
+    # a successful run ends the streak: a shard lost later is requested at once
+    plan_slice.write_bytes(saved)
+    assert s.run_shard("0003").success
+    assert schedules.shard_partition_status(s.settings, s.instance)["0003"] == "fresh"
+    s.tar("0003").unlink()
+    assert schedules.shard_partition_status(s.settings, s.instance)["0003"] == "missing"

@@ -67,7 +67,7 @@ def make(settings: Settings):
     )
     def shard_audit(context: AssetExecutionContext) -> MaterializeResult:
         report = run_audit(settings, context.run.run_id, logger(context))
-        info_problems = check_info(settings) if report.info_written else [
+        info_problems = check_info(settings, report.lengths) if report.info_written else [
             f"_info.json not written, the audit found {len(report.problems)} problems: "
             + "; ".join(report.problems[:3])]
         return MaterializeResult(

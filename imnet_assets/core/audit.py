@@ -22,14 +22,13 @@ from ..catalog import Catalog
 from ..settings import Settings
 from . import altlabels, card, fs
 from .encode import EncodeSettings
+from .freshness import OutRootLook, look_at_shards, verdict
 from .plan import read_index, split_shards
 from .shard import (
     MANIFEST_DIR,
     committed_as,
     fingerprint,
     manifest_url,
-    read_manifest,
-    read_state,
     unchanged_on_storage,
 )
 
@@ -99,6 +98,7 @@ class AuditReport:
     stray: list[str] = field(default_factory=list)
     conservation: list[str] = field(default_factory=list)  # sql/audit_conservation.sql
     info_written: bool = False
+    lengths: dict[str, int] = field(default_factory=dict)  # shard key -> samples, from its manifest
 
     @property
     def problems(self) -> list[str]:
@@ -143,35 +143,48 @@ def render_info(doc: dict) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
+def look_at_release(settings: Settings) -> OutRootLook:
+    """Every shard's commit record and tar under the out root (two listings, one concurrent batch
+    of small reads: see core.freshness)."""
+    keys = settings.partition_keys
+    return look_at_shards(settings.out_root, keys, [settings.shard_name(k) for k in keys])
+
+
 def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = print) -> AuditReport:
-    audit_fp = audit_fingerprint(settings)
     for leftover in fs.sweep_partials(settings.out_root):
         log(f"removed leftover of an interrupted run: {leftover}")
+    # One look at every shard's tar and commit record, taken before the manifests are loaded.
+    look = look_at_release(settings)
+    audit_fp = audit_fingerprint(settings, look)
     expected = _shard_fingerprints(settings, require_current_plan(settings))
     with Catalog(settings.catalog) as cat:
         cat.run("audit_memory")
         if fs.is_remote(settings.out_root):
             cat.con.register_filesystem(fs.filesystem(settings.out_root)[0])
         heads = _load_manifests(cat, settings)
+        if heads is None:  # a manifest DuckDB could not load: each one is read in Python instead
+            urls = {key: manifest_url(settings.out_root, key) for key in settings.partition_keys}
+            docs = fs.read_json_many(list(urls.values()))
+            manifests = {key: docs[url] if isinstance(docs[url], dict) else None for key, url in urls.items()}
+        else:
+            manifests = heads
         present, missing, stale, bad = [], [], [], []
         lengths: dict[str, int] = {}
         for key in settings.partition_keys:
             url = manifest_url(settings.out_root, key)
-            if heads is None:
-                manifest = read_manifest(settings.out_root, key)
-            else:
-                manifest = heads.get(key)
+            manifest = manifests.get(key)
             shard_url = fs.join(settings.out_root, settings.shard_name(key))
-            if manifest is None or not fs.exists(shard_url):
+            on_storage = look.shards[key].tar
+            if manifest is None or on_storage is None:
                 missing.append(key)
                 continue
             if manifest.get("fingerprint") != expected.get(key):
                 stale.append(key)
                 continue
-            size, stamp = fs.stat(shard_url)
+            size, _stamp = on_storage
             if size != manifest["bytes"]:
                 bad.append(f"shard {key}: {size} bytes on storage, manifest says {manifest['bytes']}")
-            elif changed := _changed_in_place(settings, key, shard_url, (size, stamp)):
+            elif changed := _changed_in_place(key, shard_url, look.shards[key].state, on_storage):
                 bad.append(changed)
             present.append(url)
             lengths[key] = manifest["num_samples"]
@@ -197,8 +210,8 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
             reasons=cat.dicts("audit_reasons"),
             class_sizes=cat.rows("audit_class_sizes", {"width": _bucket_width(cat, "class")}),
             image_sizes=cat.rows("audit_image_sizes", {"width": 64}),
-            missing=missing, stale=stale, bad_files=bad, stray=stray_shards(settings),
-            conservation=conservation_problems(cat),
+            missing=missing, stale=stale, bad_files=bad, stray=stray_shards(settings, look.names),
+            conservation=conservation_problems(cat), lengths=lengths,
         )
         if report.problems:
             cat.clear_stage("shard_audit")  # only a clean audit is fresh: this one is done again
@@ -231,10 +244,10 @@ def conservation_problems(cat: Catalog) -> list[str]:
     return found
 
 
-def _changed_in_place(settings: Settings, key: str, shard_url: str, size_stamp: tuple[int, str]) -> str | None:
-    """A problem when the shard file (of the manifest's size) is not the one its run committed:
-    another stamp (edited in place, or copied without keeping times; see shard.unchanged_on_storage)."""
-    state = read_state(settings.out_root, key)
+def _changed_in_place(key: str, shard_url: str, state: dict | None, size_stamp: tuple[int, str]) -> str | None:
+    """A problem when the shard file (of the manifest's size) is not the one its run committed
+    (`state`, its commit record): another stamp (edited in place, or copied without keeping
+    times; see shard.unchanged_on_storage)."""
     if state is None or unchanged_on_storage(shard_url, state, size_stamp):
         return None
     return (f"shard {key}: the file on storage is not the one run {state.get('run_id')} committed (its mtime or "
@@ -281,19 +294,23 @@ def _bucket_width(cat: Catalog, _what: str) -> int:
     return max(1, int(per_class // 10) or 1)
 
 
-def check_info(settings: Settings) -> list[str]:
+def check_info(settings: Settings, lengths: dict[str, int] | None = None) -> list[str]:
     """`_info.json` is exactly the document the shards' manifests give (names, order, splits,
-    lengths, totals)."""
+    lengths, totals). `lengths`: shard key -> samples as the audit loaded them from the manifests
+    (AuditReport.lengths), so that no manifest is read twice; else the manifests are read (at once)."""
     try:
         doc = json.loads(fs.read_bytes(info_url(settings)))
     except (FileNotFoundError, OSError, ValueError) as e:
         return [f"_info.json unreadable: {e}"]
-    lengths = {}
-    for key in settings.partition_keys:
-        manifest = read_manifest(settings.out_root, key)
-        if manifest is None:
-            return [f"shard {key} has no manifest: _info.json cannot be checked against it"]
-        lengths[key] = manifest["num_samples"]
+    if lengths is None or set(lengths) != set(settings.partition_keys):
+        urls = {key: manifest_url(settings.out_root, key) for key in settings.partition_keys}
+        docs = fs.read_json_many(list(urls.values()))
+        lengths = {}
+        for key, url in urls.items():
+            manifest = docs[url]
+            if not isinstance(manifest, dict):
+                return [f"shard {key} has no manifest: _info.json cannot be checked against it"]
+            lengths[key] = manifest["num_samples"]
     return info_differences(doc, info_document(settings, lengths))
 
 
@@ -357,26 +374,25 @@ def stray_shards(settings: Settings, names: list[str] | None = None) -> list[str
 
 def shards_as_they_are(settings: Settings) -> tuple[str | None, str]:
     """(a digest of every shard's commit, strays included, reason) once every shard is in: committed,
-    on storage as committed and fresh; else (None, which shard is not in and why). One listing of
-    the out root (one request on S3), then each shard's commit record."""
+    on storage as committed and fresh; else (None, which shard is not in and why). Two listings
+    and one concurrent batch of commit-record reads (`look_at_release`), whatever the shard count."""
     index = read_index(settings.out_root)
     expected = _shard_fingerprints(settings, index)
     if not expected:
         return None, plan_mismatch(settings, index) or "no plan yet"
-    listing = {e["name"]: (e["size"], e["stamp"]) for e in fs.listdir(settings.out_root)}
+    look = look_at_release(settings)
     commits = []
     for key in settings.partition_keys:
-        state = read_state(settings.out_root, key)
-        name = settings.shard_name(key)
-        if state is None or name not in listing:
+        shard = look.shards[key]
+        state = verdict(settings.out_root, shard, expected.get(key))
+        if state == "missing":
             return None, f"shard {key} is not in yet (missing)"
-        if state.get("fingerprint") != expected.get(key) or not unchanged_on_storage(
-                fs.join(settings.out_root, name), state, listing[name]):
+        if state != "fresh":
             return None, (f"shard {key} is not in yet (stale: written from another plan or settings, "
                           "or changed on storage)")
-        commits.append(committed_as(state))
+        commits.append(committed_as(shard.state))
     # Stray shard files fail the audit, so they are part of what it is asked for with.
-    commits += stray_shards(settings, list(listing))
+    commits += stray_shards(settings, look.names)
     return hashlib.sha256("".join(commits).encode()).hexdigest()[:32], "every shard is in"
 
 
@@ -412,17 +428,16 @@ def png_markdown(png: bytes, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
-def audit_fingerprint(settings: Settings) -> str | None:
+def audit_fingerprint(settings: Settings, look: OutRootLook | None = None) -> str | None:
     """What the audit's output depends on: every shard's committed sha256 and the run that wrote it
-    (the catalog's lineage names it, so a rebuild of the same bytes is audited again), and the plan."""
-    from .plan import read_index
-    from .shard import committed_as, read_state
-
+    (the catalog's lineage names it, so a rebuild of the same bytes is audited again), and the plan.
+    `look`: the commit records as `look_at_release` read them (else they are read, at once)."""
     index = read_index(settings.out_root)
     if index is None:
         return None
+    look = look_at_release(settings) if look is None else look
     parts = [index["fingerprint"], settings.shard_pattern, json.dumps(settings.holdout)]
     for key in settings.partition_keys:
-        state = read_state(settings.out_root, key)
+        state = look.shards[key].state
         parts.append(committed_as(state) if state else "-")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()

@@ -26,6 +26,8 @@ import fsspec
 from .procpool import pid_alive
 
 TMP_MARK = ".tmp-"
+POOL_CONNECTIONS = 128  # kept-alive connections per process to one S3 endpoint
+READ_BATCH = 128  # requests read_many keeps in flight (a 20 ms round trip: ~6,000 small objects/s)
 
 
 def is_remote(url: str) -> bool:
@@ -51,9 +53,11 @@ def _storage_options(protocol: str) -> dict:
         # Endpoint and region only: credentials come from the standard AWS variables (or the
         # instance/pod role) through botocore, so they are never held in options that could be
         # logged or recorded. No listings cache: other machines write the out root meanwhile.
-        # Connections for every reader thread of an encode worker (procpool.WorkerPool: 24 source
-        # reads at once per worker): botocore's default pool of 10 would queue them.
-        opts: dict = {"use_listings_cache": False, "config_kwargs": {"max_pool_connections": 32}}
+        opts: dict = {"use_listings_cache": False,
+                      # aiobotocore's connection pool: its default of 10 caps a batch of concurrent
+                      # reads (read_many) at 10 requests in flight and, when more wait, opens and
+                      # drops connections; a pool as large as a batch keeps each one reused.
+                      "config_kwargs": {"max_pool_connections": POOL_CONNECTIONS}}
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             opts["endpoint_url"] = endpoint
@@ -155,11 +159,14 @@ def listdir(url: str) -> list[dict]:
     """Entries directly under `url`: dicts with `name` (basename), `url`, `size`, `mtime` (str),
     `stamp` (see `_stamp`)."""
     fs, path = filesystem(url)
-    if not fs.exists(path):
+    try:
+        # One listing (paginated: one request per 1,000 entries on S3), no look before it: an
+        # absent folder lists as FileNotFoundError. The listings cache is off (see _storage_options).
+        infos = fs.ls(path, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    fs.invalidate_cache(path)
     out = []
-    for info in fs.ls(path, detail=True):
+    for info in infos:
         if info.get("type") != "file":
             continue
         name = posixpath.basename(info["name"].rstrip("/"))
@@ -174,7 +181,58 @@ def listdir(url: str) -> list[dict]:
 @_names_remote_errors("read")
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
+    if is_remote(url):  # one GET (s3fs otherwise asks for the size first, to split large objects)
+        return fs.cat_file(path, max_concurrency=1)
     return fs.cat_file(path)
+
+
+def read_many(urls: list[str], batch: int = READ_BATCH) -> dict[str, bytes | None]:
+    """url -> the whole object's bytes, or None where there is none, for many small files at once.
+
+    On S3, `batch` GETs are kept in flight through the filesystem's event loop (fsspec's
+    `cat_ranges`, which reads the paths as given: no look at each one first), over the one cached
+    client's pooled connections: 1,024 commit records at 20 ms a request take ~0.2 s, not 20 s.
+    Local files are read in turn. A storage error other than a missing file is raised
+    (StorageError naming the first such URL), never reported as an absent file."""
+    out: dict[str, bytes | None] = {}
+    remote: dict[str, list[str]] = {}
+    for url in urls:
+        if is_remote(url):
+            remote.setdefault(url.partition("://")[0], []).append(url)
+            continue
+        try:
+            with open(filesystem(url)[1], "rb") as f:
+                out[url] = f.read()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            out[url] = None
+    for group in remote.values():
+        fs, _ = filesystem(group[0])
+        paths = [filesystem(u)[1] for u in group]
+        try:
+            # max_concurrency=1: one GET per object (s3fs otherwise asks each object's size first)
+            results = fs.cat_ranges(paths, None, None, batch_size=batch, on_error="return", max_concurrency=1)
+        except Exception as e:  # noqa: BLE001 - botocore's errors are not OSErrors
+            raise _storage_error(group[0], "read", e) from e
+        for url, result in zip(group, results):
+            if isinstance(result, FileNotFoundError):
+                out[url] = None
+            elif isinstance(result, BaseException):
+                raise _storage_error(url, "read", result) from result
+            else:
+                out[url] = bytes(result)
+    return out
+
+
+def read_json_many(urls: list[str], batch: int = READ_BATCH) -> dict[str, object]:
+    """url -> its JSON document, or None (absent, or not parsing), as `read_json` for each; read
+    concurrently (`read_many`)."""
+    out: dict[str, object] = {}
+    for url, data in read_many(urls, batch).items():
+        try:
+            out[url] = None if data is None else json.loads(data)
+        except ValueError:
+            out[url] = None
+    return out
 
 
 def read_json(url: str):

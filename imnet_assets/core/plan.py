@@ -21,6 +21,7 @@ PLAN_VERSION = "1"
 PLAN_DIR = "_plan"
 PLAN_INDEX = "_index.json"
 SLICE_BATCH = 128  # shards rendered per query by publish_slices (~2.3 MB of text each at full size)
+SLICE_WRITERS = 32  # slice files committed at once by publish_slices (each is a few requests on S3)
 SLICE_COLUMNS = ["position", "key", "wnid", "label", "tar", "member", "offset", "size", "sha256",
                  "width", "height", "needs_repair"]
 
@@ -109,17 +110,18 @@ def publish_slices(cat, out_root: str, shard_keys: list[str], batch: int = SLICE
     The CSV text is rendered by DuckDB (`sql/plan_slices_text.sql`), `batch` shards per query, and
     is byte for byte what `write_slice` writes for the same rows, so digests (and with them every
     shard's fingerprint) do not depend on the path taken; a shard with a text field that needs CSV
-    quoting is rendered by `render_slice` from its rows instead. Files are committed in a thread
-    while the next batch is rendered; at most two batches are held at once.
+    quoting is rendered by `render_slice` from its rows instead. A batch's files are committed
+    concurrently (SLICE_WRITERS at once: on S3 each commit is a read of the old slice and an
+    upload, ~3 round trips) while the next batch is rendered; at most two batches are held at once.
     """
     header = render_slice([])
     digests: dict[str, str] = {}
 
     def commit(files: list[tuple[str, bytes]]) -> None:
-        for key, data in files:
-            digests[key] = _commit_slice(out_root, key, data)
+        for key, digest in zip([k for k, _ in files], writers.map(lambda f: _commit_slice(out_root, *f), files)):
+            digests[key] = digest
 
-    with ThreadPoolExecutor(1) as writer:
+    with ThreadPoolExecutor(SLICE_WRITERS) as writers, ThreadPoolExecutor(1) as writer:
         pending = None
         for i in range(0, len(shard_keys), batch):
             keys = shard_keys[i:i + batch]

@@ -341,3 +341,19 @@ def test_read_json_is_none_for_no_file_or_a_torn_one(tmp_path):
     assert fs.read_json(str(tmp_path / "torn.json")) is None
     (tmp_path / "ok.json").write_text('{"a": 1}')
     assert fs.read_json(str(tmp_path / "ok.json")) == {"a": 1}
+
+
+def test_read_many_local_gives_each_files_bytes_and_none_for_absent_ones(tmp_path):
+    (tmp_path / "a.json").write_bytes(b'{"a": 1}')
+    (tmp_path / "b.bin").write_bytes(bytes(range(256)) * 10)
+    (tmp_path / "torn.json").write_text('{"a": ')
+    urls = [str(tmp_path / n) for n in ("a.json", "b.bin", "none.json", "torn.json")]
+    got = fs.read_many(urls)
+    assert got == {urls[0]: b'{"a": 1}', urls[1]: bytes(range(256)) * 10, urls[2]: None, urls[3]: b'{"a": '}
+    docs = fs.read_json_many([urls[0], urls[2], urls[3]])
+    assert docs == {urls[0]: {"a": 1}, urls[2]: None, urls[3]: None}
+    assert fs.read_many([]) == {}
+
+
+def test_listdir_of_an_absent_folder_is_empty(tmp_path):
+    assert fs.listdir(str(tmp_path / "nothing-here")) == []

@@ -13,6 +13,7 @@ Plus atomic commits: an object appears only on a successful close; a failure lea
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import os
@@ -29,6 +30,7 @@ from botocore.exceptions import ClientError
 from imnet_assets.core import fs
 from tests.checks import catalog, check_release
 from tests.conftest import build_env, dagster_home, imnet
+from tests.latency_proxy import LatencyProxy
 from tests.s3server import ACCESS_KEY, MotoS3
 
 RAW_BUCKET, OUT_BUCKET = "raw-bucket", "out-bucket"
@@ -309,3 +311,88 @@ def test_remove_partials_keeps_another_hosts_upload_until_it_is_stale(s3, monkey
     f.closed = True
     assert len(fs.remove_partials(url)) == 1
     assert _uploads(client, s3.bucket) == []
+
+
+def test_read_many_on_s3_is_one_get_per_object_all_in_flight_at_once(s3):
+    """read_many: one GET per object (no size look first), all of a batch in flight together over
+    kept-alive connections, None for an absent key; a storage error is raised, not None."""
+    client = s3.client()
+    names = [f"wds/_manifests/{i:04d}.state.json" for i in range(40)]
+    for i, name in enumerate(names):
+        client.put_object(Bucket=s3.bucket, Key=name, Body=b'{"n": %d}' % i)
+    urls = [f"s3://{s3.bucket}/{n}" for n in names] + [f"s3://{s3.bucket}/wds/_manifests/absent.state.json"]
+    # 250 ms a request: long enough that on a busy machine every request of one batch is still
+    # waiting when the last one arrives
+    with LatencyProxy(s3.endpoint, latency_ms=250) as proxy, _endpoint(proxy.endpoint):
+        got = fs.read_json_many(urls)
+        first = proxy.counts()
+        assert fs.read_many(urls[:1]) == {urls[0]: b'{"n": 0}'}
+        second = proxy.counts().minus(first)
+    assert got == {**{u: {"n": i} for i, u in enumerate(urls[:-1])}, urls[-1]: None}
+    assert first.by_method == {"GET": len(urls)}  # no HEAD
+    assert first.max_in_flight >= len(urls) - 4  # about one round trip, not 41
+    assert first.connections <= len(urls)
+    assert second.requests == 1 and second.connections == 0  # the pool's connections are reused
+    assert fs.listdir(f"s3://{s3.bucket}/wds/nothing-here") == []  # an absent prefix lists empty
+    assert [e["name"] for e in fs.listdir(f"s3://{s3.bucket}/wds/_manifests")] == sorted(n.rpartition("/")[2] for n in names)
+
+
+def test_read_many_raises_a_storage_error_rather_than_taking_it_for_a_missing_object(s3, monkeypatch):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on: the storage does not answer
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    url = f"s3://{s3.bucket}/wds/_manifests/0000.state.json"
+    with _endpoint(f"http://127.0.0.1:{port}"), pytest.raises(fs.StorageError, match=f"cannot read {url}: .*{port}"):
+        fs.read_many([url])
+
+
+@contextlib.contextmanager
+def _endpoint(url: str):
+    """Point fs at another endpoint (a proxy) for a while: fs caches one client per endpoint."""
+    saved = os.environ.get("AWS_ENDPOINT_URL")
+    os.environ["AWS_ENDPOINT_URL"] = url
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["AWS_ENDPOINT_URL"]
+        else:
+            os.environ["AWS_ENDPOINT_URL"] = saved
+
+
+def test_status_schedule_and_sensor_look_at_every_shard_in_a_few_round_trips(s3_build, monkeypatch):
+    """shard_partition_status (`imnet status`, the schedule) and the audit sensor's look: the plan
+    index, one listing of the out root and of _manifests/, and every commit record read at once:
+    a fixed number of round trips whatever the number of shards. A process that looked before
+    reads only the listings again while no shard changed."""
+    from imnet_assets import schedules
+    from imnet_assets.core import freshness
+    from imnet_assets.core.audit import shards_as_they_are
+    from tests.conftest import settings_of
+
+    settings = settings_of(s3_build.env)
+    for k, v in s3_build.env.items():
+        if k.startswith("AWS_"):
+            monkeypatch.setenv(k, v)
+    freshness.forget()
+    with LatencyProxy(s3_build.s3.endpoint, latency_ms=250) as proxy, _endpoint(proxy.endpoint):
+        start = len(proxy.log)
+        assert schedules.shard_partition_status(settings, None) == dict.fromkeys(settings.partition_keys, "fresh")
+        cold = proxy.counts()
+        cold_log = proxy.log[start:]
+        proxy.reset_peak()
+        assert schedules.shard_partition_status(settings, None) == dict.fromkeys(settings.partition_keys, "fresh")
+        warm = proxy.counts().minus(cold)
+        digest, why = shards_as_they_are(settings)
+        sensor = proxy.counts().minus(cold).minus(warm)
+    assert digest and why == "every shard is in"
+    state_reads = sorted(t.split("?")[0] for m, t, _ in cold_log if ".state.json" in t)
+    assert state_reads == [f"/{OUT_BUCKET}/wds/_manifests/{k}.state.json" for k in settings.partition_keys]
+    assert "HEAD" not in cold.by_method, cold_log
+    assert cold.requests == NUM_SHARDS + 3, cold_log  # the index, two listings, one read per record
+    assert cold.max_in_flight == NUM_SHARDS  # the records in one round trip
+    assert warm.requests == 3 and warm.connections == 0  # index and listings, on the kept connections
+    assert sensor.requests == 3 and sensor.connections == 0

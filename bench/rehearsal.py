@@ -1,0 +1,361 @@
+"""A rehearsal of the real release's shape on S3: 19,167 synset tars, 1,024 shards, 20 ms a request.
+
+    .venv/bin/python bench/rehearsal.py [--small] [--tars 19167] [--per-tar 2] [--shards 1024]
+                                        [--latency-ms 20] [--shard-runs 4] [--work ~/.cache/imnet-rehearsal]
+                                        [--skip-verify]
+
+The raw release (tiny real JPEGs, `--per-tar` to a tar) is generated once and cached under --work.
+It is built locally first (catalog stages, every shard, the audit), which gives the local side of
+the table and the shards later mirrored to S3. Then the raw tars go to moto's S3 server
+(tests/s3server.py) and everything the project does on S3 is measured through a latency injector
+(tests/latency_proxy.py: `--latency-ms` per request, counting requests, connections, bytes and
+the most requests in flight): the catalog stages on the S3 raw root and out root; `--shard-runs`
+shard runs; then (the other shards copied in from the local build, their commit records stamped
+with the S3 ETags, outside the proxy) `imnet status`, one top-up schedule tick and one audit
+sensor tick (Dagster's build_schedule_context / build_sensor_context on an ephemeral instance),
+the audit over all manifests and `imnet verify`.
+
+moto on a small machine answers a few hundred requests a second whatever the latency, so a wall
+time here is an upper bound; the request counts and the in-flight figures are what real S3 sees.
+`--small` is 200 tars and 64 shards (a few minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from PIL import Image  # noqa: E402
+
+from tests.latency_proxy import LatencyProxy  # noqa: E402
+from tests.s3server import MotoS3  # noqa: E402
+
+RAW_BUCKET, OUT_BUCKET = "rehearsal-raw", "rehearsal-out"
+STAGES = ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]
+
+
+# ----------------------------------------------------------------------------- the raw release
+
+
+def wnid(i: int) -> str:
+    return f"n{1_440_764 + 523 * i:08d}"
+
+
+def tiny_jpeg(i: int, j: int) -> bytes:
+    """A small real JPEG, different for every (tar, slot): a gradient whose colours encode both."""
+    w, h = 48 + (i % 16), 40 + (j % 8)
+    img = Image.new("RGB", (w, h), ((i * 37) % 256, (i // 7 * 11 + j * 90) % 256, (i // 256 * 5 + j * 17) % 256))
+    px = img.load()
+    for x in range(0, w, 3):
+        for y in range(0, h, 5):
+            px[x, y] = ((x * 5 + i) % 256, (y * 7 + j) % 256, (i >> 4) % 256)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def make_raw(folder: Path, tars: int, per_tar: int) -> Path:
+    """`folder/<wnid>.tar` x tars (+ words.txt, gloss.txt), generated once."""
+    done = folder / ".complete"
+    if done.exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    words, gloss = [], []
+    for i in range(tars):
+        name = wnid(i)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            for j in range(per_tar):
+                data = tiny_jpeg(i, j)
+                info = tarfile.TarInfo(f"{name}_{j + 1}.JPEG")
+                info.size, info.mtime, info.mode = len(data), 1318550400, 0o644
+                tf.addfile(info, io.BytesIO(data))
+        (folder / f"{name}.tar").write_bytes(buf.getvalue())
+        words.append(f"{name}\tsynset {i}\n")
+        gloss.append(f"{name}\ta rehearsal synset number {i}\n")
+    (folder / "words.txt").write_text("".join(words))
+    (folder / "gloss.txt").write_text("".join(gloss))
+    done.write_text("ok\n")
+    print(f"generated {tars} tars x {per_tar} JPEGs under {folder} in {time.perf_counter() - t0:.0f}s", flush=True)
+    return folder
+
+
+def raw_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+class Table:
+    def __init__(self):
+        self.rows: list[tuple[str, str, str, str, str]] = []
+
+    def add(self, what: str, local: str, s3: str, goal: str = "", met: str = "") -> None:
+        self.rows.append((what, local, s3, goal, met))
+        print(f"  {what}: local {local} | s3 {s3} | goal {goal} {met}", flush=True)
+
+    def render(self) -> str:
+        head = ["measure", "local", "S3 via proxy", "goal", "met"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in self.rows]
+        return "\n".join(lines)
+
+
+def verdict(ok: bool | None) -> str:
+    return "" if ok is None else ("yes" if ok else "**no**")
+
+
+def measured(proxy: LatencyProxy | None, fn, *args, **kwargs):
+    """(seconds, counts or None, result, log slice) of one call."""
+    if proxy is not None:
+        before, start = proxy.counts(), len(proxy.log)
+        proxy.reset_peak()
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    seconds = time.perf_counter() - t0
+    if proxy is None:
+        return seconds, None, out, []
+    return seconds, proxy.counts().minus(before), out, proxy.log[start:]
+
+
+def req(c) -> str:
+    return f"{c.requests} req, {c.connections} conn, peak {c.max_in_flight} in flight" if c else "-"
+
+
+# ----------------------------------------------------------------------------- the runs
+
+
+def settings_env(raw: str, out: str, catalog: str, shards: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMNET_", "DAGSTER_HOME"))}
+    env.update(IMNET_RAW_ROOT=raw, IMNET_OUT_ROOT=out, IMNET_CATALOG=catalog, IMNET_NUM_SHARDS=str(shards),
+               IMNET_WORKERS="2", IMNET_SCHEDULE_MAX_RUNS="64")
+    return env
+
+
+def catalog_stages(settings, proxy):
+    from imnet_assets.core import stages
+
+    quiet = lambda _m: None  # noqa: E731
+    out = {}
+    for stage, fn in zip(STAGES, [stages.build_raw_tars, stages.build_synset_manifest,
+                                  stages.build_filtered_index, stages.build_shuffled_plan]):
+        out[stage] = measured(proxy, fn, settings, f"rehearsal-{stage}", log=quiet)
+        print(f"  {stage} ({'S3' if proxy else 'local'}): {out[stage][0]:.1f}s {req(out[stage][1])}", flush=True)
+    return out
+
+
+def shard_runs(settings, keys, proxy, workers: int):
+    from imnet_assets.core import shard
+    from imnet_assets.core.audit import encode_settings
+
+    enc = encode_settings(settings)
+    results = []
+    for key in keys:
+        results.append(measured(proxy, shard.build_shard, out_root=settings.out_root, raw_root=settings.raw_root,
+                                shard_key=key, shard_name=settings.shard_name(key), settings=enc,
+                                workers=workers, run_id=f"rehearsal-{key}"))
+    return results
+
+
+def ticks(settings, proxy):
+    """(status, schedule tick, sensor tick) measurements, each a cold look (nothing remembered)."""
+    from dagster import build_schedule_context, build_sensor_context, instance_for_test
+
+    from imnet_assets import schedules
+    from imnet_assets.core import freshness
+    from imnet_assets.definitions import build_definitions
+
+    defs = build_definitions(settings)
+    topup, sensor = schedules.make(settings)
+    with instance_for_test() as instance:  # a real (temporary, SQLite) instance
+        freshness.forget()
+        status = measured(proxy, schedules.shard_partition_status, settings, instance)
+        freshness.forget()
+        tick = measured(proxy, lambda: topup.evaluate_tick(
+            build_schedule_context(instance=instance, repository_def=defs.get_repository_def())))
+        freshness.forget()
+        sense = measured(proxy, lambda: sensor.evaluate_tick(
+            build_sensor_context(instance=instance, definitions=defs)))
+        warm = measured(proxy, schedules.shard_partition_status, settings, instance)
+    return status, tick, sense, warm
+
+
+def cli(args: list[str], env: dict[str, str], proxy) -> tuple[float, object, subprocess.CompletedProcess]:
+    exe = shutil.which("imnet", path=os.path.dirname(sys.executable)) or "imnet"
+    seconds, counts, proc, _ = measured(proxy, subprocess.run, [exe, *args], env=env, capture_output=True,
+                                        text=True, timeout=3600)
+    if proc.returncode != 0:
+        print(f"imnet {' '.join(args)} exited {proc.returncode}: {proc.stdout[-800:]}{proc.stderr[-800:]}")
+    return seconds, counts, proc
+
+
+def mirror_shards(local_out: Path, client, prefix: str, settings, skip: set[str]) -> None:
+    """Copy the locally built shards, manifests and commit records into the out bucket, each record
+    stamped with its tar's ETag there (as a shard run on S3 stamps it)."""
+    def one(key: str) -> None:
+        name = settings.shard_name(key)
+        etag = client.put_object(Bucket=OUT_BUCKET, Key=f"{prefix}/{name}",
+                                 Body=(local_out / name).read_bytes())["ETag"]
+        mf = local_out / "_manifests"
+        client.put_object(Bucket=OUT_BUCKET, Key=f"{prefix}/_manifests/{key}.json",
+                          Body=(mf / f"{key}.json").read_bytes())
+        state = json.loads((mf / f"{key}.state.json").read_text())
+        state["stamp"] = etag
+        client.put_object(Bucket=OUT_BUCKET, Key=f"{prefix}/_manifests/{key}.state.json",
+                          Body=json.dumps(state, sort_keys=True).encode())
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, [k for k in settings.partition_keys if k not in skip]))
+
+
+def upload_raw(raw: Path, client, prefix: str) -> None:
+    files = [p for p in sorted(raw.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda p: client.upload_file(str(p), RAW_BUCKET, f"{prefix}/{p.name}"), files))
+
+
+def manifest_gets(log: list[list]) -> Counter:
+    return Counter(t.split("?")[0] for m, t, _ in log
+                   if m == "GET" and "/_manifests/" in t and t.split("?")[0].endswith(".json")
+                   and not t.split("?")[0].endswith(".state.json"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="200 tars, 64 shards")
+    ap.add_argument("--tars", type=int, default=19_167)
+    ap.add_argument("--per-tar", type=int, default=2)
+    ap.add_argument("--shards", type=int, default=1024)
+    ap.add_argument("--latency-ms", type=float, default=20.0)
+    ap.add_argument("--shard-runs", type=int, default=4)
+    ap.add_argument("--work", default=os.path.expanduser("~/.cache/imnet-rehearsal"))
+    ap.add_argument("--skip-verify", action="store_true")
+    a = ap.parse_args()
+    if a.small:
+        a.tars, a.shards = 200, 64
+    work = Path(a.work)
+    raw = make_raw(work / f"raw-{a.tars}x{a.per_tar}", a.tars, a.per_tar)
+    size = raw_size(raw)
+    tmp = Path(tempfile.mkdtemp(prefix="rehearsal-", dir=work))
+    table = Table()
+    from imnet_assets.settings import Settings
+
+    # The server and the proxy start first: encode and scan workers (forkserver children) take the
+    # environment they find when first started, so the AWS variables are set before any of them.
+    s3 = MotoS3().start()
+    proxy = LatencyProxy(s3.endpoint, latency_ms=a.latency_ms).start()
+    os.environ.update(s3.env())
+    os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
+    try:
+        # ---------------------------------------------------------------- local
+        print(f"local build: {a.tars} tars ({size / 1e6:.1f} MB), {a.shards} shards", flush=True)
+        lenv = settings_env(str(raw), str(tmp / "out"), str(tmp / "local.duckdb"), a.shards)
+        local = Settings.from_env(lenv)
+        lstages = catalog_stages(local, None)
+        t0 = time.perf_counter()
+        lshards = shard_runs(local, local.partition_keys, None, workers=1)
+        local_shards_s = time.perf_counter() - t0
+        print(f"  {len(lshards)} shards built locally in {local_shards_s:.0f}s", flush=True)
+        from imnet_assets.core.audit import run_audit
+
+        laudit = measured(None, run_audit, local, "rehearsal-audit", log=lambda _m: None)
+        lstatus, ltick, lsense, _ = ticks(local, None)
+        lcli_status = cli(["status"], lenv, None)
+        lverify = None if a.skip_verify else cli(["verify"], lenv, None)
+
+        # ---------------------------------------------------------------- S3
+        if True:
+            client = s3.client()
+            before_s3 = proxy.counts()
+            client.create_bucket(Bucket=RAW_BUCKET)
+            client.create_bucket(Bucket=OUT_BUCKET)
+            t0 = time.perf_counter()
+            upload_raw(raw, client, "winter21")
+            print(f"uploaded the raw release to moto in {time.perf_counter() - t0:.0f}s", flush=True)
+            senv = settings_env(f"s3://{RAW_BUCKET}/winter21", f"s3://{OUT_BUCKET}/wds",
+                                str(tmp / "s3.duckdb"), a.shards)
+            senv.update(s3.env())
+            senv["AWS_ENDPOINT_URL"] = proxy.endpoint
+            remote = Settings.from_env(senv)
+            sstages = catalog_stages(remote, proxy)
+            run_keys = remote.partition_keys[: a.shard_runs]
+            sshards = shard_runs(remote, run_keys, proxy, workers=2)
+            t0 = time.perf_counter()
+            mirror_shards(tmp / "out", client, "wds", remote, set(run_keys))
+            print(f"copied the other shards into the out bucket in {time.perf_counter() - t0:.0f}s", flush=True)
+            sstatus, stick, ssense, swarm = ticks(remote, proxy)
+            scli_status = cli(["status"], senv, proxy)
+            saudit = measured(proxy, run_audit, remote, "rehearsal-audit", log=lambda _m: None)
+            sverify = None if a.skip_verify else cli(["verify"], senv, proxy)
+            total = proxy.counts().minus(before_s3)
+
+        # ---------------------------------------------------------------- the table
+        print()
+        for stage in STAGES:
+            ls, ss = lstages[stage], sstages[stage]
+            table.add(f"{stage} wall", f"{ls[0]:.1f} s", f"{ss[0]:.1f} s ({req(ss[1])})")
+        read = sum(sstages[s][1].bytes_out for s in STAGES)
+        tar_bytes = sum(n for s in STAGES for m, t, n in sstages[s][3] if m == "GET" and t.split("?")[0].endswith(".tar"))
+        tars = sum(p.stat().st_size for p in raw.glob("*.tar"))
+        ratio = tar_bytes / tars
+        table.add("catalog stages: tar bytes read / tar bytes", "", f"{ratio:.2f}x", "<= 1.05x", verdict(ratio <= 1.05))
+        table.add("catalog stages: all bytes read / raw size (listings, words.txt, gloss.txt too)", "",
+                  f"{read / size:.2f}x")
+        peak = sstages["filtered_index"][1].max_in_flight
+        table.add("filtered_index: most requests in flight", "", str(peak), ">= 64", verdict(peak >= 64))
+        plan_peak = sstages["shuffled_plan"][1].max_in_flight
+        table.add("shuffled_plan: slice writes in flight", "", str(plan_peak), "> 1 (concurrent)",
+                  verdict(plan_peak > 1))
+        lrate = sum(r[2].planned for r in lshards) / local_shards_s
+        srate = sum(r[2].planned for r in sshards) / sum(r[0] for r in sshards)
+        table.add(f"shard runs: sources/s ({len(sshards)} runs on S3, workers 2)", f"{lrate:.0f} (all shards, 1 worker)",
+                  f"{srate:.0f}", ">= 2,000", verdict(srate >= 2000))
+        for label, lm, sm in (("status (shard_partition_status, cold)", lstatus, sstatus),
+                              ("schedule tick (cold)", ltick, stick), ("sensor tick (cold)", lsense, ssense)):
+            table.add(f"{label}: wall", f"{lm[0]:.2f} s", f"{sm[0]:.2f} s ({req(sm[1])})", "<= 5 s",
+                      verdict(sm[0] <= 5))
+        table.add("status, warm process: wall", "", f"{swarm[0]:.2f} s ({req(swarm[1])})")
+        table.add("`imnet status` CLI: wall", f"{lcli_status[0]:.1f} s",
+                  f"{scli_status[0]:.1f} s ({req(scli_status[1])})", "<= 5 s", verdict(scli_status[0] <= 5))
+        rounds = sstatus[1].requests / max(sstatus[1].max_in_flight, 1)
+        table.add("status: requests / most in flight (sequential round trips)", "", f"{rounds:.1f}", "O(1)")
+        gets = manifest_gets(saudit[3])
+        most = max(gets.values()) if gets else 0
+        table.add("audit: wall", f"{laudit[0]:.1f} s", f"{saudit[0]:.1f} s ({req(saudit[1])})")
+        table.add("audit: GETs of the most-read manifest", "", f"{most} ({len(gets)} manifests read)", "1",
+                  verdict(most == 1 and len(gets) == a.shards))
+        if lverify and sverify:
+            table.add("`imnet verify`: wall", f"{lverify[0]:.1f} s", f"{sverify[0]:.1f} s ({req(sverify[1])})")
+        per_conn = total.per_connection
+        table.add("requests per connection (whole S3 run)", "", f"{per_conn:.0f} ({total.requests} / {total.connections})",
+                  ">= 20", verdict(per_conn >= 20))
+        print("\n" + table.render())
+        print(f"\nraw: {a.tars} tars x {a.per_tar} JPEGs ({size / 1e6:.1f} MB), {a.shards} shards, "
+              f"{a.latency_ms:g} ms per request; {os.cpu_count()} CPUs")
+        print("command: .venv/bin/python bench/rehearsal.py " + shlex.join(sys.argv[1:]))
+    finally:
+        proxy.stop()
+        s3.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
