@@ -3,8 +3,9 @@
 - `ensure_tools()` installs Debian's `docker.io` and `debootstrap` with apt-get when they are
   missing (root, or sudo); without apt-get it fails with what to install. It never skips.
 - `Dockerd` uses an engine that already answers (DOCKER_HOST, else /var/run/docker.sock), or starts
-  one as root: data-root, exec-root, pidfile and unix socket in a folder of its own under /tmp,
-  no iptables, no bridge (containers use the host's network). `stop()` removes what it started.
+  one as root: data-root (on a tmpfs where mounting one works), exec-root, pidfile and unix socket
+  in a folder of its own under /tmp, no iptables, no bridge (containers use the host's network).
+  `stop()` removes what it started.
 - `base_image()` makes a Debian bookworm image with python3 and python3-venv, offline for Docker:
   `debootstrap` from the mirror apt on this machine uses, `tar | docker import`. The rootfs
   tarball is cached under ~/.cache/imnet-docker (or $XDG_CACHE_HOME/imnet-docker), so an engine
@@ -36,7 +37,10 @@ DOCKERD = "/usr/sbin/dockerd"
 DEBOOTSTRAP = "/usr/sbin/debootstrap"
 SUITE = "bookworm"
 BASE_TAG = f"imnet-debian-base:{SUITE}"
-BASE_PACKAGES = ["python3", "python3-venv", "passwd"]
+TMPFS_SIZE = "8g"  # a cap, not a reservation: the test's engine holds about 2 GB
+# python3 + venv for the image's virtual environment, passwd for its user, ca-certificates for HTTPS
+# to S3 at run time (the python:3.11-slim-bookworm default has all four).
+BASE_PACKAGES = ["python3", "python3-venv", "passwd", "ca-certificates"]
 
 
 def _sudo() -> list[str]:
@@ -77,6 +81,11 @@ class Dockerd:
         self.log_path: Path | None = None
 
     @property
+    def owned(self) -> bool:
+        """Whether this object started the engine (and `stop()` removes it with all it holds)."""
+        return self.proc is not None
+
+    @property
     def env(self) -> dict[str, str]:
         return {**os.environ, "DOCKER_HOST": self.host}
 
@@ -110,6 +119,12 @@ class Dockerd:
         self.folder = Path(tempfile.mkdtemp(prefix="imnet-dockerd-", dir="/tmp"))
         self.host = f"unix://{self.folder}/docker.sock"
         self.log_path = self.folder / "dockerd.log"
+        # The data-root on a tmpfs where the kernel allows: image layers are ~1.5 GB in many small
+        # files (a Python venv), which a shared disk writes and deletes slowly; a tmpfs goes with
+        # one umount. Elsewhere the folder's own disk.
+        (self.folder / "data").mkdir()
+        subprocess.run([*sudo, "mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE},mode=0710", "tmpfs",
+                        str(self.folder / "data")], capture_output=True)
         argv = [*sudo, DOCKERD, "--iptables=false", "--ip6tables=false", "--bridge=none",
                 f"--data-root={self.folder}/data", f"--exec-root={self.folder}/exec",
                 f"--pidfile={self.folder}/dockerd.pid", "-H", self.host]
@@ -138,9 +153,11 @@ class Dockerd:
             # Anything dockerd left mounted under its folder (overlay layers, shm, netns) first.
             with open("/proc/self/mounts") as f:
                 points = [line.split()[1] for line in f]
-            for point in sorted((p for p in points if p.startswith(str(self.folder))), key=len, reverse=True):
+            for point in sorted((p for p in points if p.startswith(f"{self.folder}/")), key=len, reverse=True):
                 subprocess.run(["umount", "-l", point], capture_output=True)
+            stopped = time.monotonic()
             shutil.rmtree(self.folder, ignore_errors=True)
+            print(f"dockerd's folder {self.folder} removed in {time.monotonic() - stopped:.0f} s")
             self.folder = None
 
 
@@ -167,7 +184,7 @@ def apt_mirror() -> str:
 
 
 def base_rootfs_tarball() -> Path:
-    """A cached tar of a debootstrapped Debian bookworm (minbase + python3, python3-venv, passwd)."""
+    """A cached tar of a debootstrapped Debian bookworm: minbase + BASE_PACKAGES."""
     tarball = CACHE / f"debian-{SUITE}-{'-'.join(BASE_PACKAGES)}.tar"
     if tarball.exists():
         return tarball

@@ -153,13 +153,17 @@ def docker_run(sample_release, tmp_path_factory):
         engine = dockerhost.Dockerd().start()
         stack.add(engine.stop)
 
-        def remove_containers():
+        def remove_containers_and_image():
+            """On an engine that was already running: this test's containers and image go, the
+            cached base image stays. An engine this test started goes whole (engine.stop)."""
+            if engine.owned:
+                return
             ids = engine.docker("ps", "-aq", "--filter", f"label={LABEL}={run_label}").stdout.split()
             if ids:
                 engine.docker("rm", "-f", *ids)
+            engine.docker("rmi", "-f", image)
 
-        stack.add(engine.docker, "rmi", "-f", image)  # a shared engine keeps only the cached base image
-        stack.add(remove_containers)
+        stack.add(remove_containers_and_image)
 
         # 1. the image, offline. The base image (debootstrap on a cold cache) and the wheelhouse
         # (pip wheel when pyproject.toml changed) both wait on the network: made side by side.
