@@ -16,6 +16,35 @@ from pathlib import Path
 import duckdb
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+# An image that keeps the catalog on a volume names the volume's mount point in this file
+# (deploy/docker/Dockerfile: /catalog). There a writer opens only a catalog on that mounted volume:
+# a catalog step in a container or pod started without the volume fails at once, instead of
+# indexing the raw release into a catalog that vanishes with the container. Elsewhere (no file)
+# nothing changes.
+CATALOG_VOLUME_NOTE = Path("/etc/imnet-assets/catalog-volume")
+
+
+class CatalogVolumeMissing(RuntimeError):
+    """The catalog's volume is not mounted where this image expects it."""
+
+
+def check_catalog_volume(path: str, note: Path = CATALOG_VOLUME_NOTE) -> None:
+    """Raise CatalogVolumeMissing if `note` names a volume and `path` is not on it, mounted."""
+    if not note.exists():
+        return
+    volume = os.path.abspath(note.read_text().strip())
+    target = os.path.abspath(path)
+    if os.path.commonpath([volume, target]) != volume:
+        raise CatalogVolumeMissing(
+            f"catalog {target} (IMNET_CATALOG) is not on the catalog volume {volume} that this image "
+            f"expects ({note}): point IMNET_CATALOG into {volume}"
+        )
+    if not os.path.ismount(volume):
+        raise CatalogVolumeMissing(
+            f"the catalog volume is not mounted at {volume} (named by {note}): this container has no "
+            f"catalog, and a catalog written here would vanish with it. Run the catalog steps where the "
+            f"volume is mounted (deploy/README.md: docker -v <volume>:{volume}, or the catalog Job on Kubernetes)"
+        )
 
 
 @cache
@@ -38,6 +67,7 @@ class Catalog:
     def __init__(self, path: str, read_only: bool = False, retries: float = 30.0):
         self.path = path
         if not read_only:
+            check_catalog_volume(path)
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         elif not os.path.exists(path):
             raise FileNotFoundError(f"catalog {path} does not exist yet: run `imnet build` first")
