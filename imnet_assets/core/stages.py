@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Callable
 
-from ..catalog import Catalog
+from ..catalog import Catalog, check_catalog_volume
 from ..settings import Settings
 from . import fs
 from .csvstage import staged_csv
@@ -69,6 +69,7 @@ def stale_stages(settings: Settings, log: Log = print) -> list[str]:
 
 
 def build_raw_tars(settings: Settings, run_id: str, log: Log = print) -> dict:
+    check_catalog_volume(settings.catalog)  # before unpacking a release into a throwaway container
     listing = list_raw(settings.raw_root, unpack=True, log=log)
     if not listing.tars:
         raise FileNotFoundError(
