@@ -85,6 +85,7 @@ class Settings:
     schedule_max_runs: int = 64
     audit_sensor: bool = True
     check_decode_every: int = 16
+    parallel_shards: int = 0  # shard runs `imnet build` runs at once; 0: chosen from cores and workers
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:
@@ -124,6 +125,7 @@ class Settings:
             schedule_max_runs=_int(env, "IMNET_SCHEDULE_MAX_RUNS", 64, 1),
             audit_sensor=_switch(env, "IMNET_AUDIT_SENSOR", True),
             check_decode_every=_int(env, "IMNET_CHECK_DECODE_EVERY", 16, 0),
+            parallel_shards=_int(env, "IMNET_PARALLEL_SHARDS", 0, 0),
         )
 
     @property

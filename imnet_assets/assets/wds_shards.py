@@ -12,7 +12,8 @@ from dagster import (
 
 from ..checks import SHARD_COMPLETE, result, wds_shards_checks
 from ..core.audit import encode_settings, require_current_plan
-from ..core.shard import build_shard, code_version, read_manifest, verify_shard
+from ..core.shard import build_shard, code_version, read_manifest
+from ..core.verify import check_committed_shard
 from ..schedules import HOST_TAG
 from ..settings import Settings
 from .common import GROUP, logger
@@ -50,7 +51,7 @@ def make(settings: Settings):
             out_root=settings.out_root, raw_root=settings.raw_root, shard_key=key, shard_name=name,
             settings=enc, workers=settings.workers, run_id=context.run.run_id, log=logger(context),
         )
-        problems = verify_shard(settings.out_root, key, name, decode_every=settings.check_decode_every)
+        problems = check_committed_shard(settings.out_root, key, name, decode_every=settings.check_decode_every)
         manifest = read_manifest(settings.out_root, key) or {}
         reasons = {}
         for e in res.excluded:

@@ -17,8 +17,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from PIL import Image
-
 from . import fs
 from .encode import EncodeSettings, ImageRejected, encode_image
 from .plan import SliceRow, read_slice
@@ -319,91 +317,14 @@ def unchanged_on_storage(url: str, state: dict, size_stamp: tuple[int, str] | No
 
 
 def iter_samples(url: str, digest: list[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample of a shard, grouped the way webdataset groups them.
-    `digest`: a list to which the whole file's sha256 is appended once every sample was read."""
-    with fs.open_read(url) as raw:
-        f = fs.HashingReader(raw) if digest is not None else raw
-        with tarfile.open(fileobj=f, mode="r|") as tar:
-            key, parts = None, {}
-            for info in tar:
-                stem, _, ext = info.name.partition(".")
-                data = tar.extractfile(info).read() if info.isreg() else b""
-                if stem != key and key is not None:
-                    yield key, parts
-                    parts = {}
-                key = stem
-                parts[ext] = data
-            if key is not None:
-                yield key, parts
-        if digest is not None:
-            digest.append(f.hexdigest())
+    """(key, {ext: bytes}) per sample of a shard: see `verify.iter_samples` (kept here for callers)."""
+    from .verify import iter_samples as samples
+
+    return samples(url, digest)
 
 
 def verify_shard(out_root: str, shard_key: str, shard_name: str, decode_every: int = 1) -> list[str]:
-    """Problems with a committed shard, checked against its plan slice and its manifest.
+    """The in-run blocking check of one committed shard: see `verify.check_committed_shard`."""
+    from .verify import check_committed_shard
 
-    Every planned key is either in the tar (in plan order) or recorded as excluded; nothing else
-    is in the tar; every sample's three members are consistent; every WebP holds the bytes the
-    encoder produced (its sha256 in the manifest) and its header and frame give the recorded size.
-    Pixels are decoded in full for every `decode_every`-th sample (1: all of them, 0: none) and for
-    every repaired one: a full WebP decode costs about a fifth of the encode, so decoding all of
-    them would add that to every shard run, while the hashes already tie each sample's bytes to
-    the encoder's output.
-    """
-    problems: list[str] = []
-    manifest = read_manifest(out_root, shard_key)
-    if manifest is None:
-        return [f"shard {shard_key}: no manifest"]
-    rows, digest = read_slice(out_root, shard_key)
-    if manifest.get("plan_digest") != digest:
-        problems.append(f"shard {shard_key}: written from another plan ({manifest.get('plan_digest')[:12]})")
-    excluded = {e["key"] for e in manifest["excluded"]}
-    expected = [r for r in rows if r.key not in excluded]
-    by_key = {s["key"]: s for s in manifest["samples"]}
-    url = fs.join(out_root, shard_name)
-    seen = []
-    tar_digest: list[str] = []
-    try:
-        for i, (key, parts) in enumerate(iter_samples(url, tar_digest)):
-            seen.append(key)
-            if sorted(parts) != ["cls", "json", "webp"]:
-                problems.append(f"shard {shard_key} sample {key}: members {sorted(parts)}")
-                continue
-            rec = by_key.get(key)
-            if rec is None:
-                problems.append(f"shard {shard_key} sample {key}: not in the manifest")
-                continue
-            if hashlib.sha256(parts["webp"]).hexdigest() != rec["webp_sha256"]:
-                problems.append(f"shard {shard_key} sample {key}: webp bytes differ from the manifest")
-            try:
-                meta = json.loads(parts["json"])
-                if not isinstance(meta, dict):
-                    raise ValueError(f"a JSON {type(meta).__name__}, not an object")
-            except ValueError as e:  # includes UnicodeDecodeError
-                problems.append(f"shard {shard_key} sample {key}: .json does not parse ({e})")
-                meta = {}
-            if (meta.get("width"), meta.get("height")) != (rec["width"], rec["height"]):
-                problems.append(f"shard {shard_key} sample {key}: json size differs from the manifest")
-            if parts["cls"].decode("ascii", "replace") != str(meta.get("label")):
-                problems.append(f"shard {shard_key} sample {key}: .cls and .json labels differ")
-            try:
-                with Image.open(io.BytesIO(parts["webp"])) as im:
-                    if im.format != "WEBP" or im.size != (rec["width"], rec["height"]):
-                        problems.append(f"shard {shard_key} sample {key}: webp is {im.format} {im.size}")
-                    if rec.get("repaired") or (decode_every > 0 and i % decode_every == 0):
-                        im.load()
-            except Exception as e:  # noqa: BLE001
-                problems.append(f"shard {shard_key} sample {key}: webp does not decode: {e}")
-    except (tarfile.TarError, EOFError) as e:
-        problems.append(f"shard {shard_key}: tar unreadable after {len(seen)} samples: {e}")
-    if tar_digest != [manifest["sha256"]]:
-        problems.append(f"shard {shard_key}: tar sha256 differs from its manifest")
-    if seen != [r.key for r in expected]:
-        missing = sorted(set(r.key for r in expected) - set(seen))[:5]
-        extra = sorted(set(seen) - set(r.key for r in expected))[:5]
-        dups = len(seen) - len(set(seen))
-        problems.append(
-            f"shard {shard_key}: holds {len(seen)} samples, plan wants {len(expected)} "
-            f"(missing {missing}, unplanned {extra}, duplicated {dups}, order {'ok' if not (missing or extra or dups) else '?'})"
-        )
-    return problems
+    return check_committed_shard(out_root, shard_key, shard_name, decode_every=decode_every)
