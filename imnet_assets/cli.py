@@ -178,6 +178,10 @@ class Build:
         if not todo:
             return []
         runs = self.runs_at_once(len(todo))
+        if runs > 1 and not self._threads_safe():
+            self.say("  wds_shards: one shard run at a time (the instance's python_logs.dagster_handler_config "
+                     "makes Dagster reconfigure logging per run, which concurrent runs in one process cannot share)")
+            runs = 1
         if runs > 1:
             self.say(f"  wds_shards: {runs} shard runs at once, {self.settings.workers} workers each")
         started, images, done = time.perf_counter(), 0, 0
@@ -201,6 +205,21 @@ class Build:
                      f"{md.get('images_per_s')} img/s; overall {images / elapsed:.1f} img/s, eta {eta:.0f}s")
         order = {k: i for i, k in enumerate(todo)}
         return sorted(failed, key=order.__getitem__)
+
+    def _threads_safe(self) -> bool:
+        """Whether Dagster runs may execute in several threads of this process at once. Dagster
+        (1.13) calls logging.config.dictConfig at the start of every run of an instance with
+        settings (a dagster.yaml), even when it configures no handlers: that closes every logging
+        handler of the process under logging's module lock, and deadlocks against a run in another
+        thread emitting an event (each holds the lock the other waits for). With no
+        python_logs.dagster_handler_config, that call yields no handlers: skipping it changes nothing
+        else, so it is skipped for this process's instance."""
+        if self.instance is None:
+            return True
+        if self.instance.get_python_log_dagster_handler_config():
+            return False
+        self.instance.get_yaml_python_handlers = list  # -> []: what the skipped call returns here
+        return True
 
     def _shard_runs(self, todo: list[str], runs: int, stop) -> Iterator[tuple[str, object, list[str]]]:
         """(key, result, failures) per shard run, as they finish; no new run starts once `stop()`."""
