@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import socket
@@ -51,6 +52,30 @@ def parse_shards(spec: str | None, keys: list[str]) -> list[str]:
     if not chosen:
         raise SettingsError(f"--shards: {spec!r} selects no shard")
     return chosen
+
+
+@contextlib.contextmanager
+def _console_kept(build: Build):
+    """Keeps this command's output on the terminal while shard runs execute in threads. Dagster
+    captures a step's output for the UI by pointing file descriptors 1 and 2 at the step's log
+    file for as long as the step runs, process-wide, and points them back at what it found when the
+    step began: with two runs at once, a step that began while the other's capture was on points
+    them, when it ends, at the other's file for good. So progress lines go to a copy of the
+    terminal's descriptor taken before, and 1 and 2 are put back when the runs are done."""
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    out = build.out
+    if out is sys.stdout:
+        sys.stdout.flush()
+        build.out = os.fdopen(os.dup(saved[1]), "w", buffering=1)
+    try:
+        yield
+    finally:
+        if build.out is not out:
+            build.out.close()
+            build.out = out
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 class Build:
@@ -184,6 +209,10 @@ class Build:
             runs = 1
         if runs > 1:
             self.say(f"  wds_shards: {runs} shard runs at once, {self.settings.workers} workers each")
+        with _console_kept(self):
+            return self._build_shards(todo, runs)
+
+    def _build_shards(self, todo: list[str], runs: int) -> list[str]:
         started, images, done = time.perf_counter(), 0, 0
         failed: list[str] = []
         for key, result, failures in self._shard_runs(todo, runs, stop=lambda: bool(failed) and not self.keep_going):
