@@ -454,7 +454,7 @@ def _catalog_rows(path: str, shards: list[dict]) -> Iterator[tuple[dict, list[tu
         batch = shards[i:i + VERIFY_BATCH]
         rows: dict[str, list[tuple]] = {sh["shard"]: [] for sh in batch}
         with open_reader(path) as cat:
-            cur = cat.run("verify_samples", {"shards": list(rows)})
+            cur = cat.run("verify_samples", {"shards": list(rows), "first": min(rows), "last": max(rows)})
             while chunk := cur.fetchmany(8192):
                 for row in chunk:
                     rows[row[0]].append(row[1:])
