@@ -170,13 +170,17 @@ def main() -> None:
                 builds[kind].append(b)
                 runs = next((ln.strip() for ln in b["lines"] if "shard runs at once" in ln), "one shard run at a time")
                 print(f"  round {r + 1}: build --parallel {kind}: shard phase {b['phase']:.1f} s, command "
-                      f"{b['wall']:.1f} s, others {b['sample'].others_cores:.2f} cores ({runs})", flush=True)
+                      f"{b['wall']:.1f} s, {b['sample'].cpu:.1f} CPU s, others {b['sample'].others_cores:.2f} cores ({runs})", flush=True)
 
     rows = [["bare chain, ms per image (1 process)", spread([s.cpu / n * 1000 for s in bare], 1), "", ""]]
     for kind, got in builds.items():
         # Pair each build with the bare measurement of its own round.
         frac = [s.cpu / (cpus * b["phase"]) for s, b in zip(bare, got)]
         whole = [s.cpu / (cpus * b["wall"]) for s, b in zip(bare, got)]
+        # On a shared machine: the cores left to this build (CPUs less what others used meanwhile),
+        # and how much of the build's own CPU was codec work (the rest: Dagster, reads, hashes, check).
+        left = [s.cpu / (max(cpus - b["sample"].others_cores, 0.1) * b["wall"]) for s, b in zip(bare, got)]
+        share = [s.cpu / b["sample"].cpu for s, b in zip(bare, got)]
         name = "automatic" if kind == 0 else str(kind)
         goal = kind == 0
         rows += [
@@ -184,6 +188,8 @@ def main() -> None:
             [f"--parallel {name}: cores encoding over the shard phase", spread(frac),
              f">= {GOAL}" if goal else "", met(statistics.median(frac) >= GOAL) if goal else ""],
             [f"--parallel {name}: cores encoding over the whole command", spread(whole), "", ""],
+            [f"--parallel {name}: cores encoding over the whole command, of the cores others left", spread(left), "", ""],
+            [f"--parallel {name}: bare-chain CPU / the build's CPU (process tree)", spread(share), "", ""],
             [f"--parallel {name}: other processes meanwhile, cores",
              spread([b["sample"].others_cores for b in got]), "", ""],
         ]
