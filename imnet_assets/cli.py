@@ -439,27 +439,51 @@ def cmd_lineage(args) -> int:
 
 
 VERIFY_SHOWN = 20  # problems printed per shard; the rest are counted
-VERIFY_BATCH = 8  # shards whose catalog rows one query reads (and the catalog is opened for)
 PROGRESS_EVERY_S = 10.0
 
 
 def _catalog_rows(path: str, shards: list[dict]) -> Iterator[tuple[dict, list[tuple]]]:
     """Each shard's catalog record and its `shard_samples` rows (verify.CATALOG_COLUMNS), in the
-    order of `shards`, read VERIFY_BATCH shards per query: memory holds a batch, not the release.
-    The catalog is opened per batch, so a writer (`imnet build`) waits at most one query for it,
-    and this waits (saying so) while a writer holds it."""
+    order of `shards`, with memory bounded whatever the release's size: one query (its join and
+    sort held to verify_memory's limit by DuckDB, spilling beyond) streams every selected shard's
+    rows, in shard order, into a local spool file, one compressed record per shard; the catalog is
+    then closed (a writer such as `imnet build` waits for a reader: it waits for this pass only,
+    not for the hour a full verify reads shards), and shards are handed out from the spool, one
+    at a time. While a writer holds the catalog, this waits for it, saying so."""
+    import pickle
+    import tempfile
+    import zlib
+
     from .catalog import open_reader
 
-    for i in range(0, len(shards), VERIFY_BATCH):
-        batch = shards[i:i + VERIFY_BATCH]
-        rows: dict[str, list[tuple]] = {sh["shard"]: [] for sh in batch}
+    with tempfile.TemporaryFile(prefix="imnet-verify-") as spool:
+        where: dict[str, tuple[int, int]] = {}
+
+        def keep(shard: str | None, rows: list[tuple]) -> None:
+            if shard is not None:
+                data = zlib.compress(pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL), 1)
+                where[shard] = (spool.tell(), len(data))
+                spool.write(data)
+
         with open_reader(path) as cat:
-            cur = cat.run("verify_samples", {"shards": list(rows), "first": min(rows), "last": max(rows)})
+            cat.run("verify_memory")
+            cur = cat.run("verify_samples", {"shards": [sh["shard"] for sh in shards]})
+            shard, rows = None, []
             while chunk := cur.fetchmany(8192):
                 for row in chunk:
-                    rows[row[0]].append(row[1:])
-        for sh in batch:
-            yield sh, rows.pop(sh["shard"])
+                    if row[0] != shard:
+                        keep(shard, rows)
+                        shard, rows = row[0], []
+                    rows.append(row[1:])
+            keep(shard, rows)
+            del rows, chunk
+        for sh in shards:
+            if sh["shard"] not in where:
+                yield sh, []
+                continue
+            offset, size = where.pop(sh["shard"])
+            spool.seek(offset)
+            yield sh, pickle.loads(zlib.decompress(spool.read(size)))
 
 
 class _Progress:
