@@ -90,7 +90,16 @@ class Build:
         self.settings = settings
         self.defs = build_definitions(settings)
         self.assets = list(self.defs.assets)
-        self.instance = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else DagsterInstance.ephemeral()
+        if os.environ.get("DAGSTER_HOME"):
+            self.instance = DagsterInstance.get()
+        else:
+            # Not DagsterInstance.ephemeral(): its in-memory SQLite is one connection, which
+            # concurrent shard runs (threads) find locked ("database table is locked"). A throwaway
+            # on-disk instance takes them as the real one does; removed when this process ends.
+            import tempfile
+
+            self._scratch = tempfile.TemporaryDirectory(prefix="imnet-dagster-")
+            self.instance = DagsterInstance.local_temp(self._scratch.name)
         self.out = out
         # Dagster's console logger prints each failed step's whole stack trace; this command names
         # the failure itself (`fail`), so by default only -v shows them (the instance keeps them all)
