@@ -99,6 +99,53 @@ def forget_shards(settings: Settings) -> None:
     (out / "_info.json").unlink(missing_ok=True)
 
 
+class TreeCpu:
+    """CPU seconds of a process and all its descendants, polled from /proc while it runs (the
+    encode workers are the forkserver's children, and the forkserver is never waited for by the
+    build, so getrusage(RUSAGE_CHILDREN) misses them)."""
+
+    def __init__(self, root: int, every: float = 0.25):
+        import threading
+
+        self.root, self.every = root, every
+        self.seen: dict[tuple[int, int], float] = {}  # (pid, start time) -> last CPU seconds
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        stats = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            fields = text[text.rfind(")") + 2:].split()
+            stats[int(pid)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, int(fields[19]))
+        tree, grew = {self.root}, True
+        while grew:
+            grew = False
+            for pid, (ppid, _cpu, _start) in stats.items():
+                if ppid in tree and pid not in tree:
+                    tree.add(pid)
+                    grew = True
+        for pid in tree:
+            if pid in stats:
+                _ppid, cpu, start = stats[pid]
+                self.seen[(pid, start)] = max(cpu, self.seen.get((pid, start), 0.0))
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            self._poll()
+
+    def total(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        return sum(self.seen.values())
+
+
 def run_build(settings: Settings, home: Path, parallel: int) -> dict:
     """One `imnet build` with every shard to build: its wall time, shard-phase wall time, and output."""
     forget_shards(settings)
@@ -111,6 +158,7 @@ def run_build(settings: Settings, home: Path, parallel: int) -> dict:
         err_file = tempfile.TemporaryFile("w+")  # a pipe left unread could fill and stall the build
         proc = subprocess.Popen(cmd, env=env_for(settings, home), stdout=subprocess.PIPE, stderr=err_file,
                                 text=True, bufsize=1)
+        tree = TreeCpu(proc.pid)
         lines = []
         phase_start = phase_end = None
         for line in proc.stdout:
@@ -120,7 +168,9 @@ def run_build(settings: Settings, home: Path, parallel: int) -> dict:
                 phase_start = now
             if f"[{settings.num_shards}/{settings.num_shards}] shard" in line:
                 phase_end = now
+        tree._poll()  # the last look before the process is gone
         proc.wait()
+        facts["tree_cpu"] = tree.total()
         err_file.seek(0)
         err = err_file.read()
         if proc.returncode != 0 or phase_start is None or phase_end is None:
@@ -130,6 +180,11 @@ def run_build(settings: Settings, home: Path, parallel: int) -> dict:
     sample = measure(go)
     facts["sample"] = sample
     return facts
+
+
+def others(build: dict) -> float:
+    """Cores' worth of CPU that processes outside the build's tree used during the build."""
+    return max(0.0, (build["sample"].machine - build["tree_cpu"]) / build["wall"])
 
 
 def main() -> None:
@@ -170,7 +225,7 @@ def main() -> None:
                 builds[kind].append(b)
                 runs = next((ln.strip() for ln in b["lines"] if "shard runs at once" in ln), "one shard run at a time")
                 print(f"  round {r + 1}: build --parallel {kind}: shard phase {b['phase']:.1f} s, command "
-                      f"{b['wall']:.1f} s, {b['sample'].cpu:.1f} CPU s, others {b['sample'].others_cores:.2f} cores ({runs})", flush=True)
+                      f"{b['wall']:.1f} s, {b['tree_cpu']:.1f} CPU s (process tree), others {others(b):.2f} cores ({runs})", flush=True)
 
     rows = [["bare chain, ms per image (1 process)", spread([s.cpu / n * 1000 for s in bare], 1), "", ""]]
     for kind, got in builds.items():
@@ -179,8 +234,8 @@ def main() -> None:
         whole = [s.cpu / (cpus * b["wall"]) for s, b in zip(bare, got)]
         # On a shared machine: the cores left to this build (CPUs less what others used meanwhile),
         # and how much of the build's own CPU was codec work (the rest: Dagster, reads, hashes, check).
-        left = [s.cpu / (max(cpus - b["sample"].others_cores, 0.1) * b["wall"]) for s, b in zip(bare, got)]
-        share = [s.cpu / b["sample"].cpu for s, b in zip(bare, got)]
+        left = [s.cpu / (max(cpus - others(b), 0.1) * b["wall"]) for s, b in zip(bare, got)]
+        share = [s.cpu / b["tree_cpu"] for s, b in zip(bare, got)]
         name = "automatic" if kind == 0 else str(kind)
         goal = kind == 0
         rows += [
@@ -191,7 +246,7 @@ def main() -> None:
             [f"--parallel {name}: cores encoding over the whole command, of the cores others left", spread(left), "", ""],
             [f"--parallel {name}: bare-chain CPU / the build's CPU (process tree)", spread(share), "", ""],
             [f"--parallel {name}: other processes meanwhile, cores",
-             spread([b["sample"].others_cores for b in got]), "", ""],
+             spread([others(b) for b in got]), "", ""],
         ]
     print(f"\n$ {shlex.join([os.path.relpath(sys.executable), *sys.argv])}")
     print_table(f"imnet build of {args.shards} x {args.images} images on {cpus} CPUs against the bare chain", rows)
