@@ -1,7 +1,7 @@
 """The catalog stages at the real release's size, and the index scan against a plain read.
 
     .venv/bin/python bench/scale.py [--work /tmp/imnet-bench] [--rows 13151276] [--synsets 19167]
-                                    [--scan-gb 1] [--skip-catalog] [--skip-scan] [--keep]
+                                    [--scan-gb 1] [--skip-catalog] [--skip-scan] [--skip-verify] [--keep]
 
 Catalog part (each stage in its own child process, so the peak RSS printed is that stage's):
   catalog    synthetic `synsets` and `images` tables (plus 0.2% excluded rows) in a temp DuckDB
@@ -11,6 +11,12 @@ Catalog part (each stage in its own child process, so the peak RSS printed is th
              1 in 50,000 recorded as an encode-time exclusion), state files, and sparse shard
              files of the manifest's size, all generated with DuckDB COPY (not a goal);
   audit      `audit.run_audit`: manifests checked and loaded, reconciliation, `_info.json`.
+  verify     `imnet verify --jobs 2` over the catalog's 13.15M `shard_samples` rows against an out
+             root holding no shard file (each is reported missing: this measures the catalog side,
+             streamed a few shards per query into the checking processes, not the tar reads);
+             with --skip-catalog, `shard_samples` and `shards` are filled from the plan by SQL
+             when empty (setup, its own child process, not a goal). Peak RSS of the `imnet verify`
+             process (its checking processes each hold one shard's rows, a few MB).
 Scan part: `index.scan_tars` (IMNET_WORKERS=2) over generated raw tars against a plain sequential
 read of the same files, both from a cold page cache (each file is evicted with
 posix_fadvise(DONTNEED) before every pass) and both warm.
@@ -75,6 +81,17 @@ SELECT 'n' || lpad((1440764 + s * 712)::VARCHAR, 8, '0') || '_' || (n + 100000 *
        CASE WHEN excluded THEN 'too small: 24x18 (min side 32)' END,
        false, NULL, CASE WHEN excluded THEN 'index' END
 FROM sized
+"""
+# Verify part, when the audit did not fill them: one shard_samples row per planned image.
+FILL_SHARD_SAMPLES = """
+INSERT INTO shard_samples
+SELECT key, shard, position, width, height, width, height, size * 3 // 4, sha256(key), false FROM plan
+"""
+FILL_SHARDS = """
+INSERT INTO shards
+SELECT shard, 'imagenet12k-train-' || shard || '.tar', count(*)::INTEGER, count(*)::INTEGER,
+       sum(size * 3 // 4 + 1536)::BIGINT, sha256(shard), NULL, NULL, 'bench-scale', 'bench', NULL, NULL
+FROM plan GROUP BY shard
 """
 COUNT_IMAGES = "SELECT count(*) FILTER (WHERE status = 'kept'), (SELECT count(*) FROM synsets) FROM images"
 # What a previous audit changed in the cached catalog, undone so every run plans the same images.
@@ -204,7 +221,47 @@ def stage_audit(args) -> dict:
             "problems": report.problems[:5], "info_written": report.info_written}
 
 
-STAGES = {"catalog": stage_catalog, "plan": stage_plan, "manifests": stage_manifests, "audit": stage_audit}
+def stage_verify_setup(args) -> dict:
+    from imnet_assets.catalog import Catalog
+
+    settings = scale_settings(args.work)
+    with Catalog(settings.catalog) as cat:
+        (rows,) = cat.con.execute("SELECT count(*) FROM shard_samples").fetchone()
+        if rows == 0:
+            cat.con.execute(FILL_SHARD_SAMPLES)
+            cat.con.execute(FILL_SHARDS)
+            cat.con.execute("CHECKPOINT")
+    return {"filled": rows == 0}
+
+
+def stage_verify(args) -> dict:
+    import contextlib
+
+    from imnet_assets.catalog import Catalog
+    from imnet_assets.cli import main as imnet
+
+    settings = scale_settings(args.work)
+    with Catalog(settings.catalog, read_only=True) as cat:
+        (rows,) = cat.con.execute("SELECT count(*) FROM shard_samples").fetchone()
+    empty = args.work / "scale" / "verify-out"
+    shutil.rmtree(empty, ignore_errors=True)
+    empty.mkdir(parents=True)
+    os.environ.update(IMNET_CATALOG=settings.catalog, IMNET_OUT_ROOT=str(empty), IMNET_NUM_SHARDS=str(NUM_SHARDS),
+                      IMNET_RAW_ROOT=settings.raw_root, IMNET_WORKERS="2")
+    out = io.StringIO()
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(out):
+        code = imnet(["verify", "--jobs", "2"])
+    seconds = time.perf_counter() - started
+    text = out.getvalue()
+    missing = text.count(": missing from the out root")
+    return {"rows": rows, "exit": code, "missing_reported": missing, "verify_seconds": seconds,
+            "progress_lines": text.count(" shards checked (")}
+
+
+STAGES = {"catalog": stage_catalog, "plan": stage_plan, "manifests": stage_manifests, "audit": stage_audit,
+          "verify_setup": stage_verify_setup,
+          "verify": stage_verify}
 
 
 def run_child(args, stage: str) -> dict:
@@ -379,6 +436,27 @@ def catalog_part(args) -> list[list[str]]:
     ]
 
 
+def verify_part(args) -> list[list[str]]:
+    print(f"verify: `imnet verify` over the catalog's shard_samples ({args.rows:,} rows expected)", flush=True)
+    if args.skip_catalog:  # the catalog and the plan are still needed (cached after the first run)
+        for stage in ("catalog", "plan"):
+            run_child(args, stage)
+    run_child(args, "verify_setup")
+    v = run_child(args, "verify")
+    print(f"  verify: {v['verify_seconds']:.1f} s, peak RSS {v['peak_rss_mb']:,.0f} MB, "
+          f"{v['missing_reported']} shards reported missing, "
+          f"{v['progress_lines']} progress lines, exit {v['exit']}", flush=True)
+    if v["missing_reported"] != NUM_SHARDS:
+        raise SystemExit(f"verify reported {v['missing_reported']} missing shards, expected {NUM_SHARDS}: {v}")
+    gb = 1024
+    return [
+        ["verify: shard_samples rows streamed", f"{v['rows']:,}", "", ""],
+        ["verify: imnet verify --jobs 2, s", f"{v['verify_seconds']:.1f}", "", ""],
+        ["verify: peak RSS of imnet verify, GB", f"{v['peak_rss_mb'] / gb:.2f}", "<= 1",
+         met(v["peak_rss_mb"] <= gb)],
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("/tmp/imnet-bench"))
@@ -389,6 +467,7 @@ def main() -> None:
     p.add_argument("--scan-rounds", type=int, default=2)
     p.add_argument("--skip-catalog", action="store_true")
     p.add_argument("--skip-scan", action="store_true")
+    p.add_argument("--skip-verify", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep slices, manifests and scan tars")
     p.add_argument("--child", choices=sorted(STAGES), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -399,6 +478,8 @@ def main() -> None:
     tables = {}
     if not args.skip_catalog:
         tables["plan and audit at scale (one child process per stage)"] = catalog_part(args)
+    if not args.skip_verify:
+        tables["imnet verify at scale (catalog side)"] = verify_part(args)
     if not args.skip_scan:
         tables["index scan against a plain sequential read"] = scan_part(args)
     print(f"\n$ {shlex.join([os.path.relpath(sys.executable), *sys.argv])}")

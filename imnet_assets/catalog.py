@@ -8,8 +8,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
 
@@ -135,3 +136,57 @@ class Catalog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# ----------------------------------------------------------------------------- readers and the lock
+
+# DuckDB's words when another process holds the file (a writer, or readers when we would write):
+# 'IO Error: Could not set lock on file "...": Conflicting lock is held in <exe> (PID <n>). ...'
+_LOCK_HELD = re.compile(r"Conflicting lock is held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
+LOCK_NOTE_EVERY = 60.0  # seconds between "still waiting" notes
+
+
+class CatalogBusy(RuntimeError):
+    """The catalog is being written by another process, and the caller would not wait longer."""
+
+
+def lock_holder(error: BaseException) -> str | None:
+    """Who holds the catalog's lock, from DuckDB's error ("pid 4242: imnet build"), or None when
+    `error` is not a lock conflict."""
+    m = _LOCK_HELD.search(str(error))
+    if m is None:
+        return None
+    pid = int(m["pid"])
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+        what = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(argv[:4]))
+    except OSError:  # gone since, or another machine's process on a shared file system
+        what = os.path.basename(m["exe"])
+    return f"pid {pid}: {what}"[:120]
+
+
+def open_reader(path: str, say: Callable[[str], None] | None = None, wait_s: float | None = None,
+                poll_s: float = 0.5) -> Catalog:
+    """The catalog opened read-only, waiting while another process writes it (`imnet build` in
+    `filtered_index` or the audit holds DuckDB's lock for as long as the stage runs; DuckDB lets
+    no reader in meanwhile). Says once that it waits, and for whom, then again every minute.
+    `wait_s`: give up after this long with CatalogBusy (None: wait until the writer is done)."""
+    say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    started = time.monotonic()
+    noted = None
+    while True:
+        try:
+            return Catalog(path, read_only=True, retries=0)
+        except duckdb.IOException as e:
+            holder = lock_holder(e)
+            if holder is None:
+                raise
+            waited = time.monotonic() - started
+            if wait_s is not None and waited >= wait_s:
+                raise CatalogBusy(f"catalog {path} is being written by another process ({holder})") from None
+            if noted is None or time.monotonic() - noted >= LOCK_NOTE_EVERY:
+                more = f" (waited {waited:.0f}s so far)" if noted is not None else ""
+                say(f"catalog {path} is being written by another process ({holder}); waiting...{more}")
+                noted = time.monotonic()
+            time.sleep(poll_s)

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
+import contextlib
 import os
 import re
 import socket
 import sys
+import threading
 import time
+from collections.abc import Iterator
 
 from .core.fs import StorageError
 from .settings import Settings, SettingsError, shard_key
 
 DEMO_SHARDS = 8
+STATUS_WAIT_S = 10.0  # how long `imnet status` waits for a catalog writer before reporting without it
+
+
+def _redact(text: str) -> str:
+    from .core.fs import redact
+
+    return redact(text)
 
 
 _SHARD_NUMBER = re.compile(r"[0-9]{1,4}")  # ASCII digits only (int() also takes "+3", "0_1", "٣")
@@ -45,10 +54,35 @@ def parse_shards(spec: str | None, keys: list[str]) -> list[str]:
     return chosen
 
 
+@contextlib.contextmanager
+def _console_kept(build: Build):
+    """Keeps this command's output on the terminal while shard runs execute in threads. Dagster
+    captures a step's output for the UI by pointing file descriptors 1 and 2 at the step's log
+    file for as long as the step runs, process-wide, and points them back at what it found when the
+    step began: with two runs at once, a step that began while the other's capture was on points
+    them, when it ends, at the other's file for good. So progress lines go to a copy of the
+    terminal's descriptor taken before, and 1 and 2 are put back when the runs are done."""
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    out = build.out
+    if out is sys.stdout:
+        sys.stdout.flush()
+        build.out = os.fdopen(os.dup(saved[1]), "w", buffering=1)
+    try:
+        yield
+    finally:
+        if build.out is not out:
+            build.out.close()
+            build.out = out
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
 class Build:
     """Materializes stages through Dagster, in this process, recording into the instance."""
 
-    def __init__(self, settings: Settings, out=sys.stdout, verbose: bool = False):
+    def __init__(self, settings: Settings, out=sys.stdout, verbose: bool = False, keep_going: bool = False,
+                 parallel: int | None = None):
         from dagster import DagsterInstance
 
         from .definitions import build_definitions
@@ -56,14 +90,27 @@ class Build:
         self.settings = settings
         self.defs = build_definitions(settings)
         self.assets = list(self.defs.assets)
-        self.instance = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else DagsterInstance.ephemeral()
+        if os.environ.get("DAGSTER_HOME"):
+            self.instance = DagsterInstance.get()
+        else:
+            # Not DagsterInstance.ephemeral(): its in-memory SQLite is one connection, which
+            # concurrent shard runs (threads) find locked ("database table is locked"). A throwaway
+            # on-disk instance takes them as the real one does; removed when this process ends.
+            import tempfile
+
+            self._scratch = tempfile.TemporaryDirectory(prefix="imnet-dagster-")
+            self.instance = DagsterInstance.local_temp(self._scratch.name)
         self.out = out
         # Dagster's console logger prints each failed step's whole stack trace; this command names
         # the failure itself (`fail`), so by default only -v shows them (the instance keeps them all)
         self.log_level = "WARNING" if verbose else "CRITICAL"
+        self.keep_going = keep_going
+        self.parallel = parallel if parallel is not None else settings.parallel_shards
+        self._say_lock = threading.Lock()
 
     def say(self, msg: str) -> None:
-        print(msg, file=self.out, flush=True)
+        with self._say_lock:  # shard runs finish in several threads: whole lines only
+            print(msg, file=self.out, flush=True)
 
     def materialize(self, selection: list[str], partition_key: str | None = None):
         from dagster import materialize
@@ -119,21 +166,14 @@ class Build:
             self.say(f"  wds_shards: {len(busy)} shards have a run in flight elsewhere, left to it: {busy[:8]}")
         self.say(f"  wds_shards: {len(wanted) - len(todo) - len(busy)} of {len(wanted)} selected shards fresh, "
                  f"{len(todo)} to build")
-        started, images = time.perf_counter(), 0
-        for i, key in enumerate(todo, 1):
-            result, failures = self.materialize(["wds_shards"], partition_key=key)
-            if failures:
-                return self.fail(f"wds_shards[{key}]", failures)
-            md = self._metadata(result, "wds_shards")
-            images += int(md.get("samples", 0))
-            elapsed = time.perf_counter() - started
-            eta = elapsed / i * (len(todo) - i)
-            self.say(f"  [{i}/{len(todo)}] shard {key}: {md.get('samples')} samples "
-                     f"({md.get('excluded')} excluded, {md.get('repaired')} repaired), "
-                     f"{md.get('images_per_s')} img/s; overall {images / elapsed:.1f} img/s, eta {eta:.0f}s")
+        failed = self.build_shards(todo)
         if not wanted:
             self.say("  shards and audit: skipped (--shards none: the catalog stages and the plan only)")
             return 0
+        if failed:
+            return self.fail(f"wds_shards[{', '.join(failed)}]", [
+                f"{len(failed)} of {len(todo)} shards failed: {', '.join(failed)}",
+                "shard_audit: skipped (it vouches for every shard; run `imnet build` again once they build)"])
         if set(wanted) != set(s.partition_keys):
             self.say("  shard_audit: skipped (only some shards were selected; run `imnet build` for all)")
             return 0
@@ -150,12 +190,116 @@ class Build:
         self.say(f"shards: {s.out_root}  (_info.json beside them); catalog: {s.catalog}")
         return 0
 
+    def runs_at_once(self, todo: int) -> int:
+        """Shard runs to run at once: `--parallel` / IMNET_PARALLEL_SHARDS, else about the cores
+        over IMNET_WORKERS and at least 2 (one run's start, commit and check leave its workers idle:
+        a second run fills the gap), at most the instance's pool limit (dagster.yaml's `pools:
+        default_limit`, which bounds the shard runs the daemon launches)."""
+        if self.parallel:
+            return max(1, min(self.parallel, todo))
+        cpus = os.cpu_count() or 1
+        runs = max(2, round(cpus / self.settings.workers))
+        limit = self.instance.global_op_concurrency_default_limit if self.instance is not None else None
+        if limit:
+            runs = min(runs, limit)
+        return max(1, min(runs, todo))
+
+    def build_shards(self, todo: list[str]) -> list[str]:
+        """Materialize each shard partition in `todo`, a Dagster run each, several at once (threads
+        of this process: each run is recorded in the instance like any other). Returns the failed
+        keys, in `todo` order. On a failure, no further shard starts unless --keep-going; the runs
+        already going finish."""
+        if not todo:
+            return []
+        runs = self.runs_at_once(len(todo))
+        if runs > 1 and not self._threads_safe():
+            self.say("  wds_shards: one shard run at a time (the instance's python_logs.dagster_handler_config "
+                     "makes Dagster reconfigure logging per run, which concurrent runs in one process cannot share)")
+            runs = 1
+        if runs > 1:
+            self.say(f"  wds_shards: {runs} shard runs at once, {self.settings.workers} workers each")
+        with _console_kept(self):
+            return self._build_shards(todo, runs)
+
+    def _build_shards(self, todo: list[str], runs: int) -> list[str]:
+        started, images, done = time.perf_counter(), 0, 0
+        failed: list[str] = []
+        for key, result, failures in self._shard_runs(todo, runs, stop=lambda: bool(failed) and not self.keep_going):
+            done += 1
+            if failures:
+                failed.append(key)
+                self.say(f"  [{done}/{len(todo)}] shard {key}: FAILED")
+                for f in failures:
+                    self.say("    " + _redact(f))
+                if not self.keep_going:
+                    self.say("  wds_shards: stopping at the first failure (--keep-going builds the others)")
+                continue
+            md = self._metadata(result, "wds_shards")
+            images += int(md.get("samples", 0))
+            elapsed = time.perf_counter() - started
+            eta = elapsed / done * (len(todo) - done)
+            self.say(f"  [{done}/{len(todo)}] shard {key}: {md.get('samples')} samples "
+                     f"({md.get('excluded')} excluded, {md.get('repaired')} repaired), "
+                     f"{md.get('images_per_s')} img/s; overall {images / elapsed:.1f} img/s, eta {eta:.0f}s")
+        order = {k: i for i, k in enumerate(todo)}
+        return sorted(failed, key=order.__getitem__)
+
+    def _threads_safe(self) -> bool:
+        """Whether Dagster runs may execute in several threads of this process at once. Dagster
+        (1.13) calls logging.config.dictConfig at the start of every run of an instance with
+        settings (a dagster.yaml), even when it configures no handlers: that closes every logging
+        handler of the process under logging's module lock, and deadlocks against a run in another
+        thread emitting an event (each holds the lock the other waits for). With no
+        python_logs.dagster_handler_config, that call yields no handlers: skipping it changes nothing
+        else, so it is skipped for this process's instance."""
+        if self.instance is None:
+            return True
+        if self.instance.get_python_log_dagster_handler_config():
+            return False
+        self.instance.get_yaml_python_handlers = list  # -> []: what the skipped call returns here
+        return True
+
+    def _shard_runs(self, todo: list[str], runs: int, stop) -> Iterator[tuple[str, object, list[str]]]:
+        """(key, result, failures) per shard run, as they finish; no new run starts once `stop()`."""
+        if runs <= 1:  # in this thread: Ctrl-C interrupts the run itself
+            for key in todo:
+                if stop():
+                    return
+                yield (key, *self.materialize(["wds_shards"], partition_key=key))
+            return
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        pool = ThreadPoolExecutor(runs, thread_name_prefix="imnet-shard-run")
+        queue = iter(todo)
+        pending: dict = {}
+        try:
+            for key in queue:
+                pending[pool.submit(self.materialize, ["wds_shards"], key)] = key
+                if len(pending) >= runs:
+                    break
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    key = pending.pop(fut)
+                    yield (key, *fut.result())
+                    if not stop():
+                        nxt = next(queue, None)
+                        if nxt is not None:
+                            pending[pool.submit(self.materialize, ["wds_shards"], nxt)] = nxt
+        except BaseException:
+            # Ctrl-C reaches this thread only; the runs in the others cannot be interrupted from
+            # here: they end with this process (main), and the next build marks them failed.
+            pool.shutdown(wait=False, cancel_futures=True)
+            self.runs_left_behind = len(pending)
+            raise
+        pool.shutdown(wait=True)
+
     def _stage_fp(self, stage: str) -> str | None:
-        from .catalog import Catalog
+        from .catalog import open_reader
 
         if not os.path.exists(self.settings.catalog):
             return None
-        with Catalog(self.settings.catalog, read_only=True) as cat:
+        with open_reader(self.settings.catalog, say=lambda m: self.say(f"  {m}")) as cat:
             return cat.stage_fingerprint(stage)
 
     def _metadata(self, result, asset: str) -> dict:
@@ -192,7 +336,20 @@ def cmd_sample_raw(args) -> int:
 
 
 def cmd_build(args) -> int:
-    return Build(Settings.from_env(), verbose=args.verbose).run(args.shards)
+    build = Build(Settings.from_env(), verbose=args.verbose, keep_going=args.keep_going, parallel=args.parallel)
+    try:
+        return build.run(args.shards)
+    except KeyboardInterrupt:
+        left = getattr(build, "runs_left_behind", 0)
+        if not left:
+            raise
+        # Shard runs in other threads cannot be interrupted, and Python would wait for them at
+        # exit: end now. Their workers exit with this process; their partial files are removed by
+        # the next run of each shard, and the next `imnet build` marks their runs failed.
+        print(f"imnet: interrupted; {left} shard runs in flight stopped with it (the next `imnet build` "
+              "marks them failed and builds them again)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
 
 
 def cmd_demo(args) -> int:
@@ -223,6 +380,7 @@ def cmd_status(args) -> int:
 
     from dagster import DagsterInstance
 
+    from .catalog import CatalogBusy, open_reader
     from .core.audit import plan_mismatch
     from .core.plan import read_index
     from .core.stages import stale_stages
@@ -232,9 +390,16 @@ def cmd_status(args) -> int:
     if why := plan_mismatch(s, read_index(s.out_root)):
         print(f"note: {why}")
     if os.path.exists(s.catalog):
-        stale = stale_stages(s, log=lambda _m: None)
-        for stage in ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]:
-            print(f"{stage:16s} {'stale' if stage in stale else 'fresh'}")
+        try:
+            # Held open while the stages are compared: no writer can start in between.
+            with open_reader(s.catalog, say=lambda m: print(m, file=sys.stderr, flush=True), wait_s=STATUS_WAIT_S):
+                stale = stale_stages(s, log=lambda _m: None)
+        except CatalogBusy as e:
+            print(f"catalog stages   unknown now: {e} (waited {STATUS_WAIT_S:.0f}s; `imnet status` again "
+                  "once it is done)")
+        else:
+            for stage in ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]:
+                print(f"{stage:16s} {'stale' if stage in stale else 'fresh'}")
     else:
         print(f"catalog stages   unknown here: no catalog at {s.catalog} (IMNET_CATALOG; it lives on the "
               "machine that builds the stages and runs the audit)")
@@ -249,11 +414,11 @@ def cmd_status(args) -> int:
 
 
 def cmd_lineage(args) -> int:
-    from .catalog import Catalog
+    from .catalog import open_reader
     from .core import fs
 
     s = Settings.from_env()
-    with Catalog(s.catalog, read_only=True) as cat:
+    with open_reader(s.catalog) as cat:
         rows = cat.dicts("lineage", {"key": args.key})
     if not rows:
         print(f"no image with key {args.key!r} in {s.catalog}", file=sys.stderr)
@@ -283,95 +448,102 @@ def cmd_lineage(args) -> int:
 
 
 VERIFY_SHOWN = 20  # problems printed per shard; the rest are counted
+PROGRESS_EVERY_S = 10.0
 
 
-def _verify_shard(url: str, shard: dict, want: list[dict], decode: bool) -> list[str]:
-    """Problems of one shard file against its catalog rows (empty when it matches exactly)."""
-    import io
-    import json
+def _catalog_rows(path: str, shards: list[dict]) -> Iterator[tuple[dict, list[tuple]]]:
+    """Each shard's catalog record and its `shard_samples` rows (verify.CATALOG_COLUMNS), in the
+    order of `shards`, with memory bounded whatever the release's size: one query (its join and
+    sort held to verify_memory's limit by DuckDB, spilling beyond) streams every selected shard's
+    rows, in shard order, into a local spool file, one compressed record per shard; the catalog is
+    then closed (a writer such as `imnet build` waits for a reader: it waits for this pass only,
+    not for the hour a full verify reads shards), and shards are handed out from the spool, one
+    at a time. While a writer holds the catalog, this waits for it, saying so."""
+    import pickle
+    import tempfile
+    import zlib
 
-    from PIL import Image
+    from .catalog import open_reader
 
-    from .core import fs
-    from .core.rawtar import Damage, iter_tar
+    with tempfile.TemporaryFile(prefix="imnet-verify-") as spool:
+        where: dict[str, tuple[int, int]] = {}
 
-    # Group consecutive members into samples the way webdataset does (key = name up to the first
-    # dot); the tar's sha256 comes from the same read.
-    samples: list[tuple[str, list[tuple[str, bytes]]]] = []
-    damage: list[str] = []
-    digests: list[str] = []
-    for item in iter_tar(url, what="shard", digest=digests):
-        if isinstance(item, Damage):
-            after = f" (after sample {samples[-1][0]})" if samples else " (before the first sample)"
-            damage.append(f"tar structure damaged at byte {item.offset}{after}: {item.reason}")
-            continue
-        key, _, ext = item.name.partition(".")
-        if not samples or samples[-1][0] != key:
-            samples.append((key, []))
-        samples[-1][1].append((ext, item.data))
+        def keep(shard: str | None, rows: list[tuple]) -> None:
+            if shard is not None:
+                data = zlib.compress(pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL), 1)
+                where[shard] = (spool.tell(), len(data))
+                spool.write(data)
 
-    problems: list[str] = []
-    size = fs.size(url)
-    if size != shard["bytes"]:
-        problems.append(f"{size} bytes, catalog says {shard['bytes']}")
-    if digests[0] != shard["sha256"]:
-        problems.append(f"tar sha256 {digests[0][:16]} != catalog {shard['sha256'][:16]}")
-    tar_differs = bool(problems)
-    problems += damage
+        with open_reader(path) as cat:
+            cat.run("verify_memory")
+            cur = cat.run("verify_samples", {"shards": [sh["shard"] for sh in shards]})
+            shard, rows = None, []
+            while chunk := cur.fetchmany(8192):
+                for row in chunk:
+                    if row[0] != shard:
+                        keep(shard, rows)
+                        shard, rows = row[0], []
+                    rows.append(row[1:])
+            keep(shard, rows)
+            del rows, chunk
+        for sh in shards:
+            if sh["shard"] not in where:
+                yield sh, []
+                continue
+            offset, size = where.pop(sh["shard"])
+            spool.seek(offset)
+            yield sh, pickle.loads(zlib.decompress(spool.read(size)))
 
-    by_key = {w["key"]: w for w in want}
-    for key, parts in samples:
-        exp = by_key.get(key)
-        if exp is None:
-            problems.append(f"sample {key}: in the tar but not in the catalog for this shard")
-            continue
-        exts = [e for e, _ in parts]
-        if exts != ["cls", "json", "webp"]:
-            problems.append(f"sample {key}: members {exts}, expected ['cls', 'json', 'webp']")
-        payload = dict(parts)
-        webp = payload.get("webp", b"")
-        if len(webp) != exp["webp_bytes"] or hashlib.sha256(webp).hexdigest() != exp["webp_sha256"]:
-            problems.append(f"sample {key}: webp payload sha256 differs from the catalog")
-        elif decode:
-            try:
-                with Image.open(io.BytesIO(webp)) as im:
-                    im.load()
-            except Exception as e:  # noqa: BLE001
-                problems.append(f"sample {key}: webp does not decode ({e})")
-        if payload.get("cls") != str(exp["label"]).encode("ascii"):
-            problems.append(f"sample {key}: .cls {payload.get('cls')!r} != label {exp['label']}")
-        try:
-            meta = json.loads(payload.get("json", b""))
-        except ValueError as e:
-            problems.append(f"sample {key}: .json does not parse ({e})")
-            continue
-        fields = {
-            "filename": f"{exp['wnid']}/{key}.JPEG", "label": exp["label"], "class_name": exp["wnid"],
-            "width": exp["width"], "height": exp["height"],
-            "orig_width": exp["orig_width"], "orig_height": exp["orig_height"],
-        }
-        if "source_sha256" in meta:
-            fields["source_sha256"] = exp["source_sha256"]
-        wrong = sorted(k for k, v in fields.items() if not isinstance(meta, dict) or meta.get(k) != v)
-        if wrong:
-            problems.append(f"sample {key}: .json fields {wrong} differ from the catalog")
 
-    got = [k for k, _ in samples]
-    expected = [w["key"] for w in want]
-    if got != expected:
-        missing = [k for k in expected if k not in set(got)]
-        dups = sorted({k for k in got if got.count(k) > 1})
-        detail = f"{len(got)} samples, catalog says {len(expected)}"
-        if missing:
-            detail += f"; missing {missing[:5]}" + (" ..." if len(missing) > 5 else "")
-        if dups:
-            detail += f"; duplicated {dups[:5]}"
-        if not missing and not dups and sorted(got) == sorted(expected):
-            detail += "; samples out of catalog order"
-        problems.append(detail)
-    if tar_differs and len(problems) == 1 + (size != shard["bytes"]):
-        problems.append("every sample's payload matches: the difference is in tar headers or padding")
-    return problems
+class _Progress:
+    """A progress line every 5% of the shards or every PROGRESS_EVERY_S, whichever comes first."""
+
+    def __init__(self, total: int, total_bytes: int):
+        self.total, self.total_bytes = total, total_bytes
+        self.done = self.failed = self.bytes = 0
+        self.started = self.last = time.perf_counter()
+        self.step = max(1, total // 20)
+
+    def add(self, nbytes: int, ok: bool) -> None:
+        self.done += 1
+        self.failed += not ok
+        self.bytes += nbytes
+        now = time.perf_counter()
+        if self.done % self.step == 0 or self.done == self.total or now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            elapsed = max(now - self.started, 1e-9)
+            rate = self.done / elapsed
+            eta = (self.total - self.done) / rate if rate else 0
+            print(f"verify: {self.done}/{self.total} shards checked ({self.failed} failed), {rate:.1f} shards/s, "
+                  f"{self.bytes / 1e6 / elapsed:.0f} MB/s, eta {eta:.0f}s", flush=True)
+
+
+def _checked(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], decode: bool):
+    """(shard record, problems) per task, checked in `jobs` processes (here when 1), as they
+    finish; at most jobs + 2 shards' rows are in memory."""
+    from .core.verify import verify_catalog_shard
+
+    if jobs <= 1:
+        for sh, url, rows in tasks:
+            yield sh, verify_catalog_shard(url, sh, rows, decode)
+        return
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    from .core.procpool import process_pool
+
+    with process_pool(jobs) as pool:
+        pending: dict = {}
+        for sh, url, rows in tasks:
+            pending[pool.submit(verify_catalog_shard, url, sh, rows, decode)] = sh
+            del rows
+            while len(pending) >= jobs + 2:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    yield pending.pop(fut), fut.result()
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                yield pending.pop(fut), fut.result()
 
 
 def _verify_info(s: Settings, shards: list[dict]) -> list[str]:
@@ -411,46 +583,65 @@ def _as_built(s: Settings) -> Settings:
 
 
 def cmd_verify(args) -> int:
-    from .catalog import Catalog
+    from .catalog import open_reader
     from .core import fs
-    from .core.audit import stray_problem, stray_shards
+    from .core.audit import conservation_problems, stray_problem, stray_shards
 
     s = _as_built(Settings.from_env())
-    with Catalog(s.catalog, read_only=True) as cat:
-        shards = cat.dicts("verify_shards")
-        expected = {sh["shard"]: cat.dicts("verify_samples", {"shard": sh["shard"]}) for sh in shards}
-    if not shards:
+    wanted = parse_shards(args.shards, s.partition_keys)
+    every = set(wanted) == set(s.partition_keys)
+    with open_reader(s.catalog) as cat:
+        recorded = {sh["shard"]: sh for sh in cat.dicts("verify_shards")}
+        # every raw member accounted for, per tar and per shard (the audit's blocking check too)
+        conservation = conservation_problems(cat)
+    if not recorded:
         print(f"no shards recorded in {s.catalog}: run `imnet build` first", file=sys.stderr)
         return 1
-    bad = 0
-    for sh in shards:
-        url = fs.join(s.out_root, sh["path"])
+    jobs = args.jobs or s.workers
+    unrecorded = [k for k in wanted if k not in recorded]
+    shards = [recorded[k] for k in wanted if k in recorded]
+    print(f"verify: {len(shards)} shards under {s.out_root} against {s.catalog}, {jobs} processes"
+          + (", decoding every WebP" if args.decode else ""), flush=True)
+    for k in unrecorded:
+        print(f"FAIL shard {k}: not recorded in the catalog (not built, or not audited yet: run `imnet build`)")
+    progress = _Progress(len(shards), sum(sh["bytes"] or 0 for sh in shards))
+    tasks = ((sh, fs.join(s.out_root, sh["path"]), rows) for sh, rows in _catalog_rows(s.catalog, shards))
+    bad = []
+    for sh, problems in _checked(jobs, tasks, args.decode):
         label = f"shard {sh['shard']} ({sh['path']})"
-        if not fs.exists(url):
-            print(f"FAIL {label}: missing from {s.out_root}")
-            bad += 1
-            continue
-        try:
-            problems = _verify_shard(url, sh, expected[sh["shard"]], args.decode)
-        except Exception as e:  # noqa: BLE001 - an unreadable shard is a failure, not a crash
-            problems = [f"unreadable: {type(e).__name__}: {fs.redact(str(e))}"]
         for p in problems[:VERIFY_SHOWN]:
             print(f"FAIL {label}: {p}")
         if len(problems) > VERIFY_SHOWN:
             print(f"FAIL {label}: ... and {len(problems) - VERIFY_SHOWN} more problems")
-        bad += bool(problems)
-        if not problems and args.verbose:
-            print(f"ok   {label}: {len(expected[sh['shard']])} samples")
-    info_problems = _verify_info(s, shards)
-    for p in info_problems:
-        print(f"FAIL _info.json: {p}")
-    stray = stray_shards(s)
-    if stray:
-        print(f"FAIL {stray_problem(stray)}")
-    print(f"verify: {len(shards) - bad} of {len(shards)} shards ok" + (f", {bad} FAILED" if bad else "")
+        if problems:
+            bad.append(sh["shard"])
+        elif args.verbose:
+            print(f"ok   {label}: {sh['num_samples']} samples")
+        progress.add(sh["bytes"] or 0, not problems)
+    info_problems, stray = [], []
+    if every:
+        info_problems = _verify_info(s, list(recorded.values()))
+        for p in info_problems:
+            print(f"FAIL _info.json: {p}")
+        stray = stray_shards(s)
+        if stray:
+            print(f"FAIL {stray_problem(stray)}")
+    failed = len(bad) + len(unrecorded)
+    for p in conservation:
+        print(f"FAIL conservation: {p}")
+    print(f"verify: {len(shards) - len(bad)} of {len(wanted)} shards ok" + (f", {failed} FAILED" if failed else "")
+          + (f" ({', '.join(sorted(bad + unrecorded)[:16])}{' ...' if failed > 16 else ''})" if failed else "")
           + (", _info.json FAILED" if info_problems else "")
-          + (f", {len(stray)} stray shard files" if stray else ""))
-    return 1 if bad or info_problems or stray else 0
+          + (f", {len(stray)} stray shard files" if stray else "")
+          + (f", {len(conservation)} conservation differences" if conservation else "")
+          + ("" if every else "; _info.json and stray files not checked (only some shards selected)"))
+    return 1 if failed or info_problems or stray or conservation else 0
+
+
+def _positive(text: str) -> int:
+    if not re.fullmatch(r"[0-9]+", text.strip()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -465,6 +656,10 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("build", help="materialize every stage through Dagster, then shards, then the audit")
     sp.add_argument("--shards", help="shard partitions to build, e.g. 0000-0015,0042 (default all; 'none' "
                     "builds only the catalog stages and the plan)")
+    sp.add_argument("--keep-going", action="store_true", help="when a shard fails, build every other one, then "
+                    "exit non-zero naming the failed ones (the audit is skipped)")
+    sp.add_argument("--parallel", type=_positive, metavar="N", help="shard runs at once (default "
+                    "IMNET_PARALLEL_SHARDS, else about the CPUs over IMNET_WORKERS, at least 2)")
     sp.add_argument("-v", "--verbose", action="store_true", help="also print Dagster's warnings and errors "
                     "(with stack traces)")
     sp.set_defaults(func=cmd_build)
@@ -479,6 +674,9 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("key")
     sp.set_defaults(func=cmd_lineage)
     sp = sub.add_parser("verify", help="re-read every shard and check it against the catalog")
+    sp.add_argument("--shards", help="shards to check, e.g. 0000-0015,0042 (default all; _info.json and stray "
+                    "shard files are checked only with all)")
+    sp.add_argument("--jobs", type=_positive, metavar="N", help="processes checking shards (default IMNET_WORKERS)")
     sp.add_argument("--decode", action="store_true", help="also decode every WebP")
     sp.add_argument("-v", "--verbose", action="store_true")
     sp.set_defaults(func=cmd_verify)

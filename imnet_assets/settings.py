@@ -113,6 +113,7 @@ class Settings:
     eval_exclude: str | None = None  # folder or s3:// prefix of eval images (IMNET_EVAL_EXCLUDE)
     dedup: str = "off"  # off | exact (IMNET_DEDUP)
     alt_labels: str = ""  # "" | in1k (IMNET_ALT_LABELS)
+    parallel_shards: int = 0  # shard runs `imnet build` runs at once; 0: chosen from cores and workers
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:
@@ -156,6 +157,7 @@ class Settings:
             eval_exclude=(env.get("IMNET_EVAL_EXCLUDE") or "").strip().rstrip("/") or None,
             dedup=_choice(env, "IMNET_DEDUP", "off", DEDUP_MODES),
             alt_labels=_choice(env, "IMNET_ALT_LABELS", "", ALT_LABEL_MODES),
+            parallel_shards=_int(env, "IMNET_PARALLEL_SHARDS", 0, 0),
         )
 
     @property

@@ -90,3 +90,26 @@ def test_none_selects_no_shard():
     from imnet_assets.cli import parse_shards
 
     assert parse_shards("none", [f"{i:04d}" for i in range(4)]) == []
+
+
+@pytest.mark.parametrize("argv", [["verify", "--jobs", "0"], ["verify", "--jobs", "x"], ["build", "--parallel", "-2"]])
+def test_counts_must_be_whole_numbers_of_at_least_one(argv, capsys):
+    from imnet_assets.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "is not a whole number >= 1" in capsys.readouterr().err
+
+
+def test_lock_holder_names_the_writing_process():
+    """DuckDB's message when another process holds the catalog, read into a pid and its command."""
+    import os
+    import sys
+
+    from imnet_assets.catalog import lock_holder
+
+    msg = (f'IO Error: Could not set lock on file "/x/catalog.duckdb": Conflicting lock is held in '
+           f'{sys.executable} (PID {os.getpid()}). See also https://duckdb.org/docs/current/connect/concurrency')
+    assert lock_holder(RuntimeError(msg)).startswith(f"pid {os.getpid()}: python")
+    assert lock_holder(RuntimeError("IO Error: No such file or directory")) is None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -19,13 +18,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from PIL import Image
-
 from . import fs
 from .altlabels import sample_fields
 from .encode import EncodeSettings, ImageRejected, encode_image
 from .plan import SliceRow, read_slice
 from .procpool import WorkerDied, WorkerPool, shared_pool
+from .verify import check_committed, webp_problem
 
 # Bump when the bytes a shard holds for the same input would change (encoding rules, tar layout,
 # JSON fields). Part of every shard's fingerprint, so a bump makes every shard stale.
@@ -181,20 +179,6 @@ def tar_end(offset: int) -> bytes:
     return tarfile.NUL * (2 * tarfile.BLOCKSIZE + -offset % tarfile.RECORDSIZE)
 
 
-def _webp_problem(webp: bytes, size: tuple[int, int], decode: bool) -> str:
-    """Why the encoder's WebP is not what the check wants ("" when it is): WEBP of the recorded
-    size, and, when `decode`, its pixels decode in full."""
-    try:
-        with Image.open(io.BytesIO(webp)) as im:
-            if im.format != "WEBP" or im.size != size:
-                return f"webp is {im.format} {im.size}"
-            if decode:
-                im.load()
-    except Exception as e:  # noqa: BLE001
-        return f"webp does not decode: {e}"
-    return ""
-
-
 def prepare_sample(row: SliceRow, data: bytes | None, problem: str, settings: EncodeSettings,
                    decode_every: int, encode: Callable | None = None, crash_sha256: str | None = None) -> tuple:
     """("ok", sample bytes, manifest record, check problem, sha256 of the sample bytes) or
@@ -218,7 +202,7 @@ def prepare_sample(row: SliceRow, data: bytes | None, problem: str, settings: En
     }
     decode = enc.repaired or (decode_every > 0 and row.position % decode_every == 0)
     blob = sample_bytes(row, enc, settings.alt_labels)
-    problem = _webp_problem(enc.webp, (enc.width, enc.height), decode)
+    problem = webp_problem(enc.webp, (enc.width, enc.height), decode)
     return "ok", blob, record, problem, hashlib.sha256(blob).hexdigest()
 
 
@@ -468,7 +452,9 @@ def build_shard(
     fs.write_atomic(mf_url, json.dumps(manifest, separators=(",", ":")).encode())
     if after_commit is not None:
         after_commit(final)
-    expected = [dict(s, **span) for s, span in zip(samples, spans)]
+    planned = {r.key: r for r in rows}
+    expected = [dict(s, **span, label=planned[s["key"]].label, wnid=planned[s["key"]].wnid,
+                     source_sha256=planned[s["key"]].sha256) for s, span in zip(samples, spans)]
     problems += [f"shard {shard_key}: {p}" for p in
                  check_committed(final, expected, manifest["sha256"], True, decode_every=decode_every, workers=workers)]
     if not problems:
@@ -481,177 +467,6 @@ def build_shard(
         shard_key, final, len(rows), len(samples), out.count, manifest["sha256"], encoded,
         sum(1 for s in samples if s["repaired"]), excluded, problems, time.perf_counter() - started - encoded,
     )
-
-
-# ----------------------------------------------------------------------------- the shard check's read-back
-# NOTE for the lead: `check_committed` is the read-back of a committed shard; it is meant to move
-# into core/verify.py (the single verification module) with its helpers below.
-
-CHECK_CHUNK_BYTES = 16 << 20  # the read-back is split at sample boundaries into chunks about this size
-
-
-@dataclass
-class CheckChunkJob:
-    """Bytes [start, end) of a committed shard, which begin at a sample, checked against the
-    manifest records of the samples there (runs in the worker pool, or in this process)."""
-
-    url: str
-    start: int
-    end: int | None  # None: to the end of the file (the last chunk, which holds the tar's end)
-    expected: list[dict]
-    decode: list[bool]
-
-    def prefetch(self, readers):
-        return None
-
-    def run(self, _state=None, _mark=None) -> tuple[list[str], list[str], bool]:
-        # A fresh open, never the raw tars' reader: it keeps files open, and a rebuilt shard is
-        # another file under the same name.
-        with fs.open_read(self.url) as f:
-            f.seek(self.start)
-            data = f.read() if self.end is None else f.read(self.end - self.start)
-        return _check_bytes(data, self.start, self.end is None, self.expected, self.decode)
-
-
-def _spans_intact(data: bytes, start: int, last: bool, expected: list[dict]) -> bool:
-    """Whether every sample's bytes, re-read, hash to what was written at its offset, and (for the
-    last chunk) the tar's end follows them exactly: then the file is byte for byte what was written."""
-    for rec in expected:
-        a = rec["offset"] - start
-        if hashlib.sha256(data[a:a + rec["sample_size"]]).digest().hex() != rec["sample_sha256"]:
-            return False
-    if last:
-        end = (expected[-1]["offset"] + expected[-1]["sample_size"]) if expected else start
-        return data[end - start:] == tar_end(end)
-    return True
-
-
-def _check_bytes(data: bytes, start: int, last: bool, expected: list[dict],
-                 decode: list[bool]) -> tuple[list[str], list[str], bool | None]:
-    """(keys of the samples found in order, problems, whether the written bytes are intact (None:
-    not known, no spans recorded)) for tar bytes starting at a sample, at byte `start` of the file."""
-    keys: list[str] = []
-    problems: list[str] = []
-    intact = None
-    if all("sample_sha256" in r for r in expected) and (expected or last):
-        intact = _spans_intact(data, start, last, expected)
-    groups: list[tuple[str, dict[str, bytes]]] = []
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for info in tar:
-                stem, _, ext = info.name.partition(".")
-                payload = tar.extractfile(info).read() if info.isreg() else b""
-                if not groups or groups[-1][0] != stem:
-                    groups.append((stem, {}))
-                groups[-1][1][ext] = payload
-    except (tarfile.TarError, EOFError) as e:
-        problems.append(f"tar unreadable after {len(groups)} samples of this part: {e}")
-    for i, (key, parts) in enumerate(groups):
-        keys.append(key)
-        rec = expected[i] if i < len(expected) else None
-        if rec is None or rec["key"] != key:
-            continue  # the key sequence is compared as a whole by the caller
-        problems += [f"sample {key}: {p}" for p in _sample_problems(parts, rec, decode[i])]
-    return keys, problems, intact
-
-
-def _sample_problems(parts: dict[str, bytes], rec: dict, decode: bool) -> list[str]:
-    if sorted(parts) != ["cls", "json", "webp"]:
-        return [f"members {sorted(parts)}"]
-    problems = []
-    if hashlib.sha256(parts["webp"]).hexdigest() != rec["webp_sha256"]:
-        problems.append("webp bytes differ from the manifest")
-    try:
-        meta = json.loads(parts["json"])
-        if not isinstance(meta, dict):
-            raise ValueError(f"a JSON {type(meta).__name__}, not an object")
-    except ValueError as e:  # includes UnicodeDecodeError
-        problems.append(f".json does not parse ({e})")
-        meta = {}
-    if (meta.get("width"), meta.get("height")) != (rec["width"], rec["height"]):
-        problems.append("json size differs from the manifest")
-    if parts["cls"].decode("ascii", "replace") != str(meta.get("label")):
-        problems.append(".cls and .json labels differ")
-    if decode:
-        problem = _webp_problem(parts["webp"], (rec["width"], rec["height"]), True)
-        if problem:
-            problems.append(problem)
-    return problems
-
-
-def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, decoded_in_workers: bool,
-                    decode_every: int = 16, workers: int = 1) -> list[str]:
-    """Problems with the committed shard at `url`, re-read from storage: its bytes hash to
-    `tar_sha256` (what was written), and it holds exactly `expected_samples` (manifest records, in
-    order), each as .cls/.json/.webp with the recorded WebP sha256 and size and a .json/.cls that
-    agree. Sampled WebPs (every `decode_every`-th position and every repaired one) are decoded here
-    unless `decoded_in_workers` (the encode workers decoded the encoder's output, whose bytes the
-    hashes tie to the file's).
-
-    The read-back is split at sample starts (records' `offset`, when given) into chunks checked in
-    the worker pool (workers > 1). When the records also give each sample's bytes (`sample_size`,
-    `sample_sha256`: build_shard's), each chunk proves its samples' bytes are those written, so
-    the file's sha256 is `tar_sha256` without this process hashing it again; otherwise this
-    thread hashes the whole file while the chunks are checked.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    def decode(rec: dict, i: int) -> bool:
-        if decoded_in_workers:
-            return False
-        return bool(rec.get("repaired")) or (decode_every > 0 and rec.get("position", i) % decode_every == 0)
-
-    flags = [decode(r, i) for i, r in enumerate(expected_samples)]
-    cuts = [0]
-    if expected_samples and all("offset" in r for r in expected_samples):
-        # at least one chunk per worker, at most CHECK_CHUNK_BYTES each
-        chunk = min(CHECK_CHUNK_BYTES, expected_samples[-1]["offset"] // max(workers, 1) + 1)
-        at = 0
-        for i, r in enumerate(expected_samples):
-            if r["offset"] - at >= chunk:
-                cuts.append(i)
-                at = r["offset"]
-    jobs = []
-    for a, b in zip(cuts, [*cuts[1:], None]):
-        start = expected_samples[a]["offset"] if a else 0
-        end = expected_samples[b]["offset"] if b is not None else None
-        jobs.append(CheckChunkJob(url, start, end, expected_samples[a:b], flags[a:b]))
-    problems: list[str] = []
-    spans = all("sample_sha256" in r and "offset" in r for r in expected_samples)
-    try:
-        with ThreadPoolExecutor(1) as hasher:
-            digest_future = None if spans else hasher.submit(_file_sha256, url)
-            if workers > 1:
-                pool = shared_pool(workers)
-                results = [f.result() for f in [pool.submit(j) for j in jobs]]
-            else:
-                results = [j.run() for j in jobs]
-            intact = all(r[2] for r in results) if spans else digest_future.result() == tar_sha256
-    except (OSError, WorkerDied) as e:
-        return [f"cannot read back {fs.basename(url)}: {type(e).__name__}: {e}"]
-    keys = [k for ks, _, _ in results for k in ks]
-    for _, ps, _ in results:
-        problems += ps
-    if not intact:
-        problems.append("tar sha256 differs from its manifest")
-    want = [r["key"] for r in expected_samples]
-    if keys != want:
-        missing = sorted(set(want) - set(keys))[:5]
-        extra = sorted(set(keys) - set(want))[:5]
-        dups = len(keys) - len(set(keys))
-        problems.append(
-            f"holds {len(keys)} samples, plan wants {len(want)} "
-            f"(missing {missing}, unplanned {extra}, duplicated {dups}, order {'ok' if not (missing or extra or dups) else '?'})"
-        )
-    return problems
-
-
-def _file_sha256(url: str) -> str:
-    sha = hashlib.sha256()
-    with fs.open_read(url) as f:
-        while block := f.read(8 << 20):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 # ----------------------------------------------------------------------------- freshness & checks
@@ -680,91 +495,14 @@ def unchanged_on_storage(url: str, state: dict, size_stamp: tuple[int, str] | No
 
 
 def iter_samples(url: str, digest: list[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample of a shard, grouped the way webdataset groups them.
-    `digest`: a list to which the whole file's sha256 is appended once every sample was read."""
-    with fs.open_read(url) as raw:
-        f = fs.HashingReader(raw) if digest is not None else raw
-        with tarfile.open(fileobj=f, mode="r|") as tar:
-            key, parts = None, {}
-            for info in tar:
-                stem, _, ext = info.name.partition(".")
-                data = tar.extractfile(info).read() if info.isreg() else b""
-                if stem != key and key is not None:
-                    yield key, parts
-                    parts = {}
-                key = stem
-                parts[ext] = data
-            if key is not None:
-                yield key, parts
-        if digest is not None:
-            digest.append(f.hexdigest())
+    """(key, {ext: bytes}) per sample of a shard: see `verify.iter_samples` (kept here for callers)."""
+    from .verify import iter_samples as samples
+
+    return samples(url, digest)
 
 
 def verify_shard(out_root: str, shard_key: str, shard_name: str, decode_every: int = 1) -> list[str]:
-    """Problems with a committed shard, checked against its plan slice and its manifest.
+    """The in-run blocking check of one committed shard: see `verify.check_committed_shard`."""
+    from .verify import check_committed_shard
 
-    Every planned key is either in the tar (in plan order) or recorded as excluded; nothing else
-    is in the tar; every sample's three members are consistent; every WebP holds the bytes the
-    encoder produced (its sha256 in the manifest) and its header and frame give the recorded size.
-    Pixels are decoded in full for every `decode_every`-th sample (1: all of them, 0: none) and for
-    every repaired one: a full WebP decode costs about a fifth of the encode, so decoding all of
-    them would add that to every shard run, while the hashes already tie each sample's bytes to
-    the encoder's output.
-    """
-    problems: list[str] = []
-    manifest = read_manifest(out_root, shard_key)
-    if manifest is None:
-        return [f"shard {shard_key}: no manifest"]
-    rows, digest = read_slice(out_root, shard_key)
-    if manifest.get("plan_digest") != digest:
-        problems.append(f"shard {shard_key}: written from another plan ({manifest.get('plan_digest')[:12]})")
-    excluded = {e["key"] for e in manifest["excluded"]}
-    expected = [r for r in rows if r.key not in excluded]
-    by_key = {s["key"]: s for s in manifest["samples"]}
-    url = fs.join(out_root, shard_name)
-    seen = []
-    tar_digest: list[str] = []
-    try:
-        for i, (key, parts) in enumerate(iter_samples(url, tar_digest)):
-            seen.append(key)
-            if sorted(parts) != ["cls", "json", "webp"]:
-                problems.append(f"shard {shard_key} sample {key}: members {sorted(parts)}")
-                continue
-            rec = by_key.get(key)
-            if rec is None:
-                problems.append(f"shard {shard_key} sample {key}: not in the manifest")
-                continue
-            if hashlib.sha256(parts["webp"]).hexdigest() != rec["webp_sha256"]:
-                problems.append(f"shard {shard_key} sample {key}: webp bytes differ from the manifest")
-            try:
-                meta = json.loads(parts["json"])
-                if not isinstance(meta, dict):
-                    raise ValueError(f"a JSON {type(meta).__name__}, not an object")
-            except ValueError as e:  # includes UnicodeDecodeError
-                problems.append(f"shard {shard_key} sample {key}: .json does not parse ({e})")
-                meta = {}
-            if (meta.get("width"), meta.get("height")) != (rec["width"], rec["height"]):
-                problems.append(f"shard {shard_key} sample {key}: json size differs from the manifest")
-            if parts["cls"].decode("ascii", "replace") != str(meta.get("label")):
-                problems.append(f"shard {shard_key} sample {key}: .cls and .json labels differ")
-            try:
-                with Image.open(io.BytesIO(parts["webp"])) as im:
-                    if im.format != "WEBP" or im.size != (rec["width"], rec["height"]):
-                        problems.append(f"shard {shard_key} sample {key}: webp is {im.format} {im.size}")
-                    if rec.get("repaired") or (decode_every > 0 and i % decode_every == 0):
-                        im.load()
-            except Exception as e:  # noqa: BLE001
-                problems.append(f"shard {shard_key} sample {key}: webp does not decode: {e}")
-    except (tarfile.TarError, EOFError) as e:
-        problems.append(f"shard {shard_key}: tar unreadable after {len(seen)} samples: {e}")
-    if tar_digest != [manifest["sha256"]]:
-        problems.append(f"shard {shard_key}: tar sha256 differs from its manifest")
-    if seen != [r.key for r in expected]:
-        missing = sorted(set(r.key for r in expected) - set(seen))[:5]
-        extra = sorted(set(seen) - set(r.key for r in expected))[:5]
-        dups = len(seen) - len(set(seen))
-        problems.append(
-            f"shard {shard_key}: holds {len(seen)} samples, plan wants {len(expected)} "
-            f"(missing {missing}, unplanned {extra}, duplicated {dups}, order {'ok' if not (missing or extra or dups) else '?'})"
-        )
-    return problems
+    return check_committed_shard(out_root, shard_key, shard_name, decode_every=decode_every)

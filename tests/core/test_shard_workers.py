@@ -170,7 +170,7 @@ def test_a_failed_check_leaves_the_shard_not_fresh(photos, tmp_path, workers):
     assert shard_state(str(out), KEY, NAME, want) == "fresh"
     # Rebuilt, and a byte of the committed tar flipped before the check reads it back.
     result = build(out, photos.raw, workers=workers, after_commit=corrupt_a_webp_byte)
-    assert any("webp bytes differ from the manifest" in p for p in result.problems), result.problems
+    assert any("sha256 differs from the manifest" in p for p in result.problems), result.problems
     assert any("tar sha256 differs" in p for p in result.problems), result.problems
     assert not (out / "_manifests" / f"{KEY}.state.json").exists()
     assert shard_state(str(out), KEY, NAME, want) == "missing"  # the next build, schedule, sensor redo it
@@ -244,10 +244,14 @@ def test_check_committed_from_a_manifest_alone(photos, tmp_path, workers):
     manifest = read_manifest(str(out), KEY)
     url = str(out / NAME)
     check = shard_mod.check_committed
-    assert check(url, manifest["samples"], manifest["sha256"], False, decode_every=1, workers=workers) == []
-    assert check(url, manifest["samples"][:-1], manifest["sha256"], False, workers=workers)[0].startswith(
+    # what the .cls and .json must say comes from the plan: key, wnid, label, ..., sha256 per row
+    rows = {r[0]: r for r in photos.raw.rows}
+    samples = [dict(s, wnid=rows[s["key"]][1], label=rows[s["key"]][2], source_sha256=rows[s["key"]][7])
+               for s in manifest["samples"]]
+    assert check(url, samples, manifest["sha256"], False, decode_every=1, workers=workers) == []
+    assert check(url, samples[:-1], manifest["sha256"], False, workers=workers)[0].startswith(
         f"holds {len(photos.raw.rows)} samples, plan wants {len(photos.raw.rows) - 1}")
     corrupt_a_webp_byte(url)
-    problems = check(url, manifest["samples"], manifest["sha256"], False, decode_every=1, workers=workers)
+    problems = check(url, samples, manifest["sha256"], False, decode_every=1, workers=workers)
     assert "tar sha256 differs from its manifest" in problems
-    assert any("webp bytes differ from the manifest" in p for p in problems), problems
+    assert any("sha256 differs from the manifest" in p for p in problems), problems

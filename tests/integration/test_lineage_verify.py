@@ -283,3 +283,97 @@ def test_verify_fails_on_a_wrong_info_json_or_a_stray_shard(damaged, tmp_path, d
                        r"\['imagenet12k-train-0004.tar'\]",
     }[damage]
     assert re.search(expect, out), out
+
+
+def test_verify_fails_naming_the_tar_whose_members_are_not_all_in_the_catalog(damaged, tmp_path):
+    """Conservation: a tar that lost an images row (as a kill between a scan record and its rows
+    once left it) fails `imnet verify`, naming the tar, though every shard file is fine."""
+    tmp, env, _built, _facts = damaged
+    shutil.copytree(tmp / "out", tmp_path / "out")
+    shutil.copy(tmp / "catalog.duckdb", tmp_path / "catalog.duckdb")
+    env = {**env, "IMNET_OUT_ROOT": str(tmp_path / "out"), "IMNET_CATALOG": str(tmp_path / "catalog.duckdb")}
+    with duckdb.connect(str(tmp_path / "catalog.duckdb")) as con:
+        tar = con.execute("SELECT min(tar) FROM images WHERE status = 'excluded'").fetchone()[0]
+        con.execute("DELETE FROM images WHERE rowid = (SELECT min(rowid) FROM images WHERE tar = ? "
+                    "AND status = 'excluded')", [tar])
+    result = imnet(["verify"], env, cwd=tmp_path, check=False)
+    assert result.returncode != 0, result.stdout
+    assert "4 of 4 shards ok" in result.stdout, result.stdout
+    assert re.search(rf"FAIL conservation: tar {re.escape(tar)}: (\d+) members counted from its headers, "
+                     r"\d+ images rows", result.stdout), result.stdout
+
+
+def test_verify_checks_the_selected_shards_in_parallel_with_progress(damaged, tmp_path):
+    tmp, env, _built, _facts = damaged
+    shutil.copytree(tmp / "out", tmp_path / "out")
+    env = {**env, "IMNET_OUT_ROOT": str(tmp_path / "out")}
+    flip(tmp_path / "out" / "imagenet12k-train-0000.tar", 5000)  # not selected: not looked at
+    result = imnet(["verify", "--shards", "0001-0002,0003", "--jobs", "2"], env, cwd=tmp_path, check=False)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert out.splitlines()[0].startswith("verify: 3 shards under ") and out.splitlines()[0].endswith(", 2 processes")
+    progress = re.findall(r"^verify: (\d)/3 shards checked \(0 failed\), [\d.]+ shards/s, \d+ MB/s, eta \d+s$", out, re.M)
+    assert progress == ["1", "2", "3"], out
+    assert "3 of 3 shards ok; _info.json and stray files not checked (only some shards selected)" in out, out
+    bad = imnet(["verify", "--shards", "0000,0003", "--jobs", "2"], env, cwd=tmp_path, check=False)
+    assert bad.returncode == 1 and "1 of 2 shards ok, 1 FAILED (0000)" in bad.stdout, bad.stdout
+    assert "verify: 2/2 shards checked (1 failed)" in bad.stdout, bad.stdout
+    nosuch = imnet(["verify", "--shards", "0009"], env, cwd=tmp_path, check=False)
+    assert nosuch.returncode == 2 and "--shards: shard 0009 does not exist" in nosuch.stderr
+
+
+class Writer:
+    """A real process holding the catalog open read-write (as `imnet build` does through
+    filtered_index or the audit) for `hold` seconds, then closing it and exiting."""
+
+    def __init__(self, catalog: Path, hold: float):
+        import subprocess
+        import sys
+
+        code = ("import duckdb, sys, time; con = duckdb.connect(sys.argv[1]); print('held', flush=True); "
+                "time.sleep(float(sys.argv[2])); con.close()")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(catalog), str(hold)], stdout=subprocess.PIPE,
+                                     text=True)
+        assert self.proc.stdout.readline().strip() == "held"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.mark.parametrize("command", ["lineage", "verify", "status"])
+def test_readers_wait_for_a_writer_holding_the_catalog(damaged, tmp_path, command):
+    tmp, env, _built, _facts = damaged
+    shutil.copy(tmp / "catalog.duckdb", tmp_path / "catalog.duckdb")
+    env = {**env, "IMNET_CATALOG": str(tmp_path / "catalog.duckdb")}
+    with catalog(tmp) as con:
+        key = con.execute("SELECT min(key) FROM shard_samples").fetchone()[0]
+    args = {"lineage": ["lineage", key], "verify": ["verify"], "status": ["status"]}[command]
+    with Writer(tmp_path / "catalog.duckdb", hold=4) as writer:
+        result = imnet(args, env, cwd=tmp_path, check=False)
+        released = writer.proc.poll() is not None  # the writer had finished when the reader did
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert released
+    note = f"catalog {tmp_path / 'catalog.duckdb'} is being written by another process (pid {writer.proc.pid}: "
+    assert note in result.stderr and "; waiting..." in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    expect = {"lineage": f"key          {key}", "verify": "4 of 4 shards ok", "status": "filtered_index   fresh"}
+    assert expect[command] in result.stdout, result.stdout
+
+
+def test_status_reports_without_the_catalog_while_a_long_writer_holds_it(damaged, tmp_path):
+    from imnet_assets.cli import STATUS_WAIT_S
+
+    tmp, env, _built, _facts = damaged
+    shutil.copy(tmp / "catalog.duckdb", tmp_path / "catalog.duckdb")
+    env = {**env, "IMNET_CATALOG": str(tmp_path / "catalog.duckdb")}
+    with Writer(tmp_path / "catalog.duckdb", hold=STATUS_WAIT_S + 60) as writer:
+        result = imnet(["status"], env, cwd=tmp_path, check=False)
+        assert writer.proc.poll() is None  # still holding it: status did not wait it out
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith(f"catalog stages   unknown now: catalog {tmp_path / 'catalog.duckdb'} is being "
+                                    f"written by another process (pid {writer.proc.pid}: "), result.stdout
+    assert "wds_shards       4 fresh" in result.stdout, result.stdout

@@ -1,0 +1,256 @@
+"""Issue 15 (d): the fraction of the cores kept encoding over a multi-shard `imnet build`, against
+the bare codec chain measured in the same run.
+
+    .venv/bin/python bench/scaleup_build.py [--work /tmp/imnet-bench-build] [--shards 4]
+                                            [--images 300] [--rounds 2] [--parallel 0 1]
+
+A release of shards x images photo-like JPEGs (photo_release.py, cached under --work) is planned
+once (catalog stages, not timed). Then, alternating in every round so a busy machine hurts each
+side alike:
+  - bare: `encode.bare_chain` over every planned source, already in memory, in one process: the
+    CPU seconds of codec work these images need (decode with draft, RGB, resize, WebP);
+  - build: `imnet build` (Dagster in-process, IMNET_WORKERS = the CPUs) after removing every shard,
+    its manifest and state, so all shards are built again; the catalog stages are fresh and
+    skipped. `--parallel 0` is the automatic choice, `1` one shard run at a time (as before).
+The build's shard phase runs from the line announcing the shards to build to the last shard's
+line (timestamps of its output as it arrives); the whole command's wall time is shown too.
+
+    fraction of the cores encoding = bare CPU seconds / (CPUs x shard-phase wall seconds)
+
+(the project's encoder costs the bare chain's per image, 0.98x: bench/encode.py), with the CPU
+other processes used meanwhile (the machine is shared) shown beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import photo_release  # noqa: E402
+from cpuload import Sample, measure  # noqa: E402
+from report import met, print_table, spread  # noqa: E402
+
+from imnet_assets.core import fs  # noqa: E402
+from imnet_assets.core.encode import EncodeSettings, bare_chain  # noqa: E402
+from imnet_assets.core.plan import read_slice  # noqa: E402
+from imnet_assets.core.stages import (  # noqa: E402
+    build_filtered_index,
+    build_raw_tars,
+    build_shuffled_plan,
+    build_synset_manifest,
+    stale_stages,
+)
+from imnet_assets.settings import Settings  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+GOAL = 0.90
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+def release(work: Path, shards: int, images: int) -> Settings:
+    total = shards * images
+    tars = photo_release.ensure_photos(work, -(-total // photo_release.PER_TAR))
+    name = f"raw-{len(tars) * photo_release.PER_TAR}"
+    raw = photo_release.raw_root(work, tars, name)
+    settings = Settings(raw_root=str(raw), out_root=str(work / f"out-{name}-{shards}"),
+                        catalog=str(work / f"cat-{name}-{shards}.duckdb"), num_shards=shards,
+                        workers=os.cpu_count() or 1)
+    if stale_stages(settings, log=quiet):
+        for build in (build_raw_tars, build_synset_manifest, build_filtered_index, build_shuffled_plan):
+            build(settings, "bench", log=quiet)
+    return settings
+
+
+def sources_of(settings: Settings) -> list[bytes]:
+    out = []
+    with fs.RangeReader() as reader:
+        for key in settings.partition_keys:
+            rows, _ = read_slice(settings.out_root, key)
+            out += [reader.read(fs.join(settings.raw_root, r.tar), r.offset, r.size) for r in rows]
+    return out
+
+
+def env_for(settings: Settings, home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMNET_", "DAGSTER_"))}
+    env.update(IMNET_RAW_ROOT=settings.raw_root, IMNET_OUT_ROOT=settings.out_root, IMNET_CATALOG=settings.catalog,
+               IMNET_NUM_SHARDS=str(settings.num_shards), IMNET_WORKERS=str(settings.workers),
+               DAGSTER_HOME=str(home))
+    return env
+
+
+def forget_shards(settings: Settings) -> None:
+    out = Path(settings.out_root)
+    for p in out.glob("*.tar"):
+        p.unlink()
+    shutil.rmtree(out / "_manifests", ignore_errors=True)
+    (out / "_info.json").unlink(missing_ok=True)
+
+
+class TreeCpu:
+    """CPU seconds of a process and all its descendants, polled from /proc while it runs (the
+    encode workers are the forkserver's children, and the forkserver is never waited for by the
+    build, so getrusage(RUSAGE_CHILDREN) misses them)."""
+
+    def __init__(self, root: int, every: float = 0.25):
+        import threading
+
+        self.root, self.every = root, every
+        self.seen: dict[tuple[int, int], float] = {}  # (pid, start time) -> last CPU seconds
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        stats = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            fields = text[text.rfind(")") + 2:].split()
+            stats[int(pid)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, int(fields[19]))
+        tree, grew = {self.root}, True
+        while grew:
+            grew = False
+            for pid, (ppid, _cpu, _start) in stats.items():
+                if ppid in tree and pid not in tree:
+                    tree.add(pid)
+                    grew = True
+        for pid in tree:
+            if pid in stats:
+                _ppid, cpu, start = stats[pid]
+                self.seen[(pid, start)] = max(cpu, self.seen.get((pid, start), 0.0))
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            self._poll()
+
+    def total(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        return sum(self.seen.values())
+
+
+def run_build(settings: Settings, home: Path, parallel: int) -> dict:
+    """One `imnet build` with every shard to build: its wall time, shard-phase wall time, and output."""
+    forget_shards(settings)
+    exe = shutil.which("imnet", path=os.path.dirname(sys.executable)) or "imnet"
+    cmd = [exe, "build"] + (["--parallel", str(parallel)] if parallel else [])
+    facts: dict = {}
+
+    def go() -> None:
+        started = time.perf_counter()
+        err_file = tempfile.TemporaryFile("w+")  # a pipe left unread could fill and stall the build
+        proc = subprocess.Popen(cmd, env=env_for(settings, home), stdout=subprocess.PIPE, stderr=err_file,
+                                text=True, bufsize=1)
+        tree = TreeCpu(proc.pid)
+        lines = []
+        phase_start = phase_end = None
+        for line in proc.stdout:
+            now = time.perf_counter()
+            lines.append(line.rstrip())
+            if " to build" in line and phase_start is None:
+                phase_start = now
+            if f"[{settings.num_shards}/{settings.num_shards}] shard" in line:
+                phase_end = now
+        tree._poll()  # the last look before the process is gone
+        proc.wait()
+        facts["tree_cpu"] = tree.total()
+        err_file.seek(0)
+        err = err_file.read()
+        if proc.returncode != 0 or phase_start is None or phase_end is None:
+            raise SystemExit("imnet build failed:\n" + "\n".join(lines[-20:]) + "\n" + err[-3000:])
+        facts.update(wall=time.perf_counter() - started, phase=phase_end - phase_start, lines=lines)
+
+    sample = measure(go)
+    facts["sample"] = sample
+    return facts
+
+
+def others(build: dict) -> float:
+    """Cores' worth of CPU that processes outside the build's tree used during the build."""
+    return max(0.0, (build["sample"].machine - build["tree_cpu"]) / build["wall"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("/tmp/imnet-bench-build"))
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--images", type=int, default=300, help="images per shard")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--parallel", type=int, nargs="+", default=[0, 1],
+                   help="--parallel values to measure (0: the automatic choice)")
+    args = p.parse_args()
+    args.work = args.work.resolve()
+    cpus = os.cpu_count() or 1
+    settings = release(args.work, args.shards, args.images)
+    sources = sources_of(settings)
+    n = len(sources)
+    enc = EncodeSettings(quality=settings.webp_quality, method=settings.webp_method)
+    home = args.work / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    print(f"{args.shards} shards, {n} images, {cpus} CPUs, IMNET_WORKERS={settings.workers}, "
+          f"{args.rounds} rounds, --parallel {args.parallel} (0: automatic)", flush=True)
+    run_build(settings, home, args.parallel[0])  # warm up: page cache, imports, the forkserver
+
+    bare: list[Sample] = []
+    builds: dict[int, list[dict]] = {k: [] for k in args.parallel}
+    for r in range(args.rounds):
+        kinds = ["bare", *args.parallel]
+        if r % 2:
+            kinds.reverse()
+        for kind in kinds:
+            if kind == "bare":
+                bare.append(measure(lambda: [bare_chain(d, enc) for d in sources]))
+                print(f"  round {r + 1}: bare chain {bare[-1].cpu:.1f} CPU s ({bare[-1].cpu / n * 1000:.1f} ms/image), "
+                      f"others {bare[-1].others_cores:.2f} cores", flush=True)
+            else:
+                b = run_build(settings, home, kind)
+                builds[kind].append(b)
+                runs = next((ln.strip() for ln in b["lines"] if "shard runs at once" in ln), "one shard run at a time")
+                print(f"  round {r + 1}: build --parallel {kind}: shard phase {b['phase']:.1f} s, command "
+                      f"{b['wall']:.1f} s, {b['tree_cpu']:.1f} CPU s (process tree), others {others(b):.2f} cores ({runs})", flush=True)
+
+    rows = [["bare chain, ms per image (1 process)", spread([s.cpu / n * 1000 for s in bare], 1), "", ""]]
+    for kind, got in builds.items():
+        # Pair each build with the bare measurement of its own round.
+        frac = [s.cpu / (cpus * b["phase"]) for s, b in zip(bare, got)]
+        whole = [s.cpu / (cpus * b["wall"]) for s, b in zip(bare, got)]
+        # On a shared machine: the cores left to this build (CPUs less what others used meanwhile),
+        # and how much of the build's own CPU was codec work (the rest: Dagster, reads, hashes, check).
+        left = [s.cpu / (max(cpus - others(b), 0.1) * b["wall"]) for s, b in zip(bare, got)]
+        share = [s.cpu / b["tree_cpu"] for s, b in zip(bare, got)]
+        name = "automatic" if kind == 0 else str(kind)
+        goal = kind == 0
+        rows += [
+            [f"--parallel {name}: shard phase, s", spread([b["phase"] for b in got], 1), "", ""],
+            [f"--parallel {name}: cores encoding over the shard phase", spread(frac),
+             f">= {GOAL}" if goal else "", met(statistics.median(frac) >= GOAL) if goal else ""],
+            [f"--parallel {name}: cores encoding over the whole command", spread(whole), "", ""],
+            [f"--parallel {name}: cores encoding over the whole command, of the cores others left", spread(left), "", ""],
+            [f"--parallel {name}: bare-chain CPU / the build's CPU (process tree)", spread(share), "", ""],
+            [f"--parallel {name}: other processes meanwhile, cores",
+             spread([others(b) for b in got]), "", ""],
+        ]
+    print(f"\n$ {shlex.join([os.path.relpath(sys.executable), *sys.argv])}")
+    print_table(f"imnet build of {args.shards} x {args.images} images on {cpus} CPUs against the bare chain", rows)
+
+
+if __name__ == "__main__":
+    main()
