@@ -5,26 +5,11 @@ from __future__ import annotations
 
 import os
 import random
-import uuid
-
-import pytest
 
 from imnet_assets.core.index import scan_tar
 from imnet_assets.core.prefetch import PrefetchedFile, depth_for
 from imnet_assets.core.sample_raw import write_sample_raw
-from tests.s3server import MotoS3
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    with MotoS3(secret=f"prefetchSecret-{uuid.uuid4().hex}") as server:
-        for k in [k for k in os.environ if k.startswith("AWS_")]:
-            monkeypatch.delenv(k)
-        for k, v in server.env().items():
-            monkeypatch.setenv(k, v)
-        server.bucket = f"prefetch-{uuid.uuid4().hex[:12]}"
-        server.client().create_bucket(Bucket=server.bucket)
-        yield server
+from tests.integration.test_s3 import s3  # noqa: F401 - moto on 127.0.0.1, a bucket per test
 
 
 def test_depth_keeps_the_index_at_64_requests_in_flight_together():
@@ -33,7 +18,7 @@ def test_depth_keeps_the_index_at_64_requests_in_flight_together():
     assert depth_for(1) == 32 and depth_for(2) == 32 and depth_for(128) == 2
 
 
-def test_prefetched_reads_and_seeks_give_the_object_bytes_each_chunk_fetched_once(s3):
+def test_prefetched_reads_and_seeks_give_the_object_bytes_each_chunk_fetched_once(s3):  # noqa: F811
     data = os.urandom(3 * 100_000 + 123)
     s3.client().put_object(Bucket=s3.bucket, Key="blob", Body=data)
     url = f"s3://{s3.bucket}/blob"
@@ -58,7 +43,7 @@ def test_prefetched_reads_and_seeks_give_the_object_bytes_each_chunk_fetched_onc
     assert all(r.range for r in gets)  # ranged reads, never the whole object
 
 
-def test_a_remote_tar_indexes_exactly_like_the_local_copy(s3, tmp_path):
+def test_a_remote_tar_indexes_exactly_like_the_local_copy(s3, tmp_path):  # noqa: F811
     summary = write_sample_raw(tmp_path, synsets=2, images=20, seed=5)
     client = s3.client()
     for tar in summary.tars:
