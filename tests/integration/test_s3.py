@@ -97,7 +97,8 @@ def test_shards_from_s3_read_back_like_a_local_build(s3_build):
 def test_shard_runs_range_read_each_member_once_and_never_a_whole_tar(s3_build):
     """Step two ran shards 0001-0003: its raw reads are exactly those shards' members, by range."""
     raw_gets = [r for r in s3_build.second_requests if r.bucket == RAW_BUCKET and r.method == "GET" and r.key]
-    assert raw_gets, "no raw reads recorded"
+    assert raw_gets, ("no raw reads recorded: "
+                      f"{Counter((r.method, r.bucket) for r in s3_build.second_requests)}\n{s3_build.second.stdout}")
     unranged = [r.key for r in raw_gets if not r.range]
     assert not unranged, f"whole-object downloads of raw objects during shard runs: {unranged}"
     read = Counter()
