@@ -56,7 +56,9 @@ from tests.s3server import MotoS3
 pytestmark = pytest.mark.docker
 
 SHARDS = ["0000", "0001", "0002", "0003"]
-RAW_BUCKET, OUT_BUCKET = "raw-bucket", "out-bucket"
+# Names of their own: moto keeps one S3 state per process, and test_s3 (run after this file in the
+# same pytest process) builds the same sample release into buckets of its own.
+RAW_BUCKET, OUT_BUCKET = "docker-raw-bucket", "docker-out-bucket"
 RAW_ROOT, OUT_ROOT = f"s3://{RAW_BUCKET}/winter21", f"s3://{OUT_BUCKET}/wds"
 OVERALL_SECONDS = 600
 CONTAINER_CATALOG = "/catalog"
