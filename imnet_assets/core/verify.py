@@ -1,8 +1,10 @@
 """Verification of shard files: the one place that says what a correct shard is.
 
 Two callers feed it the samples a shard must hold, in order:
-- the in-run blocking check of `wds_shards` (`check_committed_shard`): the plan slice, less the
-  manifest's encode-time exclusions, with the manifest's record of each sample;
+- the in-run blocking check of `wds_shards`, run by `shard.build_shard` (`check_committed`: the
+  committed file read back in chunks in the worker pool) against the samples it just wrote with
+  their plan rows; `check_committed_shard` does the same from the plan slice and the manifest
+  alone, in one sequential read;
 - `imnet verify` (`verify_catalog_shard`): the catalog's `shard_samples` rows of that shard,
   streamed shard by shard (`sql/verify_samples.sql`) and checked in worker processes.
 
@@ -442,15 +444,9 @@ def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, dec
         problems += ps
     if not intact:
         problems.append("tar sha256 differs from its manifest")
-    want = [r["key"] for r in expected_samples]
-    if keys != want:
-        missing = sorted(set(want) - set(keys))[:5]
-        extra = sorted(set(keys) - set(want))[:5]
-        dups = len(keys) - len(set(keys))
-        problems.append(
-            f"holds {len(keys)} samples, plan wants {len(want)} "
-            f"(missing {missing}, unplanned {extra}, duplicated {dups}, order {'ok' if not (missing or extra or dups) else '?'})"
-        )
+    order = order_problem(keys, [r["key"] for r in expected_samples], "plan")
+    if order:
+        problems.append(order)
     return problems
 
 
