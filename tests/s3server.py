@@ -140,6 +140,16 @@ class MotoS3:
         return keys
 
     @staticmethod
+    def download(objects: dict[str, bytes], prefix: str, folder) -> None:
+        """Write `all_objects`' result under `folder`, each key less `prefix` (as a user's copy)."""
+        from pathlib import Path
+
+        for key, data in objects.items():
+            dst = Path(folder) / key[len(prefix):]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(data)
+
+    @staticmethod
     def all_objects(client, bucket: str, prefix: str = "") -> dict[str, bytes]:
         """key -> bytes of every object under a prefix."""
         out = {}

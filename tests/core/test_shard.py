@@ -47,9 +47,10 @@ def jpeg(width: int, height: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
-def write_raw_tar(path, members: list[tuple[str, bytes]]) -> dict[str, tuple[int, int]]:
-    """A raw synset tar; returns member name -> (data offset, size)."""
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+def write_raw_tar(path, members: list[tuple[str, bytes]], tar_format: int = tarfile.USTAR_FORMAT,
+                  ) -> dict[str, tuple[int, int]]:
+    """A raw synset tar (pax can hold long names); returns member name -> (data offset, size)."""
+    with tarfile.open(path, "w", format=tar_format) as tf:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)

@@ -24,24 +24,11 @@ from imnet_assets.core import shard as shard_mod
 from imnet_assets.core.encode import EncodeSettings
 from imnet_assets.core.plan import write_slice
 from imnet_assets.core.shard import build_shard, fingerprint, read_manifest, shard_state
-from tests.core.test_shard import jpeg, planned
+from tests.core.test_shard import jpeg, planned, write_raw_tar
 
 ENC = EncodeSettings(quality=80, method=2)
 KEY = "0003"
 NAME = "shard-0003.tar"
-
-
-def write_raw_tar(path, members: list[tuple[str, bytes]]) -> dict[str, tuple[int, int]]:
-    """A raw synset tar (pax: it may hold long names); returns member name -> (data offset, size)."""
-    import io
-
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    with tarfile.open(path) as tf:
-        return {m.name: (m.offset_data, m.size) for m in tf.getmembers()}
 
 
 def release(root, images: int, names=None):
@@ -50,7 +37,7 @@ def release(root, images: int, names=None):
     wnid = "n01440764"
     names = names or [f"{wnid}_{i}" for i in range(images)]
     members = [(f"{n}.JPEG", jpeg(320 + 8 * (i % 5), 240, i)) for i, n in enumerate(names)]
-    where = write_raw_tar(root / f"{wnid}.tar", members)
+    where = write_raw_tar(root / f"{wnid}.tar", members, tarfile.PAX_FORMAT)  # pax: long names
     rows = []
     for (name, data), key in zip(members, names):
         offset, size = where[name]

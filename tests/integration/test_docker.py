@@ -313,10 +313,7 @@ def docker_run(sample_release, tmp_path_factory):
         outputs["imnet verify"] = verify.stdout + verify.stderr
         objects = MotoS3.all_objects(client, OUT_BUCKET)
         out = tmp / "out_download"
-        for key, data in objects.items():
-            dst = out / key[len("wds/"):]
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_bytes(data)
+        MotoS3.download(objects, "wds/", out)
         dump = subprocess.run(
             [str(postgres_bindir() / "pg_dump"), "-h", host, "-p", str(port), "-U", user, "dagster_imnet"],
             env={**os.environ, "PGPASSWORD": pg_password}, capture_output=True, text=True, timeout=120)

@@ -66,10 +66,7 @@ def s3_build(sample_release, tmp_path_factory):
         third_requests = s3.since(mark)
         objects = MotoS3.all_objects(client, OUT_BUCKET)
         out = tmp / "out_download"
-        for key, data in objects.items():
-            dst = out / key[len("wds/"):]
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_bytes(data)
+        MotoS3.download(objects, "wds/", out)
         yield SimpleNamespace(
             tmp=tmp, env=env, s3=s3, client=client, secret=secret, outputs=[first, second, third],
             second=second, third=third, second_requests=second_requests, third_requests=third_requests,
