@@ -461,6 +461,9 @@ def build_shard(
         state = {k: manifest[k] for k in ("shard", "path", "fingerprint", "bytes", "sha256", "num_samples", "run_id")}
         state["stamp"] = fs.stat(final)[1]  # an edit in place on storage changes it (shard_state)
         fs.write_atomic(st_url, json.dumps(state, sort_keys=True).encode())
+        from .freshness import remember  # freshness imports this module
+
+        remember(out_root, shard_key, state)
     else:
         log(f"shard {shard_key}: the check failed, not recorded as committed: {'; '.join(problems[:5])}")
     return ShardResult(

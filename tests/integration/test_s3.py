@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import json
 import os
 import re
 import sys
@@ -363,9 +364,10 @@ def _endpoint(url: str):
 
 def test_status_schedule_and_sensor_look_at_every_shard_in_a_few_round_trips(s3_build, monkeypatch):
     """shard_partition_status (`imnet status`, the schedule) and the audit sensor's look: the plan
-    index, one listing of the out root and of _manifests/, and every commit record read at once:
-    a fixed number of round trips whatever the number of shards. A process that looked before
-    reads only the listings again while no shard changed."""
+    index, one listing of the out root and of _manifests/, and the commit records: read at once
+    when nothing remembers them, else taken from the ledger (one GET) that the first look wrote.
+    A fixed number of round trips whatever the number of shards. A process that looked before
+    reads only the listings again while no shard changed; a rewritten record is read again."""
     from imnet_assets import schedules
     from imnet_assets.core import freshness
     from imnet_assets.core.audit import shards_as_they_are
@@ -375,22 +377,49 @@ def test_status_schedule_and_sensor_look_at_every_shard_in_a_few_round_trips(s3_
     for k, v in s3_build.env.items():
         if k.startswith("AWS_"):
             monkeypatch.setenv(k, v)
+    ledger = f"wds/_manifests/{freshness.LEDGER_NAME}"
+    assert ledger in s3_build.objects  # written by the builds
+    s3_build.client.delete_object(Bucket=OUT_BUCKET, Key=ledger)
+    all_fresh = dict.fromkeys(settings.partition_keys, "fresh")
+    records = [f"/{OUT_BUCKET}/wds/_manifests/{k}.state.json" for k in settings.partition_keys]
+
+    def record_reads(log):
+        return sorted(t.split("?")[0] for m, t, _ in log if m == "GET" and ".state.json" in t)
+
     freshness.forget()
     with LatencyProxy(s3_build.s3.endpoint, latency_ms=250) as proxy, _endpoint(proxy.endpoint):
         start = len(proxy.log)
-        assert schedules.shard_partition_status(settings, None) == dict.fromkeys(settings.partition_keys, "fresh")
+        assert schedules.shard_partition_status(settings, None) == all_fresh
         cold = proxy.counts()
         cold_log = proxy.log[start:]
+        freshness.forget()  # a new process: the ledger the first look wrote stands in for the records
+        start = len(proxy.log)
+        assert schedules.shard_partition_status(settings, None) == all_fresh
+        from_ledger = proxy.counts().minus(cold)
+        ledger_log = proxy.log[start:]
         proxy.reset_peak()
-        assert schedules.shard_partition_status(settings, None) == dict.fromkeys(settings.partition_keys, "fresh")
-        warm = proxy.counts().minus(cold)
+        assert schedules.shard_partition_status(settings, None) == all_fresh
+        warm = proxy.counts().minus(cold).minus(from_ledger)
         digest, why = shards_as_they_are(settings)
-        sensor = proxy.counts().minus(cold).minus(warm)
+        sensor = proxy.counts().minus(cold).minus(from_ledger).minus(warm)
+        # One record rewritten (another run id): its ledger entry no longer matches its ETag.
+        key = settings.partition_keys[1]
+        body = s3_build.client.get_object(Bucket=OUT_BUCKET, Key=f"wds/_manifests/{key}.state.json")["Body"].read()
+        state = dict(json.loads(body), run_id="another-run")
+        s3_build.client.put_object(Bucket=OUT_BUCKET, Key=f"wds/_manifests/{key}.state.json",
+                                   Body=json.dumps(state).encode())
+        freshness.forget()
+        start = len(proxy.log)
+        assert schedules.shard_partition_status(settings, None) == all_fresh
+        changed_log = proxy.log[start:]
     assert digest and why == "every shard is in"
-    state_reads = sorted(t.split("?")[0] for m, t, _ in cold_log if ".state.json" in t)
-    assert state_reads == [f"/{OUT_BUCKET}/wds/_manifests/{k}.state.json" for k in settings.partition_keys]
+    assert record_reads(cold_log) == records
     assert "HEAD" not in cold.by_method, cold_log
-    assert cold.requests == NUM_SHARDS + 3, cold_log  # the index, two listings, one read per record
+    assert cold.by_method.get("PUT") == 1, cold_log  # the ledger
+    assert cold.requests == NUM_SHARDS + 4, cold_log  # the index, two listings, one read per record, the ledger
     assert cold.max_in_flight == NUM_SHARDS  # the records in one round trip
+    assert record_reads(ledger_log) == [], ledger_log
+    assert from_ledger.requests == 4, ledger_log  # the index, two listings, the ledger
     assert warm.requests == 3 and warm.connections == 0  # index and listings, on the kept connections
     assert sensor.requests == 3 and sensor.connections == 0
+    assert record_reads(changed_log) == [f"/{OUT_BUCKET}/wds/_manifests/{key}.state.json"], changed_log
