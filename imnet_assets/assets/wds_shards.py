@@ -12,7 +12,7 @@ from dagster import (
 
 from ..checks import SHARD_COMPLETE, result, wds_shards_checks
 from ..core.audit import encode_settings, require_current_plan
-from ..core.shard import build_shard, code_version, read_manifest
+from ..core.shard import build_shard, code_version
 from ..schedules import HOST_TAG
 from ..settings import Settings
 from .common import GROUP, logger
@@ -54,7 +54,6 @@ def make(settings: Settings):
         # The check ran inside build_shard, against the committed tar, before the commit record
         # (what freshness reads) was written: a failed check leaves the shard not fresh.
         problems = res.problems
-        manifest = read_manifest(settings.out_root, key) or {}
         reasons = {}
         for e in res.excluded:
             reasons[e["reason"].split(":")[0]] = reasons.get(e["reason"].split(":")[0], 0) + 1
@@ -74,7 +73,7 @@ def make(settings: Settings):
                 "workers": MetadataValue.int(settings.workers),
                 "pid": MetadataValue.int(os.getpid()),
             },
-            data_version=DataVersion(manifest.get("fingerprint", "")[:16]),
+            data_version=DataVersion(res.fingerprint[:16]),
             # The check is not partitioned: its metadata names the shard it judged.
             check_results=[result(SHARD_COMPLETE, "wds_shards", problems, shard=key, samples=res.num_samples,
                                   decoded_every=settings.check_decode_every)],

@@ -81,6 +81,7 @@ class ShardResult:
     excluded: list[dict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # the shard check's; none: committed and fresh
     check_seconds: float = 0.0
+    fingerprint: str = ""  # the manifest's (what makes the shard fresh under a plan and settings)
 
     @property
     def images_per_second(self) -> float:
@@ -469,6 +470,7 @@ def build_shard(
     return ShardResult(
         shard_key, final, len(rows), len(samples), out.count, manifest["sha256"], encoded,
         sum(1 for s in samples if s["repaired"]), excluded, problems, time.perf_counter() - started - encoded,
+        manifest["fingerprint"],
     )
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import types
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -223,14 +224,13 @@ def test_audit_without_a_plan_is_a_clear_error(tmp_path):
 
 
 def test_remote_out_root_loads_every_manifest_in_one_statement(copy):
-    """DuckDB names files from a registered fsspec filesystem its own way (memory://x comes back as
-    memory:///x): the audit matches manifests by shard key, so it still takes the one-statement
-    path on a remote out root instead of falling back to reading manifests one by one."""
+    """On a remote out root the manifests are copied into a spool folder beside the catalog (all
+    in flight at once) and loaded from there in one statement, not read one by one through
+    DuckDB; the spool is gone afterwards, and a killed audit's leftover spool is swept."""
     import fsspec
 
     from imnet_assets.catalog import Catalog
     from imnet_assets.core import audit as audit_module
-    from imnet_assets.core import fs
 
     mem = fsspec.filesystem("memory")
     root = "memory://audit-remote/out"
@@ -242,12 +242,17 @@ def test_remote_out_root_loads_every_manifest_in_one_statement(copy):
                 data = json.dumps({k: v for k, v in json.loads(data).items() if k != "stamp"}).encode()
             mem.pipe(f"/audit-remote/out/{path.relative_to(local).as_posix()}", data)
     s = settings_for(copy.raw, copy.folder, IMNET_OUT_ROOT=root)
+    catalog_folder = Path(s.catalog).resolve().parent
+    leftover = catalog_folder / f"{audit_module.SPOOL_PREFIX}killed"
+    leftover.mkdir()
+    (leftover / "0000.json").write_text("{}")
     try:
         with Catalog(s.catalog) as cat:
-            cat.con.register_filesystem(fs.filesystem(root)[0])
             heads = audit_module._load_manifests(cat, s)
         assert heads is not None and sorted(heads) == s.partition_keys
-        assert all(h["filename"].startswith("memory://") for h in heads.values())
+        spooled = {Path(h["filename"]).parent for h in heads.values()}
+        assert len(spooled) == 1 and spooled.pop().parent == catalog_folder
+        assert not list(catalog_folder.glob(f"{audit_module.SPOOL_PREFIX}*"))  # the spool, and the leftover
         report = run_audit(s, "run-remote", log=QUIET)
         assert report.problems == [] and report.info_written
         r = report.reconcile
