@@ -6,7 +6,6 @@ height, format and mode read from the image header only), and whether the image 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures.process import BrokenProcessPool
@@ -15,7 +14,7 @@ from typing import NamedTuple
 from . import fs
 from .encode import trial_decode
 from .perceptual import image_hash
-from .prefetch import depth_for
+from .prefetch import CHUNK, depth_for
 from .probe import probe_image
 from .procpool import bounded_map, process_pool
 from .rawtar import Damage, iter_tar, member_key, printable_name
@@ -45,15 +44,17 @@ class ImageRecord(NamedTuple):
 FIELDS = list(ImageRecord._fields)
 
 
-def scan_tar(url: str, mapped: bool = False, depth: int | None = None) -> list[ImageRecord]:
+def scan_tar(url: str, mapped: bool = False, depth: int | None = None, size: int | None = None,
+             data: bytes | None = None) -> list[ImageRecord]:
     """Index one raw tar: its wnid is the tar's stem; damage becomes excluded records.
     `mapped`: memory-map a local tar (pool workers only, see rawtar.iter_tar); `depth`: ranged
-    requests kept in flight for a remote one (see prefetch)."""
+    requests kept in flight for a remote one (see prefetch); `size`: its listed size; `data`: its
+    bytes, already read."""
     tar = fs.basename(url)
     wnid = tar[: -len(".tar")] if tar.endswith(".tar") else tar
     records: list[ImageRecord] = []
     # members are hashed and probed in place, not copied
-    for item in iter_tar(url, views=True, mapped=mapped, depth=depth):
+    for item in iter_tar(url, views=True, mapped=mapped, depth=depth, size=size, data=data):
         member = printable_name(item.name)
         if isinstance(item, Damage):
             key = member_key(item.name)[0] if item.name else None
@@ -92,9 +93,48 @@ def scan_tar(url: str, mapped: bool = False, depth: int | None = None) -> list[I
     return records
 
 
+def scan_small_tars(tars: list[tuple[str, int]]) -> list[list[ImageRecord]]:
+    """Index small remote tars ((url, size) each): all fetched at once (one GET each, in flight
+    together), then walked in turn."""
+    data = fs.read_many([url for url, _ in tars])
+    return [scan_tar(url, size=size) if data[url] is None else scan_tar(url, data=data[url]) for url, size in tars]
+
+
+def _scan_one(tar: tuple[str, int | None], depth: int, mapped: bool) -> list[list[ImageRecord]]:
+    url, size = tar
+    return [scan_tar(url, mapped=mapped, depth=depth, size=size)]
+
+
+def _tasks(urls: list[str], sizes: dict[str, int], depth: int) -> list[tuple[str, list]]:
+    """The scan's units of work, in input order: ("small", up to `depth` consecutive small remote
+    tars, fetched together) or ("one", [one tar])."""
+    tasks: list[tuple[str, list]] = []
+    for url in urls:
+        size = sizes.get(url)
+        small = size is not None and size <= SMALL_TAR and fs.is_remote(url)
+        if small and tasks and tasks[-1][0] == "small" and len(tasks[-1][1]) < depth:
+            tasks[-1][1].append((url, size))
+        else:
+            tasks.append(("small" if small else "one", [(url, size)]))
+    return tasks
+
+
+SMALL_TAR = CHUNK  # remote tars up to one prefetch chunk are fetched whole, many at once
+
+
+def _run_task(task: tuple[str, list], depth: int, worker_scan: Callable[[str], list[ImageRecord]] | None,
+              mapped: bool) -> list[list[ImageRecord]]:
+    kind, tars = task
+    if worker_scan is not None:
+        return [worker_scan(url) for url, _ in tars]
+    if kind == "small":
+        return scan_small_tars(tars)
+    return _scan_one(tars[0], depth, mapped)
+
+
 def scan_tars(urls: Iterable[str], workers: int, log: Callable[[str], None] = lambda _m: None,
               worker_scan: Callable[[str], list[ImageRecord]] | None = None,
-              ) -> Iterator[tuple[str, list[ImageRecord]]]:
+              sizes: dict[str, int] | None = None) -> Iterator[tuple[str, list[ImageRecord]]]:
     """Scan tars in parallel; yields (url, records) as each tar finishes, in input order.
 
     With more than one worker, in processes whose forkserver preloads this module (see procpool),
@@ -102,22 +142,27 @@ def scan_tars(urls: Iterable[str], workers: int, log: Callable[[str], None] = la
     measured by bench/scale.py). A read error under a map kills the worker (SIGBUS); the tars not
     yet done are then scanned here, read into buffers, so the error is recorded with its reason
     for its tar instead of ending the stage. (`worker_scan` is what a worker runs per tar.)
-    Remote tars are read with ranged requests in flight ahead of each walk, so that all workers
-    together keep prefetch.INDEX_REQUESTS_IN_FLIGHT requests going.
+    Remote tars are read so that all workers together keep prefetch.INDEX_REQUESTS_IN_FLIGHT
+    requests going: a large one with ranged requests in flight ahead of its walk, small ones
+    (`sizes`, from the listing: at most SMALL_TAR) fetched whole, up to that many together
+    (`scan_small_tars`). A listed size also spares the request that would ask for it.
     """
     urls = list(urls)
+    sizes = sizes or {}
     done = 0
     depth = depth_for(min(workers, len(urls)) if workers > 1 else 1)
-    worker_scan = worker_scan or functools.partial(scan_tar, mapped=True, depth=depth)
+    tasks = _tasks(urls, sizes, depth)
     if workers > 1 and len(urls) > 1:
         try:
-            n = min(workers, len(urls))
+            n = min(workers, len(tasks))
             with process_pool(n) as pool:
-                for url, records in zip(urls, bounded_map(pool, worker_scan, urls, 2 * n)):
-                    yield url, records
-                    done += 1
+                for task, results in zip(tasks, bounded_map(pool, _run_task, tasks, 2 * n, depth, worker_scan, True)):
+                    for (url, _size), records in zip(task[1], results):
+                        yield url, records
+                        done += 1
         except BrokenProcessPool as e:
             log(f"a scan worker died ({e}); scanning the remaining {len(urls) - done} tars in this "
                 f"process, without memory maps")
-    for url in urls[done:]:
-        yield url, scan_tar(url, depth=depth)
+    for task in _tasks(urls[done:], sizes, depth):
+        for (url, _size), records in zip(task[1], _run_task(task, depth, None, False)):
+            yield url, records

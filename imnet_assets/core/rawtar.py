@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import mmap
 import os
 import posixpath
@@ -84,7 +85,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bool = False,
-             digest: list[str] | None = None, depth: int | None = None) -> Iterator[Member | Damage]:
+             digest: list[str] | None = None, depth: int | None = None, size: int | None = None,
+             data: bytes | None = None) -> Iterator[Member | Damage]:
     """Every member of the tar at `url`, in order, with its data; damage is yielded, not raised.
 
     Damage reasons read "<what> <tar name>: ..." (what: "raw tar", or "shard" when verifying).
@@ -97,9 +99,14 @@ def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bo
     from the same read (not with `mapped`).
     `depth`: for a remote tar, keep this many ranged requests in flight ahead of the walk
     (`prefetch.PrefetchedFile`) instead of reading it as one stream.
+    `size`: the tar's size as a listing gave it (no request to ask for it); `data`: the whole tar,
+    already read (a small remote tar fetched with others at once, see index.scan_tars).
     """
-    total = fs.size(url)
-    opened = PrefetchedFile(url, total, depth=depth) if depth and fs.is_remote(url) else fs.open_read(url)
+    if data is not None:
+        total, opened = len(data), io.BytesIO(data)
+    else:
+        total = fs.size(url) if size is None else size
+        opened = PrefetchedFile(url, total, depth=depth) if depth and fs.is_remote(url) else fs.open_read(url)
     with opened as f:
         if digest is None:
             yield from _iter_fileobj(f, total, fs.basename(url), what, views, mapped)

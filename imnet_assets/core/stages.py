@@ -128,7 +128,8 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print) -> d
         scans: list[tuple] = []
         done_bytes = 0
         flushed = time.monotonic()
-        for n, (url, records) in enumerate(scan_tars(by_url, settings.workers, log=log), 1):
+        for n, (url, records) in enumerate(scan_tars(by_url, settings.workers, log=log,
+                                                              sizes={u: t["size"] for u, t in by_url.items()}), 1):
             t = by_url[url]
             rows.extend(records)
             scans.append((t["name"], t["size"], t["mtime"], len(records), INDEX_VERSION))

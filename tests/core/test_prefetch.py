@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import random
 
-from imnet_assets.core.index import scan_tar
+from imnet_assets.core.index import scan_tar, scan_tars
 from imnet_assets.core.prefetch import PrefetchedFile, depth_for
 from imnet_assets.core.sample_raw import write_sample_raw
 from tests.integration.test_s3 import s3  # noqa: F401 - moto on 127.0.0.1, a bucket per test
@@ -51,3 +51,31 @@ def test_a_remote_tar_indexes_exactly_like_the_local_copy(s3, tmp_path):  # noqa
         local = scan_tar(str(tar))
         remote = scan_tar(f"s3://{s3.bucket}/raw/{tar.name}", depth=4)
         assert remote == local
+
+
+def test_small_remote_tars_are_fetched_whole_many_in_flight_one_get_each(s3, tmp_path):  # noqa: F811
+    """Tars up to one prefetch chunk (most tiny synsets) are fetched whole, `depth` of them at once,
+    with their listed sizes: one GET per tar, no request asking for a size, the index unchanged."""
+    from tests.latency_proxy import LatencyProxy
+
+    summary = write_sample_raw(tmp_path, synsets=40, images=2, seed=9)
+    client = s3.client()
+    urls, sizes = [], {}
+    for tar in summary.tars:
+        client.upload_file(str(tar), s3.bucket, f"raw/{tar.name}")
+        url = f"s3://{s3.bucket}/raw/{tar.name}"
+        urls.append(url)
+        sizes[url] = tar.stat().st_size
+    local = {f"s3://{s3.bucket}/raw/{tar.name}": scan_tar(str(tar)) for tar in summary.tars}
+    saved = os.environ["AWS_ENDPOINT_URL"]
+    with LatencyProxy(s3.endpoint, latency_ms=200) as proxy:
+        os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint  # fs keeps one client per endpoint
+        try:
+            scanned = list(scan_tars(urls, workers=1, sizes=sizes))
+        finally:
+            os.environ["AWS_ENDPOINT_URL"] = saved
+    assert [url for url, _ in scanned] == urls
+    assert {url: records for url, records in scanned} == local
+    counts = proxy.counts()
+    assert counts.by_method == {"GET": len(urls)}, counts.by_method
+    assert counts.max_in_flight == depth_for(1) == 32
