@@ -23,6 +23,7 @@ time here is an upper bound; the request counts and the in-flight figures are wh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -174,8 +175,32 @@ def shard_runs(settings, keys, proxy, workers: int):
     return results
 
 
+def source_reads(settings, proxy, sources: int, workers: int = 2):
+    """The read path of a shard run's encode workers (shard.prepared_samples: each worker fetches
+    its own sources by ranged GET, `threads` readers each, jobs queued `depth` deep) over the rows of
+    as many plan slices as give `sources` rows, real encoder: (seconds, counts, sources read)."""
+    from imnet_assets.core import shard
+    from imnet_assets.core.audit import encode_settings
+    from imnet_assets.core.plan import read_slice
+
+    rows = []
+    for key in settings.partition_keys:
+        rows += read_slice(settings.out_root, key)[0]
+        if len(rows) >= sources:
+            break
+    rows = [dataclasses.replace(r, position=i) for i, r in enumerate(rows[:sources])]
+    enc = encode_settings(settings)
+    list(shard.prepared_samples(rows[:workers * 4], settings.raw_root, enc, workers))  # start the pool
+    seconds, counts, done, _ = measured(
+        proxy, lambda: sum(1 for _ in shard.prepared_samples(rows, settings.raw_root, enc, workers)))
+    return seconds, counts, done
+
+
 def ticks(settings, proxy):
-    """(status, schedule tick, sensor tick) measurements, each a cold look (nothing remembered)."""
+    """(first, status, schedule tick, sensor tick, warm) measurements. `first`: the first look after
+    the shards were copied in (their records are in no ledger yet: all read, the ledger written);
+    then status, a tick and a sensor tick each from a cold process state (nothing remembered: the
+    ledger stands in for the records); `warm`: a process that looked before."""
     from dagster import build_schedule_context, build_sensor_context, instance_for_test
 
     from imnet_assets import schedules
@@ -186,6 +211,8 @@ def ticks(settings, proxy):
     topup, sensor = schedules.make(settings)
     with instance_for_test() as instance:  # a real (temporary, SQLite) instance
         freshness.forget()
+        first = measured(proxy, schedules.shard_partition_status, settings, instance)
+        freshness.forget()
         status = measured(proxy, schedules.shard_partition_status, settings, instance)
         freshness.forget()
         tick = measured(proxy, lambda: topup.evaluate_tick(
@@ -194,7 +221,18 @@ def ticks(settings, proxy):
         sense = measured(proxy, lambda: sensor.evaluate_tick(
             build_sensor_context(instance=instance, definitions=defs)))
         warm = measured(proxy, schedules.shard_partition_status, settings, instance)
-    return status, tick, sense, warm
+    return first, status, tick, sense, warm
+
+
+def moto_rate(client, n: int = 600) -> float:
+    """Small GETs a second moto's server answers here with 64 in flight (no proxy, no latency)."""
+    client.put_object(Bucket=OUT_BUCKET, Key="rate/probe", Body=b"x" * 300)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(64) as pool:
+        list(pool.map(lambda _i: client.get_object(Bucket=OUT_BUCKET, Key="rate/probe")["Body"].read(), range(n)))
+    rate = n / (time.perf_counter() - t0)
+    client.delete_object(Bucket=OUT_BUCKET, Key="rate/probe")
+    return rate
 
 
 def cli(args: list[str], env: dict[str, str], proxy) -> tuple[float, object, subprocess.CompletedProcess]:
@@ -247,6 +285,7 @@ def main() -> int:
     ap.add_argument("--shard-runs", type=int, default=4)
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/imnet-rehearsal"))
     ap.add_argument("--skip-verify", action="store_true")
+    ap.add_argument("--sources", type=int, default=3000, help="sources read by the encode workers' read path")
     a = ap.parse_args()
     if a.small:
         a.tars, a.shards = 200, 64
@@ -276,7 +315,7 @@ def main() -> int:
         from imnet_assets.core.audit import run_audit
 
         laudit = measured(None, run_audit, local, "rehearsal-audit", log=lambda _m: None)
-        lstatus, ltick, lsense, _ = ticks(local, None)
+        _, lstatus, ltick, lsense, _ = ticks(local, None)
         lcli_status = cli(["status"], lenv, None)
         lverify = None if a.skip_verify else cli(["verify"], lenv, None)
 
@@ -297,14 +336,16 @@ def main() -> int:
             sstages = catalog_stages(remote, proxy)
             run_keys = remote.partition_keys[: a.shard_runs]
             sshards = shard_runs(remote, run_keys, proxy, workers=2)
+            sreads = source_reads(remote, proxy, a.sources)
             t0 = time.perf_counter()
             mirror_shards(tmp / "out", client, "wds", remote, set(run_keys))
             print(f"copied the other shards into the out bucket in {time.perf_counter() - t0:.0f}s", flush=True)
-            sstatus, stick, ssense, swarm = ticks(remote, proxy)
+            sfirst, sstatus, stick, ssense, swarm = ticks(remote, proxy)
             scli_status = cli(["status"], senv, proxy)
             saudit = measured(proxy, run_audit, remote, "rehearsal-audit", log=lambda _m: None)
             sverify = None if a.skip_verify else cli(["verify"], senv, proxy)
             total = proxy.counts().minus(before_s3)
+            rate = moto_rate(client)
 
         # ---------------------------------------------------------------- the table
         print()
@@ -327,6 +368,15 @@ def main() -> int:
         srate = sum(r[2].planned for r in sshards) / sum(r[0] for r in sshards)
         table.add(f"shard runs: sources/s ({len(sshards)} runs on S3, workers 2)", f"{lrate:.0f} (all shards, 1 worker)",
                   f"{srate:.0f}", ">= 2,000", verdict(srate >= 2000))
+        rs, rc, rn = sreads
+        table.add(f"encode workers' source reads ({rn} sources of several slices, workers 2): sources/s", "",
+                  f"{rn / rs:.0f} ({req(rc)})", ">= 2,000", verdict(rn / rs >= 2000))
+        allowed = rc.max_in_flight / (a.latency_ms / 1000)
+        table.add("same: reads in flight / latency (the rate a server that keeps up gives)", "",
+                  f"{allowed:.0f} reads/s", ">= 2,000", verdict(allowed >= 2000))
+        table.add("moto's own rate here (small GETs, 64 in flight, no proxy)", "", f"{rate:.0f} requests/s")
+        table.add("status, first look after the shards were copied in (every record read, the ledger written): wall",
+                  "", f"{sfirst[0]:.2f} s ({req(sfirst[1])})")
         for label, lm, sm in (("status (shard_partition_status, cold)", lstatus, sstatus),
                               ("schedule tick (cold)", ltick, stick), ("sensor tick (cold)", lsense, ssense)):
             table.add(f"{label}: wall", f"{lm[0]:.2f} s", f"{sm[0]:.2f} s ({req(sm[1])})", "<= 5 s",
@@ -341,6 +391,7 @@ def main() -> int:
         table.add("audit: wall", f"{laudit[0]:.1f} s", f"{saudit[0]:.1f} s ({req(saudit[1])})")
         table.add("audit: GETs of the most-read manifest", "", f"{most} ({len(gets)} manifests read)", "1",
                   verdict(most == 1 and len(gets) == a.shards))
+        table.add("audit: most requests in flight", "", str(saudit[1].max_in_flight))
         if lverify and sverify:
             table.add("`imnet verify`: wall", f"{lverify[0]:.1f} s", f"{sverify[0]:.1f} s ({req(sverify[1])})")
         per_conn = total.per_connection
