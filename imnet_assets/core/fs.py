@@ -324,20 +324,28 @@ class RangeReader:
 
     Shared by reader threads, each of which keeps its own open files: a descriptor one thread
     closed to make room could otherwise be reused for another tar while a second thread reads it.
+    The files of threads that have ended are closed when a new thread starts reading: a process
+    that runs shard after shard, each with reader threads of its own, holds the files of its live
+    threads only (it used to keep every ended thread's, until the process ran out of descriptors).
     """
 
     def __init__(self, max_open: int = 16):
         self._max_open = max_open  # per thread
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._tables: list[dict[str, tuple[int, tuple[int, int]]]] = []  # url -> (fd, (dev, inode))
+        # (reading thread, url -> (fd, (dev, inode))) per thread that has read
+        self._tables: list[tuple[threading.Thread, dict[str, tuple[int, tuple[int, int]]]]] = []
 
     def _files(self) -> dict[str, tuple[int, tuple[int, int]]]:
         files = getattr(self._local, "files", None)
         if files is None:
             files = self._local.files = {}
             with self._lock:
-                self._tables.append(files)
+                for thread, ended in [t for t in self._tables if not t[0].is_alive()]:
+                    for fd, _ in ended.values():
+                        os.close(fd)
+                    self._tables.remove((thread, ended))
+                self._tables.append((threading.current_thread(), files))
         return files
 
     def read(self, url: str, offset: int, length: int) -> bytes:
@@ -366,7 +374,7 @@ class RangeReader:
     def close(self) -> None:
         """Close every thread's files (once the threads are done reading)."""
         with self._lock:
-            for files in self._tables:
+            for _thread, files in self._tables:
                 for fd, _ in files.values():
                     os.close(fd)
                 files.clear()

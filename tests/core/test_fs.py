@@ -357,3 +357,26 @@ def test_read_many_local_gives_each_files_bytes_and_none_for_absent_ones(tmp_pat
 
 def test_listdir_of_an_absent_folder_is_empty(tmp_path):
     assert fs.listdir(str(tmp_path / "nothing-here")) == []
+
+
+def test_range_reader_closes_the_files_of_reader_threads_that_ended(tmp_path):
+    """A process that runs shard after shard starts reader threads for each: the files of threads
+    that ended are closed, so descriptors do not pile up until the process runs out of them."""
+    import threading
+
+    paths = []
+    for i in range(60):
+        p = tmp_path / f"t{i}.tar"
+        p.write_bytes(bytes([i]) * 1024)
+        paths.append(str(p))
+    reader = fs.RangeReader(max_open=4)
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(0, 60, 3):  # 20 "shard runs", each a reader thread over 3 tars of its own
+        got = []
+        t = threading.Thread(target=lambda i=i, got=got: got.extend(reader.read(paths[i + j], 10, 5) for j in range(3)))
+        t.start()
+        t.join()
+        assert got == [bytes([i + j]) * 5 for j in range(3)]
+    assert len(os.listdir("/proc/self/fd")) - before <= 3  # the last thread's files only (was 60)
+    reader.close()
+    assert len(os.listdir("/proc/self/fd")) <= before
