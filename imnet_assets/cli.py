@@ -218,6 +218,12 @@ class Build:
             runs = 1
         if runs > 1:
             self.say(f"  wds_shards: {runs} shard runs at once, {self.settings.workers} workers each")
+        if self.settings.workers > 1:
+            # The encode workers (and their forkserver's imports) start now, while the first runs
+            # are being set up in Dagster, instead of when the first run asks for them.
+            from .core.procpool import shared_pool
+
+            shared_pool(self.settings.workers)
         with _console_kept(self):
             return self._build_shards(todo, runs)
 
@@ -381,6 +387,7 @@ def cmd_status(args) -> int:
     from dagster import DagsterInstance
 
     from .catalog import CatalogBusy, open_reader
+    from .core import fs
     from .core.audit import plan_mismatch
     from .core.plan import read_index
     from .core.stages import stale_stages
@@ -389,17 +396,29 @@ def cmd_status(args) -> int:
     s = Settings.from_env()
     if why := plan_mismatch(s, read_index(s.out_root)):
         print(f"note: {why}")
+    stages = ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]
+    # Comparing the stages with the raw root means listing it: 19,167 tars are 20 listing pages,
+    # seconds of requests and of parsing on object storage. There, that is asked for (--raw).
+    relist = args.raw or not fs.is_remote(s.raw_root)
     if os.path.exists(s.catalog):
         try:
             # Held open while the stages are compared: no writer can start in between.
-            with open_reader(s.catalog, say=lambda m: print(m, file=sys.stderr, flush=True), wait_s=STATUS_WAIT_S):
-                stale = stale_stages(s, log=lambda _m: None)
+            with open_reader(s.catalog, say=lambda m: print(m, file=sys.stderr, flush=True),
+                             wait_s=STATUS_WAIT_S) as cat:
+                stale = stale_stages(s, log=lambda _m: None) if relist else None
+                built = {stage: cat.stage_fingerprint(stage) is not None for stage in stages}
         except CatalogBusy as e:
             print(f"catalog stages   unknown now: {e} (waited {STATUS_WAIT_S:.0f}s; `imnet status` again "
                   "once it is done)")
         else:
-            for stage in ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]:
-                print(f"{stage:16s} {'stale' if stage in stale else 'fresh'}")
+            for stage in stages:
+                if stale is not None:
+                    print(f"{stage:16s} {'stale' if stage in stale else 'fresh'}")
+                else:
+                    print(f"{stage:16s} {'built' if built[stage] else 'not built'}")
+            if stale is None:
+                print("  (the raw root, on object storage, was not listed: `imnet status --raw` compares "
+                      "the stages with it)")
     else:
         print(f"catalog stages   unknown here: no catalog at {s.catalog} (IMNET_CATALOG; it lives on the "
               "machine that builds the stages and runs the audit)")
@@ -669,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("-v", "--verbose", action="store_true", help="as for build")
     sp.set_defaults(func=cmd_demo)
     sp = sub.add_parser("status", help="which stages and shard partitions are fresh")
+    sp.add_argument("--raw", action="store_true", help="also list a raw root on object storage and compare "
+                    "the catalog stages with it (20 listing pages at 19,167 tars)")
     sp.set_defaults(func=cmd_status)
     sp = sub.add_parser("lineage", help="where a sample came from and where it went")
     sp.add_argument("key")

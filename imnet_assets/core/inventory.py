@@ -57,7 +57,9 @@ def list_raw(raw_root: str, unpack: bool = False, log: Callable[[str], None] = p
         entries = fs.listdir(raw_root)
     tars = [e for e in entries if WNID_TAR.match(e["name"])]
     texts = {e["name"]: e for e in entries if e["name"] in TEXT_FILES}
-    ignored = [e["name"] for e in entries if e not in tars and e["name"] not in TEXT_FILES]
+    # by name: `e not in tars` compared dicts against the whole list, 10 s at 19,167 tars
+    used = {e["name"] for e in tars} | set(TEXT_FILES)
+    ignored = [e["name"] for e in entries if e["name"] not in used]
     return RawListing(tars, texts, ignored)
 
 

@@ -425,3 +425,20 @@ def test_status_schedule_and_sensor_look_at_every_shard_in_a_few_round_trips(s3_
     assert warm.requests == 3 and warm.connections == 0  # index and listings, on the kept connections
     assert sensor.requests == 3 and sensor.connections == 0
     assert record_reads(changed_log) == [f"/{OUT_BUCKET}/wds/_manifests/{key}.state.json"], changed_log
+
+
+def test_status_lists_a_raw_root_on_s3_only_when_asked(s3_build):
+    """`imnet status` answers from the out bucket and the catalog; listing a raw root on object
+    storage (20 pages at the real 19,167 tars) is what `--raw` asks for, and then it compares."""
+    mark = s3_build.s3.mark()
+    plain = imnet(["status"], s3_build.env)
+    plain_raw = [r for r in s3_build.s3.since(mark) if r.bucket == RAW_BUCKET]
+    mark = s3_build.s3.mark()
+    listed = imnet(["status", "--raw"], s3_build.env)
+    listed_raw = [r for r in s3_build.s3.since(mark) if r.bucket == RAW_BUCKET]
+    assert plain_raw == [], plain_raw
+    assert re.search(r"raw_tars\s+built", plain.stdout) and "imnet status --raw" in plain.stdout, plain.stdout
+    assert listed_raw and all(r.method == "GET" and not r.key for r in listed_raw), listed_raw  # listings only
+    assert re.search(r"raw_tars\s+fresh", listed.stdout) and re.search(r"shuffled_plan\s+fresh", listed.stdout)
+    for out in (plain.stdout, listed.stdout):
+        assert re.search(rf"wds_shards\s+{NUM_SHARDS} fresh", out), out
