@@ -366,8 +366,10 @@ def main() -> int:
                   verdict(plan_peak > 1))
         lrate = sum(r[2].planned for r in lshards) / local_shards_s
         srate = sum(r[2].planned for r in sshards) / sum(r[0] for r in sshards)
-        table.add(f"shard runs: sources/s ({len(sshards)} runs on S3, workers 2)", f"{lrate:.0f} (all shards, 1 worker)",
-                  f"{srate:.0f}", ">= 2,000", verdict(srate >= 2000))
+        # A rehearsal shard holds ~37 sources: its runs' rate is their fixed cost (the pool, the
+        # slice, three commits, the ledger); the read rate is the next rows' measure.
+        table.add(f"shard runs: sources/s ({len(sshards)} runs on S3, workers 2; ~37 sources each)",
+                  f"{lrate:.0f} (all shards, 1 worker)", f"{srate:.0f}")
         rs, rc, rn = sreads
         table.add(f"encode workers' source reads ({rn} sources of several slices, workers 2): sources/s", "",
                   f"{rn / rs:.0f} ({req(rc)})", ">= 2,000", verdict(rn / rs >= 2000))
