@@ -166,11 +166,16 @@ def run_build(settings: Settings, home: Path, parallel: int) -> dict:
             lines.append(line.rstrip())
             if " to build" in line and phase_start is None:
                 phase_start = now
+                tree._poll()
+                facts["cpu_at_start"] = dict(tree.seen)
             if f"[{settings.num_shards}/{settings.num_shards}] shard" in line:
                 phase_end = now
+                tree._poll()
+                facts["cpu_at_end"] = dict(tree.seen)
         tree._poll()  # the last look before the process is gone
         proc.wait()
         facts["tree_cpu"] = tree.total()
+        facts["main_pid"] = proc.pid
         err_file.seek(0)
         err = err_file.read()
         if proc.returncode != 0 or phase_start is None or phase_end is None:
@@ -180,6 +185,22 @@ def run_build(settings: Settings, home: Path, parallel: int) -> dict:
     sample = measure(go)
     facts["sample"] = sample
     return facts
+
+
+def phase_cpu(build: dict) -> tuple[float, float, float]:
+    """CPU seconds over the shard phase: (the imnet process, the encode workers, everything else
+    in its tree), from /proc snapshots at the phase's first and last line (0.25 s polling)."""
+    start, end = build.get("cpu_at_start", {}), build.get("cpu_at_end", {})
+    main = workers = rest = 0.0
+    for key, cpu in end.items():
+        used = cpu - start.get(key, 0.0)
+        if key[0] == build["main_pid"]:
+            main += used
+        elif cpu > 2.0:  # the encode workers (forkserver children doing the codec work)
+            workers += used
+        else:
+            rest += used
+    return main, workers, rest
 
 
 def others(build: dict) -> float:
@@ -247,6 +268,12 @@ def main() -> None:
             [f"--parallel {name}: bare-chain CPU / the build's CPU (process tree)", spread(share), "", ""],
             [f"--parallel {name}: other processes meanwhile, cores",
              spread([others(b) for b in got]), "", ""],
+            [f"--parallel {name}: over the shard phase, CPU s of the imnet process / encode workers / rest",
+             " / ".join(f"{statistics.median(x):.1f}" for x in zip(*[phase_cpu(b) for b in got])), "", ""],
+            [f"--parallel {name}: encode workers' CPU per image / the bare chain's",
+             spread([phase_cpu(b)[1] / s.cpu for s, b in zip(bare, got)]), "", ""],
+            [f"--parallel {name}: cores idle over the shard phase (cores x wall - the tree's CPU), share",
+             spread([1 - sum(phase_cpu(b)) / (cpus * b["phase"]) for b in got]), "", ""],
         ]
     print(f"\n$ {shlex.join([os.path.relpath(sys.executable), *sys.argv])}")
     print_table(f"imnet build of {args.shards} x {args.images} images on {cpus} CPUs against the bare chain", rows)

@@ -414,6 +414,15 @@ def test_status_schedule_and_sensor_look_at_every_shard_in_a_few_round_trips(s3_
         start = len(proxy.log)
         assert schedules.shard_partition_status(settings, None) == all_fresh
         changed_log = proxy.log[start:]
+        # A ledger torn or written by something else is no ledger: every record is read again.
+        s3_build.client.put_object(Bucket=OUT_BUCKET, Key=ledger, Body=b'{"format": 1, "records": [')
+        freshness.forget()
+        start = len(proxy.log)
+        assert schedules.shard_partition_status(settings, None) == all_fresh
+        torn_log = proxy.log[start:]
+    rewritten = json.loads(s3_build.client.get_object(Bucket=OUT_BUCKET, Key=ledger)["Body"].read())
+    assert sorted(rewritten["records"]) == sorted(f"{k}.state.json" for k in settings.partition_keys)
+    assert record_reads(torn_log) == records, torn_log
     assert digest and why == "every shard is in"
     assert record_reads(cold_log) == records
     assert "HEAD" not in cold.by_method, cold_log
