@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import ast
 import collections
+import heapq
+import itertools
 import multiprocessing
 import os
 import select
@@ -288,7 +290,8 @@ class WorkerPool:
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(["__main__", *main_script_imports(), *POOL_MODULES])
         self._lock = threading.Lock()
-        self._queue: collections.deque = collections.deque()
+        # (priority, task id, job, future), a heap: the lowest priority number first, then in order
+        self._queue: list = []
         self._workers: list[_Worker] = []
         self._target = max(1, workers)
         self._next_id = 0
@@ -315,13 +318,15 @@ class WorkerPool:
             self._target = max(1, workers)
         self._wake()
 
-    def submit(self, job):
+    def submit(self, job, priority: int = 0):
+        """Queue `job`; a free worker takes the queued job of the lowest `priority`, in submission
+        order among equals (shard runs pass their `next_priority()`: see there)."""
         from concurrent.futures import Future
 
         future: Future = Future()
         with self._lock:
             self._next_id += 1
-            self._queue.append((self._next_id, job, future))
+            heapq.heappush(self._queue, (priority, self._next_id, job, future))
         self._wake()
         return future
 
@@ -357,7 +362,7 @@ class WorkerPool:
 
     def _fail_everything(self, error: BaseException) -> None:
         with self._lock:
-            queued, self._queue = list(self._queue), collections.deque()
+            queued, self._queue = [q[1:] for q in self._queue], []
         for w in self._workers:
             for _job, fut in w.tasks.values():
                 if not fut.done():
@@ -440,7 +445,7 @@ class WorkerPool:
             with self._lock:
                 if not self._queue:
                     return
-                task_id, job, fut = self._queue.popleft()
+                _priority, task_id, job, fut = heapq.heappop(self._queue)
             if not fut.set_running_or_notify_cancel():
                 continue
             w = min(free, key=lambda x: len(x.tasks))
@@ -458,6 +463,16 @@ class WorkerPool:
 
 _shared: WorkerPool | None = None
 _shared_lock = threading.Lock()
+_priorities = itertools.count(1)
+
+
+def next_priority() -> int:
+    """A priority for one shard run's jobs in the shared pool, lower than every later run's: the
+    runs that share the pool (`imnet build --parallel`) are served oldest first, so the oldest one
+    encodes at the whole pool's speed while the younger ones fill what it leaves (its reads, its
+    commit and check, the gap before the next run starts), instead of all of them slowing down
+    alike, finishing together and leaving the workers idle while the next ones start."""
+    return next(_priorities)
 
 
 def shared_pool(workers: int) -> WorkerPool:

@@ -22,7 +22,7 @@ from . import fs
 from .altlabels import sample_fields
 from .encode import EncodeSettings, ImageRejected, encode_image
 from .plan import SliceRow, read_slice
-from .procpool import WorkerDied, WorkerPool, shared_pool
+from .procpool import WorkerDied, WorkerPool, next_priority, shared_pool
 from .verify import check_committed, webp_problem
 
 # Bump when the bytes a shard holds for the same input would change (encoding rules, tar layout,
@@ -237,7 +237,7 @@ def _batch_size(rows: int, workers: int) -> int:
 
 def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettings, workers: int,
                      decode_every: int = 16, log: Callable[[str], None] = lambda _m: None,
-                     encode: Callable | None = None) -> Iterator[tuple[SliceRow, tuple]]:
+                     encode: Callable | None = None, priority: int = 0) -> Iterator[tuple[SliceRow, tuple]]:
     """(row, prepare_sample's result) per row, in plan order.
 
     workers > 1: jobs of a few rows go to this process's shared worker pool (procpool.shared_pool),
@@ -274,11 +274,11 @@ def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettin
     window = collections.deque()
     try:
         for job in jobs:
-            window.append((job, pool.submit(job)))
+            window.append((job, pool.submit(job, priority)))
             if len(window) >= workers * pool.depth:
-                yield from _settle(pool, *window.popleft(), log)
+                yield from _settle(pool, *window.popleft(), log, priority)
         while window:
-            yield from _settle(pool, *window.popleft(), log)
+            yield from _settle(pool, *window.popleft(), log, priority)
     finally:
         for _job, fut in window:  # the consumer stopped (an error): drop what is not started
             fut.cancel()
@@ -293,7 +293,8 @@ def _run_here(job: EncodeJob, reads) -> list[tuple]:
                                  "memory") from None
 
 
-def _settle(pool: WorkerPool, job: EncodeJob, future, log: Callable[[str], None]) -> Iterator[tuple]:
+def _settle(pool: WorkerPool, job: EncodeJob, future, log: Callable[[str], None],
+            priority: int = 0) -> Iterator[tuple]:
     """The results of one job, in row order, retrying it after worker deaths."""
     decided: dict[int, tuple] = {}  # row index -> ("excluded", reason) for rows that killed twice
     pending = list(range(len(job.rows)))
@@ -325,7 +326,7 @@ def _settle(pool: WorkerPool, job: EncodeJob, future, log: Callable[[str], None]
                         pending.remove(real)
             else:
                 log(f"an encoder process died ({died.how}) between images; retrying its images")
-            future = pool.submit(dataclasses.replace(job, rows=[job.rows[i] for i in pending]))
+            future = pool.submit(dataclasses.replace(job, rows=[job.rows[i] for i in pending]), priority)
     else:
         raise RuntimeError(f"encoder processes died {MAX_JOB_RETRIES} times on the images "
                            f"{[r.key for r in job.rows]}; nothing was committed")
@@ -413,6 +414,7 @@ def build_shard(
     for leftover in fs.remove_partials(final) + fs.remove_partials(mf_url) + fs.remove_partials(st_url):
         log(f"removed leftover of an interrupted run: {leftover}")
     rows, plan_digest = read_slice(out_root, shard_key)
+    priority = next_priority()  # runs sharing the worker pool are served oldest first
     fs.remove(st_url)  # from here until the check passed, this shard is not fresh
     samples: list[dict] = []
     spans: list[dict] = []  # where each sample's bytes went, and their sha256 (the read-back checks them)
@@ -420,7 +422,7 @@ def build_shard(
     problems: list[str] = []
     with fs.atomic_open(final) as raw_out:
         out = _HashingWriter(raw_out)
-        for row, prepared in prepared_samples(rows, raw_root, settings, workers, decode_every, log, encode):
+        for row, prepared in prepared_samples(rows, raw_root, settings, workers, decode_every, log, encode, priority):
             if prepared[0] != "ok":
                 excluded.append({"key": row.key, "position": row.position, "reason": prepared[1]})
                 log(f"excluded {row.key} ({row.tar}@{row.offset}): {prepared[1]}")
@@ -457,7 +459,8 @@ def build_shard(
     expected = [dict(s, **span, label=planned[s["key"]].label, wnid=planned[s["key"]].wnid,
                      source_sha256=planned[s["key"]].sha256) for s, span in zip(samples, spans)]
     problems += [f"shard {shard_key}: {p}" for p in
-                 check_committed(final, expected, manifest["sha256"], True, decode_every=decode_every, workers=workers)]
+                 check_committed(final, expected, manifest["sha256"], True, decode_every=decode_every, workers=workers,
+                                 priority=priority)]
     if not problems:
         state = {k: manifest[k] for k in ("shard", "path", "fingerprint", "bytes", "sha256", "num_samples", "run_id")}
         state["stamp"] = fs.stat(final)[1]  # an edit in place on storage changes it (shard_state)

@@ -390,7 +390,7 @@ def _expected(rec: dict) -> ExpectedSample:
 
 
 def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, decoded_in_workers: bool,
-                    decode_every: int = 16, workers: int = 1) -> list[str]:
+                    decode_every: int = 16, workers: int = 1, priority: int = 0) -> list[str]:
     """Problems with the committed shard at `url`, re-read from storage: its bytes hash to
     `tar_sha256` (what was written), and it holds exactly `expected_samples` (manifest records, in
     order), each as .cls/.json/.webp with the recorded WebP sha256 and size and a .json/.cls that
@@ -433,7 +433,7 @@ def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, dec
             digest_future = None if spans else hasher.submit(_file_sha256, url)
             if workers > 1:
                 pool = shared_pool(workers)
-                results = [f.result() for f in [pool.submit(j) for j in jobs]]
+                results = [f.result() for f in [pool.submit(j, priority) for j in jobs]]
             else:
                 results = [j.run() for j in jobs]
             intact = all(r[2] for r in results) if spans else digest_future.result() == tar_sha256

@@ -3,8 +3,10 @@ the main script's imports (exit-with-parent is covered by tests/integration/test
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+import time
 import types
 
 from imnet_assets.core import procpool
@@ -67,3 +69,38 @@ def test_pid_alive_sees_exited_zombie_and_reused_processes():
     assert not pid_alive(child.pid)  # exited, not yet reaped: a zombie is not running
     child.wait()
     assert not pid_alive(child.pid) and not pid_alive(0) and not pid_alive(-1)
+
+
+@dataclasses.dataclass
+class StampJob:
+    """A pool job that takes `seconds` and says when it finished."""
+
+    name: str
+    seconds: float = 0.0
+
+    def prefetch(self, readers):
+        return None
+
+    def run(self, state, mark):
+        time.sleep(self.seconds)
+        return self.name, time.monotonic()
+
+
+def test_worker_pool_serves_the_oldest_runs_jobs_first():
+    """Shard runs sharing the pool are served by priority (next_priority: oldest run first), then
+    in submission order: a younger run's jobs wait while an older run has jobs queued."""
+    from imnet_assets.core.procpool import WorkerPool, next_priority
+
+    older, younger = next_priority(), next_priority()
+    assert older < younger
+    pool = WorkerPool(1, depth=1)
+    blocker = pool.submit(StampJob("blocker", 0.5), younger)
+    deadline = time.monotonic() + 60
+    while not blocker.running() and time.monotonic() < deadline:  # the worker holds it: the rest queue
+        time.sleep(0.01)
+    assert blocker.running()
+    queued = [pool.submit(StampJob(f"younger-{i}"), younger) for i in range(3)]
+    queued += [pool.submit(StampJob(f"older-{i}"), older) for i in range(3)]
+    finished = sorted(f.result(timeout=60) for f in [blocker, *queued])
+    order = [name for name, _ in sorted(finished, key=lambda r: r[1])]
+    assert order == ["blocker", "older-0", "older-1", "older-2", "younger-0", "younger-1", "younger-2"]
