@@ -55,11 +55,24 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def process_pool(workers: int) -> ProcessPoolExecutor:
-    """A forkserver pool of `workers` processes that exit when this process dies."""
+def _forkserver_context():
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["__main__", *main_script_imports(), *POOL_MODULES])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_watch_parent)
+    return ctx
+
+
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    """A forkserver pool of `workers` processes that exit when this process dies."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=_forkserver_context(), initializer=_watch_parent)
+
+
+def start_forkserver() -> None:
+    """Start this process's forkserver (and its imports of the pool modules, ~0.5 s) in the
+    background now, so that the first pool started later forks its workers at once."""
+    from multiprocessing import forkserver
+
+    _forkserver_context()
+    threading.Thread(target=forkserver.ensure_running, name="forkserver-start", daemon=True).start()
 
 
 def main_script_imports() -> list[str]:
@@ -287,8 +300,7 @@ class WorkerPool:
     def __init__(self, workers: int, threads: int = 24, depth: int = 4):
         self.pid = os.getpid()
         self.threads, self.depth = threads, depth
-        self._ctx = multiprocessing.get_context("forkserver")
-        self._ctx.set_forkserver_preload(["__main__", *main_script_imports(), *POOL_MODULES])
+        self._ctx = _forkserver_context()
         self._lock = threading.Lock()
         # (priority, task id, job, future), a heap: the lowest priority number first, then in order
         self._queue: list = []

@@ -151,3 +151,40 @@ def test_order_problem_is_linear_at_a_real_shard_size():
     text = order_problem(got, want, "catalog")
     assert text.startswith(f"holds {len(got)} samples, catalog wants 12843; missing ['n00000001_1', ")
     assert "and 6416 more" in text and "duplicated [" in text
+
+
+@pytest.mark.parametrize("mode,meta", [("RGB", {}), ("RGB", {"exif": True, "icc": True}), ("L", {}),
+                                       ("RGBA", {}), ("RGB", {"lossless": True})])
+def test_riff_webp_size_agrees_with_pillow_and_refuses_what_is_not_laid_out_right(mode, meta):
+    """The header read the shard check uses instead of opening each WebP with Pillow: the same size
+    as Pillow for what the encoder writes (VP8, VP8X with EXIF and ICC), and lossless, grey and
+    alpha layouts; None for a cut, padded or mislabelled file (Pillow then judges it)."""
+    from PIL import ImageCms
+
+    from imnet_assets.core.verify import riff_webp_size, webp_problem
+
+    img = Image.new(mode, (123, 77))
+    img.putpixel((5, 5), 200 if mode == "L" else (200, 10, 30, 255)[: len(mode)])
+    kwargs = {"quality": 90, "method": 4, "lossless": meta.get("lossless", False)}
+    if meta.get("exif"):
+        exif = Image.Exif()
+        exif[0x010F] = "imnet"
+        kwargs["exif"] = exif.tobytes()
+    if meta.get("icc"):
+        kwargs["icc_profile"] = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    buf = io.BytesIO()
+    img.save(buf, "WEBP", **kwargs)
+    webp = buf.getvalue()
+    with Image.open(io.BytesIO(webp)) as im:
+        pillow = im.size
+    assert pillow == (123, 77)
+    got = riff_webp_size(webp)
+    assert got in (pillow, None)  # None: a layout left to Pillow (alpha)
+    if mode != "RGBA":
+        assert got == pillow
+    assert webp_problem(webp, (123, 77), decode=False) == ""
+    assert "123x77" in webp_problem(webp, (124, 77), decode=False)
+    for bad in (webp[:-7], webp + b"\0\0", webp[:12] + b"XXXX" + webp[16:]):
+        assert riff_webp_size(bad) is None
+    for bad in (webp[:-7], webp[:12] + b"XXXX" + webp[16:]):  # (libwebp reads past trailing zeros)
+        assert webp_problem(bad, (123, 77), decode=False) != ""
