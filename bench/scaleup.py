@@ -44,7 +44,8 @@ from report import met, print_table, spread  # noqa: E402
 
 from imnet_assets.core import procpool  # noqa: E402
 from imnet_assets.core.encode import Encoded, EncodeSettings  # noqa: E402
-from imnet_assets.core.shard import CHECK_CHUNK_BYTES, build_shard  # noqa: E402
+from imnet_assets.core.shard import build_shard  # noqa: E402
+from imnet_assets.core.verify import CHECK_CHUNK_BYTES  # noqa: E402
 
 _TICK = os.sysconf("SC_CLK_TCK")
 REAL_SHARD = 12_843  # images in one shard of the real release (13,151,276 / 1,024)
