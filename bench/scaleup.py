@@ -16,8 +16,10 @@
     when shard runs overlap (`imnet build` running several: the next one encodes while one checks),
     and that times encode wall / (encode wall + the tail after the encode) when they run back to
     back (the tail: manifest, the check's read-back, parallel in the pool up to one chunk per 16 MiB).
-(d) Reserved: the fraction of cores kept encoding over a multi-shard `imnet build` (add a
-    function to SECTIONS; `--section d` runs it).
+(d) The fraction of the cores kept encoding over a multi-shard `imnet build` (4 shards x 300
+    photos, the automatic --parallel) against the bare chain in the same run: what
+    bench/scaleup_build.py measures (its own options: shards, images, --parallel values), run
+    here with --rounds. Not in the default sections (~5 min); `--section b,a,c,d` runs all.
 
 Sections run in the order given; (c) needs (a) and (b) of the same run. Prints a table of ratios.
 """
@@ -184,7 +186,17 @@ def section_c(args, enc, state) -> list[list[str]]:
     return rows
 
 
-SECTIONS = {"a": section_a, "b": section_b, "c": section_c}  # the cli helper adds "d" (multi-shard imnet build)
+def section_d(args, enc, state) -> list[list[str]]:
+    """(d) cores kept encoding over a multi-shard `imnet build` (4 x 300 images, the automatic
+    --parallel) against the bare chain in the same run: bench/scaleup_build.py's measurement."""
+    import scaleup_build
+
+    build_args = argparse.Namespace(work=Path("/tmp/imnet-bench-build").resolve(), shards=4, images=300,
+                                    rounds=args.rounds, parallel=[0])
+    return scaleup_build.cores_kept_encoding(build_args)[1]
+
+
+SECTIONS = {"a": section_a, "b": section_b, "c": section_c, "d": section_d}
 
 
 def main() -> None:

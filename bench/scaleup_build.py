@@ -218,6 +218,14 @@ def main() -> None:
                    help="--parallel values to measure (0: the automatic choice)")
     args = p.parse_args()
     args.work = args.work.resolve()
+    title, rows = cores_kept_encoding(args)
+    print(f"\n$ {shlex.join([os.path.relpath(sys.executable), *sys.argv])}")
+    print_table(title, rows)
+
+
+def cores_kept_encoding(args) -> tuple[str, list[list[str]]]:
+    """The table's title and rows for `args` (work, shards, images, rounds, parallel); also
+    bench/scaleup.py's section (d)."""
     cpus = os.cpu_count() or 1
     settings = release(args.work, args.shards, args.images)
     sources = sources_of(settings)
@@ -275,8 +283,7 @@ def main() -> None:
             [f"--parallel {name}: cores idle over the shard phase (cores x wall - the tree's CPU), share",
              spread([1 - sum(phase_cpu(b)) / (cpus * b["phase"]) for b in got]), "", ""],
         ]
-    print(f"\n$ {shlex.join([os.path.relpath(sys.executable), *sys.argv])}")
-    print_table(f"imnet build of {args.shards} x {args.images} images on {cpus} CPUs against the bare chain", rows)
+    return f"imnet build of {args.shards} x {args.images} images on {cpus} CPUs against the bare chain", rows
 
 
 if __name__ == "__main__":
