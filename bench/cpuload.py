@@ -46,17 +46,14 @@ def _machine_busy() -> float:
     return (sum(v) - idle - guest) / _TICK
 
 
-def _children_cpu() -> float:
-    """CPU of every live descendant (and of their reaped children), from /proc: the encode
-    workers are grandchildren (children of the forkserver) and live as long as this process
-    (core.procpool.shared_pool), so they are never reaped into RUSAGE_CHILDREN."""
-    me = os.getpid()
+def proc_stats() -> dict[int, tuple[int, float, float, int]]:
+    """pid -> (parent pid, its own CPU seconds, its reaped children's, start time in ticks) for
+    every process /proc shows now."""
     try:
         pids = [p for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
-        return float("nan")
-    parent: dict[int, int] = {}
-    cpu: dict[int, float] = {}
+        return {}
+    out = {}
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
@@ -65,15 +62,25 @@ def _children_cpu() -> float:
             continue
         rest = stat[stat.rfind(")") + 2:].split()
         utime, stime, cutime, cstime = (int(x) for x in rest[11:15])
-        parent[int(pid)] = int(rest[1])
-        cpu[int(pid)] = (utime + stime + cutime + cstime) / _TICK
+        out[int(pid)] = (int(rest[1]), (utime + stime) / _TICK, (cutime + cstime) / _TICK, int(rest[19]))
+    return out
+
+
+def _children_cpu() -> float:
+    """CPU of every live descendant (and of their reaped children), from /proc: the encode
+    workers are grandchildren (children of the forkserver) and live as long as this process
+    (core.procpool.shared_pool), so they are never reaped into RUSAGE_CHILDREN."""
+    me = os.getpid()
+    stats = proc_stats()
+    if not stats:
+        return float("nan")
     total = 0.0
-    for pid, c in cpu.items():
-        p, seen = parent.get(pid), 0
+    for ppid, own, reaped, _start in stats.values():
+        p, seen = ppid, 0
         while p and p != me and seen < 64:
-            p, seen = parent.get(p), seen + 1
+            p, seen = stats.get(p, (None,))[0], seen + 1
         if p == me:
-            total += c
+            total += own + reaped
     return total
 
 

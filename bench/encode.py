@@ -64,14 +64,16 @@ def quiet(_msg: str) -> None:
     pass
 
 
-def release(work: Path, images: int, quality: int, method: int) -> Settings:
-    """A single-shard release of the first `images` photos, planned (catalog stages run when stale)."""
+def release(work: Path, images: int, quality: int, method: int, shards: int = 1, workers: int = 2) -> Settings:
+    """A release of the first `images` photos in `shards` shards, planned (catalog stages run when
+    stale); bench/scaleup.py and bench/scaleup_build.py plan theirs here too."""
     tars = photo_release.ensure_photos(work, -(-images // photo_release.PER_TAR))
     name = f"raw-{len(tars) * photo_release.PER_TAR}"
     raw = photo_release.raw_root(work, tars, name)
+    layout = name if shards == 1 else f"{name}-{shards}"  # the catalog and out root of this many shards
     settings = Settings(
-        raw_root=str(raw), out_root=str(work / f"out-{name}"), catalog=str(work / f"cat-{name}.duckdb"),
-        num_shards=1, webp_quality=quality, webp_method=method, workers=2,
+        raw_root=str(raw), out_root=str(work / f"out-{layout}"), catalog=str(work / f"cat-{layout}.duckdb"),
+        num_shards=shards, webp_quality=quality, webp_method=method, workers=workers,
     )
     if stale_stages(settings, log=quiet):
         for build in (build_raw_tars, build_synset_manifest, build_filtered_index, build_shuffled_plan):
@@ -90,9 +92,13 @@ def env_for(settings: Settings, dagster_home: Path, workers: int = 1) -> dict[st
 
 
 def sources_of(settings: Settings) -> list[bytes]:
-    rows, _ = read_slice(settings.out_root, SHARD)
+    """Every planned source's bytes, in plan order (shard by shard)."""
+    out = []
     with fs.RangeReader() as reader:
-        return [reader.read(fs.join(settings.raw_root, r.tar), r.offset, r.size) for r in rows]
+        for key in settings.partition_keys:
+            rows, _ = read_slice(settings.out_root, key)
+            out += [reader.read(fs.join(settings.raw_root, r.tar), r.offset, r.size) for r in rows]
+    return out
 
 
 def timed(fn) -> float:

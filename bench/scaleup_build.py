@@ -36,51 +36,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import photo_release  # noqa: E402
-from cpuload import Sample, measure  # noqa: E402
+from cpuload import Sample, measure, proc_stats  # noqa: E402
+from encode import release, sources_of  # noqa: E402
 from report import met, print_table, spread  # noqa: E402
 
-from imnet_assets.core import fs  # noqa: E402
 from imnet_assets.core.encode import EncodeSettings, bare_chain  # noqa: E402
-from imnet_assets.core.plan import read_slice  # noqa: E402
-from imnet_assets.core.stages import (  # noqa: E402
-    build_filtered_index,
-    build_raw_tars,
-    build_shuffled_plan,
-    build_synset_manifest,
-    stale_stages,
-)
 from imnet_assets.settings import Settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GOAL = 0.90
-
-
-def quiet(_msg: str) -> None:
-    pass
-
-
-def release(work: Path, shards: int, images: int) -> Settings:
-    total = shards * images
-    tars = photo_release.ensure_photos(work, -(-total // photo_release.PER_TAR))
-    name = f"raw-{len(tars) * photo_release.PER_TAR}"
-    raw = photo_release.raw_root(work, tars, name)
-    settings = Settings(raw_root=str(raw), out_root=str(work / f"out-{name}-{shards}"),
-                        catalog=str(work / f"cat-{name}-{shards}.duckdb"), num_shards=shards,
-                        workers=os.cpu_count() or 1)
-    if stale_stages(settings, log=quiet):
-        for build in (build_raw_tars, build_synset_manifest, build_filtered_index, build_shuffled_plan):
-            build(settings, "bench", log=quiet)
-    return settings
-
-
-def sources_of(settings: Settings) -> list[bytes]:
-    out = []
-    with fs.RangeReader() as reader:
-        for key in settings.partition_keys:
-            rows, _ = read_slice(settings.out_root, key)
-            out += [reader.read(fs.join(settings.raw_root, r.tar), r.offset, r.size) for r in rows]
-    return out
 
 
 def env_for(settings: Settings, home: Path) -> dict[str, str]:
@@ -114,26 +78,17 @@ class TreeCpu:
         self.thread.start()
 
     def _poll(self) -> None:
-        tick = os.sysconf("SC_CLK_TCK")
-        stats = {}
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    text = f.read()
-            except OSError:
-                continue
-            fields = text[text.rfind(")") + 2:].split()
-            stats[int(pid)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, int(fields[19]))
+        stats = proc_stats()
         tree, grew = {self.root}, True
         while grew:
             grew = False
-            for pid, (ppid, _cpu, _start) in stats.items():
+            for pid, (ppid, *_rest) in stats.items():
                 if ppid in tree and pid not in tree:
                     tree.add(pid)
                     grew = True
         for pid in tree:
             if pid in stats:
-                _ppid, cpu, start = stats[pid]
+                _ppid, cpu, _reaped, start = stats[pid]
                 self.seen[(pid, start)] = max(cpu, self.seen.get((pid, start), 0.0))
 
     def _run(self) -> None:
@@ -227,7 +182,9 @@ def cores_kept_encoding(args) -> tuple[str, list[list[str]]]:
     """The table's title and rows for `args` (work, shards, images, rounds, parallel); also
     bench/scaleup.py's section (d)."""
     cpus = os.cpu_count() or 1
-    settings = release(args.work, args.shards, args.images)
+    defaults = Settings()
+    settings = release(args.work, args.shards * args.images, defaults.webp_quality, defaults.webp_method,
+                       shards=args.shards, workers=os.cpu_count() or 1)
     sources = sources_of(settings)
     n = len(sources)
     enc = EncodeSettings(quality=settings.webp_quality, method=settings.webp_method)
