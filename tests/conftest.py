@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -91,3 +92,20 @@ def dagster_home(tmp_path: Path) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
     return home
+
+
+@contextlib.contextmanager
+def environ(**values: str):
+    """Set these variables of this process for a while, then put back what was there (a
+    DAGSTER_HOME for DagsterInstance.get(); an AWS_ENDPOINT_URL pointing fs at a proxy: fs keeps
+    one client per endpoint)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old

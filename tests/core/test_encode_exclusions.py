@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import io
 import shutil
-import tarfile
 import zlib
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from imnet_assets.core.probe import probe_image
 from imnet_assets.core.sample_raw import write_sample_raw
 from imnet_assets.core.shard import build_shard, shard_state
 from tests.conftest import build_catalog_stages, local_settings
+from tests.core.test_shard import write_raw_tar
 
 QUIET = lambda _m: None  # noqa: E731
 BAD = "n03000000_2"  # a PNG (named .JPEG) whose pixel data is corrupt: a fine header, no pixels
@@ -47,20 +47,12 @@ def corrupt_png() -> bytes:
     return bytes(data)
 
 
-def add_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-
-
 def raw_release(root: Path) -> Path:
     write_sample_raw(root, synsets=2, images=12, seed=0)
-    add_tar(root / "n03000000.tar", [("n03000000_1.JPEG", jpeg(1)), (f"{BAD}.JPEG", corrupt_png()),
+    write_raw_tar(root / "n03000000.tar", [("n03000000_1.JPEG", jpeg(1)), (f"{BAD}.JPEG", corrupt_png()),
                                      ("n03000000_3.JPEG", jpeg(3))])
     # The same key again, a good copy, in a tar that sorts later: the first copy is the one kept.
-    add_tar(root / "n03500000.tar", [(f"{BAD}.JPEG", jpeg(9)), ("n03500000_1.JPEG", jpeg(4))])
+    write_raw_tar(root / "n03500000.tar", [(f"{BAD}.JPEG", jpeg(9)), ("n03500000_1.JPEG", jpeg(4))])
     return root
 
 

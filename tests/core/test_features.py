@@ -10,7 +10,6 @@ import json
 import os
 import random
 import shutil
-import tarfile
 import types
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from imnet_assets.core.card import card_url
 from imnet_assets.core.photos import make_photo
 from imnet_assets.core.shard import build_shard, iter_samples
 from tests.conftest import build_catalog_stages, local_settings
+from tests.core.test_shard import write_raw_tar
 
 QUIET = lambda _m: None  # noqa: E731
 IN1K = ["n01440764", "n01443537"]  # tench, goldfish: ImageNet-1k synsets
@@ -45,14 +45,6 @@ def _photo(seed: int, w: int = 200, h: int = 150) -> bytes:
     return _jpeg(make_photo(w, h, random.Random(seed)))
 
 
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-
-
 def write_release(base: Path) -> types.SimpleNamespace:
     """Raw tars (no words.txt / gloss.txt), exact duplicates, and an eval folder."""
     raw, ev = base / "raw", base / "eval"
@@ -66,7 +58,7 @@ def write_release(base: Path) -> types.SimpleNamespace:
     images[f"{WNIDS[1]}_91"] = images[f"{WNIDS[1]}_3"]
     images[f"{WNIDS[1]}_92"] = images[f"{WNIDS[1]}_3"]
     for wnid in WNIDS:
-        _write_tar(raw / f"{wnid}.tar", [(f"{k}.JPEG", d) for k, d in sorted(images.items()) if k.startswith(wnid)])
+        write_raw_tar(raw / f"{wnid}.tar", [(f"{k}.JPEG", d) for k, d in sorted(images.items()) if k.startswith(wnid)])
 
     def pil(key: str) -> Image.Image:
         return Image.open(io.BytesIO(images[key]))
@@ -100,7 +92,7 @@ def write_release(base: Path) -> types.SimpleNamespace:
     for name, data in files.items():
         (ev / name).parent.mkdir(parents=True, exist_ok=True)
         (ev / name).write_bytes(data)
-    _write_tar(ev / "pack.tar", [("inner/ILSVRC2012_val_00000005.webp", webp.getvalue()),
+    write_raw_tar(ev / "pack.tar", [("inner/ILSVRC2012_val_00000005.webp", webp.getvalue()),
                                  ("ILSVRC2012_val_00000006.JPEG", images[f"{WNIDS[2]}_5"]),
                                  ("unrelated_3.JPEG", _photo(9003))])
     return types.SimpleNamespace(raw=raw, eval=ev, images=images, overlaps=overlaps)

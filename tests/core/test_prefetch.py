@@ -56,6 +56,7 @@ def test_a_remote_tar_indexes_exactly_like_the_local_copy(s3, tmp_path):  # noqa
 def test_small_remote_tars_are_fetched_whole_many_in_flight_one_get_each(s3, tmp_path):  # noqa: F811
     """Tars up to one prefetch chunk (most tiny synsets) are fetched whole, `depth` of them at once,
     with their listed sizes: one GET per tar, no request asking for a size, the index unchanged."""
+    from tests.conftest import environ
     from tests.latency_proxy import LatencyProxy
 
     summary = write_sample_raw(tmp_path, synsets=40, images=2, seed=9)
@@ -67,13 +68,8 @@ def test_small_remote_tars_are_fetched_whole_many_in_flight_one_get_each(s3, tmp
         urls.append(url)
         sizes[url] = tar.stat().st_size
     local = {f"s3://{s3.bucket}/raw/{tar.name}": scan_tar(str(tar)) for tar in summary.tars}
-    saved = os.environ["AWS_ENDPOINT_URL"]
-    with LatencyProxy(s3.endpoint, latency_ms=200) as proxy:
-        os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint  # fs keeps one client per endpoint
-        try:
-            scanned = list(scan_tars(urls, workers=1, sizes=sizes))
-        finally:
-            os.environ["AWS_ENDPOINT_URL"] = saved
+    with LatencyProxy(s3.endpoint, latency_ms=200) as proxy, environ(AWS_ENDPOINT_URL=proxy.endpoint):
+        scanned = list(scan_tars(urls, workers=1, sizes=sizes))
     assert [url for url, _ in scanned] == urls
     assert {url: records for url, records in scanned} == local
     counts = proxy.counts()

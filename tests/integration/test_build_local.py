@@ -14,7 +14,7 @@ from PIL import Image
 
 from imnet_assets.core.rawtar import member_key, printable_name
 from tests.checks import check_info_json, check_samples
-from tests.conftest import build_env, dagster_home, imnet
+from tests.conftest import build_env, dagster_home, environ, imnet
 
 
 @pytest.fixture(scope="module")
@@ -105,15 +105,12 @@ def test_dagster_instance_records_every_partition_and_passing_checks(built):
     tmp, env, _, _ = built
     from dagster import AssetKey, DagsterInstance
 
-    os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
-    try:
+    with environ(DAGSTER_HOME=env["DAGSTER_HOME"]):
         inst = DagsterInstance.get()
         mats = inst.get_materialized_partitions(AssetKey("wds_shards"))
         assert mats == {"0000", "0001", "0002", "0003"}
         for asset in ("raw_tars", "synset_manifest", "filtered_index", "shuffled_plan", "shard_audit"):
             assert inst.get_latest_materialization_event(AssetKey(asset)) is not None
-    finally:
-        del os.environ["DAGSTER_HOME"]
 
 
 def test_second_build_redoes_nothing(built):
@@ -198,15 +195,8 @@ def test_a_release_with_nothing_to_exclude_builds(tmp_path):
     with catalog(tmp_path) as con:
         assert con.execute("SELECT count(*) FROM images WHERE status = 'excluded'").fetchone() == (0,)
         assert con.execute("SELECT count(*) FROM shard_samples").fetchone() == (6,)
-    os.environ["DAGSTER_HOME"], old = env["DAGSTER_HOME"], os.environ.get("DAGSTER_HOME")
-    try:
-        with DagsterInstance.get() as inst:
-            event = inst.get_latest_materialization_event(AssetKey("filtered_index"))
-    finally:
-        if old is None:
-            del os.environ["DAGSTER_HOME"]
-        else:
-            os.environ["DAGSTER_HOME"] = old
+    with environ(DAGSTER_HOME=env["DAGSTER_HOME"]), DagsterInstance.get() as inst:
+        event = inst.get_latest_materialization_event(AssetKey("filtered_index"))
     assert event is not None
     assert event.asset_materialization.metadata["exclusion_reasons"].value.records == []
 

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from imnet_assets.core.sample_raw import write_sample_raw
-from tests.conftest import build_env, dagster_home, imnet
+from tests.conftest import build_env, dagster_home, environ, imnet
 
 KEYS = ["0000", "0001", "0002", "0003"]
 
@@ -45,17 +45,9 @@ def shard_runs(env) -> dict[str, str]:
     """Partition key -> status of its (latest) wds_shards run in the instance."""
     from dagster import DagsterInstance, RunsFilter
 
-    old = os.environ.get("DAGSTER_HOME")
-    os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
-    try:
-        with DagsterInstance.get() as inst:
-            runs = inst.get_runs(RunsFilter(tags={"imnet/launched_by": "imnet build"}))
-            return {r.tags["dagster/partition"]: r.status.value for r in reversed(runs) if "dagster/partition" in r.tags}
-    finally:
-        if old is None:
-            del os.environ["DAGSTER_HOME"]
-        else:
-            os.environ["DAGSTER_HOME"] = old
+    with environ(DAGSTER_HOME=env["DAGSTER_HOME"]), DagsterInstance.get() as inst:
+        runs = inst.get_runs(RunsFilter(tags={"imnet/launched_by": "imnet build"}))
+        return {r.tags["dagster/partition"]: r.status.value for r in reversed(runs) if "dagster/partition" in r.tags}
 
 
 def test_two_shard_runs_at_once_each_a_dagster_run(planned, tmp_path):

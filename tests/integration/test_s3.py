@@ -13,7 +13,6 @@ Plus atomic commits: an object appears only on a successful close; a failure lea
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import hashlib
 import json
@@ -30,7 +29,7 @@ from botocore.exceptions import ClientError
 
 from imnet_assets.core import fs
 from tests.checks import catalog, check_release
-from tests.conftest import build_env, dagster_home, imnet
+from tests.conftest import build_env, dagster_home, environ, imnet
 from tests.latency_proxy import LatencyProxy
 from tests.s3server import ACCESS_KEY, MotoS3
 
@@ -324,7 +323,7 @@ def test_read_many_on_s3_is_one_get_per_object_all_in_flight_at_once(s3):
     urls = [f"s3://{s3.bucket}/{n}" for n in names] + [f"s3://{s3.bucket}/wds/_manifests/absent.state.json"]
     # 250 ms a request: long enough that on a busy machine every request of one batch is still
     # waiting when the last one arrives
-    with LatencyProxy(s3.endpoint, latency_ms=250) as proxy, _endpoint(proxy.endpoint):
+    with LatencyProxy(s3.endpoint, latency_ms=250) as proxy, environ(AWS_ENDPOINT_URL=proxy.endpoint):
         got = fs.read_json_many(urls)
         first = proxy.counts()
         assert fs.read_many(urls[:1]) == {urls[0]: b'{"n": 0}'}
@@ -346,22 +345,8 @@ def test_read_many_raises_a_storage_error_rather_than_taking_it_for_a_missing_ob
         port = sock.getsockname()[1]
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     url = f"s3://{s3.bucket}/wds/_manifests/0000.state.json"
-    with _endpoint(f"http://127.0.0.1:{port}"), pytest.raises(fs.StorageError, match=f"cannot read {url}: .*{port}"):
+    with environ(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}"), pytest.raises(fs.StorageError, match=f"cannot read {url}: .*{port}"):
         fs.read_many([url])
-
-
-@contextlib.contextmanager
-def _endpoint(url: str):
-    """Point fs at another endpoint (a proxy) for a while: fs caches one client per endpoint."""
-    saved = os.environ.get("AWS_ENDPOINT_URL")
-    os.environ["AWS_ENDPOINT_URL"] = url
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["AWS_ENDPOINT_URL"]
-        else:
-            os.environ["AWS_ENDPOINT_URL"] = saved
 
 
 def test_status_schedule_and_sensor_look_at_every_shard_in_a_few_round_trips(s3_build, monkeypatch):
@@ -389,7 +374,7 @@ def test_status_schedule_and_sensor_look_at_every_shard_in_a_few_round_trips(s3_
         return sorted(t.split("?")[0] for m, t, _ in log if m == "GET" and ".state.json" in t)
 
     freshness.forget()
-    with LatencyProxy(s3_build.s3.endpoint, latency_ms=250) as proxy, _endpoint(proxy.endpoint):
+    with LatencyProxy(s3_build.s3.endpoint, latency_ms=250) as proxy, environ(AWS_ENDPOINT_URL=proxy.endpoint):
         start = len(proxy.log)
         assert schedules.shard_partition_status(settings, None) == all_fresh
         cold = proxy.counts()
