@@ -409,17 +409,17 @@ def cmd_status(args) -> int:
             with open_reader(s.catalog, say=lambda m: print(m, file=sys.stderr, flush=True),
                              wait_s=STATUS_WAIT_S) as cat:
                 stale = stale_stages(s, log=lambda _m: None) if relist else None
-                built = {stage: cat.stage_fingerprint(stage) is not None for stage in stages}
+                built = None if relist else {stage: cat.stage_fingerprint(stage) is not None for stage in stages}
         except CatalogBusy as e:
             print(f"catalog stages   unknown now: {e} (waited {STATUS_WAIT_S:.0f}s; `imnet status` again "
                   "once it is done)")
         else:
             for stage in stages:
-                if stale is not None:
+                if built is None:
                     print(f"{stage:16s} {'stale' if stage in stale else 'fresh'}")
                 else:
                     print(f"{stage:16s} {'built' if built[stage] else 'not built'}")
-            if stale is None:
+            if built is not None:
                 print("  (the raw root, on object storage, was not listed: `imnet status --raw` compares "
                       "the stages with it)")
     else:

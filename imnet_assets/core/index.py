@@ -100,11 +100,6 @@ def scan_small_tars(tars: list[tuple[str, int]]) -> list[list[ImageRecord]]:
     return [scan_tar(url, size=size) if data[url] is None else scan_tar(url, data=data[url]) for url, size in tars]
 
 
-def _scan_one(tar: tuple[str, int | None], depth: int, mapped: bool) -> list[list[ImageRecord]]:
-    url, size = tar
-    return [scan_tar(url, mapped=mapped, depth=depth, size=size)]
-
-
 def _tasks(urls: list[str], sizes: dict[str, int], depth: int) -> list[tuple[str, list]]:
     """The scan's units of work, in input order: ("small", up to `depth` consecutive small remote
     tars, fetched together) or ("one", [one tar])."""
@@ -129,7 +124,8 @@ def _run_task(task: tuple[str, list], depth: int, worker_scan: Callable[[str], l
         return [worker_scan(url) for url, _ in tars]
     if kind == "small":
         return scan_small_tars(tars)
-    return _scan_one(tars[0], depth, mapped)
+    url, size = tars[0]  # a "one" task
+    return [scan_tar(url, mapped=mapped, depth=depth, size=size)]
 
 
 def scan_tars(urls: Iterable[str], workers: int, log: Callable[[str], None] = lambda _m: None,
