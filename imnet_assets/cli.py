@@ -273,7 +273,7 @@ class Build:
                     return
                 yield (key, *self.materialize(["wds_shards"], partition_key=key))
             return
-        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+        from concurrent.futures import ThreadPoolExecutor
 
         pool = ThreadPoolExecutor(runs, thread_name_prefix="imnet-shard-run")
         queue = iter(todo)
@@ -284,7 +284,7 @@ class Build:
                 if len(pending) >= runs:
                     break
             while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                finished = _first_done(pending)
                 for fut in finished:
                     key = pending.pop(fut)
                     yield (key, *fut.result())
@@ -540,6 +540,19 @@ class _Progress:
                   f"{self.bytes / 1e6 / elapsed:.0f} MB/s, eta {eta:.0f}s", flush=True)
 
 
+def _first_done(pending) -> set:
+    """The futures of `pending` that are done, waiting until one is. The wait wakes every quarter
+    second: a Ctrl-C that the kernel delivers to another thread (a shard run's, a reader's) only
+    sets Python's flag, and a main thread blocked in one long wait would see it once a shard run
+    finished (minutes at the real size) instead of at once."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    while True:
+        finished, _ = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+        if finished:
+            return finished
+
+
 def _checked(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], decode: bool):
     """(shard record, problems) per task, checked in `jobs` processes (here when 1), as they
     finish; at most jobs + 2 shards' rows are in memory."""
@@ -549,8 +562,6 @@ def _checked(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], decode: 
         for sh, url, rows in tasks:
             yield sh, verify_catalog_shard(url, sh, rows, decode)
         return
-    from concurrent.futures import FIRST_COMPLETED, wait
-
     from .core.procpool import process_pool
 
     with process_pool(jobs) as pool:
@@ -559,11 +570,11 @@ def _checked(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], decode: 
             pending[pool.submit(verify_catalog_shard, url, sh, rows, decode)] = sh
             del rows
             while len(pending) >= jobs + 2:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                finished = _first_done(pending)
                 for fut in finished:
                     yield pending.pop(fut), fut.result()
         while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            finished = _first_done(pending)
             for fut in finished:
                 yield pending.pop(fut), fut.result()
 

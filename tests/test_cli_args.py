@@ -113,3 +113,31 @@ def test_lock_holder_names_the_writing_process():
            f'{sys.executable} (PID {os.getpid()}). See also https://duckdb.org/docs/current/connect/concurrency')
     assert lock_holder(RuntimeError(msg)).startswith(f"pid {os.getpid()}: python")
     assert lock_holder(RuntimeError("IO Error: No such file or directory")) is None
+
+
+def test_waiting_for_shard_runs_sees_a_ctrl_c_that_another_thread_received():
+    """The kernel may hand Ctrl-C (SIGINT to the process group) to any thread of `imnet build`; the
+    main thread, waiting for the first of its shard runs to end, must raise KeyboardInterrupt
+    at once, not when a run ends (a shard committed behind the user's back)."""
+    import signal
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imnet_assets.cli import _first_done
+
+    hold = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(hold.wait, 30)  # a shard run that goes on for a while
+        other = threading.Thread(target=lambda: time.sleep(1.0))
+        other.start()
+        threading.Timer(0.3, lambda: signal.pthread_kill(other.ident, signal.SIGINT)).start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                _first_done({run: "0000"})
+            assert time.monotonic() - started < 5, "the interrupt waited for the run"
+            assert not run.done()
+        finally:
+            hold.set()
+            other.join()
