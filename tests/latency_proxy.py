@@ -9,6 +9,13 @@ is the client's connection reuse.
 
     with MotoS3() as s3, LatencyProxy(s3.endpoint, latency_ms=20) as proxy:
         env = {**s3.env(), "AWS_ENDPOINT_URL": proxy.endpoint}
+
+moto answers a couple of hundred requests a second on a small machine, while S3 answers
+thousands a second to one client: a client's own request rate cannot be seen through moto. With
+`hold_objects=True` the proxy answers a ranged GET of an object it has already seen from its own
+copy of it (the first ranged GET of each object fetches the whole object from upstream, once);
+every other request, and every GET without a Range, goes upstream as before, and a PUT, POST or
+DELETE of a path drops its copy. Latency and counts are the same either way.
 """
 
 from __future__ import annotations
@@ -41,8 +48,13 @@ class Counts:
 
 
 class LatencyProxy:
-    def __init__(self, upstream: str, latency_ms: float = 20.0, host: str = "127.0.0.1"):
+    def __init__(self, upstream: str, latency_ms: float = 20.0, host: str = "127.0.0.1",
+                 hold_objects: bool = False):
         u = urlsplit(upstream)
+        self.hold_objects = hold_objects
+        self.held: dict[str, tuple[dict, bytes]] = {}  # path -> (upstream response headers, whole body)
+        self.held_answers = 0  # ranged GETs answered from a held copy
+        self._failures: list[int] = []  # statuses the next requests are answered with (`fail`)
         self.upstream = (u.hostname or "127.0.0.1", u.port or 80)
         self.latency = latency_ms / 1000.0
         self.host = host
@@ -83,6 +95,12 @@ class LatencyProxy:
         with self._lock:
             c = self._counts
             return Counts(c.requests, c.connections, c.bytes_out, c.max_in_flight, dict(c.by_method))
+
+    def fail(self, status: int, times: int = 1) -> None:
+        """Answer the next `times` requests with `status` and an S3 error document, without
+        passing them on (503 is S3's SlowDown, 500 its InternalError, 403 AccessDenied)."""
+        with self._lock:
+            self._failures += [status] * times
 
     def reset_peak(self) -> None:
         """Start measuring the most requests in flight afresh."""
@@ -132,23 +150,51 @@ class LatencyProxy:
                 rbody = b""
                 try:
                     await asyncio.sleep(self.latency)
-                    if up_writer is None:
-                        up_reader, up_writer = await asyncio.open_connection(*self.upstream, limit=1 << 20)
-                    up_writer.write(_render_head(line, headers, drop=("expect",)) + body)
-                    await up_writer.drain()
-                    resp = await _read_head(up_reader)
-                    if resp is None:
-                        return
-                    rline, rheaders = resp
-                    status = int(rline.split(b" ", 2)[1])
-                    no_body = method == "HEAD" or status in (204, 304) or 100 <= status < 200
-                    rbody = b"" if no_body else await _read_body(up_reader, rheaders, request=False)
-                    framed = no_body or "content-length" in rheaders or "chunked" in rheaders.get(
-                        "transfer-encoding", "").lower()
-                    if not framed:  # read to the upstream's close: give the client a length instead
-                        rheaders["\0order"].append(("Content-Length", str(len(rbody))))
-                    writer.write(_render_head(rline, rheaders, drop=("connection",)) + rbody)
-                    await writer.drain()
+                    path = entry[1].partition("?")[0]
+                    if self.hold_objects and method not in ("GET", "HEAD"):
+                        self.held.pop(path, None)
+                    with self._lock:
+                        failure = self._failures.pop(0) if self._failures else None
+                    held = None
+                    if (failure is None and self.hold_objects and method == "GET" and "range" in headers
+                            and "?" not in entry[1]):
+                        held = self.held.get(path)
+                        if held is None:
+                            if up_writer is None:
+                                up_reader, up_writer = await asyncio.open_connection(*self.upstream, limit=1 << 20)
+                            held = await self._fetch_whole(line, headers, up_reader, up_writer)
+                            up_writer.close()  # werkzeug closes after each answer
+                            up_reader = up_writer = None
+                    if failure is not None:
+                        rbody = f"<Error><Code>Injected{failure}</Code></Error>".encode()
+                        writer.write(f"HTTP/1.1 {failure} Injected\r\nContent-Length: {len(rbody)}\r\n\r\n".encode()
+                                     + rbody)
+                        await writer.drain()
+                        rheaders, framed = {}, True
+                    elif held is not None:
+                        rhead, rbody = _ranged_answer(held, headers["range"])
+                        writer.write(rhead + rbody)
+                        await writer.drain()
+                        self.held_answers += 1
+                        rheaders, framed = {}, True
+                    else:
+                        if up_writer is None:
+                            up_reader, up_writer = await asyncio.open_connection(*self.upstream, limit=1 << 20)
+                        up_writer.write(_render_head(line, headers, drop=("expect",)) + body)
+                        await up_writer.drain()
+                        resp = await _read_head(up_reader)
+                        if resp is None:
+                            return
+                        rline, rheaders = resp
+                        status = int(rline.split(b" ", 2)[1])
+                        no_body = method == "HEAD" or status in (204, 304) or 100 <= status < 200
+                        rbody = b"" if no_body else await _read_body(up_reader, rheaders, request=False)
+                        framed = no_body or "content-length" in rheaders or "chunked" in rheaders.get(
+                            "transfer-encoding", "").lower()
+                        if not framed:  # read to the upstream's close: give the client a length instead
+                            rheaders["\0order"].append(("Content-Length", str(len(rbody))))
+                        writer.write(_render_head(rline, rheaders, drop=("connection",)) + rbody)
+                        await writer.drain()
                 finally:
                     with self._lock:
                         self._in_flight -= 1
@@ -167,6 +213,41 @@ class LatencyProxy:
             for w in (writer, up_writer):
                 if w is not None:
                     w.close()
+
+
+    async def _fetch_whole(self, line: bytes, headers: dict, up_reader, up_writer) -> tuple[dict, bytes] | None:
+        """The whole object the ranged GET `line` asks part of, from upstream (held from now on);
+        None when upstream does not answer 200 (the request is then forwarded as it is)."""
+        order = [(n, v) for n, v in headers["\0order"] if n.lower() not in ("range", "expect")]
+        up_writer.write(_render_head(line, {"\0order": order}))
+        await up_writer.drain()
+        resp = await _read_head(up_reader)
+        if resp is None:
+            return None
+        rline, rheaders = resp
+        body = await _read_body(up_reader, rheaders, request=False)
+        if int(rline.split(b" ", 2)[1]) != 200 or "chunked" in rheaders.get("transfer-encoding", "").lower():
+            return None
+        held = self.held[line.split(b" ")[1].decode("latin-1")] = (rheaders, body)
+        return held
+
+
+def _ranged_answer(held: tuple[dict, bytes], range_header: str) -> tuple[bytes, bytes]:
+    """(head, body) of S3's answer to `Range: bytes=a-b` (or `a-`) from a held whole object."""
+    rheaders, whole = held
+    first, _, last = range_header.partition("=")[2].partition("-")
+    start = int(first)
+    end = min(int(last) if last else len(whole) - 1, len(whole) - 1)
+    if start >= len(whole):
+        body = b"<Error><Code>InvalidRange</Code></Error>"
+        return (f"HTTP/1.1 416 Requested Range Not Satisfiable\r\nContent-Range: bytes */{len(whole)}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode(), body
+    lines = ["HTTP/1.1 206 Partial Content", f"Content-Range: bytes {start}-{end}/{len(whole)}",
+             f"Content-Length: {end - start + 1}", "Accept-Ranges: bytes"]
+    for name in ("ETag", "Last-Modified", "Content-Type"):
+        if name.lower() in rheaders:
+            lines.append(f"{name}: {rheaders[name.lower()]}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), whole[start:end + 1]
 
 
 async def _read_head(reader: asyncio.StreamReader):

@@ -23,6 +23,7 @@ from functools import lru_cache
 
 import fsspec
 
+from . import s3get
 from .procpool import pid_alive
 
 TMP_MARK = ".tmp-"
@@ -309,6 +310,13 @@ def open_read(url: str, block_size: int = 8 << 20):
 
 @_names_remote_errors("read")
 def _read_range(url: str, offset: int, length: int) -> bytes:
+    protocol, _, rest = url.partition("://")
+    if protocol in ("s3", "s3a"):
+        bucket, _, key = rest.partition("/")
+        try:
+            return s3get.get_range(bucket, key, offset, length)  # ~0.1 ms of CPU, not botocore's ~2
+        except s3get.Handoff:
+            pass
     fs, path = filesystem(url)
     return fs.cat_file(path, start=offset, end=offset + length)
 

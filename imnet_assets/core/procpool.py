@@ -289,15 +289,16 @@ class WorkerPool:
     `run(state, mark) -> result` (called in the worker's main thread, one job after another;
     `mark(i)` says which item the job works on, so a death is blamed on that item). Each worker
     holds up to `depth` jobs, so its reads run ahead of its encoding: with `threads` reader
-    threads each, a pool keeps 24 x workers source reads in flight (at 20 ms per S3 request, about
-    1,200 reads/s per worker; issue 14 asks 2,000/s of a shard run).
+    threads each, a pool keeps up to 32 x workers source reads in flight: a worker's `depth` jobs
+    of shard.BATCH rows are 32 sources read ahead, one ranged GET each (core/s3get.py: ~0.3 ms of
+    CPU per read), about 1,400 reads/s per worker at 20 ms per S3 request.
 
     A worker that dies is replaced; each of its jobs fails with `WorkerDied` (naming the item it
     was working on, for the job that was running) and the caller decides what to retry. One
     dispatcher thread owns the pipes; `submit` is thread-safe.
     """
 
-    def __init__(self, workers: int, threads: int = 24, depth: int = 4):
+    def __init__(self, workers: int, threads: int = 32, depth: int = 4):
         self.pid = os.getpid()
         self.threads, self.depth = threads, depth
         self._ctx = _forkserver_context()
