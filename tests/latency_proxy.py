@@ -54,7 +54,7 @@ class LatencyProxy:
         self.hold_objects = hold_objects
         self.held: dict[str, tuple[dict, bytes]] = {}  # path -> (upstream response headers, whole body)
         self.held_answers = 0  # ranged GETs answered from a held copy
-        self._failures: list[int] = []  # statuses the next requests are answered with (`fail`)
+        self._failures: list[tuple[int, dict]] = []  # answers to the next requests (`fail`)
         self.upstream = (u.hostname or "127.0.0.1", u.port or 80)
         self.latency = latency_ms / 1000.0
         self.host = host
@@ -96,11 +96,12 @@ class LatencyProxy:
             c = self._counts
             return Counts(c.requests, c.connections, c.bytes_out, c.max_in_flight, dict(c.by_method))
 
-    def fail(self, status: int, times: int = 1) -> None:
-        """Answer the next `times` requests with `status` and an S3 error document, without
-        passing them on (503 is S3's SlowDown, 500 its InternalError, 403 AccessDenied)."""
+    def fail(self, status: int, times: int = 1, headers: dict[str, str] | None = None) -> None:
+        """Answer the next `times` requests with `status`, `headers` and an S3 error document,
+        without passing them on (503 is S3's SlowDown, 500 its InternalError, 403 AccessDenied, 301
+        with `x-amz-bucket-region` a bucket in another region)."""
         with self._lock:
-            self._failures += [status] * times
+            self._failures += [(status, headers or {})] * times
 
     def reset_peak(self) -> None:
         """Start measuring the most requests in flight afresh."""
@@ -166,9 +167,11 @@ class LatencyProxy:
                             up_writer.close()  # werkzeug closes after each answer
                             up_reader = up_writer = None
                     if failure is not None:
-                        rbody = f"<Error><Code>Injected{failure}</Code></Error>".encode()
-                        writer.write(f"HTTP/1.1 {failure} Injected\r\nContent-Length: {len(rbody)}\r\n\r\n".encode()
-                                     + rbody)
+                        status, extra = failure
+                        rbody = f"<Error><Code>Injected{status}</Code></Error>".encode()
+                        head = "".join(f"{n}: {v}\r\n" for n, v in extra.items())
+                        writer.write(f"HTTP/1.1 {status} Injected\r\n{head}Content-Length: {len(rbody)}\r\n\r\n"
+                                     .encode() + rbody)
                         await writer.drain()
                         rheaders, framed = {}, True
                     elif held is not None:

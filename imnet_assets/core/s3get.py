@@ -14,9 +14,11 @@ refreshed when they expire), the endpoint (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S
 the addressing style and the signing region (read off a URL botocore presigns for the bucket). So
 this reads exactly what s3fs would read, as s3fs would.
 
+A bucket in another region than the one configured (or with none configured) answers the first
+read with its region (`x-amz-bucket-region`): it is worked out again for that region, once.
 Whatever this module does not handle itself goes to s3fs, which does: no credentials, an HTTP(S)
-proxy in the environment, or a bucket that answers 301/307/400/403 (another region, a refused
-key: s3fs follows the redirect or names the refusal). Throttling (503, 429) and server errors
+proxy in the environment, or a bucket that answers 301/307/400/403 otherwise (a refused key, a
+redirect without a region: s3fs follows it or names the refusal). Throttling (503, 429) and server errors
 (500) are retried with backoff, as botocore does; a missing object is FileNotFoundError.
 """
 
@@ -37,7 +39,7 @@ EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 ATTEMPTS = 5  # per read, as botocore's legacy retry mode (1 try + 4 retries)
 BACKOFF_SECONDS = 0.05  # first wait before a retry; doubles, with jitter
 RETRY_STATUSES = (500, 502, 503, 504, 429)  # throttled or failing: tried again
-HANDOFF_STATUSES = (301, 307, 400, 403)  # another region, a refused key: s3fs knows what to do
+HANDOFF_STATUSES = (301, 307, 400, 403)  # a refused key, a redirect: s3fs knows what to do
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0  # botocore's default read timeout
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
@@ -88,13 +90,20 @@ def target(bucket: str) -> Target | None:
         return _targets[key]
 
 
+def _retarget(bucket: str, region: str) -> Target | None:
+    """The bucket's Target in `region`, for this process from now on."""
+    with _targets_lock:
+        t = _targets[(os.getpid(), _endpoint(), _region(), bucket)] = _resolve(bucket, region)
+        return t
+
+
 def hand_off(bucket: str) -> None:
     """From now on this process reads `bucket` through s3fs."""
     with _targets_lock:
         _targets[(os.getpid(), _endpoint(), _region(), bucket)] = None
 
 
-def _resolve(bucket: str) -> Target | None:
+def _resolve(bucket: str, region: str | None = None) -> Target | None:
     if any(os.environ.get(v) for v in PROXY_VARIABLES):
         return None  # botocore's proxy handling (and NO_PROXY) is not repeated here
     import botocore.session
@@ -104,7 +113,7 @@ def _resolve(bucket: str) -> Target | None:
     credentials = session.get_credentials()
     if credentials is None:
         return None
-    client = session.create_client("s3", endpoint_url=_endpoint(), region_name=_region(),
+    client = session.create_client("s3", endpoint_url=_endpoint(), region_name=region or _region(),
                                    config=Config(signature_version="s3v4"))
     probe = "imnet-probe"
     u = urlsplit(client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": probe},
@@ -207,8 +216,9 @@ class _Connection:
             self._more()
         return self._take(end + 2)[:-2]
 
-    def request(self, data: bytes) -> tuple[int, bytes, bool]:
-        """(status, body, whether the server closes the connection after it)."""
+    def request(self, data: bytes) -> tuple[int, dict[str, str], bytes, bool]:
+        """(status, headers (lower-case names), body, whether the server closes the connection
+        after it)."""
         self.sock.sendall(data)
         while (end := self.buf.find(b"\r\n\r\n")) < 0:
             self._more()
@@ -226,15 +236,15 @@ class _Connection:
                 self._line()
             while self._line():  # trailers, up to the empty line
                 pass
-            return status, b"".join(parts), close
+            return status, headers, b"".join(parts), close
         if "content-length" in headers:
-            return status, self._take(int(headers["content-length"])), close
+            return status, headers, self._take(int(headers["content-length"])), close
         try:  # delimited by the server closing the connection
             while True:
                 self._more()
         except ConnectionResetError:
             pass
-        return status, self._take(len(self.buf)), True
+        return status, headers, self._take(len(self.buf)), True
 
 
 def _connections() -> dict:
@@ -243,7 +253,7 @@ def _connections() -> dict:
     return _local.conns
 
 
-def _once(t: Target, path: str, range_header: str) -> tuple[int, bytes]:
+def _once(t: Target, path: str, range_header: str) -> tuple[int, dict[str, str], bytes]:
     creds = t.credentials.get_frozen_credentials()
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     headers = signed_headers(t, path, range_header, stamp, creds.access_key, creds.secret_key, creds.token)
@@ -256,7 +266,7 @@ def _once(t: Target, path: str, range_header: str) -> tuple[int, bytes]:
         if conn is None:
             conn = conns[t] = _Connection(t)
         try:
-            status, body, close = conn.request(data)
+            status, headers, body, close = conn.request(data)
         except OSError:
             conns.pop(t, None)
             conn.close()
@@ -266,7 +276,7 @@ def _once(t: Target, path: str, range_header: str) -> tuple[int, bytes]:
         if close:
             conns.pop(t, None)
             conn.close()
-        return status, body
+        return status, headers, body
     raise AssertionError("unreachable")
 
 
@@ -281,10 +291,10 @@ def get_range(bucket: str, key: str, offset: int, length: int) -> bytes:
         return b""
     path = t.prefix + "/" + quote(key, safe="/~")
     range_header = f"bytes={offset}-{offset + length - 1}"
-    wait = BACKOFF_SECONDS
+    wait, moved = BACKOFF_SECONDS, False
     for attempt in range(ATTEMPTS):
         try:
-            status, body = _once(t, path, range_header)
+            status, headers, body = _once(t, path, range_header)
         except (OSError, ValueError) as e:  # ValueError: an answer that is not HTTP
             if attempt == ATTEMPTS - 1:
                 raise ConnectionError(f"GET {t.host}{path}: {type(e).__name__}: {e}") from e
@@ -297,6 +307,15 @@ def get_range(bucket: str, key: str, offset: int, length: int) -> bytes:
                 return b""
             if status == 404:
                 raise FileNotFoundError(f"s3://{bucket}/{key}")
+            region = headers.get("x-amz-bucket-region")
+            if status in HANDOFF_STATUSES and region and region != t.region and not moved:
+                # the bucket is in another region (no region configured, or a wrong one): its
+                # endpoint and signing region, as botocore would name them, and the read again
+                t, moved = _retarget(bucket, region), True
+                if t is None:
+                    raise Handoff(bucket)
+                path = t.prefix + "/" + quote(key, safe="/~")
+                continue
             if status in HANDOFF_STATUSES:
                 hand_off(bucket)
                 raise Handoff(bucket)

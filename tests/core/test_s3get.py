@@ -98,6 +98,16 @@ def test_a_refusal_hands_the_bucket_to_s3fs_which_reads_it(proxied):
     assert fs.read_range(url, 10, 2) == b"ab"
 
 
+def test_a_bucket_in_another_region_is_read_there_after_its_first_answer(proxied):
+    server, proxy = proxied
+    url = _put(server, "winter21/m.tar", b"0123456789")
+    assert s3get.target(server.bucket).region == "us-east-1"
+    proxy.fail(301, headers={"x-amz-bucket-region": "ap-southeast-2"})
+    assert fs.read_range(url, 2, 3) == b"234"
+    assert s3get.target(server.bucket).region == "ap-southeast-2"  # still read here, not by s3fs
+    assert fs.read_range(url, 0, 1) == b"0"
+
+
 class _OneAnswerServer:
     """Answers one request per connection with 206 and closes it, without saying so (no
     `Connection: close`): a kept-alive connection the server dropped meanwhile."""
