@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import os
 import re
-import socket
 import sys
 import threading
 import time
@@ -115,11 +114,11 @@ class Build:
     def materialize(self, selection: list[str], partition_key: str | None = None):
         from dagster import materialize
 
-        from .schedules import HOST_TAG
+        from .schedules import worker_place
 
         result = materialize(
             self.assets, selection=selection, partition_key=partition_key, instance=self.instance,
-            raise_on_error=False, tags={"imnet/launched_by": "imnet build", HOST_TAG: socket.gethostname()},
+            raise_on_error=False, tags={"imnet/launched_by": "imnet build", **worker_place()},
             run_config={"loggers": {"console": {"config": {"log_level": self.log_level}}}},
         )
         failures = []

@@ -37,7 +37,7 @@ from dagster import (
 from .core.audit import expected_shard_fingerprints, plan_mismatch, shards_as_they_are
 from .core.freshness import shard_states
 from .core.plan import read_index
-from .core.procpool import pid_alive
+from .core.procpool import pid_alive, pid_namespace
 from .settings import Settings
 
 IN_FLIGHT = [
@@ -50,6 +50,7 @@ IN_FLIGHT = [
 PARTITION_TAG = "dagster/partition"
 WILL_RETRY_TAG = "dagster/will_retry"  # set by the instance on a failed run: "true" when run_retries will relaunch it
 HOST_TAG = "imnet/host"  # where the run's worker process runs (set by `imnet build` and by wds_shards)
+PID_NAMESPACE_TAG = "imnet/pid-namespace"  # and in which process numbers (see worker_place)
 SHARDS = AssetKey("wds_shards")
 
 
@@ -92,15 +93,27 @@ def _retry_pending(rec: RunRecord | None) -> bool:
             and rec.end_time is not None and time.time() - rec.end_time < RETRY_GRACE_SECONDS)
 
 
+def worker_place() -> dict[str, str]:
+    """The tags that say where this process runs: the host's name and, where /proc shows it, its
+    pid namespace. Containers on the host's network share the host's name but not its process
+    numbers: a run in one of them must not be judged by whether its worker's number is alive here."""
+    namespace = pid_namespace()
+    return {HOST_TAG: socket.gethostname(), **({PID_NAMESPACE_TAG: namespace} if namespace else {})}
+
+
 def run_worker_gone(instance: DagsterInstance, run) -> bool:
     """Whether a run the instance still has as started lost its run worker: a process of this host
-    (HOST_TAG) that is no longer running (kill -9, the OOM killer, a machine that rebooted).
+    and pid namespace (worker_place) that is no longer running (kill -9, the OOM killer, a machine that rebooted).
     Such a run would stay "started" forever, since the worker writes a run's end; the default run
     launcher cannot tell Dagster's run monitoring about it. Runs of other hosts are left to it."""
     if run.status not in (DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING):
         return False
-    if run.tags.get(HOST_TAG) != socket.gethostname():
+    here = worker_place()
+    if run.tags.get(HOST_TAG) != here[HOST_TAG]:
         return False
+    namespace = run.tags.get(PID_NAMESPACE_TAG)  # absent on runs tagged before it was recorded
+    if namespace is not None and namespace != here.get(PID_NAMESPACE_TAG):
+        return False  # a container on this host's network: its process numbers are not ours
     records = instance.get_records_for_run(run.run_id, of_type=DagsterEventType.RUN_START, limit=1).records
     if not records:
         return False

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,30 @@ def environ(**values: str):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = old
+
+
+def dead_pid() -> int:
+    """The number of a process that has ended (and been reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def other_pid_namespace() -> tuple[subprocess.Popen, str]:
+    """A live process in a pid namespace of its own (as a container's), and that namespace's name.
+    Stop it with kill() and wait()."""
+    for cmd in (["unshare", "--pid", "--fork", "sleep", "120"],
+                ["unshare", "--user", "--map-root-user", "--pid", "--fork", "sleep", "120"]):
+        proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 10
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+                if children:
+                    return proc, os.readlink(f"/proc/{children[0]}/ns/pid")
+            except OSError:
+                pass
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+    raise RuntimeError("unshare cannot make a pid namespace on this machine")

@@ -42,7 +42,7 @@ from imnet_assets.assets import wds_shards
 from imnet_assets.core.shard import state_url
 from imnet_assets.definitions import build_definitions
 from imnet_assets.settings import Settings
-from tests.conftest import REPO, build_env, dagster_home, imnet, settings_of
+from tests.conftest import REPO, build_env, dagster_home, dead_pid, imnet, other_pid_namespace, settings_of
 
 NUM_SHARDS = 8
 KEYS = [f"{i:04d}" for i in range(NUM_SHARDS)]
@@ -90,11 +90,11 @@ class Site:
                            instance=self.instance, raise_on_error=False)
 
     def add_run(self, key: str, status: DagsterRunStatus, host: str | None = None, pid: int | None = None,
-                at: float | None = None) -> str:
+                at: float | None = None, tags: dict[str, str] | None = None) -> str:
         """A run of one wds_shards partition, moved to `status` by the event the daemon would report
         (from process `pid`, by default this one, at Unix time `at`); `host`: the run's HOST_TAG."""
         job = build_definitions(self.settings).resolve_implicit_global_asset_job_def()
-        tags = {schedules.PARTITION_TAG: key, **({schedules.HOST_TAG: host} if host else {})}
+        tags = {schedules.PARTITION_TAG: key, **({schedules.HOST_TAG: host} if host else {}), **(tags or {})}
         run = self.instance.create_run_for_job(
             job_def=job, asset_selection={SHARDS}, tags=tags, remote_job_origin=_job_origin(job.name),
         )
@@ -209,12 +209,6 @@ def test_topup_requests_missing_failed_and_stale_partitions_only(site, monkeypat
     assert data.run_requests == [] and data.skip_message
 
 
-def dead_pid() -> int:
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return proc.pid
-
-
 def test_runs_whose_worker_process_is_gone_are_failed_and_their_shards_requested(site, monkeypatch):
     """kill -9 of a run's worker (or of `imnet build`) leaves its run "started" for good. On this
     host the schedule (and `imnet build`) see that the process is gone and fail the run; a run on
@@ -255,6 +249,32 @@ def test_runs_whose_worker_process_is_gone_are_failed_and_their_shards_requested
     assert schedules.shard_partition_status(s.settings, s.instance)["0001"] == "retrying"
     monkeypatch.setattr(schedules, "RETRY_GRACE_SECONDS", 0)  # no retry came: the schedule asks
     assert requested(tick(s.settings, s.instance)) == ["0001"]
+
+
+def test_a_run_in_another_pid_namespace_of_this_host_is_not_judged_by_our_process_numbers(site):
+    """Containers on the host's network (the Docker launcher's `network: host`) have this host's
+    name but process numbers of their own: a run whose worker lives in one is left to Dagster's run
+    monitoring, whatever its worker's number means here. A run of this namespace whose worker is
+    gone is still failed, and so is one tagged before namespaces were recorded."""
+    s = site
+    container, namespace = other_pid_namespace()
+    try:
+        here = schedules.worker_place()
+        assert namespace != here[schedules.PID_NAMESPACE_TAG]
+        for key in ("0001", "0002", "0003"):
+            s.tar(key).unlink()
+        theirs = s.add_run("0001", DagsterRunStatus.STARTED, pid=dead_pid(),
+                           tags={**here, schedules.PID_NAMESPACE_TAG: namespace})
+        ours = s.add_run("0002", DagsterRunStatus.STARTED, pid=dead_pid(), tags=here)
+        older = s.add_run("0003", DagsterRunStatus.STARTED, host=here[schedules.HOST_TAG], pid=dead_pid())
+        assert sorted(schedules.fail_dead_runs(s.instance)) == ["0002", "0003"]
+        assert s.instance.get_run_by_id(theirs).status == DagsterRunStatus.STARTED
+        assert s.instance.get_run_by_id(ours).status == DagsterRunStatus.FAILURE
+        assert s.instance.get_run_by_id(older).status == DagsterRunStatus.FAILURE
+        assert schedules.shard_partition_status(s.settings, s.instance)["0001"] == "in_flight"
+    finally:
+        container.kill()
+        container.wait()
 
 
 def test_topup_skips_before_the_plan_exists(site):

@@ -1,5 +1,4 @@
 import os
-import socket
 
 from dagster import (
     AssetExecutionContext,
@@ -13,7 +12,7 @@ from dagster import (
 from ..checks import SHARD_COMPLETE, result, wds_shards_checks
 from ..core.audit import encode_settings, require_current_plan
 from ..core.shard import build_shard, code_version
-from ..schedules import HOST_TAG
+from ..schedules import HOST_TAG, worker_place
 from ..settings import Settings
 from .common import GROUP, logger
 
@@ -44,7 +43,7 @@ def make(settings: Settings):
         key = context.partition_key
         name = settings.shard_name(key)
         if context.run.tags.get(HOST_TAG) is None:  # lets a rerun see this run's worker die (schedules)
-            context.instance.add_run_tags(context.run.run_id, {HOST_TAG: socket.gethostname()})
+            context.instance.add_run_tags(context.run.run_id, worker_place())
         require_current_plan(settings)  # a clear error, not a shard cut from another layout's plan
         res = build_shard(
             out_root=settings.out_root, raw_root=settings.raw_root, shard_key=key, shard_name=name,

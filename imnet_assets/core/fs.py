@@ -24,7 +24,7 @@ from functools import lru_cache
 import fsspec
 
 from . import s3get
-from .procpool import pid_alive
+from .procpool import pid_alive, pid_namespace
 
 TMP_MARK = ".tmp-"
 POOL_CONNECTIONS = 128  # kept-alive connections per process to one S3 endpoint
@@ -466,7 +466,8 @@ class _LeasedUpload:
         mpu = getattr(self._f, "mpu", None)
         if self._lease is None and mpu and mpu.get("UploadId"):
             self._lease = _lease_url(self._url, mpu["UploadId"])
-            writer = {"host": socket.gethostname(), "pid": os.getpid(), "written": time.time(), "key": self._url}
+            writer = {"host": socket.gethostname(), "pid_namespace": pid_namespace(), "pid": os.getpid(),
+                      "written": time.time(), "key": self._url}
             write_atomic(self._lease, json.dumps(writer).encode())
 
     def release(self) -> None:
@@ -480,7 +481,7 @@ class _LeasedUpload:
 
 def _upload_writer_alive(lease: dict | None, initiated) -> bool:
     """Whether the writer of a multipart upload may still be writing it: its lease names a live
-    process of this host, or another host's (which cannot be asked), or there is no lease yet (the
+    process of this host and pid namespace, or another host's or namespace's (which cannot be asked), or there is no lease yet (the
     moment between beginning the upload and writing the lease); never once the upload is older
     than STALE_UPLOAD_SECONDS (by its lease's time, on this side's clock, else by the storage's
     `Initiated`). This process's own leftovers are not live (as for local temporaries)."""
@@ -494,6 +495,8 @@ def _upload_writer_alive(lease: dict | None, initiated) -> bool:
         return True
     if lease.get("host") != socket.gethostname():
         return True
+    if lease.get("pid_namespace", pid_namespace()) != pid_namespace():  # absent: leases written before
+        return True  # a container on this host's network: its process numbers are not ours to ask
     pid = int(lease.get("pid", 0))
     return pid != os.getpid() and pid_alive(pid, started_by=since)
 

@@ -104,6 +104,17 @@ def bounded_map(pool: Executor, fn: Callable, items: Iterable, window: int, *arg
         yield pending.popleft().result()
 
 
+def pid_namespace() -> str | None:
+    """This process's pid namespace ("pid:[4026531836]"), where /proc shows it. Process numbers
+    mean something only within one namespace: containers on the host's network have the host's
+    name but numbers of their own, so a process of another namespace cannot be asked with
+    `pid_alive` (None: not Linux, every process of the host is taken as one namespace)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def pid_alive(pid: int, started_by: float | None = None) -> bool:
     """Whether process `pid` of this host is running (not a zombie) and, when `started_by` (a Unix
     time) is given, started no later than that: a process that started after it is a reuse of the

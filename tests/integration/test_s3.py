@@ -29,7 +29,7 @@ from botocore.exceptions import ClientError
 
 from imnet_assets.core import fs
 from tests.checks import catalog, check_release
-from tests.conftest import build_env, dagster_home, environ, imnet
+from tests.conftest import build_env, dagster_home, dead_pid, environ, imnet, other_pid_namespace
 from tests.latency_proxy import LatencyProxy
 from tests.s3server import ACCESS_KEY, MotoS3
 
@@ -311,6 +311,40 @@ def test_remove_partials_keeps_another_hosts_upload_until_it_is_stale(s3, monkey
     f.closed = True
     assert len(fs.remove_partials(url)) == 1
     assert _uploads(client, s3.bucket) == []
+
+
+def test_remove_partials_keeps_an_upload_of_another_pid_namespace_of_this_host(s3):
+    """A lease naming this host but another pid namespace (a writer in a container on the host's
+    network) is not judged by this namespace's process numbers: kept while not stale. The same
+    lease in this namespace, its writer's number gone here: aborted."""
+    import json
+    import socket
+    import time
+
+    from imnet_assets.core.procpool import pid_namespace
+
+    client = s3.client()
+    url = f"s3://{s3.bucket}/wds/imagenet12k-train-0003.tar"
+    s3fs, path = fs.filesystem(url)
+    f = s3fs.open(path, "wb", block_size=5 << 20)
+    f.write(os.urandom(12 << 20))  # parts uploaded, never completed
+    f.closed = True
+    upload = client.list_multipart_uploads(Bucket=s3.bucket)["Uploads"][0]["UploadId"]
+    container, namespace = other_pid_namespace()
+    try:
+        assert namespace != pid_namespace()
+        lease = {"host": socket.gethostname(), "pid_namespace": namespace, "pid": dead_pid(),
+                 "written": time.time(), "key": url}
+        fs.write_atomic(fs._lease_url(url, upload), json.dumps(lease).encode())
+        assert fs.remove_partials(url) == []
+        assert _uploads(client, s3.bucket) == ["wds/imagenet12k-train-0003.tar"]
+        lease["pid_namespace"] = pid_namespace()
+        fs.write_atomic(fs._lease_url(url, upload), json.dumps(lease).encode())
+        assert len(fs.remove_partials(url)) == 1
+        assert _uploads(client, s3.bucket) == []
+    finally:
+        container.kill()
+        container.wait()
 
 
 def test_read_many_on_s3_is_one_get_per_object_all_in_flight_at_once(s3):
