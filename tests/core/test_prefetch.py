@@ -75,3 +75,30 @@ def test_small_remote_tars_are_fetched_whole_many_in_flight_one_get_each(s3, tmp
     counts = proxy.counts()
     assert counts.by_method == {"GET": len(urls)}, counts.by_method
     assert counts.max_in_flight == depth_for(1) == 32
+
+
+def test_a_remote_shard_is_read_back_many_requests_ahead_sample_for_sample_as_the_local_copy(s3, tmp_path):  # noqa: F811
+    """`imnet verify` reads a shard on S3 READ_AHEAD ranged requests ahead (not one 8 MB block at a
+    time): the same samples and the same file sha256 as the local copy, requests overlapping."""
+    import io
+    import tarfile
+
+    from imnet_assets.core import verify
+    from tests.conftest import environ
+    from tests.latency_proxy import LatencyProxy
+
+    shard = tmp_path / "shard.tar"
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(40):  # 40 samples of ~0.6 MB: 6 prefetch chunks
+            for ext, payload in (("cls", b"%d" % i), ("webp", os.urandom(600_000 + i))):
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    s3.client().upload_file(str(shard), s3.bucket, "wds/shard.tar")
+    local_digest, remote_digest = [], []
+    local = list(verify.iter_samples(str(shard), local_digest))
+    with LatencyProxy(s3.endpoint, latency_ms=50) as proxy, environ(AWS_ENDPOINT_URL=proxy.endpoint):
+        remote = list(verify.iter_samples(f"s3://{s3.bucket}/wds/shard.tar", remote_digest))
+        used = proxy.counts()
+    assert remote == local and remote_digest == local_digest and len(local) == 40
+    assert used.max_in_flight >= 4, used
