@@ -1,6 +1,6 @@
 """Ranged GETs signed here (core/s3get.py), on moto's S3 server behind the latency proxy: the
-signature botocore would make, the object's exact bytes with one request per read over one
-kept-alive connection, throttling retried, refusals handed to s3fs, a missing object named."""
+signature botocore would make, the object's exact bytes with one request per read over
+kept-alive connections shared by the process's threads, throttling retried, refusals handed to s3fs, a missing object named."""
 
 from __future__ import annotations
 
@@ -60,6 +60,23 @@ def test_ranges_come_back_exact_one_request_each_over_one_kept_alive_connection(
     assert used.requests == len(ranges) + 1 and used.by_method == {"GET": len(ranges) + 1}
     assert used.connections <= 1  # this thread's connection, kept alive from read to read
     assert s3get.target(server.bucket) is not None  # read here, not handed to s3fs
+
+
+def test_threads_that_come_and_go_reuse_the_processs_connections(proxied):
+    """The index reads each large tar with a thread pool of its own: 5 pools of 8 threads one
+    after another, 8 reads each, go over at most 8 connections (not one per thread: 40)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, proxy = proxied
+    data = os.urandom(100_000)
+    url = _put(server, "winter21/pools.tar", data)
+    before = proxy.counts()
+    for _ in range(5):
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda i: fs.read_range(url, i * 1000, 1000), range(8)))
+        assert got == [data[i * 1000:(i + 1) * 1000] for i in range(8)]
+    used = proxy.counts().minus(before)
+    assert used.requests == 40 and used.connections <= 8, used
 
 
 def test_a_missing_object_is_file_not_found(proxied):
