@@ -214,11 +214,12 @@ def worker_reads(settings, proxy, sources: int, workers: int = 2, passes: int = 
     first, cold pass fetches from moto once each; the second pass (`passes` times the rows) sees a
     server with S3's latency and no throughput cap of its own, so what it measures is the client's.
     (cold, hot) as (seconds, counts, sources read intact), and the workers' CPU ms per read."""
+    from imnet_assets.core import shard
     from imnet_assets.core.procpool import shared_pool
 
     rows = _slice_rows(settings, sources)
     pool = shared_pool(workers)
-    batch = max(1, min(8, len(rows) // (workers * 4)))
+    batch = shard._batch_size(len(rows), workers)  # as a shard run cuts its jobs
 
     def read_all(rows) -> int:
         window, done = [], 0

@@ -103,9 +103,10 @@ def worker_place() -> dict[str, str]:
 
 def run_worker_gone(instance: DagsterInstance, run) -> bool:
     """Whether a run the instance still has as started lost its run worker: a process of this host
-    and pid namespace (worker_place) that is no longer running (kill -9, the OOM killer, a machine that rebooted).
-    Such a run would stay "started" forever, since the worker writes a run's end; the default run
-    launcher cannot tell Dagster's run monitoring about it. Runs of other hosts are left to it."""
+    and pid namespace (worker_place) that is no longer running (kill -9, the OOM killer, a machine
+    that rebooted). Such a run would stay "started" forever, since the worker writes a run's end;
+    the default run launcher cannot tell Dagster's run monitoring about it. Runs of other hosts
+    (or namespaces) are left to it."""
     if run.status not in (DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING):
         return False
     here = worker_place()

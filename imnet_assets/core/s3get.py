@@ -18,8 +18,9 @@ A bucket in another region than the one configured (or with none configured) ans
 read with its region (`x-amz-bucket-region`): it is worked out again for that region, once.
 Whatever this module does not handle itself goes to s3fs, which does: no credentials, an HTTP(S)
 proxy in the environment, or a bucket that answers 301/307/400/403 otherwise (a refused key, a
-redirect without a region: s3fs follows it or names the refusal). Throttling (503, 429) and server errors
-(500) are retried with backoff, as botocore does; a missing object is FileNotFoundError.
+redirect without a region: s3fs follows it or names the refusal). Throttling (503, 429) and
+server errors (500) are retried with backoff, as botocore does; a missing object is
+FileNotFoundError.
 """
 
 from __future__ import annotations
@@ -74,18 +75,24 @@ _idle_lock = threading.Lock()
 _signing_keys: dict[tuple[str, str, str], bytes] = {}
 
 
-def _endpoint() -> str | None:
+def endpoint_url() -> str | None:
+    """The S3 endpoint the standard variables name (None: AWS's own for the region)."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
-def _region() -> str | None:
+def region_name() -> str | None:
+    """The region the standard variables name (None: botocore's configuration decides)."""
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+
+
+def _key(bucket: str) -> tuple:
+    return (os.getpid(), endpoint_url(), region_name(), bucket)
 
 
 def target(bucket: str) -> Target | None:
     """The bucket's Target in this process, worked out with botocore on first use; None when its
     reads go to s3fs."""
-    key = (os.getpid(), _endpoint(), _region(), bucket)
+    key = _key(bucket)
     try:
         return _targets[key]
     except KeyError:
@@ -99,14 +106,14 @@ def target(bucket: str) -> Target | None:
 def _retarget(bucket: str, region: str) -> Target | None:
     """The bucket's Target in `region`, for this process from now on."""
     with _targets_lock:
-        t = _targets[(os.getpid(), _endpoint(), _region(), bucket)] = _resolve(bucket, region)
+        t = _targets[_key(bucket)] = _resolve(bucket, region)
         return t
 
 
 def hand_off(bucket: str) -> None:
     """From now on this process reads `bucket` through s3fs."""
     with _targets_lock:
-        _targets[(os.getpid(), _endpoint(), _region(), bucket)] = None
+        _targets[_key(bucket)] = None
 
 
 def _resolve(bucket: str, region: str | None = None) -> Target | None:
@@ -119,7 +126,7 @@ def _resolve(bucket: str, region: str | None = None) -> Target | None:
     credentials = session.get_credentials()
     if credentials is None:
         return None
-    client = session.create_client("s3", endpoint_url=_endpoint(), region_name=region or _region(),
+    client = session.create_client("s3", endpoint_url=endpoint_url(), region_name=region or region_name(),
                                    config=Config(signature_version="s3v4"))
     probe = "imnet-probe"
     u = urlsplit(client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": probe},
@@ -309,10 +316,10 @@ def get_range(bucket: str, key: str, offset: int, length: int) -> bytes:
         raise Handoff(bucket)
     if length <= 0:
         return b""
-    path = t.prefix + "/" + quote(key, safe="/~")
     range_header = f"bytes={offset}-{offset + length - 1}"
     wait, moved = BACKOFF_SECONDS, False
     for attempt in range(ATTEMPTS):
+        path = t.prefix + "/" + quote(key, safe="/~")
         try:
             status, headers, body = _once(t, path, range_header)
         except (OSError, ValueError) as e:  # ValueError: an answer that is not HTTP
@@ -334,7 +341,6 @@ def get_range(bucket: str, key: str, offset: int, length: int) -> bytes:
                 t, moved = _retarget(bucket, region), True
                 if t is None:
                     raise Handoff(bucket)
-                path = t.prefix + "/" + quote(key, safe="/~")
                 continue
             if status in HANDOFF_STATUSES:
                 hand_off(bucket)
