@@ -281,34 +281,41 @@ def test_remove_partials_spares_a_live_writers_upload_and_aborts_a_killed_ones(s
     assert _keys(client, s3.bucket) == []  # the lease went with it
 
 
+def _abandon_upload(url: str) -> str:
+    """Begin a multipart upload of `url` and leave it as a killed writer does: parts uploaded,
+    never completed. Its upload id."""
+    s3fs, path = fs.filesystem(url)
+    f = s3fs.open(path, "wb", block_size=5 << 20)
+    f.write(os.urandom(12 << 20))
+    f.closed = True
+    return f.mpu["UploadId"]
+
+
+def _write_lease(url: str, upload: str, lease: dict) -> None:
+    fs.write_atomic(fs._lease_url(url, upload), json.dumps(lease).encode())
+
+
 def test_remove_partials_keeps_another_hosts_upload_until_it_is_stale(s3, monkeypatch):
     """An upload whose lease names another host (whose processes cannot be asked) is kept until it
     is older than STALE_UPLOAD_SECONDS; one with no lease at all, once it is that old by the
     storage's clock (moto dates every upload 2010-11-10: stale)."""
-    import json
     import time
 
     client = s3.client()
     url = f"s3://{s3.bucket}/wds/imagenet12k-train-0002.tar"
-    s3fs, path = fs.filesystem(url)
-    f = s3fs.open(path, "wb", block_size=5 << 20)
-    f.write(os.urandom(12 << 20))  # parts uploaded, never completed
-    f.closed = True
-    upload = client.list_multipart_uploads(Bucket=s3.bucket)["Uploads"][0]["UploadId"]
+    upload = _abandon_upload(url)
     lease = {"host": "another-host", "pid": 1, "written": time.time(), "key": url}
-    fs.write_atomic(fs._lease_url(url, upload), json.dumps(lease).encode())
+    _write_lease(url, upload, lease)
     assert fs.remove_partials(url) == []
     assert _uploads(client, s3.bucket) == ["wds/imagenet12k-train-0002.tar"]
     monkeypatch.setattr(fs, "STALE_UPLOAD_SECONDS", 3600)
     lease["written"] = time.time() - 7200
-    fs.write_atomic(fs._lease_url(url, upload), json.dumps(lease).encode())
+    _write_lease(url, upload, lease)
     assert len(fs.remove_partials(url)) == 1
     assert _uploads(client, s3.bucket) == []
     assert _keys(client, s3.bucket) == []
     # No lease: judged by the storage's Initiated date.
-    f = s3fs.open(path, "wb", block_size=5 << 20)
-    f.write(os.urandom(12 << 20))
-    f.closed = True
+    _abandon_upload(url)
     assert len(fs.remove_partials(url)) == 1
     assert _uploads(client, s3.bucket) == []
 
@@ -317,7 +324,6 @@ def test_remove_partials_keeps_an_upload_of_another_pid_namespace_of_this_host(s
     """A lease naming this host but another pid namespace (a writer in a container on the host's
     network) is not judged by this namespace's process numbers: kept while not stale. The same
     lease in this namespace, its writer's number gone here: aborted."""
-    import json
     import socket
     import time
 
@@ -325,21 +331,17 @@ def test_remove_partials_keeps_an_upload_of_another_pid_namespace_of_this_host(s
 
     client = s3.client()
     url = f"s3://{s3.bucket}/wds/imagenet12k-train-0003.tar"
-    s3fs, path = fs.filesystem(url)
-    f = s3fs.open(path, "wb", block_size=5 << 20)
-    f.write(os.urandom(12 << 20))  # parts uploaded, never completed
-    f.closed = True
-    upload = client.list_multipart_uploads(Bucket=s3.bucket)["Uploads"][0]["UploadId"]
+    upload = _abandon_upload(url)
     container, namespace = other_pid_namespace()
     try:
         assert namespace != pid_namespace()
         lease = {"host": socket.gethostname(), "pid_namespace": namespace, "pid": dead_pid(),
                  "written": time.time(), "key": url}
-        fs.write_atomic(fs._lease_url(url, upload), json.dumps(lease).encode())
+        _write_lease(url, upload, lease)
         assert fs.remove_partials(url) == []
         assert _uploads(client, s3.bucket) == ["wds/imagenet12k-train-0003.tar"]
         lease["pid_namespace"] = pid_namespace()
-        fs.write_atomic(fs._lease_url(url, upload), json.dumps(lease).encode())
+        _write_lease(url, upload, lease)
         assert len(fs.remove_partials(url)) == 1
         assert _uploads(client, s3.bucket) == []
     finally:
