@@ -1,10 +1,11 @@
-"""Assembles the Dagster definitions: six assets, their checks, the schedule and the sensor."""
+"""Assembles the Dagster definitions: six assets, their checks, the schedule and the two sensors."""
 
 from dagster import Definitions, in_process_executor
 
 from .assets import filtered_index, raw_tars, shard_audit, shuffled_plan, synset_manifest, wds_shards
 from .schedules import make as make_schedules
 from .settings import Settings
+from .shard_sensor import make as make_shard_sensor
 
 
 def build_definitions(settings: Settings) -> Definitions:
@@ -20,7 +21,7 @@ def build_definitions(settings: Settings) -> Definitions:
             shard_audit.make(settings),
         ],
         schedules=[topup],
-        sensors=[audit_sensor],
+        sensors=[audit_sensor, make_shard_sensor(settings)],
         # Each run is one stage or one shard: in-process keeps a shard run's start-up small; the
         # parallelism is inside the shard (IMNET_WORKERS) and across runs (the run queue).
         executor=in_process_executor,

@@ -34,3 +34,20 @@ def table(rows: list[dict], schema: TableSchema) -> MetadataValue:
         TableRecord({n: ("" if row.get(n) is None else row[n]) for n in names}) for row in rows[:MAX_TABLE_ROWS]
     ]
     return MetadataValue.table(records, schema=schema)
+
+
+def human_bytes(n: int | float | None) -> str:
+    """1288490189 -> "1.2 GiB" (binary units, as `ls -h` and S3 consoles show sizes)."""
+    if n is None:
+        return ""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def reason_counts(counts: dict[str, int]) -> str:
+    """{"decode": 2, "too_small": 1} -> "decode: 2, too_small: 1" (most first)."""
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))

@@ -14,7 +14,7 @@ from ..core.audit import encode_settings, require_current_plan
 from ..core.shard import build_shard, code_version
 from ..schedules import HOST_TAG, worker_place
 from ..settings import Settings
-from .common import GROUP, logger
+from .common import GROUP, human_bytes, logger, reason_counts
 
 SHARD_POOL = "imnet_shards"
 
@@ -29,7 +29,7 @@ def make(settings: Settings):
         deps=["shuffled_plan"],
         partitions_def=partitions,
         code_version=code_version(enc),
-        check_specs=wds_shards_checks,
+        check_specs=wds_shards_checks(partitions),
         pool=SHARD_POOL,
         description=(
             "One WebDataset tar per partition (IMNET_SHARD_PATTERN under IMNET_OUT_ROOT). Reads the "
@@ -53,27 +53,34 @@ def make(settings: Settings):
         # The check ran inside build_shard, against the committed tar, before the commit record
         # (what freshness reads) was written: a failed check leaves the shard not fresh.
         problems = res.problems
-        reasons = {}
+        reasons: dict[str, int] = {}
         for e in res.excluded:
             reasons[e["reason"].split(":")[0]] = reasons.get(e["reason"].split(":")[0], 0) + 1
+        # Dagster keeps this metadata per partition: the partition's page in the UI shows its own
+        # shard's (the asset's overview shows the latest partition's). Readable first: sizes
+        # humanized next to the exact count, exclusion reasons as text only when there are any.
+        metadata = {
+            "shard": MetadataValue.text(f"{key} ({name})"),
+            "path": MetadataValue.path(res.path),
+            "samples": MetadataValue.int(res.num_samples),
+            "planned": MetadataValue.int(res.planned),
+            "size": MetadataValue.text(human_bytes(res.bytes)),
+            "bytes": MetadataValue.int(res.bytes),
+            "seconds": MetadataValue.float(round(res.seconds, 3)),
+            "check_seconds": MetadataValue.float(round(res.check_seconds, 3)),
+            "images_per_s": MetadataValue.float(round(res.images_per_second, 2)),
+            "repaired": MetadataValue.int(res.repaired),
+            "excluded": MetadataValue.int(len(res.excluded)),
+            **({"excluded_reasons": MetadataValue.text(reason_counts(reasons))} if reasons else {}),
+            "sha256": MetadataValue.text(res.sha256),
+            "workers": MetadataValue.int(settings.workers),
+            "pid": MetadataValue.int(os.getpid()),
+        }
         return MaterializeResult(
-            metadata={
-                "path": MetadataValue.path(res.path),
-                "samples": MetadataValue.int(res.num_samples),
-                "planned": MetadataValue.int(res.planned),
-                "bytes": MetadataValue.int(res.bytes),
-                "seconds": MetadataValue.float(round(res.seconds, 3)),
-                "check_seconds": MetadataValue.float(round(res.check_seconds, 3)),
-                "images_per_s": MetadataValue.float(round(res.images_per_second, 2)),
-                "repaired": MetadataValue.int(res.repaired),
-                "excluded": MetadataValue.int(len(res.excluded)),
-                "excluded_reasons": MetadataValue.json(reasons),
-                "sha256": MetadataValue.text(res.sha256),
-                "workers": MetadataValue.int(settings.workers),
-                "pid": MetadataValue.int(os.getpid()),
-            },
+            metadata=metadata,
             data_version=DataVersion(res.fingerprint[:16]),
-            # The check is not partitioned: its metadata names the shard it judged.
+            # The check is partitioned like the asset: its result carries this partition's key
+            # (and, for readers of the metadata alone, names the shard).
             check_results=[result(SHARD_COMPLETE, "wds_shards", problems, shard=key, samples=res.num_samples,
                                   decoded_every=settings.check_decode_every)],
         )

@@ -87,6 +87,9 @@ def _shard_fingerprints(settings: Settings, index: dict | None) -> dict[str, str
     return {k: fingerprint(d, enc) for k, d in index["digests"].items()}
 
 
+IMAGE_BUCKET = 64  # pixels of source short side per bucket of the image size distribution
+
+
 @dataclass
 class AuditReport:
     totals: dict
@@ -102,6 +105,8 @@ class AuditReport:
     conservation: list[str] = field(default_factory=list)  # sql/audit_conservation.sql
     info_written: bool = False
     lengths: dict[str, int] = field(default_factory=dict)  # shard key -> samples, from its manifest
+    class_bucket: int = 1  # width of class_sizes' buckets (samples per class): bucket b is b .. b+width-1
+    image_bucket: int = IMAGE_BUCKET  # width of image_sizes' buckets (pixels of short side)
 
     @property
     def problems(self) -> list[str]:
@@ -206,15 +211,16 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
         else:
             cat.run("audit_clear")
         reconcile = cat.one("audit_reconcile")
+        class_bucket = _bucket_width(cat, "class")
         report = AuditReport(
             totals=cat.one("audit_totals"),
             reconcile=reconcile,
             per_shard=cat.dicts("audit_per_shard"),
             reasons=cat.dicts("audit_reasons"),
-            class_sizes=cat.rows("audit_class_sizes", {"width": _bucket_width(cat, "class")}),
-            image_sizes=cat.rows("audit_image_sizes", {"width": 64}),
+            class_sizes=cat.rows("audit_class_sizes", {"width": class_bucket}),
+            image_sizes=cat.rows("audit_image_sizes", {"width": IMAGE_BUCKET}),
             missing=missing, stale=stale, bad_files=bad, stray=stray_shards(settings, look.names),
-            conservation=conservation_problems(cat), lengths=lengths,
+            conservation=conservation_problems(cat), lengths=lengths, class_bucket=class_bucket,
         )
         if report.problems:
             cat.clear_stage("shard_audit")  # only a clean audit is fresh: this one is done again

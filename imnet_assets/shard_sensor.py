@@ -1,0 +1,154 @@
+"""The `wds_shards_on_storage` sensor: what `imnet status` says of each shard partition, in Dagster.
+
+Dagster colours a partition from its runs alone: green once materialized, red when its last run
+failed. A shard whose tar then changed on storage, or went, stays green there while `imnet status`
+says stale or missing. Each tick this sensor judges every partition as `imnet status` does
+(`schedules.shard_partition_status`: two listings and one batch of small reads, whatever the shard
+count) and reports, for each partition Dagster has materialized whose verdict changed since the
+last tick, through Dagster's own means (Dagster 1.13):
+
+- a failed evaluation of the partitioned check `shard_holds_its_plan` for that partition (or a
+  passing one when it is fresh again without a rebuild). The check's Partitions view shows the
+  failed shard by key, its partition page and GraphQL's `assetCheckExecutions` carry the verdict.
+- an observation of that partition, with the verdict as metadata and a new data version (the
+  materialized one no longer describes what is stored): the partition's page lists it under its
+  events, and `shard_audit`, computed from the old data, shows as unsynced.
+
+Why not the other means: `report_runless_asset_event` takes materializations, observations and
+check evaluations but no failed materialization (the red of the partitions view comes only from a
+failed run), and a partition's own "stale" status follows only its code version and its upstream
+data versions, never a change of its own stored bytes. A failed partitioned check is what Dagster
+has for "this partition's data is not right now".
+
+Partitions that never materialized are left to Dagster's grey "missing"; failed, retrying,
+backed-off and in-flight partitions are already shown by their runs. The events go out in the
+tick's SensorResult (the daemon records them with the cursor; a "Test sensor" dry run records
+nothing), and the tick's skip reason says the counts, so the sensor's ticks read like `imnet status`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+
+from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckSeverity,
+    AssetKey,
+    AssetObservation,
+    DataVersion,
+    DefaultSensorStatus,
+    MetadataValue,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    sensor,
+)
+
+from .checks import AUDIT_RECONCILED, SHARD_COMPLETE
+from .core.audit import plan_mismatch
+from .core.plan import read_index
+from .schedules import SHARDS, shard_partition_status
+from .settings import Settings
+
+SENSOR_NAME = "wds_shards_on_storage"
+AUDIT = AssetKey("shard_audit")
+REPORTED = {
+    "stale": "stale: its tar changed on storage since its commit, or it was written from another plan "
+             "or settings (`imnet status` says stale; the top-up schedule or `imnet build` rebuilds it)",
+    "missing": "missing: its tar or commit record is gone from storage (`imnet status` says missing; the "
+               "top-up schedule or `imnet build` rebuilds it)",
+}
+FRESH_AGAIN = "fresh again: the committed tar is on storage as committed (`imnet status` says fresh)"
+SHOWN = 16  # partition keys named in a skip reason
+
+
+def verdict_events(key: str, state: str, now: float) -> list:
+    """The check evaluation and the observation that tell Dagster partition `key` is `state`."""
+    failed = state in REPORTED
+    why = REPORTED.get(state, FRESH_AGAIN)
+    metadata = {"imnet_status": MetadataValue.text(state), "shard": MetadataValue.text(key)}
+    check = AssetCheckEvaluation(
+        asset_key=SHARDS, check_name=SHARD_COMPLETE, passed=not failed, partition=key,
+        severity=AssetCheckSeverity.ERROR, description=f"shard {key} {why}", metadata=metadata,
+    )
+    if not failed:
+        return [check]
+    # A new data version: the one materialized no longer describes what is stored.
+    return [check, AssetObservation(asset_key=SHARDS, partition=key, description=f"shard {key} {why}",
+                                    metadata=metadata, data_version=DataVersion(f"{state}@{int(now)}"))]
+
+
+def audit_events(instance, before: dict[str, str], now: dict[str, str]) -> list:
+    """The audit's reconciliation check says "every shard present and fresh": when the shards that are
+    not (of those materialized) change after an audit, it fails, naming them, until they are fresh
+    again (a rebuild then gets audited anew: the audit sensor asks for it)."""
+    if before == now or instance is None or instance.get_latest_materialization_event(AUDIT) is None:
+        return []
+    if not now:
+        return [AssetCheckEvaluation(asset_key=AUDIT, check_name=AUDIT_RECONCILED, passed=True,
+                                     severity=AssetCheckSeverity.ERROR,
+                                     description="every shard is fresh again (`imnet status`)")]
+    named = ", ".join(f"{k} {v}" for k, v in list(now.items())[:SHOWN]) + (" ..." if len(now) > SHOWN else "")
+    return [AssetCheckEvaluation(
+        asset_key=AUDIT, check_name=AUDIT_RECONCILED, passed=False, severity=AssetCheckSeverity.ERROR,
+        description=f"since this audit, {len(now)} shards are no longer fresh (`imnet status`): {named}",
+        metadata={"not_fresh_shards": MetadataValue.int(len(now)),
+                  **{f"shard {k}": MetadataValue.text(v) for k, v in list(now.items())[:SHOWN]}},
+    )]
+
+
+def evaluate(settings: Settings, instance, cursor: str | None, now: float | None = None) -> SensorResult:
+    """One tick: the events for every partition whose verdict changed, the new cursor (partition key ->
+    the not-fresh verdict last reported) and a skip reason with the counts."""
+    now = time.time() if now is None else now
+    if read_index(settings.out_root) is None:
+        return SensorResult(skip_reason=SkipReason(
+            "no shuffled plan under the out root yet: materialize the upstream stages first"), cursor=cursor)
+    status = shard_partition_status(settings, instance, now=now)
+    materialized = set(instance.get_materialized_partitions(SHARDS)) if instance is not None else set()
+    reported: dict[str, str] = json.loads(cursor) if cursor else {}
+    events, changed, now_reported = [], [], {}
+    for key, state in status.items():
+        if state in REPORTED and key in materialized:
+            now_reported[key] = state
+            if reported.get(key) != state:
+                events += verdict_events(key, state, now)
+                changed.append(f"{key} {state}")
+        elif state == "fresh" and key in reported:
+            events += verdict_events(key, state, now)
+            changed.append(f"{key} fresh again")
+        elif key in reported and state not in ("fresh", *REPORTED):
+            now_reported[key] = reported[key]  # in flight or failed: its runs speak; keep what was said
+    counts = Counter(status.values())
+    summary = f"{len(status)} shards: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    not_fresh = [k for k, v in status.items() if v != "fresh"]
+    if not_fresh:
+        summary += " (not fresh: " + ", ".join(not_fresh[:SHOWN]) + (" ..." if len(not_fresh) > SHOWN else "") + ")"
+    if why := plan_mismatch(settings, read_index(settings.out_root)):
+        summary += f"; {why}"
+    events += audit_events(instance, reported, now_reported)
+    if changed:
+        summary += "; reported to Dagster now: " + ", ".join(changed[:SHOWN]) + (" ..." if len(changed) > SHOWN else "")
+    else:
+        summary += "; no change since the last tick"
+    return SensorResult(skip_reason=SkipReason(summary), cursor=json.dumps(now_reported, sort_keys=True),
+                        asset_events=events)
+
+
+def make(settings: Settings):
+    @sensor(
+        name=SENSOR_NAME,
+        minimum_interval_seconds=30,
+        default_status=DefaultSensorStatus.RUNNING,
+        description=(
+            "Shows what `imnet status` says of each wds_shards partition: a shard whose tar changed on "
+            "storage or went fails its partition of the shard_holds_its_plan check (and gets an "
+            "observation saying why) within one tick. Requests no runs: the top-up schedule does."
+        ),
+    )
+    def wds_shards_on_storage(context: SensorEvaluationContext):
+        return evaluate(settings, context.instance, context.cursor)
+
+    return wds_shards_on_storage
