@@ -37,13 +37,17 @@ from dagster import (
     AssetCheckSeverity,
     AssetKey,
     AssetObservation,
-    DataVersion,
+    AssetRecordsFilter,
+    DagsterEventType,
     DefaultSensorStatus,
     MetadataValue,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
     sensor,
+)
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,  # not exported by `dagster` in 1.13
 )
 
 from .checks import AUDIT_RECONCILED, SHARD_COMPLETE
@@ -53,6 +57,7 @@ from .schedules import SHARDS, shard_partition_status
 from .settings import Settings
 
 SENSOR_NAME = "wds_shards_on_storage"
+DATA_VERSION_TAG = "dagster/data_version"  # where an observation carries its data version (DataVersion)
 AUDIT = AssetKey("shard_audit")
 REPORTED = {
     "stale": "stale: its tar changed on storage since its commit, or it was written from another plan "
@@ -64,31 +69,50 @@ FRESH_AGAIN = "fresh again: the committed tar is on storage as committed (`imnet
 SHOWN = 16  # partition keys named in a skip reason
 
 
-def verdict_events(key: str, state: str, now: float) -> list:
-    """The check evaluation and the observation that tell Dagster partition `key` is `state`."""
+def verdict_events(key: str, state: str, now: float,
+                   target: AssetCheckEvaluationTargetMaterializationData | None = None) -> list:
+    """The check evaluation and the observation that tell Dagster partition `key` is `state`.
+    `target`: the partition's latest materialization, which the evaluation judges (Dagster shows
+    a check's partition status only from an evaluation of its current materialization)."""
     failed = state in REPORTED
     why = REPORTED.get(state, FRESH_AGAIN)
     metadata = {"imnet_status": MetadataValue.text(state), "shard": MetadataValue.text(key)}
     check = AssetCheckEvaluation(
         asset_key=SHARDS, check_name=SHARD_COMPLETE, passed=not failed, partition=key,
         severity=AssetCheckSeverity.ERROR, description=f"shard {key} {why}", metadata=metadata,
+        target_materialization_data=target,
     )
     if not failed:
         return [check]
     # A new data version: the one materialized no longer describes what is stored.
     return [check, AssetObservation(asset_key=SHARDS, partition=key, description=f"shard {key} {why}",
-                                    metadata=metadata, data_version=DataVersion(f"{state}@{int(now)}"))]
+                                    metadata=metadata, tags={DATA_VERSION_TAG: f"{state}@{int(now)}"})]
+
+
+def _targets(instance, storage_ids: list[int]) -> dict[int, AssetCheckEvaluationTargetMaterializationData]:
+    """Storage id -> what an evaluation of that materialization points at (one query)."""
+    if not storage_ids:
+        return {}
+    records = instance.fetch_materializations(AssetRecordsFilter(asset_key=SHARDS, storage_ids=storage_ids),
+                                              limit=len(storage_ids)).records
+    return {r.storage_id: AssetCheckEvaluationTargetMaterializationData(
+        storage_id=r.storage_id, run_id=r.run_id, timestamp=r.timestamp) for r in records}
 
 
 def audit_events(instance, before: dict[str, str], now: dict[str, str]) -> list:
     """The audit's reconciliation check says "every shard present and fresh": when the shards that are
     not (of those materialized) change after an audit, it fails, naming them, until they are fresh
     again (a rebuild then gets audited anew: the audit sensor asks for it)."""
-    if before == now or instance is None or instance.get_latest_materialization_event(AUDIT) is None:
+    if before == now or instance is None:
         return []
+    latest = instance.fetch_materializations(AssetRecordsFilter(asset_key=AUDIT), limit=1).records
+    if not latest:
+        return []
+    target = AssetCheckEvaluationTargetMaterializationData(
+        storage_id=latest[0].storage_id, run_id=latest[0].run_id, timestamp=latest[0].timestamp)
     if not now:
         return [AssetCheckEvaluation(asset_key=AUDIT, check_name=AUDIT_RECONCILED, passed=True,
-                                     severity=AssetCheckSeverity.ERROR,
+                                     severity=AssetCheckSeverity.ERROR, target_materialization_data=target,
                                      description="every shard is fresh again (`imnet status`)")]
     named = ", ".join(f"{k} {v}" for k, v in list(now.items())[:SHOWN]) + (" ..." if len(now) > SHOWN else "")
     return [AssetCheckEvaluation(
@@ -96,6 +120,7 @@ def audit_events(instance, before: dict[str, str], now: dict[str, str]) -> list:
         description=f"since this audit, {len(now)} shards are no longer fresh (`imnet status`): {named}",
         metadata={"not_fresh_shards": MetadataValue.int(len(now)),
                   **{f"shard {k}": MetadataValue.text(v) for k, v in list(now.items())[:SHOWN]}},
+        target_materialization_data=target,
     )]
 
 
@@ -107,20 +132,25 @@ def evaluate(settings: Settings, instance, cursor: str | None, now: float | None
         return SensorResult(skip_reason=SkipReason(
             "no shuffled plan under the out root yet: materialize the upstream stages first"), cursor=cursor)
     status = shard_partition_status(settings, instance, now=now)
-    materialized = set(instance.get_materialized_partitions(SHARDS)) if instance is not None else set()
+    # partition key -> its latest materialization's storage id (one query)
+    materialized = (instance.event_log_storage.get_latest_storage_id_by_partition(
+        SHARDS, DagsterEventType.ASSET_MATERIALIZATION) if instance is not None else {})
     reported: dict[str, str] = json.loads(cursor) if cursor else {}
-    events, changed, now_reported = [], [], {}
+    changes, now_reported = {}, {}
     for key, state in status.items():
         if state in REPORTED and key in materialized:
             now_reported[key] = state
             if reported.get(key) != state:
-                events += verdict_events(key, state, now)
-                changed.append(f"{key} {state}")
+                changes[key] = state
         elif state == "fresh" and key in reported:
-            events += verdict_events(key, state, now)
-            changed.append(f"{key} fresh again")
+            changes[key] = state
         elif key in reported and state not in ("fresh", *REPORTED):
             now_reported[key] = reported[key]  # in flight or failed: its runs speak; keep what was said
+    targets = _targets(instance, [materialized[k] for k in changes if k in materialized])
+    events, changed = [], []
+    for key, state in changes.items():
+        events += verdict_events(key, state, now, targets.get(materialized.get(key)))
+        changed.append(f"{key} {state if state != 'fresh' else 'fresh again'}")
     counts = Counter(status.values())
     summary = f"{len(status)} shards: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     not_fresh = [k for k, v in status.items() if v != "fresh"]
