@@ -29,6 +29,7 @@ nothing), and the tick's skip reason says the counts, so the sensor's ticks read
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter
 
@@ -49,6 +50,7 @@ from dagster import (
 from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,  # not exported by `dagster` in 1.13
 )
+from dagster._core.events import DagsterEvent
 
 from .checks import AUDIT_RECONCILED, SHARD_COMPLETE
 from .core.audit import plan_mismatch
@@ -124,6 +126,28 @@ def audit_events(instance, before: dict[str, str], now: dict[str, str]) -> list:
     )]
 
 
+def report_check_of_run(instance, evaluation: AssetCheckEvaluation, run_id: str) -> None:
+    """Record `evaluation` as the shard check's result in the run that materialized the partition.
+
+    Dagster 1.13 stores a run's check result in one row per (check, run, partition); a runless
+    result (`report_runless_asset_event`, or a SensorResult's asset_events) takes run id "", so a
+    second runless result for the same partition (stale again after a rebuild, or fresh again)
+    breaks that row's uniqueness and fails the tick. Judged here is what that run wrote (the
+    evaluation targets its materialization), so the verdict goes in as that run's check result:
+    the row is updated in place (its status, the evaluation shown, the partition's check status)
+    and the UI links the verdict to the run that built the shard. Reported at once, so a repeated
+    tick (or a "Test sensor" dry run) only writes the same verdict again."""
+    run = instance.get_run_by_id(run_id)
+    event = DagsterEvent(
+        event_type_value=DagsterEventType.ASSET_CHECK_EVALUATION.value,
+        job_name=run.job_name if run is not None else "__RUNLESS_JOB__",
+        event_specific_data=evaluation,
+        message=evaluation.description,
+    )
+    instance.report_dagster_event(event, run_id=run_id,
+                                  log_level=logging.INFO if evaluation.passed else logging.ERROR)
+
+
 def evaluate(settings: Settings, instance, cursor: str | None, now: float | None = None) -> SensorResult:
     """One tick: the events for every partition whose verdict changed, the new cursor (partition key ->
     the not-fresh verdict last reported) and a skip reason with the counts."""
@@ -149,7 +173,12 @@ def evaluate(settings: Settings, instance, cursor: str | None, now: float | None
     targets = _targets(instance, [materialized[k] for k in changes if k in materialized])
     events, changed = [], []
     for key, state in changes.items():
-        events += verdict_events(key, state, now, targets.get(materialized.get(key)))
+        target = targets.get(materialized.get(key))
+        for event in verdict_events(key, state, now, target):
+            if isinstance(event, AssetCheckEvaluation) and target is not None and target.run_id:
+                report_check_of_run(instance, event, target.run_id)
+            else:
+                events.append(event)
         changed.append(f"{key} {state if state != 'fresh' else 'fresh again'}")
     counts = Counter(status.values())
     summary = f"{len(status)} shards: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
