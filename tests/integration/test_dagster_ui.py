@@ -10,8 +10,6 @@ instance finds nothing to redo.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import re
@@ -26,7 +24,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from tests.conftest import REPO, build_env, dagster_home, imnet
 
@@ -280,8 +277,8 @@ def test_repository_shows_six_assets_the_topup_schedule_and_the_audit_sensor(dag
     assert checks == {"wds_shards": {"shard_holds_its_plan": True},
                       "shard_audit": {"nothing_lost_or_duplicated": True, "info_json_agrees": True}}
     assert [(s["name"], s["scheduleState"]["status"]) for s in repo["schedules"]] == [("wds_shards_topup", "STOPPED")]
-    assert [(s["name"], s["sensorState"]["status"]) for s in repo["sensors"]] == [
-        ("shard_audit_when_complete", "RUNNING")]
+    assert sorted((s["name"], s["sensorState"]["status"]) for s in repo["sensors"]) == [
+        ("shard_audit_when_complete", "RUNNING"), ("wds_shards_on_storage", "RUNNING")]
     # the project's dagster.yaml is what the instance runs with
     assert data["instance"]["runQueueConfig"]["maxConcurrentRuns"] == 4
     assert data["instance"]["poolConfig"] == {"poolGranularity": "run", "defaultPoolLimit": POOL_LIMIT}
@@ -365,6 +362,7 @@ def test_backfill_every_shard_then_the_sensor_audits_and_imnet_build_redoes_noth
     assert all(c["status"] == "SUCCEEDED" and c["evaluation"]["success"] for c in checks), checks
     judged = [metadata(c["evaluation"])["shard"]["text"] for c in checks]
     assert sorted(judged) == KEYS  # each check result names the shard it judged
+    assert all(c["partition"] == metadata(c["evaluation"])["shard"]["text"] for c in checks)  # partitioned
 
     # 3. the audit sensor (RUNNING by default, 30 s interval) materializes shard_audit once all are in
     def audited():
@@ -388,13 +386,12 @@ def test_backfill_every_shard_then_the_sensor_audits_and_imnet_build_redoes_noth
     assert {c["name"] for c in reasons["table"]["schema"]["columns"]} >= {"reason", "images"}
     rows = [json.loads(r) for r in reasons["table"]["records"]]
     assert sum(r["images"] for r in rows) == md["excluded"]["intValue"] > 0
-    charts = md["distributions"]
-    assert charts["__typename"] == "MarkdownMetadataEntry"
-    pngs = re.findall(r"!\[[^\]]*\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", charts["mdStr"])
-    assert len(pngs) >= 2
-    for png in pngs:
-        with Image.open(io.BytesIO(base64.b64decode(png))) as im:
-            assert im.format == "PNG" and im.size[0] > 100
+    for name, unit in (("class_sizes", "samples"), ("image_short_sides", "px")):  # tables, every bucket labelled
+        dist = md[name]
+        assert dist["__typename"] == "TableMetadataEntry", dist
+        rows = [json.loads(r) for r in dist["table"]["records"]]
+        label = dist["table"]["schema"]["columns"][0]["name"]
+        assert rows and all(re.fullmatch(rf"\d+(–\d+)? {unit}", r[label]) for r in rows), rows
     info = json.loads((out / "_info.json").read_text())
     assert info["splits"]["train"]["num_samples"] == md["samples"]["intValue"]
 
@@ -442,4 +439,6 @@ def test_audit_metadata_stays_valid_for_a_release_without_exclusions():
         assert md[name].schema.columns
     assert md["shard_bytes"].value == 3 << 31  # > 32 bit: the UI shows intRepr
     assert md["compression_ratio"].value == 0.0
-    assert md["distributions"].value.count("data:image/png;base64,") == 2
+    assert md["shard_size"].value == "6.0 GiB"  # humanized next to the exact bytes
+    for name in ("class_sizes", "image_short_sides"):
+        assert isinstance(md[name], TableMetadataValue) and md[name].records == []

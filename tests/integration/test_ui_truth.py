@@ -13,6 +13,7 @@ the test's folder (and in UI_TEST_SCREENSHOTS, when set).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -134,8 +135,9 @@ def test_a_shard_changed_on_storage_shows_as_failed_in_dagster_within_one_tick(w
     assert re.fullmatch(r"\d+\.\d (KiB|MiB|GiB)", amd["shard_size"]["text"]), amd["shard_size"]
     for name in ("class_sizes", "image_short_sides"):
         assert amd[name]["__typename"] == "TableMetadataEntry", amd[name]
-        rows = [__import__("json").loads(r) for r in amd[name]["table"]["records"]]
-        assert rows and all(re.fullmatch(r"\d+(–\d+)? (samples|px)", next(iter(r.values()))) for r in rows), rows
+        rows = [json.loads(r) for r in amd[name]["table"]["records"]]
+        label = amd[name]["table"]["schema"]["columns"][0]["name"]
+        assert rows and all(re.fullmatch(r"\d+(–\d+)? (samples|px)", r[label]) for r in rows), rows
 
     browse(dev, tmp)
 
@@ -143,8 +145,10 @@ def test_a_shard_changed_on_storage_shows_as_failed_in_dagster_within_one_tick(w
 def browse(dev: DagsterDev, tmp: Path) -> None:
     """The same, as a person sees it in the UI (Chromium, headless)."""
     assert os.access(CHROMIUM, os.X_OK), f"{CHROMIUM} missing: apt-get install chromium (.ci/run does)"
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=60_000)  # a loaded machine renders slowly
     shots = tmp / "screenshots"
     shots.mkdir(exist_ok=True)
     base = dev.url.removesuffix("/graphql")
@@ -152,25 +156,43 @@ def browse(dev: DagsterDev, tmp: Path) -> None:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
         try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1100})
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
             page.set_default_timeout(60_000)
-            # the check's partitions view: the changed shard, by key, failed
-            page.goto(f"{base}/assets/wds_shards?view=checks&checkDetail={CHECK}")
+
+            def visit(path: str) -> None:
+                page.goto(base + path)
+                skip = page.get_by_role("button", name="Skip")  # Dagster's "join the community" dialog
+                try:
+                    skip.first.click(timeout=5_000)
+                except PlaywrightTimeout:
+                    pass
+
+            # the asset's overview: its latest check results show one failure
+            visit("/assets/wds_shards")
+            expect(page.get_by_text("Latest check results").first).to_be_visible()
+            # the check's partitions view: the changed shard, by key, failed; the others passed
+            visit(f"/assets/wds_shards?view=checks&checkDetail={CHECK}")
             expect(page.get_by_text(CHECK).first).to_be_visible()
-            page.get_by_text("Partitions", exact=True).first.click()
-            expect(page.get_by_text(CHANGED, exact=True).first).to_be_visible()
-            page.screenshot(path=str(shots / "check_partitions.png"), full_page=True)
-            body = page.inner_text("body")
-            assert re.search(r"1\s*Failed|Failed\s*1", body, re.I), body[:3000]
+            page.get_by_text("Partitions", exact=True).last.click()
+            expect(page.get_by_text("Failed (1)", exact=True)).to_be_visible()
+            expect(page.get_by_text(f"Passed ({NUM_SHARDS - 1})", exact=True)).to_be_visible()
+            page.locator(f'text="{CHANGED}" >> visible=true').last.click()
+            page.screenshot(path=str(shots / "check_partitions.png"))
+            # the partition's own page says what `imnet status` says, above its materialization's metadata
+            visit(f"/assets/wds_shards?view=partitions&partition={CHANGED}")
+            expect(page.get_by_text("imnet_status", exact=True).first).to_be_visible()
+            expect(page.get_by_text("stale", exact=True).first).to_be_visible()
+            expect(page.get_by_text("size", exact=True).first).to_be_visible()
+            page.screenshot(path=str(shots / "partition.png"))
             # the audit: its failed reconciliation names the shard; the distributions are labelled tables
-            page.goto(f"{base}/assets/shard_audit?view=checks")
-            expect(page.get_by_text("nothing_lost_or_duplicated").first).to_be_visible()
+            visit("/assets/shard_audit?view=checks&checkDetail=nothing_lost_or_duplicated")
             expect(page.get_by_text(f"{CHANGED} stale").first).to_be_visible()
-            page.screenshot(path=str(shots / "audit_checks.png"), full_page=True)
-            page.goto(f"{base}/assets/shard_audit?view=events")
-            expect(page.get_by_text("samples per class").first).to_be_visible()
-            expect(page.get_by_text("source short side").first).to_be_visible()
-            page.screenshot(path=str(shots / "audit_events.png"), full_page=True)
+            page.screenshot(path=str(shots / "audit_checks.png"))
+            visit("/assets/shard_audit")
+            expect(page.get_by_text("samples per class", exact=True).first).to_be_visible()
+            expect(page.get_by_text("source short side", exact=True).first).to_be_visible()
+            expect(page.get_by_text("shard_size", exact=True).first).to_be_visible()
+            page.screenshot(path=str(shots / "audit.png"), full_page=True)
         finally:
             browser.close()
     if keep := os.environ.get("UI_TEST_SCREENSHOTS"):
