@@ -72,10 +72,12 @@ SHOWN = 16  # partition keys named in a skip reason
 
 
 def verdict_events(key: str, state: str, now: float,
-                   target: AssetCheckEvaluationTargetMaterializationData | None = None) -> list:
+                   target: AssetCheckEvaluationTargetMaterializationData | None = None,
+                   materialized_version: str | None = None) -> list:
     """The check evaluation and the observation that tell Dagster partition `key` is `state`.
     `target`: the partition's latest materialization, which the evaluation judges (Dagster shows
-    a check's partition status only from an evaluation of its current materialization)."""
+    a check's partition status only from an evaluation of its current materialization);
+    `materialized_version`: its data version, which a shard fresh again has again."""
     failed = state in REPORTED
     why = REPORTED.get(state, FRESH_AGAIN)
     metadata = {"imnet_status": MetadataValue.text(state), "shard": MetadataValue.text(key)}
@@ -84,21 +86,31 @@ def verdict_events(key: str, state: str, now: float,
         severity=AssetCheckSeverity.ERROR, description=f"shard {key} {why}", metadata=metadata,
         target_materialization_data=target,
     )
-    if not failed:
-        return [check]
-    # A new data version: the one materialized no longer describes what is stored.
+    # The partition's page shows the metadata of observations newer than its materialization above
+    # the materialization's: so a shard fresh again is observed too. A new data version while the
+    # stored bytes are not the materialized ones; the materialized one again once they are.
+    version = f"{state}@{int(now)}" if failed else materialized_version
     return [check, AssetObservation(asset_key=SHARDS, partition=key, description=f"shard {key} {why}",
-                                    metadata=metadata, tags={DATA_VERSION_TAG: f"{state}@{int(now)}"})]
+                                    metadata=metadata, tags={DATA_VERSION_TAG: version} if version else {})]
 
 
-def _targets(instance, storage_ids: list[int]) -> dict[int, AssetCheckEvaluationTargetMaterializationData]:
-    """Storage id -> what an evaluation of that materialization points at (one query)."""
+def _targets(instance, storage_ids: list[int]) -> dict[int, tuple[AssetCheckEvaluationTargetMaterializationData,
+                                                                   str | None]]:
+    """Storage id -> (what an evaluation of that materialization points at, its data version), in
+    one query."""
     if not storage_ids:
         return {}
     records = instance.fetch_materializations(AssetRecordsFilter(asset_key=SHARDS, storage_ids=storage_ids),
                                               limit=len(storage_ids)).records
-    return {r.storage_id: AssetCheckEvaluationTargetMaterializationData(
-        storage_id=r.storage_id, run_id=r.run_id, timestamp=r.timestamp) for r in records}
+    out = {}
+    for r in records:
+        mat = r.asset_materialization
+        out[r.storage_id] = (
+            AssetCheckEvaluationTargetMaterializationData(storage_id=r.storage_id, run_id=r.run_id,
+                                                          timestamp=r.timestamp),
+            (mat.tags or {}).get(DATA_VERSION_TAG) if mat is not None else None,
+        )
+    return out
 
 
 def audit_events(instance, before: dict[str, str], now: dict[str, str]) -> list:
@@ -173,8 +185,8 @@ def evaluate(settings: Settings, instance, cursor: str | None, now: float | None
     targets = _targets(instance, [materialized[k] for k in changes if k in materialized])
     events, changed = [], []
     for key, state in changes.items():
-        target = targets.get(materialized.get(key))
-        for event in verdict_events(key, state, now, target):
+        target, version = targets.get(materialized.get(key), (None, None))
+        for event in verdict_events(key, state, now, target, version):
             if isinstance(event, AssetCheckEvaluation) and target is not None and target.run_id:
                 report_check_of_run(instance, event, target.run_id)
             else:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import build_env, dagster_home, imnet
-from tests.integration.test_dagster_ui import DagsterDev, metadata
+from tests.integration.test_dagster_ui import ACTIVE, DagsterDev, metadata
 
 NUM_SHARDS = 8
 CHANGED = "0003"
@@ -47,12 +47,12 @@ def world(sample_release, tmp_path_factory):
         dev.stop()
 
 
-def sensor_ticks(dev: DagsterDev, limit: int = 5) -> list[dict]:
+def sensor_ticks(dev: DagsterDev, limit: int = 5, name: str = SENSOR) -> list[dict]:
     data = dev.query(
         """query($s: SensorSelector!, $n: Int) { sensorOrError(sensorSelector: $s) { __typename
              ... on Sensor { sensorState { status ticks(limit: $n) { id status timestamp skipReason
                error { message } } } } } }""",
-        s=dev.selector(sensorName=SENSOR), n=limit,
+        s=dev.selector(sensorName=name), n=limit,
     )["sensorOrError"]
     assert data["__typename"] == "Sensor", data
     assert data["sensorState"]["status"] == "RUNNING"
@@ -82,6 +82,13 @@ def test_a_shard_changed_on_storage_shows_as_failed_in_dagster_within_one_tick(w
     assert sorted(e["partition"] for e in execs) == keys, execs
     assert check_partition_statuses(dev)["succeededPartitions"] == keys
 
+    # the audit sensor's first tick asks for an audit of these shards (it has not seen them): let
+    # it finish before the change, or it would audit the changed shard (and fail for that reason)
+    dev.wait("the audit sensor's first tick", lambda: [
+        t for t in sensor_ticks(dev, name="shard_audit_when_complete") if t["status"] in ("SUCCESS", "SKIPPED")],
+        cap=180, every=3)
+    dev.wait("the run queue to drain", lambda: not dev.runs(statuses=ACTIVE), cap=240, every=3)
+
     # the sensor's first tick says what `imnet status` says: all fresh (its skip reason, in its ticks)
     first = dev.wait("the sensor's first tick", lambda: [t for t in sensor_ticks(dev) if t["status"] == "SKIPPED"],
                      cap=180, every=3)[0]
@@ -96,6 +103,7 @@ def test_a_shard_changed_on_storage_shows_as_failed_in_dagster_within_one_tick(w
 
     # one shard's tar changes on storage (same name, other bytes): `imnet status` says 1 stale
     tar = out / f"imagenet12k-train-{CHANGED}.tar"
+    before = tar.stat()
     with open(tar, "ab") as f:
         f.write(b"\0" * 1024)
     status = imnet(["status"], env, cwd=tmp).stdout
@@ -123,8 +131,11 @@ def test_a_shard_changed_on_storage_shows_as_failed_in_dagster_within_one_tick(w
     assert obs and metadata(obs[0])["imnet_status"]["text"] == "stale", obs
     assert any(t["key"] == "dagster/data_version" and t["value"].startswith("stale@") for t in obs[0]["tags"]), obs
     # ... and the audit, done before the change, now fails its reconciliation naming the shard
-    audit = dev.check_executions("shard_audit", "nothing_lost_or_duplicated")[0]
-    assert audit["status"] == "FAILED" and f"{CHANGED} stale" in audit["evaluation"]["description"], audit
+    audit = dev.check_executions("shard_audit", "nothing_lost_or_duplicated")
+    assert audit[0]["status"] == "FAILED" and f"{CHANGED} stale" in audit[0]["evaluation"]["description"], audit
+    assert audit[1]["status"] == "SUCCEEDED", audit  # the audit itself, before the change
+    info = dev.check_executions("shard_audit", "info_json_agrees")
+    assert info[0]["status"] == "SUCCEEDED", info
     # the audit sensor's tick says why it asks for no audit now (SkipReason)
     sensed = dev.dry_run("sensor", "shard_audit_when_complete")
     assert not sensed["runRequests"] and CHANGED in sensed["skipReason"], sensed
@@ -140,6 +151,22 @@ def test_a_shard_changed_on_storage_shows_as_failed_in_dagster_within_one_tick(w
         assert rows and all(re.fullmatch(r"\d+(–\d+)? (samples|px)", r[label]) for r in rows), rows
 
     browse(dev, tmp)
+
+    # the tar put back as committed (its bytes and stamp): fresh again, said within one more tick (a
+    # second verdict for the same partition must not break the sensor's tick)
+    os.truncate(tar, before.st_size)
+    os.utime(tar, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert f"{NUM_SHARDS} fresh" in imnet(["status"], env, cwd=tmp).stdout
+
+    def fresh_again():
+        ticks = [t for t in sensor_ticks(dev) if float(t["timestamp"]) > float(tick["timestamp"])]
+        assert not any(t["status"] == "FAILURE" for t in ticks), ticks
+        return ticks[0] if ticks and f"{CHANGED} fresh again" in (ticks[0]["skipReason"] or "") else None
+
+    dev.wait("the sensor's tick to report the shard fresh again", fresh_again, cap=180, every=3)
+    partition_statuses = check_partition_statuses(dev)
+    assert partition_statuses["failedPartitions"] == [] and sorted(partition_statuses["succeededPartitions"]) == keys
+    assert dev.check_executions("shard_audit", "nothing_lost_or_duplicated")[0]["status"] == "SUCCEEDED"
 
 
 def browse(dev: DagsterDev, tmp: Path) -> None:
@@ -192,7 +219,8 @@ def browse(dev: DagsterDev, tmp: Path) -> None:
             expect(page.get_by_text("samples per class", exact=True).first).to_be_visible()
             expect(page.get_by_text("source short side", exact=True).first).to_be_visible()
             expect(page.get_by_text("shard_size", exact=True).first).to_be_visible()
-            page.screenshot(path=str(shots / "audit.png"), full_page=True)
+            page.get_by_text("class_sizes", exact=True).first.scroll_into_view_if_needed()
+            page.screenshot(path=str(shots / "audit.png"))
         finally:
             browser.close()
     if keep := os.environ.get("UI_TEST_SCREENSHOTS"):
