@@ -136,9 +136,13 @@ def test_a_shard_changed_on_storage_shows_as_failed_in_dagster_within_one_tick(w
     assert audit[1]["status"] == "SUCCEEDED", audit  # the audit itself, before the change
     info = dev.check_executions("shard_audit", "info_json_agrees")
     assert info[0]["status"] == "SUCCEEDED", info
-    # the audit sensor's tick says why it asks for no audit now (SkipReason)
+    # the audit sensor's ticks say why it asks for no audit now (SkipReason)
     sensed = dev.dry_run("sensor", "shard_audit_when_complete")
     assert not sensed["runRequests"] and CHANGED in sensed["skipReason"], sensed
+    dev.wait("an audit sensor tick that names the changed shard", lambda: [
+        t for t in sensor_ticks(dev, name="shard_audit_when_complete")
+        if t["status"] == "SKIPPED" and f"shard {CHANGED} is not in yet (stale" in (t["skipReason"] or "")],
+        cap=180, every=3)
 
     # the audit's distributions are tables with every bucket labelled, sizes humanized
     (audit_mat,) = dev.materializations("shard_audit", 1)
