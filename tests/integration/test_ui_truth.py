@@ -26,6 +26,7 @@ from tests.integration.test_dagster_ui import ACTIVE, DagsterDev, metadata
 
 NUM_SHARDS = 8
 CHANGED = "0003"
+GONE = "0005"
 CHROMIUM = "/usr/bin/chromium"  # Debian's package `chromium` (.ci/run installs it)
 SENSOR = "wds_shards_on_storage"
 CHECK = "shard_holds_its_plan"
@@ -167,10 +168,21 @@ def test_a_shard_changed_on_storage_shows_as_failed_in_dagster_within_one_tick(w
         assert not any(t["status"] == "FAILURE" for t in ticks), ticks
         return ticks[0] if ticks and f"{CHANGED} fresh again" in (ticks[0]["skipReason"] or "") else None
 
-    dev.wait("the sensor's tick to report the shard fresh again", fresh_again, cap=180, every=3)
+    again = dev.wait("the sensor's tick to report the shard fresh again", fresh_again, cap=180, every=3)
     partition_statuses = check_partition_statuses(dev)
     assert partition_statuses["failedPartitions"] == [] and sorted(partition_statuses["succeededPartitions"]) == keys
     assert dev.check_executions("shard_audit", "nothing_lost_or_duplicated")[0]["status"] == "SUCCEEDED"
+
+    # another shard's tar goes: missing, as `imnet status` says
+    (out / f"imagenet12k-train-{GONE}.tar").unlink()
+    assert f"not fresh: {GONE}" in imnet(["status"], env, cwd=tmp).stdout
+
+    def gone():
+        ticks = [t for t in sensor_ticks(dev) if float(t["timestamp"]) > float(again["timestamp"])]
+        return ticks[0] if ticks and f"{GONE} missing" in (ticks[0]["skipReason"] or "") else None
+
+    dev.wait("the sensor's tick to report the missing shard", gone, cap=180, every=3)
+    assert check_partition_statuses(dev)["failedPartitions"] == [GONE]
 
 
 def browse(dev: DagsterDev, tmp: Path) -> None:
@@ -229,3 +241,18 @@ def browse(dev: DagsterDev, tmp: Path) -> None:
             browser.close()
     if keep := os.environ.get("UI_TEST_SCREENSHOTS"):
         shutil.copytree(shots, keep, dirs_exist_ok=True)
+
+
+def test_distributions_label_every_bucket_and_sizes_read_as_people_write_them():
+    from imnet_assets.assets.common import human_bytes, reason_counts
+    from imnet_assets.assets.shard_audit import distribution
+
+    assert [human_bytes(n) for n in (0, 1023, 1536, 1288490189, 3 << 40)] == [
+        "0 B", "1023 B", "1.5 KiB", "1.2 GiB", "3.0 TiB"]
+    assert reason_counts({"too_small": 1, "decode": 2}) == "decode: 2, too_small: 1"
+    table = distribution([(0, 2), (20, 1)], 10, "samples per class", "samples", "classes")
+    rows = [r.data for r in table.records]
+    assert [(r["samples per class"], r["classes"], r["share"]) for r in rows] == [
+        ("0–9 samples", 2, "66.7%"), ("10–19 samples", 0, "0.0%"), ("20–29 samples", 1, "33.3%")]
+    assert rows[0]["bar"] == "█" * 40 and rows[1]["bar"] == "" and rows[2]["bar"] == "█" * 20
+    assert [r.data["px"] for r in distribution([(5, 1)], 1, "px", "px", "n").records] == ["5 px"]
