@@ -4,26 +4,32 @@ Dagster colours a partition from its runs alone: green once materialized, red wh
 failed. A shard whose tar then changed on storage, or went, stays green there while `imnet status`
 says stale or missing. Each tick this sensor judges every partition as `imnet status` does
 (`schedules.shard_partition_status`: two listings and one batch of small reads, whatever the shard
-count) and reports, for each partition Dagster has materialized whose verdict changed since the
-last tick, through Dagster's own means (Dagster 1.13):
+count) and, for each partition Dagster has materialized whose verdict changed since the last tick,
+tells Dagster through its own means (Dagster 1.13):
 
-- a failed evaluation of the partitioned check `shard_holds_its_plan` for that partition (or a
-  passing one when it is fresh again without a rebuild). The check's Partitions view shows the
-  failed shard by key, its partition page and GraphQL's `assetCheckExecutions` carry the verdict.
+- the partitioned check `shard_holds_its_plan` fails for that partition (passes again when the
+  shard is fresh again without a rebuild). The check's Partitions view shows the shard in red by
+  key, the asset's overview counts the failed check, and GraphQL (`assetCheckExecutions`, the
+  check's `partitionStatuses`) says it.
 - an observation of that partition, with the verdict as metadata and a new data version (the
-  materialized one no longer describes what is stored): the partition's page lists it under its
-  events, and `shard_audit`, computed from the old data, shows as unsynced.
+  materialized one no longer describes what is stored): the partition's page shows
+  `imnet_status: stale` above its materialization's metadata, and `shard_audit`, computed from the
+  old bytes, shows as unsynced.
+- the audit's `nothing_lost_or_duplicated` check ("every shard present and fresh") fails, naming
+  the shards, and passes again once they are all fresh.
 
 Why not the other means: `report_runless_asset_event` takes materializations, observations and
-check evaluations but no failed materialization (the red of the partitions view comes only from a
-failed run), and a partition's own "stale" status follows only its code version and its upstream
+check evaluations but no failed materialization (the red of the asset's Partitions tab comes only
+from a failed run, and a run that fails on purpose would count as a failed build for the top-up's
+backoff), and a partition's own "stale" status follows only its code version and its upstream
 data versions, never a change of its own stored bytes. A failed partitioned check is what Dagster
 has for "this partition's data is not right now".
 
 Partitions that never materialized are left to Dagster's grey "missing"; failed, retrying,
-backed-off and in-flight partitions are already shown by their runs. The events go out in the
-tick's SensorResult (the daemon records them with the cursor; a "Test sensor" dry run records
-nothing), and the tick's skip reason says the counts, so the sensor's ticks read like `imnet status`.
+backed-off and in-flight partitions are already shown by their runs. Observations and the audit's
+check go out in the tick's SensorResult (the daemon records them with the cursor); the shard
+check's verdict is recorded at once (see `report_check_of_run`). The tick's skip reason says the
+counts and what was reported, so the sensor's ticks read like `imnet status`.
 """
 
 from __future__ import annotations
