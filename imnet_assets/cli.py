@@ -105,12 +105,17 @@ def prepare_dagster_home(out=sys.stdout) -> Path:
     target = home / "dagster.yaml"
     if not target.exists():
         source = dagster_yaml_source()
-        if source is not None:
-            shutil.copyfile(source, target)
+        try:
+            if source is not None:
+                shutil.copyfile(source, target)
+            else:
+                target.write_text("telemetry:\n  enabled: false\n")
+        except OSError as e:  # a read-only home: Dagster's defaults, as before
+            print(f"imnet: no dagster.yaml in DAGSTER_HOME {home}, and none could be put there ({e})",
+                  file=out, flush=True)
         else:
-            target.write_text("telemetry:\n  enabled: false\n")
-        print(f"imnet: Dagster instance at {home} (DAGSTER_HOME), with {source or 'a minimal dagster.yaml'}",
-              file=out, flush=True)
+            print(f"imnet: Dagster instance at {home} (DAGSTER_HOME), with {source or 'a minimal dagster.yaml'}",
+                  file=out, flush=True)
     return home
 
 
@@ -472,12 +477,7 @@ def cmd_status(args) -> int:
     root = project_root()
     home = dagster_home(root)
     has_home = home.is_dir()
-    dotenv = env_file(root)
-    print(f"project          {root}  ({'.env read' if dotenv.is_file() else 'no .env'})")
-    print(f"raw root         {fs.redact(s.raw_root)}")
-    print(f"out root         {fs.redact(s.out_root)}")
-    print(f"catalog          {s.catalog}")
-    print(f"DAGSTER_HOME     {home}" + ("" if has_home else "  (no instance there yet: `imnet build` makes it)"))
+    audit, audit_unknown = None, "unknown here (no catalog)"  # its record in the catalog, or why not known
     if why := plan_mismatch(s, read_index(s.out_root)):
         print(f"note: {why}")
     stages = ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]
@@ -491,7 +491,9 @@ def cmd_status(args) -> int:
                              wait_s=STATUS_WAIT_S) as cat:
                 stale = stale_stages(s, log=lambda _m: None) if relist else None
                 built = None if relist else {stage: cat.stage_fingerprint(stage) is not None for stage in stages}
+                audit, audit_unknown = cat.stage_fingerprint("shard_audit"), None
         except CatalogBusy as e:
+            audit_unknown = "unknown now (the catalog is being written)"
             print(f"catalog stages   unknown now: {e} (waited {STATUS_WAIT_S:.0f}s; `imnet status` again "
                   "once it is done)")
         else:
@@ -515,23 +517,21 @@ def cmd_status(args) -> int:
     not_fresh = [k for k, v in status.items() if v != "fresh"]
     if not_fresh:
         print("  not fresh: " + ", ".join(not_fresh[:32]) + (" ..." if len(not_fresh) > 32 else ""))
-    print(f"shard_audit      {_audit_state(s, not_fresh)}")
+    print(f"shard_audit      {audit_unknown or _audit_state(s, audit, not_fresh)}")
+    dotenv = env_file(root)
+    print(f"project root     {root}  ({'settings from .env there and the environment' if dotenv.is_file() else 'no .env'})")
+    print(f"  raw root       {fs.redact(s.raw_root)}")
+    print(f"  out root       {fs.redact(s.out_root)}")
+    print(f"  catalog        {s.catalog}")
+    print(f"  DAGSTER_HOME   {home}" + ("" if has_home else "  (no instance there yet: `imnet build` makes it)"))
     return 0
 
 
-def _audit_state(s: Settings, not_fresh: list[str]) -> str:
-    """fresh (its record is the fingerprint of the shards as they are now), stale, or not built."""
-    from .catalog import CatalogBusy, open_reader
+def _audit_state(s: Settings, recorded: str | None, not_fresh: list[str]) -> str:
+    """The audit: fresh (its record in the catalog is the fingerprint of the shards as they are
+    now), stale, or not built."""
     from .core.audit import audit_fingerprint
 
-    if not os.path.exists(s.catalog):
-        return "unknown here (no catalog)"
-    try:
-        with open_reader(s.catalog, say=lambda m: print(m, file=sys.stderr, flush=True),
-                         wait_s=STATUS_WAIT_S) as cat:
-            recorded = cat.stage_fingerprint("shard_audit")
-    except CatalogBusy as e:
-        return f"unknown now: {e}"
     if recorded is None:
         return "not built"
     if not_fresh:
@@ -800,12 +800,12 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("-v", "--verbose", action="store_true", help="also print Dagster's warnings and errors "
                     "(with stack traces)")
     sp.set_defaults(func=cmd_build)
-    sp = sub.add_parser("demo", help="sample-raw into the raw root when empty, then build")
+    sp = sub.add_parser("demo", help="write the demo's settings into the project's .env (8 shards, data/ paths, DAGSTER_HOME), sample-raw into the raw root when empty, then build")
     sp.add_argument("--synsets", type=int, default=6)
     sp.add_argument("--images", type=int, default=40)
     sp.add_argument("-v", "--verbose", action="store_true", help="as for build")
     sp.set_defaults(func=cmd_demo)
-    sp = sub.add_parser("status", help="which stages and shard partitions are fresh")
+    sp = sub.add_parser("status", help="the resolved roots, and which stages, shard partitions and the audit are fresh")
     sp.add_argument("--raw", action="store_true", help="also list a raw root on object storage and compare "
                     "the catalog stages with it (20 listing pages at 19,167 tars)")
     sp.set_defaults(func=cmd_status)

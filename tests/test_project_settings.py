@@ -63,15 +63,15 @@ def test_imnet_status_from_another_folder_reads_the_projects_env_and_prints_its_
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     out = imnet(["status"], clean_env(IMNET_PROJECT_ROOT=str(root)), cwd=elsewhere).stdout
-    assert f"project          {root}  (.env read)" in out
-    assert f"raw root         {root / 'data' / 'raw'}\n" in out
-    assert f"out root         {root / 'data' / 'out'}\n" in out
-    assert f"catalog          {root / 'cat' / 'c.duckdb'}\n" in out
-    assert f"DAGSTER_HOME     {root / 'data' / 'dagster_home'}" in out
+    assert f"project root     {root}  (settings from .env there and the environment)" in out
+    assert f"  raw root       {root / 'data' / 'raw'}\n" in out
+    assert f"  out root       {root / 'data' / 'out'}\n" in out
+    assert f"  catalog        {root / 'cat' / 'c.duckdb'}\n" in out
+    assert f"  DAGSTER_HOME   {root / 'data' / 'dagster_home'}" in out
     assert "wds_shards       3 missing" in out and "shard_audit      unknown here" in out
     # found from a subfolder too, by the pyproject.toml above it
     (root / "a" / "b").mkdir(parents=True)
-    assert f"raw root         {root / 'data' / 'raw'}\n" in imnet(["status"], clean_env(), cwd=root / "a" / "b").stdout
+    assert f"  raw root       {root / 'data' / 'raw'}\n" in imnet(["status"], clean_env(), cwd=root / "a" / "b").stdout
     assert not (elsewhere / "data").exists() and not (root / "a" / "b" / "data").exists()
 
 

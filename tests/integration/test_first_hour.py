@@ -58,8 +58,8 @@ def test_after_the_demo_status_with_no_variables_says_everything_is_fresh(demo):
     for stage in ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]:
         assert f"{stage:16s} fresh\n" in out, out
     assert "wds_shards       8 fresh\n" in out and "shard_audit      fresh\n" in out, out
-    assert f"DAGSTER_HOME     {root / 'data' / 'dagster_home'}\n" in out
-    assert f"out root         {root / 'data' / 'out'}\n" in out
+    assert f"  DAGSTER_HOME   {root / 'data' / 'dagster_home'}\n" in out
+    assert f"  out root       {root / 'data' / 'out'}\n" in out
 
 
 def test_the_instance_at_dagster_home_holds_every_asset_and_partition(demo):
