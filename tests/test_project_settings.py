@@ -98,3 +98,13 @@ def test_every_variable_the_code_reads_is_declared():
     assert names - set(VARIABLES) == set()
     with pytest.raises(SettingsError, match="IMNET_WORKER .*did you mean IMNET_WORKERS"):
         Settings.from_env({"IMNET_WORKER": "2"})
+
+
+def test_from_a_folder_outside_any_project_the_root_is_the_packages_project(tmp_path, monkeypatch):
+    """As in a code server that `dagster dev -w /path/workspace.yaml` started from another folder:
+    no pyproject.toml above the current folder, so the project is the one holding this package
+    (an editable install: the repository)."""
+    monkeypatch.delenv("IMNET_PROJECT_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert project_root() == REPO
+    assert Settings.from_env({}).raw_root == str(REPO / "data" / "raw")
