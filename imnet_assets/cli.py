@@ -413,6 +413,14 @@ def demo_settings(root: Path) -> dict[str, str]:
     }
 
 
+def _env_value(value: str) -> str:
+    """A value as a .env line holds it: double-quoted (JSON's escapes, which python-dotenv reads)
+    when it has a space, a quote or a '#'."""
+    import json
+
+    return json.dumps(value) if re.search(r"[\s#'\"\\]", value) else value
+
+
 def write_env_settings(path: Path, wanted: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     """Add to the `.env` at `path` each of `wanted` it does not set yet (the value from the
     environment when set there, else the one given), keeping every line it has; atomically.
@@ -429,7 +437,7 @@ def write_env_settings(path: Path, wanted: dict[str, str]) -> tuple[dict[str, st
         if text and not text.endswith("\n"):
             text += "\n"
         text += "# written by `imnet demo` (the environment wins over this file)\n"
-        text += "".join(f"{name}={value}\n" for name, value in added.items())
+        text += "".join(f"{name}={_env_value(value)}\n" for name, value in added.items())
         fs.write_atomic(str(path), text.encode("utf-8"))
     return added, kept
 
