@@ -1,4 +1,7 @@
-"""`imnet`: sample-raw, build, demo, status, lineage, verify (SPEC: Command line)."""
+"""imnet: build, audit and inspect the ImageNet Winter21 WebP WebDataset release.
+
+Settings come from IMNET_* variables, in the environment or in the .env file at the project root
+(the environment wins); relative paths resolve against the project root."""
 
 from __future__ import annotations
 
@@ -10,9 +13,10 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from .core.fs import StorageError
-from .settings import Settings, SettingsError, shard_key
+from .settings import Settings, SettingsError, apply_env_file, shard_key
 
 DEMO_SHARDS = 8
 STATUS_WAIT_S = 10.0  # how long `imnet status` waits for a catalog writer before reporting without it
@@ -77,6 +81,44 @@ def _console_kept(build: Build):
             os.close(copy)
 
 
+def dagster_yaml_source() -> Path | None:
+    """The project's dagster.yaml: the project root's, else the one beside this package's source."""
+    from .settings import project_root
+
+    for folder in (project_root(), Path(__file__).resolve().parent.parent):
+        if (folder / "dagster.yaml").is_file():
+            return folder / "dagster.yaml"
+    return None
+
+
+def prepare_dagster_home(out=sys.stdout) -> Path:
+    """DAGSTER_HOME for this process (set when only `.env` or the default named it), the folder
+    made, and the project's dagster.yaml copied into it when it has none (its run queue, limits
+    and `telemetry: false`)."""
+    import shutil
+
+    from .settings import dagster_home
+
+    home = dagster_home()
+    os.environ["DAGSTER_HOME"] = str(home)
+    home.mkdir(parents=True, exist_ok=True)
+    target = home / "dagster.yaml"
+    if not target.exists():
+        source = dagster_yaml_source()
+        try:
+            if source is not None:
+                shutil.copyfile(source, target)
+            else:
+                target.write_text("telemetry:\n  enabled: false\n")
+        except OSError as e:  # a read-only home: Dagster's defaults, as before
+            print(f"imnet: no dagster.yaml in DAGSTER_HOME {home}, and none could be put there ({e})",
+                  file=out, flush=True)
+        else:
+            print(f"imnet: Dagster instance at {home} (DAGSTER_HOME), with {source or 'a minimal dagster.yaml'}",
+                  file=out, flush=True)
+    return home
+
+
 class Build:
     """Materializes stages through Dagster, in this process, recording into the instance."""
 
@@ -89,16 +131,10 @@ class Build:
         self.settings = settings
         self.defs = build_definitions(settings)
         self.assets = list(self.defs.assets)
-        if os.environ.get("DAGSTER_HOME"):
-            self.instance = DagsterInstance.get()
-        else:
-            # Not DagsterInstance.ephemeral(): its in-memory SQLite is one connection, which
-            # concurrent shard runs (threads) find locked ("database table is locked"). A throwaway
-            # on-disk instance takes them as the real one does; removed when this process ends.
-            import tempfile
-
-            self._scratch = tempfile.TemporaryDirectory(prefix="imnet-dagster-")
-            self.instance = DagsterInstance.local_temp(self._scratch.name)
+        # The persistent instance the UI reads (DAGSTER_HOME, by default data/dagster_home under the
+        # project root): what the build does shows there, and its history carries over.
+        prepare_dagster_home(out)
+        self.instance = DagsterInstance.get()
         self.out = out
         # Dagster's console logger prints each failed step's whole stack trace; this command names
         # the failure itself (`fail`), so by default only -v shows them (the instance keeps them all)
@@ -314,9 +350,14 @@ class Build:
                 return {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
         return {}
 
+    # Counts a stage reports as 0 until a later stage has counted them: raw_tars' members and the
+    # synset manifest's images come from filtered_index's walk of the tars' headers.
+    NOT_COUNTED_YET = {"raw_tars": "members", "synset_manifest": "images"}
+
     def _facts(self, result, asset: str) -> str:
         md = self._metadata(result, asset)
-        shown = {k: v for k, v in md.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        shown = {k: v for k, v in md.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                 and not (v == 0 and self.NOT_COUNTED_YET.get(asset) == k)}
         return ", ".join(f"{k}={v}" for k, v in list(shown.items())[:6])
 
     def fail(self, stage: str, failures: list[str]) -> int:
@@ -360,26 +401,70 @@ def cmd_build(args) -> int:
         os._exit(130)
 
 
+def demo_settings(root: Path) -> dict[str, str]:
+    """What `imnet demo` writes into the project's `.env`: its shard count, the data/ paths and
+    an instance under data/ (DAGSTER_HOME is absolute: Dagster's tools refuse a relative one)."""
+    return {
+        "IMNET_NUM_SHARDS": str(DEMO_SHARDS),
+        "IMNET_RAW_ROOT": "data/raw",
+        "IMNET_OUT_ROOT": "data/out",
+        "IMNET_CATALOG": "data/catalog.duckdb",
+        "DAGSTER_HOME": str(root / "data" / "dagster_home"),
+    }
+
+
+def _env_value(value: str) -> str:
+    """A value as a .env line holds it: double-quoted (JSON's escapes, which python-dotenv reads)
+    when it has a space, a quote or a '#'."""
+    import json
+
+    return json.dumps(value) if re.search(r"[\s#'\"\\]", value) else value
+
+
+def write_env_settings(path: Path, wanted: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Add to the `.env` at `path` each of `wanted` it does not set yet (the value from the
+    environment when set there, else the one given), keeping every line it has; atomically.
+    Returns (what was added, the names it already had)."""
+    from dotenv import dotenv_values
+
+    from .core import fs
+
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    have = dotenv_values(path) if path.exists() else {}
+    added = {name: os.environ.get(name) or value for name, value in wanted.items() if name not in have}
+    kept = [name for name in wanted if name in have]
+    if added:
+        if text and not text.endswith("\n"):
+            text += "\n"
+        text += "# written by `imnet demo` (the environment wins over this file)\n"
+        text += "".join(f"{name}={_env_value(value)}\n" for name, value in added.items())
+        fs.write_atomic(str(path), text.encode("utf-8"))
+    return added, kept
+
+
 def cmd_demo(args) -> int:
     from .core import fs
     from .core.sample_raw import write_sample_raw
+    from .settings import env_file, project_root
 
-    chosen = not os.environ.get("IMNET_NUM_SHARDS")
-    if chosen:
-        os.environ["IMNET_NUM_SHARDS"] = str(DEMO_SHARDS)
-        print(f"imnet demo: IMNET_NUM_SHARDS not set, using {DEMO_SHARDS} shards for the sample release")
+    root = project_root()
+    added, kept = write_env_settings(env_file(root), demo_settings(root))
+    apply_env_file(root)
+    if added:
+        print(f"imnet demo: wrote {', '.join(f'{k}={v}' for k, v in added.items())} to {env_file(root)}")
+    if kept:
+        print(f"imnet demo: kept {', '.join(kept)} as {env_file(root)} sets them")
     s = Settings.from_env()
+    prepare_dagster_home()
     if not any(e["name"].endswith(".tar") for e in fs.listdir(s.raw_root)):
         summary = write_sample_raw(s.raw_root, synsets=args.synsets, images=args.images, seed=0)
         print(f"imnet demo: wrote a sample raw release ({len(summary.wnids)} synsets, "
               f"{summary.total_members} files with ImageNet's quirks) to {s.raw_root}")
     code = Build(s, verbose=args.verbose).run(None)
     if code == 0:
-        # the other commands read the layout from the environment too: name it when the demo chose it
-        env = f"IMNET_NUM_SHARDS={s.num_shards} " if chosen else ""
-        print(f"demo done: shards and _info.json in {s.out_root}; try `imnet lineage <key>`, `imnet verify`,")
-        print(f"`{env}imnet status`, or `{env}dagster dev -w workspace.yaml` to see the assets (with "
-              "DAGSTER_HOME set to keep history).")
+        print(f"demo done: shards, _info.json, README.md (the card) and classes.tsv in {s.out_root}.")
+        print("Next: `imnet status`, `imnet lineage <key>`, `imnet verify`, and `dg dev` (or "
+              f"`dagster dev -w workspace.yaml` in {root}) for the UI on the instance at {os.environ['DAGSTER_HOME']}.")
     return code
 
 
@@ -394,8 +479,13 @@ def cmd_status(args) -> int:
     from .core.plan import read_index
     from .core.stages import stale_stages
     from .schedules import shard_partition_status
+    from .settings import dagster_home, env_file, project_root
 
     s = Settings.from_env()
+    root = project_root()
+    home = dagster_home(root)
+    has_home = home.is_dir()
+    audit, audit_unknown = None, "unknown here (no catalog)"  # its record in the catalog, or why not known
     if why := plan_mismatch(s, read_index(s.out_root)):
         print(f"note: {why}")
     stages = ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]
@@ -409,7 +499,9 @@ def cmd_status(args) -> int:
                              wait_s=STATUS_WAIT_S) as cat:
                 stale = stale_stages(s, log=lambda _m: None) if relist else None
                 built = None if relist else {stage: cat.stage_fingerprint(stage) is not None for stage in stages}
+                audit, audit_unknown = cat.stage_fingerprint("shard_audit"), None
         except CatalogBusy as e:
+            audit_unknown = "unknown now (the catalog is being written)"
             print(f"catalog stages   unknown now: {e} (waited {STATUS_WAIT_S:.0f}s; `imnet status` again "
                   "once it is done)")
         else:
@@ -424,14 +516,35 @@ def cmd_status(args) -> int:
     else:
         print(f"catalog stages   unknown here: no catalog at {s.catalog} (IMNET_CATALOG; it lives on the "
               "machine that builds the stages and runs the audit)")
-    inst = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else None
+    if has_home:
+        os.environ["DAGSTER_HOME"] = str(home)
+    inst = DagsterInstance.get() if has_home else None
     status = shard_partition_status(s, inst)
     counts = Counter(status.values())
     print("wds_shards       " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
     not_fresh = [k for k, v in status.items() if v != "fresh"]
     if not_fresh:
         print("  not fresh: " + ", ".join(not_fresh[:32]) + (" ..." if len(not_fresh) > 32 else ""))
+    print(f"shard_audit      {audit_unknown or _audit_state(s, audit, not_fresh)}")
+    dotenv = env_file(root)
+    print(f"project root     {root}  ({'settings from .env there and the environment' if dotenv.is_file() else 'no .env'})")
+    print(f"  raw root       {fs.redact(s.raw_root)}")
+    print(f"  out root       {fs.redact(s.out_root)}")
+    print(f"  catalog        {s.catalog}")
+    print(f"  DAGSTER_HOME   {home}" + ("" if has_home else "  (no instance there yet: `imnet build` makes it)"))
     return 0
+
+
+def _audit_state(s: Settings, recorded: str | None, not_fresh: list[str]) -> str:
+    """The audit: fresh (its record in the catalog is the fingerprint of the shards as they are
+    now), stale, or not built."""
+    from .core.audit import audit_fingerprint
+
+    if recorded is None:
+        return "not built"
+    if not_fresh:
+        return f"stale ({len(not_fresh)} shards not fresh)"
+    return "fresh" if audit_fingerprint(s) == recorded else "stale (the shards changed since it ran)"
 
 
 def cmd_lineage(args) -> int:
@@ -695,12 +808,12 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("-v", "--verbose", action="store_true", help="also print Dagster's warnings and errors "
                     "(with stack traces)")
     sp.set_defaults(func=cmd_build)
-    sp = sub.add_parser("demo", help="sample-raw into the raw root when empty, then build")
+    sp = sub.add_parser("demo", help="write the demo's settings into the project's .env (8 shards, data/ paths, DAGSTER_HOME), sample-raw into the raw root when empty, then build")
     sp.add_argument("--synsets", type=int, default=6)
     sp.add_argument("--images", type=int, default=40)
     sp.add_argument("-v", "--verbose", action="store_true", help="as for build")
     sp.set_defaults(func=cmd_demo)
-    sp = sub.add_parser("status", help="which stages and shard partitions are fresh")
+    sp = sub.add_parser("status", help="the resolved roots, and which stages, shard partitions and the audit are fresh")
     sp.add_argument("--raw", action="store_true", help="also list a raw root on object storage and compare "
                     "the catalog stages with it (20 listing pages at 19,167 tars)")
     sp.set_defaults(func=cmd_status)
@@ -716,6 +829,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.set_defaults(func=cmd_verify)
     args = p.parse_args(argv)
     try:
+        # the project's .env under the environment, for this process and what it starts (DAGSTER_HOME, AWS_*)
+        apply_env_file()
         return args.func(args)
     except SettingsError as e:
         print(f"imnet: configuration error: {e}", file=sys.stderr)

@@ -13,15 +13,17 @@ from imnet_assets.settings import (
     Settings,
     SettingsError,
     parse_holdout,
+    project_root,
     shard_key,
 )
 
 
 def test_defaults_follow_the_spec_table():
     s = Settings.from_env({})
-    assert s.raw_root == "data/raw"
-    assert s.out_root == "data/out"
-    assert s.catalog == "data/catalog.duckdb"
+    root = project_root({})  # relative paths resolve against the project root
+    assert s.raw_root == str(root / "data/raw")
+    assert s.out_root == str(root / "data/out")
+    assert s.catalog == str(root / "data/catalog.duckdb")
     assert s.num_shards == 1024
     assert s.seed == 0
     assert s.shard_pattern == "imagenet12k-train-{shard}.tar" == DEFAULT_SHARD_PATTERN

@@ -142,6 +142,24 @@ def info_url(settings: Settings) -> str:
     return fs.join(settings.out_root, "_info.json")
 
 
+CLASSES_NAME = "classes.tsv"
+CLASSES_COLUMNS = ("label", "wnid", "lemma", "gloss", "count")
+
+
+def classes_url(settings: Settings) -> str:
+    return fs.join(settings.out_root, CLASSES_NAME)
+
+
+def render_classes(rows: list[tuple]) -> bytes:
+    """classes.tsv: a header line, then one line per label (tabs and line breaks inside a lemma or
+    gloss become spaces, so every line is one row of five fields)."""
+    def field(value) -> str:
+        return " ".join(str(value).replace("\t", " ").splitlines())
+
+    lines = ["\t".join(CLASSES_COLUMNS), *("\t".join(field(v) for v in row) for row in rows)]
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
 def render_info(doc: dict) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
@@ -225,6 +243,8 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
     if not report.problems:
         fs.write_atomic(info_url(settings), render_info(info_document(settings, lengths)))
         report.info_written = True
+        with Catalog(settings.catalog, read_only=True) as cat:  # kept counts as this audit left them
+            fs.write_atomic(classes_url(settings), render_classes(cat.rows("classes_tsv")))
         card.write_card(settings, report)  # issue 17: the dataset card, <out>/README.md
         if audit_fp:
             with Catalog(settings.catalog) as cat:
