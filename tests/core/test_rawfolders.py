@@ -298,3 +298,22 @@ def test_an_s3_prefix_of_folders_reads_each_file_once_whole(tmp_path):
     reads = [r for r in shard_runs if r.method == "GET" and r.key in files]
     assert len(reads) == kept and len({r.key for r in reads}) == kept
     assert not [r for r in shard_runs if r.method == "GET" and r.key not in files and r.bucket == "raw"]
+
+
+def test_many_folders_are_listed_by_processes_as_by_threads(tmp_path, monkeypatch):
+    from imnet_assets.core import rawfolders
+
+    wnids = [f"n{i:08d}" for i in range(1, 8)]
+    for i, wnid in enumerate(wnids):
+        (tmp_path / wnid / "sub").mkdir(parents=True)
+        for j in range(i + 1):
+            (tmp_path / wnid / f"{wnid}_{j}.JPEG").write_bytes(b"x" * j)
+        (tmp_path / wnid / "sub" / "a.JPEG").write_bytes(b"y")
+    in_threads = rawfolders.list_synset_folders(str(tmp_path), wnids)
+    monkeypatch.setattr(rawfolders, "PROCESS_FOLDERS", 2)
+    monkeypatch.setattr(rawfolders, "FOLDERS_PER_TASK", 3)
+    assert rawfolders.list_synset_folders(str(tmp_path), wnids) == in_threads
+    assert [(e["name"], e["files"], e["size"]) for e in in_threads] == [
+        (f"{w}/", i + 2, sum(range(i + 1)) + 1) for i, w in enumerate(wnids)]
+    assert [e.path for e in rawfolders.list_files(str(tmp_path / wnids[2]) + "/")] == [
+        f"{wnids[2]}_0.JPEG", f"{wnids[2]}_1.JPEG", f"{wnids[2]}_2.JPEG", "sub/a.JPEG"]
