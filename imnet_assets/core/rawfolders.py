@@ -42,6 +42,7 @@ WNID_FOLDER = re.compile(r"^n\d{8}$")
 LISTING_THREADS = 32  # synset folders listed at once (per process, see list_synset_folders)
 READ_THREADS = 8  # local files a scan worker reads at once, ahead of its walk
 READ_AHEAD = 32  # local files read ahead of the walk (bounded memory: ~4 MB for ImageNet's files)
+REMOTE_BATCH = 32  # S3 objects a scan worker fetches at once (whole-object GETs), the next batch ahead
 
 
 class FolderChanged(OSError):
@@ -189,13 +190,23 @@ def scan_folder(url: str, depth: int | None = None, size: int | None = None) -> 
 def _read_files(url: str, entries: list[FileEntry], depth: int | None) -> Iterator[tuple[FileEntry, bytes | None]]:
     """(entry, its whole bytes or None when gone) in order; no bytes for entries with a problem."""
     if fs.is_remote(url):
-        batch = max(depth or 8, 1)
-        for i in range(0, len(entries), batch):
-            part = entries[i : i + batch]
+        # Files are ~110 KB, a tar's prefetch chunk 4 MB: each worker keeps more requests in
+        # flight than a tar's `depth` (REMOTE_BATCH at least), and fetches the next batch while
+        # the one before is hashed and probed.
+        batch = max(depth or 0, REMOTE_BATCH)
+        parts = [entries[i : i + batch] for i in range(0, len(entries), batch)]
+
+        def fetch(part: list[FileEntry]) -> tuple[dict, dict]:
             urls = {e: file_url(url, e.path) for e in part if e.problem is None}
-            data = fs.read_many(list(urls.values()), batch=batch)
-            for e in part:
-                yield e, data[urls[e]] if e in urls else b""
+            return urls, fs.read_many(list(urls.values()), batch=batch)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="read-files") as pool:
+            ahead = pool.submit(fetch, parts[0]) if parts else None
+            for k, part in enumerate(parts):
+                urls, data = ahead.result()
+                ahead = pool.submit(fetch, parts[k + 1]) if k + 1 < len(parts) else None
+                for e in part:
+                    yield e, data[urls[e]] if e in urls else b""
         return
     with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="read-files") as pool:
         window: collections.deque = collections.deque()

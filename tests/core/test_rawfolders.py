@@ -259,10 +259,13 @@ def test_a_root_with_both_layouts_is_refused(tmp_path):
         list_raw(str(tmp_path / "raw"), log=QUIET)
 
 
-def test_an_s3_prefix_of_folders_reads_each_file_once_whole(tmp_path):
+def test_an_s3_prefix_of_folders_reads_each_file_once_whole(tmp_path, monkeypatch):
     """The same folders under an s3:// prefix: listed one prefix per synset, each file read with
     one GET by the index and one by the shard runs; the shards equal the local build's."""
+    from imnet_assets.core import rawfolders
     from tests.s3server import MotoS3
+
+    monkeypatch.setattr(rawfolders, "REMOTE_BATCH", 4)  # several batches per folder, one fetched ahead
 
     local = tmp_path / "local"
     write_sample_raw(local, synsets=3, images=6, seed=5, layout="folders", hostile_names=False)
@@ -317,3 +320,16 @@ def test_many_folders_are_listed_by_processes_as_by_threads(tmp_path, monkeypatc
         (f"{w}/", i + 2, sum(range(i + 1)) + 1) for i, w in enumerate(wnids)]
     assert [e.path for e in rawfolders.list_files(str(tmp_path / wnids[2]) + "/")] == [
         f"{wnids[2]}_0.JPEG", f"{wnids[2]}_1.JPEG", f"{wnids[2]}_2.JPEG", "sub/a.JPEG"]
+
+
+def test_a_folder_that_changes_while_it_is_indexed_fails_the_scan_recording_nothing(tmp_path):
+    from imnet_assets.core.rawfolders import FolderChanged, list_synset_folders, scan_folder
+
+    write_sample_raw(tmp_path / "raw", synsets=2, images=3, seed=0, layout="folders", hostile_names=False)
+    wnid = sorted(p.name for p in (tmp_path / "raw").iterdir() if p.is_dir())[0]
+    listed = list_synset_folders(str(tmp_path / "raw"), [wnid])[0]
+    assert len(scan_folder(listed["url"], size=listed["size"])) == 3
+    victim = sorted((tmp_path / "raw" / wnid).iterdir())[0]
+    victim.write_bytes(victim.read_bytes() + b"more")
+    with pytest.raises(FolderChanged, match=rf"raw folder {wnid}/ holds \d+ bytes of files now, \d+ when it was listed"):
+        scan_folder(listed["url"], size=listed["size"])
