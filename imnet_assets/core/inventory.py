@@ -82,8 +82,8 @@ def list_raw(raw_root: str, unpack: bool = False, log: Callable[[str], None] = p
     names = {e["name"] for e in entries}
     synset_folders = [f for f in folders if WNID_FOLDER.match(f)]
     interrupted = UNPACKING_MARK in names
-    if unpack and WHOLE_RELEASE in names and (
-            interrupted or not (any(WNID_TAR.match(n) for n in names) or synset_folders)):
+    if unpack and WHOLE_RELEASE in names and not synset_folders and (
+            interrupted or not any(WNID_TAR.match(n) for n in names)):
         again = " again (an earlier unpack did not finish)" if interrupted else ""
         log(f"unpacking {WHOLE_RELEASE} into {raw_root}{again} (one pass, per-synset tars)")
         fs.write_atomic(fs.join(raw_root, UNPACKING_MARK), b"unpack in progress\n")
