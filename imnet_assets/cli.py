@@ -375,8 +375,9 @@ class Build:
 def cmd_sample_raw(args) -> int:
     from .core.sample_raw import write_sample_raw
 
-    summary = write_sample_raw(args.dir, synsets=args.synsets, images=args.images, seed=args.seed)
-    print(f"wrote {len(summary.wnids)} synset tars with {summary.total_members} files to {args.dir}")
+    summary = write_sample_raw(args.dir, synsets=args.synsets, images=args.images, seed=args.seed, layout=args.layout)
+    what = "synset folders" if args.layout == "folders" else "synset tars"
+    print(f"wrote {len(summary.wnids)} {what} with {summary.total_members} files to {args.dir}")
     print("quirks: " + ", ".join(f"{k} ({len(v)})" for k, v in sorted(summary.quirks.items())))
     return 0
 
@@ -456,7 +457,9 @@ def cmd_demo(args) -> int:
         print(f"imnet demo: kept {', '.join(kept)} as {env_file(root)} sets them")
     s = Settings.from_env()
     prepare_dagster_home()
-    if not any(e["name"].endswith(".tar") for e in fs.listdir(s.raw_root)):
+    files, folders = fs.listdir_and_folders(s.raw_root)
+    # only into an empty root (or one holding what an interrupted sample-raw left): never beside a release
+    if not folders and all(e["name"] in ("words.txt", "gloss.txt") or e["name"].endswith(".tmp") for e in files):
         summary = write_sample_raw(s.raw_root, synsets=args.synsets, images=args.images, seed=0)
         print(f"imnet demo: wrote a sample raw release ({len(summary.wnids)} synsets, "
               f"{summary.total_members} files with ImageNet's quirks) to {s.raw_root}")
@@ -550,6 +553,7 @@ def _audit_state(s: Settings, recorded: str | None, not_fresh: list[str]) -> str
 def cmd_lineage(args) -> int:
     from .catalog import open_reader
     from .core import fs
+    from .core.rawfolders import describe_source
 
     s = Settings.from_env()
     with open_reader(s.catalog) as cat:
@@ -559,8 +563,9 @@ def cmd_lineage(args) -> int:
         return 1
     for r in rows:
         print(f"key          {r['key']}  ({r['wnid']})")
-        print(f"source       {fs.join(s.raw_root, r['tar'])} member {r['member'] or '(none: tar damage)'}")
-        print(f"             offset {r['offset']}  size {r['size']}  sha256 {r['sha256'] or '(unreadable)'}")
+        where, how = describe_source(s.raw_root, r["tar"], r["member"], r["offset"])
+        print(f"source       {where}")
+        print(f"             {how}  size {r['size']}  sha256 {r['sha256'] or '(unreadable)'}")
         print(f"status       {r['status']}" + (f"  ({r['reason']})" if r["reason"] else ""))
         if r["shard"] is not None:
             where = fs.join(s.out_root, r["path"] or s.shard_name(r["shard"]))
@@ -797,6 +802,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--synsets", type=int, default=6)
     sp.add_argument("--images", type=int, default=40)
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--layout", choices=["tars", "folders"], default="tars", help="tars: <wnid>.tar per synset "
+                    "(as ImageNet distributes them); folders: the extracted layout <wnid>/<wnid>_<n>.JPEG")
     sp.set_defaults(func=cmd_sample_raw)
     sp = sub.add_parser("build", help="materialize every stage through Dagster, then shards, then the audit")
     sp.add_argument("--shards", help="shard partitions to build, e.g. 0000-0015,0042 (default all; 'none' "

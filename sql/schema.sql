@@ -1,14 +1,14 @@
 -- The catalog: every table the project keeps (SPEC: Catalog). Idempotent.
 CREATE TABLE IF NOT EXISTS raw_tars (
-    tar VARCHAR PRIMARY KEY,      -- file name, <wnid>.tar
+    tar VARCHAR PRIMARY KEY,      -- file name, <wnid>.tar; or <wnid>/, a folder of extracted files (core/rawfolders.py)
     wnid VARCHAR NOT NULL,
-    size BIGINT NOT NULL,
-    mtime VARCHAR,                -- modification time or ETag, to notice a changed tar
+    size BIGINT NOT NULL,         -- a folder's: the sum of its file sizes
+    mtime VARCHAR,                -- modification time or ETag, to notice a changed tar; a folder's: a digest of its listing
     num_members INTEGER
 );
 CREATE TABLE IF NOT EXISTS synsets (
     wnid VARCHAR PRIMARY KEY,
-    label INTEGER NOT NULL,       -- index in the sorted list of synset tars
+    label INTEGER NOT NULL,       -- index in the sorted list of synsets (tars or folders)
     lemma VARCHAR,
     gloss VARCHAR,
     num_images INTEGER,           -- members in the raw tar
@@ -17,9 +17,10 @@ CREATE TABLE IF NOT EXISTS synsets (
 CREATE TABLE IF NOT EXISTS images (
     key VARCHAR NOT NULL,
     wnid VARCHAR NOT NULL,
-    tar VARCHAR NOT NULL,
-    member VARCHAR,
-    "offset" BIGINT,              -- byte offset of the member's data in its tar
+    tar VARCHAR NOT NULL,         -- <wnid>.tar, or the synset folder <wnid>/
+    member VARCHAR,               -- the member's name (a folder's file: its path inside the folder)
+    "offset" BIGINT,              -- byte offset of the member's data in its tar (a folder's file: its
+                                  -- number in the folder's listing; its bytes are the whole file)
     size BIGINT,
     sha256 VARCHAR,
     width INTEGER,

@@ -158,15 +158,25 @@ def stat(url: str) -> tuple[int, str]:
 def listdir(url: str) -> list[dict]:
     """Entries directly under `url`: dicts with `name` (basename), `url`, `size`, `mtime` (str),
     `stamp` (see `_stamp`)."""
+    return listdir_and_folders(url)[0]
+
+
+@_names_remote_errors("list")
+def listdir_and_folders(url: str) -> tuple[list[dict], list[str]]:
+    """`listdir`'s file entries, and the names of the folders directly under `url` (sorted), from
+    the same one listing."""
     fs, path = filesystem(url)
     try:
         # One listing (paginated: one request per 1,000 entries on S3), no look before it: an
         # absent folder lists as FileNotFoundError. The listings cache is off (see _storage_options).
         infos = fs.ls(path, detail=True)
     except (FileNotFoundError, NotADirectoryError):
-        return []
+        return [], []
     out = []
+    folders = []
     for info in infos:
+        if info.get("type") == "directory":
+            folders.append(posixpath.basename(info["name"].rstrip("/")))
         if info.get("type") != "file":
             continue
         name = posixpath.basename(info["name"].rstrip("/"))
@@ -175,7 +185,27 @@ def listdir(url: str) -> list[dict]:
         stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
         out.append({"name": name, "url": join(url, name), "size": int(info.get("size") or 0), "mtime": str(stamp),
                     "stamp": _stamp(info)})
-    return sorted(out, key=lambda e: e["name"])
+    return sorted(out, key=lambda e: e["name"]), sorted(folders)
+
+
+@_names_remote_errors("list")
+def find_files(url: str) -> list[dict]:
+    """Every file under the folder (prefix) at `url`, subfolders included: dicts with `path`
+    (relative to `url`, "/"-separated), `size`, `stamp` (see `_stamp`). On S3 one listing without
+    a delimiter (one request per 1,000 keys); folder markers (keys ending in "/") are left out."""
+    fs, path = filesystem(url)
+    path = path.rstrip("/")
+    try:
+        infos = fs.find(path, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = []
+    for name, info in infos.items():
+        rel = name[len(path) + 1 :] if name.startswith(path + "/") else ""
+        if info.get("type") == "directory" or not rel or rel.endswith("/"):
+            continue
+        out.append({"path": rel, "size": int(info.get("size") or 0), "stamp": _stamp(info)})
+    return out
 
 
 @_names_remote_errors("read")

@@ -17,6 +17,7 @@ from .perceptual import image_hash
 from .prefetch import CHUNK, depth_for
 from .probe import probe_image
 from .procpool import bounded_map, process_pool
+from .rawfolders import is_folder_source, scan_folder
 from .rawtar import Damage, iter_tar, member_key, printable_name
 
 
@@ -50,6 +51,8 @@ def scan_tar(url: str, mapped: bool = False, depth: int | None = None, size: int
     `mapped`: memory-map a local tar (pool workers only, see rawtar.iter_tar); `depth`: ranged
     requests kept in flight for a remote one (see prefetch); `size`: its listed size; `data`: its
     bytes, already read."""
+    if is_folder_source(url):  # a synset folder of the extracted layout (`<wnid>/`)
+        return scan_folder(url, depth=depth, size=size)
     tar = fs.basename(url)
     wnid = tar[: -len(".tar")] if tar.endswith(".tar") else tar
     records: list[ImageRecord] = []
@@ -65,32 +68,32 @@ def scan_tar(url: str, mapped: bool = False, depth: int | None = None, size: int
                 )
             )
             continue
-        digest = hashlib.sha256(item.data).hexdigest()
-        key, bad_name = member_key(item.name)
-        if key is None:
-            records.append(
-                ImageRecord(
-                    f"{wnid}__member_{item.offset}", wnid, tar, member, item.offset, item.size, digest,
-                    None, None, None, None, "excluded", bad_name, False,
-                )
-            )
-            continue
-        p = probe_image(item.data)
-        status, reason = p.status, p.reason
-        if p.needs_repair and p.kept:
-            # Settled here, not at encode time: an image the encoder would refuse (less than 5% of
-            # its rows decode, nothing decodes) leaves the plan, so shards balance exactly.
-            refused = trial_decode(item.data)
-            if refused is not None:
-                status, reason = "excluded", refused
-        records.append(
-            ImageRecord(
-                key, wnid, tar, member, item.offset, item.size, digest, p.width, p.height,
-                p.format, p.mode, status, reason, p.needs_repair and status == "kept",
-                image_hash(item.data) if status == "kept" else None,  # issue 17: eval matching
-            )
-        )
+        records.append(member_record(wnid, tar, item.name, item.offset, item.data))
     return records
+
+
+def member_record(wnid: str, tar: str, name: str, offset: int, data) -> ImageRecord:
+    """The images row of one raw file's bytes: a tar's member (`offset`: of its data in the tar)
+    or a synset folder's file (core/rawfolders.py; `offset`: its number in the folder)."""
+    member = printable_name(name)
+    digest = hashlib.sha256(data).hexdigest()
+    key, bad_name = member_key(name)
+    if key is None:
+        return ImageRecord(f"{wnid}__member_{offset}", wnid, tar, member, offset, len(data), digest,
+                           None, None, None, None, "excluded", bad_name, False)
+    p = probe_image(data)
+    status, reason = p.status, p.reason
+    if p.needs_repair and p.kept:
+        # Settled here, not at encode time: an image the encoder would refuse (less than 5% of
+        # its rows decode, nothing decodes) leaves the plan, so shards balance exactly.
+        refused = trial_decode(data)
+        if refused is not None:
+            status, reason = "excluded", refused
+    return ImageRecord(
+        key, wnid, tar, member, offset, len(data), digest, p.width, p.height,
+        p.format, p.mode, status, reason, p.needs_repair and status == "kept",
+        image_hash(data) if status == "kept" else None,  # issue 17: eval matching
+    )
 
 
 def scan_small_tars(tars: list[tuple[str, int]]) -> list[list[ImageRecord]]:
@@ -106,7 +109,7 @@ def _tasks(urls: list[str], sizes: dict[str, int], depth: int) -> list[tuple[str
     tasks: list[tuple[str, list]] = []
     for url in urls:
         size = sizes.get(url)
-        small = size is not None and size <= SMALL_TAR and fs.is_remote(url)
+        small = size is not None and size <= SMALL_TAR and fs.is_remote(url) and not is_folder_source(url)
         if small and tasks and tasks[-1][0] == "small" and len(tasks[-1][1]) < depth:
             tasks[-1][1].append((url, size))
         else:

@@ -23,6 +23,7 @@ from .altlabels import sample_fields
 from .encode import EncodeSettings, ImageRejected, encode_image
 from .plan import SliceRow, read_slice
 from .procpool import WorkerDied, WorkerPool, next_priority, shared_pool
+from .rawfolders import source_location
 from .verify import check_committed, webp_problem
 
 # Bump when the bytes a shard holds for the same input would change (encoding rules, tar layout,
@@ -133,16 +134,16 @@ def _read_source(row: SliceRow, raw_root: str) -> tuple[bytes | None, str]:
     """The row's source bytes, or None and why they are not the indexed ones (the tar is shorter
     than indexed, or its bytes changed there: recorded as an exclusion). A tar that cannot be read
     at all raises SourceUnreadable once the retries are spent."""
-    url = fs.join(raw_root, row.tar)
+    url, offset = source_location(raw_root, row.tar, row.member, row.offset)  # a tar member, or a whole file
     reader = _range_reader()
     for wait in (*READ_RETRY_SECONDS, None):
         try:
-            data = reader.read(url, row.offset, row.size)
+            data = reader.read(url, offset, row.size)
             break
         except Exception as e:  # noqa: BLE001 - retried, then raised as what it is
             if wait is None:
                 raise SourceUnreadable(fs.redact(
-                    f"cannot read raw tar {url} at byte {row.offset} (for {row.key}): {type(e).__name__}: {e}; "
+                    f"cannot read raw tar {url} at byte {offset} (for {row.key}): {type(e).__name__}: {e}; "
                     "if it moved or changed since indexing, `imnet build` indexes it again")) from None
             time.sleep(wait)
     if len(data) != row.size:

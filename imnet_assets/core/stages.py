@@ -18,7 +18,7 @@ from . import fs
 from .csvstage import staged_csv
 from .decontam import index_inputs, settle_index
 from .index import FIELDS, scan_tars
-from .inventory import RawListing, inventory, list_raw
+from .inventory import RawLayoutError, RawListing, inventory, list_raw
 from .plan import PLAN_DIR, PLAN_VERSION, publish_slices, render_slice, shard_sizes, write_index
 from .synsets import read_text_file
 
@@ -72,12 +72,10 @@ def build_raw_tars(settings: Settings, run_id: str, log: Log = print) -> dict:
     check_catalog_volume(settings.catalog)  # before unpacking a release into a throwaway container
     listing = list_raw(settings.raw_root, unpack=True, log=log)
     if not listing.tars:
-        raise FileNotFoundError(
-            f"no <wnid>.tar files under IMNET_RAW_ROOT={settings.raw_root} "
-            f"(run `imnet sample-raw {settings.raw_root}` for a small synthetic release)"
-        )
-    for name in listing.ignored:
-        log(f"ignoring {name} under the raw root (not <wnid>.tar, words.txt or gloss.txt)")
+        raise RawLayoutError(listing.no_synsets(settings.raw_root))
+    wanted = "<wnid>/ folders" if listing.layout == "folders" else "<wnid>.tar"
+    for name in [*listing.ignored, *(f"{f}/" for f in listing.ignored_folders)]:
+        log(f"ignoring {name} under the raw root (not {wanted}, words.txt or gloss.txt)")
     with Catalog(settings.catalog) as cat:
         with staged_csv(["tar", "wnid", "size", "mtime"], inventory(listing)) as path, cat.transaction():
             cat.run("raw_tars_stage", {"path": path})
@@ -85,6 +83,7 @@ def build_raw_tars(settings: Settings, run_id: str, log: Log = print) -> dict:
             cat.set_stage("raw_tars", _fingerprints(listing, settings)["raw_tars"], run_id)
         facts = cat.one("raw_tars_summary")
     facts["ignored_files"] = len(listing.ignored)
+    facts["layout"] = listing.layout
     facts["fingerprint"] = listing.tars_fingerprint
     return facts
 
