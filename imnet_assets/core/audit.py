@@ -161,6 +161,7 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
     audit_fp = audit_fingerprint(settings, look)
     expected = _shard_fingerprints(settings, require_current_plan(settings))
     with Catalog(settings.catalog) as cat:
+        cat.check_intact()  # the audit vouches for the whole catalog: damage raises CatalogDamaged
         cat.run("audit_memory")
         if fs.is_remote(settings.out_root):  # the fallback's audit_load reads the manifests there
             cat.con.register_filesystem(fs.filesystem(settings.out_root)[0])
