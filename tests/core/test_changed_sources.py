@@ -15,7 +15,7 @@ import duckdb
 import pytest
 
 from imnet_assets.core import changed_sources, stages
-from imnet_assets.core.audit import encode_settings
+from imnet_assets.core.audit import encode_settings, run_audit
 from imnet_assets.core.changed_sources import SourceChanged
 from imnet_assets.core.sample_raw import write_sample_raw
 from imnet_assets.core.shard import build_shard, read_state, state_url
@@ -120,6 +120,11 @@ def test_a_mark_made_again_while_the_index_ran_is_kept(built):
     err = SourceChanged("x", tar, f"{tar[:-4]}_1.JPEG", "sha256 0")
     changed_sources.mark(s.out_root, err, 512, 100, "0" * 64, "0000", "run-a")
     seen = changed_sources.pending(s.out_root)
+    # while a tar is marked, an audit of the shards as they are (the sensor asks for one once every
+    # shard is in) fails naming it, and writes no _info.json
+    report = run_audit(s, "run-audit", log=QUIET)
+    assert any(p.startswith(f"raw tar {tar} changed since indexing") for p in report.problems), report.problems
+    assert not report.info_written
     changed_sources.mark(s.out_root, err, 512, 100, "0" * 64, "0001", "run-b")  # marked again since
     assert changed_sources.clear(s.out_root, seen) == []
     assert list(changed_sources.pending(s.out_root)) == [tar]
