@@ -80,8 +80,11 @@ _DAMAGE_WORDS = re.compile(
 
 def damage_message(path: str, cause: str) -> str:
     where = os.path.abspath(path)
-    return (f"catalog {where} is damaged ({cause}): move it aside (mv {where} {where}.damaged) and run "
-            "`imnet build`: it is rebuilt from the raw release and the shard manifests, and no shard is rewritten")
+    move = f"mv {where} {where}.damaged"
+    if os.path.exists(f"{where}.wal"):  # its write-ahead log goes with it: DuckDB would replay it
+        move += f"; mv {where}.wal {where}.damaged.wal"
+    return (f"catalog {where} is damaged ({cause}): move it aside ({move}) and run `imnet build`: it is "
+            "rebuilt from the raw release and the shard manifests, and no shard is rewritten")
 
 
 def as_damage(path: str, error: BaseException) -> CatalogDamaged | None:

@@ -166,3 +166,12 @@ def test_a_tampered_byte_count_fails_verify_naming_the_tar(copy):
     result = imnet(["verify"], env, cwd=tmp, check=False)
     assert result.returncode != 0, result.stdout
     assert re.search(rf"FAIL conservation: tar {re.escape(tar)}: its walk read \d+ bytes", result.stdout), result.stdout
+
+
+def test_status_after_a_visible_raw_change_says_the_shards_are_judged_against_a_stale_plan(copy):
+    tmp, env = copy
+    tar = sorted((tmp / "raw").glob("*.tar"))[0]
+    os.utime(tar, ns=(tar.stat().st_atime_ns, tar.stat().st_mtime_ns + 10**9))  # touched: the listing differs
+    status = imnet(["status"], env, cwd=tmp).stdout
+    assert re.search(r"filtered_index +stale", status) and re.search(r"shuffled_plan +stale", status), status
+    assert "judged against the published plan, which is stale" in status, status
