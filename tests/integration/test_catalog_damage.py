@@ -175,3 +175,19 @@ def test_status_after_a_visible_raw_change_says_the_shards_are_judged_against_a_
     status = imnet(["status"], env, cwd=tmp).stdout
     assert re.search(r"filtered_index +stale", status) and re.search(r"shuffled_plan +stale", status), status
     assert "judged against the published plan, which is stale" in status, status
+
+
+def test_a_dagster_run_of_an_asset_over_a_damaged_catalog_fails_with_the_one_line(copy):
+    """As the UI, the schedule or the sensor would start them: the asset's run fails, and its
+    failure is the line naming the file and the recovery."""
+    from imnet_assets.cli import Build
+    from tests.conftest import environ, settings_of
+
+    tmp, env = copy
+    damage(tmp / "catalog.duckdb", "mid-file")
+    with environ(**{k: v for k, v in env.items() if k.startswith("IMNET_")}):
+        build = Build(settings_of(env))
+        for asset in ("shard_audit", "shuffled_plan"):
+            _result, failures = build.materialize([asset])
+            assert len(failures) == 1 and "is damaged" in failures[0], (asset, failures)
+            assert f"catalog {tmp / 'catalog.duckdb'}" in failures[0] and "move it aside" in failures[0]
