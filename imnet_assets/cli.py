@@ -477,7 +477,7 @@ def cmd_status(args) -> int:
     from dagster import DagsterInstance
 
     from .catalog import CatalogBusy, open_reader
-    from .core import fs
+    from .core import changed_sources, fs
     from .core.audit import plan_mismatch
     from .core.plan import read_index
     from .core.stages import stale_stages
@@ -495,6 +495,7 @@ def cmd_status(args) -> int:
     # Comparing the stages with the raw root means listing it: 19,167 tars are 20 listing pages,
     # seconds of requests and of parsing on object storage. There, that is asked for (--raw).
     relist = args.raw or not fs.is_remote(s.raw_root)
+    stale = None
     if os.path.exists(s.catalog):
         try:
             # Held open while the stages are compared: no writer can start in between.
@@ -519,12 +520,19 @@ def cmd_status(args) -> int:
     else:
         print(f"catalog stages   unknown here: no catalog at {s.catalog} (IMNET_CATALOG; it lives on the "
               "machine that builds the stages and runs the audit)")
+    # tars a shard run found changed in place since indexing (core/changed_sources.py)
+    changed = changed_sources.pending(s.out_root)
+    for marker in changed.values():
+        print(f"  {marker.describe()}: the next `imnet build` indexes it again")
     if has_home:
         os.environ["DAGSTER_HOME"] = str(home)
     inst = DagsterInstance.get() if has_home else None
     status = shard_partition_status(s, inst)
     counts = Counter(status.values())
     print("wds_shards       " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    if changed or (stale and {"filtered_index", "shuffled_plan"} & set(stale)):
+        print("  (judged against the published plan, which is stale: `imnet build` makes the plan again first, "
+              "then builds the shards whose plan slices change)")
     not_fresh = [k for k, v in status.items() if v != "fresh"]
     if not_fresh:
         print("  not fresh: " + ", ".join(not_fresh[:32]) + (" ..." if len(not_fresh) > 32 else ""))
@@ -835,10 +843,15 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("-v", "--verbose", action="store_true")
     sp.set_defaults(func=cmd_verify)
     args = p.parse_args(argv)
+    from .catalog import CatalogDamaged
+
     try:
         # the project's .env under the environment, for this process and what it starts (DAGSTER_HOME, AWS_*)
         apply_env_file()
         return args.func(args)
+    except CatalogDamaged as e:  # one line: the file and the recovery
+        print(f"imnet: {e}", file=sys.stderr)
+        return 1
     except SettingsError as e:
         print(f"imnet: configuration error: {e}", file=sys.stderr)
         return 2

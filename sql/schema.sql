@@ -98,6 +98,11 @@ CREATE TABLE IF NOT EXISTS stages (
 -- catalogs made before them gain the columns too, at the end of the table as index_load.sql writes.
 ALTER TABLE images ADD COLUMN IF NOT EXISTS phash BIGINT;
 ALTER TABLE images ADD COLUMN IF NOT EXISTS duplicate_of VARCHAR;
+-- The bytes each tar's walk read (core/rawtar.py ByteCount): headers (pax and GNU long-name headers
+-- included), data, padding and end of archive / inside damage rows. Their sum must be the tar's
+-- listed size (sql/audit_conservation.sql). NULL: scanned by an older indexer (INDEX_VERSION < 3).
+ALTER TABLE tar_scans ADD COLUMN IF NOT EXISTS accounted_bytes BIGINT;
+ALTER TABLE tar_scans ADD COLUMN IF NOT EXISTS damaged_bytes BIGINT;
 CREATE TABLE IF NOT EXISTS eval_images (
     file VARCHAR NOT NULL,        -- path under IMNET_EVAL_EXCLUDE (<tar>/<member> inside a tar)
     sha256 VARCHAR NOT NULL,

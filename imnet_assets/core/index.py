@@ -18,7 +18,7 @@ from .prefetch import CHUNK, depth_for
 from .probe import probe_image
 from .procpool import bounded_map, process_pool
 from .rawfolders import is_folder_source, scan_folder
-from .rawtar import Damage, iter_tar, member_key, printable_name
+from .rawtar import ByteCount, Damage, iter_tar, member_key, printable_name
 
 
 class ImageRecord(NamedTuple):
@@ -45,8 +45,34 @@ class ImageRecord(NamedTuple):
 FIELDS = list(ImageRecord._fields)
 
 
+class ScannedTar(list):
+    """One tar's ImageRecords, in the order of its walk, with `counted`: the bytes the walk read
+    and accounted for (rawtar.ByteCount). Its total is held to the tar's listed size, a count the
+    walk does not make itself (check_accounted; sql/audit_conservation.sql)."""
+
+    def __init__(self, records=(), counted: ByteCount | None = None):
+        super().__init__(records)
+        self.counted = counted if counted is not None else ByteCount()
+
+
+class ReadShort(OSError):
+    """A raw tar's walk read fewer (or more) bytes than its listing says: a read that came back
+    short, or a tar changed while it was read. Nothing is recorded for it: damage is recorded only
+    from bytes read completely."""
+
+
+def check_accounted(tar: str, scanned: ScannedTar, listed: int) -> None:
+    """Raise ReadShort unless the walk of `tar` accounted for exactly its `listed` size."""
+    c = scanned.counted
+    if c.total != listed:
+        raise ReadShort(
+            f"raw tar {tar}: the index read {c.total} of its {listed} listed bytes ({c.structure} of headers, "
+            f"data, padding and end of archive, {c.damaged} of damage): a read came back short, or the tar "
+            "changed while it was read. Nothing was recorded for it: run `imnet build` again")
+
+
 def scan_tar(url: str, mapped: bool = False, depth: int | None = None, size: int | None = None,
-             data: bytes | None = None) -> list[ImageRecord]:
+             data: bytes | None = None) -> ScannedTar:
     """Index one raw tar: its wnid is the tar's stem; damage becomes excluded records.
     `mapped`: memory-map a local tar (pool workers only, see rawtar.iter_tar); `depth`: ranged
     requests kept in flight for a remote one (see prefetch); `size`: its listed size; `data`: its
@@ -55,9 +81,10 @@ def scan_tar(url: str, mapped: bool = False, depth: int | None = None, size: int
         return scan_folder(url, depth=depth, size=size)
     tar = fs.basename(url)
     wnid = tar[: -len(".tar")] if tar.endswith(".tar") else tar
-    records: list[ImageRecord] = []
+    counted = ByteCount()
+    records = ScannedTar(counted=counted)
     # members are hashed and probed in place, not copied
-    for item in iter_tar(url, views=True, mapped=mapped, depth=depth, size=size, data=data):
+    for item in iter_tar(url, views=True, mapped=mapped, depth=depth, size=size, data=data, counted=counted):
         member = printable_name(item.name)
         if isinstance(item, Damage):
             key = member_key(item.name)[0] if item.name else None
@@ -96,7 +123,7 @@ def member_record(wnid: str, tar: str, name: str, offset: int, data) -> ImageRec
     )
 
 
-def scan_small_tars(tars: list[tuple[str, int]]) -> list[list[ImageRecord]]:
+def scan_small_tars(tars: list[tuple[str, int]]) -> list[ScannedTar]:
     """Index small remote tars ((url, size) each): all fetched at once (one GET each, in flight
     together), then walked in turn."""
     data = fs.read_many([url for url, _ in tars])
@@ -120,8 +147,8 @@ def _tasks(urls: list[str], sizes: dict[str, int], depth: int) -> list[tuple[str
 SMALL_TAR = CHUNK  # remote tars up to one prefetch chunk are fetched whole, many at once
 
 
-def _run_task(task: tuple[str, list], depth: int, worker_scan: Callable[[str], list[ImageRecord]] | None,
-              mapped: bool) -> list[list[ImageRecord]]:
+def _run_task(task: tuple[str, list], depth: int, worker_scan: Callable[[str], ScannedTar] | None,
+              mapped: bool) -> list[ScannedTar]:
     kind, tars = task
     if worker_scan is not None:
         return [worker_scan(url) for url, _ in tars]
@@ -132,8 +159,8 @@ def _run_task(task: tuple[str, list], depth: int, worker_scan: Callable[[str], l
 
 
 def scan_tars(urls: Iterable[str], workers: int, log: Callable[[str], None] = lambda _m: None,
-              worker_scan: Callable[[str], list[ImageRecord]] | None = None,
-              sizes: dict[str, int] | None = None) -> Iterator[tuple[str, list[ImageRecord]]]:
+              worker_scan: Callable[[str], ScannedTar] | None = None,
+              sizes: dict[str, int] | None = None) -> Iterator[tuple[str, ScannedTar]]:
     """Scan tars in parallel; yields (url, records) as each tar finishes, in input order.
 
     With more than one worker, in processes whose forkserver preloads this module (see procpool),

@@ -158,12 +158,14 @@ def _list_in_threads(raw_root: str, wnids: list[str]) -> list[dict]:
 # ----------------------------------------------------------------------------- the index
 
 
-def scan_folder(url: str, depth: int | None = None, size: int | None = None) -> list:
+def scan_folder(url: str, depth: int | None = None, size: int | None = None):
     """Index one synset folder: ImageRecords (index.member_record, as for a tar's members) in
     listing order. `size`: the folder's size in the raw listing; when the files now add up to
     another size (or one is gone, or not its listed size, while read), the folder changed since it
-    was listed: FolderChanged, nothing recorded. `depth`: whole-file GETs in flight on S3."""
-    from .index import ImageRecord, member_record
+    was listed: FolderChanged, nothing recorded. `depth`: whole-file GETs in flight on S3.
+    Returns an index.ScannedTar whose count is the bytes of the files read whole (a folder has no
+    headers, padding or damage: its listed size is the sum of its files' sizes)."""
+    from .index import ImageRecord, ScannedTar, member_record
 
     wnid = fs.basename(url.rstrip("/"))
     tar = f"{wnid}/"
@@ -172,7 +174,7 @@ def scan_folder(url: str, depth: int | None = None, size: int | None = None) -> 
     if size is not None and listed != size:
         raise FolderChanged(f"raw folder {tar} holds {listed} bytes of files now, {size} when it was listed: it "
                             "changed while the index ran; run `imnet build` again")
-    records = []
+    records = ScannedTar()
     for number, (entry, data) in enumerate(_read_files(url, entries, depth)):
         if entry.problem is not None:
             key = member_key(entry.path)[0] or f"{wnid}__member_{number}"
@@ -183,6 +185,7 @@ def scan_folder(url: str, depth: int | None = None, size: int | None = None) -> 
             got = "gone" if data is None else f"{len(data)} bytes"
             raise FolderChanged(f"raw folder {tar}: {printable_name(entry.path)} is {got}, listed with {entry.size} "
                                 "bytes: it changed while the index read it; run `imnet build` again")
+        records.counted.structure += len(data)
         records.append(member_record(wnid, tar, entry.path, number, data))
     return records
 
