@@ -87,8 +87,18 @@ class Fault:
     keep: float = 0.5  # the share of the body sent before a cut or reset
     rewrite_length: bool = False
     seen: int = 0
+    after: int = 0  # a slowdown's seconds start counting at the after-th matching request
+    seconds: float = 0.0
+    trigger: object = None  # which requests `after` counts (default: `match`)
 
     def applies(self, method: str, target: str, headers: dict) -> bool:
+        if self.after and self.until is None:
+            if not (self.trigger or self.match)(method, target, headers):
+                return False
+            self.seen += 1
+            if self.seen < self.after:
+                return False
+            self.until, self.seen = time.monotonic() + self.seconds, 0
         if self.until is not None and time.monotonic() >= self.until:
             return False
         if self.times is not None and self.times <= 0 or not self.match(method, target, headers):
@@ -111,6 +121,7 @@ class LatencyProxy:
         self._failures: list[tuple[int, dict]] = []  # answers to the next requests (`fail`)
         self.faults: list[Fault] = []  # see `cut`, `reset`, `slowdown`
         self.injected: Counter = Counter()  # fault kind -> answers it changed
+        self.fault_log: list[tuple[str, str, str, str | None]] = []  # (kind, method, target, Range)
         self.upstream = (u.hostname or "127.0.0.1", u.port or 80)
         self.latency = latency_ms / 1000.0
         self.host = host
@@ -170,8 +181,11 @@ class LatencyProxy:
         """Reset the connection (RST) midway through the body of matching answers."""
         return self._add(Fault("reset", match, every, times, keep=keep))
 
-    def slowdown(self, seconds: float, match=any_request) -> Fault:
-        """Answer every matching request with 503 SlowDown for the next `seconds`."""
+    def slowdown(self, seconds: float, match=any_request, after: int = 0, when=None) -> Fault:
+        """Answer every matching request with 503 SlowDown for the next `seconds`, or, with
+        `after`, for `seconds` from the after-th request `when` selects (default: `match`) on."""
+        if after:
+            return self._add(Fault("slowdown", match, after=after, seconds=seconds, trigger=when))
         return self._add(Fault("slowdown", match, until=time.monotonic() + seconds))
 
     def _add(self, fault: Fault) -> Fault:
@@ -188,6 +202,7 @@ class LatencyProxy:
             for fault in self.faults:
                 if fault.applies(method, target, headers):
                     self.injected[fault.kind] += 1
+                    self.fault_log.append((fault.kind, method, target, headers.get("range")))
                     return fault
         return None
 

@@ -63,8 +63,11 @@ def retry_seconds() -> float:
 
 _THROTTLED = re.compile(r"status code: (429|500|502|503|504)\b|\((429|500|502|503|504)\)|SlowDown|reduce your request rate|Throttl|InternalError|"
                         r"ServiceUnavailable|Service Unavailable")
-_TIMED_OUT = re.compile(r"timed? ?out|timeout|deadline", re.IGNORECASE)
-_CERTIFICATE = re.compile(r"certificate|CERTIFICATE_VERIFY|UnknownIssuer|SSL|TLS handshake", re.IGNORECASE)
+# obstore names a timeout only in its debug dump ("kind: Timeout", "TimedOut"), next to settings
+# such as "retry_timeout" that say nothing of this failure
+_TIMED_OUT = re.compile(r"kind: Timeout|TimedOut|timed out|Read timeout|Connect timeout|deadline", re.IGNORECASE)
+_CERTIFICATE = re.compile(r"invalid peer certificate|UnknownIssuer|CERTIFICATE_VERIFY_FAILED|certificate verify failed|"
+                          r"SSL validation failed|SSLError|NotValidForName", re.IGNORECASE)
 _CONNECTION = re.compile(r"connect|reset|closed|broken pipe|incomplete|error sending request|error decoding|"
                          r"body|premature|short read|end of file|EOF|payload", re.IGNORECASE)
 _REFUSED = re.compile(r"status code: 40[13]\b|\(40[13]\)|AccessDenied|Forbidden|InvalidAccessKeyId|SignatureDoesNotMatch|"
@@ -77,9 +80,9 @@ def fault_kind(e: BaseException) -> str:
     text = f"{type(e).__name__}: {brief(e)}"  # not obstore's debug dump (it names every setting)
     if isinstance(e, FileNotFoundError):
         return "missing"
-    if _CERTIFICATE.search(text):
+    if _CERTIFICATE.search(str(e)):
         return "certificate"
-    if isinstance(e, TimeoutError) or _TIMED_OUT.search(text):
+    if isinstance(e, TimeoutError) or _TIMED_OUT.search(str(e)):
         return "timeout"
     if _THROTTLED.search(text):
         return "throttled"
