@@ -168,8 +168,12 @@ def _names_remote_errors(what: str):
                 return fn(url, *args, **kwargs)
             try:
                 return fn(url, *args, **kwargs)
-            except (FileNotFoundError, StorageError):
+            except FileNotFoundError:
                 raise
+            except StorageError as e:
+                if str(e).startswith("cannot "):  # said already, by an inner call
+                    raise
+                raise _storage_error(url, what, e) from e
             except Exception as e:  # noqa: BLE001 - botocore's errors are not OSErrors
                 raise _storage_error(url, what, e) from e
 
@@ -352,10 +356,13 @@ def read_text(url: str) -> str:
 
 @_names_remote_errors("open")
 def open_read(url: str, block_size: int = 8 << 20):
-    """A seekable binary reader; on S3 it reads ahead in large blocks (for sequential scans)."""
+    """A seekable binary reader; on S3 it reads ahead in large blocks (for sequential scans), each
+    an exact ranged read (`read_range`: s3fs's own reader took a body cut short for the file's end)."""
     fs, path = filesystem(url)
     if is_remote(url):
-        return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
+        from .prefetch import PrefetchedFile  # prefetch reads through this module
+
+        return PrefetchedFile(url, size(url), chunk=block_size, depth=2)
     return open(path, "rb", buffering=block_size)
 
 

@@ -19,8 +19,8 @@ fewer bytes than the object holds in the range. Fewer come back only where the o
 `Retry` is the policy, one for every storage request: throttling (503 SlowDown, 429, 500, 502, 504)
 and connection faults (refused, reset, cut bodies) back off with full jitter until a budget runs out
 (IMNET_STORAGE_RETRY_SECONDS, default 300 s); a request that times out (connect 10 s, answer 20 s)
-is tried again only while the first attempt is less than TIMEOUT_RETRY_WITHIN old, so a silent
-endpoint fails in about 40 s, naming it; a refusal (403) is tried twice more (a credential being
+or gets no connection at all (refused, no such host) is tried again only while the first attempt
+is less than TIMEOUT_RETRY_WITHIN old, so a silent or wrong endpoint fails within a minute, naming it; a refusal (403) is tried twice more (a credential being
 rotated), then raised; anything else (a certificate the CA bundle does not vouch for, a bad request)
 is raised at once.
 """
@@ -61,6 +61,9 @@ def retry_seconds() -> float:
     return float(text) if text else float(DEFAULT_RETRY_SECONDS)
 
 
+# no connection at all: refused, no such host (obstore says so in its debug dump)
+_UNREACHABLE = re.compile(r"kind: Connect\b|ConnectError|Could not connect to the endpoint|Connection refused|"
+                          r"Name or service not known|failed to lookup address|dns error|No route to host")
 _THROTTLED = re.compile(r"status code: (429|500|502|503|504)\b|\((429|500|502|503|504)\)|SlowDown|reduce your request rate|Throttl|InternalError|"
                         r"ServiceUnavailable|Service Unavailable")
 # obstore names a timeout only in its debug dump ("kind: Timeout", "TimedOut"), next to settings
@@ -75,8 +78,9 @@ _REFUSED = re.compile(r"status code: 40[13]\b|\(40[13]\)|AccessDenied|Forbidden|
 
 
 def fault_kind(e: BaseException) -> str:
-    """What kind of failure `e` is, for `Retry`: "certificate", "timeout", "throttled",
-    "connection", "refused" or "other"."""
+    """What kind of failure `e` is, for `Retry`: "missing", "certificate", "timeout",
+    "unreachable" (no connection at all), "throttled", "refused", "connection" (one broken
+    mid-request) or "other"."""
     text = f"{type(e).__name__}: {brief(e)}"  # not obstore's debug dump (it names every setting)
     if isinstance(e, FileNotFoundError):
         return "missing"
@@ -84,6 +88,8 @@ def fault_kind(e: BaseException) -> str:
         return "certificate"
     if isinstance(e, TimeoutError) or _TIMED_OUT.search(str(e)):
         return "timeout"
+    if isinstance(e, ConnectionRefusedError) or _UNREACHABLE.search(str(e)):
+        return "unreachable"
     if _THROTTLED.search(text):
         return "throttled"
     if isinstance(e, PermissionError) or _REFUSED.search(text):
@@ -125,7 +131,7 @@ class Retry:
         kind = fault_kind(e)
         self.kinds[kind] = self.kinds.get(kind, 0) + 1
         now = time.monotonic()
-        if kind == "timeout":
+        if kind in ("timeout", "unreachable"):
             again = now - self.start < TIMEOUT_RETRY_WITHIN
         elif kind in ("throttled", "connection"):
             again = now < self.deadline
@@ -138,7 +144,9 @@ class Retry:
         if not again:
             raise self.gave_up(e, kind) from e
         backoff = random.uniform(0, min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** min(self.attempts - 1, 30)))
-        return max(0.0, min(backoff, self.deadline - now)) if kind != "timeout" else backoff
+        if kind in ("timeout", "unreachable"):
+            return min(backoff, max(0.0, self.start + TIMEOUT_RETRY_WITHIN - now))
+        return max(0.0, min(backoff, self.deadline - now))
 
     def gave_up(self, e: BaseException, kind: str) -> BaseException:
         if kind == "missing" or isinstance(e, StorageError):
@@ -147,7 +155,9 @@ class Retry:
         where = endpoint_url() or "AWS S3"
         text = (f"{self.what} at {where}: {type(e).__name__}: {brief(e)} ({self.attempts} attempt"
                 f"{'s' if self.attempts != 1 else ''} in {took:.0f} s")
-        if kind == "timeout":
+        if kind == "unreachable":
+            hint = "the endpoint cannot be reached: check AWS_ENDPOINT_URL and the network"
+        elif kind == "timeout":
             hint = (f"the endpoint did not connect within {CONNECT_TIMEOUT} s or answer within {REQUEST_TIMEOUT} s: "
                     "check AWS_ENDPOINT_URL and the network")
         elif kind == "certificate":
