@@ -134,3 +134,25 @@ def test_a_silent_endpoint_fails_within_a_minute_naming_it(s3):  # noqa: F811
             fs.listdir(f"s3://{s3.bucket}/winter21")
         assert time.monotonic() - started < 60
         assert silent.endpoint in str(e.value)
+
+
+def test_a_tar_shorter_than_listed_fails_the_index_naming_it_never_recorded_as_damage(proxied, sample_release):
+    """A tar that ends before the size its listing gave (changed since, or cut short in a way no
+    retry mends) makes the scan raise StorageError naming it: the stage fails, no damage row."""
+    from imnet_assets.core.index import scan_tars
+    from imnet_assets.core.prefetch import PrefetchedFile
+
+    server, _proxy = proxied
+    tar = sorted(sample_release[0].glob("*.tar"))[0]
+    data = tar.read_bytes()
+    url = _put(server, f"winter21/{tar.name}", data)
+    listed = len(data) + 10_240
+    for sizes in ({url: listed}, {}):  # the index scan with the listed size, then prefetch alone
+        small = bool(sizes)
+        with environ(IMNET_STORAGE_RETRY_SECONDS="2"), pytest.raises(fs.StorageError, match=tar.name):
+            if small:
+                list(scan_tars([url], workers=1, sizes=sizes))
+            else:
+                with PrefetchedFile(url, listed, chunk=1 << 20, depth=4) as f:
+                    while f.read(1 << 20):
+                        pass
