@@ -156,3 +156,15 @@ def test_a_tar_shorter_than_listed_fails_the_index_naming_it_never_recorded_as_d
                 with PrefetchedFile(url, listed, chunk=1 << 20, depth=4) as f:
                     while f.read(1 << 20):
                         pass
+
+
+def test_the_retry_budget_is_a_setting_checked_at_start():
+    from imnet_assets.settings import Settings, SettingsError
+
+    assert Settings.from_env({}).storage_retry_seconds == s3read.DEFAULT_RETRY_SECONDS
+    assert Settings.from_env({"IMNET_STORAGE_RETRY_SECONDS": "60"}).storage_retry_seconds == 60
+    with environ(IMNET_STORAGE_RETRY_SECONDS="60"):
+        assert s3read.retry_seconds() == 60
+    for bad in ("0", "soon"):
+        with pytest.raises(SettingsError, match="IMNET_STORAGE_RETRY_SECONDS"):
+            Settings.from_env({"IMNET_STORAGE_RETRY_SECONDS": bad})
