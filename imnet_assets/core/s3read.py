@@ -18,7 +18,7 @@ fewer bytes than the object holds in the range. Fewer come back only where the o
 
 `Retry` is the policy, one for every storage request: throttling (503 SlowDown, 429, 500, 502, 504)
 and connection faults (refused, reset, cut bodies) back off with full jitter until a budget runs out
-(IMNET_STORAGE_RETRY_SECONDS, default 300 s); a request that times out (connect 10 s, answer 20 s)
+(IMNET_STORAGE_RETRY_SECONDS, default 300 s); a request that times out (connect 10 s, answer 15 s)
 or gets no connection at all (refused, no such host) is tried again only while the first attempt
 is less than TIMEOUT_RETRY_WITHIN old, so a silent or wrong endpoint fails within a minute, naming it; a refusal (403) is tried twice more (a credential being
 rotated), then raised; anything else (a certificate the CA bundle does not vouch for, a bad request)
@@ -37,8 +37,8 @@ from datetime import datetime, timedelta, timezone
 RETRY_SECONDS_VARIABLE = "IMNET_STORAGE_RETRY_SECONDS"
 DEFAULT_RETRY_SECONDS = 300
 CONNECT_TIMEOUT = 10  # seconds to establish a connection (TLS included)
-REQUEST_TIMEOUT = 20  # seconds for one request's answer to come back whole (a 4 MB range: well under 1 s)
-TIMEOUT_RETRY_WITHIN = 25  # a timed-out request is tried again only this long after the first attempt
+REQUEST_TIMEOUT = 15  # seconds for one request's answer to come back whole (a 4 MB range: well under 1 s)
+TIMEOUT_RETRY_WITHIN = 20  # a timed-out request is tried again only this long after the first attempt
 REFUSALS = 3  # attempts of a request the storage refuses (403) before it is raised
 OTHER_ATTEMPTS = 3  # attempts of a request that failed in a way not classified below
 FIRST_BACKOFF, MAX_BACKOFF = 0.1, 20.0  # seconds; the n-th wait is uniform(0, min(MAX, FIRST * 2**n))

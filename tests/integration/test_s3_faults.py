@@ -20,7 +20,7 @@ import pytest
 
 from tests.checks import catalog
 from tests.conftest import build_env, dagster_home, imnet
-from tests.latency_proxy import LatencyProxy, ranged_get
+from tests.latency_proxy import LatencyProxy, SilentEndpoint, ranged_get
 from tests.s3server import MotoS3, private_ca
 
 RAW_BUCKET, OUT_BUCKET = "raw-bucket", "out-bucket"
@@ -118,6 +118,21 @@ def test_cut_reset_and_throttled_reads_during_index_and_shards_lose_nothing(clea
     assert shards == clean[1]
     assert "shorter than indexed" not in result.stdout + result.stderr
     assert took < 600
+
+
+def test_a_build_against_a_silent_endpoint_fails_within_a_minute_naming_it(tmp_path):
+    """An endpoint that accepts connections and never answers (it used to hold a build for 7
+    minutes): every request times out; the build fails within a minute, naming the endpoint."""
+    with MotoS3() as s3, SilentEndpoint() as silent:
+        env = _env(tmp_path, s3, silent.endpoint)
+        started = time.monotonic()
+        result = imnet(["build"], env, check=False)
+        took = time.monotonic() - started
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert took < 60, took
+    assert silent.endpoint in out and "AWS_ENDPOINT_URL" in out, out[-3000:]
+    assert silent.accepted >= 1
 
 
 @pytest.fixture(scope="module")
