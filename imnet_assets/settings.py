@@ -234,6 +234,9 @@ class Settings:
     dedup: str = "off"  # off | exact (IMNET_DEDUP)
     alt_labels: str = ""  # "" | in1k (IMNET_ALT_LABELS)
     parallel_shards: int = 0  # shard runs `imnet build` runs at once; 0: chosen from cores and workers
+    # seconds a throttled or broken storage request is retried (IMNET_STORAGE_RETRY_SECONDS; read
+    # where the requests are made, core/s3read.retry_seconds, in every process: validated here)
+    storage_retry_seconds: int = 300
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:
@@ -289,6 +292,7 @@ class Settings:
             dedup=_choice(env, "IMNET_DEDUP", "off", DEDUP_MODES),
             alt_labels=_choice(env, "IMNET_ALT_LABELS", "", ALT_LABEL_MODES),
             parallel_shards=_int(env, "IMNET_PARALLEL_SHARDS", 0, 0),
+            storage_retry_seconds=_int(env, "IMNET_STORAGE_RETRY_SECONDS", 300, 1),
         )
 
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import NamedTuple
 
@@ -123,11 +124,24 @@ def member_record(wnid: str, tar: str, name: str, offset: int, data) -> ImageRec
     )
 
 
+def read_listed(url: str, size: int) -> bytes:
+    """The whole of a remote tar of the listed `size`: one ranged read, exact (fs.read_range
+    retries a cut or reset transfer). A tar now shorter than listed changed since the listing: a
+    StorageError naming it (the stage fails and is run again), never damage recorded for bytes
+    that were not read."""
+    data = fs.read_range(url, 0, size)
+    if len(data) != size:
+        raise fs.StorageError(f"raw tar {url} is {len(data)} bytes, not the {size} it was listed with: it changed "
+                              "since it was listed; run the build again to list and index it anew")
+    return data
+
+
 def scan_small_tars(tars: list[tuple[str, int]]) -> list[ScannedTar]:
-    """Index small remote tars ((url, size) each): all fetched at once (one GET each, in flight
-    together), then walked in turn."""
-    data = fs.read_many([url for url, _ in tars])
-    return [scan_tar(url, size=size) if data[url] is None else scan_tar(url, data=data[url]) for url, size in tars]
+    """Index small remote tars ((url, size) each): all fetched at once (one exact ranged GET each,
+    in flight together), then walked in turn."""
+    with ThreadPoolExecutor(len(tars), thread_name_prefix="small-tars") as pool:
+        data = list(pool.map(lambda t: read_listed(*t), tars))
+    return [scan_tar(url, data=d) for (url, _size), d in zip(tars, data)]
 
 
 def _tasks(urls: list[str], sizes: dict[str, int], depth: int) -> list[tuple[str, list]]:
