@@ -49,6 +49,15 @@ def _int(env: dict, name: str, default: int, low: int, high: int | None = None) 
     return value
 
 
+DEFAULT_IMAGE_TIMEOUT = 600  # seconds: far beyond any real image (the slowest take a few seconds)
+
+
+def image_timeout(env: dict | None = None) -> int:
+    """IMNET_IMAGE_TIMEOUT: seconds one image may take its encode worker before the worker is
+    killed and the image retried in a fresh one (then the run fails naming it; never an exclusion)."""
+    return _int(os.environ if env is None else env, "IMNET_IMAGE_TIMEOUT", DEFAULT_IMAGE_TIMEOUT, 1)
+
+
 def _switch(env: dict, name: str, default: bool) -> bool:
     raw = env.get(name, "").strip().lower()
     if raw == "":
@@ -114,6 +123,7 @@ class Settings:
     dedup: str = "off"  # off | exact (IMNET_DEDUP)
     alt_labels: str = ""  # "" | in1k (IMNET_ALT_LABELS)
     parallel_shards: int = 0  # shard runs `imnet build` runs at once; 0: chosen from cores and workers
+    image_timeout: int = DEFAULT_IMAGE_TIMEOUT  # seconds per image in an encode worker (IMNET_IMAGE_TIMEOUT)
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:
@@ -158,6 +168,7 @@ class Settings:
             dedup=_choice(env, "IMNET_DEDUP", "off", DEDUP_MODES),
             alt_labels=_choice(env, "IMNET_ALT_LABELS", "", ALT_LABEL_MODES),
             parallel_shards=_int(env, "IMNET_PARALLEL_SHARDS", 0, 0),
+            image_timeout=image_timeout(env),
         )
 
     @property
