@@ -208,9 +208,13 @@ class _Channel:
         self.sock = sock
 
     def send(self, task_id: int, data) -> None:
-        self.sock.sendall(_HEADER.pack(len(data), task_id))
-        if len(data):
-            self.sock.sendall(data)
+        header = _HEADER.pack(len(data), task_id)
+        sent = self.sock.sendmsg([header, data])  # one call: the reader sees header and payload together
+        if sent < len(header):
+            self.sock.sendall(header[sent:])
+            sent = len(header)
+        if sent - len(header) < len(data):
+            self.sock.sendall(memoryview(data)[sent - len(header):])
 
     def _recv_exactly(self, buf) -> None:
         view, got = memoryview(buf), 0
@@ -265,9 +269,9 @@ class _Link:
                 self.outbox[0] = self.outbox[0][n:]
         return True
 
-    def receive(self) -> list[tuple[int, bytearray]]:
-        """(task id, payload) of each message completed by what has arrived (none, if none was)."""
-        done = []
+    def receive(self) -> Iterator[tuple[int, bytearray]]:
+        """(task id, payload) of each message completed by what has arrived (none, if none was),
+        each as soon as it is complete (and dropped by the caller before the next is allocated)."""
         while not self.eof:
             if self._got < len(self._buf):
                 try:
@@ -281,14 +285,15 @@ class _Link:
                     break
                 self._got += n
                 if self._got < len(self._buf):
-                    continue
+                    break  # a short read: nothing more for now (the selector says when there is)
             if self._task is None:  # a header is complete: its payload comes next
                 size, self._task = _HEADER.unpack(self._head)
                 self._buf, self._got = bytearray(size), 0
                 continue
-            done.append((self._task, self._buf))
-            self._task, self._buf, self._got = None, self._head, 0
-        return done
+            done, self._buf = self._buf, self._head
+            task, self._task, self._got = self._task, None, 0
+            yield task, done
+            del done
 
 
 class _Marker:
@@ -568,6 +573,7 @@ class WorkerPool:
     def _receive(self, w: _Worker) -> None:
         for task_id, data in w.link.receive():
             self._settle(w, task_id, data)
+            del data  # freed before the next message's buffer is allocated
         if w.link.eof:  # it exited (or is exiting): its sentinel says the rest
             self._watch(w, 0)
 
@@ -601,6 +607,7 @@ class WorkerPool:
         if not w.link.eof:  # results it sent before dying are good
             for task_id, data in w.link.receive():
                 self._settle(w, task_id, data)
+                del data
         self._watch(w, 0)
         self._selector.unregister(w.proc.sentinel)
         w.proc.join(0)  # its sentinel was ready: the exit status is known, nothing to wait for

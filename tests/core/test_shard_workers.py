@@ -366,8 +366,9 @@ def test_a_hung_codec_is_killed_past_the_time_limit_and_fails_its_run_alone(phot
 
     def watch():
         while not stop.is_set():
-            seen.update(pid for pid, job, i in pool.working_on()
-                        if isinstance(job, shard_mod.EncodeJob) and job.rows[i].key == victim[0])
+            seen.update(pid for pid, job, i in pool.working_on()  # the hung run's, not the other's
+                        if isinstance(job, shard_mod.EncodeJob) and job.encode is not None
+                        and job.rows[i].key == victim[0])
             time.sleep(0.01)
 
     watcher = threading.Thread(target=watch)
