@@ -1,5 +1,8 @@
 """Process pools: workers start from a forkserver that already holds the modules pools run, and
-the main script's imports (exit-with-parent is covered by tests/integration/test_crash_safety.py)."""
+the main script's imports (exit-with-parent is covered by tests/integration/test_crash_safety.py).
+The shared worker pool: a job's fault (an exception, an unreadable reply, a job that does not
+pickle or unpickle) fails that job only; late replies are dropped; a hung job is killed past its
+time limit; a stopped worker does not stall the dispatcher."""
 
 from __future__ import annotations
 

@@ -3,10 +3,17 @@ not the shard, and leaves it byte-identical; an image that kills its encoder eve
 segfault, through the IMNET_TEST_CRASH_SHA256 test hook) is excluded naming the crash; a check that
 fails (a byte of the committed tar corrupted between commit and check) leaves the shard not fresh;
 keys longer than a ustar name or not ASCII are written (pax records) and read back by webdataset;
-two shard runs in two threads share one pool."""
+two shard runs in two threads share one pool.
+
+Which deaths count (SPEC "Failure behaviour"): an OOM storm (kill -9 of encode processes) gives
+the byte-identical shard; the same image killed every time fails the run naming it; a hung codec
+is killed past IMNET_IMAGE_TIMEOUT and fails its run naming the image while a run beside it is
+built; SIGABRT twice excludes; an unreadable reply fails one job beside a shard run; the check's
+chunk whose worker is killed is checked again. Never an exclusion for a kill or a hang."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -423,3 +430,40 @@ def test_an_unreadable_reply_fails_one_job_while_a_shard_run_beside_it_succeeds(
         with pytest.raises(procpool.ReplyUnreadable):
             f.result(timeout=60)
     assert result.problems == [] and (out / NAME).read_bytes() == photos.reference
+
+
+@dataclasses.dataclass
+class KilledJob:
+    """A job whose worker is SIGKILLed (as by the OOM killer) on its first `kills` tries: each try
+    leaves a file in `tries`, so a fresh worker knows how many came before."""
+
+    tries: str
+    kills: int
+
+    def prefetch(self, readers):
+        return None
+
+    def run(self, state, mark):
+        mark(0)
+        done = len(os.listdir(self.tries))
+        with open(os.path.join(self.tries, str(done)), "w"):
+            pass
+        if done < self.kills:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return f"after {done} kills"
+
+
+def test_the_checks_chunk_whose_worker_is_killed_is_checked_again(tmp_path):
+    """The in-run check (verify.check_committed) runs its chunks on the shared pool: a chunk whose
+    worker is killed from outside is run again in a fresh worker, up to CHECK_RETRIES times, then
+    the check fails (a problem, so the shard is not recorded as committed), never more."""
+    from imnet_assets.core import verify
+
+    pool = procpool.shared_pool(2)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert verify._run_in_pool(pool, [KilledJob(str(tmp_path / "a"), verify.CHECK_RETRIES)], 0) == [
+        f"after {verify.CHECK_RETRIES} kills"]
+    with pytest.raises(procpool.WorkerDied, match="signal 9"):
+        verify._run_in_pool(pool, [KilledJob(str(tmp_path / "b"), 99)], 0)
+    assert len(os.listdir(tmp_path / "b")) == verify.CHECK_RETRIES + 1
