@@ -2,7 +2,8 @@
 the main script's imports (exit-with-parent is covered by tests/integration/test_crash_safety.py).
 The shared worker pool: a job's fault (an exception, an unreadable reply, a job that does not
 pickle or unpickle) fails that job only; late replies are dropped; a hung job is killed past its
-time limit; a stopped worker does not stall the dispatcher."""
+time limit; a worker stopped holding big jobs, or halfway through a reply, does not stall the
+dispatcher."""
 
 from __future__ import annotations
 
@@ -266,3 +267,48 @@ def test_the_dispatcher_does_not_block_on_a_stopped_worker():
         os.kill(victim, signal.SIGCONT)
     assert [f.result(timeout=120) for f in jobs] == list(range(24))
     assert pool.started == 2
+
+
+@dataclasses.dataclass
+class StallMidReplyJob:
+    """A worker that stops (SIGSTOP) in the middle of a reply: it writes a header promising 1 MB and
+    100 bytes of it on its own socket, then stops itself."""
+
+    def prefetch(self, readers):
+        return None
+
+    def run(self, state, mark):
+        import gc
+
+        [conn] = [o for o in gc.get_objects() if isinstance(o, procpool._Channel)]
+        conn.sock.sendall(procpool._HEADER.pack(1 << 20, 123456789) + b"x" * 100)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        time.sleep(3600)
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return stat[stat.rfind(b")") + 2:].split()[0] in (b"T", b"t")
+
+
+def test_the_dispatcher_does_not_block_on_a_worker_stopped_mid_reply():
+    """A worker stopped halfway through sending a reply: the dispatcher keeps what came and serves
+    the other worker meanwhile; killed, the stopped worker's job fails alone and it is replaced."""
+    pool = procpool.WorkerPool(2, depth=1)
+    assert [pool.submit(ReplyJob(value=i)).result(timeout=120) for i in range(4)] == [0, 1, 2, 3]
+    stall = pool.submit(StallMidReplyJob())
+    deadline = time.monotonic() + 60
+    stopped: list[int] = []
+    while not stopped and time.monotonic() < deadline:
+        stopped = [p for p in pool.pids() if _stopped(p)]
+        time.sleep(0.01)
+    assert stopped, "the worker never stopped"
+    rest = [pool.submit(ReplyJob(value=f"rest-{i}")) for i in range(20)]
+    assert [f.result(timeout=120) for f in rest] == [f"rest-{i}" for i in range(20)]
+    assert not stall.done()
+    os.kill(stopped[0], signal.SIGKILL)
+    with pytest.raises(procpool.WorkerDied, match="signal 9"):
+        stall.result(timeout=60)
+    assert [pool.submit(ReplyJob(value=i)).result(timeout=120) for i in range(4)] == [0, 1, 2, 3]
+    assert pool.started == 3
