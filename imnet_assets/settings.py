@@ -170,6 +170,15 @@ def _int(env: dict, name: str, default: int, low: int, high: int | None = None) 
     return value
 
 
+DEFAULT_IMAGE_TIMEOUT = 600  # seconds: far beyond any real image (the slowest take a few seconds)
+
+
+def image_timeout(env: dict | None = None) -> int:
+    """IMNET_IMAGE_TIMEOUT: seconds one image may take its encode worker before the worker is
+    killed and the image retried in a fresh one (then the run fails naming it; never an exclusion)."""
+    return _int(os.environ if env is None else env, "IMNET_IMAGE_TIMEOUT", DEFAULT_IMAGE_TIMEOUT, 1)
+
+
 def _switch(env: dict, name: str, default: bool) -> bool:
     raw = env.get(name, "").strip().lower()
     if raw == "":
@@ -238,6 +247,7 @@ class Settings:
     # seconds a throttled or broken storage request is retried (IMNET_STORAGE_RETRY_SECONDS; read
     # where the requests are made, core/s3read.retry_seconds, in every process: validated here)
     storage_retry_seconds: int = 300
+    image_timeout: int = DEFAULT_IMAGE_TIMEOUT  # seconds per image in an encode worker (IMNET_IMAGE_TIMEOUT)
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:
@@ -294,6 +304,7 @@ class Settings:
             alt_labels=_choice(env, "IMNET_ALT_LABELS", "", ALT_LABEL_MODES),
             parallel_shards=_int(env, "IMNET_PARALLEL_SHARDS", 0, 0),
             storage_retry_seconds=_int(env, "IMNET_STORAGE_RETRY_SECONDS", 300, 1),
+            image_timeout=image_timeout(env),
         )
 
     @property

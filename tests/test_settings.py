@@ -113,6 +113,8 @@ def test_bounds_are_inclusive():
         ("IMNET_WORKERS", "0"),
         ("IMNET_WORKERS", "many"),
         ("IMNET_SCHEDULE_MAX_RUNS", "0"),
+        ("IMNET_IMAGE_TIMEOUT", "0"),
+        ("IMNET_IMAGE_TIMEOUT", "ten minutes"),
         ("IMNET_SCHEDULE_CRON", "every minute"),
         ("IMNET_SCHEDULE_CRON", "99 * * * *"),
         ("IMNET_HOLDOUT", "validation"),
@@ -196,3 +198,10 @@ def test_check_decode_every():
     assert Settings.from_env({"IMNET_CHECK_DECODE_EVERY": "0"}).check_decode_every == 0
     with pytest.raises(SettingsError, match="IMNET_CHECK_DECODE_EVERY"):
         Settings.from_env({"IMNET_CHECK_DECODE_EVERY": "-1"})
+
+
+def test_image_timeout_is_generous_by_default_and_read_where_the_encoder_runs():
+    from imnet_assets.settings import image_timeout
+
+    assert Settings.from_env({}).image_timeout == image_timeout({}) == 600
+    assert Settings.from_env({"IMNET_IMAGE_TIMEOUT": "5"}).image_timeout == image_timeout({"IMNET_IMAGE_TIMEOUT": "5"}) == 5

@@ -24,7 +24,7 @@ from .altlabels import sample_fields
 from .changed_sources import SourceChanged, mark
 from .encode import EncodeSettings, ImageRejected, encode_image
 from .plan import SliceRow, read_slice
-from .procpool import WorkerDied, WorkerPool, next_priority, shared_pool
+from .procpool import ReplyUnreadable, WorkerDied, WorkerPool, next_priority, shared_pool
 from .rawfolders import source_location
 from .verify import check_committed, webp_problem
 
@@ -112,11 +112,21 @@ class EncoderOutOfMemory(MemoryError):
     run fails, naming it, and commits nothing."""
 
 
+class EncoderKilled(RuntimeError):
+    """The encode process working on an image was killed from outside (SIGKILL: the OOM killer, a
+    cgroup limit, preemption; SIGTERM) again and again, or ran past IMNET_IMAGE_TIMEOUT again and
+    again (each time in a fresh process). Neither is a property of the image that may exclude it
+    (shard contents never depend on memory pressure): the shard run fails, naming it, and commits
+    nothing."""
+
+
 READ_RETRY_SECONDS = (0.5, 2.0)  # waits before the second and third attempt of a failed read
 BATCH = 8  # images per job sent to a worker (fewer for small shards, so every worker gets some)
-DEATHS_TO_EXCLUDE = 2  # an image that kills its encoder this often is excluded, naming the crash
+DEATHS_TO_EXCLUDE = 2  # crashes (procpool.CRASH_SIGNALS) one image causes before it is excluded, naming them
 MEMORY_RETRIES = 3  # MemoryErrors of one image before the run fails (each time in a fresh worker)
-MAX_JOB_RETRIES = 8  # deaths of one job's workers, however caused, before the run fails
+KILLS_TO_FAIL = 4  # kills from outside (SIGKILL, SIGTERM) while encoding one image before the run fails
+TIMEOUTS_TO_FAIL = 2  # times one image runs past IMNET_IMAGE_TIMEOUT (each in a fresh worker) before the run fails
+MAX_JOB_RETRIES = 8  # deaths of a job's workers while it held no image (queued, between images) before the run fails
 TAR_FORMAT = tarfile.PAX_FORMAT  # ustar headers for ordinary names; a pax record for long / non-ASCII keys
 TAR_ENCODING = "utf-8"
 
@@ -226,6 +236,7 @@ class EncodeJob:
     decode_every: int
     encode: Callable | None = None  # None: encode_image (bench/scaleup.py passes a null codec)
     crash_sha256: str | None = None  # test hook, see _crash_hook
+    time_limit: float | None = None  # seconds per image (IMNET_IMAGE_TIMEOUT): the pool kills a worker past it
 
     def prefetch(self, readers):
         return [readers.submit(_read_source, row, self.raw_root) for row in self.rows]
@@ -237,6 +248,7 @@ class EncodeJob:
             mark(i)
             out.append(prepare_sample(row, data, problem, self.settings, self.decode_every, self.encode,
                                       self.crash_sha256))
+            mark(-1)  # waiting for the next read is not this image's time
         return out
 
 
@@ -251,16 +263,17 @@ def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettin
 
     workers > 1: jobs of a few rows go to this process's shared worker pool (procpool.shared_pool),
     at most `workers * pool.depth` jobs ahead of the consumer, so memory stays bounded. A worker
-    that dies costs a retry of its jobs; an image it died on twice is excluded naming the crash.
-    workers == 1: in this process (reads a few jobs ahead in threads).
+    that dies costs a retry of its jobs (see `_settle` for which deaths exclude an image, which
+    fail the run); an image that runs past IMNET_IMAGE_TIMEOUT gets its worker killed.
+    workers == 1: in this process (reads a few jobs ahead in threads; no time limit).
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from ..settings import test_crash_sha256
+    from ..settings import image_timeout, test_crash_sha256
 
     batch = _batch_size(len(rows), max(workers, 1))
-    crash = test_crash_sha256()
-    jobs = (EncodeJob(raw_root, rows[i:i + batch], settings, decode_every, encode, crash)
+    crash, limit = test_crash_sha256(), image_timeout()
+    jobs = (EncodeJob(raw_root, rows[i:i + batch], settings, decode_every, encode, crash, limit)
             for i in range(0, len(rows), batch))
     if workers <= 1:
         with ThreadPoolExecutor(16, thread_name_prefix="read") as readers:
@@ -304,41 +317,76 @@ def _run_here(job: EncodeJob, reads) -> list[tuple]:
 
 def _settle(pool: WorkerPool, job: EncodeJob, future, log: Callable[[str], None],
             priority: int = 0) -> Iterator[tuple]:
-    """The results of one job, in row order, retrying it after worker deaths."""
-    decided: dict[int, tuple] = {}  # row index -> ("excluded", reason) for rows that killed twice
+    """The results of one job, in row order, retrying it after worker deaths (SPEC "Failure
+    behaviour"). Only a crash the image causes (procpool.CRASH_SIGNALS), DEATHS_TO_EXCLUDE times,
+    excludes it, naming the crashes. A kill from outside (SIGKILL: the OOM killer, a cgroup limit,
+    preemption; SIGTERM), a run past the time limit and a MemoryError are retried in fresh
+    processes a bounded number of times, then fail the run naming the image (EncoderKilled,
+    EncoderOutOfMemory): never an exclusion, so shard contents never depend on memory pressure."""
+    decided: dict[int, tuple] = {}  # row index -> ("excluded", reason) for rows that crashed twice
     pending = list(range(len(job.rows)))
-    deaths: dict[int, list[str]] = collections.defaultdict(list)
+    crashes: dict[int, list[str]] = collections.defaultdict(list)
+    kills: dict[int, list[str]] = collections.defaultdict(list)
+    timeouts: dict[int, int] = collections.defaultdict(int)
     oom: dict[int, int] = collections.defaultdict(int)
-    for _attempt in range(MAX_JOB_RETRIES + 1):
+    held: list[str] = []  # deaths while the job held no image (queued in the worker, between images)
+    while pending:
         try:
             results = future.result()
             break
+        except ReplyUnreadable as e:
+            raise ReplyUnreadable(f"{e} (images {[job.rows[i].key for i in pending]}); nothing was committed") from None
         except WorkerDied as died:
-            if died.culprit is not None:
+            if died.culprit is None:
+                held.append(died.how)
+                log(f"an encoder process died ({died.how}) between images; retrying its images")
+                if len(held) > MAX_JOB_RETRIES:
+                    raise EncoderKilled(
+                        f"encoder processes died {len(held)} times ({', '.join(held)}) holding the images "
+                        f"{[job.rows[i].key for i in pending]}; nothing was committed") from None
+            else:
                 real = pending[died.culprit]
                 row = job.rows[real]
+                where = f"{row.key} ({row.tar}@{row.offset})"
                 if died.out_of_memory:
                     oom[real] += 1
                     log(f"encoder ran out of memory on {row.key} ({oom[real]} of {MEMORY_RETRIES}); retrying it")
                     if oom[real] >= MEMORY_RETRIES:
                         raise EncoderOutOfMemory(
-                            f"out of memory encoding {row.key} ({row.tar}@{row.offset}) {oom[real]} times in fresh "
+                            f"out of memory encoding {where} {oom[real]} times in fresh "
                             "worker processes; nothing was committed. Size limits are decided at index time; give "
                             "the run more memory or lower IMNET_WORKERS") from None
-                else:
-                    deaths[real].append(died.how)
-                    log(f"encoder process died ({died.how}) while encoding {row.key} ({row.tar}@{row.offset}); "
+                elif died.timed_out is not None:
+                    timeouts[real] += 1
+                    log(f"encoding {where} ran past IMNET_IMAGE_TIMEOUT ({died.timed_out:g} s), its process was "
+                        f"killed ({timeouts[real]} of {TIMEOUTS_TO_FAIL}); retrying it in a new process")
+                    if timeouts[real] >= TIMEOUTS_TO_FAIL:
+                        raise EncoderKilled(
+                            f"encoding {where} ran past IMNET_IMAGE_TIMEOUT ({died.timed_out:g} s) {timeouts[real]} "
+                            "times, each in a fresh process, and was killed; nothing was committed. A hung encoder "
+                            "is not an exclusion: raise IMNET_IMAGE_TIMEOUT if the machine is just slow") from None
+                elif died.crashed:
+                    crashes[real].append(died.how)
+                    log(f"encoder process died ({died.how}) while encoding {where}; "
                         f"retrying its images in a new process")
-                    if len(deaths[real]) >= DEATHS_TO_EXCLUDE:
-                        decided[real] = ("excluded", f"encoder process died {len(deaths[real])} times "
-                                                     f"({', '.join(deaths[real])}) while encoding")
+                    if len(crashes[real]) >= DEATHS_TO_EXCLUDE:
+                        decided[real] = ("excluded", f"encoder process died {len(crashes[real])} times "
+                                                     f"({', '.join(crashes[real])}) while encoding")
                         pending.remove(real)
-            else:
-                log(f"an encoder process died ({died.how}) between images; retrying its images")
-            future = pool.submit(dataclasses.replace(job, rows=[job.rows[i] for i in pending]), priority)
+                else:
+                    kills[real].append(died.how)
+                    log(f"encoder process died ({died.how}) while encoding {where}: killed from outside "
+                        f"({len(kills[real])} of {KILLS_TO_FAIL}); retrying its images in a new process")
+                    if len(kills[real]) >= KILLS_TO_FAIL:
+                        raise EncoderKilled(
+                            f"the encoder process was killed from outside ({', '.join(kills[real])}) "
+                            f"{len(kills[real])} times while encoding {where}; nothing was committed. A kill (the "
+                            "OOM killer, a cgroup memory limit, preemption) is not an exclusion: give the run more "
+                            "memory or lower IMNET_WORKERS, and build again") from None
+            if pending:
+                future = pool.submit(dataclasses.replace(job, rows=[job.rows[i] for i in pending]), priority)
     else:
-        raise RuntimeError(f"encoder processes died {MAX_JOB_RETRIES} times on the images "
-                           f"{[r.key for r in job.rows]}; nothing was committed")
+        results = []  # every row decided
     by_index = dict(zip(pending, results))
     for i, row in enumerate(job.rows):
         yield row, decided.get(i) or by_index[i]
