@@ -55,6 +55,7 @@ VARIABLES: dict[str, str] = {
     "IMNET_ALT_LABELS": "alternative labels (in1k)",
     "IMNET_PARALLEL_SHARDS": "shard runs `imnet build` runs at once",
     "IMNET_STORAGE_RETRY_SECONDS": "how long throttled or broken storage requests are retried before a run fails",
+    "IMNET_IMAGE_TIMEOUT": "seconds one image may take its encode worker before the worker is killed",
     "IMNET_PROJECT_ROOT": "the folder holding .env, against which relative paths resolve",
     "IMNET_TEST_CRASH_SHA256": "test hook: a source sha256 whose encoding crashes its worker",
 }
