@@ -343,8 +343,9 @@ def cmd_sample_raw(args) -> int:
 def cmd_build(args) -> int:
     from .core.procpool import start_forkserver
 
+    settings = Settings.from_env()  # a configuration error before any process starts or anything is written
     start_forkserver()  # its imports overlap Dagster's; scan and encode workers then fork at once
-    build = Build(Settings.from_env(), verbose=args.verbose, keep_going=args.keep_going, parallel=args.parallel)
+    build = Build(settings, verbose=args.verbose, keep_going=args.keep_going, parallel=args.parallel)
     try:
         return build.run(args.shards)
     except KeyboardInterrupt:
