@@ -108,6 +108,7 @@ class Lease:
     generation: int
     holder: dict
     lost: str | None = None
+    taken: bool = False  # its object exists (until then it is in _held, but not renewed)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -127,7 +128,7 @@ class Lease:
         """Write this lease again with the time now, unless a newer generation exists or the
         object is no longer this holder's (then the lease is lost)."""
         with self._lock:
-            if self.lost:
+            if self.lost or not self.taken:
                 return
             gens = _generations(self.folder)
             newer = [g for g in gens if g > self.generation]
@@ -153,6 +154,10 @@ class Lease:
                 current = fs.read_json(self.url)
                 if isinstance(current, dict) and current.get("token") == self.token:
                     fs.remove(self.url)
+            if not fs.is_remote(self.folder):  # no empty folders left behind (1,024 shards)
+                for folder in (self.folder, fs.dirname(self.folder)):
+                    with contextlib.suppress(OSError):  # not empty: another lease is there
+                        os.rmdir(folder)
 
     def __enter__(self) -> Lease:
         return self
@@ -181,9 +186,17 @@ def _create(url: str, data: bytes) -> bool:
             raise fs.StorageError(fs.redact(f"cannot create the lease {url}: {text}")) from e
         return True
     folder, name = os.path.split(os.path.abspath(url))
-    os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{name}{fs.TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
+    for _ in range(8):  # the folder may be removed by a holder releasing its lease (release)
+        os.makedirs(folder, exist_ok=True)
+        try:
+            f = open(tmp, "xb")
+            break
+        except FileNotFoundError:
+            continue
+    else:
+        raise FileNotFoundError(f"cannot create {tmp}: its folder keeps disappearing")
+    with f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -200,6 +213,7 @@ def acquire(out_root: str, name: str, what: str) -> Lease:
     """Take the lease `name` under `out_root` for `what` (e.g. "imnet build", "run 1a2b3c4d"), or
     raise LeaseHeld naming the holder. Release it with `release()` (or use it as a context)."""
     folder = lease_folder(out_root, name)
+    fs.sweep_partials(folder)  # temporary files of takers killed mid-write (local folders)
     for _attempt in range(TAKE_ATTEMPTS):
         gens = _generations(folder)
         top = gens[-1] if gens else 0
@@ -230,6 +244,7 @@ def acquire(out_root: str, name: str, what: str) -> Lease:
             with _held_lock:
                 _held.pop(lease.token, None)
             continue
+        lease.taken = True
         for g in gens:  # the generations before: their holders are gone (or were superseded)
             with contextlib.suppress(Exception):
                 fs.remove(fs.join(folder, f"{g:08d}.json"))

@@ -200,7 +200,7 @@ def test_a_held_lease_is_renewed(root, monkeypatch):
         first = fs.read_json(held.url)["renewed"]
         deadline = time.time() + 30
         while fs.read_json(held.url)["renewed"] == first:
-            assert time.time() < deadline, "the lease was not renewed"
+            assert time.time() < deadline, f"the lease was not renewed ({held.lost}, {lease._renewer}, {lease.RENEW_SECONDS})"
             time.sleep(0.1)
         held.check()
     finally:
