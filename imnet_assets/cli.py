@@ -77,6 +77,34 @@ def _console_kept(build: Build):
             os.close(copy)
 
 
+BUILD_LEASE = "build"  # <out root>/_locks/build/: the lease of the build writing the out root
+INSTANCE_LOCK = ".imnet-instance.lock"  # in DAGSTER_HOME: one process at a time creates the instance's storage
+
+
+def dagster_instance():
+    """DagsterInstance.get(), one process of this machine at a time: on a fresh DAGSTER_HOME, the
+    first look creates the SQLite storages and stamps their schema (alembic_version), and two
+    processes doing that at once collide (sqlite3.IntegrityError). A file lock in DAGSTER_HOME
+    holds every other `imnet` until the first has created them; later looks wait only for each other's
+    few milliseconds."""
+    from dagster import DagsterInstance
+    from filelock import FileLock
+
+    home = os.environ["DAGSTER_HOME"]
+    os.makedirs(home, exist_ok=True)
+    with FileLock(os.path.join(home, INSTANCE_LOCK)):
+        instance = DagsterInstance.get()
+        # every storage made and migrated now, inside the lock (some are made on first use)
+        instance.get_runs(limit=1)
+        instance.event_log_storage  # noqa: B018
+        instance.schedule_storage  # noqa: B018
+    return instance
+
+
+class OutRootBusy(RuntimeError):
+    """Another `imnet build` holds the out root (its lease names it)."""
+
+
 class Build:
     """Materializes stages through Dagster, in this process, recording into the instance."""
 
@@ -90,7 +118,7 @@ class Build:
         self.defs = build_definitions(settings)
         self.assets = list(self.defs.assets)
         if os.environ.get("DAGSTER_HOME"):
-            self.instance = DagsterInstance.get()
+            self.instance = dagster_instance()
         else:
             # Not DagsterInstance.ephemeral(): its in-memory SQLite is one connection, which
             # concurrent shard runs (threads) find locked ("database table is locked"). A throwaway
@@ -106,6 +134,7 @@ class Build:
         self.keep_going = keep_going
         self.parallel = parallel if parallel is not None else settings.parallel_shards
         self._say_lock = threading.Lock()
+        self.lease = None  # the out root's build lease, once this build is about to write (hold_out_root)
 
     def say(self, msg: str) -> None:
         with self._say_lock:  # shard runs finish in several threads: whole lines only
@@ -136,10 +165,55 @@ class Build:
             failures.append(f"run {result.run_id} failed")
         return result, failures
 
+    def hold_out_root(self) -> bool:
+        """Take the out root's build lease (core.lease) before this build writes anything: one
+        build at a time per out root (SPEC: Failure behaviour). A build with nothing to do takes
+        none (it writes nothing). True when taken by this call: the caller then looks again at
+        what it was about to do, which a build that just ended may have done. Raises OutRootBusy
+        naming the holder when another build holds it; a holder whose process is gone (kill -9),
+        or of another host that stopped renewing it, is taken over."""
+        from .core.lease import LeaseHeld, LeaseLost, acquire
+
+        if self.lease is not None:
+            try:
+                self.lease.check()
+            except LeaseLost as e:
+                raise OutRootBusy(f"this build lost the out root {self.settings.out_root}: {e}") from None
+            return False
+
+        try:
+            self.lease = acquire(self.settings.out_root, BUILD_LEASE, "imnet build")
+        except LeaseHeld as e:
+            raise OutRootBusy(f"the out root {self.settings.out_root} is in use by another build: {e}; wait for it "
+                              "to end, or stop it (the lease of a process that is gone is taken over)") from None
+        return True
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
     def run(self, shards_spec: str | None) -> int:
-        from .core.audit import audit_fingerprint
+        try:
+            return self._run(shards_spec)
+        finally:
+            # Shard runs left going in other threads (Ctrl-C) end with this process: its lease
+            # then names a process that is gone, and the next build takes it over.
+            if not getattr(self, "runs_left_behind", 0):
+                self.release()
+
+    def _shards_to_build(self, wanted: list[str]) -> tuple[list[str], list[str]]:
+        """(partitions to build, partitions with a run in flight elsewhere) of those wanted."""
+        from .schedules import shard_partition_status
+
+        status = shard_partition_status(self.settings, self.instance)
+        todo = [k for k in wanted if status[k] != "fresh"]
+        busy = [k for k in todo if status[k] == "in_flight"]
+        return [k for k in todo if k not in busy], busy
+
+    def _run(self, shards_spec: str | None) -> int:
         from .core.stages import stale_stages
-        from .schedules import fail_dead_runs, shard_partition_status
+        from .schedules import fail_dead_runs
 
         s = self.settings
         self.say(f"imnet build: raw {s.raw_root} -> out {s.out_root}, catalog {s.catalog}, "
@@ -147,7 +221,8 @@ class Build:
                  f"{os.environ.get('DAGSTER_HOME') or '(ephemeral)'}")
         wanted = parse_shards(shards_spec, s.partition_keys)
         for stage in ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]:
-            if stage not in stale_stages(s, log=self.say):
+            if stage not in stale_stages(s, log=self.say) or (
+                    self.hold_out_root() and stage not in stale_stages(s, log=lambda _m: None)):
                 self.say(f"  {stage:16s} fresh, skipped")
                 continue
             t0 = time.perf_counter()
@@ -157,10 +232,9 @@ class Build:
             self.say(f"  {stage:16s} materialized in {time.perf_counter() - t0:.1f}s  {self._facts(result, stage)}")
         if self.instance is not None:
             fail_dead_runs(self.instance, log=lambda m: self.say(f"  wds_shards: {m}"))
-        status = shard_partition_status(s, self.instance)
-        todo = [k for k in wanted if status[k] != "fresh"]
-        busy = [k for k in todo if status[k] == "in_flight"]
-        todo = [k for k in todo if k not in busy]
+        todo, busy = self._shards_to_build(wanted)
+        if todo and self.hold_out_root():
+            todo, busy = self._shards_to_build(wanted)
         if busy:
             self.say(f"  wds_shards: {len(busy)} shards have a run in flight elsewhere, left to it: {busy[:8]}")
         self.say(f"  wds_shards: {len(wanted) - len(todo) - len(busy)} of {len(wanted)} selected shards fresh, "
@@ -176,8 +250,7 @@ class Build:
         if set(wanted) != set(s.partition_keys):
             self.say("  shard_audit: skipped (only some shards were selected; run `imnet build` for all)")
             return 0
-        fp = audit_fingerprint(s)
-        if not todo and fp is not None and self._stage_fp("shard_audit") == fp:
+        if self._audit_fresh(todo) or (self.hold_out_root() and self._audit_fresh(todo)):
             self.say("  shard_audit      fresh, skipped")
         else:
             result, failures = self.materialize(["shard_audit"])
@@ -188,6 +261,12 @@ class Build:
                      f"{md.get('excluded')} excluded, {md.get('repaired')} repaired")
         self.say(f"shards: {s.out_root}  (_info.json beside them); catalog: {s.catalog}")
         return 0
+
+    def _audit_fresh(self, built: list[str]) -> bool:
+        from .core.audit import audit_fingerprint
+
+        fp = audit_fingerprint(self.settings)
+        return not built and fp is not None and self._stage_fp("shard_audit") == fp
 
     def runs_at_once(self, todo: int) -> int:
         """Shard runs to run at once: `--parallel` / IMNET_PARALLEL_SHARDS, else about the cores
@@ -387,8 +466,6 @@ def cmd_demo(args) -> int:
 def cmd_status(args) -> int:
     from collections import Counter
 
-    from dagster import DagsterInstance
-
     from .catalog import CatalogBusy, open_reader
     from .core import fs
     from .core.audit import plan_mismatch
@@ -425,7 +502,7 @@ def cmd_status(args) -> int:
     else:
         print(f"catalog stages   unknown here: no catalog at {s.catalog} (IMNET_CATALOG; it lives on the "
               "machine that builds the stages and runs the audit)")
-    inst = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else None
+    inst = dagster_instance() if os.environ.get("DAGSTER_HOME") else None
     status = shard_partition_status(s, inst)
     counts = Counter(status.values())
     print("wds_shards       " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
@@ -671,6 +748,21 @@ def cmd_verify(args) -> int:
     return 1 if failed or info_problems or stray or conservation else 0
 
 
+def stop_on_signals() -> None:
+    """SIGTERM (a container stopped, a pod preempted) stops a command as Ctrl-C does: both raise
+    KeyboardInterrupt in the main thread (the same cleanup, "imnet: interrupted", exit 130),
+    whatever dispositions the process inherited. A process started with SIGINT ignored (`&` in a
+    script, some supervisors) would otherwise keep it ignored, and Dagster, which points SIGTERM
+    at whatever handles SIGINT each time a run in the main thread ends, would then ignore
+    SIGTERM too. Only the main thread of the main interpreter can set handlers."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def _positive(text: str) -> int:
     if not re.fullmatch(r"[0-9]+", text.strip()) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
@@ -716,6 +808,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("-v", "--verbose", action="store_true")
     sp.set_defaults(func=cmd_verify)
     args = p.parse_args(argv)
+    if args.command in ("build", "demo", "verify"):
+        stop_on_signals()
     try:
         return args.func(args)
     except SettingsError as e:
@@ -725,6 +819,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imnet: {e}", file=sys.stderr)
         return 1
     except StorageError as e:
+        print(f"imnet: {e}", file=sys.stderr)
+        return 1
+    except OutRootBusy as e:
         print(f"imnet: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `imnet status | head`: the reader has gone; say nothing more
