@@ -8,6 +8,7 @@
 - One shard partition materialized by two Dagster processes at once (as the UI, a schedule and
   a sensor would launch runs): the second run fails naming the first run, is not retried, and
   the shard is built once.
+- The same on an s3:// out root (moto): refusal, then a kill -9d holder taken over.
 - Four processes creating a fresh DAGSTER_HOME's instance at once: none crashes.
 - SIGTERM stops a build started with SIGINT and SIGTERM ignored, as Ctrl-C does.
 """
@@ -23,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -271,3 +273,50 @@ def test_sigterm_stops_a_build_started_with_signals_ignored(planned, tmp_path, p
     assert "shard_audit      ok" in done.stdout, done.stdout
     assert_identical(planned[2], out)
     assert sorted(p.name for p in out.glob("*.tar")) == SHARDS
+
+
+def test_on_s3_a_second_build_refuses_and_a_killed_holder_is_taken_over(sample_release, planned, tmp_path):
+    """The same on an s3:// out root (moto's server): the leases are objects created with a
+    conditional PUT. A build frozen mid-shard holds the out root: a second refuses naming it; once
+    the holder is killed with kill -9, a third takes both its leases over and finishes, with
+    the shards of a clean (local) build."""
+    from tests.s3server import MotoS3
+
+    with MotoS3(secret=f"leaseBuild-{uuid.uuid4().hex}") as s3:
+        client = s3.client()
+        client.create_bucket(Bucket="raw-bucket")
+        client.create_bucket(Bucket="out-bucket")
+        s3.put_tree(client, sample_release[0], "raw-bucket", "winter21")
+        env = build_env(tmp_path, "s3://raw-bucket/winter21", IMNET_OUT_ROOT="s3://out-bucket/wds",
+                        DAGSTER_HOME=str(dagster_home(tmp_path)), IMNET_PARALLEL_SHARDS="1", IMNET_WORKERS="1")
+        env = {k: v for k, v in env.items() if not k.startswith("AWS_")} | s3.env()
+
+        def leases() -> dict[str, dict]:
+            found = client.list_objects_v2(Bucket="out-bucket", Prefix="wds/_locks/").get("Contents", [])
+            return {o["Key"]: json.loads(client.get_object(Bucket="out-bucket", Key=o["Key"])["Body"].read())
+                    for o in found}
+
+        log = tmp_path / "first.log"
+        first = start_build(env, tmp_path, log)
+        try:
+            wait_for("a shard run holding its lease",
+                     lambda: any("/shard-" in k for k in leases()), first, log, timeout=300)
+            os.killpg(first.pid, signal.SIGSTOP)
+            held = leases()
+            assert {v["pid"] for v in held.values()} == {first.pid}, held
+            second = imnet(["build"], env, check=False, timeout=300)
+            assert second.returncode == 1, second.stdout + second.stderr
+            m = REFUSED.search(second.stderr)
+            assert m and m.group(1) == "s3://out-bucket/wds" and int(m.group(3)) == first.pid, second.stderr
+            assert "s3://out-bucket/wds/_locks/build/" in second.stderr
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=30)
+        finally:
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+        third = imnet(["build"], env, timeout=600)
+        assert "shard_audit      ok" in third.stdout, third.stdout
+        assert leases() == {}, leases()  # released, and the dead holder's removed when taken over
+        objects = MotoS3.all_objects(client, "out-bucket", "wds/")
+    for name in SHARDS:
+        assert objects[f"wds/{name}"] == (planned[2] / name).read_bytes(), name
