@@ -91,13 +91,19 @@ def dagster_instance():
     from filelock import FileLock
 
     home = os.environ["DAGSTER_HOME"]
-    os.makedirs(home, exist_ok=True)
-    with FileLock(os.path.join(home, INSTANCE_LOCK)):
+    lock = FileLock(os.path.join(home, INSTANCE_LOCK))
+    try:
+        lock.acquire()
+    except OSError:  # a home this user may not write (a read-only `imnet status`): nothing to create there
+        return DagsterInstance.get()
+    try:
         instance = DagsterInstance.get()
         # every storage made and migrated now, inside the lock (some are made on first use)
         instance.get_runs(limit=1)
         instance.event_log_storage  # noqa: B018
         instance.schedule_storage  # noqa: B018
+    finally:
+        lock.release()
     return instance
 
 
