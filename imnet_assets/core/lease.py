@@ -150,10 +150,19 @@ class Lease:
             if self.lost:
                 return
             self.lost = "released"
-            with contextlib.suppress(Exception):  # a leftover is taken over: its holder is gone
-                current = fs.read_json(self.url)
-                if isinstance(current, dict) and current.get("token") == self.token:
-                    fs.remove(self.url)
+            # A lease left behind would count while this process lives (a code server, a build
+            # going on with other shards): tried a few times. One still left is taken over once
+            # the process is gone (or, seen from another host, once it is not renewed).
+            for wait in (0.5, 2.0, None):
+                try:
+                    current = fs.read_json(self.url)
+                    if isinstance(current, dict) and current.get("token") == self.token:
+                        fs.remove(self.url)
+                    break
+                except Exception:  # noqa: BLE001 - storage that does not answer: tried again
+                    if wait is None:
+                        break
+                    time.sleep(wait)
             if not fs.is_remote(self.folder):  # no empty folders left behind (1,024 shards)
                 for folder in (self.folder, fs.dirname(self.folder)):
                     with contextlib.suppress(OSError):  # not empty: another lease is there
