@@ -190,9 +190,21 @@ class Build:
         try:
             self.lease = acquire(self.settings.out_root, BUILD_LEASE, "imnet build")
         except LeaseHeld as e:
-            raise OutRootBusy(f"the out root {self.settings.out_root} is in use by another build: {e}; wait for it "
-                              "to end, or stop it (the lease of a process that is gone is taken over)") from None
+            raise self._busy(str(e)) from None
         return True
+
+    def _busy(self, held: str) -> OutRootBusy:
+        return OutRootBusy(f"the out root {self.settings.out_root} is in use by another build: {held}; wait for it "
+                           "to end, or stop it (the lease of a process that is gone is taken over)")
+
+    def refuse_if_held(self) -> None:
+        """Refuse at once when another build holds the out root, before reading the catalog (a
+        reader waits for the catalog's writer: at full size the index stage holds it for an hour)."""
+        from .core.lease import describe, holder_of
+
+        held = holder_of(self.settings.out_root, BUILD_LEASE)
+        if held is not None:
+            raise self._busy(f"{describe(held[0])} holds it (lease {held[1]})")
 
     def release(self) -> None:
         if self.lease is not None:
@@ -226,6 +238,7 @@ class Build:
                  f"{s.num_shards} shards, {s.workers} workers, instance "
                  f"{os.environ.get('DAGSTER_HOME') or '(ephemeral)'}")
         wanted = parse_shards(shards_spec, s.partition_keys)
+        self.refuse_if_held()
         for stage in ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]:
             if stage not in stale_stages(s, log=self.say) or (
                     self.hold_out_root() and stage not in stale_stages(s, log=lambda _m: None)):

@@ -263,6 +263,18 @@ def acquire(out_root: str, name: str, what: str) -> Lease:
     raise LeaseHeld(f"others keep taking it at once (the last: {describe(holder)})", holder)
 
 
+def holder_of(out_root: str, name: str) -> tuple[dict, str] | None:
+    """The holder of lease `name` and its lease's URL while one may be alive, else None: a look
+    (one listing, one read) that takes nothing."""
+    folder = lease_folder(out_root, name)
+    gens = _generations(folder)
+    if not gens:
+        return None
+    url = fs.join(folder, f"{gens[-1]:08d}.json")
+    holder = fs.read_json(url)
+    return (holder, url) if holder_alive(holder) else None
+
+
 def _renew_all() -> None:
     while True:
         _wake.wait(RENEW_SECONDS)

@@ -2,6 +2,7 @@
 
 - Two builds started together on a fresh DAGSTER_HOME: neither crashes, no partition runs twice,
   one refuses naming the other (or finds everything built), and the shards equal a clean build's.
+- A build started while another writes the catalog (inside a stage) refuses at once.
 - A build started while another is writing a shard (the first is frozen with SIGSTOP meanwhile,
   so the overlap is certain): the second refuses at once naming the first's host and pid.
 - The holder killed with kill -9: a new build takes its lease over and finishes the job.
@@ -142,6 +143,48 @@ def test_a_build_started_during_another_refuses_naming_it(planned, tmp_path):
     assert runs_per_partition(env["DAGSTER_HOME"]) == Counter({k: 1 for k in ["0000", "0001", "0002", "0003"]})
     assert_identical(planned[2], out)
     no_leases_left(out)
+
+
+def holds_a_lock_on(pid: int, path: Path) -> bool:
+    """Whether process `pid` holds a lock on file `path` (/proc/locks: DuckDB's writer lock)."""
+    try:
+        inode = path.stat().st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        if "->" in fields:  # a waiter, not a holder
+            continue
+        if len(fields) >= 6 and fields[4] == str(pid) and fields[5].rsplit(":", 1)[-1] == str(inode):
+            return True
+    return False
+
+
+def test_a_build_started_while_another_writes_the_catalog_refuses_at_once(sample_release, tmp_path):
+    """The first build is inside a catalog stage, holding the catalog's write lock (at full size the
+    index stage holds it for an hour): the second refuses at once, naming it, rather than waiting
+    for the catalog to read the stages' state."""
+    env = build_env(tmp_path, sample_release[0], DAGSTER_HOME=str(dagster_home(tmp_path)))
+    log = tmp_path / "first.log"
+    first = start_build(env, tmp_path, log)
+    try:
+        wait_for("the catalog being written", lambda: holds_a_lock_on(first.pid, tmp_path / "catalog.duckdb"),
+                 first, log, timeout=300)
+        os.killpg(first.pid, signal.SIGSTOP)
+        try:
+            second = imnet(["build"], env, check=False, timeout=120)
+        finally:
+            os.killpg(first.pid, signal.SIGCONT)
+        assert second.returncode == 1, second.stdout + second.stderr
+        m = REFUSED.search(second.stderr)
+        assert m and int(m.group(3)) == first.pid, second.stdout + second.stderr
+        assert "waiting" not in second.stdout + second.stderr
+        assert first.wait(timeout=600) == 0, log.read_text()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert "shard_audit      ok" in log.read_text()
 
 
 def test_a_build_killed_with_sigkill_is_taken_over_by_the_next(planned, tmp_path):
