@@ -10,7 +10,9 @@ Taking a lease: list the folder; if the highest generation's holder may still be
 (LeaseHeld names it). Otherwise create generation n+1 only if no such object exists (local: a
 hard link to a complete temporary file, which fails where the name exists; S3: a PUT with
 `If-None-Match: *`): of several takers at once exactly one creates it, and the others look
-again. The winner removes the older generations; releasing removes its own.
+again. The winner removes the older generations; releasing removes its own. (An S3-compatible
+store must honour `If-None-Match` on PUT, as AWS S3, MinIO and R2 do; the winner reads its object
+back, which catches a store that ignores it unless two takers write within the same moment.)
 
 Whether a holder may still be alive (`holder_alive`), as `fs.remove_partials` judges an upload's
 writer: a process of this host and pid namespace is asked (`procpool.pid_alive`, against number
