@@ -13,15 +13,17 @@ from imnet_assets.settings import (
     Settings,
     SettingsError,
     parse_holdout,
+    project_root,
     shard_key,
 )
 
 
 def test_defaults_follow_the_spec_table():
     s = Settings.from_env({})
-    assert s.raw_root == "data/raw"
-    assert s.out_root == "data/out"
-    assert s.catalog == "data/catalog.duckdb"
+    root = project_root({})  # relative paths resolve against the project root
+    assert s.raw_root == str(root / "data/raw")
+    assert s.out_root == str(root / "data/out")
+    assert s.catalog == str(root / "data/catalog.duckdb")
     assert s.num_shards == 1024
     assert s.seed == 0
     assert s.shard_pattern == "imagenet12k-train-{shard}.tar" == DEFAULT_SHARD_PATTERN
@@ -235,12 +237,12 @@ def test_roots_apart_are_accepted(raw, out):
     assert (s.raw_root, s.out_root) == (raw, out)
 
 
-def test_roots_are_compared_after_resolving_relative_paths_and_links(tmp_path, monkeypatch):
+def test_roots_are_compared_after_resolving_relative_paths_and_links(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
     (tmp_path / "link").symlink_to(raw)
-    monkeypatch.chdir(tmp_path)
+    root = {"IMNET_PROJECT_ROOT": str(tmp_path)}  # relative paths are the project root's
     with pytest.raises(SettingsError, match="is inside the raw root"):
-        Settings.from_env({"IMNET_RAW_ROOT": "raw", "IMNET_OUT_ROOT": str(tmp_path / "link" / "out")})
+        Settings.from_env({**root, "IMNET_RAW_ROOT": "raw", "IMNET_OUT_ROOT": str(tmp_path / "link" / "out")})
     with pytest.raises(SettingsError, match="is the raw root"):
-        Settings.from_env({"IMNET_RAW_ROOT": str(raw), "IMNET_OUT_ROOT": "./link"})
+        Settings.from_env({**root, "IMNET_RAW_ROOT": str(raw), "IMNET_OUT_ROOT": "./link"})

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 
 from ..catalog import Catalog
 from ..settings import Settings
-from . import altlabels, card, fs
+from . import altlabels, card, changed_sources, fs
 from .encode import EncodeSettings
 from .freshness import OutRootLook, look_at_shards, verdict
 from .plan import read_index, split_shards
@@ -100,6 +100,7 @@ class AuditReport:
     bad_files: list[str] = field(default_factory=list)
     stray: list[str] = field(default_factory=list)
     conservation: list[str] = field(default_factory=list)  # sql/audit_conservation.sql
+    changed_sources: list[str] = field(default_factory=list)  # raw tars a shard run found changed
     info_written: bool = False
     lengths: dict[str, int] = field(default_factory=dict)  # shard key -> samples, from its manifest
 
@@ -119,6 +120,7 @@ class AuditReport:
         if self.stray:
             out.append(stray_problem(self.stray))
         out.extend(self.conservation)
+        out.extend(f"{c}: the index is stale (`imnet build` indexes it again)" for c in self.changed_sources)
         return out
 
 
@@ -142,6 +144,24 @@ def info_url(settings: Settings) -> str:
     return fs.join(settings.out_root, "_info.json")
 
 
+CLASSES_NAME = "classes.tsv"
+CLASSES_COLUMNS = ("label", "wnid", "lemma", "gloss", "count")
+
+
+def classes_url(settings: Settings) -> str:
+    return fs.join(settings.out_root, CLASSES_NAME)
+
+
+def render_classes(rows: list[tuple]) -> bytes:
+    """classes.tsv: a header line, then one line per label (tabs and line breaks inside a lemma or
+    gloss become spaces, so every line is one row of five fields)."""
+    def field(value) -> str:
+        return " ".join(str(value).replace("\t", " ").splitlines())
+
+    lines = ["\t".join(CLASSES_COLUMNS), *("\t".join(field(v) for v in row) for row in rows)]
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
 def render_info(doc: dict) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
@@ -161,6 +181,7 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
     audit_fp = audit_fingerprint(settings, look)
     expected = _shard_fingerprints(settings, require_current_plan(settings))
     with Catalog(settings.catalog) as cat:
+        cat.check_intact()  # the audit vouches for the whole catalog: damage raises CatalogDamaged
         cat.run("audit_memory")
         if fs.is_remote(settings.out_root):  # the fallback's audit_load reads the manifests there
             cat.con.register_filesystem(fs.filesystem(settings.out_root)[0])
@@ -215,6 +236,7 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
             image_sizes=cat.rows("audit_image_sizes", {"width": 64}),
             missing=missing, stale=stale, bad_files=bad, stray=stray_shards(settings, look.names),
             conservation=conservation_problems(cat), lengths=lengths,
+            changed_sources=[m.describe() for m in changed_sources.pending(settings.out_root).values()],
         )
         if report.problems:
             cat.clear_stage("shard_audit")  # only a clean audit is fresh: this one is done again
@@ -225,6 +247,8 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
     if not report.problems:
         fs.write_atomic(info_url(settings), render_info(info_document(settings, lengths)))
         report.info_written = True
+        with Catalog(settings.catalog, read_only=True) as cat:  # kept counts as this audit left them
+            fs.write_atomic(classes_url(settings), render_classes(cat.rows("classes_tsv")))
         card.write_card(settings, report)  # issue 17: the dataset card, <out>/README.md
         if audit_fp:
             with Catalog(settings.catalog) as cat:

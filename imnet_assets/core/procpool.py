@@ -18,6 +18,7 @@ Python 3.11's forkserver is never told the main script's path.)
 from __future__ import annotations
 
 import ast
+import atexit
 import collections
 import heapq
 import itertools
@@ -320,6 +321,14 @@ class WorkerPool:
         self._target = max(1, workers)
         self._next_id = 0
         self.started = 0  # worker processes started so far (replacements included)
+        # At interpreter exit, multiprocessing's exit handler terminates the (daemonic) workers; the
+        # dispatcher, still running, would replace them, and a replacement whose start the exit
+        # cuts short leaves its forked child an EOFError traceback (reading a process object never
+        # sent). So no worker starts once the exit has begun: this handler, registered after
+        # multiprocessing's, runs before it, and waits for a start under way.
+        self._closing = False
+        self._start_lock = threading.Lock()
+        atexit.register(self._stop_starting)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -457,7 +466,14 @@ class WorkerPool:
             if not w.tasks:
                 w.conn.send_bytes(b"")
         for _ in range(target - len(active)):
-            self._workers.append(self._start_worker())
+            with self._start_lock:
+                if self._closing:
+                    return
+                self._workers.append(self._start_worker())
+
+    def _stop_starting(self) -> None:
+        with self._start_lock:
+            self._closing = True
 
     def _dispatch(self) -> None:
         import pickle

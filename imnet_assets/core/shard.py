@@ -8,6 +8,7 @@ The tar layout lives only here: each sample is `<key>.cls`, `<key>.json`, `<key>
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,9 +21,11 @@ from dataclasses import asdict, dataclass, field
 
 from . import fs
 from .altlabels import sample_fields
+from .changed_sources import SourceChanged, mark
 from .encode import EncodeSettings, ImageRejected, encode_image
 from .plan import SliceRow, read_slice
 from .procpool import WorkerDied, WorkerPool, next_priority, shared_pool
+from .rawfolders import source_location
 from .verify import check_committed, webp_problem
 
 # Bump when the bytes a shard holds for the same input would change (encoding rules, tar layout,
@@ -135,27 +138,33 @@ def _range_reader() -> fs.RangeReader:
     return _reader[1]
 
 
-def _read_source(row: SliceRow, raw_root: str) -> tuple[bytes | None, str]:
-    """The row's source bytes, or None and why they are not the indexed ones (the tar is shorter
-    than indexed, or its bytes changed there: recorded as an exclusion). A tar that cannot be read
-    at all raises SourceUnreadable once the retries are spent."""
-    url = fs.join(raw_root, row.tar)
+def _read_source(row: SliceRow, raw_root: str) -> tuple[bytes, str]:
+    """The row's source bytes (and "": no problem). A tar that cannot be read at all raises
+    SourceUnreadable once the retries are spent; bytes that are not the indexed ones (fewer, or
+    another sha256: the tar changed since indexing) raise SourceChanged, which fails the run and
+    marks the tar for the index (build_shard): no property of the image, so never an exclusion."""
+    url, offset = source_location(raw_root, row.tar, row.member, row.offset)  # a tar member, or a whole file
     reader = _range_reader()
     for wait in (*READ_RETRY_SECONDS, None):
         try:
-            data = reader.read(url, row.offset, row.size)
+            data = reader.read(url, offset, row.size)
             break
         except Exception as e:  # noqa: BLE001 - retried, then raised as what it is
             if wait is None:
                 raise SourceUnreadable(fs.redact(
-                    f"cannot read raw tar {url} at byte {row.offset} (for {row.key}): {type(e).__name__}: {e}; "
+                    f"cannot read raw tar {url} at byte {offset} (for {row.key}): {type(e).__name__}: {e}; "
                     "if it moved or changed since indexing, `imnet build` indexes it again")) from None
             time.sleep(wait)
     if len(data) != row.size:
-        return None, f"raw tar {row.tar} is shorter than indexed: {len(data)} of {row.size} bytes at {row.offset}"
-    if hashlib.sha256(data).hexdigest() != row.sha256:
-        return None, f"source bytes changed since indexing ({row.tar}@{row.offset}: sha256 differs)"
-    return data, ""
+        found = f"a read of {len(data)} of its {row.size} bytes"
+    elif (got := hashlib.sha256(data).hexdigest()) != row.sha256:
+        found = f"sha256 {got}, indexed {row.sha256}"
+    else:
+        return data, ""
+    raise SourceChanged(
+        f"source of {row.key} changed since indexing: raw tar {row.tar} member {row.member} at byte {row.offset}: "
+        f"{found}. Nothing was committed; the tar is marked for the index: the next `imnet build` indexes it "
+        "again", row.tar, row.member, found)
 
 
 def _crash_hook(sha256: str, crash_sha256: str | None) -> None:
@@ -432,7 +441,7 @@ def build_shard(
     spans: list[dict] = []  # where each sample's bytes went, and their sha256 (the read-back checks them)
     excluded: list[dict] = []
     problems: list[str] = []
-    with fs.atomic_open(final) as raw_out:
+    with _marking_changed_sources(out_root, shard_key, rows, run_id, log), fs.atomic_open(final) as raw_out:
         out = _HashingWriter(raw_out)
         for row, prepared in prepared_samples(rows, raw_root, settings, workers, decode_every, log, encode, priority):
             if prepared[0] != "ok":
@@ -496,6 +505,21 @@ def build_shard(
         sum(1 for s in samples if s["repaired"]), excluded, problems, time.perf_counter() - started - encoded,
         manifest["fingerprint"],
     )
+
+
+@contextlib.contextmanager
+def _marking_changed_sources(out_root: str, shard_key: str, rows: list[SliceRow], run_id: str,
+                             log: Callable[[str], None]) -> Iterator[None]:
+    """A SourceChanged raised inside leaves its tar's marker under the out root (for the index's
+    freshness and `imnet status`, core/changed_sources.py) on its way out: the run fails."""
+    try:
+        yield
+    except SourceChanged as e:
+        row = next((r for r in rows if r.tar == e.tar and r.member == e.member), None)
+        url = mark(out_root, e, row.offset if row else -1, row.size if row else -1, row.sha256 if row else "",
+                   shard_key, run_id)
+        log(f"shard {shard_key}: {e}; marked in {url}")
+        raise
 
 
 # ----------------------------------------------------------------------------- freshness & checks

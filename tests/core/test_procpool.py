@@ -104,3 +104,33 @@ def test_worker_pool_serves_the_oldest_runs_jobs_first():
     finished = sorted(f.result(timeout=60) for f in [blocker, *queued])
     order = [name for name, _ in sorted(finished, key=lambda r: r[1])]
     assert order == ["blocker", "older-0", "older-1", "older-2", "younger-0", "younger-1", "younger-2"]
+
+
+def test_no_worker_starts_once_the_process_exits_and_the_exit_prints_nothing(tmp_path):
+    """At exit, multiprocessing terminates the pool's workers while its dispatcher thread still
+    runs. It must not start replacements then: a start that the exit cut short left the forked child
+    printing an EOFError traceback (`preparation_data = reduction.pickle.load(from_parent)`), about
+    one exit in ten. Real processes exit here; an exit hook that runs after multiprocessing's (it is
+    registered before multiprocessing is imported) counts the workers the pool ever started."""
+    import subprocess
+
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "import atexit, sys, time\n"
+        "def report():\n"
+        "    time.sleep(1.0)  # the dispatcher has seen the terminated workers by now\n"
+        "    print('started', pool.started, flush=True)\n"
+        "atexit.register(report)\n"
+        "from imnet_assets.core.procpool import shared_pool\n"
+        "pool = shared_pool(2)\n"
+        "deadline = time.time() + 60\n"
+        "while len(pool.pids()) < 2 and time.time() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        "time.sleep(float(sys.argv[1]))\n"
+    )
+    procs = [subprocess.Popen([sys.executable, str(script), str(0.5 * i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert out == "started 2\n" and err == "", (out, err)
