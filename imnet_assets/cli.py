@@ -81,6 +81,53 @@ def _console_kept(build: Build):
             os.close(copy)
 
 
+BUILD_LEASE = "build"  # <out root>/_locks/build/: the lease of the build writing the out root
+INSTANCE_LOCK = ".imnet-instance.lock"  # in DAGSTER_HOME: one process at a time creates the instance's storage
+
+
+def dagster_instance(prepare_out=None):
+    """DagsterInstance.get() for DAGSTER_HOME, one process of this machine at a time: on a fresh
+    home, the first look creates the SQLite storages and stamps their schema (alembic_version),
+    and two processes doing that at once collide (sqlite3.IntegrityError). A file lock in the home
+    holds every other `imnet` until the first has created them; later looks wait only for each
+    other's few milliseconds. `prepare_out`: the home is made and given its dagster.yaml first
+    (prepare_dagster_home, saying so there), inside the lock too: a second process must not read
+    a dagster.yaml the first is still copying."""
+    from dagster import DagsterInstance
+    from filelock import FileLock
+
+    from .settings import dagster_home
+
+    if prepare_out is not None:
+        home = dagster_home()
+        with contextlib.suppress(OSError):  # prepare_dagster_home says what it cannot do
+            home.mkdir(parents=True, exist_ok=True)
+    else:
+        home = Path(os.environ["DAGSTER_HOME"])
+    lock = FileLock(os.path.join(home, INSTANCE_LOCK))
+    try:
+        lock.acquire()
+    except OSError:  # a home this user may not write (a read-only `imnet status`): nothing to create there
+        if prepare_out is not None:
+            prepare_dagster_home(prepare_out)
+        return DagsterInstance.get()
+    try:
+        if prepare_out is not None:
+            prepare_dagster_home(prepare_out)
+        instance = DagsterInstance.get()
+        # every storage made and migrated now, inside the lock (some are made on first use)
+        instance.get_runs(limit=1)
+        instance.event_log_storage  # noqa: B018
+        instance.schedule_storage  # noqa: B018
+    finally:
+        lock.release()
+    return instance
+
+
+class OutRootBusy(RuntimeError):
+    """Another `imnet build` holds the out root (its lease names it)."""
+
+
 def dagster_yaml_source() -> Path | None:
     """The project's dagster.yaml: the project root's, else the one beside this package's source."""
     from .settings import project_root
@@ -124,8 +171,6 @@ class Build:
 
     def __init__(self, settings: Settings, out=sys.stdout, verbose: bool = False, keep_going: bool = False,
                  parallel: int | None = None):
-        from dagster import DagsterInstance
-
         from .definitions import build_definitions
 
         self.settings = settings
@@ -133,8 +178,7 @@ class Build:
         self.assets = list(self.defs.assets)
         # The persistent instance the UI reads (DAGSTER_HOME, by default data/dagster_home under the
         # project root): what the build does shows there, and its history carries over.
-        prepare_dagster_home(out)
-        self.instance = DagsterInstance.get()
+        self.instance = dagster_instance(prepare_out=out)
         self.out = out
         # Dagster's console logger prints each failed step's whole stack trace; this command names
         # the failure itself (`fail`), so by default only -v shows them (the instance keeps them all)
@@ -142,6 +186,7 @@ class Build:
         self.keep_going = keep_going
         self.parallel = parallel if parallel is not None else settings.parallel_shards
         self._say_lock = threading.Lock()
+        self.lease = None  # the out root's build lease, once this build is about to write (hold_out_root)
 
     def say(self, msg: str) -> None:
         with self._say_lock:  # shard runs finish in several threads: whole lines only
@@ -172,18 +217,77 @@ class Build:
             failures.append(f"run {result.run_id} failed")
         return result, failures
 
+    def hold_out_root(self) -> bool:
+        """Take the out root's build lease (core.lease) before this build writes anything: one
+        build at a time per out root (SPEC: Failure behaviour). A build with nothing to do takes
+        none (it writes nothing). True when taken by this call: the caller then looks again at
+        what it was about to do, which a build that just ended may have done. Raises OutRootBusy
+        naming the holder when another build holds it; a holder whose process is gone (kill -9),
+        or of another host that stopped renewing it, is taken over."""
+        from .core.lease import LeaseHeld, LeaseLost, acquire
+
+        if self.lease is not None:
+            try:
+                self.lease.check()
+            except LeaseLost as e:
+                raise OutRootBusy(f"this build lost the out root {self.settings.out_root}: {e}") from None
+            return False
+
+        try:
+            self.lease = acquire(self.settings.out_root, BUILD_LEASE, "imnet build")
+        except LeaseHeld as e:
+            raise self._busy(str(e)) from None
+        return True
+
+    def _busy(self, held: str) -> OutRootBusy:
+        return OutRootBusy(f"the out root {self.settings.out_root} is in use by another build: {held}; wait for it "
+                           "to end, or stop it (the lease of a process that is gone is taken over)")
+
+    def refuse_if_held(self) -> None:
+        """Refuse at once when another build holds the out root, before reading the catalog (a
+        reader waits for the catalog's writer: at full size the index stage holds it for an hour)."""
+        from .core.lease import describe, holder_of
+
+        held = holder_of(self.settings.out_root, BUILD_LEASE)
+        if held is not None:
+            raise self._busy(f"{describe(held[0])} holds it (lease {held[1]})")
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
     def run(self, shards_spec: str | None) -> int:
-        from .core.audit import audit_fingerprint
+        try:
+            return self._run(shards_spec)
+        finally:
+            # Shard runs left going in other threads (Ctrl-C) end with this process: its lease
+            # then names a process that is gone, and the next build takes it over.
+            if not getattr(self, "runs_left_behind", 0):
+                self.release()
+
+    def _shards_to_build(self, wanted: list[str]) -> tuple[list[str], list[str]]:
+        """(partitions to build, partitions with a run in flight elsewhere) of those wanted."""
+        from .schedules import shard_partition_status
+
+        status = shard_partition_status(self.settings, self.instance)
+        todo = [k for k in wanted if status[k] != "fresh"]
+        busy = [k for k in todo if status[k] == "in_flight"]
+        return [k for k in todo if k not in busy], busy
+
+    def _run(self, shards_spec: str | None) -> int:
         from .core.stages import stale_stages
-        from .schedules import fail_dead_runs, shard_partition_status
+        from .schedules import fail_dead_runs
 
         s = self.settings
         self.say(f"imnet build: raw {s.raw_root} -> out {s.out_root}, catalog {s.catalog}, "
                  f"{s.num_shards} shards, {s.workers} workers, instance "
                  f"{os.environ.get('DAGSTER_HOME') or '(ephemeral)'}")
         wanted = parse_shards(shards_spec, s.partition_keys)
+        self.refuse_if_held()
         for stage in ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]:
-            if stage not in stale_stages(s, log=self.say):
+            if stage not in stale_stages(s, log=self.say) or (
+                    self.hold_out_root() and stage not in stale_stages(s, log=lambda _m: None)):
                 self.say(f"  {stage:16s} fresh, skipped")
                 continue
             t0 = time.perf_counter()
@@ -193,10 +297,9 @@ class Build:
             self.say(f"  {stage:16s} materialized in {time.perf_counter() - t0:.1f}s  {self._facts(result, stage)}")
         if self.instance is not None:
             fail_dead_runs(self.instance, log=lambda m: self.say(f"  wds_shards: {m}"))
-        status = shard_partition_status(s, self.instance)
-        todo = [k for k in wanted if status[k] != "fresh"]
-        busy = [k for k in todo if status[k] == "in_flight"]
-        todo = [k for k in todo if k not in busy]
+        todo, busy = self._shards_to_build(wanted)
+        if todo and self.hold_out_root():
+            todo, busy = self._shards_to_build(wanted)
         if busy:
             self.say(f"  wds_shards: {len(busy)} shards have a run in flight elsewhere, left to it: {busy[:8]}")
         self.say(f"  wds_shards: {len(wanted) - len(todo) - len(busy)} of {len(wanted)} selected shards fresh, "
@@ -212,8 +315,7 @@ class Build:
         if set(wanted) != set(s.partition_keys):
             self.say("  shard_audit: skipped (only some shards were selected; run `imnet build` for all)")
             return 0
-        fp = audit_fingerprint(s)
-        if not todo and fp is not None and self._stage_fp("shard_audit") == fp:
+        if self._audit_fresh(todo) or (self.hold_out_root() and self._audit_fresh(todo)):
             self.say("  shard_audit      fresh, skipped")
         else:
             result, failures = self.materialize(["shard_audit"])
@@ -224,6 +326,12 @@ class Build:
                      f"{md.get('excluded')} excluded, {md.get('repaired')} repaired")
         self.say(f"shards: {s.out_root}  (_info.json beside them); catalog: {s.catalog}")
         return 0
+
+    def _audit_fresh(self, built: list[str]) -> bool:
+        from .core.audit import audit_fingerprint
+
+        fp = audit_fingerprint(self.settings)
+        return not built and fp is not None and self._stage_fp("shard_audit") == fp
 
     def runs_at_once(self, todo: int) -> int:
         """Shard runs to run at once: `--parallel` / IMNET_PARALLEL_SHARDS, else about the cores
@@ -385,8 +493,9 @@ def cmd_sample_raw(args) -> int:
 def cmd_build(args) -> int:
     from .core.procpool import start_forkserver
 
+    settings = Settings.from_env()  # a configuration error before any process starts or anything is written
     start_forkserver()  # its imports overlap Dagster's; scan and encode workers then fork at once
-    build = Build(Settings.from_env(), verbose=args.verbose, keep_going=args.keep_going, parallel=args.parallel)
+    build = Build(settings, verbose=args.verbose, keep_going=args.keep_going, parallel=args.parallel)
     try:
         return build.run(args.shards)
     except KeyboardInterrupt:
@@ -474,8 +583,6 @@ def cmd_demo(args) -> int:
 def cmd_status(args) -> int:
     from collections import Counter
 
-    from dagster import DagsterInstance
-
     from .catalog import CatalogBusy, open_reader
     from .core import changed_sources, fs
     from .core.audit import plan_mismatch
@@ -526,7 +633,7 @@ def cmd_status(args) -> int:
         print(f"  {marker.describe()}: the next `imnet build` indexes it again")
     if has_home:
         os.environ["DAGSTER_HOME"] = str(home)
-    inst = DagsterInstance.get() if has_home else None
+    inst = dagster_instance() if has_home else None
     status = shard_partition_status(s, inst)
     counts = Counter(status.values())
     print("wds_shards       " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
@@ -796,6 +903,21 @@ def cmd_verify(args) -> int:
     return 1 if failed or info_problems or stray or conservation else 0
 
 
+def stop_on_signals() -> None:
+    """SIGTERM (a container stopped, a pod preempted) stops a command as Ctrl-C does: both raise
+    KeyboardInterrupt in the main thread (the same cleanup, "imnet: interrupted", exit 130),
+    whatever dispositions the process inherited. A process started with SIGINT ignored (`&` in a
+    script, some supervisors) would otherwise keep it ignored, and Dagster, which points SIGTERM
+    at whatever handles SIGINT each time a run in the main thread ends, would then ignore
+    SIGTERM too. Only the main thread of the main interpreter can set handlers."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def _positive(text: str) -> int:
     if not re.fullmatch(r"[0-9]+", text.strip()) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
@@ -843,6 +965,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("-v", "--verbose", action="store_true")
     sp.set_defaults(func=cmd_verify)
     args = p.parse_args(argv)
+    if args.command in ("build", "demo", "verify"):
+        stop_on_signals()
     from .catalog import CatalogDamaged
 
     try:
@@ -859,6 +983,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imnet: {e}", file=sys.stderr)
         return 1
     except StorageError as e:
+        print(f"imnet: {e}", file=sys.stderr)
+        return 1
+    except OutRootBusy as e:
         print(f"imnet: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `imnet status | head`: the reader has gone; say nothing more

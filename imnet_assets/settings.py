@@ -207,6 +207,34 @@ def _choice(env: dict, name: str, default: str, allowed: tuple[str, ...]) -> str
     return raw
 
 
+def _root_parts(url: str) -> tuple[str, ...]:
+    """A root as comparable path components: ("s3", bucket, *prefix parts) for object storage
+    (s3a:// is S3 too), else the local folder with symbolic links followed (relative paths were
+    resolved against the project root before: resolve_path)."""
+    if "://" in url and not url.startswith("file://"):
+        scheme, _, rest = url.partition("://")
+        scheme = "s3" if scheme in ("s3", "s3a") else scheme
+        return (scheme, *[p for p in rest.split("/") if p])
+    path = url[len("file://"):] if url.startswith("file://") else url
+    return ("file", *[p for p in os.path.realpath(os.path.abspath(path)).split(os.sep) if p])
+
+
+def check_roots_apart(raw_root: str, out_root: str) -> None:
+    """SPEC (Configuration): the out root may not be the raw root, nor inside it, nor contain it
+    (shards would be written into the raw release, or the raw release's listing would hold them)."""
+    raw, out = _root_parts(raw_root), _root_parts(out_root)
+    if raw == out:
+        how = "is the raw root"
+    elif out[:len(raw)] == raw:
+        how = "is inside the raw root"
+    elif raw[:len(out)] == out:
+        how = "contains the raw root"
+    else:
+        return
+    raise SettingsError(f"IMNET_OUT_ROOT={out_root!r} {how} IMNET_RAW_ROOT={raw_root!r}: shards would be written "
+                        "into the raw release; choose an out root outside it")
+
+
 def parse_holdout(text: str) -> tuple[tuple[str, int], ...]:
     """`validation:2,test:2` -> (("validation", 2), ("test", 2)); the splits take the last shards."""
     splits: list[tuple[str, int]] = []
@@ -284,9 +312,12 @@ class Settings:
             raise SettingsError(
                 f"IMNET_HOLDOUT takes {sum(n for _, n in holdout)} shards of {num_shards}; train needs at least one"
             )
+        raw_root = resolve_path((env.get("IMNET_RAW_ROOT") or "data/raw").rstrip("/") or "/", root)
+        out_root = resolve_path((env.get("IMNET_OUT_ROOT") or "data/out").rstrip("/") or "/", root)
+        check_roots_apart(raw_root, out_root)
         return cls(
-            raw_root=resolve_path((env.get("IMNET_RAW_ROOT") or "data/raw").rstrip("/"), root),
-            out_root=resolve_path((env.get("IMNET_OUT_ROOT") or "data/out").rstrip("/"), root),
+            raw_root=raw_root,
+            out_root=out_root,
             catalog=resolve_path(env.get("IMNET_CATALOG") or "data/catalog.duckdb", root),
             num_shards=num_shards,
             seed=_int(env, "IMNET_SEED", 0, 0),

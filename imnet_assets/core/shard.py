@@ -106,6 +106,12 @@ class SourceUnreadable(OSError):
     commits nothing, so that a rerun builds the shard whole once the storage answers again."""
 
 
+class ShardChangedDuringCheck(RuntimeError):
+    """The committed tar changed on storage (another size or stamp) between its commit and the end
+    of its check: the check may not have read the bytes now there, so no commit record vouches
+    for them, and the run fails naming the shard."""
+
+
 class EncoderOutOfMemory(MemoryError):
     """An image ran its encoder out of memory again and again. Memory is no property of the image
     (size limits are settled at index time, the same everywhere), so it is not excluded: the shard
@@ -452,6 +458,7 @@ def build_shard(
     decode_every: int = 16,
     encode: Callable | None = None,
     after_commit: Callable[[str], None] | None = None,
+    after_check: Callable[[str], None] | None = None,
 ) -> ShardResult:
     """Encode, commit and check one shard and its manifest. Bad images become recorded exclusions.
 
@@ -462,7 +469,12 @@ def build_shard(
     Safe to call from several threads of one process at once (each for its own shard): they share
     the process's worker pool (`procpool.shared_pool`). `decode_every`: IMNET_CHECK_DECODE_EVERY.
     `encode`: the codec (bench/scaleup.py's null codec); `after_commit(url)`: a test hook called
-    between the commit and the check.
+    between the commit and the check; `after_check(url)`: one called once the check passed, before
+    the tar's stamp is looked at again (tests change the tar there).
+
+    The commit record's stamp (size and mtime / ETag) is the one read right after the commit,
+    before the check; it is read again once the check passed, and if it changed the record is
+    not written and ShardChangedDuringCheck names the shard.
     """
     started = time.perf_counter()
     final = fs.join(out_root, shard_name)
@@ -491,6 +503,7 @@ def build_shard(
             if problem:
                 problems.append(f"shard {shard_key} sample {row.key}: {problem}")
         out.write(tar_end(out.count))
+    committed = fs.stat(final)  # (size, stamp) of the tar the check is about to read
     encoded = time.perf_counter() - started
     manifest = {
         "shard": shard_key,
@@ -519,8 +532,16 @@ def build_shard(
                  check_committed(final, expected, manifest["sha256"], True, decode_every=decode_every, workers=workers,
                                  priority=priority)]
     if not problems:
+        if after_check is not None:
+            after_check(final)
+        now = fs.stat(final)
+        if now != committed:
+            raise ShardChangedDuringCheck(
+                f"shard {shard_key}: {final} changed on storage while it was being checked (size and stamp "
+                f"{committed[0]} {committed[1]} at the commit, {now[0]} {now[1]} after the check): not recorded "
+                "as committed; another writer? Build the shard again")
         state = {k: manifest[k] for k in ("shard", "path", "fingerprint", "bytes", "sha256", "num_samples", "run_id")}
-        state["stamp"] = fs.stat(final)[1]  # an edit in place on storage changes it (shard_state)
+        state["stamp"] = committed[1]  # the checked bytes' stamp: an edit in place changes it (shard_state)
         fs.write_atomic(st_url, json.dumps(state, sort_keys=True).encode())
         from .freshness import remember  # freshness imports this module
 
