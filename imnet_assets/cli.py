@@ -1,4 +1,7 @@
-"""`imnet`: sample-raw, build, demo, status, lineage, verify (SPEC: Command line)."""
+"""imnet: build, audit and inspect the ImageNet Winter21 WebP WebDataset release.
+
+Settings come from IMNET_* variables, in the environment or in the .env file at the project root
+(the environment wins); relative paths resolve against the project root."""
 
 from __future__ import annotations
 
@@ -10,9 +13,10 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from .core.fs import StorageError
-from .settings import Settings, SettingsError, shard_key
+from .settings import Settings, SettingsError, apply_env_file, shard_key
 
 DEMO_SHARDS = 8
 STATUS_WAIT_S = 10.0  # how long `imnet status` waits for a catalog writer before reporting without it
@@ -77,28 +81,104 @@ def _console_kept(build: Build):
             os.close(copy)
 
 
+BUILD_LEASE = "build"  # <out root>/_locks/build/: the lease of the build writing the out root
+INSTANCE_LOCK = ".imnet-instance.lock"  # in DAGSTER_HOME: one process at a time creates the instance's storage
+
+
+def dagster_instance(prepare_out=None):
+    """DagsterInstance.get() for DAGSTER_HOME, one process of this machine at a time: on a fresh
+    home, the first look creates the SQLite storages and stamps their schema (alembic_version),
+    and two processes doing that at once collide (sqlite3.IntegrityError). A file lock in the home
+    holds every other `imnet` until the first has created them; later looks wait only for each
+    other's few milliseconds. `prepare_out`: the home is made and given its dagster.yaml first
+    (prepare_dagster_home, saying so there), inside the lock too: a second process must not read
+    a dagster.yaml the first is still copying."""
+    from dagster import DagsterInstance
+    from filelock import FileLock
+
+    from .settings import dagster_home
+
+    if prepare_out is not None:
+        home = dagster_home()
+        with contextlib.suppress(OSError):  # prepare_dagster_home says what it cannot do
+            home.mkdir(parents=True, exist_ok=True)
+    else:
+        home = Path(os.environ["DAGSTER_HOME"])
+    lock = FileLock(os.path.join(home, INSTANCE_LOCK))
+    try:
+        lock.acquire()
+    except OSError:  # a home this user may not write (a read-only `imnet status`): nothing to create there
+        if prepare_out is not None:
+            prepare_dagster_home(prepare_out)
+        return DagsterInstance.get()
+    try:
+        if prepare_out is not None:
+            prepare_dagster_home(prepare_out)
+        instance = DagsterInstance.get()
+        # every storage made and migrated now, inside the lock (some are made on first use)
+        instance.get_runs(limit=1)
+        instance.event_log_storage  # noqa: B018
+        instance.schedule_storage  # noqa: B018
+    finally:
+        lock.release()
+    return instance
+
+
+class OutRootBusy(RuntimeError):
+    """Another `imnet build` holds the out root (its lease names it)."""
+
+
+def dagster_yaml_source() -> Path | None:
+    """The project's dagster.yaml: the project root's, else the one beside this package's source."""
+    from .settings import project_root
+
+    for folder in (project_root(), Path(__file__).resolve().parent.parent):
+        if (folder / "dagster.yaml").is_file():
+            return folder / "dagster.yaml"
+    return None
+
+
+def prepare_dagster_home(out=sys.stdout) -> Path:
+    """DAGSTER_HOME for this process (set when only `.env` or the default named it), the folder
+    made, and the project's dagster.yaml copied into it when it has none (its run queue, limits
+    and `telemetry: false`)."""
+    import shutil
+
+    from .settings import dagster_home
+
+    home = dagster_home()
+    os.environ["DAGSTER_HOME"] = str(home)
+    home.mkdir(parents=True, exist_ok=True)
+    target = home / "dagster.yaml"
+    if not target.exists():
+        source = dagster_yaml_source()
+        try:
+            if source is not None:
+                shutil.copyfile(source, target)
+            else:
+                target.write_text("telemetry:\n  enabled: false\n")
+        except OSError as e:  # a read-only home: Dagster's defaults, as before
+            print(f"imnet: no dagster.yaml in DAGSTER_HOME {home}, and none could be put there ({e})",
+                  file=out, flush=True)
+        else:
+            print(f"imnet: Dagster instance at {home} (DAGSTER_HOME), with {source or 'a minimal dagster.yaml'}",
+                  file=out, flush=True)
+    return home
+
+
 class Build:
     """Materializes stages through Dagster, in this process, recording into the instance."""
 
     def __init__(self, settings: Settings, out=sys.stdout, verbose: bool = False, keep_going: bool = False,
                  parallel: int | None = None):
-        from dagster import DagsterInstance
-
         from .definitions import build_definitions
 
         self.settings = settings
         self.defs = build_definitions(settings)
         self.assets = list(self.defs.assets)
-        if os.environ.get("DAGSTER_HOME"):
-            self.instance = DagsterInstance.get()
-        else:
-            # Not DagsterInstance.ephemeral(): its in-memory SQLite is one connection, which
-            # concurrent shard runs (threads) find locked ("database table is locked"). A throwaway
-            # on-disk instance takes them as the real one does; removed when this process ends.
-            import tempfile
-
-            self._scratch = tempfile.TemporaryDirectory(prefix="imnet-dagster-")
-            self.instance = DagsterInstance.local_temp(self._scratch.name)
+        # The persistent instance the UI reads (DAGSTER_HOME, by default data/dagster_home under the
+        # project root): what the build does shows there, and its history carries over.
+        self.instance = dagster_instance(prepare_out=out)
         self.out = out
         # Dagster's console logger prints each failed step's whole stack trace; this command names
         # the failure itself (`fail`), so by default only -v shows them (the instance keeps them all)
@@ -106,6 +186,7 @@ class Build:
         self.keep_going = keep_going
         self.parallel = parallel if parallel is not None else settings.parallel_shards
         self._say_lock = threading.Lock()
+        self.lease = None  # the out root's build lease, once this build is about to write (hold_out_root)
 
     def say(self, msg: str) -> None:
         with self._say_lock:  # shard runs finish in several threads: whole lines only
@@ -136,18 +217,77 @@ class Build:
             failures.append(f"run {result.run_id} failed")
         return result, failures
 
+    def hold_out_root(self) -> bool:
+        """Take the out root's build lease (core.lease) before this build writes anything: one
+        build at a time per out root (SPEC: Failure behaviour). A build with nothing to do takes
+        none (it writes nothing). True when taken by this call: the caller then looks again at
+        what it was about to do, which a build that just ended may have done. Raises OutRootBusy
+        naming the holder when another build holds it; a holder whose process is gone (kill -9),
+        or of another host that stopped renewing it, is taken over."""
+        from .core.lease import LeaseHeld, LeaseLost, acquire
+
+        if self.lease is not None:
+            try:
+                self.lease.check()
+            except LeaseLost as e:
+                raise OutRootBusy(f"this build lost the out root {self.settings.out_root}: {e}") from None
+            return False
+
+        try:
+            self.lease = acquire(self.settings.out_root, BUILD_LEASE, "imnet build")
+        except LeaseHeld as e:
+            raise self._busy(str(e)) from None
+        return True
+
+    def _busy(self, held: str) -> OutRootBusy:
+        return OutRootBusy(f"the out root {self.settings.out_root} is in use by another build: {held}; wait for it "
+                           "to end, or stop it (the lease of a process that is gone is taken over)")
+
+    def refuse_if_held(self) -> None:
+        """Refuse at once when another build holds the out root, before reading the catalog (a
+        reader waits for the catalog's writer: at full size the index stage holds it for an hour)."""
+        from .core.lease import describe, holder_of
+
+        held = holder_of(self.settings.out_root, BUILD_LEASE)
+        if held is not None:
+            raise self._busy(f"{describe(held[0])} holds it (lease {held[1]})")
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
     def run(self, shards_spec: str | None) -> int:
-        from .core.audit import audit_fingerprint
+        try:
+            return self._run(shards_spec)
+        finally:
+            # Shard runs left going in other threads (Ctrl-C) end with this process: its lease
+            # then names a process that is gone, and the next build takes it over.
+            if not getattr(self, "runs_left_behind", 0):
+                self.release()
+
+    def _shards_to_build(self, wanted: list[str]) -> tuple[list[str], list[str]]:
+        """(partitions to build, partitions with a run in flight elsewhere) of those wanted."""
+        from .schedules import shard_partition_status
+
+        status = shard_partition_status(self.settings, self.instance)
+        todo = [k for k in wanted if status[k] != "fresh"]
+        busy = [k for k in todo if status[k] == "in_flight"]
+        return [k for k in todo if k not in busy], busy
+
+    def _run(self, shards_spec: str | None) -> int:
         from .core.stages import stale_stages
-        from .schedules import fail_dead_runs, shard_partition_status
+        from .schedules import fail_dead_runs
 
         s = self.settings
         self.say(f"imnet build: raw {s.raw_root} -> out {s.out_root}, catalog {s.catalog}, "
                  f"{s.num_shards} shards, {s.workers} workers, instance "
                  f"{os.environ.get('DAGSTER_HOME') or '(ephemeral)'}")
         wanted = parse_shards(shards_spec, s.partition_keys)
+        self.refuse_if_held()
         for stage in ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]:
-            if stage not in stale_stages(s, log=self.say):
+            if stage not in stale_stages(s, log=self.say) or (
+                    self.hold_out_root() and stage not in stale_stages(s, log=lambda _m: None)):
                 self.say(f"  {stage:16s} fresh, skipped")
                 continue
             t0 = time.perf_counter()
@@ -157,10 +297,9 @@ class Build:
             self.say(f"  {stage:16s} materialized in {time.perf_counter() - t0:.1f}s  {self._facts(result, stage)}")
         if self.instance is not None:
             fail_dead_runs(self.instance, log=lambda m: self.say(f"  wds_shards: {m}"))
-        status = shard_partition_status(s, self.instance)
-        todo = [k for k in wanted if status[k] != "fresh"]
-        busy = [k for k in todo if status[k] == "in_flight"]
-        todo = [k for k in todo if k not in busy]
+        todo, busy = self._shards_to_build(wanted)
+        if todo and self.hold_out_root():
+            todo, busy = self._shards_to_build(wanted)
         if busy:
             self.say(f"  wds_shards: {len(busy)} shards have a run in flight elsewhere, left to it: {busy[:8]}")
         self.say(f"  wds_shards: {len(wanted) - len(todo) - len(busy)} of {len(wanted)} selected shards fresh, "
@@ -176,8 +315,7 @@ class Build:
         if set(wanted) != set(s.partition_keys):
             self.say("  shard_audit: skipped (only some shards were selected; run `imnet build` for all)")
             return 0
-        fp = audit_fingerprint(s)
-        if not todo and fp is not None and self._stage_fp("shard_audit") == fp:
+        if self._audit_fresh(todo) or (self.hold_out_root() and self._audit_fresh(todo)):
             self.say("  shard_audit      fresh, skipped")
         else:
             result, failures = self.materialize(["shard_audit"])
@@ -188,6 +326,12 @@ class Build:
                      f"{md.get('excluded')} excluded, {md.get('repaired')} repaired")
         self.say(f"shards: {s.out_root}  (_info.json beside them); catalog: {s.catalog}")
         return 0
+
+    def _audit_fresh(self, built: list[str]) -> bool:
+        from .core.audit import audit_fingerprint
+
+        fp = audit_fingerprint(self.settings)
+        return not built and fp is not None and self._stage_fp("shard_audit") == fp
 
     def runs_at_once(self, todo: int) -> int:
         """Shard runs to run at once: `--parallel` / IMNET_PARALLEL_SHARDS, else about the cores
@@ -314,9 +458,14 @@ class Build:
                 return {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
         return {}
 
+    # Counts a stage reports as 0 until a later stage has counted them: raw_tars' members and the
+    # synset manifest's images come from filtered_index's walk of the tars' headers.
+    NOT_COUNTED_YET = {"raw_tars": "members", "synset_manifest": "images"}
+
     def _facts(self, result, asset: str) -> str:
         md = self._metadata(result, asset)
-        shown = {k: v for k, v in md.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        shown = {k: v for k, v in md.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                 and not (v == 0 and self.NOT_COUNTED_YET.get(asset) == k)}
         return ", ".join(f"{k}={v}" for k, v in list(shown.items())[:6])
 
     def fail(self, stage: str, failures: list[str]) -> int:
@@ -334,8 +483,9 @@ class Build:
 def cmd_sample_raw(args) -> int:
     from .core.sample_raw import write_sample_raw
 
-    summary = write_sample_raw(args.dir, synsets=args.synsets, images=args.images, seed=args.seed)
-    print(f"wrote {len(summary.wnids)} synset tars with {summary.total_members} files to {args.dir}")
+    summary = write_sample_raw(args.dir, synsets=args.synsets, images=args.images, seed=args.seed, layout=args.layout)
+    what = "synset folders" if args.layout == "folders" else "synset tars"
+    print(f"wrote {len(summary.wnids)} {what} with {summary.total_members} files to {args.dir}")
     print("quirks: " + ", ".join(f"{k} ({len(v)})" for k, v in sorted(summary.quirks.items())))
     return 0
 
@@ -343,8 +493,9 @@ def cmd_sample_raw(args) -> int:
 def cmd_build(args) -> int:
     from .core.procpool import start_forkserver
 
+    settings = Settings.from_env()  # a configuration error before any process starts or anything is written
     start_forkserver()  # its imports overlap Dagster's; scan and encode workers then fork at once
-    build = Build(Settings.from_env(), verbose=args.verbose, keep_going=args.keep_going, parallel=args.parallel)
+    build = Build(settings, verbose=args.verbose, keep_going=args.keep_going, parallel=args.parallel)
     try:
         return build.run(args.shards)
     except KeyboardInterrupt:
@@ -360,48 +511,98 @@ def cmd_build(args) -> int:
         os._exit(130)
 
 
+def demo_settings(root: Path) -> dict[str, str]:
+    """What `imnet demo` writes into the project's `.env`: its shard count, the data/ paths and
+    an instance under data/ (DAGSTER_HOME is absolute: Dagster's tools refuse a relative one)."""
+    return {
+        "IMNET_NUM_SHARDS": str(DEMO_SHARDS),
+        "IMNET_RAW_ROOT": "data/raw",
+        "IMNET_OUT_ROOT": "data/out",
+        "IMNET_CATALOG": "data/catalog.duckdb",
+        "DAGSTER_HOME": str(root / "data" / "dagster_home"),
+    }
+
+
+def _env_value(value: str) -> str:
+    """A value as a .env line holds it: double-quoted (JSON's escapes, which python-dotenv reads)
+    when it has a space, a quote or a '#'."""
+    import json
+
+    return json.dumps(value) if re.search(r"[\s#'\"\\]", value) else value
+
+
+def write_env_settings(path: Path, wanted: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Add to the `.env` at `path` each of `wanted` it does not set yet (the value from the
+    environment when set there, else the one given), keeping every line it has; atomically.
+    Returns (what was added, the names it already had)."""
+    from dotenv import dotenv_values
+
+    from .core import fs
+
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    have = dotenv_values(path) if path.exists() else {}
+    added = {name: os.environ.get(name) or value for name, value in wanted.items() if name not in have}
+    kept = [name for name in wanted if name in have]
+    if added:
+        if text and not text.endswith("\n"):
+            text += "\n"
+        text += "# written by `imnet demo` (the environment wins over this file)\n"
+        text += "".join(f"{name}={_env_value(value)}\n" for name, value in added.items())
+        fs.write_atomic(str(path), text.encode("utf-8"))
+    return added, kept
+
+
 def cmd_demo(args) -> int:
     from .core import fs
     from .core.sample_raw import write_sample_raw
+    from .settings import env_file, project_root
 
-    chosen = not os.environ.get("IMNET_NUM_SHARDS")
-    if chosen:
-        os.environ["IMNET_NUM_SHARDS"] = str(DEMO_SHARDS)
-        print(f"imnet demo: IMNET_NUM_SHARDS not set, using {DEMO_SHARDS} shards for the sample release")
+    root = project_root()
+    added, kept = write_env_settings(env_file(root), demo_settings(root))
+    apply_env_file(root)
+    if added:
+        print(f"imnet demo: wrote {', '.join(f'{k}={v}' for k, v in added.items())} to {env_file(root)}")
+    if kept:
+        print(f"imnet demo: kept {', '.join(kept)} as {env_file(root)} sets them")
     s = Settings.from_env()
-    if not any(e["name"].endswith(".tar") for e in fs.listdir(s.raw_root)):
+    prepare_dagster_home()
+    files, folders = fs.listdir_and_folders(s.raw_root)
+    # only into an empty root (or one holding what an interrupted sample-raw left): never beside a release
+    if not folders and all(e["name"] in ("words.txt", "gloss.txt") or e["name"].endswith(".tmp") for e in files):
         summary = write_sample_raw(s.raw_root, synsets=args.synsets, images=args.images, seed=0)
         print(f"imnet demo: wrote a sample raw release ({len(summary.wnids)} synsets, "
               f"{summary.total_members} files with ImageNet's quirks) to {s.raw_root}")
     code = Build(s, verbose=args.verbose).run(None)
     if code == 0:
-        # the other commands read the layout from the environment too: name it when the demo chose it
-        env = f"IMNET_NUM_SHARDS={s.num_shards} " if chosen else ""
-        print(f"demo done: shards and _info.json in {s.out_root}; try `imnet lineage <key>`, `imnet verify`,")
-        print(f"`{env}imnet status`, or `{env}dagster dev -w workspace.yaml` to see the assets (with "
-              "DAGSTER_HOME set to keep history).")
+        print(f"demo done: shards, _info.json, README.md (the card) and classes.tsv in {s.out_root}.")
+        print("Next: `imnet status`, `imnet lineage <key>`, `imnet verify`, and `dg dev` (or "
+              f"`dagster dev -w workspace.yaml` in {root}) for the UI on the instance at {os.environ['DAGSTER_HOME']}.")
     return code
 
 
 def cmd_status(args) -> int:
     from collections import Counter
 
-    from dagster import DagsterInstance
-
     from .catalog import CatalogBusy, open_reader
-    from .core import fs
+    from .core import changed_sources, fs
     from .core.audit import plan_mismatch
     from .core.plan import read_index
     from .core.stages import stale_stages
     from .schedules import shard_partition_status
+    from .settings import dagster_home, env_file, project_root
 
     s = Settings.from_env()
+    root = project_root()
+    home = dagster_home(root)
+    has_home = home.is_dir()
+    audit, audit_unknown = None, "unknown here (no catalog)"  # its record in the catalog, or why not known
     if why := plan_mismatch(s, read_index(s.out_root)):
         print(f"note: {why}")
     stages = ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]
     # Comparing the stages with the raw root means listing it: 19,167 tars are 20 listing pages,
     # seconds of requests and of parsing on object storage. There, that is asked for (--raw).
     relist = args.raw or not fs.is_remote(s.raw_root)
+    stale = None
     if os.path.exists(s.catalog):
         try:
             # Held open while the stages are compared: no writer can start in between.
@@ -409,7 +610,9 @@ def cmd_status(args) -> int:
                              wait_s=STATUS_WAIT_S) as cat:
                 stale = stale_stages(s, log=lambda _m: None) if relist else None
                 built = None if relist else {stage: cat.stage_fingerprint(stage) is not None for stage in stages}
+                audit, audit_unknown = cat.stage_fingerprint("shard_audit"), None
         except CatalogBusy as e:
+            audit_unknown = "unknown now (the catalog is being written)"
             print(f"catalog stages   unknown now: {e} (waited {STATUS_WAIT_S:.0f}s; `imnet status` again "
                   "once it is done)")
         else:
@@ -424,19 +627,48 @@ def cmd_status(args) -> int:
     else:
         print(f"catalog stages   unknown here: no catalog at {s.catalog} (IMNET_CATALOG; it lives on the "
               "machine that builds the stages and runs the audit)")
-    inst = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else None
+    # tars a shard run found changed in place since indexing (core/changed_sources.py)
+    changed = changed_sources.pending(s.out_root)
+    for marker in changed.values():
+        print(f"  {marker.describe()}: the next `imnet build` indexes it again")
+    if has_home:
+        os.environ["DAGSTER_HOME"] = str(home)
+    inst = dagster_instance() if has_home else None
     status = shard_partition_status(s, inst)
     counts = Counter(status.values())
     print("wds_shards       " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    if changed or (stale and {"filtered_index", "shuffled_plan"} & set(stale)):
+        print("  (judged against the published plan, which is stale: `imnet build` makes the plan again first, "
+              "then builds the shards whose plan slices change)")
     not_fresh = [k for k, v in status.items() if v != "fresh"]
     if not_fresh:
         print("  not fresh: " + ", ".join(not_fresh[:32]) + (" ..." if len(not_fresh) > 32 else ""))
+    print(f"shard_audit      {audit_unknown or _audit_state(s, audit, not_fresh)}")
+    dotenv = env_file(root)
+    print(f"project root     {root}  ({'settings from .env there and the environment' if dotenv.is_file() else 'no .env'})")
+    print(f"  raw root       {fs.redact(s.raw_root)}")
+    print(f"  out root       {fs.redact(s.out_root)}")
+    print(f"  catalog        {s.catalog}")
+    print(f"  DAGSTER_HOME   {home}" + ("" if has_home else "  (no instance there yet: `imnet build` makes it)"))
     return 0
+
+
+def _audit_state(s: Settings, recorded: str | None, not_fresh: list[str]) -> str:
+    """The audit: fresh (its record in the catalog is the fingerprint of the shards as they are
+    now), stale, or not built."""
+    from .core.audit import audit_fingerprint
+
+    if recorded is None:
+        return "not built"
+    if not_fresh:
+        return f"stale ({len(not_fresh)} shards not fresh)"
+    return "fresh" if audit_fingerprint(s) == recorded else "stale (the shards changed since it ran)"
 
 
 def cmd_lineage(args) -> int:
     from .catalog import open_reader
     from .core import fs
+    from .core.rawfolders import describe_source
 
     s = Settings.from_env()
     with open_reader(s.catalog) as cat:
@@ -446,8 +678,9 @@ def cmd_lineage(args) -> int:
         return 1
     for r in rows:
         print(f"key          {r['key']}  ({r['wnid']})")
-        print(f"source       {fs.join(s.raw_root, r['tar'])} member {r['member'] or '(none: tar damage)'}")
-        print(f"             offset {r['offset']}  size {r['size']}  sha256 {r['sha256'] or '(unreadable)'}")
+        where, how = describe_source(s.raw_root, r["tar"], r["member"], r["offset"])
+        print(f"source       {where}")
+        print(f"             {how}  size {r['size']}  sha256 {r['sha256'] or '(unreadable)'}")
         print(f"status       {r['status']}" + (f"  ({r['reason']})" if r["reason"] else ""))
         if r["shard"] is not None:
             where = fs.join(s.out_root, r["path"] or s.shard_name(r["shard"]))
@@ -670,6 +903,21 @@ def cmd_verify(args) -> int:
     return 1 if failed or info_problems or stray or conservation else 0
 
 
+def stop_on_signals() -> None:
+    """SIGTERM (a container stopped, a pod preempted) stops a command as Ctrl-C does: both raise
+    KeyboardInterrupt in the main thread (the same cleanup, "imnet: interrupted", exit 130),
+    whatever dispositions the process inherited. A process started with SIGINT ignored (`&` in a
+    script, some supervisors) would otherwise keep it ignored, and Dagster, which points SIGTERM
+    at whatever handles SIGINT each time a run in the main thread ends, would then ignore
+    SIGTERM too. Only the main thread of the main interpreter can set handlers."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def _positive(text: str) -> int:
     if not re.fullmatch(r"[0-9]+", text.strip()) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
@@ -684,6 +932,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--synsets", type=int, default=6)
     sp.add_argument("--images", type=int, default=40)
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--layout", choices=["tars", "folders"], default="tars", help="tars: <wnid>.tar per synset "
+                    "(as ImageNet distributes them); folders: the extracted layout <wnid>/<wnid>_<n>.JPEG")
     sp.set_defaults(func=cmd_sample_raw)
     sp = sub.add_parser("build", help="materialize every stage through Dagster, then shards, then the audit")
     sp.add_argument("--shards", help="shard partitions to build, e.g. 0000-0015,0042 (default all; 'none' "
@@ -695,12 +945,12 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("-v", "--verbose", action="store_true", help="also print Dagster's warnings and errors "
                     "(with stack traces)")
     sp.set_defaults(func=cmd_build)
-    sp = sub.add_parser("demo", help="sample-raw into the raw root when empty, then build")
+    sp = sub.add_parser("demo", help="write the demo's settings into the project's .env (8 shards, data/ paths, DAGSTER_HOME), sample-raw into the raw root when empty, then build")
     sp.add_argument("--synsets", type=int, default=6)
     sp.add_argument("--images", type=int, default=40)
     sp.add_argument("-v", "--verbose", action="store_true", help="as for build")
     sp.set_defaults(func=cmd_demo)
-    sp = sub.add_parser("status", help="which stages and shard partitions are fresh")
+    sp = sub.add_parser("status", help="the resolved roots, and which stages, shard partitions and the audit are fresh")
     sp.add_argument("--raw", action="store_true", help="also list a raw root on object storage and compare "
                     "the catalog stages with it (20 listing pages at 19,167 tars)")
     sp.set_defaults(func=cmd_status)
@@ -715,8 +965,17 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("-v", "--verbose", action="store_true")
     sp.set_defaults(func=cmd_verify)
     args = p.parse_args(argv)
+    if args.command in ("build", "demo", "verify"):
+        stop_on_signals()
+    from .catalog import CatalogDamaged
+
     try:
+        # the project's .env under the environment, for this process and what it starts (DAGSTER_HOME, AWS_*)
+        apply_env_file()
         return args.func(args)
+    except CatalogDamaged as e:  # one line: the file and the recovery
+        print(f"imnet: {e}", file=sys.stderr)
+        return 1
     except SettingsError as e:
         print(f"imnet: configuration error: {e}", file=sys.stderr)
         return 2
@@ -724,6 +983,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imnet: {e}", file=sys.stderr)
         return 1
     except StorageError as e:
+        print(f"imnet: {e}", file=sys.stderr)
+        return 1
+    except OutRootBusy as e:
         print(f"imnet: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `imnet status | head`: the reader has gone; say nothing more

@@ -1,9 +1,19 @@
-"""Every IMNET_* environment variable, read in one place (SPEC: Configuration)."""
+"""Every IMNET_* variable, declared and read in one place (SPEC: Configuration).
+
+Where settings come from: the process environment, over a `.env` file at the project root (the
+file Dagster's `dagster dev` and `dg` load). The project root is IMNET_PROJECT_ROOT when set; else
+the first folder holding a `pyproject.toml` of imnet-assets, looking up from the current folder,
+then up from this package's own folder (an editable install, or a virtual environment inside the
+project); else the current folder. Relative local paths resolve against it, so every command
+sees the same files from whatever folder it runs.
+"""
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 DEFAULT_SHARD_PATTERN = "imagenet12k-train-{shard}.tar"
 # Chosen by measurement (bench/encode.py and the README's "WebP settings" section).
@@ -20,6 +30,118 @@ def test_crash_sha256(env: dict | None = None) -> str | None:
 
 class SettingsError(ValueError):
     """An IMNET_* variable holds a value the project cannot use."""
+
+
+# Every IMNET_* name the project reads: an IMNET_* name in the environment or `.env` that is not
+# here is a mistake (SettingsError naming the closest of these). A new variable is declared here.
+VARIABLES: dict[str, str] = {
+    "IMNET_RAW_ROOT": "folder or s3:// prefix holding the raw release",
+    "IMNET_OUT_ROOT": "folder or s3:// prefix for shards, _info.json, the card and classes.tsv",
+    "IMNET_CATALOG": "the DuckDB catalog file",
+    "IMNET_NUM_SHARDS": "number of shards = partitions",
+    "IMNET_SEED": "shuffle seed",
+    "IMNET_SHARD_PATTERN": "shard file name; {shard} is the partition key",
+    "IMNET_WEBP_QUALITY": "WebP quality",
+    "IMNET_WEBP_METHOD": "WebP method",
+    "IMNET_WORKERS": "encode processes inside one shard run",
+    "IMNET_HOLDOUT": "shard-level splits taken from the last shards",
+    "IMNET_SCHEDULE_CRON": "the top-up schedule's cron",
+    "IMNET_SCHEDULE_MAX_RUNS": "runs the top-up schedule requests per tick",
+    "IMNET_AUDIT_SENSOR": "whether the audit sensor starts running",
+    "IMNET_CHECK_DECODE_EVERY": "the shard check decodes every n-th sample",
+    "IMNET_INDEX_BATCH_ROWS": "index rows per catalog transaction",
+    "IMNET_EVAL_EXCLUDE": "folder or s3:// prefix of evaluation images to exclude",
+    "IMNET_DEDUP": "off or exact",
+    "IMNET_ALT_LABELS": "alternative labels (in1k)",
+    "IMNET_PARALLEL_SHARDS": "shard runs `imnet build` runs at once",
+    "IMNET_STORAGE_RETRY_SECONDS": "how long throttled or broken storage requests are retried before a run fails",
+    "IMNET_IMAGE_TIMEOUT": "seconds one image may take its encode worker before the worker is killed",
+    "IMNET_PROJECT_ROOT": "the folder holding .env, against which relative paths resolve",
+    "IMNET_TEST_CRASH_SHA256": "test hook: a source sha256 whose encoding crashes its worker",
+}
+ENV_FILE = ".env"
+PROJECT_NAME = "imnet-assets"  # [project] name in the pyproject.toml that marks the project root
+
+
+def _is_project_root(folder: Path) -> bool:
+    pyproject = folder / "pyproject.toml"
+    try:
+        text = pyproject.read_text(encoding="utf-8")
+    except OSError:
+        return False
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: Dagster's dependency
+        import tomli as tomllib
+    try:
+        return tomllib.loads(text).get("project", {}).get("name") == PROJECT_NAME
+    except (tomllib.TOMLDecodeError, AttributeError):
+        return False
+
+
+def project_root(environ: dict | None = None) -> Path:
+    """The project root (see the module's docstring)."""
+    given = (os.environ if environ is None else environ).get("IMNET_PROJECT_ROOT", "").strip()
+    if given:
+        return Path(given).expanduser().resolve()
+    cwd = Path.cwd()
+    for start in (cwd, Path(__file__).resolve().parent):
+        for folder in (start, *start.parents):
+            if _is_project_root(folder):
+                return folder
+    return cwd
+
+
+def env_file(root: Path | None = None) -> Path:
+    return (project_root() if root is None else root) / ENV_FILE
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The variables a `.env` file sets (python-dotenv's parser, as Dagster's tools use)."""
+    if not path.is_file():
+        return {}
+    from dotenv import dotenv_values
+
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+def environment(root: Path | None = None) -> dict[str, str]:
+    """The process environment over the project's `.env`: the environment wins."""
+    root = project_root() if root is None else root
+    return {**read_env_file(env_file(root)), **os.environ}
+
+
+def apply_env_file(root: Path | None = None) -> Path:
+    """Put the `.env` values the environment does not set into this process's environment (for
+    what reads os.environ itself: Dagster's DAGSTER_HOME, the AWS variables); returns the root."""
+    root = project_root() if root is None else root
+    for name, value in read_env_file(env_file(root)).items():
+        os.environ.setdefault(name, value)
+    return root
+
+
+def check_names(env: dict, source: str = "the environment") -> None:
+    """SettingsError for the first IMNET_* name that is not a setting, naming the closest one."""
+    for name in sorted(env):
+        if name.startswith("IMNET_") and name not in VARIABLES:
+            close = difflib.get_close_matches(name, list(VARIABLES), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else "see the README's table of variables"
+            raise SettingsError(f"{name} (in {source}) is not an imnet setting: {hint}")
+
+
+def resolve_path(value: str, root: Path) -> str:
+    """A local path relative to the project root made absolute; s3:// URLs and absolute paths as given."""
+    if "://" in value or not value:
+        return value
+    return os.path.normpath(os.path.join(root, os.path.expanduser(value)))
+
+
+def dagster_home(root: Path | None = None) -> Path:
+    """DAGSTER_HOME (environment, then `.env`; relative: against the project root), else
+    `data/dagster_home` under the project root: the instance `imnet` records its runs in."""
+    root = project_root() if root is None else root
+    value = environment(root).get("DAGSTER_HOME", "").strip()
+    return Path(resolve_path(value or os.path.join("data", "dagster_home"), root))
 
 
 def _cron(env: dict, name: str, default: str) -> str:
@@ -49,6 +171,15 @@ def _int(env: dict, name: str, default: int, low: int, high: int | None = None) 
     return value
 
 
+DEFAULT_IMAGE_TIMEOUT = 600  # seconds: far beyond any real image (the slowest take a few seconds)
+
+
+def image_timeout(env: dict | None = None) -> int:
+    """IMNET_IMAGE_TIMEOUT: seconds one image may take its encode worker before the worker is
+    killed and the image retried in a fresh one (then the run fails naming it; never an exclusion)."""
+    return _int(os.environ if env is None else env, "IMNET_IMAGE_TIMEOUT", DEFAULT_IMAGE_TIMEOUT, 1)
+
+
 def _switch(env: dict, name: str, default: bool) -> bool:
     raw = env.get(name, "").strip().lower()
     if raw == "":
@@ -74,6 +205,34 @@ def _choice(env: dict, name: str, default: str, allowed: tuple[str, ...]) -> str
         raise SettingsError(f"{name}={raw!r} must be one of {', '.join(a for a in allowed if a) or '(none)'}"
                             + (" (or unset)" if "" in allowed else ""))
     return raw
+
+
+def _root_parts(url: str) -> tuple[str, ...]:
+    """A root as comparable path components: ("s3", bucket, *prefix parts) for object storage
+    (s3a:// is S3 too), else the local folder with symbolic links followed (relative paths were
+    resolved against the project root before: resolve_path)."""
+    if "://" in url and not url.startswith("file://"):
+        scheme, _, rest = url.partition("://")
+        scheme = "s3" if scheme in ("s3", "s3a") else scheme
+        return (scheme, *[p for p in rest.split("/") if p])
+    path = url[len("file://"):] if url.startswith("file://") else url
+    return ("file", *[p for p in os.path.realpath(os.path.abspath(path)).split(os.sep) if p])
+
+
+def check_roots_apart(raw_root: str, out_root: str) -> None:
+    """SPEC (Configuration): the out root may not be the raw root, nor inside it, nor contain it
+    (shards would be written into the raw release, or the raw release's listing would hold them)."""
+    raw, out = _root_parts(raw_root), _root_parts(out_root)
+    if raw == out:
+        how = "is the raw root"
+    elif out[:len(raw)] == raw:
+        how = "is inside the raw root"
+    elif raw[:len(out)] == out:
+        how = "contains the raw root"
+    else:
+        return
+    raise SettingsError(f"IMNET_OUT_ROOT={out_root!r} {how} IMNET_RAW_ROOT={raw_root!r}: shards would be written "
+                        "into the raw release; choose an out root outside it")
 
 
 def parse_holdout(text: str) -> tuple[tuple[str, int], ...]:
@@ -114,10 +273,25 @@ class Settings:
     dedup: str = "off"  # off | exact (IMNET_DEDUP)
     alt_labels: str = ""  # "" | in1k (IMNET_ALT_LABELS)
     parallel_shards: int = 0  # shard runs `imnet build` runs at once; 0: chosen from cores and workers
+    # seconds a throttled or broken storage request is retried (IMNET_STORAGE_RETRY_SECONDS; read
+    # where the requests are made, core/s3read.retry_seconds, in every process: validated here)
+    storage_retry_seconds: int = 300
+    image_timeout: int = DEFAULT_IMAGE_TIMEOUT  # seconds per image in an encode worker (IMNET_IMAGE_TIMEOUT)
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:
-        env = dict(os.environ if env is None else env)
+        """Settings from `env` (default: the process environment over the project's `.env`);
+        relative local paths resolved against the project root."""
+        if env is None:
+            root = project_root()
+            dotenv = read_env_file(env_file(root))
+            check_names(dotenv, str(env_file(root)))
+            check_names(os.environ)
+            env = {**dotenv, **os.environ}
+        else:
+            env = dict(env)
+            check_names(env)
+            root = project_root(env)
         pattern = env.get("IMNET_SHARD_PATTERN") or DEFAULT_SHARD_PATTERN
         if "{shard}" not in pattern or "/" in pattern:
             raise SettingsError(
@@ -138,10 +312,13 @@ class Settings:
             raise SettingsError(
                 f"IMNET_HOLDOUT takes {sum(n for _, n in holdout)} shards of {num_shards}; train needs at least one"
             )
+        raw_root = resolve_path((env.get("IMNET_RAW_ROOT") or "data/raw").rstrip("/") or "/", root)
+        out_root = resolve_path((env.get("IMNET_OUT_ROOT") or "data/out").rstrip("/") or "/", root)
+        check_roots_apart(raw_root, out_root)
         return cls(
-            raw_root=(env.get("IMNET_RAW_ROOT") or "data/raw").rstrip("/"),
-            out_root=(env.get("IMNET_OUT_ROOT") or "data/out").rstrip("/"),
-            catalog=env.get("IMNET_CATALOG") or "data/catalog.duckdb",
+            raw_root=raw_root,
+            out_root=out_root,
+            catalog=resolve_path(env.get("IMNET_CATALOG") or "data/catalog.duckdb", root),
             num_shards=num_shards,
             seed=_int(env, "IMNET_SEED", 0, 0),
             shard_pattern=pattern,
@@ -154,10 +331,12 @@ class Settings:
             audit_sensor=_switch(env, "IMNET_AUDIT_SENSOR", True),
             check_decode_every=_int(env, "IMNET_CHECK_DECODE_EVERY", 16, 0),
             index_batch_rows=_int(env, "IMNET_INDEX_BATCH_ROWS", 200_000, 1),
-            eval_exclude=(env.get("IMNET_EVAL_EXCLUDE") or "").strip().rstrip("/") or None,
+            eval_exclude=resolve_path((env.get("IMNET_EVAL_EXCLUDE") or "").strip().rstrip("/"), root) or None,
             dedup=_choice(env, "IMNET_DEDUP", "off", DEDUP_MODES),
             alt_labels=_choice(env, "IMNET_ALT_LABELS", "", ALT_LABEL_MODES),
             parallel_shards=_int(env, "IMNET_PARALLEL_SHARDS", 0, 0),
+            storage_retry_seconds=_int(env, "IMNET_STORAGE_RETRY_SECONDS", 300, 1),
+            image_timeout=image_timeout(env),
         )
 
     @property

@@ -1,5 +1,8 @@
 -- Conservation (SPEC: Failure behaviour), one row per difference, each naming its tar or shard:
 -- per tar, images rows = the members the walk of its headers counted (raw_tars.num_members);
+-- per tar, the bytes its walk read (tar_scans: headers, data, padding, end of archive, plus the
+-- bytes inside damage rows) = its size as the raw listing gave it (raw_tars.size, a count the walk
+-- does not make), and damaged bytes only where a damage row (no sha256) records them;
 -- kept = planned; per written shard, planned = shard samples + encode-time exclusions.
 WITH
 per_tar AS (
@@ -15,6 +18,21 @@ tar_problems AS (
     UNION ALL
     SELECT 'tar ' || tar || ': ' || count(*) || ' images rows, but it is not in raw_tars'
     FROM images WHERE tar NOT IN (SELECT tar FROM raw_tars) GROUP BY tar
+),
+byte_problems AS (
+    SELECT 'tar ' || r.tar || ': ' || CASE
+               WHEN s.accounted_bytes IS NULL OR s.damaged_bytes IS NULL
+               THEN 'no count of the bytes its walk read (indexed by an older version: `imnet build` indexes it again)'
+               ELSE 'its walk read ' || s.accounted_bytes || ' bytes of headers, data, padding and end of archive and '
+                    || s.damaged_bytes || ' of damage, ' || (s.accounted_bytes + s.damaged_bytes)
+                    || ' in all; its listing says ' || r.size || ' bytes' END AS problem
+    FROM raw_tars r LEFT JOIN tar_scans s ON s.tar = r.tar
+    WHERE r.num_members IS NOT NULL
+      AND (s.accounted_bytes IS NULL OR s.damaged_bytes IS NULL OR s.accounted_bytes + s.damaged_bytes <> r.size)
+    UNION ALL
+    SELECT 'tar ' || s.tar || ': its walk read ' || s.damaged_bytes || ' bytes of damage, but no damage row records them'
+    FROM tar_scans s JOIN raw_tars r ON r.tar = s.tar
+    WHERE s.damaged_bytes > 0 AND NOT EXISTS (SELECT 1 FROM images i WHERE i.tar = s.tar AND i.sha256 IS NULL)
 ),
 kept AS (SELECT key FROM images WHERE status = 'kept' OR excluded_at = 'encode'),
 plan_problems AS (
@@ -38,6 +56,7 @@ shard_problems AS (
 )
 SELECT problem FROM (
     SELECT problem, 0 AS o FROM tar_problems
+    UNION ALL SELECT problem, 0 FROM byte_problems
     UNION ALL SELECT problem, 1 FROM plan_problems
     UNION ALL SELECT problem, 2 FROM shard_problems
 ) ORDER BY o, problem;

@@ -1,11 +1,14 @@
 -- The same key in more than one place: the first (by tar, offset) stays, the others are excluded.
+-- (A synset folder's files: offset is the file's number in the folder's listing; the reason names the file.)
 UPDATE images SET status = 'kept', reason = NULL, excluded_at = NULL
 WHERE starts_with(reason, 'duplicate key');
 UPDATE images AS i SET status = 'excluded', excluded_at = 'index',
-    reason = 'duplicate key: also in ' || d.first_tar || ' at byte ' || d.first_offset
+    reason = 'duplicate key: also in ' || CASE WHEN ends_with(d.first_tar, '/') THEN d.first_tar || d.first_member
+                                              ELSE d.first_tar || ' at byte ' || d.first_offset END
 FROM (
     SELECT key, tar, "offset",
            first_value(tar) OVER w AS first_tar, first_value("offset") OVER w AS first_offset,
+           first_value(member) OVER w AS first_member,
            row_number() OVER w AS n
     FROM images WHERE status = 'kept' OR excluded_at = 'encode'  -- kept by the index
     WINDOW w AS (PARTITION BY key ORDER BY tar, "offset")

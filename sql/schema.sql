@@ -1,14 +1,14 @@
 -- The catalog: every table the project keeps (SPEC: Catalog). Idempotent.
 CREATE TABLE IF NOT EXISTS raw_tars (
-    tar VARCHAR PRIMARY KEY,      -- file name, <wnid>.tar
+    tar VARCHAR PRIMARY KEY,      -- file name, <wnid>.tar; or <wnid>/, a folder of extracted files (core/rawfolders.py)
     wnid VARCHAR NOT NULL,
-    size BIGINT NOT NULL,
-    mtime VARCHAR,                -- modification time or ETag, to notice a changed tar
+    size BIGINT NOT NULL,         -- a folder's: the sum of its file sizes
+    mtime VARCHAR,                -- modification time or ETag, to notice a changed tar; a folder's: a digest of its listing
     num_members INTEGER
 );
 CREATE TABLE IF NOT EXISTS synsets (
     wnid VARCHAR PRIMARY KEY,
-    label INTEGER NOT NULL,       -- index in the sorted list of synset tars
+    label INTEGER NOT NULL,       -- index in the sorted list of synsets (tars or folders)
     lemma VARCHAR,
     gloss VARCHAR,
     num_images INTEGER,           -- members in the raw tar
@@ -17,9 +17,10 @@ CREATE TABLE IF NOT EXISTS synsets (
 CREATE TABLE IF NOT EXISTS images (
     key VARCHAR NOT NULL,
     wnid VARCHAR NOT NULL,
-    tar VARCHAR NOT NULL,
-    member VARCHAR,
-    "offset" BIGINT,              -- byte offset of the member's data in its tar
+    tar VARCHAR NOT NULL,         -- <wnid>.tar, or the synset folder <wnid>/
+    member VARCHAR,               -- the member's name (a folder's file: its path inside the folder)
+    "offset" BIGINT,              -- byte offset of the member's data in its tar (a folder's file: its
+                                  -- number in the folder's listing; its bytes are the whole file)
     size BIGINT,
     sha256 VARCHAR,
     width INTEGER,
@@ -97,6 +98,11 @@ CREATE TABLE IF NOT EXISTS stages (
 -- catalogs made before them gain the columns too, at the end of the table as index_load.sql writes.
 ALTER TABLE images ADD COLUMN IF NOT EXISTS phash BIGINT;
 ALTER TABLE images ADD COLUMN IF NOT EXISTS duplicate_of VARCHAR;
+-- The bytes each tar's walk read (core/rawtar.py ByteCount): headers (pax and GNU long-name headers
+-- included), data, padding and end of archive / inside damage rows. Their sum must be the tar's
+-- listed size (sql/audit_conservation.sql). NULL: scanned by an older indexer (INDEX_VERSION < 3).
+ALTER TABLE tar_scans ADD COLUMN IF NOT EXISTS accounted_bytes BIGINT;
+ALTER TABLE tar_scans ADD COLUMN IF NOT EXISTS damaged_bytes BIGINT;
 CREATE TABLE IF NOT EXISTS eval_images (
     file VARCHAR NOT NULL,        -- path under IMNET_EVAL_EXCLUDE (<tar>/<member> inside a tar)
     sha256 VARCHAR NOT NULL,

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +17,11 @@ from imnet_assets.core.sample_raw import write_sample_raw
 from imnet_assets.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
+
+# `imnet` and Settings.from_env() read the `.env` of the project root and resolve relative paths
+# against it; the repository's own `.env` (after `imnet demo`) must not reach the tests: they get an
+# empty project root of their own (build_env gives each test's commands its tmp_path instead).
+os.environ["IMNET_PROJECT_ROOT"] = tempfile.mkdtemp(prefix="imnet-tests-project-")
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +43,8 @@ def raw_copy(sample_release, tmp_path) -> Path:
 def build_env(tmp_path: Path, raw: Path | str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IMNET_", "DAGSTER_HOME"))}
     env.update(
+        # the project root: no .env, and `imnet`'s default instance (data/dagster_home) in tmp_path
+        IMNET_PROJECT_ROOT=str(tmp_path),
         IMNET_RAW_ROOT=str(raw),
         IMNET_OUT_ROOT=str(tmp_path / "out"),
         IMNET_CATALOG=str(tmp_path / "catalog.duckdb"),

@@ -16,13 +16,23 @@ thousands a second to one client: a client's own request rate cannot be seen thr
 copy of it (the first ranged GET of each object fetches the whole object from upstream, once);
 every other request, and every GET without a Range, goes upstream as before, and a PUT, POST or
 DELETE of a path drops its copy. Latency and counts are the same either way.
+
+Faults, as object storage and the middleboxes before it cause them (`Fault`; each counted in
+`injected`): `cut` sends part of an answer's body and closes the connection, either still
+promising the whole body or with its Content-Length rewritten to the part (a well-formed answer
+that is short); `reset` sends part of the body and resets the connection (RST); `slowdown`
+answers every request for some seconds with S3's 503 SlowDown. `SilentEndpoint` accepts
+connections and never answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -47,6 +57,60 @@ class Counts:
         return self.requests / self.connections if self.connections else float(self.requests)
 
 
+def ranged_get(method: str, target: str, headers: dict) -> bool:
+    """A ranged GET of an object (what a shard run's source reads and the index's reads are)."""
+    return method == "GET" and "range" in headers and "?" not in target
+
+
+def object_get(method: str, target: str, headers: dict) -> bool:
+    """A GET of an object, ranged or whole (not a listing)."""
+    return method == "GET" and "?" not in target and target.count("/") >= 2
+
+
+def any_request(method: str, target: str, headers: dict) -> bool:
+    return True
+
+
+@dataclass
+class Fault:
+    """What the proxy does to the answers of requests `match` selects: `kind` is "cut" (part of
+    the body, then the connection closed; `rewrite_length`: the Content-Length says the part),
+    "reset" (part of the body, then RST) or "slowdown" (503 SlowDown, nothing passed on). Applied
+    to every `every`-th matching request, `times` times (None: no limit), until `until`
+    (time.monotonic(); None: no limit)."""
+
+    kind: str
+    match: object = ranged_get
+    every: int = 1
+    times: int | None = None
+    until: float | None = None
+    keep: float = 0.5  # the share of the body sent before a cut or reset
+    rewrite_length: bool = False
+    seen: int = 0
+    after: int = 0  # a slowdown's seconds start counting at the after-th matching request
+    seconds: float = 0.0
+    trigger: object = None  # which requests `after` counts (default: `match`)
+
+    def applies(self, method: str, target: str, headers: dict) -> bool:
+        if self.after and self.until is None:
+            if not (self.trigger or self.match)(method, target, headers):
+                return False
+            self.seen += 1
+            if self.seen < self.after:
+                return False
+            self.until, self.seen = time.monotonic() + self.seconds, 0
+        if self.until is not None and time.monotonic() >= self.until:
+            return False
+        if self.times is not None and self.times <= 0 or not self.match(method, target, headers):
+            return False
+        self.seen += 1
+        if self.seen % self.every:
+            return False
+        if self.times is not None:
+            self.times -= 1
+        return True
+
+
 class LatencyProxy:
     def __init__(self, upstream: str, latency_ms: float = 20.0, host: str = "127.0.0.1",
                  hold_objects: bool = False):
@@ -55,6 +119,9 @@ class LatencyProxy:
         self.held: dict[str, tuple[dict, bytes]] = {}  # path -> (upstream response headers, whole body)
         self.held_answers = 0  # ranged GETs answered from a held copy
         self._failures: list[tuple[int, dict]] = []  # answers to the next requests (`fail`)
+        self.faults: list[Fault] = []  # see `cut`, `reset`, `slowdown`
+        self.injected: Counter = Counter()  # fault kind -> answers it changed
+        self.fault_log: list[tuple[str, str, str, str | None]] = []  # (kind, method, target, Range)
         self.upstream = (u.hostname or "127.0.0.1", u.port or 80)
         self.latency = latency_ms / 1000.0
         self.host = host
@@ -102,6 +169,42 @@ class LatencyProxy:
         with `x-amz-bucket-region` a bucket in another region)."""
         with self._lock:
             self._failures += [(status, headers or {})] * times
+
+    def cut(self, times: int | None = None, every: int = 1, rewrite_length: bool = True, match=ranged_get,
+            keep: float = 0.5) -> Fault:
+        """Cut the answers of matching requests: `keep` of the body is sent, then the connection is
+        closed. With `rewrite_length` the Content-Length says only that part (a well-formed, short
+        answer, as a middlebox that rewrote the length gives); otherwise it still promises all."""
+        return self._add(Fault("cut", match, every, times, keep=keep, rewrite_length=rewrite_length))
+
+    def reset(self, times: int | None = None, every: int = 1, match=ranged_get, keep: float = 0.5) -> Fault:
+        """Reset the connection (RST) midway through the body of matching answers."""
+        return self._add(Fault("reset", match, every, times, keep=keep))
+
+    def slowdown(self, seconds: float, match=any_request, after: int = 0, when=None) -> Fault:
+        """Answer every matching request with 503 SlowDown for the next `seconds`, or, with
+        `after`, for `seconds` from the after-th request `when` selects (default: `match`) on."""
+        if after:
+            return self._add(Fault("slowdown", match, after=after, seconds=seconds, trigger=when))
+        return self._add(Fault("slowdown", match, until=time.monotonic() + seconds))
+
+    def _add(self, fault: Fault) -> Fault:
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self.faults.clear()
+
+    def _fault_for(self, method: str, target: str, headers: dict) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.applies(method, target, headers):
+                    self.injected[fault.kind] += 1
+                    self.fault_log.append((fault.kind, method, target, headers.get("range")))
+                    return fault
+        return None
 
     def reset_peak(self) -> None:
         """Start measuring the most requests in flight afresh."""
@@ -156,6 +259,9 @@ class LatencyProxy:
                         self.held.pop(path, None)
                     with self._lock:
                         failure = self._failures.pop(0) if self._failures else None
+                    fault = None if failure is not None else self._fault_for(method, entry[1], headers)
+                    if fault is not None and fault.kind == "slowdown":
+                        failure, fault = (503, {}), None
                     held = None
                     if (failure is None and self.hold_objects and method == "GET" and "range" in headers
                             and "?" not in entry[1]):
@@ -168,7 +274,8 @@ class LatencyProxy:
                             up_reader = up_writer = None
                     if failure is not None:
                         status, extra = failure
-                        rbody = f"<Error><Code>Injected{status}</Code></Error>".encode()
+                        rbody = (b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                                 if status == 503 else f"<Error><Code>Injected{status}</Code></Error>".encode())
                         head = "".join(f"{n}: {v}\r\n" for n, v in extra.items())
                         writer.write(f"HTTP/1.1 {status} Injected\r\n{head}Content-Length: {len(rbody)}\r\n\r\n"
                                      .encode() + rbody)
@@ -176,9 +283,12 @@ class LatencyProxy:
                         rheaders, framed = {}, True
                     elif held is not None:
                         rhead, rbody = _ranged_answer(held, headers["range"])
+                        self.held_answers += 1
+                        if fault is not None:
+                            await _faulty(writer, rhead, rbody, fault)
+                            return
                         writer.write(rhead + rbody)
                         await writer.drain()
-                        self.held_answers += 1
                         rheaders, framed = {}, True
                     else:
                         if up_writer is None:
@@ -196,6 +306,9 @@ class LatencyProxy:
                             "transfer-encoding", "").lower()
                         if not framed:  # read to the upstream's close: give the client a length instead
                             rheaders["\0order"].append(("Content-Length", str(len(rbody))))
+                        if fault is not None and rbody and not no_body:
+                            await _faulty(writer, _render_head(rline, rheaders, drop=("connection",)), rbody, fault)
+                            return
                         writer.write(_render_head(rline, rheaders, drop=("connection",)) + rbody)
                         await writer.drain()
                 finally:
@@ -233,6 +346,23 @@ class LatencyProxy:
             return None
         held = self.held[line.split(b" ")[1].decode("latin-1")] = (rheaders, body)
         return held
+
+
+async def _faulty(writer: asyncio.StreamWriter, head: bytes, body: bytes, fault: Fault) -> None:
+    """Send `head` and part of `body` as `fault` says, then close (cut) or reset the connection."""
+    part = body[: int(len(body) * fault.keep)]
+    if fault.kind == "cut" and fault.rewrite_length:
+        lines = [ln for ln in head[:-4].split(b"\r\n") if not ln.lower().startswith(b"content-length:")]
+        head = b"\r\n".join([*lines, b"Content-Length: %d" % len(part)]) + b"\r\n\r\n"
+    writer.write(head + part)
+    await writer.drain()
+    if fault.kind == "reset":
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+    else:
+        writer.close()
 
 
 def _ranged_answer(held: tuple[dict, bytes], range_header: str) -> tuple[bytes, bytes]:
@@ -303,3 +433,43 @@ def timed(fn, *args, **kwargs):
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)
     return time.perf_counter() - t0, out
+
+
+class SilentEndpoint:
+    """An endpoint that accepts connections and never answers (a hung server, a black-holing
+    middlebox): requests to it wait until the client gives up. `accepted` counts connections."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        self.sock = socket.create_server((host, 0), backlog=256)
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.accepted = 0
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="silent-endpoint", daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            self._held.append(conn)  # kept open, never read from or written to
+
+    def __enter__(self) -> SilentEndpoint:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for conn in self._held:
+            conn.close()
+        self.sock.close()

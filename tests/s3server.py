@@ -73,17 +73,62 @@ class _Recorder:
         return result
 
 
-class MotoS3:
-    """Start with `with MotoS3() as s3:`; `s3.endpoint`, `s3.env(secret)`, `s3.client(secret)`."""
+def private_ca(folder) -> tuple[str, object]:
+    """A private certificate authority and a server certificate it signed for 127.0.0.1 (made with
+    `cryptography`): (the CA's PEM file, for AWS_CA_BUNDLE; an ssl.SSLContext serving the server's)."""
+    import datetime
+    import ipaddress
+    import ssl
+    from pathlib import Path
 
-    def __init__(self, secret: str = "imnet-test-secret"):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    folder = Path(folder)
+
+    def cert(subject, issuer, key, signer, ca: bool):
+        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+             .not_valid_after(now + datetime.timedelta(days=2))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            b = b.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        else:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                             x509.DNSName("localhost")]), critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "imnet test CA")])
+    ca_cert = cert(ca_name, ca_name, ca_key, ca_key, True)
+    server = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), ca_name, key, ca_key, False)
+    ca_pem = folder / "ca.pem"
+    ca_pem.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(folder / "server.pem", folder / "server.key")
+    return str(ca_pem), ctx
+
+
+class MotoS3:
+    """Start with `with MotoS3() as s3:`; `s3.endpoint`, `s3.env(secret)`, `s3.client(secret)`.
+    With `ssl_context` (see `private_ca`) it serves HTTPS."""
+
+    def __init__(self, secret: str = "imnet-test-secret", ssl_context=None, ca_bundle: str | None = None):
         self.secret = secret
+        self.ca_bundle = ca_bundle
         self.requests: list[Request] = []
         self._lock = threading.Lock()
         app = _Recorder(DomainDispatcherApplication(create_backend_app), self.requests, self._lock)
-        self._server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=_QuietHandler)
+        self._server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=_QuietHandler,
+                                   ssl_context=ssl_context)
         self.port = self._server.server_address[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.endpoint = f"{'https' if ssl_context else 'http'}://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="moto-s3", daemon=True)
 
     def start(self) -> MotoS3:
@@ -108,12 +153,13 @@ class MotoS3:
             "AWS_ACCESS_KEY_ID": ACCESS_KEY,
             "AWS_SECRET_ACCESS_KEY": self.secret,
             "AWS_DEFAULT_REGION": REGION,
+            **({"AWS_CA_BUNDLE": self.ca_bundle} if self.ca_bundle else {}),
         }
 
     def client(self):
         return boto3.client(
             "s3", endpoint_url=self.endpoint, region_name=REGION,
-            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=self.secret,
+            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=self.secret, verify=self.ca_bundle,
         )
 
     def mark(self) -> int:

@@ -151,3 +151,70 @@ def test_freshness_is_read_while_another_process_reads_the_catalog(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def _filled_catalog(path) -> None:
+    """A catalog with a few thousand rows in `images` (its data spans whole blocks)."""
+    with Catalog(str(path)) as cat:
+        cat.con.execute("""INSERT INTO images (key, wnid, tar, member, "offset", size, sha256, status)
+                           SELECT 'n0_' || i, 'n0', 'n0.tar', 'n0_' || i || '.JPEG', i * 512, 100, sha256(i::VARCHAR),
+                                  'kept' FROM range(200000) t(i)""")
+
+
+def _damage(path, kind: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    if kind == "cut":
+        os.truncate(path, path.stat().st_size // 2)
+    elif kind == "header":
+        with open(path, "r+b") as f:
+            f.write(os.urandom(4096))
+    elif kind == "mid-file":
+        with duckdb.connect(str(path), read_only=True) as con:
+            block_size = con.execute("SELECT block_size FROM pragma_database_size()").fetchone()[0]
+            block = con.execute("SELECT max(block_id) FROM pragma_storage_info('images') WHERE block_id >= 0").fetchone()[0]
+        with open(path, "r+b") as f:
+            f.seek(3 * 4096 + block * block_size + 1024)
+            f.write(os.urandom(65536))
+    elif kind == "text":
+        path.write_text("not a catalog\n")
+    else:  # a write-ahead log left by a killed writer, then damaged
+        code = (f"import duckdb, os; c = duckdb.connect({str(path)!r}); "
+                "c.execute(\"SET checkpoint_threshold = '1GB'\"); "
+                "c.execute('CREATE TABLE more AS SELECT range AS i FROM range(100000)'); os._exit(0)")
+        subprocess.run([sys.executable, "-c", code], check=True)
+        wal = path.with_name(path.name + ".wal")
+        with open(wal, "r+b") as f:
+            f.seek(wal.stat().st_size // 2)
+            f.write(os.urandom(4096))
+
+
+@pytest.mark.parametrize("kind", ["cut", "header", "mid-file", "text", "wal"])
+def test_a_damaged_catalog_is_one_line_naming_the_file_and_the_recovery(tmp_path, kind):
+    path = tmp_path / "catalog.duckdb"
+    _filled_catalog(path)
+    _damage(path, kind)
+    catalog_mod._found_intact.clear()
+    for opening in (lambda: catalog_mod.open_reader(str(path)), lambda: Catalog(str(path))):
+        with pytest.raises(catalog_mod.CatalogDamaged) as caught:
+            with opening() as cat:
+                cat.check_intact()
+        message = str(caught.value)
+        assert "\n" not in message and f"catalog {path} is damaged" in message
+        assert f"mv {path} {path}.damaged" in message and "run `imnet build`" in message
+        if kind == "wal":
+            assert f"mv {path}.wal {path}.damaged.wal" in message
+
+
+def test_an_intact_catalog_is_read_whole_once_per_state_of_the_file(tmp_path):
+    path = tmp_path / "catalog.duckdb"
+    _filled_catalog(path)
+    catalog_mod._found_intact.clear()
+    with catalog_mod.open_reader(str(path)) as cat:
+        assert cat.one("index_summary")["images"] == 200000
+    assert str(path) in catalog_mod._found_intact
+    _damage(path, "mid-file")  # another state of the file: read whole again
+    with pytest.raises(catalog_mod.CatalogDamaged):
+        catalog_mod.open_reader(str(path))

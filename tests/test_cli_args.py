@@ -72,9 +72,10 @@ def test_an_unreachable_s3_endpoint_is_a_clear_error_naming_it(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     # (no catalog here, so status goes straight to the plan under the out root)
-    assert result.stderr.startswith("imnet: cannot read s3://nowhere/out/_plan/_index.json: "
-                                    "EndpointConnectionError"), result.stderr
-    assert f"the storage endpoint http://127.0.0.1:{port} cannot be reached: check AWS_ENDPOINT_URL" in result.stderr
+    assert result.stderr.startswith("imnet: cannot read s3://nowhere/out/_plan/_index.json: "), result.stderr
+    assert f"at http://127.0.0.1:{port}: EndpointConnectionError" in result.stderr, result.stderr
+    assert "the endpoint cannot be reached: check AWS_ENDPOINT_URL and the network" in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr  # one line
     assert "s3cr3t-unreachable" not in result.stderr + result.stdout
 
 
@@ -141,3 +142,43 @@ def test_waiting_for_shard_runs_sees_a_ctrl_c_that_another_thread_received():
         finally:
             hold.set()
             other.join()
+
+
+@pytest.mark.parametrize("where", ["equal", "inside", "containing", "s3-inside"])
+def test_build_refuses_an_out_root_overlapping_the_raw_root_before_writing_anything(tmp_path, where):
+    """One line on stderr, exit 2, within seconds, and nothing written: no out folder, no catalog,
+    no Dagster storage, the raw release as it was (no request goes out to the endpoint either:
+    nothing listens on it)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from imnet_assets.core.sample_raw import write_sample_raw
+    from tests.conftest import build_env, dagster_home
+
+    raw = tmp_path / "data" / "raw"
+    write_sample_raw(raw, synsets=2, images=3, seed=0)
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = {"equal": raw, "inside": raw / "wds", "containing": tmp_path / "data",
+           "s3-inside": "s3://bucket/raw/wds"}[where]
+    env = build_env(tmp_path, "s3://bucket/raw" if where.startswith("s3") else raw, IMNET_OUT_ROOT=str(out),
+                    DAGSTER_HOME=str(dagster_home(tmp_path)), AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+                    AWS_ACCESS_KEY_ID="AKIAOVERLAP00000001", AWS_SECRET_ACCESS_KEY="overlap-secret")
+    def snapshot():
+        return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+
+    before = snapshot()
+    exe = os.path.join(os.path.dirname(sys.executable), "imnet")
+    started = time.monotonic()
+    result = subprocess.run([exe, "build"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert time.monotonic() - started < 60
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imnet: configuration error: IMNET_OUT_ROOT="), result.stderr
+    assert {"equal": "is the raw root", "inside": "is inside the raw root", "containing": "contains the raw root",
+            "s3-inside": "is inside the raw root"}[where] in lines[0]
+    assert snapshot() == before, "something was written"

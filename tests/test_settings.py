@@ -13,15 +13,17 @@ from imnet_assets.settings import (
     Settings,
     SettingsError,
     parse_holdout,
+    project_root,
     shard_key,
 )
 
 
 def test_defaults_follow_the_spec_table():
     s = Settings.from_env({})
-    assert s.raw_root == "data/raw"
-    assert s.out_root == "data/out"
-    assert s.catalog == "data/catalog.duckdb"
+    root = project_root({})  # relative paths resolve against the project root
+    assert s.raw_root == str(root / "data/raw")
+    assert s.out_root == str(root / "data/out")
+    assert s.catalog == str(root / "data/catalog.duckdb")
     assert s.num_shards == 1024
     assert s.seed == 0
     assert s.shard_pattern == "imagenet12k-train-{shard}.tar" == DEFAULT_SHARD_PATTERN
@@ -111,6 +113,8 @@ def test_bounds_are_inclusive():
         ("IMNET_WORKERS", "0"),
         ("IMNET_WORKERS", "many"),
         ("IMNET_SCHEDULE_MAX_RUNS", "0"),
+        ("IMNET_IMAGE_TIMEOUT", "0"),
+        ("IMNET_IMAGE_TIMEOUT", "ten minutes"),
         ("IMNET_SCHEDULE_CRON", "every minute"),
         ("IMNET_SCHEDULE_CRON", "99 * * * *"),
         ("IMNET_HOLDOUT", "validation"),
@@ -194,3 +198,60 @@ def test_check_decode_every():
     assert Settings.from_env({"IMNET_CHECK_DECODE_EVERY": "0"}).check_decode_every == 0
     with pytest.raises(SettingsError, match="IMNET_CHECK_DECODE_EVERY"):
         Settings.from_env({"IMNET_CHECK_DECODE_EVERY": "-1"})
+
+
+def test_image_timeout_is_generous_by_default_and_read_where_the_encoder_runs():
+    from imnet_assets.settings import image_timeout
+
+    assert Settings.from_env({}).image_timeout == image_timeout({}) == 600
+    assert Settings.from_env({"IMNET_IMAGE_TIMEOUT": "5"}).image_timeout == image_timeout({"IMNET_IMAGE_TIMEOUT": "5"}) == 5
+
+
+@pytest.mark.parametrize(
+    ("raw", "out", "how"),
+    [
+        ("/data/raw", "/data/raw", "is the raw root"),
+        ("/data/raw", "/data/raw/", "is the raw root"),
+        ("/data/raw", "/data/raw/out", "is inside the raw root"),
+        ("/data/raw", "/data/raw/../raw/wds", "is inside the raw root"),
+        ("/data/raw", "/data", "contains the raw root"),
+        ("/data/raw", "/", "contains the raw root"),
+        ("file:///data/raw", "/data/raw/wds", "is inside the raw root"),
+        ("s3://bucket/raw", "s3://bucket/raw", "is the raw root"),
+        ("s3://bucket/raw", "s3://bucket/raw/wds", "is inside the raw root"),
+        ("s3://bucket/raw/", "s3a://bucket//raw/wds", "is inside the raw root"),
+        ("s3://bucket/raw/winter21", "s3://bucket/raw", "contains the raw root"),
+        ("s3://bucket/raw", "s3://bucket", "contains the raw root"),
+    ],
+)
+def test_an_out_root_overlapping_the_raw_root_is_refused(raw, out, how):
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"IMNET_RAW_ROOT": raw, "IMNET_OUT_ROOT": out})
+    text = str(err.value)
+    assert how in text and "IMNET_OUT_ROOT" in text and "IMNET_RAW_ROOT" in text and "\n" not in text, text
+
+
+@pytest.mark.parametrize(
+    ("raw", "out"),
+    [
+        ("/data/raw", "/data/raw2"),  # a sibling whose name starts the same
+        ("/data/raw", "/data/out"),
+        ("s3://bucket/raw", "s3://bucket/raw2"),
+        ("s3://bucket/raw", "s3://other/raw"),  # another bucket
+        ("s3://bucket/raw", "/bucket/raw"),  # a local folder is not the bucket
+    ],
+)
+def test_roots_apart_are_accepted(raw, out):
+    s = Settings.from_env({"IMNET_RAW_ROOT": raw, "IMNET_OUT_ROOT": out})
+    assert (s.raw_root, s.out_root) == (raw, out)
+
+
+def test_roots_are_compared_after_resolving_relative_paths_and_links(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (tmp_path / "link").symlink_to(raw)
+    root = {"IMNET_PROJECT_ROOT": str(tmp_path)}  # relative paths are the project root's
+    with pytest.raises(SettingsError, match="is inside the raw root"):
+        Settings.from_env({**root, "IMNET_RAW_ROOT": "raw", "IMNET_OUT_ROOT": str(tmp_path / "link" / "out")})
+    with pytest.raises(SettingsError, match="is the raw root"):
+        Settings.from_env({**root, "IMNET_RAW_ROOT": str(raw), "IMNET_OUT_ROOT": "./link"})

@@ -11,9 +11,10 @@ def make(settings: Settings):
         group_name=GROUP,
         code_version="1",
         description=(
-            "Inventory of the per-synset raw tars `<wnid>.tar` under IMNET_RAW_ROOT (local folder or "
-            "s3:// prefix): size and member count of each. Unpacks `winter21_whole.tar.gz` first when "
-            "that is all the root holds. Member counts are reused for unchanged tars."
+            "Inventory of the per-synset raw tars `<wnid>.tar` (or per-synset folders `<wnid>/` of "
+            "extracted files, read in place) under IMNET_RAW_ROOT (local folder or s3:// prefix): size "
+            "and member count of each. Unpacks `winter21_whole.tar.gz` first when that is all the root "
+            "holds. Member counts are reused for unchanged tars and folders."
         ),
     )
     def raw_tars(context: AssetExecutionContext) -> MaterializeResult:
@@ -24,6 +25,7 @@ def make(settings: Settings):
                 "bytes": MetadataValue.int(int(facts["bytes"])),
                 "members": MetadataValue.int(int(facts["members"])),
                 "ignored_files": facts["ignored_files"],
+                "layout": MetadataValue.text(facts["layout"]),
                 "raw_root": MetadataValue.text(settings.raw_root),
             },
             data_version=None,

@@ -11,12 +11,23 @@ from dagster import (
 
 from ..checks import SHARD_COMPLETE, result, wds_shards_checks
 from ..core.audit import encode_settings, require_current_plan
+from ..core.lease import LeaseHeld
+from ..core.lease import acquire as take_lease
 from ..core.shard import build_shard, code_version
 from ..schedules import HOST_TAG, worker_place
 from ..settings import Settings
 from .common import GROUP, human_bytes, logger, reason_counts
 
 SHARD_POOL = "imnet_shards"
+NO_RETRY_TAG = "dagster/retry_on_asset_or_op_failure"  # "false": run_retries (dagster.yaml) leave the run alone
+
+
+class ShardBusy(RuntimeError):
+    """Another run holds this shard partition's lease: it is building the shard now."""
+
+
+def shard_lease_name(key: str) -> str:
+    return f"shard-{key}"  # <out root>/_locks/shard-<key>/ (core.lease)
 
 
 def make(settings: Settings):
@@ -44,12 +55,21 @@ def make(settings: Settings):
         name = settings.shard_name(key)
         if context.run.tags.get(HOST_TAG) is None:  # lets a rerun see this run's worker die (schedules)
             context.instance.add_run_tags(context.run.run_id, worker_place())
-        require_current_plan(settings)  # a clear error, not a shard cut from another layout's plan
-        res = build_shard(
-            out_root=settings.out_root, raw_root=settings.raw_root, shard_key=key, shard_name=name,
-            settings=enc, workers=settings.workers, run_id=context.run.run_id, log=logger(context),
-            decode_every=settings.check_decode_every,
-        )
+        # One run of a partition at a time, however each was launched (CLI, UI, schedule, sensor,
+        # a retry): the lease is taken before anything is written, and a second run fails at once
+        # naming the holder, without a retry (the run holding it builds the shard).
+        try:
+            lease = take_lease(settings.out_root, shard_lease_name(key), f"run {context.run.run_id}")
+        except LeaseHeld as e:
+            context.instance.add_run_tags(context.run.run_id, {NO_RETRY_TAG: "false"})
+            raise ShardBusy(f"shard {key} is being built by another run: {e}; this run wrote nothing") from None
+        with lease:
+            require_current_plan(settings)  # a clear error, not a shard cut from another layout's plan
+            res = build_shard(
+                out_root=settings.out_root, raw_root=settings.raw_root, shard_key=key, shard_name=name,
+                settings=enc, workers=settings.workers, run_id=context.run.run_id, log=logger(context),
+                decode_every=settings.check_decode_every,
+            )
         # The check ran inside build_shard, against the committed tar, before the commit record
         # (what freshness reads) was written: a failed check leaves the shard not fresh.
         problems = res.problems

@@ -7,9 +7,7 @@ every planned image is in its shard or recorded as excluded, none twice, none mi
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import json
 import re
 import shutil
@@ -19,11 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
-from PIL import Image, ImageDraw
 
 from ..catalog import Catalog
 from ..settings import Settings
-from . import altlabels, card, fs
+from . import altlabels, card, changed_sources, fs
 from .encode import EncodeSettings
 from .freshness import OutRootLook, look_at_shards, verdict
 from .plan import read_index, split_shards
@@ -103,6 +100,7 @@ class AuditReport:
     bad_files: list[str] = field(default_factory=list)
     stray: list[str] = field(default_factory=list)
     conservation: list[str] = field(default_factory=list)  # sql/audit_conservation.sql
+    changed_sources: list[str] = field(default_factory=list)  # raw tars a shard run found changed
     info_written: bool = False
     lengths: dict[str, int] = field(default_factory=dict)  # shard key -> samples, from its manifest
     class_bucket: int = 1  # width of class_sizes' buckets (samples per class): bucket b is b .. b+width-1
@@ -124,6 +122,7 @@ class AuditReport:
         if self.stray:
             out.append(stray_problem(self.stray))
         out.extend(self.conservation)
+        out.extend(f"{c}: the index is stale (`imnet build` indexes it again)" for c in self.changed_sources)
         return out
 
 
@@ -147,6 +146,24 @@ def info_url(settings: Settings) -> str:
     return fs.join(settings.out_root, "_info.json")
 
 
+CLASSES_NAME = "classes.tsv"
+CLASSES_COLUMNS = ("label", "wnid", "lemma", "gloss", "count")
+
+
+def classes_url(settings: Settings) -> str:
+    return fs.join(settings.out_root, CLASSES_NAME)
+
+
+def render_classes(rows: list[tuple]) -> bytes:
+    """classes.tsv: a header line, then one line per label (tabs and line breaks inside a lemma or
+    gloss become spaces, so every line is one row of five fields)."""
+    def field(value) -> str:
+        return " ".join(str(value).replace("\t", " ").splitlines())
+
+    lines = ["\t".join(CLASSES_COLUMNS), *("\t".join(field(v) for v in row) for row in rows)]
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
 def render_info(doc: dict) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
@@ -166,6 +183,7 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
     audit_fp = audit_fingerprint(settings, look)
     expected = _shard_fingerprints(settings, require_current_plan(settings))
     with Catalog(settings.catalog) as cat:
+        cat.check_intact()  # the audit vouches for the whole catalog: damage raises CatalogDamaged
         cat.run("audit_memory")
         if fs.is_remote(settings.out_root):  # the fallback's audit_load reads the manifests there
             cat.con.register_filesystem(fs.filesystem(settings.out_root)[0])
@@ -221,6 +239,7 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
             image_sizes=cat.rows("audit_image_sizes", {"width": IMAGE_BUCKET}),
             missing=missing, stale=stale, bad_files=bad, stray=stray_shards(settings, look.names),
             conservation=conservation_problems(cat), lengths=lengths, class_bucket=class_bucket,
+            changed_sources=[m.describe() for m in changed_sources.pending(settings.out_root).values()],
         )
         if report.problems:
             cat.clear_stage("shard_audit")  # only a clean audit is fresh: this one is done again
@@ -231,6 +250,8 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
     if not report.problems:
         fs.write_atomic(info_url(settings), render_info(info_document(settings, lengths)))
         report.info_written = True
+        with Catalog(settings.catalog, read_only=True) as cat:  # kept counts as this audit left them
+            fs.write_atomic(classes_url(settings), render_classes(cat.rows("classes_tsv")))
         card.write_card(settings, report)  # issue 17: the dataset card, <out>/README.md
         if audit_fp:
             with Catalog(settings.catalog) as cat:
@@ -443,32 +464,6 @@ def stray_problem(stray: list[str]) -> str:
     return (f"{len(stray)} files named like shards are not shards of this release "
             f"(left by a build with more shards?): {stray[:10]}{' ...' if len(stray) > 10 else ''}; they "
             "repeat images this release holds: delete them")
-
-
-def bar_chart_png(rows: list[tuple], title: str, xlabel: str) -> bytes:
-    """A small bar chart (PNG) drawn with Pillow, for markdown metadata in the Dagster UI."""
-    w, h, pad = 640, 260, 36
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    d.text((pad, 8), title, fill="black")
-    d.text((pad, h - 18), xlabel, fill="black")
-    if rows:
-        top = max(v for _, v in rows) or 1
-        bw = max(1, (w - 2 * pad) // len(rows))
-        for i, (_label, v) in enumerate(rows):
-            x0 = pad + i * bw
-            y0 = h - pad - int((h - 2 * pad - 10) * v / top)
-            d.rectangle([x0, y0, x0 + max(1, bw - 2), h - pad], fill=(70, 110, 180))
-        d.text((pad, h - pad + 2), str(rows[0][0]), fill="black")
-        d.text((w - pad - 40, h - pad + 2), str(rows[-1][0]), fill="black")
-        d.text((4, pad), str(top), fill="black")
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def png_markdown(png: bytes, alt: str) -> str:
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
 def audit_fingerprint(settings: Settings, look: OutRootLook | None = None) -> str | None:

@@ -1,7 +1,8 @@
 """The dataset card: `<out root>/README.md`, written by a clean audit beside `_info.json`.
 
 `facts(settings, report)` gathers what the card states (from the audit's report and the catalog);
-`render(facts)` turns that dict into Markdown and nothing else, so the text is tested from a dict.
+`render(facts)` turns that dict into the card and nothing else, so the text is tested from a dict.
+The card begins with the YAML front matter the Hugging Face Hub reads (`front_matter`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,43 @@ from . import fs
 
 CARD_NAME = "README.md"
 TERMS_URL = "https://image-net.org/download.php"
+LICENSE_NAME = "imagenet-terms-of-access"
+PRETTY_NAME = "ImageNet Winter21 (WebP, WebDataset)"
+# The Hub's size_categories buckets, by sample count (upper bound exclusive).
+SIZE_CATEGORIES = [(10**3, "n<1K"), (10**4, "1K<n<10K"), (10**5, "10K<n<100K"), (10**6, "100K<n<1M"),
+                   (10**7, "1M<n<10M"), (10**8, "10M<n<100M"), (10**9, "100M<n<1B")]
+CITATION = """@inproceedings{deng2009imagenet,
+  title     = {ImageNet: A Large-Scale Hierarchical Image Database},
+  author    = {Deng, Jia and Dong, Wei and Socher, Richard and Li, Li-Jia and Li, Kai and Fei-Fei, Li},
+  booktitle = {IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
+  pages     = {248--255},
+  year      = {2009}
+}
+
+@article{russakovsky2015imagenet,
+  title   = {ImageNet Large Scale Visual Recognition Challenge},
+  author  = {Russakovsky, Olga and Deng, Jia and Su, Hao and Krause, Jonathan and Satheesh, Sanjeev and
+             Ma, Sean and Huang, Zhiheng and Karpathy, Andrej and Khosla, Aditya and Bernstein, Michael and
+             Berg, Alexander C. and Fei-Fei, Li},
+  journal = {International Journal of Computer Vision (IJCV)},
+  volume  = {115},
+  number  = {3},
+  pages   = {211--252},
+  year    = {2015}
+}"""
+# Each sample's `<key>.json` fields, in the order the encoder writes them.
+JSON_FIELDS = [
+    ("filename", "`<wnid>/<key>.JPEG`: the raw file's name in the release"),
+    ("label", "the class: index of the synset in the sorted list of synsets (as `<key>.cls`)"),
+    ("class_name", "the synset's WordNet id (wnid); `classes.tsv` gives its lemma and gloss"),
+    ("width", "width of the stored WebP, px"),
+    ("height", "height of the stored WebP, px"),
+    ("orig_width", "width of the source image, px"),
+    ("orig_height", "height of the source image, px"),
+    ("source_sha256", "hex sha256 of the source file's bytes in the raw release"),
+]
+LABEL_IN1K_FIELD = ("label_in1k", "index in the sorted list of the 1,000 ImageNet-1k wnids, -1 for a synset "
+                                  "not among them (`IMNET_ALT_LABELS=in1k`)")
 
 
 def card_url(settings) -> str:
@@ -25,10 +63,17 @@ def _package_version() -> str:
         return "unknown"
 
 
+def size_category(samples: int) -> str:
+    for bound, name in SIZE_CATEGORIES:
+        if samples < bound:
+            return name
+    return "n>1B"
+
+
 def facts(settings, report) -> dict:
     """Everything the card states, as plain values."""
     from ..catalog import Catalog
-    from .audit import DATASET_NAME
+    from .audit import DATASET_NAME, info_document
 
     with Catalog(settings.catalog, read_only=True) as cat:
         overlaps = cat.one("overlaps_summary")
@@ -71,6 +116,9 @@ def facts(settings, report) -> dict:
         "alt_labels": settings.alt_labels,
         "splits": ["train", *(n for n, _ in settings.holdout), *([f"train_{settings.alt_labels}"]
                                                                  if settings.alt_labels else [])],
+        # split -> its shard files, as _info.json lists them
+        "split_files": {name: list(split["filenames"])
+                        for name, split in info_document(settings, report.lengths)["splits"].items()},
     }
 
 
@@ -85,9 +133,36 @@ def _size(value: int) -> str:
     return f"{value} B"
 
 
+def front_matter(f: dict) -> dict:
+    """The Hub's metadata: name, licence (ImageNet's terms), task, size, and one config whose
+    splits are _info.json's, each with its shard files (a split with another label, such as
+    `train_in1k`, gets a config of its own: it reads the same files)."""
+    default = [name for name in f["split_files"] if not name.startswith("train_")]
+    configs = [{"config_name": "default",
+                "data_files": [{"split": name, "path": f["split_files"][name]} for name in default]}]
+    configs += [{"config_name": name, "data_files": [{"split": name, "path": files}]}
+                for name, files in f["split_files"].items() if name not in default]
+    return {
+        "pretty_name": f"{PRETTY_NAME}: {f['name']}",
+        "license": "other",
+        "license_name": LICENSE_NAME,
+        "license_link": TERMS_URL,
+        "task_categories": ["image-classification"],
+        "size_categories": [size_category(f["samples"])],
+        "tags": ["imagenet", "webdataset", "webp"],
+        "configs": configs,
+    }
+
+
 def render(f: dict) -> str:
-    """The card's Markdown for a dict of facts (see `facts`)."""
+    """The card (YAML front matter, then Markdown) for a dict of facts (see `facts`)."""
+    import yaml  # Dagster's dependency
+
     lines = [
+        "---",
+        yaml.safe_dump(front_matter(f), sort_keys=False, allow_unicode=True, width=1000).rstrip("\n"),
+        "---",
+        "",
         f"# {f['name']}",
         "",
         "The ImageNet Winter21 release as WebDataset shards of WebP images, built by imnet-assets. Images under",
@@ -107,9 +182,18 @@ def render(f: dict) -> str:
         f"| repaired (truncated, decoded as far as the data goes) | {_n(f['repaired'])} |",
         f"| splits in `_info.json` | {', '.join(f['splits'])} |",
         "",
-        "Each sample is `<key>.cls` (the label: index of the synset in the sorted list of synsets), "
-        "`<key>.json` (filename, label, class_name, width, height, orig_width, orig_height"
-        + (", label_in1k" if f.get("alt_labels") == "in1k" else "") + ") and `<key>.webp`.",
+        "Each sample is three files: `<key>.cls` (the label as ASCII decimal), `<key>.json` and `<key>.webp`"
+        " (the image, lossy WebP, RGB). `<key>` is the raw file's stem (`n01440764_10026`).",
+        "",
+        "### `<key>.json`",
+        "",
+        "| field | meaning |",
+        "|---|---|",
+        *(f"| `{name}` | {meaning} |" for name, meaning in
+          [*JSON_FIELDS, *([LABEL_IN1K_FIELD] if f.get("alt_labels") == "in1k" else [])]),
+        "",
+        "`classes.tsv` beside the shards maps each label to its synset: `label`, `wnid`, `lemma`, `gloss`, "
+        "`count` (the samples of that class), a header line, one row per label.",
         "",
         "## Settings",
         "",
@@ -173,8 +257,16 @@ def render(f: dict) -> str:
         "```python",
         "from timm.data import create_dataset",
         "",
-        'ds = create_dataset("wds/imagenet", root="<this folder>", split="train", is_training=True,',
+        f'ds = create_dataset("wds/{f["name"]}", root="<this folder>", split="train", is_training=True,',
         "                    batch_size=256, input_key=\"webp\")",
+        "```",
+        "",
+        "With imnet-assets (each split's shards from `_info.json`, lemmas from `classes.tsv`; a folder or s3://):",
+        "",
+        "```python",
+        "from imnet_assets.read import dataset",
+        "",
+        'ds = dataset("<this folder>", split="train", lemmas=True)  # (PIL image, label, lemma)',
         "```",
     ]
     if f.get("alt_labels"):
@@ -184,6 +276,7 @@ def render(f: dict) -> str:
             f"`split=\"{split}\"` trains on the ImageNet-1k subset of the same shards: timm reads the label from",
             "each sample's `label_in1k` and skips samples whose value is -1 (synsets not in ImageNet-1k).",
         ]
+    lines += ["", "## Citation", "", "```bibtex", CITATION, "```"]
     return "\n".join(lines) + "\n"
 
 

@@ -3,10 +3,15 @@
 Everything that touches the raw root or the out root goes through here: listing, range reads,
 and atomic commits (temporary name + rename locally; multipart upload committed on close on S3,
 aborted on error, so nothing is visible at a final path until it is complete).
+
+On S3, ranged reads go through obstore (s3read.get_range: exact or an error); listings, whole-object
+reads and writes through s3fs, whose every request follows the same retry policy and timeouts
+(s3read.Retry, see `_S3FileSystem`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hashlib
@@ -22,8 +27,10 @@ from collections.abc import Iterator
 from functools import lru_cache
 
 import fsspec
+import s3fs
+from fsspec.asyn import sync_wrapper
 
-from . import s3get
+from . import s3read
 from .procpool import pid_alive, pid_namespace
 
 TMP_MARK = ".tmp-"
@@ -58,20 +65,65 @@ def _storage_options(protocol: str) -> dict:
                       # aiobotocore's connection pool: its default of 10 caps a batch of concurrent
                       # reads (read_many) at 10 requests in flight and, when more wait, opens and
                       # drops connections; a pool as large as a batch keeps each one reused.
-                      "config_kwargs": {"max_pool_connections": POOL_CONNECTIONS}}
-        endpoint = s3get.endpoint_url()
+                      "config_kwargs": {"max_pool_connections": POOL_CONNECTIONS,
+                                        # every request times out (a silent endpoint fails, naming
+                                        # it) and is tried once by botocore: _S3FileSystem retries
+                                        "connect_timeout": s3read.CONNECT_TIMEOUT,
+                                        "read_timeout": s3read.REQUEST_TIMEOUT,
+                                        "retries": {"total_max_attempts": 1}}}
+        endpoint = s3read.endpoint_url()
         if endpoint:
             opts["endpoint_url"] = endpoint
-        region = s3get.region_name()
+        region = s3read.region_name()
         if region:
             opts.setdefault("client_kwargs", {})["region_name"] = region
         return opts
     return {}
 
 
+class _S3FileSystem(s3fs.S3FileSystem):
+    """s3fs whose requests follow s3read.Retry (throttling and broken connections retried for
+    minutes, a silent endpoint given up on within a minute, naming it) instead of s3fs's and
+    botocore's own retries, which tried every failure 5 x 5 times: a silent endpoint held a build
+    for 7 minutes, and a burst of 503 SlowDown failed it after seconds."""
+
+    async def _call_s3(self, method, *akwarglist, **kwargs):
+        await self.set_session()
+        client = await self.get_s3(kwargs.get("Bucket"))
+        call = getattr(client, method)
+        args = self._get_s3_method_kwargs(call, *akwarglist, **kwargs)
+        target = "/".join(str(kwargs[k]) for k in ("Bucket", "Key", "Prefix") if kwargs.get(k))
+        retry = s3read.Retry(f"{method} s3://{target}")
+        while True:
+            try:
+                return await call(**args)
+            except Exception as e:  # noqa: BLE001 - botocore's errors are not OSErrors
+                translated = s3fs.errors.translate_boto_error(e)
+                if isinstance(translated, FileNotFoundError) or s3read.fault_kind(e) == "other":
+                    raise translated from e  # s3fs's meaning (a missing key, a refused request)
+                await asyncio.sleep(retry.wait(e))
+
+    call_s3 = sync_wrapper(_call_s3)  # s3fs's files call this, bound to the class's own _call_s3
+
+    async def _cat_file(self, path, *args, **kwargs):
+        # the body is read after _call_s3 returned: a connection cut mid-body is retried here
+        retry = s3read.Retry(f"read s3://{path}")
+        while True:
+            try:
+                return await super()._cat_file(path, *args, **kwargs)
+            except (FileNotFoundError, s3read.StorageError):
+                raise
+            except Exception as e:  # noqa: BLE001
+                if s3read.fault_kind(e) == "other":
+                    raise
+                await asyncio.sleep(retry.wait(e))
+
+
 @lru_cache(maxsize=8)
 def _fs_for(protocol: str, pid: int, endpoint: str | None) -> fsspec.AbstractFileSystem:
     # Cached per process (fsspec clients are not fork safe) and per endpoint.
+    if protocol in ("s3", "s3a"):
+        return _S3FileSystem(**_storage_options(protocol))
     return fsspec.filesystem(protocol, **_storage_options(protocol))
 
 
@@ -79,19 +131,19 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem that holds `url`, and the path to give it."""
     if is_remote(url):
         protocol, _, rest = url.partition("://")
-        return _fs_for(protocol, os.getpid(), s3get.endpoint_url()), rest
+        return _fs_for(protocol, os.getpid(), s3read.endpoint_url()), rest
     path = url[len("file://"):] if url.startswith("file://") else url
     return _fs_for("file", os.getpid(), None), os.path.abspath(path)
 
 
-class StorageError(OSError):
-    """Remote storage did not do what was asked (an unreachable endpoint, refused credentials, a
-    throttled or failing service), with the URL and what to check; never any credential."""
+StorageError = s3read.StorageError
 
 
 def _storage_error(url: str, what: str, e: BaseException) -> StorageError:
-    text = f"{type(e).__name__}: {e}"
-    endpoint = s3get.endpoint_url()
+    if isinstance(e, StorageError):  # named already, with what to check
+        return StorageError(redact(f"cannot {what} {url}: {e}"))
+    text = f"{type(e).__name__}: {s3read.brief(e)}"
+    endpoint = s3read.endpoint_url()
     if isinstance(e, PermissionError) or any(
         s in text for s in ("AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch")
     ):
@@ -116,8 +168,12 @@ def _names_remote_errors(what: str):
                 return fn(url, *args, **kwargs)
             try:
                 return fn(url, *args, **kwargs)
-            except (FileNotFoundError, StorageError):
+            except FileNotFoundError:
                 raise
+            except StorageError as e:
+                if str(e).startswith("cannot "):  # said already, by an inner call
+                    raise
+                raise _storage_error(url, what, e) from e
             except Exception as e:  # noqa: BLE001 - botocore's errors are not OSErrors
                 raise _storage_error(url, what, e) from e
 
@@ -158,15 +214,25 @@ def stat(url: str) -> tuple[int, str]:
 def listdir(url: str) -> list[dict]:
     """Entries directly under `url`: dicts with `name` (basename), `url`, `size`, `mtime` (str),
     `stamp` (see `_stamp`)."""
+    return listdir_and_folders(url)[0]
+
+
+@_names_remote_errors("list")
+def listdir_and_folders(url: str) -> tuple[list[dict], list[str]]:
+    """`listdir`'s file entries, and the names of the folders directly under `url` (sorted), from
+    the same one listing."""
     fs, path = filesystem(url)
     try:
         # One listing (paginated: one request per 1,000 entries on S3), no look before it: an
         # absent folder lists as FileNotFoundError. The listings cache is off (see _storage_options).
         infos = fs.ls(path, detail=True)
     except (FileNotFoundError, NotADirectoryError):
-        return []
+        return [], []
     out = []
+    folders = []
     for info in infos:
+        if info.get("type") == "directory":
+            folders.append(posixpath.basename(info["name"].rstrip("/")))
         if info.get("type") != "file":
             continue
         name = posixpath.basename(info["name"].rstrip("/"))
@@ -175,7 +241,27 @@ def listdir(url: str) -> list[dict]:
         stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
         out.append({"name": name, "url": join(url, name), "size": int(info.get("size") or 0), "mtime": str(stamp),
                     "stamp": _stamp(info)})
-    return sorted(out, key=lambda e: e["name"])
+    return sorted(out, key=lambda e: e["name"]), sorted(folders)
+
+
+@_names_remote_errors("list")
+def find_files(url: str) -> list[dict]:
+    """Every file under the folder (prefix) at `url`, subfolders included: dicts with `path`
+    (relative to `url`, "/"-separated), `size`, `stamp` (see `_stamp`). On S3 one listing without
+    a delimiter (one request per 1,000 keys); folder markers (keys ending in "/") are left out."""
+    fs, path = filesystem(url)
+    path = path.rstrip("/")
+    try:
+        infos = fs.find(path, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = []
+    for name, info in infos.items():
+        rel = name[len(path) + 1 :] if name.startswith(path + "/") else ""
+        if info.get("type") == "directory" or not rel or rel.endswith("/"):
+            continue
+        out.append({"path": rel, "size": int(info.get("size") or 0), "stamp": _stamp(info)})
+    return out
 
 
 @_names_remote_errors("read")
@@ -300,10 +386,13 @@ def read_text(url: str) -> str:
 
 @_names_remote_errors("open")
 def open_read(url: str, block_size: int = 8 << 20):
-    """A seekable binary reader; on S3 it reads ahead in large blocks (for sequential scans)."""
+    """A seekable binary reader; on S3 it reads ahead in large blocks (for sequential scans), each
+    an exact ranged read (`read_range`: s3fs's own reader took a body cut short for the file's end)."""
     fs, path = filesystem(url)
     if is_remote(url):
-        return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
+        from .prefetch import PrefetchedFile  # prefetch reads through this module
+
+        return PrefetchedFile(url, size(url), chunk=block_size, depth=2)
     return open(path, "rb", buffering=block_size)
 
 
@@ -312,16 +401,18 @@ def _read_range(url: str, offset: int, length: int) -> bytes:
     protocol, _, rest = url.partition("://")
     if protocol in ("s3", "s3a"):
         bucket, _, key = rest.partition("/")
-        try:
-            return s3get.get_range(bucket, key, offset, length)  # ~0.3 ms of CPU, not botocore's ~2.4
-        except s3get.Handoff:
-            pass
+        return s3read.get_range(bucket, key, offset, length)  # exact; a third of botocore's CPU
     fs, path = filesystem(url)
-    return fs.cat_file(path, start=offset, end=offset + length)
+    data = fs.cat_file(path, start=offset, end=offset + length)
+    if len(data) != length and offset + length <= fs.size(path):
+        raise StorageError(f"cannot read {url}: {len(data)} of {length} bytes at {offset} came back")
+    return data
 
 
 def read_range(url: str, offset: int, length: int) -> bytes:
-    """`length` bytes of the file at `url` from `offset` (fewer at its end): one ranged request."""
+    """`length` bytes of the file at `url` from `offset`: exactly those, or fewer only where the
+    file itself ends (never because a transfer was cut short: that is retried, then a
+    StorageError). One ranged request."""
     return _read_range(url, offset, length)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import NamedTuple
 
@@ -17,7 +18,8 @@ from .perceptual import image_hash
 from .prefetch import CHUNK, depth_for
 from .probe import probe_image
 from .procpool import bounded_map, process_pool
-from .rawtar import Damage, iter_tar, member_key, printable_name
+from .rawfolders import is_folder_source, scan_folder
+from .rawtar import ByteCount, Damage, iter_tar, member_key, printable_name
 
 
 class ImageRecord(NamedTuple):
@@ -44,17 +46,46 @@ class ImageRecord(NamedTuple):
 FIELDS = list(ImageRecord._fields)
 
 
+class ScannedTar(list):
+    """One tar's ImageRecords, in the order of its walk, with `counted`: the bytes the walk read
+    and accounted for (rawtar.ByteCount). Its total is held to the tar's listed size, a count the
+    walk does not make itself (check_accounted; sql/audit_conservation.sql)."""
+
+    def __init__(self, records=(), counted: ByteCount | None = None):
+        super().__init__(records)
+        self.counted = counted if counted is not None else ByteCount()
+
+
+class ReadShort(OSError):
+    """A raw tar's walk read fewer (or more) bytes than its listing says: a read that came back
+    short, or a tar changed while it was read. Nothing is recorded for it: damage is recorded only
+    from bytes read completely."""
+
+
+def check_accounted(tar: str, scanned: ScannedTar, listed: int) -> None:
+    """Raise ReadShort unless the walk of `tar` accounted for exactly its `listed` size."""
+    c = scanned.counted
+    if c.total != listed:
+        raise ReadShort(
+            f"raw tar {tar}: the index read {c.total} of its {listed} listed bytes ({c.structure} of headers, "
+            f"data, padding and end of archive, {c.damaged} of damage): a read came back short, or the tar "
+            "changed while it was read. Nothing was recorded for it: run `imnet build` again")
+
+
 def scan_tar(url: str, mapped: bool = False, depth: int | None = None, size: int | None = None,
-             data: bytes | None = None) -> list[ImageRecord]:
+             data: bytes | None = None) -> ScannedTar:
     """Index one raw tar: its wnid is the tar's stem; damage becomes excluded records.
     `mapped`: memory-map a local tar (pool workers only, see rawtar.iter_tar); `depth`: ranged
     requests kept in flight for a remote one (see prefetch); `size`: its listed size; `data`: its
     bytes, already read."""
+    if is_folder_source(url):  # a synset folder of the extracted layout (`<wnid>/`)
+        return scan_folder(url, depth=depth, size=size)
     tar = fs.basename(url)
     wnid = tar[: -len(".tar")] if tar.endswith(".tar") else tar
-    records: list[ImageRecord] = []
+    counted = ByteCount()
+    records = ScannedTar(counted=counted)
     # members are hashed and probed in place, not copied
-    for item in iter_tar(url, views=True, mapped=mapped, depth=depth, size=size, data=data):
+    for item in iter_tar(url, views=True, mapped=mapped, depth=depth, size=size, data=data, counted=counted):
         member = printable_name(item.name)
         if isinstance(item, Damage):
             key = member_key(item.name)[0] if item.name else None
@@ -65,39 +96,52 @@ def scan_tar(url: str, mapped: bool = False, depth: int | None = None, size: int
                 )
             )
             continue
-        digest = hashlib.sha256(item.data).hexdigest()
-        key, bad_name = member_key(item.name)
-        if key is None:
-            records.append(
-                ImageRecord(
-                    f"{wnid}__member_{item.offset}", wnid, tar, member, item.offset, item.size, digest,
-                    None, None, None, None, "excluded", bad_name, False,
-                )
-            )
-            continue
-        p = probe_image(item.data)
-        status, reason = p.status, p.reason
-        if p.needs_repair and p.kept:
-            # Settled here, not at encode time: an image the encoder would refuse (less than 5% of
-            # its rows decode, nothing decodes) leaves the plan, so shards balance exactly.
-            refused = trial_decode(item.data)
-            if refused is not None:
-                status, reason = "excluded", refused
-        records.append(
-            ImageRecord(
-                key, wnid, tar, member, item.offset, item.size, digest, p.width, p.height,
-                p.format, p.mode, status, reason, p.needs_repair and status == "kept",
-                image_hash(item.data) if status == "kept" else None,  # issue 17: eval matching
-            )
-        )
+        records.append(member_record(wnid, tar, item.name, item.offset, item.data))
     return records
 
 
-def scan_small_tars(tars: list[tuple[str, int]]) -> list[list[ImageRecord]]:
-    """Index small remote tars ((url, size) each): all fetched at once (one GET each, in flight
-    together), then walked in turn."""
-    data = fs.read_many([url for url, _ in tars])
-    return [scan_tar(url, size=size) if data[url] is None else scan_tar(url, data=data[url]) for url, size in tars]
+def member_record(wnid: str, tar: str, name: str, offset: int, data) -> ImageRecord:
+    """The images row of one raw file's bytes: a tar's member (`offset`: of its data in the tar)
+    or a synset folder's file (core/rawfolders.py; `offset`: its number in the folder)."""
+    member = printable_name(name)
+    digest = hashlib.sha256(data).hexdigest()
+    key, bad_name = member_key(name)
+    if key is None:
+        return ImageRecord(f"{wnid}__member_{offset}", wnid, tar, member, offset, len(data), digest,
+                           None, None, None, None, "excluded", bad_name, False)
+    p = probe_image(data)
+    status, reason = p.status, p.reason
+    if p.needs_repair and p.kept:
+        # Settled here, not at encode time: an image the encoder would refuse (less than 5% of
+        # its rows decode, nothing decodes) leaves the plan, so shards balance exactly.
+        refused = trial_decode(data)
+        if refused is not None:
+            status, reason = "excluded", refused
+    return ImageRecord(
+        key, wnid, tar, member, offset, len(data), digest, p.width, p.height,
+        p.format, p.mode, status, reason, p.needs_repair and status == "kept",
+        image_hash(data) if status == "kept" else None,  # issue 17: eval matching
+    )
+
+
+def read_listed(url: str, size: int) -> bytes:
+    """The whole of a remote tar of the listed `size`: one ranged read, exact (fs.read_range
+    retries a cut or reset transfer). A tar now shorter than listed changed since the listing: a
+    StorageError naming it (the stage fails and is run again), never damage recorded for bytes
+    that were not read."""
+    data = fs.read_range(url, 0, size)
+    if len(data) != size:
+        raise fs.StorageError(f"raw tar {url} is {len(data)} bytes, not the {size} it was listed with: it changed "
+                              "since it was listed; run the build again to list and index it anew")
+    return data
+
+
+def scan_small_tars(tars: list[tuple[str, int]]) -> list[ScannedTar]:
+    """Index small remote tars ((url, size) each): all fetched at once (one exact ranged GET each,
+    in flight together), then walked in turn."""
+    with ThreadPoolExecutor(len(tars), thread_name_prefix="small-tars") as pool:
+        data = list(pool.map(lambda t: read_listed(*t), tars))
+    return [scan_tar(url, data=d) for (url, _size), d in zip(tars, data)]
 
 
 def _tasks(urls: list[str], sizes: dict[str, int], depth: int) -> list[tuple[str, list]]:
@@ -106,7 +150,7 @@ def _tasks(urls: list[str], sizes: dict[str, int], depth: int) -> list[tuple[str
     tasks: list[tuple[str, list]] = []
     for url in urls:
         size = sizes.get(url)
-        small = size is not None and size <= SMALL_TAR and fs.is_remote(url)
+        small = size is not None and size <= SMALL_TAR and fs.is_remote(url) and not is_folder_source(url)
         if small and tasks and tasks[-1][0] == "small" and len(tasks[-1][1]) < depth:
             tasks[-1][1].append((url, size))
         else:
@@ -117,8 +161,8 @@ def _tasks(urls: list[str], sizes: dict[str, int], depth: int) -> list[tuple[str
 SMALL_TAR = CHUNK  # remote tars up to one prefetch chunk are fetched whole, many at once
 
 
-def _run_task(task: tuple[str, list], depth: int, worker_scan: Callable[[str], list[ImageRecord]] | None,
-              mapped: bool) -> list[list[ImageRecord]]:
+def _run_task(task: tuple[str, list], depth: int, worker_scan: Callable[[str], ScannedTar] | None,
+              mapped: bool) -> list[ScannedTar]:
     kind, tars = task
     if worker_scan is not None:
         return [worker_scan(url) for url, _ in tars]
@@ -129,8 +173,8 @@ def _run_task(task: tuple[str, list], depth: int, worker_scan: Callable[[str], l
 
 
 def scan_tars(urls: Iterable[str], workers: int, log: Callable[[str], None] = lambda _m: None,
-              worker_scan: Callable[[str], list[ImageRecord]] | None = None,
-              sizes: dict[str, int] | None = None) -> Iterator[tuple[str, list[ImageRecord]]]:
+              worker_scan: Callable[[str], ScannedTar] | None = None,
+              sizes: dict[str, int] | None = None) -> Iterator[tuple[str, ScannedTar]]:
     """Scan tars in parallel; yields (url, records) as each tar finishes, in input order.
 
     With more than one worker, in processes whose forkserver preloads this module (see procpool),

@@ -5,7 +5,9 @@ Object storage answers each request in 20-50 ms whatever its size, so one tar re
 scan of 19,167 tars becomes a queue of waits. `PrefetchedFile` keeps `depth` ranged GETs of
 `chunk` bytes each in flight ahead of the reader, in threads (the requests wait on the network,
 not the GIL), and serves reads and seeks from the chunks that came back: the raw bytes are still
-read exactly once, in order. The index gives each scan worker a depth so that all of them together
+read exactly once, in order. Each chunk is exactly the bytes asked for (fs.read_range); an object
+that ends before the size it was listed with raises StorageError naming it, so a walk never records
+damage for bytes that did not arrive. The index gives each scan worker a depth so that all of them together
 keep at least INDEX_REQUESTS_IN_FLIGHT requests going (`depth_for`).
 """
 
@@ -68,7 +70,7 @@ class PrefetchedFile:
             data = self._get(index)
             take = data[within : within + (end - self._pos)]
             if not take:
-                break  # the file is shorter than it was said to be: a short read, as a file gives
+                break  # asked past the end
             parts.append(take)
             self._pos += len(take)
         return b"".join(parts)
@@ -99,7 +101,15 @@ class PrefetchedFile:
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
         try:
             start = index * self._chunk
-            return fs.read_range(self._url, start, min(self._size, start + self._chunk) - start)
+            want = min(self._size, start + self._chunk) - start
+            data = fs.read_range(self._url, start, want)  # exact, or fewer where the object ends
+            if len(data) != want:
+                # The object ends before its listed size: it changed since it was listed. Raised,
+                # so that the walk never takes the missing bytes for a damaged tar.
+                raise fs.StorageError(
+                    f"{self._url} ends at byte {start + len(data)}, before the {self._size} bytes it was listed with: "
+                    "it changed since it was listed; run the build again to list and index it anew")
+            return data
         finally:
             with self._lock:
                 self._in_flight -= 1

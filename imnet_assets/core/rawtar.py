@@ -44,6 +44,22 @@ class Damage:
     reason: str
 
 
+@dataclass
+class ByteCount:
+    """The bytes of a tar that its walk read and accounted for, each byte once: `structure`
+    (headers, pax and GNU long-name headers included, member data, padding, zero blocks, the end
+    of the archive) and `damaged` (bytes inside the damage it yielded). Only bytes actually read
+    count, never sizes a header declares: a tar read whole adds up to its size on storage, a read
+    that came back short does not (the index's conservation check, sql/audit_conservation.sql)."""
+
+    structure: int = 0
+    damaged: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.structure + self.damaged
+
+
 MAX_KEY_CHARS = 64  # a key's ".webp" member name always fits a plain ustar name field (100 bytes)
 
 
@@ -82,11 +98,24 @@ def printable_name(name: str) -> str:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ESCAPE = re.compile(r"\\x([0-9a-f]{2})")
+
+
+def raw_name(printable: str) -> str:
+    """The name `printable_name` made `printable` from (surrogate escapes for bytes that are not
+    UTF-8). Exact for every name that gives a key: `member_key` refuses names holding a backslash,
+    so each `\\xNN` in theirs is one of printable_name's escapes (the folder layout reads a file
+    by the name its images row holds, core/rawfolders.py)."""
+    def one(m: re.Match) -> str:
+        n = int(m.group(1), 16)
+        return chr(n) if n < 0x80 else chr(0xDC00 + n)
+
+    return _ESCAPE.sub(one, printable)
 
 
 def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bool = False,
              digest: list[str] | None = None, depth: int | None = None, size: int | None = None,
-             data: bytes | None = None) -> Iterator[Member | Damage]:
+             data: bytes | None = None, counted: ByteCount | None = None) -> Iterator[Member | Damage]:
     """Every member of the tar at `url`, in order, with its data; damage is yielded, not raised.
 
     Damage reasons read "<what> <tar name>: ..." (what: "raw tar", or "shard" when verifying).
@@ -101,6 +130,7 @@ def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bo
     (`prefetch.PrefetchedFile`) instead of reading it as one stream.
     `size`: the tar's size as a listing gave it (no request to ask for it); `data`: the whole tar,
     already read (a small remote tar fetched with others at once, see index.scan_tars).
+    `counted`: adds up the bytes the walk read, as structure or as damage (see ByteCount).
     """
     if data is not None:
         total, opened = len(data), io.BytesIO(data)
@@ -109,21 +139,23 @@ def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bo
         opened = PrefetchedFile(url, total, depth=depth) if depth and fs.is_remote(url) else fs.open_read(url)
     with opened as f:
         if digest is None:
-            yield from _iter_fileobj(f, total, fs.basename(url), what, views, mapped)
+            yield from _iter_fileobj(f, total, fs.basename(url), what, views, mapped, counted)
             return
         hashing = fs.HashingReader(f)
-        yield from _iter_fileobj(hashing, total, fs.basename(url), what, views)
+        yield from _iter_fileobj(hashing, total, fs.basename(url), what, views, counted=counted)
         digest.append(hashing.hexdigest())
 
 
 def _iter_fileobj(f, total: int, label: str, what: str = "raw tar", views: bool = False,
-                  mapped: bool = False) -> Iterator[Member | Damage]:
+                  mapped: bool = False, counted: ByteCount | None = None) -> Iterator[Member | Damage]:
     # Plain headers (the whole of a real ImageNet tar) are read by `_fast_walk` from large
     # sequential chunks; at the first header it does not fully understand (pax, links, bad
-    # checksums, ...) it stops, and tarfile carries on from exactly there.
-    resume = yield from _fast_walk(f, total, label, what, views, mapped)
+    # checksums, ...) it stops, and tarfile carries on from exactly there. Each counts the bytes
+    # it reads into `counted`, the fast walk up to where tarfile takes over.
+    counted = ByteCount() if counted is None else counted
+    resume = yield from _fast_walk(f, total, label, what, views, mapped, counted)
     if resume is not None:
-        yield from _tarfile_walk(f, total, label, what, *resume)
+        yield from _tarfile_walk(f, total, label, what, *resume, counted=counted)
 
 
 CHUNK = 16 << 20  # bytes per sequential read of the fast walk
@@ -188,7 +220,7 @@ def _plain_header(block: bytes) -> tuple[bytes, str, int] | None:
     (a V7 folder is a regular type with a trailing slash; a non-empty ustar prefix is prepended).
     """
     kind = block[156:157]
-    if kind not in _PLAIN_TYPES:
+    if kind not in _PLAIN_TYPES or len(block) != _BLOCK:  # a short block: a short read, or the tar's end
         return None
     checksum = _octal(block[148:156])
     if checksum is None or checksum != 256 + _byte_sum(block) - sum(block[148:156]) or not _plain_numbers(block):
@@ -203,14 +235,17 @@ def _plain_header(block: bytes) -> tuple[bytes, str, int] | None:
     return kind, name, _octal(block[124:136])
 
 
-def _fast_walk(f, total: int, label: str, what: str, views: bool, mapped: bool = False):
+def _fast_walk(f, total: int, label: str, what: str, views: bool, mapped: bool = False,
+               counted: ByteCount | None = None):
     """Read plain headers and their members from large chunks, exactly as tarfile would.
 
     A generator that yields what `_iter_fileobj` yields and returns None when the whole tar is
     done, or `(start, expected)` when tarfile must read on from the header at `start` (`expected`:
     where the last member's data blocks ended). (0, 0) means from the beginning: before the first
     plain header, tarfile's own rules for the start of a file apply.
+    `counted` gets the bytes read up to `expected` (tarfile's walk counts on from there).
     """
+    counted = ByteCount() if counted is None else counted
     win = _window(f, total, mapped)
     pos = expected = 0  # the next header; the end of the last member's data blocks
     parsed = False  # whether a plain header was read (a resumed tarfile skips the first member)
@@ -228,22 +263,27 @@ def _fast_walk(f, total: int, label: str, what: str, views: bool, mapped: bool =
         parsed = True
         kind, name, size = header
         data_at = pos + _BLOCK
+        # the zero blocks since the last member and this member's header blocks, each read whole
+        counted.structure += data_at - expected
         if kind == tarfile.DIRTYPE:
             pos = expected = data_at  # a folder entry holds no file
             continue
         end, pos = data_at + size, data_at + _blocks(size)
         expected = pos
         if end > total:
+            counted.damaged += len(win.view(data_at, total))
             yield Damage(name, data_at, size, f"truncated {what} {label}: member data cut at byte {total} of {end}")
             return None
-        yield Member(name, data_at, size, win.view(data_at, end) if views else win.read(data_at, end))
+        data = win.view(data_at, end) if views else win.read(data_at, end)
+        counted.structure += len(data) + len(win.view(end, min(pos, total)))  # its data and padding, as read
+        yield Member(name, data_at, size, data)
         if pos > total:  # the data is all there but its padding is cut
             yield Damage("", pos, 0, f"truncated or damaged {what} {label}: broken header at byte {pos}: "
                                      "unexpected end of data")
             return None
     if pos == 0:
         return (0, 0)  # shorter than one block: tarfile says why it is not a tar
-    yield from _tail(f, total, expected, label, what)
+    yield from _tail(f, total, expected, label, what, counted)
     return None
 
 
@@ -255,11 +295,13 @@ def _long_name(win: _Window, total: int, pos: int, size: int) -> tuple[tuple[byt
     after = pos + _BLOCK + _blocks(size)
     if total - after < _BLOCK:
         return None, pos
+    # the name first: the window reads forward (a view behind its chunk's start is not there)
+    raw_name = win.read(pos + _BLOCK, after)
     header = _plain_header(win.read(after, after + _BLOCK))
-    if header is None or header[0] == tarfile.GNUTYPE_LONGNAME:
+    if header is None or header[0] == tarfile.GNUTYPE_LONGNAME or len(raw_name) != after - pos - _BLOCK:
         return None, pos
     kind, _short, size = header
-    name = _nts(win.read(pos + _BLOCK, after))
+    name = _nts(raw_name)
     if kind == tarfile.DIRTYPE:
         name = name.removesuffix("/")
     return (kind, name, size), after
@@ -373,18 +415,24 @@ def _unshared(buf: bytearray) -> bool:
     return True
 
 
-def _tail(f, total: int, expected: int, label: str, what: str) -> Iterator[Damage]:
+def _tail(f, total: int, expected: int, label: str, what: str,
+          counted: ByteCount | None = None) -> Iterator[Damage]:
     # tarfile stops quietly at a header cut short; anything but zero padding after the last
     # member means the tar's tail is broken, and a tar that ends right after a member (no
     # end-of-archive blocks) was cut at a member boundary: members after it may be lost.
+    counted = ByteCount() if counted is None else counted
     if expected < total:
-        if _nonzero(f, expected, total - expected):
-            cause = "not a tar" if expected == 0 else "a header cut short or damaged"
-            yield Damage(
-                "", expected, total - expected,
-                f"truncated or damaged {what} {label}: {total - expected} unreadable bytes from "
-                f"byte {expected} ({cause})",
-            )
+        nonzero, read = _read_range(f, expected, total - expected)
+        if not nonzero:
+            counted.structure += read  # the end of the archive (zero blocks), as far as it was read
+            return
+        counted.damaged += read
+        cause = "not a tar" if expected == 0 else "a header cut short or damaged"
+        yield Damage(
+            "", expected, total - expected,
+            f"truncated or damaged {what} {label}: {total - expected} unreadable bytes from "
+            f"byte {expected} ({cause})",
+        )
     elif expected > 0:
         yield Damage(
             "", total, 0,
@@ -393,28 +441,33 @@ def _tail(f, total: int, expected: int, label: str, what: str) -> Iterator[Damag
         )
 
 
-def _nonzero(f, start: int, length: int) -> bool:
-    """Whether any byte in [start, start + length) is not NUL."""
+def _read_range(f, start: int, length: int) -> tuple[bool, int]:
+    """(whether any byte in [start, start + length) is not NUL, how many of them were read): the
+    whole range is read, so that the count says how much of it is there."""
     f.seek(start)
-    while length > 0:
-        chunk = f.read(min(length, 1 << 20))
+    nonzero, read = False, 0
+    while length > read:
+        chunk = f.read(min(length - read, 1 << 20))
         if not chunk:
-            return False
-        if chunk.strip(b"\0"):
-            return True
-        length -= len(chunk)
-    return False
+            break
+        nonzero = nonzero or bool(chunk.strip(b"\0"))
+        read += len(chunk)
+    return nonzero, read
 
 
-def _tarfile_walk(f, total: int, label: str, what: str, start: int = 0, expected: int = 0) -> Iterator[Member | Damage]:
-    """The tar read with tarfile from the header at `start` on (see `_fast_walk`)."""
+def _tarfile_walk(f, total: int, label: str, what: str, start: int = 0, expected: int = 0,
+                  counted: ByteCount | None = None) -> Iterator[Member | Damage]:
+    """The tar read with tarfile from the header at `start` on (see `_fast_walk`); `counted` gets
+    the bytes from `expected` on."""
     # ignore_zeros: tarfile steps over a damaged header block by block to the next valid one
     # (instead of stopping there), so members after a damaged spot are still found; every
     # stretch it skipped that is not zero padding is reported as damage below.
+    counted = ByteCount() if counted is None else counted
     f.seek(0)
     try:
         tf = tarfile.open(fileobj=f, mode="r:", ignore_zeros=True)
     except tarfile.ReadError as e:
+        counted.damaged += _read_range(f, 0, total)[1]
         yield Damage("", 0, total, f"not a readable tar ({what} {label}): {e}")
         return
     if start:
@@ -424,37 +477,56 @@ def _tarfile_walk(f, total: int, label: str, what: str, start: int = 0, expected
         try:
             info = tf.next()
         except (tarfile.TarError, OSError, EOFError) as e:
+            yield from _skipped(f, expected, tf.offset, label, what, counted)
+            counted.damaged += _read_range(f, tf.offset, total - tf.offset)[1]
             yield Damage("", tf.offset, max(total - tf.offset, 0),
                          f"truncated or damaged {what} {label}: broken header at byte {tf.offset}: {e}")
             return
         if info is None:
             break
-        if info.offset > expected and _nonzero(f, expected, info.offset - expected):
-            yield Damage(
-                "", expected, info.offset - expected,
-                f"damaged {what} {label}: {info.offset - expected} unreadable bytes skipped at byte "
-                f"{expected} (a damaged header; the member there is lost)",
-            )
-        expected = info.offset_data + ((info.size + 511) // 512) * 512
+        yield from _skipped(f, expected, info.offset, label, what, counted)
+        counted.structure += info.offset_data - info.offset  # its headers (pax, GNU long names), parsed whole
+        # where its data blocks end (a sparse member's `size` is the size it unpacks to, not what is stored)
+        expected = tf.offset if info.issparse() else info.offset_data + _blocks(info.size)
         if info.isdir() and info.size == 0:
             continue  # a folder entry holds no file
         if not info.isreg() or info.isdir() or info.issparse():
             kind = ("symlink" if info.issym() else "hard link" if info.islnk() else
                     "sparse file" if info.issparse() else "directory with data" if info.isdir() else
                     "special file")
+            counted.structure += _read_range(f, info.offset_data, expected - info.offset_data)[1]
             yield Damage(info.name, info.offset_data, info.size, f"not a regular file ({kind}) in {what} {label}")
             continue
         f.seek(info.offset_data)
         data = f.read(info.size)
         if len(data) < info.size:
+            counted.damaged += len(data)
             yield Damage(
                 info.name, info.offset_data, info.size,
                 f"truncated {what} {label}: member data cut at byte {info.offset_data + len(data)} "
                 f"of {info.offset_data + info.size}",
             )
             return
+        counted.structure += len(data) + len(f.read(expected - info.offset_data - info.size))  # + padding
         yield Member(info.name, info.offset_data, info.size, data)
-    yield from _tail(f, total, expected, label, what)
+    yield from _tail(f, total, expected, label, what, counted)
+
+
+def _skipped(f, expected: int, at: int, label: str, what: str, counted: ByteCount) -> Iterator[Damage]:
+    """The stretch [expected, at) that tarfile stepped over to reach the header at `at`: zero
+    padding, or damage (a damaged header; the member there is lost)."""
+    if at <= expected:
+        return
+    nonzero, read = _read_range(f, expected, at - expected)
+    if not nonzero:
+        counted.structure += read
+        return
+    counted.damaged += read
+    yield Damage(
+        "", expected, at - expected,
+        f"damaged {what} {label}: {at - expected} unreadable bytes skipped at byte "
+        f"{expected} (a damaged header; the member there is lost)",
+    )
 
 
 WHOLE_RELEASE = "winter21_whole.tar.gz"

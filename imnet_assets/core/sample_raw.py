@@ -1,7 +1,8 @@
 """A small synthetic raw ImageNet Winter21 release, with the quirks the real one has.
 
 `write_sample_raw(root)` writes `root/<wnid>.tar` per synset, each holding `<wnid>_<n>.JPEG`
-members (plain POSIX ustar, no folders), plus `root/words.txt` and `root/gloss.txt`. Most members
+members (plain POSIX ustar, no folders), plus `root/words.txt` and `root/gloss.txt`; with
+`layout="folders"` the same files extracted, `root/<wnid>/<wnid>_<n>.JPEG`. Most members
 are ordinary RGB JPEG photos; the first slots of the synsets hold the quirks (CMYK, greyscale,
 PNG/GIF bytes named .JPEG, truncated, tiny, large and huge, EXIF with GPS, XMP, ICC, EXIF
 orientation, undecodable, empty, 1-bit, 16-bit grey), spread round-robin over the synsets, so any
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +56,7 @@ class SampleSummary:
     total_bytes: int = 0
     # kind -> the hostile member name given to an ordinary photo (see HOSTILE_NAMES)
     hostile: dict[str, str] = field(default_factory=dict)
+    layout: str = "tars"  # or "folders": root/<wnid>/<name> (members: the file paths in each folder)
 
     @property
     def total_members(self) -> int:
@@ -62,6 +65,11 @@ class SampleSummary:
     @property
     def tars(self) -> list[Path]:
         return [self.root / f"{w}.tar" for w in self.wnids]
+
+    @property
+    def sources(self) -> list[Path]:
+        """Each synset's tar, or its folder in the folders layout."""
+        return [self.root / w for w in self.wnids] if self.layout == "folders" else self.tars
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,9 +355,40 @@ def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+LAYOUTS = ("tars", "folders")
+
+
+def _fits_a_folder(name: str) -> bool:
+    """Whether a member name can be a file inside a synset folder (not absolute, no `..`)."""
+    parts = name.split("/")
+    return not name.startswith("/") and ".." not in parts and "" not in parts and "." not in parts
+
+
+def _write_folder(root: Path, wnid: str, members: list[tuple[str, bytes]]) -> int:
+    """`root/<wnid>/<name>` per member (subfolders as the names say), written beside it under a
+    hidden name and moved into place whole. Returns the bytes written."""
+    final = root / wnid
+    tmp = root / f".{wnid}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for name, data in members:
+        path = tmp.joinpath(*name.split("/"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        os.utime(path, (TAR_MTIME, TAR_MTIME))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return sum(len(d) for _, d in members)
+
+
 def write_sample_raw(root: str | Path, synsets: int = 6, images: int = 40, seed: int = 0,
-                     hostile_names: bool = True) -> SampleSummary:
+                     hostile_names: bool = True, layout: str = "tars") -> SampleSummary:
     """Write a synthetic raw release of `synsets` tars with `images` members each under `root`.
+
+    `layout="folders"`: the extracted layout instead, `root/<wnid>/<name>` per member, with the
+    same files as the tars hold, except that a hostile name no file inside a folder can have (an
+    absolute name, `..`) is not given: that photo keeps its ordinary name.
 
     Quirk slot i goes to synset `i % synsets`, slot `i // synsets` (the first slots), so the
     quirks are spread over the synsets and all present whenever `synsets * images` leaves room
@@ -360,6 +399,8 @@ def write_sample_raw(root: str | Path, synsets: int = 6, images: int = 40, seed:
     """
     if synsets < 1 or images < 1:
         raise ValueError(f"synsets and images must be positive, got {synsets} and {images}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
 
@@ -378,32 +419,40 @@ def write_sample_raw(root: str | Path, synsets: int = 6, images: int = 40, seed:
         pool = max(_MEMBER_N_MAX, 2 * images)
         numbers = np.sort(g_names.choice(pool, size=images, replace=False) + 1).tolist()
         names_in_tar: list[str] = []
-        final = root / f"{wnid}.tar"
-        tmp = final.with_name(final.name + ".tmp")
-        with tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-            for slot, n in enumerate(numbers):
-                name = f"{wnid}_{n}.JPEG"
-                g = _rng(seed, 3, si, slot)
-                qi = slot * synsets + si
-                hi = (images - 1 - slot) * synsets + si  # hostile names from the last slot back
-                if hostile_names and hi < len(HOSTILE_NAMES) and slot >= max(quirk_rows, 1):
-                    name = _hostile_name(hi, name, wnid, n, names_in_tar[0])
+        written: list[tuple[str, bytes]] = []
+        for slot, n in enumerate(numbers):
+            name = f"{wnid}_{n}.JPEG"
+            g = _rng(seed, 3, si, slot)
+            qi = slot * synsets + si
+            hi = (images - 1 - slot) * synsets + si  # hostile names from the last slot back
+            if hostile_names and hi < len(HOSTILE_NAMES) and slot >= max(quirk_rows, 1):
+                odd = _hostile_name(hi, name, wnid, n, names_in_tar[0])
+                if layout == "tars" or _fits_a_folder(odd):
+                    name = odd
                     hostile[HOSTILE_NAMES[hi][0]] = name
-                if qi < len(QUIRK_SLOTS):
-                    quirk_names, maker = QUIRK_SLOTS[qi]
-                    data = maker(g)
-                    for q in quirk_names:
-                        quirks.setdefault(q, []).append(name)
-                else:
-                    data = _normal(g)
-                # A name too long for ustar gets a GNU long-name header (as GNU tar writes it);
-                # every other member stays plain ustar.
-                tf.format = tarfile.GNU_FORMAT if len(name.encode("utf-8", "surrogateescape")) > 100 \
-                    else tarfile.USTAR_FORMAT
-                tf.addfile(_tar_info(name, len(data)), io.BytesIO(data))
-                names_in_tar.append(name)
-        os.replace(tmp, final)
-        total_bytes += final.stat().st_size
+            if qi < len(QUIRK_SLOTS):
+                quirk_names, maker = QUIRK_SLOTS[qi]
+                data = maker(g)
+                for q in quirk_names:
+                    quirks.setdefault(q, []).append(name)
+            else:
+                data = _normal(g)
+            written.append((name, data))
+            names_in_tar.append(name)
+        if layout == "folders":
+            total_bytes += _write_folder(root, wnid, written)
+        else:
+            final = root / f"{wnid}.tar"
+            tmp = final.with_name(final.name + ".tmp")
+            with tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+                for name, data in written:
+                    # A name too long for ustar gets a GNU long-name header (as GNU tar writes it);
+                    # every other member stays plain ustar.
+                    tf.format = tarfile.GNU_FORMAT if len(name.encode("utf-8", "surrogateescape")) > 100 \
+                        else tarfile.USTAR_FORMAT
+                    tf.addfile(_tar_info(name, len(data)), io.BytesIO(data))
+            os.replace(tmp, final)
+            total_bytes += final.stat().st_size
         members[wnid] = names_in_tar
 
     g_words = _rng(seed, 4)
@@ -423,4 +472,5 @@ def write_sample_raw(root: str | Path, synsets: int = 6, images: int = 40, seed:
         members=members,
         total_bytes=total_bytes,
         hostile=hostile,
+        layout=layout,
     )

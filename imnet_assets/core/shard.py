@@ -8,6 +8,7 @@ The tar layout lives only here: each sample is `<key>.cls`, `<key>.json`, `<key>
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,9 +21,11 @@ from dataclasses import asdict, dataclass, field
 
 from . import fs
 from .altlabels import sample_fields
+from .changed_sources import SourceChanged, mark
 from .encode import EncodeSettings, ImageRejected, encode_image
 from .plan import SliceRow, read_slice
-from .procpool import WorkerDied, WorkerPool, next_priority, shared_pool
+from .procpool import ReplyUnreadable, WorkerDied, WorkerPool, next_priority, shared_pool
+from .rawfolders import source_location
 from .verify import check_committed, webp_problem
 
 # Bump when the bytes a shard holds for the same input would change (encoding rules, tar layout,
@@ -103,17 +106,33 @@ class SourceUnreadable(OSError):
     commits nothing, so that a rerun builds the shard whole once the storage answers again."""
 
 
+class ShardChangedDuringCheck(RuntimeError):
+    """The committed tar changed on storage (another size or stamp) between its commit and the end
+    of its check: the check may not have read the bytes now there, so no commit record vouches
+    for them, and the run fails naming the shard."""
+
+
 class EncoderOutOfMemory(MemoryError):
     """An image ran its encoder out of memory again and again. Memory is no property of the image
     (size limits are settled at index time, the same everywhere), so it is not excluded: the shard
     run fails, naming it, and commits nothing."""
 
 
+class EncoderKilled(RuntimeError):
+    """The encode process working on an image was killed from outside (SIGKILL: the OOM killer, a
+    cgroup limit, preemption; SIGTERM) again and again, or ran past IMNET_IMAGE_TIMEOUT again and
+    again (each time in a fresh process). Neither is a property of the image that may exclude it
+    (shard contents never depend on memory pressure): the shard run fails, naming it, and commits
+    nothing."""
+
+
 READ_RETRY_SECONDS = (0.5, 2.0)  # waits before the second and third attempt of a failed read
 BATCH = 8  # images per job sent to a worker (fewer for small shards, so every worker gets some)
-DEATHS_TO_EXCLUDE = 2  # an image that kills its encoder this often is excluded, naming the crash
+DEATHS_TO_EXCLUDE = 2  # crashes (procpool.CRASH_SIGNALS) one image causes before it is excluded, naming them
 MEMORY_RETRIES = 3  # MemoryErrors of one image before the run fails (each time in a fresh worker)
-MAX_JOB_RETRIES = 8  # deaths of one job's workers, however caused, before the run fails
+KILLS_TO_FAIL = 4  # kills from outside (SIGKILL, SIGTERM) while encoding one image before the run fails
+TIMEOUTS_TO_FAIL = 2  # times one image runs past IMNET_IMAGE_TIMEOUT (each in a fresh worker) before the run fails
+MAX_JOB_RETRIES = 8  # deaths of a job's workers while it held no image (queued, between images) before the run fails
 TAR_FORMAT = tarfile.PAX_FORMAT  # ustar headers for ordinary names; a pax record for long / non-ASCII keys
 TAR_ENCODING = "utf-8"
 
@@ -129,27 +148,33 @@ def _range_reader() -> fs.RangeReader:
     return _reader[1]
 
 
-def _read_source(row: SliceRow, raw_root: str) -> tuple[bytes | None, str]:
-    """The row's source bytes, or None and why they are not the indexed ones (the tar is shorter
-    than indexed, or its bytes changed there: recorded as an exclusion). A tar that cannot be read
-    at all raises SourceUnreadable once the retries are spent."""
-    url = fs.join(raw_root, row.tar)
+def _read_source(row: SliceRow, raw_root: str) -> tuple[bytes, str]:
+    """The row's source bytes (and "": no problem). A tar that cannot be read at all raises
+    SourceUnreadable once the retries are spent; bytes that are not the indexed ones (fewer, or
+    another sha256: the tar changed since indexing) raise SourceChanged, which fails the run and
+    marks the tar for the index (build_shard): no property of the image, so never an exclusion."""
+    url, offset = source_location(raw_root, row.tar, row.member, row.offset)  # a tar member, or a whole file
     reader = _range_reader()
     for wait in (*READ_RETRY_SECONDS, None):
         try:
-            data = reader.read(url, row.offset, row.size)
+            data = reader.read(url, offset, row.size)
             break
         except Exception as e:  # noqa: BLE001 - retried, then raised as what it is
             if wait is None:
                 raise SourceUnreadable(fs.redact(
-                    f"cannot read raw tar {url} at byte {row.offset} (for {row.key}): {type(e).__name__}: {e}; "
+                    f"cannot read raw tar {url} at byte {offset} (for {row.key}): {type(e).__name__}: {e}; "
                     "if it moved or changed since indexing, `imnet build` indexes it again")) from None
             time.sleep(wait)
     if len(data) != row.size:
-        return None, f"raw tar {row.tar} is shorter than indexed: {len(data)} of {row.size} bytes at {row.offset}"
-    if hashlib.sha256(data).hexdigest() != row.sha256:
-        return None, f"source bytes changed since indexing ({row.tar}@{row.offset}: sha256 differs)"
-    return data, ""
+        found = f"a read of {len(data)} of its {row.size} bytes"
+    elif (got := hashlib.sha256(data).hexdigest()) != row.sha256:
+        found = f"sha256 {got}, indexed {row.sha256}"
+    else:
+        return data, ""
+    raise SourceChanged(
+        f"source of {row.key} changed since indexing: raw tar {row.tar} member {row.member} at byte {row.offset}: "
+        f"{found}. Nothing was committed; the tar is marked for the index: the next `imnet build` indexes it "
+        "again", row.tar, row.member, found)
 
 
 def _crash_hook(sha256: str, crash_sha256: str | None) -> None:
@@ -217,6 +242,7 @@ class EncodeJob:
     decode_every: int
     encode: Callable | None = None  # None: encode_image (bench/scaleup.py passes a null codec)
     crash_sha256: str | None = None  # test hook, see _crash_hook
+    time_limit: float | None = None  # seconds per image (IMNET_IMAGE_TIMEOUT): the pool kills a worker past it
 
     def prefetch(self, readers):
         return [readers.submit(_read_source, row, self.raw_root) for row in self.rows]
@@ -228,6 +254,7 @@ class EncodeJob:
             mark(i)
             out.append(prepare_sample(row, data, problem, self.settings, self.decode_every, self.encode,
                                       self.crash_sha256))
+            mark(-1)  # waiting for the next read is not this image's time
         return out
 
 
@@ -242,16 +269,17 @@ def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettin
 
     workers > 1: jobs of a few rows go to this process's shared worker pool (procpool.shared_pool),
     at most `workers * pool.depth` jobs ahead of the consumer, so memory stays bounded. A worker
-    that dies costs a retry of its jobs; an image it died on twice is excluded naming the crash.
-    workers == 1: in this process (reads a few jobs ahead in threads).
+    that dies costs a retry of its jobs (see `_settle` for which deaths exclude an image, which
+    fail the run); an image that runs past IMNET_IMAGE_TIMEOUT gets its worker killed.
+    workers == 1: in this process (reads a few jobs ahead in threads; no time limit).
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from ..settings import test_crash_sha256
+    from ..settings import image_timeout, test_crash_sha256
 
     batch = _batch_size(len(rows), max(workers, 1))
-    crash = test_crash_sha256()
-    jobs = (EncodeJob(raw_root, rows[i:i + batch], settings, decode_every, encode, crash)
+    crash, limit = test_crash_sha256(), image_timeout()
+    jobs = (EncodeJob(raw_root, rows[i:i + batch], settings, decode_every, encode, crash, limit)
             for i in range(0, len(rows), batch))
     if workers <= 1:
         with ThreadPoolExecutor(16, thread_name_prefix="read") as readers:
@@ -295,41 +323,76 @@ def _run_here(job: EncodeJob, reads) -> list[tuple]:
 
 def _settle(pool: WorkerPool, job: EncodeJob, future, log: Callable[[str], None],
             priority: int = 0) -> Iterator[tuple]:
-    """The results of one job, in row order, retrying it after worker deaths."""
-    decided: dict[int, tuple] = {}  # row index -> ("excluded", reason) for rows that killed twice
+    """The results of one job, in row order, retrying it after worker deaths (SPEC "Failure
+    behaviour"). Only a crash the image causes (procpool.CRASH_SIGNALS), DEATHS_TO_EXCLUDE times,
+    excludes it, naming the crashes. A kill from outside (SIGKILL: the OOM killer, a cgroup limit,
+    preemption; SIGTERM), a run past the time limit and a MemoryError are retried in fresh
+    processes a bounded number of times, then fail the run naming the image (EncoderKilled,
+    EncoderOutOfMemory): never an exclusion, so shard contents never depend on memory pressure."""
+    decided: dict[int, tuple] = {}  # row index -> ("excluded", reason) for rows that crashed twice
     pending = list(range(len(job.rows)))
-    deaths: dict[int, list[str]] = collections.defaultdict(list)
+    crashes: dict[int, list[str]] = collections.defaultdict(list)
+    kills: dict[int, list[str]] = collections.defaultdict(list)
+    timeouts: dict[int, int] = collections.defaultdict(int)
     oom: dict[int, int] = collections.defaultdict(int)
-    for _attempt in range(MAX_JOB_RETRIES + 1):
+    held: list[str] = []  # deaths while the job held no image (queued in the worker, between images)
+    while pending:
         try:
             results = future.result()
             break
+        except ReplyUnreadable as e:
+            raise ReplyUnreadable(f"{e} (images {[job.rows[i].key for i in pending]}); nothing was committed") from None
         except WorkerDied as died:
-            if died.culprit is not None:
+            if died.culprit is None:
+                held.append(died.how)
+                log(f"an encoder process died ({died.how}) between images; retrying its images")
+                if len(held) > MAX_JOB_RETRIES:
+                    raise EncoderKilled(
+                        f"encoder processes died {len(held)} times ({', '.join(held)}) holding the images "
+                        f"{[job.rows[i].key for i in pending]}; nothing was committed") from None
+            else:
                 real = pending[died.culprit]
                 row = job.rows[real]
+                where = f"{row.key} ({row.tar}@{row.offset})"
                 if died.out_of_memory:
                     oom[real] += 1
                     log(f"encoder ran out of memory on {row.key} ({oom[real]} of {MEMORY_RETRIES}); retrying it")
                     if oom[real] >= MEMORY_RETRIES:
                         raise EncoderOutOfMemory(
-                            f"out of memory encoding {row.key} ({row.tar}@{row.offset}) {oom[real]} times in fresh "
+                            f"out of memory encoding {where} {oom[real]} times in fresh "
                             "worker processes; nothing was committed. Size limits are decided at index time; give "
                             "the run more memory or lower IMNET_WORKERS") from None
-                else:
-                    deaths[real].append(died.how)
-                    log(f"encoder process died ({died.how}) while encoding {row.key} ({row.tar}@{row.offset}); "
+                elif died.timed_out is not None:
+                    timeouts[real] += 1
+                    log(f"encoding {where} ran past IMNET_IMAGE_TIMEOUT ({died.timed_out:g} s), its process was "
+                        f"killed ({timeouts[real]} of {TIMEOUTS_TO_FAIL}); retrying it in a new process")
+                    if timeouts[real] >= TIMEOUTS_TO_FAIL:
+                        raise EncoderKilled(
+                            f"encoding {where} ran past IMNET_IMAGE_TIMEOUT ({died.timed_out:g} s) {timeouts[real]} "
+                            "times, each in a fresh process, and was killed; nothing was committed. A hung encoder "
+                            "is not an exclusion: raise IMNET_IMAGE_TIMEOUT if the machine is just slow") from None
+                elif died.crashed:
+                    crashes[real].append(died.how)
+                    log(f"encoder process died ({died.how}) while encoding {where}; "
                         f"retrying its images in a new process")
-                    if len(deaths[real]) >= DEATHS_TO_EXCLUDE:
-                        decided[real] = ("excluded", f"encoder process died {len(deaths[real])} times "
-                                                     f"({', '.join(deaths[real])}) while encoding")
+                    if len(crashes[real]) >= DEATHS_TO_EXCLUDE:
+                        decided[real] = ("excluded", f"encoder process died {len(crashes[real])} times "
+                                                     f"({', '.join(crashes[real])}) while encoding")
                         pending.remove(real)
-            else:
-                log(f"an encoder process died ({died.how}) between images; retrying its images")
-            future = pool.submit(dataclasses.replace(job, rows=[job.rows[i] for i in pending]), priority)
+                else:
+                    kills[real].append(died.how)
+                    log(f"encoder process died ({died.how}) while encoding {where}: killed from outside "
+                        f"({len(kills[real])} of {KILLS_TO_FAIL}); retrying its images in a new process")
+                    if len(kills[real]) >= KILLS_TO_FAIL:
+                        raise EncoderKilled(
+                            f"the encoder process was killed from outside ({', '.join(kills[real])}) "
+                            f"{len(kills[real])} times while encoding {where}; nothing was committed. A kill (the "
+                            "OOM killer, a cgroup memory limit, preemption) is not an exclusion: give the run more "
+                            "memory or lower IMNET_WORKERS, and build again") from None
+            if pending:
+                future = pool.submit(dataclasses.replace(job, rows=[job.rows[i] for i in pending]), priority)
     else:
-        raise RuntimeError(f"encoder processes died {MAX_JOB_RETRIES} times on the images "
-                           f"{[r.key for r in job.rows]}; nothing was committed")
+        results = []  # every row decided
     by_index = dict(zip(pending, results))
     for i, row in enumerate(job.rows):
         yield row, decided.get(i) or by_index[i]
@@ -395,6 +458,7 @@ def build_shard(
     decode_every: int = 16,
     encode: Callable | None = None,
     after_commit: Callable[[str], None] | None = None,
+    after_check: Callable[[str], None] | None = None,
 ) -> ShardResult:
     """Encode, commit and check one shard and its manifest. Bad images become recorded exclusions.
 
@@ -405,7 +469,12 @@ def build_shard(
     Safe to call from several threads of one process at once (each for its own shard): they share
     the process's worker pool (`procpool.shared_pool`). `decode_every`: IMNET_CHECK_DECODE_EVERY.
     `encode`: the codec (bench/scaleup.py's null codec); `after_commit(url)`: a test hook called
-    between the commit and the check.
+    between the commit and the check; `after_check(url)`: one called once the check passed, before
+    the tar's stamp is looked at again (tests change the tar there).
+
+    The commit record's stamp (size and mtime / ETag) is the one read right after the commit,
+    before the check; it is read again once the check passed, and if it changed the record is
+    not written and ShardChangedDuringCheck names the shard.
     """
     started = time.perf_counter()
     final = fs.join(out_root, shard_name)
@@ -420,7 +489,7 @@ def build_shard(
     spans: list[dict] = []  # where each sample's bytes went, and their sha256 (the read-back checks them)
     excluded: list[dict] = []
     problems: list[str] = []
-    with fs.atomic_open(final) as raw_out:
+    with _marking_changed_sources(out_root, shard_key, rows, run_id, log), fs.atomic_open(final) as raw_out:
         out = _HashingWriter(raw_out)
         for row, prepared in prepared_samples(rows, raw_root, settings, workers, decode_every, log, encode, priority):
             if prepared[0] != "ok":
@@ -434,6 +503,7 @@ def build_shard(
             if problem:
                 problems.append(f"shard {shard_key} sample {row.key}: {problem}")
         out.write(tar_end(out.count))
+    committed = fs.stat(final)  # (size, stamp) of the tar the check is about to read
     encoded = time.perf_counter() - started
     manifest = {
         "shard": shard_key,
@@ -462,8 +532,16 @@ def build_shard(
                  check_committed(final, expected, manifest["sha256"], True, decode_every=decode_every, workers=workers,
                                  priority=priority)]
     if not problems:
+        if after_check is not None:
+            after_check(final)
+        now = fs.stat(final)
+        if now != committed:
+            raise ShardChangedDuringCheck(
+                f"shard {shard_key}: {final} changed on storage while it was being checked (size and stamp "
+                f"{committed[0]} {committed[1]} at the commit, {now[0]} {now[1]} after the check): not recorded "
+                "as committed; another writer? Build the shard again")
         state = {k: manifest[k] for k in ("shard", "path", "fingerprint", "bytes", "sha256", "num_samples", "run_id")}
-        state["stamp"] = fs.stat(final)[1]  # an edit in place on storage changes it (shard_state)
+        state["stamp"] = committed[1]  # the checked bytes' stamp: an edit in place changes it (shard_state)
         fs.write_atomic(st_url, json.dumps(state, sort_keys=True).encode())
         from .freshness import remember  # freshness imports this module
 
@@ -475,6 +553,21 @@ def build_shard(
         sum(1 for s in samples if s["repaired"]), excluded, problems, time.perf_counter() - started - encoded,
         manifest["fingerprint"],
     )
+
+
+@contextlib.contextmanager
+def _marking_changed_sources(out_root: str, shard_key: str, rows: list[SliceRow], run_id: str,
+                             log: Callable[[str], None]) -> Iterator[None]:
+    """A SourceChanged raised inside leaves its tar's marker under the out root (for the index's
+    freshness and `imnet status`, core/changed_sources.py) on its way out: the run fails."""
+    try:
+        yield
+    except SourceChanged as e:
+        row = next((r for r in rows if r.tar == e.tar and r.member == e.member), None)
+        url = mark(out_root, e, row.offset if row else -1, row.size if row else -1, row.sha256 if row else "",
+                   shard_key, run_id)
+        log(f"shard {shard_key}: {e}; marked in {url}")
+        raise
 
 
 # ----------------------------------------------------------------------------- freshness & checks

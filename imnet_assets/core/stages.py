@@ -14,16 +14,17 @@ from collections.abc import Callable
 
 from ..catalog import Catalog, check_catalog_volume
 from ..settings import Settings
-from . import fs
+from . import changed_sources, fs
 from .csvstage import staged_csv
 from .decontam import index_inputs, settle_index
-from .index import FIELDS, scan_tars
-from .inventory import RawListing, inventory, list_raw
+from .index import FIELDS, ReadShort, check_accounted, scan_tars
+from .inventory import RawLayoutError, RawListing, inventory, list_raw
 from .plan import PLAN_DIR, PLAN_VERSION, publish_slices, render_slice, shard_sizes, write_index
 from .synsets import read_text_file
 
 # 2: hostile member names get safe keys; truncated candidates trial-decoded; a pHash per kept image
-INDEX_VERSION = "2"
+# 3: each tar's bytes accounted for by its walk (tar_scans.accounted_bytes, damaged_bytes)
+INDEX_VERSION = "3"
 Log = Callable[[str], None]
 
 
@@ -32,18 +33,24 @@ def _h(*parts) -> str:
 
 
 def expected_fingerprints(settings: Settings, unpack: bool = False, log: Log = print) -> dict[str, str]:
-    """The input fingerprint each stage would record if built now (cheap: a listing of the raw root)."""
-    return _fingerprints(list_raw(settings.raw_root, unpack=unpack, log=log), settings)
+    """The input fingerprint each stage would record if built now (cheap: a listing of the raw root,
+    and one of the out root's markers of changed sources)."""
+    listing = list_raw(settings.raw_root, unpack=unpack, log=log)
+    return _fingerprints(listing, settings, changed_sources.pending(settings.out_root))
 
 
-def _fingerprints(listing: RawListing, settings: Settings) -> dict[str, str]:
+def _fingerprints(listing: RawListing, settings: Settings,
+                  changed: dict[str, changed_sources.Marker] | None = None) -> dict[str, str]:
     """Each stage's input fingerprint for this listing: what a stage records when it is built, and
-    what `stale_stages` compares that record with."""
+    what `stale_stages` compares that record with. `changed`: the markers of tars whose bytes a
+    shard run found changed since indexing (core/changed_sources.py): while there is one, the
+    index (and so the plan) is stale, though the listing is the same."""
     # Each from what it reads: a words.txt or gloss.txt edit makes only the synset manifest stale.
     raw = _h("raw_tars", listing.tars_fingerprint)
     synsets = _h("synset_manifest", listing.fingerprint)
     # issue 17: + the eval set's listing digest and the dedup mode (nothing under the defaults)
-    index = _h("filtered_index", listing.tars_fingerprint, INDEX_VERSION, *index_inputs(settings))
+    marks = changed_sources.digest(changed or {})
+    index = _h("filtered_index", listing.tars_fingerprint, INDEX_VERSION, *index_inputs(settings), *([marks] if marks else []))
     plan = _h("shuffled_plan", index, settings.seed, settings.num_shards, settings.holdout, PLAN_VERSION)
     return {"raw_tars": raw, "synset_manifest": synsets, "filtered_index": index, "shuffled_plan": plan}
 
@@ -58,6 +65,8 @@ def stale_stages(settings: Settings, log: Log = print) -> list[str]:
     if not fs.exists(settings.catalog):
         return list(want)
     with Catalog(settings.catalog, read_only=True) as cat:  # a reader: never the write lock
+        # what the stages' records vouch for is read whole first: damage raises CatalogDamaged
+        cat.check_intact()
         have = {stage: cat.stage_fingerprint(stage) for stage in want}
     stale = [s for s in want if have[s] != want[s]]
     index = read_index(settings.out_root)
@@ -72,12 +81,10 @@ def build_raw_tars(settings: Settings, run_id: str, log: Log = print) -> dict:
     check_catalog_volume(settings.catalog)  # before unpacking a release into a throwaway container
     listing = list_raw(settings.raw_root, unpack=True, log=log)
     if not listing.tars:
-        raise FileNotFoundError(
-            f"no <wnid>.tar files under IMNET_RAW_ROOT={settings.raw_root} "
-            f"(run `imnet sample-raw {settings.raw_root}` for a small synthetic release)"
-        )
-    for name in listing.ignored:
-        log(f"ignoring {name} under the raw root (not <wnid>.tar, words.txt or gloss.txt)")
+        raise RawLayoutError(listing.no_synsets(settings.raw_root))
+    wanted = "<wnid>/ folders" if listing.layout == "folders" else "<wnid>.tar"
+    for name in [*listing.ignored, *(f"{f}/" for f in listing.ignored_folders)]:
+        log(f"ignoring {name} under the raw root (not {wanted}, words.txt or gloss.txt)")
     with Catalog(settings.catalog) as cat:
         with staged_csv(["tar", "wnid", "size", "mtime"], inventory(listing)) as path, cat.transaction():
             cat.run("raw_tars_stage", {"path": path})
@@ -85,6 +92,7 @@ def build_raw_tars(settings: Settings, run_id: str, log: Log = print) -> dict:
             cat.set_stage("raw_tars", _fingerprints(listing, settings)["raw_tars"], run_id)
         facts = cat.one("raw_tars_summary")
     facts["ignored_files"] = len(listing.ignored)
+    facts["layout"] = listing.layout
     facts["fingerprint"] = listing.tars_fingerprint
     return facts
 
@@ -104,21 +112,30 @@ def build_synset_manifest(settings: Settings, run_id: str, log: Log = print) -> 
 
 # Rows are committed IMNET_INDEX_BATCH_ROWS at a time (200,000 by default), or every
 INDEX_BATCH_SECONDS = 60.0  # at most, so that a kill costs at most about a minute of scanning
-SCAN_FIELDS = ["tar", "size", "mtime", "num_records", "index_version"]
+SCAN_FIELDS = ["tar", "size", "mtime", "num_records", "index_version", "accounted_bytes", "damaged_bytes"]
 
 
 def build_filtered_index(settings: Settings, run_id: str, log: Log = print) -> dict:
     """Scan new or changed tars (in parallel processes); unchanged tars keep their rows.
+
+    Changed also means marked by a shard run that found a tar's bytes changed in place (same size
+    and mtime: core/changed_sources.py); those markers are removed once the new rows are in.
+    Each tar's walk must account for exactly its listed size (index.check_accounted): a read that
+    came back short fails the stage naming the tar, and nothing is recorded for it.
 
     Crash safety: a tar's rows and its scan record (`tar_scans`, and its member count in
     `raw_tars`) are committed in one transaction, batch by batch, so a process killed at any
     moment leaves only whole tars recorded as scanned; the next run scans the others again.
     """
     listing = list_raw(settings.raw_root)
+    changed = changed_sources.pending(settings.out_root)
     started = time.perf_counter()
     with Catalog(settings.catalog) as cat:
         scanned = {t: (s, m, v) for t, s, m, v in cat.rows("index_scanned")}
-        todo = [t for t in listing.tars if scanned.get(t["name"]) != (t["size"], t["mtime"], INDEX_VERSION)]
+        todo = [t for t in listing.tars
+                if scanned.get(t["name"]) != (t["size"], t["mtime"], INDEX_VERSION) or t["name"] in changed]
+        for tar in sorted(changed):
+            log(f"{changed[tar].describe()}: indexing it again")
         with staged_csv(["tar"], [(t["name"],) for t in todo]) as path, cat.transaction():
             cat.run("index_stage_rescan", {"path": path})
             cat.run("index_forget_tars")
@@ -131,8 +148,15 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print) -> d
         for n, (url, records) in enumerate(scan_tars(by_url, settings.workers, log=log,
                                                               sizes={u: t["size"] for u, t in by_url.items()}), 1):
             t = by_url[url]
+            try:
+                check_accounted(t["name"], records, t["size"])
+            except ReadShort:
+                if rows:
+                    _commit_scans(cat, rows, scans)  # the tars before it were read whole
+                raise
             rows.extend(records)
-            scans.append((t["name"], t["size"], t["mtime"], len(records), INDEX_VERSION))
+            scans.append((t["name"], t["size"], t["mtime"], len(records), INDEX_VERSION,
+                          records.counted.structure, records.counted.damaged))
             done_bytes += t["size"]
             if (len(rows) >= settings.index_batch_rows or n == len(todo)
                     or time.monotonic() - flushed >= INDEX_BATCH_SECONDS):
@@ -143,7 +167,13 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print) -> d
             overlaps = settle_index(cat, settings, run_id, log)  # issue 17: eval overlaps, duplicate_of, dedup
             cat.run("index_duplicates")
             cat.run("index_count_kept")
+            # recorded as it will be once the markers acted on are removed (below)
             cat.set_stage("filtered_index", _fingerprints(listing, settings)["filtered_index"], run_id)
+            # The plan is made from these rows. Its fingerprint holds the index's input, which a tar
+            # scanned again for a marker leaves as it was: so the plan is made again, whatever it holds.
+            cat.clear_stage("shuffled_plan")
+        # after the commit: a kill before this leaves the markers, and the tars are scanned once more
+        changed_sources.clear(settings.out_root, changed)
         facts = cat.one("index_summary")
         facts["reasons"] = cat.rows("index_reasons")
         facts.update(overlaps)  # issue 17

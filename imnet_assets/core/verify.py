@@ -352,6 +352,7 @@ def check_committed_shard(out_root: str, shard_key: str, shard_name: str, decode
 # bytes the workers built (their sha256), so the coordinator never hashes the file again.
 
 CHECK_CHUNK_BYTES = 16 << 20  # the read-back is split at sample boundaries into chunks about this size
+CHECK_RETRIES = 3  # deaths of the worker checking one chunk (a kill, a time-out) before the check fails
 
 
 @dataclass
@@ -364,11 +365,14 @@ class CheckChunkJob:
     end: int | None  # None: to the end of the file (the last chunk, which holds the tar's end)
     expected: list[dict]
     decode: list[bool]
+    time_limit: float | None = None  # seconds (IMNET_IMAGE_TIMEOUT): the pool kills a worker past it
 
     def prefetch(self, readers):
         return None
 
-    def run(self, _state=None, _mark=None) -> tuple[list[str], list[str], bool]:
+    def run(self, _state=None, mark=None) -> tuple[list[str], list[str], bool]:
+        if mark is not None:
+            mark(0)  # the whole chunk is one item for the pool's time limit
         # A fresh open, never the raw tars' reader: it keeps files open, and a rebuilt shard is
         # another file under the same name.
         with fs.open_read(self.url) as f:
@@ -447,6 +451,8 @@ def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, dec
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    from ..settings import image_timeout
+
     def decode(rec: dict, i: int) -> bool:
         if decoded_in_workers:
             return False
@@ -463,18 +469,18 @@ def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, dec
                 cuts.append(i)
                 at = r["offset"]
     jobs = []
+    limit = image_timeout()
     for a, b in zip(cuts, [*cuts[1:], None]):
         start = expected_samples[a]["offset"] if a else 0
         end = expected_samples[b]["offset"] if b is not None else None
-        jobs.append(CheckChunkJob(url, start, end, expected_samples[a:b], flags[a:b]))
+        jobs.append(CheckChunkJob(url, start, end, expected_samples[a:b], flags[a:b], limit))
     problems: list[str] = []
     spans = all("sample_sha256" in r and "offset" in r for r in expected_samples)
     try:
         with ThreadPoolExecutor(1) as hasher:
             digest_future = None if spans else hasher.submit(_file_sha256, url)
             if workers > 1:
-                pool = shared_pool(workers)
-                results = [f.result() for f in [pool.submit(j, priority) for j in jobs]]
+                results = _run_in_pool(shared_pool(workers), jobs, priority)
             else:
                 results = [j.run() for j in jobs]
             intact = all(r[2] for r in results) if spans else digest_future.result() == tar_sha256
@@ -489,6 +495,23 @@ def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, dec
     if order:
         problems.append(order)
     return problems
+
+
+def _run_in_pool(pool, jobs: list[CheckChunkJob], priority: int) -> list:
+    """The jobs' results, in order; a job whose worker died (killed from outside, past its time
+    limit) is run again in a fresh one, up to CHECK_RETRIES times, then WorkerDied is raised."""
+    futures = [pool.submit(j, priority) for j in jobs]
+    results = []
+    for job, future in zip(jobs, futures):
+        for tries in range(CHECK_RETRIES + 1):
+            try:
+                results.append(future.result())
+                break
+            except WorkerDied:
+                if tries == CHECK_RETRIES:
+                    raise
+                future = pool.submit(job, priority)
+    return results
 
 
 def _file_sha256(url: str) -> str:

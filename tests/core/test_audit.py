@@ -330,6 +330,14 @@ def test_check_info_wants_exactly_the_document_the_audit_writes(copy):
     ("UPDATE raw_tars SET num_members = NULL WHERE tar = '{tar}'", "tar {tar}: never fully indexed"),
     # a kept image that the plan does not hold
     ("DELETE FROM plan WHERE rowid = (SELECT min(rowid) FROM plan)", "kept by the index but not planned: 1 images"),
+    # the bytes its walk read do not add up to the size its listing gave (a read cut short)
+    ("UPDATE tar_scans SET accounted_bytes = accounted_bytes - 512 WHERE tar = '{tar}'", "tar {tar}: its walk read "),
+    ("UPDATE raw_tars SET size = size + 1 WHERE tar = '{tar}'", "tar {tar}: its walk read "),
+    # damage bytes that no damage row records
+    ("UPDATE tar_scans SET damaged_bytes = 512, accounted_bytes = accounted_bytes - 512 WHERE tar = '{tar}'",
+     "tar {tar}: its walk read 512 bytes of damage, but no damage row records them"),
+    # scanned by an indexer that did not count bytes
+    ("UPDATE tar_scans SET accounted_bytes = NULL WHERE tar = '{tar}'", "tar {tar}: no count of the bytes its walk read"),
 ])
 def test_the_audit_fails_naming_the_tar_or_shard_that_does_not_add_up(copy, damage, named):
     tar = sorted(n for n in os.listdir(copy.settings.raw_root) if n.endswith(".tar"))[0]

@@ -1,13 +1,20 @@
 """Process pools: workers start from a forkserver that already holds the modules pools run, and
-the main script's imports (exit-with-parent is covered by tests/integration/test_crash_safety.py)."""
+the main script's imports (exit-with-parent is covered by tests/integration/test_crash_safety.py).
+The shared worker pool: a job's fault (an exception, an unreadable reply, a job that does not
+pickle or unpickle) fails that job only; late replies are dropped; a hung job is killed past its
+time limit; a worker stopped holding big jobs, or halfway through a reply, does not stall the
+dispatcher."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 import time
 import types
+
+import pytest
 
 from imnet_assets.core import procpool
 
@@ -104,3 +111,234 @@ def test_worker_pool_serves_the_oldest_runs_jobs_first():
     finished = sorted(f.result(timeout=60) for f in [blocker, *queued])
     order = [name for name, _ in sorted(finished, key=lambda r: r[1])]
     assert order == ["blocker", "older-0", "older-1", "older-2", "younger-0", "younger-1", "younger-2"]
+
+
+def test_no_worker_starts_once_the_process_exits_and_the_exit_prints_nothing(tmp_path):
+    """At exit, multiprocessing terminates the pool's workers while its dispatcher thread still
+    runs. It must not start replacements then: a start that the exit cut short left the forked child
+    printing an EOFError traceback (`preparation_data = reduction.pickle.load(from_parent)`), about
+    one exit in ten. Real processes exit here; an exit hook that runs after multiprocessing's (it is
+    registered before multiprocessing is imported) counts the workers the pool ever started."""
+    import subprocess
+
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "import atexit, sys, time\n"
+        "def report():\n"
+        "    time.sleep(1.0)  # the dispatcher has seen the terminated workers by now\n"
+        "    print('started', pool.started, flush=True)\n"
+        "atexit.register(report)\n"
+        "from imnet_assets.core.procpool import shared_pool\n"
+        "pool = shared_pool(2)\n"
+        "deadline = time.time() + 60\n"
+        "while len(pool.pids()) < 2 and time.time() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        "time.sleep(float(sys.argv[1]))\n"
+    )
+    procs = [subprocess.Popen([sys.executable, str(script), str(0.5 * i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert out == "started 2\n" and err == "", (out, err)
+
+
+# ----------------------------------------------------------------------------- a job's faults stay its own
+
+
+def _refuse_to_load():
+    raise ValueError("this object cannot be unpickled here")
+
+
+class Unloadable:
+    """Pickles fine; unpickling it raises (a reply, or a job, the other side cannot read)."""
+
+    def __reduce__(self):
+        return _refuse_to_load, ()
+
+
+@dataclasses.dataclass
+class ReplyJob:
+    """A job whose reply is `value` (or which raises `error`)."""
+
+    value: object = None
+    error: BaseException | None = None
+    payload: bytes = b""  # sent along (a large job fills the socket of a worker that does not read)
+    unloadable_reply: bool = False  # the reply is an Unloadable, made in the worker
+
+    def prefetch(self, readers):
+        return None
+
+    def run(self, state, mark):
+        if self.error is not None:
+            raise self.error
+        return Unloadable() if self.unloadable_reply else self.value
+
+
+@dataclasses.dataclass
+class UnloadableJob:
+    """A job the worker cannot unpickle."""
+
+    def __reduce__(self):
+        return _refuse_to_load, ()
+
+
+@dataclasses.dataclass
+class HangJob:
+    """A job whose item `index` never finishes (a hung codec), with a time limit."""
+
+    time_limit: float | None = 1.0
+    index: int = 0
+
+    def prefetch(self, readers):
+        return None
+
+    def run(self, state, mark):
+        mark(self.index)
+        time.sleep(3600)
+
+
+def test_a_jobs_failure_fails_that_job_only_and_the_pool_goes_on():
+    """An exception in the worker, a reply that cannot be unpickled, a job that cannot be pickled
+    and a job the worker cannot unpickle each fail their own future; the jobs around them (of two
+    "runs", at two priorities) succeed, and no worker is replaced (none died)."""
+    pool = procpool.WorkerPool(2, depth=2)
+    older, younger = procpool.next_priority(), procpool.next_priority()
+    good = [pool.submit(ReplyJob(value=("older", i)), older) for i in range(6)]
+    bad_reply = pool.submit(ReplyJob(unloadable_reply=True), younger)
+    good += [pool.submit(ReplyJob(value=("younger", i)), younger) for i in range(6)]
+    raising = pool.submit(ReplyJob(error=KeyError("in the worker")), older)
+    unpicklable = pool.submit(ReplyJob(value=lambda: None), younger)  # a lambda does not pickle
+    unloadable = pool.submit(UnloadableJob(), older)
+    good += [pool.submit(ReplyJob(value=("after", i)), younger) for i in range(6)]
+    assert [f.result(timeout=120) for f in good] == (
+        [("older", i) for i in range(6)] + [("younger", i) for i in range(6)] + [("after", i) for i in range(6)])
+    with pytest.raises(procpool.ReplyUnreadable, match="cannot be unpickled: ValueError: this object cannot"):
+        bad_reply.result(timeout=60)
+    with pytest.raises(KeyError, match="in the worker"):
+        raising.result(timeout=60)
+    with pytest.raises(Exception, match="lambda|pickle"):
+        unpicklable.result(timeout=60)
+    with pytest.raises(ValueError, match="this object cannot be unpickled"):
+        unloadable.result(timeout=60)
+    assert pool.started == 2  # every fault was one job's: no worker died
+    # and the same workers keep serving
+    assert [pool.submit(ReplyJob(value=i)).result(timeout=60) for i in range(4)] == [0, 1, 2, 3]
+
+
+def test_replies_to_jobs_the_dispatcher_gave_up_on_are_dropped():
+    """The dispatcher's last resort (a fault of its own) fails every job it holds; the workers'
+    replies to them arrive later and are dropped, never settling (or failing) a later job."""
+    pool = procpool.WorkerPool(1, depth=4)
+    slow = [pool.submit(StampJob(f"slow-{i}", 0.5)) for i in range(3)]
+    deadline = time.monotonic() + 60
+    while not slow[0].running() and time.monotonic() < deadline:  # the worker holds them all
+        time.sleep(0.01)
+    pool._fail_everything(RuntimeError("the dispatcher failed"))  # what its loop does on an internal error
+    for f in slow:
+        with pytest.raises(RuntimeError, match="the dispatcher failed"):
+            f.result(timeout=10)
+    later = [pool.submit(StampJob(f"later-{i}")) for i in range(5)]
+    assert [f.result(timeout=60)[0] for f in later] == [f"later-{i}" for i in range(5)]
+    assert pool.started == 1
+
+
+def test_a_hung_job_is_killed_past_its_time_limit_and_fails_alone():
+    """A job whose item runs past its `time_limit` gets its worker SIGKILLed: it fails with
+    WorkerDied naming the item and the limit; the worker is replaced; jobs on the other worker
+    finish meanwhile, and the jobs queued behind the hung one fail as held (no culprit)."""
+    pool = procpool.WorkerPool(2, depth=2)
+    hung = pool.submit(HangJob(time_limit=1, index=3))
+    deadline = time.monotonic() + 60
+    while not pool.working_on() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    [(pid, job, index)] = pool.working_on()
+    assert isinstance(job, HangJob) and index == 3
+    others = [pool.submit(StampJob(f"other-{i}", 0.05)) for i in range(10)]
+    with pytest.raises(procpool.WorkerDied) as died:
+        hung.result(timeout=120)
+    assert died.value.culprit == 3 and died.value.timed_out == 1 and died.value.exitcode == -signal.SIGKILL
+    assert not died.value.crashed and "time limit of 1 s" in str(died.value)
+    assert not procpool.pid_alive(pid)
+    finished = 0
+    for f in others:  # the ones that sat behind the hung job died with it, as held jobs
+        try:
+            assert f.result(timeout=120)[0].startswith("other-")
+            finished += 1
+        except procpool.WorkerDied as e:
+            assert e.culprit is None and e.timed_out is None
+    assert finished >= 9
+    deadline = time.monotonic() + 60
+    while pool.started < 3 and time.monotonic() < deadline:  # replaced right after the futures failed
+        time.sleep(0.01)
+    assert pool.started == 3 and pid not in pool.pids() and len(pool.pids()) == 2
+
+
+def test_the_dispatcher_does_not_block_on_a_stopped_worker():
+    """A worker stopped (SIGSTOP) while holding jobs too big for its socket's buffer: the
+    dispatcher queues what the socket does not take and goes on serving the other worker; once
+    continued, the stopped worker finishes its jobs."""
+    pool = procpool.WorkerPool(2, depth=2)
+    # Wait until both workers are up and listening, then stop the first.
+    assert [pool.submit(ReplyJob(value=i)).result(timeout=120) for i in range(4)] == [0, 1, 2, 3]
+    victim = pool.pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        big = b"x" * (8 << 20)  # 8 MB a job: the socket's buffer takes a fraction of that
+        # The first goes to the stopped worker (both idle: the first worker is taken); it takes at
+        # most `depth` of them, whichever.
+        jobs = [pool.submit(ReplyJob(value=i, payload=big if i < 4 else b"")) for i in range(24)]
+        deadline = time.monotonic() + 120
+        while sum(f.done() for f in jobs) < 24 - pool.depth and time.monotonic() < deadline:
+            time.sleep(0.02)
+        done = sum(f.done() for f in jobs)
+        assert 24 - pool.depth <= done < 24
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    assert [f.result(timeout=120) for f in jobs] == list(range(24))
+    assert pool.started == 2
+
+
+@dataclasses.dataclass
+class StallMidReplyJob:
+    """A worker that stops (SIGSTOP) in the middle of a reply: it writes a header promising 1 MB and
+    100 bytes of it on its own socket, then stops itself."""
+
+    def prefetch(self, readers):
+        return None
+
+    def run(self, state, mark):
+        import gc
+
+        [conn] = [o for o in gc.get_objects() if isinstance(o, procpool._Channel)]
+        conn.sock.sendall(procpool._HEADER.pack(1 << 20, 123456789) + b"x" * 100)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        time.sleep(3600)
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return stat[stat.rfind(b")") + 2:].split()[0] in (b"T", b"t")
+
+
+def test_the_dispatcher_does_not_block_on_a_worker_stopped_mid_reply():
+    """A worker stopped halfway through sending a reply: the dispatcher keeps what came and serves
+    the other worker meanwhile; killed, the stopped worker's job fails alone and it is replaced."""
+    pool = procpool.WorkerPool(2, depth=1)
+    assert [pool.submit(ReplyJob(value=i)).result(timeout=120) for i in range(4)] == [0, 1, 2, 3]
+    stall = pool.submit(StallMidReplyJob())
+    deadline = time.monotonic() + 60
+    stopped: list[int] = []
+    while not stopped and time.monotonic() < deadline:
+        stopped = [p for p in pool.pids() if _stopped(p)]
+        time.sleep(0.01)
+    assert stopped, "the worker never stopped"
+    rest = [pool.submit(ReplyJob(value=f"rest-{i}")) for i in range(20)]
+    assert [f.result(timeout=120) for f in rest] == [f"rest-{i}" for i in range(20)]
+    assert not stall.done()
+    os.kill(stopped[0], signal.SIGKILL)
+    with pytest.raises(procpool.WorkerDied, match="signal 9"):
+        stall.result(timeout=60)
+    assert [pool.submit(ReplyJob(value=i)).result(timeout=120) for i in range(4)] == [0, 1, 2, 3]
+    assert pool.started == 3

@@ -14,7 +14,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from imnet_assets.core import changed_sources
 from imnet_assets.core import shard as shard_mod
+from imnet_assets.core.changed_sources import SourceChanged
 from imnet_assets.core.encode import EncodeSettings
 from imnet_assets.core.plan import SliceRow, read_slice, write_slice
 from imnet_assets.core.shard import (
@@ -222,7 +224,9 @@ def test_undecodable_source_becomes_an_exclusion(raw, tmp_path):
     assert verify_shard(str(out), KEY, NAME) == []
 
 
-def test_changed_source_bytes_become_an_exclusion_with_a_clear_reason(raw, tmp_path):
+def test_changed_source_bytes_fail_the_run_naming_tar_and_member_and_mark_the_tar(raw, tmp_path):
+    """Bytes that changed since indexing are no property of the image: never an exclusion. The
+    run fails naming the tar and member, commits nothing, and marks the tar for the index."""
     out = tmp_path / "out"
     write_slice(str(out), KEY, planned(raw.rows, ORDER))
     victim = raw.rows[1]  # n01440764_37
@@ -232,26 +236,22 @@ def test_changed_source_bytes_become_an_exclusion_with_a_clear_reason(raw, tmp_p
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
-    build(out, raw.root)
-    manifest = read_manifest(str(out), KEY)
-    assert [e["key"] for e in manifest["excluded"]] == [victim[0]]
-    reason = manifest["excluded"][0]["reason"]
-    assert "sha256" in reason and victim[3] in reason and "changed" in reason
-    assert manifest["num_samples"] == 5
-    assert verify_shard(str(out), KEY, NAME) == []
+    with pytest.raises(SourceChanged, match=rf"raw tar {victim[3]} member {victim[4]} at byte {victim[5]}: sha256"):
+        build(out, raw.root)
+    assert sorted(os.listdir(out)) == ["_manifests", "_plan"]  # no shard, no manifest, no commit record
+    assert list(changed_sources.pending(str(out))) == [victim[3]]
 
 
-def test_raw_tar_shorter_than_indexed_becomes_an_exclusion(raw, tmp_path):
+def test_raw_tar_shorter_than_indexed_fails_the_run_naming_tar_and_member(raw, tmp_path):
     out = tmp_path / "out"
     write_slice(str(out), KEY, planned(raw.rows, ORDER))
     last = raw.rows[2]  # the last member of the first tar
     with open(raw.root / last[3], "r+b") as f:
         f.truncate(last[5] + last[6] // 2)
-    build(out, raw.root)
-    manifest = read_manifest(str(out), KEY)
-    assert [e["key"] for e in manifest["excluded"]] == [last[0]]
-    assert "shorter" in manifest["excluded"][0]["reason"]
-    assert manifest["num_samples"] == 5
+    with pytest.raises(SourceChanged, match=rf"raw tar {last[3]} member {last[4]} .*a read of {last[6] // 2} of"):
+        build(out, raw.root, workers=2)
+    assert read_manifest(str(out), KEY) is None
+    assert list(changed_sources.pending(str(out))) == [last[3]]
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -3,10 +3,18 @@ not the shard, and leaves it byte-identical; an image that kills its encoder eve
 segfault, through the IMNET_TEST_CRASH_SHA256 test hook) is excluded naming the crash; a check that
 fails (a byte of the committed tar corrupted between commit and check) leaves the shard not fresh;
 keys longer than a ustar name or not ASCII are written (pax records) and read back by webdataset;
-two shard runs in two threads share one pool."""
+two shard runs in two threads share one pool.
+
+Which deaths count (SPEC "Failure behaviour"): an OOM storm (kill -9 of encode processes) gives
+the byte-identical shard; the same image killed every time fails the run naming it; a hung codec
+is killed past IMNET_IMAGE_TIMEOUT and fails its run naming the image while a run beside it is
+built; SIGABRT twice excludes; an unreadable reply fails one job beside a shard run; the check's
+chunk whose worker is killed is checked again. Never an exclusion for a kill or a hang."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -21,7 +29,7 @@ import webdataset as wds
 
 from imnet_assets.core import procpool
 from imnet_assets.core import shard as shard_mod
-from imnet_assets.core.encode import EncodeSettings
+from imnet_assets.core.encode import EncodeSettings, encode_image
 from imnet_assets.core.plan import write_slice
 from imnet_assets.core.shard import build_shard, fingerprint, read_manifest, shard_state
 from tests.core.test_shard import jpeg, planned, write_raw_tar
@@ -58,7 +66,8 @@ def photos(tmp_path_factory):
     write_slice(str(out), KEY, planned(raw.rows, list(range(len(raw.rows)))[::-1]))
     reference = build(out, raw, workers=1)
     assert reference.problems == [] and reference.num_samples == 32
-    return types.SimpleNamespace(raw=raw, reference=(out / NAME).read_bytes(), tmp=tmp)
+    return types.SimpleNamespace(raw=raw, reference=(out / NAME).read_bytes(), tmp=tmp,
+                                 manifest=read_manifest(str(out), KEY))
 
 
 def test_a_worker_killed_mid_shard_is_replaced_and_the_shard_is_byte_identical(photos, tmp_path):
@@ -71,11 +80,10 @@ def test_a_worker_killed_mid_shard_is_replaced_and_the_shard_is_byte_identical(p
     def kill_one_while_encoding():
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not killed:
-            with pool._lock:
-                busy = [w for w in pool._workers if w.slot[1] >= 0 and w.proc.pid]
+            busy = pool.working_on()
             if busy:  # a worker inside encode_image: kill it for real
-                os.kill(busy[0].proc.pid, signal.SIGKILL)
-                killed.append(busy[0].proc.pid)
+                os.kill(busy[0][0], signal.SIGKILL)
+                killed.append(busy[0][0])
             time.sleep(0.001)
 
     killer = threading.Thread(target=kill_one_while_encoding)
@@ -242,3 +250,220 @@ def test_check_committed_from_a_manifest_alone(photos, tmp_path, workers):
     problems = check(url, samples, manifest["sha256"], False, decode_every=1, workers=workers)
     assert "tar sha256 differs from its manifest" in problems
     assert any("sha256 differs from the manifest" in p for p in problems), problems
+
+
+# ----------------------------------------------------------------------------- which deaths count
+# Codecs that misbehave on one image (module level, so the pool's workers import them by name;
+# functools.partial carries the victim's source sha256). Every other image gets encode_image.
+
+
+def _is(victim: str, data: bytes) -> bool:
+    return hashlib.sha256(data).hexdigest() == victim
+
+
+def slow_on(victim: str, seconds: float, data, settings):
+    """Takes `seconds` more on the victim (so a test can catch its worker at it), then encodes it."""
+    if _is(victim, data):
+        time.sleep(seconds)
+    return encode_image(data, settings)
+
+
+def hang_on(victim: str, data, settings):
+    """Never finishes the victim (a hung codec)."""
+    if _is(victim, data):
+        time.sleep(3600)
+    return encode_image(data, settings)
+
+
+def abort_on(victim: str, data, settings):
+    """Aborts (SIGABRT, as a failed assertion in a codec does) on the victim."""
+    if _is(victim, data):
+        os.abort()
+    return encode_image(data, settings)
+
+
+def kill_while_encoding(pool, key: str, times: int, stop: threading.Event, killed: list[tuple[str, int]],
+                        others: int = 0) -> None:
+    """A real SIGKILL (as the OOM killer sends) of each worker caught encoding the image `key`, up to
+    `times` times, and of up to `others` workers caught encoding other images, once per image.
+    `killed`: (key, pid) of each kill."""
+    deadline = time.monotonic() + 120
+    while not stop.is_set() and time.monotonic() < deadline:
+        keys = [k for k, _ in killed]
+        for pid, job, index in pool.working_on():
+            if not isinstance(job, shard_mod.EncodeJob):  # the check's jobs: not encoding
+                continue
+            at = job.rows[index].key
+            if keys.count(at) >= (times if at == key else 1) or (at != key and len(keys) - keys.count(key) >= others):
+                continue
+            os.kill(pid, signal.SIGKILL)
+            killed.append((at, pid))
+            time.sleep(0.05)  # let the pool see the death before looking again
+            break
+        time.sleep(0.002)
+
+
+def test_an_oom_storm_retries_and_gives_the_same_shard(photos, tmp_path):
+    """Repeated kill -9 of encode processes during a shard run (an OOM storm): the image caught
+    most is killed KILLS_TO_FAIL - 1 times, four others once each. Nothing is excluded and the
+    shard is byte for byte an undisturbed build's."""
+    out = tmp_path / "out"
+    rows = photos.raw.rows
+    write_slice(str(out), KEY, planned(rows, list(range(len(rows)))[::-1]))
+    victim = rows[20]
+    pool = procpool.shared_pool(2)
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_while_encoding,
+                              args=(pool, victim[0], shard_mod.KILLS_TO_FAIL - 1, stop, killed, 4))
+    killer.start()
+    logs: list[str] = []
+    try:
+        result = build(out, photos.raw, log=logs.append, encode=functools.partial(slow_on, victim[7], 0.3))
+    finally:
+        stop.set()
+        killer.join()
+    on_victim = [pid for key, pid in killed if key == victim[0]]
+    assert len(on_victim) == shard_mod.KILLS_TO_FAIL - 1 and len(killed) >= len(on_victim) + 2, killed
+    assert not any(procpool.pid_alive(pid) for _, pid in killed)
+    kills = [m for m in logs if "killed from outside" in m]
+    assert sum(victim[0] in m for m in kills) == shard_mod.KILLS_TO_FAIL - 1, logs
+    assert len(kills) == len(killed), logs  # each kill cost a retry of its image, nothing more
+    assert result.excluded == [] and result.problems == [] and result.num_samples == len(rows)
+    assert (out / NAME).read_bytes() == photos.reference
+    assert shard_state(str(out), KEY, NAME, read_manifest(str(out), KEY)["fingerprint"]) == "fresh"
+
+
+def test_an_image_killed_from_outside_every_time_fails_the_run_naming_it(photos, tmp_path):
+    """SIGKILL of the worker holding the same image, every time: after KILLS_TO_FAIL kills the run
+    fails naming the image, and commits nothing; it is never an exclusion."""
+    out = tmp_path / "out"
+    rows = photos.raw.rows[:8]
+    write_slice(str(out), KEY, planned(rows, list(range(len(rows)))))
+    victim = rows[3]
+    pool = procpool.shared_pool(2)
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_while_encoding, args=(pool, victim[0], 99, stop, killed))
+    killer.start()
+    try:
+        with pytest.raises(shard_mod.EncoderKilled, match=rf"killed from outside \(signal 9.*\) "
+                           rf"{shard_mod.KILLS_TO_FAIL} times while encoding {victim[0]} \(n01440764.tar@"):
+            build(out, photos.raw, encode=functools.partial(slow_on, victim[7], 0.3))
+    finally:
+        stop.set()
+        killer.join()
+    assert [key for key, _ in killed] == [victim[0]] * shard_mod.KILLS_TO_FAIL
+    assert sorted(os.listdir(out)) == ["_plan"]  # no shard, no manifest, no commit record
+
+
+def test_a_hung_codec_is_killed_past_the_time_limit_and_fails_its_run_alone(photos, tmp_path, monkeypatch):
+    """An image whose codec never returns: past IMNET_IMAGE_TIMEOUT (1 s here) its worker is killed
+    and the image retried in a fresh one; after TIMEOUTS_TO_FAIL tries the run fails naming it, and
+    commits nothing. A shard run beside it, on the same pool, is built whole meanwhile."""
+    monkeypatch.setenv("IMNET_IMAGE_TIMEOUT", "1")
+    rows = photos.raw.rows
+    hung_out, other_out = tmp_path / "hung", tmp_path / "other"
+    write_slice(str(hung_out), KEY, planned(rows[:8], list(range(8))))
+    write_slice(str(other_out), KEY, planned(rows, list(range(len(rows)))[::-1]))
+    victim = rows[2]
+    pool = procpool.shared_pool(2)
+    seen: set[int] = set()
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.update(pid for pid, job, i in pool.working_on()  # the hung run's, not the other's
+                        if isinstance(job, shard_mod.EncodeJob) and job.encode is not None
+                        and job.rows[i].key == victim[0])
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    other: dict = {}
+    beside = threading.Thread(target=lambda: other.setdefault("result", build(other_out, photos.raw)))
+    logs: list[str] = []
+    started = time.monotonic()
+    try:
+        beside.start()
+        with pytest.raises(shard_mod.EncoderKilled, match=rf"encoding {victim[0]} \(n01440764.tar@\d+\) ran past "
+                           rf"IMNET_IMAGE_TIMEOUT \(1 s\) {shard_mod.TIMEOUTS_TO_FAIL} times"):
+            build(hung_out, photos.raw, log=logs.append, encode=functools.partial(hang_on, victim[7]))
+    finally:
+        beside.join()
+        stop.set()
+        watcher.join()
+    assert time.monotonic() - started < 60
+    assert sum("ran past IMNET_IMAGE_TIMEOUT" in m for m in logs) == shard_mod.TIMEOUTS_TO_FAIL, logs
+    assert sorted(os.listdir(hung_out)) == ["_plan"]
+    assert len(seen) == shard_mod.TIMEOUTS_TO_FAIL and not any(procpool.pid_alive(p) for p in seen)
+    assert other["result"].problems == [] and (other_out / NAME).read_bytes() == photos.reference
+
+
+def test_an_image_that_aborts_its_encoder_twice_is_excluded(photos, tmp_path):
+    """SIGABRT (a codec's failed assertion) is a crash the image causes: twice, it is excluded
+    naming the crashes; every other sample is the undisturbed build's."""
+    out = tmp_path / "out"
+    rows = photos.raw.rows
+    write_slice(str(out), KEY, planned(rows, list(range(len(rows)))[::-1]))
+    victim = rows[7]
+    result = build(out, photos.raw, encode=functools.partial(abort_on, victim[7]))
+    manifest = read_manifest(str(out), KEY)
+    assert manifest["excluded"] == [{"key": victim[0], "position": len(rows) - 1 - 7,
+                                     "reason": "encoder process died 2 times (signal 6, signal 6) while encoding"}]
+    assert result.problems == [] and result.num_samples == len(rows) - 1
+    assert manifest["samples"] == [s for s in photos.manifest["samples"] if s["key"] != victim[0]]
+
+
+def test_an_unreadable_reply_fails_one_job_while_a_shard_run_beside_it_succeeds(photos, tmp_path):
+    """A job on the shared pool whose reply cannot be unpickled fails alone: a shard run sharing
+    the pool at the same time is built whole, byte for byte."""
+    from tests.core.test_procpool import ReplyJob
+
+    out = tmp_path / "out"
+    write_slice(str(out), KEY, planned(photos.raw.rows, list(range(len(photos.raw.rows)))[::-1]))
+    pool = procpool.shared_pool(2)
+    bad = [pool.submit(ReplyJob(unloadable_reply=True)) for _ in range(3)]
+    result = build(out, photos.raw)
+    bad += [pool.submit(ReplyJob(unloadable_reply=True)) for _ in range(3)]
+    for f in bad:
+        with pytest.raises(procpool.ReplyUnreadable):
+            f.result(timeout=60)
+    assert result.problems == [] and (out / NAME).read_bytes() == photos.reference
+
+
+@dataclasses.dataclass
+class KilledJob:
+    """A job whose worker is SIGKILLed (as by the OOM killer) on its first `kills` tries: each try
+    leaves a file in `tries`, so a fresh worker knows how many came before."""
+
+    tries: str
+    kills: int
+
+    def prefetch(self, readers):
+        return None
+
+    def run(self, state, mark):
+        mark(0)
+        done = len(os.listdir(self.tries))
+        with open(os.path.join(self.tries, str(done)), "w"):
+            pass
+        if done < self.kills:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return f"after {done} kills"
+
+
+def test_the_checks_chunk_whose_worker_is_killed_is_checked_again(tmp_path):
+    """The in-run check (verify.check_committed) runs its chunks on the shared pool: a chunk whose
+    worker is killed from outside is run again in a fresh worker, up to CHECK_RETRIES times, then
+    the check fails (a problem, so the shard is not recorded as committed), never more."""
+    from imnet_assets.core import verify
+
+    pool = procpool.shared_pool(2)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert verify._run_in_pool(pool, [KilledJob(str(tmp_path / "a"), verify.CHECK_RETRIES)], 0) == [
+        f"after {verify.CHECK_RETRIES} kills"]
+    with pytest.raises(procpool.WorkerDied, match="signal 9"):
+        verify._run_in_pool(pool, [KilledJob(str(tmp_path / "b"), 99)], 0)
+    assert len(os.listdir(tmp_path / "b")) == verify.CHECK_RETRIES + 1

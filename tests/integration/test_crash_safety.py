@@ -227,8 +227,9 @@ def test_a_one_worker_build_elsewhere_is_byte_identical(sample_release, referenc
     shutil.copytree(sample_release[0], raw)
     cwd = tmp_path / "work"
     cwd.mkdir()
-    # Relative out root and catalog, resolved against another working folder.
-    env = build_env(tmp_path, raw, IMNET_OUT_ROOT="out", IMNET_CATALOG="cat/catalog.duckdb", IMNET_WORKERS="1")
+    # Relative out root and catalog, resolved against the project root, another folder than the tests'.
+    env = build_env(tmp_path, raw, IMNET_OUT_ROOT="out", IMNET_CATALOG="cat/catalog.duckdb", IMNET_WORKERS="1",
+                    IMNET_PROJECT_ROOT=str(cwd))
     imnet(["build"], env, cwd=cwd)
     assert (cwd / "cat" / "catalog.duckdb").exists()
     assert_identical(reference, cwd / "out")

@@ -119,6 +119,27 @@ def test_build_records_damaged_tars_and_hostile_names(damaged):
     assert sorted(keys) == sorted(kept) and f"{HOSTILE}_2" in kept
 
 
+def test_tars_cut_on_disk_are_accounted_to_their_last_byte_by_a_damage_row(damaged):
+    """Real damage (tars cut on disk): each tar's walk accounts for its whole size on disk, the
+    bytes it could not read as a tar in damage rows that reach exactly to its end (the audit's
+    conservation passed: the build said shard_audit ok)."""
+    tmp, _env, built, facts = damaged
+    assert "shard_audit      ok" in built.stdout
+    with catalog(tmp) as con:
+        scans = {t: (a, d, r) for t, a, d, r in con.execute(
+            "SELECT s.tar, s.accounted_bytes, s.damaged_bytes, r.size FROM tar_scans s JOIN raw_tars r USING (tar)"
+        ).fetchall()}
+        damage = con.execute('SELECT tar, "offset", size FROM images WHERE sha256 IS NULL').fetchall()
+    for tar, (accounted, damaged_bytes, listed) in scans.items():
+        assert accounted + damaged_bytes == listed == (tmp / "raw" / tar).stat().st_size, tar
+    for key in ("cut_member", "cut_header"):
+        tar, _cut = facts[key]
+        size = (tmp / "raw" / tar).stat().st_size
+        accounted, damaged_bytes, _listed = scans[tar]
+        ends = [(off, min(off + n, size)) for t, off, n in damage if t == tar]
+        assert damaged_bytes > 0 and (accounted, size) in ends, (tar, accounted, damaged_bytes, ends)
+
+
 def members_before(path: Path, cut: tarfile.TarInfo) -> list[str]:
     """Names of the members wholly before the cut member (read from the damaged tar itself)."""
     names = []

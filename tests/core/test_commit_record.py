@@ -1,0 +1,84 @@
+"""The commit record (`<key>.state.json`) vouches only for the bytes the shard check read: its
+stamp is the tar's size and stamp read at the commit, before the check, and read again once the
+check passed; a tar changed in between gets no record, and the run fails naming the shard."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import types
+
+import pytest
+
+from imnet_assets.core.plan import write_slice
+from imnet_assets.core.shard import ShardChangedDuringCheck, build_shard, read_state, shard_state
+from tests.core.test_shard import ENC, KEY, NAME, ORDER, SOURCES, jpeg, planned, write_raw_tar
+
+
+@pytest.fixture
+def raw(tmp_path):
+    """Two raw tars of real JPEGs, and slice rows for all their members (test_shard's)."""
+    root = tmp_path / "raw"
+    root.mkdir()
+    rows = []
+    for label, (wnid, images) in enumerate(sorted(SOURCES.items())):
+        members = [(f"{wnid}_{n}.JPEG", jpeg(w, h, n)) for n, w, h in images]
+        where = write_raw_tar(root / f"{wnid}.tar", members)
+        for (name, data), (_, w, h) in zip(members, images):
+            offset, size = where[name]
+            rows.append([name[:-5], wnid, label, f"{wnid}.tar", name, offset, size,
+                         hashlib.sha256(data).hexdigest(), w, h, False])
+    return types.SimpleNamespace(root=root, rows=rows)
+
+
+def build(out, raw_root, **hooks):
+    return build_shard(out_root=str(out), raw_root=str(raw_root), shard_key=KEY, shard_name=NAME, settings=ENC,
+                       workers=1, run_id="run-test", **hooks)
+
+
+def test_a_tar_rewritten_after_its_check_gets_no_commit_record(raw, tmp_path):
+    """Another writer puts other bytes of the same size at the final path after the check read the
+    committed ones: a record written now would call them checked and fresh."""
+    out = tmp_path / "out"
+    write_slice(str(out), KEY, planned(raw.rows, ORDER))
+
+    def rewrite(url: str) -> None:
+        data = bytearray(open(url, "rb").read())
+        data[700] ^= 0xFF  # inside the first sample's bytes; same size
+        tmp = url + ".other-writer"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, url)
+
+    with pytest.raises(ShardChangedDuringCheck) as err:
+        build(out, raw.root, after_check=rewrite)
+    assert f"shard {KEY}: " in str(err.value) and NAME in str(err.value) and "changed on storage" in str(err.value)
+    assert read_state(str(out), KEY) is None
+    assert shard_state(str(out), KEY, NAME, "any") == "missing"  # not fresh: the next build makes it again
+    build(out, raw.root)  # and it does
+    assert read_state(str(out), KEY) is not None
+
+
+def test_a_tar_touched_while_it_is_checked_gets_no_commit_record(raw, tmp_path):
+    """Same bytes, a new stamp (mtime) between the commit and the check: the record would hold a
+    stamp that was never the committed file's; it is not written."""
+    out = tmp_path / "out"
+    write_slice(str(out), KEY, planned(raw.rows, ORDER))
+
+    def touch(url: str) -> None:
+        st = os.stat(url)
+        os.utime(url, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+
+    with pytest.raises(ShardChangedDuringCheck):
+        build(out, raw.root, after_commit=touch)
+    assert read_state(str(out), KEY) is None
+
+
+def test_the_record_holds_the_stamp_of_the_checked_tar(raw, tmp_path):
+    out = tmp_path / "out"
+    write_slice(str(out), KEY, planned(raw.rows, ORDER))
+    build(out, raw.root)
+    state = read_state(str(out), KEY)
+    st = os.stat(out / NAME)
+    assert state["bytes"] == st.st_size and state["stamp"] == str(st.st_mtime)
+    assert shard_state(str(out), KEY, NAME, state["fingerprint"]) == "fresh"

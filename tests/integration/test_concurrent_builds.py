@@ -1,0 +1,365 @@
+"""Builds that meet, and builds that are told to stop, with `imnet build` run as real processes.
+
+- Two builds started together on a fresh DAGSTER_HOME: neither crashes, no partition runs twice,
+  one refuses naming the other (or finds everything built), and the shards equal a clean build's.
+- A build started while another writes the catalog (inside a stage) refuses at once.
+- A build started while another is writing a shard (the first is frozen with SIGSTOP meanwhile,
+  so the overlap is certain): the second refuses at once naming the first's host and pid.
+- The holder killed with kill -9: a new build takes its lease over and finishes the job.
+- One shard partition materialized by two Dagster processes at once (as the UI, a schedule and
+  a sensor would launch runs): the second run fails naming the first run, is not retried, and
+  the shard is built once.
+- The same on an s3:// out root (moto): refusal, then a kill -9d holder taken over.
+- Four processes creating a fresh DAGSTER_HOME's instance at once: none crashes.
+- SIGTERM stops a build started with SIGINT and SIGTERM ignored, as Ctrl-C does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import build_env, dagster_home, environ, imnet
+from tests.integration.test_crash_safety import (
+    SHARDS,
+    assert_final_shards_complete,
+    assert_identical,
+    group_members,
+    start_build,
+    temp_files,
+    wait_for,
+    wait_gone,
+    writing_shard,
+)
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, sends signals")
+
+BIN = os.path.dirname(sys.executable)
+REFUSED = re.compile(r"imnet: the out root (\S+) is in use by another build: imnet build \(host (\S+), pid (\d+), "
+                     r"since [0-9TZ:-]+\) holds it \(lease \S+\); wait for it to end")
+
+
+@pytest.fixture(scope="module")
+def planned(sample_release, tmp_path_factory):
+    """The sample release's catalog stages and plan (no shards), and a clean build of it."""
+    tmp = tmp_path_factory.mktemp("planned")
+    env = build_env(tmp, sample_release[0])
+    imnet(["build", "--shards", "none"], env)
+    clean = tmp_path_factory.mktemp("clean")
+    shutil.copytree(tmp / "out", clean / "out")
+    shutil.copy(tmp / "catalog.duckdb", clean / "catalog.duckdb")
+    imnet(["build"], {**env, "IMNET_OUT_ROOT": str(clean / "out"), "IMNET_CATALOG": str(clean / "catalog.duckdb")})
+    return tmp, env, clean / "out"
+
+
+def copy_of(planned, tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A private copy of the planned release, with a Dagster home of its own."""
+    tmp, env, _ = planned
+    shutil.copytree(tmp / "out", tmp_path / "out")
+    shutil.copy(tmp / "catalog.duckdb", tmp_path / "catalog.duckdb")
+    return {**env, "IMNET_OUT_ROOT": str(tmp_path / "out"), "IMNET_CATALOG": str(tmp_path / "catalog.duckdb"),
+            "DAGSTER_HOME": str(dagster_home(tmp_path)), **extra}
+
+
+def shard_runs(home: str) -> list:
+    """Every wds_shards run recorded in the instance at `home` (newest first)."""
+    from dagster import DagsterInstance
+
+    with environ(DAGSTER_HOME=home), DagsterInstance.get() as inst:
+        return [r.dagster_run for r in inst.get_run_records() if "dagster/partition" in r.dagster_run.tags]
+
+
+def runs_per_partition(home: str) -> Counter:
+    return Counter(run.tags["dagster/partition"] for run in shard_runs(home))
+
+
+def no_leases_left(out: Path) -> None:
+    assert not (out / "_locks").exists() or not list((out / "_locks").rglob("*.json")), list(out.rglob("_locks/*/*"))
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_two_builds_started_together_on_a_fresh_instance_build_each_shard_once(sample_release, planned, tmp_path):
+    env = build_env(tmp_path, sample_release[0], DAGSTER_HOME=str(dagster_home(tmp_path)))
+    exe = os.path.join(BIN, "imnet")
+    procs = [subprocess.Popen([exe, "build"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert "IntegrityError" not in "".join(outs) and "Traceback" not in "".join(outs), outs
+    assert 0 in codes, outs
+    if codes != [0, 0]:  # the usual case: one refused, naming the other
+        loser, winner = (0, 1) if codes[0] else (1, 0)
+        assert codes[loser] == 1, outs[loser]
+        m = REFUSED.search(outs[loser])
+        assert m and m.group(2) == socket.gethostname() and int(m.group(3)) == procs[winner].pid, outs[loser]
+        assert "shard_audit      ok" in outs[winner], outs[winner]
+    else:  # one ended before the other wanted to write: it found everything built
+        assert any("0 to build" in o for o in outs), outs
+    assert runs_per_partition(env["DAGSTER_HOME"]) == Counter({k: 1 for k in ["0000", "0001", "0002", "0003"]})
+    assert_identical(planned[2], tmp_path / "out")
+    no_leases_left(tmp_path / "out")
+    verify = imnet(["verify"], env, check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_a_build_started_during_another_refuses_naming_it(planned, tmp_path):
+    env = copy_of(planned, tmp_path, IMNET_PARALLEL_SHARDS="1", IMNET_WORKERS="1")
+    out, log = tmp_path / "out", tmp_path / "first.log"
+    first = start_build(env, tmp_path, log)
+    try:
+        wait_for("shard 0000 being written", lambda: writing_shard(out, "0000"), first, log)
+        os.killpg(first.pid, signal.SIGSTOP)  # it holds the out root for as long as this test needs
+        try:
+            started = time.monotonic()
+            second = imnet(["build"], env, check=False, timeout=300)
+            took = time.monotonic() - started
+        finally:
+            os.killpg(first.pid, signal.SIGCONT)
+        assert second.returncode == 1, second.stdout + second.stderr
+        m = REFUSED.search(second.stderr)
+        assert m, second.stderr
+        assert (m.group(1), m.group(2), int(m.group(3))) == (str(out), socket.gethostname(), first.pid)
+        assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+        assert took < 120, took
+        assert first.wait(timeout=300) == 0, log.read_text()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert "shard_audit      ok" in log.read_text()
+    assert runs_per_partition(env["DAGSTER_HOME"]) == Counter({k: 1 for k in ["0000", "0001", "0002", "0003"]})
+    assert_identical(planned[2], out)
+    no_leases_left(out)
+
+
+def holds_a_lock_on(pid: int, path: Path) -> bool:
+    """Whether process `pid` holds a lock on file `path` (/proc/locks: DuckDB's writer lock)."""
+    try:
+        inode = path.stat().st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        if "->" in fields:  # a waiter, not a holder
+            continue
+        if len(fields) >= 6 and fields[4] == str(pid) and fields[5].rsplit(":", 1)[-1] == str(inode):
+            return True
+    return False
+
+
+def test_a_build_started_while_another_writes_the_catalog_refuses_at_once(sample_release, tmp_path):
+    """The first build is inside a catalog stage, holding the catalog's write lock (at full size the
+    index stage holds it for an hour): the second refuses at once, naming it, rather than waiting
+    for the catalog to read the stages' state."""
+    env = build_env(tmp_path, sample_release[0], DAGSTER_HOME=str(dagster_home(tmp_path)))
+    log = tmp_path / "first.log"
+    first = start_build(env, tmp_path, log)
+    try:
+        wait_for("the catalog being written", lambda: holds_a_lock_on(first.pid, tmp_path / "catalog.duckdb"),
+                 first, log, timeout=300)
+        os.killpg(first.pid, signal.SIGSTOP)
+        try:
+            second = imnet(["build"], env, check=False, timeout=120)
+        finally:
+            os.killpg(first.pid, signal.SIGCONT)
+        assert second.returncode == 1, second.stdout + second.stderr
+        m = REFUSED.search(second.stderr)
+        assert m and int(m.group(3)) == first.pid, second.stdout + second.stderr
+        assert "waiting" not in second.stdout + second.stderr
+        assert first.wait(timeout=600) == 0, log.read_text()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert "shard_audit      ok" in log.read_text()
+
+
+def test_a_build_killed_with_sigkill_is_taken_over_by_the_next(planned, tmp_path):
+    env = copy_of(planned, tmp_path, IMNET_PARALLEL_SHARDS="1", IMNET_WORKERS="1")
+    out, log = tmp_path / "out", tmp_path / "build.log"
+    first = start_build(env, tmp_path, log)
+    try:
+        wait_for("shard 0001 being written", lambda: writing_shard(out, "0001"), first, log)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    held = list((out / "_locks").rglob("*.json"))
+    assert any(json.loads(p.read_text())["pid"] == first.pid for p in held), held  # the dead build's leases
+    done = imnet(["build"], env, timeout=300)
+    assert "shard_audit      ok" in done.stdout, done.stdout
+    assert "2 to build" in done.stdout or "3 to build" in done.stdout, done.stdout
+    assert_identical(planned[2], out)
+    assert temp_files(out) == []
+    no_leases_left(out)
+
+
+MATERIALIZE = ["asset", "materialize", "-m", "imnet_assets.definitions", "--select", "wds_shards",
+               "--partition", "0001"]
+
+
+def test_one_partition_materialized_by_two_processes_is_built_once(planned, tmp_path):
+    """Two Dagster runs of partition 0001 in two processes (`dagster asset materialize`, in-process
+    execution as a launched run's worker does): the second fails at once naming the first run, is
+    not retried, and wrote nothing; the first builds the shard."""
+    env = copy_of(planned, tmp_path, IMNET_WORKERS="1")
+    out, log = tmp_path / "out", tmp_path / "first.log"
+    exe = os.path.join(BIN, "dagster")
+    with open(log, "wb") as f:
+        first = subprocess.Popen([exe, *MATERIALIZE], env=env, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    try:
+        wait_for("shard 0001 being written", lambda: writing_shard(out, "0001"), first, log, timeout=300)
+        lease = next((out / "_locks" / "shard-0001").glob("*.json"))
+        holder = json.loads(lease.read_text())
+        os.killpg(first.pid, signal.SIGSTOP)
+        try:
+            second = subprocess.run([exe, *MATERIALIZE], env=env, cwd=tmp_path, capture_output=True, text=True,
+                                    timeout=300)
+        finally:
+            os.killpg(first.pid, signal.SIGCONT)
+        assert first.wait(timeout=300) == 0, log.read_text()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    runs = shard_runs(env["DAGSTER_HOME"])
+    assert len(runs) == 2, runs
+    by_status = {r.status.value: r for r in runs}
+    assert set(by_status) == {"SUCCESS", "FAILURE"}, runs
+    winner, loser = by_status["SUCCESS"], by_status["FAILURE"]
+    assert holder["what"] == f"run {winner.run_id}" and holder["pid"] == first.pid
+    text = second.stdout + second.stderr
+    assert second.returncode != 0
+    assert f"shard 0001 is being built by another run: run {winner.run_id} (host {socket.gethostname()}, " \
+           f"pid {first.pid}," in text, text
+    assert loser.tags.get("dagster/will_retry") == "false", loser.tags  # dagster.yaml's run_retries leave it
+    manifest = json.loads((out / "_manifests" / "0001.json").read_text())
+    assert manifest["run_id"] == winner.run_id
+    clean = planned[2] / "imagenet12k-train-0001.tar"
+    assert (out / "imagenet12k-train-0001.tar").read_bytes() == clean.read_bytes()
+    assert not (out / "imagenet12k-train-0000.tar").exists()
+    no_leases_left(out)
+
+
+INSTANCE = "from imnet_assets.cli import dagster_instance; dagster_instance().get_runs(limit=1)"
+
+
+def test_processes_creating_a_fresh_instance_at_once_do_not_crash(tmp_path):
+    """Without the lock, two or three of four such processes die (IntegrityError or 'table ...
+    already exists' from SQLite while each creates the schema)."""
+    for trial in range(2):  # (each trial: 4 processes on a fresh home)
+        home = dagster_home(tmp_path / f"trial{trial}")
+        env = {**os.environ, "DAGSTER_HOME": str(home)}
+        procs = [subprocess.Popen([sys.executable, "-c", INSTANCE], env=env, stderr=subprocess.PIPE, text=True)
+                 for _ in range(4)]
+        errors = [p.communicate(timeout=300)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
+
+
+def ignoring(*signals):
+    def preexec():
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
+    return preexec
+
+
+@pytest.mark.parametrize(("parallel", "ignored"), [("1", (signal.SIGINT,)), ("2", (signal.SIGINT, signal.SIGTERM))],
+                         ids=["one-run-sigint-ignored", "two-runs-both-ignored"])
+def test_sigterm_stops_a_build_started_with_signals_ignored(planned, tmp_path, parallel, ignored):
+    """As from `imnet build &` in a script: SIGINT inherited ignored (Dagster then pointed SIGTERM
+    at SIG_IGN too once a run in the main thread ended), or SIGTERM ignored as well. SIGTERM to
+    the main process (as `docker stop` sends it) stops the build within seconds, as Ctrl-C does:
+    "imnet: interrupted", exit 130, no file at a shard's final path that is not a whole committed
+    shard, and no process of the build left."""
+    env = copy_of(planned, tmp_path, IMNET_PARALLEL_SHARDS=parallel)
+    out, log = tmp_path / "out", tmp_path / "build.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([os.path.join(BIN, "imnet"), "build"], env=env, cwd=tmp_path, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=ignoring(*ignored))
+    try:
+        tmp = wait_for("shard 0000 being written", lambda: writing_shard(out, "0000"), proc, log)
+        members = group_members(proc.pid)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert code == 130, text
+    assert took < 30, (took, text)
+    assert "imnet: interrupted" in text and "FAILED" not in text, text
+    assert tmp.name.startswith(".imagenet12k-train-0000.tar.tmp-")
+    assert not (out / "imagenet12k-train-0000.tar").exists()  # it was being written: nothing at its final path
+    assert_final_shards_complete(out)
+    assert not wait_gone(members - {proc.pid}, timeout=20), "processes of the build outlived it"
+    if parallel == "1":  # interrupted in the main thread: the shard's temporary file was removed
+        assert temp_files(out) == []
+    # the next build takes the interrupted one's leases over and finishes
+    done = imnet(["build"], env, timeout=300)
+    assert "shard_audit      ok" in done.stdout, done.stdout
+    assert_identical(planned[2], out)
+    assert sorted(p.name for p in out.glob("*.tar")) == SHARDS
+
+
+def test_on_s3_a_second_build_refuses_and_a_killed_holder_is_taken_over(sample_release, planned, tmp_path):
+    """The same on an s3:// out root (moto's server): the leases are objects created with a
+    conditional PUT. A build frozen mid-shard holds the out root: a second refuses naming it; once
+    the holder is killed with kill -9, a third takes both its leases over and finishes, with
+    the shards of a clean (local) build."""
+    from tests.s3server import MotoS3
+
+    with MotoS3(secret=f"leaseBuild-{uuid.uuid4().hex}") as s3:
+        client = s3.client()
+        client.create_bucket(Bucket="raw-bucket")
+        client.create_bucket(Bucket="out-bucket")
+        s3.put_tree(client, sample_release[0], "raw-bucket", "winter21")
+        env = build_env(tmp_path, "s3://raw-bucket/winter21", IMNET_OUT_ROOT="s3://out-bucket/wds",
+                        DAGSTER_HOME=str(dagster_home(tmp_path)), IMNET_PARALLEL_SHARDS="1", IMNET_WORKERS="1")
+        env = {k: v for k, v in env.items() if not k.startswith("AWS_")} | s3.env()
+
+        def leases() -> dict[str, dict]:
+            found = client.list_objects_v2(Bucket="out-bucket", Prefix="wds/_locks/").get("Contents", [])
+            return {o["Key"]: json.loads(client.get_object(Bucket="out-bucket", Key=o["Key"])["Body"].read())
+                    for o in found}
+
+        log = tmp_path / "first.log"
+        first = start_build(env, tmp_path, log)
+        try:
+            wait_for("a shard run holding its lease",
+                     lambda: any("/shard-" in k for k in leases()), first, log, timeout=300)
+            os.killpg(first.pid, signal.SIGSTOP)
+            held = leases()
+            assert {v["pid"] for v in held.values()} == {first.pid}, held
+            second = imnet(["build"], env, check=False, timeout=300)
+            assert second.returncode == 1, second.stdout + second.stderr
+            m = REFUSED.search(second.stderr)
+            assert m and m.group(1) == "s3://out-bucket/wds" and int(m.group(3)) == first.pid, second.stderr
+            assert "s3://out-bucket/wds/_locks/build/" in second.stderr
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=30)
+        finally:
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+        third = imnet(["build"], env, timeout=600)
+        assert "shard_audit      ok" in third.stdout, third.stdout
+        assert leases() == {}, leases()  # released, and the dead holder's removed when taken over
+        objects = MotoS3.all_objects(client, "out-bucket", "wds/")
+    for name in SHARDS:
+        assert objects[f"wds/{name}"] == (planned[2] / name).read_bytes(), name
