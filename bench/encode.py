@@ -8,7 +8,8 @@
      (decode with draft, RGB, resize, WebP at the same settings; nothing else);
    - project, 1 and 2 workers: `shard.build_shard` over the same plan slice (range reads, sha256 of
      source and WebP, JSON, tar write and fsync, manifest);
-   - verify: `verify.check_committed_shard` decoding every sample, and hashes and headers only (the
+   - verify: tests/shard_check.py's `check_committed_shard` (verify.read_back, the read of `imnet
+     verify`, from the plan and manifest) decoding every sample, and hashes and headers only (the
      wds_shards asset's blocking check decodes every 16th sample: between the two).
    Ratios are taken inside each round and the median over rounds is printed.
 2. `dagster asset materialize -m imnet_assets.definitions --select wds_shards --partition 0000` on
@@ -37,6 +38,7 @@ import tarfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.shard_check
 
 import photo_release  # noqa: E402
 from cpuload import Sample, measure  # noqa: E402
@@ -53,8 +55,8 @@ from imnet_assets.core.stages import (  # noqa: E402
     build_synset_manifest,
     stale_stages,
 )
-from imnet_assets.core.verify import check_committed_shard  # noqa: E402
 from imnet_assets.settings import Settings  # noqa: E402
+from tests.shard_check import check_committed_shard  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHARD = "0000"

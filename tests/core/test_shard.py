@@ -27,8 +27,9 @@ from imnet_assets.core.shard import (
     read_state,
     sample_members,
 )
-from imnet_assets.core.verify import check_committed_shard, iter_samples
+from imnet_assets.core.verify import iter_samples
 from tests.conftest import shard_verdict
+from tests.shard_check import check_committed_shard
 
 KEY = "0001"
 NAME = "imagenet12k-train-0001.tar"
