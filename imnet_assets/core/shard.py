@@ -56,11 +56,6 @@ def state_url(out_root: str, shard_key: str) -> str:
     return fs.join(out_root, MANIFEST_DIR, f"{shard_key}.state.json")
 
 
-def read_state(out_root: str, shard_key: str) -> dict | None:
-    """The small commit record written last: fingerprint, bytes, sha256, num_samples."""
-    return fs.read_json(state_url(out_root, shard_key))
-
-
 def committed_as(state: dict) -> str:
     """What a commit record says was committed: the tar's sha256 and the run that wrote it (a
     rebuild of the same bytes is another commit: the catalog's lineage names its run)."""

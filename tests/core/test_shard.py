@@ -18,14 +18,15 @@ from imnet_assets.core import changed_sources
 from imnet_assets.core import shard as shard_mod
 from imnet_assets.core.changed_sources import SourceChanged
 from imnet_assets.core.encode import EncodeSettings
+from imnet_assets.core.fs import read_json
 from imnet_assets.core.plan import SliceRow, read_slice, write_slice
 from imnet_assets.core.shard import (
     _tarinfo,
     build_shard,
     fingerprint,
     read_manifest,
-    read_state,
     sample_members,
+    state_url,
 )
 from imnet_assets.core.verify import iter_samples
 from tests.conftest import shard_verdict
@@ -181,7 +182,7 @@ def test_build_shard_is_readable_by_webdataset_in_plan_order(built):
 def test_manifest_and_state_agree_with_the_tar(built):
     data = built.tar.read_bytes()
     manifest = read_manifest(str(built.out), KEY)
-    state = read_state(str(built.out), KEY)
+    state = read_json(state_url(str(built.out), KEY))
     _, digest = read_slice(str(built.out), KEY)
     assert manifest["bytes"] == len(data) == built.result.bytes
     assert manifest["sha256"] == hashlib.sha256(data).hexdigest() == built.result.sha256
