@@ -337,4 +337,3 @@ def build(settings: Settings, wanted: list[str], verbose: bool = False, keep_goi
         if not left:
             raise
         end_now_leaving_runs(left)
-        raise  # not reached

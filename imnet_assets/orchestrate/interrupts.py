@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 
 def stop_on_signals() -> None:
@@ -36,7 +37,7 @@ def first_done(pending) -> set:
             return finished
 
 
-def end_now_leaving_runs(left: int, code: int = 130) -> None:
+def end_now_leaving_runs(left: int, code: int = 130) -> NoReturn:
     """Ends this process at once, without Python's exit, when shard runs still execute in other
     threads (Ctrl-C or SIGTERM during a parallel build). It must stay os._exit:
     - a Dagster run executing in process (materialize) can be interrupted only from the main
