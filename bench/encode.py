@@ -8,7 +8,8 @@
      (decode with draft, RGB, resize, WebP at the same settings; nothing else);
    - project, 1 and 2 workers: `shard.build_shard` over the same plan slice (range reads, sha256 of
      source and WebP, JSON, tar write and fsync, manifest);
-   - verify: `shard.verify_shard` decoding every sample, and hashes and headers only (the
+   - verify: tests/shard_check.py's `check_committed_shard` (verify.read_back, the read of `imnet
+     verify`, from the plan and manifest) decoding every sample, and hashes and headers only (the
      wds_shards asset's blocking check decodes every 16th sample: between the two).
    Ratios are taken inside each round and the median over rounds is printed.
 2. `dagster asset materialize -m imnet_assets.definitions --select wds_shards --partition 0000` on
@@ -37,6 +38,7 @@ import tarfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.shard_check
 
 import photo_release  # noqa: E402
 from cpuload import Sample, measure  # noqa: E402
@@ -45,7 +47,7 @@ from report import met, print_table, spread  # noqa: E402
 from imnet_assets.core import fs  # noqa: E402
 from imnet_assets.core.encode import EncodeSettings, bare_chain, encode_image  # noqa: E402
 from imnet_assets.core.plan import read_slice  # noqa: E402
-from imnet_assets.core.shard import build_shard, read_manifest, sample_members, verify_shard  # noqa: E402
+from imnet_assets.core.shard import build_shard, read_manifest, sample_members  # noqa: E402
 from imnet_assets.core.stages import (  # noqa: E402
     build_filtered_index,
     build_raw_tars,
@@ -54,6 +56,7 @@ from imnet_assets.core.stages import (  # noqa: E402
     stale_stages,
 )
 from imnet_assets.settings import Settings  # noqa: E402
+from tests.shard_check import check_committed_shard  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHARD = "0000"
@@ -116,9 +119,9 @@ def run_project(settings: Settings, enc: EncodeSettings, workers: int) -> None:
 
 
 def run_verify(settings: Settings, decode: bool) -> None:
-    problems = verify_shard(settings.out_root, SHARD, settings.shard_name(SHARD), decode_every=1 if decode else 0)
+    problems = check_committed_shard(settings.out_root, SHARD, settings.shard_name(SHARD), decode_every=1 if decode else 0)
     if problems:
-        raise SystemExit(f"verify_shard found problems: {problems[:3]}")
+        raise SystemExit(f"check_committed_shard found problems: {problems[:3]}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,8 +178,8 @@ def in_process(args, enc: EncodeSettings) -> list[list[str]]:
          met(statistics.median(bound) >= 1.9)],
         ["cores kept busy by the 2-worker run", spread(cores), "~2", ""],
         ["cores used by other processes meanwhile", spread(others, 1), "0 ideally", ""],
-        ["verify_shard full decode / build_shard(1), cpu", spread(vcost, 3), "", ""],
-        ["verify_shard header only / build_shard(1), cpu", spread(hcost, 3), "", ""],
+        ["check_committed_shard full decode / build_shard(1), cpu", spread(vcost, 3), "", ""],
+        ["check_committed_shard header only / build_shard(1), cpu", spread(hcost, 3), "", ""],
     ]
 
 
@@ -215,7 +218,7 @@ def breakdown(args, enc: EncodeSettings) -> list[list[str]]:
         "json + tar members (in memory)": per(tar_write),
         "pickle source + result (IPC, 2 workers)": per(
             lambda: [pickle.loads(pickle.dumps(x, 5)) for x in [*sources, *encoded]]),
-        "WebP full decode (verify_shard)": per(webp_decode),
+        "WebP full decode (check_committed_shard)": per(webp_decode),
     }
     base = costs["codec: bare_chain"]
     return [[k, f"{v:,.0f} us ({v / base * 100:.1f}% of bare)", "", ""] for k, v in costs.items()]

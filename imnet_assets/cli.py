@@ -6,26 +6,20 @@ Settings come from IMNET_* variables, in the environment or in the .env file at 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from .core.fs import StorageError
+from .orchestrate.build import OutRootBusy
+from .orchestrate.interrupts import first_done, stop_on_signals
 from .settings import Settings, SettingsError, apply_env_file, shard_key
 
 DEMO_SHARDS = 8
 STATUS_WAIT_S = 10.0  # how long `imnet status` waits for a catalog writer before reporting without it
-
-
-def _redact(text: str) -> str:
-    from .core.fs import redact
-
-    return redact(text)
 
 
 _SHARD_NUMBER = re.compile(r"[0-9]{1,4}")  # ASCII digits only (int() also takes "+3", "0_1", "٣")
@@ -57,429 +51,6 @@ def parse_shards(spec: str | None, keys: list[str]) -> list[str]:
     return chosen
 
 
-@contextlib.contextmanager
-def _console_kept(build: Build):
-    """Keeps this command's output on the terminal while shard runs execute in threads. Dagster
-    captures a step's output for the UI by pointing file descriptors 1 and 2 at the step's log
-    file for as long as the step runs, process-wide, and points them back at what it found when the
-    step began: with two runs at once, a step that began while the other's capture was on points
-    them, when it ends, at the other's file for good. So progress lines go to a copy of the
-    terminal's descriptor taken before, and 1 and 2 are put back when the runs are done."""
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    out = build.out
-    if out is sys.stdout:
-        sys.stdout.flush()
-        build.out = os.fdopen(os.dup(saved[1]), "w", buffering=1)
-    try:
-        yield
-    finally:
-        if build.out is not out:
-            build.out.close()
-            build.out = out
-        for fd, copy in saved.items():
-            os.dup2(copy, fd)
-            os.close(copy)
-
-
-BUILD_LEASE = "build"  # <out root>/_locks/build/: the lease of the build writing the out root
-INSTANCE_LOCK = ".imnet-instance.lock"  # in DAGSTER_HOME: one process at a time creates the instance's storage
-
-
-def dagster_instance(prepare_out=None):
-    """DagsterInstance.get() for DAGSTER_HOME, one process of this machine at a time: on a fresh
-    home, the first look creates the SQLite storages and stamps their schema (alembic_version),
-    and two processes doing that at once collide (sqlite3.IntegrityError). A file lock in the home
-    holds every other `imnet` until the first has created them; later looks wait only for each
-    other's few milliseconds. `prepare_out`: the home is made and given its dagster.yaml first
-    (prepare_dagster_home, saying so there), inside the lock too: a second process must not read
-    a dagster.yaml the first is still copying."""
-    from dagster import DagsterInstance
-    from filelock import FileLock
-
-    from .settings import dagster_home
-
-    if prepare_out is not None:
-        home = dagster_home()
-        with contextlib.suppress(OSError):  # prepare_dagster_home says what it cannot do
-            home.mkdir(parents=True, exist_ok=True)
-    else:
-        home = Path(os.environ["DAGSTER_HOME"])
-    lock = FileLock(os.path.join(home, INSTANCE_LOCK))
-    try:
-        lock.acquire()
-    except OSError:  # a home this user may not write (a read-only `imnet status`): nothing to create there
-        if prepare_out is not None:
-            prepare_dagster_home(prepare_out)
-        return DagsterInstance.get()
-    try:
-        if prepare_out is not None:
-            prepare_dagster_home(prepare_out)
-        instance = DagsterInstance.get()
-        # every storage made and migrated now, inside the lock (some are made on first use)
-        instance.get_runs(limit=1)
-        instance.event_log_storage  # noqa: B018
-        instance.schedule_storage  # noqa: B018
-    finally:
-        lock.release()
-    return instance
-
-
-class OutRootBusy(RuntimeError):
-    """Another `imnet build` holds the out root (its lease names it)."""
-
-
-def dagster_yaml_source() -> Path | None:
-    """The project's dagster.yaml: the project root's, else the one beside this package's source."""
-    from .settings import project_root
-
-    for folder in (project_root(), Path(__file__).resolve().parent.parent):
-        if (folder / "dagster.yaml").is_file():
-            return folder / "dagster.yaml"
-    return None
-
-
-def prepare_dagster_home(out=sys.stdout) -> Path:
-    """DAGSTER_HOME for this process (set when only `.env` or the default named it), the folder
-    made, and the project's dagster.yaml copied into it when it has none (its run queue, limits
-    and `telemetry: false`)."""
-    import shutil
-
-    from .settings import dagster_home
-
-    home = dagster_home()
-    os.environ["DAGSTER_HOME"] = str(home)
-    home.mkdir(parents=True, exist_ok=True)
-    target = home / "dagster.yaml"
-    if not target.exists():
-        source = dagster_yaml_source()
-        try:
-            if source is not None:
-                shutil.copyfile(source, target)
-            else:
-                target.write_text("telemetry:\n  enabled: false\n")
-        except OSError as e:  # a read-only home: Dagster's defaults, as before
-            print(f"imnet: no dagster.yaml in DAGSTER_HOME {home}, and none could be put there ({e})",
-                  file=out, flush=True)
-        else:
-            print(f"imnet: Dagster instance at {home} (DAGSTER_HOME), with {source or 'a minimal dagster.yaml'}",
-                  file=out, flush=True)
-    return home
-
-
-class Build:
-    """Materializes stages through Dagster, in this process, recording into the instance."""
-
-    def __init__(self, settings: Settings, out=sys.stdout, verbose: bool = False, keep_going: bool = False,
-                 parallel: int | None = None):
-        from .definitions import build_definitions
-
-        self.settings = settings
-        self.defs = build_definitions(settings)
-        self.assets = list(self.defs.assets)
-        # The persistent instance the UI reads (DAGSTER_HOME, by default data/dagster_home under the
-        # project root): what the build does shows there, and its history carries over.
-        self.instance = dagster_instance(prepare_out=out)
-        self.out = out
-        # Dagster's console logger prints each failed step's whole stack trace; this command names
-        # the failure itself (`fail`), so by default only -v shows them (the instance keeps them all)
-        self.log_level = "WARNING" if verbose else "CRITICAL"
-        self.keep_going = keep_going
-        self.parallel = parallel if parallel is not None else settings.parallel_shards
-        self._say_lock = threading.Lock()
-        self.lease = None  # the out root's build lease, once this build is about to write (hold_out_root)
-
-    def say(self, msg: str) -> None:
-        with self._say_lock:  # shard runs finish in several threads: whole lines only
-            print(msg, file=self.out, flush=True)
-
-    def materialize(self, selection: list[str], partition_key: str | None = None):
-        from dagster import materialize
-
-        from .schedules import worker_place
-
-        result = materialize(
-            self.assets, selection=selection, partition_key=partition_key, instance=self.instance,
-            raise_on_error=False, tags={"imnet/launched_by": "imnet build", **worker_place()},
-            run_config={"loggers": {"console": {"config": {"log_level": self.log_level}}}},
-        )
-        failures = []
-        for ev in result.get_step_failure_events():
-            err = ev.step_failure_data.error
-            if err is not None and err.cls_name == "DagsterExecutionInterruptedError":
-                raise KeyboardInterrupt  # Ctrl-C inside the run: say so, not "FAILED" (main)
-            while err is not None and err.cause is not None:
-                err = err.cause  # the user code's own error, not Dagster's wrapper
-            failures.append(f"{ev.step_key} failed: {err.message.strip() if err else 'unknown error'}")
-        for ev in result.get_asset_check_evaluations():
-            if not ev.passed:
-                failures.append(f"check {ev.asset_key.to_user_string()}:{ev.check_name} failed: {ev.description}")
-        if not result.success and not failures:
-            failures.append(f"run {result.run_id} failed")
-        return result, failures
-
-    def hold_out_root(self) -> bool:
-        """Take the out root's build lease (core.lease) before this build writes anything: one
-        build at a time per out root (SPEC: Failure behaviour). A build with nothing to do takes
-        none (it writes nothing). True when taken by this call: the caller then looks again at
-        what it was about to do, which a build that just ended may have done. Raises OutRootBusy
-        naming the holder when another build holds it; a holder whose process is gone (kill -9),
-        or of another host that stopped renewing it, is taken over."""
-        from .core.lease import LeaseHeld, LeaseLost, acquire
-
-        if self.lease is not None:
-            try:
-                self.lease.check()
-            except LeaseLost as e:
-                raise OutRootBusy(f"this build lost the out root {self.settings.out_root}: {e}") from None
-            return False
-
-        try:
-            self.lease = acquire(self.settings.out_root, BUILD_LEASE, "imnet build")
-        except LeaseHeld as e:
-            raise self._busy(str(e)) from None
-        return True
-
-    def _busy(self, held: str) -> OutRootBusy:
-        return OutRootBusy(f"the out root {self.settings.out_root} is in use by another build: {held}; wait for it "
-                           "to end, or stop it (the lease of a process that is gone is taken over)")
-
-    def refuse_if_held(self) -> None:
-        """Refuse at once when another build holds the out root, before reading the catalog (a
-        reader waits for the catalog's writer: at full size the index stage holds it for an hour)."""
-        from .core.lease import describe, holder_of
-
-        held = holder_of(self.settings.out_root, BUILD_LEASE)
-        if held is not None:
-            raise self._busy(f"{describe(held[0])} holds it (lease {held[1]})")
-
-    def release(self) -> None:
-        if self.lease is not None:
-            self.lease.release()
-            self.lease = None
-
-    def run(self, shards_spec: str | None) -> int:
-        try:
-            return self._run(shards_spec)
-        finally:
-            # Shard runs left going in other threads (Ctrl-C) end with this process: its lease
-            # then names a process that is gone, and the next build takes it over.
-            if not getattr(self, "runs_left_behind", 0):
-                self.release()
-
-    def _shards_to_build(self, wanted: list[str]) -> tuple[list[str], list[str]]:
-        """(partitions to build, partitions with a run in flight elsewhere) of those wanted."""
-        from .schedules import shard_partition_status
-
-        status = shard_partition_status(self.settings, self.instance)
-        todo = [k for k in wanted if status[k] != "fresh"]
-        busy = [k for k in todo if status[k] == "in_flight"]
-        return [k for k in todo if k not in busy], busy
-
-    def _run(self, shards_spec: str | None) -> int:
-        from .core.stages import stale_stages
-        from .schedules import fail_dead_runs
-
-        s = self.settings
-        self.say(f"imnet build: raw {s.raw_root} -> out {s.out_root}, catalog {s.catalog}, "
-                 f"{s.num_shards} shards, {s.workers} workers, instance "
-                 f"{os.environ.get('DAGSTER_HOME') or '(ephemeral)'}")
-        wanted = parse_shards(shards_spec, s.partition_keys)
-        self.refuse_if_held()
-        for stage in ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]:
-            if stage not in stale_stages(s, log=self.say) or (
-                    self.hold_out_root() and stage not in stale_stages(s, log=lambda _m: None)):
-                self.say(f"  {stage:16s} fresh, skipped")
-                continue
-            t0 = time.perf_counter()
-            result, failures = self.materialize([stage])
-            if failures:
-                return self.fail(stage, failures)
-            self.say(f"  {stage:16s} materialized in {time.perf_counter() - t0:.1f}s  {self._facts(result, stage)}")
-        if self.instance is not None:
-            fail_dead_runs(self.instance, log=lambda m: self.say(f"  wds_shards: {m}"))
-        todo, busy = self._shards_to_build(wanted)
-        if todo and self.hold_out_root():
-            todo, busy = self._shards_to_build(wanted)
-        if busy:
-            self.say(f"  wds_shards: {len(busy)} shards have a run in flight elsewhere, left to it: {busy[:8]}")
-        self.say(f"  wds_shards: {len(wanted) - len(todo) - len(busy)} of {len(wanted)} selected shards fresh, "
-                 f"{len(todo)} to build")
-        failed = self.build_shards(todo)
-        if not wanted:
-            self.say("  shards and audit: skipped (--shards none: the catalog stages and the plan only)")
-            return 0
-        if failed:
-            return self.fail(f"wds_shards[{', '.join(failed)}]", [
-                f"{len(failed)} of {len(todo)} shards failed: {', '.join(failed)}",
-                "shard_audit: skipped (it vouches for every shard; run `imnet build` again once they build)"])
-        if set(wanted) != set(s.partition_keys):
-            self.say("  shard_audit: skipped (only some shards were selected; run `imnet build` for all)")
-            return 0
-        if self._audit_fresh(todo) or (self.hold_out_root() and self._audit_fresh(todo)):
-            self.say("  shard_audit      fresh, skipped")
-        else:
-            result, failures = self.materialize(["shard_audit"])
-            if failures:
-                return self.fail("shard_audit", failures)
-            md = self._metadata(result, "shard_audit")
-            self.say(f"  shard_audit      ok: {md.get('samples')} samples in {md.get('shards')} shards, "
-                     f"{md.get('excluded')} excluded, {md.get('repaired')} repaired")
-        self.say(f"shards: {s.out_root}  (_info.json beside them); catalog: {s.catalog}")
-        return 0
-
-    def _audit_fresh(self, built: list[str]) -> bool:
-        from .core.audit import audit_fingerprint
-
-        fp = audit_fingerprint(self.settings)
-        return not built and fp is not None and self._stage_fp("shard_audit") == fp
-
-    def runs_at_once(self, todo: int) -> int:
-        """Shard runs to run at once: `--parallel` / IMNET_PARALLEL_SHARDS, else about the cores
-        over IMNET_WORKERS and at least 2 (one run's start, commit and check leave its workers idle:
-        a second run fills the gap), at most the instance's pool limit (dagster.yaml's `pools:
-        default_limit`, which bounds the shard runs the daemon launches)."""
-        if self.parallel:
-            return max(1, min(self.parallel, todo))
-        cpus = os.cpu_count() or 1
-        runs = max(2, round(cpus / self.settings.workers))
-        limit = self.instance.global_op_concurrency_default_limit if self.instance is not None else None
-        if limit:
-            runs = min(runs, limit)
-        return max(1, min(runs, todo))
-
-    def build_shards(self, todo: list[str]) -> list[str]:
-        """Materialize each shard partition in `todo`, a Dagster run each, several at once (threads
-        of this process: each run is recorded in the instance like any other). Returns the failed
-        keys, in `todo` order. On a failure, no further shard starts unless --keep-going; the runs
-        already going finish."""
-        if not todo:
-            return []
-        runs = self.runs_at_once(len(todo))
-        if runs > 1 and not self._threads_safe():
-            self.say("  wds_shards: one shard run at a time (the instance's python_logs.dagster_handler_config "
-                     "makes Dagster reconfigure logging per run, which concurrent runs in one process cannot share)")
-            runs = 1
-        if runs > 1:
-            self.say(f"  wds_shards: {runs} shard runs at once, {self.settings.workers} workers each")
-        if self.settings.workers > 1:
-            # The encode workers (and their forkserver's imports) start now, while the first runs
-            # are being set up in Dagster, instead of when the first run asks for them.
-            from .core.procpool import shared_pool
-
-            shared_pool(self.settings.workers)
-        with _console_kept(self):
-            return self._build_shards(todo, runs)
-
-    def _build_shards(self, todo: list[str], runs: int) -> list[str]:
-        started, images, done = time.perf_counter(), 0, 0
-        failed: list[str] = []
-        for key, result, failures in self._shard_runs(todo, runs, stop=lambda: bool(failed) and not self.keep_going):
-            done += 1
-            if failures:
-                failed.append(key)
-                self.say(f"  [{done}/{len(todo)}] shard {key}: FAILED")
-                for f in failures:
-                    self.say("    " + _redact(f))
-                if not self.keep_going:
-                    self.say("  wds_shards: stopping at the first failure (--keep-going builds the others)")
-                continue
-            md = self._metadata(result, "wds_shards")
-            images += int(md.get("samples", 0))
-            elapsed = time.perf_counter() - started
-            eta = elapsed / done * (len(todo) - done)
-            self.say(f"  [{done}/{len(todo)}] shard {key}: {md.get('samples')} samples "
-                     f"({md.get('excluded')} excluded, {md.get('repaired')} repaired), "
-                     f"{md.get('images_per_s')} img/s; overall {images / elapsed:.1f} img/s, eta {eta:.0f}s")
-        order = {k: i for i, k in enumerate(todo)}
-        return sorted(failed, key=order.__getitem__)
-
-    def _threads_safe(self) -> bool:
-        """Whether Dagster runs may execute in several threads of this process at once. Dagster
-        (1.13) calls logging.config.dictConfig at the start of every run of an instance with
-        settings (a dagster.yaml), even when it configures no handlers: that closes every logging
-        handler of the process under logging's module lock, and deadlocks against a run in another
-        thread emitting an event (each holds the lock the other waits for). With no
-        python_logs.dagster_handler_config, that call yields no handlers: skipping it changes nothing
-        else, so it is skipped for this process's instance."""
-        if self.instance is None:
-            return True
-        if self.instance.get_python_log_dagster_handler_config():
-            return False
-        self.instance.get_yaml_python_handlers = list  # -> []: what the skipped call returns here
-        return True
-
-    def _shard_runs(self, todo: list[str], runs: int, stop) -> Iterator[tuple[str, object, list[str]]]:
-        """(key, result, failures) per shard run, as they finish; no new run starts once `stop()`."""
-        if runs <= 1:  # in this thread: Ctrl-C interrupts the run itself
-            for key in todo:
-                if stop():
-                    return
-                yield (key, *self.materialize(["wds_shards"], partition_key=key))
-            return
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = ThreadPoolExecutor(runs, thread_name_prefix="imnet-shard-run")
-        queue = iter(todo)
-        pending: dict = {}
-        try:
-            for key in queue:
-                pending[pool.submit(self.materialize, ["wds_shards"], key)] = key
-                if len(pending) >= runs:
-                    break
-            while pending:
-                finished = _first_done(pending)
-                for fut in finished:
-                    key = pending.pop(fut)
-                    yield (key, *fut.result())
-                    if not stop():
-                        nxt = next(queue, None)
-                        if nxt is not None:
-                            pending[pool.submit(self.materialize, ["wds_shards"], nxt)] = nxt
-        except BaseException:
-            # Ctrl-C reaches this thread only; the runs in the others cannot be interrupted from
-            # here: they end with this process (main), and the next build marks them failed.
-            pool.shutdown(wait=False, cancel_futures=True)
-            self.runs_left_behind = len(pending)
-            raise
-        pool.shutdown(wait=True)
-
-    def _stage_fp(self, stage: str) -> str | None:
-        from .catalog import open_reader
-
-        if not os.path.exists(self.settings.catalog):
-            return None
-        with open_reader(self.settings.catalog, say=lambda m: self.say(f"  {m}")) as cat:
-            return cat.stage_fingerprint(stage)
-
-    def _metadata(self, result, asset: str) -> dict:
-        for ev in result.get_asset_materialization_events():
-            mat = ev.event_specific_data.materialization
-            if mat.asset_key.to_user_string() == asset:
-                return {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
-        return {}
-
-    # Counts a stage reports as 0 until a later stage has counted them: raw_tars' members and the
-    # synset manifest's images come from filtered_index's walk of the tars' headers.
-    NOT_COUNTED_YET = {"raw_tars": "members", "synset_manifest": "images"}
-
-    def _facts(self, result, asset: str) -> str:
-        md = self._metadata(result, asset)
-        shown = {k: v for k, v in md.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                 and not (v == 0 and self.NOT_COUNTED_YET.get(asset) == k)}
-        return ", ".join(f"{k}={v}" for k, v in list(shown.items())[:6])
-
-    def fail(self, stage: str, failures: list[str]) -> int:
-        from .core.fs import redact
-
-        self.say(f"imnet build: {stage} FAILED")
-        for f in failures:
-            self.say("  " + redact(f))
-        if self.log_level == "CRITICAL":
-            self.say("  (the full error with its stack trace: run again with -v, or see the run in the Dagster UI"
-                     " when DAGSTER_HOME is set)")
-        return 1
-
-
 def cmd_sample_raw(args) -> int:
     from .core.sample_raw import write_sample_raw
 
@@ -490,25 +61,13 @@ def cmd_sample_raw(args) -> int:
     return 0
 
 
-def cmd_build(args) -> int:
-    from .core.procpool import start_forkserver
 
-    settings = Settings.from_env()  # a configuration error before any process starts or anything is written
-    start_forkserver()  # its imports overlap Dagster's; scan and encode workers then fork at once
-    build = Build(settings, verbose=args.verbose, keep_going=args.keep_going, parallel=args.parallel)
-    try:
-        return build.run(args.shards)
-    except KeyboardInterrupt:
-        left = getattr(build, "runs_left_behind", 0)
-        if not left:
-            raise
-        # Shard runs in other threads cannot be interrupted, and Python would wait for them at
-        # exit: end now. Their workers exit with this process; their partial files are removed by
-        # the next run of each shard, and the next `imnet build` marks their runs failed.
-        print(f"imnet: interrupted; {left} shard runs in flight stopped with it (the next `imnet build` "
-              "marks them failed and builds them again)", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(130)
+def cmd_build(args) -> int:
+    from .orchestrate.build import build
+
+    s = Settings.from_env()  # a configuration error before any process starts or anything is written
+    return build(s, parse_shards(args.shards, s.partition_keys), verbose=args.verbose, keep_going=args.keep_going,
+                 parallel=args.parallel)
 
 
 def demo_settings(root: Path) -> dict[str, str]:
@@ -555,6 +114,8 @@ def write_env_settings(path: Path, wanted: dict[str, str]) -> tuple[dict[str, st
 def cmd_demo(args) -> int:
     from .core import fs
     from .core.sample_raw import write_sample_raw
+    from .orchestrate.build import build
+    from .orchestrate.instance import prepare_dagster_home
     from .settings import env_file, project_root
 
     root = project_root()
@@ -572,7 +133,7 @@ def cmd_demo(args) -> int:
         summary = write_sample_raw(s.raw_root, synsets=args.synsets, images=args.images, seed=0)
         print(f"imnet demo: wrote a sample raw release ({len(summary.wnids)} synsets, "
               f"{summary.total_members} files with ImageNet's quirks) to {s.raw_root}")
-    code = Build(s, verbose=args.verbose).run(None)
+    code = build(s, s.partition_keys, verbose=args.verbose)
     if code == 0:
         print(f"demo done: shards, _info.json, README.md (the card) and classes.tsv in {s.out_root}.")
         print("Next: `imnet status`, `imnet lineage <key>`, `imnet verify`, and `dg dev` (or "
@@ -588,6 +149,7 @@ def cmd_status(args) -> int:
     from .core.audit import plan_mismatch
     from .core.plan import read_index
     from .core.stages import stale_stages
+    from .orchestrate.instance import dagster_instance
     from .schedules import shard_partition_status
     from .settings import dagster_home, env_file, project_root
 
@@ -772,19 +334,6 @@ class _Progress:
                   f"{self.bytes / 1e6 / elapsed:.0f} MB/s, eta {eta:.0f}s", flush=True)
 
 
-def _first_done(pending) -> set:
-    """The futures of `pending` that are done, waiting until one is. The wait wakes every quarter
-    second: a Ctrl-C that the kernel delivers to another thread (a shard run's, a reader's) only
-    sets Python's flag, and a main thread blocked in one long wait would see it once a shard run
-    finished (minutes at the real size) instead of at once."""
-    from concurrent.futures import FIRST_COMPLETED, wait
-
-    while True:
-        finished, _ = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
-        if finished:
-            return finished
-
-
 def _checked(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], decode: bool):
     """(shard record, problems) per task, checked in `jobs` processes (here when 1), as they
     finish; at most jobs + 2 shards' rows are in memory."""
@@ -802,11 +351,11 @@ def _checked(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], decode: 
             pending[pool.submit(verify_catalog_shard, url, sh, rows, decode)] = sh
             del rows
             while len(pending) >= jobs + 2:
-                finished = _first_done(pending)
+                finished = first_done(pending)
                 for fut in finished:
                     yield pending.pop(fut), fut.result()
         while pending:
-            finished = _first_done(pending)
+            finished = first_done(pending)
             for fut in finished:
                 yield pending.pop(fut), fut.result()
 
@@ -901,21 +450,6 @@ def cmd_verify(args) -> int:
           + (f", {len(conservation)} conservation differences" if conservation else "")
           + ("" if every else "; _info.json and stray files not checked (only some shards selected)"))
     return 1 if failed or info_problems or stray or conservation else 0
-
-
-def stop_on_signals() -> None:
-    """SIGTERM (a container stopped, a pod preempted) stops a command as Ctrl-C does: both raise
-    KeyboardInterrupt in the main thread (the same cleanup, "imnet: interrupted", exit 130),
-    whatever dispositions the process inherited. A process started with SIGINT ignored (`&` in a
-    script, some supervisors) would otherwise keep it ignored, and Dagster, which points SIGTERM
-    at whatever handles SIGINT each time a run in the main thread ends, would then ignore
-    SIGTERM too. Only the main thread of the main interpreter can set handlers."""
-    import signal
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def _positive(text: str) -> int:

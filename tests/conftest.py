@@ -55,6 +55,15 @@ def build_env(tmp_path: Path, raw: Path | str, **extra: str) -> dict[str, str]:
     return env
 
 
+def shard_verdict(out_root, key: str, name: str, expected_fingerprint: str | None) -> str:
+    """One shard's "fresh", "missing" or "stale", judged as `imnet build`, `imnet status` and the
+    schedule judge it (freshness.shard_states)."""
+    from imnet_assets.core.freshness import shard_states
+
+    expected = {key: expected_fingerprint} if expected_fingerprint is not None else {}
+    return shard_states(str(out_root), [key], [name], expected)[key]
+
+
 def settings_of(env: dict[str, str]) -> Settings:
     return Settings.from_env(env)
 

@@ -125,7 +125,7 @@ def test_waiting_for_shard_runs_sees_a_ctrl_c_that_another_thread_received():
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from imnet_assets.cli import _first_done
+    from imnet_assets.orchestrate.interrupts import first_done
 
     hold = threading.Event()
     with ThreadPoolExecutor(1) as pool:
@@ -136,7 +136,7 @@ def test_waiting_for_shard_runs_sees_a_ctrl_c_that_another_thread_received():
         started = time.monotonic()
         try:
             with pytest.raises(KeyboardInterrupt):
-                _first_done({run: "0000"})
+                first_done({run: "0000"})
             assert time.monotonic() - started < 5, "the interrupt waited for the run"
             assert not run.done()
         finally:

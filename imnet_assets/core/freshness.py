@@ -1,13 +1,13 @@
 """Every shard's state at once, from two listings and one concurrent batch of small reads.
 
-`shard.shard_state` looks at one shard with three sequential requests (its commit record, whether
-the tar is there, the tar's size and stamp): at 1,024 shards and 20 ms a request that is a minute,
+Looking at one shard at a time takes three sequential requests (its commit record, whether the
+tar is there, the tar's size and stamp): at 1,024 shards and 20 ms a request that is a minute,
 longer than Dagster gives a schedule tick. Here the out root and its `_manifests/` folder are
 listed once each (one request per 1,000 entries on S3), and the commit records the listing shows
 are read concurrently (fs.read_many). A commit record already read by this process is read again
 only when the listing shows it changed (another size or stamp): the daemon's code server, which
 evaluates every tick, then needs the two listings and nothing else while no shard changes.
-The verdicts are `shard.shard_state`'s, decided by the same `unchanged_on_storage`.
+Each verdict is decided by `shard.unchanged_on_storage`, as the audit decides it.
 
 A process that has not looked before (the `imnet status` CLI, a fresh code server, the audit)
 would still read all 1,024 records. On S3 the records it reads are therefore kept together in
@@ -167,7 +167,7 @@ def remember(out_root: str, shard_key: str, record: dict) -> None:
 
 
 def verdict(out_root: str, look: ShardLook, expected_fingerprint: str | None) -> str:
-    """"fresh", "missing" or "stale", as `shard.shard_state` says for the same files."""
+    """"fresh", "missing" or "stale" for one shard, from what its look found in the out root."""
     if look.state is None or look.tar is None:
         return "missing"
     if expected_fingerprint is None or look.state.get("fingerprint") != expected_fingerprint:
@@ -176,8 +176,8 @@ def verdict(out_root: str, look: ShardLook, expected_fingerprint: str | None) ->
 
 
 def shard_states(out_root: str, keys: list[str], names: list[str], expected: dict[str, str]) -> dict[str, str]:
-    """Partition key -> "fresh", "missing" or "stale" for every shard (`shard.shard_state` for
-    each, in two listings and one concurrent batch of reads)."""
+    """Partition key -> "fresh", "missing" or "stale" for every shard (`verdict` for
+    each, from two listings and one concurrent batch of reads)."""
     look = look_at_shards(out_root, keys, names)
     return {key: verdict(out_root, look.shards[key], expected.get(key)) for key in keys}
 

@@ -56,11 +56,6 @@ def state_url(out_root: str, shard_key: str) -> str:
     return fs.join(out_root, MANIFEST_DIR, f"{shard_key}.state.json")
 
 
-def read_state(out_root: str, shard_key: str) -> dict | None:
-    """The small commit record written last: fingerprint, bytes, sha256, num_samples."""
-    return fs.read_json(state_url(out_root, shard_key))
-
-
 def committed_as(state: dict) -> str:
     """What a commit record says was committed: the tar's sha256 and the run that wrote it (a
     rebuild of the same bytes is another commit: the catalog's lineage names its run)."""
@@ -541,7 +536,7 @@ def build_shard(
                 f"{committed[0]} {committed[1]} at the commit, {now[0]} {now[1]} after the check): not recorded "
                 "as committed; another writer? Build the shard again")
         state = {k: manifest[k] for k in ("shard", "path", "fingerprint", "bytes", "sha256", "num_samples", "run_id")}
-        state["stamp"] = committed[1]  # the checked bytes' stamp: an edit in place changes it (shard_state)
+        state["stamp"] = committed[1]  # the checked bytes' stamp: an edit in place changes it (freshness.verdict)
         fs.write_atomic(st_url, json.dumps(state, sort_keys=True).encode())
         from .freshness import remember  # freshness imports this module
 
@@ -573,19 +568,6 @@ def _marking_changed_sources(out_root: str, shard_key: str, rows: list[SliceRow]
 # ----------------------------------------------------------------------------- freshness & checks
 
 
-def shard_state(out_root: str, shard_key: str, shard_name: str, expected_fingerprint: str | None) -> str:
-    """"fresh", "missing" or "stale" for one shard, from what sits in the out root."""
-    state = read_state(out_root, shard_key)
-    if state is None or not fs.exists(fs.join(out_root, shard_name)):
-        return "missing"
-    if expected_fingerprint is None or state.get("fingerprint") != expected_fingerprint:
-        return "stale"
-    try:
-        return "fresh" if unchanged_on_storage(fs.join(out_root, shard_name), state) else "stale"
-    except FileNotFoundError:  # gone since the look above
-        return "missing"
-
-
 def unchanged_on_storage(url: str, state: dict, size_stamp: tuple[int, str] | None = None) -> bool:
     """Whether the shard file at `url` is still the one its commit record describes: the same size
     and stamp (mtime, or ETag on S3) as when it was committed. An edit in place changes the stamp;
@@ -593,17 +575,3 @@ def unchanged_on_storage(url: str, state: dict, size_stamp: tuple[int, str] | No
     than hashed on every look (1024 x 140 MB). `size_stamp`: from a listing."""
     size, stamp = size_stamp or fs.stat(url)
     return size == state.get("bytes") and state.get("stamp", stamp) == stamp  # no stamp: older records
-
-
-def iter_samples(url: str, digest: list[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample of a shard: see `verify.iter_samples` (kept here for callers)."""
-    from .verify import iter_samples as samples
-
-    return samples(url, digest)
-
-
-def verify_shard(out_root: str, shard_key: str, shard_name: str, decode_every: int = 1) -> list[str]:
-    """The in-run blocking check of one committed shard: see `verify.check_committed_shard`."""
-    from .verify import check_committed_shard
-
-    return check_committed_shard(out_root, shard_key, shard_name, decode_every=decode_every)

@@ -3,8 +3,7 @@
 Two callers feed it the samples a shard must hold, in order:
 - the in-run blocking check of `wds_shards`, run by `shard.build_shard` (`check_committed`: the
   committed file read back in chunks in the worker pool) against the samples it just wrote with
-  their plan rows; `check_committed_shard` does the same from the plan slice and the manifest
-  alone, in one sequential read;
+  their plan rows;
 - `imnet verify` (`verify_catalog_shard`): the catalog's `shard_samples` rows of that shard,
   streamed shard by shard (`sql/verify_samples.sql`) and checked in worker processes.
 
@@ -291,59 +290,6 @@ def order_problem(got: list[str], expected: list[str], source: str) -> str | Non
 
 
 # ----------------------------------------------------------------------------- the in-run check
-
-
-def expected_from_plan(out_root: str, shard_key: str, manifest: dict) -> tuple[list[ExpectedSample], list[str]]:
-    """The samples a committed shard must hold, from its plan slice and its manifest: every
-    planned key, in plan order, less the manifest's encode-time exclusions, with the manifest's
-    record of each; and the problems of the manifest against the plan."""
-    from .plan import read_slice
-
-    problems: list[str] = []
-    rows, digest = read_slice(out_root, shard_key)
-    if manifest.get("plan_digest") != digest:
-        problems.append(f"written from another plan ({str(manifest.get('plan_digest'))[:12]}), "
-                        f"the plan slice is {digest[:12]}")
-    excluded = {e["key"] for e in manifest.get("excluded", [])}
-    recorded = {s["key"]: s for s in manifest.get("samples", [])}
-    expected = []
-    for r in rows:
-        if r.key in excluded:
-            continue
-        rec = recorded.get(r.key, {})
-        expected.append(ExpectedSample(
-            key=r.key, label=r.label, wnid=r.wnid, webp_sha256=rec.get("webp_sha256"),
-            webp_bytes=rec.get("webp_bytes"), width=rec.get("width"), height=rec.get("height"),
-            orig_width=rec.get("orig_width"), orig_height=rec.get("orig_height"),
-            source_sha256=r.sha256, repaired=bool(rec.get("repaired")),
-        ))
-    return expected, problems
-
-
-def check_committed_shard(out_root: str, shard_key: str, shard_name: str, decode_every: int = 1,
-                          decoded: Iterable[str] = (), tar_sha256: str | None = None,
-                          tar_bytes: int | None = None) -> list[str]:
-    """The blocking check of one shard run: problems of the committed shard against its plan
-    slice and its manifest (each prefixed with the shard). Every planned key is in the tar, in
-    plan order, or recorded as excluded; nothing else is in it; each sample passes `check_sample`;
-    the file's bytes, re-read, have the sha256 and size recorded (the manifest's, or the ones the
-    writer hashed as it wrote, `tar_sha256` and `tar_bytes`)."""
-    from .shard import read_manifest
-
-    manifest = read_manifest(out_root, shard_key)
-    if manifest is None:
-        return [f"shard {shard_key}: no manifest"]
-    expected, problems = expected_from_plan(out_root, shard_key, manifest)
-    url = fs.join(out_root, shard_name)
-    try:
-        problems += read_back(
-            url, expected, record="manifest", source="plan",
-            tar_sha256=tar_sha256 or manifest.get("sha256"),
-            tar_bytes=tar_bytes if tar_bytes is not None else manifest.get("bytes"),
-            decode_every=decode_every, decoded=decoded)
-    except FileNotFoundError:
-        problems.append(f"missing: no file at {fs.redact(url)}")
-    return [f"shard {shard_key}: {p}" for p in problems]
 
 
 # ----------------------------------------------------------------------------- the in-run read-back

@@ -17,8 +17,9 @@ import pytest
 from imnet_assets.core import changed_sources, stages
 from imnet_assets.core.audit import encode_settings, run_audit
 from imnet_assets.core.changed_sources import SourceChanged
+from imnet_assets.core.fs import read_json
 from imnet_assets.core.sample_raw import write_sample_raw
-from imnet_assets.core.shard import build_shard, read_state, state_url
+from imnet_assets.core.shard import build_shard, state_url
 from imnet_assets.settings import Settings
 from tests.conftest import build_catalog_stages, local_settings
 
@@ -86,7 +87,7 @@ def test_a_source_changed_in_place_fails_its_run_marks_the_tar_and_the_next_buil
     assert (err.tar, err.member) == (tar, member) and "sha256" in err.found
     assert tar in str(err) and member in str(err)
     # nothing committed, nothing excluded: the run's commit record is gone, the tar was not replaced
-    assert read_state(s.out_root, shard) is None and not os.path.exists(state_url(s.out_root, shard))
+    assert read_json(state_url(s.out_root, shard)) is None and not os.path.exists(state_url(s.out_root, shard))
     assert final.read_bytes() == before and not list(final.parent.glob(f"*{s.shard_name(shard)}.tmp*"))
     marks = changed_sources.pending(s.out_root)
     assert list(marks) == [tar] and marks[tar].doc["member"] == member and marks[tar].doc["shard"] == shard

@@ -10,8 +10,10 @@ import types
 
 import pytest
 
+from imnet_assets.core.fs import read_json
 from imnet_assets.core.plan import write_slice
-from imnet_assets.core.shard import ShardChangedDuringCheck, build_shard, read_state, shard_state
+from imnet_assets.core.shard import ShardChangedDuringCheck, build_shard, state_url
+from tests.conftest import shard_verdict
 from tests.core.test_shard import ENC, KEY, NAME, ORDER, SOURCES, jpeg, planned, write_raw_tar
 
 
@@ -53,10 +55,10 @@ def test_a_tar_rewritten_after_its_check_gets_no_commit_record(raw, tmp_path):
     with pytest.raises(ShardChangedDuringCheck) as err:
         build(out, raw.root, after_check=rewrite)
     assert f"shard {KEY}: " in str(err.value) and NAME in str(err.value) and "changed on storage" in str(err.value)
-    assert read_state(str(out), KEY) is None
-    assert shard_state(str(out), KEY, NAME, "any") == "missing"  # not fresh: the next build makes it again
+    assert read_json(state_url(str(out), KEY)) is None
+    assert shard_verdict(str(out), KEY, NAME, "any") == "missing"  # not fresh: the next build makes it again
     build(out, raw.root)  # and it does
-    assert read_state(str(out), KEY) is not None
+    assert read_json(state_url(str(out), KEY)) is not None
 
 
 def test_a_tar_touched_while_it_is_checked_gets_no_commit_record(raw, tmp_path):
@@ -71,14 +73,14 @@ def test_a_tar_touched_while_it_is_checked_gets_no_commit_record(raw, tmp_path):
 
     with pytest.raises(ShardChangedDuringCheck):
         build(out, raw.root, after_commit=touch)
-    assert read_state(str(out), KEY) is None
+    assert read_json(state_url(str(out), KEY)) is None
 
 
 def test_the_record_holds_the_stamp_of_the_checked_tar(raw, tmp_path):
     out = tmp_path / "out"
     write_slice(str(out), KEY, planned(raw.rows, ORDER))
     build(out, raw.root)
-    state = read_state(str(out), KEY)
+    state = read_json(state_url(str(out), KEY))
     st = os.stat(out / NAME)
     assert state["bytes"] == st.st_size and state["stamp"] == str(st.st_mtime)
-    assert shard_state(str(out), KEY, NAME, state["fingerprint"]) == "fresh"
+    assert shard_verdict(str(out), KEY, NAME, state["fingerprint"]) == "fresh"

@@ -20,8 +20,8 @@ from imnet_assets.core import stages
 from imnet_assets.core.audit import encode_settings, expected_shard_fingerprints, run_audit
 from imnet_assets.core.probe import probe_image
 from imnet_assets.core.sample_raw import write_sample_raw
-from imnet_assets.core.shard import build_shard, shard_state
-from tests.conftest import build_catalog_stages, local_settings
+from imnet_assets.core.shard import build_shard
+from tests.conftest import build_catalog_stages, local_settings, shard_verdict
 from tests.core.test_shard import write_raw_tar
 
 QUIET = lambda _m: None  # noqa: E731
@@ -60,7 +60,7 @@ def build_all(settings) -> dict[str, str]:
     """Every stage, every shard, the audit; returns shard name -> sha256 of its bytes."""
     build_catalog_stages(settings)
     for key in settings.partition_keys:
-        if shard_state(settings.out_root, key, settings.shard_name(key),
+        if shard_verdict(settings.out_root, key, settings.shard_name(key),
                        expected_shard_fingerprints(settings).get(key)) != "fresh":
             build_shard(out_root=settings.out_root, raw_root=settings.raw_root, shard_key=key,
                         shard_name=settings.shard_name(key), settings=encode_settings(settings),

@@ -24,7 +24,8 @@ from imnet_assets.core.altlabels import in1k_labels
 from imnet_assets.core.audit import check_info, encode_settings, info_url, run_audit
 from imnet_assets.core.card import card_url
 from imnet_assets.core.photos import make_photo
-from imnet_assets.core.shard import build_shard, iter_samples
+from imnet_assets.core.shard import build_shard
+from imnet_assets.core.verify import iter_samples
 from tests.conftest import build_catalog_stages, local_settings
 from tests.core.test_shard import write_raw_tar
 

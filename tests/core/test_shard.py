@@ -18,18 +18,19 @@ from imnet_assets.core import changed_sources
 from imnet_assets.core import shard as shard_mod
 from imnet_assets.core.changed_sources import SourceChanged
 from imnet_assets.core.encode import EncodeSettings
+from imnet_assets.core.fs import read_json
 from imnet_assets.core.plan import SliceRow, read_slice, write_slice
 from imnet_assets.core.shard import (
     _tarinfo,
     build_shard,
     fingerprint,
-    iter_samples,
     read_manifest,
-    read_state,
     sample_members,
-    shard_state,
-    verify_shard,
+    state_url,
 )
+from imnet_assets.core.verify import iter_samples
+from tests.conftest import shard_verdict
+from tests.shard_check import check_committed_shard
 
 KEY = "0001"
 NAME = "imagenet12k-train-0001.tar"
@@ -181,7 +182,7 @@ def test_build_shard_is_readable_by_webdataset_in_plan_order(built):
 def test_manifest_and_state_agree_with_the_tar(built):
     data = built.tar.read_bytes()
     manifest = read_manifest(str(built.out), KEY)
-    state = read_state(str(built.out), KEY)
+    state = read_json(state_url(str(built.out), KEY))
     _, digest = read_slice(str(built.out), KEY)
     assert manifest["bytes"] == len(data) == built.result.bytes
     assert manifest["sha256"] == hashlib.sha256(data).hexdigest() == built.result.sha256
@@ -221,7 +222,7 @@ def test_undecodable_source_becomes_an_exclusion(raw, tmp_path):
     assert [s["key"] for s in manifest["samples"]] == [raw.rows[i][0] for i in (0, 1, 2)]
     assert [s["position"] for s in manifest["samples"]] == [0, 2, 3]
     assert f"{wnid}_1.webp" not in tar_names(out / NAME)
-    assert verify_shard(str(out), KEY, NAME) == []
+    assert check_committed_shard(str(out), KEY, NAME) == []
 
 
 def test_changed_source_bytes_fail_the_run_naming_tar_and_member_and_mark_the_tar(raw, tmp_path):
@@ -287,45 +288,45 @@ def test_a_raw_tar_back_within_the_retries_is_read(raw, tmp_path):
     assert result.num_samples == 6 and result.excluded == []
 
 
-def test_verify_shard_finds_nothing_wrong_with_a_good_shard(built):
-    assert verify_shard(str(built.out), KEY, NAME) == []
-    assert verify_shard(str(built.out), KEY, NAME, decode_every=0) == []
-    assert verify_shard(str(built.out), KEY, NAME, decode_every=16) == []
+def test_check_committed_shard_finds_nothing_wrong_with_a_good_shard(built):
+    assert check_committed_shard(str(built.out), KEY, NAME) == []
+    assert check_committed_shard(str(built.out), KEY, NAME, decode_every=0) == []
+    assert check_committed_shard(str(built.out), KEY, NAME, decode_every=16) == []
 
 
-def test_verify_shard_reports_a_tampered_tar(built):
+def test_check_committed_shard_reports_a_tampered_tar(built):
     data = bytearray(built.tar.read_bytes())
     with tarfile.open(built.tar) as tf:
         webp = next(m for m in tf.getmembers() if m.name.endswith(".webp"))
     data[webp.offset_data + webp.size // 2] ^= 0x55
     built.tar.write_bytes(bytes(data))
-    problems = verify_shard(str(built.out), KEY, NAME)
+    problems = check_committed_shard(str(built.out), KEY, NAME)
     assert any("sha256" in p for p in problems)
     assert any(webp.name[: -len(".webp")] in p for p in problems)
 
 
-def test_verify_shard_reports_a_garbled_json_instead_of_raising(built):
+def test_check_committed_shard_reports_a_garbled_json_instead_of_raising(built):
     data = bytearray(built.tar.read_bytes())
     with tarfile.open(built.tar) as tf:
         js = next(m for m in tf.getmembers() if m.name.endswith(".json"))
     data[js.offset_data] = ord("]")  # no longer a JSON document
     built.tar.write_bytes(bytes(data))
-    problems = verify_shard(str(built.out), KEY, NAME)
+    problems = check_committed_shard(str(built.out), KEY, NAME)
     key = js.name[: -len(".json")]
     assert any(f"sample {key}: .json does not parse" in p for p in problems), problems
     assert any("tar sha256 differs" in p for p in problems)
 
 
-def test_verify_shard_reports_a_cut_tar_instead_of_raising(built):
+def test_check_committed_shard_reports_a_cut_tar_instead_of_raising(built):
     data = built.tar.read_bytes()
     built.tar.write_bytes(data[: len(data) // 2 + 100])
-    problems = verify_shard(str(built.out), KEY, NAME)
+    problems = check_committed_shard(str(built.out), KEY, NAME)
     assert any("tar unreadable after" in p for p in problems), problems
     assert any("tar sha256 differs" in p for p in problems)
     assert any("plan wants" in p for p in problems)
 
 
-def test_verify_shard_reports_a_missing_sample_even_with_a_consistent_manifest(built):
+def test_check_committed_shard_reports_a_missing_sample_even_with_a_consistent_manifest(built):
     """A tar lacking a planned sample, its manifest rewritten to match the tar's bytes."""
     with tarfile.open(built.tar) as tf:
         members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
@@ -337,7 +338,7 @@ def test_verify_shard_reports_a_missing_sample_even_with_a_consistent_manifest(b
     manifest = read_manifest(str(built.out), KEY)
     manifest.update(bytes=len(buf.getvalue()), sha256=hashlib.sha256(buf.getvalue()).hexdigest())
     (built.out / "_manifests" / f"{KEY}.json").write_text(json.dumps(manifest))
-    problems = verify_shard(str(built.out), KEY, NAME)
+    problems = check_committed_shard(str(built.out), KEY, NAME)
     assert len(problems) == 1
     assert "holds 5 samples, plan wants 6" in problems[0] and built.keys[-1] in problems[0]
 
@@ -366,29 +367,29 @@ def corrupt_pixels_consistently(built, index: int) -> str:
     return key
 
 
-def test_verify_shard_decodes_every_nth_sample_and_every_repaired_one(built):
+def test_check_committed_shard_decodes_every_nth_sample_and_every_repaired_one(built):
     key = corrupt_pixels_consistently(built, 2)
-    assert verify_shard(str(built.out), KEY, NAME, decode_every=0) == []  # hashes and header agree
-    assert verify_shard(str(built.out), KEY, NAME, decode_every=4) == []  # samples 0 and 4 decode fine
+    assert check_committed_shard(str(built.out), KEY, NAME, decode_every=0) == []  # hashes and header agree
+    assert check_committed_shard(str(built.out), KEY, NAME, decode_every=4) == []  # samples 0 and 4 decode fine
     for every in (1, 2):  # sample 2 is decoded
-        problems = verify_shard(str(built.out), KEY, NAME, decode_every=every)
+        problems = check_committed_shard(str(built.out), KEY, NAME, decode_every=every)
         assert len(problems) == 1 and key in problems[0] and "does not decode" in problems[0], problems
     manifest = read_manifest(str(built.out), KEY)
     for rec in manifest["samples"]:
         rec["repaired"] = rec["key"] == key
     (built.out / "_manifests" / f"{KEY}.json").write_text(json.dumps(manifest))
-    problems = verify_shard(str(built.out), KEY, NAME, decode_every=0)  # repaired: always decoded
+    problems = check_committed_shard(str(built.out), KEY, NAME, decode_every=0)  # repaired: always decoded
     assert len(problems) == 1 and key in problems[0], problems
 
 
-def test_verify_shard_without_manifest(built):
+def test_check_committed_shard_without_manifest(built):
     os.unlink(built.out / "_manifests" / f"{KEY}.json")
-    assert verify_shard(str(built.out), KEY, NAME) == [f"shard {KEY}: no manifest"]
+    assert check_committed_shard(str(built.out), KEY, NAME) == [f"shard {KEY}: no manifest"]
 
 
-def test_verify_shard_reports_another_plan(built):
+def test_check_committed_shard_reports_another_plan(built):
     write_slice(str(built.out), KEY, planned(built.raw.rows, list(reversed(ORDER))))
-    problems = verify_shard(str(built.out), KEY, NAME)
+    problems = check_committed_shard(str(built.out), KEY, NAME)
     assert any("another plan" in p for p in problems)
 
 
@@ -399,33 +400,33 @@ def test_shard_state_transitions(raw, tmp_path):
     out = tmp_path / "out"
     digest = write_slice(str(out), KEY, planned(raw.rows, ORDER))
     want = fingerprint(digest, ENC)
-    assert shard_state(str(out), KEY, NAME, want) == "missing"
+    assert shard_verdict(str(out), KEY, NAME, want) == "missing"
     build(out, raw.root)
-    assert shard_state(str(out), KEY, NAME, want) == "fresh"
-    assert shard_state(str(out), KEY, NAME, fingerprint(digest, EncodeSettings(quality=81, method=2))) == "stale"
-    assert shard_state(str(out), KEY, NAME, None) == "stale"
+    assert shard_verdict(str(out), KEY, NAME, want) == "fresh"
+    assert shard_verdict(str(out), KEY, NAME, fingerprint(digest, EncodeSettings(quality=81, method=2))) == "stale"
+    assert shard_verdict(str(out), KEY, NAME, None) == "stale"
     # The tar changed size on storage: stale.
     tar_path = out / NAME
     data, mtime = tar_path.read_bytes(), tar_path.stat().st_mtime_ns
     tar_path.write_bytes(data + b"\0" * 512)
-    assert shard_state(str(out), KEY, NAME, want) == "stale"
+    assert shard_verdict(str(out), KEY, NAME, want) == "stale"
     # The same bytes written again: not the file committed (its mtime), so stale, until the time is back.
     tar_path.write_bytes(data)
-    assert shard_state(str(out), KEY, NAME, want) == "stale"
+    assert shard_verdict(str(out), KEY, NAME, want) == "stale"
     os.utime(tar_path, ns=(mtime, mtime))
-    assert shard_state(str(out), KEY, NAME, want) == "fresh"
+    assert shard_verdict(str(out), KEY, NAME, want) == "fresh"
     # A new plan for this shard: stale until rebuilt.
     new_digest = write_slice(str(out), KEY, planned(raw.rows, list(reversed(ORDER))))
     new_want = fingerprint(new_digest, ENC)
-    assert shard_state(str(out), KEY, NAME, new_want) == "stale"
+    assert shard_verdict(str(out), KEY, NAME, new_want) == "stale"
     build(out, raw.root)
-    assert shard_state(str(out), KEY, NAME, new_want) == "fresh"
+    assert shard_verdict(str(out), KEY, NAME, new_want) == "fresh"
     # The tar or its state file gone: missing.
     os.unlink(tar_path)
-    assert shard_state(str(out), KEY, NAME, new_want) == "missing"
+    assert shard_verdict(str(out), KEY, NAME, new_want) == "missing"
     build(out, raw.root)
     os.unlink(out / "_manifests" / f"{KEY}.state.json")
-    assert shard_state(str(out), KEY, NAME, new_want) == "missing"
+    assert shard_verdict(str(out), KEY, NAME, new_want) == "missing"
 
 
 def test_fingerprint_depends_on_plan_quality_method_and_size():
@@ -474,7 +475,7 @@ def test_leftovers_of_an_interrupted_run_are_removed(built):
     leftover.write_bytes(b"half a shard")
     build(built.out, built.raw.root)
     assert not leftover.exists()
-    assert verify_shard(str(built.out), KEY, NAME) == []
+    assert check_committed_shard(str(built.out), KEY, NAME) == []
 
 
 def test_empty_slice_gives_an_empty_valid_shard(tmp_path):
@@ -483,7 +484,7 @@ def test_empty_slice_gives_an_empty_valid_shard(tmp_path):
     result = build(out, tmp_path)
     assert result.num_samples == 0 and result.planned == 0
     assert tar_names(out / NAME) == []
-    assert verify_shard(str(out), KEY, NAME) == []
+    assert check_committed_shard(str(out), KEY, NAME) == []
 
 
 def test_zero_byte_source_has_a_reason_with_two_workers(tmp_path):

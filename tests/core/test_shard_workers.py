@@ -31,7 +31,8 @@ from imnet_assets.core import procpool
 from imnet_assets.core import shard as shard_mod
 from imnet_assets.core.encode import EncodeSettings, encode_image
 from imnet_assets.core.plan import write_slice
-from imnet_assets.core.shard import build_shard, fingerprint, read_manifest, shard_state
+from imnet_assets.core.shard import build_shard, fingerprint, read_manifest
+from tests.conftest import shard_verdict
 from tests.core.test_shard import jpeg, planned, write_raw_tar
 
 ENC = EncodeSettings(quality=80, method=2)
@@ -100,7 +101,7 @@ def test_a_worker_killed_mid_shard_is_replaced_and_the_shard_is_byte_identical(p
     assert killed[0] not in pool.pids()
     assert result.excluded == [] and result.problems == []
     assert (out / NAME).read_bytes() == photos.reference
-    assert shard_state(str(out), KEY, NAME, read_manifest(str(out), KEY)["fingerprint"]) == "fresh"
+    assert shard_verdict(str(out), KEY, NAME, read_manifest(str(out), KEY)["fingerprint"]) == "fresh"
 
 
 def test_an_image_that_always_kills_its_encoder_is_excluded_naming_the_crash(photos, tmp_path, monkeypatch):
@@ -116,7 +117,7 @@ def test_an_image_that_always_kills_its_encoder_is_excluded_naming_the_crash(pho
     assert reason == "encoder process died 2 times (signal 11, signal 11) while encoding", reason
     assert result.num_samples == len(rows) - 1 and result.problems == []
     assert [s["key"] for s in manifest["samples"]] == [r[0] for r in rows if r is not victim]
-    assert shard_state(str(out), KEY, NAME, manifest["fingerprint"]) == "fresh"
+    assert shard_verdict(str(out), KEY, NAME, manifest["fingerprint"]) == "fresh"
     # The other samples are the bytes an undisturbed build gives them.
     monkeypatch.delenv("IMNET_TEST_CRASH_SHA256")
     clean = tmp_path / "clean"
@@ -162,15 +163,15 @@ def test_a_failed_check_leaves_the_shard_not_fresh(photos, tmp_path, workers):
     digest = write_slice(str(out), KEY, planned(photos.raw.rows, list(range(len(photos.raw.rows)))[::-1]))
     want = fingerprint(digest, ENC)
     assert build(out, photos.raw, workers=workers).problems == []
-    assert shard_state(str(out), KEY, NAME, want) == "fresh"
+    assert shard_verdict(str(out), KEY, NAME, want) == "fresh"
     # Rebuilt, and a byte of the committed tar flipped before the check reads it back.
     result = build(out, photos.raw, workers=workers, after_commit=corrupt_a_webp_byte)
     assert any("sha256 differs from the manifest" in p for p in result.problems), result.problems
     assert any("tar sha256 differs" in p for p in result.problems), result.problems
     assert not (out / "_manifests" / f"{KEY}.state.json").exists()
-    assert shard_state(str(out), KEY, NAME, want) == "missing"  # the next build, schedule, sensor redo it
+    assert shard_verdict(str(out), KEY, NAME, want) == "missing"  # the next build, schedule, sensor redo it
     assert build(out, photos.raw, workers=workers).problems == []
-    assert shard_state(str(out), KEY, NAME, want) == "fresh"
+    assert shard_verdict(str(out), KEY, NAME, want) == "fresh"
     assert (out / NAME).read_bytes() == photos.reference
 
 
@@ -331,7 +332,7 @@ def test_an_oom_storm_retries_and_gives_the_same_shard(photos, tmp_path):
     assert len(kills) == len(killed), logs  # each kill cost a retry of its image, nothing more
     assert result.excluded == [] and result.problems == [] and result.num_samples == len(rows)
     assert (out / NAME).read_bytes() == photos.reference
-    assert shard_state(str(out), KEY, NAME, read_manifest(str(out), KEY)["fingerprint"]) == "fresh"
+    assert shard_verdict(str(out), KEY, NAME, read_manifest(str(out), KEY)["fingerprint"]) == "fresh"
 
 
 def test_an_image_killed_from_outside_every_time_fails_the_run_naming_it(photos, tmp_path):

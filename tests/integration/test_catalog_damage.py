@@ -180,7 +180,7 @@ def test_status_after_a_visible_raw_change_says_the_shards_are_judged_against_a_
 def test_a_dagster_run_of_an_asset_over_a_damaged_catalog_fails_with_the_one_line(copy):
     """As the UI, the schedule or the sensor would start them: the asset's run fails, and its
     failure is the line naming the file and the recovery."""
-    from imnet_assets.cli import Build
+    from imnet_assets.orchestrate.build import Build
     from tests.conftest import environ, settings_of
 
     tmp, env = copy

@@ -255,7 +255,7 @@ def test_one_partition_materialized_by_two_processes_is_built_once(planned, tmp_
     no_leases_left(out)
 
 
-INSTANCE = "from imnet_assets.cli import dagster_instance; dagster_instance().get_runs(limit=1)"
+INSTANCE = "from imnet_assets.orchestrate.instance import dagster_instance; dagster_instance().get_runs(limit=1)"
 
 
 def test_processes_creating_a_fresh_instance_at_once_do_not_crash(tmp_path):

@@ -1,0 +1,339 @@
+"""`imnet build`: the catalog stages, then the shard partitions (several Dagster runs at once, on
+threads of this process), then the audit, each a Dagster run recorded in the instance; one build
+at a time per out root (its lease)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+from ..core.fs import redact
+from ..settings import Settings
+from .dagster_quirks import console_kept_through_output_capture, skip_per_run_logging_config
+from .instance import dagster_instance
+from .interrupts import end_now_leaving_runs, first_done
+
+BUILD_LEASE = "build"  # <out root>/_locks/build/: the lease of the build writing the out root
+
+
+class OutRootBusy(RuntimeError):
+    """Another `imnet build` holds the out root (its lease names it)."""
+
+
+class Build:
+    """Materializes stages through Dagster, in this process, recording into the instance."""
+
+    def __init__(self, settings: Settings, out=sys.stdout, verbose: bool = False, keep_going: bool = False,
+                 parallel: int | None = None):
+        from ..definitions import build_definitions
+
+        self.settings = settings
+        self.defs = build_definitions(settings)
+        self.assets = list(self.defs.assets)
+        # The persistent instance the UI reads (DAGSTER_HOME, by default data/dagster_home under the
+        # project root): what the build does shows there, and its history carries over.
+        self.instance = dagster_instance(prepare_out=out)
+        self.out = out
+        # Dagster's console logger prints each failed step's whole stack trace; this command names
+        # the failure itself (`fail`), so by default only -v shows them (the instance keeps them all)
+        self.log_level = "WARNING" if verbose else "CRITICAL"
+        self.keep_going = keep_going
+        self.parallel = parallel if parallel is not None else settings.parallel_shards
+        self._say_lock = threading.Lock()
+        self.lease = None  # the out root's build lease, once this build is about to write (hold_out_root)
+        self.runs_left_behind = 0  # shard runs still going in other threads when an interrupt came
+
+    def say(self, msg: str) -> None:
+        with self._say_lock:  # shard runs finish in several threads: whole lines only
+            print(msg, file=self.out, flush=True)
+
+    def materialize(self, selection: list[str], partition_key: str | None = None):
+        from dagster import materialize
+
+        from ..schedules import worker_place
+
+        result = materialize(
+            self.assets, selection=selection, partition_key=partition_key, instance=self.instance,
+            raise_on_error=False, tags={"imnet/launched_by": "imnet build", **worker_place()},
+            run_config={"loggers": {"console": {"config": {"log_level": self.log_level}}}},
+        )
+        failures = []
+        for ev in result.get_step_failure_events():
+            err = ev.step_failure_data.error
+            if err is not None and err.cls_name == "DagsterExecutionInterruptedError":
+                raise KeyboardInterrupt  # Ctrl-C inside the run: say so, not "FAILED" (main)
+            while err is not None and err.cause is not None:
+                err = err.cause  # the user code's own error, not Dagster's wrapper
+            failures.append(f"{ev.step_key} failed: {err.message.strip() if err else 'unknown error'}")
+        for ev in result.get_asset_check_evaluations():
+            if not ev.passed:
+                failures.append(f"check {ev.asset_key.to_user_string()}:{ev.check_name} failed: {ev.description}")
+        if not result.success and not failures:
+            failures.append(f"run {result.run_id} failed")
+        return result, failures
+
+    def hold_out_root(self) -> bool:
+        """Take the out root's build lease (core.lease) before this build writes anything: one
+        build at a time per out root (SPEC: Failure behaviour). A build with nothing to do takes
+        none (it writes nothing). True when taken by this call: the caller then looks again at
+        what it was about to do, which a build that just ended may have done. Raises OutRootBusy
+        naming the holder when another build holds it; a holder whose process is gone (kill -9),
+        or of another host that stopped renewing it, is taken over."""
+        from ..core.lease import LeaseHeld, LeaseLost, acquire
+
+        if self.lease is not None:
+            try:
+                self.lease.check()
+            except LeaseLost as e:
+                raise OutRootBusy(f"this build lost the out root {self.settings.out_root}: {e}") from None
+            return False
+
+        try:
+            self.lease = acquire(self.settings.out_root, BUILD_LEASE, "imnet build")
+        except LeaseHeld as e:
+            raise self._busy(str(e)) from None
+        return True
+
+    def _busy(self, held: str) -> OutRootBusy:
+        return OutRootBusy(f"the out root {self.settings.out_root} is in use by another build: {held}; wait for it "
+                           "to end, or stop it (the lease of a process that is gone is taken over)")
+
+    def refuse_if_held(self) -> None:
+        """Refuse at once when another build holds the out root, before reading the catalog (a
+        reader waits for the catalog's writer: at full size the index stage holds it for an hour)."""
+        from ..core.lease import describe, holder_of
+
+        held = holder_of(self.settings.out_root, BUILD_LEASE)
+        if held is not None:
+            raise self._busy(f"{describe(held[0])} holds it (lease {held[1]})")
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+    def run(self, wanted: list[str]) -> int:
+        """Builds the stages, then the shard partitions `wanted`, then the audit when all are wanted."""
+        try:
+            return self._run(wanted)
+        finally:
+            # Shard runs left going in other threads (Ctrl-C) end with this process: its lease
+            # then names a process that is gone, and the next build takes it over.
+            if not self.runs_left_behind:
+                self.release()
+
+    def _shards_to_build(self, wanted: list[str]) -> tuple[list[str], list[str]]:
+        """(partitions to build, partitions with a run in flight elsewhere) of those wanted."""
+        from ..schedules import shard_partition_status
+
+        status = shard_partition_status(self.settings, self.instance)
+        todo = [k for k in wanted if status[k] != "fresh"]
+        busy = [k for k in todo if status[k] == "in_flight"]
+        return [k for k in todo if k not in busy], busy
+
+    def _run(self, wanted: list[str]) -> int:
+        from ..core.stages import stale_stages
+        from ..schedules import fail_dead_runs
+
+        s = self.settings
+        self.say(f"imnet build: raw {s.raw_root} -> out {s.out_root}, catalog {s.catalog}, "
+                 f"{s.num_shards} shards, {s.workers} workers, instance "
+                 f"{os.environ.get('DAGSTER_HOME') or '(ephemeral)'}")
+        self.refuse_if_held()
+        for stage in ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]:
+            if stage not in stale_stages(s, log=self.say) or (
+                    self.hold_out_root() and stage not in stale_stages(s, log=lambda _m: None)):
+                self.say(f"  {stage:16s} fresh, skipped")
+                continue
+            t0 = time.perf_counter()
+            result, failures = self.materialize([stage])
+            if failures:
+                return self.fail(stage, failures)
+            self.say(f"  {stage:16s} materialized in {time.perf_counter() - t0:.1f}s  {self._facts(result, stage)}")
+        if self.instance is not None:
+            fail_dead_runs(self.instance, log=lambda m: self.say(f"  wds_shards: {m}"))
+        todo, busy = self._shards_to_build(wanted)
+        if todo and self.hold_out_root():
+            todo, busy = self._shards_to_build(wanted)
+        if busy:
+            self.say(f"  wds_shards: {len(busy)} shards have a run in flight elsewhere, left to it: {busy[:8]}")
+        self.say(f"  wds_shards: {len(wanted) - len(todo) - len(busy)} of {len(wanted)} selected shards fresh, "
+                 f"{len(todo)} to build")
+        failed = self.build_shards(todo)
+        if not wanted:
+            self.say("  shards and audit: skipped (--shards none: the catalog stages and the plan only)")
+            return 0
+        if failed:
+            return self.fail(f"wds_shards[{', '.join(failed)}]", [
+                f"{len(failed)} of {len(todo)} shards failed: {', '.join(failed)}",
+                "shard_audit: skipped (it vouches for every shard; run `imnet build` again once they build)"])
+        if set(wanted) != set(s.partition_keys):
+            self.say("  shard_audit: skipped (only some shards were selected; run `imnet build` for all)")
+            return 0
+        if self._audit_fresh(todo) or (self.hold_out_root() and self._audit_fresh(todo)):
+            self.say("  shard_audit      fresh, skipped")
+        else:
+            result, failures = self.materialize(["shard_audit"])
+            if failures:
+                return self.fail("shard_audit", failures)
+            md = self._metadata(result, "shard_audit")
+            self.say(f"  shard_audit      ok: {md.get('samples')} samples in {md.get('shards')} shards, "
+                     f"{md.get('excluded')} excluded, {md.get('repaired')} repaired")
+        self.say(f"shards: {s.out_root}  (_info.json beside them); catalog: {s.catalog}")
+        return 0
+
+    def _audit_fresh(self, built: list[str]) -> bool:
+        from ..core.audit import audit_fingerprint
+
+        fp = audit_fingerprint(self.settings)
+        return not built and fp is not None and self._stage_fp("shard_audit") == fp
+
+    def runs_at_once(self, todo: int) -> int:
+        """Shard runs to run at once: `--parallel` / IMNET_PARALLEL_SHARDS, else about the cores
+        over IMNET_WORKERS and at least 2 (one run's start, commit and check leave its workers idle:
+        a second run fills the gap), at most the instance's pool limit (dagster.yaml's `pools:
+        default_limit`, which bounds the shard runs the daemon launches)."""
+        if self.parallel:
+            return max(1, min(self.parallel, todo))
+        cpus = os.cpu_count() or 1
+        runs = max(2, round(cpus / self.settings.workers))
+        limit = self.instance.global_op_concurrency_default_limit if self.instance is not None else None
+        if limit:
+            runs = min(runs, limit)
+        return max(1, min(runs, todo))
+
+    def build_shards(self, todo: list[str]) -> list[str]:
+        """Materialize each shard partition in `todo`, a Dagster run each, several at once (threads
+        of this process: each run is recorded in the instance like any other). Returns the failed
+        keys, in `todo` order. On a failure, no further shard starts unless --keep-going; the runs
+        already going finish."""
+        if not todo:
+            return []
+        runs = self.runs_at_once(len(todo))
+        if runs > 1 and not skip_per_run_logging_config(self.instance):
+            self.say("  wds_shards: one shard run at a time (the instance's python_logs.dagster_handler_config "
+                     "makes Dagster reconfigure logging per run, which concurrent runs in one process cannot share)")
+            runs = 1
+        if runs > 1:
+            self.say(f"  wds_shards: {runs} shard runs at once, {self.settings.workers} workers each")
+        if self.settings.workers > 1:
+            # The encode workers (and their forkserver's imports) start now, while the first runs
+            # are being set up in Dagster, instead of when the first run asks for them.
+            from ..core.procpool import shared_pool
+
+            shared_pool(self.settings.workers)
+        with console_kept_through_output_capture(self):
+            return self._build_shards(todo, runs)
+
+    def _build_shards(self, todo: list[str], runs: int) -> list[str]:
+        started, images, done = time.perf_counter(), 0, 0
+        failed: list[str] = []
+        for key, result, failures in self._shard_runs(todo, runs, stop=lambda: bool(failed) and not self.keep_going):
+            done += 1
+            if failures:
+                failed.append(key)
+                self.say(f"  [{done}/{len(todo)}] shard {key}: FAILED")
+                for f in failures:
+                    self.say("    " + redact(f))
+                if not self.keep_going:
+                    self.say("  wds_shards: stopping at the first failure (--keep-going builds the others)")
+                continue
+            md = self._metadata(result, "wds_shards")
+            images += int(md.get("samples", 0))
+            elapsed = time.perf_counter() - started
+            eta = elapsed / done * (len(todo) - done)
+            self.say(f"  [{done}/{len(todo)}] shard {key}: {md.get('samples')} samples "
+                     f"({md.get('excluded')} excluded, {md.get('repaired')} repaired), "
+                     f"{md.get('images_per_s')} img/s; overall {images / elapsed:.1f} img/s, eta {eta:.0f}s")
+        order = {k: i for i, k in enumerate(todo)}
+        return sorted(failed, key=order.__getitem__)
+
+    def _shard_runs(self, todo: list[str], runs: int, stop) -> Iterator[tuple[str, object, list[str]]]:
+        """(key, result, failures) per shard run, as they finish; no new run starts once `stop()`."""
+        if runs <= 1:  # in this thread: Ctrl-C interrupts the run itself
+            for key in todo:
+                if stop():
+                    return
+                yield (key, *self.materialize(["wds_shards"], partition_key=key))
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(runs, thread_name_prefix="imnet-shard-run")
+        queue = iter(todo)
+        pending: dict = {}
+        try:
+            for key in queue:
+                pending[pool.submit(self.materialize, ["wds_shards"], key)] = key
+                if len(pending) >= runs:
+                    break
+            while pending:
+                finished = first_done(pending)
+                for fut in finished:
+                    key = pending.pop(fut)
+                    yield (key, *fut.result())
+                    if not stop():
+                        nxt = next(queue, None)
+                        if nxt is not None:
+                            pending[pool.submit(self.materialize, ["wds_shards"], nxt)] = nxt
+        except BaseException:
+            # Ctrl-C reaches this thread only; the runs in the others cannot be interrupted from
+            # here: they end with this process (main), and the next build marks them failed.
+            pool.shutdown(wait=False, cancel_futures=True)
+            self.runs_left_behind = len(pending)
+            raise
+        pool.shutdown(wait=True)
+
+    def _stage_fp(self, stage: str) -> str | None:
+        from ..catalog import open_reader
+
+        if not os.path.exists(self.settings.catalog):
+            return None
+        with open_reader(self.settings.catalog, say=lambda m: self.say(f"  {m}")) as cat:
+            return cat.stage_fingerprint(stage)
+
+    def _metadata(self, result, asset: str) -> dict:
+        for ev in result.get_asset_materialization_events():
+            mat = ev.event_specific_data.materialization
+            if mat.asset_key.to_user_string() == asset:
+                return {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
+        return {}
+
+    # Counts a stage reports as 0 until a later stage has counted them: raw_tars' members and the
+    # synset manifest's images come from filtered_index's walk of the tars' headers.
+    NOT_COUNTED_YET = {"raw_tars": "members", "synset_manifest": "images"}
+
+    def _facts(self, result, asset: str) -> str:
+        md = self._metadata(result, asset)
+        shown = {k: v for k, v in md.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                 and not (v == 0 and self.NOT_COUNTED_YET.get(asset) == k)}
+        return ", ".join(f"{k}={v}" for k, v in list(shown.items())[:6])
+
+    def fail(self, stage: str, failures: list[str]) -> int:
+        self.say(f"imnet build: {stage} FAILED")
+        for f in failures:
+            self.say("  " + redact(f))
+        if self.log_level == "CRITICAL":
+            self.say("  (the full error with its stack trace: run again with -v, or see the run in the Dagster UI"
+                     " when DAGSTER_HOME is set)")
+        return 1
+
+
+def build(settings: Settings, wanted: list[str], verbose: bool = False, keep_going: bool = False,
+          parallel: int | None = None) -> int:
+    """`imnet build` for the shard partitions `wanted`: its exit code. Ctrl-C / SIGTERM raise
+    KeyboardInterrupt, unless shard runs are left going in other threads: then the process ends
+    at once (end_now_leaving_runs says why it must)."""
+    from ..core.procpool import start_forkserver
+
+    start_forkserver()  # its imports overlap Dagster's; scan and encode workers then fork at once
+    runner = Build(settings, verbose=verbose, keep_going=keep_going, parallel=parallel)
+    try:
+        return runner.run(wanted)
+    except KeyboardInterrupt:
+        left = runner.runs_left_behind
+        if not left:
+            raise
+        end_now_leaving_runs(left)

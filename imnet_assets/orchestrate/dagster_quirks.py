@@ -1,0 +1,53 @@
+"""What Dagster 1.13 (as pinned in pyproject.toml) does that `imnet build`, running shard runs
+on threads of one process, has to work around. One function per behaviour; each behaviour is
+pinned by tests/test_dagster_quirks.py, which fails if a Dagster upgrade changes it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+
+@contextlib.contextmanager
+def console_kept_through_output_capture(build):
+    """Keeps `build.out` (the command's progress lines) on the terminal while shard runs execute
+    in threads. Dagster 1.13 captures a step's output for the UI by pointing file descriptors 1
+    and 2 at the step's log file for as long as the step runs, process-wide
+    (dagster._core.execution.compute_logs.redirect_stream: os.dup2), and points them back at what
+    it found when the step began: with two runs at once, a step that began while the other's
+    capture was on points them, when it ends, at the other's file for good. So progress lines go
+    to a copy of the terminal's descriptor taken before, and 1 and 2 are put back when the runs
+    are done."""
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    out = build.out
+    if out is sys.stdout:
+        sys.stdout.flush()
+        build.out = os.fdopen(os.dup(saved[1]), "w", buffering=1)
+    try:
+        yield
+    finally:
+        if build.out is not out:
+            build.out.close()
+            build.out = out
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+def skip_per_run_logging_config(instance) -> bool:
+    """Lets Dagster runs execute in several threads of this process at once; False when they
+    may not. Dagster 1.13 calls logging.config.dictConfig at the start of every run of an
+    instance with settings (a dagster.yaml), even when it configures no handlers
+    (DagsterInstance.get_handlers -> get_yaml_python_handlers): that closes every logging handler
+    of the process under logging's module lock, and deadlocks against a run in another thread
+    emitting an event (each holds the lock the other waits for). With no
+    python_logs.dagster_handler_config, that call yields no handlers: skipping it changes nothing
+    else, so it is skipped for this instance (this process's only). With handlers configured,
+    the runs must go one at a time."""
+    if instance is None:
+        return True
+    if instance.get_python_log_dagster_handler_config():
+        return False
+    instance.get_yaml_python_handlers = list  # -> []: what the skipped call returns here
+    return True

@@ -1,0 +1,57 @@
+"""How `imnet` stops: Ctrl-C and SIGTERM alike, at once, even while shard runs go on in threads."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import NoReturn
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (a container stopped, a pod preempted) stops a command as Ctrl-C does: both raise
+    KeyboardInterrupt in the main thread (the same cleanup, "imnet: interrupted", exit 130),
+    whatever dispositions the process inherited. A process started with SIGINT ignored (`&` in a
+    script, some supervisors) would otherwise keep it ignored, and Dagster 1.13, which points
+    SIGTERM at whatever handles SIGINT each time a run in the main thread ends
+    (dagster._utils.interrupts.setup_interrupt_handlers, called when capture_interrupts restores
+    SIGINT's handler), would then ignore SIGTERM too. Only the main thread of the main interpreter
+    can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def first_done(pending) -> set:
+    """The futures of `pending` that are done, waiting until one is. The wait wakes every quarter
+    second: a Ctrl-C that the kernel delivers to another thread (a shard run's, a reader's) only
+    sets Python's flag, and a main thread blocked in one long wait would see it once a shard run
+    finished (minutes at the real size) instead of at once."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    while True:
+        finished, _ = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+        if finished:
+            return finished
+
+
+def end_now_leaving_runs(left: int, code: int = 130) -> NoReturn:
+    """Ends this process at once, without Python's exit, when shard runs still execute in other
+    threads (Ctrl-C or SIGTERM during a parallel build). It must stay os._exit:
+    - a Dagster run executing in process (materialize) can be interrupted only from the main
+      thread: Dagster's interrupts are SIGINT handlers, which run in the main thread only, and
+      the runs in other threads never see them;
+    - a clean exit (SystemExit) first joins every ThreadPoolExecutor thread
+      (concurrent.futures.thread._python_exit), so it would wait for the runs to end, minutes at
+      the real size, committing shards after the user said stop; daemon threads instead would
+      go on running, and writing, while atexit handlers stop the worker pools under them.
+    Nothing is lost by skipping the exit handlers: the runs' workers exit with this process
+    (procpool), their partial files are removed by each shard's next run, the build lease then
+    names a process that is gone (taken over), and the next `imnet build` marks the runs failed
+    (schedules.fail_dead_runs). Output is flushed first; the message says what was left."""
+    print(f"imnet: interrupted; {left} shard runs in flight stopped with it (the next `imnet build` "
+          "marks them failed and builds them again)", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)

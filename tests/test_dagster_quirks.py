@@ -1,0 +1,153 @@
+"""The Dagster 1.13 behaviours that imnet_assets/orchestrate/dagster_quirks.py and interrupts.py
+work around, shown on a real instance with a dagster.yaml: if a Dagster upgrade changes one,
+its test here fails, and the workaround is to be looked at again (kept, changed or dropped)."""
+
+from __future__ import annotations
+
+import logging.config
+import os
+import signal
+import sys
+
+import pytest
+
+pytest.importorskip("dagster")
+
+from dagster import DagsterInstance, asset, materialize  # noqa: E402
+
+from imnet_assets.orchestrate.dagster_quirks import (  # noqa: E402
+    console_kept_through_output_capture,
+    skip_per_run_logging_config,
+)
+from imnet_assets.orchestrate.interrupts import stop_on_signals  # noqa: E402
+
+SEEN: dict[str, object] = {}
+
+
+@asset
+def fd_witness() -> None:
+    """Records where file descriptors 1 and 2 point while the step runs."""
+    SEEN["fds"] = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in (1, 2)}
+
+
+def _instance(home, yaml: str) -> DagsterInstance:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").write_text(yaml)
+    return DagsterInstance.from_config(str(home))
+
+
+@pytest.fixture
+def instance(tmp_path):
+    with _instance(tmp_path / "home", "telemetry:\n  enabled: false\n") as inst:
+        yield inst
+
+
+def _run(instance) -> None:
+    result = materialize([fd_witness], instance=instance, raise_on_error=True)
+    assert result.success
+
+
+def _counting_dict_config(monkeypatch) -> list:
+    calls: list = []
+    real = logging.config.dictConfig
+
+    def spy(config):  # calls through: the real reconfiguration happens, and is counted
+        calls.append(config)
+        return real(config)
+
+    monkeypatch.setattr(logging.config, "dictConfig", spy)
+    return calls
+
+
+def test_a_run_of_an_instance_with_a_dagster_yaml_reconfigures_logging_unless_skipped(instance, monkeypatch):
+    """The reason for skip_per_run_logging_config: every run calls logging.config.dictConfig
+    (through the instance's get_yaml_python_handlers) although the dagster.yaml configures no
+    handlers; with the workaround applied, a run no longer does."""
+    calls = _counting_dict_config(monkeypatch)
+    _run(instance)
+    assert calls, "a run no longer calls logging.config.dictConfig: the workaround may be dropped"
+    # ... configuring no handler at all (so skipping the call changes nothing else)
+    assert all(not list(c.get("handlers", {})) for c in calls), calls
+    assert instance.get_yaml_python_handlers() == []
+    calls.clear()
+    assert skip_per_run_logging_config(instance) is True
+    _run(instance)
+    assert calls == []  # the call skipped: runs in several threads no longer close each other's handlers
+
+
+def test_an_instance_with_python_log_handlers_keeps_them_and_runs_go_one_at_a_time(tmp_path, monkeypatch):
+    yaml = ("telemetry:\n  enabled: false\npython_logs:\n  dagster_handler_config:\n    handlers:\n"
+            "      mine:\n        class: logging.NullHandler\n")
+    with _instance(tmp_path / "home", yaml) as inst:
+        calls = _counting_dict_config(monkeypatch)
+        assert skip_per_run_logging_config(inst) is False
+        _run(inst)
+        assert calls and all("mine" in c["handlers"] for c in calls)  # the user's handlers, as Dagster does
+
+
+def test_a_steps_output_capture_repoints_file_descriptors_1_and_2_process_wide(instance, monkeypatch):
+    """The reason for console_kept_through_output_capture: while a step runs, Dagster points the
+    process's descriptors 1 and 2 (not only sys.stdout) at the step's log file under the
+    instance, and points them back after it."""
+    # as in `imnet`: sys.stdout and sys.stderr are the streams of descriptors 1 and 2 (pytest's
+    # capture replaces them with streams of other descriptors)
+    monkeypatch.setattr(sys, "stdout", sys.__stdout__)
+    monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+    before = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in (1, 2)}
+    _run(instance)
+    inside = SEEN["fds"]
+    for fd in (1, 2):
+        assert inside[fd] != before[fd], (fd, inside, before)
+        assert inside[fd].startswith(str(instance.root_directory)), (fd, inside[fd])
+    assert {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in (1, 2)} == before
+
+
+def test_console_kept_writes_to_the_terminal_and_puts_descriptors_1_and_2_back(tmp_path):
+    """A capture left pointing 1 and 2 at a log file (the overlapping runs' case): the build's
+    lines still reach what 1 was before, and 1 and 2 point there again afterwards."""
+
+    class Out:
+        out = sys.stdout
+
+    terminal = tmp_path / "terminal"
+    log = tmp_path / "step.log"
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    try:
+        with open(terminal, "w") as term:
+            for fd in (1, 2):
+                os.dup2(term.fileno(), fd)
+        before = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in (1, 2)}
+        build = Out()
+        with console_kept_through_output_capture(build):
+            with open(log, "w") as step_log:  # a step's capture, never pointed back
+                for fd in (1, 2):
+                    os.dup2(step_log.fileno(), fd)
+            print("[1/2] shard 0000: 40 samples", file=build.out, flush=True)
+        after = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in (1, 2)}
+    finally:
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+    assert build.out is sys.stdout
+    assert after == before
+    assert terminal.read_text() == "[1/2] shard 0000: 40 samples\n"
+    assert log.read_text() == ""
+
+
+def test_a_run_in_the_main_thread_points_sigterm_at_sigints_handler(instance):
+    """The reason for stop_on_signals: when a run in the main thread ends, Dagster gives SIGTERM
+    whatever handles SIGINT, so a process started with SIGINT ignored would ignore SIGTERM too;
+    with stop_on_signals first, both raise KeyboardInterrupt."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _run(instance)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        stop_on_signals()
+        _run(instance)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
