@@ -135,6 +135,7 @@ class Build:
         return [k for k in todo if k not in busy], busy
 
     def _run(self, wanted: list[str]) -> int:
+        from ..catalog import CatalogVolumeMissing, check_catalog_volume
         from ..core.stages import stale_stages
         from ..schedules import fail_dead_runs
 
@@ -143,6 +144,10 @@ class Build:
                  f"{s.num_shards} shards, {s.workers} workers, instance "
                  f"{os.environ.get('DAGSTER_HOME') or '(ephemeral)'}")
         self.refuse_if_held()
+        try:  # before the lease: a container without the catalog's volume writes nothing at all
+            check_catalog_volume(s.catalog)
+        except CatalogVolumeMissing as e:
+            return self.fail("catalog", [str(e)])
         for stage in ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]:
             if stage not in stale_stages(s, log=self.say) or (
                     self.hold_out_root() and stage not in stale_stages(s, log=lambda _m: None)):
