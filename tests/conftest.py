@@ -154,3 +154,32 @@ def other_pid_namespace() -> tuple[subprocess.Popen, str]:
         proc.kill()
         proc.wait()
     raise RuntimeError("unshare cannot make a pid namespace on this machine")
+
+
+# The quick subset (`pytest -m quick tests`, about 2 minutes on 2 cores): the plain modules' tests,
+# the settings and the catalog, with no `imnet build` in a subprocess, no S3 server behind faults,
+# no Dagster webserver, Docker or PostgreSQL. The whole suite (about 21 minutes on 2 cores) is what
+# CI runs. A module listed here that grows slow belongs out of the list, not in it.
+QUICK_MODULES = {
+    "tests/test_settings.py", "tests/test_project_settings.py", "tests/test_catalog.py", "tests/test_deploy.py",
+    "tests/test_dagster_quirks.py",
+    "tests/core/test_audit.py", "tests/core/test_byte_accounting.py", "tests/core/test_card.py",
+    "tests/core/test_changed_sources.py", "tests/core/test_commit_record.py", "tests/core/test_encode.py",
+    "tests/core/test_encode_exclusions.py", "tests/core/test_features.py", "tests/core/test_index.py",
+    "tests/core/test_inventory.py", "tests/core/test_plan.py", "tests/core/test_prefetch.py",
+    "tests/core/test_probe.py", "tests/core/test_probe_fast.py", "tests/core/test_procpool.py",
+    "tests/core/test_rawfolders.py", "tests/core/test_rawtar.py", "tests/core/test_rawtar_fast.py",
+    "tests/core/test_sample_raw.py", "tests/core/test_shard.py", "tests/core/test_shard_workers.py",
+    "tests/core/test_verify.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    root = Path(__file__).resolve().parent.parent
+    for item in items:
+        try:
+            module = Path(item.fspath).resolve().relative_to(root).as_posix()
+        except ValueError:
+            continue
+        if module in QUICK_MODULES:
+            item.add_marker(pytest.mark.quick)
