@@ -46,8 +46,9 @@ from report import met, print_table, spread  # noqa: E402
 
 from imnet_assets.core import fs  # noqa: E402
 from imnet_assets.core.encode import EncodeSettings, bare_chain, encode_image  # noqa: E402
+from imnet_assets.core.outroot import read_manifest  # noqa: E402
 from imnet_assets.core.plan import read_slice  # noqa: E402
-from imnet_assets.core.shard import build_shard, read_manifest, sample_members  # noqa: E402
+from imnet_assets.core.shard import build_shard, sample_members  # noqa: E402
 from imnet_assets.core.stages import (  # noqa: E402
     build_filtered_index,
     build_raw_tars,

@@ -174,8 +174,9 @@ def stage_manifests(args) -> dict:
     from imnet_assets.catalog import Catalog
     from imnet_assets.core import fs
     from imnet_assets.core.audit import encode_settings
+    from imnet_assets.core.outroot import manifest_url, state_url
     from imnet_assets.core.plan import read_index
-    from imnet_assets.core.shard import code_version, fingerprint, manifest_url, state_url
+    from imnet_assets.core.shard import code_version, fingerprint
 
     settings = scale_settings(args.work)
     enc = encode_settings(settings)

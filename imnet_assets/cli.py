@@ -366,7 +366,8 @@ def _verify_info(s: Settings, shards: list[dict]) -> list[str]:
     import json
 
     from .core import fs
-    from .core.audit import info_differences, info_document
+    from .core.audit import info_differences
+    from .core.info import info_document
 
     url = fs.join(s.out_root, "_info.json")
     if not fs.exists(url):

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .core import fs
+from .core import fs, prefetch
 
 
 def info(out_root: str) -> dict:
@@ -54,7 +54,7 @@ def _opened(urls: Iterator[dict]) -> Iterator[dict]:
     """webdataset's url_opener, through this project's storage layer (local or s3://)."""
     for sample in urls:
         url = sample["url"]
-        stream = fs.open_read(url)
+        stream = prefetch.open_read(url)
         try:
             yield {**sample, "stream": stream}
         finally:

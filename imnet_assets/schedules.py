@@ -36,8 +36,8 @@ from dagster import (
 
 from .core.audit import expected_shard_fingerprints, plan_mismatch, shards_as_they_are
 from .core.freshness import shard_states
+from .core.host import pid_alive, pid_namespace
 from .core.plan import read_index
-from .core.procpool import pid_alive, pid_namespace
 from .settings import Settings
 
 IN_FLIGHT = [

@@ -6,8 +6,8 @@ the manifest say the shard must hold, where `imnet verify` feeds it the catalog'
 from __future__ import annotations
 
 from imnet_assets.core import fs
+from imnet_assets.core.outroot import read_manifest
 from imnet_assets.core.plan import read_slice
-from imnet_assets.core.shard import read_manifest
 from imnet_assets.core.verify import ExpectedSample, read_back
 
 

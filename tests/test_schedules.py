@@ -39,7 +39,7 @@ from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
 from imnet_assets import schedules
 from imnet_assets.assets import wds_shards
-from imnet_assets.core.shard import state_url
+from imnet_assets.core.outroot import state_url
 from imnet_assets.definitions import build_definitions
 from imnet_assets.settings import Settings
 from tests.conftest import REPO, build_env, dagster_home, dead_pid, imnet, other_pid_namespace, settings_of

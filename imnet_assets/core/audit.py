@@ -20,19 +20,13 @@ import duckdb
 
 from ..catalog import Catalog
 from ..settings import Settings
-from . import altlabels, card, changed_sources, fs
+from . import card, changed_sources, fs
 from .encode import EncodeSettings
 from .freshness import OutRootLook, look_at_shards, verdict
-from .plan import read_index, split_shards
-from .shard import (
-    MANIFEST_DIR,
-    committed_as,
-    fingerprint,
-    manifest_url,
-    unchanged_on_storage,
-)
-
-DATASET_NAME = "imagenet-w21-webp-wds"
+from .info import info_document, info_url, render_info
+from .outroot import MANIFEST_DIR, committed_as, manifest_url, unchanged_on_storage
+from .plan import read_index
+from .shard import fingerprint
 
 
 def encode_settings(settings: Settings) -> EncodeSettings:
@@ -126,26 +120,6 @@ class AuditReport:
         return out
 
 
-def info_document(settings: Settings, lengths: dict[str, int]) -> dict:
-    """timm's `_info.json`: one entry per split, shard basenames and their sample counts."""
-    splits = {}
-    for name, indices in split_shards(settings.num_shards, settings.holdout).items():
-        keys = [settings.partition_keys[i] for i in indices]
-        counts = [lengths[k] for k in keys]
-        splits[name] = {
-            "name": name,
-            "filenames": [settings.shard_name(k) for k in keys],
-            "shard_lengths": counts,
-            "num_samples": sum(counts),
-        }
-    splits.update(altlabels.info_splits_for(settings, splits["train"]))  # issue 17: train_in1k
-    return {"name": DATASET_NAME, "splits": splits}
-
-
-def info_url(settings: Settings) -> str:
-    return fs.join(settings.out_root, "_info.json")
-
-
 CLASSES_NAME = "classes.tsv"
 CLASSES_COLUMNS = ("label", "wnid", "lemma", "gloss", "count")
 
@@ -162,10 +136,6 @@ def render_classes(rows: list[tuple]) -> bytes:
 
     lines = ["\t".join(CLASSES_COLUMNS), *("\t".join(field(v) for v in row) for row in rows)]
     return ("\n".join(lines) + "\n").encode("utf-8")
-
-
-def render_info(doc: dict) -> bytes:
-    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
 def look_at_release(settings: Settings) -> OutRootLook:
@@ -277,7 +247,7 @@ def conservation_problems(cat: Catalog) -> list[str]:
 def _changed_in_place(key: str, shard_url: str, state: dict | None, size_stamp: tuple[int, str]) -> str | None:
     """A problem when the shard file (of the manifest's size) is not the one its run committed
     (`state`, its commit record): another stamp (edited in place, or copied without keeping
-    times; see shard.unchanged_on_storage)."""
+    times; see outroot.unchanged_on_storage)."""
     if state is None or unchanged_on_storage(shard_url, state, size_stamp):
         return None
     return (f"shard {key}: the file on storage is not the one run {state.get('run_id')} committed (its mtime or "

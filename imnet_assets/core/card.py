@@ -10,6 +10,7 @@ from __future__ import annotations
 from importlib import metadata
 
 from . import fs
+from .info import DATASET_NAME, info_document
 
 CARD_NAME = "README.md"
 TERMS_URL = "https://image-net.org/download.php"
@@ -73,7 +74,6 @@ def size_category(samples: int) -> str:
 def facts(settings, report) -> dict:
     """Everything the card states, as plain values."""
     from ..catalog import Catalog
-    from .audit import DATASET_NAME, info_document
 
     with Catalog(settings.catalog, read_only=True) as cat:
         overlaps = cat.one("overlaps_summary")

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 from . import fs
+from .outroot import MANIFEST_DIR
 
-MARK_FOLDER = "_changed_sources"  # under the out root's manifest folder (shard.MANIFEST_DIR)
+MARK_FOLDER = "_changed_sources"  # under the out root's manifest folder (outroot.MANIFEST_DIR)
 
 
 class SourceChanged(RuntimeError):
@@ -48,8 +49,6 @@ class Marker:
 
 
 def folder(out_root: str) -> str:
-    from .shard import MANIFEST_DIR  # shard imports this module
-
     return fs.join(out_root, MANIFEST_DIR, MARK_FOLDER)
 
 

@@ -26,7 +26,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-from . import fs
+from . import fs, prefetch
 from .csvstage import staged_csv
 from .perceptual import NEAR_DUPLICATE_BITS, image_hash
 
@@ -82,7 +82,7 @@ def _hash_row(name: str, data: bytes) -> tuple[str, str, int | None]:
 def _tar_rows(entry: dict) -> list[tuple[str, str, int | None]]:
     """One row per regular member of an eval tar, named `<tar>/<member>`."""
     rows = []
-    with fs.open_read(entry["url"]) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+    with prefetch.open_read(entry["url"]) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for info in tar:
             if info.isreg():
                 data = tar.extractfile(info).read()

@@ -7,7 +7,7 @@ listed once each (one request per 1,000 entries on S3), and the commit records t
 are read concurrently (fs.read_many). A commit record already read by this process is read again
 only when the listing shows it changed (another size or stamp): the daemon's code server, which
 evaluates every tick, then needs the two listings and nothing else while no shard changes.
-Each verdict is decided by `shard.unchanged_on_storage`, as the audit decides it.
+Each verdict is decided by `outroot.unchanged_on_storage`, as the audit decides it.
 
 A process that has not looked before (the `imnet status` CLI, a fresh code server, the audit)
 would still read all 1,024 records. On S3 the records it reads are therefore kept together in
@@ -29,7 +29,7 @@ import threading
 from dataclasses import dataclass
 
 from . import fs
-from .shard import MANIFEST_DIR, state_url, unchanged_on_storage
+from .outroot import MANIFEST_DIR, state_url, unchanged_on_storage
 
 _STATE_SUFFIX = ".state.json"
 LEDGER_NAME = "_commit_records.json"

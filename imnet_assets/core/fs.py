@@ -31,7 +31,7 @@ import s3fs
 from fsspec.asyn import sync_wrapper
 
 from . import s3read
-from .procpool import pid_alive, pid_namespace
+from .host import pid_alive, pid_namespace
 
 TMP_MARK = ".tmp-"
 POOL_CONNECTIONS = 128  # kept-alive connections per process to one S3 endpoint
@@ -197,7 +197,7 @@ def size(url: str) -> int:
 def _stamp(info: dict) -> str:
     """What changes whenever a file's bytes are rewritten in place: S3's ETag, else the
     modification time (a copy that does not keep times changes it too, see
-    shard.unchanged_on_storage)."""
+    outroot.unchanged_on_storage)."""
     return str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or "")
 
 
@@ -382,18 +382,6 @@ class HashingReader:
 
 def read_text(url: str) -> str:
     return read_bytes(url).decode("utf-8")
-
-
-@_names_remote_errors("open")
-def open_read(url: str, block_size: int = 8 << 20):
-    """A seekable binary reader; on S3 it reads ahead in large blocks (for sequential scans), each
-    an exact ranged read (`read_range`: s3fs's own reader took a body cut short for the file's end)."""
-    fs, path = filesystem(url)
-    if is_remote(url):
-        from .prefetch import PrefetchedFile  # prefetch reads through this module
-
-        return PrefetchedFile(url, size(url), chunk=block_size, depth=2)
-    return open(path, "rb", buffering=block_size)
 
 
 @_names_remote_errors("read")

@@ -18,7 +18,7 @@ from .perceptual import image_hash
 from .prefetch import CHUNK, depth_for
 from .probe import probe_image
 from .procpool import bounded_map, process_pool
-from .rawfolders import is_folder_source, scan_folder
+from .rawfolders import FolderChanged, is_folder_source, list_files, read_files
 from .rawtar import ByteCount, Damage, iter_tar, member_key, printable_name
 
 
@@ -134,6 +134,36 @@ def read_listed(url: str, size: int) -> bytes:
         raise fs.StorageError(f"raw tar {url} is {len(data)} bytes, not the {size} it was listed with: it changed "
                               "since it was listed; run the build again to list and index it anew")
     return data
+
+
+def scan_folder(url: str, depth: int | None = None, size: int | None = None):
+    """Index one synset folder: ImageRecords (index.member_record, as for a tar's members) in
+    listing order. `size`: the folder's size in the raw listing; when the files now add up to
+    another size (or one is gone, or not its listed size, while read), the folder changed since it
+    was listed: FolderChanged, nothing recorded. `depth`: whole-file GETs in flight on S3.
+    Returns an index.ScannedTar whose count is the bytes of the files read whole (a folder has no
+    headers, padding or damage: its listed size is the sum of its files' sizes)."""
+    wnid = fs.basename(url.rstrip("/"))
+    tar = f"{wnid}/"
+    entries = list_files(url)
+    listed = sum(e.size for e in entries if e.problem is None)
+    if size is not None and listed != size:
+        raise FolderChanged(f"raw folder {tar} holds {listed} bytes of files now, {size} when it was listed: it "
+                            "changed while the index ran; run `imnet build` again")
+    records = ScannedTar()
+    for number, (entry, data) in enumerate(read_files(url, entries, depth)):
+        if entry.problem is not None:
+            key = member_key(entry.path)[0] or f"{wnid}__member_{number}"
+            records.append(ImageRecord(key, wnid, tar, printable_name(entry.path), number, 0, None, None, None,
+                                       None, None, "excluded", f"{entry.problem} in raw folder {tar}", False))
+            continue
+        if data is None or len(data) != entry.size:
+            got = "gone" if data is None else f"{len(data)} bytes"
+            raise FolderChanged(f"raw folder {tar}: {printable_name(entry.path)} is {got}, listed with {entry.size} "
+                                "bytes: it changed while the index read it; run `imnet build` again")
+        records.counted.structure += len(data)
+        records.append(member_record(wnid, tar, entry.path, number, data))
+    return records
 
 
 def scan_small_tars(tars: list[tuple[str, int]]) -> list[ScannedTar]:

@@ -15,7 +15,7 @@ store must honour `If-None-Match` on PUT, as AWS S3, MinIO and R2 do; the winner
 back, which catches a store that ignores it unless two takers write within the same moment.)
 
 Whether a holder may still be alive (`holder_alive`), as `fs.remove_partials` judges an upload's
-writer: a process of this host and pid namespace is asked (`procpool.pid_alive`, against number
+writer: a process of this host and pid namespace is asked (`host.pid_alive`, against number
 reuse by its start time), so a holder killed with kill -9 is taken over at once; a holder of
 another host or namespace cannot be asked, and counts as gone once it has not renewed its lease
 for EXPIRE_SECONDS (a heartbeat thread renews every held lease each RENEW_SECONDS, by the
@@ -40,7 +40,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from . import fs
-from .procpool import pid_alive, pid_namespace
+from .host import pid_alive, pid_namespace
 
 LOCKS_DIR = "_locks"
 RENEW_SECONDS = 30.0  # how often a held lease is renewed

@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 from . import fs
-from .rawtar import member_key, printable_name, raw_name
+from .rawtar import raw_name
 
 WNID_FOLDER = re.compile(r"^n\d{8}$")
 LISTING_THREADS = 32  # synset folders listed at once (per process, see list_synset_folders)
@@ -158,39 +158,7 @@ def _list_in_threads(raw_root: str, wnids: list[str]) -> list[dict]:
 # ----------------------------------------------------------------------------- the index
 
 
-def scan_folder(url: str, depth: int | None = None, size: int | None = None):
-    """Index one synset folder: ImageRecords (index.member_record, as for a tar's members) in
-    listing order. `size`: the folder's size in the raw listing; when the files now add up to
-    another size (or one is gone, or not its listed size, while read), the folder changed since it
-    was listed: FolderChanged, nothing recorded. `depth`: whole-file GETs in flight on S3.
-    Returns an index.ScannedTar whose count is the bytes of the files read whole (a folder has no
-    headers, padding or damage: its listed size is the sum of its files' sizes)."""
-    from .index import ImageRecord, ScannedTar, member_record
-
-    wnid = fs.basename(url.rstrip("/"))
-    tar = f"{wnid}/"
-    entries = list_files(url)
-    listed = sum(e.size for e in entries if e.problem is None)
-    if size is not None and listed != size:
-        raise FolderChanged(f"raw folder {tar} holds {listed} bytes of files now, {size} when it was listed: it "
-                            "changed while the index ran; run `imnet build` again")
-    records = ScannedTar()
-    for number, (entry, data) in enumerate(_read_files(url, entries, depth)):
-        if entry.problem is not None:
-            key = member_key(entry.path)[0] or f"{wnid}__member_{number}"
-            records.append(ImageRecord(key, wnid, tar, printable_name(entry.path), number, 0, None, None, None,
-                                       None, None, "excluded", f"{entry.problem} in raw folder {tar}", False))
-            continue
-        if data is None or len(data) != entry.size:
-            got = "gone" if data is None else f"{len(data)} bytes"
-            raise FolderChanged(f"raw folder {tar}: {printable_name(entry.path)} is {got}, listed with {entry.size} "
-                                "bytes: it changed while the index read it; run `imnet build` again")
-        records.counted.structure += len(data)
-        records.append(member_record(wnid, tar, entry.path, number, data))
-    return records
-
-
-def _read_files(url: str, entries: list[FileEntry], depth: int | None) -> Iterator[tuple[FileEntry, bytes | None]]:
+def read_files(url: str, entries: list[FileEntry], depth: int | None) -> Iterator[tuple[FileEntry, bytes | None]]:
     """(entry, its whole bytes or None when gone) in order; no bytes for entries with a problem."""
     if fs.is_remote(url):
         # Files are ~110 KB, a tar's prefetch chunk 4 MB: each worker keeps more requests in

@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from . import fs
+from . import fs, prefetch
 from .prefetch import PrefetchedFile
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
@@ -136,7 +136,7 @@ def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bo
         total, opened = len(data), io.BytesIO(data)
     else:
         total = fs.size(url) if size is None else size
-        opened = PrefetchedFile(url, total, depth=depth) if depth and fs.is_remote(url) else fs.open_read(url)
+        opened = PrefetchedFile(url, total, depth=depth) if depth and fs.is_remote(url) else prefetch.open_read(url)
     with opened as f:
         if digest is None:
             yield from _iter_fileobj(f, total, fs.basename(url), what, views, mapped, counted)
@@ -539,7 +539,7 @@ def unpack_whole_release(archive_url: str, raw_root: str) -> list[str]:
     """
     written: list[str] = []
     try:
-        with fs.open_read(archive_url) as raw, tarfile.open(fileobj=raw, mode="r|gz") as tf:
+        with prefetch.open_read(archive_url) as raw, tarfile.open(fileobj=raw, mode="r|gz") as tf:
             for info in tf:
                 if not info.isreg():
                     continue

@@ -1,7 +1,8 @@
 """One shard: read its plan slice, range-read each source from its raw tar, encode in parallel,
 write the WebDataset tar in plan order, and commit it and its manifest atomically.
 
-The tar layout lives only here: each sample is `<key>.cls`, `<key>.json`, `<key>.webp`, in that
+The samples' tar layout lives here (where the out root keeps manifests and commit records, and
+how a tar ends: outroot.py): each sample is `<key>.cls`, `<key>.json`, `<key>.webp`, in that
 (sorted) order, with fixed member metadata so that the same input gives the same bytes.
 """
 
@@ -23,6 +24,8 @@ from . import fs
 from .altlabels import sample_fields
 from .changed_sources import SourceChanged, mark
 from .encode import EncodeSettings, ImageRejected, encode_image
+from .freshness import remember
+from .outroot import manifest_url, state_url, tar_end
 from .plan import SliceRow, read_slice
 from .procpool import ReplyUnreadable, WorkerDied, WorkerPool, next_priority, shared_pool
 from .rawfolders import source_location
@@ -31,7 +34,6 @@ from .verify import check_committed, webp_problem
 # Bump when the bytes a shard holds for the same input would change (encoding rules, tar layout,
 # JSON fields). Part of every shard's fingerprint, so a bump makes every shard stale.
 ENCODER_VERSION = "2"  # 2: JPEG data that runs out before EOI is repaired or rejected; progressive memory cap
-MANIFEST_DIR = "_manifests"
 
 
 def fingerprint(plan_digest: str, settings: EncodeSettings) -> str:
@@ -46,24 +48,6 @@ def fingerprint(plan_digest: str, settings: EncodeSettings) -> str:
 
 def code_version(settings: EncodeSettings) -> str:
     return f"enc{ENCODER_VERSION}-q{settings.quality}-m{settings.method}-s{settings.max_short}"
-
-
-def manifest_url(out_root: str, shard_key: str) -> str:
-    return fs.join(out_root, MANIFEST_DIR, f"{shard_key}.json")
-
-
-def state_url(out_root: str, shard_key: str) -> str:
-    return fs.join(out_root, MANIFEST_DIR, f"{shard_key}.state.json")
-
-
-def committed_as(state: dict) -> str:
-    """What a commit record says was committed: the tar's sha256 and the run that wrote it (a
-    rebuild of the same bytes is another commit: the catalog's lineage names its run)."""
-    return f"{state['sha256']}:{state.get('run_id', '')}"
-
-
-def read_manifest(out_root: str, shard_key: str) -> dict | None:
-    return fs.read_json(manifest_url(out_root, shard_key))
 
 
 @dataclass
@@ -192,12 +176,6 @@ def sample_bytes(row: SliceRow, enc, alt_labels: str = "") -> bytes:
     """One sample's three tar members, headers and padding included: what tarfile writes for them."""
     return b"".join(part for name, payload in sample_members(row, enc, alt_labels)
                     for part in _tar_member(name, payload))
-
-
-def tar_end(offset: int) -> bytes:
-    """What closes a tar of `offset` bytes: two zero blocks, then zeros to a whole record (tarfile's)."""
-    offset += 2 * tarfile.BLOCKSIZE
-    return tarfile.NUL * (2 * tarfile.BLOCKSIZE + -offset % tarfile.RECORDSIZE)
 
 
 def prepare_sample(row: SliceRow, data: bytes | None, problem: str, settings: EncodeSettings,
@@ -538,8 +516,6 @@ def build_shard(
         state = {k: manifest[k] for k in ("shard", "path", "fingerprint", "bytes", "sha256", "num_samples", "run_id")}
         state["stamp"] = committed[1]  # the checked bytes' stamp: an edit in place changes it (freshness.verdict)
         fs.write_atomic(st_url, json.dumps(state, sort_keys=True).encode())
-        from .freshness import remember  # freshness imports this module
-
         remember(out_root, shard_key, state)
     else:
         log(f"shard {shard_key}: the check failed, not recorded as committed: {'; '.join(problems[:5])}")
@@ -568,10 +544,3 @@ def _marking_changed_sources(out_root: str, shard_key: str, rows: list[SliceRow]
 # ----------------------------------------------------------------------------- freshness & checks
 
 
-def unchanged_on_storage(url: str, state: dict, size_stamp: tuple[int, str] | None = None) -> bool:
-    """Whether the shard file at `url` is still the one its commit record describes: the same size
-    and stamp (mtime, or ETag on S3) as when it was committed. An edit in place changes the stamp;
-    so does a copy that does not keep times (`cp` without -p): such a shard is built again rather
-    than hashed on every look (1024 x 140 MB). `size_stamp`: from a listing."""
-    size, stamp = size_stamp or fs.stat(url)
-    return size == state.get("bytes") and state.get("stamp", stamp) == stamp  # no stamp: older records

@@ -33,7 +33,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from . import fs
+from . import fs, prefetch
+from .outroot import tar_end
 from .procpool import WorkerDied, shared_pool
 from .rawtar import Damage, iter_tar
 
@@ -321,7 +322,7 @@ class CheckChunkJob:
             mark(0)  # the whole chunk is one item for the pool's time limit
         # A fresh open, never the raw tars' reader: it keeps files open, and a rebuilt shard is
         # another file under the same name.
-        with fs.open_read(self.url) as f:
+        with prefetch.open_read(self.url) as f:
             f.seek(self.start)
             data = f.read() if self.end is None else f.read(self.end - self.start)
         return _check_bytes(data, self.start, self.end is None, self.expected, self.decode)
@@ -336,8 +337,6 @@ def _spans_intact(data: bytes, start: int, last: bool, expected: list[dict]) -> 
             return False
     if last:
         end = (expected[-1]["offset"] + expected[-1]["sample_size"]) if expected else start
-        from .shard import tar_end  # the tar layout lives in shard.py
-
         return data[end - start:] == tar_end(end)
     return True
 
@@ -462,7 +461,7 @@ def _run_in_pool(pool, jobs: list[CheckChunkJob], priority: int) -> list:
 
 def _file_sha256(url: str) -> str:
     sha = hashlib.sha256()
-    with fs.open_read(url) as f:
+    with prefetch.open_read(url) as f:
         while block := f.read(8 << 20):
             sha.update(block)
     return sha.hexdigest()

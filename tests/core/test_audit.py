@@ -16,19 +16,19 @@ import pytest
 import webdataset as wds
 
 from imnet_assets.core.audit import (
-    DATASET_NAME,
     audit_fingerprint,
     check_info,
     encode_settings,
     expected_shard_fingerprints,
     info_differences,
-    info_url,
     run_audit,
     stray_shards,
 )
+from imnet_assets.core.info import DATASET_NAME, info_url
+from imnet_assets.core.outroot import manifest_url
 from imnet_assets.core.plan import read_index, shard_sizes
 from imnet_assets.core.sample_raw import write_sample_raw
-from imnet_assets.core.shard import build_shard, manifest_url
+from imnet_assets.core.shard import build_shard
 from imnet_assets.settings import Settings
 from tests.conftest import build_catalog_stages, local_settings
 

@@ -18,8 +18,9 @@ from imnet_assets.core import changed_sources, stages
 from imnet_assets.core.audit import encode_settings, run_audit
 from imnet_assets.core.changed_sources import SourceChanged
 from imnet_assets.core.fs import read_json
+from imnet_assets.core.outroot import state_url
 from imnet_assets.core.sample_raw import write_sample_raw
-from imnet_assets.core.shard import build_shard, state_url
+from imnet_assets.core.shard import build_shard
 from imnet_assets.settings import Settings
 from tests.conftest import build_catalog_stages, local_settings
 

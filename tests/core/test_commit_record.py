@@ -11,8 +11,9 @@ import types
 import pytest
 
 from imnet_assets.core.fs import read_json
+from imnet_assets.core.outroot import state_url
 from imnet_assets.core.plan import write_slice
-from imnet_assets.core.shard import ShardChangedDuringCheck, build_shard, state_url
+from imnet_assets.core.shard import ShardChangedDuringCheck, build_shard
 from tests.conftest import shard_verdict
 from tests.core.test_shard import ENC, KEY, NAME, ORDER, SOURCES, jpeg, planned, write_raw_tar
 

@@ -21,8 +21,9 @@ from PIL import Image
 from imnet_assets.catalog import Catalog
 from imnet_assets.core import perceptual, stages
 from imnet_assets.core.altlabels import in1k_labels
-from imnet_assets.core.audit import check_info, encode_settings, info_url, run_audit
+from imnet_assets.core.audit import check_info, encode_settings, run_audit
 from imnet_assets.core.card import card_url
+from imnet_assets.core.info import info_url
 from imnet_assets.core.photos import make_photo
 from imnet_assets.core.shard import build_shard
 from imnet_assets.core.verify import iter_samples

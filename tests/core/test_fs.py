@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from imnet_assets.core import fs
+from imnet_assets.core import fs, prefetch
 
 
 def test_join_basename_dirname_local(tmp_path):
@@ -168,7 +168,7 @@ def test_range_reader_reads_exact_ranges(tmp_path):
 def test_open_read_is_seekable(tmp_path):
     p = tmp_path / "f.bin"
     p.write_bytes(b"0123456789")
-    with fs.open_read(str(p)) as f:
+    with prefetch.open_read(str(p)) as f:
         f.seek(4)
         assert f.read(3) == b"456"
 
@@ -267,7 +267,7 @@ def test_a_tar_walk_with_its_digest_reads_the_file_once(tmp_path, monkeypatch):
     path = tmp_path / "shard.tar"
     path.write_bytes(data)
     read = []
-    real_open = fs.open_read
+    real_open = prefetch.open_read
 
     class Counting:
         def __init__(self, f):
@@ -292,7 +292,7 @@ def test_a_tar_walk_with_its_digest_reads_the_file_once(tmp_path, monkeypatch):
             read.append(k)
             return k
 
-    monkeypatch.setattr(fs, "open_read", lambda url, *a, **k: Counting(real_open(url, *a, **k)))
+    monkeypatch.setattr(prefetch, "open_read", lambda url, *a, **k: Counting(real_open(url, *a, **k)))
     digest: list[str] = []
     members = [m for m in rawtar.iter_tar(str(path), what="shard", digest=digest)]
     assert len(members) == 20

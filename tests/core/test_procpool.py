@@ -16,7 +16,7 @@ import types
 
 import pytest
 
-from imnet_assets.core import procpool
+from imnet_assets.core import host, procpool
 
 
 def test_workers_find_the_pool_modules_already_imported():
@@ -65,7 +65,7 @@ def test_pid_alive_sees_exited_zombie_and_reused_processes():
     import subprocess
     import time
 
-    from imnet_assets.core.procpool import pid_alive
+    from imnet_assets.core.host import pid_alive
 
     assert pid_alive(os.getpid()) and pid_alive(os.getpid(), started_by=time.time())
     assert not pid_alive(os.getpid(), started_by=time.time() - 3600)  # "meant a process before mine"
@@ -259,7 +259,7 @@ def test_a_hung_job_is_killed_past_its_time_limit_and_fails_alone():
         hung.result(timeout=120)
     assert died.value.culprit == 3 and died.value.timed_out == 1 and died.value.exitcode == -signal.SIGKILL
     assert not died.value.crashed and "time limit of 1 s" in str(died.value)
-    assert not procpool.pid_alive(pid)
+    assert not host.pid_alive(pid)
     finished = 0
     for f in others:  # the ones that sat behind the hung job died with it, as held jobs
         try:

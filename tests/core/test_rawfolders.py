@@ -324,7 +324,8 @@ def test_many_folders_are_listed_by_processes_as_by_threads(tmp_path, monkeypatc
 
 
 def test_a_folder_that_changes_while_it_is_indexed_fails_the_scan_recording_nothing(tmp_path):
-    from imnet_assets.core.rawfolders import FolderChanged, list_synset_folders, scan_folder
+    from imnet_assets.core.index import scan_folder
+    from imnet_assets.core.rawfolders import FolderChanged, list_synset_folders
 
     write_sample_raw(tmp_path / "raw", synsets=2, images=3, seed=0, layout="folders", hostile_names=False)
     wnid = sorted(p.name for p in (tmp_path / "raw").iterdir() if p.is_dir())[0]

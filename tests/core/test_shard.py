@@ -19,15 +19,9 @@ from imnet_assets.core import shard as shard_mod
 from imnet_assets.core.changed_sources import SourceChanged
 from imnet_assets.core.encode import EncodeSettings
 from imnet_assets.core.fs import read_json
+from imnet_assets.core.outroot import read_manifest, state_url
 from imnet_assets.core.plan import SliceRow, read_slice, write_slice
-from imnet_assets.core.shard import (
-    _tarinfo,
-    build_shard,
-    fingerprint,
-    read_manifest,
-    sample_members,
-    state_url,
-)
+from imnet_assets.core.shard import _tarinfo, build_shard, fingerprint, sample_members
 from imnet_assets.core.verify import iter_samples
 from tests.conftest import shard_verdict
 from tests.shard_check import check_committed_shard

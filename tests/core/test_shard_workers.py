@@ -27,11 +27,12 @@ import types
 import pytest
 import webdataset as wds
 
-from imnet_assets.core import procpool
+from imnet_assets.core import host, procpool
 from imnet_assets.core import shard as shard_mod
 from imnet_assets.core.encode import EncodeSettings, encode_image
+from imnet_assets.core.outroot import read_manifest
 from imnet_assets.core.plan import write_slice
-from imnet_assets.core.shard import build_shard, fingerprint, read_manifest
+from imnet_assets.core.shard import build_shard, fingerprint
 from tests.conftest import shard_verdict
 from tests.core.test_shard import jpeg, planned, write_raw_tar
 
@@ -95,7 +96,7 @@ def test_a_worker_killed_mid_shard_is_replaced_and_the_shard_is_byte_identical(p
     finally:
         killer.join()
     assert killed, "the worker was never caught encoding"
-    assert not procpool.pid_alive(killed[0])
+    assert not host.pid_alive(killed[0])
     assert any("encoder process died (signal 9)" in m for m in logs), logs
     assert pool.started > started_before  # replaced
     assert killed[0] not in pool.pids()
@@ -326,7 +327,7 @@ def test_an_oom_storm_retries_and_gives_the_same_shard(photos, tmp_path):
         killer.join()
     on_victim = [pid for key, pid in killed if key == victim[0]]
     assert len(on_victim) == shard_mod.KILLS_TO_FAIL - 1 and len(killed) >= len(on_victim) + 2, killed
-    assert not any(procpool.pid_alive(pid) for _, pid in killed)
+    assert not any(host.pid_alive(pid) for _, pid in killed)
     kills = [m for m in logs if "killed from outside" in m]
     assert sum(victim[0] in m for m in kills) == shard_mod.KILLS_TO_FAIL - 1, logs
     assert len(kills) == len(killed), logs  # each kill cost a retry of its image, nothing more
@@ -397,7 +398,7 @@ def test_a_hung_codec_is_killed_past_the_time_limit_and_fails_its_run_alone(phot
     assert time.monotonic() - started < 60
     assert sum("ran past IMNET_IMAGE_TIMEOUT" in m for m in logs) == shard_mod.TIMEOUTS_TO_FAIL, logs
     assert sorted(os.listdir(hung_out)) == ["_plan"]
-    assert len(seen) == shard_mod.TIMEOUTS_TO_FAIL and not any(procpool.pid_alive(p) for p in seen)
+    assert len(seen) == shard_mod.TIMEOUTS_TO_FAIL and not any(host.pid_alive(p) for p in seen)
     assert other["result"].problems == [] and (other_out / NAME).read_bytes() == photos.reference
 
 

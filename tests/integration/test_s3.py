@@ -327,7 +327,7 @@ def test_remove_partials_keeps_an_upload_of_another_pid_namespace_of_this_host(s
     import socket
     import time
 
-    from imnet_assets.core.procpool import pid_namespace
+    from imnet_assets.core.host import pid_namespace
 
     client = s3.client()
     url = f"s3://{s3.bucket}/wds/imagenet12k-train-0003.tar"
