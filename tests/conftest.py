@@ -162,7 +162,7 @@ def other_pid_namespace() -> tuple[subprocess.Popen, str]:
 # CI runs. A module listed here that grows slow belongs out of the list, not in it.
 QUICK_MODULES = {
     "tests/test_settings.py", "tests/test_project_settings.py", "tests/test_catalog.py", "tests/test_deploy.py",
-    "tests/test_dagster_quirks.py",
+    "tests/test_dagster_quirks.py", "tests/test_layout.py",
     "tests/core/test_audit.py", "tests/core/test_byte_accounting.py", "tests/core/test_card.py",
     "tests/core/test_changed_sources.py", "tests/core/test_commit_record.py", "tests/core/test_encode.py",
     "tests/core/test_encode_exclusions.py", "tests/core/test_features.py", "tests/core/test_index.py",
