@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 import types
@@ -103,3 +104,21 @@ def imgs():
         srgb_icc=srgb_icc,
         icc_with_colour_space=icc_with_colour_space,
     )
+
+
+@pytest.fixture
+def raw(tmp_path):
+    """Two raw tars of real JPEGs (test_shard.SOURCES), and slice rows for all their members (not yet
+    ordered): the shard tests' and the commit-record tests' raw release."""
+    from tests.core.test_shard import SOURCES, jpeg, write_raw_tar
+    root = tmp_path / "raw"
+    root.mkdir()
+    rows = []
+    for label, (wnid, images) in enumerate(sorted(SOURCES.items())):
+        members = [(f"{wnid}_{n}.JPEG", jpeg(w, h, n)) for n, w, h in images]
+        where = write_raw_tar(root / f"{wnid}.tar", members)
+        for (name, data), (_, w, h) in zip(members, images):
+            offset, size = where[name]
+            rows.append([name[:-5], wnid, label, f"{wnid}.tar", name, offset, size,
+                         hashlib.sha256(data).hexdigest(), w, h, False])
+    return types.SimpleNamespace(root=root, rows=rows)

@@ -4,9 +4,7 @@ check passed; a tar changed in between gets no record, and the run fails naming 
 
 from __future__ import annotations
 
-import hashlib
 import os
-import types
 
 import pytest
 
@@ -15,23 +13,7 @@ from imnet_assets.core.outroot import state_url
 from imnet_assets.core.plan import write_slice
 from imnet_assets.core.shard import ShardChangedDuringCheck, build_shard
 from tests.conftest import shard_verdict
-from tests.core.test_shard import ENC, KEY, NAME, ORDER, SOURCES, jpeg, planned, write_raw_tar
-
-
-@pytest.fixture
-def raw(tmp_path):
-    """Two raw tars of real JPEGs, and slice rows for all their members (test_shard's)."""
-    root = tmp_path / "raw"
-    root.mkdir()
-    rows = []
-    for label, (wnid, images) in enumerate(sorted(SOURCES.items())):
-        members = [(f"{wnid}_{n}.JPEG", jpeg(w, h, n)) for n, w, h in images]
-        where = write_raw_tar(root / f"{wnid}.tar", members)
-        for (name, data), (_, w, h) in zip(members, images):
-            offset, size = where[name]
-            rows.append([name[:-5], wnid, label, f"{wnid}.tar", name, offset, size,
-                         hashlib.sha256(data).hexdigest(), w, h, False])
-    return types.SimpleNamespace(root=root, rows=rows)
+from tests.core.test_shard import ENC, KEY, NAME, ORDER, planned
 
 
 def build(out, raw_root, **hooks):

@@ -63,22 +63,6 @@ SOURCES = {
 }
 
 
-@pytest.fixture
-def raw(tmp_path):
-    """Two raw tars of real JPEGs, and slice rows for all their members (not yet ordered)."""
-    root = tmp_path / "raw"
-    root.mkdir()
-    rows = []
-    for label, (wnid, images) in enumerate(sorted(SOURCES.items())):
-        members = [(f"{wnid}_{n}.JPEG", jpeg(w, h, n)) for n, w, h in images]
-        where = write_raw_tar(root / f"{wnid}.tar", members)
-        for (name, data), (_, w, h) in zip(members, images):
-            offset, size = where[name]
-            rows.append([name[:-5], wnid, label, f"{wnid}.tar", name, offset, size,
-                         hashlib.sha256(data).hexdigest(), w, h, False])
-    return types.SimpleNamespace(root=root, rows=rows)
-
-
 def planned(rows: list[list], order: list[int]) -> list[tuple]:
     """Slice rows (position first) taking `rows` in the given order."""
     return [(pos, *rows[i]) for pos, i in enumerate(order)]

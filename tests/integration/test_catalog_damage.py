@@ -18,6 +18,7 @@ import duckdb
 import pytest
 
 from tests.conftest import build_env, imnet
+from tests.core.test_changed_sources import change_in_place
 
 TABLES = ["raw_tars", "synsets", "images", "tar_scans", "plan", "shards", "shard_samples", "shard_exclusions"]
 
@@ -112,21 +113,6 @@ def test_moving_the_catalog_aside_and_building_recovers_it_without_rewriting_a_s
     assert content(catalog) == was
     assert shard_files(tmp / "out") == before  # no shard, manifest or commit record rewritten
     assert imnet(["verify"], env, cwd=tmp).returncode == 0
-
-
-def change_in_place(path: Path, offset: int, size: int) -> None:
-    """Flip the low bit of a few bytes inside a JPEG's data (no 0xFF marker made or broken), then
-    put the tar's times back: the listing sees the same size and mtime."""
-    st = os.stat(path)
-    with open(path, "r+b") as f:
-        f.seek(offset + size // 2)
-        chunk = bytearray(f.read(32))
-        for i, b in enumerate(chunk):
-            if b not in (0xFE, 0xFF) and (i == 0 or chunk[i - 1] != 0xFF):
-                chunk[i] ^= 0x01
-        f.seek(offset + size // 2)
-        f.write(chunk)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def test_a_raw_tar_changed_in_place_fails_its_shard_is_named_by_status_and_healed_by_the_next_build(copy):
