@@ -327,16 +327,16 @@ def test_on_s3_a_second_build_refuses_and_a_killed_holder_is_taken_over(sample_r
 
     with MotoS3(secret=f"leaseBuild-{uuid.uuid4().hex}") as s3:
         client = s3.client()
-        client.create_bucket(Bucket="raw-bucket")
-        client.create_bucket(Bucket="out-bucket")
-        s3.put_tree(client, sample_release[0], "raw-bucket", "winter21")
-        env = build_env(tmp_path, "s3://raw-bucket/winter21", IMNET_OUT_ROOT="s3://out-bucket/wds",
+        client.create_bucket(Bucket="lease-raw-bucket")
+        client.create_bucket(Bucket="lease-out-bucket")
+        s3.put_tree(client, sample_release[0], "lease-raw-bucket", "winter21")
+        env = build_env(tmp_path, "s3://lease-raw-bucket/winter21", IMNET_OUT_ROOT="s3://lease-out-bucket/wds",
                         DAGSTER_HOME=str(dagster_home(tmp_path)), IMNET_PARALLEL_SHARDS="1", IMNET_WORKERS="1")
         env = {k: v for k, v in env.items() if not k.startswith("AWS_")} | s3.env()
 
         def leases() -> dict[str, dict]:
-            found = client.list_objects_v2(Bucket="out-bucket", Prefix="wds/_locks/").get("Contents", [])
-            return {o["Key"]: json.loads(client.get_object(Bucket="out-bucket", Key=o["Key"])["Body"].read())
+            found = client.list_objects_v2(Bucket="lease-out-bucket", Prefix="wds/_locks/").get("Contents", [])
+            return {o["Key"]: json.loads(client.get_object(Bucket="lease-out-bucket", Key=o["Key"])["Body"].read())
                     for o in found}
 
         log = tmp_path / "first.log"
@@ -350,8 +350,8 @@ def test_on_s3_a_second_build_refuses_and_a_killed_holder_is_taken_over(sample_r
             second = imnet(["build"], env, check=False, timeout=300)
             assert second.returncode == 1, second.stdout + second.stderr
             m = REFUSED.search(second.stderr)
-            assert m and m.group(1) == "s3://out-bucket/wds" and int(m.group(3)) == first.pid, second.stderr
-            assert "s3://out-bucket/wds/_locks/build/" in second.stderr
+            assert m and m.group(1) == "s3://lease-out-bucket/wds" and int(m.group(3)) == first.pid, second.stderr
+            assert "s3://lease-out-bucket/wds/_locks/build/" in second.stderr
             os.killpg(first.pid, signal.SIGKILL)
             first.wait(timeout=30)
         finally:
@@ -360,6 +360,6 @@ def test_on_s3_a_second_build_refuses_and_a_killed_holder_is_taken_over(sample_r
         third = imnet(["build"], env, timeout=600)
         assert "shard_audit      ok" in third.stdout, third.stdout
         assert leases() == {}, leases()  # released, and the dead holder's removed when taken over
-        objects = MotoS3.all_objects(client, "out-bucket", "wds/")
+        objects = MotoS3.all_objects(client, "lease-out-bucket", "wds/")
     for name in SHARDS:
         assert objects[f"wds/{name}"] == (planned[2] / name).read_bytes(), name

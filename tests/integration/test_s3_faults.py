@@ -76,6 +76,10 @@ def _upload(s3: MotoS3, raw: Path):
     client = s3.client()
     client.create_bucket(Bucket=RAW_BUCKET)
     client.create_bucket(Bucket=OUT_BUCKET)
+    # moto's buckets live in the pytest process, not in one server: what an earlier test (or this
+    # module's) left in the out bucket would be found fresh and never read through the faults
+    for obj in MotoS3.all_objects(client, OUT_BUCKET):
+        client.delete_object(Bucket=OUT_BUCKET, Key=obj)
     s3.put_tree(client, raw, RAW_BUCKET, "winter21")
     return client
 
