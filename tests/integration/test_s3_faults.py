@@ -126,16 +126,20 @@ def test_cut_reset_and_throttled_reads_during_index_and_shards_lose_nothing(clea
     assert took < 600
 
 
+def _failing_build(env: dict[str, str]) -> tuple[str, float]:
+    """`imnet build` that must fail: its output (stdout and stderr) and the seconds it took."""
+    started = time.monotonic()
+    result = imnet(["build"], env, check=False)
+    took = time.monotonic() - started
+    assert result.returncode != 0, result.stdout[-2000:]
+    return result.stdout + result.stderr, took
+
+
 def test_a_build_against_a_silent_endpoint_fails_within_a_minute_naming_it(tmp_path):
     """An endpoint that accepts connections and never answers (it used to hold a build for 7
     minutes): every request times out; the build fails within a minute, naming the endpoint."""
     with MotoS3() as s3, SilentEndpoint() as silent:
-        env = _env(tmp_path, s3, silent.endpoint)
-        started = time.monotonic()
-        result = imnet(["build"], env, check=False)
-        took = time.monotonic() - started
-    out = result.stdout + result.stderr
-    assert result.returncode != 0
+        out, took = _failing_build(_env(tmp_path, s3, silent.endpoint))
     assert took < 60, took
     assert silent.endpoint in out and "AWS_ENDPOINT_URL" in out, out[-3000:]
     assert silent.accepted >= 1
@@ -172,11 +176,7 @@ def test_an_untrusted_certificate_is_refused_at_once_naming_the_endpoint(sample_
         _upload(s3, sample_release[0])
         env = _env(tmp_path, s3, s3.endpoint)
         env.pop("AWS_CA_BUNDLE")  # the system's roots only: they do not vouch for the private CA
-        started = time.monotonic()
-        result = imnet(["build"], env, check=False)
-        took = time.monotonic() - started
-        out = result.stdout + result.stderr
-        assert result.returncode != 0
+        out, took = _failing_build(env)
         assert took < 60, took
         assert s3.endpoint in out and "AWS_CA_BUNDLE" in out, out[-3000:]
         # A ranged read (obstore) is refused at once too, naming the endpoint.
