@@ -142,7 +142,7 @@ class Build:
         s = self.settings
         self.say(f"imnet build: raw {s.raw_root} -> out {s.out_root}, catalog {s.catalog}, "
                  f"{s.num_shards} shards, {s.workers} workers, instance "
-                 f"{os.environ.get('DAGSTER_HOME') or '(ephemeral)'}")
+                 f"{os.environ['DAGSTER_HOME']}")  # always set: dagster_instance settles it
         self.refuse_if_held()
         try:  # before the lease: a container without the catalog's volume writes nothing at all
             check_catalog_volume(s.catalog)
@@ -321,8 +321,8 @@ class Build:
         for f in failures:
             self.say("  " + redact(f))
         if self.log_level == "CRITICAL":
-            self.say("  (the full error with its stack trace: run again with -v, or see the run in the Dagster UI"
-                     " when DAGSTER_HOME is set)")
+            self.say("  (the full error with its stack trace: run again with -v, or see the run in the Dagster UI:"
+                     " `dg dev`)")
         return 1
 
 
