@@ -167,9 +167,23 @@ def _crash_hook(sha256: str, crash_sha256: str | None) -> None:
 
 
 def _tar_member(name: str, payload: bytes) -> list[bytes]:
-    header = _tarinfo(name, len(payload)).tobuf(TAR_FORMAT, TAR_ENCODING, "surrogateescape")
+    header = _ustar_header(name, len(payload)) or _tarinfo(name, len(payload)).tobuf(
+        TAR_FORMAT, TAR_ENCODING, "surrogateescape")
     pad = -len(payload) % tarfile.BLOCKSIZE
     return [header, payload, tarfile.NUL * pad] if pad else [header, payload]
+
+
+def _ustar_header(name: str, size: int) -> bytes | None:
+    """The header tarfile writes for a member `_tarinfo(name, size)` when it needs no pax record
+    (an ASCII name of at most 100 characters, a size below 8 GiB), byte for byte, built from a
+    template (tarfile's TarInfo.tobuf costs 60 us a member: 0.6% of the encode); None otherwise."""
+    if len(name) > 100 or not name.isascii() or "\0" in name or size >= 8 ** 11:
+        return None
+    head = b"".join((name.encode("ascii").ljust(100, b"\0"), _USTAR_TEMPLATE[100:124], b"%011o\0" % size,
+                     _USTAR_TEMPLATE[136:]))
+    # tarfile's checksum: the sum of the header's bytes with the checksum field as 8 spaces (the
+    # template's), written as 6 octal digits and a NUL, the field's last space kept
+    return b"".join((head[:148], b"%06o\0" % sum(head), head[155:]))
 
 
 def sample_bytes(row: SliceRow, enc, alt_labels: str = "") -> bytes:
@@ -383,6 +397,11 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     info.uname = info.gname = ""
     info.type = tarfile.REGTYPE
     return info
+
+
+_USTAR_TEMPLATE = b"".join((  # _tarinfo("", 0)'s header with its checksum field as 8 spaces
+    _tarinfo("", 0).tobuf(TAR_FORMAT, TAR_ENCODING, "surrogateescape")[:148], b" " * 8,
+    _tarinfo("", 0).tobuf(TAR_FORMAT, TAR_ENCODING, "surrogateescape")[156:]))
 
 
 def sample_members(row: SliceRow, enc, alt_labels: str = "") -> list[tuple[str, bytes]]:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from . import fs, prefetch
 from .outroot import tar_end
 from .procpool import WorkerDied, shared_pool
-from .rawtar import Damage, iter_tar
+from .rawtar import Damage, iter_tar, plain_members
 
 READ_AHEAD = 8  # ranged requests of 4 MB kept in flight ahead of a remote shard's read-back
 MEMBERS = ["cls", "json", "webp"]  # a sample's members, in the order shard.sample_members writes them
@@ -351,16 +351,24 @@ def _check_bytes(data: bytes, start: int, last: bool, expected: list[dict],
     if all("sample_sha256" in r for r in expected) and (expected or last):
         intact = _spans_intact(data, start, last, expected)
     groups: list[tuple[str, list[tuple[str, bytes]]]] = []
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for info in tar:
-                stem, _, ext = info.name.partition(".")
-                payload = tar.extractfile(info).read() if info.isreg() else b""
-                if not groups or groups[-1][0] != stem:
-                    groups.append((stem, []))
-                groups[-1][1].append((ext, payload))
-    except (tarfile.TarError, EOFError) as e:
-        problems.append(f"tar unreadable after {len(groups)} samples of this part: {e}")
+
+    def add(name: str, payload: bytes) -> None:
+        stem, _, ext = name.partition(".")
+        if not groups or groups[-1][0] != stem:
+            groups.append((stem, []))
+        groups[-1][1].append((ext, payload))
+
+    plain = plain_members(data)  # plain headers only (what build_shard writes), read as tarfile reads them
+    if plain is not None:
+        for name, payload in plain:
+            add(name, payload)
+    else:
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+                for info in tar:
+                    add(info.name, tar.extractfile(info).read() if info.isreg() else b"")
+        except (tarfile.TarError, EOFError) as e:
+            problems.append(f"tar unreadable after {len(groups)} samples of this part: {e}")
     for i, (key, parts) in enumerate(groups):
         keys.append(key)
         rec = expected[i] if i < len(expected) else None
