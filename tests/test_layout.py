@@ -71,8 +71,8 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_the_imports_it_should():
     graph = import_graph()
-    assert "imnet_assets.core.fs" in graph["imnet_assets.core.prefetch"]
-    assert "imnet_assets.core.outroot" in graph["imnet_assets.core.shard"]
+    assert "imnet_assets.storage.fs" in graph["imnet_assets.storage.prefetch"]
+    assert "imnet_assets.release.outroot" in graph["imnet_assets.stages.shard"]
 
 
 def test_the_package_has_no_import_circles():
@@ -81,4 +81,4 @@ def test_the_package_has_no_import_circles():
 
 def test_storage_does_not_import_the_process_pool():
     graph = import_graph()
-    assert "imnet_assets.core.procpool" not in graph["imnet_assets.core.fs"]
+    assert "imnet_assets.runtime.procpool" not in graph["imnet_assets.storage.fs"]

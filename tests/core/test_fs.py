@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from imnet_assets.core import fs, prefetch
+from imnet_assets.storage import fs, prefetch
 
 
 def test_join_basename_dirname_local(tmp_path):
@@ -209,7 +209,7 @@ def test_sweep_partials_removes_only_temporaries_of_dead_writers(tmp_path):
     import os
     import subprocess
 
-    from imnet_assets.core import fs
+    from imnet_assets.storage import fs
 
     proc = subprocess.Popen(["true"])
     proc.wait()
@@ -254,7 +254,7 @@ def test_a_tar_walk_with_its_digest_reads_the_file_once(tmp_path, monkeypatch):
     import io
     import tarfile
 
-    from imnet_assets.core import rawtar
+    from imnet_assets.storage import rawtar
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:

@@ -16,7 +16,8 @@ import uuid
 
 import pytest
 
-from imnet_assets.core import fs, lease
+from imnet_assets.release import lease
+from imnet_assets.storage import fs
 from tests.conftest import dead_pid, other_pid_namespace
 from tests.s3server import MotoS3
 
@@ -75,7 +76,7 @@ def test_one_holder_at_a_time_and_the_refusal_names_it(root):
 
 HOLDER = """
 import sys, time
-from imnet_assets.core import lease
+from imnet_assets.release import lease
 held = lease.acquire(sys.argv[1], "build", "imnet build")
 print(held.url, flush=True)
 time.sleep(600)
@@ -159,7 +160,7 @@ def test_of_many_threads_taking_at_once_exactly_one_wins(root):
 
 TAKER = """
 import sys, time
-from imnet_assets.core import lease
+from imnet_assets.release import lease
 while time.time() < float(sys.argv[2]):
     pass
 try:

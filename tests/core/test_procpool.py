@@ -16,15 +16,18 @@ import types
 
 import pytest
 
-from imnet_assets.core import host, procpool
+from imnet_assets.runtime import host, procpool
 
 
 def test_workers_find_the_pool_modules_already_imported():
+    from imnet_assets.stages import index, shard  # each names itself for the forkserver
+
+    assert {index.__name__, shard.__name__} <= set(procpool.preloaded())
     with procpool.process_pool(1) as pool:
         loaded = pool.submit(eval, "sorted(__import__('sys').modules)").result(timeout=120)
         pid = pool.submit(eval, "__import__('os').getpid()").result(timeout=120)
     assert pid != __import__("os").getpid()
-    for name in procpool.POOL_MODULES:
+    for name in procpool.preloaded():
         assert name in loaded
     assert "PIL.Image" in loaded  # what those modules import came along
 
@@ -65,7 +68,7 @@ def test_pid_alive_sees_exited_zombie_and_reused_processes():
     import subprocess
     import time
 
-    from imnet_assets.core.host import pid_alive
+    from imnet_assets.runtime.host import pid_alive
 
     assert pid_alive(os.getpid()) and pid_alive(os.getpid(), started_by=time.time())
     assert not pid_alive(os.getpid(), started_by=time.time() - 3600)  # "meant a process before mine"
@@ -96,7 +99,7 @@ class StampJob:
 def test_worker_pool_serves_the_oldest_runs_jobs_first():
     """Shard runs sharing the pool are served by priority (next_priority: oldest run first), then
     in submission order: a younger run's jobs wait while an older run has jobs queued."""
-    from imnet_assets.core.procpool import WorkerPool, next_priority
+    from imnet_assets.runtime.procpool import WorkerPool, next_priority
 
     older, younger = next_priority(), next_priority()
     assert older < younger
@@ -128,7 +131,7 @@ def test_no_worker_starts_once_the_process_exits_and_the_exit_prints_nothing(tmp
         "    time.sleep(1.0)  # the dispatcher has seen the terminated workers by now\n"
         "    print('started', pool.started, flush=True)\n"
         "atexit.register(report)\n"
-        "from imnet_assets.core.procpool import shared_pool\n"
+        "from imnet_assets.runtime.procpool import shared_pool\n"
         "pool = shared_pool(2)\n"
         "deadline = time.time() + 60\n"
         "while len(pool.pids()) < 2 and time.time() < deadline:\n"

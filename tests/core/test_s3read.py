@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from imnet_assets.core import fs, s3read
+from imnet_assets.storage import fs, s3read
 from tests.conftest import environ
 from tests.integration.test_s3 import s3  # noqa: F401 - moto on 127.0.0.1, a bucket per test
 from tests.latency_proxy import LatencyProxy, SilentEndpoint, any_request, object_get
@@ -139,8 +139,8 @@ def test_a_silent_endpoint_fails_within_a_minute_naming_it(s3):  # noqa: F811
 def test_a_tar_shorter_than_listed_fails_the_index_naming_it_never_recorded_as_damage(proxied, sample_release):
     """A tar that ends before the size its listing gave (changed since, or cut short in a way no
     retry mends) makes the scan raise StorageError naming it: the stage fails, no damage row."""
-    from imnet_assets.core.index import scan_tars
-    from imnet_assets.core.prefetch import PrefetchedFile
+    from imnet_assets.stages.index import scan_tars
+    from imnet_assets.storage.prefetch import PrefetchedFile
 
     server, _proxy = proxied
     tar = sorted(sample_release[0].glob("*.tar"))[0]

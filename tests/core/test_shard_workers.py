@@ -27,12 +27,12 @@ import types
 import pytest
 import webdataset as wds
 
-from imnet_assets.core import host, procpool
-from imnet_assets.core import shard as shard_mod
-from imnet_assets.core.encode import EncodeSettings, encode_image
-from imnet_assets.core.outroot import read_manifest
-from imnet_assets.core.plan import write_slice
-from imnet_assets.core.shard import build_shard, fingerprint
+from imnet_assets.image.encode import EncodeSettings, encode_image
+from imnet_assets.release.outroot import read_manifest
+from imnet_assets.release.plan import write_slice
+from imnet_assets.runtime import host, procpool
+from imnet_assets.stages import shard as shard_mod
+from imnet_assets.stages.shard import build_shard, fingerprint
 from tests.conftest import shard_verdict
 from tests.core.test_shard import jpeg, planned, write_raw_tar
 
@@ -459,7 +459,7 @@ def test_the_checks_chunk_whose_worker_is_killed_is_checked_again(tmp_path):
     """The in-run check (verify.check_committed) runs its chunks on the shared pool: a chunk whose
     worker is killed from outside is run again in a fresh worker, up to CHECK_RETRIES times, then
     the check fails (a problem, so the shard is not recorded as committed), never more."""
-    from imnet_assets.core import verify
+    from imnet_assets.release import verify
 
     pool = procpool.shared_pool(2)
     (tmp_path / "a").mkdir()

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import pytest
 from botocore.exceptions import ClientError
 
-from imnet_assets.core import fs
+from imnet_assets.storage import fs
 from tests.checks import catalog, check_release
 from tests.conftest import build_env, dagster_home, dead_pid, environ, imnet, other_pid_namespace
 from tests.latency_proxy import LatencyProxy
@@ -241,7 +241,7 @@ def test_s3_object_appears_only_when_the_writer_closes(s3):
 
 WRITER = """
 import os, sys, time
-from imnet_assets.core import fs
+from imnet_assets.storage import fs
 cm = fs.atomic_open(sys.argv[1])  # kept referenced: a dropped one would discard the upload
 f = cm.__enter__()
 f.write(os.urandom(20 << 20))  # over the 16 MiB block: the multipart upload begins, its lease is written
@@ -327,7 +327,7 @@ def test_remove_partials_keeps_an_upload_of_another_pid_namespace_of_this_host(s
     import socket
     import time
 
-    from imnet_assets.core.host import pid_namespace
+    from imnet_assets.runtime.host import pid_namespace
 
     client = s3.client()
     url = f"s3://{s3.bucket}/wds/imagenet12k-train-0003.tar"
@@ -391,9 +391,9 @@ def test_status_schedule_and_sensor_look_at_every_shard_in_a_few_round_trips(s3_
     when nothing remembers them, else taken from the ledger (one GET) that the first look wrote.
     A fixed number of round trips whatever the number of shards. A process that looked before
     reads only the listings again while no shard changed; a rewritten record is read again."""
-    from imnet_assets import schedules
-    from imnet_assets.core import freshness
-    from imnet_assets.core.audit import shards_as_they_are
+    from imnet_assets.defs import schedules
+    from imnet_assets.release import freshness
+    from imnet_assets.stages.audit import shards_as_they_are
     from tests.conftest import settings_of
 
     settings = settings_of(s3_build.env)
