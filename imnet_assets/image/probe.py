@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from PIL import Image, UnidentifiedImageError
 
-from imnet_assets.image.encode import (
+from imnet_assets.image.decode import (
     MAX_FULL_DECODE_PIXELS,
     MAX_SHORT,
     MIN_SIDE,

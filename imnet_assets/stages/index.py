@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import NamedTuple
 
-from imnet_assets.image.encode import trial_decode
+from imnet_assets.image.decode import trial_decode
 from imnet_assets.image.perceptual import image_hash
 from imnet_assets.image.probe import probe_image
 from imnet_assets.runtime.procpool import bounded_map, preload, process_pool

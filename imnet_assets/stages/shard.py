@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from imnet_assets.image.encode import EncodeSettings, ImageRejected, encode_image
+from imnet_assets.image.decode import ImageRejected
+from imnet_assets.image.encode import EncodeSettings, encode_image
 from imnet_assets.release.altlabels import sample_fields
 from imnet_assets.release.changed_sources import SourceChanged, mark
 from imnet_assets.release.freshness import remember

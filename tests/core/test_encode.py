@@ -12,22 +12,24 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from imnet_assets.image.encode import (
+from imnet_assets.image.decode import (
     MAX_COEFFICIENT_BYTES,
     MAX_FULL_DECODE_PIXELS,
-    RESAMPLE,
-    Encoded,
-    EncodeSettings,
     ImageRejected,
-    _to_rgb_resized,
-    bare_chain,
     coefficient_bytes,
-    encode_image,
-    filter_exif,
     open_image,
     plan_decode,
     target_size,
 )
+from imnet_assets.image.encode import (
+    RESAMPLE,
+    Encoded,
+    EncodeSettings,
+    _to_rgb_resized,
+    bare_chain,
+    encode_image,
+)
+from imnet_assets.image.exif import filter_exif
 from imnet_assets.sample.photos import make_photo
 
 S = EncodeSettings()
@@ -712,7 +714,8 @@ def test_progressive_too_large_memory_bounded(tmp_path):
     code = (
         "import re, resource, sys\n"
         "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
-        "from imnet_assets.image.encode import encode_image, coefficient_bytes, open_image, ImageRejected\n"
+        "from imnet_assets.image.encode import encode_image, ImageRejected\n"
+        "from imnet_assets.image.decode import coefficient_bytes, open_image\n"
         "def hwm(): return int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))\n"
         "for path in sys.argv[1:]:\n"
         "    data = open(path, 'rb').read()\n"

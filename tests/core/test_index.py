@@ -196,7 +196,8 @@ def test_damaged_tar_rows_load_into_the_catalog_with_reasons(tmp_path):
 def test_truncated_images_are_trial_decoded_at_index_time(tmp_path):
     # Exact balance: an image the encoder would refuse for the 5% rule is excluded by the index,
     # before the plan; one from which enough decodes stays kept and marked for repair.
-    from imnet_assets.image.encode import EncodeSettings, ImageRejected, encode_image
+    from imnet_assets.image.decode import ImageRejected
+    from imnet_assets.image.encode import EncodeSettings, encode_image
     from tests.core.test_encode import _photo_jpeg
 
     data = _photo_jpeg()

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from imnet_assets.image import probe as probe_mod
-from imnet_assets.image.encode import MAX_FULL_DECODE_PIXELS, MIN_SIDE, ImageRejected, open_image, plan_decode
+from imnet_assets.image.decode import MAX_FULL_DECODE_PIXELS, MIN_SIDE, ImageRejected, open_image, plan_decode
 from imnet_assets.image.probe import Probe, looks_truncated, probe_image
 
 
