@@ -214,7 +214,7 @@ def worker_reads(settings, proxy, sources: int, workers: int = 2, passes: int = 
     first, cold pass fetches from moto once each; the second pass (`passes` times the rows) sees a
     server with S3's latency and no throughput cap of its own, so what it measures is the client's.
     (cold, hot) as (seconds, counts, sources read intact), and the workers' CPU ms per read."""
-    from imnet_assets.runtime.procpool import shared_pool
+    from imnet_assets.runtime.workerpool import shared_pool
     from imnet_assets.stages import shard
 
     rows = _slice_rows(settings, sources)

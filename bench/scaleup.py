@@ -46,7 +46,7 @@ from report import met, print_table, spread  # noqa: E402
 
 from imnet_assets.image.encode import Encoded, EncodeSettings
 from imnet_assets.release.verify import CHECK_CHUNK_BYTES
-from imnet_assets.runtime import procpool
+from imnet_assets.runtime import workerpool
 from imnet_assets.stages.shard import build_shard
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -85,7 +85,7 @@ def own_cpu() -> float:
 
 def shard_run(settings, enc: EncodeSettings, workers: int, encode=None) -> dict:
     """One build_shard, with the CPU of the coordinator and of each pool worker, per image."""
-    pool = procpool.shared_pool(workers)
+    pool = workerpool.shared_pool(workers)
     deadline = time.monotonic() + 60
     while len(pool.pids()) != workers and time.monotonic() < deadline:  # started (the first time)
         time.sleep(0.05)

@@ -96,7 +96,7 @@ def write_env_settings(path: Path, wanted: dict[str, str]) -> tuple[dict[str, st
     Returns (what was added, the names it already had)."""
     from dotenv import dotenv_values
 
-    from imnet_assets.storage import fs
+    from imnet_assets.storage import atomic
 
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     have = dotenv_values(path) if path.exists() else {}
@@ -107,7 +107,7 @@ def write_env_settings(path: Path, wanted: dict[str, str]) -> tuple[dict[str, st
             text += "\n"
         text += "# written by `imnet demo` (the environment wins over this file)\n"
         text += "".join(f"{name}={_env_value(value)}\n" for name, value in added.items())
-        fs.write_atomic(str(path), text.encode("utf-8"))
+        atomic.write_atomic(str(path), text.encode("utf-8"))
     return added, kept
 
 

@@ -230,7 +230,7 @@ class Build:
         if self.settings.workers > 1:
             # The encode workers (and their forkserver's imports) start now, while the first runs
             # are being set up in Dagster, instead of when the first run asks for them.
-            from imnet_assets.runtime.procpool import shared_pool
+            from imnet_assets.runtime.workerpool import shared_pool
 
             shared_pool(self.settings.workers)
         with console_kept_through_output_capture(self):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib import metadata
 
 from imnet_assets.release.info import DATASET_NAME, info_document
-from imnet_assets.storage import fs
+from imnet_assets.storage import atomic, fs
 
 CARD_NAME = "README.md"
 TERMS_URL = "https://image-net.org/download.php"
@@ -283,5 +283,5 @@ def render(f: dict) -> str:
 def write_card(settings, report) -> str:
     """Render and commit the card atomically; returns its URL."""
     url = card_url(settings)
-    fs.write_atomic(url, render(facts(settings, report)).encode("utf-8"))
+    atomic.write_atomic(url, render(facts(settings, report)).encode("utf-8"))
     return url

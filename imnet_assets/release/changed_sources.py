@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 from imnet_assets.release.outroot import MANIFEST_DIR
-from imnet_assets.storage import fs
+from imnet_assets.storage import atomic, fs
 
 MARK_FOLDER = "_changed_sources"  # under the out root's manifest folder (outroot.MANIFEST_DIR)
 
@@ -64,7 +64,7 @@ def mark(out_root: str, error: SourceChanged, offset: int, size: int, indexed_sh
     doc = {"tar": error.tar, "member": error.member, "offset": offset, "size": size,
            "indexed_sha256": indexed_sha256, "found": error.found, "shard": shard, "run_id": run_id,
            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    fs.write_atomic(url, json.dumps(doc, sort_keys=True).encode())
+    atomic.write_atomic(url, json.dumps(doc, sort_keys=True).encode())
     return url
 
 

@@ -29,7 +29,7 @@ import threading
 from dataclasses import dataclass
 
 from imnet_assets.release.outroot import MANIFEST_DIR, state_url, unchanged_on_storage
-from imnet_assets.storage import fs
+from imnet_assets.storage import atomic, fs
 
 _STATE_SUFFIX = ".state.json"
 LEDGER_NAME = "_commit_records.json"
@@ -146,7 +146,7 @@ def _write_ledger(out_root: str, entries: dict[str, tuple[tuple[int, str], dict]
     doc = {"format": LEDGER_FORMAT,
            "records": {name: [seen[0], seen[1], record] for name, (seen, record) in sorted(entries.items())}}
     try:
-        fs.write_atomic(ledger_url(out_root), json.dumps(doc, separators=(",", ":")).encode())
+        atomic.write_atomic(ledger_url(out_root), json.dumps(doc, separators=(",", ":")).encode())
     except Exception:  # noqa: BLE001 - a cache: read-only credentials only cost reads next time
         pass
 

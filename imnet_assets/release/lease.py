@@ -14,7 +14,7 @@ again. The winner removes the older generations; releasing removes its own. (An 
 store must honour `If-None-Match` on PUT, as AWS S3, MinIO and R2 do; the winner reads its object
 back, which catches a store that ignores it unless two takers write within the same moment.)
 
-Whether a holder may still be alive (`holder_alive`), as `fs.remove_partials` judges an upload's
+Whether a holder may still be alive (`holder_alive`), as `atomic.remove_partials` judges an upload's
 writer: a process of this host and pid namespace is asked (`host.pid_alive`, against number
 reuse by its start time), so a holder killed with kill -9 is taken over at once; a holder of
 another host or namespace cannot be asked, and counts as gone once it has not renewed its lease
@@ -40,7 +40,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from imnet_assets.runtime.host import pid_alive, pid_namespace
-from imnet_assets.storage import fs
+from imnet_assets.storage import atomic, fs
 
 LOCKS_DIR = "_locks"
 RENEW_SECONDS = 30.0  # how often a held lease is renewed
@@ -142,7 +142,7 @@ class Lease:
                              + f" while {self.holder['what']} held it (not renewed for {EXPIRE_SECONDS:.0f}s?)")
                 return
             self.holder["renewed"] = time.time()
-            fs.write_atomic(self.url, json.dumps(self.holder).encode())
+            atomic.write_atomic(self.url, json.dumps(self.holder).encode())
 
     def release(self) -> None:
         """Give the lease up: its object is removed (if it is still this holder's)."""
@@ -197,7 +197,7 @@ def _create(url: str, data: bytes) -> bool:
             raise fs.StorageError(fs.redact(f"cannot create the lease {url}: {text}")) from e
         return True
     folder, name = os.path.split(os.path.abspath(url))
-    tmp = os.path.join(folder, f".{name}{fs.TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = os.path.join(folder, f".{name}{atomic.TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     for _ in range(8):  # the folder may be removed by a holder releasing its lease (release)
         os.makedirs(folder, exist_ok=True)
         try:
@@ -224,7 +224,7 @@ def acquire(out_root: str, name: str, what: str) -> Lease:
     """Take the lease `name` under `out_root` for `what` (e.g. "imnet build", "run 1a2b3c4d"), or
     raise LeaseHeld naming the holder. Release it with `release()` (or use it as a context)."""
     folder = lease_folder(out_root, name)
-    fs.sweep_partials(folder)  # temporary files of takers killed mid-write (local folders)
+    atomic.sweep_partials(folder)  # temporary files of takers killed mid-write (local folders)
     for _attempt in range(TAKE_ATTEMPTS):
         gens = _generations(folder)
         top = gens[-1] if gens else 0

@@ -15,7 +15,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from imnet_assets.storage import fs
+from imnet_assets.storage import atomic, fs
 
 PLAN_VERSION = "1"
 PLAN_DIR = "_plan"
@@ -99,7 +99,7 @@ def _commit_slice(out_root: str, shard_key: str, data: bytes) -> str:
             return digest
     except (FileNotFoundError, OSError):
         pass
-    fs.write_atomic(url, data)
+    atomic.write_atomic(url, data)
     return digest
 
 
@@ -161,7 +161,7 @@ def read_slice(out_root: str, shard_key: str) -> tuple[list[SliceRow], str]:
 
 
 def write_index(out_root: str, index: dict) -> None:
-    fs.write_atomic(index_url(out_root), json.dumps(index, indent=1, sort_keys=True).encode())
+    atomic.write_atomic(index_url(out_root), json.dumps(index, indent=1, sort_keys=True).encode())
 
 
 def read_index(out_root: str) -> dict | None:

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from imnet_assets.release.outroot import tar_end
-from imnet_assets.runtime.procpool import WorkerDied, shared_pool
+from imnet_assets.runtime.workerpool import WorkerDied, shared_pool
 from imnet_assets.storage import fs, prefetch
 from imnet_assets.storage.rawtar import Damage, iter_tar
 

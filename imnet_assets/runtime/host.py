@@ -1,6 +1,6 @@
 """This host's identity for judging whether a process named in a record is gone: its pid namespace
 and whether a process number is still held by the process meant. Runs (schedules.fail_dead_runs),
-leases (lease.py) and upload leases (fs.remove_partials) ask it; it imports nothing of the package.
+leases (lease.py) and upload leases (atomic.remove_partials) ask it; it imports nothing of the package.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from imnet_assets.release.outroot import MANIFEST_DIR, committed_as, manifest_ur
 from imnet_assets.release.plan import read_index
 from imnet_assets.settings import Settings
 from imnet_assets.stages.shard import fingerprint
-from imnet_assets.storage import fs
+from imnet_assets.storage import atomic, fs
 from imnet_assets.storage.catalog import Catalog
 
 
@@ -147,7 +147,7 @@ def look_at_release(settings: Settings) -> OutRootLook:
 
 
 def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = print) -> AuditReport:
-    for leftover in fs.sweep_partials(settings.out_root):
+    for leftover in atomic.sweep_partials(settings.out_root):
         log(f"removed leftover of an interrupted run: {leftover}")
     # One look at every shard's tar and commit record, taken before the manifests are loaded.
     look = look_at_release(settings)
@@ -219,10 +219,10 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
     # and the audit is recorded as done only once it and the card are written (a kill in between:
     # the next build audits again).
     if not report.problems:
-        fs.write_atomic(info_url(settings), render_info(info_document(settings, lengths)))
+        atomic.write_atomic(info_url(settings), render_info(info_document(settings, lengths)))
         report.info_written = True
         with Catalog(settings.catalog, read_only=True) as cat:  # kept counts as this audit left them
-            fs.write_atomic(classes_url(settings), render_classes(cat.rows("classes_tsv")))
+            atomic.write_atomic(classes_url(settings), render_classes(cat.rows("classes_tsv")))
         card.write_card(settings, report)  # issue 17: the dataset card, <out>/README.md
         if audit_fp:
             with Catalog(settings.catalog) as cat:

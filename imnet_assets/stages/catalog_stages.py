@@ -26,7 +26,7 @@ from imnet_assets.stages.csvstage import staged_csv
 from imnet_assets.stages.decontam import index_inputs, settle_index
 from imnet_assets.stages.index import FIELDS, ReadShort, check_accounted, scan_tars
 from imnet_assets.stages.synsets import read_text_file
-from imnet_assets.storage import fs
+from imnet_assets.storage import atomic, fs
 from imnet_assets.storage.catalog import Catalog, check_catalog_volume
 from imnet_assets.storage.inventory import RawLayoutError, RawListing, inventory, list_raw
 
@@ -202,7 +202,7 @@ def build_shuffled_plan(settings: Settings, run_id: str, log: Log = print) -> di
     """Shuffle, cut into balanced shards, and publish one slice file per shard under the out root."""
     fps = expected_fingerprints(settings)
     started = time.perf_counter()
-    for leftover in fs.sweep_partials(fs.join(settings.out_root, PLAN_DIR)):
+    for leftover in atomic.sweep_partials(fs.join(settings.out_root, PLAN_DIR)):
         log(f"removed leftover of an interrupted run: {leftover}")
     with Catalog(settings.catalog) as cat:
         cat.run("plan_build", {"seed": settings.seed, "num_shards": settings.num_shards})

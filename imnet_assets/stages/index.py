@@ -17,9 +17,10 @@ from imnet_assets.image.perceptual import image_hash
 from imnet_assets.image.probe import probe_image
 from imnet_assets.runtime.procpool import bounded_map, preload, process_pool
 from imnet_assets.storage import fs
+from imnet_assets.storage.member_names import member_key, printable_name
 from imnet_assets.storage.prefetch import CHUNK, depth_for
 from imnet_assets.storage.rawfolders import FolderChanged, is_folder_source, list_files, read_files
-from imnet_assets.storage.rawtar import ByteCount, Damage, iter_tar, member_key, printable_name
+from imnet_assets.storage.rawtar import ByteCount, Damage, iter_tar
 
 preload(__name__)  # the forkserver imports this module once for all workers
 

@@ -28,15 +28,15 @@ from imnet_assets.release.freshness import remember
 from imnet_assets.release.outroot import manifest_url, state_url, tar_end
 from imnet_assets.release.plan import SliceRow, read_slice
 from imnet_assets.release.verify import check_committed, webp_problem
-from imnet_assets.runtime.procpool import (
+from imnet_assets.runtime.procpool import preload
+from imnet_assets.runtime.workerpool import (
     ReplyUnreadable,
     WorkerDied,
     WorkerPool,
     next_priority,
-    preload,
     shared_pool,
 )
-from imnet_assets.storage import fs
+from imnet_assets.storage import atomic, fs
 from imnet_assets.storage.rawfolders import source_location
 
 preload(__name__)  # the forkserver imports this module once for all workers
@@ -82,7 +82,7 @@ class ShardResult:
 
 # ----------------------------------------------------------------------------- the work of one image
 #
-# Everything per image runs in the encode workers (procpool.WorkerPool): read the source by
+# Everything per image runs in the encode workers (workerpool.WorkerPool): read the source by
 # (tar, offset, size), check its sha256 against the plan, encode, hash the WebP, decode the sampled
 # ones, and build the sample's three tar members (headers, payloads, padding) as one bytes object.
 # The coordinating process only writes those bytes in plan order, hashing them as they pass, and
@@ -117,7 +117,7 @@ class EncoderKilled(RuntimeError):
 
 READ_RETRY_SECONDS = (0.5, 2.0)  # waits before the second and third attempt of a failed read
 BATCH = 8  # images per job sent to a worker (fewer for small shards, so every worker gets some)
-DEATHS_TO_EXCLUDE = 2  # crashes (procpool.CRASH_SIGNALS) one image causes before it is excluded, naming them
+DEATHS_TO_EXCLUDE = 2  # crashes (workerpool.CRASH_SIGNALS) one image causes before it is excluded, naming them
 MEMORY_RETRIES = 3  # MemoryErrors of one image before the run fails (each time in a fresh worker)
 KILLS_TO_FAIL = 4  # kills from outside (SIGKILL, SIGTERM) while encoding one image before the run fails
 TIMEOUTS_TO_FAIL = 2  # times one image runs past IMNET_IMAGE_TIMEOUT (each in a fresh worker) before the run fails
@@ -217,7 +217,7 @@ def prepare_sample(row: SliceRow, data: bytes | None, problem: str, settings: En
 
 @dataclass
 class EncodeJob:
-    """A few consecutive rows of a plan slice, for one encode worker (procpool.WorkerPool)."""
+    """A few consecutive rows of a plan slice, for one encode worker (workerpool.WorkerPool)."""
 
     raw_root: str
     rows: list[SliceRow]
@@ -250,7 +250,7 @@ def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettin
                      encode: Callable | None = None, priority: int = 0) -> Iterator[tuple[SliceRow, tuple]]:
     """(row, prepare_sample's result) per row, in plan order.
 
-    workers > 1: jobs of a few rows go to this process's shared worker pool (procpool.shared_pool),
+    workers > 1: jobs of a few rows go to this process's shared worker pool (workerpool.shared_pool),
     at most `workers * pool.depth` jobs ahead of the consumer, so memory stays bounded. A worker
     that dies costs a retry of its jobs (see `_settle` for which deaths exclude an image, which
     fail the run); an image that runs past IMNET_IMAGE_TIMEOUT gets its worker killed.
@@ -307,7 +307,7 @@ def _run_here(job: EncodeJob, reads) -> list[tuple]:
 def _settle(pool: WorkerPool, job: EncodeJob, future, log: Callable[[str], None],
             priority: int = 0) -> Iterator[tuple]:
     """The results of one job, in row order, retrying it after worker deaths (SPEC "Failure
-    behaviour"). Only a crash the image causes (procpool.CRASH_SIGNALS), DEATHS_TO_EXCLUDE times,
+    behaviour"). Only a crash the image causes (workerpool.CRASH_SIGNALS), DEATHS_TO_EXCLUDE times,
     excludes it, naming the crashes. A kill from outside (SIGKILL: the OOM killer, a cgroup limit,
     preemption; SIGTERM), a run past the time limit and a MemoryError are retried in fresh
     processes a bounded number of times, then fail the run naming the image (EncoderKilled,
@@ -450,7 +450,7 @@ def build_shard(
     next build, schedule or sensor builds it again. `result.problems` holds the check's findings.
 
     Safe to call from several threads of one process at once (each for its own shard): they share
-    the process's worker pool (`procpool.shared_pool`). `decode_every`: IMNET_CHECK_DECODE_EVERY.
+    the process's worker pool (`workerpool.shared_pool`). `decode_every`: IMNET_CHECK_DECODE_EVERY.
     `encode`: the codec (bench/scaleup.py's null codec); `after_commit(url)`: a test hook called
     between the commit and the check; `after_check(url)`: one called once the check passed, before
     the tar's stamp is looked at again (tests change the tar there).
@@ -463,7 +463,7 @@ def build_shard(
     final = fs.join(out_root, shard_name)
     mf_url = manifest_url(out_root, shard_key)
     st_url = state_url(out_root, shard_key)
-    for leftover in fs.remove_partials(final) + fs.remove_partials(mf_url) + fs.remove_partials(st_url):
+    for leftover in atomic.remove_partials(final) + atomic.remove_partials(mf_url) + atomic.remove_partials(st_url):
         log(f"removed leftover of an interrupted run: {leftover}")
     rows, plan_digest = read_slice(out_root, shard_key)
     priority = next_priority()  # runs sharing the worker pool are served oldest first
@@ -472,7 +472,7 @@ def build_shard(
     spans: list[dict] = []  # where each sample's bytes went, and their sha256 (the read-back checks them)
     excluded: list[dict] = []
     problems: list[str] = []
-    with _marking_changed_sources(out_root, shard_key, rows, run_id, log), fs.atomic_open(final) as raw_out:
+    with _marking_changed_sources(out_root, shard_key, rows, run_id, log), atomic.atomic_open(final) as raw_out:
         out = _HashingWriter(raw_out)
         for row, prepared in prepared_samples(rows, raw_root, settings, workers, decode_every, log, encode, priority):
             if prepared[0] != "ok":
@@ -505,7 +505,7 @@ def build_shard(
         "samples": samples,
         "excluded": excluded,
     }
-    fs.write_atomic(mf_url, json.dumps(manifest, separators=(",", ":")).encode())
+    atomic.write_atomic(mf_url, json.dumps(manifest, separators=(",", ":")).encode())
     if after_commit is not None:
         after_commit(final)
     planned = {r.key: r for r in rows}
@@ -525,7 +525,7 @@ def build_shard(
                 "as committed; another writer? Build the shard again")
         state = {k: manifest[k] for k in ("shard", "path", "fingerprint", "bytes", "sha256", "num_samples", "run_id")}
         state["stamp"] = committed[1]  # the checked bytes' stamp: an edit in place changes it (freshness.verdict)
-        fs.write_atomic(st_url, json.dumps(state, sort_keys=True).encode())
+        atomic.write_atomic(st_url, json.dumps(state, sort_keys=True).encode())
         remember(out_root, shard_key, state)
     else:
         log(f"shard {shard_key}: the check failed, not recorded as committed: {'; '.join(problems[:5])}")

@@ -2,23 +2,27 @@
 
 Two layouts are read: per-synset tars `<wnid>.tar` (as ImageNet distributes them, or unpacked here
 from `winter21_whole.tar.gz`), or per-synset folders `<wnid>/` of extracted files, read in place
-(core/rawfolders.py). Each synset's source is one entry of `RawListing.tars` either way.
+(storage/rawfolders.py). Each synset's source is one entry of `RawListing.tars` either way.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import posixpath
 import re
+import tarfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from imnet_assets.storage import fs
+from imnet_assets.storage import atomic, fs, prefetch
 from imnet_assets.storage.rawfolders import WNID_FOLDER, list_synset_folders
-from imnet_assets.storage.rawtar import WHOLE_RELEASE, unpack_whole_release
 
 WNID_TAR = re.compile(r"^(n\d{8})\.tar$")
 TEXT_FILES = ("words.txt", "gloss.txt")
+WHOLE_RELEASE = "winter21_whole.tar.gz"
 # Present while winter21_whole.tar.gz is being unpacked: a run killed mid-way leaves it, and the
 # next run unpacks again instead of taking the tars committed so far for the whole release.
 UNPACKING_MARK = f".{WHOLE_RELEASE}.unpacking"
@@ -86,7 +90,7 @@ def list_raw(raw_root: str, unpack: bool = False, log: Callable[[str], None] = p
             interrupted or not any(WNID_TAR.match(n) for n in names)):
         again = " again (an earlier unpack did not finish)" if interrupted else ""
         log(f"unpacking {WHOLE_RELEASE} into {raw_root}{again} (one pass, per-synset tars)")
-        fs.write_atomic(fs.join(raw_root, UNPACKING_MARK), b"unpack in progress\n")
+        atomic.write_atomic(fs.join(raw_root, UNPACKING_MARK), b"unpack in progress\n")
         unpack_whole_release(fs.join(raw_root, WHOLE_RELEASE), raw_root)
         fs.remove(fs.join(raw_root, UNPACKING_MARK))
         entries = fs.listdir(raw_root)
@@ -113,3 +117,37 @@ def inventory(listing: RawListing) -> list[tuple]:
     (sql/raw_tars_replace.sql, and sql/index_record_scans.sql), so the catalog stages read the raw
     bytes once, not twice."""
     return [(t["name"], t["wnid"], t["size"], t["mtime"]) for t in listing.tars]
+
+
+def unpack_whole_release(archive_url: str, raw_root: str) -> list[str]:
+    """Unpack `winter21_whole.tar.gz` into `<raw_root>/<wnid>.tar` (+ words.txt, gloss.txt).
+
+    Streams the archive once; each inner tar is committed atomically. Returns the names written.
+    """
+    written: list[str] = []
+    try:
+        with prefetch.open_read(archive_url) as raw, tarfile.open(fileobj=raw, mode="r|gz") as tf:
+            for info in tf:
+                if not info.isreg():
+                    continue
+                base = posixpath.basename(info.name)
+                if not (base.endswith(".tar") or base in ("words.txt", "gloss.txt")):
+                    continue
+                if info.name.startswith("/") or ".." in info.name.split("/"):
+                    continue
+                src = tf.extractfile(info)
+                with atomic.atomic_open(fs.join(raw_root, base)) as out:
+                    while chunk := src.read(8 << 20):
+                        out.write(chunk)
+                written.append(base)
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        where = f"after {len(written)} files (last {written[-1]})" if written else "before its first file"
+        raise ArchiveDamaged(
+            f"{fs.redact(archive_url)} is damaged or cut short: {type(e).__name__}: {e}, {where}. Its size "
+            "or checksum will differ from the published one: download it again (the next run unpacks "
+            "it again from the start)") from None
+    return written
+
+
+class ArchiveDamaged(ValueError):
+    """winter21_whole.tar.gz cannot be read to its end."""

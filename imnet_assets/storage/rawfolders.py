@@ -6,12 +6,12 @@ A synset folder is one source, as `<wnid>.tar` is in the tar layout, and gives t
 the same files (so the same shards, byte for byte):
 - its name in the catalog (`raw_tars.tar`, `images.tar`, plan slices) is `<wnid>/`; the trailing
   slash is what tells a folder source from a tar everywhere (`is_folder_source`);
-- an `images` row's `member` is the file's path inside the folder (as `rawtar.printable_name`
+- an `images` row's `member` is the file's path inside the folder (as `member_names.printable_name`
   writes names), `offset` the file's number in the folder's listing order (its bytes are the whole
   file, from byte 0), `size` and `sha256` the file's;
 - listing order: the files directly in the folder first, then those in subfolders, each by name
   (so of two files with the same key the one in the folder itself stays, index_duplicates.sql);
-- keys, labels and hostile names follow the tar layout's rules (`rawtar.member_key` on the path).
+- keys, labels and hostile names follow the tar layout's rules (`member_names.member_key` on the path).
   Anything that is not a regular file (a link to a folder, a broken link, a FIFO) is a recorded
   exclusion, never opened. Links to files are followed.
 - `raw_tars.size` is the sum of the folder's file sizes and `raw_tars.mtime` a digest of its
@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 from imnet_assets.storage import fs
-from imnet_assets.storage.rawtar import raw_name
+from imnet_assets.storage.member_names import raw_name
 
 WNID_FOLDER = re.compile(r"^n\d{8}$")
 LISTING_THREADS = 32  # synset folders listed at once (per process, see list_synset_folders)

@@ -15,8 +15,7 @@ from imnet_assets.settings import Settings
 from imnet_assets.stages import catalog_stages as stages
 from imnet_assets.stages.synsets import labels, parse_text, read_text_file
 from imnet_assets.storage import inventory as inventory_mod
-from imnet_assets.storage.inventory import inventory, list_raw
-from imnet_assets.storage.rawtar import ArchiveDamaged
+from imnet_assets.storage.inventory import ArchiveDamaged, inventory, list_raw
 from tests.conftest import local_settings
 
 QUIET = lambda _m: None  # noqa: E731

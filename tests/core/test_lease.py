@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 from imnet_assets.release import lease
-from imnet_assets.storage import fs
+from imnet_assets.storage import atomic, fs
 from tests.conftest import dead_pid, other_pid_namespace
 from tests.s3server import MotoS3
 
@@ -54,7 +54,7 @@ def plant(root: str, name: str, generation: int, **holder) -> None:
     now = time.time()
     doc = {"what": "imnet build", "host": socket.gethostname(), "pid_namespace": os.readlink("/proc/self/ns/pid"),
            "pid": os.getpid(), "since": now, "renewed": now, "token": uuid.uuid4().hex, **holder}
-    fs.write_atomic(fs.join(lease.lease_folder(root, name), f"{generation:08d}.json"), json.dumps(doc).encode())
+    atomic.write_atomic(fs.join(lease.lease_folder(root, name), f"{generation:08d}.json"), json.dumps(doc).encode())
 
 
 def test_one_holder_at_a_time_and_the_refusal_names_it(root):

@@ -22,8 +22,8 @@ from imnet_assets.stages import catalog_stages as stages
 from imnet_assets.stages.audit import encode_settings
 from imnet_assets.stages.shard import build_shard
 from imnet_assets.storage.inventory import RawLayoutError, list_raw
+from imnet_assets.storage.member_names import printable_name, raw_name
 from imnet_assets.storage.rawfolders import list_files
-from imnet_assets.storage.rawtar import printable_name, raw_name
 from tests.conftest import build_catalog_stages, build_env, environ, imnet, local_settings
 
 QUIET = lambda _m: None  # noqa: E731

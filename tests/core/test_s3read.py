@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from imnet_assets.storage import fs, s3read
+from imnet_assets.storage import atomic, fs, s3read
 from tests.conftest import environ
 from tests.integration.test_s3 import s3  # noqa: F401 - moto on 127.0.0.1, a bucket per test
 from tests.latency_proxy import LatencyProxy, SilentEndpoint, any_request, object_get
@@ -90,7 +90,7 @@ def test_listings_and_writes_through_s3fs_wait_out_a_slowdown_burst_too(proxied)
     server, proxy = proxied
     url = f"s3://{server.bucket}/wds/_manifests/0000.json"
     proxy.slowdown(1.5, match=any_request)
-    fs.write_atomic(url, b'{"n": 1}')
+    atomic.write_atomic(url, b'{"n": 1}')
     assert fs.read_json(url) == {"n": 1}
     assert [e["name"] for e in fs.listdir(f"s3://{server.bucket}/wds/_manifests")] == ["0000.json"]
     assert proxy.injected["slowdown"] >= 1

@@ -12,7 +12,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from imnet_assets.storage.rawtar import member_key, printable_name
+from imnet_assets.storage.member_names import member_key, printable_name
 from tests.checks import check_info_json, check_samples
 from tests.conftest import build_env, dagster_home, environ, imnet
 
