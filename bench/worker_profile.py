@@ -46,13 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from encode import SHARD, release  # noqa: E402
 from report import print_table  # noqa: E402
 
-from imnet_assets.core import fs, procpool  # noqa: E402
-from imnet_assets.core.encode import EncodeSettings, bare_chain, encode_image  # noqa: E402
-from imnet_assets.core.outroot import read_manifest  # noqa: E402
-from imnet_assets.core.plan import read_slice  # noqa: E402
-from imnet_assets.core.rawfolders import source_location  # noqa: E402
-from imnet_assets.core.shard import EncodeJob, build_shard, sample_bytes  # noqa: E402
-from imnet_assets.core.verify import CheckChunkJob, webp_problem  # noqa: E402
+from imnet_assets.image.encode import EncodeSettings, bare_chain, encode_image
+from imnet_assets.release.outroot import read_manifest
+from imnet_assets.release.plan import read_slice
+from imnet_assets.release.verify import CheckChunkJob, webp_problem
+from imnet_assets.runtime import workerpool
+from imnet_assets.stages.shard import EncodeJob, build_shard, sample_bytes
+from imnet_assets.storage import fs
+from imnet_assets.storage.rawfolders import source_location
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -155,7 +156,7 @@ def parts_round(settings, enc: EncodeSettings, decode_every: int) -> dict[str, f
 def real_run(settings, enc: EncodeSettings, workers: int, decode_every: int) -> dict[str, float]:
     """One build_shard: CPU seconds of the encode workers and of the coordinator."""
     if workers > 1:
-        pool = procpool.shared_pool(workers)
+        pool = workerpool.shared_pool(workers)
         deadline = time.monotonic() + 60
         while len(pool.pids()) != workers and time.monotonic() < deadline:
             time.sleep(0.05)
