@@ -20,8 +20,9 @@ line (timestamps of its output as it arrives); the whole command's wall time is 
 over three spans of the build's wall time: the whole command to the audit's end (issue 26's
 figure: from the process's start, Dagster's imports and instance included, to the line that
 reports the audit done, read off its output as it arrives), the first shard to the audit's end
-(from the line announcing the shards to build), and the shard phase alone (to the last shard's
-line). Also shown: where the whole command's wall time went (start-up to the shards' line, the
+(from the line announcing the shards to build, or from when the first shard's first jobs went to
+the encoders when the build says they went earlier, ahead of its run), and the shard phase alone
+(from the line announcing the shards to the last shard's line). Also shown: where the whole command's wall time went (start-up to the shards' line, the
 shard phase, the audit), the build's own CPU split by process over the shard phase, and the CPU
 other processes used meanwhile (the machine is shared).
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -141,6 +143,9 @@ def run_build(settings: Settings, home: Path, parallel: int, timeline_cpu: bool 
                 facts["cpu_at_end"] = dict(tree.seen)
             if "shard_audit " in line and audit_end is None:  # done ("ok: ...") or fresh, skipped
                 audit_end = now
+            ahead = re.search(r"went to the encoders ([0-9.]+)s after the command started", line)
+            if ahead:  # the first shard's first jobs were encoding before the shards' line
+                facts["ahead_at"] = started + float(ahead.group(1))
         tree._poll()  # the last look before the process is gone
         proc.wait()
         facts["tree_cpu"] = tree.total()
@@ -150,7 +155,8 @@ def run_build(settings: Settings, home: Path, parallel: int, timeline_cpu: bool 
         if proc.returncode != 0 or None in (phase_start, phase_end, audit_end):
             raise SystemExit("imnet build failed:\n" + "\n".join(lines[-20:]) + "\n" + err[-3000:])
         facts.update(wall=time.perf_counter() - started, phase=phase_end - phase_start, lines=lines,
-                     to_audit_end=audit_end - started, first_shard_to_audit_end=audit_end - phase_start,
+                     to_audit_end=audit_end - started,
+                     first_shard_to_audit_end=audit_end - min(phase_start, facts.get("ahead_at", phase_start)),
                      start_up=phase_start - started, audit=audit_end - phase_end, timeline=timeline)
 
     sample = measure(go)

@@ -14,6 +14,7 @@ from imnet_assets.orchestrate.dagster_quirks import (
     console_kept_through_output_capture,
     skip_per_run_logging_config,
 )
+from imnet_assets.orchestrate.first_look import FirstLook
 from imnet_assets.orchestrate.instance import dagster_instance
 from imnet_assets.orchestrate.interrupts import end_now_leaving_runs, first_done
 from imnet_assets.settings import Settings
@@ -30,7 +31,7 @@ class Build:
     """Materializes stages through Dagster, in this process, recording into the instance."""
 
     def __init__(self, settings: Settings, out=sys.stdout, verbose: bool = False, keep_going: bool = False,
-                 parallel: int | None = None):
+                 parallel: int | None = None, first_look=None):
         from imnet_assets.definitions import build_definitions
 
         self.settings = settings
@@ -45,6 +46,7 @@ class Build:
         self.log_level = "WARNING" if verbose else "CRITICAL"
         self.keep_going = keep_going
         self.parallel = parallel if parallel is not None else settings.parallel_shards
+        self.first_look = first_look  # first_look.FirstLook, started before this (imnet build)
         self._say_lock = threading.Lock()
         self.lease = None  # the out root's build lease, once this build is about to write (hold_out_root)
         self.runs_left_behind = 0  # shard runs still going in other threads when an interrupt came
@@ -127,6 +129,9 @@ class Build:
             # then names a process that is gone, and the next build takes it over.
             if not self.runs_left_behind:
                 self.release()
+            from imnet_assets.stages import shard_ahead
+
+            shard_ahead.drop()  # jobs submitted ahead that no run took over
 
     def _shards_to_build(self, wanted: list[str]) -> tuple[list[str], list[str]]:
         """(partitions to build, partitions with a run in flight elsewhere) of those wanted."""
@@ -151,11 +156,14 @@ class Build:
             check_catalog_volume(s.catalog)
         except CatalogVolumeMissing as e:
             return self.fail("catalog", [str(e)])
+        # the first look's (one listing of the raw root) while no stage was built since
+        looked = self.first_look.stale_stages(self.say) if self.first_look is not None else None
         for stage in ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]:
-            if stage not in stale_stages(s, log=self.say) or (
+            if stage not in (looked if looked is not None else stale_stages(s, log=self.say)) or (
                     self.hold_out_root() and stage not in stale_stages(s, log=lambda _m: None)):
                 self.say(f"  {stage:16s} fresh, skipped")
                 continue
+            looked = None
             t0 = time.perf_counter()
             result, failures = self.materialize([stage])
             if failures:
@@ -170,6 +178,10 @@ class Build:
             self.say(f"  wds_shards: {len(busy)} shards have a run in flight elsewhere, left to it: {busy[:8]}")
         self.say(f"  wds_shards: {len(wanted) - len(todo) - len(busy)} of {len(wanted)} selected shards fresh, "
                  f"{len(todo)} to build")
+        look = self.first_look
+        if look is not None and look.ahead_key in todo:
+            self.say(f"  wds_shards: shard {look.ahead_key}'s first {look.ahead_images} images went to the encoders "
+                     f"{look.ahead_at:.2f}s after the command started, ahead of its run")
         failed = self.build_shards(todo)
         if not wanted:
             self.say("  shards and audit: skipped (--shards none: the catalog stages and the plan only)")
@@ -337,7 +349,9 @@ def build(settings: Settings, wanted: list[str], verbose: bool = False, keep_goi
     from imnet_assets.runtime.procpool import start_forkserver
 
     start_forkserver()  # its imports overlap Dagster's; scan and encode workers then fork at once
-    runner = Build(settings, verbose=verbose, keep_going=keep_going, parallel=parallel)
+    # the stages' freshness and the first shard's first jobs, while Dagster is imported and set up
+    look = FirstLook(settings, wanted, BUILD_LEASE)
+    runner = Build(settings, verbose=verbose, keep_going=keep_going, parallel=parallel, first_look=look)
     try:
         return runner.run(wanted)
     except KeyboardInterrupt:

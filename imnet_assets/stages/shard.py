@@ -259,9 +259,22 @@ def _batch_size(rows: int, workers: int) -> int:
     return max(1, min(BATCH, rows // (workers * 4)))
 
 
+def encode_jobs(rows: list[SliceRow], raw_root: str, settings: EncodeSettings, workers: int, decode_every: int,
+                encode: Callable | None = None) -> Iterator[EncodeJob]:
+    """The jobs a shard run's rows go to the encoders in, in order (shard_ahead submits the first
+    ones of a run before it starts: equal jobs, so the run takes their results over)."""
+    from imnet_assets.settings import image_timeout, test_crash_sha256
+
+    batch = _batch_size(len(rows), max(workers, 1))
+    crash, limit = test_crash_sha256(), image_timeout()
+    return (EncodeJob(raw_root, rows[i:i + batch], settings, decode_every, encode, crash, limit)
+            for i in range(0, len(rows), batch))
+
+
 def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettings, workers: int,
                      decode_every: int = 16, log: Callable[[str], None] = lambda _m: None,
-                     encode: Callable | None = None, priority: int = 0) -> Iterator[tuple[SliceRow, tuple]]:
+                     encode: Callable | None = None, priority: int = 0,
+                     ahead: list | None = None) -> Iterator[tuple[SliceRow, tuple]]:
     """(row, prepare_sample's result) per row, in plan order.
 
     workers > 1: jobs of a few rows go to this process's shared worker pool (workerpool.shared_pool),
@@ -269,15 +282,13 @@ def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettin
     that dies costs a retry of its jobs (see `_settle` for which deaths exclude an image, which
     fail the run); an image that runs past IMNET_IMAGE_TIMEOUT gets its worker killed.
     workers == 1: in this process (reads a few jobs ahead in threads; no time limit).
+    `ahead`: (job, future) pairs already submitted to the pool for these rows (shard_ahead): a
+    job equal to the next one to submit is taken over; at the first that differs, the rest are
+    cancelled.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from imnet_assets.settings import image_timeout, test_crash_sha256
-
-    batch = _batch_size(len(rows), max(workers, 1))
-    crash, limit = test_crash_sha256(), image_timeout()
-    jobs = (EncodeJob(raw_root, rows[i:i + batch], settings, decode_every, encode, crash, limit)
-            for i in range(0, len(rows), batch))
+    jobs = encode_jobs(rows, raw_root, settings, workers, decode_every, encode)
     if workers <= 1:
         with ThreadPoolExecutor(16, thread_name_prefix="read") as readers:
             window: collections.deque = collections.deque()
@@ -297,15 +308,21 @@ def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettin
         return
     pool = shared_pool(workers)
     window = collections.deque()
+    ahead = collections.deque(ahead or ())
     try:
         for job in jobs:
-            window.append((job, pool.submit(job, priority)))
+            if ahead and ahead[0][0] == job:
+                window.append(ahead.popleft())
+            else:
+                while ahead:
+                    ahead.popleft()[1].cancel()
+                window.append((job, pool.submit(job, priority)))
             if len(window) >= workers * pool.depth:
                 yield from _settle(pool, *window.popleft(), log, priority)
         while window:
             yield from _settle(pool, *window.popleft(), log, priority)
     finally:
-        for _job, fut in window:  # the consumer stopped (an error): drop what is not started
+        for _job, fut in [*window, *ahead]:  # the consumer stopped (an error): drop what is not started
             fut.cancel()
 
 
@@ -461,6 +478,7 @@ def build_shard(
     encode: Callable | None = None,
     after_commit: Callable[[str], None] | None = None,
     after_check: Callable[[str], None] | None = None,
+    ahead=None,
 ) -> ShardResult:
     """Encode, commit and check one shard and its manifest. Bad images become recorded exclusions.
 
@@ -472,7 +490,8 @@ def build_shard(
     the process's worker pool (`workerpool.shared_pool`). `decode_every`: IMNET_CHECK_DECODE_EVERY.
     `encode`: the codec (bench/scaleup.py's null codec); `after_commit(url)`: a test hook called
     between the commit and the check; `after_check(url)`: one called once the check passed, before
-    the tar's stamp is looked at again (tests change the tar there).
+    the tar's stamp is looked at again (tests change the tar there). `ahead`: this shard's first
+    jobs, submitted before the run started (shard_ahead.take), whose results the run takes over.
 
     The commit record's stamp (size and mtime / ETag) is the one read right after the commit,
     before the check; it is read again once the check passed, and if it changed the record is
@@ -485,7 +504,9 @@ def build_shard(
     for leftover in atomic.remove_partials(final) + atomic.remove_partials(mf_url) + atomic.remove_partials(st_url):
         log(f"removed leftover of an interrupted run: {leftover}")
     rows, plan_digest = read_slice(out_root, shard_key)
-    priority = next_priority()  # runs sharing the worker pool are served oldest first
+    # runs sharing the worker pool are served oldest first; a run encoded ahead (shard_ahead.Ahead)
+    # keeps the place its first jobs took
+    priority = ahead.priority if ahead is not None else next_priority()
     fs.remove(st_url)  # from here until the check passed, this shard is not fresh
     samples: list[dict] = []
     spans: list[dict] = []  # where each sample's bytes went, and their sha256 (the read-back checks them)
@@ -493,7 +514,8 @@ def build_shard(
     problems: list[str] = []
     with _marking_changed_sources(out_root, shard_key, rows, run_id, log), atomic.atomic_open(final) as raw_out:
         out = _HashingWriter(raw_out)
-        for row, prepared in prepared_samples(rows, raw_root, settings, workers, decode_every, log, encode, priority):
+        for row, prepared in prepared_samples(rows, raw_root, settings, workers, decode_every, log, encode, priority,
+                                            ahead.jobs if ahead is not None else None):
             if prepared[0] != "ok":
                 excluded.append({"key": row.key, "position": row.position, "reason": prepared[1]})
                 log(f"excluded {row.key} ({row.tar}@{row.offset}): {prepared[1]}")

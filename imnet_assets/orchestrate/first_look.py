@@ -1,0 +1,84 @@
+"""What `imnet build` looks at first, in a thread beside Dagster's imports and the instance's set-up
+(about 2 s of one core): whether the catalog stages are fresh, and, when they all are, which
+shard it will build first, whose first jobs then go to the encoders at once (stages.shard_ahead).
+So the cores encode from the build's first second, and the stages' freshness is looked at once
+(one listing of the raw root) instead of once per stage.
+
+Plain modules only (no Dagster). The look decides nothing for the build: `Build` says what it
+found, takes the lease, asks the instance which shards are in flight elsewhere and runs the shards
+as always; a shard run takes over only jobs equal to its own (shard_ahead), and the rest are
+cancelled when the build ends.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from imnet_assets.settings import Settings
+
+
+def process_age() -> float:
+    """Seconds since this process started (/proc/self/stat; 0 where there is none)."""
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
+
+
+class FirstLook(threading.Thread):
+    """The catalog stages' staleness (`stale_stages`, one listing), then the jobs of the first of
+    `wanted` that is not fresh submitted ahead of its run (when every stage is fresh, the build
+    has IMNET_WORKERS > 1 worker processes and no other build holds the out root)."""
+
+    def __init__(self, settings: Settings, wanted: list[str], lease_name: str):
+        super().__init__(name="imnet-first-look", daemon=True)
+        self.settings, self.wanted, self.lease_name = settings, list(wanted), lease_name
+        self.logged: list[str] = []
+        self.stale: list[str] | None = None  # None: the look failed (the build looks again and says why)
+        self.ahead_key: str | None = None
+        self.ahead_images = 0
+        self.ahead_at = 0.0  # seconds after the process started
+        self.start()
+
+    def run(self) -> None:
+        from imnet_assets.stages.catalog_stages import stale_stages
+
+        try:
+            self.stale = stale_stages(self.settings, log=self.logged.append)
+        except Exception:  # noqa: BLE001 - the build's own look raises it where it is handled
+            return
+        if not self.stale:
+            try:
+                self._encode_ahead()
+            except Exception:  # noqa: BLE001 - a head start only: the shard runs do the work regardless
+                pass
+
+    def _encode_ahead(self) -> None:
+        from imnet_assets.release.freshness import shard_states
+        from imnet_assets.release.lease import holder_of
+        from imnet_assets.stages import shard_ahead
+        from imnet_assets.stages.audit import encode_settings, expected_shard_fingerprints
+
+        s = self.settings
+        if s.workers <= 1 or not self.wanted or holder_of(s.out_root, self.lease_name) is not None:
+            return
+        states = shard_states(s.out_root, self.wanted, [s.shard_name(k) for k in self.wanted],
+                              expected_shard_fingerprints(s))
+        first = next((k for k in self.wanted if states[k] != "fresh"), None)
+        if first is None:
+            return
+        ahead = shard_ahead.start(s.out_root, s.raw_root, first, encode_settings(s), s.workers,
+                                  s.check_decode_every)
+        self.ahead_key, self.ahead_images, self.ahead_at = first, ahead.images, process_age()
+
+    def stale_stages(self, say: Callable[[str], None]) -> list[str] | None:
+        """What the look found stale (None: it failed), once it is done, with what it logged."""
+        self.join()
+        for msg in self.logged:
+            say(msg)
+        return self.stale
