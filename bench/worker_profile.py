@@ -49,7 +49,7 @@ from report import print_table  # noqa: E402
 from imnet_assets.image.encode import EncodeSettings, bare_chain, encode_image
 from imnet_assets.release.outroot import read_manifest
 from imnet_assets.release.plan import read_slice
-from imnet_assets.release.verify import CheckChunkJob, webp_problem
+from imnet_assets.release.verify import CheckChunkJob, sample_digest, webp_problem
 from imnet_assets.runtime import workerpool
 from imnet_assets.stages.shard import EncodeJob, build_shard, sample_bytes
 from imnet_assets.storage import fs
@@ -106,8 +106,8 @@ def parts_round(settings, enc: EncodeSettings, decode_every: int) -> dict[str, f
         decode = e.repaired or (decode_every > 0 and row.position % decode_every == 0)
         problem = webp_problem(e.webp, (e.width, e.height), decode)
         t = add("decode check (every 16th, repaired)" if decode else "header check (the others)", t)
-        blob_sha = hashlib.sha256(blob).hexdigest()
-        t = add("sha256 of the sample bytes", t)
+        blob_sha = sample_digest(blob, bytes.fromhex(sha), len(e.webp))
+        t = add("digest of the sample bytes (verify.sample_digest)", t)
         assert not problem and sha and blob_sha
         record = {"key": row.key, "position": row.position, "width": e.width, "height": e.height,
                   "orig_width": e.orig_width, "orig_height": e.orig_height, "webp_bytes": len(e.webp),
@@ -139,7 +139,7 @@ def parts_round(settings, enc: EncodeSettings, decode_every: int) -> dict[str, f
     at, expected = 0, []
     for s, r in zip(manifest["samples"], replies):
         row = by_key[s["key"]]
-        expected.append(dict(s, offset=at, sample_size=len(r[1]), sample_sha256=r[4], label=row.label,
+        expected.append(dict(s, offset=at, sample_size=len(r[1]), sample_digest=r[4], label=row.label,
                              wnid=row.wnid, source_sha256=row.sha256))
         at += len(r[1])
     flags = [False] * len(expected)  # the workers decoded the sampled ones; the check does not again

@@ -328,12 +328,29 @@ class CheckChunkJob:
         return _check_bytes(data, self.start, self.end is None, self.expected, self.decode)
 
 
+def sample_digest(sample, webp_digest: bytes, webp_bytes: int) -> str:
+    """What a shard run records for one sample's bytes (`sample`: its three members, headers and
+    padding included), and what its read-back checks them against: the sha256 of those bytes with
+    the WebP payload (the last member's `webp_bytes`) replaced by `webp_digest`, that payload's
+    sha256. A change of any byte changes it, as with a sha256 of all of them, but the encode
+    worker hashes its WebP once (for the manifest), not twice."""
+    at = len(sample) - webp_bytes - (-webp_bytes % tarfile.BLOCKSIZE)
+    sha = hashlib.sha256(sample[:at])
+    sha.update(webp_digest)
+    sha.update(sample[at + webp_bytes:])
+    return sha.hexdigest()
+
+
 def _spans_intact(data: bytes, start: int, last: bool, expected: list[dict]) -> bool:
-    """Whether every sample's bytes, re-read, hash to what was written at its offset, and (for the
-    last chunk) the tar's end follows them exactly: then the file is byte for byte what was written."""
+    """Whether every sample's bytes, re-read, have the digest written for them at its offset
+    (`sample_digest`), and (for the last chunk) the tar's end follows them exactly: then the file
+    is byte for byte what was written."""
+    view = memoryview(data)
     for rec in expected:
         a = rec["offset"] - start
-        if hashlib.sha256(data[a:a + rec["sample_size"]]).digest().hex() != rec["sample_sha256"]:
+        span, n = view[a:a + rec["sample_size"]], rec["webp_bytes"]
+        at = len(span) - n - (-n % tarfile.BLOCKSIZE)
+        if at < 0 or sample_digest(span, hashlib.sha256(span[at:at + n]).digest(), n) != rec["sample_digest"]:
             return False
     if last:
         end = (expected[-1]["offset"] + expected[-1]["sample_size"]) if expected else start
@@ -348,7 +365,7 @@ def _check_bytes(data: bytes, start: int, last: bool, expected: list[dict],
     keys: list[str] = []
     problems: list[str] = []
     intact = None
-    if all("sample_sha256" in r for r in expected) and (expected or last):
+    if all("sample_digest" in r for r in expected) and (expected or last):
         intact = _spans_intact(data, start, last, expected)
     groups: list[tuple[str, list[tuple[str, bytes]]]] = []
 
@@ -398,7 +415,7 @@ def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, dec
 
     The read-back is split at sample starts (records' `offset`, when given) into chunks checked in
     the worker pool (workers > 1). When the records also give each sample's bytes (`sample_size`,
-    `sample_sha256`: build_shard's), each chunk proves its samples' bytes are those written, so
+    `sample_digest`: build_shard's), each chunk proves its samples' bytes are those written, so
     the file's sha256 is `tar_sha256` without this process hashing it again; otherwise this
     thread hashes the whole file while the chunks are checked.
     """
@@ -428,7 +445,7 @@ def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, dec
         end = expected_samples[b]["offset"] if b is not None else None
         jobs.append(CheckChunkJob(url, start, end, expected_samples[a:b], flags[a:b], limit))
     problems: list[str] = []
-    spans = all("sample_sha256" in r and "offset" in r for r in expected_samples)
+    spans = all("sample_digest" in r and "offset" in r for r in expected_samples)
     try:
         with ThreadPoolExecutor(1) as hasher:
             digest_future = None if spans else hasher.submit(_file_sha256, url)

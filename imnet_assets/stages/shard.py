@@ -27,7 +27,7 @@ from imnet_assets.release.changed_sources import SourceChanged, mark
 from imnet_assets.release.freshness import remember
 from imnet_assets.release.outroot import manifest_url, state_url, tar_end
 from imnet_assets.release.plan import SliceRow, read_slice
-from imnet_assets.release.verify import check_committed, webp_problem
+from imnet_assets.release.verify import check_committed, sample_digest, webp_problem
 from imnet_assets.runtime.procpool import preload
 from imnet_assets.runtime.workerpool import (
     ReplyUnreadable,
@@ -204,7 +204,7 @@ def sample_bytes(row: SliceRow, enc, alt_labels: str = "") -> bytes:
 
 def prepare_sample(row: SliceRow, data: bytes | None, problem: str, settings: EncodeSettings,
                    decode_every: int, encode: Callable | None = None, crash_sha256: str | None = None) -> tuple:
-    """("ok", sample bytes, manifest record, check problem, sha256 of the sample bytes) or
+    """("ok", sample bytes, manifest record, check problem, verify.sample_digest of the sample bytes) or
     ("excluded", reason) for one row.
     MemoryError propagates (the worker exits and the image is tried again in a fresh process)."""
     if data is None:
@@ -218,15 +218,16 @@ def prepare_sample(row: SliceRow, data: bytes | None, problem: str, settings: En
         raise
     except Exception as e:  # noqa: BLE001 - one bad image never crashes the shard
         return "excluded", f"encoder error: {type(e).__name__}: {e}"
+    webp_sha256 = hashlib.sha256(enc.webp)
     record = {
         "key": row.key, "position": row.position, "width": enc.width, "height": enc.height,
         "orig_width": enc.orig_width, "orig_height": enc.orig_height, "webp_bytes": len(enc.webp),
-        "webp_sha256": hashlib.sha256(enc.webp).hexdigest(), "repaired": enc.repaired,
+        "webp_sha256": webp_sha256.hexdigest(), "repaired": enc.repaired,
     }
     decode = enc.repaired or (decode_every > 0 and row.position % decode_every == 0)
     blob = sample_bytes(row, enc, settings.alt_labels)
     problem = webp_problem(enc.webp, (enc.width, enc.height), decode)
-    return "ok", blob, record, problem, hashlib.sha256(blob).hexdigest()
+    return "ok", blob, record, problem, sample_digest(blob, webp_sha256.digest(), len(enc.webp))
 
 
 @dataclass
@@ -520,8 +521,8 @@ def build_shard(
                 excluded.append({"key": row.key, "position": row.position, "reason": prepared[1]})
                 log(f"excluded {row.key} ({row.tar}@{row.offset}): {prepared[1]}")
                 continue
-            _, blob, record, problem, blob_sha256 = prepared
-            spans.append({"offset": out.count, "sample_size": len(blob), "sample_sha256": blob_sha256})
+            _, blob, record, problem, blob_digest = prepared
+            spans.append({"offset": out.count, "sample_size": len(blob), "sample_digest": blob_digest})
             out.write(blob)
             samples.append(record)
             if problem:
