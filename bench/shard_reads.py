@@ -216,6 +216,8 @@ def main() -> None:
         ["shard run on S3: sources read per second (encode phase)", spread([s["rate"] for s in s3], 1), "", ""],
         ["same sources from local files: encode rate (the ceiling)", spread([lo["rate"] for lo in local], 1), "", ""],
         ["ratio S3 / local (1.0: reads keep the encoders fed)", spread(ratio), "~1.0", ""],
+        ["same ratio from CPU time, local / S3 CPU per source (the reads' CPU, no waiting counted)",
+         spread([lo["worker_ms"] / s["worker_ms"] for s, lo in zip(s3, local)]), "", ""],
         ["encode workers' cores busy: S3 / local",
          f"{spread([s['busy'] for s in s3])} / {spread([lo['busy'] for lo in local])}", "", ""],
         ["requests in flight on S3: most / mean", f"{max(s['max_in_flight'] for s in s3)} / "
