@@ -230,6 +230,7 @@ def _audit_state(s: Settings, recorded: str | None, not_fresh: list[str]) -> str
 def cmd_lineage(args) -> int:
     from .catalog import open_reader
     from .core import fs
+    from .core.encode import CODEC_EXTENSIONS
     from .core.rawfolders import describe_source
 
     s = Settings.from_env()
@@ -258,7 +259,8 @@ def cmd_lineage(args) -> int:
                       "  (this image is not in the shard: excluded when encoding)")
             else:
                 print(f"written by   run {r['run_id']}  code version {r['code_version']}  at {r['written_at']}")
-                print(f"webp sha256  {r['webp_sha256']}  repaired {r['repaired']}")
+                image = f"{CODEC_EXTENSIONS[s.codec]} sha256"  # the stored image's (webp_sha256 holds it for any codec)
+                print(f"{image:<13}{r['webp_sha256']}  repaired {r['repaired']}")
         print()
     return 0
 
@@ -334,21 +336,21 @@ class _Progress:
                   f"{self.bytes / 1e6 / elapsed:.0f} MB/s, eta {eta:.0f}s", flush=True)
 
 
-def _checked(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], decode: bool):
+def _checked(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], decode: bool, ext: str = "webp"):
     """(shard record, problems) per task, checked in `jobs` processes (here when 1), as they
-    finish; at most jobs + 2 shards' rows are in memory."""
+    finish; at most jobs + 2 shards' rows are in memory. `ext`: the samples' image member."""
     from .core.verify import verify_catalog_shard
 
     if jobs <= 1:
         for sh, url, rows in tasks:
-            yield sh, verify_catalog_shard(url, sh, rows, decode)
+            yield sh, verify_catalog_shard(url, sh, rows, decode, ext)
         return
     from .core.procpool import process_pool
 
     with process_pool(jobs) as pool:
         pending: dict = {}
         for sh, url, rows in tasks:
-            pending[pool.submit(verify_catalog_shard, url, sh, rows, decode)] = sh
+            pending[pool.submit(verify_catalog_shard, url, sh, rows, decode, ext)] = sh
             del rows
             while len(pending) >= jobs + 2:
                 finished = first_done(pending)
@@ -401,6 +403,7 @@ def cmd_verify(args) -> int:
     from .catalog import open_reader
     from .core import fs
     from .core.audit import conservation_problems, stray_problem, stray_shards
+    from .core.encode import CODEC_EXTENSIONS
 
     s = _as_built(Settings.from_env())
     wanted = parse_shards(args.shards, s.partition_keys)
@@ -416,13 +419,13 @@ def cmd_verify(args) -> int:
     unrecorded = [k for k in wanted if k not in recorded]
     shards = [recorded[k] for k in wanted if k in recorded]
     print(f"verify: {len(shards)} shards under {s.out_root} against {s.catalog}, {jobs} processes"
-          + (", decoding every WebP" if args.decode else ""), flush=True)
+          + (f", decoding every {'JPEG' if s.codec == 'jpeg' else 'WebP'}" if args.decode else ""), flush=True)
     for k in unrecorded:
         print(f"FAIL shard {k}: not recorded in the catalog (not built, or not audited yet: run `imnet build`)")
     progress = _Progress(len(shards), sum(sh["bytes"] or 0 for sh in shards))
     tasks = ((sh, fs.join(s.out_root, sh["path"]), rows) for sh, rows in _catalog_rows(s.catalog, shards))
     bad = []
-    for sh, problems in _checked(jobs, tasks, args.decode):
+    for sh, problems in _checked(jobs, tasks, args.decode, CODEC_EXTENSIONS[s.codec]):
         label = f"shard {sh['shard']} ({sh['path']})"
         for p in problems[:VERIFY_SHOWN]:
             print(f"FAIL {label}: {p}")
