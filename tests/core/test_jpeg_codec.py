@@ -37,7 +37,7 @@ from imnet_assets.core.verify import jpeg_frame_size, jpeg_problem, verify_catal
 from tests.conftest import build_catalog_stages, local_settings, shard_verdict
 from tests.shard_check import check_committed_shard
 
-JPEG = EncodeSettings(codec="jpeg")
+JPEG = EncodeSettings(codec="jpeg", quality=95)  # a JPEG release's default (Settings.jpeg_quality)
 QUIET = lambda _m: None  # noqa: E731
 # sha256 of the sorted {member: sha256 of its WebP, or the reason it is refused} of the 2 x 20 sample
 # release (seed 0) under the default settings, as the encoder gave it before the codec was a
@@ -148,7 +148,7 @@ def test_every_quirk_as_jpeg_follows_the_output_rules(release, encoded):
         source_icc = src.info.get("icc_profile")
         assert icc == encode.rgb_icc_profile(source_icc), name
         # the pixels are the rule's (convert("RGB"), 16-bit grey scaled, resized) within JPEG's loss:
-        # 0.03 to 7.5 on these noisy photos at quality 90 (WebP's: 0.7 to 6.5); a wrong colour rule
+        # under 7.5 on these noisy photos at JPEG quality 90 (WebP's: 0.7 to 6.5); a wrong colour rule
         # (CMYK inverted, 16-bit grey clipped at 255) is off by tens
         want = np.asarray(pre_codec_image(release.members[name]), dtype=np.int16)
         got = np.asarray(decoded, dtype=np.int16)
@@ -190,7 +190,7 @@ def test_max_short_edge_sizes_both_codecs(release, codec):
 
 def test_jpeg_quality_is_the_settings(release):
     data = release.members[release.quirks["large"][0]]
-    low, high = (encode_image(data, EncodeSettings(codec="jpeg", quality=q)).webp for q in (50, 95))
+    low, high = (encode_image(data, EncodeSettings(codec="jpeg", quality=q)).webp for q in (50, 90))
     assert len(low) < len(high)
     with pytest.raises(ValueError, match="JPEG quality"):
         EncodeSettings(codec="jpeg", quality=101)
@@ -206,7 +206,7 @@ def test_jpeg_bytes_are_the_same_in_another_process(release, encoded, tmp_path):
         "import hashlib, json, sys\n"
         "from imnet_assets.core.encode import EncodeSettings, encode_image\n"
         "src = json.load(open(sys.argv[1]))\n"
-        "s = EncodeSettings(codec='jpeg')\n"
+        "s = EncodeSettings(codec='jpeg', quality=95)\n"
         "print(json.dumps({k: hashlib.sha256(encode_image(bytes.fromhex(v), s).webp).hexdigest()"
         " for k, v in src.items()}))\n"
     )
@@ -227,12 +227,12 @@ def test_the_codec_and_its_settings_are_in_the_fingerprint_and_webp_fingerprints
         "9a1f9b06b66066cb4fd4aea8aacbcd37649f3304798ad84aecb6d73ca4029638"
     assert code_version(EncodeSettings()) == "enc2-q90-m4-s768"
     jpeg = fingerprint(digest, JPEG)
-    others = {fingerprint(digest, EncodeSettings()), fingerprint(digest, EncodeSettings(codec="jpeg", quality=89)),
-              fingerprint(digest, EncodeSettings(codec="jpeg", max_short=512))}
+    others = {fingerprint(digest, EncodeSettings(quality=95)), fingerprint(digest, EncodeSettings(codec="jpeg", quality=94)),
+              fingerprint(digest, EncodeSettings(codec="jpeg", quality=95, max_short=512))}
     assert jpeg not in others and len(others) == 3
     # the WebP method does not touch a JPEG's bytes, so it does not make JPEG shards stale
-    assert fingerprint(digest, EncodeSettings(codec="jpeg", method=6)) == jpeg
-    assert code_version(JPEG) == "enc2-jpeg-q90-s768"
+    assert fingerprint(digest, EncodeSettings(codec="jpeg", quality=95, method=6)) == jpeg
+    assert code_version(JPEG) == "enc2-jpeg-q95-s768"
 
 
 def test_jpeg_problem_reads_the_frame_and_judges_what_it_cannot(release, encoded):
@@ -379,5 +379,5 @@ def test_the_card_of_a_jpeg_release_says_jpeg(built):
     assert "`<key>.jpg` (the image, baseline JPEG, RGB)" in text
     assert "width of the stored JPEG" in text and "WebP" not in text
     assert 'to_tuple("jpg", "cls", "json")' in text and 'input_key="jpg"' in text
-    assert "| `codec` | `jpeg` |" in text and "| `jpeg_quality` | `90` |" in text
-    assert "enc2-jpeg-q90-s768" in text
+    assert "| `codec` | `jpeg` |" in text and "| `jpeg_quality` | `95` |" in text
+    assert "enc2-jpeg-q95-s768" in text
