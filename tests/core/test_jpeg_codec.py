@@ -24,16 +24,18 @@ import webdataset as wds
 from PIL import Image, JpegImagePlugin
 
 from imnet_assets import read
-from imnet_assets.catalog import Catalog
-from imnet_assets.core import encode
-from imnet_assets.core.audit import encode_settings, run_audit
-from imnet_assets.core.card import card_url
-from imnet_assets.core.encode import EncodeSettings, ImageRejected, encode_image, target_size
-from imnet_assets.core.info import info_url
-from imnet_assets.core.outroot import state_url
-from imnet_assets.core.sample_raw import write_sample_raw
-from imnet_assets.core.shard import build_shard, code_version, fingerprint
-from imnet_assets.core.verify import jpeg_frame_size, jpeg_problem, verify_catalog_shard
+from imnet_assets.image import encode
+from imnet_assets.image.decode import ImageRejected, decode, target_size
+from imnet_assets.image.encode import EncodeSettings, encode_image
+from imnet_assets.image.exif import rgb_icc_profile
+from imnet_assets.release.card import card_url
+from imnet_assets.release.info import info_url
+from imnet_assets.release.outroot import state_url
+from imnet_assets.release.verify import jpeg_frame_size, jpeg_problem, verify_catalog_shard
+from imnet_assets.sample.sample_raw import write_sample_raw
+from imnet_assets.stages.audit import encode_settings, run_audit
+from imnet_assets.stages.shard import build_shard, code_version, fingerprint
+from imnet_assets.storage.catalog import Catalog
 from tests.conftest import build_catalog_stages, local_settings, shard_verdict
 from tests.shard_check import check_committed_shard
 
@@ -97,7 +99,7 @@ def markers(jpeg: bytes) -> list[tuple[int, bytes]]:
 def pre_codec_image(data: bytes, max_short: int = 768) -> Image.Image:
     """The RGB image at its final size that both codecs store (the encoder's own decode, colour
     and resize steps: what the sizing and colour rules give)."""
-    img, _orig, target, box, _repaired = encode._decode(data, max_short)
+    img, _orig, target, box, _repaired = decode(data, max_short)
     return encode._to_rgb_resized(img, target, box)
 
 
@@ -146,7 +148,7 @@ def test_every_quirk_as_jpeg_follows_the_output_rules(release, encoded):
         assert kinds <= {0xE0, 0xE1, 0xE2, 0xDB, 0xC4, 0xC0, 0xDA}, (name, sorted(kinds))
         assert b"http://ns.adobe.com/xap" not in enc.webp and b"xmpmeta" not in enc.webp, name
         source_icc = src.info.get("icc_profile")
-        assert icc == encode.rgb_icc_profile(source_icc), name
+        assert icc == rgb_icc_profile(source_icc), name
         # the pixels are the rule's (convert("RGB"), 16-bit grey scaled, resized) within JPEG's loss:
         # under 7.5 on these noisy photos at JPEG quality 90 (WebP's: 0.7 to 6.5); a wrong colour rule
         # (CMYK inverted, 16-bit grey clipped at 255) is off by tens
@@ -206,7 +208,7 @@ def test_jpeg_bytes_are_the_same_in_another_process_with_or_without_simd(release
     (tmp_path / "in.json").write_text(json.dumps({k: v.hex() for k, v in kept.items()}))
     child = (
         "import hashlib, json, sys\n"
-        "from imnet_assets.core.encode import EncodeSettings, encode_image\n"
+        "from imnet_assets.image.encode import EncodeSettings, encode_image\n"
         "src = json.load(open(sys.argv[1]))\n"
         "s = EncodeSettings(codec='jpeg', quality=95)\n"
         "print(json.dumps({k: hashlib.sha256(encode_image(bytes.fromhex(v), s).webp).hexdigest()"

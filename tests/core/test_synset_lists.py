@@ -9,7 +9,7 @@ from importlib import resources
 
 import pytest
 
-from imnet_assets.core.altlabels import SynsetListError, in1k_labels, read_wnids, release_wnids
+from imnet_assets.release.altlabels import SynsetListError, in1k_labels, read_wnids, release_wnids
 
 LISTS = resources.files("imnet_assets") / "lists"
 
