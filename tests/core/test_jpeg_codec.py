@@ -28,10 +28,11 @@ from imnet_assets.image import encode
 from imnet_assets.image.decode import ImageRejected, decode, target_size
 from imnet_assets.image.encode import EncodeSettings, encode_image
 from imnet_assets.image.exif import rgb_icc_profile
+from imnet_assets.image.jpeg_output import jpeg_frame_size, jpeg_problem
 from imnet_assets.release.card import card_url
 from imnet_assets.release.info import info_url
 from imnet_assets.release.outroot import state_url
-from imnet_assets.release.verify import jpeg_frame_size, jpeg_problem, verify_catalog_shard
+from imnet_assets.release.verify import verify_catalog_shard
 from imnet_assets.sample.sample_raw import write_sample_raw
 from imnet_assets.stages.audit import encode_settings, run_audit
 from imnet_assets.stages.shard import build_shard, code_version, fingerprint
