@@ -2,8 +2,9 @@
 write the WebDataset tar in plan order, and commit it and its manifest atomically.
 
 The samples' tar layout lives here (where the out root keeps manifests and commit records, and
-how a tar ends: outroot.py): each sample is `<key>.cls`, `<key>.json`, `<key>.webp` (`<key>.jpg` for a
-release with codec "jpeg"), in that (sorted) order, with fixed member metadata so that the same input gives the same bytes.
+how a tar ends: outroot.py): each sample is `<key>.cls`, `<key>.json`, `<key>.webp` in that (sorted)
+order (`<key>.jpg` last too, for a release with codec "jpeg"), with fixed member metadata so that the
+same input gives the same bytes.
 """
 
 from __future__ import annotations
