@@ -275,8 +275,8 @@ def main() -> None:
           f"at the rate its encoders consume ({statistics.median(s['rate'] for s in s3):.1f} sources/s against "
           f"{statistics.median(lo['rate'] for lo in local):.1f} from local files on this shared machine; with its "
           f"other load taken out, ratio {verdict:.2f}). "
-          + ("Reads are not the bottleneck: the encoders are; what reading from S3 costs is the reads' own CPU "
-             "and the first reads' wait." if verdict >= 0.95 else
+          + ("Reads are not the bottleneck: the encoders are; what reading from S3 costs them is the reads' own "
+             "CPU (client CPU per read) and any wait in the blocked share." if verdict >= 0.95 else
              "The run on S3 is slower than from local files by more than 5%: reads (their waits or their CPU) "
              "cost encode time.")
           + " It is not what a client can issue: the rate is the encoders', the reads follow it.")
