@@ -18,7 +18,10 @@ Each round runs the same shard twice, alternating which goes first: its sources 
 same sources read from local files (the encode ceiling: a run cannot read faster than it encodes).
 Figures are taken over the encode phase (from the start of the run to its commit, before the
 shard check), the phase in which the sources are read. Printed: the read rate on S3, the local
-encode rate, their ratio; requests in flight (most, and the mean: the request-seconds the proxy
+encode rate, their ratio (by wall time, which swings with what else runs on a shared machine, and
+with that load taken out: a worker alone on its core runs at (1 - blocked share) / CPU per source,
+"blocked" being the share of the phase its encoding thread neither ran nor waited for a core, from
+/proc/<pid>/task/<pid>/schedstat: waiting on a read or on its next job); requests in flight (most, and the mean: the request-seconds the proxy
 counted / the phase's seconds); the encode workers' CPU per source on both sides (the difference
 is the client's CPU per read: obstore, TLS, the copy); the bytes and requests against the sources'
 (1.00: exact reads, no re-reads); and, as a projection from these figures, what 64 workers would
