@@ -277,6 +277,13 @@ class Settings:
     # where the requests are made, core/s3read.retry_seconds, in every process: validated here)
     storage_retry_seconds: int = 300
     image_timeout: int = DEFAULT_IMAGE_TIMEOUT  # seconds per image in an encode worker (IMNET_IMAGE_TIMEOUT)
+    # issue 25: a release (helper reldagster's fields; the same lines there)
+    release: str = ""
+    synsets: str = "all"
+    codec: str = "webp"  # "webp" | "jpeg"
+    jpeg_quality: int = 95  # chosen by measurement (README "JPEG settings"; the brief's line said 90)
+    max_short_edge: int = 768
+    val_per_class: int = 0
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:
