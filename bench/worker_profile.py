@@ -14,7 +14,7 @@ measured in the same run, alternating so that a busy machine hurts both sides al
    - the project's chain (`encode.encode_image`: the same plus the decoding rules, the colour
      rules and the EXIF / ICC kept), and its excess over the bare chain;
    - the sha256 of the WebP, the sample's tar members (`shard.sample_bytes`: JSON, pax/ustar
-     headers, padding) and their sha256;
+     headers, padding) and their digest (`verify.sample_digest`, what the read-back checks);
    - the sampled decode check (`verify.webp_problem`: a full decode for every
      IMNET_CHECK_DECODE_EVERY-th and every repaired sample, the RIFF header for the others);
    - the transport: pickling of the job (its share per image) and of the reply, both ends;
