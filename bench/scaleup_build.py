@@ -147,6 +147,7 @@ def run_build(settings: Settings, home: Path, parallel: int, timeline_cpu: bool 
             if ahead:  # the first shard's first jobs were encoding before the shards' line
                 facts["ahead_at"] = started + float(ahead.group(1))
         tree._poll()  # the last look before the process is gone
+        facts["cpu_at_exit"] = dict(tree.seen)
         proc.wait()
         facts["tree_cpu"] = tree.total()
         facts["main_pid"] = proc.pid
@@ -178,6 +179,13 @@ def phase_cpu(build: dict) -> tuple[float, float, float]:
         else:
             rest += used
     return main, workers, rest
+
+
+def workers_cpu(build: dict) -> float:
+    """CPU seconds of the encode workers over the whole command (some encode before the shard
+    phase's first line, ahead of the first run): every process of the tree but the imnet process
+    that used more than 2 s (the forkserver and short-lived helpers use less)."""
+    return sum(cpu for (pid, _), cpu in build["cpu_at_exit"].items() if pid != build["main_pid"] and cpu > 2.0)
 
 
 def others(build: dict) -> float:
@@ -268,8 +276,12 @@ def cores_kept_encoding(args) -> tuple[str, list[list[str]]]:
              spread([others(b) for b in got]), "", ""],
             [f"--parallel {name}: over the shard phase, CPU s of the imnet process / encode workers / rest",
              " / ".join(f"{statistics.median(x):.1f}" for x in zip(*[phase_cpu(b) for b in got])), "", ""],
-            [f"--parallel {name}: encode workers' CPU per image / the bare chain's",
-             spread([phase_cpu(b)[1] / s.cpu for s, b in zip(bare, got)]), "", ""],
+            [f"--parallel {name}: encode workers' CPU per image / the bare chain's (whole command)",
+             spread([workers_cpu(b) / s.cpu for s, b in zip(bare, got)]), "", ""],
+            [f"--parallel {name}: the imnet process's CPU s (to its exit) / the rest of the tree's (forkserver, helpers)",
+             spread([max(c for (pid, _), c in b["cpu_at_exit"].items() if pid == b["main_pid"]) for b in got], 2)
+             + " / " + spread([b["tree_cpu"] - workers_cpu(b) - max(c for (pid, _), c in b["cpu_at_exit"].items()
+                                                               if pid == b["main_pid"]) for b in got], 2), "", ""],
             [f"--parallel {name}: cores idle over the shard phase (cores x wall - the tree's CPU), share",
              spread([1 - sum(phase_cpu(b)) / (cpus * b["phase"]) for b in got]), "", ""],
         ]
