@@ -358,7 +358,7 @@ def sample_digest(sample, webp_digest: bytes, webp_bytes: int) -> str:
     return sha.hexdigest()
 
 
-def _intact_images(data: bytes, start: int, last: bool, expected: list[dict]) -> list[memoryview] | None:
+def _intact_images(data: bytes, start: int, last: bool, expected: list[dict]) -> list[bytes] | None:
     """When every sample's bytes, re-read, have the digest written for them at its offset
     (`sample_digest`), and (for the last chunk) the tar's end follows them exactly, so that the file
     is byte for byte what was written: each sample's stored image as it lies there (its sha256,
@@ -369,7 +369,7 @@ def _intact_images(data: bytes, start: int, last: bool, expected: list[dict]) ->
         a = rec["offset"] - start
         span, n = view[a:a + rec["sample_size"]], rec["webp_bytes"]
         at = len(span) - n - (-n % tarfile.BLOCKSIZE)
-        image = span[at:at + n]
+        image = data[a + at:a + at + n]  # bytes: compared with the parsed image by memcmp (a view compares per byte)
         if at < 0 or sample_digest(span, hashlib.sha256(image).digest(), n) != rec["sample_digest"]:
             return None
         images.append(image)
