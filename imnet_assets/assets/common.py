@@ -5,8 +5,9 @@ from __future__ import annotations
 from dagster import AssetExecutionContext, MetadataValue, TableRecord, TableSchema
 
 from ..core.fs import redact
+from ..defs.release_keys import SHARED_GROUP
 
-GROUP = "imagenet_w21"
+GROUP = SHARED_GROUP  # the shared stages' group
 
 
 def logger(context: AssetExecutionContext):

@@ -2,8 +2,9 @@ from dagster import AssetExecutionContext, DataVersion, MaterializeResult, asset
 
 from ..core.plan import PLAN_VERSION, read_index
 from ..core.stages import build_shuffled_plan
+from ..defs.release_keys import asset_key, group, key_prefix
 from ..settings import Settings
-from .common import GROUP, logger
+from .common import logger
 
 
 def make(settings: Settings):
@@ -11,8 +12,9 @@ def make(settings: Settings):
 
     @asset(
         name="shuffled_plan",
-        group_name=GROUP,
-        deps=["filtered_index"],
+        key_prefix=key_prefix(settings),
+        group_name=group(settings),
+        deps=[asset_key(settings, "filtered_index")],
         code_version=f"{PLAN_VERSION}-seed{settings.seed}-shards{settings.num_shards}-holdout:{holdout}",
         description=(
             "Seeded, reproducible global shuffle of the kept images into IMNET_NUM_SHARDS shards whose "

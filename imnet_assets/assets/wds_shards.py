@@ -14,9 +14,10 @@ from ..core.audit import encode_settings, require_current_plan
 from ..core.lease import LeaseHeld
 from ..core.lease import acquire as take_lease
 from ..core.shard import build_shard, code_version
+from ..defs.release_keys import RELEASE_TAG, asset_key, group, key_prefix
 from ..schedules import HOST_TAG, worker_place
 from ..settings import Settings
-from .common import GROUP, human_bytes, logger, reason_counts
+from .common import human_bytes, logger, reason_counts
 
 SHARD_POOL = "imnet_shards"
 NO_RETRY_TAG = "dagster/retry_on_asset_or_op_failure"  # "false": run_retries (dagster.yaml) leave the run alone
@@ -36,11 +37,12 @@ def make(settings: Settings):
 
     @asset(
         name="wds_shards",
-        group_name=GROUP,
-        deps=["shuffled_plan"],
+        key_prefix=key_prefix(settings),
+        group_name=group(settings),
+        deps=[asset_key(settings, "shuffled_plan")],
         partitions_def=partitions,
         code_version=code_version(enc),
-        check_specs=wds_shards_checks(partitions),
+        check_specs=wds_shards_checks(partitions, asset_key(settings, "wds_shards")),
         pool=SHARD_POOL,
         description=(
             "One WebDataset tar per partition (IMNET_SHARD_PATTERN under IMNET_OUT_ROOT). Reads the "
@@ -55,6 +57,8 @@ def make(settings: Settings):
         name = settings.shard_name(key)
         if context.run.tags.get(HOST_TAG) is None:  # lets a rerun see this run's worker die (schedules)
             context.instance.add_run_tags(context.run.run_id, worker_place())
+        if settings.release and context.run.tags.get(RELEASE_TAG) is None:  # whose partition "0000" it is
+            context.instance.add_run_tags(context.run.run_id, {RELEASE_TAG: settings.release})
         # One run of a partition at a time, however each was launched (CLI, UI, schedule, sensor,
         # a retry): the lease is taken before anything is written, and a second run fails at once
         # naming the holder, without a retry (the run holding it builds the shard).
@@ -101,7 +105,7 @@ def make(settings: Settings):
             data_version=DataVersion(res.fingerprint[:16]),
             # The check is partitioned like the asset: its result carries this partition's key
             # (and, for readers of the metadata alone, names the shard).
-            check_results=[result(SHARD_COMPLETE, "wds_shards", problems, shard=key, samples=res.num_samples,
+            check_results=[result(SHARD_COMPLETE, asset_key(settings, "wds_shards"), problems, shard=key, samples=res.num_samples,
                                   decoded_every=settings.check_decode_every)],
         )
 
