@@ -243,19 +243,19 @@ def check_roots_apart(raw_root: str, out_root: str, out_name: str = "IMNET_OUT_R
                         "into the raw release; choose an out root outside it")
 
 
-def parse_holdout(text: str, name: str = "IMNET_HOLDOUT") -> tuple[tuple[str, int], ...]:
+def parse_holdout(text: str, variable: str = "IMNET_HOLDOUT") -> tuple[tuple[str, int], ...]:
     """`validation:2,test:2` -> (("validation", 2), ("test", 2)); the splits take the last shards."""
     splits: list[tuple[str, int]] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, count = part.partition(":")
         if not sep or not name.strip() or not count.strip().isdecimal() or int(count) < 1:
-            raise SettingsError(f"{name} entry {part!r} must look like name:count, e.g. validation:2")
+            raise SettingsError(f"{variable} entry {part!r} must look like name:count, e.g. validation:2")
         if name.strip() == "train":
-            raise SettingsError(f"{name} cannot name the 'train' split")
+            raise SettingsError(f"{variable} cannot name the 'train' split")
         splits.append((name.strip(), int(count)))
     names = [n for n, _ in splits]
     if len(set(names)) != len(names):
-        raise SettingsError(f"{name} names a split twice: {text!r}")
+        raise SettingsError(f"{variable} names a split twice: {text!r}")
     return tuple(splits)
 
 
