@@ -177,3 +177,26 @@ def test_definitions_give_each_release_its_group_partitions_checks_schedule_and_
     topup = {s.name: s for s in defs.schedules}["in12k_wds_shards_topup"]
     job = defs.get_repository_def().get_job(topup.job_name)
     assert job.asset_layer.selected_asset_keys == {AssetKey(["in12k", "wds_shards"])}
+
+
+def test_a_shard_run_counts_for_its_own_release_only(tmp_path):
+    """Every release's partitions are 0000, 0001, ...: a run in flight for one release's partition
+    (launched with an asset selection, as the UI and the schedule do; or tagged with its release,
+    as `imnet build` and the asset itself do) leaves the same partition of another release alone."""
+    from dagster import instance_for_test
+
+    from imnet_assets.definitions import build_definitions
+    from imnet_assets.defs.release_keys import RELEASE_TAG
+    from imnet_assets.schedules import PARTITION_TAG, shard_partition_status
+
+    env = env_for(tmp_path, '[release.a]\nout_root = "out/a"\n[release.b]\nout_root = "out/b"\n')
+    a, b = releases.from_env(env)
+    job = build_definitions(Settings.from_env(env), [a, b]).resolve_implicit_global_asset_job_def()
+    (tmp_path / "dagster_home").mkdir()
+    with instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
+        instance.create_run_for_job(job_def=job, asset_selection={AssetKey(["a", "wds_shards"])},
+                                    tags={PARTITION_TAG: "0001"})
+        instance.create_run_for_job(job_def=job, tags={PARTITION_TAG: "0002", RELEASE_TAG: "b"})
+        of_a, of_b = shard_partition_status(a, instance), shard_partition_status(b, instance)
+    assert (of_a["0001"], of_b["0001"]) == ("in_flight", "missing")
+    assert (of_a["0002"], of_b["0002"]) == ("missing", "in_flight")
