@@ -11,20 +11,23 @@ from .settings import Settings
 from .shard_sensor import make as make_shard_sensor
 
 
-def release_assets(settings: Settings) -> list:
+def release_assets(settings: Settings, marker_roots: list[str]) -> list:
     """One release's assets, keyed by its name (defs/release_keys.py)."""
     shards, _partitions = wds_shards.make(settings)
-    return [shuffled_plan.make(settings), shards, shard_audit.make(settings)]
+    return [shuffled_plan.make(settings, marker_roots), shards, shard_audit.make(settings)]
 
 
 def build_definitions(settings: Settings, releases: list[Settings] | None = None) -> Definitions:
     """`settings`: the base (the shared stages read its raw root and catalog); `releases`: one
     Settings per release (default: `settings` alone, the default release)."""
     releases = [settings] if releases is None else releases
-    assets = [raw_tars.make(settings), synset_manifest.make(settings), filtered_index.make(settings)]
+    # every release's shard runs leave their markers of changed sources under its own out root: the
+    # shared index answers for all of them
+    marker_roots = [r.out_root for r in releases]
+    assets = [raw_tars.make(settings), synset_manifest.make(settings), filtered_index.make(settings, marker_roots)]
     schedules, sensors = [], []
     for release in releases:
-        assets += release_assets(release)
+        assets += release_assets(release, marker_roots)
         topup, audit_sensor = make_schedules(release)
         schedules.append(topup)
         sensors += [audit_sensor, make_shard_sensor(release)]

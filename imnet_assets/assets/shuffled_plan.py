@@ -7,7 +7,9 @@ from ..settings import Settings
 from .common import logger
 
 
-def make(settings: Settings):
+def make(settings: Settings, marker_roots: list[str] | None = None):
+    """`marker_roots`: as filtered_index's (the plan's fingerprint holds the index's input)."""
+
     holdout = ",".join(f"{n}:{c}" for n, c in settings.holdout) or "none"
 
     @asset(
@@ -23,7 +25,7 @@ def make(settings: Settings):
         ),
     )
     def shuffled_plan(context: AssetExecutionContext) -> MaterializeResult:
-        facts = build_shuffled_plan(settings, context.run.run_id, logger(context))
+        facts = build_shuffled_plan(settings, context.run.run_id, logger(context), marker_roots=marker_roots)
         index = read_index(settings.out_root) or {}
         return MaterializeResult(
             metadata={k: v for k, v in facts.items() if v is not None},

@@ -40,6 +40,7 @@ class Build:
         self.releases = [settings] if releases is None else releases
         self.selected = self.releases if selected is None else selected
         self.defs = build_definitions(settings, self.releases)
+        self.marker_roots = [r.out_root for r in self.releases]  # where shard runs mark changed sources
         self.assets = list(self.defs.assets)
         # The persistent instance the UI reads (DAGSTER_HOME, by default data/dagster_home under the
         # project root): what the build does shows there, and its history carries over.
@@ -159,7 +160,6 @@ class Build:
 
     def _run(self, wanted: list[str] | dict[str, list[str]]) -> int:
         from ..catalog import CatalogVolumeMissing, check_catalog_volume
-        from ..core.stages import stale_stages
         from ..schedules import fail_dead_runs
 
         s = self.settings
@@ -178,8 +178,8 @@ class Build:
         except CatalogVolumeMissing as e:
             return self.fail("catalog", [str(e)])
         for stage in SHARED_STAGES:  # once, whatever the number of releases
-            if stage not in stale_stages(s, log=self.say) or (
-                    self.hold_out_root() and stage not in stale_stages(s, log=lambda _m: None)):
+            if stage not in self._stale(s, log=self.say) or (
+                    self.hold_out_root() and stage not in self._stale(s)):
                 self.say(f"  {stage:16s} fresh, skipped")
                 continue
             t0 = time.perf_counter()
@@ -201,18 +201,21 @@ class Build:
             self.say(f"imnet build: releases FAILED: {', '.join(failed_releases)}")
         return 1 if failed_releases else 0
 
-    def _run_release(self, r: Settings, wanted: list[str]) -> int:
-        """One release after the shared stages: its plan, its shards `wanted`, then its audit."""
+    def _stale(self, r: Settings, log=lambda _m: None) -> list[str]:
+        """The shared stages and release `r`'s plan that are stale (core.stages.stale_stages)."""
         from ..core.stages import stale_stages
 
+        return stale_stages(r, log=log, marker_roots=self.marker_roots)
+
+    def _run_release(self, r: Settings, wanted: list[str]) -> int:
+        """One release after the shared stages: its plan, its shards `wanted`, then its audit."""
         name = label(r)
 
         def shown(stage: str) -> str:
             return f"{asset_key(r, stage).to_user_string():16s}"
 
         plan = asset_key(r, "shuffled_plan").to_user_string()
-        if "shuffled_plan" not in stale_stages(r, log=lambda _m: None) or (
-                self.hold_out_root(r) and "shuffled_plan" not in stale_stages(r, log=lambda _m: None)):
+        if "shuffled_plan" not in self._stale(r) or (self.hold_out_root(r) and "shuffled_plan" not in self._stale(r)):
             self.say(f"  {shown('shuffled_plan')} fresh, skipped")
         else:
             t0 = time.perf_counter()
@@ -362,7 +365,7 @@ class Build:
         if not os.path.exists(self.settings.catalog):
             return None
         with open_reader(self.settings.catalog, say=lambda m: self.say(f"  {m}")) as cat:
-            return release_stage_fingerprint(cat, stage, r)
+            return cat.stage_fingerprint(stage, r.release)
 
     def _metadata(self, result, asset: str) -> dict:
         for ev in result.get_asset_materialization_events():
@@ -389,15 +392,6 @@ class Build:
             self.say("  (the full error with its stack trace: run again with -v, or see the run in the Dagster UI:"
                      " `dg dev`)")
         return 1
-
-
-def release_stage_fingerprint(cat, stage: str, r: Settings) -> str | None:
-    """A release's own stage record (plan, audit) in the catalog: the default release's is the
-    plain record, as before releases; a named release's is kept per release by the catalog
-    (`stages.release`, relcore's part of issue 25)."""
-    if not r.release:
-        return cat.stage_fingerprint(stage)
-    return cat.stage_fingerprint(stage, release=r.release)
 
 
 def build(settings: Settings, wanted: list[str] | dict[str, list[str]], verbose: bool = False,

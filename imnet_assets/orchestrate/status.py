@@ -9,7 +9,6 @@ from collections import Counter
 
 from ..defs.release_keys import SHARED_STAGES
 from ..settings import Settings
-from .build import release_stage_fingerprint
 
 STATUS_WAIT_S = 10.0  # how long `imnet status` waits for a catalog writer before reporting without it
 SHOWN = 32  # shard keys named per line
@@ -49,12 +48,13 @@ def report(releases: list[Settings], raw: bool, out=sys.stdout) -> int:
             with open_reader(base.catalog, say=lambda m: print(m, file=sys.stderr, flush=True),
                              wait_s=STATUS_WAIT_S) as cat:
                 if relist:
-                    stale = {r.release: stale_stages(r, log=lambda _m: None) for r in releases}
+                    roots = [r.out_root for r in releases]  # where shard runs mark changed sources
+                    stale = {r.release: stale_stages(r, log=lambda _m: None, marker_roots=roots) for r in releases}
                 else:
                     built = {r.release: {**{st: cat.stage_fingerprint(st) is not None for st in SHARED_STAGES},
-                                         "shuffled_plan": release_stage_fingerprint(cat, "shuffled_plan", r)
+                                         "shuffled_plan": cat.stage_fingerprint("shuffled_plan", r.release)
                                          is not None} for r in releases}
-                audits = {r.release: release_stage_fingerprint(cat, "shard_audit", r) for r in releases}
+                audits = {r.release: cat.stage_fingerprint("shard_audit", r.release) for r in releases}
                 audit_unknown = None
         except CatalogBusy as e:
             audit_unknown = "unknown now (the catalog is being written)"
