@@ -162,13 +162,16 @@ def test_definitions_give_each_release_its_group_partitions_checks_schedule_and_
     assets = {a.key: a for a in defs.assets}
     for stage in ("raw_tars", "synset_manifest", "filtered_index"):  # shared, once, plain keys
         assert assets[AssetKey(stage)].group_names_by_key[AssetKey(stage)] == "imagenet_w21"
+    rels = releases.from_env(env)
     for name, shards in (("w21_webp", 8), ("in12k", 4), ("w21_jpeg", 8)):
         plan, wds, audit = (AssetKey([name, s]) for s in ("shuffled_plan", "wds_shards", "shard_audit"))
         for key in (plan, wds, audit):
             assert assets[key].group_names_by_key[key] == name
         assert assets[plan].asset_deps[plan] == {AssetKey("filtered_index")}
         assert assets[wds].asset_deps[wds] == {plan} and assets[audit].asset_deps[audit] == {wds}
-        assert assets[wds].partitions_def.get_partition_keys() == [f"{i:04d}" for i in range(shards)]
+        keys = assets[wds].partitions_def.get_partition_keys()
+        assert keys == releases.by_name(rels, name).partition_keys  # (+ validation shards for val_per_class)
+        assert keys[:shards] == [f"{i:04d}" for i in range(shards)]
         assert {c.asset_key for c in assets[wds].check_specs} == {wds}
         assert {c.name for c in assets[audit].check_specs} == {"nothing_lost_or_duplicated", "info_json_agrees"}
     assert sorted(s.name for s in defs.schedules) == sorted(f"{n}_wds_shards_topup" for n in ("w21_webp", "in12k", "w21_jpeg"))
