@@ -344,11 +344,25 @@ def _as_built(s: Settings) -> Settings:
 
 
 def cmd_verify(args) -> int:
+    """Every selected release (`--release NAME`; default all), one after another: non-zero when any fails."""
+    from .release.releases import by_name
+    from .release.releases import from_env as read_releases
+
+    releases = read_releases()
+    selected = [by_name(releases, args.release)] if args.release else releases
+    codes = []
+    for r in selected:
+        if r.release:
+            print(f"release {r.release}: {r.out_root}", flush=True)
+        codes.append(_verify_release(_as_built(r), args))
+    return max(codes)
+
+
+def _verify_release(s: Settings, args) -> int:
     from .catalog import open_reader
     from .core import fs
     from .core.audit import conservation_problems, stray_problem, stray_shards
 
-    s = _as_built(Settings.from_env())
     wanted = parse_shards(args.shards, s.partition_keys)
     every = set(wanted) == set(s.partition_keys)
     with open_reader(s.catalog) as cat:
@@ -445,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                     "shard files are checked only with all)")
     sp.add_argument("--jobs", type=_positive, metavar="N", help="processes checking shards (default IMNET_WORKERS)")
     sp.add_argument("--decode", action="store_true", help="also decode every WebP")
+    sp.add_argument("--release", metavar="NAME", help="check this release of IMNET_RELEASES only (default: every release)")
     sp.add_argument("-v", "--verbose", action="store_true")
     sp.set_defaults(func=cmd_verify)
     args = p.parse_args(argv)

@@ -181,3 +181,16 @@ def test_lineage_names_every_release_and_shard_holding_the_image(steps):
     assert len(re.findall(r"^shard +\d{4} +position \d+ +file .*(imagenet12k-train|sub)-\d{4}\.tar$", out, re.M)) == 3, out
     out = imnet(["lineage", outside], steps.env).stdout
     assert sorted(re.findall(r"^release +(\w+)", out, re.M)) == ["all", "extra"], out
+
+
+def test_verify_checks_every_release_or_the_one_named(steps):
+    out = imnet(["verify"], steps.env).stdout
+    assert re.findall(r"^release (\w+): ", out, re.M) == ["all", "sub", "extra"], out
+    for n in (3, 3, 2):
+        assert f"verify: {n} of {n} shards ok" in out, out
+    one = imnet(["verify", "--release", "sub"], steps.env).stdout
+    assert re.findall(r"^release (\w+): ", one, re.M) == ["sub"] and "verify: 3 of 3 shards ok" in one, one
+    (steps.out["sub"] / "sub-0001.tar").write_bytes(b"not a tar")  # the last test: changes the release
+    bad = imnet(["verify", "--release", "sub"], steps.env, check=False)
+    assert bad.returncode == 1 and "FAIL shard 0001" in bad.stdout, bad.stdout
+    assert imnet(["verify", "--release", "all"], steps.env).returncode == 0
