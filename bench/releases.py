@@ -130,6 +130,14 @@ def catalog_settings(work: Path, name: str = "", **changes):
 # bench/scale.py's rows name their columns here: the table has gained columns since (phash, duplicate_of)
 IMAGE_COLUMNS = ('INSERT INTO images (key, wnid, tar, member, "offset", size, sha256, width, height, format, mode, '
                  "status, reason, needs_repair, repaired, excluded_at)\n")
+# What each release's audit adds to the catalog: one shard_samples row per planned image, as the
+# audit loads them from the manifests (bench-only SQL, as bench/scale.py's FILL_SHARD_SAMPLES).
+FILL_SHARD_SAMPLES = """
+INSERT INTO shard_samples (key, shard, position, width, height, orig_width, orig_height, webp_bytes, webp_sha256,
+                           repaired, release)
+SELECT key, shard, position, width, height, width, height, size * 3 // 4, sha256(key), false, release
+FROM plan WHERE release = $release
+"""
 SUBSETS = {"full": (REAL_SYNSETS, 0), "in12k_like": (11_821, 10), "in1k_like": (1_000, 0)}
 
 
@@ -148,6 +156,14 @@ def child(args) -> dict:
                             {"synsets": REAL_SYNSETS, "rows": args.rows, "excluded": 0})
             cat.con.execute("CHECKPOINT")
         facts = {}
+    elif args.child == "audit_rows":
+        with Catalog(catalog_settings(args.work).catalog) as cat:
+            cat.con.execute("DELETE FROM shard_samples")
+            for name in SUBSETS:
+                cat.con.execute(FILL_SHARD_SAMPLES, {"release": name})
+            cat.con.execute("CHECKPOINT")
+            (n,) = cat.con.execute("SELECT count(*) FROM shard_samples").fetchone()
+        facts = {"samples": n}
     else:
         from imnet_assets.core.stages import build_shuffled_plan
 
@@ -167,7 +183,7 @@ def child(args) -> dict:
 
 def catalog(args) -> list[dict]:
     out = []
-    for step in ("generate", *SUBSETS):
+    for step in ("generate", *SUBSETS, "audit_rows"):
         cmd = [sys.executable, __file__, "--child", step, "--work", str(args.work), "--rows", str(args.rows)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -208,10 +224,14 @@ def report(built: dict | None, cat: list[dict] | None, rows: int) -> None:
         for c in cat[1:]:
             grew = c["catalog_bytes"] - prev
             prev = c["catalog_bytes"]
+            if c["step"] == "audit_rows":
+                lines.append([f"the three audits' shard_samples rows ({c['samples']:,})",
+                              f"+{grew / 1e6:.0f} MB; at 13.15M: +{grew * factor / 1e9:.2f} GB", "", ""])
+                continue
             lines.append([f"plan of {c['step']} ({c['samples']:,} samples)",
                           f"{c['seconds']:.1f} s, {c['peak_rss_mb']:.0f} MB RSS, +{grew / 1e6:.0f} MB; at 13.15M: "
                           f"~{c['seconds'] * factor:.0f} s, +{grew * factor / 1e9:.2f} GB", "", ""])
-        lines.append(["catalog with three plans", f"{prev / 1e6:.0f} MB; at 13.15M ~{prev * factor / 1e9:.1f} GB",
+        lines.append(["catalog with three plans and audits", f"{prev / 1e6:.0f} MB; at 13.15M ~{prev * factor / 1e9:.1f} GB",
                       "", ""])
         print_table(f"catalog: {rows:,} synthetic kept images over {REAL_SYNSETS:,} synsets, {CATALOG_SHARDS} shards "
                     "(scaled linearly by rows to 13,151,276)", lines)
