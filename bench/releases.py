@@ -75,7 +75,7 @@ def run_build(env: dict) -> dict:
 
 
 def builds(args) -> dict:
-    from imnet_assets.core.sample_raw import write_sample_raw
+    from imnet_assets.sample.sample_raw import write_sample_raw
 
     work = args.work / "builds"
     shutil.rmtree(work, ignore_errors=True)
@@ -142,7 +142,7 @@ SUBSETS = {"full": (REAL_SYNSETS, 0), "in12k_like": (11_821, 10), "in1k_like": (
 
 
 def child(args) -> dict:
-    from imnet_assets.catalog import Catalog
+    from imnet_assets.storage.catalog import Catalog
 
     started = time.perf_counter()
     if args.child == "generate":
@@ -165,7 +165,7 @@ def child(args) -> dict:
             (n,) = cat.con.execute("SELECT count(*) FROM shard_samples").fetchone()
         facts = {"samples": n}
     else:
-        from imnet_assets.core.stages import build_shuffled_plan
+        from imnet_assets.stages.catalog_stages import build_shuffled_plan
 
         count, val = SUBSETS[args.child]
         wnids = Path(catalog_settings(args.work).catalog).parent / f"{args.child}.txt"

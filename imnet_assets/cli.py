@@ -13,11 +13,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .core.fs import StorageError
-from .orchestrate.build import OutRootBusy
-from .orchestrate.interrupts import first_done, stop_on_signals
-from .orchestrate.status import STATUS_WAIT_S  # noqa: F401 (tests hold a writer longer than it)
-from .settings import Settings, SettingsError, apply_env_file, shard_key
+from imnet_assets.orchestrate.build import OutRootBusy
+from imnet_assets.orchestrate.interrupts import first_done, stop_on_signals
+from imnet_assets.settings import Settings, SettingsError, apply_env_file, shard_key
+from imnet_assets.storage.fs import StorageError
 
 DEMO_SHARDS = 8
 
@@ -52,7 +51,7 @@ def parse_shards(spec: str | None, keys: list[str]) -> list[str]:
 
 
 def cmd_sample_raw(args) -> int:
-    from .core.sample_raw import write_sample_raw
+    from imnet_assets.sample.sample_raw import write_sample_raw
 
     summary = write_sample_raw(args.dir, synsets=args.synsets, images=args.images, seed=args.seed, layout=args.layout)
     what = "synset folders" if args.layout == "folders" else "synset tars"
@@ -63,9 +62,9 @@ def cmd_sample_raw(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from .orchestrate.build import build
-    from .release.releases import by_name
-    from .release.releases import from_env as read_releases
+    from imnet_assets.orchestrate.build import build
+    from imnet_assets.release.releases import by_name
+    from imnet_assets.release.releases import from_env as read_releases
 
     # a configuration error before any process starts or anything is written
     s = Settings.from_env()
@@ -102,7 +101,7 @@ def write_env_settings(path: Path, wanted: dict[str, str]) -> tuple[dict[str, st
     Returns (what was added, the names it already had)."""
     from dotenv import dotenv_values
 
-    from .core import fs
+    from imnet_assets.storage import atomic
 
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     have = dotenv_values(path) if path.exists() else {}
@@ -113,16 +112,16 @@ def write_env_settings(path: Path, wanted: dict[str, str]) -> tuple[dict[str, st
             text += "\n"
         text += "# written by `imnet demo` (the environment wins over this file)\n"
         text += "".join(f"{name}={_env_value(value)}\n" for name, value in added.items())
-        fs.write_atomic(str(path), text.encode("utf-8"))
+        atomic.write_atomic(str(path), text.encode("utf-8"))
     return added, kept
 
 
 def cmd_demo(args) -> int:
-    from .core import fs
-    from .core.sample_raw import write_sample_raw
-    from .orchestrate.build import build
-    from .orchestrate.instance import prepare_dagster_home
-    from .settings import env_file, project_root
+    from imnet_assets.orchestrate.build import build
+    from imnet_assets.orchestrate.instance import prepare_dagster_home
+    from imnet_assets.sample.sample_raw import write_sample_raw
+    from imnet_assets.settings import env_file, project_root
+    from imnet_assets.storage import fs
 
     root = project_root()
     added, kept = write_env_settings(env_file(root), demo_settings(root))
@@ -148,8 +147,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .orchestrate.status import report
-    from .release.releases import from_env as read_releases
+    from imnet_assets.orchestrate.status import report
+    from imnet_assets.release.releases import from_env as read_releases
 
     return report(read_releases(), args.raw)
 
@@ -157,9 +156,9 @@ def cmd_status(args) -> int:
 def cmd_lineage(args) -> int:
     """Where the image came from, then every release and shard that holds it (the catalog's
     `lineage` query gives a row per release whose plan holds it, with its `release` column)."""
-    from .catalog import open_reader
-    from .core.rawfolders import describe_source
-    from .release.releases import from_env as read_releases
+    from imnet_assets.release.releases import from_env as read_releases
+    from imnet_assets.storage.catalog import open_reader
+    from imnet_assets.storage.rawfolders import describe_source
 
     s = Settings.from_env()
     releases = {r.release: r for r in read_releases()}
@@ -189,7 +188,8 @@ def cmd_lineage(args) -> int:
 
 def _print_placement(r: dict, release: Settings) -> None:
     """One release's shard for a sample: where it was planned, and the run that wrote it."""
-    from .core import fs
+    from imnet_assets.image.encode import CODEC_EXTENSIONS
+    from imnet_assets.storage import fs
 
     if release.release:
         print(f"release      {release.release}  ({fs.redact(release.out_root)})")
@@ -206,7 +206,8 @@ def _print_placement(r: dict, release: Settings) -> None:
               "  (this image is not in the shard: excluded when encoding)")
     else:
         print(f"written by   run {r['run_id']}  code version {r['code_version']}  at {r['written_at']}")
-        print(f"webp sha256  {r['webp_sha256']}  repaired {r['repaired']}")
+        image = f"{CODEC_EXTENSIONS[release.codec]} sha256"  # the stored image's (webp_sha256 holds it for any codec)
+        print(f"{image:<13}{r['webp_sha256']}  repaired {r['repaired']}")
 
 
 VERIFY_SHOWN = 20  # problems printed per shard; the rest are counted
@@ -225,7 +226,7 @@ def _catalog_rows(path: str, shards: list[dict]) -> Iterator[tuple[dict, list[tu
     import tempfile
     import zlib
 
-    from .catalog import open_reader
+    from imnet_assets.storage.catalog import open_reader
 
     with tempfile.TemporaryFile(prefix="imnet-verify-") as spool:
         where: dict[str, tuple[int, int]] = {}
@@ -280,21 +281,21 @@ class _Progress:
                   f"{self.bytes / 1e6 / elapsed:.0f} MB/s, eta {eta:.0f}s", flush=True)
 
 
-def _checked(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], decode: bool):
+def _checked(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], decode: bool, ext: str = "webp"):
     """(shard record, problems) per task, checked in `jobs` processes (here when 1), as they
-    finish; at most jobs + 2 shards' rows are in memory."""
-    from .core.verify import verify_catalog_shard
+    finish; at most jobs + 2 shards' rows are in memory. `ext`: the samples' image member."""
+    from imnet_assets.release.verify import verify_catalog_shard
 
     if jobs <= 1:
         for sh, url, rows in tasks:
-            yield sh, verify_catalog_shard(url, sh, rows, decode)
+            yield sh, verify_catalog_shard(url, sh, rows, decode, ext)
         return
-    from .core.procpool import process_pool
+    from imnet_assets.runtime.procpool import process_pool
 
     with process_pool(jobs) as pool:
         pending: dict = {}
         for sh, url, rows in tasks:
-            pending[pool.submit(verify_catalog_shard, url, sh, rows, decode)] = sh
+            pending[pool.submit(verify_catalog_shard, url, sh, rows, decode, ext)] = sh
             del rows
             while len(pending) >= jobs + 2:
                 finished = first_done(pending)
@@ -311,9 +312,9 @@ def _verify_info(s: Settings, shards: list[dict]) -> list[str]:
     in the same splits, with their sample counts and totals."""
     import json
 
-    from .core import fs
-    from .core.audit import info_differences
-    from .core.info import info_document
+    from imnet_assets.release.info import info_document
+    from imnet_assets.stages.audit import info_differences
+    from imnet_assets.storage import fs
 
     url = fs.join(s.out_root, "_info.json")
     if not fs.exists(url):
@@ -334,7 +335,7 @@ def _as_built(s: Settings) -> Settings:
     holdout), which `imnet demo` chooses itself when IMNET_NUM_SHARDS is not set."""
     import dataclasses
 
-    from .core.plan import read_index
+    from imnet_assets.release.plan import read_index
 
     index = read_index(s.out_root)
     if index is None:
@@ -345,8 +346,8 @@ def _as_built(s: Settings) -> Settings:
 
 def cmd_verify(args) -> int:
     """Every selected release (`--release NAME`; default all), one after another: non-zero when any fails."""
-    from .release.releases import by_name
-    from .release.releases import from_env as read_releases
+    from imnet_assets.release.releases import by_name
+    from imnet_assets.release.releases import from_env as read_releases
 
     releases = read_releases()
     selected = [by_name(releases, args.release)] if args.release else releases
@@ -359,9 +360,10 @@ def cmd_verify(args) -> int:
 
 
 def _verify_release(s: Settings, args) -> int:
-    from .catalog import open_reader
-    from .core import fs
-    from .core.audit import conservation_problems, stray_problem, stray_shards
+    from imnet_assets.image.encode import CODEC_EXTENSIONS
+    from imnet_assets.stages.audit import conservation_problems, stray_problem, stray_shards
+    from imnet_assets.storage import fs
+    from imnet_assets.storage.catalog import open_reader
 
     wanted = parse_shards(args.shards, s.partition_keys)
     every = set(wanted) == set(s.partition_keys)
@@ -376,13 +378,13 @@ def _verify_release(s: Settings, args) -> int:
     unrecorded = [k for k in wanted if k not in recorded]
     shards = [recorded[k] for k in wanted if k in recorded]
     print(f"verify: {len(shards)} shards under {s.out_root} against {s.catalog}, {jobs} processes"
-          + (", decoding every WebP" if args.decode else ""), flush=True)
+          + (f", decoding every {'JPEG' if s.codec == 'jpeg' else 'WebP'}" if args.decode else ""), flush=True)
     for k in unrecorded:
         print(f"FAIL shard {k}: not recorded in the catalog (not built, or not audited yet: run `imnet build`)")
     progress = _Progress(len(shards), sum(sh["bytes"] or 0 for sh in shards))
     tasks = ((sh, fs.join(s.out_root, sh["path"]), rows) for sh, rows in _catalog_rows(s.catalog, shards))
     bad = []
-    for sh, problems in _checked(jobs, tasks, args.decode):
+    for sh, problems in _checked(jobs, tasks, args.decode, CODEC_EXTENSIONS[s.codec]):
         label = f"shard {sh['shard']} ({sh['path']})"
         for p in problems[:VERIFY_SHOWN]:
             print(f"FAIL {label}: {p}")
@@ -465,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.command in ("build", "demo", "verify"):
         stop_on_signals()
-    from .catalog import CatalogDamaged
+    from imnet_assets.storage.catalog import CatalogDamaged
 
     try:
         # the project's .env under the environment, for this process and what it starts (DAGSTER_HOME, AWS_*)

@@ -4,11 +4,18 @@ group of its own, its top-up schedule and its two sensors."""
 
 from dagster import Definitions, in_process_executor
 
-from .assets import filtered_index, raw_tars, shard_audit, shuffled_plan, synset_manifest, wds_shards
-from .release import releases as release_file
-from .schedules import make as make_schedules
-from .settings import Settings
-from .shard_sensor import make as make_shard_sensor
+from imnet_assets.defs.assets import (
+    filtered_index,
+    raw_tars,
+    shard_audit,
+    shuffled_plan,
+    synset_manifest,
+    wds_shards,
+)
+from imnet_assets.defs.schedules import make as make_schedules
+from imnet_assets.defs.shard_sensor import make as make_shard_sensor
+from imnet_assets.release import releases as release_file
+from imnet_assets.settings import Settings
 
 
 def release_assets(settings: Settings, marker_roots: list[str]) -> list:

@@ -190,7 +190,7 @@ def test_a_shard_run_counts_for_its_own_release_only(tmp_path):
 
     from imnet_assets.definitions import build_definitions
     from imnet_assets.defs.release_keys import RELEASE_TAG
-    from imnet_assets.schedules import PARTITION_TAG, shard_partition_status
+    from imnet_assets.defs.schedules import PARTITION_TAG, shard_partition_status
 
     env = env_for(tmp_path, '[release.a]\nout_root = "out/a"\n[release.b]\nout_root = "out/b"\n')
     a, b = releases.from_env(env)

@@ -11,12 +11,15 @@ import threading
 import time
 from collections.abc import Iterator
 
-from ..core.fs import redact
-from ..defs.release_keys import RELEASE_TAG, SHARED_STAGES, asset_key, label
-from ..settings import Settings
-from .dagster_quirks import console_kept_through_output_capture, skip_per_run_logging_config
-from .instance import dagster_instance
-from .interrupts import end_now_leaving_runs, first_done
+from imnet_assets.defs.release_keys import RELEASE_TAG, SHARED_STAGES, asset_key, label
+from imnet_assets.orchestrate.dagster_quirks import (
+    console_kept_through_output_capture,
+    skip_per_run_logging_config,
+)
+from imnet_assets.orchestrate.instance import dagster_instance
+from imnet_assets.orchestrate.interrupts import end_now_leaving_runs, first_done
+from imnet_assets.settings import Settings
+from imnet_assets.storage.fs import redact
 
 BUILD_LEASE = "build"  # <out root>/_locks/build/: the lease of the build writing the out root
 
@@ -34,7 +37,7 @@ class Build:
         """`settings`: the base, which the shared stages read (raw root, catalog, workers);
         `releases`: every release (default: `settings` alone), all in the definitions;
         `selected`: the releases this build builds (default: all)."""
-        from ..definitions import build_definitions
+        from imnet_assets.definitions import build_definitions
 
         self.settings = settings
         self.releases = [settings] if releases is None else releases
@@ -64,7 +67,7 @@ class Build:
         default release's plain keys) as one Dagster run."""
         from dagster import materialize
 
-        from ..schedules import worker_place
+        from imnet_assets.defs.schedules import worker_place
 
         release = self.selected[0] if release is None and len(self.releases) == 1 else release
         keys = [asset_key(release, s) if release is not None else s for s in selection]
@@ -103,7 +106,7 @@ class Build:
         return took
 
     def _hold(self, out_root: str) -> bool:
-        from ..core.lease import LeaseHeld, LeaseLost, acquire
+        from imnet_assets.release.lease import LeaseHeld, LeaseLost, acquire
 
         lease = self.leases.get(out_root)
         if lease is not None:
@@ -126,7 +129,7 @@ class Build:
         """Refuse at once when another build holds a selected release's out root, before reading
         the catalog (a reader waits for the catalog's writer: at full size the index stage holds it
         for an hour)."""
-        from ..core.lease import describe, holder_of
+        from imnet_assets.release.lease import describe, holder_of
 
         for r in self.selected:
             held = holder_of(r.out_root, BUILD_LEASE)
@@ -151,7 +154,7 @@ class Build:
 
     def _shards_to_build(self, r: Settings, wanted: list[str]) -> tuple[list[str], list[str]]:
         """(partitions to build, partitions with a run in flight elsewhere) of those wanted."""
-        from ..schedules import shard_partition_status
+        from imnet_assets.defs.schedules import shard_partition_status
 
         status = shard_partition_status(r, self.instance)
         todo = [k for k in wanted if status[k] != "fresh"]
@@ -159,8 +162,8 @@ class Build:
         return [k for k in todo if k not in busy], busy
 
     def _run(self, wanted: list[str] | dict[str, list[str]]) -> int:
-        from ..catalog import CatalogVolumeMissing, check_catalog_volume
-        from ..schedules import fail_dead_runs
+        from imnet_assets.defs.schedules import fail_dead_runs
+        from imnet_assets.storage.catalog import CatalogVolumeMissing, check_catalog_volume
 
         s = self.settings
         named = [r.release for r in self.selected if r.release]
@@ -203,7 +206,7 @@ class Build:
 
     def _stale(self, r: Settings, log=lambda _m: None) -> list[str]:
         """The shared stages and release `r`'s plan that are stale (core.stages.stale_stages)."""
-        from ..core.stages import stale_stages
+        from imnet_assets.stages.catalog_stages import stale_stages
 
         return stale_stages(r, log=log, marker_roots=self.marker_roots)
 
@@ -256,7 +259,7 @@ class Build:
         return 0
 
     def _audit_fresh(self, built: list[str], r: Settings) -> bool:
-        from ..core.audit import audit_fingerprint
+        from imnet_assets.stages.audit import audit_fingerprint
 
         fp = audit_fingerprint(r)
         return not built and fp is not None and self._stage_fp("shard_audit", r) == fp
@@ -293,7 +296,7 @@ class Build:
         if self.settings.workers > 1:
             # The encode workers (and their forkserver's imports) start now, while the first runs
             # are being set up in Dagster, instead of when the first run asks for them.
-            from ..core.procpool import shared_pool
+            from imnet_assets.runtime.workerpool import shared_pool
 
             shared_pool(self.settings.workers)
         with console_kept_through_output_capture(self):
@@ -360,7 +363,7 @@ class Build:
         pool.shutdown(wait=True)
 
     def _stage_fp(self, stage: str, r: Settings) -> str | None:
-        from ..catalog import open_reader
+        from imnet_assets.storage.catalog import open_reader
 
         if not os.path.exists(self.settings.catalog):
             return None
@@ -400,7 +403,7 @@ def build(settings: Settings, wanted: list[str] | dict[str, list[str]], verbose:
     """`imnet build` for the shard partitions `wanted`: its exit code. Ctrl-C / SIGTERM raise
     KeyboardInterrupt, unless shard runs are left going in other threads: then the process ends
     at once (end_now_leaving_runs says why it must)."""
-    from ..core.procpool import start_forkserver
+    from imnet_assets.runtime.procpool import start_forkserver
 
     start_forkserver()  # its imports overlap Dagster's; scan and encode workers then fork at once
     runner = Build(settings, verbose=verbose, keep_going=keep_going, parallel=parallel, releases=releases,

@@ -7,22 +7,23 @@ import os
 import sys
 from collections import Counter
 
-from ..defs.release_keys import SHARED_STAGES
-from ..settings import Settings
+from imnet_assets.defs.release_keys import SHARED_STAGES
+from imnet_assets.settings import Settings
 
 STATUS_WAIT_S = 10.0  # how long `imnet status` waits for a catalog writer before reporting without it
 SHOWN = 32  # shard keys named per line
 
 
 def report(releases: list[Settings], raw: bool, out=sys.stdout) -> int:
-    from ..catalog import CatalogBusy, open_reader
-    from ..core import changed_sources, fs
-    from ..core.audit import plan_mismatch
-    from ..core.plan import read_index
-    from ..core.stages import stale_stages
-    from ..schedules import shard_partition_status
-    from ..settings import dagster_home, env_file, project_root
-    from .instance import dagster_instance
+    from imnet_assets.defs.schedules import shard_partition_status
+    from imnet_assets.orchestrate.instance import dagster_instance
+    from imnet_assets.release import changed_sources
+    from imnet_assets.release.plan import read_index
+    from imnet_assets.settings import dagster_home, env_file, project_root
+    from imnet_assets.stages.audit import plan_mismatch
+    from imnet_assets.stages.catalog_stages import stale_stages
+    from imnet_assets.storage import fs
+    from imnet_assets.storage.catalog import CatalogBusy, open_reader
 
     def say(line: str = "") -> None:
         print(line, file=out)
@@ -115,7 +116,7 @@ def report(releases: list[Settings], raw: bool, out=sys.stdout) -> int:
 def _audit_state(s: Settings, recorded: str | None, not_fresh: list[str]) -> str:
     """The audit: fresh (its record in the catalog is the fingerprint of the shards as they are
     now), stale, or not built."""
-    from ..core.audit import audit_fingerprint
+    from imnet_assets.stages.audit import audit_fingerprint
 
     if recorded is None:
         return "not built"

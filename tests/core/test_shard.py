@@ -14,15 +14,15 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from imnet_assets.core import changed_sources
-from imnet_assets.core import shard as shard_mod
-from imnet_assets.core.changed_sources import SourceChanged
-from imnet_assets.core.encode import EncodeSettings
-from imnet_assets.core.fs import read_json
-from imnet_assets.core.outroot import read_manifest, state_url
-from imnet_assets.core.plan import SliceRow, read_slice, write_slice
-from imnet_assets.core.shard import _tarinfo, build_shard, fingerprint, sample_members
-from imnet_assets.core.verify import iter_samples
+from imnet_assets.image.encode import EncodeSettings
+from imnet_assets.release import changed_sources
+from imnet_assets.release.changed_sources import SourceChanged
+from imnet_assets.release.outroot import read_manifest, state_url
+from imnet_assets.release.plan import SliceRow, read_slice, write_slice
+from imnet_assets.release.verify import iter_samples
+from imnet_assets.stages import shard as shard_mod
+from imnet_assets.stages.shard import _tarinfo, build_shard, fingerprint, sample_members
+from imnet_assets.storage.fs import read_json
 from tests.conftest import shard_verdict
 from tests.shard_check import check_committed_shard
 
@@ -155,6 +155,21 @@ def test_build_shard_is_readable_by_webdataset_in_plan_order(built):
         for m in tf.getmembers():
             assert (m.mtime, m.mode, m.uid, m.gid, m.uname, m.gname) == (0, 0o444, 0, 0, "", "")
     assert sorted(os.listdir(built.out)) == ["_manifests", "_plan", NAME]  # no temporaries
+
+
+def test_a_jpeg_shard_is_readable_by_webdataset_in_plan_order(raw, tmp_path):
+    """Issue 25: a release with codec "jpeg" writes `<key>.jpg`, which webdataset decodes as an image;
+    the JSON's width and height are the stored JPEG's (tests/core/test_jpeg_codec.py has the rest)."""
+    out = tmp_path / "out"
+    write_slice(str(out), KEY, planned(raw.rows, ORDER))
+    result = build(out, raw.root, settings=EncodeSettings(codec="jpeg", quality=95))
+    assert result.problems == [] and result.num_samples == 6
+    assert tar_names(out / NAME) == [f"{raw.rows[i][0]}.{ext}" for i in ORDER for ext in ("cls", "json", "jpg")]
+    got = list(wds.WebDataset([str(out / NAME)], shardshuffle=False).decode("pil").to_tuple("__key__", "jpg", "json"))
+    assert [k for k, _, _ in got] == [raw.rows[i][0] for i in ORDER]
+    for _key, img, meta in got:
+        assert img.mode == "RGB" and img.size == (meta["width"], meta["height"]) == (meta["orig_width"], meta["orig_height"])
+    assert check_committed_shard(str(out), KEY, NAME) == []
 
 
 def test_manifest_and_state_agree_with_the_tar(built):

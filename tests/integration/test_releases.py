@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import pytest
 import webdataset as wds
 
-from imnet_assets.core.sample_raw import write_sample_raw
+from imnet_assets.sample.sample_raw import write_sample_raw
 from tests.checks import catalog
 from tests.conftest import build_env, dagster_home, imnet
 
