@@ -277,6 +277,12 @@ class Settings:
     # where the requests are made, core/s3read.retry_seconds, in every process: validated here)
     storage_retry_seconds: int = 300
     image_timeout: int = DEFAULT_IMAGE_TIMEOUT  # seconds per image in an encode worker (IMNET_IMAGE_TIMEOUT)
+    release: str = ""          # the release's name; "" = the one default release (IMNET_RELEASES unset)
+    synsets: str = "all"       # "all" | "in1k" | "in12k" | path to a file of wnids, one a line
+    codec: str = "webp"        # "webp" | "jpeg" (helper `jpeg` implements the JPEG encoder)
+    jpeg_quality: int = 90     # the TOML key `quality` for a jpeg release (webp_quality for webp)
+    max_short_edge: int = 768
+    val_per_class: int = 0     # N: a seeded choice of N kept images per class in a `validation` split of its own shards
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:
@@ -339,13 +345,30 @@ class Settings:
             image_timeout=image_timeout(env),
         )
 
+    # issue 25 (helper relcore): a release with val_per_class has validation shards after its
+    # num_shards train (and holdout) shards: partition keys continue (0000 .. num_shards-1, then the
+    # validation shards), and their files are numbered from 0000 with the pattern's "train" made
+    # "validation" (else a "validation-" prefix). Their count comes from the settings alone, as the
+    # partitions must be known before any catalog exists: an eighth of num_shards, at least one.
+    @property
+    def validation_shards(self) -> int:
+        return max(1, -(-self.num_shards // 8)) if self.val_per_class > 0 else 0
+
     @property
     def partition_keys(self) -> list[str]:
-        return [shard_key(i) for i in range(self.num_shards)]
+        return [shard_key(i) for i in range(self.num_shards + self.validation_shards)]
 
     def shard_name(self, key: str) -> str:
-        return self.shard_pattern.format(shard=key)
+        if not self.validation_shards or not key.isdecimal() or int(key) < self.num_shards:
+            return self.shard_pattern.format(shard=key)
+        return validation_pattern(self.shard_pattern).format(shard=shard_key(int(key) - self.num_shards))
 
 
 def shard_key(index: int) -> str:
     return f"{index:04d}"
+
+
+def validation_pattern(pattern: str) -> str:
+    """The validation shards' file name: the shard pattern with its first "train" made
+    "validation", or with a "validation-" prefix when it has none."""
+    return pattern.replace("train", "validation", 1) if "train" in pattern else f"validation-{pattern}"

@@ -12,6 +12,8 @@ import re
 import time
 from collections.abc import Callable
 
+from imnet_assets.release import selection
+
 from ..catalog import Catalog, check_catalog_volume
 from ..settings import Settings
 from . import changed_sources, fs
@@ -19,13 +21,23 @@ from .csvstage import staged_csv
 from .decontam import index_inputs, settle_index
 from .index import FIELDS, ReadShort, check_accounted, scan_tars
 from .inventory import RawLayoutError, RawListing, inventory, list_raw
-from .plan import PLAN_DIR, PLAN_VERSION, publish_slices, render_slice, shard_sizes, write_index
+from .plan import (
+    PLAN_DIR,
+    PLAN_VERSION,
+    publish_slices,
+    release_splits,
+    render_slice,
+    shard_sizes,
+    write_index,
+)
 from .synsets import read_text_file
 
 # 2: hostile member names get safe keys; truncated candidates trial-decoded; a pHash per kept image
 # 3: each tar's bytes accounted for by its walk (tar_scans.accounted_bytes, damaged_bytes)
 INDEX_VERSION = "3"
 Log = Callable[[str], None]
+# Stages each release has of its own (recorded under its name in `stages`); the others are shared.
+RELEASE_STAGES = ("shuffled_plan", "shard_audit")
 
 
 def _h(*parts) -> str:
@@ -51,8 +63,18 @@ def _fingerprints(listing: RawListing, settings: Settings,
     # issue 17: + the eval set's listing digest and the dedup mode (nothing under the defaults)
     marks = changed_sources.digest(changed or {})
     index = _h("filtered_index", listing.tars_fingerprint, INDEX_VERSION, *index_inputs(settings), *([marks] if marks else []))
-    plan = _h("shuffled_plan", index, settings.seed, settings.num_shards, settings.holdout, PLAN_VERSION)
+    plan = _h("shuffled_plan", index, settings.seed, settings.num_shards, settings.holdout, PLAN_VERSION,
+              *release_plan_inputs(settings))
     return {"raw_tars": raw, "synset_manifest": synsets, "filtered_index": index, "shuffled_plan": plan}
+
+
+def release_plan_inputs(settings: Settings) -> list:
+    """What a release's plan depends on beyond the default release's inputs (issue 25): its synset
+    list (the bytes of a named list) and val_per_class; nothing for the default selection (all
+    synsets, no validation), so the default release's fingerprint is the one before releases. The
+    codec and its settings are not here: they make only the shards stale (their fingerprints)."""
+    digest = selection.list_digest(settings.synsets)
+    return [digest, settings.val_per_class] if digest or settings.val_per_class else []
 
 
 def stale_stages(settings: Settings, log: Log = print) -> list[str]:
@@ -67,7 +89,8 @@ def stale_stages(settings: Settings, log: Log = print) -> list[str]:
     with Catalog(settings.catalog, read_only=True) as cat:  # a reader: never the write lock
         # what the stages' records vouch for is read whole first: damage raises CatalogDamaged
         cat.check_intact()
-        have = {stage: cat.stage_fingerprint(stage) for stage in want}
+        have = {stage: cat.stage_fingerprint(stage, settings.release if stage in RELEASE_STAGES else "")
+                for stage in want}
     stale = [s for s in want if have[s] != want[s]]
     index = read_index(settings.out_root)
     if "shuffled_plan" not in stale and (index is None or index.get("fingerprint") != want["shuffled_plan"]):
@@ -171,7 +194,7 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print) -> d
             cat.set_stage("filtered_index", _fingerprints(listing, settings)["filtered_index"], run_id)
             # The plan is made from these rows. Its fingerprint holds the index's input, which a tar
             # scanned again for a marker leaves as it was: so the plan is made again, whatever it holds.
-            cat.clear_stage("shuffled_plan")
+            cat.clear_stage_every_release("shuffled_plan")
         # after the commit: a kill before this leaves the markers, and the tars are scanned once more
         changed_sources.clear(settings.out_root, changed)
         facts = cat.one("index_summary")
@@ -191,32 +214,68 @@ def _commit_scans(cat: Catalog, rows: list[tuple], scans: list[tuple]) -> None:
 
 
 def build_shuffled_plan(settings: Settings, run_id: str, log: Log = print) -> dict:
-    """Shuffle, cut into balanced shards, and publish one slice file per shard under the out root."""
+    """The release's plan (settings.release; '' the default): its synsets and labels
+    (release/selection.py), the validation choice (val_per_class), the seeded shuffle cut into
+    balanced shards, and one slice file per shard published under the release's out root (shard
+    runs read only that: labels and all). Other releases' plans in the catalog are not touched."""
     fps = expected_fingerprints(settings)
     started = time.perf_counter()
     for leftover in fs.sweep_partials(fs.join(settings.out_root, PLAN_DIR)):
         log(f"removed leftover of an interrupted run: {leftover}")
+    splits = release_splits(settings)  # (a holdout split named validation beside val_per_class: an error)
+    keys = settings.partition_keys
+    params = {"release": settings.release, "seed": settings.seed, "num_shards": settings.num_shards,
+              "validation_shards": settings.validation_shards, "val_per_class": settings.val_per_class}
     with Catalog(settings.catalog) as cat:
-        cat.run("plan_build", {"seed": settings.seed, "num_shards": settings.num_shards})
-        digests = publish_slices(cat, settings.out_root, settings.partition_keys)
-        facts = cat.one("plan_summary")
-        lengths = [n for _, n in cat.rows("plan_shard_lengths")]
-        cat.set_stage("shuffled_plan", fps["shuffled_plan"], run_id)
-    lengths += [0] * (settings.num_shards - len(lengths))
+        chosen = selection.select(settings.synsets, [w for (w,) in cat.rows("synsets_wnids")])
+        if note := chosen.note():
+            log(note)
+        cat.clear_stage("shuffled_plan", settings.release)  # a kill below: the plan is made again
+        with staged_csv(["wnid", "label"], chosen.rows) as path, cat.transaction():
+            cat.run("release_synsets_replace", {"release": settings.release, "path": path})
+            cat.run("plan_validation", params)
+            cat.run("plan_build", params)
+        digests = publish_slices(cat, settings.out_root, keys, release=settings.release)
+        facts = cat.one("plan_summary", params)
+        planned = dict(cat.rows("plan_shard_lengths", params))
+        short = cat.rows("plan_validation_short", {**params, "first_validation": keys[settings.num_shards]}) \
+            if settings.validation_shards else []
+        cat.set_stage("shuffled_plan", fps["shuffled_plan"], run_id, settings.release)
+    if set(planned) - set(keys):
+        raise AssertionError(f"plan rows for shards outside the partition keys: {sorted(set(planned) - set(keys))[:5]}")
+    lengths = [planned.get(k, 0) for k in keys]
+    train = lengths[:settings.num_shards]
+    validation = lengths[settings.num_shards:]
+    for name, part, count in (("train", train, settings.num_shards), ("validation", validation, settings.validation_shards)):
+        if count and part != shard_sizes(sum(part), count):
+            raise AssertionError(f"plan {name} shard sizes {part[:8]}... are not balanced for {sum(part)} samples")
     n = sum(lengths)
-    if lengths != shard_sizes(n, settings.num_shards):
-        raise AssertionError(f"plan shard sizes {lengths[:8]}... are not balanced for {n} samples")
-    write_index(settings.out_root, {
+    index = {
         "fingerprint": fps["shuffled_plan"], "seed": settings.seed, "num_shards": settings.num_shards,
         "num_samples": n, "shard_lengths": lengths, "holdout": [list(h) for h in settings.holdout],
         "digests": digests, "empty_slice_digest": hashlib.sha256(render_slice([])).hexdigest(),
-    })
+    }
+    if settings.release or settings.synsets != selection.ALL or settings.val_per_class:
+        # issue 25: what plan_mismatch compares beyond seed and shard count (absent: the default release's)
+        index.update(release=settings.release, synsets=settings.synsets, val_per_class=settings.val_per_class,
+                     validation_shards=settings.validation_shards, splits=splits)
+    write_index(settings.out_root, index)
     # Slices of shards this layout no longer has (IMNET_NUM_SHARDS lowered): no run may read them.
-    ours = {f"{k}.csv" for k in settings.partition_keys}
+    ours = {f"{k}.csv" for k in keys}
     for e in fs.listdir(fs.join(settings.out_root, PLAN_DIR)):
         if re.fullmatch(r"\d{4}\.csv", e["name"]) and e["name"] not in ours:
             fs.remove(e["url"])
             log(f"removed the slice of a shard this plan does not have: {e['name']}")
     facts.update(seconds=round(time.perf_counter() - started, 2), num_shards=settings.num_shards,
                  seed=settings.seed)
+    if settings.release or settings.synsets != selection.ALL or settings.val_per_class:
+        facts.update(release=settings.release, synsets=settings.synsets, classes=len(chosen.wnids),
+                     absent_synsets=len(chosen.absent))
+    if settings.val_per_class:
+        facts.update(validation_samples=sum(validation), validation_shards=settings.validation_shards,
+                     val_per_class=settings.val_per_class, validation_short_classes=len(short))
+        if short:
+            wnid, have, val = short[0]
+            log(f"{len(short)} classes have too few images for {settings.val_per_class} validation images (one stays "
+                f"in train), e.g. {wnid}: {have} planned, {val} to validation")
     return facts
