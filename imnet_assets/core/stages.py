@@ -44,11 +44,27 @@ def _h(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def expected_fingerprints(settings: Settings, unpack: bool = False, log: Log = print) -> dict[str, str]:
+def expected_fingerprints(settings: Settings, unpack: bool = False, log: Log = print,
+                          marker_roots: list[str] | None = None) -> dict[str, str]:
     """The input fingerprint each stage would record if built now (cheap: a listing of the raw root,
-    and one of the out root's markers of changed sources)."""
+    and one of the out roots' markers of changed sources). `marker_roots`: the out roots whose
+    markers the shared index answers for (every release's, issue 25; default: this settings' own)."""
     listing = list_raw(settings.raw_root, unpack=unpack, log=log)
-    return _fingerprints(listing, settings, changed_sources.pending(settings.out_root))
+    return _fingerprints(listing, settings, _merged(_pending_markers(settings, marker_roots)))
+
+
+def _pending_markers(settings: Settings, marker_roots: list[str] | None) -> dict[str, dict[str, changed_sources.Marker]]:
+    """Out root -> its markers of changed sources (shard runs of each release write under its own
+    out root; the index they make stale is shared)."""
+    return {root: changed_sources.pending(root) for root in dict.fromkeys(marker_roots or [settings.out_root])}
+
+
+def _merged(per_root: dict[str, dict[str, changed_sources.Marker]]) -> dict[str, changed_sources.Marker]:
+    merged: dict[str, changed_sources.Marker] = {}
+    for markers in per_root.values():
+        for tar, marker in markers.items():
+            merged.setdefault(tar, marker)
+    return merged
 
 
 def _fingerprints(listing: RawListing, settings: Settings,
@@ -77,13 +93,14 @@ def release_plan_inputs(settings: Settings) -> list:
     return [digest, settings.val_per_class] if digest or settings.val_per_class else []
 
 
-def stale_stages(settings: Settings, log: Log = print) -> list[str]:
-    """Stages whose recorded input differs from the current one (or whose output is gone)."""
+def stale_stages(settings: Settings, log: Log = print, marker_roots: list[str] | None = None) -> list[str]:
+    """Stages whose recorded input differs from the current one (or whose output is gone): the shared
+    stages, and the plan of settings.release. `marker_roots`: as expected_fingerprints."""
     from .plan import read_index
 
     # No unpacking here: a root holding only winter21_whole.tar.gz (or a half-unpacked one) lists
     # no (or other) tars, so raw_tars is stale and unpacks it when it runs, as the first stage.
-    want = expected_fingerprints(settings, log=log)
+    want = expected_fingerprints(settings, log=log, marker_roots=marker_roots)
     if not fs.exists(settings.catalog):
         return list(want)
     with Catalog(settings.catalog, read_only=True) as cat:  # a reader: never the write lock
@@ -138,7 +155,8 @@ INDEX_BATCH_SECONDS = 60.0  # at most, so that a kill costs at most about a minu
 SCAN_FIELDS = ["tar", "size", "mtime", "num_records", "index_version", "accounted_bytes", "damaged_bytes"]
 
 
-def build_filtered_index(settings: Settings, run_id: str, log: Log = print) -> dict:
+def build_filtered_index(settings: Settings, run_id: str, log: Log = print,
+                         marker_roots: list[str] | None = None) -> dict:
     """Scan new or changed tars (in parallel processes); unchanged tars keep their rows.
 
     Changed also means marked by a shard run that found a tar's bytes changed in place (same size
@@ -149,9 +167,13 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print) -> d
     Crash safety: a tar's rows and its scan record (`tar_scans`, and its member count in
     `raw_tars`) are committed in one transaction, batch by batch, so a process killed at any
     moment leaves only whole tars recorded as scanned; the next run scans the others again.
+
+    `marker_roots`: the out roots whose markers of changed sources it acts on (every release's, issue
+    25; default: settings.out_root); each root's markers are removed from that root.
     """
     listing = list_raw(settings.raw_root)
-    changed = changed_sources.pending(settings.out_root)
+    per_root = _pending_markers(settings, marker_roots)
+    changed = _merged(per_root)
     started = time.perf_counter()
     with Catalog(settings.catalog) as cat:
         scanned = {t: (s, m, v) for t, s, m, v in cat.rows("index_scanned")}
@@ -196,7 +218,8 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print) -> d
             # scanned again for a marker leaves as it was: so the plan is made again, whatever it holds.
             cat.clear_stage_every_release("shuffled_plan")
         # after the commit: a kill before this leaves the markers, and the tars are scanned once more
-        changed_sources.clear(settings.out_root, changed)
+        for root, markers in per_root.items():
+            changed_sources.clear(root, markers)
         facts = cat.one("index_summary")
         facts["reasons"] = cat.rows("index_reasons")
         facts.update(overlaps)  # issue 17
@@ -213,12 +236,14 @@ def _commit_scans(cat: Catalog, rows: list[tuple], scans: list[tuple]) -> None:
         cat.run("index_record_scans", {"path": scans_path})
 
 
-def build_shuffled_plan(settings: Settings, run_id: str, log: Log = print) -> dict:
+def build_shuffled_plan(settings: Settings, run_id: str, log: Log = print,
+                        marker_roots: list[str] | None = None) -> dict:
     """The release's plan (settings.release; '' the default): its synsets and labels
     (release/selection.py), the validation choice (val_per_class), the seeded shuffle cut into
     balanced shards, and one slice file per shard published under the release's out root (shard
-    runs read only that: labels and all). Other releases' plans in the catalog are not touched."""
-    fps = expected_fingerprints(settings)
+    runs read only that: labels and all). Other releases' plans in the catalog are not touched.
+    `marker_roots`: as expected_fingerprints (the index's input, which the plan's fingerprint holds)."""
+    fps = expected_fingerprints(settings, marker_roots=marker_roots)
     started = time.perf_counter()
     for leftover in fs.sweep_partials(fs.join(settings.out_root, PLAN_DIR)):
         log(f"removed leftover of an interrupted run: {leftover}")

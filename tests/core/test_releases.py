@@ -18,7 +18,7 @@ import pytest
 import webdataset as wds
 
 from imnet_assets.catalog import Catalog
-from imnet_assets.core import stages
+from imnet_assets.core import changed_sources, stages
 from imnet_assets.core.audit import encode_settings, run_audit
 from imnet_assets.core.info import info_url
 from imnet_assets.core.inventory import list_raw
@@ -244,3 +244,26 @@ def test_a_catalog_made_before_releases_is_migrated_keeping_its_records(tmp_path
         cat.con.execute("INSERT INTO shards (shard, path, num_samples, release) VALUES ('0000', 'b.tar', 3, 'sub')")
         assert sorted(cat.con.execute("SELECT release, shard, path FROM shards").fetchall()) == [
             ("", "0000", "a.tar"), ("sub", "0000", "b.tar")]
+
+
+def test_a_changed_source_marked_under_one_release_makes_the_shared_index_stale(family, tmp_path):
+    """A shard run of any release marks a changed source under its own out root; the shared index
+    answers for every release's markers and clears each where it was left."""
+    d = dataclasses.replace(family.default, catalog=str(tmp_path / "c.duckdb"))
+    shutil.copy(family.default.catalog, d.catalog)
+    roots = [d.out_root, family.subset.out_root]
+    tar = f"{family.listed[0]}.tar"
+    assert stages.stale_stages(d, log=QUIET, marker_roots=roots) == []
+    err = changed_sources.SourceChanged("changed", tar, "m.JPEG", "1" * 64)
+    url = changed_sources.mark(family.subset.out_root, err, 512, 100, "0" * 64, "0000", "shard-sub")
+    try:
+        assert stages.stale_stages(d, log=QUIET) == []  # the default release's root alone: no marker
+        assert stages.stale_stages(d, log=QUIET, marker_roots=roots) == ["filtered_index", "shuffled_plan"]
+        stages.build_filtered_index(d, "index-again", log=QUIET, marker_roots=roots)
+        assert changed_sources.pending(family.subset.out_root) == {}
+        with Catalog(d.catalog, read_only=True) as cat:  # every release's plan is made again
+            assert cat.stage_fingerprint("shuffled_plan", "") is None
+            assert cat.stage_fingerprint("shuffled_plan", "sub") is None
+    finally:
+        if os.path.exists(url):
+            os.remove(url)
