@@ -19,7 +19,7 @@ import webdataset as wds
 
 from imnet_assets.catalog import Catalog
 from imnet_assets.core import changed_sources, stages
-from imnet_assets.core.audit import encode_settings, run_audit
+from imnet_assets.core.audit import encode_settings, expected_shard_fingerprints, plan_mismatch, run_audit
 from imnet_assets.core.info import info_url
 from imnet_assets.core.inventory import list_raw
 from imnet_assets.core.plan import read_index, read_slice, shard_sizes
@@ -267,3 +267,15 @@ def test_a_changed_source_marked_under_one_release_makes_the_shared_index_stale(
     finally:
         if os.path.exists(url):
             os.remove(url)
+
+
+def test_shards_of_a_plan_made_for_another_selection_are_not_fresh(family):
+    s = family.subset
+    assert plan_mismatch(s, read_index(s.out_root)) is None
+    assert set(expected_shard_fingerprints(s)) == set(s.partition_keys) == {"0000", "0001", "0002"}
+    for other in (dataclasses.replace(s, val_per_class=3), dataclasses.replace(s, synsets="all")):
+        assert "materialize shuffled_plan" in plan_mismatch(other, read_index(s.out_root))
+        assert expected_shard_fingerprints(other) == {}
+    # the default release's published plan names no selection: it is the default one
+    d = family.default
+    assert "synsets" not in read_index(d.out_root) and plan_mismatch(d, read_index(d.out_root)) is None
