@@ -79,18 +79,18 @@ SELECT 'n' || lpad((1440764 + s * 712)::VARCHAR, 8, '0') || '_' || (n + 100000 *
        CASE WHEN excluded THEN 24 ELSE w END, CASE WHEN excluded THEN 18 ELSE ht END, 'JPEG', 'RGB',
        CASE WHEN excluded THEN 'excluded' ELSE 'kept' END,
        CASE WHEN excluded THEN 'too small: 24x18 (min side 32)' END,
-       false, NULL, CASE WHEN excluded THEN 'index' END
+       false, NULL, CASE WHEN excluded THEN 'index' END, NULL, NULL  -- phash, duplicate_of
 FROM sized
 """
 # Verify part, when the audit did not fill them: one shard_samples row per planned image.
 FILL_SHARD_SAMPLES = """
 INSERT INTO shard_samples
-SELECT key, shard, position, width, height, width, height, size * 3 // 4, sha256(key), false FROM plan
+SELECT key, shard, position, width, height, width, height, size * 3 // 4, sha256(key), false, '' FROM plan
 """
 FILL_SHARDS = """
 INSERT INTO shards
 SELECT shard, 'imagenet12k-train-' || shard || '.tar', count(*)::INTEGER, count(*)::INTEGER,
-       sum(size * 3 // 4 + 1536)::BIGINT, sha256(shard), NULL, NULL, 'bench-scale', 'bench', NULL, NULL
+       sum(size * 3 // 4 + 1536)::BIGINT, sha256(shard), NULL, NULL, 'bench-scale', 'bench', NULL, NULL, ''
 FROM plan GROUP BY shard
 """
 COUNT_IMAGES = "SELECT count(*) FILTER (WHERE status = 'kept'), (SELECT count(*) FROM synsets) FROM images"

@@ -26,7 +26,7 @@ from imnet_assets.core.plan import read_index, read_slice, shard_sizes
 from imnet_assets.core.sample_raw import write_sample_raw
 from imnet_assets.core.shard import build_shard
 from imnet_assets.release.lineage import lineage_rows, releases_holding
-from imnet_assets.release.selection import SelectionError
+from imnet_assets.release.selection import SelectionError, select
 from tests.conftest import build_catalog_stages, local_settings
 
 QUIET = lambda _m: None  # noqa: E731
@@ -279,3 +279,16 @@ def test_shards_of_a_plan_made_for_another_selection_are_not_fresh(family):
     # the default release's published plan names no selection: it is the default one
     d = family.default
     assert "synsets" not in read_index(d.out_root) and plan_mismatch(d, read_index(d.out_root)) is None
+
+
+def test_shipped_lists_give_their_own_labels_whatever_the_raw_release_holds():
+    from imnet_assets.core.altlabels import in1k_labels
+
+    in1k = sorted(in1k_labels())
+    chosen = select("in1k", [in1k[5], in1k[700], "n99999999"])
+    assert chosen.wnids == tuple(in1k) and len(chosen.absent) == 998
+    labels = dict(chosen.rows)
+    assert (labels[in1k[5]], labels[in1k[700]]) == (5, 700)  # ImageNet-1k's own labels
+    assert "998 of the 1000 synsets of 'in1k' are not in the raw release" in chosen.note()
+    everything = select("all", ["n2", "n1"])
+    assert everything.rows == [("n1", 0), ("n2", 1)] and everything.note() is None
