@@ -16,8 +16,8 @@ import os
 import tempfile
 import time
 
-from imnet_assets.catalog import Catalog
-from imnet_assets.core.perceptual import NEAR_DUPLICATE_BITS
+from imnet_assets.image.perceptual import NEAR_DUPLICATE_BITS
+from imnet_assets.storage.catalog import Catalog
 
 
 def main() -> None:

@@ -44,19 +44,19 @@ import photo_release  # noqa: E402
 from cpuload import Sample, measure  # noqa: E402
 from report import met, print_table, spread  # noqa: E402
 
-from imnet_assets.core import fs  # noqa: E402
-from imnet_assets.core.encode import EncodeSettings, bare_chain, encode_image  # noqa: E402
-from imnet_assets.core.outroot import read_manifest  # noqa: E402
-from imnet_assets.core.plan import read_slice  # noqa: E402
-from imnet_assets.core.shard import build_shard, sample_members  # noqa: E402
-from imnet_assets.core.stages import (  # noqa: E402
+from imnet_assets.image.encode import EncodeSettings, bare_chain, encode_image
+from imnet_assets.release.outroot import read_manifest
+from imnet_assets.release.plan import read_slice
+from imnet_assets.settings import Settings  # noqa: E402
+from imnet_assets.stages.catalog_stages import (
     build_filtered_index,
     build_raw_tars,
     build_shuffled_plan,
     build_synset_manifest,
     stale_stages,
 )
-from imnet_assets.settings import Settings  # noqa: E402
+from imnet_assets.stages.shard import build_shard, sample_members
+from imnet_assets.storage import fs
 from tests.shard_check import check_committed_shard  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

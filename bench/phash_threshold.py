@@ -26,8 +26,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from imnet_assets.core import perceptual
-from imnet_assets.core.photos import imagenet_size_mix, make_photo
+from imnet_assets.image import perceptual
+from imnet_assets.sample.photos import imagenet_size_mix, make_photo
 
 
 def _jpeg(im: Image.Image, q: int) -> bytes:
@@ -116,7 +116,7 @@ def main() -> None:
 
     # index-time cost per image
     reps = max(1, 2000 // len(sources))
-    from imnet_assets.core.probe import probe_image
+    from imnet_assets.image.probe import probe_image
 
     for label, fn in (("sha256", lambda d: hashlib.sha256(d).digest()),
                       ("probe (index, today)", probe_image),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imnet_assets.core.photos import imagenet_size_mix, make_photo
+from imnet_assets.sample.photos import imagenet_size_mix, make_photo
 
 PER_TAR = 100
 _TAR_MTIME = 1318550400

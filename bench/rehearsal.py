@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 from PIL import Image  # noqa: E402
 
 from bench.cpuload import proc_stats  # noqa: E402
-from imnet_assets.core.shard import EncodeJob  # noqa: E402
+from imnet_assets.stages.shard import EncodeJob  # noqa: E402
 from tests.latency_proxy import LatencyProxy  # noqa: E402
 from tests.s3server import MotoS3  # noqa: E402
 
@@ -157,7 +157,7 @@ def settings_env(raw: str, out: str, catalog: str, shards: int) -> dict[str, str
 
 
 def catalog_stages(settings, proxy):
-    from imnet_assets.core import stages
+    from imnet_assets.stages import catalog_stages as stages
 
     quiet = lambda _m: None  # noqa: E731
     out = {}
@@ -169,8 +169,8 @@ def catalog_stages(settings, proxy):
 
 
 def shard_runs(settings, keys, proxy, workers: int):
-    from imnet_assets.core import shard
-    from imnet_assets.core.audit import encode_settings
+    from imnet_assets.stages import shard
+    from imnet_assets.stages.audit import encode_settings
 
     enc = encode_settings(settings)
     results = []
@@ -191,7 +191,7 @@ class ReadJob(EncodeJob):
 
 
 def _slice_rows(settings, sources: int) -> list:
-    from imnet_assets.core.plan import read_slice
+    from imnet_assets.release.plan import read_slice
 
     rows = []
     for key in settings.partition_keys:
@@ -214,8 +214,8 @@ def worker_reads(settings, proxy, sources: int, workers: int = 2, passes: int = 
     first, cold pass fetches from moto once each; the second pass (`passes` times the rows) sees a
     server with S3's latency and no throughput cap of its own, so what it measures is the client's.
     (cold, hot) as (seconds, counts, sources read intact), and the workers' CPU ms per read."""
-    from imnet_assets.core import shard
-    from imnet_assets.core.procpool import shared_pool
+    from imnet_assets.runtime.workerpool import shared_pool
+    from imnet_assets.stages import shard
 
     rows = _slice_rows(settings, sources)
     pool = shared_pool(workers)
@@ -251,8 +251,8 @@ def source_reads(settings, proxy, sources: int, workers: int = 2):
     """The read path of a shard run's encode workers (shard.prepared_samples: each worker fetches
     its own sources by ranged GET, `threads` readers each, jobs queued `depth` deep) over the rows of
     as many plan slices as give `sources` rows, real encoder: (seconds, counts, sources read)."""
-    from imnet_assets.core import shard
-    from imnet_assets.core.audit import encode_settings
+    from imnet_assets.stages import shard
+    from imnet_assets.stages.audit import encode_settings
 
     rows = _slice_rows(settings, sources)
     enc = encode_settings(settings)
@@ -269,9 +269,9 @@ def ticks(settings, proxy):
     ledger stands in for the records); `warm`: a process that looked before."""
     from dagster import build_schedule_context, build_sensor_context, instance_for_test
 
-    from imnet_assets import schedules
-    from imnet_assets.core import freshness
     from imnet_assets.definitions import build_definitions
+    from imnet_assets.defs import schedules
+    from imnet_assets.release import freshness
 
     defs = build_definitions(settings)
     topup, sensor = schedules.make(settings)
@@ -378,7 +378,7 @@ def main() -> int:
         lshards = shard_runs(local, local.partition_keys, None, workers=1)
         local_shards_s = time.perf_counter() - t0
         print(f"  {len(lshards)} shards built locally in {local_shards_s:.0f}s", flush=True)
-        from imnet_assets.core.audit import run_audit
+        from imnet_assets.stages.audit import run_audit
 
         laudit = measured(None, run_audit, local, "rehearsal-audit", log=lambda _m: None)
         _, lstatus, ltick, lsense, _ = ticks(local, None)

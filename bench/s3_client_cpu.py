@@ -82,7 +82,7 @@ def main() -> None:
         ranges = [rng.randrange(0, size - SOURCE) for _ in range(a.reads)]
         url = "s3://bench/winter21/n01440764.tar"
 
-        from imnet_assets.core import fs, s3read
+        from imnet_assets.storage import fs, s3read
 
         def by_obstore(offset: int) -> bytes:
             return s3read.get_range("bench", "winter21/n01440764.tar", offset, SOURCE)

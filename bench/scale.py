@@ -147,7 +147,7 @@ def scale_settings(work: Path):
 
 
 def stage_catalog(args) -> dict:
-    from imnet_assets.catalog import Catalog
+    from imnet_assets.storage.catalog import Catalog
 
     settings = scale_settings(args.work)
     excluded = args.rows * EXCLUDED_PER_MILLE // 1000
@@ -164,19 +164,19 @@ def stage_catalog(args) -> dict:
 
 
 def stage_plan(args) -> dict:
-    from imnet_assets.core.stages import build_shuffled_plan
+    from imnet_assets.stages.catalog_stages import build_shuffled_plan
 
     facts = build_shuffled_plan(scale_settings(args.work), "bench-scale", log=lambda _m: None)
     return {"samples": facts.get("samples"), "shards": facts.get("shards")}
 
 
 def stage_manifests(args) -> dict:
-    from imnet_assets.catalog import Catalog
-    from imnet_assets.core import fs
-    from imnet_assets.core.audit import encode_settings
-    from imnet_assets.core.outroot import manifest_url, state_url
-    from imnet_assets.core.plan import read_index
-    from imnet_assets.core.shard import code_version, fingerprint
+    from imnet_assets.release.outroot import manifest_url, state_url
+    from imnet_assets.release.plan import read_index
+    from imnet_assets.stages.audit import encode_settings
+    from imnet_assets.stages.shard import code_version, fingerprint
+    from imnet_assets.storage import fs
+    from imnet_assets.storage.catalog import Catalog
 
     settings = scale_settings(args.work)
     enc = encode_settings(settings)
@@ -214,7 +214,7 @@ def stage_manifests(args) -> dict:
 
 
 def stage_audit(args) -> dict:
-    from imnet_assets.core.audit import run_audit
+    from imnet_assets.stages.audit import run_audit
 
     report = run_audit(scale_settings(args.work), "bench-scale", log=lambda _m: None)
     r = report.reconcile
@@ -223,7 +223,7 @@ def stage_audit(args) -> dict:
 
 
 def stage_verify_setup(args) -> dict:
-    from imnet_assets.catalog import Catalog
+    from imnet_assets.storage.catalog import Catalog
 
     settings = scale_settings(args.work)
     with Catalog(settings.catalog) as cat:
@@ -238,8 +238,8 @@ def stage_verify_setup(args) -> dict:
 def stage_verify(args) -> dict:
     import contextlib
 
-    from imnet_assets.catalog import Catalog
     from imnet_assets.cli import main as imnet
+    from imnet_assets.storage.catalog import Catalog
 
     settings = scale_settings(args.work)
     with Catalog(settings.catalog, read_only=True) as cat:
@@ -356,14 +356,14 @@ def sha256_file(path: str) -> int:
 def hash_only(paths: list[Path], workers: int) -> int:
     """The scan's ceiling: sha256 of every tar's bytes, nothing else, with the scan's workers and
     pool. The index must hash every member (catalog `images.sha256`), so no scan beats this."""
-    from imnet_assets.core.procpool import process_pool
+    from imnet_assets.runtime.procpool import process_pool
 
     with process_pool(workers) as pool:
         return sum(pool.map(sha256_file, [str(p) for p in paths]))
 
 
 def scan(paths: list[Path], workers: int) -> int:
-    from imnet_assets.core.index import scan_tars
+    from imnet_assets.stages.index import scan_tars
 
     return sum(len(recs) for _url, recs in scan_tars([str(p) for p in paths], workers))
 

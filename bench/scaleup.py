@@ -44,10 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from encode import SHARD, release  # noqa: E402
 from report import met, print_table, spread  # noqa: E402
 
-from imnet_assets.core import procpool  # noqa: E402
-from imnet_assets.core.encode import Encoded, EncodeSettings  # noqa: E402
-from imnet_assets.core.shard import build_shard  # noqa: E402
-from imnet_assets.core.verify import CHECK_CHUNK_BYTES  # noqa: E402
+from imnet_assets.image.encode import Encoded, EncodeSettings
+from imnet_assets.release.verify import CHECK_CHUNK_BYTES
+from imnet_assets.runtime import workerpool
+from imnet_assets.stages.shard import build_shard
 
 _TICK = os.sysconf("SC_CLK_TCK")
 REAL_SHARD = 12_843  # images in one shard of the real release (13,151,276 / 1,024)
@@ -85,7 +85,7 @@ def own_cpu() -> float:
 
 def shard_run(settings, enc: EncodeSettings, workers: int, encode=None) -> dict:
     """One build_shard, with the CPU of the coordinator and of each pool worker, per image."""
-    pool = procpool.shared_pool(workers)
+    pool = workerpool.shared_pool(workers)
     deadline = time.monotonic() + 60
     while len(pool.pids()) != workers and time.monotonic() < deadline:  # started (the first time)
         time.sleep(0.05)

@@ -40,7 +40,7 @@ from cpuload import Sample, measure, proc_stats  # noqa: E402
 from encode import release, sources_of  # noqa: E402
 from report import met, print_table, spread  # noqa: E402
 
-from imnet_assets.core.encode import EncodeSettings, bare_chain  # noqa: E402
+from imnet_assets.image.encode import EncodeSettings, bare_chain
 from imnet_assets.settings import Settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

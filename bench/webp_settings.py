@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import photo_release  # noqa: E402
 
-from imnet_assets.core.encode import EncodeSettings, ImageRejected, encode_image  # noqa: E402
+from imnet_assets.image.decode import ImageRejected
+from imnet_assets.image.encode import EncodeSettings, encode_image
 from imnet_assets.settings import DEFAULT_WEBP_METHOD, DEFAULT_WEBP_QUALITY  # noqa: E402
 
 CARD_RATIO = 0.56
@@ -39,12 +40,13 @@ CARD_RATIO = 0.56
 def reference_pixels(data: bytes) -> np.ndarray:
     """The RGB pixels the encoder hands to WebP (decode with draft, RGB, resize), via a lossless
     round trip through the bare chain's steps."""
-    from imnet_assets.core.encode import RESAMPLE, _is_draftable, open_image, target_size
+    from imnet_assets.image.decode import is_draftable, open_image, target_size
+    from imnet_assets.image.encode import RESAMPLE
 
     img = open_image(data)
     target = target_size(img.width, img.height)
     box = None
-    if target != img.size and _is_draftable(img):
+    if target != img.size and is_draftable(img):
         drafted = img.draft(img.mode, target)
         if drafted is not None:
             box = drafted[1]

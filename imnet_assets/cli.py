@@ -13,10 +13,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .core.fs import StorageError
-from .orchestrate.build import OutRootBusy
-from .orchestrate.interrupts import first_done, stop_on_signals
-from .settings import Settings, SettingsError, apply_env_file, shard_key
+from imnet_assets.orchestrate.build import OutRootBusy
+from imnet_assets.orchestrate.interrupts import first_done, stop_on_signals
+from imnet_assets.settings import Settings, SettingsError, apply_env_file, shard_key
+from imnet_assets.storage.fs import StorageError
 
 DEMO_SHARDS = 8
 STATUS_WAIT_S = 10.0  # how long `imnet status` waits for a catalog writer before reporting without it
@@ -52,7 +52,7 @@ def parse_shards(spec: str | None, keys: list[str]) -> list[str]:
 
 
 def cmd_sample_raw(args) -> int:
-    from .core.sample_raw import write_sample_raw
+    from imnet_assets.sample.sample_raw import write_sample_raw
 
     summary = write_sample_raw(args.dir, synsets=args.synsets, images=args.images, seed=args.seed, layout=args.layout)
     what = "synset folders" if args.layout == "folders" else "synset tars"
@@ -63,7 +63,7 @@ def cmd_sample_raw(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from .orchestrate.build import build
+    from imnet_assets.orchestrate.build import build
 
     s = Settings.from_env()  # a configuration error before any process starts or anything is written
     return build(s, parse_shards(args.shards, s.partition_keys), verbose=args.verbose, keep_going=args.keep_going,
@@ -96,7 +96,7 @@ def write_env_settings(path: Path, wanted: dict[str, str]) -> tuple[dict[str, st
     Returns (what was added, the names it already had)."""
     from dotenv import dotenv_values
 
-    from .core import fs
+    from imnet_assets.storage import atomic
 
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     have = dotenv_values(path) if path.exists() else {}
@@ -107,16 +107,16 @@ def write_env_settings(path: Path, wanted: dict[str, str]) -> tuple[dict[str, st
             text += "\n"
         text += "# written by `imnet demo` (the environment wins over this file)\n"
         text += "".join(f"{name}={_env_value(value)}\n" for name, value in added.items())
-        fs.write_atomic(str(path), text.encode("utf-8"))
+        atomic.write_atomic(str(path), text.encode("utf-8"))
     return added, kept
 
 
 def cmd_demo(args) -> int:
-    from .core import fs
-    from .core.sample_raw import write_sample_raw
-    from .orchestrate.build import build
-    from .orchestrate.instance import prepare_dagster_home
-    from .settings import env_file, project_root
+    from imnet_assets.orchestrate.build import build
+    from imnet_assets.orchestrate.instance import prepare_dagster_home
+    from imnet_assets.sample.sample_raw import write_sample_raw
+    from imnet_assets.settings import env_file, project_root
+    from imnet_assets.storage import fs
 
     root = project_root()
     added, kept = write_env_settings(env_file(root), demo_settings(root))
@@ -144,14 +144,15 @@ def cmd_demo(args) -> int:
 def cmd_status(args) -> int:
     from collections import Counter
 
-    from .catalog import CatalogBusy, open_reader
-    from .core import changed_sources, fs
-    from .core.audit import plan_mismatch
-    from .core.plan import read_index
-    from .core.stages import stale_stages
-    from .orchestrate.instance import dagster_instance
-    from .schedules import shard_partition_status
-    from .settings import dagster_home, env_file, project_root
+    from imnet_assets.defs.schedules import shard_partition_status
+    from imnet_assets.orchestrate.instance import dagster_instance
+    from imnet_assets.release import changed_sources
+    from imnet_assets.release.plan import read_index
+    from imnet_assets.settings import dagster_home, env_file, project_root
+    from imnet_assets.stages.audit import plan_mismatch
+    from imnet_assets.stages.catalog_stages import stale_stages
+    from imnet_assets.storage import fs
+    from imnet_assets.storage.catalog import CatalogBusy, open_reader
 
     s = Settings.from_env()
     root = project_root()
@@ -218,7 +219,7 @@ def cmd_status(args) -> int:
 def _audit_state(s: Settings, recorded: str | None, not_fresh: list[str]) -> str:
     """The audit: fresh (its record in the catalog is the fingerprint of the shards as they are
     now), stale, or not built."""
-    from .core.audit import audit_fingerprint
+    from imnet_assets.stages.audit import audit_fingerprint
 
     if recorded is None:
         return "not built"
@@ -228,9 +229,9 @@ def _audit_state(s: Settings, recorded: str | None, not_fresh: list[str]) -> str
 
 
 def cmd_lineage(args) -> int:
-    from .catalog import open_reader
-    from .core import fs
-    from .core.rawfolders import describe_source
+    from imnet_assets.storage import fs
+    from imnet_assets.storage.catalog import open_reader
+    from imnet_assets.storage.rawfolders import describe_source
 
     s = Settings.from_env()
     with open_reader(s.catalog) as cat:
@@ -279,7 +280,7 @@ def _catalog_rows(path: str, shards: list[dict], release: str = "") -> Iterator[
     import tempfile
     import zlib
 
-    from .catalog import open_reader
+    from imnet_assets.storage.catalog import open_reader
 
     with tempfile.TemporaryFile(prefix="imnet-verify-") as spool:
         where: dict[str, tuple[int, int]] = {}
@@ -337,13 +338,13 @@ class _Progress:
 def _checked(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], decode: bool):
     """(shard record, problems) per task, checked in `jobs` processes (here when 1), as they
     finish; at most jobs + 2 shards' rows are in memory."""
-    from .core.verify import verify_catalog_shard
+    from imnet_assets.release.verify import verify_catalog_shard
 
     if jobs <= 1:
         for sh, url, rows in tasks:
             yield sh, verify_catalog_shard(url, sh, rows, decode)
         return
-    from .core.procpool import process_pool
+    from imnet_assets.runtime.procpool import process_pool
 
     with process_pool(jobs) as pool:
         pending: dict = {}
@@ -365,9 +366,9 @@ def _verify_info(s: Settings, shards: list[dict]) -> list[str]:
     in the same splits, with their sample counts and totals."""
     import json
 
-    from .core import fs
-    from .core.audit import info_differences
-    from .core.info import info_document
+    from imnet_assets.release.info import info_document
+    from imnet_assets.stages.audit import info_differences
+    from imnet_assets.storage import fs
 
     url = fs.join(s.out_root, "_info.json")
     if not fs.exists(url):
@@ -388,7 +389,7 @@ def _as_built(s: Settings) -> Settings:
     holdout), which `imnet demo` chooses itself when IMNET_NUM_SHARDS is not set."""
     import dataclasses
 
-    from .core.plan import read_index
+    from imnet_assets.release.plan import read_index
 
     index = read_index(s.out_root)
     if index is None:
@@ -398,9 +399,9 @@ def _as_built(s: Settings) -> Settings:
 
 
 def cmd_verify(args) -> int:
-    from .catalog import open_reader
-    from .core import fs
-    from .core.audit import conservation_problems, stray_problem, stray_shards
+    from imnet_assets.stages.audit import conservation_problems, stray_problem, stray_shards
+    from imnet_assets.storage import fs
+    from imnet_assets.storage.catalog import open_reader
 
     s = _as_built(Settings.from_env())
     wanted = parse_shards(args.shards, s.partition_keys)
@@ -502,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.command in ("build", "demo", "verify"):
         stop_on_signals()
-    from .catalog import CatalogDamaged
+    from imnet_assets.storage.catalog import CatalogDamaged
 
     try:
         # the project's .env under the environment, for this process and what it starts (DAGSTER_HOME, AWS_*)

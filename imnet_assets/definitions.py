@@ -2,10 +2,17 @@
 
 from dagster import Definitions, in_process_executor
 
-from .assets import filtered_index, raw_tars, shard_audit, shuffled_plan, synset_manifest, wds_shards
-from .schedules import make as make_schedules
-from .settings import Settings
-from .shard_sensor import make as make_shard_sensor
+from imnet_assets.defs.assets import (
+    filtered_index,
+    raw_tars,
+    shard_audit,
+    shuffled_plan,
+    synset_manifest,
+    wds_shards,
+)
+from imnet_assets.defs.schedules import make as make_schedules
+from imnet_assets.defs.shard_sensor import make as make_shard_sensor
+from imnet_assets.settings import Settings
 
 
 def build_definitions(settings: Settings) -> Definitions:

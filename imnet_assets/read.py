@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .core import fs, prefetch
+from imnet_assets.storage import fs, prefetch
 
 
 def info(out_root: str) -> dict:
@@ -74,7 +74,7 @@ def dataset(out_root: str | None = None, split: str = "train", lemmas: bool = Fa
     With IMNET_ALT_LABELS=in1k, `split="train_in1k"` yields the ImageNet-1k label and skips the
     samples of other synsets, as timm does."""
     if out_root is None:
-        from .settings import Settings
+        from imnet_assets.settings import Settings
 
         out_root = Settings.from_env().out_root
     out_root = out_root.rstrip("/")

@@ -15,8 +15,8 @@ from pathlib import Path
 import duckdb
 import webdataset as wds
 
-from imnet_assets.core.encode import target_size
-from imnet_assets.core.plan import shard_sizes
+from imnet_assets.image.decode import target_size
+from imnet_assets.release.plan import shard_sizes
 from imnet_assets.settings import DEFAULT_SHARD_PATTERN
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from imnet_assets.core.sample_raw import write_sample_raw
+from imnet_assets.sample.sample_raw import write_sample_raw
 from imnet_assets.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,7 +58,7 @@ def build_env(tmp_path: Path, raw: Path | str, **extra: str) -> dict[str, str]:
 def shard_verdict(out_root, key: str, name: str, expected_fingerprint: str | None) -> str:
     """One shard's "fresh", "missing" or "stale", judged as `imnet build`, `imnet status` and the
     schedule judge it (freshness.shard_states)."""
-    from imnet_assets.core.freshness import shard_states
+    from imnet_assets.release.freshness import shard_states
 
     expected = {key: expected_fingerprint} if expected_fingerprint is not None else {}
     return shard_states(str(out_root), [key], [name], expected)[key]
@@ -83,7 +83,7 @@ def local_settings(raw: Path | str, folder: Path | str, **env) -> Settings:
 
 def build_catalog_stages(settings: Settings) -> dict:
     """raw_tars, synset_manifest, filtered_index and shuffled_plan, without Dagster; the plan's facts."""
-    from imnet_assets.core import stages
+    from imnet_assets.stages import catalog_stages as stages
 
     def quiet(_msg: str) -> None:
         pass

@@ -5,10 +5,10 @@ the manifest say the shard must hold, where `imnet verify` feeds it the catalog'
 
 from __future__ import annotations
 
-from imnet_assets.core import fs
-from imnet_assets.core.outroot import read_manifest
-from imnet_assets.core.plan import read_slice
-from imnet_assets.core.verify import ExpectedSample, read_back
+from imnet_assets.release.outroot import read_manifest
+from imnet_assets.release.plan import read_slice
+from imnet_assets.release.verify import ExpectedSample, read_back
+from imnet_assets.storage import fs
 
 
 def expected_from_plan(out_root: str, shard_key: str, manifest: dict) -> tuple[list[ExpectedSample], list[str]]:

@@ -7,8 +7,8 @@ import shutil
 import duckdb
 import pytest
 
-from imnet_assets import catalog as catalog_mod
-from imnet_assets.catalog import Catalog, _statements, sql
+from imnet_assets.storage import catalog as catalog_mod
+from imnet_assets.storage.catalog import Catalog, _statements, sql
 
 # SPEC "Catalog": tables with at least these columns.
 SPEC_COLUMNS = {
@@ -138,8 +138,8 @@ def test_freshness_is_read_while_another_process_reads_the_catalog(tmp_path):
     import subprocess
     import sys
 
-    from imnet_assets.core import stages
-    from imnet_assets.core.sample_raw import write_sample_raw
+    from imnet_assets.sample.sample_raw import write_sample_raw
+    from imnet_assets.stages import catalog_stages as stages
     from tests.conftest import build_catalog_stages, local_settings
 
     write_sample_raw(tmp_path / "raw", synsets=2, images=6, seed=0)

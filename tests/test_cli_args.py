@@ -80,7 +80,7 @@ def test_an_unreachable_s3_endpoint_is_a_clear_error_naming_it(tmp_path):
 
 
 def test_refused_credentials_are_named_as_such():
-    from imnet_assets.core import fs
+    from imnet_assets.storage import fs
 
     err = fs._storage_error("s3://b/raw", "list", PermissionError("Forbidden"))
     assert isinstance(err, OSError) and not isinstance(err, FileNotFoundError)
@@ -108,7 +108,7 @@ def test_lock_holder_names_the_writing_process():
     import os
     import sys
 
-    from imnet_assets.catalog import lock_holder
+    from imnet_assets.storage.catalog import lock_holder
 
     msg = (f'IO Error: Could not set lock on file "/x/catalog.duckdb": Conflicting lock is held in '
            f'{sys.executable} (PID {os.getpid()}). See also https://duckdb.org/docs/current/connect/concurrency')
@@ -155,7 +155,7 @@ def test_build_refuses_an_out_root_overlapping_the_raw_root_before_writing_anyth
     import sys
     import time
 
-    from imnet_assets.core.sample_raw import write_sample_raw
+    from imnet_assets.sample.sample_raw import write_sample_raw
     from tests.conftest import build_env, dagster_home
 
     raw = tmp_path / "data" / "raw"

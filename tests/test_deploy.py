@@ -133,4 +133,4 @@ def test_docker_host_is_sized_for_1024_partitions():
             assert int(env[name]) >= MIN_TICK_SECONDS, (service, name)
     instance = yaml.safe_load((DOCKER / "dagster.yaml").read_text())
     assert instance["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
-    assert instance["run_launcher"]["module"] == "imnet_assets.launcher"
+    assert instance["run_launcher"]["module"] == "imnet_assets.defs.launcher"

@@ -1,5 +1,6 @@
-"""The package's import graph has no circles (issue 23): each module imports only modules that do
-not import it back, directly or through others, whether at the top or inside a function."""
+"""The package's shape (issue 23): its import graph has no circles (each module imports only modules
+that do not import it back, directly or through others, whether at the top or inside a function),
+no module imports from a layer above its own, and no module outgrows what one reader holds."""
 
 from __future__ import annotations
 
@@ -71,8 +72,8 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_the_imports_it_should():
     graph = import_graph()
-    assert "imnet_assets.core.fs" in graph["imnet_assets.core.prefetch"]
-    assert "imnet_assets.core.outroot" in graph["imnet_assets.core.shard"]
+    assert "imnet_assets.storage.fs" in graph["imnet_assets.storage.prefetch"]
+    assert "imnet_assets.release.outroot" in graph["imnet_assets.stages.shard"]
 
 
 def test_the_package_has_no_import_circles():
@@ -81,4 +82,47 @@ def test_the_package_has_no_import_circles():
 
 def test_storage_does_not_import_the_process_pool():
     graph = import_graph()
-    assert "imnet_assets.core.procpool" not in graph["imnet_assets.core.fs"]
+    assert "imnet_assets.runtime.procpool" not in graph["imnet_assets.storage.fs"]
+
+
+# Low to high: a module may import its own layer and the ones below it, never one above.
+LAYERS = [
+    ("settings", "runtime"),  # what every layer reads: the configuration, processes and hosts
+    ("storage",),  # files local and on S3, ranged reads, the raw tar walk and listing, the catalog
+    ("image",),  # one image: probe, the encode chain, perceptual hash
+    ("release",),  # the out root: paths, commit records, plan slices, _info.json, card, checks, leases
+    ("sample", "stages"),  # the synthetic raw release; one plain module per stage
+    ("defs",),  # the thin Dagster layer
+    ("definitions", "orchestrate"),  # the Definitions object; how `imnet build` drives Dagster
+    ("cli", "read"),  # the commands; the reader users import
+]
+
+
+def layer_of(module: str) -> int:
+    top = module.split(".")[1] if "." in module else ""
+    for number, names in enumerate(LAYERS):
+        if top in names:
+            return number
+    raise AssertionError(f"{module} belongs to no layer: add its folder to LAYERS")
+
+
+def test_every_module_has_a_layer_and_imports_nothing_above_it():
+    graph = import_graph()
+    upward = [f"{m} -> {t}" for m in graph if m != "imnet_assets" for t in sorted(graph[m])
+              if t != "imnet_assets" and layer_of(t) > layer_of(m)]
+    assert upward == []
+
+
+def test_plain_layers_know_nothing_of_dagster():
+    # settings is left out on purpose: it checks a cron string with the schedule's own parser
+    plain = {"runtime", "storage", "image", "release", "sample", "stages"}
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).parts
+        if parts[0].removesuffix(".py") not in plain:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(PACKAGE)}: {n}" for n in names if n.split(".")[0].startswith("dagster")]
+    assert offenders == []

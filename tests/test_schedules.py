@@ -37,10 +37,10 @@ from dagster import (
 from dagster._core.remote_origin import InProcessCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
-from imnet_assets import schedules
-from imnet_assets.assets import wds_shards
-from imnet_assets.core.outroot import state_url
 from imnet_assets.definitions import build_definitions
+from imnet_assets.defs import schedules
+from imnet_assets.defs.assets import wds_shards
+from imnet_assets.release.outroot import state_url
 from imnet_assets.settings import Settings
 from tests.conftest import REPO, build_env, dagster_home, dead_pid, imnet, other_pid_namespace, settings_of
 

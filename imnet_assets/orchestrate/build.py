@@ -10,11 +10,14 @@ import threading
 import time
 from collections.abc import Iterator
 
-from ..core.fs import redact
-from ..settings import Settings
-from .dagster_quirks import console_kept_through_output_capture, skip_per_run_logging_config
-from .instance import dagster_instance
-from .interrupts import end_now_leaving_runs, first_done
+from imnet_assets.orchestrate.dagster_quirks import (
+    console_kept_through_output_capture,
+    skip_per_run_logging_config,
+)
+from imnet_assets.orchestrate.instance import dagster_instance
+from imnet_assets.orchestrate.interrupts import end_now_leaving_runs, first_done
+from imnet_assets.settings import Settings
+from imnet_assets.storage.fs import redact
 
 BUILD_LEASE = "build"  # <out root>/_locks/build/: the lease of the build writing the out root
 
@@ -28,7 +31,7 @@ class Build:
 
     def __init__(self, settings: Settings, out=sys.stdout, verbose: bool = False, keep_going: bool = False,
                  parallel: int | None = None):
-        from ..definitions import build_definitions
+        from imnet_assets.definitions import build_definitions
 
         self.settings = settings
         self.defs = build_definitions(settings)
@@ -53,7 +56,7 @@ class Build:
     def materialize(self, selection: list[str], partition_key: str | None = None):
         from dagster import materialize
 
-        from ..schedules import worker_place
+        from imnet_assets.defs.schedules import worker_place
 
         result = materialize(
             self.assets, selection=selection, partition_key=partition_key, instance=self.instance,
@@ -82,7 +85,7 @@ class Build:
         what it was about to do, which a build that just ended may have done. Raises OutRootBusy
         naming the holder when another build holds it; a holder whose process is gone (kill -9),
         or of another host that stopped renewing it, is taken over."""
-        from ..core.lease import LeaseHeld, LeaseLost, acquire
+        from imnet_assets.release.lease import LeaseHeld, LeaseLost, acquire
 
         if self.lease is not None:
             try:
@@ -104,7 +107,7 @@ class Build:
     def refuse_if_held(self) -> None:
         """Refuse at once when another build holds the out root, before reading the catalog (a
         reader waits for the catalog's writer: at full size the index stage holds it for an hour)."""
-        from ..core.lease import describe, holder_of
+        from imnet_assets.release.lease import describe, holder_of
 
         held = holder_of(self.settings.out_root, BUILD_LEASE)
         if held is not None:
@@ -127,7 +130,7 @@ class Build:
 
     def _shards_to_build(self, wanted: list[str]) -> tuple[list[str], list[str]]:
         """(partitions to build, partitions with a run in flight elsewhere) of those wanted."""
-        from ..schedules import shard_partition_status
+        from imnet_assets.defs.schedules import shard_partition_status
 
         status = shard_partition_status(self.settings, self.instance)
         todo = [k for k in wanted if status[k] != "fresh"]
@@ -135,9 +138,9 @@ class Build:
         return [k for k in todo if k not in busy], busy
 
     def _run(self, wanted: list[str]) -> int:
-        from ..catalog import CatalogVolumeMissing, check_catalog_volume
-        from ..core.stages import stale_stages
-        from ..schedules import fail_dead_runs
+        from imnet_assets.defs.schedules import fail_dead_runs
+        from imnet_assets.stages.catalog_stages import stale_stages
+        from imnet_assets.storage.catalog import CatalogVolumeMissing, check_catalog_volume
 
         s = self.settings
         self.say(f"imnet build: raw {s.raw_root} -> out {s.out_root}, catalog {s.catalog}, "
@@ -191,7 +194,7 @@ class Build:
         return 0
 
     def _audit_fresh(self, built: list[str]) -> bool:
-        from ..core.audit import audit_fingerprint
+        from imnet_assets.stages.audit import audit_fingerprint
 
         fp = audit_fingerprint(self.settings)
         return not built and fp is not None and self._stage_fp("shard_audit") == fp
@@ -227,7 +230,7 @@ class Build:
         if self.settings.workers > 1:
             # The encode workers (and their forkserver's imports) start now, while the first runs
             # are being set up in Dagster, instead of when the first run asks for them.
-            from ..core.procpool import shared_pool
+            from imnet_assets.runtime.workerpool import shared_pool
 
             shared_pool(self.settings.workers)
         with console_kept_through_output_capture(self):
@@ -292,7 +295,7 @@ class Build:
         pool.shutdown(wait=True)
 
     def _stage_fp(self, stage: str) -> str | None:
-        from ..catalog import open_reader
+        from imnet_assets.storage.catalog import open_reader
 
         if not os.path.exists(self.settings.catalog):
             return None
@@ -331,7 +334,7 @@ def build(settings: Settings, wanted: list[str], verbose: bool = False, keep_goi
     """`imnet build` for the shard partitions `wanted`: its exit code. Ctrl-C / SIGTERM raise
     KeyboardInterrupt, unless shard runs are left going in other threads: then the process ends
     at once (end_now_leaving_runs says why it must)."""
-    from ..core.procpool import start_forkserver
+    from imnet_assets.runtime.procpool import start_forkserver
 
     start_forkserver()  # its imports overlap Dagster's; scan and encode workers then fork at once
     runner = Build(settings, verbose=verbose, keep_going=keep_going, parallel=parallel)

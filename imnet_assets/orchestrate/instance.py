@@ -22,7 +22,7 @@ def dagster_instance(prepare_out=None):
     from dagster import DagsterInstance
     from filelock import FileLock
 
-    from ..settings import dagster_home
+    from imnet_assets.settings import dagster_home
 
     if prepare_out is not None:
         home = dagster_home()
@@ -53,7 +53,7 @@ def dagster_instance(prepare_out=None):
 
 def dagster_yaml_source() -> Path | None:
     """The project's dagster.yaml: the project root's, else the one beside this package's source."""
-    from ..settings import project_root
+    from imnet_assets.settings import project_root
 
     for folder in (project_root(), Path(__file__).resolve().parents[2]):
         if (folder / "dagster.yaml").is_file():
@@ -67,7 +67,7 @@ def prepare_dagster_home(out=sys.stdout) -> Path:
     and `telemetry: false`)."""
     import shutil
 
-    from ..settings import dagster_home
+    from imnet_assets.settings import dagster_home
 
     home = dagster_home()
     os.environ["DAGSTER_HOME"] = str(home)

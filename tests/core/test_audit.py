@@ -15,7 +15,12 @@ import duckdb
 import pytest
 import webdataset as wds
 
-from imnet_assets.core.audit import (
+from imnet_assets.release.info import DATASET_NAME, info_url
+from imnet_assets.release.outroot import manifest_url
+from imnet_assets.release.plan import read_index, shard_sizes
+from imnet_assets.sample.sample_raw import write_sample_raw
+from imnet_assets.settings import Settings
+from imnet_assets.stages.audit import (
     audit_fingerprint,
     check_info,
     encode_settings,
@@ -24,12 +29,7 @@ from imnet_assets.core.audit import (
     run_audit,
     stray_shards,
 )
-from imnet_assets.core.info import DATASET_NAME, info_url
-from imnet_assets.core.outroot import manifest_url
-from imnet_assets.core.plan import read_index, shard_sizes
-from imnet_assets.core.sample_raw import write_sample_raw
-from imnet_assets.core.shard import build_shard
-from imnet_assets.settings import Settings
+from imnet_assets.stages.shard import build_shard
 from tests.conftest import build_catalog_stages, local_settings
 
 QUIET = lambda _m: None  # noqa: E731
@@ -229,8 +229,8 @@ def test_remote_out_root_loads_every_manifest_in_one_statement(copy):
     DuckDB; the spool is gone afterwards, and a killed audit's leftover spool is swept."""
     import fsspec
 
-    from imnet_assets.catalog import Catalog
-    from imnet_assets.core import audit as audit_module
+    from imnet_assets.stages import audit as audit_module
+    from imnet_assets.storage.catalog import Catalog
 
     mem = fsspec.filesystem("memory")
     root = "memory://audit-remote/out"

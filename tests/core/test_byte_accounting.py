@@ -12,9 +12,9 @@ import tarfile
 
 import pytest
 
-from imnet_assets.core.index import ReadShort, check_accounted, scan_tar
-from imnet_assets.core.rawtar import ByteCount, Damage, _iter_fileobj, iter_tar
-from imnet_assets.core.sample_raw import write_sample_raw
+from imnet_assets.sample.sample_raw import write_sample_raw
+from imnet_assets.stages.index import ReadShort, check_accounted, scan_tar
+from imnet_assets.storage.rawtar import ByteCount, Damage, _iter_fileobj, iter_tar
 from tests.core.test_rawtar import FILES, jpeg, layout, make_tar
 
 

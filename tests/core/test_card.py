@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from imnet_assets.core.card import front_matter, render, size_category
+from imnet_assets.release.card import front_matter, render, size_category
 
 
 def facts(**extra) -> dict:

@@ -14,14 +14,15 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from imnet_assets.core import changed_sources, stages
-from imnet_assets.core.audit import encode_settings, run_audit
-from imnet_assets.core.changed_sources import SourceChanged
-from imnet_assets.core.fs import read_json
-from imnet_assets.core.outroot import state_url
-from imnet_assets.core.sample_raw import write_sample_raw
-from imnet_assets.core.shard import build_shard
+from imnet_assets.release import changed_sources
+from imnet_assets.release.changed_sources import SourceChanged
+from imnet_assets.release.outroot import state_url
+from imnet_assets.sample.sample_raw import write_sample_raw
 from imnet_assets.settings import Settings
+from imnet_assets.stages import catalog_stages as stages
+from imnet_assets.stages.audit import encode_settings, run_audit
+from imnet_assets.stages.shard import build_shard
+from imnet_assets.storage.fs import read_json
 from tests.conftest import build_catalog_stages, local_settings
 
 QUIET = lambda _m: None  # noqa: E731

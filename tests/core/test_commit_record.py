@@ -8,10 +8,10 @@ import os
 
 import pytest
 
-from imnet_assets.core.fs import read_json
-from imnet_assets.core.outroot import state_url
-from imnet_assets.core.plan import write_slice
-from imnet_assets.core.shard import ShardChangedDuringCheck, build_shard
+from imnet_assets.release.outroot import state_url
+from imnet_assets.release.plan import write_slice
+from imnet_assets.stages.shard import ShardChangedDuringCheck, build_shard
+from imnet_assets.storage.fs import read_json
 from tests.conftest import shard_verdict
 from tests.core.test_shard import ENC, KEY, NAME, ORDER, planned
 

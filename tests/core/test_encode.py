@@ -12,23 +12,25 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from imnet_assets.core.encode import (
+from imnet_assets.image.decode import (
     MAX_COEFFICIENT_BYTES,
     MAX_FULL_DECODE_PIXELS,
-    RESAMPLE,
-    Encoded,
-    EncodeSettings,
     ImageRejected,
-    _to_rgb_resized,
-    bare_chain,
     coefficient_bytes,
-    encode_image,
-    filter_exif,
     open_image,
     plan_decode,
     target_size,
 )
-from imnet_assets.core.photos import make_photo
+from imnet_assets.image.encode import (
+    RESAMPLE,
+    Encoded,
+    EncodeSettings,
+    _to_rgb_resized,
+    bare_chain,
+    encode_image,
+)
+from imnet_assets.image.exif import filter_exif
+from imnet_assets.sample.photos import make_photo
 
 S = EncodeSettings()
 REPO = Path(__file__).resolve().parents[2]
@@ -650,7 +652,7 @@ def test_huge_jpeg_memory_bounded(huge_jpeg, tmp_path):
     # VmHWM (peak RSS of this process image); ru_maxrss would carry over pytest's peak through exec
     code = (
         "import re, sys\n"
-        "from imnet_assets.core.encode import encode_image, EncodeSettings\n"
+        "from imnet_assets.image.encode import encode_image, EncodeSettings\n"
         "e = encode_image(open(sys.argv[1], 'rb').read(), EncodeSettings())\n"
         "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
         "print(e.width, e.height, hwm)\n"
@@ -712,7 +714,8 @@ def test_progressive_too_large_memory_bounded(tmp_path):
     code = (
         "import re, resource, sys\n"
         "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
-        "from imnet_assets.core.encode import encode_image, coefficient_bytes, open_image, ImageRejected\n"
+        "from imnet_assets.image.encode import encode_image, ImageRejected\n"
+        "from imnet_assets.image.decode import coefficient_bytes, open_image\n"
         "def hwm(): return int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))\n"
         "for path in sys.argv[1:]:\n"
         "    data = open(path, 'rb').read()\n"

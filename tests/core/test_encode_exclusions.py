@@ -15,12 +15,12 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from imnet_assets.catalog import Catalog
-from imnet_assets.core import stages
-from imnet_assets.core.audit import encode_settings, expected_shard_fingerprints, run_audit
-from imnet_assets.core.probe import probe_image
-from imnet_assets.core.sample_raw import write_sample_raw
-from imnet_assets.core.shard import build_shard
+from imnet_assets.image.probe import probe_image
+from imnet_assets.sample.sample_raw import write_sample_raw
+from imnet_assets.stages import catalog_stages as stages
+from imnet_assets.stages.audit import encode_settings, expected_shard_fingerprints, run_audit
+from imnet_assets.stages.shard import build_shard
+from imnet_assets.storage.catalog import Catalog
 from tests.conftest import build_catalog_stages, local_settings, shard_verdict
 from tests.core.test_shard import write_raw_tar
 

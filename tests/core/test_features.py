@@ -18,15 +18,16 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from imnet_assets.catalog import Catalog
-from imnet_assets.core import perceptual, stages
-from imnet_assets.core.altlabels import in1k_labels
-from imnet_assets.core.audit import check_info, encode_settings, run_audit
-from imnet_assets.core.card import card_url
-from imnet_assets.core.info import info_url
-from imnet_assets.core.photos import make_photo
-from imnet_assets.core.shard import build_shard
-from imnet_assets.core.verify import iter_samples
+from imnet_assets.image import perceptual
+from imnet_assets.release.altlabels import in1k_labels
+from imnet_assets.release.card import card_url
+from imnet_assets.release.info import info_url
+from imnet_assets.release.verify import iter_samples
+from imnet_assets.sample.photos import make_photo
+from imnet_assets.stages import catalog_stages as stages
+from imnet_assets.stages.audit import check_info, encode_settings, run_audit
+from imnet_assets.stages.shard import build_shard
+from imnet_assets.storage.catalog import Catalog
 from tests.conftest import build_catalog_stages, local_settings
 from tests.core.test_shard import write_raw_tar
 
@@ -314,7 +315,7 @@ def test_the_filtered_index_asset_shows_duplicates_and_eval_overlaps_in_dagster(
     counts and the largest duplicate groups."""
     from dagster import AssetKey, DagsterInstance, materialize
 
-    from imnet_assets.assets import filtered_index, raw_tars, synset_manifest
+    from imnet_assets.defs.assets import filtered_index, raw_tars, synset_manifest
 
     s = settings_for(tmp_path, built.rel)
     with DagsterInstance.ephemeral() as instance:
@@ -334,7 +335,7 @@ def test_an_s3_eval_prefix_hashes_like_the_same_local_folder(built, monkeypatch)
     server give the same names and hashes as the local folder."""
     import uuid
 
-    from imnet_assets.core.decontam import eval_listing, hash_eval_set
+    from imnet_assets.stages.decontam import eval_listing, hash_eval_set
     from tests.s3server import MotoS3
 
     local = sorted(hash_eval_set(eval_listing(str(built.rel.eval)), 2, QUIET))
@@ -365,7 +366,7 @@ def test_settings_read_the_three_variables_and_refuse_unknown_modes():
 
 
 def test_a_missing_eval_folder_is_a_clear_error(tmp_path):
-    from imnet_assets.core.decontam import eval_listing
+    from imnet_assets.stages.decontam import eval_listing
 
     with pytest.raises(FileNotFoundError, match="IMNET_EVAL_EXCLUDE"):
         eval_listing(str(tmp_path / "nowhere"))

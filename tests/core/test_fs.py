@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from imnet_assets.core import fs, prefetch
+from imnet_assets.storage import atomic, fs, prefetch
 
 
 def test_join_basename_dirname_local(tmp_path):
@@ -50,7 +50,7 @@ def test_listdir_lists_files_only_sorted(tmp_path):
 
 def test_atomic_open_commits_only_on_success(tmp_path):
     target = tmp_path / "deep" / "folder" / "shard.tar"
-    with fs.atomic_open(str(target)) as f:
+    with atomic.atomic_open(str(target)) as f:
         f.write(b"part one ")
         # Not visible at the final path until the block ends.
         assert not target.exists()
@@ -61,7 +61,7 @@ def test_atomic_open_commits_only_on_success(tmp_path):
 
 def test_atomic_open_leaves_nothing_on_exception(tmp_path):
     target = tmp_path / "shard.tar"
-    with pytest.raises(RuntimeError, match="boom"), fs.atomic_open(str(target)) as f:
+    with pytest.raises(RuntimeError, match="boom"), atomic.atomic_open(str(target)) as f:
         f.write(b"half a shard")
         raise RuntimeError("boom")
     assert not target.exists()
@@ -70,8 +70,8 @@ def test_atomic_open_leaves_nothing_on_exception(tmp_path):
 
 def test_atomic_open_keeps_the_old_file_when_a_rewrite_fails(tmp_path):
     target = tmp_path / "shard.tar"
-    fs.write_atomic(str(target), b"old complete shard")
-    with pytest.raises(KeyboardInterrupt), fs.atomic_open(str(target)) as f:
+    atomic.write_atomic(str(target), b"old complete shard")
+    with pytest.raises(KeyboardInterrupt), atomic.atomic_open(str(target)) as f:
         f.write(b"new but incomplete")
         raise KeyboardInterrupt
     assert target.read_bytes() == b"old complete shard"
@@ -80,8 +80,8 @@ def test_atomic_open_keeps_the_old_file_when_a_rewrite_fails(tmp_path):
 
 def test_write_atomic_replaces(tmp_path):
     target = str(tmp_path / "m.json")
-    fs.write_atomic(target, b"1")
-    fs.write_atomic(target, b"22")
+    atomic.write_atomic(target, b"1")
+    atomic.write_atomic(target, b"22")
     assert fs.read_bytes(target) == b"22"
     assert fs.read_text(target) == "22"
     assert os.listdir(tmp_path) == ["m.json"]
@@ -97,23 +97,23 @@ def exited_pid() -> int:
 
 def test_remove_partials_removes_only_this_targets_temporaries(tmp_path):
     target = str(tmp_path / "shard-0001.tar")
-    mine = [tmp_path / f".shard-0001.tar{fs.TMP_MARK}{pid}-{tag}"
+    mine = [tmp_path / f".shard-0001.tar{atomic.TMP_MARK}{pid}-{tag}"
             for pid, tag in ((exited_pid(), "0123abcd"), (os.getpid(), "ffffffff"))]
     others = [
-        tmp_path / f".shard-0002.tar{fs.TMP_MARK}12-0123abcd",  # another shard's temporary
-        tmp_path / f".shard-0001.tar{fs.TMP_MARK}12-0123abcd.keep",  # not the temporary pattern
-        tmp_path / f".shard-0001.tar{fs.TMP_MARK}x-0123abcd",
+        tmp_path / f".shard-0002.tar{atomic.TMP_MARK}12-0123abcd",  # another shard's temporary
+        tmp_path / f".shard-0001.tar{atomic.TMP_MARK}12-0123abcd.keep",  # not the temporary pattern
+        tmp_path / f".shard-0001.tar{atomic.TMP_MARK}x-0123abcd",
         tmp_path / "shard-0001.tar",  # the committed file itself
         tmp_path / "shard-0001.tar.bak",
     ]
     for p in mine + others:
         p.write_bytes(b"x")
-    removed = fs.remove_partials(target)
+    removed = atomic.remove_partials(target)
     assert sorted(removed) == sorted(str(p) for p in mine)
     assert all(not p.exists() for p in mine)
     assert all(p.exists() for p in others)
-    assert fs.remove_partials(target) == []
-    assert fs.remove_partials(str(tmp_path / "missing-folder" / "x.tar")) == []
+    assert atomic.remove_partials(target) == []
+    assert atomic.remove_partials(str(tmp_path / "missing-folder" / "x.tar")) == []
 
 
 def test_remove_partials_spares_a_live_writers_temporary(tmp_path):
@@ -123,26 +123,26 @@ def test_remove_partials_spares_a_live_writers_temporary(tmp_path):
     target = str(tmp_path / "shard-0001.tar")
     writer = subprocess.Popen(["sleep", "60"])
     try:
-        live = tmp_path / f".shard-0001.tar{fs.TMP_MARK}{writer.pid}-0123abcd"
+        live = tmp_path / f".shard-0001.tar{atomic.TMP_MARK}{writer.pid}-0123abcd"
         live.write_bytes(b"being written")
-        assert fs.remove_partials(target) == [] and live.exists()
+        assert atomic.remove_partials(target) == [] and live.exists()
     finally:
         writer.kill()
         writer.wait()
-    assert fs.remove_partials(target) == [str(live)]
+    assert atomic.remove_partials(target) == [str(live)]
 
 
 def test_remove_partials_matches_what_atomic_open_leaves(tmp_path):
     """A writer killed mid-way leaves its temporary; remove_partials finds exactly that file."""
     target = str(tmp_path / "shard.tar")
-    cm = fs.atomic_open(target)
+    cm = atomic.atomic_open(target)
     f = cm.__enter__()  # simulate a writer that dies before the context ends
     f.write(b"partial")
     f.flush()
     leftovers = [n for n in os.listdir(tmp_path) if n != "shard.tar"]
     assert len(leftovers) == 1
     f.close()
-    assert fs.remove_partials(target) == [str(tmp_path / leftovers[0])]
+    assert atomic.remove_partials(target) == [str(tmp_path / leftovers[0])]
     assert os.listdir(tmp_path) == []
 
 
@@ -178,7 +178,7 @@ def test_remove_and_makedirs(tmp_path):
     fs.makedirs(d)
     assert os.path.isdir(d)
     f = fs.join(d, "x")
-    fs.write_atomic(f, b"1")
+    atomic.write_atomic(f, b"1")
     fs.remove(f)
     assert not fs.exists(f)
     fs.remove(f)  # removing what is gone is fine
@@ -209,14 +209,14 @@ def test_sweep_partials_removes_only_temporaries_of_dead_writers(tmp_path):
     import os
     import subprocess
 
-    from imnet_assets.core import fs
+    from imnet_assets.storage import atomic
 
     proc = subprocess.Popen(["true"])
     proc.wait()
     (tmp_path / f"._info.json.tmp-{proc.pid}-abcdef12").write_bytes(b"partial")
     (tmp_path / f".0001.csv.tmp-{os.getpid()}-abcdef12").write_bytes(b"being written")
     (tmp_path / "_info.json").write_bytes(b"{}")
-    removed = fs.sweep_partials(str(tmp_path))
+    removed = atomic.sweep_partials(str(tmp_path))
     assert [os.path.basename(r) for r in removed] == [f"._info.json.tmp-{proc.pid}-abcdef12"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".0001.csv.tmp-{os.getpid()}-abcdef12", "_info.json"]
 
@@ -254,7 +254,7 @@ def test_a_tar_walk_with_its_digest_reads_the_file_once(tmp_path, monkeypatch):
     import io
     import tarfile
 
-    from imnet_assets.core import rawtar
+    from imnet_assets.storage import rawtar
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:

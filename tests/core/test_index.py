@@ -13,9 +13,9 @@ import tarfile
 import duckdb
 import pytest
 
-from imnet_assets.core.index import scan_tar, scan_tars
-from imnet_assets.core.stages import build_filtered_index, build_raw_tars, build_synset_manifest
 from imnet_assets.settings import Settings
+from imnet_assets.stages.catalog_stages import build_filtered_index, build_raw_tars, build_synset_manifest
+from imnet_assets.stages.index import scan_tar, scan_tars
 from tests.core.test_rawtar import jpeg, layout, make_tar
 
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -196,7 +196,8 @@ def test_damaged_tar_rows_load_into_the_catalog_with_reasons(tmp_path):
 def test_truncated_images_are_trial_decoded_at_index_time(tmp_path):
     # Exact balance: an image the encoder would refuse for the 5% rule is excluded by the index,
     # before the plan; one from which enough decodes stays kept and marked for repair.
-    from imnet_assets.core.encode import EncodeSettings, ImageRejected, encode_image
+    from imnet_assets.image.decode import ImageRejected
+    from imnet_assets.image.encode import EncodeSettings, encode_image
     from tests.core.test_encode import _photo_jpeg
 
     data = _photo_jpeg()

@@ -11,12 +11,11 @@ import duckdb
 import pytest
 from PIL import Image
 
-from imnet_assets.core import inventory as inventory_mod
-from imnet_assets.core import stages
-from imnet_assets.core.inventory import inventory, list_raw
-from imnet_assets.core.rawtar import ArchiveDamaged
-from imnet_assets.core.synsets import labels, parse_text, read_text_file
 from imnet_assets.settings import Settings
+from imnet_assets.stages import catalog_stages as stages
+from imnet_assets.stages.synsets import labels, parse_text, read_text_file
+from imnet_assets.storage import inventory as inventory_mod
+from imnet_assets.storage.inventory import ArchiveDamaged, inventory, list_raw
 from tests.conftest import local_settings
 
 QUIET = lambda _m: None  # noqa: E731

@@ -16,7 +16,8 @@ import uuid
 
 import pytest
 
-from imnet_assets.core import fs, lease
+from imnet_assets.release import lease
+from imnet_assets.storage import atomic, fs
 from tests.conftest import dead_pid, other_pid_namespace
 from tests.s3server import MotoS3
 
@@ -53,7 +54,7 @@ def plant(root: str, name: str, generation: int, **holder) -> None:
     now = time.time()
     doc = {"what": "imnet build", "host": socket.gethostname(), "pid_namespace": os.readlink("/proc/self/ns/pid"),
            "pid": os.getpid(), "since": now, "renewed": now, "token": uuid.uuid4().hex, **holder}
-    fs.write_atomic(fs.join(lease.lease_folder(root, name), f"{generation:08d}.json"), json.dumps(doc).encode())
+    atomic.write_atomic(fs.join(lease.lease_folder(root, name), f"{generation:08d}.json"), json.dumps(doc).encode())
 
 
 def test_one_holder_at_a_time_and_the_refusal_names_it(root):
@@ -75,7 +76,7 @@ def test_one_holder_at_a_time_and_the_refusal_names_it(root):
 
 HOLDER = """
 import sys, time
-from imnet_assets.core import lease
+from imnet_assets.release import lease
 held = lease.acquire(sys.argv[1], "build", "imnet build")
 print(held.url, flush=True)
 time.sleep(600)
@@ -159,7 +160,7 @@ def test_of_many_threads_taking_at_once_exactly_one_wins(root):
 
 TAKER = """
 import sys, time
-from imnet_assets.core import lease
+from imnet_assets.release import lease
 while time.time() < float(sys.argv[2]):
     pass
 try:

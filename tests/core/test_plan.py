@@ -12,9 +12,8 @@ from collections import Counter
 import duckdb
 import pytest
 
-from imnet_assets.catalog import Catalog
-from imnet_assets.core import plan, stages
-from imnet_assets.core.plan import (
+from imnet_assets.release import plan
+from imnet_assets.release.plan import (
     SLICE_COLUMNS,
     SliceRow,
     read_index,
@@ -27,8 +26,10 @@ from imnet_assets.core.plan import (
     write_index,
     write_slice,
 )
-from imnet_assets.core.sample_raw import write_sample_raw
+from imnet_assets.sample.sample_raw import write_sample_raw
 from imnet_assets.settings import Settings
+from imnet_assets.stages import catalog_stages as stages
+from imnet_assets.storage.catalog import Catalog
 from tests.conftest import build_catalog_stages, local_settings
 
 NUM_SHARDS = 3

@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 import random
 
-from imnet_assets.core.index import scan_tar, scan_tars
-from imnet_assets.core.prefetch import PrefetchedFile, depth_for
-from imnet_assets.core.sample_raw import write_sample_raw
+from imnet_assets.sample.sample_raw import write_sample_raw
+from imnet_assets.stages.index import scan_tar, scan_tars
+from imnet_assets.storage.prefetch import PrefetchedFile, depth_for
 from tests.integration.test_s3 import s3  # noqa: F401 - moto on 127.0.0.1, a bucket per test
 
 
@@ -83,7 +83,7 @@ def test_a_remote_shard_is_read_back_many_requests_ahead_sample_for_sample_as_th
     import io
     import tarfile
 
-    from imnet_assets.core import verify
+    from imnet_assets.release import verify
     from tests.conftest import environ
     from tests.latency_proxy import LatencyProxy
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from imnet_assets.core import probe as probe_mod
-from imnet_assets.core.encode import MAX_FULL_DECODE_PIXELS, MIN_SIDE, ImageRejected, open_image, plan_decode
-from imnet_assets.core.probe import Probe, looks_truncated, probe_image
+from imnet_assets.image import probe as probe_mod
+from imnet_assets.image.decode import MAX_FULL_DECODE_PIXELS, MIN_SIDE, ImageRejected, open_image, plan_decode
+from imnet_assets.image.probe import Probe, looks_truncated, probe_image
 
 
 def test_constants_shared_with_encode():

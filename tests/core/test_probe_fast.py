@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imnet_assets.core import probe as probe_mod
-from imnet_assets.core.index import scan_tar
-from imnet_assets.core.photos import imagenet_size_mix, make_photo
-from imnet_assets.core.probe import probe_image
-from imnet_assets.core.rawtar import Member, iter_tar
-from imnet_assets.core.sample_raw import write_sample_raw
+from imnet_assets.image import probe as probe_mod
+from imnet_assets.image.probe import probe_image
+from imnet_assets.sample.photos import imagenet_size_mix, make_photo
+from imnet_assets.sample.sample_raw import write_sample_raw
+from imnet_assets.stages.index import scan_tar
+from imnet_assets.storage.rawtar import Member, iter_tar
 
 
 def same(data: bytes) -> bool:

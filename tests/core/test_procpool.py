@@ -16,15 +16,18 @@ import types
 
 import pytest
 
-from imnet_assets.core import host, procpool
+from imnet_assets.runtime import host, procpool, wire, workerpool
 
 
 def test_workers_find_the_pool_modules_already_imported():
+    from imnet_assets.stages import index, shard  # each names itself for the forkserver
+
+    assert {index.__name__, shard.__name__} <= set(procpool.preloaded())
     with procpool.process_pool(1) as pool:
         loaded = pool.submit(eval, "sorted(__import__('sys').modules)").result(timeout=120)
         pid = pool.submit(eval, "__import__('os').getpid()").result(timeout=120)
     assert pid != __import__("os").getpid()
-    for name in procpool.POOL_MODULES:
+    for name in procpool.preloaded():
         assert name in loaded
     assert "PIL.Image" in loaded  # what those modules import came along
 
@@ -65,7 +68,7 @@ def test_pid_alive_sees_exited_zombie_and_reused_processes():
     import subprocess
     import time
 
-    from imnet_assets.core.host import pid_alive
+    from imnet_assets.runtime.host import pid_alive
 
     assert pid_alive(os.getpid()) and pid_alive(os.getpid(), started_by=time.time())
     assert not pid_alive(os.getpid(), started_by=time.time() - 3600)  # "meant a process before mine"
@@ -96,7 +99,7 @@ class StampJob:
 def test_worker_pool_serves_the_oldest_runs_jobs_first():
     """Shard runs sharing the pool are served by priority (next_priority: oldest run first), then
     in submission order: a younger run's jobs wait while an older run has jobs queued."""
-    from imnet_assets.core.procpool import WorkerPool, next_priority
+    from imnet_assets.runtime.workerpool import WorkerPool, next_priority
 
     older, younger = next_priority(), next_priority()
     assert older < younger
@@ -128,7 +131,7 @@ def test_no_worker_starts_once_the_process_exits_and_the_exit_prints_nothing(tmp
         "    time.sleep(1.0)  # the dispatcher has seen the terminated workers by now\n"
         "    print('started', pool.started, flush=True)\n"
         "atexit.register(report)\n"
-        "from imnet_assets.core.procpool import shared_pool\n"
+        "from imnet_assets.runtime.workerpool import shared_pool\n"
         "pool = shared_pool(2)\n"
         "deadline = time.time() + 60\n"
         "while len(pool.pids()) < 2 and time.time() < deadline:\n"
@@ -202,8 +205,8 @@ def test_a_jobs_failure_fails_that_job_only_and_the_pool_goes_on():
     """An exception in the worker, a reply that cannot be unpickled, a job that cannot be pickled
     and a job the worker cannot unpickle each fail their own future; the jobs around them (of two
     "runs", at two priorities) succeed, and no worker is replaced (none died)."""
-    pool = procpool.WorkerPool(2, depth=2)
-    older, younger = procpool.next_priority(), procpool.next_priority()
+    pool = workerpool.WorkerPool(2, depth=2)
+    older, younger = workerpool.next_priority(), workerpool.next_priority()
     good = [pool.submit(ReplyJob(value=("older", i)), older) for i in range(6)]
     bad_reply = pool.submit(ReplyJob(unloadable_reply=True), younger)
     good += [pool.submit(ReplyJob(value=("younger", i)), younger) for i in range(6)]
@@ -213,7 +216,7 @@ def test_a_jobs_failure_fails_that_job_only_and_the_pool_goes_on():
     good += [pool.submit(ReplyJob(value=("after", i)), younger) for i in range(6)]
     assert [f.result(timeout=120) for f in good] == (
         [("older", i) for i in range(6)] + [("younger", i) for i in range(6)] + [("after", i) for i in range(6)])
-    with pytest.raises(procpool.ReplyUnreadable, match="cannot be unpickled: ValueError: this object cannot"):
+    with pytest.raises(workerpool.ReplyUnreadable, match="cannot be unpickled: ValueError: this object cannot"):
         bad_reply.result(timeout=60)
     with pytest.raises(KeyError, match="in the worker"):
         raising.result(timeout=60)
@@ -229,7 +232,7 @@ def test_a_jobs_failure_fails_that_job_only_and_the_pool_goes_on():
 def test_replies_to_jobs_the_dispatcher_gave_up_on_are_dropped():
     """The dispatcher's last resort (a fault of its own) fails every job it holds; the workers'
     replies to them arrive later and are dropped, never settling (or failing) a later job."""
-    pool = procpool.WorkerPool(1, depth=4)
+    pool = workerpool.WorkerPool(1, depth=4)
     slow = [pool.submit(StampJob(f"slow-{i}", 0.5)) for i in range(3)]
     deadline = time.monotonic() + 60
     while not slow[0].running() and time.monotonic() < deadline:  # the worker holds them all
@@ -247,7 +250,7 @@ def test_a_hung_job_is_killed_past_its_time_limit_and_fails_alone():
     """A job whose item runs past its `time_limit` gets its worker SIGKILLed: it fails with
     WorkerDied naming the item and the limit; the worker is replaced; jobs on the other worker
     finish meanwhile, and the jobs queued behind the hung one fail as held (no culprit)."""
-    pool = procpool.WorkerPool(2, depth=2)
+    pool = workerpool.WorkerPool(2, depth=2)
     hung = pool.submit(HangJob(time_limit=1, index=3))
     deadline = time.monotonic() + 60
     while not pool.working_on() and time.monotonic() < deadline:
@@ -255,7 +258,7 @@ def test_a_hung_job_is_killed_past_its_time_limit_and_fails_alone():
     [(pid, job, index)] = pool.working_on()
     assert isinstance(job, HangJob) and index == 3
     others = [pool.submit(StampJob(f"other-{i}", 0.05)) for i in range(10)]
-    with pytest.raises(procpool.WorkerDied) as died:
+    with pytest.raises(workerpool.WorkerDied) as died:
         hung.result(timeout=120)
     assert died.value.culprit == 3 and died.value.timed_out == 1 and died.value.exitcode == -signal.SIGKILL
     assert not died.value.crashed and "time limit of 1 s" in str(died.value)
@@ -265,7 +268,7 @@ def test_a_hung_job_is_killed_past_its_time_limit_and_fails_alone():
         try:
             assert f.result(timeout=120)[0].startswith("other-")
             finished += 1
-        except procpool.WorkerDied as e:
+        except workerpool.WorkerDied as e:
             assert e.culprit is None and e.timed_out is None
     assert finished >= 9
     deadline = time.monotonic() + 60
@@ -278,7 +281,7 @@ def test_the_dispatcher_does_not_block_on_a_stopped_worker():
     """A worker stopped (SIGSTOP) while holding jobs too big for its socket's buffer: the
     dispatcher queues what the socket does not take and goes on serving the other worker; once
     continued, the stopped worker finishes its jobs."""
-    pool = procpool.WorkerPool(2, depth=2)
+    pool = workerpool.WorkerPool(2, depth=2)
     # Wait until both workers are up and listening, then stop the first.
     assert [pool.submit(ReplyJob(value=i)).result(timeout=120) for i in range(4)] == [0, 1, 2, 3]
     victim = pool.pids()[0]
@@ -310,8 +313,8 @@ class StallMidReplyJob:
     def run(self, state, mark):
         import gc
 
-        [conn] = [o for o in gc.get_objects() if isinstance(o, procpool._Channel)]
-        conn.sock.sendall(procpool._HEADER.pack(1 << 20, 123456789) + b"x" * 100)
+        [conn] = [o for o in gc.get_objects() if isinstance(o, wire.Channel)]
+        conn.sock.sendall(wire.HEADER.pack(1 << 20, 123456789) + b"x" * 100)
         os.kill(os.getpid(), signal.SIGSTOP)
         time.sleep(3600)
 
@@ -325,7 +328,7 @@ def _stopped(pid: int) -> bool:
 def test_the_dispatcher_does_not_block_on_a_worker_stopped_mid_reply():
     """A worker stopped halfway through sending a reply: the dispatcher keeps what came and serves
     the other worker meanwhile; killed, the stopped worker's job fails alone and it is replaced."""
-    pool = procpool.WorkerPool(2, depth=1)
+    pool = workerpool.WorkerPool(2, depth=1)
     assert [pool.submit(ReplyJob(value=i)).result(timeout=120) for i in range(4)] == [0, 1, 2, 3]
     stall = pool.submit(StallMidReplyJob())
     deadline = time.monotonic() + 60
@@ -338,7 +341,7 @@ def test_the_dispatcher_does_not_block_on_a_worker_stopped_mid_reply():
     assert [f.result(timeout=120) for f in rest] == [f"rest-{i}" for i in range(20)]
     assert not stall.done()
     os.kill(stopped[0], signal.SIGKILL)
-    with pytest.raises(procpool.WorkerDied, match="signal 9"):
+    with pytest.raises(workerpool.WorkerDied, match="signal 9"):
         stall.result(timeout=60)
     assert [pool.submit(ReplyJob(value=i)).result(timeout=120) for i in range(4)] == [0, 1, 2, 3]
     assert pool.started == 3

@@ -17,13 +17,13 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from imnet_assets.core import stages
-from imnet_assets.core.audit import encode_settings
-from imnet_assets.core.inventory import RawLayoutError, list_raw
-from imnet_assets.core.rawfolders import list_files
-from imnet_assets.core.rawtar import printable_name, raw_name
-from imnet_assets.core.sample_raw import write_sample_raw
-from imnet_assets.core.shard import build_shard
+from imnet_assets.sample.sample_raw import write_sample_raw
+from imnet_assets.stages import catalog_stages as stages
+from imnet_assets.stages.audit import encode_settings
+from imnet_assets.stages.shard import build_shard
+from imnet_assets.storage.inventory import RawLayoutError, list_raw
+from imnet_assets.storage.member_names import printable_name, raw_name
+from imnet_assets.storage.rawfolders import list_files
 from tests.conftest import build_catalog_stages, build_env, environ, imnet, local_settings
 
 QUIET = lambda _m: None  # noqa: E731
@@ -263,7 +263,7 @@ def test_a_root_with_both_layouts_is_refused(tmp_path):
 def test_an_s3_prefix_of_folders_reads_each_file_once_whole(tmp_path, monkeypatch):
     """The same folders under an s3:// prefix: listed one prefix per synset, each file read with
     one GET by the index and one by the shard runs; the shards equal the local build's."""
-    from imnet_assets.core import rawfolders
+    from imnet_assets.storage import rawfolders
     from tests.s3server import MotoS3
 
     monkeypatch.setattr(rawfolders, "REMOTE_BATCH", 4)  # several batches per folder, one fetched ahead
@@ -305,7 +305,7 @@ def test_an_s3_prefix_of_folders_reads_each_file_once_whole(tmp_path, monkeypatc
 
 
 def test_many_folders_are_listed_by_processes_as_by_threads(tmp_path, monkeypatch):
-    from imnet_assets.core import rawfolders
+    from imnet_assets.storage import rawfolders
 
     wnids = [f"n{i:08d}" for i in range(1, 8)]
     for i, wnid in enumerate(wnids):
@@ -324,8 +324,8 @@ def test_many_folders_are_listed_by_processes_as_by_threads(tmp_path, monkeypatc
 
 
 def test_a_folder_that_changes_while_it_is_indexed_fails_the_scan_recording_nothing(tmp_path):
-    from imnet_assets.core.index import scan_folder
-    from imnet_assets.core.rawfolders import FolderChanged, list_synset_folders
+    from imnet_assets.stages.index import scan_folder
+    from imnet_assets.storage.rawfolders import FolderChanged, list_synset_folders
 
     write_sample_raw(tmp_path / "raw", synsets=2, images=3, seed=0, layout="folders", hostile_names=False)
     wnid = sorted(p.name for p in (tmp_path / "raw").iterdir() if p.is_dir())[0]

@@ -11,7 +11,8 @@ import tarfile
 import pytest
 from PIL import Image
 
-from imnet_assets.core.rawtar import Damage, Member, iter_tar, member_key, printable_name
+from imnet_assets.storage.member_names import member_key, printable_name
+from imnet_assets.storage.rawtar import Damage, Member, iter_tar
 
 
 def jpeg(seed: int, size=(64, 48)) -> bytes:

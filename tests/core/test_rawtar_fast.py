@@ -9,8 +9,8 @@ import tarfile
 
 import pytest
 
-from imnet_assets.core import rawtar
-from imnet_assets.core.rawtar import Damage, Member, _iter_fileobj, _tarfile_walk
+from imnet_assets.storage import rawtar
+from imnet_assets.storage.rawtar import Damage, Member, _iter_fileobj, _tarfile_walk
 from tests.core.test_rawtar import jpeg, layout, make_tar, special_infos
 
 FILES = [(f"n00000001_{i}.JPEG", jpeg(i)) for i in range(1, 5)]

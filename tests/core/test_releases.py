@@ -17,16 +17,17 @@ import duckdb
 import pytest
 import webdataset as wds
 
-from imnet_assets.catalog import Catalog
-from imnet_assets.core import changed_sources, stages
-from imnet_assets.core.audit import encode_settings, expected_shard_fingerprints, plan_mismatch, run_audit
-from imnet_assets.core.info import info_url
-from imnet_assets.core.inventory import list_raw
-from imnet_assets.core.plan import read_index, read_slice, shard_sizes
-from imnet_assets.core.sample_raw import write_sample_raw
-from imnet_assets.core.shard import build_shard
+from imnet_assets.release import changed_sources
+from imnet_assets.release.info import info_url
 from imnet_assets.release.lineage import lineage_rows, releases_holding
+from imnet_assets.release.plan import read_index, read_slice, shard_sizes
 from imnet_assets.release.selection import SelectionError, select
+from imnet_assets.sample.sample_raw import write_sample_raw
+from imnet_assets.stages import catalog_stages as stages
+from imnet_assets.stages.audit import encode_settings, expected_shard_fingerprints, plan_mismatch, run_audit
+from imnet_assets.stages.shard import build_shard
+from imnet_assets.storage.catalog import Catalog
+from imnet_assets.storage.inventory import list_raw
 from tests.conftest import build_catalog_stages, local_settings
 
 QUIET = lambda _m: None  # noqa: E731
@@ -282,7 +283,7 @@ def test_shards_of_a_plan_made_for_another_selection_are_not_fresh(family):
 
 
 def test_shipped_lists_give_their_own_labels_whatever_the_raw_release_holds():
-    from imnet_assets.core.altlabels import in1k_labels
+    from imnet_assets.release.altlabels import in1k_labels
 
     in1k = sorted(in1k_labels())
     chosen = select("in1k", [in1k[5], in1k[700], "n99999999"])

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from imnet_assets.core import fs, s3read
+from imnet_assets.storage import atomic, fs, s3read
 from tests.conftest import environ
 from tests.integration.test_s3 import s3  # noqa: F401 - moto on 127.0.0.1, a bucket per test
 from tests.latency_proxy import LatencyProxy, SilentEndpoint, any_request, object_get
@@ -90,7 +90,7 @@ def test_listings_and_writes_through_s3fs_wait_out_a_slowdown_burst_too(proxied)
     server, proxy = proxied
     url = f"s3://{server.bucket}/wds/_manifests/0000.json"
     proxy.slowdown(1.5, match=any_request)
-    fs.write_atomic(url, b'{"n": 1}')
+    atomic.write_atomic(url, b'{"n": 1}')
     assert fs.read_json(url) == {"n": 1}
     assert [e["name"] for e in fs.listdir(f"s3://{server.bucket}/wds/_manifests")] == ["0000.json"]
     assert proxy.injected["slowdown"] >= 1
@@ -139,8 +139,8 @@ def test_a_silent_endpoint_fails_within_a_minute_naming_it(s3):  # noqa: F811
 def test_a_tar_shorter_than_listed_fails_the_index_naming_it_never_recorded_as_damage(proxied, sample_release):
     """A tar that ends before the size its listing gave (changed since, or cut short in a way no
     retry mends) makes the scan raise StorageError naming it: the stage fails, no damage row."""
-    from imnet_assets.core.index import scan_tars
-    from imnet_assets.core.prefetch import PrefetchedFile
+    from imnet_assets.stages.index import scan_tars
+    from imnet_assets.storage.prefetch import PrefetchedFile
 
     server, _proxy = proxied
     tar = sorted(sample_release[0].glob("*.tar"))[0]

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
 
-from imnet_assets.core.photos import imagenet_size_mix, make_photo
-from imnet_assets.core.sample_raw import QUIRK_NAMES, TAR_MTIME, SampleSummary, write_sample_raw
+from imnet_assets.sample.photos import imagenet_size_mix, make_photo
+from imnet_assets.sample.sample_raw import QUIRK_NAMES, TAR_MTIME, SampleSummary, write_sample_raw
 
 REQUIRED_QUIRKS = {
     "cmyk", "grey", "png_as_jpeg", "palette_png", "gif_as_jpeg", "truncated", "tiny", "large", "huge",
@@ -305,7 +305,7 @@ def test_imagenet_size_mix():
 
 
 def test_hostile_member_names_by_default_and_on_request(sample_release, tmp_path):
-    from imnet_assets.core.sample_raw import HOSTILE_NAMES
+    from imnet_assets.sample.sample_raw import HOSTILE_NAMES
 
     root, summary = sample_release
     assert set(summary.hostile) == {kind for kind, _ in HOSTILE_NAMES}

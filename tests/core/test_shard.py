@@ -14,15 +14,15 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from imnet_assets.core import changed_sources
-from imnet_assets.core import shard as shard_mod
-from imnet_assets.core.changed_sources import SourceChanged
-from imnet_assets.core.encode import EncodeSettings
-from imnet_assets.core.fs import read_json
-from imnet_assets.core.outroot import read_manifest, state_url
-from imnet_assets.core.plan import SliceRow, read_slice, write_slice
-from imnet_assets.core.shard import _tarinfo, build_shard, fingerprint, sample_members
-from imnet_assets.core.verify import iter_samples
+from imnet_assets.image.encode import EncodeSettings
+from imnet_assets.release import changed_sources
+from imnet_assets.release.changed_sources import SourceChanged
+from imnet_assets.release.outroot import read_manifest, state_url
+from imnet_assets.release.plan import SliceRow, read_slice, write_slice
+from imnet_assets.release.verify import iter_samples
+from imnet_assets.stages import shard as shard_mod
+from imnet_assets.stages.shard import _tarinfo, build_shard, fingerprint, sample_members
+from imnet_assets.storage.fs import read_json
 from tests.conftest import shard_verdict
 from tests.shard_check import check_committed_shard
 

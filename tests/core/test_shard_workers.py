@@ -27,12 +27,12 @@ import types
 import pytest
 import webdataset as wds
 
-from imnet_assets.core import host, procpool
-from imnet_assets.core import shard as shard_mod
-from imnet_assets.core.encode import EncodeSettings, encode_image
-from imnet_assets.core.outroot import read_manifest
-from imnet_assets.core.plan import write_slice
-from imnet_assets.core.shard import build_shard, fingerprint
+from imnet_assets.image.encode import EncodeSettings, encode_image
+from imnet_assets.release.outroot import read_manifest
+from imnet_assets.release.plan import write_slice
+from imnet_assets.runtime import host, workerpool
+from imnet_assets.stages import shard as shard_mod
+from imnet_assets.stages.shard import build_shard, fingerprint
 from tests.conftest import shard_verdict
 from tests.core.test_shard import jpeg, planned, write_raw_tar
 
@@ -75,7 +75,7 @@ def photos(tmp_path_factory):
 def test_a_worker_killed_mid_shard_is_replaced_and_the_shard_is_byte_identical(photos, tmp_path):
     out = tmp_path / "out"
     write_slice(str(out), KEY, planned(photos.raw.rows, list(range(len(photos.raw.rows)))[::-1]))
-    pool = procpool.shared_pool(2)
+    pool = workerpool.shared_pool(2)
     started_before = pool.started
     killed: list[int] = []
 
@@ -313,7 +313,7 @@ def test_an_oom_storm_retries_and_gives_the_same_shard(photos, tmp_path):
     rows = photos.raw.rows
     write_slice(str(out), KEY, planned(rows, list(range(len(rows)))[::-1]))
     victim = rows[20]
-    pool = procpool.shared_pool(2)
+    pool = workerpool.shared_pool(2)
     killed: list[int] = []
     stop = threading.Event()
     killer = threading.Thread(target=kill_while_encoding,
@@ -343,7 +343,7 @@ def test_an_image_killed_from_outside_every_time_fails_the_run_naming_it(photos,
     rows = photos.raw.rows[:8]
     write_slice(str(out), KEY, planned(rows, list(range(len(rows)))))
     victim = rows[3]
-    pool = procpool.shared_pool(2)
+    pool = workerpool.shared_pool(2)
     killed: list[int] = []
     stop = threading.Event()
     killer = threading.Thread(target=kill_while_encoding, args=(pool, victim[0], 99, stop, killed))
@@ -369,7 +369,7 @@ def test_a_hung_codec_is_killed_past_the_time_limit_and_fails_its_run_alone(phot
     write_slice(str(hung_out), KEY, planned(rows[:8], list(range(8))))
     write_slice(str(other_out), KEY, planned(rows, list(range(len(rows)))[::-1]))
     victim = rows[2]
-    pool = procpool.shared_pool(2)
+    pool = workerpool.shared_pool(2)
     seen: set[int] = set()
     stop = threading.Event()
 
@@ -424,12 +424,12 @@ def test_an_unreadable_reply_fails_one_job_while_a_shard_run_beside_it_succeeds(
 
     out = tmp_path / "out"
     write_slice(str(out), KEY, planned(photos.raw.rows, list(range(len(photos.raw.rows)))[::-1]))
-    pool = procpool.shared_pool(2)
+    pool = workerpool.shared_pool(2)
     bad = [pool.submit(ReplyJob(unloadable_reply=True)) for _ in range(3)]
     result = build(out, photos.raw)
     bad += [pool.submit(ReplyJob(unloadable_reply=True)) for _ in range(3)]
     for f in bad:
-        with pytest.raises(procpool.ReplyUnreadable):
+        with pytest.raises(workerpool.ReplyUnreadable):
             f.result(timeout=60)
     assert result.problems == [] and (out / NAME).read_bytes() == photos.reference
 
@@ -459,13 +459,13 @@ def test_the_checks_chunk_whose_worker_is_killed_is_checked_again(tmp_path):
     """The in-run check (verify.check_committed) runs its chunks on the shared pool: a chunk whose
     worker is killed from outside is run again in a fresh worker, up to CHECK_RETRIES times, then
     the check fails (a problem, so the shard is not recorded as committed), never more."""
-    from imnet_assets.core import verify
+    from imnet_assets.release import verify
 
-    pool = procpool.shared_pool(2)
+    pool = workerpool.shared_pool(2)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     assert verify._run_in_pool(pool, [KilledJob(str(tmp_path / "a"), verify.CHECK_RETRIES)], 0) == [
         f"after {verify.CHECK_RETRIES} kills"]
-    with pytest.raises(procpool.WorkerDied, match="signal 9"):
+    with pytest.raises(workerpool.WorkerDied, match="signal 9"):
         verify._run_in_pool(pool, [KilledJob(str(tmp_path / "b"), 99)], 0)
     assert len(os.listdir(tmp_path / "b")) == verify.CHECK_RETRIES + 1

@@ -11,7 +11,7 @@ import tarfile
 import pytest
 from PIL import Image
 
-from imnet_assets.core.verify import ExpectedSample, order_problem, read_back
+from imnet_assets.release.verify import ExpectedSample, order_problem, read_back
 
 WNID = "n01440764"
 
@@ -161,7 +161,7 @@ def test_riff_webp_size_agrees_with_pillow_and_refuses_what_is_not_laid_out_righ
     alpha layouts; None for a cut, padded or mislabelled file (Pillow then judges it)."""
     from PIL import ImageCms
 
-    from imnet_assets.core.verify import riff_webp_size, webp_problem
+    from imnet_assets.release.verify import riff_webp_size, webp_problem
 
     img = Image.new(mode, (123, 77))
     img.putpixel((5, 5), 200 if mode == "L" else (200, 10, 30, 255)[: len(mode)])

@@ -12,7 +12,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from imnet_assets.core.rawtar import member_key, printable_name
+from imnet_assets.storage.member_names import member_key, printable_name
 from tests.checks import check_info_json, check_samples
 from tests.conftest import build_env, dagster_home, environ, imnet
 
@@ -207,8 +207,8 @@ def test_a_shard_edited_in_place_fails_the_audit_and_is_rebuilt_alone(built, tmp
     same bytes, rather than hashed on every look."""
     import shutil
 
-    from imnet_assets.core.audit import run_audit, shards_as_they_are
     from imnet_assets.settings import Settings
+    from imnet_assets.stages.audit import run_audit, shards_as_they_are
 
     tmp, env, _, _ = built
     shutil.copytree(tmp / "out", tmp_path / "out")

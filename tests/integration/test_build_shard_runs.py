@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from imnet_assets.core.sample_raw import write_sample_raw
+from imnet_assets.sample.sample_raw import write_sample_raw
 from tests.conftest import build_env, dagster_home, environ, imnet
 
 KEYS = ["0000", "0001", "0002", "0003"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from imnet_assets.core.sample_raw import write_sample_raw
+from imnet_assets.sample.sample_raw import write_sample_raw
 from tests.conftest import build_env, imnet
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sends SIGKILL")

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus
 
-from imnet_assets.core.rawtar import Damage, iter_tar
+from imnet_assets.storage.rawtar import Damage, iter_tar
 from tests.conftest import build_env, dagster_home, imnet
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, sends SIGKILL")

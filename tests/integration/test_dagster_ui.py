@@ -426,8 +426,8 @@ def test_audit_metadata_stays_valid_for_a_release_without_exclusions():
     """Typed tables even when empty (Dagster cannot infer a schema from no records)."""
     from dagster import AssetMaterialization, TableMetadataValue
 
-    from imnet_assets.assets.shard_audit import audit_metadata
-    from imnet_assets.core.audit import AuditReport
+    from imnet_assets.defs.assets.shard_audit import audit_metadata
+    from imnet_assets.stages.audit import AuditReport
 
     totals = {"raw_images": 3, "kept": 3, "excluded": 0, "samples": 3, "repaired": 0, "shard_bytes": 3 << 31,
               "source_bytes": 0, "shards": 1, "synsets": 1}

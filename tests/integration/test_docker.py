@@ -74,7 +74,7 @@ def instance_config(catalog_dir: Path, run_label: str) -> dict:
     process per run container, the catalog folder as the catalog volume, a label for clean-up."""
     config = yaml.safe_load((REPO / "deploy" / "docker" / "dagster.yaml").read_text())
     launcher = config["run_launcher"]["config"]
-    assert config["run_launcher"]["module"] == "imnet_assets.launcher", config["run_launcher"]
+    assert config["run_launcher"]["module"] == "imnet_assets.defs.launcher", config["run_launcher"]
     launcher["network"] = "host"
     launcher["env_vars"] = [("IMNET_WORKERS=1" if v.startswith("IMNET_WORKERS=") else v) for v in launcher["env_vars"]]
     kwargs = launcher["container_kwargs"]
@@ -432,7 +432,7 @@ def test_a_missing_launcher_variable_fails_the_launch_with_every_name(tmp_path, 
     from dagster import DagsterInstance, DagsterRun
     from dagster._core.launcher import LaunchRunContext
 
-    from imnet_assets.launcher import LauncherEnvironmentError
+    from imnet_assets.defs.launcher import LauncherEnvironmentError
 
     home = tmp_path / "home"
     home.mkdir()
@@ -447,7 +447,7 @@ def test_a_missing_launcher_variable_fails_the_launch_with_every_name(tmp_path, 
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     with DagsterInstance.get() as instance:
-        assert type(instance.run_launcher).__module__ == "imnet_assets.launcher"
+        assert type(instance.run_launcher).__module__ == "imnet_assets.defs.launcher"
         run = instance.add_run(DagsterRun(job_name="wds_shards_job", run_id=uuid.uuid4().hex))
         with pytest.raises(LauncherEnvironmentError) as failed:
             instance.run_launcher.launch_run(LaunchRunContext(dagster_run=run, workspace=None))
@@ -457,8 +457,8 @@ def test_a_missing_launcher_variable_fails_the_launch_with_every_name(tmp_path, 
 
 
 def test_catalog_writer_needs_the_declared_volume_mounted(tmp_path):
-    """imnet_assets/catalog.py's guard, on this host: a note names the volume, as the image's does."""
-    from imnet_assets.catalog import Catalog, CatalogVolumeMissing, check_catalog_volume
+    """imnet_assets/storage/catalog.py's guard, on this host: a note names the volume, as the image's does."""
+    from imnet_assets.storage.catalog import Catalog, CatalogVolumeMissing, check_catalog_volume
 
     note = tmp_path / "catalog-volume"
     folder = tmp_path / "catalog"

@@ -10,7 +10,7 @@ import duckdb
 import pytest
 import webdataset as wds
 
-from imnet_assets.core.altlabels import in1k_labels
+from imnet_assets.release.altlabels import in1k_labels
 from tests.conftest import build_env, dagster_home, imnet
 from tests.core.test_features import WNIDS, write_release
 

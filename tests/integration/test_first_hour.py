@@ -16,7 +16,7 @@ import duckdb
 import pytest
 import yaml
 
-from imnet_assets.core.info import DATASET_NAME
+from imnet_assets.release.info import DATASET_NAME
 
 from ..conftest import REPO, environ, imnet
 

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import pytest
 from botocore.exceptions import ClientError
 
-from imnet_assets.core import fs
+from imnet_assets.storage import atomic, fs
 from tests.checks import catalog, check_release
 from tests.conftest import build_env, dagster_home, dead_pid, environ, imnet, other_pid_namespace
 from tests.latency_proxy import LatencyProxy
@@ -81,7 +81,7 @@ def test_build_writes_shards_info_and_manifests_to_the_out_bucket(s3_build):
         assert f"wds/_manifests/{i:04d}.json" in keys
         assert f"wds/_manifests/{i:04d}.state.json" in keys
     assert "wds/_info.json" in keys
-    assert not [k for k in keys if fs.TMP_MARK in k], "temporary objects left in the out bucket"
+    assert not [k for k in keys if atomic.TMP_MARK in k], "temporary objects left in the out bucket"
     assert not s3_build.client.list_multipart_uploads(Bucket=OUT_BUCKET).get("Uploads"), "uncommitted uploads"
     assert "shard_audit      ok" in s3_build.second.stdout
     assert (s3_build.tmp / "catalog.duckdb").exists()  # the catalog stays a local file
@@ -210,7 +210,7 @@ def test_failed_s3_write_leaves_no_object_at_the_final_key(s3, size, monkeypatch
     unraisable = []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
     try:
-        with fs.atomic_open(url) as f:
+        with atomic.atomic_open(url) as f:
             f.write(os.urandom(size))
             raise RuntimeError("encoder crashed mid-shard")
     except RuntimeError:
@@ -228,7 +228,7 @@ def test_s3_object_appears_only_when_the_writer_closes(s3):
     client = s3.client()
     url = f"s3://{s3.bucket}/wds/_manifests/0000.json"
     data = os.urandom(20 << 20)  # over the 16 MiB block: a multipart upload with a part sent early
-    with fs.atomic_open(url) as f:
+    with atomic.atomic_open(url) as f:
         f.write(data)
         f.flush()
         assert _uploads(client, s3.bucket) == ["wds/_manifests/0000.json"]
@@ -241,8 +241,8 @@ def test_s3_object_appears_only_when_the_writer_closes(s3):
 
 WRITER = """
 import os, sys, time
-from imnet_assets.core import fs
-cm = fs.atomic_open(sys.argv[1])  # kept referenced: a dropped one would discard the upload
+from imnet_assets.storage import atomic, fs
+cm = atomic.atomic_open(sys.argv[1])  # kept referenced: a dropped one would discard the upload
 f = cm.__enter__()
 f.write(os.urandom(20 << 20))  # over the 16 MiB block: the multipart upload begins, its lease is written
 f.flush()
@@ -252,7 +252,7 @@ time.sleep(600)
 
 
 def _leases(client, bucket: str) -> list[str]:
-    return [k for k in _keys(client, bucket) if f"/{fs.UPLOADS_DIR}/" in k]
+    return [k for k in _keys(client, bucket) if f"/{atomic.UPLOADS_DIR}/" in k]
 
 
 def test_remove_partials_spares_a_live_writers_upload_and_aborts_a_killed_ones(s3):
@@ -268,14 +268,14 @@ def test_remove_partials_spares_a_live_writers_upload_and_aborts_a_killed_ones(s
         assert writer.stdout.readline().strip() == "uploading"
         assert _uploads(client, s3.bucket) == ["wds/imagenet12k-train-0001.tar"]
         assert len(_leases(client, s3.bucket)) == 1
-        assert fs.remove_partials(url) == []  # its writer is alive: kept
+        assert atomic.remove_partials(url) == []  # its writer is alive: kept
         assert _uploads(client, s3.bucket) == ["wds/imagenet12k-train-0001.tar"]
         os.kill(writer.pid, signal.SIGKILL)
         writer.wait(timeout=30)
     finally:
         if writer.poll() is None:
             writer.kill()
-    removed = fs.remove_partials(url)
+    removed = atomic.remove_partials(url)
     assert len(removed) == 1 and "imagenet12k-train-0001.tar" in removed[0]
     assert _uploads(client, s3.bucket) == []
     assert _keys(client, s3.bucket) == []  # the lease went with it
@@ -292,7 +292,7 @@ def _abandon_upload(url: str) -> str:
 
 
 def _write_lease(url: str, upload: str, lease: dict) -> None:
-    fs.write_atomic(fs._lease_url(url, upload), json.dumps(lease).encode())
+    atomic.write_atomic(atomic._lease_url(url, upload), json.dumps(lease).encode())
 
 
 def test_remove_partials_keeps_another_hosts_upload_until_it_is_stale(s3, monkeypatch):
@@ -306,17 +306,17 @@ def test_remove_partials_keeps_another_hosts_upload_until_it_is_stale(s3, monkey
     upload = _abandon_upload(url)
     lease = {"host": "another-host", "pid": 1, "written": time.time(), "key": url}
     _write_lease(url, upload, lease)
-    assert fs.remove_partials(url) == []
+    assert atomic.remove_partials(url) == []
     assert _uploads(client, s3.bucket) == ["wds/imagenet12k-train-0002.tar"]
     monkeypatch.setattr(fs, "STALE_UPLOAD_SECONDS", 3600)
     lease["written"] = time.time() - 7200
     _write_lease(url, upload, lease)
-    assert len(fs.remove_partials(url)) == 1
+    assert len(atomic.remove_partials(url)) == 1
     assert _uploads(client, s3.bucket) == []
     assert _keys(client, s3.bucket) == []
     # No lease: judged by the storage's Initiated date.
     _abandon_upload(url)
-    assert len(fs.remove_partials(url)) == 1
+    assert len(atomic.remove_partials(url)) == 1
     assert _uploads(client, s3.bucket) == []
 
 
@@ -327,7 +327,7 @@ def test_remove_partials_keeps_an_upload_of_another_pid_namespace_of_this_host(s
     import socket
     import time
 
-    from imnet_assets.core.host import pid_namespace
+    from imnet_assets.runtime.host import pid_namespace
 
     client = s3.client()
     url = f"s3://{s3.bucket}/wds/imagenet12k-train-0003.tar"
@@ -338,11 +338,11 @@ def test_remove_partials_keeps_an_upload_of_another_pid_namespace_of_this_host(s
         lease = {"host": socket.gethostname(), "pid_namespace": namespace, "pid": dead_pid(),
                  "written": time.time(), "key": url}
         _write_lease(url, upload, lease)
-        assert fs.remove_partials(url) == []
+        assert atomic.remove_partials(url) == []
         assert _uploads(client, s3.bucket) == ["wds/imagenet12k-train-0003.tar"]
         lease["pid_namespace"] = pid_namespace()
         _write_lease(url, upload, lease)
-        assert len(fs.remove_partials(url)) == 1
+        assert len(atomic.remove_partials(url)) == 1
         assert _uploads(client, s3.bucket) == []
     finally:
         container.kill()
@@ -391,9 +391,9 @@ def test_status_schedule_and_sensor_look_at_every_shard_in_a_few_round_trips(s3_
     when nothing remembers them, else taken from the ledger (one GET) that the first look wrote.
     A fixed number of round trips whatever the number of shards. A process that looked before
     reads only the listings again while no shard changed; a rewritten record is read again."""
-    from imnet_assets import schedules
-    from imnet_assets.core import freshness
-    from imnet_assets.core.audit import shards_as_they_are
+    from imnet_assets.defs import schedules
+    from imnet_assets.release import freshness
+    from imnet_assets.stages.audit import shards_as_they_are
     from tests.conftest import settings_of
 
     settings = settings_of(s3_build.env)

@@ -168,7 +168,7 @@ def test_a_build_over_https_with_a_private_ca_equals_the_clean_one(clean, sample
 
 
 def test_an_untrusted_certificate_is_refused_at_once_naming_the_endpoint(sample_release, tmp_path, tls):
-    from imnet_assets.core import fs
+    from imnet_assets.storage import fs
     from tests.conftest import environ
 
     ca, ctx = tls

@@ -244,8 +244,8 @@ def browse(dev: DagsterDev, tmp: Path) -> None:
 
 
 def test_distributions_label_every_bucket_and_sizes_read_as_people_write_them():
-    from imnet_assets.assets.common import human_bytes, reason_counts
-    from imnet_assets.assets.shard_audit import distribution
+    from imnet_assets.defs.assets.common import human_bytes, reason_counts
+    from imnet_assets.defs.assets.shard_audit import distribution
 
     assert [human_bytes(n) for n in (0, 1023, 1536, 1288490189, 3 << 40)] == [
         "0 B", "1023 B", "1.5 KiB", "1.2 GiB", "3.0 TiB"]

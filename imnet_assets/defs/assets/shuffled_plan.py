@@ -1,0 +1,31 @@
+from dagster import AssetExecutionContext, DataVersion, MaterializeResult, asset
+
+from imnet_assets.defs.assets.common import GROUP, logger
+from imnet_assets.release.plan import PLAN_VERSION, read_index
+from imnet_assets.settings import Settings
+from imnet_assets.stages.catalog_stages import build_shuffled_plan
+
+
+def make(settings: Settings):
+    holdout = ",".join(f"{n}:{c}" for n, c in settings.holdout) or "none"
+
+    @asset(
+        name="shuffled_plan",
+        group_name=GROUP,
+        deps=["filtered_index"],
+        code_version=f"{PLAN_VERSION}-seed{settings.seed}-shards{settings.num_shards}-holdout:{holdout}",
+        description=(
+            "Seeded, reproducible global shuffle of the kept images into IMNET_NUM_SHARDS shards whose "
+            "sizes differ by at most one (catalog table `plan`). Publishes one slice file per shard "
+            "under `<out root>/_plan/`, which is all a shard run reads."
+        ),
+    )
+    def shuffled_plan(context: AssetExecutionContext) -> MaterializeResult:
+        facts = build_shuffled_plan(settings, context.run.run_id, logger(context))
+        index = read_index(settings.out_root) or {}
+        return MaterializeResult(
+            metadata={k: v for k, v in facts.items() if v is not None},
+            data_version=DataVersion(index.get("fingerprint", "")[:16]),
+        )
+
+    return shuffled_plan

@@ -1,0 +1,298 @@
+"""The shard top-up schedule and the audit sensor.
+
+The schedule asks for runs only for shard partitions that are missing, failed or stale (judged
+from what sits in the out root against the current plan and settings), at most
+IMNET_SCHEDULE_MAX_RUNS per tick, skipping partitions that already have a run queued or running,
+or a failed run that Dagster's run retries are about to launch again.
+The sensor requests `shard_audit` once every shard is in and fresh, once per change of the shards
+(or of stray shard files beside them).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+from dagster import (
+    AssetKey,
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRunStatus,
+    DefaultScheduleStatus,
+    DefaultSensorStatus,
+    RunRecord,
+    RunRequest,
+    RunsFilter,
+    ScheduleEvaluationContext,
+    SensorEvaluationContext,
+    SkipReason,
+    schedule,
+    sensor,
+)
+
+from imnet_assets.release.freshness import shard_states
+from imnet_assets.release.plan import read_index
+from imnet_assets.runtime.host import pid_alive, pid_namespace
+from imnet_assets.settings import Settings
+from imnet_assets.stages.audit import expected_shard_fingerprints, plan_mismatch, shards_as_they_are
+
+IN_FLIGHT = [
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+    DagsterRunStatus.CANCELING,
+]
+PARTITION_TAG = "dagster/partition"
+WILL_RETRY_TAG = "dagster/will_retry"  # set by the instance on a failed run: "true" when run_retries will relaunch it
+HOST_TAG = "imnet/host"  # where the run's worker process runs (set by `imnet build` and by wds_shards)
+PID_NAMESPACE_TAG = "imnet/pid-namespace"  # and in which process numbers (see worker_place)
+SHARDS = AssetKey("wds_shards")
+
+
+def _targets_shards(run) -> bool:
+    """Whether a partitioned run materializes wds_shards.
+
+    Runs launched from the UI, a backfill or this schedule carry an asset selection; runs of
+    `imnet build` (in-process `materialize`, an ephemeral job) carry none. wds_shards is the only
+    partitioned asset, so a partitioned run without a selection is a shard run.
+    """
+    return not run.asset_selection or SHARDS in run.asset_selection
+
+
+def _shard_runs(instance: DagsterInstance, statuses, limit: int | None = None) -> Iterator[tuple[str, RunRecord]]:
+    """(partition key, run record) of the runs in these statuses that target wds_shards, newest first."""
+    for rec in instance.get_run_records(RunsFilter(statuses=statuses), limit=limit):
+        key = rec.dagster_run.tags.get(PARTITION_TAG)
+        if key and _targets_shards(rec.dagster_run):
+            yield key, rec
+
+
+def _partitions_of(instance: DagsterInstance, statuses, limit: int | None = None,
+                   skip=lambda _run: False) -> dict[str, RunRecord]:
+    """Partition key -> the newest run record in these statuses that targets wds_shards."""
+    out: dict[str, RunRecord] = {}
+    for key, rec in _shard_runs(instance, statuses, limit):
+        if not skip(rec.dagster_run):
+            out.setdefault(key, rec)
+    return out
+
+
+RETRY_GRACE_SECONDS = 600  # how long a failed run that Dagster will retry is left to that retry
+
+
+def _retry_pending(rec: RunRecord | None) -> bool:
+    """Whether Dagster's run retries (dagster.yaml `run_retries`) will launch this failed run again:
+    the instance tagged it so when it failed. Bounded in time: if no retry shows up (no daemon
+    running the retries), the partition counts as failed again and is requested."""
+    return (rec is not None and rec.dagster_run.tags.get(WILL_RETRY_TAG) == "true"
+            and rec.end_time is not None and time.time() - rec.end_time < RETRY_GRACE_SECONDS)
+
+
+def worker_place() -> dict[str, str]:
+    """The tags that say where this process runs: the host's name and, where /proc shows it, its
+    pid namespace. Containers on the host's network share the host's name but not its process
+    numbers: a run in one of them must not be judged by whether its worker's number is alive here."""
+    namespace = pid_namespace()
+    return {HOST_TAG: socket.gethostname(), **({PID_NAMESPACE_TAG: namespace} if namespace else {})}
+
+
+def run_worker_gone(instance: DagsterInstance, run) -> bool:
+    """Whether a run the instance still has as started lost its run worker: a process of this host
+    and pid namespace (worker_place) that is no longer running (kill -9, the OOM killer, a machine
+    that rebooted). Such a run would stay "started" forever, since the worker writes a run's end;
+    the default run launcher cannot tell Dagster's run monitoring about it. Runs of other hosts
+    (or namespaces) are left to it."""
+    if run.status not in (DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING):
+        return False
+    here = worker_place()
+    if run.tags.get(HOST_TAG) != here[HOST_TAG]:
+        return False
+    namespace = run.tags.get(PID_NAMESPACE_TAG)  # absent on runs tagged before it was recorded
+    if namespace is not None and namespace != here.get(PID_NAMESPACE_TAG):
+        return False  # a container on this host's network: its process numbers are not ours
+    records = instance.get_records_for_run(run.run_id, of_type=DagsterEventType.RUN_START, limit=1).records
+    if not records:
+        return False
+    entry = records[0].event_log_entry
+    pid = entry.dagster_event.pid if entry.dagster_event else None
+    return pid is not None and not pid_alive(pid, started_by=entry.timestamp)
+
+
+def fail_dead_runs(instance: DagsterInstance, log=lambda _m: None) -> list[str]:
+    """Mark started shard runs whose worker is gone (`run_worker_gone`) as failed, so their
+    partitions count as failed and are built again; returns their partition keys."""
+    dead = []
+    for key, rec in _shard_runs(instance, [DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]):
+        run = rec.dagster_run
+        if not run_worker_gone(instance, run):
+            continue
+        # Its worker is gone, so its status can no longer change: read it again, in case the run
+        # ended (and its worker exited) between the listing above and the look at its process.
+        run = instance.get_run_by_id(run.run_id)
+        why = f"run worker process on {run.tags.get(HOST_TAG)} is gone (killed?)"
+        if run.status == DagsterRunStatus.STARTED:
+            instance.report_run_failed(run, f"{why}: marked failed by imnet")
+            log(f"shard {key}: run {run.run_id[:8]} had lost its process (killed?); marked failed")
+        elif run.status == DagsterRunStatus.CANCELING:  # what the user asked for: not to be retried
+            instance.report_run_canceled(run, f"{why} while canceling: marked canceled by imnet")
+            log(f"shard {key}: run {run.run_id[:8]} was being canceled and lost its process; marked canceled")
+        else:
+            continue
+        dead.append(key)
+    return dead
+
+
+# A partition whose last BACKOFF_AFTER runs all failed is not requested again until
+# BACKOFF_SECONDS * 2**(failures - BACKOFF_AFTER) (at most BACKOFF_MAX_SECONDS) after the last one
+# ended: a shard that fails for good (a source that crashes the encoder's process, a bucket it may
+# not write) would otherwise take a run every tick, forever. `imnet build` still builds it.
+BACKOFF_AFTER = 3
+BACKOFF_SECONDS = 1800
+BACKOFF_MAX_SECONDS = 6 * 3600
+RUN_HISTORY_LIMIT = 10000  # newest shard runs read (one query) to find each partition's failures in a row
+
+
+@dataclass(frozen=True)
+class FailureStreak:
+    """A partition's failed runs since its last successful one (newest first)."""
+
+    latest: RunRecord
+    count: int
+
+    def backoff_until(self) -> float | None:
+        """Unix time before which the partition is not requested again, or None (no backoff)."""
+        if self.count < BACKOFF_AFTER or self.latest.end_time is None:
+            return None
+        wait = min(BACKOFF_SECONDS * 2 ** (self.count - BACKOFF_AFTER), BACKOFF_MAX_SECONDS)
+        return self.latest.end_time + wait
+
+
+def _failure_streaks(instance: DagsterInstance) -> dict[str, FailureStreak]:
+    """Partition key -> its failures in a row, from one query of the newest ended shard runs."""
+    streaks: dict[str, FailureStreak] = {}
+    done: set[str] = set()
+    ended = [DagsterRunStatus.FAILURE, DagsterRunStatus.SUCCESS]
+    for key, rec in _shard_runs(instance, ended, limit=RUN_HISTORY_LIMIT):
+        if key in done:
+            continue
+        if rec.dagster_run.status == DagsterRunStatus.SUCCESS:
+            done.add(key)
+            continue
+        streak = streaks.get(key)
+        streaks[key] = FailureStreak(rec, 1) if streak is None else FailureStreak(streak.latest, streak.count + 1)
+    return streaks
+
+
+def shard_partition_status(settings: Settings, instance: DagsterInstance | None,
+                           now: float | None = None) -> dict[str, str]:
+    """Every partition's status: fresh, missing, stale, failed, retrying (failed, and Dagster's run
+    retries will launch it again: the schedule leaves it to them), backoff (failed BACKOFF_AFTER
+    or more times in a row, the last one too recently: see FailureStreak), or in_flight (a run
+    queued or running; not one whose worker is gone, see `run_worker_gone`).
+
+    Two listings of the out root, one concurrent batch of commit-record reads (core.freshness) and
+    two queries of the instance, whatever the number of shards."""
+    expected = expected_shard_fingerprints(settings)
+    in_flight = _partitions_of(instance, IN_FLIGHT, skip=partial(run_worker_gone, instance)) if instance else {}
+    streaks = _failure_streaks(instance) if instance else {}
+    now = time.time() if now is None else now
+    keys = settings.partition_keys
+    states = shard_states(settings.out_root, keys, [settings.shard_name(k) for k in keys], expected)
+    status = {}
+    for key in keys:
+        if key in in_flight:
+            status[key] = "in_flight"
+            continue
+        state = states[key]
+        streak = streaks.get(key)
+        if state != "fresh" and streak is not None:
+            until = streak.backoff_until()
+            if _retry_pending(streak.latest):
+                state = "retrying"
+            elif until is not None and now < until:
+                state = "backoff"
+            else:
+                state = "failed"
+        status[key] = state
+    return status
+
+
+def backoff_note(settings: Settings, instance: DagsterInstance | None, status: dict[str, str]) -> str:
+    """A line naming the partitions held back after repeated failures, and when each is tried again."""
+    held = [k for k, v in status.items() if v == "backoff"]
+    if not held or instance is None:
+        return ""
+    streaks = _failure_streaks(instance)
+    parts = [f"{k} ({streaks[k].count} failures, again after "
+             f"{time.strftime('%H:%M:%SZ', time.gmtime(streaks[k].backoff_until()))})" for k in held[:16] if k in streaks]
+    return (f"{len(held)} partitions backed off after {BACKOFF_AFTER}+ failed runs in a row: "
+            + ", ".join(parts) + (" ..." if len(held) > 16 else ""))
+
+
+def shards_to_request(settings: Settings, instance: DagsterInstance | None, limit: int,
+                      status: dict[str, str] | None = None) -> list[str]:
+    status = shard_partition_status(settings, instance) if status is None else status
+    return [k for k, s in status.items() if s in ("missing", "stale", "failed")][:limit]
+
+
+def make(settings: Settings):
+    @schedule(
+        name="wds_shards_topup",
+        cron_schedule=settings.schedule_cron,
+        target=[SHARDS],
+        default_status=DefaultScheduleStatus.STOPPED,
+        description=(
+            "Requests runs for shard partitions that are missing, failed or stale, at most "
+            f"{settings.schedule_max_runs} per tick; partitions with a run queued or running are skipped."
+        ),
+    )
+    def wds_shards_topup(context: ScheduleEvaluationContext):
+        index = read_index(settings.out_root)
+        if index is None:
+            return SkipReason("no shuffled plan under the out root yet: materialize the upstream stages first")
+        if why := plan_mismatch(settings, index):
+            return SkipReason(why)  # shards cut from it would be rebuilt again once it is redone
+        fail_dead_runs(context.instance, log=context.log.warning)
+        status = shard_partition_status(settings, context.instance)
+        keys = shards_to_request(settings, context.instance, settings.schedule_max_runs, status)
+        held = backoff_note(settings, context.instance, status)
+        if held:
+            context.log.warning(held)
+        if not keys:
+            return SkipReason(f"nothing to request: {held}" if held else
+                              "every shard partition is fresh, queued or running")
+        # Several requests per tick need run keys; the scheduler scopes them to the tick's
+        # scheduled time, so the same partition can be asked for again on a later tick.
+        return [
+            RunRequest(run_key=f"wds_shards-{k}", partition_key=k, asset_selection=[SHARDS],
+                       tags={"imnet/reason": "topup"})
+            for k in keys
+        ]
+
+    @sensor(
+        name="shard_audit_when_complete",
+        target=["shard_audit"],
+        minimum_interval_seconds=30,
+        # Off (IMNET_AUDIT_SENSOR=off) where ordinary run pods cannot reach the catalog (deploy/k8s).
+        default_status=DefaultSensorStatus.RUNNING if settings.audit_sensor else DefaultSensorStatus.STOPPED,
+        description="Materializes shard_audit once every shard partition is in and fresh.",
+    )
+    def shard_audit_when_complete(context: SensorEvaluationContext):
+        shards_now, why = shards_as_they_are(settings)
+        if shards_now is None:
+            return SkipReason(why)
+        # One request per change of the shards, including a change back to an earlier one (strays
+        # come, fail the audit, and go: the shards are as they were, the audit must run again).
+        seen = json.loads(context.cursor) if context.cursor else {}
+        if seen.get("state") == shards_now:
+            return SkipReason("shard_audit was already asked for with the shards as they are")
+        n = int(seen.get("n", 0)) + 1
+        context.update_cursor(json.dumps({"state": shards_now, "n": n}))
+        return RunRequest(run_key=f"{shards_now}-{n}", asset_selection=[AssetKey("shard_audit")])
+
+    return wds_shards_topup, shard_audit_when_complete

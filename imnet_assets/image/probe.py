@@ -1,0 +1,269 @@
+"""Header-only probe of one raw file, run at index time over every raw member.
+
+Cheap by construction: Pillow parses the header (``open_image``), nothing is decoded, and the
+truncation check only looks at the last bytes.  The exclusion rules are shared with ``encode`` (via
+``plan_decode``) so the index and the encoder agree on what is kept.
+
+Most raw files are plain JPEGs, and Pillow's header parse was a quarter of the index scan, so
+``_jpeg_header`` walks the JPEG markers itself first.  It answers only when it is certain Pillow
+would open the file to exactly that size and mode without error (same markers, same checks, no
+EXIF to parse, no MPO); for anything else it steps aside and Pillow decides, so the probe gives
+the same answer for every input either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from PIL import Image, UnidentifiedImageError
+
+from imnet_assets.image.decode import (
+    MAX_FULL_DECODE_PIXELS,
+    MAX_SHORT,
+    MIN_SIDE,
+    ImageRejected,
+    describe_error,
+    open_image,
+    plan_decode,
+)
+
+__all__ = ["MAX_FULL_DECODE_PIXELS", "MIN_SIDE", "Probe", "probe_image", "looks_truncated"]
+
+KEPT = "kept"
+EXCLUDED = "excluded"
+
+
+@dataclass(frozen=True)
+class Probe:
+    width: int | None
+    height: int | None
+    format: str | None
+    mode: str | None
+    status: str  # "kept" or "excluded"
+    reason: str | None  # why excluded; None when kept
+    needs_repair: bool  # kept, but the data looks truncated; repaired at encode time
+
+    @property
+    def kept(self) -> bool:
+        return self.status == KEPT
+
+
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def looks_truncated(data: bytes | memoryview, fmt: str | None) -> bool:
+    """Whether the file lacks its end marker (trailing zero padding allowed):
+    JPEG/MPO without EOI (FF D9), PNG without an IEND chunk, GIF without the trailer (0x3B)."""
+    if fmt in ("JPEG", "MPO"):
+        return not _ends_with(data, b"\xff\xd9")
+    if fmt == "PNG":
+        # IEND is the last chunk; tolerate junk after it by looking at the tail only.
+        return bytes(data[-4096:]).find(_PNG_IEND) < 0
+    if fmt == "GIF":
+        return not _ends_with(data, b"\x3b")
+    return False
+
+
+def _ends_with(data: bytes | memoryview, marker: bytes) -> bool:
+    """``data.rstrip(b"\\0").endswith(marker)``, looking at the last bytes only when that settles it."""
+    tail = bytes(data[-64:]).rstrip(b"\x00")
+    if len(tail) < len(marker) < len(data):  # the zero padding is long: look at all of it
+        tail = bytes(data).rstrip(b"\x00")
+    return tail.endswith(marker)
+
+
+def _excluded(reason: str, width=None, height=None, fmt=None, mode=None) -> Probe:
+    return Probe(width, height, fmt, mode, EXCLUDED, reason, False)
+
+
+def probe_image(data: bytes | memoryview, fast: bool = True) -> Probe:
+    """Probe one raw file.  Never raises for any input bytes.
+
+    ``fast=False`` skips the JPEG marker walk and always asks Pillow (the tests compare the two).
+    """
+    if fast:
+        try:
+            probe = _probe_jpeg(data)
+        except Exception:  # noqa: BLE001 - never trust the shortcut over Pillow
+            probe = None
+        if probe is not None:
+            return probe
+    try:
+        return _probe(bytes(data))
+    except Exception as e:  # includes MemoryError from a pathological header
+        return _excluded(f"probe failed: {describe_error(e)}")
+
+
+class _Header(NamedTuple):
+    """What ``plan_decode`` reads from an opened image, for a JPEG read by ``_jpeg_header``: its
+    size, mode, format, and for ``coefficient_bytes`` the frame's components as Pillow's ``layer``
+    and ``layers`` hold them (``(id, h, v, table)`` per component triple, the declared count) and
+    whether it is progressive (Pillow's ``info``)."""
+
+    size: tuple[int, int]
+    mode: str
+    format: str = "JPEG"
+    layer: tuple[tuple[int, int, int, int], ...] = ()
+    layers: int = 0
+    progressive: bool = False
+
+    @property
+    def info(self) -> dict[str, int]:
+        return {"progressive": 1} if self.progressive else {}
+
+
+def _probe_jpeg(data: bytes | memoryview) -> Probe | None:
+    """The probe of a JPEG whose header ``_jpeg_header`` reads with certainty, else None."""
+    # The walk indexes bytes faster than a memoryview, and a usual header ends within its first
+    # kilobytes; a walk that needs more of the file than that returns None and is done again on
+    # all of it. (A header found in the head is the header of the file: nothing past it was read.)
+    header = _jpeg_header(bytes(data[:_HEAD]))
+    if header is None and len(data) > _HEAD:
+        header = _jpeg_header(data)
+    if header is None:
+        return None
+    width, height = header.size
+    if width * height > MAX_FULL_DECODE_PIXELS:
+        return None  # then the size to decode depends on Pillow's draft: let Pillow say
+    try:
+        # No draft here: at or below the limit, drafting cannot change any rule's outcome.
+        plan_decode(header, MAX_SHORT)
+    except ImageRejected as r:
+        return _excluded(r.reason, width, height, header.format, header.mode)
+    return Probe(width, height, header.format, header.mode, KEPT, None, looks_truncated(data, header.format))
+
+
+# Markers whose segment Pillow's JPEG parser reads by its length and then skips (DHT, DAC, DNL,
+# DRI, EXP, SOS), or reads as below; any other marker (other SOFs, RSTn, JPGn, a second SOI,
+# unknown ones) leaves the file to Pillow.
+_SKIPPED = frozenset({0xC4, 0xCC, 0xDC, 0xDD, 0xDF, 0xDA})
+_SOF2 = 0xC2
+_SOF = frozenset({0xC0, 0xC1, _SOF2})  # baseline, extended sequential, progressive
+_MODES = {1: "L", 3: "RGB", 4: "CMYK"}
+_DQT, _SOS, _COM, _APP0, _APP1, _APP2, _APP13, _APP14 = 0xDB, 0xDA, 0xFE, 0xE0, 0xE1, 0xE2, 0xED, 0xEE
+
+
+_HEAD = 4096
+
+
+def _jpeg_header(data: bytes | memoryview) -> _Header | None:
+    """Size and mode of a JPEG, exactly as ``JpegImagePlugin`` reads them up to the start of scan,
+    or None whenever Pillow could do anything else with these bytes (raise, skip junk, read EXIF
+    for the dpi, turn it into an MPO, try another plugin).  Never raises on its own input."""
+    if not _jpeg_is_first():
+        return None
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8 or data[2] != 0xFF:
+        return None
+    pos = 2  # Pillow reads its first marker from the third byte on
+    size = mode = None
+    layer: tuple[tuple[int, int, int, int], ...] = ()
+    layers, progressive = 0, False
+    dpi = exif = False
+    while True:
+        if pos + 1 >= n:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1  # fill byte
+            continue
+        if pos + 4 > n:
+            return None
+        length = data[pos + 2] << 8 | data[pos + 3]
+        start, end = pos + 4, pos + 2 + length
+        if length < 2 or end > n:
+            return None  # Pillow reads no segment, or a truncated one
+        if marker in _SOF:
+            if size is not None or length < 8 or (length - 8) % 3 or data[start] != 8:
+                return None  # a second frame, a cut component list, or not 8-bit
+            size = data[start + 3] << 8 | data[start + 4], data[start + 1] << 8 | data[start + 2]
+            mode = _MODES.get(data[start + 5])
+            if mode is None:
+                return None
+            layer = tuple(
+                (data[i], data[i + 1] >> 4, data[i + 1] & 15, data[i + 2]) for i in range(start + 6, end, 3)
+            )
+            layers, progressive = data[start + 5], marker == _SOF2
+        elif 0xE0 <= marker <= 0xEF:
+            app = _app_segment(marker, bytes(data[start : min(end, start + 16)]), length - 2)
+            if app is None:
+                return None
+            dpi, exif = dpi or app == "dpi", exif or app == "exif"
+        elif marker == _DQT:
+            if not _valid_dqt(data, start, end):
+                return None
+        elif marker != _COM and marker not in _SKIPPED:
+            return None
+        if marker == _SOS:
+            break
+        pos = end
+        if pos >= n or data[pos] != 0xFF:
+            return None  # junk between segments: Pillow skips it byte by byte
+    if size is None or mode is None or not (size[0] and size[1]) or (exif and not dpi):
+        return None  # no frame or an empty one (another plugin is tried), or EXIF to read
+    return _Header(size, mode, "JPEG", layer, layers, progressive)
+
+
+def _app_segment(marker: int, head: bytes, length: int) -> str | None:
+    """What an APPn segment means to Pillow: "dpi" (JFIF with a density unit), "exif", "" (stored,
+    nothing else), or None when Pillow could fail on it or do more with it.  ``head``: its first
+    16 bytes; ``length``: its length without the length field."""
+    if marker == _APP0 and head.startswith(b"JFIF"):
+        if length < 7:
+            return None  # the version field is cut: Pillow raises
+        return "dpi" if length >= 12 and head[7] in (1, 2) else ""
+    if marker == _APP1 and head.startswith(b"Exif\0\0"):
+        return "exif"
+    if marker == _APP2 and head.startswith(b"ICC_PROFILE\0"):
+        return "" if length >= 14 else None  # Pillow reads the fragment count at byte 13
+    if marker == _APP2 and head.startswith(b"MPF\0"):
+        return None  # maybe an MPO
+    if marker == _APP13 and head.startswith(b"Photoshop 3.0\0"):
+        return None  # its resource parse can raise
+    if marker == _APP14 and head.startswith(b"Adobe"):
+        return "" if length >= 7 else None
+    return ""
+
+
+def _valid_dqt(data: bytes | memoryview, start: int, end: int) -> bool:
+    """Whether every quantization table of the segment is complete (else Pillow raises)."""
+    while start < end:
+        start += 65 if data[start] < 16 else 129
+    return start <= end
+
+
+_jpeg_first: bool | None = None
+
+
+def _jpeg_is_first() -> bool:
+    """Whether JPEG is the first plugin that accepts FF D8 FF: only BMP ("BM"), DIB (a small header
+    size as the first 4 bytes) and GIF ("GIF8"), which cannot, may come before it in Pillow's order.  Plugins registered later go after it, so checking
+    once after ``Image.preinit`` (which registers JPEG) is enough."""
+    global _jpeg_first
+    if _jpeg_first is None:
+        Image.preinit()
+        ids = list(Image.ID)
+        _jpeg_first = "JPEG" in ids and set(ids[: ids.index("JPEG")]) <= {"BMP", "DIB", "GIF"}
+    return _jpeg_first
+
+
+def _probe(data: bytes) -> Probe:
+    if not data:
+        return _excluded("empty file")
+    try:
+        img = open_image(data)
+    except UnidentifiedImageError:
+        return _excluded("not an image: cannot identify image file")
+    except Image.DecompressionBombError as e:  # a few plugins check sizes while parsing headers
+        return _excluded(f"too large to decode: {describe_error(e)}")
+    except Exception as e:  # a plugin recognised the format but its header is cut or corrupt
+        return _excluded(f"unreadable header: {describe_error(e)}")
+    with img:
+        width, height = img.size
+        fmt, mode = img.format, img.mode
+        try:
+            plan_decode(img, MAX_SHORT)  # size/mode/format rules; a JPEG draft is header-only
+        except ImageRejected as r:
+            return _excluded(r.reason, width, height, fmt, mode)
+    return Probe(width, height, fmt, mode, KEPT, None, looks_truncated(data, fmt))

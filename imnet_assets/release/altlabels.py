@@ -1,0 +1,72 @@
+"""Alternative labels (IMNET_ALT_LABELS): `label_in1k` in each sample's JSON and the `train_in1k`
+split of `_info.json`.
+
+`label_in1k` is a synset's index in the sorted list of the 1,000 ImageNet-1k wnids (shipped as
+`imnet_assets/lists/imagenet1k_wnids.txt`, see the README beside it), or -1 for a synset not among
+them. timm's WebDataset reader reads a split's `alt_label` field from the sample JSON instead of
+`.cls` and skips samples whose label is negative, so `train_in1k` trains on the ImageNet-1k subset
+of the same shards; its `shard_lengths` count only those samples.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+
+MODES = {"in1k": "label_in1k"}  # IMNET_ALT_LABELS mode -> the JSON field it adds
+
+
+def in1k_wnids_path() -> str:
+    return str(resources.files("imnet_assets") / "lists" / "imagenet1k_wnids.txt")
+
+
+@cache
+def in1k_labels() -> dict[str, int]:
+    """wnid -> label_in1k for the 1,000 ImageNet-1k synsets."""
+    text = (resources.files("imnet_assets") / "lists" / "imagenet1k_wnids.txt").read_text("utf-8")
+    wnids = [w.strip() for w in text.splitlines() if w.strip() and not w.startswith("#")]
+    if len(wnids) != 1000 or wnids != sorted(wnids) or len(set(wnids)) != 1000:
+        raise ValueError(f"{in1k_wnids_path()} must hold 1,000 distinct sorted wnids, holds {len(wnids)}")
+    return {w: i for i, w in enumerate(wnids)}
+
+
+def sample_fields(wnid: str, mode: str) -> dict[str, int]:
+    """The extra JSON fields of one sample under IMNET_ALT_LABELS=`mode` ("" adds none)."""
+    if not mode:
+        return {}
+    if mode != "in1k":
+        raise ValueError(f"unknown alternative label mode {mode!r}")
+    return {"label_in1k": in1k_labels().get(wnid, -1)}
+
+
+def split_name(mode: str) -> str:
+    return f"train_{mode}"
+
+
+def info_splits(mode: str, train: dict, alt_lengths: dict[str, int]) -> dict[str, dict]:
+    """The `_info.json` split of mode `mode`: the train split's shard files, `alt_label` naming the
+    JSON field, and per shard the number of samples with a label of 0 or more (`alt_lengths`: shard
+    file name -> count; a shard not in it counts 0)."""
+    if not mode:
+        return {}
+    name = split_name(mode)
+    counts = [int(alt_lengths.get(f, 0)) for f in train["filenames"]]
+    return {name: {"name": name, "alt_label": MODES[mode], "filenames": list(train["filenames"]),
+                   "shard_lengths": counts, "num_samples": sum(counts)}}
+
+
+def shard_counts(settings) -> dict[str, int]:
+    """Shard file name -> its written samples with an ImageNet-1k synset, from the catalog (the
+    audit loaded every shard's samples into `shard_samples`)."""
+    from imnet_assets.storage.catalog import Catalog
+
+    with Catalog(settings.catalog, read_only=True) as cat:
+        rows = cat.rows("altlabels_in1k_per_shard", {"wnids": sorted(in1k_labels()), "release": settings.release})
+    return {settings.shard_name(shard): int(n) for shard, n in rows}
+
+
+def info_splits_for(settings, train: dict) -> dict[str, dict]:
+    """The alt-label splits of `_info.json` under these settings (none without IMNET_ALT_LABELS)."""
+    if not settings.alt_labels:
+        return {}
+    return info_splits(settings.alt_labels, train, shard_counts(settings))

@@ -1,0 +1,320 @@
+"""The dataset card: `<out root>/README.md`, written by a clean audit beside `_info.json`.
+
+`facts(settings, report)` gathers what the card states (from the audit's report and the catalog);
+`render(facts)` turns that dict into the card and nothing else, so the text is tested from a dict.
+The card begins with the YAML front matter the Hugging Face Hub reads (`front_matter`).
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+from imnet_assets.release.info import dataset_name, info_document
+from imnet_assets.release.plan import VALIDATION
+from imnet_assets.storage import atomic, fs
+
+CARD_NAME = "README.md"
+TERMS_URL = "https://image-net.org/download.php"
+LICENSE_NAME = "imagenet-terms-of-access"
+PRETTY_NAME = "ImageNet Winter21 (WebP, WebDataset)"
+# The Hub's size_categories buckets, by sample count (upper bound exclusive).
+SIZE_CATEGORIES = [(10**3, "n<1K"), (10**4, "1K<n<10K"), (10**5, "10K<n<100K"), (10**6, "100K<n<1M"),
+                   (10**7, "1M<n<10M"), (10**8, "10M<n<100M"), (10**9, "100M<n<1B")]
+CITATION = """@inproceedings{deng2009imagenet,
+  title     = {ImageNet: A Large-Scale Hierarchical Image Database},
+  author    = {Deng, Jia and Dong, Wei and Socher, Richard and Li, Li-Jia and Li, Kai and Fei-Fei, Li},
+  booktitle = {IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
+  pages     = {248--255},
+  year      = {2009}
+}
+
+@article{russakovsky2015imagenet,
+  title   = {ImageNet Large Scale Visual Recognition Challenge},
+  author  = {Russakovsky, Olga and Deng, Jia and Su, Hao and Krause, Jonathan and Satheesh, Sanjeev and
+             Ma, Sean and Huang, Zhiheng and Karpathy, Andrej and Khosla, Aditya and Bernstein, Michael and
+             Berg, Alexander C. and Fei-Fei, Li},
+  journal = {International Journal of Computer Vision (IJCV)},
+  volume  = {115},
+  number  = {3},
+  pages   = {211--252},
+  year    = {2015}
+}"""
+# Each sample's `<key>.json` fields, in the order the encoder writes them.
+JSON_FIELDS = [
+    ("filename", "`<wnid>/<key>.JPEG`: the raw file's name in the release"),
+    ("label", "the class: index of the synset in the sorted list of synsets (as `<key>.cls`)"),
+    ("class_name", "the synset's WordNet id (wnid); `classes.tsv` gives its lemma and gloss"),
+    ("width", "width of the stored WebP, px"),
+    ("height", "height of the stored WebP, px"),
+    ("orig_width", "width of the source image, px"),
+    ("orig_height", "height of the source image, px"),
+    ("source_sha256", "hex sha256 of the source file's bytes in the raw release"),
+]
+LABEL_IN1K_FIELD = ("label_in1k", "index in the sorted list of the 1,000 ImageNet-1k wnids, -1 for a synset "
+                                  "not among them (`IMNET_ALT_LABELS=in1k`)")
+
+
+def card_url(settings) -> str:
+    return fs.join(settings.out_root, CARD_NAME)
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("imnet-assets")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def size_category(samples: int) -> str:
+    for bound, name in SIZE_CATEGORIES:
+        if samples < bound:
+            return name
+    return "n>1B"
+
+
+def facts(settings, report) -> dict:
+    """Everything the card states, as plain values."""
+    from imnet_assets.storage.catalog import Catalog
+
+    with Catalog(settings.catalog, read_only=True) as cat:
+        overlaps = cat.one("overlaps_summary")
+        eval_images = cat.one("eval_summary")
+        classes = cat.one("card_classes", {"release": settings.release})
+        named = cat.one("card_release", {"release": settings.release}) if settings.release else {}
+    totals = report.totals
+    train_keys = settings.partition_keys[:settings.num_shards]
+    return {
+        "name": dataset_name(settings),
+        "samples": int(totals.get("samples") or 0),
+        "classes": int(classes.get("classes") or 0),
+        "synsets": int(totals.get("synsets") or 0),
+        "shards": int(totals.get("shards") or 0),
+        "bytes": int(totals.get("shard_bytes") or 0),
+        "raw_images": int(totals.get("raw_images") or 0),
+        "excluded": int(totals.get("excluded") or 0),
+        "repaired": int(totals.get("repaired") or 0),
+        "reasons": [(r["stage"], r["reason"], int(r["images"])) for r in report.reasons],
+        "duplicate_groups": int(overlaps.get("duplicate_groups") or 0),
+        "duplicate_copies": int(overlaps.get("duplicate_copies") or 0),
+        "dedup_excluded": int(overlaps.get("dedup_excluded") or 0),
+        "eval_images": int(eval_images.get("images") or 0) if settings.eval_exclude else None,
+        "eval_overlaps_exact": int(overlaps.get("eval_overlaps_exact") or 0),
+        "eval_overlaps_near": int(overlaps.get("eval_overlaps_near") or 0),
+        "code_versions": sorted({r["code_version"] for r in report.per_shard if r.get("code_version")}),
+        "package_version": _package_version(),
+        "shard_pattern": settings.shard_pattern,
+        "first_shard": settings.shard_name(train_keys[0]),
+        "last_shard": settings.shard_name(train_keys[-1]),
+        "settings": {
+            "IMNET_NUM_SHARDS": settings.num_shards,
+            "IMNET_SEED": settings.seed,
+            "IMNET_SHARD_PATTERN": settings.shard_pattern,
+            "IMNET_WEBP_QUALITY": settings.webp_quality,
+            "IMNET_WEBP_METHOD": settings.webp_method,
+            "IMNET_HOLDOUT": ",".join(f"{n}:{c}" for n, c in settings.holdout) or "none",
+            "IMNET_EVAL_EXCLUDE": "set" if settings.eval_exclude else "none",
+            "IMNET_DEDUP": settings.dedup,
+            "IMNET_ALT_LABELS": settings.alt_labels or "none",
+        },
+        "release": release_facts(settings, named),
+        "alt_labels": settings.alt_labels,
+        "splits": ["train", *(n for n, _ in settings.holdout), *([VALIDATION] if settings.val_per_class else []),
+                   *([f"train_{settings.alt_labels}"] if settings.alt_labels else [])],
+        # split -> its shard files, as _info.json lists them
+        "split_files": {name: list(split["filenames"])
+                        for name, split in info_document(settings, report.lengths)["splits"].items()},
+    }
+
+
+def release_facts(settings, named: dict) -> dict | None:
+    """A named release's own settings (IMNET_RELEASES, issue 25); None for the default release, whose
+    card is as before releases."""
+    if not settings.release:
+        return None
+    return {"name": settings.release, "synsets": settings.synsets, "classes": int(named.get("synsets") or 0),
+            "absent": int(named.get("absent") or 0), "codec": settings.codec,
+            "max_short_edge": settings.max_short_edge, "val_per_class": settings.val_per_class,
+            "validation_shards": settings.validation_shards}
+
+
+def _release_lines(r: dict | None) -> list[str]:
+    """The card's section on a named release: what it selects, its labels, its validation split."""
+    if not r:
+        return []
+    lines = ["## Release", "", "| key | value |", "|---|---|",
+             *(f"| `{k}` | `{r[k]}` |" for k in ("name", "synsets", "codec", "max_short_edge", "val_per_class")), "",
+             f"Labels are the index in the sorted list of the release's {_n(r['classes'])} synsets (`classes.tsv`)."]
+    if r["absent"]:
+        lines.append(f"{_n(r['absent'])} of them are not in the raw release: they keep their labels and hold no "
+                     "sample (count 0 in `classes.tsv`).")
+    if r["val_per_class"]:
+        lines.append(f"The `validation` split ({_n(r['validation_shards'])} shards of its own, disjoint from train) "
+                     f"holds a seeded choice of {r['val_per_class']} images of each class; a class with "
+                     f"{r['val_per_class']} or fewer kept images gives all but one of them.")
+    return [*lines, ""]
+
+
+def _n(value: int) -> str:
+    return f"{value:,}"
+
+
+def _size(value: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value} B"
+
+
+def front_matter(f: dict) -> dict:
+    """The Hub's metadata: name, licence (ImageNet's terms), task, size, and one config whose
+    splits are _info.json's, each with its shard files (a split with another label, such as
+    `train_in1k`, gets a config of its own: it reads the same files)."""
+    default = [name for name in f["split_files"] if not name.startswith("train_")]
+    configs = [{"config_name": "default",
+                "data_files": [{"split": name, "path": f["split_files"][name]} for name in default]}]
+    configs += [{"config_name": name, "data_files": [{"split": name, "path": files}]}
+                for name, files in f["split_files"].items() if name not in default]
+    return {
+        "pretty_name": f"{PRETTY_NAME}: {f['name']}",
+        "license": "other",
+        "license_name": LICENSE_NAME,
+        "license_link": TERMS_URL,
+        "task_categories": ["image-classification"],
+        "size_categories": [size_category(f["samples"])],
+        "tags": ["imagenet", "webdataset", "webp"],
+        "configs": configs,
+    }
+
+
+def render(f: dict) -> str:
+    """The card (YAML front matter, then Markdown) for a dict of facts (see `facts`)."""
+    import yaml  # Dagster's dependency
+
+    lines = [
+        "---",
+        yaml.safe_dump(front_matter(f), sort_keys=False, allow_unicode=True, width=1000).rstrip("\n"),
+        "---",
+        "",
+        f"# {f['name']}",
+        "",
+        "The ImageNet Winter21 release as WebDataset shards of WebP images, built by imnet-assets. Images under",
+        "32 px are removed, images whose short side is over 768 px are resized to 768, EXIF other than colour",
+        "space is removed, truncated images are repaired, and samples are shuffled across the shards.",
+        "",
+        "## Contents",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| samples | {_n(f['samples'])} |",
+        f"| classes (synsets with samples) | {_n(f['classes'])} of {_n(f['synsets'])} |",
+        f"| shards | {_n(f['shards'])} (`{f['first_shard']}` ... `{f['last_shard']}`) |",
+        f"| bytes | {_n(f['bytes'])} ({_size(f['bytes'])}) |",
+        f"| raw images | {_n(f['raw_images'])} |",
+        f"| excluded | {_n(f['excluded'])} |",
+        f"| repaired (truncated, decoded as far as the data goes) | {_n(f['repaired'])} |",
+        f"| splits in `_info.json` | {', '.join(f['splits'])} |",
+        "",
+        "Each sample is three files: `<key>.cls` (the label as ASCII decimal), `<key>.json` and `<key>.webp`"
+        " (the image, lossy WebP, RGB). `<key>` is the raw file's stem (`n01440764_10026`).",
+        "",
+        "### `<key>.json`",
+        "",
+        "| field | meaning |",
+        "|---|---|",
+        *(f"| `{name}` | {meaning} |" for name, meaning in
+          [*JSON_FIELDS, *([LABEL_IN1K_FIELD] if f.get("alt_labels") == "in1k" else [])]),
+        "",
+        "`classes.tsv` beside the shards maps each label to its synset: `label`, `wnid`, `lemma`, `gloss`, "
+        "`count` (the samples of that class), a header line, one row per label.",
+        "",
+        *_release_lines(f.get("release")),
+        "## Settings",
+        "",
+        "| variable | value |",
+        "|---|---|",
+        *(f"| `{k}` | `{v}` |" for k, v in f["settings"].items()),
+        "",
+        "## Exclusions",
+        "",
+    ]
+    if f["reasons"]:
+        lines += ["| stage | reason | images |", "|---|---|---|"]
+        lines += [f"| {stage} | {reason.replace('|', '/')} | {_n(n)} |" for stage, reason, n in f["reasons"]]
+    else:
+        lines.append("No raw image was excluded.")
+    lines += [
+        "",
+        "## Duplicates and evaluation overlap",
+        "",
+        f"- Identical raw images (same sha256): {_n(f['duplicate_groups'])} groups, {_n(f['duplicate_copies'])} "
+        "later copies (catalog: `images.duplicate_of`, view `duplicate_groups`); "
+        + (f"{_n(f['dedup_excluded'])} excluded (`IMNET_DEDUP=exact`)." if f["settings"]["IMNET_DEDUP"] == "exact"
+           else "kept, as in the original release (`IMNET_DEDUP=off`)."),
+    ]
+    if f.get("eval_images") is None:
+        lines.append("- No evaluation set was given (`IMNET_EVAL_EXCLUDE`): no overlap removed.")
+    else:
+        lines.append(
+            f"- Evaluation set: {_n(f['eval_images'])} images. Excluded as copies of one: "
+            f"{_n(f['eval_overlaps_exact'])} byte-identical and {_n(f['eval_overlaps_near'])} near duplicates "
+            "(64-bit pHash; catalog table `eval_overlaps`; each exclusion reason names the eval file).")
+    versions = ", ".join(f"`{v}`" for v in f["code_versions"]) or "none"
+    lines += [
+        "",
+        "## Code version",
+        "",
+        f"imnet-assets {f['package_version']}; shard encoder {versions}.",
+        "",
+        "## Terms of access",
+        "",
+        "The images belong to their owners, not to ImageNet or to this project. ImageNet grants access for",
+        "non-commercial research and educational use only, under its terms of access: you accept",
+        "responsibility for your use, may not redistribute the images, and indemnify ImageNet, Princeton",
+        "and Stanford. Read and accept the full terms at",
+        f"[{TERMS_URL}]({TERMS_URL}) before using these shards.",
+        "",
+        "## Reading the shards",
+        "",
+        "With webdataset:",
+        "",
+        "```python",
+        "import webdataset as wds",
+        "",
+        f'urls = "{f["shard_pattern"].replace("{shard}", "{" + f["first_shard"][-8:-4] + ".." + f["last_shard"][-8:-4] + "}")}"'
+        if f["shard_pattern"].endswith("{shard}.tar") else f"urls = [...]  # the shard files, {f['shard_pattern']}",
+        'ds = wds.WebDataset(urls).decode("pil").to_tuple("webp", "cls", "json")',
+        "```",
+        "",
+        "With timm (its WebDataset reader reads `_info.json` beside the shards):",
+        "",
+        "```python",
+        "from timm.data import create_dataset",
+        "",
+        f'ds = create_dataset("wds/{f["name"]}", root="<this folder>", split="train", is_training=True,',
+        "                    batch_size=256, input_key=\"webp\")",
+        "```",
+        "",
+        "With imnet-assets (each split's shards from `_info.json`, lemmas from `classes.tsv`; a folder or s3://):",
+        "",
+        "```python",
+        "from imnet_assets.read import dataset",
+        "",
+        'ds = dataset("<this folder>", split="train", lemmas=True)  # (PIL image, label, lemma)',
+        "```",
+    ]
+    if f.get("alt_labels"):
+        split = f"train_{f['alt_labels']}"
+        lines += [
+            "",
+            f"`split=\"{split}\"` trains on the ImageNet-1k subset of the same shards: timm reads the label from",
+            "each sample's `label_in1k` and skips samples whose value is -1 (synsets not in ImageNet-1k).",
+        ]
+    lines += ["", "## Citation", "", "```bibtex", CITATION, "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_card(settings, report) -> str:
+    """Render and commit the card atomically; returns its URL."""
+    url = card_url(settings)
+    atomic.write_atomic(url, render(facts(settings, report)).encode("utf-8"))
+    return url

@@ -1,0 +1,44 @@
+"""`_info.json`, timm's view of the out root: the dataset's name and one entry per split (shard
+basenames and their sample counts). The audit writes it; the card and `imnet verify` read the same
+document from here.
+"""
+
+from __future__ import annotations
+
+import json
+
+from imnet_assets.release import altlabels
+from imnet_assets.release.plan import release_splits
+from imnet_assets.settings import Settings
+from imnet_assets.storage import fs
+
+DATASET_NAME = "imagenet-w21-webp-wds"
+
+
+def dataset_name(settings: Settings) -> str:
+    """`_info.json`'s name: the release's (issue 25), DATASET_NAME for the default release."""
+    return settings.release or DATASET_NAME
+
+
+def info_document(settings: Settings, lengths: dict[str, int]) -> dict:
+    """timm's `_info.json`: one entry per split (train, holdout splits, a release's validation),
+    shard basenames and their sample counts."""
+    splits = {}
+    for name, keys in release_splits(settings).items():
+        counts = [lengths[k] for k in keys]
+        splits[name] = {
+            "name": name,
+            "filenames": [settings.shard_name(k) for k in keys],
+            "shard_lengths": counts,
+            "num_samples": sum(counts),
+        }
+    splits.update(altlabels.info_splits_for(settings, splits["train"]))  # issue 17: train_in1k
+    return {"name": dataset_name(settings), "splits": splits}
+
+
+def info_url(settings: Settings) -> str:
+    return fs.join(settings.out_root, "_info.json")
+
+
+def render_info(doc: dict) -> bytes:
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()

@@ -1,0 +1,296 @@
+"""Leases: one holder at a time of a named thing under an out root (a local folder or an s3:// prefix).
+
+Two things are leased (SPEC "Failure behaviour": one build at a time per out root): the out root's
+build (`imnet build`) and each shard partition (its run, however it was started: CLI, UI,
+schedule, sensor). A lease is a folder `<out root>/_locks/<name>/` of generation objects
+`<n:08d>.json`, each naming its holder (what, host, pid namespace, pid, since, renewed); the
+highest generation is the current one.
+
+Taking a lease: list the folder; if the highest generation's holder may still be alive, refuse
+(LeaseHeld names it). Otherwise create generation n+1 only if no such object exists (local: a
+hard link to a complete temporary file, which fails where the name exists; S3: a PUT with
+`If-None-Match: *`): of several takers at once exactly one creates it, and the others look
+again. The winner removes the older generations; releasing removes its own. (An S3-compatible
+store must honour `If-None-Match` on PUT, as AWS S3, MinIO and R2 do; the winner reads its object
+back, which catches a store that ignores it unless two takers write within the same moment.)
+
+Whether a holder may still be alive (`holder_alive`), as `atomic.remove_partials` judges an upload's
+writer: a process of this host and pid namespace is asked (`host.pid_alive`, against number
+reuse by its start time), so a holder killed with kill -9 is taken over at once; a holder of
+another host or namespace cannot be asked, and counts as gone once it has not renewed its lease
+for EXPIRE_SECONDS (a heartbeat thread renews every held lease each RENEW_SECONDS, by the
+holder's clock). A lease this process holds is alive while it is held (two threads of one
+process are two holders).
+
+A holder that finds, when renewing, a newer generation than its own (it was taken for gone: a
+heartbeat that could not reach the storage for EXPIRE_SECONDS) marks its lease lost; `check()`
+then raises LeaseLost, before anything is committed under it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from imnet_assets.runtime.host import pid_alive, pid_namespace
+from imnet_assets.storage import atomic, fs
+
+LOCKS_DIR = "_locks"
+RENEW_SECONDS = 30.0  # how often a held lease is renewed
+EXPIRE_SECONDS = 300.0  # a lease of another host not renewed for this long is taken over
+TAKE_ATTEMPTS = 8  # looks at a lease whose generation others keep creating before giving up
+_GENERATION = re.compile(r"^(\d{8})\.json$")
+
+
+class LeaseHeld(RuntimeError):
+    """Someone else holds the lease; the message names the holder."""
+
+    def __init__(self, message: str, holder: dict):
+        super().__init__(message)
+        self.holder = holder
+
+
+class LeaseLost(RuntimeError):
+    """The lease was taken over by another holder while this one held it."""
+
+
+def lease_folder(out_root: str, name: str) -> str:
+    return fs.join(out_root, LOCKS_DIR, name)
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def describe(holder: dict) -> str:
+    """`run 1a2b3c4d (host h, pid 123, since 2026-12-06T13:55:02Z)`."""
+    try:
+        since = _utc(float(holder.get("since", 0)))
+    except (TypeError, ValueError):
+        since = "?"
+    return (f"{holder.get('what', '?')} (host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, "
+            f"since {since})")
+
+
+# ----------------------------------------------------------------------------- this process's leases
+
+_held: dict[str, Lease] = {}  # token -> lease, for every lease this process holds
+_held_lock = threading.Lock()
+_renewer: threading.Thread | None = None
+_wake = threading.Event()
+
+
+def holder_alive(holder: dict | None, now: float | None = None) -> bool:
+    """Whether the holder a lease names may still be alive (see the module's docstring)."""
+    if not isinstance(holder, dict):
+        return False  # not a lease this module wrote (a torn local write cannot happen: see _create)
+    now = time.time() if now is None else now
+    try:
+        since, renewed, pid = float(holder["since"]), float(holder["renewed"]), int(holder["pid"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    if holder.get("host") == socket.gethostname() and holder.get("pid_namespace") == pid_namespace():
+        if pid == os.getpid():
+            with _held_lock:
+                return holder.get("token") in _held
+        return pid_alive(pid, started_by=since)
+    return now - renewed < EXPIRE_SECONDS
+
+
+@dataclass
+class Lease:
+    folder: str
+    generation: int
+    holder: dict
+    lost: str | None = None
+    taken: bool = False  # its object exists (until then it is in _held, but not renewed)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def url(self) -> str:
+        return fs.join(self.folder, f"{self.generation:08d}.json")
+
+    @property
+    def token(self) -> str:
+        return self.holder["token"]
+
+    def check(self) -> None:
+        """Raise LeaseLost if another holder took this lease over."""
+        if self.lost:
+            raise LeaseLost(self.lost)
+
+    def renew(self) -> None:
+        """Write this lease again with the time now, unless a newer generation exists or the
+        object is no longer this holder's (then the lease is lost)."""
+        with self._lock:
+            if self.lost or not self.taken:
+                return
+            gens = _generations(self.folder)
+            newer = [g for g in gens if g > self.generation]
+            current = fs.read_json(self.url) if self.generation in gens else None
+            if newer or not isinstance(current, dict) or current.get("token") != self.token:
+                taker = fs.read_json(fs.join(self.folder, f"{max(newer):08d}.json")) if newer else None
+                self.lost = (f"the lease {self.url} was taken over"
+                             + (f" by {describe(taker)}" if isinstance(taker, dict) else "")
+                             + f" while {self.holder['what']} held it (not renewed for {EXPIRE_SECONDS:.0f}s?)")
+                return
+            self.holder["renewed"] = time.time()
+            atomic.write_atomic(self.url, json.dumps(self.holder).encode())
+
+    def release(self) -> None:
+        """Give the lease up: its object is removed (if it is still this holder's)."""
+        with _held_lock:
+            _held.pop(self.token, None)
+        with self._lock:
+            if self.lost:
+                return
+            self.lost = "released"
+            # A lease left behind would count while this process lives (a code server, a build
+            # going on with other shards): tried a few times. One still left is taken over once
+            # the process is gone (or, seen from another host, once it is not renewed).
+            for wait in (0.5, 2.0, None):
+                try:
+                    current = fs.read_json(self.url)
+                    if isinstance(current, dict) and current.get("token") == self.token:
+                        fs.remove(self.url)
+                    break
+                except Exception:  # noqa: BLE001 - storage that does not answer: tried again
+                    if wait is None:
+                        break
+                    time.sleep(wait)
+            if not fs.is_remote(self.folder):  # no empty folders left behind (1,024 shards)
+                for folder in (self.folder, fs.dirname(self.folder)):
+                    with contextlib.suppress(OSError):  # not empty: another lease is there
+                        os.rmdir(folder)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _generations(folder: str) -> list[int]:
+    return sorted(int(m.group(1)) for e in fs.listdir(folder) if (m := _GENERATION.match(e["name"])))
+
+
+def _create(url: str, data: bytes) -> bool:
+    """Write `data` at `url` only if nothing is there; False if something was."""
+    if fs.is_remote(url):
+        fsys, path = fs.filesystem(url)
+        bucket, _, key = path.partition("/")
+        try:
+            fsys.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except FileExistsError:  # s3fs's translation of 412 PreconditionFailed
+            return False
+        except Exception as e:  # noqa: BLE001 - botocore's errors are not OSErrors
+            text = f"{type(e).__name__}: {e}"
+            if "PreconditionFailed" in text or "412" in text or "ConditionalRequestConflict" in text:
+                return False
+            raise fs.StorageError(fs.redact(f"cannot create the lease {url}: {text}")) from e
+        return True
+    folder, name = os.path.split(os.path.abspath(url))
+    tmp = os.path.join(folder, f".{name}{atomic.TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    for _ in range(8):  # the folder may be removed by a holder releasing its lease (release)
+        os.makedirs(folder, exist_ok=True)
+        try:
+            f = open(tmp, "xb")
+            break
+        except FileNotFoundError:
+            continue
+    else:
+        raise FileNotFoundError(f"cannot create {tmp}: its folder keeps disappearing")
+    with f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, os.path.join(folder, name))  # complete when it appears; fails if the name exists
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+
+
+def acquire(out_root: str, name: str, what: str) -> Lease:
+    """Take the lease `name` under `out_root` for `what` (e.g. "imnet build", "run 1a2b3c4d"), or
+    raise LeaseHeld naming the holder. Release it with `release()` (or use it as a context)."""
+    folder = lease_folder(out_root, name)
+    atomic.sweep_partials(folder)  # temporary files of takers killed mid-write (local folders)
+    for _attempt in range(TAKE_ATTEMPTS):
+        gens = _generations(folder)
+        top = gens[-1] if gens else 0
+        if top:
+            holder = fs.read_json(fs.join(folder, f"{top:08d}.json"))
+            if holder is None and not fs.exists(fs.join(folder, f"{top:08d}.json")):
+                continue  # released meanwhile: look again
+            if holder_alive(holder):
+                raise LeaseHeld(f"{describe(holder)} holds it (lease {fs.join(folder, f'{top:08d}.json')})", holder)
+        now = time.time()
+        mine = {"what": what, "host": socket.gethostname(), "pid_namespace": pid_namespace(), "pid": os.getpid(),
+                "since": now, "renewed": now, "token": uuid.uuid4().hex}
+        lease = Lease(folder, top + 1, mine)
+        with _held_lock:  # held from before it exists: this process never takes its own lease for gone
+            _held[lease.token] = lease
+        try:
+            created = _create(lease.url, json.dumps(mine).encode())
+        except BaseException:
+            with _held_lock:
+                _held.pop(lease.token, None)
+            raise
+        if created:
+            # A store that ignores If-None-Match lets a second taker overwrite the first: the
+            # object read back says which one holds it.
+            current = fs.read_json(lease.url)
+            created = isinstance(current, dict) and current.get("token") == lease.token
+        if not created:  # another taker created this generation first: look at it
+            with _held_lock:
+                _held.pop(lease.token, None)
+            continue
+        lease.taken = True
+        for g in gens:  # the generations before: their holders are gone (or were superseded)
+            with contextlib.suppress(Exception):
+                fs.remove(fs.join(folder, f"{g:08d}.json"))
+        _start_renewer()
+        return lease
+    holder = fs.read_json(fs.join(folder, f"{max(_generations(folder) or [0]):08d}.json")) or {}
+    raise LeaseHeld(f"others keep taking it at once (the last: {describe(holder)})", holder)
+
+
+def holder_of(out_root: str, name: str) -> tuple[dict, str] | None:
+    """The holder of lease `name` and its lease's URL while one may be alive, else None: a look
+    (one listing, one read) that takes nothing."""
+    folder = lease_folder(out_root, name)
+    gens = _generations(folder)
+    if not gens:
+        return None
+    url = fs.join(folder, f"{gens[-1]:08d}.json")
+    holder = fs.read_json(url)
+    return (holder, url) if holder_alive(holder) else None
+
+
+def _renew_all() -> None:
+    while True:
+        _wake.wait(RENEW_SECONDS)
+        _wake.clear()
+        with _held_lock:
+            leases = list(_held.values())
+        for lease in leases:
+            with contextlib.suppress(Exception):  # storage down: tried again next time
+                lease.renew()
+
+
+def _start_renewer() -> None:
+    global _renewer
+    with _held_lock:
+        if _renewer is None or not _renewer.is_alive() or _renewer.ident is None:
+            _renewer = threading.Thread(target=_renew_all, name="imnet-lease-renewer", daemon=True)
+            _renewer.start()

@@ -1,0 +1,46 @@
+"""The out root's layout, one place for each fact: where a shard's manifest and commit record live
+(`<out>/_manifests/<key>.json`, `<key>.state.json`), what a commit record says was committed, whether
+a shard file on storage is still the one committed, and how a shard's tar ends. Shard runs
+(shard.py), the check (verify.py), freshness, the audit and changed-source markers all read it here.
+"""
+
+from __future__ import annotations
+
+import tarfile
+
+from imnet_assets.storage import fs
+
+MANIFEST_DIR = "_manifests"
+
+
+def manifest_url(out_root: str, shard_key: str) -> str:
+    return fs.join(out_root, MANIFEST_DIR, f"{shard_key}.json")
+
+
+def state_url(out_root: str, shard_key: str) -> str:
+    return fs.join(out_root, MANIFEST_DIR, f"{shard_key}.state.json")
+
+
+def committed_as(state: dict) -> str:
+    """What a commit record says was committed: the tar's sha256 and the run that wrote it (a
+    rebuild of the same bytes is another commit: the catalog's lineage names its run)."""
+    return f"{state['sha256']}:{state.get('run_id', '')}"
+
+
+def read_manifest(out_root: str, shard_key: str) -> dict | None:
+    return fs.read_json(manifest_url(out_root, shard_key))
+
+
+def unchanged_on_storage(url: str, state: dict, size_stamp: tuple[int, str] | None = None) -> bool:
+    """Whether the shard file at `url` is still the one its commit record describes: the same size
+    and stamp (mtime, or ETag on S3) as when it was committed. An edit in place changes the stamp;
+    so does a copy that does not keep times (`cp` without -p): such a shard is built again rather
+    than hashed on every look (1024 x 140 MB). `size_stamp`: from a listing."""
+    size, stamp = size_stamp or fs.stat(url)
+    return size == state.get("bytes") and state.get("stamp", stamp) == stamp  # no stamp: older records
+
+
+def tar_end(offset: int) -> bytes:
+    """What closes a tar of `offset` bytes: two zero blocks, then zeros to a whole record (tarfile's)."""
+    offset += 2 * tarfile.BLOCKSIZE
+    return tarfile.NUL * (2 * tarfile.BLOCKSIZE + -offset % tarfile.RECORDSIZE)

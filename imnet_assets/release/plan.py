@@ -1,0 +1,186 @@
+"""The shuffled plan: which kept image goes to which shard, at which position.
+
+The shuffle itself is SQL (`sql/plan_build.sql`: order by md5 of seed and key, a keyed hash that
+gives the same permutation on every machine and DuckDB version). This module holds the
+arithmetic of balanced shards and the per-shard slice files that shard runs read, so that a
+shard run never opens the catalog.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from imnet_assets.storage import atomic, fs
+
+PLAN_VERSION = "1"
+PLAN_DIR = "_plan"
+PLAN_INDEX = "_index.json"
+SLICE_BATCH = 128  # shards rendered per query by publish_slices (~2.3 MB of text each at full size)
+SLICE_WRITERS = 32  # slice files committed at once by publish_slices (each is a few requests on S3)
+SLICE_COLUMNS = ["position", "key", "wnid", "label", "tar", "member", "offset", "size", "sha256",
+                 "width", "height", "needs_repair"]
+
+
+def shard_sizes(n: int, s: int) -> list[int]:
+    """The first n mod s shards hold ceil(n/s) samples, the rest floor(n/s)."""
+    q, r = divmod(n, s)
+    return [q + 1 if i < r else q for i in range(s)]
+
+
+def shard_of(g: int, n: int, s: int) -> tuple[int, int]:
+    """(shard, position) of the g-th image in shuffled order (same arithmetic as plan_build.sql)."""
+    q, r = divmod(n, s)
+    big = r * (q + 1)
+    if g < big:
+        return divmod(g, q + 1)
+    shard, pos = divmod(g - big, q)
+    return r + shard, pos
+
+
+VALIDATION = "validation"  # the split of a release's val_per_class images (issue 25)
+
+
+def split_shards(num_shards: int, holdout: tuple[tuple[str, int], ...],
+                 validation_shards: int = 0) -> dict[str, list[int]]:
+    """Shard indices per split: holdout splits take the last of the num_shards shards, in the order
+    given; a release's validation split (val_per_class) the `validation_shards` after them."""
+    out: dict[str, list[int]] = {}
+    end = num_shards
+    for name, count in reversed(holdout):
+        out[name] = list(range(end - count, end))
+        end -= count
+    splits = {"train": list(range(end)), **dict(reversed(list(out.items())))}
+    if validation_shards:
+        if VALIDATION in splits:
+            raise ValueError(f"a holdout split is named {VALIDATION!r}, the split of val_per_class: rename it")
+        splits[VALIDATION] = list(range(num_shards, num_shards + validation_shards))
+    return splits
+
+
+def release_splits(settings) -> dict[str, list[str]]:
+    """Partition keys per split of a release's settings (train, holdout splits, validation)."""
+    keys = settings.partition_keys
+    return {name: [keys[i] for i in indices]
+            for name, indices in split_shards(settings.num_shards, settings.holdout, settings.validation_shards).items()}
+
+
+@dataclass(frozen=True)
+class SliceRow:
+    position: int
+    key: str
+    wnid: str
+    label: int
+    tar: str
+    member: str
+    offset: int
+    size: int
+    sha256: str
+    width: int
+    height: int
+    needs_repair: bool
+
+
+def slice_url(out_root: str, shard_key: str) -> str:
+    return fs.join(out_root, PLAN_DIR, f"{shard_key}.csv")
+
+
+def index_url(out_root: str) -> str:
+    return fs.join(out_root, PLAN_DIR, PLAN_INDEX)
+
+
+def render_slice(rows: list[tuple]) -> bytes:
+    """Canonical CSV text of a shard's slice (rows in SLICE_COLUMNS order, sorted by position)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(SLICE_COLUMNS)
+    for row in sorted(rows, key=lambda r: r[0]):
+        w.writerow(row)
+    return buf.getvalue().encode("utf-8")
+
+
+def write_slice(out_root: str, shard_key: str, rows: list[tuple]) -> str:
+    """Commit one shard's slice file; returns its sha256 (the shard's plan digest)."""
+    return _commit_slice(out_root, shard_key, render_slice(rows))
+
+
+def _commit_slice(out_root: str, shard_key: str, data: bytes) -> str:
+    url = slice_url(out_root, shard_key)
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        if hashlib.sha256(fs.read_bytes(url)).hexdigest() == digest:
+            return digest
+    except (FileNotFoundError, OSError):
+        pass
+    atomic.write_atomic(url, data)
+    return digest
+
+
+def publish_slices(cat, out_root: str, shard_keys: list[str], batch: int = SLICE_BATCH,
+                   release: str = "") -> dict[str, str]:
+    """Commit the slice file of every shard in `shard_keys` from the catalog's plan table; returns
+    shard key -> digest. `release`: whose plan rows (the catalog holds every release's).
+
+    The CSV text is rendered by DuckDB (`sql/plan_slices_text.sql`), `batch` shards per query, and
+    is byte for byte what `write_slice` writes for the same rows, so digests (and with them every
+    shard's fingerprint) do not depend on the path taken; a shard with a text field that needs CSV
+    quoting is rendered by `render_slice` from its rows instead. A batch's files are committed
+    concurrently (SLICE_WRITERS at once: on S3 each commit is a read of the old slice and an
+    upload, ~3 round trips) while the next batch is rendered; at most two batches are held at once.
+    """
+    header = render_slice([])
+    digests: dict[str, str] = {}
+
+    def commit(files: list[tuple[str, bytes]]) -> None:
+        for key, digest in zip([k for k, _ in files], writers.map(lambda f: _commit_slice(out_root, *f), files)):
+            digests[key] = digest
+
+    with ThreadPoolExecutor(SLICE_WRITERS) as writers, ThreadPoolExecutor(1) as writer:
+        pending = None
+        for i in range(0, len(shard_keys), batch):
+            keys = shard_keys[i:i + batch]
+            bodies = {shard: (exotic, body) for shard, exotic, body
+                      in cat.rows("plan_slices_text", {"first": keys[0], "last": keys[-1], "release": release})}
+            files = []
+            for key in keys:
+                exotic, body = bodies.pop(key, (False, ""))
+                if exotic:
+                    rows = cat.rows("plan_slices", {"first": key, "last": key, "release": release})
+                    files.append((key, render_slice([row[1:] for row in rows])))
+                else:
+                    files.append((key, header + body.encode("utf-8")))
+            if bodies:
+                raise ValueError(f"plan rows for shards outside the partition keys: {sorted(bodies)[:5]}")
+            del bodies
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(commit, files)
+        if pending is not None:
+            pending.result()
+    return {key: digests[key] for key in shard_keys}
+
+
+def read_slice(out_root: str, shard_key: str) -> tuple[list[SliceRow], str]:
+    """A shard's slice rows in plan order, and the digest of the slice file."""
+    data = fs.read_bytes(slice_url(out_root, shard_key))
+    reader = csv.reader(io.StringIO(data.decode("utf-8")))
+    header = next(reader)
+    if header != SLICE_COLUMNS:
+        raise ValueError(f"plan slice for shard {shard_key} has columns {header}, expected {SLICE_COLUMNS}")
+    rows = [
+        SliceRow(int(p), k, w, int(lb), t, m, int(o), int(sz), sh, int(wd), int(ht), nr == "True")
+        for p, k, w, lb, t, m, o, sz, sh, wd, ht, nr in reader
+    ]
+    return rows, hashlib.sha256(data).hexdigest()
+
+
+def write_index(out_root: str, index: dict) -> None:
+    atomic.write_atomic(index_url(out_root), json.dumps(index, indent=1, sort_keys=True).encode())
+
+
+def read_index(out_root: str) -> dict | None:
+    return fs.read_json(index_url(out_root))

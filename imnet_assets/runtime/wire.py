@@ -1,0 +1,188 @@
+"""The pool workers' side and the wire between them and the dispatcher (runtime/workerpool.py):
+length-prefixed messages of one task id each over a socket pair, and a shared slot where a worker
+marks the item it works on, so that a death is blamed on that item."""
+
+from __future__ import annotations
+
+import collections
+import os
+import struct
+import threading
+import time
+from collections.abc import Iterator
+
+from imnet_assets.runtime.procpool import EXIT_PARENT_GONE, watch_parent
+
+EXIT_OUT_OF_MEMORY = 71  # a worker whose job raised MemoryError exits with this (see WorkerPool)
+RETIRE = -1  # the task id of the message that retires a worker (no payload)
+HEADER = struct.Struct("!Qq")  # a message's payload length and task id
+INDEX_BITS = 20  # a worker's marker holds task id << INDEX_BITS | item index in one word
+
+
+
+
+class Channel:
+    """The worker's end of its socket (blocking): messages of one task id each, length-prefixed."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def send(self, task_id: int, data) -> None:
+        header = HEADER.pack(len(data), task_id)
+        sent = self.sock.sendmsg([header, data])  # one call: the reader sees header and payload together
+        if sent < len(header):
+            self.sock.sendall(header[sent:])
+            sent = len(header)
+        if sent - len(header) < len(data):
+            self.sock.sendall(memoryview(data)[sent - len(header):])
+
+    def _recv_exactly(self, buf) -> None:
+        view, got = memoryview(buf), 0
+        while got < len(view):
+            n = self.sock.recv_into(view[got:])
+            if not n:
+                raise EOFError("the other end closed")
+            got += n
+
+    def recv(self) -> tuple[int, bytearray]:
+        header = bytearray(HEADER.size)
+        self._recv_exactly(header)
+        size, task_id = HEADER.unpack(header)
+        data = bytearray(size)
+        self._recv_exactly(data)
+        return task_id, data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Link:
+    """The dispatcher's end of a worker's socket, non-blocking both ways, so that no worker (hung,
+    stopped, slow to read or to write) ever holds the dispatcher up: what cannot be sent at once
+    waits in `outbox` until the socket takes it, and a message is taken in as its bytes arrive,
+    straight into one buffer (`recv_into`; the coordinator receives every sample's bytes here)."""
+
+    def __init__(self, sock):
+        sock.setblocking(False)
+        self.sock = sock
+        self.outbox: collections.deque[memoryview] = collections.deque()
+        self.eof = False  # the worker's end is closed (it exited)
+        self._head = bytearray(HEADER.size)
+        self._buf, self._got = self._head, 0
+        self._task: int | None = None  # the task id of the payload coming in; None: a header is
+
+    def queue(self, task_id: int, data) -> None:
+        self.outbox.append(memoryview(HEADER.pack(len(data), task_id)))
+        if len(data):
+            self.outbox.append(memoryview(data))
+
+    def flush(self) -> bool:
+        """Send what the socket takes now; whether everything queued is sent. OSError: gone."""
+        while self.outbox:
+            try:
+                n = self.sock.send(self.outbox[0])
+            except BlockingIOError:
+                return False
+            if n == len(self.outbox[0]):
+                self.outbox.popleft()
+            else:
+                self.outbox[0] = self.outbox[0][n:]
+        return True
+
+    def receive(self) -> Iterator[tuple[int, bytearray]]:
+        """(task id, payload) of each message completed by what has arrived (none, if none was),
+        each as soon as it is complete (and dropped by the caller before the next is allocated)."""
+        while not self.eof:
+            if self._got < len(self._buf):
+                try:
+                    n = self.sock.recv_into(memoryview(self._buf)[self._got:])
+                except BlockingIOError:
+                    break
+                except OSError:  # reset: the worker is gone
+                    n = 0
+                if not n:
+                    self.eof = True
+                    break
+                self._got += n
+                if self._got < len(self._buf):
+                    break  # a short read: nothing more for now (the selector says when there is)
+            if self._task is None:  # a header is complete: its payload comes next
+                size, self._task = HEADER.unpack(self._head)
+                self._buf, self._got = bytearray(size), 0
+                continue
+            done, self._buf = self._buf, self._head
+            task, self._task, self._got = self._task, None, 0
+            yield task, done
+            del done
+
+
+class Marker:
+    """What a worker is working on, in shared memory the parent reads (to enforce a job's time
+    limit, and after the worker died): task id << INDEX_BITS | item index, -1 between items; and
+    since when (time.monotonic_ns, one clock for every process of the host). A clock read (vDSO) and
+    two plain stores, no system call."""
+
+    def __init__(self, slot, task_id: int):
+        self._slot, self._task = slot, task_id << INDEX_BITS
+
+    def __call__(self, index: int) -> None:
+        if index < 0:
+            self._slot[0] = -1
+            return
+        self._slot[1] = time.monotonic_ns()  # first: a reader that sees the new item sees its time
+        self._slot[0] = self._task | index
+
+
+def worker_main(sock, slot, threads: int) -> None:
+    """A pool worker: a receiver thread takes jobs off the pipe as they come and starts each one's
+    `prefetch` at once (its reads run in `threads` reader threads while earlier jobs encode); the
+    main thread runs the jobs in the order they came and sends each result back. A job that cannot
+    be unpickled here, or whose result cannot be pickled, gets an error for its reply."""
+    import pickle
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
+    watch_parent()
+    conn = Channel(sock)
+    readers = ThreadPoolExecutor(threads, thread_name_prefix="prefetch")
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+
+    def receive() -> None:
+        try:
+            while True:
+                task_id, msg = conn.recv()
+                if task_id == RETIRE:  # finish what is queued, then exit
+                    jobs.put(None)
+                    return
+                try:
+                    job = pickle.loads(msg)
+                    jobs.put((task_id, job, job.prefetch(readers), None))
+                except BaseException as e:  # noqa: BLE001 - sent back to the job's caller
+                    jobs.put((task_id, None, None, e))
+        except (EOFError, OSError):  # the parent is gone
+            os._exit(EXIT_PARENT_GONE)
+
+    threading.Thread(target=receive, name="receive", daemon=True).start()
+    while True:
+        item = jobs.get()
+        if item is None:
+            conn.close()
+            os._exit(0)
+        task_id, job, state, error = item
+        try:
+            if error is not None:
+                raise error
+            reply = (True, job.run(state, Marker(slot, task_id)))
+        except MemoryError:
+            # Not a property of the image: the parent retries it in a fresh process (the slot
+            # still names the item).
+            os._exit(EXIT_OUT_OF_MEMORY)
+        except BaseException as e:  # noqa: BLE001 - sent back to the job's caller
+            reply = (False, e)
+        slot[0] = -1
+        try:
+            data = pickle.dumps(reply, protocol=5)
+        except Exception as e:  # noqa: BLE001 - a result or exception that does not pickle
+            data = pickle.dumps((False, RuntimeError(f"the job's reply cannot be pickled: {type(e).__name__}: {e}")),
+                                protocol=5)
+        conn.send(task_id, data)

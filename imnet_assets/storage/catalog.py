@@ -1,0 +1,331 @@
+"""The DuckDB catalog: opens the file and runs the statements kept in `sql/`.
+
+No SQL text lives in Python: every statement is a file under `sql/`, run by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from functools import cache
+from pathlib import Path
+
+import duckdb
+
+SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+# An image that keeps the catalog on a volume names the volume's mount point in this file
+# (deploy/docker/Dockerfile: /catalog). There a writer opens only a catalog on that mounted volume:
+# a catalog step in a container or pod started without the volume fails at once, instead of
+# indexing the raw release into a catalog that vanishes with the container. Elsewhere (no file)
+# nothing changes.
+CATALOG_VOLUME_NOTE = Path("/etc/imnet-assets/catalog-volume")
+
+
+class CatalogVolumeMissing(RuntimeError):
+    """The catalog's volume is not mounted where this image expects it."""
+
+
+def check_catalog_volume(path: str, note: Path = CATALOG_VOLUME_NOTE) -> None:
+    """Raise CatalogVolumeMissing if `note` names a volume and `path` is not on it, mounted."""
+    if not note.exists():
+        return
+    volume = os.path.abspath(note.read_text().strip())
+    target = os.path.abspath(path)
+    if os.path.commonpath([volume, target]) != volume:
+        raise CatalogVolumeMissing(
+            f"catalog {target} (IMNET_CATALOG) is not on the catalog volume {volume} that this image "
+            f"expects ({note}): point IMNET_CATALOG into {volume}"
+        )
+    if not os.path.ismount(volume):
+        raise CatalogVolumeMissing(
+            f"the catalog volume is not mounted at {volume} (named by {note}): this container has no "
+            f"catalog, and a catalog written here would vanish with it. Run the catalog steps where the "
+            f"volume is mounted (deploy/README.md: docker -v <volume>:{volume}, or the catalog Job on Kubernetes)"
+        )
+
+
+@cache
+def sql(name: str) -> str:
+    path = SQL_DIR / f"{name}.sql"
+    if not path.exists():
+        raise FileNotFoundError(f"no SQL statement {name!r} in {SQL_DIR}")
+    return path.read_text()
+
+
+def _statements(text: str) -> list[str]:
+    # Our files hold plain statements separated by ';' at line ends (no procedural blocks).
+    body = "\n".join(line for line in text.splitlines() if not line.strip().startswith("--"))
+    return [s.strip() for s in re.split(r";[ \t]*\n", body) if s.strip().strip(";").strip()]
+
+
+# ----------------------------------------------------------------------------- damage
+
+class CatalogDamaged(RuntimeError):
+    """The catalog file is not a readable DuckDB database (cut short, its header overwritten, a
+    block that fails its checksum, another file in its place). Its message is one line naming the
+    file and the recovery."""
+
+
+# What DuckDB says of a damaged file: a header that is not DuckDB's, a block whose checksum fails
+# (DuckDB checks each block's as it loads it), a file shorter than its blocks, metadata that does
+# not deserialize. (A lock held, a permission refused, a newer storage version: not damage.)
+_DAMAGE_WORDS = re.compile(
+    r"not a valid DuckDB database file|Corrupt database file|checksum|Could not read enough bytes|"
+    r"deserializ|database has been invalidated|INTERNAL Error", re.IGNORECASE)
+
+
+def damage_message(path: str, cause: str) -> str:
+    where = os.path.abspath(path)
+    move = f"mv {where} {where}.damaged"
+    if os.path.exists(f"{where}.wal"):  # its write-ahead log goes with it: DuckDB would replay it
+        move += f"; mv {where}.wal {where}.damaged.wal"
+    return (f"catalog {where} is damaged ({cause}): move it aside ({move}) and run `imnet build`: it is "
+            "rebuilt from the raw release and the shard manifests, and no shard is rewritten")
+
+
+def as_damage(path: str, error: BaseException) -> CatalogDamaged | None:
+    """`error`, raised reading the catalog at `path`, as CatalogDamaged when it says the file is
+    damaged; None when it says something else."""
+    kinds = (duckdb.SerializationException, duckdb.InternalException, duckdb.FatalException)
+    if not isinstance(error, kinds) and not _DAMAGE_WORDS.search(str(error)):
+        return None
+    cause = " ".join(str(error).split())
+    cause = cause if len(cause) <= 160 else cause[:157] + "..."
+    return CatalogDamaged(damage_message(path, cause))
+
+
+@contextlib.contextmanager
+def _damage_named(path: str) -> Iterator[None]:
+    """DuckDB errors that say the file is damaged, raised inside, leave as CatalogDamaged."""
+    try:
+        yield
+    except duckdb.Error as e:
+        damage = as_damage(path, e)
+        if damage is None:
+            raise
+        raise damage from None
+
+
+# Files this process has read whole and found intact: path -> (device, inode, size, mtime) of the
+# file and its write-ahead log then. A check of an unchanged file is not made again.
+_found_intact: dict[str, tuple] = {}
+
+
+def _file_state(path: str) -> tuple:
+    def one(p: str):
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    return (one(path), one(path + ".wal"))
+
+
+class Catalog:
+    """A connection to the catalog file. Writers create the schema; readers open read-only.
+
+    DuckDB errors that say the file is damaged leave as CatalogDamaged (one line: the file and the
+    recovery) from opening it and from `run`, `rows`, `dicts`, `one` and `transaction`."""
+
+    def __init__(self, path: str, read_only: bool = False, retries: float = 30.0):
+        self.path = path
+        if not read_only:
+            check_catalog_volume(path)
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        elif not os.path.exists(path):
+            raise FileNotFoundError(f"catalog {path} does not exist yet: run `imnet build` first")
+        deadline = time.monotonic() + retries
+        while True:
+            try:
+                with _damage_named(path):
+                    self.con = duckdb.connect(path, read_only=read_only)
+                break
+            except duckdb.IOException as e:
+                # Another process holds the write lock (e.g. an audit in progress): wait for it.
+                if "lock" not in str(e).lower() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        if read_only and self._made_before_releases():
+            # made before releases: a writer migrates it once (Catalog.migrate_releases), then this
+            # reader opens it as it is now
+            self.con.close()
+            Catalog(path, retries=retries).close()
+            with _damage_named(path):
+                self.con = duckdb.connect(path, read_only=True)
+        try:
+            with _damage_named(path):
+                self.con.execute("SET enable_progress_bar = false")
+                if not read_only:
+                    self.run("schema")
+                    self.migrate_releases()
+        except BaseException:
+            self.close()
+            raise
+
+    def _made_before_releases(self) -> bool:
+        try:
+            with _damage_named(self.path):
+                return bool(self.con.execute(sql("catalog_before_releases")).fetchone()[0])
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self, name: str, params: dict | None = None):
+        """Run every statement of `sql/<name>.sql`; returns the cursor of the last one."""
+        result = None
+        with _damage_named(self.path):
+            for stmt in _statements(sql(name)):
+                used = {k: v for k, v in (params or {}).items() if re.search(rf"\${re.escape(k)}\b", stmt)}
+                result = self.con.execute(stmt, used) if used else self.con.execute(stmt)
+        return result
+
+    def rows(self, name: str, params: dict | None = None) -> list[tuple]:
+        cur = self.run(name, params)
+        with _damage_named(self.path):
+            return cur.fetchall()
+
+    def dicts(self, name: str, params: dict | None = None) -> list[dict]:
+        cur = self.run(name, params)
+        cols = [d[0] for d in cur.description]
+        with _damage_named(self.path):
+            return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+    def check_intact(self) -> None:
+        """Read every row of every table (sql/catalog_intact.sql): DuckDB verifies the checksum of
+        each block it loads, so damage anywhere in the tables' data raises CatalogDamaged here,
+        before a command vouches for what the catalog holds. Made once per state of the file in
+        a process. Cost, measured: 3.3-3.5 s for a 2.4 GB catalog of 13M rows in each of `images`,
+        `plan` and `shard_samples` (the real release's size; page cache warm, 2 busy cores: DuckDB
+        reads in parallel, so more cores take less), 0.25-0.45 s at 1M rows."""
+        key = os.path.abspath(self.path)
+        state = _file_state(self.path)
+        if _found_intact.get(key) == state:
+            return
+        for (table,) in self.rows("catalog_tables"):
+            self.rows("catalog_intact", {"table": table})
+        _found_intact[key] = state
+
+    def one(self, name: str, params: dict | None = None) -> dict:
+        found = self.dicts(name, params)
+        return found[0] if found else {}
+
+    def made_before_releases(self) -> bool:
+        """Whether the catalog's tables predate releases (issue 25): the first writer that opens
+        it migrates it (migrate_releases)."""
+        return bool(self.rows("catalog_before_releases")[0][0])
+
+    def migrate_releases(self) -> None:
+        """Give a catalog made before releases its release columns (sql/schema_releases.sql:
+        `stages` and `shards` rebuilt, a few thousand rows; the others gained theirs by ALTER in
+        schema.sql): one transaction, once. Every existing row is the default release's."""
+        if not self.made_before_releases():
+            return
+        with self.transaction():
+            self.run("schema_releases")
+
+    # A stage's record: `release` names a release's own stage (shuffled_plan, shard_audit); the
+    # shared stages (raw_tars, synset_manifest, filtered_index) and the default release use ''.
+    def stage_fingerprint(self, stage: str, release: str = "") -> str | None:
+        row = self.rows("stage_get", {"stage": stage, "release": release})
+        return row[0][0] if row else None
+
+    def set_stage(self, stage: str, fingerprint: str, run_id: str, release: str = "") -> None:
+        self.run("stage_set", {"stage": stage, "fingerprint": fingerprint, "run_id": run_id, "release": release})
+
+    def clear_stage(self, stage: str, release: str = "") -> None:
+        self.run("stage_clear", {"stage": stage, "release": release})
+
+    def clear_stage_every_release(self, stage: str) -> None:
+        self.run("stage_clear_every_release", {"stage": stage})
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Statements run inside are committed together or not at all: a process killed inside
+        leaves the catalog as it was before (DuckDB replays only committed transactions)."""
+        with _damage_named(self.path):
+            self.con.begin()
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):  # (a damaged file may refuse this too)
+                self.con.rollback()
+            raise
+        with _damage_named(self.path):
+            self.con.commit()
+
+    def close(self) -> None:
+        if getattr(self, "con", None) is not None:
+            self.con.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------- readers and the lock
+
+# DuckDB's words when another process holds the file (a writer, or readers when we would write):
+# 'IO Error: Could not set lock on file "...": Conflicting lock is held in <exe> (PID <n>). ...'
+_LOCK_HELD = re.compile(r"Conflicting lock is held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
+LOCK_NOTE_EVERY = 60.0  # seconds between "still waiting" notes
+
+
+class CatalogBusy(RuntimeError):
+    """The catalog is being written by another process, and the caller would not wait longer."""
+
+
+def lock_holder(error: BaseException) -> str | None:
+    """Who holds the catalog's lock, from DuckDB's error ("pid 4242: imnet build"), or None when
+    `error` is not a lock conflict."""
+    m = _LOCK_HELD.search(str(error))
+    if m is None:
+        return None
+    pid = int(m["pid"])
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+        what = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(argv[:4]))
+    except OSError:  # gone since, or another machine's process on a shared file system
+        what = os.path.basename(m["exe"])
+    return f"pid {pid}: {what}"[:120]
+
+
+def open_reader(path: str, say: Callable[[str], None] | None = None, wait_s: float | None = None,
+                poll_s: float = 0.5, intact: bool = True) -> Catalog:
+    """The catalog opened read-only, waiting while another process writes it (`imnet build` in
+    `filtered_index` or the audit holds DuckDB's lock for as long as the stage runs; DuckDB lets
+    no reader in meanwhile). Says once that it waits, and for whom, then again every minute.
+    `wait_s`: give up after this long with CatalogBusy (None: wait until the writer is done).
+    `intact`: read it whole first (Catalog.check_intact): CatalogDamaged if it is damaged."""
+    say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    started = time.monotonic()
+    noted = None
+    while True:
+        try:
+            cat = Catalog(path, read_only=True, retries=0)
+            if intact:
+                try:
+                    cat.check_intact()
+                except BaseException:
+                    cat.close()
+                    raise
+            return cat
+        except duckdb.IOException as e:
+            holder = lock_holder(e)
+            if holder is None:
+                raise
+            waited = time.monotonic() - started
+            if wait_s is not None and waited >= wait_s:
+                raise CatalogBusy(f"catalog {path} is being written by another process ({holder})") from None
+            if noted is None or time.monotonic() - noted >= LOCK_NOTE_EVERY:
+                more = f" (waited {waited:.0f}s so far)" if noted is not None else ""
+                say(f"catalog {path} is being written by another process ({holder}); waiting...{more}")
+                noted = time.monotonic()
+            time.sleep(poll_s)
