@@ -17,6 +17,7 @@ import duckdb
 import pytest
 import webdataset as wds
 
+from imnet_assets.read import dataset
 from imnet_assets.release import changed_sources
 from imnet_assets.release.info import info_url
 from imnet_assets.release.lineage import lineage_rows, releases_holding
@@ -24,7 +25,13 @@ from imnet_assets.release.plan import read_index, read_slice, shard_sizes
 from imnet_assets.release.selection import SelectionError, select
 from imnet_assets.sample.sample_raw import write_sample_raw
 from imnet_assets.stages import catalog_stages as stages
-from imnet_assets.stages.audit import encode_settings, expected_shard_fingerprints, plan_mismatch, run_audit
+from imnet_assets.stages.audit import (
+    encode_settings,
+    expected_shard_fingerprints,
+    plan_mismatch,
+    run_audit,
+    shards_as_they_are,
+)
 from imnet_assets.stages.shard import build_shard
 from imnet_assets.storage.catalog import Catalog
 from imnet_assets.storage.inventory import list_raw
@@ -130,6 +137,10 @@ def test_each_class_has_exactly_n_validation_images_disjoint_from_train_and_seed
     per_class = Counter(item.split("/")[0] for item, name in split_of.items() if name == "validation")
     present = [w for w in family.listed if w != ABSENT]
     assert per_class == Counter({w: 2 for w in present})
+    # Each split reads as users read it (its shards from _info.json), labels in 0 .. classes-1.
+    for name, split in info["splits"].items():
+        labels = [label for _, label in dataset(s.out_root, split=name)]
+        assert len(labels) == split["num_samples"] > 0 and set(labels) <= set(range(len(family.listed)))
     # Seeded: the same settings in another catalog choose the same images; another seed others.
     chosen = sorted(k for (k,) in query(s, "SELECT key FROM plan WHERE release = 'sub' AND shard >= '0002'"))
     again = dataclasses.replace(s, catalog=str(tmp_path / "c.duckdb"), out_root=str(tmp_path / "out"))
@@ -170,6 +181,9 @@ def test_two_releases_in_one_catalog_keep_their_own_plan_and_shard_rows(family):
     stages.build_shuffled_plan(d, "plan-default-again", log=QUIET)
     assert query(d, "SELECT shard, sha256 FROM shards WHERE release = 'sub' ORDER BY shard") == before
     assert query(d, "SELECT count(*) FROM plan WHERE release = 'sub'")[0][0] == sum(read_index(s.out_root)["shard_lengths"])
+    # Making one release's plan again leaves the other's shards fresh (its plan, slices and shards untouched).
+    assert shards_as_they_are(s)[0] is not None
+    assert shards_as_they_are(d)[0] is not None  # same inputs: the same slices, so its own shards too
     # Each release's slices are published under its own out root, with its own labels.
     sub_slice, _ = read_slice(s.out_root, "0000")
     labels = {w: i for i, w in enumerate(sorted(family.listed))}
