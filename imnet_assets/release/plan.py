@@ -56,6 +56,8 @@ def split_shards(num_shards: int, holdout: tuple[tuple[str, int], ...],
         end -= count
     splits = {"train": list(range(end)), **dict(reversed(list(out.items())))}
     if validation_shards:
+        if num_shards + validation_shards > 10_000:  # keys are 4 digits: SQL compares them as text
+            raise ValueError(f"{num_shards} train and {validation_shards} validation shards: at most 10,000 in all")
         if VALIDATION in splits:
             raise ValueError(f"a holdout split is named {VALIDATION!r}, the split of val_per_class: rename it")
         splits[VALIDATION] = list(range(num_shards, num_shards + validation_shards))

@@ -307,3 +307,16 @@ def test_shipped_lists_give_their_own_labels_whatever_the_raw_release_holds():
     assert "998 of the 1000 synsets of 'in1k' are not in the raw release" in chosen.note()
     everything = select("all", ["n2", "n1"])
     assert everything.rows == [("n1", 0), ("n2", 1)] and everything.note() is None
+
+
+def test_validation_shards_follow_the_train_shards_with_a_pattern_of_their_own():
+    from imnet_assets.settings import Settings
+
+    s = Settings(num_shards=16, val_per_class=10)
+    assert s.validation_shards == 2 and s.partition_keys[-3:] == ["0015", "0016", "0017"]
+    assert [s.shard_name(k) for k in ("0015", "0016", "0017")] == [
+        "imagenet12k-train-0015.tar", "imagenet12k-validation-0000.tar", "imagenet12k-validation-0001.tar"]
+    plain = dataclasses.replace(s, shard_pattern="w21-{shard}.tar")
+    assert plain.shard_name("0016") == "validation-w21-0000.tar"
+    assert dataclasses.replace(s, val_per_class=0).partition_keys[-1] == "0015"  # no validation: as before
+    assert Settings(num_shards=1, val_per_class=1).validation_shards == 1
