@@ -1,7 +1,8 @@
-"""WebP quality x method: output size against the source JPEGs, encode time and fidelity.
+"""WebP quality x method (or, with --codec jpeg, JPEG quality): output size against the source JPEGs,
+encode time and fidelity.
 
     .venv/bin/python bench/webp_settings.py [--work /tmp/imnet-bench] [--images 200]
-                                            [--qualities 80,85,90,95] [--methods 4,6]
+                                            [--qualities 80,85,90,95] [--methods 4,6] [--codec jpeg]
 
 Every image of the cached photo release (photo_release.py: JPEG sources, q90 4:2:0 unless
 --source-quality / --source-subsampling say otherwise, at an ImageNet-like size mix) goes through the project's `encode_image` once per setting; the settings are taken in a
@@ -32,7 +33,7 @@ import photo_release  # noqa: E402
 
 from imnet_assets.image.decode import ImageRejected
 from imnet_assets.image.encode import EncodeSettings, encode_image
-from imnet_assets.settings import DEFAULT_WEBP_METHOD, DEFAULT_WEBP_QUALITY  # noqa: E402
+from imnet_assets.settings import DEFAULT_WEBP_METHOD, DEFAULT_WEBP_QUALITY, Settings  # noqa: E402
 
 CARD_RATIO = 0.56
 
@@ -69,6 +70,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--qualities", default="80,85,90,95")
     p.add_argument("--methods", default="4,6")
+    p.add_argument("--codec", default="webp", choices=["webp", "jpeg"],
+                   help="jpeg: a JPEG release's encoder (issue 25; --methods is ignored, the default is quality 90)")
     p.add_argument("--source-quality", type=int, default=90, help="JPEG quality of the source photos")
     p.add_argument("--source-subsampling", type=int, default=2, choices=[0, 1, 2],
                    help="chroma subsampling of the sources: 2 = 4:2:0, 0 = 4:4:4")
@@ -97,9 +100,11 @@ def main() -> None:
     if len(kept) < len(sources):
         print(f"{len(sources) - len(kept)} of {len(sources)} sources are excluded by the encoder; left out")
     sources = kept
-    grid = [EncodeSettings(quality=int(q), method=int(m))
-            for q in args.qualities.split(",") for m in args.methods.split(",")]
-    default = EncodeSettings(quality=DEFAULT_WEBP_QUALITY, method=DEFAULT_WEBP_METHOD)
+    methods = args.methods.split(",") if args.codec == "webp" else [str(DEFAULT_WEBP_METHOD)]
+    grid = [EncodeSettings(quality=int(q), method=int(m), codec=args.codec)
+            for q in args.qualities.split(",") for m in methods]
+    default = EncodeSettings(quality=DEFAULT_WEBP_QUALITY if args.codec == "webp" else Settings.jpeg_quality,
+                             method=DEFAULT_WEBP_METHOD, codec=args.codec)
     if default not in grid:
         grid.append(default)
     print(f"{len(sources)} {label}, {sum(map(len, sources)) / len(sources) / 1e3:.0f} kB average; "
@@ -127,7 +132,7 @@ def main() -> None:
     src_bytes = sum(map(len, sources))
     n = len(sources)
     print(f"\n$ {shlex.join([os.path.relpath(sys.executable), *sys.argv])}\n")
-    head = ["quality", "method", "webp/jpeg bytes", "vs card 0.56", "ms/img (cpu)", "ms/img (wall)",
+    head = ["quality", "method", f"{args.codec}/source bytes", "vs card 0.56", "ms/img (cpu)", "ms/img (wall)",
             "time vs default", "PSNR dB (mean)"]
     rows = []
     for s in grid:

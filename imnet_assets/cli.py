@@ -229,6 +229,7 @@ def _audit_state(s: Settings, recorded: str | None, not_fresh: list[str]) -> str
 
 
 def cmd_lineage(args) -> int:
+    from imnet_assets.image.encode import CODEC_EXTENSIONS
     from imnet_assets.storage import fs
     from imnet_assets.storage.catalog import open_reader
     from imnet_assets.storage.rawfolders import describe_source
@@ -259,7 +260,8 @@ def cmd_lineage(args) -> int:
                       "  (this image is not in the shard: excluded when encoding)")
             else:
                 print(f"written by   run {r['run_id']}  code version {r['code_version']}  at {r['written_at']}")
-                print(f"webp sha256  {r['webp_sha256']}  repaired {r['repaired']}")
+                image = f"{CODEC_EXTENSIONS[s.codec]} sha256"  # the stored image's (webp_sha256 holds it for any codec)
+                print(f"{image:<13}{r['webp_sha256']}  repaired {r['repaired']}")
         print()
     return 0
 
@@ -335,21 +337,21 @@ class _Progress:
                   f"{self.bytes / 1e6 / elapsed:.0f} MB/s, eta {eta:.0f}s", flush=True)
 
 
-def _checked(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], decode: bool):
+def _checked(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], decode: bool, ext: str = "webp"):
     """(shard record, problems) per task, checked in `jobs` processes (here when 1), as they
-    finish; at most jobs + 2 shards' rows are in memory."""
+    finish; at most jobs + 2 shards' rows are in memory. `ext`: the samples' image member."""
     from imnet_assets.release.verify import verify_catalog_shard
 
     if jobs <= 1:
         for sh, url, rows in tasks:
-            yield sh, verify_catalog_shard(url, sh, rows, decode)
+            yield sh, verify_catalog_shard(url, sh, rows, decode, ext)
         return
     from imnet_assets.runtime.procpool import process_pool
 
     with process_pool(jobs) as pool:
         pending: dict = {}
         for sh, url, rows in tasks:
-            pending[pool.submit(verify_catalog_shard, url, sh, rows, decode)] = sh
+            pending[pool.submit(verify_catalog_shard, url, sh, rows, decode, ext)] = sh
             del rows
             while len(pending) >= jobs + 2:
                 finished = first_done(pending)
@@ -399,6 +401,7 @@ def _as_built(s: Settings) -> Settings:
 
 
 def cmd_verify(args) -> int:
+    from imnet_assets.image.encode import CODEC_EXTENSIONS
     from imnet_assets.stages.audit import conservation_problems, stray_problem, stray_shards
     from imnet_assets.storage import fs
     from imnet_assets.storage.catalog import open_reader
@@ -417,13 +420,13 @@ def cmd_verify(args) -> int:
     unrecorded = [k for k in wanted if k not in recorded]
     shards = [recorded[k] for k in wanted if k in recorded]
     print(f"verify: {len(shards)} shards under {s.out_root} against {s.catalog}, {jobs} processes"
-          + (", decoding every WebP" if args.decode else ""), flush=True)
+          + (f", decoding every {'JPEG' if s.codec == 'jpeg' else 'WebP'}" if args.decode else ""), flush=True)
     for k in unrecorded:
         print(f"FAIL shard {k}: not recorded in the catalog (not built, or not audited yet: run `imnet build`)")
     progress = _Progress(len(shards), sum(sh["bytes"] or 0 for sh in shards))
     tasks = ((sh, fs.join(s.out_root, sh["path"]), rows) for sh, rows in _catalog_rows(s.catalog, shards, s.release))
     bad = []
-    for sh, problems in _checked(jobs, tasks, args.decode):
+    for sh, problems in _checked(jobs, tasks, args.decode, CODEC_EXTENSIONS[s.codec]):
         label = f"shard {sh['shard']} ({sh['path']})"
         for p in problems[:VERIFY_SHOWN]:
             print(f"FAIL {label}: {p}")

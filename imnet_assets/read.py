@@ -88,7 +88,7 @@ def dataset(out_root: str | None = None, split: str = "train", lemmas: bool = Fa
 
     def as_tuple(sample: dict) -> tuple:
         label = label_of(sample)
-        image = sample["webp"]
+        image = sample["jpg"] if "jpg" in sample else sample["webp"]  # a JPEG release's, or WebP
         if lemmas:
             base = int(sample["cls"])  # the lemma is the synset's: the release label names it
             return image, label, names.get(base, "")

@@ -277,12 +277,13 @@ class Settings:
     # where the requests are made, core/s3read.retry_seconds, in every process: validated here)
     storage_retry_seconds: int = 300
     image_timeout: int = DEFAULT_IMAGE_TIMEOUT  # seconds per image in an encode worker (IMNET_IMAGE_TIMEOUT)
-    release: str = ""          # the release's name; "" = the one default release (IMNET_RELEASES unset)
-    synsets: str = "all"       # "all" | "in1k" | "in12k" | path to a file of wnids, one a line
-    codec: str = "webp"        # "webp" | "jpeg" (helper `jpeg` implements the JPEG encoder)
-    jpeg_quality: int = 90     # the TOML key `quality` for a jpeg release (webp_quality for webp)
+    # issue 25: a release (helper reldagster's fields; the same lines there)
+    release: str = ""
+    synsets: str = "all"
+    codec: str = "webp"  # "webp" | "jpeg"
+    jpeg_quality: int = 95  # chosen by measurement (README "JPEG settings"; the brief's line said 90)
     max_short_edge: int = 768
-    val_per_class: int = 0     # N: a seeded choice of N kept images per class in a `validation` split of its own shards
+    val_per_class: int = 0
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:

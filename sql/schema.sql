@@ -84,8 +84,8 @@ CREATE TABLE IF NOT EXISTS shard_samples (
     height INTEGER,
     orig_width INTEGER,
     orig_height INTEGER,
-    webp_bytes BIGINT,
-    webp_sha256 VARCHAR,
+    webp_bytes BIGINT,            -- the stored image's bytes and sha256, whatever the release's codec
+    webp_sha256 VARCHAR,          -- (named for WebP, the default; a JPEG release's <key>.jpg: issue 25)
     repaired BOOLEAN
 );
 CREATE TABLE IF NOT EXISTS shard_exclusions (

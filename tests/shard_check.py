@@ -5,6 +5,7 @@ the manifest say the shard must hold, where `imnet verify` feeds it the catalog'
 
 from __future__ import annotations
 
+from imnet_assets.image.encode import CODEC_EXTENSIONS
 from imnet_assets.release.outroot import read_manifest
 from imnet_assets.release.plan import read_slice
 from imnet_assets.release.verify import ExpectedSample, read_back
@@ -14,8 +15,10 @@ from imnet_assets.storage import fs
 def expected_from_plan(out_root: str, shard_key: str, manifest: dict) -> tuple[list[ExpectedSample], list[str]]:
     """The samples a committed shard must hold, from its plan slice and its manifest: every
     planned key, in plan order, less the manifest's encode-time exclusions, with the manifest's
-    record of each; and the problems of the manifest against the plan."""
+    record of each (its image member the codec's the manifest was written with); and the problems
+    of the manifest against the plan."""
     problems: list[str] = []
+    ext = CODEC_EXTENSIONS[(manifest.get("settings") or {}).get("codec", "webp")]
     rows, digest = read_slice(out_root, shard_key)
     if manifest.get("plan_digest") != digest:
         problems.append(f"written from another plan ({str(manifest.get('plan_digest'))[:12]}), "
@@ -31,7 +34,7 @@ def expected_from_plan(out_root: str, shard_key: str, manifest: dict) -> tuple[l
             key=r.key, label=r.label, wnid=r.wnid, webp_sha256=rec.get("webp_sha256"),
             webp_bytes=rec.get("webp_bytes"), width=rec.get("width"), height=rec.get("height"),
             orig_width=rec.get("orig_width"), orig_height=rec.get("orig_height"),
-            source_sha256=r.sha256, repaired=bool(rec.get("repaired")),
+            source_sha256=r.sha256, repaired=bool(rec.get("repaired")), ext=ext,
         ))
     return expected, problems
 

@@ -24,7 +24,7 @@ def wds_shards_checks(partitions: PartitionsDefinition) -> list[AssetCheckSpec]:
                 partitions_def=partitions,
                 description=(
                     "The committed shard holds exactly its planned samples (minus exclusions recorded "
-                    "with a reason), in plan order, each with .cls/.json/.webp; every WebP is the "
+                    "with a reason), in plan order, each with .cls/.json/.webp (.jpg in a JPEG release); every image is the "
                     "encoder's output (sha256) with a header of the recorded size, and every "
                     "IMNET_CHECK_DECODE_EVERY-th one (default 16th) and every repaired one decodes in "
                     "full. Failed again, for that partition, by the wds_shards_on_storage sensor when "

@@ -180,6 +180,8 @@ def plan_decode(
     if img.mode not in SUPPORTED_MODES:
         raise ImageRejected(f"unsupported mode {img.mode} ({img.format})")
     target = target_size(w, h, max_short)
+    # WebP's limit, for every codec: the index settles it (at 768) once for all releases, so a JPEG
+    # release holds the same images as the WebP one.
     if max(target) > WEBP_MAX_SIDE:
         raise ImageRejected(
             f"too large for WebP: {w}x{h} {img.format} -> {target[0]}x{target[1]} (max side {WEBP_MAX_SIDE})"

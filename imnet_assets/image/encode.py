@@ -1,4 +1,5 @@
-"""One raw image in, one WebP out: the pixel and metadata rules of SPEC.md "Output".
+"""One raw image in, one WebP (or, for a release with `codec = "jpeg"`, JPEG) out: the pixel and
+metadata rules of SPEC.md "Output", the same for both codecs.
 
 Pure functions with no dagster dependency; everything here is a picklable top-level function so the
 shard runs can call it from worker processes. Decoding (and the exclusion rules it applies) is
@@ -16,7 +17,8 @@ Chain on the happy path (one header parse, one decode, at most one conversion an
    ran out before ``MIN_DECODED_FRACTION`` of its rows is rejected;
 5. colour: what ``convert("RGB")`` gives (16-bit / 32-bit / float greyscale is scaled to 8 bit first);
 6. resize to ``target_size`` with ``RESAMPLE``;
-7. lossy WebP, with only the colour-space EXIF tags and an RGB ICC profile carried over.
+7. lossy WebP or baseline JPEG (``save_stored``: the only step where the codecs differ), with only the
+   colour-space EXIF tags and an RGB ICC profile carried over.
 """
 
 from __future__ import annotations
@@ -44,26 +46,65 @@ from imnet_assets.image.exif import filter_exif, rgb_icc_profile
 # No ``reducing_gap``: the result is the exact filter output of the (drafted) decoded image.
 RESAMPLE = Image.Resampling.LANCZOS
 
+# The stored image's codec -> its member extension in a sample (`<key>.webp`, `<key>.jpg`: the
+# extensions webdataset's decoders and timm's reader, `input_key="jpg;png;webp"`, look for).
+CODEC_EXTENSIONS = {"webp": "webp", "jpeg": "jpg"}
+
+# JPEG (issue 25), fixed so that the same input gives the same bytes on every run and worker (with
+# the pinned Pillow's libjpeg-turbo, whose default accurate integer DCT gives the same coefficients
+# with or without SIMD):
+# - 4:2:0 chroma subsampling: what lossy WebP always stores, so both releases keep the same colour
+#   detail, and the layout every JPEG decoder (GPU ones included) handles fastest;
+# - baseline (sequential), not progressive: libjpeg-turbo decodes it about 2.5x as fast, and the
+#   hardware JPEG decoders of data-centre GPUs (nvJPEG's) take baseline only;
+# - optimized Huffman tables: 2-4% smaller files (~2 ms more per image, README "JPEG settings"),
+#   still baseline, computed from the image alone; the quality scales libjpeg's standard tables;
+# - no restart markers, no comment (Pillow would copy a source JPEG's COM segment), JFIF header with
+#   no density, EXIF and ICC as for WebP.
+JPEG_OPTIONS = {"subsampling": "4:2:0", "progressive": False, "optimize": True}
+
+
 @dataclass(frozen=True)
 class EncodeSettings:
-    quality: int = 90
-    method: int = 4
-    max_short: int = MAX_SHORT
-    alt_labels: str = ""  # issue 17: IMNET_ALT_LABELS, extra label fields in each sample's JSON (core/altlabels.py)
+    quality: int = 90  # of the codec: IMNET_WEBP_QUALITY for WebP, a release's JPEG quality for JPEG
+    method: int = 4  # WebP only
+    max_short: int = MAX_SHORT  # a release's max_short_edge
+    alt_labels: str = ""  # issue 17: IMNET_ALT_LABELS, extra label fields in each sample's JSON (release/altlabels.py)
+    codec: str = "webp"  # issue 25: "webp" | "jpeg"
 
     def __post_init__(self) -> None:
+        if self.codec not in CODEC_EXTENSIONS:
+            raise ValueError(f"codec must be one of {sorted(CODEC_EXTENSIONS)}, got {self.codec!r}")
         if not 0 <= self.quality <= 100:
-            raise ValueError(f"WebP quality must be 0..100, got {self.quality}")
+            raise ValueError(f"{self.codec_name} quality must be 0..100, got {self.quality}")
         if not 0 <= self.method <= 6:
             raise ValueError(f"WebP method must be 0..6, got {self.method}")
         if self.max_short < MIN_SIDE:
             raise ValueError(f"max_short must be >= {MIN_SIDE}, got {self.max_short}")
 
+    @property
+    def extension(self) -> str:
+        """The stored image's member extension in each sample."""
+        return CODEC_EXTENSIONS[self.codec]
+
+    @property
+    def codec_name(self) -> str:
+        return "WebP" if self.codec == "webp" else "JPEG"
+
+    def image_fields(self) -> dict:
+        """What the stored image's bytes depend on besides the source and the encoder version (part
+        of each shard's fingerprint). WebP's fields are the ones fingerprints held before the codec
+        was a setting, so the default release's shards stay fresh; a JPEG release adds its codec
+        and options, and leaves out the WebP method, which does not touch its bytes."""
+        if self.codec == "webp":
+            return {"quality": self.quality, "method": self.method, "max_short": self.max_short}
+        return {"codec": self.codec, "quality": self.quality, "max_short": self.max_short, "jpeg": JPEG_OPTIONS}
+
 
 
 @dataclass(frozen=True)
 class Encoded:
-    webp: bytes
+    webp: bytes  # the stored image, WebP or JPEG as the settings' codec says (like shard_samples.webp_*)
     width: int
     height: int
     orig_width: int
@@ -132,6 +173,21 @@ def _to_rgb_resized(
 DEFAULT_SETTINGS = EncodeSettings()
 
 
+def save_stored(out: Image.Image, settings: EncodeSettings, exif: bytes | None = None,
+                icc: bytes | None = None) -> bytes:
+    """The stored image's bytes: ``out`` (RGB, final size) as lossy WebP (quality, method) or as
+    baseline JPEG (quality, JPEG_OPTIONS), with ``exif`` and ``icc`` and no other metadata."""
+    buf = io.BytesIO()
+    if settings.codec == "jpeg":
+        # a JPEG's APP1 segment holds the TIFF structure after an "Exif\0\0" header (WebP's chunk: bare)
+        out.save(buf, "JPEG", quality=settings.quality, **JPEG_OPTIONS, exif=b"Exif\x00\x00" + exif if exif else b"",
+                 icc_profile=icc, comment=b"")
+    else:
+        out.save(buf, "WEBP", quality=settings.quality, method=settings.method, exif=exif or b"",
+                 icc_profile=icc)
+    return buf.getvalue()
+
+
 def encode_image(data: bytes, settings: EncodeSettings = DEFAULT_SETTINGS) -> Encoded:
     """Encode one raw image per SPEC "Output".  Raises ``ImageRejected`` for any bad input; other
     exceptions only for environment problems (``MemoryError``) or bugs."""
@@ -145,22 +201,14 @@ def encode_image(data: bytes, settings: EncodeSettings = DEFAULT_SETTINGS) -> En
         raise
     except Exception as e:
         raise ImageRejected(f"undecodable: {describe_error(e)}") from e
-    buf = io.BytesIO()
     try:
-        out.save(
-            buf,
-            "WEBP",
-            quality=settings.quality,
-            method=settings.method,
-            exif=exif or b"",
-            icc_profile=icc,
-        )
+        stored = save_stored(out, settings, exif, icc)
     except MemoryError:
         raise
     except Exception as e:  # not expected: sizes are checked in plan_decode
-        raise ImageRejected(f"cannot encode WebP: {describe_error(e)}") from e
+        raise ImageRejected(f"cannot encode {settings.codec_name}: {describe_error(e)}") from e
     return Encoded(
-        webp=buf.getvalue(),
+        webp=stored,
         width=out.width,
         height=out.height,
         orig_width=ow,
@@ -171,8 +219,8 @@ def encode_image(data: bytes, settings: EncodeSettings = DEFAULT_SETTINGS) -> En
 
 def bare_chain(data: bytes, settings: EncodeSettings = DEFAULT_SETTINGS) -> bytes:
     """The minimal reference chain for the benchmark: open, draft when downsizing JPEG, convert to
-    RGB, resize with the same filter, WebP with the same quality/method.  No validation, metadata,
-    truncation handling or error mapping."""
+    RGB, resize with the same filter, the settings' codec (``save_stored``) without metadata.  No
+    validation, metadata, truncation handling or error mapping."""
     img = open_image(data)
     target = target_size(img.width, img.height, settings.max_short)
     box = None
@@ -184,6 +232,4 @@ def bare_chain(data: bytes, settings: EncodeSettings = DEFAULT_SETTINGS) -> byte
         img = img.convert("RGB")
     if img.size != target:
         img = img.resize(target, RESAMPLE, box=box)
-    buf = io.BytesIO()
-    img.save(buf, "WEBP", quality=settings.quality, method=settings.method)
-    return buf.getvalue()
+    return save_stored(img, settings)

@@ -10,6 +10,7 @@ of the same shards; its `shard_lengths` count only those samples.
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from importlib import resources
 
@@ -70,3 +71,60 @@ def info_splits_for(settings, train: dict) -> dict[str, dict]:
     if not settings.alt_labels:
         return {}
     return info_splits(settings.alt_labels, train, shard_counts(settings))
+
+
+# ----------------------------------------------------------------------------- a release's synsets
+# (issue 25) A release's `synsets` value: "all", "in1k", "in12k" (timm's ImageNet-12k list, shipped as
+# `imnet_assets/lists/imagenet12k_wnids.txt`) or the path of a file of wnids, one a line.
+
+SHIPPED_LISTS = {"in1k": "imagenet1k_wnids.txt", "in12k": "imagenet12k_wnids.txt"}
+_WNID = re.compile(r"n[0-9]{8}")
+
+
+class SynsetListError(ValueError):
+    """A file of wnids that is not one: names the file and the line."""
+
+
+def read_wnids(path: str, text: str | None = None) -> list[str]:
+    """The wnids of a list file in its order: one a line, blank lines and lines starting with `#`
+    skipped, surrounding spaces ignored. Each must look like `n01440764` and appear once; otherwise
+    SynsetListError names the file and the line."""
+    if text is None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SynsetListError(f"synset list {path}: cannot read it: {type(e).__name__}: {e}") from None
+    wnids: list[str] = []
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        wnid = line.strip()
+        if not wnid or wnid.startswith("#"):
+            continue
+        if not _WNID.fullmatch(wnid):
+            raise SynsetListError(f"synset list {path}, line {number}: {wnid[:40]!r} is not a wnid "
+                                  "(n followed by 8 digits, one a line)")
+        if wnid in first_line:
+            raise SynsetListError(f"synset list {path}, line {number}: {wnid} repeats line {first_line[wnid]}")
+        first_line[wnid] = number
+        wnids.append(wnid)
+    if not wnids:
+        raise SynsetListError(f"synset list {path}: holds no wnid")
+    return wnids
+
+
+def release_wnids(synsets: str) -> tuple[str, ...] | None:
+    """The wnids a release's `synsets` value selects, sorted (a label is the index in this tuple),
+    or None for "all" (every synset of the raw release). "in1k" and "in12k" are the shipped lists;
+    any other value is the path of a file of wnids (read_wnids's rules; a relative path is taken
+    from the working directory, so callers resolve it first). Whether the raw release holds them is
+    the caller's to judge."""
+    value = synsets.strip()
+    if value == "all":
+        return None
+    if value in SHIPPED_LISTS:
+        shipped = resources.files("imnet_assets") / "lists" / SHIPPED_LISTS[value]
+        return tuple(sorted(read_wnids(str(shipped), shipped.read_text("utf-8"))))
+    if not value:
+        raise SynsetListError('synsets is empty: use "all", "in1k", "in12k" or the path of a file of wnids')
+    return tuple(sorted(read_wnids(value)))

@@ -17,6 +17,8 @@ CARD_NAME = "README.md"
 TERMS_URL = "https://image-net.org/download.php"
 LICENSE_NAME = "imagenet-terms-of-access"
 PRETTY_NAME = "ImageNet Winter21 (WebP, WebDataset)"
+# issue 25: a release's codec -> (its name in the card, the sample's image member, what that member holds)
+CODECS = {"webp": ("WebP", "webp", "lossy WebP"), "jpeg": ("JPEG", "jpg", "baseline JPEG")}
 # The Hub's size_categories buckets, by sample count (upper bound exclusive).
 SIZE_CATEGORIES = [(10**3, "n<1K"), (10**4, "1K<n<10K"), (10**5, "10K<n<100K"), (10**6, "100K<n<1M"),
                    (10**7, "1M<n<10M"), (10**8, "10M<n<100M"), (10**9, "100M<n<1B")]
@@ -115,9 +117,14 @@ def facts(settings, report) -> dict:
             "IMNET_EVAL_EXCLUDE": "set" if settings.eval_exclude else "none",
             "IMNET_DEDUP": settings.dedup,
             "IMNET_ALT_LABELS": settings.alt_labels or "none",
+            # issue 25: a release's codec settings, where they are not the default release's
+            **({"codec": settings.codec, "jpeg_quality": settings.jpeg_quality} if settings.codec != "webp" else {}),
+            **({"max_short_edge": settings.max_short_edge} if settings.max_short_edge != 768 else {}),
         },
         "release": release_facts(settings, named),
         "alt_labels": settings.alt_labels,
+        "codec": settings.codec,
+        "max_short_edge": settings.max_short_edge,
         "splits": ["train", *(n for n, _ in settings.holdout), *([VALIDATION] if settings.val_per_class else []),
                    *([f"train_{settings.alt_labels}"] if settings.alt_labels else [])],
         # split -> its shard files, as _info.json lists them
@@ -174,14 +181,15 @@ def front_matter(f: dict) -> dict:
                 "data_files": [{"split": name, "path": f["split_files"][name]} for name in default]}]
     configs += [{"config_name": name, "data_files": [{"split": name, "path": files}]}
                 for name, files in f["split_files"].items() if name not in default]
+    codec, _, _ = CODECS[f.get("codec", "webp")]
     return {
-        "pretty_name": f"{PRETTY_NAME}: {f['name']}",
+        "pretty_name": f"{PRETTY_NAME.replace('WebP', codec)}: {f['name']}",
         "license": "other",
         "license_name": LICENSE_NAME,
         "license_link": TERMS_URL,
         "task_categories": ["image-classification"],
         "size_categories": [size_category(f["samples"])],
-        "tags": ["imagenet", "webdataset", "webp"],
+        "tags": ["imagenet", "webdataset", codec.lower()],
         "configs": configs,
     }
 
@@ -190,6 +198,8 @@ def render(f: dict) -> str:
     """The card (YAML front matter, then Markdown) for a dict of facts (see `facts`)."""
     import yaml  # Dagster's dependency
 
+    codec, ext, holds = CODECS[f.get("codec", "webp")]
+    edge = f.get("max_short_edge", 768)
     lines = [
         "---",
         yaml.safe_dump(front_matter(f), sort_keys=False, allow_unicode=True, width=1000).rstrip("\n"),
@@ -197,8 +207,8 @@ def render(f: dict) -> str:
         "",
         f"# {f['name']}",
         "",
-        "The ImageNet Winter21 release as WebDataset shards of WebP images, built by imnet-assets. Images under",
-        "32 px are removed, images whose short side is over 768 px are resized to 768, EXIF other than colour",
+        f"The ImageNet Winter21 release as WebDataset shards of {codec} images, built by imnet-assets. Images under",
+        f"32 px are removed, images whose short side is over {edge} px are resized to {edge}, EXIF other than colour",
         "space is removed, truncated images are repaired, and samples are shuffled across the shards.",
         "",
         "## Contents",
@@ -214,14 +224,14 @@ def render(f: dict) -> str:
         f"| repaired (truncated, decoded as far as the data goes) | {_n(f['repaired'])} |",
         f"| splits in `_info.json` | {', '.join(f['splits'])} |",
         "",
-        "Each sample is three files: `<key>.cls` (the label as ASCII decimal), `<key>.json` and `<key>.webp`"
-        " (the image, lossy WebP, RGB). `<key>` is the raw file's stem (`n01440764_10026`).",
+        f"Each sample is three files: `<key>.cls` (the label as ASCII decimal), `<key>.json` and `<key>.{ext}`"
+        f" (the image, {holds}, RGB). `<key>` is the raw file's stem (`n01440764_10026`).",
         "",
         "### `<key>.json`",
         "",
         "| field | meaning |",
         "|---|---|",
-        *(f"| `{name}` | {meaning} |" for name, meaning in
+        *(f"| `{name}` | {meaning.replace('WebP', codec)} |" for name, meaning in
           [*JSON_FIELDS, *([LABEL_IN1K_FIELD] if f.get("alt_labels") == "in1k" else [])]),
         "",
         "`classes.tsv` beside the shards maps each label to its synset: `label`, `wnid`, `lemma`, `gloss`, "
@@ -282,7 +292,7 @@ def render(f: dict) -> str:
         "",
         f'urls = "{f["shard_pattern"].replace("{shard}", "{" + f["first_shard"][-8:-4] + ".." + f["last_shard"][-8:-4] + "}")}"'
         if f["shard_pattern"].endswith("{shard}.tar") else f"urls = [...]  # the shard files, {f['shard_pattern']}",
-        'ds = wds.WebDataset(urls).decode("pil").to_tuple("webp", "cls", "json")',
+        f'ds = wds.WebDataset(urls).decode("pil").to_tuple("{ext}", "cls", "json")',
         "```",
         "",
         "With timm (its WebDataset reader reads `_info.json` beside the shards):",
@@ -291,7 +301,7 @@ def render(f: dict) -> str:
         "from timm.data import create_dataset",
         "",
         f'ds = create_dataset("wds/{f["name"]}", root="<this folder>", split="train", is_training=True,',
-        "                    batch_size=256, input_key=\"webp\")",
+        f"                    batch_size=256, input_key=\"{ext}\")",
         "```",
         "",
         "With imnet-assets (each split's shards from `_info.json`, lemmas from `classes.tsv`; a folder or s3://):",

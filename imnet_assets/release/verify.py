@@ -8,8 +8,10 @@ Two callers feed it the samples a shard must hold, in order:
   streamed shard by shard (`sql/verify_samples.sql`) and checked in worker processes.
 
 Both go through the same two layers:
-- `check_sample`: the per-sample rules (members `cls`, `json`, `webp` in that order; the WebP's
-  size and sha256 are the recorded ones; its header says WebP of the recorded width and height;
+- `check_sample`: the per-sample rules (members `cls`, `json`, `webp` in that order, `jpg` instead of
+  `webp` in a JPEG release; the image's size and sha256 are the recorded ones (the catalog's
+  `webp_bytes` / `webp_sha256` hold the stored image's, whatever the codec); its header says
+  WebP (JPEG) of the recorded width and height;
   `.cls` is the label; the `.json` fields are the expected ones; a full pixel decode for the
   samples chosen to be decoded);
 - `read_back`: one sequential read of the tar file (its sha256 and size taken from the same read,
@@ -18,7 +20,7 @@ Both go through the same two layers:
   expected one (linear time: sets and a counter, never a scan per key).
 
 Which samples are decoded: every repaired one, every `decode_every`-th (by its index in the tar),
-or all of them (`decode_every=1`), except those whose WebP was already decoded where it was
+or all of them (`decode_every=1`), except those whose image was already decoded where it was
 encoded (`decoded`: the keys a shard run's workers decoded; their bytes are tied to the decoded
 ones by the sha256 checked here).
 """
@@ -33,6 +35,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from imnet_assets.image.jpeg_output import jpeg_problem
 from imnet_assets.release.outroot import tar_end
 from imnet_assets.runtime.workerpool import WorkerDied, shared_pool
 from imnet_assets.storage import fs, prefetch
@@ -40,6 +43,7 @@ from imnet_assets.storage.rawtar import Damage, iter_tar
 
 READ_AHEAD = 8  # ranged requests of 4 MB kept in flight ahead of a remote shard's read-back
 MEMBERS = ["cls", "json", "webp"]  # a sample's members, in the order shard.sample_members writes them
+# (the last is the stored image's extension: "jpg" in a JPEG release, encode.CODEC_EXTENSIONS)
 SHOWN = 5  # keys named per kind of order mismatch
 
 
@@ -59,6 +63,7 @@ class ExpectedSample:
     orig_height: int | None = None
     source_sha256: str | None = None
     repaired: bool = False
+    ext: str = "webp"  # the stored image's member extension (encode.CODEC_EXTENSIONS)
 
     def json_fields(self) -> dict:
         """The `.json` fields this sample must carry (`source_sha256` only where the file has it:
@@ -75,9 +80,9 @@ CATALOG_COLUMNS = ("key", "label", "wnid", "webp_sha256", "webp_bytes", "width",
                    "orig_width", "orig_height", "source_sha256", "repaired")
 
 
-def expected_from_catalog(rows: Iterable[tuple]) -> list[ExpectedSample]:
+def expected_from_catalog(rows: Iterable[tuple], ext: str = "webp") -> list[ExpectedSample]:
     """`sql/verify_samples.sql` rows (CATALOG_COLUMNS order) -> the samples a shard must hold."""
-    return [ExpectedSample(*row[:-1], repaired=bool(row[-1])) for row in rows]
+    return [ExpectedSample(*row[:-1], repaired=bool(row[-1]), ext=ext) for row in rows]
 
 
 # ----------------------------------------------------------------------------- per sample
@@ -138,6 +143,13 @@ def webp_problem(webp: bytes, size: tuple[int, int], decode: bool) -> str:
     return ""
 
 
+def stored_image_problem(ext: str, data: bytes, size: tuple[int, int], decode: bool) -> str:
+    """`webp_problem` or `jpeg_problem`, by the sample's image extension."""
+    if ext == "jpg":
+        return jpeg_problem(data, size, decode)
+    return webp_problem(data, size, decode)
+
+
 def check_sample(key: str, parts: list[tuple[str, bytes]], exp: ExpectedSample, *, decode: bool,
                  record: str) -> list[str]:
     """Problems of one sample (its members as read, in order) against what it must be.
@@ -147,14 +159,15 @@ def check_sample(key: str, parts: list[tuple[str, bytes]], exp: ExpectedSample, 
         return [f"sample {key}: not in the {record}"]
     problems: list[str] = []
     exts = [e for e, _ in parts]
-    if exts != MEMBERS:
-        problems.append(f"sample {key}: members {exts}, expected {MEMBERS}")
+    members = [*MEMBERS[:-1], exp.ext]
+    if exts != members:
+        problems.append(f"sample {key}: members {exts}, expected {members}")
     payload = dict(parts)
-    webp = payload.get("webp")
-    if webp is not None:
-        if len(webp) != exp.webp_bytes or hashlib.sha256(webp).hexdigest() != exp.webp_sha256:
-            problems.append(f"sample {key}: webp payload ({len(webp)} bytes) sha256 differs from the {record}")
-        problem = webp_problem(webp, (exp.width, exp.height), decode)
+    image = payload.get(exp.ext)
+    if image is not None:
+        if len(image) != exp.webp_bytes or hashlib.sha256(image).hexdigest() != exp.webp_sha256:
+            problems.append(f"sample {key}: {exp.ext} payload ({len(image)} bytes) sha256 differs from the {record}")
+        problem = stored_image_problem(exp.ext, image, (exp.width, exp.height), decode)
         if problem:
             problems.append(f"sample {key}: {problem} (the {record} says {exp.width}x{exp.height})")
     if "cls" in payload and payload["cls"] != str(exp.label).encode("ascii"):
@@ -313,6 +326,7 @@ class CheckChunkJob:
     expected: list[dict]
     decode: list[bool]
     time_limit: float | None = None  # seconds (IMNET_IMAGE_TIMEOUT): the pool kills a worker past it
+    ext: str = "webp"  # the stored image's member extension
 
     def prefetch(self, readers):
         return None
@@ -325,7 +339,7 @@ class CheckChunkJob:
         with prefetch.open_read(self.url) as f:
             f.seek(self.start)
             data = f.read() if self.end is None else f.read(self.end - self.start)
-        return _check_bytes(data, self.start, self.end is None, self.expected, self.decode)
+        return _check_bytes(data, self.start, self.end is None, self.expected, self.decode, self.ext)
 
 
 def _spans_intact(data: bytes, start: int, last: bool, expected: list[dict]) -> bool:
@@ -342,7 +356,7 @@ def _spans_intact(data: bytes, start: int, last: bool, expected: list[dict]) -> 
 
 
 def _check_bytes(data: bytes, start: int, last: bool, expected: list[dict],
-                 decode: list[bool]) -> tuple[list[str], list[str], bool | None]:
+                 decode: list[bool], ext: str = "webp") -> tuple[list[str], list[str], bool | None]:
     """(keys of the samples found in order, problems, whether the written bytes are intact (None:
     not known, no spans recorded)) for tar bytes starting at a sample, at byte `start` of the file."""
     keys: list[str] = []
@@ -366,25 +380,25 @@ def _check_bytes(data: bytes, start: int, last: bool, expected: list[dict],
         rec = expected[i] if i < len(expected) else None
         if rec is None or rec["key"] != key:
             continue  # the key sequence is compared as a whole by the caller
-        problems += check_sample(key, parts, _expected(rec), decode=decode[i], record="manifest")
+        problems += check_sample(key, parts, _expected(rec, ext), decode=decode[i], record="manifest")
     return keys, problems, intact
 
 
-def _expected(rec: dict) -> ExpectedSample:
+def _expected(rec: dict, ext: str = "webp") -> ExpectedSample:
     """A build_shard record (manifest sample + plan row fields) as the sample it must be."""
     return ExpectedSample(
         key=rec["key"], label=rec.get("label"), wnid=rec.get("wnid"), webp_sha256=rec.get("webp_sha256"),
         webp_bytes=rec.get("webp_bytes"), width=rec.get("width"), height=rec.get("height"),
         orig_width=rec.get("orig_width"), orig_height=rec.get("orig_height"),
-        source_sha256=rec.get("source_sha256"), repaired=bool(rec.get("repaired")))
+        source_sha256=rec.get("source_sha256"), repaired=bool(rec.get("repaired")), ext=ext)
 
 
 def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, decoded_in_workers: bool,
-                    decode_every: int = 16, workers: int = 1, priority: int = 0) -> list[str]:
+                    decode_every: int = 16, workers: int = 1, priority: int = 0, ext: str = "webp") -> list[str]:
     """Problems with the committed shard at `url`, re-read from storage: its bytes hash to
     `tar_sha256` (what was written), and it holds exactly `expected_samples` (manifest records, in
-    order), each as .cls/.json/.webp with the recorded WebP sha256 and size and a .json/.cls that
-    agree. Sampled WebPs (every `decode_every`-th position and every repaired one) are decoded here
+    order), each as .cls/.json/.webp (.jpg: `ext`) with the recorded image sha256 and size and a
+    .json/.cls that agree. Sampled images (every `decode_every`-th position and every repaired one) are decoded here
     unless `decoded_in_workers` (the encode workers decoded the encoder's output, whose bytes the
     hashes tie to the file's).
 
@@ -418,7 +432,7 @@ def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, dec
     for a, b in zip(cuts, [*cuts[1:], None]):
         start = expected_samples[a]["offset"] if a else 0
         end = expected_samples[b]["offset"] if b is not None else None
-        jobs.append(CheckChunkJob(url, start, end, expected_samples[a:b], flags[a:b], limit))
+        jobs.append(CheckChunkJob(url, start, end, expected_samples[a:b], flags[a:b], limit, ext))
     problems: list[str] = []
     spans = all("sample_sha256" in r and "offset" in r for r in expected_samples)
     try:
@@ -471,14 +485,14 @@ def _file_sha256(url: str) -> str:
 # ----------------------------------------------------------------------------- imnet verify
 
 
-def verify_catalog_shard(url: str, shard: dict, rows: list[tuple], decode: bool) -> list[str]:
+def verify_catalog_shard(url: str, shard: dict, rows: list[tuple], decode: bool, ext: str = "webp") -> list[str]:
     """`imnet verify` of one shard (runs in a worker process): the file at `url` against its
-    catalog record `shard` (bytes, sha256) and its `shard_samples` rows (CATALOG_COLUMNS order).
-    Never raises: a missing or unreadable file is a problem."""
+    catalog record `shard` (bytes, sha256) and its `shard_samples` rows (CATALOG_COLUMNS order),
+    each sample's image a `.<ext>` member. Never raises: a missing or unreadable file is a problem."""
     try:
         if not fs.exists(url):
             return ["missing from the out root"]
-        return read_back(url, expected_from_catalog(rows), record="catalog", source="catalog",
+        return read_back(url, expected_from_catalog(rows, ext), record="catalog", source="catalog",
                          tar_sha256=shard["sha256"], tar_bytes=shard["bytes"], decode_every=1 if decode else 0)
     except Exception as e:  # noqa: BLE001 - an unreadable shard is a failure, not a crash
         return [f"unreadable: {type(e).__name__}: {fs.redact(str(e))}"]

@@ -31,8 +31,10 @@ from imnet_assets.storage.catalog import Catalog
 
 
 def encode_settings(settings: Settings) -> EncodeSettings:
-    return EncodeSettings(quality=settings.webp_quality, method=settings.webp_method,
-                          alt_labels=settings.alt_labels)  # issue 17
+    # issue 25: a release's codec; its quality is the codec's, and max_short_edge sizes both
+    quality = settings.jpeg_quality if settings.codec == "jpeg" else settings.webp_quality
+    return EncodeSettings(quality=quality, method=settings.webp_method, max_short=settings.max_short_edge,
+                          alt_labels=settings.alt_labels, codec=settings.codec)  # issue 17: alt_labels
 
 
 class PlanOutdated(RuntimeError):

@@ -2,8 +2,9 @@
 write the WebDataset tar in plan order, and commit it and its manifest atomically.
 
 The samples' tar layout lives here (where the out root keeps manifests and commit records, and
-how a tar ends: outroot.py): each sample is `<key>.cls`, `<key>.json`, `<key>.webp`, in that
-(sorted) order, with fixed member metadata so that the same input gives the same bytes.
+how a tar ends: outroot.py): each sample is `<key>.cls`, `<key>.json`, `<key>.webp` in that (sorted)
+order (`<key>.jpg` last too, for a release with codec "jpeg"), with fixed member metadata so that the
+same input gives the same bytes.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from imnet_assets.release.changed_sources import SourceChanged, mark
 from imnet_assets.release.freshness import remember
 from imnet_assets.release.outroot import manifest_url, state_url, tar_end
 from imnet_assets.release.plan import SliceRow, read_slice
-from imnet_assets.release.verify import check_committed, webp_problem
+from imnet_assets.release.verify import check_committed, stored_image_problem
 from imnet_assets.runtime.procpool import preload
 from imnet_assets.runtime.workerpool import (
     ReplyUnreadable,
@@ -50,13 +51,17 @@ def fingerprint(plan_digest: str, settings: EncodeSettings) -> str:
     """What a shard's bytes depend on: its plan slice, the encoder version and the settings."""
     text = json.dumps(
         # issue 17: alt_labels counts only when set, so shards built without it keep their fingerprint
+        # issue 25: the codec's fields (EncodeSettings.image_fields): WebP's as before, so existing shards stay fresh
         {"plan": plan_digest, "encoder": ENCODER_VERSION,
-         "settings": {k: v for k, v in asdict(settings).items() if k != "alt_labels" or v}}, sort_keys=True
+         "settings": {**settings.image_fields(), **({"alt_labels": settings.alt_labels} if settings.alt_labels else {})}},
+        sort_keys=True
     )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def code_version(settings: EncodeSettings) -> str:
+    if settings.codec != "webp":
+        return f"enc{ENCODER_VERSION}-{settings.codec}-q{settings.quality}-s{settings.max_short}"
     return f"enc{ENCODER_VERSION}-q{settings.quality}-m{settings.method}-s{settings.max_short}"
 
 
@@ -182,9 +187,9 @@ def _tar_member(name: str, payload: bytes) -> list[bytes]:
     return [header, payload, tarfile.NUL * pad] if pad else [header, payload]
 
 
-def sample_bytes(row: SliceRow, enc, alt_labels: str = "") -> bytes:
+def sample_bytes(row: SliceRow, enc, alt_labels: str = "", ext: str = "webp") -> bytes:
     """One sample's three tar members, headers and padding included: what tarfile writes for them."""
-    return b"".join(part for name, payload in sample_members(row, enc, alt_labels)
+    return b"".join(part for name, payload in sample_members(row, enc, alt_labels, ext)
                     for part in _tar_member(name, payload))
 
 
@@ -210,8 +215,8 @@ def prepare_sample(row: SliceRow, data: bytes | None, problem: str, settings: En
         "webp_sha256": hashlib.sha256(enc.webp).hexdigest(), "repaired": enc.repaired,
     }
     decode = enc.repaired or (decode_every > 0 and row.position % decode_every == 0)
-    blob = sample_bytes(row, enc, settings.alt_labels)
-    problem = webp_problem(enc.webp, (enc.width, enc.height), decode)
+    blob = sample_bytes(row, enc, settings.alt_labels, settings.extension)
+    problem = stored_image_problem(settings.extension, enc.webp, (enc.width, enc.height), decode)
     return "ok", blob, record, problem, hashlib.sha256(blob).hexdigest()
 
 
@@ -395,8 +400,9 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def sample_members(row: SliceRow, enc, alt_labels: str = "") -> list[tuple[str, bytes]]:
-    """The three members of one sample, in the order they are written."""
+def sample_members(row: SliceRow, enc, alt_labels: str = "", ext: str = "webp") -> list[tuple[str, bytes]]:
+    """The three members of one sample, in the order they are written (`ext`: the stored image's,
+    EncodeSettings.extension)."""
     meta = {
         "filename": f"{row.wnid}/{row.key}.JPEG",
         "label": row.label,
@@ -411,7 +417,7 @@ def sample_members(row: SliceRow, enc, alt_labels: str = "") -> list[tuple[str, 
     return [
         (f"{row.key}.cls", str(row.label).encode("ascii")),
         (f"{row.key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")),
-        (f"{row.key}.webp", enc.webp),
+        (f"{row.key}.{ext}", enc.webp),
     ]
 
 
@@ -513,7 +519,7 @@ def build_shard(
                      source_sha256=planned[s["key"]].sha256) for s, span in zip(samples, spans)]
     problems += [f"shard {shard_key}: {p}" for p in
                  check_committed(final, expected, manifest["sha256"], True, decode_every=decode_every, workers=workers,
-                                 priority=priority)]
+                                 priority=priority, ext=settings.extension)]
     if not problems:
         if after_check is not None:
             after_check(final)

@@ -157,6 +157,21 @@ def test_build_shard_is_readable_by_webdataset_in_plan_order(built):
     assert sorted(os.listdir(built.out)) == ["_manifests", "_plan", NAME]  # no temporaries
 
 
+def test_a_jpeg_shard_is_readable_by_webdataset_in_plan_order(raw, tmp_path):
+    """Issue 25: a release with codec "jpeg" writes `<key>.jpg`, which webdataset decodes as an image;
+    the JSON's width and height are the stored JPEG's (tests/core/test_jpeg_codec.py has the rest)."""
+    out = tmp_path / "out"
+    write_slice(str(out), KEY, planned(raw.rows, ORDER))
+    result = build(out, raw.root, settings=EncodeSettings(codec="jpeg", quality=95))
+    assert result.problems == [] and result.num_samples == 6
+    assert tar_names(out / NAME) == [f"{raw.rows[i][0]}.{ext}" for i in ORDER for ext in ("cls", "json", "jpg")]
+    got = list(wds.WebDataset([str(out / NAME)], shardshuffle=False).decode("pil").to_tuple("__key__", "jpg", "json"))
+    assert [k for k, _, _ in got] == [raw.rows[i][0] for i in ORDER]
+    for _key, img, meta in got:
+        assert img.mode == "RGB" and img.size == (meta["width"], meta["height"]) == (meta["orig_width"], meta["orig_height"])
+    assert check_committed_shard(str(out), KEY, NAME) == []
+
+
 def test_manifest_and_state_agree_with_the_tar(built):
     data = built.tar.read_bytes()
     manifest = read_manifest(str(built.out), KEY)

@@ -45,7 +45,7 @@ def make(settings: Settings):
         description=(
             "One WebDataset tar per partition (IMNET_SHARD_PATTERN under IMNET_OUT_ROOT). Reads the "
             "partition's plan slice, range-reads each source straight from its raw tar, encodes "
-            "WebP (short side capped at 768, colour-space EXIF and RGB ICC kept, everything else "
+            f"{enc.codec_name} (short side capped at {enc.max_short}, colour-space EXIF and RGB ICC kept, everything else "
             "stripped, truncated images repaired) in IMNET_WORKERS processes, and commits the tar "
             "and its manifest atomically. Never writes the catalog."
         ),
