@@ -85,14 +85,16 @@ def family(tmp_path_factory):
                     run_id=f"shard--{key}")
     assert run_audit(default, "audit-default", log=QUIET).problems == []
     assert run_audit(subset, "audit-sub-again", log=QUIET).problems == []  # after the default's
+    jpeg = dataclasses.replace(default, release="jpeg", out_root=str(base / "jpeg"), codec="jpeg")
+    build_release(jpeg)  # the default release's selection and shard layout, as JPEG
     alone = local_settings(base / "raw", base / "alone", IMNET_NUM_SHARDS=3, IMNET_HOLDOUT="test:1")
     build_catalog_stages(alone)
     for key in alone.partition_keys:
         build_shard(out_root=alone.out_root, raw_root=alone.raw_root, shard_key=key, shard_name=alone.shard_name(key),
                     settings=encode_settings(alone), workers=1, run_id=f"shard--{key}")
     assert run_audit(alone, "audit-alone", log=QUIET).problems == []
-    return dataclasses.make_dataclass("Family", ["default", "subset", "alone", "wnids", "listed"])(
-        default, subset, alone, wnids, listed)
+    return dataclasses.make_dataclass("Family", ["default", "subset", "jpeg", "alone", "wnids", "listed"])(
+        default, subset, jpeg, alone, wnids, listed)
 
 
 def test_a_subset_release_holds_exactly_its_classes_kept_images_with_labels_in_subset_order(family):
@@ -171,11 +173,10 @@ def test_two_releases_in_one_catalog_keep_their_own_plan_and_shard_rows(family):
     d, s = family.default, family.subset
     for table in ("plan", "shard_samples", "shards"):
         per = dict(query(d, f"SELECT release, count(*) FROM {table} GROUP BY release"))
-        assert set(per) == {"", "sub"}
+        assert set(per) == {"", "sub", "jpeg"}
     kept = query(d, "SELECT count(*) FROM images WHERE status = 'kept'")[0][0]
     assert query(d, "SELECT count(*) FROM plan WHERE release = ''")[0][0] == kept
-    assert dict(query(d, "SELECT release, stage FROM stages WHERE stage = 'shard_audit'")) == {"": "shard_audit",
-                                                                                               "sub": "shard_audit"}
+    assert sorted(r for (r,) in query(d, "SELECT release FROM stages WHERE stage = 'shard_audit'")) == ["", "jpeg", "sub"]
     # The default release's audit, run after the subset's, left the subset's rows; and again.
     before = query(d, "SELECT shard, sha256 FROM shards WHERE release = 'sub' ORDER BY shard")
     stages.build_shuffled_plan(d, "plan-default-again", log=QUIET)
@@ -200,7 +201,7 @@ def test_lineage_names_every_release_and_shard_holding_the_image(family):
     with Catalog(d.catalog, read_only=True) as cat:
         rows = lineage_rows(cat, key)
     held = releases_holding(rows)
-    assert sorted(held) == ["", "sub"]
+    assert sorted(held) == ["", "jpeg", "sub"]
     for row in rows:
         assert row["path"] and row["webp_sha256"] and row["position"] is not None
     want = dict(query(d, "SELECT release, shard FROM plan WHERE key = ?", [key]))
@@ -320,3 +321,30 @@ def test_validation_shards_follow_the_train_shards_with_a_pattern_of_their_own()
     assert plain.shard_name("0016") == "validation-w21-0000.tar"
     assert dataclasses.replace(s, val_per_class=0).partition_keys[-1] == "0015"  # no validation: as before
     assert Settings(num_shards=1, val_per_class=1).validation_shards == 1
+
+
+def test_a_jpeg_variant_holds_the_default_releases_plan_as_jpeg_and_stands_alone(family, tmp_path):
+    d, j = family.default, family.jpeg
+    plan = "SELECT key, shard, position, label FROM plan WHERE release = ? ORDER BY ALL"
+    assert query(d, plan, [""]) == query(d, plan, ["jpeg"])  # same selection, seed and shards
+    first = wds.WebDataset([os.path.join(j.out_root, j.shard_name("0000"))], shardshuffle=False)
+    assert all("jpg" in sample and "webp" not in sample for sample in first)
+    assert set(expected_shard_fingerprints(d).values()).isdisjoint(expected_shard_fingerprints(j).values())
+    # Its shards removed, the JPEG release is not in; the default release's shards still are.
+    moved = tmp_path / "moved"
+    shutil.move(os.path.join(j.out_root, j.shard_name("0001")), moved)
+    try:
+        assert shards_as_they_are(j)[0] is None and "0001" in shards_as_they_are(j)[1]
+        assert shards_as_they_are(d)[0] is not None and shards_as_they_are(family.subset)[0] is not None
+    finally:
+        shutil.move(moved, os.path.join(j.out_root, j.shard_name("0001")))
+
+
+def test_the_in12k_list_gives_timms_labels():
+    from importlib import resources
+
+    text = (resources.files("imnet_assets") / "lists" / "imagenet12k_wnids.txt").read_text()
+    wnids = sorted(w.strip() for w in text.splitlines() if w.strip() and not w.startswith("#"))
+    assert len(wnids) == 11_821
+    chosen = select("in12k", [wnids[0], wnids[11_820]])
+    assert dict(chosen.rows)[wnids[11_820]] == 11_820 and len(chosen.absent) == 11_819
