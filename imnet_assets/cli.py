@@ -214,7 +214,7 @@ VERIFY_SHOWN = 20  # problems printed per shard; the rest are counted
 PROGRESS_EVERY_S = 10.0
 
 
-def _catalog_rows(path: str, shards: list[dict]) -> Iterator[tuple[dict, list[tuple]]]:
+def _catalog_rows(path: str, shards: list[dict], release: str = "") -> Iterator[tuple[dict, list[tuple]]]:
     """Each shard's catalog record and its `shard_samples` rows (verify.CATALOG_COLUMNS), in the
     order of `shards`, with memory bounded whatever the release's size: one query (its join and
     sort held to verify_memory's limit by DuckDB, spilling beyond) streams every selected shard's
@@ -239,7 +239,7 @@ def _catalog_rows(path: str, shards: list[dict]) -> Iterator[tuple[dict, list[tu
 
         with open_reader(path) as cat:
             cat.run("verify_memory")
-            cur = cat.run("verify_samples", {"shards": [sh["shard"] for sh in shards]})
+            cur = cat.run("verify_samples", {"shards": [sh["shard"] for sh in shards], "release": release})
             shard, rows = None, []
             while chunk := cur.fetchmany(8192):
                 for row in chunk:
@@ -368,9 +368,9 @@ def _verify_release(s: Settings, args) -> int:
     wanted = parse_shards(args.shards, s.partition_keys)
     every = set(wanted) == set(s.partition_keys)
     with open_reader(s.catalog) as cat:
-        recorded = {sh["shard"]: sh for sh in cat.dicts("verify_shards")}
+        recorded = {sh["shard"]: sh for sh in cat.dicts("verify_shards", {"release": s.release})}
         # every raw member accounted for, per tar and per shard (the audit's blocking check too)
-        conservation = conservation_problems(cat)
+        conservation = conservation_problems(cat, s.release)
     if not recorded:
         print(f"no shards recorded in {s.catalog}: run `imnet build` first", file=sys.stderr)
         return 1
@@ -382,7 +382,7 @@ def _verify_release(s: Settings, args) -> int:
     for k in unrecorded:
         print(f"FAIL shard {k}: not recorded in the catalog (not built, or not audited yet: run `imnet build`)")
     progress = _Progress(len(shards), sum(sh["bytes"] or 0 for sh in shards))
-    tasks = ((sh, fs.join(s.out_root, sh["path"]), rows) for sh, rows in _catalog_rows(s.catalog, shards))
+    tasks = ((sh, fs.join(s.out_root, sh["path"]), rows) for sh, rows in _catalog_rows(s.catalog, shards, s.release))
     bad = []
     for sh, problems in _checked(jobs, tasks, args.decode, CODEC_EXTENSIONS[s.codec]):
         label = f"shard {sh['shard']} ({sh['path']})"

@@ -360,13 +360,30 @@ class Settings:
             image_timeout=image_timeout(env),
         )
 
+    # issue 25 (helper relcore): a release with val_per_class has validation shards after its
+    # num_shards train (and holdout) shards: partition keys continue (0000 .. num_shards-1, then the
+    # validation shards), and their files are numbered from 0000 with the pattern's "train" made
+    # "validation" (else a "validation-" prefix). Their count comes from the settings alone, as the
+    # partitions must be known before any catalog exists: an eighth of num_shards, at least one.
+    @property
+    def validation_shards(self) -> int:
+        return max(1, -(-self.num_shards // 8)) if self.val_per_class > 0 else 0
+
     @property
     def partition_keys(self) -> list[str]:
-        return [shard_key(i) for i in range(self.num_shards)]
+        return [shard_key(i) for i in range(self.num_shards + self.validation_shards)]
 
     def shard_name(self, key: str) -> str:
-        return self.shard_pattern.format(shard=key)
+        if not self.validation_shards or not key.isdecimal() or int(key) < self.num_shards:
+            return self.shard_pattern.format(shard=key)
+        return validation_pattern(self.shard_pattern).format(shard=shard_key(int(key) - self.num_shards))
 
 
 def shard_key(index: int) -> str:
     return f"{index:04d}"
+
+
+def validation_pattern(pattern: str) -> str:
+    """The validation shards' file name: the shard pattern with its first "train" made
+    "validation", or with a "validation-" prefix when it has none."""
+    return pattern.replace("train", "validation", 1) if "train" in pattern else f"validation-{pattern}"
