@@ -5,7 +5,8 @@ One module-wide sequence on a small raw release (4 synsets):
 1. two releases, `all` (WebP, 3 shards) and `sub` (a file of 2 wnids, 2 shards), built at once;
 2. a third release `extra` added: the shared stages are fresh, no tar is scanned again (the
    catalog's `tar_scans` rows are as they were), the first two releases' shards are untouched;
-3. `sub`'s num_shards changed: only `sub`'s shards are rebuilt, `all`'s and `extra`'s untouched;
+3. `sub`'s num_shards and `extra`'s codec (WebP -> JPEG) changed: only their shards are rebuilt
+   (`extra`'s plan stays fresh: a codec is not part of the selection), `all`'s are untouched;
 4. `extra`'s shard files removed, then `imnet build --release extra`: only they come back.
 Shard files are compared by path, mtime and sha256.
 
@@ -31,7 +32,7 @@ from tests.conftest import build_env, dagster_home, imnet
 SYNSETS, IMAGES = 4, 10
 
 
-def releases_toml(sub_wnids: Path, sub_shards: int = 2, extra: bool = False) -> str:
+def releases_toml(sub_wnids: Path, sub_shards: int = 2, extra: str | None = None) -> str:
     text = f"""
 [release.all]
 out_root = "out/all"
@@ -44,7 +45,7 @@ num_shards = {sub_shards}
 shard_pattern = "sub-{{shard}}.tar"
 """
     if extra:
-        text += '\n[release.extra]\nout_root = "out/extra"\nnum_shards = 2\nseed = 5\n'
+        text += f'\n[release.extra]\nout_root = "out/extra"\nnum_shards = 2\nseed = 5\ncodec = "{extra}"\n'
     return text
 
 
@@ -74,12 +75,12 @@ def steps(tmp_path_factory):
     files1 = {n: shard_files(o) for n, o in out.items()}
     scans1 = tar_scans(tmp / "catalog.duckdb")
 
-    toml.write_text(releases_toml(tmp / "sub.txt", extra=True))
+    toml.write_text(releases_toml(tmp / "sub.txt", extra="webp"))
     second = imnet(["build"], env)
     files2 = {n: shard_files(o) for n, o in out.items()}
     scans2 = tar_scans(tmp / "catalog.duckdb")
 
-    toml.write_text(releases_toml(tmp / "sub.txt", sub_shards=3, extra=True))
+    toml.write_text(releases_toml(tmp / "sub.txt", sub_shards=3, extra="jpeg"))
     third = imnet(["build"], env)
     files3 = {n: shard_files(o) for n, o in out.items()}
 
@@ -139,13 +140,18 @@ def test_adding_a_release_reads_no_raw_tar_again_and_leaves_the_others_untouched
     assert len(steps.files[1]["extra"]) == 2
 
 
-def test_changing_one_releases_shard_count_rebuilds_only_its_shards(steps):
+def test_changing_one_releases_shard_count_or_codec_rebuilds_only_its_shards(steps):
     out = steps.outputs[2].stdout
     assert "sub: wds_shards: 0 of 3 selected shards fresh, 3 to build" in out, out
     assert "all: wds_shards: 3 of 3 selected shards fresh, 0 to build" in out, out
-    assert "extra: wds_shards: 2 of 2 selected shards fresh, 0 to build" in out, out
+    assert re.search(r"^  extra/shuffled_plan\s+fresh, skipped", out, re.M), out  # a codec is no selection
+    assert "extra: wds_shards: 0 of 2 selected shards fresh, 2 to build" in out, out
     assert sorted(steps.files[2]["sub"]) == ["sub-0000.tar", "sub-0001.tar", "sub-0002.tar"]
-    assert steps.files[2]["all"] == steps.files[1]["all"] and steps.files[2]["extra"] == steps.files[1]["extra"]
+    assert steps.files[2]["all"] == steps.files[1]["all"]
+    assert sorted(steps.files[2]["extra"]) == sorted(steps.files[1]["extra"])
+    assert all(steps.files[2]["extra"][n][1] != sha for n, (_, sha) in steps.files[1]["extra"].items())
+    members = {s["__key__"]: sorted(k for k in s if not k.startswith("__")) for s in _samples(steps.out["extra"])}
+    assert members and all(m == ["cls", "jpg", "json"] for m in members.values()), list(members.items())[:2]
     info = json.loads((steps.out["sub"] / "_info.json").read_text())
     assert info["splits"]["train"]["filenames"] == ["sub-0000.tar", "sub-0001.tar", "sub-0002.tar"]
 
@@ -157,7 +163,7 @@ def test_removing_one_releases_shards_and_rebuilding_it_leaves_the_others_untouc
     assert steps.files[3]["all"] == steps.files[2]["all"] and steps.files[3]["sub"] == steps.files[2]["sub"]
     # the same plan and settings give the same bytes again
     assert {n: sha for n, (_, sha) in steps.files[3]["extra"].items()} == \
-        {n: sha for n, (_, sha) in steps.files[1]["extra"].items()}
+        {n: sha for n, (_, sha) in steps.files[2]["extra"].items()}
 
 
 def test_status_shows_each_release(steps):
