@@ -200,3 +200,47 @@ def test_verify_checks_every_release_or_the_one_named(steps):
     bad = imnet(["verify", "--release", "sub"], steps.env, check=False)
     assert bad.returncode == 1 and "FAIL shard 0001" in bad.stdout, bad.stdout
     assert imnet(["verify", "--release", "all"], steps.env).returncode == 0
+
+
+def test_each_releases_schedule_and_sensors_judge_and_name_their_own_shards(steps):
+    """After the verify test damaged `sub`'s shard 0001 (this test runs after it): `sub`'s top-up
+    schedule asks for `sub/wds_shards` 0001, tagged with its release, and its audit sensor holds
+    back; `all`'s ask for nothing; `sub`'s storage sensor fails `sub/shard_audit`'s check naming 0001."""
+    from dagster import (
+        AssetCheckEvaluation,
+        AssetKey,
+        DagsterInstance,
+        build_schedule_context,
+        build_sensor_context,
+    )
+
+    from imnet_assets.definitions import build_definitions
+    from imnet_assets.defs import schedules, shard_sensor
+    from imnet_assets.release import releases
+    from imnet_assets.settings import Settings
+    from tests.conftest import environ
+
+    rels = {r.release: r for r in releases.from_env(steps.env)}
+    defs = build_definitions(Settings.from_env(steps.env), list(rels.values()))
+    repo = defs.get_repository_def()
+    with environ(DAGSTER_HOME=steps.env["DAGSTER_HOME"]), DagsterInstance.get() as instance:
+        ticks = {}
+        for name in ("all", "sub"):
+            topup, audit = schedules.make(rels[name])
+            ticks[name] = (topup.evaluate_tick(build_schedule_context(instance=instance, repository_def=repo)),
+                           audit.evaluate_tick(build_sensor_context(instance=instance, definitions=defs)))
+        storage = shard_sensor.evaluate(rels["sub"], instance, cursor=None)
+    requests = ticks["sub"][0].run_requests
+    assert [(r.partition_key, list(r.asset_selection), r.tags.get("imnet/release")) for r in requests] == \
+        [("0001", [AssetKey(["sub", "wds_shards"])], "sub")], requests
+    assert requests[0].run_key == "sub_wds_shards-0001"
+    assert not ticks["sub"][1].run_requests  # a shard not fresh: no audit
+    assert not ticks["all"][0].run_requests and "fresh" in ticks["all"][0].skip_message
+    failed = [e for e in storage.asset_events if isinstance(e, AssetCheckEvaluation) and not e.passed]
+    assert "0001 stale" in storage.skip_reason.skip_message or "1 stale" in storage.skip_reason.skip_message, \
+        storage.skip_reason
+    # the shard check's verdict goes into the run that built the shard (report_check_of_run); the
+    # audit's check, in the tick's events: `sub`'s audit, naming the shard
+    assert [(e.asset_key, e.check_name) for e in failed] == [(AssetKey(["sub", "shard_audit"]),
+                                                              "nothing_lost_or_duplicated")], failed
+    assert "0001 stale" in failed[0].description, failed[0].description
