@@ -134,7 +134,7 @@ def facts(settings, report) -> dict:
 
 
 def release_facts(settings, named: dict) -> dict | None:
-    """A named release's own settings (IMNET_RELEASES, issue 25); None for the default release, whose
+    """A named release's own settings (the releases file, issue 25); None for the default release, whose
     card is as before releases."""
     if not settings.release:
         return None
