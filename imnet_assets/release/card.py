@@ -83,6 +83,10 @@ def facts(settings, report) -> dict:
         eval_images = cat.one("eval_summary")
         classes = cat.one("card_classes", {"release": settings.release})
         named = cat.one("card_release", {"release": settings.release}) if settings.release else {}
+        if settings.val_per_class:  # classes that gave validation fewer than val_per_class images
+            named["short"] = len(cat.rows("plan_validation_short", {
+                "release": settings.release, "val_per_class": settings.val_per_class,
+                "first_validation": settings.partition_keys[settings.num_shards]}))
     totals = report.totals
     train_keys = settings.partition_keys[:settings.num_shards]
     return {
@@ -134,14 +138,14 @@ def facts(settings, report) -> dict:
 
 
 def release_facts(settings, named: dict) -> dict | None:
-    """A named release's own settings (IMNET_RELEASES, issue 25); None for the default release, whose
+    """A named release's own settings (the releases file, issue 25); None for the default release, whose
     card is as before releases."""
     if not settings.release:
         return None
     return {"name": settings.release, "synsets": settings.synsets, "classes": int(named.get("synsets") or 0),
             "absent": int(named.get("absent") or 0), "codec": settings.codec,
             "max_short_edge": settings.max_short_edge, "val_per_class": settings.val_per_class,
-            "validation_shards": settings.validation_shards}
+            "validation_shards": settings.validation_shards, "short": int(named.get("short") or 0)}
 
 
 def _release_lines(r: dict | None) -> list[str]:
@@ -157,7 +161,8 @@ def _release_lines(r: dict | None) -> list[str]:
     if r["val_per_class"]:
         lines.append(f"The `validation` split ({_n(r['validation_shards'])} shards of its own, disjoint from train) "
                      f"holds a seeded choice of {r['val_per_class']} images of each class; a class with "
-                     f"{r['val_per_class']} or fewer kept images gives all but one of them.")
+                     f"{r['val_per_class']} or fewer kept images gives all but one of them"
+                     + (f" ({_n(r['short'])} classes here)." if r["short"] else " (none here)."))
     return [*lines, ""]
 
 

@@ -119,6 +119,7 @@ def test_a_subset_release_holds_exactly_its_classes_kept_images_with_labels_in_s
     assert [(int(r[0]), r[1], int(r[4])) for r in rows] == [(labels[w], w, seen.get(w, 0)) for w in listed]
     card = (Path(s.out_root) / "README.md").read_text()
     assert "1 of them are not in the raw release" in card and "## Release" in card
+    assert "gives all but one of them (none here)." in card
 
 
 def test_each_class_has_exactly_n_validation_images_disjoint_from_train_and_seeded(family, tmp_path):
