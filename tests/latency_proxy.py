@@ -15,7 +15,8 @@ thousands a second to one client: a client's own request rate cannot be seen thr
 `hold_objects=True` the proxy answers a ranged GET of an object it has already seen from its own
 copy of it (the first ranged GET of each object fetches the whole object from upstream, once);
 every other request, and every GET without a Range, goes upstream as before, and a PUT, POST or
-DELETE of a path drops its copy. Latency and counts are the same either way.
+DELETE of a path drops its copy. Latency and counts are the same either way. With `ssl_context`
+(tests/s3server.private_ca) it serves HTTPS to its clients; the upstream stays plain HTTP.
 
 Faults, as object storage and the middleboxes before it cause them (`Fault`; each counted in
 `injected`): `cut` sends part of an answer's body and closes the connection, either still
@@ -44,12 +45,16 @@ class Counts:
     bytes_out: int = 0  # response bodies sent to the client
     max_in_flight: int = 0
     by_method: dict = field(default_factory=dict)
+    # the seconds every request spent in the proxy, summed (latency included): over an interval,
+    # its growth / the interval's seconds is the mean number of requests in flight (Little's law)
+    request_seconds: float = 0.0
 
     def minus(self, before: Counts) -> Counts:
         return Counts(
             self.requests - before.requests, self.connections - before.connections,
             self.bytes_out - before.bytes_out, self.max_in_flight,
             {k: v - before.by_method.get(k, 0) for k, v in self.by_method.items() if v - before.by_method.get(k, 0)},
+            self.request_seconds - before.request_seconds,
         )
 
     @property
@@ -113,8 +118,9 @@ class Fault:
 
 class LatencyProxy:
     def __init__(self, upstream: str, latency_ms: float = 20.0, host: str = "127.0.0.1",
-                 hold_objects: bool = False):
+                 hold_objects: bool = False, ssl_context=None):
         u = urlsplit(upstream)
+        self.ssl_context = ssl_context  # serve HTTPS to clients (the upstream stays plain HTTP)
         self.hold_objects = hold_objects
         self.held: dict[str, tuple[dict, bytes]] = {}  # path -> (upstream response headers, whole body)
         self.held_answers = 0  # ranged GETs answered from a held copy
@@ -156,12 +162,13 @@ class LatencyProxy:
 
     @property
     def endpoint(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}"
 
     def counts(self) -> Counts:
         with self._lock:
             c = self._counts
-            return Counts(c.requests, c.connections, c.bytes_out, c.max_in_flight, dict(c.by_method))
+            return Counts(c.requests, c.connections, c.bytes_out, c.max_in_flight, dict(c.by_method),
+                          c.request_seconds)
 
     def fail(self, status: int, times: int = 1, headers: dict[str, str] | None = None) -> None:
         """Answer the next `times` requests with `status`, `headers` and an S3 error document,
@@ -216,7 +223,7 @@ class LatencyProxy:
     def _serve(self) -> None:
         asyncio.set_event_loop(self._loop)
         server = self._loop.run_until_complete(
-            asyncio.start_server(self._client, self.host, 0, limit=1 << 20, backlog=4096))
+            asyncio.start_server(self._client, self.host, 0, limit=1 << 20, backlog=4096, ssl=self.ssl_context))
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         try:
@@ -250,6 +257,7 @@ class LatencyProxy:
                     entry = [method, line.split(b" ")[1].decode("latin-1"), 0]
                     self.log.append(entry)
                     self._in_flight += 1
+                    arrived = time.monotonic()
                     self._counts.max_in_flight = max(self._counts.max_in_flight, self._in_flight)
                 rbody = b""
                 try:
@@ -314,6 +322,7 @@ class LatencyProxy:
                 finally:
                     with self._lock:
                         self._in_flight -= 1
+                        self._counts.request_seconds += time.monotonic() - arrived
                         self._counts.bytes_out += len(rbody)
                         entry[2] = len(rbody)
                 # The upstream (werkzeug, under moto) closes every connection; the client's side
