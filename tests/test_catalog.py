@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import duckdb
 import pytest
 
@@ -71,6 +73,8 @@ def test_read_only_catalog_reads_but_cannot_write(tmp_path):
 def sql_dir(tmp_path, monkeypatch):
     folder = tmp_path / "sql"
     folder.mkdir()
+    # every writer asks whether the catalog predates releases (Catalog.migrate_releases)
+    shutil.copy(catalog_mod.SQL_DIR / "catalog_before_releases.sql", folder)
     monkeypatch.setattr(catalog_mod, "SQL_DIR", folder)
     sql.cache_clear()
     yield folder

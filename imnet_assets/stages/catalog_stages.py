@@ -12,11 +12,12 @@ import re
 import time
 from collections.abc import Callable
 
-from imnet_assets.release import changed_sources
+from imnet_assets.release import changed_sources, selection
 from imnet_assets.release.plan import (
     PLAN_DIR,
     PLAN_VERSION,
     publish_slices,
+    release_splits,
     render_slice,
     shard_sizes,
     write_index,
@@ -34,17 +35,35 @@ from imnet_assets.storage.inventory import RawLayoutError, RawListing, inventory
 # 3: each tar's bytes accounted for by its walk (tar_scans.accounted_bytes, damaged_bytes)
 INDEX_VERSION = "3"
 Log = Callable[[str], None]
+# Stages each release has of its own (recorded under its name in `stages`); the others are shared.
+RELEASE_STAGES = ("shuffled_plan", "shard_audit")
 
 
 def _h(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def expected_fingerprints(settings: Settings, unpack: bool = False, log: Log = print) -> dict[str, str]:
+def expected_fingerprints(settings: Settings, unpack: bool = False, log: Log = print,
+                          marker_roots: list[str] | None = None) -> dict[str, str]:
     """The input fingerprint each stage would record if built now (cheap: a listing of the raw root,
-    and one of the out root's markers of changed sources)."""
+    and one of the out roots' markers of changed sources). `marker_roots`: the out roots whose
+    markers the shared index answers for (every release's, issue 25; default: this settings' own)."""
     listing = list_raw(settings.raw_root, unpack=unpack, log=log)
-    return _fingerprints(listing, settings, changed_sources.pending(settings.out_root))
+    return _fingerprints(listing, settings, _merged(_pending_markers(settings, marker_roots)))
+
+
+def _pending_markers(settings: Settings, marker_roots: list[str] | None) -> dict[str, dict[str, changed_sources.Marker]]:
+    """Out root -> its markers of changed sources (shard runs of each release write under its own
+    out root; the index they make stale is shared)."""
+    return {root: changed_sources.pending(root) for root in dict.fromkeys(marker_roots or [settings.out_root])}
+
+
+def _merged(per_root: dict[str, dict[str, changed_sources.Marker]]) -> dict[str, changed_sources.Marker]:
+    merged: dict[str, changed_sources.Marker] = {}
+    for markers in per_root.values():
+        for tar, marker in markers.items():
+            merged.setdefault(tar, marker)
+    return merged
 
 
 def _fingerprints(listing: RawListing, settings: Settings,
@@ -59,23 +78,35 @@ def _fingerprints(listing: RawListing, settings: Settings,
     # issue 17: + the eval set's listing digest and the dedup mode (nothing under the defaults)
     marks = changed_sources.digest(changed or {})
     index = _h("filtered_index", listing.tars_fingerprint, INDEX_VERSION, *index_inputs(settings), *([marks] if marks else []))
-    plan = _h("shuffled_plan", index, settings.seed, settings.num_shards, settings.holdout, PLAN_VERSION)
+    plan = _h("shuffled_plan", index, settings.seed, settings.num_shards, settings.holdout, PLAN_VERSION,
+              *release_plan_inputs(settings))
     return {"raw_tars": raw, "synset_manifest": synsets, "filtered_index": index, "shuffled_plan": plan}
 
 
-def stale_stages(settings: Settings, log: Log = print) -> list[str]:
-    """Stages whose recorded input differs from the current one (or whose output is gone)."""
+def release_plan_inputs(settings: Settings) -> list:
+    """What a release's plan depends on beyond the default release's inputs (issue 25): its synset
+    list (the bytes of a named list) and val_per_class; nothing for the default selection (all
+    synsets, no validation), so the default release's fingerprint is the one before releases. The
+    codec and its settings are not here: they make only the shards stale (their fingerprints)."""
+    digest = selection.list_digest(settings.synsets)
+    return [digest, settings.val_per_class] if digest or settings.val_per_class else []
+
+
+def stale_stages(settings: Settings, log: Log = print, marker_roots: list[str] | None = None) -> list[str]:
+    """Stages whose recorded input differs from the current one (or whose output is gone): the shared
+    stages, and the plan of settings.release. `marker_roots`: as expected_fingerprints."""
     from imnet_assets.release.plan import read_index
 
     # No unpacking here: a root holding only winter21_whole.tar.gz (or a half-unpacked one) lists
     # no (or other) tars, so raw_tars is stale and unpacks it when it runs, as the first stage.
-    want = expected_fingerprints(settings, log=log)
+    want = expected_fingerprints(settings, log=log, marker_roots=marker_roots)
     if not fs.exists(settings.catalog):
         return list(want)
     with Catalog(settings.catalog, read_only=True) as cat:  # a reader: never the write lock
         # what the stages' records vouch for is read whole first: damage raises CatalogDamaged
         cat.check_intact()
-        have = {stage: cat.stage_fingerprint(stage) for stage in want}
+        have = {stage: cat.stage_fingerprint(stage, settings.release if stage in RELEASE_STAGES else "")
+                for stage in want}
     stale = [s for s in want if have[s] != want[s]]
     index = read_index(settings.out_root)
     if "shuffled_plan" not in stale and (index is None or index.get("fingerprint") != want["shuffled_plan"]):
@@ -123,7 +154,8 @@ INDEX_BATCH_SECONDS = 60.0  # at most, so that a kill costs at most about a minu
 SCAN_FIELDS = ["tar", "size", "mtime", "num_records", "index_version", "accounted_bytes", "damaged_bytes"]
 
 
-def build_filtered_index(settings: Settings, run_id: str, log: Log = print) -> dict:
+def build_filtered_index(settings: Settings, run_id: str, log: Log = print,
+                         marker_roots: list[str] | None = None) -> dict:
     """Scan new or changed tars (in parallel processes); unchanged tars keep their rows.
 
     Changed also means marked by a shard run that found a tar's bytes changed in place (same size
@@ -134,9 +166,13 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print) -> d
     Crash safety: a tar's rows and its scan record (`tar_scans`, and its member count in
     `raw_tars`) are committed in one transaction, batch by batch, so a process killed at any
     moment leaves only whole tars recorded as scanned; the next run scans the others again.
+
+    `marker_roots`: the out roots whose markers of changed sources it acts on (every release's, issue
+    25; default: settings.out_root); each root's markers are removed from that root.
     """
     listing = list_raw(settings.raw_root)
-    changed = changed_sources.pending(settings.out_root)
+    per_root = _pending_markers(settings, marker_roots)
+    changed = _merged(per_root)
     started = time.perf_counter()
     with Catalog(settings.catalog) as cat:
         scanned = {t: (s, m, v) for t, s, m, v in cat.rows("index_scanned")}
@@ -179,9 +215,10 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print) -> d
             cat.set_stage("filtered_index", _fingerprints(listing, settings)["filtered_index"], run_id)
             # The plan is made from these rows. Its fingerprint holds the index's input, which a tar
             # scanned again for a marker leaves as it was: so the plan is made again, whatever it holds.
-            cat.clear_stage("shuffled_plan")
+            cat.clear_stage_every_release("shuffled_plan")
         # after the commit: a kill before this leaves the markers, and the tars are scanned once more
-        changed_sources.clear(settings.out_root, changed)
+        for root, markers in per_root.items():
+            changed_sources.clear(root, markers)
         facts = cat.one("index_summary")
         facts["reasons"] = cat.rows("index_reasons")
         facts.update(overlaps)  # issue 17
@@ -198,33 +235,71 @@ def _commit_scans(cat: Catalog, rows: list[tuple], scans: list[tuple]) -> None:
         cat.run("index_record_scans", {"path": scans_path})
 
 
-def build_shuffled_plan(settings: Settings, run_id: str, log: Log = print) -> dict:
-    """Shuffle, cut into balanced shards, and publish one slice file per shard under the out root."""
-    fps = expected_fingerprints(settings)
+def build_shuffled_plan(settings: Settings, run_id: str, log: Log = print,
+                        marker_roots: list[str] | None = None) -> dict:
+    """The release's plan (settings.release; '' the default): its synsets and labels
+    (release/selection.py), the validation choice (val_per_class), the seeded shuffle cut into
+    balanced shards, and one slice file per shard published under the release's out root (shard
+    runs read only that: labels and all). Other releases' plans in the catalog are not touched.
+    `marker_roots`: as expected_fingerprints (the index's input, which the plan's fingerprint holds)."""
+    fps = expected_fingerprints(settings, marker_roots=marker_roots)
     started = time.perf_counter()
     for leftover in atomic.sweep_partials(fs.join(settings.out_root, PLAN_DIR)):
         log(f"removed leftover of an interrupted run: {leftover}")
+    splits = release_splits(settings)  # (a holdout split named validation beside val_per_class: an error)
+    keys = settings.partition_keys
+    params = {"release": settings.release, "seed": settings.seed, "num_shards": settings.num_shards,
+              "validation_shards": settings.validation_shards, "val_per_class": settings.val_per_class}
     with Catalog(settings.catalog) as cat:
-        cat.run("plan_build", {"seed": settings.seed, "num_shards": settings.num_shards})
-        digests = publish_slices(cat, settings.out_root, settings.partition_keys)
-        facts = cat.one("plan_summary")
-        lengths = [n for _, n in cat.rows("plan_shard_lengths")]
-        cat.set_stage("shuffled_plan", fps["shuffled_plan"], run_id)
-    lengths += [0] * (settings.num_shards - len(lengths))
+        chosen = selection.select(settings.synsets, [w for (w,) in cat.rows("synsets_wnids")])
+        if note := chosen.note():
+            log(note)
+        cat.clear_stage("shuffled_plan", settings.release)  # a kill below: the plan is made again
+        with staged_csv(["wnid", "label"], chosen.rows) as path, cat.transaction():
+            cat.run("release_synsets_replace", {"release": settings.release, "path": path})
+            cat.run("plan_validation", params)
+            cat.run("plan_build", params)
+        digests = publish_slices(cat, settings.out_root, keys, release=settings.release)
+        facts = cat.one("plan_summary", params)
+        planned = dict(cat.rows("plan_shard_lengths", params))
+        short = cat.rows("plan_validation_short", {**params, "first_validation": keys[settings.num_shards]}) \
+            if settings.validation_shards else []
+        cat.set_stage("shuffled_plan", fps["shuffled_plan"], run_id, settings.release)
+    if set(planned) - set(keys):
+        raise AssertionError(f"plan rows for shards outside the partition keys: {sorted(set(planned) - set(keys))[:5]}")
+    lengths = [planned.get(k, 0) for k in keys]
+    train = lengths[:settings.num_shards]
+    validation = lengths[settings.num_shards:]
+    for name, part, count in (("train", train, settings.num_shards), ("validation", validation, settings.validation_shards)):
+        if count and part != shard_sizes(sum(part), count):
+            raise AssertionError(f"plan {name} shard sizes {part[:8]}... are not balanced for {sum(part)} samples")
     n = sum(lengths)
-    if lengths != shard_sizes(n, settings.num_shards):
-        raise AssertionError(f"plan shard sizes {lengths[:8]}... are not balanced for {n} samples")
-    write_index(settings.out_root, {
+    index = {
         "fingerprint": fps["shuffled_plan"], "seed": settings.seed, "num_shards": settings.num_shards,
         "num_samples": n, "shard_lengths": lengths, "holdout": [list(h) for h in settings.holdout],
         "digests": digests, "empty_slice_digest": hashlib.sha256(render_slice([])).hexdigest(),
-    })
+    }
+    if settings.release or settings.synsets != selection.ALL or settings.val_per_class:
+        # issue 25: what plan_mismatch compares beyond seed and shard count (absent: the default release's)
+        index.update(release=settings.release, synsets=settings.synsets, val_per_class=settings.val_per_class,
+                     validation_shards=settings.validation_shards, splits=splits)
+    write_index(settings.out_root, index)
     # Slices of shards this layout no longer has (IMNET_NUM_SHARDS lowered): no run may read them.
-    ours = {f"{k}.csv" for k in settings.partition_keys}
+    ours = {f"{k}.csv" for k in keys}
     for e in fs.listdir(fs.join(settings.out_root, PLAN_DIR)):
         if re.fullmatch(r"\d{4}\.csv", e["name"]) and e["name"] not in ours:
             fs.remove(e["url"])
             log(f"removed the slice of a shard this plan does not have: {e['name']}")
     facts.update(seconds=round(time.perf_counter() - started, 2), num_shards=settings.num_shards,
                  seed=settings.seed)
+    if settings.release or settings.synsets != selection.ALL or settings.val_per_class:
+        facts.update(release=settings.release, synsets=settings.synsets, classes=len(chosen.wnids),
+                     absent_synsets=len(chosen.absent))
+    if settings.val_per_class:
+        facts.update(validation_samples=sum(validation), validation_shards=settings.validation_shards,
+                     val_per_class=settings.val_per_class, validation_short_classes=len(short))
+        if short:
+            wnid, have, val = short[0]
+            log(f"{len(short)} classes have too few images for {settings.val_per_class} validation images (one stays "
+                f"in train), e.g. {wnid}: {have} planned, {val} to validation")
     return facts

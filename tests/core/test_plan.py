@@ -337,3 +337,12 @@ def test_plan_rows_outside_the_partition_keys_are_an_error(release, tmp_path):
     _, settings, _ = release
     with Catalog(settings.catalog) as cat, pytest.raises(ValueError, match="outside the partition keys"):
         plan.publish_slices(cat, str(tmp_path / "out"), settings.partition_keys[:1] + ["9999"], batch=8)
+
+
+def test_split_shards_puts_a_releases_validation_after_the_holdout():
+    got = split_shards(6, (("test", 1),), validation_shards=2)
+    assert got == {"train": [0, 1, 2, 3, 4], "test": [5], "validation": [6, 7]}
+    with pytest.raises(ValueError, match="named 'validation'"):
+        split_shards(6, (("validation", 1),), validation_shards=1)
+    with pytest.raises(ValueError, match="at most 10,000"):
+        split_shards(9999, (), validation_shards=1250)

@@ -11,7 +11,9 @@ DUPLICATES_SCHEMA = TableSchema(columns=[
 ])
 
 
-def make(settings: Settings):
+def make(settings: Settings, marker_roots: list[str] | None = None):
+    """`marker_roots`: every release's out root, where shard runs mark changed sources (default: the out root)."""
+
     @asset(
         name="filtered_index",
         group_name=GROUP,
@@ -29,7 +31,7 @@ def make(settings: Settings):
         ),
     )
     def filtered_index(context: AssetExecutionContext) -> MaterializeResult:
-        facts = build_filtered_index(settings, context.run.run_id, logger(context))
+        facts = build_filtered_index(settings, context.run.run_id, logger(context), marker_roots=marker_roots)
         reasons = facts.pop("reasons")
         duplicates = facts.pop("duplicate_groups_top", [])
         return MaterializeResult(
