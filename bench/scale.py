@@ -205,7 +205,7 @@ def stage_catalog(args) -> dict:
 
 
 def stage_plan(args) -> dict:
-    from imnet_assets.stages.catalog_stages import build_shuffled_plan
+    from imnet_assets.stages.shuffled_plan import build_shuffled_plan
 
     facts = build_shuffled_plan(scale_settings(args.work, args.release), "bench-scale", log=lambda _m: None)
     return {"samples": facts.get("samples"), "shards": facts.get("shards")}
