@@ -2,6 +2,11 @@
 
     .venv/bin/python bench/scale.py [--work /tmp/imnet-bench] [--rows 13151276] [--synsets 19167]
                                     [--scan-gb 1] [--skip-catalog] [--skip-scan] [--skip-verify] [--keep]
+                                    [--releases 1..3]
+
+--releases N (issue 25): plan, manifests and audit for N releases in the one catalog, one after
+another (the default release; "q80", the same selection at another quality; "subset", 62% of the
+synsets with 10 validation images a class), then the catalog file's size.
 
 Catalog part (each stage in its own child process, so the peak RSS printed is that stage's):
   catalog    synthetic `synsets` and `images` tables (plus 0.2% excluded rows) in a temp DuckDB
@@ -79,19 +84,30 @@ SELECT 'n' || lpad((1440764 + s * 712)::VARCHAR, 8, '0') || '_' || (n + 100000 *
        CASE WHEN excluded THEN 24 ELSE w END, CASE WHEN excluded THEN 18 ELSE ht END, 'JPEG', 'RGB',
        CASE WHEN excluded THEN 'excluded' ELSE 'kept' END,
        CASE WHEN excluded THEN 'too small: 24x18 (min side 32)' END,
-       false, NULL, CASE WHEN excluded THEN 'index' END
+       false, NULL, CASE WHEN excluded THEN 'index' END, NULL, NULL  -- phash, duplicate_of
 FROM sized
+"""
+# Each synthetic tar's listing and scan record, as the index leaves them (the audit's conservation
+# check holds images rows to raw_tars.num_members and the walk's bytes to the listed size).
+GEN_RAW_TARS = """
+INSERT INTO raw_tars
+SELECT tar, any_value(wnid), 10240 + sum(512 + (size + 511) // 512 * 512), 'bench', count(*)::INTEGER
+FROM images GROUP BY tar;
+INSERT INTO tar_scans BY NAME
+SELECT tar, size, mtime, num_members AS num_records, '3' AS index_version, size AS accounted_bytes,
+       0 AS damaged_bytes
+FROM raw_tars
 """
 # Verify part, when the audit did not fill them: one shard_samples row per planned image.
 FILL_SHARD_SAMPLES = """
 INSERT INTO shard_samples
-SELECT key, shard, position, width, height, width, height, size * 3 // 4, sha256(key), false FROM plan
+SELECT key, shard, position, width, height, width, height, size * 3 // 4, sha256(key), false, '' FROM plan WHERE release = ''
 """
 FILL_SHARDS = """
 INSERT INTO shards
 SELECT shard, 'imagenet12k-train-' || shard || '.tar', count(*)::INTEGER, count(*)::INTEGER,
-       sum(size * 3 // 4 + 1536)::BIGINT, sha256(shard), NULL, NULL, 'bench-scale', 'bench', NULL, NULL
-FROM plan GROUP BY shard
+       sum(size * 3 // 4 + 1536)::BIGINT, sha256(shard), NULL, NULL, 'bench-scale', 'bench', NULL, NULL, ''
+FROM plan WHERE release = '' GROUP BY shard
 """
 COUNT_IMAGES = "SELECT count(*) FILTER (WHERE status = 'kept'), (SELECT count(*) FROM synsets) FROM images"
 # What a previous audit changed in the cached catalog, undone so every run plans the same images.
@@ -123,7 +139,8 @@ COPY (
                           'reason': 'undecodable: broken data stream when reading image file'}
                          ORDER BY position) FILTER (WHERE x),
                     []::STRUCT(key VARCHAR, position INTEGER, reason VARCHAR)[]) AS excluded
-    FROM (SELECT *, hash(key) % 50000 = 0 AS x FROM plan WHERE shard >= $first AND shard <= $last) p
+    FROM (SELECT *, hash(key) % 50000 = 0 AS x FROM plan
+          WHERE release = $release AND shard >= $first AND shard <= $last) p
     JOIN fps f USING (shard)
     GROUP BY ALL
 ) TO '{folder}' (FORMAT json, PARTITION_BY (part), OVERWRITE_OR_IGNORE)
@@ -134,13 +151,35 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def scale_settings(work: Path):
+# --releases N (issue 25): the first N of these releases share the one catalog. "" is the default
+# release; "q80" re-encodes the same plan (another quality: its own shards, the same selection);
+# "subset" takes the first 62% of the synsets (11,821 of 19,167, as ImageNet-12k does) with 10
+# validation images a class in validation shards of its own.
+RELEASES = ["", "q80", "subset"]
+SUBSET_SHARE = 11_821 / 19_167
+
+
+def scale_settings(work: Path, release: str = ""):
+    import dataclasses
+
     from imnet_assets.settings import Settings
 
     base = work / "scale"
     (base / "raw").mkdir(parents=True, exist_ok=True)
-    return Settings(raw_root=str(base / "raw"), out_root=str(base / "out"), catalog=str(base / "catalog.duckdb"),
-                    num_shards=NUM_SHARDS, workers=os.cpu_count() or 1)
+    settings = Settings(raw_root=str(base / "raw"), out_root=str(base / "out"), catalog=str(base / "catalog.duckdb"),
+                        num_shards=NUM_SHARDS, workers=os.cpu_count() or 1)
+    if release == "q80":
+        return dataclasses.replace(settings, release=release, out_root=str(base / "out-q80"), webp_quality=80)
+    if release == "subset":
+        return dataclasses.replace(settings, release=release, out_root=str(base / "out-subset"),
+                                   synsets=str(base / "subset.txt"), val_per_class=10)
+    return settings
+
+
+def write_subset_list(work: Path, synsets: int) -> None:
+    """The subset release's list: the first SUBSET_SHARE of the synthetic synsets (as GEN_SYNSETS names them)."""
+    wnids = ["n" + f"{1440764 + s * 712}".rjust(8, "0") for s in range(round(synsets * SUBSET_SHARE))]
+    (work / "scale" / "subset.txt").write_text("\n".join(wnids) + "\n")
 
 
 # ------------------------------------------------------------------------------------ child stages
@@ -156,17 +195,19 @@ def stage_catalog(args) -> dict:
         kept, synsets = cat.con.execute(COUNT_IMAGES).fetchone()
         if (kept, synsets) == (args.rows, args.synsets):
             return {"generated": False}
-        cat.con.execute("DELETE FROM images; DELETE FROM synsets; DELETE FROM plan")
+        cat.con.execute("DELETE FROM images; DELETE FROM synsets; DELETE FROM plan; DELETE FROM raw_tars; "
+                        "DELETE FROM tar_scans")
         cat.con.execute(GEN_SYNSETS, {"synsets": args.synsets})
         cat.con.execute(GEN_IMAGES, {"synsets": args.synsets, "rows": args.rows, "excluded": excluded})
+        cat.con.execute(GEN_RAW_TARS)
         cat.con.execute("CHECKPOINT")
     return {"generated": True, "rows": args.rows, "excluded": excluded}
 
 
 def stage_plan(args) -> dict:
-    from imnet_assets.stages.catalog_stages import build_shuffled_plan
+    from imnet_assets.stages.shuffled_plan import build_shuffled_plan
 
-    facts = build_shuffled_plan(scale_settings(args.work), "bench-scale", log=lambda _m: None)
+    facts = build_shuffled_plan(scale_settings(args.work, args.release), "bench-scale", log=lambda _m: None)
     return {"samples": facts.get("samples"), "shards": facts.get("shards")}
 
 
@@ -178,7 +219,7 @@ def stage_manifests(args) -> dict:
     from imnet_assets.storage import fs
     from imnet_assets.storage.catalog import Catalog
 
-    settings = scale_settings(args.work)
+    settings = scale_settings(args.work, args.release)
     enc = encode_settings(settings)
     index = read_index(settings.out_root)
     tmp = Path(settings.out_root) / "_bench_tmp"
@@ -193,7 +234,7 @@ def stage_manifests(args) -> dict:
         for i in range(0, len(keys), 64):  # in batches: one COPY of all 13M samples needs > 18 GB
             cat.con.execute(MANIFESTS.replace("{folder}", str(tmp / f"m{i}")), {
                 "code_version": code_version(enc), "quality": enc.quality, "method": enc.method,
-                "first": keys[i], "last": keys[min(i + 64, len(keys)) - 1]})
+                "first": keys[i], "last": keys[min(i + 64, len(keys)) - 1], "release": settings.release})
     written = 0
     for part in sorted(p for batch in tmp.glob("m*") for p in batch.iterdir()):
         key = part.name.split("=", 1)[1]
@@ -216,7 +257,7 @@ def stage_manifests(args) -> dict:
 def stage_audit(args) -> dict:
     from imnet_assets.stages.audit import run_audit
 
-    report = run_audit(scale_settings(args.work), "bench-scale", log=lambda _m: None)
+    report = run_audit(scale_settings(args.work, args.release), "bench-scale", log=lambda _m: None)
     r = report.reconcile
     return {"planned": r.get("planned"), "written": r.get("written"), "excluded": r.get("excluded_at_encode"),
             "problems": report.problems[:5], "info_written": report.info_written}
@@ -265,9 +306,9 @@ STAGES = {"catalog": stage_catalog, "plan": stage_plan, "manifests": stage_manif
           "verify": stage_verify}
 
 
-def run_child(args, stage: str) -> dict:
+def run_child(args, stage: str, release: str = "") -> dict:
     cmd = [sys.executable, __file__, "--child", stage, "--work", str(args.work), "--rows", str(args.rows),
-           "--synsets", str(args.synsets)]
+           "--synsets", str(args.synsets), "--release", release]
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -413,28 +454,39 @@ def scan_part(args) -> list[list[str]]:
 
 
 def catalog_part(args) -> list[list[str]]:
-    print(f"catalog: {args.rows:,} kept images, {args.synsets:,} synsets, {NUM_SHARDS} shards", flush=True)
-    res = {}
-    for stage in ("catalog", "plan", "manifests", "audit"):
-        res[stage] = run_child(args, stage)
-        print(f"  {stage}: {res[stage]['seconds']:.1f} s, peak RSS {res[stage]['peak_rss_mb']:,.0f} MB  "
-              f"{ {k: v for k, v in res[stage].items() if k not in ('seconds', 'peak_rss_mb', 'wall')} }",
-              flush=True)
-    if res["audit"]["problems"]:
-        raise SystemExit(f"the audit found problems: {res['audit']['problems']}")
-    if not args.keep:
-        settings = scale_settings(args.work)
-        shutil.rmtree(settings.out_root)
-    plan, audit = res["plan"], res["audit"]
+    print(f"catalog: {args.rows:,} kept images, {args.synsets:,} synsets, {NUM_SHARDS} shards, "
+          f"{args.releases} release(s)", flush=True)
+    catalog = Path(scale_settings(args.work).catalog)  # (makes the work folders)
+    write_subset_list(args.work, args.synsets)
+    rows = []
     gb = 1024
-    return [
-        ["synthetic catalog (setup), s", f"{res['catalog']['seconds']:.1f}", "", ""],
-        ["plan: build_shuffled_plan, s", f"{plan['seconds']:.1f}", "<= 60", met(plan["seconds"] <= 60)],
-        ["plan: peak RSS, GB", f"{plan['peak_rss_mb'] / gb:.2f}", "<= 4", met(plan["peak_rss_mb"] <= 4 * gb)],
-        ["manifests + state files (setup), s", f"{res['manifests']['seconds']:.1f}", "", ""],
-        ["audit: run_audit, s", f"{audit['seconds']:.1f}", "<= 120", met(audit["seconds"] <= 120)],
-        ["audit: peak RSS, GB", f"{audit['peak_rss_mb'] / gb:.2f}", "<= 4", met(audit["peak_rss_mb"] <= 4 * gb)],
-    ]
+    setup = run_child(args, "catalog")
+    print(f"  catalog: {setup['seconds']:.1f} s  {setup}", flush=True)
+    rows.append(["synthetic catalog (setup), s", f"{setup['seconds']:.1f}", "", ""])
+    for release in RELEASES[:args.releases]:
+        res = {}
+        for stage in ("plan", "manifests", "audit"):
+            res[stage] = run_child(args, stage, release)
+            print(f"  {release or 'default'} {stage}: {res[stage]['seconds']:.1f} s, peak RSS "
+                  f"{res[stage]['peak_rss_mb']:,.0f} MB  "
+                  f"{ {k: v for k, v in res[stage].items() if k not in ('seconds', 'peak_rss_mb', 'wall')} }", flush=True)
+        if res["audit"]["problems"]:
+            raise SystemExit(f"the audit of release {release!r} found problems: {res['audit']['problems']}")
+        plan, audit = res["plan"], res["audit"]
+        name = f"{release or 'default'} ({plan['samples']:,} samples)"
+        rows += [
+            [f"{name} plan: build_shuffled_plan, s", f"{plan['seconds']:.1f}", "<= 60", met(plan["seconds"] <= 60)],
+            [f"{name} plan: peak RSS, GB", f"{plan['peak_rss_mb'] / gb:.2f}", "<= 4", met(plan["peak_rss_mb"] <= 4 * gb)],
+            [f"{name} manifests + state files (setup), s", f"{res['manifests']['seconds']:.1f}", "", ""],
+            [f"{name} audit: run_audit, s", f"{audit['seconds']:.1f}", "<= 120", met(audit["seconds"] <= 120)],
+            [f"{name} audit: peak RSS, GB", f"{audit['peak_rss_mb'] / gb:.2f}", "<= 4", met(audit["peak_rss_mb"] <= 4 * gb)],
+        ]
+    size = sum(p.stat().st_size for p in (catalog, catalog.with_name(catalog.name + ".wal")) if p.exists())
+    rows.append([f"catalog file with {args.releases} release(s), GB", f"{size / 1e9:.2f}", "", ""])
+    if not args.keep:
+        for release in RELEASES[:args.releases]:
+            shutil.rmtree(scale_settings(args.work, release).out_root, ignore_errors=True)
+    return rows
 
 
 def verify_part(args) -> list[list[str]]:
@@ -471,6 +523,9 @@ def main() -> None:
     p.add_argument("--skip-verify", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep slices, manifests and scan tars")
     p.add_argument("--child", choices=sorted(STAGES), help=argparse.SUPPRESS)
+    p.add_argument("--release", default="", help=argparse.SUPPRESS)
+    p.add_argument("--releases", type=int, default=1, choices=range(1, len(RELEASES) + 1),
+                   help="releases planned and audited in the one catalog (issue 25): default, q80, subset")
     args = p.parse_args()
     args.work = args.work.resolve()
     if args.child:

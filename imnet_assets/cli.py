@@ -19,7 +19,6 @@ from imnet_assets.settings import Settings, SettingsError, apply_env_file, shard
 from imnet_assets.storage.fs import StorageError
 
 DEMO_SHARDS = 8
-STATUS_WAIT_S = 10.0  # how long `imnet status` waits for a catalog writer before reporting without it
 
 
 _SHARD_NUMBER = re.compile(r"[0-9]{1,4}")  # ASCII digits only (int() also takes "+3", "0_1", "٣")
@@ -64,10 +63,16 @@ def cmd_sample_raw(args) -> int:
 
 def cmd_build(args) -> int:
     from imnet_assets.orchestrate.build import build
+    from imnet_assets.release.releases import by_name
+    from imnet_assets.release.releases import from_env as read_releases
 
-    s = Settings.from_env()  # a configuration error before any process starts or anything is written
-    return build(s, parse_shards(args.shards, s.partition_keys), verbose=args.verbose, keep_going=args.keep_going,
-                 parallel=args.parallel)
+    # a configuration error before any process starts or anything is written
+    s = Settings.from_env()
+    releases = read_releases()
+    selected = [by_name(releases, args.release)] if args.release else releases
+    wanted = {r.release: parse_shards(args.shards, r.partition_keys) for r in selected}
+    return build(s, wanted, verbose=args.verbose, keep_going=args.keep_going, parallel=args.parallel,
+                 releases=releases, selected=selected)
 
 
 def demo_settings(root: Path) -> dict[str, str]:
@@ -142,135 +147,74 @@ def cmd_demo(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from collections import Counter
+    from imnet_assets.orchestrate.status import report
+    from imnet_assets.release.releases import from_env as read_releases
 
-    from imnet_assets.defs.schedules import shard_partition_status
-    from imnet_assets.orchestrate.instance import dagster_instance
-    from imnet_assets.release import changed_sources
-    from imnet_assets.release.plan import read_index
-    from imnet_assets.settings import dagster_home, env_file, project_root
-    from imnet_assets.stages.audit import plan_mismatch
-    from imnet_assets.stages.catalog_stages import stale_stages
-    from imnet_assets.storage import fs
-    from imnet_assets.storage.catalog import CatalogBusy, open_reader
-
-    s = Settings.from_env()
-    root = project_root()
-    home = dagster_home(root)
-    has_home = home.is_dir()
-    audit, audit_unknown = None, "unknown here (no catalog)"  # its record in the catalog, or why not known
-    if why := plan_mismatch(s, read_index(s.out_root)):
-        print(f"note: {why}")
-    stages = ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]
-    # Comparing the stages with the raw root means listing it: 19,167 tars are 20 listing pages,
-    # seconds of requests and of parsing on object storage. There, that is asked for (--raw).
-    relist = args.raw or not fs.is_remote(s.raw_root)
-    stale = None
-    if os.path.exists(s.catalog):
-        try:
-            # Held open while the stages are compared: no writer can start in between.
-            with open_reader(s.catalog, say=lambda m: print(m, file=sys.stderr, flush=True),
-                             wait_s=STATUS_WAIT_S) as cat:
-                stale = stale_stages(s, log=lambda _m: None) if relist else None
-                built = None if relist else {stage: cat.stage_fingerprint(stage) is not None for stage in stages}
-                audit, audit_unknown = cat.stage_fingerprint("shard_audit"), None
-        except CatalogBusy as e:
-            audit_unknown = "unknown now (the catalog is being written)"
-            print(f"catalog stages   unknown now: {e} (waited {STATUS_WAIT_S:.0f}s; `imnet status` again "
-                  "once it is done)")
-        else:
-            for stage in stages:
-                if built is None:
-                    print(f"{stage:16s} {'stale' if stage in stale else 'fresh'}")
-                else:
-                    print(f"{stage:16s} {'built' if built[stage] else 'not built'}")
-            if built is not None:
-                print("  (the raw root, on object storage, was not listed: `imnet status --raw` compares "
-                      "the stages with it)")
-    else:
-        print(f"catalog stages   unknown here: no catalog at {s.catalog} (IMNET_CATALOG; it lives on the "
-              "machine that builds the stages and runs the audit)")
-    # tars a shard run found changed in place since indexing (core/changed_sources.py)
-    changed = changed_sources.pending(s.out_root)
-    for marker in changed.values():
-        print(f"  {marker.describe()}: the next `imnet build` indexes it again")
-    if has_home:
-        os.environ["DAGSTER_HOME"] = str(home)
-    inst = dagster_instance() if has_home else None
-    status = shard_partition_status(s, inst)
-    counts = Counter(status.values())
-    print("wds_shards       " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
-    if changed or (stale and {"filtered_index", "shuffled_plan"} & set(stale)):
-        print("  (judged against the published plan, which is stale: `imnet build` makes the plan again first, "
-              "then builds the shards whose plan slices change)")
-    not_fresh = [k for k, v in status.items() if v != "fresh"]
-    if not_fresh:
-        print("  not fresh: " + ", ".join(not_fresh[:32]) + (" ..." if len(not_fresh) > 32 else ""))
-    print(f"shard_audit      {audit_unknown or _audit_state(s, audit, not_fresh)}")
-    dotenv = env_file(root)
-    print(f"project root     {root}  ({'settings from .env there and the environment' if dotenv.is_file() else 'no .env'})")
-    print(f"  raw root       {fs.redact(s.raw_root)}")
-    print(f"  out root       {fs.redact(s.out_root)}")
-    print(f"  catalog        {s.catalog}")
-    print(f"  DAGSTER_HOME   {home}" + ("" if has_home else "  (no instance there yet: `imnet build` makes it)"))
-    return 0
-
-
-def _audit_state(s: Settings, recorded: str | None, not_fresh: list[str]) -> str:
-    """The audit: fresh (its record in the catalog is the fingerprint of the shards as they are
-    now), stale, or not built."""
-    from imnet_assets.stages.audit import audit_fingerprint
-
-    if recorded is None:
-        return "not built"
-    if not_fresh:
-        return f"stale ({len(not_fresh)} shards not fresh)"
-    return "fresh" if audit_fingerprint(s) == recorded else "stale (the shards changed since it ran)"
+    return report(read_releases(), args.raw)
 
 
 def cmd_lineage(args) -> int:
-    from imnet_assets.image.encode import CODEC_EXTENSIONS
-    from imnet_assets.storage import fs
+    """Where the image came from, then every release and shard that holds it (the catalog's
+    `lineage` query gives a row per release whose plan holds it, with its `release` column)."""
+    from imnet_assets.release.releases import from_env as read_releases
     from imnet_assets.storage.catalog import open_reader
     from imnet_assets.storage.rawfolders import describe_source
 
     s = Settings.from_env()
+    releases = {r.release: r for r in read_releases()}
     with open_reader(s.catalog) as cat:
         rows = cat.dicts("lineage", {"key": args.key})
     if not rows:
         print(f"no image with key {args.key!r} in {s.catalog}", file=sys.stderr)
         return 1
+    sources: dict[tuple, list[dict]] = {}  # one raw file may be planned in several releases
     for r in rows:
+        sources.setdefault((r["key"], r["tar"], r["member"], r["offset"]), []).append(r)
+    for held in sources.values():
+        r = held[0]
         print(f"key          {r['key']}  ({r['wnid']})")
         where, how = describe_source(s.raw_root, r["tar"], r["member"], r["offset"])
         print(f"source       {where}")
         print(f"             {how}  size {r['size']}  sha256 {r['sha256'] or '(unreadable)'}")
         print(f"status       {r['status']}" + (f"  ({r['reason']})" if r["reason"] else ""))
-        if r["shard"] is not None:
-            where = fs.join(s.out_root, r["path"] or s.shard_name(r["shard"]))
-            if r["position"] is None:  # planned there; not written (yet, or refused by the encoder)
-                print(f"shard        {r['shard']}  plan position {r['plan_position']}  file {where}")
-            else:
-                moved = f" (plan position {r['plan_position']})" if r["position"] != r["plan_position"] else ""
-                print(f"shard        {r['shard']}  position {r['position']}{moved}  file {where}")
-            if not r["run_id"]:
-                print("written by   (not written yet: run `imnet build`)")
-            elif r["webp_sha256"] is None:
-                print(f"written by   run {r['run_id']}  code version {r['code_version']}  at {r['written_at']}"
-                      "  (this image is not in the shard: excluded when encoding)")
-            else:
-                print(f"written by   run {r['run_id']}  code version {r['code_version']}  at {r['written_at']}")
-                image = f"{CODEC_EXTENSIONS[s.codec]} sha256"  # the stored image's (webp_sha256 holds it for any codec)
-                print(f"{image:<13}{r['webp_sha256']}  repaired {r['repaired']}")
+        planned = [h for h in held if h["shard"] is not None]
+        if r["status"] == "kept" and not planned and any(name for name in releases):
+            print("release      (in no release: no release's synsets hold it)")
+        for h in planned:
+            _print_placement(h, releases.get(h.get("release") or "", s))
         print()
     return 0
+
+
+def _print_placement(r: dict, release: Settings) -> None:
+    """One release's shard for a sample: where it was planned, and the run that wrote it."""
+    from imnet_assets.image.encode import CODEC_EXTENSIONS
+    from imnet_assets.storage import fs
+
+    if release.release:
+        print(f"release      {release.release}  ({fs.redact(release.out_root)})")
+    where = fs.join(release.out_root, r["path"] or release.shard_name(r["shard"]))
+    if r["position"] is None:  # planned there; not written (yet, or refused by the encoder)
+        print(f"shard        {r['shard']}  plan position {r['plan_position']}  file {where}")
+    else:
+        moved = f" (plan position {r['plan_position']})" if r["position"] != r["plan_position"] else ""
+        print(f"shard        {r['shard']}  position {r['position']}{moved}  file {where}")
+    if not r["run_id"]:
+        print("written by   (not written yet: run `imnet build`)")
+    elif r["webp_sha256"] is None:
+        print(f"written by   run {r['run_id']}  code version {r['code_version']}  at {r['written_at']}"
+              "  (this image is not in the shard: excluded when encoding)")
+    else:
+        print(f"written by   run {r['run_id']}  code version {r['code_version']}  at {r['written_at']}")
+        image = f"{CODEC_EXTENSIONS[release.codec]} sha256"  # the stored image's (webp_sha256 holds it for any codec)
+        print(f"{image:<13}{r['webp_sha256']}  repaired {r['repaired']}")
 
 
 VERIFY_SHOWN = 20  # problems printed per shard; the rest are counted
 PROGRESS_EVERY_S = 10.0
 
 
-def _catalog_rows(path: str, shards: list[dict]) -> Iterator[tuple[dict, list[tuple]]]:
+def _catalog_rows(path: str, shards: list[dict], release: str = "") -> Iterator[tuple[dict, list[tuple]]]:
     """Each shard's catalog record and its `shard_samples` rows (verify.CATALOG_COLUMNS), in the
     order of `shards`, with memory bounded whatever the release's size: one query (its join and
     sort held to verify_memory's limit by DuckDB, spilling beyond) streams every selected shard's
@@ -295,7 +239,7 @@ def _catalog_rows(path: str, shards: list[dict]) -> Iterator[tuple[dict, list[tu
 
         with open_reader(path) as cat:
             cat.run("verify_memory")
-            cur = cat.run("verify_samples", {"shards": [sh["shard"] for sh in shards]})
+            cur = cat.run("verify_samples", {"shards": [sh["shard"] for sh in shards], "release": release})
             shard, rows = None, []
             while chunk := cur.fetchmany(8192):
                 for row in chunk:
@@ -401,18 +345,32 @@ def _as_built(s: Settings) -> Settings:
 
 
 def cmd_verify(args) -> int:
+    """Every selected release (`--release NAME`; default all), one after another: non-zero when any fails."""
+    from imnet_assets.release.releases import by_name
+    from imnet_assets.release.releases import from_env as read_releases
+
+    releases = read_releases()
+    selected = [by_name(releases, args.release)] if args.release else releases
+    codes = []
+    for r in selected:
+        if r.release:
+            print(f"release {r.release}: {r.out_root}", flush=True)
+        codes.append(_verify_release(_as_built(r), args))
+    return max(codes)
+
+
+def _verify_release(s: Settings, args) -> int:
     from imnet_assets.image.encode import CODEC_EXTENSIONS
     from imnet_assets.stages.audit import conservation_problems, stray_problem, stray_shards
     from imnet_assets.storage import fs
     from imnet_assets.storage.catalog import open_reader
 
-    s = _as_built(Settings.from_env())
     wanted = parse_shards(args.shards, s.partition_keys)
     every = set(wanted) == set(s.partition_keys)
     with open_reader(s.catalog) as cat:
-        recorded = {sh["shard"]: sh for sh in cat.dicts("verify_shards")}
+        recorded = {sh["shard"]: sh for sh in cat.dicts("verify_shards", {"release": s.release})}
         # every raw member accounted for, per tar and per shard (the audit's blocking check too)
-        conservation = conservation_problems(cat)
+        conservation = conservation_problems(cat, s.release)
     if not recorded:
         print(f"no shards recorded in {s.catalog}: run `imnet build` first", file=sys.stderr)
         return 1
@@ -424,7 +382,7 @@ def cmd_verify(args) -> int:
     for k in unrecorded:
         print(f"FAIL shard {k}: not recorded in the catalog (not built, or not audited yet: run `imnet build`)")
     progress = _Progress(len(shards), sum(sh["bytes"] or 0 for sh in shards))
-    tasks = ((sh, fs.join(s.out_root, sh["path"]), rows) for sh, rows in _catalog_rows(s.catalog, shards))
+    tasks = ((sh, fs.join(s.out_root, sh["path"]), rows) for sh, rows in _catalog_rows(s.catalog, shards, s.release))
     bad = []
     for sh, problems in _checked(jobs, tasks, args.decode, CODEC_EXTENSIONS[s.codec]):
         label = f"shard {sh['shard']} ({sh['path']})"
@@ -477,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("build", help="materialize every stage through Dagster, then shards, then the audit")
     sp.add_argument("--shards", help="shard partitions to build, e.g. 0000-0015,0042 (default all; 'none' "
                     "builds only the catalog stages and the plan)")
+    sp.add_argument("--release", metavar="NAME", help="build this release of IMNET_RELEASES only (after the shared "
+                    "stages; default: every release)")
     sp.add_argument("--keep-going", action="store_true", help="when a shard fails, build every other one, then "
                     "exit non-zero naming the failed ones (the audit is skipped)")
     sp.add_argument("--parallel", type=_positive, metavar="N", help="shard runs at once (default "
@@ -501,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                     "shard files are checked only with all)")
     sp.add_argument("--jobs", type=_positive, metavar="N", help="processes checking shards (default IMNET_WORKERS)")
     sp.add_argument("--decode", action="store_true", help="also decode every WebP")
+    sp.add_argument("--release", metavar="NAME", help="check this release of IMNET_RELEASES only (default: every release)")
     sp.add_argument("-v", "--verbose", action="store_true")
     sp.set_defaults(func=cmd_verify)
     args = p.parse_args(argv)

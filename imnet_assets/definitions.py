@@ -1,4 +1,6 @@
-"""Assembles the Dagster definitions: six assets, their checks, the schedule and the two sensors."""
+"""Assembles the Dagster definitions: the three shared stages once, then per release (IMNET_RELEASES;
+unset: the one default release, with today's plain keys) its plan, shards, audit and checks in a
+group of its own, its top-up schedule and its two sensors."""
 
 from dagster import Definitions, in_process_executor
 
@@ -12,23 +14,34 @@ from imnet_assets.defs.assets import (
 )
 from imnet_assets.defs.schedules import make as make_schedules
 from imnet_assets.defs.shard_sensor import make as make_shard_sensor
+from imnet_assets.release import releases as release_file
 from imnet_assets.settings import Settings
 
 
-def build_definitions(settings: Settings) -> Definitions:
+def release_assets(settings: Settings, marker_roots: list[str]) -> list:
+    """One release's assets, keyed by its name (defs/release_keys.py)."""
     shards, _partitions = wds_shards.make(settings)
-    topup, audit_sensor = make_schedules(settings)
+    return [shuffled_plan.make(settings, marker_roots), shards, shard_audit.make(settings)]
+
+
+def build_definitions(settings: Settings, releases: list[Settings] | None = None) -> Definitions:
+    """`settings`: the base (the shared stages read its raw root and catalog); `releases`: one
+    Settings per release (default: `settings` alone, the default release)."""
+    releases = [settings] if releases is None else releases
+    # every release's shard runs leave their markers of changed sources under its own out root: the
+    # shared index answers for all of them
+    marker_roots = [r.out_root for r in releases]
+    assets = [raw_tars.make(settings), synset_manifest.make(settings), filtered_index.make(settings, marker_roots)]
+    schedules, sensors = [], []
+    for release in releases:
+        assets += release_assets(release, marker_roots)
+        topup, audit_sensor = make_schedules(release)
+        schedules.append(topup)
+        sensors += [audit_sensor, make_shard_sensor(release)]
     return Definitions(
-        assets=[
-            raw_tars.make(settings),
-            synset_manifest.make(settings),
-            filtered_index.make(settings),
-            shuffled_plan.make(settings),
-            shards,
-            shard_audit.make(settings),
-        ],
-        schedules=[topup],
-        sensors=[audit_sensor, make_shard_sensor(settings)],
+        assets=assets,
+        schedules=schedules,
+        sensors=sensors,
         # Each run is one stage or one shard: in-process keeps a shard run's start-up small; the
         # parallelism is inside the shard (IMNET_WORKERS) and across runs (the run queue).
         executor=in_process_executor,
@@ -36,4 +49,5 @@ def build_definitions(settings: Settings) -> Definitions:
 
 
 settings = Settings.from_env()
-defs = build_definitions(settings)
+releases = release_file.from_env()
+defs = build_definitions(settings, releases)

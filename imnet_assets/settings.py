@@ -58,6 +58,7 @@ VARIABLES: dict[str, str] = {
     "IMNET_IMAGE_TIMEOUT": "seconds one image may take its encode worker before the worker is killed",
     "IMNET_PROJECT_ROOT": "the folder holding .env, against which relative paths resolve",
     "IMNET_TEST_CRASH_SHA256": "test hook: a source sha256 whose encoding crashes its worker",
+    "IMNET_RELEASES": "a TOML file of [release.<name>] tables: many releases from one index",
 }
 ENV_FILE = ".env"
 PROJECT_NAME = "imnet-assets"  # [project] name in the pyproject.toml that marks the project root
@@ -219,36 +220,62 @@ def _root_parts(url: str) -> tuple[str, ...]:
     return ("file", *[p for p in os.path.realpath(os.path.abspath(path)).split(os.sep) if p])
 
 
-def check_roots_apart(raw_root: str, out_root: str) -> None:
+def roots_overlap(a: str, b: str) -> str | None:
+    """How root `b` overlaps root `a` ("is", "is inside", "contains"), or None when apart."""
+    pa, pb = _root_parts(a), _root_parts(b)
+    if pa == pb:
+        return "is"
+    if pb[:len(pa)] == pa:
+        return "is inside"
+    if pa[:len(pb)] == pb:
+        return "contains"
+    return None
+
+
+def check_roots_apart(raw_root: str, out_root: str, out_name: str = "IMNET_OUT_ROOT") -> None:
     """SPEC (Configuration): the out root may not be the raw root, nor inside it, nor contain it
     (shards would be written into the raw release, or the raw release's listing would hold them)."""
-    raw, out = _root_parts(raw_root), _root_parts(out_root)
-    if raw == out:
-        how = "is the raw root"
-    elif out[:len(raw)] == raw:
-        how = "is inside the raw root"
-    elif raw[:len(out)] == out:
-        how = "contains the raw root"
-    else:
+    how = roots_overlap(raw_root, out_root)
+    if how is None:
         return
-    raise SettingsError(f"IMNET_OUT_ROOT={out_root!r} {how} IMNET_RAW_ROOT={raw_root!r}: shards would be written "
+    how = f"{how} the raw root" if how != "is" else "is the raw root"
+    raise SettingsError(f"{out_name}={out_root!r} {how} IMNET_RAW_ROOT={raw_root!r}: shards would be written "
                         "into the raw release; choose an out root outside it")
 
 
-def parse_holdout(text: str) -> tuple[tuple[str, int], ...]:
+def parse_holdout(text: str, variable: str = "IMNET_HOLDOUT") -> tuple[tuple[str, int], ...]:
     """`validation:2,test:2` -> (("validation", 2), ("test", 2)); the splits take the last shards."""
     splits: list[tuple[str, int]] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, count = part.partition(":")
         if not sep or not name.strip() or not count.strip().isdecimal() or int(count) < 1:
-            raise SettingsError(f"IMNET_HOLDOUT entry {part!r} must look like name:count, e.g. validation:2")
+            raise SettingsError(f"{variable} entry {part!r} must look like name:count, e.g. validation:2")
         if name.strip() == "train":
-            raise SettingsError("IMNET_HOLDOUT cannot name the 'train' split")
+            raise SettingsError(f"{variable} cannot name the 'train' split")
         splits.append((name.strip(), int(count)))
     names = [n for n, _ in splits]
     if len(set(names)) != len(names):
-        raise SettingsError(f"IMNET_HOLDOUT names a split twice: {text!r}")
+        raise SettingsError(f"{variable} names a split twice: {text!r}")
     return tuple(splits)
+
+
+def check_shard_pattern(pattern: str, name: str = "IMNET_SHARD_PATTERN") -> str:
+    """A shard file name pattern as given, or SettingsError: one `{shard}` and no other
+    placeholder, no '/', a distinct name per shard."""
+    if "{shard}" not in pattern or "/" in pattern:
+        raise SettingsError(
+            f"{name}={pattern!r} must contain '{{shard}}' and no '/' (it is a file name)"
+        )
+    try:
+        distinct = pattern.format(shard=shard_key(0)) != pattern.format(shard=shard_key(1))
+    except (KeyError, IndexError, ValueError) as e:
+        raise SettingsError(
+            f"{name}={pattern!r}: {{shard}} must be its only placeholder "
+            f"(write other braces as '{{{{' and '}}}}'): {type(e).__name__}: {e}"
+        ) from None
+    if not distinct:
+        raise SettingsError(f"{name}={pattern!r} gives every shard the same file name")
+    return pattern
 
 
 @dataclass(frozen=True)
@@ -277,9 +304,9 @@ class Settings:
     # where the requests are made, core/s3read.retry_seconds, in every process: validated here)
     storage_retry_seconds: int = 300
     image_timeout: int = DEFAULT_IMAGE_TIMEOUT  # seconds per image in an encode worker (IMNET_IMAGE_TIMEOUT)
-    # issue 25: a release (helper reldagster's fields; the same lines there)
-    release: str = ""
-    synsets: str = "all"
+    # Releases (issue 25; release/releases.py reads IMNET_RELEASES into one Settings per release)
+    release: str = ""  # the release's name; "" = the one default release (IMNET_RELEASES unset)
+    synsets: str = "all"  # "all" | "in1k" | "in12k" | path to a file of wnids, one a line
     codec: str = "webp"  # "webp" | "jpeg"
     jpeg_quality: int = 95  # chosen by measurement (README "JPEG settings"; the brief's line said 90)
     max_short_edge: int = 768
@@ -299,20 +326,7 @@ class Settings:
             env = dict(env)
             check_names(env)
             root = project_root(env)
-        pattern = env.get("IMNET_SHARD_PATTERN") or DEFAULT_SHARD_PATTERN
-        if "{shard}" not in pattern or "/" in pattern:
-            raise SettingsError(
-                f"IMNET_SHARD_PATTERN={pattern!r} must contain '{{shard}}' and no '/' (it is a file name)"
-            )
-        try:
-            distinct = pattern.format(shard=shard_key(0)) != pattern.format(shard=shard_key(1))
-        except (KeyError, IndexError, ValueError) as e:
-            raise SettingsError(
-                f"IMNET_SHARD_PATTERN={pattern!r}: {{shard}} must be its only placeholder "
-                f"(write other braces as '{{{{' and '}}}}'): {type(e).__name__}: {e}"
-            ) from None
-        if not distinct:
-            raise SettingsError(f"IMNET_SHARD_PATTERN={pattern!r} gives every shard the same file name")
+        pattern = check_shard_pattern(env.get("IMNET_SHARD_PATTERN") or DEFAULT_SHARD_PATTERN)
         num_shards = _int(env, "IMNET_NUM_SHARDS", 1024, 1, 9999)
         holdout = parse_holdout(env.get("IMNET_HOLDOUT", ""))
         if sum(n for _, n in holdout) >= num_shards:
@@ -346,13 +360,30 @@ class Settings:
             image_timeout=image_timeout(env),
         )
 
+    # issue 25 (helper relcore): a release with val_per_class has validation shards after its
+    # num_shards train (and holdout) shards: partition keys continue (0000 .. num_shards-1, then the
+    # validation shards), and their files are numbered from 0000 with the pattern's "train" made
+    # "validation" (else a "validation-" prefix). Their count comes from the settings alone, as the
+    # partitions must be known before any catalog exists: an eighth of num_shards, at least one.
+    @property
+    def validation_shards(self) -> int:
+        return max(1, -(-self.num_shards // 8)) if self.val_per_class > 0 else 0
+
     @property
     def partition_keys(self) -> list[str]:
-        return [shard_key(i) for i in range(self.num_shards)]
+        return [shard_key(i) for i in range(self.num_shards + self.validation_shards)]
 
     def shard_name(self, key: str) -> str:
-        return self.shard_pattern.format(shard=key)
+        if not self.validation_shards or not key.isdecimal() or int(key) < self.num_shards:
+            return self.shard_pattern.format(shard=key)
+        return validation_pattern(self.shard_pattern).format(shard=shard_key(int(key) - self.num_shards))
 
 
 def shard_key(index: int) -> str:
     return f"{index:04d}"
+
+
+def validation_pattern(pattern: str) -> str:
+    """The validation shards' file name: the shard pattern with its first "train" made
+    "validation", or with a "validation-" prefix when it has none."""
+    return pattern.replace("train", "validation", 1) if "train" in pattern else f"validation-{pattern}"

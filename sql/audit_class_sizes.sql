@@ -1,7 +1,10 @@
--- Samples per class in the shards, bucketed for a histogram.
+-- Samples per class of the release ($release) in its shards, bucketed for a histogram (every
+-- synset of the release, those with no sample in bucket 0).
 SELECT bucket, count(*) AS classes FROM (
-    SELECT s.wnid, (count(ss.key) // $width) * $width AS bucket
-    FROM synsets s LEFT JOIN images i ON i.wnid = s.wnid AND i.status = 'kept'
-    LEFT JOIN shard_samples ss ON ss.key = i.key
-    GROUP BY s.wnid
+    SELECT r.wnid, (count(ss.key) // $width) * $width AS bucket
+    FROM release_synsets r
+    LEFT JOIN plan p ON p.release = r.release AND p.wnid = r.wnid
+    LEFT JOIN shard_samples ss ON ss.release = p.release AND ss.shard = p.shard AND ss.position = p.position
+    WHERE r.release = $release
+    GROUP BY r.wnid
 ) GROUP BY bucket ORDER BY bucket;

@@ -1,4 +1,4 @@
--- No shard has been written yet: the shard tables are empty.
-DELETE FROM shards;
-DELETE FROM shard_samples;
-DELETE FROM shard_exclusions;
+-- No shard of the release has been written yet: its rows of the shard tables go.
+DELETE FROM shards WHERE release = $release;
+DELETE FROM shard_samples WHERE release = $release;
+DELETE FROM shard_exclusions WHERE release = $release;

@@ -3,7 +3,8 @@
 -- per tar, the bytes its walk read (tar_scans: headers, data, padding, end of archive, plus the
 -- bytes inside damage rows) = its size as the raw listing gave it (raw_tars.size, a count the walk
 -- does not make), and damaged bytes only where a damage row (no sha256) records them;
--- kept = planned; per written shard, planned = shard samples + encode-time exclusions.
+-- kept = planned, for the release ($release: the images of its synsets the index keeps, against its
+-- plan); per written shard of the release, planned = shard samples + encode-time exclusions.
 WITH
 per_tar AS (
     SELECT r.tar, r.num_members, count(i.key) AS rows
@@ -34,23 +35,25 @@ byte_problems AS (
     FROM tar_scans s JOIN raw_tars r ON r.tar = s.tar
     WHERE s.damaged_bytes > 0 AND NOT EXISTS (SELECT 1 FROM images i WHERE i.tar = s.tar AND i.sha256 IS NULL)
 ),
-kept AS (SELECT key FROM images WHERE status = 'kept' OR excluded_at = 'encode'),
+kept AS (SELECT i.key FROM images i SEMI JOIN release_synsets r ON r.release = $release AND r.wnid = i.wnid
+         WHERE i.status = 'kept' OR i.excluded_at = 'encode'),
+planned_keys AS (SELECT key FROM plan WHERE release = $release),
 plan_problems AS (
     SELECT 'kept by the index but not planned: ' || count(*) || ' images, e.g. '
            || list(key ORDER BY key)[1:5]::VARCHAR AS problem
-    FROM (SELECT key FROM kept EXCEPT ALL SELECT key FROM plan) HAVING count(*) > 0
+    FROM (SELECT key FROM kept EXCEPT ALL SELECT key FROM planned_keys) HAVING count(*) > 0
     UNION ALL
     SELECT 'planned but not kept by the index: ' || count(*) || ' images, e.g. '
            || list(key ORDER BY key)[1:5]::VARCHAR
-    FROM (SELECT key FROM plan EXCEPT ALL SELECT key FROM kept) HAVING count(*) > 0
+    FROM (SELECT key FROM planned_keys EXCEPT ALL SELECT key FROM kept) HAVING count(*) > 0
 ),
-planned AS (SELECT shard, count(*) AS n FROM plan GROUP BY shard),
-written AS (SELECT shard, count(*) AS n FROM shard_samples GROUP BY shard),
-refused AS (SELECT shard, count(*) AS n FROM shard_exclusions GROUP BY shard),
+planned AS (SELECT shard, count(*) AS n FROM plan WHERE release = $release GROUP BY shard),
+written AS (SELECT shard, count(*) AS n FROM shard_samples WHERE release = $release GROUP BY shard),
+refused AS (SELECT shard, count(*) AS n FROM shard_exclusions WHERE release = $release GROUP BY shard),
 shard_problems AS (
     SELECT 'shard ' || s.shard || ': ' || coalesce(p.n, 0) || ' planned, ' || coalesce(w.n, 0)
            || ' samples + ' || coalesce(x.n, 0) || ' encode-time exclusions' AS problem
-    FROM shards s LEFT JOIN planned p USING (shard) LEFT JOIN written w USING (shard)
+    FROM (SELECT shard FROM shards WHERE release = $release) s LEFT JOIN planned p USING (shard) LEFT JOIN written w USING (shard)
          LEFT JOIN refused x USING (shard)
     WHERE coalesce(p.n, 0) <> coalesce(w.n, 0) + coalesce(x.n, 0)
 )

@@ -1,3 +1,3 @@
--- Source short-side lengths of the stored samples, bucketed for a histogram.
+-- Source short-side lengths of the release's stored samples, bucketed for a histogram.
 SELECT (least(orig_width, orig_height) // $width) * $width AS bucket, count(*) AS images
-FROM shard_samples GROUP BY bucket ORDER BY bucket;
+FROM shard_samples WHERE release = $release GROUP BY bucket ORDER BY bucket;

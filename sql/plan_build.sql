@@ -4,48 +4,42 @@
 -- key) and the wide columns are joined back afterwards, and DuckDB is held to 3 GB (it spills
 -- beyond): sorting the wide rows took ~8 GB. The plan table is not stored in any particular order,
 -- so DuckDB need not keep one while writing it (a third faster at 13M rows).
--- Its text columns are stored uncompressed: choosing and applying DuckDB's string compression was
--- a third of this statement's time, and reading them back compressed most of the slice queries'.
--- At 13M rows that makes the plan table 2.4 GB on disk instead of 0.9 GB, and the plan stage
--- ~35 s instead of ~57 s (bench/scale.py). It is rebuilt from `images` whenever the plan changes.
 SET memory_limit = '3GB';
 SET preserve_insertion_order = false;
-CREATE OR REPLACE TABLE plan (  -- the columns of schema.sql's plan
-    key VARCHAR NOT NULL USING COMPRESSION uncompressed,
-    shard VARCHAR NOT NULL USING COMPRESSION uncompressed,
-    position INTEGER NOT NULL,
-    wnid VARCHAR USING COMPRESSION uncompressed,
-    label INTEGER,
-    tar VARCHAR USING COMPRESSION uncompressed,
-    member VARCHAR USING COMPRESSION uncompressed,
-    "offset" BIGINT,
-    size BIGINT,
-    sha256 VARCHAR USING COMPRESSION uncompressed,
-    width INTEGER,
-    height INTEGER,
-    needs_repair BOOLEAN
-);
-INSERT INTO plan
+-- One release's plan (issue 25): the table holds every release's rows, each release's replaced here.
+-- Its images are the kept images of its synsets (release_synsets, with its labels); those chosen for
+-- validation (plan_validation.sql; none without val_per_class) are shuffled and cut the same way into
+-- $validation_shards shards whose keys follow the $num_shards train shards'. The default release
+-- (all synsets, no validation) gets exactly the rows of the plan before releases.
+DELETE FROM plan WHERE release = $release;
+INSERT INTO plan BY NAME
 WITH kept AS (
-    SELECT i.rowid AS rid,
-           row_number() OVER (ORDER BY md5($seed::VARCHAR || ':' || i.key), i.key) - 1 AS g
-    FROM images i SEMI JOIN synsets s USING (wnid)
+    SELECT i.rowid AS rid, r.label, v.rid IS NOT NULL AS validation,
+           row_number() OVER (PARTITION BY v.rid IS NOT NULL
+                              ORDER BY md5($seed::VARCHAR || ':' || i.key), i.key) - 1 AS g
+    FROM images i JOIN release_synsets r ON r.release = $release AND r.wnid = i.wnid
+    LEFT JOIN plan_validation v ON v.rid = i.rowid
     -- what the index keeps: an image the encoder refused is planned again (and refused again, with
     -- its reason), so the plan depends on the index alone, whatever the last audit found
     WHERE i.status = 'kept' OR i.excluded_at = 'encode'
 ),
 sizes AS (
-    SELECT count(*) // $num_shards AS q, count(*) % $num_shards AS r FROM kept
+    SELECT validation,
+           count(*) // CASE WHEN validation THEN $validation_shards ELSE $num_shards END AS q,
+           count(*) % CASE WHEN validation THEN $validation_shards ELSE $num_shards END AS r
+    FROM kept GROUP BY validation
 ),
 placed AS (
-    SELECT rid,
-           CASE WHEN g < r * (q + 1) THEN g // (q + 1) ELSE r + (g - r * (q + 1)) // q END AS shard_no,
+    SELECT rid, label,
+           CASE WHEN validation THEN $num_shards ELSE 0 END
+           + CASE WHEN g < r * (q + 1) THEN g // (q + 1) ELSE r + (g - r * (q + 1)) // q END AS shard_no,
            CASE WHEN g < r * (q + 1) THEN g % (q + 1) ELSE (g - r * (q + 1)) % q END AS pos
-    FROM kept, sizes
+    FROM kept JOIN sizes USING (validation)
 )
-SELECT i.key, lpad(p.shard_no::VARCHAR, 4, '0') AS shard, p.pos::INTEGER AS position, i.wnid, s.label, i.tar,
-       i.member, i."offset", i.size, i.sha256, i.width, i.height, coalesce(i.needs_repair, false) AS needs_repair
-FROM placed p JOIN images i ON i.rowid = p.rid JOIN synsets s ON s.wnid = i.wnid;
+SELECT i.key, lpad(p.shard_no::VARCHAR, 4, '0') AS shard, p.pos::INTEGER AS position, i.wnid, p.label, i.tar,
+       i.member, i."offset", i.size, i.sha256, i.width, i.height, coalesce(i.needs_repair, false) AS needs_repair,
+       $release AS release
+FROM placed p JOIN images i ON i.rowid = p.rid;
 RESET preserve_insertion_order;
 -- The slice queries that follow read the plan back 128 shards at a time while Python holds two
 -- batches of their text: a smaller buffer pool keeps the stage under 4 GB (DuckDB would otherwise

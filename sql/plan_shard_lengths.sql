@@ -1,1 +1,1 @@
-SELECT shard, count(*) AS n FROM plan GROUP BY shard ORDER BY shard;
+SELECT shard, count(*) AS n FROM plan WHERE release = $release GROUP BY shard ORDER BY shard;

@@ -16,6 +16,6 @@ SELECT shard,
                          size, ',', sha256, ',', width, ',', height, ',',
                          CASE WHEN needs_repair THEN 'True' WHEN NOT needs_repair THEN 'False' END, chr(10)),
                   '' ORDER BY position) AS body
-FROM plan WHERE shard >= $first AND shard <= $last
+FROM plan WHERE release = $release AND shard >= $first AND shard <= $last
 GROUP BY shard
 ORDER BY shard;

@@ -40,23 +40,28 @@ CREATE TABLE IF NOT EXISTS tar_scans (
     num_records INTEGER,
     index_version VARCHAR         -- a tar scanned by an older indexer is scanned again
 );
+-- Its text columns are stored uncompressed: choosing and applying DuckDB's string compression was
+-- a third of plan_build's time, and reading them back compressed most of the slice queries'.
+-- At 13M rows that makes the plan table 2.4 GB on disk instead of 0.9 GB, and the plan stage
+-- ~35 s instead of ~57 s (bench/scale.py). A release's rows are made again from `images` whenever
+-- its plan changes (sql/plan_build.sql).
 CREATE TABLE IF NOT EXISTS plan (
-    key VARCHAR NOT NULL,
-    shard VARCHAR NOT NULL,       -- the partition key, 0000 ...
+    key VARCHAR NOT NULL USING COMPRESSION uncompressed,
+    shard VARCHAR NOT NULL USING COMPRESSION uncompressed,  -- the partition key, 0000 ...
     position INTEGER NOT NULL,    -- position in the shard's plan slice
-    wnid VARCHAR,
-    label INTEGER,
-    tar VARCHAR,
-    member VARCHAR,
+    wnid VARCHAR USING COMPRESSION uncompressed,
+    label INTEGER,                -- the release's label (release_synsets)
+    tar VARCHAR USING COMPRESSION uncompressed,
+    member VARCHAR USING COMPRESSION uncompressed,
     "offset" BIGINT,
     size BIGINT,
-    sha256 VARCHAR,
+    sha256 VARCHAR USING COMPRESSION uncompressed,
     width INTEGER,
     height INTEGER,
     needs_repair BOOLEAN
 );
 CREATE TABLE IF NOT EXISTS shards (
-    shard VARCHAR PRIMARY KEY,
+    shard VARCHAR NOT NULL,
     path VARCHAR,
     num_samples INTEGER,
     planned INTEGER,
@@ -67,7 +72,9 @@ CREATE TABLE IF NOT EXISTS shards (
     run_id VARCHAR,
     code_version VARCHAR,
     written_at VARCHAR,
-    seconds DOUBLE
+    seconds DOUBLE,
+    release VARCHAR NOT NULL DEFAULT '',  -- the release the shard belongs to ('' = the default release)
+    PRIMARY KEY (release, shard)
 );
 CREATE TABLE IF NOT EXISTS shard_samples (
     key VARCHAR NOT NULL,
@@ -88,10 +95,13 @@ CREATE TABLE IF NOT EXISTS shard_exclusions (
     reason VARCHAR
 );
 CREATE TABLE IF NOT EXISTS stages (
-    stage VARCHAR PRIMARY KEY,
+    stage VARCHAR NOT NULL,
     input_fingerprint VARCHAR,    -- what the stage's output depends on; equal means fresh
     run_id VARCHAR,
-    updated_at TIMESTAMP
+    updated_at TIMESTAMP,
+    release VARCHAR NOT NULL DEFAULT '',  -- a release's own stage (shuffled_plan, shard_audit); '' for
+                                          -- the shared stages and the default release
+    PRIMARY KEY (release, stage)
 );
 -- Beyond the release (issue 17; core/decontam.py, core/perceptual.py): each raw image's 64-bit
 -- pHash (signed, NULL when not hashed) and the first key with the same sha256. Added by ALTER so
@@ -122,3 +132,22 @@ SELECT sha256, min(key) AS first_key, count(*) AS copies,
        string_agg(key, ' ' ORDER BY key) AS keys
 FROM images WHERE sha256 IS NOT NULL
 GROUP BY sha256 HAVING count(*) > 1;
+
+-- Releases (issue 25, SPEC: Releases): one catalog holds several releases made from the one index.
+-- The per-release tables carry the release's name ('' = the default release, IMNET_RELEASES
+-- unset); the raw, synset and index tables are shared. Added by ALTER so catalogs made before
+-- releases gain the column too (their rows are the default release's); stages and shards, whose
+-- primary keys gain the release, are rebuilt once by sql/schema_releases.sql
+-- (storage/catalog.py migrate_releases).
+ALTER TABLE plan ADD COLUMN IF NOT EXISTS release VARCHAR DEFAULT '';
+ALTER TABLE shard_samples ADD COLUMN IF NOT EXISTS release VARCHAR DEFAULT '';
+ALTER TABLE shard_exclusions ADD COLUMN IF NOT EXISTS release VARCHAR DEFAULT '';
+-- Each release's synsets and their labels (written by its shuffled_plan: release/selection.py):
+-- label = index in the sorted list of the release's synsets as given (a synset absent from the raw
+-- release keeps its label and holds no image).
+CREATE TABLE IF NOT EXISTS release_synsets (
+    release VARCHAR NOT NULL,
+    wnid VARCHAR NOT NULL,
+    label INTEGER NOT NULL,
+    PRIMARY KEY (release, wnid)
+);

@@ -1,1 +1,1 @@
-DELETE FROM stages WHERE stage = $stage;
+DELETE FROM stages WHERE stage = $stage AND release = $release;

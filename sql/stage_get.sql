@@ -1,1 +1,1 @@
-SELECT input_fingerprint FROM stages WHERE stage = $stage;
+SELECT input_fingerprint FROM stages WHERE stage = $stage AND release = $release;

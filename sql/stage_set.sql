@@ -1,1 +1,2 @@
-INSERT OR REPLACE INTO stages VALUES ($stage, $fingerprint, $run_id, now()::TIMESTAMP);
+INSERT OR REPLACE INTO stages (stage, input_fingerprint, run_id, updated_at, release)
+VALUES ($stage, $fingerprint, $run_id, now()::TIMESTAMP, $release);

@@ -2,7 +2,14 @@
 
 import warnings
 
-from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, PartitionsDefinition, PreviewWarning
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetKey,
+    PartitionsDefinition,
+    PreviewWarning,
+)
 
 SHARD_COMPLETE = "shard_holds_its_plan"
 AUDIT_RECONCILED = "nothing_lost_or_duplicated"
@@ -10,7 +17,7 @@ AUDIT_INFO = "info_json_agrees"
 
 
 
-def wds_shards_checks(partitions: PartitionsDefinition) -> list[AssetCheckSpec]:
+def wds_shards_checks(partitions: PartitionsDefinition, asset: AssetKey | str = "wds_shards") -> list[AssetCheckSpec]:
     """The shard check, partitioned like wds_shards: each result (the shard run's, and the one the
     `wds_shards_on_storage` sensor reports when a committed tar changes or goes) carries its
     partition key, so the check's Partitions view names the shard that failed it, 1 of 1,024."""
@@ -19,7 +26,7 @@ def wds_shards_checks(partitions: PartitionsDefinition) -> list[AssetCheckSpec]:
         return [
             AssetCheckSpec(
                 SHARD_COMPLETE,
-                asset="wds_shards",
+                asset=asset,
                 blocking=True,
                 partitions_def=partitions,
                 description=(
@@ -34,26 +41,27 @@ def wds_shards_checks(partitions: PartitionsDefinition) -> list[AssetCheckSpec]:
             )
         ]
 
-shard_audit_checks = [
-    AssetCheckSpec(
-        AUDIT_RECONCILED,
-        asset="shard_audit",
-        blocking=True,
-        description="Every planned image is in its shard or recorded as excluded: none lost, duplicated, "
-        "misplaced or unplanned; every shard present and fresh; no file beside them named like a shard "
-        "that is not one (left by a build with more shards).",
-    ),
-    AssetCheckSpec(
-        AUDIT_INFO,
-        asset="shard_audit",
-        blocking=True,
-        description="`_info.json` is exactly the document the shards' manifests give: every shard once, "
-        "in order, in its split, with the sample count it holds, and each split's total.",
-    ),
-]
+def shard_audit_checks(asset: AssetKey | str = "shard_audit") -> list[AssetCheckSpec]:
+    return [
+        AssetCheckSpec(
+            AUDIT_RECONCILED,
+            asset=asset,
+            blocking=True,
+            description="Every planned image is in its shard or recorded as excluded: none lost, duplicated, "
+            "misplaced or unplanned; every shard present and fresh; no file beside them named like a shard "
+            "that is not one (left by a build with more shards).",
+        ),
+        AssetCheckSpec(
+            AUDIT_INFO,
+            asset=asset,
+            blocking=True,
+            description="`_info.json` is exactly the document the shards' manifests give: every shard once, "
+            "in order, in its split, with the sample count it holds, and each split's total.",
+        ),
+    ]
 
 
-def result(name: str, asset: str, problems: list[str], **metadata) -> AssetCheckResult:
+def result(name: str, asset: AssetKey | str, problems: list[str], **metadata) -> AssetCheckResult:
     return AssetCheckResult(
         check_name=name,
         asset_key=asset,

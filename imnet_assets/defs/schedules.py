@@ -34,6 +34,7 @@ from dagster import (
     sensor,
 )
 
+from imnet_assets.defs.release_keys import RELEASE_TAG, asset_key, name
 from imnet_assets.release.freshness import shard_states
 from imnet_assets.release.plan import read_index
 from imnet_assets.runtime.host import pid_alive, pid_namespace
@@ -51,32 +52,40 @@ PARTITION_TAG = "dagster/partition"
 WILL_RETRY_TAG = "dagster/will_retry"  # set by the instance on a failed run: "true" when run_retries will relaunch it
 HOST_TAG = "imnet/host"  # where the run's worker process runs (set by `imnet build` and by wds_shards)
 PID_NAMESPACE_TAG = "imnet/pid-namespace"  # and in which process numbers (see worker_place)
-SHARDS = AssetKey("wds_shards")
+SHARDS = AssetKey("wds_shards")  # the default release's (IMNET_RELEASES unset); a release's: asset_key()
 
 
-def _targets_shards(run) -> bool:
-    """Whether a partitioned run materializes wds_shards.
+def _targets_shards(run, settings: Settings | None = None) -> bool:
+    """Whether a partitioned run materializes this release's wds_shards (any release's: None).
 
     Runs launched from the UI, a backfill or this schedule carry an asset selection; runs of
     `imnet build` (in-process `materialize`, an ephemeral job) carry none. wds_shards is the only
-    partitioned asset, so a partitioned run without a selection is a shard run.
+    partitioned asset, so a partitioned run without a selection is a shard run: of the release
+    its RELEASE_TAG names (`imnet build` and the asset itself set it; none: the default release),
+    since every release's partition keys are 0000, 0001, ...
     """
-    return not run.asset_selection or SHARDS in run.asset_selection
+    if settings is None:
+        return not run.asset_selection or any(k.path[-1] == "wds_shards" for k in run.asset_selection)
+    if run.asset_selection:
+        return asset_key(settings, "wds_shards") in run.asset_selection
+    return run.tags.get(RELEASE_TAG, "") == settings.release
 
 
-def _shard_runs(instance: DagsterInstance, statuses, limit: int | None = None) -> Iterator[tuple[str, RunRecord]]:
-    """(partition key, run record) of the runs in these statuses that target wds_shards, newest first."""
+def _shard_runs(instance: DagsterInstance, statuses, limit: int | None = None,
+                settings: Settings | None = None) -> Iterator[tuple[str, RunRecord]]:
+    """(partition key, run record) of the runs in these statuses that target this release's
+    wds_shards (any release's: None), newest first."""
     for rec in instance.get_run_records(RunsFilter(statuses=statuses), limit=limit):
         key = rec.dagster_run.tags.get(PARTITION_TAG)
-        if key and _targets_shards(rec.dagster_run):
+        if key and _targets_shards(rec.dagster_run, settings):
             yield key, rec
 
 
-def _partitions_of(instance: DagsterInstance, statuses, limit: int | None = None,
+def _partitions_of(instance: DagsterInstance, statuses, settings: Settings, limit: int | None = None,
                    skip=lambda _run: False) -> dict[str, RunRecord]:
-    """Partition key -> the newest run record in these statuses that targets wds_shards."""
+    """Partition key -> the newest run record in these statuses that targets this release's wds_shards."""
     out: dict[str, RunRecord] = {}
-    for key, rec in _shard_runs(instance, statuses, limit):
+    for key, rec in _shard_runs(instance, statuses, limit, settings):
         if not skip(rec.dagster_run):
             out.setdefault(key, rec)
     return out
@@ -172,12 +181,12 @@ class FailureStreak:
         return self.latest.end_time + wait
 
 
-def _failure_streaks(instance: DagsterInstance) -> dict[str, FailureStreak]:
+def _failure_streaks(instance: DagsterInstance, settings: Settings) -> dict[str, FailureStreak]:
     """Partition key -> its failures in a row, from one query of the newest ended shard runs."""
     streaks: dict[str, FailureStreak] = {}
     done: set[str] = set()
     ended = [DagsterRunStatus.FAILURE, DagsterRunStatus.SUCCESS]
-    for key, rec in _shard_runs(instance, ended, limit=RUN_HISTORY_LIMIT):
+    for key, rec in _shard_runs(instance, ended, limit=RUN_HISTORY_LIMIT, settings=settings):
         if key in done:
             continue
         if rec.dagster_run.status == DagsterRunStatus.SUCCESS:
@@ -198,8 +207,9 @@ def shard_partition_status(settings: Settings, instance: DagsterInstance | None,
     Two listings of the out root, one concurrent batch of commit-record reads (core.freshness) and
     two queries of the instance, whatever the number of shards."""
     expected = expected_shard_fingerprints(settings)
-    in_flight = _partitions_of(instance, IN_FLIGHT, skip=partial(run_worker_gone, instance)) if instance else {}
-    streaks = _failure_streaks(instance) if instance else {}
+    in_flight = (_partitions_of(instance, IN_FLIGHT, settings, skip=partial(run_worker_gone, instance))
+                 if instance else {})
+    streaks = _failure_streaks(instance, settings) if instance else {}
     now = time.time() if now is None else now
     keys = settings.partition_keys
     states = shard_states(settings.out_root, keys, [settings.shard_name(k) for k in keys], expected)
@@ -227,7 +237,7 @@ def backoff_note(settings: Settings, instance: DagsterInstance | None, status: d
     held = [k for k, v in status.items() if v == "backoff"]
     if not held or instance is None:
         return ""
-    streaks = _failure_streaks(instance)
+    streaks = _failure_streaks(instance, settings)
     parts = [f"{k} ({streaks[k].count} failures, again after "
              f"{time.strftime('%H:%M:%SZ', time.gmtime(streaks[k].backoff_until()))})" for k in held[:16] if k in streaks]
     return (f"{len(held)} partitions backed off after {BACKOFF_AFTER}+ failed runs in a row: "
@@ -241,10 +251,16 @@ def shards_to_request(settings: Settings, instance: DagsterInstance | None, limi
 
 
 def make(settings: Settings):
+    """This release's top-up schedule and audit sensor (one each per release: a schedule's run
+    requests carry a partition key, which means one partitions definition per target; and each
+    release's schedule can be started or stopped on its own)."""
+    shards = asset_key(settings, "wds_shards")
+    release_tags = {RELEASE_TAG: settings.release} if settings.release else {}
+
     @schedule(
-        name="wds_shards_topup",
+        name=name(settings, "wds_shards_topup"),
         cron_schedule=settings.schedule_cron,
-        target=[SHARDS],
+        target=[shards],
         default_status=DefaultScheduleStatus.STOPPED,
         description=(
             "Requests runs for shard partitions that are missing, failed or stale, at most "
@@ -269,14 +285,14 @@ def make(settings: Settings):
         # Several requests per tick need run keys; the scheduler scopes them to the tick's
         # scheduled time, so the same partition can be asked for again on a later tick.
         return [
-            RunRequest(run_key=f"wds_shards-{k}", partition_key=k, asset_selection=[SHARDS],
-                       tags={"imnet/reason": "topup"})
+            RunRequest(run_key=f"{name(settings, 'wds_shards')}-{k}", partition_key=k, asset_selection=[shards],
+                       tags={"imnet/reason": "topup", **release_tags})
             for k in keys
         ]
 
     @sensor(
-        name="shard_audit_when_complete",
-        target=["shard_audit"],
+        name=name(settings, "shard_audit_when_complete"),
+        target=[asset_key(settings, "shard_audit")],
         minimum_interval_seconds=30,
         # Off (IMNET_AUDIT_SENSOR=off) where ordinary run pods cannot reach the catalog (deploy/k8s).
         default_status=DefaultSensorStatus.RUNNING if settings.audit_sensor else DefaultSensorStatus.STOPPED,
@@ -293,6 +309,7 @@ def make(settings: Settings):
             return SkipReason("shard_audit was already asked for with the shards as they are")
         n = int(seen.get("n", 0)) + 1
         context.update_cursor(json.dumps({"state": shards_now, "n": n}))
-        return RunRequest(run_key=f"{shards_now}-{n}", asset_selection=[AssetKey("shard_audit")])
+        return RunRequest(run_key=f"{shards_now}-{n}", asset_selection=[asset_key(settings, "shard_audit")],
+                          tags=release_tags)
 
     return wds_shards_topup, shard_audit_when_complete

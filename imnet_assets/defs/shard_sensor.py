@@ -59,6 +59,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 from dagster._core.events import DagsterEvent
 
 from imnet_assets.defs.checks import AUDIT_RECONCILED, SHARD_COMPLETE
+from imnet_assets.defs.release_keys import asset_key, name
 from imnet_assets.defs.schedules import SHARDS, shard_partition_status
 from imnet_assets.release.plan import read_index
 from imnet_assets.settings import Settings
@@ -79,7 +80,7 @@ SHOWN = 16  # partition keys named in a skip reason
 
 def verdict_events(key: str, state: str, now: float,
                    target: AssetCheckEvaluationTargetMaterializationData | None = None,
-                   materialized_version: str | None = None) -> list:
+                   materialized_version: str | None = None, shards: AssetKey = SHARDS) -> list:
     """The check evaluation and the observation that tell Dagster partition `key` is `state`.
     `target`: the partition's latest materialization, which the evaluation judges (Dagster shows
     a check's partition status only from an evaluation of its current materialization);
@@ -88,7 +89,7 @@ def verdict_events(key: str, state: str, now: float,
     why = REPORTED.get(state, FRESH_AGAIN)
     metadata = {"imnet_status": MetadataValue.text(state), "shard": MetadataValue.text(key)}
     check = AssetCheckEvaluation(
-        asset_key=SHARDS, check_name=SHARD_COMPLETE, passed=not failed, partition=key,
+        asset_key=shards, check_name=SHARD_COMPLETE, passed=not failed, partition=key,
         severity=AssetCheckSeverity.ERROR, description=f"shard {key} {why}", metadata=metadata,
         target_materialization_data=target,
     )
@@ -96,17 +97,17 @@ def verdict_events(key: str, state: str, now: float,
     # the materialization's: so a shard fresh again is observed too. A new data version while the
     # stored bytes are not the materialized ones; the materialized one again once they are.
     version = f"{state}@{int(now)}" if failed else materialized_version
-    return [check, AssetObservation(asset_key=SHARDS, partition=key, description=f"shard {key} {why}",
+    return [check, AssetObservation(asset_key=shards, partition=key, description=f"shard {key} {why}",
                                     metadata=metadata, tags={DATA_VERSION_TAG: version} if version else {})]
 
 
-def _targets(instance, storage_ids: list[int]) -> dict[int, tuple[AssetCheckEvaluationTargetMaterializationData,
+def _targets(instance, storage_ids: list[int], shards: AssetKey = SHARDS) -> dict[int, tuple[AssetCheckEvaluationTargetMaterializationData,
                                                                    str | None]]:
     """Storage id -> (what an evaluation of that materialization points at, its data version), in
     one query."""
     if not storage_ids:
         return {}
-    records = instance.fetch_materializations(AssetRecordsFilter(asset_key=SHARDS, storage_ids=storage_ids),
+    records = instance.fetch_materializations(AssetRecordsFilter(asset_key=shards, storage_ids=storage_ids),
                                               limit=len(storage_ids)).records
     out = {}
     for r in records:
@@ -119,24 +120,24 @@ def _targets(instance, storage_ids: list[int]) -> dict[int, tuple[AssetCheckEval
     return out
 
 
-def audit_events(instance, before: dict[str, str], now: dict[str, str]) -> list:
+def audit_events(instance, before: dict[str, str], now: dict[str, str], audit: AssetKey = AUDIT) -> list:
     """The audit's reconciliation check says "every shard present and fresh": when the shards that are
     not (of those materialized) change after an audit, it fails, naming them, until they are fresh
     again (a rebuild then gets audited anew: the audit sensor asks for it)."""
     if before == now or instance is None:
         return []
-    latest = instance.fetch_materializations(AssetRecordsFilter(asset_key=AUDIT), limit=1).records
+    latest = instance.fetch_materializations(AssetRecordsFilter(asset_key=audit), limit=1).records
     if not latest:
         return []
     target = AssetCheckEvaluationTargetMaterializationData(
         storage_id=latest[0].storage_id, run_id=latest[0].run_id, timestamp=latest[0].timestamp)
     if not now:
-        return [AssetCheckEvaluation(asset_key=AUDIT, check_name=AUDIT_RECONCILED, passed=True,
+        return [AssetCheckEvaluation(asset_key=audit, check_name=AUDIT_RECONCILED, passed=True,
                                      severity=AssetCheckSeverity.ERROR, target_materialization_data=target,
                                      description="every shard is fresh again (`imnet status`)")]
     named = ", ".join(f"{k} {v}" for k, v in list(now.items())[:SHOWN]) + (" ..." if len(now) > SHOWN else "")
     return [AssetCheckEvaluation(
-        asset_key=AUDIT, check_name=AUDIT_RECONCILED, passed=False, severity=AssetCheckSeverity.ERROR,
+        asset_key=audit, check_name=AUDIT_RECONCILED, passed=False, severity=AssetCheckSeverity.ERROR,
         description=f"since this audit, {len(now)} shards are no longer fresh (`imnet status`): {named}",
         metadata={"not_fresh_shards": MetadataValue.int(len(now)),
                   **{f"shard {k}": MetadataValue.text(v) for k, v in list(now.items())[:SHOWN]}},
@@ -170,13 +171,14 @@ def evaluate(settings: Settings, instance, cursor: str | None, now: float | None
     """One tick: the events for every partition whose verdict changed, the new cursor (partition key ->
     the not-fresh verdict last reported) and a skip reason with the counts."""
     now = time.time() if now is None else now
+    shards = asset_key(settings, "wds_shards")
     if read_index(settings.out_root) is None:
         return SensorResult(skip_reason=SkipReason(
             "no shuffled plan under the out root yet: materialize the upstream stages first"), cursor=cursor)
     status = shard_partition_status(settings, instance, now=now)
     # partition key -> its latest materialization's storage id (one query)
     materialized = (instance.event_log_storage.get_latest_storage_id_by_partition(
-        SHARDS, DagsterEventType.ASSET_MATERIALIZATION) if instance is not None else {})
+        shards, DagsterEventType.ASSET_MATERIALIZATION) if instance is not None else {})
     reported: dict[str, str] = json.loads(cursor) if cursor else {}
     changes, now_reported = {}, {}
     for key, state in status.items():
@@ -188,11 +190,11 @@ def evaluate(settings: Settings, instance, cursor: str | None, now: float | None
             changes[key] = state
         elif key in reported and state not in ("fresh", *REPORTED):
             now_reported[key] = reported[key]  # in flight or failed: its runs speak; keep what was said
-    targets = _targets(instance, [materialized[k] for k in changes if k in materialized])
+    targets = _targets(instance, [materialized[k] for k in changes if k in materialized], shards)
     events, changed = [], []
     for key, state in changes.items():
         target, version = targets.get(materialized.get(key), (None, None))
-        for event in verdict_events(key, state, now, target, version):
+        for event in verdict_events(key, state, now, target, version, shards):
             if isinstance(event, AssetCheckEvaluation) and target is not None and target.run_id:
                 report_check_of_run(instance, event, target.run_id)
             else:
@@ -205,7 +207,7 @@ def evaluate(settings: Settings, instance, cursor: str | None, now: float | None
         summary += " (not fresh: " + ", ".join(not_fresh[:SHOWN]) + (" ..." if len(not_fresh) > SHOWN else "") + ")"
     if why := plan_mismatch(settings, read_index(settings.out_root)):
         summary += f"; {why}"
-    events += audit_events(instance, reported, now_reported)
+    events += audit_events(instance, reported, now_reported, asset_key(settings, "shard_audit"))
     if changed:
         summary += "; reported to Dagster now: " + ", ".join(changed[:SHOWN]) + (" ..." if len(changed) > SHOWN else "")
     else:
@@ -215,8 +217,10 @@ def evaluate(settings: Settings, instance, cursor: str | None, now: float | None
 
 
 def make(settings: Settings):
+    """This release's sensor (one per release: each judges its own out root and reports on its own
+    wds_shards; a sensor that fails for one release's storage leaves the others' reports going)."""
     @sensor(
-        name=SENSOR_NAME,
+        name=name(settings, SENSOR_NAME),
         minimum_interval_seconds=30,
         default_status=DefaultSensorStatus.RUNNING,
         description=(

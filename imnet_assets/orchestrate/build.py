@@ -1,6 +1,7 @@
-"""`imnet build`: the catalog stages, then the shard partitions (several Dagster runs at once, on
-threads of this process), then the audit, each a Dagster run recorded in the instance; one build
-at a time per out root (its lease)."""
+"""`imnet build`: the shared catalog stages once, then for each release (IMNET_RELEASES; unset: the
+one default release) its plan, its shard partitions (several Dagster runs at once, on threads of
+this process) and its audit, each a Dagster run recorded in the instance; one build at a time per
+out root (its lease)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+from imnet_assets.defs.release_keys import RELEASE_TAG, SHARED_STAGES, asset_key, label
 from imnet_assets.orchestrate.dagster_quirks import (
     console_kept_through_output_capture,
     skip_per_run_logging_config,
@@ -31,11 +33,18 @@ class Build:
     """Materializes stages through Dagster, in this process, recording into the instance."""
 
     def __init__(self, settings: Settings, out=sys.stdout, verbose: bool = False, keep_going: bool = False,
-                 parallel: int | None = None, first_look=None):
+                 parallel: int | None = None, releases: list[Settings] | None = None,
+                 selected: list[Settings] | None = None, first_look=None):
+        """`settings`: the base, which the shared stages read (raw root, catalog, workers);
+        `releases`: every release (default: `settings` alone), all in the definitions;
+        `selected`: the releases this build builds (default: all)."""
         from imnet_assets.definitions import build_definitions
 
         self.settings = settings
-        self.defs = build_definitions(settings)
+        self.releases = [settings] if releases is None else releases
+        self.selected = self.releases if selected is None else selected
+        self.defs = build_definitions(settings, self.releases)
+        self.marker_roots = [r.out_root for r in self.releases]  # where shard runs mark changed sources
         self.assets = list(self.defs.assets)
         # The persistent instance the UI reads (DAGSTER_HOME, by default data/dagster_home under the
         # project root): what the build does shows there, and its history carries over.
@@ -47,22 +56,28 @@ class Build:
         self.keep_going = keep_going
         self.parallel = parallel if parallel is not None else settings.parallel_shards
         self.first_look = first_look  # first_look.FirstLook, started before this (imnet build)
+        self._looked: list[str] | None = None  # what it found stale, while no stage was built since
         self._say_lock = threading.Lock()
-        self.lease = None  # the out root's build lease, once this build is about to write (hold_out_root)
+        self.leases: dict[str, object] = {}  # out root -> its build lease, once this build is about to write
         self.runs_left_behind = 0  # shard runs still going in other threads when an interrupt came
 
     def say(self, msg: str) -> None:
         with self._say_lock:  # shard runs finish in several threads: whole lines only
             print(msg, file=self.out, flush=True)
 
-    def materialize(self, selection: list[str], partition_key: str | None = None):
+    def materialize(self, selection: list[str], partition_key: str | None = None, release: Settings | None = None):
+        """Materialize the stages named in `selection` (of `release`: its keys; default: the
+        default release's plain keys) as one Dagster run."""
         from dagster import materialize
 
         from imnet_assets.defs.schedules import worker_place
 
+        release = self.selected[0] if release is None and len(self.releases) == 1 else release
+        keys = [asset_key(release, s) if release is not None else s for s in selection]
+        tags = {RELEASE_TAG: release.release} if release is not None and release.release else {}
         result = materialize(
-            self.assets, selection=selection, partition_key=partition_key, instance=self.instance,
-            raise_on_error=False, tags={"imnet/launched_by": "imnet build", **worker_place()},
+            self.assets, selection=keys, partition_key=partition_key, instance=self.instance,
+            raise_on_error=False, tags={"imnet/launched_by": "imnet build", **worker_place(), **tags},
             run_config={"loggers": {"console": {"config": {"log_level": self.log_level}}}},
         )
         failures = []
@@ -80,48 +95,58 @@ class Build:
             failures.append(f"run {result.run_id} failed")
         return result, failures
 
-    def hold_out_root(self) -> bool:
-        """Take the out root's build lease (core.lease) before this build writes anything: one
-        build at a time per out root (SPEC: Failure behaviour). A build with nothing to do takes
-        none (it writes nothing). True when taken by this call: the caller then looks again at
-        what it was about to do, which a build that just ended may have done. Raises OutRootBusy
-        naming the holder when another build holds it; a holder whose process is gone (kill -9),
-        or of another host that stopped renewing it, is taken over."""
+    def hold_out_root(self, release: Settings | None = None) -> bool:
+        """Take the build lease (core.lease) of this release's out root (None: of every selected
+        release's) before this build writes anything: one build at a time per out root (SPEC:
+        Failure behaviour). A build with nothing to do takes none (it writes nothing). True when
+        one was taken by this call: the caller then looks again at what it was about to do, which a
+        build that just ended may have done. Raises OutRootBusy naming the holder when another
+        build holds it; a holder whose process is gone (kill -9), or of another host that stopped
+        renewing it, is taken over."""
+        took = False
+        for r in (self.selected if release is None else [release]):
+            took = self._hold(r.out_root) or took
+        return took
+
+    def _hold(self, out_root: str) -> bool:
         from imnet_assets.release.lease import LeaseHeld, LeaseLost, acquire
 
-        if self.lease is not None:
+        lease = self.leases.get(out_root)
+        if lease is not None:
             try:
-                self.lease.check()
+                lease.check()
             except LeaseLost as e:
-                raise OutRootBusy(f"this build lost the out root {self.settings.out_root}: {e}") from None
+                raise OutRootBusy(f"this build lost the out root {out_root}: {e}") from None
             return False
-
         try:
-            self.lease = acquire(self.settings.out_root, BUILD_LEASE, "imnet build")
+            self.leases[out_root] = acquire(out_root, BUILD_LEASE, "imnet build")
         except LeaseHeld as e:
-            raise self._busy(str(e)) from None
+            raise self._busy(out_root, str(e)) from None
         return True
 
-    def _busy(self, held: str) -> OutRootBusy:
-        return OutRootBusy(f"the out root {self.settings.out_root} is in use by another build: {held}; wait for it "
+    def _busy(self, out_root: str, held: str) -> OutRootBusy:
+        return OutRootBusy(f"the out root {out_root} is in use by another build: {held}; wait for it "
                            "to end, or stop it (the lease of a process that is gone is taken over)")
 
     def refuse_if_held(self) -> None:
-        """Refuse at once when another build holds the out root, before reading the catalog (a
-        reader waits for the catalog's writer: at full size the index stage holds it for an hour)."""
+        """Refuse at once when another build holds a selected release's out root, before reading
+        the catalog (a reader waits for the catalog's writer: at full size the index stage holds it
+        for an hour)."""
         from imnet_assets.release.lease import describe, holder_of
 
-        held = holder_of(self.settings.out_root, BUILD_LEASE)
-        if held is not None:
-            raise self._busy(f"{describe(held[0])} holds it (lease {held[1]})")
+        for r in self.selected:
+            held = holder_of(r.out_root, BUILD_LEASE)
+            if held is not None:
+                raise self._busy(r.out_root, f"{describe(held[0])} holds it (lease {held[1]})")
 
     def release(self) -> None:
-        if self.lease is not None:
-            self.lease.release()
-            self.lease = None
+        for out_root in list(self.leases):
+            self.leases.pop(out_root).release()
 
-    def run(self, wanted: list[str]) -> int:
-        """Builds the stages, then the shard partitions `wanted`, then the audit when all are wanted."""
+    def run(self, wanted: list[str] | dict[str, list[str]]) -> int:
+        """Builds the shared stages, then per selected release its plan, its shard partitions
+        `wanted` (a list: the same keys for each; a dict: by release name) and its audit when all
+        are wanted."""
         try:
             return self._run(wanted)
         finally:
@@ -133,37 +158,42 @@ class Build:
 
             shard_ahead.drop()  # jobs submitted ahead that no run took over
 
-    def _shards_to_build(self, wanted: list[str]) -> tuple[list[str], list[str]]:
+    def _shards_to_build(self, r: Settings, wanted: list[str]) -> tuple[list[str], list[str]]:
         """(partitions to build, partitions with a run in flight elsewhere) of those wanted."""
         from imnet_assets.defs.schedules import shard_partition_status
 
-        status = shard_partition_status(self.settings, self.instance)
+        status = shard_partition_status(r, self.instance)
         todo = [k for k in wanted if status[k] != "fresh"]
         busy = [k for k in todo if status[k] == "in_flight"]
         return [k for k in todo if k not in busy], busy
 
-    def _run(self, wanted: list[str]) -> int:
+    def _run(self, wanted: list[str] | dict[str, list[str]]) -> int:
         from imnet_assets.defs.schedules import fail_dead_runs
-        from imnet_assets.stages.catalog_stages import stale_stages
         from imnet_assets.storage.catalog import CatalogVolumeMissing, check_catalog_volume
 
         s = self.settings
-        self.say(f"imnet build: raw {s.raw_root} -> out {s.out_root}, catalog {s.catalog}, "
-                 f"{s.num_shards} shards, {s.workers} workers, instance "
-                 f"{os.environ['DAGSTER_HOME']}")  # always set: dagster_instance settles it
+        named = [r.release for r in self.selected if r.release]
+        if named:
+            self.say(f"imnet build: raw {s.raw_root}, catalog {s.catalog}, {s.workers} workers, instance "
+                     f"{os.environ['DAGSTER_HOME']}; releases: "
+                     + "; ".join(f"{r.release} -> {r.out_root} ({r.num_shards} shards)" for r in self.selected))
+        else:
+            self.say(f"imnet build: raw {s.raw_root} -> out {s.out_root}, catalog {s.catalog}, "
+                     f"{s.num_shards} shards, {s.workers} workers, instance "
+                     f"{os.environ['DAGSTER_HOME']}")  # always set: dagster_instance settles it
         self.refuse_if_held()
         try:  # before the lease: a container without the catalog's volume writes nothing at all
             check_catalog_volume(s.catalog)
         except CatalogVolumeMissing as e:
             return self.fail("catalog", [str(e)])
-        # the first look's (one listing of the raw root) while no stage was built since
-        looked = self.first_look.stale_stages(self.say) if self.first_look is not None else None
-        for stage in ["raw_tars", "synset_manifest", "filtered_index", "shuffled_plan"]:
-            if stage not in (looked if looked is not None else stale_stages(s, log=self.say)) or (
-                    self.hold_out_root() and stage not in stale_stages(s, log=lambda _m: None)):
+        # the first look's (one listing of the raw root) while no stage was built since (_stale)
+        self._looked = self.first_look.stale_stages(self.say) if self.first_look is not None else None
+        for stage in SHARED_STAGES:  # once, whatever the number of releases
+            if stage not in self._stale(s, log=self.say) or (
+                    self.hold_out_root() and stage not in self._stale(s, again=True)):
                 self.say(f"  {stage:16s} fresh, skipped")
                 continue
-            looked = None
+            self._looked = None
             t0 = time.perf_counter()
             result, failures = self.materialize([stage])
             if failures:
@@ -171,45 +201,89 @@ class Build:
             self.say(f"  {stage:16s} materialized in {time.perf_counter() - t0:.1f}s  {self._facts(result, stage)}")
         if self.instance is not None:
             fail_dead_runs(self.instance, log=lambda m: self.say(f"  wds_shards: {m}"))
-        todo, busy = self._shards_to_build(wanted)
-        if todo and self.hold_out_root():
-            todo, busy = self._shards_to_build(wanted)
+        failed_releases = []
+        for r in self.selected:
+            keys = wanted.get(r.release, r.partition_keys) if isinstance(wanted, dict) else wanted
+            code = self._run_release(r, keys)
+            if code:
+                failed_releases.append(r.release)
+                if not self.keep_going:
+                    break
+        if failed_releases and named:
+            self.say(f"imnet build: releases FAILED: {', '.join(failed_releases)}")
+        return 1 if failed_releases else 0
+
+    def _stale(self, r: Settings, log=lambda _m: None, again: bool = False) -> list[str]:
+        """The shared stages and release `r`'s plan that are stale (core.stages.stale_stages): the
+        first look's for the base settings while no stage was built since, unless looking `again`
+        (the lease just taken)."""
+        from imnet_assets.stages.fingerprints import stale_stages
+
+        if again:
+            self._looked = None
+        if self._looked is not None and r is self.settings:
+            return self._looked
+        return stale_stages(r, log=log, marker_roots=self.marker_roots)
+
+    def _run_release(self, r: Settings, wanted: list[str]) -> int:
+        """One release after the shared stages: its plan, its shards `wanted`, then its audit."""
+        name = label(r)
+
+        def shown(stage: str) -> str:
+            return f"{asset_key(r, stage).to_user_string():16s}"
+
+        plan = asset_key(r, "shuffled_plan").to_user_string()
+        if "shuffled_plan" not in self._stale(r) or (
+                self.hold_out_root(r) and "shuffled_plan" not in self._stale(r, again=True)):
+            self.say(f"  {shown('shuffled_plan')} fresh, skipped")
+        else:
+            t0 = time.perf_counter()
+            self._looked = None
+            result, failures = self.materialize(["shuffled_plan"], release=r)
+            if failures:
+                return self.fail(plan, failures)
+            self.say(f"  {shown('shuffled_plan')} materialized in {time.perf_counter() - t0:.1f}s  "
+                     f"{self._facts(result, plan)}")
+        todo, busy = self._shards_to_build(r, wanted)
+        if todo and self.hold_out_root(r):
+            todo, busy = self._shards_to_build(r, wanted)
         if busy:
-            self.say(f"  wds_shards: {len(busy)} shards have a run in flight elsewhere, left to it: {busy[:8]}")
-        self.say(f"  wds_shards: {len(wanted) - len(todo) - len(busy)} of {len(wanted)} selected shards fresh, "
+            self.say(f"  {name}wds_shards: {len(busy)} shards have a run in flight elsewhere, left to it: {busy[:8]}")
+        self.say(f"  {name}wds_shards: {len(wanted) - len(todo) - len(busy)} of {len(wanted)} selected shards fresh, "
                  f"{len(todo)} to build")
         look = self.first_look
-        if look is not None and look.ahead_key in todo:
-            self.say(f"  wds_shards: shard {look.ahead_key}'s first {look.ahead_images} images went to the encoders "
-                     f"{look.ahead_at:.2f}s after the command started, ahead of its run")
-        failed = self.build_shards(todo)
+        if look is not None and look.ahead_key in todo and r is self.settings:
+            self.say(f"  {name}wds_shards: shard {look.ahead_key}'s first {look.ahead_images} images went to the "
+                     f"encoders {look.ahead_at:.2f}s after the command started, ahead of its run")
+        failed = self.build_shards(todo, r)
         if not wanted:
-            self.say("  shards and audit: skipped (--shards none: the catalog stages and the plan only)")
+            self.say(f"  {name}shards and audit: skipped (--shards none: the catalog stages and the plan only)")
             return 0
         if failed:
-            return self.fail(f"wds_shards[{', '.join(failed)}]", [
+            return self.fail(f"{asset_key(r, 'wds_shards').to_user_string()}[{', '.join(failed)}]", [
                 f"{len(failed)} of {len(todo)} shards failed: {', '.join(failed)}",
                 "shard_audit: skipped (it vouches for every shard; run `imnet build` again once they build)"])
-        if set(wanted) != set(s.partition_keys):
-            self.say("  shard_audit: skipped (only some shards were selected; run `imnet build` for all)")
+        if set(wanted) != set(r.partition_keys):
+            self.say(f"  {name}shard_audit: skipped (only some shards were selected; run `imnet build` for all)")
             return 0
-        if self._audit_fresh(todo) or (self.hold_out_root() and self._audit_fresh(todo)):
-            self.say("  shard_audit      fresh, skipped")
+        if self._audit_fresh(todo, r) or (self.hold_out_root(r) and self._audit_fresh(todo, r)):
+            self.say(f"  {shown('shard_audit')} fresh, skipped")
         else:
-            result, failures = self.materialize(["shard_audit"])
+            result, failures = self.materialize(["shard_audit"], release=r)
+            audit = asset_key(r, "shard_audit").to_user_string()
             if failures:
-                return self.fail("shard_audit", failures)
-            md = self._metadata(result, "shard_audit")
-            self.say(f"  shard_audit      ok: {md.get('samples')} samples in {md.get('shards')} shards, "
+                return self.fail(audit, failures)
+            md = self._metadata(result, audit)
+            self.say(f"  {shown('shard_audit')} ok: {md.get('samples')} samples in {md.get('shards')} shards, "
                      f"{md.get('excluded')} excluded, {md.get('repaired')} repaired")
-        self.say(f"shards: {s.out_root}  (_info.json beside them); catalog: {s.catalog}")
+        self.say(f"{name}shards: {r.out_root}  (_info.json beside them); catalog: {r.catalog}")
         return 0
 
-    def _audit_fresh(self, built: list[str]) -> bool:
+    def _audit_fresh(self, built: list[str], r: Settings) -> bool:
         from imnet_assets.stages.audit import audit_fingerprint
 
-        fp = audit_fingerprint(self.settings)
-        return not built and fp is not None and self._stage_fp("shard_audit") == fp
+        fp = audit_fingerprint(r)
+        return not built and fp is not None and self._stage_fp("shard_audit", r) == fp
 
     def runs_at_once(self, todo: int) -> int:
         """Shard runs to run at once: `--parallel` / IMNET_PARALLEL_SHARDS, else about the cores
@@ -225,20 +299,21 @@ class Build:
             runs = min(runs, limit)
         return max(1, min(runs, todo))
 
-    def build_shards(self, todo: list[str]) -> list[str]:
+    def build_shards(self, todo: list[str], release: Settings | None = None) -> list[str]:
         """Materialize each shard partition in `todo`, a Dagster run each, several at once (threads
         of this process: each run is recorded in the instance like any other). Returns the failed
         keys, in `todo` order. On a failure, no further shard starts unless --keep-going; the runs
         already going finish."""
         if not todo:
             return []
+        r = release or self.selected[0]
         runs = self.runs_at_once(len(todo))
         if runs > 1 and not skip_per_run_logging_config(self.instance):
             self.say("  wds_shards: one shard run at a time (the instance's python_logs.dagster_handler_config "
                      "makes Dagster reconfigure logging per run, which concurrent runs in one process cannot share)")
             runs = 1
         if runs > 1:
-            self.say(f"  wds_shards: {runs} shard runs at once, {self.settings.workers} workers each")
+            self.say(f"  {label(r)}wds_shards: {runs} shard runs at once, {self.settings.workers} workers each")
         if self.settings.workers > 1:
             # The encode workers (and their forkserver's imports) start now, while the first runs
             # are being set up in Dagster, instead of when the first run asks for them.
@@ -246,38 +321,40 @@ class Build:
 
             shared_pool(self.settings.workers)
         with console_kept_through_output_capture(self):
-            return self._build_shards(todo, runs)
+            return self._build_shards(todo, runs, r)
 
-    def _build_shards(self, todo: list[str], runs: int) -> list[str]:
+    def _build_shards(self, todo: list[str], runs: int, r: Settings) -> list[str]:
         started, images, done = time.perf_counter(), 0, 0
         failed: list[str] = []
-        for key, result, failures in self._shard_runs(todo, runs, stop=lambda: bool(failed) and not self.keep_going):
+        name = label(r)
+        for key, result, failures in self._shard_runs(todo, runs, r,
+                                                      stop=lambda: bool(failed) and not self.keep_going):
             done += 1
             if failures:
                 failed.append(key)
-                self.say(f"  [{done}/{len(todo)}] shard {key}: FAILED")
+                self.say(f"  [{done}/{len(todo)}] {name}shard {key}: FAILED")
                 for f in failures:
                     self.say("    " + redact(f))
                 if not self.keep_going:
                     self.say("  wds_shards: stopping at the first failure (--keep-going builds the others)")
                 continue
-            md = self._metadata(result, "wds_shards")
+            md = self._metadata(result, asset_key(r, "wds_shards").to_user_string())
             images += int(md.get("samples", 0))
             elapsed = time.perf_counter() - started
             eta = elapsed / done * (len(todo) - done)
-            self.say(f"  [{done}/{len(todo)}] shard {key}: {md.get('samples')} samples "
+            self.say(f"  [{done}/{len(todo)}] {name}shard {key}: {md.get('samples')} samples "
                      f"({md.get('excluded')} excluded, {md.get('repaired')} repaired), "
                      f"{md.get('images_per_s')} img/s; overall {images / elapsed:.1f} img/s, eta {eta:.0f}s")
         order = {k: i for i, k in enumerate(todo)}
         return sorted(failed, key=order.__getitem__)
 
-    def _shard_runs(self, todo: list[str], runs: int, stop) -> Iterator[tuple[str, object, list[str]]]:
+    def _shard_runs(self, todo: list[str], runs: int, r: Settings, stop) -> Iterator[tuple[str, object, list[str]]]:
         """(key, result, failures) per shard run, as they finish; no new run starts once `stop()`."""
         if runs <= 1:  # in this thread: Ctrl-C interrupts the run itself
             for key in todo:
                 if stop():
                     return
-                yield (key, *self.materialize(["wds_shards"], partition_key=key))
+                yield (key, *self.materialize(["wds_shards"], partition_key=key, release=r))
             return
         from concurrent.futures import ThreadPoolExecutor
 
@@ -286,7 +363,7 @@ class Build:
         pending: dict = {}
         try:
             for key in queue:
-                pending[pool.submit(self.materialize, ["wds_shards"], key)] = key
+                pending[pool.submit(self.materialize, ["wds_shards"], key, r)] = key
                 if len(pending) >= runs:
                     break
             while pending:
@@ -297,7 +374,7 @@ class Build:
                     if not stop():
                         nxt = next(queue, None)
                         if nxt is not None:
-                            pending[pool.submit(self.materialize, ["wds_shards"], nxt)] = nxt
+                            pending[pool.submit(self.materialize, ["wds_shards"], nxt, r)] = nxt
         except BaseException:
             # Ctrl-C reaches this thread only; the runs in the others cannot be interrupted from
             # here: they end with this process (main), and the next build marks them failed.
@@ -306,13 +383,13 @@ class Build:
             raise
         pool.shutdown(wait=True)
 
-    def _stage_fp(self, stage: str) -> str | None:
+    def _stage_fp(self, stage: str, r: Settings) -> str | None:
         from imnet_assets.storage.catalog import open_reader
 
         if not os.path.exists(self.settings.catalog):
             return None
         with open_reader(self.settings.catalog, say=lambda m: self.say(f"  {m}")) as cat:
-            return cat.stage_fingerprint(stage)
+            return cat.stage_fingerprint(stage, r.release)
 
     def _metadata(self, result, asset: str) -> dict:
         for ev in result.get_asset_materialization_events():
@@ -341,8 +418,9 @@ class Build:
         return 1
 
 
-def build(settings: Settings, wanted: list[str], verbose: bool = False, keep_going: bool = False,
-          parallel: int | None = None) -> int:
+def build(settings: Settings, wanted: list[str] | dict[str, list[str]], verbose: bool = False,
+          keep_going: bool = False, parallel: int | None = None, releases: list[Settings] | None = None,
+          selected: list[Settings] | None = None) -> int:
     """`imnet build` for the shard partitions `wanted`: its exit code. Ctrl-C / SIGTERM raise
     KeyboardInterrupt, unless shard runs are left going in other threads: then the process ends
     at once (end_now_leaving_runs says why it must)."""
@@ -350,8 +428,10 @@ def build(settings: Settings, wanted: list[str], verbose: bool = False, keep_goi
 
     start_forkserver()  # its imports overlap Dagster's; scan and encode workers then fork at once
     # the stages' freshness and the first shard's first jobs, while Dagster is imported and set up
-    look = FirstLook(settings, wanted, BUILD_LEASE)
-    runner = Build(settings, verbose=verbose, keep_going=keep_going, parallel=parallel, first_look=look)
+    look = FirstLook(settings, wanted if releases is None and isinstance(wanted, list) else [], BUILD_LEASE,
+                     [r.out_root for r in (releases or [settings])])
+    runner = Build(settings, verbose=verbose, keep_going=keep_going, parallel=parallel, releases=releases,
+                   selected=selected, first_look=look)
     try:
         return runner.run(wanted)
     except KeyboardInterrupt:

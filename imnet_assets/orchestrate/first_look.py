@@ -31,13 +31,15 @@ def process_age() -> float:
 
 
 class FirstLook(threading.Thread):
-    """The catalog stages' staleness (`stale_stages`, one listing), then the jobs of the first of
-    `wanted` that is not fresh submitted ahead of its run (when every stage is fresh, the build
-    has IMNET_WORKERS > 1 worker processes and no other build holds the out root)."""
+    """The catalog stages' staleness (`stale_stages` of the base settings, one listing), then the
+    jobs of the first of `wanted` (shards of the base settings' release; none when the build has
+    several releases) that is not fresh submitted ahead of its run, when every stage is fresh, the
+    build has IMNET_WORKERS > 1 worker processes and no other build holds the out root."""
 
-    def __init__(self, settings: Settings, wanted: list[str], lease_name: str):
+    def __init__(self, settings: Settings, wanted: list[str], lease_name: str, marker_roots: list[str] | None = None):
         super().__init__(name="imnet-first-look", daemon=True)
         self.settings, self.wanted, self.lease_name = settings, list(wanted), lease_name
+        self.marker_roots = marker_roots  # as Build looks (every release's out root)
         self.logged: list[str] = []
         self.stale: list[str] | None = None  # None: the look failed (the build looks again and says why)
         self.ahead_key: str | None = None
@@ -46,10 +48,10 @@ class FirstLook(threading.Thread):
         self.start()
 
     def run(self) -> None:
-        from imnet_assets.stages.catalog_stages import stale_stages
+        from imnet_assets.stages.fingerprints import stale_stages
 
         try:
-            self.stale = stale_stages(self.settings, log=self.logged.append)
+            self.stale = stale_stages(self.settings, log=self.logged.append, marker_roots=self.marker_roots)
         except Exception:  # noqa: BLE001 - the build's own look raises it where it is handled
             return
         if not self.stale:

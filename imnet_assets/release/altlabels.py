@@ -62,7 +62,7 @@ def shard_counts(settings) -> dict[str, int]:
     from imnet_assets.storage.catalog import Catalog
 
     with Catalog(settings.catalog, read_only=True) as cat:
-        rows = cat.rows("altlabels_in1k_per_shard", {"wnids": sorted(in1k_labels())})
+        rows = cat.rows("altlabels_in1k_per_shard", {"wnids": sorted(in1k_labels()), "release": settings.release})
     return {settings.shard_name(shard): int(n) for shard, n in rows}
 
 

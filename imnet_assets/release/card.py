@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from importlib import metadata
 
-from imnet_assets.release.info import DATASET_NAME, info_document
+from imnet_assets.release.info import dataset_name, info_document
+from imnet_assets.release.plan import VALIDATION
 from imnet_assets.storage import atomic, fs
 
 CARD_NAME = "README.md"
@@ -80,10 +81,16 @@ def facts(settings, report) -> dict:
     with Catalog(settings.catalog, read_only=True) as cat:
         overlaps = cat.one("overlaps_summary")
         eval_images = cat.one("eval_summary")
-        classes = cat.one("card_classes")
+        classes = cat.one("card_classes", {"release": settings.release})
+        named = cat.one("card_release", {"release": settings.release}) if settings.release else {}
+        if settings.val_per_class:  # classes that gave validation fewer than val_per_class images
+            named["short"] = len(cat.rows("plan_validation_short", {
+                "release": settings.release, "val_per_class": settings.val_per_class,
+                "first_validation": settings.partition_keys[settings.num_shards]}))
     totals = report.totals
+    train_keys = settings.partition_keys[:settings.num_shards]
     return {
-        "name": DATASET_NAME,
+        "name": dataset_name(settings),
         "samples": int(totals.get("samples") or 0),
         "classes": int(classes.get("classes") or 0),
         "synsets": int(totals.get("synsets") or 0),
@@ -102,8 +109,8 @@ def facts(settings, report) -> dict:
         "code_versions": sorted({r["code_version"] for r in report.per_shard if r.get("code_version")}),
         "package_version": _package_version(),
         "shard_pattern": settings.shard_pattern,
-        "first_shard": settings.shard_name(settings.partition_keys[0]),
-        "last_shard": settings.shard_name(settings.partition_keys[-1]),
+        "first_shard": settings.shard_name(train_keys[0]),
+        "last_shard": settings.shard_name(train_keys[-1]),
         "settings": {
             "IMNET_NUM_SHARDS": settings.num_shards,
             "IMNET_SEED": settings.seed,
@@ -118,15 +125,45 @@ def facts(settings, report) -> dict:
             **({"codec": settings.codec, "jpeg_quality": settings.jpeg_quality} if settings.codec != "webp" else {}),
             **({"max_short_edge": settings.max_short_edge} if settings.max_short_edge != 768 else {}),
         },
+        "release": release_facts(settings, named),
         "alt_labels": settings.alt_labels,
         "codec": settings.codec,
         "max_short_edge": settings.max_short_edge,
-        "splits": ["train", *(n for n, _ in settings.holdout), *([f"train_{settings.alt_labels}"]
-                                                                 if settings.alt_labels else [])],
+        "splits": ["train", *(n for n, _ in settings.holdout), *([VALIDATION] if settings.val_per_class else []),
+                   *([f"train_{settings.alt_labels}"] if settings.alt_labels else [])],
         # split -> its shard files, as _info.json lists them
         "split_files": {name: list(split["filenames"])
                         for name, split in info_document(settings, report.lengths)["splits"].items()},
     }
+
+
+def release_facts(settings, named: dict) -> dict | None:
+    """A named release's own settings (the releases file, issue 25); None for the default release, whose
+    card is as before releases."""
+    if not settings.release:
+        return None
+    return {"name": settings.release, "synsets": settings.synsets, "classes": int(named.get("synsets") or 0),
+            "absent": int(named.get("absent") or 0), "codec": settings.codec,
+            "max_short_edge": settings.max_short_edge, "val_per_class": settings.val_per_class,
+            "validation_shards": settings.validation_shards, "short": int(named.get("short") or 0)}
+
+
+def _release_lines(r: dict | None) -> list[str]:
+    """The card's section on a named release: what it selects, its labels, its validation split."""
+    if not r:
+        return []
+    lines = ["## Release", "", "| key | value |", "|---|---|",
+             *(f"| `{k}` | `{r[k]}` |" for k in ("name", "synsets", "codec", "max_short_edge", "val_per_class")), "",
+             f"Labels are the index in the sorted list of the release's {_n(r['classes'])} synsets (`classes.tsv`)."]
+    if r["absent"]:
+        lines.append(f"{_n(r['absent'])} of them are not in the raw release: they keep their labels and hold no "
+                     "sample (count 0 in `classes.tsv`).")
+    if r["val_per_class"]:
+        lines.append(f"The `validation` split ({_n(r['validation_shards'])} shards of its own, disjoint from train) "
+                     f"holds a seeded choice of {r['val_per_class']} images of each class; a class with "
+                     f"{r['val_per_class']} or fewer kept images gives all but one of them"
+                     + (f" ({_n(r['short'])} classes here)." if r["short"] else " (none here)."))
+    return [*lines, ""]
 
 
 def _n(value: int) -> str:
@@ -205,6 +242,7 @@ def render(f: dict) -> str:
         "`classes.tsv` beside the shards maps each label to its synset: `label`, `wnid`, `lemma`, `gloss`, "
         "`count` (the samples of that class), a header line, one row per label.",
         "",
+        *_release_lines(f.get("release")),
         "## Settings",
         "",
         "| variable | value |",

@@ -8,18 +8,23 @@ from __future__ import annotations
 import json
 
 from imnet_assets.release import altlabels
-from imnet_assets.release.plan import split_shards
+from imnet_assets.release.plan import release_splits
 from imnet_assets.settings import Settings
 from imnet_assets.storage import fs
 
 DATASET_NAME = "imagenet-w21-webp-wds"
 
 
+def dataset_name(settings: Settings) -> str:
+    """`_info.json`'s name: the release's (issue 25), DATASET_NAME for the default release."""
+    return settings.release or DATASET_NAME
+
+
 def info_document(settings: Settings, lengths: dict[str, int]) -> dict:
-    """timm's `_info.json`: one entry per split, shard basenames and their sample counts."""
+    """timm's `_info.json`: one entry per split (train, holdout splits, a release's validation),
+    shard basenames and their sample counts."""
     splits = {}
-    for name, indices in split_shards(settings.num_shards, settings.holdout).items():
-        keys = [settings.partition_keys[i] for i in indices]
+    for name, keys in release_splits(settings).items():
         counts = [lengths[k] for k in keys]
         splits[name] = {
             "name": name,
@@ -28,7 +33,7 @@ def info_document(settings: Settings, lengths: dict[str, int]) -> dict:
             "num_samples": sum(counts),
         }
     splits.update(altlabels.info_splits_for(settings, splits["train"]))  # issue 17: train_in1k
-    return {"name": DATASET_NAME, "splits": splits}
+    return {"name": dataset_name(settings), "splits": splits}
 
 
 def info_url(settings: Settings) -> str:

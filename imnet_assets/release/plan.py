@@ -42,14 +42,33 @@ def shard_of(g: int, n: int, s: int) -> tuple[int, int]:
     return r + shard, pos
 
 
-def split_shards(num_shards: int, holdout: tuple[tuple[str, int], ...]) -> dict[str, list[int]]:
-    """Shard indices per split: holdout splits take the last shards, in the order given."""
+VALIDATION = "validation"  # the split of a release's val_per_class images (issue 25)
+
+
+def split_shards(num_shards: int, holdout: tuple[tuple[str, int], ...],
+                 validation_shards: int = 0) -> dict[str, list[int]]:
+    """Shard indices per split: holdout splits take the last of the num_shards shards, in the order
+    given; a release's validation split (val_per_class) the `validation_shards` after them."""
     out: dict[str, list[int]] = {}
     end = num_shards
     for name, count in reversed(holdout):
         out[name] = list(range(end - count, end))
         end -= count
-    return {"train": list(range(end)), **dict(reversed(list(out.items())))}
+    splits = {"train": list(range(end)), **dict(reversed(list(out.items())))}
+    if validation_shards:
+        if num_shards + validation_shards > 10_000:  # keys are 4 digits: SQL compares them as text
+            raise ValueError(f"{num_shards} train and {validation_shards} validation shards: at most 10,000 in all")
+        if VALIDATION in splits:
+            raise ValueError(f"a holdout split is named {VALIDATION!r}, the split of val_per_class: rename it")
+        splits[VALIDATION] = list(range(num_shards, num_shards + validation_shards))
+    return splits
+
+
+def release_splits(settings) -> dict[str, list[str]]:
+    """Partition keys per split of a release's settings (train, holdout splits, validation)."""
+    keys = settings.partition_keys
+    return {name: [keys[i] for i in indices]
+            for name, indices in split_shards(settings.num_shards, settings.holdout, settings.validation_shards).items()}
 
 
 @dataclass(frozen=True)
@@ -103,9 +122,10 @@ def _commit_slice(out_root: str, shard_key: str, data: bytes) -> str:
     return digest
 
 
-def publish_slices(cat, out_root: str, shard_keys: list[str], batch: int = SLICE_BATCH) -> dict[str, str]:
+def publish_slices(cat, out_root: str, shard_keys: list[str], batch: int = SLICE_BATCH,
+                   release: str = "") -> dict[str, str]:
     """Commit the slice file of every shard in `shard_keys` from the catalog's plan table; returns
-    shard key -> digest.
+    shard key -> digest. `release`: whose plan rows (the catalog holds every release's).
 
     The CSV text is rendered by DuckDB (`sql/plan_slices_text.sql`), `batch` shards per query, and
     is byte for byte what `write_slice` writes for the same rows, so digests (and with them every
@@ -126,12 +146,12 @@ def publish_slices(cat, out_root: str, shard_keys: list[str], batch: int = SLICE
         for i in range(0, len(shard_keys), batch):
             keys = shard_keys[i:i + batch]
             bodies = {shard: (exotic, body) for shard, exotic, body
-                      in cat.rows("plan_slices_text", {"first": keys[0], "last": keys[-1]})}
+                      in cat.rows("plan_slices_text", {"first": keys[0], "last": keys[-1], "release": release})}
             files = []
             for key in keys:
                 exotic, body = bodies.pop(key, (False, ""))
                 if exotic:
-                    rows = cat.rows("plan_slices", {"first": key, "last": key})
+                    rows = cat.rows("plan_slices", {"first": key, "last": key, "release": release})
                     files.append((key, render_slice([row[1:] for row in rows])))
                 else:
                     files.append((key, header + body.encode("utf-8")))

@@ -24,7 +24,7 @@ from imnet_assets.release.freshness import OutRootLook, look_at_shards, verdict
 from imnet_assets.release.info import info_document, info_url, render_info
 from imnet_assets.release.outroot import MANIFEST_DIR, committed_as, manifest_url, unchanged_on_storage
 from imnet_assets.release.plan import read_index
-from imnet_assets.settings import Settings
+from imnet_assets.settings import Settings, validation_pattern
 from imnet_assets.stages.shard import fingerprint
 from imnet_assets.storage import atomic, fs
 from imnet_assets.storage.catalog import Catalog
@@ -50,6 +50,13 @@ def plan_mismatch(settings: Settings, index: dict | None) -> str | None:
         return None
     had = (index.get("seed"), index.get("num_shards"))
     want = (settings.seed, settings.num_shards)
+    # issue 25: a release's selection and validation (an index without them: the default release's)
+    had_release = (index.get("synsets", "all"), index.get("val_per_class", 0))
+    want_release = (settings.synsets, settings.val_per_class)
+    if had_release != want_release and had == want:
+        return (f"the plan under {fs.redact(settings.out_root)} was made for synsets {had_release[0]!r} with "
+                f"{had_release[1]} validation images a class; the settings ask for {want_release[0]!r} with "
+                f"{want_release[1]}: materialize shuffled_plan (`imnet build` does) before any shard")
     if had == want:
         return None
     return (f"the plan under {fs.redact(settings.out_root)} was made with seed {had[0]}, {had[1]} shards; the "
@@ -190,32 +197,33 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
         # Every catalog write below is one transaction: an audit killed at any moment leaves the
         # catalog as the last complete audit left it (the manifests' temp table is not part of it).
         cat.con.begin()
+        release = {"release": settings.release}  # the catalog holds every release's shard rows
         if present:
             if heads is None:
                 cat.run("audit_load", {"files": present})
             else:  # keep the rows of the files loaded for these shards, by the names DuckDB gave them
                 keep = {heads[k]["filename"] for k in lengths}
                 cat.run("audit_keep", {"files": sorted(keep)})
-            cat.run("audit_replace")
-            _mark_repaired(cat)
+            cat.run("audit_replace", release)
+            _mark_repaired(cat, settings.release)
             cat.run("audit_mark_excluded")
         else:
-            cat.run("audit_clear")
-        reconcile = cat.one("audit_reconcile")
-        class_bucket = _bucket_width(cat, "class")
+            cat.run("audit_clear", release)
+        reconcile = cat.one("audit_reconcile", release)
+        class_bucket = _bucket_width(cat, settings.release)
         report = AuditReport(
-            totals=cat.one("audit_totals"),
+            totals=cat.one("audit_totals", release),
             reconcile=reconcile,
-            per_shard=cat.dicts("audit_per_shard"),
-            reasons=cat.dicts("audit_reasons"),
-            class_sizes=cat.rows("audit_class_sizes", {"width": class_bucket}),
-            image_sizes=cat.rows("audit_image_sizes", {"width": IMAGE_BUCKET}),
+            per_shard=cat.dicts("audit_per_shard", release),
+            reasons=cat.dicts("audit_reasons", release),
+            class_sizes=cat.rows("audit_class_sizes", {"width": class_bucket, **release}),
+            image_sizes=cat.rows("audit_image_sizes", {"width": IMAGE_BUCKET, **release}),
             missing=missing, stale=stale, bad_files=bad, stray=stray_shards(settings, look.names),
-            conservation=conservation_problems(cat), lengths=lengths, class_bucket=class_bucket,
+            conservation=conservation_problems(cat, settings.release), lengths=lengths, class_bucket=class_bucket,
             changed_sources=[m.describe() for m in changed_sources.pending(settings.out_root).values()],
         )
         if report.problems:
-            cat.clear_stage("shard_audit")  # only a clean audit is fresh: this one is done again
+            cat.clear_stage("shard_audit", settings.release)  # only a clean audit is fresh: this one is done again
         cat.con.commit()
     # timm and users take _info.json as "this release is complete": only a clean audit writes it,
     # and the audit is recorded as done only once it and the card are written (a kill in between:
@@ -224,11 +232,11 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
         atomic.write_atomic(info_url(settings), render_info(info_document(settings, lengths)))
         report.info_written = True
         with Catalog(settings.catalog, read_only=True) as cat:  # kept counts as this audit left them
-            atomic.write_atomic(classes_url(settings), render_classes(cat.rows("classes_tsv")))
+            atomic.write_atomic(classes_url(settings), render_classes(cat.rows("classes_tsv", release)))
         card.write_card(settings, report)  # issue 17: the dataset card, <out>/README.md
         if audit_fp:
             with Catalog(settings.catalog) as cat:
-                cat.set_stage("shard_audit", audit_fp, run_id)
+                cat.set_stage("shard_audit", audit_fp, run_id, settings.release)
     else:
         log(f"_info.json not written: {'; '.join(report.problems)[:500]}")
     return report
@@ -237,11 +245,12 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
 CONSERVATION_SHOWN = 50  # differences named; the rest are counted
 
 
-def conservation_problems(cat: Catalog) -> list[str]:
+def conservation_problems(cat: Catalog, release: str = "") -> list[str]:
     """Every raw member accounted for (SPEC: Failure behaviour): per tar, images rows = members
-    counted from its headers; kept = planned; per written shard, planned = samples + encode-time
-    exclusions. Each difference names its tar or shard; empty when everything adds up."""
-    found = [p for (p,) in cat.rows("audit_conservation")]
+    counted from its headers; kept (of the release's synsets) = the release's planned; per written
+    shard of the release, planned = samples + encode-time exclusions. Each difference names its tar
+    or shard; empty when everything adds up."""
+    found = [p for (p,) in cat.rows("audit_conservation", {"release": release})]
     if len(found) > CONSERVATION_SHOWN:
         found = found[:CONSERVATION_SHOWN] + [f"... and {len(found) - CONSERVATION_SHOWN} more conservation differences"]
     return found
@@ -317,16 +326,16 @@ def _spool_manifests(settings: Settings, keys: list[str], spool: Path) -> list[s
     return files
 
 
-def _mark_repaired(cat: Catalog, batch: int = 64) -> None:
-    """audit_mark_repaired over ranges of `batch` shards (one UPDATE of every image is slow)."""
-    shards = [shard for (shard,) in cat.rows("audit_sample_shards")]
+def _mark_repaired(cat: Catalog, release: str = "", batch: int = 64) -> None:
+    """audit_mark_repaired over ranges of `batch` shards of the release (one UPDATE of every image is slow)."""
+    shards = [shard for (shard,) in cat.rows("audit_sample_shards", {"release": release})]
     for i in range(0, len(shards), batch):
         chunk = shards[i:i + batch]
-        cat.run("audit_mark_repaired", {"first": chunk[0], "last": chunk[-1]})
+        cat.run("audit_mark_repaired", {"first": chunk[0], "last": chunk[-1], "release": release})
 
 
-def _bucket_width(cat: Catalog, _what: str) -> int:
-    total = cat.one("audit_totals")
+def _bucket_width(cat: Catalog, release: str) -> int:
+    total = cat.one("audit_totals", {"release": release})
     per_class = (total.get("samples") or 0) / max(total.get("synsets") or 1, 1)
     return max(1, int(per_class // 10) or 1)
 
@@ -404,9 +413,16 @@ def stray_shards(settings: Settings, names: list[str] | None = None) -> list[str
     file names when already listed."""
     if names is None:
         names = [e["name"] for e in fs.listdir(settings.out_root)]
-    named = re.compile(r"(\d{4})".join(map(re.escape, settings.shard_name("\0").split("\0"))))
+    patterns = [settings.shard_pattern]
+    if settings.validation_shards:  # a release's validation shards have a pattern of their own
+        patterns.append(validation_pattern(settings.shard_pattern))
     ours = {settings.shard_name(k) for k in settings.partition_keys}
-    return [n for n in names if (m := named.fullmatch(n)) and n not in ours and settings.shard_name(m.group(1)) == n]
+    found = []
+    for pattern in patterns:
+        named = re.compile(r"(\d{4})".join(map(re.escape, pattern.format(shard="\0").split("\0"))))
+        found += [n for n in names if (m := named.fullmatch(n)) and n not in ours and n not in found
+                  and pattern.format(shard=m.group(1)) == n]
+    return found
 
 
 def shards_as_they_are(settings: Settings) -> tuple[str | None, str]:

@@ -150,11 +150,27 @@ class Catalog:
                 if "lock" not in str(e).lower() or time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+        if read_only and self._made_before_releases():
+            # made before releases: a writer migrates it once (Catalog.migrate_releases), then this
+            # reader opens it as it is now
+            self.con.close()
+            Catalog(path, retries=retries).close()
+            with _damage_named(path):
+                self.con = duckdb.connect(path, read_only=True)
         try:
             with _damage_named(path):
                 self.con.execute("SET enable_progress_bar = false")
                 if not read_only:
                     self.run("schema")
+                    self.migrate_releases()
+        except BaseException:
+            self.close()
+            raise
+
+    def _made_before_releases(self) -> bool:
+        try:
+            with _damage_named(self.path):
+                return bool(self.con.execute(sql("catalog_before_releases")).fetchone()[0])
         except BaseException:
             self.close()
             raise
@@ -198,15 +214,34 @@ class Catalog:
         found = self.dicts(name, params)
         return found[0] if found else {}
 
-    def stage_fingerprint(self, stage: str) -> str | None:
-        row = self.rows("stage_get", {"stage": stage})
+    def made_before_releases(self) -> bool:
+        """Whether the catalog's tables predate releases (issue 25): the first writer that opens
+        it migrates it (migrate_releases)."""
+        return bool(self.rows("catalog_before_releases")[0][0])
+
+    def migrate_releases(self) -> None:
+        """Give a catalog made before releases its release columns (sql/schema_releases.sql:
+        `stages` and `shards` rebuilt, a few thousand rows; the others gained theirs by ALTER in
+        schema.sql): one transaction, once. Every existing row is the default release's."""
+        if not self.made_before_releases():
+            return
+        with self.transaction():
+            self.run("schema_releases")
+
+    # A stage's record: `release` names a release's own stage (shuffled_plan, shard_audit); the
+    # shared stages (raw_tars, synset_manifest, filtered_index) and the default release use ''.
+    def stage_fingerprint(self, stage: str, release: str = "") -> str | None:
+        row = self.rows("stage_get", {"stage": stage, "release": release})
         return row[0][0] if row else None
 
-    def set_stage(self, stage: str, fingerprint: str, run_id: str) -> None:
-        self.run("stage_set", {"stage": stage, "fingerprint": fingerprint, "run_id": run_id})
+    def set_stage(self, stage: str, fingerprint: str, run_id: str, release: str = "") -> None:
+        self.run("stage_set", {"stage": stage, "fingerprint": fingerprint, "run_id": run_id, "release": release})
 
-    def clear_stage(self, stage: str) -> None:
-        self.run("stage_clear", {"stage": stage})
+    def clear_stage(self, stage: str, release: str = "") -> None:
+        self.run("stage_clear", {"stage": stage, "release": release})
+
+    def clear_stage_every_release(self, stage: str) -> None:
+        self.run("stage_clear_every_release", {"stage": stage})
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:

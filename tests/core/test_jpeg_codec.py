@@ -342,8 +342,8 @@ def test_a_byte_corrupted_after_the_commit_fails_the_in_run_check(built, tmp_pat
 
 def test_imnet_verify_reads_a_jpeg_release_against_the_catalog(built):
     with Catalog(built.s.catalog, read_only=True) as cat:
-        shards = {sh["shard"]: sh for sh in cat.dicts("verify_shards")}
-        rows = cat.rows("verify_samples", {"shards": sorted(shards)})
+        shards = {sh["shard"]: sh for sh in cat.dicts("verify_shards", {"release": built.s.release})}
+        rows = cat.rows("verify_samples", {"shards": sorted(shards), "release": built.s.release})
     for key, sh in shards.items():
         mine = [tuple(r[1:]) for r in rows if r[0] == key]
         url = os.path.join(built.s.out_root, sh["path"])

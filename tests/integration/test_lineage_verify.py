@@ -386,7 +386,7 @@ def test_readers_wait_for_a_writer_holding_the_catalog(damaged, tmp_path, comman
 
 
 def test_status_reports_without_the_catalog_while_a_long_writer_holds_it(damaged, tmp_path):
-    from imnet_assets.cli import STATUS_WAIT_S
+    from imnet_assets.orchestrate.status import STATUS_WAIT_S
 
     tmp, env, _built, _facts = damaged
     shutil.copy(tmp / "catalog.duckdb", tmp_path / "catalog.duckdb")

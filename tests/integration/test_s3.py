@@ -308,7 +308,7 @@ def test_remove_partials_keeps_another_hosts_upload_until_it_is_stale(s3, monkey
     _write_lease(url, upload, lease)
     assert atomic.remove_partials(url) == []
     assert _uploads(client, s3.bucket) == ["wds/imagenet12k-train-0002.tar"]
-    monkeypatch.setattr(fs, "STALE_UPLOAD_SECONDS", 3600)
+    monkeypatch.setattr(atomic, "STALE_UPLOAD_SECONDS", 3600)
     lease["written"] = time.time() - 7200
     _write_lease(url, upload, lease)
     assert len(atomic.remove_partials(url)) == 1

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dagster import AssetExecutionContext, MetadataValue, TableRecord, TableSchema
 
+from imnet_assets.defs.release_keys import SHARED_GROUP
 from imnet_assets.storage.fs import redact
 
-GROUP = "imagenet_w21"
+GROUP = SHARED_GROUP  # the shared stages' group
 
 
 def logger(context: AssetExecutionContext):

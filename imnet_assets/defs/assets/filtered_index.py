@@ -2,7 +2,8 @@ from dagster import AssetExecutionContext, MaterializeResult, TableColumn, Table
 
 from imnet_assets.defs.assets.common import GROUP, logger, table
 from imnet_assets.settings import Settings
-from imnet_assets.stages.catalog_stages import INDEX_VERSION, build_filtered_index
+from imnet_assets.stages.filtered_index import build_filtered_index
+from imnet_assets.stages.fingerprints import INDEX_VERSION
 
 REASONS_SCHEMA = TableSchema(columns=[TableColumn("reason", "string"), TableColumn("images", "int")])
 DUPLICATES_SCHEMA = TableSchema(columns=[
@@ -11,7 +12,9 @@ DUPLICATES_SCHEMA = TableSchema(columns=[
 ])
 
 
-def make(settings: Settings):
+def make(settings: Settings, marker_roots: list[str] | None = None):
+    """`marker_roots`: every release's out root, where shard runs mark changed sources (default: the out root)."""
+
     @asset(
         name="filtered_index",
         group_name=GROUP,
@@ -29,7 +32,7 @@ def make(settings: Settings):
         ),
     )
     def filtered_index(context: AssetExecutionContext) -> MaterializeResult:
-        facts = build_filtered_index(settings, context.run.run_id, logger(context))
+        facts = build_filtered_index(settings, context.run.run_id, logger(context), marker_roots=marker_roots)
         reasons = facts.pop("reasons")
         duplicates = facts.pop("duplicate_groups_top", [])
         return MaterializeResult(

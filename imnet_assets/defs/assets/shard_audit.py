@@ -7,8 +7,9 @@ from dagster import (
     asset,
 )
 
-from imnet_assets.defs.assets.common import GROUP, human_bytes, logger, table
+from imnet_assets.defs.assets.common import human_bytes, logger, table
 from imnet_assets.defs.checks import AUDIT_INFO, AUDIT_RECONCILED, result, shard_audit_checks
+from imnet_assets.defs.release_keys import asset_key, group, key_prefix
 from imnet_assets.settings import Settings
 from imnet_assets.stages.audit import AuditReport, check_info, run_audit
 
@@ -79,10 +80,11 @@ def audit_metadata(report: AuditReport) -> dict:
 def make(settings: Settings):
     @asset(
         name="shard_audit",
-        group_name=GROUP,
-        deps=["wds_shards"],
+        key_prefix=key_prefix(settings),
+        group_name=group(settings),
+        deps=[asset_key(settings, "wds_shards")],
         code_version="1",
-        check_specs=shard_audit_checks,
+        check_specs=shard_audit_checks(asset_key(settings, "shard_audit")),
         description=(
             "Loads every shard manifest into the catalog (its single writer for shard facts), "
             "reconciles the plan against the shards, writes timm's `_info.json`, and records "
@@ -97,9 +99,9 @@ def make(settings: Settings):
         return MaterializeResult(
             metadata=audit_metadata(report),
             check_results=[
-                result(AUDIT_RECONCILED, "shard_audit", report.problems,
+                result(AUDIT_RECONCILED, asset_key(settings, "shard_audit"), report.problems,
                        **{k: int(v) for k, v in report.reconcile.items() if isinstance(v, int)}),
-                result(AUDIT_INFO, "shard_audit", info_problems),
+                result(AUDIT_INFO, asset_key(settings, "shard_audit"), info_problems),
             ],
         )
 

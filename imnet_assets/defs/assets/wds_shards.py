@@ -9,8 +9,9 @@ from dagster import (
     asset,
 )
 
-from imnet_assets.defs.assets.common import GROUP, human_bytes, logger, reason_counts
+from imnet_assets.defs.assets.common import human_bytes, logger, reason_counts
 from imnet_assets.defs.checks import SHARD_COMPLETE, result, wds_shards_checks
+from imnet_assets.defs.release_keys import RELEASE_TAG, asset_key, group, key_prefix
 from imnet_assets.defs.schedules import HOST_TAG, worker_place
 from imnet_assets.release.lease import LeaseHeld
 from imnet_assets.release.lease import acquire as take_lease
@@ -37,11 +38,12 @@ def make(settings: Settings):
 
     @asset(
         name="wds_shards",
-        group_name=GROUP,
-        deps=["shuffled_plan"],
+        key_prefix=key_prefix(settings),
+        group_name=group(settings),
+        deps=[asset_key(settings, "shuffled_plan")],
         partitions_def=partitions,
         code_version=code_version(enc),
-        check_specs=wds_shards_checks(partitions),
+        check_specs=wds_shards_checks(partitions, asset_key(settings, "wds_shards")),
         pool=SHARD_POOL,
         description=(
             "One WebDataset tar per partition (IMNET_SHARD_PATTERN under IMNET_OUT_ROOT). Reads the "
@@ -56,6 +58,8 @@ def make(settings: Settings):
         name = settings.shard_name(key)
         if context.run.tags.get(HOST_TAG) is None:  # lets a rerun see this run's worker die (schedules)
             context.instance.add_run_tags(context.run.run_id, worker_place())
+        if settings.release and context.run.tags.get(RELEASE_TAG) is None:  # whose partition "0000" it is
+            context.instance.add_run_tags(context.run.run_id, {RELEASE_TAG: settings.release})
         # One run of a partition at a time, however each was launched (CLI, UI, schedule, sensor,
         # a retry): the lease is taken before anything is written, and a second run fails at once
         # naming the holder, without a retry (the run holding it builds the shard).
@@ -103,7 +107,7 @@ def make(settings: Settings):
             data_version=DataVersion(res.fingerprint[:16]),
             # The check is partitioned like the asset: its result carries this partition's key
             # (and, for readers of the metadata alone, names the shard).
-            check_results=[result(SHARD_COMPLETE, "wds_shards", problems, shard=key, samples=res.num_samples,
+            check_results=[result(SHARD_COMPLETE, asset_key(settings, "wds_shards"), problems, shard=key, samples=res.num_samples,
                                   decoded_every=settings.check_decode_every)],
         )
 
