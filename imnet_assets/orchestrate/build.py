@@ -221,7 +221,7 @@ class Build:
 
         if again:
             self._looked = None
-        if self._looked is not None and r is self.settings:
+        if self._looked is not None and r == self.settings:
             return self._looked
         return stale_stages(r, log=log, marker_roots=self.marker_roots)
 
@@ -252,7 +252,7 @@ class Build:
         self.say(f"  {name}wds_shards: {len(wanted) - len(todo) - len(busy)} of {len(wanted)} selected shards fresh, "
                  f"{len(todo)} to build")
         look = self.first_look
-        if look is not None and look.ahead_key in todo and r is self.settings:
+        if look is not None and look.ahead_key in todo and r == look.release:
             self.say(f"  {name}wds_shards: shard {look.ahead_key}'s first {look.ahead_images} images went to the "
                      f"encoders {look.ahead_at:.2f}s after the command started, ahead of its run")
         failed = self.build_shards(todo, r)
@@ -428,8 +428,10 @@ def build(settings: Settings, wanted: list[str] | dict[str, list[str]], verbose:
 
     start_forkserver()  # its imports overlap Dagster's; scan and encode workers then fork at once
     # the stages' freshness and the first shard's first jobs, while Dagster is imported and set up
-    look = FirstLook(settings, wanted if releases is None and isinstance(wanted, list) else [], BUILD_LEASE,
-                     [r.out_root for r in (releases or [settings])])
+    everyone = releases or [settings]
+    only = (selected or everyone)[0] if len(selected or everyone) == 1 else None  # a build of one release
+    keys = (wanted.get(only.release, only.partition_keys) if isinstance(wanted, dict) else wanted) if only else []
+    look = FirstLook(settings, BUILD_LEASE, [r.out_root for r in everyone], only, keys)
     runner = Build(settings, verbose=verbose, keep_going=keep_going, parallel=parallel, releases=releases,
                    selected=selected, first_look=look)
     try:

@@ -31,15 +31,17 @@ def process_age() -> float:
 
 
 class FirstLook(threading.Thread):
-    """The catalog stages' staleness (`stale_stages` of the base settings, one listing), then the
-    jobs of the first of `wanted` (shards of the base settings' release; none when the build has
-    several releases) that is not fresh submitted ahead of its run, when every stage is fresh, the
-    build has IMNET_WORKERS > 1 worker processes and no other build holds the out root."""
+    """The catalog stages' staleness (`stale_stages` of the base settings, one listing), then, for
+    a build of one `release`, the jobs of the first of its shards `wanted` that is not fresh
+    submitted ahead of its run, when every stage and its plan are fresh, the build has
+    IMNET_WORKERS > 1 worker processes and no other build holds its out root."""
 
-    def __init__(self, settings: Settings, wanted: list[str], lease_name: str, marker_roots: list[str] | None = None):
+    def __init__(self, settings: Settings, lease_name: str, marker_roots: list[str] | None = None,
+                 release: Settings | None = None, wanted: list[str] = ()):
         super().__init__(name="imnet-first-look", daemon=True)
-        self.settings, self.wanted, self.lease_name = settings, list(wanted), lease_name
+        self.settings, self.lease_name = settings, lease_name
         self.marker_roots = marker_roots  # as Build looks (every release's out root)
+        self.release, self.wanted = release, list(wanted)  # the one release built, and its shards wanted
         self.logged: list[str] = []
         self.stale: list[str] | None = None  # None: the look failed (the build looks again and says why)
         self.ahead_key: str | None = None
@@ -65,10 +67,14 @@ class FirstLook(threading.Thread):
         from imnet_assets.release.lease import holder_of
         from imnet_assets.stages import shard_ahead
         from imnet_assets.stages.audit import encode_settings, expected_shard_fingerprints
+        from imnet_assets.stages.fingerprints import stale_stages
 
-        s = self.settings
-        if s.workers <= 1 or not self.wanted or holder_of(s.out_root, self.lease_name) is not None:
+        s = self.release
+        if s is None or s.workers <= 1 or not self.wanted or holder_of(s.out_root, self.lease_name) is not None:
             return
+        if s != self.settings and "shuffled_plan" in stale_stages(s, log=lambda _m: None,
+                                                                  marker_roots=self.marker_roots):
+            return  # that release's plan is built first
         states = shard_states(s.out_root, self.wanted, [s.shard_name(k) for k in self.wanted],
                               expected_shard_fingerprints(s))
         first = next((k for k in self.wanted if states[k] != "fresh"), None)
