@@ -14,7 +14,7 @@ measured in the same run, alternating so that a busy machine hurts both sides al
    - the project's chain (`encode.encode_image`: the same plus the decoding rules, the colour
      rules and the EXIF / ICC kept), and its excess over the bare chain;
    - the sha256 of the WebP, the sample's tar members (`shard.sample_bytes`: JSON, pax/ustar
-     headers, padding) and their digest (`verify.sample_digest`, what the read-back checks);
+     headers, padding) and their digest (`outroot.sample_digest`, what the read-back checks);
    - the sampled decode check (`verify.webp_problem`: a full decode for every
      IMNET_CHECK_DECODE_EVERY-th and every repaired sample, the RIFF header for the others);
    - the transport: pickling of the job (its share per image) and of the reply, both ends;
@@ -47,9 +47,9 @@ from encode import SHARD, release  # noqa: E402
 from report import print_table  # noqa: E402
 
 from imnet_assets.image.encode import EncodeSettings, bare_chain, encode_image
-from imnet_assets.release.outroot import read_manifest
+from imnet_assets.release.outroot import read_manifest, sample_digest
 from imnet_assets.release.plan import read_slice
-from imnet_assets.release.verify import CheckChunkJob, sample_digest, webp_problem
+from imnet_assets.release.verify import CheckChunkJob, webp_problem
 from imnet_assets.runtime import workerpool
 from imnet_assets.stages.shard import EncodeJob, build_shard, sample_bytes
 from imnet_assets.storage import fs
@@ -107,7 +107,7 @@ def parts_round(settings, enc: EncodeSettings, decode_every: int) -> dict[str, f
         problem = webp_problem(e.webp, (e.width, e.height), decode)
         t = add("decode check (every 16th, repaired)" if decode else "header check (the others)", t)
         blob_sha = sample_digest(blob, bytes.fromhex(sha), len(e.webp))
-        t = add("digest of the sample bytes (verify.sample_digest)", t)
+        t = add("digest of the sample bytes (outroot.sample_digest)", t)
         assert not problem and sha and blob_sha
         record = {"key": row.key, "position": row.position, "width": e.width, "height": e.height,
                   "orig_width": e.orig_width, "orig_height": e.orig_height, "webp_bytes": len(e.webp),

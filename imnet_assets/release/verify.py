@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from imnet_assets.image.jpeg_output import jpeg_problem
-from imnet_assets.release.outroot import tar_end
+from imnet_assets.release.outroot import sample_digest, tar_end
 from imnet_assets.runtime.workerpool import WorkerDied, shared_pool
 from imnet_assets.storage import fs, prefetch
 from imnet_assets.storage.rawtar import Damage, iter_tar, plain_members
@@ -343,19 +343,6 @@ class CheckChunkJob:
             f.seek(self.start)
             data = f.read() if self.end is None else f.read(self.end - self.start)
         return _check_bytes(data, self.start, self.end is None, self.expected, self.decode, self.ext)
-
-
-def sample_digest(sample, webp_digest: bytes, webp_bytes: int) -> str:
-    """What a shard run records for one sample's bytes (`sample`: its three members, headers and
-    padding included), and what its read-back checks them against: the sha256 of those bytes with
-    the stored image's payload (the last member, WebP or JPEG: `webp_bytes` long) replaced by
-    `webp_digest`, that payload's sha256. A change of any byte changes it, as with a sha256 of all
-    of them, but the encode worker hashes its image once (for the manifest), not twice."""
-    at = len(sample) - webp_bytes - (-webp_bytes % tarfile.BLOCKSIZE)
-    sha = hashlib.sha256(sample[:at])
-    sha.update(webp_digest)
-    sha.update(sample[at + webp_bytes:])
-    return sha.hexdigest()
 
 
 def _intact_images(data: bytes, start: int, last: bool, expected: list[dict]) -> list[bytes] | None:

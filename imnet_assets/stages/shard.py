@@ -26,9 +26,9 @@ from imnet_assets.image.encode import EncodeSettings, encode_image
 from imnet_assets.release.altlabels import sample_fields
 from imnet_assets.release.changed_sources import SourceChanged, mark
 from imnet_assets.release.freshness import remember
-from imnet_assets.release.outroot import manifest_url, state_url, tar_end
+from imnet_assets.release.outroot import manifest_url, sample_digest, state_url, tar_end
 from imnet_assets.release.plan import SliceRow, read_slice
-from imnet_assets.release.verify import check_committed, sample_digest, stored_image_problem
+from imnet_assets.release.verify import check_committed, stored_image_problem
 from imnet_assets.runtime.procpool import preload
 from imnet_assets.runtime.workerpool import (
     ReplyUnreadable,
@@ -209,7 +209,7 @@ def sample_bytes(row: SliceRow, enc, alt_labels: str = "", ext: str = "webp") ->
 
 def prepare_sample(row: SliceRow, data: bytes | None, problem: str, settings: EncodeSettings,
                    decode_every: int, encode: Callable | None = None, crash_sha256: str | None = None) -> tuple:
-    """("ok", sample bytes, manifest record, check problem, verify.sample_digest of the sample bytes) or
+    """("ok", sample bytes, manifest record, check problem, outroot.sample_digest of the sample bytes) or
     ("excluded", reason) for one row.
     MemoryError propagates (the worker exits and the image is tried again in a fresh process)."""
     if data is None:

@@ -10,8 +10,9 @@ import random
 import tarfile
 import types
 
+from imnet_assets.release.outroot import sample_digest
 from imnet_assets.release.plan import SliceRow
-from imnet_assets.release.verify import _intact_images, sample_digest
+from imnet_assets.release.verify import _intact_images
 from imnet_assets.stages import shard as shard_mod
 from imnet_assets.storage.rawtar import plain_members
 
