@@ -39,7 +39,7 @@ from imnet_assets.image.jpeg_output import jpeg_problem
 from imnet_assets.release.outroot import sample_digest, tar_end
 from imnet_assets.runtime.workerpool import WorkerDied, shared_pool
 from imnet_assets.storage import fs, prefetch
-from imnet_assets.storage.rawtar import Damage, iter_tar, plain_members
+from imnet_assets.storage.rawtar import Damage, iter_tar, plain_member_spans
 
 READ_AHEAD = 8  # ranged requests of 4 MB kept in flight ahead of a remote shard's read-back
 MEMBERS = ["cls", "json", "webp"]  # a sample's members, in the order shard.sample_members writes them
@@ -151,11 +151,11 @@ def stored_image_problem(ext: str, data: bytes, size: tuple[int, int], decode: b
 
 
 def check_sample(key: str, parts: list[tuple[str, bytes]], exp: ExpectedSample, *, decode: bool,
-                 record: str, hashed=None) -> list[str]:
+                 record: str, hashed: bool = False) -> list[str]:
     """Problems of one sample (its members as read, in order) against what it must be.
     `record`: where the expected values were recorded ("manifest", "catalog"), for the messages.
-    `hashed`: bytes whose sha256 is known to be the recorded one (the in-run check's digests took
-    it): an image equal to them is not hashed again."""
+    `hashed`: the image's sha256 is known to be the recorded one (the in-run check's digest took
+    it, of these very bytes): not hashed again."""
 
     if exp.webp_sha256 is None:
         return [f"sample {key}: not in the {record}"]
@@ -168,7 +168,7 @@ def check_sample(key: str, parts: list[tuple[str, bytes]], exp: ExpectedSample, 
     image = payload.get(exp.ext)
     if image is not None:
         if len(image) != exp.webp_bytes or (
-                (hashed is None or image != hashed) and hashlib.sha256(image).hexdigest() != exp.webp_sha256):
+                not hashed and hashlib.sha256(image).hexdigest() != exp.webp_sha256):
             problems.append(f"sample {key}: {exp.ext} payload ({len(image)} bytes) sha256 differs from the {record}")
         problem = stored_image_problem(exp.ext, image, (exp.width, exp.height), decode)
         if problem:
@@ -345,10 +345,10 @@ class CheckChunkJob:
         return _check_bytes(data, self.start, self.end is None, self.expected, self.decode, self.ext)
 
 
-def _intact_images(data: bytes, start: int, last: bool, expected: list[dict]) -> list[bytes] | None:
+def _intact_images(data: bytes, start: int, last: bool, expected: list[dict]) -> list[int] | None:
     """When every sample's bytes, re-read, have the digest written for them at its offset
     (`sample_digest`), and (for the last chunk) the tar's end follows them exactly, so that the file
-    is byte for byte what was written: each sample's stored image as it lies there (its sha256,
+    is byte for byte what was written: where each sample's stored image lies in `data` (its sha256,
     taken here, is in the digest: the manifest's). None otherwise."""
     view = memoryview(data)
     images = []
@@ -356,10 +356,9 @@ def _intact_images(data: bytes, start: int, last: bool, expected: list[dict]) ->
         a = rec["offset"] - start
         span, n = view[a:a + rec["sample_size"]], rec["webp_bytes"]
         at = len(span) - n - (-n % tarfile.BLOCKSIZE)
-        image = data[a + at:a + at + n]  # bytes: compared with the parsed image by memcmp (a view compares per byte)
-        if at < 0 or sample_digest(span, hashlib.sha256(image).digest(), n) != rec["sample_digest"]:
+        if at < 0 or sample_digest(span, hashlib.sha256(span[at:at + n]).digest(), n) != rec["sample_digest"]:
             return None
-        images.append(image)
+        images.append(a + at)
     if last:
         end = (expected[-1]["offset"] + expected[-1]["sample_size"]) if expected else start
         if data[end - start:] != tar_end(end):
@@ -377,32 +376,37 @@ def _check_bytes(data: bytes, start: int, last: bool, expected: list[dict],
     if all("sample_digest" in r for r in expected) and (expected or last):
         images = _intact_images(data, start, last, expected)
         intact = images is not None
-    groups: list[tuple[str, list[tuple[str, bytes]]]] = []
+    # per sample: its key and its members (extension, payload, where the payload lies in `data`)
+    groups: list[tuple[str, list[tuple[str, bytes, int | None]]]] = []
 
-    def add(name: str, payload: bytes) -> None:
+    def add(name: str, payload, at: int | None) -> None:
         stem, _, ext = name.partition(".")
         if not groups or groups[-1][0] != stem:
             groups.append((stem, []))
-        groups[-1][1].append((ext, payload))
+        groups[-1][1].append((ext, payload, at))
 
-    plain = plain_members(data)  # plain headers only (what build_shard writes), read as tarfile reads them
+    view = memoryview(data)
+    plain = plain_member_spans(view)  # plain headers only (what build_shard writes), read as tarfile reads them
     if plain is not None:
-        for name, payload in plain:
-            add(name, payload)
+        for name, at, size in plain:
+            add(name, view[at:at + size], at)
     else:
         try:
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
                 for info in tar:
-                    add(info.name, tar.extractfile(info).read() if info.isreg() else b"")
+                    add(info.name, tar.extractfile(info).read() if info.isreg() else b"", None)
         except (tarfile.TarError, EOFError) as e:
             problems.append(f"tar unreadable after {len(groups)} samples of this part: {e}")
-    for i, (key, parts) in enumerate(groups):
+    for i, (key, members) in enumerate(groups):
         keys.append(key)
         rec = expected[i] if i < len(expected) else None
         if rec is None or rec["key"] != key:
             continue  # the key sequence is compared as a whole by the caller
-        problems += check_sample(key, parts, _expected(rec, ext), decode=decode[i], record="manifest",
-                                 hashed=images[i] if images is not None else None)
+        # The image whose bytes the digest hashed (same place in the same bytes) is not hashed again
+        # and, a WebP, is read where it lies; everything else as bytes.
+        hashed = images is not None and any(e == ext and at == images[i] for e, _, at in members)
+        parts = [(e, payload if (hashed and e == ext == "webp") else bytes(payload)) for e, payload, _ in members]
+        problems += check_sample(key, parts, _expected(rec, ext), decode=decode[i], record="manifest", hashed=hashed)
     return keys, problems, intact
 
 

@@ -87,7 +87,7 @@ def test_sample_digest_changes_with_any_byte_and_the_read_back_sees_it():
     at = len(one) - webp_bytes - (-webp_bytes % 512)
     digest = sample_digest(one, hashlib.sha256(one[at:at + webp_bytes]).digest(), webp_bytes)
     record = {"offset": 0, "sample_size": len(one), "sample_digest": digest, "webp_bytes": webp_bytes}
-    assert [bytes(v) for v in _intact_images(one, 0, False, [record])] == [one[at:at + webp_bytes]]
+    assert _intact_images(one, 0, False, [record]) == [at]  # where the image lies, its hash checked
     for pos in (0, 100, 148, 600, 1030, at - 1, at, at + 7_000, at + webp_bytes - 1, len(one) - 1):
         bad = bytearray(one)
         bad[pos] ^= 0x01
