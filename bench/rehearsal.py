@@ -157,12 +157,15 @@ def settings_env(raw: str, out: str, catalog: str, shards: int) -> dict[str, str
 
 
 def catalog_stages(settings, proxy):
-    from imnet_assets.stages import catalog_stages as stages
+    from imnet_assets.stages.filtered_index import build_filtered_index
+    from imnet_assets.stages.raw_tars import build_raw_tars
+    from imnet_assets.stages.shuffled_plan import build_shuffled_plan
+    from imnet_assets.stages.synset_manifest import build_synset_manifest
 
     quiet = lambda _m: None  # noqa: E731
     out = {}
-    for stage, fn in zip(STAGES, [stages.build_raw_tars, stages.build_synset_manifest,
-                                  stages.build_filtered_index, stages.build_shuffled_plan]):
+    for stage, fn in zip(STAGES, [build_raw_tars, build_synset_manifest,
+                                  build_filtered_index, build_shuffled_plan]):
         out[stage] = measured(proxy, fn, settings, f"rehearsal-{stage}", log=quiet)
         print(f"  {stage} ({'S3' if proxy else 'local'}): {out[stage][0]:.1f}s {req(out[stage][1])}", flush=True)
     return out

@@ -165,7 +165,7 @@ def child(args) -> dict:
             (n,) = cat.con.execute("SELECT count(*) FROM shard_samples").fetchone()
         facts = {"samples": n}
     else:
-        from imnet_assets.stages.catalog_stages import build_shuffled_plan
+        from imnet_assets.stages.shuffled_plan import build_shuffled_plan
 
         count, val = SUBSETS[args.child]
         wnids = Path(catalog_settings(args.work).catalog).parent / f"{args.child}.txt"

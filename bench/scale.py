@@ -226,7 +226,7 @@ def scale_memory_limits(factor: float) -> None:
 
 
 def stage_plan(args) -> dict:
-    from imnet_assets.stages.catalog_stages import build_shuffled_plan
+    from imnet_assets.stages.shuffled_plan import build_shuffled_plan
 
     settings = scale_settings(args.work, args.release)
     if args.scaled_limits:

@@ -83,15 +83,18 @@ def local_settings(raw: Path | str, folder: Path | str, **env) -> Settings:
 
 def build_catalog_stages(settings: Settings) -> dict:
     """raw_tars, synset_manifest, filtered_index and shuffled_plan, without Dagster; the plan's facts."""
-    from imnet_assets.stages import catalog_stages as stages
+    from imnet_assets.stages.filtered_index import build_filtered_index
+    from imnet_assets.stages.raw_tars import build_raw_tars
+    from imnet_assets.stages.shuffled_plan import build_shuffled_plan
+    from imnet_assets.stages.synset_manifest import build_synset_manifest
 
     def quiet(_msg: str) -> None:
         pass
 
-    stages.build_raw_tars(settings, "run-raw", log=quiet)
-    stages.build_synset_manifest(settings, "run-syn", log=quiet)
-    stages.build_filtered_index(settings, "run-idx", log=quiet)
-    return stages.build_shuffled_plan(settings, "run-plan", log=quiet)
+    build_raw_tars(settings, "run-raw", log=quiet)
+    build_synset_manifest(settings, "run-syn", log=quiet)
+    build_filtered_index(settings, "run-idx", log=quiet)
+    return build_shuffled_plan(settings, "run-plan", log=quiet)
 
 
 def imnet(args: list[str], env: dict[str, str], cwd: Path | None = None, check: bool = True,

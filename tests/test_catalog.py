@@ -139,7 +139,7 @@ def test_freshness_is_read_while_another_process_reads_the_catalog(tmp_path):
     import sys
 
     from imnet_assets.sample.sample_raw import write_sample_raw
-    from imnet_assets.stages import catalog_stages as stages
+    from imnet_assets.stages.fingerprints import stale_stages
     from tests.conftest import build_catalog_stages, local_settings
 
     write_sample_raw(tmp_path / "raw", synsets=2, images=6, seed=0)
@@ -151,7 +151,7 @@ def test_freshness_is_read_while_another_process_reads_the_catalog(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "open"
         # A writer's open would wait for the lock, then raise (duckdb.IOException).
-        assert stages.stale_stages(settings, log=lambda _m: None) == []
+        assert stale_stages(settings, log=lambda _m: None) == []
     finally:
         holder.kill()
         holder.wait()

@@ -206,7 +206,7 @@ class Build:
 
     def _stale(self, r: Settings, log=lambda _m: None) -> list[str]:
         """The shared stages and release `r`'s plan that are stale (core.stages.stale_stages)."""
-        from imnet_assets.stages.catalog_stages import stale_stages
+        from imnet_assets.stages.fingerprints import stale_stages
 
         return stale_stages(r, log=log, marker_roots=self.marker_roots)
 

@@ -21,7 +21,7 @@ def report(releases: list[Settings], raw: bool, out=sys.stdout) -> int:
     from imnet_assets.release.plan import read_index
     from imnet_assets.settings import dagster_home, env_file, project_root
     from imnet_assets.stages.audit import plan_mismatch
-    from imnet_assets.stages.catalog_stages import stale_stages
+    from imnet_assets.stages.fingerprints import stale_stages
     from imnet_assets.storage import fs
     from imnet_assets.storage.catalog import CatalogBusy, open_reader
 

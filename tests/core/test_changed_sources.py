@@ -19,9 +19,11 @@ from imnet_assets.release.changed_sources import SourceChanged
 from imnet_assets.release.outroot import state_url
 from imnet_assets.sample.sample_raw import write_sample_raw
 from imnet_assets.settings import Settings
-from imnet_assets.stages import catalog_stages as stages
 from imnet_assets.stages.audit import encode_settings, run_audit
+from imnet_assets.stages.filtered_index import build_filtered_index
+from imnet_assets.stages.fingerprints import stale_stages
 from imnet_assets.stages.shard import build_shard
+from imnet_assets.stages.shuffled_plan import build_shuffled_plan
 from imnet_assets.storage.fs import read_json
 from tests.conftest import build_catalog_stages, local_settings
 
@@ -78,7 +80,7 @@ def test_a_source_changed_in_place_fails_its_run_marks_the_tar_and_the_next_buil
     key, tar, member, offset, size, shard = rows(
         s, 'SELECT key, tar, member, "offset", size, shard FROM plan WHERE size > 20000 ORDER BY key LIMIT 1')[0]
     change_in_place(Path(s.raw_root) / tar, offset, size)
-    assert stages.stale_stages(s, log=QUIET) == []  # the listing cannot tell
+    assert stale_stages(s, log=QUIET) == []  # the listing cannot tell
 
     final = Path(s.out_root) / s.shard_name(shard)
     before = final.read_bytes()
@@ -94,13 +96,13 @@ def test_a_source_changed_in_place_fails_its_run_marks_the_tar_and_the_next_buil
     marks = changed_sources.pending(s.out_root)
     assert list(marks) == [tar] and marks[tar].doc["member"] == member and marks[tar].doc["shard"] == shard
     assert tar in marks[tar].describe()
-    assert stages.stale_stages(s, log=QUIET) == ["filtered_index", "shuffled_plan"]
+    assert stale_stages(s, log=QUIET) == ["filtered_index", "shuffled_plan"]
 
-    stages.build_filtered_index(s, "run-reindex", log=QUIET)
+    build_filtered_index(s, "run-reindex", log=QUIET)
     assert changed_sources.pending(s.out_root) == {}
-    assert stages.stale_stages(s, log=QUIET) == ["shuffled_plan"]  # its rows changed: planned again
-    stages.build_shuffled_plan(s, "run-replan", log=QUIET)
-    assert stages.stale_stages(s, log=QUIET) == []
+    assert stale_stages(s, log=QUIET) == ["shuffled_plan"]  # its rows changed: planned again
+    build_shuffled_plan(s, "run-replan", log=QUIET)
+    assert stale_stages(s, log=QUIET) == []
     build_all(s)
     assert not rows(s, "SELECT key FROM images WHERE status = 'excluded' AND reason LIKE '%changed%'")
 

@@ -17,8 +17,8 @@ from PIL import Image
 
 from imnet_assets.image.probe import probe_image
 from imnet_assets.sample.sample_raw import write_sample_raw
-from imnet_assets.stages import catalog_stages as stages
 from imnet_assets.stages.audit import encode_settings, expected_shard_fingerprints, run_audit
+from imnet_assets.stages.fingerprints import stale_stages
 from imnet_assets.stages.shard import build_shard
 from imnet_assets.storage.catalog import Catalog
 from tests.conftest import build_catalog_stages, local_settings, shard_verdict
@@ -105,7 +105,7 @@ def test_a_re_plan_keeps_the_refused_image_planned_refused_and_recorded(first, t
     # A gloss.txt edit makes the synset manifest stale, and nothing else.
     gloss = Path(settings.raw_root, "gloss.txt")
     gloss.write_text(gloss.read_text().replace("\t", "\tedited: ", 1))
-    assert stages.stale_stages(settings, log=QUIET) == ["synset_manifest"]
+    assert stale_stages(settings, log=QUIET) == ["synset_manifest"]
     # Re-plan anyway (as after any index change): same plan, so every shard stays fresh and the
     # audit finds the same exclusions, however many times this is done.
     for _ in range(2):

@@ -24,8 +24,9 @@ from imnet_assets.release.card import card_url
 from imnet_assets.release.info import info_url
 from imnet_assets.release.verify import iter_samples
 from imnet_assets.sample.photos import make_photo
-from imnet_assets.stages import catalog_stages as stages
 from imnet_assets.stages.audit import check_info, encode_settings, run_audit
+from imnet_assets.stages.filtered_index import build_filtered_index
+from imnet_assets.stages.fingerprints import stale_stages
 from imnet_assets.stages.shard import build_shard
 from imnet_assets.storage.catalog import Catalog
 from tests.conftest import build_catalog_stages, local_settings
@@ -280,8 +281,8 @@ def copy(built, tmp_path):
 
 def test_dedup_exact_excludes_later_copies_and_off_brings_them_back(built, copy):
     s = settings_for(copy, built.rel, IMNET_DEDUP="exact")
-    assert "filtered_index" in stages.stale_stages(s, log=QUIET)
-    facts = stages.build_filtered_index(s, "run-dedup", log=QUIET)
+    assert "filtered_index" in stale_stages(s, log=QUIET)
+    facts = build_filtered_index(s, "run-dedup", log=QUIET)
     assert facts["tars_scanned"] == 0 and facts["dedup_excluded"] == 3
     assert ("duplicate of", 3) in facts["reasons"]  # one kind of reason, not one per key
     rows = dict(query(s, "SELECT key, reason FROM images WHERE starts_with(reason, 'duplicate of ')"))
@@ -289,7 +290,7 @@ def test_dedup_exact_excludes_later_copies_and_off_brings_them_back(built, copy)
                     f"{WNIDS[1]}_92": f"duplicate of {WNIDS[1]}_3"}
     assert query(s, f"SELECT status FROM images WHERE key = '{WNIDS[1]}_3'") == [("kept",)]
     off = settings_for(copy, built.rel)
-    stages.build_filtered_index(off, "run-off", log=QUIET)
+    build_filtered_index(off, "run-off", log=QUIET)
     assert query(s, "SELECT count(*) FROM images WHERE starts_with(reason, 'duplicate of ')")[0][0] == 0
     assert query(s, "SELECT count(*) FROM images WHERE duplicate_of IS NOT NULL")[0][0] == 3
 
@@ -299,14 +300,14 @@ def test_a_changed_eval_set_is_matched_again_without_rescanning_tars(built, copy
     shutil.copytree(built.rel.eval, ev)
     os.remove(ev / "val" / "a" / "b" / "ILSVRC2012_val_00000001.JPEG")
     s = local_settings(built.rel.raw, copy, IMNET_NUM_SHARDS=2, IMNET_EVAL_EXCLUDE=str(ev), IMNET_ALT_LABELS="in1k")
-    assert stages.stale_stages(s, log=QUIET)[:1] == ["filtered_index"]
-    facts = stages.build_filtered_index(s, "run-eval2", log=QUIET)
+    assert stale_stages(s, log=QUIET)[:1] == ["filtered_index"]
+    facts = build_filtered_index(s, "run-eval2", log=QUIET)
     assert facts["tars_scanned"] == 0 and facts["eval_overlaps_exact"] == 1 and facts["eval_overlaps_near"] == 4
     assert query(s, f"SELECT status, reason FROM images WHERE key = '{WNIDS[0]}_1'") == [("kept", None)]
-    assert "filtered_index" not in stages.stale_stages(s, log=QUIET)
+    assert "filtered_index" not in stale_stages(s, log=QUIET)
     # no eval set at all: nothing excluded for overlap
     none = local_settings(built.rel.raw, copy, IMNET_NUM_SHARDS=2)
-    stages.build_filtered_index(none, "run-none", log=QUIET)
+    build_filtered_index(none, "run-none", log=QUIET)
     assert query(s, "SELECT count(*) FROM images WHERE starts_with(reason, 'eval overlap')")[0][0] == 0
 
 

@@ -14,8 +14,10 @@ import duckdb
 import pytest
 
 from imnet_assets.settings import Settings
-from imnet_assets.stages.catalog_stages import build_filtered_index, build_raw_tars, build_synset_manifest
+from imnet_assets.stages.filtered_index import build_filtered_index
 from imnet_assets.stages.index import scan_tar, scan_tars
+from imnet_assets.stages.raw_tars import build_raw_tars
+from imnet_assets.stages.synset_manifest import build_synset_manifest
 from tests.core.test_rawtar import jpeg, layout, make_tar
 
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-]+$")

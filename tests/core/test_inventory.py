@@ -12,7 +12,10 @@ import pytest
 from PIL import Image
 
 from imnet_assets.settings import Settings
-from imnet_assets.stages import catalog_stages as stages
+from imnet_assets.stages.filtered_index import build_filtered_index
+from imnet_assets.stages.fingerprints import stale_stages
+from imnet_assets.stages.raw_tars import build_raw_tars
+from imnet_assets.stages.synset_manifest import build_synset_manifest
 from imnet_assets.stages.synsets import labels, parse_text, read_text_file
 from imnet_assets.storage import inventory as inventory_mod
 from imnet_assets.storage.inventory import ArchiveDamaged, inventory, list_raw
@@ -133,7 +136,7 @@ def test_build_raw_tars_unpacks_the_whole_release(tmp_path):
     whole_release(raw / "winter21_whole.tar.gz", inner)
     settings = settings_for(raw, tmp_path)
     logged: list[str] = []
-    facts = stages.build_raw_tars(settings, "run-1", log=logged.append)
+    facts = build_raw_tars(settings, "run-1", log=logged.append)
     # The per-synset layout, byte for byte, beside the archive; no temporaries left.
     assert sorted(os.listdir(raw)) == sorted([*inner, "winter21_whole.tar.gz"])
     for name, data in inner.items():
@@ -148,11 +151,11 @@ def test_build_raw_tars_unpacks_the_whole_release(tmp_path):
     ]
     # The next run finds the unpacked tars and does not unpack again.
     mtime = os.stat(raw / "n00000001.tar").st_mtime_ns
-    stages.build_raw_tars(settings, "run-2", log=QUIET)
+    build_raw_tars(settings, "run-2", log=QUIET)
     assert os.stat(raw / "n00000001.tar").st_mtime_ns == mtime
     # The synset stage reads the unpacked words.txt; the index counts the members.
-    stages.build_synset_manifest(settings, "run-3", log=QUIET)
-    stages.build_filtered_index(settings, "run-4", log=QUIET)
+    build_synset_manifest(settings, "run-3", log=QUIET)
+    build_filtered_index(settings, "run-4", log=QUIET)
     assert query(settings, "SELECT wnid, label, lemma, gloss, num_images FROM synsets ORDER BY wnid") == [
         ("n00000001", 0, "one", None, 3), ("n00000002", 1, "two", None, 1), ("n00000003", 2, "three", None, 2),
     ]
@@ -171,10 +174,10 @@ def test_an_interrupted_unpack_is_redone(tmp_path, monkeypatch):
 
     monkeypatch.setattr(inventory_mod, "unpack_whole_release", killed)
     with pytest.raises(KeyboardInterrupt):
-        stages.build_raw_tars(settings, "run-1", log=QUIET)
+        build_raw_tars(settings, "run-1", log=QUIET)
     monkeypatch.undo()
     # One synset tar is there, but the release is not: the next run unpacks again.
-    facts = stages.build_raw_tars(settings, "run-2", log=QUIET)
+    facts = build_raw_tars(settings, "run-2", log=QUIET)
     assert facts["tars"] == 3
     assert sorted(os.listdir(raw)) == sorted([*inner, "winter21_whole.tar.gz"])
 
@@ -189,10 +192,10 @@ def test_a_cut_archive_is_a_clear_error_and_unpacked_again_next_time(tmp_path, c
     settings = settings_for(raw, tmp_path)
     where = r"after 0 files|before its first file" if cut == 100 else r"after \d files \(last n0000000\d\.tar\)"
     with pytest.raises(ArchiveDamaged, match=rf"winter21_whole\.tar\.gz is damaged or cut short: .*({where})"):
-        stages.build_raw_tars(settings, "run-1", log=QUIET)
-    assert stages.stale_stages(settings, log=QUIET)[0] == "raw_tars"
+        build_raw_tars(settings, "run-1", log=QUIET)
+    assert stale_stages(settings, log=QUIET)[0] == "raw_tars"
     (raw / "winter21_whole.tar.gz").write_bytes((tmp_path / "whole.tar.gz").read_bytes())
-    facts = stages.build_raw_tars(settings, "run-2", log=QUIET)
+    facts = build_raw_tars(settings, "run-2", log=QUIET)
     assert facts["tars"] == 3
     assert sorted(os.listdir(raw)) == sorted([*inner, "winter21_whole.tar.gz"])
 
@@ -204,11 +207,11 @@ def test_looking_at_a_packed_release_does_not_unpack_it(tmp_path):
     raw.mkdir()
     whole_release(raw / "winter21_whole.tar.gz", {"n00000001.tar": synset_tar("n00000001", 2)})
     settings = settings_for(raw, tmp_path)
-    assert stages.stale_stages(settings, log=QUIET) == ["raw_tars", "synset_manifest", "filtered_index",
+    assert stale_stages(settings, log=QUIET) == ["raw_tars", "synset_manifest", "filtered_index",
                                                          "shuffled_plan"]
     assert os.listdir(raw) == ["winter21_whole.tar.gz"]
-    stages.build_raw_tars(settings, "run", log=QUIET)
-    assert "raw_tars" not in stages.stale_stages(settings, log=QUIET)
+    build_raw_tars(settings, "run", log=QUIET)
+    assert "raw_tars" not in stale_stages(settings, log=QUIET)
 
 
 def test_tars_given_beside_the_archive_are_used_as_they_are(tmp_path):
@@ -217,7 +220,7 @@ def test_tars_given_beside_the_archive_are_used_as_they_are(tmp_path):
     whole_release(raw / "winter21_whole.tar.gz", {"n00000001.tar": synset_tar("n00000001", 2),
                                                   "n00000002.tar": synset_tar("n00000002", 2)})
     (raw / "n00000005.tar").write_bytes(synset_tar("n00000005", 1))
-    facts = stages.build_raw_tars(settings_for(raw, tmp_path), "run", log=QUIET)
+    facts = build_raw_tars(settings_for(raw, tmp_path), "run", log=QUIET)
     assert facts["tars"] == 1
     assert sorted(os.listdir(raw)) == ["n00000005.tar", "winter21_whole.tar.gz"]
 
@@ -227,7 +230,7 @@ def test_build_raw_tars_with_nothing_to_read_is_a_clear_error(tmp_path):
     raw.mkdir()
     (raw / "notes.md").write_text("x")
     with pytest.raises(FileNotFoundError, match="IMNET_RAW_ROOT"):
-        stages.build_raw_tars(settings_for(raw, tmp_path), "run", log=QUIET)
+        build_raw_tars(settings_for(raw, tmp_path), "run", log=QUIET)
 
 
 def test_build_raw_tars_follows_changes(tmp_path):
@@ -236,23 +239,23 @@ def test_build_raw_tars_follows_changes(tmp_path):
     (raw / "n00000001.tar").write_bytes(synset_tar("n00000001", 2))
     (raw / "n00000002.tar").write_bytes(synset_tar("n00000002", 2))
     settings = settings_for(raw, tmp_path)
-    stages.build_raw_tars(settings, "run-1", log=QUIET)
-    stages.build_synset_manifest(settings, "run-1", log=QUIET)
-    stages.build_filtered_index(settings, "run-1", log=QUIET)
+    build_raw_tars(settings, "run-1", log=QUIET)
+    build_synset_manifest(settings, "run-1", log=QUIET)
+    build_filtered_index(settings, "run-1", log=QUIET)
     os.unlink(raw / "n00000002.tar")
     (raw / "n00000001.tar").write_bytes(synset_tar("n00000001", 4))
     (raw / "n00000005.tar").write_bytes(synset_tar("n00000005", 1))
     (raw / "n00000006.tar").write_bytes(synset_tar("n00000006", 3))
     os.utime(raw / "n00000006.tar", (1, 1))
-    facts = stages.build_raw_tars(settings, "run-2", log=QUIET)
+    facts = build_raw_tars(settings, "run-2", log=QUIET)
     # The member counts of changed and new tars are unknown until the index walks them again.
     assert facts["tars"] == 3 and facts["tars_to_count"] == 3
-    stages.build_filtered_index(settings, "run-2", log=QUIET)
+    build_filtered_index(settings, "run-2", log=QUIET)
     assert query(settings, "SELECT tar, num_members FROM raw_tars ORDER BY tar") == [
         ("n00000001.tar", 4), ("n00000005.tar", 1), ("n00000006.tar", 3),
     ]
     # An unchanged tar keeps its count through another inventory.
-    facts = stages.build_raw_tars(settings, "run-3", log=QUIET)
+    facts = build_raw_tars(settings, "run-3", log=QUIET)
     assert facts["tars_to_count"] == 0 and facts["members"] == 8
 
 
@@ -287,10 +290,10 @@ def test_synset_manifest_labels_lemmas_and_glosses(tmp_path):
         'n00000010\tten, "the" tenth\nn00000030\tthirty\nn00000099\tno tar for this one\n', encoding="utf-8"
     )
     settings = settings_for(raw, tmp_path)
-    stages.build_raw_tars(settings, "run-1", log=QUIET)
-    stages.build_synset_manifest(settings, "run-2", log=QUIET)
-    stages.build_filtered_index(settings, "run-2", log=QUIET)  # it counts the members
-    facts = stages.build_synset_manifest(settings, "run-2", log=QUIET)
+    build_raw_tars(settings, "run-1", log=QUIET)
+    build_synset_manifest(settings, "run-2", log=QUIET)
+    build_filtered_index(settings, "run-2", log=QUIET)  # it counts the members
+    facts = build_synset_manifest(settings, "run-2", log=QUIET)
     rows = query(settings, "SELECT wnid, label, lemma, gloss, num_images FROM synsets ORDER BY label")
     assert rows == [
         ("n00000010", 0, 'ten, "the" tenth', None, 1),
@@ -300,7 +303,7 @@ def test_synset_manifest_labels_lemmas_and_glosses(tmp_path):
     assert (facts["synsets"], facts["with_lemma"], facts["with_gloss"], facts["images"]) == (3, 2, 0, 6)
     # gloss.txt appears later: the next run picks it up.
     (raw / "gloss.txt").write_text("n00000020\ta twentieth thing\n")
-    stages.build_synset_manifest(settings, "run-3", log=QUIET)
+    build_synset_manifest(settings, "run-3", log=QUIET)
     assert query(settings, "SELECT wnid, gloss FROM synsets ORDER BY wnid") == [
         ("n00000010", None), ("n00000020", "a twentieth thing"), ("n00000030", None),
     ]

@@ -28,7 +28,8 @@ from imnet_assets.release.plan import (
 )
 from imnet_assets.sample.sample_raw import write_sample_raw
 from imnet_assets.settings import Settings
-from imnet_assets.stages import catalog_stages as stages
+from imnet_assets.stages.fingerprints import expected_fingerprints
+from imnet_assets.stages.shuffled_plan import build_shuffled_plan
 from imnet_assets.storage.catalog import Catalog
 from tests.conftest import build_catalog_stages, local_settings
 
@@ -235,7 +236,7 @@ def test_slice_files_equal_the_plan_table(release):
     assert index["num_shards"] == NUM_SHARDS and index["seed"] == 0
     assert index["num_samples"] == len(rows)
     assert index["shard_lengths"] == shard_sizes(len(rows), NUM_SHARDS)
-    assert index["fingerprint"] == stages.expected_fingerprints(settings, log=lambda _m: None)["shuffled_plan"]
+    assert index["fingerprint"] == expected_fingerprints(settings, log=lambda _m: None)["shuffled_plan"]
     for key in settings.partition_keys:
         got, digest = read_slice(settings.out_root, key)
         want = [SliceRow(*r[1:]) for r in rows if r[0] == key]
@@ -258,7 +259,7 @@ def test_another_seed_gives_another_order(release, tmp_path):
     base, settings, _ = release
     shutil.copy(settings.catalog, tmp_path / "catalog.duckdb")
     other = settings_for(base / "raw", tmp_path, IMNET_SEED=1)
-    stages.build_shuffled_plan(other, "run-plan-2", log=lambda _m: None)
+    build_shuffled_plan(other, "run-plan-2", log=lambda _m: None)
     a, b = plan_table(settings), plan_table(other)
     assert sorted(r[2] for r in a) == sorted(r[2] for r in b)  # the same images
     assert [r[2] for r in a] != [r[2] for r in b]  # in another order
@@ -273,7 +274,7 @@ def test_more_shards_than_images_leaves_empty_slices(release, tmp_path):
     shutil.copy(settings.catalog, tmp_path / "catalog.duckdb")
     n = facts["samples"]
     other = settings_for(base / "raw", tmp_path, IMNET_NUM_SHARDS=n + 5)
-    stages.build_shuffled_plan(other, "run-plan-3", log=lambda _m: None)
+    build_shuffled_plan(other, "run-plan-3", log=lambda _m: None)
     index = read_index(other.out_root)
     assert index["shard_lengths"] == shard_sizes(n, n + 5) == [1] * n + [0] * 5
     assert read_slice(other.out_root, f"{n + 4:04d}")[0] == []
@@ -285,11 +286,11 @@ def test_fewer_shards_remove_the_slices_of_shards_gone(release, tmp_path):
     base, settings, facts = release
     shutil.copy(settings.catalog, tmp_path / "catalog.duckdb")
     more = settings_for(base / "raw", tmp_path, IMNET_NUM_SHARDS=NUM_SHARDS + 3)
-    stages.build_shuffled_plan(more, "run-plan-more", log=lambda _m: None)
+    build_shuffled_plan(more, "run-plan-more", log=lambda _m: None)
     assert os.path.exists(slice_url(more.out_root, f"{NUM_SHARDS + 2:04d}"))
     fewer = settings_for(base / "raw", tmp_path, IMNET_NUM_SHARDS=NUM_SHARDS)
     said = []
-    stages.build_shuffled_plan(fewer, "run-plan-fewer", log=said.append)
+    build_shuffled_plan(fewer, "run-plan-fewer", log=said.append)
     slices = sorted(p.name for p in (tmp_path / "out" / "_plan").glob("*.csv"))
     assert slices == [f"{k}.csv" for k in fewer.partition_keys]
     assert sum("does not have" in m for m in said) == 3, said
@@ -299,7 +300,7 @@ def test_rebuilding_the_plan_rewrites_nothing(release):
     _, settings, _ = release
     before = {k: os.stat(slice_url(settings.out_root, k)).st_ino for k in settings.partition_keys}
     index_before = json.loads(open(plan.index_url(settings.out_root)).read())
-    stages.build_shuffled_plan(settings, "run-plan-again", log=lambda _m: None)
+    build_shuffled_plan(settings, "run-plan-again", log=lambda _m: None)
     after = {k: os.stat(slice_url(settings.out_root, k)).st_ino for k in settings.partition_keys}
     assert before == after
     assert read_index(settings.out_root) == index_before

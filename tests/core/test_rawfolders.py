@@ -18,8 +18,10 @@ import duckdb
 import pytest
 
 from imnet_assets.sample.sample_raw import write_sample_raw
-from imnet_assets.stages import catalog_stages as stages
 from imnet_assets.stages.audit import encode_settings
+from imnet_assets.stages.filtered_index import build_filtered_index
+from imnet_assets.stages.fingerprints import stale_stages
+from imnet_assets.stages.raw_tars import build_raw_tars
 from imnet_assets.stages.shard import build_shard
 from imnet_assets.storage.inventory import RawLayoutError, list_raw
 from imnet_assets.storage.member_names import printable_name, raw_name
@@ -126,7 +128,7 @@ def test_folders_and_their_tars_build_byte_identical_shards(both):
     assert query(f, "SELECT tar, wnid, num_members FROM raw_tars ORDER BY tar") == \
         [(f"{w}/", w, IMAGES) for w in sorted(both.summary.wnids)]
     assert query(f, "SELECT sum(size) FROM raw_tars") == query(f, "SELECT sum(size) FROM images")
-    assert stages.stale_stages(f, log=QUIET) == []
+    assert stale_stages(f, log=QUIET) == []
 
 
 def test_hostile_file_names_keep_the_rules_of_the_tar_layout(both):
@@ -165,19 +167,19 @@ def test_a_changed_added_or_removed_file_reindexes_only_its_synset(both, tmp_pat
     shutil.copy(both.folders.catalog, settings.catalog)
     shutil.copytree(both.folders.out_root, settings.out_root)
     # copytree keeps mtimes (copy2): the copy lists as the original did
-    assert stages.stale_stages(settings, log=QUIET) == []
+    assert stale_stages(settings, log=QUIET) == []
     wnids = sorted(both.summary.wnids)
     before = query(settings, "SELECT tar, mtime FROM raw_tars ORDER BY tar")
 
     def reindex() -> list[str]:
         said: list[str] = []
-        stages.build_raw_tars(settings, "r", log=said.append)
-        stages.build_filtered_index(settings, "i", log=said.append)
+        build_raw_tars(settings, "r", log=said.append)
+        build_filtered_index(settings, "i", log=said.append)
         return [m for m in said if m.startswith("indexing ")]
 
     victim = next(p for p in sorted((raw / wnids[1]).iterdir()) if p.is_file())
     victim.write_bytes(victim.read_bytes()[:-10])  # changed in place
-    assert stages.stale_stages(settings, log=QUIET)[:1] == ["raw_tars"]
+    assert stale_stages(settings, log=QUIET)[:1] == ["raw_tars"]
     now = query(settings, "SELECT tar, mtime FROM raw_tars ORDER BY tar")
     assert now == before  # stale, not yet rebuilt
     assert reindex() == ["indexing 1 of 4 tars (3 unchanged)"]
@@ -194,7 +196,7 @@ def test_a_changed_added_or_removed_file_reindexes_only_its_synset(both, tmp_pat
     assert query(settings, f"SELECT num_members FROM raw_tars WHERE tar = '{wnids[2]}/'") == [(IMAGES,)]
     # words.txt beside the folders, as beside the tars: the synset manifest only
     (raw / "words.txt").write_text((raw / "words.txt").read_text().replace("\t", "\tchanged, ", 1))
-    assert stages.stale_stages(settings, log=QUIET)[:1] == ["synset_manifest"]
+    assert stale_stages(settings, log=QUIET)[:1] == ["synset_manifest"]
 
 
 def test_files_that_are_not_regular_are_recorded_never_opened(tmp_path):
@@ -216,8 +218,8 @@ def test_files_that_are_not_regular_are_recorded_never_opened(tmp_path):
     linked = query(settings, f"SELECT sha256 FROM images WHERE tar = '{wnid}/' AND member = '{wnid}_7.JPEG'")
     assert linked == [(hashlib.sha256(target.read_bytes()).hexdigest(),)]
     assert len(rows) == 4 + 4
-    stages.build_raw_tars(settings, "r2", log=QUIET)
-    stages.build_filtered_index(settings, "i2", log=QUIET)
+    build_raw_tars(settings, "r2", log=QUIET)
+    build_filtered_index(settings, "i2", log=QUIET)
     rows = dict(query(settings, f"SELECT member, reason FROM images WHERE tar = '{wnid}/'"))
     assert rows["loop"] == f"not a regular file (link to a folder) in raw folder {wnid}/"
 
@@ -231,7 +233,7 @@ def test_a_root_with_neither_layout_says_what_it_found_and_what_is_accepted(tmp_
     (raw / "n0144076").mkdir()  # one digit short
     settings = local_settings(raw, tmp_path)
     with pytest.raises(RawLayoutError) as caught:
-        stages.build_raw_tars(settings, "r", log=QUIET)
+        build_raw_tars(settings, "r", log=QUIET)
     text = str(caught.value)
     assert "found 3 files and 2 folders" in text and "train/" in text and "notes.txt" in text
     assert "none named like n01440764.tar or n01440764/" in text
@@ -286,9 +288,9 @@ def test_an_s3_prefix_of_folders_reads_each_file_once_whole(tmp_path, monkeypatc
                         shard_name=settings.shard_name(key), settings=encode_settings(settings), workers=1,
                         run_id=f"run-{key}")
         shard_runs = s3.since(mark)
-        assert stages.stale_stages(settings, log=QUIET) == []
+        assert stale_stages(settings, log=QUIET) == []
         client.put_object(Bucket="raw", Key=files[0], Body=b"changed")
-        assert stages.stale_stages(settings, log=QUIET)[:1] == ["raw_tars"]
+        assert stale_stages(settings, log=QUIET)[:1] == ["raw_tars"]
     assert shard_digests(settings) == shard_digests(expected)
     # the root listed by folder (with a delimiter), each synset folder by its own prefix: never one
     # listing of the whole release, one page per 1,000 of its 13M files in a row

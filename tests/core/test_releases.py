@@ -24,7 +24,6 @@ from imnet_assets.release.lineage import lineage_rows, releases_holding
 from imnet_assets.release.plan import read_index, read_slice, shard_sizes
 from imnet_assets.release.selection import SelectionError, select
 from imnet_assets.sample.sample_raw import write_sample_raw
-from imnet_assets.stages import catalog_stages as stages
 from imnet_assets.stages.audit import (
     encode_settings,
     expected_shard_fingerprints,
@@ -32,7 +31,10 @@ from imnet_assets.stages.audit import (
     run_audit,
     shards_as_they_are,
 )
+from imnet_assets.stages.filtered_index import build_filtered_index
+from imnet_assets.stages.fingerprints import listing_fingerprints, stale_stages
 from imnet_assets.stages.shard import build_shard
+from imnet_assets.stages.shuffled_plan import build_shuffled_plan
 from imnet_assets.storage.catalog import Catalog
 from imnet_assets.storage.inventory import list_raw
 from tests.conftest import build_catalog_stages, local_settings
@@ -48,7 +50,7 @@ def query(settings, text: str, params: list | None = None) -> list[tuple]:
 
 def build_release(settings) -> None:
     """A release's plan, every shard and its audit (the shared stages already built)."""
-    stages.build_shuffled_plan(settings, f"plan-{settings.release}", log=QUIET)
+    build_shuffled_plan(settings, f"plan-{settings.release}", log=QUIET)
     for key in settings.partition_keys:
         build_shard(out_root=settings.out_root, raw_root=settings.raw_root, shard_key=key,
                     shard_name=settings.shard_name(key), settings=encode_settings(settings), workers=1,
@@ -148,10 +150,10 @@ def test_each_class_has_exactly_n_validation_images_disjoint_from_train_and_seed
     chosen = sorted(k for (k,) in query(s, "SELECT key FROM plan WHERE release = 'sub' AND shard >= '0002'"))
     again = dataclasses.replace(s, catalog=str(tmp_path / "c.duckdb"), out_root=str(tmp_path / "out"))
     shutil.copy(s.catalog, again.catalog)
-    stages.build_shuffled_plan(again, "plan-again", log=QUIET)
+    build_shuffled_plan(again, "plan-again", log=QUIET)
     assert sorted(k for (k,) in query(again, "SELECT key FROM plan WHERE release = 'sub' AND shard >= '0002'")) == chosen
     other = dataclasses.replace(again, seed=8)
-    stages.build_shuffled_plan(other, "plan-other", log=QUIET)
+    build_shuffled_plan(other, "plan-other", log=QUIET)
     assert sorted(k for (k,) in query(other, "SELECT key FROM plan WHERE release = 'sub' AND shard >= '0002'")) != chosen
 
 
@@ -159,7 +161,7 @@ def test_a_class_with_too_few_images_keeps_one_for_train(family, tmp_path):
     s = dataclasses.replace(family.subset, catalog=str(tmp_path / "c.duckdb"), out_root=str(tmp_path / "out"),
                             val_per_class=1000)
     shutil.copy(family.subset.catalog, s.catalog)
-    facts = stages.build_shuffled_plan(s, "plan-many", log=QUIET)
+    facts = build_shuffled_plan(s, "plan-many", log=QUIET)
     per_class = query(s, "SELECT wnid, count(*), count(*) FILTER (WHERE shard >= '0002') FROM plan "
                          "WHERE release = 'sub' GROUP BY wnid ORDER BY wnid")
     assert per_class and all(val == n - 1 for _, n, val in per_class)
@@ -180,7 +182,7 @@ def test_two_releases_in_one_catalog_keep_their_own_plan_and_shard_rows(family):
     assert sorted(r for (r,) in query(d, "SELECT release FROM stages WHERE stage = 'shard_audit'")) == ["", "jpeg", "sub"]
     # The default release's audit, run after the subset's, left the subset's rows; and again.
     before = query(d, "SELECT shard, sha256 FROM shards WHERE release = 'sub' ORDER BY shard")
-    stages.build_shuffled_plan(d, "plan-default-again", log=QUIET)
+    build_shuffled_plan(d, "plan-default-again", log=QUIET)
     assert query(d, "SELECT shard, sha256 FROM shards WHERE release = 'sub' ORDER BY shard") == before
     assert query(d, "SELECT count(*) FROM plan WHERE release = 'sub'")[0][0] == sum(read_index(s.out_root)["shard_lengths"])
     # Making one release's plan again leaves the other's shards fresh (its plan, slices and shards untouched).
@@ -212,7 +214,7 @@ def test_lineage_names_every_release_and_shard_holding_the_image(family):
 def test_one_releases_settings_make_only_its_own_plan_stale(family):
     d, s = family.default, family.subset
     listing = list_raw(d.raw_root)
-    fp = lambda settings: stages._fingerprints(listing, settings)  # noqa: E731
+    fp = lambda settings: listing_fingerprints(listing, settings)  # noqa: E731
     base, sub = fp(d), fp(s)
     assert base["filtered_index"] == sub["filtered_index"]  # the index is shared
     assert base["shuffled_plan"] != sub["shuffled_plan"]
@@ -237,10 +239,10 @@ def test_a_list_the_raw_release_holds_none_of_is_an_error(family, tmp_path):
     (tmp_path / "none.txt").write_text("n99999999\n")
     s = dataclasses.replace(family.subset, synsets=str(tmp_path / "none.txt"), out_root=str(tmp_path / "out"))
     with pytest.raises(SelectionError, match="none of its 1 synsets"):
-        stages.build_shuffled_plan(s, "plan-none", log=QUIET)
+        build_shuffled_plan(s, "plan-none", log=QUIET)
     (tmp_path / "twice.txt").write_text(f"{family.wnids[0]}\n{family.wnids[0]}\n")
     with pytest.raises(SelectionError, match="listed twice"):
-        stages.build_shuffled_plan(dataclasses.replace(s, synsets=str(tmp_path / "twice.txt")), "p", log=QUIET)
+        build_shuffled_plan(dataclasses.replace(s, synsets=str(tmp_path / "twice.txt")), "p", log=QUIET)
 
 
 def test_a_catalog_made_before_releases_is_migrated_keeping_its_records(tmp_path):
@@ -270,13 +272,13 @@ def test_a_changed_source_marked_under_one_release_makes_the_shared_index_stale(
     shutil.copy(family.default.catalog, d.catalog)
     roots = [d.out_root, family.subset.out_root]
     tar = f"{family.listed[0]}.tar"
-    assert stages.stale_stages(d, log=QUIET, marker_roots=roots) == []
+    assert stale_stages(d, log=QUIET, marker_roots=roots) == []
     err = changed_sources.SourceChanged("changed", tar, "m.JPEG", "1" * 64)
     url = changed_sources.mark(family.subset.out_root, err, 512, 100, "0" * 64, "0000", "shard-sub")
     try:
-        assert stages.stale_stages(d, log=QUIET) == []  # the default release's root alone: no marker
-        assert stages.stale_stages(d, log=QUIET, marker_roots=roots) == ["filtered_index", "shuffled_plan"]
-        stages.build_filtered_index(d, "index-again", log=QUIET, marker_roots=roots)
+        assert stale_stages(d, log=QUIET) == []  # the default release's root alone: no marker
+        assert stale_stages(d, log=QUIET, marker_roots=roots) == ["filtered_index", "shuffled_plan"]
+        build_filtered_index(d, "index-again", log=QUIET, marker_roots=roots)
         assert changed_sources.pending(family.subset.out_root) == {}
         with Catalog(d.catalog, read_only=True) as cat:  # every release's plan is made again
             assert cat.stage_fingerprint("shuffled_plan", "") is None

@@ -2,7 +2,8 @@ from dagster import AssetExecutionContext, MaterializeResult, TableColumn, Table
 
 from imnet_assets.defs.assets.common import GROUP, logger, table
 from imnet_assets.settings import Settings
-from imnet_assets.stages.catalog_stages import INDEX_VERSION, build_filtered_index
+from imnet_assets.stages.filtered_index import build_filtered_index
+from imnet_assets.stages.fingerprints import INDEX_VERSION
 
 REASONS_SCHEMA = TableSchema(columns=[TableColumn("reason", "string"), TableColumn("images", "int")])
 DUPLICATES_SCHEMA = TableSchema(columns=[

@@ -2,7 +2,7 @@ from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, ass
 
 from imnet_assets.defs.assets.common import GROUP, logger
 from imnet_assets.settings import Settings
-from imnet_assets.stages.catalog_stages import build_raw_tars
+from imnet_assets.stages.raw_tars import build_raw_tars
 
 
 def make(settings: Settings):

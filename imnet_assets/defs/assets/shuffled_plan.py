@@ -4,7 +4,7 @@ from imnet_assets.defs.assets.common import logger
 from imnet_assets.defs.release_keys import asset_key, group, key_prefix
 from imnet_assets.release.plan import PLAN_VERSION, read_index
 from imnet_assets.settings import Settings
-from imnet_assets.stages.catalog_stages import build_shuffled_plan
+from imnet_assets.stages.shuffled_plan import build_shuffled_plan
 
 
 def make(settings: Settings, marker_roots: list[str] | None = None):

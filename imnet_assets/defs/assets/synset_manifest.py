@@ -2,7 +2,7 @@ from dagster import AssetExecutionContext, MaterializeResult, asset
 
 from imnet_assets.defs.assets.common import GROUP, logger
 from imnet_assets.settings import Settings
-from imnet_assets.stages.catalog_stages import build_synset_manifest
+from imnet_assets.stages.synset_manifest import build_synset_manifest
 
 
 def make(settings: Settings):

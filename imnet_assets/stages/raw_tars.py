@@ -1,0 +1,30 @@
+"""raw_tars: the inventory of the raw root's synset tars (or folders) into the catalog."""
+
+
+from __future__ import annotations
+
+from imnet_assets.settings import Settings
+from imnet_assets.stages.csvstage import staged_csv
+from imnet_assets.stages.fingerprints import Log, listing_fingerprints
+from imnet_assets.storage.catalog import Catalog, check_catalog_volume
+from imnet_assets.storage.inventory import RawLayoutError, inventory, list_raw
+
+
+def build_raw_tars(settings: Settings, run_id: str, log: Log = print) -> dict:
+    check_catalog_volume(settings.catalog)  # before unpacking a release into a throwaway container
+    listing = list_raw(settings.raw_root, unpack=True, log=log)
+    if not listing.tars:
+        raise RawLayoutError(listing.no_synsets(settings.raw_root))
+    wanted = "<wnid>/ folders" if listing.layout == "folders" else "<wnid>.tar"
+    for name in [*listing.ignored, *(f"{f}/" for f in listing.ignored_folders)]:
+        log(f"ignoring {name} under the raw root (not {wanted}, words.txt or gloss.txt)")
+    with Catalog(settings.catalog) as cat:
+        with staged_csv(["tar", "wnid", "size", "mtime"], inventory(listing)) as path, cat.transaction():
+            cat.run("raw_tars_stage", {"path": path})
+            cat.run("raw_tars_replace")
+            cat.set_stage("raw_tars", listing_fingerprints(listing, settings)["raw_tars"], run_id)
+        facts = cat.one("raw_tars_summary")
+    facts["ignored_files"] = len(listing.ignored)
+    facts["layout"] = listing.layout
+    facts["fingerprint"] = listing.tars_fingerprint
+    return facts
