@@ -2,11 +2,17 @@
 
     .venv/bin/python bench/scale.py [--work /tmp/imnet-bench] [--rows 13151276] [--synsets 19167]
                                     [--scan-gb 1] [--skip-catalog] [--skip-scan] [--skip-verify] [--keep]
-                                    [--releases 1..3]
+                                    [--releases 1..3] [--scaled-limits]
 
 --releases N (issue 25): plan, manifests and audit for N releases in the one catalog, one after
 another (the default release; "q80", the same selection at another quality; "subset", 62% of the
 synsets with 10 validation images a class), then the catalog file's size.
+
+--scaled-limits (below the real size): the plan's DuckDB memory limits (3 GB, then 2 GB for the
+slices) scaled by rows / 13,151,276, and its peak RSS scaled to the real size as start + (peak -
+start) x 13,151,276 / rows. DuckDB spills at its limit, so peak RSS is not linear in rows: a run
+at 1M-3M rows under the real limits never reaches them, and scaling it linearly overstates the real
+size (~5.4 GB against ~3.3 GB). A fixed cost in the peak is multiplied too: prefer 2M rows to 1M.
 
 Catalog part (each stage in its own child process, so the peak RSS printed is that stage's):
   catalog    synthetic `synsets` and `images` tables (plus 0.2% excluded rows) in a temp DuckDB
