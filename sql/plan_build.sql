@@ -16,7 +16,8 @@ INSERT INTO plan BY NAME
 -- One sort of the narrow projection, as before releases: train images first, then validation ones,
 -- each in the shuffle's order, so a validation image's place in its split is its row number less the
 -- train images' count; its label is joined back with the wide columns. (A window partitioned by the
--- split and carrying the label through the sort held ~7% more memory at 2M rows, bench/scale.py.)
+-- split and carrying the label through the sort peaked ~11 MB higher at 2M rows: 591 against 580 MB,
+-- bench/scale.py --scaled-limits.)
 WITH kept AS (
     SELECT i.rowid AS rid, v.rid IS NOT NULL AS validation,
            row_number() OVER (ORDER BY v.rid IS NOT NULL, md5($seed::VARCHAR || ':' || i.key), i.key) - 1 AS n
