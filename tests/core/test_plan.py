@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -347,3 +348,24 @@ def test_split_shards_puts_a_releases_validation_after_the_holdout():
         split_shards(6, (("validation", 1),), validation_shards=1)
     with pytest.raises(ValueError, match="at most 10,000"):
         split_shards(9999, (), validation_shards=1250)
+
+
+def test_each_split_is_the_seeded_shuffle_of_its_images_cut_in_order(release, tmp_path):
+    """A release with validation: train and validation shards, read in key and position order, hold
+    their split's images in the order of md5('<seed>:<key>') (ties by key), each cut by shard_sizes.
+    plan_build.sql sorts both splits at once (train first) and numbers validation after train."""
+    base, settings, _ = release
+    shutil.copy(settings.catalog, tmp_path / "catalog.duckdb")
+    other = dataclasses.replace(settings_for(base / "raw", tmp_path, IMNET_SEED=7), release="val", val_per_class=3)
+    facts = build_shuffled_plan(other, "run-plan-val", log=lambda _m: None)
+    with duckdb.connect(other.catalog, read_only=True) as con:
+        rows = con.execute("SELECT shard, key FROM plan WHERE release = 'val' ORDER BY shard, position").fetchall()
+    keys = other.partition_keys
+    train_keys, validation_keys = keys[:other.num_shards], keys[other.num_shards:]
+    train = [k for s, k in rows if s in train_keys]
+    validation = [k for s, k in rows if s in validation_keys]
+    assert len(train) + len(validation) == len(rows) and facts["validation_samples"] == len(validation) > 0
+    for split, shard_keys in ((train, train_keys), (validation, validation_keys)):
+        assert split == sorted(split, key=lambda k: (hashlib.md5(f"7:{k}".encode()).hexdigest(), k))
+        assert [sum(1 for s, _ in rows if s == k) for k in shard_keys] == shard_sizes(len(split), len(shard_keys))
+    assert Counter(k.split("_")[0] for k in validation) == {w: 3 for w in {k.split("_")[0] for k in train}}
