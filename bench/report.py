@@ -17,9 +17,9 @@ def met(ok: bool) -> str:
     return "yes" if ok else "NO"
 
 
-def print_table(title: str, rows: list[list[str]]) -> None:
-    head = ["measure", "value", "goal", "met"]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+def print_table(title: str, rows: list[list[str]], head: list[str] | None = None) -> None:
+    head = head or ["measure", "value", "goal", "met"]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     print(f"\n{title}")
     for r in [head, ["-" * w for w in widths], *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

@@ -192,7 +192,7 @@ def section_d(args, enc, state) -> list[list[str]]:
     import scaleup_build
 
     build_args = argparse.Namespace(work=Path("/tmp/imnet-bench-build").resolve(), shards=4, images=300,
-                                    rounds=args.rounds, parallel=[0])
+                                    rounds=args.rounds, parallel=[0], timeline=False)
     return scaleup_build.cores_kept_encoding(build_args)[1]
 
 

@@ -15,16 +15,23 @@ side alike:
 The build's shard phase runs from the line announcing the shards to build to the last shard's
 line (timestamps of its output as it arrives); the whole command's wall time is shown too.
 
-    fraction of the cores encoding = bare CPU seconds / (CPUs x shard-phase wall seconds)
+    fraction of the cores encoding = bare CPU seconds / (CPUs x wall seconds)
 
-(the project's encoder costs the bare chain's per image, 0.98x: bench/encode.py), with the CPU
-other processes used meanwhile (the machine is shared) shown beside it.
+over three spans of the build's wall time: the whole command to the audit's end (issue 26's
+figure: from the process's start, Dagster's imports and instance included, to the line that
+reports the audit done, read off its output as it arrives), the first shard to the audit's end
+(from the line announcing the shards to build, or from when the first shard's first jobs went to
+the encoders when the build says they went earlier, ahead of its run), and the shard phase alone
+(from the line announcing the shards to the last shard's line). Also shown: where the whole command's wall time went (start-up to the shards' line, the
+shard phase, the audit), the build's own CPU split by process over the shard phase, and the CPU
+other processes used meanwhile (the machine is shared).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -101,7 +108,7 @@ class TreeCpu:
         return sum(self.seen.values())
 
 
-def run_build(settings: Settings, home: Path, parallel: int) -> dict:
+def run_build(settings: Settings, home: Path, parallel: int, timeline_cpu: bool = False) -> dict:
     """One `imnet build` with every shard to build: its wall time, shard-phase wall time, and output."""
     forget_shards(settings)
     exe = shutil.which("imnet", path=os.path.dirname(sys.executable)) or "imnet"
@@ -114,11 +121,18 @@ def run_build(settings: Settings, home: Path, parallel: int) -> dict:
         proc = subprocess.Popen(cmd, env=env_for(settings, home), stdout=subprocess.PIPE, stderr=err_file,
                                 text=True, bufsize=1)
         tree = TreeCpu(proc.pid)
-        lines = []
-        phase_start = phase_end = None
+        lines, timeline = [], []
+        phase_start = phase_end = audit_end = None
         for line in proc.stdout:
             now = time.perf_counter()
             lines.append(line.rstrip())
+            if timeline_cpu:
+                tree._poll()
+                main_cpu = max((c for (pid, _), c in tree.seen.items() if pid == proc.pid), default=0.0)
+                timeline.append(f"{now - started:6.2f}s cpu main {main_cpu:5.2f} tree {sum(tree.seen.values()):6.2f}"
+                                f" {line.rstrip()}")
+            else:
+                timeline.append(f"{now - started:6.2f}s {line.rstrip()}")
             if " to build" in line and phase_start is None:
                 phase_start = now
                 tree._poll()
@@ -127,15 +141,24 @@ def run_build(settings: Settings, home: Path, parallel: int) -> dict:
                 phase_end = now
                 tree._poll()
                 facts["cpu_at_end"] = dict(tree.seen)
+            if "shard_audit " in line and audit_end is None:  # done ("ok: ...") or fresh, skipped
+                audit_end = now
+            ahead = re.search(r"went to the encoders ([0-9.]+)s after the command started", line)
+            if ahead:  # the first shard's first jobs were encoding before the shards' line
+                facts["ahead_at"] = started + float(ahead.group(1))
         tree._poll()  # the last look before the process is gone
+        facts["cpu_at_exit"] = dict(tree.seen)
         proc.wait()
         facts["tree_cpu"] = tree.total()
         facts["main_pid"] = proc.pid
         err_file.seek(0)
         err = err_file.read()
-        if proc.returncode != 0 or phase_start is None or phase_end is None:
+        if proc.returncode != 0 or None in (phase_start, phase_end, audit_end):
             raise SystemExit("imnet build failed:\n" + "\n".join(lines[-20:]) + "\n" + err[-3000:])
-        facts.update(wall=time.perf_counter() - started, phase=phase_end - phase_start, lines=lines)
+        facts.update(wall=time.perf_counter() - started, phase=phase_end - phase_start, lines=lines,
+                     to_audit_end=audit_end - started,
+                     first_shard_to_audit_end=audit_end - min(phase_start, facts.get("ahead_at", phase_start)),
+                     start_up=phase_start - started, audit=audit_end - phase_end, timeline=timeline)
 
     sample = measure(go)
     facts["sample"] = sample
@@ -158,6 +181,13 @@ def phase_cpu(build: dict) -> tuple[float, float, float]:
     return main, workers, rest
 
 
+def workers_cpu(build: dict) -> float:
+    """CPU seconds of the encode workers over the whole command (some encode before the shard
+    phase's first line, ahead of the first run): every process of the tree but the imnet process
+    that used more than 2 s (the forkserver and short-lived helpers use less)."""
+    return sum(cpu for (pid, _), cpu in build["cpu_at_exit"].items() if pid != build["main_pid"] and cpu > 2.0)
+
+
 def others(build: dict) -> float:
     """Cores' worth of CPU that processes outside the build's tree used during the build."""
     return max(0.0, (build["sample"].machine - build["tree_cpu"]) / build["wall"])
@@ -171,6 +201,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--parallel", type=int, nargs="+", default=[0, 1],
                    help="--parallel values to measure (0: the automatic choice)")
+    p.add_argument("--timeline", action="store_true", help="print each build's output lines with their times")
     args = p.parse_args()
     args.work = args.work.resolve()
     title, rows = cores_kept_encoding(args)
@@ -207,17 +238,21 @@ def cores_kept_encoding(args) -> tuple[str, list[list[str]]]:
                 print(f"  round {r + 1}: bare chain {bare[-1].cpu:.1f} CPU s ({bare[-1].cpu / n * 1000:.1f} ms/image), "
                       f"others {bare[-1].others_cores:.2f} cores", flush=True)
             else:
-                b = run_build(settings, home, kind)
+                b = run_build(settings, home, kind, args.timeline)
                 builds[kind].append(b)
                 runs = next((ln.strip() for ln in b["lines"] if "shard runs at once" in ln), "one shard run at a time")
                 print(f"  round {r + 1}: build --parallel {kind}: shard phase {b['phase']:.1f} s, command "
                       f"{b['wall']:.1f} s, {b['tree_cpu']:.1f} CPU s (process tree), others {others(b):.2f} cores ({runs})", flush=True)
+                if args.timeline:
+                    print("\n".join("      " + t for t in b["timeline"]), flush=True)
 
     rows = [["bare chain, ms per image (1 process)", spread([s.cpu / n * 1000 for s in bare], 1), "", ""]]
     for kind, got in builds.items():
         # Pair each build with the bare measurement of its own round.
         frac = [s.cpu / (cpus * b["phase"]) for s, b in zip(bare, got)]
         whole = [s.cpu / (cpus * b["wall"]) for s, b in zip(bare, got)]
+        to_audit = [s.cpu / (cpus * b["to_audit_end"]) for s, b in zip(bare, got)]
+        from_first = [s.cpu / (cpus * b["first_shard_to_audit_end"]) for s, b in zip(bare, got)]
         # On a shared machine: the cores left to this build (CPUs less what others used meanwhile),
         # and how much of the build's own CPU was codec work (the rest: Dagster, reads, hashes, check).
         left = [s.cpu / (max(cpus - others(b), 0.1) * b["wall"]) for s, b in zip(bare, got)]
@@ -225,18 +260,28 @@ def cores_kept_encoding(args) -> tuple[str, list[list[str]]]:
         name = "automatic" if kind == 0 else str(kind)
         goal = kind == 0
         rows += [
+            [f"--parallel {name}: cores encoding, the command's start to the audit's end", spread(to_audit),
+             f">= {GOAL}" if goal else "", met(statistics.median(to_audit) >= GOAL) if goal else ""],
+            [f"--parallel {name}: cores encoding, the first shard to the audit's end", spread(from_first),
+             f">= {GOAL}" if goal else "", met(statistics.median(from_first) >= GOAL) if goal else ""],
+            [f"--parallel {name}: wall s: start-up to the shards' line / shard phase / audit / to exit",
+             " / ".join(f"{statistics.median([b[k] for b in got]):.1f}"
+                        for k in ("start_up", "phase", "audit", "wall")), "", ""],
             [f"--parallel {name}: shard phase, s", spread([b["phase"] for b in got], 1), "", ""],
-            [f"--parallel {name}: cores encoding over the shard phase", spread(frac),
-             f">= {GOAL}" if goal else "", met(statistics.median(frac) >= GOAL) if goal else ""],
-            [f"--parallel {name}: cores encoding over the whole command", spread(whole), "", ""],
+            [f"--parallel {name}: cores encoding over the shard phase", spread(frac), "", ""],
+            [f"--parallel {name}: cores encoding over the whole command, to the process's exit", spread(whole), "", ""],
             [f"--parallel {name}: cores encoding over the whole command, of the cores others left", spread(left), "", ""],
             [f"--parallel {name}: bare-chain CPU / the build's CPU (process tree)", spread(share), "", ""],
             [f"--parallel {name}: other processes meanwhile, cores",
              spread([others(b) for b in got]), "", ""],
             [f"--parallel {name}: over the shard phase, CPU s of the imnet process / encode workers / rest",
              " / ".join(f"{statistics.median(x):.1f}" for x in zip(*[phase_cpu(b) for b in got])), "", ""],
-            [f"--parallel {name}: encode workers' CPU per image / the bare chain's",
-             spread([phase_cpu(b)[1] / s.cpu for s, b in zip(bare, got)]), "", ""],
+            [f"--parallel {name}: encode workers' CPU per image / the bare chain's (whole command)",
+             spread([workers_cpu(b) / s.cpu for s, b in zip(bare, got)]), "", ""],
+            [f"--parallel {name}: the imnet process's CPU s (to its exit) / the rest of the tree's (forkserver, helpers)",
+             spread([max(c for (pid, _), c in b["cpu_at_exit"].items() if pid == b["main_pid"]) for b in got], 2)
+             + " / " + spread([b["tree_cpu"] - workers_cpu(b) - max(c for (pid, _), c in b["cpu_at_exit"].items()
+                                                               if pid == b["main_pid"]) for b in got], 2), "", ""],
             [f"--parallel {name}: cores idle over the shard phase (cores x wall - the tree's CPU), share",
              spread([1 - sum(phase_cpu(b)) / (cpus * b["phase"]) for b in got]), "", ""],
         ]

@@ -16,6 +16,7 @@ from imnet_assets.orchestrate.dagster_quirks import (
     console_kept_through_output_capture,
     skip_per_run_logging_config,
 )
+from imnet_assets.orchestrate.first_look import FirstLook
 from imnet_assets.orchestrate.instance import dagster_instance
 from imnet_assets.orchestrate.interrupts import end_now_leaving_runs, first_done
 from imnet_assets.settings import Settings
@@ -33,7 +34,7 @@ class Build:
 
     def __init__(self, settings: Settings, out=sys.stdout, verbose: bool = False, keep_going: bool = False,
                  parallel: int | None = None, releases: list[Settings] | None = None,
-                 selected: list[Settings] | None = None):
+                 selected: list[Settings] | None = None, first_look=None):
         """`settings`: the base, which the shared stages read (raw root, catalog, workers);
         `releases`: every release (default: `settings` alone), all in the definitions;
         `selected`: the releases this build builds (default: all)."""
@@ -54,6 +55,8 @@ class Build:
         self.log_level = "WARNING" if verbose else "CRITICAL"
         self.keep_going = keep_going
         self.parallel = parallel if parallel is not None else settings.parallel_shards
+        self.first_look = first_look  # first_look.FirstLook, started before this (imnet build)
+        self._looked: list[str] | None = None  # what it found stale, while no stage was built since
         self._say_lock = threading.Lock()
         self.leases: dict[str, object] = {}  # out root -> its build lease, once this build is about to write
         self.runs_left_behind = 0  # shard runs still going in other threads when an interrupt came
@@ -151,6 +154,9 @@ class Build:
             # then names a process that is gone, and the next build takes it over.
             if not self.runs_left_behind:
                 self.release()
+            from imnet_assets.stages import shard_ahead
+
+            shard_ahead.drop()  # jobs submitted ahead that no run took over
 
     def _shards_to_build(self, r: Settings, wanted: list[str]) -> tuple[list[str], list[str]]:
         """(partitions to build, partitions with a run in flight elsewhere) of those wanted."""
@@ -180,11 +186,14 @@ class Build:
             check_catalog_volume(s.catalog)
         except CatalogVolumeMissing as e:
             return self.fail("catalog", [str(e)])
+        # the first look's (one listing of the raw root) while no stage was built since (_stale)
+        self._looked = self.first_look.stale_stages(self.say) if self.first_look is not None else None
         for stage in SHARED_STAGES:  # once, whatever the number of releases
             if stage not in self._stale(s, log=self.say) or (
-                    self.hold_out_root() and stage not in self._stale(s)):
+                    self.hold_out_root() and stage not in self._stale(s, again=True)):
                 self.say(f"  {stage:16s} fresh, skipped")
                 continue
+            self._looked = None
             t0 = time.perf_counter()
             result, failures = self.materialize([stage])
             if failures:
@@ -204,10 +213,16 @@ class Build:
             self.say(f"imnet build: releases FAILED: {', '.join(failed_releases)}")
         return 1 if failed_releases else 0
 
-    def _stale(self, r: Settings, log=lambda _m: None) -> list[str]:
-        """The shared stages and release `r`'s plan that are stale (core.stages.stale_stages)."""
+    def _stale(self, r: Settings, log=lambda _m: None, again: bool = False) -> list[str]:
+        """The shared stages and release `r`'s plan that are stale (core.stages.stale_stages): the
+        first look's for the base settings while no stage was built since, unless looking `again`
+        (the lease just taken)."""
         from imnet_assets.stages.fingerprints import stale_stages
 
+        if again:
+            self._looked = None
+        if self._looked is not None and r == self.settings:
+            return self._looked
         return stale_stages(r, log=log, marker_roots=self.marker_roots)
 
     def _run_release(self, r: Settings, wanted: list[str]) -> int:
@@ -218,10 +233,12 @@ class Build:
             return f"{asset_key(r, stage).to_user_string():16s}"
 
         plan = asset_key(r, "shuffled_plan").to_user_string()
-        if "shuffled_plan" not in self._stale(r) or (self.hold_out_root(r) and "shuffled_plan" not in self._stale(r)):
+        if "shuffled_plan" not in self._stale(r) or (
+                self.hold_out_root(r) and "shuffled_plan" not in self._stale(r, again=True)):
             self.say(f"  {shown('shuffled_plan')} fresh, skipped")
         else:
             t0 = time.perf_counter()
+            self._looked = None
             result, failures = self.materialize(["shuffled_plan"], release=r)
             if failures:
                 return self.fail(plan, failures)
@@ -234,6 +251,10 @@ class Build:
             self.say(f"  {name}wds_shards: {len(busy)} shards have a run in flight elsewhere, left to it: {busy[:8]}")
         self.say(f"  {name}wds_shards: {len(wanted) - len(todo) - len(busy)} of {len(wanted)} selected shards fresh, "
                  f"{len(todo)} to build")
+        look = self.first_look
+        if look is not None and look.ahead_key in todo and r == look.release:
+            self.say(f"  {name}wds_shards: shard {look.ahead_key}'s first {look.ahead_images} images went to the "
+                     f"encoders {look.ahead_at:.2f}s after the command started, ahead of its run")
         failed = self.build_shards(todo, r)
         if not wanted:
             self.say(f"  {name}shards and audit: skipped (--shards none: the catalog stages and the plan only)")
@@ -406,8 +427,13 @@ def build(settings: Settings, wanted: list[str] | dict[str, list[str]], verbose:
     from imnet_assets.runtime.procpool import start_forkserver
 
     start_forkserver()  # its imports overlap Dagster's; scan and encode workers then fork at once
+    # the stages' freshness and the first shard's first jobs, while Dagster is imported and set up
+    everyone = releases or [settings]
+    only = (selected or everyone)[0] if len(selected or everyone) == 1 else None  # a build of one release
+    keys = (wanted.get(only.release, only.partition_keys) if isinstance(wanted, dict) else wanted) if only else []
+    look = FirstLook(settings, BUILD_LEASE, [r.out_root for r in everyone], only, keys)
     runner = Build(settings, verbose=verbose, keep_going=keep_going, parallel=parallel, releases=releases,
-                   selected=selected)
+                   selected=selected, first_look=look)
     try:
         return runner.run(wanted)
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ a shard file on storage is still the one committed, and how a shard's tar ends. 
 
 from __future__ import annotations
 
+import hashlib
 import tarfile
 
 from imnet_assets.storage import fs
@@ -44,3 +45,16 @@ def tar_end(offset: int) -> bytes:
     """What closes a tar of `offset` bytes: two zero blocks, then zeros to a whole record (tarfile's)."""
     offset += 2 * tarfile.BLOCKSIZE
     return tarfile.NUL * (2 * tarfile.BLOCKSIZE + -offset % tarfile.RECORDSIZE)
+
+
+def sample_digest(sample, webp_digest: bytes, webp_bytes: int) -> str:
+    """What a shard run records for one sample's bytes (`sample`: its three members, headers and
+    padding included), and what its read-back checks them against: the sha256 of those bytes with
+    the stored image's payload (the last member, WebP or JPEG: `webp_bytes` long) replaced by
+    `webp_digest`, that payload's sha256. A change of any byte changes it, as with a sha256 of all
+    of them, but the encode worker hashes its image once (for the manifest), not twice."""
+    at = len(sample) - webp_bytes - (-webp_bytes % tarfile.BLOCKSIZE)
+    sha = hashlib.sha256(sample[:at])
+    sha.update(webp_digest)
+    sha.update(sample[at + webp_bytes:])
+    return sha.hexdigest()

@@ -36,10 +36,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from imnet_assets.image.jpeg_output import jpeg_problem
-from imnet_assets.release.outroot import tar_end
+from imnet_assets.release.outroot import sample_digest, tar_end
 from imnet_assets.runtime.workerpool import WorkerDied, shared_pool
 from imnet_assets.storage import fs, prefetch
-from imnet_assets.storage.rawtar import Damage, iter_tar
+from imnet_assets.storage.rawtar import Damage, iter_tar, plain_member_spans
 
 READ_AHEAD = 8  # ranged requests of 4 MB kept in flight ahead of a remote shard's read-back
 MEMBERS = ["cls", "json", "webp"]  # a sample's members, in the order shard.sample_members writes them
@@ -151,9 +151,11 @@ def stored_image_problem(ext: str, data: bytes, size: tuple[int, int], decode: b
 
 
 def check_sample(key: str, parts: list[tuple[str, bytes]], exp: ExpectedSample, *, decode: bool,
-                 record: str) -> list[str]:
+                 record: str, hashed: bool = False) -> list[str]:
     """Problems of one sample (its members as read, in order) against what it must be.
-    `record`: where the expected values were recorded ("manifest", "catalog"), for the messages."""
+    `record`: where the expected values were recorded ("manifest", "catalog"), for the messages.
+    `hashed`: the image's sha256 is known to be the recorded one (the in-run check's digest took
+    it, of these very bytes): not hashed again."""
 
     if exp.webp_sha256 is None:
         return [f"sample {key}: not in the {record}"]
@@ -165,7 +167,8 @@ def check_sample(key: str, parts: list[tuple[str, bytes]], exp: ExpectedSample, 
     payload = dict(parts)
     image = payload.get(exp.ext)
     if image is not None:
-        if len(image) != exp.webp_bytes or hashlib.sha256(image).hexdigest() != exp.webp_sha256:
+        if len(image) != exp.webp_bytes or (
+                not hashed and hashlib.sha256(image).hexdigest() != exp.webp_sha256):
             problems.append(f"sample {key}: {exp.ext} payload ({len(image)} bytes) sha256 differs from the {record}")
         problem = stored_image_problem(exp.ext, image, (exp.width, exp.height), decode)
         if problem:
@@ -342,17 +345,25 @@ class CheckChunkJob:
         return _check_bytes(data, self.start, self.end is None, self.expected, self.decode, self.ext)
 
 
-def _spans_intact(data: bytes, start: int, last: bool, expected: list[dict]) -> bool:
-    """Whether every sample's bytes, re-read, hash to what was written at its offset, and (for the
-    last chunk) the tar's end follows them exactly: then the file is byte for byte what was written."""
+def _intact_images(data: bytes, start: int, last: bool, expected: list[dict]) -> list[int] | None:
+    """When every sample's bytes, re-read, have the digest written for them at its offset
+    (`sample_digest`), and (for the last chunk) the tar's end follows them exactly, so that the file
+    is byte for byte what was written: where each sample's stored image lies in `data` (its sha256,
+    taken here, is in the digest: the manifest's). None otherwise."""
+    view = memoryview(data)
+    images = []
     for rec in expected:
         a = rec["offset"] - start
-        if hashlib.sha256(data[a:a + rec["sample_size"]]).digest().hex() != rec["sample_sha256"]:
-            return False
+        span, n = view[a:a + rec["sample_size"]], rec["webp_bytes"]
+        at = len(span) - n - (-n % tarfile.BLOCKSIZE)
+        if at < 0 or sample_digest(span, hashlib.sha256(span[at:at + n]).digest(), n) != rec["sample_digest"]:
+            return None
+        images.append(a + at)
     if last:
         end = (expected[-1]["offset"] + expected[-1]["sample_size"]) if expected else start
-        return data[end - start:] == tar_end(end)
-    return True
+        if data[end - start:] != tar_end(end):
+            return None
+    return images
 
 
 def _check_bytes(data: bytes, start: int, last: bool, expected: list[dict],
@@ -361,26 +372,41 @@ def _check_bytes(data: bytes, start: int, last: bool, expected: list[dict],
     not known, no spans recorded)) for tar bytes starting at a sample, at byte `start` of the file."""
     keys: list[str] = []
     problems: list[str] = []
-    intact = None
-    if all("sample_sha256" in r for r in expected) and (expected or last):
-        intact = _spans_intact(data, start, last, expected)
-    groups: list[tuple[str, list[tuple[str, bytes]]]] = []
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for info in tar:
-                stem, _, ext = info.name.partition(".")
-                payload = tar.extractfile(info).read() if info.isreg() else b""
-                if not groups or groups[-1][0] != stem:
-                    groups.append((stem, []))
-                groups[-1][1].append((ext, payload))
-    except (tarfile.TarError, EOFError) as e:
-        problems.append(f"tar unreadable after {len(groups)} samples of this part: {e}")
-    for i, (key, parts) in enumerate(groups):
+    intact, images = None, None
+    if all("sample_digest" in r for r in expected) and (expected or last):
+        images = _intact_images(data, start, last, expected)
+        intact = images is not None
+    # per sample: its key and its members (extension, payload, where the payload lies in `data`)
+    groups: list[tuple[str, list[tuple[str, bytes, int | None]]]] = []
+
+    def add(name: str, payload, at: int | None) -> None:
+        stem, _, ext = name.partition(".")
+        if not groups or groups[-1][0] != stem:
+            groups.append((stem, []))
+        groups[-1][1].append((ext, payload, at))
+
+    view = memoryview(data)
+    plain = plain_member_spans(view)  # plain headers only (what build_shard writes), read as tarfile reads them
+    if plain is not None:
+        for name, at, size in plain:
+            add(name, view[at:at + size], at)
+    else:
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+                for info in tar:
+                    add(info.name, tar.extractfile(info).read() if info.isreg() else b"", None)
+        except (tarfile.TarError, EOFError) as e:
+            problems.append(f"tar unreadable after {len(groups)} samples of this part: {e}")
+    for i, (key, members) in enumerate(groups):
         keys.append(key)
         rec = expected[i] if i < len(expected) else None
         if rec is None or rec["key"] != key:
             continue  # the key sequence is compared as a whole by the caller
-        problems += check_sample(key, parts, _expected(rec, ext), decode=decode[i], record="manifest")
+        # The image whose bytes the digest hashed (same place in the same bytes) is not hashed again
+        # and, a WebP, is read where it lies; everything else as bytes.
+        hashed = images is not None and any(e == ext and at == images[i] for e, _, at in members)
+        parts = [(e, payload if (hashed and e == ext == "webp") else bytes(payload)) for e, payload, _ in members]
+        problems += check_sample(key, parts, _expected(rec, ext), decode=decode[i], record="manifest", hashed=hashed)
     return keys, problems, intact
 
 
@@ -404,7 +430,7 @@ def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, dec
 
     The read-back is split at sample starts (records' `offset`, when given) into chunks checked in
     the worker pool (workers > 1). When the records also give each sample's bytes (`sample_size`,
-    `sample_sha256`: build_shard's), each chunk proves its samples' bytes are those written, so
+    `sample_digest`: build_shard's), each chunk proves its samples' bytes are those written, so
     the file's sha256 is `tar_sha256` without this process hashing it again; otherwise this
     thread hashes the whole file while the chunks are checked.
     """
@@ -434,7 +460,7 @@ def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, dec
         end = expected_samples[b]["offset"] if b is not None else None
         jobs.append(CheckChunkJob(url, start, end, expected_samples[a:b], flags[a:b], limit, ext))
     problems: list[str] = []
-    spans = all("sample_sha256" in r and "offset" in r for r in expected_samples)
+    spans = all("sample_digest" in r and "offset" in r for r in expected_samples)
     try:
         with ThreadPoolExecutor(1) as hasher:
             digest_future = None if spans else hasher.submit(_file_sha256, url)

@@ -26,7 +26,7 @@ from imnet_assets.image.encode import EncodeSettings, encode_image
 from imnet_assets.release.altlabels import sample_fields
 from imnet_assets.release.changed_sources import SourceChanged, mark
 from imnet_assets.release.freshness import remember
-from imnet_assets.release.outroot import manifest_url, state_url, tar_end
+from imnet_assets.release.outroot import manifest_url, sample_digest, state_url, tar_end
 from imnet_assets.release.plan import SliceRow, read_slice
 from imnet_assets.release.verify import check_committed, stored_image_problem
 from imnet_assets.runtime.procpool import preload
@@ -182,9 +182,23 @@ def _crash_hook(sha256: str, crash_sha256: str | None) -> None:
 
 
 def _tar_member(name: str, payload: bytes) -> list[bytes]:
-    header = _tarinfo(name, len(payload)).tobuf(TAR_FORMAT, TAR_ENCODING, "surrogateescape")
+    header = _ustar_header(name, len(payload)) or _tarinfo(name, len(payload)).tobuf(
+        TAR_FORMAT, TAR_ENCODING, "surrogateescape")
     pad = -len(payload) % tarfile.BLOCKSIZE
     return [header, payload, tarfile.NUL * pad] if pad else [header, payload]
+
+
+def _ustar_header(name: str, size: int) -> bytes | None:
+    """The header tarfile writes for a member `_tarinfo(name, size)` when it needs no pax record
+    (an ASCII name of at most 100 characters, a size below 8 GiB), byte for byte, built from a
+    template (tarfile's TarInfo.tobuf costs 60 us a member: 0.6% of the encode); None otherwise."""
+    if len(name) > 100 or not name.isascii() or "\0" in name or size >= 8 ** 11:
+        return None
+    head = b"".join((name.encode("ascii").ljust(100, b"\0"), _USTAR_TEMPLATE[100:124], b"%011o\0" % size,
+                     _USTAR_TEMPLATE[136:]))
+    # tarfile's checksum: the sum of the header's bytes with the checksum field as 8 spaces (the
+    # template's), written as 6 octal digits and a NUL, the field's last space kept
+    return b"".join((head[:148], b"%06o\0" % sum(head), head[155:]))
 
 
 def sample_bytes(row: SliceRow, enc, alt_labels: str = "", ext: str = "webp") -> bytes:
@@ -195,7 +209,7 @@ def sample_bytes(row: SliceRow, enc, alt_labels: str = "", ext: str = "webp") ->
 
 def prepare_sample(row: SliceRow, data: bytes | None, problem: str, settings: EncodeSettings,
                    decode_every: int, encode: Callable | None = None, crash_sha256: str | None = None) -> tuple:
-    """("ok", sample bytes, manifest record, check problem, sha256 of the sample bytes) or
+    """("ok", sample bytes, manifest record, check problem, outroot.sample_digest of the sample bytes) or
     ("excluded", reason) for one row.
     MemoryError propagates (the worker exits and the image is tried again in a fresh process)."""
     if data is None:
@@ -209,15 +223,16 @@ def prepare_sample(row: SliceRow, data: bytes | None, problem: str, settings: En
         raise
     except Exception as e:  # noqa: BLE001 - one bad image never crashes the shard
         return "excluded", f"encoder error: {type(e).__name__}: {e}"
+    webp_sha256 = hashlib.sha256(enc.webp)
     record = {
         "key": row.key, "position": row.position, "width": enc.width, "height": enc.height,
         "orig_width": enc.orig_width, "orig_height": enc.orig_height, "webp_bytes": len(enc.webp),
-        "webp_sha256": hashlib.sha256(enc.webp).hexdigest(), "repaired": enc.repaired,
+        "webp_sha256": webp_sha256.hexdigest(), "repaired": enc.repaired,
     }
     decode = enc.repaired or (decode_every > 0 and row.position % decode_every == 0)
     blob = sample_bytes(row, enc, settings.alt_labels, settings.extension)
     problem = stored_image_problem(settings.extension, enc.webp, (enc.width, enc.height), decode)
-    return "ok", blob, record, problem, hashlib.sha256(blob).hexdigest()
+    return "ok", blob, record, problem, sample_digest(blob, webp_sha256.digest(), len(enc.webp))
 
 
 @dataclass
@@ -250,9 +265,22 @@ def _batch_size(rows: int, workers: int) -> int:
     return max(1, min(BATCH, rows // (workers * 4)))
 
 
+def encode_jobs(rows: list[SliceRow], raw_root: str, settings: EncodeSettings, workers: int, decode_every: int,
+                encode: Callable | None = None) -> Iterator[EncodeJob]:
+    """The jobs a shard run's rows go to the encoders in, in order (shard_ahead submits the first
+    ones of a run before it starts: equal jobs, so the run takes their results over)."""
+    from imnet_assets.settings import image_timeout, test_crash_sha256
+
+    batch = _batch_size(len(rows), max(workers, 1))
+    crash, limit = test_crash_sha256(), image_timeout()
+    return (EncodeJob(raw_root, rows[i:i + batch], settings, decode_every, encode, crash, limit)
+            for i in range(0, len(rows), batch))
+
+
 def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettings, workers: int,
                      decode_every: int = 16, log: Callable[[str], None] = lambda _m: None,
-                     encode: Callable | None = None, priority: int = 0) -> Iterator[tuple[SliceRow, tuple]]:
+                     encode: Callable | None = None, priority: int = 0,
+                     ahead: list | None = None) -> Iterator[tuple[SliceRow, tuple]]:
     """(row, prepare_sample's result) per row, in plan order.
 
     workers > 1: jobs of a few rows go to this process's shared worker pool (workerpool.shared_pool),
@@ -260,15 +288,13 @@ def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettin
     that dies costs a retry of its jobs (see `_settle` for which deaths exclude an image, which
     fail the run); an image that runs past IMNET_IMAGE_TIMEOUT gets its worker killed.
     workers == 1: in this process (reads a few jobs ahead in threads; no time limit).
+    `ahead`: (job, future) pairs already submitted to the pool for these rows (shard_ahead): a
+    job equal to the next one to submit is taken over; at the first that differs, the rest are
+    cancelled.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from imnet_assets.settings import image_timeout, test_crash_sha256
-
-    batch = _batch_size(len(rows), max(workers, 1))
-    crash, limit = test_crash_sha256(), image_timeout()
-    jobs = (EncodeJob(raw_root, rows[i:i + batch], settings, decode_every, encode, crash, limit)
-            for i in range(0, len(rows), batch))
+    jobs = encode_jobs(rows, raw_root, settings, workers, decode_every, encode)
     if workers <= 1:
         with ThreadPoolExecutor(16, thread_name_prefix="read") as readers:
             window: collections.deque = collections.deque()
@@ -288,15 +314,21 @@ def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettin
         return
     pool = shared_pool(workers)
     window = collections.deque()
+    ahead = collections.deque(ahead or ())
     try:
         for job in jobs:
-            window.append((job, pool.submit(job, priority)))
+            if ahead and ahead[0][0] == job:
+                window.append(ahead.popleft())
+            else:
+                while ahead:
+                    ahead.popleft()[1].cancel()
+                window.append((job, pool.submit(job, priority)))
             if len(window) >= workers * pool.depth:
                 yield from _settle(pool, *window.popleft(), log, priority)
         while window:
             yield from _settle(pool, *window.popleft(), log, priority)
     finally:
-        for _job, fut in window:  # the consumer stopped (an error): drop what is not started
+        for _job, fut in [*window, *ahead]:  # the consumer stopped (an error): drop what is not started
             fut.cancel()
 
 
@@ -400,6 +432,11 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+_USTAR_TEMPLATE = b"".join((  # _tarinfo("", 0)'s header with its checksum field as 8 spaces
+    _tarinfo("", 0).tobuf(TAR_FORMAT, TAR_ENCODING, "surrogateescape")[:148], b" " * 8,
+    _tarinfo("", 0).tobuf(TAR_FORMAT, TAR_ENCODING, "surrogateescape")[156:]))
+
+
 def sample_members(row: SliceRow, enc, alt_labels: str = "", ext: str = "webp") -> list[tuple[str, bytes]]:
     """The three members of one sample, in the order they are written (`ext`: the stored image's,
     EncodeSettings.extension)."""
@@ -448,6 +485,7 @@ def build_shard(
     encode: Callable | None = None,
     after_commit: Callable[[str], None] | None = None,
     after_check: Callable[[str], None] | None = None,
+    ahead=None,
 ) -> ShardResult:
     """Encode, commit and check one shard and its manifest. Bad images become recorded exclusions.
 
@@ -459,7 +497,8 @@ def build_shard(
     the process's worker pool (`workerpool.shared_pool`). `decode_every`: IMNET_CHECK_DECODE_EVERY.
     `encode`: the codec (bench/scaleup.py's null codec); `after_commit(url)`: a test hook called
     between the commit and the check; `after_check(url)`: one called once the check passed, before
-    the tar's stamp is looked at again (tests change the tar there).
+    the tar's stamp is looked at again (tests change the tar there). `ahead`: this shard's first
+    jobs, submitted before the run started (shard_ahead.take), whose results the run takes over.
 
     The commit record's stamp (size and mtime / ETag) is the one read right after the commit,
     before the check; it is read again once the check passed, and if it changed the record is
@@ -472,7 +511,9 @@ def build_shard(
     for leftover in atomic.remove_partials(final) + atomic.remove_partials(mf_url) + atomic.remove_partials(st_url):
         log(f"removed leftover of an interrupted run: {leftover}")
     rows, plan_digest = read_slice(out_root, shard_key)
-    priority = next_priority()  # runs sharing the worker pool are served oldest first
+    # runs sharing the worker pool are served oldest first; a run encoded ahead (shard_ahead.Ahead)
+    # keeps the place its first jobs took
+    priority = ahead.priority if ahead is not None else next_priority()
     fs.remove(st_url)  # from here until the check passed, this shard is not fresh
     samples: list[dict] = []
     spans: list[dict] = []  # where each sample's bytes went, and their sha256 (the read-back checks them)
@@ -480,13 +521,14 @@ def build_shard(
     problems: list[str] = []
     with _marking_changed_sources(out_root, shard_key, rows, run_id, log), atomic.atomic_open(final) as raw_out:
         out = _HashingWriter(raw_out)
-        for row, prepared in prepared_samples(rows, raw_root, settings, workers, decode_every, log, encode, priority):
+        for row, prepared in prepared_samples(rows, raw_root, settings, workers, decode_every, log, encode, priority,
+                                            ahead.jobs if ahead is not None else None):
             if prepared[0] != "ok":
                 excluded.append({"key": row.key, "position": row.position, "reason": prepared[1]})
                 log(f"excluded {row.key} ({row.tar}@{row.offset}): {prepared[1]}")
                 continue
-            _, blob, record, problem, blob_sha256 = prepared
-            spans.append({"offset": out.count, "sample_size": len(blob), "sample_sha256": blob_sha256})
+            _, blob, record, problem, blob_digest = prepared
+            spans.append({"offset": out.count, "sample_size": len(blob), "sample_digest": blob_digest})
             out.write(blob)
             samples.append(record)
             if problem:

@@ -5,12 +5,11 @@ reads, removal; files that appear only once complete are storage/atomic.py.
 
 On S3, ranged reads go through obstore (s3read.get_range: exact or an error); listings, whole-object
 reads and writes through s3fs, whose every request follows the same retry policy and timeouts
-(s3read.Retry, see `_S3FileSystem`).
+(s3read.Retry, see `s3fs_retry.S3FileSystem`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import hashlib
@@ -21,8 +20,6 @@ import threading
 from functools import lru_cache
 
 import fsspec
-import s3fs
-from fsspec.asyn import sync_wrapper
 
 from imnet_assets.storage import s3read
 
@@ -59,7 +56,7 @@ def _storage_options(protocol: str) -> dict:
                       # drops connections; a pool as large as a batch keeps each one reused.
                       "config_kwargs": {"max_pool_connections": POOL_CONNECTIONS,
                                         # every request times out (a silent endpoint fails, naming
-                                        # it) and is tried once by botocore: _S3FileSystem retries
+                                        # it) and is tried once by botocore: S3FileSystem retries
                                         "connect_timeout": s3read.CONNECT_TIMEOUT,
                                         "read_timeout": s3read.REQUEST_TIMEOUT,
                                         "retries": {"total_max_attempts": 1}}}
@@ -73,49 +70,13 @@ def _storage_options(protocol: str) -> dict:
     return {}
 
 
-class _S3FileSystem(s3fs.S3FileSystem):
-    """s3fs whose requests follow s3read.Retry (throttling and broken connections retried for
-    minutes, a silent endpoint given up on within a minute, naming it) instead of s3fs's and
-    botocore's own retries, which tried every failure 5 x 5 times: a silent endpoint held a build
-    for 7 minutes, and a burst of 503 SlowDown failed it after seconds."""
-
-    async def _call_s3(self, method, *akwarglist, **kwargs):
-        await self.set_session()
-        client = await self.get_s3(kwargs.get("Bucket"))
-        call = getattr(client, method)
-        args = self._get_s3_method_kwargs(call, *akwarglist, **kwargs)
-        target = "/".join(str(kwargs[k]) for k in ("Bucket", "Key", "Prefix") if kwargs.get(k))
-        retry = s3read.Retry(f"{method} s3://{target}")
-        while True:
-            try:
-                return await call(**args)
-            except Exception as e:  # noqa: BLE001 - botocore's errors are not OSErrors
-                translated = s3fs.errors.translate_boto_error(e)
-                if isinstance(translated, FileNotFoundError) or s3read.fault_kind(e) == "other":
-                    raise translated from e  # s3fs's meaning (a missing key, a refused request)
-                await asyncio.sleep(retry.wait(e))
-
-    call_s3 = sync_wrapper(_call_s3)  # s3fs's files call this, bound to the class's own _call_s3
-
-    async def _cat_file(self, path, *args, **kwargs):
-        # the body is read after _call_s3 returned: a connection cut mid-body is retried here
-        retry = s3read.Retry(f"read s3://{path}")
-        while True:
-            try:
-                return await super()._cat_file(path, *args, **kwargs)
-            except (FileNotFoundError, s3read.StorageError):
-                raise
-            except Exception as e:  # noqa: BLE001
-                if s3read.fault_kind(e) == "other":
-                    raise
-                await asyncio.sleep(retry.wait(e))
-
-
 @lru_cache(maxsize=8)
 def _fs_for(protocol: str, pid: int, endpoint: str | None) -> fsspec.AbstractFileSystem:
     # Cached per process (fsspec clients are not fork safe) and per endpoint.
     if protocol in ("s3", "s3a"):
-        return _S3FileSystem(**_storage_options(protocol))
+        from imnet_assets.storage.s3fs_retry import S3FileSystem  # s3fs's imports: 0.4 s, for S3 roots only
+
+        return S3FileSystem(**_storage_options(protocol))
     return fsspec.filesystem(protocol, **_storage_options(protocol))
 
 

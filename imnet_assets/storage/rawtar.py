@@ -229,6 +229,35 @@ def _fast_walk(f, total: int, label: str, what: str, views: bool, mapped: bool =
     return None
 
 
+def plain_members(data: bytes) -> list[tuple[str, bytes]] | None:
+    """(name, data) of every member of a tar held in memory, exactly as `tarfile.open(mode="r:")`
+    reads them, when it holds only plain regular-file headers (`_plain_header`, no pax, GNU or
+    folder entries) up to its end or to a zero block; None for anything else (then tarfile
+    decides). The shard check reads its chunks this way: 10 us a member where tarfile takes 45."""
+    spans = plain_member_spans(data)
+    return None if spans is None else [(name, data[at:at + size]) for name, at, size in spans]
+
+
+def plain_member_spans(data) -> list[tuple[str, int, int]] | None:
+    """`plain_members` as (name, offset of its data, size): nothing copied."""
+    members: list[tuple[str, int, int]] = []
+    pos, total = 0, len(data)
+    while pos < total:
+        block = bytes(data[pos:pos + _BLOCK])
+        if block == _ZERO_BLOCK and members:
+            return members  # tarfile stops at the end-of-archive block
+        header = _plain_header(block)
+        if header is None or header[0] not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            return None
+        _kind, name, size = header
+        start = pos + _BLOCK
+        pos = start + _blocks(size)
+        if pos > total:
+            return None  # cut: tarfile says how
+        members.append((name, start, size))
+    return members or None
+
+
 def _long_name(win: _Window, total: int, pos: int, size: int) -> tuple[tuple[bytes, str, int] | None, int]:
     """The header after a GNU long name at `pos`, named by it, and where that header is.
 

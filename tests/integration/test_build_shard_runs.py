@@ -86,3 +86,24 @@ def test_without_keep_going_the_first_failure_stops_the_build(planned, tmp_path)
 def test_parallel_takes_a_positive_count(planned, tmp_path, value):
     result = imnet(["build", "--parallel", value], planned[1], check=False)
     assert result.returncode == 2 and "--parallel" in result.stderr and "whole number" in result.stderr
+
+
+def test_the_first_shard_is_encoded_ahead_of_its_run_and_the_shards_are_the_same(planned, tmp_path):
+    """With the stages fresh and IMNET_WORKERS > 1, the first shard's first jobs go to the encoders
+    while the build starts (orchestrate/first_look.py); its run takes them over: every shard is byte
+    for byte the one a build with one worker and nothing ahead writes."""
+    import hashlib
+
+    env = copy_of(planned, tmp_path)
+    imnet(["build"], env)  # IMNET_WORKERS=1: no pool, nothing ahead
+    out_root = env["IMNET_OUT_ROOT"]
+    tars = sorted(p for p in os.listdir(out_root) if p.endswith(".tar"))
+    reference = {p: hashlib.sha256(open(os.path.join(out_root, p), "rb").read()).hexdigest() for p in tars}
+    for p in tars:
+        os.remove(os.path.join(out_root, p))
+    shutil.rmtree(os.path.join(out_root, "_manifests"))
+    out = imnet(["build"], {**env, "IMNET_WORKERS": "2"}).stdout
+    assert "shard 0000's first " in out and "ahead of its run" in out, out
+    assert out.count("fresh, skipped") == 4 and "shard_audit      ok" in out, out
+    assert {p: hashlib.sha256(open(os.path.join(out_root, p), "rb").read()).hexdigest() for p in tars} == reference
+    assert shard_runs(env) == dict.fromkeys(KEYS, "SUCCESS")

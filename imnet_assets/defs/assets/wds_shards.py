@@ -16,6 +16,7 @@ from imnet_assets.defs.schedules import HOST_TAG, worker_place
 from imnet_assets.release.lease import LeaseHeld
 from imnet_assets.release.lease import acquire as take_lease
 from imnet_assets.settings import Settings
+from imnet_assets.stages import shard_ahead
 from imnet_assets.stages.audit import encode_settings, require_current_plan
 from imnet_assets.stages.shard import build_shard, code_version
 
@@ -73,6 +74,7 @@ def make(settings: Settings):
                 out_root=settings.out_root, raw_root=settings.raw_root, shard_key=key, shard_name=name,
                 settings=enc, workers=settings.workers, run_id=context.run.run_id, log=logger(context),
                 decode_every=settings.check_decode_every,
+                ahead=shard_ahead.take(settings.out_root, key),  # `imnet build`'s first jobs, if any
             )
         # The check ran inside build_shard, against the committed tar, before the commit record
         # (what freshness reads) was written: a failed check leaves the shard not fresh.
