@@ -96,7 +96,7 @@ class Build:
         return result, failures
 
     def hold_out_root(self, release: Settings | None = None) -> bool:
-        """Take the build lease (core.lease) of this release's out root (None: of every selected
+        """Take the build lease (release.lease) of this release's out root (None: of every selected
         release's) before this build writes anything: one build at a time per out root (SPEC:
         Failure behaviour). A build with nothing to do takes none (it writes nothing). True when
         one was taken by this call: the caller then looks again at what it was about to do, which a
@@ -214,7 +214,7 @@ class Build:
         return 1 if failed_releases else 0
 
     def _stale(self, r: Settings, log=lambda _m: None, again: bool = False) -> list[str]:
-        """The shared stages and release `r`'s plan that are stale (core.stages.stale_stages): the
+        """The shared stages and release `r`'s plan that are stale (stages.fingerprints.stale_stages): the
         first look's for the base settings while no stage was built since, unless looking `again`
         (the lease just taken)."""
         from imnet_assets.stages.fingerprints import stale_stages
@@ -425,6 +425,7 @@ def build(settings: Settings, wanted: list[str] | dict[str, list[str]], verbose:
     KeyboardInterrupt, unless shard runs are left going in other threads: then the process ends
     at once (end_now_leaving_runs says why it must)."""
     from imnet_assets.runtime.procpool import start_forkserver
+    from imnet_assets.stages import index, shard_jobs  # noqa: F401 - each names itself for the forkserver to preload
 
     start_forkserver()  # its imports overlap Dagster's; scan and encode workers then fork at once
     # the stages' freshness and the first shard's first jobs, while Dagster is imported and set up

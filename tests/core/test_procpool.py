@@ -20,16 +20,24 @@ from imnet_assets.runtime import host, procpool, wire, workerpool
 
 
 def test_workers_find_the_pool_modules_already_imported():
-    from imnet_assets.stages import index, shard  # each names itself for the forkserver
+    """A module whose functions run in pools names itself (procpool.preload) when imported; a
+    forkserver started after that imports it once, and every worker starts with it loaded. In a
+    process of its own: this one's forkserver may have started before (other tests)."""
+    import subprocess
 
-    assert {index.__name__, shard.__name__} <= set(procpool.preloaded())
-    with procpool.process_pool(1) as pool:
-        loaded = pool.submit(eval, "sorted(__import__('sys').modules)").result(timeout=120)
-        pid = pool.submit(eval, "__import__('os').getpid()").result(timeout=120)
-    assert pid != __import__("os").getpid()
-    for name in procpool.preloaded():
-        assert name in loaded
-    assert "PIL.Image" in loaded  # what those modules import came along
+    script = (
+        "import sys\n"
+        "from imnet_assets.stages import index, shard_jobs\n"
+        "from imnet_assets.runtime import procpool\n"
+        "assert {index.__name__, shard_jobs.__name__} <= set(procpool.preloaded())\n"
+        "with procpool.process_pool(1) as pool:\n"
+        "    loaded = pool.submit(eval, 'sorted(__import__(\"sys\").modules)').result(timeout=120)\n"
+        "missing = [m for m in procpool.preloaded() + ['PIL.Image'] if m not in loaded]\n"
+        "print('missing', missing)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "missing []"  # what those modules import came along too
 
 
 def test_main_script_imports_are_read_from_its_source(tmp_path, monkeypatch):
