@@ -47,11 +47,12 @@ from report import met, print_table, spread  # noqa: E402
 from imnet_assets.image.encode import EncodeSettings, bare_chain, encode_image
 from imnet_assets.release.outroot import read_manifest
 from imnet_assets.release.plan import read_slice
+from imnet_assets.release.sample_tar import sample_members
 from imnet_assets.settings import Settings  # noqa: E402
 from imnet_assets.stages.filtered_index import build_filtered_index
 from imnet_assets.stages.fingerprints import stale_stages
 from imnet_assets.stages.raw_tars import build_raw_tars
-from imnet_assets.stages.shard import build_shard, sample_members
+from imnet_assets.stages.shard import build_shard
 from imnet_assets.stages.shuffled_plan import build_shuffled_plan
 from imnet_assets.stages.synset_manifest import build_synset_manifest
 from imnet_assets.storage import fs

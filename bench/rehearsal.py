@@ -218,11 +218,11 @@ def worker_reads(settings, proxy, sources: int, workers: int = 2, passes: int = 
     server with S3's latency and no throughput cap of its own, so what it measures is the client's.
     (cold, hot) as (seconds, counts, sources read intact), and the workers' CPU ms per read."""
     from imnet_assets.runtime.workerpool import shared_pool
-    from imnet_assets.stages import shard
+    from imnet_assets.stages import shard_jobs
 
     rows = _slice_rows(settings, sources)
     pool = shared_pool(workers)
-    batch = shard._batch_size(len(rows), workers)  # as a shard run cuts its jobs
+    batch = shard_jobs._batch_size(len(rows), workers)  # as a shard run cuts its jobs
 
     def read_all(rows) -> int:
         window, done = [], 0
@@ -251,17 +251,17 @@ def holding(proxy):
 
 
 def source_reads(settings, proxy, sources: int, workers: int = 2):
-    """The read path of a shard run's encode workers (shard.prepared_samples: each worker fetches
+    """The read path of a shard run's encode workers (shard_jobs.prepared_samples: each worker fetches
     its own sources by ranged GET, `threads` readers each, jobs queued `depth` deep) over the rows of
     as many plan slices as give `sources` rows, real encoder: (seconds, counts, sources read)."""
-    from imnet_assets.stages import shard
+    from imnet_assets.stages import shard_jobs
     from imnet_assets.stages.audit import encode_settings
 
     rows = _slice_rows(settings, sources)
     enc = encode_settings(settings)
-    list(shard.prepared_samples(rows[:workers * 4], settings.raw_root, enc, workers))  # start the pool
+    list(shard_jobs.prepared_samples(rows[:workers * 4], settings.raw_root, enc, workers))  # start the pool
     seconds, counts, done, _ = measured(
-        proxy, lambda: sum(1 for _ in shard.prepared_samples(rows, settings.raw_root, enc, workers)))
+        proxy, lambda: sum(1 for _ in shard_jobs.prepared_samples(rows, settings.raw_root, enc, workers)))
     return seconds, counts, done
 
 

@@ -13,9 +13,9 @@ measured in the same run, alternating so that a busy machine hurts both sides al
    - the bare chain (`encode.bare_chain`: open, draft, RGB, resize, WebP; nothing else);
    - the project's chain (`encode.encode_image`: the same plus the decoding rules, the colour
      rules and the EXIF / ICC kept), and its excess over the bare chain;
-   - the sha256 of the WebP, the sample's tar members (`shard.sample_bytes`: JSON, pax/ustar
+   - the sha256 of the WebP, the sample's tar members (`sample_tar.sample_bytes`: JSON, pax/ustar
      headers, padding) and their digest (`outroot.sample_digest`, what the read-back checks);
-   - the sampled decode check (`verify.webp_problem`: a full decode for every
+   - the sampled decode check (`webp_output.webp_problem`: a full decode for every
      IMNET_CHECK_DECODE_EVERY-th and every repaired sample, the RIFF header for the others);
    - the transport: pickling of the job (its share per image) and of the reply, both ends;
    - the shard check's read-back of the committed tar (`verify.CheckChunkJob`, in the workers);
@@ -47,11 +47,14 @@ from encode import SHARD, release  # noqa: E402
 from report import print_table  # noqa: E402
 
 from imnet_assets.image.encode import EncodeSettings, bare_chain, encode_image
+from imnet_assets.image.webp_output import webp_problem
 from imnet_assets.release.outroot import read_manifest, sample_digest
 from imnet_assets.release.plan import read_slice
-from imnet_assets.release.verify import CheckChunkJob, webp_problem
+from imnet_assets.release.sample_tar import sample_bytes
+from imnet_assets.release.verify import CheckChunkJob
 from imnet_assets.runtime import workerpool
-from imnet_assets.stages.shard import EncodeJob, build_shard, sample_bytes
+from imnet_assets.stages.shard import build_shard
+from imnet_assets.stages.shard_jobs import EncodeJob
 from imnet_assets.storage import fs
 from imnet_assets.storage.rawfolders import source_location
 

@@ -126,3 +126,12 @@ def test_plain_layers_know_nothing_of_dagster():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             offenders += [f"{path.relative_to(PACKAGE)}: {n}" for n in names if n.split(".")[0].startswith("dagster")]
     assert offenders == []
+
+
+MAX_LINES = 500  # what one reader holds: a module past it has two ideas in it
+
+
+def test_no_module_is_over_500_lines():
+    big = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+           if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert big == {}

@@ -150,7 +150,7 @@ def render_classes(rows: list[tuple]) -> bytes:
 
 def look_at_release(settings: Settings) -> OutRootLook:
     """Every shard's commit record and tar under the out root (two listings, one concurrent batch
-    of small reads: see core.freshness)."""
+    of small reads: see release.freshness)."""
     keys = settings.partition_keys
     return look_at_shards(settings.out_root, keys, [settings.shard_name(k) for k in keys])
 

@@ -2,9 +2,9 @@
 
 IMNET_EVAL_EXCLUDE names a folder or s3:// prefix of evaluation images (nested any way; any file
 Pillow opens, and tars of them). Each eval image is hashed once (sha256 of its bytes and the 64-bit
-pHash of core/perceptual.py) into the catalog table `eval_images`; the table is hashed again only
+pHash of image/perceptual.py) into the catalog table `eval_images`; the table is hashed again only
 when the eval set's listing (names, sizes, stamps) changes. Raw images got their pHash when their
-tar was scanned (core/index.py), so a changed eval set costs a SQL step, not a rescan.
+tar was scanned (stages/index.py), so a changed eval set costs a SQL step, not a rescan.
 
 Matching (sql/overlaps_settle.sql) is a DuckDB join, never an all-pairs loop: a raw image whose
 sha256 equals an eval image's is an exact copy; for near copies the 64-bit hashes are cut into four

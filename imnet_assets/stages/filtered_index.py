@@ -31,7 +31,7 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print,
     """Scan new or changed tars (in parallel processes); unchanged tars keep their rows.
 
     Changed also means marked by a shard run that found a tar's bytes changed in place (same size
-    and mtime: core/changed_sources.py); those markers are removed once the new rows are in.
+    and mtime: release/changed_sources.py); those markers are removed once the new rows are in.
     Each tar's walk must account for exactly its listed size (index.check_accounted): a read that
     came back short fails the stage naming the tar, and nothing is recorded for it.
 

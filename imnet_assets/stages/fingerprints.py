@@ -59,7 +59,7 @@ def listing_fingerprints(listing: RawListing, settings: Settings,
                   changed: dict[str, changed_sources.Marker] | None = None) -> dict[str, str]:
     """Each stage's input fingerprint for this listing: what a stage records when it is built, and
     what `stale_stages` compares that record with. `changed`: the markers of tars whose bytes a
-    shard run found changed since indexing (core/changed_sources.py): while there is one, the
+    shard run found changed since indexing (release/changed_sources.py): while there is one, the
     index (and so the plan) is stale, though the listing is the same."""
     # Each from what it reads: a words.txt or gloss.txt edit makes only the synset manifest stale.
     raw = _h("raw_tars", listing.tars_fingerprint)

@@ -43,7 +43,7 @@ class ImageRecord(NamedTuple):
     status: str  # kept | excluded
     reason: str | None
     needs_repair: bool
-    phash: int | None = None  # issue 17: 64-bit pHash of a kept image (core/perceptual.py)
+    phash: int | None = None  # issue 17: 64-bit pHash of a kept image (image/perceptual.py)
 
 
 FIELDS = list(ImageRecord._fields)
@@ -105,7 +105,7 @@ def scan_tar(url: str, mapped: bool = False, depth: int | None = None, size: int
 
 def member_record(wnid: str, tar: str, name: str, offset: int, data) -> ImageRecord:
     """The images row of one raw file's bytes: a tar's member (`offset`: of its data in the tar)
-    or a synset folder's file (core/rawfolders.py; `offset`: its number in the folder)."""
+    or a synset folder's file (storage/rawfolders.py; `offset`: its number in the folder)."""
     member = printable_name(name)
     digest = hashlib.sha256(data).hexdigest()
     key, bad_name = member_key(name)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from imnet_assets.release.plan import read_slice
 from imnet_assets.runtime.workerpool import next_priority, shared_pool
-from imnet_assets.stages.shard import encode_jobs
+from imnet_assets.stages.shard_jobs import encode_jobs
 
 AHEAD_IMAGES_PER_WORKER = 96  # ~3.5 s of encoding per worker: what a build's start takes on 2 cores
 AHEAD_MAX_IMAGES = 2048  # ~100-200 MB of encoded samples held at most, however many workers

@@ -1,4 +1,4 @@
-"""The dataset card's Hub front matter, rendered from a dict of facts (core.card.render)."""
+"""The dataset card's Hub front matter, rendered from a dict of facts (release.card.render)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""core.fs on local folders (and the pure URL helpers for s3:// roots)."""
+"""storage.fs on local folders (and the pure URL helpers for s3:// roots)."""
 
 from __future__ import annotations
 

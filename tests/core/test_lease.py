@@ -1,4 +1,4 @@
-"""core.lease on a local folder and on moto's S3 server: one holder at a time, the holder named,
+"""release.lease on a local folder and on moto's S3 server: one holder at a time, the holder named,
 a killed holder taken over at once, another host's holder only once it stopped renewing, and
 of many takers at once (threads, processes) exactly one wins."""
 

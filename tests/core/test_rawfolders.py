@@ -1,4 +1,4 @@
-"""The extracted layout of the raw release, read in place (core/rawfolders.py): a root of
+"""The extracted layout of the raw release, read in place (storage/rawfolders.py): a root of
 per-synset folders `<wnid>/<wnid>_<n>.JPEG` gives the same catalog rows (but where the bytes are)
 and byte-identical shards as the tar layout of the same files; lineage names the file; a changed
 file makes only its synset's index stale; a root with neither layout says what it holds."""

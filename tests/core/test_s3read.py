@@ -1,4 +1,4 @@
-"""Ranged reads of S3 objects (core/s3read.py, through obstore) and the retry policy of every
+"""Ranged reads of S3 objects (storage/s3read.py, through obstore) and the retry policy of every
 storage request, on moto's S3 server behind the fault-injecting proxy: the exact bytes, one
 request per read; cut bodies (with a rewritten Content-Length, or still promising the rest),
 resets mid-body and SlowDown bursts retried until the read is exact; a budget that runs out, a

@@ -19,9 +19,11 @@ from imnet_assets.release import changed_sources
 from imnet_assets.release.changed_sources import SourceChanged
 from imnet_assets.release.outroot import read_manifest, state_url
 from imnet_assets.release.plan import SliceRow, read_slice, write_slice
+from imnet_assets.release.sample_tar import _tarinfo, sample_members
 from imnet_assets.release.verify import iter_samples
 from imnet_assets.stages import shard as shard_mod
-from imnet_assets.stages.shard import _tarinfo, build_shard, fingerprint, sample_members
+from imnet_assets.stages import shard_jobs as shard_jobs_mod
+from imnet_assets.stages.shard import build_shard, fingerprint
 from imnet_assets.storage.fs import read_json
 from tests.conftest import shard_verdict
 from tests.shard_check import check_committed_shard
@@ -256,7 +258,7 @@ def test_an_unreadable_raw_tar_fails_the_run_and_commits_nothing(raw, tmp_path, 
     write_slice(str(out), KEY, planned(raw.rows, ORDER))
     gone = raw.root / "n02102040.tar"
     os.rename(gone, tmp_path / "away.tar")
-    with pytest.raises(shard_mod.SourceUnreadable, match=r"cannot read raw tar .*n02102040\.tar at byte \d+ "
+    with pytest.raises(shard_jobs_mod.SourceUnreadable, match=r"cannot read raw tar .*n02102040\.tar at byte \d+ "
                        r"\(for n02102040_\d+\): FileNotFoundError"):
         build(out, raw.root, workers=workers)
     assert sorted(os.listdir(out)) == ["_plan"]  # no shard, no manifest, no temporary file

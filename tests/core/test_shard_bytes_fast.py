@@ -10,10 +10,10 @@ import random
 import tarfile
 import types
 
+from imnet_assets.release import sample_tar as sample_tar_mod
 from imnet_assets.release.outroot import sample_digest
 from imnet_assets.release.plan import SliceRow
 from imnet_assets.release.verify import _intact_images
-from imnet_assets.stages import shard as shard_mod
 from imnet_assets.storage.rawtar import plain_members
 
 
@@ -23,7 +23,7 @@ def sample(i: int, webp_size: int, key: str | None = None) -> bytes:
                    False)
     webp = random.Random(i).randbytes(webp_size)
     enc = types.SimpleNamespace(webp=webp, width=640, height=480, orig_width=640, orig_height=480, repaired=False)
-    return shard_mod.sample_bytes(row, enc)
+    return sample_tar_mod.sample_bytes(row, enc)
 
 
 def tarfile_members(data: bytes):
@@ -42,15 +42,15 @@ def test_headers_from_the_template_are_tarfiles_byte_for_byte():
     names = ["n01440764_10026.webp", "n0_1.cls", "x" * 95 + ".json", "y" * 100, "a b~!@#$%^&*()[]{}.json", "k.cls"]
     for name in names:
         for size in (0, 1, 511, 512, 513, 104_396, 8**11 - 1):
-            fast = shard_mod._ustar_header(name, size)
-            assert fast == shard_mod._tarinfo(name, size).tobuf(shard_mod.TAR_FORMAT, shard_mod.TAR_ENCODING,
+            fast = sample_tar_mod._ustar_header(name, size)
+            assert fast == sample_tar_mod._tarinfo(name, size).tobuf(sample_tar_mod.TAR_FORMAT, sample_tar_mod.TAR_ENCODING,
                                                                  "surrogateescape"), (name, size)
     # what needs a pax record is left to tarfile
-    assert shard_mod._ustar_header("y" * 101, 1) is None
-    assert shard_mod._ustar_header("n01440764_ünïcødé.webp", 1) is None
-    assert shard_mod._ustar_header("big.webp", 8**11) is None
-    pax = shard_mod._tar_member("n01440764_ünïcødé.webp", b"x")[0]
-    assert pax == shard_mod._tarinfo("n01440764_ünïcødé.webp", 1).tobuf(shard_mod.TAR_FORMAT, shard_mod.TAR_ENCODING,
+    assert sample_tar_mod._ustar_header("y" * 101, 1) is None
+    assert sample_tar_mod._ustar_header("n01440764_ünïcødé.webp", 1) is None
+    assert sample_tar_mod._ustar_header("big.webp", 8**11) is None
+    pax = sample_tar_mod._tar_member("n01440764_ünïcødé.webp", b"x")[0]
+    assert pax == sample_tar_mod._tarinfo("n01440764_ünïcødé.webp", 1).tobuf(sample_tar_mod.TAR_FORMAT, sample_tar_mod.TAR_ENCODING,
                                                                           "surrogateescape")
 
 
@@ -78,7 +78,7 @@ def test_plain_members_reads_a_chunk_as_tarfile_does_or_leaves_it_to_tarfile():
             read += 1
     assert read > 100 and left > 100  # both ways were taken
     assert plain_members(b"") is None and plain_members(bytes(1024)) is None
-    assert plain_members(b"".join(shard_mod._tar_member("n01440764_ünïcødé.cls", b"1"))) is None
+    assert plain_members(b"".join(sample_tar_mod._tar_member("n01440764_ünïcødé.cls", b"1"))) is None
 
 
 def test_sample_digest_changes_with_any_byte_and_the_read_back_sees_it():

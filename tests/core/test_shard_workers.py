@@ -28,10 +28,12 @@ import pytest
 import webdataset as wds
 
 from imnet_assets.image.encode import EncodeSettings, encode_image
+from imnet_assets.release import sample_tar as sample_tar_mod
 from imnet_assets.release.outroot import read_manifest
 from imnet_assets.release.plan import write_slice
 from imnet_assets.runtime import host, workerpool
 from imnet_assets.stages import shard as shard_mod
+from imnet_assets.stages import shard_jobs as shard_jobs_mod
 from imnet_assets.stages.shard import build_shard, fingerprint
 from tests.conftest import shard_verdict
 from tests.core.test_shard import jpeg, planned, write_raw_tar
@@ -140,12 +142,12 @@ def test_memory_error_is_not_an_exclusion(photos, tmp_path, workers):
     out = tmp_path / "out"
     write_slice(str(out), KEY, planned(photos.raw.rows[:3], [0, 1, 2]))
     logs: list[str] = []
-    with pytest.raises(shard_mod.EncoderOutOfMemory, match="out of memory"):
+    with pytest.raises(shard_jobs_mod.EncoderOutOfMemory, match="out of memory"):
         build(out, photos.raw, workers=workers, encode=out_of_memory, log=logs.append)
     assert sorted(os.listdir(out)) == ["_plan"]
     if workers > 1:
         tries = [m for m in logs if "ran out of memory on n01440764_0" in m]
-        assert len(tries) == shard_mod.MEMORY_RETRIES, logs
+        assert len(tries) == shard_jobs_mod.MEMORY_RETRIES, logs
 
 
 def corrupt_a_webp_byte(url: str) -> None:
@@ -192,8 +194,8 @@ def test_long_and_non_ascii_keys_are_written_and_read_back(tmp_path):
 
 def test_ordinary_names_get_the_same_header_bytes_as_ustar():
     for name in ["n01440764_10026.webp", "n0_1.cls", "x" * 95 + ".json"]:
-        ustar = shard_mod._tarinfo(name, 1234).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
-        assert shard_mod._tar_member(name, b"\0" * 1234)[0] == ustar
+        ustar = sample_tar_mod._tarinfo(name, 1234).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        assert sample_tar_mod._tar_member(name, b"\0" * 1234)[0] == ustar
 
 
 def test_two_shard_runs_in_two_threads_share_one_pool(photos, tmp_path):
@@ -293,7 +295,7 @@ def kill_while_encoding(pool, key: str, times: int, stop: threading.Event, kille
     while not stop.is_set() and time.monotonic() < deadline:
         keys = [k for k, _ in killed]
         for pid, job, index in pool.working_on():
-            if not isinstance(job, shard_mod.EncodeJob):  # the check's jobs: not encoding
+            if not isinstance(job, shard_jobs_mod.EncodeJob):  # the check's jobs: not encoding
                 continue
             at = job.rows[index].key
             if keys.count(at) >= (times if at == key else 1) or (at != key and len(keys) - keys.count(key) >= others):
@@ -317,7 +319,7 @@ def test_an_oom_storm_retries_and_gives_the_same_shard(photos, tmp_path):
     killed: list[int] = []
     stop = threading.Event()
     killer = threading.Thread(target=kill_while_encoding,
-                              args=(pool, victim[0], shard_mod.KILLS_TO_FAIL - 1, stop, killed, 4))
+                              args=(pool, victim[0], shard_jobs_mod.KILLS_TO_FAIL - 1, stop, killed, 4))
     killer.start()
     logs: list[str] = []
     try:
@@ -326,10 +328,10 @@ def test_an_oom_storm_retries_and_gives_the_same_shard(photos, tmp_path):
         stop.set()
         killer.join()
     on_victim = [pid for key, pid in killed if key == victim[0]]
-    assert len(on_victim) == shard_mod.KILLS_TO_FAIL - 1 and len(killed) >= len(on_victim) + 2, killed
+    assert len(on_victim) == shard_jobs_mod.KILLS_TO_FAIL - 1 and len(killed) >= len(on_victim) + 2, killed
     assert not any(host.pid_alive(pid) for _, pid in killed)
     kills = [m for m in logs if "killed from outside" in m]
-    assert sum(victim[0] in m for m in kills) == shard_mod.KILLS_TO_FAIL - 1, logs
+    assert sum(victim[0] in m for m in kills) == shard_jobs_mod.KILLS_TO_FAIL - 1, logs
     assert len(kills) == len(killed), logs  # each kill cost a retry of its image, nothing more
     assert result.excluded == [] and result.problems == [] and result.num_samples == len(rows)
     assert (out / NAME).read_bytes() == photos.reference
@@ -349,13 +351,13 @@ def test_an_image_killed_from_outside_every_time_fails_the_run_naming_it(photos,
     killer = threading.Thread(target=kill_while_encoding, args=(pool, victim[0], 99, stop, killed))
     killer.start()
     try:
-        with pytest.raises(shard_mod.EncoderKilled, match=rf"killed from outside \(signal 9.*\) "
-                           rf"{shard_mod.KILLS_TO_FAIL} times while encoding {victim[0]} \(n01440764.tar@"):
+        with pytest.raises(shard_jobs_mod.EncoderKilled, match=rf"killed from outside \(signal 9.*\) "
+                           rf"{shard_jobs_mod.KILLS_TO_FAIL} times while encoding {victim[0]} \(n01440764.tar@"):
             build(out, photos.raw, encode=functools.partial(slow_on, victim[7], 0.3))
     finally:
         stop.set()
         killer.join()
-    assert [key for key, _ in killed] == [victim[0]] * shard_mod.KILLS_TO_FAIL
+    assert [key for key, _ in killed] == [victim[0]] * shard_jobs_mod.KILLS_TO_FAIL
     assert sorted(os.listdir(out)) == ["_plan"]  # no shard, no manifest, no commit record
 
 
@@ -376,7 +378,7 @@ def test_a_hung_codec_is_killed_past_the_time_limit_and_fails_its_run_alone(phot
     def watch():
         while not stop.is_set():
             seen.update(pid for pid, job, i in pool.working_on()  # the hung run's, not the other's
-                        if isinstance(job, shard_mod.EncodeJob) and job.encode is not None
+                        if isinstance(job, shard_jobs_mod.EncodeJob) and job.encode is not None
                         and job.rows[i].key == victim[0])
             time.sleep(0.01)
 
@@ -388,17 +390,17 @@ def test_a_hung_codec_is_killed_past_the_time_limit_and_fails_its_run_alone(phot
     started = time.monotonic()
     try:
         beside.start()
-        with pytest.raises(shard_mod.EncoderKilled, match=rf"encoding {victim[0]} \(n01440764.tar@\d+\) ran past "
-                           rf"IMNET_IMAGE_TIMEOUT \(1 s\) {shard_mod.TIMEOUTS_TO_FAIL} times"):
+        with pytest.raises(shard_jobs_mod.EncoderKilled, match=rf"encoding {victim[0]} \(n01440764.tar@\d+\) ran past "
+                           rf"IMNET_IMAGE_TIMEOUT \(1 s\) {shard_jobs_mod.TIMEOUTS_TO_FAIL} times"):
             build(hung_out, photos.raw, log=logs.append, encode=functools.partial(hang_on, victim[7]))
     finally:
         beside.join()
         stop.set()
         watcher.join()
     assert time.monotonic() - started < 60
-    assert sum("ran past IMNET_IMAGE_TIMEOUT" in m for m in logs) == shard_mod.TIMEOUTS_TO_FAIL, logs
+    assert sum("ran past IMNET_IMAGE_TIMEOUT" in m for m in logs) == shard_jobs_mod.TIMEOUTS_TO_FAIL, logs
     assert sorted(os.listdir(hung_out)) == ["_plan"]
-    assert len(seen) == shard_mod.TIMEOUTS_TO_FAIL and not any(host.pid_alive(p) for p in seen)
+    assert len(seen) == shard_jobs_mod.TIMEOUTS_TO_FAIL and not any(host.pid_alive(p) for p in seen)
     assert other["result"].problems == [] and (other_out / NAME).read_bytes() == photos.reference
 
 

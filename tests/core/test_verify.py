@@ -1,4 +1,4 @@
-"""core/verify.py on hand-made shard tars of real WebPs: the per-sample rules, the read-back,
+"""release/verify.py on hand-made shard tars of real WebPs: the per-sample rules, the read-back,
 pixels already decoded elsewhere, expected tar digests, and the order report."""
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def test_riff_webp_size_agrees_with_pillow_and_refuses_what_is_not_laid_out_righ
     alpha layouts; None for a cut, padded or mislabelled file (Pillow then judges it)."""
     from PIL import ImageCms
 
-    from imnet_assets.release.verify import riff_webp_size, webp_problem
+    from imnet_assets.image.webp_output import riff_webp_size, webp_problem
 
     img = Image.new(mode, (123, 77))
     img.putpixel((5, 5), 200 if mode == "L" else (200, 10, 30, 255)[: len(mode)])

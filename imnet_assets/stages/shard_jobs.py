@@ -1,0 +1,341 @@
+"""One shard run's encoding, as jobs for the process's worker pool (runtime/workerpool.py).
+
+Everything per image runs in the encode workers: read the source by (tar, offset, size), check its
+sha256 against the plan, encode, hash the stored image, decode the sampled ones, and build the
+sample's three tar members (release/sample_tar.py) as one bytes object. `prepared_samples` hands
+the coordinator (stages/shard.py) each sample in plan order, and settles what the workers' deaths
+mean: a crash the image causes twice excludes it; kills from outside, time-outs and memory errors
+cost retries, then fail the run naming the image (SPEC: Failure behaviour).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from imnet_assets.image.decode import ImageRejected
+from imnet_assets.image.encode import EncodeSettings, encode_image
+from imnet_assets.release.changed_sources import SourceChanged
+from imnet_assets.release.outroot import sample_digest
+from imnet_assets.release.plan import SliceRow
+from imnet_assets.release.sample_tar import sample_bytes
+from imnet_assets.release.verify import stored_image_problem
+from imnet_assets.runtime.procpool import preload
+from imnet_assets.runtime.workerpool import (
+    ReplyUnreadable,
+    WorkerDied,
+    WorkerPool,
+    shared_pool,
+)
+from imnet_assets.storage import fs
+from imnet_assets.storage.rawfolders import source_location
+
+preload(__name__)  # the forkserver imports this module once for all workers
+
+
+class SourceUnreadable(OSError):
+    """A raw tar could not be read at all (gone, no permission, an I/O or network error that
+    outlasted the retries). Not a property of the image: the shard run fails, naming the tar, and
+    commits nothing, so that a rerun builds the shard whole once the storage answers again."""
+
+
+class EncoderOutOfMemory(MemoryError):
+    """An image ran its encoder out of memory again and again. Memory is no property of the image
+    (size limits are settled at index time, the same everywhere), so it is not excluded: the shard
+    run fails, naming it, and commits nothing."""
+
+
+class EncoderKilled(RuntimeError):
+    """The encode process working on an image was killed from outside (SIGKILL: the OOM killer, a
+    cgroup limit, preemption; SIGTERM) again and again, or ran past IMNET_IMAGE_TIMEOUT again and
+    again (each time in a fresh process). Neither is a property of the image that may exclude it
+    (shard contents never depend on memory pressure): the shard run fails, naming it, and commits
+    nothing."""
+
+
+READ_RETRY_SECONDS = (0.5, 2.0)  # waits before the second and third attempt of a failed read
+
+
+BATCH = 8  # images per job sent to a worker (fewer for small shards, so every worker gets some)
+
+
+DEATHS_TO_EXCLUDE = 2  # crashes (workerpool.CRASH_SIGNALS) one image causes before it is excluded, naming them
+
+
+MEMORY_RETRIES = 3  # MemoryErrors of one image before the run fails (each time in a fresh worker)
+
+
+KILLS_TO_FAIL = 4  # kills from outside (SIGKILL, SIGTERM) while encoding one image before the run fails
+
+
+TIMEOUTS_TO_FAIL = 2  # times one image runs past IMNET_IMAGE_TIMEOUT (each in a fresh worker) before the run fails
+
+
+MAX_JOB_RETRIES = 8  # deaths of a job's workers while it held no image (queued, between images) before the run fails
+
+
+_reader: tuple[int, fs.RangeReader] | None = None
+
+
+def _range_reader() -> fs.RangeReader:
+    """This process's reader of raw tars (its open files are per thread)."""
+    global _reader
+    if _reader is None or _reader[0] != os.getpid():
+        _reader = (os.getpid(), fs.RangeReader())
+    return _reader[1]
+
+
+def _read_source(row: SliceRow, raw_root: str) -> tuple[bytes, str]:
+    """The row's source bytes (and "": no problem). A tar that cannot be read at all raises
+    SourceUnreadable once the retries are spent; bytes that are not the indexed ones (fewer, or
+    another sha256: the tar changed since indexing) raise SourceChanged, which fails the run and
+    marks the tar for the index (build_shard): no property of the image, so never an exclusion."""
+    url, offset = source_location(raw_root, row.tar, row.member, row.offset)  # a tar member, or a whole file
+    reader = _range_reader()
+    for wait in (*READ_RETRY_SECONDS, None):
+        try:
+            data = reader.read(url, offset, row.size)
+            break
+        except Exception as e:  # noqa: BLE001 - retried, then raised as what it is
+            if wait is None:
+                raise SourceUnreadable(fs.redact(
+                    f"cannot read raw tar {url} at byte {offset} (for {row.key}): {type(e).__name__}: {e}; "
+                    "if it moved or changed since indexing, `imnet build` indexes it again")) from None
+            time.sleep(wait)
+    if len(data) != row.size:
+        found = f"a read of {len(data)} of its {row.size} bytes"
+    elif (got := hashlib.sha256(data).hexdigest()) != row.sha256:
+        found = f"sha256 {got}, indexed {row.sha256}"
+    else:
+        return data, ""
+    raise SourceChanged(
+        f"source of {row.key} changed since indexing: raw tar {row.tar} member {row.member} at byte {row.offset}: "
+        f"{found}. Nothing was committed; the tar is marked for the index: the next `imnet build` indexes it "
+        "again", row.tar, row.member, found)
+
+
+def _crash_hook(sha256: str, crash_sha256: str | None) -> None:
+    """Test hook (settings.test_crash_sha256, IMNET_TEST_CRASH_SHA256): the encode worker process
+    segfaults (a real SIGSEGV, as a codec crash would) whenever it is about to encode the source of
+    that sha256. Only ever in a pool worker, never in the coordinating process."""
+    if crash_sha256 == sha256 and multiprocessing.parent_process() is not None:
+        import ctypes
+
+        ctypes.string_at(0)  # reads address 0: SIGSEGV
+
+
+def prepare_sample(row: SliceRow, data: bytes | None, problem: str, settings: EncodeSettings,
+                   decode_every: int, encode: Callable | None = None, crash_sha256: str | None = None) -> tuple:
+    """("ok", sample bytes, manifest record, check problem, outroot.sample_digest of the sample bytes) or
+    ("excluded", reason) for one row.
+    MemoryError propagates (the worker exits and the image is tried again in a fresh process)."""
+    if data is None:
+        return "excluded", problem
+    _crash_hook(row.sha256, crash_sha256)
+    try:
+        enc = (encode or encode_image)(data, settings)
+    except ImageRejected as e:
+        return "excluded", e.reason
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one bad image never crashes the shard
+        return "excluded", f"encoder error: {type(e).__name__}: {e}"
+    webp_sha256 = hashlib.sha256(enc.webp)
+    record = {
+        "key": row.key, "position": row.position, "width": enc.width, "height": enc.height,
+        "orig_width": enc.orig_width, "orig_height": enc.orig_height, "webp_bytes": len(enc.webp),
+        "webp_sha256": webp_sha256.hexdigest(), "repaired": enc.repaired,
+    }
+    decode = enc.repaired or (decode_every > 0 and row.position % decode_every == 0)
+    blob = sample_bytes(row, enc, settings.alt_labels, settings.extension)
+    problem = stored_image_problem(settings.extension, enc.webp, (enc.width, enc.height), decode)
+    return "ok", blob, record, problem, sample_digest(blob, webp_sha256.digest(), len(enc.webp))
+
+
+@dataclass
+class EncodeJob:
+    """A few consecutive rows of a plan slice, for one encode worker (workerpool.WorkerPool)."""
+
+    raw_root: str
+    rows: list[SliceRow]
+    settings: EncodeSettings
+    decode_every: int
+    encode: Callable | None = None  # None: encode_image (bench/scaleup.py passes a null codec)
+    crash_sha256: str | None = None  # test hook, see _crash_hook
+    time_limit: float | None = None  # seconds per image (IMNET_IMAGE_TIMEOUT): the pool kills a worker past it
+
+    def prefetch(self, readers):
+        return [readers.submit(_read_source, row, self.raw_root) for row in self.rows]
+
+    def run(self, reads, mark) -> list[tuple]:
+        out = []
+        for i, (row, read) in enumerate(zip(self.rows, reads)):
+            data, problem = read.result()
+            mark(i)
+            out.append(prepare_sample(row, data, problem, self.settings, self.decode_every, self.encode,
+                                      self.crash_sha256))
+            mark(-1)  # waiting for the next read is not this image's time
+        return out
+
+
+def _batch_size(rows: int, workers: int) -> int:
+    return max(1, min(BATCH, rows // (workers * 4)))
+
+
+def encode_jobs(rows: list[SliceRow], raw_root: str, settings: EncodeSettings, workers: int, decode_every: int,
+                encode: Callable | None = None) -> Iterator[EncodeJob]:
+    """The jobs a shard run's rows go to the encoders in, in order (shard_ahead submits the first
+    ones of a run before it starts: equal jobs, so the run takes their results over)."""
+    from imnet_assets.settings import image_timeout, test_crash_sha256
+
+    batch = _batch_size(len(rows), max(workers, 1))
+    crash, limit = test_crash_sha256(), image_timeout()
+    return (EncodeJob(raw_root, rows[i:i + batch], settings, decode_every, encode, crash, limit)
+            for i in range(0, len(rows), batch))
+
+
+def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettings, workers: int,
+                     decode_every: int = 16, log: Callable[[str], None] = lambda _m: None,
+                     encode: Callable | None = None, priority: int = 0,
+                     ahead: list | None = None) -> Iterator[tuple[SliceRow, tuple]]:
+    """(row, prepare_sample's result) per row, in plan order.
+
+    workers > 1: jobs of a few rows go to this process's shared worker pool (workerpool.shared_pool),
+    at most `workers * pool.depth` jobs ahead of the consumer, so memory stays bounded. A worker
+    that dies costs a retry of its jobs (see `_settle` for which deaths exclude an image, which
+    fail the run); an image that runs past IMNET_IMAGE_TIMEOUT gets its worker killed.
+    workers == 1: in this process (reads a few jobs ahead in threads; no time limit).
+    `ahead`: (job, future) pairs already submitted to the pool for these rows (shard_ahead): a
+    job equal to the next one to submit is taken over; at the first that differs, the rest are
+    cancelled.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = encode_jobs(rows, raw_root, settings, workers, decode_every, encode)
+    if workers <= 1:
+        with ThreadPoolExecutor(16, thread_name_prefix="read") as readers:
+            window: collections.deque = collections.deque()
+            try:
+                for job in jobs:
+                    window.append((job, job.prefetch(readers)))
+                    if len(window) >= 4:
+                        job, reads = window.popleft()
+                        yield from zip(job.rows, _run_here(job, reads))
+                while window:
+                    job, reads = window.popleft()
+                    yield from zip(job.rows, _run_here(job, reads))
+            finally:
+                for _job, reads in window:
+                    for r in reads:
+                        r.cancel()
+        return
+    pool = shared_pool(workers)
+    window = collections.deque()
+    ahead = collections.deque(ahead or ())
+    try:
+        for job in jobs:
+            if ahead and ahead[0][0] == job:
+                window.append(ahead.popleft())
+            else:
+                while ahead:
+                    ahead.popleft()[1].cancel()
+                window.append((job, pool.submit(job, priority)))
+            if len(window) >= workers * pool.depth:
+                yield from _settle(pool, *window.popleft(), log, priority)
+        while window:
+            yield from _settle(pool, *window.popleft(), log, priority)
+    finally:
+        for _job, fut in [*window, *ahead]:  # the consumer stopped (an error): drop what is not started
+            fut.cancel()
+
+
+def _run_here(job: EncodeJob, reads) -> list[tuple]:
+    try:
+        return job.run(reads, lambda _i: None)
+    except MemoryError:
+        raise EncoderOutOfMemory("out of memory while encoding (IMNET_WORKERS=1: not retried); nothing "
+                                 "was committed. Size limits are decided at index time; give the run more "
+                                 "memory") from None
+
+
+def _settle(pool: WorkerPool, job: EncodeJob, future, log: Callable[[str], None],
+            priority: int = 0) -> Iterator[tuple]:
+    """The results of one job, in row order, retrying it after worker deaths (SPEC "Failure
+    behaviour"). Only a crash the image causes (workerpool.CRASH_SIGNALS), DEATHS_TO_EXCLUDE times,
+    excludes it, naming the crashes. A kill from outside (SIGKILL: the OOM killer, a cgroup limit,
+    preemption; SIGTERM), a run past the time limit and a MemoryError are retried in fresh
+    processes a bounded number of times, then fail the run naming the image (EncoderKilled,
+    EncoderOutOfMemory): never an exclusion, so shard contents never depend on memory pressure."""
+    decided: dict[int, tuple] = {}  # row index -> ("excluded", reason) for rows that crashed twice
+    pending = list(range(len(job.rows)))
+    crashes: dict[int, list[str]] = collections.defaultdict(list)
+    kills: dict[int, list[str]] = collections.defaultdict(list)
+    timeouts: dict[int, int] = collections.defaultdict(int)
+    oom: dict[int, int] = collections.defaultdict(int)
+    held: list[str] = []  # deaths while the job held no image (queued in the worker, between images)
+    while pending:
+        try:
+            results = future.result()
+            break
+        except ReplyUnreadable as e:
+            raise ReplyUnreadable(f"{e} (images {[job.rows[i].key for i in pending]}); nothing was committed") from None
+        except WorkerDied as died:
+            if died.culprit is None:
+                held.append(died.how)
+                log(f"an encoder process died ({died.how}) between images; retrying its images")
+                if len(held) > MAX_JOB_RETRIES:
+                    raise EncoderKilled(
+                        f"encoder processes died {len(held)} times ({', '.join(held)}) holding the images "
+                        f"{[job.rows[i].key for i in pending]}; nothing was committed") from None
+            else:
+                real = pending[died.culprit]
+                row = job.rows[real]
+                where = f"{row.key} ({row.tar}@{row.offset})"
+                if died.out_of_memory:
+                    oom[real] += 1
+                    log(f"encoder ran out of memory on {row.key} ({oom[real]} of {MEMORY_RETRIES}); retrying it")
+                    if oom[real] >= MEMORY_RETRIES:
+                        raise EncoderOutOfMemory(
+                            f"out of memory encoding {where} {oom[real]} times in fresh "
+                            "worker processes; nothing was committed. Size limits are decided at index time; give "
+                            "the run more memory or lower IMNET_WORKERS") from None
+                elif died.timed_out is not None:
+                    timeouts[real] += 1
+                    log(f"encoding {where} ran past IMNET_IMAGE_TIMEOUT ({died.timed_out:g} s), its process was "
+                        f"killed ({timeouts[real]} of {TIMEOUTS_TO_FAIL}); retrying it in a new process")
+                    if timeouts[real] >= TIMEOUTS_TO_FAIL:
+                        raise EncoderKilled(
+                            f"encoding {where} ran past IMNET_IMAGE_TIMEOUT ({died.timed_out:g} s) {timeouts[real]} "
+                            "times, each in a fresh process, and was killed; nothing was committed. A hung encoder "
+                            "is not an exclusion: raise IMNET_IMAGE_TIMEOUT if the machine is just slow") from None
+                elif died.crashed:
+                    crashes[real].append(died.how)
+                    log(f"encoder process died ({died.how}) while encoding {where}; "
+                        f"retrying its images in a new process")
+                    if len(crashes[real]) >= DEATHS_TO_EXCLUDE:
+                        decided[real] = ("excluded", f"encoder process died {len(crashes[real])} times "
+                                                     f"({', '.join(crashes[real])}) while encoding")
+                        pending.remove(real)
+                else:
+                    kills[real].append(died.how)
+                    log(f"encoder process died ({died.how}) while encoding {where}: killed from outside "
+                        f"({len(kills[real])} of {KILLS_TO_FAIL}); retrying its images in a new process")
+                    if len(kills[real]) >= KILLS_TO_FAIL:
+                        raise EncoderKilled(
+                            f"the encoder process was killed from outside ({', '.join(kills[real])}) "
+                            f"{len(kills[real])} times while encoding {where}; nothing was committed. A kill (the "
+                            "OOM killer, a cgroup memory limit, preemption) is not an exclusion: give the run more "
+                            "memory or lower IMNET_WORKERS, and build again") from None
+            if pending:
+                future = pool.submit(dataclasses.replace(job, rows=[job.rows[i] for i in pending]), priority)
+    else:
+        results = []  # every row decided
+    by_index = dict(zip(pending, results))
+    for i, row in enumerate(job.rows):
+        yield row, decided.get(i) or by_index[i]
