@@ -69,7 +69,7 @@ def proc_stats() -> dict[int, tuple[int, float, float, int]]:
 def _children_cpu() -> float:
     """CPU of every live descendant (and of their reaped children), from /proc: the encode
     workers are grandchildren (children of the forkserver) and live as long as this process
-    (core.workerpool.shared_pool), so they are never reaped into RUSAGE_CHILDREN."""
+    (runtime.workerpool.shared_pool), so they are never reaped into RUSAGE_CHILDREN."""
     me = os.getpid()
     stats = proc_stats()
     if not stats:

@@ -4,7 +4,7 @@ For N photo-like images (core/photos.make_photo at ImageNet's size mix, saved as
 bench/photo_release.py makes them) it measures the Hamming distance between each image's 64-bit
 hash and the hash of edited copies (re-encoded at lower JPEG quality, resized down, resized and
 re-encoded, WebP, PNG, greyscale), and between unrelated images (every pair). It does so for
-pHash (core/perceptual.py, what the index uses) and, for comparison, a 64-bit dHash. A threshold
+pHash (image/perceptual.py, what the index uses) and, for comparison, a 64-bit dHash. A threshold
 is good when every copy is at or under it and no unrelated pair is.
 
 It also times the per-image hashing cost at index time: JPEG draft (libjpeg's DCT scaling to at

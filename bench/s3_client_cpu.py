@@ -1,5 +1,5 @@
 """Client CPU per ranged read of a ~110 KB source over TLS against moto: obstore (what fs.read_range
-uses, core/s3read.py) against botocore (through s3fs, what every other request uses).
+uses, storage/s3read.py) against botocore (through s3fs, what every other request uses).
 
 moto serves HTTPS, in a process of its own, with a certificate of a private CA
 (tests/s3server.private_ca, given in AWS_CA_BUNDLE); each client reads the same random ranges of

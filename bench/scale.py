@@ -18,7 +18,7 @@ Catalog part (each stage in its own child process, so the peak RSS printed is th
   catalog    synthetic `synsets` and `images` tables (plus 0.2% excluded rows) in a temp DuckDB
              catalog, generated with SQL (cached under --work/scale; not a goal);
   plan       `stages.build_shuffled_plan`: the SQL shuffle and 1024 plan slice files;
-  manifests  one manifest per shard in the layout `core/shard.py` writes (samples from the plan,
+  manifests  one manifest per shard in the layout `stages/shard.py` writes (samples from the plan,
              1 in 50,000 recorded as an encode-time exclusion), state files, and sparse shard
              files of the manifest's size, all generated with DuckDB COPY (not a goal);
   audit      `audit.run_audit`: manifests checked and loaded, reconciliation, `_info.json`.

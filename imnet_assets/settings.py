@@ -23,7 +23,7 @@ DEFAULT_WEBP_METHOD = 4
 
 def test_crash_sha256(env: dict | None = None) -> str | None:
     """Test hook IMNET_TEST_CRASH_SHA256: a source sha256 whose encoding makes the encode worker
-    process segfault (core.shard._crash_hook), so tests can give a shard an image that always
+    process segfault (stages.shard._crash_hook), so tests can give a shard an image that always
     kills its encoder. Never set it in production."""
     return (os.environ if env is None else env).get("IMNET_TEST_CRASH_SHA256") or None
 

@@ -1,4 +1,4 @@
--- Replace the eval set's hashes with those of the current IMNET_EVAL_EXCLUDE (core/decontam.py).
+-- Replace the eval set's hashes with those of the current IMNET_EVAL_EXCLUDE (stages/decontam.py).
 DELETE FROM eval_images;
 INSERT INTO eval_images
 SELECT file, sha256, phash

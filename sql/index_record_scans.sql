@@ -1,4 +1,4 @@
--- Record the tars whose rows index_load just loaded, in the same transaction (core/stages.py):
+-- Record the tars whose rows index_load just loaded, in the same transaction (stages/fingerprints.py):
 -- a tar counts as scanned only once its rows are in. `num_records` is what the walk of the tar's
 -- headers found (members and damage alike); it becomes raw_tars.num_members, the count every
 -- conservation check holds the images rows to. `accounted_bytes` / `damaged_bytes`: the bytes the

@@ -1,5 +1,5 @@
 -- The exclusions the filtered index settles after every tar is scanned, before the plan
--- (core/decontam.py settle_index): eval overlaps, duplicate_of, and IMNET_DEDUP=exact.
+-- (stages/decontam.py settle_index): eval overlaps, duplicate_of, and IMNET_DEDUP=exact.
 -- Runs before index_duplicates.sql (repeated keys), which then sees what these rules kept.
 -- "Kept by the index": kept, or refused only by the encoder (planned again, see plan_build.sql),
 -- or excluded as a repeated key (index_duplicates.sql decides those again after this).

@@ -1,8 +1,8 @@
 -- The slice files of a range of shards, rendered here rather than row by row in Python: for each
--- shard, its rows as CSV text in position order, byte for byte what core/plan.py render_slice
+-- shard, its rows as CSV text in position order, byte for byte what release/plan.py render_slice
 -- writes for them (Python's csv.writer: "\n" line ends, NULL as an empty field, booleans as
 -- True/False) without the header line, as long as no text field needs quoting. `exotic` marks the
--- shards where one does (a comma, a double quote, a newline or a carriage return): core/plan.py
+-- shards where one does (a comma, a double quote, a newline or a carriage return): release/plan.py
 -- renders those in Python.
 SELECT shard,
        bool_or(contains(key, ',') OR contains(key, '"') OR contains(key, chr(10)) OR contains(key, chr(13))

@@ -1,6 +1,6 @@
 -- The catalog: every table the project keeps (SPEC: Catalog). Idempotent.
 CREATE TABLE IF NOT EXISTS raw_tars (
-    tar VARCHAR PRIMARY KEY,      -- file name, <wnid>.tar; or <wnid>/, a folder of extracted files (core/rawfolders.py)
+    tar VARCHAR PRIMARY KEY,      -- file name, <wnid>.tar; or <wnid>/, a folder of extracted files (storage/rawfolders.py)
     wnid VARCHAR NOT NULL,
     size BIGINT NOT NULL,         -- a folder's: the sum of its file sizes
     mtime VARCHAR,                -- modification time or ETag, to notice a changed tar; a folder's: a digest of its listing
@@ -103,12 +103,12 @@ CREATE TABLE IF NOT EXISTS stages (
                                           -- the shared stages and the default release
     PRIMARY KEY (release, stage)
 );
--- Beyond the release (issue 17; core/decontam.py, core/perceptual.py): each raw image's 64-bit
+-- Beyond the release (issue 17; stages/decontam.py, image/perceptual.py): each raw image's 64-bit
 -- pHash (signed, NULL when not hashed) and the first key with the same sha256. Added by ALTER so
 -- catalogs made before them gain the columns too, at the end of the table as index_load.sql writes.
 ALTER TABLE images ADD COLUMN IF NOT EXISTS phash BIGINT;
 ALTER TABLE images ADD COLUMN IF NOT EXISTS duplicate_of VARCHAR;
--- The bytes each tar's walk read (core/rawtar.py ByteCount): headers (pax and GNU long-name headers
+-- The bytes each tar's walk read (storage/rawtar.py ByteCount): headers (pax and GNU long-name headers
 -- included), data, padding and end of archive / inside damage rows. Their sum must be the tar's
 -- listed size (sql/audit_conservation.sql). NULL: scanned by an older indexer (INDEX_VERSION < 3).
 ALTER TABLE tar_scans ADD COLUMN IF NOT EXISTS accounted_bytes BIGINT;

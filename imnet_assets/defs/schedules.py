@@ -204,7 +204,7 @@ def shard_partition_status(settings: Settings, instance: DagsterInstance | None,
     or more times in a row, the last one too recently: see FailureStreak), or in_flight (a run
     queued or running; not one whose worker is gone, see `run_worker_gone`).
 
-    Two listings of the out root, one concurrent batch of commit-record reads (core.freshness) and
+    Two listings of the out root, one concurrent batch of commit-record reads (release.freshness) and
     two queries of the instance, whatever the number of shards."""
     expected = expected_shard_fingerprints(settings)
     in_flight = (_partitions_of(instance, IN_FLIGHT, settings, skip=partial(run_worker_gone, instance))

@@ -88,7 +88,7 @@ def report(releases: list[Settings], raw: bool, out=sys.stdout) -> int:
             say(f"release {r.release}: {fs.redact(r.out_root)}  ({r.num_shards} shards, synsets {r.synsets}, "
                 f"codec {r.codec})")
             stage_line("shuffled_plan", r, indent)
-        # tars a shard run found changed in place since indexing (core/changed_sources.py)
+        # tars a shard run found changed in place since indexing (release/changed_sources.py)
         changed = changed_sources.pending(r.out_root)
         for marker in changed.values():
             say(f"{indent}  {marker.describe()}: the next `imnet build` indexes it again")

@@ -6,7 +6,7 @@ the listing cannot see) are no property of the image: the run fails naming the t
 (`SourceChanged`), commits nothing, and leaves a marker for the tar under the out root (shard runs
 never write the catalog): `<out>/_manifests/_changed_sources/<tar>.json`, one small JSON document
 per tar, written atomically. The index's input fingerprint holds the markers present
-(core/stages.py), so the index is stale while one is there and `imnet status` names the tar; the
+(stages/fingerprints.py), so the index is stale while one is there and `imnet status` names the tar; the
 next `imnet build` scans every marked tar again, whatever its listing says, and removes the
 markers it acted on once its rows are committed.
 """

@@ -98,8 +98,8 @@ class WorkerPool:
     `mark(i)` says the job now works on item i, `mark(-1)` that it is between items, so a death is
     blamed on that item). Each worker holds up to `depth` jobs, so its reads run ahead of its
     encoding: with `threads` reader threads each, a pool keeps up to 32 x workers source reads in
-    flight: a worker's `depth` jobs of shard.BATCH rows are 32 sources read ahead, one ranged GET
-    each (core/s3read.py), about 1,400 reads/s per worker at 20 ms per S3 request.
+    flight: a worker's `depth` jobs of shard_jobs.BATCH rows are 32 sources read ahead, one ranged GET
+    each (storage/s3read.py), about 1,400 reads/s per worker at 20 ms per S3 request.
 
     A job fails alone: an exception in the worker, a reply that cannot be unpickled here
     (ReplyUnreadable) or a job that cannot be pickled fail its future only; other jobs, and the

@@ -42,7 +42,7 @@ class RawListing:
     tars: list[dict]  # one per synset source: name (<wnid>.tar or <wnid>/), wnid, url, size, mtime — by name
     texts: dict[str, dict]  # words.txt / gloss.txt entries present
     ignored: list[str]  # other files under the root, reported, not used
-    layout: str = "tars"  # "tars" or "folders" (per-synset folders, core/rawfolders.py)
+    layout: str = "tars"  # "tars" or "folders" (per-synset folders, storage/rawfolders.py)
     ignored_folders: list[str] = field(default_factory=list)  # folders not named like a wnid (or: tar layout)
 
     def no_synsets(self, raw_root: str) -> str:
@@ -80,7 +80,7 @@ def list_raw(raw_root: str, unpack: bool = False, log: Callable[[str], None] = p
     """List the raw release. When the root holds only `winter21_whole.tar.gz`, unpack it first.
 
     Per-synset tars, or else per-synset folders (each listed whole: every file's size and stamp,
-    core/rawfolders.py); a root holding both is refused (RawLayoutError), as the labels would
+    storage/rawfolders.py); a root holding both is refused (RawLayoutError), as the labels would
     depend on which one is meant."""
     entries, folders = fs.listdir_and_folders(raw_root)
     names = {e["name"] for e in entries}

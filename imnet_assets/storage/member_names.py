@@ -52,7 +52,7 @@ def raw_name(printable: str) -> str:
     """The name `printable_name` made `printable` from (surrogate escapes for bytes that are not
     UTF-8). Exact for every name that gives a key: `member_key` refuses names holding a backslash,
     so each `\\xNN` in theirs is one of printable_name's escapes (the folder layout reads a file
-    by the name its images row holds, core/rawfolders.py)."""
+    by the name its images row holds, storage/rawfolders.py)."""
     def one(m: re.Match) -> str:
         n = int(m.group(1), 16)
         return chr(n) if n < 0x80 else chr(0xDC00 + n)

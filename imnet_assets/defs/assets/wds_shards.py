@@ -29,7 +29,7 @@ class ShardBusy(RuntimeError):
 
 
 def shard_lease_name(key: str) -> str:
-    return f"shard-{key}"  # <out root>/_locks/shard-<key>/ (core.lease)
+    return f"shard-{key}"  # <out root>/_locks/shard-<key>/ (release.lease)
 
 
 def make(settings: Settings):
