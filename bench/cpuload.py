@@ -99,3 +99,13 @@ def measure(fn) -> Sample:
     fn()
     t1 = time.perf_counter()
     return Sample(t1 - t0, tree_cpu() - c0, _machine_busy() - m0, own_cpu() - o0)
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used so far; NaN once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(rest[11]) + int(rest[12])) / _TICK

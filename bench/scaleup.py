@@ -41,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cpuload import proc_cpu  # noqa: E402
 from encode import SHARD, release  # noqa: E402
 from report import met, print_table, spread  # noqa: E402
 
@@ -49,7 +50,6 @@ from imnet_assets.release.verify import CHECK_CHUNK_BYTES
 from imnet_assets.runtime import workerpool
 from imnet_assets.stages.shard import build_shard
 
-_TICK = os.sysconf("SC_CLK_TCK")
 REAL_SHARD = 12_843  # images in one shard of the real release (13,151,276 / 1,024)
 
 
@@ -68,14 +68,6 @@ class NullCodec:
                 NullCodec._table = pickle.load(f)
         return NullCodec._table[hashlib.sha256(data).hexdigest()]
 
-
-def proc_cpu(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(rest[11]) + int(rest[12])) / _TICK
 
 
 def own_cpu() -> float:

@@ -43,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cpuload import proc_cpu  # noqa: E402
 from encode import SHARD, release  # noqa: E402
 from report import print_table  # noqa: E402
 
@@ -57,17 +58,6 @@ from imnet_assets.stages.shard import build_shard
 from imnet_assets.stages.shard_jobs import EncodeJob
 from imnet_assets.storage import fs
 from imnet_assets.storage.rawfolders import source_location
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def proc_cpu(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(rest[11]) + int(rest[12])) / _TICK
 
 
 def parts_round(settings, enc: EncodeSettings, decode_every: int) -> dict[str, float]:

@@ -2,17 +2,11 @@
 repaired when its data is cut short. The decode half of SPEC.md "Output"; image/encode.py does colour,
 size and the codec.
 
-Chain on the happy path (one header parse, one decode, at most one conversion and one resize):
-
-1. identify the bytes with Pillow's plugins, *without* the decompression-bomb check (``open_image``);
-2. reject tiny (< 32 px side), refused formats/modes and, for non-draftable formats, huge images;
-3. for JPEG sources that get downsized, ``draft`` so libjpeg decodes at 1/2, 1/4 or 1/8 scale
-   (always >= the target size);
-4. decode; on a decoding error retry once tolerating truncated/broken data (``repaired=True``); a JPEG
-   that decoded without error but whose data ran out before its last block (libjpeg fills the rest
-   with grey and only warns) is found by ``_jpeg_ran_out`` and is ``repaired=True`` too; a JPEG that
-   ran out before ``MIN_DECODED_FRACTION`` of its rows is rejected;
-5. colour: what ``convert("RGB")`` gives (16-bit / 32-bit / float greyscale is scaled to 8 bit first);
+Steps 1 to 4 of the chain that image/encode.py's docstring lays out: identify without the
+decompression-bomb check (``open_image``), reject by the limits (``plan_decode``, which the probe
+calls too), draft a JPEG that gets downsized, decode, and repair data cut short (``decode``:
+``_jpeg_ran_out`` finds a JPEG whose data ran out though it decoded without error; under
+``MIN_DECODED_FRACTION`` of its rows it is rejected).
 """
 
 from __future__ import annotations
