@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 import types
 
@@ -466,7 +468,11 @@ def test_one_and_two_workers_give_identical_bytes(raw, tmp_path):
 
 
 def test_leftovers_of_an_interrupted_run_are_removed(built):
-    leftover = built.out / f".{NAME}.tmp-4242-0123abcd"
+    # the writer named in the temporary name is a process that has exited (a fixed number, as this
+    # test once used, can be a live process on a busy machine: its file is then rightly kept)
+    writer = subprocess.Popen([sys.executable, "-c", ""])
+    writer.wait()
+    leftover = built.out / f".{NAME}.tmp-{writer.pid}-0123abcd"
     leftover.write_bytes(b"half a shard")
     build(built.out, built.raw.root)
     assert not leftover.exists()
