@@ -418,6 +418,9 @@ class Build:
         return 1
 
 
+LOOK_JOIN_SECONDS = 120  # at most: past it the look is stuck on storage, which has its own time limits
+
+
 def build(settings: Settings, wanted: list[str] | dict[str, list[str]], verbose: bool = False,
           keep_going: bool = False, parallel: int | None = None, releases: list[Settings] | None = None,
           selected: list[Settings] | None = None) -> int:
@@ -442,3 +445,9 @@ def build(settings: Settings, wanted: list[str] | dict[str, list[str]], verbose:
         if not left:
             raise
         end_now_leaving_runs(left)
+    finally:
+        # The look may still be at work when the build ends early (another build holds the out root:
+        # refused at once). A daemon thread inside DuckDB when the interpreter finalizes is ended by
+        # a forced unwind that DuckDB's C++ catches: "FATAL: exception not rethrown", SIGABRT. It
+        # does what the build's own look would do (one listing, the catalog read once): wait for it.
+        look.join(timeout=LOOK_JOIN_SECONDS)
