@@ -38,6 +38,7 @@ from imnet_assets.stages.audit import encode_settings, run_audit
 from imnet_assets.stages.shard import build_shard, code_version, fingerprint
 from imnet_assets.storage.catalog import Catalog
 from tests.conftest import build_catalog_stages, local_settings, shard_verdict
+from tests.core.test_shard_workers import corrupt_an_image_byte
 from tests.shard_check import check_committed_shard
 
 JPEG = EncodeSettings(codec="jpeg", quality=95)  # a JPEG release's default (Settings.jpeg_quality)
@@ -307,23 +308,11 @@ def test_a_jpeg_shard_is_the_same_bytes_with_two_workers(built, tmp_path):
     assert again.problems == [] and again.sha256 == built.results[key].sha256
 
 
-def _flip_a_jpeg_byte(url: str) -> str:
-    """Flip one byte in the middle of the first `.jpg` member's entropy-coded data; its key."""
-    with tarfile.open(url) as tf:
-        member = next(m for m in tf.getmembers() if m.name.endswith(".jpg"))
-    with open(url, "r+b") as f:
-        f.seek(member.offset_data + member.size // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x10]))
-    return member.name[: -len(".jpg")]
-
-
 def test_a_corrupted_byte_in_a_jpeg_sample_fails_the_shard_check(built, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(built.s.out_root, out)
     key = built.s.partition_keys[0]
-    sample = _flip_a_jpeg_byte(str(out / built.s.shard_name(key)))
+    sample = corrupt_an_image_byte(str(out / built.s.shard_name(key)), "jpg", 0x10)
     for every in (0, 1):
         problems = check_committed_shard(str(out), key, built.s.shard_name(key), decode_every=every)
         assert any(f"sample {sample}: jpg payload" in p and "sha256 differs" in p for p in problems), problems
@@ -335,7 +324,7 @@ def test_a_byte_corrupted_after_the_commit_fails_the_in_run_check(built, tmp_pat
     key = built.s.partition_keys[1]
     hit: list[str] = []
     result = build_shard(out_root=str(out), raw_root=built.s.raw_root, shard_key=key, shard_name=built.s.shard_name(key),
-                         settings=JPEG, workers=1, run_id="run-bad", after_commit=lambda url: hit.append(_flip_a_jpeg_byte(url)))
+                         settings=JPEG, workers=1, run_id="run-bad", after_commit=lambda url: hit.append(corrupt_an_image_byte(url, "jpg", 0x10)))
     assert any(f"sample {hit[0]}: jpg payload" in p for p in result.problems), result.problems
     assert not Path(state_url(str(out), key)).exists()  # never recorded as committed
 

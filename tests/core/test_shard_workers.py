@@ -150,14 +150,16 @@ def test_memory_error_is_not_an_exclusion(photos, tmp_path, workers):
         assert len(tries) == shard_jobs_mod.MEMORY_RETRIES, logs
 
 
-def corrupt_a_webp_byte(url: str) -> None:
+def corrupt_an_image_byte(url: str, ext: str = "webp", mask: int = 0x55) -> str:
+    """XOR one byte in the middle of the first `.<ext>` member's data with `mask`; that sample's key."""
     with tarfile.open(url) as tf:
-        webp = next(m for m in tf.getmembers() if m.name.endswith(".webp"))
+        member = next(m for m in tf.getmembers() if m.name.endswith(f".{ext}"))
     with open(url, "r+b") as f:
-        f.seek(webp.offset_data + webp.size // 2)
+        f.seek(member.offset_data + member.size // 2)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x55]))
+        f.write(bytes([byte[0] ^ mask]))
+    return member.name[: -len(f".{ext}")]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -168,7 +170,7 @@ def test_a_failed_check_leaves_the_shard_not_fresh(photos, tmp_path, workers):
     assert build(out, photos.raw, workers=workers).problems == []
     assert shard_verdict(str(out), KEY, NAME, want) == "fresh"
     # Rebuilt, and a byte of the committed tar flipped before the check reads it back.
-    result = build(out, photos.raw, workers=workers, after_commit=corrupt_a_webp_byte)
+    result = build(out, photos.raw, workers=workers, after_commit=corrupt_an_image_byte)
     assert any("sha256 differs from the manifest" in p for p in result.problems), result.problems
     assert any("tar sha256 differs" in p for p in result.problems), result.problems
     assert not (out / "_manifests" / f"{KEY}.state.json").exists()
@@ -250,7 +252,7 @@ def test_check_committed_from_a_manifest_alone(photos, tmp_path, workers):
     assert check(url, samples, manifest["sha256"], False, decode_every=1, workers=workers) == []
     assert check(url, samples[:-1], manifest["sha256"], False, workers=workers)[0].startswith(
         f"holds {len(photos.raw.rows)} samples, plan wants {len(photos.raw.rows) - 1}")
-    corrupt_a_webp_byte(url)
+    corrupt_an_image_byte(url)
     problems = check(url, samples, manifest["sha256"], False, decode_every=1, workers=workers)
     assert "tar sha256 differs from its manifest" in problems
     assert any("sha256 differs from the manifest" in p for p in problems), problems
