@@ -16,6 +16,7 @@ from imnet_assets.defs.schedules import make as make_schedules
 from imnet_assets.defs.shard_sensor import make as make_shard_sensor
 from imnet_assets.release import releases as release_file
 from imnet_assets.settings import Settings
+from imnet_assets.stages.staged_encodes import staging_plan
 
 
 def release_assets(settings: Settings, marker_roots: list[str]) -> list:
@@ -31,7 +32,7 @@ def build_definitions(settings: Settings, releases: list[Settings] | None = None
     # every release's shard runs leave their markers of changed sources under its own out root: the
     # shared index answers for all of them
     marker_roots = [r.out_root for r in releases]
-    assets = [raw_tars.make(settings), synset_manifest.make(settings), filtered_index.make(settings, marker_roots)]
+    assets = [raw_tars.make(settings), synset_manifest.make(settings), filtered_index.make(settings, marker_roots, staging_plan(releases))]
     schedules, sensors = [], []
     for release in releases:
         assets += release_assets(release, marker_roots)

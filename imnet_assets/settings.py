@@ -59,6 +59,7 @@ VARIABLES: dict[str, str] = {
     "IMNET_PROJECT_ROOT": "the folder holding .env, against which relative paths resolve",
     "IMNET_TEST_CRASH_SHA256": "test hook: a source sha256 whose encoding crashes its worker",
     "IMNET_RELEASES": "a TOML file of [release.<name>] tables: many releases from one index",
+    "IMNET_STAGE_ENCODES": "auto, on or off: the index encodes each image for the releases as it reads it",
 }
 ENV_FILE = ".env"
 PROJECT_NAME = "imnet-assets"  # [project] name in the pyproject.toml that marks the project root
@@ -193,6 +194,7 @@ def _switch(env: dict, name: str, default: bool) -> bool:
 
 
 DEDUP_MODES = ("off", "exact")
+STAGE_ENCODES_MODES = ("auto", "on", "off")  # auto: on with more than one release (stages/staged_encodes.py)
 ALT_LABEL_MODES = ("", "in1k")
 
 
@@ -304,6 +306,7 @@ class Settings:
     # where the requests are made, core/s3read.retry_seconds, in every process: validated here)
     storage_retry_seconds: int = 300
     image_timeout: int = DEFAULT_IMAGE_TIMEOUT  # seconds per image in an encode worker (IMNET_IMAGE_TIMEOUT)
+    stage_encodes: str = "auto"  # IMNET_STAGE_ENCODES (stages/staged_encodes.py)
     # Releases (issue 25; release/releases.py reads IMNET_RELEASES into one Settings per release)
     release: str = ""  # the release's name; "" = the one default release (IMNET_RELEASES unset)
     synsets: str = "all"  # "all" | "in1k" | "in12k" | path to a file of wnids, one a line
@@ -358,6 +361,7 @@ class Settings:
             parallel_shards=_int(env, "IMNET_PARALLEL_SHARDS", 0, 0),
             storage_retry_seconds=_int(env, "IMNET_STORAGE_RETRY_SECONDS", 300, 1),
             image_timeout=image_timeout(env),
+            stage_encodes=_choice(env, "IMNET_STAGE_ENCODES", "auto", STAGE_ENCODES_MODES),
         )
 
     # issue 25 (helper relcore): a release with val_per_class has validation shards after its

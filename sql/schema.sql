@@ -151,3 +151,24 @@ CREATE TABLE IF NOT EXISTS release_synsets (
     label INTEGER NOT NULL,
     PRIMARY KEY (release, wnid)
 );
+-- Staged encodes (issue 25, stages/staged_encodes.py): with more than one release, the index's pass
+-- encodes each kept image once per codec identity a release asks for (image/encode.codec_identity)
+-- and commits a tar's encoded images as one file, `url`, the image's at `offset`. A shard run reads
+-- them from there instead of reading and encoding the source. `reason` set: the encoder refused the
+-- image (no bytes; the shard run records the exclusion). Dropped with the tar's index rows.
+CREATE TABLE IF NOT EXISTS staged_images (
+    codec VARCHAR NOT NULL,
+    key VARCHAR NOT NULL,
+    tar VARCHAR NOT NULL,
+    source_sha256 VARCHAR NOT NULL,
+    url VARCHAR NOT NULL,
+    "offset" BIGINT NOT NULL,
+    size BIGINT NOT NULL,
+    sha256 VARCHAR,
+    width INTEGER,
+    height INTEGER,
+    orig_width INTEGER,
+    orig_height INTEGER,
+    repaired BOOLEAN,
+    reason VARCHAR
+);

@@ -23,7 +23,9 @@ Chain on the happy path (one header parse, one decode, at most one conversion an
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from dataclasses import dataclass
 
 from PIL import Image
@@ -39,6 +41,7 @@ from imnet_assets.image.decode import (
     target_size,
 )
 from imnet_assets.image.exif import filter_exif, rgb_icc_profile
+from imnet_assets.settings import Settings
 
 # Resampling filter, used identically by ``encode_image`` and ``bare_chain``.  LANCZOS is Pillow's
 # highest-quality antialiasing downscaler (the one ``thumbnail`` uses).  After a JPEG draft the decoded
@@ -62,6 +65,10 @@ CODEC_EXTENSIONS = {"webp": "webp", "jpeg": "jpg"}
 # - no restart markers, no comment (Pillow would copy a source JPEG's COM segment), JFIF header with
 #   no density, EXIF and ICC as for WebP.
 JPEG_OPTIONS = {"subsampling": "4:2:0", "progressive": False, "optimize": True}
+
+# Part of every shard's fingerprint (stages/shard.py): raise it when the same source and settings
+# would give other stored bytes.
+ENCODER_VERSION = "2"  # 2: JPEG data that runs out before EOI is repaired or rejected; progressive memory cap
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,29 @@ class EncodeSettings:
             return {"quality": self.quality, "method": self.method, "max_short": self.max_short}
         return {"codec": self.codec, "quality": self.quality, "max_short": self.max_short, "jpeg": JPEG_OPTIONS}
 
+
+
+def encode_settings(settings: Settings) -> EncodeSettings:
+    """A release's encode settings (issue 25: its codec; the quality is the codec's, and
+    max_short_edge sizes both; issue 17: alt_labels)."""
+    quality = settings.jpeg_quality if settings.codec == "jpeg" else settings.webp_quality
+    return EncodeSettings(quality=quality, method=settings.webp_method, max_short=settings.max_short_edge,
+                          alt_labels=settings.alt_labels, codec=settings.codec)
+
+
+def codec_identity(settings: EncodeSettings) -> str:
+    """A short name for everything the stored image's bytes depend on besides the source: the
+    settings' image fields, ENCODER_VERSION, and the versions of Pillow and of the codec library
+    it links (the same source gives the same bytes only under all of them: see JPEG_OPTIONS).
+    Stored images made under one identity may stand in for encoding again under the same one
+    (stages/staged_encodes.py)."""
+    from PIL import __version__ as pillow
+    from PIL import features
+
+    library = features.version("jpg" if settings.codec == "jpeg" else "webp")
+    text = json.dumps({"fields": settings.image_fields(), "encoder": ENCODER_VERSION, "pillow": pillow,
+                       "library": library}, sort_keys=True)
+    return f"{settings.codec}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 @dataclass(frozen=True)
@@ -233,3 +263,18 @@ def bare_chain(data: bytes, settings: EncodeSettings = DEFAULT_SETTINGS) -> byte
     if img.size != target:
         img = img.resize(target, RESAMPLE, box=box)
     return save_stored(img, settings)
+
+
+def encode_or_refusal(data, settings: EncodeSettings, encode=None) -> Encoded | str:
+    """The encoded image, or the reason it is excluded at encode time: the encoder refused it
+    (ImageRejected), or failed on it (any other error but MemoryError, which propagates: memory is
+    no property of the image). One rule for the shard runs and the index's staged encodes.
+    `encode`: the codec (default encode_image; bench/scaleup.py passes a null one)."""
+    try:
+        return (encode or encode_image)(data, settings)
+    except ImageRejected as e:
+        return e.reason
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one bad image never crashes a stage or shard
+        return f"encoder error: {type(e).__name__}: {e}"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import duckdb
 
-from imnet_assets.image.encode import EncodeSettings
+from imnet_assets.image.encode import encode_settings
 from imnet_assets.release import card, changed_sources
 from imnet_assets.release.freshness import OutRootLook, look_at_shards, verdict
 from imnet_assets.release.info import info_document, info_url, render_info
@@ -28,13 +28,6 @@ from imnet_assets.settings import Settings, validation_pattern
 from imnet_assets.stages.shard import fingerprint
 from imnet_assets.storage import atomic, fs
 from imnet_assets.storage.catalog import Catalog
-
-
-def encode_settings(settings: Settings) -> EncodeSettings:
-    # issue 25: a release's codec; its quality is the codec's, and max_short_edge sizes both
-    quality = settings.jpeg_quality if settings.codec == "jpeg" else settings.webp_quality
-    return EncodeSettings(quality=quality, method=settings.webp_method, max_short=settings.max_short_edge,
-                          alt_labels=settings.alt_labels, codec=settings.codec)  # issue 17: alt_labels
 
 
 class PlanOutdated(RuntimeError):

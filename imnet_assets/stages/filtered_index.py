@@ -18,6 +18,7 @@ from imnet_assets.stages.fingerprints import (
     pending_markers,
 )
 from imnet_assets.stages.index import FIELDS, ReadShort, check_accounted, scan_tars
+from imnet_assets.stages.staged_encodes import STAGED_FIELDS, StagedCodec
 from imnet_assets.storage.catalog import Catalog
 from imnet_assets.storage.inventory import list_raw
 
@@ -27,7 +28,7 @@ SCAN_FIELDS = ["tar", "size", "mtime", "num_records", "index_version", "accounte
 
 
 def build_filtered_index(settings: Settings, run_id: str, log: Log = print,
-                         marker_roots: list[str] | None = None) -> dict:
+                         marker_roots: list[str] | None = None, codecs: tuple[StagedCodec, ...] = ()) -> dict:
     """Scan new or changed tars (in parallel processes); unchanged tars keep their rows.
 
     Changed also means marked by a shard run that found a tar's bytes changed in place (same size
@@ -40,7 +41,9 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print,
     moment leaves only whole tars recorded as scanned; the next run scans the others again.
 
     `marker_roots`: the out roots whose markers of changed sources it acts on (every release's, issue
-    25; default: settings.out_root); each root's markers are removed from that root.
+    25; default: settings.out_root); each root's markers are removed from that root. `codecs`: the
+    scan encodes each kept image for these too (staged_encodes.staging_plan of the releases); a
+    tar's staged encodes are committed with its rows.
     """
     listing = list_raw(settings.raw_root)
     per_root = pending_markers(settings, marker_roots)
@@ -59,25 +62,30 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print,
         by_url = {t["url"]: t for t in todo}
         rows: list[tuple] = []
         scans: list[tuple] = []
+        staged: list[tuple] = []
         done_bytes = 0
         flushed = time.monotonic()
-        for n, (url, records) in enumerate(scan_tars(by_url, settings.workers, log=log,
-                                                              sizes={u: t["size"] for u, t in by_url.items()}), 1):
+        if codecs and todo:
+            log(f"encoding each kept image as it is read, for {', '.join(c.identity for c in codecs)}: the shard "
+                "runs take them from there")
+        for n, (url, records) in enumerate(scan_tars(by_url, settings.workers, log=log, codecs=codecs,
+                                                     sizes={u: t["size"] for u, t in by_url.items()}), 1):
             t = by_url[url]
             try:
                 check_accounted(t["name"], records, t["size"])
             except ReadShort:
                 if rows:
-                    _commit_scans(cat, rows, scans)  # the tars before it were read whole
+                    _commit_scans(cat, rows, scans, staged)  # the tars before it were read whole
                 raise
             rows.extend(records)
+            staged.extend(records.staged)
             scans.append((t["name"], t["size"], t["mtime"], len(records), INDEX_VERSION,
                           records.counted.structure, records.counted.damaged))
             done_bytes += t["size"]
             if (len(rows) >= settings.index_batch_rows or n == len(todo)
                     or time.monotonic() - flushed >= INDEX_BATCH_SECONDS):
-                _commit_scans(cat, rows, scans)
-                rows, scans, flushed = [], [], time.monotonic()
+                _commit_scans(cat, rows, scans, staged)
+                rows, scans, staged, flushed = [], [], [], time.monotonic()
                 log(f"indexed {n}/{len(todo)} tars")
         with cat.transaction():
             overlaps = settle_index(cat, settings, run_id, log)  # issue 17: eval overlaps, duplicate_of, dedup
@@ -100,8 +108,11 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print,
     return facts
 
 
-def _commit_scans(cat: Catalog, rows: list[tuple], scans: list[tuple]) -> None:
-    """Load these tars' rows and record them as scanned, all or nothing."""
-    with staged_csv(FIELDS, rows) as rows_path, staged_csv(SCAN_FIELDS, scans) as scans_path, cat.transaction():
+def _commit_scans(cat: Catalog, rows: list[tuple], scans: list[tuple], staged: list[tuple]) -> None:
+    """Load these tars' rows (and their staged encodes) and record them as scanned, all or nothing."""
+    with staged_csv(FIELDS, rows) as rows_path, staged_csv(SCAN_FIELDS, scans) as scans_path, \
+            staged_csv(STAGED_FIELDS, staged) as staged_path, cat.transaction():
         cat.run("index_load", {"path": rows_path})
         cat.run("index_record_scans", {"path": scans_path})
+        if staged:
+            cat.run("staged_load", {"path": staged_path})

@@ -16,6 +16,7 @@ from imnet_assets.image.decode import trial_decode
 from imnet_assets.image.perceptual import image_hash
 from imnet_assets.image.probe import probe_image
 from imnet_assets.runtime.procpool import bounded_map, preload, process_pool
+from imnet_assets.stages.staged_encodes import StagedCodec, Stager
 from imnet_assets.storage import fs
 from imnet_assets.storage.member_names import member_key, printable_name
 from imnet_assets.storage.prefetch import CHUNK, depth_for
@@ -57,6 +58,7 @@ class ScannedTar(list):
     def __init__(self, records=(), counted: ByteCount | None = None):
         super().__init__(records)
         self.counted = counted if counted is not None else ByteCount()
+        self.staged: list[tuple] = []  # its staged encodes' catalog rows (staged_encodes.Stager)
 
 
 class ReadShort(OSError):
@@ -76,17 +78,19 @@ def check_accounted(tar: str, scanned: ScannedTar, listed: int) -> None:
 
 
 def scan_tar(url: str, mapped: bool = False, depth: int | None = None, size: int | None = None,
-             data: bytes | None = None) -> ScannedTar:
+             data: bytes | None = None, codecs: tuple[StagedCodec, ...] = ()) -> ScannedTar:
     """Index one raw tar: its wnid is the tar's stem; damage becomes excluded records.
     `mapped`: memory-map a local tar (pool workers only, see rawtar.iter_tar); `depth`: ranged
     requests kept in flight for a remote one (see prefetch); `size`: its listed size; `data`: its
-    bytes, already read."""
+    bytes, already read; `codecs`: encode each kept image for these as it is read, and commit them
+    (stages/staged_encodes.py)."""
     if is_folder_source(url):  # a synset folder of the extracted layout (`<wnid>/`)
-        return scan_folder(url, depth=depth, size=size)
+        return scan_folder(url, depth=depth, size=size, codecs=codecs)
     tar = fs.basename(url)
     wnid = tar[: -len(".tar")] if tar.endswith(".tar") else tar
     counted = ByteCount()
     records = ScannedTar(counted=counted)
+    stager = Stager(codecs, tar) if codecs else None
     # members are hashed and probed in place, not copied
     for item in iter_tar(url, views=True, mapped=mapped, depth=depth, size=size, data=data, counted=counted):
         member = printable_name(item.name)
@@ -100,7 +104,15 @@ def scan_tar(url: str, mapped: bool = False, depth: int | None = None, size: int
             )
             continue
         records.append(member_record(wnid, tar, item.name, item.offset, item.data))
+        _stage(stager, records[-1], item.data)
+    if stager is not None:
+        records.staged = stager.commit()
     return records
+
+
+def _stage(stager: Stager | None, record: ImageRecord, data) -> None:
+    if stager is not None and record.status == "kept":
+        stager.add(record.key, record.sha256, data)
 
 
 def member_record(wnid: str, tar: str, name: str, offset: int, data) -> ImageRecord:
@@ -139,7 +151,7 @@ def read_listed(url: str, size: int) -> bytes:
     return data
 
 
-def scan_folder(url: str, depth: int | None = None, size: int | None = None):
+def scan_folder(url: str, depth: int | None = None, size: int | None = None, codecs: tuple[StagedCodec, ...] = ()):
     """Index one synset folder: ImageRecords (index.member_record, as for a tar's members) in
     listing order. `size`: the folder's size in the raw listing; when the files now add up to
     another size (or one is gone, or not its listed size, while read), the folder changed since it
@@ -154,6 +166,7 @@ def scan_folder(url: str, depth: int | None = None, size: int | None = None):
         raise FolderChanged(f"raw folder {tar} holds {listed} bytes of files now, {size} when it was listed: it "
                             "changed while the index ran; run `imnet build` again")
     records = ScannedTar()
+    stager = Stager(codecs, tar) if codecs else None
     for number, (entry, data) in enumerate(read_files(url, entries, depth)):
         if entry.problem is not None:
             key = member_key(entry.path)[0] or f"{wnid}__member_{number}"
@@ -166,15 +179,18 @@ def scan_folder(url: str, depth: int | None = None, size: int | None = None):
                                 "bytes: it changed while the index read it; run `imnet build` again")
         records.counted.structure += len(data)
         records.append(member_record(wnid, tar, entry.path, number, data))
+        _stage(stager, records[-1], data)
+    if stager is not None:
+        records.staged = stager.commit()
     return records
 
 
-def scan_small_tars(tars: list[tuple[str, int]]) -> list[ScannedTar]:
+def scan_small_tars(tars: list[tuple[str, int]], codecs: tuple[StagedCodec, ...] = ()) -> list[ScannedTar]:
     """Index small remote tars ((url, size) each): all fetched at once (one exact ranged GET each,
     in flight together), then walked in turn."""
     with ThreadPoolExecutor(len(tars), thread_name_prefix="small-tars") as pool:
         data = list(pool.map(lambda t: read_listed(*t), tars))
-    return [scan_tar(url, data=d) for (url, _size), d in zip(tars, data)]
+    return [scan_tar(url, data=d, codecs=codecs) for (url, _size), d in zip(tars, data)]
 
 
 def _tasks(urls: list[str], sizes: dict[str, int], depth: int) -> list[tuple[str, list]]:
@@ -195,19 +211,20 @@ SMALL_TAR = CHUNK  # remote tars up to one prefetch chunk are fetched whole, man
 
 
 def _run_task(task: tuple[str, list], depth: int, worker_scan: Callable[[str], ScannedTar] | None,
-              mapped: bool) -> list[ScannedTar]:
+              mapped: bool, codecs: tuple[StagedCodec, ...] = ()) -> list[ScannedTar]:
     kind, tars = task
     if worker_scan is not None:
         return [worker_scan(url) for url, _ in tars]
     if kind == "small":
-        return scan_small_tars(tars)
+        return scan_small_tars(tars, codecs)
     url, size = tars[0]  # a "one" task
-    return [scan_tar(url, mapped=mapped, depth=depth, size=size)]
+    return [scan_tar(url, mapped=mapped, depth=depth, size=size, codecs=codecs)]
 
 
 def scan_tars(urls: Iterable[str], workers: int, log: Callable[[str], None] = lambda _m: None,
               worker_scan: Callable[[str], ScannedTar] | None = None,
-              sizes: dict[str, int] | None = None) -> Iterator[tuple[str, ScannedTar]]:
+              sizes: dict[str, int] | None = None,
+              codecs: tuple[StagedCodec, ...] = ()) -> Iterator[tuple[str, ScannedTar]]:
     """Scan tars in parallel; yields (url, records) as each tar finishes, in input order.
 
     With more than one worker, in processes whose forkserver preloads this module (see procpool),
@@ -219,6 +236,9 @@ def scan_tars(urls: Iterable[str], workers: int, log: Callable[[str], None] = la
     requests going: a large one with ranged requests in flight ahead of its walk, small ones
     (`sizes`, from the listing: at most SMALL_TAR) fetched whole, up to that many together
     (`scan_small_tars`). A listed size also spares the request that would ask for it.
+    `codecs`: each kept image is encoded for these as it is read (stages/staged_encodes.py); not
+    in the tars scanned here after a worker died (an encoder crash would end this process): the
+    shard runs read and encode those images from their sources.
     """
     urls = list(urls)
     sizes = sizes or {}
@@ -229,13 +249,15 @@ def scan_tars(urls: Iterable[str], workers: int, log: Callable[[str], None] = la
         try:
             n = min(workers, len(tasks))
             with process_pool(n) as pool:
-                for task, results in zip(tasks, bounded_map(pool, _run_task, tasks, 2 * n, depth, worker_scan, True)):
+                mapped = bounded_map(pool, _run_task, tasks, 2 * n, depth, worker_scan, True, codecs)
+                for task, results in zip(tasks, mapped):
                     for (url, _size), records in zip(task[1], results):
                         yield url, records
                         done += 1
         except BrokenProcessPool as e:
             log(f"a scan worker died ({e}); scanning the remaining {len(urls) - done} tars in this "
-                f"process, without memory maps")
+                f"process, without memory maps{' or staged encodes' if codecs else ''}")
+            codecs = ()
     for task in _tasks(urls[done:], sizes, depth):
-        for (url, _size), records in zip(task[1], _run_task(task, depth, None, False)):
+        for (url, _size), records in zip(task[1], _run_task(task, depth, None, False, codecs)):
             yield url, records

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from imnet_assets.image.encode import EncodeSettings
+from imnet_assets.image.encode import ENCODER_VERSION, EncodeSettings
 from imnet_assets.release.changed_sources import SourceChanged, mark
 from imnet_assets.release.freshness import remember
 from imnet_assets.release.outroot import manifest_url, state_url, tar_end
@@ -26,11 +26,11 @@ from imnet_assets.runtime.workerpool import (
     next_priority,
 )
 from imnet_assets.stages.shard_jobs import prepared_samples
+from imnet_assets.stages.staged_encodes import read_lookup
 from imnet_assets.storage import atomic, fs
 
 # Bump when the bytes a shard holds for the same input would change (encoding rules, tar layout,
 # JSON fields). Part of every shard's fingerprint, so a bump makes every shard stale.
-ENCODER_VERSION = "2"  # 2: JPEG data that runs out before EOI is repaired or rejected; progressive memory cap
 
 
 def fingerprint(plan_digest: str, settings: EncodeSettings) -> str:
@@ -133,6 +133,7 @@ def build_shard(
     for leftover in atomic.remove_partials(final) + atomic.remove_partials(mf_url) + atomic.remove_partials(st_url):
         log(f"removed leftover of an interrupted run: {leftover}")
     rows, plan_digest = read_slice(out_root, shard_key)
+    staged = read_lookup(out_root, shard_key, rows, settings)  # issue 25: encoded by the index's pass
     # runs sharing the worker pool are served oldest first; a run encoded ahead (shard_ahead.Ahead)
     # keeps the place its first jobs took
     priority = ahead.priority if ahead is not None else next_priority()
@@ -144,7 +145,7 @@ def build_shard(
     with _marking_changed_sources(out_root, shard_key, rows, run_id, log), atomic.atomic_open(final) as raw_out:
         out = _HashingWriter(raw_out)
         for row, prepared in prepared_samples(rows, raw_root, settings, workers, decode_every, log, encode, priority,
-                                            ahead.jobs if ahead is not None else None):
+                                            ahead.jobs if ahead is not None else None, staged):
             if prepared[0] != "ok":
                 excluded.append({"key": row.key, "position": row.position, "reason": prepared[1]})
                 log(f"excluded {row.key} ({row.tar}@{row.offset}): {prepared[1]}")

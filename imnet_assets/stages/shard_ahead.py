@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from imnet_assets.release.plan import read_slice
 from imnet_assets.runtime.workerpool import next_priority, shared_pool
 from imnet_assets.stages.shard_jobs import encode_jobs
+from imnet_assets.stages.staged_encodes import read_lookup
 
 AHEAD_IMAGES_PER_WORKER = 96  # ~3.5 s of encoding per worker: what a build's start takes on 2 cores
 AHEAD_MAX_IMAGES = 2048  # ~100-200 MB of encoded samples held at most, however many workers
@@ -44,10 +45,11 @@ def start(out_root: str, raw_root: str, shard_key: str, settings, workers: int, 
           encode: Callable | None = None) -> Ahead:
     """Submit the first jobs of `shard_key` (as its run would make them) to this process's pool."""
     rows, _digest = read_slice(out_root, shard_key)
+    staged = read_lookup(out_root, shard_key, rows, settings)
     budget = min(AHEAD_MAX_IMAGES, AHEAD_IMAGES_PER_WORKER * workers)
     pool = shared_pool(workers)
     ahead = Ahead(next_priority())
-    for job in encode_jobs(rows, raw_root, settings, workers, decode_every, encode):
+    for job in encode_jobs(rows, raw_root, settings, workers, decode_every, encode, staged):
         if ahead.images >= budget:
             break
         ahead.jobs.append((job, pool.submit(job, ahead.priority)))

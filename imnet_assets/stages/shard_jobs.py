@@ -19,8 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from imnet_assets.image.decode import ImageRejected
-from imnet_assets.image.encode import EncodeSettings, encode_image
+from imnet_assets.image.encode import Encoded, EncodeSettings, encode_or_refusal
 from imnet_assets.release.changed_sources import SourceChanged
 from imnet_assets.release.outroot import sample_digest
 from imnet_assets.release.plan import SliceRow
@@ -33,6 +32,7 @@ from imnet_assets.runtime.workerpool import (
     WorkerPool,
     shared_pool,
 )
+from imnet_assets.stages.staged_encodes import StagedRef, read_staged
 from imnet_assets.storage import fs
 from imnet_assets.storage.rawfolders import source_location
 
@@ -120,6 +120,19 @@ def _read_source(row: SliceRow, raw_root: str) -> tuple[bytes, str]:
         "again", row.tar, row.member, found)
 
 
+def _read_input(row: SliceRow, ref: StagedRef | None, raw_root: str) -> tuple[bytes | None, str, Encoded | None]:
+    """(source bytes, "", None), or (None, "", the staged image) when the index staged it and its
+    bytes read back exact, or (None, the encoder's reason, None) when it refused the image then.
+    A staged image that cannot be had exactly is read and encoded from its source instead."""
+    if ref is not None:
+        if ref.reason is not None:
+            return None, ref.reason, None
+        staged = read_staged(_range_reader(), ref)
+        if staged is not None:
+            return None, "", staged
+    return (*_read_source(row, raw_root), None)
+
+
 def _crash_hook(sha256: str, crash_sha256: str | None) -> None:
     """Test hook (settings.test_crash_sha256, IMNET_TEST_CRASH_SHA256): the encode worker process
     segfaults (a real SIGSEGV, as a codec crash would) whenever it is about to encode the source of
@@ -131,21 +144,21 @@ def _crash_hook(sha256: str, crash_sha256: str | None) -> None:
 
 
 def prepare_sample(row: SliceRow, data: bytes | None, problem: str, settings: EncodeSettings,
-                   decode_every: int, encode: Callable | None = None, crash_sha256: str | None = None) -> tuple:
+                   decode_every: int, encode: Callable | None = None, crash_sha256: str | None = None,
+                   staged: Encoded | None = None) -> tuple:
     """("ok", sample bytes, manifest record, check problem, outroot.sample_digest of the sample bytes) or
-    ("excluded", reason) for one row.
+    ("excluded", reason) for one row. `staged`: its stored image, encoded by the index's pass
+    (stages/staged_encodes.py), checked like one encoded here.
     MemoryError propagates (the worker exits and the image is tried again in a fresh process)."""
-    if data is None:
+    if staged is not None:
+        enc = staged
+    elif data is None:
         return "excluded", problem
-    _crash_hook(row.sha256, crash_sha256)
-    try:
-        enc = (encode or encode_image)(data, settings)
-    except ImageRejected as e:
-        return "excluded", e.reason
-    except MemoryError:
-        raise
-    except Exception as e:  # noqa: BLE001 - one bad image never crashes the shard
-        return "excluded", f"encoder error: {type(e).__name__}: {e}"
+    else:
+        _crash_hook(row.sha256, crash_sha256)
+        enc = encode_or_refusal(data, settings, encode)
+        if isinstance(enc, str):
+            return "excluded", enc
     webp_sha256 = hashlib.sha256(enc.webp)
     record = {
         "key": row.key, "position": row.position, "width": enc.width, "height": enc.height,
@@ -169,17 +182,19 @@ class EncodeJob:
     encode: Callable | None = None  # None: encode_image (bench/scaleup.py passes a null codec)
     crash_sha256: str | None = None  # test hook, see _crash_hook
     time_limit: float | None = None  # seconds per image (IMNET_IMAGE_TIMEOUT): the pool kills a worker past it
+    staged: tuple | None = None  # per row its staged_encodes.StagedRef or None (None: no row staged)
 
     def prefetch(self, readers):
-        return [readers.submit(_read_source, row, self.raw_root) for row in self.rows]
+        staged = self.staged or (None,) * len(self.rows)
+        return [readers.submit(_read_input, row, ref, self.raw_root) for row, ref in zip(self.rows, staged)]
 
     def run(self, reads, mark) -> list[tuple]:
         out = []
         for i, (row, read) in enumerate(zip(self.rows, reads)):
-            data, problem = read.result()
+            data, problem, staged = read.result()
             mark(i)
             out.append(prepare_sample(row, data, problem, self.settings, self.decode_every, self.encode,
-                                      self.crash_sha256))
+                                      self.crash_sha256, staged))
             mark(-1)  # waiting for the next read is not this image's time
         return out
 
@@ -189,21 +204,27 @@ def _batch_size(rows: int, workers: int) -> int:
 
 
 def encode_jobs(rows: list[SliceRow], raw_root: str, settings: EncodeSettings, workers: int, decode_every: int,
-                encode: Callable | None = None) -> Iterator[EncodeJob]:
+                encode: Callable | None = None, staged: tuple | None = None) -> Iterator[EncodeJob]:
     """The jobs a shard run's rows go to the encoders in, in order (shard_ahead submits the first
     ones of a run before it starts: equal jobs, so the run takes their results over)."""
     from imnet_assets.settings import image_timeout, test_crash_sha256
 
     batch = _batch_size(len(rows), max(workers, 1))
     crash, limit = test_crash_sha256(), image_timeout()
-    return (EncodeJob(raw_root, rows[i:i + batch], settings, decode_every, encode, crash, limit)
+    return (EncodeJob(raw_root, rows[i:i + batch], settings, decode_every, encode, crash, limit,
+                      _part(staged, i, i + batch))
             for i in range(0, len(rows), batch))
+
+
+def _part(staged: tuple | None, start: int, end: int) -> tuple | None:
+    part = staged[start:end] if staged else None
+    return part if part and any(part) else None
 
 
 def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettings, workers: int,
                      decode_every: int = 16, log: Callable[[str], None] = lambda _m: None,
                      encode: Callable | None = None, priority: int = 0,
-                     ahead: list | None = None) -> Iterator[tuple[SliceRow, tuple]]:
+                     ahead: list | None = None, staged: tuple | None = None) -> Iterator[tuple[SliceRow, tuple]]:
     """(row, prepare_sample's result) per row, in plan order.
 
     workers > 1: jobs of a few rows go to this process's shared worker pool (workerpool.shared_pool),
@@ -213,11 +234,11 @@ def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettin
     workers == 1: in this process (reads a few jobs ahead in threads; no time limit).
     `ahead`: (job, future) pairs already submitted to the pool for these rows (shard_ahead): a
     job equal to the next one to submit is taken over; at the first that differs, the rest are
-    cancelled.
+    cancelled. `staged`: per row its staged_encodes.StagedRef or None (staged_encodes.read_lookup).
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    jobs = encode_jobs(rows, raw_root, settings, workers, decode_every, encode)
+    jobs = encode_jobs(rows, raw_root, settings, workers, decode_every, encode, staged)
     if workers <= 1:
         with ThreadPoolExecutor(16, thread_name_prefix="read") as readers:
             window: collections.deque = collections.deque()

@@ -20,6 +20,7 @@ from imnet_assets.release.plan import (
 from imnet_assets.settings import Settings
 from imnet_assets.stages.csvstage import staged_csv
 from imnet_assets.stages.fingerprints import Log, expected_fingerprints
+from imnet_assets.stages.staged_encodes import LOOKUP_SUFFIX, publish_lookups
 from imnet_assets.storage import atomic, fs
 from imnet_assets.storage.catalog import Catalog
 
@@ -49,6 +50,7 @@ def build_shuffled_plan(settings: Settings, run_id: str, log: Log = print,
             cat.run("plan_validation", params)
             cat.run("plan_build", params)
         digests = publish_slices(cat, settings.out_root, keys, release=settings.release)
+        staged = publish_lookups(cat, settings, keys, log)  # issue 25: images the index encoded for it
         facts = cat.one("plan_summary", params)
         planned = dict(cat.rows("plan_shard_lengths", params))
         short = cat.rows("plan_validation_short", {**params, "first_validation": keys[settings.num_shards]}) \
@@ -74,13 +76,15 @@ def build_shuffled_plan(settings: Settings, run_id: str, log: Log = print,
                      validation_shards=settings.validation_shards, splits=splits)
     write_index(settings.out_root, index)
     # Slices of shards this layout no longer has (IMNET_NUM_SHARDS lowered): no run may read them.
-    ours = {f"{k}.csv" for k in keys}
+    ours = {f"{k}{suffix}" for k in keys for suffix in (".csv", LOOKUP_SUFFIX)}
     for e in fs.listdir(fs.join(settings.out_root, PLAN_DIR)):
-        if re.fullmatch(r"\d{4}\.csv", e["name"]) and e["name"] not in ours:
+        if re.fullmatch(r"\d{4}(\.csv|\.staged\.json)", e["name"]) and e["name"] not in ours:
             fs.remove(e["url"])
             log(f"removed the slice of a shard this plan does not have: {e['name']}")
     facts.update(seconds=round(time.perf_counter() - started, 2), num_shards=settings.num_shards,
                  seed=settings.seed)
+    if staged:
+        facts.update(staged_images=staged)
     if settings.release or settings.synsets != selection.ALL or settings.val_per_class:
         facts.update(release=settings.release, synsets=settings.synsets, classes=len(chosen.wnids),
                      absent_synsets=len(chosen.absent))

@@ -4,6 +4,7 @@ from imnet_assets.defs.assets.common import GROUP, logger, table
 from imnet_assets.settings import Settings
 from imnet_assets.stages.filtered_index import build_filtered_index
 from imnet_assets.stages.fingerprints import INDEX_VERSION
+from imnet_assets.stages.staged_encodes import StagedCodec
 
 REASONS_SCHEMA = TableSchema(columns=[TableColumn("reason", "string"), TableColumn("images", "int")])
 DUPLICATES_SCHEMA = TableSchema(columns=[
@@ -12,8 +13,9 @@ DUPLICATES_SCHEMA = TableSchema(columns=[
 ])
 
 
-def make(settings: Settings, marker_roots: list[str] | None = None):
-    """`marker_roots`: every release's out root, where shard runs mark changed sources (default: the out root)."""
+def make(settings: Settings, marker_roots: list[str] | None = None, codecs: tuple[StagedCodec, ...] = ()):
+    """`marker_roots`: every release's out root, where shard runs mark changed sources (default: the
+    out root); `codecs`: what the scan encodes each kept image for (staged_encodes.staging_plan)."""
 
     @asset(
         name="filtered_index",
@@ -32,7 +34,8 @@ def make(settings: Settings, marker_roots: list[str] | None = None):
         ),
     )
     def filtered_index(context: AssetExecutionContext) -> MaterializeResult:
-        facts = build_filtered_index(settings, context.run.run_id, logger(context), marker_roots=marker_roots)
+        facts = build_filtered_index(settings, context.run.run_id, logger(context), marker_roots=marker_roots,
+                                     codecs=codecs)
         reasons = facts.pop("reasons")
         duplicates = facts.pop("duplicate_groups_top", [])
         return MaterializeResult(
