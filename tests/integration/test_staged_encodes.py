@@ -1,0 +1,108 @@
+"""Staged encodes (stages/staged_encodes.py; issue 25): the index's pass encodes each kept image for
+every release's codec, and the shard runs take the stored bytes from there. On real tars of real
+images, with `imnet build` run as a user runs it:
+
+- shards built from staged encodes are byte for byte the shards built with IMNET_STAGE_ENCODES=off
+  (each image read and encoded by the shard run), for a WebP and a JPEG release;
+- the staged files are a cache, never an authority: a flipped byte in one and another one removed
+  cost no image and no failure: the shards rebuilt from them are the same bytes again, nothing
+  excluded (the shard run read and encoded those sources instead);
+- a lookup made for another codec identity is not used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from imnet_assets.sample.sample_raw import write_sample_raw
+from tests.checks import catalog
+from tests.conftest import build_env, dagster_home, imnet
+
+RELEASES = """
+[release.all]
+out_root = "out/all"
+num_shards = 2
+
+[release.jpg]
+out_root = "out/jpg"
+num_shards = 2
+codec = "jpeg"
+"""
+
+
+def shards(root: Path) -> dict[str, str]:
+    return {f"{p.parent.name}/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.glob("out/*/*.tar"))}
+
+
+def build(root: Path, raw: Path, **extra) -> str:
+    root.mkdir()
+    (root / "releases.toml").write_text(RELEASES)
+    env = build_env(root, raw, DAGSTER_HOME=str(dagster_home(root)), IMNET_RELEASES=str(root / "releases.toml"),
+                    IMNET_WORKERS="2", **extra)
+    return imnet(["build"], env).stdout, env
+
+
+def exclusions(root: Path) -> list[tuple]:
+    with catalog(root / "catalog.duckdb") as con:
+        return con.execute("SELECT release, key, reason FROM shard_exclusions ORDER BY ALL").fetchall()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("staged")
+    write_sample_raw(tmp / "raw", synsets=3, images=10, seed=4)
+    staged_out, staged_env = build(tmp / "staged", tmp / "raw")
+    plain_out, _ = build(tmp / "plain", tmp / "raw", IMNET_STAGE_ENCODES="off")
+    return tmp, staged_out, staged_env, plain_out
+
+
+def test_shards_from_staged_encodes_are_the_shards_encoded_in_the_run(built):
+    tmp = built[0]
+    with catalog(tmp / "staged" / "catalog.duckdb") as con:
+        staged = con.execute("SELECT codec, count(*) FROM staged_images GROUP BY codec ORDER BY codec").fetchall()
+        planned = con.execute("SELECT count(*) FROM plan WHERE release = 'all'").fetchone()[0]
+    assert [c.split("-")[0] for c, _ in staged] == ["jpeg", "webp"] and all(n >= planned for _, n in staged), staged
+    assert sorted(p.name for p in (tmp / "staged/out/all/_plan").glob("*.staged.json")) == [
+        "0000.staged.json", "0001.staged.json"]
+    assert not list((tmp / "plain").glob("out/*/_staged")) and not list((tmp / "plain").glob("out/*/_plan/*.staged.json"))
+    got, want = shards(tmp / "staged"), shards(tmp / "plain")
+    assert len(want) == 4 and got == want
+    assert exclusions(tmp / "staged") == exclusions(tmp / "plain")
+
+
+def test_a_damaged_or_missing_staged_file_costs_no_image(built):
+    tmp, _staged_out, env, _plain_out = built
+    root = tmp / "staged"
+    before = exclusions(root)
+    webp = sorted(root.glob("out/all/_staged/webp-*/*.bin"))
+    jpeg = sorted(root.glob("out/jpg/_staged/jpeg-*/*.bin"))  # under the first release with the codec
+    assert len(webp) == 3 and len(jpeg) == 3, (webp, jpeg)
+    data = bytearray(webp[0].read_bytes())
+    data[len(data) // 2] ^= 0x40
+    webp[0].write_bytes(bytes(data))
+    jpeg[1].unlink()
+    for p in root.glob("out/*/*.tar"):
+        p.unlink()
+    out = imnet(["build"], env).stdout
+    assert "all: wds_shards: 0 of 2 selected shards fresh, 2 to build" in out, out
+    assert shards(root) == shards(tmp / "plain")
+    assert exclusions(root) == before
+
+
+def test_a_lookup_for_another_codec_identity_is_not_used(built):
+    from imnet_assets.image.encode import EncodeSettings
+    from imnet_assets.release.plan import read_slice
+    from imnet_assets.stages.staged_encodes import read_lookup
+
+    out_root = str(built[0] / "staged/out/all")
+    rows, _ = read_slice(out_root, "0000")
+    refs = read_lookup(out_root, "0000", rows, EncodeSettings())
+    assert refs is not None and sum(r is not None for r in refs) == len(rows)
+    assert read_lookup(out_root, "0000", rows, EncodeSettings(quality=80)) is None
+    doc = json.loads((Path(out_root) / "_plan/0000.staged.json").read_text())
+    assert doc["codec"].startswith("webp-") and len(doc["rows"]) == len(rows)
