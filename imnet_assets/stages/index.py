@@ -6,6 +6,7 @@ height, format and mode read from the image header only), and whether the image 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -90,24 +91,28 @@ def scan_tar(url: str, mapped: bool = False, depth: int | None = None, size: int
     wnid = tar[: -len(".tar")] if tar.endswith(".tar") else tar
     counted = ByteCount()
     records = ScannedTar(counted=counted)
-    stager = Stager(codecs, tar) if codecs else None
     # members are hashed and probed in place, not copied
-    for item in iter_tar(url, views=True, mapped=mapped, depth=depth, size=size, data=data, counted=counted):
-        member = printable_name(item.name)
-        if isinstance(item, Damage):
-            key = member_key(item.name)[0] if item.name else None
-            records.append(
-                ImageRecord(
-                    key or f"{wnid}__damage_{item.offset}", wnid, tar, member, item.offset,
-                    item.size, None, None, None, None, None, "excluded", printable_name(item.reason), False,
+    with _stager(codecs, tar) as stager:
+        for item in iter_tar(url, views=True, mapped=mapped, depth=depth, size=size, data=data, counted=counted):
+            member = printable_name(item.name)
+            if isinstance(item, Damage):
+                key = member_key(item.name)[0] if item.name else None
+                records.append(
+                    ImageRecord(
+                        key or f"{wnid}__damage_{item.offset}", wnid, tar, member, item.offset,
+                        item.size, None, None, None, None, None, "excluded", printable_name(item.reason), False,
+                    )
                 )
-            )
-            continue
-        records.append(member_record(wnid, tar, item.name, item.offset, item.data))
-        _stage(stager, records[-1], item.data)
+                continue
+            records.append(member_record(wnid, tar, item.name, item.offset, item.data))
+            _stage(stager, records[-1], item.data)
     if stager is not None:
-        records.staged = stager.commit()
+        records.staged = stager.rows
     return records
+
+
+def _stager(codecs: tuple[StagedCodec, ...], tar: str):
+    return Stager(codecs, tar) if codecs else contextlib.nullcontext()
 
 
 def _stage(stager: Stager | None, record: ImageRecord, data) -> None:
@@ -166,22 +171,22 @@ def scan_folder(url: str, depth: int | None = None, size: int | None = None, cod
         raise FolderChanged(f"raw folder {tar} holds {listed} bytes of files now, {size} when it was listed: it "
                             "changed while the index ran; run `imnet build` again")
     records = ScannedTar()
-    stager = Stager(codecs, tar) if codecs else None
-    for number, (entry, data) in enumerate(read_files(url, entries, depth)):
-        if entry.problem is not None:
-            key = member_key(entry.path)[0] or f"{wnid}__member_{number}"
-            records.append(ImageRecord(key, wnid, tar, printable_name(entry.path), number, 0, None, None, None,
-                                       None, None, "excluded", f"{entry.problem} in raw folder {tar}", False))
-            continue
-        if data is None or len(data) != entry.size:
-            got = "gone" if data is None else f"{len(data)} bytes"
-            raise FolderChanged(f"raw folder {tar}: {printable_name(entry.path)} is {got}, listed with {entry.size} "
-                                "bytes: it changed while the index read it; run `imnet build` again")
-        records.counted.structure += len(data)
-        records.append(member_record(wnid, tar, entry.path, number, data))
-        _stage(stager, records[-1], data)
+    with _stager(codecs, tar) as stager:
+        for number, (entry, data) in enumerate(read_files(url, entries, depth)):
+            if entry.problem is not None:
+                key = member_key(entry.path)[0] or f"{wnid}__member_{number}"
+                records.append(ImageRecord(key, wnid, tar, printable_name(entry.path), number, 0, None, None, None,
+                                           None, None, "excluded", f"{entry.problem} in raw folder {tar}", False))
+                continue
+            if data is None or len(data) != entry.size:
+                got = "gone" if data is None else f"{len(data)} bytes"
+                raise FolderChanged(f"raw folder {tar}: {printable_name(entry.path)} is {got}, listed with "
+                                    f"{entry.size} bytes: it changed while the index read it; run `imnet build` again")
+            records.counted.structure += len(data)
+            records.append(member_record(wnid, tar, entry.path, number, data))
+            _stage(stager, records[-1], data)
     if stager is not None:
-        records.staged = stager.commit()
+        records.staged = stager.rows
     return records
 
 

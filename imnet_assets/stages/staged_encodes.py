@@ -29,6 +29,7 @@ reads its sources (its pixels can come from nowhere else), as one without stagin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -84,15 +85,26 @@ def staging_plan(releases: list[Settings]) -> tuple[StagedCodec, ...]:
 
 
 class Stager:
-    """Encodes one tar's kept members as the index walks it (`add`), then commits them (`commit`)."""
+    """Encodes one tar's kept members as the index walks it (`add`), writing each codec identity's
+    file as it goes (atomic.atomic_open: the file appears at its name only once the walk ended
+    well; an error or a kill leaves none). Use it as a context manager; `rows` are then the tar's
+    `staged_images` rows. Memory: one encoded image at a time, not the tar's."""
 
     def __init__(self, codecs: tuple[StagedCodec, ...], tar: str):
         self.codecs = codecs
         self.tar = tar
-        self.parts: list[list[bytes]] = [[] for _ in codecs]
+        self.urls = [codec.file_url(tar) for codec in codecs]
+        self.files: list = [None] * len(codecs)
         self.sizes = [0] * len(codecs)
-        self.rows: list[list] = []  # STAGED_FIELDS, url and offset filled in by commit
+        self.rows: list[tuple] = []
         self.skip = test_crash_sha256()  # the crash test hook's image is left to the shard run's encoder
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> Stager:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return self._stack.__exit__(*exc)  # commits the files, or (an error) discards them
 
     def add(self, key: str, source_sha256: str, data) -> None:
         if source_sha256 == self.skip:
@@ -104,26 +116,16 @@ class Stager:
             except MemoryError:
                 continue  # memory is no property of the image: the shard run encodes it
             if isinstance(got, str):
-                self.rows.append([codec.identity, key, self.tar, source_sha256, i, 0, 0, None, None, None, None,
-                                  None, None, got])
+                self.rows.append((codec.identity, key, self.tar, source_sha256, self.urls[i], 0, 0, None, None, None,
+                                  None, None, None, got))
                 continue
-            self.rows.append([codec.identity, key, self.tar, source_sha256, i, self.sizes[i], len(got.webp),
-                              _sha256(got.webp), got.width, got.height, got.orig_width, got.orig_height,
-                              got.repaired, None])
-            self.parts[i].append(got.webp)
+            if self.files[i] is None:
+                self.files[i] = self._stack.enter_context(atomic.atomic_open(self.urls[i]))
+            self.files[i].write(got.webp)
+            self.rows.append((codec.identity, key, self.tar, source_sha256, self.urls[i], self.sizes[i],
+                              len(got.webp), _sha256(got.webp), got.width, got.height, got.orig_width,
+                              got.orig_height, got.repaired, None))
             self.sizes[i] += len(got.webp)
-
-    def commit(self) -> list[tuple]:
-        """Write each identity's file (atomically: a kill leaves no partial file at its name) and
-        return the rows for `staged_images`."""
-        urls = [codec.file_url(self.tar) for codec in self.codecs]
-        for url, parts in zip(urls, self.parts):
-            if parts:
-                atomic.write_atomic(url, b"".join(parts))
-        self.parts = [[] for _ in self.codecs]
-        for row in self.rows:
-            row[4] = urls[row[4]]
-        return [tuple(row) for row in self.rows]
 
 
 def _sha256(data: bytes) -> str:
