@@ -12,6 +12,11 @@ a release, IMNET_WORKERS=2):
      against the first: what one more release costs once the index exists;
   3. `jpeg` added (every synset, JPEG): the same for a third.
   After each: the catalog file's size, and the build process's peak RSS.
+  4. the three at once from nothing, twice, in fresh folders: with IMNET_STAGE_ENCODES=off (each
+     shard run reads and encodes its sources) and with the default (the index's pass encodes each
+     kept image for both codecs: stages/staged_encodes.py): each build's wall time, the raw bytes
+     read (the index's pass: every tar whole; the shard runs: each planned member not staged) and
+     the staged files' bytes.
 Catalog (each step its own child process: peak RSS and time are that step's): a catalog of
 --rows kept images over 19,167 synsets (bench/scale.py's synthetic rows), then the plans of three
 releases: every synset; the first 11,821 (ImageNet-12k's count) with val_per_class = 10; the first
@@ -37,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from report import print_table  # noqa: E402
+from report import met, print_table  # noqa: E402
 
 REAL_ROWS = 13_151_276
 REAL_SYNSETS = 19_167
@@ -99,7 +104,35 @@ def builds(args) -> dict:
         print(f"build with {', '.join(names)}: {r['wall']:.1f}s, catalog {r['catalog_bytes'] / 1e6:.1f} MB, "
               f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
     with_plan = _catalog_rows(work / "catalog.duckdb")
-    return {"builds": results, "images": summary.total_members, "rows": with_plan}
+    joint = {}
+    for mode in ("off", "auto"):
+        folder = args.work / f"joint-{mode}"
+        shutil.rmtree(folder, ignore_errors=True)
+        (folder / "dagster_home").mkdir(parents=True)
+        shutil.copy(Path(__file__).resolve().parent.parent / "dagster.yaml", folder / "dagster_home" / "dagster.yaml")
+        (folder / "releases.toml").write_text(releases_file(folder, ["full", "sub", "jpeg"], sub))
+        r = run_build({**env, "IMNET_PROJECT_ROOT": str(folder), "IMNET_CATALOG": str(folder / "catalog.duckdb"),
+                       "IMNET_RELEASES": str(folder / "releases.toml"), "DAGSTER_HOME": str(folder / "dagster_home"),
+                       "IMNET_STAGE_ENCODES": mode})
+        r.update(_raw_reads(folder / "catalog.duckdb"))
+        r["staged_bytes"] = sum(p.stat().st_size for p in folder.glob("out/*/_staged/*/*.bin"))
+        joint[mode] = r
+        print(f"three releases at once, IMNET_STAGE_ENCODES={mode}: {r['wall']:.1f}s, raw read "
+              f"{(r['index_bytes'] + r['shard_bytes']) / 1e6:.1f} MB", flush=True)
+    return {"builds": results, "images": summary.total_members, "rows": with_plan, "joint": joint}
+
+
+def _raw_reads(path: Path) -> dict:
+    """Raw bytes a build read: the index's pass (every tar whole) and the shard runs (each planned
+    member without a staged image of its release's codec; a staged one is read from `_staged`)."""
+    import duckdb
+
+    with duckdb.connect(str(path), read_only=True) as con:
+        index = con.execute("SELECT sum(size) FROM raw_tars").fetchone()[0]
+        shard = con.execute("""SELECT coalesce(sum(p.size), 0) FROM plan p WHERE NOT EXISTS (
+            SELECT 1 FROM staged_images s WHERE s.key = p.key AND s.source_sha256 = p.sha256
+            AND s.codec LIKE CASE WHEN p.release = 'jpeg' THEN 'jpeg-%' ELSE 'webp-%' END)""").fetchone()[0]
+    return {"index_bytes": int(index), "shard_bytes": int(shard)}
 
 
 def _catalog_rows(path: Path) -> dict:
@@ -214,6 +247,16 @@ def report(built: dict | None, cat: list[dict] | None, rows: int) -> None:
             ["catalog after 1 / 3 releases", f"{one['catalog_bytes'] / 1e6:.1f} / {three['catalog_bytes'] / 1e6:.1f} MB",
              "", ""],
             ["peak RSS of a build (1 / 3 releases)", f"{one['peak_rss_mb']:.0f} / {three['peak_rss_mb']:.0f} MB", "", ""],
+        ])
+        off, staged = built["joint"]["off"], built["joint"]["auto"]
+        tars = off["index_bytes"]
+        print_table("three releases (full WebP, half the synsets with validation, full JPEG) built at once", [
+            ["staging off: wall; raw bytes read", f"{off['wall']:.1f} s; {(tars + off['shard_bytes']) / tars:.2f}x "
+             "the raw release (index pass + shard runs)", "", ""],
+            ["staged encodes: wall; raw bytes read", f"{staged['wall']:.1f} s ({staged['wall'] / off['wall']:.2f}x); "
+             f"{(tars + staged['shard_bytes']) / tars:.2f}x the raw release", "1.00x", met((tars + staged['shard_bytes']) / tars <= 1.0)],
+            ["staged files (both codecs)", f"{staged['staged_bytes'] / 1e6:.1f} MB ({staged['staged_bytes'] / tars:.2f}x "
+             "the raw release)", "", ""],
         ])
     if cat:
         base = cat[0]["catalog_bytes"]

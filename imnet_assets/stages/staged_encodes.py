@@ -148,12 +148,13 @@ def publish_lookups(cat, settings: Settings, shard_keys: list[str], log=lambda _
     staged = settings.stage_encodes != "off" and cat.one("staged_count", {"codec": ident})["images"] > 0
     present = {e["name"] for e in fs.listdir(fs.join(settings.out_root, PLAN_DIR)) if e["name"].endswith(LOOKUP_SUFFIX)}
     found = 0
+    if staged:
+        cat.run("staged_lookup_prepare", {"codec": ident, "release": settings.release})
     with ThreadPoolExecutor(LOOKUP_WRITERS) as writers:
         for i in range(0, len(shard_keys), LOOKUP_BATCH) if staged else ():
             keys = shard_keys[i:i + LOOKUP_BATCH]
             per_shard: dict[str, list[tuple]] = {k: [] for k in keys}
-            for row in cat.rows("staged_lookup", {"codec": ident, "release": settings.release,
-                                                  "first": keys[0], "last": keys[-1]}):
+            for row in cat.rows("staged_lookup", {"first": keys[0], "last": keys[-1]}):
                 per_shard[row[0]].append(row[1:])
             found += sum(len(rows) for rows in per_shard.values())
             list(writers.map(lambda kv: _commit_lookup(settings.out_root, ident, *kv), per_shard.items()))
