@@ -19,6 +19,7 @@ from imnet_assets.stages.fingerprints import (
 )
 from imnet_assets.stages.index import FIELDS, ReadShort, check_accounted, scan_tars
 from imnet_assets.stages.staged_encodes import STAGED_FIELDS, StagedCodec
+from imnet_assets.storage import atomic
 from imnet_assets.storage.catalog import Catalog
 from imnet_assets.storage.inventory import list_raw
 
@@ -65,6 +66,9 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print,
         staged: list[tuple] = []
         done_bytes = 0
         flushed = time.monotonic()
+        for codec in codecs:  # a kill during an earlier pass leaves a staged file's temporary behind
+            for leftover in atomic.sweep_partials(codec.root):
+                log(f"removed leftover of an interrupted run: {leftover}")
         if codecs and todo:
             log(f"encoding each kept image as it is read, for {', '.join(c.identity for c in codecs)}: the shard "
                 "runs take them from there")

@@ -106,3 +106,37 @@ def test_a_lookup_for_another_codec_identity_is_not_used(built):
     assert read_lookup(out_root, "0000", rows, EncodeSettings(quality=80)) is None
     doc = json.loads((Path(out_root) / "_plan/0000.staged.json").read_text())
     assert doc["codec"].startswith("webp-") and len(doc["rows"]) == len(rows)
+
+
+def test_kill_9_inside_the_staging_index_leaves_only_whole_tars_staged(tmp_path):
+    """SIGKILL `imnet build` after the index's first commits: the catalog's staged rows are those
+    of whole tars recorded as scanned, each pointing at bytes that are there (a tar's staged file
+    appears only once its walk ended); the next build sweeps the killed writers' temporaries and
+    ends with the shards of a build that was never killed."""
+    from tests.integration.test_catalog_crash_safety import kill_when, start
+
+    write_sample_raw(tmp_path / "raw", synsets=24, images=3, seed=6)
+    reference, _ = build(tmp_path / "plain", tmp_path / "raw", IMNET_STAGE_ENCODES="off")
+    root = tmp_path / "killed"
+    root.mkdir()
+    (root / "releases.toml").write_text(RELEASES)
+    env = build_env(root, tmp_path / "raw", DAGSTER_HOME=str(dagster_home(root)), IMNET_WORKERS="2",
+                    IMNET_RELEASES=str(root / "releases.toml"), IMNET_INDEX_BATCH_ROWS="6")
+    log = root / "build.log"
+    proc = start(env, root, log)
+    # a tar's staged files appear as its walk ends, its rows are committed a few tars later (every 2 tars)
+    kill_when(proc, log, lambda: len(list(root.glob("out/all/_staged/*/*.bin"))) >= 10, "the index's first commits")
+    with catalog(root / "catalog.duckdb") as con:
+        scanned = {t for (t,) in con.execute("SELECT tar FROM tar_scans").fetchall()}
+        rows = con.execute("SELECT tar, url, \"offset\", size, sha256 FROM staged_images WHERE reason IS NULL").fetchall()
+    assert 0 < len(scanned) < 24, f"the kill did not land inside the index ({len(scanned)} tars committed)"
+    assert rows and {r[0] for r in rows} <= scanned
+    for _tar, url, offset, size, sha in rows:
+        with open(url, "rb") as f:
+            f.seek(offset)
+            assert hashlib.sha256(f.read(size)).hexdigest() == sha, url
+    imnet(["build"], env)
+    assert not [p for p in root.glob("out/*/_staged/*/*") if not p.name.endswith(".tar.bin")]
+    assert shards(root) == shards(tmp_path / "plain") and len(shards(root)) == 4
+    assert exclusions(root) == exclusions(tmp_path / "plain")
+    assert reference
