@@ -118,7 +118,8 @@ def builds(args) -> dict:
         r["staged_bytes"] = sum(p.stat().st_size for p in folder.glob("out/*/_staged/*/*.bin"))
         joint[mode] = r
         print(f"three releases at once, IMNET_STAGE_ENCODES={mode}: {r['wall']:.1f}s, raw read "
-              f"{(r['index_bytes'] + r['shard_bytes']) / 1e6:.1f} MB", flush=True)
+              f"{(r['index_bytes'] + r['shard_bytes']) / 1e6:.1f} MB; stages: "
+              + ", ".join(f"{k} {v:.1f}s" for k, v in r["stages"].items()), flush=True)
     return {"builds": results, "images": summary.total_members, "rows": with_plan, "joint": joint}
 
 
@@ -251,8 +252,8 @@ def report(built: dict | None, cat: list[dict] | None, rows: int) -> None:
         off, staged = built["joint"]["off"], built["joint"]["auto"]
         tars = off["index_bytes"]
         print_table("three releases (full WebP, half the synsets with validation, full JPEG) built at once", [
-            ["staging off: wall; raw bytes read", f"{off['wall']:.1f} s; {(tars + off['shard_bytes']) / tars:.2f}x "
-             "the raw release (index pass + shard runs)", "", ""],
+            ["staging off: wall; raw bytes read", f"{off['wall']:.1f} s; "
+             f"{(tars + off['shard_bytes']) / tars:.2f}x the raw release (index pass + shard runs)", "", ""],
             ["staged encodes: wall; raw bytes read", f"{staged['wall']:.1f} s ({staged['wall'] / off['wall']:.2f}x); "
              f"{(tars + staged['shard_bytes']) / tars:.2f}x the raw release", "1.00x", met((tars + staged['shard_bytes']) / tars <= 1.0)],
             ["staged files (both codecs)", f"{staged['staged_bytes'] / 1e6:.1f} MB ({staged['staged_bytes'] / tars:.2f}x "

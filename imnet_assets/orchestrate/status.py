@@ -42,6 +42,7 @@ def report(releases: list[Settings], raw: bool, out=sys.stdout) -> int:
     stale: dict[str, list[str]] | None = None  # release name -> its stale stages (shared ones included)
     built: dict[str, dict[str, bool]] | None = None  # release name -> stage -> recorded (not relisted)
     audits: dict[str, str | None] = {}
+    staged: list[tuple] = []
     audit_unknown = "unknown here (no catalog)"  # why the audits' records are not known, or None
     if os.path.exists(base.catalog):
         try:
@@ -56,6 +57,7 @@ def report(releases: list[Settings], raw: bool, out=sys.stdout) -> int:
                                          "shuffled_plan": cat.stage_fingerprint("shuffled_plan", r.release)
                                          is not None} for r in releases}
                 audits = {r.release: cat.stage_fingerprint("shard_audit", r.release) for r in releases}
+                staged = cat.rows("staged_summary")  # issue 25: stages/staged_encodes.py
                 audit_unknown = None
         except CatalogBusy as e:
             audit_unknown = "unknown now (the catalog is being written)"
@@ -74,6 +76,9 @@ def report(releases: list[Settings], raw: bool, out=sys.stdout) -> int:
 
     for stage in SHARED_STAGES:
         stage_line(stage, releases[0])
+    for codec, images, refused, size in staged:
+        amount = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+        say(f"  staged encodes {codec}: {images:,} images ({refused} refused by the encoder), {amount} under _staged/")
     if not named:
         stage_line("shuffled_plan", releases[0])
     if built is not None:

@@ -120,6 +120,7 @@ class Stager:
                                   None, None, None, got))
                 continue
             if self.files[i] is None:
+                atomic.remove_partials(self.urls[i])  # a killed pass's leftover (on S3: its upload) of this file
                 self.files[i] = self._stack.enter_context(atomic.atomic_open(self.urls[i]))
             self.files[i].write(got.webp)
             self.rows.append((codec.identity, key, self.tar, source_sha256, self.urls[i], self.sizes[i],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,8 @@ def test_shards_from_staged_encodes_are_the_shards_encoded_in_the_run(built):
     assert sorted(p.name for p in (tmp / "staged/out/all/_plan").glob("*.staged.json")) == [
         "0000.staged.json", "0001.staged.json"]
     assert not list((tmp / "plain").glob("out/*/_staged")) and not list((tmp / "plain").glob("out/*/_plan/*.staged.json"))
+    status = imnet(["status"], built[2]).stdout
+    assert re.search(r"^  staged encodes webp-\w+: \d+ images \(0 refused by the encoder\), [0-9.]+ MB", status, re.M), status
     got, want = shards(tmp / "staged"), shards(tmp / "plain")
     assert len(want) == 4 and got == want
     assert exclusions(tmp / "staged") == exclusions(tmp / "plain")
