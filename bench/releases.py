@@ -18,7 +18,9 @@ a release, IMNET_WORKERS=2):
      read (the index's pass: every tar whole; the shard runs: each planned member not staged) and
      the staged files' bytes.
 Catalog (each step its own child process: peak RSS and time are that step's): a catalog of
---rows kept images over 19,167 synsets (bench/scale.py's synthetic rows), then the plans of three
+--rows kept images over 19,167 synsets (bench/scale.py's synthetic rows), the index's staged
+encodes of every image for a WebP and a JPEG identity (so each plan publishes its shards'
+lookups of staged encodes, stages/staged_encodes.py, as it does with several releases), then the plans of three
 releases: every synset; the first 11,821 (ImageNet-12k's count) with val_per_class = 10; the first
 1,000. The catalog's size after each, and each plan's peak RSS and time, measured; the figures at
 13,151,276 rows are these scaled linearly by rows (each release's plan and its audit's rows are
@@ -172,6 +174,15 @@ INSERT INTO shard_samples (key, shard, position, width, height, orig_width, orig
 SELECT key, shard, position, width, height, width, height, size * 3 // 4, sha256(key), false, release
 FROM plan WHERE release = $release
 """
+# The index's staged encodes (stages/staged_encodes.py) of every kept image for one codec identity:
+# its file is its tar's under the first release's out root (bench-only SQL).
+FILL_STAGED = """
+INSERT INTO staged_images
+SELECT $codec, key, tar, sha256, $root || '/_staged/' || $codec || '/' || tar || '.bin',
+       (row_number() OVER (PARTITION BY tar ORDER BY "offset") - 1) * 40000, size * 3 // 4, sha256(key || $codec),
+       width, height, width, height, false, NULL
+FROM images WHERE status = 'kept'
+"""
 SUBSETS = {"full": (REAL_SYNSETS, 0), "in12k_like": (11_821, 10), "in1k_like": (1_000, 0)}
 
 
@@ -190,6 +201,16 @@ def child(args) -> dict:
                             {"synsets": REAL_SYNSETS, "rows": args.rows, "excluded": 0})
             cat.con.execute("CHECKPOINT")
         facts = {}
+    elif args.child == "staged":
+        from imnet_assets.image.encode import EncodeSettings, codec_identity
+
+        with Catalog(catalog_settings(args.work).catalog) as cat:
+            for enc in (EncodeSettings(), EncodeSettings(codec="jpeg", quality=95)):
+                cat.con.execute(FILL_STAGED, {"codec": codec_identity(enc),
+                                              "root": str(Path(catalog_settings(args.work, "full").out_root))})
+            cat.con.execute("CHECKPOINT")
+            (n,) = cat.con.execute("SELECT count(*) FROM staged_images").fetchone()
+        facts = {"samples": n}
     elif args.child == "audit_rows":
         with Catalog(catalog_settings(args.work).catalog) as cat:
             cat.con.execute("DELETE FROM shard_samples")
@@ -217,7 +238,7 @@ def child(args) -> dict:
 
 def catalog(args) -> list[dict]:
     out = []
-    for step in ("generate", *SUBSETS, "audit_rows"):
+    for step in ("generate", "staged", *SUBSETS, "audit_rows"):
         cmd = [sys.executable, __file__, "--child", step, "--work", str(args.work), "--rows", str(args.rows)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -268,6 +289,10 @@ def report(built: dict | None, cat: list[dict] | None, rows: int) -> None:
         for c in cat[1:]:
             grew = c["catalog_bytes"] - prev
             prev = c["catalog_bytes"]
+            if c["step"] == "staged":
+                lines.append([f"staged encodes of two codec identities ({c['samples']:,} rows)",
+                              f"+{grew / 1e6:.0f} MB; at 13.15M: +{grew * factor / 1e9:.2f} GB", "", ""])
+                continue
             if c["step"] == "audit_rows":
                 lines.append([f"the three audits' shard_samples rows ({c['samples']:,})",
                               f"+{grew / 1e6:.0f} MB; at 13.15M: +{grew * factor / 1e9:.2f} GB", "", ""])

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from imnet_assets.orchestrate.build import OutRootBusy
 from imnet_assets.orchestrate.interrupts import first_done, stop_on_signals
+from imnet_assets.release.releases import by_name
+from imnet_assets.release.releases import from_env as read_releases
 from imnet_assets.settings import Settings, SettingsError, apply_env_file, shard_key
 from imnet_assets.storage.fs import StorageError
 
@@ -63,8 +65,6 @@ def cmd_sample_raw(args) -> int:
 
 def cmd_build(args) -> int:
     from imnet_assets.orchestrate.build import build
-    from imnet_assets.release.releases import by_name
-    from imnet_assets.release.releases import from_env as read_releases
 
     # a configuration error before any process starts or anything is written
     s = Settings.from_env()
@@ -138,9 +138,11 @@ def cmd_demo(args) -> int:
         summary = write_sample_raw(s.raw_root, synsets=args.synsets, images=args.images, seed=0)
         print(f"imnet demo: wrote a sample raw release ({len(summary.wnids)} synsets, "
               f"{summary.total_members} files with ImageNet's quirks) to {s.raw_root}")
-    code = build(s, s.partition_keys, verbose=args.verbose)
+    rs = read_releases()  # IMNET_RELEASES: the demo builds every release it names
+    code = build(s, {r.release: r.partition_keys for r in rs}, verbose=args.verbose, releases=rs, selected=rs)
     if code == 0:
-        print(f"demo done: shards, _info.json, README.md (the card) and classes.tsv in {s.out_root}.")
+        outs = ", ".join(r.out_root for r in rs)
+        print(f"demo done: shards, _info.json, README.md (the card) and classes.tsv in {outs}.")
         print("Next: `imnet status`, `imnet lineage <key>`, `imnet verify`, and `dg dev` (or "
               f"`dagster dev -w workspace.yaml` in {root}) for the UI on the instance at {os.environ['DAGSTER_HOME']}.")
     return code
@@ -148,7 +150,6 @@ def cmd_demo(args) -> int:
 
 def cmd_status(args) -> int:
     from imnet_assets.orchestrate.status import report
-    from imnet_assets.release.releases import from_env as read_releases
 
     return report(read_releases(), args.raw)
 
@@ -156,7 +157,6 @@ def cmd_status(args) -> int:
 def cmd_lineage(args) -> int:
     """Where the image came from, then every release and shard that holds it (the catalog's
     `lineage` query gives a row per release whose plan holds it, with its `release` column)."""
-    from imnet_assets.release.releases import from_env as read_releases
     from imnet_assets.storage.catalog import open_reader
     from imnet_assets.storage.rawfolders import describe_source
 
@@ -346,8 +346,6 @@ def _as_built(s: Settings) -> Settings:
 
 def cmd_verify(args) -> int:
     """Every selected release (`--release NAME`; default all), one after another: non-zero when any fails."""
-    from imnet_assets.release.releases import by_name
-    from imnet_assets.release.releases import from_env as read_releases
 
     releases = read_releases()
     selected = [by_name(releases, args.release)] if args.release else releases

@@ -155,3 +155,21 @@ def test_read_dataset_reads_an_out_root_on_s3(demo, monkeypatch):
             client.upload_file(str(out / name), "wds-read", f"release/{name}")
         got = list(dataset("s3://wds-read/release/", lemmas=True))
     assert Counter(label for _, label, _ in got) == expected_labels(root)
+
+
+def test_demo_builds_every_release_the_projects_releases_file_names(tmp_path):
+    """IMNET_RELEASES in the project's .env: the demo writes its sample raw release and builds each
+    release under its own out root (the raw release read once for both: staged encodes)."""
+    root = tmp_path.resolve()
+    for name in ("pyproject.toml", "dagster.yaml", "workspace.yaml"):
+        shutil.copy(REPO / name, root / name)
+    (root / "releases.toml").write_text('[release.webp]\nout_root = "data/out/webp"\nnum_shards = 2\n\n'
+                                        '[release.jpeg]\nout_root = "data/out/jpeg"\nnum_shards = 2\ncodec = "jpeg"\n')
+    (root / ".env").write_text("IMNET_RELEASES=releases.toml\nIMNET_WORKERS=2\n")
+    proc = imnet(["demo", "--synsets", "3", "--images", "6"], clean_env(), cwd=root, timeout=600)
+    assert f"in {root / 'data/out/webp'}, {root / 'data/out/jpeg'}." in proc.stdout, proc.stdout
+    for name in ("webp", "jpeg"):
+        train = json.loads((root / "data/out" / name / "_info.json").read_text())["splits"]["train"]
+        assert train["num_samples"] > 0 and len(list((root / "data/out" / name).glob("*.tar"))) == 2, train
+    assert list((root / "data/out/webp/_staged").glob("webp-*/*.bin")), "the index staged no WebP encodes"
+    assert not (root / "data/out/_info.json").exists()  # the default release's out root is not built
