@@ -2,7 +2,7 @@
 catalog with three releases' plans at a synthetic size, scaled to the real 13,151,276 rows.
 
     .venv/bin/python bench/releases.py [--work /tmp/imnet-bench-releases] [--synsets 8] [--images 40]
-                                       [--rows 1000000] [--skip-builds] [--skip-catalog]
+                                       [--rows 1000000] [--skip-builds] [--skip-catalog] [--no-staged]
 
 Builds (real `imnet build` processes on a generated raw release with ImageNet's quirks, 4 shards
 a release, IMNET_WORKERS=2):
@@ -163,9 +163,9 @@ def catalog_settings(work: Path, name: str = "", **changes):
     return s
 
 
-# bench/scale.py's rows name their columns here: the table has gained columns since (phash, duplicate_of)
+# bench/scale.py's rows, by column name (the table's columns grew with releases)
 IMAGE_COLUMNS = ('INSERT INTO images (key, wnid, tar, member, "offset", size, sha256, width, height, format, mode, '
-                 "status, reason, needs_repair, repaired, excluded_at)\n")
+                 "status, reason, needs_repair, repaired, excluded_at, phash, duplicate_of)\n")
 # What each release's audit adds to the catalog: one shard_samples row per planned image, as the
 # audit loads them from the manifests (bench-only SQL, as bench/scale.py's FILL_SHARD_SAMPLES).
 FILL_SHARD_SAMPLES = """
@@ -238,7 +238,7 @@ def child(args) -> dict:
 
 def catalog(args) -> list[dict]:
     out = []
-    for step in ("generate", "staged", *SUBSETS, "audit_rows"):
+    for step in ("generate", *(() if args.no_staged else ("staged",)), *SUBSETS, "audit_rows"):
         cmd = [sys.executable, __file__, "--child", step, "--work", str(args.work), "--rows", str(args.rows)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -314,6 +314,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--skip-builds", action="store_true")
     p.add_argument("--skip-catalog", action="store_true")
+    p.add_argument("--no-staged", action="store_true", help="catalog without staged encodes (no lookups published)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
