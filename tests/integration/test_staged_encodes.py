@@ -143,3 +143,14 @@ def test_kill_9_inside_the_staging_index_leaves_only_whole_tars_staged(tmp_path)
     assert shards(root) == shards(tmp_path / "plain") and len(shards(root)) == 4
     assert exclusions(root) == exclusions(tmp_path / "plain")
     assert reference
+
+
+def test_an_extracted_folder_release_is_staged_per_synset_folder(tmp_path):
+    """The extracted layout (`<wnid>/` folders): each folder's kept images are staged in
+    `<wnid>.bin`, and the shards are the ones encoded in the run."""
+    write_sample_raw(tmp_path / "raw", synsets=3, images=8, seed=8, layout="folders")
+    build(tmp_path / "plain", tmp_path / "raw", IMNET_STAGE_ENCODES="off")
+    build(tmp_path / "staged", tmp_path / "raw")
+    staged = sorted(p.name for p in (tmp_path / "staged").glob("out/all/_staged/webp-*/*"))
+    assert len(staged) == 3 and all(n.startswith("n") and n.endswith(".bin") and "/" not in n for n in staged), staged
+    assert shards(tmp_path / "staged") == shards(tmp_path / "plain") and len(shards(tmp_path / "plain")) == 4
