@@ -154,3 +154,35 @@ def test_an_extracted_folder_release_is_staged_per_synset_folder(tmp_path):
     staged = sorted(p.name for p in (tmp_path / "staged").glob("out/all/_staged/webp-*/*"))
     assert len(staged) == 3 and all(n.startswith("n") and n.endswith(".bin") and "/" not in n for n in staged), staged
     assert shards(tmp_path / "staged") == shards(tmp_path / "plain") and len(shards(tmp_path / "plain")) == 4
+
+
+def test_staged_encodes_on_s3_out_roots(tmp_path):
+    """Out roots on S3 (moto's server): the index uploads each tar's staged images, the shard runs
+    read them back by range, and the shards are the ones encoded in the run."""
+    from tests.s3server import MotoS3
+
+    write_sample_raw(tmp_path / "raw", synsets=3, images=8, seed=9)
+    build(tmp_path / "plain", tmp_path / "raw", IMNET_STAGE_ENCODES="off")
+    root = tmp_path / "s3"
+    root.mkdir()
+    (root / "releases.toml").write_text(RELEASES.replace('"out/', '"s3://staged-out-bucket/'))
+    with MotoS3() as s3:
+        client = s3.client()
+        client.create_bucket(Bucket="staged-out-bucket")
+        env = build_env(root, tmp_path / "raw", DAGSTER_HOME=str(dagster_home(root)), IMNET_WORKERS="2",
+                        IMNET_RELEASES=str(root / "releases.toml"))
+        for k in [k for k in env if k.startswith("AWS_")]:
+            del env[k]
+        env.update(s3.env())
+        out = imnet(["build"], env).stdout
+        staged_reads = [r for r in s3.since(0) if r.method == "GET" and r.range and "/_staged/" in (r.key or "")]
+        keys = [o["Key"] for o in client.list_objects_v2(Bucket="staged-out-bucket")["Contents"]]
+        got = {f"{k.split('/')[0]}/{k.split('/')[-1]}": hashlib.sha256(
+            client.get_object(Bucket="staged-out-bucket", Key=k)["Body"].read()).hexdigest()
+            for k in keys if k.endswith(".tar") and k.count("/") == 1}
+    assert re.search(r"^  jpg/shard_audit\s+ok: ", out, re.M), out
+    assert len([k for k in keys if "/_staged/" in k and k.endswith(".tar.bin")]) == 6, keys
+    assert got == shards(tmp_path / "plain")
+    with catalog(root / "catalog.duckdb") as con:
+        planned = con.execute("SELECT count(*) FROM plan").fetchone()[0]
+    assert len(staged_reads) == planned, (len(staged_reads), planned)  # each planned image read from _staged, once
