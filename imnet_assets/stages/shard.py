@@ -65,6 +65,7 @@ class ShardResult:
     problems: list[str] = field(default_factory=list)  # the shard check's; none: committed and fresh
     check_seconds: float = 0.0
     fingerprint: str = ""  # the manifest's (what makes the shard fresh under a plan and settings)
+    staged: int = 0  # stored images taken from the index's staged encodes (stages/staged_encodes.py)
 
     @property
     def images_per_second(self) -> float:
@@ -142,6 +143,7 @@ def build_shard(
     spans: list[dict] = []  # where each sample's bytes went, and their sha256 (the read-back checks them)
     excluded: list[dict] = []
     problems: list[str] = []
+    took_staged = 0  # stored images taken from the index's staged encodes
     with _marking_changed_sources(out_root, shard_key, rows, run_id, log), atomic.atomic_open(final) as raw_out:
         out = _HashingWriter(raw_out)
         for row, prepared in prepared_samples(rows, raw_root, settings, workers, decode_every, log, encode, priority,
@@ -150,13 +152,19 @@ def build_shard(
                 excluded.append({"key": row.key, "position": row.position, "reason": prepared[1]})
                 log(f"excluded {row.key} ({row.tar}@{row.offset}): {prepared[1]}")
                 continue
-            _, blob, record, problem, blob_digest = prepared
+            _, blob, record, problem, blob_digest, from_staged = prepared
+            took_staged += from_staged
             spans.append({"offset": out.count, "sample_size": len(blob), "sample_digest": blob_digest})
             out.write(blob)
             samples.append(record)
             if problem:
                 problems.append(f"shard {shard_key} sample {row.key}: {problem}")
         out.write(tar_end(out.count))
+    if staged is not None:  # a staged image missing or damaged was encoded here from its source instead
+        usable = sum(1 for ref in staged if ref is not None and ref.reason is None)
+        if took_staged < usable:
+            log(f"shard {shard_key}: {usable - took_staged} of {usable} staged images could not be read back exact "
+                "(missing, damaged, unreadable): encoded from their sources instead")
     committed = fs.stat(final)  # (size, stamp) of the tar the check is about to read
     encoded = time.perf_counter() - started
     manifest = {
@@ -203,7 +211,7 @@ def build_shard(
     return ShardResult(
         shard_key, final, len(rows), len(samples), out.count, manifest["sha256"], encoded,
         sum(1 for s in samples if s["repaired"]), excluded, problems, time.perf_counter() - started - encoded,
-        manifest["fingerprint"],
+        manifest["fingerprint"], took_staged,
     )
 
 

@@ -146,9 +146,9 @@ def _crash_hook(sha256: str, crash_sha256: str | None) -> None:
 def prepare_sample(row: SliceRow, data: bytes | None, problem: str, settings: EncodeSettings,
                    decode_every: int, encode: Callable | None = None, crash_sha256: str | None = None,
                    staged: Encoded | None = None) -> tuple:
-    """("ok", sample bytes, manifest record, check problem, outroot.sample_digest of the sample bytes) or
-    ("excluded", reason) for one row. `staged`: its stored image, encoded by the index's pass
-    (stages/staged_encodes.py), checked like one encoded here.
+    """("ok", sample bytes, manifest record, check problem, outroot.sample_digest of the sample bytes,
+    whether the stored image was the staged one) or ("excluded", reason) for one row. `staged`: its
+    stored image, encoded by the index's pass (stages/staged_encodes.py), checked like one encoded here.
     MemoryError propagates (the worker exits and the image is tried again in a fresh process)."""
     if staged is not None:
         enc = staged
@@ -168,7 +168,7 @@ def prepare_sample(row: SliceRow, data: bytes | None, problem: str, settings: En
     decode = enc.repaired or (decode_every > 0 and row.position % decode_every == 0)
     blob = sample_bytes(row, enc, settings.alt_labels, settings.extension)
     problem = stored_image_problem(settings.extension, enc.webp, (enc.width, enc.height), decode)
-    return "ok", blob, record, problem, sample_digest(blob, webp_sha256.digest(), len(enc.webp))
+    return "ok", blob, record, problem, sample_digest(blob, webp_sha256.digest(), len(enc.webp)), staged is not None
 
 
 @dataclass

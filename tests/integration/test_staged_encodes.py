@@ -21,7 +21,7 @@ import pytest
 
 from imnet_assets.sample.sample_raw import write_sample_raw
 from tests.checks import catalog
-from tests.conftest import build_env, dagster_home, imnet
+from tests.conftest import build_env, dagster_home, environ, imnet
 
 RELEASES = """
 [release.all]
@@ -91,10 +91,40 @@ def test_a_damaged_or_missing_staged_file_costs_no_image(built):
     jpeg[1].unlink()
     for p in root.glob("out/*/*.tar"):
         p.unlink()
+    mark = latest_run_ids(root)
     out = imnet(["build"], env).stdout
     assert "all: wds_shards: 0 of 2 selected shards fresh, 2 to build" in out, out
     assert shards(root) == shards(tmp / "plain")
     assert exclusions(root) == before
+    # what came from the staged files: all but the damaged image, and but the removed file's images
+    with catalog(root / "catalog.duckdb") as con:
+        planned = dict(con.execute("SELECT release, count(*) FROM plan GROUP BY release").fetchall())
+        lost = con.execute("""SELECT count(*) FROM plan p JOIN staged_images s ON s.key = p.key AND s.source_sha256 = p.sha256
+                              AND s.codec LIKE 'jpeg-%' AND s.reason IS NULL WHERE p.release = 'jpg' AND s.url = $url""",
+                           {"url": str(jpeg[1])}).fetchone()[0]
+    staged = staged_metadata(root, mark)
+    assert lost > 0 and staged == {"all": planned["all"] - 1, "jpg": planned["jpg"] - lost}, (staged, planned, lost)
+
+
+def latest_run_ids(root: Path) -> set[str]:
+    from dagster import DagsterInstance
+
+    with environ(DAGSTER_HOME=str(dagster_home(root))), DagsterInstance.get() as inst:
+        return {r.dagster_run.run_id for r in inst.get_run_records()}
+
+
+def staged_metadata(root: Path, before: set[str]) -> dict[str, int]:
+    """Per release, the `staged` metadata of its wds_shards materializations in runs not in `before`."""
+    from dagster import AssetKey, DagsterInstance
+
+    out: dict[str, int] = {}
+    with environ(DAGSTER_HOME=str(dagster_home(root))), DagsterInstance.get() as inst:
+        for release in ("all", "jpg"):
+            for r in inst.fetch_materializations(AssetKey([release, "wds_shards"]), limit=100).records:
+                if r.run_id not in before:
+                    meta = r.asset_materialization.metadata
+                    out[release] = out.get(release, 0) + (meta["staged"].value if "staged" in meta else 0)
+    return out
 
 
 def test_a_lookup_for_another_codec_identity_is_not_used(built):

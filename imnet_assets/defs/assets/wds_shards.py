@@ -96,6 +96,7 @@ def make(settings: Settings):
             "check_seconds": MetadataValue.float(round(res.check_seconds, 3)),
             "images_per_s": MetadataValue.float(round(res.images_per_second, 2)),
             "repaired": MetadataValue.int(res.repaired),
+            **({"staged": MetadataValue.int(res.staged)} if res.staged else {}),  # from the index's staged encodes
             "excluded": MetadataValue.int(len(res.excluded)),
             **({"excluded_reasons": MetadataValue.text(reason_counts(reasons))} if reasons else {}),
             "sha256": MetadataValue.text(res.sha256),
