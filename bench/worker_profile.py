@@ -105,7 +105,7 @@ def parts_round(settings, enc: EncodeSettings, decode_every: int) -> dict[str, f
         record = {"key": row.key, "position": row.position, "width": e.width, "height": e.height,
                   "orig_width": e.orig_width, "orig_height": e.orig_height, "webp_bytes": len(e.webp),
                   "webp_sha256": sha, "repaired": e.repaired}
-        replies.append(("ok", blob, record, problem, blob_sha))
+        replies.append(("ok", blob, record, problem, blob_sha, False))  # as shard_jobs.prepare_sample replies
     # transport: per job of 8, the job (coordinator dumps, worker loads) and the reply (worker
     # dumps, coordinator loads), shared out per image
     t = clock()
