@@ -17,6 +17,7 @@ from dagster import DagsterInstance, asset, materialize  # noqa: E402
 
 from imnet_assets.orchestrate.dagster_quirks import (  # noqa: E402
     console_kept_through_output_capture,
+    one_engine_per_sqlite_storage,
     skip_per_run_logging_config,
 )
 from imnet_assets.orchestrate.interrupts import stop_on_signals  # noqa: E402
@@ -28,6 +29,11 @@ SEEN: dict[str, object] = {}
 def fd_witness() -> None:
     """Records where file descriptors 1 and 2 point while the step runs."""
     SEEN["fds"] = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in (1, 2)}
+
+
+
+CONSOLIDATED = ("telemetry:\n  enabled: false\nevent_log_storage:\n  module: dagster.core.storage.event_log\n"
+                "  class: ConsolidatedSqliteEventLogStorage\n  config:\n    base_dir: {home}\n")
 
 
 def _instance(home, yaml: str) -> DagsterInstance:
@@ -151,3 +157,37 @@ def test_a_run_in_the_main_thread_points_sigterm_at_sigints_handler(instance):
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def _engines(instance) -> list:
+    """The engine each SQLite storage's connections come from, for two connections each."""
+    engines = []
+    for connect in (instance.run_storage.connect, instance.schedule_storage.connect,
+                    instance.event_log_storage._connect):
+        for _ in range(2):
+            with connect() as conn:
+                engines.append(conn.engine)
+    return engines
+
+
+def test_sqlite_storages_make_an_engine_per_connection_unless_given_one(tmp_path):
+    """The reason for one_engine_per_sqlite_storage: each connection of the run storage, the
+    schedule storage and the consolidated event log comes from a new engine (so no compiled
+    statement is reused); once applied, each storage keeps one, and runs are recorded as before."""
+    home = tmp_path / "home"
+    with _instance(home, CONSOLIDATED.format(home=home)) as inst:
+        before = _engines(inst)
+        assert all(a is not b for a, b in zip(before[::2], before[1::2])), \
+            "a storage reuses its engine: the workaround may be dropped"
+        one_engine_per_sqlite_storage(inst)
+        after = _engines(inst)
+        assert all(a is b for a, b in zip(after[::2], after[1::2]))
+        assert len({id(e) for e in after}) == 3
+        one_engine_per_sqlite_storage(inst)  # once only
+        assert _engines(inst)[0] is after[0]
+        _run(inst)
+        _run(inst)
+        runs = inst.get_runs()
+        assert len(runs) == 2 and all(r.is_success for r in runs)
+        assert all(inst.all_logs(r.run_id) for r in runs)
+

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from imnet_assets.defs.release_keys import RELEASE_TAG, SHARED_STAGES, asset_key, label
 from imnet_assets.orchestrate.dagster_quirks import (
     console_kept_through_output_capture,
+    one_engine_per_sqlite_storage,
     skip_per_run_logging_config,
 )
 from imnet_assets.orchestrate.first_look import FirstLook
@@ -49,6 +50,7 @@ class Build:
         # The persistent instance the UI reads (DAGSTER_HOME, by default data/dagster_home under the
         # project root): what the build does shows there, and its history carries over.
         self.instance = dagster_instance(prepare_out=out)
+        one_engine_per_sqlite_storage(self.instance)  # each statement compiled once, not once a run
         self.out = out
         # Dagster's console logger prints each failed step's whole stack trace; this command names
         # the failure itself (`fail`), so by default only -v shows them (the instance keeps them all)
