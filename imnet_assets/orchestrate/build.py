@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 from imnet_assets.defs.release_keys import RELEASE_TAG, SHARED_STAGES, asset_key, label
 from imnet_assets.orchestrate.dagster_quirks import (
+    capture_without_mirror,
     console_kept_through_output_capture,
     one_engine_per_sqlite_storage,
     skip_per_run_logging_config,
@@ -55,6 +56,8 @@ class Build:
         # Dagster's console logger prints each failed step's whole stack trace; this command names
         # the failure itself (`fail`), so by default only -v shows them (the instance keeps them all)
         self.log_level = "WARNING" if verbose else "CRITICAL"
+        if not verbose:  # nor would a step's output be copied to the terminal: no tail processes per run
+            capture_without_mirror(self.instance)
         self.keep_going = keep_going
         self.parallel = parallel if parallel is not None else settings.parallel_shards
         self.first_look = first_look  # first_look.FirstLook, started before this (imnet build)

@@ -96,3 +96,33 @@ def _connect_with(engine):
 
     return connect
 
+
+def capture_without_mirror(instance) -> None:
+    """Keeps a step's captured output (the run's stdout/stderr in the UI) without Dagster's
+    mirror of it. Dagster 1.13's LocalComputeLogManager.capture_logs points descriptors 1 and 2
+    at the step's log files and, to copy them back to the terminal as they grow, starts per
+    stream a `tail -F` and a Python process watching for its orphaning: four processes per run,
+    ~50 ms of CPU. `imnet build` names failures itself and shows Dagster's own messages only
+    with -v (which keeps the mirror), so here the same files are written, and the same marker of
+    a finished capture, with no process started. Other compute log managers are left alone."""
+    from dagster._core.storage.local_compute_log_manager import LocalComputeLogManager
+
+    manager = instance.compute_log_manager if instance is not None else None
+    if type(manager) is not LocalComputeLogManager or "capture_logs" in vars(manager):
+        return
+    from dagster._core.execution.compute_logs import redirect_to_file
+    from dagster._core.storage.compute_log_manager import CapturedLogContext, ComputeIOType
+    from dagster._core.storage.local_compute_log_manager import IO_TYPE_EXTENSION
+    from dagster._utils import ensure_file, touch_file
+
+    @contextlib.contextmanager
+    def capture_logs(log_key):  # LocalComputeLogManager.capture_logs less mirror_stream_to_file's tails
+        outpath = manager.get_captured_local_path(log_key, IO_TYPE_EXTENSION[ComputeIOType.STDOUT])
+        errpath = manager.get_captured_local_path(log_key, IO_TYPE_EXTENSION[ComputeIOType.STDERR])
+        ensure_file(outpath)
+        ensure_file(errpath)
+        with redirect_to_file(sys.stdout, outpath), redirect_to_file(sys.stderr, errpath):
+            yield CapturedLogContext(log_key)
+        touch_file(manager.complete_artifact_path(log_key))
+
+    manager.capture_logs = capture_logs
