@@ -167,7 +167,7 @@ class Build:
         """(partitions to build, partitions with a run in flight elsewhere) of those wanted."""
         from imnet_assets.defs.schedules import shard_partition_status
 
-        status = shard_partition_status(r, self.instance)
+        status = shard_partition_status(r, self.instance, read_streaks=False)  # only fresh and in flight matter here
         todo = [k for k in wanted if status[k] != "fresh"]
         busy = [k for k in todo if status[k] == "in_flight"]
         return [k for k in todo if k not in busy], busy
