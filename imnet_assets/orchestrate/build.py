@@ -287,8 +287,10 @@ class Build:
     def _audit_fresh(self, built: list[str], r: Settings) -> bool:
         from imnet_assets.stages.audit import audit_fingerprint
 
+        if built:  # shards were just built: their audit is to be done (no look at the out root)
+            return False
         fp = audit_fingerprint(r)
-        return not built and fp is not None and self._stage_fp("shard_audit", r) == fp
+        return fp is not None and self._stage_fp("shard_audit", r) == fp
 
     def runs_at_once(self, todo: int) -> int:
         """Shard runs to run at once: `--parallel` / IMNET_PARALLEL_SHARDS, else about the cores
