@@ -435,9 +435,13 @@ def build(settings: Settings, wanted: list[str] | dict[str, list[str]], verbose:
     KeyboardInterrupt, unless shard runs are left going in other threads: then the process ends
     at once (end_now_leaving_runs says why it must)."""
     from imnet_assets.runtime.procpool import start_forkserver
-    from imnet_assets.stages import index, shard_jobs  # noqa: F401 - each names itself for the forkserver to preload
 
-    start_forkserver()  # its imports overlap Dagster's; scan and encode workers then fork at once
+    # The encode workers' module names itself for the forkserver to preload. The index's (numpy,
+    # the perceptual hash: 0.1 s more in the forkserver before the first worker forks) is left to
+    # the scan workers, which import it once each when an index is built; most builds build none.
+    from imnet_assets.stages import shard_jobs  # noqa: F401
+
+    start_forkserver()  # its imports overlap Dagster's; encode workers then fork at once
     # the stages' freshness and the first shard's first jobs, while Dagster is imported and set up
     everyone = releases or [settings]
     only = (selected or everyone)[0] if len(selected or everyone) == 1 else None  # a build of one release
