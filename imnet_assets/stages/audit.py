@@ -210,9 +210,10 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
         else:
             cat.run("audit_clear", release)
         reconcile = cat.one("audit_reconcile", release)
-        class_bucket = _bucket_width(cat, settings.release)
+        totals = cat.one("audit_totals", release)
+        class_bucket = _bucket_width(totals)
         report = AuditReport(
-            totals=cat.one("audit_totals", release),
+            totals=totals,
             reconcile=reconcile,
             per_shard=cat.dicts("audit_per_shard", release),
             reasons=cat.dicts("audit_reasons", release),
@@ -333,8 +334,8 @@ def _mark_repaired(cat: Catalog, release: str = "", batch: int = 64) -> None:
         cat.run("audit_mark_repaired", {"first": chunk[0], "last": chunk[-1], "release": release})
 
 
-def _bucket_width(cat: Catalog, release: str) -> int:
-    total = cat.one("audit_totals", {"release": release})
+def _bucket_width(total: dict) -> int:
+    """The class-size histogram's bucket width from the release's totals (sql/audit_totals.sql)."""
     per_class = (total.get("samples") or 0) / max(total.get("synsets") or 1, 1)
     return max(1, int(per_class // 10) or 1)
 
