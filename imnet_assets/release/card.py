@@ -135,7 +135,7 @@ def facts(settings, report, catalog=None) -> dict:
                    *([f"train_{settings.alt_labels}"] if settings.alt_labels else [])],
         # split -> its shard files, as _info.json lists them
         "split_files": {name: list(split["filenames"])
-                        for name, split in info_document(settings, report.lengths)["splits"].items()},
+                        for name, split in info_document(settings, report.lengths, catalog)["splits"].items()},
     }
 
 
