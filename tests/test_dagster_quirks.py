@@ -34,7 +34,8 @@ def fd_witness() -> None:
 
 @asset
 def child_witness() -> None:
-    """Records the processes this process has started while the step runs, and prints a line."""
+    """Records the mirroring processes (`tail`, Dagster's watch_orphans) this process has started
+    while the step runs (other tests' forkservers may be children too), and prints a line."""
     me = str(os.getpid())
     children = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -42,11 +43,11 @@ def child_witness() -> None:
             with open(f"/proc/{pid}/stat") as f:
                 ppid = f.read().rsplit(")", 1)[1].split()[1]
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")[0].decode()
+                cmd = [os.path.basename(a.decode()) for a in f.read().split(b"\0")]
         except (OSError, IndexError):
             continue
-        if ppid == me:
-            children.append(os.path.basename(cmd))
+        if ppid == me and ("tail" in cmd[:1] or "watch_orphans.py" in cmd):
+            children.append(cmd[0])
     SEEN["children"] = children
     print("a line for the step's captured output", flush=True)
 
