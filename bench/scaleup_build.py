@@ -143,6 +143,8 @@ def run_build(settings: Settings, home: Path, parallel: int, timeline_cpu: bool 
                 facts["cpu_at_end"] = dict(tree.seen)
             if "shard_audit " in line and audit_end is None:  # done ("ok: ...") or fresh, skipped
                 audit_end = now
+                tree._poll()
+                facts["cpu_at_audit"] = dict(tree.seen)
             ahead = re.search(r"went to the encoders ([0-9.]+)s after the command started", line)
             if ahead:  # the first shard's first jobs were encoding before the shards' line
                 facts["ahead_at"] = started + float(ahead.group(1))
@@ -179,6 +181,17 @@ def phase_cpu(build: dict) -> tuple[float, float, float]:
         else:
             rest += used
     return main, workers, rest
+
+
+def main_cpu_by_phase(build: dict) -> tuple[float, float, float]:
+    """CPU seconds of the imnet process: to the shards' line (imports, the instance, the first
+    look, the catalog stages' freshness), over the shard phase (its shard runs: Dagster and the
+    coordinators), and from the last shard's line to the audit's (the audit's run)."""
+    def main_at(key: str) -> float:
+        return max((c for (pid, _), c in build.get(key, {}).items() if pid == build["main_pid"]), default=0.0)
+
+    start, end, audit = main_at("cpu_at_start"), main_at("cpu_at_end"), main_at("cpu_at_audit")
+    return start, end - start, audit - end
 
 
 def workers_cpu(build: dict) -> float:
@@ -276,6 +289,8 @@ def cores_kept_encoding(args) -> tuple[str, list[list[str]]]:
              spread([others(b) for b in got]), "", ""],
             [f"--parallel {name}: over the shard phase, CPU s of the imnet process / encode workers / rest",
              " / ".join(f"{statistics.median(x):.1f}" for x in zip(*[phase_cpu(b) for b in got])), "", ""],
+            [f"--parallel {name}: the imnet process's CPU s: to the shards' line / shard phase / audit",
+             " / ".join(f"{statistics.median(x):.2f}" for x in zip(*[main_cpu_by_phase(b) for b in got])), "", ""],
             [f"--parallel {name}: encode workers' CPU per image / the bare chain's (whole command)",
              spread([workers_cpu(b) / s.cpu for s, b in zip(bare, got)]), "", ""],
             [f"--parallel {name}: the imnet process's CPU s (to its exit) / the rest of the tree's (forkserver, helpers)",

@@ -16,7 +16,9 @@ pytest.importorskip("dagster")
 from dagster import DagsterInstance, asset, materialize  # noqa: E402
 
 from imnet_assets.orchestrate.dagster_quirks import (  # noqa: E402
+    capture_without_mirror,
     console_kept_through_output_capture,
+    one_engine_per_sqlite_storage,
     skip_per_run_logging_config,
 )
 from imnet_assets.orchestrate.interrupts import stop_on_signals  # noqa: E402
@@ -28,6 +30,30 @@ SEEN: dict[str, object] = {}
 def fd_witness() -> None:
     """Records where file descriptors 1 and 2 point while the step runs."""
     SEEN["fds"] = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in (1, 2)}
+
+
+@asset
+def child_witness() -> None:
+    """Records the mirroring processes (`tail`, Dagster's watch_orphans) this process has started
+    while the step runs (other tests' forkservers may be children too), and prints a line."""
+    me = str(os.getpid())
+    children = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = f.read().rsplit(")", 1)[1].split()[1]
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = [os.path.basename(a.decode()) for a in f.read().split(b"\0")]
+        except (OSError, IndexError):
+            continue
+        if ppid == me and ("tail" in cmd[:1] or "watch_orphans.py" in cmd):
+            children.append(cmd[0])
+    SEEN["children"] = children
+    print("a line for the step's captured output", flush=True)
+
+
+CONSOLIDATED = ("telemetry:\n  enabled: false\nevent_log_storage:\n  module: dagster.core.storage.event_log\n"
+                "  class: ConsolidatedSqliteEventLogStorage\n  config:\n    base_dir: {home}\n")
 
 
 def _instance(home, yaml: str) -> DagsterInstance:
@@ -151,3 +177,63 @@ def test_a_run_in_the_main_thread_points_sigterm_at_sigints_handler(instance):
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def _engines(instance) -> list:
+    """The engine each SQLite storage's connections come from, for two connections each."""
+    engines = []
+    for connect in (instance.run_storage.connect, instance.schedule_storage.connect,
+                    instance.event_log_storage._connect):
+        for _ in range(2):
+            with connect() as conn:
+                engines.append(conn.engine)
+    return engines
+
+
+def test_sqlite_storages_make_an_engine_per_connection_unless_given_one(tmp_path):
+    """The reason for one_engine_per_sqlite_storage: each connection of the run storage, the
+    schedule storage and the consolidated event log comes from a new engine (so no compiled
+    statement is reused); once applied, each storage keeps one, and runs are recorded as before."""
+    home = tmp_path / "home"
+    with _instance(home, CONSOLIDATED.format(home=home)) as inst:
+        before = _engines(inst)
+        assert all(a is not b for a, b in zip(before[::2], before[1::2])), \
+            "a storage reuses its engine: the workaround may be dropped"
+        one_engine_per_sqlite_storage(inst)
+        after = _engines(inst)
+        assert all(a is b for a, b in zip(after[::2], after[1::2]))
+        assert len({id(e) for e in after}) == 3
+        one_engine_per_sqlite_storage(inst)  # once only
+        assert _engines(inst)[0] is after[0]
+        _run(inst)
+        _run(inst)
+        runs = inst.get_runs()
+        assert len(runs) == 2 and all(r.is_success for r in runs)
+        assert all(inst.all_logs(r.run_id) for r in runs)
+
+
+def test_a_steps_output_capture_starts_tail_processes_unless_without_mirror(tmp_path, monkeypatch):
+    """The reason for capture_without_mirror: while a step runs, Dagster's local compute log
+    manager keeps `tail -F` processes (and Python watchers of them) copying its captured output
+    to the terminal; without the mirror, none is started, and the step's output is captured in the
+    same files (what the UI shows) with the same marker of a finished capture."""
+    monkeypatch.setattr(sys, "stdout", sys.__stdout__)  # as in `imnet` (see above)
+    monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+    with _instance(tmp_path / "home", "telemetry:\n  enabled: false\n") as inst:
+        manager = inst.compute_log_manager
+
+        def run_and_captured() -> tuple[list, str, bool]:
+            result = materialize([child_witness], instance=inst, raise_on_error=True)
+            logs = [ev for ev in inst.all_logs(result.run_id)
+                    if ev.dagster_event and ev.dagster_event.event_type_value == "LOGS_CAPTURED"]
+            key = [*manager.build_log_key_for_run(result.run_id, logs[0].dagster_event.logs_captured_data.file_key)]
+            out = manager.get_captured_local_path(key, "out")
+            return SEEN["children"], open(out).read(), manager.is_capture_complete(key)
+
+        children, out, complete = run_and_captured()
+        assert "tail" in children, f"no tail process while a step runs ({children}): the workaround may be dropped"
+        assert "a line for the step's captured output" in out and complete
+        capture_without_mirror(inst)
+        children, out, complete = run_and_captured()
+        assert children == []
+        assert "a line for the step's captured output" in out and complete

@@ -135,3 +135,15 @@ def test_no_module_is_over_500_lines():
     big = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
            if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert big == {}
+
+
+def test_the_command_starts_without_dagster():
+    """`imnet`'s module imports no Dagster: its forkserver imports the main script's modules for
+    every encode worker (runtime/procpool.py), and `imnet build` imports Dagster beside its first
+    look, which starts the encoders meanwhile (orchestrate/build.py)."""
+    import subprocess
+    import sys
+
+    code = "import sys, imnet_assets.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'dagster'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

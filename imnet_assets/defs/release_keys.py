@@ -9,9 +9,12 @@ release's name as their key prefix and group, and its schedule and sensors the n
 
 from __future__ import annotations
 
-from dagster import AssetKey
+from typing import TYPE_CHECKING
 
 from imnet_assets.settings import Settings
+
+if TYPE_CHECKING:
+    from dagster import AssetKey
 
 SHARED_GROUP = "imagenet_w21"
 SHARED_STAGES = ("raw_tars", "synset_manifest", "filtered_index")
@@ -25,6 +28,11 @@ def key_prefix(settings: Settings) -> list[str]:
 
 def asset_key(settings: Settings, stage: str) -> AssetKey:
     """The key of `stage` for this release (shared stages: the one plain key)."""
+    # Dagster is imported here, not above: `imnet` (cli -> orchestrate.build -> this module) and
+    # its forkserver, which imports the main script's modules for every worker, start without it
+    # (0.5 s of CPU each); `imnet build` imports it beside its first look (orchestrate/build.py).
+    from dagster import AssetKey
+
     if stage in SHARED_STAGES:
         return AssetKey(stage)
     return AssetKey([*key_prefix(settings), stage])

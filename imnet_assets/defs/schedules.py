@@ -198,18 +198,21 @@ def _failure_streaks(instance: DagsterInstance, settings: Settings) -> dict[str,
 
 
 def shard_partition_status(settings: Settings, instance: DagsterInstance | None,
-                           now: float | None = None) -> dict[str, str]:
+                           now: float | None = None, read_streaks: bool = True) -> dict[str, str]:
     """Every partition's status: fresh, missing, stale, failed, retrying (failed, and Dagster's run
     retries will launch it again: the schedule leaves it to them), backoff (failed BACKOFF_AFTER
     or more times in a row, the last one too recently: see FailureStreak), or in_flight (a run
     queued or running; not one whose worker is gone, see `run_worker_gone`).
 
     Two listings of the out root, one concurrent batch of commit-record reads (release.freshness) and
-    two queries of the instance, whatever the number of shards."""
+    two queries of the instance, whatever the number of shards. Without `read_streaks` (`imnet build`,
+    which builds every partition that is not fresh and leaves alone only those in flight), the
+    failures in a row are not read: one query (the second reads up to RUN_HISTORY_LIMIT runs), and
+    a partition not fresh says only what its files say (missing, stale, failed)."""
     expected = expected_shard_fingerprints(settings)
     in_flight = (_partitions_of(instance, IN_FLIGHT, settings, skip=partial(run_worker_gone, instance))
                  if instance else {})
-    streaks = _failure_streaks(instance, settings) if instance else {}
+    streaks = _failure_streaks(instance, settings) if instance and read_streaks else {}
     now = time.time() if now is None else now
     keys = settings.partition_keys
     states = shard_states(settings.out_root, keys, [settings.shard_name(k) for k in keys], expected)

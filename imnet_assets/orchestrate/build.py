@@ -13,7 +13,9 @@ from collections.abc import Iterator
 
 from imnet_assets.defs.release_keys import RELEASE_TAG, SHARED_STAGES, asset_key, label
 from imnet_assets.orchestrate.dagster_quirks import (
+    capture_without_mirror,
     console_kept_through_output_capture,
+    one_engine_per_sqlite_storage,
     skip_per_run_logging_config,
 )
 from imnet_assets.orchestrate.first_look import FirstLook
@@ -49,10 +51,13 @@ class Build:
         # The persistent instance the UI reads (DAGSTER_HOME, by default data/dagster_home under the
         # project root): what the build does shows there, and its history carries over.
         self.instance = dagster_instance(prepare_out=out)
+        one_engine_per_sqlite_storage(self.instance)  # each statement compiled once, not once a run
         self.out = out
         # Dagster's console logger prints each failed step's whole stack trace; this command names
         # the failure itself (`fail`), so by default only -v shows them (the instance keeps them all)
         self.log_level = "WARNING" if verbose else "CRITICAL"
+        if not verbose:  # nor would a step's output be copied to the terminal: no tail processes per run
+            capture_without_mirror(self.instance)
         self.keep_going = keep_going
         self.parallel = parallel if parallel is not None else settings.parallel_shards
         self.first_look = first_look  # first_look.FirstLook, started before this (imnet build)
@@ -162,7 +167,7 @@ class Build:
         """(partitions to build, partitions with a run in flight elsewhere) of those wanted."""
         from imnet_assets.defs.schedules import shard_partition_status
 
-        status = shard_partition_status(r, self.instance)
+        status = shard_partition_status(r, self.instance, read_streaks=False)  # only fresh and in flight matter here
         todo = [k for k in wanted if status[k] != "fresh"]
         busy = [k for k in todo if status[k] == "in_flight"]
         return [k for k in todo if k not in busy], busy
@@ -282,8 +287,10 @@ class Build:
     def _audit_fresh(self, built: list[str], r: Settings) -> bool:
         from imnet_assets.stages.audit import audit_fingerprint
 
+        if built:  # shards were just built: their audit is to be done (no look at the out root)
+            return False
         fp = audit_fingerprint(r)
-        return not built and fp is not None and self._stage_fp("shard_audit", r) == fp
+        return fp is not None and self._stage_fp("shard_audit", r) == fp
 
     def runs_at_once(self, todo: int) -> int:
         """Shard runs to run at once: `--parallel` / IMNET_PARALLEL_SHARDS, else about the cores
@@ -427,17 +434,32 @@ def build(settings: Settings, wanted: list[str] | dict[str, list[str]], verbose:
     """`imnet build` for the shard partitions `wanted`: its exit code. Ctrl-C / SIGTERM raise
     KeyboardInterrupt, unless shard runs are left going in other threads: then the process ends
     at once (end_now_leaving_runs says why it must)."""
-    from imnet_assets.runtime.procpool import start_forkserver
-    from imnet_assets.stages import index, shard_jobs  # noqa: F401 - each names itself for the forkserver to preload
+    import gc
 
-    start_forkserver()  # its imports overlap Dagster's; scan and encode workers then fork at once
+    from imnet_assets.runtime.procpool import start_forkserver
+
+    # The encode workers' module names itself for the forkserver to preload. The index's (numpy,
+    # the perceptual hash: 0.1 s more in the forkserver before the first worker forks) is left to
+    # the scan workers, which import it once each when an index is built; most builds build none.
+    from imnet_assets.stages import shard_jobs  # noqa: F401
+
+    start_forkserver()  # its imports overlap Dagster's; encode workers then fork at once
     # the stages' freshness and the first shard's first jobs, while Dagster is imported and set up
     everyone = releases or [settings]
     only = (selected or everyone)[0] if len(selected or everyone) == 1 else None  # a build of one release
     keys = (wanted.get(only.release, only.partition_keys) if isinstance(wanted, dict) else wanted) if only else []
     look = FirstLook(settings, BUILD_LEASE, [r.out_root for r in everyone], only, keys)
-    runner = Build(settings, verbose=verbose, keep_going=keep_going, parallel=parallel, releases=releases,
-                   selected=selected, first_look=look)
+    # Dagster's import and the instance allocate ~300k objects that live as long as the process;
+    # the cyclic collector would scan them all three times meanwhile (0.2-0.4 s of CPU) and again
+    # in every later full collection (0.1-0.2 s each) for the ~4k objects of garbage they leave.
+    # So no collection while they are made, then they are frozen (never scanned again).
+    gc.disable()
+    try:
+        runner = Build(settings, verbose=verbose, keep_going=keep_going, parallel=parallel, releases=releases,
+                       selected=selected, first_look=look)
+    finally:
+        gc.freeze()
+        gc.enable()
     try:
         return runner.run(wanted)
     except KeyboardInterrupt:

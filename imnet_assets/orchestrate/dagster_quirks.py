@@ -51,3 +51,78 @@ def skip_per_run_logging_config(instance) -> bool:
         return False
     instance.get_yaml_python_handlers = list  # -> []: what the skipped call returns here
     return True
+
+
+def one_engine_per_sqlite_storage(instance) -> None:
+    """Makes this instance's SQLite storages keep one SQLAlchemy engine each. Dagster 1.13's
+    SqliteRunStorage.connect, SqliteScheduleStorage.connect and
+    ConsolidatedSqliteEventLogStorage._connect make a new engine for every connection
+    (`create_engine(..., poolclass=NullPool)`), and an engine's compiled-statement cache goes with
+    it: every query and insert is compiled again, ~1 ms of CPU each, some 50 per shard run (its
+    events, run records, asset records). Each is given one engine made the same way (NullPool:
+    still a new SQLite connection per use, opened and closed as before, the same busy timeout),
+    so a statement is compiled once per process. Storages of any other kind (Postgres: one pooled
+    engine already) are left alone."""
+    if instance is None:
+        return
+    from dagster._core.storage.event_log.sqlite.consolidated_sqlite_event_log import (
+        SQLITE_BUSY_TIMEOUT_SECONDS,
+        ConsolidatedSqliteEventLogStorage,
+    )
+    from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
+    from dagster._core.storage.schedules.sqlite.sqlite_schedule_storage import SqliteScheduleStorage
+
+    for storage, kind, method, connect_args in (
+            (instance.run_storage, SqliteRunStorage, "connect", {}),
+            (instance.schedule_storage, SqliteScheduleStorage, "connect", {}),
+            (instance.event_log_storage, ConsolidatedSqliteEventLogStorage, "_connect",
+             {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})):
+        if type(storage) is kind and method not in vars(storage):
+            setattr(storage, method, _connect_with(_engine(storage._conn_string, connect_args)))
+
+
+def _engine(conn_string: str, connect_args: dict):
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    return create_engine(conn_string, poolclass=NullPool, connect_args=connect_args)
+
+
+def _connect_with(engine):
+    @contextlib.contextmanager
+    def connect():  # as Dagster's: a connection in a transaction, committed when the block ends
+        with engine.connect() as conn, conn.begin():
+            yield conn
+
+    return connect
+
+
+def capture_without_mirror(instance) -> None:
+    """Keeps a step's captured output (the run's stdout/stderr in the UI) without Dagster's
+    mirror of it. Dagster 1.13's LocalComputeLogManager.capture_logs points descriptors 1 and 2
+    at the step's log files and, to copy them back to the terminal as they grow, starts per
+    stream a `tail -F` and a Python process watching for its orphaning: four processes per run,
+    ~50 ms of CPU. `imnet build` names failures itself and shows Dagster's own messages only
+    with -v (which keeps the mirror), so here the same files are written, and the same marker of
+    a finished capture, with no process started. Other compute log managers are left alone."""
+    from dagster._core.storage.local_compute_log_manager import LocalComputeLogManager
+
+    manager = instance.compute_log_manager if instance is not None else None
+    if type(manager) is not LocalComputeLogManager or "capture_logs" in vars(manager):
+        return
+    from dagster._core.execution.compute_logs import redirect_to_file
+    from dagster._core.storage.compute_log_manager import CapturedLogContext, ComputeIOType
+    from dagster._core.storage.local_compute_log_manager import IO_TYPE_EXTENSION
+    from dagster._utils import ensure_file, touch_file
+
+    @contextlib.contextmanager
+    def capture_logs(log_key):  # LocalComputeLogManager.capture_logs less mirror_stream_to_file's tails
+        outpath = manager.get_captured_local_path(log_key, IO_TYPE_EXTENSION[ComputeIOType.STDOUT])
+        errpath = manager.get_captured_local_path(log_key, IO_TYPE_EXTENSION[ComputeIOType.STDERR])
+        ensure_file(outpath)
+        ensure_file(errpath)
+        with redirect_to_file(sys.stdout, outpath), redirect_to_file(sys.stderr, errpath):
+            yield CapturedLogContext(log_key)
+        touch_file(manager.complete_artifact_path(log_key))
+
+    manager.capture_logs = capture_logs

@@ -10,6 +10,7 @@ of the same shards; its `shard_lengths` count only those samples.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from functools import cache
 from importlib import resources
@@ -56,21 +57,23 @@ def info_splits(mode: str, train: dict, alt_lengths: dict[str, int]) -> dict[str
                    "shard_lengths": counts, "num_samples": sum(counts)}}
 
 
-def shard_counts(settings) -> dict[str, int]:
+def shard_counts(settings, catalog=None) -> dict[str, int]:
     """Shard file name -> its written samples with an ImageNet-1k synset, from the catalog (the
-    audit loaded every shard's samples into `shard_samples`)."""
+    audit loaded every shard's samples into `shard_samples`). `catalog`: an open Catalog to read
+    (the audit's own connection); else it is opened read-only for this."""
     from imnet_assets.storage.catalog import Catalog
 
-    with Catalog(settings.catalog, read_only=True) as cat:
+    with contextlib.nullcontext(catalog) if catalog is not None else Catalog(settings.catalog, read_only=True) as cat:
         rows = cat.rows("altlabels_in1k_per_shard", {"wnids": sorted(in1k_labels()), "release": settings.release})
     return {settings.shard_name(shard): int(n) for shard, n in rows}
 
 
-def info_splits_for(settings, train: dict) -> dict[str, dict]:
-    """The alt-label splits of `_info.json` under these settings (none without IMNET_ALT_LABELS)."""
+def info_splits_for(settings, train: dict, catalog=None) -> dict[str, dict]:
+    """The alt-label splits of `_info.json` under these settings (none without IMNET_ALT_LABELS).
+    `catalog`: as for `shard_counts`."""
     if not settings.alt_labels:
         return {}
-    return info_splits(settings.alt_labels, train, shard_counts(settings))
+    return info_splits(settings.alt_labels, train, shard_counts(settings, catalog))
 
 
 # ----------------------------------------------------------------------------- a release's synsets

@@ -7,6 +7,7 @@ The card begins with the YAML front matter the Hugging Face Hub reads (`front_ma
 
 from __future__ import annotations
 
+import contextlib
 from importlib import metadata
 
 from imnet_assets.release.info import dataset_name, info_document
@@ -74,11 +75,12 @@ def size_category(samples: int) -> str:
     return "n>1B"
 
 
-def facts(settings, report) -> dict:
-    """Everything the card states, as plain values."""
+def facts(settings, report, catalog=None) -> dict:
+    """Everything the card states, as plain values. `catalog`: an open Catalog to read (the
+    audit's own connection); else the catalog is opened read-only for this."""
     from imnet_assets.storage.catalog import Catalog
 
-    with Catalog(settings.catalog, read_only=True) as cat:
+    with contextlib.nullcontext(catalog) if catalog is not None else Catalog(settings.catalog, read_only=True) as cat:
         overlaps = cat.one("overlaps_summary")
         eval_images = cat.one("eval_summary")
         classes = cat.one("card_classes", {"release": settings.release})
@@ -133,7 +135,7 @@ def facts(settings, report) -> dict:
                    *([f"train_{settings.alt_labels}"] if settings.alt_labels else [])],
         # split -> its shard files, as _info.json lists them
         "split_files": {name: list(split["filenames"])
-                        for name, split in info_document(settings, report.lengths)["splits"].items()},
+                        for name, split in info_document(settings, report.lengths, catalog)["splits"].items()},
     }
 
 
@@ -328,8 +330,8 @@ def render(f: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_card(settings, report) -> str:
-    """Render and commit the card atomically; returns its URL."""
+def write_card(settings, report, catalog=None) -> str:
+    """Render and commit the card atomically; returns its URL. `catalog`: as for `facts`."""
     url = card_url(settings)
-    atomic.write_atomic(url, render(facts(settings, report)).encode("utf-8"))
+    atomic.write_atomic(url, render(facts(settings, report, catalog)).encode("utf-8"))
     return url

@@ -20,9 +20,10 @@ def dataset_name(settings: Settings) -> str:
     return settings.release or DATASET_NAME
 
 
-def info_document(settings: Settings, lengths: dict[str, int]) -> dict:
+def info_document(settings: Settings, lengths: dict[str, int], catalog=None) -> dict:
     """timm's `_info.json`: one entry per split (train, holdout splits, a release's validation),
-    shard basenames and their sample counts."""
+    shard basenames and their sample counts. `catalog`: an open Catalog for the alt-label counts
+    (the audit's own connection); else it is opened read-only when they are needed."""
     splits = {}
     for name, keys in release_splits(settings).items():
         counts = [lengths[k] for k in keys]
@@ -32,7 +33,7 @@ def info_document(settings: Settings, lengths: dict[str, int]) -> dict:
             "shard_lengths": counts,
             "num_samples": sum(counts),
         }
-    splits.update(altlabels.info_splits_for(settings, splits["train"]))  # issue 17: train_in1k
+    splits.update(altlabels.info_splits_for(settings, splits["train"], catalog))  # issue 17: train_in1k
     return {"name": dataset_name(settings), "splits": splits}
 
 

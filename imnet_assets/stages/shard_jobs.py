@@ -63,6 +63,11 @@ READ_RETRY_SECONDS = (0.5, 2.0)  # waits before the second and third attempt of 
 
 
 BATCH = 8  # images per job sent to a worker (fewer for small shards, so every worker gets some)
+# A run's last images go one a job, this many per worker: each worker holds up to `depth` jobs
+# (workerpool), so at the end of the build's last shard, when no other run fills the pool, one
+# worker could still hold several jobs of BATCH images (~0.3 s each) while the others idle. With
+# single images last, the workers end within about one image of each other.
+TAIL_SINGLES_PER_WORKER = 8
 
 
 DEATHS_TO_EXCLUDE = 2  # crashes (workerpool.CRASH_SIGNALS) one image causes before it is excluded, naming them
@@ -209,11 +214,20 @@ def encode_jobs(rows: list[SliceRow], raw_root: str, settings: EncodeSettings, w
     ones of a run before it starts: equal jobs, so the run takes their results over)."""
     from imnet_assets.settings import image_timeout, test_crash_sha256
 
-    batch = _batch_size(len(rows), max(workers, 1))
     crash, limit = test_crash_sha256(), image_timeout()
-    return (EncodeJob(raw_root, rows[i:i + batch], settings, decode_every, encode, crash, limit,
-                      _part(staged, i, i + batch))
-            for i in range(0, len(rows), batch))
+    return (EncodeJob(raw_root, rows[a:b], settings, decode_every, encode, crash, limit, _part(staged, a, b))
+            for a, b in job_spans(len(rows), workers))
+
+
+def job_spans(rows: int, workers: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each job's rows, in order: jobs of _batch_size rows, then, with a worker
+    pool, the last TAIL_SINGLES_PER_WORKER * workers rows one a job."""
+    batch = _batch_size(rows, max(workers, 1))
+    tail = rows - min(rows, TAIL_SINGLES_PER_WORKER * workers) if workers > 1 else rows
+    for a in range(0, tail, batch):
+        yield a, min(a + batch, tail)
+    for a in range(tail, rows):
+        yield a, a + 1
 
 
 def _part(staged: tuple | None, start: int, end: int) -> tuple | None:

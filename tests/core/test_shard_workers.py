@@ -473,3 +473,17 @@ def test_the_checks_chunk_whose_worker_is_killed_is_checked_again(tmp_path):
     with pytest.raises(workerpool.WorkerDied, match="signal 9"):
         verify._run_in_pool(pool, [KilledJob(str(tmp_path / "b"), 99)], 0)
     assert len(os.listdir(tmp_path / "b")) == verify.CHECK_RETRIES + 1
+
+
+@pytest.mark.parametrize("rows,workers", [(300, 2), (40, 2), (5, 2), (300, 1), (12843, 64), (0, 2)])
+def test_a_runs_jobs_cover_its_rows_in_order_and_end_one_image_a_job(rows, workers):
+    """The last TAIL_SINGLES_PER_WORKER images per worker go one a job (so the workers of the
+    build's last shard end together); with one worker (no pool) the jobs stay whole."""
+    spans = list(shard_jobs_mod.job_spans(rows, workers))
+    assert [i for a, b in spans for i in range(a, b)] == list(range(rows))
+    sizes = [b - a for a, b in spans]
+    assert max(sizes, default=1) <= shard_jobs_mod.BATCH
+    singles = min(rows, shard_jobs_mod.TAIL_SINGLES_PER_WORKER * workers) if workers > 1 else 0
+    assert sizes[len(sizes) - singles:] == [1] * singles
+    if workers == 1:
+        assert sizes[:-1] == [shard_jobs_mod._batch_size(rows, 1)] * (len(sizes) - 1)
