@@ -10,7 +10,6 @@ of the same shards; its `shard_lengths` count only those samples.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from functools import cache
 from importlib import resources
@@ -61,9 +60,9 @@ def shard_counts(settings, catalog=None) -> dict[str, int]:
     """Shard file name -> its written samples with an ImageNet-1k synset, from the catalog (the
     audit loaded every shard's samples into `shard_samples`). `catalog`: an open Catalog to read
     (the audit's own connection); else it is opened read-only for this."""
-    from imnet_assets.storage.catalog import Catalog
+    from imnet_assets.storage.catalog import reading
 
-    with contextlib.nullcontext(catalog) if catalog is not None else Catalog(settings.catalog, read_only=True) as cat:
+    with reading(settings.catalog, catalog) as cat:
         rows = cat.rows("altlabels_in1k_per_shard", {"wnids": sorted(in1k_labels()), "release": settings.release})
     return {settings.shard_name(shard): int(n) for shard, n in rows}
 

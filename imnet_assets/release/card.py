@@ -7,7 +7,6 @@ The card begins with the YAML front matter the Hugging Face Hub reads (`front_ma
 
 from __future__ import annotations
 
-import contextlib
 from importlib import metadata
 
 from imnet_assets.release.info import dataset_name, info_document
@@ -78,9 +77,9 @@ def size_category(samples: int) -> str:
 def facts(settings, report, catalog=None) -> dict:
     """Everything the card states, as plain values. `catalog`: an open Catalog to read (the
     audit's own connection); else the catalog is opened read-only for this."""
-    from imnet_assets.storage.catalog import Catalog
+    from imnet_assets.storage.catalog import reading
 
-    with contextlib.nullcontext(catalog) if catalog is not None else Catalog(settings.catalog, read_only=True) as cat:
+    with reading(settings.catalog, catalog) as cat:
         overlaps = cat.one("overlaps_summary")
         eval_images = cat.one("eval_summary")
         classes = cat.one("card_classes", {"release": settings.release})

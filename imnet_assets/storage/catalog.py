@@ -297,6 +297,13 @@ def lock_holder(error: BaseException) -> str | None:
     return f"pid {pid}: {what}"[:120]
 
 
+def reading(path: str, catalog: Catalog | None = None):
+    """A context for reading the catalog: `catalog` itself when the caller holds one open (the
+    audit's own connection: DuckDB lets no second connection in beside a writer), left open;
+    else a read-only connection to `path`, closed at the block's end."""
+    return contextlib.nullcontext(catalog) if catalog is not None else Catalog(path, read_only=True)
+
+
 def open_reader(path: str, say: Callable[[str], None] | None = None, wait_s: float | None = None,
                 poll_s: float = 0.5, intact: bool = True) -> Catalog:
     """The catalog opened read-only, waiting while another process writes it (`imnet build` in
