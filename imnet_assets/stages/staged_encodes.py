@@ -120,7 +120,11 @@ class Stager:
                                   None, None, None, got))
                 continue
             if self.files[i] is None:
-                atomic.remove_partials(self.urls[i])  # a killed pass's leftover (on S3: its upload) of this file
+                if fs.is_remote(self.urls[i]):
+                    # a killed pass's upload of this file. Local temporaries are swept once per index
+                    # run instead (filtered_index): remove_partials lists the whole folder, which holds
+                    # a file per tar (19,167 listings of 19,167 names per identity at the real size)
+                    atomic.remove_partials(self.urls[i])
                 self.files[i] = self._stack.enter_context(atomic.atomic_open(self.urls[i]))
             self.files[i].write(got.webp)
             self.rows.append((codec.identity, key, self.tar, source_sha256, self.urls[i], self.sizes[i],
