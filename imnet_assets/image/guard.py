@@ -88,8 +88,9 @@ class ControlKind(NamedTuple):
 
     def describe(self) -> str:
         size = "x".join(map(str, control_size(self.family, self.max_short)))
-        extras = "".join((" progressive" if self.progressive else "", ", cut short" if self.cut else ""))
-        return f"{self.family} {self.mode}{extras} {size}"
+        return f"{self.family} {self.mode}{' progressive' if self.progressive else ''} {size}" + (
+            " cut short" if self.cut else ""
+        )
 
 
 def control_size(fam: str, max_short: int) -> tuple[int, int]:
