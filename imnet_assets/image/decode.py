@@ -11,12 +11,13 @@ calls too), draft a JPEG that gets downsized, decode, and repair data cut short 
 
 from __future__ import annotations
 
+import functools
 import io
-import re
 import struct
 
 from PIL import Image, ImageChops, ImageFile, JpegImagePlugin, UnidentifiedImageError
 
+from imnet_assets.image.guard import describe_error, settle
 from imnet_assets.image.jpeg_scans import jpeg_scan_bytes, jpeg_scans, scan_data_end, scan_script_complete
 
 MAX_SHORT = 768
@@ -56,11 +57,14 @@ SUPPORTED_MODES = frozenset(
 
 
 class ImageRejected(Exception):
-    """The image must be excluded; ``reason`` is a short, deterministic, human-readable string."""
+    """The image must be excluded; ``reason`` is a short, deterministic, human-readable string.
+    ``error``: the exception the refusal was made from, None when a rule refused the image; such a
+    refusal stands only once a known-good image passed the same path (image/guard.py: settle)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, error: BaseException | None = None):
         super().__init__(reason)
         self.reason = reason
+        self.error = error
 
 
 
@@ -109,13 +113,6 @@ def open_image(data: bytes) -> ImageFile.ImageFile:
         except _OPEN_SKIP_ERRORS:
             continue
     raise UnidentifiedImageError("cannot identify image file")
-
-
-def describe_error(exc: BaseException) -> str:
-    """``Type: message`` with object addresses removed, so reasons are deterministic."""
-    msg = re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc)).strip()
-    name = type(exc).__name__
-    return f"{name}: {msg}" if msg else name
 
 
 def is_draftable(img: Image.Image) -> bool:
@@ -205,14 +202,14 @@ def _open_planned(data: bytes, max_short: int):
         raise ImageRejected("empty file")
     try:
         img = open_image(data)
-    except UnidentifiedImageError as e:
-        raise ImageRejected("not an image: cannot identify image file") from e
+    except UnidentifiedImageError as e:  # also what a plugin broken for every input reads as (guard.py)
+        raise ImageRejected("not an image: cannot identify image file", e) from e
     except Image.DecompressionBombError as e:  # raised by a few plugins while parsing headers
         raise ImageRejected(f"too large to decode: {describe_error(e)}") from e
     except MemoryError:
         raise
     except Exception as e:  # a plugin recognised the format but its header is cut or corrupt
-        raise ImageRejected(f"unreadable header: {describe_error(e)}") from e
+        raise ImageRejected(f"unreadable header: {describe_error(e)}", e) from e
     orig = img.size
     target, box = plan_decode(img, max_short)
     return img, orig, target, box
@@ -329,13 +326,14 @@ def _decoded_rows(img: Image.Image) -> int:
     return bbox[3] if bbox else 0
 
 
-def _check_decoded_part(img: Image.Image) -> None:
-    """Reject a JPEG whose data ran out so early that almost all of it is grey fill."""
+def _check_decoded_part(img: Image.Image, error: BaseException | None = None) -> None:
+    """Reject a JPEG whose data ran out so early that almost all of it is grey fill (``error``: the
+    decoding error that led here, if one did)."""
     rows = _decoded_rows(img)
     if rows < MIN_DECODED_FRACTION * img.height:
         raise ImageRejected(
             f"undecodable: image data ends early, only the top {100 * rows / img.height:.1f}% decoded"
-            f" (min {MIN_DECODED_FRACTION:.0%})"
+            f" (min {MIN_DECODED_FRACTION:.0%})", error
         )
 
 
@@ -346,8 +344,8 @@ def decode(data: bytes, max_short: int):
         img.load()
     except MemoryError:
         raise
-    except Exception as first:  # truncated / broken data: decode again, as far as the data goes
-        first_error = describe_error(first)
+    except Exception as e:  # truncated / broken data: decode again, as far as the data goes
+        first, first_error = e, describe_error(e)
     else:
         if is_draftable(img) and _jpeg_ran_out(img, orig, data, max_short):
             _check_decoded_part(img)
@@ -356,33 +354,50 @@ def decode(data: bytes, max_short: int):
     img, orig, target, box = _open_planned(data, max_short)
     if is_draftable(img) and jpeg_scan_bytes(data) <= 0:
         # libjpeg would invent a grey image (plus a little noise) from the header alone
-        raise ImageRejected(f"undecodable: no image data could be decoded ({first_error})")
+        raise ImageRejected(f"undecodable: no image data could be decoded ({first_error})", first)
     try:
         _load_truncated(img)
     except MemoryError:
         raise
     except Exception as e:
-        raise ImageRejected(f"undecodable: {first_error}; {describe_error(e)}") from e
+        raise ImageRejected(f"undecodable: {first_error}; {describe_error(e)}", e) from e
     # Pillow fills what it could not decode with a constant (black, or grey for JPEG); a result that
     # is a single colour carries no decoded data (e.g. a PNG whose IDAT is not zlib data, a JPEG
     # whose first scan is unusable).
     if _is_uniform(img):
-        raise ImageRejected(f"undecodable: no image data could be decoded ({first_error})")
+        raise ImageRejected(f"undecodable: no image data could be decoded ({first_error})", first)
     if is_draftable(img):
-        _check_decoded_part(img)
+        _check_decoded_part(img, first)
     return img, orig, target, box, True
 
 
 def trial_decode(data: bytes, max_short: int = MAX_SHORT) -> str | None:
     """Why the encoder would refuse these bytes when decoding them, or None when it decodes them
     (repaired or not). The index runs it on the images it saw truncated, so that the encoder's
-    decoding rules (the 5% rule among them) settle those before the plan and shards balance."""
+    decoding rules (the 5% rule among them) settle those before the plan and shards balance.
+    A refusal made from an exception stands only if a known-good image decodes (guard.settle);
+    else guard.MachineryFault."""
+    data = bytes(data)
     try:
-        decode(bytes(data), max_short)
+        decode(data, max_short)
     except ImageRejected as e:
-        return e.reason
+        reason, error = e.reason, e.error
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - as encode_image words it
-        return f"undecodable: {describe_error(e)}"
+        reason, error = f"undecodable: {describe_error(e)}", e
+    else:
+        return None
+    if error is not None:
+        settle(f"decoding (max_short {max_short})", error, data, functools.partial(_decodes, max_short=max_short),
+               max_short)
+    return reason
+
+
+def _decodes(data: bytes, max_short: int) -> str | None:
+    """None when ``decode`` takes these bytes, else the refusal (guard.settle's attempt)."""
+    try:
+        decode(data, max_short)
+    except ImageRejected as e:
+        return e.reason
     return None

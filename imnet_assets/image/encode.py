@@ -23,6 +23,7 @@ Chain on the happy path (one header parse, one decode, at most one conversion an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -41,6 +42,7 @@ from imnet_assets.image.decode import (
     target_size,
 )
 from imnet_assets.image.exif import filter_exif, rgb_icc_profile
+from imnet_assets.image.guard import settle
 from imnet_assets.settings import Settings
 
 # Resampling filter, used identically by ``encode_image`` and ``bare_chain``.  LANCZOS is Pillow's
@@ -230,13 +232,13 @@ def encode_image(data: bytes, settings: EncodeSettings = DEFAULT_SETTINGS) -> En
     except (ImageRejected, MemoryError):
         raise
     except Exception as e:
-        raise ImageRejected(f"undecodable: {describe_error(e)}") from e
+        raise ImageRejected(f"undecodable: {describe_error(e)}", e) from e
     try:
         stored = save_stored(out, settings, exif, icc)
     except MemoryError:
         raise
     except Exception as e:  # not expected: sizes are checked in plan_decode
-        raise ImageRejected(f"cannot encode {settings.codec_name}: {describe_error(e)}") from e
+        raise ImageRejected(f"cannot encode {settings.codec_name}: {describe_error(e)}", e) from e
     return Encoded(
         webp=stored,
         width=out.width,
@@ -269,12 +271,32 @@ def encode_or_refusal(data, settings: EncodeSettings, encode=None) -> Encoded | 
     """The encoded image, or the reason it is excluded at encode time: the encoder refused it
     (ImageRejected), or failed on it (any other error but MemoryError, which propagates: memory is
     no property of the image). One rule for the shard runs and the index's staged encodes.
+    A refusal made from an exception stands only once a known-good image of its kind passed the
+    same codec with the same settings; else guard.MachineryFault (guard.settle), never an exclusion.
     `encode`: the codec (default encode_image; bench/scaleup.py passes a null one)."""
+    encode = encode or encode_image
     try:
-        return (encode or encode_image)(data, settings)
+        return encode(data, settings)
     except ImageRejected as e:
-        return e.reason
+        reason, error = e.reason, e.error
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - one bad image never crashes a stage or shard
-        return f"encoder error: {type(e).__name__}: {e}"
+        reason, error = f"encoder error: {type(e).__name__}: {e}", e
+    if error is not None:
+        settle(f"encoding ({_path_settings(settings)})", error, data, functools.partial(_encodes, encode=encode,
+               settings=settings), settings.max_short)
+    return reason
+
+
+def _path_settings(settings: EncodeSettings) -> str:
+    return ", ".join(f"{k} {v}" for k, v in settings.image_fields().items() if k != "jpeg")
+
+
+def _encodes(data: bytes, encode, settings: EncodeSettings) -> str | None:
+    """None when the codec takes these bytes, else its refusal (guard.settle's attempt)."""
+    try:
+        encode(data, settings)
+    except ImageRejected as e:
+        return e.reason
+    return None

@@ -27,6 +27,8 @@ from imnet_assets.image.decode import (
     open_image,
     plan_decode,
 )
+from imnet_assets.image.formats import looks_truncated
+from imnet_assets.image.guard import settle
 
 __all__ = ["MAX_FULL_DECODE_PIXELS", "MIN_SIDE", "Probe", "probe_image", "looks_truncated"]
 
@@ -49,36 +51,13 @@ class Probe:
         return self.status == KEPT
 
 
-_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-
-
-def looks_truncated(data: bytes | memoryview, fmt: str | None) -> bool:
-    """Whether the file lacks its end marker (trailing zero padding allowed):
-    JPEG/MPO without EOI (FF D9), PNG without an IEND chunk, GIF without the trailer (0x3B)."""
-    if fmt in ("JPEG", "MPO"):
-        return not _ends_with(data, b"\xff\xd9")
-    if fmt == "PNG":
-        # IEND is the last chunk; tolerate junk after it by looking at the tail only.
-        return bytes(data[-4096:]).find(_PNG_IEND) < 0
-    if fmt == "GIF":
-        return not _ends_with(data, b"\x3b")
-    return False
-
-
-def _ends_with(data: bytes | memoryview, marker: bytes) -> bool:
-    """``data.rstrip(b"\\0").endswith(marker)``, looking at the last bytes only when that settles it."""
-    tail = bytes(data[-64:]).rstrip(b"\x00")
-    if len(tail) < len(marker) < len(data):  # the zero padding is long: look at all of it
-        tail = bytes(data).rstrip(b"\x00")
-    return tail.endswith(marker)
-
-
 def _excluded(reason: str, width=None, height=None, fmt=None, mode=None) -> Probe:
     return Probe(width, height, fmt, mode, EXCLUDED, reason, False)
 
 
 def probe_image(data: bytes | memoryview, fast: bool = True) -> Probe:
-    """Probe one raw file.  Never raises for any input bytes.
+    """Probe one raw file.  Never raises for any input bytes; raises guard.MachineryFault when a
+    header that failed to read fails on a known-good image too (guard.settle).
 
     ``fast=False`` skips the JPEG marker walk and always asks Pillow (the tests compare the two).
     """
@@ -89,10 +68,25 @@ def probe_image(data: bytes | memoryview, fast: bool = True) -> Probe:
             probe = None
         if probe is not None:
             return probe
+    data = bytes(data)
     try:
-        return _probe(bytes(data))
+        return _probe(data)
+    except ImageRejected as r:  # a header Pillow could not read (or no plugin took)
+        reason, error = r.reason, r.error
     except Exception as e:  # includes MemoryError from a pathological header
-        return _excluded(f"probe failed: {describe_error(e)}")
+        reason, error = f"probe failed: {describe_error(e)}", e
+    if error is not None and not isinstance(error, MemoryError):
+        settle("probing the header", error, data, _probes, MAX_SHORT)
+    return _excluded(reason)
+
+
+def _probes(data: bytes) -> str | None:
+    """None when ``_probe`` keeps these bytes, else why not (guard.settle's attempt)."""
+    try:
+        probe = _probe(data)
+    except ImageRejected as r:
+        return r.reason
+    return probe.reason
 
 
 class _Header(NamedTuple):
@@ -253,12 +247,12 @@ def _probe(data: bytes) -> Probe:
         return _excluded("empty file")
     try:
         img = open_image(data)
-    except UnidentifiedImageError:
-        return _excluded("not an image: cannot identify image file")
+    except UnidentifiedImageError as e:  # also what a plugin broken for every input reads as (guard.py)
+        raise ImageRejected("not an image: cannot identify image file", e) from e
     except Image.DecompressionBombError as e:  # a few plugins check sizes while parsing headers
         return _excluded(f"too large to decode: {describe_error(e)}")
     except Exception as e:  # a plugin recognised the format but its header is cut or corrupt
-        return _excluded(f"unreadable header: {describe_error(e)}")
+        raise ImageRejected(f"unreadable header: {describe_error(e)}", e) from e
     with img:
         width, height = img.size
         fmt, mode = img.format, img.mode

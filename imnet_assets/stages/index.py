@@ -14,6 +14,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import NamedTuple
 
 from imnet_assets.image.decode import trial_decode
+from imnet_assets.image.guard import MachineryFault
 from imnet_assets.image.perceptual import image_hash
 from imnet_assets.image.probe import probe_image
 from imnet_assets.runtime.procpool import bounded_map, preload, process_pool
@@ -129,14 +130,17 @@ def member_record(wnid: str, tar: str, name: str, offset: int, data) -> ImageRec
     if key is None:
         return ImageRecord(f"{wnid}__member_{offset}", wnid, tar, member, offset, len(data), digest,
                            None, None, None, None, "excluded", bad_name, False)
-    p = probe_image(data)
-    status, reason = p.status, p.reason
-    if p.needs_repair and p.kept:
-        # Settled here, not at encode time: an image the encoder would refuse (less than 5% of
-        # its rows decode, nothing decodes) leaves the plan, so shards balance exactly.
-        refused = trial_decode(data)
-        if refused is not None:
-            status, reason = "excluded", refused
+    try:
+        p = probe_image(data)
+        status, reason = p.status, p.reason
+        if p.needs_repair and p.kept:
+            # Settled here, not at encode time: an image the encoder would refuse (less than 5% of
+            # its rows decode, nothing decodes) leaves the plan, so shards balance exactly.
+            refused = trial_decode(data)
+            if refused is not None:
+                status, reason = "excluded", refused
+    except MachineryFault as e:  # the probe fails a known-good image too: the stage fails, nothing recorded
+        raise MachineryFault(f"{e} (met on {tar} member {member})") from e
     return ImageRecord(
         key, wnid, tar, member, offset, len(data), digest, p.width, p.height,
         p.format, p.mode, status, reason, p.needs_repair and status == "kept",

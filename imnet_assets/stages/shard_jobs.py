@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from imnet_assets.image.encode import Encoded, EncodeSettings, encode_or_refusal
+from imnet_assets.image.guard import MachineryFault
 from imnet_assets.release.changed_sources import SourceChanged
 from imnet_assets.release.outroot import sample_digest
 from imnet_assets.release.plan import SliceRow
@@ -154,14 +155,19 @@ def prepare_sample(row: SliceRow, data: bytes | None, problem: str, settings: En
     """("ok", sample bytes, manifest record, check problem, outroot.sample_digest of the sample bytes,
     whether the stored image was the staged one) or ("excluded", reason) for one row. `staged`: its
     stored image, encoded by the index's pass (stages/staged_encodes.py), checked like one encoded here.
-    MemoryError propagates (the worker exits and the image is tried again in a fresh process)."""
+    MemoryError propagates (the worker exits and the image is tried again in a fresh process);
+    a MachineryFault (image/guard.py: the codec fails a known-good image too) fails the run."""
     if staged is not None:
         enc = staged
     elif data is None:
         return "excluded", problem
     else:
         _crash_hook(row.sha256, crash_sha256)
-        enc = encode_or_refusal(data, settings, encode)
+        try:
+            enc = encode_or_refusal(data, settings, encode)
+        except MachineryFault as e:
+            raise MachineryFault(f"{e} (met on {row.key}, raw tar {row.tar} at byte {row.offset}; nothing was "
+                                 "committed)") from e
         if isinstance(enc, str):
             return "excluded", enc
     webp_sha256 = hashlib.sha256(enc.webp)

@@ -43,6 +43,7 @@ from imnet_assets.image.encode import (
     encode_or_refusal,
     encode_settings,
 )
+from imnet_assets.image.guard import MachineryFault
 from imnet_assets.release.plan import PLAN_DIR
 from imnet_assets.settings import Settings, test_crash_sha256
 from imnet_assets.storage import atomic, fs
@@ -115,6 +116,8 @@ class Stager:
                 got = encode_or_refusal(data, codec.settings)
             except MemoryError:
                 continue  # memory is no property of the image: the shard run encodes it
+            except MachineryFault as e:  # the codec fails a known-good image too: the index fails
+                raise MachineryFault(f"{e} (met on {key} in {self.tar}, encoding for {codec.identity})") from e
             if isinstance(got, str):
                 self.rows.append((codec.identity, key, self.tar, source_sha256, self.urls[i], 0, 0, None, None, None,
                                   None, None, None, got))

@@ -1,0 +1,117 @@
+"""A machinery fault (image/guard.py) fails the shard run or the index stage that meets it and
+records nothing: no shard tar or manifest at its final path, no catalog rows for the tars; once
+the fault is gone, the same run builds every image. The shard runs' faults travel from real pool
+workers (IMNET_WORKERS=2: the historical bug, a memoryview handed to the chain, in a codec the
+workers import by name) and from this process (1 worker: the real chain monkeypatched). An image
+that fails alone, with a type a bug raises too, is still its exclusion in a pooled run."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import os
+
+import duckdb
+import pytest
+from PIL import Image
+
+from imnet_assets.image import encode as encode_mod
+from imnet_assets.image import probe as probe_mod
+from imnet_assets.image.encode import encode_image
+from imnet_assets.image.guard import MachineryFault
+from imnet_assets.release.outroot import read_manifest
+from imnet_assets.release.plan import write_slice
+from imnet_assets.stages.filtered_index import build_filtered_index
+from imnet_assets.stages.raw_tars import build_raw_tars
+from imnet_assets.stages.synset_manifest import build_synset_manifest
+from tests.conftest import local_settings
+from tests.core.test_guard import broken_header, raise_attribute_error
+from tests.core.test_shard import jpeg, planned, write_raw_tar
+from tests.core.test_shard_workers import KEY, NAME, build, release
+
+
+def memoryview_codec(data, settings):
+    """The chain handed a memoryview where it expects bytes (the bug met once in development: then
+    every image was excluded as "unreadable header: AttributeError ..."). Module level: the pool's
+    workers import it by name."""
+    return encode_image(memoryview(data), settings)
+
+
+def type_error_on(victim_sha256: str, data, settings):
+    if hashlib.sha256(data).hexdigest() == victim_sha256:
+        raise TypeError("'NoneType' object is not subscriptable")
+    return encode_image(data, settings)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return release(tmp_path_factory.mktemp("guard") / "raw", 6)
+
+
+def fails_then_builds(out, photos, workers, **broken):
+    write_slice(str(out), KEY, planned(photos.rows, list(range(len(photos.rows)))))
+    with pytest.raises(MachineryFault) as e:
+        build(out, photos, workers=workers, **broken)
+    assert sorted(os.listdir(out)) == ["_plan"]  # no shard tar, no manifest, no commit record
+    return str(e.value)
+
+
+def test_a_machinery_fault_in_the_pool_fails_the_shard_run_and_the_next_run_builds_every_image(photos, tmp_path):
+    message = fails_then_builds(tmp_path / "out", photos, 2, encode=memoryview_codec)
+    assert message.startswith("machinery fault: encoding (quality 80, method 2, max_short 768) failed with "
+                              "AttributeError: 'memoryview' object"), message
+    assert "known-good JPEG RGB 2069x1552 control image made in memory too" in message
+    assert "(met on n01440764_" in message and "nothing was committed" in message
+    result = build(tmp_path / "out", photos, workers=2)
+    assert result.excluded == [] and result.num_samples == len(photos.rows) and result.problems == []
+
+
+def test_a_bug_in_the_chain_fails_a_one_worker_shard_run(photos, tmp_path, monkeypatch):
+    monkeypatch.setattr(encode_mod, "filter_exif", raise_attribute_error)
+    message = fails_then_builds(tmp_path / "out", photos, 1)
+    assert "failed with AttributeError: 'memoryview' object has no attribute 'startswith' (raised at " in message
+    assert "known-good JPEG RGB 2069x1552 control image" in message
+    monkeypatch.undo()
+    result = build(tmp_path / "out", photos, workers=1)
+    assert result.excluded == [] and result.num_samples == len(photos.rows)
+
+
+def test_an_image_failing_alone_with_an_unexpected_type_is_its_exclusion_in_a_pooled_run(photos, tmp_path):
+    out = tmp_path / "out"
+    write_slice(str(out), KEY, planned(photos.rows, list(range(len(photos.rows)))))
+    victim = photos.rows[3]
+    result = build(out, photos, workers=2, encode=functools.partial(type_error_on, victim[7]))
+    assert result.excluded == [{"key": victim[0], "position": 3,
+                                "reason": "encoder error: TypeError: 'NoneType' object is not subscriptable"}]
+    assert result.num_samples == len(photos.rows) - 1 and result.problems == []
+    assert (out / NAME).exists() and read_manifest(str(out), KEY)["excluded"] == result.excluded
+
+
+def index_rows(settings) -> list[tuple]:
+    with duckdb.connect(settings.catalog, read_only=True) as con:
+        return con.execute("SELECT member, status, reason FROM images ORDER BY member").fetchall()
+
+
+def test_a_bug_in_the_probe_fails_the_index_stage_and_records_no_image(tmp_path, monkeypatch):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    png = io.BytesIO()
+    Image.new("RGB", (80, 60), (20, 90, 160)).save(png, "PNG")
+    members = [("n01_1.JPEG", jpeg(120, 80, 1)), ("n01_2.JPEG", jpeg(64, 64, 2)), ("n01_3.JPEG", png.getvalue()),
+               ("n01_4.JPEG", broken_header())]
+    write_raw_tar(raw / "n00000001.tar", members)
+    settings = local_settings(raw, tmp_path)
+    quiet = lambda _m: None  # noqa: E731
+    build_raw_tars(settings, "run", quiet)
+    build_synset_manifest(settings, "run", quiet)
+    monkeypatch.setattr(probe_mod, "plan_decode", raise_attribute_error)
+    with pytest.raises(MachineryFault, match=r"probing the header failed with AttributeError.*met on n00000001\.tar"):
+        build_filtered_index(settings, "run", quiet)
+    assert index_rows(settings) == []  # nothing recorded, not one exclusion
+    monkeypatch.undo()
+    build_filtered_index(settings, "run", quiet)
+    rows = index_rows(settings)
+    assert [(m, s) for m, s, _ in rows] == [("n01_1.JPEG", "kept"), ("n01_2.JPEG", "kept"), ("n01_3.JPEG", "kept"),
+                                            ("n01_4.JPEG", "excluded")]
+    assert rows[3][2].startswith("unreadable header: ")  # the corrupt one keeps its reason
