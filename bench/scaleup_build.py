@@ -30,6 +30,7 @@ other processes used meanwhile (the machine is shared).
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import re
 import shlex
@@ -232,6 +233,9 @@ def cores_kept_encoding(args) -> tuple[str, list[list[str]]]:
     sources = sources_of(settings)
     n = len(sources)
     enc = EncodeSettings(quality=settings.webp_quality, method=settings.webp_method)
+    # As an installed project is (README's first command): where PYTHONDONTWRITEBYTECODE is set, each
+    # `imnet` process would otherwise compile the project's modules from source at its start.
+    compileall.compile_dir(str(REPO / "imnet_assets"), quiet=1)
     home = args.work / "dagster_home"
     home.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
