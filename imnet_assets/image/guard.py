@@ -15,7 +15,10 @@ mode and, for JPEG, progressive or not when its header says so, and cut short li
 lacks its end marker; what the header does not say, the family's usual kind). If the control fails
 too, the machinery is broken: ``MachineryFault``, which fails the index or the shard run and
 records nothing, so that the build after the fix builds every image. ``settle`` is that one rule;
-probe_image, trial_decode and encode_or_refusal each call it with their own path.
+probe_image, trial_decode, encode_or_refusal and the pHash's thumbnail (perceptual.grey_thumbnail,
+with a complete control: the hash repairs nothing) each call it with their own path. A crash (a
+signal kills the encode worker: no exception to settle) is settled by stages/crash_control.py with
+these controls, run in a worker; ``crash_fault`` is its fault.
 
 No threshold, and no verdict cached: the control runs at every such failure (a few to ~50 ms; such
 failures are rare in a real release), so a machine that breaks later in a process is caught at
