@@ -23,9 +23,10 @@ source read and a header parse, in a worker that lives on), not another control.
 not passed in this shard run always gets its control, so a codec that crashes on everything is
 caught at the first exclusion it would make.
 
-A control job's worker killed from outside, out of memory, past its time limit, or lost while the
-job waited behind another run's crashing job, is retried in a fresh process up to CONTROL_RETRIES
-times; then the run fails (ControlUnsettled): the exclusion is never recorded unchecked.
+A control job whose worker is killed from outside, runs out of memory or past its time limit while
+running it is retried in a fresh process up to CONTROL_RETRIES times, one lost while it waited behind
+another image's crashing job up to HELD_RETRIES times; then the run fails (ControlUnsettled): the
+exclusion is never recorded unchecked.
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ from imnet_assets.settings import crash_hook_hits
 
 preload(__name__)  # the forkserver imports this module once for all workers
 
-CONTROL_RETRIES = 8  # deaths of a control job's workers, other than its own crash, before the run fails
+CONTROL_RETRIES = 4  # deaths of a control job's worker while running it (not a crash) before the run fails
+# Deaths of a worker that held a control job queued behind another job (the crashes of other images,
+# of this run or of one beside it in the shared pool) before the run fails: each such death is
+# another image's crash, of which there are few, so the bound only stops a loop.
+HELD_RETRIES = 64
 
 
 class ControlUnsettled(RuntimeError):
@@ -109,19 +114,26 @@ class ControlJob:
 
 def _outcome(pool: WorkerPool, job, priority: int, what: str):
     """(the job's result, None), or (None, its WorkerDied) when its worker died of a crash signal
-    while running it. Other deaths are retried in fresh processes, CONTROL_RETRIES times at most."""
+    while running it. Other deaths are retried in fresh processes (CONTROL_RETRIES, HELD_RETRIES)."""
     deaths: list[str] = []
+    held = 0
     while True:
         try:
             return pool.submit(job, priority).result(), None
         except WorkerDied as died:
-            if died.crashed and died.culprit is not None:
+            if died.culprit is None:  # another job's death: this one was queued in that worker
+                held += 1
+                if held <= HELD_RETRIES:
+                    continue
+            elif died.crashed:
                 return None, died
-            deaths.append(died.named)
-            if len(deaths) >= CONTROL_RETRIES:
+            else:
+                deaths.append(died.named)
+            if len(deaths) >= CONTROL_RETRIES or held > HELD_RETRIES:
                 raise ControlUnsettled(
-                    f"{what}: the processes running it died {len(deaths)} times ({', '.join(deaths)}), each a fresh "
-                    "one; nothing was committed. A kill or a hang is not an exclusion: build again") from None
+                    f"{what}: the processes running it died {len(deaths)} times ({', '.join(deaths) or 'none'}), each "
+                    f"a fresh one, and {held} times while it waited behind other images' jobs; nothing was committed. "
+                    "A kill or a hang is not an exclusion: build again") from None
 
 
 def settle_crash(pool: WorkerPool, read: Callable[[], tuple[bytes, str]], settings: EncodeSettings,

@@ -5,21 +5,29 @@ one crashing image is still excluded with its crash reason and the others are bu
 running once per kind for the run however many images of that kind crash; a codec that crashes on
 every input (IMNET_TEST_CRASH_SHA256=*, the control's encode included) fails the shard run with a
 MachineryFault naming the signal, with no exclusion, no shard tar and no manifest; the run after the
-fix builds every image."""
+fix builds every image. A control whose worker is killed from outside every time fails the run
+(ControlUnsettled): the exclusion is never recorded unchecked."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
+import signal
+import threading
+import time
 
 import pytest
+from PIL import Image
 
 from imnet_assets.image.encode import encode_image
 from imnet_assets.image.guard import MachineryFault
 from imnet_assets.release.outroot import read_manifest
 from imnet_assets.release.plan import write_slice
+from imnet_assets.runtime import workerpool
 from imnet_assets.settings import CRASH_EVERY
+from imnet_assets.stages import crash_control
 from tests.core.test_shard import planned
 from tests.core.test_shard_workers import KEY, NAME, build, release
 
@@ -96,3 +104,41 @@ def test_a_codec_crashing_on_every_input_fails_the_run_and_the_run_after_the_fix
     assert result.excluded == [] and result.num_samples == len(photos.rows) and result.problems == []
     assert read_manifest(str(out), KEY)["excluded"] == []
     assert (out / NAME).exists()
+
+
+def abort_on_and_slow_on_controls(victims: frozenset, data, settings):
+    """abort_on, and a control image (2069 px wide) takes a second, so a test can catch its worker."""
+    if Image.open(io.BytesIO(data)).width == 2069:
+        time.sleep(1.0)
+    return abort_on(victims, data, settings)
+
+
+def test_a_control_killed_from_outside_every_time_fails_the_run_and_excludes_nothing(photos, tmp_path):
+    out = tmp_path / "out"
+    slice_of(out, photos)
+    victim = photos.rows[3]
+    pool = workerpool.shared_pool(2)
+    stop = threading.Event()
+    killed: list[int] = []
+
+    def kill_controls():
+        while not stop.is_set():
+            for pid, job, _index in pool.working_on():
+                if isinstance(job, crash_control.ControlJob) and pid not in killed:
+                    os.kill(pid, signal.SIGKILL)  # as the OOM killer would
+                    killed.append(pid)
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=kill_controls)
+    killer.start()
+    try:
+        with pytest.raises(crash_control.ControlUnsettled, match=r"deciding whether the crashes are the image's own "
+                                                                 r"\(the encoder's process died 2 times .*signal 6 "
+                                                                 r"\(SIGABRT\).*died 4 times \(signal 9"):
+            build(out, photos, workers=2, encode=functools.partial(abort_on_and_slow_on_controls,
+                                                                   frozenset({victim[7]})))
+    finally:
+        stop.set()
+        killer.join()
+    assert len(killed) == crash_control.CONTROL_RETRIES
+    assert sorted(os.listdir(out)) == ["_plan"]
