@@ -4,8 +4,9 @@ Everything per image runs in the encode workers: read the source by (tar, offset
 sha256 against the plan, encode, hash the stored image, decode the sampled ones, and build the
 sample's three tar members (release/sample_tar.py) as one bytes object. `prepared_samples` hands
 the coordinator (stages/shard.py) each sample in plan order, and settles what the workers' deaths
-mean: a crash the image causes twice excludes it; kills from outside, time-outs and memory errors
-cost retries, then fail the run naming the image (SPEC: Failure behaviour).
+mean: a crash the image causes twice excludes it, once the control image of its kind passed the
+same encoder (stages/crash_control.py; else a MachineryFault fails the run); kills from outside,
+time-outs and memory errors cost retries, then fail the run naming the image (SPEC: Failure behaviour).
 """
 
 from __future__ import annotations
