@@ -21,11 +21,21 @@ DEFAULT_WEBP_QUALITY = 90
 DEFAULT_WEBP_METHOD = 4
 
 
+CRASH_EVERY = "*"  # IMNET_TEST_CRASH_SHA256=* : every encode crashes (a codec broken for every input)
+
+
 def test_crash_sha256(env: dict | None = None) -> str | None:
     """Test hook IMNET_TEST_CRASH_SHA256: a source sha256 whose encoding makes the encode worker
-    process segfault (stages.shard._crash_hook), so tests can give a shard an image that always
-    kills its encoder. Never set it in production."""
+    process segfault (stages/crash_control.crash_hook), so tests can give a shard an image that
+    always kills its encoder; `*` (CRASH_EVERY): every encode in a pool worker segfaults, the
+    known-good control image's included (a codec library broken for every input, which must fail
+    the shard run, never exclude every image). Never set it in production."""
     return (os.environ if env is None else env).get("IMNET_TEST_CRASH_SHA256") or None
+
+
+def crash_hook_hits(hook: str | None, sha256: str) -> bool:
+    """Whether the test hook's value `hook` (test_crash_sha256) crashes the encode of `sha256`."""
+    return hook is not None and hook in (sha256, CRASH_EVERY)
 
 
 class SettingsError(ValueError):
@@ -57,7 +67,7 @@ VARIABLES: dict[str, str] = {
     "IMNET_STORAGE_RETRY_SECONDS": "how long throttled or broken storage requests are retried before a run fails",
     "IMNET_IMAGE_TIMEOUT": "seconds one image may take its encode worker before the worker is killed",
     "IMNET_PROJECT_ROOT": "the folder holding .env, against which relative paths resolve",
-    "IMNET_TEST_CRASH_SHA256": "test hook: a source sha256 whose encoding crashes its worker",
+    "IMNET_TEST_CRASH_SHA256": "test hook: a source sha256 whose encoding crashes its worker (`*`: every encode)",
     "IMNET_RELEASES": "a TOML file of [release.<name>] tables: many releases from one index",
     "IMNET_STAGE_ENCODES": "auto, on or off: the index encodes each image for the releases as it reads it",
 }

@@ -284,12 +284,12 @@ def encode_or_refusal(data, settings: EncodeSettings, encode=None) -> Encoded | 
     except Exception as e:  # noqa: BLE001 - one bad image never crashes a stage or shard
         reason, error = f"encoder error: {type(e).__name__}: {e}", e
     if error is not None:
-        settle(f"encoding ({_path_settings(settings)})", error, data, functools.partial(_encodes, encode=encode,
+        settle(f"encoding ({path_settings(settings)})", error, data, functools.partial(_encodes, encode=encode,
                settings=settings), settings.max_short)
     return reason
 
 
-def _path_settings(settings: EncodeSettings) -> str:
+def path_settings(settings: EncodeSettings) -> str:
     return ", ".join(f"{k} {v}" for k, v in settings.image_fields().items() if k != "jpeg")
 
 

@@ -15,7 +15,10 @@ mode and, for JPEG, progressive or not when its header says so, and cut short li
 lacks its end marker; what the header does not say, the family's usual kind). If the control fails
 too, the machinery is broken: ``MachineryFault``, which fails the index or the shard run and
 records nothing, so that the build after the fix builds every image. ``settle`` is that one rule;
-probe_image, trial_decode and encode_or_refusal each call it with their own path.
+probe_image, trial_decode, encode_or_refusal and the pHash's thumbnail (perceptual.grey_thumbnail,
+with a complete control: the hash repairs nothing) each call it with their own path. A crash (a
+signal kills the encode worker: no exception to settle) is settled by stages/crash_control.py with
+these controls, run in a worker; ``crash_fault`` is its fault.
 
 No threshold, and no verdict cached: the control runs at every such failure (a few to ~50 ms; such
 failures are rare in a real release), so a machine that breaks later in a process is caught at
@@ -128,10 +131,12 @@ def _header(data, fam: str) -> tuple[str | None, bool]:
         return img.mode, fam == "JPEG" and bool(img.info.get("progressive"))
 
 
-def control_for(data, max_short: int) -> ControlKind:
-    """The control of the failing image ``data``'s kind (see the module's docstring)."""
+def control_for(data, max_short: int, header: bool = True) -> ControlKind:
+    """The control of the failing image ``data``'s kind (see the module's docstring). ``header=False``:
+    from what the bytes say without a decoder only (the family's usual kind; for an image whose
+    header crashed the process that read it)."""
     fam = family(data) or "JPEG"  # no family named: the path nearly every source takes
-    mode, progressive = _header(data, fam)
+    mode, progressive = _header(data, fam) if header else (None, False)
     if mode not in _MODES[fam]:
         mode = _MODES[fam][0]
     cut = fam in _CUT_FAMILIES and looks_truncated(data, fam)
@@ -193,14 +198,22 @@ def control_image(kind: ControlKind) -> bytes:
 
 
 def settle(
-    path: str, error: BaseException, data, attempt: Callable[[bytes], str | None], max_short: int
+    path: str,
+    error: BaseException,
+    data,
+    attempt: Callable[[bytes], str | None],
+    max_short: int,
+    repairs: bool = True,
 ) -> None:
     """``error`` ended ``path`` (what was being done, and with which settings) on the image ``data``.
     Returns when the image is at fault: ``attempt`` (the same path, on other bytes; returns None
     when they pass, else why not, or raises) passes the control of the image's kind. Raises
     MachineryFault when the control fails too. MemoryError propagates (memory is no property of
-    an image, nor a verdict on the machinery)."""
+    an image, nor a verdict on the machinery). ``repairs=False``: the path does not repair data
+    cut short (a cut image fails it by design: the perceptual hash), so its control is never cut."""
     kind = control_for(data, max_short)
+    if not repairs:
+        kind = kind._replace(cut=False)
     seen = f"{path} failed with {describe_error(error)}{_raised_at(error)}"
     try:
         control = control_image(kind)
@@ -224,7 +237,19 @@ def settle(
         ) from error
 
 
+def crash_fault(seen: str, kind: ControlKind, failed: str) -> MachineryFault:
+    """The fault when a process crashed (a crash signal: workerpool.CRASH_SIGNALS) on an image, as
+    ``seen`` says, and the control of its kind, run the same way in a fresh process, ``failed``
+    too ("crashed the encoder's process the same way (signal 11 (SIGSEGV))"): a codec library
+    broken for every input, not the image (stages/crash_control.py)."""
+    return MachineryFault(
+        f"machinery fault: {seen}, and a known-good {kind.describe()} control image made in memory {failed}. "
+        f"{_ADVICE}"
+    )
+
+
 _ADVICE = (
-    f"The fault is in the code or its libraries (a bug, an incompatible Pillow; this is Pillow {PIL_VERSION}), "
+    f"The fault is in the code or its libraries (a bug, an incompatible Pillow or a broken build of a codec "
+    f"library; this is Pillow {PIL_VERSION}), "
     "not in the image: nothing was recorded as excluded; fix it and build again"
 )

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from imnet_assets.image.guard import settle
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -57,28 +59,44 @@ def _tables() -> tuple[np.ndarray, np.ndarray]:
 
 def grey_thumbnail(data: bytes, side: int = HASH_SIDE) -> np.ndarray | None:
     """The image as a side x side float grey array, decoding a JPEG at reduced scale; None when
-    Pillow cannot decode it (or it is too large to decode in full)."""
+    Pillow cannot decode it (or it is too large to decode in full). A failure is the image's only
+    once the known-good control image of its kind (image/guard.py) gets its thumbnail: else
+    guard.MachineryFault, never a silent "no pHash" for every image (decontamination's near-copy
+    matching would stop with every check green). MemoryError: None (as probe_image words it)."""
+    try:
+        return _grey(data, side)
+    except MemoryError:
+        return None
+    except Exception as error:  # noqa: BLE001 - the image's, once the control passes
+        settle(f"perceptual hashing ({side}x{side} grey thumbnail)", error, data,
+               functools.partial(_greys, side=side), side, repairs=False)
+        return None
+
+
+def _grey(data: bytes, side: int) -> np.ndarray | None:
     import numpy as np
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as im:
-                if im.format == "JPEG":
-                    im.draft("L", (side * 2, side * 2))  # libjpeg scales by 1/2..1/8, never below 2x side
-                elif im.width * im.height > MAX_FULL_DECODE_PIXELS:
-                    return None
-                if getattr(im, "n_frames", 1) > 1:
-                    im.seek(0)
-                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                    arr = np.asarray(im, dtype=np.float64)
-                    grey = Image.fromarray(np.clip(arr / 257.0, 0, 255).astype(np.uint8), "L")
-                else:
-                    grey = im.convert("L")
-                small = grey.resize((side, side), Image.Resampling.BOX)
-                return np.asarray(small, dtype=np.float64)
-    except Exception:  # noqa: BLE001 - an image that does not decode simply has no hash
-        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format == "JPEG":
+                im.draft("L", (side * 2, side * 2))  # libjpeg scales by 1/2..1/8, never below 2x side
+            elif im.width * im.height > MAX_FULL_DECODE_PIXELS:
+                return None
+            if getattr(im, "n_frames", 1) > 1:
+                im.seek(0)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float64)
+                grey = Image.fromarray(np.clip(arr / 257.0, 0, 255).astype(np.uint8), "L")
+            else:
+                grey = im.convert("L")
+            small = grey.resize((side, side), Image.Resampling.BOX)
+            return np.asarray(small, dtype=np.float64)
+
+
+def _greys(data: bytes, side: int) -> str | None:
+    """None when the thumbnail of these bytes is made (guard.settle's attempt)."""
+    return None if _grey(data, side) is not None else "no thumbnail (larger than a full decode may be)"
 
 
 def phash_of_grey(grey: np.ndarray) -> int:
@@ -96,7 +114,8 @@ def signed64(value: int) -> int:
 
 
 def image_hash(data: bytes | memoryview) -> int | None:
-    """The signed 64-bit pHash of image bytes, or None when they do not decode."""
+    """The signed 64-bit pHash of image bytes, or None when they do not decode (guard.MachineryFault
+    when a known-good image of their kind does not either: grey_thumbnail)."""
     grey = grey_thumbnail(bytes(data) if isinstance(data, memoryview) else data)
     return None if grey is None else signed64(phash_of_grey(grey))
 

@@ -53,6 +53,16 @@ class WorkerDied(Exception):
                 and -self.exitcode in CRASH_SIGNALS)
 
     @property
+    def named(self) -> str:
+        """`how`, with the signal's name when it died of one: "signal 11 (SIGSEGV)"."""
+        if self.timed_out is None and self.exitcode is not None and self.exitcode < 0:
+            try:
+                return f"{self.how} ({signal.Signals(-self.exitcode).name})"
+            except ValueError:
+                pass
+        return self.how
+
+    @property
     def how(self) -> str:
         if self.timed_out is not None:
             return f"killed past its time limit of {self.timed_out:g} s"

@@ -26,6 +26,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+from imnet_assets.image.guard import MachineryFault
 from imnet_assets.image.perceptual import NEAR_DUPLICATE_BITS, image_hash
 from imnet_assets.stages.csvstage import staged_csv
 from imnet_assets.storage import fs, prefetch
@@ -76,7 +77,11 @@ def eval_fingerprint(listing: list[dict]) -> str:
 
 
 def _hash_row(name: str, data: bytes) -> tuple[str, str, int | None]:
-    return name, hashlib.sha256(data).hexdigest(), image_hash(data)
+    try:
+        phash = image_hash(data)
+    except MachineryFault as e:  # a known-good image gets no pHash either: the stage fails (image/guard.py)
+        raise MachineryFault(f"{e} (met on eval file {name})") from e
+    return name, hashlib.sha256(data).hexdigest(), phash
 
 
 def _tar_rows(entry: dict) -> list[tuple[str, str, int | None]]:
@@ -101,7 +106,8 @@ def _file_rows(entry: dict) -> list[tuple[str, str, int | None]]:
 
 def hash_eval_set(listing: list[dict], workers: int, log: Log = print) -> Iterator[tuple[str, str, int | None]]:
     """(file, sha256, phash) per eval image; phash is None for a file Pillow cannot decode (it
-    still matches raw images byte for byte). Files are read and hashed in threads (Pillow's
+    still matches raw images byte for byte), MachineryFault when a known-good image of its kind
+    cannot be hashed either (perceptual.grey_thumbnail). Files are read and hashed in threads (Pillow's
     decoders and hashlib release the GIL)."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
         done = 0

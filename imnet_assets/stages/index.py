@@ -139,12 +139,12 @@ def member_record(wnid: str, tar: str, name: str, offset: int, data) -> ImageRec
             refused = trial_decode(data)
             if refused is not None:
                 status, reason = "excluded", refused
-    except MachineryFault as e:  # the probe fails a known-good image too: the stage fails, nothing recorded
+        phash = image_hash(data) if status == "kept" else None  # issue 17: eval matching
+    except MachineryFault as e:  # a known-good image fails too: the stage fails, nothing recorded
         raise MachineryFault(f"{e} (met on {tar} member {member})") from e
     return ImageRecord(
         key, wnid, tar, member, offset, len(data), digest, p.width, p.height,
-        p.format, p.mode, status, reason, p.needs_repair and status == "kept",
-        image_hash(data) if status == "kept" else None,  # issue 17: eval matching
+        p.format, p.mode, status, reason, p.needs_repair and status == "kept", phash,
     )
 
 

@@ -4,22 +4,23 @@ Everything per image runs in the encode workers: read the source by (tar, offset
 sha256 against the plan, encode, hash the stored image, decode the sampled ones, and build the
 sample's three tar members (release/sample_tar.py) as one bytes object. `prepared_samples` hands
 the coordinator (stages/shard.py) each sample in plan order, and settles what the workers' deaths
-mean: a crash the image causes twice excludes it; kills from outside, time-outs and memory errors
-cost retries, then fail the run naming the image (SPEC: Failure behaviour).
+mean: a crash the image causes twice excludes it, once the control image of its kind passed the
+same encoder (stages/crash_control.py; else a MachineryFault fails the run); kills from outside,
+time-outs and memory errors cost retries, then fail the run naming the image (SPEC: Failure behaviour).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
-import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from imnet_assets.image.encode import Encoded, EncodeSettings, encode_or_refusal
+from imnet_assets.image.encode import Encoded, EncodeSettings, encode_or_refusal, path_settings
 from imnet_assets.image.guard import MachineryFault
 from imnet_assets.release.changed_sources import SourceChanged
 from imnet_assets.release.outroot import sample_digest
@@ -33,6 +34,7 @@ from imnet_assets.runtime.workerpool import (
     WorkerPool,
     shared_pool,
 )
+from imnet_assets.stages.crash_control import crash_hook, settle_crash
 from imnet_assets.stages.staged_encodes import StagedRef, read_staged
 from imnet_assets.storage import fs
 from imnet_assets.storage.rawfolders import source_location
@@ -139,16 +141,6 @@ def _read_input(row: SliceRow, ref: StagedRef | None, raw_root: str) -> tuple[by
     return (*_read_source(row, raw_root), None)
 
 
-def _crash_hook(sha256: str, crash_sha256: str | None) -> None:
-    """Test hook (settings.test_crash_sha256, IMNET_TEST_CRASH_SHA256): the encode worker process
-    segfaults (a real SIGSEGV, as a codec crash would) whenever it is about to encode the source of
-    that sha256. Only ever in a pool worker, never in the coordinating process."""
-    if crash_sha256 == sha256 and multiprocessing.parent_process() is not None:
-        import ctypes
-
-        ctypes.string_at(0)  # reads address 0: SIGSEGV
-
-
 def prepare_sample(row: SliceRow, data: bytes | None, problem: str, settings: EncodeSettings,
                    decode_every: int, encode: Callable | None = None, crash_sha256: str | None = None,
                    staged: Encoded | None = None) -> tuple:
@@ -162,7 +154,7 @@ def prepare_sample(row: SliceRow, data: bytes | None, problem: str, settings: En
     elif data is None:
         return "excluded", problem
     else:
-        _crash_hook(row.sha256, crash_sha256)
+        crash_hook(row.sha256, crash_sha256)  # the test hook (crash_control.crash_hook)
         try:
             enc = encode_or_refusal(data, settings, encode)
         except MachineryFault as e:
@@ -191,7 +183,7 @@ class EncodeJob:
     settings: EncodeSettings
     decode_every: int
     encode: Callable | None = None  # None: encode_image (bench/scaleup.py passes a null codec)
-    crash_sha256: str | None = None  # test hook, see _crash_hook
+    crash_sha256: str | None = None  # test hook, see crash_control.crash_hook
     time_limit: float | None = None  # seconds per image (IMNET_IMAGE_TIMEOUT): the pool kills a worker past it
     staged: tuple | None = None  # per row its staged_encodes.StagedRef or None (None: no row staged)
 
@@ -277,6 +269,7 @@ def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettin
                         r.cancel()
         return
     pool = shared_pool(workers)
+    passed: set = set()  # control kinds whose control passed in this run (crash_control.settle_crash)
     window = collections.deque()
     ahead = collections.deque(ahead or ())
     try:
@@ -288,9 +281,9 @@ def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettin
                     ahead.popleft()[1].cancel()
                 window.append((job, pool.submit(job, priority)))
             if len(window) >= workers * pool.depth:
-                yield from _settle(pool, *window.popleft(), log, priority)
+                yield from _settle(pool, *window.popleft(), log, priority, passed)
         while window:
-            yield from _settle(pool, *window.popleft(), log, priority)
+            yield from _settle(pool, *window.popleft(), log, priority, passed)
     finally:
         for _job, fut in [*window, *ahead]:  # the consumer stopped (an error): drop what is not started
             fut.cancel()
@@ -306,16 +299,18 @@ def _run_here(job: EncodeJob, reads) -> list[tuple]:
 
 
 def _settle(pool: WorkerPool, job: EncodeJob, future, log: Callable[[str], None],
-            priority: int = 0) -> Iterator[tuple]:
+            priority: int = 0, passed: set | None = None) -> Iterator[tuple]:
     """The results of one job, in row order, retrying it after worker deaths (SPEC "Failure
     behaviour"). Only a crash the image causes (workerpool.CRASH_SIGNALS), DEATHS_TO_EXCLUDE times,
-    excludes it, naming the crashes. A kill from outside (SIGKILL: the OOM killer, a cgroup limit,
+    excludes it, naming the crashes, and only once the control image of its kind passed the same
+    path in a worker (crash_control.settle_crash; `passed`: the run's kinds that did), else
+    MachineryFault fails the run. A kill from outside (SIGKILL: the OOM killer, a cgroup limit,
     preemption; SIGTERM), a run past the time limit and a MemoryError are retried in fresh
     processes a bounded number of times, then fail the run naming the image (EncoderKilled,
     EncoderOutOfMemory): never an exclusion, so shard contents never depend on memory pressure."""
     decided: dict[int, tuple] = {}  # row index -> ("excluded", reason) for rows that crashed twice
     pending = list(range(len(job.rows)))
-    crashes: dict[int, list[str]] = collections.defaultdict(list)
+    crashes: dict[int, list[WorkerDied]] = collections.defaultdict(list)
     kills: dict[int, list[str]] = collections.defaultdict(list)
     timeouts: dict[int, int] = collections.defaultdict(int)
     oom: dict[int, int] = collections.defaultdict(int)
@@ -356,12 +351,13 @@ def _settle(pool: WorkerPool, job: EncodeJob, future, log: Callable[[str], None]
                             "times, each in a fresh process, and was killed; nothing was committed. A hung encoder "
                             "is not an exclusion: raise IMNET_IMAGE_TIMEOUT if the machine is just slow") from None
                 elif died.crashed:
-                    crashes[real].append(died.how)
+                    crashes[real].append(died)
                     log(f"encoder process died ({died.how}) while encoding {where}; "
                         f"retrying its images in a new process")
                     if len(crashes[real]) >= DEATHS_TO_EXCLUDE:
+                        _crash_control(pool, job, row, crashes[real], passed, log, priority)
                         decided[real] = ("excluded", f"encoder process died {len(crashes[real])} times "
-                                                     f"({', '.join(crashes[real])}) while encoding")
+                                                     f"({', '.join(d.how for d in crashes[real])}) while encoding")
                         pending.remove(real)
                 else:
                     kills[real].append(died.how)
@@ -380,3 +376,14 @@ def _settle(pool: WorkerPool, job: EncodeJob, future, log: Callable[[str], None]
     by_index = dict(zip(pending, results))
     for i, row in enumerate(job.rows):
         yield row, decided.get(i) or by_index[i]
+
+
+def _crash_control(pool: WorkerPool, job: EncodeJob, row: SliceRow, crashes: list[WorkerDied],
+                   passed: set | None, log: Callable[[str], None], priority: int) -> None:
+    """Returns when `row`'s crashes are its own (crash_control.settle_crash); raises MachineryFault
+    (nothing committed, nothing excluded) when the control of its kind crashed or failed too."""
+    seen = (f"the encoder's process died {len(crashes)} times ({', '.join(d.named for d in crashes)}) while "
+            f"encoding {row.key} (raw tar {row.tar} at byte {row.offset}; {path_settings(job.settings)})")
+    settle_crash(pool, functools.partial(_read_source, row, job.raw_root), job.settings, seen,
+                 set() if passed is None else passed, encode=job.encode, crash_sha256=job.crash_sha256,
+                 time_limit=job.time_limit, priority=priority, log=log)

@@ -45,7 +45,7 @@ from imnet_assets.image.encode import (
 )
 from imnet_assets.image.guard import MachineryFault
 from imnet_assets.release.plan import PLAN_DIR
-from imnet_assets.settings import Settings, test_crash_sha256
+from imnet_assets.settings import Settings, crash_hook_hits, test_crash_sha256
 from imnet_assets.storage import atomic, fs
 
 STAGED_DIR = "_staged"
@@ -108,7 +108,7 @@ class Stager:
         return self._stack.__exit__(*exc)  # commits the files, or (an error) discards them
 
     def add(self, key: str, source_sha256: str, data) -> None:
-        if source_sha256 == self.skip:
+        if crash_hook_hits(self.skip, source_sha256):
             return
         data = bytes(data)  # a view into the walked tar: the decoder takes bytes (one copy, not one per codec)
         for i, codec in enumerate(self.codecs):

@@ -4,7 +4,8 @@ fail builds); a programming error injected into the chain (the real code, monkey
 process that runs it) is a MachineryFault naming it, for the encoder, the index's probe, its trial
 decode of truncated files (a bug in the repair path alone is caught by a control cut short), a
 PNG-only bug (a PNG control), and the index's staged encodes; an image-specific failure of an
-unexpected type is still that image's exclusion; a corrupt image keeps its reason."""
+unexpected type is still that image's exclusion; a corrupt image keeps its reason. The perceptual
+hash too: a numpy/Pillow incompatibility is a MachineryFault, not "no pHash" for every image."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from PIL import Image, PngImagePlugin
 
 from imnet_assets.image import decode as decode_mod
 from imnet_assets.image import encode as encode_mod
-from imnet_assets.image import guard
+from imnet_assets.image import guard, perceptual
 from imnet_assets.image import probe as probe_mod
 from imnet_assets.image.decode import decode, trial_decode
 from imnet_assets.image.encode import Encoded, EncodeSettings, encode_image, encode_or_refusal
@@ -50,6 +51,9 @@ def test_every_control_passes_every_path_on_a_healthy_machine(family):
             settings = EncodeSettings(codec=settings.codec, quality=settings.quality, max_short=kind.max_short)
             enc = encode_image(data, settings)
             assert enc.repaired == kind.cut, kind
+        if not kind.cut:  # the pHash's controls (never cut: the hash repairs nothing)
+            phash_control = guard.control_image(kind._replace(max_short=perceptual.HASH_SIDE))
+            assert perceptual._greys(phash_control, perceptual.HASH_SIDE) is None, kind
 
 
 def broken_header() -> bytes:
@@ -148,3 +152,26 @@ def test_the_index_staged_encodes_fail_on_a_machinery_fault_and_commit_nothing(m
         with Stager((codec,), "n01.tar") as stager:
             stager.add("n01_1", hashlib.sha256(data).hexdigest(), data)
     assert not (tmp_path / "staged").exists() or not any((tmp_path / "staged").iterdir())
+
+
+def array_interface_broken(self):
+    """numpy cannot take a Pillow image (a numpy/Pillow incompatibility, as on an upgrade)."""
+    raise AttributeError("'Image' object has no attribute 'getim'")
+
+
+def test_a_broken_perceptual_hash_is_a_machinery_fault_and_a_bad_image_still_gets_none(monkeypatch):
+    cut = jpeg(320, 240, 9)
+    cut = cut[: len(cut) // 3]
+    assert perceptual.image_hash(jpeg(320, 240, 9)) is not None
+    assert perceptual.image_hash(b"<html>not found</html>") is None and perceptual.image_hash(cut) is None
+    assert perceptual.image_hash(broken_header()) is None
+    monkeypatch.setattr(Image.Image, "__array_interface__", property(array_interface_broken))
+    with pytest.raises(MachineryFault) as e:
+        perceptual.image_hash(jpeg(320, 240, 9))
+    message = str(e.value)
+    assert message.startswith("machinery fault: perceptual hashing (32x32 grey thumbnail) failed with TypeError")
+    assert "known-good JPEG RGB 341x256 control image made in memory too" in message, message
+    with pytest.raises(MachineryFault, match="known-good JPEG RGB 341x256 control"):  # the cut one's too: not cut
+        perceptual.image_hash(cut)
+    monkeypatch.undo()
+    assert perceptual.image_hash(jpeg(320, 240, 9)) is not None

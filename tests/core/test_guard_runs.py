@@ -26,7 +26,7 @@ from imnet_assets.stages.filtered_index import build_filtered_index
 from imnet_assets.stages.raw_tars import build_raw_tars
 from imnet_assets.stages.synset_manifest import build_synset_manifest
 from tests.conftest import local_settings
-from tests.core.test_guard import broken_header, raise_attribute_error
+from tests.core.test_guard import array_interface_broken, broken_header, raise_attribute_error
 from tests.core.test_shard import jpeg, planned, write_raw_tar
 from tests.core.test_shard_workers import KEY, NAME, build, release
 
@@ -115,3 +115,47 @@ def test_a_bug_in_the_probe_fails_the_index_stage_and_records_no_image(tmp_path,
     assert [(m, s) for m, s, _ in rows] == [("n01_1.JPEG", "kept"), ("n01_2.JPEG", "kept"), ("n01_3.JPEG", "kept"),
                                             ("n01_4.JPEG", "excluded")]
     assert rows[3][2].startswith("unreadable header: ")  # the corrupt one keeps its reason
+
+
+def eval_rows(settings) -> list[tuple]:
+    with duckdb.connect(settings.catalog, read_only=True) as con:
+        return con.execute("SELECT file, phash IS NOT NULL FROM eval_images ORDER BY file").fetchall()
+
+
+def test_a_broken_perceptual_hash_fails_the_index_and_decontamination_and_records_nothing(tmp_path, monkeypatch):
+    """A numpy/Pillow incompatibility in the pHash (image/perceptual.py) would give every image no
+    pHash, and eval near-copy matching would stop with every check green: it fails the index's scan
+    and the eval set's hashing instead, naming the fault; a file that does not decode still gets
+    no pHash and the stage goes on."""
+    raw, ev = tmp_path / "raw", tmp_path / "eval"
+    raw.mkdir()
+    ev.mkdir()
+    members = [("n01_1.JPEG", jpeg(120, 80, 1)), ("n01_2.JPEG", jpeg(96, 64, 2)), ("n01_3.JPEG", broken_header())]
+    write_raw_tar(raw / "n00000001.tar", members)
+    (ev / "val_1.JPEG").write_bytes(jpeg(96, 64, 7))
+    (ev / "README.txt").write_text("not an image")
+    settings = local_settings(raw, tmp_path, IMNET_EVAL_EXCLUDE=str(ev))
+    quiet = lambda _m: None  # noqa: E731
+    build_raw_tars(settings, "run", quiet)
+    build_synset_manifest(settings, "run", quiet)
+    broken = property(array_interface_broken)
+    monkeypatch.setattr(Image.Image, "__array_interface__", broken)
+    with pytest.raises(MachineryFault, match=r"perceptual hashing \(32x32 grey thumbnail\) failed with TypeError.*"
+                                             r"known-good JPEG RGB 341x256 control.*met on n00000001\.tar member n01_1"):
+        build_filtered_index(settings, "run", quiet)
+    assert index_rows(settings) == []  # nothing recorded, not one image without its pHash
+    monkeypatch.undo()
+    build_filtered_index(settings, "run", quiet)
+    assert [(m, s) for m, s, _ in index_rows(settings)] == [("n01_1.JPEG", "kept"), ("n01_2.JPEG", "kept"),
+                                                           ("n01_3.JPEG", "excluded")]
+    with duckdb.connect(settings.catalog, read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM images WHERE status = 'kept' AND phash IS NOT NULL").fetchone()[0] == 2
+    assert eval_rows(settings) == [("README.txt", False), ("val_1.JPEG", True)]  # no pHash, and the stage went on
+    (ev / "val_2.JPEG").write_bytes(jpeg(120, 80, 3))  # the eval set changed: hashed again, on a broken machine
+    monkeypatch.setattr(Image.Image, "__array_interface__", broken)
+    with pytest.raises(MachineryFault, match=r"perceptual hashing .* failed with .*met on eval file "):
+        build_filtered_index(settings, "run", quiet)
+    assert eval_rows(settings) == [("README.txt", False), ("val_1.JPEG", True)]  # as it was
+    monkeypatch.undo()
+    build_filtered_index(settings, "run", quiet)
+    assert eval_rows(settings) == [("README.txt", False), ("val_1.JPEG", True), ("val_2.JPEG", True)]

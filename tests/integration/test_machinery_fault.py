@@ -2,7 +2,9 @@
 forkserver and its encode workers: a `sitecustomize` on PYTHONPATH breaks the code before it is
 imported), is a machinery fault (image/guard.py), never an exclusion: the index stage fails on a
 broken probe, the shard runs fail on a broken encoder, each naming the fault; nothing is recorded
-for the images, no shard is committed; the build after the fix builds every image, and the
+for the images, no shard is committed; a codec that crashes its process on every image
+(IMNET_TEST_CRASH_SHA256=*) fails the shard runs too, excluding nothing; the build after the fix
+builds every image, and the
 sample release's corrupt images are excluded with their own reasons as always."""
 
 from __future__ import annotations
@@ -71,6 +73,16 @@ def test_a_broken_chain_fails_the_build_and_the_build_after_the_fix_builds_every
     assert count == summary.total_members  # the index is built, and holds no fault
     assert not [r for r in reasons if "AttributeError" in r or "machinery" in r]
     assert not list(out.glob("*.tar"))  # no shard committed
+    assert not (out / "_manifests").exists() or not list((out / "_manifests").glob("*.json"))
+
+    # A codec that crashes its process on every input (IMNET_TEST_CRASH_SHA256=*: every encode in a
+    # pool worker segfaults, the control's too): the shard run fails, nothing is excluded.
+    crash = imnet(["build"], {**env, "IMNET_TEST_CRASH_SHA256": "*"}, check=False)
+    said = crash.stdout + crash.stderr
+    assert crash.returncode != 0, said
+    assert "machinery fault: the encoder's process died 2 times (signal 11 (SIGSEGV), signal 11 (SIGSEGV))" in said
+    assert "control image made in memory crashed the encoder's process the same way (signal 11 (SIGSEGV))" in said
+    assert not list(out.glob("*.tar"))
     assert not (out / "_manifests").exists() or not list((out / "_manifests").glob("*.json"))
 
     imnet(["build"], env)  # the fix: the same build, unbroken
