@@ -239,8 +239,9 @@ def scan_tars(urls: Iterable[str], workers: int, log: Callable[[str], None] = la
     With more than one worker, in processes whose forkserver preloads this module (see procpool),
     each reading its tars through a memory map (a fifth faster than reading them into buffers,
     measured by bench/scale.py). A read error under a map kills the worker (SIGBUS); the tars not
-    yet done are then scanned here, read into buffers, so the error is recorded with its reason
-    for its tar instead of ending the stage. (`worker_scan` is what a worker runs per tar.)
+    yet done are then scanned here, read into buffers, so a read that fails again raises an error
+    naming its tar (the stage fails and is run again: a failed read is never recorded as damage).
+    (`worker_scan` is what a worker runs per tar.)
     Remote tars are read so that all workers together keep prefetch.INDEX_REQUESTS_IN_FLIGHT
     requests going: a large one with ranged requests in flight ahead of its walk, small ones
     (`sizes`, from the listing: at most SMALL_TAR) fetched whole, up to that many together

@@ -64,8 +64,9 @@ def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bo
     With `views`, each member's data is a read-only memoryview into the chunk it was read with
     instead of a copy (the index scan hashes and probes it in place; see `_Window`).
     With `mapped`, a local tar is memory-mapped (see `_MappedWindow`: faster, but a read error
-    then kills the process with SIGBUS instead of being recorded): only for processes whose
-    death their parent handles.
+    then kills the process with SIGBUS instead of raising): only for processes whose death their
+    parent handles. A read that fails (OSError, StorageError) is raised naming the tar, never
+    yielded as damage: damage comes only from the bytes themselves (SPEC: Failure behaviour).
     `digest`: a list to which the whole file's sha256 is appended once the walk is done, taken
     from the same read (not with `mapped`).
     `depth`: for a remote tar, keep this many ranged requests in flight ahead of the walk
@@ -295,9 +296,9 @@ class _MappedWindow:
     walk by itself. A view keeps the mapping alive for as long as it is held.
 
     The price: a read error (a bad sector, a network file system failing) or a tar cut short in
-    place while it is being scanned ends the process with SIGBUS instead of being recorded. So only
-    pool workers map tars; `index.scan_tars` rescans a dead worker's tars in its own process
-    without a map, where such damage is recorded with its reason.
+    place while it is being scanned ends the process with SIGBUS instead of raising. So only pool
+    workers map tars; `index.scan_tars` rescans a dead worker's tars in its own process without a
+    map, where a tar cut short is damage recorded with its reason and a failing read an error.
     """
 
     def __init__(self, fd: int, total: int):
@@ -447,7 +448,15 @@ def _tarfile_walk(f, total: int, label: str, what: str, start: int = 0, expected
     while True:
         try:
             info = tf.next()
-        except (tarfile.TarError, OSError, EOFError) as e:
+        except OSError as e:
+            # tarfile raises OSError only for a closed file or a wrong mode, never for the bytes it
+            # reads: this one is the read itself failing (a disk's I/O error, remote storage that
+            # outlasted its retries: StorageError). A fault of the machinery, never damage (SPEC:
+            # Failure behaviour): the stage fails naming the tar, and is run again.
+            said = (f"cannot read {what} {label} at byte {tf.offset}: {e} (a read that failed is never "
+                    "recorded as damage: run the build again)")
+            raise (fs.StorageError(said) if isinstance(e, fs.StorageError) else OSError(e.errno, said)) from e
+        except (tarfile.TarError, EOFError) as e:
             yield from _skipped(f, expected, tf.offset, label, what, counted)
             counted.damaged += _read_range(f, tf.offset, total - tf.offset)[1]
             yield Damage("", tf.offset, max(total - tf.offset, 0),

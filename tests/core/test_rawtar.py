@@ -229,3 +229,50 @@ def test_printable_name_escapes_what_is_not_printable_utf8():
 def test_member_key_refuses_unsafe_names_with_a_reason(name, why):
     key, reason = member_key(name)
     assert key is None and why in reason
+
+
+class FailingReads(io.BytesIO):
+    """A tar's bytes whose reads fail once they reach byte `at`, as a disk's I/O error or remote
+    storage past its retries would (`error`), except the first read (the fast walk's first chunk,
+    which hands a pax-headed tar to tarfile): the fault is injected at the file the walk reads."""
+
+    def __init__(self, data: bytes, at: int, error: OSError):
+        super().__init__(data)
+        self.at, self.error, self.reads = at, error, 0
+
+    def _check(self, n: int) -> None:
+        self.reads += 1
+        if self.reads > 1 and self.tell() < len(self.getbuffer()) and self.tell() + max(n, 1) > self.at:
+            raise self.error
+
+    def read(self, n=-1):
+        self._check(len(self.getbuffer()) - self.tell() if n is None or n < 0 else n)
+        return super().read(n)
+
+    def readinto(self, b):
+        self._check(len(b))
+        return super().readinto(b)
+
+
+@pytest.mark.parametrize("error", [OSError(5, "Input/output error"),
+                                   __import__("imnet_assets.storage.fs", fromlist=["StorageError"]).StorageError(
+                                       "cannot read s3://raw/n00000001.tar: ConnectionResetError (retries outlasted)")])
+def test_a_read_that_fails_inside_tarfiles_walk_is_an_error_never_damage(error):
+    """A pax header hands the walk to tarfile at the first member; a read failing after two members
+    used to come out as "truncated or damaged raw tar ...: broken header" (the rest of the tar
+    excluded for good). It is the read's fault: the walk raises, naming the tar, and yields no damage."""
+    from imnet_assets.storage.rawtar import _iter_fileobj
+
+    files = [("sub/" + "x" * 150 + "/n00000001_1.JPEG", jpeg(1)), *FILES[1:]]
+    data = make_tar(files, tarfile.PAX_FORMAT)
+    cut = layout(data)[2].offset  # the third member's header: after two whole members
+    got: list = []
+    with pytest.raises(OSError) as raised:
+        for item in _iter_fileobj(FailingReads(data, cut, error), len(data), "n00000001.tar"):
+            got.append(item)
+    assert not any(isinstance(i, Damage) for i in got), got
+    assert [i.name for i in got] == [n for n, _ in files[:2]]
+    assert "n00000001.tar" in str(raised.value) and "never recorded as damage" in str(raised.value)
+    assert type(raised.value) is type(error)
+    # the same bytes read whole: every member, no damage (the fault was the read's, not the tar's)
+    assert [i.name for i in _iter_fileobj(io.BytesIO(data), len(data), "n00000001.tar")] == [n for n, _ in files]
