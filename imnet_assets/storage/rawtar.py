@@ -63,10 +63,8 @@ def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bo
     Damage reasons read "<what> <tar name>: ..." (what: "raw tar", or "shard" when verifying).
     With `views`, each member's data is a read-only memoryview into the chunk it was read with
     instead of a copy (the index scan hashes and probes it in place; see `_Window`).
-    With `mapped`, a local tar is memory-mapped (see `_MappedWindow`: faster, but a read error
-    then kills the process with SIGBUS instead of raising): only for processes whose death their
-    parent handles. A read that fails (OSError, StorageError) is raised naming the tar, never
-    yielded as damage: damage comes only from the bytes themselves (SPEC: Failure behaviour).
+    With `mapped`, a local tar is memory-mapped (`_MappedWindow`: faster; a read error kills the
+    process): for pool workers only. A failed read is raised naming the tar, never damage.
     `digest`: a list to which the whole file's sha256 is appended once the walk is done, taken
     from the same read (not with `mapped`).
     `depth`: for a remote tar, keep this many ranged requests in flight ahead of the walk
@@ -295,11 +293,9 @@ class _MappedWindow:
     with no copy into a buffer (a fifth of a tar's scan time), and the kernel reads ahead of the
     walk by itself. A view keeps the mapping alive for as long as it is held.
 
-    The price: a read error (a bad sector, a network file system failing) or a tar cut short in
-    place while it is being scanned ends the process with SIGBUS instead of raising. So only pool
-    workers map tars; `index.scan_tars` rescans a dead worker's tars in its own process without a
-    map, where a tar cut short is damage recorded with its reason and a failing read an error.
-    """
+    The price: a read error (a bad sector) or a tar cut short in place while it is scanned ends the
+    process with SIGBUS. So only pool workers map tars; `index.scan_tars` rescans a dead worker's
+    tars without a map (a tar cut short: damage with its reason; a failing read: an error)."""
 
     def __init__(self, fd: int, total: int):
         self._map = mmap.mmap(fd, total, access=mmap.ACCESS_READ)
@@ -448,13 +444,8 @@ def _tarfile_walk(f, total: int, label: str, what: str, start: int = 0, expected
     while True:
         try:
             info = tf.next()
-        except OSError as e:
-            # tarfile raises OSError only for a closed file or a wrong mode, never for the bytes it
-            # reads: this one is the read itself failing (a disk's I/O error, remote storage that
-            # outlasted its retries: StorageError). A fault of the machinery, never damage (SPEC:
-            # Failure behaviour): the stage fails naming the tar, and is run again.
-            said = (f"cannot read {what} {label} at byte {tf.offset}: {e} (a read that failed is never "
-                    "recorded as damage: run the build again)")
+        except OSError as e:  # the read failed (tarfile raises none for bytes): never damage (SPEC)
+            said = f"cannot read {what} {label} at byte {tf.offset}: {e} (never recorded as damage: build again)"
             raise (fs.StorageError(said) if isinstance(e, fs.StorageError) else OSError(e.errno, said)) from e
         except (tarfile.TarError, EOFError) as e:
             yield from _skipped(f, expected, tf.offset, label, what, counted)
