@@ -74,9 +74,11 @@ def size_category(samples: int) -> str:
     return "n>1B"
 
 
-def facts(settings, report, catalog=None) -> dict:
+def facts(settings, report, catalog=None, info: dict | None = None) -> dict:
     """Everything the card states, as plain values. `catalog`: an open Catalog to read (the
-    audit's own connection); else the catalog is opened read-only for this."""
+    audit's own connection); else the catalog is opened read-only for this. `info`: the release's
+    `_info.json` document when the caller made it already (the audit: its alt-label split counts
+    are a query over every shard sample); else it is made here."""
     from imnet_assets.storage.catalog import reading
 
     with reading(settings.catalog, catalog) as cat:
@@ -134,7 +136,7 @@ def facts(settings, report, catalog=None) -> dict:
                    *([f"train_{settings.alt_labels}"] if settings.alt_labels else [])],
         # split -> its shard files, as _info.json lists them
         "split_files": {name: list(split["filenames"])
-                        for name, split in info_document(settings, report.lengths, catalog)["splits"].items()},
+                        for name, split in (info or info_document(settings, report.lengths, catalog))["splits"].items()},
     }
 
 
@@ -329,8 +331,8 @@ def render(f: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_card(settings, report, catalog=None) -> str:
-    """Render and commit the card atomically; returns its URL. `catalog`: as for `facts`."""
+def write_card(settings, report, catalog=None, info: dict | None = None) -> str:
+    """Render and commit the card atomically; returns its URL. `catalog`, `info`: as for `facts`."""
     url = card_url(settings)
-    atomic.write_atomic(url, render(facts(settings, report, catalog)).encode("utf-8"))
+    atomic.write_atomic(url, render(facts(settings, report, catalog, info)).encode("utf-8"))
     return url

@@ -224,10 +224,11 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
         # between: the next build audits again). The same connection reads what was just committed
         # (one opening of the catalog for the whole audit, ~0.1 s of CPU less than four).
         if not report.problems:
-            atomic.write_atomic(info_url(settings), render_info(info_document(settings, lengths, cat)))
+            info = info_document(settings, lengths, cat)
+            atomic.write_atomic(info_url(settings), render_info(info))
             report.info_written = True
             atomic.write_atomic(classes_url(settings), render_classes(cat.rows("classes_tsv", release)))
-            card.write_card(settings, report, cat)  # issue 17: the dataset card, <out>/README.md
+            card.write_card(settings, report, cat, info)  # issue 17: the dataset card, <out>/README.md
             if audit_fp:
                 cat.set_stage("shard_audit", audit_fp, run_id, settings.release)
     if report.problems:
