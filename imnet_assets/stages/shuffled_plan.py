@@ -78,7 +78,7 @@ def build_shuffled_plan(settings: Settings, run_id: str, log: Log = print,
     # Slices of shards this layout no longer has (IMNET_NUM_SHARDS lowered): no run may read them.
     ours = {f"{k}{suffix}" for k in keys for suffix in (".csv", LOOKUP_SUFFIX)}
     for e in fs.listdir(fs.join(settings.out_root, PLAN_DIR)):
-        if re.fullmatch(r"\d{4}(\.csv|\.staged\.json)", e["name"]) and e["name"] not in ours:
+        if re.fullmatch(rf"\d{{4}}(\.csv|{re.escape(LOOKUP_SUFFIX)})", e["name"]) and e["name"] not in ours:
             fs.remove(e["url"])
             log(f"removed the slice of a shard this plan does not have: {e['name']}")
     facts.update(seconds=round(time.perf_counter() - started, 2), num_shards=settings.num_shards,
