@@ -17,6 +17,11 @@ CARD_NAME = "README.md"
 TERMS_URL = "https://image-net.org/download.php"
 LICENSE_NAME = "imagenet-terms-of-access"
 PRETTY_NAME = "ImageNet Winter21 (WebP, WebDataset)"
+# What a copy of the out root to the Hub leaves out (huggingface_hub's ignore patterns, fnmatch: `*`
+# matches `/` too): the build's working state, every folder whose name begins with `_` (_manifests/,
+# _plan/, _staged/, _locks/, _uploads/; the manifests alone are ~2.6 GB and _staged/ as large as the
+# images at the real size). `_info.json`, beside the shards, is kept: timm reads it.
+HUB_EXCLUDE = "_*/*"
 # issue 25: a release's codec -> (its name in the card, the sample's image member, what that member holds)
 CODECS = {"webp": ("WebP", "webp", "lossy WebP"), "jpeg": ("JPEG", "jpg", "baseline JPEG")}
 # The Hub's size_categories buckets, by sample count (upper bound exclusive).
@@ -327,6 +332,21 @@ def render(f: dict) -> str:
             f"`split=\"{split}\"` trains on the ImageNet-1k subset of the same shards: timm reads the label from",
             "each sample's `label_in1k` and skips samples whose value is -1 (synsets not in ImageNet-1k).",
         ]
+    lines += [
+        "",
+        "## Hosting on the Hugging Face Hub",
+        "",
+        "This folder is laid out as the Hub reads it (the front matter's `configs`). The build's working state",
+        "sits beside it in folders whose names begin with `_`: leave them out of the copy. ImageNet's terms allow no",
+        "redistribution of the images: use a private repository, or a gated one whose access conditions carry them.",
+        "",
+        "```bash",
+        f'hf upload <user>/<repo> "<this folder>" . --repo-type dataset --private --exclude "{HUB_EXCLUDE}"',
+        "```",
+        "",
+        "(`pip install huggingface_hub`; run again, it resumes an interrupted upload. From Python:",
+        f'`HfApi().upload_folder(..., ignore_patterns=["{HUB_EXCLUDE}"])`.)',
+    ]
     lines += ["", "## Citation", "", "```bibtex", CITATION, "```"]
     return "\n".join(lines) + "\n"
 

@@ -76,3 +76,27 @@ def test_turning_alt_labels_off_rebuilds_the_shards_without_the_field(built):
     assert sorted(info["splits"]) == ["train", "validation"]
     for s in wds.WebDataset([str(tmp / "out" / f) for f in info["splits"]["train"]["filenames"]], shardshuffle=False):
         assert "label_in1k" not in json.loads(s["json"])
+
+
+def test_the_cards_upload_command_sends_the_dataset_and_none_of_the_working_state(built):
+    """The card's `hf upload ... --exclude` pattern, applied by huggingface_hub's own filter to every
+    file of the built out root: what goes to the Hub is the card, classes.tsv, _info.json and exactly
+    the shard files the card's configs name; the build's working state stays behind."""
+    import yaml
+    from huggingface_hub.utils import filter_repo_objects
+
+    from imnet_assets.release.card import HUB_EXCLUDE
+
+    tmp, _env, _rel, _first = built
+    out = tmp / "out"
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    # what other builds leave there too (staged encodes, a shard's lease, an upload's lease): names only
+    files += ["_staged/webp-q90-m4/n01440764.tar.bin", "_locks/shard-0000/holder.json", "_uploads/x.lease"]
+    assert any(f.startswith("_manifests/") for f in files) and any(f.startswith("_plan/") for f in files)
+    sent = set(filter_repo_objects(files, ignore_patterns=[HUB_EXCLUDE]))
+    card = (out / "README.md").read_text()
+    configs = yaml.safe_load(card.split("---")[1])["configs"]
+    named = {path for c in configs for d in c["data_files"] for path in d["path"]}
+    assert named and all(name.endswith(".tar") for name in named)
+    assert sent == named | {"README.md", "classes.tsv", "_info.json"}
+    assert f'--exclude "{HUB_EXCLUDE}"' in card and "--private" in card
