@@ -437,7 +437,7 @@ def hash_only(paths: list[Path], workers: int) -> int:
 
 
 def scan(paths: list[Path], workers: int) -> int:
-    from imnet_assets.stages.index import scan_tars
+    from imnet_assets.stages.scan_pool import scan_tars
 
     return sum(len(recs) for _url, recs in scan_tars([str(p) for p in paths], workers))
 
