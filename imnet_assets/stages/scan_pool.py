@@ -59,7 +59,7 @@ from imnet_assets.stages.shard_jobs import (
     TIMEOUTS_TO_FAIL,
 )
 from imnet_assets.stages.staged_encodes import StagedCodec
-from imnet_assets.storage import fs
+from imnet_assets.storage import atomic, fs
 from imnet_assets.storage.member_names import printable_name
 from imnet_assets.storage.prefetch import CHUNK, depth_for
 from imnet_assets.storage.rawfolders import is_folder_source, list_files, read_files
@@ -394,6 +394,8 @@ def _scanned(pool: WorkerPool, job: ScanJob, future, passed: set, log: Callable[
                             f"{len(kills[image])} times while decoding {where}; nothing was recorded for its tar. A "
                             "kill (the OOM killer, a cgroup memory limit, preemption) is not an exclusion: give the "
                             "index more memory or lower IMNET_WORKERS, and build again") from None
+            for codec in job.codecs:  # the dead worker's staged file, never committed (atomic_open)
+                atomic.sweep_partials(codec.root)
             future = pool.submit(job)
 
 

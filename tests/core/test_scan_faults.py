@@ -33,6 +33,7 @@ from imnet_assets.stages.filtered_index import build_filtered_index
 from imnet_assets.stages.index import ReadShort, check_accounted, scan_tar
 from imnet_assets.stages.raw_tars import build_raw_tars
 from imnet_assets.stages.scan_pool import ScanKilled, ScanOutOfMemory, scan_tars
+from imnet_assets.stages.staged_encodes import staging_plan
 from imnet_assets.stages.synset_manifest import build_synset_manifest
 from tests.conftest import local_settings
 from tests.core.test_rawtar import layout, make_tar
@@ -71,7 +72,7 @@ def index(raw, folder, log=lambda _m: None, **env) -> list[tuple]:
     settings = local_settings(raw, folder, **env)
     build_raw_tars(settings, "run", log)
     build_synset_manifest(settings, "run", log)
-    build_filtered_index(settings, "run", log)
+    build_filtered_index(settings, "run", log, codecs=staging_plan([settings]))
     return rows(settings)
 
 
@@ -90,12 +91,12 @@ def columns(settings_folder) -> list[str]:
         return [r[0] for r in con.execute("DESCRIBE images").fetchall()]
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(("workers", "staged"), [(1, "off"), (2, "off"), (2, "on")])
 def test_an_image_that_crashes_the_index_is_excluded_and_the_rest_is_as_undisturbed(
-        raw, undisturbed, tmp_path, monkeypatch, workers):
+        raw, undisturbed, tmp_path, monkeypatch, workers, staged):
     monkeypatch.setenv("IMNET_TEST_INDEX_FAULT", f"crash:{victim_sha256()}")
     logs: list[str] = []
-    got = index(raw, tmp_path, logs.append, IMNET_WORKERS=workers)
+    got = index(raw, tmp_path, logs.append, IMNET_WORKERS=workers, IMNET_STAGE_ENCODES=staged)
     names = columns(tmp_path)
     at = [i for i, r in enumerate(got) if r[names.index("sha256")] == victim_sha256()]
     assert len(at) == 1
@@ -107,6 +108,13 @@ def test_an_image_that_crashes_the_index_is_excluded_and_the_rest_is_as_undistur
     assert sum("control image passed the index: the crashes are the image's own" in m for m in logs) == 1, logs
     assert any("died (signal 11 (SIGSEGV)) decoding n00000012_1.JPEG (raw tar n00000012.tar" in m
                for m in logs), logs
+    if staged == "on":  # every other kept image staged, the dead workers' partial files gone
+        with duckdb.connect(str(tmp_path / "catalog.duckdb"), read_only=True) as con:
+            staged_keys = sorted(r[0] for r in con.execute("SELECT key FROM staged_images").fetchall())
+        kept = sorted(r[names.index("key")] for r in got if r[names.index("status")] == "kept")
+        assert staged_keys == kept and victim["key"] not in staged_keys
+        files = sorted(p.name for p in (tmp_path / "out" / "_staged").rglob("*") if p.is_file())
+        assert files == [f"{wnid}.tar.bin" for wnid in TARS], files
 
 
 def test_a_decode_crashing_on_every_image_fails_the_index_and_records_nothing(raw, undisturbed, tmp_path,
