@@ -287,7 +287,7 @@ def scan_tars(urls: Iterable[str], workers: int, log: Callable[[str], None] = la
     depth = depth_for(min(workers, len(urls)))
     limit = image_timeout() if time_limit is None else time_limit
     jobs = _jobs(urls, sizes, depth, codecs, limit, test_index_fault())
-    pool = shared_pool(max(1, min(workers, len(jobs))))
+    pool = shared_pool(max(1, workers))  # IMNET_WORKERS processes, as the shard runs (the pool lives on)
     passed: set[ControlKind] = set()  # kinds whose control passed the index's decoding in this scan
     window: collections.deque = collections.deque()
     try:
