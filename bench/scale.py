@@ -28,7 +28,7 @@ Catalog part (each stage in its own child process, so the peak RSS printed is th
              with --skip-catalog, `shard_samples` and `shards` are filled from the plan by SQL
              when empty (setup, its own child process, not a goal). Peak RSS of the `imnet verify`
              process (its checking processes each hold one shard's rows, a few MB).
-Scan part: `index.scan_tars` (IMNET_WORKERS=2) over generated raw tars against a plain sequential
+Scan part: `scan_pool.scan_tars` (IMNET_WORKERS=2) over generated raw tars against a plain sequential
 read of the same files, both from a cold page cache (each file is evicted with
 posix_fadvise(DONTNEED) before every pass) and both warm.
 
@@ -437,7 +437,7 @@ def hash_only(paths: list[Path], workers: int) -> int:
 
 
 def scan(paths: list[Path], workers: int) -> int:
-    from imnet_assets.stages.index import scan_tars
+    from imnet_assets.stages.scan_pool import scan_tars
 
     return sum(len(recs) for _url, recs in scan_tars([str(p) for p in paths], workers))
 

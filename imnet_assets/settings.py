@@ -38,6 +38,21 @@ def crash_hook_hits(hook: str | None, sha256: str) -> bool:
     return hook is not None and hook in (sha256, CRASH_EVERY)
 
 
+INDEX_FAULTS = ("crash", "memory-probe", "memory-phash", "hang", "slow")  # IMNET_TEST_INDEX_FAULT's faults
+
+
+def test_index_fault(env: dict | None = None) -> str | None:
+    """Test hook IMNET_TEST_INDEX_FAULT=<fault>:<sha256> (or `<fault>:*`: every image, the known-good
+    control images included): the index's scan worker meets that fault on the raw image of that
+    sha256 (image/faults.py: a real SIGSEGV, a MemoryError raised inside the probe or the pHash, a
+    hang, a pause). Only ever in a scan worker process. Never set it in production."""
+    value = (os.environ if env is None else env).get("IMNET_TEST_INDEX_FAULT") or None
+    if value is not None and value.partition(":")[0] not in INDEX_FAULTS:
+        raise SettingsError(f"IMNET_TEST_INDEX_FAULT={value!r}: expected <fault>:<sha256 or *>, the fault one of "
+                            f"{', '.join(INDEX_FAULTS)}")
+    return value
+
+
 class SettingsError(ValueError):
     """An IMNET_* variable holds a value the project cannot use."""
 
@@ -68,6 +83,7 @@ VARIABLES: dict[str, str] = {
     "IMNET_IMAGE_TIMEOUT": "seconds one image may take its encode worker before the worker is killed",
     "IMNET_PROJECT_ROOT": "the folder holding .env, against which relative paths resolve",
     "IMNET_TEST_CRASH_SHA256": "test hook: a source sha256 whose encoding crashes its worker (`*`: every encode)",
+    "IMNET_TEST_INDEX_FAULT": "test hook: `<fault>:<sha256>`, a fault the index's scan worker meets on that image",
     "IMNET_RELEASES": "a TOML file of [release.<name>] tables: many releases from one index",
     "IMNET_STAGE_ENCODES": "auto, on or off: the index encodes each image for the releases as it reads it",
 }

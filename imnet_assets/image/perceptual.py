@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from imnet_assets.image.faults import hit
 from imnet_assets.image.guard import settle
 
 if TYPE_CHECKING:
@@ -62,11 +63,13 @@ def grey_thumbnail(data: bytes, side: int = HASH_SIDE) -> np.ndarray | None:
     Pillow cannot decode it (or it is too large to decode in full). A failure is the image's only
     once the known-good control image of its kind (image/guard.py) gets its thumbnail: else
     guard.MachineryFault, never a silent "no pHash" for every image (decontamination's near-copy
-    matching would stop with every check green). MemoryError: None (as probe_image words it)."""
+    matching would stop with every check green). MemoryError propagates: memory is no property of
+    the image, so never a silently missing pHash (the index's scan worker exits, and the image is
+    hashed again in a fresh one: stages/scan_pool.py)."""
     try:
         return _grey(data, side)
     except MemoryError:
-        return None
+        raise
     except Exception as error:  # noqa: BLE001 - the image's, once the control passes
         settle(f"perceptual hashing ({side}x{side} grey thumbnail)", error, data,
                functools.partial(_greys, side=side), side, repairs=False)
@@ -75,6 +78,8 @@ def grey_thumbnail(data: bytes, side: int = HASH_SIDE) -> np.ndarray | None:
 
 def _grey(data: bytes, side: int) -> np.ndarray | None:
     import numpy as np
+
+    hit("phash", data)  # the index's test hook (image/faults.py)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -27,6 +27,7 @@ from imnet_assets.image.decode import (
     open_image,
     plan_decode,
 )
+from imnet_assets.image.faults import hit
 from imnet_assets.image.formats import looks_truncated
 from imnet_assets.image.guard import settle
 
@@ -57,13 +58,17 @@ def _excluded(reason: str, width=None, height=None, fmt=None, mode=None) -> Prob
 
 def probe_image(data: bytes | memoryview, fast: bool = True) -> Probe:
     """Probe one raw file.  Never raises for any input bytes; raises guard.MachineryFault when a
-    header that failed to read fails on a known-good image too (guard.settle).
+    header that failed to read fails on a known-good image too (guard.settle). MemoryError
+    propagates: memory is no property of the image, so never its exclusion (the index's scan
+    worker exits, and the image is probed again in a fresh one: stages/scan_pool.py).
 
     ``fast=False`` skips the JPEG marker walk and always asks Pillow (the tests compare the two).
     """
     if fast:
         try:
             probe = _probe_jpeg(data)
+        except MemoryError:
+            raise
         except Exception:  # noqa: BLE001 - never trust the shortcut over Pillow
             probe = None
         if probe is not None:
@@ -73,9 +78,11 @@ def probe_image(data: bytes | memoryview, fast: bool = True) -> Probe:
         return _probe(data)
     except ImageRejected as r:  # a header Pillow could not read (or no plugin took)
         reason, error = r.reason, r.error
-    except Exception as e:  # includes MemoryError from a pathological header
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the image's, once the control passes
         reason, error = f"probe failed: {describe_error(e)}", e
-    if error is not None and not isinstance(error, MemoryError):
+    if error is not None:
         settle("probing the header", error, data, _probes, MAX_SHORT)
     return _excluded(reason)
 
@@ -109,6 +116,7 @@ class _Header(NamedTuple):
 
 def _probe_jpeg(data: bytes | memoryview) -> Probe | None:
     """The probe of a JPEG whose header ``_jpeg_header`` reads with certainty, else None."""
+    hit("probe", data)  # the index's test hook (image/faults.py)
     # The walk indexes bytes faster than a memoryview, and a usual header ends within its first
     # kilobytes; a walk that needs more of the file than that returns None and is done again on
     # all of it. (A header found in the head is the header of the file: nothing past it was read.)
@@ -243,6 +251,7 @@ def _jpeg_is_first() -> bool:
 
 
 def _probe(data: bytes) -> Probe:
+    hit("probe", data)
     if not data:
         return _excluded("empty file")
     try:

@@ -16,7 +16,9 @@ from imnet_assets.runtime.procpool import EXIT_PARENT_GONE, watch_parent
 EXIT_OUT_OF_MEMORY = 71  # a worker whose job raised MemoryError exits with this (see WorkerPool)
 RETIRE = -1  # the task id of the message that retires a worker (no payload)
 HEADER = struct.Struct("!Qq")  # a message's payload length and task id
-INDEX_BITS = 20  # a worker's marker holds task id << INDEX_BITS | item index in one word
+# A worker's marker holds task id << INDEX_BITS | item index in one signed 64-bit word: items up to
+# 2**32 per job (the scan packs a tar's member number in it: stages/scan_pool.py), task ids up to 2**31.
+INDEX_BITS = 32
 
 
 
@@ -119,17 +121,19 @@ class Link:
 class Marker:
     """What a worker is working on, in shared memory the parent reads (to enforce a job's time
     limit, and after the worker died): task id << INDEX_BITS | item index, -1 between items; and
-    since when (time.monotonic_ns, one clock for every process of the host). A clock read (vDSO) and
-    two plain stores, no system call."""
+    since when (time.monotonic_ns, one clock for every process of the host; -1: `timed=False`, an
+    item the job's time limit does not apply to, such as the scan reading a tar). A clock read (vDSO)
+    and two plain stores, no system call."""
 
     def __init__(self, slot, task_id: int):
         self._slot, self._task = slot, task_id << INDEX_BITS
 
-    def __call__(self, index: int) -> None:
+    def __call__(self, index: int, timed: bool = True) -> None:
         if index < 0:
             self._slot[0] = -1
             return
-        self._slot[1] = time.monotonic_ns()  # first: a reader that sees the new item sees its time
+        # first: a reader that sees the new item sees its time
+        self._slot[1] = time.monotonic_ns() if timed else -1
         self._slot[0] = self._task | index
 
 

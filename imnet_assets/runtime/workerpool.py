@@ -89,13 +89,13 @@ class _Worker:
         self.events = 0  # what the dispatcher's selector watches its socket for
         self.killed_for: tuple[int, int, float] | None = None  # (task, item, limit): killed past a time limit
 
-    def working_on(self) -> tuple[int, int, float] | None:
-        """(task id, item index, since (time.monotonic())) of the item it works on, or None."""
+    def working_on(self) -> tuple[int, int, float | None] | None:
+        """(task id, item index, since (time.monotonic()); None: untimed) of the item it works on, or None."""
         packed = self.slot[0]
         if packed < 0:
             return None
         since = self.slot[1]  # written before slot[0]: never older than the item read there
-        return packed >> INDEX_BITS, packed & ((1 << INDEX_BITS) - 1), since / 1e9
+        return packed >> INDEX_BITS, packed & ((1 << INDEX_BITS) - 1), since / 1e9 if since >= 0 else None
 
 
 class WorkerPool:
@@ -106,7 +106,7 @@ class WorkerPool:
     the job arrives, to start its reads in the worker's reader threads: it must not block) and
     `run(state, mark) -> result` (called in the worker's main thread, one job after another;
     `mark(i)` says the job now works on item i, `mark(-1)` that it is between items, so a death is
-    blamed on that item). Each worker holds up to `depth` jobs, so its reads run ahead of its
+    blamed on that item; `mark(i, timed=False)`: an item the time limit does not apply to). Each worker holds up to `depth` jobs, so its reads run ahead of its
     encoding: with `threads` reader threads each, a pool keeps up to 32 x workers source reads in
     flight: a worker's `depth` jobs of shard_jobs.BATCH rows are 32 sources read ahead, one ranged GET
     each (storage/s3read.py), about 1,400 reads/s per worker at 20 ms per S3 request.
@@ -358,7 +358,7 @@ class WorkerPool:
             entry = w.tasks.get(task)
             limit = entry[2] if entry is not None else 0.0
             # the second look: still the same item (task ids are never reused)
-            if limit and now - since > limit and w.slot[0] == task << INDEX_BITS | index:
+            if limit and since is not None and now - since > limit and w.slot[0] == task << INDEX_BITS | index:
                 w.killed_for = (task, index, limit)
                 try:
                     os.kill(w.proc.pid, signal.SIGKILL)

@@ -143,20 +143,31 @@ def settle_crash(pool: WorkerPool, read: Callable[[], tuple[bytes, str]], settin
     """Returns when an image's crashes (``seen``: what happened, and on which image) are its own:
     the control of its kind passed the same path in a worker, now or earlier in this shard run
     (``passed``, updated). Raises MachineryFault when the control crashes or fails too."""
+    settle_crash_of(pool, read, settings.max_short, seen, passed,
+                    lambda kind: ControlJob(kind, settings, encode, crash_sha256, time_limit), "encoder",
+                    time_limit=time_limit, priority=priority, log=log)
+
+
+def settle_crash_of(pool: WorkerPool, read: Callable[[], tuple[bytes, str]], max_short: int, seen: str,
+                    passed: set[ControlKind], control: Callable[[ControlKind], object], path: str, *,
+                    time_limit: float | None = None, priority: int = 0,
+                    log: Callable[[str], None] = lambda _m: None) -> None:
+    """settle_crash for any path a worker runs on an image: `control(kind)` is the job that runs the
+    control of `kind` through that path (its `run` returns None when it passes, else why not), and
+    `path` names it in messages ("encoder"; "index": stages/scan_pool.py)."""
     what = f"deciding whether the crashes are the image's own ({seen})"
-    kind, died = _outcome(pool, KindJob(read, settings.max_short, True, time_limit), priority, what)
+    kind, died = _outcome(pool, KindJob(read, max_short, True, time_limit), priority, what)
     if died is not None:  # its header crashed the parser: its own bytes again
-        kind, died = _outcome(pool, KindJob(read, settings.max_short, False, time_limit), priority, what)
+        kind, died = _outcome(pool, KindJob(read, max_short, False, time_limit), priority, what)
         if died is not None:  # no decoder ran there: Python itself is broken
             raise MachineryFault(f"machinery fault: {seen}, and reading its signature without a decoder crashed "
                                  f"too ({died.named}); nothing was committed")
     if kind in passed:
         return
-    job = ControlJob(kind, settings, encode, crash_sha256, time_limit)
-    problem, died = _outcome(pool, job, priority, what)
+    problem, died = _outcome(pool, control(kind), priority, what)
     if died is not None:
-        raise crash_fault(seen, kind, f"crashed the encoder's process the same way ({died.named})")
+        raise crash_fault(seen, kind, f"crashed the {path}'s process the same way ({died.named})")
     if problem is not None:
         raise crash_fault(seen, kind, f"failed the same path ({problem})")
     passed.add(kind)
-    log(f"a known-good {kind.describe()} control image passed the encoder: the crashes are the image's own")
+    log(f"a known-good {kind.describe()} control image passed the {path}: the crashes are the image's own")

@@ -17,7 +17,8 @@ from imnet_assets.stages.fingerprints import (
     merged_markers,
     pending_markers,
 )
-from imnet_assets.stages.index import FIELDS, ReadShort, check_accounted, scan_tars
+from imnet_assets.stages.index import FIELDS, ReadShort, check_accounted
+from imnet_assets.stages.scan_pool import scan_tars
 from imnet_assets.stages.staged_encodes import STAGED_FIELDS, StagedCodec
 from imnet_assets.storage import atomic
 from imnet_assets.storage.catalog import Catalog
@@ -73,7 +74,8 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print,
             log(f"encoding each kept image as it is read, for {', '.join(c.identity for c in codecs)}: the shard "
                 "runs take them from there")
         for n, (url, records) in enumerate(scan_tars(by_url, settings.workers, log=log, codecs=codecs,
-                                                     sizes={u: t["size"] for u, t in by_url.items()}), 1):
+                                                     sizes={u: t["size"] for u, t in by_url.items()},
+                                                     time_limit=settings.image_timeout), 1):
             t = by_url[url]
             try:
                 check_accounted(t["name"], records, t["size"])

@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+import itertools
 from typing import NamedTuple
 
 from imnet_assets.image.decode import trial_decode
 from imnet_assets.image.guard import MachineryFault
 from imnet_assets.image.perceptual import image_hash
-from imnet_assets.image.probe import probe_image
-from imnet_assets.runtime.procpool import bounded_map, preload, process_pool
+from imnet_assets.image.probe import Probe, probe_image
+from imnet_assets.runtime.procpool import preload
 from imnet_assets.stages.staged_encodes import StagedCodec, Stager
 from imnet_assets.storage import fs
 from imnet_assets.storage.member_names import member_key, printable_name
-from imnet_assets.storage.prefetch import CHUNK, depth_for
 from imnet_assets.storage.rawfolders import FolderChanged, is_folder_source, list_files, read_files
 from imnet_assets.storage.rawtar import ByteCount, Damage, iter_tar
 
@@ -79,22 +76,51 @@ def check_accounted(tar: str, scanned: ScannedTar, listed: int) -> None:
             "changed while it was read. Nothing was recorded for it: run `imnet build` again")
 
 
+class Watch:
+    """Where a walk is, told to the process that runs it: `reading(n)` before the n-th member's bytes
+    are read (from a memory map, the network, a disk), `decoding(n)` before they go through the codecs
+    (probe, trial decode, pHash, staged encodes: a private copy by then, never the map), `idle()` at
+    the end. `crashed(n)`: the exclusion reason of a member that crashed the process decoding it
+    (its codecs are not run again). This one tells no one (a scan in the caller's own process);
+    stages/scan_pool.py's marks the worker pool's slot, so a worker's death is blamed on the
+    right member and phase."""
+
+    def reading(self, n: int) -> None:
+        pass
+
+    def decoding(self, n: int) -> None:
+        pass
+
+    def idle(self) -> None:
+        pass
+
+    def crashed(self, n: int) -> str | None:
+        return None
+
+
+NO_WATCH = Watch()
+
+
 def scan_tar(url: str, mapped: bool = False, depth: int | None = None, size: int | None = None,
-             data: bytes | None = None, codecs: tuple[StagedCodec, ...] = ()) -> ScannedTar:
+             data: bytes | None = None, codecs: tuple[StagedCodec, ...] = (), watch: Watch = NO_WATCH) -> ScannedTar:
     """Index one raw tar: its wnid is the tar's stem; damage becomes excluded records.
     `mapped`: memory-map a local tar (pool workers only, see rawtar.iter_tar); `depth`: ranged
     requests kept in flight for a remote one (see prefetch); `size`: its listed size; `data`: its
     bytes, already read; `codecs`: encode each kept image for these as it is read, and commit them
-    (stages/staged_encodes.py)."""
+    (stages/staged_encodes.py); `watch`: told which member is read or decoded (see Watch)."""
     if is_folder_source(url):  # a synset folder of the extracted layout (`<wnid>/`)
-        return scan_folder(url, depth=depth, size=size, codecs=codecs)
+        return scan_folder(url, depth=depth, size=size, codecs=codecs, watch=watch)
     tar = fs.basename(url)
     wnid = tar[: -len(".tar")] if tar.endswith(".tar") else tar
     counted = ByteCount()
     records = ScannedTar(counted=counted)
-    # members are hashed and probed in place, not copied
     with _stager(codecs, tar) as stager:
-        for item in iter_tar(url, views=True, mapped=mapped, depth=depth, size=size, data=data, counted=counted):
+        walk = iter_tar(url, views=True, mapped=mapped, depth=depth, size=size, data=data, counted=counted)
+        for n in itertools.count():
+            watch.reading(n)
+            item = next(walk, None)
+            if item is None:
+                break
             member = printable_name(item.name)
             if isinstance(item, Damage):
                 key = member_key(item.name)[0] if item.name else None
@@ -105,8 +131,14 @@ def scan_tar(url: str, mapped: bool = False, depth: int | None = None, size: int
                     )
                 )
                 continue
-            records.append(member_record(wnid, tar, item.name, item.offset, item.data))
-            _stage(stager, records[-1], item.data)
+            # One copy, read here: the decoders never touch the walk's memory map (a read error
+            # under it is the storage's fault, met while reading), and the pHash and staged
+            # encodes take it as it is (they would each copy a view).
+            member_bytes = bytes(item.data)
+            watch.decoding(n)
+            records.append(member_record(wnid, tar, item.name, item.offset, member_bytes, watch.crashed(n)))
+            _stage(stager, records[-1], member_bytes)
+        watch.idle()
     if stager is not None:
         records.staged = stager.rows
     return records
@@ -121,31 +153,43 @@ def _stage(stager: Stager | None, record: ImageRecord, data) -> None:
         stager.add(record.key, record.sha256, data)
 
 
-def member_record(wnid: str, tar: str, name: str, offset: int, data) -> ImageRecord:
+def member_record(wnid: str, tar: str, name: str, offset: int, data, crashed: str | None = None) -> ImageRecord:
     """The images row of one raw file's bytes: a tar's member (`offset`: of its data in the tar)
-    or a synset folder's file (storage/rawfolders.py; `offset`: its number in the folder)."""
+    or a synset folder's file (storage/rawfolders.py; `offset`: its number in the folder).
+    `crashed`: why it is excluded without being decoded again (it crashed the scan's decoding
+    process, its control passed: stages/scan_pool.py)."""
     member = printable_name(name)
     digest = hashlib.sha256(data).hexdigest()
     key, bad_name = member_key(name)
     if key is None:
         return ImageRecord(f"{wnid}__member_{offset}", wnid, tar, member, offset, len(data), digest,
                            None, None, None, None, "excluded", bad_name, False)
+    if crashed is not None:
+        return ImageRecord(key, wnid, tar, member, offset, len(data), digest, None, None, None, None,
+                           "excluded", crashed, False)
     try:
-        p = probe_image(data)
-        status, reason = p.status, p.reason
-        if p.needs_repair and p.kept:
-            # Settled here, not at encode time: an image the encoder would refuse (less than 5% of
-            # its rows decode, nothing decodes) leaves the plan, so shards balance exactly.
-            refused = trial_decode(data)
-            if refused is not None:
-                status, reason = "excluded", refused
-        phash = image_hash(data) if status == "kept" else None  # issue 17: eval matching
+        p, status, reason, phash = probe_and_hash(data)
     except MachineryFault as e:  # a known-good image fails too: the stage fails, nothing recorded
         raise MachineryFault(f"{e} (met on {tar} member {member})") from e
     return ImageRecord(
         key, wnid, tar, member, offset, len(data), digest, p.width, p.height,
         p.format, p.mode, status, reason, p.needs_repair and status == "kept", phash,
     )
+
+
+def probe_and_hash(data: bytes) -> tuple[Probe, str, str | None, int | None]:
+    """What the index's codecs say of one image: its probe, status and reason, and its pHash when
+    kept (the work a scan worker's `decoding` phase does, and its crash control: scan_pool.py)."""
+    p = probe_image(data)
+    status, reason = p.status, p.reason
+    if p.needs_repair and p.kept:
+        # Settled here, not at encode time: an image the encoder would refuse (less than 5% of
+        # its rows decode, nothing decodes) leaves the plan, so shards balance exactly.
+        refused = trial_decode(data)
+        if refused is not None:
+            status, reason = "excluded", refused
+    phash = image_hash(data) if status == "kept" else None  # issue 17: eval matching
+    return p, status, reason, phash
 
 
 def read_listed(url: str, size: int) -> bytes:
@@ -160,7 +204,8 @@ def read_listed(url: str, size: int) -> bytes:
     return data
 
 
-def scan_folder(url: str, depth: int | None = None, size: int | None = None, codecs: tuple[StagedCodec, ...] = ()):
+def scan_folder(url: str, depth: int | None = None, size: int | None = None, codecs: tuple[StagedCodec, ...] = (),
+                watch: Watch = NO_WATCH):
     """Index one synset folder: ImageRecords (index.member_record, as for a tar's members) in
     listing order. `size`: the folder's size in the raw listing; when the files now add up to
     another size (or one is gone, or not its listed size, while read), the folder changed since it
@@ -176,7 +221,13 @@ def scan_folder(url: str, depth: int | None = None, size: int | None = None, cod
                             "changed while the index ran; run `imnet build` again")
     records = ScannedTar()
     with _stager(codecs, tar) as stager:
-        for number, (entry, data) in enumerate(read_files(url, entries, depth)):
+        files = read_files(url, entries, depth)
+        for number in itertools.count():
+            watch.reading(number)
+            got = next(files, None)
+            if got is None:
+                break
+            entry, data = got
             if entry.problem is not None:
                 key = member_key(entry.path)[0] or f"{wnid}__member_{number}"
                 records.append(ImageRecord(key, wnid, tar, printable_name(entry.path), number, 0, None, None, None,
@@ -187,87 +238,10 @@ def scan_folder(url: str, depth: int | None = None, size: int | None = None, cod
                 raise FolderChanged(f"raw folder {tar}: {printable_name(entry.path)} is {got}, listed with "
                                     f"{entry.size} bytes: it changed while the index read it; run `imnet build` again")
             records.counted.structure += len(data)
-            records.append(member_record(wnid, tar, entry.path, number, data))
+            watch.decoding(number)
+            records.append(member_record(wnid, tar, entry.path, number, data, watch.crashed(number)))
             _stage(stager, records[-1], data)
+        watch.idle()
     if stager is not None:
         records.staged = stager.rows
     return records
-
-
-def scan_small_tars(tars: list[tuple[str, int]], codecs: tuple[StagedCodec, ...] = ()) -> list[ScannedTar]:
-    """Index small remote tars ((url, size) each): all fetched at once (one exact ranged GET each,
-    in flight together), then walked in turn."""
-    with ThreadPoolExecutor(len(tars), thread_name_prefix="small-tars") as pool:
-        data = list(pool.map(lambda t: read_listed(*t), tars))
-    return [scan_tar(url, data=d, codecs=codecs) for (url, _size), d in zip(tars, data)]
-
-
-def _tasks(urls: list[str], sizes: dict[str, int], depth: int) -> list[tuple[str, list]]:
-    """The scan's units of work, in input order: ("small", up to `depth` consecutive small remote
-    tars, fetched together) or ("one", [one tar])."""
-    tasks: list[tuple[str, list]] = []
-    for url in urls:
-        size = sizes.get(url)
-        small = size is not None and size <= SMALL_TAR and fs.is_remote(url) and not is_folder_source(url)
-        if small and tasks and tasks[-1][0] == "small" and len(tasks[-1][1]) < depth:
-            tasks[-1][1].append((url, size))
-        else:
-            tasks.append(("small" if small else "one", [(url, size)]))
-    return tasks
-
-
-SMALL_TAR = CHUNK  # remote tars up to one prefetch chunk are fetched whole, many at once
-
-
-def _run_task(task: tuple[str, list], depth: int, worker_scan: Callable[[str], ScannedTar] | None,
-              mapped: bool, codecs: tuple[StagedCodec, ...] = ()) -> list[ScannedTar]:
-    kind, tars = task
-    if worker_scan is not None:
-        return [worker_scan(url) for url, _ in tars]
-    if kind == "small":
-        return scan_small_tars(tars, codecs)
-    url, size = tars[0]  # a "one" task
-    return [scan_tar(url, mapped=mapped, depth=depth, size=size, codecs=codecs)]
-
-
-def scan_tars(urls: Iterable[str], workers: int, log: Callable[[str], None] = lambda _m: None,
-              worker_scan: Callable[[str], ScannedTar] | None = None,
-              sizes: dict[str, int] | None = None,
-              codecs: tuple[StagedCodec, ...] = ()) -> Iterator[tuple[str, ScannedTar]]:
-    """Scan tars in parallel; yields (url, records) as each tar finishes, in input order.
-
-    With more than one worker, in processes whose forkserver preloads this module (see procpool),
-    each reading its tars through a memory map (a fifth faster than reading them into buffers,
-    measured by bench/scale.py). A read error under a map kills the worker (SIGBUS); the tars not
-    yet done are then scanned here, read into buffers, so a read that fails again raises an error
-    naming its tar (the stage fails and is run again: a failed read is never recorded as damage).
-    (`worker_scan` is what a worker runs per tar.)
-    Remote tars are read so that all workers together keep prefetch.INDEX_REQUESTS_IN_FLIGHT
-    requests going: a large one with ranged requests in flight ahead of its walk, small ones
-    (`sizes`, from the listing: at most SMALL_TAR) fetched whole, up to that many together
-    (`scan_small_tars`). A listed size also spares the request that would ask for it.
-    `codecs`: each kept image is encoded for these as it is read (stages/staged_encodes.py); not
-    in the tars scanned here after a worker died (an encoder crash would end this process): the
-    shard runs read and encode those images from their sources.
-    """
-    urls = list(urls)
-    sizes = sizes or {}
-    done = 0
-    depth = depth_for(min(workers, len(urls)) if workers > 1 else 1)
-    tasks = _tasks(urls, sizes, depth)
-    if workers > 1 and len(urls) > 1:
-        try:
-            n = min(workers, len(tasks))
-            with process_pool(n) as pool:
-                mapped = bounded_map(pool, _run_task, tasks, 2 * n, depth, worker_scan, True, codecs)
-                for task, results in zip(tasks, mapped):
-                    for (url, _size), records in zip(task[1], results):
-                        yield url, records
-                        done += 1
-        except BrokenProcessPool as e:
-            log(f"a scan worker died ({e}); scanning the remaining {len(urls) - done} tars in this "
-                f"process, without memory maps{' or staged encodes' if codecs else ''}")
-            codecs = ()
-    for task in _tasks(urls[done:], sizes, depth):
-        for (url, _size), records in zip(task[1], _run_task(task, depth, None, False, codecs)):
-            yield url, records

@@ -70,7 +70,7 @@ def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bo
     `depth`: for a remote tar, keep this many ranged requests in flight ahead of the walk
     (`prefetch.PrefetchedFile`) instead of reading it as one stream.
     `size`: the tar's size as a listing gave it (no request to ask for it); `data`: the whole tar,
-    already read (a small remote tar fetched with others at once, see index.scan_tars).
+    already read (a small remote tar fetched with others at once, see scan_pool.scan_tars).
     `counted`: adds up the bytes the walk read, as structure or as damage (see ByteCount).
     """
     if data is not None:
@@ -294,8 +294,8 @@ class _MappedWindow:
     walk by itself. A view keeps the mapping alive for as long as it is held.
 
     The price: a read error (a bad sector) or a tar cut short in place while it is scanned ends the
-    process with SIGBUS. So only pool workers map tars; `index.scan_tars` rescans a dead worker's
-    tars without a map (a tar cut short: damage with its reason; a failing read: an error)."""
+    process with SIGBUS. So only pool workers map tars; `scan_pool.scan_tars` scans the tar again
+    without a map in a fresh worker (cut short: short of its listing; a failing read: an error)."""
 
     def __init__(self, fd: int, total: int):
         self._map = mmap.mmap(fd, total, access=mmap.ACCESS_READ)

@@ -29,6 +29,7 @@ from tests.conftest import local_settings
 from tests.core.test_guard import array_interface_broken, broken_header, raise_attribute_error
 from tests.core.test_shard import jpeg, planned, write_raw_tar
 from tests.core.test_shard_workers import KEY, NAME, build, release
+from tests.core.worker_patch import patched_worker
 
 
 def memoryview_codec(data, settings):
@@ -105,11 +106,11 @@ def test_a_bug_in_the_probe_fails_the_index_stage_and_records_no_image(tmp_path,
     quiet = lambda _m: None  # noqa: E731
     build_raw_tars(settings, "run", quiet)
     build_synset_manifest(settings, "run", quiet)
-    monkeypatch.setattr(probe_mod, "plan_decode", raise_attribute_error)
-    with pytest.raises(MachineryFault, match=r"probing the header failed with AttributeError.*met on n00000001\.tar"):
+    # the scan probes in a worker process (stages/scan_pool.py), where the bug is put
+    with patched_worker(probe_mod.__name__, "plan_decode", raise_attribute_error), \
+            pytest.raises(MachineryFault, match=r"probing the header failed with AttributeError.*met on n00000001\.tar"):
         build_filtered_index(settings, "run", quiet)
     assert index_rows(settings) == []  # nothing recorded, not one exclusion
-    monkeypatch.undo()
     build_filtered_index(settings, "run", quiet)
     rows = index_rows(settings)
     assert [(m, s) for m, s, _ in rows] == [("n01_1.JPEG", "kept"), ("n01_2.JPEG", "kept"), ("n01_3.JPEG", "kept"),
@@ -139,9 +140,11 @@ def test_a_broken_perceptual_hash_fails_the_index_and_decontamination_and_record
     build_raw_tars(settings, "run", quiet)
     build_synset_manifest(settings, "run", quiet)
     broken = property(array_interface_broken)
-    monkeypatch.setattr(Image.Image, "__array_interface__", broken)
-    with pytest.raises(MachineryFault, match=r"perceptual hashing \(32x32 grey thumbnail\) failed with TypeError.*"
-                                             r"known-good JPEG RGB 341x256 control.*met on n00000001\.tar member n01_1"):
+    monkeypatch.setattr(Image.Image, "__array_interface__", broken)  # the eval set is hashed here
+    # and the raw images in a worker process (stages/scan_pool.py)
+    with patched_worker("PIL.Image", "Image.__array_interface__", array_interface_broken, as_property=True), \
+            pytest.raises(MachineryFault, match=r"perceptual hashing \(32x32 grey thumbnail\) failed with TypeError.*"
+                                                r"known-good JPEG RGB 341x256 control.*met on n00000001\.tar member n01_1"):
         build_filtered_index(settings, "run", quiet)
     assert index_rows(settings) == []  # nothing recorded, not one image without its pHash
     monkeypatch.undo()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import signal
 import tarfile
 
 import duckdb
@@ -15,8 +14,9 @@ import pytest
 
 from imnet_assets.settings import Settings
 from imnet_assets.stages.filtered_index import build_filtered_index
-from imnet_assets.stages.index import scan_tar, scan_tars
+from imnet_assets.stages.index import scan_tar
 from imnet_assets.stages.raw_tars import build_raw_tars
+from imnet_assets.stages.scan_pool import scan_tars
 from imnet_assets.stages.synset_manifest import build_synset_manifest
 from tests.core.test_rawtar import jpeg, layout, make_tar
 
@@ -108,28 +108,6 @@ def test_parallel_scan_gives_the_same_records_as_a_serial_one(tmp_path):
     parallel = list(scan_tars(urls, workers=2))
     assert parallel == serial
     assert [u for u, _ in parallel] == urls
-
-
-def scan_or_die(url: str):
-    """A pool worker's scan that dies like a worker hit by SIGBUS, on the second tar."""
-    if url.endswith("n00000011.tar"):
-        os.kill(os.getpid(), signal.SIGBUS)
-    return scan_tar(url, mapped=True)
-
-
-def test_a_dead_scan_worker_hands_the_remaining_tars_to_the_parent(tmp_path):
-    """A read error under a memory map kills the worker (SIGBUS): the stage goes on, scanning
-    the tars not yet done in its own process without maps, and the records are the same."""
-    urls = []
-    for t in range(4):
-        wnid = f"n0000001{t}"
-        write(tmp_path / f"{wnid}.tar", [(f"{wnid}_{i}.JPEG", jpeg(i + t)) for i in range(4)])
-        urls.append(str(tmp_path / f"{wnid}.tar"))
-    logged: list[str] = []
-    survived = list(scan_tars(urls, workers=2, log=logged.append, worker_scan=scan_or_die))
-    assert survived == list(scan_tars(urls, workers=1))
-    assert [u for u, _ in survived] == urls
-    assert len(logged) == 1 and "a scan worker died" in logged[0] and "without memory maps" in logged[0]
 
 
 def index_release(raw, tmp_path) -> list[tuple]:

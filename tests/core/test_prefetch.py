@@ -7,7 +7,8 @@ import os
 import random
 
 from imnet_assets.sample.sample_raw import write_sample_raw
-from imnet_assets.stages.index import scan_tar, scan_tars
+from imnet_assets.stages.index import scan_tar
+from imnet_assets.stages.scan_pool import scan_tars
 from imnet_assets.storage.prefetch import PrefetchedFile, depth_for
 from tests.integration.test_s3 import s3  # noqa: F401 - moto on 127.0.0.1, a bucket per test
 

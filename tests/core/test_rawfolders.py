@@ -266,6 +266,7 @@ def test_an_s3_prefix_of_folders_reads_each_file_once_whole(tmp_path, monkeypatc
     """The same folders under an s3:// prefix: listed one prefix per synset, each file read with
     one GET by the index and one by the shard runs; the shards equal the local build's."""
     from imnet_assets.storage import rawfolders
+    from tests.core.worker_patch import patched_worker
     from tests.s3server import MotoS3
 
     monkeypatch.setattr(rawfolders, "REMOTE_BATCH", 4)  # several batches per folder, one fetched ahead
@@ -280,7 +281,8 @@ def test_an_s3_prefix_of_folders_reads_each_file_once_whole(tmp_path, monkeypatc
         files = [k for k in keys if k.count("/") == 2]
         mark = s3.mark()
         settings = local_settings("s3://raw/w21", tmp_path / "built-s3", IMNET_NUM_SHARDS=NUM_SHARDS)
-        build_catalog_stages(settings)
+        with patched_worker(rawfolders.__name__, "REMOTE_BATCH", 4):  # the index reads in its worker
+            build_catalog_stages(settings)
         indexing = s3.since(mark)
         mark = s3.mark()
         for key in settings.partition_keys:

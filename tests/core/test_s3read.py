@@ -139,7 +139,7 @@ def test_a_silent_endpoint_fails_within_a_minute_naming_it(s3):  # noqa: F811
 def test_a_tar_shorter_than_listed_fails_the_index_naming_it_never_recorded_as_damage(proxied, sample_release):
     """A tar that ends before the size its listing gave (changed since, or cut short in a way no
     retry mends) makes the scan raise StorageError naming it: the stage fails, no damage row."""
-    from imnet_assets.stages.index import scan_tars
+    from imnet_assets.stages.scan_pool import scan_tars
     from imnet_assets.storage.prefetch import PrefetchedFile
 
     server, _proxy = proxied
