@@ -21,8 +21,9 @@ measured in the same run, alternating so that a busy machine hurts both sides al
    - the shard check's read-back of the committed tar (`verify.CheckChunkJob`, in the workers);
    - the coordinator's write of the sample bytes (hashing them as they pass).
 2. Real shard runs (`shard.build_shard`) over the same images, alternating with the bare chain:
-   with 1 worker (in this process: the process's CPU) and with --workers pool workers (their CPU
-   from /proc, and the coordinator's). "anything else" is what the real run spent beyond the sum
+   with 1 worker and with --workers pool workers (their CPU from /proc, and the coordinator's:
+   IMNET_WORKERS=1 is a pool of one worker too, so "1 worker" is that worker's CPU plus the
+   coordinator's, the whole shard run). "anything else" is what the real run spent beyond the sum
    of the parts (threads, queues, the dispatcher, the interpreter's own overhead).
 
 Printed: ms of CPU per image and the ratio to the bare chain of the same round (medians over
@@ -148,13 +149,12 @@ def parts_round(settings, enc: EncodeSettings, decode_every: int) -> dict[str, f
 
 def real_run(settings, enc: EncodeSettings, workers: int, decode_every: int) -> dict[str, float]:
     """One build_shard: CPU seconds of the encode workers and of the coordinator."""
-    if workers > 1:
-        pool = workerpool.shared_pool(workers)
-        deadline = time.monotonic() + 60
-        while len(pool.pids()) != workers and time.monotonic() < deadline:
-            time.sleep(0.05)
-        pids = pool.pids()
-        w0 = {p: proc_cpu(p) for p in pids}
+    pool = workerpool.shared_pool(workers)
+    deadline = time.monotonic() + 60
+    while len(pool.pids()) != workers and time.monotonic() < deadline:  # started, or resized to `workers`
+        time.sleep(0.05)
+    pids = pool.pids()
+    w0 = {p: proc_cpu(p) for p in pids}
     c0 = time.process_time()
     res = build_shard(out_root=settings.out_root, raw_root=settings.raw_root, shard_key=SHARD,
                       shard_name=settings.shard_name(SHARD), settings=enc, workers=workers, run_id="profile",
@@ -162,8 +162,6 @@ def real_run(settings, enc: EncodeSettings, workers: int, decode_every: int) -> 
     coord = time.process_time() - c0
     if res.problems:
         raise SystemExit(f"the shard check failed: {res.problems[:3]}")
-    if workers <= 1:
-        return {"process": coord}
     if pool.pids() != pids:
         raise SystemExit("a worker was replaced during the run: its CPU is not accounted")
     return {"workers": sum(proc_cpu(p) - w0[p] for p in pids), "coordinator": coord}
@@ -209,7 +207,9 @@ def main() -> None:
             elif step == "bare":
                 bare.append(bare_round(sources, enc))
             elif step == "w1":
-                got["1 worker: the process"] = real_run(settings, enc, 1, args.decode_every)["process"]
+                w1 = real_run(settings, enc, 1, args.decode_every)
+                got["1 worker: the worker + the coordinator"] = w1["workers"] + w1["coordinator"]
+                got["1 worker: the coordinator"] = w1["coordinator"]
             elif args.workers > 1:
                 wn = real_run(settings, enc, args.workers, args.decode_every)
                 got[f"{args.workers} workers: the workers"] = wn["workers"]

@@ -281,32 +281,6 @@ class _Progress:
                   f"{self.bytes / 1e6 / elapsed:.0f} MB/s, eta {eta:.0f}s", flush=True)
 
 
-def _checked(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], decode: bool, ext: str = "webp"):
-    """(shard record, problems) per task, checked in `jobs` processes (here when 1), as they
-    finish; at most jobs + 2 shards' rows are in memory. `ext`: the samples' image member."""
-    from imnet_assets.release.verify import verify_catalog_shard
-
-    if jobs <= 1:
-        for sh, url, rows in tasks:
-            yield sh, verify_catalog_shard(url, sh, rows, decode, ext)
-        return
-    from imnet_assets.runtime.procpool import process_pool
-
-    with process_pool(jobs) as pool:
-        pending: dict = {}
-        for sh, url, rows in tasks:
-            pending[pool.submit(verify_catalog_shard, url, sh, rows, decode, ext)] = sh
-            del rows
-            while len(pending) >= jobs + 2:
-                finished = first_done(pending)
-                for fut in finished:
-                    yield pending.pop(fut), fut.result()
-        while pending:
-            finished = first_done(pending)
-            for fut in finished:
-                yield pending.pop(fut), fut.result()
-
-
 def _verify_info(s: Settings, shards: list[dict]) -> list[str]:
     """`_info.json` is exactly the document the catalog's shards give: the same shards, in order,
     in the same splits, with their sample counts and totals."""
@@ -359,6 +333,7 @@ def cmd_verify(args) -> int:
 
 def _verify_release(s: Settings, args) -> int:
     from imnet_assets.image.encode import CODEC_EXTENSIONS
+    from imnet_assets.release.verify_runs import checked_shards
     from imnet_assets.stages.audit import conservation_problems, stray_problem, stray_shards
     from imnet_assets.storage import fs
     from imnet_assets.storage.catalog import open_reader
@@ -381,18 +356,22 @@ def _verify_release(s: Settings, args) -> int:
         print(f"FAIL shard {k}: not recorded in the catalog (not built, or not audited yet: run `imnet build`)")
     progress = _Progress(len(shards), sum(sh["bytes"] or 0 for sh in shards))
     tasks = ((sh, fs.join(s.out_root, sh["path"]), rows) for sh, rows in _catalog_rows(s.catalog, shards, s.release))
-    bad = []
-    for sh, problems in _checked(jobs, tasks, args.decode, CODEC_EXTENSIONS[s.codec]):
+    bad, lost = [], []
+    for done in checked_shards(jobs, tasks, args.decode, CODEC_EXTENSIONS[s.codec], first_done):
+        sh, problems = done.shard, done.problems
         label = f"shard {sh['shard']} ({sh['path']})"
+        if done.lost:  # its workers kept dying: no verdict, but not ok either
+            print(f"NOT CHECKED {label}: {done.lost}")
+            lost.append(sh["shard"])
         for p in problems[:VERIFY_SHOWN]:
             print(f"FAIL {label}: {p}")
         if len(problems) > VERIFY_SHOWN:
             print(f"FAIL {label}: ... and {len(problems) - VERIFY_SHOWN} more problems")
         if problems:
             bad.append(sh["shard"])
-        elif args.verbose:
+        elif args.verbose and not done.lost:
             print(f"ok   {label}: {sh['num_samples']} samples")
-        progress.add(sh["bytes"] or 0, not problems)
+        progress.add(sh["bytes"] or 0, not problems and not done.lost)
     info_problems, stray = [], []
     if every:
         info_problems = _verify_info(s, list(recorded.values()))
@@ -404,13 +383,15 @@ def _verify_release(s: Settings, args) -> int:
     failed = len(bad) + len(unrecorded)
     for p in conservation:
         print(f"FAIL conservation: {p}")
-    print(f"verify: {len(shards) - len(bad)} of {len(wanted)} shards ok" + (f", {failed} FAILED" if failed else "")
+    print(f"verify: {len(shards) - len(bad) - len(lost)} of {len(wanted)} shards ok"
+          + (f", {failed} FAILED" if failed else "")
           + (f" ({', '.join(sorted(bad + unrecorded)[:16])}{' ...' if failed > 16 else ''})" if failed else "")
+          + (f", {len(lost)} NOT CHECKED ({', '.join(sorted(lost)[:16])})" if lost else "")
           + (", _info.json FAILED" if info_problems else "")
           + (f", {len(stray)} stray shard files" if stray else "")
           + (f", {len(conservation)} conservation differences" if conservation else "")
           + ("" if every else "; _info.json and stray files not checked (only some shards selected)"))
-    return 1 if failed or info_problems or stray or conservation else 0
+    return 1 if failed or lost or info_problems or stray or conservation else 0
 
 
 def _positive(text: str) -> int:

@@ -156,6 +156,44 @@ def test_fresh_build_needs_nothing(site):
     assert data.run_requests == [] and "fresh" in data.skip_message
 
 
+class LeaseHolder:
+    """A real process holding the lease of shard `key`'s run under `out` (release.lease, as the
+    wds_shards asset takes it), as a run of another instance building that shard now."""
+
+    def __init__(self, out: Path, key: str):
+        import sys
+
+        code = ("import sys, time; from imnet_assets.release import lease; "
+                "held = lease.acquire(sys.argv[1], lease.shard_lease_name(sys.argv[2]), 'run elsewhere'); "
+                "print('held', flush=True); time.sleep(120)")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(out), key], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "held"
+
+    def kill(self) -> None:
+        self.proc.kill()  # SIGKILL: its lease object stays behind, its holder gone
+        self.proc.wait()
+
+
+def test_topup_skips_a_shard_whose_lease_a_run_holds(site):
+    """A shard being built by a run the instance does not know (another instance, `imnet build`
+    with another DAGSTER_HOME) holds its lease: the tick does not request it (that run would fail
+    at once with ShardBusy). Once the holder is gone (killed: its lease left behind), it is."""
+    from imnet_assets.release import lease
+
+    for key in ("0002", "0005"):
+        site.tar(key).unlink()
+    holder = LeaseHolder(site.out, "0002")
+    try:
+        assert schedules.shard_partition_status(site.settings, site.instance)["0002"] == "missing"
+        assert set(lease.held_shard_leases(str(site.out))) == {"0002"}
+        assert requested(tick(site.settings, site.instance)) == ["0005"]
+    finally:
+        holder.kill()
+    assert (site.out / "_locks" / "shard-0002").exists()  # left behind by the killed holder
+    assert lease.held_shard_leases(str(site.out)) == {}
+    assert requested(tick(site.settings, site.instance)) == ["0002", "0005"]
+
+
 def test_topup_requests_missing_failed_and_stale_partitions_only(site, monkeypatch):
     s = site
     # 0000: fresh, though an older run of it failed

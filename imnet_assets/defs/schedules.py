@@ -3,7 +3,8 @@
 The schedule asks for runs only for shard partitions that are missing, failed or stale (judged
 from what sits in the out root against the current plan and settings), at most
 IMNET_SCHEDULE_MAX_RUNS per tick, skipping partitions that already have a run queued or running,
-or a failed run that Dagster's run retries are about to launch again.
+a failed run that Dagster's run retries are about to launch again, or a run building them now
+whatever launched it (its lease under `<out root>/_locks/` is held: one listing of that folder).
 The sensor requests `shard_audit` once every shard is in and fresh, once per change of the shards
 (or of stray shard files beside them).
 """
@@ -36,6 +37,7 @@ from dagster import (
 
 from imnet_assets.defs.release_keys import RELEASE_TAG, asset_key, name
 from imnet_assets.release.freshness import shard_states
+from imnet_assets.release.lease import describe, held_shard_leases
 from imnet_assets.release.plan import read_index
 from imnet_assets.runtime.host import pid_alive, pid_namespace
 from imnet_assets.settings import Settings
@@ -248,9 +250,22 @@ def backoff_note(settings: Settings, instance: DagsterInstance | None, status: d
 
 
 def shards_to_request(settings: Settings, instance: DagsterInstance | None, limit: int,
-                      status: dict[str, str] | None = None) -> list[str]:
+                      status: dict[str, str] | None = None, busy: set[str] | frozenset = frozenset()) -> list[str]:
+    """Up to `limit` partitions that are missing, stale or failed, but not `busy` (their lease is
+    held: a run is building them now, whatever instance launched it)."""
     status = shard_partition_status(settings, instance) if status is None else status
-    return [k for k, s in status.items() if s in ("missing", "stale", "failed")][:limit]
+    return [k for k, s in status.items() if s in ("missing", "stale", "failed") and k not in busy][:limit]
+
+
+def leased_shards(settings: Settings, status: dict[str, str]) -> dict[str, dict]:
+    """Partition key -> holder of each partition to request (missing, stale, failed) whose run lease is held
+    (release.lease: one listing of the out root's `_locks/`, a read only per lease present): a
+    run of another instance, or of `imnet build` with another DAGSTER_HOME, is building it now;
+    a run requested for it would fail at once with ShardBusy."""
+    wanted = ("missing", "stale", "failed")
+    if not any(v in wanted for v in status.values()):
+        return {}  # nothing to request: no listing
+    return {k: h for k, h in held_shard_leases(settings.out_root).items() if status.get(k) in wanted}
 
 
 def make(settings: Settings):
@@ -267,7 +282,8 @@ def make(settings: Settings):
         default_status=DefaultScheduleStatus.STOPPED,
         description=(
             "Requests runs for shard partitions that are missing, failed or stale, at most "
-            f"{settings.schedule_max_runs} per tick; partitions with a run queued or running are skipped."
+            f"{settings.schedule_max_runs} per tick; partitions with a run queued or running, or whose "
+            "lease a run holds, are skipped."
         ),
     )
     def wds_shards_topup(context: ScheduleEvaluationContext):
@@ -278,13 +294,18 @@ def make(settings: Settings):
             return SkipReason(why)  # shards cut from it would be rebuilt again once it is redone
         fail_dead_runs(context.instance, log=context.log.warning)
         status = shard_partition_status(settings, context.instance)
-        keys = shards_to_request(settings, context.instance, settings.schedule_max_runs, status)
+        busy = leased_shards(settings, status)
+        if busy:
+            context.log.info(f"{len(busy)} shard partitions are being built by runs holding their lease, not "
+                             f"requested: " + ", ".join(f"{k} ({describe(h)})" for k, h in sorted(busy.items())[:8])
+                             + (" ..." if len(busy) > 8 else ""))
+        keys = shards_to_request(settings, context.instance, settings.schedule_max_runs, status, set(busy))
         held = backoff_note(settings, context.instance, status)
         if held:
             context.log.warning(held)
         if not keys:
             return SkipReason(f"nothing to request: {held}" if held else
-                              "every shard partition is fresh, queued or running")
+                              "every shard partition is fresh, queued or running, or held by a run building it")
         # Several requests per tick need run keys; the scheduler scopes them to the tick's
         # scheduled time, so the same partition can be asked for again on a later tick.
         return [

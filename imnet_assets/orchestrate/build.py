@@ -321,12 +321,12 @@ class Build:
             runs = 1
         if runs > 1:
             self.say(f"  {label(r)}wds_shards: {runs} shard runs at once, {self.settings.workers} workers each")
-        if self.settings.workers > 1:
-            # The encode workers (and their forkserver's imports) start now, while the first runs
-            # are being set up in Dagster, instead of when the first run asks for them.
-            from imnet_assets.runtime.workerpool import shared_pool
+        # The encode workers (and their forkserver's imports) start now, while the first runs are
+        # being set up in Dagster, instead of when the first run asks for them (IMNET_WORKERS=1 too:
+        # one pool worker, shard_jobs.prepared_samples).
+        from imnet_assets.runtime.workerpool import shared_pool
 
-            shared_pool(self.settings.workers)
+        shared_pool(self.settings.workers)
         with console_kept_through_output_capture(self):
             return self._build_shards(todo, runs, r)
 

@@ -33,8 +33,8 @@ def process_age() -> float:
 class FirstLook(threading.Thread):
     """The catalog stages' staleness (`stale_stages` of the base settings, one listing), then, for
     a build of one `release`, the jobs of the first of its shards `wanted` that is not fresh
-    submitted ahead of its run, when every stage and its plan are fresh, the build has
-    IMNET_WORKERS > 1 worker processes and no other build holds its out root."""
+    submitted ahead of its run to the encode workers (one or more: IMNET_WORKERS=1 is a pool of
+    one), when every stage and its plan are fresh and no other build holds its out root."""
 
     def __init__(self, settings: Settings, lease_name: str, marker_roots: list[str] | None = None,
                  release: Settings | None = None, wanted: list[str] = ()):
@@ -70,7 +70,7 @@ class FirstLook(threading.Thread):
         from imnet_assets.stages.fingerprints import stale_stages
 
         s = self.release
-        if s is None or s.workers <= 1 or not self.wanted or holder_of(s.out_root, self.lease_name) is not None:
+        if s is None or not self.wanted or holder_of(s.out_root, self.lease_name) is not None:
             return
         if s != self.settings and "shuffled_plan" in stale_stages(s, log=lambda _m: None,
                                                                   marker_roots=self.marker_roots):

@@ -65,6 +65,14 @@ def lease_folder(out_root: str, name: str) -> str:
     return fs.join(out_root, LOCKS_DIR, name)
 
 
+SHARD_LEASE_PREFIX = "shard-"
+
+
+def shard_lease_name(key: str) -> str:
+    """The lease of shard partition `key`'s run: <out root>/_locks/shard-<key>/."""
+    return f"{SHARD_LEASE_PREFIX}{key}"
+
+
 def _utc(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
@@ -275,6 +283,27 @@ def holder_of(out_root: str, name: str) -> tuple[dict, str] | None:
     url = fs.join(folder, f"{gens[-1]:08d}.json")
     holder = fs.read_json(url)
     return (holder, url) if holder_alive(holder) else None
+
+
+def held_leases(out_root: str, prefix: str = "") -> dict[str, dict]:
+    """Lease name -> its holder, for each lease under `out_root` named `prefix...` whose holder
+    may still be alive. One listing of `_locks/` (fs.find_files: on S3 one request per 1,000
+    keys), then the current generations only, read at once (fs.read_json_many): as many reads as
+    leases are present (the runs in flight, and those a killed run left), never one per shard."""
+    top: dict[str, int] = {}
+    for f in fs.find_files(fs.join(out_root, LOCKS_DIR)):
+        name, _, leaf = f["path"].rpartition("/")
+        if (m := _GENERATION.match(leaf)) and name.startswith(prefix) and "/" not in name:
+            top[name] = max(top.get(name, 0), int(m.group(1)))
+    urls = {name: fs.join(lease_folder(out_root, name), f"{g:08d}.json") for name, g in top.items()}
+    docs = fs.read_json_many(list(urls.values())) if urls else {}
+    return {name: docs[url] for name, url in urls.items() if holder_alive(docs[url])}
+
+
+def held_shard_leases(out_root: str) -> dict[str, dict]:
+    """Shard partition key -> the holder of its run's lease, for the shards being built now."""
+    return {name[len(SHARD_LEASE_PREFIX):]: holder
+            for name, holder in held_leases(out_root, SHARD_LEASE_PREFIX).items()}
 
 
 def _renew_all() -> None:

@@ -218,8 +218,9 @@ def encode_jobs(rows: list[SliceRow], raw_root: str, settings: EncodeSettings, w
 
 
 def job_spans(rows: int, workers: int) -> Iterator[tuple[int, int]]:
-    """(start, end) of each job's rows, in order: jobs of _batch_size rows, then, with a worker
-    pool, the last TAIL_SINGLES_PER_WORKER * workers rows one a job."""
+    """(start, end) of each job's rows, in order: jobs of _batch_size rows, then, with more than
+    one worker, the last TAIL_SINGLES_PER_WORKER * workers rows one a job (one worker has no other
+    to end with)."""
     batch = _batch_size(rows, max(workers, 1))
     tail = rows - min(rows, TAIL_SINGLES_PER_WORKER * workers) if workers > 1 else rows
     for a in range(0, tail, batch):
@@ -239,38 +240,21 @@ def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettin
                      ahead: list | None = None, staged: tuple | None = None) -> Iterator[tuple[SliceRow, tuple]]:
     """(row, prepare_sample's result) per row, in plan order.
 
-    workers > 1: jobs of a few rows go to this process's shared worker pool (workerpool.shared_pool),
-    at most `workers * pool.depth` jobs ahead of the consumer, so memory stays bounded. A worker
-    that dies costs a retry of its jobs (see `_settle` for which deaths exclude an image, which
-    fail the run); an image that runs past IMNET_IMAGE_TIMEOUT gets its worker killed.
-    workers == 1: in this process (reads a few jobs ahead in threads; no time limit).
+    Jobs of a few rows go to this process's shared worker pool (workerpool.shared_pool), at most
+    `workers * pool.depth` jobs ahead of the consumer, so memory stays bounded. A worker that dies
+    costs a retry of its jobs (see `_settle` for which deaths exclude an image, which fail the
+    run); an image that runs past IMNET_IMAGE_TIMEOUT gets its worker killed. IMNET_WORKERS=1 is a
+    pool of one worker, never this process: an image that crashes or hangs the codec, or a kill
+    from outside, costs that worker, under the same rules, not the shard run's own process.
     `ahead`: (job, future) pairs already submitted to the pool for these rows (shard_ahead): a
     job equal to the next one to submit is taken over; at the first that differs, the rest are
     cancelled. `staged`: per row its staged_encodes.StagedRef or None (staged_encodes.read_lookup).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
+    workers = max(workers, 1)
     jobs = encode_jobs(rows, raw_root, settings, workers, decode_every, encode, staged)
-    if workers <= 1:
-        with ThreadPoolExecutor(16, thread_name_prefix="read") as readers:
-            window: collections.deque = collections.deque()
-            try:
-                for job in jobs:
-                    window.append((job, job.prefetch(readers)))
-                    if len(window) >= 4:
-                        job, reads = window.popleft()
-                        yield from zip(job.rows, _run_here(job, reads))
-                while window:
-                    job, reads = window.popleft()
-                    yield from zip(job.rows, _run_here(job, reads))
-            finally:
-                for _job, reads in window:
-                    for r in reads:
-                        r.cancel()
-        return
     pool = shared_pool(workers)
     passed: set = set()  # control kinds whose control passed in this run (crash_control.settle_crash)
-    window = collections.deque()
+    window: collections.deque = collections.deque()
     ahead = collections.deque(ahead or ())
     try:
         for job in jobs:
@@ -287,15 +271,6 @@ def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettin
     finally:
         for _job, fut in [*window, *ahead]:  # the consumer stopped (an error): drop what is not started
             fut.cancel()
-
-
-def _run_here(job: EncodeJob, reads) -> list[tuple]:
-    try:
-        return job.run(reads, lambda _i: None)
-    except MemoryError:
-        raise EncoderOutOfMemory("out of memory while encoding (IMNET_WORKERS=1: not retried); nothing "
-                                 "was committed. Size limits are decided at index time; give the run more "
-                                 "memory") from None
 
 
 def _settle(pool: WorkerPool, job: EncodeJob, future, log: Callable[[str], None],

@@ -2,7 +2,7 @@
 records nothing: no shard tar or manifest at its final path, no catalog rows for the tars; once
 the fault is gone, the same run builds every image. The shard runs' faults travel from real pool
 workers (IMNET_WORKERS=2: the historical bug, a memoryview handed to the chain, in a codec the
-workers import by name) and from this process (1 worker: the real chain monkeypatched). An image
+workers import by name; IMNET_WORKERS=1, its one worker: a bug patched into the real chain). An image
 that fails alone, with a type a bug raises too, is still its exclusion in a pooled run."""
 
 from __future__ import annotations
@@ -39,6 +39,17 @@ def memoryview_codec(data, settings):
     return encode_image(memoryview(data), settings)
 
 
+def chain_with_a_bug(data, settings):
+    """The real chain with a bug inside it (filter_exif raising, patched only while this call runs,
+    in the pool worker that runs it: the pool's workers outlive the test)."""
+    real = encode_mod.filter_exif
+    encode_mod.filter_exif = raise_attribute_error
+    try:
+        return encode_image(data, settings)
+    finally:
+        encode_mod.filter_exif = real
+
+
 def type_error_on(victim_sha256: str, data, settings):
     if hashlib.sha256(data).hexdigest() == victim_sha256:
         raise TypeError("'NoneType' object is not subscriptable")
@@ -68,12 +79,11 @@ def test_a_machinery_fault_in_the_pool_fails_the_shard_run_and_the_next_run_buil
     assert result.excluded == [] and result.num_samples == len(photos.rows) and result.problems == []
 
 
-def test_a_bug_in_the_chain_fails_a_one_worker_shard_run(photos, tmp_path, monkeypatch):
-    monkeypatch.setattr(encode_mod, "filter_exif", raise_attribute_error)
-    message = fails_then_builds(tmp_path / "out", photos, 1)
+def test_a_bug_in_the_chain_fails_a_one_worker_shard_run(photos, tmp_path):
+    """IMNET_WORKERS=1: the fault travels from the run's one pool worker as from any."""
+    message = fails_then_builds(tmp_path / "out", photos, 1, encode=chain_with_a_bug)
     assert "failed with AttributeError: 'memoryview' object has no attribute 'startswith' (raised at " in message
     assert "known-good JPEG RGB 2069x1552 control image" in message
-    monkeypatch.undo()
     result = build(tmp_path / "out", photos, workers=1)
     assert result.excluded == [] and result.num_samples == len(photos.rows)
 

@@ -262,6 +262,25 @@ def test_a_root_with_both_layouts_is_refused(tmp_path):
         list_raw(str(tmp_path / "raw"), log=QUIET)
 
 
+def build_shards_in_a_fresh_process(settings) -> None:
+    """Every shard run of `settings`, in a process started with this one's environment (the S3
+    variables set just now). The encode workers (a pool of one with IMNET_WORKERS=1) are forked
+    by their process's forkserver, which took its environment when it started, as in every `imnet`
+    or Dagster process; this test process's started long before the variables were set."""
+    import pickle
+    import subprocess
+    import sys
+
+    runs = [(settings.out_root, settings.raw_root, k, settings.shard_name(k), encode_settings(settings))
+            for k in settings.partition_keys]
+    code = ("import pickle, sys\nfrom imnet_assets.stages.shard import build_shard\n"
+            "for out, raw, key, name, enc in pickle.loads(sys.stdin.buffer.read()):\n"
+            "    r = build_shard(out_root=out, raw_root=raw, shard_key=key, shard_name=name, settings=enc, "
+            "workers=1, run_id=f'run-{key}')\n"
+            "    assert not r.problems, r.problems\n")
+    subprocess.run([sys.executable, "-c", code], input=pickle.dumps(runs), check=True, timeout=600)
+
+
 def test_an_s3_prefix_of_folders_reads_each_file_once_whole(tmp_path, monkeypatch):
     """The same folders under an s3:// prefix: listed one prefix per synset, each file read with
     one GET by the index and one by the shard runs; the shards equal the local build's."""
@@ -285,10 +304,7 @@ def test_an_s3_prefix_of_folders_reads_each_file_once_whole(tmp_path, monkeypatc
             build_catalog_stages(settings)
         indexing = s3.since(mark)
         mark = s3.mark()
-        for key in settings.partition_keys:
-            build_shard(out_root=settings.out_root, raw_root=settings.raw_root, shard_key=key,
-                        shard_name=settings.shard_name(key), settings=encode_settings(settings), workers=1,
-                        run_id=f"run-{key}")
+        build_shards_in_a_fresh_process(settings)
         shard_runs = s3.since(mark)
         assert stale_stages(settings, log=QUIET) == []
         client.put_object(Bucket="raw", Key=files[0], Body=b"changed")

@@ -13,7 +13,7 @@ from imnet_assets.defs.assets.common import human_bytes, logger, reason_counts
 from imnet_assets.defs.checks import SHARD_COMPLETE, result, wds_shards_checks
 from imnet_assets.defs.release_keys import RELEASE_TAG, asset_key, group, key_prefix
 from imnet_assets.defs.schedules import HOST_TAG, worker_place
-from imnet_assets.release.lease import LeaseHeld
+from imnet_assets.release.lease import LeaseHeld, shard_lease_name
 from imnet_assets.release.lease import acquire as take_lease
 from imnet_assets.settings import Settings
 from imnet_assets.stages import shard_ahead
@@ -26,10 +26,6 @@ NO_RETRY_TAG = "dagster/retry_on_asset_or_op_failure"  # "false": run_retries (d
 
 class ShardBusy(RuntimeError):
     """Another run holds this shard partition's lease: it is building the shard now."""
-
-
-def shard_lease_name(key: str) -> str:
-    return f"shard-{key}"  # <out root>/_locks/shard-<key>/ (release.lease)
 
 
 def make(settings: Settings):

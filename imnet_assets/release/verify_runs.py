@@ -1,0 +1,111 @@
+"""`imnet verify`'s shards, checked in worker processes that may die without a false verdict.
+
+Each shard is one ShardCheckJob (verify.verify_catalog_shard in a worker of a WorkerPool of this
+process). A worker that dies while checking a shard (killed from outside: the OOM killer, a cgroup
+limit, preemption; a crash; out of memory) is no fact about the shard's bytes: the pool replaces
+it and the shard is checked again from the start in a fresh worker, up to CHECK_DEATHS deaths
+(HELD_DEATHS for deaths while the shard only waited in the worker's queue). Then the shard is
+reported not checked, naming it and the deaths, never as bad: a verdict comes only from its bytes
+(SPEC "Failure behaviour"). The command still fails (verify is non-zero when a shard could not be
+checked).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from imnet_assets.release.verify import verify_catalog_shard
+from imnet_assets.runtime.procpool import preload
+from imnet_assets.runtime.workerpool import WorkerDied, WorkerPool
+
+preload(__name__)  # the forkserver imports this module once for all workers
+
+CHECK_DEATHS = 4  # deaths of the worker checking one shard before it is reported not checked
+HELD_DEATHS = 8  # deaths of a worker that held the shard queued, not yet checking it
+
+
+@dataclass
+class ShardCheckJob:
+    """One shard of `imnet verify`, for a pool worker: the file at `url` against its catalog record
+    and rows (verify.verify_catalog_shard; it never raises, an unreadable file is a problem)."""
+
+    url: str
+    shard: dict
+    rows: list[tuple]
+    decode: bool
+    ext: str = "webp"
+
+    def prefetch(self, readers) -> None:
+        return None
+
+    def run(self, _state, mark) -> list[str]:
+        mark(0)  # a death from here on was this shard's check
+        return verify_catalog_shard(self.url, self.shard, self.rows, self.decode, self.ext)
+
+
+@dataclass
+class Checked:
+    """A shard's outcome: `problems` (empty: it is correct), or `lost`, why it could not be checked
+    (its workers kept dying): no verdict on its bytes."""
+
+    shard: dict
+    problems: list[str]
+    lost: str | None = None
+
+
+_pool: WorkerPool | None = None
+_pool_lock = threading.Lock()
+
+
+def verify_pool(jobs: int) -> WorkerPool:
+    """This process's pool of `jobs` verify workers: each holds one shard at a time (depth 1: a
+    death costs one shard's check, and at most jobs + 2 shards' rows are in memory)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = WorkerPool(jobs, threads=1, depth=1)
+        elif _pool.size != jobs:
+            _pool.resize(jobs)
+        return _pool
+
+
+def checked_shards(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], decode: bool, ext: str,
+                   first_done: Callable) -> Iterator[Checked]:
+    """A Checked per task (shard record, url, catalog rows), as they finish, checked in `jobs`
+    worker processes. `first_done(futures)`: the done ones, waiting until one is (the CLI's, which
+    stays responsive to Ctrl-C)."""
+    pool = verify_pool(max(jobs, 1))
+    pending: dict = {}  # future -> (job, deaths while checking it, deaths while it was held)
+
+    def settle(fut) -> Checked | None:
+        job, deaths, held = pending.pop(fut)
+        try:
+            return Checked(job.shard, fut.result())
+        except WorkerDied as died:
+            if died.culprit is None:
+                held.append(died.named)
+            else:
+                deaths.append(died.named)
+            if len(deaths) >= CHECK_DEATHS or len(held) >= HELD_DEATHS:
+                return Checked(job.shard, [], (
+                    f"not checked: the process checking it died {len(deaths) + len(held)} times "
+                    f"({', '.join(deaths + held)}), each time in a fresh process; no verdict on its bytes: "
+                    "give verify more memory or fewer --jobs, and run it again"))
+            pending[pool.submit(job)] = (job, deaths, held)  # from the start, in a fresh worker
+            return None
+
+    def drain(limit: int) -> Iterator[Checked]:
+        while len(pending) > limit:
+            for fut in first_done(list(pending)):
+                done = settle(fut)
+                if done is not None:
+                    yield done
+
+    for sh, url, rows in tasks:
+        job = ShardCheckJob(url, sh, rows, decode, ext)
+        del rows
+        pending[pool.submit(job)] = (job, [], [])
+        yield from drain(jobs + 1)
+    yield from drain(0)

@@ -1,0 +1,116 @@
+"""`imnet verify`'s workers (release/verify_runs.py) killed for real (SIGKILL, as the OOM killer
+sends) while they check real shards (build_shard's, of real photos, one with a flipped byte): the
+shard is checked again in a fresh worker and the outcome is the undisturbed one, the bad shard's
+verdict included; a shard whose checker is killed every time is reported not checked, naming the
+deaths, never as bad, and the other shard's verdict stands."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+import time
+import types
+
+import pytest
+
+from imnet_assets.image.encode import EncodeSettings
+from imnet_assets.orchestrate.interrupts import first_done
+from imnet_assets.release import verify_runs
+from imnet_assets.release.outroot import read_manifest
+from imnet_assets.release.plan import write_slice
+from imnet_assets.runtime import host
+from imnet_assets.stages.shard import build_shard
+from tests.core.test_shard import jpeg, planned, write_raw_tar
+from tests.core.test_shard_workers import corrupt_an_image_byte
+
+ENC = EncodeSettings(quality=80, method=2)
+WNID = "n01440764"
+PER_SHARD = 16
+SHARDS = ["0000", "0001"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Two committed shards of 1024x768 photos (each check decodes them: long enough to be caught
+    at it), and per shard its catalog record and rows (verify.CATALOG_COLUMNS), as `imnet verify`
+    reads them from the catalog. Shard 0000 has one flipped image byte."""
+    tmp = tmp_path_factory.mktemp("verify_runs")
+    members = [(f"{WNID}_{i}.JPEG", jpeg(1024, 768, i)) for i in range(2 * PER_SHARD)]
+    (tmp / "raw").mkdir()
+    where = write_raw_tar(tmp / "raw" / f"{WNID}.tar", members)
+    rows = [[f"{WNID}_{i}", WNID, 0, f"{WNID}.tar", name, *where[name], hashlib.sha256(data).hexdigest(), 1024, 768,
+             False] for i, (name, data) in enumerate(members)]
+    out = tmp / "out"
+    tasks = []
+    for n, key in enumerate(SHARDS):
+        mine = rows[n * PER_SHARD:(n + 1) * PER_SHARD]
+        write_slice(str(out), key, planned(mine, list(range(PER_SHARD))))
+        name = f"shard-{key}.tar"
+        result = build_shard(out_root=str(out), raw_root=str(tmp / "raw"), shard_key=key, shard_name=name,
+                             settings=ENC, workers=2, run_id="run-verify")
+        assert result.problems == [] and result.num_samples == PER_SHARD
+        by_key = {r[0]: r for r in mine}
+        manifest = read_manifest(str(out), key)
+        catalog_rows = [(s["key"], 0, WNID, s["webp_sha256"], s["webp_bytes"], s["width"], s["height"],
+                         s["orig_width"], s["orig_height"], by_key[s["key"]][7], s["repaired"])
+                        for s in manifest["samples"]]
+        record = {"shard": key, "path": name, "sha256": manifest["sha256"], "bytes": (out / name).stat().st_size,
+                  "num_samples": PER_SHARD}
+        tasks.append((record, str(out / name), catalog_rows))
+    bad = corrupt_an_image_byte(str(out / "shard-0000.tar"))
+    return types.SimpleNamespace(tasks=tasks, bad=bad)
+
+
+def verify(shards, jobs: int = 2) -> dict[str, tuple[list[str], str | None]]:
+    done = verify_runs.checked_shards(jobs, iter(shards.tasks), True, "webp", first_done)
+    return {c.shard["shard"]: (c.problems, c.lost) for c in done}
+
+
+def kill_checkers(pool, times: dict[str, int], stop: threading.Event, killed: list[tuple[str, int]]) -> None:
+    """SIGKILL each verify worker caught checking a shard, up to `times[shard]` times per shard."""
+    deadline = time.monotonic() + 120
+    while not stop.is_set() and time.monotonic() < deadline:
+        for pid, job, _index in pool.working_on():
+            key = job.shard["shard"]
+            if [k for k, _ in killed].count(key) < times.get(key, 0):
+                os.kill(pid, signal.SIGKILL)
+                killed.append((key, pid))
+                time.sleep(0.05)  # let the pool see the death before looking again
+                break
+        time.sleep(0.001)
+
+
+def verify_while_killing(shards, times: dict[str, int]):
+    pool = verify_runs.verify_pool(2)
+    killed: list[tuple[str, int]] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_checkers, args=(pool, times, stop, killed))
+    killer.start()
+    try:
+        return verify(shards), killed
+    finally:
+        stop.set()
+        killer.join()
+
+
+def test_a_checker_killed_mid_shard_costs_a_fresh_check_and_the_verdicts_are_the_undisturbed_ones(shards):
+    undisturbed = verify(shards)
+    assert undisturbed["0001"] == ([], None)
+    problems, lost = undisturbed["0000"]
+    assert lost is None and any(f"sample {shards.bad}: webp" in p for p in problems), problems
+    got, killed = verify_while_killing(shards, {"0000": 1, "0001": 2})
+    assert sorted(k for k, _ in killed) == ["0000", "0001", "0001"], killed  # each caught checking its shard
+    assert not any(host.pid_alive(pid) for _, pid in killed)
+    assert got == undisturbed
+
+
+def test_a_shard_whose_checker_is_killed_every_time_is_not_checked_and_never_bad(shards):
+    got, killed = verify_while_killing(shards, {"0001": 99})
+    assert [k for k, _ in killed] == ["0001"] * verify_runs.CHECK_DEATHS
+    problems, lost = got["0001"]
+    assert problems == [], problems  # no verdict on its bytes
+    assert lost.startswith(f"not checked: the process checking it died {verify_runs.CHECK_DEATHS} times "
+                           "(signal 9 (SIGKILL), "), lost
+    assert got["0000"] == verify(shards)["0000"]  # the other shard's verdict stands
