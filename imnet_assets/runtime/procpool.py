@@ -18,13 +18,11 @@ Python 3.11's forkserver is never told the main script's path.)
 from __future__ import annotations
 
 import ast
-import collections
 import multiprocessing
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.connection import wait
 
 EXIT_PARENT_GONE = 70
@@ -94,15 +92,3 @@ def main_script_imports() -> list[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.append(node.module)
     return [n for n in dict.fromkeys(names) if n != "__future__"]
-
-
-def bounded_map(pool: Executor, fn: Callable, items: Iterable, window: int, *args) -> Iterator:
-    """Ordered map with at most `window` tasks in flight, so results never pile up in memory
-    ahead of a slower consumer (Executor.map submits everything at once)."""
-    pending: collections.deque = collections.deque()
-    for item in items:
-        pending.append(pool.submit(fn, item, *args))
-        if len(pending) >= window:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()

@@ -54,24 +54,6 @@ def test_main_script_imports_are_read_from_its_source(tmp_path, monkeypatch):
     assert procpool.main_script_imports() == []
 
 
-def test_bounded_map_keeps_order_and_at_most_window_tasks_ahead():
-    from concurrent.futures import ThreadPoolExecutor
-
-    pulled = []
-
-    def items():
-        for i in range(50):
-            pulled.append(i)
-            yield i
-
-    with ThreadPoolExecutor(4) as pool:
-        results = procpool.bounded_map(pool, pow, items(), 5, 2)
-        for consumed, value in enumerate(results, 1):
-            assert value == (consumed - 1) ** 2
-            assert len(pulled) <= consumed + 5  # never more than the window ahead of the consumer
-    assert len(pulled) == 50
-
-
 def test_pid_alive_sees_exited_zombie_and_reused_processes():
     import subprocess
     import time
