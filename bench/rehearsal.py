@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 from PIL import Image  # noqa: E402
 
 from bench.cpuload import proc_stats  # noqa: E402
-from imnet_assets.stages.shard import EncodeJob  # noqa: E402
+from imnet_assets.stages.shard_jobs import EncodeJob  # noqa: E402
 from tests.latency_proxy import LatencyProxy  # noqa: E402
 from tests.s3server import MotoS3  # noqa: E402
 
