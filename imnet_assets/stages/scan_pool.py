@@ -29,7 +29,8 @@ The throughput of the old ProcessPoolExecutor scan is kept: a job is one tar (a 
 a large remote one read with `depth` ranged requests in flight) or up to `depth` small remote tars
 fetched whole together, so all workers keep prefetch.INDEX_REQUESTS_IN_FLIGHT requests going; at most
 2 x workers jobs are out at once and their results are taken in input order (bounded memory: about
-two tars' rows per worker).
+two tars' rows per worker). A job goes to a worker only when it is idle (`ScanJob.hold`): the others
+wait in the pool's queue for whichever worker is free first.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import ClassVar
 
 from imnet_assets.image.decode import MAX_SHORT
 from imnet_assets.image.encode import encode_or_refusal
@@ -137,6 +139,10 @@ class ScanJob:
     fault: str | None = None  # the test hook (settings.test_index_fault)
     crashed: tuple[tuple[int, int, str], ...] = ()  # (tar, member number, exclusion reason): not decoded again
     env: tuple[tuple[str, str], ...] = ()  # the coordinator's storage variables (`environment`)
+    # Sent to an idle worker only (WorkerPool `hold`), as the old ProcessPoolExecutor's shared queue
+    # did: a job queued in a busy worker (it reads nothing ahead) would wait behind a long tar while
+    # other workers idle, and die with its worker.
+    hold: ClassVar[int] = 1
 
     def prefetch(self, readers):
         return None  # fetched in `run`: one job's tars in memory per worker, not its whole queue's
