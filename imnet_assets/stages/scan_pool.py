@@ -27,10 +27,14 @@ image). So a death says whose it is (`_scanned`):
 
 The throughput of the old ProcessPoolExecutor scan is kept: a job is one tar (a local one memory-mapped,
 a large remote one read with `depth` ranged requests in flight) or up to `depth` small remote tars
-fetched whole together, so all workers keep prefetch.INDEX_REQUESTS_IN_FLIGHT requests going; at most
-2 x workers jobs are out at once and their results are taken in input order (bounded memory: about
-two tars' rows per worker). A job goes to a worker only when it is idle (`ScanJob.hold`): the others
-wait in the pool's queue for whichever worker is free first.
+fetched whole together, so all workers keep prefetch.INDEX_REQUESTS_IN_FLIGHT requests going. A job
+goes to a worker only when it is idle (`ScanJob.hold`): the others wait in the pool's queue for
+whichever worker is free first. At most WINDOW x workers jobs are out at once and their results are
+taken in input order: a tar several times the mean size (synsets differ widely in size) holds the
+results after it till it is done, and with 2 x workers the other workers then run dry (simulated
+with plausible size distributions at 64 workers by bench/scan_window.py: 1.17-1.37 x the ideal time;
+4 x: 1.03-1.05 x). Memory: about four tars' rows per worker in the coordinator (~0.4 MB a 686-row
+tar: ~100 MB at 64 workers, about one IMNET_INDEX_BATCH_ROWS batch).
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ preload(__name__)  # the forkserver imports this module once for all workers
 
 SMALL_TAR = CHUNK  # remote tars up to one prefetch chunk are fetched whole, many at once
 READ_DEATHS_TO_FAIL = 4  # deaths while reading one tar (each then read without a map) before the stage fails
+WINDOW = 4  # jobs out at once per worker, their results taken in input order (see the module's docstring)
 
 # A marked item: (tar of the job << _ORDINAL_BITS | member number) << 1 | decoding, in the pool's 32 bits
 # of item index. A job holds at most 32 tars (prefetch.depth_for's cap); a member numbered past
@@ -299,7 +304,7 @@ def scan_tars(urls: Iterable[str], workers: int, log: Callable[[str], None] = la
     try:
         for job in jobs:
             window.append((job, pool.submit(job)))
-            if len(window) >= 2 * pool.size:
+            if len(window) >= WINDOW * pool.size:
                 yield from _yielded(pool, *window.popleft(), passed, log)
         while window:
             yield from _yielded(pool, *window.popleft(), passed, log)
