@@ -76,6 +76,9 @@ preload(__name__)  # the forkserver imports this module once for all workers
 SMALL_TAR = CHUNK  # remote tars up to one prefetch chunk are fetched whole, many at once
 READ_DEATHS_TO_FAIL = 4  # deaths while reading one tar (each then read without a map) before the stage fails
 WINDOW = 4  # jobs out at once per worker, their results taken in input order (see the module's docstring)
+# The pool priority of the jobs the scan waits on after a death (the job again, the member's name, the
+# crash controls): ahead of the scan jobs queued in the pool (priority 0), which wait for idle workers.
+AFTER_DEATH = -1
 
 # A marked item: (tar of the job << _ORDINAL_BITS | member number) << 1 | decoding, in the pool's 32 bits
 # of item index. A job holds at most 32 tars (prefetch.depth_for's cap); a member numbered past
@@ -327,7 +330,7 @@ def _where(pool: WorkerPool, job: ScanJob, tar: int, n: int) -> str:
     """The member, named for a message: read in a worker (this process decodes nothing)."""
     url, size = job.tars[tar]
     try:
-        name, offset = pool.submit(MemberJob(url, size, n, job.env)).result()
+        name, offset = pool.submit(MemberJob(url, size, n, job.env), AFTER_DEATH).result()
     except Exception:  # noqa: BLE001 - only the message's detail
         return f"member #{n + 1} of raw tar {_tar_name(job, tar)}"
     return f"{name} (raw tar {_tar_name(job, tar)}, member #{n + 1}, at byte {offset})"
@@ -407,7 +410,7 @@ def _scanned(pool: WorkerPool, job: ScanJob, future, passed: set, log: Callable[
                             "index more memory or lower IMNET_WORKERS, and build again") from None
             for codec in job.codecs:  # the dead worker's staged file, never committed (atomic_open)
                 atomic.sweep_partials(codec.root)
-            future = pool.submit(job)
+            future = pool.submit(job, AFTER_DEATH)
 
 
 def _crash_control(pool: WorkerPool, job: ScanJob, image: tuple[int, int], crashes: list[WorkerDied], where: str,
@@ -418,4 +421,4 @@ def _crash_control(pool: WorkerPool, job: ScanJob, image: tuple[int, int], crash
     seen = f"the index's process died {len(crashes)} times ({', '.join(d.named for d in crashes)}) decoding {where}"
     settle_crash_of(pool, functools.partial(_member_bytes, url, size, image[1], job.env), MAX_SHORT, seen, passed,
                     lambda kind: IndexControlJob(kind, job.codecs, job.fault, job.time_limit), "index",
-                    time_limit=job.time_limit, log=log)
+                    time_limit=job.time_limit, priority=AFTER_DEATH, log=log)
