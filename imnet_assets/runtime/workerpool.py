@@ -117,7 +117,10 @@ class WorkerPool:
     fails with `WorkerDied` (naming the item it was working on, for the job that was running) and
     the caller decides what to retry. A job with a `time_limit` attribute (seconds) gets its worker
     SIGKILLed when one item (from its `mark(i)`) runs longer: `WorkerDied.timed_out`. Replies to
-    jobs no longer held (failed by the dispatcher) are dropped.
+    jobs no longer held (failed by the dispatcher) are dropped. A job with a `hold` attribute goes
+    only to a worker holding fewer than `hold` jobs (1: an idle one), and waits here till there is
+    one: a job that reads nothing ahead (the scan's) then never waits in a busy worker behind a
+    long job while another worker idles, and no more than one dies with a worker.
 
     One dispatcher thread owns the sockets, never blocking on one worker (non-blocking sends and
     receives, no waits on a process); `submit` is thread-safe.
@@ -387,11 +390,12 @@ class WorkerPool:
         import pickle
 
         while True:
-            free = [w for w in self._workers if not w.retiring and len(w.tasks) < self.depth]
-            if not free:
-                return
             with self._lock:
                 if not self._queue:
+                    return
+                holds = min(self.depth, getattr(self._queue[0][2], "hold", self.depth))
+                free = [w for w in self._workers if not w.retiring and len(w.tasks) < holds]
+                if not free:
                     return
                 _priority, task_id, job, fut = heapq.heappop(self._queue)
             if not fut.set_running_or_notify_cancel():

@@ -27,9 +27,14 @@ image). So a death says whose it is (`_scanned`):
 
 The throughput of the old ProcessPoolExecutor scan is kept: a job is one tar (a local one memory-mapped,
 a large remote one read with `depth` ranged requests in flight) or up to `depth` small remote tars
-fetched whole together, so all workers keep prefetch.INDEX_REQUESTS_IN_FLIGHT requests going; at most
-2 x workers jobs are out at once and their results are taken in input order (bounded memory: about
-two tars' rows per worker).
+fetched whole together, so all workers keep prefetch.INDEX_REQUESTS_IN_FLIGHT requests going. A job
+goes to a worker only when it is idle (`ScanJob.hold`): the others wait in the pool's queue for
+whichever worker is free first. At most WINDOW x workers jobs are out at once and their results are
+taken in input order: a tar several times the mean size (synsets differ widely in size) holds the
+results after it till it is done, and with 2 x workers the other workers then run dry (simulated
+with plausible size distributions at 64 workers by bench/scan_window.py: 1.17-1.37 x the ideal time;
+4 x: 1.03-1.05 x). Memory: about four tars' rows per worker in the coordinator (~0.4 MB a 686-row
+tar: ~100 MB at 64 workers, about one IMNET_INDEX_BATCH_ROWS batch).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import ClassVar
 
 from imnet_assets.image.decode import MAX_SHORT
 from imnet_assets.image.encode import encode_or_refusal
@@ -69,6 +75,10 @@ preload(__name__)  # the forkserver imports this module once for all workers
 
 SMALL_TAR = CHUNK  # remote tars up to one prefetch chunk are fetched whole, many at once
 READ_DEATHS_TO_FAIL = 4  # deaths while reading one tar (each then read without a map) before the stage fails
+WINDOW = 4  # jobs out at once per worker, their results taken in input order (see the module's docstring)
+# The pool priority of the jobs the scan waits on after a death (the job again, the member's name, the
+# crash controls): ahead of the scan jobs queued in the pool (priority 0), which wait for idle workers.
+AFTER_DEATH = -1
 
 # A marked item: (tar of the job << _ORDINAL_BITS | member number) << 1 | decoding, in the pool's 32 bits
 # of item index. A job holds at most 32 tars (prefetch.depth_for's cap); a member numbered past
@@ -137,6 +147,10 @@ class ScanJob:
     fault: str | None = None  # the test hook (settings.test_index_fault)
     crashed: tuple[tuple[int, int, str], ...] = ()  # (tar, member number, exclusion reason): not decoded again
     env: tuple[tuple[str, str], ...] = ()  # the coordinator's storage variables (`environment`)
+    # Sent to an idle worker only (WorkerPool `hold`), as the old ProcessPoolExecutor's shared queue
+    # did: a job queued in a busy worker (it reads nothing ahead) would wait behind a long tar while
+    # other workers idle, and die with its worker.
+    hold: ClassVar[int] = 1
 
     def prefetch(self, readers):
         return None  # fetched in `run`: one job's tars in memory per worker, not its whole queue's
@@ -293,7 +307,7 @@ def scan_tars(urls: Iterable[str], workers: int, log: Callable[[str], None] = la
     try:
         for job in jobs:
             window.append((job, pool.submit(job)))
-            if len(window) >= 2 * pool.size:
+            if len(window) >= WINDOW * pool.size:
                 yield from _yielded(pool, *window.popleft(), passed, log)
         while window:
             yield from _yielded(pool, *window.popleft(), passed, log)
@@ -316,7 +330,7 @@ def _where(pool: WorkerPool, job: ScanJob, tar: int, n: int) -> str:
     """The member, named for a message: read in a worker (this process decodes nothing)."""
     url, size = job.tars[tar]
     try:
-        name, offset = pool.submit(MemberJob(url, size, n, job.env)).result()
+        name, offset = pool.submit(MemberJob(url, size, n, job.env), AFTER_DEATH).result()
     except Exception:  # noqa: BLE001 - only the message's detail
         return f"member #{n + 1} of raw tar {_tar_name(job, tar)}"
     return f"{name} (raw tar {_tar_name(job, tar)}, member #{n + 1}, at byte {offset})"
@@ -396,7 +410,7 @@ def _scanned(pool: WorkerPool, job: ScanJob, future, passed: set, log: Callable[
                             "index more memory or lower IMNET_WORKERS, and build again") from None
             for codec in job.codecs:  # the dead worker's staged file, never committed (atomic_open)
                 atomic.sweep_partials(codec.root)
-            future = pool.submit(job)
+            future = pool.submit(job, AFTER_DEATH)
 
 
 def _crash_control(pool: WorkerPool, job: ScanJob, image: tuple[int, int], crashes: list[WorkerDied], where: str,
@@ -407,4 +421,4 @@ def _crash_control(pool: WorkerPool, job: ScanJob, image: tuple[int, int], crash
     seen = f"the index's process died {len(crashes)} times ({', '.join(d.named for d in crashes)}) decoding {where}"
     settle_crash_of(pool, functools.partial(_member_bytes, url, size, image[1], job.env), MAX_SHORT, seen, passed,
                     lambda kind: IndexControlJob(kind, job.codecs, job.fault, job.time_limit), "index",
-                    time_limit=job.time_limit, log=log)
+                    time_limit=job.time_limit, priority=AFTER_DEATH, log=log)

@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 import types
+import typing
 
 import pytest
 
@@ -84,6 +85,39 @@ class StampJob:
     def run(self, state, mark):
         time.sleep(self.seconds)
         return self.name, time.monotonic()
+
+
+@dataclasses.dataclass
+class IdleOnlyJob:
+    """A pool job for an idle worker only (`hold` 1, as the index's scan jobs): takes `seconds`,
+    says which process ran it."""
+
+    name: str
+    seconds: float = 0.0
+    hold: typing.ClassVar[int] = 1
+
+    def prefetch(self, readers):
+        return None
+
+    def run(self, state, mark):
+        time.sleep(self.seconds)
+        return self.name, os.getpid()
+
+
+def test_a_job_held_by_idle_workers_only_never_waits_behind_a_long_one():
+    """Jobs with `hold` 1 wait in the pool's queue for an idle worker, as the old
+    ProcessPoolExecutor's shared queue did: none is sent to the worker busy with a long job (where
+    it would wait while the other worker idles), though the pool holds up to 4 jobs a worker."""
+    pool = workerpool.WorkerPool(2, depth=4)
+    long = pool.submit(IdleOnlyJob("long", 4.0))
+    deadline = time.monotonic() + 60
+    while not long.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    short = [pool.submit(IdleOnlyJob(f"short-{i}", 0.05)) for i in range(6)]
+    ran = [f.result(timeout=60) for f in short]
+    long_pid = long.result(timeout=60)[1]
+    assert [name for name, _ in ran] == [f"short-{i}" for i in range(6)]
+    assert {pid for _, pid in ran} == set(pool.pids()) - {long_pid}  # all on the other worker
 
 
 def test_worker_pool_serves_the_oldest_runs_jobs_first():
