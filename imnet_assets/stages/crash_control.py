@@ -2,9 +2,9 @@
 excluded only once the known-good control image of its kind passed the same path in a worker.
 
 A worker that dies of a crash signal (workerpool.CRASH_SIGNALS: SIGSEGV, SIGBUS...) while encoding
-one image, shard_jobs.DEATHS_TO_EXCLUDE times, excludes that image. A codec library broken for every
-input (a bad libwebp build that segfaults on every image) would so exclude every image, and the
-build would succeed. So before such an exclusion is recorded, `settle_crash` sends two jobs to the
+one image, DEATHS_TO_EXCLUDE times (runtime/deaths.py), excludes that image. A codec library broken
+for every input (a bad libwebp build that segfaults on every image) would so exclude every image,
+and the build would succeed. So before such an exclusion is recorded, `settle_crash` sends two jobs to the
 pool (a fresh worker replaced the crashed one):
 
 - a KindJob reads the image's source and finds the control of its kind (guard.control_for, with the

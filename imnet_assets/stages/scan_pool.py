@@ -52,18 +52,12 @@ from imnet_assets.image.decode import MAX_SHORT
 from imnet_assets.image.encode import encode_or_refusal
 from imnet_assets.image.faults import arm
 from imnet_assets.image.guard import ControlKind, control_image
+from imnet_assets.runtime.deaths import CRASHED, KILLED, OUT_OF_MEMORY, TIMED_OUT, DeathCount
 from imnet_assets.runtime.procpool import preload
 from imnet_assets.runtime.workerpool import ReplyUnreadable, WorkerDied, WorkerPool, shared_pool
 from imnet_assets.settings import image_timeout, test_index_fault
 from imnet_assets.stages.crash_control import settle_crash_of
 from imnet_assets.stages.index import ScannedTar, Watch, probe_and_hash, read_listed, scan_tar
-from imnet_assets.stages.shard_jobs import (
-    DEATHS_TO_EXCLUDE,
-    KILLS_TO_FAIL,
-    MAX_JOB_RETRIES,
-    MEMORY_RETRIES,
-    TIMEOUTS_TO_FAIL,
-)
 from imnet_assets.stages.staged_encodes import StagedCodec
 from imnet_assets.storage import atomic, fs
 from imnet_assets.storage.member_names import printable_name
@@ -338,12 +332,8 @@ def _where(pool: WorkerPool, job: ScanJob, tar: int, n: int) -> str:
 
 def _scanned(pool: WorkerPool, job: ScanJob, future, passed: set, log: Callable[[str], None]) -> list[ScannedTar]:
     """The job's ScannedTars, running it again after worker deaths as the module's docstring says."""
-    held: list[str] = []
+    deaths = DeathCount()
     reads: dict[int, list[str]] = collections.defaultdict(list)
-    crashes: dict[tuple[int, int], list[WorkerDied]] = collections.defaultdict(list)
-    kills: dict[tuple[int, int], list[str]] = collections.defaultdict(list)
-    timeouts: dict[tuple[int, int], int] = collections.defaultdict(int)
-    oom: dict[tuple[int, int], int] = collections.defaultdict(int)
     tars = ", ".join(_tar_name(job, i) for i in range(len(job.tars)))
     while True:
         try:
@@ -353,11 +343,12 @@ def _scanned(pool: WorkerPool, job: ScanJob, future, passed: set, log: Callable[
         except WorkerDied as died:
             at = _culprit(died.culprit)
             if at is None:
-                held.append(died.named)
-                log(f"a scan process died ({died.named}) holding raw tars {tars}; scanning them again")
-                if len(held) > MAX_JOB_RETRIES:
-                    raise ScanKilled(f"the index's processes died {len(held)} times ({', '.join(held)}) holding raw "
-                                     f"tars {tars}; nothing was recorded for them. Build again") from None
+                death = deaths.count(died, None)
+                log(death.say("a scan process died ({named}) holding raw tars {tars}; scanning them again", tars=tars))
+                if death.fails:
+                    raise ScanKilled(death.say("the index's processes died {count} times ({nameds}) holding raw "
+                                               "tars {tars}; nothing was recorded for them. Build again",
+                                               tars=tars)) from None
             elif not at[2]:
                 tar, n, _ = at
                 reads[tar].append(died.named)
@@ -372,45 +363,41 @@ def _scanned(pool: WorkerPool, job: ScanJob, future, passed: set, log: Callable[
             else:
                 image = at[:2]
                 where = _where(pool, job, *image)
-                if died.out_of_memory:
-                    oom[image] += 1
-                    log(f"the index ran out of memory decoding {where} ({oom[image]} of {MEMORY_RETRIES}); "
-                        "retrying it in a fresh process")
-                    if oom[image] >= MEMORY_RETRIES:
-                        raise ScanOutOfMemory(
-                            f"out of memory decoding {where} {oom[image]} times, each in a fresh process; nothing "
-                            "was recorded for its tar. Memory is no property of the image (never an exclusion, never "
-                            "a missing pHash): give the index more memory or lower IMNET_WORKERS") from None
-                elif died.timed_out is not None:
-                    timeouts[image] += 1
-                    log(f"decoding {where} ran past IMNET_IMAGE_TIMEOUT ({died.timed_out:g} s); its process was "
-                        f"killed ({timeouts[image]} of {TIMEOUTS_TO_FAIL}); retrying it in a fresh process")
-                    if timeouts[image] >= TIMEOUTS_TO_FAIL:
-                        raise ScanKilled(
-                            f"decoding {where} ran past IMNET_IMAGE_TIMEOUT ({died.timed_out:g} s) {timeouts[image]} "
-                            "times, each in a fresh process, and was killed; nothing was recorded for its tar. A hung "
-                            "decoder is not an exclusion: raise IMNET_IMAGE_TIMEOUT if the machine is just slow") from None
-                elif died.crashed:
-                    crashes[image].append(died)
-                    log(f"the index's process died ({died.named}) decoding {where}; retrying it in a fresh process")
-                    if len(crashes[image]) >= DEATHS_TO_EXCLUDE:
-                        _crash_control(pool, job, image, crashes[image], where, passed, log)
-                        reason = (f"index process died {len(crashes[image])} times "
-                                  f"({', '.join(d.named for d in crashes[image])}) while decoding")
-                        job = dataclasses.replace(job, crashed=(*job.crashed, (*image, reason)))
-                else:
-                    kills[image].append(died.named)
-                    log(f"the index's process died ({died.named}) decoding {where}: killed from outside "
-                        f"({len(kills[image])} of {KILLS_TO_FAIL}); retrying it in a fresh process")
-                    if len(kills[image]) >= KILLS_TO_FAIL:
-                        raise ScanKilled(
-                            f"the index's process was killed from outside ({', '.join(kills[image])}) "
-                            f"{len(kills[image])} times while decoding {where}; nothing was recorded for its tar. A "
-                            "kill (the OOM killer, a cgroup memory limit, preemption) is not an exclusion: give the "
-                            "index more memory or lower IMNET_WORKERS, and build again") from None
+                death = deaths.count(died, image)
+                log(death.say(_NOTES[death.kind], where=where))
+                if death.fails:
+                    fault, template = _FAILURES[death.kind]
+                    raise fault(death.say(template, where=where)) from None
+                if death.settles_crash:
+                    _crash_control(pool, job, image, list(death.deaths), where, passed, log)
+                    reason = death.say("index process died {count} times ({nameds}) while decoding")
+                    job = dataclasses.replace(job, crashed=(*job.crashed, (*image, reason)))
             for codec in job.codecs:  # the dead worker's staged file, never committed (atomic_open)
                 atomic.sweep_partials(codec.root)
             future = pool.submit(job, AFTER_DEATH)
+
+
+# The log line of each kind of death while decoding an image (runtime/deaths.py), and what a scan that
+# fails of it raises, with what message.
+_NOTES = {
+    OUT_OF_MEMORY: "the index ran out of memory decoding {where} ({count} of {limit}); retrying it in a fresh process",
+    TIMED_OUT: "decoding {where} ran past IMNET_IMAGE_TIMEOUT ({seconds:g} s); its process was killed ({count} of "
+               "{limit}); retrying it in a fresh process",
+    CRASHED: "the index's process died ({named}) decoding {where}; retrying it in a fresh process",
+    KILLED: "the index's process died ({named}) decoding {where}: killed from outside ({count} of {limit}); "
+            "retrying it in a fresh process",
+}
+_FAILURES = {
+    OUT_OF_MEMORY: (ScanOutOfMemory, "out of memory decoding {where} {count} times, each in a fresh process; "
+                    "nothing was recorded for its tar. Memory is no property of the image (never an exclusion, "
+                    "never a missing pHash): give the index more memory or lower IMNET_WORKERS"),
+    TIMED_OUT: (ScanKilled, "decoding {where} ran past IMNET_IMAGE_TIMEOUT ({seconds:g} s) {count} times, each in "
+                "a fresh process, and was killed; nothing was recorded for its tar. A hung decoder is not an "
+                "exclusion: raise IMNET_IMAGE_TIMEOUT if the machine is just slow"),
+    KILLED: (ScanKilled, "the index's process was killed from outside ({nameds}) {count} times while decoding "
+             "{where}; nothing was recorded for its tar. A kill (the OOM killer, a cgroup memory limit, "
+             "preemption) is not an exclusion: give the index more memory or lower IMNET_WORKERS, and build again"),
+}
 
 
 def _crash_control(pool: WorkerPool, job: ScanJob, image: tuple[int, int], crashes: list[WorkerDied], where: str,

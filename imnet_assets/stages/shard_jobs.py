@@ -27,6 +27,19 @@ from imnet_assets.release.outroot import sample_digest
 from imnet_assets.release.plan import SliceRow
 from imnet_assets.release.sample_tar import sample_bytes
 from imnet_assets.release.verify import stored_image_problem
+from imnet_assets.runtime.deaths import (
+    CRASHED,
+    DEATHS_TO_EXCLUDE,  # noqa: F401 - the rule's thresholds, as the tests and crash_control name them
+    HELD,
+    KILLED,
+    KILLS_TO_FAIL,  # noqa: F401
+    MAX_JOB_RETRIES,  # noqa: F401
+    MEMORY_RETRIES,  # noqa: F401
+    OUT_OF_MEMORY,
+    TIMED_OUT,
+    TIMEOUTS_TO_FAIL,  # noqa: F401
+    DeathCount,
+)
 from imnet_assets.runtime.procpool import preload
 from imnet_assets.runtime.workerpool import (
     ReplyUnreadable,
@@ -71,21 +84,6 @@ BATCH = 8  # images per job sent to a worker (fewer for small shards, so every w
 # worker could still hold several jobs of BATCH images (~0.3 s each) while the others idle. With
 # single images last, the workers end within about one image of each other.
 TAIL_SINGLES_PER_WORKER = 8
-
-
-DEATHS_TO_EXCLUDE = 2  # crashes (workerpool.CRASH_SIGNALS) one image causes before it is excluded, naming them
-
-
-MEMORY_RETRIES = 3  # MemoryErrors of one image before the run fails (each time in a fresh worker)
-
-
-KILLS_TO_FAIL = 4  # kills from outside (SIGKILL, SIGTERM) while encoding one image before the run fails
-
-
-TIMEOUTS_TO_FAIL = 2  # times one image runs past IMNET_IMAGE_TIMEOUT (each in a fresh worker) before the run fails
-
-
-MAX_JOB_RETRIES = 8  # deaths of a job's workers while it held no image (queued, between images) before the run fails
 
 
 _reader: tuple[int, fs.RangeReader] | None = None
@@ -285,11 +283,7 @@ def _settle(pool: WorkerPool, job: EncodeJob, future, log: Callable[[str], None]
     EncoderOutOfMemory): never an exclusion, so shard contents never depend on memory pressure."""
     decided: dict[int, tuple] = {}  # row index -> ("excluded", reason) for rows that crashed twice
     pending = list(range(len(job.rows)))
-    crashes: dict[int, list[WorkerDied]] = collections.defaultdict(list)
-    kills: dict[int, list[str]] = collections.defaultdict(list)
-    timeouts: dict[int, int] = collections.defaultdict(int)
-    oom: dict[int, int] = collections.defaultdict(int)
-    held: list[str] = []  # deaths while the job held no image (queued in the worker, between images)
+    deaths = DeathCount()
     while pending:
         try:
             results = future.result()
@@ -297,53 +291,25 @@ def _settle(pool: WorkerPool, job: EncodeJob, future, log: Callable[[str], None]
         except ReplyUnreadable as e:
             raise ReplyUnreadable(f"{e} (images {[job.rows[i].key for i in pending]}); nothing was committed") from None
         except WorkerDied as died:
-            if died.culprit is None:
-                held.append(died.how)
-                log(f"an encoder process died ({died.how}) between images; retrying its images")
-                if len(held) > MAX_JOB_RETRIES:
-                    raise EncoderKilled(
-                        f"encoder processes died {len(held)} times ({', '.join(held)}) holding the images "
-                        f"{[job.rows[i].key for i in pending]}; nothing was committed") from None
+            real = None if died.culprit is None else pending[died.culprit]
+            death = deaths.count(died, real)
+            if death.kind == HELD:
+                log(death.say("an encoder process died ({how}) between images; retrying its images"))
+                if death.fails:
+                    raise EncoderKilled(death.say(
+                        "encoder processes died {count} times ({hows}) holding the images {keys}; nothing was "
+                        "committed", keys=[job.rows[i].key for i in pending])) from None
             else:
-                real = pending[died.culprit]
                 row = job.rows[real]
                 where = f"{row.key} ({row.tar}@{row.offset})"
-                if died.out_of_memory:
-                    oom[real] += 1
-                    log(f"encoder ran out of memory on {row.key} ({oom[real]} of {MEMORY_RETRIES}); retrying it")
-                    if oom[real] >= MEMORY_RETRIES:
-                        raise EncoderOutOfMemory(
-                            f"out of memory encoding {where} {oom[real]} times in fresh "
-                            "worker processes; nothing was committed. Size limits are decided at index time; give "
-                            "the run more memory or lower IMNET_WORKERS") from None
-                elif died.timed_out is not None:
-                    timeouts[real] += 1
-                    log(f"encoding {where} ran past IMNET_IMAGE_TIMEOUT ({died.timed_out:g} s), its process was "
-                        f"killed ({timeouts[real]} of {TIMEOUTS_TO_FAIL}); retrying it in a new process")
-                    if timeouts[real] >= TIMEOUTS_TO_FAIL:
-                        raise EncoderKilled(
-                            f"encoding {where} ran past IMNET_IMAGE_TIMEOUT ({died.timed_out:g} s) {timeouts[real]} "
-                            "times, each in a fresh process, and was killed; nothing was committed. A hung encoder "
-                            "is not an exclusion: raise IMNET_IMAGE_TIMEOUT if the machine is just slow") from None
-                elif died.crashed:
-                    crashes[real].append(died)
-                    log(f"encoder process died ({died.how}) while encoding {where}; "
-                        f"retrying its images in a new process")
-                    if len(crashes[real]) >= DEATHS_TO_EXCLUDE:
-                        _crash_control(pool, job, row, crashes[real], passed, log, priority)
-                        decided[real] = ("excluded", f"encoder process died {len(crashes[real])} times "
-                                                     f"({', '.join(d.how for d in crashes[real])}) while encoding")
-                        pending.remove(real)
-                else:
-                    kills[real].append(died.how)
-                    log(f"encoder process died ({died.how}) while encoding {where}: killed from outside "
-                        f"({len(kills[real])} of {KILLS_TO_FAIL}); retrying its images in a new process")
-                    if len(kills[real]) >= KILLS_TO_FAIL:
-                        raise EncoderKilled(
-                            f"the encoder process was killed from outside ({', '.join(kills[real])}) "
-                            f"{len(kills[real])} times while encoding {where}; nothing was committed. A kill (the "
-                            "OOM killer, a cgroup memory limit, preemption) is not an exclusion: give the run more "
-                            "memory or lower IMNET_WORKERS, and build again") from None
+                log(death.say(_NOTES[death.kind], where=where, key=row.key))
+                if death.fails:
+                    fault, template = _FAILURES[death.kind]
+                    raise fault(death.say(template, where=where)) from None
+                if death.settles_crash:
+                    _crash_control(pool, job, row, list(death.deaths), passed, log, priority)
+                    decided[real] = ("excluded", death.say("encoder process died {count} times ({hows}) while encoding"))
+                    pending.remove(real)
             if pending:
                 future = pool.submit(dataclasses.replace(job, rows=[job.rows[i] for i in pending]), priority)
     else:
@@ -351,6 +317,29 @@ def _settle(pool: WorkerPool, job: EncodeJob, future, log: Callable[[str], None]
     by_index = dict(zip(pending, results))
     for i, row in enumerate(job.rows):
         yield row, decided.get(i) or by_index[i]
+
+
+# The log line of each kind of death while encoding an image (runtime/deaths.py), and what a run that
+# fails of it raises, with what message.
+_NOTES = {
+    OUT_OF_MEMORY: "encoder ran out of memory on {key} ({count} of {limit}); retrying it",
+    TIMED_OUT: "encoding {where} ran past IMNET_IMAGE_TIMEOUT ({seconds:g} s), its process was killed ({count} of "
+               "{limit}); retrying it in a new process",
+    CRASHED: "encoder process died ({how}) while encoding {where}; retrying its images in a new process",
+    KILLED: "encoder process died ({how}) while encoding {where}: killed from outside ({count} of {limit}); "
+            "retrying its images in a new process",
+}
+_FAILURES = {
+    OUT_OF_MEMORY: (EncoderOutOfMemory, "out of memory encoding {where} {count} times in fresh worker processes; "
+                    "nothing was committed. Size limits are decided at index time; give the run more memory or "
+                    "lower IMNET_WORKERS"),
+    TIMED_OUT: (EncoderKilled, "encoding {where} ran past IMNET_IMAGE_TIMEOUT ({seconds:g} s) {count} times, each "
+                "in a fresh process, and was killed; nothing was committed. A hung encoder is not an exclusion: "
+                "raise IMNET_IMAGE_TIMEOUT if the machine is just slow"),
+    KILLED: (EncoderKilled, "the encoder process was killed from outside ({hows}) {count} times while encoding "
+             "{where}; nothing was committed. A kill (the OOM killer, a cgroup memory limit, preemption) is not an "
+             "exclusion: give the run more memory or lower IMNET_WORKERS, and build again"),
+}
 
 
 def _crash_control(pool: WorkerPool, job: EncodeJob, row: SliceRow, crashes: list[WorkerDied],
