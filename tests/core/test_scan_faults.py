@@ -91,6 +91,30 @@ def columns(settings_folder) -> list[str]:
         return [r[0] for r in con.execute("DESCRIBE images").fetchall()]
 
 
+def while_decoding(tar: str, member: int, act, mapped: bool = False) -> tuple[threading.Thread, list[int]]:
+    """A started thread that waits (up to 60 s) until a worker of this process's pool decodes member
+    `member` of raw tar `tar` (a job reading it through a memory map, when `mapped`), then calls
+    `act(pid)` once; the returned list then holds that worker's pid."""
+    pool = shared_pool(2)
+    done: list[int] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 60
+        while not done and time.monotonic() < deadline:
+            for pid, job, index_ in pool.working_on():
+                at = scan_pool._culprit(index_) if isinstance(job, scan_pool.ScanJob) else None
+                if (at and at[2] and at[1] == member and os.path.basename(job.tars[at[0]][0]) == tar
+                        and (job.mapped or not mapped)):
+                    act(pid)
+                    done.append(pid)
+                    break
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    return thread, done
+
+
 @pytest.mark.parametrize(("workers", "staged"), [(1, "off"), (2, "off"), (2, "on")])
 def test_an_image_that_crashes_the_index_is_excluded_and_the_rest_is_as_undisturbed(
         raw, undisturbed, tmp_path, monkeypatch, workers, staged):
@@ -135,21 +159,7 @@ def test_a_decode_crashing_on_every_image_fails_the_index_and_records_nothing(ra
 
 def test_a_scan_worker_killed_from_outside_while_decoding_is_retried(raw, undisturbed, tmp_path, monkeypatch):
     monkeypatch.setenv("IMNET_TEST_INDEX_FAULT", f"slow:{victim_sha256()}")  # a window to kill it in
-    pool = shared_pool(2)
-    killed: list[int] = []
-
-    def kill_once() -> None:
-        deadline = time.monotonic() + 60
-        while not killed and time.monotonic() < deadline:
-            for pid, job, index_ in pool.working_on():
-                at = scan_pool._culprit(index_) if isinstance(job, scan_pool.ScanJob) else None
-                if at and at[2] and job.tars[at[0]][0].endswith(VICTIM_TAR) and at[1] == VICTIM_MEMBER:
-                    os.kill(pid, 9)
-                    killed.append(pid)
-            time.sleep(0.01)
-
-    killer = threading.Thread(target=kill_once)
-    killer.start()
+    killer, killed = while_decoding(VICTIM_TAR, VICTIM_MEMBER, lambda pid: os.kill(pid, 9))
     logs: list[str] = []
     try:
         got = index(raw, tmp_path, logs.append, IMNET_WORKERS=2)
@@ -220,29 +230,14 @@ def test_a_tar_cut_short_under_the_memory_map_is_scanned_again_without_it(tmp_pa
     cut_at = layout(data["n00000012"])[VICTIM_MEMBER + 1].offset // 4096 * 4096
     undisturbed = {u: scan_tar(u) for u in urls}
     monkeypatch.setenv("IMNET_TEST_INDEX_FAULT", f"slow:{hashlib.sha256(victim).hexdigest()}")
-    pool = shared_pool(2)
-    cut: list[bool] = []
-
-    def cut_while_decoding() -> None:
-        deadline = time.monotonic() + 60
-        while not cut and time.monotonic() < deadline:
-            for _pid, job, index_ in pool.working_on():
-                at = scan_pool._culprit(index_) if isinstance(job, scan_pool.ScanJob) else None
-                if at and at[2] and job.tars[at[0]][0] == urls[1] and at[1] == VICTIM_MEMBER and job.mapped:
-                    os.truncate(urls[1], cut_at)
-                    cut.append(True)
-                    break
-            time.sleep(0.01)
-
-    cutter = threading.Thread(target=cut_while_decoding)
-    cutter.start()
+    cutter, cut = while_decoding(VICTIM_TAR, VICTIM_MEMBER, lambda _pid: os.truncate(urls[1], cut_at), mapped=True)
     logs: list[str] = []
     sizes = {u: len(data[os.path.basename(u)[:-4]]) for u in urls}
     try:
         got = dict(scan_tars(urls, 2, log=logs.append, sizes=sizes))
     finally:
         cutter.join()
-    assert cut == [True]
+    assert len(cut) == 1
     assert any("died (signal 7 (SIGBUS)) reading raw tar n00000012.tar (member #3)" in m
                and "without a memory map in a fresh process" in m for m in logs), logs
     with pytest.raises(ReadShort, match=r"raw tar n00000012\.tar: the index read \d+ of its \d+ listed bytes"):
