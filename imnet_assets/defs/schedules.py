@@ -249,12 +249,15 @@ def backoff_note(settings: Settings, instance: DagsterInstance | None, status: d
             + ", ".join(parts) + (" ..." if len(held) > 16 else ""))
 
 
+REQUESTED = ("missing", "stale", "failed")  # the partition states the schedule requests runs for
+
+
 def shards_to_request(settings: Settings, instance: DagsterInstance | None, limit: int,
                       status: dict[str, str] | None = None, busy: set[str] | frozenset = frozenset()) -> list[str]:
     """Up to `limit` partitions that are missing, stale or failed, but not `busy` (their lease is
     held: a run is building them now, whatever instance launched it)."""
     status = shard_partition_status(settings, instance) if status is None else status
-    return [k for k, s in status.items() if s in ("missing", "stale", "failed") and k not in busy][:limit]
+    return [k for k, s in status.items() if s in REQUESTED and k not in busy][:limit]
 
 
 def leased_shards(settings: Settings, status: dict[str, str]) -> dict[str, dict]:
@@ -262,10 +265,9 @@ def leased_shards(settings: Settings, status: dict[str, str]) -> dict[str, dict]
     (release.lease: one listing of the out root's `_locks/`, a read only per lease present): a
     run of another instance, or of `imnet build` with another DAGSTER_HOME, is building it now;
     a run requested for it would fail at once with ShardBusy."""
-    wanted = ("missing", "stale", "failed")
-    if not any(v in wanted for v in status.values()):
+    if not any(v in REQUESTED for v in status.values()):
         return {}  # nothing to request: no listing
-    return {k: h for k, h in held_shard_leases(settings.out_root).items() if status.get(k) in wanted}
+    return {k: h for k, h in held_shard_leases(settings.out_root).items() if status.get(k) in REQUESTED}
 
 
 def make(settings: Settings):
