@@ -29,15 +29,10 @@ from imnet_assets.release.sample_tar import sample_bytes
 from imnet_assets.release.verify import stored_image_problem
 from imnet_assets.runtime.deaths import (
     CRASHED,
-    DEATHS_TO_EXCLUDE,  # noqa: F401 - the rule's thresholds, as the tests and crash_control name them
     HELD,
     KILLED,
-    KILLS_TO_FAIL,  # noqa: F401
-    MAX_JOB_RETRIES,  # noqa: F401
-    MEMORY_RETRIES,  # noqa: F401
     OUT_OF_MEMORY,
     TIMED_OUT,
-    TIMEOUTS_TO_FAIL,  # noqa: F401
     DeathCount,
 )
 from imnet_assets.runtime.procpool import preload

@@ -18,7 +18,7 @@ import pytest
 
 from imnet_assets.release.outroot import read_manifest
 from imnet_assets.release.plan import write_slice
-from imnet_assets.runtime import host, workerpool
+from imnet_assets.runtime import deaths, host, workerpool
 from imnet_assets.stages import shard_jobs
 from tests.conftest import shard_verdict
 from tests.core.test_shard import planned
@@ -81,14 +81,14 @@ def test_a_hung_codec_is_killed_past_the_time_limit_and_fails_the_run_naming_the
     started = time.monotonic()
     logs: list[str] = []
     with pytest.raises(shard_jobs.EncoderKilled, match=rf"encoding {victim[0]} \(n01440764.tar@\d+\) ran past "
-                       rf"IMNET_IMAGE_TIMEOUT \(1 s\) {shard_jobs.TIMEOUTS_TO_FAIL} times"):
+                       rf"IMNET_IMAGE_TIMEOUT \(1 s\) {deaths.TIMEOUTS_TO_FAIL} times"):
         build(out, photos.raw, workers=1, log=logs.append, encode=functools.partial(hang_on, victim[7]))
     assert time.monotonic() - started < 60
-    assert sum("ran past IMNET_IMAGE_TIMEOUT" in m for m in logs) == shard_jobs.TIMEOUTS_TO_FAIL, logs
+    assert sum("ran past IMNET_IMAGE_TIMEOUT" in m for m in logs) == deaths.TIMEOUTS_TO_FAIL, logs
     assert sorted(os.listdir(out)) == ["_plan"]  # nothing committed, nothing excluded
 
 
-@pytest.mark.parametrize("kills", [shard_jobs.KILLS_TO_FAIL - 1, 99])
+@pytest.mark.parametrize("kills", [deaths.KILLS_TO_FAIL - 1, 99])
 def test_an_image_killed_from_outside_costs_retries_then_fails_the_run(photos, tmp_path, kills):
     """SIGKILL (as the OOM killer sends) of the one worker while it encodes the victim: up to
     KILLS_TO_FAIL - 1 times the shard is the undisturbed one byte for byte; every time, the run fails
@@ -102,18 +102,18 @@ def test_an_image_killed_from_outside_costs_retries_then_fails_the_run(photos, t
     killer.start()
     codec = functools.partial(slow_on, victim[7], 0.3)  # long enough on the victim to be caught at it
     try:
-        if kills < shard_jobs.KILLS_TO_FAIL:
+        if kills < deaths.KILLS_TO_FAIL:
             result = build(out, photos.raw, workers=1, encode=codec)
         else:
             with pytest.raises(shard_jobs.EncoderKilled, match=rf"killed from outside \(signal 9.*\) "
-                               rf"{shard_jobs.KILLS_TO_FAIL} times while encoding {victim[0]} "):
+                               rf"{deaths.KILLS_TO_FAIL} times while encoding {victim[0]} "):
                 build(out, photos.raw, workers=1, encode=codec)
     finally:
         stop.set()
         killer.join()
     assert all(pid != os.getpid() and not host.pid_alive(pid) for _k, pid in killed)
-    assert [k for k, _ in killed] == [victim[0]] * min(kills, shard_jobs.KILLS_TO_FAIL)
-    if kills < shard_jobs.KILLS_TO_FAIL:
+    assert [k for k, _ in killed] == [victim[0]] * min(kills, deaths.KILLS_TO_FAIL)
+    if kills < deaths.KILLS_TO_FAIL:
         assert result.excluded == [] and result.problems == []
         assert (out / NAME).read_bytes() == photos.reference
     else:

@@ -31,7 +31,7 @@ from imnet_assets.image.encode import EncodeSettings, encode_image
 from imnet_assets.release import sample_tar as sample_tar_mod
 from imnet_assets.release.outroot import read_manifest
 from imnet_assets.release.plan import write_slice
-from imnet_assets.runtime import host, workerpool
+from imnet_assets.runtime import deaths, host, workerpool
 from imnet_assets.stages import shard as shard_mod
 from imnet_assets.stages import shard_jobs as shard_jobs_mod
 from imnet_assets.stages.shard import build_shard, fingerprint
@@ -146,7 +146,7 @@ def test_memory_error_is_not_an_exclusion(photos, tmp_path, workers):
         build(out, photos.raw, workers=workers, encode=out_of_memory, log=logs.append)
     assert sorted(os.listdir(out)) == ["_plan"]
     tries = [m for m in logs if "ran out of memory on n01440764_0" in m]  # IMNET_WORKERS=1 too: its one pool worker
-    assert len(tries) == shard_jobs_mod.MEMORY_RETRIES, logs
+    assert len(tries) == deaths.MEMORY_RETRIES, logs
 
 
 def corrupt_an_image_byte(url: str, ext: str = "webp", mask: int = 0x55) -> str:
@@ -320,7 +320,7 @@ def test_an_oom_storm_retries_and_gives_the_same_shard(photos, tmp_path):
     killed: list[int] = []
     stop = threading.Event()
     killer = threading.Thread(target=kill_while_encoding,
-                              args=(pool, victim[0], shard_jobs_mod.KILLS_TO_FAIL - 1, stop, killed, 4))
+                              args=(pool, victim[0], deaths.KILLS_TO_FAIL - 1, stop, killed, 4))
     killer.start()
     logs: list[str] = []
     try:
@@ -329,10 +329,10 @@ def test_an_oom_storm_retries_and_gives_the_same_shard(photos, tmp_path):
         stop.set()
         killer.join()
     on_victim = [pid for key, pid in killed if key == victim[0]]
-    assert len(on_victim) == shard_jobs_mod.KILLS_TO_FAIL - 1 and len(killed) >= len(on_victim) + 2, killed
+    assert len(on_victim) == deaths.KILLS_TO_FAIL - 1 and len(killed) >= len(on_victim) + 2, killed
     assert not any(host.pid_alive(pid) for _, pid in killed)
     kills = [m for m in logs if "killed from outside" in m]
-    assert sum(victim[0] in m for m in kills) == shard_jobs_mod.KILLS_TO_FAIL - 1, logs
+    assert sum(victim[0] in m for m in kills) == deaths.KILLS_TO_FAIL - 1, logs
     assert len(kills) == len(killed), logs  # each kill cost a retry of its image, nothing more
     assert result.excluded == [] and result.problems == [] and result.num_samples == len(rows)
     assert (out / NAME).read_bytes() == photos.reference
@@ -353,12 +353,12 @@ def test_an_image_killed_from_outside_every_time_fails_the_run_naming_it(photos,
     killer.start()
     try:
         with pytest.raises(shard_jobs_mod.EncoderKilled, match=rf"killed from outside \(signal 9.*\) "
-                           rf"{shard_jobs_mod.KILLS_TO_FAIL} times while encoding {victim[0]} \(n01440764.tar@"):
+                           rf"{deaths.KILLS_TO_FAIL} times while encoding {victim[0]} \(n01440764.tar@"):
             build(out, photos.raw, encode=functools.partial(slow_on, victim[7], 0.3))
     finally:
         stop.set()
         killer.join()
-    assert [key for key, _ in killed] == [victim[0]] * shard_jobs_mod.KILLS_TO_FAIL
+    assert [key for key, _ in killed] == [victim[0]] * deaths.KILLS_TO_FAIL
     assert sorted(os.listdir(out)) == ["_plan"]  # no shard, no manifest, no commit record
 
 
@@ -392,16 +392,16 @@ def test_a_hung_codec_is_killed_past_the_time_limit_and_fails_its_run_alone(phot
     try:
         beside.start()
         with pytest.raises(shard_jobs_mod.EncoderKilled, match=rf"encoding {victim[0]} \(n01440764.tar@\d+\) ran past "
-                           rf"IMNET_IMAGE_TIMEOUT \(1 s\) {shard_jobs_mod.TIMEOUTS_TO_FAIL} times"):
+                           rf"IMNET_IMAGE_TIMEOUT \(1 s\) {deaths.TIMEOUTS_TO_FAIL} times"):
             build(hung_out, photos.raw, log=logs.append, encode=functools.partial(hang_on, victim[7]))
     finally:
         beside.join()
         stop.set()
         watcher.join()
     assert time.monotonic() - started < 60
-    assert sum("ran past IMNET_IMAGE_TIMEOUT" in m for m in logs) == shard_jobs_mod.TIMEOUTS_TO_FAIL, logs
+    assert sum("ran past IMNET_IMAGE_TIMEOUT" in m for m in logs) == deaths.TIMEOUTS_TO_FAIL, logs
     assert sorted(os.listdir(hung_out)) == ["_plan"]
-    assert len(seen) == shard_jobs_mod.TIMEOUTS_TO_FAIL and not any(host.pid_alive(p) for p in seen)
+    assert len(seen) == deaths.TIMEOUTS_TO_FAIL and not any(host.pid_alive(p) for p in seen)
     assert other["result"].problems == [] and (other_out / NAME).read_bytes() == photos.reference
 
 
