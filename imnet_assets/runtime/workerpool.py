@@ -119,8 +119,9 @@ class WorkerPool:
     SIGKILLed when one item (from its `mark(i)`) runs longer: `WorkerDied.timed_out`. Replies to
     jobs no longer held (failed by the dispatcher) are dropped. A job with a `hold` attribute goes
     only to a worker holding fewer than `hold` jobs (1: an idle one), and waits here till there is
-    one: a job that reads nothing ahead (the scan's) then never waits in a busy worker behind a
-    long job while another worker idles, and no more than one dies with a worker.
+    one (the jobs queued behind it go meanwhile, where they fit): a job that reads nothing ahead
+    (the scan's) then never waits in a busy worker behind a long job while another worker idles,
+    and no more than one dies with a worker.
 
     One dispatcher thread owns the sockets, never blocking on one worker (non-blocking sends and
     receives, no waits on a process); `submit` is thread-safe.
@@ -386,18 +387,42 @@ class WorkerPool:
         with self._start_lock:
             self._closing = True
 
+    def _holds(self, job) -> int:
+        """How many jobs a worker may hold for `job` to go to it (its `hold`, at most the depth)."""
+        return min(self.depth, getattr(job, "hold", None) or self.depth)
+
+    def _next_job(self) -> tuple[tuple, list] | None:
+        """The queued entry to send now, taken off the queue, and the workers it may go to; None
+        when no queued job fits a worker. The queue's head goes first; when it holds back (its
+        `hold` finds no worker with few enough jobs), the first job in queue order that fits goes
+        instead, so a held job never stalls the jobs behind it (another run's, a scan's). Called
+        with the lock held."""
+        if not self._queue:
+            return None
+        live = [w for w in self._workers if not w.retiring and len(w.tasks) < self.depth]
+        if not live:
+            return None
+        head = self._queue[0]
+        fits = [w for w in live if len(w.tasks) < self._holds(head[2])]
+        if fits:
+            return heapq.heappop(self._queue), fits
+        for entry in sorted(self._queue):  # rare: a held head and no idle-enough worker
+            fits = [w for w in live if len(w.tasks) < self._holds(entry[2])]
+            if fits:
+                self._queue.remove(entry)
+                heapq.heapify(self._queue)
+                return entry, fits
+        return None
+
     def _dispatch(self) -> None:
         import pickle
 
         while True:
             with self._lock:
-                if not self._queue:
+                picked = self._next_job()
+                if picked is None:
                     return
-                holds = min(self.depth, getattr(self._queue[0][2], "hold", self.depth))
-                free = [w for w in self._workers if not w.retiring and len(w.tasks) < holds]
-                if not free:
-                    return
-                _priority, task_id, job, fut = heapq.heappop(self._queue)
+                (_priority, task_id, job, fut), free = picked
             if not fut.set_running_or_notify_cancel():
                 continue
             w = min(free, key=lambda x: len(x.tasks))

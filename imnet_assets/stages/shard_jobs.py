@@ -77,8 +77,11 @@ BATCH = 8  # images per job sent to a worker (fewer for small shards, so every w
 # A run's last images go one a job, this many per worker: each worker holds up to `depth` jobs
 # (workerpool), so at the end of the build's last shard, when no other run fills the pool, one
 # worker could still hold several jobs of BATCH images (~0.3 s each) while the others idle. With
-# single images last, the workers end within about one image of each other.
+# single images last, the workers end within about one image of each other. A single goes only to a
+# worker holding fewer than TAIL_HOLD jobs (workerpool's `hold`): pushed into the queue of a worker
+# busy with a batch, it would wait there while another worker idles.
 TAIL_SINGLES_PER_WORKER = 8
+TAIL_HOLD = 2
 
 
 _reader: tuple[int, fs.RangeReader] | None = None
@@ -179,6 +182,7 @@ class EncodeJob:
     crash_sha256: str | None = None  # test hook, see crash_control.crash_hook
     time_limit: float | None = None  # seconds per image (IMNET_IMAGE_TIMEOUT): the pool kills a worker past it
     staged: tuple | None = None  # per row its staged_encodes.StagedRef or None (None: no row staged)
+    hold: int | None = None  # the pool sends it only to a worker holding fewer jobs (None: up to its depth)
 
     def prefetch(self, readers):
         staged = self.staged or (None,) * len(self.rows)
@@ -206,8 +210,15 @@ def encode_jobs(rows: list[SliceRow], raw_root: str, settings: EncodeSettings, w
     from imnet_assets.settings import image_timeout, test_crash_sha256
 
     crash, limit = test_crash_sha256(), image_timeout()
-    return (EncodeJob(raw_root, rows[a:b], settings, decode_every, encode, crash, limit, _part(staged, a, b))
+    tail = _tail_start(len(rows), workers)
+    return (EncodeJob(raw_root, rows[a:b], settings, decode_every, encode, crash, limit, _part(staged, a, b),
+                      TAIL_HOLD if a >= tail and workers > 1 else None)
             for a, b in job_spans(len(rows), workers))
+
+
+def _tail_start(rows: int, workers: int) -> int:
+    """Where the run's single-image tail starts (rows: none, for one worker)."""
+    return rows - min(rows, TAIL_SINGLES_PER_WORKER * workers) if workers > 1 else rows
 
 
 def job_spans(rows: int, workers: int) -> Iterator[tuple[int, int]]:
@@ -215,7 +226,7 @@ def job_spans(rows: int, workers: int) -> Iterator[tuple[int, int]]:
     one worker, the last TAIL_SINGLES_PER_WORKER * workers rows one a job (one worker has no other
     to end with)."""
     batch = _batch_size(rows, max(workers, 1))
-    tail = rows - min(rows, TAIL_SINGLES_PER_WORKER * workers) if workers > 1 else rows
+    tail = _tail_start(rows, workers)
     for a in range(0, tail, batch):
         yield a, min(a + batch, tail)
     for a in range(tail, rows):
@@ -234,7 +245,9 @@ def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettin
     """(row, prepare_sample's result) per row, in plan order.
 
     Jobs of a few rows go to this process's shared worker pool (workerpool.shared_pool), at most
-    `workers * pool.depth` jobs ahead of the consumer, so memory stays bounded. A worker that dies
+    `workers * pool.depth * BATCH` images ahead of the consumer, so memory stays bounded (counted in
+    images, not jobs: the single-image jobs of the tail then keep every worker fed while the oldest
+    job, a batch, is still encoding). A worker that dies
     costs a retry of its jobs (see `_settle` for which deaths exclude an image, which fail the
     run); an image that runs past IMNET_IMAGE_TIMEOUT gets its worker killed. IMNET_WORKERS=1 is a
     pool of one worker, never this process: an image that crashes or hangs the codec, or a kill
@@ -248,6 +261,7 @@ def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettin
     pool = shared_pool(workers)
     passed: set = set()  # control kinds whose control passed in this run (crash_control.settle_crash)
     window: collections.deque = collections.deque()
+    in_window, most = 0, workers * pool.depth * BATCH  # images
     ahead = collections.deque(ahead or ())
     try:
         for job in jobs:
@@ -257,7 +271,9 @@ def prepared_samples(rows: list[SliceRow], raw_root: str, settings: EncodeSettin
                 while ahead:
                     ahead.popleft()[1].cancel()
                 window.append((job, pool.submit(job, priority)))
-            if len(window) >= workers * pool.depth:
+            in_window += len(job.rows)
+            if in_window >= most:
+                in_window -= len(window[0][0].rows)
                 yield from _settle(pool, *window.popleft(), log, priority, passed)
         while window:
             yield from _settle(pool, *window.popleft(), log, priority, passed)

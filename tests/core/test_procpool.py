@@ -120,6 +120,28 @@ def test_a_job_held_by_idle_workers_only_never_waits_behind_a_long_one():
     assert {pid for _, pid in ran} == set(pool.pids()) - {long_pid}  # all on the other worker
 
 
+def test_a_held_job_at_the_queues_head_does_not_stall_the_jobs_behind_it():
+    """With both workers busy, a `hold` 1 job at the head of the queue waits for an idle worker, but
+    the jobs queued behind it (another run's, of a higher priority number) still go to the workers'
+    free slots meanwhile, instead of waiting behind it; the held job runs once a worker is idle."""
+    pool = workerpool.WorkerPool(2, depth=4)
+    busy = [pool.submit(StampJob(f"busy-{i}", 1.5), 1) for i in range(2)]
+    deadline = time.monotonic() + 60
+    while not all(f.running() for f in busy) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(f.running() for f in busy)
+    held = pool.submit(IdleOnlyJob("held", 0.0), 1)
+    behind = [pool.submit(StampJob(f"behind-{i}"), 2) for i in range(4)]
+    deadline = time.monotonic() + 60
+    while not all(f.running() for f in behind) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(f.running() for f in behind) and not held.running()  # sent to the busy workers' free slots
+    ends = [f.result(timeout=60)[1] for f in busy]
+    held_name, held_pid = held.result(timeout=60)
+    assert held_name == "held" and held_pid in pool.pids()
+    assert all(f.result(timeout=60)[1] >= min(ends) for f in behind)
+
+
 def test_worker_pool_serves_the_oldest_runs_jobs_first():
     """Shard runs sharing the pool are served by priority (next_priority: oldest run first), then
     in submission order: a younger run's jobs wait while an older run has jobs queued."""

@@ -486,3 +486,10 @@ def test_a_runs_jobs_cover_its_rows_in_order_and_end_one_image_a_job(rows, worke
     assert sizes[len(sizes) - singles:] == [1] * singles
     if workers == 1:
         assert sizes[:-1] == [shard_jobs_mod._batch_size(rows, 1)] * (len(sizes) - 1)
+    # the singles go only to a worker with a free hand (workerpool's `hold`), never queued behind a batch
+    rows_of = [types.SimpleNamespace(position=i) for i in range(rows)]
+    jobs = list(shard_jobs_mod.encode_jobs(rows_of, "/nowhere", EncodeSettings(), workers, 16))
+    assert [len(j.rows) for j in jobs] == sizes
+    holds = [j.hold for j in jobs]
+    assert holds[len(holds) - singles:] == [shard_jobs_mod.TAIL_HOLD] * singles
+    assert holds[:len(holds) - singles] == [None] * (len(holds) - singles)
