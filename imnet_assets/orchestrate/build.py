@@ -320,7 +320,8 @@ class Build:
                      "makes Dagster reconfigure logging per run, which concurrent runs in one process cannot share)")
             runs = 1
         if runs > 1:
-            self.say(f"  {label(r)}wds_shards: {runs} shard runs at once, {self.settings.workers} workers each")
+            self.say(f"  {label(r)}wds_shards: {runs} shard runs at once, sharing {self.settings.workers} encode "
+                     f"worker{'s' if self.settings.workers != 1 else ''}")
         # The encode workers (and their forkserver's imports) start now, while the first runs are
         # being set up in Dagster, instead of when the first run asks for them (IMNET_WORKERS=1 too:
         # one pool worker, shard_jobs.prepared_samples).

@@ -53,7 +53,7 @@ def shard_runs(env) -> dict[str, str]:
 def test_two_shard_runs_at_once_each_a_dagster_run(planned, tmp_path):
     env = copy_of(planned, tmp_path)
     out = imnet(["build", "--parallel", "2"], env).stdout
-    assert "wds_shards: 2 shard runs at once, 1 workers each" in out, out
+    assert "wds_shards: 2 shard runs at once, sharing 1 encode worker\n" in out, out
     assert all(f"shard {k}: " in out for k in KEYS) and "shard_audit      ok" in out, out
     assert shard_runs(env) == dict.fromkeys(KEYS, "SUCCESS")
     assert shard_files(env) == KEYS
