@@ -201,8 +201,10 @@ class LatencyProxy:
         return fault
 
     def clear_faults(self) -> None:
+        """No more faults: the injected ones end and the answers `fail` queued are dropped."""
         with self._lock:
             self.faults.clear()
+            self._failures.clear()
 
     def _fault_for(self, method: str, target: str, headers: dict) -> Fault | None:
         with self._lock:

@@ -22,8 +22,9 @@ and connection faults (refused, reset, cut bodies) back off with full jitter unt
 (IMNET_STORAGE_RETRY_SECONDS, default 300 s); a request that times out (connect 10 s, answer 15 s)
 or gets no connection at all (refused, no such host) is tried again only while the first attempt
 is less than TIMEOUT_RETRY_WITHIN old, so a silent or wrong endpoint fails within a minute, naming it; a refusal (403) is tried twice more (a credential being
-rotated), then raised; anything else (a certificate the CA bundle does not vouch for, a bad request)
-is raised at once.
+rotated), then raised; a certificate the CA bundle does not vouch for, or a bucket in another region
+than the one configured (S3 answers 301; obstore does not follow it as botocore does, so the error says
+to set AWS_REGION), is raised at once; anything else is tried OTHER_ATTEMPTS times.
 """
 
 from __future__ import annotations
@@ -74,14 +75,18 @@ _CERTIFICATE = re.compile(r"invalid peer certificate|UnknownIssuer|CERTIFICATE_V
                           r"SSL validation failed|SSLError|NotValidForName", re.IGNORECASE)
 _CONNECTION = re.compile(r"connect|reset|closed|broken pipe|incomplete|error sending request|error decoding|"
                          r"body|premature|short read|end of file|EOF|payload", re.IGNORECASE)
+# S3's answer to a request sent to another region than the bucket's (obstore does not follow it, as
+# botocore does: it names no Location)
+_REDIRECTED = re.compile(r"redirect without LOCATION|status code: 301\b|\(301\)|PermanentRedirect|incorrectly configured region",
+                         re.IGNORECASE)
 _REFUSED = re.compile(r"status code: 40[13]\b|\(40[13]\)|AccessDenied|Forbidden|InvalidAccessKeyId|SignatureDoesNotMatch|"
                       r"ExpiredToken|Unauthenticated|PermissionDenied", re.IGNORECASE)
 
 
 def fault_kind(e: BaseException) -> str:
     """What kind of failure `e` is, for `Retry`: "missing", "certificate", "timeout",
-    "unreachable" (no connection at all), "throttled", "refused", "connection" (one broken
-    mid-request) or "other"."""
+    "unreachable" (no connection at all), "throttled", "refused", "redirect" (the bucket is in another
+    region), "connection" (one broken mid-request) or "other"."""
     text = f"{type(e).__name__}: {brief(e)}"  # not obstore's debug dump (it names every setting)
     if isinstance(e, FileNotFoundError):
         return "missing"
@@ -95,6 +100,8 @@ def fault_kind(e: BaseException) -> str:
         return "throttled"
     if isinstance(e, PermissionError) or _REFUSED.search(text):
         return "refused"
+    if _REDIRECTED.search(text):
+        return "redirect"
     if isinstance(e, (ConnectionError, ShortRead)) or _CONNECTION.search(text):
         return "connection"
     return "other"
@@ -140,7 +147,7 @@ class Retry:
             again = self.kinds[kind] < REFUSALS
         elif kind == "other":
             again = self.kinds[kind] < OTHER_ATTEMPTS
-        else:  # a missing object, a certificate nobody vouches for: asking again changes nothing
+        else:  # a missing object, a certificate nobody vouches for, another region: asking again changes nothing
             again = False
         if not again:
             raise self.gave_up(e, kind) from e
@@ -166,6 +173,9 @@ class Retry:
         elif kind in ("throttled", "connection"):
             hint = (f"throttled or broken connections, retried for up to {retry_seconds():.0f} s "
                     f"({RETRY_SECONDS_VARIABLE}): check AWS_ENDPOINT_URL and the network")
+        elif kind == "redirect":
+            hint = (f"the bucket is in another region than {_region()}, the one these requests were signed for: "
+                    "set AWS_REGION to the bucket's region (`aws s3api get-bucket-location --bucket NAME`)")
         elif kind == "refused":
             hint = ("the storage refused the credentials: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                     "(or the machine's role) and the bucket's policy")

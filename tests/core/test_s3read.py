@@ -121,6 +121,22 @@ def test_a_refusal_is_tried_again_then_named(proxied):
         fs.read_range(url, 3, 4)
 
 
+def test_a_bucket_in_another_region_fails_at_once_saying_to_set_aws_region(proxied):
+    """S3 answers a request signed for another region than the bucket's with 301 and the bucket's
+    region in x-amz-bucket-region; obstore does not follow it (botocore does): the read fails at
+    once, without spending the retry budget, telling what to set."""
+    server, proxy = proxied
+    url = _put(server, "winter21/eu.tar", b"abcdefghij" * 10)
+    proxy.fail(301, times=5, headers={"x-amz-bucket-region": "eu-west-1"})
+    started = time.monotonic()
+    with environ(AWS_REGION="us-east-1"), pytest.raises(fs.StorageError, match="another region than us-east-1") as got:
+        fs.read_range(url, 3, 4)
+    assert "set AWS_REGION" in str(got.value) and "1 attempt " in str(got.value), got.value
+    assert time.monotonic() - started < 5
+    proxy.clear_faults()  # the 4 answers left
+    assert fs.read_range(url, 3, 4) == b"defg"
+
+
 def test_a_silent_endpoint_fails_within_a_minute_naming_it(s3):  # noqa: F811
     with SilentEndpoint() as silent, environ(AWS_ENDPOINT_URL=silent.endpoint):
         started = time.monotonic()
