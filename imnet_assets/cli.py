@@ -283,25 +283,15 @@ class _Progress:
 
 def _verify_info(s: Settings, shards: list[dict]) -> list[str]:
     """`_info.json` is exactly the document the catalog's shards give: the same shards, in order,
-    in the same splits, with their sample counts and totals."""
-    import json
+    in the same splits, with their sample counts and totals (the audit's check, stages.audit.check_info,
+    with the catalog's counts)."""
+    from imnet_assets.stages.audit import check_info
 
-    from imnet_assets.release.info import info_document
-    from imnet_assets.stages.audit import info_differences
-    from imnet_assets.storage import fs
-
-    url = fs.join(s.out_root, "_info.json")
-    if not fs.exists(url):
-        return [f"{url} is missing"]
-    try:
-        doc = json.loads(fs.read_bytes(url))
-    except ValueError as e:
-        return [f"{url} is not JSON ({e})"]
     lengths = {sh["shard"]: sh["num_samples"] for sh in shards}
     if sorted(lengths) != s.partition_keys:
         return [f"the catalog records {len(lengths)} shards, the plan under {s.out_root} has "
                 f"{s.num_shards}: run `imnet build`"]
-    return info_differences(doc, info_document(s, lengths))
+    return check_info(s, lengths)
 
 
 def _as_built(s: Settings) -> Settings:

@@ -338,10 +338,13 @@ def check_info(settings: Settings, lengths: dict[str, int] | None = None) -> lis
     """`_info.json` is exactly the document the shards' manifests give (names, order, splits,
     lengths, totals). `lengths`: shard key -> samples as the audit loaded them from the manifests
     (AuditReport.lengths), so that no manifest is read twice; else the manifests are read (at once)."""
+    url = info_url(settings)
     try:
-        doc = json.loads(fs.read_bytes(info_url(settings)))
-    except (FileNotFoundError, OSError, ValueError) as e:
-        return [f"_info.json unreadable: {e}"]
+        doc = json.loads(fs.read_bytes(url))
+    except FileNotFoundError:
+        return [f"{url} is missing"]
+    except (OSError, ValueError) as e:
+        return [f"{url} unreadable: {e}"]
     if lengths is None or set(lengths) != set(settings.partition_keys):
         urls = {key: manifest_url(settings.out_root, key) for key in settings.partition_keys}
         docs = fs.read_json_many(list(urls.values()))
