@@ -442,19 +442,10 @@ def main(argv: list[str] | None = None) -> int:
         # the project's .env under the environment, for this process and what it starts (DAGSTER_HOME, AWS_*)
         apply_env_file()
         return args.func(args)
-    except CatalogDamaged as e:  # one line: the file and the recovery
-        print(f"imnet: {e}", file=sys.stderr)
-        return 1
     except SettingsError as e:
         print(f"imnet: configuration error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
-        print(f"imnet: {e}", file=sys.stderr)
-        return 1
-    except StorageError as e:
-        print(f"imnet: {e}", file=sys.stderr)
-        return 1
-    except OutRootBusy as e:
+    except (CatalogDamaged, FileNotFoundError, StorageError, OutRootBusy) as e:  # each one line saying what to do
         print(f"imnet: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `imnet status | head`: the reader has gone; say nothing more
