@@ -6,13 +6,15 @@ this process's WorkerPool (runtime/workerpool.py), never in the stage's own proc
 crashes on one eval image's bytes would otherwise end the filtered index's process at every rerun.
 
 Jobs: EVAL_BATCH images each, an image being a byte range of an object: a plain file whole, or one
-member of an eval tar. An eval tar is first walked in a worker (`TarMembersJob`: its headers only,
-nothing decoded) into its members' offsets and sizes, so the 50,000 images of one tar of the
+member of an eval tar. An eval tar is first walked in a worker (`TarMembersJob`: the raw tars' walk,
+storage/rawtar.py, its headers only, nothing decoded; what of it is no member is logged, and a .tar
+that is no tar is hashed as one file) into its members' offsets and sizes, so the 50,000 images of one tar of the
 ImageNet validation set are hashed by all workers at once, in jobs of EVAL_BATCH, and a death
 repeats one job, not the tar. A job's reads start as it reaches its worker (`prefetch`: one exact
 ranged read per image in the worker's reader threads, up to the pool's `depth` jobs ahead), so at
-20 ms a request the reads keep ahead of the decoding. (A remote tar is so read twice: its walk, then
-its members; the walk reads no image twice in memory and the set is hashed once per change of it.)
+20 ms a request the reads keep ahead of the decoding. (A remote tar is so read twice, its walk with
+ranged reads in flight, then its members; a local one's walk reads its headers from a memory map. The
+set is hashed once per change of it.)
 
 A worker marks each image twice in the pool's slot: `reading` (no time limit) and `decoding` (the
 sha256 and the pHash; IMNET_IMAGE_TIMEOUT). A death says whose it is (`_hashed`), counted by
@@ -38,7 +40,6 @@ import collections
 import dataclasses
 import functools
 import hashlib
-import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -63,7 +64,7 @@ from imnet_assets.stages.scan_pool import (
     environment,
 )
 from imnet_assets.storage import fs
-from imnet_assets.storage.prefetch import PrefetchedFile
+from imnet_assets.storage.rawtar import Damage, iter_tar
 
 preload(__name__)  # the forkserver imports this module once for all workers
 
@@ -133,31 +134,33 @@ class EvalJob:
 
 @dataclass
 class TarMembersJob:
-    """An eval tar's regular members as items (offsets from its headers; nothing decoded), or None
-    when it is no readable plain tar (it is then hashed as one file)."""
+    """An eval tar's regular members as items, and what of it is no member (rawtar.Damage: offset,
+    reason), from one walk of its headers (storage/rawtar.py; nothing decoded). A local tar is
+    memory-mapped unless `mapped` is off (after a death while walking it: a read error under a map
+    is a SIGBUS)."""
 
     name: str
     url: str
     size: int
+    mapped: bool = True
     env: tuple[tuple[str, str], ...] = ()
 
     def prefetch(self, readers):
         return None
 
-    def run(self, _state, mark) -> list[Item] | None:
+    def run(self, _state, mark) -> tuple[list[Item], list[tuple[int, str]]]:
         adopt(self.env)
         mark(0, timed=False)
-        if fs.is_remote(self.url):
-            f = PrefetchedFile(self.url, self.size, depth=8)
-        else:
-            f = open(fs.filesystem(self.url)[1], "rb", buffering=1 << 20)  # noqa: SIM115 - closed below
-        try:
-            with tarfile.open(fileobj=f, mode="r|") as tar:
-                return [(f"{self.name}/{m.name}", self.url, m.offset_data, m.size, False) for m in tar if m.isreg()]
-        except tarfile.TarError:
-            return None
-        finally:
-            f.close()
+        members: list[Item] = []
+        damage: list[tuple[int, str]] = []
+        remote = fs.is_remote(self.url)
+        for m in iter_tar(self.url, "eval tar", views=True, mapped=self.mapped and not remote, size=self.size,
+                          depth=8 if remote else None):
+            if isinstance(m, Damage):
+                damage.append((m.offset, m.reason))
+            else:
+                members.append((f"{self.name}/{m.name}", self.url, m.offset, m.size, False))
+        return members, damage
 
 
 @dataclass
@@ -189,7 +192,7 @@ def hash_eval(listing: list[dict], workers: int, log: Callable[[str], None] = la
     limit = image_timeout() if time_limit is None else time_limit
     fault, env = test_index_fault(), environment()
     passed: set[ControlKind] = set()  # kinds whose control got its pHash in a worker
-    tars = {e["url"]: pool.submit(TarMembersJob(e["name"], e["url"], e["size"], env)) for e in listing
+    tars = {e["url"]: pool.submit(TarMembersJob(e["name"], e["url"], e["size"], env=env)) for e in listing
             if e["name"].lower().endswith(TAR_SUFFIXES)}
     window: collections.deque = collections.deque()
     done = 0
@@ -236,22 +239,29 @@ def _items(pool: WorkerPool, listing: list[dict], tars: dict, env, log: Callable
 
 
 def _members(pool: WorkerPool, entry: dict, future, env, log: Callable[[str], None]) -> list[Item] | None:
-    """The tar's members (TarMembersJob), its walk run again after a death of its worker."""
+    """The tar's members (TarMembersJob), its walk run again (without a map) after a death of its
+    worker; None when it holds none and is no tar (it is then hashed as one file, as any file)."""
     deaths: list[str] = []
     while True:
         try:
-            members = future.result()
-            if members is None:
-                log(f"eval file {entry['name']} is not a readable tar: hashed as one file")
-            return members
+            members, damage = future.result()
+            break
         except WorkerDied as died:
             deaths.append(died.named)
             if len(deaths) >= READ_DEATHS_TO_FAIL:
                 raise ScanReadDied(f"the process reading eval tar {entry['name']} died {len(deaths)} times "
                                    f"({', '.join(deaths)}); nothing was recorded. Check the storage, and build "
                                    "again") from None
-            log(f"the process reading eval tar {entry['name']} died ({died.named}); reading it again")
-            future = pool.submit(TarMembersJob(entry["name"], entry["url"], entry["size"], env), AFTER_DEATH)
+            log(f"the process reading eval tar {entry['name']} died ({died.named}); reading it again without a "
+                "memory map in a fresh process")
+            job = TarMembersJob(entry["name"], entry["url"], entry["size"], False, env)
+            future = pool.submit(job, AFTER_DEATH)
+    if not members and damage:
+        log(f"eval file {entry['name']} is not a readable tar ({damage[0][1]}): hashed as one file")
+        return None
+    for _offset, reason in damage:  # visible: eval images there are not hashed
+        log(f"eval tar {entry['name']}: {reason}; its {len(members)} readable members are hashed, not this part")
+    return members
 
 
 def _hashed(pool: WorkerPool, job: EvalJob, future, passed: set, log: Callable[[str], None]) -> list[Row]:

@@ -210,3 +210,56 @@ def test_a_read_that_keeps_failing_fails_the_stage_naming_the_eval_file(rel, s3_
     monkeypatch.setenv("IMNET_STORAGE_RETRY_SECONDS", "2")
     with pytest.raises(fs.StorageError, match=NEAR_VICTIM):
         list(hash_eval_set(listing, 1, lambda _m: None))
+
+
+def test_a_death_in_a_tar_of_eval_images_repeats_one_job_not_the_tar(rel, undisturbed, monkeypatch):
+    """A tar's members are hashed in jobs of EVAL_BATCH (here 1): the kill repeats the victim's job only."""
+    monkeypatch.setattr(eval_pool, "EVAL_BATCH", 1)
+    pool = shared_pool(2)
+    sent: list[list[str]] = []
+    submit = type(pool).submit
+
+    def recording(self, job, priority=0):
+        if isinstance(job, eval_pool.EvalJob):
+            sent.append([item[0] for item in job.items])
+        return submit(self, job, priority)
+
+    monkeypatch.setattr(type(pool), "submit", recording)
+    monkeypatch.setenv("IMNET_TEST_INDEX_FAULT", f"slow-phash:{sha(rel, TAR_VICTIM)}")
+    killer, killed = while_hashing(TAR_VICTIM, lambda pid: os.kill(pid, 9))
+    try:
+        got = sorted(hash_eval_set(eval_listing(str(rel.eval)), 2, lambda _m: None))
+    finally:
+        killer.join()
+    assert len(killed) == 1 and got == undisturbed[1]
+    assert all(len(items) == 1 for items in sent)  # each of the tar's members a job of its own
+    retried = {n for [n] in sent if sent.count([n]) > 1}
+    # the victim's job again, and at most the jobs queued in the killed worker behind it (pool depth)
+    assert TAR_VICTIM in retried and len(retried) <= 1 + pool.depth, sent
+
+
+def test_a_damaged_eval_tar_is_said_and_its_readable_members_hashed(tmp_path):
+    from tests.core.test_shard import write_raw_tar
+
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    images = [(f"m{i}.JPEG", _photo_bytes(i)) for i in range(3)]
+    write_raw_tar(ev / "cut.tar", images)
+    whole = (ev / "cut.tar").read_bytes()
+    (ev / "cut.tar").write_bytes(whole[: whole.index(images[2][1]) + 100])  # cut inside the third image
+    (ev / "no.tar").write_bytes(b"not a tar at all\n" * 40)
+    logs: list[str] = []
+    got = sorted(hash_eval_set(eval_listing(str(ev)), 1, logs.append))
+    assert [(f, s) for f, s, _p, _w in got] == [
+        ("cut.tar/m0.JPEG", hashlib.sha256(images[0][1]).hexdigest()),
+        ("cut.tar/m1.JPEG", hashlib.sha256(images[1][1]).hexdigest()),
+        ("no.tar", hashlib.sha256((ev / "no.tar").read_bytes()).hexdigest())]
+    assert got[0][2] is not None and got[2][2] is None and got[2][3].startswith("does not decode: ")
+    assert any(m.startswith("eval tar cut.tar: truncated eval tar cut.tar: member data cut at byte") for m in logs), logs
+    assert any(m.startswith("eval file no.tar is not a readable tar (") for m in logs), logs
+
+
+def _photo_bytes(seed: int) -> bytes:
+    from tests.core.test_features import _photo
+
+    return _photo(7000 + seed)
