@@ -257,7 +257,7 @@ def _members(pool: WorkerPool, entry: dict, future, env, log: Callable[[str], No
             job = TarMembersJob(entry["name"], entry["url"], entry["size"], False, env)
             future = pool.submit(job, AFTER_DEATH)
     if not members and damage:
-        log(f"eval file {entry['name']} is not a readable tar ({damage[0][1]}): hashed as one file")
+        log(f"eval file {entry['name']} holds no member ({damage[0][1]}): hashed as one file")
         return None
     for _offset, reason in damage:  # visible: eval images there are not hashed
         log(f"eval tar {entry['name']}: {reason}; its {len(members)} readable members are hashed, not this part")

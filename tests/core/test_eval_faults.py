@@ -256,10 +256,25 @@ def test_a_damaged_eval_tar_is_said_and_its_readable_members_hashed(tmp_path):
         ("no.tar", hashlib.sha256((ev / "no.tar").read_bytes()).hexdigest())]
     assert got[0][2] is not None and got[2][2] is None and got[2][3].startswith("does not decode: ")
     assert any(m.startswith("eval tar cut.tar: truncated eval tar cut.tar: member data cut at byte") for m in logs), logs
-    assert any(m.startswith("eval file no.tar is not a readable tar (") for m in logs), logs
+    assert any(m.startswith("eval file no.tar holds no member (truncated or damaged eval tar no.tar: ") for m in logs), logs
 
 
 def _photo_bytes(seed: int) -> bytes:
     from tests.core.test_features import _photo
 
     return _photo(7000 + seed)
+
+
+def test_a_catalog_made_before_the_reasons_gains_the_column_and_counts_its_rows_unrecorded(tmp_path):
+    from imnet_assets.storage.catalog import Catalog
+
+    path = str(tmp_path / "old.duckdb")
+    with duckdb.connect(path) as con:  # eval_images as it was before `no_phash`
+        con.execute("CREATE TABLE eval_images (file VARCHAR NOT NULL, sha256 VARCHAR NOT NULL, phash BIGINT)")
+        con.execute("INSERT INTO eval_images VALUES ('a.JPEG', 'aa', 5), ('b.txt', 'bb', NULL)")
+    with Catalog(path) as cat:
+        facts = cat.one("eval_summary")
+        assert cat.rows("catalog_tables") and cat.con.execute(
+            "SELECT file, no_phash FROM eval_images ORDER BY file").fetchall() == [("a.JPEG", None), ("b.txt", None)]
+    assert (facts["images"], facts["no_phash"], facts["unrecorded"], facts["undecodable"]) == (2, 1, 1, 0)
+    assert no_phash_said(facts) == "1 of 2 eval images have no pHash (1 hashed before reasons were recorded)"
