@@ -28,7 +28,7 @@ runtime/deaths.py as the scan counts it:
 - decoding, killed from outside, past the time limit, or out of memory (a MemoryError in the pHash
   exits the worker): retried in a fresh process, then the stage fails naming the file (ScanKilled,
   ScanOutOfMemory): never a missing pHash;
-- reading: the storage's, retried in a fresh process, READ_DEATHS_TO_FAIL times; a read that fails
+- reading: the storage's, retried in a fresh process, deaths.READ_DEATHS_TO_FAIL times; a read that fails
   (a cut or reset body, a 503: storage/s3read.py reads again, then StorageError) or returns another
   size than listed fails the stage naming the file: never a wrong sha256, never "no pHash";
 - no image marked (the job was queued in the worker): retried (MAX_JOB_RETRIES).
@@ -55,7 +55,6 @@ from imnet_assets.settings import image_timeout, test_index_fault
 from imnet_assets.stages.crash_control import settle_crash_of
 from imnet_assets.stages.scan_pool import (
     AFTER_DEATH,
-    READ_DEATHS_TO_FAIL,
     WINDOW,
     ScanKilled,
     ScanOutOfMemory,
@@ -241,17 +240,17 @@ def _items(pool: WorkerPool, listing: list[dict], tars: dict, env, log: Callable
 def _members(pool: WorkerPool, entry: dict, future, env, log: Callable[[str], None]) -> list[Item] | None:
     """The tar's members (TarMembersJob), its walk run again (without a map) after a death of its
     worker; None when it holds none and is no tar (it is then hashed as one file, as any file)."""
-    deaths: list[str] = []
+    deaths = DeathCount()
     while True:
         try:
             members, damage = future.result()
             break
         except WorkerDied as died:
-            deaths.append(died.named)
-            if len(deaths) >= READ_DEATHS_TO_FAIL:
-                raise ScanReadDied(f"the process reading eval tar {entry['name']} died {len(deaths)} times "
-                                   f"({', '.join(deaths)}); nothing was recorded. Check the storage, and build "
-                                   "again") from None
+            death = deaths.count(died, entry["name"] if died.culprit is not None else None, reading=True)
+            if death.fails:
+                raise ScanReadDied(death.say("the process reading eval tar {tar} died {count} times ({nameds}); "
+                                             "nothing was recorded. Check the storage, and build again",
+                                             tar=entry["name"])) from None
             log(f"the process reading eval tar {entry['name']} died ({died.named}); reading it again without a "
                 "memory map in a fresh process")
             job = TarMembersJob(entry["name"], entry["url"], entry["size"], False, env)
@@ -267,7 +266,6 @@ def _members(pool: WorkerPool, entry: dict, future, env, log: Callable[[str], No
 def _hashed(pool: WorkerPool, job: EvalJob, future, passed: set, log: Callable[[str], None]) -> list[Row]:
     """The job's rows, running it again after worker deaths as the module's docstring says."""
     deaths = DeathCount()
-    reads: dict[int, list[str]] = collections.defaultdict(list)
     while True:
         try:
             return future.result()
@@ -285,14 +283,14 @@ def _hashed(pool: WorkerPool, job: EvalJob, future, passed: set, log: Callable[[
                                                "again", first=first, last=last)) from None
             elif not died.culprit & 1:
                 i = died.culprit >> 1
-                reads[i].append(died.named)
                 name = job.items[i][0]
+                death = deaths.count(died, i, reading=True)
                 log(f"an eval hashing process died ({died.named}) reading eval file {name}: not the image's fault; "
                     "reading it again in a fresh process")
-                if len(reads[i]) >= READ_DEATHS_TO_FAIL:
-                    raise ScanReadDied(f"the eval set's hashing process died {len(reads[i])} times "
-                                       f"({', '.join(reads[i])}) reading eval file {name}; nothing was recorded. "
-                                       "Check the storage, and build again") from None
+                if death.fails:
+                    raise ScanReadDied(death.say("the eval set's hashing process died {count} times ({nameds}) "
+                                                 "reading eval file {name}; nothing was recorded. Check the storage, "
+                                                 "and build again", name=name)) from None
             else:
                 i = died.culprit >> 1
                 where = f"eval file {job.items[i][0]}"
