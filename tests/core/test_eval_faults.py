@@ -278,3 +278,44 @@ def test_a_catalog_made_before_the_reasons_gains_the_column_and_counts_its_rows_
             "SELECT file, no_phash FROM eval_images ORDER BY file").fetchall() == [("a.JPEG", None), ("b.txt", None)]
     assert (facts["images"], facts["no_phash"], facts["unrecorded"], facts["undecodable"]) == (2, 1, 1, 0)
     assert no_phash_said(facts) == "1 of 2 eval images have no pHash (1 hashed before reasons were recorded)"
+
+
+def test_a_worker_killed_while_reading_an_eval_file_or_walking_an_eval_tar_reads_it_again(rel, undisturbed,
+                                                                                          s3_eval):
+    """Slow storage (300 ms a request) leaves a window: the walk of pack.tar and the read of the first
+    eval file are each killed once from outside; both are the storage's deaths, read again: the same rows."""
+    url, proxy = s3_eval
+    listing = eval_listing(url)
+    first = listing[0]["name"]  # the first image of the only job: its worker waits for its read first
+    proxy.latency = 0.3
+    pool = shared_pool(2)
+    killed: dict[str, int] = {}
+
+    def watch() -> None:
+        deadline = time.monotonic() + 60
+        while len(killed) < 2 and time.monotonic() < deadline:
+            for pid, job, at in pool.working_on():
+                if isinstance(job, eval_pool.TarMembersJob) and "walk" not in killed:
+                    what = "walk"
+                elif (isinstance(job, eval_pool.EvalJob) and not at & 1 and job.items[at >> 1][0] == first
+                      and "read" not in killed):
+                    what = "read"
+                else:
+                    continue
+                os.kill(pid, 9)
+                killed[what] = pid
+                break
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=watch)
+    killer.start()
+    logs: list[str] = []
+    try:
+        got = sorted(hash_eval_set(listing, 2, logs.append))
+    finally:
+        killer.join()
+    assert sorted(killed) == ["read", "walk"]
+    assert got == undisturbed[1]
+    assert any("the process reading eval tar pack.tar died (signal 9 (SIGKILL))" in m for m in logs), logs
+    assert any(f"died (signal 9 (SIGKILL)) reading eval file {first}: not the image's fault" in m
+               for m in logs), logs
