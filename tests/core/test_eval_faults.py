@@ -9,8 +9,11 @@ nested folders and a tar, real catalogs, moto's S3 server behind the fault-injec
 - a worker killed from outside while hashing costs a retry: the same catalog;
 - a MemoryError or a hang past IMNET_IMAGE_TIMEOUT is retried in fresh processes, then fails the
   stage naming the eval file: never a missing pHash;
-- a body cut short or a connection reset while an eval file or an eval tar is read is read again:
-  the same rows as the local folder; a fault that lasts fails the stage naming the file.
+- a body cut short, a connection reset or a 503 while an eval file or an eval tar is read, or a
+  worker killed while reading a file or walking a tar, is read again: the same rows as the local
+  folder; a fault that lasts fails the stage naming the file;
+- a tar of eval images is hashed in jobs (a death repeats one); a damaged one is said in the log;
+- a catalog made before `eval_images.no_phash` gains it, its rows counted as reason unrecorded.
 """
 
 from __future__ import annotations
