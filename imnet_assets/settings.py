@@ -38,14 +38,16 @@ def crash_hook_hits(hook: str | None, sha256: str) -> bool:
     return hook is not None and hook in (sha256, CRASH_EVERY)
 
 
-INDEX_FAULTS = ("crash", "memory-probe", "memory-phash", "hang", "slow")  # IMNET_TEST_INDEX_FAULT's faults
+# IMNET_TEST_INDEX_FAULT's faults (image/faults.py); the `-phash` ones are met in the pHash (raw and eval images)
+INDEX_FAULTS = ("crash", "memory-probe", "memory-phash", "hang", "slow", "crash-phash", "hang-phash", "slow-phash")
 
 
 def test_index_fault(env: dict | None = None) -> str | None:
     """Test hook IMNET_TEST_INDEX_FAULT=<fault>:<sha256> (or `<fault>:*`: every image, the known-good
-    control images included): the index's scan worker meets that fault on the raw image of that
-    sha256 (image/faults.py: a real SIGSEGV, a MemoryError raised inside the probe or the pHash, a
-    hang, a pause). Only ever in a scan worker process. Never set it in production."""
+    control images included): the index's scan worker, or the eval set's hashing worker, meets that
+    fault on the raw or eval image of that sha256 (image/faults.py: a real SIGSEGV, a MemoryError
+    raised inside the probe or the pHash, a hang, a pause). Only ever in a pool worker process.
+    Never set it in production."""
     value = (os.environ if env is None else env).get("IMNET_TEST_INDEX_FAULT") or None
     if value is not None and value.partition(":")[0] not in INDEX_FAULTS:
         raise SettingsError(f"IMNET_TEST_INDEX_FAULT={value!r}: expected <fault>:<sha256 or *>, the fault one of "

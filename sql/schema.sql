@@ -118,6 +118,10 @@ CREATE TABLE IF NOT EXISTS eval_images (
     sha256 VARCHAR NOT NULL,
     phash BIGINT                  -- NULL when the file does not decode as an image
 );
+-- Why an eval image has no pHash (NULL when it has one): "does not decode: ...", "too large: ...",
+-- "crashed the pHash's process 2 times (...)" (stages/eval_pool.py). Added by ALTER so a catalog made
+-- before it gains it (its rows then NULL: counted as "unrecorded" by sql/eval_summary.sql).
+ALTER TABLE eval_images ADD COLUMN IF NOT EXISTS no_phash VARCHAR;
 CREATE TABLE IF NOT EXISTS eval_overlaps (
     key VARCHAR NOT NULL,
     tar VARCHAR NOT NULL,

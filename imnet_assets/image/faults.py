@@ -1,16 +1,19 @@
-"""Test hook of the index's scan workers (IMNET_TEST_INDEX_FAULT, settings.test_index_fault): a real
-fault met on one raw image's decode, in a worker process only, so tests cause what SPEC "Failure
-behaviour" is about instead of imitating it.
+"""Test hook of the index's scan workers and the eval set's hashing workers (IMNET_TEST_INDEX_FAULT,
+settings.test_index_fault): a real fault met on one raw or eval image's decode, in a worker process
+only, so tests cause what SPEC "Failure behaviour" is about instead of imitating it.
 
-`arm(hook)` (a scan job does, with the value its coordinator read: a worker's environment is the
-forkserver's) and `hit(point, data)` at the points where the index decodes an image: "probe"
-(probe_image's header readers) and "phash" (perceptual's thumbnail). Faults (`<fault>:<sha256>`,
-`*`: every image, the control images included):
+`arm(hook)` (a scan or eval job does, with the value its coordinator read: a worker's environment is
+the forkserver's) and `hit(point, data)` at the points where an image is decoded: "probe"
+(probe_image's header readers: the index only) and "phash" (perceptual's thumbnail: the index and
+the eval set's hashing, stages/eval_pool.py). Faults (`<fault>:<sha256>`, `*`: every image, the
+control images included):
 
 - crash: SIGSEGV (a read of address 0) at "probe", as a codec crashing on the bytes would;
+  crash-phash: the same at "phash";
 - memory-probe, memory-phash: MemoryError raised inside the probe's or the pHash's handling;
 - hang: sleeps an hour at "probe" (the time limit's test); slow: sleeps SLOW_SECONDS there (a test
-  kills the worker from outside meanwhile, or cuts the tar under its memory map).
+  kills the worker from outside meanwhile, or cuts the tar under its memory map); hang-phash,
+  slow-phash: the same at "phash".
 
 Unarmed (every production process), `hit` is one global read.
 """
@@ -22,7 +25,8 @@ import multiprocessing
 import time
 
 SLOW_SECONDS = 1.5
-_POINTS = {"crash": "probe", "memory-probe": "probe", "memory-phash": "phash", "hang": "probe", "slow": "probe"}
+_POINTS = {"crash": "probe", "memory-probe": "probe", "memory-phash": "phash", "hang": "probe", "slow": "probe",
+           "crash-phash": "phash", "hang-phash": "phash", "slow-phash": "phash"}
 _armed: tuple[str, str] | None = None
 
 
@@ -43,11 +47,11 @@ def hit(point: str, data) -> None:
     fault, sha256 = _armed
     if _POINTS.get(fault) != point or (sha256 != "*" and hashlib.sha256(data).hexdigest() != sha256):
         return
-    if fault == "crash":
+    if fault.startswith("crash"):
         import ctypes
 
         ctypes.string_at(0)  # reads address 0: SIGSEGV
     elif fault.startswith("memory"):
         raise MemoryError(f"test hook IMNET_TEST_INDEX_FAULT ({fault})")
     else:
-        time.sleep(3600 if fault == "hang" else SLOW_SECONDS)
+        time.sleep(3600 if fault.startswith("hang") else SLOW_SECONDS)

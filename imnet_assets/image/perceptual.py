@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from imnet_assets.image.faults import hit
-from imnet_assets.image.guard import settle
+from imnet_assets.image.guard import describe_error, settle
 
 if TYPE_CHECKING:
     import numpy as np
@@ -36,6 +36,10 @@ NEAR_DUPLICATE_BITS = 7
 # A non-JPEG source is decoded in full (no draft): above this many pixels it is not hashed (it
 # can still match an eval image byte for byte by sha256).
 MAX_FULL_DECODE_PIXELS = 64_000_000
+# Why an image has no pHash (thumbnail_or_problem), the first words of the reason recorded for an eval
+# image (catalog eval_images.no_phash; counted by sql/eval_summary.sql)
+NO_DECODE = "does not decode"
+TOO_LARGE = "too large"
 
 
 def _dct_matrix(n: int) -> np.ndarray:
@@ -65,15 +69,23 @@ def grey_thumbnail(data: bytes, side: int = HASH_SIDE) -> np.ndarray | None:
     guard.MachineryFault, never a silent "no pHash" for every image (decontamination's near-copy
     matching would stop with every check green). MemoryError propagates: memory is no property of
     the image, so never a silently missing pHash (the index's scan worker exits, and the image is
-    hashed again in a fresh one: stages/scan_pool.py)."""
+    hashed again in a fresh one: stages/scan_pool.py, stages/eval_pool.py)."""
+    return thumbnail_or_problem(data, side)[0]
+
+
+def thumbnail_or_problem(data: bytes, side: int = HASH_SIDE) -> tuple[np.ndarray | None, str | None]:
+    """grey_thumbnail, and when there is none, why not (NO_DECODE or TOO_LARGE, and the detail)."""
     try:
-        return _grey(data, side)
+        grey = _grey(data, side)
     except MemoryError:
         raise
     except Exception as error:  # noqa: BLE001 - the image's, once the control passes
         settle(f"perceptual hashing ({side}x{side} grey thumbnail)", error, data,
                functools.partial(_greys, side=side), side, repairs=False)
-        return None
+        return None, f"{NO_DECODE}: {describe_error(error)}"
+    if grey is None:
+        return None, f"{TOO_LARGE}: over {MAX_FULL_DECODE_PIXELS:,} pixels, not decoded in full"
+    return grey, None
 
 
 def _grey(data: bytes, side: int) -> np.ndarray | None:
@@ -121,8 +133,13 @@ def signed64(value: int) -> int:
 def image_hash(data: bytes | memoryview) -> int | None:
     """The signed 64-bit pHash of image bytes, or None when they do not decode (guard.MachineryFault
     when a known-good image of their kind does not either: grey_thumbnail)."""
-    grey = grey_thumbnail(bytes(data) if isinstance(data, memoryview) else data)
-    return None if grey is None else signed64(phash_of_grey(grey))
+    return hash_or_problem(data)[0]
+
+
+def hash_or_problem(data: bytes | memoryview) -> tuple[int | None, str | None]:
+    """image_hash, and when there is none, why not (thumbnail_or_problem)."""
+    grey, problem = thumbnail_or_problem(bytes(data) if isinstance(data, memoryview) else data)
+    return (None, problem) if grey is None else (signed64(phash_of_grey(grey)), None)
 
 
 def distance(a: int, b: int) -> int:

@@ -79,6 +79,19 @@ def size_category(samples: int) -> str:
     return "n>1B"
 
 
+# sql/eval_summary.sql's counts of eval images without a pHash: all, then per reason, with the words for each
+_NO_PHASH_COUNTS = ("no_phash", "undecodable", "crashed", "too_large", "unrecorded")
+_NO_PHASH_WORDS = {"undecodable": "do not decode", "crashed": "crashed the pHash's process twice",
+                   "too_large": "are too large to decode in full", "unrecorded": "hashed before reasons were recorded"}
+
+
+def no_phash_said(counts: dict) -> str:
+    """How many eval images have no pHash, and why (sql/eval_summary.sql's counts), in words: the
+    dataset card's and the filtered index's log line."""
+    why = ", ".join(f"{_n(counts[k])} {words}" for k, words in _NO_PHASH_WORDS.items() if counts.get(k))
+    return f"{_n(counts['no_phash'])} of {_n(counts['images'])} eval images have no pHash ({why})"
+
+
 def facts(settings, report, catalog=None, info: dict | None = None) -> dict:
     """Everything the card states, as plain values. `catalog`: an open Catalog to read (the
     audit's own connection); else the catalog is opened read-only for this. `info`: the release's
@@ -112,6 +125,7 @@ def facts(settings, report, catalog=None, info: dict | None = None) -> dict:
         "duplicate_copies": int(overlaps.get("duplicate_copies") or 0),
         "dedup_excluded": int(overlaps.get("dedup_excluded") or 0),
         "eval_images": int(eval_images.get("images") or 0) if settings.eval_exclude else None,
+        "eval_no_phash": {k: int(eval_images.get(k) or 0) for k in _NO_PHASH_COUNTS},
         "eval_overlaps_exact": int(overlaps.get("eval_overlaps_exact") or 0),
         "eval_overlaps_near": int(overlaps.get("eval_overlaps_near") or 0),
         "code_versions": sorted({r["code_version"] for r in report.per_shard if r.get("code_version")}),
@@ -281,6 +295,9 @@ def render(f: dict) -> str:
             f"- Evaluation set: {_n(f['eval_images'])} images. Excluded as copies of one: "
             f"{_n(f['eval_overlaps_exact'])} byte-identical and {_n(f['eval_overlaps_near'])} near duplicates "
             "(64-bit pHash; catalog table `eval_overlaps`; each exclusion reason names the eval file).")
+        if f.get("eval_no_phash", {}).get("no_phash"):
+            lines.append(f"- {no_phash_said({**f['eval_no_phash'], 'images': f['eval_images']})}: they are matched "
+                         "byte for byte only, not as near copies (catalog `eval_images.no_phash` says why, per file).")
     versions = ", ".join(f"`{v}`" for v in f["code_versions"]) or "none"
     lines += [
         "",

@@ -1,11 +1,12 @@
 """Which worker deaths count against an image, and what follows (SPEC "Failure behaviour"): the one
-place of the rule the shard runs' encoding (stages/shard_jobs.py) and the index's scan
-(stages/scan_pool.py) both apply.
+place of the rule the shard runs' encoding (stages/shard_jobs.py), the index's scan
+(stages/scan_pool.py) and the eval set's hashing (stages/eval_pool.py) apply.
 
-A WorkerDied (runtime/workerpool.py) blamed on an image is one of four kinds, in this order: out of
-memory, past the time limit, a crash signal (workerpool.CRASH_SIGNALS), else killed from outside
-(SIGKILL: the OOM killer, a cgroup limit, preemption; SIGTERM). A death blamed on no image (the job
-was queued in the worker, or between images) is `HELD`. `DeathCount.count` counts it per image and
+A WorkerDied (runtime/workerpool.py) blamed on an image is one of five kinds, in this order: while
+reading its source (`READING`: the storage's, whatever the signal), out of memory, past the time
+limit, a crash signal (workerpool.CRASH_SIGNALS), else killed from outside (SIGKILL: the OOM killer,
+a cgroup limit, preemption; SIGTERM). A death blamed on no image (the job was queued in the
+worker, or between images) is `HELD`. `DeathCount.count` counts it per image and
 kind and says what follows (`Death`): retry in a fresh process; `fails` (the run or stage fails
 naming the image: never an exclusion); or `settles_crash` (the image crashed DEATHS_TO_EXCLUDE
 times: the caller's control step, crash_control, decides whether it is excluded). The wording of
@@ -34,20 +35,29 @@ TIMEOUTS_TO_FAIL = 2  # times one image runs past IMNET_IMAGE_TIMEOUT (each in a
 
 MAX_JOB_RETRIES = 8  # deaths of a job's workers while it held no image (queued, between images) before the run fails
 
+
+# deaths while reading one source (the index's raw tar, an eval file or tar), each time in a fresh process (the
+# index's: without a memory map), before the stage fails: the storage's fault, never the image's
+READ_DEATHS_TO_FAIL = 4
+
 HELD = "held"  # the job held no image: queued in the worker, or between images
 OUT_OF_MEMORY = "out of memory"
 TIMED_OUT = "timed out"
 CRASHED = "crashed"
 KILLED = "killed"
+READING = "reading"  # any death while the job read an image's source: the storage's (a SIGBUS under a map)
 
 LIMITS = {HELD: MAX_JOB_RETRIES, OUT_OF_MEMORY: MEMORY_RETRIES, TIMED_OUT: TIMEOUTS_TO_FAIL,
-          CRASHED: DEATHS_TO_EXCLUDE, KILLED: KILLS_TO_FAIL}
+          CRASHED: DEATHS_TO_EXCLUDE, KILLED: KILLS_TO_FAIL, READING: READ_DEATHS_TO_FAIL}
 
 
-def kind_of(died: WorkerDied, blamed: bool = True) -> str:
-    """The kind of a death; `blamed`: it was blamed on an image (else HELD)."""
+def kind_of(died: WorkerDied, blamed: bool = True, reading: bool = False) -> str:
+    """The kind of a death; `blamed`: it was blamed on an image (else HELD); `reading`: while its
+    source was read (READING, whatever killed it)."""
     if not blamed:
         return HELD
+    if reading:
+        return READING
     if died.out_of_memory:
         return OUT_OF_MEMORY
     if died.timed_out is not None:
@@ -102,9 +112,9 @@ class DeathCount:
     def __init__(self) -> None:
         self._seen: dict[tuple[str, Hashable], list[WorkerDied]] = collections.defaultdict(list)
 
-    def count(self, died: WorkerDied, image: Hashable | None) -> Death:
-        """Counts `died`, blamed on `image` (None: on no image, HELD)."""
-        kind = kind_of(died, image is not None)
+    def count(self, died: WorkerDied, image: Hashable | None, reading: bool = False) -> Death:
+        """Counts `died`, blamed on `image` (None: on no image, HELD), `reading` its source (READING)."""
+        kind = kind_of(died, image is not None, reading)
         seen = self._seen[kind, image]
         seen.append(died)
         return Death(kind, tuple(seen))

@@ -2,8 +2,9 @@
 
 IMNET_EVAL_EXCLUDE names a folder or s3:// prefix of evaluation images (nested any way; any file
 Pillow opens, and tars of them). Each eval image is hashed once (sha256 of its bytes and the 64-bit
-pHash of image/perceptual.py) into the catalog table `eval_images`; the table is hashed again only
-when the eval set's listing (names, sizes, stamps) changes. Raw images got their pHash when their
+pHash of image/perceptual.py, in the worker pool: stages/eval_pool.py) into the catalog table
+`eval_images` (`no_phash`: why an image has none); the table is hashed again only when the eval
+set's listing (names, sizes, stamps) changes. Raw images got their pHash when their
 tar was scanned (stages/index.py), so a changed eval set costs a SQL step, not a rescan.
 
 Matching (sql/overlaps_settle.sql) is a DuckDB join, never an all-pairs loop: a raw image whose
@@ -22,19 +23,17 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-import tarfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 
-from imnet_assets.image.guard import MachineryFault
-from imnet_assets.image.perceptual import NEAR_DUPLICATE_BITS, image_hash
+from imnet_assets.image.perceptual import NEAR_DUPLICATE_BITS
+from imnet_assets.release.card import no_phash_said
 from imnet_assets.stages.csvstage import staged_csv
-from imnet_assets.storage import fs, prefetch
+from imnet_assets.stages.eval_pool import hash_eval
+from imnet_assets.storage import fs
 
 EVAL_STAGE = "eval_images"  # the stages row naming the eval set `eval_images` holds
 DECONTAM_VERSION = "1"  # bump when the hash or the matching rule changes
 BANDS = 4
-TAR_SUFFIXES = (".tar",)
 Log = Callable[[str], None]
 
 
@@ -76,46 +75,16 @@ def eval_fingerprint(listing: list[dict]) -> str:
     return hashlib.sha256(json.dumps([DECONTAM_VERSION, entries]).encode()).hexdigest()
 
 
-def _hash_row(name: str, data: bytes) -> tuple[str, str, int | None]:
-    try:
-        phash = image_hash(data)
-    except MachineryFault as e:  # a known-good image gets no pHash either: the stage fails (image/guard.py)
-        raise MachineryFault(f"{e} (met on eval file {name})") from e
-    return name, hashlib.sha256(data).hexdigest(), phash
-
-
-def _tar_rows(entry: dict) -> list[tuple[str, str, int | None]]:
-    """One row per regular member of an eval tar, named `<tar>/<member>`."""
-    rows = []
-    with prefetch.open_read(entry["url"]) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for info in tar:
-            if info.isreg():
-                data = tar.extractfile(info).read()
-                rows.append(_hash_row(f"{entry['name']}/{info.name}", data))
-    return rows
-
-
-def _file_rows(entry: dict) -> list[tuple[str, str, int | None]]:
-    if entry["name"].lower().endswith(TAR_SUFFIXES):
-        try:
-            return _tar_rows(entry)
-        except tarfile.TarError:
-            pass  # not a readable tar after all: hashed as a file below
-    return [_hash_row(entry["name"], fs.read_bytes(entry["url"]))]
-
-
-def hash_eval_set(listing: list[dict], workers: int, log: Log = print) -> Iterator[tuple[str, str, int | None]]:
-    """(file, sha256, phash) per eval image; phash is None for a file Pillow cannot decode (it
-    still matches raw images byte for byte), MachineryFault when a known-good image of its kind
-    cannot be hashed either (perceptual.grey_thumbnail). Files are read and hashed in threads (Pillow's
-    decoders and hashlib release the GIL)."""
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        done = 0
-        for rows in pool.map(_file_rows, listing):
-            yield from rows
-            done += 1
-            if done % 5000 == 0:
-                log(f"hashed {done}/{len(listing)} eval files")
+def hash_eval_set(listing: list[dict], workers: int, log: Log = print,
+                  time_limit: float | None = None) -> Iterator[tuple[str, str, int | None, str | None]]:
+    """(file, sha256, phash, why no pHash) per eval image; phash is None for a file Pillow cannot
+    decode (it still matches raw images byte for byte), or whose decoding crashed its worker
+    process twice once the control image of its kind got its pHash; MachineryFault when a
+    known-good image of its kind cannot be hashed either (perceptual.grey_thumbnail). Read and
+    hashed in the shared worker pool, never in this process, under the index's failure rules
+    (stages/eval_pool.py): a transport fault, a kill, a hang or a MemoryError is retried, then fails
+    the stage naming the file, never a missing pHash or a wrong sha256."""
+    yield from hash_eval(listing, workers, log, time_limit)
 
 
 def refresh_eval_images(cat, settings, run_id: str, log: Log = print) -> dict:
@@ -130,13 +99,15 @@ def refresh_eval_images(cat, settings, run_id: str, log: Log = print) -> dict:
     fp = eval_fingerprint(listing)
     if cat.stage_fingerprint(EVAL_STAGE) != fp:
         log(f"hashing {len(listing)} eval files under {fs.redact(settings.eval_exclude)}")
-        rows = [(f, s, "" if p is None else p) for f, s, p in hash_eval_set(listing, settings.workers, log)]
-        with staged_csv(["file", "sha256", "phash"], rows) as path:
+        rows = [(f, s, "" if p is None else p, why or "")
+                for f, s, p, why in hash_eval_set(listing, settings.workers, log, settings.image_timeout)]
+        with staged_csv(["file", "sha256", "phash", "no_phash"], rows) as path:
             cat.run("eval_load", {"path": path})
         cat.set_stage(EVAL_STAGE, fp, run_id)
     facts = cat.one("eval_summary")
-    if facts.get("undecodable"):
-        log(f"{facts['undecodable']} eval files do not decode as images: they match raw images by sha256 only")
+    if facts.get("no_phash"):
+        log(f"{no_phash_said(facts)}: they match raw images by sha256 only (catalog eval_images.no_phash says why, "
+            "per file)")
     return facts
 
 

@@ -22,7 +22,7 @@ image). So a death says whose it is (`_scanned`):
   image (ScanKilled, ScanOutOfMemory): never an exclusion, never a missing pHash;
 - reading: the storage's, not the image's (a read error under the memory map is a SIGBUS; a tar cut
   short in place while mapped too): the tar is scanned again without a map in a fresh process, where a
-  failing read raises naming the tar; READ_DEATHS_TO_FAIL such deaths fail the stage (ScanReadDied);
+  failing read raises naming the tar; deaths.READ_DEATHS_TO_FAIL such deaths fail the stage (ScanReadDied);
 - no member marked (the job was queued in the worker, or between members): retried.
 
 The throughput of the old ProcessPoolExecutor scan is kept: a job is one tar (a local one memory-mapped,
@@ -68,7 +68,6 @@ from imnet_assets.storage.rawtar import iter_tar
 preload(__name__)  # the forkserver imports this module once for all workers
 
 SMALL_TAR = CHUNK  # remote tars up to one prefetch chunk are fetched whole, many at once
-READ_DEATHS_TO_FAIL = 4  # deaths while reading one tar (each then read without a map) before the stage fails
 WINDOW = 4  # jobs out at once per worker, their results taken in input order (see the module's docstring)
 # The pool priority of the jobs the scan waits on after a death (the job again, the member's name, the
 # crash controls): ahead of the scan jobs queued in the pool (priority 0), which wait for idle workers.
@@ -333,7 +332,6 @@ def _where(pool: WorkerPool, job: ScanJob, tar: int, n: int) -> str:
 def _scanned(pool: WorkerPool, job: ScanJob, future, passed: set, log: Callable[[str], None]) -> list[ScannedTar]:
     """The job's ScannedTars, running it again after worker deaths as the module's docstring says."""
     deaths = DeathCount()
-    reads: dict[int, list[str]] = collections.defaultdict(list)
     tars = ", ".join(_tar_name(job, i) for i in range(len(job.tars)))
     while True:
         try:
@@ -351,14 +349,15 @@ def _scanned(pool: WorkerPool, job: ScanJob, future, passed: set, log: Callable[
                                                tars=tars)) from None
             elif not at[2]:
                 tar, n, _ = at
-                reads[tar].append(died.named)
+                death = deaths.count(died, tar, reading=True)
                 log(f"the scan's process died ({died.named}) reading raw tar {_tar_name(job, tar)} (member #{n + 1}):"
                     " not the image's fault (a read error under its memory map, the tar cut short while read, or a"
                     " kill); scanning it again without a memory map in a fresh process")
-                if len(reads[tar]) >= READ_DEATHS_TO_FAIL:
-                    raise ScanReadDied(f"the index's process died {len(reads[tar])} times ({', '.join(reads[tar])}) "
-                                       f"reading raw tar {_tar_name(job, tar)}, the last times without a memory map; "
-                                       "nothing was recorded for it. Check the storage, and build again") from None
+                if death.fails:
+                    raise ScanReadDied(death.say("the index's process died {count} times ({nameds}) reading raw tar "
+                                                 "{tar}, the last times without a memory map; nothing was recorded for "
+                                                 "it. Check the storage, and build again", tar=_tar_name(job, tar))
+                                       ) from None
                 job = dataclasses.replace(job, mapped=False)
             else:
                 image = at[:2]

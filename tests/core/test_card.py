@@ -40,3 +40,13 @@ def test_front_matter_maps_every_split_to_its_files_and_parses_back():
         {"split": "validation", "path": ["w-0006.tar", "w-0007.tar"]}]}
     assert in1k["config_name"] == "train_in1k" and in1k["data_files"][0]["split"] == "train_in1k"
     assert "| `label_in1k` |" in text and "| `source_sha256` |" in text
+
+
+def test_the_decontamination_section_says_how_many_eval_images_have_no_phash_and_why():
+    counts = {"no_phash": 3, "undecodable": 2, "crashed": 1, "too_large": 0, "unrecorded": 0}
+    text = render(facts(eval_images=50_000, eval_no_phash=counts, settings={"IMNET_DEDUP": "off"}))
+    assert ("- 3 of 50,000 eval images have no pHash (2 do not decode, 1 crashed the pHash's process twice): they "
+            "are matched byte for byte only, not as near copies (catalog `eval_images.no_phash` says why, per "
+            "file).") in text
+    every = render(facts(eval_images=50_000, eval_no_phash=dict.fromkeys(counts, 0)))
+    assert "Evaluation set: 50,000 images" in every and "no pHash" not in every

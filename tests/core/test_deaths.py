@@ -49,3 +49,14 @@ def test_counts_are_per_image_and_kind_and_name_the_deaths():
         f"signal 15; signal 9, signal 15; signal 9 (SIGKILL), signal 15 (SIGTERM) (2 of {deaths.KILLS_TO_FAIL}) x")
     late = count.count(LATE, ("tar", 1))
     assert late.say("{seconds:g} s {named}") == "1.5 s killed past its time limit of 1.5 s"
+
+
+def test_a_death_while_reading_is_the_storages_whatever_its_signal_and_fails_at_its_limit():
+    for died in (SEGV, KILL, OOM):
+        assert kind_of(died, reading=True) == deaths.READING
+    assert kind_of(SEGV, blamed=False, reading=True) == deaths.HELD  # queued: not reading anything
+    count = DeathCount()
+    seen = [count.count(SEGV if n % 2 else KILL, "tar", reading=True) for n in range(deaths.READ_DEATHS_TO_FAIL)]
+    assert [d.fails for d in seen] == [False] * (deaths.READ_DEATHS_TO_FAIL - 1) + [True]
+    assert not any(d.settles_crash for d in seen)  # never the image's, never an exclusion
+    assert count.count(SEGV, "tar").kind == CRASHED  # decoding: counted apart

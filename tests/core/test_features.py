@@ -175,7 +175,7 @@ def test_band_join_finds_every_pair_within_the_threshold_and_no_other(tmp_path):
                             "(?, 'n00000001', 'n00000001.tar', ?, ?, 'kept', ?)",
                             [k, i, k, perceptual.signed64(h)])
         for i, e in enumerate(evals):
-            cat.con.execute("INSERT INTO eval_images VALUES (?, ?, ?)", [f"e{i}", f"sha{i}", perceptual.signed64(e)])
+            cat.con.execute("INSERT INTO eval_images (file, sha256, phash) VALUES (?, ?, ?)", [f"e{i}", f"sha{i}", perceptual.signed64(e)])
         cat.run("overlaps_settle", {"threshold": perceptual.NEAR_DUPLICATE_BITS,
                                     "radius": perceptual.NEAR_DUPLICATE_BITS // 4, "dedup": "off"})
         got = {k for (k,) in cat.con.execute("SELECT key FROM images WHERE starts_with(reason, 'eval overlap: ')")

@@ -149,26 +149,25 @@ def test_a_broken_perceptual_hash_fails_the_index_and_decontamination_and_record
     quiet = lambda _m: None  # noqa: E731
     build_raw_tars(settings, "run", quiet)
     build_synset_manifest(settings, "run", quiet)
-    broken = property(array_interface_broken)
-    monkeypatch.setattr(Image.Image, "__array_interface__", broken)  # the eval set is hashed here
-    # and the raw images in a worker process (stages/scan_pool.py)
+    # the raw images and the eval set are hashed in a worker process (stages/scan_pool.py, eval_pool.py)
     with patched_worker("PIL.Image", "Image.__array_interface__", array_interface_broken, as_property=True), \
             pytest.raises(MachineryFault, match=r"perceptual hashing \(32x32 grey thumbnail\) failed with TypeError.*"
                                                 r"known-good JPEG RGB 341x256 control.*met on n00000001\.tar member n01_1"):
         build_filtered_index(settings, "run", quiet)
     assert index_rows(settings) == []  # nothing recorded, not one image without its pHash
-    monkeypatch.undo()
     build_filtered_index(settings, "run", quiet)
     assert [(m, s) for m, s, _ in index_rows(settings)] == [("n01_1.JPEG", "kept"), ("n01_2.JPEG", "kept"),
                                                            ("n01_3.JPEG", "excluded")]
     with duckdb.connect(settings.catalog, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM images WHERE status = 'kept' AND phash IS NOT NULL").fetchone()[0] == 2
     assert eval_rows(settings) == [("README.txt", False), ("val_1.JPEG", True)]  # no pHash, and the stage went on
+    with duckdb.connect(settings.catalog, read_only=True) as con:  # why README.txt has none
+        assert con.execute("SELECT no_phash FROM eval_images WHERE file = 'README.txt'").fetchone()[0].startswith(
+            "does not decode: UnidentifiedImageError: cannot identify image file")
     (ev / "val_2.JPEG").write_bytes(jpeg(120, 80, 3))  # the eval set changed: hashed again, on a broken machine
-    monkeypatch.setattr(Image.Image, "__array_interface__", broken)
-    with pytest.raises(MachineryFault, match=r"perceptual hashing .* failed with .*met on eval file "):
+    with patched_worker("PIL.Image", "Image.__array_interface__", array_interface_broken, as_property=True), \
+            pytest.raises(MachineryFault, match=r"perceptual hashing .* failed with .*met on eval file "):
         build_filtered_index(settings, "run", quiet)
     assert eval_rows(settings) == [("README.txt", False), ("val_1.JPEG", True)]  # as it was
-    monkeypatch.undo()
     build_filtered_index(settings, "run", quiet)
     assert eval_rows(settings) == [("README.txt", False), ("val_1.JPEG", True), ("val_2.JPEG", True)]

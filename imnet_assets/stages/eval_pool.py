@@ -1,0 +1,336 @@
+"""The eval set's hashing (IMNET_EVAL_EXCLUDE, stages/decontam.py) in worker processes, under the
+index's failure rules (SPEC "Failure behaviour"; stages/scan_pool.py says them for the raw tars).
+
+Every eval image is read and hashed (sha256, and the pHash of image/perceptual.py) in a worker of
+this process's WorkerPool (runtime/workerpool.py), never in the stage's own process: a codec that
+crashes on one eval image's bytes would otherwise end the filtered index's process at every rerun.
+
+Jobs: EVAL_BATCH images each, an image being a byte range of an object: a plain file whole, or one
+member of an eval tar. An eval tar is first walked in a worker (`TarMembersJob`: the raw tars' walk,
+storage/rawtar.py, its headers only, nothing decoded; what of it is no member is logged, and a .tar
+that is no tar is hashed as one file) into its members' offsets and sizes, so the 50,000 images of one tar of the
+ImageNet validation set are hashed by all workers at once, in jobs of EVAL_BATCH, and a death
+repeats one job, not the tar. A job's reads start as it reaches its worker (`prefetch`: one exact
+ranged read per image in the worker's reader threads, up to the pool's `depth` jobs ahead), so at
+20 ms a request the reads keep ahead of the decoding. (A remote tar is so read twice, its walk with
+ranged reads in flight, then its members; a local one's walk reads its headers from a memory map. The
+set is hashed once per change of it.)
+
+A worker marks each image twice in the pool's slot: `reading` (no time limit) and `decoding` (the
+sha256 and the pHash; IMNET_IMAGE_TIMEOUT). A death says whose it is (`_hashed`), counted by
+runtime/deaths.py as the scan counts it:
+
+- decoding, a crash signal: the image's, once it happened DEATHS_TO_EXCLUDE times and the control
+  image of its kind got its pHash in a worker (crash_control.settle_crash_of with EvalControlJob):
+  the image keeps its sha256 (it still matches raw images byte for byte) and has no pHash, with the
+  reason (`eval_images.no_phash`: "crashed the pHash's process 2 times (...)"); a control that
+  crashes or fails too is a MachineryFault, nothing recorded;
+- decoding, killed from outside, past the time limit, or out of memory (a MemoryError in the pHash
+  exits the worker): retried in a fresh process, then the stage fails naming the file (ScanKilled,
+  ScanOutOfMemory): never a missing pHash;
+- reading: the storage's, retried in a fresh process, deaths.READ_DEATHS_TO_FAIL times; a read that fails
+  (a cut or reset body, a 503: storage/s3read.py reads again, then StorageError) or returns another
+  size than listed fails the stage naming the file: never a wrong sha256, never "no pHash";
+- no image marked (the job was queued in the worker): retried (MAX_JOB_RETRIES).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import hashlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from imnet_assets.image.decode import MAX_SHORT
+from imnet_assets.image.faults import arm
+from imnet_assets.image.guard import ControlKind, MachineryFault, control_image
+from imnet_assets.image.perceptual import hash_or_problem
+from imnet_assets.runtime.deaths import CRASHED as CRASHED_KIND
+from imnet_assets.runtime.deaths import KILLED, OUT_OF_MEMORY, TIMED_OUT, DeathCount
+from imnet_assets.runtime.procpool import preload
+from imnet_assets.runtime.workerpool import ReplyUnreadable, WorkerDied, WorkerPool, shared_pool
+from imnet_assets.settings import image_timeout, test_index_fault
+from imnet_assets.stages.crash_control import settle_crash_of
+from imnet_assets.stages.scan_pool import (
+    AFTER_DEATH,
+    WINDOW,
+    ScanKilled,
+    ScanOutOfMemory,
+    ScanReadDied,
+    adopt,
+    environment,
+)
+from imnet_assets.storage import fs
+from imnet_assets.storage.rawtar import Damage, iter_tar
+
+preload(__name__)  # the forkserver imports this module once for all workers
+
+EVAL_BATCH = 32  # eval images per job
+TAR_SUFFIXES = (".tar",)
+CRASHED = "crashed the pHash's process"  # the first words of a crash's eval_images.no_phash
+
+Row = tuple[str, str, int | None, str | None]  # (file, sha256, phash, why no pHash)
+Item = tuple[str, str, int, int, bool]  # (file, url, offset, length, whole: the object is exactly that long)
+
+
+def _read(url: str, name: str, offset: int, length: int, whole: bool) -> bytes:
+    """The image's bytes: exactly `length` from `offset` (fs.read_range reads a cut or reset body
+    again); another size (a whole file asked for one byte more) is a StorageError naming it."""
+    data = fs.read_range(url, offset, length + 1 if whole else length)
+    if len(data) != length:
+        raise fs.StorageError(f"eval file {name} ({fs.redact(url)}) gave {len(data)} bytes, not the {length} it was "
+                              "listed with: it changed since it was listed; run the build again")
+    return data
+
+
+def _image_bytes(item: Item, env: tuple[tuple[str, str], ...]) -> tuple[bytes, str]:
+    """crash_control.KindJob's read."""
+    adopt(env)
+    name, url, offset, length, whole = item
+    return _read(url, name, offset, length, whole), ""
+
+
+@dataclass
+class EvalJob:
+    """Up to EVAL_BATCH eval images, read and hashed in a worker."""
+
+    items: list[Item]
+    time_limit: float | None  # seconds per image hashed (IMNET_IMAGE_TIMEOUT)
+    fault: str | None = None  # the test hook (settings.test_index_fault)
+    crashed: tuple[tuple[int, str], ...] = ()  # (item, reason): not given to the pHash again
+    env: tuple[tuple[str, str], ...] = ()  # the coordinator's storage variables (scan_pool.environment)
+
+    def prefetch(self, readers):
+        adopt(self.env)
+        return [readers.submit(_read, url, name, offset, length, whole) for name, url, offset, length, whole
+                in self.items]
+
+    def run(self, reads, mark) -> list[Row]:
+        arm(self.fault)
+        try:
+            crashed = dict(self.crashed)
+            rows = []
+            for i, ((name, *_where), read) in enumerate(zip(self.items, reads)):
+                mark(i << 1, timed=False)  # reading: the storage's time
+                data = read.result()
+                mark(i << 1 | 1)  # decoding
+                sha256 = hashlib.sha256(data).hexdigest()
+                if i in crashed:
+                    rows.append((name, sha256, None, crashed[i]))
+                    continue
+                try:
+                    phash, problem = hash_or_problem(data)
+                except MachineryFault as e:  # a known-good image gets no pHash either: the stage fails
+                    raise MachineryFault(f"{e} (met on eval file {name})") from e
+                rows.append((name, sha256, phash, problem))
+            mark(-1)
+            return rows
+        finally:
+            arm(None)
+
+
+@dataclass
+class TarMembersJob:
+    """An eval tar's regular members as items, and what of it is no member (rawtar.Damage: offset,
+    reason), from one walk of its headers (storage/rawtar.py; nothing decoded). A local tar is
+    memory-mapped unless `mapped` is off (after a death while walking it: a read error under a map
+    is a SIGBUS)."""
+
+    name: str
+    url: str
+    size: int
+    mapped: bool = True
+    env: tuple[tuple[str, str], ...] = ()
+
+    def prefetch(self, readers):
+        return None
+
+    def run(self, _state, mark) -> tuple[list[Item], list[tuple[int, str]]]:
+        adopt(self.env)
+        mark(0, timed=False)
+        members: list[Item] = []
+        damage: list[tuple[int, str]] = []
+        remote = fs.is_remote(self.url)
+        for m in iter_tar(self.url, "eval tar", views=True, mapped=self.mapped and not remote, size=self.size,
+                          depth=8 if remote else None):
+            if isinstance(m, Damage):
+                damage.append((m.offset, m.reason))
+            else:
+                members.append((f"{self.name}/{m.name}", self.url, m.offset, m.size, False))
+        return members, damage
+
+
+@dataclass
+class EvalControlJob:
+    """The control of `kind` through the eval set's hashing: None when it gets its pHash."""
+
+    kind: ControlKind
+    fault: str | None = None
+    time_limit: float | None = None
+
+    def prefetch(self, readers):
+        return None
+
+    def run(self, _state, mark) -> str | None:
+        arm(self.fault)
+        try:
+            mark(0)
+            phash, problem = hash_or_problem(control_image(self.kind))
+            return None if phash is not None else f"it got no pHash ({problem})"
+        finally:
+            arm(None)
+
+
+def hash_eval(listing: list[dict], workers: int, log: Callable[[str], None] = lambda _m: None,
+              time_limit: float | None = None) -> Iterator[Row]:
+    """(file, sha256, phash, why no pHash) per eval image of `listing` (decontam.eval_listing), in
+    its order, hashed in `workers` pool processes (see the module's docstring)."""
+    pool = shared_pool(max(1, workers))
+    limit = image_timeout() if time_limit is None else time_limit
+    fault, env = test_index_fault(), environment()
+    passed: set[ControlKind] = set()  # kinds whose control got its pHash in a worker
+    tars = {e["url"]: pool.submit(TarMembersJob(e["name"], e["url"], e["size"], env=env)) for e in listing
+            if e["name"].lower().endswith(TAR_SUFFIXES)}
+    window: collections.deque = collections.deque()
+    done = 0
+
+    def oldest() -> list[Row]:
+        nonlocal done
+        rows = _hashed(pool, *window.popleft(), passed, log)
+        if (done + len(rows)) // 5000 > done // 5000:
+            log(f"hashed {done + len(rows)} eval images")
+        done += len(rows)
+        return rows
+
+    try:
+        for items in _batches(_items(pool, listing, tars, env, log), EVAL_BATCH):
+            job = EvalJob(items, limit, fault, env=env)
+            window.append((job, pool.submit(job)))
+            if len(window) >= WINDOW * pool.size:
+                yield from oldest()
+        while window:
+            yield from oldest()
+    finally:
+        for fut in [f for _job, f in window] + list(tars.values()):  # the consumer stopped: drop the rest
+            fut.cancel()
+
+
+def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    batch: list[Item] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _items(pool: WorkerPool, listing: list[dict], tars: dict, env, log: Callable[[str], None]) -> Iterator[Item]:
+    for e in listing:
+        members = _members(pool, e, tars[e["url"]], env, log) if e["url"] in tars else None
+        if members is None:
+            yield e["name"], e["url"], 0, e["size"], True
+        else:
+            yield from members
+
+
+def _members(pool: WorkerPool, entry: dict, future, env, log: Callable[[str], None]) -> list[Item] | None:
+    """The tar's members (TarMembersJob), its walk run again (without a map) after a death of its
+    worker; None when it holds none and is no tar (it is then hashed as one file, as any file)."""
+    deaths = DeathCount()
+    while True:
+        try:
+            members, damage = future.result()
+            break
+        except WorkerDied as died:
+            death = deaths.count(died, entry["name"] if died.culprit is not None else None, reading=True)
+            if death.fails:
+                raise ScanReadDied(death.say("the process reading eval tar {tar} died {count} times ({nameds}); "
+                                             "nothing was recorded. Check the storage, and build again",
+                                             tar=entry["name"])) from None
+            log(f"the process reading eval tar {entry['name']} died ({died.named}); reading it again without a "
+                "memory map in a fresh process")
+            job = TarMembersJob(entry["name"], entry["url"], entry["size"], False, env)
+            future = pool.submit(job, AFTER_DEATH)
+    if not members and damage:
+        log(f"eval file {entry['name']} holds no member ({damage[0][1]}): hashed as one file")
+        return None
+    for _offset, reason in damage:  # visible: eval images there are not hashed
+        log(f"eval tar {entry['name']}: {reason}; its {len(members)} readable members are hashed, not this part")
+    return members
+
+
+def _hashed(pool: WorkerPool, job: EvalJob, future, passed: set, log: Callable[[str], None]) -> list[Row]:
+    """The job's rows, running it again after worker deaths as the module's docstring says."""
+    deaths = DeathCount()
+    while True:
+        try:
+            return future.result()
+        except ReplyUnreadable as e:
+            raise ReplyUnreadable(f"{e} (eval files {job.items[0][0]} ...); nothing was recorded") from None
+        except WorkerDied as died:
+            if died.culprit is None:
+                death = deaths.count(died, None)
+                first, last = job.items[0][0], job.items[-1][0]
+                log(death.say("an eval hashing process died ({named}) holding eval files {first} to {last}; "
+                              "hashing them again", first=first, last=last))
+                if death.fails:
+                    raise ScanKilled(death.say("the eval set's hashing processes died {count} times ({nameds}) "
+                                               "holding eval files {first} to {last}; nothing was recorded. Build "
+                                               "again", first=first, last=last)) from None
+            elif not died.culprit & 1:
+                i = died.culprit >> 1
+                name = job.items[i][0]
+                death = deaths.count(died, i, reading=True)
+                log(f"an eval hashing process died ({died.named}) reading eval file {name}: not the image's fault; "
+                    "reading it again in a fresh process")
+                if death.fails:
+                    raise ScanReadDied(death.say("the eval set's hashing process died {count} times ({nameds}) "
+                                                 "reading eval file {name}; nothing was recorded. Check the storage, "
+                                                 "and build again", name=name)) from None
+            else:
+                i = died.culprit >> 1
+                where = f"eval file {job.items[i][0]}"
+                death = deaths.count(died, i)
+                log(death.say(_NOTES[death.kind], where=where))
+                if death.fails:
+                    fault, template = _FAILURES[death.kind]
+                    raise fault(death.say(template, where=where)) from None
+                if death.settles_crash:
+                    seen = death.say("the eval set's hashing process died {count} times ({nameds}) hashing {where}",
+                                     where=where)
+                    settle_crash_of(pool, functools.partial(_image_bytes, job.items[i], job.env), MAX_SHORT, seen,
+                                    passed, functools.partial(EvalControlJob, fault=job.fault, time_limit=job.time_limit), "pHash",
+                                    time_limit=job.time_limit, priority=AFTER_DEATH, log=log)
+                    reason = death.say(CRASHED + " {count} times ({nameds})")
+                    log(f"{where} has no pHash: it {reason} (it still matches raw images byte for byte)")
+                    job = dataclasses.replace(job, crashed=(*job.crashed, (i, reason)))
+            future = pool.submit(job, AFTER_DEATH)
+
+
+# The log line of each kind of death while hashing an eval image (runtime/deaths.py), and what the
+# stage raises when it fails of it, with what message.
+_NOTES = {
+    CRASHED_KIND: "the eval set's hashing process died ({named}) hashing {where}; retrying it in a fresh process",
+    OUT_OF_MEMORY: "the eval set's hashing ran out of memory on {where} ({count} of {limit}); retrying it in a "
+                   "fresh process",
+    TIMED_OUT: "hashing {where} ran past IMNET_IMAGE_TIMEOUT ({seconds:g} s); its process was killed ({count} of "
+               "{limit}); retrying it in a fresh process",
+    KILLED: "the eval set's hashing process died ({named}) hashing {where} ({count} of {limit}); retrying it in a "
+            "fresh process",
+}
+_FAILURES = {
+    OUT_OF_MEMORY: (ScanOutOfMemory, "out of memory hashing {where} {count} times, each in a fresh process; nothing "
+                    "was recorded for the eval set. Memory is no property of the image (never a missing pHash): "
+                    "give the index more memory or lower IMNET_WORKERS"),
+    TIMED_OUT: (ScanKilled, "hashing {where} ran past IMNET_IMAGE_TIMEOUT ({seconds:g} s) {count} times, each in a "
+                "fresh process, and was killed; nothing was recorded for the eval set. A hung decoder is not a "
+                "missing pHash: raise IMNET_IMAGE_TIMEOUT if the machine is just slow"),
+    KILLED: (ScanKilled, "the eval set's hashing process was killed from outside ({nameds}) {count} times while "
+             "hashing {where}; nothing was recorded for the eval set. A kill (the OOM killer, a cgroup memory "
+             "limit, preemption) is not a missing pHash: give the index more memory or lower IMNET_WORKERS, and "
+             "build again"),
+}
