@@ -19,6 +19,29 @@ HEADER = struct.Struct("!Qq")  # a message's payload length and task id
 # A worker's marker holds task id << INDEX_BITS | item index in one signed 64-bit word: items up to
 # 2**32 per job (the scan packs a tar's member number in it: stages/scan_pool.py), task ids up to 2**31.
 INDEX_BITS = 32
+# The variables that say how storage is reached (endpoint, credentials, proxies) and what the IMNET_*
+# settings say: every job carries the submitting process's (`environment`), and the worker `adopt`s
+# them before the job's reads start.
+ENV_PREFIXES = ("AWS_", "IMNET_", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
+                "https_proxy", "all_proxy", "no_proxy")
+
+
+def environment() -> tuple[tuple[str, str], ...]:
+    """This process's storage and IMNET_* variables (ENV_PREFIXES), as a worker `adopt`s them. A
+    pool worker's own environment is the forkserver's, as it was when the process's first pool
+    started it: the same in a production process, not in one (a test's) that sets them later."""
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)))
+
+
+def adopt(env: tuple[tuple[str, str], ...]) -> None:
+    """Make this process's `environment()` equal `env` (storage clients are cached per endpoint,
+    so a changed endpoint gets its own). Nothing changes when they are equal already."""
+    wanted = dict(env)
+    for name in [k for k in os.environ if k.startswith(ENV_PREFIXES) and k not in wanted]:
+        del os.environ[name]
+    for name, value in wanted.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
 
 
 
@@ -159,7 +182,8 @@ def worker_main(sock, slot, threads: int) -> None:
                     jobs.put(None)
                     return
                 try:
-                    job = pickle.loads(msg)
+                    env, job = pickle.loads(msg)
+                    adopt(env)
                     jobs.put((task_id, job, job.prefetch(readers), None))
                 except BaseException as e:  # noqa: BLE001 - sent back to the job's caller
                     jobs.put((task_id, None, None, e))

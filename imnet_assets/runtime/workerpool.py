@@ -19,6 +19,7 @@ from imnet_assets.runtime.wire import (
     INDEX_BITS,
     RETIRE,
     Link,
+    environment,
     worker_main,
 )
 
@@ -123,6 +124,10 @@ class WorkerPool:
     (the scan's) then never waits in a busy worker behind a long job while another worker idles,
     and no more than one dies with a worker.
 
+    Every job travels with the submitting process's storage and IMNET_* variables as they were at
+    `submit` (wire.environment), adopted by the worker before the job's reads: a worker's own
+    environment is the forkserver's, fixed when the process's first pool started.
+
     One dispatcher thread owns the sockets, never blocking on one worker (non-blocking sends and
     receives, no waits on a process); `submit` is thread-safe.
     """
@@ -182,13 +187,16 @@ class WorkerPool:
 
     def submit(self, job, priority: int = 0):
         """Queue `job`; a free worker takes the queued job of the lowest `priority`, in submission
-        order among equals (shard runs pass their `next_priority()`: see there)."""
+        order among equals (shard runs pass their `next_priority()`: see there). The job carries
+        this process's storage and IMNET_* variables as they are now (wire.environment): the worker
+        adopts them before its reads start."""
         from concurrent.futures import Future
 
         future: Future = Future()
+        env = environment()
         with self._lock:
             self._next_id += 1
-            heapq.heappush(self._queue, (priority, self._next_id, job, future))
+            heapq.heappush(self._queue, (priority, self._next_id, job, future, env))
         self._wake()
         return future
 
@@ -238,7 +246,7 @@ class WorkerPool:
         """The last resort of a fault in the dispatcher itself: every caller gets `error`; the
         workers' late replies to these jobs are dropped."""
         with self._lock:
-            queued, self._queue = [q[1:] for q in self._queue], []
+            queued, self._queue = [q[1:4] for q in self._queue], []
         for w in self._workers:
             for _job, fut, _limit in w.tasks.values():
                 if not fut.done():
@@ -422,12 +430,12 @@ class WorkerPool:
                 picked = self._next_job()
                 if picked is None:
                     return
-                (_priority, task_id, job, fut), free = picked
+                (_priority, task_id, job, fut, env), free = picked
             if not fut.set_running_or_notify_cancel():
                 continue
             w = min(free, key=lambda x: len(x.tasks))
             try:
-                data = pickle.dumps(job, protocol=5)
+                data = pickle.dumps((env, job), protocol=5)
                 limit = float(getattr(job, "time_limit", None) or 0)
             except Exception as e:  # noqa: BLE001 - a job that cannot be sent fails alone
                 fut.set_exception(e)

@@ -59,8 +59,6 @@ from imnet_assets.stages.scan_pool import (
     ScanKilled,
     ScanOutOfMemory,
     ScanReadDied,
-    adopt,
-    environment,
 )
 from imnet_assets.storage import fs
 from imnet_assets.storage.rawtar import Damage, iter_tar
@@ -85,9 +83,8 @@ def _read(url: str, name: str, offset: int, length: int, whole: bool) -> bytes:
     return data
 
 
-def _image_bytes(item: Item, env: tuple[tuple[str, str], ...]) -> tuple[bytes, str]:
+def _image_bytes(item: Item) -> tuple[bytes, str]:
     """crash_control.KindJob's read."""
-    adopt(env)
     name, url, offset, length, whole = item
     return _read(url, name, offset, length, whole), ""
 
@@ -100,10 +97,8 @@ class EvalJob:
     time_limit: float | None  # seconds per image hashed (IMNET_IMAGE_TIMEOUT)
     fault: str | None = None  # the test hook (settings.test_index_fault)
     crashed: tuple[tuple[int, str], ...] = ()  # (item, reason): not given to the pHash again
-    env: tuple[tuple[str, str], ...] = ()  # the coordinator's storage variables (scan_pool.environment)
 
     def prefetch(self, readers):
-        adopt(self.env)
         return [readers.submit(_read, url, name, offset, length, whole) for name, url, offset, length, whole
                 in self.items]
 
@@ -142,13 +137,11 @@ class TarMembersJob:
     url: str
     size: int
     mapped: bool = True
-    env: tuple[tuple[str, str], ...] = ()
 
     def prefetch(self, readers):
         return None
 
     def run(self, _state, mark) -> tuple[list[Item], list[tuple[int, str]]]:
-        adopt(self.env)
         mark(0, timed=False)
         members: list[Item] = []
         damage: list[tuple[int, str]] = []
@@ -189,9 +182,9 @@ def hash_eval(listing: list[dict], workers: int, log: Callable[[str], None] = la
     its order, hashed in `workers` pool processes (see the module's docstring)."""
     pool = shared_pool(max(1, workers))
     limit = image_timeout() if time_limit is None else time_limit
-    fault, env = test_index_fault(), environment()
+    fault = test_index_fault()
     passed: set[ControlKind] = set()  # kinds whose control got its pHash in a worker
-    tars = {e["url"]: pool.submit(TarMembersJob(e["name"], e["url"], e["size"], env=env)) for e in listing
+    tars = {e["url"]: pool.submit(TarMembersJob(e["name"], e["url"], e["size"])) for e in listing
             if e["name"].lower().endswith(TAR_SUFFIXES)}
     window: collections.deque = collections.deque()
     done = 0
@@ -205,8 +198,8 @@ def hash_eval(listing: list[dict], workers: int, log: Callable[[str], None] = la
         return rows
 
     try:
-        for items in _batches(_items(pool, listing, tars, env, log), EVAL_BATCH):
-            job = EvalJob(items, limit, fault, env=env)
+        for items in _batches(_items(pool, listing, tars, log), EVAL_BATCH):
+            job = EvalJob(items, limit, fault)
             window.append((job, pool.submit(job)))
             if len(window) >= WINDOW * pool.size:
                 yield from oldest()
@@ -228,16 +221,16 @@ def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
         yield batch
 
 
-def _items(pool: WorkerPool, listing: list[dict], tars: dict, env, log: Callable[[str], None]) -> Iterator[Item]:
+def _items(pool: WorkerPool, listing: list[dict], tars: dict, log: Callable[[str], None]) -> Iterator[Item]:
     for e in listing:
-        members = _members(pool, e, tars[e["url"]], env, log) if e["url"] in tars else None
+        members = _members(pool, e, tars[e["url"]], log) if e["url"] in tars else None
         if members is None:
             yield e["name"], e["url"], 0, e["size"], True
         else:
             yield from members
 
 
-def _members(pool: WorkerPool, entry: dict, future, env, log: Callable[[str], None]) -> list[Item] | None:
+def _members(pool: WorkerPool, entry: dict, future, log: Callable[[str], None]) -> list[Item] | None:
     """The tar's members (TarMembersJob), its walk run again (without a map) after a death of its
     worker; None when it holds none and is no tar (it is then hashed as one file, as any file)."""
     deaths = DeathCount()
@@ -253,7 +246,7 @@ def _members(pool: WorkerPool, entry: dict, future, env, log: Callable[[str], No
                                              tar=entry["name"])) from None
             log(f"the process reading eval tar {entry['name']} died ({died.named}); reading it again without a "
                 "memory map in a fresh process")
-            job = TarMembersJob(entry["name"], entry["url"], entry["size"], False, env)
+            job = TarMembersJob(entry["name"], entry["url"], entry["size"], False)
             future = pool.submit(job, AFTER_DEATH)
     if not members and damage:
         log(f"eval file {entry['name']} holds no member ({damage[0][1]}): hashed as one file")
@@ -302,7 +295,7 @@ def _hashed(pool: WorkerPool, job: EvalJob, future, passed: set, log: Callable[[
                 if death.settles_crash:
                     seen = death.say("the eval set's hashing process died {count} times ({nameds}) hashing {where}",
                                      where=where)
-                    settle_crash_of(pool, functools.partial(_image_bytes, job.items[i], job.env), MAX_SHORT, seen,
+                    settle_crash_of(pool, functools.partial(_image_bytes, job.items[i]), MAX_SHORT, seen,
                                     passed, functools.partial(EvalControlJob, fault=job.fault, time_limit=job.time_limit), "pHash",
                                     time_limit=job.time_limit, priority=AFTER_DEATH, log=log)
                     reason = death.say(CRASHED + " {count} times ({nameds})")

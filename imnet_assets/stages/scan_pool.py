@@ -42,7 +42,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -139,7 +138,6 @@ class ScanJob:
     time_limit: float | None  # seconds per image decoded (IMNET_IMAGE_TIMEOUT)
     fault: str | None = None  # the test hook (settings.test_index_fault)
     crashed: tuple[tuple[int, int, str], ...] = ()  # (tar, member number, exclusion reason): not decoded again
-    env: tuple[tuple[str, str], ...] = ()  # the coordinator's storage variables (`environment`)
     # Sent to an idle worker only (WorkerPool `hold`), as the old ProcessPoolExecutor's shared queue
     # did: a job queued in a busy worker (it reads nothing ahead) would wait behind a long tar while
     # other workers idle, and die with its worker.
@@ -149,7 +147,6 @@ class ScanJob:
         return None  # fetched in `run`: one job's tars in memory per worker, not its whole queue's
 
     def run(self, _state, mark) -> list[ScannedTar]:
-        adopt(self.env)
         arm(self.fault)
         try:
             data: list = [None] * len(self.tars)
@@ -168,28 +165,6 @@ class ScanJob:
             arm(None)
 
 
-_ENV_PREFIXES = ("AWS_", "IMNET_", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
-                 "https_proxy", "all_proxy", "no_proxy")
-
-
-def environment() -> tuple[tuple[str, str], ...]:
-    """This process's variables that say how storage is reached (endpoint, credentials, proxies,
-    IMNET_STORAGE_RETRY_SECONDS) and what IMNET_* settings say, for a worker to `adopt`: a pool
-    worker's environment is the forkserver's, as it was when the process's first pool started it
-    (the same in a production process; not in one, such as a test's, that sets them later)."""
-    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)))
-
-
-def adopt(env: tuple[tuple[str, str], ...]) -> None:
-    """Make this worker's `environment()` equal `env` (storage clients are cached per endpoint)."""
-    wanted = dict(env)
-    for name in [k for k in os.environ if k.startswith(_ENV_PREFIXES) and k not in wanted]:
-        del os.environ[name]
-    for name, value in wanted.items():
-        if os.environ.get(name) != value:
-            os.environ[name] = value
-
-
 def _member(url: str, size: int | None, n: int) -> tuple[str, int, bytes]:
     """(printable name, offset, bytes) of the n-th member of a tar (or file of a folder), read
     without a memory map."""
@@ -203,9 +178,8 @@ def _member(url: str, size: int | None, n: int) -> tuple[str, int, bytes]:
     raise LookupError(f"raw tar {url} has no member #{n + 1} now: it changed while the index read it")
 
 
-def _member_bytes(url: str, size: int | None, n: int, env: tuple[tuple[str, str], ...]) -> tuple[bytes, str]:
+def _member_bytes(url: str, size: int | None, n: int) -> tuple[bytes, str]:
     """crash_control.KindJob's read."""
-    adopt(env)
     return _member(url, size, n)[2], ""
 
 
@@ -216,13 +190,11 @@ class MemberJob:
     url: str
     size: int | None
     n: int
-    env: tuple[tuple[str, str], ...] = ()
 
     def prefetch(self, readers):
         return None
 
     def run(self, _state, mark) -> tuple[str, int]:
-        adopt(self.env)
         return _member(self.url, self.size, self.n)[:2]
 
 
@@ -264,14 +236,13 @@ def index_path_problem(control: bytes, kind: ControlKind, codecs: tuple[StagedCo
 def _jobs(urls: list[str], sizes: dict[str, int], depth: int, codecs, limit, fault) -> list[ScanJob]:
     """The scan's jobs, in input order: up to `depth` consecutive small remote tars together, or one tar."""
     jobs: list[ScanJob] = []
-    env = environment()
     for url in urls:
         size = sizes.get(url)
         small = size is not None and size <= SMALL_TAR and fs.is_remote(url) and not is_folder_source(url)
         if small and jobs and jobs[-1].small and len(jobs[-1].tars) < depth:
             jobs[-1].tars.append((url, size))
         else:
-            jobs.append(ScanJob([(url, size)], small, depth, True, codecs, limit, fault, env=env))
+            jobs.append(ScanJob([(url, size)], small, depth, True, codecs, limit, fault))
     return jobs
 
 
@@ -323,7 +294,7 @@ def _where(pool: WorkerPool, job: ScanJob, tar: int, n: int) -> str:
     """The member, named for a message: read in a worker (this process decodes nothing)."""
     url, size = job.tars[tar]
     try:
-        name, offset = pool.submit(MemberJob(url, size, n, job.env), AFTER_DEATH).result()
+        name, offset = pool.submit(MemberJob(url, size, n), AFTER_DEATH).result()
     except Exception:  # noqa: BLE001 - only the message's detail
         return f"member #{n + 1} of raw tar {_tar_name(job, tar)}"
     return f"{name} (raw tar {_tar_name(job, tar)}, member #{n + 1}, at byte {offset})"
@@ -405,6 +376,6 @@ def _crash_control(pool: WorkerPool, job: ScanJob, image: tuple[int, int], crash
     index's decoding); raises MachineryFault (nothing recorded) when the control crashed or failed too."""
     url, size = job.tars[image[0]]
     seen = f"the index's process died {len(crashes)} times ({', '.join(d.named for d in crashes)}) decoding {where}"
-    settle_crash_of(pool, functools.partial(_member_bytes, url, size, image[1], job.env), MAX_SHORT, seen, passed,
+    settle_crash_of(pool, functools.partial(_member_bytes, url, size, image[1]), MAX_SHORT, seen, passed,
                     lambda kind: IndexControlJob(kind, job.codecs, job.fault, job.time_limit), "index",
                     time_limit=job.time_limit, priority=AFTER_DEATH, log=log)

@@ -142,6 +142,44 @@ def test_a_held_job_at_the_queues_head_does_not_stall_the_jobs_behind_it():
     assert all(f.result(timeout=60)[1] >= min(ends) for f in behind)
 
 
+@dataclasses.dataclass
+class EnvJob:
+    """Says what the worker's environment holds for `names`, at its reads and at its run."""
+
+    names: tuple[str, ...]
+
+    def prefetch(self, readers):
+        return {n: os.environ.get(n) for n in self.names}
+
+    def run(self, state, mark):
+        return state, {n: os.environ.get(n) for n in self.names}
+
+
+def test_every_job_carries_the_submitters_storage_variables_as_they_are_at_submit():
+    """A worker's own environment is the forkserver's, fixed when the first pool started: a storage
+    endpoint or IMNET_* setting set later (a test's moto server, a proxy) reaches every job, the
+    shard runs' encode jobs as the scan's, before its reads start; one unset later is gone there too."""
+    pool = workerpool.WorkerPool(1)
+    names = ("AWS_ENDPOINT_URL", "IMNET_TEST_LATE", "HTTPS_PROXY", "OTHER_TEST_LATE")
+    saved = {n: os.environ.get(n) for n in names}
+    try:
+        os.environ["IMNET_TEST_LATE"] = "before"
+        assert pool.submit(EnvJob(names)).result(timeout=60)[1]["IMNET_TEST_LATE"] == "before"
+        os.environ.update(AWS_ENDPOINT_URL="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:8", OTHER_TEST_LATE="x")
+        del os.environ["IMNET_TEST_LATE"]
+        at_reads, at_run = pool.submit(EnvJob(names)).result(timeout=60)
+        assert at_reads == at_run
+        assert at_run["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9" and at_run["HTTPS_PROXY"] == "http://127.0.0.1:8"
+        assert at_run["IMNET_TEST_LATE"] is None
+        assert at_run["OTHER_TEST_LATE"] is None  # only the storage and IMNET_* variables travel
+    finally:
+        for n, v in saved.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+
+
 def test_worker_pool_serves_the_oldest_runs_jobs_first():
     """Shard runs sharing the pool are served by priority (next_priority: oldest run first), then
     in submission order: a younger run's jobs wait while an older run has jobs queued."""
