@@ -72,7 +72,7 @@ def grey_thumbnail(data: bytes, side: int = HASH_SIDE) -> np.ndarray | None:
         raise
     except Exception as error:  # noqa: BLE001 - the image's, once the control passes
         settle(f"perceptual hashing ({side}x{side} grey thumbnail)", error, data,
-               functools.partial(_greys, side=side), side, repairs=False)
+               functools.partial(_greys, side=side), side, cut=False)
         return None
 
 
