@@ -175,7 +175,8 @@ def control_for(data, max_short: int, header: bool = True, cut: bool | None = No
 
 
 def _picture(size: tuple[int, int], mode: str) -> Image.Image:
-    """A photo-like picture (gradients and detail, no flat areas, no grey corners) in ``mode``."""
+    """A photo-like picture (gradients and detail, no flat areas, no grey corners) in ``mode``
+    (a JPEG control's corner is then painted grey: ``_grey_corner``)."""
     small = (256, 192)
     x = Image.linear_gradient("L").rotate(90).resize(small)
     y = Image.linear_gradient("L").resize(small)
@@ -192,6 +193,18 @@ def _picture(size: tuple[int, int], mode: str) -> Image.Image:
         img.putalpha(x.resize(size))
         return img
     return rgb.convert(mode)
+
+
+_GREY_CORNER = 64  # px: whole MCUs of flat grey at every draft scale, chroma upsampling included
+
+
+def _grey_corner(img: Image.Image) -> None:
+    """Paint the bottom right of a JPEG control libjpeg's grey (128, what it decodes a block with no
+    data to): a complete control then decodes there to that grey too, so that ``decode`` confirms
+    it is complete by its second, strict decode (decode._jpeg_ran_out), which the control then runs."""
+    w, h = img.size
+    img.paste((128,) * len(img.getbands()) if len(img.getbands()) > 1 else 128,
+              (w - _GREY_CORNER, h - _GREY_CORNER, w, h))
 
 
 def _metadata() -> dict:
@@ -257,6 +270,8 @@ def _dcx(img: Image.Image) -> bytes:
 def control_image(kind: ControlKind) -> bytes:
     """The control's bytes (made once per process per kind)."""
     img = _picture(control_size(kind.format, kind.max_short), kind.mode)
+    if kind.format == "JPEG":
+        _grey_corner(img)
     options: dict = {}
     if kind.format in ("JPEG", "PNG", "WEBP") and kind.mode == "RGB":
         options.update(_metadata())
