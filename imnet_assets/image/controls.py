@@ -61,7 +61,9 @@ FALLBACK = "JPEG"  # the control of a format in UNCONTROLLED
 # equal to what the installed Pillow opens, so an upgrade's new format is met here); EPS is refused.
 UNCONTROLLED = frozenset({"BUFR", "EPS", "FITS", "FLI", "FTEX", "GBR", "GRIB", "HDF5", "MCIDAS", "MPEG", "PIXAR",
                           "SUN", "WMF", "XPM", "XVTHUMB", "IM", "IMT", "IPTC", "PCD", "SPIDER"})
-_ICON_SIDE = {"ICO": 256, "CUR": 256, "ICNS": 512}  # the largest icon its format stores
+# Square controls: an icon, the largest its format stores; a texture (written or read in pure Python:
+# seconds at the usual size, 11 s for a BLP), a usual texture's size.
+_FIXED_SIDE = {"ICO": 256, "CUR": 256, "ICNS": 512, "BLP": 256, "DDS": 256}
 _CUT_AT = 0.9  # the fraction of a cut control's bytes kept (a progressive JPEG keeps its first scans)
 _MAX_DRAFT_CONTROL_SIDE = 2048  # a JPEG control is drafted (short side > 2 x max_short) up to this side
 _MIN_CONTROL_SIDE = 256
@@ -84,9 +86,9 @@ class ControlKind(NamedTuple):
 def control_size(fmt: str, max_short: int) -> tuple[int, int]:
     """Large enough to be resized (and a JPEG, drafted: short side over twice ``max_short``, up to
     _MAX_DRAFT_CONTROL_SIDE), landscape so the long side is rounded; at least _MIN_CONTROL_SIDE, so
-    that a cut control keeps its header and first scans. An icon: the largest its format stores."""
-    if fmt in _ICON_SIDE:
-        return _ICON_SIDE[fmt], _ICON_SIDE[fmt]
+    that a cut control keeps its header and first scans. An icon or a texture: _FIXED_SIDE."""
+    if fmt in _FIXED_SIDE:
+        return _FIXED_SIDE[fmt], _FIXED_SIDE[fmt]
     short = (
         2 * max_short + 16
         if fmt == "JPEG" and 2 * max_short + 16 <= _MAX_DRAFT_CONTROL_SIDE

@@ -30,7 +30,7 @@ from imnet_assets.release.plan import write_slice
 from tests.core.test_encode import _photo_jpeg, _with_frame_size
 from tests.core.test_guard import raise_attribute_error
 from tests.core.test_shard import jpeg, planned, write_raw_tar
-from tests.core.test_shard_workers import KEY, NAME, build
+from tests.core.test_shard_workers import KEY, build
 
 S = EncodeSettings()
 
