@@ -197,6 +197,7 @@ def _picture(size: tuple[int, int], mode: str) -> Image.Image:
     return rgb.convert(mode)
 
 
+_EXIF_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF")  # whose EXIF the encoder reads (Pillow's info["exif"])
 _GREY_CORNER = 64  # px: whole MCUs of flat grey at every draft scale, chroma upsampling included
 
 
@@ -275,8 +276,9 @@ def control_image(kind: ControlKind) -> bytes:
     if kind.format == "JPEG":
         _grey_corner(img)
     options: dict = {}
-    if kind.format in ("JPEG", "PNG", "WEBP") and kind.mode == "RGB":
-        options.update(_metadata())
+    if kind.format in _EXIF_FORMATS:  # the EXIF rules run on every mode; an ICC profile, RGB's
+        meta = _metadata()
+        options.update(meta if kind.mode == "RGB" else {"exif": meta["exif"]})
     if kind.format in ("JPEG", "WEBP"):
         options["quality"] = 90
     if kind.format == "JPEG":

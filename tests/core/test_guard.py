@@ -18,6 +18,7 @@ from PIL import Image, PngImagePlugin
 from imnet_assets.image import controls, perceptual
 from imnet_assets.image import decode as decode_mod
 from imnet_assets.image import encode as encode_mod
+from imnet_assets.image import exif as exif_mod
 from imnet_assets.image import probe as probe_mod
 from imnet_assets.image.decode import decode, trial_decode
 from imnet_assets.image.encode import Encoded, EncodeSettings, encode_image, encode_or_refusal
@@ -100,6 +101,24 @@ def test_a_bug_in_the_encode_chain_is_a_machinery_fault_not_an_exclusion(monkeyp
         assert "nothing was recorded as excluded" in message
     monkeypatch.undo()
     assert isinstance(encode_or_refusal(jpeg(320, 240, 2), SETTINGS[0]), Encoded)
+
+
+def grey_jpeg(exif: bool) -> bytes:
+    buf = io.BytesIO()
+    options = {"exif": controls._metadata()["exif"]} if exif else {}
+    Image.linear_gradient("L").resize((320, 240)).save(buf, "JPEG", **options)
+    return buf.getvalue()
+
+
+def test_a_bug_in_the_exif_rules_is_caught_whatever_the_mode(monkeypatch):
+    """Every control whose format carries EXIF carries it, in every mode: before, a grey JPEG's
+    control had none, so a bug in the EXIF walk excluded every grey JPEG with EXIF."""
+    monkeypatch.setattr(exif_mod, "_filter_exif", raise_attribute_error)
+    assert isinstance(encode_or_refusal(grey_jpeg(exif=False), SETTINGS[0]), Encoded)  # no EXIF: not walked
+    with pytest.raises(MachineryFault, match=r"failed with AttributeError.*known-good JPEG L 2069x1552 control"):
+        encode_or_refusal(grey_jpeg(exif=True), SETTINGS[0])
+    monkeypatch.undo()
+    assert isinstance(encode_or_refusal(grey_jpeg(exif=True), SETTINGS[0]), Encoded)
 
 
 def test_a_bug_in_the_probe_is_a_machinery_fault(monkeypatch):
