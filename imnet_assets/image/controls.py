@@ -1,18 +1,24 @@
 """The known-good control images of the machinery guard (image/guard.py): which control a failing
 image gets (``control_for``) and the control's bytes (``control_image``), made here, in memory.
 
-A control is of the failing image's kind: its format (the Pillow plugin whose signature check takes
-its header, else the plugin whose signature check takes its first bytes), its mode and, for
-JPEG, progressive or not when its header says so; cut short like it when it lacks its end marker, or when
-the failure came from the repair of data cut short (guard.settle's ``cut``); what the header does
-not say, the format's usual kind. Every format the release decodes has a control of its own, so a
+A control is of the failing image's kind: its format (the Pillow plugin that opens its header, tried
+as ``decode.open_image`` tries them, else the plugin whose signature check takes its first bytes),
+its mode and, for JPEG, progressive or not when its header says so; cut short like it when it
+lacks its end marker, or when the failure came from the repair of data cut short (guard.settle's
+``cut``); what the header does not say, the format's usual kind. It carries EXIF where its format
+does (an ICC profile too in RGB), and a JPEG control a grey corner (``_grey_corner``), so that
+every step of the chain runs on it.
+
+Every format Pillow both reads and writes has a control of its own, and PSD, CUR and DCX, so a
 plugin broken by an upgrade (PsdImagePlugin, say) is caught at the first image of its format and
-never excludes them all: Pillow writes most formats; PSD, which it only reads, is written here by
-hand (``_psd``: the header, no resources or layers, PackBits rows as Photoshop writes them); CUR and
-DCX are an ICO and a PCX in their containers. Bytes no plugin's signature takes (and whose header
-no plugin reads) are judged by the plugins that read without one (``open_image`` tries those on
-every such file): their control is a TGA. Formats Pillow reads but no control is made for (``UNCONTROLLED``: rare scientific, game,
-video and vector formats, and stubs that need a handler) get a JPEG control.
+never excludes them all: PSD, which it only reads, is written here by hand (``_psd``: the
+header, no resources or layers, PackBits rows as Photoshop writes them); CUR and DCX are an ICO
+and a PCX in their containers. Bytes no plugin's signature takes (and whose header no plugin
+reads) could only have been read by a plugin without a signature check (``open_image`` tries
+those on every such file): their control is a TGA, the one of those in use. Formats Pillow reads
+but no control is made for (``UNCONTROLLED``: rare scientific, game, video and vector formats, the
+other plugins without a signature, and stubs that need a handler) get a JPEG control: a plugin of
+theirs broken alone is not caught.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ MODES = {
 CUTTABLE = frozenset({"JPEG", "PNG", "GIF", "BMP", "DIB", "TIFF", "PSD", "PPM", "PCX", "TGA", "SGI", "MSP", "XBM"})
 NO_SIGNATURE = "TGA"  # the control of bytes no plugin's signature takes
 FALLBACK = "JPEG"  # the control of a format in UNCONTROLLED
-# Formats Pillow reads with no control of their own (tests/core/test_guard.py keeps this list
+# Formats Pillow reads with no control of their own (tests/core/test_guard_formats.py keeps this list
 # equal to what the installed Pillow opens, so an upgrade's new format is met here); EPS is refused.
 UNCONTROLLED = frozenset({"BUFR", "EPS", "FITS", "FLI", "FTEX", "GBR", "GRIB", "HDF5", "MCIDAS", "MPEG", "PIXAR",
                           "SUN", "WMF", "XPM", "XVTHUMB", "IM", "IMT", "IPTC", "PCD", "SPIDER"})
