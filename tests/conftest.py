@@ -176,6 +176,7 @@ QUICK_MODULES = {
     "tests/core/test_verify.py",
     "tests/core/test_jpeg_codec.py", "tests/core/test_synset_lists.py",  # issue 25
     "tests/core/test_guard.py", "tests/core/test_guard_runs.py", "tests/core/test_crash_control.py",  # the guard
+    "tests/core/test_guard_formats.py", "tests/core/test_guard_repair.py",  # its controls; the repair path
     "tests/core/test_scan_faults.py",  # the index's scan in the worker pool
     "tests/core/test_one_worker.py", "tests/core/test_verify_runs.py",  # IMNET_WORKERS=1; verify's dead workers
     "tests/core/test_deaths.py",  # runtime/deaths.py's counting, no processes

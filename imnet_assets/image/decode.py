@@ -17,7 +17,8 @@ import struct
 
 from PIL import Image, ImageChops, ImageFile, JpegImagePlugin, UnidentifiedImageError
 
-from imnet_assets.image.guard import describe_error, settle
+from imnet_assets.image.formats import looks_truncated
+from imnet_assets.image.guard import MachineryFault, describe_error, settle
 from imnet_assets.image.jpeg_scans import jpeg_scan_bytes, jpeg_scans, scan_data_end, scan_script_complete
 
 MAX_SHORT = 768
@@ -59,12 +60,15 @@ SUPPORTED_MODES = frozenset(
 class ImageRejected(Exception):
     """The image must be excluded; ``reason`` is a short, deterministic, human-readable string.
     ``error``: the exception the refusal was made from, None when a rule refused the image; such a
-    refusal stands only once a known-good image passed the same path (image/guard.py: settle)."""
+    refusal stands only once a known-good image passed the same path (image/guard.py: settle).
+    ``repairing``: it was made in the repair of data that failed to decode (``decode``'s second
+    try), so the control is cut short, to take that path too (guard.settle's ``cut``)."""
 
-    def __init__(self, reason: str, error: BaseException | None = None):
+    def __init__(self, reason: str, error: BaseException | None = None, repairing: bool = False):
         super().__init__(reason)
         self.reason = reason
         self.error = error
+        self.repairing = repairing
 
 
 
@@ -264,7 +268,7 @@ def _is_fill(pixel) -> bool:
 
 
 
-def _jpeg_ran_out(img: Image.Image, orig: tuple[int, int], data: bytes, max_short: int) -> bool:
+def _jpeg_ran_out(img: Image.Image, orig: tuple[int, int], data: bytes, max_short: int) -> bool | Exception:
     """Whether the entropy-coded data of a JPEG that decoded without error (``img``, loaded; ``orig``
     its size before any draft) ran out before the image was complete.
 
@@ -280,6 +284,10 @@ def _jpeg_ran_out(img: Image.Image, orig: tuple[int, int], data: bytes, max_shor
     first DC scan (1 bit per block at least, with Huffman coding), or, when the bottom-right pixel is
     grey, when a few filler bytes put after each scan's data change the decoded pixels (a complete
     scan skips them).  A cut inside the final scan, which only refines detail, is not detected.
+
+    A strict decode that raises says the data ran out (libjpeg asked for more than there is): its
+    exception is returned, truthy, for ``decode`` to settle (one broken for every input would
+    mark every image with a grey corner repaired).
     """
     progressive = bool(img.info.get("progressive"))
     grey_corner = _is_fill(img.getpixel((img.width - 1, img.height - 1)))
@@ -311,8 +319,8 @@ def _jpeg_ran_out(img: Image.Image, orig: tuple[int, int], data: bytes, max_shor
         again.load()
     except MemoryError:
         raise
-    except Exception:  # noqa: BLE001 - libjpeg asked for more data than there is
-        return True
+    except Exception as e:  # noqa: BLE001 - libjpeg asked for more data than there is (decode settles it)
+        return e
     return again.tobytes() != img.tobytes()
 
 
@@ -328,17 +336,22 @@ def _decoded_rows(img: Image.Image) -> int:
 
 def _check_decoded_part(img: Image.Image, error: BaseException | None = None) -> None:
     """Reject a JPEG whose data ran out so early that almost all of it is grey fill (``error``: the
-    decoding error that led here, if one did)."""
+    decoding error that led here, if one did: then the refusal was made in the repair)."""
     rows = _decoded_rows(img)
     if rows < MIN_DECODED_FRACTION * img.height:
         raise ImageRejected(
             f"undecodable: image data ends early, only the top {100 * rows / img.height:.1f}% decoded"
-            f" (min {MIN_DECODED_FRACTION:.0%})", error
+            f" (min {MIN_DECODED_FRACTION:.0%})", error, repairing=error is not None
         )
 
 
-def decode(data: bytes, max_short: int):
-    """Open, plan and decode.  Returns ``(img, orig_size, target, box, repaired)``."""
+def decode(data: bytes, max_short: int, settles: bool = True):
+    """Open, plan and decode.  Returns ``(img, orig_size, target, box, repaired)``.
+
+    A repair made because something raised (the first decode, on bytes that do not look cut short;
+    or ``_jpeg_ran_out``'s strict decode) stands only once the complete control of the image's kind
+    decodes with no repair (guard.settle; else MachineryFault): a decoder broken for every input
+    must not mark every image repaired. ``settles=False``: that control's own decode."""
     img, orig, target, box = _open_planned(data, max_short)
     try:
         img.load()
@@ -347,28 +360,49 @@ def decode(data: bytes, max_short: int):
     except Exception as e:  # truncated / broken data: decode again, as far as the data goes
         first, first_error = e, describe_error(e)
     else:
-        if is_draftable(img) and _jpeg_ran_out(img, orig, data, max_short):
-            _check_decoded_part(img)
-            return img, orig, target, box, True
-        return img, orig, target, box, False
+        ran_out = is_draftable(img) and _jpeg_ran_out(img, orig, data, max_short)
+        if not ran_out:
+            return img, orig, target, box, False
+        if settles and isinstance(ran_out, Exception):
+            _settle_repair("confirming where the JPEG data ends", ran_out, data, max_short)
+        _check_decoded_part(img)
+        return img, orig, target, box, True
     img, orig, target, box = _open_planned(data, max_short)
     if is_draftable(img) and jpeg_scan_bytes(data) <= 0:
         # libjpeg would invent a grey image (plus a little noise) from the header alone
-        raise ImageRejected(f"undecodable: no image data could be decoded ({first_error})", first)
+        raise ImageRejected(f"undecodable: no image data could be decoded ({first_error})", first, repairing=True)
     try:
         _load_truncated(img)
     except MemoryError:
         raise
     except Exception as e:
-        raise ImageRejected(f"undecodable: {first_error}; {describe_error(e)}", e) from e
+        raise ImageRejected(f"undecodable: {first_error}; {describe_error(e)}", e, repairing=True) from e
     # Pillow fills what it could not decode with a constant (black, or grey for JPEG); a result that
     # is a single colour carries no decoded data (e.g. a PNG whose IDAT is not zlib data, a JPEG
     # whose first scan is unusable).
     if _is_uniform(img):
-        raise ImageRejected(f"undecodable: no image data could be decoded ({first_error})", first)
+        raise ImageRejected(f"undecodable: no image data could be decoded ({first_error})", first, repairing=True)
     if is_draftable(img):
         _check_decoded_part(img, first)
+    if settles and not looks_truncated(data, img.format):
+        _settle_repair("decoding", first, data, max_short)
     return img, orig, target, box, True
+
+
+def _settle_repair(what: str, error: BaseException, data: bytes, max_short: int) -> None:
+    """The repair ``error`` led to is the image's: the complete control of its kind decodes with
+    no repair (guard.settle), else MachineryFault."""
+    settle(f"{what} (max_short {max_short}; the image was repaired)", error, data,
+           functools.partial(_decodes_whole, max_short=max_short), max_short, cut=False)
+
+
+def _decodes_whole(data: bytes, max_short: int) -> str | None:
+    """None when ``decode`` takes these bytes with no repair (``_settle_repair``'s attempt)."""
+    try:
+        repaired = decode(data, max_short, settles=False)[4]
+    except ImageRejected as e:
+        return e.reason
+    return "decoded only by repairing it" if repaired else None
 
 
 def trial_decode(data: bytes, max_short: int = MAX_SHORT) -> str | None:
@@ -381,16 +415,16 @@ def trial_decode(data: bytes, max_short: int = MAX_SHORT) -> str | None:
     try:
         decode(data, max_short)
     except ImageRejected as e:
-        reason, error = e.reason, e.error
-    except MemoryError:
+        reason, error, repairing = e.reason, e.error, e.repairing
+    except (MemoryError, MachineryFault):
         raise
     except Exception as e:  # noqa: BLE001 - as encode_image words it
-        reason, error = f"undecodable: {describe_error(e)}", e
+        reason, error, repairing = f"undecodable: {describe_error(e)}", e, False
     else:
         return None
     if error is not None:
         settle(f"decoding (max_short {max_short})", error, data, functools.partial(_decodes, max_short=max_short),
-               max_short)
+               max_short, cut=repairing or None)
     return reason
 
 

@@ -42,7 +42,7 @@ from imnet_assets.image.decode import (
     target_size,
 )
 from imnet_assets.image.exif import filter_exif, rgb_icc_profile
-from imnet_assets.image.guard import settle
+from imnet_assets.image.guard import MachineryFault, settle
 from imnet_assets.settings import Settings
 
 # Resampling filter, used identically by ``encode_image`` and ``bare_chain``.  LANCZOS is Pillow's
@@ -229,7 +229,7 @@ def encode_image(data: bytes, settings: EncodeSettings = DEFAULT_SETTINGS) -> En
         exif = filter_exif(info.get("exif"))
         icc = rgb_icc_profile(info.get("icc_profile"))
         out = _to_rgb_resized(img, target, box)
-    except (ImageRejected, MemoryError):
+    except (ImageRejected, MemoryError, MachineryFault):
         raise
     except Exception as e:
         raise ImageRejected(f"undecodable: {describe_error(e)}", e) from e
@@ -278,14 +278,14 @@ def encode_or_refusal(data, settings: EncodeSettings, encode=None) -> Encoded | 
     try:
         return encode(data, settings)
     except ImageRejected as e:
-        reason, error = e.reason, e.error
-    except MemoryError:
+        reason, error, repairing = e.reason, e.error, e.repairing
+    except (MemoryError, MachineryFault):
         raise
     except Exception as e:  # noqa: BLE001 - one bad image never crashes a stage or shard
-        reason, error = f"encoder error: {type(e).__name__}: {e}", e
+        reason, error, repairing = f"encoder error: {type(e).__name__}: {e}", e, False
     if error is not None:
         settle(f"encoding ({path_settings(settings)})", error, data, functools.partial(_encodes, encode=encode,
-               settings=settings), settings.max_short)
+               settings=settings), settings.max_short, cut=repairing or None)
     return reason
 
 

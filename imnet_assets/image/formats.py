@@ -1,29 +1,6 @@
-"""What a raw file's bytes say of their format without any decoder: the family its first bytes
-name (the signature every decoder of it checks first) and whether it ends as that format ends."""
+"""What a raw file's bytes say without any decoder: whether they end as their format ends."""
 
 from __future__ import annotations
-
-# (family, signatures): Pillow's format names; WebP is RIFF....WEBP (checked apart)
-_SIGNATURES = (
-    ("JPEG", (b"\xff\xd8\xff",)),
-    ("PNG", (b"\x89PNG\r\n\x1a\n",)),
-    ("GIF", (b"GIF87a", b"GIF89a")),
-    ("BMP", (b"BM",)),
-    ("TIFF", (b"II*\x00", b"MM\x00*")),
-)
-FAMILIES = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
-
-
-def family(data: bytes | memoryview) -> str | None:
-    """The format family the first bytes name (one of FAMILIES), or None."""
-    head = bytes(data[:16])
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    for name, signatures in _SIGNATURES:
-        if head.startswith(signatures):
-            return name
-    return None
-
 
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 

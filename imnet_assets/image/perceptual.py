@@ -81,7 +81,7 @@ def thumbnail_or_problem(data: bytes, side: int = HASH_SIDE) -> tuple[np.ndarray
         raise
     except Exception as error:  # noqa: BLE001 - the image's, once the control passes
         settle(f"perceptual hashing ({side}x{side} grey thumbnail)", error, data,
-               functools.partial(_greys, side=side), side, repairs=False)
+               functools.partial(_greys, side=side), side, cut=False)
         return None, f"{NO_DECODE}: {describe_error(error)}"
     if grey is None:
         return None, f"{TOO_LARGE}: over {MAX_FULL_DECODE_PIXELS:,} pixels, not decoded in full"

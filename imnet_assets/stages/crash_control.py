@@ -7,10 +7,10 @@ for every input (a bad libwebp build that segfaults on every image) would so exc
 and the build would succeed. So before such an exclusion is recorded, `settle_crash` sends two jobs to the
 pool (a fresh worker replaced the crashed one):
 
-- a KindJob reads the image's source and finds the control of its kind (guard.control_for, with the
+- a KindJob reads the image's source and finds the control of its kind (controls.control_for, with the
   release's max_short). Should the image's header crash that worker too (its own bytes again, in
   the header's parser), it runs again, taking the kind from what the bytes say without a decoder;
-- a ControlJob runs the control (guard.control_image) through what the crashed worker ran on the
+- a ControlJob runs the control (controls.control_image) through what the crashed worker ran on the
   image (the same codec and EncodeSettings through encode_or_refusal, then a decode of the stored
   image as the shard check does).
 
@@ -36,8 +36,9 @@ import multiprocessing
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from imnet_assets.image.controls import ControlKind, control_for, control_image
 from imnet_assets.image.encode import EncodeSettings, encode_or_refusal
-from imnet_assets.image.guard import ControlKind, MachineryFault, control_for, control_image, crash_fault
+from imnet_assets.image.guard import MachineryFault, crash_fault
 from imnet_assets.release.verify import stored_image_problem
 from imnet_assets.runtime.procpool import preload
 from imnet_assets.runtime.workerpool import WorkerDied, WorkerPool
@@ -75,7 +76,7 @@ class KindJob:
 
     read: Callable[[], tuple[bytes, str]]  # the image's source bytes (shard_jobs._read_source, bound)
     max_short: int
-    header: bool = True  # False: from what the bytes say without a decoder (guard.control_for)
+    header: bool = True  # False: from what the bytes say without a decoder (controls.control_for)
     time_limit: float | None = None
 
     def prefetch(self, readers):

@@ -47,10 +47,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 
+from imnet_assets.image.controls import ControlKind, control_image
 from imnet_assets.image.decode import MAX_SHORT
 from imnet_assets.image.encode import encode_or_refusal
 from imnet_assets.image.faults import arm
-from imnet_assets.image.guard import ControlKind, control_image
 from imnet_assets.runtime.deaths import CRASHED, KILLED, OUT_OF_MEMORY, TIMED_OUT, DeathCount
 from imnet_assets.runtime.procpool import preload
 from imnet_assets.runtime.workerpool import ReplyUnreadable, WorkerDied, WorkerPool, shared_pool

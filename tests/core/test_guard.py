@@ -15,9 +15,10 @@ import io
 import pytest
 from PIL import Image, PngImagePlugin
 
+from imnet_assets.image import controls, perceptual
 from imnet_assets.image import decode as decode_mod
 from imnet_assets.image import encode as encode_mod
-from imnet_assets.image import guard, perceptual
+from imnet_assets.image import exif as exif_mod
 from imnet_assets.image import probe as probe_mod
 from imnet_assets.image.decode import decode, trial_decode
 from imnet_assets.image.encode import Encoded, EncodeSettings, encode_image, encode_or_refusal
@@ -30,21 +31,25 @@ SETTINGS = (EncodeSettings(), EncodeSettings(codec="jpeg", quality=85))
 
 
 def kinds():
-    for fam, modes in guard._MODES.items():
+    for fmt, modes in controls.MODES.items():
         for mode in modes:
-            for progressive in (False, True) if fam == "JPEG" else (False,):
-                for cut in (False, True) if fam in guard._CUT_FAMILIES else (False,):
-                    yield guard.ControlKind(fam, mode, progressive, cut, 768)
-                    if fam == "JPEG":
-                        yield guard.ControlKind(fam, mode, progressive, cut, 32)
+            for progressive in (False, True) if fmt == "JPEG" else (False,):
+                for cut in (False, True) if fmt in controls.CUTTABLE else (False,):
+                    yield controls.ControlKind(fmt, mode, progressive, cut, 768)
+                    if fmt == "JPEG":
+                        yield controls.ControlKind(fmt, mode, progressive, cut, 32)
 
 
-@pytest.mark.parametrize("family", sorted(guard._MODES))
-def test_every_control_passes_every_path_on_a_healthy_machine(family):
+@pytest.mark.parametrize("fmt", sorted(controls.MODES))
+def test_every_control_passes_every_path_on_a_healthy_machine(fmt):
     """A control that failed here would turn every failing image of its kind into a failed build."""
-    for kind in (k for k in kinds() if k.family == family):
-        data = guard.control_image(kind)
-        assert guard.control_for(data, kind.max_short) == kind, kind  # its header names its own kind
+    for kind in (k for k in kinds() if k.format == fmt):
+        data = controls.control_image(kind)
+        named = controls.control_for(data, kind.max_short, cut=kind.cut)
+        assert named == kind or kind.cut and named.format == fmt, kind  # its header names its kind (a cut
+        # PCX, its palette lost, reads as L)
+        if fmt in ("JPEG", "PNG", "GIF") and kind.mode != "P":  # the formats with an end marker: it looks cut
+            assert controls.control_for(data, kind.max_short) == kind, kind
         assert probe_mod._probes(data) is None, kind
         assert decode_mod._decodes(data, kind.max_short) is None, kind
         for settings in SETTINGS:
@@ -52,7 +57,7 @@ def test_every_control_passes_every_path_on_a_healthy_machine(family):
             enc = encode_image(data, settings)
             assert enc.repaired == kind.cut, kind
         if not kind.cut:  # the pHash's controls (never cut: the hash repairs nothing)
-            phash_control = guard.control_image(kind._replace(max_short=perceptual.HASH_SIDE))
+            phash_control = controls.control_image(kind._replace(max_short=perceptual.HASH_SIDE))
             assert perceptual._greys(phash_control, perceptual.HASH_SIDE) is None, kind
 
 
@@ -96,6 +101,24 @@ def test_a_bug_in_the_encode_chain_is_a_machinery_fault_not_an_exclusion(monkeyp
         assert "nothing was recorded as excluded" in message
     monkeypatch.undo()
     assert isinstance(encode_or_refusal(jpeg(320, 240, 2), SETTINGS[0]), Encoded)
+
+
+def grey_jpeg(exif: bool) -> bytes:
+    buf = io.BytesIO()
+    options = {"exif": controls._metadata()["exif"]} if exif else {}
+    Image.linear_gradient("L").resize((320, 240)).save(buf, "JPEG", **options)
+    return buf.getvalue()
+
+
+def test_a_bug_in_the_exif_rules_is_caught_whatever_the_mode(monkeypatch):
+    """Every control whose format carries EXIF carries it, in every mode: before, a grey JPEG's
+    control had none, so a bug in the EXIF walk excluded every grey JPEG with EXIF."""
+    monkeypatch.setattr(exif_mod, "_filter_exif", raise_attribute_error)
+    assert isinstance(encode_or_refusal(grey_jpeg(exif=False), SETTINGS[0]), Encoded)  # no EXIF: not walked
+    with pytest.raises(MachineryFault, match=r"failed with AttributeError.*known-good JPEG L 2069x1552 control"):
+        encode_or_refusal(grey_jpeg(exif=True), SETTINGS[0])
+    monkeypatch.undo()
+    assert isinstance(encode_or_refusal(grey_jpeg(exif=True), SETTINGS[0]), Encoded)
 
 
 def test_a_bug_in_the_probe_is_a_machinery_fault(monkeypatch):
