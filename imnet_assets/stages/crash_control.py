@@ -11,8 +11,8 @@ pool (a fresh worker replaced the crashed one):
   release's max_short). Should the image's header crash that worker too (its own bytes again, in
   the header's parser), it runs again, taking the kind from what the bytes say without a decoder;
 - a ControlJob runs the control (controls.control_image) through what the crashed worker ran on the
-  image (the same codec and EncodeSettings through encode_or_refusal, then a decode of the stored
-  image as the shard check does).
+  image (encode_path_problem: the same codec and EncodeSettings through encode_or_refusal, then a
+  decode of the stored image as the shard check does; the index and the eval set pass their own).
 
 If the control's worker dies of a crash signal too, the fault is the machinery's:
 guard.crash_fault (a MachineryFault naming the signals) fails the shard run, nothing committed,
@@ -31,6 +31,7 @@ exclusion is never recorded unchecked.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import multiprocessing
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 
 from imnet_assets.image.controls import ControlKind, control_for, control_image
 from imnet_assets.image.encode import EncodeSettings, encode_or_refusal
+from imnet_assets.image.faults import arm
 from imnet_assets.image.guard import MachineryFault, crash_fault
 from imnet_assets.release.verify import stored_image_problem
 from imnet_assets.runtime.procpool import preload
@@ -90,27 +92,41 @@ class KindJob:
 
 @dataclass
 class ControlJob:
-    """The control of `kind` through the encode path a crashed worker ran (shard_jobs.prepare_sample)."""
+    """The control of `kind` through the path a crashed worker ran on an image: `problem(control,
+    kind)` says why the known-good control image fails that path (None: it passes); a module-level
+    function or a partial of one, so that the job pickles (encode_path_problem: the shard runs'
+    encoder; scan_pool.index_path_problem: the index's decoding; eval_pool.eval_path_problem: the eval
+    set's pHash). `fault`: the index's test hook (image/faults.py), armed while it runs."""
 
     kind: ControlKind
-    settings: EncodeSettings
-    encode: Callable | None = None  # the shard run's codec (None: encode_image)
-    crash_sha256: str | None = None  # the test hook, as the shard run's jobs carry it
+    problem: Callable[[bytes, ControlKind], str | None]
+    fault: str | None = None
     time_limit: float | None = None
 
     def prefetch(self, readers):
         return None
 
     def run(self, _state, mark) -> str | None:
-        """None when the control passes, else why not. Raises MachineryFault when the codec fails
-        it with an exception (encode_or_refusal settles that on the control's own control)."""
-        mark(0)
-        control = control_image(self.kind)
-        crash_hook(hashlib.sha256(control).hexdigest(), self.crash_sha256)
-        got = encode_or_refusal(control, self.settings, self.encode)
-        if isinstance(got, str):
-            return got
-        return stored_image_problem(self.settings.extension, got.webp, (got.width, got.height), True) or None
+        arm(self.fault)
+        try:
+            mark(0)
+            return self.problem(control_image(self.kind), self.kind)
+        finally:
+            arm(None)
+
+
+def encode_path_problem(control: bytes, _kind: ControlKind, settings: EncodeSettings, encode: Callable | None = None,
+                        crash_sha256: str | None = None) -> str | None:
+    """What a shard run's encode worker runs on an image (shard_jobs.prepare_sample: the codec with
+    these settings, then a decode of the stored image as the shard check does), on the control: None
+    when it passes, else why not. Raises MachineryFault when the codec fails it with an exception
+    (encode_or_refusal settles that on the control's own control). `encode`: the run's codec (None:
+    encode_image); `crash_sha256`: the test hook, as the shard run's jobs carry it."""
+    crash_hook(hashlib.sha256(control).hexdigest(), crash_sha256)
+    got = encode_or_refusal(control, settings, encode)
+    if isinstance(got, str):
+        return got
+    return stored_image_problem(settings.extension, got.webp, (got.width, got.height), True) or None
 
 
 def _outcome(pool: WorkerPool, job, priority: int, what: str):
@@ -145,17 +161,17 @@ def settle_crash(pool: WorkerPool, read: Callable[[], tuple[bytes, str]], settin
     the control of its kind passed the same path in a worker, now or earlier in this shard run
     (``passed``, updated). Raises MachineryFault when the control crashes or fails too."""
     settle_crash_of(pool, read, settings.max_short, seen, passed,
-                    lambda kind: ControlJob(kind, settings, encode, crash_sha256, time_limit), "encoder",
-                    time_limit=time_limit, priority=priority, log=log)
+                    functools.partial(encode_path_problem, settings=settings, encode=encode, crash_sha256=crash_sha256),
+                    "encoder", time_limit=time_limit, priority=priority, log=log)
 
 
 def settle_crash_of(pool: WorkerPool, read: Callable[[], tuple[bytes, str]], max_short: int, seen: str,
-                    passed: set[ControlKind], control: Callable[[ControlKind], object], path: str, *,
-                    time_limit: float | None = None, priority: int = 0,
+                    passed: set[ControlKind], problem: Callable[[bytes, ControlKind], str | None], path: str, *,
+                    fault: str | None = None, time_limit: float | None = None, priority: int = 0,
                     log: Callable[[str], None] = lambda _m: None) -> None:
-    """settle_crash for any path a worker runs on an image: `control(kind)` is the job that runs the
-    control of `kind` through that path (its `run` returns None when it passes, else why not), and
-    `path` names it in messages ("encoder"; "index": stages/scan_pool.py)."""
+    """settle_crash for any path a worker runs on an image: `problem` runs that path on the control
+    of a kind (a ControlJob's), and `path` names it in messages ("encoder"; "index":
+    stages/scan_pool.py; "pHash": stages/eval_pool.py). `fault`: the index's test hook."""
     what = f"deciding whether the crashes are the image's own ({seen})"
     kind, died = _outcome(pool, KindJob(read, max_short, True, time_limit), priority, what)
     if died is not None:  # its header crashed the parser: its own bytes again
@@ -165,10 +181,10 @@ def settle_crash_of(pool: WorkerPool, read: Callable[[], tuple[bytes, str]], max
                                  f"too ({died.named}); nothing was committed")
     if kind in passed:
         return
-    problem, died = _outcome(pool, control(kind), priority, what)
+    failed, died = _outcome(pool, ControlJob(kind, problem, fault, time_limit), priority, what)
     if died is not None:
         raise crash_fault(seen, kind, f"crashed the {path}'s process the same way ({died.named})")
-    if problem is not None:
-        raise crash_fault(seen, kind, f"failed the same path ({problem})")
+    if failed is not None:
+        raise crash_fault(seen, kind, f"failed the same path ({failed})")
     passed.add(kind)
     log(f"a known-good {kind.describe()} control image passed the {path}: the crashes are the image's own")

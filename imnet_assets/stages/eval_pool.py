@@ -21,7 +21,7 @@ sha256 and the pHash; IMNET_IMAGE_TIMEOUT). A death says whose it is (`_hashed`)
 runtime/deaths.py as the scan counts it:
 
 - decoding, a crash signal: the image's, once it happened DEATHS_TO_EXCLUDE times and the control
-  image of its kind got its pHash in a worker (crash_control.settle_crash_of with EvalControlJob):
+  image of its kind got its pHash in a worker (crash_control.settle_crash_of through eval_path_problem):
   the image keeps its sha256 (it still matches raw images byte for byte) and has no pHash, with the
   reason (`eval_images.no_phash`: "crashed the pHash's process 2 times (...)"); a control that
   crashes or fails too is a MachineryFault, nothing recorded;
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 from imnet_assets.image.decode import MAX_SHORT
 from imnet_assets.image.faults import arm
-from imnet_assets.image.guard import ControlKind, MachineryFault, control_image
+from imnet_assets.image.guard import ControlKind, MachineryFault
 from imnet_assets.image.perceptual import hash_or_problem
 from imnet_assets.runtime.deaths import CRASHED as CRASHED_KIND
 from imnet_assets.runtime.deaths import KILLED, OUT_OF_MEMORY, TIMED_OUT, DeathCount
@@ -155,25 +155,11 @@ class TarMembersJob:
         return members, damage
 
 
-@dataclass
-class EvalControlJob:
-    """The control of `kind` through the eval set's hashing: None when it gets its pHash."""
-
-    kind: ControlKind
-    fault: str | None = None
-    time_limit: float | None = None
-
-    def prefetch(self, readers):
-        return None
-
-    def run(self, _state, mark) -> str | None:
-        arm(self.fault)
-        try:
-            mark(0)
-            phash, problem = hash_or_problem(control_image(self.kind))
-            return None if phash is not None else f"it got no pHash ({problem})"
-        finally:
-            arm(None)
+def eval_path_problem(control: bytes, _kind: ControlKind) -> str | None:
+    """None when a known-good control image gets its pHash as an eval image does, else why not
+    (crash_control.ControlJob's)."""
+    phash, problem = hash_or_problem(control)
+    return None if phash is not None else f"it got no pHash ({problem})"
 
 
 def hash_eval(listing: list[dict], workers: int, log: Callable[[str], None] = lambda _m: None,
@@ -296,7 +282,7 @@ def _hashed(pool: WorkerPool, job: EvalJob, future, passed: set, log: Callable[[
                     seen = death.say("the eval set's hashing process died {count} times ({nameds}) hashing {where}",
                                      where=where)
                     settle_crash_of(pool, functools.partial(_image_bytes, job.items[i]), MAX_SHORT, seen,
-                                    passed, functools.partial(EvalControlJob, fault=job.fault, time_limit=job.time_limit), "pHash",
+                                    passed, eval_path_problem, "pHash", fault=job.fault,
                                     time_limit=job.time_limit, priority=AFTER_DEATH, log=log)
                     reason = death.say(CRASHED + " {count} times ({nameds})")
                     log(f"{where} has no pHash: it {reason} (it still matches raw images byte for byte)")

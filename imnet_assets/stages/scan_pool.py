@@ -13,7 +13,7 @@ image). So a death says whose it is (`_scanned`):
 
 - decoding, a crash signal (SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT): the image's, once it happened
   DEATHS_TO_EXCLUDE times and the known-good control image of its kind passed the same path in a
-  worker (crash_control.settle_crash_of with `IndexControlJob`): the job runs again with the member
+  worker (crash_control.settle_crash_of through `index_path_problem`): the job runs again with the member
   excluded, naming the signals; a control that crashes or fails too is a MachineryFault (a codec
   broken for every input), nothing recorded;
 - decoding, killed from outside (SIGKILL: the OOM killer, a cgroup limit, preemption; SIGTERM), past
@@ -47,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 
-from imnet_assets.image.controls import ControlKind, control_image
+from imnet_assets.image.controls import ControlKind
 from imnet_assets.image.decode import MAX_SHORT
 from imnet_assets.image.encode import encode_or_refusal
 from imnet_assets.image.faults import arm
@@ -198,29 +198,9 @@ class MemberJob:
         return _member(self.url, self.size, self.n)[:2]
 
 
-@dataclass
-class IndexControlJob:
-    """The control of `kind` through what a scan worker's `decoding` phase runs on an image."""
-
-    kind: ControlKind
-    codecs: tuple[StagedCodec, ...]
-    fault: str | None = None
-    time_limit: float | None = None
-
-    def prefetch(self, readers):
-        return None
-
-    def run(self, _state, mark) -> str | None:
-        arm(self.fault)
-        try:
-            mark(0)
-            return index_path_problem(control_image(self.kind), self.kind, self.codecs)
-        finally:
-            arm(None)
-
-
 def index_path_problem(control: bytes, kind: ControlKind, codecs: tuple[StagedCodec, ...]) -> str | None:
-    """None when a known-good control image passes the index's decoding, else why not."""
+    """None when a known-good control image passes what a scan worker's `decoding` phase runs on an
+    image (the probe, the pHash, the staged encodes), else why not (crash_control.ControlJob's)."""
     _p, status, reason, phash = probe_and_hash(control)
     if status != "kept":
         return f"the probe excluded it: {reason}"
@@ -377,5 +357,5 @@ def _crash_control(pool: WorkerPool, job: ScanJob, image: tuple[int, int], crash
     url, size = job.tars[image[0]]
     seen = f"the index's process died {len(crashes)} times ({', '.join(d.named for d in crashes)}) decoding {where}"
     settle_crash_of(pool, functools.partial(_member_bytes, url, size, image[1]), MAX_SHORT, seen, passed,
-                    lambda kind: IndexControlJob(kind, job.codecs, job.fault, job.time_limit), "index",
+                    functools.partial(index_path_problem, codecs=job.codecs), "index", fault=job.fault,
                     time_limit=job.time_limit, priority=AFTER_DEATH, log=log)
