@@ -239,15 +239,21 @@ _jpeg_first: bool | None = None
 
 
 def _jpeg_is_first() -> bool:
-    """Whether JPEG is the first plugin that accepts FF D8 FF: only BMP ("BM"), DIB (a small header
-    size as the first 4 bytes) and GIF ("GIF8"), which cannot, may come before it in Pillow's order.  Plugins registered later go after it, so checking
-    once after ``Image.preinit`` (which registers JPEG) is enough."""
+    """Whether JPEG is the first plugin that accepts FF D8 FF: only plugins whose signature check
+    wants other first bytes (_BEFORE_JPEG) may come before it in Pillow's order (a module that imports
+    PngImagePlugin before Pillow's own preinit puts PNG first). Plugins registered later go after it,
+    so checking once after ``Image.preinit`` (which registers JPEG) is enough."""
     global _jpeg_first
     if _jpeg_first is None:
         Image.preinit()
         ids = list(Image.ID)
-        _jpeg_first = "JPEG" in ids and set(ids[: ids.index("JPEG")]) <= {"BMP", "DIB", "GIF"}
+        _jpeg_first = "JPEG" in ids and set(ids[: ids.index("JPEG")]) <= _BEFORE_JPEG
     return _jpeg_first
+
+
+# Plugins that cannot accept bytes starting FF D8 FF: BMP ("BM"), DIB (a small header size as the
+# first 4 bytes), GIF ("GIF8"), PNG (89 "PNG"), WebP ("RIFF"), TIFF ("II*" / "MM*").
+_BEFORE_JPEG = frozenset({"BMP", "DIB", "GIF", "PNG", "WEBP", "TIFF"})
 
 
 def _probe(data: bytes) -> Probe:

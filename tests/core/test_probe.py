@@ -238,3 +238,22 @@ def test_baseline_jpeg_has_no_coefficient_limit(imgs):
     data = imgs.flat_grey_jpeg(16384, 12000)
     assert probe_image(data) == probe_image(data, fast=False)
     assert probe_image(data).kept
+
+
+@pytest.mark.parametrize("first", ["PngImagePlugin", "WebPImagePlugin", "TiffImagePlugin", "BmpImagePlugin"])
+def test_the_jpeg_header_read_survives_a_plugin_imported_before_pillows_own_order(first):
+    """A module that imports one of Pillow's plugins before anything opens an image puts it ahead of
+    JPEG in Pillow's order; a plugin that cannot take FF D8 FF there leaves the JPEG header read on
+    (it is off, and Pillow reads every header, only when one that could take it comes first). In a
+    fresh interpreter, as a test module or a user's script would import them."""
+    import subprocess
+    import sys
+
+    code = (f"from PIL import {first}\n"
+            "from imnet_assets.image import probe\n"
+            "from PIL import Image\n"
+            "assert probe._jpeg_is_first(), list(Image.ID)[:8]\n"
+            "print(list(Image.ID).index('JPEG') > 0)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"  # the plugin did come first
