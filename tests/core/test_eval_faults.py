@@ -38,6 +38,7 @@ from imnet_assets.stages.scan_pool import ScanKilled, ScanOutOfMemory
 from imnet_assets.stages.synset_manifest import build_synset_manifest
 from imnet_assets.storage import fs
 from tests.core.test_features import WNIDS, settings_for, write_release
+from tests.core.worker_patch import when_working
 from tests.latency_proxy import LatencyProxy, object_get
 from tests.s3server import MotoS3
 
@@ -124,22 +125,8 @@ def test_a_phash_crashing_on_every_image_fails_the_stage(rel, monkeypatch):
 def while_hashing(name: str, act) -> tuple[threading.Thread, list[int]]:
     """A started thread that waits (up to 60 s) until a worker of this process's pool hashes the
     eval image `name`, then calls `act(pid)` once; the returned list then holds that worker's pid."""
-    pool = shared_pool(2)
-    done: list[int] = []
-
-    def watch() -> None:
-        deadline = time.monotonic() + 60
-        while not done and time.monotonic() < deadline:
-            for pid, job, at in pool.working_on():
-                if isinstance(job, eval_pool.EvalJob) and at & 1 and job.items[at >> 1][0] == name:
-                    act(pid)
-                    done.append(pid)
-                    break
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=watch)
-    thread.start()
-    return thread, done
+    return when_working(lambda job, at: isinstance(job, eval_pool.EvalJob) and bool(at & 1)
+                        and job.items[at >> 1][0] == name, act)
 
 
 def test_an_eval_worker_killed_from_outside_while_hashing_is_retried(rel, undisturbed, tmp_path, monkeypatch):

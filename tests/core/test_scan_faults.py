@@ -19,7 +19,6 @@ import hashlib
 import io
 import os
 import threading
-import time
 
 import duckdb
 import pytest
@@ -27,7 +26,6 @@ from PIL import Image
 
 from imnet_assets.image import perceptual, probe
 from imnet_assets.image.guard import MachineryFault
-from imnet_assets.runtime.workerpool import shared_pool
 from imnet_assets.stages import scan_pool
 from imnet_assets.stages.filtered_index import build_filtered_index
 from imnet_assets.stages.index import ReadShort, check_accounted, scan_tar
@@ -37,6 +35,7 @@ from imnet_assets.stages.staged_encodes import staging_plan
 from imnet_assets.stages.synset_manifest import build_synset_manifest
 from tests.conftest import local_settings
 from tests.core.test_rawtar import layout, make_tar
+from tests.core.worker_patch import when_working
 
 TARS = ("n00000011", "n00000012", "n00000013")
 VICTIM_TAR, VICTIM_MEMBER = "n00000012.tar", 1  # its second member
@@ -95,24 +94,12 @@ def while_decoding(tar: str, member: int, act, mapped: bool = False) -> tuple[th
     """A started thread that waits (up to 60 s) until a worker of this process's pool decodes member
     `member` of raw tar `tar` (a job reading it through a memory map, when `mapped`), then calls
     `act(pid)` once; the returned list then holds that worker's pid."""
-    pool = shared_pool(2)
-    done: list[int] = []
+    def matches(job, index_) -> bool:
+        at = scan_pool._culprit(index_) if isinstance(job, scan_pool.ScanJob) else None
+        return bool(at and at[2] and at[1] == member and os.path.basename(job.tars[at[0]][0]) == tar
+                    and (job.mapped or not mapped))
 
-    def watch() -> None:
-        deadline = time.monotonic() + 60
-        while not done and time.monotonic() < deadline:
-            for pid, job, index_ in pool.working_on():
-                at = scan_pool._culprit(index_) if isinstance(job, scan_pool.ScanJob) else None
-                if (at and at[2] and at[1] == member and os.path.basename(job.tars[at[0]][0]) == tar
-                        and (job.mapped or not mapped)):
-                    act(pid)
-                    done.append(pid)
-                    break
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=watch)
-    thread.start()
-    return thread, done
+    return when_working(matches, act)
 
 
 @pytest.mark.parametrize(("workers", "staged"), [(1, "off"), (2, "off"), (2, "on")])

@@ -7,6 +7,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from imnet_assets.runtime.workerpool import shared_pool
@@ -55,3 +58,26 @@ def patched_worker(module: str, path: str, value, as_property: bool = False):
         yield
     finally:
         assert pool.submit(SetAttr(module, path, restore=True)).result() == pid  # the same worker
+
+
+def when_working(matches: Callable[[object, int], bool], act: Callable[[int], None],
+                 workers: int = 2) -> tuple[threading.Thread, list[int]]:
+    """A started thread that waits (up to 60 s) until a worker of this process's pool works on an
+    item `matches(job, marked index)` says yes to, then calls `act(pid)` once on that worker; the
+    returned list then holds its pid."""
+    pool = shared_pool(workers)
+    done: list[int] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 60
+        while not done and time.monotonic() < deadline:
+            for pid, job, at in pool.working_on():
+                if matches(job, at):
+                    act(pid)
+                    done.append(pid)
+                    break
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    return thread, done
