@@ -200,6 +200,56 @@ def test_worker_pool_serves_the_oldest_runs_jobs_first():
     assert order == ["blocker", "older-0", "older-1", "older-2", "younger-0", "younger-1", "younger-2"]
 
 
+@dataclasses.dataclass
+class TailJob:
+    """A shard run's tail job (`hold` 2, as shard_jobs.TAIL_HOLD): says when it finished."""
+
+    name: str
+    hold: typing.ClassVar[int] = 2
+
+    def prefetch(self, readers):
+        return None
+
+    def run(self, state, mark):
+        return self.name, time.monotonic()
+
+
+def test_the_dispatch_past_a_held_head_costs_no_look_at_every_worker_per_queued_job():
+    """At the real size a run's tail queues TAIL_SINGLES_PER_WORKER x 64 = 512 held single-image jobs
+    while 64 workers each hold 2 or 3 jobs: the dispatcher looks for a job that fits at every reply
+    (~1,600 a second), so one look must not walk every worker for every queued job (it took ~10 ms,
+    the dispatcher's whole time). Measured against one pass over that queue reading each job's hold,
+    so a loaded machine slows both alike. The pool's own state, no processes: 64 workers are not to be had here."""
+    import heapq
+    from concurrent.futures import Future
+
+    pool = workerpool.WorkerPool.__new__(workerpool.WorkerPool)
+    pool.depth = 4
+    pool._workers = []
+    for i in range(64):
+        w = workerpool._Worker(None, None, [-1, 0])
+        w.tasks = dict.fromkeys(range(2 + i % 2))
+        pool._workers.append(w)
+    pool._queue = [(1, i, TailJob(f"tail-{i}"), Future(), ()) for i in range(512)]
+    heapq.heapify(pool._queue)
+
+    def best(call, times=20):
+        took = []
+        for _ in range(times):
+            started = time.perf_counter()
+            call()
+            took.append(time.perf_counter() - started)
+        return min(took)
+
+    assert pool._next_job() is None  # every worker holds 2 or more: no single fits
+    look = best(pool._next_job)
+    walk = best(lambda: [getattr(e[2], "hold", None) for e in pool._queue])
+    assert look < 10 * walk, f"one look past the held head took {look * 1e3:.2f} ms, a pass {walk * 1e3:.3f} ms"
+    pool._workers[5].tasks = {0: None}  # one worker down to 1 job: the head goes there
+    (_p, task_id, _job, _f, _env), fits = pool._next_job()
+    assert task_id == 0 and fits == [pool._workers[5]]
+
+
 def test_no_worker_starts_once_the_process_exits_and_the_exit_prints_nothing(tmp_path):
     """At exit, multiprocessing terminates the pool's workers while its dispatcher thread still
     runs. It must not start replacements then: a start that the exit cut short left the forked child
