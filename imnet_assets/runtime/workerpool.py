@@ -120,7 +120,8 @@ class WorkerPool:
     SIGKILLed when one item (from its `mark(i)`) runs longer: `WorkerDied.timed_out`. Replies to
     jobs no longer held (failed by the dispatcher) are dropped. A job with a `hold` attribute goes
     only to a worker holding fewer than `hold` jobs (1: an idle one), and waits here till there is
-    one (the jobs queued behind it go meanwhile, where they fit): a job that reads nothing ahead
+    one (the jobs of its priority queued behind it go meanwhile, where they fit; another priority's
+    wait, oldest first): a job that reads nothing ahead
     (the scan's) then never waits in a busy worker behind a long job while another worker idles,
     and no more than one dies with a worker.
 
@@ -402,10 +403,13 @@ class WorkerPool:
     def _next_job(self) -> tuple[tuple, list] | None:
         """The queued entry to send now, taken off the queue, and the workers it may go to; None
         when no queued job fits a worker. The queue's head goes first; when it holds back (its
-        `hold` finds no worker with few enough jobs), the first job in queue order that fits goes
-        instead, so a held job never stalls the jobs behind it (another run's, a scan's). One look
-        costs a pass over the queue, never one over every worker per queued job (512 held singles
-        and 64 workers at the real size). Called with the lock held."""
+        `hold` finds no worker with few enough jobs), the first job of the head's own priority (its
+        run's, its stage's) that fits goes instead, so a held job never stalls the jobs of its own
+        run behind it. A job of another priority (a younger run's) waits: sent past the held head
+        it would refill the free slot of every worker as each comes back, and the older run's held
+        tail would wait till the younger run's whole shard was done (oldest first, see
+        `next_priority`). One look costs a pass over the queue, never one over every worker per
+        queued job (512 held singles and 64 workers at the real size). Called with the lock held."""
         if not self._queue:
             return None
         live = [w for w in self._workers if not w.retiring and len(w.tasks) < self.depth]
@@ -417,6 +421,8 @@ class WorkerPool:
             entry = heapq.heappop(self._queue)
         else:  # rare: a held head and no idle-enough worker
             for entry in sorted(self._queue):
+                if entry[0] != head[0]:
+                    return None
                 if self._holds(entry[2]) > lowest:
                     self._queue.remove(entry)
                     heapq.heapify(self._queue)

@@ -122,8 +122,9 @@ def test_a_job_held_by_idle_workers_only_never_waits_behind_a_long_one():
 
 def test_a_held_job_at_the_queues_head_does_not_stall_the_jobs_behind_it():
     """With both workers busy, a `hold` 1 job at the head of the queue waits for an idle worker, but
-    the jobs queued behind it (another run's, of a higher priority number) still go to the workers'
-    free slots meanwhile, instead of waiting behind it; the held job runs once a worker is idle."""
+    the jobs of its own priority queued behind it (its run's, its stage's) still go to the workers'
+    free slots meanwhile, instead of waiting behind it; the held job runs once a worker is idle.
+    (Another priority's jobs wait: test_an_older_runs_held_tail_is_not_starved_by_a_younger_runs_jobs.)"""
     pool = workerpool.WorkerPool(2, depth=4)
     busy = [pool.submit(StampJob(f"busy-{i}", 1.5), 1) for i in range(2)]
     deadline = time.monotonic() + 60
@@ -131,7 +132,7 @@ def test_a_held_job_at_the_queues_head_does_not_stall_the_jobs_behind_it():
         time.sleep(0.01)
     assert all(f.running() for f in busy)
     held = pool.submit(IdleOnlyJob("held", 0.0), 1)
-    behind = [pool.submit(StampJob(f"behind-{i}"), 2) for i in range(4)]
+    behind = [pool.submit(StampJob(f"behind-{i}"), 1) for i in range(4)]
     deadline = time.monotonic() + 60
     while not all(f.running() for f in behind) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -212,6 +213,39 @@ class TailJob:
 
     def run(self, state, mark):
         return self.name, time.monotonic()
+
+
+def test_an_older_runs_held_tail_is_not_starved_by_a_younger_runs_jobs():
+    """Runs sharing the pool are served oldest first, a held job too: an older run's tail job (`hold`
+    2) waits only till a worker drains below 2 jobs, not while a younger run, which keeps its window
+    of workers x depth jobs full as each result comes back (shard_jobs.prepared_samples), refills
+    every worker's free slot (it used to wait till the younger run's whole shard was done)."""
+    import threading
+
+    from imnet_assets.runtime.workerpool import WorkerPool, next_priority
+
+    older, younger = next_priority(), next_priority()
+    pool = WorkerPool(2, depth=4)
+    window, total, done = 8, 40, []
+
+    def younger_run():
+        futures = [pool.submit(StampJob(f"younger-{i}", 0.1), younger) for i in range(window)]
+        for i in range(total):
+            done.append(futures[i].result(timeout=120)[1])
+            if i + window < total:
+                futures.append(pool.submit(StampJob(f"younger-{i + window}", 0.1), younger))
+
+    thread = threading.Thread(target=younger_run)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while len(done) < 2 and time.monotonic() < deadline:  # the younger run is under way, the pool full
+        time.sleep(0.01)
+    tail = pool.submit(TailJob("older-tail"), older)
+    _name, tail_end = tail.result(timeout=120)
+    thread.join(timeout=120)
+    assert len(done) == total
+    after = sum(end < tail_end for end in done)
+    assert after < total // 2, f"the older run's tail ended after {after} of the younger run's {total} jobs"
 
 
 def test_the_dispatch_past_a_held_head_costs_no_look_at_every_worker_per_queued_job():
