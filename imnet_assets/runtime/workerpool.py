@@ -408,8 +408,9 @@ class WorkerPool:
         run behind it. A job of another priority (a younger run's) waits: sent past the held head
         it would refill the free slot of every worker as each comes back, and the older run's held
         tail would wait till the younger run's whole shard was done (oldest first, see
-        `next_priority`). One look costs a pass over the queue, never one over every worker per
-        queued job (512 held singles and 64 workers at the real size). Called with the lock held."""
+        `next_priority`); a cancelled job (a failed run's) holds nothing back. One look costs a
+        pass over the queue, never one over every worker per queued job (512 held singles and 64
+        workers at the real size). Called with the lock held."""
         if not self._queue:
             return None
         live = [w for w in self._workers if not w.retiring and len(w.tasks) < self.depth]
@@ -417,7 +418,7 @@ class WorkerPool:
             return None
         lowest = min(len(w.tasks) for w in live)
         head = self._queue[0]
-        if self._holds(head[2]) > lowest:
+        if self._holds(head[2]) > lowest or head[3].cancelled():  # a cancelled one: dropped by _dispatch
             entry = heapq.heappop(self._queue)
         else:  # rare: a held head and no idle-enough worker
             for entry in sorted(self._queue):

@@ -248,6 +248,25 @@ def test_an_older_runs_held_tail_is_not_starved_by_a_younger_runs_jobs():
     assert after < total // 2, f"the older run's tail ended after {after} of the younger run's {total} jobs"
 
 
+def test_a_cancelled_held_job_holds_nothing_back():
+    """A run that fails cancels its queued jobs: a cancelled tail job (`hold` 2) at the head of the
+    queue, with every worker holding 2 jobs, does not keep another priority's job from a free slot."""
+    pool = workerpool.WorkerPool(2, depth=4)
+    busy = [pool.submit(StampJob(f"busy-{i}", 2.0), 0) for i in range(4)]
+    deadline = time.monotonic() + 60
+    while not all(f.running() for f in busy) and time.monotonic() < deadline:  # 2 in each worker
+        time.sleep(0.01)
+    assert all(f.running() for f in busy)
+    held = pool.submit(TailJob("cancelled"), 1)
+    assert held.cancel()
+    other = pool.submit(StampJob("other"), 2)
+    while not other.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sent = time.monotonic()
+    ends = [f.result(timeout=60)[1] for f in busy]
+    assert sent < min(ends), "the other job waited for a worker to drain below the cancelled job's hold"
+    assert other.result(timeout=60)[0] == "other" and held.cancelled()
+
 def test_the_dispatch_past_a_held_head_costs_no_look_at_every_worker_per_queued_job():
     """At the real size a run's tail queues TAIL_SINGLES_PER_WORKER x 64 = 512 held single-image jobs
     while 64 workers each hold 2 or 3 jobs: the dispatcher looks for a job that fits at every reply
