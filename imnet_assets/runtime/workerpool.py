@@ -120,7 +120,8 @@ class WorkerPool:
     SIGKILLed when one item (from its `mark(i)`) runs longer: `WorkerDied.timed_out`. Replies to
     jobs no longer held (failed by the dispatcher) are dropped. A job with a `hold` attribute goes
     only to a worker holding fewer than `hold` jobs (1: an idle one), and waits here till there is
-    one (the jobs queued behind it go meanwhile, where they fit): a job that reads nothing ahead
+    one (the jobs of its priority queued behind it go meanwhile, where they fit; another priority's
+    wait, oldest first): a job that reads nothing ahead
     (the scan's) then never waits in a busy worker behind a long job while another worker idles,
     and no more than one dies with a worker.
 
@@ -402,25 +403,35 @@ class WorkerPool:
     def _next_job(self) -> tuple[tuple, list] | None:
         """The queued entry to send now, taken off the queue, and the workers it may go to; None
         when no queued job fits a worker. The queue's head goes first; when it holds back (its
-        `hold` finds no worker with few enough jobs), the first job in queue order that fits goes
-        instead, so a held job never stalls the jobs behind it (another run's, a scan's). Called
-        with the lock held."""
+        `hold` finds no worker with few enough jobs), the first job of the head's own priority (its
+        run's, its stage's) that fits goes instead, so a held job never stalls the jobs of its own
+        run behind it. A job of another priority (a younger run's) waits: sent past the held head
+        it would refill the free slot of every worker as each comes back, and the older run's held
+        tail would wait till the younger run's whole shard was done (oldest first, see
+        `next_priority`); a cancelled job (a failed run's) holds nothing back. One look costs a
+        pass over the queue, never one over every worker per queued job (512 held singles and 64
+        workers at the real size). Called with the lock held."""
         if not self._queue:
             return None
         live = [w for w in self._workers if not w.retiring and len(w.tasks) < self.depth]
         if not live:
             return None
+        lowest = min(len(w.tasks) for w in live)
         head = self._queue[0]
-        fits = [w for w in live if len(w.tasks) < self._holds(head[2])]
-        if fits:
-            return heapq.heappop(self._queue), fits
-        for entry in sorted(self._queue):  # rare: a held head and no idle-enough worker
-            fits = [w for w in live if len(w.tasks) < self._holds(entry[2])]
-            if fits:
-                self._queue.remove(entry)
-                heapq.heapify(self._queue)
-                return entry, fits
-        return None
+        if self._holds(head[2]) > lowest or head[3].cancelled():  # a cancelled one: dropped by _dispatch
+            entry = heapq.heappop(self._queue)
+        else:  # rare: a held head and no idle-enough worker
+            for entry in sorted(self._queue):
+                if entry[0] != head[0]:
+                    return None
+                if self._holds(entry[2]) > lowest:
+                    self._queue.remove(entry)
+                    heapq.heapify(self._queue)
+                    break
+            else:
+                return None
+        holds = self._holds(entry[2])
+        return entry, [w for w in live if len(w.tasks) < holds]
 
     def _dispatch(self) -> None:
         import pickle

@@ -155,11 +155,13 @@ class TarMembersJob:
         return members, damage
 
 
-def eval_path_problem(control: bytes, _kind: ControlKind) -> str | None:
+def eval_path_problem(control: bytes, kind: ControlKind) -> str | None:
     """None when a known-good control image gets its pHash as an eval image does, else why not
-    (crash_control.ControlJob's)."""
+    (crash_control.ControlJob's). A control cut short (that of an image cut short) gets none by
+    design (perceptual.py: the pHash repairs nothing), as scan_pool.index_path_problem says: it passes
+    when its pHash ran without a crash."""
     phash, problem = hash_or_problem(control)
-    return None if phash is not None else f"it got no pHash ({problem})"
+    return None if phash is not None or kind.cut else f"it got no pHash ({problem})"
 
 
 def hash_eval(listing: list[dict], workers: int, log: Callable[[str], None] = lambda _m: None,

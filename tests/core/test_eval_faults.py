@@ -122,6 +122,26 @@ def test_a_phash_crashing_on_every_image_fails_the_stage(rel, monkeypatch):
         list(hash_eval_set(eval_listing(str(rel.eval)), 2, lambda _m: None))
 
 
+def test_a_cut_eval_image_that_crashes_the_phash_is_recorded_without_one(tmp_path, monkeypatch):
+    """An eval JPEG cut short (no end marker, as some of ImageNet's are) whose pHash crashes its
+    worker twice gets the control of its kind cut short too (crash_control's KindJob): a cut image
+    gets no pHash by design (perceptual.py), so the cut control getting none is no machinery fault;
+    the image keeps its sha256 and has no pHash, with the reason, and the stage passes."""
+    from tests.core.test_encode import _photo_jpeg
+
+    whole = _photo_jpeg(seed=3)
+    cut = whole[: len(whole) * 3 // 4]
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "cut.JPEG").write_bytes(cut)
+    (tmp_path / "val" / "whole.JPEG").write_bytes(whole)
+    monkeypatch.setenv("IMNET_TEST_INDEX_FAULT", f"crash-phash:{hashlib.sha256(cut).hexdigest()}")
+    logs: list[str] = []
+    rows = list(hash_eval_set(eval_listing(str(tmp_path / "val")), 2, logs.append))
+    assert [r[0] for r in rows] == ["cut.JPEG", "whole.JPEG"]
+    assert rows[0] == ("cut.JPEG", hashlib.sha256(cut).hexdigest(), None, CRASHED)
+    assert rows[1][1] == hashlib.sha256(whole).hexdigest() and rows[1][2] is not None and rows[1][3] is None
+    assert any("cut short control image passed the pHash" in m for m in logs), logs
+
 def while_hashing(name: str, act) -> tuple[threading.Thread, list[int]]:
     """A started thread that waits (up to 60 s) until a worker of this process's pool hashes the
     eval image `name`, then calls `act(pid)` once; the returned list then holds that worker's pid."""

@@ -122,8 +122,9 @@ def test_a_job_held_by_idle_workers_only_never_waits_behind_a_long_one():
 
 def test_a_held_job_at_the_queues_head_does_not_stall_the_jobs_behind_it():
     """With both workers busy, a `hold` 1 job at the head of the queue waits for an idle worker, but
-    the jobs queued behind it (another run's, of a higher priority number) still go to the workers'
-    free slots meanwhile, instead of waiting behind it; the held job runs once a worker is idle."""
+    the jobs of its own priority queued behind it (its run's, its stage's) still go to the workers'
+    free slots meanwhile, instead of waiting behind it; the held job runs once a worker is idle.
+    (Another priority's jobs wait: test_an_older_runs_held_tail_is_not_starved_by_a_younger_runs_jobs.)"""
     pool = workerpool.WorkerPool(2, depth=4)
     busy = [pool.submit(StampJob(f"busy-{i}", 1.5), 1) for i in range(2)]
     deadline = time.monotonic() + 60
@@ -131,7 +132,7 @@ def test_a_held_job_at_the_queues_head_does_not_stall_the_jobs_behind_it():
         time.sleep(0.01)
     assert all(f.running() for f in busy)
     held = pool.submit(IdleOnlyJob("held", 0.0), 1)
-    behind = [pool.submit(StampJob(f"behind-{i}"), 2) for i in range(4)]
+    behind = [pool.submit(StampJob(f"behind-{i}"), 1) for i in range(4)]
     deadline = time.monotonic() + 60
     while not all(f.running() for f in behind) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -198,6 +199,109 @@ def test_worker_pool_serves_the_oldest_runs_jobs_first():
     finished = sorted(f.result(timeout=60) for f in [blocker, *queued])
     order = [name for name, _ in sorted(finished, key=lambda r: r[1])]
     assert order == ["blocker", "older-0", "older-1", "older-2", "younger-0", "younger-1", "younger-2"]
+
+
+@dataclasses.dataclass
+class TailJob:
+    """A shard run's tail job (`hold` 2, as shard_jobs.TAIL_HOLD): says when it finished."""
+
+    name: str
+    hold: typing.ClassVar[int] = 2
+
+    def prefetch(self, readers):
+        return None
+
+    def run(self, state, mark):
+        return self.name, time.monotonic()
+
+
+def test_an_older_runs_held_tail_is_not_starved_by_a_younger_runs_jobs():
+    """Runs sharing the pool are served oldest first, a held job too: an older run's tail job (`hold`
+    2) waits only till a worker drains below 2 jobs, not while a younger run, which keeps its window
+    of workers x depth jobs full as each result comes back (shard_jobs.prepared_samples), refills
+    every worker's free slot (it used to wait till the younger run's whole shard was done)."""
+    import threading
+
+    from imnet_assets.runtime.workerpool import WorkerPool, next_priority
+
+    older, younger = next_priority(), next_priority()
+    pool = WorkerPool(2, depth=4)
+    window, total, done = 8, 40, []
+
+    def younger_run():
+        futures = [pool.submit(StampJob(f"younger-{i}", 0.1), younger) for i in range(window)]
+        for i in range(total):
+            done.append(futures[i].result(timeout=120)[1])
+            if i + window < total:
+                futures.append(pool.submit(StampJob(f"younger-{i + window}", 0.1), younger))
+
+    thread = threading.Thread(target=younger_run)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while len(done) < 2 and time.monotonic() < deadline:  # the younger run is under way, the pool full
+        time.sleep(0.01)
+    tail = pool.submit(TailJob("older-tail"), older)
+    _name, tail_end = tail.result(timeout=120)
+    thread.join(timeout=120)
+    assert len(done) == total
+    after = sum(end < tail_end for end in done)
+    assert after < total // 2, f"the older run's tail ended after {after} of the younger run's {total} jobs"
+
+
+def test_a_cancelled_held_job_holds_nothing_back():
+    """A run that fails cancels its queued jobs: a cancelled tail job (`hold` 2) at the head of the
+    queue, with every worker holding 2 jobs, does not keep another priority's job from a free slot."""
+    pool = workerpool.WorkerPool(2, depth=4)
+    busy = [pool.submit(StampJob(f"busy-{i}", 2.0), 0) for i in range(4)]
+    deadline = time.monotonic() + 60
+    while not all(f.running() for f in busy) and time.monotonic() < deadline:  # 2 in each worker
+        time.sleep(0.01)
+    assert all(f.running() for f in busy)
+    held = pool.submit(TailJob("cancelled"), 1)
+    assert held.cancel()
+    other = pool.submit(StampJob("other"), 2)
+    while not other.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sent = time.monotonic()
+    ends = [f.result(timeout=60)[1] for f in busy]
+    assert sent < min(ends), "the other job waited for a worker to drain below the cancelled job's hold"
+    assert other.result(timeout=60)[0] == "other" and held.cancelled()
+
+def test_the_dispatch_past_a_held_head_costs_no_look_at_every_worker_per_queued_job():
+    """At the real size a run's tail queues TAIL_SINGLES_PER_WORKER x 64 = 512 held single-image jobs
+    while 64 workers each hold 2 or 3 jobs: the dispatcher looks for a job that fits at every reply
+    (~1,600 a second), so one look must not walk every worker for every queued job (it took ~10 ms,
+    the dispatcher's whole time). Measured against one pass over that queue reading each job's hold,
+    so a loaded machine slows both alike (about 6 times the pass now; 280 times it before). The
+    pool's own state, no processes: 64 workers are not to be had here."""
+    import heapq
+    from concurrent.futures import Future
+
+    pool = workerpool.WorkerPool.__new__(workerpool.WorkerPool)
+    pool.depth = 4
+    pool._workers = []
+    for i in range(64):
+        w = workerpool._Worker(None, None, [-1, 0])
+        w.tasks = dict.fromkeys(range(2 + i % 2))
+        pool._workers.append(w)
+    pool._queue = [(1, i, TailJob(f"tail-{i}"), Future(), ()) for i in range(512)]
+    heapq.heapify(pool._queue)
+
+    def best(call, times=20):
+        took = []
+        for _ in range(times):
+            started = time.perf_counter()
+            call()
+            took.append(time.perf_counter() - started)
+        return min(took)
+
+    assert pool._next_job() is None  # every worker holds 2 or more: no single fits
+    look = best(pool._next_job)
+    walk = best(lambda: [getattr(e[2], "hold", None) for e in pool._queue])
+    assert look < 40 * walk, f"one look past the held head took {look * 1e3:.2f} ms, a pass {walk * 1e3:.3f} ms"
+    pool._workers[5].tasks = {0: None}  # one worker down to 1 job: the head goes there
+    (_p, task_id, _job, _f, _env), fits = pool._next_job()
+    assert task_id == 0 and fits == [pool._workers[5]]
 
 
 def test_no_worker_starts_once_the_process_exits_and_the_exit_prints_nothing(tmp_path):

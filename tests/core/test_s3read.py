@@ -184,3 +184,24 @@ def test_the_retry_budget_is_a_setting_checked_at_start():
     for bad in ("0", "soon"):
         with pytest.raises(SettingsError, match="IMNET_STORAGE_RETRY_SECONDS"):
             Settings.from_env({"IMNET_STORAGE_RETRY_SECONDS": bad})
+
+
+def test_an_info_json_storage_cannot_give_is_a_storage_error_never_a_failed_check(proxied, tmp_path):
+    """`imnet verify` and the audit's check read `_info.json` through stages.audit.check_info: a
+    storage that keeps failing (503s past IMNET_STORAGE_RETRY_SECONDS) is a StorageError naming the
+    object (verify: `imnet: ...`; the audit's run fails), never "_info.json unreadable" reported as
+    a release that failed its check; a missing one and one that is not JSON are the check's."""
+    from imnet_assets.settings import Settings
+    from imnet_assets.stages.audit import check_info
+
+    server, proxy = proxied
+    s = Settings.from_env({"IMNET_RAW_ROOT": str(tmp_path / "raw"), "IMNET_OUT_ROOT": f"s3://{server.bucket}/out",
+                           "IMNET_CATALOG": str(tmp_path / "catalog.duckdb"), "IMNET_NUM_SHARDS": "2"})
+    lengths = dict.fromkeys(s.partition_keys, 1)
+    assert check_info(s, lengths) == [f"s3://{server.bucket}/out/_info.json is missing"]
+    _put(server, "out/_info.json", b"{not json")
+    assert "unreadable" in check_info(s, lengths)[0]
+    proxy.slowdown(3600)  # every request, for as long as it takes
+    with environ(IMNET_STORAGE_RETRY_SECONDS="2"), pytest.raises(OSError) as e:
+        check_info(s, lengths)
+    assert "_info.json" in str(e.value) and not isinstance(e.value, FileNotFoundError), e.value
