@@ -210,6 +210,16 @@ def test_sqlite_storages_make_an_engine_per_connection_unless_given_one(tmp_path
         runs = inst.get_runs()
         assert len(runs) == 2 and all(r.is_success for r in runs)
         assert all(inst.all_logs(r.run_id) for r in runs)
+        # the connections are kept for the next use (none opened per use), and closed on dispose
+        with inst.run_storage.connect() as conn:
+            first = conn.connection.dbapi_connection
+        with inst.run_storage.connect() as conn:
+            assert conn.connection.dbapi_connection is first
+        pools = [e.pool for e in after[::2]]  # the run storage's, the schedule storage's, the event log's
+        assert all(p.checkedin() >= 1 for p in pools)
+    # the instance's dispose closed the run storage's and the event log's (Dagster disposes no
+    # schedule storage: its connections close when it is collected)
+    assert [pools[0].checkedin(), pools[2].checkedin()] == [0, 0]
 
 
 def test_a_steps_output_capture_starts_tail_processes_unless_without_mirror(tmp_path, monkeypatch):

@@ -59,10 +59,14 @@ def one_engine_per_sqlite_storage(instance) -> None:
     ConsolidatedSqliteEventLogStorage._connect make a new engine for every connection
     (`create_engine(..., poolclass=NullPool)`), and an engine's compiled-statement cache goes with
     it: every query and insert is compiled again, ~1 ms of CPU each, some 50 per shard run (its
-    events, run records, asset records). Each is given one engine made the same way (NullPool:
-    still a new SQLite connection per use, opened and closed as before, the same busy timeout),
-    so a statement is compiled once per process. Storages of any other kind (Postgres: one pooled
-    engine already) are left alone."""
+    events, run records, asset records). Each is given one engine, so a statement is compiled once
+    per process, whose connections are kept for the next use (QueuePool, SQLAlchemy's own choice
+    for a SQLite file) instead of opened and closed for each: a shard run's ~80 uses cost 0.5 ms of
+    CPU each in sqlite3.connect and close (the audit's run: 0.36 -> 0.27 s of CPU; the `imnet`
+    process over a 4-shard build: 2.45 -> 2.2-2.4 CPU-s, quiet machine, 4 builds each). The same busy
+    timeout; a connection returned to the pool is rolled back, so none holds a lock between uses;
+    the storage's `dispose` closes them. Storages of any other kind (Postgres: one pooled engine
+    already) are left alone."""
     if instance is None:
         return
     from dagster._core.storage.event_log.sqlite.consolidated_sqlite_event_log import (
@@ -78,14 +82,29 @@ def one_engine_per_sqlite_storage(instance) -> None:
             (instance.event_log_storage, ConsolidatedSqliteEventLogStorage, "_connect",
              {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})):
         if type(storage) is kind and method not in vars(storage):
-            setattr(storage, method, _connect_with(_engine(storage._conn_string, connect_args)))
+            engine = _engine(storage._conn_string, connect_args)
+            setattr(storage, method, _connect_with(engine))
+            storage.dispose = _disposing(storage.dispose, engine)
+
+
+POOLED_CONNECTIONS = 4  # kept per SQLite storage: a build's shard runs at once, the main thread, the lease
 
 
 def _engine(conn_string: str, connect_args: dict):
     from sqlalchemy import create_engine
-    from sqlalchemy.pool import NullPool
+    from sqlalchemy.pool import QueuePool
 
-    return create_engine(conn_string, poolclass=NullPool, connect_args=connect_args)
+    # check_same_thread off: a pooled connection serves one thread at a time, but not always the same one
+    return create_engine(conn_string, poolclass=QueuePool, pool_size=POOLED_CONNECTIONS, max_overflow=16,
+                         connect_args={**connect_args, "check_same_thread": False})
+
+
+def _disposing(dispose, engine):
+    def both() -> None:
+        engine.dispose()
+        dispose()
+
+    return both
 
 
 def _connect_with(engine):
