@@ -16,7 +16,7 @@ the log lines and exceptions stays with each caller.
 from __future__ import annotations
 
 import collections
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from imnet_assets.runtime.workerpool import WorkerDied
@@ -104,6 +104,15 @@ class Death:
         return template.format(count=self.count, limit=self.limit, seconds=last.timed_out, how=last.how,
                                named=last.named, hows=", ".join(d.how for d in self.deaths),
                                nameds=", ".join(d.named for d in self.deaths), **more)
+
+    def follow(self, notes: dict, failures: dict, log: Callable[[str], None], **more) -> None:
+        """What every caller does with a death blamed on an image: logs `notes[kind]`, and when it
+        `fails`, raises `failures[kind]` (an exception class and its template), each `say`-filled
+        with `more`. A crash that `settles_crash` is left to the caller's control step."""
+        log(self.say(notes[self.kind], **more))
+        if self.fails:
+            fault, template = failures[self.kind]
+            raise fault(self.say(template, **more)) from None  # the WorkerDied being handled says nothing more
 
 
 class DeathCount:

@@ -276,10 +276,7 @@ def _hashed(pool: WorkerPool, job: EvalJob, future, passed: set, log: Callable[[
                 i = died.culprit >> 1
                 where = f"eval file {job.items[i][0]}"
                 death = deaths.count(died, i)
-                log(death.say(_NOTES[death.kind], where=where))
-                if death.fails:
-                    fault, template = _FAILURES[death.kind]
-                    raise fault(death.say(template, where=where)) from None
+                death.follow(_NOTES, _FAILURES, log, where=where)
                 if death.settles_crash:
                     seen = death.say("the eval set's hashing process died {count} times ({nameds}) hashing {where}",
                                      where=where)

@@ -314,10 +314,7 @@ def _scanned(pool: WorkerPool, job: ScanJob, future, passed: set, log: Callable[
                 image = at[:2]
                 where = _where(pool, job, *image)
                 death = deaths.count(died, image)
-                log(death.say(_NOTES[death.kind], where=where))
-                if death.fails:
-                    fault, template = _FAILURES[death.kind]
-                    raise fault(death.say(template, where=where)) from None
+                death.follow(_NOTES, _FAILURES, log, where=where)
                 if death.settles_crash:
                     _crash_control(pool, job, image, list(death.deaths), where, passed, log)
                     reason = death.say("index process died {count} times ({nameds}) while decoding")

@@ -313,10 +313,7 @@ def _settle(pool: WorkerPool, job: EncodeJob, future, log: Callable[[str], None]
             else:
                 row = job.rows[real]
                 where = f"{row.key} ({row.tar}@{row.offset})"
-                log(death.say(_NOTES[death.kind], where=where, key=row.key))
-                if death.fails:
-                    fault, template = _FAILURES[death.kind]
-                    raise fault(death.say(template, where=where)) from None
+                death.follow(_NOTES, _FAILURES, log, where=where, key=row.key)
                 if death.settles_crash:
                     _crash_control(pool, job, row, list(death.deaths), passed, log, priority)
                     decided[real] = ("excluded", death.say("encoder process died {count} times ({hows}) while encoding"))
