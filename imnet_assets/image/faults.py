@@ -25,9 +25,12 @@ import multiprocessing
 import time
 
 SLOW_SECONDS = 1.5
-_POINTS = {"crash": "probe", "memory-probe": "probe", "memory-phash": "phash", "hang": "probe", "slow": "probe",
-           "crash-phash": "phash", "hang-phash": "phash", "slow-phash": "phash"}
-_armed: tuple[str, str] | None = None
+_armed: tuple[str, str] | None = None  # (fault, sha256 or "*"), the fault one of settings.INDEX_FAULTS
+
+
+def _point(fault: str) -> str:
+    """Where a fault is met: "phash" for the `-phash` ones (memory-phash, crash-phash ...), else "probe"."""
+    return "phash" if fault.endswith("-phash") else "probe"
 
 
 def arm(hook: str | None) -> None:
@@ -45,7 +48,7 @@ def hit(point: str, data) -> None:
     if _armed is None:
         return
     fault, sha256 = _armed
-    if _POINTS.get(fault) != point or (sha256 != "*" and hashlib.sha256(data).hexdigest() != sha256):
+    if _point(fault) != point or (sha256 != "*" and hashlib.sha256(data).hexdigest() != sha256):
         return
     if fault.startswith("crash"):
         import ctypes
