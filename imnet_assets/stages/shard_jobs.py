@@ -212,7 +212,7 @@ def encode_jobs(rows: list[SliceRow], raw_root: str, settings: EncodeSettings, w
     crash, limit = test_crash_sha256(), image_timeout()
     tail = _tail_start(len(rows), workers)
     return (EncodeJob(raw_root, rows[a:b], settings, decode_every, encode, crash, limit, _part(staged, a, b),
-                      TAIL_HOLD if a >= tail and workers > 1 else None)
+                      TAIL_HOLD if a >= tail else None)  # one worker: no tail (_tail_start)
             for a, b in job_spans(len(rows), workers))
 
 
