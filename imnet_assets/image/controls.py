@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 from PIL import Image
 
-from imnet_assets.image.formats import looks_truncated
+from imnet_assets.image.formats import looks_truncated, pillow_plugins, takes
 
 # Per format, the modes a control is made in (each verified to pass every path and to read back in
 # its mode: tests/core/test_guard.py), the usual one first; formats Pillow opens and writes, and PSD.
@@ -104,33 +104,19 @@ def control_size(fmt: str, max_short: int) -> tuple[int, int]:
     return short + short // 3, short
 
 
-_plugins_ready = False
-
-
-def _plugins() -> None:
-    global _plugins_ready
-    if not _plugins_ready:
-        Image.preinit()
-        Image.init()
-        _plugins_ready = True
-
-
 def signature_format(data) -> str | None:
     """The format whose plugin's signature check takes ``data``'s first bytes, in Pillow's order
     (the plugin ``decode.open_image`` gives them to first); None when no plugin's does. No decoder
     runs: the checks compare a few bytes."""
-    _plugins()
     prefix = bytes(data[:16])
-    for fmt in tuple(Image.ID):
-        accept = Image.OPEN[fmt][1]
+    for fmt, _factory, accept in pillow_plugins():
         if accept is None:
             continue
         try:
-            accepted = accept(prefix)
+            if takes(accept, prefix):
+                return fmt
         except Exception:  # noqa: BLE001 - a check that cannot say yes
             continue
-        if accepted and not isinstance(accepted, str):
-            return fmt
     return None
 
 
@@ -149,15 +135,11 @@ def _opened(data) -> tuple[str, str, bool] | None:
     """(format, mode, progressive) of the plugin that opens ``data``'s header, tried as
     ``decode.open_image`` tries them (the plugins whose signature check takes the first bytes, and
     those without one, in Pillow's order); None when none does."""
-    _plugins()
     prefix = bytes(data[:16])
-    for fmt in tuple(Image.ID):
-        factory, accept = Image.OPEN[fmt]
+    for fmt, factory, accept in pillow_plugins():
         try:
-            if accept is not None:
-                accepted = accept(prefix)
-                if not accepted or isinstance(accepted, str):
-                    continue
+            if accept is not None and not takes(accept, prefix):
+                continue
             img = factory(io.BytesIO(bytes(data)), "")
         except Exception:  # noqa: BLE001 - not this plugin's, or its parse fails too
             continue

@@ -17,7 +17,7 @@ import struct
 
 from PIL import Image, ImageChops, ImageFile, JpegImagePlugin, UnidentifiedImageError
 
-from imnet_assets.image.formats import looks_truncated
+from imnet_assets.image.formats import looks_truncated, pillow_plugins, takes
 from imnet_assets.image.guard import MachineryFault, describe_error, settle
 from imnet_assets.image.jpeg_scans import jpeg_scan_bytes, jpeg_scans, scan_data_end, scan_script_complete
 
@@ -88,7 +88,6 @@ def target_size(width: int, height: int, max_short: int = MAX_SHORT) -> tuple[in
 
 
 _OPEN_SKIP_ERRORS = (SyntaxError, IndexError, TypeError, struct.error)
-_plugins_loaded = False
 
 
 def open_image(data: bytes) -> ImageFile.ImageFile:
@@ -98,19 +97,11 @@ def open_image(data: bytes) -> ImageFile.ImageFile:
 
     Raises ``UnidentifiedImageError`` (fixed message) when no plugin accepts the bytes.
     """
-    global _plugins_loaded
-    if not _plugins_loaded:
-        Image.preinit()  # the common plugins first, like Image.open
-        Image.init()
-        _plugins_loaded = True
     fp = io.BytesIO(data)
     prefix = data[:16]
-    for fmt in tuple(Image.ID):
-        factory, accept = Image.OPEN[fmt]
-        if accept is not None:
-            accepted = accept(prefix)
-            if not accepted or isinstance(accepted, str):
-                continue
+    for _fmt, factory, accept in pillow_plugins():
+        if accept is not None and not takes(accept, prefix):
+            continue
         fp.seek(0)
         try:
             return factory(fp, "")

@@ -1,6 +1,30 @@
-"""What a raw file's bytes say without any decoder: whether they end as their format ends."""
+"""What a raw file's bytes say without any decoder: which of Pillow's plugins take them (their
+signature checks, `pillow_plugins` and `takes`), and whether they end as their format ends."""
 
 from __future__ import annotations
+
+from PIL import Image
+
+_plugins_loaded = False
+
+
+def pillow_plugins() -> list[tuple[str, object, object]]:
+    """(format, factory, signature check or None) of every Pillow plugin, in the order Image.open
+    tries them, registered as it registers them (the common plugins first)."""
+    global _plugins_loaded
+    if not _plugins_loaded:
+        Image.preinit()  # the common plugins first, like Image.open
+        Image.init()
+        _plugins_loaded = True
+    return [(fmt, *Image.OPEN[fmt]) for fmt in tuple(Image.ID)]
+
+
+def takes(accept, prefix: bytes) -> bool:
+    """Whether a plugin's signature check takes bytes starting with ``prefix`` (their first 16): a
+    check that answers with a string (Pillow's "not mine, but here is why") says no. One that raises
+    propagates (decode.open_image lets it, as Image.open does; the guard's controls take it as no)."""
+    accepted = accept(prefix)
+    return bool(accepted) and not isinstance(accepted, str)
 
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
