@@ -294,7 +294,7 @@ def test_sigterm_stops_a_build_started_with_signals_ignored(planned, tmp_path, p
     try:
         tmp = wait_for("shard 0000 being written", lambda: writing_shard(out, "0000"), proc, log)
         members = group_members(proc.pid)
-        started = time.monotonic()
+        started, sent = time.monotonic(), time.time()
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=120)
         took = time.monotonic() - started
@@ -306,7 +306,14 @@ def test_sigterm_stops_a_build_started_with_signals_ignored(planned, tmp_path, p
     assert took < 30, (took, text)
     assert "imnet: interrupted" in text and "FAILED" not in text, text
     assert tmp.name.startswith(".imagenet12k-train-0000.tar.tmp-")
-    assert not (out / "imagenet12k-train-0000.tar").exists()  # it was being written: nothing at its final path
+    final = out / "imagenet12k-train-0000.tar"
+    if final.exists():
+        # It was being written: nothing at its final path, unless its last bytes and the commit
+        # raced the signal (a sample shard is written in well under a second once its first bytes
+        # show; CI met it once). Then it is whole (below) and its bytes were written before the stop.
+        assert final.stat().st_mtime < sent + 1.0, (final.stat().st_mtime - sent, text)
+    if parallel == "2":  # the runs in threads were left, not waited for (they would commit after the stop)
+        assert "shard runs in flight stopped with it" in text, text
     assert_final_shards_complete(out)
     assert not wait_gone(members - {proc.pid}, timeout=20), "processes of the build outlived it"
     if parallel == "1":  # interrupted in the main thread: the shard's temporary file was removed
