@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,6 +288,53 @@ def test_runs_whose_worker_process_is_gone_are_failed_and_their_shards_requested
     assert schedules.shard_partition_status(s.settings, s.instance)["0001"] == "retrying"
     monkeypatch.setattr(schedules, "RETRY_GRACE_SECONDS", 0)  # no retry came: the schedule asks
     assert requested(tick(s.settings, s.instance)) == ["0001"]
+
+
+CREATE_AND_DIE = """
+import os, signal, sys
+from dagster import AssetKey, DagsterInstance
+from imnet_assets.defs import schedules
+from imnet_assets.definitions import build_definitions
+from imnet_assets.settings import Settings
+
+job = build_definitions(Settings.from_env()).resolve_implicit_global_asset_job_def()
+with DagsterInstance.get() as instance:
+    run = instance.create_run_for_job(job_def=job, asset_selection={AssetKey("wds_shards")},
+                                      tags={schedules.PARTITION_TAG: sys.argv[1], **schedules.build_run_tags()})
+    print(run.run_id, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # as a kill -9 between the run's creation and its start
+"""
+
+
+def test_a_run_whose_build_died_before_starting_it_does_not_hold_its_partition(site):
+    """`imnet build` creates a run, then executes it in its own process: killed in between (kill -9,
+    or the os._exit of a build interrupted while its shard runs go on in threads), the run stays
+    "not started" forever. It held its partition "in flight" for every later build ("left to it")
+    and the audit then failed on the missing shard. Now such a run is failed and its partition
+    built again; a run whose build still lives, and one the daemon or the UI made (no build pid),
+    stay in flight."""
+    s = site
+    for key in ("0001", "0002", "0003"):
+        s.tar(key).unlink()
+    proc = subprocess.run([sys.executable, "-c", CREATE_AND_DIE, "0001"], env={**os.environ, **s.env},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    orphan = proc.stdout.strip()
+    job = build_definitions(s.settings).resolve_implicit_global_asset_job_def()
+    live = s.instance.create_run_for_job(job_def=job, asset_selection={SHARDS}, tags={
+        schedules.PARTITION_TAG: "0002", **schedules.build_run_tags()}).run_id  # this process: alive
+    daemons = s.instance.create_run_for_job(job_def=job, asset_selection={SHARDS}, tags={
+        schedules.PARTITION_TAG: "0003", **schedules.worker_place()}).run_id
+    for run_id in (orphan, live, daemons):
+        assert s.instance.get_run_by_id(run_id).status == DagsterRunStatus.NOT_STARTED
+
+    status = schedules.shard_partition_status(s.settings, s.instance)
+    assert [status[k] for k in ("0001", "0002", "0003")] == ["missing", "in_flight", "in_flight"]
+    assert schedules.fail_dead_runs(s.instance) == ["0001"]
+    assert s.instance.get_run_by_id(orphan).status == DagsterRunStatus.FAILURE
+    assert {s.instance.get_run_by_id(r).status for r in (live, daemons)} == {DagsterRunStatus.NOT_STARTED}
+    failure = s.instance.get_records_for_run(orphan, of_type=DagsterEventType.RUN_FAILURE).records[0]
+    assert "before the run started" in failure.event_log_entry.dagster_event.message
 
 
 def test_a_run_in_another_pid_namespace_of_this_host_is_not_judged_by_our_process_numbers(site):

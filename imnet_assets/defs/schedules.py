@@ -12,6 +12,7 @@ The sensor requests `shard_audit` once every shard is in and fresh, once per cha
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -54,6 +55,10 @@ PARTITION_TAG = "dagster/partition"
 WILL_RETRY_TAG = "dagster/will_retry"  # set by the instance on a failed run: "true" when run_retries will relaunch it
 HOST_TAG = "imnet/host"  # where the run's worker process runs (set by `imnet build` and by wds_shards)
 PID_NAMESPACE_TAG = "imnet/pid-namespace"  # and in which process numbers (see worker_place)
+BUILD_PID_TAG = "imnet/build-pid"  # the `imnet build` process that created the run, to execute it itself
+# Statuses in which a run whose process is gone stays forever: nothing else will end it.
+WORKER_LOOKED_AT = (DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED,
+                    DagsterRunStatus.CANCELING)
 SHARDS = AssetKey("wds_shards")  # the default release's (IMNET_RELEASES unset); a release's: asset_key()
 
 
@@ -84,11 +89,11 @@ def _shard_runs(instance: DagsterInstance, statuses, limit: int | None = None,
 
 
 def _partitions_of(instance: DagsterInstance, statuses, settings: Settings, limit: int | None = None,
-                   skip=lambda _run: False) -> dict[str, RunRecord]:
+                   skip=lambda _rec: False) -> dict[str, RunRecord]:
     """Partition key -> the newest run record in these statuses that targets this release's wds_shards."""
     out: dict[str, RunRecord] = {}
     for key, rec in _shard_runs(instance, statuses, limit, settings):
-        if not skip(rec.dagster_run):
+        if not skip(rec):
             out.setdefault(key, rec)
     return out
 
@@ -112,13 +117,22 @@ def worker_place() -> dict[str, str]:
     return {HOST_TAG: socket.gethostname(), **({PID_NAMESPACE_TAG: namespace} if namespace else {})}
 
 
-def run_worker_gone(instance: DagsterInstance, run) -> bool:
-    """Whether a run the instance still has as started lost its run worker: a process of this host
-    and pid namespace (worker_place) that is no longer running (kill -9, the OOM killer, a machine
-    that rebooted). Such a run would stay "started" forever, since the worker writes a run's end;
-    the default run launcher cannot tell Dagster's run monitoring about it. Runs of other hosts
-    (or namespaces) are left to it."""
-    if run.status not in (DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING):
+def build_run_tags() -> dict[str, str]:
+    """The tags of a run that `imnet build` creates and then executes in its own process."""
+    return {"imnet/launched_by": "imnet build", **worker_place(), BUILD_PID_TAG: str(os.getpid())}
+
+
+def run_worker_gone(instance: DagsterInstance, record: RunRecord) -> bool:
+    """Whether a run the instance still has as started (or about to start) lost its run worker: a
+    process of this host and pid namespace (worker_place) that is no longer running (kill -9, the
+    OOM killer, a machine that rebooted). Such a run would stay "started" forever, since the worker
+    writes a run's end; the default run launcher cannot tell Dagster's run monitoring about it.
+    A run with no start yet is looked at only when `imnet build` made it (BUILD_PID_TAG): that
+    process executes it, so once it is gone (killed between the run's creation and its start) the
+    run never starts, and would hold its partition "in flight" for every later build. Runs of other
+    hosts (or namespaces), and runs the daemon or the UI launch, are left to Dagster."""
+    run = record.dagster_run
+    if run.status not in WORKER_LOOKED_AT:
         return False
     here = worker_place()
     if run.tags.get(HOST_TAG) != here[HOST_TAG]:
@@ -128,27 +142,30 @@ def run_worker_gone(instance: DagsterInstance, run) -> bool:
         return False  # a container on this host's network: its process numbers are not ours
     records = instance.get_records_for_run(run.run_id, of_type=DagsterEventType.RUN_START, limit=1).records
     if not records:
-        return False
+        creator = run.tags.get(BUILD_PID_TAG, "")
+        return creator.isdigit() and not pid_alive(int(creator), started_by=record.create_timestamp.timestamp())
     entry = records[0].event_log_entry
     pid = entry.dagster_event.pid if entry.dagster_event else None
     return pid is not None and not pid_alive(pid, started_by=entry.timestamp)
 
 
 def fail_dead_runs(instance: DagsterInstance, log=lambda _m: None) -> list[str]:
-    """Mark started shard runs whose worker is gone (`run_worker_gone`) as failed, so their
-    partitions count as failed and are built again; returns their partition keys."""
+    """Mark started (or never started) shard runs whose worker is gone (`run_worker_gone`) as
+    failed, so their partitions count as failed and are built again; returns their partition keys."""
     dead = []
-    for key, rec in _shard_runs(instance, [DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]):
-        run = rec.dagster_run
-        if not run_worker_gone(instance, run):
+    for key, rec in _shard_runs(instance, list(WORKER_LOOKED_AT)):
+        if not run_worker_gone(instance, rec):
             continue
         # Its worker is gone, so its status can no longer change: read it again, in case the run
         # ended (and its worker exited) between the listing above and the look at its process.
-        run = instance.get_run_by_id(run.run_id)
+        run = instance.get_run_by_id(rec.dagster_run.run_id)
         why = f"run worker process on {run.tags.get(HOST_TAG)} is gone (killed?)"
         if run.status == DagsterRunStatus.STARTED:
             instance.report_run_failed(run, f"{why}: marked failed by imnet")
             log(f"shard {key}: run {run.run_id[:8]} had lost its process (killed?); marked failed")
+        elif run.status in (DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING):
+            instance.report_run_failed(run, f"{why} before the run started: marked failed by imnet")
+            log(f"shard {key}: run {run.run_id[:8]} lost the build that made it before it started; marked failed")
         elif run.status == DagsterRunStatus.CANCELING:  # what the user asked for: not to be retried
             instance.report_run_canceled(run, f"{why} while canceling: marked canceled by imnet")
             log(f"shard {key}: run {run.run_id[:8]} was being canceled and lost its process; marked canceled")

@@ -75,14 +75,14 @@ class Build:
         default release's plain keys) as one Dagster run."""
         from dagster import materialize
 
-        from imnet_assets.defs.schedules import worker_place
+        from imnet_assets.defs.schedules import build_run_tags
 
         release = self.selected[0] if release is None and len(self.releases) == 1 else release
         keys = [asset_key(release, s) if release is not None else s for s in selection]
         tags = {RELEASE_TAG: release.release} if release is not None and release.release else {}
         result = materialize(
             self.assets, selection=keys, partition_key=partition_key, instance=self.instance,
-            raise_on_error=False, tags={"imnet/launched_by": "imnet build", **worker_place(), **tags},
+            raise_on_error=False, tags={**build_run_tags(), **tags},
             run_config={"loggers": {"console": {"config": {"log_level": self.log_level}}}},
         )
         failures = []
