@@ -427,6 +427,7 @@ class Build:
 
 
 LOOK_HEAD_START_SECONDS = 0.5  # the first look alone before Dagster is imported, at most (build)
+SHARD_JOBS_MODULE = "imnet_assets.stages.shard_jobs"  # what the encode workers run (preload(__name__) there)
 LOOK_JOIN_SECONDS = 120  # at most: past it the look is stuck on storage, which has its own time limits
 
 
@@ -438,13 +439,15 @@ def build(settings: Settings, wanted: list[str] | dict[str, list[str]], verbose:
     at once (end_now_leaving_runs says why it must)."""
     import gc
 
-    from imnet_assets.runtime.procpool import start_forkserver
+    from imnet_assets.runtime.procpool import preload, start_forkserver
 
-    # The encode workers' module names itself for the forkserver to preload. The index's (numpy,
-    # the perceptual hash: 0.1 s more in the forkserver before the first worker forks) is left to
-    # the scan workers, which import it once each when an index is built; most builds build none.
-    from imnet_assets.stages import shard_jobs  # noqa: F401
-
+    # The forkserver preloads the encode workers' module, named here rather than imported (it
+    # names itself when imported): the import (Pillow, fsspec: ~0.1 s) then happens in the look's
+    # thread while the forkserver starts on another core, not before it, so the first workers fork
+    # that much sooner. The index's module (numpy, the perceptual hash: 0.1 s more in the forkserver
+    # before the first worker forks) is left to the scan workers, which import it once each when an
+    # index is built; most builds build none.
+    preload(SHARD_JOBS_MODULE)
     start_forkserver()  # its imports overlap Dagster's; encode workers then fork at once
     # the stages' freshness and the first shard's first jobs, while Dagster is imported and set up
     everyone = releases or [settings]

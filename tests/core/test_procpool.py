@@ -41,6 +41,15 @@ def test_workers_find_the_pool_modules_already_imported():
     assert out.stdout.strip() == "missing []"  # what those modules import came along too
 
 
+def test_a_build_preloads_the_encode_workers_module_by_its_name():
+    """`imnet build` names the encode workers' module for the forkserver without importing it
+    first (the look's thread imports it while the forkserver starts): the name must stay its name."""
+    from imnet_assets.orchestrate.build import SHARD_JOBS_MODULE
+    from imnet_assets.stages import shard_jobs
+
+    assert SHARD_JOBS_MODULE == shard_jobs.__name__
+
+
 def test_main_script_imports_are_read_from_its_source(tmp_path, monkeypatch):
     """The forkserver cannot preload "__main__" itself (Python never hands it the main path), so
     the pool preloads the main script's top-level absolute imports instead."""
