@@ -299,9 +299,11 @@ from imnet_assets.settings import Settings
 
 job = build_definitions(Settings.from_env()).resolve_implicit_global_asset_job_def()
 with DagsterInstance.get() as instance:
-    run = instance.create_run_for_job(job_def=job, asset_selection={AssetKey("wds_shards")},
-                                      tags={schedules.PARTITION_TAG: sys.argv[1], **schedules.build_run_tags()})
-    print(run.run_id, flush=True)
+    shard = instance.create_run_for_job(job_def=job, asset_selection={AssetKey("wds_shards")},
+                                        tags={schedules.PARTITION_TAG: sys.argv[1], **schedules.build_run_tags()})
+    audit = instance.create_run_for_job(job_def=job, asset_selection={AssetKey("shard_audit")},
+                                        tags=schedules.build_run_tags())
+    print(shard.run_id, audit.run_id, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)  # as a kill -9 between the run's creation and its start
 """
 
@@ -312,26 +314,27 @@ def test_a_run_whose_build_died_before_starting_it_does_not_hold_its_partition(s
     "not started" forever. It held its partition "in flight" for every later build ("left to it")
     and the audit then failed on the missing shard. Now such a run is failed and its partition
     built again; a run whose build still lives, and one the daemon or the UI made (no build pid),
-    stay in flight."""
+    stay in flight. The killed build's run of the audit (no partition) is failed too: the UI
+    would show it running forever."""
     s = site
     for key in ("0001", "0002", "0003"):
         s.tar(key).unlink()
     proc = subprocess.run([sys.executable, "-c", CREATE_AND_DIE, "0001"], env={**os.environ, **s.env},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr
-    orphan = proc.stdout.strip()
+    orphan, orphan_audit = proc.stdout.split()
     job = build_definitions(s.settings).resolve_implicit_global_asset_job_def()
     live = s.instance.create_run_for_job(job_def=job, asset_selection={SHARDS}, tags={
         schedules.PARTITION_TAG: "0002", **schedules.build_run_tags()}).run_id  # this process: alive
     daemons = s.instance.create_run_for_job(job_def=job, asset_selection={SHARDS}, tags={
         schedules.PARTITION_TAG: "0003", **schedules.worker_place()}).run_id
-    for run_id in (orphan, live, daemons):
+    for run_id in (orphan, orphan_audit, live, daemons):
         assert s.instance.get_run_by_id(run_id).status == DagsterRunStatus.NOT_STARTED
 
     status = schedules.shard_partition_status(s.settings, s.instance)
     assert [status[k] for k in ("0001", "0002", "0003")] == ["missing", "in_flight", "in_flight"]
     assert schedules.fail_dead_runs(s.instance) == ["0001"]
-    assert s.instance.get_run_by_id(orphan).status == DagsterRunStatus.FAILURE
+    assert {s.instance.get_run_by_id(r).status for r in (orphan, orphan_audit)} == {DagsterRunStatus.FAILURE}
     assert {s.instance.get_run_by_id(r).status for r in (live, daemons)} == {DagsterRunStatus.NOT_STARTED}
     failure = s.instance.get_records_for_run(orphan, of_type=DagsterEventType.RUN_FAILURE).records[0]
     assert "before the run started" in failure.event_log_entry.dagster_event.message

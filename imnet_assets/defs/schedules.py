@@ -150,28 +150,33 @@ def run_worker_gone(instance: DagsterInstance, record: RunRecord) -> bool:
 
 
 def fail_dead_runs(instance: DagsterInstance, log=lambda _m: None) -> list[str]:
-    """Mark started (or never started) shard runs whose worker is gone (`run_worker_gone`) as
-    failed, so their partitions count as failed and are built again; returns their partition keys."""
+    """Mark started (or never started) runs whose worker is gone (`run_worker_gone`) as failed:
+    shard runs, so their partitions count as failed and are built again, and the catalog stages'
+    and the audit's runs of a killed `imnet build`, which the UI would show running forever.
+    Returns the shard runs' partition keys."""
     dead = []
-    for key, rec in _shard_runs(instance, list(WORKER_LOOKED_AT)):
+    for rec in instance.get_run_records(RunsFilter(statuses=list(WORKER_LOOKED_AT))):
         if not run_worker_gone(instance, rec):
             continue
         # Its worker is gone, so its status can no longer change: read it again, in case the run
         # ended (and its worker exited) between the listing above and the look at its process.
         run = instance.get_run_by_id(rec.dagster_run.run_id)
+        key = run.tags.get(PARTITION_TAG) if _targets_shards(run) else None
+        what = f"shard {key}: run {run.run_id[:8]}" if key else f"run {run.run_id[:8]} (no shard)"
         why = f"run worker process on {run.tags.get(HOST_TAG)} is gone (killed?)"
         if run.status == DagsterRunStatus.STARTED:
             instance.report_run_failed(run, f"{why}: marked failed by imnet")
-            log(f"shard {key}: run {run.run_id[:8]} had lost its process (killed?); marked failed")
+            log(f"{what} had lost its process (killed?); marked failed")
         elif run.status in (DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING):
             instance.report_run_failed(run, f"{why} before the run started: marked failed by imnet")
-            log(f"shard {key}: run {run.run_id[:8]} lost the build that made it before it started; marked failed")
+            log(f"{what} lost the build that made it before it started; marked failed")
         elif run.status == DagsterRunStatus.CANCELING:  # what the user asked for: not to be retried
             instance.report_run_canceled(run, f"{why} while canceling: marked canceled by imnet")
-            log(f"shard {key}: run {run.run_id[:8]} was being canceled and lost its process; marked canceled")
+            log(f"{what} was being canceled and lost its process; marked canceled")
         else:
             continue
-        dead.append(key)
+        if key:
+            dead.append(key)
     return dead
 
 
