@@ -22,6 +22,7 @@ from imnet_assets.orchestrate.dagster_quirks import (  # noqa: E402
     skip_per_run_logging_config,
 )
 from imnet_assets.orchestrate.interrupts import stop_on_signals  # noqa: E402
+from tests.conftest import environ  # noqa: E402
 
 SEEN: dict[str, object] = {}
 
@@ -247,3 +248,55 @@ def test_a_steps_output_capture_starts_tail_processes_unless_without_mirror(tmp_
         children, out, complete = run_and_captured()
         assert children == []
         assert "a line for the step's captured output" in out and complete
+
+
+KILLED_WHILE_MAKING = """
+import os, signal, sys
+from dagster._core.storage.event_log.sqlite import consolidated_sqlite_event_log as made
+from imnet_assets.orchestrate.instance import dagster_instance
+
+def killed(*_a, **_k):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if sys.argv[1] == "before-tables":
+    made.SqlEventLogStorageMetadata.create_all = killed
+elif sys.argv[1] == "some-tables":
+    create_all = made.SqlEventLogStorageMetadata.create_all
+    def some(engine, *a, **k):
+        create_all(engine, tables=[made.SqlEventLogStorageMetadata.tables["event_logs"]])
+        killed()
+    made.SqlEventLogStorageMetadata.create_all = some
+else:
+    made.stamp_alembic_rev = killed
+dagster_instance()
+"""
+
+
+@pytest.mark.parametrize("moment", ["before-tables", "some-tables", "before-stamp"])
+def test_an_instance_whose_first_creation_was_killed_is_made_whole(tmp_path, moment):
+    """A first `imnet build` killed (kill -9) while Dagster created the event log's tables left a
+    file Dagster never finishes (it creates them only when there is no file): every later run
+    failed on a missing table (NoSuchTableError: asset_keys). The next instance made here finishes
+    it, and an asset's event is recorded and read back."""
+    import subprocess
+
+    from dagster import AssetKey, AssetMaterialization
+
+    from imnet_assets.orchestrate.instance import dagster_instance, prepare_dagster_home
+
+    home = tmp_path / "home"
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    with environ(DAGSTER_HOME=str(home)), open(os.devnull, "w") as quiet:
+        prepare_dagster_home(out=quiet)
+    proc = subprocess.run([sys.executable, "-c", KILLED_WHILE_MAKING, moment], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (home / "event_log.db").exists()
+    with environ(DAGSTER_HOME=str(home)):
+        instance = dagster_instance()
+        try:
+            instance.report_runless_asset_event(AssetMaterialization(AssetKey("made_whole")))
+            event = instance.get_latest_materialization_event(AssetKey("made_whole"))
+            assert event is not None and event.asset_materialization.asset_key == AssetKey("made_whole")
+        finally:
+            instance.dispose()

@@ -145,3 +145,29 @@ def capture_without_mirror(instance) -> None:
         touch_file(manager.complete_artifact_path(log_key))
 
     manager.capture_logs = capture_logs
+
+
+def finish_half_made_event_log(instance) -> bool:
+    """Completes an event log database whose creation was cut short; True when it did. Dagster
+    1.13's ConsolidatedSqliteEventLogStorage creates its tables and stamps their schema only when
+    its file does not exist yet: a process killed while creating them (kill -9, a container
+    stopped during a first `imnet build`) leaves a file with some tables and no schema stamp, and
+    every later run then fails on a missing table (sqlalchemy NoSuchTableError: asset_keys). A file
+    with no stamp was never finished, so it holds no event: it is made again in place (the same
+    creation, which makes only the tables missing, then stamps). Called under the instance lock."""
+    import sqlite3
+
+    from dagster._core.storage.event_log.sqlite.consolidated_sqlite_event_log import (
+        ConsolidatedSqliteEventLogStorage,
+    )
+
+    storage = instance.event_log_storage
+    if type(storage) is not ConsolidatedSqliteEventLogStorage:
+        return False
+    path = storage.get_db_path()
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        stamped = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'").fetchone()
+        if stamped and db.execute("SELECT 1 FROM alembic_version").fetchone():
+            return False
+    storage._init_db()  # noqa: SLF001 - Dagster's own creation, which it skips for an existing file
+    return True

@@ -22,6 +22,7 @@ def dagster_instance(prepare_out=None):
     from dagster import DagsterInstance
     from filelock import FileLock
 
+    from imnet_assets.orchestrate.dagster_quirks import finish_half_made_event_log
     from imnet_assets.settings import dagster_home
 
     if prepare_out is not None:
@@ -41,6 +42,9 @@ def dagster_instance(prepare_out=None):
         if prepare_out is not None:
             prepare_dagster_home(prepare_out)
         instance = DagsterInstance.get()
+        if finish_half_made_event_log(instance):
+            print(f"imnet: the Dagster instance's event log at {home} was left half made (a process killed "
+                  "while creating it): made again", file=sys.stderr, flush=True)
         # every storage made and migrated now, inside the lock (some are made on first use)
         instance.get_runs(limit=1)
         instance.event_log_storage  # noqa: B018
