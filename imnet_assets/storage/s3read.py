@@ -198,8 +198,9 @@ class Retry:
 # connection pool is per store; a forked child makes its own).
 _stores: dict[tuple, object] = {}
 _stores_lock = threading.Lock()
-# the same keys -> the region S3 said the bucket is in (None: asked, and none found): asked once per
-# bucket in a process, under _regions_lock (threads whose reads were redirected meanwhile wait for it)
+# the same keys less the pid -> the region S3 said the bucket is in (None: asked, and none found): asked
+# once per bucket, under _regions_lock (threads whose reads were redirected meanwhile wait for it); a
+# child forked after it was asked signs for it from its first read
 _regions: dict[tuple, str | None] = {}
 _regions_lock = threading.Lock()
 
@@ -260,7 +261,7 @@ def store(bucket: str):
         return found
     with _stores_lock:
         if key not in _stores:
-            _stores[key] = _make_store(bucket, key[1], key[3], _regions.get(key) or _region())
+            _stores[key] = _make_store(bucket, key[1], key[3], _regions.get(key[1:]) or _region())
         return _stores[key]
 
 
@@ -278,23 +279,27 @@ def bucket_region(bucket: str) -> str | None:
                     **({} if session.get_credentials() else {"signature_version": UNSIGNED}))
     client = session.create_client("s3", region_name=_region(), endpoint_url=endpoint_url(), config=config)
     retry = Retry(f"HEAD s3://{bucket} (the bucket's region)")
+    retried = ("throttled", "connection", "timeout", "unreachable")
     while True:
         try:
-            headers = client.head_bucket(Bucket=bucket)["ResponseMetadata"]["HTTPHeaders"]
+            return _named_region(client.head_bucket(Bucket=bucket)["ResponseMetadata"])
         except ClientError as e:
-            headers = e.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-            if "x-amz-bucket-region" not in headers and fault_kind(e) in ("throttled", "connection"):
-                time.sleep(retry.wait(e))
-                continue
+            found = _named_region(e.response.get("ResponseMetadata", {}))
+            if found or fault_kind(e) not in retried:
+                return found
+            failure: Exception = e
         except Exception as e:  # noqa: BLE001 - botocore's errors are not OSErrors
-            if fault_kind(e) in ("throttled", "connection", "timeout", "unreachable"):
-                try:
-                    time.sleep(retry.wait(e))
-                    continue
-                except StorageError:
-                    return None
-            return None
-        return headers.get("x-amz-bucket-region") or None
+            if fault_kind(e) not in retried:
+                return None
+            failure = e
+        try:
+            time.sleep(retry.wait(failure))
+        except StorageError:
+            return None  # no answer: the read's own error says what to set
+
+
+def _named_region(metadata: dict) -> str | None:
+    return metadata.get("HTTPHeaders", {}).get("x-amz-bucket-region") or None
 
 
 def _moved(bucket: str, used) -> bool:
@@ -304,9 +309,9 @@ def _moved(bucket: str, used) -> bool:
     with _regions_lock:
         if _stores.get(key) is not used:
             return True  # made again meanwhile, by another thread's redirected read
-        if key in _regions:
+        if key[1:] in _regions:
             return False  # asked already: no region found, or that one redirects too
-        found = _regions[key] = bucket_region(bucket)
+        found = _regions[key[1:]] = bucket_region(bucket)
         if found is None or found == _region():
             return False
         with _stores_lock:

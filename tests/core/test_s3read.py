@@ -167,12 +167,15 @@ def test_a_region_no_answer_names_fails_at_once_saying_to_set_aws_region(proxied
 
 def test_the_region_is_read_from_a_refused_head_bucket_too(proxied):
     """S3 names the bucket's region in HeadBucket's answer even when it refuses it (403): a reader
-    allowed GetObject only still finds the region."""
+    allowed GetObject only still finds the region; a throttled HeadBucket is asked again."""
     server, proxy = proxied
     proxy.fail(403, headers={"x-amz-bucket-region": "ap-south-1"})
     assert s3read.bucket_region(server.bucket) == "ap-south-1"
     proxy.fail(403)  # a refusal that names none
     assert s3read.bucket_region(server.bucket) is None
+    proxy.fail(503)  # throttled: asked again, under the one retry policy
+    proxy.fail(403, headers={"x-amz-bucket-region": "eu-central-1"})
+    assert s3read.bucket_region(server.bucket) == "eu-central-1"
 
 
 def test_a_silent_endpoint_fails_within_a_minute_naming_it(s3):  # noqa: F811
