@@ -24,18 +24,27 @@ promising the whole body or with its Content-Length rewritten to the part (a wel
 that is short); `reset` sends part of the body and resets the connection (RST); `slowdown`
 answers every request for some seconds with S3's 503 SlowDown. `SilentEndpoint` accepts
 connections and never answers.
+
+Regions (`place`): a bucket placed in a region is answered as S3 answers a bucket in that region: a
+request signed for another region (the SigV4 credential scope, `Credential=<key>/<date>/<region>/s3/
+aws4_request`, in the Authorization header or a presigned URL's query) gets 301 PermanentRedirect
+with the bucket's region in `x-amz-bucket-region` (`tell_region=False`: without it, as an endpoint
+with no regions answers) and is not passed on; one signed for the bucket's region is passed on, and a
+passed-on answer names the region in `x-amz-bucket-region` (as S3's HeadBucket does). `redirected`
+counts the 301s, by method.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import struct
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 
 @dataclass
@@ -74,6 +83,28 @@ def object_get(method: str, target: str, headers: dict) -> bool:
 
 def any_request(method: str, target: str, headers: dict) -> bool:
     return True
+
+
+_SCOPE = re.compile(r"Credential=[^/,&\s]+/\d{8}/([^/,&\s]+)/s3/aws4_request")
+
+
+def signed_region(target: str, headers: dict) -> str | None:
+    """The region a SigV4 request was signed for (its credential scope), or None (unsigned)."""
+    found = _SCOPE.search(headers.get("authorization", "")) or _SCOPE.search(unquote(target.partition("?")[2]))
+    return found.group(1) if found else None
+
+
+def bucket_of(target: str) -> str:
+    """The bucket of a path-style request target ("/bucket/key?query")."""
+    return unquote(target.partition("?")[0]).lstrip("/").partition("/")[0]
+
+
+def permanent_redirect(bucket: str, region: str) -> bytes:
+    """S3's error document for a request sent to another region than the bucket's."""
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>PermanentRedirect</Code><Message>The bucket '
+            f"you are attempting to access must be addressed using the specified endpoint. Please send all future "
+            f"requests to this endpoint.</Message><Endpoint>{bucket}.s3.{region}.amazonaws.com</Endpoint>"
+            f"<Bucket>{bucket}</Bucket><RequestId>0000000000000000</RequestId><HostId>test</HostId></Error>").encode()
 
 
 @dataclass
@@ -135,6 +166,8 @@ class LatencyProxy:
         self._in_flight = 0
         # [method, target, response body bytes] of every request, in arrival order
         self.log: list[list] = []
+        self.regions: dict[str, tuple[str, bool]] = {}  # bucket -> (its region, whether a 301 tells it): `place`
+        self.redirected: Counter = Counter()  # method -> 301s answered for a bucket's region
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -176,6 +209,23 @@ class LatencyProxy:
         with `x-amz-bucket-region` a bucket in another region)."""
         with self._lock:
             self._failures += [(status, headers or {})] * times
+
+    def place(self, bucket: str, region: str, tell_region: bool = True) -> None:
+        """Answer requests for `bucket` as S3 answers those of a bucket in `region` (see the module's
+        text): 301 PermanentRedirect, naming the region unless not `tell_region`, to a request
+        signed for another region; the ones signed for `region` passed on."""
+        with self._lock:
+            self.regions[bucket] = (region, tell_region)
+
+    def _elsewhere(self, target: str, headers: dict) -> tuple[int, dict, bytes] | None:
+        """The 301 a placed bucket's request signed for another region gets, or None (passed on)."""
+        bucket = bucket_of(target)
+        with self._lock:
+            placed = self.regions.get(bucket)
+        if placed is None or signed_region(target, headers) in (None, placed[0]):
+            return None
+        region, tell = placed
+        return 301, ({"x-amz-bucket-region": region} if tell else {}), permanent_redirect(bucket, region)
 
     def cut(self, times: int | None = None, every: int = 1, rewrite_length: bool = True, match=ranged_get,
             keep: float = 0.5) -> Fault:
@@ -267,8 +317,12 @@ class LatencyProxy:
                     path = entry[1].partition("?")[0]
                     if self.hold_objects and method not in ("GET", "HEAD"):
                         self.held.pop(path, None)
+                    elsewhere = self._elsewhere(entry[1], headers)
                     with self._lock:
                         failure = self._failures.pop(0) if self._failures else None
+                        if elsewhere is not None and failure is None:
+                            failure = elsewhere
+                            self.redirected[method] += 1
                     fault = None if failure is not None else self._fault_for(method, entry[1], headers)
                     if fault is not None and fault.kind == "slowdown":
                         failure, fault = (503, {}), None
@@ -283,11 +337,15 @@ class LatencyProxy:
                             up_writer.close()  # werkzeug closes after each answer
                             up_reader = up_writer = None
                     if failure is not None:
-                        status, extra = failure
-                        rbody = (b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                        status, extra, *document = failure
+                        rbody = (document[0] if document else
+                                 b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
                                  if status == 503 else f"<Error><Code>Injected{status}</Code></Error>".encode())
                         head = "".join(f"{n}: {v}\r\n" for n, v in extra.items())
-                        writer.write(f"HTTP/1.1 {status} Injected\r\n{head}Content-Length: {len(rbody)}\r\n\r\n"
+                        length = len(rbody)
+                        if method == "HEAD":  # an answer to a HEAD has no body, whatever its length says
+                            rbody = b""
+                        writer.write(f"HTTP/1.1 {status} Injected\r\n{head}Content-Length: {length}\r\n\r\n"
                                      .encode() + rbody)
                         await writer.drain()
                         rheaders, framed = {}, True
@@ -316,6 +374,12 @@ class LatencyProxy:
                             "transfer-encoding", "").lower()
                         if not framed:  # read to the upstream's close: give the client a length instead
                             rheaders["\0order"].append(("Content-Length", str(len(rbody))))
+                        with self._lock:
+                            placed = self.regions.get(bucket_of(entry[1]))
+                        if placed is not None:  # S3 names the bucket's region (moto: the one it was made in)
+                            rheaders["\0order"] = [(n, v) for n, v in rheaders["\0order"]
+                                                   if n.lower() != "x-amz-bucket-region"]
+                            rheaders["\0order"].append(("x-amz-bucket-region", placed[0]))
                         if fault is not None and rbody and not no_body:
                             await _faulty(writer, _render_head(rline, rheaders, drop=("connection",)), rbody, fault)
                             return

@@ -22,9 +22,16 @@ and connection faults (refused, reset, cut bodies) back off with full jitter unt
 (IMNET_STORAGE_RETRY_SECONDS, default 300 s); a request that times out (connect 10 s, answer 15 s)
 or gets no connection at all (refused, no such host) is tried again only while the first attempt
 is less than TIMEOUT_RETRY_WITHIN old, so a silent or wrong endpoint fails within a minute, naming it; a refusal (403) is tried twice more (a credential being
-rotated), then raised; a certificate the CA bundle does not vouch for, or a bucket in another region
-than the one configured (S3 answers 301; obstore does not follow it as botocore does, so the error says
-to set AWS_REGION), is raised at once; anything else is tried OTHER_ATTEMPTS times.
+rotated), then raised; a certificate the CA bundle does not vouch for is raised at once; anything
+else is tried OTHER_ATTEMPTS times.
+
+A bucket in another region than the one configured (or none configured): S3 answers 301
+PermanentRedirect, which obstore does not follow (botocore, under s3fs, does). The first such answer
+for a bucket makes this process ask the bucket's region once (`bucket_region`: HeadBucket through
+botocore, whose answer names it in x-amz-bucket-region even when it is a 301 or a 403) and sign that
+bucket's reads for it from then on (its store is made again); the read is tried again, uncounted.
+Where no region can be found (an endpoint with no regions, a lookup that fails), or the one found
+still answers 301, the read fails at once saying to set AWS_REGION.
 """
 
 from __future__ import annotations
@@ -174,8 +181,9 @@ class Retry:
             hint = (f"throttled or broken connections, retried for up to {retry_seconds():.0f} s "
                     f"({RETRY_SECONDS_VARIABLE}): check AWS_ENDPOINT_URL and the network")
         elif kind == "redirect":
-            hint = (f"the bucket is in another region than {_region()}, the one these requests were signed for: "
-                    "set AWS_REGION to the bucket's region (`aws s3api get-bucket-location --bucket NAME`)")
+            hint = (f"the bucket is in another region than {_region()}, the one these requests were signed for, "
+                    "and no answer named the bucket's region: set AWS_REGION to it "
+                    "(`aws s3api get-bucket-location --bucket NAME`)")
         elif kind == "refused":
             hint = ("the storage refused the credentials: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                     "(or the machine's role) and the bucket's policy")
@@ -190,6 +198,11 @@ class Retry:
 # connection pool is per store; a forked child makes its own).
 _stores: dict[tuple, object] = {}
 _stores_lock = threading.Lock()
+# the same keys less the pid -> the region S3 said the bucket is in (None: asked, and none found): asked
+# once per bucket, under _regions_lock (threads whose reads were redirected meanwhile wait for it); a
+# child forked after it was asked signs for it from its first read
+_regions: dict[tuple, str | None] = {}
+_regions_lock = threading.Lock()
 
 
 def _credentials():
@@ -235,23 +248,80 @@ def _proxy(endpoint: str) -> dict:
     return opts
 
 
+def _store_key(bucket: str) -> tuple:
+    return os.getpid(), endpoint_url(), region_name(), os.environ.get("AWS_CA_BUNDLE") or None, bucket
+
+
 def store(bucket: str):
-    """This process's obstore S3Store for `bucket`, configured from the standard variables."""
-    endpoint, ca = endpoint_url(), os.environ.get("AWS_CA_BUNDLE") or None
-    key = (os.getpid(), endpoint, region_name(), ca, bucket)
+    """This process's obstore S3Store for `bucket`, configured from the standard variables, signing
+    for the bucket's region once S3 said it is another (`_moved`)."""
+    key = _store_key(bucket)
     found = _stores.get(key)
     if found is not None:
         return found
     with _stores_lock:
         if key not in _stores:
-            _stores[key] = _make_store(bucket, endpoint, ca)
+            _stores[key] = _make_store(bucket, key[1], key[3], _regions.get(key[1:]) or _region())
         return _stores[key]
 
 
-def _make_store(bucket: str, endpoint: str | None, ca: str | None):
+def bucket_region(bucket: str) -> str | None:
+    """The region S3 says `bucket` is in: x-amz-bucket-region of HeadBucket's answer (botocore's
+    client, from the same variables; S3 names the region in a 301 or a 403 too), or None where
+    no answer names one (an endpoint with no regions, no answer at all)."""
+    import botocore.session
+    from botocore import UNSIGNED
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+
+    session = botocore.session.get_session()
+    config = Config(connect_timeout=CONNECT_TIMEOUT, read_timeout=REQUEST_TIMEOUT, retries={"total_max_attempts": 1},
+                    **({} if session.get_credentials() else {"signature_version": UNSIGNED}))
+    client = session.create_client("s3", region_name=_region(), endpoint_url=endpoint_url(), config=config)
+    retry = Retry(f"HEAD s3://{bucket} (the bucket's region)")
+    retried = ("throttled", "connection", "timeout", "unreachable")
+    while True:
+        try:
+            return _named_region(client.head_bucket(Bucket=bucket)["ResponseMetadata"])
+        except ClientError as e:
+            found = _named_region(e.response.get("ResponseMetadata", {}))
+            if found or fault_kind(e) not in retried:
+                return found
+            failure: Exception = e
+        except Exception as e:  # noqa: BLE001 - botocore's errors are not OSErrors
+            if fault_kind(e) not in retried:
+                return None
+            failure = e
+        try:
+            time.sleep(retry.wait(failure))
+        except StorageError:
+            return None  # no answer: the read's own error says what to set
+
+
+def _named_region(metadata: dict) -> str | None:
+    return metadata.get("HTTPHeaders", {}).get("x-amz-bucket-region") or None
+
+
+def _moved(bucket: str, used) -> bool:
+    """After S3 answered a read through store `used` that `bucket` is in another region: whether
+    this process's store for `bucket` now signs for the region S3 names (asked once per bucket)."""
+    key = _store_key(bucket)
+    with _regions_lock:
+        if _stores.get(key) is not used:
+            return True  # made again meanwhile, by another thread's redirected read
+        if key[1:] in _regions:
+            return False  # asked already: no region found, or that one redirects too
+        found = _regions[key[1:]] = bucket_region(bucket)
+        if found is None or found == _region():
+            return False
+        with _stores_lock:
+            _stores.pop(key, None)
+        return True
+
+
+def _make_store(bucket: str, endpoint: str | None, ca: str | None, region: str):
     from obstore.store import S3Store
 
-    region = _region()
     client = {"connect_timeout": timedelta(seconds=CONNECT_TIMEOUT), "timeout": timedelta(seconds=REQUEST_TIMEOUT),
               "pool_max_idle_per_host": "256",
               **_proxy(endpoint or "https://")}
@@ -315,4 +385,7 @@ def get_range(bucket: str, key: str, offset: int, length: int) -> bytes:
         except Exception as e:  # noqa: BLE001 - obstore's errors are classified by Retry
             if _past_end(e):
                 return b""
+            if fault_kind(e) == "redirect" and _moved(bucket, s):
+                s = store(bucket)  # signed for the bucket's region now: tried again at once
+                continue
             time.sleep(retry.wait(e))

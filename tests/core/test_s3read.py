@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -121,20 +122,60 @@ def test_a_refusal_is_tried_again_then_named(proxied):
         fs.read_range(url, 3, 4)
 
 
-def test_a_bucket_in_another_region_fails_at_once_saying_to_set_aws_region(proxied):
-    """S3 answers a request signed for another region than the bucket's with 301 and the bucket's
-    region in x-amz-bucket-region; obstore does not follow it (botocore does): the read fails at
-    once, without spending the retry budget, telling what to set."""
+def test_a_bucket_in_another_region_is_read_once_its_region_is_asked_once(proxied, monkeypatch):
+    """No AWS_REGION: reads are signed for us-east-1 and S3 answers 301 PermanentRedirect naming
+    the bucket's region; the first one makes the process ask the region (one HeadBucket) and sign
+    for it from then on: reads from many threads at once come back exact, the region asked once."""
+    server, proxy = proxied
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    data = os.urandom(200_000)
+    url = _put(server, "winter21/n01440764.tar", data)
+    proxy.place(server.bucket, "eu-west-1")
+    ranges = [(i * 9_000, 7_000 + i) for i in range(20)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda r: fs.read_range(url, *r), ranges))
+    assert got == [data[o:o + n] for o, n in ranges]
+    assert proxy.redirected["HEAD"] == 1, proxy.redirected  # HeadBucket, once (botocore then signs for eu-west-1)
+    assert 1 <= proxy.redirected["GET"] <= 8, proxy.redirected  # at most the reads in flight before it was known
+    before = dict(proxy.redirected)
+    assert [fs.read_range(url, o, n) for o, n in ranges] == [data[o:o + n] for o, n in ranges]
+    assert dict(proxy.redirected) == before  # no 301 more: every read signed for the bucket's region
+
+
+def test_a_region_no_answer_names_fails_at_once_saying_to_set_aws_region(proxied):
+    """An endpoint whose 301s name no region (one with no regions, or a HeadBucket that cannot
+    tell): the read fails at once, without spending the retry budget, telling what to set; the
+    region is not asked again by the next read."""
     server, proxy = proxied
     url = _put(server, "winter21/eu.tar", b"abcdefghij" * 10)
-    proxy.fail(301, times=5, headers={"x-amz-bucket-region": "eu-west-1"})
+    proxy.place(server.bucket, "eu-west-1", tell_region=False)
     started = time.monotonic()
-    with environ(AWS_REGION="us-east-1"), pytest.raises(fs.StorageError, match="another region than us-east-1") as got:
-        fs.read_range(url, 3, 4)
-    assert "set AWS_REGION" in str(got.value) and "1 attempt " in str(got.value), got.value
-    assert time.monotonic() - started < 5
-    proxy.clear_faults()  # the 4 answers left
-    assert fs.read_range(url, 3, 4) == b"defg"
+    with environ(AWS_REGION="us-east-1"):
+        with pytest.raises(fs.StorageError, match="another region than us-east-1") as got:
+            fs.read_range(url, 3, 4)
+        assert "set AWS_REGION" in str(got.value) and "1 attempt " in str(got.value), got.value
+        asked = proxy.redirected["HEAD"]
+        assert asked >= 1
+        with pytest.raises(fs.StorageError, match="set AWS_REGION"):
+            fs.read_range(url, 3, 4)
+        assert proxy.redirected["HEAD"] == asked and proxy.redirected["GET"] == 2
+        assert time.monotonic() - started < 5
+        with environ(AWS_REGION="eu-west-1"):  # set as the error says: read
+            assert fs.read_range(url, 3, 4) == b"defg"
+
+
+def test_the_region_is_read_from_a_refused_head_bucket_too(proxied):
+    """S3 names the bucket's region in HeadBucket's answer even when it refuses it (403): a reader
+    allowed GetObject only still finds the region; a throttled HeadBucket is asked again."""
+    server, proxy = proxied
+    proxy.fail(403, headers={"x-amz-bucket-region": "ap-south-1"})
+    assert s3read.bucket_region(server.bucket) == "ap-south-1"
+    proxy.fail(403)  # a refusal that names none
+    assert s3read.bucket_region(server.bucket) is None
+    proxy.fail(503)  # throttled: asked again, under the one retry policy
+    proxy.fail(403, headers={"x-amz-bucket-region": "eu-central-1"})
+    assert s3read.bucket_region(server.bucket) == "eu-central-1"
 
 
 def test_a_silent_endpoint_fails_within_a_minute_naming_it(s3):  # noqa: F811

@@ -2,7 +2,8 @@
 fault-injecting proxy (tests/latency_proxy.py) in front of moto, while it cuts bodies short with a
 rewritten Content-Length, cuts them still promising the rest, resets connections mid-body and
 answers everything with 503 SlowDown for seconds, during the index and during the shard runs. The
-catalog's images and the shards equal a clean local build's, with no extra exclusion.
+catalog's images and the shards equal a clean local build's, with no extra exclusion. So does a
+build from and to buckets in another region than the one configured (none), each region asked once.
 
 Then TLS: the same build against moto serving HTTPS with a certificate of a private CA given in
 AWS_CA_BUNDLE; without it, the certificate is refused at once, naming the endpoint.
@@ -124,6 +125,32 @@ def test_cut_reset_and_throttled_reads_during_index_and_shards_lose_nothing(clea
     assert shards == clean[1]
     assert "shorter than indexed" not in result.stdout + result.stderr
     assert took < 600
+
+
+def test_a_build_from_and_to_buckets_in_another_region_with_no_aws_region_equals_the_clean_one(
+        clean, sample_release, tmp_path):
+    """Raw and out buckets in eu-west-1, no AWS_REGION: every request is signed for us-east-1 at
+    first and answered 301 PermanentRedirect naming eu-west-1 (the proxy as S3). Each process asks
+    a bucket's region once (obstore's reads: HeadBucket; s3fs's botocore follows the 301 and keeps
+    the region): the build completes, equal to the clean one, with a handful of 301s (14 of 430
+    requests when written) however many reads there are."""
+    with MotoS3(secret=f"regionSecret-{uuid.uuid4().hex}") as s3, LatencyProxy(s3.endpoint, latency_ms=0) as proxy:
+        client = _upload(s3, sample_release[0])
+        for bucket in (RAW_BUCKET, OUT_BUCKET):
+            proxy.place(bucket, "eu-west-1")
+        env = _env(tmp_path, s3, proxy.endpoint)
+        env.pop("AWS_DEFAULT_REGION")
+        env["AWS_CONFIG_FILE"] = str(tmp_path / "no-aws-config")  # botocore's default region: none
+        result = imnet(["build"], env)
+        shards = _s3_shards(client)
+        redirected, requests = dict(proxy.redirected), proxy.counts().requests
+    images = _images(tmp_path / "catalog.duckdb")
+    assert images == clean[0], sorted(set(images) ^ set(clean[0]))
+    assert shards == clean[1]
+    assert redirected.get("HEAD", 0) >= 1 and redirected.get("GET", 0) >= 1, redirected
+    # asked once per bucket per process (the build's, a few worker pools'): never per read
+    assert sum(redirected.values()) <= 40 and requests > 10 * sum(redirected.values()), (redirected, requests)
+    assert "AWS_REGION" not in result.stdout + result.stderr
 
 
 def _failing_build(env: dict[str, str]) -> tuple[str, float]:
