@@ -281,7 +281,7 @@ def _hashed(pool: WorkerPool, job: EvalJob, future, passed: set, log: Callable[[
                     seen = death.say("the eval set's hashing process died {count} times ({nameds}) hashing {where}",
                                      where=where)
                     settle_crash_of(pool, functools.partial(_image_bytes, job.items[i]), MAX_SHORT, seen,
-                                    passed, eval_path_problem, "pHash", fault=job.fault,
+                                    death.deaths, passed, eval_path_problem, "pHash", fault=job.fault,
                                     time_limit=job.time_limit, priority=AFTER_DEATH, log=log)
                     reason = death.say(CRASHED + " {count} times ({nameds})")
                     log(f"{where} has no pHash: it {reason} (it still matches raw images byte for byte)")
