@@ -297,7 +297,7 @@ def _unpacked(entry: dict, packed: str, log: Callable[[str], None], damaged: lis
     log(f"eval tar {entry['name']} is {packed}-compressed: reading it once, in order, its members hashed as they come")
     damage: list[tuple[int, int, str]] = []
     members = 0
-    for m in iter_compressed_tar(entry["url"], packed):
+    for m in iter_compressed_tar(entry["url"], packed, size=entry["size"]):
         if isinstance(m, Damage):
             damage.append((m.offset, m.size, m.reason))
             continue

@@ -44,17 +44,25 @@ def compression(head: bytes) -> str | None:
 
 class _Source:
     """The compressed bytes from storage; remembers a failed read, so that it is raised as what it
-    is (the storage's), never taken for damaged data."""
+    is (the storage's), never taken for damaged data: an object that ends before or runs past its
+    listed `size` changed since it was listed (a StorageError, as a plain tar's read says it)."""
 
     mode = "rb"
 
-    def __init__(self, f):
-        self._f = f
+    def __init__(self, f, url: str, size: int | None):
+        self._f, self._url, self._size = f, url, size
+        self.read_bytes = 0
         self.failed: BaseException | None = None
 
     def read(self, n: int = -1) -> bytes:
         try:
-            return self._f.read(n)
+            data = self._f.read(n)
+            self.read_bytes += len(data)
+            if self._size is not None and (self.read_bytes > self._size or (not data and self.read_bytes < self._size)):
+                raise fs.StorageError(fs.redact(
+                    f"{self._url} gave {'more than' if data else 'only'} {self.read_bytes} bytes, not the {self._size} "
+                    "it was listed with: it changed since it was listed; run the build again"))
+            return data
         except BaseException as e:
             self.failed = e
             raise
@@ -100,16 +108,20 @@ class _Recent:
         return bool(bytes(self._buf[lo:hi]).strip(b"\0"))
 
 
-def iter_compressed_tar(url: str, kind: str, what: str = "eval tar") -> Iterator[Member | Damage]:
+def iter_compressed_tar(url: str, kind: str, what: str = "eval tar", size: int | None = None
+                        ) -> Iterator[Member | Damage]:
     """Every member of the `kind`-compressed (`compression`) tar at `url`, in order, with its data;
-    damage is yielded, not raised (see the module's docstring)."""
+    damage is yielded, not raised (see the module's docstring). `size`: its listed size (another
+    raises StorageError)."""
     label = fs.basename(url)
     with prefetch.open_read(url) as raw:
-        source = _Source(raw)
+        source = _Source(raw, url, size)
         stream = _Recent(_OPEN[kind](source))
         try:
             yield from _walk(stream, label, f"{kind}-compressed {what}")
         except _DATA_ERRORS as e:
+            if isinstance(source.failed, fs.StorageError):
+                raise source.failed from None
             if source.failed is not None:
                 raise fs.StorageError(fs.redact(f"cannot read {what} {url}: {type(source.failed).__name__}: "
                                                 f"{source.failed} (never recorded as damage: build again)")) from e

@@ -18,9 +18,10 @@ import pytest
 
 from imnet_assets.release.card import card_url
 from imnet_assets.stages.audit import encode_settings, run_audit
-from imnet_assets.stages.decontam import refresh_eval_images
+from imnet_assets.stages.decontam import eval_listing, hash_eval_set, refresh_eval_images
 from imnet_assets.stages.shard import build_shard
 from imnet_assets.storage.catalog import Catalog
+from imnet_assets.storage.fs import StorageError
 from tests.conftest import build_catalog_stages
 from tests.core.test_features import _photo, settings_for, write_release
 from tests.core.test_shard import write_raw_tar
@@ -130,3 +131,18 @@ def test_the_dataset_card_names_a_damaged_eval_tar(tmp_path):
     card = open(card_url(s)).read()
     assert (f"- 1 damaged range in eval files could not be hashed, so the eval images there (if any) were not matched: "
             f"`extra/val.tar` at byte {header}: {reason} (catalog table `eval_damage`).") in card, card
+
+
+def test_a_compressed_eval_tar_that_changed_since_it_was_listed_fails_naming_it_never_damage(tmp_path):
+    """Its object ends before its listed size (cut on storage after the listing): the read says so and
+    the hashing fails naming the file; nothing is taken for damaged data (SPEC "Failure behaviour")."""
+    (tmp_path / "ev").mkdir()
+    packed = gzip.compress(plain_tar(tmp_path / "pack.tar"))
+    (tmp_path / "ev" / "val.tar.gz").write_bytes(packed)
+    [entry] = eval_listing(str(tmp_path / "ev"))
+    (tmp_path / "ev" / "val.tar.gz").write_bytes(packed[: len(packed) // 2])
+    damaged: list = []
+    with pytest.raises(StorageError, match=rf"val\.tar\.gz gave only {len(packed) // 2} bytes, not the {len(packed)} "
+                                           "it was listed with: it changed since it was listed"):
+        list(hash_eval_set([entry], 2, QUIET, damaged=damaged))
+    assert damaged == []
