@@ -7,7 +7,8 @@ decode (image/faults.py's crash-repair), real JPEGs in a real raw tar:
 - the repair path healthy for the control: the image's crashes are its own, it is excluded with its
   reason after twice, the others are built;
 - the repair path broken for every input: MachineryFault, no exclusion, no shard; before, the
-  complete control (which never reaches the repair) passed, and every such image was excluded."""
+  complete control (which never reaches the repair) passed, and every such image was excluded;
+- the same in the index, whose staged encodes decode the image (IMNET_TEST_INDEX_FAULT=crash-repair)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import os
 import tarfile
 import types
 
+import duckdb
 import pytest
 
 from imnet_assets.image import faults
@@ -26,10 +28,16 @@ from imnet_assets.image.formats import looks_truncated
 from imnet_assets.image.guard import MachineryFault
 from imnet_assets.release.outroot import read_manifest
 from imnet_assets.release.plan import write_slice
+from imnet_assets.stages.filtered_index import build_filtered_index
+from imnet_assets.stages.raw_tars import build_raw_tars
+from imnet_assets.stages.staged_encodes import staging_plan
+from imnet_assets.stages.synset_manifest import build_synset_manifest
+from tests.conftest import local_settings
 from tests.core.test_shard import jpeg, planned, write_raw_tar
 from tests.core.test_shard_workers import KEY, NAME, build
 
 WNID = "n01440764"
+QUIET = lambda _m: None  # noqa: E731
 VICTIM = 2
 
 
@@ -103,3 +111,29 @@ def test_a_repair_decode_crashing_on_every_input_is_a_machinery_fault_not_an_exc
     assert result.excluded == [] and result.num_samples == len(photos.rows) and result.problems == []
     assert [s["repaired"] for s in read_manifest(str(out), KEY)["samples"]] == [False, False, True, False]
     assert (out / NAME).exists()
+
+
+# ------------------------------------------------------------------ the index's staged encodes, the same rule
+
+
+def index_rows(raw_root, folder, **env) -> list[tuple]:
+    """(key, status, reason) of every images row once the index scanned `raw_root`, staging each kept
+    image's encode (IMNET_STAGE_ENCODES=on: the index's worker decodes it, the repair included)."""
+    settings = local_settings(raw_root, folder, IMNET_WORKERS=2, IMNET_STAGE_ENCODES="on", **env)
+    build_raw_tars(settings, "run", QUIET)
+    build_synset_manifest(settings, "run", QUIET)
+    build_filtered_index(settings, "run", QUIET, codecs=staging_plan([settings]))
+    with duckdb.connect(settings.catalog, read_only=True) as con:
+        return con.execute("SELECT key, status, reason FROM images ORDER BY key").fetchall()
+
+
+def test_the_index_settles_a_crash_in_its_repair_decode_the_same_way(photos, tmp_path, monkeypatch):
+    victim = photos.rows[VICTIM]
+    monkeypatch.setenv("IMNET_TEST_INDEX_FAULT", f"crash-repair:{victim[7]}")
+    got = index_rows(photos.root, tmp_path / "own")
+    reason = "index process died 2 times (signal 11 (SIGSEGV), signal 11 (SIGSEGV)) while decoding"
+    assert got == [(r[0], "excluded", reason) if r is victim else (r[0], "kept", None) for r in photos.rows]
+    monkeypatch.setenv("IMNET_TEST_INDEX_FAULT", "crash-repair:*")  # the repair path broken for every input
+    with pytest.raises(MachineryFault, match=r"JPEG RGB \d+x\d+ cut short control image made in memory crashed the "
+                                             r"index's process the same way \(signal 11 \(SIGSEGV\)\)"):
+        index_rows(photos.root, tmp_path / "every")
