@@ -38,8 +38,10 @@ def crash_hook_hits(hook: str | None, sha256: str) -> bool:
     return hook is not None and hook in (sha256, CRASH_EVERY)
 
 
-# IMNET_TEST_INDEX_FAULT's faults (image/faults.py); the `-phash` ones are met in the pHash (raw and eval images)
-INDEX_FAULTS = ("crash", "memory-probe", "memory-phash", "hang", "slow", "crash-phash", "hang-phash", "slow-phash")
+# IMNET_TEST_INDEX_FAULT's faults (image/faults.py); the `-phash` ones are met in the pHash (raw and eval images),
+# crash-repair in the repair decode (image/decode.py)
+INDEX_FAULTS = ("crash", "memory-probe", "memory-phash", "hang", "slow", "crash-phash", "hang-phash", "slow-phash",
+                "crash-repair")
 
 
 def test_index_fault(env: dict | None = None) -> str | None:

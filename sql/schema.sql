@@ -122,6 +122,16 @@ CREATE TABLE IF NOT EXISTS eval_images (
 -- "crashed the pHash's process 2 times (...)" (stages/eval_pool.py). Added by ALTER so a catalog made
 -- before it gains it (its rows then NULL: counted as "unrecorded" by sql/eval_summary.sql).
 ALTER TABLE eval_images ADD COLUMN IF NOT EXISTS no_phash VARCHAR;
+-- The parts of eval tars that are no member (a damaged header, a tail cut or not a tar, compressed data
+-- that cannot be read on: storage/rawtar.py's and storage/compressed_tar.py's damage): the eval images
+-- there could not be hashed, so decontamination covers less (stages/eval_pool.py; the dataset card
+-- says so). Replaced with eval_images; a catalog made before it gains it empty.
+CREATE TABLE IF NOT EXISTS eval_damage (
+    file VARCHAR NOT NULL,        -- the eval tar, as eval_images.file names it (path under IMNET_EVAL_EXCLUDE)
+    at_byte BIGINT NOT NULL,      -- where the damage starts in the tar (a compressed one: in its decompressed data)
+    bytes BIGINT NOT NULL,        -- how long it is (0: where the tar ends or cannot be read on)
+    reason VARCHAR NOT NULL
+);
 CREATE TABLE IF NOT EXISTS eval_overlaps (
     key VARCHAR NOT NULL,
     tar VARCHAR NOT NULL,

@@ -17,9 +17,11 @@ import struct
 
 from PIL import Image, ImageChops, ImageFile, JpegImagePlugin, UnidentifiedImageError
 
+from imnet_assets.image.faults import hit
 from imnet_assets.image.formats import looks_truncated, pillow_plugins, takes
 from imnet_assets.image.guard import MachineryFault, describe_error, settle
 from imnet_assets.image.jpeg_scans import jpeg_scan_bytes, jpeg_scans, scan_data_end, scan_script_complete
+from imnet_assets.runtime.wire import REPAIR_DECODE, step
 
 MAX_SHORT = 768
 MIN_SIDE = 32
@@ -210,15 +212,19 @@ def _open_planned(data: bytes, max_short: int):
     return img, orig, target, box
 
 
-def _load_truncated(img: ImageFile.ImageFile) -> None:
-    """``img.load()`` with Pillow's truncated-image tolerance, scoped to this call.
+def _load_truncated(img: ImageFile.ImageFile, data: bytes) -> None:
+    """``img.load()`` with Pillow's truncated-image tolerance, scoped to this call: the repair
+    decode, marked as such in a pool worker (wire.step: a crash here is settled on a control that
+    takes this path, cut short: stages/crash_control.py).
 
     Encoding runs in worker processes, one image at a time, so flipping the module flag inside
     try/finally does not leak to other code."""
     saved = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = True
     try:
-        img.load()
+        with step(REPAIR_DECODE):
+            hit("repair", data)  # the test hook (image/faults.py)
+            img.load()
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
@@ -363,7 +369,7 @@ def decode(data: bytes, max_short: int, settles: bool = True):
         # libjpeg would invent a grey image (plus a little noise) from the header alone
         raise ImageRejected(f"undecodable: no image data could be decoded ({first_error})", first, repairing=True)
     try:
-        _load_truncated(img)
+        _load_truncated(img, data)
     except MemoryError:
         raise
     except Exception as e:

@@ -4,12 +4,14 @@ only, so tests cause what SPEC "Failure behaviour" is about instead of imitating
 
 `arm(hook)` (a scan or eval job does, with the value its coordinator read: a worker's environment is
 the forkserver's) and `hit(point, data)` at the points where an image is decoded: "probe"
-(probe_image's header readers: the index only) and "phash" (perceptual's thumbnail: the index and
-the eval set's hashing, stages/eval_pool.py). Faults (`<fault>:<sha256>`, `*`: every image, the
-control images included):
+(probe_image's header readers: the index only), "phash" (perceptual's thumbnail: the index and
+the eval set's hashing, stages/eval_pool.py) and "repair" (decode's second, truncation-tolerant
+decode, in its REPAIR_DECODE step: the index's trial decode and staged encodes; a shard run's
+encoder where a test's codec arms it). Faults (`<fault>:<sha256>`, `*`: every image, the control
+images included):
 
 - crash: SIGSEGV (a read of address 0) at "probe", as a codec crashing on the bytes would;
-  crash-phash: the same at "phash";
+  crash-phash: the same at "phash"; crash-repair: the same at "repair" (a repair path broken);
 - memory-probe, memory-phash: MemoryError raised inside the probe's or the pHash's handling;
 - hang: sleeps an hour at "probe" (the time limit's test); slow: sleeps SLOW_SECONDS there (a test
   kills the worker from outside meanwhile, or cuts the tar under its memory map); hang-phash,
@@ -29,8 +31,12 @@ _armed: tuple[str, str] | None = None  # (fault, sha256 or "*"), the fault one o
 
 
 def _point(fault: str) -> str:
-    """Where a fault is met: "phash" for the `-phash` ones (memory-phash, crash-phash ...), else "probe"."""
-    return "phash" if fault.endswith("-phash") else "probe"
+    """Where a fault is met: "phash" for the `-phash` ones (memory-phash, crash-phash ...), "repair"
+    for the `-repair` one, else "probe"."""
+    for point in ("phash", "repair"):
+        if fault.endswith(f"-{point}"):
+            return point
+    return "probe"
 
 
 def arm(hook: str | None) -> None:

@@ -92,6 +92,19 @@ def no_phash_said(counts: dict) -> str:
     return f"{_n(counts['no_phash'])} of {_n(counts['images'])} eval images have no pHash ({why})"
 
 
+EVAL_DAMAGE_SAID = 5  # damaged parts of eval tars the card names (the catalog's eval_damage holds them all)
+
+
+def eval_damage_said(ranges: list[dict]) -> str:
+    """The dataset card's line on the parts of eval tars that could not be hashed (sql/eval_damage_top.sql's
+    rows: the first EVAL_DAMAGE_SAID, each with the count of all)."""
+    count = int(ranges[0]["ranges"])
+    named = "; ".join(f"`{r['file']}` at byte {r['at_byte']}: {r['reason']}" for r in ranges)
+    more = f"; and {_n(count - len(ranges))} more" if count > len(ranges) else ""
+    return (f"{_n(count)} damaged {'range' if count == 1 else 'ranges'} in eval files could not be hashed, so the "
+            f"eval images there (if any) were not matched: {named}{more} (catalog table `eval_damage`).")
+
+
 def facts(settings, report, catalog=None, info: dict | None = None) -> dict:
     """Everything the card states, as plain values. `catalog`: an open Catalog to read (the
     audit's own connection); else the catalog is opened read-only for this. `info`: the release's
@@ -102,6 +115,7 @@ def facts(settings, report, catalog=None, info: dict | None = None) -> dict:
     with reading(settings.catalog, catalog) as cat:
         overlaps = cat.one("overlaps_summary")
         eval_images = cat.one("eval_summary")
+        eval_damage = cat.dicts("eval_damage_top", {"top": EVAL_DAMAGE_SAID})
         classes = cat.one("card_classes", {"release": settings.release})
         named = cat.one("card_release", {"release": settings.release}) if settings.release else {}
         if settings.val_per_class:  # classes that gave validation fewer than val_per_class images
@@ -128,6 +142,7 @@ def facts(settings, report, catalog=None, info: dict | None = None) -> dict:
         "eval_no_phash": {k: int(eval_images.get(k) or 0) for k in _NO_PHASH_COUNTS},
         "eval_overlaps_exact": int(overlaps.get("eval_overlaps_exact") or 0),
         "eval_overlaps_near": int(overlaps.get("eval_overlaps_near") or 0),
+        "eval_damage": [{k: r[k] for k in ("file", "at_byte", "reason", "ranges")} for r in eval_damage],
         "code_versions": sorted({r["code_version"] for r in report.per_shard if r.get("code_version")}),
         "package_version": _package_version(),
         "shard_pattern": settings.shard_pattern,
@@ -298,6 +313,8 @@ def render(f: dict) -> str:
         if f.get("eval_no_phash", {}).get("no_phash"):
             lines.append(f"- {no_phash_said({**f['eval_no_phash'], 'images': f['eval_images']})}: they are matched "
                          "byte for byte only, not as near copies (catalog `eval_images.no_phash` says why, per file).")
+        if f.get("eval_damage"):
+            lines.append(f"- {eval_damage_said(f['eval_damage'])}")
     versions = ", ".join(f"`{v}`" for v in f["code_versions"]) or "none"
     lines += [
         "",

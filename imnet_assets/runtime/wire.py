@@ -1,10 +1,12 @@
 """The pool workers' side and the wire between them and the dispatcher (runtime/workerpool.py):
 length-prefixed messages of one task id each over a socket pair, and a shared slot where a worker
-marks the item it works on, so that a death is blamed on that item."""
+marks the item it works on, so that a death is blamed on that item, and the step of the item's work it
+is in (`step`: the repair decode), so that a death there is settled with a control that takes it."""
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import struct
 import threading
@@ -19,6 +21,14 @@ HEADER = struct.Struct("!Qq")  # a message's payload length and task id
 # A worker's marker holds task id << INDEX_BITS | item index in one signed 64-bit word: items up to
 # 2**32 per job (the scan packs a tar's member number in it: stages/scan_pool.py), task ids up to 2**31.
 INDEX_BITS = 32
+# A worker's slot: [item (task id << INDEX_BITS | index, -1 between items), since, step within the item]
+SLOT_WORDS = 3
+# The steps a worker marks within an item (`step`), read after its death (WorkerDied.repairing). 0: none
+# marked. REPAIR_DECODE: image/decode.py's second, truncation-tolerant decode of data that failed to
+# decode, which a complete control image never reaches (stages/crash_control.py settles a crash there on
+# a control cut short).
+REPAIR_DECODE = 1
+_slot = None  # this worker's slot (worker_main), None in every other process
 # The variables that say how storage is reached (endpoint, credentials, proxies) and what the IMNET_*
 # settings say: every job carries the submitting process's (`environment`), and the worker `adopt`s
 # them before the job's reads start.
@@ -152,12 +162,30 @@ class Marker:
         self._slot, self._task = slot, task_id << INDEX_BITS
 
     def __call__(self, index: int, timed: bool = True) -> None:
+        self._slot[2] = 0  # a new item (or none) starts with no step marked
         if index < 0:
             self._slot[0] = -1
             return
         # first: a reader that sees the new item sees its time
         self._slot[1] = time.monotonic_ns() if timed else -1
         self._slot[0] = self._task | index
+
+
+@contextlib.contextmanager
+def step(value: int):
+    """Mark `value` (REPAIR_DECODE) as the step of its item this pool worker is in while the block
+    runs, for the parent to read should the worker die in it; outside a pool worker, nothing. One
+    plain store each way: the code it wraps decodes an image."""
+    slot = _slot
+    if slot is None:
+        yield
+        return
+    before = slot[2]
+    slot[2] = value
+    try:
+        yield
+    finally:
+        slot[2] = before
 
 
 def worker_main(sock, slot, threads: int) -> None:
@@ -169,6 +197,8 @@ def worker_main(sock, slot, threads: int) -> None:
     import queue
     from concurrent.futures import ThreadPoolExecutor
 
+    global _slot
+    _slot = slot
     watch_parent()
     conn = Channel(sock)
     readers = ThreadPoolExecutor(threads, thread_name_prefix="prefetch")
@@ -207,7 +237,7 @@ def worker_main(sock, slot, threads: int) -> None:
             os._exit(EXIT_OUT_OF_MEMORY)
         except BaseException as e:  # noqa: BLE001 - sent back to the job's caller
             reply = (False, e)
-        slot[0] = -1
+        slot[0], slot[2] = -1, 0
         try:
             data = pickle.dumps(reply, protocol=5)
         except Exception as e:  # noqa: BLE001 - a result or exception that does not pickle

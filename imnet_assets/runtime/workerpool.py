@@ -17,7 +17,9 @@ from imnet_assets.runtime.procpool import forkserver_context
 from imnet_assets.runtime.wire import (
     EXIT_OUT_OF_MEMORY,
     INDEX_BITS,
+    REPAIR_DECODE,
     RETIRE,
+    SLOT_WORDS,
     Link,
     environment,
     worker_main,
@@ -34,12 +36,15 @@ class WorkerDied(Exception):
     cgroup limit, preemption; SIGTERM), killed by the pool past the job's time limit (`timed_out`,
     the limit in seconds), crashed (a codec segfault: `crashed`), or exited on MemoryError
     (`out_of_memory`). `culprit`: the index (within the job) of the item the worker was working on
-    when it died, for the job it was running (see `mark`); None for the other jobs it held."""
+    when it died, for the job it was running (see `mark`); None for the other jobs it held.
+    `repairing`: it died in the repair decode of that item (wire.step's REPAIR_DECODE)."""
 
-    def __init__(self, exitcode: int | None, culprit: int | None, timed_out: float | None = None):
+    def __init__(self, exitcode: int | None, culprit: int | None, timed_out: float | None = None,
+                 repairing: bool = False):
         self.exitcode = exitcode
         self.culprit = culprit
         self.timed_out = timed_out
+        self.repairing = repairing
         super().__init__(f"worker process died ({self.how}) working on item {culprit}")
 
     @property
@@ -211,8 +216,8 @@ class WorkerPool:
 
     def _start_worker(self) -> _Worker:
         ours, theirs = socket.socketpair()
-        slot = self._ctx.RawArray("q", 2)
-        slot[0], slot[1] = -1, 0
+        slot = self._ctx.RawArray("q", SLOT_WORDS)
+        slot[0], slot[1], slot[2] = -1, 0, 0
         proc = self._ctx.Process(target=worker_main, args=(theirs, slot, self.threads), daemon=True,
                                  name="imnet-encode")
         proc.start()
@@ -347,10 +352,12 @@ class WorkerPool:
         else:
             at = w.working_on()
             task, index, limit = (at[0], at[1], None) if at else (None, None, None)
+        repairing = task is not None and w.slot[2] == REPAIR_DECODE
         for task_id, (_job, fut, _limit) in w.tasks.items():
             mine = task_id == task
             if not fut.done():
-                fut.set_exception(WorkerDied(w.proc.exitcode, index if mine else None, limit if mine else None))
+                fut.set_exception(WorkerDied(w.proc.exitcode, index if mine else None, limit if mine else None,
+                                             repairing and mine))
         w.tasks.clear()
         w.link.sock.close()
         self._workers.remove(w)

@@ -9,7 +9,11 @@ pool (a fresh worker replaced the crashed one):
 
 - a KindJob reads the image's source and finds the control of its kind (controls.control_for, with the
   release's max_short). Should the image's header crash that worker too (its own bytes again, in
-  the header's parser), it runs again, taking the kind from what the bytes say without a decoder;
+  the header's parser), it runs again, taking the kind from what the bytes say without a decoder.
+  When a crash came in the repair decode (WorkerDied.repairing: the worker had marked that step,
+  runtime/wire.py), the control is cut short, as a truncated image's is, so that it takes the repair
+  path too: a complete control never reaches it, and a repair path broken for every input would
+  otherwise exclude every damaged image that looks complete (a JPEG with a bad marker mid-data);
 - a ControlJob runs the control (controls.control_image) through what the crashed worker ran on the
   image (encode_path_problem: the same codec and EncodeSettings through encode_or_refusal, then a
   decode of the stored image as the shard check does; the index and the eval set pass their own).
@@ -34,7 +38,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import multiprocessing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from imnet_assets.image.controls import ControlKind, control_for, control_image
@@ -80,6 +84,7 @@ class KindJob:
     max_short: int
     header: bool = True  # False: from what the bytes say without a decoder (controls.control_for)
     time_limit: float | None = None
+    cut: bool | None = None  # True: cut short whatever the image's end (a crash in the repair decode)
 
     def prefetch(self, readers):
         return readers.submit(self.read)
@@ -87,7 +92,7 @@ class KindJob:
     def run(self, read, mark) -> ControlKind:
         data, _ = read.result()
         mark(0)
-        return control_for(data, self.max_short, self.header)
+        return control_for(data, self.max_short, self.header, self.cut)
 
 
 @dataclass
@@ -154,28 +159,32 @@ def _outcome(pool: WorkerPool, job, priority: int, what: str):
 
 
 def settle_crash(pool: WorkerPool, read: Callable[[], tuple[bytes, str]], settings: EncodeSettings,
-                 seen: str, passed: set[ControlKind], *, encode: Callable | None = None,
+                 seen: str, crashes: Sequence[WorkerDied], passed: set[ControlKind], *, encode: Callable | None = None,
                  crash_sha256: str | None = None, time_limit: float | None = None, priority: int = 0,
                  log: Callable[[str], None] = lambda _m: None) -> None:
     """Returns when an image's crashes (``seen``: what happened, and on which image) are its own:
     the control of its kind passed the same path in a worker, now or earlier in this shard run
     (``passed``, updated). Raises MachineryFault when the control crashes or fails too."""
-    settle_crash_of(pool, read, settings.max_short, seen, passed,
+    settle_crash_of(pool, read, settings.max_short, seen, crashes, passed,
                     functools.partial(encode_path_problem, settings=settings, encode=encode, crash_sha256=crash_sha256),
                     "encoder", time_limit=time_limit, priority=priority, log=log)
 
 
 def settle_crash_of(pool: WorkerPool, read: Callable[[], tuple[bytes, str]], max_short: int, seen: str,
-                    passed: set[ControlKind], problem: Callable[[bytes, ControlKind], str | None], path: str, *,
+                    crashes: Sequence[WorkerDied], passed: set[ControlKind],
+                    problem: Callable[[bytes, ControlKind], str | None], path: str, *,
                     fault: str | None = None, time_limit: float | None = None, priority: int = 0,
                     log: Callable[[str], None] = lambda _m: None) -> None:
     """settle_crash for any path a worker runs on an image: `problem` runs that path on the control
     of a kind (a ControlJob's), and `path` names it in messages ("encoder"; "index":
-    stages/scan_pool.py; "pHash": stages/eval_pool.py). `fault`: the index's test hook."""
+    stages/scan_pool.py; "pHash": stages/eval_pool.py). `crashes`: the image's crashes; one in
+    the repair decode (WorkerDied.repairing) gets a control cut short, which takes that path too.
+    `fault`: the index's test hook."""
     what = f"deciding whether the crashes are the image's own ({seen})"
-    kind, died = _outcome(pool, KindJob(read, max_short, True, time_limit), priority, what)
+    cut = True if any(d.repairing for d in crashes) else None  # None: cut short when the image looks cut
+    kind, died = _outcome(pool, KindJob(read, max_short, True, time_limit, cut), priority, what)
     if died is not None:  # its header crashed the parser: its own bytes again
-        kind, died = _outcome(pool, KindJob(read, max_short, False, time_limit), priority, what)
+        kind, died = _outcome(pool, KindJob(read, max_short, False, time_limit, cut), priority, what)
         if died is not None:  # no decoder ran there: Python itself is broken
             raise MachineryFault(f"machinery fault: {seen}, and reading its signature without a decoder crashed "
                                  f"too ({died.named}); nothing was committed")

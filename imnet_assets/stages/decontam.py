@@ -3,8 +3,9 @@
 IMNET_EVAL_EXCLUDE names a folder or s3:// prefix of evaluation images (nested any way; any file
 Pillow opens, and tars of them). Each eval image is hashed once (sha256 of its bytes and the 64-bit
 pHash of image/perceptual.py, in the worker pool: stages/eval_pool.py) into the catalog table
-`eval_images` (`no_phash`: why an image has none); the table is hashed again only when the eval
-set's listing (names, sizes, stamps) changes. Raw images got their pHash when their
+`eval_images` (`no_phash`: why an image has none), and the parts of eval tars that are no member
+into `eval_damage` (their images could not be hashed: the dataset card says so); the tables are
+hashed again only when the eval set's listing (names, sizes, stamps) changes. Raw images got their pHash when their
 tar was scanned (stages/index.py), so a changed eval set costs a SQL step, not a rescan.
 
 Matching (sql/overlaps_settle.sql) is a DuckDB join, never an all-pairs loop: a raw image whose
@@ -33,6 +34,9 @@ from imnet_assets.storage import fs
 
 EVAL_STAGE = "eval_images"  # the stages row naming the eval set `eval_images` holds
 DECONTAM_VERSION = "1"  # bump when the hash or the matching rule changes
+# bump when what `eval_images` and `eval_damage` record of an eval set changes (its images are hashed again;
+# the filtered index's own fingerprint, index_inputs, does not change): 2, eval_damage recorded
+EVAL_RECORD_VERSION = "2"
 BANDS = 4
 Log = Callable[[str], None]
 
@@ -72,19 +76,20 @@ def index_inputs(settings) -> tuple:
 
 def eval_fingerprint(listing: list[dict]) -> str:
     entries = [(e["name"], e["size"], e["stamp"]) for e in listing]
-    return hashlib.sha256(json.dumps([DECONTAM_VERSION, entries]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([DECONTAM_VERSION, EVAL_RECORD_VERSION, entries]).encode()).hexdigest()
 
 
-def hash_eval_set(listing: list[dict], workers: int, log: Log = print,
-                  time_limit: float | None = None) -> Iterator[tuple[str, str, int | None, str | None]]:
+def hash_eval_set(listing: list[dict], workers: int, log: Log = print, time_limit: float | None = None,
+                  damaged: list | None = None) -> Iterator[tuple[str, str, int | None, str | None]]:
     """(file, sha256, phash, why no pHash) per eval image; phash is None for a file Pillow cannot
     decode (it still matches raw images byte for byte), or whose decoding crashed its worker
     process twice once the control image of its kind got its pHash; MachineryFault when a
     known-good image of its kind cannot be hashed either (perceptual.grey_thumbnail). Read and
     hashed in the shared worker pool, never in this process, under the index's failure rules
     (stages/eval_pool.py): a transport fault, a kill, a hang or a MemoryError is retried, then fails
-    the stage naming the file, never a missing pHash or a wrong sha256."""
-    yield from hash_eval(listing, workers, log, time_limit)
+    the stage naming the file, never a missing pHash or a wrong sha256. `damaged` gets (eval tar,
+    at byte, bytes, reason) per part of an eval tar that is no member: its images are not hashed."""
+    yield from hash_eval(listing, workers, log, time_limit, damaged)
 
 
 def refresh_eval_images(cat, settings, run_id: str, log: Log = print) -> dict:
@@ -99,10 +104,13 @@ def refresh_eval_images(cat, settings, run_id: str, log: Log = print) -> dict:
     fp = eval_fingerprint(listing)
     if cat.stage_fingerprint(EVAL_STAGE) != fp:
         log(f"hashing {len(listing)} eval files under {fs.redact(settings.eval_exclude)}")
+        damaged: list = []
         rows = [(f, s, "" if p is None else p, why or "")
-                for f, s, p, why in hash_eval_set(listing, settings.workers, log, settings.image_timeout)]
+                for f, s, p, why in hash_eval_set(listing, settings.workers, log, settings.image_timeout, damaged)]
         with staged_csv(["file", "sha256", "phash", "no_phash"], rows) as path:
             cat.run("eval_load", {"path": path})
+        with staged_csv(["file", "at_byte", "bytes", "reason"], damaged) as path:
+            cat.run("eval_damage_load", {"path": path})
         cat.set_stage(EVAL_STAGE, fp, run_id)
     facts = cat.one("eval_summary")
     if facts.get("no_phash"):

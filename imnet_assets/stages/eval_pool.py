@@ -6,11 +6,17 @@ this process's WorkerPool (runtime/workerpool.py), never in the stage's own proc
 crashes on one eval image's bytes would otherwise end the filtered index's process at every rerun.
 
 Jobs: EVAL_BATCH images each, an image being a byte range of an object: a plain file whole, or one
-member of an eval tar. An eval tar is first walked in a worker (`TarMembersJob`: the raw tars' walk,
-storage/rawtar.py, its headers only, nothing decoded; what of it is no member is logged, and a .tar
-that is no tar is hashed as one file) into its members' offsets and sizes, so the 50,000 images of one tar of the
-ImageNet validation set are hashed by all workers at once, in jobs of EVAL_BATCH, and a death
-repeats one job, not the tar. A job's reads start as it reaches its worker (`prefetch`: one exact
+member of an eval tar. An eval tar (a file named as one: TAR_SUFFIXES) is first walked in a worker
+(`TarMembersJob`: the raw tars' walk, storage/rawtar.py, its headers only, nothing decoded; a file
+named as a tar that is no tar is hashed as one file) into its members' offsets and sizes, so the
+50,000 images of one tar of the ImageNet validation set are hashed by all workers at once, in jobs
+of EVAL_BATCH, and a death repeats one job, not the tar. What of a tar is no member (rawtar.Damage:
+a damaged header, a cut tail) is logged and returned to the caller (`hash_eval`'s `damaged`: the
+catalog's eval_damage, the dataset card): the eval images there are not hashed, so decontamination
+covers less, and says so. A compressed tar (gzip, bzip2, xz: told by its first bytes, whatever its
+name; `TarMembersJob` looks) cannot be range-read: this process reads it once, forward, decompressing
+as it goes (storage/compressed_tar.py: decompression only, no image decoded here), and its members'
+bytes travel in the jobs (the item's data), at most EVAL_BYTES_IN_FLIGHT of them at once. A job's reads start as it reaches its worker (`prefetch`: one exact
 ranged read per image in the worker's reader threads, up to the pool's `depth` jobs ahead), so at
 20 ms a request the reads keep ahead of the decoding. (A remote tar is so read twice, its walk with
 ranged reads in flight, then its members; a local one's walk reads its headers from a memory map. The
@@ -61,16 +67,24 @@ from imnet_assets.stages.scan_pool import (
     ScanReadDied,
 )
 from imnet_assets.storage import fs
+from imnet_assets.storage.compressed_tar import HEAD, compression, iter_compressed_tar
 from imnet_assets.storage.rawtar import Damage, iter_tar
 
 preload(__name__)  # the forkserver imports this module once for all workers
 
 EVAL_BATCH = 32  # eval images per job
-TAR_SUFFIXES = (".tar",)
+# Names of files walked as tars (compressed or not, as their first bytes say; any other file is hashed whole)
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
+# Bytes of a compressed tar's members held in the jobs out at once (they travel in them): the window of
+# WINDOW x workers jobs is cut short past this (64 workers: 256 jobs of 32 images, ~1 GB of ImageNet's).
+EVAL_BYTES_IN_FLIGHT = 256 << 20
 CRASHED = "crashed the pHash's process"  # the first words of a crash's eval_images.no_phash
 
 Row = tuple[str, str, int | None, str | None]  # (file, sha256, phash, why no pHash)
-Item = tuple[str, str, int, int, bool]  # (file, url, offset, length, whole: the object is exactly that long)
+# (file, url, offset, length, whole: the object is exactly that long, data: its bytes, read already (a
+# compressed tar's member), else None)
+Item = tuple[str, str, int, int, bool, bytes | None]
+Damaged = tuple[str, int, int, str]  # (eval file, at byte, bytes, reason): a part of an eval tar not hashed
 
 
 def _read(url: str, name: str, offset: int, length: int, whole: bool) -> bytes:
@@ -83,10 +97,14 @@ def _read(url: str, name: str, offset: int, length: int, whole: bool) -> bytes:
     return data
 
 
+def _item_bytes(item: Item) -> bytes:
+    name, url, offset, length, whole, data = item
+    return data if data is not None else _read(url, name, offset, length, whole)
+
+
 def _image_bytes(item: Item) -> tuple[bytes, str]:
     """crash_control.KindJob's read."""
-    name, url, offset, length, whole = item
-    return _read(url, name, offset, length, whole), ""
+    return _item_bytes(item), ""
 
 
 @dataclass
@@ -99,8 +117,7 @@ class EvalJob:
     crashed: tuple[tuple[int, str], ...] = ()  # (item, reason): not given to the pHash again
 
     def prefetch(self, readers):
-        return [readers.submit(_read, url, name, offset, length, whole) for name, url, offset, length, whole
-                in self.items]
+        return [readers.submit(_item_bytes, item) for item in self.items]
 
     def run(self, reads, mark) -> list[Row]:
         arm(self.fault)
@@ -129,9 +146,10 @@ class EvalJob:
 @dataclass
 class TarMembersJob:
     """An eval tar's regular members as items, and what of it is no member (rawtar.Damage: offset,
-    reason), from one walk of its headers (storage/rawtar.py; nothing decoded). A local tar is
-    memory-mapped unless `mapped` is off (after a death while walking it: a read error under a map
-    is a SIGBUS)."""
+    size, reason), from one walk of its headers (storage/rawtar.py; nothing decoded); or, when its
+    first bytes say it is compressed (compressed_tar.compression), only that, for this process to
+    read it (no members, no damage: the walk is not made here). A local tar is memory-mapped unless
+    `mapped` is off (after a death while walking it: a read error under a map is a SIGBUS)."""
 
     name: str
     url: str
@@ -141,18 +159,21 @@ class TarMembersJob:
     def prefetch(self, readers):
         return None
 
-    def run(self, _state, mark) -> tuple[list[Item], list[tuple[int, str]]]:
+    def run(self, _state, mark) -> tuple[list[Item], list[tuple[int, int, str]], str | None]:
         mark(0, timed=False)
         members: list[Item] = []
-        damage: list[tuple[int, str]] = []
+        damage: list[tuple[int, int, str]] = []
+        packed = compression(fs.read_range(self.url, 0, min(HEAD, self.size))) if self.size else None
+        if packed is not None:
+            return members, damage, packed
         remote = fs.is_remote(self.url)
         for m in iter_tar(self.url, "eval tar", views=True, mapped=self.mapped and not remote, size=self.size,
                           depth=8 if remote else None):
             if isinstance(m, Damage):
-                damage.append((m.offset, m.reason))
+                damage.append((m.offset, m.size, m.reason))
             else:
-                members.append((f"{self.name}/{m.name}", self.url, m.offset, m.size, False))
-        return members, damage
+                members.append((f"{self.name}/{m.name}", self.url, m.offset, m.size, False, None))
+        return members, damage, None
 
 
 def eval_path_problem(control: bytes, kind: ControlKind) -> str | None:
@@ -165,9 +186,11 @@ def eval_path_problem(control: bytes, kind: ControlKind) -> str | None:
 
 
 def hash_eval(listing: list[dict], workers: int, log: Callable[[str], None] = lambda _m: None,
-              time_limit: float | None = None) -> Iterator[Row]:
+              time_limit: float | None = None, damaged: list[Damaged] | None = None) -> Iterator[Row]:
     """(file, sha256, phash, why no pHash) per eval image of `listing` (decontam.eval_listing), in
-    its order, hashed in `workers` pool processes (see the module's docstring)."""
+    its order, hashed in `workers` pool processes (see the module's docstring). `damaged` gets
+    (eval tar, at byte, bytes, reason) per part of an eval tar that is no member (not hashed)."""
+    damaged = [] if damaged is None else damaged
     pool = shared_pool(max(1, workers))
     limit = image_timeout() if time_limit is None else time_limit
     fault = test_index_fault()
@@ -175,21 +198,24 @@ def hash_eval(listing: list[dict], workers: int, log: Callable[[str], None] = la
     tars = {e["url"]: pool.submit(TarMembersJob(e["name"], e["url"], e["size"])) for e in listing
             if e["name"].lower().endswith(TAR_SUFFIXES)}
     window: collections.deque = collections.deque()
-    done = 0
+    done = held = 0  # eval images hashed; bytes of read members held in the window's jobs
 
     def oldest() -> list[Row]:
-        nonlocal done
-        rows = _hashed(pool, *window.popleft(), passed, log)
+        nonlocal done, held
+        job, future = window.popleft()
+        held -= _held(job)
+        rows = _hashed(pool, job, future, passed, log)
         if (done + len(rows)) // 5000 > done // 5000:
             log(f"hashed {done + len(rows)} eval images")
         done += len(rows)
         return rows
 
     try:
-        for items in _batches(_items(pool, listing, tars, log), EVAL_BATCH):
+        for items in _batches(_items(pool, listing, tars, log, damaged), EVAL_BATCH):
             job = EvalJob(items, limit, fault)
             window.append((job, pool.submit(job)))
-            if len(window) >= WINDOW * pool.size:
+            held += _held(job)
+            while window and (len(window) >= WINDOW * pool.size or held > EVAL_BYTES_IN_FLIGHT):
                 yield from oldest()
         while window:
             yield from oldest()
@@ -209,22 +235,41 @@ def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
         yield batch
 
 
-def _items(pool: WorkerPool, listing: list[dict], tars: dict, log: Callable[[str], None]) -> Iterator[Item]:
+def _held(job: EvalJob) -> int:
+    return sum(len(item[5]) for item in job.items if item[5] is not None)
+
+
+def _items(pool: WorkerPool, listing: list[dict], tars: dict, log: Callable[[str], None],
+           damaged: list[Damaged]) -> Iterator[Item]:
     for e in listing:
-        members = _members(pool, e, tars[e["url"]], log) if e["url"] in tars else None
+        members = _members(pool, e, tars[e["url"]], log, damaged) if e["url"] in tars else None
         if members is None:
-            yield e["name"], e["url"], 0, e["size"], True
+            yield _whole(e)
         else:
             yield from members
 
 
-def _members(pool: WorkerPool, entry: dict, future, log: Callable[[str], None]) -> list[Item] | None:
+def _whole(entry: dict) -> Item:
+    return entry["name"], entry["url"], 0, entry["size"], True, None
+
+
+def _said(entry: dict, members: int | str, damage: list[tuple[int, int, str]], damaged: list[Damaged],
+          log: Callable[[str], None]) -> None:
+    """Logs and records (`damaged`) what of an eval tar is no member: the eval images there are not hashed."""
+    for offset, size, reason in damage:
+        log(f"eval tar {entry['name']}: {reason}; its {members} readable members are hashed, not this part")
+        damaged.append((entry["name"], offset, size, reason))
+
+
+def _members(pool: WorkerPool, entry: dict, future, log: Callable[[str], None],
+             damaged: list[Damaged]) -> Iterable[Item] | None:
     """The tar's members (TarMembersJob), its walk run again (without a map) after a death of its
-    worker; None when it holds none and is no tar (it is then hashed as one file, as any file)."""
+    worker; None when it holds none and is no tar (it is then hashed as one file, as any file).
+    A compressed tar's: read here, as they are hashed (`_unpacked`)."""
     deaths = DeathCount()
     while True:
         try:
-            members, damage = future.result()
+            members, damage, packed = future.result()
             break
         except WorkerDied as died:
             death = deaths.count(died, entry["name"] if died.culprit is not None else None, reading=True)
@@ -236,12 +281,33 @@ def _members(pool: WorkerPool, entry: dict, future, log: Callable[[str], None]) 
                 "memory map in a fresh process")
             job = TarMembersJob(entry["name"], entry["url"], entry["size"], False)
             future = pool.submit(job, AFTER_DEATH)
+    if packed is not None:
+        return _unpacked(entry, packed, log, damaged)
     if not members and damage:
-        log(f"eval file {entry['name']} holds no member ({damage[0][1]}): hashed as one file")
+        log(f"eval file {entry['name']} holds no member ({damage[0][2]}): hashed as one file")
         return None
-    for _offset, reason in damage:  # visible: eval images there are not hashed
-        log(f"eval tar {entry['name']}: {reason}; its {len(members)} readable members are hashed, not this part")
+    _said(entry, len(members), damage, damaged, log)
     return members
+
+
+def _unpacked(entry: dict, packed: str, log: Callable[[str], None], damaged: list[Damaged]) -> Iterator[Item]:
+    """A `packed`-compressed tar's members, read in one forward pass as they are hashed
+    (compressed_tar.iter_compressed_tar), each item with its bytes; the whole file when it holds no
+    member (no tar), as a plain tar that is none. A failed read of the storage raises naming it."""
+    log(f"eval tar {entry['name']} is {packed}-compressed: reading it once, in order, its members hashed as they come")
+    damage: list[tuple[int, int, str]] = []
+    members = 0
+    for m in iter_compressed_tar(entry["url"], packed, size=entry["size"]):
+        if isinstance(m, Damage):
+            damage.append((m.offset, m.size, m.reason))
+            continue
+        members += 1
+        yield f"{entry['name']}/{m.name}", entry["url"], m.offset, m.size, False, bytes(m.data)
+    if not members:
+        log(f"eval file {entry['name']} holds no member ({damage[0][2] if damage else 'empty'}): hashed as one file")
+        yield _whole(entry)
+        return
+    _said(entry, members, damage, damaged, log)
 
 
 def _hashed(pool: WorkerPool, job: EvalJob, future, passed: set, log: Callable[[str], None]) -> list[Row]:
@@ -281,7 +347,7 @@ def _hashed(pool: WorkerPool, job: EvalJob, future, passed: set, log: Callable[[
                     seen = death.say("the eval set's hashing process died {count} times ({nameds}) hashing {where}",
                                      where=where)
                     settle_crash_of(pool, functools.partial(_image_bytes, job.items[i]), MAX_SHORT, seen,
-                                    passed, eval_path_problem, "pHash", fault=job.fault,
+                                    death.deaths, passed, eval_path_problem, "pHash", fault=job.fault,
                                     time_limit=job.time_limit, priority=AFTER_DEATH, log=log)
                     reason = death.say(CRASHED + " {count} times ({nameds})")
                     log(f"{where} has no pHash: it {reason} (it still matches raw images byte for byte)")

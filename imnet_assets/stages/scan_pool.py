@@ -353,6 +353,6 @@ def _crash_control(pool: WorkerPool, job: ScanJob, image: tuple[int, int], crash
     index's decoding); raises MachineryFault (nothing recorded) when the control crashed or failed too."""
     url, size = job.tars[image[0]]
     seen = f"the index's process died {len(crashes)} times ({', '.join(d.named for d in crashes)}) decoding {where}"
-    settle_crash_of(pool, functools.partial(_member_bytes, url, size, image[1]), MAX_SHORT, seen, passed,
+    settle_crash_of(pool, functools.partial(_member_bytes, url, size, image[1]), MAX_SHORT, seen, crashes, passed,
                     functools.partial(index_path_problem, codecs=job.codecs), "index", fault=job.fault,
                     time_limit=job.time_limit, priority=AFTER_DEATH, log=log)

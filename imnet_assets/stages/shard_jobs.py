@@ -356,6 +356,6 @@ def _crash_control(pool: WorkerPool, job: EncodeJob, row: SliceRow, crashes: lis
     (nothing committed, nothing excluded) when the control of its kind crashed or failed too."""
     seen = (f"the encoder's process died {len(crashes)} times ({', '.join(d.named for d in crashes)}) while "
             f"encoding {row.key} (raw tar {row.tar} at byte {row.offset}; {path_settings(job.settings)})")
-    settle_crash(pool, functools.partial(_read_source, row, job.raw_root), job.settings, seen,
+    settle_crash(pool, functools.partial(_read_source, row, job.raw_root), job.settings, seen, crashes,
                  set() if passed is None else passed, encode=job.encode, crash_sha256=job.crash_sha256,
                  time_limit=job.time_limit, priority=priority, log=log)
