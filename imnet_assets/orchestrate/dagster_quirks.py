@@ -149,25 +149,29 @@ def capture_without_mirror(instance) -> None:
 
 def finish_half_made_event_log(instance) -> bool:
     """Completes an event log database whose creation was cut short; True when it did. Dagster
-    1.13's ConsolidatedSqliteEventLogStorage creates its tables and stamps their schema only when
-    its file does not exist yet: a process killed while creating them (kill -9, a container
-    stopped during a first `imnet build`) leaves a file with some tables and no schema stamp, and
-    every later run then fails on a missing table (sqlalchemy NoSuchTableError: asset_keys). A file
-    with no stamp was never finished, so it holds no event: it is made again in place (the same
-    creation, which makes only the tables missing, then stamps). Called under the instance lock."""
+    1.13's ConsolidatedSqliteEventLogStorage creates its tables only when its file does not exist
+    yet: a process killed while creating them (kill -9, a container stopped during a first
+    `imnet build`) leaves a file with some of them, and every later run then fails on a missing
+    table (sqlalchemy NoSuchTableError: asset_keys). Such a file holds no event (none is written
+    before the creation ends): it is made again in place, by Dagster's own creation, which makes
+    only the missing tables. A file with every table (its schema stamp is never committed by
+    Dagster 1.13, so that cannot tell), or with events (an older schema: Dagster's migration's
+    business), is left alone. Called under the instance lock."""
     import sqlite3
 
     from dagster._core.storage.event_log.sqlite.consolidated_sqlite_event_log import (
         ConsolidatedSqliteEventLogStorage,
+        SqlEventLogStorageMetadata,
     )
 
     storage = instance.event_log_storage
     if type(storage) is not ConsolidatedSqliteEventLogStorage:
         return False
-    path = storage.get_db_path()
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        stamped = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'").fetchone()
-        if stamped and db.execute("SELECT 1 FROM alembic_version").fetchone():
+    with contextlib.closing(sqlite3.connect(f"file:{storage.get_db_path()}?mode=ro", uri=True)) as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if set(SqlEventLogStorageMetadata.tables) <= tables:
+            return False
+        if "event_logs" in tables and db.execute("SELECT 1 FROM event_logs LIMIT 1").fetchone():
             return False
     storage._init_db()  # noqa: SLF001 - Dagster's own creation, which it skips for an existing file
     return True
