@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("dagster")
 
-from dagster import DagsterInstance, asset, materialize  # noqa: E402
+from dagster import AssetKey, AssetMaterialization, DagsterInstance, asset, materialize  # noqa: E402
 
 from imnet_assets.orchestrate.dagster_quirks import (  # noqa: E402
     capture_without_mirror,
@@ -323,3 +323,24 @@ def test_an_instance_under_a_path_with_uri_characters_is_opened_and_not_made_aga
             finally:
                 instance.dispose()
     assert sorted(p.name for p in tmp_path.iterdir()) == [home_name]  # nothing made beside the home
+
+
+def test_a_whole_instance_opened_again_is_not_made_again_nor_said_to_be_half_made(tmp_path, capfd):
+    """Dagster 1.13's creation of the event log never keeps its schema stamp (its alembic_version
+    row is written in a transaction never committed): a whole event log has no stamp. Judged by the
+    stamp, every open of a whole instance said it was left half made and ran Dagster's creation
+    (and its reindexing) again; it is judged by the tables and indexes Dagster makes."""
+    from imnet_assets.orchestrate.instance import dagster_instance, prepare_dagster_home
+
+    home = tmp_path / "home"
+    with environ(DAGSTER_HOME=str(home)):
+        with open(os.devnull, "w") as quiet:
+            prepare_dagster_home(out=quiet)
+        for _ in range(2):  # made, then opened again
+            instance = dagster_instance()
+            try:
+                instance.report_runless_asset_event(AssetMaterialization(AssetKey("whole")))
+                assert not finish_half_made_event_log(instance)
+            finally:
+                instance.dispose()
+    assert "half made" not in capfd.readouterr().err
