@@ -149,14 +149,17 @@ def capture_without_mirror(instance) -> None:
 
 def finish_half_made_event_log(instance) -> bool:
     """Completes an event log database whose creation was cut short; True when it did. Dagster
-    1.13's ConsolidatedSqliteEventLogStorage creates its tables and stamps their schema only when
-    its file does not exist yet: a process killed while creating them (kill -9, a container
-    stopped during a first `imnet build`) leaves a file with some tables and no schema stamp, and
-    every later run then fails on a missing table (sqlalchemy NoSuchTableError: asset_keys). A file
-    with no stamp was never finished, so it holds no event: it is made again in place (the same
-    creation, which makes only the tables missing, then stamps). Called under the instance lock."""
+    1.13's ConsolidatedSqliteEventLogStorage creates its tables only when its file does not exist
+    yet: a process killed while creating them (kill -9, a container stopped during a first `imnet
+    build`) leaves a file with some tables, and every later run then fails on a missing table
+    (sqlalchemy NoSuchTableError: asset_keys). Told by the tables and indexes Dagster makes
+    (SqlEventLogStorageMetadata), not by the schema stamp: that creation never commits the stamp
+    (alembic_version stays empty in a whole file). A file missing some was never finished, so it
+    holds no event: it is made again in place (the same creation, which makes only what is
+    missing). Called under the instance lock."""
     import sqlite3
 
+    from dagster._core.storage.event_log.schema import SqlEventLogStorageMetadata
     from dagster._core.storage.event_log.sqlite.consolidated_sqlite_event_log import (
         ConsolidatedSqliteEventLogStorage,
     )
@@ -164,10 +167,12 @@ def finish_half_made_event_log(instance) -> bool:
     storage = instance.event_log_storage
     if type(storage) is not ConsolidatedSqliteEventLogStorage:
         return False
-    path = storage.get_db_path()
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        stamped = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'").fetchone()
-        if stamped and db.execute("SELECT 1 FROM alembic_version").fetchone():
-            return False
+    tables = SqlEventLogStorageMetadata.tables.values()
+    made = {t.name for t in tables} | {i.name for t in tables for i in t.indexes}
+    uri = f"file:{storage.get_db_path()}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        found = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'index')")}
+    if made <= found:
+        return False
     storage._init_db()  # noqa: SLF001 - Dagster's own creation, which it skips for an existing file
     return True
