@@ -158,6 +158,7 @@ def finish_half_made_event_log(instance) -> bool:
     holds no event: it is made again in place (the same creation, which makes only what is
     missing). Called under the instance lock."""
     import sqlite3
+    from pathlib import Path
 
     from dagster._core.storage.event_log.schema import SqlEventLogStorageMetadata
     from dagster._core.storage.event_log.sqlite.consolidated_sqlite_event_log import (
@@ -169,7 +170,8 @@ def finish_half_made_event_log(instance) -> bool:
         return False
     tables = SqlEventLogStorageMetadata.tables.values()
     made = {t.name for t in tables} | {i.name for t in tables for i in t.indexes}
-    uri = f"file:{storage.get_db_path()}?mode=ro"
+    # read-only, through a URI: the path percent-encoded (as_uri), so that a `#` or `?` in it stays in it
+    uri = f"{Path(storage.get_db_path()).absolute().as_uri()}?mode=ro"
     with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
         found = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'index')")}
     if made <= found:
