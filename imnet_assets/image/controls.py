@@ -5,7 +5,8 @@ A control is of the failing image's kind: its format (the Pillow plugin that ope
 as ``decode.open_image`` tries them, else the plugin whose signature check takes its first bytes),
 its mode and, for JPEG, progressive or not when its header says so; cut short like it when it
 lacks its end marker, or when the failure came from the repair of data cut short (guard.settle's
-``cut``); what the header does not say, the format's usual kind. It carries EXIF where its format
+``cut``; a format with no control cut short, ``CUTTABLE``, then gets the JPEG control cut short, the
+only kind that reaches the repair); what the header does not say, the format's usual kind. It carries EXIF where its format
 does (an ICC profile too in RGB), and a JPEG control a grey corner (``_grey_corner``), so that
 every step of the chain runs on it.
 
@@ -152,7 +153,8 @@ def control_for(data, max_short: int, header: bool = True, cut: bool | None = No
     """The control of the failing image ``data``'s kind (see the module's docstring). ``header=False``:
     from what the bytes say without a decoder only (the format's usual kind; for an image whose
     header crashed the process that read it). ``cut``: True, cut short whatever the image's end
-    (the failure came from the repair of data cut short); False, never; None, when it looks cut."""
+    (the failure came from the repair of data cut short; a format not CUTTABLE: FALLBACK's control cut
+    short); False, never; None, when it looks cut."""
     opened = _opened(data) if header else None
     fmt, mode, progressive = opened or (_signed_format(data), None, False)
     if fmt not in MODES:
@@ -161,6 +163,10 @@ def control_for(data, max_short: int, header: bool = True, cut: bool | None = No
         mode = MODES[fmt][0]
     if cut is None:
         cut = looks_truncated(data, fmt)
+    elif cut and fmt not in CUTTABLE:
+        # The failure came from the repair, which a control of this format (never cut short) does not
+        # reach: it would pass whatever the repair does. The fallback's control cut short takes it.
+        fmt, mode, progressive = FALLBACK, MODES[FALLBACK][0], False
     return ControlKind(fmt, mode, progressive, fmt in CUTTABLE and cut, max_short)
 
 

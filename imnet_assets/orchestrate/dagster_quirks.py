@@ -150,28 +150,34 @@ def capture_without_mirror(instance) -> None:
 def finish_half_made_event_log(instance) -> bool:
     """Completes an event log database whose creation was cut short; True when it did. Dagster
     1.13's ConsolidatedSqliteEventLogStorage creates its tables only when its file does not exist
-    yet: a process killed while creating them (kill -9, a container stopped during a first
-    `imnet build`) leaves a file with some of them, and every later run then fails on a missing
-    table (sqlalchemy NoSuchTableError: asset_keys). Such a file holds no event (none is written
-    before the creation ends): it is made again in place, by Dagster's own creation, which makes
-    only the missing tables. A file with every table (its schema stamp is never committed by
-    Dagster 1.13, so that cannot tell), or with events (an older schema: Dagster's migration's
-    business), is left alone. Called under the instance lock."""
+    yet: a process killed while creating them (kill -9, a container stopped during a first `imnet
+    build`) leaves a file with some tables, and every later run then fails on a missing table
+    (sqlalchemy NoSuchTableError: asset_keys). Told by the tables and indexes Dagster makes
+    (SqlEventLogStorageMetadata), not by the schema stamp: that creation never commits the stamp
+    (alembic_version stays empty in a whole file). A file missing some was never finished, so it
+    holds no event: it is made again in place (the same creation, which makes only what is
+    missing). A file with events is of an older schema, left to Dagster's migration. Called under
+    the instance lock."""
     import sqlite3
+    from pathlib import Path
 
+    from dagster._core.storage.event_log.schema import SqlEventLogStorageMetadata
     from dagster._core.storage.event_log.sqlite.consolidated_sqlite_event_log import (
         ConsolidatedSqliteEventLogStorage,
-        SqlEventLogStorageMetadata,
     )
 
     storage = instance.event_log_storage
     if type(storage) is not ConsolidatedSqliteEventLogStorage:
         return False
-    with contextlib.closing(sqlite3.connect(f"file:{storage.get_db_path()}?mode=ro", uri=True)) as db:
-        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if set(SqlEventLogStorageMetadata.tables) <= tables:
+    tables = SqlEventLogStorageMetadata.tables.values()
+    made = {t.name for t in tables} | {i.name for t in tables for i in t.indexes}
+    # read-only, through a URI: the path percent-encoded (as_uri), so that a `#` or `?` in it stays in it
+    uri = f"{Path(storage.get_db_path()).absolute().as_uri()}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        found = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'index')")}
+        if made <= found:
             return False
-        if "event_logs" in tables and db.execute("SELECT 1 FROM event_logs LIMIT 1").fetchone():
-            return False
+        if "event_logs" in found and db.execute("SELECT 1 FROM event_logs LIMIT 1").fetchone():
+            return False  # it holds events: an older schema, for Dagster's own migration
     storage._init_db()  # noqa: SLF001 - Dagster's own creation, which it skips for an existing file
     return True

@@ -137,3 +137,52 @@ def test_the_index_settles_a_crash_in_its_repair_decode_the_same_way(photos, tmp
     with pytest.raises(MachineryFault, match=r"JPEG RGB \d+x\d+ cut short control image made in memory crashed the "
                                              r"index's process the same way \(signal 11 \(SIGSEGV\)\)"):
         index_rows(photos.root, tmp_path / "every")
+
+
+# ------------------------------------------------------------------ a format whose control cannot be cut
+
+
+def damaged_qoi() -> bytes:
+    """A QOI image (a format whose control cannot be cut: controls.CUTTABLE) cut short: the first
+    decode raises, and the repair decode is reached (it refuses it)."""
+    import io
+
+    from PIL import Image
+
+    b = io.BytesIO()
+    Image.open(io.BytesIO(jpeg(320, 240, 9))).convert("RGB").save(b, "QOI")
+    data = b.getvalue()
+    return data[: len(data) * 4 // 5]
+
+
+@pytest.fixture(scope="module")
+def qoi_photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repair_crash_qoi") / "raw"
+    root.mkdir()
+    members = [(f"{WNID}_{i}.JPEG", damaged_qoi() if i == VICTIM else jpeg(320, 240, i)) for i in range(4)]
+    where = write_raw_tar(root / f"{WNID}.tar", members, tarfile.PAX_FORMAT)
+    rows = [[name[:-5], WNID, 0, f"{WNID}.tar", name, *where[name], hashlib.sha256(data).hexdigest(), 320, 240, False]
+            for name, data in members]
+    return types.SimpleNamespace(root=root, rows=rows, victim=members[VICTIM][1])
+
+
+def test_a_repair_crash_of_a_format_with_no_cut_control_is_settled_on_a_control_that_takes_the_repair(
+        qoi_photos, tmp_path):
+    """QOI (like AVIF, DDS, ICNS, JPEG2000) has no control cut short: its complete control never
+    reaches the repair decode, so it passed, and a repair path crashing on every input excluded every
+    damaged image of such a format with every check green. The crash is settled on the fallback's
+    control cut short (a JPEG, as a format with no control of its own gets), which takes the repair."""
+    victim = qoi_photos.rows[VICTIM]
+    with pytest.raises(IndexError):  # its first decode fails: the repair decode is what comes next
+        open_image(qoi_photos.victim).load()
+    out = tmp_path / "out"
+    write_slice(str(out), KEY, planned(qoi_photos.rows, list(range(len(qoi_photos.rows)))))
+    with pytest.raises(MachineryFault) as e:
+        build(out, qoi_photos, workers=2, encode=functools.partial(encode_with_fault, "crash-repair:*"))
+    message = str(e.value)
+    assert f"while encoding {victim[0]} " in message, message
+    assert "cut short control image made in memory crashed the encoder's process the same way" in message, message
+    assert sorted(os.listdir(out)) == ["_plan"]  # no shard tar, no manifest: nothing excluded
+    result = build(out, qoi_photos, workers=2)  # the repair path healthy: the image's own refusal stands
+    assert [x["key"] for x in result.excluded] == [victim[0]] and result.problems == []
+    assert result.excluded[0]["reason"].startswith("undecodable: "), result.excluded
