@@ -340,6 +340,23 @@ def test_a_run_whose_build_died_before_starting_it_does_not_hold_its_partition(s
     assert "before the run started" in failure.event_log_entry.dagster_event.message
 
 
+def test_a_run_of_an_older_build_never_started_is_failed_once_it_is_old(site, monkeypatch):
+    """Instances upgraded with such an orphan: a run made by an `imnet build` from before runs carried
+    the build's pid, still not started long after its creation (a build starts its runs within a
+    second), is failed too; a young one is left in flight."""
+    s = site
+    s.tar("0001").unlink()
+    job = build_definitions(s.settings).resolve_implicit_global_asset_job_def()
+    tags = {schedules.PARTITION_TAG: "0001", schedules.LAUNCHED_BY_TAG: "imnet build", **schedules.worker_place()}
+    orphan = s.instance.create_run_for_job(job_def=job, asset_selection={SHARDS}, tags=tags).run_id
+    assert schedules.shard_partition_status(s.settings, s.instance)["0001"] == "in_flight"  # young
+    assert schedules.fail_dead_runs(s.instance) == []
+    monkeypatch.setattr(schedules, "UNTAGGED_NOT_STARTED_SECONDS", 0)
+    time.sleep(0.01)
+    assert schedules.fail_dead_runs(s.instance) == ["0001"]
+    assert s.instance.get_run_by_id(orphan).status == DagsterRunStatus.FAILURE
+
+
 def test_a_run_in_another_pid_namespace_of_this_host_is_not_judged_by_our_process_numbers(site):
     """Containers on the host's network (the Docker launcher's `network: host`) have this host's
     name but process numbers of their own: a run whose worker lives in one is left to Dagster's run

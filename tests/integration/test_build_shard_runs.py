@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+from imnet_assets.defs.schedules import LAUNCHED_BY_TAG
 from imnet_assets.sample.sample_raw import write_sample_raw
 from tests.conftest import build_env, dagster_home, environ, imnet
 
@@ -46,7 +47,7 @@ def shard_runs(env) -> dict[str, str]:
     from dagster import DagsterInstance, RunsFilter
 
     with environ(DAGSTER_HOME=env["DAGSTER_HOME"]), DagsterInstance.get() as inst:
-        runs = inst.get_runs(RunsFilter(tags={"imnet/launched_by": "imnet build"}))
+        runs = inst.get_runs(RunsFilter(tags={LAUNCHED_BY_TAG: "imnet build"}))
         return {r.tags["dagster/partition"]: r.status.value for r in reversed(runs) if "dagster/partition" in r.tags}
 
 
