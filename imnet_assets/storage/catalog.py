@@ -56,6 +56,11 @@ def sql(name: str) -> str:
     return path.read_text()
 
 
+def schema_tables() -> list[str]:
+    """The tables sql/schema.sql makes."""
+    return re.findall(r"^CREATE TABLE IF NOT EXISTS (\w+)", sql("schema"), re.MULTILINE)
+
+
 def _statements(text: str) -> list[str]:
     # Our files hold plain statements separated by ';' at line ends (no procedural blocks).
     body = "\n".join(line for line in text.splitlines() if not line.strip().startswith("--"))
@@ -150,9 +155,9 @@ class Catalog:
                 if "lock" not in str(e).lower() or time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
-        if read_only and self._made_before_releases():
-            # made before releases: a writer migrates it once (Catalog.migrate_releases), then this
-            # reader opens it as it is now
+        if read_only and (self._made_before_releases() or self._schema_unmade()):
+            # made before releases, or its schema never made whole: a writer migrates it once
+            # (Catalog.migrate_releases) or makes its schema, then this reader opens it as it is now
             self.con.close()
             Catalog(path, retries=retries).close()
             with _damage_named(path):
@@ -161,7 +166,8 @@ class Catalog:
             with _damage_named(path):
                 self.con.execute("SET enable_progress_bar = false")
                 if not read_only:
-                    self.run("schema")
+                    with self.transaction():  # all of it or none: see _schema_unmade
+                        self.run("schema")
                     self.migrate_releases()
         except BaseException:
             self.close()
@@ -174,6 +180,19 @@ class Catalog:
         except BaseException:
             self.close()
             raise
+
+    def _schema_unmade(self) -> bool:
+        """Whether a table that sql/schema.sql makes is missing: the file of a writer killed (kill -9,
+        SIGTERM) after DuckDB created it and before its schema was committed (an empty file; or,
+        from versions that made the schema statement by statement, some of its tables). Every
+        reader would fail on a missing table (`stages`) for good, `imnet build` first."""
+        try:
+            with _damage_named(self.path):
+                have = {t for (t,) in self.con.execute(sql("catalog_tables")).fetchall()}
+        except BaseException:
+            self.close()
+            raise
+        return not set(schema_tables()) <= have
 
     def run(self, name: str, params: dict | None = None):
         """Run every statement of `sql/<name>.sql`; returns the cursor of the last one."""
