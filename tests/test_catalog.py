@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 
 import duckdb
 import pytest
@@ -282,3 +284,31 @@ def test_a_catalog_left_with_some_of_its_tables_is_made_whole_by_a_reader(tmp_pa
     with Catalog(path, read_only=True) as cat:
         assert cat.stage_fingerprint("shuffled_plan") is None
         assert cat.rows("catalog_tables")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_query_stopped_by_ctrl_c_or_sigterm_is_an_interrupt(tmp_path, sql_dir, signum):
+    """Found by the kill sweep (SIGTERM right after the catalog's .wal appeared): DuckDB's client
+    runs the signal handler while a query executes and drops the KeyboardInterrupt it raises,
+    raising RuntimeError('Query interrupted') instead; `imnet build` then said "raw_tars FAILED ...
+    Query interrupted", exit 1, instead of "imnet: interrupted", exit 130."""
+    import threading
+
+    from imnet_assets.orchestrate.interrupts import stop_on_signals
+
+    (sql_dir / "schema.sql").write_text("CREATE TABLE IF NOT EXISTS t (n INTEGER);\n")
+    (sql_dir / "long.sql").write_text("SELECT count(*) FROM range(100000000000) a;\n")  # minutes
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop_on_signals()
+    try:
+        with Catalog(str(tmp_path / "catalog.duckdb")) as cat:
+            timer = threading.Timer(0.3, os.kill, (os.getpid(), signum))
+            timer.start()
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    cat.rows("long")
+            finally:
+                timer.cancel()
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)

@@ -105,15 +105,26 @@ def as_damage(path: str, error: BaseException) -> CatalogDamaged | None:
 
 @contextlib.contextmanager
 def _damage_named(path: str) -> Iterator[None]:
-    """DuckDB errors that say the file is damaged, raised inside, leave as CatalogDamaged."""
+    """DuckDB errors that say the file is damaged, raised inside, leave as CatalogDamaged; a query
+    interrupted by Ctrl-C or SIGTERM leaves as the KeyboardInterrupt it was."""
     try:
         yield
+    except RuntimeError as e:
+        if str(e) == QUERY_INTERRUPTED:
+            raise KeyboardInterrupt from None
+        raise
     except duckdb.Error as e:
         damage = as_damage(path, e)
         if damage is None:
             raise
         raise damage from None
 
+
+# What DuckDB's Python client raises (a RuntimeError) when a signal handler raised while a query ran:
+# it checks for signals as it executes, runs the handler (Ctrl-C's, or SIGTERM's: stop_on_signals)
+# and drops the KeyboardInterrupt that handler raised. Unconverted, a stage stopped by Ctrl-C or
+# SIGTERM inside a query reported "FAILED ... RuntimeError: Query interrupted", exit 1.
+QUERY_INTERRUPTED = "Query interrupted"
 
 # Files this process has read whole and found intact: path -> (device, inode, size, mtime) of the
 # file and its write-ahead log then. A check of an unchanged file is not made again.
