@@ -97,6 +97,12 @@ class Build:
             if not ev.passed:
                 failures.append(f"check {ev.asset_key.to_user_string()}:{ev.check_name} failed: {ev.description}")
         if not result.success and not failures:
+            # stopped outside any step (while Dagster set up the run's resources, a stage's IO
+            # manager): the run's own failure names the interrupt
+            for ev in result.filter_events(lambda ev: ev.is_run_failure):
+                err = ev.event_specific_data.error if ev.event_specific_data is not None else None
+                if err is not None and err.cls_name in INTERRUPTS:
+                    raise KeyboardInterrupt
             failures.append(f"run {result.run_id} failed")
         return result, failures
 
