@@ -19,7 +19,7 @@ temporary file, no lease and no run left in flight.
 A second `imnet build` of the same out root started right after a few of those events refuses
 naming the first, or finds everything built; the first ends ok; nothing is corrupted.
 
-25 moments, about 2 minutes on 2 cores (each costs a build and a half of 28 images).
+27 moments, about 2 minutes and a quarter on 2 cores (each costs a build and a half of 28 images).
 
 SPEC "Failure behaviour": any stage killed at any moment, then rerun, gives the same catalog and
 shards as an undisturbed build; SIGTERM stops a build as Ctrl-C does.
@@ -118,8 +118,12 @@ EVENTS = {
     "shard-runs-at-once-line": printed(r"shard runs at once"),
     "shard-lease": shard_lease,
     "shard-temp-file": any_shard_temp,
+    # a shard's tar committed at its final path (its state and manifest may not be yet)
+    "shard-final-file": lambda tmp, _pid: any((tmp / "out").glob("imagenet12k-train-*.tar")),
     "first-shard-line": printed(r"^  \[1/\d+\] shard "),
     "third-shard-line": printed(r"^  \[3/\d+\] shard "),
+    # the audit wrote _info.json; the card and the audit's record come after it
+    "info-json": lambda tmp, _pid: (tmp / "out" / "_info.json").exists(),
     "audit-line": printed(r"^  shard_audit "),
 }
 # SIGTERM at fewer of them (the module's time: each moment costs a build and a half).
