@@ -180,6 +180,7 @@ QUICK_MODULES = {
     "tests/core/test_scan_faults.py",  # the index's scan in the worker pool
     "tests/core/test_one_worker.py", "tests/core/test_verify_runs.py",  # IMNET_WORKERS=1; verify's dead workers
     "tests/core/test_deaths.py",  # runtime/deaths.py's counting, no processes
+    "tests/test_build_interrupts.py",  # a stop inside a Dagster run told from a failure
 }
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 
 import duckdb
 import pytest
@@ -222,3 +224,91 @@ def test_an_intact_catalog_is_read_whole_once_per_state_of_the_file(tmp_path):
     _damage(path, "mid-file")  # another state of the file: read whole again
     with pytest.raises(catalog_mod.CatalogDamaged):
         catalog_mod.open_reader(str(path))
+
+
+KILLED_MAKING_SCHEMA = """
+import os, signal, sys
+from imnet_assets.storage import catalog
+
+made, cut_after = catalog._statements, int(sys.argv[2])
+
+def statements(text):
+    if text != catalog.sql("schema"):
+        yield from made(text)
+        return
+    for i, stmt in enumerate(made(text)):
+        if i == cut_after:  # (the statements before it have run)
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield stmt
+
+catalog._statements = statements
+catalog.Catalog(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("cut_after", [0, 3, 12])
+def test_a_catalog_whose_creation_was_killed_is_made_whole(tmp_path, cut_after):
+    """Found by the kill sweep (tests/integration/test_kill_sweep.py, SIGTERM right after the
+    catalog's .wal appeared): a writer stopped while making the schema left a catalog with a few of
+    its tables (raw_tars, synsets, images), and every later `imnet build` died reading it
+    (CatalogException: Table with name stages does not exist) before any writer could make the
+    rest: the out root could not be built again without deleting the catalog by hand. The schema
+    is now made in one transaction, and a reader that finds a table of it missing has a writer
+    make it first."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "catalog.duckdb"
+    proc = subprocess.run([sys.executable, "-c", KILLED_MAKING_SCHEMA, str(path), str(cut_after)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    assert path.exists()
+    with duckdb.connect(str(path), read_only=True) as con:  # the schema's transaction was not committed
+        assert con.execute(sql("catalog_tables")).fetchall() == []
+    with Catalog(str(path), read_only=True) as cat:  # as `imnet build` first reads it (stale_stages)
+        cat.check_intact()
+        assert cat.stage_fingerprint("raw_tars") is None
+        assert {t for (t,) in cat.rows("catalog_tables")} >= set(catalog_mod.schema_tables())
+    with Catalog(str(path)) as cat:
+        cat.set_stage("raw_tars", "f" * 16, "run-1")
+    with Catalog(str(path), read_only=True) as cat:
+        assert cat.stage_fingerprint("raw_tars") == "f" * 16
+
+
+def test_a_catalog_left_with_some_of_its_tables_is_made_whole_by_a_reader(tmp_path):
+    """As versions before the one-transaction schema left it (kill -9 after three of its tables)."""
+    path = str(tmp_path / "catalog.duckdb")
+    with duckdb.connect(path) as con:
+        for stmt in _statements(sql("schema"))[:3]:
+            con.execute(stmt)
+    with Catalog(path, read_only=True) as cat:
+        assert cat.stage_fingerprint("shuffled_plan") is None
+        assert cat.rows("catalog_tables")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_query_stopped_by_ctrl_c_or_sigterm_is_an_interrupt(tmp_path, sql_dir, signum):
+    """Found by the kill sweep (SIGTERM right after the catalog's .wal appeared): DuckDB's client
+    runs the signal handler while a query executes and drops the KeyboardInterrupt it raises,
+    raising RuntimeError('Query interrupted') instead; `imnet build` then said "raw_tars FAILED ...
+    Query interrupted", exit 1, instead of "imnet: interrupted", exit 130."""
+    import threading
+
+    from imnet_assets.orchestrate.interrupts import stop_on_signals
+
+    (sql_dir / "schema.sql").write_text("CREATE TABLE IF NOT EXISTS t (n INTEGER);\n")
+    (sql_dir / "long.sql").write_text("SELECT count(*) FROM range(100000000000) a;\n")  # minutes
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop_on_signals()
+    try:
+        with Catalog(str(tmp_path / "catalog.duckdb")) as cat:
+            timer = threading.Timer(0.3, os.kill, (os.getpid(), signum))
+            timer.start()
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    cat.rows("long")
+            finally:
+                timer.cancel()
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)

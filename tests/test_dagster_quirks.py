@@ -8,6 +8,7 @@ import contextlib
 import logging.config
 import os
 import signal
+import sqlite3
 import sys
 
 import pytest
@@ -279,18 +280,31 @@ elif sys.argv[1] == "some-tables":
         create_all(engine, tables=[made.SqlEventLogStorageMetadata.tables["event_logs"]])
         killed()
     made.SqlEventLogStorageMetadata.create_all = some
+elif sys.argv[1] == "mid-transaction":  # pages of an uncommitted transaction already in the file
+    import sqlite3
+    def hot(engine, *a, **k):
+        db = sqlite3.connect(engine.url.database, isolation_level=None)
+        db.execute("PRAGMA cache_size = 1")
+        db.execute("BEGIN")
+        db.execute("CREATE TABLE event_logs (id INTEGER PRIMARY KEY, event TEXT)")
+        db.executemany("INSERT INTO event_logs (event) VALUES (?)", [("x" * 100,)] * 5000)
+        killed()
+    made.SqlEventLogStorageMetadata.create_all = hot
 else:
     made.stamp_alembic_rev = killed
 dagster_instance()
 """
 
 
-@pytest.mark.parametrize("moment", ["before-tables", "some-tables", "before-stamp"])
+@pytest.mark.parametrize("moment", ["before-tables", "some-tables", "before-stamp", "mid-transaction"])
 def test_an_instance_whose_first_creation_was_killed_is_made_whole(tmp_path, moment):
     """A first `imnet build` killed (kill -9) while Dagster created the event log's tables left a
     file Dagster never finishes (it creates them only when there is no file): every later run
     failed on a missing table (NoSuchTableError: asset_keys). The next instance made here finishes
-    it, and an asset's event is recorded and read back."""
+    it, and an asset's event is recorded and read back. mid-transaction: found by the hand-run
+    kill sweep (kill -9 at 3.17 s of a first build): a kill inside the creation's transaction left
+    a hot journal, and the check's read-only look failed on it ("attempt to write a readonly
+    database"), a Traceback from every later `imnet build`."""
     import subprocess
 
     from dagster import AssetKey, AssetMaterialization
@@ -305,6 +319,10 @@ def test_an_instance_whose_first_creation_was_killed_is_made_whole(tmp_path, mom
                           text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert (home / "event_log.db").exists()
+    if moment == "mid-transaction":  # a hot journal: a read-only look cannot read the file
+        assert (home / "event_log.db-journal").exists()
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            sqlite3.connect(f"file:{home / 'event_log.db'}?mode=ro", uri=True).execute("SELECT * FROM sqlite_master")
     for attempt in range(2):  # the second finds a whole instance: it is left as it is
         with environ(DAGSTER_HOME=str(home)), capture_stderr() as said:
             instance = dagster_instance()

@@ -20,7 +20,7 @@ from imnet_assets.orchestrate.dagster_quirks import (
 )
 from imnet_assets.orchestrate.first_look import FirstLook
 from imnet_assets.orchestrate.instance import dagster_instance
-from imnet_assets.orchestrate.interrupts import end_now_leaving_runs, first_done
+from imnet_assets.orchestrate.interrupts import INTERRUPTS, end_now_leaving_runs, first_done
 from imnet_assets.settings import Settings
 from imnet_assets.storage.fs import redact
 
@@ -88,8 +88,8 @@ class Build:
         failures = []
         for ev in result.get_step_failure_events():
             err = ev.step_failure_data.error
-            if err is not None and err.cls_name == "DagsterExecutionInterruptedError":
-                raise KeyboardInterrupt  # Ctrl-C inside the run: say so, not "FAILED" (main)
+            if err is not None and err.cls_name in INTERRUPTS:
+                raise KeyboardInterrupt  # Ctrl-C or SIGTERM inside the run: say so, not "FAILED" (main)
             while err is not None and err.cause is not None:
                 err = err.cause  # the user code's own error, not Dagster's wrapper
             failures.append(f"{ev.step_key} failed: {err.message.strip() if err else 'unknown error'}")
@@ -97,6 +97,12 @@ class Build:
             if not ev.passed:
                 failures.append(f"check {ev.asset_key.to_user_string()}:{ev.check_name} failed: {ev.description}")
         if not result.success and not failures:
+            # stopped outside any step (while Dagster set up the run's resources, a stage's IO
+            # manager): the run's own failure names the interrupt
+            for ev in result.filter_events(lambda ev: ev.is_run_failure):
+                err = ev.event_specific_data.error if ev.event_specific_data is not None else None
+                if err is not None and err.cls_name in INTERRUPTS:
+                    raise KeyboardInterrupt
             failures.append(f"run {result.run_id} failed")
         return result, failures
 

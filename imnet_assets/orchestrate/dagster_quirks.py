@@ -171,8 +171,11 @@ def finish_half_made_event_log(instance) -> bool:
         return False
     tables = SqlEventLogStorageMetadata.tables.values()
     made = {t.name for t in tables} | {i.name for t in tables for i in t.indexes}
-    # read-only, through a URI: the path percent-encoded (as_uri), so that a `#` or `?` in it stays in it
-    uri = f"{Path(storage.get_db_path()).absolute().as_uri()}?mode=ro"
+    # through a URI: the path percent-encoded (as_uri), so that a `#` or `?` in it stays in it.
+    # Read-write (the instance lock is held): a kill inside one of the creation's transactions
+    # leaves a hot journal, which only a writer rolls back (read-only: "attempt to write a
+    # readonly database", from every later command)
+    uri = f"{Path(storage.get_db_path()).absolute().as_uri()}?mode=rw"
     with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
         found = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'index')")}
         if made <= found:

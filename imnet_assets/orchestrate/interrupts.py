@@ -8,6 +8,11 @@ import sys
 import threading
 from typing import NoReturn
 
+# A step failure whose error is one of these is a stop, not a failure: Dagster's own, for Ctrl-C at
+# a point where its handler raises; KeyboardInterrupt, for SIGTERM (stop_on_signals) and for a
+# Ctrl-C or SIGTERM that reached a catalog query (storage/catalog.py: QUERY_INTERRUPTED).
+INTERRUPTS = ("DagsterExecutionInterruptedError", "KeyboardInterrupt")
+
 
 def stop_on_signals() -> None:
     """SIGTERM (a container stopped, a pod preempted) stops a command as Ctrl-C does: both raise

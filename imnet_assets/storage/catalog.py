@@ -56,6 +56,11 @@ def sql(name: str) -> str:
     return path.read_text()
 
 
+def schema_tables() -> list[str]:
+    """The tables sql/schema.sql makes."""
+    return re.findall(r"^CREATE TABLE IF NOT EXISTS (\w+)", sql("schema"), re.MULTILINE)
+
+
 def _statements(text: str) -> list[str]:
     # Our files hold plain statements separated by ';' at line ends (no procedural blocks).
     body = "\n".join(line for line in text.splitlines() if not line.strip().startswith("--"))
@@ -100,15 +105,26 @@ def as_damage(path: str, error: BaseException) -> CatalogDamaged | None:
 
 @contextlib.contextmanager
 def _damage_named(path: str) -> Iterator[None]:
-    """DuckDB errors that say the file is damaged, raised inside, leave as CatalogDamaged."""
+    """DuckDB errors that say the file is damaged, raised inside, leave as CatalogDamaged; a query
+    interrupted by Ctrl-C or SIGTERM leaves as the KeyboardInterrupt it was."""
     try:
         yield
+    except RuntimeError as e:
+        if str(e) == QUERY_INTERRUPTED:
+            raise KeyboardInterrupt from None
+        raise
     except duckdb.Error as e:
         damage = as_damage(path, e)
         if damage is None:
             raise
         raise damage from None
 
+
+# What DuckDB's Python client raises (a RuntimeError) when a signal handler raised while a query ran:
+# it checks for signals as it executes, runs the handler (Ctrl-C's, or SIGTERM's: stop_on_signals)
+# and drops the KeyboardInterrupt that handler raised. Unconverted, a stage stopped by Ctrl-C or
+# SIGTERM inside a query reported "FAILED ... RuntimeError: Query interrupted", exit 1.
+QUERY_INTERRUPTED = "Query interrupted"
 
 # Files this process has read whole and found intact: path -> (device, inode, size, mtime) of the
 # file and its write-ahead log then. A check of an unchanged file is not made again.
@@ -150,9 +166,9 @@ class Catalog:
                 if "lock" not in str(e).lower() or time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
-        if read_only and self._made_before_releases():
-            # made before releases: a writer migrates it once (Catalog.migrate_releases), then this
-            # reader opens it as it is now
+        if read_only and (self._made_before_releases() or self._schema_unmade()):
+            # made before releases, or its schema never made whole: a writer migrates it once
+            # (Catalog.migrate_releases) or makes its schema, then this reader opens it as it is now
             self.con.close()
             Catalog(path, retries=retries).close()
             with _damage_named(path):
@@ -161,7 +177,8 @@ class Catalog:
             with _damage_named(path):
                 self.con.execute("SET enable_progress_bar = false")
                 if not read_only:
-                    self.run("schema")
+                    with self.transaction():  # all of it or none: see _schema_unmade
+                        self.run("schema")
                     self.migrate_releases()
         except BaseException:
             self.close()
@@ -174,6 +191,19 @@ class Catalog:
         except BaseException:
             self.close()
             raise
+
+    def _schema_unmade(self) -> bool:
+        """Whether a table that sql/schema.sql makes is missing: the file of a writer killed (kill -9,
+        SIGTERM) after DuckDB created it and before its schema was committed (an empty file; or,
+        from versions that made the schema statement by statement, some of its tables). Every
+        reader would fail on a missing table (`stages`) for good, `imnet build` first."""
+        try:
+            with _damage_named(self.path):
+                have = {t for (t,) in self.con.execute(sql("catalog_tables")).fetchall()}
+        except BaseException:
+            self.close()
+            raise
+        return not set(schema_tables()) <= have
 
     def run(self, name: str, params: dict | None = None):
         """Run every statement of `sql/<name>.sql`; returns the cursor of the last one."""
