@@ -337,25 +337,31 @@ def test_an_instance_whose_first_creation_was_killed_is_made_whole(tmp_path, mom
             instance.dispose()
 
 
+def made_then_opened_again(home):
+    """The instance at DAGSTER_HOME `home`, made by `dagster_instance`, then opened again: each
+    yielded in turn, disposed after."""
+    from imnet_assets.orchestrate.instance import dagster_instance, prepare_dagster_home
+
+    with environ(DAGSTER_HOME=str(home)):
+        with open(os.devnull, "w") as quiet:
+            prepare_dagster_home(out=quiet)
+        for _ in range(2):
+            instance = dagster_instance()
+            try:
+                yield instance
+            finally:
+                instance.dispose()
+
+
 @pytest.mark.parametrize("home_name", ["#prod", "ops #2"], ids=["folder-named-from-a-hash", "hash-inside"])
 def test_an_instance_under_a_path_with_uri_characters_is_opened_and_not_made_again(tmp_path, home_name):
     """The event log's stamp is read through an SQLite URI: a DAGSTER_HOME with a `#` (which
     Dagster itself takes) was cut there, so the look opened another file: the folder above (`.../#prod`: every command
     failed, "unable to open database file"), or a stray file it created beside the home (an empty
     database, so every command said the event log was half made and made it again)."""
-    from imnet_assets.orchestrate.instance import dagster_instance, prepare_dagster_home
-
-    home = tmp_path / home_name
-    with environ(DAGSTER_HOME=str(home)):
-        with open(os.devnull, "w") as quiet:
-            prepare_dagster_home(out=quiet)
-        for _ in range(2):  # made, then opened again
-            instance = dagster_instance()
-            try:
-                assert not finish_half_made_event_log(instance)
-                assert instance.get_runs(limit=1) == []
-            finally:
-                instance.dispose()
+    for instance in made_then_opened_again(tmp_path / home_name):
+        assert not finish_half_made_event_log(instance)
+        assert instance.get_runs(limit=1) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == [home_name]  # nothing made beside the home
 
 
@@ -364,17 +370,7 @@ def test_a_whole_instance_opened_again_is_not_made_again_nor_said_to_be_half_mad
     row is written in a transaction never committed): a whole event log has no stamp. Judged by the
     stamp, every open of a whole instance said it was left half made and ran Dagster's creation
     (and its reindexing) again; it is judged by the tables and indexes Dagster makes."""
-    from imnet_assets.orchestrate.instance import dagster_instance, prepare_dagster_home
-
-    home = tmp_path / "home"
-    with environ(DAGSTER_HOME=str(home)):
-        with open(os.devnull, "w") as quiet:
-            prepare_dagster_home(out=quiet)
-        for _ in range(2):  # made, then opened again
-            instance = dagster_instance()
-            try:
-                instance.report_runless_asset_event(AssetMaterialization(AssetKey("whole")))
-                assert not finish_half_made_event_log(instance)
-            finally:
-                instance.dispose()
+    for instance in made_then_opened_again(tmp_path / "home"):
+        instance.report_runless_asset_event(AssetMaterialization(AssetKey("whole")))
+        assert not finish_half_made_event_log(instance)
     assert "half made" not in capfd.readouterr().err

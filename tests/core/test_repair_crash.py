@@ -49,18 +49,21 @@ def stray_marker_jpeg() -> bytes:
     return data[:mid] + b"\xff\xc0" + data[mid:]
 
 
+def raw_release(folder, victim: bytes):
+    """One synset tar of four 320x240 JPEGs, member VICTIM replaced by `victim`: its root, its
+    filtered-index rows and the victim's bytes."""
+    root = folder / "raw"
+    root.mkdir()
+    members = [(f"{WNID}_{i}.JPEG", victim if i == VICTIM else jpeg(320, 240, i)) for i in range(4)]
+    where = write_raw_tar(root / f"{WNID}.tar", members, tarfile.PAX_FORMAT)
+    rows = [[name[:-5], WNID, 0, f"{WNID}.tar", name, *where[name], hashlib.sha256(data).hexdigest(), 320, 240, False]
+            for name, data in members]
+    return types.SimpleNamespace(root=root, rows=rows, victim=victim)
+
+
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("repair_crash") / "raw"
-    root.mkdir()
-    members = [(f"{WNID}_{i}.JPEG", stray_marker_jpeg() if i == VICTIM else jpeg(320, 240, i)) for i in range(4)]
-    where = write_raw_tar(root / f"{WNID}.tar", members, tarfile.PAX_FORMAT)
-    rows = []
-    for name, data in members:
-        offset, size = where[name]
-        rows.append([name[:-5], WNID, 0, f"{WNID}.tar", name, offset, size, hashlib.sha256(data).hexdigest(), 320, 240,
-                     False])
-    return types.SimpleNamespace(root=root, rows=rows, victim=members[VICTIM][1])
+    return raw_release(tmp_path_factory.mktemp("repair_crash"), stray_marker_jpeg())
 
 
 def encode_with_fault(hook: str, data, settings):
@@ -157,13 +160,7 @@ def damaged_qoi() -> bytes:
 
 @pytest.fixture(scope="module")
 def qoi_photos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("repair_crash_qoi") / "raw"
-    root.mkdir()
-    members = [(f"{WNID}_{i}.JPEG", damaged_qoi() if i == VICTIM else jpeg(320, 240, i)) for i in range(4)]
-    where = write_raw_tar(root / f"{WNID}.tar", members, tarfile.PAX_FORMAT)
-    rows = [[name[:-5], WNID, 0, f"{WNID}.tar", name, *where[name], hashlib.sha256(data).hexdigest(), 320, 240, False]
-            for name, data in members]
-    return types.SimpleNamespace(root=root, rows=rows, victim=members[VICTIM][1])
+    return raw_release(tmp_path_factory.mktemp("repair_crash_qoi"), damaged_qoi())
 
 
 def test_a_repair_crash_of_a_format_with_no_cut_control_is_settled_on_a_control_that_takes_the_repair(
