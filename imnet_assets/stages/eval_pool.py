@@ -8,7 +8,8 @@ crashes on one eval image's bytes would otherwise end the filtered index's proce
 Jobs: EVAL_BATCH images each, an image being a byte range of an object: a plain file whole, or one
 member of an eval tar. An eval tar (a file named as one: TAR_SUFFIXES) is first walked in a worker
 (`TarMembersJob`: the raw tars' walk, storage/rawtar.py, its headers only, nothing decoded; a file
-named as a tar that is no tar is hashed as one file) into its members' offsets and sizes, so the
+named as a tar that holds no readable member is recorded as damaged, below, never read whole as one
+image: it may be a 6.4 GB tar whose first header is damaged) into its members' offsets and sizes, so the
 50,000 images of one tar of the ImageNet validation set are hashed by all workers at once, in jobs
 of EVAL_BATCH, and a death repeats one job, not the tar. What of a tar is no member (rawtar.Damage:
 a damaged header, a cut tail) is logged and returned to the caller (`hash_eval`'s `damaged`: the
@@ -242,11 +243,10 @@ def _held(job: EvalJob) -> int:
 def _items(pool: WorkerPool, listing: list[dict], tars: dict, log: Callable[[str], None],
            damaged: list[Damaged]) -> Iterator[Item]:
     for e in listing:
-        members = _members(pool, e, tars[e["url"]], log, damaged) if e["url"] in tars else None
-        if members is None:
-            yield _whole(e)
+        if e["url"] in tars:
+            yield from _members(pool, e, tars[e["url"]], log, damaged)
         else:
-            yield from members
+            yield _whole(e)
 
 
 def _whole(entry: dict) -> Item:
@@ -262,10 +262,10 @@ def _said(entry: dict, members: int | str, damage: list[tuple[int, int, str]], d
 
 
 def _members(pool: WorkerPool, entry: dict, future, log: Callable[[str], None],
-             damaged: list[Damaged]) -> Iterable[Item] | None:
+             damaged: list[Damaged]) -> Iterable[Item]:
     """The tar's members (TarMembersJob), its walk run again (without a map) after a death of its
-    worker; None when it holds none and is no tar (it is then hashed as one file, as any file).
-    A compressed tar's: read here, as they are hashed (`_unpacked`)."""
+    worker; none when no member can be read (the damage recorded). A compressed tar's: read here,
+    as they are hashed (`_unpacked`)."""
     deaths = DeathCount()
     while True:
         try:
@@ -284,16 +284,16 @@ def _members(pool: WorkerPool, entry: dict, future, log: Callable[[str], None],
     if packed is not None:
         return _unpacked(entry, packed, log, damaged)
     if not members and damage:
-        log(f"eval file {entry['name']} holds no member ({damage[0][2]}): hashed as one file")
-        return None
+        _nothing_readable(entry, damage, damaged, log)
+        return []
     _said(entry, len(members), damage, damaged, log)
     return members
 
 
 def _unpacked(entry: dict, packed: str, log: Callable[[str], None], damaged: list[Damaged]) -> Iterator[Item]:
     """A `packed`-compressed tar's members, read in one forward pass as they are hashed
-    (compressed_tar.iter_compressed_tar), each item with its bytes; the whole file when it holds no
-    member (no tar), as a plain tar that is none. A failed read of the storage raises naming it."""
+    (compressed_tar.iter_compressed_tar), each item with its bytes; none when no member can be read
+    (the damage recorded, as for a plain tar). A failed read of the storage raises naming it."""
     log(f"eval tar {entry['name']} is {packed}-compressed: reading it once, in order, its members hashed as they come")
     damage: list[tuple[int, int, str]] = []
     members = 0
@@ -303,11 +303,19 @@ def _unpacked(entry: dict, packed: str, log: Callable[[str], None], damaged: lis
             continue
         members += 1
         yield f"{entry['name']}/{m.name}", entry["url"], m.offset, m.size, False, bytes(m.data)
-    if not members:
-        log(f"eval file {entry['name']} holds no member ({damage[0][2] if damage else 'empty'}): hashed as one file")
-        yield _whole(entry)
+    if not members and damage:
+        _nothing_readable(entry, damage, damaged, log)
         return
     _said(entry, members, damage, damaged, log)
+
+
+def _nothing_readable(entry: dict, damage: list[tuple[int, int, str]], damaged: list[Damaged],
+                      log: Callable[[str], None]) -> None:
+    """A file named as a tar of which no member can be read: its damage recorded, nothing of it
+    hashed. Hashing it as one image instead would read it whole into one worker (an eval tar of
+    6.4 GB whose first header is damaged), for a sha256 no raw image has and no pHash."""
+    log(f"eval tar {entry['name']} holds no readable member ({damage[0][2]}): nothing of it is hashed")
+    damaged.extend((entry["name"], offset, size, reason) for offset, size, reason in damage)
 
 
 def _hashed(pool: WorkerPool, job: EvalJob, future, passed: set, log: Callable[[str], None]) -> list[Row]:

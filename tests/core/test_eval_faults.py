@@ -260,13 +260,13 @@ def test_a_damaged_eval_tar_is_said_and_its_readable_members_hashed(tmp_path):
     (ev / "no.tar").write_bytes(b"not a tar at all\n" * 40)
     logs: list[str] = []
     got = sorted(hash_eval_set(eval_listing(str(ev)), 1, logs.append))
-    assert [(f, s) for f, s, _p, _w in got] == [
+    assert [(f, s) for f, s, _p, _w in got] == [  # no.tar: nothing readable, nothing hashed (not read whole)
         ("cut.tar/m0.JPEG", hashlib.sha256(images[0][1]).hexdigest()),
-        ("cut.tar/m1.JPEG", hashlib.sha256(images[1][1]).hexdigest()),
-        ("no.tar", hashlib.sha256((ev / "no.tar").read_bytes()).hexdigest())]
-    assert got[0][2] is not None and got[2][2] is None and got[2][3].startswith("does not decode: ")
+        ("cut.tar/m1.JPEG", hashlib.sha256(images[1][1]).hexdigest())]
+    assert all(p is not None for _f, _s, p, _w in got)
     assert any(m.startswith("eval tar cut.tar: truncated eval tar cut.tar: member data cut at byte") for m in logs), logs
-    assert any(m.startswith("eval file no.tar holds no member (truncated or damaged eval tar no.tar: ") for m in logs), logs
+    assert any(m.startswith("eval tar no.tar holds no readable member (truncated or damaged eval tar no.tar: ")
+               for m in logs), logs
 
 
 def _photo_bytes(seed: int) -> bytes:

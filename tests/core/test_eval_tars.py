@@ -85,13 +85,23 @@ def test_a_compressed_eval_tar_is_hashed_member_by_member_as_the_plain_tar_is(tm
         assert got[folder] == (renamed(plain, "pack.tar/", f"{folders[folder][0]}/"), []), folder
 
 
-def test_a_compressed_file_that_is_no_tar_is_hashed_as_one_file(tmp_path):
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gzip"])
+def test_a_file_named_as_a_tar_with_no_readable_member_is_recorded_damaged_not_hashed_whole(tmp_path, compressed):
+    """Hashed as one image it was read whole into one worker (an eval tar of 6.4 GB whose first
+    header is damaged), for a sha256 no raw image has and no pHash; nothing of it can be hashed,
+    and the catalog and the card say so."""
     (tmp_path / "ev").mkdir()
-    (tmp_path / "ev" / "notes.tar.gz").write_bytes(gzip.compress(b"not a tar at all\n" * 100))
+    text = b"not a tar at all\n" * 100
+    name = "notes.tar.gz" if compressed else "notes.tar"
+    (tmp_path / "ev" / name).write_bytes(gzip.compress(text) if compressed else text)
     logs: list[str] = []
     images, damage = eval_rows(tmp_path / "ev", tmp_path, logs.append)
-    assert [(f, p) for f, _s, p, _w in images] == [("notes.tar.gz", None)] and damage == []
-    assert any(m.startswith("eval file notes.tar.gz holds no member (truncated or damaged gzip-compressed eval tar")
+    assert images == []
+    [(file, at, _size, reason)] = damage
+    assert (file, at) == (name, 0), damage
+    kind = "gzip-compressed eval tar" if compressed else "eval tar"
+    assert reason == f"truncated or damaged {kind} {name}: {len(text)} unreadable bytes from byte 0 (not a tar)"
+    assert any(m.startswith(f"eval tar {name} holds no readable member (") and m.endswith("nothing of it is hashed")
                for m in logs), logs
 
 
