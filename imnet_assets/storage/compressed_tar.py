@@ -25,7 +25,14 @@ import zlib
 from collections.abc import Iterator
 
 from imnet_assets.storage import fs, prefetch
-from imnet_assets.storage.rawtar import Damage, Member
+from imnet_assets.storage.rawtar import Member
+from imnet_assets.storage.tar_damage import (
+    Damage,
+    damaged_header,
+    no_end_blocks,
+    non_regular,
+    unreadable_tail,
+)
 
 # The first bytes of each compressed format (gzip: RFC 1952; bzip2's "BZh"; xz's stream header).
 MAGIC = {"gzip": b"\x1f\x8b", "bzip2": b"BZh", "xz": b"\xfd7zXZ\x00"}
@@ -145,15 +152,11 @@ def _walk(stream: _Recent, label: str, what: str) -> Iterator[Member | Damage]:
         if info is None:
             break
         if stream.nonzero(expected, info.offset):
-            yield Damage("", expected, info.offset - expected,
-                         f"damaged {what} {label}: {info.offset - expected} unreadable bytes skipped at byte {expected} "
-                         "(a damaged header; the member there is lost)")
+            yield damaged_header(expected, info.offset, label, what)
         expected = tf.offset  # the next header's offset: this member's data blocks end there
         if info.isdir() and info.size == 0:
             continue  # a folder entry holds no file
-        if not info.isreg() or info.isdir() or info.issparse():
-            kind = ("symlink" if info.issym() else "hard link" if info.islnk() else
-                    "sparse file" if info.issparse() else "directory with data" if info.isdir() else "special file")
+        if (kind := non_regular(info)) is not None:
             yield Damage(info.name, info.offset_data, info.size, f"not a regular file ({kind}) in {what} {label}")
             continue
         try:
@@ -168,9 +171,6 @@ def _walk(stream: _Recent, label: str, what: str) -> Iterator[Member | Damage]:
     stream.drain()
     end = stream.pos
     if stream.nonzero(expected, end):
-        cause = "not a tar" if expected == 0 else "a header cut short or damaged"
-        yield Damage("", expected, end - expected, f"truncated or damaged {what} {label}: {end - expected} unreadable "
-                                                   f"bytes from byte {expected} ({cause})")
+        yield unreadable_tail(expected, end, label, what)
     elif end == expected > 0:
-        yield Damage("", end, 0, f"truncated {what} {label}: ends at byte {end} without the end-of-archive blocks "
-                                 "(cut at a member boundary: members after it, if any, are lost)")
+        yield no_end_blocks(end, label, what)

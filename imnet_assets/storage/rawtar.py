@@ -17,6 +17,13 @@ from dataclasses import dataclass
 
 from imnet_assets.storage import fs, prefetch
 from imnet_assets.storage.prefetch import PrefetchedFile
+from imnet_assets.storage.tar_damage import (
+    Damage,
+    damaged_header,
+    no_end_blocks,
+    non_regular,
+    unreadable_tail,
+)
 
 
 @dataclass(frozen=True)
@@ -27,16 +34,6 @@ class Member:
     offset: int  # byte offset of the member's data in the tar
     size: int
     data: bytes | memoryview  # a read-only memoryview only when asked for (`iter_tar(views=True)`)
-
-
-@dataclass(frozen=True)
-class Damage:
-    """Something in a tar that is not a readable regular file: recorded, never dropped silently."""
-
-    name: str  # the member name, or "" when the damage is not a member (a broken tail)
-    offset: int
-    size: int
-    reason: str
 
 
 @dataclass
@@ -395,18 +392,9 @@ def _tail(f, total: int, expected: int, label: str, what: str,
             counted.structure += read  # the end of the archive (zero blocks), as far as it was read
             return
         counted.damaged += read
-        cause = "not a tar" if expected == 0 else "a header cut short or damaged"
-        yield Damage(
-            "", expected, total - expected,
-            f"truncated or damaged {what} {label}: {total - expected} unreadable bytes from "
-            f"byte {expected} ({cause})",
-        )
+        yield unreadable_tail(expected, total, label, what)
     elif expected > 0:
-        yield Damage(
-            "", total, 0,
-            f"truncated {what} {label}: ends at byte {total} without the end-of-archive blocks "
-            f"(cut at a member boundary: members after it, if any, are lost)",
-        )
+        yield no_end_blocks(total, label, what)
 
 
 def _read_range(f, start: int, length: int) -> tuple[bool, int]:
@@ -461,10 +449,7 @@ def _tarfile_walk(f, total: int, label: str, what: str, start: int = 0, expected
         expected = tf.offset if info.issparse() else info.offset_data + _blocks(info.size)
         if info.isdir() and info.size == 0:
             continue  # a folder entry holds no file
-        if not info.isreg() or info.isdir() or info.issparse():
-            kind = ("symlink" if info.issym() else "hard link" if info.islnk() else
-                    "sparse file" if info.issparse() else "directory with data" if info.isdir() else
-                    "special file")
+        if (kind := non_regular(info)) is not None:
             counted.structure += _read_range(f, info.offset_data, expected - info.offset_data)[1]
             yield Damage(info.name, info.offset_data, info.size, f"not a regular file ({kind}) in {what} {label}")
             continue
@@ -493,8 +478,4 @@ def _skipped(f, expected: int, at: int, label: str, what: str, counted: ByteCoun
         counted.structure += read
         return
     counted.damaged += read
-    yield Damage(
-        "", expected, at - expected,
-        f"damaged {what} {label}: {at - expected} unreadable bytes skipped at byte "
-        f"{expected} (a damaged header; the member there is lost)",
-    )
+    yield damaged_header(expected, at, label, what)
