@@ -83,9 +83,26 @@ def test_the_victim_looks_complete_and_is_repaired_by_the_second_decode(photos):
     assert encode_image(photos.victim, EncodeSettings()).repaired is True
 
 
+def planned_out(folder, release):
+    """An out root under `folder` planned with every row of `release`, in order."""
+    out = folder / "out"
+    write_slice(str(out), KEY, planned(release.rows, list(range(len(release.rows)))))
+    return out
+
+
+def fails_on_a_broken_repair(out, release) -> str:
+    """A shard run of `release` while the repair decode crashes on every input: a MachineryFault
+    naming the damaged image, nothing committed (no shard, no manifest: nothing excluded). Its message."""
+    with pytest.raises(MachineryFault) as e:
+        build(out, release, workers=2, encode=functools.partial(encode_with_fault, "crash-repair:*"))
+    message = str(e.value)
+    assert f"while encoding {release.rows[VICTIM][0]} " in message, message
+    assert sorted(os.listdir(out)) == ["_plan"]
+    return message
+
+
 def test_a_crash_in_the_repair_decode_is_settled_on_a_cut_control_and_excludes_the_image(photos, tmp_path):
-    out = tmp_path / "out"
-    write_slice(str(out), KEY, planned(photos.rows, list(range(len(photos.rows)))))
+    out = planned_out(tmp_path, photos)
     victim = photos.rows[VICTIM]
     logs: list[str] = []
     result = build(out, photos, workers=2, log=logs.append,
@@ -101,15 +118,10 @@ def test_a_crash_in_the_repair_decode_is_settled_on_a_cut_control_and_excludes_t
 
 
 def test_a_repair_decode_crashing_on_every_input_is_a_machinery_fault_not_an_exclusion(photos, tmp_path):
-    out = tmp_path / "out"
-    write_slice(str(out), KEY, planned(photos.rows, list(range(len(photos.rows)))))
-    with pytest.raises(MachineryFault) as e:
-        build(out, photos, workers=2, encode=functools.partial(encode_with_fault, "crash-repair:*"))
-    message = str(e.value)
-    assert f"while encoding {photos.rows[VICTIM][0]} " in message, message
+    out = planned_out(tmp_path, photos)
+    message = fails_on_a_broken_repair(out, photos)
     assert ("a known-good JPEG RGB 2069x1552 cut short control image made in memory crashed the encoder's process "
             "the same way (signal 11 (SIGSEGV))") in message, message
-    assert sorted(os.listdir(out)) == ["_plan"]  # no shard tar, no manifest: nothing excluded
     result = build(out, photos, workers=2)  # the fix: the repaired image is built
     assert result.excluded == [] and result.num_samples == len(photos.rows) and result.problems == []
     assert [s["repaired"] for s in read_manifest(str(out), KEY)["samples"]] == [False, False, True, False]
@@ -172,14 +184,9 @@ def test_a_repair_crash_of_a_format_with_no_cut_control_is_settled_on_a_control_
     victim = qoi_photos.rows[VICTIM]
     with pytest.raises(IndexError):  # its first decode fails: the repair decode is what comes next
         open_image(qoi_photos.victim).load()
-    out = tmp_path / "out"
-    write_slice(str(out), KEY, planned(qoi_photos.rows, list(range(len(qoi_photos.rows)))))
-    with pytest.raises(MachineryFault) as e:
-        build(out, qoi_photos, workers=2, encode=functools.partial(encode_with_fault, "crash-repair:*"))
-    message = str(e.value)
-    assert f"while encoding {victim[0]} " in message, message
+    out = planned_out(tmp_path, qoi_photos)
+    message = fails_on_a_broken_repair(out, qoi_photos)
     assert "cut short control image made in memory crashed the encoder's process the same way" in message, message
-    assert sorted(os.listdir(out)) == ["_plan"]  # no shard tar, no manifest: nothing excluded
     result = build(out, qoi_photos, workers=2)  # the repair path healthy: the image's own refusal stands
     assert [x["key"] for x in result.excluded] == [victim[0]] and result.problems == []
     assert result.excluded[0]["reason"].startswith("undecodable: "), result.excluded
