@@ -56,7 +56,8 @@ WILL_RETRY_TAG = "dagster/will_retry"  # set by the instance on a failed run: "t
 HOST_TAG = "imnet/host"  # where the run's worker process runs (set by `imnet build` and by wds_shards)
 PID_NAMESPACE_TAG = "imnet/pid-namespace"  # and in which process numbers (see worker_place)
 BUILD_PID_TAG = "imnet/build-pid"  # the `imnet build` process that created the run, to execute it itself
-LAUNCHED_BY_TAG = "imnet/launched_by"  # "imnet build" on the runs it creates (build_run_tags)
+LAUNCHED_BY_TAG = "imnet/launched_by"  # BY_IMNET_BUILD on the runs `imnet build` creates (build_run_tags)
+BY_IMNET_BUILD = "imnet build"
 # A run an `imnet build` made before its runs carried BUILD_PID_TAG, still not started after this
 # long, lost its build: a build starts each run it makes within a second.
 UNTAGGED_NOT_STARTED_SECONDS = 600
@@ -123,7 +124,7 @@ def worker_place() -> dict[str, str]:
 
 def build_run_tags() -> dict[str, str]:
     """The tags of a run that `imnet build` creates and then executes in its own process."""
-    return {LAUNCHED_BY_TAG: "imnet build", **worker_place(), BUILD_PID_TAG: str(os.getpid())}
+    return {LAUNCHED_BY_TAG: BY_IMNET_BUILD, **worker_place(), BUILD_PID_TAG: str(os.getpid())}
 
 
 def run_worker_gone(instance: DagsterInstance, record: RunRecord) -> bool:
@@ -149,7 +150,7 @@ def run_worker_gone(instance: DagsterInstance, record: RunRecord) -> bool:
         created = record.create_timestamp.timestamp()
         creator = run.tags.get(BUILD_PID_TAG)
         if creator is None:  # made by an `imnet build` of before BUILD_PID_TAG: its age says
-            return (run.tags.get(LAUNCHED_BY_TAG) == "imnet build"
+            return (run.tags.get(LAUNCHED_BY_TAG) == BY_IMNET_BUILD
                     and time.time() - created > UNTAGGED_NOT_STARTED_SECONDS)
         return creator.isdigit() and not pid_alive(int(creator), started_by=created)
     entry = records[0].event_log_entry

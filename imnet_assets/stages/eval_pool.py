@@ -253,7 +253,7 @@ def _whole(entry: dict) -> Item:
     return entry["name"], entry["url"], 0, entry["size"], True, None
 
 
-def _said(entry: dict, members: int | str, damage: list[tuple[int, int, str]], damaged: list[Damaged],
+def _said(entry: dict, members: int, damage: list[tuple[int, int, str]], damaged: list[Damaged],
           log: Callable[[str], None]) -> None:
     """Logs and records (`damaged`) what of an eval tar is no member: the eval images there are not hashed."""
     for offset, size, reason in damage:

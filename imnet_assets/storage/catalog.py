@@ -184,26 +184,24 @@ class Catalog:
             self.close()
             raise
 
-    def _made_before_releases(self) -> bool:
+    def _looked_up(self, name: str) -> list[tuple]:
+        """The rows of sql/<name>.sql, asked while opening: on any error the connection is closed."""
         try:
             with _damage_named(self.path):
-                return bool(self.con.execute(sql("catalog_before_releases")).fetchone()[0])
+                return self.con.execute(sql(name)).fetchall()
         except BaseException:
             self.close()
             raise
+
+    def _made_before_releases(self) -> bool:
+        return bool(self._looked_up("catalog_before_releases")[0][0])
 
     def _schema_unmade(self) -> bool:
         """Whether a table that sql/schema.sql makes is missing: the file of a writer killed (kill -9,
         SIGTERM) after DuckDB created it and before its schema was committed (an empty file; or,
         from versions that made the schema statement by statement, some of its tables). Every
         reader would fail on a missing table (`stages`) for good, `imnet build` first."""
-        try:
-            with _damage_named(self.path):
-                have = {t for (t,) in self.con.execute(sql("catalog_tables")).fetchall()}
-        except BaseException:
-            self.close()
-            raise
-        return not set(schema_tables()) <= have
+        return not set(schema_tables()) <= {t for (t,) in self._looked_up("catalog_tables")}
 
     def run(self, name: str, params: dict | None = None):
         """Run every statement of `sql/<name>.sql`; returns the cursor of the last one."""
