@@ -13,11 +13,20 @@ functions run in pools, and what the main script imports. (Multiprocessing's "sa
 main" re-runs the main script in each worker; for the `dagster` and `imnet` console scripts that
 is all of Dagster, 0.7-2.5 s of CPU per worker per shard run. A "__main__" preload does not help:
 Python 3.11's forkserver is never told the main script's path.)
+
+The forkserver gets this process's sys.path, never the folder it was started from. Python 3.11
+runs it as `python -c ...`, which puts the current folder first on sys.path, and ignores the path
+the parent sends. Started from a folder holding another `imnet_assets` (a second checkout) or any
+module named like one the workers import, the workers ran that code while this process ran its
+own: a protocol mismatch at best ("EOFError"), different shard bytes at worst. So it starts with
+PYTHONSAFEPATH (no current folder on its path), and its first import (this module) sets sys.path
+to this process's (a test's `tests` package, an added folder).
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import multiprocessing
 import os
 import sys
@@ -26,6 +35,15 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.connection import wait
 
 EXIT_PARENT_GONE = 70
+SYS_PATH_VAR = "_IMNET_FORKSERVER_SYS_PATH"  # no IMNET_ prefix: jobs never carry it (wire.ENV_PREFIXES)
+_SAFE_PATH_VAR = "PYTHONSAFEPATH"
+_start_lock = threading.Lock()
+
+if SYS_PATH_VAR in os.environ:  # imported first in a forkserver this module started: its parent's path
+    _told = json.loads(os.environ.pop(SYS_PATH_VAR))
+    sys.path[:] = _told["sys_path"]
+    if _told["safe_path_set"]:  # ours, not the user's: its workers' children get the usual path
+        os.environ.pop(_SAFE_PATH_VAR, None)
 # Modules whose functions run in these pools (the scan and the encoder): each names itself with
 # preload(__name__), so the forkserver imports them once and every worker starts with them loaded.
 _preloaded: list[str] = []
@@ -58,23 +76,43 @@ def watch_parent() -> None:
 
 
 def forkserver_context():
+    """The forkserver start method. Call `ensure_forkserver` before starting a process with it."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["__main__", *main_script_imports(), *_preloaded])
+    ctx.set_forkserver_preload([__name__, "__main__", *main_script_imports(), *_preloaded])
     return ctx
+
+
+def ensure_forkserver() -> None:
+    """Start this process's forkserver if it is not running, with this process's sys.path (see the
+    module's docstring), as starting a process would. Its environment is this process's, plus the
+    two variables for the moment it takes to start it."""
+    from multiprocessing import forkserver
+
+    with _start_lock:
+        told = {"sys_path": list(sys.path), "safe_path_set": _SAFE_PATH_VAR not in os.environ}
+        os.environ[SYS_PATH_VAR] = json.dumps(told)
+        if told["safe_path_set"]:
+            os.environ[_SAFE_PATH_VAR] = "1"
+        try:
+            forkserver.ensure_running()
+        finally:
+            os.environ.pop(SYS_PATH_VAR, None)
+            if told["safe_path_set"]:
+                os.environ.pop(_SAFE_PATH_VAR, None)
 
 
 def process_pool(workers: int) -> ProcessPoolExecutor:
     """A forkserver pool of `workers` processes that exit when this process dies."""
-    return ProcessPoolExecutor(max_workers=workers, mp_context=forkserver_context(), initializer=watch_parent)
+    ctx = forkserver_context()
+    ensure_forkserver()
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=watch_parent)
 
 
 def start_forkserver() -> None:
     """Start this process's forkserver (and its imports of the pool modules, ~0.5 s) in the
     background now, so that the first pool started later forks its workers at once."""
-    from multiprocessing import forkserver
-
     forkserver_context()
-    threading.Thread(target=forkserver.ensure_running, name="forkserver-start", daemon=True).start()
+    threading.Thread(target=ensure_forkserver, name="forkserver-start", daemon=True).start()
 
 
 def main_script_imports() -> list[str]:

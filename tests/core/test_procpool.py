@@ -41,6 +41,35 @@ def test_workers_find_the_pool_modules_already_imported():
     assert out.stdout.strip() == "missing []"  # what those modules import came along too
 
 
+def test_workers_run_this_process_code_from_whatever_folder_it_was_started(tmp_path):
+    """Started from a folder holding another `imnet_assets` (a second checkout) and a module named
+    like one the workers import, the workers still import this process's: Python 3.11's forkserver
+    would put that folder first on its path (`python -c`) and ignore the path it is sent."""
+    import subprocess
+
+    here = tmp_path / "elsewhere"
+    (here / "imnet_assets").mkdir(parents=True)
+    (here / "imnet_assets" / "__init__.py").write_text("raise SystemExit('the other checkout')\n")
+    (here / "tarfile.py").write_text("raise SystemExit('the folder\\'s tarfile')\n")
+    script = tmp_path / "bin" / "console.py"  # a console script: its own folder on its path, not the cwd
+    script.parent.mkdir()
+    script.write_text(
+        "import sys\n"
+        "from imnet_assets.runtime import procpool\n"
+        "if __name__ == '__main__':\n"
+        "    with procpool.process_pool(1) as pool:\n"
+        "        seen = pool.submit(eval, '(__import__(\"imnet_assets\").__file__, __import__(\"tarfile\").__file__, "
+        "__import__(\"os\").environ.get(\"PYTHONSAFEPATH\"))').result(timeout=120)\n"
+        "    import imnet_assets, tarfile\n"
+        "    print(seen == (imnet_assets.__file__, tarfile.__file__, None), seen)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    out = subprocess.run([sys.executable, str(script)], cwd=here, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("True "), out.stdout
+
+
 def test_a_build_preloads_the_encode_workers_module_by_its_name():
     """`imnet build` names the encode workers' module for the forkserver without importing it
     first (the look's thread imports it while the forkserver starts): the name must stay its name."""
