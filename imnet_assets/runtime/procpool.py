@@ -21,6 +21,12 @@ module named like one the workers import, the workers ran that code while this p
 own: a protocol mismatch at best ("EOFError"), different shard bytes at worst. So it starts with
 PYTHONSAFEPATH (no current folder on its path), and its first import (this module) sets sys.path
 to this process's (a test's `tests` package, an added folder).
+
+The forkserver, the resource tracker and the workers never see Ctrl-C: they start with SIGINT
+blocked (a mask survives fork and exec). Ctrl-C reaches the whole process group; this process
+handles it, and its children end with it (watch_parent; the forkserver when its last client is
+gone). Before, a Ctrl-C in the first second of a build printed the forkserver's KeyboardInterrupt
+traceback from inside its imports (or "Fatal Python error: init_import_site"), and each worker's.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import ast
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor
@@ -86,9 +93,13 @@ def ensure_forkserver() -> None:
     """Start this process's forkserver if it is not running, with this process's sys.path (see the
     module's docstring), as starting a process would. Its environment is this process's, plus the
     two variables for the moment it takes to start it."""
-    from multiprocessing import forkserver
+    from multiprocessing import forkserver, resource_tracker
 
+    # The forkserver starts the resource tracker first, and unblocks SIGINT after starting it
+    # (blocked there too): started before, it is left alone and the mask below holds.
+    resource_tracker.ensure_running()
     with _start_lock:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # this thread's, for the start
         told = {"sys_path": list(sys.path), "safe_path_set": _SAFE_PATH_VAR not in os.environ}
         os.environ[SYS_PATH_VAR] = json.dumps(told)
         if told["safe_path_set"]:
@@ -99,6 +110,7 @@ def ensure_forkserver() -> None:
             os.environ.pop(SYS_PATH_VAR, None)
             if told["safe_path_set"]:
                 os.environ.pop(_SAFE_PATH_VAR, None)
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def process_pool(workers: int) -> ProcessPoolExecutor:

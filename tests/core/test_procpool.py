@@ -70,6 +70,33 @@ def test_workers_run_this_process_code_from_whatever_folder_it_was_started(tmp_p
     assert out.stdout.startswith("True "), out.stdout
 
 
+def test_ctrl_c_reaches_neither_the_forkserver_starting_nor_the_workers(tmp_path):
+    """Ctrl-C goes to the whole process group; the pool's process handles it. A forkserver hit in
+    its start-up imports printed a KeyboardInterrupt traceback and was gone; a worker hit printed
+    another. Both start with SIGINT blocked now: hit while starting and while working, the pool
+    still runs its jobs, and nothing is printed."""
+    import subprocess
+
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(
+        "import os, signal, time\n"
+        "from multiprocessing import forkserver\n"
+        "from imnet_assets.runtime import procpool\n"
+        "if __name__ == '__main__':\n"
+        "    procpool.forkserver_context()\n"
+        "    procpool.ensure_forkserver()\n"
+        "    time.sleep(0.05)  # in its imports (~0.5 s)\n"
+        "    os.kill(forkserver._forkserver._forkserver_pid, signal.SIGINT)\n"
+        "    with procpool.process_pool(1) as pool:\n"
+        "        pid = pool.submit(os.getpid).result(timeout=120)\n"
+        "        os.kill(pid, signal.SIGINT)\n"
+        "        print(pool.submit(eval, '6 * 7').result(timeout=120), pool.submit(os.getpid).result(timeout=120) == pid)\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "42 True\n" and out.stderr == "", (out.stdout, out.stderr)
+
+
 def test_a_build_preloads_the_encode_workers_module_by_its_name():
     """`imnet build` names the encode workers' module for the forkserver without importing it
     first (the look's thread imports it while the forkserver starts): the name must stay its name."""
