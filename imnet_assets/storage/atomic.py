@@ -19,7 +19,16 @@ import uuid
 from collections.abc import Iterator
 
 from imnet_assets.runtime.host import pid_alive, pid_namespace
-from imnet_assets.storage.fs import basename, dirname, filesystem, is_remote, join, read_json, remove
+from imnet_assets.storage.fs import (
+    basename,
+    dirname,
+    filesystem,
+    is_remote,
+    join,
+    read_json,
+    remove,
+    storage_error,
+)
 
 TMP_MARK = ".tmp-"
 
@@ -42,7 +51,12 @@ def atomic_open(url: str) -> Iterator:
             _discard(f)
             upload.release()
             raise
-        f.close()
+        try:
+            f.close()  # the commit: its single PUT, or the multipart upload's completion
+        except Exception as e:
+            _discard(f)  # an upload that did not complete is aborted, its lease removed
+            upload.release()
+            raise storage_error(url, "commit", e) from e
         upload.release()
         return
     folder, name = os.path.split(path)
