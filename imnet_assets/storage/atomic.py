@@ -193,7 +193,9 @@ def remove_partials(url: str) -> list[str]:
                 lease = _lease_url(url, up["UploadId"])
                 if _upload_writer_alive(read_json(lease), up.get("Initiated")):
                     continue
-                fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=up["UploadId"])
+                # gone already (FileNotFoundError, NoSuchUpload): an abort carried out whose reply was lost
+                with contextlib.suppress(FileNotFoundError):
+                    fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=up["UploadId"])
                 remove(lease)
                 removed.append(f"s3://{bucket}/{key} (upload {up['UploadId'][:8]})")
         return removed

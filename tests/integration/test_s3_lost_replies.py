@@ -17,17 +17,21 @@ once and answers the retried completion NoSuchUpload (MinIO, Ceph), with no uplo
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import socket
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from imnet_assets.release import lease
+from imnet_assets.runtime.host import pid_namespace
 from imnet_assets.sample.sample_raw import write_sample_raw
 from imnet_assets.storage import atomic, fs
 from tests.checks import catalog
-from tests.conftest import build_env, dagster_home, environ, imnet
+from tests.conftest import build_env, dagster_home, dead_pid, environ, imnet
 from tests.latency_proxy import LatencyProxy
 from tests.s3server import MotoS3
 
@@ -267,3 +271,24 @@ def test_a_completion_refused_for_another_object_at_the_key_still_fails_naming_i
     assert completed and proxy.injected["lost"] == 1
     assert url in str(e.value) and "upload does not exist" in str(e.value), str(e.value)
     assert sorted(MotoS3.all_objects(client, s3.bucket)) == [key]  # no upload lease left
+
+
+def test_an_abort_of_a_killed_writers_upload_whose_reply_was_lost_takes_its_lease_too(proxied):
+    """remove_partials aborts the upload of a writer that is gone; the abort's reply is lost and its
+    retry answered NoSuchUpload: the upload is gone all the same, and its upload lease with it."""
+    s3, client, proxy = proxied
+    url = f"s3://{s3.bucket}/wds/imagenet12k-train-0002.tar"
+    fsys, path = fs.filesystem(url)
+    f = fsys.open(path, "wb", block_size=5 << 20)  # a writer killed mid-upload: parts sent, never completed
+    f.write(os.urandom(12 << 20))
+    f.closed = True
+    upload = f.mpu["UploadId"]
+    gone = {"host": socket.gethostname(), "pid_namespace": pid_namespace(), "pid": dead_pid(), "written": time.time(),
+            "key": url}
+    atomic.write_atomic(atomic._lease_url(url, upload), json.dumps(gone).encode())
+    proxy.lose(match=lambda method, target, headers: method == "DELETE" and "uploadId=" in target)
+    removed = atomic.remove_partials(url)
+    assert proxy.injected["lost"] == 1
+    assert removed == [f"{url} (upload {upload[:8]})"]
+    assert client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []) == []
+    assert MotoS3.all_objects(client, s3.bucket) == {}  # the upload's lease went with it
