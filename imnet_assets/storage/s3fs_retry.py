@@ -32,7 +32,7 @@ class S3FileSystem(s3fs.S3FileSystem):
                 return await call(**args)
             except Exception as e:  # noqa: BLE001 - botocore's errors are not OSErrors
                 if faulted and method == "complete_multipart_upload" and _error_code(e) == "NoSuchUpload":
-                    done = await self._completed(client, kwargs)
+                    done = await self._completed(kwargs)
                     if done is not None:
                         return done
                 translated = s3fs.errors.translate_boto_error(e)
@@ -41,22 +41,25 @@ class S3FileSystem(s3fs.S3FileSystem):
                 faulted = True
                 await asyncio.sleep(retry.wait(e))
 
-    @staticmethod
-    async def _completed(client, kwargs) -> dict | None:
+    async def _completed(self, kwargs) -> dict | None:
         """The answer a CompleteMultipartUpload whose reply was lost would have had, when the object
         at its key is the one those parts make (its ETag, md5 of the parts' md5s and "-<parts>",
         says so); None otherwise. A store that forgets a completed upload at once (MinIO, Ceph)
         answers the retry NoSuchUpload; AWS S3 answers it with the object."""
         parts = kwargs["MultipartUpload"]["Parts"]
-        digests = b"".join(bytes.fromhex(p["ETag"].strip('"')) for p in parts)
+        try:
+            digests = b"".join(bytes.fromhex(p["ETag"].strip('"')) for p in parts)
+        except ValueError:  # parts' ETags that are not md5s (SSE-KMS, some stores): nothing to compare
+            return None
         expected = f'"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"'
         try:
-            head = await client.head_object(Bucket=kwargs["Bucket"], Key=kwargs["Key"])
-        except Exception:  # noqa: BLE001 - not there, or not to be asked: the upload's own error stands
+            head = await self._call_s3("head_object", Bucket=kwargs["Bucket"], Key=kwargs["Key"])
+        except Exception:  # noqa: BLE001 - not there, or not to be told: the upload's own error stands
             return None
         if head.get("ETag") != expected:
             return None
-        return {"Bucket": kwargs["Bucket"], "Key": kwargs["Key"], "ETag": head["ETag"]}
+        done = {"Bucket": kwargs["Bucket"], "Key": kwargs["Key"], "ETag": head["ETag"]}
+        return {**done, "VersionId": head["VersionId"]} if head.get("VersionId") else done
 
     call_s3 = sync_wrapper(_call_s3)  # s3fs's files call this, bound to the class's own _call_s3
 
