@@ -222,10 +222,12 @@ def test_a_lease_whose_create_reply_was_lost_is_its_takers_own_renewed_and_relea
         assert following.generation == 1
 
 
-@pytest.mark.parametrize("request_kind", ["create", "part", "complete", "complete-forgotten"])
+@pytest.mark.parametrize("request_kind", ["create", "part", "complete", "complete-forgotten", "upload-lease",
+                                          "upload-lease-removal"])
 def test_a_multipart_upload_whose_reply_was_lost_is_committed_whole(proxied, request_kind):
-    """17 MiB: two parts of 16 MiB blocks. A retried create leaves its first upload behind (never
-    visible, and empty); the rest leave nothing."""
+    """17 MiB: two parts of 16 MiB blocks, and the upload's lease naming its writer (written once
+    the upload began, removed once committed). A retried create leaves its first upload behind
+    (never visible, and empty); the rest leave nothing."""
     s3, client, proxy = proxied
     url = f"s3://{s3.bucket}/wds/imagenet12k-train-0000.tar"
     data = os.urandom(17 << 20)
@@ -234,6 +236,8 @@ def test_a_multipart_upload_whose_reply_was_lost_is_committed_whole(proxied, req
         query = target.partition("?")[2]
         return {"create": method == "POST" and query == "uploads",
                 "part": method == "PUT" and "partNumber=1&" in query,
+                "upload-lease": method == "PUT" and f"/{atomic.UPLOADS_DIR}/" in target,
+                "upload-lease-removal": method == "POST" and query.startswith("delete"),
                 }.get(request_kind, method == "POST" and "uploadId=" in query)
 
     proxy.forget_completed = request_kind == "complete-forgotten"
