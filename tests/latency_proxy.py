@@ -22,7 +22,10 @@ Faults, as object storage and the middleboxes before it cause them (`Fault`; eac
 `injected`): `cut` sends part of an answer's body and closes the connection, either still
 promising the whole body or with its Content-Length rewritten to the part (a well-formed answer
 that is short); `reset` sends part of the body and resets the connection (RST); `slowdown`
-answers every request for some seconds with S3's 503 SlowDown. `SilentEndpoint` accepts
+answers every request for some seconds with S3's 503 SlowDown; `lose` forwards a request, reads
+the whole answer and resets the connection (RST) before a byte of it reaches the client: the
+request took effect, its reply was lost (a PUT, POST or DELETE as well as a GET: the client sees a
+reset connection and retries a request that was carried out). `SilentEndpoint` accepts
 connections and never answers.
 
 Regions (`place`): a bucket placed in a region is answered as S3 answers a bucket in that region: a
@@ -32,6 +35,10 @@ with the bucket's region in `x-amz-bucket-region` (`tell_region=False`: without 
 with no regions answers) and is not passed on; one signed for the bucket's region is passed on, and a
 passed-on answer names the region in `x-amz-bucket-region` (as S3's HeadBucket does). `redirected`
 counts the 301s, by method.
+
+Completed uploads (`forget_completed`): AWS S3 (and moto) answer a CompleteMultipartUpload retried
+after it succeeded with the object it made; other stores (MinIO, Ceph) have forgotten the upload and
+answer 404 NoSuchUpload, which the proxy then answers in their place.
 """
 
 from __future__ import annotations
@@ -111,7 +118,9 @@ def permanent_redirect(bucket: str, region: str) -> bytes:
 class Fault:
     """What the proxy does to the answers of requests `match` selects: `kind` is "cut" (part of
     the body, then the connection closed; `rewrite_length`: the Content-Length says the part),
-    "reset" (part of the body, then RST) or "slowdown" (503 SlowDown, nothing passed on). Applied
+    "reset" (part of the body, then RST), "lost" (the request passed on and answered upstream,
+    then RST before any of the answer: bodiless answers too) or "slowdown" (503 SlowDown, nothing
+    passed on). Applied
     to every `every`-th matching request, `times` times (None: no limit), until `until`
     (time.monotonic(); None: no limit)."""
 
@@ -168,6 +177,8 @@ class LatencyProxy:
         self.log: list[list] = []
         self.regions: dict[str, tuple[str, bool]] = {}  # bucket -> (its region, whether a 301 tells it): `place`
         self.redirected: Counter = Counter()  # method -> 301s answered for a bucket's region
+        self.forget_completed = False  # answer a retried CompleteMultipartUpload 404 NoSuchUpload
+        self.completed: set[str] = set()  # upload ids completed upstream
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -217,6 +228,15 @@ class LatencyProxy:
         with self._lock:
             self.regions[bucket] = (region, tell_region)
 
+    def _forgotten(self, method: str, target: str) -> tuple[int, dict, bytes] | None:
+        """The 404 NoSuchUpload a store that forgets completed uploads answers to completing one again."""
+        upload = _completion(method, target)
+        with self._lock:
+            if not (self.forget_completed and upload in self.completed):
+                return None
+        return 404, {}, (f"<Error><Code>NoSuchUpload</Code><Message>The specified upload does not exist."
+                         f"</Message><UploadId>{upload}</UploadId></Error>").encode()
+
     def _elsewhere(self, target: str, headers: dict) -> tuple[int, dict, bytes] | None:
         """The 301 a placed bucket's request signed for another region gets, or None (passed on)."""
         bucket = bucket_of(target)
@@ -237,6 +257,11 @@ class LatencyProxy:
     def reset(self, times: int | None = None, every: int = 1, match=ranged_get, keep: float = 0.5) -> Fault:
         """Reset the connection (RST) midway through the body of matching answers."""
         return self._add(Fault("reset", match, every, times, keep=keep))
+
+    def lose(self, match=any_request, times: int | None = 1, every: int = 1) -> Fault:
+        """Lose the answers of matching requests: each is passed on and carried out upstream, its
+        whole answer read, then the client's connection is reset (RST) without a byte of it."""
+        return self._add(Fault("lost", match, every, times))
 
     def slowdown(self, seconds: float, match=any_request, after: int = 0, when=None) -> Fault:
         """Answer every matching request with 503 SlowDown for the next `seconds`, or, with
@@ -318,11 +343,13 @@ class LatencyProxy:
                     if self.hold_objects and method not in ("GET", "HEAD"):
                         self.held.pop(path, None)
                     elsewhere = self._elsewhere(entry[1], headers)
+                    forgotten = self._forgotten(method, entry[1])
                     with self._lock:
                         failure = self._failures.pop(0) if self._failures else None
                         if elsewhere is not None and failure is None:
                             failure = elsewhere
                             self.redirected[method] += 1
+                        failure = failure or forgotten
                     fault = None if failure is not None else self._fault_for(method, entry[1], headers)
                     if fault is not None and fault.kind == "slowdown":
                         failure, fault = (503, {}), None
@@ -368,6 +395,9 @@ class LatencyProxy:
                             return
                         rline, rheaders = resp
                         status = int(rline.split(b" ", 2)[1])
+                        if status == 200 and _completion(method, entry[1]):
+                            with self._lock:
+                                self.completed.add(_completion(method, entry[1]))
                         no_body = method == "HEAD" or status in (204, 304) or 100 <= status < 200
                         rbody = b"" if no_body else await _read_body(up_reader, rheaders, request=False)
                         framed = no_body or "content-length" in rheaders or "chunked" in rheaders.get(
@@ -380,6 +410,9 @@ class LatencyProxy:
                             rheaders["\0order"] = [(n, v) for n, v in rheaders["\0order"]
                                                    if n.lower() != "x-amz-bucket-region"]
                             rheaders["\0order"].append(("x-amz-bucket-region", placed[0]))
+                        if fault is not None and fault.kind == "lost":
+                            _abort(writer)
+                            return
                         if fault is not None and rbody and not no_body:
                             await _faulty(writer, _render_head(rline, rheaders, drop=("connection",)), rbody, fault)
                             return
@@ -425,6 +458,9 @@ class LatencyProxy:
 
 async def _faulty(writer: asyncio.StreamWriter, head: bytes, body: bytes, fault: Fault) -> None:
     """Send `head` and part of `body` as `fault` says, then close (cut) or reset the connection."""
+    if fault.kind == "lost":
+        _abort(writer)
+        return
     part = body[: int(len(body) * fault.keep)]
     if fault.kind == "cut" and fault.rewrite_length:
         lines = [ln for ln in head[:-4].split(b"\r\n") if not ln.lower().startswith(b"content-length:")]
@@ -432,12 +468,25 @@ async def _faulty(writer: asyncio.StreamWriter, head: bytes, body: bytes, fault:
     writer.write(head + part)
     await writer.drain()
     if fault.kind == "reset":
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.transport.abort()
+        _abort(writer)
     else:
         writer.close()
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    """Reset the client's connection (RST: SO_LINGER 0, then abort), sending nothing more."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+def _completion(method: str, target: str) -> str | None:
+    """The upload id a CompleteMultipartUpload request (POST /bucket/key?uploadId=...) completes."""
+    if method != "POST":
+        return None
+    found = re.search(r"(?:^|&)uploadId=([^&]+)", target.partition("?")[2])
+    return unquote(found.group(1)) if found else None
 
 
 def _ranged_answer(held: tuple[dict, bytes], range_header: str) -> tuple[bytes, bytes]:

@@ -82,7 +82,7 @@ def test_an_unreachable_s3_endpoint_is_a_clear_error_naming_it(tmp_path):
 def test_refused_credentials_are_named_as_such():
     from imnet_assets.storage import fs
 
-    err = fs._storage_error("s3://b/raw", "list", PermissionError("Forbidden"))
+    err = fs.storage_error("s3://b/raw", "list", PermissionError("Forbidden"))
     assert isinstance(err, OSError) and not isinstance(err, FileNotFoundError)
     assert str(err).startswith("cannot list s3://b/raw: PermissionError: Forbidden (the storage refused the credentials")
 

@@ -10,7 +10,8 @@ Taking a lease: list the folder; if the highest generation's holder may still be
 (LeaseHeld names it). Otherwise create generation n+1 only if no such object exists (local: a
 hard link to a complete temporary file, which fails where the name exists; S3: a PUT with
 `If-None-Match: *`): of several takers at once exactly one creates it, and the others look
-again. The winner removes the older generations; releasing removes its own. (An S3-compatible
+again (a create refused for an object that holds the taker's own token is its own: a retry of a
+create whose reply was lost). The winner removes the older generations; releasing removes its own. (An S3-compatible
 store must honour `If-None-Match` on PUT, as AWS S3, MinIO and R2 do; the winner reads its object
 back, which catches a store that ignores it unless two takers write within the same moment.)
 
@@ -197,11 +198,11 @@ def _create(url: str, data: bytes) -> bool:
         try:
             fsys.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         except FileExistsError:  # s3fs's translation of 412 PreconditionFailed
-            return False
+            return _ours(url, data)
         except Exception as e:  # noqa: BLE001 - botocore's errors are not OSErrors
             text = f"{type(e).__name__}: {e}"
             if "PreconditionFailed" in text or "412" in text or "ConditionalRequestConflict" in text:
-                return False
+                return _ours(url, data)
             raise fs.StorageError(fs.redact(f"cannot create the lease {url}: {text}")) from e
         return True
     folder, name = os.path.split(os.path.abspath(url))
@@ -226,6 +227,14 @@ def _create(url: str, data: bytes) -> bool:
         return False
     finally:
         os.unlink(tmp)
+
+
+def _ours(url: str, data: bytes) -> bool:
+    """Whether the object a conditional create was refused for is the one it wrote: a create
+    whose reply was lost (the connection reset after S3 carried it out) is retried and refused
+    (412) for its own object. Its token is unique to this taker: the object holding it is ours."""
+    current = fs.read_json(url)
+    return isinstance(current, dict) and current.get("token") == json.loads(data).get("token")
 
 
 def acquire(out_root: str, name: str, what: str) -> Lease:

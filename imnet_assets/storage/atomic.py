@@ -19,7 +19,16 @@ import uuid
 from collections.abc import Iterator
 
 from imnet_assets.runtime.host import pid_alive, pid_namespace
-from imnet_assets.storage.fs import basename, dirname, filesystem, is_remote, join, read_json, remove
+from imnet_assets.storage.fs import (
+    basename,
+    dirname,
+    filesystem,
+    is_remote,
+    join,
+    read_json,
+    remove,
+    storage_error,
+)
 
 TMP_MARK = ".tmp-"
 
@@ -42,7 +51,12 @@ def atomic_open(url: str) -> Iterator:
             _discard(f)
             upload.release()
             raise
-        f.close()
+        try:
+            f.close()  # the commit: its single PUT, or the multipart upload's completion
+        except Exception as e:
+            _discard(f)  # an upload that did not complete is aborted, its lease removed
+            upload.release()
+            raise storage_error(url, "commit", e) from e
         upload.release()
         return
     folder, name = os.path.split(path)
@@ -179,7 +193,9 @@ def remove_partials(url: str) -> list[str]:
                 lease = _lease_url(url, up["UploadId"])
                 if _upload_writer_alive(read_json(lease), up.get("Initiated")):
                     continue
-                fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=up["UploadId"])
+                # gone already (FileNotFoundError, NoSuchUpload): an abort carried out whose reply was lost
+                with contextlib.suppress(FileNotFoundError):
+                    fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=up["UploadId"])
                 remove(lease)
                 removed.append(f"s3://{bucket}/{key} (upload {up['UploadId'][:8]})")
         return removed

@@ -92,7 +92,7 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 StorageError = s3read.StorageError
 
 
-def _storage_error(url: str, what: str, e: BaseException) -> StorageError:
+def storage_error(url: str, what: str, e: BaseException) -> StorageError:
     if isinstance(e, StorageError):  # named already, with what to check
         return StorageError(redact(f"cannot {what} {url}: {e}"))
     text = f"{type(e).__name__}: {s3read.brief(e)}"
@@ -126,9 +126,9 @@ def _names_remote_errors(what: str):
             except StorageError as e:
                 if str(e).startswith("cannot "):  # said already, by an inner call
                     raise
-                raise _storage_error(url, what, e) from e
+                raise storage_error(url, what, e) from e
             except Exception as e:  # noqa: BLE001 - botocore's errors are not OSErrors
-                raise _storage_error(url, what, e) from e
+                raise storage_error(url, what, e) from e
 
         return call
 
@@ -251,12 +251,12 @@ def read_many(urls: list[str], batch: int = READ_BATCH) -> dict[str, bytes | Non
             # max_concurrency=1: one GET per object (s3fs otherwise asks each object's size first)
             results = fs.cat_ranges(paths, None, None, batch_size=batch, on_error="return", max_concurrency=1)
         except Exception as e:  # noqa: BLE001 - botocore's errors are not OSErrors
-            raise _storage_error(group[0], "read", e) from e
+            raise storage_error(group[0], "read", e) from e
         for url, result in zip(group, results):
             if isinstance(result, FileNotFoundError):
                 out[url] = None
             elif isinstance(result, BaseException):
-                raise _storage_error(url, "read", result) from result
+                raise storage_error(url, "read", result) from result
             else:
                 out[url] = bytes(result)
     return out

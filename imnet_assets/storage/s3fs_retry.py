@@ -5,6 +5,7 @@ process that imports storage, the encode workers' forkserver among them)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 import s3fs
 from fsspec.asyn import sync_wrapper
@@ -25,14 +26,40 @@ class S3FileSystem(s3fs.S3FileSystem):
         args = self._get_s3_method_kwargs(call, *akwarglist, **kwargs)
         target = "/".join(str(kwargs[k]) for k in ("Bucket", "Key", "Prefix") if kwargs.get(k))
         retry = s3read.Retry(f"{method} s3://{target}")
+        faulted = False  # an attempt failed in transport: it may have been carried out all the same
         while True:
             try:
                 return await call(**args)
             except Exception as e:  # noqa: BLE001 - botocore's errors are not OSErrors
+                if faulted and method == "complete_multipart_upload" and _error_code(e) == "NoSuchUpload":
+                    done = await self._completed(kwargs)
+                    if done is not None:
+                        return done
                 translated = s3fs.errors.translate_boto_error(e)
                 if isinstance(translated, FileNotFoundError) or s3read.fault_kind(e) == "other":
                     raise translated from e  # s3fs's meaning (a missing key, a refused request)
+                faulted = True
                 await asyncio.sleep(retry.wait(e))
+
+    async def _completed(self, kwargs) -> dict | None:
+        """The answer a CompleteMultipartUpload whose reply was lost would have had, when the object
+        at its key is the one those parts make (its ETag, md5 of the parts' md5s and "-<parts>",
+        says so); None otherwise. A store that forgets a completed upload at once (MinIO, Ceph)
+        answers the retry NoSuchUpload; AWS S3 answers it with the object."""
+        parts = kwargs["MultipartUpload"]["Parts"]
+        try:
+            digests = b"".join(bytes.fromhex(p["ETag"].strip('"')) for p in parts)
+        except ValueError:  # parts' ETags that are not md5s (SSE-KMS, some stores): nothing to compare
+            return None
+        expected = f'"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"'
+        try:
+            head = await self._call_s3("head_object", Bucket=kwargs["Bucket"], Key=kwargs["Key"])
+        except Exception:  # noqa: BLE001 - not there, or not to be told: the upload's own error stands
+            return None
+        if head.get("ETag") != expected:
+            return None
+        done = {"Bucket": kwargs["Bucket"], "Key": kwargs["Key"], "ETag": head["ETag"]}
+        return {**done, "VersionId": head["VersionId"]} if head.get("VersionId") else done
 
     call_s3 = sync_wrapper(_call_s3)  # s3fs's files call this, bound to the class's own _call_s3
 
@@ -48,3 +75,9 @@ class S3FileSystem(s3fs.S3FileSystem):
                 if s3read.fault_kind(e) == "other":
                     raise
                 await asyncio.sleep(retry.wait(e))
+
+
+def _error_code(e: BaseException) -> str | None:
+    """The S3 error code of a botocore ClientError ("NoSuchUpload"), else None."""
+    response = getattr(e, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None

@@ -1,0 +1,298 @@
+"""A lost reply to a write is never a loss, a refusal or a leftover: S3 carried the request out, and
+the connection was reset before a byte of its answer came back (the proxy's `lose`, in front of
+moto), so the client tries again a request that already took effect.
+
+For each kind of write a build on `s3://` roots makes (the leases' conditional creates, the plan
+files, the shards, their manifests and states, the freshness ledger, `_info.json`, classes.tsv,
+the card, the bulk deletes of leases and states), a build whose k-th such write lost its reply
+exits 0 with the audit ok, its shards, `_info.json`, classes.tsv and catalog equal to a clean
+build's, no lease and no upload left behind; the next build finds every shard fresh.
+
+At the storage level: a lease whose create's reply was lost is its taker's (generation 1, never
+taken over from itself), its renewal and release too; a multipart upload whose create, part or
+completion lost its reply is committed whole, also on a store that forgets a completed upload at
+once and answers the retried completion NoSuchUpload (MinIO, Ceph), with no upload lease left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from imnet_assets.release import lease
+from imnet_assets.runtime.host import pid_namespace
+from imnet_assets.sample.sample_raw import write_sample_raw
+from imnet_assets.storage import atomic, fs
+from tests.checks import catalog
+from tests.conftest import build_env, dagster_home, dead_pid, environ, imnet
+from tests.latency_proxy import LatencyProxy
+from tests.s3server import MotoS3
+
+RAW_BUCKET, OUT_BUCKET = "lost-raw", "lost-out"
+RAW_ROOT, OUT_ROOT = f"s3://{RAW_BUCKET}/winter21", f"s3://{OUT_BUCKET}/wds"
+NUM_SHARDS = 3
+
+
+def write_kind(method: str, target: str, headers: dict) -> str | None:
+    """What a request to the out bucket writes ("lease create", "shard", ...), None for reads."""
+    path, _, query = target.partition("?")
+    if not path.startswith(f"/{OUT_BUCKET}") or method not in ("PUT", "POST", "DELETE"):
+        return None
+    name = path.rpartition("/")[2]
+    if method == "POST" and query.startswith("delete"):
+        return "bulk delete"
+    if "/_locks/" in path:
+        return "lease create" if "if-none-match" in headers else "lease renew"
+    if "uploads" in query.split("&") or "uploadId" in query:
+        return "multipart"
+    if "/_plan/" in path:
+        return "plan"
+    if "/_manifests/" in path:
+        return {"_commit_records.json": "ledger"}.get(name, "state" if name.endswith(".state.json") else "manifest")
+    if name.endswith(".tar"):
+        return "shard"
+    return name  # _info.json, classes.tsv, README.md
+
+
+def _env(tmp: Path, s3: MotoS3, endpoint: str) -> dict[str, str]:
+    env = build_env(tmp, RAW_ROOT, IMNET_OUT_ROOT=OUT_ROOT, IMNET_NUM_SHARDS=str(NUM_SHARDS),
+                    DAGSTER_HOME=str(dagster_home(tmp)), IMNET_STORAGE_RETRY_SECONDS="60")
+    for k in [k for k in env if k.startswith("AWS_")]:
+        del env[k]
+    env.update(s3.env())
+    env["AWS_ENDPOINT_URL"] = endpoint
+    return env
+
+
+@pytest.fixture(scope="module")
+def small_raw(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("raw-small")
+    write_sample_raw(root, synsets=3, images=12, seed=0)
+    return root
+
+
+def _kept(client) -> dict:
+    """What a build kept: the shards, _info.json and classes.tsv (their sha256), and what it left
+    behind that it should not have: leases, upload leases, multipart uploads."""
+    objects = MotoS3.all_objects(client, OUT_BUCKET)
+    digest = {k.rpartition("/")[2]: hashlib.sha256(v).hexdigest() for k, v in objects.items()
+              if k.count("/") == 1 and k.endswith((".tar", "_info.json", "classes.tsv"))}
+    leftovers = sorted(k for k in objects if "/_locks/" in k or "/_uploads/" in k)
+    leftovers += [f"upload of {u['Key']}" for u in client.list_multipart_uploads(Bucket=OUT_BUCKET).get("Uploads", [])]
+    return {"kept": digest, "leftovers": leftovers}
+
+
+def _images(path: Path) -> list[tuple]:
+    with catalog(path) as con:
+        return con.execute("SELECT * FROM images ORDER BY key").fetchall()
+
+
+def _build(small_raw: Path, tmp: Path, lose: tuple = (), rerun: bool = False) -> dict:
+    """A build of `small_raw` from and to moto through the proxy, losing the reply of the k-th write
+    of kind for each (kind, k) in `lose`: what it kept, its output, the writes it made by kind, the
+    replies lost."""
+    seen: dict[str, int] = {}
+
+    def lost(method: str, target: str, headers: dict) -> bool:
+        what = write_kind(method, target, headers)
+        if what is None:
+            return False
+        seen[what] = seen.get(what, 0) + 1
+        return (what, seen[what]) in lose
+
+    with MotoS3(secret=f"lostSecret-{uuid.uuid4().hex}") as s3, LatencyProxy(s3.endpoint, latency_ms=0) as proxy:
+        client = s3.client()
+        for bucket in (RAW_BUCKET, OUT_BUCKET):  # moto's state is the pytest process's: emptied first
+            client.create_bucket(Bucket=bucket)
+            for key in MotoS3.all_objects(client, bucket):
+                client.delete_object(Bucket=bucket, Key=key)
+            for up in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+                client.abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+        s3.put_tree(client, small_raw, RAW_BUCKET, "winter21")
+        proxy.lose(match=lost, times=None)
+        env = _env(tmp, s3, proxy.endpoint)
+        result = imnet(["build"], env, check=False)
+        done = {**_kept(client), "rc": result.returncode, "out": result.stdout + result.stderr,
+                "writes": dict(seen), "lost": list(proxy.fault_log)}
+        if rerun:
+            proxy.clear_faults()
+            again = imnet(["build"], env, check=False)
+            done["rerun"] = (again.returncode, again.stdout + again.stderr)
+    done["images"] = _images(tmp / "catalog.duckdb")
+    return done
+
+
+@pytest.fixture(scope="module")
+def clean(small_raw, tmp_path_factory) -> dict:
+    done = _build(small_raw, tmp_path_factory.mktemp("clean"))
+    assert done["rc"] == 0, done["out"][-3000:]
+    assert len([n for n in done["kept"] if n.endswith(".tar")]) == NUM_SHARDS
+    assert done["leftovers"] == [], done["leftovers"]
+    return done
+
+
+# The replies each build loses, (kind, k): the k-th write of that kind. A build of this release (3
+# shards) makes 4 lease creates (the build's, then the shards' in their runs' order), 4 plan
+# writes (3 slices, then their index), 3 shards, 3 manifests, states and ledger writes, 7 bulk
+# deletes (leases released, states removed before a shard is written again). Each kind once in
+# the first and the last of its kind, in builds of one phase each (one build a kind: ~2 minutes more).
+CASES = {
+    "leases": [("lease create", 1), ("lease create", 3)],
+    "plan": [("plan", 1), ("plan", 4)],
+    "shards": [("shard", 1), ("shard", 3)],
+    "shard-commits": [("manifest", 1), ("state", 2), ("ledger", 3)],
+    "release-files": [("_info.json", 1), ("classes.tsv", 1), ("README.md", 1)],
+    "deletes": [("bulk delete", 1), ("bulk delete", 7)],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_lost_reply_to_a_write_loses_nothing_refuses_nothing_and_leaves_nothing(clean, small_raw, tmp_path, case):
+    lose = CASES[case]
+    for kind, k in lose:
+        assert clean["writes"].get(kind, 0) >= k, ("the clean build made fewer such writes", kind, clean["writes"])
+    done = _build(small_raw, tmp_path, tuple(lose), rerun=case == "leases")
+    headers = {"if-none-match": "*"} if case == "leases" else {}
+    assert sorted(write_kind(f[1], f[2], headers) for f in done["lost"] if f[0] == "lost") == sorted(
+        kind for kind, _ in lose), done["lost"]
+    out = done["out"]
+    assert done["rc"] == 0, out[-3000:]
+    assert "shard_audit      ok" in out, out[-3000:]
+    assert "holds it" not in out and "LeaseHeld" not in out, out[-3000:]
+    assert done["kept"] == clean["kept"]
+    assert done["images"] == clean["images"], sorted(set(done["images"]) ^ set(clean["images"]))
+    assert done["leftovers"] == [], done["leftovers"]
+    if "rerun" in done:  # the lease it took is not one that blocks the next build
+        rc, again = done["rerun"]
+        assert rc == 0 and f"{NUM_SHARDS} of {NUM_SHARDS} selected shards fresh" in again, again[-3000:]
+
+
+# ----------------------------------------------------------------------------- the storage level
+
+
+@pytest.fixture
+def proxied():
+    with MotoS3(secret=f"lostSecret-{uuid.uuid4().hex}") as s3, LatencyProxy(s3.endpoint, latency_ms=0) as proxy:
+        s3.bucket = f"lost-{uuid.uuid4().hex[:12]}"
+        client = s3.client()
+        client.create_bucket(Bucket=s3.bucket)
+        with environ(**s3.env(), IMNET_STORAGE_RETRY_SECONDS="30"), environ(AWS_ENDPOINT_URL=proxy.endpoint):
+            yield s3, client, proxy
+
+
+def _conditional_put(method: str, target: str, headers: dict) -> bool:
+    return method == "PUT" and "if-none-match" in headers
+
+
+def _lock_keys(client, bucket: str) -> list[str]:
+    return sorted(k for k in MotoS3.all_objects(client, bucket) if "/_locks/" in k)
+
+
+def test_a_lease_whose_create_reply_was_lost_is_its_takers_own_renewed_and_released(proxied):
+    s3, client, proxy = proxied
+    root = f"s3://{s3.bucket}/wds"
+    proxy.lose(match=_conditional_put)  # S3 creates it; the retry is refused (412) for its own object
+    held = lease.acquire(root, "build", "imnet build")
+    try:
+        assert proxy.injected["lost"] == 1
+        # its own: generation 1, not taken over from itself as from a holder gone
+        assert held.generation == 1 and not held.lost
+        assert _lock_keys(client, s3.bucket) == ["wds/_locks/build/00000001.json"]
+        assert fs.read_json(held.url)["token"] == held.token
+        with pytest.raises(lease.LeaseHeld):  # held: another taker is refused
+            lease.acquire(root, "build", "another build")
+        proxy.lose(match=lambda m, t, h: m == "PUT" and "/_locks/" in t)  # a renewal's reply lost
+        held.renew()
+        assert proxy.injected["lost"] == 2
+        held.check()
+        assert _lock_keys(client, s3.bucket) == ["wds/_locks/build/00000001.json"]
+    finally:
+        proxy.lose(match=lambda m, t, h: m == "POST" and "delete" in t)  # the release's delete's reply lost
+        held.release()
+    assert proxy.injected["lost"] == 3
+    assert _lock_keys(client, s3.bucket) == []
+    with lease.acquire(root, "build", "the next build") as following:
+        assert following.generation == 1
+
+
+@pytest.mark.parametrize("request_kind", ["create", "part", "complete", "complete-forgotten", "upload-lease",
+                                          "upload-lease-removal"])
+def test_a_multipart_upload_whose_reply_was_lost_is_committed_whole(proxied, request_kind):
+    """17 MiB: two parts of 16 MiB blocks, and the upload's lease naming its writer (written once
+    the upload began, removed once committed). A retried create leaves its first upload behind
+    (never visible, and empty); the rest leave nothing."""
+    s3, client, proxy = proxied
+    url = f"s3://{s3.bucket}/wds/imagenet12k-train-0000.tar"
+    data = os.urandom(17 << 20)
+
+    def selected(method: str, target: str, headers: dict) -> bool:
+        query = target.partition("?")[2]
+        return {"create": method == "POST" and query == "uploads",
+                "part": method == "PUT" and "partNumber=1&" in query,
+                "upload-lease": method == "PUT" and f"/{atomic.UPLOADS_DIR}/" in target,
+                "upload-lease-removal": method == "POST" and query.startswith("delete"),
+                }.get(request_kind, method == "POST" and "uploadId=" in query)
+
+    proxy.forget_completed = request_kind == "complete-forgotten"
+    proxy.lose(match=selected)
+    atomic.write_atomic(url, data)
+    assert proxy.injected["lost"] == 1
+    objects = MotoS3.all_objects(client, s3.bucket)
+    assert objects.get("wds/imagenet12k-train-0000.tar") == data
+    assert sorted(objects) == ["wds/imagenet12k-train-0000.tar"]  # no upload lease left
+    uploads = client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", [])
+    assert len(uploads) == (request_kind == "create"), uploads
+
+
+def test_a_completion_refused_for_another_object_at_the_key_still_fails_naming_it(proxied):
+    """The completion's retry answered NoSuchUpload while the key holds another object (a writer
+    that came after it, before the look at the key): not taken for this upload's; the write fails
+    naming the object, and leaves no upload lease."""
+    s3, client, proxy = proxied
+    url = f"s3://{s3.bucket}/wds/imagenet12k-train-0001.tar"
+    key = "wds/imagenet12k-train-0001.tar"
+    completed = []
+
+    def lost_then_overwritten(method: str, target: str, headers: dict) -> bool:
+        if method == "POST" and "uploadId=" in target and not completed:
+            completed.append(target)
+            return True  # carried out, its reply lost; the retry is answered NoSuchUpload
+        if method == "HEAD" and completed:  # the look at the key: another writer's object first
+            client.put_object(Bucket=s3.bucket, Key=key, Body=b"another writer's object")
+        return False
+
+    proxy.forget_completed = True
+    proxy.lose(match=lost_then_overwritten, times=None)
+    with pytest.raises(fs.StorageError) as e:
+        atomic.write_atomic(url, os.urandom(17 << 20))
+    assert completed and proxy.injected["lost"] == 1
+    assert url in str(e.value) and "upload does not exist" in str(e.value), str(e.value)
+    assert sorted(MotoS3.all_objects(client, s3.bucket)) == [key]  # no upload lease left
+
+
+def test_an_abort_of_a_killed_writers_upload_whose_reply_was_lost_takes_its_lease_too(proxied):
+    """remove_partials aborts the upload of a writer that is gone; the abort's reply is lost and its
+    retry answered NoSuchUpload: the upload is gone all the same, and its upload lease with it."""
+    s3, client, proxy = proxied
+    url = f"s3://{s3.bucket}/wds/imagenet12k-train-0002.tar"
+    fsys, path = fs.filesystem(url)
+    f = fsys.open(path, "wb", block_size=5 << 20)  # a writer killed mid-upload: parts sent, never completed
+    f.write(os.urandom(12 << 20))
+    f.closed = True
+    upload = f.mpu["UploadId"]
+    gone = {"host": socket.gethostname(), "pid_namespace": pid_namespace(), "pid": dead_pid(), "written": time.time(),
+            "key": url}
+    atomic.write_atomic(atomic._lease_url(url, upload), json.dumps(gone).encode())
+    proxy.lose(match=lambda method, target, headers: method == "DELETE" and "uploadId=" in target)
+    removed = atomic.remove_partials(url)
+    assert proxy.injected["lost"] == 1
+    assert removed == [f"{url} (upload {upload[:8]})"]
+    assert client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []) == []
+    assert MotoS3.all_objects(client, s3.bucket) == {}  # the upload's lease went with it
