@@ -170,6 +170,37 @@ def test_a_full_tmpdir_names_the_stages_csv_file_and_leaves_nothing(tmpfs):
     assert sorted(p.name for p in point.iterdir()) == ["filler"]
 
 
+def test_a_codec_that_meets_a_full_disk_fails_the_work_not_the_image(tmpfs, sample_jpeg):
+    """A codec that stages through a temporary file (as Pillow's djpeg and Ghostscript paths do) on a
+    full TMPDIR: the error propagates as the full disk it is; never an exclusion (the reason
+    encode_or_refusal returns), never a MachineryFault (whose control ran on the same full disk)."""
+    from imnet_assets.image.encode import DEFAULT_SETTINGS, encode_image, encode_or_refusal
+
+    point = tmpfs("tmpdir")
+    fill(point)
+
+    def staging_codec(data, settings):
+        with open(point / "stage.jpg", "wb") as f:
+            f.write(data)
+            f.flush()
+        return encode_image(data, settings)
+
+    with pytest.raises(OSError) as raised:
+        encode_or_refusal(sample_jpeg, DEFAULT_SETTINGS, encode=staging_codec)
+    assert raised.value.errno == errno.ENOSPC and type(raised.value) is OSError, repr(raised.value)
+
+
+@pytest.fixture
+def sample_jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 60)).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
 # ----------------------------------------------------------------------------- the sweep
 
 FOLDERS = ("out", "cat", "dagster_home", "tmpdir")
