@@ -226,7 +226,7 @@ EVENTS = {
     "shard-temp-file": lambda tmp: any(TMP_SHARD.match(p.name) for p in (tmp / "out").iterdir()),
 }
 
-# (folder, moment): 15 builds and a half of 28 images, about 2 minutes on 2 cores
+# (folder, moment): 12 moments, each a build and a half of 28 images; the file takes about a minute on 2 cores
 MOMENTS = [
     ("out", "start"),  # the build's lease
     ("out", "filtered-index-line"),  # the plan's slices
@@ -238,8 +238,9 @@ MOMENTS = [
     ("dagster_home", "start"),  # the instance's storages
     ("dagster_home", "catalog-wal"),  # a stage's run
     ("dagster_home", "shard-lease"),  # shard runs
-    ("tmpdir", "start"),
+    # (a TMPDIR full at the start is passed over: Python's tempfile then picks /tmp)
     ("tmpdir", "raw-tars-line"),  # a stage's CSV for DuckDB
+    ("tmpdir", "filtered-index-line"),  # the plan's
 ]
 
 
