@@ -14,10 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from imnet_assets.orchestrate.build import OutRootBusy
+from imnet_assets.orchestrate.instance import unwritable as instance_unwritable
 from imnet_assets.orchestrate.interrupts import first_done, stop_on_signals
 from imnet_assets.release.releases import by_name
 from imnet_assets.release.releases import from_env as read_releases
 from imnet_assets.settings import Settings, SettingsError, apply_env_file, shard_key
+from imnet_assets.storage.atomic import FULL
 from imnet_assets.storage.fs import StorageError
 
 DEMO_SHARDS = 8
@@ -448,12 +450,45 @@ def main(argv: list[str] | None = None) -> int:
     except (CatalogDamaged, FileNotFoundError, StorageError, OutRootBusy) as e:  # each one line saying what to do
         print(f"imnet: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        if e.errno not in FULL:
+            raise
+        print(f"imnet: {e}{'' if e.filename else _space_left()}", file=sys.stderr)  # a full disk outside any stage
+        return 1
+    except Exception as e:
+        said = instance_unwritable(e)
+        if said is None:
+            raise
+        print(f"imnet: {said}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `imnet status | head`: the reader has gone; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except KeyboardInterrupt:
         print("imnet: interrupted", file=sys.stderr)
         return 130
+
+
+def _space_left() -> str:
+    """For a full disk's error that names no file (a print to a stream that Dagster's compute log
+    capture points into DAGSTER_HOME while a step runs; atomic.removed_on_error names the files
+    this project writes): the folders a build writes, with the space left on each."""
+    import shutil
+    import tempfile
+
+    try:
+        s = Settings.from_env()
+        folders = [("out root", s.out_root), ("catalog folder", os.path.dirname(os.path.abspath(s.catalog)))]
+    except Exception:  # noqa: BLE001 - only the message's detail
+        folders = []
+    folders += [("DAGSTER_HOME", os.environ.get("DAGSTER_HOME", "")), ("TMPDIR", tempfile.gettempdir())]
+    left = []
+    for name, path in folders:
+        try:
+            left.append(f"{name} {path} {shutil.disk_usage(path).free // 2**20} MiB")
+        except (OSError, ValueError):  # remote, or not there
+            continue
+    return f" (space left: {'; '.join(left)})" if left else ""
 
 
 if __name__ == "__main__":

@@ -79,7 +79,13 @@ def settle(
     an image, nor a verdict on the machinery). ``cut`` (controls.control_for): True when ``error``
     came from the repair of data cut short (the control is cut short, so it is repaired too, where
     its format can be); False when the path repairs nothing (a cut image fails it by design: the
-    perceptual hash), so its control is never cut; None, cut when the image looks cut."""
+    perceptual hash), so its control is never cut; None, cut when the image looks cut.
+    An OSError that carries an errno (a full disk or quota, an I/O error, too many open files: a
+    codec that stages through a temporary file meets them) propagates as it is, before any control:
+    it is the machine's, never the image's (Pillow's errors on bad bytes carry none), and a control
+    run on the same full disk would only call the code broken."""
+    if isinstance(error, OSError) and error.errno is not None:
+        raise error
     kind = control_for(data, max_short, cut=cut)
     seen = f"{path} failed with {describe_error(error)}{_raised_at(error)}"
     try:

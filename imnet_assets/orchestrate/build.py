@@ -389,11 +389,17 @@ class Build:
                         nxt = next(queue, None)
                         if nxt is not None:
                             pending[pool.submit(self.materialize, ["wds_shards"], nxt, r)] = nxt
-        except BaseException:
+        except KeyboardInterrupt:
             # Ctrl-C reaches this thread only; the runs in the others cannot be interrupted from
             # here: they end with this process (main), and the next build marks them failed.
             pool.shutdown(wait=False, cancel_futures=True)
             self.runs_left_behind = len(pending)
+            raise
+        except BaseException:
+            # a run that could not even be recorded (DAGSTER_HOME full): the others end as they
+            # would (the process waits for its threads anyway), none starts, and then the build
+            # releases its lease (run) instead of leaving it to a process that is gone
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
 

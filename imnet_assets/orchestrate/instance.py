@@ -92,3 +92,18 @@ def prepare_dagster_home(out=sys.stdout) -> Path:
                   file=out, flush=True)
     return home
 
+
+def unwritable(error: BaseException) -> str | None:
+    """One line for `error` when it says the Dagster instance's SQLite storage (event_log.db, runs.db,
+    ... in DAGSTER_HOME) could not be written: a full disk ("database or disk is full"), a disk I/O
+    error; None for any other error. A fault of the machinery, never the build's: nothing is recorded
+    done that was not (SPEC "Failure behaviour"), and the next build goes on from where this one was."""
+    import sqlite3
+
+    cause = getattr(error, "orig", None)  # sqlalchemy's wrapper of the driver's error
+    if not isinstance(cause, sqlite3.OperationalError) or not isinstance(error, Exception):
+        return None
+    home = os.environ.get("DAGSTER_HOME", "DAGSTER_HOME")
+    return (f"the Dagster instance at {home} could not be written ({cause}): free space there and run "
+            "`imnet build` again; it goes on from where this build stopped")
+

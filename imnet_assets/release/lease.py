@@ -216,7 +216,7 @@ def _create(url: str, data: bytes) -> bool:
             continue
     else:
         raise FileNotFoundError(f"cannot create {tmp}: its folder keeps disappearing")
-    with f:
+    with atomic.removed_on_error(f, tmp, url), f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

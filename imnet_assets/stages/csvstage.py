@@ -8,12 +8,15 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 
+from imnet_assets.storage import atomic
+
 
 @contextlib.contextmanager
 def staged_csv(columns: list[str], rows: Iterable[tuple]) -> Iterator[str]:
     fd, path = tempfile.mkstemp(prefix="imnet-", suffix=".csv")
     try:
-        with os.fdopen(fd, "w", newline="") as f:
+        f = os.fdopen(fd, "w", newline="")
+        with atomic.removed_on_error(f, path, path), f:  # a full TMPDIR names the file
             w = csv.writer(f, lineterminator="\n")
             w.writerow(columns)
             w.writerows(rows)

@@ -9,6 +9,7 @@ once that writer is gone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -63,17 +64,35 @@ def atomic_open(url: str) -> Iterator:
     os.makedirs(folder or ".", exist_ok=True)
     tmp = os.path.join(folder, f".{name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     f = open(tmp, "wb")
-    try:
+    with removed_on_error(f, tmp, url):
         yield f
         f.flush()
         os.fsync(f.fileno())
         f.close()
         os.replace(tmp, path)
         _fsync_dir(folder)
-    except BaseException:
-        f.close()
+
+
+# A full disk or quota: Python's write(), flush() and close() raise it naming no file
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def removed_on_error(f, tmp: str, url: str) -> Iterator[None]:
+    """Writing the temporary file `tmp` (open as `f`) of `url`: on any error it is closed and
+    removed (close() flushes what is buffered: on a full disk it raises again, and must not keep
+    the file from going), and a full disk's error names `url` (SPEC "Failure behaviour": a full
+    disk fails its run naming what it could not write; Python's own names no file)."""
+    try:
+        yield
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            f.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in FULL and e.filename is None:
+            e.filename = url  # "[Errno 28] No space left on device: '<url>'" (the same error: a cause
+            # would be what the build prints, orchestrate/build.py's innermost)
         raise
 
 

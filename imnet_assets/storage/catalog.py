@@ -142,6 +142,15 @@ def _file_state(path: str) -> tuple:
     return (one(path), one(path + ".wal"))
 
 
+def _unmade(path: str) -> None:
+    """Remove the file (and log) that a writer's connect just made at `path` and failed to write
+    whole (a full disk: DuckDB leaves an empty or cut file, which every later open took for a damaged
+    catalog, and no build ran again until it was moved aside by hand). Nothing was in it."""
+    for p in (path, f"{path}.wal"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+
+
 class Catalog:
     """A connection to the catalog file. Writers create the schema; readers open read-only.
 
@@ -157,13 +166,18 @@ class Catalog:
             raise FileNotFoundError(f"catalog {path} does not exist yet: run `imnet build` first")
         deadline = time.monotonic() + retries
         while True:
+            made = not read_only and not os.path.exists(path)
             try:
                 with _damage_named(path):
                     self.con = duckdb.connect(path, read_only=read_only)
                 break
             except duckdb.IOException as e:
                 # Another process holds the write lock (e.g. an audit in progress): wait for it.
-                if "lock" not in str(e).lower() or time.monotonic() > deadline:
+                if "lock" not in str(e).lower():
+                    if made:
+                        _unmade(path)
+                    raise
+                if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
         if read_only and (self._made_before_releases() or self._schema_unmade()):
