@@ -92,25 +92,43 @@ def forkserver_context():
 def ensure_forkserver() -> None:
     """Start this process's forkserver if it is not running, with this process's sys.path (see the
     module's docstring), as starting a process would. Its environment is this process's, plus the
-    two variables for the moment it takes to start it."""
+    two variables for the moment it takes to start it: a process another thread starts in that
+    moment inherits them too, so the environment is touched only when the forkserver starts (once
+    a process, not at every worker's start)."""
     from multiprocessing import forkserver, resource_tracker
 
     # The forkserver starts the resource tracker first, and unblocks SIGINT after starting it
     # (blocked there too): started before, it is left alone and the mask below holds.
     resource_tracker.ensure_running()
     with _start_lock:
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # this thread's, for the start
+        if _forkserver_running():
+            return
         told = {"sys_path": list(sys.path), "safe_path_set": _SAFE_PATH_VAR not in os.environ}
-        os.environ[SYS_PATH_VAR] = json.dumps(told)
-        if told["safe_path_set"]:
-            os.environ[_SAFE_PATH_VAR] = "1"
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # this thread's, for the start
         try:
+            os.environ[SYS_PATH_VAR] = json.dumps(told)
+            if told["safe_path_set"]:
+                os.environ[_SAFE_PATH_VAR] = "1"
             forkserver.ensure_running()
         finally:
             os.environ.pop(SYS_PATH_VAR, None)
             if told["safe_path_set"]:
                 os.environ.pop(_SAFE_PATH_VAR, None)
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _forkserver_running() -> bool:
+    """Whether this process's forkserver was started and has not exited (asked without reaping it:
+    multiprocessing's own check reaps it, and restarts it, when it has)."""
+    from multiprocessing import forkserver
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    if pid is None:
+        return False
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    except ChildProcessError:  # reaped by someone else: multiprocessing's check says what follows
+        return False
 
 
 def process_pool(workers: int) -> ProcessPoolExecutor:

@@ -97,6 +97,70 @@ def test_ctrl_c_reaches_neither_the_forkserver_starting_nor_the_workers(tmp_path
     assert out.stdout == "42 True\n" and out.stderr == "", (out.stdout, out.stderr)
 
 
+def test_the_environment_is_touched_only_while_the_forkserver_starts(tmp_path):
+    """The forkserver's two variables are in this process's environment while it starts, where a
+    process another thread starts would inherit them: only then. Every worker the shared pool
+    starts asks for the forkserver, and a running one leaves the environment alone (seen by an
+    audit hook on os.putenv/os.unsetenv, which every change of os.environ calls); one that died
+    is started again."""
+    import subprocess
+
+    script = tmp_path / "env_window.py"
+    script.write_text(
+        "import sys\n"
+        "from imnet_assets.runtime import procpool\n"
+        "if __name__ == '__main__':\n"
+        "    changes = []\n"
+        "    sys.addaudithook(lambda event, args: changes.append(args[0]) if event in ('os.putenv', "
+        "'os.unsetenv') else None)\n"
+        "    procpool.forkserver_context()\n"
+        "    procpool.ensure_forkserver()\n"
+        "    started = len(changes)\n"
+        "    with procpool.process_pool(2) as pool:\n"
+        "        assert pool.submit(eval, '6 * 7').result(timeout=120) == 42\n"
+        "    for _ in range(3):\n"
+        "        procpool.ensure_forkserver()\n"
+        "    running = len(changes)\n"
+        "    from multiprocessing import forkserver\n"
+        "    import os, signal, time\n"
+        "    old = forkserver._forkserver._forkserver_pid\n"
+        "    os.kill(old, signal.SIGKILL)\n"
+        "    while os.waitid(os.P_PID, old, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:\n"
+        "        time.sleep(0.01)\n"
+        "    procpool.ensure_forkserver()  # gone: started again, with its variables\n"
+        "    assert forkserver._forkserver._forkserver_pid != old and len(changes) > running\n"
+        "    print(started > 0, changes[started:running])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "True []\n", out.stdout
+
+
+def test_a_failed_forkserver_start_leaves_sigint_unblocked(tmp_path):
+    """SIGINT is blocked in the starting thread only while the forkserver starts: a start that
+    fails (here a sys.path entry that is no str, which its path cannot carry) raises, and the
+    thread, the main one here, gets Ctrl-C again."""
+    import subprocess
+
+    script = tmp_path / "failed_start.py"
+    script.write_text(
+        "import pathlib, signal, sys\n"
+        "from imnet_assets.runtime import procpool\n"
+        "if __name__ == '__main__':\n"
+        "    sys.path.append(pathlib.Path('/nonexistent'))\n"
+        "    try:\n"
+        "        procpool.ensure_forkserver()\n"
+        "    except TypeError:\n"
+        "        pass\n"
+        "    print(sorted(signal.pthread_sigmask(signal.SIG_BLOCK, set())))\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "[]\n", out.stdout
+
+
 def test_a_build_preloads_the_encode_workers_module_by_its_name():
     """`imnet build` names the encode workers' module for the forkserver without importing it
     first (the look's thread imports it while the forkserver starts): the name must stay its name."""
