@@ -254,16 +254,16 @@ def acquire(out_root: str, name: str, what: str) -> Lease:
             _held[lease.token] = lease
         try:
             created = _create(lease.url, json.dumps(mine).encode())
-        except BaseException:
+            if created:
+                # The object read back says which taker holds it: a store that ignores If-None-Match
+                # lets a second taker overwrite the first, and on S3 a refused create may be the
+                # retry of this taker's own whose reply was lost (_create).
+                current = fs.read_json(lease.url)
+                created = isinstance(current, dict) and current.get("token") == lease.token
+        except BaseException:  # a take that failed: not this process's lease (never "held by itself")
             with _held_lock:
                 _held.pop(lease.token, None)
             raise
-        if created:
-            # The object read back says which taker holds it: a store that ignores If-None-Match
-            # lets a second taker overwrite the first, and on S3 a refused create may be the retry
-            # of this taker's own whose reply was lost (_create).
-            current = fs.read_json(lease.url)
-            created = isinstance(current, dict) and current.get("token") == lease.token
         if not created:  # another taker created this generation first: look at it
             with _held_lock:
                 _held.pop(lease.token, None)
