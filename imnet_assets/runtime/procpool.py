@@ -18,9 +18,9 @@ The forkserver gets this process's sys.path, never the folder it was started fro
 runs it as `python -c ...`, which puts the current folder first on sys.path, and ignores the path
 the parent sends. Started from a folder holding another `imnet_assets` (a second checkout) or any
 module named like one the workers import, the workers ran that code while this process ran its
-own: a protocol mismatch at best ("EOFError"), different shard bytes at worst. So its command
-line, however it is started (a pool, a process's start, a restart), gets `-P` (no current folder
-on its path) and sets sys.path to this process's before its first import: multiprocessing's spawn
+own: a protocol mismatch at best ("EOFError"), different shard bytes at worst. So its command,
+however it is started (a pool, a process's start, a restart), first sets sys.path to this
+process's (the current folder gone from it) before any import: multiprocessing's spawn
 (util.spawnv_passfds) is wrapped, for the forkserver's command alone. Nothing goes through the
 environment: a variable set there for the start is seen by every thread (a job's submit reading
 it, wire.environment) and inherited by any process another thread starts meanwhile.
@@ -51,15 +51,15 @@ _FORKSERVER_COMMAND = "from multiprocessing.forkserver import main"  # how multi
 
 def _forkserver_spawn(spawnv_passfds):
     """multiprocessing's spawn of a process, for the forkserver's start (`python -c 'from
-    multiprocessing.forkserver import main; ...'`): with -P and this process's sys.path set before
-    its first import, and with SIGINT blocked (see the module's docstring). Other spawns (the
+    multiprocessing.forkserver import main; ...'`): with this process's sys.path set before its
+    first import, and with SIGINT blocked (see the module's docstring). Other spawns (the
     resource tracker, the spawn start method) pass unchanged."""
 
     def spawn(path, args, passfds):
         if len(args) < 2 or args[-2] != "-c" or not str(args[-1]).startswith(_FORKSERVER_COMMAND):
             return spawnv_passfds(path, args, passfds)
         here = [p for p in sys.path if isinstance(p, str)]  # the import system skips other entries
-        args = [*args[:-2], "-P", "-c", f"import sys; sys.path[:] = {here!r}; {args[-1]}"]
+        args = [*args[:-2], "-c", f"import sys; sys.path[:] = {here!r}; {args[-1]}"]
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # this thread's, for the start
         try:
             return spawnv_passfds(path, args, passfds)
