@@ -191,18 +191,21 @@ def _generations(folder: str) -> list[int]:
 
 
 def _create(url: str, data: bytes) -> bool:
-    """Write `data` at `url` only if nothing is there; False if something was."""
+    """Write `data` at `url` only if nothing is there; False if something was. On S3 a refused
+    create is True as well: a create whose reply was lost (the connection reset after S3 carried
+    it out) is retried and refused (412) for its own object, so whose object it is, the caller's
+    read back says (`acquire`)."""
     if fs.is_remote(url):
         fsys, path = fs.filesystem(url)
         bucket, _, key = path.partition("/")
         try:
             fsys.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         except FileExistsError:  # s3fs's translation of 412 PreconditionFailed
-            return _ours(url, data)
+            return True
         except Exception as e:  # noqa: BLE001 - botocore's errors are not OSErrors
             text = f"{type(e).__name__}: {e}"
             if "PreconditionFailed" in text or "412" in text or "ConditionalRequestConflict" in text:
-                return _ours(url, data)
+                return True
             raise fs.StorageError(fs.redact(f"cannot create the lease {url}: {text}")) from e
         return True
     folder, name = os.path.split(os.path.abspath(url))
@@ -229,14 +232,6 @@ def _create(url: str, data: bytes) -> bool:
         os.unlink(tmp)
 
 
-def _ours(url: str, data: bytes) -> bool:
-    """Whether the object a conditional create was refused for is the one it wrote: a create
-    whose reply was lost (the connection reset after S3 carried it out) is retried and refused
-    (412) for its own object. Its token is unique to this taker: the object holding it is ours."""
-    current = fs.read_json(url)
-    return isinstance(current, dict) and current.get("token") == json.loads(data).get("token")
-
-
 def acquire(out_root: str, name: str, what: str) -> Lease:
     """Take the lease `name` under `out_root` for `what` (e.g. "imnet build", "run 1a2b3c4d"), or
     raise LeaseHeld naming the holder. Release it with `release()` (or use it as a context)."""
@@ -259,15 +254,16 @@ def acquire(out_root: str, name: str, what: str) -> Lease:
             _held[lease.token] = lease
         try:
             created = _create(lease.url, json.dumps(mine).encode())
-        except BaseException:
+            if created:
+                # The object read back says which taker holds it: a store that ignores If-None-Match
+                # lets a second taker overwrite the first, and on S3 a refused create may be the
+                # retry of this taker's own whose reply was lost (_create).
+                current = fs.read_json(lease.url)
+                created = isinstance(current, dict) and current.get("token") == lease.token
+        except BaseException:  # a take that failed: not this process's lease (never "held by itself")
             with _held_lock:
                 _held.pop(lease.token, None)
             raise
-        if created:
-            # A store that ignores If-None-Match lets a second taker overwrite the first: the
-            # object read back says which one holds it.
-            current = fs.read_json(lease.url)
-            created = isinstance(current, dict) and current.get("token") == lease.token
         if not created:  # another taker created this generation first: look at it
             with _held_lock:
                 _held.pop(lease.token, None)

@@ -18,22 +18,26 @@ The forkserver gets this process's sys.path, never the folder it was started fro
 runs it as `python -c ...`, which puts the current folder first on sys.path, and ignores the path
 the parent sends. Started from a folder holding another `imnet_assets` (a second checkout) or any
 module named like one the workers import, the workers ran that code while this process ran its
-own: a protocol mismatch at best ("EOFError"), different shard bytes at worst. So it starts with
-PYTHONSAFEPATH (no current folder on its path), and its first import (this module) sets sys.path
-to this process's (a test's `tests` package, an added folder).
+own: a protocol mismatch at best ("EOFError"), different shard bytes at worst. So its command,
+however it is started (a pool, a process's start, a restart), first sets sys.path to this
+process's (the current folder gone from it) before any import: multiprocessing's spawn
+(util.spawnv_passfds) is wrapped, for the forkserver's command alone. Nothing goes through the
+environment: a variable set there for the start is seen by every thread (a job's submit reading
+it, wire.environment) and inherited by any process another thread starts meanwhile.
 
 The forkserver, the resource tracker and the workers never see Ctrl-C: they start with SIGINT
 blocked (a mask survives fork and exec). Ctrl-C reaches the whole process group; this process
 handles it, and its children end with it (watch_parent; the forkserver when its last client is
-gone). Before, a Ctrl-C in the first second of a build printed the forkserver's KeyboardInterrupt
+gone); the wrapped spawn blocks it in the starting thread for the forkserver's start alone.
+Before, a Ctrl-C in the first second of a build printed the forkserver's KeyboardInterrupt
 traceback from inside its imports (or "Fatal Python error: init_import_site"), and each worker's.
 """
 
 from __future__ import annotations
 
 import ast
-import json
 import multiprocessing
+import multiprocessing.util
 import os
 import signal
 import sys
@@ -42,15 +46,33 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.connection import wait
 
 EXIT_PARENT_GONE = 70
-SYS_PATH_VAR = "_IMNET_FORKSERVER_SYS_PATH"  # no IMNET_ prefix: jobs never carry it (wire.ENV_PREFIXES)
-_SAFE_PATH_VAR = "PYTHONSAFEPATH"
-_start_lock = threading.Lock()
+_FORKSERVER_COMMAND = "from multiprocessing.forkserver import main"  # how multiprocessing's starts
 
-if SYS_PATH_VAR in os.environ:  # imported first in a forkserver this module started: its parent's path
-    _told = json.loads(os.environ.pop(SYS_PATH_VAR))
-    sys.path[:] = _told["sys_path"]
-    if _told["safe_path_set"]:  # ours, not the user's: its workers' children get the usual path
-        os.environ.pop(_SAFE_PATH_VAR, None)
+
+def _forkserver_spawn(spawnv_passfds):
+    """multiprocessing's spawn of a process, for the forkserver's start (`python -c 'from
+    multiprocessing.forkserver import main; ...'`): with this process's sys.path set before its
+    first import, and with SIGINT blocked (see the module's docstring). Other spawns (the
+    resource tracker, the spawn start method) pass unchanged."""
+
+    def spawn(path, args, passfds):
+        if len(args) < 2 or args[-2] != "-c" or not str(args[-1]).startswith(_FORKSERVER_COMMAND):
+            return spawnv_passfds(path, args, passfds)
+        here = [p for p in sys.path if isinstance(p, str)]  # the import system skips other entries
+        args = [*args[:-2], "-c", f"import sys; sys.path[:] = {here!r}; {args[-1]}"]
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # this thread's, for the start
+        try:
+            return spawnv_passfds(path, args, passfds)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    spawn.unwrapped = spawnv_passfds
+    return spawn
+
+
+if not hasattr(multiprocessing.util.spawnv_passfds, "unwrapped"):  # once a process
+    multiprocessing.util.spawnv_passfds = _forkserver_spawn(multiprocessing.util.spawnv_passfds)
+
 # Modules whose functions run in these pools (the scan and the encoder): each names itself with
 # preload(__name__), so the forkserver imports them once and every worker starts with them loaded.
 _preloaded: list[str] = []
@@ -83,41 +105,22 @@ def watch_parent() -> None:
 
 
 def forkserver_context():
-    """The forkserver start method. Call `ensure_forkserver` before starting a process with it."""
+    """The forkserver start method, its preloads this process's (see the module's docstring)."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__, "__main__", *main_script_imports(), *_preloaded])
     return ctx
 
 
 def ensure_forkserver() -> None:
-    """Start this process's forkserver if it is not running, with this process's sys.path (see the
-    module's docstring), as starting a process would. Its environment is this process's, plus the
-    two variables for the moment it takes to start it."""
-    from multiprocessing import forkserver, resource_tracker
+    """Start this process's forkserver if it is not running (as starting a process with it would)."""
+    from multiprocessing import forkserver
 
-    # The forkserver starts the resource tracker first, and unblocks SIGINT after starting it
-    # (blocked there too): started before, it is left alone and the mask below holds.
-    resource_tracker.ensure_running()
-    with _start_lock:
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # this thread's, for the start
-        told = {"sys_path": list(sys.path), "safe_path_set": _SAFE_PATH_VAR not in os.environ}
-        os.environ[SYS_PATH_VAR] = json.dumps(told)
-        if told["safe_path_set"]:
-            os.environ[_SAFE_PATH_VAR] = "1"
-        try:
-            forkserver.ensure_running()
-        finally:
-            os.environ.pop(SYS_PATH_VAR, None)
-            if told["safe_path_set"]:
-                os.environ.pop(_SAFE_PATH_VAR, None)
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    forkserver.ensure_running()
 
 
 def process_pool(workers: int) -> ProcessPoolExecutor:
     """A forkserver pool of `workers` processes that exit when this process dies."""
-    ctx = forkserver_context()
-    ensure_forkserver()
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=watch_parent)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=forkserver_context(), initializer=watch_parent)
 
 
 def start_forkserver() -> None:

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 
-from imnet_assets.runtime.procpool import ensure_forkserver, forkserver_context
+from imnet_assets.runtime.procpool import forkserver_context
 from imnet_assets.runtime.wire import (
     EXIT_OUT_OF_MEMORY,
     INDEX_BITS,
@@ -220,7 +220,6 @@ class WorkerPool:
         slot[0], slot[1], slot[2] = -1, 0, 0
         proc = self._ctx.Process(target=worker_main, args=(theirs, slot, self.threads), daemon=True,
                                  name="imnet-encode")
-        ensure_forkserver()  # as proc.start() would, with this process's sys.path
         proc.start()
         theirs.close()
         self.started += 1

@@ -43,13 +43,16 @@ class S3FileSystem(s3fs.S3FileSystem):
 
     async def _completed(self, kwargs) -> dict | None:
         """The answer a CompleteMultipartUpload whose reply was lost would have had, when the object
-        at its key is the one those parts make (its ETag, md5 of the parts' md5s and "-<parts>",
-        says so); None otherwise. A store that forgets a completed upload at once (MinIO, Ceph)
-        answers the retry NoSuchUpload; AWS S3 answers it with the object."""
+        at its key is the one those parts make (its ETag, md5 of the parts' ETags as the store gave
+        them and "-<parts>", says so); None otherwise. A store that makes an object's ETag another
+        way (encrypted objects' ETags are no md5s of their bytes) gives one that differs: the
+        completion's error stands, a failed write, never one wrongly taken for done. A store that
+        forgets a completed upload at once (MinIO, Ceph) answers the retry NoSuchUpload; AWS S3
+        answers it with the object."""
         parts = kwargs["MultipartUpload"]["Parts"]
         try:
             digests = b"".join(bytes.fromhex(p["ETag"].strip('"')) for p in parts)
-        except ValueError:  # parts' ETags that are not md5s (SSE-KMS, some stores): nothing to compare
+        except ValueError:  # parts' ETags that are not hex (some stores): nothing to compare
             return None
         expected = f'"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"'
         try:

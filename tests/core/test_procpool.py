@@ -97,6 +97,87 @@ def test_ctrl_c_reaches_neither_the_forkserver_starting_nor_the_workers(tmp_path
     assert out.stdout == "42 True\n" and out.stderr == "", (out.stdout, out.stderr)
 
 
+def test_starting_the_forkserver_leaves_this_process_environment_alone(tmp_path):
+    """The forkserver is told this process's path on its command line, not through the environment:
+    a variable set in os.environ while it starts, then removed, was seen half by another thread
+    reading the environment meanwhile (every job's submit reads it, wire.environment: KeyError on
+    the variable gone between its listing and its read), and inherited by any process another thread
+    started. Nothing changes the environment (an audit hook sees every os.putenv/os.unsetenv), at
+    its first start or its restart, while another thread reads it all along."""
+    import subprocess
+
+    script = tmp_path / "env_window.py"
+    script.write_text(
+        "import os, signal, sys, threading, time\n"
+        "from multiprocessing import forkserver\n"
+        "from imnet_assets.runtime import procpool, wire\n"
+        "if __name__ == '__main__':\n"
+        "    for i in range(200):\n"
+        "        os.environ[f'FILLER_{i}'] = 'x' * 20\n"
+        "    changes, errors, stop = [], [], threading.Event()\n"
+        "    sys.addaudithook(lambda event, args: changes.append(args[0]) if event in ('os.putenv', "
+        "'os.unsetenv') else None)\n"
+        "    def read():\n"
+        "        while not stop.is_set():\n"
+        "            try:\n"
+        "                wire.environment()\n"
+        "            except KeyError as e:\n"
+        "                errors.append(repr(e))\n"
+        "    reader = threading.Thread(target=read)\n"
+        "    reader.start()\n"
+        "    procpool.forkserver_context()\n"
+        "    for _ in range(20):  # started, killed, started again\n"
+        "        procpool.ensure_forkserver()\n"
+        "        pid = forkserver._forkserver._forkserver_pid\n"
+        "        os.kill(pid, signal.SIGKILL)\n"
+        "        while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:\n"
+        "            time.sleep(0.001)\n"
+        "    with procpool.process_pool(2) as pool:\n"
+        "        assert pool.submit(eval, '6 * 7').result(timeout=120) == 42\n"
+        "    stop.set()\n"
+        "    reader.join()\n"
+        "    print(changes, errors[:3])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "[] []\n", out.stdout
+
+
+def test_a_failed_forkserver_start_leaves_sigint_unblocked(tmp_path):
+    """SIGINT is blocked in the starting thread only while the forkserver starts: a start that
+    fails (here out of file descriptors at each step of the start in turn, the spawn's own among
+    them) raises, and the thread, the main one here, gets Ctrl-C again."""
+    import subprocess
+
+    script = tmp_path / "failed_start.py"
+    script.write_text(
+        "import os, resource, signal, traceback\n"
+        "from multiprocessing import resource_tracker\n"
+        "from imnet_assets.runtime import procpool\n"
+        "if __name__ == '__main__':\n"
+        "    resource_tracker.ensure_running()  # started; the forkserver's start is the one to fail\n"
+        "    procpool.forkserver_context()\n"
+        "    lowest = os.dup(0)\n"
+        "    os.close(lowest)\n"
+        "    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        "    seen = []\n"
+        "    for room in range(2, 12):  # descriptors left: too few at one step of the start, then another\n"
+        "        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest + room, hard))\n"
+        "        try:\n"
+        "            procpool.ensure_forkserver()\n"
+        "            break\n"
+        "        except OSError:\n"
+        "            in_spawn = 'spawnv_passfds' in traceback.format_exc()\n"
+        "            seen.append((in_spawn, sorted(signal.pthread_sigmask(signal.SIG_BLOCK, set()))))\n"
+        "    print('failed in the spawn', any(s for s, _ in seen), 'blocked after', {str(m) for _, m in seen})\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "failed in the spawn True blocked after {'[]'}\n", out.stdout
+
+
 def test_a_build_preloads_the_encode_workers_module_by_its_name():
     """`imnet build` names the encode workers' module for the forkserver without importing it
     first (the look's thread imports it while the forkserver starts): the name must stay its name."""

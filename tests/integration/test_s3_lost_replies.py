@@ -296,3 +296,20 @@ def test_an_abort_of_a_killed_writers_upload_whose_reply_was_lost_takes_its_leas
     assert removed == [f"{url} (upload {upload[:8]})"]
     assert client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []) == []
     assert MotoS3.all_objects(client, s3.bucket) == {}  # the upload's lease went with it
+
+
+def test_a_lease_whose_read_back_failed_does_not_make_its_taker_refuse_itself(proxied):
+    """The taker reads its new lease back (whose it is: a refused create may be its own, whose
+    reply was lost). That read failing (throttled past the retry budget) fails the take, and the
+    process, told its take failed, is not left counting the object as its own live lease: its next
+    take, once the storage answers, is not refused naming itself."""
+    s3, client, proxy = proxied
+    root = f"s3://{s3.bucket}/wds"
+    proxy.slowdown(30, match=lambda method, target, headers: method == "GET" and "/_locks/" in target
+                   and "list-type" not in target)
+    with environ(IMNET_STORAGE_RETRY_SECONDS="1"), pytest.raises(fs.StorageError):
+        lease.acquire(root, "build", "imnet build")
+    assert _lock_keys(client, s3.bucket) == ["wds/_locks/build/00000001.json"]  # created; never known to be
+    proxy.clear_faults()
+    with lease.acquire(root, "build", "imnet build, again") as held:
+        assert held.generation == 2
