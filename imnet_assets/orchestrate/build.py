@@ -160,9 +160,7 @@ class Build:
         `wanted` (a list: the same keys for each; a dict: by release name) and its audit when all
         are wanted."""
         try:
-            code = self._run(wanted)
-            work_done(code)  # a stop signal now has nothing to stop (the cleanup below, the exit)
-            return code
+            return work_done(self._run(wanted))  # a stop signal now has nothing to stop (the cleanup, the exit)
         finally:
             # Shard runs left going in other threads (Ctrl-C) end with this process: its lease
             # then names a process that is gone, and the next build takes it over.

@@ -33,18 +33,18 @@ def stop_on_signals() -> None:
 _work_done: dict[str, object] = {}  # once the command's work is done: its exit `code`, and the `late` signals
 
 
-def work_done(code: int) -> None:
+def work_done(code: int) -> int:
     """The command's work is done, its results durable, its exit code `code`: only its cleanup is left
     (leases released, the first look joined, worker pools shut down at exit). A stop signal from now
     on has nothing to stop: it is noted (`said_late`), not raised. Raised, it made a finished build
     "imnet: interrupted", exit 130, though everything was built and recorded; or, landing in an atexit
     handler (multiprocessing's join of the workers), a traceback, and workers not shut down. A second
-    signal ends the process at once, with `code` (nothing is lost: see end_now_leaving_runs)."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    _work_done.update(code=code, late=_work_done.get("late", []))  # (said again at the end: the same list)
-    signal.signal(signal.SIGINT, _noted)
-    signal.signal(signal.SIGTERM, _noted)
+    signal ends the process at once, with `code` (nothing is lost: see end_now_leaving_runs). Returns `code`."""
+    if threading.current_thread() is threading.main_thread():
+        _work_done.update(code=code, late=_work_done.get("late", []))  # (said again at the end: the same list)
+        signal.signal(signal.SIGINT, _noted)
+        signal.signal(signal.SIGTERM, _noted)
+    return code
 
 
 def _noted(signum: int, _frame) -> None:
