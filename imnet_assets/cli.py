@@ -15,7 +15,7 @@ from pathlib import Path
 
 from imnet_assets.orchestrate.build import OutRootBusy
 from imnet_assets.orchestrate.instance import unwritable as instance_unwritable
-from imnet_assets.orchestrate.interrupts import first_done, stop_on_signals
+from imnet_assets.orchestrate.interrupts import exiting, first_done, said_late, stop_on_signals
 from imnet_assets.release.releases import by_name
 from imnet_assets.release.releases import from_env as read_releases
 from imnet_assets.settings import Settings, SettingsError, apply_env_file, shard_key
@@ -443,7 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # the project's .env under the environment, for this process and what it starts (DAGSTER_HOME, AWS_*)
         apply_env_file()
-        return args.func(args)
+        code = args.func(args)
+        if said := said_late():
+            print(said, file=sys.stderr, flush=True)
+        exiting()
+        return code
     except SettingsError as e:
         print(f"imnet: configuration error: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ from imnet_assets.orchestrate.dagster_quirks import (  # noqa: E402
     skip_per_run_logging_config,
 )
 from imnet_assets.orchestrate.interrupts import stop_on_signals  # noqa: E402
-from tests.conftest import environ  # noqa: E402
+from tests.conftest import REPO, environ  # noqa: E402
 
 SEEN: dict[str, object] = {}
 
@@ -374,3 +374,54 @@ def test_a_whole_instance_opened_again_is_not_made_again_nor_said_to_be_half_mad
         instance.report_runless_asset_event(AssetMaterialization(AssetKey("whole")))
         assert not finish_half_made_event_log(instance)
     assert "half made" not in capfd.readouterr().err
+
+
+
+STAMPED = ("history/runs.db", "schedules/schedules.db")
+
+
+def test_a_storage_stamped_twice_by_two_creations_at_once_is_mended_and_opens(tmp_path):
+    """`dagster dev` (its webserver, its daemon) and `imnet build` started at once on a fresh
+    DAGSTER_HOME: Dagster 1.13 makes a SQLite file's tables, then stamps its schema, not atomically,
+    and its processes do not take imnet's instance lock. Raced by hand (a real Dagster process and
+    `dagster_instance` started within 60 ms of each other, 20 times): imnet failed at start in about
+    1 of 5 ("(sqlite3.OperationalError) table alembic_version already exists"; now opened again once
+    the other's creation is done), and once history/runs.db was left with two stamps, the head's and
+    LAST_KNOWN_STAMPED_SQLITE_ALEMBIC_REVISION (the second process found the tables unstamped and took
+    the file for one made before stamps were kept): every later open failed, imnet's and Dagster's
+    ("Version table 'alembic_version' has more than one head present"). That file, as the race left
+    it, is made here: a real creation, then the second process's stamp."""
+    import subprocess
+
+    from alembic.util.exc import CommandError
+    from dagster._core.storage.sqlite import LAST_KNOWN_STAMPED_SQLITE_ALEMBIC_REVISION as OLDER
+
+    from imnet_assets.orchestrate.instance import dagster_instance
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_bytes((REPO / "dagster.yaml").read_bytes())
+    made = ("from dagster import DagsterInstance; i = DagsterInstance.get(); "
+            "i.get_runs(limit=1), i.event_log_storage, i.schedule_storage")
+    subprocess.run([sys.executable, "-c", made], env={**os.environ, "DAGSTER_HOME": str(home)}, check=True,
+                   timeout=300)
+    heads = {}
+    for name in STAMPED:
+        with contextlib.closing(sqlite3.connect(home / name)) as db, db:
+            [(heads[name],)] = db.execute("SELECT version_num FROM alembic_version").fetchall()
+            db.execute("INSERT INTO alembic_version VALUES (?)", (OLDER,))
+    with environ(DAGSTER_HOME=str(home)):
+        with pytest.raises(CommandError, match="more than one head"):
+            DagsterInstance.get()  # Dagster's own open fails on such a file (the quirk)
+        with capture_stderr() as said:
+            instance = dagster_instance()
+        instance.dispose()
+        for name in STAMPED:
+            assert f"{home / name} was stamped with two schema versions" in said.getvalue(), said.getvalue()
+            with contextlib.closing(sqlite3.connect(home / name)) as db:
+                assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [(heads[name],)]
+        instance = DagsterInstance.get()  # and Dagster's own processes open it again
+        try:
+            assert instance.get_runs(limit=1) == [] and not finish_half_made_event_log(instance)
+        finally:
+            instance.dispose()

@@ -37,6 +37,7 @@ from dagster import (
 )
 from dagster._core.remote_origin import InProcessCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+from dagster._daemon.auto_run_reexecution.auto_run_reexecution import should_retry
 
 from imnet_assets.definitions import build_definitions
 from imnet_assets.defs import schedules
@@ -220,21 +221,26 @@ def test_topup_requests_missing_failed_and_stale_partitions_only(site, monkeypat
     with open(s.tar("0006"), "r+b") as f:
         f.truncate(10240)
     s.add_run("0006", DagsterRunStatus.STARTED)
-    # 0007: untouched
+    # 0007: lost, and a run of it that the daemon launched (its job's origin known) failed moments ago
+    s.tar("0007").unlink()
+    s.add_run("0007", DagsterRunStatus.FAILURE)
 
-    # 0003's run failed moments ago, and dagster.yaml's run retries will launch it again: the
-    # schedule leaves it to that retry (else the shard would be built twice) ...
+    # 0007's run failed, and dagster.yaml's run retries will launch it again: the schedule leaves
+    # it to that retry (else the shard would be built twice) ... 0003's in-process run is tagged
+    # "will retry" as well, but no daemon can retry a run without its job's origin (it says "Run
+    # does not have an external job origin, unable to retry the run"): it is failed, and requested.
     assert s.instance.get_run_by_id(failed.run_id).tags.get(schedules.WILL_RETRY_TAG) == "true"
+    assert s.instance.get_run_by_id(failed.run_id).remote_job_origin is None
     status = schedules.shard_partition_status(s.settings, s.instance)
     assert status == {
-        "0000": "fresh", "0001": "missing", "0002": "missing", "0003": "retrying",
-        "0004": "stale", "0005": "in_flight", "0006": "in_flight", "0007": "fresh",
+        "0000": "fresh", "0001": "missing", "0002": "missing", "0003": "failed",
+        "0004": "stale", "0005": "in_flight", "0006": "in_flight", "0007": "retrying",
     }
-    assert requested(tick(s.settings, s.instance)) == ["0001", "0002", "0004"]
+    assert requested(tick(s.settings, s.instance)) == ["0001", "0002", "0003", "0004"]
     # ... for a while: when no retry came (no daemon running retries), it is requested again.
     monkeypatch.setattr(schedules, "RETRY_GRACE_SECONDS", 0)
-    assert schedules.shard_partition_status(s.settings, s.instance)["0003"] == "failed"
-    assert requested(tick(s.settings, s.instance)) == ["0001", "0002", "0003", "0004"]
+    assert schedules.shard_partition_status(s.settings, s.instance)["0007"] == "failed"
+    assert requested(tick(s.settings, s.instance)) == ["0001", "0002", "0003", "0004", "0007"]
 
     # IMNET_SCHEDULE_MAX_RUNS bounds each tick; what the daemon queued is not asked for again.
     bounded = s.with_env(IMNET_SCHEDULE_MAX_RUNS="3")
@@ -242,13 +248,14 @@ def test_topup_requests_missing_failed_and_stale_partitions_only(site, monkeypat
     assert first == ["0001", "0002", "0003"]
     for key in first:
         s.add_run(key, DagsterRunStatus.QUEUED)
-    assert requested(tick(bounded, s.instance)) == ["0004"]
+    assert requested(tick(bounded, s.instance)) == ["0004", "0007"]
     s.add_run("0004", DagsterRunStatus.STARTING)
+    s.add_run("0007", DagsterRunStatus.QUEUED)
     data = tick(bounded, s.instance)
     assert data.run_requests == [] and data.skip_message
 
 
-def test_runs_whose_worker_process_is_gone_are_failed_and_their_shards_requested(site, monkeypatch):
+def test_runs_whose_worker_process_is_gone_are_failed_and_their_shards_requested(site):
     """kill -9 of a run's worker (or of `imnet build`) leaves its run "started" for good. On this
     host the schedule (and `imnet build`) see that the process is gone and fail the run; a run on
     another host, or whose worker is alive, stays in flight."""
@@ -275,8 +282,9 @@ def test_runs_whose_worker_process_is_gone_are_failed_and_their_shards_requested
     assert status["0005"] == "fresh"
     assert s.instance.get_run_by_id(killed).status == DagsterRunStatus.STARTED
 
-    # Failed now, the killed run is relaunched by Dagster's run retries: the tick leaves 0001 to them.
-    assert requested(tick(s.settings, s.instance)) == []
+    # Failed now, and requested by the same tick: never left to Dagster's run retries, which would
+    # relaunch it (a second writer of a shard that `imnet build` may have redone meanwhile).
+    assert requested(tick(s.settings, s.instance)) == ["0001"]
     runs = {r: s.instance.get_run_by_id(r).status for r in (killed, alive, elsewhere, untagged, reused, canceling)}
     assert runs == {killed: DagsterRunStatus.FAILURE, alive: DagsterRunStatus.STARTED,
                     elsewhere: DagsterRunStatus.STARTED, untagged: DagsterRunStatus.STARTED,
@@ -284,10 +292,15 @@ def test_runs_whose_worker_process_is_gone_are_failed_and_their_shards_requested
     younger.kill()
     younger.wait()
     failure = s.instance.get_records_for_run(killed, of_type=DagsterEventType.RUN_FAILURE).records[0]
-    assert "run worker process on" in failure.event_log_entry.dagster_event.message
-    assert schedules.shard_partition_status(s.settings, s.instance)["0001"] == "retrying"
-    monkeypatch.setattr(schedules, "RETRY_GRACE_SECONDS", 0)  # no retry came: the schedule asks
-    assert requested(tick(s.settings, s.instance)) == ["0001"]
+    assert failure.event_log_entry.dagster_event.message == (
+        f"run worker process on {here} is gone (killed?): marked failed by imnet; not retried: its shard is "
+        "built again by imnet build or the top-up schedule")
+    assert schedules.shard_partition_status(s.settings, s.instance)["0001"] == "failed"  # not "retrying"
+    # What the daemon's run retries decide of it (their own code, on the real instance): no retry.
+    for run_id in (killed, reused):
+        run = s.instance.get_run_by_id(run_id)
+        assert run.tags.get(schedules.WILL_RETRY_TAG) == "false", run.tags
+        assert not should_retry(run, s.instance)
 
 
 CREATE_AND_DIE = """
@@ -338,6 +351,9 @@ def test_a_run_whose_build_died_before_starting_it_does_not_hold_its_partition(s
     assert {s.instance.get_run_by_id(r).status for r in (live, daemons)} == {DagsterRunStatus.NOT_STARTED}
     failure = s.instance.get_records_for_run(orphan, of_type=DagsterEventType.RUN_FAILURE).records[0]
     assert "before the run started" in failure.event_log_entry.dagster_event.message
+    # failed, not "retrying" for RETRY_GRACE_SECONDS: nothing retries a dead build's runs
+    assert {s.instance.get_run_by_id(r).tags.get(schedules.WILL_RETRY_TAG) for r in (orphan, orphan_audit)} == {"false"}
+    assert schedules.shard_partition_status(s.settings, s.instance)["0001"] == "failed"
 
 
 def test_a_run_of_an_older_build_never_started_is_failed_once_it_is_old(site, monkeypatch):

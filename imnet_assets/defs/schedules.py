@@ -53,6 +53,7 @@ IN_FLIGHT = [
 ]
 PARTITION_TAG = "dagster/partition"
 WILL_RETRY_TAG = "dagster/will_retry"  # set by the instance on a failed run: "true" when run_retries will relaunch it
+MAX_RETRIES_TAG = "dagster/max_retries"  # a run's own bound on run_retries (dagster.yaml's max_retries otherwise)
 HOST_TAG = "imnet/host"  # where the run's worker process runs (set by `imnet build` and by wds_shards)
 PID_NAMESPACE_TAG = "imnet/pid-namespace"  # and in which process numbers (see worker_place)
 BUILD_PID_TAG = "imnet/build-pid"  # the `imnet build` process that created the run, to execute it itself
@@ -108,9 +109,13 @@ RETRY_GRACE_SECONDS = 600  # how long a failed run that Dagster will retry is le
 
 def _retry_pending(rec: RunRecord | None) -> bool:
     """Whether Dagster's run retries (dagster.yaml `run_retries`) will launch this failed run again:
-    the instance tagged it so when it failed. Bounded in time: if no retry shows up (no daemon
-    running the retries), the partition counts as failed again and is requested."""
+    the instance tagged it so when it failed, and the daemon can load its job (a run the daemon, the
+    UI or a schedule launched has its job's origin; a run of `imnet build`, executed in that process,
+    has none: the instance tags it "will retry" all the same, and the daemon only logs "Run does not
+    have an external job origin, unable to retry the run"). Bounded in time: if no retry shows up
+    (no daemon running the retries), the partition counts as failed again and is requested."""
     return (rec is not None and rec.dagster_run.tags.get(WILL_RETRY_TAG) == "true"
+            and rec.dagster_run.remote_job_origin is not None
             and rec.end_time is not None and time.time() - rec.end_time < RETRY_GRACE_SECONDS)
 
 
@@ -162,7 +167,13 @@ def fail_dead_runs(instance: DagsterInstance, log=lambda _m: None) -> list[str]:
     """Mark started (or never started) runs whose worker is gone (`run_worker_gone`) as failed:
     shard runs, so their partitions count as failed and are built again, and the catalog stages'
     and the audit's runs of a killed `imnet build`, which the UI would show running forever.
-    Returns the shard runs' partition keys."""
+    Returns the shard runs' partition keys.
+
+    Failed, and never retried by Dagster's run retries (their MAX_RETRIES_TAG is set to 0 before the
+    failure is reported, so the instance tags them will_retry false and the daemon leaves them):
+    whoever finds them dead builds their partitions again itself (`imnet build` at once, the
+    schedule as failed partitions), and a retry the daemon launched later would be a second writer
+    of a shard already rewritten (and of a run of `imnet build`, the daemon cannot load the job)."""
     dead = []
     for rec in instance.get_run_records(RunsFilter(statuses=list(WORKER_LOOKED_AT))):
         if not run_worker_gone(instance, rec):
@@ -173,11 +184,14 @@ def fail_dead_runs(instance: DagsterInstance, log=lambda _m: None) -> list[str]:
         key = run.tags.get(PARTITION_TAG) if _targets_shards(run) else None
         what = f"shard {key}: run {run.run_id[:8]}" if key else f"run {run.run_id[:8]} (no shard)"
         why = f"run worker process on {run.tags.get(HOST_TAG)} is gone (killed?)"
+        if run.status in (DagsterRunStatus.STARTED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING):
+            instance.add_run_tags(run.run_id, {MAX_RETRIES_TAG: "0"})
+        redone = "; not retried: its shard is built again by imnet build or the top-up schedule" if key else ""
         if run.status == DagsterRunStatus.STARTED:
-            instance.report_run_failed(run, f"{why}: marked failed by imnet")
+            instance.report_run_failed(run, f"{why}: marked failed by imnet{redone}")
             log(f"{what} had lost its process (killed?); marked failed")
         elif run.status in (DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING):
-            instance.report_run_failed(run, f"{why} before the run started: marked failed by imnet")
+            instance.report_run_failed(run, f"{why} before the run started: marked failed by imnet{redone}")
             log(f"{what} lost the build that made it before it started; marked failed")
         elif run.status == DagsterRunStatus.CANCELING:  # what the user asked for: not to be retried
             instance.report_run_canceled(run, f"{why} while canceling: marked canceled by imnet")

@@ -36,10 +36,19 @@ NEAR_DUPLICATE_BITS = 7
 # A non-JPEG source is decoded in full (no draft): above this many pixels it is not hashed (it
 # can still match an eval image byte for byte by sha256).
 MAX_FULL_DECODE_PIXELS = 64_000_000
+# A file of more bytes than the largest image the pHash decodes in full (MAX_FULL_DECODE_PIXELS of
+# 16-bit RGBA, stored uncompressed: 512 MB) is not an image this hash decodes: it is not read into
+# memory to be decoded (an eval set's 2 GB video or .zip; its sha256 is streamed: stages/eval_pool.py).
+MAX_DECODED_BYTES = 8 * MAX_FULL_DECODE_PIXELS
 # Why an image has no pHash (thumbnail_or_problem), the first words of the reason recorded for an eval
 # image (catalog eval_images.no_phash; counted by sql/eval_summary.sql)
 NO_DECODE = "does not decode"
 TOO_LARGE = "too large"
+
+
+def too_many_bytes(size: int) -> str:
+    """Why a file of `size` bytes (over MAX_DECODED_BYTES) has no pHash: TOO_LARGE, and the detail."""
+    return f"{TOO_LARGE}: {size:,} bytes, over the {MAX_DECODED_BYTES:,} of the largest image hashed; not decoded"
 
 
 def _dct_matrix(n: int) -> np.ndarray:

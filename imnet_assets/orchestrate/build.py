@@ -20,7 +20,7 @@ from imnet_assets.orchestrate.dagster_quirks import (
 )
 from imnet_assets.orchestrate.first_look import FirstLook
 from imnet_assets.orchestrate.instance import dagster_instance
-from imnet_assets.orchestrate.interrupts import INTERRUPTS, end_now_leaving_runs, first_done
+from imnet_assets.orchestrate.interrupts import INTERRUPTS, end_now_leaving_runs, first_done, work_done
 from imnet_assets.settings import Settings
 from imnet_assets.storage.fs import redact
 
@@ -65,6 +65,7 @@ class Build:
         self._say_lock = threading.Lock()
         self.leases: dict[str, object] = {}  # out root -> its build lease, once this build is about to write
         self.runs_left_behind = 0  # shard runs still going in other threads when an interrupt came
+        self.failed_releases: list[str] = []
 
     def say(self, msg: str) -> None:
         with self._say_lock:  # shard runs finish in several threads: whole lines only
@@ -159,7 +160,7 @@ class Build:
         `wanted` (a list: the same keys for each; a dict: by release name) and its audit when all
         are wanted."""
         try:
-            return self._run(wanted)
+            return work_done(self._run(wanted))  # a stop signal now has nothing to stop (the cleanup, the exit)
         finally:
             # Shard runs left going in other threads (Ctrl-C) end with this process: its lease
             # then names a process that is gone, and the next build takes it over.
@@ -212,7 +213,7 @@ class Build:
             self.say(f"  {stage:16s} materialized in {time.perf_counter() - t0:.1f}s  {self._facts(result, stage)}")
         if self.instance is not None:
             fail_dead_runs(self.instance, log=lambda m: self.say(f"  wds_shards: {m}"))
-        failed_releases = []
+        failed_releases = self.failed_releases
         for r in self.selected:
             keys = wanted.get(r.release, r.partition_keys) if isinstance(wanted, dict) else wanted
             code = self._run_release(r, keys)
@@ -284,6 +285,8 @@ class Build:
             audit = asset_key(r, "shard_audit").to_user_string()
             if failures:
                 return self.fail(audit, failures)
+            if r is self.selected[-1]:  # the build's last run ended and is recorded: nothing left to stop
+                work_done(1 if self.failed_releases else 0)
             md = self._metadata(result, audit)
             self.say(f"  {shown('shard_audit')} ok: {md.get('samples')} samples in {md.get('shards')} shards, "
                      f"{md.get('excluded')} excluded, {md.get('repaired')} repaired")

@@ -184,3 +184,39 @@ def finish_half_made_event_log(instance) -> bool:
             return False  # it holds events: an older schema, for Dagster's own migration
     storage._init_db()  # noqa: SLF001 - Dagster's own creation, which it skips for an existing file
     return True
+
+
+# The SQLite storages whose schema Dagster stamps (alembic_version), where the default dagster.yaml puts them
+STAMPED_SQLITE_FILES = ("history/runs.db", "schedules/schedules.db")
+
+
+def one_schema_stamp_each(home) -> list[str]:
+    """Mends the run and schedule storages of DAGSTER_HOME `home` left with two schema stamps by two
+    creations at once; the files it mended. Dagster 1.13 (SqliteRunStorage.from_local,
+    SqliteScheduleStorage) makes a fresh file's tables, then stamps it with the head revision; a
+    second process that looks between the two finds the tables without a stamp, takes the file for one
+    made before stamps were kept, and stamps LAST_KNOWN_STAMPED_SQLITE_ALEMBIC_REVISION beside the
+    head: every later open of the instance then fails ("alembic.util.exc.CommandError: Version table
+    'alembic_version' has more than one head present"), in imnet and in Dagster's own processes. The
+    tables are the head's (made by the first process's creation), so the older stamp is the one
+    removed. Called under the instance lock, when opening the instance failed so."""
+    import sqlite3
+    from pathlib import Path
+
+    from dagster._core.storage.sqlite import LAST_KNOWN_STAMPED_SQLITE_ALEMBIC_REVISION as OLDER
+
+    mended = []
+    for name in STAMPED_SQLITE_FILES:
+        path = Path(home) / name
+        if not path.is_file():
+            continue
+        with contextlib.closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=rw", uri=True)) as db:
+            try:
+                stamps = {v for (v,) in db.execute("SELECT version_num FROM alembic_version")}
+            except sqlite3.OperationalError:  # no alembic_version yet: nothing stamped twice
+                continue
+            if len(stamps) > 1 and OLDER in stamps:
+                with db:
+                    db.execute("DELETE FROM alembic_version WHERE version_num = ?", (OLDER,))
+                mended.append(str(path))
+    return mended

@@ -6,9 +6,13 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 
 INSTANCE_LOCK = ".imnet-instance.lock"  # in DAGSTER_HOME: one process at a time creates the instance's storage
+# Opening the instance again after its storage's creation collided with another process's (below):
+# waits of 0.25, 0.5, 1, 2, 4 s, then the error stands.
+CREATION_TRIES = 6
 
 
 def dagster_instance(prepare_out=None):
@@ -18,11 +22,13 @@ def dagster_instance(prepare_out=None):
     holds every other `imnet` until the first has created them; later looks wait only for each
     other's few milliseconds. `prepare_out`: the home is made and given its dagster.yaml first
     (prepare_dagster_home, saying so there), inside the lock too: a second process must not read
-    a dagster.yaml the first is still copying."""
+    a dagster.yaml the first is still copying. Dagster's own processes (`dagster dev`, the webserver,
+    the daemon) create the same storages without that lock: a creation that collided with theirs
+    (`_collided`) is tried again once theirs is done, not a failed command."""
     from dagster import DagsterInstance
     from filelock import FileLock
 
-    from imnet_assets.orchestrate.dagster_quirks import finish_half_made_event_log
+    from imnet_assets.orchestrate.dagster_quirks import STAMPED_SQLITE_FILES
     from imnet_assets.settings import dagster_home
 
     if prepare_out is not None:
@@ -41,17 +47,70 @@ def dagster_instance(prepare_out=None):
     try:
         if prepare_out is not None:
             prepare_dagster_home(prepare_out)
-        instance = DagsterInstance.get()
+        fresh = not all((home / name).exists() for name in STAMPED_SQLITE_FILES)
+        for attempt in range(1, CREATION_TRIES + 1):
+            try:
+                instance = _made(DagsterInstance.get, home)
+                if fresh:  # made just now, maybe beside another process's creation (see _collided)
+                    _one_stamp_each(home)
+                return instance
+            except Exception as e:  # noqa: BLE001 - told apart by _collided
+                if attempt == CREATION_TRIES or not _collided(e):
+                    raise
+                if "more than one head" in str(e):
+                    _one_stamp_each(home)
+                print(f"imnet: another process was creating the Dagster instance's storage at {home} at the same "
+                      f"time (dagster dev, the webserver or the daemon, which do not take imnet's lock: "
+                      f"{str(e).splitlines()[0][:200]}); opening it again", file=sys.stderr, flush=True)
+                time.sleep(0.25 * 2 ** (attempt - 1))
+    finally:
+        lock.release()
+
+
+def _one_stamp_each(home: Path) -> None:
+    from imnet_assets.orchestrate.dagster_quirks import one_schema_stamp_each
+
+    for path in one_schema_stamp_each(home):
+        print(f"imnet: {path} was stamped with two schema versions by two processes creating it at once: the "
+              "older stamp removed", file=sys.stderr, flush=True)
+
+
+def _made(get, home: Path):
+    """The instance `get` gives, every storage of it made and migrated (some are made on first use)."""
+    from imnet_assets.orchestrate.dagster_quirks import finish_half_made_event_log
+
+    instance = get()
+    try:
         if finish_half_made_event_log(instance):
             print(f"imnet: the Dagster instance's event log at {home} was left half made (a process killed "
                   "while creating it): made again", file=sys.stderr, flush=True)
-        # every storage made and migrated now, inside the lock (some are made on first use)
         instance.get_runs(limit=1)
         instance.event_log_storage  # noqa: B018
         instance.schedule_storage  # noqa: B018
-    finally:
-        lock.release()
+    except BaseException:
+        instance.dispose()
+        raise
     return instance
+
+
+def _collided(error: BaseException) -> bool:
+    """Whether creating the instance's SQLite storage failed because another process created the same
+    tables or stamped the same schema version meanwhile: Dagster 1.13 makes each file's tables (and
+    stamps alembic_version) unless it finds them, not atomically, and `dagster dev`, its webserver
+    and its daemon each do that on a fresh DAGSTER_HOME without imnet's lock. Once the other is done,
+    the storage is whole, and opening it again finds it so; a file the two stamped with two schema
+    versions is mended first (dagster_quirks.one_schema_stamp_each)."""
+    import sqlite3
+
+    from alembic.util.exc import CommandError
+    from sqlalchemy.exc import IntegrityError, NoSuchTableError, OperationalError
+
+    text = str(error)
+    return (isinstance(error, NoSuchTableError)
+            or (isinstance(error, CommandError) and "more than one head" in text)
+            or (isinstance(error, OperationalError | sqlite3.OperationalError)
+                and ("already exists" in text or "no such table" in text or "database is locked" in text))
+            or (isinstance(error, IntegrityError | sqlite3.IntegrityError) and "alembic_version" in text))
 
 
 

@@ -1,4 +1,5 @@
-"""How `imnet` stops: Ctrl-C and SIGTERM alike, at once, even while shard runs go on in threads."""
+"""How `imnet` stops: Ctrl-C and SIGTERM alike, at once, even while shard runs go on in threads; and
+once its work is done, not at all (work_done)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,51 @@ def stop_on_signals() -> None:
         return
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+_work_done: dict[str, object] = {}  # once the command's work is done: its exit `code`, and the `late` signals
+
+
+def work_done(code: int) -> int:
+    """The command's work is done, its results durable, its exit code `code`: only its cleanup is left
+    (leases released, the first look joined, worker pools shut down at exit). A stop signal from now
+    on has nothing to stop: it is noted (`said_late`), not raised. Raised, it made a finished build
+    "imnet: interrupted", exit 130, though everything was built and recorded; or, landing in an atexit
+    handler (multiprocessing's join of the workers), a traceback, and workers not shut down. A second
+    signal ends the process at once, with `code` (nothing is lost: see end_now_leaving_runs). Returns `code`."""
+    if threading.current_thread() is threading.main_thread():
+        _work_done.update(code=code, late=_work_done.get("late", []))  # (said again at the end: the same list)
+        signal.signal(signal.SIGINT, _noted)
+        signal.signal(signal.SIGTERM, _noted)
+    return code
+
+
+def _noted(signum: int, _frame) -> None:
+    late = _work_done["late"]
+    late.append(signal.Signals(signum).name)
+    if len(late) > 1:
+        sys.stdout.flush()
+        print(said_late(), file=sys.stderr, flush=True)
+        os._exit(int(_work_done["code"]))
+
+
+def exiting() -> None:
+    """The command returns its exit code: once its work was done (work_done), stop signals are ignored
+    from now on, through the exit handlers (the worker pools' shutdown) and the interpreter's own
+    finalization, which puts back the default action of the signals it handled: a SIGTERM in that last
+    moment killed a build that had done everything (exit -15)."""
+    if _work_done and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def said_late() -> str:
+    """The line saying that stop signals came after the work was done ("" when none came)."""
+    late = _work_done.get("late")
+    if not late:
+        return ""
+    return (f"imnet: {' then '.join(late)} came after the work was done and recorded: nothing was left to stop "
+            f"(exit {_work_done['code']}, the work's own)")
 
 
 def first_done(pending) -> set:

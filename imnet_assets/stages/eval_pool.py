@@ -39,6 +39,12 @@ runtime/deaths.py as the scan counts it:
   (a cut or reset body, a 503: storage/s3read.py reads again, then StorageError) or returns another
   size than listed fails the stage naming the file: never a wrong sha256, never "no pHash";
 - no image marked (the job was queued in the worker): retried (MAX_JOB_RETRIES).
+
+Memory is bounded whatever the files' sizes: an eval file (or member) of more bytes than the largest
+image the pHash decodes (perceptual.MAX_DECODED_BYTES: a 2 GB video or .zip left in the eval folder)
+is never held whole: its sha256 is streamed (in the worker, read in STREAMED_READ pieces, all of it
+`reading`; a compressed tar's member, as the walk passes it: compressed_tar.Streamed), and it has
+no pHash, with its reason (`eval_images.no_phash`: perceptual.too_many_bytes, "too large: ...").
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ from dataclasses import dataclass
 from imnet_assets.image.decode import MAX_SHORT
 from imnet_assets.image.faults import arm
 from imnet_assets.image.guard import ControlKind, MachineryFault
-from imnet_assets.image.perceptual import hash_or_problem
+from imnet_assets.image.perceptual import MAX_DECODED_BYTES, hash_or_problem, too_many_bytes
 from imnet_assets.runtime.deaths import CRASHED as CRASHED_KIND
 from imnet_assets.runtime.deaths import KILLED, OUT_OF_MEMORY, TIMED_OUT, DeathCount
 from imnet_assets.runtime.procpool import preload
@@ -68,7 +74,7 @@ from imnet_assets.stages.scan_pool import (
     ScanReadDied,
 )
 from imnet_assets.storage import fs
-from imnet_assets.storage.compressed_tar import HEAD, compression, iter_compressed_tar
+from imnet_assets.storage.compressed_tar import HEAD, Streamed, compression, iter_compressed_tar
 from imnet_assets.storage.rawtar import Damage, iter_tar
 
 preload(__name__)  # the forkserver imports this module once for all workers
@@ -80,11 +86,13 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz
 # WINDOW x workers jobs is cut short past this (64 workers: 256 jobs of 32 images, ~1 GB of ImageNet's).
 EVAL_BYTES_IN_FLIGHT = 256 << 20
 CRASHED = "crashed the pHash's process"  # the first words of a crash's eval_images.no_phash
+STREAMED_READ = 16 << 20  # bytes per read of a file whose sha256 is streamed (over MAX_DECODED_BYTES)
 
 Row = tuple[str, str, int | None, str | None]  # (file, sha256, phash, why no pHash)
 # (file, url, offset, length, whole: the object is exactly that long, data: its bytes, read already (a
-# compressed tar's member), else None)
-Item = tuple[str, str, int, int, bool, bytes | None]
+# compressed tar's member), else None, sha256: that of a compressed tar's member over MAX_DECODED_BYTES,
+# streamed as it was read (no data), else None)
+Item = tuple[str, str, int, int, bool, bytes | None, str | None]
 Damaged = tuple[str, int, int, str]  # (eval file, at byte, bytes, reason): a part of an eval tar not hashed
 
 
@@ -99,8 +107,27 @@ def _read(url: str, name: str, offset: int, length: int, whole: bool) -> bytes:
 
 
 def _item_bytes(item: Item) -> bytes:
-    name, url, offset, length, whole, data = item
+    name, url, offset, length, whole, data, _sha256 = item
     return data if data is not None else _read(url, name, offset, length, whole)
+
+
+def _too_large(item: Item) -> bool:
+    """Whether the item is more bytes than an image the pHash decodes: never held whole (the module's docstring)."""
+    return item[3] > MAX_DECODED_BYTES
+
+
+def _streamed_sha256(item: Item) -> str:
+    """The sha256 of the item's bytes, read in STREAMED_READ pieces (a piece short of what was listed,
+    or a whole file longer than listed: a StorageError naming it, as `_read` says)."""
+    name, url, offset, length, whole, _data, sha256 = item
+    if sha256 is not None:
+        return sha256
+    digest, done = hashlib.sha256(), 0
+    while done < length:
+        n = min(STREAMED_READ, length - done)
+        digest.update(_read(url, name, offset + done, n, whole and done + n == length))
+        done += n
+    return digest.hexdigest()
 
 
 def _image_bytes(item: Item) -> tuple[bytes, str]:
@@ -118,7 +145,7 @@ class EvalJob:
     crashed: tuple[tuple[int, str], ...] = ()  # (item, reason): not given to the pHash again
 
     def prefetch(self, readers):
-        return [readers.submit(_item_bytes, item) for item in self.items]
+        return [None if _too_large(item) else readers.submit(_item_bytes, item) for item in self.items]
 
     def run(self, reads, mark) -> list[Row]:
         arm(self.fault)
@@ -127,6 +154,9 @@ class EvalJob:
             rows = []
             for i, ((name, *_where), read) in enumerate(zip(self.items, reads)):
                 mark(i << 1, timed=False)  # reading: the storage's time
+                if read is None:  # too large to be an image: its sha256 streamed, nothing decoded
+                    rows.append((name, _streamed_sha256(self.items[i]), None, too_many_bytes(self.items[i][3])))
+                    continue
                 data = read.result()
                 mark(i << 1 | 1)  # decoding
                 sha256 = hashlib.sha256(data).hexdigest()
@@ -149,7 +179,8 @@ class TarMembersJob:
     """An eval tar's regular members as items, and what of it is no member (rawtar.Damage: offset,
     size, reason), from one walk of its headers (storage/rawtar.py; nothing decoded); or, when its
     first bytes say it is compressed (compressed_tar.compression), only that, for this process to
-    read it (no members, no damage: the walk is not made here). A local tar is memory-mapped unless
+    read it (no members, no damage: the walk is not made here). A member over MAX_DECODED_BYTES is
+    not held by the walk (rawtar's `max_data`). A local tar is memory-mapped unless
     `mapped` is off (after a death while walking it: a read error under a map is a SIGBUS)."""
 
     name: str
@@ -169,11 +200,11 @@ class TarMembersJob:
             return members, damage, packed
         remote = fs.is_remote(self.url)
         for m in iter_tar(self.url, "eval tar", views=True, mapped=self.mapped and not remote, size=self.size,
-                          depth=8 if remote else None):
+                          depth=8 if remote else None, max_data=MAX_DECODED_BYTES):
             if isinstance(m, Damage):
                 damage.append((m.offset, m.size, m.reason))
             else:
-                members.append((f"{self.name}/{m.name}", self.url, m.offset, m.size, False, None))
+                members.append((f"{self.name}/{m.name}", self.url, m.offset, m.size, False, None, None))
         return members, damage, None
 
 
@@ -250,7 +281,7 @@ def _items(pool: WorkerPool, listing: list[dict], tars: dict, log: Callable[[str
 
 
 def _whole(entry: dict) -> Item:
-    return entry["name"], entry["url"], 0, entry["size"], True, None
+    return entry["name"], entry["url"], 0, entry["size"], True, None, None
 
 
 def _said(entry: dict, members: int, damage: list[tuple[int, int, str]], damaged: list[Damaged],
@@ -297,12 +328,15 @@ def _unpacked(entry: dict, packed: str, log: Callable[[str], None], damaged: lis
     log(f"eval tar {entry['name']} is {packed}-compressed: reading it once, in order, its members hashed as they come")
     damage: list[tuple[int, int, str]] = []
     members = 0
-    for m in iter_compressed_tar(entry["url"], packed, size=entry["size"]):
+    for m in iter_compressed_tar(entry["url"], packed, size=entry["size"], max_data=MAX_DECODED_BYTES):
         if isinstance(m, Damage):
             damage.append((m.offset, m.size, m.reason))
             continue
         members += 1
-        yield f"{entry['name']}/{m.name}", entry["url"], m.offset, m.size, False, bytes(m.data)
+        if isinstance(m, Streamed):
+            yield f"{entry['name']}/{m.name}", entry["url"], m.offset, m.size, False, None, m.sha256
+        else:
+            yield f"{entry['name']}/{m.name}", entry["url"], m.offset, m.size, False, bytes(m.data), None
     if not members and damage:
         _nothing_readable(entry, damage, damaged, log)
         return

@@ -4,7 +4,8 @@ set given as ILSVRC2012_img_val.tar.gz, or a gzip file named .tar (stages/eval_p
 A compressed tar cannot be range-read, so its members are read in one forward pass: the compressed
 bytes from storage (prefetch.open_read: large reads ahead), decompressed as they come, walked by
 tarfile's stream mode, one member in memory at a time (the 6.4 GB of ILSVRC2012_img_val.tar never
-are). Its members and damage are those of storage/rawtar.py's walk, as a plain tar's are, offsets
+are), and a member larger than the caller's `max_data` never: it is hashed (sha256) as it streams
+past and yielded as `Streamed`, without its data (an eval set's 2 GB video inside a .tar.gz). Its members and damage are those of storage/rawtar.py's walk, as a plain tar's are, offsets
 counted in the decompressed data:
 
 - a damaged header: tarfile (ignore_zeros) steps over it block by block to the next header, and the
@@ -19,10 +20,12 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
 import lzma
 import tarfile
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from imnet_assets.storage import fs, prefetch
 from imnet_assets.storage.rawtar import Member
@@ -42,6 +45,17 @@ _OPEN = {"gzip": lambda f: gzip.GzipFile(fileobj=f, mode="rb"), "bzip2": bz2.BZ2
 _DATA_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, tarfile.TarError)
 _BLOCK = 512
 _KEEP = 4 << 20  # decompressed bytes kept behind the walk (tarfile reads 10 kB ahead; a pax header, more)
+_STREAMED_READ = 8 << 20  # bytes per read of a Streamed member
+
+
+@dataclass
+class Streamed:
+    """A member over `max_data` bytes (iter_compressed_tar): its sha256, taken as it streamed past, not its data."""
+
+    name: str
+    offset: int  # byte offset of the member's data in the decompressed tar
+    size: int
+    sha256: str
 
 
 def compression(head: bytes) -> str | None:
@@ -115,17 +129,17 @@ class _Recent:
         return bool(bytes(self._buf[lo:hi]).strip(b"\0"))
 
 
-def iter_compressed_tar(url: str, kind: str, what: str = "eval tar", size: int | None = None
-                        ) -> Iterator[Member | Damage]:
-    """Every member of the `kind`-compressed (`compression`) tar at `url`, in order, with its data;
-    damage is yielded, not raised (see the module's docstring). `size`: its listed size (another
-    raises StorageError)."""
+def iter_compressed_tar(url: str, kind: str, what: str = "eval tar", size: int | None = None,
+                        max_data: int | None = None) -> Iterator[Member | Streamed | Damage]:
+    """Every member of the `kind`-compressed (`compression`) tar at `url`, in order, with its data
+    (one over `max_data` bytes: Streamed, its sha256 only); damage is yielded, not raised (see the
+    module's docstring). `size`: its listed size (another raises StorageError)."""
     label = fs.basename(url)
     with prefetch.open_read(url) as raw:
         source = _Source(raw, url, size)
         stream = _Recent(_OPEN[kind](source))
         try:
-            yield from _walk(stream, label, f"{kind}-compressed {what}")
+            yield from _walk(stream, label, f"{kind}-compressed {what}", max_data)
         except _DATA_ERRORS as e:
             if isinstance(source.failed, fs.StorageError):
                 raise source.failed from None
@@ -137,7 +151,7 @@ def iter_compressed_tar(url: str, kind: str, what: str = "eval tar", size: int |
                                             "members after it are lost")
 
 
-def _walk(stream: _Recent, label: str, what: str) -> Iterator[Member | Damage]:
+def _walk(stream: _Recent, label: str, what: str, max_data: int | None) -> Iterator[Member | Streamed | Damage]:
     tf = tarfile.open(fileobj=stream, mode="r|", ignore_zeros=True)
     expected = 0  # where the last member's data blocks ended
     done = tf.firstmember is None  # no member at all (a stream read to its end cannot be asked again)
@@ -159,18 +173,32 @@ def _walk(stream: _Recent, label: str, what: str) -> Iterator[Member | Damage]:
         if (kind := non_regular(info)) is not None:
             yield Damage(info.name, info.offset_data, info.size, f"not a regular file ({kind}) in {what} {label}")
             continue
+        member: Member | Streamed | None = None
         try:
-            data = tf.extractfile(info).read()
+            if max_data is not None and info.size > max_data:
+                member = _streamed(info, tf.extractfile(info))
+            else:
+                data = tf.extractfile(info).read()
+                member = Member(info.name, info.offset_data, len(data), data)
         except tarfile.ReadError:  # tarfile's word for data that ends before the member does
-            data = b""
-        if len(data) < info.size:
+            pass
+        if member is None or member.size < info.size:  # (a member's size: the bytes there were)
             yield Damage(info.name, info.offset_data, info.size, f"truncated {what} {label}: member data cut short "
                                                                  f"(it ends at byte {info.offset_data + info.size})")
             return
-        yield Member(info.name, info.offset_data, info.size, data)
+        yield member
     stream.drain()
     end = stream.pos
     if stream.nonzero(expected, end):
         yield unreadable_tail(expected, end, label, what)
     elif end == expected > 0:
         yield no_end_blocks(end, label, what)
+
+
+def _streamed(info: tarfile.TarInfo, f) -> Streamed:
+    """The member's sha256, its data read in bounded pieces (its `size`: the bytes there were)."""
+    digest, got = hashlib.sha256(), 0
+    while piece := f.read(_STREAMED_READ):
+        digest.update(piece)
+        got += len(piece)
+    return Streamed(info.name, info.offset_data, got, digest.hexdigest())

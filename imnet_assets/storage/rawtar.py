@@ -33,7 +33,8 @@ class Member:
     name: str  # the member name as stored in the tar
     offset: int  # byte offset of the member's data in the tar
     size: int
-    data: bytes | memoryview  # a read-only memoryview only when asked for (`iter_tar(views=True)`)
+    # a read-only memoryview only when asked for (`iter_tar(views=True)`); None for a member over `max_data`
+    data: bytes | memoryview | None
 
 
 @dataclass
@@ -54,7 +55,8 @@ class ByteCount:
 
 def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bool = False,
              digest: list[str] | None = None, depth: int | None = None, size: int | None = None,
-             data: bytes | None = None, counted: ByteCount | None = None) -> Iterator[Member | Damage]:
+             data: bytes | None = None, counted: ByteCount | None = None,
+             max_data: int | None = None) -> Iterator[Member | Damage]:
     """Every member of the tar at `url`, in order, with its data; damage is yielded, not raised.
 
     Damage reasons read "<what> <tar name>: ..." (what: "raw tar", or "shard" when verifying).
@@ -69,6 +71,9 @@ def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bo
     `size`: the tar's size as a listing gave it (no request to ask for it); `data`: the whole tar,
     already read (a small remote tar fetched with others at once, see scan_pool.scan_tars).
     `counted`: adds up the bytes the walk read, as structure or as damage (see ByteCount).
+    `max_data`: a member of more bytes is not held (its data None; an eval tar's 2 GB video, which
+    only its offset is needed of): stepped over, or read in bounded pieces where tarfile's walk must
+    see that it is all there.
     """
     if data is not None:
         total, opened = len(data), io.BytesIO(data)
@@ -77,23 +82,24 @@ def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bo
         opened = PrefetchedFile(url, total, depth=depth) if depth and fs.is_remote(url) else prefetch.open_read(url)
     with opened as f:
         if digest is None:
-            yield from _iter_fileobj(f, total, fs.basename(url), what, views, mapped, counted)
+            yield from _iter_fileobj(f, total, fs.basename(url), what, views, mapped, counted, max_data)
             return
         hashing = fs.HashingReader(f)
-        yield from _iter_fileobj(hashing, total, fs.basename(url), what, views, counted=counted)
+        yield from _iter_fileobj(hashing, total, fs.basename(url), what, views, counted=counted, max_data=max_data)
         digest.append(hashing.hexdigest())
 
 
 def _iter_fileobj(f, total: int, label: str, what: str = "raw tar", views: bool = False,
-                  mapped: bool = False, counted: ByteCount | None = None) -> Iterator[Member | Damage]:
+                  mapped: bool = False, counted: ByteCount | None = None,
+                  max_data: int | None = None) -> Iterator[Member | Damage]:
     # Plain headers (the whole of a real ImageNet tar) are read by `_fast_walk` from large
     # sequential chunks; at the first header it does not fully understand (pax, links, bad
     # checksums, ...) it stops, and tarfile carries on from exactly there. Each counts the bytes
     # it reads into `counted`, the fast walk up to where tarfile takes over.
     counted = ByteCount() if counted is None else counted
-    resume = yield from _fast_walk(f, total, label, what, views, mapped, counted)
+    resume = yield from _fast_walk(f, total, label, what, views, mapped, counted, max_data)
     if resume is not None:
-        yield from _tarfile_walk(f, total, label, what, *resume, counted=counted)
+        yield from _tarfile_walk(f, total, label, what, *resume, counted=counted, max_data=max_data)
 
 
 CHUNK = 16 << 20  # bytes per sequential read of the fast walk
@@ -174,7 +180,7 @@ def _plain_header(block: bytes) -> tuple[bytes, str, int] | None:
 
 
 def _fast_walk(f, total: int, label: str, what: str, views: bool, mapped: bool = False,
-               counted: ByteCount | None = None):
+               counted: ByteCount | None = None, max_data: int | None = None):
     """Read plain headers and their members from large chunks, exactly as tarfile would.
 
     A generator that yields what `_iter_fileobj` yields and returns None when the whole tar is
@@ -212,8 +218,12 @@ def _fast_walk(f, total: int, label: str, what: str, views: bool, mapped: bool =
             counted.damaged += len(win.view(data_at, total))
             yield Damage(name, data_at, size, f"truncated {what} {label}: member data cut at byte {total} of {end}")
             return None
-        data = win.view(data_at, end) if views else win.read(data_at, end)
-        counted.structure += len(data) + len(win.view(end, min(pos, total)))  # its data and padding, as read
+        if max_data is not None and size > max_data:  # stepped over: its data and padding are there (end <= total)
+            data = None
+            counted.structure += min(pos, total) - data_at
+        else:
+            data = win.view(data_at, end) if views else win.read(data_at, end)
+            counted.structure += len(data) + len(win.view(end, min(pos, total)))  # its data and padding, as read
         yield Member(name, data_at, size, data)
         if pos > total:  # the data is all there but its padding is cut
             yield Damage("", pos, 0, f"truncated or damaged {what} {label}: broken header at byte {pos}: "
@@ -412,7 +422,7 @@ def _read_range(f, start: int, length: int) -> tuple[bool, int]:
 
 
 def _tarfile_walk(f, total: int, label: str, what: str, start: int = 0, expected: int = 0,
-                  counted: ByteCount | None = None) -> Iterator[Member | Damage]:
+                  counted: ByteCount | None = None, max_data: int | None = None) -> Iterator[Member | Damage]:
     """The tar read with tarfile from the header at `start` on (see `_fast_walk`); `counted` gets
     the bytes from `expected` on."""
     # ignore_zeros: tarfile steps over a damaged header block by block to the next valid one
@@ -453,17 +463,22 @@ def _tarfile_walk(f, total: int, label: str, what: str, start: int = 0, expected
             counted.structure += _read_range(f, info.offset_data, expected - info.offset_data)[1]
             yield Damage(info.name, info.offset_data, info.size, f"not a regular file ({kind}) in {what} {label}")
             continue
-        f.seek(info.offset_data)
-        data = f.read(info.size)
-        if len(data) < info.size:
-            counted.damaged += len(data)
+        data: bytes | None = None
+        if max_data is not None and info.size > max_data:  # read in pieces, only to see it is all there
+            got = _read_range(f, info.offset_data, info.size)[1]
+        else:
+            f.seek(info.offset_data)
+            data = f.read(info.size)
+            got = len(data)
+        if got < info.size:
+            counted.damaged += got
             yield Damage(
                 info.name, info.offset_data, info.size,
-                f"truncated {what} {label}: member data cut at byte {info.offset_data + len(data)} "
+                f"truncated {what} {label}: member data cut at byte {info.offset_data + got} "
                 f"of {info.offset_data + info.size}",
             )
             return
-        counted.structure += len(data) + len(f.read(expected - info.offset_data - info.size))  # + padding
+        counted.structure += got + len(f.read(expected - info.offset_data - info.size))  # + padding
         yield Member(info.name, info.offset_data, info.size, data)
     yield from _tail(f, total, expected, label, what, counted)
 

@@ -9,7 +9,8 @@ lease appears, a shard's temporary file appears). Stopped with:
 - kill -9 to the whole process group (OOM, a lost pod): no process of it is left;
 - SIGTERM to the main process only (`docker stop`, a preempted pod), two shard runs in threads
   as on 2 cores: it ends within 30 s with exit 130 saying "imnet: interrupted" (or 0 when it had
-  already finished), and no process of it is left.
+  already finished; always 0, with no traceback, once the audit's line is printed: its work was
+  done and recorded), and no process of it is left.
 
 After each stop every file at a final shard path is a whole shard; then `imnet build` on the
 same out root, catalog and DAGSTER_HOME exits 0 with "shard_audit      ok", shards and
@@ -125,10 +126,16 @@ EVENTS = {
     # the audit wrote _info.json; the card and the audit's record come after it
     "info-json": lambda tmp, _pid: (tmp / "out" / "_info.json").exists(),
     "audit-line": printed(r"^  shard_audit "),
+    # the build's last line: only its cleanup (leases, the first look, the worker pools at exit) is left
+    "shards-line": printed(r"^shards: "),
 }
+# Printed once the build's work is done and recorded (its last run, the audit's, ended): a SIGTERM after
+# them has nothing to stop, and the build exits 0 as it would have (it exited 130 "interrupted", or 0
+# with a KeyboardInterrupt traceback from multiprocessing's atexit join of the workers).
+DONE_EVENTS = ("audit-line", "shards-line")
 # SIGTERM at fewer of them (the module's time: each moment costs a build and a half).
 SIGTERM_EVENTS = ["catalog-wal", "catalog-write-lock", "filtered-index-line", "shard-runs-at-once-line", "shard-temp-file",
-                  "first-shard-line", "third-shard-line", "audit-line"]
+                  "first-shard-line", "third-shard-line", "audit-line", "shards-line"]
 
 
 def stopped_at(event: str, sig: int, raw: Path, tmp: Path) -> tuple[dict, str]:
@@ -156,8 +163,9 @@ def stopped_at(event: str, sig: int, raw: Path, tmp: Path) -> tuple[dict, str]:
     assert not left, f"processes of the build outlived it: {cmdlines(left)}\n{text}"
     if sig == signal.SIGKILL:
         assert code == -signal.SIGKILL, text
-    elif code == 0:  # it had finished before the signal came
-        assert "shard_audit      ok" in text, text
+    elif code == 0 or event in DONE_EVENTS:  # it had finished (its work, or all of it) before the signal came
+        assert code == 0 and "shard_audit      ok" in text, (code, text)
+        assert "Traceback" not in text and "interrupted" not in text, text
     else:
         assert code == 130 and "imnet: interrupted" in text, (code, text)
         assert "Traceback" not in text and "FAILED" not in text, text
