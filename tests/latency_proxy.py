@@ -135,6 +135,7 @@ class Fault:
     after: int = 0  # a slowdown's seconds start counting at the after-th matching request
     seconds: float = 0.0
     trigger: object = None  # which requests `after` counts (default: `match`)
+    checksum: bool = True  # False: the answer's x-amz-checksum-* headers dropped (a store that keeps none)
 
     def applies(self, method: str, target: str, headers: dict) -> bool:
         if self.after and self.until is None:
@@ -248,11 +249,14 @@ class LatencyProxy:
         return 301, ({"x-amz-bucket-region": region} if tell else {}), permanent_redirect(bucket, region)
 
     def cut(self, times: int | None = None, every: int = 1, rewrite_length: bool = True, match=ranged_get,
-            keep: float = 0.5) -> Fault:
+            keep: float = 0.5, checksum: bool = True) -> Fault:
         """Cut the answers of matching requests: `keep` of the body is sent, then the connection is
         closed. With `rewrite_length` the Content-Length says only that part (a well-formed, short
-        answer, as a middlebox that rewrote the length gives); otherwise it still promises all."""
-        return self._add(Fault("cut", match, every, times, keep=keep, rewrite_length=rewrite_length))
+        answer, as a middlebox that rewrote the length gives); otherwise it still promises all.
+        Without `checksum` the answer names no checksum of the object (x-amz-checksum-*: MinIO,
+        Ceph, an object written without one), so the client cannot tell the part by it."""
+        return self._add(Fault("cut", match, every, times, keep=keep, rewrite_length=rewrite_length,
+                               checksum=checksum))
 
     def reset(self, times: int | None = None, every: int = 1, match=ranged_get, keep: float = 0.5) -> Fault:
         """Reset the connection (RST) midway through the body of matching answers."""
@@ -462,9 +466,12 @@ async def _faulty(writer: asyncio.StreamWriter, head: bytes, body: bytes, fault:
         _abort(writer)
         return
     part = body[: int(len(body) * fault.keep)]
-    if fault.kind == "cut" and fault.rewrite_length:
-        lines = [ln for ln in head[:-4].split(b"\r\n") if not ln.lower().startswith(b"content-length:")]
-        head = b"\r\n".join([*lines, b"Content-Length: %d" % len(part)]) + b"\r\n\r\n"
+    if fault.kind == "cut" and (fault.rewrite_length or not fault.checksum):
+        dropped = (b"content-length:",) if fault.rewrite_length else ()
+        dropped += () if fault.checksum else (b"x-amz-checksum-",)
+        lines = [ln for ln in head[:-4].split(b"\r\n") if not ln.lower().startswith(dropped)]
+        length = [b"Content-Length: %d" % len(part)] if fault.rewrite_length else []
+        head = b"\r\n".join([*lines, *length]) + b"\r\n\r\n"
     writer.write(head + part)
     await writer.drain()
     if fault.kind == "reset":

@@ -81,7 +81,10 @@ _TIMED_OUT = re.compile(r"kind: Timeout|TimedOut|timed out|Read timeout|Connect 
 _CERTIFICATE = re.compile(r"invalid peer certificate|UnknownIssuer|CERTIFICATE_VERIFY_FAILED|certificate verify failed|"
                           r"SSL validation failed|SSLError|NotValidForName", re.IGNORECASE)
 _CONNECTION = re.compile(r"connect|reset|closed|broken pipe|incomplete|error sending request|error decoding|"
-                         r"body|premature|short read|end of file|EOF|payload", re.IGNORECASE)
+                         r"body|premature|short read|end of file|EOF|payload|"
+                         # botocore's answer to a body that is not the bytes sent (cut short with its length
+                         # rewritten, garbled on the way): the object's own checksum did not match it
+                         r"ChecksumError|did not match calculated checksum", re.IGNORECASE)
 # S3's answer to a request sent to another region than the bucket's (obstore does not follow it, as
 # botocore does: it names no Location)
 _REDIRECTED = re.compile(r"redirect without LOCATION|status code: 301\b|\(301\)|PermanentRedirect|incorrectly configured region",

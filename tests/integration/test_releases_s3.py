@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+from imnet_assets.storage import fs
 from tests.checks import catalog
 from tests.conftest import build_env, dagster_home, imnet
 from tests.s3server import MotoS3
@@ -32,13 +33,15 @@ def toml(tmp, sub, fourth: bool) -> str:
 
 
 def raw_reads(requests) -> dict[str, list[tuple[int, int]]]:
-    """Raw object -> the byte ranges its GETs asked for, in order (a GET with no range: (0, None),
-    the whole object: the synset metadata files)."""
+    """Raw object -> the byte ranges its GETs asked for, in order (a GET with no range, or one from
+    byte 0 past any object's end (fs.read_bytes): (0, None), the whole object: the synset metadata
+    files)."""
     out = defaultdict(list)
     for r in requests:
         if r.bucket == RAW_BUCKET and r.method == "GET" and r.key:
             start, end = map(int, RANGE.match(r.range).groups()) if r.range else (0, None)
-            out[r.key.removeprefix("w21/")].append((start, None if end is None else end + 1))
+            whole = end is None or end + 1 >= fs.WHOLE
+            out[r.key.removeprefix("w21/")].append((start, None if whole else end + 1))
     return out
 
 
