@@ -454,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CatalogDamaged, FileNotFoundError, StorageError, OutRootBusy) as e:  # each one line saying what to do
         print(f"imnet: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `imnet status | head`: the reader has gone; say nothing more (an OSError: before it)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:
         if e.errno not in FULL:
             raise
@@ -465,9 +468,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"imnet: {said}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # `imnet status | head`: the reader has gone; say nothing more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
     except KeyboardInterrupt:
         print("imnet: interrupted", file=sys.stderr)
         return 130

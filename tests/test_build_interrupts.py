@@ -73,3 +73,31 @@ def test_a_failure_is_still_a_failure(instance):
     result, failures = materializer(instance, [failing]).materialize(["failing"])
     assert not result.success
     assert len(failures) == 1 and "bad bytes" in failures[0], failures
+
+
+@asset
+def done_in_its_op():
+    return 1
+
+
+def test_a_stop_while_dagster_records_the_runs_success_is_a_stop(instance, monkeypatch):
+    """After the last step, while Dagster records the run's success, its handler only notes a signal,
+    and forgets it as the run ends: the build went on to its next stage (or, after the audit, exited
+    0 as if never told to stop). Found by review17 (dagster_quirks.materialize_keeping_interrupts)."""
+    from dagster import DagsterEventType
+
+    real = instance.handle_new_event
+
+    def handle(event, *args, **kwargs):  # the real write, then SIGTERM, as if it came during it
+        real(event, *args, **kwargs)
+        if event.dagster_event is not None and event.dagster_event.event_type == DagsterEventType.RUN_SUCCESS:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(instance, "handle_new_event", handle)
+    saved = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop_on_signals' SIGTERM
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            materializer(instance, [done_in_its_op]).materialize(["done_in_its_op"])
+    finally:
+        signal.signal(signal.SIGTERM, saved)

@@ -73,7 +73,8 @@ def test_an_unreachable_s3_endpoint_is_a_clear_error_naming_it(tmp_path):
     assert "Traceback" not in result.stderr, result.stderr
     # (no catalog here, so status goes straight to the plan under the out root)
     assert result.stderr.startswith("imnet: cannot read s3://nowhere/out/_plan/_index.json: "), result.stderr
-    assert f"at http://127.0.0.1:{port}: EndpointConnectionError" in result.stderr, result.stderr
+    assert f"GET s3://nowhere/out/_plan/_index.json (the whole object) at http://127.0.0.1:{port}: " in result.stderr, \
+        result.stderr
     assert "the endpoint cannot be reached: check AWS_ENDPOINT_URL and the network" in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1, result.stderr  # one line
     assert "s3cr3t-unreachable" not in result.stderr + result.stdout
@@ -182,3 +183,24 @@ def test_build_refuses_an_out_root_overlapping_the_raw_root_before_writing_anyth
     assert {"equal": "is the raw root", "inside": "is inside the raw root", "containing": "contains the raw root",
             "s3-inside": "is inside the raw root"}[where] in lines[0]
     assert snapshot() == before, "something was written"
+
+
+def test_a_reader_gone_from_the_output_is_exit_141_not_a_traceback(monkeypatch, capfd):
+    """`imnet status | head`: the write to a pipe whose reader has gone raises BrokenPipeError (an
+    OSError with an errno not a full disk's): said nothing, exit 141, as before main learnt the full
+    disk's OSError (review17: that handler came first and re-raised it, a Traceback)."""
+    import os
+
+    import imnet_assets.cli as cli
+
+    def to_a_closed_pipe(_args) -> int:
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            os.write(write, b"status line\n")  # the reader is gone: EPIPE (SIGPIPE is ignored by Python)
+        finally:
+            os.close(write)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_status", to_a_closed_pipe)
+    assert cli.main(["status"]) == 141

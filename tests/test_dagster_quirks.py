@@ -21,6 +21,7 @@ from imnet_assets.orchestrate.dagster_quirks import (  # noqa: E402
     capture_without_mirror,
     console_kept_through_output_capture,
     finish_half_made_event_log,
+    materialize_keeping_interrupts,
     one_engine_per_sqlite_storage,
     skip_per_run_logging_config,
 )
@@ -178,6 +179,37 @@ def test_a_run_in_the_main_thread_points_sigterm_at_sigints_handler(instance):
         _run(instance)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("moment", ["STEP_SUCCESS", "RUN_SUCCESS"])
+def test_a_stop_signal_while_dagster_records_a_runs_end_is_kept(instance, monkeypatch, moment):
+    """The reason for materialize_keeping_interrupts: Dagster notes a SIGTERM that comes while it
+    records a step's success and raises it at the teardown of the run's resources (the run fails),
+    but one that comes while it records the run's success is forgotten (the run succeeds, nothing
+    raised, nothing said); kept, both are KeyboardInterrupt."""
+    from dagster import DagsterEventType
+
+    real = instance.handle_new_event
+
+    def handle(event, *args, **kwargs):  # the real write, then the signal, as if it came during it
+        real(event, *args, **kwargs)
+        if event.dagster_event is not None and event.dagster_event.event_type == DagsterEventType[moment]:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(instance, "handle_new_event", handle)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop_on_signals()
+        assert materialize([fd_witness], instance=instance, raise_on_error=False).success is (moment == "RUN_SUCCESS")
+        stop_on_signals()
+        with pytest.raises(KeyboardInterrupt):
+            materialize_keeping_interrupts([fd_witness], instance=instance, raise_on_error=False)
+        from dagster._utils import interrupts
+
+        assert type(interrupts._received_interrupt) is dict and not interrupts._received_interrupt["received"]
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)

@@ -15,6 +15,7 @@ from imnet_assets.defs.release_keys import RELEASE_TAG, SHARED_STAGES, asset_key
 from imnet_assets.orchestrate.dagster_quirks import (
     capture_without_mirror,
     console_kept_through_output_capture,
+    materialize_keeping_interrupts,
     one_engine_per_sqlite_storage,
     skip_per_run_logging_config,
 )
@@ -74,14 +75,12 @@ class Build:
     def materialize(self, selection: list[str], partition_key: str | None = None, release: Settings | None = None):
         """Materialize the stages named in `selection` (of `release`: its keys; default: the
         default release's plain keys) as one Dagster run."""
-        from dagster import materialize
-
         from imnet_assets.defs.schedules import build_run_tags
 
         release = self.selected[0] if release is None and len(self.releases) == 1 else release
         keys = [asset_key(release, s) if release is not None else s for s in selection]
         tags = {RELEASE_TAG: release.release} if release is not None and release.release else {}
-        result = materialize(
+        result = materialize_keeping_interrupts(  # a stop signal during the run: KeyboardInterrupt
             self.assets, selection=keys, partition_key=partition_key, instance=self.instance,
             raise_on_error=False, tags={**build_run_tags(), **tags},
             run_config={"loggers": {"console": {"config": {"log_level": self.log_level}}}},

@@ -147,6 +147,42 @@ def capture_without_mirror(instance) -> None:
     manager.capture_logs = capture_logs
 
 
+def materialize_keeping_interrupts(assets, **kwargs):
+    """dagster.materialize in the main thread, where a stop signal (Ctrl-C, or SIGTERM: stop_on_signals)
+    during the run always ends as KeyboardInterrupt. Dagster 1.13 runs it under capture_interrupts,
+    whose handler only notes a signal, raised at its next checkpoint (a step's start, the teardown of
+    the run's resources: the run then fails, named an interrupt), and on leaving forgets it: a signal
+    while Dagster records the run's success was lost (the build went on to its next stage, or exited
+    0 as if never told to stop). The note is kept here (Dagster's own flag, read through), and a run
+    that saw one raises KeyboardInterrupt, whatever its result. In other threads Dagster captures
+    nothing: a plain call."""
+    import threading
+
+    from dagster import materialize
+    from dagster._utils import interrupts
+
+    if threading.current_thread() is not threading.main_thread():
+        return materialize(assets, **kwargs)
+
+    class Noting(dict):
+        seen = False
+
+        def __setitem__(self, key, value):
+            if key == "received" and value:
+                Noting.seen = True
+            super().__setitem__(key, value)
+
+    flag = interrupts._received_interrupt
+    interrupts._received_interrupt = Noting(flag)
+    try:
+        result = materialize(assets, **kwargs)
+    finally:
+        interrupts._received_interrupt = flag
+    if Noting.seen:
+        raise KeyboardInterrupt
+    return result
+
+
 def finish_half_made_event_log(instance) -> bool:
     """Completes an event log database whose creation was cut short; True when it did. Dagster
     1.13's ConsolidatedSqliteEventLogStorage creates its tables only when its file does not exist

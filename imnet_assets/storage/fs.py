@@ -218,7 +218,7 @@ def find_files(url: str) -> list[dict]:
     return out
 
 
-WHOLE = 1 << 62  # the length of a ranged read that asks for a whole object (S3 answers what there is)
+WHOLE = s3read.WHOLE  # the length of a ranged read that asks for a whole object
 
 
 @_names_remote_errors("read")

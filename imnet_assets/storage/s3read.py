@@ -361,6 +361,9 @@ def _past_end(e: BaseException) -> bool:
     return _PAST_END.search(brief(e)) is not None
 
 
+WHOLE = 1 << 62  # the length of a ranged read that asks for a whole object (S3 answers what there is)
+
+
 def get_range(bucket: str, key: str, offset: int, length: int) -> bytes:
     """`length` bytes of s3://bucket/key from `offset`: exactly those, or fewer only where the
     object ends (none from its end on). Raises FileNotFoundError for a missing object, and
@@ -371,7 +374,8 @@ def get_range(bucket: str, key: str, offset: int, length: int) -> bytes:
     from obstore.exceptions import NotFoundError
 
     s = store(bucket)
-    retry = Retry(f"GET s3://{bucket}/{key} bytes {offset}-{offset + length - 1}")
+    span = "(the whole object)" if (offset, length) == (0, WHOLE) else f"bytes {offset}-{offset + length - 1}"
+    retry = Retry(f"GET s3://{bucket}/{key} {span}")
     while True:
         try:
             result = obstore.get(s, key, options={"range": (offset, offset + length)})
