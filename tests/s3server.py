@@ -196,6 +196,17 @@ class MotoS3:
             dst.write_bytes(data)
 
     @staticmethod
+    def fresh_buckets(client, *buckets: str) -> None:
+        """Each bucket made, and emptied of what an earlier test left (objects, unfinished multipart
+        uploads): moto's state is the pytest process's, not one server's."""
+        for bucket in buckets:
+            client.create_bucket(Bucket=bucket)
+            for key in MotoS3.all_objects(client, bucket):
+                client.delete_object(Bucket=bucket, Key=key)
+            for up in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+                client.abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+
+    @staticmethod
     def all_objects(client, bucket: str, prefix: str = "") -> dict[str, bytes]:
         """key -> bytes of every object under a prefix."""
         out = {}

@@ -20,6 +20,17 @@ import pytest
 from imnet_assets.runtime import host, procpool, wire, workerpool
 
 
+def run_script(script, cwd):
+    """A script run as a console script is (its own folder on its path, not `cwd`), in a process of
+    its own, without PYTHONSAFEPATH; it must exit 0."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    out = subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
 def test_workers_find_the_pool_modules_already_imported():
     """A module whose functions run in pools names itself (procpool.preload) when imported; a
     forkserver started after that imports it once, and every worker starts with it loaded. In a
@@ -45,7 +56,6 @@ def test_workers_run_this_process_code_from_whatever_folder_it_was_started(tmp_p
     """Started from a folder holding another `imnet_assets` (a second checkout) and a module named
     like one the workers import, the workers still import this process's: Python 3.11's forkserver
     would put that folder first on its path (`python -c`) and ignore the path it is sent."""
-    import subprocess
 
     here = tmp_path / "elsewhere"
     (here / "imnet_assets").mkdir(parents=True)
@@ -63,10 +73,7 @@ def test_workers_run_this_process_code_from_whatever_folder_it_was_started(tmp_p
         "    import imnet_assets, tarfile\n"
         "    print(seen == (imnet_assets.__file__, tarfile.__file__, None), seen)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
-    out = subprocess.run([sys.executable, str(script)], cwd=here, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr
+    out = run_script(script, here)
     assert out.stdout.startswith("True "), out.stdout
 
 
@@ -104,7 +111,6 @@ def test_starting_the_forkserver_leaves_this_process_environment_alone(tmp_path)
     the variable gone between its listing and its read), and inherited by any process another thread
     started. Nothing changes the environment (an audit hook sees every os.putenv/os.unsetenv), at
     its first start or its restart, while another thread reads it all along."""
-    import subprocess
 
     script = tmp_path / "env_window.py"
     script.write_text(
@@ -138,10 +144,7 @@ def test_starting_the_forkserver_leaves_this_process_environment_alone(tmp_path)
         "    reader.join()\n"
         "    print(changes, errors[:3])\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
-    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr
+    out = run_script(script, tmp_path)
     assert out.stdout == "[] []\n", out.stdout
 
 

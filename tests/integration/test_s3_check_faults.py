@@ -47,10 +47,7 @@ def built(tmp_path_factory):
     write_sample_raw(tmp / "raw", synsets=3, images=12, seed=0)
     with MotoS3(secret=f"chkSecret-{uuid.uuid4().hex}") as s3, LatencyProxy(s3.endpoint, latency_ms=0) as proxy:
         client = s3.client()
-        for bucket in (RAW_BUCKET, OUT_BUCKET):  # moto's state is the pytest process's: emptied first
-            client.create_bucket(Bucket=bucket)
-            for key in MotoS3.all_objects(client, bucket):
-                client.delete_object(Bucket=bucket, Key=key)
+        MotoS3.fresh_buckets(client, RAW_BUCKET, OUT_BUCKET)
         s3.put_tree(client, tmp / "raw", RAW_BUCKET, "winter21")
         env = build_env(tmp, RAW_ROOT, IMNET_OUT_ROOT=OUT_ROOT, IMNET_NUM_SHARDS=str(NUM_SHARDS),
                         DAGSTER_HOME=str(dagster_home(tmp)), IMNET_STORAGE_RETRY_SECONDS="20")

@@ -109,12 +109,7 @@ def _build(small_raw: Path, tmp: Path, lose: tuple = (), rerun: bool = False) ->
 
     with MotoS3(secret=f"lostSecret-{uuid.uuid4().hex}") as s3, LatencyProxy(s3.endpoint, latency_ms=0) as proxy:
         client = s3.client()
-        for bucket in (RAW_BUCKET, OUT_BUCKET):  # moto's state is the pytest process's: emptied first
-            client.create_bucket(Bucket=bucket)
-            for key in MotoS3.all_objects(client, bucket):
-                client.delete_object(Bucket=bucket, Key=key)
-            for up in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
-                client.abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+        MotoS3.fresh_buckets(client, RAW_BUCKET, OUT_BUCKET)
         s3.put_tree(client, small_raw, RAW_BUCKET, "winter21")
         proxy.lose(match=lost, times=None)
         env = _env(tmp, s3, proxy.endpoint)
