@@ -235,7 +235,9 @@ def one_schema_stamp_each(home) -> list[str]:
     head: every later open of the instance then fails ("alembic.util.exc.CommandError: Version table
     'alembic_version' has more than one head present"), in imnet and in Dagster's own processes. The
     tables are the head's (made by the first process's creation), so the older stamp is the one
-    removed. Called under the instance lock, when opening the instance failed so."""
+    removed. A file with one stamp is left alone. Called under the instance lock (instance.py), when
+    opening the instance failed so, and after an open that made the files (another process may have
+    stamped one meanwhile)."""
     import sqlite3
     from pathlib import Path
 

@@ -50,7 +50,7 @@ def dagster_instance(prepare_out=None):
         fresh = not all((home / name).exists() for name in STAMPED_SQLITE_FILES)
         for attempt in range(1, CREATION_TRIES + 1):
             try:
-                instance = _made(DagsterInstance.get, home)
+                instance = _made(home)
                 if fresh:  # made just now, maybe beside another process's creation (see _collided)
                     _one_stamp_each(home)
                 return instance
@@ -75,11 +75,14 @@ def _one_stamp_each(home: Path) -> None:
               "older stamp removed", file=sys.stderr, flush=True)
 
 
-def _made(get, home: Path):
-    """The instance `get` gives, every storage of it made and migrated (some are made on first use)."""
+def _made(home: Path):
+    """The instance of DAGSTER_HOME `home`, every storage of it made and migrated (some are made on
+    first use)."""
+    from dagster import DagsterInstance
+
     from imnet_assets.orchestrate.dagster_quirks import finish_half_made_event_log
 
-    instance = get()
+    instance = DagsterInstance.get()
     try:
         if finish_half_made_event_log(instance):
             print(f"imnet: the Dagster instance's event log at {home} was left half made (a process killed "

@@ -218,9 +218,6 @@ def find_files(url: str) -> list[dict]:
     return out
 
 
-WHOLE = s3read.WHOLE  # the length of a ranged read that asks for a whole object
-
-
 @_names_remote_errors("read")
 def read_bytes(url: str) -> bytes:
     """The whole file at `url`. On S3 one ranged GET from byte 0 to past any end
@@ -235,7 +232,7 @@ def read_bytes(url: str) -> bytes:
     protocol, _, rest = url.partition("://")
     if protocol in ("s3", "s3a"):
         bucket, _, key = rest.partition("/")
-        return s3read.get_range(bucket, key, 0, WHOLE)
+        return s3read.get_range(bucket, key, 0, s3read.WHOLE)
     retry = s3read.Retry(f"GET {url}")
     while True:
         try:  # one GET (s3fs otherwise asks for the size first, to split large objects)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from imnet_assets.storage import fs
+from imnet_assets.storage import s3read
 from tests.checks import catalog
 from tests.conftest import build_env, dagster_home, imnet
 from tests.s3server import MotoS3
@@ -40,7 +40,7 @@ def raw_reads(requests) -> dict[str, list[tuple[int, int]]]:
     for r in requests:
         if r.bucket == RAW_BUCKET and r.method == "GET" and r.key:
             start, end = map(int, RANGE.match(r.range).groups()) if r.range else (0, None)
-            whole = end is None or end + 1 >= fs.WHOLE
+            whole = end is None or end + 1 >= s3read.WHOLE
             out[r.key.removeprefix("w21/")].append((start, None if whole else end + 1))
     return out
 
