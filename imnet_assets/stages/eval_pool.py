@@ -55,6 +55,7 @@ import functools
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from imnet_assets.image.decode import MAX_SHORT
 from imnet_assets.image.faults import arm
@@ -89,10 +90,20 @@ CRASHED = "crashed the pHash's process"  # the first words of a crash's eval_ima
 STREAMED_READ = 16 << 20  # bytes per read of a file whose sha256 is streamed (over MAX_DECODED_BYTES)
 
 Row = tuple[str, str, int | None, str | None]  # (file, sha256, phash, why no pHash)
-# (file, url, offset, length, whole: the object is exactly that long, data: its bytes, read already (a
-# compressed tar's member), else None, sha256: that of a compressed tar's member over MAX_DECODED_BYTES,
-# streamed as it was read (no data), else None)
-Item = tuple[str, str, int, int, bool, bytes | None, str | None]
+
+
+class Item(NamedTuple):
+    """One eval image to hash: a file, or a member of an eval tar."""
+
+    name: str  # the eval file's name (a tar's member: "<tar>/<member>")
+    url: str
+    offset: int
+    length: int
+    whole: bool  # the object is exactly `length` long (a file, not a member)
+    data: bytes | None = None  # its bytes, read already (a compressed tar's member), else None
+    sha256: str | None = None  # that of a compressed tar's member over MAX_DECODED_BYTES, taken as it streamed past (no data)
+
+
 Damaged = tuple[str, int, int, str]  # (eval file, at byte, bytes, reason): a part of an eval tar not hashed
 
 
@@ -107,25 +118,23 @@ def _read(url: str, name: str, offset: int, length: int, whole: bool) -> bytes:
 
 
 def _item_bytes(item: Item) -> bytes:
-    name, url, offset, length, whole, data, _sha256 = item
-    return data if data is not None else _read(url, name, offset, length, whole)
+    return item.data if item.data is not None else _read(item.url, item.name, item.offset, item.length, item.whole)
 
 
 def _too_large(item: Item) -> bool:
     """Whether the item is more bytes than an image the pHash decodes: never held whole (the module's docstring)."""
-    return item[3] > MAX_DECODED_BYTES
+    return item.length > MAX_DECODED_BYTES
 
 
 def _streamed_sha256(item: Item) -> str:
     """The sha256 of the item's bytes, read in STREAMED_READ pieces (a piece short of what was listed,
     or a whole file longer than listed: a StorageError naming it, as `_read` says)."""
-    name, url, offset, length, whole, _data, sha256 = item
-    if sha256 is not None:
-        return sha256
+    if item.sha256 is not None:
+        return item.sha256
     digest, done = hashlib.sha256(), 0
-    while done < length:
-        n = min(STREAMED_READ, length - done)
-        digest.update(_read(url, name, offset + done, n, whole and done + n == length))
+    while done < item.length:
+        n = min(STREAMED_READ, item.length - done)
+        digest.update(_read(item.url, item.name, item.offset + done, n, item.whole and done + n == item.length))
         done += n
     return digest.hexdigest()
 
@@ -152,10 +161,11 @@ class EvalJob:
         try:
             crashed = dict(self.crashed)
             rows = []
-            for i, ((name, *_where), read) in enumerate(zip(self.items, reads)):
+            for i, (item, read) in enumerate(zip(self.items, reads)):
+                name = item.name
                 mark(i << 1, timed=False)  # reading: the storage's time
                 if read is None:  # too large to be an image: its sha256 streamed, nothing decoded
-                    rows.append((name, _streamed_sha256(self.items[i]), None, too_many_bytes(self.items[i][3])))
+                    rows.append((name, _streamed_sha256(item), None, too_many_bytes(item.length)))
                     continue
                 data = read.result()
                 mark(i << 1 | 1)  # decoding
@@ -204,7 +214,7 @@ class TarMembersJob:
             if isinstance(m, Damage):
                 damage.append((m.offset, m.size, m.reason))
             else:
-                members.append((f"{self.name}/{m.name}", self.url, m.offset, m.size, False, None, None))
+                members.append(Item(f"{self.name}/{m.name}", self.url, m.offset, m.size, False))
         return members, damage, None
 
 
@@ -268,7 +278,7 @@ def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
 
 
 def _held(job: EvalJob) -> int:
-    return sum(len(item[5]) for item in job.items if item[5] is not None)
+    return sum(len(item.data) for item in job.items if item.data is not None)
 
 
 def _items(pool: WorkerPool, listing: list[dict], tars: dict, log: Callable[[str], None],
@@ -281,7 +291,7 @@ def _items(pool: WorkerPool, listing: list[dict], tars: dict, log: Callable[[str
 
 
 def _whole(entry: dict) -> Item:
-    return entry["name"], entry["url"], 0, entry["size"], True, None, None
+    return Item(entry["name"], entry["url"], 0, entry["size"], True)
 
 
 def _said(entry: dict, members: int, damage: list[tuple[int, int, str]], damaged: list[Damaged],
@@ -334,9 +344,9 @@ def _unpacked(entry: dict, packed: str, log: Callable[[str], None], damaged: lis
             continue
         members += 1
         if isinstance(m, Streamed):
-            yield f"{entry['name']}/{m.name}", entry["url"], m.offset, m.size, False, None, m.sha256
+            yield Item(f"{entry['name']}/{m.name}", entry["url"], m.offset, m.size, False, sha256=m.sha256)
         else:
-            yield f"{entry['name']}/{m.name}", entry["url"], m.offset, m.size, False, bytes(m.data), None
+            yield Item(f"{entry['name']}/{m.name}", entry["url"], m.offset, m.size, False, data=bytes(m.data))
     if not members and damage:
         _nothing_readable(entry, damage, damaged, log)
         return
@@ -372,7 +382,7 @@ def _hashed(pool: WorkerPool, job: EvalJob, future, passed: set, log: Callable[[
                                                "again", first=first, last=last)) from None
             elif not died.culprit & 1:
                 i = died.culprit >> 1
-                name = job.items[i][0]
+                name = job.items[i].name
                 death = deaths.count(died, i, reading=True)
                 log(f"an eval hashing process died ({died.named}) reading eval file {name}: not the image's fault; "
                     "reading it again in a fresh process")
@@ -382,7 +392,7 @@ def _hashed(pool: WorkerPool, job: EvalJob, future, passed: set, log: Callable[[
                                                  "and build again", name=name)) from None
             else:
                 i = died.culprit >> 1
-                where = f"eval file {job.items[i][0]}"
+                where = f"eval file {job.items[i].name}"
                 death = deaths.count(died, i)
                 death.follow(_NOTES, _FAILURES, log, where=where)
                 if death.settles_crash:
