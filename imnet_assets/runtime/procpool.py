@@ -45,6 +45,8 @@ import threading
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.connection import wait
 
+from imnet_assets.runtime.worker_memory import keep_freed_memory
+
 EXIT_PARENT_GONE = 70
 _FORKSERVER_COMMAND = "from multiprocessing.forkserver import main"  # how multiprocessing's starts
 
@@ -88,6 +90,13 @@ def preloaded() -> list[str]:
     return list(_preloaded)
 
 
+def worker_start() -> None:
+    """What every pool worker does first: exit with its parent (watch_parent), and keep the memory
+    it frees for its next task (worker_memory)."""
+    keep_freed_memory()
+    watch_parent()
+
+
 def watch_parent() -> None:
     parent = multiprocessing.parent_process()
     if parent is None:
@@ -120,7 +129,7 @@ def ensure_forkserver() -> None:
 
 def process_pool(workers: int) -> ProcessPoolExecutor:
     """A forkserver pool of `workers` processes that exit when this process dies."""
-    return ProcessPoolExecutor(max_workers=workers, mp_context=forkserver_context(), initializer=watch_parent)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=forkserver_context(), initializer=worker_start)
 
 
 def start_forkserver() -> None:

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from imnet_assets.runtime.procpool import EXIT_PARENT_GONE, watch_parent
+from imnet_assets.runtime.procpool import EXIT_PARENT_GONE, worker_start
 
 EXIT_OUT_OF_MEMORY = 71  # a worker whose job raised MemoryError exits with this (see WorkerPool)
 RETIRE = -1  # the task id of the message that retires a worker (no payload)
@@ -199,7 +199,7 @@ def worker_main(sock, slot, threads: int) -> None:
 
     global _slot
     _slot = slot
-    watch_parent()
+    worker_start()
     conn = Channel(sock)
     readers = ThreadPoolExecutor(threads, thread_name_prefix="prefetch")
     jobs: queue.SimpleQueue = queue.SimpleQueue()
