@@ -4,7 +4,8 @@ entries so that a listing of a few objects spans several pages (S3's: 1,000 each
 thousands of raw tars or commit records does. The first, second or last page cut short (with its
 Content-Length rewritten: XML that does not parse; or still promising the rest), reset, lost or
 answered 5xx is asked again (its continuation token kept): the listing equals the fault-free one,
-never a shorter one (synsets missing from the index, shards taken as absent).
+never a shorter one (synsets missing from the index, shards taken as absent). A store's 5xx with an
+error code of its own is retried as S3's are.
 """
 
 from __future__ import annotations
@@ -83,6 +84,30 @@ def test_a_fault_on_any_page_of_a_listing_is_retried_never_a_shorter_listing(lis
         proxy.clear_faults()
     assert sum(proxy.injected.values()) == 1, proxy.injected
     assert got == clean[0 if listing == "listdir" else 1]
+
+
+@pytest.mark.parametrize(("status", "code"), [(503, "XMinioServerNotInitialized"), (500, "ServerError")])
+def test_a_server_error_with_a_code_of_the_stores_own_is_retried_by_its_status(listed, status, code):
+    """A 5xx is a fault of the machinery whatever the error code in its document says: MinIO
+    answers 503 XMinioServerNotInitialized while it starts. The listing (s3fs: botocore's error,
+    which named only the code) is asked again, as a ranged read (obstore: the status) is."""
+    url, proxy, clean = listed
+    count = {"n": 0}
+
+    def second(method: str, target: str, headers: dict) -> bool:
+        if _listing(method, target, headers):
+            count["n"] += 1
+            return count["n"] == 2
+        return False
+
+    proxy.injected.clear()
+    proxy.answer(status, code, match=second)
+    try:
+        got = fs.listdir_and_folders(url)
+    finally:
+        proxy.clear_faults()
+    assert proxy.injected["status"] == 1
+    assert got == clean[0]
 
 
 def test_a_listing_whose_faults_outlast_the_budget_fails_naming_it(listed):
