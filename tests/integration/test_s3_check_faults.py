@@ -8,6 +8,8 @@ answer only the object's checksum, or where the store sends none its Content-Ran
 while. Each gives the answer it gives without faults (verify: every shard ok; status: every shard
 fresh; build: all fresh, nothing rewritten), and no object of the out root changes (their ETags and
 LastModified): never "damaged", "mismatch", "stale" or a failed run for a shard that is whole.
+So do a second build and `imnet status` with a page of one of their listings (asked for in pages of
+2 entries) cut, reset, lost or answered 5xx: never a shorter listing.
 """
 
 from __future__ import annotations
@@ -152,3 +154,72 @@ def test_a_short_body_of_one_of_many_documents_is_read_again_never_taken_for_it(
             client.delete_object(Bucket=OUT_BUCKET, Key=url.split("/", 3)[3])
     assert proxy.injected["cut"] == 1
     assert got == {url: {"n": i, "pad": "x" * 64} for i, url in enumerate(urls)}
+
+
+def _listing_of(prefix: str):
+    """Selects the requests of ListObjectsV2 pages under exactly `prefix` (a key prefix of the bucket)."""
+    from urllib.parse import parse_qs
+
+    def match(method: str, target: str, headers: dict) -> bool:
+        query = parse_qs(target.partition("?")[2])
+        return method == "GET" and "list-type" in query and query.get("prefix") == [prefix]
+
+    return match
+
+
+# (command, the listing, its k-th page, fault). Listings asked for in pages of 2 entries: the raw
+# root's 5 files span 3 pages, the out root's and _manifests/'s 4. Each is listed more than once
+# (k counts every page of that prefix's listings, in order): a build's first look (orchestrate/
+# first_look.py) lists first, and a fault that outlasts its retries there is looked again by the
+# build; the 13th page of _manifests/ is the build's own last look (without the retry of a 5xx by
+# its status, this build failed there).
+LISTING_CASES = [
+    ("build", "winter21/", 1, "cut-length"), ("build", "winter21/", 3, "lost"),
+    ("build", "wds/", 1, "cut"), ("build", "wds/", 4, "cut-length"),
+    ("build", "wds/_manifests/", 2, "reset"), ("build", "wds/_manifests/", 13, "503-own-code"),
+    ("build", "wds/_manifests/_changed_sources/", 1, "500"), ("build", "wds/_locks/", 1, "lost"),
+    ("status", "wds/", 2, "cut-length"), ("status", "wds/_manifests/", 4, "lost"),
+]
+
+
+@pytest.mark.parametrize(("command", "prefix", "k", "fault"), LISTING_CASES,
+                         ids=[f"{c}-{p.strip('/').replace('/', '.')}-{k}-{f}" for c, p, k, f in LISTING_CASES])
+def test_a_fault_on_a_page_of_a_listing_is_never_a_shorter_listing(built, command, prefix, k, fault):
+    """A second `imnet build` (everything fresh) and `imnet status`, with the k-th page of one of
+    their listings (the raw root's, the out root's, _manifests/, the changed sources', the leases')
+    cut short, reset, lost or answered 5xx: the page is asked again; never synsets missing, a shard
+    taken as absent or stale, a shard rebuilt or the freshness ledger rewritten."""
+    proxy, client = built["proxy"], built["client"]
+    listing, count = _listing_of(prefix), {"n": 0}
+
+    def kth(method: str, target: str, headers: dict) -> bool:
+        if listing(method, target, headers):
+            count["n"] += 1
+            return count["n"] == k
+        return False
+
+    before = _stamps(client)
+    proxy.injected.clear()
+    proxy.page_size = 2
+    if fault == "lost":
+        proxy.lose(match=kth)
+    elif fault == "reset":
+        proxy.reset(match=kth)
+    elif fault.startswith("cut"):
+        proxy.cut(match=kth, rewrite_length=fault == "cut-length")
+    else:  # a store's own code for a 503 (MinIO starting), S3's for a 500
+        proxy.answer(int(fault[:3]), "XMinioServerNotInitialized" if fault == "503-own-code" else "InternalError",
+                     match=kth)
+    try:
+        result = imnet([command], built["env"], cwd=built["cwd"], check=False)
+    finally:
+        proxy.clear_faults()
+        proxy.page_size = None
+    out = result.stdout + result.stderr
+    assert sum(proxy.injected.values()) == 1, (count, out[-2000:])
+    assert result.returncode == 0, out[-3000:]
+    assert FINE[command] in out, out[-3000:]
+    assert not [w for w in FALSE_VERDICTS if w in out], out[-3000:]
+    if command == "build":
+        assert "3 to build" not in out and out.count("fresh, skipped") >= 4, out[-3000:]
+    assert _stamps(client) == before  # nothing rewritten, removed or added
