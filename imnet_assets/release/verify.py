@@ -379,6 +379,10 @@ def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, dec
     `sample_digest`: build_shard's), each chunk proves its samples' bytes are those written, so
     the file's sha256 is `tar_sha256` without this process hashing it again; otherwise this
     thread hashes the whole file while the chunks are checked.
+
+    A read the storage does not give back exact within its retries (a fault of the machinery, not
+    of the shard) is raised (StorageError naming the file), never returned as a problem: the run
+    fails, with no failed check recorded against a shard that may well be whole.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -415,6 +419,9 @@ def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, dec
             else:
                 results = [j.run() for j in jobs]
             intact = all(r[2] for r in results) if spans else digest_future.result() == tar_sha256
+    except fs.StorageError as e:  # the storage did not give the bytes back: a fault, never a verdict on the shard
+        raise fs.StorageError(fs.redact(f"cannot read back {url} to check it: {e}; the shard is not recorded as "
+                                        "committed: `imnet build` builds it again")) from None  # e said in full
     except (OSError, WorkerDied) as e:
         return [f"cannot read back {fs.basename(url)}: {type(e).__name__}: {e}"]
     keys = [k for ks, _, _ in results for k in ks]

@@ -223,3 +223,72 @@ def test_a_fault_on_a_page_of_a_listing_is_never_a_shorter_listing(built, comman
     if command == "build":
         assert "3 to build" not in out and out.count("fresh, skipped") >= 4, out[-3000:]
     assert _stamps(client) == before  # nothing rewritten, removed or added
+
+
+def _shard_tars(client, prefix: str) -> dict[str, str]:
+    """name -> sha256 of the shard tars directly under s3://OUT_BUCKET/prefix/."""
+    import hashlib
+
+    return {k.rpartition("/")[2]: hashlib.sha256(v).hexdigest()
+            for k, v in MotoS3.all_objects(client, OUT_BUCKET, f"{prefix}/").items()
+            if k.endswith(".tar") and k.count("/") == 1}
+
+
+def test_a_fault_on_the_read_back_of_a_shard_is_retried_or_fails_its_run_never_damage(built, tmp_path):
+    """A build into another out root while its shards' read-backs (the check of each committed tar:
+    HEAD, then ranged GETs) are cut short (a well-formed short answer with no checksum; one still
+    promising the rest), reset, lost or answered 500: each is read again and the shard is committed,
+    byte for byte the clean build's. One shard whose every read-back GET is answered 503 past the
+    retry budget fails its run naming its tar (a StorageError, not a failed check: no verdict on a
+    shard that may be whole), and is not recorded as committed; no exclusion, repair or damage; the
+    rerun builds that shard alone and equals the clean build."""
+    proxy, client = built["proxy"], built["client"]
+    clean = _shard_tars(client, "wds")
+    assert len(clean) == NUM_SHARDS
+    names = sorted(clean)
+    env = {**built["env"], "IMNET_OUT_ROOT": f"s3://{OUT_BUCKET}/rb", "IMNET_CATALOG": str(tmp_path / "catalog.duckdb"),
+           "DAGSTER_HOME": str(dagster_home(tmp_path)), "IMNET_STORAGE_RETRY_SECONDS": "4"}
+
+    def first(method: str, name: str):
+        """The first of the requests the proxy asks this fault about (a fault asked before it that
+        applied hides a request from it: the second fault on a name hits the first's retry)."""
+        count = {"n": 0}
+
+        def match(m: str, target: str, headers: dict) -> bool:
+            if m != method or target != f"/{OUT_BUCKET}/rb/{name}" or (m == "GET" and "range" not in headers):
+                return False
+            count["n"] += 1
+            return count["n"] == 1
+        return match
+
+    proxy.injected.clear()
+    proxy.cut(match=first("GET", names[0]), rewrite_length=True, checksum=False)
+    proxy.reset(match=first("GET", names[0]))  # the cut read's retry
+    proxy.cut(match=first("GET", names[1]), rewrite_length=False)
+    proxy.lose(match=first("HEAD", names[1]))
+    proxy.answer(500, "InternalError", match=first("HEAD", names[1]))  # the lost HEAD's retry
+    proxy.answer(503, "SlowDown", times=None,
+                 match=lambda m, t, h: m == "GET" and "range" in h and t == f"/{OUT_BUCKET}/rb/{names[2]}")
+    try:
+        first = imnet(["build"], env, cwd=tmp_path, check=False)
+    finally:
+        proxy.clear_faults()
+    out = first.stdout + first.stderr
+    assert proxy.injected["cut"] == 2 and proxy.injected["reset"] == 1 and proxy.injected["lost"] == 1, proxy.injected
+    assert proxy.injected["status"] > 2, proxy.injected
+    assert first.returncode != 0, out[-3000:]
+    assert names[2] in out and "IMNET_STORAGE_RETRY_SECONDS" in out, out[-3000:]
+    assert not [w for w in ("damaged", "excluded)", "Traceback") if w in out], out[-3000:]
+    # a run failed by the storage, not a failed check: no verdict on a shard that may be whole
+    assert f"cannot read back s3://{OUT_BUCKET}/rb/{names[2]} to check it" in out, out[-3000:]
+    assert "shard_holds_its_plan" not in out and "check failed" not in out, out[-3000:]
+    committed = {k.rpartition("/")[2] for k in MotoS3.all_objects(client, OUT_BUCKET, "rb/_manifests/")
+                 if k.endswith(".state.json")}
+    assert len(committed) == NUM_SHARDS - 1, committed  # the shard whose check could not read it back: not committed
+    again = imnet(["build"], env, cwd=tmp_path, check=False)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    assert f"{NUM_SHARDS - 1} of {NUM_SHARDS} selected shards fresh, 1 to build" in out, out[-3000:]
+    assert _shard_tars(client, "rb") == clean
+    for key in MotoS3.all_objects(client, OUT_BUCKET, "rb/"):
+        client.delete_object(Bucket=OUT_BUCKET, Key=key)
