@@ -241,7 +241,9 @@ def test_a_fault_on_the_read_back_of_a_shard_is_retried_or_fails_its_run_never_d
     byte for byte the clean build's. One shard whose every read-back GET is answered 503 past the
     retry budget fails its run naming its tar (a StorageError, not a failed check: no verdict on a
     shard that may be whole), and is not recorded as committed; no exclusion, repair or damage; the
-    rerun builds that shard alone and equals the clean build."""
+    rerun builds that shard alone and equals the clean build. Meanwhile pages of the raw root's
+    listing are cut short and of the leases' and multipart uploads' (atomic.remove_partials) lost:
+    no synset is missing (the shards would differ)."""
     proxy, client = built["proxy"], built["client"]
     clean = _shard_tars(client, "wds")
     assert len(clean) == NUM_SHARDS
@@ -262,6 +264,7 @@ def test_a_fault_on_the_read_back_of_a_shard_is_retried_or_fails_its_run_never_d
         return match
 
     proxy.injected.clear()
+    proxy.fault_log.clear()
     proxy.cut(match=first("GET", names[0]), rewrite_length=True, checksum=False)
     proxy.reset(match=first("GET", names[0]))  # the cut read's retry
     proxy.cut(match=first("GET", names[1]), rewrite_length=False)
@@ -269,13 +272,24 @@ def test_a_fault_on_the_read_back_of_a_shard_is_retried_or_fails_its_run_never_d
     proxy.answer(500, "InternalError", match=first("HEAD", names[1]))  # the lost HEAD's retry
     proxy.answer(503, "SlowDown", times=None,
                  match=lambda m, t, h: m == "GET" and "range" in h and t == f"/{OUT_BUCKET}/rb/{names[2]}")
+    # and the listings a first build makes, in pages of 2: every 2nd page of the raw root's (the
+    # first look's and raw_tars') cut short, every 3rd of the leases' lost, multipart uploads' lost
+    proxy.page_size = 2
+    proxy.cut(match=_listing_of("winter21/"), every=2, rewrite_length=True)
+    proxy.lose(match=lambda m, t, h: _listing_of("rb/_locks/")(m, t, h) or (m == "GET" and "?uploads" in t),
+               every=3, times=None)
     try:
         first = imnet(["build"], env, cwd=tmp_path, check=False)
     finally:
         proxy.clear_faults()
+        proxy.page_size = None
     out = first.stdout + first.stderr
-    assert proxy.injected["cut"] == 2 and proxy.injected["reset"] == 1 and proxy.injected["lost"] == 1, proxy.injected
-    assert proxy.injected["status"] > 2, proxy.injected
+    lost = [f[2] for f in proxy.fault_log if f[0] == "lost"]
+    assert len([f for f in proxy.fault_log if f[0] == "cut" and "list-type" in f[2]]) >= 2, proxy.fault_log
+    assert any("_locks" in t for t in lost) and any("?uploads" in t for t in lost), lost
+    reads = [f[0] for f in proxy.fault_log if f[2].startswith(f"/{OUT_BUCKET}/rb/") and "?" not in f[2]]
+    assert sorted(set(reads)) == ["cut", "lost", "reset", "status"] and reads.count("cut") == 2, proxy.fault_log
+    assert reads.count("status") > 2, reads
     assert first.returncode != 0, out[-3000:]
     assert names[2] in out and "IMNET_STORAGE_RETRY_SECONDS" in out, out[-3000:]
     assert not [w for w in ("damaged", "excluded)", "Traceback") if w in out], out[-3000:]
