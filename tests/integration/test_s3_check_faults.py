@@ -306,3 +306,24 @@ def test_a_fault_on_the_read_back_of_a_shard_is_retried_or_fails_its_run_never_d
     assert _shard_tars(client, "rb") == clean
     for key in MotoS3.all_objects(client, OUT_BUCKET, "rb/"):
         client.delete_object(Bucket=OUT_BUCKET, Key=key)
+
+
+@pytest.mark.parametrize("command", ["build", "status"])
+def test_a_listing_that_faults_past_the_retry_budget_fails_naming_it_and_changes_nothing(built, command):
+    """Every page of the out root's listing answered 503 past a 2 s budget: the command fails
+    naming the listing, never a verdict from a listing it could not make (every shard absent,
+    stale, built again), and nothing under the out root changes."""
+    proxy, client = built["proxy"], built["client"]
+    before = _stamps(client)
+    proxy.injected.clear()
+    proxy.answer(503, "SlowDown", match=_listing_of("wds/"), times=None)
+    try:
+        result = imnet([command], {**built["env"], "IMNET_STORAGE_RETRY_SECONDS": "2"}, cwd=built["cwd"], check=False)
+    finally:
+        proxy.clear_faults()
+    out = result.stdout + result.stderr
+    assert proxy.injected["status"] >= 2, out[-2000:]
+    assert result.returncode != 0, out[-3000:]
+    assert f"cannot list s3://{OUT_BUCKET}/wds" in out and "IMNET_STORAGE_RETRY_SECONDS" in out, out[-3000:]
+    assert not [w for w in ("damaged", "stale", "to build", "missing", "Traceback") if w in out], out[-3000:]
+    assert _stamps(client) == before
