@@ -466,11 +466,15 @@ def _file_sha256(url: str) -> str:
 def verify_catalog_shard(url: str, shard: dict, rows: list[tuple], decode: bool, ext: str = "webp") -> list[str]:
     """`imnet verify` of one shard (runs in a worker process): the file at `url` against its
     catalog record `shard` (bytes, sha256) and its `shard_samples` rows (CATALOG_COLUMNS order),
-    each sample's image a `.<ext>` member. Never raises: a missing or unreadable file is a problem."""
+    each sample's image a `.<ext>` member. A missing or unreadable file is a problem; storage that
+    does not give its bytes within the retries raises StorageError (no verdict on the shard:
+    verify_runs reports it not checked)."""
     try:
         if not fs.exists(url):
             return ["missing from the out root"]
         return read_back(url, expected_from_catalog(rows, ext), record="catalog", source="catalog",
                          tar_sha256=shard["sha256"], tar_bytes=shard["bytes"], decode_every=1 if decode else 0)
+    except fs.StorageError:
+        raise
     except Exception as e:  # noqa: BLE001 - an unreadable shard is a failure, not a crash
         return [f"unreadable: {type(e).__name__}: {fs.redact(str(e))}"]

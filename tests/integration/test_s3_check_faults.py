@@ -327,3 +327,24 @@ def test_a_listing_that_faults_past_the_retry_budget_fails_naming_it_and_changes
     assert f"cannot list s3://{OUT_BUCKET}/wds" in out and "IMNET_STORAGE_RETRY_SECONDS" in out, out[-3000:]
     assert not [w for w in ("damaged", "stale", "to build", "missing", "Traceback") if w in out], out[-3000:]
     assert _stamps(client) == before
+
+
+def test_a_shard_the_storage_does_not_give_past_the_budget_is_not_checked_never_failed(built):
+    """`imnet verify` while every ranged GET of one shard is answered 503 past a 2 s budget: that
+    shard is reported NOT CHECKED naming the storage's error (no FAIL, no "unreadable" verdict on
+    a shard that is whole), the others ok, and verify exits non-zero."""
+    proxy, client = built["proxy"], built["client"]
+    name = sorted(_shard_tars(client, "wds"))[0]
+    proxy.injected.clear()
+    proxy.answer(503, "SlowDown", times=None,
+                 match=lambda m, t, h: m == "GET" and "range" in h and t == f"/{OUT_BUCKET}/wds/{name}")
+    try:
+        result = imnet(["verify"], {**built["env"], "IMNET_STORAGE_RETRY_SECONDS": "2"}, cwd=built["cwd"], check=False)
+    finally:
+        proxy.clear_faults()
+    out = result.stdout + result.stderr
+    assert proxy.injected["status"] >= 2, out[-2000:]
+    assert result.returncode != 0, out[-3000:]
+    assert "NOT CHECKED shard" in out and f"({name}): not checked: " in out and "IMNET_STORAGE_RETRY_SECONDS" in out, out
+    assert f"verify: {NUM_SHARDS - 1} of {NUM_SHARDS} shards ok, 1 NOT CHECKED" in out, out[-3000:]
+    assert "FAIL" not in out and "unreadable" not in out, out[-3000:]
