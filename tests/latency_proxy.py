@@ -16,7 +16,9 @@ thousands a second to one client: a client's own request rate cannot be seen thr
 copy of it (the first ranged GET of each object fetches the whole object from upstream, once);
 every other request, and every GET without a Range, goes upstream as before, and a PUT, POST or
 DELETE of a path drops its copy. Latency and counts are the same either way. With `ssl_context`
-(tests/s3server.private_ca) it serves HTTPS to its clients; the upstream stays plain HTTP.
+(tests/s3server.private_ca) it serves HTTPS to its clients; the upstream stays plain HTTP. With
+`page_size` a listing (ListObjectsV2) is passed on asking for pages of that many entries, so that
+a few objects list over several pages, as thousands do on S3.
 
 Faults, as object storage and the middleboxes before it cause them (`Fault`; each counted in
 `injected`): `cut` sends part of an answer's body and closes the connection, either still
@@ -25,8 +27,8 @@ that is short); `reset` sends part of the body and resets the connection (RST); 
 answers every request for some seconds with S3's 503 SlowDown; `lose` forwards a request, reads
 the whole answer and resets the connection (RST) before a byte of it reaches the client: the
 request took effect, its reply was lost (a PUT, POST or DELETE as well as a GET: the client sees a
-reset connection and retries a request that was carried out). `SilentEndpoint` accepts
-connections and never answers.
+reset connection and retries a request that was carried out); `answer` answers a status with an
+error code of the caller's choosing. `SilentEndpoint` accepts connections and never answers.
 
 Regions (`place`): a bucket placed in a region is answered as S3 answers a bucket in that region: a
 request signed for another region (the SigV4 credential scope, `Credential=<key>/<date>/<region>/s3/
@@ -119,8 +121,8 @@ class Fault:
     """What the proxy does to the answers of requests `match` selects: `kind` is "cut" (part of
     the body, then the connection closed; `rewrite_length`: the Content-Length says the part),
     "reset" (part of the body, then RST), "lost" (the request passed on and answered upstream,
-    then RST before any of the answer: bodiless answers too) or "slowdown" (503 SlowDown, nothing
-    passed on). Applied
+    then RST before any of the answer: bodiless answers too), "slowdown" (503 SlowDown, nothing
+    passed on) or "status" (`status` with an error document naming `code`, nothing passed on). Applied
     to every `every`-th matching request, `times` times (None: no limit), until `until`
     (time.monotonic(); None: no limit)."""
 
@@ -136,6 +138,8 @@ class Fault:
     seconds: float = 0.0
     trigger: object = None  # which requests `after` counts (default: `match`)
     checksum: bool = True  # False: the answer's x-amz-checksum-* headers dropped (a store that keeps none)
+    status: int = 503  # "status": the answer's status, with an S3 error document naming `code`
+    code: str = "SlowDown"
 
     def applies(self, method: str, target: str, headers: dict) -> bool:
         if self.after and self.until is None:
@@ -179,6 +183,10 @@ class LatencyProxy:
         self.regions: dict[str, tuple[str, bool]] = {}  # bucket -> (its region, whether a 301 tells it): `place`
         self.redirected: Counter = Counter()  # method -> 301s answered for a bucket's region
         self.forget_completed = False  # answer a retried CompleteMultipartUpload 404 NoSuchUpload
+        # listings (ListObjectsV2) passed on asking for pages of at most this many entries (None: the
+        # client's own, 1,000 for s3fs): a listing of a few objects spans several pages, as one of
+        # thousands does on S3, without making thousands
+        self.page_size: int | None = None
         self.completed: set[str] = set()  # upload ids completed upstream
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -238,6 +246,16 @@ class LatencyProxy:
         return 404, {}, (f"<Error><Code>NoSuchUpload</Code><Message>The specified upload does not exist."
                          f"</Message><UploadId>{upload}</UploadId></Error>").encode()
 
+    def _paged(self, line: bytes) -> bytes:
+        """The request line of a ListObjectsV2 as passed on: asking for pages of `page_size` entries
+        (moto checks no signature; S3 may answer fewer than asked for in any case)."""
+        method, target, version = line.split(b" ", 2)
+        if self.page_size is None or method != b"GET" or b"list-type=2" not in target:
+            return line
+        path, _, query = target.partition(b"?")
+        query = b"&".join(q for q in query.split(b"&") if not q.startswith(b"max-keys="))
+        return b" ".join([method, b"%s?%s&max-keys=%d" % (path, query, self.page_size), version])
+
     def _elsewhere(self, target: str, headers: dict) -> tuple[int, dict, bytes] | None:
         """The 301 a placed bucket's request signed for another region gets, or None (passed on)."""
         bucket = bucket_of(target)
@@ -266,6 +284,11 @@ class LatencyProxy:
         """Lose the answers of matching requests: each is passed on and carried out upstream, its
         whole answer read, then the client's connection is reset (RST) without a byte of it."""
         return self._add(Fault("lost", match, every, times))
+
+    def answer(self, status: int, code: str, match=any_request, times: int | None = 1) -> Fault:
+        """Answer matching requests with `status` and an S3 error document naming `code`, without
+        passing them on (a store's own codes: MinIO's 503 XMinioServerNotInitialized while it starts)."""
+        return self._add(Fault("status", match, times=times, status=status, code=code))
 
     def slowdown(self, seconds: float, match=any_request, after: int = 0, when=None) -> Fault:
         """Answer every matching request with 503 SlowDown for the next `seconds`, or, with
@@ -357,6 +380,10 @@ class LatencyProxy:
                     fault = None if failure is not None else self._fault_for(method, entry[1], headers)
                     if fault is not None and fault.kind == "slowdown":
                         failure, fault = (503, {}), None
+                    elif fault is not None and fault.kind == "status":
+                        failure = (fault.status, {}, (f"<Error><Code>{fault.code}</Code><Message>Injected"
+                                                      "</Message></Error>").encode())
+                        fault = None
                     held = None
                     if (failure is None and self.hold_objects and method == "GET" and "range" in headers
                             and "?" not in entry[1]):
@@ -392,7 +419,7 @@ class LatencyProxy:
                     else:
                         if up_writer is None:
                             up_reader, up_writer = await asyncio.open_connection(*self.upstream, limit=1 << 20)
-                        up_writer.write(_render_head(line, headers, drop=("expect",)) + body)
+                        up_writer.write(_render_head(self._paged(line), headers, drop=("expect",)) + body)
                         await up_writer.drain()
                         resp = await _read_head(up_reader)
                         if resp is None:

@@ -379,6 +379,10 @@ def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, dec
     `sample_digest`: build_shard's), each chunk proves its samples' bytes are those written, so
     the file's sha256 is `tar_sha256` without this process hashing it again; otherwise this
     thread hashes the whole file while the chunks are checked.
+
+    A read the storage does not give back exact within its retries (a fault of the machinery, not
+    of the shard) is raised (StorageError naming the file), never returned as a problem: the run
+    fails, with no failed check recorded against a shard that may well be whole.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -415,6 +419,9 @@ def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, dec
             else:
                 results = [j.run() for j in jobs]
             intact = all(r[2] for r in results) if spans else digest_future.result() == tar_sha256
+    except fs.StorageError as e:  # the storage did not give the bytes back: a fault, never a verdict on the shard
+        raise fs.StorageError(fs.redact(f"cannot read back {url} to check it: {e}; the shard is not recorded as "
+                                        "committed: `imnet build` builds it again")) from None  # e said in full
     except (OSError, WorkerDied) as e:
         return [f"cannot read back {fs.basename(url)}: {type(e).__name__}: {e}"]
     keys = [k for ks, _, _ in results for k in ks]
@@ -459,11 +466,15 @@ def _file_sha256(url: str) -> str:
 def verify_catalog_shard(url: str, shard: dict, rows: list[tuple], decode: bool, ext: str = "webp") -> list[str]:
     """`imnet verify` of one shard (runs in a worker process): the file at `url` against its
     catalog record `shard` (bytes, sha256) and its `shard_samples` rows (CATALOG_COLUMNS order),
-    each sample's image a `.<ext>` member. Never raises: a missing or unreadable file is a problem."""
+    each sample's image a `.<ext>` member. A missing or unreadable file is a problem; storage that
+    does not give its bytes within the retries raises StorageError (no verdict on the shard:
+    verify_runs reports it not checked)."""
     try:
         if not fs.exists(url):
             return ["missing from the out root"]
         return read_back(url, expected_from_catalog(rows, ext), record="catalog", source="catalog",
                          tar_sha256=shard["sha256"], tar_bytes=shard["bytes"], decode_every=1 if decode else 0)
+    except fs.StorageError:
+        raise
     except Exception as e:  # noqa: BLE001 - an unreadable shard is a failure, not a crash
         return [f"unreadable: {type(e).__name__}: {fs.redact(str(e))}"]

@@ -6,8 +6,9 @@ limit, preemption; a crash; out of memory) is no fact about the shard's bytes: t
 it and the shard is checked again from the start in a fresh worker, up to CHECK_DEATHS deaths
 (HELD_DEATHS for deaths while the shard only waited in the worker's queue). Then the shard is
 reported not checked, naming it and the deaths, never as bad: a verdict comes only from its bytes
-(SPEC "Failure behaviour"). The command still fails (verify is non-zero when a shard could not be
-checked).
+(SPEC "Failure behaviour"). So is a shard whose bytes the storage did not give within the retries
+(StorageError: throttling, broken connections past IMNET_STORAGE_RETRY_SECONDS). The command still
+fails (verify is non-zero when a shard could not be checked).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from imnet_assets.release.verify import verify_catalog_shard
 from imnet_assets.runtime.procpool import preload
 from imnet_assets.runtime.workerpool import WorkerDied, WorkerPool
+from imnet_assets.storage import fs
 
 preload(__name__)  # the forkserver imports this module once for all workers
 
@@ -29,7 +31,8 @@ HELD_DEATHS = 8  # deaths of a worker that held the shard queued, not yet checki
 @dataclass
 class ShardCheckJob:
     """One shard of `imnet verify`, for a pool worker: the file at `url` against its catalog record
-    and rows (verify.verify_catalog_shard; it never raises, an unreadable file is a problem)."""
+    and rows (verify.verify_catalog_shard; an unreadable file is a problem, storage that does not
+    answer a StorageError)."""
 
     url: str
     shard: dict
@@ -48,7 +51,7 @@ class ShardCheckJob:
 @dataclass
 class Checked:
     """A shard's outcome: `problems` (empty: it is correct), or `lost`, why it could not be checked
-    (its workers kept dying): no verdict on its bytes."""
+    (its workers kept dying, the storage did not give its bytes): no verdict on its bytes."""
 
     shard: dict
     problems: list[str]
@@ -83,6 +86,8 @@ def checked_shards(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], de
         job, deaths, held = pending.pop(fut)
         try:
             return Checked(job.shard, fut.result())
+        except fs.StorageError as e:  # the storage, not the shard: no verdict on its bytes
+            return Checked(job.shard, [], f"not checked: {fs.redact(str(e))}; run verify again")
         except WorkerDied as died:
             if died.culprit is None:
                 held.append(died.named)

@@ -114,7 +114,9 @@ def build_shard(
 
     The commit record (`state_url`, what freshness reads) is removed first and written last, only
     once the check of the committed tar passed: a shard whose check failed is never fresh, so the
-    next build, schedule or sensor builds it again. `result.problems` holds the check's findings.
+    next build, schedule or sensor builds it again. `result.problems` holds the check's findings;
+    a read-back the storage does not give (StorageError, verify.check_committed) is raised: the run
+    fails naming the tar, with no check failed against it, and the shard is not committed.
 
     Safe to call from several threads of one process at once (each for its own shard): they share
     the process's worker pool (`workerpool.shared_pool`). `decode_every`: IMNET_CHECK_DECODE_EVERY.

@@ -106,7 +106,7 @@ def fault_kind(e: BaseException) -> str:
         return "timeout"
     if isinstance(e, ConnectionRefusedError) or _UNREACHABLE.search(str(e)):
         return "unreachable"
-    if _THROTTLED.search(text):
+    if _THROTTLED.search(text) or _http_status(e) in _RETRIED_STATUSES:
         return "throttled"
     if isinstance(e, PermissionError) or _REFUSED.search(text):
         return "refused"
@@ -115,6 +115,21 @@ def fault_kind(e: BaseException) -> str:
     if isinstance(e, (ConnectionError, ShortRead)) or _CONNECTION.search(text):
         return "connection"
     return "other"
+
+
+_RETRIED_STATUSES = (429, 500, 502, 503, 504)
+
+
+def _http_status(e: BaseException) -> int | None:
+    """The HTTP status of a botocore ClientError's answer (s3fs's requests), else None. Its message
+    names the error code of the answer's document only: a store's own code for a 5xx (MinIO's 503
+    XMinioServerNotInitialized while it starts) is told a fault of the machinery by the status, as
+    obstore's message names it."""
+    response = getattr(e, "response", None)
+    if not isinstance(response, dict):
+        return None
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status if isinstance(status, int) else None
 
 
 class StorageError(OSError):
