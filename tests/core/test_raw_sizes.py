@@ -173,3 +173,57 @@ def test_a_damaged_size_field_counts_the_rest_of_the_tar_as_damage_without_holdi
     assert peak < 64 << 20, peak
     assert len(items) == 1 and isinstance(items[0], Damage) and items[0].reason.startswith("truncated raw tar")
     assert (counted.structure, counted.damaged) == (512, BIG)
+
+
+
+def test_on_s3_a_member_and_a_file_over_the_limit_are_read_in_ranged_pieces_never_whole(tmp_path, monkeypatch):
+    """The remote read paths: a large tar's prefetched ranged reads (prefetch.PrefetchedFile, under the
+    walk's pieces), and a folder's file streamed in exact ranged pieces instead of its one whole-object
+    GET (fs.read_many). moto answers a ranged GET by copying the whole object, so the objects here are
+    40 MiB and the limit 8 MiB (the index's scan in this process, as a pool worker runs it): the same
+    rows, and no GET of the big objects asks for more than one piece of them."""
+    from imnet_assets.image import perceptual
+    from imnet_assets.stages import index
+    from imnet_assets.storage import fs
+    from imnet_assets.storage.rawfolders import STREAMED_READ
+    from imnet_assets.storage.tar_window import PIECE
+    from tests.s3server import MotoS3
+
+    size, limit = 40 << 20, 8 << 20
+    monkeypatch.setattr(perceptual, "MAX_DECODED_BYTES", limit)
+    monkeypatch.setattr(index, "MAX_DECODED_BYTES", limit)
+    raw = tmp_path / "raw"
+    summary = write_sample_raw(raw, synsets=1, images=12, seed=3)
+    wnid = summary.wnids[0]
+    name = f"{wnid}_999999.JPEG"
+    (raw / wnid).mkdir()
+    with tarfile.open(raw / f"{wnid}.tar") as tf:
+        for m in tf.getmembers():
+            (raw / wnid / m.name).write_bytes(tf.extractfile(m).read())
+    with open(raw / wnid / name, "wb") as f:
+        f.truncate(size)
+    with_sparse_member(raw / f"{wnid}.tar", name, size, at=5)
+    big = (name[:-5], None, name, size, zeros_sha256(size), None, None, None, None, "excluded", too_many_bytes(size))
+    with MotoS3() as s3, monkeypatch.context() as env:
+        for k, v in s3.env().items():
+            env.setenv(k, v)
+        client = s3.client()
+        client.create_bucket(Bucket="raw")
+        s3.put_tree(client, raw, "raw", "r")
+        for source in (f"{wnid}.tar", f"{wnid}/"):
+            url = f"s3://raw/r/{source}"
+            local = scanned(f"{raw}/{source}")
+            mark = s3.mark()
+            listed = fs.size(url) if source.endswith(".tar") else None
+            records = scan_tar(url, depth=4, size=listed)
+            if listed is not None:
+                index.check_accounted(source, records, listed)
+            rows = sorted((r.key, r.tar, r.member, r.size, r.sha256, r.width, r.height, r.format, r.mode, r.status,
+                           r.reason) for r in records)
+            assert [r for r in rows if r[2] == name] == [(*big[:1], source, *big[2:])]
+            assert [r for r in rows if r[2] != name] == [r for r in local if r[2] != name]
+            key = f"r/{source}" + ("" if source.endswith(".tar") else name)
+            reads = [r for r in s3.since(mark) if r.method == "GET" and r.key == key]
+            spans = [int(b) - int(a) + 1 if r.range else size
+                     for r in reads for a, _, b in [(r.range or "-").removeprefix("bytes=").partition("-")]]
+            assert reads and max(spans) <= max(PIECE, STREAMED_READ) + 1, (source, max(spans))
