@@ -374,8 +374,9 @@ def _tarfile_walk(f, total: int, label: str, what: str, start: int = 0, expected
             yield Damage(info.name, info.offset_data, info.size, f"not a regular file ({kind}) in {what} {label}")
             continue
         data: bytes | None = None
-        digest = hashlib.sha256() if hash_over else None
+        digest = None
         if max_data is not None and info.size > max_data:  # read in pieces: to see it is all there (and hashed)
+            digest = hashlib.sha256() if hash_over else None
             got = _read_range(f, info.offset_data, info.size, digest)[1]
         else:
             f.seek(info.offset_data)
@@ -390,7 +391,7 @@ def _tarfile_walk(f, total: int, label: str, what: str, start: int = 0, expected
             )
             return
         counted.structure += got + len(f.read(expected - info.offset_data - info.size))  # + padding
-        yield Member(info.name, info.offset_data, info.size, data, digest.hexdigest() if data is None and digest else None)
+        yield Member(info.name, info.offset_data, info.size, data, digest and digest.hexdigest())
     yield from _tail(f, total, expected, label, what, counted)
 
 
