@@ -39,6 +39,10 @@ MAX_FULL_DECODE_PIXELS = 64_000_000
 # A file of more bytes than the largest image the pHash decodes in full (MAX_FULL_DECODE_PIXELS of
 # 16-bit RGBA, stored uncompressed: 512 MB) is not an image this hash decodes: it is not read into
 # memory to be decoded (an eval set's 2 GB video or .zip; its sha256 is streamed: stages/eval_pool.py).
+# The same limit holds for raw images (a video packed into a synset tar: excluded, too_many_bytes, its
+# sha256 streamed: stages/index.py), so that over it neither side of decontamination is decoded and
+# both match by sha256 alone. A raw image the encoder could decode and this would refuse is an
+# uncompressed 16-bit image of 64-144 MP, or a JPEG of gigapixels (ImageNet's files: ~110 KB on average).
 MAX_DECODED_BYTES = 8 * MAX_FULL_DECODE_PIXELS
 # Why an image has no pHash (thumbnail_or_problem), the first words of the reason recorded for an eval
 # image (catalog eval_images.no_phash; counted by sql/eval_summary.sql)

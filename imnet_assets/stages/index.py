@@ -2,6 +2,13 @@
 
 Each record says where the bytes are (tar, offset, size), what they are (sha256, and width,
 height, format and mode read from the image header only), and whether the image is kept.
+
+A member or file of more bytes than perceptual.MAX_DECODED_BYTES (a 2 GB video or archive packed
+into a synset tar or left in a synset folder) is never held whole by a scan worker: its sha256 is
+taken as it is read, in bounded pieces (rawtar's `hash_over`, rawfolders.Streamed), and it is
+excluded, "too large: N bytes, ..." (perceptual.too_many_bytes), with no codec run on it. The eval
+set has the same limit (stages/eval_pool.py): over it, neither side is decoded, both are matched by
+sha256 only.
 """
 
 from __future__ import annotations
@@ -13,13 +20,13 @@ from typing import NamedTuple
 
 from imnet_assets.image.decode import trial_decode
 from imnet_assets.image.guard import MachineryFault
-from imnet_assets.image.perceptual import image_hash
+from imnet_assets.image.perceptual import MAX_DECODED_BYTES, image_hash, too_many_bytes
 from imnet_assets.image.probe import Probe, probe_image
 from imnet_assets.runtime.procpool import preload
 from imnet_assets.stages.staged_encodes import StagedCodec, Stager
 from imnet_assets.storage import fs
 from imnet_assets.storage.member_names import member_key, printable_name
-from imnet_assets.storage.rawfolders import FolderChanged, is_folder_source, list_files, read_files
+from imnet_assets.storage.rawfolders import FolderChanged, Streamed, is_folder_source, list_files, read_files
 from imnet_assets.storage.rawtar import ByteCount, Damage, iter_tar
 
 preload(__name__)  # the forkserver imports this module once for all workers
@@ -115,7 +122,8 @@ def scan_tar(url: str, mapped: bool = False, depth: int | None = None, size: int
     counted = ByteCount()
     records = ScannedTar(counted=counted)
     with _stager(codecs, tar) as stager:
-        walk = iter_tar(url, views=True, mapped=mapped, depth=depth, size=size, data=data, counted=counted)
+        walk = iter_tar(url, views=True, mapped=mapped, depth=depth, size=size, data=data, counted=counted,
+                        max_data=MAX_DECODED_BYTES, hash_over=True)
         for n in itertools.count():
             watch.reading(n)
             item = next(walk, None)
@@ -130,6 +138,9 @@ def scan_tar(url: str, mapped: bool = False, depth: int | None = None, size: int
                         item.size, None, None, None, None, None, "excluded", printable_name(item.reason), False,
                     )
                 )
+                continue
+            if item.data is None:  # over MAX_DECODED_BYTES: hashed as the walk read it, never held
+                records.append(too_large_record(wnid, tar, item.name, item.offset, item.size, item.sha256))
                 continue
             # One copy, read here: the decoders never touch the walk's memory map (a read error
             # under it is the storage's fault, met while reading), and the pHash and staged
@@ -151,6 +162,15 @@ def _stager(codecs: tuple[StagedCodec, ...], tar: str):
 def _stage(stager: Stager | None, record: ImageRecord, data) -> None:
     if stager is not None and record.status == "kept":
         stager.add(record.key, record.sha256, data)
+
+
+def too_large_record(wnid: str, tar: str, name: str, offset: int, size: int, sha256: str | None) -> ImageRecord:
+    """The images row of a raw file over MAX_DECODED_BYTES (see member_record): excluded, too large,
+    with the sha256 streamed as it was read; nothing decoded. A hostile name's reason comes first,
+    as for any member."""
+    key, bad_name = member_key(name)
+    return ImageRecord(key or f"{wnid}__member_{offset}", wnid, tar, printable_name(name), offset, size, sha256,
+                       None, None, None, None, "excluded", bad_name if key is None else too_many_bytes(size), False)
 
 
 def member_record(wnid: str, tar: str, name: str, offset: int, data, crashed: str | None = None) -> ImageRecord:
@@ -221,7 +241,7 @@ def scan_folder(url: str, depth: int | None = None, size: int | None = None, cod
                             "changed while the index ran; run `imnet build` again")
     records = ScannedTar()
     with _stager(codecs, tar) as stager:
-        files = read_files(url, entries, depth)
+        files = read_files(url, entries, depth, max_bytes=MAX_DECODED_BYTES)
         for number in itertools.count():
             watch.reading(number)
             got = next(files, None)
@@ -233,11 +253,15 @@ def scan_folder(url: str, depth: int | None = None, size: int | None = None, cod
                 records.append(ImageRecord(key, wnid, tar, printable_name(entry.path), number, 0, None, None, None,
                                            None, None, "excluded", f"{entry.problem} in raw folder {tar}", False))
                 continue
-            if data is None or len(data) != entry.size:
-                got = "gone" if data is None else f"{len(data)} bytes"
+            read = data.size if isinstance(data, Streamed) else None if data is None else len(data)
+            if read != entry.size:
+                got = "gone" if read is None else f"{read} bytes"
                 raise FolderChanged(f"raw folder {tar}: {printable_name(entry.path)} is {got}, listed with "
                                     f"{entry.size} bytes: it changed while the index read it; run `imnet build` again")
-            records.counted.structure += len(data)
+            records.counted.structure += read
+            if isinstance(data, Streamed):  # over MAX_DECODED_BYTES: hashed in pieces, never held
+                records.append(too_large_record(wnid, tar, entry.path, number, read, data.sha256))
+                continue
             watch.decoding(number)
             records.append(member_record(wnid, tar, entry.path, number, data, watch.crashed(number)))
             _stage(stager, records[-1], data)

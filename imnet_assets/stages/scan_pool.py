@@ -51,6 +51,7 @@ from imnet_assets.image.controls import ControlKind
 from imnet_assets.image.decode import MAX_SHORT
 from imnet_assets.image.encode import encode_or_refusal
 from imnet_assets.image.faults import arm
+from imnet_assets.image.perceptual import MAX_DECODED_BYTES
 from imnet_assets.runtime.deaths import CRASHED, KILLED, OUT_OF_MEMORY, TIMED_OUT, DeathCount
 from imnet_assets.runtime.procpool import preload
 from imnet_assets.runtime.workerpool import ReplyUnreadable, WorkerDied, WorkerPool, shared_pool
@@ -167,14 +168,16 @@ class ScanJob:
 
 def _member(url: str, size: int | None, n: int) -> tuple[str, int, bytes]:
     """(printable name, offset, bytes) of the n-th member of a tar (or file of a folder), read
-    without a memory map."""
+    without a memory map; one over MAX_DECODED_BYTES is not held (the scan never decodes it)."""
     if is_folder_source(url):
-        items = ((e.path, i, d) for i, (e, d) in enumerate(read_files(url, list_files(url), None)))
+        files = read_files(url, list_files(url), None, max_bytes=MAX_DECODED_BYTES)
+        items = ((e.path, i, d) for i, (e, d) in enumerate(files))
     else:
-        items = ((m.name, m.offset, m.data) for m in iter_tar(url, size=size, depth=4 if fs.is_remote(url) else None))
+        items = ((m.name, m.offset, m.data) for m in iter_tar(url, size=size, depth=4 if fs.is_remote(url) else None,
+                                                              max_data=MAX_DECODED_BYTES))
     for number, (name, offset, data) in enumerate(items):
         if number == n:
-            return printable_name(name), offset, bytes(data or b"")
+            return printable_name(name), offset, bytes(data) if isinstance(data, (bytes, memoryview)) else b""
     raise LookupError(f"raw tar {url} has no member #{n + 1} now: it changed while the index read it")
 
 

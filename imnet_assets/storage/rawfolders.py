@@ -43,6 +43,7 @@ LISTING_THREADS = 32  # synset folders listed at once (per process, see list_syn
 READ_THREADS = 8  # local files a scan worker reads at once, ahead of its walk
 READ_AHEAD = 32  # local files read ahead of the walk (bounded memory: ~4 MB for ImageNet's files)
 REMOTE_BATCH = 32  # S3 objects a scan worker fetches at once (whole-object GETs), the next batch ahead
+STREAMED_READ = 16 << 20  # bytes per read of a file over read_files' `max_bytes` (never held whole)
 
 
 class FolderChanged(OSError):
@@ -55,6 +56,14 @@ class FileEntry(NamedTuple):
     size: int
     stamp: str  # mtime in ns, or the ETag on S3
     problem: str | None = None  # not a regular file: what it is
+
+
+class Streamed(NamedTuple):
+    """A file over read_files' `max_bytes`, read in STREAMED_READ pieces and never held whole: how
+    many bytes it had when read, and their sha256."""
+
+    size: int
+    sha256: str
 
 
 def is_folder_source(tar: str) -> bool:
@@ -158,8 +167,14 @@ def _list_in_threads(raw_root: str, wnids: list[str]) -> list[dict]:
 # ----------------------------------------------------------------------------- the index
 
 
-def read_files(url: str, entries: list[FileEntry], depth: int | None) -> Iterator[tuple[FileEntry, bytes | None]]:
-    """(entry, its whole bytes or None when gone) in order; no bytes for entries with a problem."""
+def read_files(url: str, entries: list[FileEntry], depth: int | None,
+               max_bytes: int | None = None) -> Iterator[tuple[FileEntry, bytes | Streamed | None]]:
+    """(entry, its whole bytes or None when gone) in order; no bytes for entries with a problem.
+    A file listed with more than `max_bytes` is never held whole: Streamed (its size as read and its
+    sha256), read ahead of the walk as the others are."""
+    def big(e: FileEntry) -> bool:
+        return max_bytes is not None and e.size > max_bytes
+
     if fs.is_remote(url):
         # Files are ~110 KB, a tar's prefetch chunk 4 MB: each worker keeps more requests in
         # flight than a tar's `depth` (REMOTE_BATCH at least), and fetches the next batch while
@@ -169,7 +184,9 @@ def read_files(url: str, entries: list[FileEntry], depth: int | None) -> Iterato
 
         def fetch(part: list[FileEntry]) -> tuple[dict, dict]:
             urls = {e: file_url(url, e.path) for e in part if e.problem is None}
-            return urls, fs.read_many(list(urls.values()), batch=batch)
+            data: dict = fs.read_many([u for e, u in urls.items() if not big(e)], batch=batch)
+            data.update({u: _stream_remote(u, e.size) for e, u in urls.items() if big(e)})
+            return urls, data
 
         with ThreadPoolExecutor(1, thread_name_prefix="read-files") as pool:
             ahead = pool.submit(fetch, parts[0]) if parts else None
@@ -183,7 +200,8 @@ def read_files(url: str, entries: list[FileEntry], depth: int | None) -> Iterato
         window: collections.deque = collections.deque()
         try:
             for e in entries:
-                window.append((e, pool.submit(_read_local, file_url(url, e.path)) if e.problem is None else None))
+                read = _stream_local if big(e) else _read_local
+                window.append((e, pool.submit(read, file_url(url, e.path)) if e.problem is None else None))
                 if len(window) >= READ_AHEAD:
                     e0, f0 = window.popleft()
                     yield e0, f0.result() if f0 is not None else b""
@@ -200,6 +218,35 @@ def _read_local(path: str) -> bytes | None:
     try:
         with open(path, "rb") as f:
             return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _stream_local(path: str) -> Streamed | None:
+    """The file read to its end in pieces: Streamed, or None when it is gone."""
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while piece := f.read(STREAMED_READ):
+                digest.update(piece)
+                size += len(piece)
+    except FileNotFoundError:
+        return None
+    return Streamed(size, digest.hexdigest())
+
+
+def _stream_remote(url: str, listed: int) -> Streamed | None:
+    """The object read in exact ranged pieces (fs.read_range) to one byte past its `listed` size, so
+    that one now shorter or longer reads as another size: Streamed, or None when it is gone."""
+    digest, size = hashlib.sha256(), 0
+    try:
+        while True:
+            want = min(STREAMED_READ, listed - size) or 1  # past the listed end: one byte, to see none is there
+            piece = fs.read_range(url, size, want)
+            digest.update(piece)
+            size += len(piece)
+            if len(piece) < want or size > listed:
+                return Streamed(size, digest.hexdigest())
     except FileNotFoundError:
         return None
 

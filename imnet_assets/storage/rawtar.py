@@ -6,9 +6,8 @@ range-reads exactly those bytes later (see `fs.RangeReader`).
 
 from __future__ import annotations
 
+import hashlib
 import io
-import mmap
-import os
 import re
 import tarfile
 import zlib
@@ -24,6 +23,7 @@ from imnet_assets.storage.tar_damage import (
     non_regular,
     unreadable_tail,
 )
+from imnet_assets.storage.tar_window import Window, pieces, window
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class Member:
     size: int
     # a read-only memoryview only when asked for (`iter_tar(views=True)`); None for a member over `max_data`
     data: bytes | memoryview | None
+    # that of a member over `max_data` with `hash_over` (iter_tar): taken in bounded pieces as the walk read it
+    sha256: str | None = None
 
 
 @dataclass
@@ -56,13 +58,13 @@ class ByteCount:
 def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bool = False,
              digest: list[str] | None = None, depth: int | None = None, size: int | None = None,
              data: bytes | None = None, counted: ByteCount | None = None,
-             max_data: int | None = None) -> Iterator[Member | Damage]:
+             max_data: int | None = None, hash_over: bool = False) -> Iterator[Member | Damage]:
     """Every member of the tar at `url`, in order, with its data; damage is yielded, not raised.
 
     Damage reasons read "<what> <tar name>: ..." (what: "raw tar", or "shard" when verifying).
     With `views`, each member's data is a read-only memoryview into the chunk it was read with
-    instead of a copy (the index scan hashes and probes it in place; see `_Window`).
-    With `mapped`, a local tar is memory-mapped (`_MappedWindow`: faster; a read error kills the
+    instead of a copy (the index scan hashes and probes it in place; see `tar_window.Window`).
+    With `mapped`, a local tar is memory-mapped (`tar_window.MappedWindow`: faster; a read error kills the
     process): for pool workers only. A failed read is raised naming the tar, never damage.
     `digest`: a list to which the whole file's sha256 is appended once the walk is done, taken
     from the same read (not with `mapped`).
@@ -73,7 +75,12 @@ def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bo
     `counted`: adds up the bytes the walk read, as structure or as damage (see ByteCount).
     `max_data`: a member of more bytes is not held (its data None; an eval tar's 2 GB video, which
     only its offset is needed of): stepped over, or read in bounded pieces where tarfile's walk must
-    see that it is all there.
+    see that it is all there. With `hash_over`, such a member's data is read in bounded pieces
+    (tar_window.PIECE bytes; a memory map's by `os.pread`, so its pages never count in the process's memory)
+    and hashed as it passes: its Member has `sha256`, and only the bytes read are counted (a raw
+    tar's 2 GB video, which the index records excluded with its digest: stages/index.py).
+    Damage's bytes (a member cut short by the tar's end, or a damaged size field that claims more
+    than there is) are counted in pieces too: never the rest of a tar held at once.
     """
     if data is not None:
         total, opened = len(data), io.BytesIO(data)
@@ -82,27 +89,28 @@ def iter_tar(url: str, what: str = "raw tar", *, views: bool = False, mapped: bo
         opened = PrefetchedFile(url, total, depth=depth) if depth and fs.is_remote(url) else prefetch.open_read(url)
     with opened as f:
         if digest is None:
-            yield from _iter_fileobj(f, total, fs.basename(url), what, views, mapped, counted, max_data)
+            yield from _iter_fileobj(f, total, fs.basename(url), what, views, mapped, counted, max_data, hash_over)
             return
         hashing = fs.HashingReader(f)
-        yield from _iter_fileobj(hashing, total, fs.basename(url), what, views, counted=counted, max_data=max_data)
+        yield from _iter_fileobj(hashing, total, fs.basename(url), what, views, counted=counted, max_data=max_data,
+                                 hash_over=hash_over)
         digest.append(hashing.hexdigest())
 
 
 def _iter_fileobj(f, total: int, label: str, what: str = "raw tar", views: bool = False,
                   mapped: bool = False, counted: ByteCount | None = None,
-                  max_data: int | None = None) -> Iterator[Member | Damage]:
+                  max_data: int | None = None, hash_over: bool = False) -> Iterator[Member | Damage]:
     # Plain headers (the whole of a real ImageNet tar) are read by `_fast_walk` from large
     # sequential chunks; at the first header it does not fully understand (pax, links, bad
     # checksums, ...) it stops, and tarfile carries on from exactly there. Each counts the bytes
     # it reads into `counted`, the fast walk up to where tarfile takes over.
     counted = ByteCount() if counted is None else counted
-    resume = yield from _fast_walk(f, total, label, what, views, mapped, counted, max_data)
+    resume = yield from _fast_walk(f, total, label, what, views, mapped, counted, max_data, hash_over)
     if resume is not None:
-        yield from _tarfile_walk(f, total, label, what, *resume, counted=counted, max_data=max_data)
+        yield from _tarfile_walk(f, total, label, what, *resume, counted=counted, max_data=max_data,
+                                 hash_over=hash_over)
 
 
-CHUNK = 16 << 20  # bytes per sequential read of the fast walk
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
 _OCTAL = re.compile(rb" *[0-7]* *")
@@ -180,7 +188,7 @@ def _plain_header(block: bytes) -> tuple[bytes, str, int] | None:
 
 
 def _fast_walk(f, total: int, label: str, what: str, views: bool, mapped: bool = False,
-               counted: ByteCount | None = None, max_data: int | None = None):
+               counted: ByteCount | None = None, max_data: int | None = None, hash_over: bool = False):
     """Read plain headers and their members from large chunks, exactly as tarfile would.
 
     A generator that yields what `_iter_fileobj` yields and returns None when the whole tar is
@@ -190,7 +198,7 @@ def _fast_walk(f, total: int, label: str, what: str, views: bool, mapped: bool =
     `counted` gets the bytes read up to `expected` (tarfile's walk counts on from there).
     """
     counted = ByteCount() if counted is None else counted
-    win = _window(f, total, mapped)
+    win = window(f, total, mapped)
     pos = expected = 0  # the next header; the end of the last member's data blocks
     parsed = False  # whether a plain header was read (a resumed tarfile skips the first member)
     while total - pos >= _BLOCK:
@@ -215,16 +223,21 @@ def _fast_walk(f, total: int, label: str, what: str, views: bool, mapped: bool =
         end, pos = data_at + size, data_at + _blocks(size)
         expected = pos
         if end > total:
-            counted.damaged += len(win.view(data_at, total))
+            counted.damaged += pieces(win, data_at, total)
             yield Damage(name, data_at, size, f"truncated {what} {label}: member data cut at byte {total} of {end}")
             return None
-        if max_data is not None and size > max_data:  # stepped over: its data and padding are there (end <= total)
+        digest = None
+        if max_data is not None and size > max_data:  # not held: hashed in pieces, or stepped over
             data = None
-            counted.structure += min(pos, total) - data_at
+            if hash_over:
+                digest = hashlib.sha256()
+                counted.structure += pieces(win, data_at, end, digest) + len(win.view(end, min(pos, total)))
+            else:  # its data and padding are there (end <= total)
+                counted.structure += min(pos, total) - data_at
         else:
             data = win.view(data_at, end) if views else win.read(data_at, end)
             counted.structure += len(data) + len(win.view(end, min(pos, total)))  # its data and padding, as read
-        yield Member(name, data_at, size, data)
+        yield Member(name, data_at, size, data, digest and digest.hexdigest())
         if pos > total:  # the data is all there but its padding is cut
             yield Damage("", pos, 0, f"truncated or damaged {what} {label}: broken header at byte {pos}: "
                                      "unexpected end of data")
@@ -264,7 +277,7 @@ def plain_member_spans(data) -> list[tuple[str, int, int]] | None:
     return members or None
 
 
-def _long_name(win: _Window, total: int, pos: int, size: int) -> tuple[tuple[bytes, str, int] | None, int]:
+def _long_name(win: Window, total: int, pos: int, size: int) -> tuple[tuple[bytes, str, int] | None, int]:
     """The header after a GNU long name at `pos`, named by it, and where that header is.
 
     None unless the name's blocks and a plain, non-long-name header after them are all there.
@@ -284,112 +297,6 @@ def _long_name(win: _Window, total: int, pos: int, size: int) -> tuple[tuple[byt
     return (kind, name, size), after
 
 
-def _window(f, total: int, mapped: bool) -> _Window | _MappedWindow:
-    """A memory map of a local file when `mapped`, chunked reads otherwise and for anything that
-    cannot be mapped (fsspec files)."""
-    if mapped:
-        try:
-            return _MappedWindow(f.fileno(), total)
-        except (AttributeError, OSError, ValueError):  # no descriptor (fsspec), empty or shrunk file
-            pass
-    return _Window(f)
-
-
-class _MappedWindow:
-    """A local tar mapped into memory: headers and members are read straight from the page cache,
-    with no copy into a buffer (a fifth of a tar's scan time), and the kernel reads ahead of the
-    walk by itself. A view keeps the mapping alive for as long as it is held.
-
-    The price: a read error (a bad sector) or a tar cut short in place while it is scanned ends the
-    process with SIGBUS. So only pool workers map tars; `scan_pool.scan_tars` scans the tar again
-    without a map in a fresh worker (cut short: short of its listing; a failing read: an error)."""
-
-    def __init__(self, fd: int, total: int):
-        self._map = mmap.mmap(fd, total, access=mmap.ACCESS_READ)
-        if hasattr(mmap, "MADV_SEQUENTIAL"):
-            self._map.madvise(mmap.MADV_SEQUENTIAL)
-        self._data = memoryview(self._map)
-
-    def view(self, start: int, end: int) -> memoryview:
-        return self._data[start:end]
-
-    def read(self, start: int, end: int) -> bytes:
-        return self._map[start:end]
-
-
-class _Window:
-    """A file read forward in large chunks, with byte ranges served from memory.
-
-    Chunk buffers are reused (within a tar and across tars: allocating and zeroing 16 MB per
-    chunk costs more than the copy from the page cache), but only once no view handed out by
-    `view` still points into them (`_unshared`), so a view keeps its bytes for as long as it is held.
-    """
-
-    def __init__(self, f):
-        self._f = f
-        self._chunk = CHUNK
-        self._data = memoryview(b"")  # the current chunk
-        self._buf = bytearray()
-        self._start = self._end = 0  # file offsets of the current chunk (the file is at _end)
-        try:
-            self._fd: int | None = f.fileno()
-        except (AttributeError, OSError, ValueError):  # fsspec files have no descriptor
-            self._fd = None
-
-    def view(self, start: int, end: int) -> memoryview:
-        """Read-only view of bytes [start, end); `end` must not be past the end of the file."""
-        if end > self._end:
-            self._fill(start, end)
-        return self._data[start - self._start : end - self._start]
-
-    def read(self, start: int, end: int) -> bytes:
-        return bytes(self.view(start, end))
-
-    def _fill(self, start: int, end: int) -> None:
-        keep = self._data[start - self._start :] if start < self._end else self._data[:0]
-        size = max(self._chunk, end - start)
-        buf = _take_buffer(size)
-        mv = memoryview(buf)
-        mv[: len(keep)] = keep
-        n = len(keep)
-        if start > self._end:
-            self._f.seek(start)
-        while n < size and (k := self._f.readinto(mv[n:size])):
-            n += k
-        _give_buffer(self._buf)
-        self._buf = buf
-        self._data = mv[:n].toreadonly()
-        self._start, self._end = start, start + n
-        if self._fd is not None:  # let the disk read the next chunk while this one is hashed
-            os.posix_fadvise(self._fd, self._end, self._chunk, os.POSIX_FADV_WILLNEED)
-
-
-# Chunk buffers no longer read from; a few are kept for the next chunk or tar.
-_spare_buffers: list[bytearray] = []
-
-
-def _take_buffer(size: int) -> bytearray:
-    try:
-        buf = _spare_buffers.pop()
-    except IndexError:
-        return bytearray(size)
-    return buf if len(buf) >= size and _unshared(buf) else bytearray(size)
-
-
-def _give_buffer(buf: bytearray) -> None:
-    if len(buf) == CHUNK and len(_spare_buffers) < 2:
-        _spare_buffers.append(buf)
-
-
-def _unshared(buf: bytearray) -> bool:
-    """Whether no memoryview points into `buf` (resizing a bytearray with live views fails)."""
-    try:
-        buf.append(buf.pop())
-    except BufferError:
-        return False
-    return True
-
-
 def _tail(f, total: int, expected: int, label: str, what: str,
           counted: ByteCount | None = None) -> Iterator[Damage]:
     # tarfile stops quietly at a header cut short; anything but zero padding after the last
@@ -407,22 +314,25 @@ def _tail(f, total: int, expected: int, label: str, what: str,
         yield no_end_blocks(total, label, what)
 
 
-def _read_range(f, start: int, length: int) -> tuple[bool, int]:
+def _read_range(f, start: int, length: int, digest=None) -> tuple[bool, int]:
     """(whether any byte in [start, start + length) is not NUL, how many of them were read): the
-    whole range is read, so that the count says how much of it is there."""
+    whole range is read, so that the count says how much of it is there; `digest` gets them."""
     f.seek(start)
     nonzero, read = False, 0
     while length > read:
         chunk = f.read(min(length - read, 1 << 20))
         if not chunk:
             break
+        if digest is not None:
+            digest.update(chunk)
         nonzero = nonzero or bool(chunk.strip(b"\0"))
         read += len(chunk)
     return nonzero, read
 
 
 def _tarfile_walk(f, total: int, label: str, what: str, start: int = 0, expected: int = 0,
-                  counted: ByteCount | None = None, max_data: int | None = None) -> Iterator[Member | Damage]:
+                  counted: ByteCount | None = None, max_data: int | None = None,
+                  hash_over: bool = False) -> Iterator[Member | Damage]:
     """The tar read with tarfile from the header at `start` on (see `_fast_walk`); `counted` gets
     the bytes from `expected` on."""
     # ignore_zeros: tarfile steps over a damaged header block by block to the next valid one
@@ -464,8 +374,10 @@ def _tarfile_walk(f, total: int, label: str, what: str, start: int = 0, expected
             yield Damage(info.name, info.offset_data, info.size, f"not a regular file ({kind}) in {what} {label}")
             continue
         data: bytes | None = None
-        if max_data is not None and info.size > max_data:  # read in pieces, only to see it is all there
-            got = _read_range(f, info.offset_data, info.size)[1]
+        digest = None
+        if max_data is not None and info.size > max_data:  # read in pieces: to see it is all there (and hashed)
+            digest = hashlib.sha256() if hash_over else None
+            got = _read_range(f, info.offset_data, info.size, digest)[1]
         else:
             f.seek(info.offset_data)
             data = f.read(info.size)
@@ -479,7 +391,7 @@ def _tarfile_walk(f, total: int, label: str, what: str, start: int = 0, expected
             )
             return
         counted.structure += got + len(f.read(expected - info.offset_data - info.size))  # + padding
-        yield Member(info.name, info.offset_data, info.size, data)
+        yield Member(info.name, info.offset_data, info.size, data, digest and digest.hexdigest())
     yield from _tail(f, total, expected, label, what, counted)
 
 

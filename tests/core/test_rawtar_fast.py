@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from imnet_assets.storage import rawtar
+from imnet_assets.storage import rawtar, tar_window
 from imnet_assets.storage.rawtar import Damage, Member, _iter_fileobj, _tarfile_walk
 from tests.core.test_rawtar import jpeg, layout, make_tar, special_infos
 
@@ -103,7 +103,7 @@ def test_odd_files_read_alike(walks, content):
 
 
 def test_small_chunks_and_members_larger_than_a_chunk(walks, monkeypatch):
-    monkeypatch.setattr(rawtar, "CHUNK", 1000)
+    monkeypatch.setattr(tar_window, "CHUNK", 1000)
     big = [("n00000001_1.JPEG", bytes(range(256)) * 40), *FILES, ("n00000001_9.JPEG", b"y" * 3000)]
     for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT):
         data = make_tar(big, fmt)
@@ -115,7 +115,7 @@ def test_small_chunks_and_members_larger_than_a_chunk(walks, monkeypatch):
 
 def test_views_stay_valid_while_held(monkeypatch):
     # A held view is never overwritten by a later chunk (its buffer is not reused).
-    monkeypatch.setattr(rawtar, "CHUNK", 2048)
+    monkeypatch.setattr(tar_window, "CHUNK", 2048)
     data = make_tar([(f"n00000001_{i}.JPEG", jpeg(i)) for i in range(1, 12)])
     held = [(i.data, bytes(i.data)) for i in _iter_fileobj(io.BytesIO(data), len(data), "t", "raw tar", True)
             if isinstance(i, Member)]
