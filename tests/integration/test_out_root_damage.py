@@ -1,0 +1,137 @@
+"""One byte changed, one byte cut, or the whole file emptied, in each kind of file a build leaves in
+the out root, caused for real on a small built release (imnet sample-raw + imnet build, copied per
+case), then `imnet status`, `imnet verify` and `imnet build` as a user runs them (SPEC "Failure
+behaviour": damage is found and named, never reported fresh, and a build repairs exactly what is
+damaged, byte-equal to a clean build, with nothing excluded).
+
+- A shard tar edited in place (a byte in a member header, a JSON member, an image, the padding, the
+  end-of-archive blocks; or cut short, or emptied): its tar is no longer the committed one, so
+  status says stale naming it, verify fails naming it, and build writes that shard alone again.
+- What the audit writes beside the shards (`_info.json`, `classes.tsv`, the card `README.md`): the
+  audit's record is sealed with their bytes, so status does not call the audit fresh and build
+  audits again, writing them anew, no shard rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import build_env, imnet
+
+SHARD0 = "imagenet12k-train-0000.tar"
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("out_root_damage")
+    imnet(["sample-raw", str(tmp / "raw"), "--synsets", "3", "--images", "12"], os.environ.copy())
+    env = build_env(tmp, tmp / "raw", IMNET_NUM_SHARDS="3")
+    imnet(["build"], env, cwd=tmp)
+    return tmp, env
+
+
+@pytest.fixture
+def copy(release, tmp_path):
+    """A private copy of the built release: out root, catalog and raw root (times kept)."""
+    tmp, env = release
+    for name in ("out", "raw"):
+        shutil.copytree(tmp / name, tmp_path / name)
+    shutil.copy2(tmp / "catalog.duckdb", tmp_path / "catalog.duckdb")
+    env = {**env, "IMNET_PROJECT_ROOT": str(tmp_path), "IMNET_OUT_ROOT": str(tmp_path / "out"),
+           "IMNET_CATALOG": str(tmp_path / "catalog.duckdb"), "IMNET_RAW_ROOT": str(tmp_path / "raw")}
+    return tmp_path, env
+
+
+def files(out: Path) -> dict[str, str]:
+    """Every file of the out root but the commit records and manifests (they name their run): sha256."""
+    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file() and not p.relative_to(out).as_posix().startswith("_manifests/")}
+
+
+def mtimes(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+
+
+def damage(path: Path, kind: str, at: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    if kind == "byte":
+        i = len(data) // 2 if at is None else at
+        data[i] ^= 0x20 if data[i] else 0x31
+    elif kind == "short":
+        del data[-1]
+    else:
+        data.clear()
+    path.write_bytes(bytes(data))
+
+
+def shard_offset(tar: Path, where: str) -> int:
+    with tarfile.open(tar) as tf:
+        ms = tf.getmembers()
+    return {"header": ms[3].offset + 10, "json": ms[1].offset_data + 5,
+            "image": ms[2].offset_data + ms[2].size // 2, "padding": ms[0].offset_data + ms[0].size + 3,
+            "end": tar.stat().st_size - 100}[where]
+
+
+def status_lines(env, cwd) -> list[str]:
+    proc = imnet(["status"], env, cwd=cwd)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    return proc.stdout.splitlines()
+
+
+def line(lines: list[str], name: str) -> str:
+    return next(x for x in lines if x.startswith(name))
+
+
+def clean_audit_rows(release) -> tuple:
+    import duckdb
+
+    with duckdb.connect(str(release[0] / "catalog.duckdb"), read_only=True) as con:
+        return (con.execute("SELECT count(*) FROM images WHERE status = 'excluded'").fetchone(),
+                con.execute("SELECT count(*) FROM shard_samples WHERE repaired").fetchone())
+
+
+@pytest.mark.parametrize("case", ["byte:header", "byte:json", "byte:image", "byte:padding", "byte:end",
+                                  "short:end", "empty:end"])
+def test_a_damaged_shard_is_named_and_rebuilt_alone(release, copy, case):
+    tmp, env = copy
+    kind, where = case.split(":")
+    clean = files(release[0] / "out")
+    tar = tmp / "out" / SHARD0
+    damage(tar, kind, shard_offset(tar, where) if kind == "byte" else None)
+    lines = status_lines(env, tmp)
+    assert "not fresh: 0000" in line(lines, "  not fresh")
+    assert not line(lines, "shard_audit").split()[1] == "fresh"
+    verify = imnet(["verify"], env, cwd=tmp, check=False)
+    assert verify.returncode != 0 and "FAILED (0000)" in verify.stdout + verify.stderr
+    before = mtimes(tmp / "out")
+    built = imnet(["build"], env, cwd=tmp)
+    assert "2 of 3 selected shards fresh, 1 to build" in built.stdout
+    after = mtimes(tmp / "out")
+    assert [n for n in after if after[n] != before[n]] == [SHARD0]  # exactly the damaged one
+    assert files(tmp / "out") == clean
+    assert clean_audit_rows(copy) == clean_audit_rows(release)
+    imnet(["verify"], env, cwd=tmp)
+
+
+@pytest.mark.parametrize("name", ["_info.json", "classes.tsv", "README.md"])
+@pytest.mark.parametrize("kind", ["byte", "short", "empty"])
+def test_a_damaged_file_the_audit_wrote_is_not_fresh_and_build_writes_it_again(release, copy, name, kind):
+    tmp, env = copy
+    clean = files(release[0] / "out")
+    assert line(status_lines(env, tmp), "shard_audit").split()[1] == "fresh"
+    damage(tmp / "out" / name, kind)
+    assert line(status_lines(env, tmp), "shard_audit").split()[1] == "stale"
+    before = mtimes(tmp / "out")
+    built = imnet(["build"], env, cwd=tmp)
+    assert "3 of 3 selected shards fresh, 0 to build" in built.stdout
+    assert "shard_audit      ok" in built.stdout
+    assert mtimes(tmp / "out") == before  # no shard rewritten
+    assert files(tmp / "out") == clean
+    assert clean_audit_rows(copy) == clean_audit_rows(release)
+    assert line(status_lines(env, tmp), "shard_audit").split()[1] == "fresh"
