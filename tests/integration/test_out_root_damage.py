@@ -135,3 +135,46 @@ def test_a_damaged_file_the_audit_wrote_is_not_fresh_and_build_writes_it_again(r
     assert files(tmp / "out") == clean
     assert clean_audit_rows(copy) == clean_audit_rows(release)
     assert line(status_lines(env, tmp), "shard_audit").split()[1] == "fresh"
+
+
+@pytest.mark.parametrize("kind", ["byte", "short", "empty"])
+def test_a_damaged_plan_index_is_not_fresh_and_build_writes_it_again(release, copy, kind):
+    """A byte of a digest changed leaves the JSON valid: the index's seal still finds it."""
+    tmp, env = copy
+    clean = files(release[0] / "out")
+    index = tmp / "out" / "_plan" / "_index.json"
+    at = index.read_bytes().index(b'"0000": "') + 12 if kind == "byte" else None
+    damage(index, kind, at)
+    lines = status_lines(env, tmp)
+    assert line(lines, "shuffled_plan").split()[1] == "stale"
+    assert line(lines, "shard_audit").split()[1] != "fresh"
+    before = mtimes(tmp / "out")
+    built = imnet(["build"], env, cwd=tmp)
+    assert "shuffled_plan    materialized" in built.stdout
+    assert "3 of 3 selected shards fresh, 0 to build" in built.stdout
+    assert mtimes(tmp / "out") == before  # no shard rewritten
+    assert files(tmp / "out") == clean
+    assert line(status_lines(env, tmp), "shard_audit").split()[1] == "fresh"
+
+
+def test_a_damaged_plan_slice_fails_the_shard_run_naming_it_and_the_next_build_repairs_both(release, copy):
+    """A slice is read only by its shard's run (status and a build of fresh shards do not read
+    them): when its shard is to be built, the run refuses the slice naming it, sets it aside, and the
+    next build makes the plan again (that slice alone written) and then the shard."""
+    tmp, env = copy
+    clean = files(release[0] / "out")
+    slice0 = tmp / "out" / "_plan" / "0000.csv"
+    damage(slice0, "byte", len(slice0.read_bytes()) - 5)
+    damage(tmp / "out" / SHARD0, "byte", shard_offset(tmp / "out" / SHARD0, "image"))
+    failed = imnet(["build"], env, cwd=tmp, check=False)
+    said = failed.stdout + failed.stderr
+    assert failed.returncode != 0 and "0000.csv is damaged" in said, said
+    assert not slice0.exists() and slice0.with_name("0000.csv.damaged").exists()
+    assert line(status_lines(env, tmp), "shuffled_plan").split()[1] == "stale"
+    slices_before = {p.name: p.stat().st_mtime_ns for p in (tmp / "out" / "_plan").glob("000[12].csv")}
+    built = imnet(["build"], env, cwd=tmp)
+    assert "shuffled_plan    materialized" in built.stdout and "1 to build" in built.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp / "out" / "_plan").glob("000[12].csv")} == slices_before
+    assert files(tmp / "out") == clean  # the slice set aside is gone, the rest byte-equal
+    assert clean_audit_rows(copy) == clean_audit_rows(release)
+    imnet(["verify"], env, cwd=tmp)
