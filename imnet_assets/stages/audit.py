@@ -22,7 +22,13 @@ from imnet_assets.image.encode import encode_settings
 from imnet_assets.release import card, changed_sources
 from imnet_assets.release.freshness import OutRootLook, look_at_shards, verdict
 from imnet_assets.release.info import info_document, info_url, render_info
-from imnet_assets.release.outroot import MANIFEST_DIR, committed_as, manifest_url, unchanged_on_storage
+from imnet_assets.release.outroot import (
+    MANIFEST_DIR,
+    committed_as,
+    forget_commit,
+    manifest_url,
+    unchanged_on_storage,
+)
 from imnet_assets.release.plan import read_index
 from imnet_assets.settings import Settings, validation_pattern
 from imnet_assets.stages.shard import fingerprint
@@ -176,6 +182,9 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
             on_storage = look.shards[key].tar
             if manifest is None or on_storage is None:
                 missing.append(key)
+                if on_storage is not None and forget_commit(settings.out_root, key, look.shards[key].state):
+                    bad.append(f"shard {key}: its manifest {fs.redact(url)} is missing or damaged (does not "
+                               "parse): its commit record is removed, so `imnet build` builds the shard again")
                 continue
             if manifest.get("fingerprint") != expected.get(key):
                 stale.append(key)

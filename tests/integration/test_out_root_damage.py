@@ -178,3 +178,27 @@ def test_a_damaged_plan_slice_fails_the_shard_run_naming_it_and_the_next_build_r
     assert files(tmp / "out") == clean  # the slice set aside is gone, the rest byte-equal
     assert clean_audit_rows(copy) == clean_audit_rows(release)
     imnet(["verify"], env, cwd=tmp)
+
+
+@pytest.mark.parametrize("kind", ["byte", "empty"])
+def test_a_damaged_manifest_is_named_when_the_catalog_is_rebuilt_and_its_shard_built_again(release, copy, kind):
+    """The manifests are what a catalog moved aside is rebuilt from (SPEC "Failure behaviour"): one
+    that does not parse fails that audit naming it and takes its shard's commit record away, so the
+    next build writes that shard alone again, and ends byte-equal to the clean build."""
+    tmp, env = copy
+    clean = files(release[0] / "out")
+    damage(tmp / "out" / "_manifests" / "0000.json", kind)
+    os.rename(tmp / "catalog.duckdb", tmp / "catalog.aside")
+    failed = imnet(["build"], env, cwd=tmp, check=False)
+    said = failed.stdout + failed.stderr
+    assert failed.returncode != 0 and "its manifest" in said and "0000.json is missing or damaged" in said, said
+    lines = status_lines(env, tmp)
+    assert "not fresh: 0000" in line(lines, "  not fresh") and line(lines, "shard_audit").split()[1] != "fresh"
+    before = mtimes(tmp / "out")
+    built = imnet(["build"], env, cwd=tmp)
+    assert "2 of 3 selected shards fresh, 1 to build" in built.stdout
+    after = mtimes(tmp / "out")
+    assert [n for n in after if after[n] != before[n]] == [SHARD0]
+    assert files(tmp / "out") == clean
+    assert clean_audit_rows(copy) == clean_audit_rows(release)
+    imnet(["verify"], env, cwd=tmp)
