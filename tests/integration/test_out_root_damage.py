@@ -202,3 +202,30 @@ def test_a_damaged_manifest_is_named_when_the_catalog_is_rebuilt_and_its_shard_b
     assert files(tmp / "out") == clean
     assert clean_audit_rows(copy) == clean_audit_rows(release)
     imnet(["verify"], env, cwd=tmp)
+
+
+@pytest.mark.parametrize("where", ["json", "image", "end"])
+def test_a_byte_rotted_with_its_stamp_kept_is_found_by_verify_and_then_rebuilt(release, copy, where):
+    """Freshness trusts a shard's size and stamp (its bytes are not hashed on every look), so a byte
+    that rots with the mtime kept is fresh to status and build until `imnet verify` reads it: verify
+    fails naming the shard and removes its commit record, and the next build writes it alone again."""
+    tmp, env = copy
+    clean = files(release[0] / "out")
+    tar = tmp / "out" / SHARD0
+    stamp = tar.stat()
+    damage(tar, "byte", shard_offset(tar, where))
+    os.utime(tar, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert line(status_lines(env, tmp), "wds_shards").split()[1:3] == ["3", "fresh"]
+    verify = imnet(["verify"], env, cwd=tmp, check=False)
+    said = verify.stdout + verify.stderr
+    assert verify.returncode != 0 and "FAILED (0000)" in said, said
+    assert f"FAIL shard 0000 ({SHARD0}): its commit record is removed" in said, said
+    assert "not fresh: 0000" in line(status_lines(env, tmp), "  not fresh")
+    before = mtimes(tmp / "out")
+    built = imnet(["build"], env, cwd=tmp)
+    assert "2 of 3 selected shards fresh, 1 to build" in built.stdout
+    after = mtimes(tmp / "out")
+    assert [n for n in after if after[n] != before[n]] == [SHARD0]
+    assert files(tmp / "out") == clean
+    assert clean_audit_rows(copy) == clean_audit_rows(release)
+    imnet(["verify"], env, cwd=tmp)
