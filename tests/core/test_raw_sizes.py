@@ -227,3 +227,26 @@ def test_on_s3_a_member_and_a_file_over_the_limit_are_read_in_ranged_pieces_neve
             spans = [int(b) - int(a) + 1 if r.range else size
                      for r in reads for a, _, b in [(r.range or "-").removeprefix("bytes=").partition("-")]]
             assert reads and max(spans) <= max(PIECE, STREAMED_READ) + 1, (source, max(spans))
+
+
+def test_a_folder_file_that_grew_past_the_limit_after_the_listing_is_not_read_whole(tmp_path):
+    """A synset folder's file listed small that is a 600 MiB file when it is read (a video being copied
+    in while the index runs): read_files reads it only to one byte past its listed size, so the scan
+    sees that it changed (FolderChanged) without having held it."""
+    from imnet_assets.storage.rawfolders import list_files, read_files
+
+    folder = tmp_path / "n00000001"
+    folder.mkdir()
+    (folder / "a.JPEG").write_bytes(b"\xff\xd8small")
+    (folder / "b.JPEG").write_bytes(b"\xff\xd8growing")
+    entries = list_files(str(folder) + "/")
+    with open(folder / "b.JPEG", "r+b") as f:
+        f.truncate(BIG)  # sparse: no disk
+    tracemalloc.start()
+    try:
+        got = [(e.path, len(d)) for e, d in read_files(str(folder) + "/", entries, None, max_bytes=MAX_DECODED_BYTES)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == [("a.JPEG", 7), ("b.JPEG", len(b"\xff\xd8growing") + 1)]  # one byte past its listing: changed
+    assert peak < 16 << 20, peak
