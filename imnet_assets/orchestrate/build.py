@@ -21,7 +21,8 @@ from imnet_assets.orchestrate.dagster_quirks import (
 )
 from imnet_assets.orchestrate.first_look import FirstLook
 from imnet_assets.orchestrate.instance import dagster_instance
-from imnet_assets.orchestrate.interrupts import INTERRUPTS, end_now_leaving_runs, first_done, work_done
+from imnet_assets.orchestrate.interrupts import end_now_leaving_runs, first_done, work_done
+from imnet_assets.orchestrate.run_result import facts, failures_of, metadata
 from imnet_assets.settings import Settings
 from imnet_assets.storage.fs import redact
 
@@ -74,7 +75,8 @@ class Build:
 
     def materialize(self, selection: list[str], partition_key: str | None = None, release: Settings | None = None):
         """Materialize the stages named in `selection` (of `release`: its keys; default: the
-        default release's plain keys) as one Dagster run."""
+        default release's plain keys) as one Dagster run: (its result, its failures: run_result.failures_of,
+        which raises KeyboardInterrupt for a run that was stopped)."""
         from imnet_assets.defs.schedules import build_run_tags
 
         release = self.selected[0] if release is None and len(self.releases) == 1 else release
@@ -85,26 +87,7 @@ class Build:
             raise_on_error=False, tags={**build_run_tags(), **tags},
             run_config={"loggers": {"console": {"config": {"log_level": self.log_level}}}},
         )
-        failures = []
-        for ev in result.get_step_failure_events():
-            err = ev.step_failure_data.error
-            if err is not None and err.cls_name in INTERRUPTS:
-                raise KeyboardInterrupt  # Ctrl-C or SIGTERM inside the run: say so, not "FAILED" (main)
-            while err is not None and err.cause is not None:
-                err = err.cause  # the user code's own error, not Dagster's wrapper
-            failures.append(f"{ev.step_key} failed: {err.message.strip() if err else 'unknown error'}")
-        for ev in result.get_asset_check_evaluations():
-            if not ev.passed:
-                failures.append(f"check {ev.asset_key.to_user_string()}:{ev.check_name} failed: {ev.description}")
-        if not result.success and not failures:
-            # stopped outside any step (while Dagster set up the run's resources, a stage's IO
-            # manager): the run's own failure names the interrupt
-            for ev in result.filter_events(lambda ev: ev.is_run_failure):
-                err = ev.event_specific_data.error if ev.event_specific_data is not None else None
-                if err is not None and err.cls_name in INTERRUPTS:
-                    raise KeyboardInterrupt
-            failures.append(f"run {result.run_id} failed")
-        return result, failures
+        return result, failures_of(result)
 
     def hold_out_root(self, release: Settings | None = None) -> bool:
         """Take the build lease (release.lease) of this release's out root (None: of every selected
@@ -209,7 +192,7 @@ class Build:
             result, failures = self.materialize([stage])
             if failures:
                 return self.fail(stage, failures)
-            self.say(f"  {stage:16s} materialized in {time.perf_counter() - t0:.1f}s  {self._facts(result, stage)}")
+            self.say(f"  {stage:16s} materialized in {time.perf_counter() - t0:.1f}s  {facts(result, stage)}")
         if self.instance is not None:
             fail_dead_runs(self.instance, log=lambda m: self.say(f"  wds_shards: {m}"))
         failed_releases = self.failed_releases
@@ -254,7 +237,7 @@ class Build:
             if failures:
                 return self.fail(plan, failures)
             self.say(f"  {shown('shuffled_plan')} materialized in {time.perf_counter() - t0:.1f}s  "
-                     f"{self._facts(result, plan)}")
+                     f"{facts(result, plan)}")
         todo, busy = self._shards_to_build(r, wanted)
         if todo and self.hold_out_root(r):
             todo, busy = self._shards_to_build(r, wanted)
@@ -286,7 +269,7 @@ class Build:
                 return self.fail(audit, failures)
             if r is self.selected[-1]:  # the build's last run ended and is recorded: nothing left to stop
                 work_done(1 if self.failed_releases else 0)
-            md = self._metadata(result, audit)
+            md = metadata(result, audit)
             self.say(f"  {shown('shard_audit')} ok: {md.get('samples')} samples in {md.get('shards')} shards, "
                      f"{md.get('excluded')} excluded, {md.get('repaired')} repaired")
         self.say(f"{name}shards: {r.out_root}  (_info.json beside them); catalog: {r.catalog}")
@@ -354,7 +337,7 @@ class Build:
                 if not self.keep_going:
                     self.say("  wds_shards: stopping at the first failure (--keep-going builds the others)")
                 continue
-            md = self._metadata(result, asset_key(r, "wds_shards").to_user_string())
+            md = metadata(result, asset_key(r, "wds_shards").to_user_string())
             images += int(md.get("samples", 0))
             elapsed = time.perf_counter() - started
             eta = elapsed / done * (len(todo) - done)
@@ -412,23 +395,6 @@ class Build:
             return None
         with open_reader(self.settings.catalog, say=lambda m: self.say(f"  {m}")) as cat:
             return cat.stage_fingerprint(stage, r.release)
-
-    def _metadata(self, result, asset: str) -> dict:
-        for ev in result.get_asset_materialization_events():
-            mat = ev.event_specific_data.materialization
-            if mat.asset_key.to_user_string() == asset:
-                return {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
-        return {}
-
-    # Counts a stage reports as 0 until a later stage has counted them: raw_tars' members and the
-    # synset manifest's images come from filtered_index's walk of the tars' headers.
-    NOT_COUNTED_YET = {"raw_tars": "members", "synset_manifest": "images"}
-
-    def _facts(self, result, asset: str) -> str:
-        md = self._metadata(result, asset)
-        shown = {k: v for k, v in md.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                 and not (v == 0 and self.NOT_COUNTED_YET.get(asset) == k)}
-        return ", ".join(f"{k}={v}" for k, v in list(shown.items())[:6])
 
     def fail(self, stage: str, failures: list[str]) -> int:
         self.say(f"imnet build: {stage} FAILED")
