@@ -9,7 +9,6 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
 
 from imnet_assets.defs.release_keys import RELEASE_TAG, SHARED_STAGES, asset_key, label
 from imnet_assets.orchestrate.dagster_quirks import (
@@ -21,8 +20,9 @@ from imnet_assets.orchestrate.dagster_quirks import (
 )
 from imnet_assets.orchestrate.first_look import FirstLook
 from imnet_assets.orchestrate.instance import dagster_instance
-from imnet_assets.orchestrate.interrupts import end_now_leaving_runs, first_done, work_done
+from imnet_assets.orchestrate.interrupts import end_now_leaving_runs, work_done
 from imnet_assets.orchestrate.run_result import facts, failures_of, metadata
+from imnet_assets.orchestrate.shard_runs import ShardRuns, runs_at_once
 from imnet_assets.settings import Settings
 from imnet_assets.storage.fs import redact
 
@@ -283,20 +283,6 @@ class Build:
         fp = audit_fingerprint(r)
         return fp is not None and self._stage_fp("shard_audit", r) == fp
 
-    def runs_at_once(self, todo: int) -> int:
-        """Shard runs to run at once: `--parallel` / IMNET_PARALLEL_SHARDS, else about the cores
-        over IMNET_WORKERS and at least 2 (one run's start, commit and check leave its workers idle:
-        a second run fills the gap), at most the instance's pool limit (dagster.yaml's `pools:
-        default_limit`, which bounds the shard runs the daemon launches)."""
-        if self.parallel:
-            return max(1, min(self.parallel, todo))
-        cpus = os.cpu_count() or 1
-        runs = max(2, round(cpus / self.settings.workers))
-        limit = self.instance.global_op_concurrency_default_limit if self.instance is not None else None
-        if limit:
-            runs = min(runs, limit)
-        return max(1, min(runs, todo))
-
     def build_shards(self, todo: list[str], release: Settings | None = None) -> list[str]:
         """Materialize each shard partition in `todo`, a Dagster run each, several at once (threads
         of this process: each run is recorded in the instance like any other). Returns the failed
@@ -305,7 +291,7 @@ class Build:
         if not todo:
             return []
         r = release or self.selected[0]
-        runs = self.runs_at_once(len(todo))
+        runs = runs_at_once(self.parallel, self.settings.workers, self.instance, len(todo))
         if runs > 1 and not skip_per_run_logging_config(self.instance):
             self.say("  wds_shards: one shard run at a time (the instance's python_logs.dagster_handler_config "
                      "makes Dagster reconfigure logging per run, which concurrent runs in one process cannot share)")
@@ -326,67 +312,29 @@ class Build:
         started, images, done = time.perf_counter(), 0, 0
         failed: list[str] = []
         name = label(r)
-        for key, result, failures in self._shard_runs(todo, runs, r,
-                                                      stop=lambda: bool(failed) and not self.keep_going):
-            done += 1
-            if failures:
-                failed.append(key)
-                self.say(f"  [{done}/{len(todo)}] {name}shard {key}: FAILED")
-                for f in failures:
-                    self.say("    " + redact(f))
-                if not self.keep_going:
-                    self.say("  wds_shards: stopping at the first failure (--keep-going builds the others)")
-                continue
-            md = metadata(result, asset_key(r, "wds_shards").to_user_string())
-            images += int(md.get("samples", 0))
-            elapsed = time.perf_counter() - started
-            eta = elapsed / done * (len(todo) - done)
-            self.say(f"  [{done}/{len(todo)}] {name}shard {key}: {md.get('samples')} samples "
-                     f"({md.get('excluded')} excluded, {md.get('repaired')} repaired), "
-                     f"{md.get('images_per_s')} img/s; overall {images / elapsed:.1f} img/s, eta {eta:.0f}s")
+        shard_runs = ShardRuns(lambda key: self.materialize(["wds_shards"], key, r), runs)
+        try:
+            for key, result, failures in shard_runs.finished(todo, stop=lambda: bool(failed) and not self.keep_going):
+                done += 1
+                if failures:
+                    failed.append(key)
+                    self.say(f"  [{done}/{len(todo)}] {name}shard {key}: FAILED")
+                    for f in failures:
+                        self.say("    " + redact(f))
+                    if not self.keep_going:
+                        self.say("  wds_shards: stopping at the first failure (--keep-going builds the others)")
+                    continue
+                md = metadata(result, asset_key(r, "wds_shards").to_user_string())
+                images += int(md.get("samples", 0))
+                elapsed = time.perf_counter() - started
+                eta = elapsed / done * (len(todo) - done)
+                self.say(f"  [{done}/{len(todo)}] {name}shard {key}: {md.get('samples')} samples "
+                         f"({md.get('excluded')} excluded, {md.get('repaired')} repaired), "
+                         f"{md.get('images_per_s')} img/s; overall {images / elapsed:.1f} img/s, eta {eta:.0f}s")
+        finally:
+            self.runs_left_behind = shard_runs.left_behind  # Ctrl-C: the runs still going in other threads
         order = {k: i for i, k in enumerate(todo)}
         return sorted(failed, key=order.__getitem__)
-
-    def _shard_runs(self, todo: list[str], runs: int, r: Settings, stop) -> Iterator[tuple[str, object, list[str]]]:
-        """(key, result, failures) per shard run, as they finish; no new run starts once `stop()`."""
-        if runs <= 1:  # in this thread: Ctrl-C interrupts the run itself
-            for key in todo:
-                if stop():
-                    return
-                yield (key, *self.materialize(["wds_shards"], partition_key=key, release=r))
-            return
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = ThreadPoolExecutor(runs, thread_name_prefix="imnet-shard-run")
-        queue = iter(todo)
-        pending: dict = {}
-        try:
-            for key in queue:
-                pending[pool.submit(self.materialize, ["wds_shards"], key, r)] = key
-                if len(pending) >= runs:
-                    break
-            while pending:
-                finished = first_done(pending)
-                for fut in finished:
-                    key = pending.pop(fut)
-                    yield (key, *fut.result())
-                    if not stop():
-                        nxt = next(queue, None)
-                        if nxt is not None:
-                            pending[pool.submit(self.materialize, ["wds_shards"], nxt, r)] = nxt
-        except KeyboardInterrupt:
-            # Ctrl-C reaches this thread only; the runs in the others cannot be interrupted from
-            # here: they end with this process (main), and the next build marks them failed.
-            pool.shutdown(wait=False, cancel_futures=True)
-            self.runs_left_behind = len(pending)
-            raise
-        except BaseException:
-            # a run that could not even be recorded (DAGSTER_HOME full): the others end as they
-            # would (the process waits for its threads anyway), none starts, and then the build
-            # releases its lease (run) instead of leaving it to a process that is gone
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-        pool.shutdown(wait=True)
 
     def _stage_fp(self, stage: str, r: Settings) -> str | None:
         from imnet_assets.storage.catalog import open_reader
