@@ -147,6 +147,7 @@ def test_a_catalog_that_a_full_disk_kept_from_being_made_is_made_once_there_is_s
     with pytest.raises(duckdb.IOException, match="No space left on device"):
         Catalog(str(path))
     assert not path.exists(), "an empty catalog file was left, which every later open takes for damage"
+    assert sorted(p.name for p in point.iterdir()) == ["filler"]  # nor the one it was made under first
     filler.unlink()
     with Catalog(str(path)) as cat:
         assert cat.stage_fingerprint("raw_tars") is None
