@@ -13,7 +13,7 @@ from pathlib import Path
 
 from imnet_assets.orchestrate.build import OutRootBusy
 from imnet_assets.orchestrate.instance import unwritable as instance_unwritable
-from imnet_assets.orchestrate.interrupts import exiting, said_late, stop_on_signals
+from imnet_assets.orchestrate.interrupts import begin, exiting, said_late, stop_on_signals
 from imnet_assets.release.releases import by_name
 from imnet_assets.release.releases import from_env as read_releases
 from imnet_assets.settings import Settings, SettingsError, apply_env_file, shard_key
@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("-v", "--verbose", action="store_true")
     sp.set_defaults(func=cmd_verify)
     args = p.parse_args(argv)
+    begin()  # nothing of an earlier command in this process (its late signals)
     if args.command in ("build", "demo", "verify"):
         stop_on_signals()
     from imnet_assets.storage.catalog import CatalogDamaged
