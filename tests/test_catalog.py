@@ -327,6 +327,21 @@ def test_a_catalog_another_writer_made_meanwhile_is_never_removed(tmp_path, monk
         assert cat.stage_fingerprint("raw_tars") == "f" * 16
 
 
+def test_a_new_catalog_leaves_nothing_beside_it_and_sweeps_what_a_killed_maker_left(tmp_path):
+    """A writer makes a new catalog under a temporary name first (_made_here): nothing of it is left
+    beside the catalog, and what a writer killed meanwhile left (its process gone) is removed."""
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    left = tmp_path / f".catalog.duckdb.tmp-{gone.pid}-0123abcd"
+    left.write_bytes(b"\0" * 12288)
+    with Catalog(str(tmp_path / "catalog.duckdb")) as cat:
+        assert cat.stage_fingerprint("raw_tars") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.duckdb"]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_query_stopped_by_ctrl_c_or_sigterm_is_an_interrupt(tmp_path, sql_dir, signum):
     """Found by the kill sweep (SIGTERM right after the catalog's .wal appeared): DuckDB's client

@@ -10,13 +10,15 @@ import errno
 import os
 import re
 import sys
-import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
 
 import duckdb
+
+from imnet_assets.storage import atomic
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 # An image that keeps the catalog on a volume names the volume's mount point in this file
@@ -153,7 +155,8 @@ def _made_here(path: str) -> tuple | None:
     if os.path.exists(path):
         return None
     folder, name = os.path.split(os.path.abspath(path))
-    new = os.path.join(folder, f".{name}.new-{os.getpid()}-{threading.get_ident()}")
+    atomic.sweep_partials(folder)  # what a writer killed while making one left
+    new = os.path.join(folder, f".{name}{atomic.TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         with _damage_named(new):
             duckdb.connect(new).close()
