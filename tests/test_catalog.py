@@ -286,6 +286,62 @@ def test_a_catalog_left_with_some_of_its_tables_is_made_whole_by_a_reader(tmp_pa
         assert cat.rows("catalog_tables")
 
 
+ANOTHER_WRITER = """
+import sys
+from imnet_assets.storage.catalog import Catalog
+with Catalog(sys.argv[1]) as cat:
+    cat.set_stage("raw_tars", "f" * 16, "run-other")
+"""
+
+
+def test_a_catalog_another_writer_made_meanwhile_is_never_removed(tmp_path, monkeypatch):
+    """A writer that found no catalog, then failed to open one with an error that is no lock's,
+    removed the file as one its own connect had just made and left unwritten (_unmade): but another
+    process may have made it in between, whole. Here another writer (a real process) makes it just
+    before this one's first connect, and this one's open then fails on the catalog's log (a folder
+    where the .wal goes: DuckDB cannot replay it). The other's catalog must stay."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "catalog.duckdb"
+    wal = tmp_path / "catalog.duckdb.wal"
+    real = duckdb.connect
+
+    def connect(database, *args, **kwargs):
+        if not path.exists():  # this writer found none: the other makes it now
+            subprocess.run([sys.executable, "-c", ANOTHER_WRITER, str(path)], check=True, timeout=120)
+            wal.mkdir()
+        return real(database, *args, **kwargs)
+
+    monkeypatch.setattr(duckdb, "connect", connect)
+    raised = None
+    try:
+        Catalog(str(path))
+    except Exception as e:  # noqa: BLE001 - checked below, after what was kept
+        raised = e
+    monkeypatch.undo()
+    assert path.exists(), f"the other writer's catalog was removed ({raised!r})"
+    assert isinstance(raised, duckdb.IOException) and "replaying WAL" in str(raised), raised
+    wal.rmdir()
+    with Catalog(str(path), read_only=True) as cat:
+        assert cat.stage_fingerprint("raw_tars") == "f" * 16
+
+
+def test_a_new_catalog_leaves_nothing_beside_it_and_sweeps_what_a_killed_maker_left(tmp_path):
+    """A writer makes a new catalog under a temporary name first (_made_here): nothing of it is left
+    beside the catalog, and what a writer killed meanwhile left (its process gone) is removed."""
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    left = tmp_path / f".catalog.duckdb.tmp-{gone.pid}-0123abcd"
+    left.write_bytes(b"\0" * 12288)
+    with Catalog(str(tmp_path / "catalog.duckdb")) as cat:
+        assert cat.stage_fingerprint("raw_tars") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.duckdb"]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_query_stopped_by_ctrl_c_or_sigterm_is_an_interrupt(tmp_path, sql_dir, signum):
     """Found by the kill sweep (SIGTERM right after the catalog's .wal appeared): DuckDB's client

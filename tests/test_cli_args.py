@@ -204,3 +204,30 @@ def test_a_reader_gone_from_the_output_is_exit_141_not_a_traceback(monkeypatch, 
 
     monkeypatch.setattr(cli, "cmd_status", to_a_closed_pipe)
     assert cli.main(["status"]) == 141
+
+
+def test_a_second_command_in_one_process_says_nothing_of_the_first_ones_late_signal(tmp_path, capsys):
+    """What "after the work" knows (orchestrate/interrupts.py: the exit code, the late signals) is one
+    command's: a first command whose work was done, then stopped by a SIGTERM that had nothing left to
+    stop, and a second `main()` in the same process: the second said the first's "came after the work
+    was done" line again, and kept its signal handling (SIGTERM noted, not stopping it)."""
+    import os
+    import signal
+
+    import imnet_assets.cli as cli
+    from imnet_assets.orchestrate import interrupts
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        interrupts.work_done(0)  # the first command's work done (as Build.run says it)
+        os.kill(os.getpid(), signal.SIGTERM)  # one signal after it: noted, nothing to stop
+        assert "SIGTERM came after the work was done" in interrupts.said_late()
+        capsys.readouterr()
+        assert cli.main(["sample-raw", str(tmp_path / "raw"), "--synsets", "1", "--images", "2"]) == 0
+        assert "came after the work was done" not in capsys.readouterr().err
+        assert interrupts.said_late() == ""
+        assert {s: signal.getsignal(s) for s in saved} == saved  # as they were before the first command's end
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        interrupts.begin()

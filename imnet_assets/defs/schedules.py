@@ -62,9 +62,19 @@ BY_IMNET_BUILD = "imnet build"
 # A run an `imnet build` made before its runs carried BUILD_PID_TAG, still not started after this
 # long, lost its build: a build starts each run it makes within a second.
 UNTAGGED_NOT_STARTED_SECONDS = 600
-# Statuses in which a run whose process is gone stays forever: nothing else will end it.
-WORKER_LOOKED_AT = (DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED,
-                    DagsterRunStatus.CANCELING)
+# Statuses in which a run whose process is gone stays forever (nothing else will end it), and how
+# fail_dead_runs ends it: (its end: failed, or canceled as the user asked; when it was left, in the
+# reason; the log line's end). A failed one is never retried (MAX_RETRIES_TAG 0): see fail_dead_runs.
+_NEVER_STARTED = ("failed", " before the run started",
+                  "lost the build that made it before it started; marked failed")
+DEAD_RUN_ENDS = {
+    DagsterRunStatus.NOT_STARTED: _NEVER_STARTED,
+    DagsterRunStatus.STARTING: _NEVER_STARTED,
+    DagsterRunStatus.STARTED: ("failed", "", "had lost its process (killed?); marked failed"),
+    DagsterRunStatus.CANCELING: ("canceled", " while canceling",
+                                 "was being canceled and lost its process; marked canceled"),
+}
+WORKER_LOOKED_AT = tuple(DEAD_RUN_ENDS)
 SHARDS = AssetKey("wds_shards")  # the default release's (IMNET_RELEASES unset); a release's: asset_key()
 
 
@@ -183,21 +193,17 @@ def fail_dead_runs(instance: DagsterInstance, log=lambda _m: None) -> list[str]:
         run = instance.get_run_by_id(rec.dagster_run.run_id)
         key = run.tags.get(PARTITION_TAG) if _targets_shards(run) else None
         what = f"shard {key}: run {run.run_id[:8]}" if key else f"run {run.run_id[:8]} (no shard)"
-        why = f"run worker process on {run.tags.get(HOST_TAG)} is gone (killed?)"
-        if run.status in (DagsterRunStatus.STARTED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING):
-            instance.add_run_tags(run.run_id, {MAX_RETRIES_TAG: "0"})
-        redone = "; not retried: its shard is built again by imnet build or the top-up schedule" if key else ""
-        if run.status == DagsterRunStatus.STARTED:
-            instance.report_run_failed(run, f"{why}: marked failed by imnet{redone}")
-            log(f"{what} had lost its process (killed?); marked failed")
-        elif run.status in (DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING):
-            instance.report_run_failed(run, f"{why} before the run started: marked failed by imnet{redone}")
-            log(f"{what} lost the build that made it before it started; marked failed")
-        elif run.status == DagsterRunStatus.CANCELING:  # what the user asked for: not to be retried
-            instance.report_run_canceled(run, f"{why} while canceling: marked canceled by imnet")
-            log(f"{what} was being canceled and lost its process; marked canceled")
-        else:
+        if run.status not in DEAD_RUN_ENDS:  # it ended meanwhile
             continue
+        end, when, said = DEAD_RUN_ENDS[run.status]
+        why = f"run worker process on {run.tags.get(HOST_TAG)} is gone (killed?){when}"
+        if end == "failed":
+            instance.add_run_tags(run.run_id, {MAX_RETRIES_TAG: "0"})
+            redone = "; not retried: its shard is built again by imnet build or the top-up schedule" if key else ""
+            instance.report_run_failed(run, f"{why}: marked failed by imnet{redone}")
+        else:  # what the user asked for: not to be retried
+            instance.report_run_canceled(run, f"{why}: marked canceled by imnet")
+        log(f"{what} {said}")
         if key:
             dead.append(key)
     return dead

@@ -9,7 +9,6 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
 
 from imnet_assets.defs.release_keys import RELEASE_TAG, SHARED_STAGES, asset_key, label
 from imnet_assets.orchestrate.dagster_quirks import (
@@ -21,7 +20,9 @@ from imnet_assets.orchestrate.dagster_quirks import (
 )
 from imnet_assets.orchestrate.first_look import FirstLook
 from imnet_assets.orchestrate.instance import dagster_instance
-from imnet_assets.orchestrate.interrupts import INTERRUPTS, end_now_leaving_runs, first_done, work_done
+from imnet_assets.orchestrate.interrupts import end_now_leaving_runs, work_done
+from imnet_assets.orchestrate.run_result import facts, failures_of, metadata
+from imnet_assets.orchestrate.shard_runs import ShardRuns, runs_at_once
 from imnet_assets.settings import Settings
 from imnet_assets.storage.fs import redact
 
@@ -74,7 +75,8 @@ class Build:
 
     def materialize(self, selection: list[str], partition_key: str | None = None, release: Settings | None = None):
         """Materialize the stages named in `selection` (of `release`: its keys; default: the
-        default release's plain keys) as one Dagster run."""
+        default release's plain keys) as one Dagster run: (its result, its failures: run_result.failures_of,
+        which raises KeyboardInterrupt for a run that was stopped)."""
         from imnet_assets.defs.schedules import build_run_tags
 
         release = self.selected[0] if release is None and len(self.releases) == 1 else release
@@ -85,26 +87,7 @@ class Build:
             raise_on_error=False, tags={**build_run_tags(), **tags},
             run_config={"loggers": {"console": {"config": {"log_level": self.log_level}}}},
         )
-        failures = []
-        for ev in result.get_step_failure_events():
-            err = ev.step_failure_data.error
-            if err is not None and err.cls_name in INTERRUPTS:
-                raise KeyboardInterrupt  # Ctrl-C or SIGTERM inside the run: say so, not "FAILED" (main)
-            while err is not None and err.cause is not None:
-                err = err.cause  # the user code's own error, not Dagster's wrapper
-            failures.append(f"{ev.step_key} failed: {err.message.strip() if err else 'unknown error'}")
-        for ev in result.get_asset_check_evaluations():
-            if not ev.passed:
-                failures.append(f"check {ev.asset_key.to_user_string()}:{ev.check_name} failed: {ev.description}")
-        if not result.success and not failures:
-            # stopped outside any step (while Dagster set up the run's resources, a stage's IO
-            # manager): the run's own failure names the interrupt
-            for ev in result.filter_events(lambda ev: ev.is_run_failure):
-                err = ev.event_specific_data.error if ev.event_specific_data is not None else None
-                if err is not None and err.cls_name in INTERRUPTS:
-                    raise KeyboardInterrupt
-            failures.append(f"run {result.run_id} failed")
-        return result, failures
+        return result, failures_of(result)
 
     def hold_out_root(self, release: Settings | None = None) -> bool:
         """Take the build lease (release.lease) of this release's out root (None: of every selected
@@ -209,7 +192,7 @@ class Build:
             result, failures = self.materialize([stage])
             if failures:
                 return self.fail(stage, failures)
-            self.say(f"  {stage:16s} materialized in {time.perf_counter() - t0:.1f}s  {self._facts(result, stage)}")
+            self.say(f"  {stage:16s} materialized in {time.perf_counter() - t0:.1f}s  {facts(result, stage)}")
         if self.instance is not None:
             fail_dead_runs(self.instance, log=lambda m: self.say(f"  wds_shards: {m}"))
         failed_releases = self.failed_releases
@@ -254,7 +237,7 @@ class Build:
             if failures:
                 return self.fail(plan, failures)
             self.say(f"  {shown('shuffled_plan')} materialized in {time.perf_counter() - t0:.1f}s  "
-                     f"{self._facts(result, plan)}")
+                     f"{facts(result, plan)}")
         todo, busy = self._shards_to_build(r, wanted)
         if todo and self.hold_out_root(r):
             todo, busy = self._shards_to_build(r, wanted)
@@ -286,7 +269,7 @@ class Build:
                 return self.fail(audit, failures)
             if r is self.selected[-1]:  # the build's last run ended and is recorded: nothing left to stop
                 work_done(1 if self.failed_releases else 0)
-            md = self._metadata(result, audit)
+            md = metadata(result, audit)
             self.say(f"  {shown('shard_audit')} ok: {md.get('samples')} samples in {md.get('shards')} shards, "
                      f"{md.get('excluded')} excluded, {md.get('repaired')} repaired")
         self.say(f"{name}shards: {r.out_root}  (_info.json beside them); catalog: {r.catalog}")
@@ -300,20 +283,6 @@ class Build:
         fp = audit_fingerprint(r)
         return fp is not None and self._stage_fp("shard_audit", r) == fp
 
-    def runs_at_once(self, todo: int) -> int:
-        """Shard runs to run at once: `--parallel` / IMNET_PARALLEL_SHARDS, else about the cores
-        over IMNET_WORKERS and at least 2 (one run's start, commit and check leave its workers idle:
-        a second run fills the gap), at most the instance's pool limit (dagster.yaml's `pools:
-        default_limit`, which bounds the shard runs the daemon launches)."""
-        if self.parallel:
-            return max(1, min(self.parallel, todo))
-        cpus = os.cpu_count() or 1
-        runs = max(2, round(cpus / self.settings.workers))
-        limit = self.instance.global_op_concurrency_default_limit if self.instance is not None else None
-        if limit:
-            runs = min(runs, limit)
-        return max(1, min(runs, todo))
-
     def build_shards(self, todo: list[str], release: Settings | None = None) -> list[str]:
         """Materialize each shard partition in `todo`, a Dagster run each, several at once (threads
         of this process: each run is recorded in the instance like any other). Returns the failed
@@ -322,7 +291,7 @@ class Build:
         if not todo:
             return []
         r = release or self.selected[0]
-        runs = self.runs_at_once(len(todo))
+        runs = runs_at_once(self.parallel, self.settings.workers, self.instance, len(todo))
         if runs > 1 and not skip_per_run_logging_config(self.instance):
             self.say("  wds_shards: one shard run at a time (the instance's python_logs.dagster_handler_config "
                      "makes Dagster reconfigure logging per run, which concurrent runs in one process cannot share)")
@@ -343,67 +312,29 @@ class Build:
         started, images, done = time.perf_counter(), 0, 0
         failed: list[str] = []
         name = label(r)
-        for key, result, failures in self._shard_runs(todo, runs, r,
-                                                      stop=lambda: bool(failed) and not self.keep_going):
-            done += 1
-            if failures:
-                failed.append(key)
-                self.say(f"  [{done}/{len(todo)}] {name}shard {key}: FAILED")
-                for f in failures:
-                    self.say("    " + redact(f))
-                if not self.keep_going:
-                    self.say("  wds_shards: stopping at the first failure (--keep-going builds the others)")
-                continue
-            md = self._metadata(result, asset_key(r, "wds_shards").to_user_string())
-            images += int(md.get("samples", 0))
-            elapsed = time.perf_counter() - started
-            eta = elapsed / done * (len(todo) - done)
-            self.say(f"  [{done}/{len(todo)}] {name}shard {key}: {md.get('samples')} samples "
-                     f"({md.get('excluded')} excluded, {md.get('repaired')} repaired), "
-                     f"{md.get('images_per_s')} img/s; overall {images / elapsed:.1f} img/s, eta {eta:.0f}s")
+        shard_runs = ShardRuns(lambda key: self.materialize(["wds_shards"], key, r), runs)
+        try:
+            for key, result, failures in shard_runs.finished(todo, stop=lambda: bool(failed) and not self.keep_going):
+                done += 1
+                if failures:
+                    failed.append(key)
+                    self.say(f"  [{done}/{len(todo)}] {name}shard {key}: FAILED")
+                    for f in failures:
+                        self.say("    " + redact(f))
+                    if not self.keep_going:
+                        self.say("  wds_shards: stopping at the first failure (--keep-going builds the others)")
+                    continue
+                md = metadata(result, asset_key(r, "wds_shards").to_user_string())
+                images += int(md.get("samples", 0))
+                elapsed = time.perf_counter() - started
+                eta = elapsed / done * (len(todo) - done)
+                self.say(f"  [{done}/{len(todo)}] {name}shard {key}: {md.get('samples')} samples "
+                         f"({md.get('excluded')} excluded, {md.get('repaired')} repaired), "
+                         f"{md.get('images_per_s')} img/s; overall {images / elapsed:.1f} img/s, eta {eta:.0f}s")
+        finally:
+            self.runs_left_behind = shard_runs.left_behind  # Ctrl-C: the runs still going in other threads
         order = {k: i for i, k in enumerate(todo)}
         return sorted(failed, key=order.__getitem__)
-
-    def _shard_runs(self, todo: list[str], runs: int, r: Settings, stop) -> Iterator[tuple[str, object, list[str]]]:
-        """(key, result, failures) per shard run, as they finish; no new run starts once `stop()`."""
-        if runs <= 1:  # in this thread: Ctrl-C interrupts the run itself
-            for key in todo:
-                if stop():
-                    return
-                yield (key, *self.materialize(["wds_shards"], partition_key=key, release=r))
-            return
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = ThreadPoolExecutor(runs, thread_name_prefix="imnet-shard-run")
-        queue = iter(todo)
-        pending: dict = {}
-        try:
-            for key in queue:
-                pending[pool.submit(self.materialize, ["wds_shards"], key, r)] = key
-                if len(pending) >= runs:
-                    break
-            while pending:
-                finished = first_done(pending)
-                for fut in finished:
-                    key = pending.pop(fut)
-                    yield (key, *fut.result())
-                    if not stop():
-                        nxt = next(queue, None)
-                        if nxt is not None:
-                            pending[pool.submit(self.materialize, ["wds_shards"], nxt, r)] = nxt
-        except KeyboardInterrupt:
-            # Ctrl-C reaches this thread only; the runs in the others cannot be interrupted from
-            # here: they end with this process (main), and the next build marks them failed.
-            pool.shutdown(wait=False, cancel_futures=True)
-            self.runs_left_behind = len(pending)
-            raise
-        except BaseException:
-            # a run that could not even be recorded (DAGSTER_HOME full): the others end as they
-            # would (the process waits for its threads anyway), none starts, and then the build
-            # releases its lease (run) instead of leaving it to a process that is gone
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-        pool.shutdown(wait=True)
 
     def _stage_fp(self, stage: str, r: Settings) -> str | None:
         from imnet_assets.storage.catalog import open_reader
@@ -412,23 +343,6 @@ class Build:
             return None
         with open_reader(self.settings.catalog, say=lambda m: self.say(f"  {m}")) as cat:
             return cat.stage_fingerprint(stage, r.release)
-
-    def _metadata(self, result, asset: str) -> dict:
-        for ev in result.get_asset_materialization_events():
-            mat = ev.event_specific_data.materialization
-            if mat.asset_key.to_user_string() == asset:
-                return {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
-        return {}
-
-    # Counts a stage reports as 0 until a later stage has counted them: raw_tars' members and the
-    # synset manifest's images come from filtered_index's walk of the tars' headers.
-    NOT_COUNTED_YET = {"raw_tars": "members", "synset_manifest": "images"}
-
-    def _facts(self, result, asset: str) -> str:
-        md = self._metadata(result, asset)
-        shown = {k: v for k, v in md.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                 and not (v == 0 and self.NOT_COUNTED_YET.get(asset) == k)}
-        return ", ".join(f"{k}={v}" for k, v in list(shown.items())[:6])
 
     def fail(self, stage: str, failures: list[str]) -> int:
         self.say(f"imnet build: {stage} FAILED")

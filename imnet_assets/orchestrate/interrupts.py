@@ -30,7 +30,20 @@ def stop_on_signals() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
-_work_done: dict[str, object] = {}  # once the command's work is done: its exit `code`, and the `late` signals
+# Once the command's work is done: its exit `code`, the `late` signals, and the SIGINT / SIGTERM handlers
+# it found (`found`). One command's: begin() empties it as the next command starts (cli.main).
+_work_done: dict[str, object] = {}
+
+
+def begin() -> None:
+    """A command starts (cli.main): nothing of an earlier command in this process is kept (its late
+    signals, said again after this one; its exit code), and the SIGINT / SIGTERM handlers that
+    work_done and exiting set for it are put back as they were before."""
+    found = _work_done.get("found")
+    if found is not None and threading.current_thread() is threading.main_thread():
+        for signum, handler in found.items():
+            signal.signal(signum, handler)
+    _work_done.clear()
 
 
 def work_done(code: int) -> int:
@@ -41,7 +54,8 @@ def work_done(code: int) -> int:
     handler (multiprocessing's join of the workers), a traceback, and workers not shut down. A second
     signal ends the process at once, with `code` (nothing is lost: see end_now_leaving_runs). Returns `code`."""
     if threading.current_thread() is threading.main_thread():
-        _work_done.update(code=code, late=_work_done.get("late", []))  # (said again at the end: the same list)
+        found = _work_done.get("found") or {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        _work_done.update(code=code, late=_work_done.get("late", []), found=found)  # (said again at the end: the same)
         signal.signal(signal.SIGINT, _noted)
         signal.signal(signal.SIGTERM, _noted)
     return code

@@ -11,7 +11,9 @@ Taking a lease: list the folder; if the highest generation's holder may still be
 hard link to a complete temporary file, which fails where the name exists; S3: a PUT with
 `If-None-Match: *`): of several takers at once exactly one creates it, and the others look
 again (a create refused for an object that holds the taker's own token is its own: a retry of a
-create whose reply was lost). The winner removes the older generations; releasing removes its own. (An S3-compatible
+create whose reply was lost). The winner removes the older generations; releasing removes its own, and so
+does the heartbeat for a take that failed after its create (its read back): only an object holding its
+token. (An S3-compatible
 store must honour `If-None-Match` on PUT, as AWS S3, MinIO and R2 do; the winner reads its object
 back, which catches a store that ignores it unless two takers write within the same moment.)
 
@@ -91,6 +93,7 @@ def describe(holder: dict) -> str:
 # ----------------------------------------------------------------------------- this process's leases
 
 _held: dict[str, Lease] = {}  # token -> lease, for every lease this process holds
+_unsettled: dict[str, Lease] = {}  # token -> a failed take's lease, whose object may be there (_settle)
 _held_lock = threading.Lock()
 _renewer: threading.Thread | None = None
 _wake = threading.Event()
@@ -263,6 +266,12 @@ def acquire(out_root: str, name: str, what: str) -> Lease:
         except BaseException:  # a take that failed: not this process's lease (never "held by itself")
             with _held_lock:
                 _held.pop(lease.token, None)
+                # its object, if this take made it (a create whose read back failed), would name this
+                # live process to every other taker for as long as it lives: the renewer removes it
+                # (_settle), starting now, not holding up the error
+                _unsettled[lease.token] = lease
+            _start_renewer()
+            _wake.set()
             raise
         if not created:  # another taker created this generation first: look at it
             with _held_lock:
@@ -320,6 +329,22 @@ def _renew_all() -> None:
         for lease in leases:
             with contextlib.suppress(Exception):  # storage down: tried again next time
                 lease.renew()
+        with _held_lock:
+            unsettled = list(_unsettled.values())
+        for lease in unsettled:
+            with contextlib.suppress(Exception):  # storage down: tried again next time
+                _settle(lease)
+                with _held_lock:
+                    _unsettled.pop(lease.token, None)
+
+
+def _settle(lease: Lease) -> None:
+    """A take that failed after its create may have left its object (its read back failed): removed
+    if the object there holds the take's token (it is this take's; another taker's is left alone),
+    as a release removes its own. Raises while the storage does not answer."""
+    current = fs.read_json(lease.url)
+    if isinstance(current, dict) and current.get("token") == lease.token:
+        fs.remove(lease.url)
 
 
 def _start_renewer() -> None:

@@ -10,9 +10,12 @@ an image beyond the codec's own, and the workers spent 1.3-1.9% of their CPU in 
 the bare chain's 1% (bench/malloc_faults.py measures both sides: faults and CPU per image with
 and without this tuning, in the same run). Fixed thresholds (setting either also stops glibc's
 dynamic adjustment) keep blocks up to MMAP_THRESHOLD in the heap and up to TRIM_THRESHOLD of
-free heap top in the process; a larger block (a decoded 100-megapixel image) still goes back at
-once. A worker's peak memory is the same (what it holds at once); between images it keeps at
-most TRIM_THRESHOLD more.
+free heap top in the process (in each malloc arena: a thread that allocates may have its own); a
+larger block still goes back at once. Pillow holds a decoded image in blocks of at most 16 MiB
+(Image.core.get_block_size), so a 100-megapixel one lies in the heap, and goes back when freed
+because its blocks free more than TRIM_THRESHOLD of heap top (glibc's default thresholds, raised
+by the first such block freed, kept it in the heap too). A worker's peak memory is the same (what
+it holds at once: measured equal with and without, big JPEGs decoded by 1 and 2 threads).
 
 Hand-written (a call through ctypes): no library sets malloc's parameters; the environment
 variables (MALLOC_TRIM_THRESHOLD_) would have to be set before the forkserver starts, and a

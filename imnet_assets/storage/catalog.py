@@ -6,15 +6,19 @@ No SQL text lives in Python: every statement is a file under `sql/`, run by name
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
 
 import duckdb
+
+from imnet_assets.storage import atomic
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 # An image that keeps the catalog on a volume names the volume's mount point in this file
@@ -142,10 +146,41 @@ def _file_state(path: str) -> tuple:
     return (one(path), one(path + ".wal"))
 
 
-def _unmade(path: str) -> None:
-    """Remove the file (and log) that a writer's connect just made at `path` and failed to write
-    whole (a full disk: DuckDB leaves an empty or cut file, which every later open took for a damaged
-    catalog, and no build ran again until it was moved aside by hand). Nothing was in it."""
+def _made_here(path: str) -> tuple | None:
+    """Make the catalog file at `path` when there is none: an empty database made under a name of
+    this process's, then linked to `path`, which fails where a file is (another writer made it
+    meanwhile). Returns the file made here as it was made (_file_state's); None when another process
+    made it, or the folder takes no hard links (DuckDB's connect then makes it, as before). A failure
+    to make it (a full disk) removes what was made and raises."""
+    if os.path.exists(path):
+        return None
+    folder, name = os.path.split(os.path.abspath(path))
+    atomic.sweep_partials(folder)  # what a writer killed while making one left
+    new = os.path.join(folder, f".{name}{atomic.TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with _damage_named(new):
+            duckdb.connect(new).close()
+        made = _file_state(new)[0]
+        os.link(new, path)
+        return made
+    except FileExistsError:
+        return None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        return None
+    finally:
+        _unmade(new)
+
+
+def _unmade(path: str, made: tuple | None = None) -> None:
+    """Remove the file (and log) at `path` that this process made and failed to write whole (a full
+    disk: DuckDB leaves an empty or cut file, which every later open took for a damaged catalog, and
+    no build ran again until it was moved aside by hand). Nothing was in it. With `made`
+    (_made_here's): only while the file there is that one, as it was made (no other writer wrote
+    into it)."""
+    if made is not None and _file_state(path)[0] != made:
+        return
     for p in (path, f"{path}.wal"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
@@ -165,8 +200,11 @@ class Catalog:
         elif not os.path.exists(path):
             raise FileNotFoundError(f"catalog {path} does not exist yet: run `imnet build` first")
         deadline = time.monotonic() + retries
+        # a catalog this writer makes is made here first, then opened: which file it made is known,
+        # whatever another writer makes meanwhile (never removed: _unmade)
+        made = _made_here(path) if not read_only else None
         while True:
-            made = not read_only and not os.path.exists(path)
+            unlinked = not read_only and made is None and not os.path.exists(path)  # (no hard links there)
             try:
                 with _damage_named(path):
                     self.con = duckdb.connect(path, read_only=read_only)
@@ -174,8 +212,8 @@ class Catalog:
             except duckdb.IOException as e:
                 # Another process holds the write lock (e.g. an audit in progress): wait for it.
                 if "lock" not in str(e).lower():
-                    if made:
-                        _unmade(path)
+                    if made is not None or unlinked:
+                        _unmade(path, made)
                     raise
                 if time.monotonic() > deadline:
                     raise

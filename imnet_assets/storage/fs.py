@@ -268,14 +268,8 @@ def read_many(urls: list[str], batch: int = READ_BATCH) -> dict[str, bytes | Non
     if s3:  # each one ranged GET of its whole object (read_bytes: a short body is told, read again)
         from concurrent.futures import ThreadPoolExecutor
 
-        def whole(url: str) -> bytes | None:
-            try:
-                return read_bytes(url)
-            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-                return None
-
         with ThreadPoolExecutor(min(batch, len(s3))) as pool:
-            out.update(zip(s3, pool.map(whole, s3)))
+            out.update(zip(s3, pool.map(_bytes_or_none, s3)))
     for group in remote.values():
         fs, _ = filesystem(group[0])
         paths = [filesystem(u)[1] for u in group]
@@ -288,10 +282,18 @@ def read_many(urls: list[str], batch: int = READ_BATCH) -> dict[str, bytes | Non
             if isinstance(result, FileNotFoundError):
                 out[url] = None
             elif isinstance(result, BaseException):  # read again on its own, within the retry budget
-                out[url] = read_bytes(url)
+                out[url] = _bytes_or_none(url)  # (removed meanwhile: absent)
             else:
                 out[url] = bytes(result)
     return out
+
+
+def _bytes_or_none(url: str) -> bytes | None:
+    """read_bytes, or None where there is no such object."""
+    try:
+        return read_bytes(url)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
 
 
 def read_json_many(urls: list[str], batch: int = READ_BATCH) -> dict[str, object]:

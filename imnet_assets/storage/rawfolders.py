@@ -200,8 +200,10 @@ def read_files(url: str, entries: list[FileEntry], depth: int | None,
         window: collections.deque = collections.deque()
         try:
             for e in entries:
-                read = _stream_local if big(e) else _read_local
-                window.append((e, pool.submit(read, file_url(url, e.path)) if e.problem is None else None))
+                path = file_url(url, e.path)
+                read = None if e.problem is not None else \
+                    pool.submit(_stream_local, path) if big(e) else pool.submit(_read_local, path, e.size)
+                window.append((e, read))
                 if len(window) >= READ_AHEAD:
                     e0, f0 = window.popleft()
                     yield e0, f0.result() if f0 is not None else b""
@@ -214,10 +216,12 @@ def read_files(url: str, entries: list[FileEntry], depth: int | None,
                     f.cancel()
 
 
-def _read_local(path: str) -> bytes | None:
+def _read_local(path: str, listed: int) -> bytes | None:
+    """The file's bytes, up to one past its `listed` size (one grown since it was listed, a video being
+    copied in, is never held whole: the caller sees another size), or None when it is gone."""
     try:
         with open(path, "rb") as f:
-            return f.read()
+            return f.read(listed + 1)
     except FileNotFoundError:
         return None
 

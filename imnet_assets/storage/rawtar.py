@@ -277,13 +277,40 @@ def plain_member_spans(data) -> list[tuple[str, int, int]] | None:
     return members or None
 
 
+# The most bytes of data a GNU long name or pax header may have (a name of PATH_MAX, a pax record's
+# extended attributes: a few KB, as any tar writer makes them). One whose size field claims more (damaged,
+# or a hostile tar) is a damaged header, stepped over: never its claimed size read or allocated at once
+# (tarfile's read of it allocates what the field says, up to 8 GB).
+MAX_HEADER_DATA = 1 << 20
+
+
+class _HeaderReads:
+    """A tar file as tarfile reads it: header blocks and the data of long names and pax headers (the
+    walk reads members' data itself, from the file). A read of more than MAX_HEADER_DATA is an invalid
+    header: tarfile (ignore_zeros) steps over its block, and `_skipped` counts the stretch as damage."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > MAX_HEADER_DATA:
+            raise tarfile.InvalidHeaderError(f"header data of {n} bytes, over {MAX_HEADER_DATA}")
+        return self._f.read(n)
+
+    def seek(self, *args) -> int:
+        return self._f.seek(*args)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
 def _long_name(win: Window, total: int, pos: int, size: int) -> tuple[tuple[bytes, str, int] | None, int]:
     """The header after a GNU long name at `pos`, named by it, and where that header is.
 
     None unless the name's blocks and a plain, non-long-name header after them are all there.
     """
     after = pos + _BLOCK + _blocks(size)
-    if total - after < _BLOCK:
+    if total - after < _BLOCK or size > MAX_HEADER_DATA:  # tarfile's walk tells the damage
         return None, pos
     # the name first: the window reads forward (a view behind its chunk's start is not there)
     raw_name = win.read(pos + _BLOCK, after)
@@ -341,7 +368,7 @@ def _tarfile_walk(f, total: int, label: str, what: str, start: int = 0, expected
     counted = ByteCount() if counted is None else counted
     f.seek(0)
     try:
-        tf = tarfile.open(fileobj=f, mode="r:", ignore_zeros=True)
+        tf = tarfile.open(fileobj=_HeaderReads(f), mode="r:", ignore_zeros=True)
     except tarfile.ReadError as e:
         counted.damaged += _read_range(f, 0, total)[1]
         yield Damage("", 0, total, f"not a readable tar ({what} {label}): {e}")

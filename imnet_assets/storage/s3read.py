@@ -73,7 +73,11 @@ def retry_seconds() -> float:
 # no connection at all: refused, no such host (obstore says so in its debug dump)
 _UNREACHABLE = re.compile(r"kind: Connect\b|ConnectError|Could not connect to the endpoint|Connection refused|"
                           r"Name or service not known|failed to lookup address|dns error|No route to host")
-_THROTTLED = re.compile(r"status code: (429|500|502|503|504)\b|\((429|500|502|503|504)\)|SlowDown|reduce your request rate|Throttl|InternalError|"
+# HTTP statuses of a store too busy or failing for the moment (retried as throttling: fault_kind), told by
+# obstore's message ("status code: 503") or by a botocore ClientError's response (_http_status)
+_RETRIED_STATUSES = (429, 500, 502, 503, 504)
+_STATUSES = "|".join(map(str, _RETRIED_STATUSES))
+_THROTTLED = re.compile(rf"status code: ({_STATUSES})\b|\(({_STATUSES})\)|SlowDown|reduce your request rate|Throttl|InternalError|"
                         r"ServiceUnavailable|Service Unavailable")
 # obstore names a timeout only in its debug dump ("kind: Timeout", "TimedOut"), next to settings
 # such as "retry_timeout" that say nothing of this failure
@@ -115,9 +119,6 @@ def fault_kind(e: BaseException) -> str:
     if isinstance(e, (ConnectionError, ShortRead)) or _CONNECTION.search(text):
         return "connection"
     return "other"
-
-
-_RETRIED_STATUSES = (429, 500, 502, 503, 504)
 
 
 def _http_status(e: BaseException) -> int | None:

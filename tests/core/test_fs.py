@@ -355,6 +355,38 @@ def test_read_many_local_gives_each_files_bytes_and_none_for_absent_ones(tmp_pat
     assert fs.read_many([]) == {}
 
 
+def test_read_many_on_another_remote_store_gives_none_for_an_object_gone_before_its_read_again():
+    """A store other than S3 (read through fsspec's cat_ranges): an object whose read failed (a
+    connection reset) is read again on its own; removed meanwhile, it is absent (None), as the
+    contract says, not a FileNotFoundError out of read_many. The store is fsspec's in-memory one,
+    whose read of that object meets the reset once, the object removed by then."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class ResetOnce(MemoryFileSystem):
+        protocol = "resetonce"
+        store: dict = {}
+        pseudo_dirs = [""]
+        reset: set[str] = set()
+
+        def cat_file(self, path, *args, **kwargs):
+            path = self._strip_protocol(path)
+            if path in self.reset:
+                self.reset.discard(path)
+                self.rm(path)  # removed by its writer while the read was cut
+                raise ConnectionResetError(104, "Connection reset by peer")
+            return super().cat_file(path, *args, **kwargs)
+
+    fsspec.register_implementation("resetonce", ResetOnce, clobber=True)
+    store = ResetOnce()
+    store.pipe("/b/kept.json", b'{"n": 1}')
+    store.pipe("/b/gone.json", b'{"n": 2}')
+    ResetOnce.reset.add("/b/gone.json")
+    urls = ["resetonce://b/kept.json", "resetonce://b/gone.json", "resetonce://b/none.json"]
+    assert fs.read_many(urls) == {urls[0]: b'{"n": 1}', urls[1]: None, urls[2]: None}
+    assert not ResetOnce.reset  # the reset did happen
+
+
 def test_listdir_of_an_absent_folder_is_empty(tmp_path):
     assert fs.listdir(str(tmp_path / "nothing-here")) == []
 

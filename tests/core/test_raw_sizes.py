@@ -227,3 +227,68 @@ def test_on_s3_a_member_and_a_file_over_the_limit_are_read_in_ranged_pieces_neve
             spans = [int(b) - int(a) + 1 if r.range else size
                      for r in reads for a, _, b in [(r.range or "-").removeprefix("bytes=").partition("-")]]
             assert reads and max(spans) <= max(PIECE, STREAMED_READ) + 1, (source, max(spans))
+
+
+def test_a_folder_file_that_grew_past_the_limit_after_the_listing_is_not_read_whole(tmp_path):
+    """A synset folder's file listed small that is a 600 MiB file when it is read (a video being copied
+    in while the index runs): read_files reads it only to one byte past its listed size, so the scan
+    sees that it changed (FolderChanged) without having held it."""
+    from imnet_assets.storage.rawfolders import list_files, read_files
+
+    folder = tmp_path / "n00000001"
+    folder.mkdir()
+    (folder / "a.JPEG").write_bytes(b"\xff\xd8small")
+    (folder / "b.JPEG").write_bytes(b"\xff\xd8growing")
+    entries = list_files(str(folder) + "/")
+    with open(folder / "b.JPEG", "r+b") as f:
+        f.truncate(BIG)  # sparse: no disk
+    tracemalloc.start()
+    try:
+        got = [(e.path, len(d)) for e, d in read_files(str(folder) + "/", entries, None, max_bytes=MAX_DECODED_BYTES)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == [("a.JPEG", 7), ("b.JPEG", len(b"\xff\xd8growing") + 1)]  # one byte past its listing: changed
+    assert peak < 16 << 20, peak
+
+
+def _header_over_the_limit(path, kind: bytes, claimed: int, held: bytes, rest: int) -> None:
+    """A tar: a member, a GNU long name or pax header claiming `claimed` bytes of data whose first are
+    `held` (`rest` bytes after its header block, sparse), then a member and the archive's end."""
+    first, last = tarfile.TarInfo("n00000001_1.JPEG"), tarfile.TarInfo("n00000001_2.JPEG")
+    first.size = last.size = 3
+    header = tarfile.TarInfo("././@LongLink")
+    header.type, header.size = kind, claimed
+    with open(path, "wb") as f:
+        f.write(first.tobuf(tarfile.USTAR_FORMAT) + b"abc" + bytes(509) + header.tobuf(tarfile.USTAR_FORMAT) + held)
+        f.seek(1024 + rest)
+        f.write(last.tobuf(tarfile.USTAR_FORMAT) + b"xyz" + bytes(509) + bytes(1024))
+
+
+def test_a_long_name_or_pax_header_of_hundreds_of_megabytes_is_damage_never_held(tmp_path):
+    """A GNU long name or a pax header is at most a few KB as any tar writer makes it: one whose size
+    field claims more (damaged; a hostile tar) is a damaged header, stepped over, its bytes counted as
+    they are read; never its claimed size read or allocated at once (tarfile's read of a long name's or
+    pax header's data allocates what the size field says: 2.4 GB for a damaged one over a 48 MB tar)."""
+    big = 48 << 20  # far over any header, small enough that tarfile steps over it block by block quickly
+    cases = {"long-name": (tarfile.GNUTYPE_LONGNAME, big, b"a" * 100, big),
+             "pax": (tarfile.XHDTYPE, big, b"20 comment=abcdefgh\n", big),
+             "damaged-size": (tarfile.GNUTYPE_LONGNAME, 4 * BIG, b"", big)}
+    for case, (kind, claimed, held, rest) in cases.items():
+        path = tmp_path / f"{case}.tar"
+        _header_over_the_limit(path, kind, claimed, held, rest + -rest % 512)
+        for mapped in (False, True) if case == "long-name" else (False,):  # a map: the fast walk's only
+            counted = ByteCount()
+            tracemalloc.start()
+            try:
+                items = list(iter_tar(str(path), views=True, mapped=mapped, counted=counted,
+                                      max_data=MAX_DECODED_BYTES, hash_over=True))
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert peak < 40 << 20, (case, mapped, peak)  # the walk's 16 MiB chunk
+            assert counted.total == os.path.getsize(path), (case, counted)
+            members = [m.name for m in items if isinstance(m, Member)]
+            assert members[0] == "n00000001_1.JPEG" and isinstance(items[1], Damage), (case, items)
+            if case != "damaged-size":  # the member after the stepped-over header is still found
+                assert members == ["n00000001_1.JPEG", "n00000001_2.JPEG"], (case, items)

@@ -13,6 +13,7 @@ next build must see that their process is gone, mark them failed and build those
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -93,6 +94,20 @@ def group_members(pgid: int) -> set[int]:
         if int(pgrp) == pgid and state not in ("Z", "X"):
             pids.add(int(stat.parent.name))
     return pids
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL every process of group `pgid`; none left (the group ended since it was last looked
+    at: os.killpg raises ProcessLookupError) is no error."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def test_killing_a_group_that_has_ended_is_no_error():
+    proc = subprocess.Popen(["true"], start_new_session=True)
+    proc.wait()
+    assert group_members(proc.pid) == set()
+    kill_group(proc.pid)
 
 
 def wait_gone(pids: set[int], timeout: float) -> set[int]:
@@ -195,7 +210,7 @@ def test_killed_builds_leave_no_partial_shard_and_the_rerun_is_byte_identical(
         left = wait_gone(members, timeout=10)
     finally:
         if group_members(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_group(proc.pid)  # (its last members may end meanwhile)
     assert members, "the build had no encode workers to watch"
     assert not left, f"workers outlived their killed parent: {cmdlines(left)}"
     assert not tmp.exists(), "the rerun should have removed the first kill's leftover"

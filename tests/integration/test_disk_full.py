@@ -31,7 +31,6 @@ import errno
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +46,7 @@ from tests.integration.test_crash_safety import (
     assert_identical,
     cmdlines,
     group_members,
+    kill_group,
     start_build,
     temp_files,
     wait_for,
@@ -147,6 +147,7 @@ def test_a_catalog_that_a_full_disk_kept_from_being_made_is_made_once_there_is_s
     with pytest.raises(duckdb.IOException, match="No space left on device"):
         Catalog(str(path))
     assert not path.exists(), "an empty catalog file was left, which every later open takes for damage"
+    assert sorted(p.name for p in point.iterdir()) == ["filler"]  # nor the one it was made under first
     filler.unlink()
     with Catalog(str(path)) as cat:
         assert cat.stage_fingerprint("raw_tars") is None
@@ -284,7 +285,7 @@ def test_a_full_disk_at_each_moment_fails_clearly_then_the_rerun_is_whole(small_
         code = proc.wait(timeout=180)
     finally:
         if proc.poll() is None or group_members(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_group(proc.pid)  # (its last members may end meanwhile: no error)
     text = log.read_text()
     left = wait_gone(members - {proc.pid}, timeout=20)
     assert not left, f"processes of the build outlived it: {cmdlines(left)}\n{text}"

@@ -293,6 +293,35 @@ def test_an_abort_of_a_killed_writers_upload_whose_reply_was_lost_takes_its_leas
     assert MotoS3.all_objects(client, s3.bucket) == {}  # the upload's lease went with it
 
 
+LEASE_READ = "from imnet_assets.release import lease; lease.acquire({root!r}, 'build', 'another build').release()"
+
+
+def test_a_lease_whose_read_back_failed_is_removed_once_the_storage_answers(proxied):
+    """The take's read back fails (throttled past the retry budget); the storage answers again a
+    moment later. The object the take created names this process, alive: left there, every other
+    process was refused (LeaseHeld naming it) for as long as this one lived (a code server, a build
+    going on with other shards). It is this take's (its token), so it is removed, as a release
+    removes it: by the lease heartbeat, once the storage answers (the error is not held up)."""
+    import subprocess
+    import sys
+
+    s3, client, proxy = proxied
+    root = f"s3://{s3.bucket}/wds"
+    proxy.slowdown(3, after=1, match=lambda method, target, headers: method == "GET" and "/_locks/" in target
+                   and "list-type" not in target)  # from the read back on, for 3 s
+    with environ(IMNET_STORAGE_RETRY_SECONDS="2"):
+        with pytest.raises(fs.StorageError):
+            lease.acquire(root, "build", "imnet build")
+        assert proxy.injected["slowdown"] >= 1
+        deadline = time.monotonic() + 30
+        while _lock_keys(client, s3.bucket) and time.monotonic() < deadline:  # (the heartbeat removes it)
+            time.sleep(0.1)
+    assert _lock_keys(client, s3.bucket) == []
+    taken = subprocess.run([sys.executable, "-c", LEASE_READ.format(root=root)], capture_output=True, text=True,
+                           timeout=120)
+    assert taken.returncode == 0, taken.stderr  # another process takes it: not refused naming this one
+
+
 def test_a_lease_whose_read_back_failed_does_not_make_its_taker_refuse_itself(proxied):
     """The taker reads its new lease back (whose it is: a refused create may be its own, whose
     reply was lost). That read failing (throttled past the retry budget) fails the take, and the
