@@ -127,4 +127,7 @@ def _audit_state(s: Settings, recorded: str | None, not_fresh: list[str]) -> str
         return "not built"
     if not_fresh:
         return f"stale ({len(not_fresh)} shards not fresh)"
-    return "fresh" if audit_fingerprint(s) == recorded else "stale (the shards changed since it ran)"
+    if audit_fingerprint(s) == recorded:
+        return "fresh"
+    return ("stale (the shards, or _info.json, classes.tsv or README.md beside them, changed since it ran: "
+            "`imnet build` audits again)")

@@ -150,7 +150,7 @@ def _verify_release(s: Settings, wanted_of: Callable[[list[str]], list[str]], jo
     progress = _Progress(len(shards), sum(sh["bytes"] or 0 for sh in shards))
     tasks = ((sh, fs.join(s.out_root, sh["path"]), rows) for sh, rows in _catalog_rows(s.catalog, shards, s.release))
     bad, lost = [], []
-    for done in checked_shards(jobs, tasks, decode, CODEC_EXTENSIONS[s.codec], first_done):
+    for done in checked_shards(jobs, tasks, decode, CODEC_EXTENSIONS[s.codec], first_done, s.out_root):
         sh, problems = done.shard, done.problems
         label = f"shard {sh['shard']} ({sh['path']})"
         if done.lost:  # its workers kept dying: no verdict, but not ok either

@@ -28,6 +28,18 @@ def committed_as(state: dict) -> str:
     return f"{state['sha256']}:{state.get('run_id', '')}"
 
 
+def forget_commit(out_root: str, shard_key: str, state: dict | None) -> bool:
+    """Remove a shard's commit record, the one `state` that was read, so the shard is not fresh and
+    the next build writes it again (the audit, for a shard whose manifest is gone or damaged: the
+    manifest is what a catalog is rebuilt from). A record another run wrote since is left alone."""
+    url = state_url(out_root, shard_key)
+    now = fs.read_json(url) if state is not None else None
+    if not isinstance(now, dict) or committed_as(now) != committed_as(state):
+        return False
+    fs.remove(url)
+    return True
+
+
 def read_manifest(out_root: str, shard_key: str) -> dict | None:
     return fs.read_json(manifest_url(out_root, shard_key))
 

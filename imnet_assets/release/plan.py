@@ -166,9 +166,34 @@ def publish_slices(cat, out_root: str, shard_keys: list[str], batch: int = SLICE
     return {key: digests[key] for key in shard_keys}
 
 
-def read_slice(out_root: str, shard_key: str) -> tuple[list[SliceRow], str]:
-    """A shard's slice rows in plan order, and the digest of the slice file."""
-    data = fs.read_bytes(slice_url(out_root, shard_key))
+class PlanSliceDamaged(ValueError):
+    """A shard's plan slice is not the one the plan's index names (its bytes changed on storage)."""
+
+
+DAMAGED_SUFFIX = ".damaged"  # a slice found damaged is kept aside under this name until the plan is made again
+
+
+def read_slice(out_root: str, shard_key: str, set_aside: bool = True) -> tuple[list[SliceRow], str]:
+    """A shard's slice rows in plan order, and the digest of the slice file.
+
+    The digest must be the one the plan's index names for the shard (when there is an index): a
+    slice changed, cut or emptied on storage is moved aside (`<key>.csv.damaged`) and raises
+    PlanSliceDamaged naming it, never read as the plan; with the slice gone from its place the plan
+    is stale (`slices_missing`), and the next build makes it again, rewriting that slice alone.
+    `set_aside=False` (a head start's look, shard_ahead): raise, leaving the slice to the run."""
+    url = slice_url(out_root, shard_key)
+    data = fs.read_bytes(url)
+    digest = hashlib.sha256(data).hexdigest()
+    index = read_index(out_root)
+    want = index.get("digests", {}).get(shard_key) if index else None
+    if want is not None and digest != want:
+        if not set_aside:
+            raise PlanSliceDamaged(f"plan slice {fs.redact(url)} is damaged")
+        atomic.write_atomic(url + DAMAGED_SUFFIX, data)
+        fs.remove(url)
+        raise PlanSliceDamaged(f"plan slice {fs.redact(url)} is damaged: sha256 {digest}, the plan's index says "
+                               f"{want} (moved aside to {fs.basename(url)}{DAMAGED_SUFFIX}; `imnet build` makes "
+                               "the plan again, then this shard)")
     reader = csv.reader(io.StringIO(data.decode("utf-8")))
     header = next(reader)
     if header != SLICE_COLUMNS:
@@ -177,12 +202,33 @@ def read_slice(out_root: str, shard_key: str) -> tuple[list[SliceRow], str]:
         SliceRow(int(p), k, w, int(lb), t, m, int(o), int(sz), sh, int(wd), int(ht), nr == "True")
         for p, k, w, lb, t, m, o, sz, sh, wd, ht, nr in reader
     ]
-    return rows, hashlib.sha256(data).hexdigest()
+    return rows, digest
+
+
+def slices_missing(out_root: str, index: dict) -> list[str]:
+    """Shard keys whose slice the index names but `_plan/` does not hold (one listing)."""
+    have = {e["name"] for e in fs.listdir(fs.join(out_root, PLAN_DIR))}
+    return [k for k in sorted(index.get("digests", {})) if f"{k}.csv" not in have]
+
+
+INDEX_SEAL = "seal"  # the sha256 of the rest of the index, written with it
+
+
+def _seal(index: dict) -> str:
+    body = {k: v for k, v in index.items() if k != INDEX_SEAL}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def write_index(out_root: str, index: dict) -> None:
-    atomic.write_atomic(index_url(out_root), json.dumps(index, indent=1, sort_keys=True).encode())
+    doc = {**index, INDEX_SEAL: _seal(index)}
+    atomic.write_atomic(index_url(out_root), json.dumps(doc, indent=1, sort_keys=True).encode())
 
 
 def read_index(out_root: str) -> dict | None:
-    return fs.read_json(index_url(out_root))
+    """The plan's index, or None when there is none or it is damaged (does not parse, or does not
+    match its seal: a changed byte): either way the plan is stale and is made again. An index
+    written before seals were (no seal) is taken as it is."""
+    doc = fs.read_json(index_url(out_root))
+    if not isinstance(doc, dict) or (INDEX_SEAL in doc and doc[INDEX_SEAL] != _seal(doc)):
+        return None
+    return doc

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from imnet_assets.release.outroot import forget_commit
 from imnet_assets.release.verify import verify_catalog_shard
 from imnet_assets.runtime.procpool import preload
 from imnet_assets.runtime.workerpool import WorkerDied, WorkerPool
@@ -75,17 +76,21 @@ def verify_pool(jobs: int) -> WorkerPool:
 
 
 def checked_shards(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], decode: bool, ext: str,
-                   first_done: Callable) -> Iterator[Checked]:
+                   first_done: Callable, out_root: str | None = None) -> Iterator[Checked]:
     """A Checked per task (shard record, url, catalog rows), as they finish, checked in `jobs`
     worker processes. `first_done(futures)`: the done ones, waiting until one is (the CLI's, which
-    stays responsive to Ctrl-C)."""
+    stays responsive to Ctrl-C). `out_root`: a shard its bytes fail loses its commit record there
+    (`forget_failed`), so the next build writes it again."""
     pool = verify_pool(max(jobs, 1))
     pending: dict = {}  # future -> (job, deaths while checking it, deaths while it was held)
 
     def settle(fut) -> Checked | None:
         job, deaths, held = pending.pop(fut)
         try:
-            return Checked(job.shard, fut.result())
+            problems = fut.result()
+            if problems and out_root:
+                problems += forget_failed(out_root, job.shard)
+            return Checked(job.shard, problems)
         except fs.StorageError as e:  # the storage, not the shard: no verdict on its bytes
             return Checked(job.shard, [], f"not checked: {fs.redact(str(e))}; run verify again")
         except WorkerDied as died:
@@ -114,3 +119,18 @@ def checked_shards(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], de
         pending[pool.submit(job)] = (job, [], [])
         yield from drain(jobs + 1)
     yield from drain(0)
+
+
+def forget_failed(out_root: str, shard: dict) -> list[str]:
+    """A shard whose bytes failed verify is not fresh: its commit record, while it still names the
+    commit the catalog recorded and verify checked (another run's is left alone), is removed, and
+    the next `imnet build` writes the shard again. Freshness trusts a shard's size and stamp (its
+    bytes are not hashed on every look), so a byte that rots with the stamp unchanged is found only
+    here. The line it adds says so (none when the record was not that commit's)."""
+    key = shard["shard"]
+    try:
+        gone = forget_commit(out_root, key, {"sha256": shard["sha256"], "run_id": shard.get("run_id") or ""})
+    except (fs.StorageError, OSError) as e:  # read-only credentials: the verdict stands, unmarked
+        return [f"its commit record could not be removed ({fs.redact(str(e))}): move the shard aside and "
+                "run `imnet build`"]
+    return ["its commit record is removed: the next `imnet build` writes this shard again"] if gone else []

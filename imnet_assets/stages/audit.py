@@ -22,7 +22,13 @@ from imnet_assets.image.encode import encode_settings
 from imnet_assets.release import card, changed_sources
 from imnet_assets.release.freshness import OutRootLook, look_at_shards, verdict
 from imnet_assets.release.info import info_document, info_url, render_info
-from imnet_assets.release.outroot import MANIFEST_DIR, committed_as, manifest_url, unchanged_on_storage
+from imnet_assets.release.outroot import (
+    MANIFEST_DIR,
+    committed_as,
+    forget_commit,
+    manifest_url,
+    unchanged_on_storage,
+)
 from imnet_assets.release.plan import read_index
 from imnet_assets.settings import Settings, validation_pattern
 from imnet_assets.stages.shard import fingerprint
@@ -153,7 +159,7 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
         log(f"removed leftover of an interrupted run: {leftover}")
     # One look at every shard's tar and commit record, taken before the manifests are loaded.
     look = look_at_release(settings)
-    audit_fp = audit_fingerprint(settings, look)
+    audit_inputs = _audit_inputs(settings, look)
     expected = _shard_fingerprints(settings, require_current_plan(settings))
     with Catalog(settings.catalog) as cat:
         cat.check_intact()  # the audit vouches for the whole catalog: damage raises CatalogDamaged
@@ -176,6 +182,9 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
             on_storage = look.shards[key].tar
             if manifest is None or on_storage is None:
                 missing.append(key)
+                if on_storage is not None and forget_commit(settings.out_root, key, look.shards[key].state):
+                    bad.append(f"shard {key}: its manifest {fs.redact(url)} is missing or damaged (does not "
+                               "parse): its commit record is removed, so `imnet build` builds the shard again")
                 continue
             if manifest.get("fingerprint") != expected.get(key):
                 stale.append(key)
@@ -229,8 +238,8 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
             report.info_written = True
             atomic.write_atomic(classes_url(settings), render_classes(cat.rows("classes_tsv", release)))
             card.write_card(settings, report, cat, info)  # issue 17: the dataset card, <out>/README.md
-            if audit_fp:
-                cat.set_stage("shard_audit", audit_fp, run_id, settings.release)
+            if audit_inputs:  # recorded with the files as written: damage to one of them is not fresh
+                cat.set_stage("shard_audit", sealed(settings, audit_inputs), run_id, settings.release)
     if report.problems:
         log(f"_info.json not written: {'; '.join(report.problems)[:500]}")
     return report
@@ -453,6 +462,29 @@ def stray_problem(stray: list[str]) -> str:
 
 
 def audit_fingerprint(settings: Settings, look: OutRootLook | None = None) -> str | None:
+    """The audit's record when it is fresh: what its output depends on (`_audit_inputs`), sealed
+    with the files it published as they are on storage now (`sealed`), so that a damaged, cut or
+    emptied `_info.json`, `classes.tsv` or card is not fresh and the next build audits again and
+    writes them anew (no shard rewritten). `look`: as `look_at_release` read it (else read now)."""
+    inputs = _audit_inputs(settings, look)
+    return None if inputs is None else sealed(settings, inputs)
+
+
+def published_urls(settings: Settings) -> list[str]:
+    """The files a clean audit writes beside the shards."""
+    return [info_url(settings), classes_url(settings), card.card_url(settings)]
+
+
+def sealed(settings: Settings, inputs: str) -> str:
+    """`inputs` joined with the sha256 of each published file as storage holds it (one concurrent
+    read of three small files; "-" for one that is not there)."""
+    urls = published_urls(settings)
+    found = fs.read_many(urls)
+    parts = [inputs] + [hashlib.sha256(found[u]).hexdigest() if found[u] is not None else "-" for u in urls]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def _audit_inputs(settings: Settings, look: OutRootLook | None = None) -> str | None:
     """What the audit's output depends on: every shard's committed sha256 and the run that wrote it
     (the catalog's lineage names it, so a rebuild of the same bytes is audited again), and the plan.
     `look`: the commit records as `look_at_release` read them (else they are read, at once)."""

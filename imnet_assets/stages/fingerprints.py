@@ -84,7 +84,7 @@ def release_plan_inputs(settings: Settings) -> list:
 def stale_stages(settings: Settings, log: Log = print, marker_roots: list[str] | None = None) -> list[str]:
     """Stages whose recorded input differs from the current one (or whose output is gone): the shared
     stages, and the plan of settings.release. `marker_roots`: as expected_fingerprints."""
-    from imnet_assets.release.plan import read_index
+    from imnet_assets.release.plan import read_index, slices_missing
 
     # No unpacking here: a root holding only winter21_whole.tar.gz (or a half-unpacked one) lists
     # no (or other) tars, so raw_tars is stale and unpacks it when it runs, as the first stage.
@@ -98,8 +98,9 @@ def stale_stages(settings: Settings, log: Log = print, marker_roots: list[str] |
                 for stage in want}
     stale = [s for s in want if have[s] != want[s]]
     index = read_index(settings.out_root)
-    if "shuffled_plan" not in stale and (index is None or index.get("fingerprint") != want["shuffled_plan"]):
-        stale.append("shuffled_plan")
+    if "shuffled_plan" not in stale and (index is None or index.get("fingerprint") != want["shuffled_plan"]
+                                         or slices_missing(settings.out_root, index)):
+        stale.append("shuffled_plan")  # also when a shard run moved a damaged slice aside (plan.read_slice)
     # No cascade: each fingerprint already holds its upstream's input (the plan's holds the index's,
     # which holds the tars'), so a stage whose own fingerprint matches reads what it was built from.
     return [s for s in want if s in stale]

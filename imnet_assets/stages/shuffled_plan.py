@@ -10,6 +10,7 @@ import time
 
 from imnet_assets.release import selection
 from imnet_assets.release.plan import (
+    DAMAGED_SUFFIX,
     PLAN_DIR,
     publish_slices,
     release_splits,
@@ -81,6 +82,9 @@ def build_shuffled_plan(settings: Settings, run_id: str, log: Log = print,
         if re.fullmatch(rf"\d{{4}}(\.csv|{re.escape(LOOKUP_SUFFIX)})", e["name"]) and e["name"] not in ours:
             fs.remove(e["url"])
             log(f"removed the slice of a shard this plan does not have: {e['name']}")
+        elif e["name"].endswith(DAMAGED_SUFFIX):  # a shard run found it damaged: written anew above
+            fs.remove(e["url"])
+            log(f"removed the damaged slice a shard run moved aside: {e['name']}")
     facts.update(seconds=round(time.perf_counter() - started, 2), num_shards=settings.num_shards,
                  seed=settings.seed)
     if staged:

@@ -165,9 +165,40 @@ def test_read_slice_rejects_other_columns(tmp_path):
 def test_index_round_trip(tmp_path):
     assert read_index(str(tmp_path)) is None
     write_index(str(tmp_path), {"fingerprint": "abc", "digests": {"0000": "d"}})
-    assert read_index(str(tmp_path)) == {"fingerprint": "abc", "digests": {"0000": "d"}}
+    got = read_index(str(tmp_path))
+    assert {k: v for k, v in got.items() if k != "seal"} == {"fingerprint": "abc", "digests": {"0000": "d"}}
     (tmp_path / "_plan" / "_index.json").write_text("{broken")
     assert read_index(str(tmp_path)) is None
+
+
+def test_an_index_that_still_parses_but_lost_its_seal_is_not_read(tmp_path):
+    """One changed byte that leaves the JSON valid (a digest's letter) is damage: no index, so the
+    plan is stale and is made again, never a plan that names digests no slice has."""
+    write_index(str(tmp_path), {"fingerprint": "abc", "digests": {"0000": "d0"}})
+    path = tmp_path / "_plan" / "_index.json"
+    path.write_text(path.read_text().replace('"d0"', '"d1"'))
+    assert json.loads(path.read_text())["digests"] == {"0000": "d1"}
+    assert read_index(str(tmp_path)) is None
+    path.write_text(json.dumps({"fingerprint": "abc", "digests": {"0000": "d"}}))  # before seals: taken as is
+    assert read_index(str(tmp_path)) == {"fingerprint": "abc", "digests": {"0000": "d"}}
+
+
+def test_a_damaged_slice_is_set_aside_naming_it_and_the_plan_is_then_stale(tmp_path):
+    out = str(tmp_path)
+    digest = write_slice(out, "0000", [(0, "n1_1", "n1", 0, "n1.tar", "n1_1.JPEG", 512, 10, "ab", 40, 40, False)])
+    write_index(out, {"fingerprint": "abc", "digests": {"0000": digest}})
+    assert plan.slices_missing(out, read_index(out)) == []
+    path = tmp_path / "_plan" / "0000.csv"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01  # one letter of the last field
+    path.write_bytes(bytes(data))
+    with pytest.raises(plan.PlanSliceDamaged, match="0000.csv is damaged"):
+        read_slice(out, "0000", set_aside=False)  # a head start only looks
+    assert path.exists()
+    with pytest.raises(plan.PlanSliceDamaged, match="0000.csv is damaged"):
+        read_slice(out, "0000")
+    assert not path.exists() and (tmp_path / "_plan" / "0000.csv.damaged").read_bytes() == bytes(data)
+    assert plan.slices_missing(out, read_index(out)) == ["0000"]
 
 
 # ----------------------------------------------------------------------------- the SQL plan

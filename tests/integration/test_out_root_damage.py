@@ -1,0 +1,231 @@
+"""One byte changed, one byte cut, or the whole file emptied, in each kind of file a build leaves in
+the out root, caused for real on a small built release (imnet sample-raw + imnet build, copied per
+case), then `imnet status`, `imnet verify` and `imnet build` as a user runs them (SPEC "Failure
+behaviour": damage is found and named, never reported fresh, and a build repairs exactly what is
+damaged, byte-equal to a clean build, with nothing excluded).
+
+- A shard tar edited in place (a byte in a member header, a JSON member, an image, the padding, the
+  end-of-archive blocks; or cut short, or emptied): its tar is no longer the committed one, so
+  status says stale naming it, verify fails naming it, and build writes that shard alone again.
+- What the audit writes beside the shards (`_info.json`, `classes.tsv`, the card `README.md`): the
+  audit's record is sealed with their bytes, so status does not call the audit fresh and build
+  audits again, writing them anew, no shard rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import build_env, imnet
+
+SHARD0 = "imagenet12k-train-0000.tar"
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("out_root_damage")
+    imnet(["sample-raw", str(tmp / "raw"), "--synsets", "3", "--images", "12"], os.environ.copy())
+    env = build_env(tmp, tmp / "raw", IMNET_NUM_SHARDS="3")
+    imnet(["build"], env, cwd=tmp)
+    return tmp, env
+
+
+@pytest.fixture
+def copy(release, tmp_path):
+    """A private copy of the built release: out root, catalog and raw root (times kept)."""
+    tmp, env = release
+    for name in ("out", "raw"):
+        shutil.copytree(tmp / name, tmp_path / name)
+    shutil.copy2(tmp / "catalog.duckdb", tmp_path / "catalog.duckdb")
+    env = {**env, "IMNET_PROJECT_ROOT": str(tmp_path), "IMNET_OUT_ROOT": str(tmp_path / "out"),
+           "IMNET_CATALOG": str(tmp_path / "catalog.duckdb"), "IMNET_RAW_ROOT": str(tmp_path / "raw")}
+    return tmp_path, env
+
+
+def files(out: Path) -> dict[str, str]:
+    """Every file of the out root but the commit records and manifests (they name their run): sha256."""
+    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file() and not p.relative_to(out).as_posix().startswith("_manifests/")}
+
+
+def mtimes(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+
+
+def damage(path: Path, kind: str, at: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    if kind == "byte":
+        i = len(data) // 2 if at is None else at
+        data[i] ^= 0x20 if data[i] else 0x31
+    elif kind == "short":
+        del data[-1]
+    else:
+        data.clear()
+    path.write_bytes(bytes(data))
+
+
+def shard_offset(tar: Path, where: str) -> int:
+    with tarfile.open(tar) as tf:
+        ms = tf.getmembers()
+    return {"header": ms[3].offset + 10, "json": ms[1].offset_data + 5,
+            "image": ms[2].offset_data + ms[2].size // 2, "padding": ms[0].offset_data + ms[0].size + 3,
+            "end": tar.stat().st_size - 100}[where]
+
+
+def status_lines(env, cwd) -> list[str]:
+    proc = imnet(["status"], env, cwd=cwd)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    return proc.stdout.splitlines()
+
+
+def line(lines: list[str], name: str) -> str:
+    return next(x for x in lines if x.startswith(name))
+
+
+def clean_audit_rows(release) -> tuple:
+    import duckdb
+
+    with duckdb.connect(str(release[0] / "catalog.duckdb"), read_only=True) as con:
+        return (con.execute("SELECT count(*) FROM images WHERE status = 'excluded'").fetchone(),
+                con.execute("SELECT count(*) FROM shard_samples WHERE repaired").fetchone())
+
+
+@pytest.mark.parametrize("case", ["byte:header", "byte:json", "byte:image", "byte:padding", "byte:end",
+                                  "short:end", "empty:end"])
+def test_a_damaged_shard_is_named_and_rebuilt_alone(release, copy, case):
+    tmp, env = copy
+    kind, where = case.split(":")
+    clean = files(release[0] / "out")
+    tar = tmp / "out" / SHARD0
+    damage(tar, kind, shard_offset(tar, where) if kind == "byte" else None)
+    lines = status_lines(env, tmp)
+    assert "not fresh: 0000" in line(lines, "  not fresh")
+    assert not line(lines, "shard_audit").split()[1] == "fresh"
+    verify = imnet(["verify"], env, cwd=tmp, check=False)
+    assert verify.returncode != 0 and "FAILED (0000)" in verify.stdout + verify.stderr
+    before = mtimes(tmp / "out")
+    built = imnet(["build"], env, cwd=tmp)
+    assert "2 of 3 selected shards fresh, 1 to build" in built.stdout
+    after = mtimes(tmp / "out")
+    assert [n for n in after if after[n] != before[n]] == [SHARD0]  # exactly the damaged one
+    assert files(tmp / "out") == clean
+    assert clean_audit_rows(copy) == clean_audit_rows(release)
+    imnet(["verify"], env, cwd=tmp)
+
+
+@pytest.mark.parametrize("name", ["_info.json", "classes.tsv", "README.md"])
+@pytest.mark.parametrize("kind", ["byte", "short", "empty"])
+def test_a_damaged_file_the_audit_wrote_is_not_fresh_and_build_writes_it_again(release, copy, name, kind):
+    tmp, env = copy
+    clean = files(release[0] / "out")
+    assert line(status_lines(env, tmp), "shard_audit").split()[1] == "fresh"
+    damage(tmp / "out" / name, kind)
+    assert line(status_lines(env, tmp), "shard_audit").split()[1] == "stale"
+    before = mtimes(tmp / "out")
+    built = imnet(["build"], env, cwd=tmp)
+    assert "3 of 3 selected shards fresh, 0 to build" in built.stdout
+    assert "shard_audit      ok" in built.stdout
+    assert mtimes(tmp / "out") == before  # no shard rewritten
+    assert files(tmp / "out") == clean
+    assert clean_audit_rows(copy) == clean_audit_rows(release)
+    assert line(status_lines(env, tmp), "shard_audit").split()[1] == "fresh"
+
+
+@pytest.mark.parametrize("kind", ["byte", "short", "empty"])
+def test_a_damaged_plan_index_is_not_fresh_and_build_writes_it_again(release, copy, kind):
+    """A byte of a digest changed leaves the JSON valid: the index's seal still finds it."""
+    tmp, env = copy
+    clean = files(release[0] / "out")
+    index = tmp / "out" / "_plan" / "_index.json"
+    at = index.read_bytes().index(b'"0000": "') + 12 if kind == "byte" else None
+    damage(index, kind, at)
+    lines = status_lines(env, tmp)
+    assert line(lines, "shuffled_plan").split()[1] == "stale"
+    assert line(lines, "shard_audit").split()[1] != "fresh"
+    before = mtimes(tmp / "out")
+    built = imnet(["build"], env, cwd=tmp)
+    assert "shuffled_plan    materialized" in built.stdout
+    assert "3 of 3 selected shards fresh, 0 to build" in built.stdout
+    assert mtimes(tmp / "out") == before  # no shard rewritten
+    assert files(tmp / "out") == clean
+    assert line(status_lines(env, tmp), "shard_audit").split()[1] == "fresh"
+
+
+def test_a_damaged_plan_slice_fails_the_shard_run_naming_it_and_the_next_build_repairs_both(release, copy):
+    """A slice is read only by its shard's run (status and a build of fresh shards do not read
+    them): when its shard is to be built, the run refuses the slice naming it, sets it aside, and the
+    next build makes the plan again (that slice alone written) and then the shard."""
+    tmp, env = copy
+    clean = files(release[0] / "out")
+    slice0 = tmp / "out" / "_plan" / "0000.csv"
+    damage(slice0, "byte", len(slice0.read_bytes()) - 5)
+    damage(tmp / "out" / SHARD0, "byte", shard_offset(tmp / "out" / SHARD0, "image"))
+    failed = imnet(["build"], env, cwd=tmp, check=False)
+    said = failed.stdout + failed.stderr
+    assert failed.returncode != 0 and "0000.csv is damaged" in said, said
+    assert not slice0.exists() and slice0.with_name("0000.csv.damaged").exists()
+    assert line(status_lines(env, tmp), "shuffled_plan").split()[1] == "stale"
+    slices_before = {p.name: p.stat().st_mtime_ns for p in (tmp / "out" / "_plan").glob("000[12].csv")}
+    built = imnet(["build"], env, cwd=tmp)
+    assert "shuffled_plan    materialized" in built.stdout and "1 to build" in built.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp / "out" / "_plan").glob("000[12].csv")} == slices_before
+    assert files(tmp / "out") == clean  # the slice set aside is gone, the rest byte-equal
+    assert clean_audit_rows(copy) == clean_audit_rows(release)
+    imnet(["verify"], env, cwd=tmp)
+
+
+@pytest.mark.parametrize("kind", ["byte", "empty"])
+def test_a_damaged_manifest_is_named_when_the_catalog_is_rebuilt_and_its_shard_built_again(release, copy, kind):
+    """The manifests are what a catalog moved aside is rebuilt from (SPEC "Failure behaviour"): one
+    that does not parse fails that audit naming it and takes its shard's commit record away, so the
+    next build writes that shard alone again, and ends byte-equal to the clean build."""
+    tmp, env = copy
+    clean = files(release[0] / "out")
+    damage(tmp / "out" / "_manifests" / "0000.json", kind)
+    os.rename(tmp / "catalog.duckdb", tmp / "catalog.aside")
+    failed = imnet(["build"], env, cwd=tmp, check=False)
+    said = failed.stdout + failed.stderr
+    assert failed.returncode != 0 and "its manifest" in said and "0000.json is missing or damaged" in said, said
+    lines = status_lines(env, tmp)
+    assert "not fresh: 0000" in line(lines, "  not fresh") and line(lines, "shard_audit").split()[1] != "fresh"
+    before = mtimes(tmp / "out")
+    built = imnet(["build"], env, cwd=tmp)
+    assert "2 of 3 selected shards fresh, 1 to build" in built.stdout
+    after = mtimes(tmp / "out")
+    assert [n for n in after if after[n] != before[n]] == [SHARD0]
+    assert files(tmp / "out") == clean
+    assert clean_audit_rows(copy) == clean_audit_rows(release)
+    imnet(["verify"], env, cwd=tmp)
+
+
+@pytest.mark.parametrize("where", ["json", "image", "end"])
+def test_a_byte_rotted_with_its_stamp_kept_is_found_by_verify_and_then_rebuilt(release, copy, where):
+    """Freshness trusts a shard's size and stamp (its bytes are not hashed on every look), so a byte
+    that rots with the mtime kept is fresh to status and build until `imnet verify` reads it: verify
+    fails naming the shard and removes its commit record, and the next build writes it alone again."""
+    tmp, env = copy
+    clean = files(release[0] / "out")
+    tar = tmp / "out" / SHARD0
+    stamp = tar.stat()
+    damage(tar, "byte", shard_offset(tar, where))
+    os.utime(tar, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert line(status_lines(env, tmp), "wds_shards").split()[1:3] == ["3", "fresh"]
+    verify = imnet(["verify"], env, cwd=tmp, check=False)
+    said = verify.stdout + verify.stderr
+    assert verify.returncode != 0 and "FAILED (0000)" in said, said
+    assert f"FAIL shard 0000 ({SHARD0}): its commit record is removed" in said, said
+    assert "not fresh: 0000" in line(status_lines(env, tmp), "  not fresh")
+    before = mtimes(tmp / "out")
+    built = imnet(["build"], env, cwd=tmp)
+    assert "2 of 3 selected shards fresh, 1 to build" in built.stdout
+    after = mtimes(tmp / "out")
+    assert [n for n in after if after[n] != before[n]] == [SHARD0]
+    assert files(tmp / "out") == clean
+    assert clean_audit_rows(copy) == clean_audit_rows(release)
+    imnet(["verify"], env, cwd=tmp)

@@ -1,0 +1,98 @@
+"""The out-root damage sweep's cases whose code paths differ on an s3:// out root (moto's S3 server
+on 127.0.0.1): the audit's seal read through the object store, the commit-record ledger (S3 only),
+a plan slice set aside there, and verify removing a commit record there. On S3 a changed object
+always has another ETag (the stamp freshness compares), so a changed shard is stale at once; the
+cases run one after another on one built release, each ending byte-equal to the clean build."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from tests.conftest import dagster_home, imnet
+from tests.integration.test_s3 import OUT_BUCKET, RAW_BUCKET, s3_env
+from tests.s3server import MotoS3
+
+SHARD0 = "wds/imagenet12k-train-0000.tar"
+
+
+def objects(client) -> dict[str, str]:
+    """Every object under the out root but the commit records, manifests and the ledger: sha256."""
+    return {k: hashlib.sha256(v).hexdigest() for k, v in MotoS3.all_objects(client, OUT_BUCKET).items()
+            if not k.startswith("wds/_manifests/")}
+
+
+def put(client, key: str, data: bytes) -> None:
+    client.put_object(Bucket=OUT_BUCKET, Key=key, Body=data)
+
+
+def get(client, key: str) -> bytes:
+    return client.get_object(Bucket=OUT_BUCKET, Key=key)["Body"].read()
+
+
+def status(env, cwd) -> str:
+    proc = imnet(["status"], env, cwd=cwd)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def flipped(data: bytes, at: int) -> bytes:
+    b = bytearray(data)
+    b[at] ^= 0x20 if b[at] else 0x31
+    return bytes(b)
+
+
+@pytest.fixture(scope="module")
+def s3_release(sample_release, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("s3damage")
+    with MotoS3() as s3:
+        client = s3.client()
+        client.create_bucket(Bucket=RAW_BUCKET)
+        client.create_bucket(Bucket=OUT_BUCKET)
+        s3.put_tree(client, sample_release[0], RAW_BUCKET, "winter21")
+        env = s3_env(tmp, s3, DAGSTER_HOME=str(dagster_home(tmp)))
+        imnet(["build"], env, cwd=tmp)
+        yield tmp, env, client, objects(client)
+
+
+@pytest.mark.parametrize("name", ["wds/_info.json", "wds/README.md", "wds/_plan/_index.json"])
+def test_a_damaged_small_file_on_s3_is_not_fresh_and_build_writes_it_again(s3_release, name):
+    tmp, env, client, clean = s3_release
+    put(client, name, flipped(get(client, name), 40))
+    said = status(env, tmp)
+    assert "shard_audit      fresh" not in said, said
+    built = imnet(["build"], env, cwd=tmp)
+    assert "0 to build" in built.stdout, built.stdout
+    # the index is the plan's: made again identical, the audit's record still holds
+    redone = "shuffled_plan    materialized" if name.endswith("_index.json") else "shard_audit      ok"
+    assert redone in built.stdout, built.stdout
+    assert objects(client) == clean
+    assert "shard_audit      fresh" in status(env, tmp)
+
+
+@pytest.mark.parametrize("kind", ["byte", "empty"])
+def test_a_damaged_ledger_costs_reads_never_a_wrong_verdict(s3_release, kind):
+    tmp, env, client, clean = s3_release
+    ledger = "wds/_manifests/_commit_records.json"
+    data = get(client, ledger)
+    put(client, ledger, flipped(data, len(data) // 2) if kind == "byte" else b"")
+    said = status(env, tmp)
+    assert "wds_shards       4 fresh" in said and "shard_audit      fresh" in said, said
+    assert "0 to build" in imnet(["build"], env, cwd=tmp).stdout
+    assert objects(client) == clean
+
+
+def test_a_damaged_slice_and_shard_on_s3_fail_naming_the_slice_then_are_repaired(s3_release):
+    tmp, env, client, clean = s3_release
+    put(client, "wds/_plan/0000.csv", flipped(get(client, "wds/_plan/0000.csv"), 100))
+    put(client, SHARD0, flipped(get(client, SHARD0), 5000))
+    assert "not fresh: 0000" in status(env, tmp)
+    verify = imnet(["verify"], env, cwd=tmp, check=False)
+    assert verify.returncode != 0 and "FAIL shard 0000" in verify.stdout, verify.stdout
+    failed = imnet(["build"], env, cwd=tmp, check=False)
+    assert failed.returncode != 0 and "0000.csv is damaged" in failed.stdout + failed.stderr
+    built = imnet(["build"], env, cwd=tmp)
+    assert "shuffled_plan    materialized" in built.stdout and "1 to build" in built.stdout, built.stdout
+    assert objects(client) == clean
+    imnet(["verify"], env, cwd=tmp)
