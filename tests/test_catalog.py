@@ -342,6 +342,36 @@ def test_a_new_catalog_leaves_nothing_beside_it_and_sweeps_what_a_killed_maker_l
     assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.duckdb"]
 
 
+def test_a_maker_killed_after_linking_its_catalog_leaves_no_second_name_for_the_next_writer(tmp_path):
+    """A maker killed (kill -9) after linking the catalog into place and before removing its
+    temporary name left that name: a second hard link to the catalog, which the next writer, finding
+    the catalog there, never swept (only a writer that finds none did), so it stayed for good (and
+    kept the old file's space once the catalog was moved aside). The next writer removes it."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "catalog.duckdb"
+    maker = (
+        "import os, signal, sys\n"
+        "def at(event, args):\n"  # the first removal of its temporary name: the link is made
+        "    if event == 'os.remove' and '.tmp-' in os.fspath(args[0]):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "sys.addaudithook(at)\n"
+        "from imnet_assets.storage.catalog import Catalog\n"
+        f"Catalog({str(path)!r}).close()\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", maker], cwd=tmp_path, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    left = [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert len(left) == 1 and left[0].stat().st_ino == path.stat().st_ino  # the moment this test is about
+    with Catalog(str(path)) as cat:
+        cat.set_stage("raw_tars", "f" * 16, "run-1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.duckdb"]
+    assert os.stat(path).st_nlink == 1
+    with Catalog(str(path), read_only=True) as cat:
+        assert cat.stage_fingerprint("raw_tars") == "f" * 16
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_query_stopped_by_ctrl_c_or_sigterm_is_an_interrupt(tmp_path, sql_dir, signum):
     """Found by the kill sweep (SIGTERM right after the catalog's .wal appeared): DuckDB's client

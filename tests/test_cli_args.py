@@ -231,3 +231,29 @@ def test_a_second_command_in_one_process_says_nothing_of_the_first_ones_late_sig
         for s, handler in saved.items():
             signal.signal(s, handler)
         interrupts.begin()
+
+
+def test_a_second_command_in_one_process_finds_the_signal_handling_the_first_one_found(tmp_path, monkeypatch):
+    """`imnet verify` (as `imnet build` and `imnet demo`) stops on SIGTERM as on Ctrl-C (stop_on_signals):
+    a second `main()` in the same process (here `sample-raw`) kept that, SIGTERM raising
+    KeyboardInterrupt instead of ending the process as it did before the first command; only what
+    work_done set was put back (begin). Each command finds the handlers the process had."""
+    import signal
+
+    import imnet_assets.cli as cli
+    from imnet_assets.orchestrate import interrupts
+
+    for name, value in {"IMNET_RAW_ROOT": str(tmp_path / "raw"), "IMNET_OUT_ROOT": str(tmp_path / "out"),
+                        "IMNET_CATALOG": str(tmp_path / "catalog.duckdb")}.items():
+        monkeypatch.setenv(name, value)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a process starts
+        found = {s: signal.getsignal(s) for s in saved}
+        assert cli.main(["verify"]) == 1  # no catalog there: it ends at once, having set its handling
+        assert cli.main(["sample-raw", str(tmp_path / "raw"), "--synsets", "1", "--images", "2"]) == 0
+        assert {s: signal.getsignal(s) for s in saved} == found
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        interrupts.begin()

@@ -26,23 +26,32 @@ def stop_on_signals() -> None:
     can set handlers."""
     if threading.current_thread() is not threading.main_thread():
         return
+    _keep_found()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
-# Once the command's work is done: its exit `code`, the `late` signals, and the SIGINT / SIGTERM handlers
-# it found (`found`). One command's: begin() empties it as the next command starts (cli.main).
+# Once the command's work is done: its exit `code` and the `late` signals. One command's: begin()
+# empties it as the next command starts (cli.main).
 _work_done: dict[str, object] = {}
+# The SIGINT / SIGTERM handlers the command found before it set its own (stop_on_signals, work_done,
+# exiting): begin() puts them back as the next command starts.
+_found: dict[int, object] = {}
+
+
+def _keep_found() -> None:
+    if not _found:
+        _found.update({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)})
 
 
 def begin() -> None:
     """A command starts (cli.main): nothing of an earlier command in this process is kept (its late
-    signals, said again after this one; its exit code), and the SIGINT / SIGTERM handlers that
-    work_done and exiting set for it are put back as they were before."""
-    found = _work_done.get("found")
-    if found is not None and threading.current_thread() is threading.main_thread():
-        for signum, handler in found.items():
+    signals, said again after this one; its exit code), and the SIGINT / SIGTERM handlers that it set
+    (stop_on_signals, work_done, exiting) are put back as they were before it set them."""
+    if _found and threading.current_thread() is threading.main_thread():
+        for signum, handler in _found.items():
             signal.signal(signum, handler)
+    _found.clear()
     _work_done.clear()
 
 
@@ -54,8 +63,8 @@ def work_done(code: int) -> int:
     handler (multiprocessing's join of the workers), a traceback, and workers not shut down. A second
     signal ends the process at once, with `code` (nothing is lost: see end_now_leaving_runs). Returns `code`."""
     if threading.current_thread() is threading.main_thread():
-        found = _work_done.get("found") or {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        _work_done.update(code=code, late=_work_done.get("late", []), found=found)  # (said again at the end: the same)
+        _keep_found()
+        _work_done.update(code=code, late=_work_done.get("late", []))  # (said again at the end: the same)
         signal.signal(signal.SIGINT, _noted)
         signal.signal(signal.SIGTERM, _noted)
     return code

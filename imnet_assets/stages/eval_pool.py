@@ -42,7 +42,7 @@ runtime/deaths.py as the scan counts it:
 
 Memory is bounded whatever the files' sizes: an eval file (or member) of more bytes than the largest
 image the pHash decodes (perceptual.MAX_DECODED_BYTES: a 2 GB video or .zip left in the eval folder)
-is never held whole: its sha256 is streamed (in the worker, read in STREAMED_READ pieces, all of it
+is never held whole: its sha256 is streamed (in the worker, read in pieces (storage/pieces.py), all of it
 `reading`; a compressed tar's member, as the walk passes it: compressed_tar.Streamed), and it has
 no pHash, with its reason (`eval_images.no_phash`: perceptual.too_many_bytes, "too large: ...").
 """
@@ -76,6 +76,7 @@ from imnet_assets.stages.scan_pool import (
 )
 from imnet_assets.storage import fs
 from imnet_assets.storage.compressed_tar import HEAD, Streamed, compression, iter_compressed_tar
+from imnet_assets.storage.pieces import sha256_in_pieces
 from imnet_assets.storage.rawtar import Damage, iter_tar
 
 preload(__name__)  # the forkserver imports this module once for all workers
@@ -87,7 +88,6 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz
 # WINDOW x workers jobs is cut short past this (64 workers: 256 jobs of 32 images, ~1 GB of ImageNet's).
 EVAL_BYTES_IN_FLIGHT = 256 << 20
 CRASHED = "crashed the pHash's process"  # the first words of a crash's eval_images.no_phash
-STREAMED_READ = 16 << 20  # bytes per read of a file whose sha256 is streamed (over MAX_DECODED_BYTES)
 
 Row = tuple[str, str, int | None, str | None]  # (file, sha256, phash, why no pHash)
 
@@ -127,16 +127,15 @@ def _too_large(item: Item) -> bool:
 
 
 def _streamed_sha256(item: Item) -> str:
-    """The sha256 of the item's bytes, read in STREAMED_READ pieces (a piece short of what was listed,
-    or a whole file longer than listed: a StorageError naming it, as `_read` says)."""
+    """The sha256 of the item's bytes, read in pieces (storage/pieces.py; a piece short of what was
+    listed, or a whole file longer than listed: a StorageError naming it, as `_read` says)."""
     if item.sha256 is not None:
         return item.sha256
-    digest, done = hashlib.sha256(), 0
-    while done < item.length:
-        n = min(STREAMED_READ, item.length - done)
-        digest.update(_read(item.url, item.name, item.offset + done, n, item.whole and done + n == item.length))
-        done += n
-    return digest.hexdigest()
+
+    def read(at: int, want: int) -> bytes:
+        return _read(item.url, item.name, item.offset + at, want, item.whole and at + want == item.length)
+
+    return sha256_in_pieces(read, item.length, past_end=False)[1]
 
 
 def _image_bytes(item: Item) -> tuple[bytes, str]:

@@ -164,29 +164,33 @@ def _stage(stager: Stager | None, record: ImageRecord, data) -> None:
         stager.add(record.key, record.sha256, data)
 
 
+def _row_key(wnid: str, name: str, offset: int) -> tuple[str, str | None]:
+    """The images row's key for a raw file named `name`, and why its name excludes it (None: a good
+    name). A hostile name's row is keyed by where it is (`offset`), and its reason comes first, before
+    any other (too large, crashed, what decoding says)."""
+    key, bad_name = member_key(name)
+    return (key, None) if key is not None else (f"{wnid}__member_{offset}", bad_name)
+
+
 def too_large_record(wnid: str, tar: str, name: str, offset: int, size: int, sha256: str | None) -> ImageRecord:
     """The images row of a raw file over MAX_DECODED_BYTES (see member_record): excluded, too large,
-    with the sha256 streamed as it was read; nothing decoded. A hostile name's reason comes first,
-    as for any member."""
-    key, bad_name = member_key(name)
-    return ImageRecord(key or f"{wnid}__member_{offset}", wnid, tar, printable_name(name), offset, size, sha256,
-                       None, None, None, None, "excluded", bad_name if key is None else too_many_bytes(size), False)
+    with the sha256 streamed as it was read; nothing decoded (a hostile name's reason first: _row_key)."""
+    key, bad_name = _row_key(wnid, name, offset)
+    return ImageRecord(key, wnid, tar, printable_name(name), offset, size, sha256,
+                       None, None, None, None, "excluded", bad_name or too_many_bytes(size), False)
 
 
 def member_record(wnid: str, tar: str, name: str, offset: int, data, crashed: str | None = None) -> ImageRecord:
     """The images row of one raw file's bytes: a tar's member (`offset`: of its data in the tar)
     or a synset folder's file (storage/rawfolders.py; `offset`: its number in the folder).
     `crashed`: why it is excluded without being decoded again (it crashed the scan's decoding
-    process, its control passed: stages/scan_pool.py)."""
+    process, its control passed: stages/scan_pool.py; a hostile name's reason first: _row_key)."""
     member = printable_name(name)
     digest = hashlib.sha256(data).hexdigest()
-    key, bad_name = member_key(name)
-    if key is None:
-        return ImageRecord(f"{wnid}__member_{offset}", wnid, tar, member, offset, len(data), digest,
-                           None, None, None, None, "excluded", bad_name, False)
-    if crashed is not None:
+    key, bad_name = _row_key(wnid, name, offset)
+    if bad_name is not None or crashed is not None:
         return ImageRecord(key, wnid, tar, member, offset, len(data), digest, None, None, None, None,
-                           "excluded", crashed, False)
+                           "excluded", bad_name or crashed, False)
     try:
         p, status, reason, phash = probe_and_hash(data)
     except MachineryFault as e:  # a known-good image fails too: the stage fails, nothing recorded

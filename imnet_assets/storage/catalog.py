@@ -151,11 +151,13 @@ def _made_here(path: str) -> tuple | None:
     this process's, then linked to `path`, which fails where a file is (another writer made it
     meanwhile). Returns the file made here as it was made (_file_state's); None when another process
     made it, or the folder takes no hard links (DuckDB's connect then makes it, as before). A failure
-    to make it (a full disk) removes what was made and raises."""
+    to make it (a full disk) removes what was made and raises. What a maker killed while making one
+    left is swept first, the catalog there or not: one killed after its link left a second name of
+    the catalog, which nothing else removes."""
+    folder, name = os.path.split(os.path.abspath(path))
+    atomic.sweep_partials(folder)
     if os.path.exists(path):
         return None
-    folder, name = os.path.split(os.path.abspath(path))
-    atomic.sweep_partials(folder)  # what a writer killed while making one left
     new = os.path.join(folder, f".{name}{atomic.TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         with _damage_named(new):

@@ -37,13 +37,13 @@ from typing import NamedTuple
 
 from imnet_assets.storage import fs
 from imnet_assets.storage.member_names import raw_name
+from imnet_assets.storage.pieces import sha256_in_pieces
 
 WNID_FOLDER = re.compile(r"^n\d{8}$")
 LISTING_THREADS = 32  # synset folders listed at once (per process, see list_synset_folders)
 READ_THREADS = 8  # local files a scan worker reads at once, ahead of its walk
 READ_AHEAD = 32  # local files read ahead of the walk (bounded memory: ~4 MB for ImageNet's files)
 REMOTE_BATCH = 32  # S3 objects a scan worker fetches at once (whole-object GETs), the next batch ahead
-STREAMED_READ = 16 << 20  # bytes per read of a file over read_files' `max_bytes` (never held whole)
 
 
 class FolderChanged(OSError):
@@ -59,7 +59,7 @@ class FileEntry(NamedTuple):
 
 
 class Streamed(NamedTuple):
-    """A file over read_files' `max_bytes`, read in STREAMED_READ pieces and never held whole: how
+    """A file over read_files' `max_bytes`, read in pieces (storage/pieces.py) and never held whole: how
     many bytes it had when read, and their sha256."""
 
     size: int
@@ -228,29 +228,18 @@ def _read_local(path: str, listed: int) -> bytes | None:
 
 def _stream_local(path: str) -> Streamed | None:
     """The file read to its end in pieces: Streamed, or None when it is gone."""
-    digest, size = hashlib.sha256(), 0
     try:
         with open(path, "rb", buffering=0) as f:
-            while piece := f.read(STREAMED_READ):
-                digest.update(piece)
-                size += len(piece)
+            return Streamed(*sha256_in_pieces(lambda _at, want: f.read(want)))
     except FileNotFoundError:
         return None
-    return Streamed(size, digest.hexdigest())
 
 
 def _stream_remote(url: str, listed: int) -> Streamed | None:
     """The object read in exact ranged pieces (fs.read_range) to one byte past its `listed` size, so
     that one now shorter or longer reads as another size: Streamed, or None when it is gone."""
-    digest, size = hashlib.sha256(), 0
     try:
-        while True:
-            want = min(STREAMED_READ, listed - size) or 1  # past the listed end: one byte, to see none is there
-            piece = fs.read_range(url, size, want)
-            digest.update(piece)
-            size += len(piece)
-            if len(piece) < want or size > listed:
-                return Streamed(size, digest.hexdigest())
+        return Streamed(*sha256_in_pieces(lambda at, want: fs.read_range(url, at, want), listed))
     except FileNotFoundError:
         return None
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import mmap
 import os
 
+from imnet_assets.storage.pieces import PIECE  # bytes per read of a member over `max_data`, of damage
+
 CHUNK = 16 << 20  # bytes per sequential read of the fast walk
-PIECE = CHUNK  # bytes per read of data not held whole (a member over `max_data`, damage)
 
 
 def window(f, total: int, mapped: bool) -> Window | MappedWindow:

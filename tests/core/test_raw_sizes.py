@@ -185,8 +185,7 @@ def test_on_s3_a_member_and_a_file_over_the_limit_are_read_in_ranged_pieces_neve
     from imnet_assets.image import perceptual
     from imnet_assets.stages import index
     from imnet_assets.storage import fs
-    from imnet_assets.storage.rawfolders import STREAMED_READ
-    from imnet_assets.storage.tar_window import PIECE
+    from imnet_assets.storage.pieces import PIECE
     from tests.s3server import MotoS3
 
     size, limit = 40 << 20, 8 << 20
@@ -226,7 +225,7 @@ def test_on_s3_a_member_and_a_file_over_the_limit_are_read_in_ranged_pieces_neve
             reads = [r for r in s3.since(mark) if r.method == "GET" and r.key == key]
             spans = [int(b) - int(a) + 1 if r.range else size
                      for r in reads for a, _, b in [(r.range or "-").removeprefix("bytes=").partition("-")]]
-            assert reads and max(spans) <= max(PIECE, STREAMED_READ) + 1, (source, max(spans))
+            assert reads and max(spans) <= PIECE + 1, (source, max(spans))
 
 
 def test_a_folder_file_that_grew_past_the_limit_after_the_listing_is_not_read_whole(tmp_path):
