@@ -168,7 +168,7 @@ def _made_here(path: str) -> tuple | None:
     except FileExistsError:
         return None
     except OSError as e:
-        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):  # no hard links
             raise
         return None
     finally:
