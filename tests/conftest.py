@@ -55,6 +55,27 @@ def build_env(tmp_path: Path, raw: Path | str, **extra: str) -> dict[str, str]:
     return env
 
 
+def built_sample_release(tmp_path_factory, name: str) -> tuple[Path, dict[str, str]]:
+    """A 3-synset sample release built into 3 shards by a real `imnet build` (folder, its env): the
+    damage tests' module fixture, copied per case with copy_built_release."""
+    tmp = tmp_path_factory.mktemp(name)
+    imnet(["sample-raw", str(tmp / "raw"), "--synsets", "3", "--images", "12"], os.environ.copy())
+    env = build_env(tmp, tmp / "raw", IMNET_NUM_SHARDS="3")
+    imnet(["build"], env, cwd=tmp)
+    return tmp, env
+
+
+def copy_built_release(release: tuple[Path, dict[str, str]], into: Path, **env: str) -> tuple[Path, dict[str, str]]:
+    """A private copy of a built_sample_release (out root, raw root, catalog; copytree keeps mtimes:
+    the shards stay fresh) and its env pointed at the copy."""
+    tmp, built_env = release
+    for name in ("out", "raw"):
+        shutil.copytree(tmp / name, into / name)
+    shutil.copy2(tmp / "catalog.duckdb", into / "catalog.duckdb")
+    return into, {**built_env, "IMNET_OUT_ROOT": str(into / "out"), "IMNET_CATALOG": str(into / "catalog.duckdb"),
+                  "IMNET_RAW_ROOT": str(into / "raw"), **env}
+
+
 def shard_verdict(out_root, key: str, name: str, expected_fingerprint: str | None) -> str:
     """One shard's "fresh", "missing" or "stale", judged as `imnet build`, `imnet status` and the
     schedule judge it (freshness.shard_states)."""

@@ -78,6 +78,12 @@ def hashed_with_peaks(folder: Path, catalog: Path) -> tuple[dict, dict[int, int]
     (bytes) of it and of each process under it (pool workers, the forkserver) while they lived."""
     proc = subprocess.Popen([sys.executable, "-c", HASH, str(folder), str(catalog)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd="/tmp")
+    return finished_with_peaks(proc)
+
+
+def finished_with_peaks(proc: subprocess.Popen) -> tuple[object, dict[int, int]]:
+    """The JSON `proc` prints once it exits 0, and the peak RSS (bytes) of it and of each process under
+    it (pool workers, the forkserver) while they lived, polled every 50 ms."""
     peaks: dict[int, int] = {}
     while proc.poll() is None:
         for pid in _tree(proc.pid):

@@ -14,14 +14,13 @@ import os
 import subprocess
 import sys
 import tarfile
-import time
 import tracemalloc
 
 from imnet_assets.image.perceptual import MAX_DECODED_BYTES, too_many_bytes
 from imnet_assets.sample.sample_raw import write_sample_raw
 from imnet_assets.stages.index import scan_tar
 from imnet_assets.storage.rawtar import ByteCount, Damage, Member, iter_tar
-from tests.core.test_eval_sizes import _hwm, _tree, zeros_sha256
+from tests.core.test_eval_sizes import finished_with_peaks, zeros_sha256
 
 BIG = 600 << 20  # over MAX_DECODED_BYTES, sparse: no disk, but every byte is read
 PEAK_LIMIT = 300 << 20  # bytes any one process may peak at (a worker at rest: ~100 MB)
@@ -53,14 +52,7 @@ def indexed_with_peaks(raw: str, folder, env: dict | None = None) -> tuple[dict,
                 "IMNET_CATALOG": str(folder / "catalog.duckdb"), "IMNET_WORKERS": "2"}
     proc = subprocess.Popen([sys.executable, "-c", INDEX, json.dumps(settings)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd="/tmp", env={**os.environ, **(env or {})})
-    peaks: dict[int, int] = {}
-    while proc.poll() is None:
-        for pid in _tree(proc.pid):
-            peaks[pid] = max(peaks.get(pid, 0), _hwm(pid))
-        time.sleep(0.05)
-    out, err = proc.communicate()
-    assert proc.returncode == 0, err
-    return json.loads(out), peaks
+    return finished_with_peaks(proc)
 
 
 def with_sparse_member(path, name: str, size: int, at: int) -> int:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 from pathlib import Path
 
 import duckdb
 import pytest
 
-from tests.conftest import build_env, imnet
+from tests.conftest import built_sample_release, copy_built_release, imnet
 from tests.core.test_changed_sources import change_in_place
 
 TABLES = ["raw_tars", "synsets", "images", "tar_scans", "plan", "shards", "shard_samples", "shard_exclusions"]
@@ -25,23 +24,13 @@ TABLES = ["raw_tars", "synsets", "images", "tar_scans", "plan", "shards", "shard
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("catalog_damage")
-    imnet(["sample-raw", str(tmp / "raw"), "--synsets", "3", "--images", "12"], os.environ.copy())
-    env = build_env(tmp, tmp / "raw", IMNET_NUM_SHARDS="3")
-    imnet(["build"], env, cwd=tmp)
-    return tmp, env
+    return built_sample_release(tmp_path_factory, "catalog_damage")
 
 
 @pytest.fixture
 def copy(release, tmp_path):
     """A private copy of the built release: out root, catalog and raw root."""
-    tmp, env = release
-    for name in ("out", "raw"):
-        shutil.copytree(tmp / name, tmp_path / name)  # copytree keeps mtimes: the shards stay fresh
-    shutil.copy2(tmp / "catalog.duckdb", tmp_path / "catalog.duckdb")
-    env = {**env, "IMNET_OUT_ROOT": str(tmp_path / "out"), "IMNET_CATALOG": str(tmp_path / "catalog.duckdb"),
-           "IMNET_RAW_ROOT": str(tmp_path / "raw")}
-    return tmp_path, env
+    return copy_built_release(release, tmp_path)
 
 
 def content(catalog: Path) -> dict[str, list]:

@@ -16,36 +16,39 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import build_env, imnet
+from tests.conftest import built_sample_release, copy_built_release, imnet
 
 SHARD0 = "imagenet12k-train-0000.tar"
 
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("out_root_damage")
-    imnet(["sample-raw", str(tmp / "raw"), "--synsets", "3", "--images", "12"], os.environ.copy())
-    env = build_env(tmp, tmp / "raw", IMNET_NUM_SHARDS="3")
-    imnet(["build"], env, cwd=tmp)
-    return tmp, env
+    return built_sample_release(tmp_path_factory, "out_root_damage")
 
 
 @pytest.fixture
 def copy(release, tmp_path):
     """A private copy of the built release: out root, catalog and raw root (times kept)."""
-    tmp, env = release
-    for name in ("out", "raw"):
-        shutil.copytree(tmp / name, tmp_path / name)
-    shutil.copy2(tmp / "catalog.duckdb", tmp_path / "catalog.duckdb")
-    env = {**env, "IMNET_PROJECT_ROOT": str(tmp_path), "IMNET_OUT_ROOT": str(tmp_path / "out"),
-           "IMNET_CATALOG": str(tmp_path / "catalog.duckdb"), "IMNET_RAW_ROOT": str(tmp_path / "raw")}
-    return tmp_path, env
+    return copy_built_release(release, tmp_path, IMNET_PROJECT_ROOT=str(tmp_path))
+
+
+def build_rewrites_shard0_alone(release, copy, clean: dict[str, str]) -> None:
+    """The next build writes shard 0000 again and nothing else: the out root equal to the clean
+    build's, the audit's rows too, and verify passes."""
+    tmp, env = copy
+    before = mtimes(tmp / "out")
+    built = imnet(["build"], env, cwd=tmp)
+    assert "2 of 3 selected shards fresh, 1 to build" in built.stdout
+    after = mtimes(tmp / "out")
+    assert [n for n in after if after[n] != before[n]] == [SHARD0]  # exactly the damaged one
+    assert files(tmp / "out") == clean
+    assert clean_audit_rows(copy) == clean_audit_rows(release)
+    imnet(["verify"], env, cwd=tmp)
 
 
 def files(out: Path) -> dict[str, str]:
@@ -109,14 +112,7 @@ def test_a_damaged_shard_is_named_and_rebuilt_alone(release, copy, case):
     assert not line(lines, "shard_audit").split()[1] == "fresh"
     verify = imnet(["verify"], env, cwd=tmp, check=False)
     assert verify.returncode != 0 and "FAILED (0000)" in verify.stdout + verify.stderr
-    before = mtimes(tmp / "out")
-    built = imnet(["build"], env, cwd=tmp)
-    assert "2 of 3 selected shards fresh, 1 to build" in built.stdout
-    after = mtimes(tmp / "out")
-    assert [n for n in after if after[n] != before[n]] == [SHARD0]  # exactly the damaged one
-    assert files(tmp / "out") == clean
-    assert clean_audit_rows(copy) == clean_audit_rows(release)
-    imnet(["verify"], env, cwd=tmp)
+    build_rewrites_shard0_alone(release, copy, clean)
 
 
 @pytest.mark.parametrize("name", ["_info.json", "classes.tsv", "README.md"])
@@ -194,14 +190,7 @@ def test_a_damaged_manifest_is_named_when_the_catalog_is_rebuilt_and_its_shard_b
     assert failed.returncode != 0 and "its manifest" in said and "0000.json is missing or damaged" in said, said
     lines = status_lines(env, tmp)
     assert "not fresh: 0000" in line(lines, "  not fresh") and line(lines, "shard_audit").split()[1] != "fresh"
-    before = mtimes(tmp / "out")
-    built = imnet(["build"], env, cwd=tmp)
-    assert "2 of 3 selected shards fresh, 1 to build" in built.stdout
-    after = mtimes(tmp / "out")
-    assert [n for n in after if after[n] != before[n]] == [SHARD0]
-    assert files(tmp / "out") == clean
-    assert clean_audit_rows(copy) == clean_audit_rows(release)
-    imnet(["verify"], env, cwd=tmp)
+    build_rewrites_shard0_alone(release, copy, clean)
 
 
 @pytest.mark.parametrize("where", ["json", "image", "end"])
@@ -221,11 +210,4 @@ def test_a_byte_rotted_with_its_stamp_kept_is_found_by_verify_and_then_rebuilt(r
     assert verify.returncode != 0 and "FAILED (0000)" in said, said
     assert f"FAIL shard 0000 ({SHARD0}): its commit record is removed" in said, said
     assert "not fresh: 0000" in line(status_lines(env, tmp), "  not fresh")
-    before = mtimes(tmp / "out")
-    built = imnet(["build"], env, cwd=tmp)
-    assert "2 of 3 selected shards fresh, 1 to build" in built.stdout
-    after = mtimes(tmp / "out")
-    assert [n for n in after if after[n] != before[n]] == [SHARD0]
-    assert files(tmp / "out") == clean
-    assert clean_audit_rows(copy) == clean_audit_rows(release)
-    imnet(["verify"], env, cwd=tmp)
+    build_rewrites_shard0_alone(release, copy, clean)
