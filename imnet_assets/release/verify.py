@@ -365,6 +365,12 @@ def _expected(rec: dict, ext: str = "webp") -> ExpectedSample:
         source_sha256=rec.get("source_sha256"), repaired=bool(rec.get("repaired")), ext=ext)
 
 
+class ReadBackFailed(RuntimeError):
+    """The committed shard could not be read back to check it (a local read error, the file gone, the
+    checking workers killed past CHECK_RETRIES): a fault of the machinery, never a failed check
+    against the shard (SPEC "Failure behaviour"). The run fails naming it; nothing is committed."""
+
+
 def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, decoded_in_workers: bool,
                     decode_every: int = 16, workers: int = 1, priority: int = 0, ext: str = "webp") -> list[str]:
     """Problems with the committed shard at `url`, re-read from storage: its bytes hash to
@@ -382,7 +388,8 @@ def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, dec
 
     A read the storage does not give back exact within its retries (a fault of the machinery, not
     of the shard) is raised (StorageError naming the file), never returned as a problem: the run
-    fails, with no failed check recorded against a shard that may well be whole.
+    fails, with no failed check recorded against a shard that may well be whole. So is a local read
+    error, the file gone, or the checking workers killed past CHECK_RETRIES (ReadBackFailed).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -422,8 +429,9 @@ def check_committed(url: str, expected_samples: list[dict], tar_sha256: str, dec
     except fs.StorageError as e:  # the storage did not give the bytes back: a fault, never a verdict on the shard
         raise fs.StorageError(fs.redact(f"cannot read back {url} to check it: {e}; the shard is not recorded as "
                                         "committed: `imnet build` builds it again")) from None  # e said in full
-    except (OSError, WorkerDied) as e:
-        return [f"cannot read back {fs.basename(url)}: {type(e).__name__}: {e}"]
+    except (OSError, WorkerDied) as e:  # a read error, checkers killed again and again: no verdict either
+        raise ReadBackFailed(f"cannot read back {fs.redact(url)} to check it: {type(e).__name__}: {e}; the shard is "
+                             "not recorded as committed: `imnet build` builds it again") from None
     keys = [k for ks, _, _ in results for k in ks]
     for _, ps, _ in results:
         problems += ps

@@ -29,6 +29,7 @@ import webdataset as wds
 
 from imnet_assets.image.encode import EncodeSettings, encode_image
 from imnet_assets.release import sample_tar as sample_tar_mod
+from imnet_assets.release import verify
 from imnet_assets.release.outroot import read_manifest
 from imnet_assets.release.plan import write_slice
 from imnet_assets.runtime import deaths, host, workerpool
@@ -177,6 +178,21 @@ def test_a_failed_check_leaves_the_shard_not_fresh(photos, tmp_path, workers):
     assert build(out, photos.raw, workers=workers).problems == []
     assert shard_verdict(str(out), KEY, NAME, want) == "fresh"
     assert (out / NAME).read_bytes() == photos.reference
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_shard_that_cannot_be_read_back_fails_its_run_never_its_check(photos, tmp_path, workers):
+    """The committed tar gone before its read-back (a read error of the machinery, as an EIO or the
+    checking workers killed again and again would be): the run fails naming it, no check problem is
+    recorded against the shard, and it is not committed; the next build makes it."""
+    out = tmp_path / "out"
+    digest = write_slice(str(out), KEY, planned(photos.raw.rows, list(range(len(photos.raw.rows)))))
+    with pytest.raises(verify.ReadBackFailed, match=f"cannot read back .*{NAME} to check it: FileNotFoundError"):
+        build(out, photos.raw, workers=workers, after_commit=os.remove)
+    assert not (out / "_manifests" / f"{KEY}.state.json").exists()
+    assert shard_verdict(str(out), KEY, NAME, fingerprint(digest, ENC)) == "missing"
+    assert build(out, photos.raw, workers=workers).problems == []
+    assert shard_verdict(str(out), KEY, NAME, fingerprint(digest, ENC)) == "fresh"
 
 
 def test_long_and_non_ascii_keys_are_written_and_read_back(tmp_path):
