@@ -28,7 +28,7 @@ def planned(tmp_path_factory):
 
 def copy_of(planned, tmp_path, break_shard: str | None = None) -> dict[str, str]:
     """A private copy of the planned release (out root and catalog) with its own Dagster home;
-    `break_shard`: that shard's plan slice is made unreadable, so its run fails."""
+    `break_shard`: that shard's plan slice is overwritten (not the one the plan's index names), so its run fails."""
     tmp, env = planned
     shutil.copytree(tmp / "out", tmp_path / "out")
     shutil.copy(tmp / "catalog.duckdb", tmp_path / "catalog.duckdb")
@@ -66,7 +66,7 @@ def test_keep_going_builds_the_others_and_names_the_failed_shard(planned, tmp_pa
     out = result.stdout
     assert result.returncode == 1, out + result.stderr
     assert shard_files(env) == ["0000", "0002", "0003"]
-    assert "shard 0001: FAILED" in out and "plan slice for shard 0001 has columns" in out, out
+    assert "shard 0001: FAILED" in out and "_plan/0001.csv is damaged" in out, out  # not the index's slice
     assert "imnet build: wds_shards[0001] FAILED" in out and "1 of 4 shards failed: 0001" in out, out
     assert "shard_audit: skipped (it vouches for every shard" in out and "shard_audit      ok" not in out, out
     assert shard_runs(env) == {"0000": "SUCCESS", "0001": "FAILURE", "0002": "SUCCESS", "0003": "SUCCESS"}
