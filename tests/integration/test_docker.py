@@ -184,8 +184,7 @@ def docker_run(sample_release, tmp_path_factory):
         create_database(host, port, user, pg_password, "dagster_imnet")
         s3 = stack_enter(stack, MotoS3(secret=secret))
         client = s3.client()
-        client.create_bucket(Bucket=RAW_BUCKET)
-        client.create_bucket(Bucket=OUT_BUCKET)
+        MotoS3.fresh_buckets(client, RAW_BUCKET, OUT_BUCKET)  # moto's state outlives a server
         s3.put_tree(client, sample_release[0], RAW_BUCKET, "winter21")
 
         # 3. the catalog stages on the host; the catalog folder is the run containers' volume

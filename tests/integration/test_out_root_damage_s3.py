@@ -48,8 +48,7 @@ def s3_release(sample_release, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("s3damage")
     with MotoS3() as s3:
         client = s3.client()
-        client.create_bucket(Bucket=RAW_BUCKET)
-        client.create_bucket(Bucket=OUT_BUCKET)
+        MotoS3.fresh_buckets(client, RAW_BUCKET, OUT_BUCKET)  # moto's state outlives a server
         s3.put_tree(client, sample_release[0], RAW_BUCKET, "winter21")
         env = s3_env(tmp, s3, DAGSTER_HOME=str(dagster_home(tmp)))
         imnet(["build"], env, cwd=tmp)

@@ -75,8 +75,7 @@ def clean(sample_release, tmp_path_factory):
 
 def _upload(s3: MotoS3, raw: Path):
     client = s3.client()
-    client.create_bucket(Bucket=RAW_BUCKET)
-    client.create_bucket(Bucket=OUT_BUCKET)
+    MotoS3.fresh_buckets(client, RAW_BUCKET, OUT_BUCKET)  # moto's state outlives a server
     # moto's buckets live in the pytest process, not in one server: what an earlier test (or this
     # module's) left in the out bucket would be found fresh and never read through the faults
     for obj in MotoS3.all_objects(client, OUT_BUCKET):
