@@ -7,7 +7,8 @@ it and the shard is checked again from the start in a fresh worker, up to CHECK_
 (HELD_DEATHS for deaths while the shard only waited in the worker's queue). Then the shard is
 reported not checked, naming it and the deaths, never as bad: a verdict comes only from its bytes
 (SPEC "Failure behaviour"). So is a shard whose bytes the storage did not give within the retries
-(StorageError: throttling, broken connections past IMNET_STORAGE_RETRY_SECONDS). The command still
+(StorageError: throttling, broken connections past IMNET_STORAGE_RETRY_SECONDS), or a local read
+error (ReadBackFailed: EIO, EACCES). The command still
 fails (verify is non-zero when a shard could not be checked).
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from imnet_assets.release.outroot import forget_commit
-from imnet_assets.release.verify import verify_catalog_shard
+from imnet_assets.release.verify import ReadBackFailed, verify_catalog_shard
 from imnet_assets.runtime.procpool import preload
 from imnet_assets.runtime.workerpool import WorkerDied, WorkerPool
 from imnet_assets.storage import fs
@@ -91,7 +92,7 @@ def checked_shards(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], de
             if problems and out_root:
                 problems += forget_failed(out_root, job.shard)
             return Checked(job.shard, problems)
-        except fs.StorageError as e:  # the storage, not the shard: no verdict on its bytes
+        except (fs.StorageError, ReadBackFailed) as e:  # the storage, not the shard: no verdict on its bytes
             return Checked(job.shard, [], f"not checked: {fs.redact(str(e))}; run verify again")
         except WorkerDied as died:
             if died.culprit is None:
