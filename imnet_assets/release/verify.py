@@ -485,6 +485,8 @@ def verify_catalog_shard(url: str, shard: dict, rows: list[tuple], decode: bool,
                          tar_sha256=shard["sha256"], tar_bytes=shard["bytes"], decode_every=1 if decode else 0)
     except fs.StorageError:
         raise
+    except (IsADirectoryError, NotADirectoryError) as e:  # the out root holds no file there: what it holds is wrong
+        return [f"not a file: {type(e).__name__}: {fs.redact(str(e))}"]
     except OSError as e:  # the machinery's read, not the bytes (decoders' errors are problems in check_sample)
         raise ReadBackFailed(f"cannot read {fs.redact(url)}: {type(e).__name__}: {fs.redact(str(e))}") from None
     except Exception as e:  # noqa: BLE001 - an unreadable shard is a failure, not a crash
