@@ -28,16 +28,35 @@ def committed_as(state: dict) -> str:
     return f"{state['sha256']}:{state.get('run_id', '')}"
 
 
-def forget_commit(out_root: str, shard_key: str, state: dict | None) -> bool:
+def forget_commit(out_root: str, shard_key: str, state: dict | None, what: str) -> bool:
     """Remove a shard's commit record, the one `state` that was read, so the shard is not fresh and
     the next build writes it again (the audit, for a shard whose manifest is gone or damaged: the
-    manifest is what a catalog is rebuilt from). A record another run wrote since is left alone."""
-    url = state_url(out_root, shard_key)
-    now = fs.read_json(url) if state is not None else None
-    if not isinstance(now, dict) or committed_as(now) != committed_as(state):
+    manifest is what a catalog is rebuilt from; `imnet verify`, for a shard it failed). A record
+    another run wrote since is left alone: the look and the remove are made holding the shard's
+    lease (`what` names this holder), so no run of the shard can write it again in between (a remove
+    that storage throttles for minutes would otherwise take the new commit away). A run holding the
+    lease now (writing the shard again) raises LeaseHeld naming it, and the record is left to it."""
+    from imnet_assets.release.lease import acquire, shard_lease_name
+
+    if state is None:
         return False
-    fs.remove(url)
-    return True
+    with acquire(out_root, shard_lease_name(shard_key), what):
+        url = state_url(out_root, shard_key)
+        now = fs.read_json(url)
+        if not isinstance(now, dict) or committed_as(now) != committed_as(state):
+            return False
+        fs.remove(url)
+        return True
+
+
+def forget_commit_unless_held(out_root: str, shard_key: str, state: dict | None, what: str) -> bool:
+    """forget_commit, False (the record left) while a run of the shard holds its lease."""
+    from imnet_assets.release.lease import LeaseHeld
+
+    try:
+        return forget_commit(out_root, shard_key, state, what)
+    except LeaseHeld:
+        return False
 
 
 def read_manifest(out_root: str, shard_key: str) -> dict | None:

@@ -173,18 +173,21 @@ class PlanSliceDamaged(ValueError):
 DAMAGED_SUFFIX = ".damaged"  # a slice found damaged is kept aside under this name until the plan is made again
 
 
-def read_slice(out_root: str, shard_key: str, set_aside: bool = True) -> tuple[list[SliceRow], str]:
+def read_slice(out_root: str, shard_key: str, set_aside: bool = True,
+               index: dict | None = None) -> tuple[list[SliceRow], str]:
     """A shard's slice rows in plan order, and the digest of the slice file.
 
     The digest must be the one the plan's index names for the shard (when there is an index): a
     slice changed, cut or emptied on storage is moved aside (`<key>.csv.damaged`) and raises
     PlanSliceDamaged naming it, never read as the plan; with the slice gone from its place the plan
     is stale (`slices_missing`), and the next build makes it again, rewriting that slice alone.
-    `set_aside=False` (a head start's look, shard_ahead): raise, leaving the slice to the run."""
+    `set_aside=False` (a head start's look, shard_ahead): raise, leaving the slice to the run.
+    `index`: the plan's index as the caller read it (a shard run's `require_current_plan`), not read
+    again (at 1,024 shards on S3, one GET fewer per run of a file that grows with the shards)."""
     url = slice_url(out_root, shard_key)
     data = fs.read_bytes(url)
     digest = hashlib.sha256(data).hexdigest()
-    index = read_index(out_root)
+    index = read_index(out_root) if index is None else index
     want = index.get("digests", {}).get(shard_key) if index else None
     if want is not None and digest != want:
         if not set_aside:

@@ -474,9 +474,10 @@ def _file_sha256(url: str) -> str:
 def verify_catalog_shard(url: str, shard: dict, rows: list[tuple], decode: bool, ext: str = "webp") -> list[str]:
     """`imnet verify` of one shard (runs in a worker process): the file at `url` against its
     catalog record `shard` (bytes, sha256) and its `shard_samples` rows (CATALOG_COLUMNS order),
-    each sample's image a `.<ext>` member. A missing or unreadable file is a problem; storage that
-    does not give its bytes within the retries raises StorageError (no verdict on the shard:
-    verify_runs reports it not checked)."""
+    each sample's image a `.<ext>` member. A missing file, or bytes that do not parse, is a problem.
+    Storage that does not give its bytes within the retries raises StorageError, and a local read
+    error (EIO, EACCES, the file gone while read) ReadBackFailed: no verdict on the shard either way
+    (verify_runs reports it not checked and keeps its commit record; SPEC "Failure behaviour")."""
     try:
         if not fs.exists(url):
             return ["missing from the out root"]
@@ -484,5 +485,9 @@ def verify_catalog_shard(url: str, shard: dict, rows: list[tuple], decode: bool,
                          tar_sha256=shard["sha256"], tar_bytes=shard["bytes"], decode_every=1 if decode else 0)
     except fs.StorageError:
         raise
+    except (IsADirectoryError, NotADirectoryError) as e:  # the out root holds no file there: what it holds is wrong
+        return [f"not a file: {type(e).__name__}: {fs.redact(str(e))}"]
+    except OSError as e:  # the machinery's read, not the bytes (decoders' errors are problems in check_sample)
+        raise ReadBackFailed(f"cannot read {fs.redact(url)}: {type(e).__name__}: {fs.redact(str(e))}") from None
     except Exception as e:  # noqa: BLE001 - an unreadable shard is a failure, not a crash
         return [f"unreadable: {type(e).__name__}: {fs.redact(str(e))}"]

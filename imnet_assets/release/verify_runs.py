@@ -7,7 +7,8 @@ it and the shard is checked again from the start in a fresh worker, up to CHECK_
 (HELD_DEATHS for deaths while the shard only waited in the worker's queue). Then the shard is
 reported not checked, naming it and the deaths, never as bad: a verdict comes only from its bytes
 (SPEC "Failure behaviour"). So is a shard whose bytes the storage did not give within the retries
-(StorageError: throttling, broken connections past IMNET_STORAGE_RETRY_SECONDS). The command still
+(StorageError: throttling, broken connections past IMNET_STORAGE_RETRY_SECONDS), or a local read
+error (ReadBackFailed: EIO, EACCES). The command still
 fails (verify is non-zero when a shard could not be checked).
 """
 
@@ -17,8 +18,9 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from imnet_assets.release.lease import LeaseHeld
 from imnet_assets.release.outroot import forget_commit
-from imnet_assets.release.verify import verify_catalog_shard
+from imnet_assets.release.verify import ReadBackFailed, verify_catalog_shard
 from imnet_assets.runtime.procpool import preload
 from imnet_assets.runtime.workerpool import WorkerDied, WorkerPool
 from imnet_assets.storage import fs
@@ -91,7 +93,7 @@ def checked_shards(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], de
             if problems and out_root:
                 problems += forget_failed(out_root, job.shard)
             return Checked(job.shard, problems)
-        except fs.StorageError as e:  # the storage, not the shard: no verdict on its bytes
+        except (fs.StorageError, ReadBackFailed) as e:  # the storage, not the shard: no verdict on its bytes
             return Checked(job.shard, [], f"not checked: {fs.redact(str(e))}; run verify again")
         except WorkerDied as died:
             if died.culprit is None:
@@ -123,13 +125,17 @@ def checked_shards(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], de
 
 def forget_failed(out_root: str, shard: dict) -> list[str]:
     """A shard whose bytes failed verify is not fresh: its commit record, while it still names the
-    commit the catalog recorded and verify checked (another run's is left alone), is removed, and
-    the next `imnet build` writes the shard again. Freshness trusts a shard's size and stamp (its
-    bytes are not hashed on every look), so a byte that rots with the stamp unchanged is found only
-    here. The line it adds says so (none when the record was not that commit's)."""
+    commit the catalog recorded and verify checked (another run's is left alone, and none can write
+    one while it is looked at: outroot.forget_commit holds the shard's lease), is removed, and the
+    next `imnet build` writes the shard again. Freshness trusts a shard's size and stamp (its bytes
+    are not hashed on every look), so a byte that rots with the stamp unchanged is found only here.
+    The line it adds says so (none when the record was not that commit's)."""
     key = shard["shard"]
     try:
-        gone = forget_commit(out_root, key, {"sha256": shard["sha256"], "run_id": shard.get("run_id") or ""})
+        gone = forget_commit(out_root, key, {"sha256": shard["sha256"], "run_id": shard.get("run_id") or ""},
+                             "imnet verify (removing the commit record of a shard it failed)")
+    except LeaseHeld as e:  # a run is writing the shard again: its commit is its own
+        return [f"its commit record is left to the run writing the shard again: {e}"]
     except (fs.StorageError, OSError) as e:  # read-only credentials: the verdict stands, unmarked
         return [f"its commit record could not be removed ({fs.redact(str(e))}): move the shard aside and "
                 "run `imnet build`"]

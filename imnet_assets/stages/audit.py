@@ -25,7 +25,7 @@ from imnet_assets.release.info import info_document, info_url, render_info
 from imnet_assets.release.outroot import (
     MANIFEST_DIR,
     committed_as,
-    forget_commit,
+    forget_commit_unless_held,
     manifest_url,
     unchanged_on_storage,
 )
@@ -182,7 +182,8 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
             on_storage = look.shards[key].tar
             if manifest is None or on_storage is None:
                 missing.append(key)
-                if on_storage is not None and forget_commit(settings.out_root, key, look.shards[key].state):
+                if on_storage is not None and forget_commit_unless_held(settings.out_root, key, look.shards[key].state,
+                                                                           f"the audit of run {run_id}"):
                     bad.append(f"shard {key}: its manifest {fs.redact(url)} is missing or damaged (does not "
                                "parse): its commit record is removed, so `imnet build` builds the shard again")
                 continue

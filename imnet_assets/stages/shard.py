@@ -109,6 +109,7 @@ def build_shard(
     after_commit: Callable[[str], None] | None = None,
     after_check: Callable[[str], None] | None = None,
     ahead=None,
+    plan_index: dict | None = None,
 ) -> ShardResult:
     """Encode, commit and check one shard and its manifest. Bad images become recorded exclusions.
 
@@ -124,6 +125,7 @@ def build_shard(
     between the commit and the check; `after_check(url)`: one called once the check passed, before
     the tar's stamp is looked at again (tests change the tar there). `ahead`: this shard's first
     jobs, submitted before the run started (shard_ahead.take), whose results the run takes over.
+    `plan_index`: the plan's index the run read (its slice is checked against it; None: read here).
 
     The commit record's stamp (size and mtime / ETag) is the one read right after the commit,
     before the check; it is read again once the check passed, and if it changed the record is
@@ -135,7 +137,7 @@ def build_shard(
     st_url = state_url(out_root, shard_key)
     for leftover in atomic.remove_partials(final) + atomic.remove_partials(mf_url) + atomic.remove_partials(st_url):
         log(f"removed leftover of an interrupted run: {leftover}")
-    rows, plan_digest = read_slice(out_root, shard_key)
+    rows, plan_digest = read_slice(out_root, shard_key, index=plan_index)  # the run's index, when it read one
     staged = read_lookup(out_root, shard_key, rows, settings)  # issue 25: encoded by the index's pass
     # runs sharing the worker pool are served oldest first; a run encoded ahead (shard_ahead.Ahead)
     # keeps the place its first jobs took

@@ -201,6 +201,19 @@ def test_a_damaged_slice_is_set_aside_naming_it_and_the_plan_is_then_stale(tmp_p
     assert plan.slices_missing(out, read_index(out)) == ["0000"]
 
 
+def test_a_slice_is_checked_against_the_index_its_run_hands_over_not_read_again(tmp_path):
+    """A shard run has read the plan's index already (require_current_plan): read_slice takes it
+    (one GET fewer per shard run on S3) and checks the slice against that index, stored one or none."""
+    out = str(tmp_path)
+    digest = write_slice(out, "0000", [(0, "n1_1", "n1", 0, "n1.tar", "n1_1.JPEG", 512, 10, "ab", 40, 40, False)])
+    write_index(out, {"fingerprint": "abc", "digests": {"0000": digest}})
+    index = read_index(out)
+    (tmp_path / "_plan" / "_index.json").unlink()  # not read: the one handed over is used
+    assert read_slice(out, "0000", index=index)[1] == digest
+    with pytest.raises(plan.PlanSliceDamaged, match="0000.csv is damaged"):
+        read_slice(out, "0000", set_aside=False, index={"digests": {"0000": "0" * 64}})
+
+
 # ----------------------------------------------------------------------------- the SQL plan
 
 

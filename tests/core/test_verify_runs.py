@@ -114,3 +114,26 @@ def test_a_shard_whose_checker_is_killed_every_time_is_not_checked_and_never_bad
     assert lost.startswith(f"not checked: the process checking it died {verify_runs.CHECK_DEATHS} times "
                            "(signal 9 (SIGKILL), "), lost
     assert got["0000"] == verify(shards)["0000"]  # the other shard's verdict stands
+
+
+def test_a_commit_record_is_left_to_a_run_holding_the_shards_lease(tmp_path):
+    """verify removes the commit record of a shard it failed only holding the shard's lease: while
+    a run holds it (writing the shard again), the record is left to that run, and verify says so."""
+    import json
+
+    from imnet_assets.release import lease
+    from imnet_assets.release.outroot import state_url
+
+    out = str(tmp_path)
+    record = state_url(out, "0000")
+    os.makedirs(os.path.dirname(record))
+    with open(record, "w") as f:
+        json.dump({"sha256": "ab" * 32, "run_id": "r1"}, f)
+    failed = {"shard": "0000", "sha256": "ab" * 32, "run_id": "r1"}
+    with lease.acquire(out, lease.shard_lease_name("0000"), "run r2"):
+        said = verify_runs.forget_failed(out, failed)
+    assert said and said[0].startswith("its commit record is left to the run writing the shard again: run r2")
+    assert os.path.exists(record)
+    assert verify_runs.forget_failed(out, failed) == [
+        "its commit record is removed: the next `imnet build` writes this shard again"]
+    assert not os.path.exists(record) and not os.path.exists(os.path.join(out, "_locks"))

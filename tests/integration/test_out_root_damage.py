@@ -211,3 +211,23 @@ def test_a_byte_rotted_with_its_stamp_kept_is_found_by_verify_and_then_rebuilt(r
     assert f"FAIL shard 0000 ({SHARD0}): its commit record is removed" in said, said
     assert "not fresh: 0000" in line(status_lines(env, tmp), "  not fresh")
     build_rewrites_shard0_alone(release, copy, clean)
+
+
+def test_a_read_error_while_verify_reads_a_shard_is_not_checked_and_keeps_its_commit(release, copy):
+    """A local read error (EIO: here the shard's path made a link to /proc/self/mem, which every read
+    refuses so) is a fault of the machinery, not of the shard's bytes: verify says NOT CHECKED naming
+    it, never FAIL, and its commit record stays (SPEC "Failure behaviour"); the shard, put back, is fresh."""
+    tmp, env = copy
+    tar = tmp / "out" / SHARD0
+    record = tmp / "out" / "_manifests" / "0000.state.json"
+    kept = record.read_bytes()
+    os.rename(tar, tmp / "shard.aside")
+    os.symlink("/proc/self/mem", tar)
+    verify = imnet(["verify"], env, cwd=tmp, check=False)
+    said = verify.stdout + verify.stderr
+    assert verify.returncode != 0 and f"NOT CHECKED shard 0000 ({SHARD0}): not checked:" in said, said
+    assert "Input/output error" in said and "FAIL" not in said, said
+    assert record.read_bytes() == kept
+    os.remove(tar)
+    os.rename(tmp / "shard.aside", tar)
+    assert line(status_lines(env, tmp), "wds_shards").split()[1:3] == ["3", "fresh"]

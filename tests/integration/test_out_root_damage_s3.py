@@ -95,3 +95,45 @@ def test_a_damaged_slice_and_shard_on_s3_fail_naming_the_slice_then_are_repaired
     assert "shuffled_plan    materialized" in built.stdout and "1 to build" in built.stdout, built.stdout
     assert objects(client) == clean
     imnet(["verify"], env, cwd=tmp)
+
+
+def _batch_delete(method: str, target: str, headers: dict) -> bool:
+    return method == "POST" and "delete" in target.partition("?")[2]  # s3fs removes a key by DeleteObjects
+
+
+def test_verify_never_forgets_the_commit_of_a_shard_a_build_rewrote_meanwhile(s3_release):
+    """Two real processes on one out root (SPEC "Failure behaviour": one build at a time per out
+    root; verify is not a build): verify fails a damaged shard and goes to remove its commit record,
+    but the storage throttles that request (503 SlowDown, retried); meanwhile `imnet build` writes
+    the shard again, correct, and commits it. The throttled remove must never take the new commit
+    away: the shard the build wrote stays fresh, or the build was told to wait for verify."""
+    import subprocess
+    import time
+
+    from tests.conftest import REPO
+    from tests.latency_proxy import LatencyProxy
+
+    tmp, env, client, clean = s3_release
+    put(client, SHARD0, flipped(get(client, SHARD0), 5000))
+    with LatencyProxy(env["AWS_ENDPOINT_URL"], latency_ms=0) as proxy:
+        throttled = proxy.slowdown(600, match=_batch_delete, after=1)
+        exe = str(REPO / ".venv" / "bin" / "imnet")
+        verifying = subprocess.Popen([exe, "verify"], env={**env, "AWS_ENDPOINT_URL": proxy.endpoint}, cwd=tmp,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while not proxy.injected["slowdown"] and verifying.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proxy.injected["slowdown"], "verify never went to remove the commit record"
+        built = imnet(["build"], env, cwd=tmp, check=False)  # the same out root, while verify waits
+        proxy.clear_faults()
+        throttled.until = 0
+        said = verifying.communicate(timeout=300)[0]
+    assert verifying.returncode != 0 and "FAIL shard 0000" in said, said
+    rewritten = hashlib.sha256(get(client, SHARD0)).hexdigest() == clean[SHARD0]
+    if rewritten:  # the build committed it: its record must still be there
+        assert "not fresh" not in status(env, tmp), (built.stdout, said)
+    else:  # the build was refused the shard while verify held it, naming verify
+        assert built.returncode != 0 and "imnet verify" in built.stdout + built.stderr, built.stdout + built.stderr
+        assert "1 to build" in imnet(["build"], env, cwd=tmp).stdout
+    assert objects(client) == clean
+    imnet(["verify"], env, cwd=tmp)

@@ -65,12 +65,13 @@ def make(settings: Settings):
             context.instance.add_run_tags(context.run.run_id, {NO_RETRY_TAG: "false"})
             raise ShardBusy(f"shard {key} is being built by another run: {e}; this run wrote nothing") from None
         with lease:
-            require_current_plan(settings)  # a clear error, not a shard cut from another layout's plan
+            index = require_current_plan(settings)  # a clear error, not a shard cut from another layout's plan
             res = build_shard(
                 out_root=settings.out_root, raw_root=settings.raw_root, shard_key=key, shard_name=name,
                 settings=enc, workers=settings.workers, run_id=context.run.run_id, log=logger(context),
                 decode_every=settings.check_decode_every,
                 ahead=shard_ahead.take(settings.out_root, key),  # `imnet build`'s first jobs, if any
+                plan_index=index,  # its slice's digest checked against it, not read again
             )
         # The check ran inside build_shard, against the committed tar, before the commit record
         # (what freshness reads) was written: a failed check leaves the shard not fresh.
