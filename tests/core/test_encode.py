@@ -401,6 +401,21 @@ def test_cmyk_and_grey_icc_profiles_dropped(imgs):
     assert "icc_profile" not in imgs.decode(webp).info
 
 
+def test_rgb_profile_on_cmyk_or_grey_source_dropped(imgs):
+    # SPEC: "An RGB source's ICC profile is carried": a CMYK or grey file labelled with an RGB profile
+    # is no RGB source; its pixels went through convert("RGB"), which the profile does not describe
+    icc = imgs.srgb_icc()
+    for mode in ("CMYK", "L"):
+        data = imgs.to_bytes(imgs.smooth_rgb(120, 90).convert(mode), "JPEG", icc_profile=icc)
+        assert Image.open(io.BytesIO(data)).info["icc_profile"] == icc
+        webp = encode_image(data, S).webp
+        assert "icc_profile" not in imgs.decode(webp).info and b"ICCP" not in webp_chunks(webp), mode
+    # palette and alpha sources hold RGB values: theirs is carried
+    for mode in ("P", "RGBA"):
+        data = imgs.to_bytes(imgs.smooth_rgb(120, 90).convert(mode), "PNG", icc_profile=icc)
+        assert imgs.decode(encode_image(data, S).webp).info.get("icc_profile") == icc, mode
+
+
 # ------------------------------------------------------------------------------------- bad / truncated
 
 
