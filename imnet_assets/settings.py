@@ -291,6 +291,15 @@ def parse_holdout(text: str, variable: str = "IMNET_HOLDOUT") -> tuple[tuple[str
     return tuple(splits)
 
 
+def check_split_names(holdout: tuple[tuple[str, int], ...], alt_labels: str, variable: str = "IMNET_HOLDOUT") -> None:
+    """A holdout split may not take the name of the split IMNET_ALT_LABELS makes of the train shards
+    (`train_in1k`): `_info.json` would hold one of the two, and the other's shards no split."""
+    alt = f"train_{alt_labels}" if alt_labels else ""
+    if alt and alt in dict(holdout):
+        raise SettingsError(f"{variable} names the {alt!r} split, which IMNET_ALT_LABELS={alt_labels} makes "
+                            "of the train shards: choose another name")
+
+
 def check_shard_pattern(pattern: str, name: str = "IMNET_SHARD_PATTERN") -> str:
     """A shard file name pattern as given, or SettingsError: one `{shard}` and no other
     placeholder, no '/', a distinct name per shard."""
@@ -366,6 +375,8 @@ class Settings:
             raise SettingsError(
                 f"IMNET_HOLDOUT takes {sum(n for _, n in holdout)} shards of {num_shards}; train needs at least one"
             )
+        alt_labels = _choice(env, "IMNET_ALT_LABELS", "", ALT_LABEL_MODES)
+        check_split_names(holdout, alt_labels)
         raw_root = resolve_path((env.get("IMNET_RAW_ROOT") or "data/raw").rstrip("/") or "/", root)
         out_root = resolve_path((env.get("IMNET_OUT_ROOT") or "data/out").rstrip("/") or "/", root)
         check_roots_apart(raw_root, out_root)
@@ -387,7 +398,7 @@ class Settings:
             index_batch_rows=_int(env, "IMNET_INDEX_BATCH_ROWS", 200_000, 1),
             eval_exclude=resolve_path((env.get("IMNET_EVAL_EXCLUDE") or "").strip().rstrip("/"), root) or None,
             dedup=_choice(env, "IMNET_DEDUP", "off", DEDUP_MODES),
-            alt_labels=_choice(env, "IMNET_ALT_LABELS", "", ALT_LABEL_MODES),
+            alt_labels=alt_labels,
             parallel_shards=_int(env, "IMNET_PARALLEL_SHARDS", 0, 0),
             storage_retry_seconds=_int(env, "IMNET_STORAGE_RETRY_SECONDS", 300, 1),
             image_timeout=image_timeout(env),

@@ -141,6 +141,15 @@ def test_bad_values_raise_settings_error_naming_the_variable(name, value):
     assert name in str(err.value)
 
 
+def test_holdout_may_not_take_the_alt_label_split_name():
+    # with IMNET_ALT_LABELS=in1k, _info.json's train_in1k is made of the train shards: a holdout split
+    # of that name was overwritten by it, and its shards were in no split at all
+    env = {"IMNET_NUM_SHARDS": "4", "IMNET_HOLDOUT": "train_in1k:1", "IMNET_ALT_LABELS": "in1k"}
+    with pytest.raises(SettingsError, match=r"IMNET_HOLDOUT names the 'train_in1k' split.*IMNET_ALT_LABELS=in1k"):
+        Settings.from_env(env)
+    assert Settings.from_env({**env, "IMNET_ALT_LABELS": ""}).holdout == (("train_in1k", 1),)
+
+
 def test_settings_error_is_a_value_error():
     assert issubclass(SettingsError, ValueError)
 
