@@ -70,7 +70,9 @@ def index_inputs(settings) -> tuple:
         parts += ("eval", DECONTAM_VERSION, NEAR_DUPLICATE_BITS,
                   hashlib.sha256(json.dumps(entries).encode()).hexdigest())
     if settings.dedup != "off":
-        parts += ("dedup", settings.dedup)
+        # 2: repeated keys and later copies settled together (settle_keys_and_copies): an index
+        # settled by the earlier rule is settled again (no tar is read again)
+        parts += ("dedup", settings.dedup, "2")
     return parts
 
 
