@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -275,6 +276,9 @@ def check_roots_apart(raw_root: str, out_root: str, out_name: str = "IMNET_OUT_R
                         "into the raw release; choose an out root outside it")
 
 
+_SPLIT_NAME = re.compile(r"\w+(\.\w+)*")  # Hugging Face datasets' split names (datasets.splits._split_re)
+
+
 def parse_holdout(text: str, variable: str = "IMNET_HOLDOUT") -> tuple[tuple[str, int], ...]:
     """`validation:2,test:2` -> (("validation", 2), ("test", 2)); the splits take the last shards."""
     splits: list[tuple[str, int]] = []
@@ -284,6 +288,10 @@ def parse_holdout(text: str, variable: str = "IMNET_HOLDOUT") -> tuple[tuple[str
             raise SettingsError(f"{variable} entry {part!r} must look like name:count, e.g. validation:2")
         if name.strip() == "train":
             raise SettingsError(f"{variable} cannot name the 'train' split")
+        if not _SPLIT_NAME.fullmatch(name.strip()):
+            # the card's configs name each split: Hugging Face datasets refuses any other name
+            raise SettingsError(f"{variable} split name {name.strip()!r} must be letters, digits and '_' "
+                                "(dots between them), as Hugging Face datasets requires")
         splits.append((name.strip(), int(count)))
     names = [n for n, _ in splits]
     if len(set(names)) != len(names):
