@@ -100,6 +100,7 @@ def members() -> list[tuple[str, str, bytes, str]]:
         (a, f"{a}_9.JPEG", truncated(0.5, 9), "repaired"),
         (a, f"{a}_10.JPEG", truncated(0.01, 10), "excluded"),
         (a, f"{a}_11.JPEG", b"", "excluded"),
+        (a, f"{a}_14.JPEG", png(noise("RGB", (96, 400), 22))[:2500], "excluded"),  # a PNG cut at 2% of its rows
         (a, f"{a}_12.JPEG", b"this is not an image\n" * 20, "excluded"),
         (a, f"{a}_13.JPEG", twin, "kept"),
         (a, f"{a}_1.5.JPEG", jpeg(noise("RGB", (40, 40), 14)), "kept"),  # dot in the stem
