@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -275,6 +276,9 @@ def check_roots_apart(raw_root: str, out_root: str, out_name: str = "IMNET_OUT_R
                         "into the raw release; choose an out root outside it")
 
 
+_SPLIT_NAME = re.compile(r"\w+(\.\w+)*")  # Hugging Face datasets' split names (datasets.splits._split_re)
+
+
 def parse_holdout(text: str, variable: str = "IMNET_HOLDOUT") -> tuple[tuple[str, int], ...]:
     """`validation:2,test:2` -> (("validation", 2), ("test", 2)); the splits take the last shards."""
     splits: list[tuple[str, int]] = []
@@ -284,11 +288,24 @@ def parse_holdout(text: str, variable: str = "IMNET_HOLDOUT") -> tuple[tuple[str
             raise SettingsError(f"{variable} entry {part!r} must look like name:count, e.g. validation:2")
         if name.strip() == "train":
             raise SettingsError(f"{variable} cannot name the 'train' split")
+        if not _SPLIT_NAME.fullmatch(name.strip()):
+            # the card's configs name each split: Hugging Face datasets refuses any other name
+            raise SettingsError(f"{variable} split name {name.strip()!r} must be letters, digits and '_' "
+                                "(dots between them), as Hugging Face datasets requires")
         splits.append((name.strip(), int(count)))
     names = [n for n, _ in splits]
     if len(set(names)) != len(names):
         raise SettingsError(f"{variable} names a split twice: {text!r}")
     return tuple(splits)
+
+
+def check_split_names(holdout: tuple[tuple[str, int], ...], alt_labels: str, variable: str = "IMNET_HOLDOUT") -> None:
+    """A holdout split may not take the name of the split IMNET_ALT_LABELS makes of the train shards
+    (`train_in1k`): `_info.json` would hold one of the two, and the other's shards no split."""
+    alt = f"train_{alt_labels}" if alt_labels else ""
+    if alt and alt in dict(holdout):
+        raise SettingsError(f"{variable} names the {alt!r} split, which IMNET_ALT_LABELS={alt_labels} makes "
+                            "of the train shards: choose another name")
 
 
 def check_shard_pattern(pattern: str, name: str = "IMNET_SHARD_PATTERN") -> str:
@@ -366,6 +383,8 @@ class Settings:
             raise SettingsError(
                 f"IMNET_HOLDOUT takes {sum(n for _, n in holdout)} shards of {num_shards}; train needs at least one"
             )
+        alt_labels = _choice(env, "IMNET_ALT_LABELS", "", ALT_LABEL_MODES)
+        check_split_names(holdout, alt_labels)
         raw_root = resolve_path((env.get("IMNET_RAW_ROOT") or "data/raw").rstrip("/") or "/", root)
         out_root = resolve_path((env.get("IMNET_OUT_ROOT") or "data/out").rstrip("/") or "/", root)
         check_roots_apart(raw_root, out_root)
@@ -387,7 +406,7 @@ class Settings:
             index_batch_rows=_int(env, "IMNET_INDEX_BATCH_ROWS", 200_000, 1),
             eval_exclude=resolve_path((env.get("IMNET_EVAL_EXCLUDE") or "").strip().rstrip("/"), root) or None,
             dedup=_choice(env, "IMNET_DEDUP", "off", DEDUP_MODES),
-            alt_labels=_choice(env, "IMNET_ALT_LABELS", "", ALT_LABEL_MODES),
+            alt_labels=alt_labels,
             parallel_shards=_int(env, "IMNET_PARALLEL_SHARDS", 0, 0),
             storage_retry_seconds=_int(env, "IMNET_STORAGE_RETRY_SECONDS", 300, 1),
             image_timeout=image_timeout(env),

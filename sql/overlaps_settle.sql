@@ -1,10 +1,11 @@
 -- The exclusions the filtered index settles after every tar is scanned, before the plan
 -- (stages/decontam.py settle_index): eval overlaps, duplicate_of, and IMNET_DEDUP=exact.
--- Runs before index_duplicates.sql (repeated keys), which then sees what these rules kept.
+-- Runs before index_duplicates.sql (repeated keys) or, under IMNET_DEDUP=exact, before
+-- index_keys_copies.sql (repeated keys and later copies, decided together), which see what these rules kept.
 -- "Kept by the index": kept, or refused only by the encoder (planned again, see plan_build.sql),
 -- or excluded as a repeated key (index_duplicates.sql decides those again after this).
 --
--- 1. Undo this file's earlier results (the eval set or the dedup mode may have changed).
+-- 1. Undo the earlier results of these rules and of dedup (the eval set or the dedup mode may have changed).
 UPDATE images SET status = 'kept', reason = NULL, excluded_at = NULL
 WHERE starts_with(reason, 'eval overlap: ') OR starts_with(reason, 'duplicate of ');
 -- 2. duplicate_of: the first key (sorted) with the same sha256, NULL for that key itself and
@@ -49,14 +50,5 @@ SELECT key, tar, "offset", arg_min(file, (distance, file)) AS eval_file, min(dis
 FROM matches GROUP BY key, tar, "offset";
 UPDATE images AS i SET status = 'excluded', excluded_at = 'index', reason = 'eval overlap: ' || o.eval_file
 FROM eval_overlaps o WHERE i.key = o.key AND i.tar = o.tar AND i."offset" = o."offset";
--- 4. IMNET_DEDUP=exact: of the images kept so far with the same bytes, the first (by key, tar,
---    offset) stays and the later copies are excluded.
-UPDATE images AS i SET status = 'excluded', excluded_at = 'index', reason = 'duplicate of ' || d.first_key
-FROM (
-    SELECT key, tar, "offset", first_value(key) OVER w AS first_key, row_number() OVER w AS n
-    FROM images
-    WHERE sha256 IS NOT NULL AND (status = 'kept' OR excluded_at = 'encode' OR starts_with(reason, 'duplicate key'))
-    WINDOW w AS (PARTITION BY sha256 ORDER BY key, tar, "offset")
-) d
-WHERE $dedup = 'exact' AND d.n > 1 AND i.key = d.key AND i.tar = d.tar AND i."offset" = d."offset";
+-- (IMNET_DEDUP=exact's later copies: index_keys_copies.sql with stages/decontam.py, after this.)
 DROP TABLE index_candidates;

@@ -113,6 +113,12 @@ def test_each_problem_is_one_line_naming_file_release_and_key(tmp_path, text, wo
         assert w in message, (w, message)
 
 
+def test_a_release_holdout_may_not_take_the_alt_label_split_name(tmp_path):
+    env = env_for(tmp_path, '[release.a]\nout_root = "o/a"\nholdout = "train_in1k:1"\n', IMNET_ALT_LABELS="in1k")
+    with pytest.raises(SettingsError, match=r"\[release.a\] holdout names the 'train_in1k' split"):
+        releases.from_env(env)
+
+
 def test_a_missing_file_is_named(tmp_path):
     env = {**env_for(tmp_path, None), "IMNET_RELEASES": "nowhere.toml"}
     with pytest.raises(SettingsError, match=r"nowhere.toml: no such file"):

@@ -125,6 +125,8 @@ def test_bounds_are_inclusive():
         ("IMNET_HOLDOUT", ":2"),
         ("IMNET_HOLDOUT", "train:1"),
         ("IMNET_HOLDOUT", "test:1,test:2"),
+        ("IMNET_HOLDOUT", "val-1:1"),  # Hugging Face datasets refuses the split name (the card's configs)
+        ("IMNET_HOLDOUT", "my split:1"),
         ("IMNET_HOLDOUT", "validation:2,test:2"),  # takes all 4 shards: nothing left for train
         ("IMNET_SHARD_PATTERN", "imagenet-train.tar"),
         ("IMNET_SHARD_PATTERN", "sub/{shard}.tar"),
@@ -141,6 +143,15 @@ def test_bad_values_raise_settings_error_naming_the_variable(name, value):
     assert name in str(err.value)
 
 
+def test_holdout_may_not_take_the_alt_label_split_name():
+    # with IMNET_ALT_LABELS=in1k, _info.json's train_in1k is made of the train shards: a holdout split
+    # of that name was overwritten by it, and its shards were in no split at all
+    env = {"IMNET_NUM_SHARDS": "4", "IMNET_HOLDOUT": "train_in1k:1", "IMNET_ALT_LABELS": "in1k"}
+    with pytest.raises(SettingsError, match=r"IMNET_HOLDOUT names the 'train_in1k' split.*IMNET_ALT_LABELS=in1k"):
+        Settings.from_env(env)
+    assert Settings.from_env({**env, "IMNET_ALT_LABELS": ""}).holdout == (("train_in1k", 1),)
+
+
 def test_settings_error_is_a_value_error():
     assert issubclass(SettingsError, ValueError)
 
@@ -148,6 +159,7 @@ def test_settings_error_is_a_value_error():
 def test_parse_holdout():
     assert parse_holdout("") == ()
     assert parse_holdout("validation:2") == (("validation", 2),)
+    assert parse_holdout("val_1:1,test.b:1") == (("val_1", 1), ("test.b", 1))
     assert parse_holdout("validation:2,test:2") == (("validation", 2), ("test", 2))
     # Order is kept (it decides which of the last shards each split takes); spaces are ignored.
     assert parse_holdout(" test : 1 , validation:3 ,") == (("test", 1), ("validation", 3))

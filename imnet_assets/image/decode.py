@@ -6,7 +6,7 @@ Steps 1 to 4 of the chain that image/encode.py's docstring lays out: identify wi
 decompression-bomb check (``open_image``), reject by the limits (``plan_decode``, which the probe
 calls too), draft a JPEG that gets downsized, decode, and repair data cut short (``decode``:
 ``_jpeg_ran_out`` finds a JPEG whose data ran out though it decoded without error; under
-``MIN_DECODED_FRACTION`` of its rows it is rejected).
+``MIN_DECODED_FRACTION`` of its rows it is rejected, as is any other image cut short: ``_filled_rows``).
 """
 
 from __future__ import annotations
@@ -342,6 +342,35 @@ def _check_decoded_part(img: Image.Image, error: BaseException | None = None) ->
         )
 
 
+def _filled_rows(data: bytes, max_short: int, img: Image.Image) -> int:
+    """Rows of a cut-short image (not JPEG: PNG, GIF, ...) its repair decode filled in. Their
+    decoders leave what the data does not reach as the image memory was, zeros, which a decoded
+    black row also is: so the repair decode is made again into memory holding another value, and
+    the rows the same in both are the decoded ones (anywhere: an interlaced image cut short has
+    every other row, or every eighth)."""
+    again = _open_planned(data, max_short)[0]
+    fill = tuple([0x5A] * len(again.getbands())) if len(again.getbands()) > 1 else 0x5A
+    again.im = Image.new(again.mode, again.size, fill).im  # load_prepare keeps an image memory it finds
+    _load_truncated(again, data)
+    if again.mode != img.mode or again.size != img.size:
+        return img.height  # a format whose decoder makes its own memory: nothing to compare
+    a, b = img.tobytes(), again.tobytes()
+    if a == b:
+        return img.height
+    row = len(a) // img.height
+    return sum(a[i:i + row] == b[i:i + row] for i in range(0, len(a), row))
+
+
+def _check_filled_part(data: bytes, max_short: int, img: Image.Image, error: BaseException) -> None:
+    """The 5% rule (SPEC "Failure behaviour") for a repaired image that is not a JPEG."""
+    rows = _filled_rows(data, max_short, img)
+    if rows < MIN_DECODED_FRACTION * img.height:
+        raise ImageRejected(
+            f"undecodable: image data ends early, only {100 * rows / img.height:.1f}% of its rows decoded"
+            f" (min {MIN_DECODED_FRACTION:.0%})", error, repairing=True
+        )
+
+
 def decode(data: bytes, max_short: int, settles: bool = True):
     """Open, plan and decode.  Returns ``(img, orig_size, target, box, repaired)``.
 
@@ -381,6 +410,8 @@ def decode(data: bytes, max_short: int, settles: bool = True):
         raise ImageRejected(f"undecodable: no image data could be decoded ({first_error})", first, repairing=True)
     if is_draftable(img):
         _check_decoded_part(img, first)
+    else:
+        _check_filled_part(data, max_short, img, first)
     if settles and not looks_truncated(data, img.format):
         _settle_repair("decoding", first, data, max_short)
     return img, orig, target, box, True

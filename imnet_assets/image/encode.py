@@ -70,7 +70,9 @@ JPEG_OPTIONS = {"subsampling": "4:2:0", "progressive": False, "optimize": True}
 
 # Part of every shard's fingerprint (stages/shard.py): raise it when the same source and settings
 # would give other stored bytes.
-ENCODER_VERSION = "2"  # 2: JPEG data that runs out before EOI is repaired or rejected; progressive memory cap
+ENCODER_VERSION = "3"  # 2: JPEG data that runs out before EOI is repaired or rejected; progressive memory cap;
+# 3: an ICC profile claiming RGB on a CMYK or grey source is no longer carried; a cut-short PNG, GIF, ...
+#    of which under 5% of the rows decode is refused (decode._filled_rows), as a JPEG was
 
 
 @dataclass(frozen=True)
@@ -227,7 +229,7 @@ def encode_image(data: bytes, settings: EncodeSettings = DEFAULT_SETTINGS) -> En
         img, (ow, oh), target, box, repaired = decode(data, settings.max_short)
         info = img.info
         exif = filter_exif(info.get("exif"))
-        icc = rgb_icc_profile(info.get("icc_profile"))
+        icc = rgb_icc_profile(info.get("icc_profile"), img.mode)
         out = _to_rgb_resized(img, target, box)
     except (ImageRejected, MemoryError, MachineryFault):
         raise

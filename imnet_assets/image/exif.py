@@ -6,6 +6,8 @@ from __future__ import annotations
 import struct
 
 ICC_RGB = b"RGB "
+# Decoded modes whose pixels are RGB values (a JPEG's YCbCr decodes to "RGB"; a palette holds RGB)
+RGB_SOURCE_MODES = frozenset({"RGB", "RGBA", "RGBX", "RGBa", "P", "PA"})
 
 # Colour-space EXIF tags kept (everything else, including Orientation, GPS, maker notes, is dropped).
 _KEEP_IFD0 = frozenset({0x013E, 0x013F, 0x0211, 0x0212, 0x0213})  # WhitePoint, PrimaryChromaticities,
@@ -141,9 +143,11 @@ def _filter_exif(tiff: bytes) -> bytes | None:
     return b"".join(parts)
 
 
-def rgb_icc_profile(icc: bytes | None) -> bytes | None:
-    """The ICC profile to carry: only a profile whose colour space (header bytes 16:20) is RGB.
-    CMYK/grey profiles describe pixels that convert("RGB") has already converted naively."""
-    if icc and len(icc) >= 128 and icc[16:20] == ICC_RGB:
+def rgb_icc_profile(icc: bytes | None, mode: str) -> bytes | None:
+    """The ICC profile to carry: only an RGB source's (decoded `mode` RGB, with alpha or a palette)
+    and only a profile whose colour space (header bytes 16:20) is RGB. CMYK/grey sources and their
+    profiles describe pixels that convert("RGB") has already converted naively: a profile claiming
+    RGB on a CMYK or grey image (mislabelled files exist) would mislabel the stored pixels."""
+    if mode in RGB_SOURCE_MODES and icc and len(icc) >= 128 and icc[16:20] == ICC_RGB:
         return bytes(icc)
     return None

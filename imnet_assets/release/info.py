@@ -33,7 +33,10 @@ def info_document(settings: Settings, lengths: dict[str, int], catalog=None) -> 
             "shard_lengths": counts,
             "num_samples": sum(counts),
         }
-    splits.update(altlabels.info_splits_for(settings, splits["train"], catalog))  # issue 17: train_in1k
+    alt = altlabels.info_splits_for(settings, splits["train"], catalog)  # issue 17: train_in1k
+    if set(alt) & set(splits):  # refused by the settings (check_split_names): a split would hide another
+        raise ValueError(f"_info.json splits {sorted(set(alt) & set(splits))} named twice")
+    splits.update(alt)
     return {"name": dataset_name(settings), "splits": splits}
 
 

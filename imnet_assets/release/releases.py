@@ -32,6 +32,7 @@ from imnet_assets.settings import (
     SettingsError,
     check_roots_apart,
     check_shard_pattern,
+    check_split_names,
     environment,
     parse_holdout,
     project_root,
@@ -166,6 +167,7 @@ def _release(name: str, table, base: Settings, where: str, root: Path) -> Settin
         raise SettingsError(f"{at}: holdout takes {taken} shards of {release.num_shards}; train needs at least one")
     if release.val_per_class and "validation" in dict(release.holdout):
         raise SettingsError(f"{at}: val_per_class makes a 'validation' split of its own; holdout may not name one too")
+    check_split_names(release.holdout, release.alt_labels, f"{at} holdout")
     return release
 
 

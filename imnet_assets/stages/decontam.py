@@ -70,7 +70,9 @@ def index_inputs(settings) -> tuple:
         parts += ("eval", DECONTAM_VERSION, NEAR_DUPLICATE_BITS,
                   hashlib.sha256(json.dumps(entries).encode()).hexdigest())
     if settings.dedup != "off":
-        parts += ("dedup", settings.dedup)
+        # 2: repeated keys and later copies settled together (settle_keys_and_copies): an index
+        # settled by the earlier rule is settled again (no tar is read again)
+        parts += ("dedup", settings.dedup, "2")
     return parts
 
 
@@ -121,11 +123,14 @@ def refresh_eval_images(cat, settings, run_id: str, log: Log = print) -> dict:
 
 def settle_index(cat, settings, run_id: str, log: Log = print) -> dict:
     """The exclusions the index settles after every tar is scanned and before the plan: eval
-    overlaps, `duplicate_of`, and (IMNET_DEDUP=exact) later copies. Idempotent: earlier results
+    overlaps, `duplicate_of`, repeated keys and (IMNET_DEDUP=exact) later copies. Idempotent: earlier results
     of these rules are undone first. Returns facts for the asset's metadata."""
     eval_facts = refresh_eval_images(cat, settings, run_id, log)
-    cat.run("overlaps_settle", {"threshold": NEAR_DUPLICATE_BITS, "radius": NEAR_DUPLICATE_BITS // BANDS,
-                                "dedup": settings.dedup})
+    cat.run("overlaps_settle", {"threshold": NEAR_DUPLICATE_BITS, "radius": NEAR_DUPLICATE_BITS // BANDS})
+    if settings.dedup == "exact":
+        settle_keys_and_copies(cat)
+    else:
+        cat.run("index_duplicates")
     facts = {**{f"eval_{k}": v for k, v in eval_facts.items()}, **cat.one("overlaps_summary")}
     facts["duplicate_groups_top"] = cat.dicts("duplicate_groups_top")
     if settings.eval_exclude:
@@ -133,3 +138,29 @@ def settle_index(cat, settings, run_id: str, log: Log = print) -> dict:
         log(f"eval overlaps: {facts['eval_overlaps_exact']} byte-identical, {facts['eval_overlaps_near']} near "
             f"(pHash within {NEAR_DUPLICATE_BITS} bits)")
     return facts
+
+
+def settle_keys_and_copies(cat) -> None:
+    """IMNET_DEDUP=exact: repeated keys and later copies of the same bytes, decided together, so
+    that every exclusion names a row that stays. Settled one at a time in (key, tar, offset) order
+    (sql/index_keys_copies.sql), a row is excluded when a row kept before it holds its key
+    ("duplicate key: also in ..."; of one key the first by tar, offset stays, as index_duplicates.sql
+    decides without dedup) or its bytes ("duplicate of <key>": the first copy by key stays). Decided
+    apart, the first copy of some bytes could lose its key to another file and every copy be gone."""
+    keys: dict[str, tuple[str, str, int]] = {}
+    copies: dict[str, str] = {}
+    excluded = []
+    for key, tar, offset, member, sha in cat.rows("index_keys_copies"):
+        if key in keys:
+            t, m, o = keys[key]
+            where = t + m if t.endswith("/") else f"{t} at byte {o}"  # a synset folder: its file
+            excluded.append((key, tar, offset, f"duplicate key: also in {where}"))
+        elif sha is not None and sha in copies:
+            excluded.append((key, tar, offset, f"duplicate of {copies[sha]}"))
+        else:
+            keys[key] = (tar, member, offset)
+            if sha is not None:
+                copies[sha] = key
+    if excluded:
+        with staged_csv(["key", "tar", "offset", "reason"], excluded) as path:
+            cat.run("index_keys_copies_apply", {"path": path})

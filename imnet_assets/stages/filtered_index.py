@@ -94,8 +94,8 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print,
                 rows, scans, staged, flushed = [], [], [], time.monotonic()
                 log(f"indexed {n}/{len(todo)} tars")
         with cat.transaction():
-            overlaps = settle_index(cat, settings, run_id, log)  # issue 17: eval overlaps, duplicate_of, dedup
-            cat.run("index_duplicates")
+            # issue 17: eval overlaps, duplicate_of, repeated keys, dedup
+            overlaps = settle_index(cat, settings, run_id, log)
             cat.run("index_count_kept")
             # recorded as it will be once the markers acted on are removed (below)
             cat.set_stage("filtered_index", listing_fingerprints(listing, settings)["filtered_index"], run_id)

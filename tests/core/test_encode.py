@@ -401,6 +401,21 @@ def test_cmyk_and_grey_icc_profiles_dropped(imgs):
     assert "icc_profile" not in imgs.decode(webp).info
 
 
+def test_rgb_profile_on_cmyk_or_grey_source_dropped(imgs):
+    # SPEC: "An RGB source's ICC profile is carried": a CMYK or grey file labelled with an RGB profile
+    # is no RGB source; its pixels went through convert("RGB"), which the profile does not describe
+    icc = imgs.srgb_icc()
+    for mode in ("CMYK", "L"):
+        data = imgs.to_bytes(imgs.smooth_rgb(120, 90).convert(mode), "JPEG", icc_profile=icc)
+        assert Image.open(io.BytesIO(data)).info["icc_profile"] == icc
+        webp = encode_image(data, S).webp
+        assert "icc_profile" not in imgs.decode(webp).info and b"ICCP" not in webp_chunks(webp), mode
+    # palette and alpha sources hold RGB values: theirs is carried
+    for mode in ("P", "RGBA"):
+        data = imgs.to_bytes(imgs.smooth_rgb(120, 90).convert(mode), "PNG", icc_profile=icc)
+        assert imgs.decode(encode_image(data, S).webp).info.get("icc_profile") == icc, mode
+
+
 # ------------------------------------------------------------------------------------- bad / truncated
 
 
@@ -438,6 +453,31 @@ def test_truncated_png_and_gif_repaired(imgs):
     # a missing PNG IEND or GIF trailer alone decodes fine: nothing to repair
     assert encode_image(png[:-12], S).repaired is False
     assert encode_image(gif[:-1], S).repaired is False
+
+
+def test_truncated_png_and_gif_under_5_percent_of_rows_rejected():
+    # SPEC: a truncated image is repaired unless under 5% of its rows decode. A PNG's or GIF's
+    # undecoded rows are zeros, like decoded black ones: only a JPEG's grey fill was counted before
+    rng = np.random.default_rng(5)
+    src = Image.fromarray(rng.integers(0, 256, (400, 96, 3), dtype=np.uint8))  # noise: bytes ~ rows
+    out = io.BytesIO()
+    src.save(out, "PNG")
+    png = out.getvalue()
+    out = io.BytesIO()
+    src.convert("P").save(out, "GIF")  # Pillow interlaces GIFs: cut at half, every other row decoded
+    gif = out.getvalue()
+    for data in (png[: len(png) // 50], gif[: len(gif) // 40]):
+        with pytest.raises(ImageRejected, match=r"ends early, only \d\.\d% of its rows decoded \(min 5%\)"):
+            encode_image(data, S)
+    for data in (png[: len(png) // 2], gif[: len(gif) // 2]):
+        enc = encode_image(data, S)
+        assert enc.repaired and (enc.width, enc.height) == (96, 400)
+    # rows decoded black are decoded rows: black on top of noise, cut below the black, is repaired
+    top = np.concatenate([np.zeros((200, 96, 3), np.uint8), rng.integers(0, 256, (200, 96, 3), dtype=np.uint8)])
+    out = io.BytesIO()
+    Image.fromarray(top).save(out, "PNG")
+    data = out.getvalue()
+    assert encode_image(data[: len(data) * 3 // 4], S).repaired
 
 
 def _jpeg_header_only(imgs) -> bytes:

@@ -295,6 +295,35 @@ def test_dedup_exact_excludes_later_copies_and_off_brings_them_back(built, copy)
     assert query(s, "SELECT count(*) FROM images WHERE duplicate_of IS NOT NULL")[0][0] == 3
 
 
+def test_dedup_exact_keeps_a_copy_whose_first_lost_its_key(tmp_path):
+    # n01443537_2 twice: a file misplaced in n01440764.tar (first by tar, it keeps the key) and the
+    # real one, whose bytes are also n01443537_9's. The first copy by key is the real _2, which the
+    # repeated key excludes: decided apart, _9 was excluded as its copy and those bytes were gone.
+    a, b = IN1K
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    same = _photo(7)
+    at = write_raw_tar(raw / f"{a}.tar", [(f"{a}_1.JPEG", _photo(1)), (f"{b}_2.JPEG", _photo(2))])[f"{b}_2.JPEG"][0]
+    write_raw_tar(raw / f"{b}.tar", [(f"{b}_2.JPEG", same), (f"{b}_9.JPEG", same), (f"{b}_3.JPEG", _photo(3)),
+                                     (f"{b}_4.JPEG", _photo(3))])
+    s = local_settings(raw, tmp_path, IMNET_NUM_SHARDS=2, IMNET_DEDUP="exact")
+    build_catalog_stages(s)
+    rows = query(s, 'SELECT key, tar, status, reason FROM images ORDER BY key, tar')
+    assert rows == [(f"{a}_1", f"{a}.tar", "kept", None),
+                    (f"{b}_2", f"{a}.tar", "kept", None),
+                    (f"{b}_2", f"{b}.tar", "excluded", f"duplicate key: also in {a}.tar at byte {at}"),
+                    (f"{b}_3", f"{b}.tar", "kept", None),
+                    (f"{b}_4", f"{b}.tar", "excluded", f"duplicate of {b}_3"),
+                    (f"{b}_9", f"{b}.tar", "kept", None)]
+    # every exclusion for a key or a copy names a row that stays
+    assert query(s, "SELECT count(DISTINCT sha256) FROM images") == \
+        query(s, "SELECT count(DISTINCT sha256) FROM images WHERE status = 'kept'")
+    # and with IMNET_DEDUP=off the same keys are settled as before, every copy kept
+    off = local_settings(raw, tmp_path, IMNET_NUM_SHARDS=2)
+    build_filtered_index(off, "run-off", log=QUIET)
+    assert query(s, "SELECT key, tar, status FROM images WHERE status = 'excluded'") == [(f"{b}_2", f"{b}.tar", "excluded")]
+
+
 def test_a_changed_eval_set_is_matched_again_without_rescanning_tars(built, copy, tmp_path):
     ev = tmp_path / "eval2"
     shutil.copytree(built.rel.eval, ev)

@@ -150,7 +150,7 @@ def test_every_quirk_as_jpeg_follows_the_output_rules(release, encoded):
         assert kinds <= {0xE0, 0xE1, 0xE2, 0xDB, 0xC4, 0xC0, 0xDA}, (name, sorted(kinds))
         assert b"http://ns.adobe.com/xap" not in enc.webp and b"xmpmeta" not in enc.webp, name
         source_icc = src.info.get("icc_profile")
-        assert icc == rgb_icc_profile(source_icc), name
+        assert icc == rgb_icc_profile(source_icc, src.mode), name
         # the pixels are the rule's (convert("RGB"), 16-bit grey scaled, resized) within JPEG's loss:
         # under 7.5 on these noisy photos at JPEG quality 90 (WebP's: 0.7 to 6.5); a wrong colour rule
         # (CMYK inverted, 16-bit grey clipped at 255) is off by tens
@@ -227,20 +227,21 @@ def test_jpeg_bytes_are_the_same_in_another_process_with_or_without_simd(release
 
 def test_the_codec_and_its_settings_are_in_the_fingerprint_and_webp_fingerprints_stay():
     digest = "d" * 64
-    # computed by main at 511cfcd, before the codec was a setting: existing WebP shards stay fresh
-    assert fingerprint(digest, EncodeSettings()) == "40cc864af15bda835ae13246fc79a8f43aeb3b88ba99fc35353436b6e90d5c11"
+    # computed at ENCODER_VERSION 3 (main at 511cfcd, before the codec was a setting, gave these at 2:
+    # adding the codec setting made no WebP shard stale; version 3's ICC rule does, on purpose)
+    assert fingerprint(digest, EncodeSettings()) == "37dbb7b176681b1b1449b99552851f703cd0db3bf9334d529cf3ab75746caf86"
     assert fingerprint(digest, EncodeSettings(alt_labels="in1k")) == \
-        "fc9901b3b10b5c375c65b8a1534c5e40601517d83ab623773de5ca1d74967657"
+        "565a4f7e2b73fcb0c9cf713f9319f5d705d596a087f3b6114bbba6debfbc1a2d"
     assert fingerprint(digest, EncodeSettings(quality=80, method=2, max_short=512)) == \
-        "9a1f9b06b66066cb4fd4aea8aacbcd37649f3304798ad84aecb6d73ca4029638"
-    assert code_version(EncodeSettings()) == "enc2-q90-m4-s768"
+        "2e3fbdbc76f4902648c9f314dc2a9f14824ec72fe597ac0c7837c31012cd124c"
+    assert code_version(EncodeSettings()) == "enc3-q90-m4-s768"
     jpeg = fingerprint(digest, JPEG)
     others = {fingerprint(digest, EncodeSettings(quality=95)), fingerprint(digest, EncodeSettings(codec="jpeg", quality=94)),
               fingerprint(digest, EncodeSettings(codec="jpeg", quality=95, max_short=512))}
     assert jpeg not in others and len(others) == 3
     # the WebP method does not touch a JPEG's bytes, so it does not make JPEG shards stale
     assert fingerprint(digest, EncodeSettings(codec="jpeg", quality=95, method=6)) == jpeg
-    assert code_version(JPEG) == "enc2-jpeg-q95-s768"
+    assert code_version(JPEG) == "enc3-jpeg-q95-s768"
 
 
 def test_jpeg_problem_reads_the_frame_and_judges_what_it_cannot(release, encoded):
@@ -376,4 +377,4 @@ def test_the_card_of_a_jpeg_release_says_jpeg(built):
     assert "width of the stored JPEG" in text and "WebP" not in text
     assert 'to_tuple("jpg", "cls", "json")' in text and 'input_key="jpg"' in text
     assert "| `codec` | `jpeg` |" in text and "| `jpeg_quality` | `95` |" in text
-    assert "enc2-jpeg-q95-s768" in text
+    assert "enc3-jpeg-q95-s768" in text
