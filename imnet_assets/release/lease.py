@@ -42,6 +42,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from imnet_assets.release.outroot import RECORD_MAX_BYTES
 from imnet_assets.runtime.host import pid_alive, pid_namespace
 from imnet_assets.storage import atomic, fs
 
@@ -310,7 +311,7 @@ def held_leases(out_root: str, prefix: str = "") -> dict[str, dict]:
         if (m := _GENERATION.match(leaf)) and name.startswith(prefix) and "/" not in name:
             top[name] = max(top.get(name, 0), int(m.group(1)))
     urls = {name: fs.join(lease_folder(out_root, name), f"{g:08d}.json") for name, g in top.items()}
-    docs = fs.read_json_many(list(urls.values())) if urls else {}
+    docs = fs.read_json_many(list(urls.values()), limit=RECORD_MAX_BYTES, kind="a lease file") if urls else {}
     return {name: docs[url] for name, url in urls.items() if holder_alive(docs[url])}
 
 
