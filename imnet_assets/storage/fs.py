@@ -218,7 +218,7 @@ def listdir_and_folders(url: str) -> tuple[list[dict], list[str]]:
 @_names_remote_errors("list")
 def find_files(url: str) -> list[dict]:
     """Every file under the folder (prefix) at `url`, subfolders included: dicts with `path`
-    (relative to `url`, "/"-separated), `size`, `stamp` (see `_stamp`). On S3 one listing without
+    (relative to `url`, "/"-separated), `size`, `stamp` (see `_stamp`), `mtime` (as listdir's). On S3 one listing without
     a delimiter (one request per 1,000 keys); folder markers (keys ending in "/") are left out."""
     fs, path = filesystem(url)
     path = path.rstrip("/")
@@ -231,7 +231,8 @@ def find_files(url: str) -> list[dict]:
         rel = name[len(path) + 1 :] if name.startswith(path + "/") else ""
         if info.get("type") == "directory" or not rel or rel.endswith("/"):
             continue
-        out.append({"path": rel, "size": int(info.get("size") or 0), "stamp": _stamp(info)})
+        out.append({"path": rel, "size": int(info.get("size") or 0), "stamp": _stamp(info),
+                    "mtime": str(info.get("mtime") or info.get("LastModified") or "")})
     return out
 
 
