@@ -43,6 +43,7 @@ import json
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -57,6 +58,7 @@ LOCKS_DIR = "_locks"
 RENEW_SECONDS = 30.0  # how often a held lease is renewed
 EXPIRE_SECONDS = 300.0  # a lease of another host not renewed for this long is taken over
 TAKE_ATTEMPTS = 8  # looks at a lease whose generation others keep creating before giving up
+SETTLE_ATTEMPTS = 10  # rounds of the renewer that try to remove a failed take's object (_settle_all)
 _GENERATION = re.compile(r"^(\d{8})\.json$")
 
 
@@ -106,6 +108,7 @@ _held: dict[str, Lease] = {}  # token -> lease, for every lease this process hol
 _unsettled: dict[str, Lease] = {}  # token -> a failed take's lease, whose object may be there (_settle)
 _held_lock = threading.Lock()
 _renewer: threading.Thread | None = None
+_settler: threading.Thread | None = None  # removing failed takes' objects (_settle_all)
 _wake = threading.Event()
 
 
@@ -135,6 +138,7 @@ class Lease:
     holder: dict
     lost: str | None = None
     taken: bool = False  # its object exists (until then it is in _held, but not renewed)
+    settle_failures: int = 0  # failed tries at removing the object of a take that failed (_settle_all)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -396,13 +400,37 @@ def _renew_all() -> None:
         for lease in leases:
             with contextlib.suppress(Exception):  # storage down: tried again next time
                 lease.renew()
+        _start_settler()
+
+
+def _settle_all() -> None:
+    """One try at each failed take's object (`_settle`), in a thread of its own: a storage that keeps
+    one retrying for minutes never holds up the renewals. One the storage refuses SETTLE_ATTEMPTS
+    times (a try each RENEW_SECONDS) is given up with a line on stderr naming it."""
+    with _held_lock:
+        unsettled = list(_unsettled.values())
+    for lease in unsettled:
+        try:
+            _settle(lease)
+        except Exception as e:  # noqa: BLE001 - storage down or refusing: tried again next round
+            lease.settle_failures += 1
+            if lease.settle_failures < SETTLE_ATTEMPTS:
+                continue
+            print(fs.redact(f"warning: gave up removing {lease.url}, the lease object of a take that failed, "
+                            f"after {SETTLE_ATTEMPTS} tries ({type(e).__name__}: {e}): it names this process "
+                            f"(pid {os.getpid()}), which does not hold it, until the process ends (seen from "
+                            f"another host: {EXPIRE_SECONDS:.0f}s); remove it to take the lease sooner"),
+                  file=sys.stderr, flush=True)
         with _held_lock:
-            unsettled = list(_unsettled.values())
-        for lease in unsettled:
-            with contextlib.suppress(Exception):  # storage down: tried again next time
-                _settle(lease)
-                with _held_lock:
-                    _unsettled.pop(lease.token, None)
+            _unsettled.pop(lease.token, None)
+
+
+def _start_settler() -> None:
+    global _settler
+    with _held_lock:
+        if _unsettled and (_settler is None or not _settler.is_alive()):
+            _settler = threading.Thread(target=_settle_all, name="imnet-lease-settler", daemon=True)
+            _settler.start()
 
 
 def _settle(lease: Lease) -> None:
