@@ -26,7 +26,7 @@ holder's clock). A lease this process holds is alive while it is held (two threa
 process are two holders).
 
 A generation object that is damaged (it does not parse, is not a holder's document, or is larger
-than one can be: outroot.RECORD_MAX_BYTES) names no one, but its holder may be alive: it counts as
+than one can be: LEASE_MAX_BYTES) names no one, but its holder may be alive: it counts as
 held by an unknown holder, renewed when the object was last written (`_damaged`), so a second build
 still refuses (naming the damaged file) until it is EXPIRE_SECONDS old, then takes it over, removing
 it; a live holder writes its own generation again at its next renewal, and the damage is gone.
@@ -50,7 +50,6 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from imnet_assets.release.outroot import RECORD_MAX_BYTES
 from imnet_assets.runtime.host import pid_alive, pid_namespace
 from imnet_assets.storage import atomic, fs
 
@@ -58,6 +57,7 @@ LOCKS_DIR = "_locks"
 RENEW_SECONDS = 30.0  # how often a held lease is renewed
 EXPIRE_SECONDS = 300.0  # a lease of another host not renewed for this long is taken over
 TAKE_ATTEMPTS = 8  # looks at a lease whose generation others keep creating before giving up
+LEASE_MAX_BYTES = 1 << 20  # a lease object is ~300 bytes: a larger one is damaged, never read whole
 SETTLE_ATTEMPTS = 10  # rounds of the renewer that try to remove a failed take's object (_settle_all)
 _GENERATION = re.compile(r"^(\d{8})\.json$")
 
@@ -232,7 +232,7 @@ def _holder_at(url: str, written: float) -> dict | None:
     """The holder document at `url` (None: no object there); a damaged one (see the module's
     docstring) as `_damaged`'s unknown holder. A storage that does not answer raises."""
     try:
-        data = fs.read_bytes(url, limit=RECORD_MAX_BYTES, kind="a lease file")
+        data = fs.read_bytes(url, limit=LEASE_MAX_BYTES, kind="a lease file")
     except FileNotFoundError:
         return None
     except fs.TooLarge:
@@ -377,7 +377,7 @@ def held_leases(out_root: str, prefix: str = "") -> dict[str, dict]:
             top[name] = max(top.get(name, (0, 0.0)), (int(m.group(1)), _written(f["mtime"])))
     urls = {name: fs.join(lease_folder(out_root, name), f"{g:08d}.json") for name, (g, _) in top.items()}
     try:
-        data = fs.read_many(list(urls.values()), limit=RECORD_MAX_BYTES, kind="a lease file") if urls else {}
+        data = fs.read_many(list(urls.values()), limit=LEASE_MAX_BYTES, kind="a lease file") if urls else {}
         docs = {name: None if data[url] is None else _holder_of(url, data[url], top[name][1])
                 for name, url in urls.items()}
     except fs.TooLarge:  # one is damaged so: each read on its own (rare)
