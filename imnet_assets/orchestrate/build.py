@@ -338,6 +338,9 @@ class Build:
         except KeyboardInterrupt:  # here, not in the runs' generator (a progress line being printed)
             shard_runs.interrupted()
             raise
+        except BaseException:  # an error here (a progress line that cannot be written): the runs in
+            results.close()  # flight end as they would before the lease is released (ShardRuns.finished)
+            raise
         finally:
             self.runs_left_behind = shard_runs.left_behind  # Ctrl-C: the runs still going in other threads
         order = {k: i for i, k in enumerate(todo)}
