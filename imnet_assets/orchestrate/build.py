@@ -313,8 +313,12 @@ class Build:
         failed: list[str] = []
         name = label(r)
         shard_runs = ShardRuns(lambda key: self.materialize(["wds_shards"], key, r), runs)
+        # Held by a name: a Ctrl-C in the loop's body (a progress line being printed) reaches the
+        # except below before the generator is closed (leaving the loop would close it at once, and
+        # its close waited for the runs in flight, which then committed after the stop).
+        results = shard_runs.finished(todo, stop=lambda: bool(failed) and not self.keep_going)
         try:
-            for key, result, failures in shard_runs.finished(todo, stop=lambda: bool(failed) and not self.keep_going):
+            for key, result, failures in results:
                 done += 1
                 if failures:
                     failed.append(key)
@@ -331,6 +335,12 @@ class Build:
                 self.say(f"  [{done}/{len(todo)}] {name}shard {key}: {md.get('samples')} samples "
                          f"({md.get('excluded')} excluded, {md.get('repaired')} repaired), "
                          f"{md.get('images_per_s')} img/s; overall {images / elapsed:.1f} img/s, eta {eta:.0f}s")
+        except KeyboardInterrupt:  # here, not in the runs' generator (a progress line being printed)
+            shard_runs.interrupted()
+            raise
+        except BaseException:  # an error here (a progress line that cannot be written): the runs in
+            results.close()  # flight end as they would before the lease is released (ShardRuns.finished)
+            raise
         finally:
             self.runs_left_behind = shard_runs.left_behind  # Ctrl-C: the runs still going in other threads
         order = {k: i for i, k in enumerate(todo)}

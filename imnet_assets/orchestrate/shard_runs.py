@@ -32,6 +32,20 @@ class ShardRuns:
         self.run = run
         self.runs = runs
         self.left_behind = 0
+        self._pool = None  # the runs' threads (runs > 1), and the runs started and not yet yielded
+        self._pending: dict = {}
+        self._stopped = False
+
+    def interrupted(self) -> None:
+        """Ctrl-C or SIGTERM came: no run starts any more and none is waited for; `left_behind` counts
+        those still going (they end with this process: build.build). Said by `finished` when the
+        signal came inside it, and by its caller when it came while the caller handled a result (its
+        progress line being printed): the generator, suspended, never sees that one, and its close
+        (GeneratorExit) waited for the runs in flight to end, which then committed after the stop."""
+        self._stopped = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self.left_behind = len(self._pending)
 
     def finished(self, todo: list[str], stop: Callable[[], bool]) -> Iterator[tuple[str, object, list[str]]]:
         """(key, result, failures) per shard run, as they finish; no new run starts once `stop()`."""
@@ -43,9 +57,9 @@ class ShardRuns:
             return
         from concurrent.futures import ThreadPoolExecutor
 
-        pool = ThreadPoolExecutor(self.runs, thread_name_prefix="imnet-shard-run")
+        pool = self._pool = ThreadPoolExecutor(self.runs, thread_name_prefix="imnet-shard-run")
         queue = iter(todo)
-        pending: dict = {}
+        pending = self._pending
         try:
             for key in queue:
                 pending[pool.submit(self.run, key)] = key
@@ -63,10 +77,11 @@ class ShardRuns:
         except KeyboardInterrupt:
             # Ctrl-C reaches this thread only; the runs in the others cannot be interrupted from
             # here: they end with this process (build.build), and the next build marks them failed.
-            pool.shutdown(wait=False, cancel_futures=True)
-            self.left_behind = len(pending)
+            self.interrupted()
             raise
         except BaseException:
+            if self._stopped:  # closed after its caller was interrupted (`interrupted`): no wait
+                raise
             # a run that could not even be recorded (DAGSTER_HOME full): the others end as they
             # would (the process waits for its threads anyway), none starts, and then the build
             # releases its lease (Build.run) instead of leaving it to a process that is gone

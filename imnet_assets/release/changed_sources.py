@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
-from imnet_assets.release.outroot import MANIFEST_DIR
+from imnet_assets.release.outroot import MANIFEST_DIR, RECORD_MAX_BYTES
 from imnet_assets.storage import atomic, fs
 
 MARK_FOLDER = "_changed_sources"  # under the out root's manifest folder (outroot.MANIFEST_DIR)
@@ -75,7 +75,8 @@ def pending(out_root: str) -> dict[str, Marker]:
     if not entries:
         return {}
     found = {}
-    for url, data in fs.read_many([e["url"] for e in entries]).items():
+    for url, data in fs.read_many([e["url"] for e in entries], limit=RECORD_MAX_BYTES,
+                                     kind="a changed-source marker").items():
         if data is None:  # removed since the listing
             continue
         tar = unquote(fs.basename(url)[: -len(".json")])

@@ -28,7 +28,7 @@ import json
 import threading
 from dataclasses import dataclass
 
-from imnet_assets.release.outroot import MANIFEST_DIR, state_url, unchanged_on_storage
+from imnet_assets.release.outroot import MANIFEST_DIR, RECORD_MAX_BYTES, state_url, unchanged_on_storage
 from imnet_assets.storage import atomic, fs
 
 _STATE_SUFFIX = ".state.json"
@@ -90,7 +90,7 @@ def look_at_shards(out_root: str, keys: list[str], names: list[str]) -> OutRootL
                     unread.append(url)
         to_read = unread
     if to_read:
-        docs = fs.read_json_many(to_read)
+        docs = fs.read_json_many(to_read, limit=RECORD_MAX_BYTES, kind="a commit record")
         with _cache_lock:
             for url, doc in docs.items():
                 doc = doc if isinstance(doc, dict) else None

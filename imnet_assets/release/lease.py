@@ -25,6 +25,12 @@ for EXPIRE_SECONDS (a heartbeat thread renews every held lease each RENEW_SECOND
 holder's clock). A lease this process holds is alive while it is held (two threads of one
 process are two holders).
 
+A generation object that is damaged (it does not parse, is not a holder's document, or is larger
+than one can be: LEASE_MAX_BYTES) names no one, but its holder may be alive: it counts as
+held by an unknown holder, renewed when the object was last written (`_damaged`), so a second build
+still refuses (naming the damaged file) until it is EXPIRE_SECONDS old, then takes it over, removing
+it; a live holder writes its own generation again at its next renewal, and the damage is gone.
+
 A holder that finds, when renewing, a newer generation than its own (it was taken for gone: a
 heartbeat that could not reach the storage for EXPIRE_SECONDS) marks its lease lost; `check()`
 then raises LeaseLost, before anything is committed under it.
@@ -37,10 +43,12 @@ import json
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from imnet_assets.runtime.host import pid_alive, pid_namespace
 from imnet_assets.storage import atomic, fs
@@ -49,6 +57,8 @@ LOCKS_DIR = "_locks"
 RENEW_SECONDS = 30.0  # how often a held lease is renewed
 EXPIRE_SECONDS = 300.0  # a lease of another host not renewed for this long is taken over
 TAKE_ATTEMPTS = 8  # looks at a lease whose generation others keep creating before giving up
+LEASE_MAX_BYTES = 1 << 20  # a lease object is ~300 bytes: a larger one is damaged, never read whole
+SETTLE_ATTEMPTS = 10  # rounds of the renewer that try to remove a failed take's object (_settle_all)
 _GENERATION = re.compile(r"^(\d{8})\.json$")
 
 
@@ -82,6 +92,8 @@ def _utc(t: float) -> str:
 
 def describe(holder: dict) -> str:
     """`run 1a2b3c4d (host h, pid 123, since 2026-12-06T13:55:02Z)`."""
+    if holder.get("damaged"):
+        return holder["what"]
     try:
         since = _utc(float(holder.get("since", 0)))
     except (TypeError, ValueError):
@@ -96,14 +108,17 @@ _held: dict[str, Lease] = {}  # token -> lease, for every lease this process hol
 _unsettled: dict[str, Lease] = {}  # token -> a failed take's lease, whose object may be there (_settle)
 _held_lock = threading.Lock()
 _renewer: threading.Thread | None = None
+_settler: threading.Thread | None = None  # removing failed takes' objects (_settle_all)
 _wake = threading.Event()
 
 
 def holder_alive(holder: dict | None, now: float | None = None) -> bool:
     """Whether the holder a lease names may still be alive (see the module's docstring)."""
     if not isinstance(holder, dict):
-        return False  # not a lease this module wrote (a torn local write cannot happen: see _create)
+        return False  # no lease object
     now = time.time() if now is None else now
+    if holder.get("damaged"):  # an unknown holder, renewed when its object was last written
+        return now - holder["renewed"] < EXPIRE_SECONDS
     try:
         since, renewed, pid = float(holder["since"]), float(holder["renewed"]), int(holder["pid"])
     except (KeyError, TypeError, ValueError):
@@ -123,6 +138,7 @@ class Lease:
     holder: dict
     lost: str | None = None
     taken: bool = False  # its object exists (until then it is in _held, but not renewed)
+    settle_failures: int = 0  # failed tries at removing the object of a take that failed (_settle_all)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -144,11 +160,13 @@ class Lease:
         with self._lock:
             if self.lost or not self.taken:
                 return
-            gens = _generations(self.folder)
-            newer = [g for g in gens if g > self.generation]
-            current = fs.read_json(self.url) if self.generation in gens else None
-            if newer or not isinstance(current, dict) or current.get("token") != self.token:
-                taker = fs.read_json(fs.join(self.folder, f"{max(newer):08d}.json")) if newer else None
+            written = _listing(self.folder)
+            newer = [g for g in written if g > self.generation]
+            current = _holder_at(self.url, written[self.generation]) if self.generation in written else None
+            # its own generation damaged, none newer: no one else writes it, so it is written again now
+            if newer or current is None or (not current.get("damaged") and current.get("token") != self.token):
+                taker = _holder_at(fs.join(self.folder, f"{max(newer):08d}.json"), written[max(newer)]) \
+                    if newer else None
                 self.lost = (f"the lease {self.url} was taken over"
                              + (f" by {describe(taker)}" if isinstance(taker, dict) else "")
                              + f" while {self.holder['what']} held it (not renewed for {EXPIRE_SECONDS:.0f}s?)")
@@ -169,9 +187,9 @@ class Lease:
             # the process is gone (or, seen from another host, once it is not renewed).
             for wait in (0.5, 2.0, None):
                 try:
-                    current = fs.read_json(self.url)
-                    if isinstance(current, dict) and current.get("token") == self.token:
-                        fs.remove(self.url)
+                    current = _holder_at(self.url, time.time())
+                    if current is not None and (current.get("damaged") or current.get("token") == self.token):
+                        fs.remove(self.url)  # (damaged: its own generation, which no one else writes)
                     break
                 except Exception:  # noqa: BLE001 - storage that does not answer: tried again
                     if wait is None:
@@ -190,7 +208,54 @@ class Lease:
 
 
 def _generations(folder: str) -> list[int]:
-    return sorted(int(m.group(1)) for e in fs.listdir(folder) if (m := _GENERATION.match(e["name"])))
+    return sorted(_listing(folder))
+
+
+def _listing(folder: str) -> dict[int, float]:
+    """generation -> when its object was last written (by the storage's clock), from one listing."""
+    return {int(m.group(1)): _written(e["mtime"]) for e in fs.listdir(folder) if (m := _GENERATION.match(e["name"]))}
+
+
+def _written(mtime: str) -> float:
+    """A listing's modification time (a local file's seconds; S3's LastModified) as seconds."""
+    try:
+        return float(mtime)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(mtime).timestamp()
+    except ValueError:
+        return time.time()  # unknown: as if written now (a damaged object counts as held)
+
+
+def _holder_at(url: str, written: float) -> dict | None:
+    """The holder document at `url` (None: no object there); a damaged one (see the module's
+    docstring) as `_damaged`'s unknown holder. A storage that does not answer raises."""
+    try:
+        data = fs.read_bytes(url, limit=LEASE_MAX_BYTES, kind="a lease file")
+    except FileNotFoundError:
+        return None
+    except fs.TooLarge:
+        return _damaged(url, written, "larger than a lease file can be")
+    return _holder_of(url, data, written)
+
+
+def _holder_of(url: str, data: bytes, written: float) -> dict:
+    try:
+        doc = json.loads(data)
+        float(doc["since"]), float(doc["renewed"]), int(doc["pid"])  # noqa: B018 - what holder_alive reads
+        return doc
+    except (KeyError, TypeError, ValueError):
+        return _damaged(url, written, "not a lease holder's document (cut short or changed)")
+
+
+def _damaged(url: str, written: float, why: str) -> dict:
+    """An unknown holder standing for the damaged lease object at `url`: alive (holder_alive) until
+    the object is EXPIRE_SECONDS old, as another host's holder that stopped renewing."""
+    return {"what": f"an unknown holder (its lease {url} is damaged: {why}; a live holder writes it again "
+                    f"within {RENEW_SECONDS:.0f}s, else it is taken over once {EXPIRE_SECONDS:.0f}s old, at "
+                    f"{_utc(written + EXPIRE_SECONDS)}; remove it if no build is running)",
+            "damaged": True, "since": written, "renewed": written}
 
 
 def _create(url: str, data: bytes) -> bool:
@@ -241,11 +306,12 @@ def acquire(out_root: str, name: str, what: str) -> Lease:
     folder = lease_folder(out_root, name)
     atomic.sweep_partials(folder)  # temporary files of takers killed mid-write (local folders)
     for _attempt in range(TAKE_ATTEMPTS):
-        gens = _generations(folder)
+        written = _listing(folder)
+        gens = sorted(written)
         top = gens[-1] if gens else 0
         if top:
-            holder = fs.read_json(fs.join(folder, f"{top:08d}.json"))
-            if holder is None and not fs.exists(fs.join(folder, f"{top:08d}.json")):
+            holder = _holder_at(fs.join(folder, f"{top:08d}.json"), written[top])
+            if holder is None:
                 continue  # released meanwhile: look again
             if holder_alive(holder):
                 raise LeaseHeld(f"{describe(holder)} holds it (lease {fs.join(folder, f'{top:08d}.json')})", holder)
@@ -283,7 +349,7 @@ def acquire(out_root: str, name: str, what: str) -> Lease:
                 fs.remove(fs.join(folder, f"{g:08d}.json"))
         _start_renewer()
         return lease
-    holder = fs.read_json(fs.join(folder, f"{max(_generations(folder) or [0]):08d}.json")) or {}
+    holder = _holder_at(fs.join(folder, f"{max(_generations(folder) or [0]):08d}.json"), time.time()) or {}
     raise LeaseHeld(f"others keep taking it at once (the last: {describe(holder)})", holder)
 
 
@@ -291,11 +357,11 @@ def holder_of(out_root: str, name: str) -> tuple[dict, str] | None:
     """The holder of lease `name` and its lease's URL while one may be alive, else None: a look
     (one listing, one read) that takes nothing."""
     folder = lease_folder(out_root, name)
-    gens = _generations(folder)
-    if not gens:
+    written = _listing(folder)
+    if not written:
         return None
-    url = fs.join(folder, f"{gens[-1]:08d}.json")
-    holder = fs.read_json(url)
+    url = fs.join(folder, f"{max(written):08d}.json")
+    holder = _holder_at(url, written[max(written)])
     return (holder, url) if holder_alive(holder) else None
 
 
@@ -304,14 +370,19 @@ def held_leases(out_root: str, prefix: str = "") -> dict[str, dict]:
     may still be alive. One listing of `_locks/` (fs.find_files: on S3 one request per 1,000
     keys), then the current generations only, read at once (fs.read_json_many): as many reads as
     leases are present (the runs in flight, and those a killed run left), never one per shard."""
-    top: dict[str, int] = {}
+    top: dict[str, tuple[int, float]] = {}
     for f in fs.find_files(fs.join(out_root, LOCKS_DIR)):
         name, _, leaf = f["path"].rpartition("/")
         if (m := _GENERATION.match(leaf)) and name.startswith(prefix) and "/" not in name:
-            top[name] = max(top.get(name, 0), int(m.group(1)))
-    urls = {name: fs.join(lease_folder(out_root, name), f"{g:08d}.json") for name, g in top.items()}
-    docs = fs.read_json_many(list(urls.values())) if urls else {}
-    return {name: docs[url] for name, url in urls.items() if holder_alive(docs[url])}
+            top[name] = max(top.get(name, (0, 0.0)), (int(m.group(1)), _written(f["mtime"])))
+    urls = {name: fs.join(lease_folder(out_root, name), f"{g:08d}.json") for name, (g, _) in top.items()}
+    try:
+        data = fs.read_many(list(urls.values()), limit=LEASE_MAX_BYTES, kind="a lease file") if urls else {}
+        docs = {name: None if data[url] is None else _holder_of(url, data[url], top[name][1])
+                for name, url in urls.items()}
+    except fs.TooLarge:  # one is damaged so: each read on its own (rare)
+        docs = {name: _holder_at(url, top[name][1]) for name, url in urls.items()}
+    return {name: doc for name, doc in docs.items() if holder_alive(doc)}
 
 
 def held_shard_leases(out_root: str) -> dict[str, dict]:
@@ -329,13 +400,37 @@ def _renew_all() -> None:
         for lease in leases:
             with contextlib.suppress(Exception):  # storage down: tried again next time
                 lease.renew()
+        _start_settler()
+
+
+def _settle_all() -> None:
+    """One try at each failed take's object (`_settle`), in a thread of its own: a storage that keeps
+    one retrying for minutes never holds up the renewals. One the storage refuses SETTLE_ATTEMPTS
+    times (a try each RENEW_SECONDS) is given up with a line on stderr naming it."""
+    with _held_lock:
+        unsettled = list(_unsettled.values())
+    for lease in unsettled:
+        try:
+            _settle(lease)
+        except Exception as e:  # noqa: BLE001 - storage down or refusing: tried again next round
+            lease.settle_failures += 1
+            if lease.settle_failures < SETTLE_ATTEMPTS:
+                continue
+            print(fs.redact(f"warning: gave up removing {lease.url}, the lease object of a take that failed, "
+                            f"after {SETTLE_ATTEMPTS} tries ({type(e).__name__}: {e}): it names this process "
+                            f"(pid {os.getpid()}), which does not hold it, until the process ends (seen from "
+                            f"another host: {EXPIRE_SECONDS:.0f}s); remove it to take the lease sooner"),
+                  file=sys.stderr, flush=True)
         with _held_lock:
-            unsettled = list(_unsettled.values())
-        for lease in unsettled:
-            with contextlib.suppress(Exception):  # storage down: tried again next time
-                _settle(lease)
-                with _held_lock:
-                    _unsettled.pop(lease.token, None)
+            _unsettled.pop(lease.token, None)
+
+
+def _start_settler() -> None:
+    global _settler
+    with _held_lock:
+        if _unsettled and (_settler is None or not _settler.is_alive()):
+            _settler = threading.Thread(target=_settle_all, name="imnet-lease-settler", daemon=True)
+            _settler.start()
 
 
 def _settle(lease: Lease) -> None:

@@ -12,6 +12,10 @@ import tarfile
 from imnet_assets.storage import fs
 
 MANIFEST_DIR = "_manifests"
+# The most a commit record or a changed-source marker can hold (each is a few hundred bytes): a read
+# of one refuses a larger object (fs.TooLarge naming it), never fetched whole (lease.py's objects:
+# LEASE_MAX_BYTES).
+RECORD_MAX_BYTES = 1 << 20
 
 
 def manifest_url(out_root: str, shard_key: str) -> str:

@@ -101,7 +101,7 @@ class Item(NamedTuple):
     length: int
     whole: bool  # the object is exactly `length` long (a file, not a member)
     data: bytes | None = None  # its bytes, read already (a compressed tar's member), else None
-    sha256: str | None = None  # that of a compressed tar's member over MAX_DECODED_BYTES, taken as it streamed past (no data)
+    sha256: str | None = None  # that of a tar's member over MAX_DECODED_BYTES, taken as the walk read it (no data)
 
 
 Damaged = tuple[str, int, int, str]  # (eval file, at byte, bytes, reason): a part of an eval tar not hashed
@@ -189,7 +189,8 @@ class TarMembersJob:
     size, reason), from one walk of its headers (storage/rawtar.py; nothing decoded); or, when its
     first bytes say it is compressed (compressed_tar.compression), only that, for this process to
     read it (no members, no damage: the walk is not made here). A member over MAX_DECODED_BYTES is
-    not held by the walk (rawtar's `max_data`). A local tar is memory-mapped unless
+    not held by the walk (rawtar's `max_data`): hashed in pieces as the walk reads it (`hash_over`;
+    tarfile's walk of a pax tar reads it anyway), its Item carrying that sha256, so it is read once. A local tar is memory-mapped unless
     `mapped` is off (after a death while walking it: a read error under a map is a SIGBUS)."""
 
     name: str
@@ -209,11 +210,11 @@ class TarMembersJob:
             return members, damage, packed
         remote = fs.is_remote(self.url)
         for m in iter_tar(self.url, "eval tar", views=True, mapped=self.mapped and not remote, size=self.size,
-                          depth=8 if remote else None, max_data=MAX_DECODED_BYTES):
+                          depth=8 if remote else None, max_data=MAX_DECODED_BYTES, hash_over=True):
             if isinstance(m, Damage):
                 damage.append((m.offset, m.size, m.reason))
-            else:
-                members.append(Item(f"{self.name}/{m.name}", self.url, m.offset, m.size, False))
+            else:  # one over MAX_DECODED_BYTES with the sha256 the walk took as it read it: never read twice
+                members.append(Item(f"{self.name}/{m.name}", self.url, m.offset, m.size, False, sha256=m.sha256))
         return members, damage, None
 
 

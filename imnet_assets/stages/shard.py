@@ -135,7 +135,7 @@ def build_shard(
     final = fs.join(out_root, shard_name)
     mf_url = manifest_url(out_root, shard_key)
     st_url = state_url(out_root, shard_key)
-    for leftover in atomic.remove_partials(final) + atomic.remove_partials(mf_url) + atomic.remove_partials(st_url):
+    for leftover in [gone for url in (final, mf_url, st_url) for gone in atomic.remove_partials(url, warn=log)]:
         log(f"removed leftover of an interrupted run: {leftover}")
     rows, plan_digest = read_slice(out_root, shard_key, index=plan_index)  # the run's index, when it read one
     staged = read_lookup(out_root, shard_key, rows, settings)  # issue 25: encoded by the index's pass

@@ -15,9 +15,10 @@ import json
 import os
 import re
 import socket
+import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from imnet_assets.runtime.host import pid_alive, pid_namespace
 from imnet_assets.storage.fs import (
@@ -195,28 +196,45 @@ def write_atomic(url: str, data: bytes) -> None:
         f.write(data)
 
 
-def remove_partials(url: str) -> list[str]:
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def remove_partials(url: str, warn: Callable[[str], None] = _to_stderr) -> list[str]:
     """Delete leftovers of killed writers of `url` (local temporary files; S3 uploads never
     committed). A writer still at work keeps its file or upload: on S3 an upload is aborted only
     when its lease (`_LeasedUpload`) names a process of this host that is gone, or it is older than
-    STALE_UPLOAD_SECONDS."""
+    STALE_UPLOAD_SECONDS.
+
+    On S3 a sweep the storage does not let happen (a policy without s3:ListBucketMultipartUploads
+    or s3:AbortMultipartUpload; faults past the retry budget) is a `warn` line naming `url`, and
+    the caller goes on: an unfinished upload is never visible at its final path, it only costs
+    storage until a later run (or a bucket lifecycle rule) aborts it, so it must never fail runs,
+    nor be passed over in silence."""
     removed: list[str] = []
     if is_remote(url):
         fs, path = filesystem(url)
         bucket, _, key = path.partition("/")
-        with contextlib.suppress(Exception):
+        try:
             resp = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key)
-            for up in resp.get("Uploads", []):
-                if up["Key"] != key:
-                    continue
-                lease = _lease_url(url, up["UploadId"])
+        except Exception as e:  # noqa: BLE001 - botocore's errors are not OSErrors
+            warn(_unswept(url, "list the unfinished uploads of", e))
+            return removed
+        for up in resp.get("Uploads", []):
+            if up["Key"] != key:
+                continue
+            lease = _lease_url(url, up["UploadId"])
+            try:
                 if _upload_writer_alive(read_json(lease), up.get("Initiated")):
                     continue
                 # gone already (FileNotFoundError, NoSuchUpload): an abort carried out whose reply was lost
                 with contextlib.suppress(FileNotFoundError):
                     fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=up["UploadId"])
                 remove(lease)
-                removed.append(f"s3://{bucket}/{key} (upload {up['UploadId'][:8]})")
+            except Exception as e:  # noqa: BLE001 - as above
+                warn(_unswept(url, f"abort the unfinished upload {up['UploadId'][:8]} of", e))
+                continue
+            removed.append(f"s3://{bucket}/{key} (upload {up['UploadId'][:8]})")
         return removed
     folder, name = os.path.split(os.path.abspath(url))
     if not os.path.isdir(folder):
@@ -252,6 +270,12 @@ def sweep_partials(folder_url: str) -> list[str]:
         if m and not _writer_alive(path, int(m.group(1))) and _unlink(path):
             removed.append(path)
     return removed
+
+
+def _unswept(url: str, what: str, e: BaseException) -> str:
+    return (f"warning: {storage_error(url, what, e)}: what killed writers left of it is not swept (never "
+            "visible at its path; it costs storage until a later run, or a bucket lifecycle rule that aborts "
+            "incomplete multipart uploads, clears it)")
 
 
 def _writer_alive(path: str, pid: int) -> bool:

@@ -10,6 +10,8 @@ counted in the decompressed data:
 
 - a damaged header: tarfile (ignore_zeros) steps over it block by block to the next header, and the
   stretch it stepped over, unless all zeros, is damage (`_Recent` keeps the last bytes read to tell);
+  so is a GNU long name or pax header whose size claims more than rawtar.MAX_HEADER_DATA (the plain
+  tar's rule, `_BoundedHeaders`): never gathered whole;
 - a tail that is not zeros, a tar without its end-of-archive blocks, a member cut short, a header
   tarfile cannot parse on from, compressed data that is corrupt or cut (the decompressor's error):
   damage, and the members after it are lost;
@@ -28,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from imnet_assets.storage import fs, prefetch
-from imnet_assets.storage.rawtar import Member
+from imnet_assets.storage.rawtar import HeaderReads, Member
 from imnet_assets.storage.tar_damage import (
     Damage,
     damaged_header,
@@ -151,8 +153,26 @@ def iter_compressed_tar(url: str, kind: str, what: str = "eval tar", size: int |
                                             "members after it are lost")
 
 
+class _BoundedHeaders(tarfile.TarInfo):
+    """A TarInfo whose headers are read through rawtar.HeaderReads: a GNU long name or pax header whose
+    size field claims more than rawtar.MAX_HEADER_DATA is an invalid header, stepped over (ignore_zeros)
+    and counted as damage (`_walk`), as in a plain tar; never its claimed size read into memory at once
+    (tarfile's stream would gather all it says, up to the rest of the tar). Members' data is read as before."""
+
+    @classmethod
+    def fromtarfile(cls, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        stream = tf.fileobj
+        if isinstance(stream, HeaderReads):  # a pax header's member, read within the outer call
+            return super().fromtarfile(tf)
+        tf.fileobj = HeaderReads(stream)
+        try:
+            return super().fromtarfile(tf)
+        finally:
+            tf.fileobj = stream
+
+
 def _walk(stream: _Recent, label: str, what: str, max_data: int | None) -> Iterator[Member | Streamed | Damage]:
-    tf = tarfile.open(fileobj=stream, mode="r|", ignore_zeros=True)
+    tf = tarfile.open(fileobj=stream, mode="r|", ignore_zeros=True, tarinfo=_BoundedHeaders)
     expected = 0  # where the last member's data blocks ended
     done = tf.firstmember is None  # no member at all (a stream read to its end cannot be asked again)
     while not done:

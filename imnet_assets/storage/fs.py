@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import posixpath
@@ -23,6 +22,7 @@ from functools import lru_cache
 import fsspec
 
 from imnet_assets.storage import s3read
+from imnet_assets.storage.hashing import HashingReader  # noqa: F401 - fs.HashingReader, as before
 
 POOL_CONNECTIONS = 128  # kept-alive connections per process to one S3 endpoint
 READ_BATCH = 128  # requests read_many keeps in flight (a 20 ms round trip: ~6,000 small objects/s)
@@ -93,6 +93,23 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 StorageError = s3read.StorageError
 
 
+class TooLarge(Exception):
+    """A read with a limit found more bytes than the file it expects can hold (a commit record, a
+    lease): it is not one. Only the limit and a byte more were read, never the whole object. Not a
+    StorageError: the storage answered; what it holds is wrong, and a retry would read the same."""
+
+    def __init__(self, url: str, limit: int, kind: str):
+        self.url, self.limit = url, limit
+        super().__init__(redact(f"{url} holds more than {limit:,} bytes, more than {kind} can: it is not one "
+                                "(replaced or written by something else); move it aside"))
+
+
+def _within(url: str, data: bytes, limit: int | None, kind: str) -> bytes:
+    if limit is not None and len(data) > limit:
+        raise TooLarge(url, limit, kind)
+    return data
+
+
 def storage_error(url: str, what: str, e: BaseException) -> StorageError:
     if isinstance(e, StorageError):  # named already, with what to check
         return StorageError(redact(f"cannot {what} {url}: {e}"))
@@ -122,7 +139,7 @@ def _names_remote_errors(what: str):
                 return fn(url, *args, **kwargs)
             try:
                 return fn(url, *args, **kwargs)
-            except FileNotFoundError:
+            except (FileNotFoundError, TooLarge):
                 raise
             except StorageError as e:
                 if str(e).startswith("cannot "):  # said already, by an inner call
@@ -201,7 +218,7 @@ def listdir_and_folders(url: str) -> tuple[list[dict], list[str]]:
 @_names_remote_errors("list")
 def find_files(url: str) -> list[dict]:
     """Every file under the folder (prefix) at `url`, subfolders included: dicts with `path`
-    (relative to `url`, "/"-separated), `size`, `stamp` (see `_stamp`). On S3 one listing without
+    (relative to `url`, "/"-separated), `size`, `stamp` (see `_stamp`), `mtime` (as listdir's). On S3 one listing without
     a delimiter (one request per 1,000 keys); folder markers (keys ending in "/") are left out."""
     fs, path = filesystem(url)
     path = path.rstrip("/")
@@ -214,13 +231,15 @@ def find_files(url: str) -> list[dict]:
         rel = name[len(path) + 1 :] if name.startswith(path + "/") else ""
         if info.get("type") == "directory" or not rel or rel.endswith("/"):
             continue
-        out.append({"path": rel, "size": int(info.get("size") or 0), "stamp": _stamp(info)})
+        out.append({"path": rel, "size": int(info.get("size") or 0), "stamp": _stamp(info),
+                    "mtime": str(info.get("mtime") or info.get("LastModified") or "")})
     return out
 
 
 @_names_remote_errors("read")
-def read_bytes(url: str) -> bytes:
-    """The whole file at `url`. On S3 one ranged GET from byte 0 to past any end
+def read_bytes(url: str, limit: int | None = None, kind: str = "such a file") -> bytes:
+    """The whole file at `url` (with `limit`: a file of more bytes is TooLarge, naming it as not
+    `kind`; never read whole). On S3 one ranged GET from byte 0 to past any end
     (s3read.get_range): the answer's Content-Range names the object's size, so a body that came
     back short (cut with its Content-Length rewritten to the part, on a store that sends no checksum
     of the object) is told and read again within the retry budget, then a StorageError naming it:
@@ -228,22 +247,28 @@ def read_bytes(url: str) -> bytes:
     Other remote stores: a body whose checksum is not the object's is read again likewise."""
     fs, path = filesystem(url)
     if not is_remote(url):
-        return fs.cat_file(path)
+        if limit is None:
+            return fs.cat_file(path)
+        with open(path, "rb") as f:
+            return _within(url, f.read(limit + 1), limit, kind)
     protocol, _, rest = url.partition("://")
     if protocol in ("s3", "s3a"):
         bucket, _, key = rest.partition("/")
-        return s3read.get_range(bucket, key, 0, s3read.WHOLE)
+        return _within(url, s3read.get_range(bucket, key, 0, s3read.WHOLE if limit is None else limit + 1),
+                       limit, kind)
     retry = s3read.Retry(f"GET {url}")
     while True:
         try:  # one GET (s3fs otherwise asks for the size first, to split large objects)
-            return fs.cat_file(path, max_concurrency=1)
-        except (FileNotFoundError, StorageError):
+            end = None if limit is None else limit + 1
+            return _within(url, fs.cat_file(path, end=end, max_concurrency=1), limit, kind)
+        except (FileNotFoundError, StorageError, TooLarge):
             raise
         except Exception as e:  # noqa: BLE001 - botocore's errors are classified by Retry
             time.sleep(retry.wait(e))
 
 
-def read_many(urls: list[str], batch: int = READ_BATCH) -> dict[str, bytes | None]:
+def read_many(urls: list[str], batch: int = READ_BATCH, limit: int | None = None,
+              kind: str = "such a file") -> dict[str, bytes | None]:
     """url -> the whole object's bytes, or None where there is none, for many small files at once.
 
     On S3, `batch` GETs are kept in flight (threads, each a `read_bytes`: one ranged GET whose
@@ -252,7 +277,9 @@ def read_many(urls: list[str], batch: int = READ_BATCH) -> dict[str, bytes | Non
     ~0.2 s, not 20 s. Other remote stores: through the filesystem's event loop (fsspec's
     `cat_ranges`, which reads the paths as given: no look at each one first).
     Local files are read in turn. A storage error other than a missing file is raised
-    (StorageError naming the first such URL), never reported as an absent file."""
+    (StorageError naming the first such URL), never reported as an absent file. `limit`: as
+    `read_bytes`'s, for each file (an object replaced by a huge one since it was listed is
+    TooLarge, read no further than the limit)."""
     out: dict[str, bytes | None] = {}
     remote: dict[str, list[str]] = {}
     for url in urls:
@@ -261,7 +288,7 @@ def read_many(urls: list[str], batch: int = READ_BATCH) -> dict[str, bytes | Non
             continue
         try:
             with open(filesystem(url)[1], "rb") as f:
-                out[url] = f.read()
+                out[url] = _within(url, f.read(-1 if limit is None else limit + 1), limit, kind)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             out[url] = None
     s3 = [url for proto in ("s3", "s3a") for url in remote.pop(proto, [])]
@@ -269,38 +296,41 @@ def read_many(urls: list[str], batch: int = READ_BATCH) -> dict[str, bytes | Non
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(min(batch, len(s3))) as pool:
-            out.update(zip(s3, pool.map(_bytes_or_none, s3)))
+            out.update(zip(s3, pool.map(functools.partial(_bytes_or_none, limit=limit, kind=kind), s3)))
     for group in remote.values():
         fs, _ = filesystem(group[0])
         paths = [filesystem(u)[1] for u in group]
         try:
             # max_concurrency=1: one GET per object (s3fs otherwise asks each object's size first)
-            results = fs.cat_ranges(paths, None, None, batch_size=batch, on_error="return", max_concurrency=1)
+            ends = None if limit is None else [limit + 1] * len(paths)
+            results = fs.cat_ranges(paths, [0] * len(paths) if ends else None, ends, batch_size=batch,
+                                    on_error="return", max_concurrency=1)
         except Exception as e:  # noqa: BLE001 - botocore's errors are not OSErrors
             raise storage_error(group[0], "read", e) from e
         for url, result in zip(group, results):
             if isinstance(result, FileNotFoundError):
                 out[url] = None
             elif isinstance(result, BaseException):  # read again on its own, within the retry budget
-                out[url] = _bytes_or_none(url)  # (removed meanwhile: absent)
+                out[url] = _bytes_or_none(url, limit, kind)  # (removed meanwhile: absent)
             else:
-                out[url] = bytes(result)
+                out[url] = _within(url, bytes(result), limit, kind)
     return out
 
 
-def _bytes_or_none(url: str) -> bytes | None:
+def _bytes_or_none(url: str, limit: int | None = None, kind: str = "such a file") -> bytes | None:
     """read_bytes, or None where there is no such object."""
     try:
-        return read_bytes(url)
+        return read_bytes(url, limit, kind)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
 
 
-def read_json_many(urls: list[str], batch: int = READ_BATCH) -> dict[str, object]:
+def read_json_many(urls: list[str], batch: int = READ_BATCH, limit: int | None = None,
+                   kind: str = "such a file") -> dict[str, object]:
     """url -> its JSON document, or None (absent, or not parsing), as `read_json` for each; read
-    concurrently (`read_many`)."""
+    concurrently (`read_many`, with its `limit`: TooLarge is raised, never taken for a torn file)."""
     out: dict[str, object] = {}
-    for url, data in read_many(urls, batch).items():
+    for url, data in read_many(urls, batch, limit, kind).items():
         try:
             out[url] = None if data is None else json.loads(data)
         except ValueError:
@@ -308,63 +338,16 @@ def read_json_many(urls: list[str], batch: int = READ_BATCH) -> dict[str, object
     return out
 
 
-def read_json(url: str):
+def read_json(url: str, limit: int | None = None, kind: str = "such a file"):
     """The JSON document at `url`, or None when there is none there or it does not parse (a file
     being replaced, a torn local write). Storage that does not answer is an error (StorageError),
-    not an absent file."""
+    not an absent file; nor is a file over `limit` (TooLarge, see `read_bytes`)."""
     try:
-        return json.loads(read_bytes(url))
-    except StorageError:
+        return json.loads(read_bytes(url, limit, kind))
+    except (StorageError, TooLarge):
         raise
     except (OSError, ValueError):
         return None
-
-
-class HashingReader:
-    """A binary file, read through this wrapper, hashed (sha256) on the way: the longest prefix
-    read so far in order is hashed as it passes, so a sequential walk of a file (a tar read by
-    tarfile or rawtar, which seek back a little at most) gets the file's sha256 from the same
-    read. `hexdigest()` reads whatever that prefix does not cover yet (nothing, usually)."""
-
-    def __init__(self, f):
-        self._f = f
-        self._pos = 0
-        self._hashed = 0
-        self._digest = hashlib.sha256()
-
-    def _passed(self, start: int, data) -> None:
-        end = start + len(data)
-        if start <= self._hashed < end:
-            self._digest.update(memoryview(data)[self._hashed - start :])
-            self._hashed = end
-
-    def read(self, n: int = -1) -> bytes:
-        start = self._pos
-        data = self._f.read(n)
-        self._pos += len(data)
-        self._passed(start, data)
-        return data
-
-    def readinto(self, buf) -> int:
-        start = self._pos
-        k = self._f.readinto(buf) or 0
-        self._pos += k
-        self._passed(start, memoryview(buf)[:k])
-        return k
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self._pos = self._f.seek(offset, whence)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def hexdigest(self) -> str:
-        """The sha256 of the whole file."""
-        self.seek(self._hashed)
-        while self.read(8 << 20):
-            pass
-        return self._digest.hexdigest()
 
 
 def read_text(url: str) -> str:

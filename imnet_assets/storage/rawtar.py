@@ -284,10 +284,11 @@ def plain_member_spans(data) -> list[tuple[str, int, int]] | None:
 MAX_HEADER_DATA = 1 << 20
 
 
-class _HeaderReads:
+class HeaderReads:
     """A tar file as tarfile reads it: header blocks and the data of long names and pax headers (the
     walk reads members' data itself, from the file). A read of more than MAX_HEADER_DATA is an invalid
-    header: tarfile (ignore_zeros) steps over its block, and `_skipped` counts the stretch as damage."""
+    header: tarfile (ignore_zeros) steps over its block, and `_skipped` counts the stretch as damage.
+    The one rule for plain and compressed tars (compressed_tar: the stream while a header is read)."""
 
     def __init__(self, f):
         self._f = f
@@ -368,7 +369,7 @@ def _tarfile_walk(f, total: int, label: str, what: str, start: int = 0, expected
     counted = ByteCount() if counted is None else counted
     f.seek(0)
     try:
-        tf = tarfile.open(fileobj=_HeaderReads(f), mode="r:", ignore_zeros=True)
+        tf = tarfile.open(fileobj=HeaderReads(f), mode="r:", ignore_zeros=True)
     except tarfile.ReadError as e:
         counted.damaged += _read_range(f, 0, total)[1]
         yield Damage("", 0, total, f"not a readable tar ({what} {label}): {e}")

@@ -126,3 +126,38 @@ def test_files_too_large_to_be_images_are_hashed_streaming_and_recorded_too_larg
                                     + [f"{t}/{n}" for t in ("val.tar", "val.tar.gz") for n, _d in members(2)])
     assert all(phash is not None and why is None for _sha, phash, why in images.values()), images
     assert rows["damage"] == []
+
+
+def _bytes_read() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar"))
+
+
+def test_a_plain_eval_tars_member_over_the_limit_is_read_once_its_sha256_taken_by_the_walk(tmp_path):
+    """A pax eval tar (tarfile's walk, which reads a member over the limit to see it is all there) and a
+    ustar one (the fast walk): the member's bytes are read once in all, by the walk that lists the tar's
+    members (TarMembersJob, hashing them as it goes), never once more by the job that hashes the items."""
+    from imnet_assets.stages.eval_pool import TarMembersJob, _streamed_sha256, _too_large
+
+    for fmt in (tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT):
+        tar = tmp_path / f"val-{fmt}.tar"
+        with open(tar, "wb") as f:
+            for i, (name, data) in enumerate(members(3)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.pax_headers = {"comment": "pax"} if fmt == tarfile.PAX_FORMAT else {}
+                f.write(info.tobuf(fmt) + data + bytes(-len(data) % 512))
+                if i == 1:  # then a sparse member of zeros
+                    big = tarfile.TarInfo("val/big.JPEG")
+                    big.size = BIG_MEMBER
+                    f.write(big.tobuf(fmt))
+                    f.seek(BIG_MEMBER, os.SEEK_CUR)
+            f.write(bytes(1024))
+        for mapped in (False, True) if fmt == tarfile.PAX_FORMAT else (True,):
+            before = _bytes_read()
+            items, damage, _ = TarMembersJob("val.tar", str(tar), os.path.getsize(tar), mapped=mapped).run(
+                None, lambda *_a, **_k: None)
+            shas = [_streamed_sha256(item) for item in items if _too_large(item)]
+            read = _bytes_read() - before
+            assert damage == [] and len(items) == 4 and shas == [zeros_sha256(BIG_MEMBER)], (fmt, items, damage)
+            assert BIG_MEMBER <= read < 1.2 * BIG_MEMBER, (fmt, mapped, read)  # (a map's pieces: os.pread)

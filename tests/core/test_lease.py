@@ -206,3 +206,75 @@ def test_a_held_lease_is_renewed(root, monkeypatch):
         held.check()
     finally:
         held.release()
+
+
+RENEWING_HOLDER = """
+import sys, time
+from imnet_assets.release import lease
+lease.RENEW_SECONDS = 0.3
+held = lease.acquire(sys.argv[1], "build", "imnet build")
+print(held.url, flush=True)
+time.sleep(600)
+"""
+
+
+def _garble(url: str, how: str) -> None:
+    data = fs.read_bytes(url)
+    data = data[: len(data) // 2] if how == "cut" else data.replace(b'"pid"', b'"pjd"')
+    if fs.is_remote(url):  # as a writer other than the lease's would: in place
+        atomic.write_atomic(url, data)
+    else:
+        with open(url, "wb") as f:
+            f.write(data)
+
+
+@pytest.mark.parametrize("how", ["cut", "byte"])
+def test_a_damaged_lease_of_a_live_holder_still_excludes_a_second_build_and_is_written_again(root, how):
+    """The live build's lease object cut short or with a byte changed: a second taker refuses, naming
+    the damaged file (never takes it for a gone holder's), the looks that list holders report it, and
+    the holder's next renewal writes its object again; once the holder is killed it is taken over."""
+    proc = subprocess.Popen([sys.executable, "-c", RENEWING_HOLDER, root], stdout=subprocess.PIPE, text=True,
+                            env=os.environ.copy())
+    try:
+        url = proc.stdout.readline().strip()
+        assert url, "the holder did not start"
+        lease._wake.set()
+        _garble(url, how)
+        refused = []
+        with pytest.raises(lease.LeaseHeld) as held:
+            lease.acquire(root, "build", "imnet build")
+        refused.append(str(held.value))
+        seen = lease.held_leases(root)  # may already see it written again: then the holder by its pid
+        assert list(seen) == ["build"]
+        assert f"its lease {url} is damaged" in refused[0] and "\n" not in refused[0], refused
+        deadline = time.time() + 30
+        while not isinstance((doc := fs.read_json(url)), dict) or doc.get("pid") != proc.pid:
+            assert time.time() < deadline, "the holder did not write its damaged lease again"
+            time.sleep(0.1)
+        with pytest.raises(lease.LeaseHeld, match=f"pid {proc.pid},"):
+            lease.acquire(root, "build", "imnet build")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        taken = lease.acquire(root, "build", "imnet build")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    taken.release()
+
+
+def test_a_damaged_lease_no_one_renews_is_taken_over_once_it_is_old_and_removed(root, monkeypatch):
+    plant(root, "build", 4)
+    url = fs.join(lease.lease_folder(root, "build"), "00000004.json")
+    _garble(url, "cut")
+    assert lease.holder_of(root, "build")[1] == url
+    with pytest.raises(lease.LeaseHeld, match=r"an unknown holder \(its lease .*00000004\.json is damaged"):
+        lease.acquire(root, "build", "imnet build")
+    monkeypatch.setattr(lease, "EXPIRE_SECONDS", 2.0)
+    time.sleep(3.1)  # (S3's LastModified: whole seconds)
+    assert lease.holder_of(root, "build") is None and lease.held_leases(root) == {}
+    taken = lease.acquire(root, "build", "imnet build")
+    try:
+        assert taken.generation == 5 and generations(root, "build") == ["00000005.json"]  # the damaged one removed
+    finally:
+        taken.release()

@@ -283,3 +283,29 @@ def test_a_long_name_or_pax_header_of_hundreds_of_megabytes_is_damage_never_held
             assert members[0] == "n00000001_1.JPEG" and isinstance(items[1], Damage), (case, items)
             if case != "damaged-size":  # the member after the stepped-over header is still found
                 assert members == ["n00000001_1.JPEG", "n00000001_2.JPEG"], (case, items)
+
+
+def test_a_long_name_or_pax_header_over_the_limit_in_a_compressed_tar_is_damage_never_held(tmp_path):
+    """The same rule in a compressed (eval) tar's stream walk (compressed_tar, rawtar.MAX_HEADER_DATA):
+    a long name or pax header claiming more is a damaged header, stepped over and recorded, the member
+    after it still found; never gathered whole (tarfile's stream reads all a header's size field says)."""
+    import gzip
+
+    from imnet_assets.storage.compressed_tar import iter_compressed_tar
+
+    big = 48 << 20
+    for case, kind, held in (("long-name", tarfile.GNUTYPE_LONGNAME, b"a" * 100),
+                             ("pax", tarfile.XHDTYPE, b"20 comment=abcdefgh\n")):
+        plain, packed = tmp_path / f"{case}.tar", tmp_path / f"{case}.tar.gz"
+        _header_over_the_limit(plain, kind, big, held, big)
+        packed.write_bytes(gzip.compress(plain.read_bytes(), compresslevel=1))
+        tracemalloc.start()
+        try:
+            items = list(iter_compressed_tar(str(packed), "gzip", max_data=MAX_DECODED_BYTES))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert [m.name for m in items if isinstance(m, Member)] == ["n00000001_1.JPEG", "n00000001_2.JPEG"], items
+        damage = [d for d in items if isinstance(d, Damage)]
+        assert len(damage) == 1 and damage[0].offset == 1024, damage  # the header, stepped over
+        assert peak < 40 << 20, (case, peak)  # the stream's kept bytes (2 x 4 MiB), reads ahead: not the 48 MiB

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -372,3 +373,77 @@ def test_on_s3_a_second_build_refuses_and_a_killed_holder_is_taken_over(sample_r
         objects = MotoS3.all_objects(client, "lease-out-bucket", "wds/")
     for name in SHARDS:
         assert objects[f"wds/{name}"] == (planned[2] / name).read_bytes(), name
+
+
+def _fill(fd: int) -> None:
+    """Fill the pipe whose write end is `fd`: the next write blocks. Through a file description of its
+    own (O_NONBLOCK on the shared one would make the build's writes fail instead of wait)."""
+    own = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        for chunk in (4096, 1):
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    os.write(own, b"#" * chunk)
+    finally:
+        os.close(own)
+
+
+def _writing(pid: int, pipe: int) -> bool:
+    """Whether the main thread of `pid` is in write(2) (x86-64 numbers it 1, arm64 64) to the pipe
+    whose write end is this process's `pipe`, and still is a tenth of a second later: held there."""
+    nr = "64" if os.uname().machine == "aarch64" else "1"
+    ours = os.readlink(f"/proc/self/fd/{pipe}")
+    for look in range(3):
+        try:
+            call = Path(f"/proc/{pid}/syscall").read_text().split()
+            if call[0] != nr or os.readlink(f"/proc/{pid}/fd/{int(call[1], 16)}") != ours:
+                return False
+        except (OSError, IndexError, ValueError):
+            return False
+        time.sleep(0.05 * (look < 2))
+    return True
+
+
+def test_ctrl_c_while_a_progress_line_is_printed_stops_the_runs_in_flight(planned, tmp_path):
+    """Two shard runs at once; the first finishes and its progress line is printed to a terminal that
+    takes no more (its output held: the pipe is full), so Ctrl-C (SIGINT to the group) comes in the
+    middle of printing it, with the second run still going. The build stops at once as a Ctrl-C at
+    any other moment does ("shard runs in flight stopped with it", exit 130): it waited for the run
+    in flight to end, which then committed its shard after the stop."""
+    env = copy_of(planned, tmp_path, IMNET_PARALLEL_SHARDS="2", IMNET_WORKERS="1")
+    out, log = tmp_path / "out", tmp_path / "build.log"
+    read_end, write_end = os.pipe()
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([os.path.join(BIN, "imnet"), "build"], env=env, cwd=tmp_path, stdout=write_end,
+                                stderr=err, start_new_session=True)
+    text = b""
+    try:
+        while b"shard runs at once" not in text:  # the runs are about to start
+            assert proc.poll() is None, (text, log.read_text())
+            text += os.read(read_end, 65536)
+        records = lambda: list((out / "_manifests").glob("*.state.json"))  # noqa: E731
+        wait_for("a shard committed", records, proc, log)
+        _fill(write_end)  # (its check and its run's end come before its line, a good part of a second)
+        wait_for("a progress line being printed", lambda: _writing(proc.pid, write_end), proc, log)
+        assert len(records()) < 4, records()  # a run still in flight
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        drain = os.open(f"/proc/self/fd/{read_end}", os.O_RDONLY | os.O_NONBLOCK)
+        while proc.poll() is None and time.monotonic() - started < 120:
+            with contextlib.suppress(BlockingIOError):
+                os.read(drain, 1 << 20)
+            time.sleep(0.01)
+        os.close(drain)
+        took, ended = time.monotonic() - started, time.time()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        os.close(read_end)
+        os.close(write_end)
+    text = log.read_text()
+    assert proc.returncode == 130, (proc.returncode, text)
+    late = [p.name for p in (out / "_manifests").glob("*.state.json") if p.stat().st_mtime > ended - took + 1]
+    assert late == [] and "shard runs in flight stopped with it" in text, (late, took, text)  # none waited for
+    assert took < 20, (took, text)
+    assert_final_shards_complete(out)

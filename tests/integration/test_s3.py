@@ -320,6 +320,44 @@ def test_remove_partials_keeps_another_hosts_upload_until_it_is_stale(s3, monkey
     assert _uploads(client, s3.bucket) == []
 
 
+def _lists_uploads(method: str, target: str, _headers: dict) -> bool:
+    return method == "GET" and re.search(r"[?&]uploads(=|&|$)", target) is not None
+
+
+def _aborts_an_upload(method: str, target: str, _headers: dict) -> bool:
+    return method == "DELETE" and "uploadId=" in target
+
+
+@pytest.mark.parametrize("refused", [_lists_uploads, _aborts_an_upload], ids=["list", "abort"])
+def test_a_sweep_the_storage_refuses_is_a_warning_naming_it_never_silent_never_a_failed_run(s3, monkeypatch,
+                                                                                            refused):
+    """A store whose policy refuses ListMultipartUploads or AbortMultipartUpload (403; many IAM
+    policies grant neither): remove_partials warns, naming the file and the refusal, keeps the upload
+    (never visible) and returns, so the run goes on; once the store allows it, the sweep removes it."""
+    import socket
+    import time
+
+    from imnet_assets.runtime.host import pid_namespace
+
+    client = s3.client()
+    url = f"s3://{s3.bucket}/wds/imagenet12k-train-0004.tar"
+    upload = _abandon_upload(url)
+    _write_lease(url, upload, {"host": socket.gethostname(), "pid_namespace": pid_namespace(), "pid": dead_pid(),
+                               "written": time.time(), "key": url})
+    with LatencyProxy(s3.endpoint, latency_ms=0) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        proxy.answer(403, "AccessDenied", match=refused, times=None)
+        warned: list[str] = []
+        assert atomic.remove_partials(url, warn=warned.append) == []
+        assert len(warned) == 1 and url in warned[0] and "AccessDenied" in warned[0], warned
+        assert "not swept" in warned[0] and s3.secret not in warned[0]
+        assert _uploads(client, s3.bucket) == ["wds/imagenet12k-train-0004.tar"]
+        proxy.clear_faults()
+        removed = atomic.remove_partials(url, warn=warned.append)
+    assert len(removed) == 1 and len(warned) == 1
+    assert _uploads(client, s3.bucket) == [] and _keys(client, s3.bucket) == []
+
+
 def test_remove_partials_keeps_an_upload_of_another_pid_namespace_of_this_host(s3):
     """A lease naming this host but another pid namespace (a writer in a container on the host's
     network) is not judged by this namespace's process numbers: kept while not stale. The same

@@ -337,3 +337,40 @@ def test_a_lease_whose_read_back_failed_does_not_make_its_taker_refuse_itself(pr
     proxy.clear_faults()
     with lease.acquire(root, "build", "imnet build, again") as held:
         assert held.generation == 2
+
+
+def test_a_failed_takes_object_the_storage_will_not_remove_is_given_up_with_a_line_renewals_going_on(
+        proxied, monkeypatch, capfd):
+    """The take's read back is refused (403), and so is every look at and removal of its object after:
+    the heartbeat's removal of it (_settle) is tried SETTLE_ATTEMPTS times, one a round, then given up
+    with a line naming it (it was tried every round for as long as the process lived), while the
+    process's live lease is renewed throughout (never held up, never lost)."""
+    s3, client, proxy = proxied
+    root = f"s3://{s3.bucket}/wds"
+    monkeypatch.setattr(lease, "RENEW_SECONDS", 0.2)
+    monkeypatch.setattr(lease, "SETTLE_ATTEMPTS", 3)
+    lease._wake.set()  # a renewer already waiting picks up the shorter period
+    held = lease.acquire(root, "shard-0001", "run held")
+    try:
+        first = fs.read_json(held.url)["renewed"]
+        proxy.answer(403, "AccessDenied", times=None,
+                     match=lambda method, target, headers: method in ("GET", "DELETE") and "/_locks/build/" in target)
+        with environ(IMNET_STORAGE_RETRY_SECONDS="1"), pytest.raises(fs.StorageError):
+            lease.acquire(root, "build", "imnet build")
+        url = f"{root}/_locks/build/00000001.json"
+        deadline = time.monotonic() + 60
+        while any(u.url == url for u in list(lease._unsettled.values())):
+            assert time.monotonic() < deadline, "the failed take's object is tried for ever"
+            time.sleep(0.1)
+        err = capfd.readouterr().err
+        assert f"warning: gave up removing {url}, the lease object of a take that failed, after 3 tries" in err, err
+        assert "AccessDenied" in err and s3.secret not in err
+        tried = proxy.injected["status"]
+        time.sleep(1.0)  # five rounds more: no further try
+        assert proxy.injected["status"] == tried
+        assert _lock_keys(client, s3.bucket) == ["wds/_locks/build/00000001.json", "wds/_locks/shard-0001/00000001.json"]
+        assert fs.read_json(held.url)["renewed"] > first
+        held.check()
+    finally:
+        proxy.clear_faults()
+        held.release()
