@@ -349,7 +349,11 @@ def _filled_rows(data: bytes, max_short: int, img: Image.Image) -> int:
     the rows the same in both are the decoded ones (anywhere: an interlaced image cut short has
     every other row, or every eighth)."""
     again = _open_planned(data, max_short)[0]
-    fill = tuple([0x5A] * len(again.getbands())) if len(again.getbands()) > 1 else 0x5A
+    # A GIF's first frame is filled with its transparent index instead (GifImageFile.load_prepare,
+    # for both decodes): not asked to here, and another value than that index put in its memory
+    own, again._frame_transparency = getattr(again, "_frame_transparency", None), None
+    value = 0xA5 if own == 0x5A else 0x5A
+    fill = tuple([value] * len(again.getbands())) if len(again.getbands()) > 1 else value
     again.im = Image.new(again.mode, again.size, fill).im  # load_prepare keeps an image memory it finds
     _load_truncated(again, data)
     if again.mode != img.mode or again.size != img.size:

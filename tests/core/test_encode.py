@@ -480,6 +480,26 @@ def test_truncated_png_and_gif_under_5_percent_of_rows_rejected():
     assert encode_image(data[: len(data) * 3 // 4], S).repaired
 
 
+@pytest.mark.parametrize("transparent", [0, 0x5A])
+def test_truncated_transparent_gif_under_5_percent_of_rows_rejected(transparent):
+    # Pillow fills a GIF's first frame with its transparent index before decoding it (whatever memory
+    # was there): the rows the data never reached were the same in both decodes, and counted decoded
+    from imnet_assets.image.decode import trial_decode
+
+    rng = np.random.default_rng(6)
+    src = Image.fromarray(rng.integers(0, 256, (400, 96), dtype=np.uint8), "P")
+    src.putpalette(list(range(256)) * 3)
+    out = io.BytesIO()
+    src.save(out, "GIF", transparency=transparent)
+    gif = out.getvalue()
+    assert Image.open(io.BytesIO(gif)).info["transparency"] == transparent
+    with pytest.raises(ImageRejected, match=r"ends early, only \d\.\d% of its rows decoded \(min 5%\)"):
+        encode_image(gif[: len(gif) // 40], S)
+    assert "rows decoded" in trial_decode(gif[: len(gif) // 40])  # the index refuses it before the plan
+    enc = encode_image(gif[: len(gif) // 2], S)
+    assert enc.repaired and (enc.width, enc.height) == (96, 400)
+
+
 def _jpeg_header_only(imgs) -> bytes:
     data = imgs.to_bytes(imgs.smooth_rgb(200, 100), "JPEG")
     sos = data.index(b"\xff\xda")
