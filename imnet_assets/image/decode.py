@@ -349,16 +349,25 @@ def _filled_rows(data: bytes, max_short: int, img: Image.Image) -> int:
     the rows the same in both are the decoded ones (anywhere: an interlaced image cut short has
     every other row, or every eighth)."""
     again = _open_planned(data, max_short)[0]
-    fill = tuple([0x5A] * len(again.getbands())) if len(again.getbands()) > 1 else 0x5A
+    # A GIF's first frame is filled with its transparent index instead (GifImageFile.load_prepare,
+    # for both decodes): not asked to here, and another value than that index put in its memory
+    own, again._frame_transparency = getattr(again, "_frame_transparency", None), None
+    value = 0xA5 if own == 0x5A else 0x5A
+    fill = tuple([value] * len(again.getbands())) if len(again.getbands()) > 1 else value
     again.im = Image.new(again.mode, again.size, fill).im  # load_prepare keeps an image memory it finds
     _load_truncated(again, data)
     if again.mode != img.mode or again.size != img.size:
         return img.height  # a format whose decoder makes its own memory: nothing to compare
-    a, b = img.tobytes(), again.tobytes()
-    if a == b:
-        return img.height
-    row = len(a) // img.height
-    return sum(a[i:i + row] == b[i:i + row] for i in range(0, len(a), row))
+    rows, step = 0, max(1, _STRIPE_BYTES // max(1, len(img.crop((0, 0, img.width, 1)).tobytes())))
+    for top in range(0, img.height, step):  # a stripe at a time: two whole copies more would double the peak
+        box = (0, top, img.width, min(img.height, top + step))
+        a, b = img.crop(box).tobytes(), again.crop(box).tobytes()
+        row = len(a) // (box[3] - top)
+        rows += box[3] - top if a == b else sum(a[i:i + row] == b[i:i + row] for i in range(0, len(a), row))
+    return rows
+
+
+_STRIPE_BYTES = 4 << 20  # _filled_rows compares the two decodes this many bytes at a time
 
 
 def _check_filled_part(data: bytes, max_short: int, img: Image.Image, error: BaseException) -> None:

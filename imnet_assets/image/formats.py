@@ -29,6 +29,11 @@ def takes(accept, prefix: bytes) -> bool:
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
+# The formats whose end `looks_truncated` knows; a file of another (TIFF, BMP, WebP, ...) cut short
+# shows it only when decoded.
+END_MARKED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF"})
+
+
 def looks_truncated(data: bytes | memoryview, fmt: str | None) -> bool:
     """Whether the file lacks its end marker (trailing zero padding allowed):
     JPEG/MPO without EOI (FF D9), PNG without an IEND chunk, GIF without the trailer (0x3B)."""

@@ -19,6 +19,7 @@ import itertools
 from typing import NamedTuple
 
 from imnet_assets.image.decode import trial_decode
+from imnet_assets.image.formats import END_MARKED_FORMATS
 from imnet_assets.image.guard import MachineryFault
 from imnet_assets.image.perceptual import MAX_DECODED_BYTES, image_hash, too_many_bytes
 from imnet_assets.image.probe import Probe, probe_image
@@ -206,9 +207,10 @@ def probe_and_hash(data: bytes) -> tuple[Probe, str, str | None, int | None]:
     kept (the work a scan worker's `decoding` phase does, and its crash control: scan_pool.py)."""
     p = probe_image(data)
     status, reason = p.status, p.reason
-    if p.needs_repair and p.kept:
+    if p.kept and (p.needs_repair or p.format not in END_MARKED_FORMATS):
         # Settled here, not at encode time: an image the encoder would refuse (less than 5% of
-        # its rows decode, nothing decodes) leaves the plan, so shards balance exactly.
+        # its rows decode, nothing decodes) leaves the plan, so shards balance exactly. A file of a
+        # format with no end marker (TIFF, BMP, ...: rare in ImageNet) is decoded to know whether it is cut.
         refused = trial_decode(data)
         if refused is not None:
             status, reason = "excluded", refused

@@ -480,6 +480,55 @@ def test_truncated_png_and_gif_under_5_percent_of_rows_rejected():
     assert encode_image(data[: len(data) * 3 // 4], S).repaired
 
 
+_PEAK = """
+import sys
+from imnet_assets.image.decode import decode
+def hwm():  # this process's peak resident memory (ru_maxrss would hold its parent's too)
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+data = open(sys.argv[1], "rb").read()
+base = hwm()
+assert decode(data, 768)[4]
+print(hwm() - base)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM")
+def test_cut_short_png_rows_counted_in_bounded_memory(tmp_path):
+    # _filled_rows decodes a cut-short image a second time; comparing the two as two whole copies of
+    # their bytes more held ~6 decoded images at once (a worker's peak: the largest allowed is 144 Mpx)
+    side = 4000
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    arr = np.stack([np.add.outer(ramp, ramp) % 256, np.add.outer(ramp * 3, ramp * 0) % 256,
+                    np.add.outer(ramp * 0, ramp * 2) % 256], -1).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(arr).save(out, "PNG", compress_level=1)
+    path = tmp_path / "cut.png"
+    path.write_bytes(out.getvalue()[: len(out.getvalue()) // 2])
+    peak = int(subprocess.run([sys.executable, "-c", _PEAK, str(path)], check=True, capture_output=True,
+                              text=True).stdout)
+    assert peak < 4.5 * arr.nbytes, f"{peak / arr.nbytes:.1f} decoded images at once"
+
+
+@pytest.mark.parametrize("transparent", [0, 0x5A])
+def test_truncated_transparent_gif_under_5_percent_of_rows_rejected(transparent):
+    # Pillow fills a GIF's first frame with its transparent index before decoding it (whatever memory
+    # was there): the rows the data never reached were the same in both decodes, and counted decoded
+    from imnet_assets.image.decode import trial_decode
+
+    rng = np.random.default_rng(6)
+    src = Image.fromarray(rng.integers(0, 256, (400, 96), dtype=np.uint8), "P")
+    src.putpalette(list(range(256)) * 3)
+    out = io.BytesIO()
+    src.save(out, "GIF", transparency=transparent)
+    gif = out.getvalue()
+    assert Image.open(io.BytesIO(gif)).info["transparency"] == transparent
+    with pytest.raises(ImageRejected, match=r"ends early, only \d\.\d% of its rows decoded \(min 5%\)"):
+        encode_image(gif[: len(gif) // 40], S)
+    assert "rows decoded" in trial_decode(gif[: len(gif) // 40])  # the index refuses it before the plan
+    enc = encode_image(gif[: len(gif) // 2], S)
+    assert enc.repaired and (enc.width, enc.height) == (96, 400)
+
+
 def _jpeg_header_only(imgs) -> bytes:
     data = imgs.to_bytes(imgs.smooth_rgb(200, 100), "JPEG")
     sos = data.index(b"\xff\xda")

@@ -192,3 +192,32 @@ def test_truncated_images_are_trial_decoded_at_index_time(tmp_path):
     assert refused.reason == exc.value.reason and "only the top" in refused.reason
     assert (by_key["n00000002_2"].status, by_key["n00000002_2"].needs_repair) == ("kept", True)
     assert (by_key["n00000002_3"].status, by_key["n00000002_3"].needs_repair) == ("kept", False)
+
+
+def test_cut_short_images_of_formats_without_an_end_marker_are_trial_decoded(tmp_path):
+    # A TIFF or BMP has no end marker for the probe to miss (formats.looks_truncated): the index
+    # decodes it to know whether the encoder's 5% rule refuses it, so that shards balance exactly
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from imnet_assets.image.decode import ImageRejected
+    from imnet_assets.image.encode import EncodeSettings, encode_image
+
+    noise = Image.fromarray(np.random.default_rng(7).integers(0, 256, (300, 120, 3), dtype=np.uint8))
+    files = {}
+    for fmt in ("TIFF", "BMP"):
+        out = io.BytesIO()
+        noise.save(out, fmt)
+        data = out.getvalue()
+        files[f"n00000005_{fmt}1.JPEG"], files[f"n00000005_{fmt}2.JPEG"] = data[: len(data) // 40], data
+        files[f"n00000005_{fmt}3.JPEG"] = data[: len(data) // 2]
+    write(tmp_path / "n00000005.tar", list(files.items()))
+    by_key = {r.key: r for r in scan_tar(str(tmp_path / "n00000005.tar"))}
+    for fmt in ("TIFF", "BMP"):
+        with pytest.raises(ImageRejected) as exc:
+            encode_image(files[f"n00000005_{fmt}1.JPEG"], EncodeSettings())
+        assert "rows decoded" in exc.value.reason
+        assert (by_key[f"n00000005_{fmt}1"].status, by_key[f"n00000005_{fmt}1"].reason) == ("excluded", exc.value.reason)
+        assert by_key[f"n00000005_{fmt}2"].status == by_key[f"n00000005_{fmt}3"].status == "kept", fmt
