@@ -52,6 +52,8 @@ def build_filtered_index(settings: Settings, run_id: str, log: Log = print,
     changed = merged_markers(per_root)
     started = time.perf_counter()
     with Catalog(settings.catalog) as cat:
+        with cat.transaction():  # version 3's scans of tars with JPEGs alone stand as version 4's
+            cat.run("index_version_upgrade", {"version": INDEX_VERSION})
         scanned = {t: (s, m, v) for t, s, m, v in cat.rows("index_scanned")}
         todo = [t for t in listing.tars
                 if scanned.get(t["name"]) != (t["size"], t["mtime"], INDEX_VERSION) or t["name"] in changed]

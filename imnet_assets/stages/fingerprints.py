@@ -23,7 +23,8 @@ from imnet_assets.storage.inventory import RawListing, list_raw
 # 2: hostile member names get safe keys; truncated candidates trial-decoded; a pHash per kept image
 # 3: each tar's bytes accounted for by its walk (tar_scans.accounted_bytes, damaged_bytes)
 # 4: the trial decode refuses a cut-short PNG, GIF, ... of which under 5% of the rows decode (as the
-#    encoder does since ENCODER_VERSION 3), and decodes TIFF, BMP, ... (no end marker) to know
+#    encoder does since ENCODER_VERSION 3), and decodes TIFF, BMP, ... (no end marker) to know; a tar
+#    scanned by version 3 that holds JPEGs alone is not read again (sql/index_version_upgrade.sql)
 INDEX_VERSION = "4"
 Log = Callable[[str], None]
 # Stages each release has of its own (recorded under its name in `stages`); the others are shared.

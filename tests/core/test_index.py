@@ -221,3 +221,34 @@ def test_cut_short_images_of_formats_without_an_end_marker_are_trial_decoded(tmp
         assert "rows decoded" in exc.value.reason
         assert (by_key[f"n00000005_{fmt}1"].status, by_key[f"n00000005_{fmt}1"].reason) == ("excluded", exc.value.reason)
         assert by_key[f"n00000005_{fmt}2"].status == by_key[f"n00000005_{fmt}3"].status == "kept", fmt
+
+
+def test_version_3_scans_of_tars_holding_jpegs_alone_stand_after_the_upgrade(tmp_path):
+    # INDEX_VERSION 4 changed the trial decode for images other than JPEG only: of tars scanned by
+    # version 3, those holding another format are read again, the others keep their rows unread
+    import io
+
+    from PIL import Image
+
+    from imnet_assets.stages.fingerprints import INDEX_VERSION
+
+    png = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(png, "PNG")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write(raw / "n00000006.tar", [("n00000006_1.JPEG", jpeg(1)), ("n00000006_2.JPEG", png.getvalue())])
+    write(raw / "n00000007.tar", [("n00000007_1.JPEG", jpeg(3))])
+    write(raw / "n00000008.tar", [("n00000008_1.JPEG", jpeg(4)), ("n00000008_2.JPEG", jpeg(5))])
+    rows = index_release(raw, tmp_path)
+    catalog = str(tmp_path / "catalog.duckdb")
+    with duckdb.connect(catalog) as con:  # as a version-3 indexer left it
+        con.execute("UPDATE tar_scans SET index_version = '3'")
+    s = Settings.from_env({"IMNET_RAW_ROOT": str(raw), "IMNET_OUT_ROOT": str(tmp_path / "out"),
+                           "IMNET_CATALOG": catalog, "IMNET_WORKERS": "1"})
+    said = []
+    build_filtered_index(s, "test-run-2", said.append)
+    assert "indexing 1 of 3 tars (2 unchanged)" in said
+    with duckdb.connect(catalog, read_only=True) as con:
+        assert con.execute("SELECT DISTINCT index_version FROM tar_scans").fetchall() == [(INDEX_VERSION,)]
+        again = con.execute('SELECT key, tar, member, "offset", status, reason FROM images ORDER BY tar, "offset"')
+        assert again.fetchall() == rows
