@@ -266,6 +266,11 @@ def test_catalog_rows_offsets_and_duplicates(built):
         first = min(groups[sha])
         assert dup == (None if key == first else first), (key, dup, sorted(groups[sha]))
     assert {k: d for k, *_, d in images if d} == {"n00005787_3": "n00005787_10", "n01443537_1": "n01440764_13"}
+    # a repeated key: the file in the key's own synset's tar stays, not the one misplaced in the first tar
+    held = {t: (st, reason) for k, t, _, _, _, _, st, reason, _ in images if k == f"{IN1K_B}_2"}
+    assert held[f"{IN1K_B}.tar"] == ("kept", None), held
+    assert held[f"{IN1K_A}.tar"][0] == "excluded", held
+    assert held[f"{IN1K_A}.tar"][1].startswith(f"duplicate key: also in {IN1K_B}.tar at byte "), held
 
 
 def test_webdataset_reads_every_sample(built):
@@ -281,7 +286,11 @@ def test_lineage_names_source_and_shard(built):
     root, env, _ = built
     text = imnet(["lineage", "n01443537_2"], env, cwd=root.parent).stdout
     assert "n01440764.tar" in text and "member n01443537_2.JPEG" in text and "shard" in text, text
-    assert "duplicate key" in text, text
+    blocks = {b.split("\n")[1]: b for b in text.strip().split("\n\n")}  # by its `source` line
+    own = next(b for src, b in blocks.items() if f"{IN1K_B}.tar" in src)
+    misplaced = next(b for src, b in blocks.items() if f"{IN1K_A}.tar" in src)
+    assert "status       kept" in own and "shard" in own, text
+    assert f"duplicate key: also in {IN1K_B}.tar" in misplaced, text
 
 
 @pytest.fixture(scope="module")
@@ -336,6 +345,8 @@ def test_releases_file_one_then_all(tmp_path):
     # sub: labels are indexes in the release's own sorted synsets, JPEG members
     sub = [(k, s) for p in sorted((root / "out" / "sub").glob("sub-*.tar")) for k, s in read_shard(p)]
     assert {json.loads(s["json"])["class_name"] for _, s in sub} == {"n00005787", IN1K_B}
+    # n01443537_2, also misplaced in n01440764.tar (a synset sub leaves out), is in sub's shards
+    assert f"{IN1K_B}_2" in {k for k, _ in sub}
     for key, s in sub:
         meta = json.loads(s["json"])
         assert list(s) == ["cls", "json", "jpg"], key
