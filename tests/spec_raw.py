@@ -134,10 +134,12 @@ def members() -> list[tuple[str, str, bytes, str]]:
 
 def write_spec_raw(root: Path, layout: str = "tars") -> list[tuple[str, str, bytes, str]]:
     """Write the release under `root` (`tars`: <wnid>.tar files; `folders`: <wnid>/ folders, the
-    members a tar cannot hold as files (`..`, the repeated key) left out) and words.txt, gloss.txt."""
+    members a tar cannot hold as files (`..`, the repeated key) left out) and words.txt (without
+    OTHER_D), gloss.txt."""
     root.mkdir(parents=True, exist_ok=True)
     rows = members()
-    (root / "words.txt").write_text("".join(f"{w}\tlemma of {w}, other\n" for w in WNIDS))
+    # words.txt lacks OTHER_D: its lemma comes from the shipped synset table ("cell")
+    (root / "words.txt").write_text("".join(f"{w}\tlemma of {w}, other\n" for w in WNIDS if w != OTHER_D))
     (root / "gloss.txt").write_text("".join(f"{w}\tgloss of {w}\n" for w in WNIDS))
     for wnid in WNIDS:
         mine = [r for r in rows if r[0] == wnid]

@@ -27,7 +27,7 @@ from PIL import Image, ImageFile
 
 from tests.checks import catalog
 from tests.conftest import imnet
-from tests.spec_raw import IN1K_A, IN1K_B, WNIDS, write_spec_raw
+from tests.spec_raw import IN1K_A, IN1K_B, OTHER_D, WNIDS, write_spec_raw
 
 NUM_SHARDS = 7  # the environment's; .env says 5 (the environment wins)
 PATTERN = "w21-{shard}-of-x.tar"
@@ -229,7 +229,8 @@ def test_balance_info_json_card_and_classes(built):
     for _, s in (x for p in shards_of(root) for x in read_shard(p)):
         kept_per_wnid[json.loads(s["json"])["class_name"]] += 1
     assert [tuple(line.split("\t")) for line in lines[1:]] == [
-        (str(i), w, f"lemma of {w}, other", f"gloss of {w}", str(kept_per_wnid[w])) for i, w in enumerate(WNIDS)]
+        (str(i), w, "cell" if w == OTHER_D else f"lemma of {w}, other", f"gloss of {w}", str(kept_per_wnid[w]))
+        for i, w in enumerate(WNIDS)]  # OTHER_D: not in words.txt, its lemma from the shipped table
 
 
 def test_catalog_rows_offsets_and_duplicates(built):
@@ -291,6 +292,12 @@ def test_lineage_names_source_and_shard(built):
     misplaced = next(b for src, b in blocks.items() if f"{IN1K_A}.tar" in src)
     assert "status       kept" in own and "shard" in own, text
     assert f"duplicate key: also in {IN1K_B}.tar" in misplaced, text
+    # a raw stem that was sanitized (a dot in it) is found by that stem, naming the key it was kept under
+    text = imnet(["lineage", f"{IN1K_A}_1.5"], env, cwd=root.parent).stdout
+    assert f"raw name     {IN1K_A}_1.5.JPEG: kept under {IN1K_A}_1_5_h" in text and "shard" in text, text
+    # and an excluded one says why
+    text = imnet(["lineage", f"../{IN1K_A}_15.JPEG"], env, cwd=root.parent).stdout
+    assert "raw name     ../" in text and "unsafe member name" in text, text
 
 
 @pytest.fixture(scope="module")
