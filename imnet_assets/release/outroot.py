@@ -117,12 +117,14 @@ def note_superseded(out_root: str, shard_key: str, name: str) -> None:
         atomic.write_atomic(url, json.dumps(sorted([*names, path])).encode())
 
 
-def written_elsewhere(out_root: str, keys: list[str]) -> set[str]:
+def written_elsewhere(out_root: str, keys: list[str], listed: list[str] | None = None) -> set[str]:
     """Shard files this project wrote under the out root by other names than the release's shards
     have now: the names kept by note_superseded, and those in the commit records of shards that are
     no longer the release's (`keys`: its shard keys now; num_shards lowered). One listing of the
-    manifests folder; only those few records are read."""
-    listed, current = [e["name"] for e in fs.listdir(fs.join(out_root, MANIFEST_DIR))], set(keys)
+    manifests folder (`listed`: its file names, when already listed); only those few records are read."""
+    if listed is None:
+        listed = [e["name"] for e in fs.listdir(fs.join(out_root, MANIFEST_DIR))]
+    current = set(keys)
     urls = [fs.join(out_root, MANIFEST_DIR, n) for n in listed if n.endswith(SUPERSEDED_SUFFIX)
             or (n.endswith(STATE_SUFFIX) and n[: -len(STATE_SUFFIX)] not in current)]
     names: set[str] = set()
