@@ -157,21 +157,26 @@ def cmd_status(args) -> int:
 def cmd_lineage(args) -> int:
     """Where the image came from, then every release and shard that holds it (the catalog's
     `lineage` query gives a row per release whose plan holds it, with its `release` column)."""
+    from imnet_assets.release.lineage import lineage_rows
     from imnet_assets.storage.catalog import open_reader
     from imnet_assets.storage.rawfolders import describe_source
 
     s = Settings.from_env()
     releases = {r.release: r for r in read_releases()}
     with open_reader(s.catalog) as cat:
-        rows = cat.dicts("lineage", {"key": args.key})
+        rows = lineage_rows(cat, args.key)
     if not rows:
-        print(f"no image with key {args.key!r} in {s.catalog}", file=sys.stderr)
+        print(f"no image with key {args.key!r}, nor a raw member of that name or stem, in {s.catalog}",
+              file=sys.stderr)
         return 1
     sources: dict[tuple, list[dict]] = {}  # one raw file may be planned in several releases
     for r in rows:
         sources.setdefault((r["key"], r["tar"], r["member"], r["offset"]), []).append(r)
     for held in sources.values():
         r = held[0]
+        if r["key"] != args.key:  # found by the raw member's name or stem: say which key it got
+            kept = "kept under" if r["status"] == "kept" else "excluded, its key"
+            print(f"raw name     {r['member']}: {kept} {r['key']}")
         print(f"key          {r['key']}  ({r['wnid']})")
         where, how = describe_source(s.raw_root, r["tar"], r["member"], r["offset"])
         print(f"source       {where}")

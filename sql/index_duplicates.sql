@@ -1,4 +1,6 @@
--- The same key in more than one place: the first (by tar, offset) stays, the others are excluded.
+-- The same key in more than one place: the one in the key's own synset (its tar or folder is the
+-- wnid before the key's `_`) stays, else the first by (tar, offset); the others are excluded. So a
+-- file misplaced in another synset's tar never takes the key from the real one.
 -- (A synset folder's files: offset is the file's number in the folder's listing; the reason names the file.)
 UPDATE images SET status = 'kept', reason = NULL, excluded_at = NULL
 WHERE starts_with(reason, 'duplicate key');
@@ -11,6 +13,6 @@ FROM (
            first_value(member) OVER w AS first_member,
            row_number() OVER w AS n
     FROM images WHERE status = 'kept' OR excluded_at = 'encode'  -- kept by the index
-    WINDOW w AS (PARTITION BY key ORDER BY tar, "offset")
+    WINDOW w AS (PARTITION BY key ORDER BY wnid <> split_part(key, '_', 1), tar, "offset")
 ) d
 WHERE d.n > 1 AND i.key = d.key AND i.tar = d.tar AND i."offset" = d."offset";

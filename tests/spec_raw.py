@@ -114,7 +114,7 @@ def members() -> list[tuple[str, str, bytes, str]]:
         (a, f"sub/{a}_40.JPEG", jpeg(noise("RGB", (40, 40), 40)), "kept"),  # in a folder inside the tar
         (a, f"{a}_41.png", png(noise("RGB", (40, 40), 41)), "kept"),  # another extension
         (a, f"{a}_4\n2.JPEG", jpeg(noise("RGB", (40, 40), 42)), "kept"),  # a newline in the name
-        (a, f"{b}_2.JPEG", jpeg(noise("RGB", (40, 40), 43)), "first"),  # another synset's key, in this tar
+        (a, f"{b}_2.JPEG", jpeg(noise("RGB", (40, 40), 43)), "excluded"),  # another synset's key, in this tar
         (b, f"{b}_1.JPEG", twin, "dup"),  # the same bytes as n01440764_13 in another synset
     ]
     for wnid, count in ((b, 7), (c, 9), (d, 6)):
@@ -125,18 +125,21 @@ def members() -> list[tuple[str, str, bytes, str]]:
     third = next(i for i, r in enumerate(rows) if r[1] == f"{c}_3.JPEG")
     tenth = next(i for i, r in enumerate(rows) if r[1] == f"{c}_10.JPEG")
     rows[third] = (c, rows[third][1], rows[tenth][2], "dup")
-    # its key is already n01440764.tar's misplaced member's (the first tar in sorted order stays)
+    # n01443537_2 is also n01440764.tar's misplaced member's key: the one in its own synset's tar stays,
+    # though n01440764.tar is first in sorted order
     second = next(i for i, r in enumerate(rows) if r[0] == b and r[1] == f"{b}_2.JPEG")
-    rows[second] = (*rows[second][:3], "excluded")
+    rows[second] = (*rows[second][:3], "first")
     return rows
 
 
 def write_spec_raw(root: Path, layout: str = "tars") -> list[tuple[str, str, bytes, str]]:
     """Write the release under `root` (`tars`: <wnid>.tar files; `folders`: <wnid>/ folders, the
-    members a tar cannot hold as files (`..`, the repeated key) left out) and words.txt, gloss.txt."""
+    members a tar cannot hold as files (`..`, the repeated key) left out) and words.txt (without
+    OTHER_D), gloss.txt."""
     root.mkdir(parents=True, exist_ok=True)
     rows = members()
-    (root / "words.txt").write_text("".join(f"{w}\tlemma of {w}, other\n" for w in WNIDS))
+    # words.txt lacks OTHER_D: its lemma comes from the shipped synset table ("cell")
+    (root / "words.txt").write_text("".join(f"{w}\tlemma of {w}, other\n" for w in WNIDS if w != OTHER_D))
     (root / "gloss.txt").write_text("".join(f"{w}\tgloss of {w}\n" for w in WNIDS))
     for wnid in WNIDS:
         mine = [r for r in rows if r[0] == wnid]

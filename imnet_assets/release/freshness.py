@@ -54,6 +54,7 @@ class ShardLook:
 class OutRootLook:
     shards: dict[str, ShardLook]
     names: list[str]  # every file name directly under the out root (strays included)
+    manifests: list[str] | None = None  # every file name in its manifests folder (outroot.written_elsewhere)
 
 
 def look_at_shards(out_root: str, keys: list[str], names: list[str]) -> OutRootLook:
@@ -104,7 +105,7 @@ def look_at_shards(out_root: str, keys: list[str], names: list[str]) -> OutRootL
             _write_ledger(out_root, {f"{key}{_STATE_SUFFIX}": (records[f"{key}{_STATE_SUFFIX}"], doc)
                                      for key, doc in states.items() if doc is not None})
     shards = {key: ShardLook(key, name, states[key], listing.get(name)) for key, name in zip(keys, names)}
-    return OutRootLook(shards, sorted(listing))
+    return OutRootLook(shards, sorted(listing), sorted(listed))
 
 
 # ----------------------------------------------------------------------------- the ledger (S3)

@@ -10,8 +10,12 @@ def lineage_rows(cat, key: str) -> list[dict]:
     (`release`: its name, '' for the default release; None when no release plans the image, e.g. an
     excluded one), its label, shard, plan position, position in the shard tar, the shard's path
     under that release's out root, run id, code version, written_at, the stored image's sha256 and
-    whether it was repaired. `cat`: a catalog opened for reading (storage/catalog.py open_reader)."""
-    return cat.dicts("lineage", {"key": key})
+    whether it was repaired. `cat`: a catalog opened for reading (storage/catalog.py open_reader).
+
+    When no image has that key, `key` is looked up as a raw member's name or stem (its name less
+    the extension, as in `n01440764_1.5`): a stem that is not a safe key as it stands was kept under
+    a sanitized one (storage/member_names.py member_key), and its rows' `key` says which."""
+    return cat.dicts("lineage", {"key": key, "by_name": False}) or cat.dicts("lineage", {"key": key, "by_name": True})
 
 
 def releases_holding(rows: list[dict]) -> dict[str, list[str]]:

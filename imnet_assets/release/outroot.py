@@ -7,6 +7,8 @@ a shard file on storage is still the one committed, and how a shard's tar ends. 
 from __future__ import annotations
 
 import hashlib
+import json
+import shlex
 import tarfile
 
 from imnet_assets.storage import fs
@@ -16,6 +18,8 @@ MANIFEST_DIR = "_manifests"
 # of one refuses a larger object (fs.TooLarge naming it), never fetched whole (lease.py's objects:
 # LEASE_MAX_BYTES).
 RECORD_MAX_BYTES = 1 << 20
+STATE_SUFFIX = ".state.json"
+SUPERSEDED_SUFFIX = ".superseded.json"  # <key>.superseded.json: names the shard had before (note_superseded)
 
 
 def manifest_url(out_root: str, shard_key: str) -> str:
@@ -46,7 +50,7 @@ def forget_commit(out_root: str, shard_key: str, state: dict | None, what: str) 
         return False
     with acquire(out_root, shard_lease_name(shard_key), what):
         url = state_url(out_root, shard_key)
-        now = fs.read_json(url)
+        now = fs.read_json(url, limit=RECORD_MAX_BYTES, kind="a commit record")
         if not isinstance(now, dict) or committed_as(now) != committed_as(state):
             return False
         fs.remove(url)
@@ -93,3 +97,51 @@ def sample_digest(sample, webp_digest: bytes, webp_bytes: int) -> str:
     sha.update(webp_digest)
     sha.update(sample[at + webp_bytes:])
     return sha.hexdigest()
+
+
+def superseded_url(out_root: str, shard_key: str) -> str:
+    return fs.join(out_root, MANIFEST_DIR, f"{shard_key}{SUPERSEDED_SUFFIX}")
+
+
+def note_superseded(out_root: str, shard_key: str, name: str) -> None:
+    """Before a shard is written as `name`: when its last commit record names another file (the
+    shard pattern changed since), keep that name in `<key>.superseded.json`, so that the file this
+    project wrote there, still beside the new one, is named by the audit (`written_elsewhere`) after
+    the record is replaced. Called by the run holding the shard's lease: one writer per file."""
+    old = fs.read_json(state_url(out_root, shard_key), limit=RECORD_MAX_BYTES, kind="a commit record")
+    path = old.get("path") if isinstance(old, dict) else None
+    if not isinstance(path, str) or not path or path == name:
+        return
+    url = superseded_url(out_root, shard_key)
+    had = fs.read_json(url, limit=RECORD_MAX_BYTES, kind="a list of a shard's earlier names")
+    names = [n for n in had if isinstance(n, str)] if isinstance(had, list) else []
+    if path not in names:
+        from imnet_assets.storage import atomic
+
+        atomic.write_atomic(url, json.dumps(sorted([*names, path])).encode())
+
+
+def written_elsewhere(out_root: str, keys: list[str], listed: list[str] | None = None) -> set[str]:
+    """Shard files this project wrote under the out root by other names than the release's shards
+    have now: the names kept by note_superseded, and those in the commit records of shards that are
+    no longer the release's (`keys`: its shard keys now; num_shards lowered). One listing of the
+    manifests folder (`listed`: its file names, when already listed); only those few records are read."""
+    if listed is None:
+        listed = [e["name"] for e in fs.listdir(fs.join(out_root, MANIFEST_DIR))]
+    current = set(keys)
+    urls = [fs.join(out_root, MANIFEST_DIR, n) for n in listed if n.endswith(SUPERSEDED_SUFFIX)
+            or (n.endswith(STATE_SUFFIX) and n[: -len(STATE_SUFFIX)] not in current)]
+    names: set[str] = set()
+    for doc in (fs.read_json_many(urls, limit=RECORD_MAX_BYTES, kind="a commit record") if urls else {}).values():
+        if isinstance(doc, dict):
+            doc = [doc.get("path")]
+        names.update(n for n in (doc or []) if isinstance(n, str) and n and "/" not in n)
+    return names
+
+
+def stray_problem(stray: list[str]) -> str:
+    return (f"{len(stray)} files named like shards are not shards of this release "
+            f"(left by a build with more shards, or under another shard pattern): {stray[:10]}"
+            f"{' ...' if len(stray) > 10 else ''}; they repeat images this release holds: delete them "
+            f"(in the out root: `rm -- {' '.join(map(shlex.quote, stray[:10]))}{' ...' if len(stray) > 10 else ''}`"
+            "; on S3 `aws s3 rm` each)")

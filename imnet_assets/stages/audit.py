@@ -27,7 +27,9 @@ from imnet_assets.release.outroot import (
     committed_as,
     forget_commit_unless_held,
     manifest_url,
+    stray_problem,
     unchanged_on_storage,
+    written_elsewhere,
 )
 from imnet_assets.release.plan import read_index
 from imnet_assets.settings import Settings, validation_pattern
@@ -222,7 +224,7 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
             reasons=cat.dicts("audit_reasons", release),
             class_sizes=cat.rows("audit_class_sizes", {"width": class_bucket, **release}),
             image_sizes=cat.rows("audit_image_sizes", {"width": IMAGE_BUCKET, **release}),
-            missing=missing, stale=stale, bad_files=bad, stray=stray_shards(settings, look.names),
+            missing=missing, stale=stale, bad_files=bad, stray=stray_shards(settings, look.names, look.manifests),
             conservation=conservation_problems(cat, settings.release), lengths=lengths, class_bucket=class_bucket,
             changed_sources=[m.describe() for m in changed_sources.pending(settings.out_root).values()],
         )
@@ -413,11 +415,11 @@ def _list_difference(got, want) -> str:
     return detail
 
 
-def stray_shards(settings: Settings, names: list[str] | None = None) -> list[str]:
-    """Files beside the shards that are named like shards but are no shard of this release: left
-    by a build with more shards (IMNET_NUM_SHARDS was lowered). They hold images this release
-    also holds, so a reader that globs the folder would read those twice. `names`: the out root's
-    file names when already listed."""
+def stray_shards(settings: Settings, names: list[str] | None = None, manifests: list[str] | None = None) -> list[str]:
+    """Files beside the shards, named like shards, that are no shard of this release: left by a build
+    with more shards, or written under another IMNET_SHARD_PATTERN (earlier commit records name them:
+    outroot.written_elsewhere). A glob of the folder (`hf upload`) reads their images twice.
+    `names`, `manifests`: the out root's and its manifests folder's file names when already listed."""
     if names is None:
         names = [e["name"] for e in fs.listdir(settings.out_root)]
     patterns = [settings.shard_pattern]
@@ -429,7 +431,8 @@ def stray_shards(settings: Settings, names: list[str] | None = None) -> list[str
         named = re.compile(r"(\d{4})".join(map(re.escape, pattern.format(shard="\0").split("\0"))))
         found += [n for n in names if (m := named.fullmatch(n)) and n not in ours and n not in found
                   and pattern.format(shard=m.group(1)) == n]
-    return found
+    elsewhere = written_elsewhere(settings.out_root, list(settings.partition_keys), manifests) & set(names)
+    return found + sorted(elsewhere - ours - set(found))
 
 
 def shards_as_they_are(settings: Settings) -> tuple[str | None, str]:
@@ -452,14 +455,8 @@ def shards_as_they_are(settings: Settings) -> tuple[str | None, str]:
                           "or changed on storage)")
         commits.append(committed_as(shard.state))
     # Stray shard files fail the audit, so they are part of what it is asked for with.
-    commits += stray_shards(settings, look.names)
+    commits += stray_shards(settings, look.names, look.manifests)
     return hashlib.sha256("".join(commits).encode()).hexdigest()[:32], "every shard is in"
-
-
-def stray_problem(stray: list[str]) -> str:
-    return (f"{len(stray)} files named like shards are not shards of this release "
-            f"(left by a build with more shards?): {stray[:10]}{' ...' if len(stray) > 10 else ''}; they "
-            "repeat images this release holds: delete them")
 
 
 def audit_fingerprint(settings: Settings, look: OutRootLook | None = None) -> str | None:

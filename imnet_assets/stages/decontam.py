@@ -37,6 +37,9 @@ DECONTAM_VERSION = "1"  # bump when the hash or the matching rule changes
 # bump when what `eval_images` and `eval_damage` record of an eval set changes (its images are hashed again;
 # the filtered index's own fingerprint, index_inputs, does not change): 2, eval_damage recorded
 EVAL_RECORD_VERSION = "2"
+# bump when which row of a repeated key stays changes: 2, the one in the key's own synset (a file
+# misplaced in another synset's tar no longer takes the key; sql/index_duplicates.sql)
+KEY_RULE_VERSION = "2"
 BANDS = 4
 Log = Callable[[str], None]
 
@@ -62,9 +65,9 @@ def eval_listing(root: str) -> list[dict]:
 
 def index_inputs(settings) -> tuple:
     """What the filtered index's exclusions depend on beyond the raw tars: the eval set (its
-    listing's digest) and the dedup mode. Empty under the defaults, so a build without these
-    settings keeps the fingerprint it had."""
-    parts: tuple = ()
+    listing's digest), the dedup mode, and the version of the rule for repeated keys (KEY_RULE_VERSION:
+    an index settled by an earlier rule is settled again, no tar read again)."""
+    parts: tuple = ("keys", KEY_RULE_VERSION)
     if settings.eval_exclude:
         entries = [(e["name"], e["size"], e["stamp"]) for e in eval_listing(settings.eval_exclude)]
         parts += ("eval", DECONTAM_VERSION, NEAR_DUPLICATE_BITS,
@@ -142,11 +145,12 @@ def settle_index(cat, settings, run_id: str, log: Log = print) -> dict:
 
 def settle_keys_and_copies(cat) -> None:
     """IMNET_DEDUP=exact: repeated keys and later copies of the same bytes, decided together, so
-    that every exclusion names a row that stays. Settled one at a time in (key, tar, offset) order
-    (sql/index_keys_copies.sql), a row is excluded when a row kept before it holds its key
-    ("duplicate key: also in ..."; of one key the first by tar, offset stays, as index_duplicates.sql
-    decides without dedup) or its bytes ("duplicate of <key>": the first copy by key stays). Decided
-    apart, the first copy of some bytes could lose its key to another file and every copy be gone."""
+    that every exclusion names a row that stays. Settled one at a time in (key, own synset first,
+    tar, offset) order (sql/index_keys_copies.sql), a row is excluded when a row kept before it
+    holds its key ("duplicate key: also in ..."; of one key the one in its own synset's tar or
+    folder stays, else the first by tar, offset, as index_duplicates.sql decides without dedup) or
+    its bytes ("duplicate of <key>": the first copy by key stays). Decided apart, the first copy of
+    some bytes could lose its key to another file and every copy be gone."""
     keys: dict[str, tuple[str, str, int]] = {}
     copies: dict[str, str] = {}
     excluded = []

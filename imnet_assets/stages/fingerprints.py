@@ -26,6 +26,8 @@ from imnet_assets.storage.inventory import RawListing, list_raw
 #    encoder does since ENCODER_VERSION 3), and decodes TIFF, BMP, ... (no end marker) to know; a tar
 #    scanned by version 3 that holds JPEGs alone is not read again (sql/index_version_upgrade.sql)
 INDEX_VERSION = "4"
+# the synset manifest's: 2, a wnid words.txt / gloss.txt lacks gets the shipped table's text
+SYNSETS_VERSION = "2"
 Log = Callable[[str], None]
 # Stages each release has of its own (recorded under its name in `stages`); the others are shared.
 RELEASE_STAGES = ("shuffled_plan", "shard_audit")
@@ -66,7 +68,7 @@ def listing_fingerprints(listing: RawListing, settings: Settings,
     index (and so the plan) is stale, though the listing is the same."""
     # Each from what it reads: a words.txt or gloss.txt edit makes only the synset manifest stale.
     raw = _h("raw_tars", listing.tars_fingerprint)
-    synsets = _h("synset_manifest", listing.fingerprint)
+    synsets = _h("synset_manifest", listing.fingerprint, SYNSETS_VERSION)
     # issue 17: + the eval set's listing digest and the dedup mode (nothing under the defaults)
     marks = changed_sources.digest(changed or {})
     index = _h("filtered_index", listing.tars_fingerprint, INDEX_VERSION, *index_inputs(settings), *([marks] if marks else []))

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from imnet_assets.image.encode import ENCODER_VERSION, EncodeSettings
 from imnet_assets.release.changed_sources import SourceChanged, mark
 from imnet_assets.release.freshness import remember
-from imnet_assets.release.outroot import manifest_url, state_url, tar_end
+from imnet_assets.release.outroot import manifest_url, note_superseded, state_url, tar_end
 from imnet_assets.release.plan import SliceRow, read_slice
 from imnet_assets.release.verify import check_committed
 from imnet_assets.runtime.workerpool import (
@@ -142,6 +142,7 @@ def build_shard(
     # runs sharing the worker pool are served oldest first; a run encoded ahead (shard_ahead.Ahead)
     # keeps the place its first jobs took
     priority = ahead.priority if ahead is not None else next_priority()
+    note_superseded(out_root, shard_key, shard_name)  # written under another name before: the audit names it
     fs.remove(st_url)  # from here until the check passed, this shard is not fresh
     samples: list[dict] = []
     spans: list[dict] = []  # where each sample's bytes went, and their sha256 (the read-back checks them)

@@ -24,10 +24,11 @@ SHIPPED_COLUMN = {"words.txt": 1, "gloss.txt": 2}
 
 
 def read_text_file(raw_root: str, name: str, present: bool) -> dict[str, str]:
-    """`words.txt` or `gloss.txt` of the raw release; when the release has none, the lemmas or
-    glosses of the shipped synset table (the public lists timm ships, for ImageNet fall11's 21,844
-    synsets, which hold Winter21's)."""
-    return parse_text(fs.read_text(fs.join(raw_root, name))) if present else shipped_text(name)
+    """`words.txt` or `gloss.txt` of the raw release; for each wnid it lacks (or when the release has
+    none), the lemma or gloss of the shipped synset table (the public lists timm ships, for ImageNet
+    fall11's 21,844 synsets, which hold Winter21's)."""
+    shipped = shipped_text(name)
+    return {**shipped, **parse_text(fs.read_text(fs.join(raw_root, name)))} if present else shipped
 
 
 @cache

@@ -16,6 +16,7 @@ import webdataset as wds
 from PIL import Image
 
 from imnet_assets.image.probe import probe_image
+from imnet_assets.release.lineage import lineage_rows
 from imnet_assets.sample.sample_raw import write_sample_raw
 from imnet_assets.stages.audit import encode_settings, expected_shard_fingerprints, run_audit
 from imnet_assets.stages.fingerprints import stale_stages
@@ -129,8 +130,8 @@ def test_lineage_gives_the_index_in_the_shard_tar(first):
                                                  shardshuffle=False)]
     with Catalog(settings.catalog, read_only=True) as cat:
         for key, plan_position in later:
-            (got,) = [r for r in cat.dicts("lineage", {"key": key}) if r["shard"] == shard]
+            (got,) = [r for r in lineage_rows(cat, key) if r["shard"] == shard]
             assert got["plan_position"] == plan_position
             assert keys[got["position"]] == key and got["position"] == plan_position - 1
-        (refused,) = [r for r in cat.dicts("lineage", {"key": BAD}) if r["shard"] is not None]
+        (refused,) = [r for r in lineage_rows(cat, BAD) if r["shard"] is not None]
         assert refused["position"] is None and refused["plan_position"] == refused_at

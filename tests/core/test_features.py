@@ -26,9 +26,10 @@ from imnet_assets.release.verify import iter_samples
 from imnet_assets.sample.photos import make_photo
 from imnet_assets.stages.audit import check_info, encode_settings, run_audit
 from imnet_assets.stages.filtered_index import build_filtered_index
-from imnet_assets.stages.fingerprints import stale_stages
+from imnet_assets.stages.fingerprints import INDEX_VERSION, _h, stale_stages
 from imnet_assets.stages.shard import build_shard
 from imnet_assets.storage.catalog import Catalog
+from imnet_assets.storage.inventory import list_raw
 from tests.conftest import build_catalog_stages, local_settings
 from tests.core.test_shard import write_raw_tar
 
@@ -296,32 +297,48 @@ def test_dedup_exact_excludes_later_copies_and_off_brings_them_back(built, copy)
 
 
 def test_dedup_exact_keeps_a_copy_whose_first_lost_its_key(tmp_path):
-    # n01443537_2 twice: a file misplaced in n01440764.tar (first by tar, it keeps the key) and the
-    # real one, whose bytes are also n01443537_9's. The first copy by key is the real _2, which the
-    # repeated key excludes: decided apart, _9 was excluded as its copy and those bytes were gone.
+    # n01443537_2 three times: a file misplaced in n01440764.tar (first by tar, but not the key's own
+    # synset: it loses the key) and twice in n01443537.tar, the later one with n01443537_9's bytes.
+    # The first copy by key is that later _2, which the repeated key excludes: decided apart, _9 was
+    # excluded as its copy and those bytes were gone.
     a, b = IN1K
     raw = tmp_path / "raw"
     raw.mkdir()
     same = _photo(7)
-    at = write_raw_tar(raw / f"{a}.tar", [(f"{a}_1.JPEG", _photo(1)), (f"{b}_2.JPEG", _photo(2))])[f"{b}_2.JPEG"][0]
-    write_raw_tar(raw / f"{b}.tar", [(f"{b}_2.JPEG", same), (f"{b}_9.JPEG", same), (f"{b}_3.JPEG", _photo(3)),
-                                     (f"{b}_4.JPEG", _photo(3))])
+    write_raw_tar(raw / f"{a}.tar", [(f"{a}_1.JPEG", _photo(1)), (f"{b}_2.JPEG", _photo(2))])
+    at = write_raw_tar(raw / f"{b}.tar", [(f"{b}_2.JPEG", _photo(5)), (f"x/{b}_2.JPEG", same), (f"{b}_9.JPEG", same),
+                                          (f"{b}_3.JPEG", _photo(3)), (f"{b}_4.JPEG", _photo(3))])[f"{b}_2.JPEG"][0]
     s = local_settings(raw, tmp_path, IMNET_NUM_SHARDS=2, IMNET_DEDUP="exact")
     build_catalog_stages(s)
-    rows = query(s, 'SELECT key, tar, status, reason FROM images ORDER BY key, tar')
+    rows = query(s, 'SELECT key, tar, status, reason FROM images ORDER BY key, tar, "offset"')
     assert rows == [(f"{a}_1", f"{a}.tar", "kept", None),
-                    (f"{b}_2", f"{a}.tar", "kept", None),
-                    (f"{b}_2", f"{b}.tar", "excluded", f"duplicate key: also in {a}.tar at byte {at}"),
+                    (f"{b}_2", f"{a}.tar", "excluded", f"duplicate key: also in {b}.tar at byte {at}"),
+                    (f"{b}_2", f"{b}.tar", "kept", None),
+                    (f"{b}_2", f"{b}.tar", "excluded", f"duplicate key: also in {b}.tar at byte {at}"),
                     (f"{b}_3", f"{b}.tar", "kept", None),
                     (f"{b}_4", f"{b}.tar", "excluded", f"duplicate of {b}_3"),
                     (f"{b}_9", f"{b}.tar", "kept", None)]
-    # every exclusion for a key or a copy names a row that stays
-    assert query(s, "SELECT count(DISTINCT sha256) FROM images") == \
-        query(s, "SELECT count(DISTINCT sha256) FROM images WHERE status = 'kept'")
+    # every exclusion for a key or a copy names a row that stays: of the key's own synset's bytes none is gone
+    assert query(s, f"SELECT count(DISTINCT sha256) FROM images WHERE tar = '{b}.tar'") == \
+        query(s, f"SELECT count(DISTINCT sha256) FROM images WHERE tar = '{b}.tar' AND status = 'kept'")
     # and with IMNET_DEDUP=off the same keys are settled as before, every copy kept
     off = local_settings(raw, tmp_path, IMNET_NUM_SHARDS=2)
     build_filtered_index(off, "run-off", log=QUIET)
-    assert query(s, "SELECT key, tar, status FROM images WHERE status = 'excluded'") == [(f"{b}_2", f"{b}.tar", "excluded")]
+    settled = 'SELECT key, tar, status FROM images WHERE status = \'excluded\' ORDER BY key, tar, "offset"'
+    assert query(s, settled) == [(f"{b}_2", f"{a}.tar", "excluded"), (f"{b}_2", f"{b}.tar", "excluded")]
+
+    # An index settled by the earlier rule (the misplaced file kept the key) and recorded with the
+    # fingerprint that rule's code gave is stale, and settled again without a tar read again.
+    listing = list_raw(off.raw_root)
+    with Catalog(off.catalog) as cat:
+        cat.con.execute("UPDATE images SET status = 'excluded', reason = 'duplicate key: also in old' "
+                    f"WHERE key = '{b}_2' AND tar = '{b}.tar' AND \"offset\" = {at}")
+        cat.con.execute(f"UPDATE images SET status = 'kept', reason = NULL WHERE key = '{b}_2' AND tar = '{a}.tar'")
+        cat.set_stage("filtered_index", _h("filtered_index", listing.tars_fingerprint, INDEX_VERSION), "old")
+    assert "filtered_index" in stale_stages(off, log=QUIET)
+    facts = build_filtered_index(off, "run-again", log=QUIET)
+    assert facts["tars_scanned"] == 0
+    assert query(s, settled) == [(f"{b}_2", f"{a}.tar", "excluded"), (f"{b}_2", f"{b}.tar", "excluded")]
 
 
 def test_a_changed_eval_set_is_matched_again_without_rescanning_tars(built, copy, tmp_path):

@@ -16,7 +16,7 @@ from imnet_assets.stages.filtered_index import build_filtered_index
 from imnet_assets.stages.fingerprints import stale_stages
 from imnet_assets.stages.raw_tars import build_raw_tars
 from imnet_assets.stages.synset_manifest import build_synset_manifest
-from imnet_assets.stages.synsets import labels, parse_text, read_text_file
+from imnet_assets.stages.synsets import labels, parse_text, read_text_file, shipped_text
 from imnet_assets.storage import inventory as inventory_mod
 from imnet_assets.storage.inventory import ArchiveDamaged, inventory, list_raw
 from tests.conftest import local_settings
@@ -273,8 +273,11 @@ def test_parse_text_reads_tab_separated_lines():
 
 
 def test_read_text_file_only_when_present(tmp_path):
-    (tmp_path / "words.txt").write_text("n00000001\tone\n")
-    assert read_text_file(str(tmp_path), "words.txt", True) == {"n00000001": "one"}
+    (tmp_path / "words.txt").write_text("n00000001\tone\nn01440764\tmy tench\n")
+    words = read_text_file(str(tmp_path), "words.txt", True)
+    assert (words["n00000001"], words["n01440764"]) == ("one", "my tench")  # the release's own text wins
+    # a wnid the release's words.txt lacks: the shipped table's lemma
+    assert words["n01443537"] == shipped_text("words.txt")["n01443537"] == "goldfish, Carassius auratus"
     # absent: the shipped synset table's glosses (fall11's 21,844 synsets)
     shipped = read_text_file(str(tmp_path), "gloss.txt", False)
     assert len(shipped) == 21_844 and "n01440764" in shipped

@@ -231,3 +231,29 @@ def test_a_read_error_while_verify_reads_a_shard_is_not_checked_and_keeps_its_co
     os.remove(tar)
     os.rename(tmp / "shard.aside", tar)
     assert line(status_lines(env, tmp), "wds_shards").split()[1:3] == ["3", "fresh"]
+
+
+def test_shards_left_under_an_old_pattern_fail_the_audit_and_verify_naming_them(copy):
+    # SPEC "Output": nothing duplicated in the out root a user uploads. After IMNET_SHARD_PATTERN (and
+    # num_shards) changed, the shards written under the old names stay beside the new ones: the
+    # audit and verify fail naming them (earlier commit records name them) with the command that
+    # clears them; nothing is deleted, and a file this project did not write is not named.
+    tmp, env = copy
+    out = tmp / "out"
+    mine = out / "imagenet12k-train-0009.tar"  # the user's, named like an old shard
+    mine.write_bytes(b"not written by imnet")
+    env = {**env, "IMNET_SHARD_PATTERN": "w21-{shard}.tar", "IMNET_NUM_SHARDS": "2"}
+    old = [f"imagenet12k-train-000{i}.tar" for i in range(3)]
+    built = imnet(["build"], env, cwd=tmp, check=False)
+    text = built.stdout + built.stderr
+    assert built.returncode != 0, text
+    assert f"rm -- {' '.join(old)}" in text and mine.name not in text, text
+    assert sorted(p.name for p in out.glob("w21-*.tar")) == ["w21-0000.tar", "w21-0001.tar"]
+    assert all((out / n).exists() for n in old) and mine.exists()
+    verify = imnet(["verify"], env, cwd=tmp, check=False)
+    assert verify.returncode != 0 and "FAIL 3 files named like shards" in verify.stdout, verify.stdout
+    for n in old:
+        (out / n).unlink()
+    imnet(["build"], env, cwd=tmp)  # the audit passes now, and verify
+    imnet(["verify"], env, cwd=tmp)
+    assert mine.exists()

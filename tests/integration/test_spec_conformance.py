@@ -27,7 +27,7 @@ from PIL import Image, ImageFile
 
 from tests.checks import catalog
 from tests.conftest import imnet
-from tests.spec_raw import IN1K_A, IN1K_B, WNIDS, write_spec_raw
+from tests.spec_raw import IN1K_A, IN1K_B, OTHER_D, WNIDS, write_spec_raw
 
 NUM_SHARDS = 7  # the environment's; .env says 5 (the environment wins)
 PATTERN = "w21-{shard}-of-x.tar"
@@ -229,7 +229,8 @@ def test_balance_info_json_card_and_classes(built):
     for _, s in (x for p in shards_of(root) for x in read_shard(p)):
         kept_per_wnid[json.loads(s["json"])["class_name"]] += 1
     assert [tuple(line.split("\t")) for line in lines[1:]] == [
-        (str(i), w, f"lemma of {w}, other", f"gloss of {w}", str(kept_per_wnid[w])) for i, w in enumerate(WNIDS)]
+        (str(i), w, "cell" if w == OTHER_D else f"lemma of {w}, other", f"gloss of {w}", str(kept_per_wnid[w]))
+        for i, w in enumerate(WNIDS)]  # OTHER_D: not in words.txt, its lemma from the shipped table
 
 
 def test_catalog_rows_offsets_and_duplicates(built):
@@ -266,6 +267,11 @@ def test_catalog_rows_offsets_and_duplicates(built):
         first = min(groups[sha])
         assert dup == (None if key == first else first), (key, dup, sorted(groups[sha]))
     assert {k: d for k, *_, d in images if d} == {"n00005787_3": "n00005787_10", "n01443537_1": "n01440764_13"}
+    # a repeated key: the file in the key's own synset's tar stays, not the one misplaced in the first tar
+    held = {t: (st, reason) for k, t, _, _, _, _, st, reason, _ in images if k == f"{IN1K_B}_2"}
+    assert held[f"{IN1K_B}.tar"] == ("kept", None), held
+    assert held[f"{IN1K_A}.tar"][0] == "excluded", held
+    assert held[f"{IN1K_A}.tar"][1].startswith(f"duplicate key: also in {IN1K_B}.tar at byte "), held
 
 
 def test_webdataset_reads_every_sample(built):
@@ -281,7 +287,17 @@ def test_lineage_names_source_and_shard(built):
     root, env, _ = built
     text = imnet(["lineage", "n01443537_2"], env, cwd=root.parent).stdout
     assert "n01440764.tar" in text and "member n01443537_2.JPEG" in text and "shard" in text, text
-    assert "duplicate key" in text, text
+    blocks = {b.split("\n")[1]: b for b in text.strip().split("\n\n")}  # by its `source` line
+    own = next(b for src, b in blocks.items() if f"{IN1K_B}.tar" in src)
+    misplaced = next(b for src, b in blocks.items() if f"{IN1K_A}.tar" in src)
+    assert "status       kept" in own and "shard" in own, text
+    assert f"duplicate key: also in {IN1K_B}.tar" in misplaced, text
+    # a raw stem that was sanitized (a dot in it) is found by that stem, naming the key it was kept under
+    text = imnet(["lineage", f"{IN1K_A}_1.5"], env, cwd=root.parent).stdout
+    assert f"raw name     {IN1K_A}_1.5.JPEG: kept under {IN1K_A}_1_5_h" in text and "shard" in text, text
+    # and an excluded one says why
+    text = imnet(["lineage", f"../{IN1K_A}_15.JPEG"], env, cwd=root.parent).stdout
+    assert "raw name     ../" in text and "unsafe member name" in text, text
 
 
 @pytest.fixture(scope="module")
@@ -336,6 +352,8 @@ def test_releases_file_one_then_all(tmp_path):
     # sub: labels are indexes in the release's own sorted synsets, JPEG members
     sub = [(k, s) for p in sorted((root / "out" / "sub").glob("sub-*.tar")) for k, s in read_shard(p)]
     assert {json.loads(s["json"])["class_name"] for _, s in sub} == {"n00005787", IN1K_B}
+    # n01443537_2, also misplaced in n01440764.tar (a synset sub leaves out), is in sub's shards
+    assert f"{IN1K_B}_2" in {k for k, _ in sub}
     for key, s in sub:
         meta = json.loads(s["json"])
         assert list(s) == ["cls", "json", "jpg"], key
