@@ -1,6 +1,6 @@
 """The out root's layout, one place for each fact: where a shard's manifest and commit record live
 (`<out>/_manifests/<key>.json`, `<key>.state.json`), what a commit record says was committed, whether
-a shard file on storage is still the one committed, and how a shard's tar ends. Shard runs
+a shard's file and manifest on storage are still the ones committed, and how a shard's tar ends. Shard runs
 (shard.py), the check (verify.py), freshness, the audit and changed-source markers all read it here.
 """
 
@@ -88,7 +88,7 @@ def what_changed(state: dict, tar: tuple[int, str], manifest: tuple[int, str] | 
     record written before these were kept is held only to the manifest being there: making it stale
     would rewrite every shard of an existing release (a full re-encode at real size is ~128
     core-hours) for a check `imnet verify` makes anyway (it parses such a manifest against the
-    catalog: `manifest_problems`), and the next build of each shard records them."""
+    catalog: verify_runs.manifest_problems), and the next build of each shard records them."""
     size, stamp = tar
     if size != state.get("bytes") or state.get("stamp", stamp) != stamp:
         return "the shard file"
