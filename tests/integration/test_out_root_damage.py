@@ -299,3 +299,20 @@ def test_a_read_error_while_verify_reads_a_shard_is_not_checked_and_keeps_its_co
     os.remove(tar)
     os.rename(tmp / "shard.aside", tar)
     assert line(status_lines(env, tmp), "wds_shards").split()[1:3] == ["3", "fresh"]
+
+
+def test_a_read_error_on_a_manifest_is_not_checked_and_keeps_its_commit(release, copy):
+    """verify's manifest check, like its shard check: a local read error on the manifest (a link to
+    /proc/self/mem, which every read refuses with EIO) is no verdict on it: NOT CHECKED naming it,
+    never FAIL, and the shard's commit record stays."""
+    tmp, env = copy
+    manifest = tmp / "out" / "_manifests" / "0000.json"
+    record = tmp / "out" / "_manifests" / "0000.state.json"
+    kept = record.read_bytes()
+    os.rename(manifest, tmp / "manifest.aside")
+    os.symlink("/proc/self/mem", manifest)
+    verify = imnet(["verify"], env, cwd=tmp, check=False)
+    said = verify.stdout + verify.stderr
+    assert verify.returncode != 0 and f"NOT CHECKED shard 0000 ({SHARD0}): not checked:" in said, said
+    assert "0000.json" in said and "Input/output error" in said and "FAIL" not in said, said
+    assert record.read_bytes() == kept
