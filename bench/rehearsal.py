@@ -315,16 +315,17 @@ def cli(args: list[str], env: dict[str, str], proxy) -> tuple[float, object, sub
 
 def mirror_shards(local_out: Path, client, prefix: str, settings, skip: set[str]) -> None:
     """Copy the locally built shards, manifests and commit records into the out bucket, each record
-    stamped with its tar's ETag there (as a shard run on S3 stamps it)."""
+    stamped with its tar's and its manifest's ETags there (as a shard run on S3 stamps it)."""
     def one(key: str) -> None:
         name = settings.shard_name(key)
         etag = client.put_object(Bucket=OUT_BUCKET, Key=f"{prefix}/{name}",
                                  Body=(local_out / name).read_bytes())["ETag"]
         mf = local_out / "_manifests"
-        client.put_object(Bucket=OUT_BUCKET, Key=f"{prefix}/_manifests/{key}.json",
-                          Body=(mf / f"{key}.json").read_bytes())
+        mf_etag = client.put_object(Bucket=OUT_BUCKET, Key=f"{prefix}/_manifests/{key}.json",
+                                    Body=(mf / f"{key}.json").read_bytes())["ETag"]
         state = json.loads((mf / f"{key}.state.json").read_text())
         state["stamp"] = etag
+        state["manifest_stamp"] = mf_etag  # the manifest's too (outroot.what_changed)
         client.put_object(Bucket=OUT_BUCKET, Key=f"{prefix}/_manifests/{key}.state.json",
                           Body=json.dumps(state, sort_keys=True).encode())
 

@@ -1,5 +1,6 @@
-"""`imnet verify`: every selected release's shards re-read and checked against the catalog (in a
-worker pool of the command: release/verify_runs.py), with `_info.json`, stray shard files and the
+"""`imnet verify`: every selected release's shards re-read and checked against the catalog, and
+each shard's manifest against its commit record or the catalog (in a worker pool of the command:
+release/verify_runs.py), with `_info.json`, stray shard files and the
 conservation of every raw member; a line per problem, progress as it goes, a summary per release."""
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ listed once each (one request per 1,000 entries on S3), and the commit records t
 are read concurrently (fs.read_many). A commit record already read by this process is read again
 only when the listing shows it changed (another size or stamp): the daemon's code server, which
 evaluates every tick, then needs the two listings and nothing else while no shard changes.
-Each verdict is decided by `outroot.unchanged_on_storage`, as the audit decides it.
+Each verdict is decided by `outroot.unchanged_on_storage`, as the audit decides it: the commit
+record, the tar's size and stamp, and the manifest's (the `_manifests/` listing has them: no more
+requests; a shard whose manifest is gone or changed is stale, as the audit would find it).
 
 A process that has not looked before (the `imnet status` CLI, a fresh code server, the audit)
 would still read all 1,024 records. On S3 the records it reads are therefore kept together in
@@ -28,7 +30,13 @@ import json
 import threading
 from dataclasses import dataclass
 
-from imnet_assets.release.outroot import MANIFEST_DIR, RECORD_MAX_BYTES, state_url, unchanged_on_storage
+from imnet_assets.release.outroot import (
+    MANIFEST_DIR,
+    RECORD_MAX_BYTES,
+    manifest_url,
+    state_url,
+    unchanged_on_storage,
+)
 from imnet_assets.storage import atomic, fs
 
 _STATE_SUFFIX = ".state.json"
@@ -41,13 +49,14 @@ _ledger_cache: dict[str, tuple[tuple[int, str], dict]] = {}  # ledger url -> ((s
 
 @dataclass(frozen=True)
 class ShardLook:
-    """What the out root holds for one shard: its commit record (None: none, or unreadable) and
-    its tar's (size, stamp) from the listing (None: no tar)."""
+    """What the out root holds for one shard: its commit record (None: none, or unreadable), its
+    tar's and its manifest's (size, stamp) from the listings (None: no such file)."""
 
     key: str
     name: str
     state: dict | None
     tar: tuple[int, str] | None
+    manifest: tuple[int, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,10 @@ def look_at_shards(out_root: str, keys: list[str], names: list[str]) -> OutRootL
         if fs.is_remote(out_root) and any(isinstance(doc, dict) for doc in docs.values()):
             _write_ledger(out_root, {f"{key}{_STATE_SUFFIX}": (records[f"{key}{_STATE_SUFFIX}"], doc)
                                      for key, doc in states.items() if doc is not None})
-    shards = {key: ShardLook(key, name, states[key], listing.get(name)) for key, name in zip(keys, names)}
+    shards = {}
+    for key, name in zip(keys, names):
+        manifest = listed.get(fs.basename(manifest_url(out_root, key)))
+        shards[key] = ShardLook(key, name, states[key], listing.get(name), manifest)
     return OutRootLook(shards, sorted(listing), sorted(listed))
 
 
@@ -173,7 +185,8 @@ def verdict(out_root: str, look: ShardLook, expected_fingerprint: str | None) ->
         return "missing"
     if expected_fingerprint is None or look.state.get("fingerprint") != expected_fingerprint:
         return "stale"
-    return "fresh" if unchanged_on_storage(fs.join(out_root, look.name), look.state, look.tar) else "stale"
+    fresh = unchanged_on_storage(fs.join(out_root, look.name), look.state, look.tar, manifest=look.manifest)
+    return "fresh" if fresh else "stale"
 
 
 def shard_states(out_root: str, keys: list[str], names: list[str], expected: dict[str, str]) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """The out root's layout, one place for each fact: where a shard's manifest and commit record live
 (`<out>/_manifests/<key>.json`, `<key>.state.json`), what a commit record says was committed, whether
-a shard file on storage is still the one committed, and how a shard's tar ends. Shard runs
+a shard's file and manifest on storage are still the ones committed, and how a shard's tar ends. Shard runs
 (shard.py), the check (verify.py), freshness, the audit and changed-source markers all read it here.
 """
 
@@ -71,13 +71,37 @@ def read_manifest(out_root: str, shard_key: str) -> dict | None:
     return fs.read_json(manifest_url(out_root, shard_key))
 
 
-def unchanged_on_storage(url: str, state: dict, size_stamp: tuple[int, str] | None = None) -> bool:
-    """Whether the shard file at `url` is still the one its commit record describes: the same size
-    and stamp (mtime, or ETag on S3) as when it was committed. An edit in place changes the stamp;
-    so does a copy that does not keep times (`cp` without -p): such a shard is built again rather
-    than hashed on every look (1024 x 140 MB). `size_stamp`: from a listing."""
-    size, stamp = size_stamp or fs.stat(url)
-    return size == state.get("bytes") and state.get("stamp", stamp) == stamp  # no stamp: older records
+def unchanged_on_storage(url: str, state: dict, size_stamp: tuple[int, str] | None = None, *,
+                         manifest: tuple[int, str] | None) -> bool:
+    """Whether the shard at `url` is still the one its commit record describes (`what_changed` is None)."""
+    return what_changed(state, size_stamp or fs.stat(url), manifest) is None
+
+
+def what_changed(state: dict, tar: tuple[int, str], manifest: tuple[int, str] | None) -> str | None:
+    """None while a shard on storage is still the one its commit record `state` describes, else what
+    is not: "the shard file" or "its manifest". `tar` and `manifest`: the (size, stamp) of each as
+    listed (None: the manifest is not there). The one place for the rule (freshness, the audit).
+
+    The tar: the same size and stamp (mtime, or ETag on S3) as when it was committed. An edit in
+    place changes the stamp; so does a copy that does not keep times (`cp` without -p): such a
+    shard is built again rather than hashed on every look (1024 x 140 MB). A record without a stamp
+    (older ones) is held to its size.
+
+    The manifest (what the audit loads, and what a damaged catalog is rebuilt from): there, and of
+    the size and stamp listed right after it was committed (`manifest_bytes`, `manifest_stamp`). A
+    record written before these were kept is held only to the manifest being there: making it stale
+    would rewrite every shard of an existing release (a full re-encode at real size is ~128
+    core-hours) for a check `imnet verify` makes anyway (it parses such a manifest against the
+    catalog: verify_runs.manifest_problems), and the next build of each shard records them."""
+    size, stamp = tar
+    if size != state.get("bytes") or state.get("stamp", stamp) != stamp:
+        return "the shard file"
+    if manifest is None:
+        return "its manifest"
+    if "manifest_bytes" in state and (manifest[0] != state["manifest_bytes"]
+                                      or manifest[1] != state.get("manifest_stamp")):
+        return "its manifest"
+    return None
 
 
 def tar_end(offset: int) -> bytes:

@@ -14,12 +14,20 @@ fails (verify is non-zero when a shard could not be checked).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from imnet_assets.release.lease import LeaseHeld
-from imnet_assets.release.outroot import forget_commit
+from imnet_assets.release.outroot import (
+    RECORD_MAX_BYTES,
+    committed_as,
+    forget_commit,
+    manifest_url,
+    state_url,
+)
 from imnet_assets.release.verify import ReadBackFailed, verify_catalog_shard
 from imnet_assets.runtime.procpool import preload
 from imnet_assets.runtime.workerpool import WorkerDied, WorkerPool
@@ -29,26 +37,31 @@ preload(__name__)  # the forkserver imports this module once for all workers
 
 CHECK_DEATHS = 4  # deaths of the worker checking one shard before it is reported not checked
 HELD_DEATHS = 8  # deaths of a worker that held the shard queued, not yet checking it
+# A manifest lists its shard's samples (~300 bytes each: ~4 MB at 12,000 samples a shard): one
+# larger than this is damaged, never read whole.
+MANIFEST_MAX_BYTES = 1 << 28
 
 
 @dataclass
 class ShardCheckJob:
     """One shard of `imnet verify`, for a pool worker: the file at `url` against its catalog record
     and rows (verify.verify_catalog_shard; an unreadable file is a problem, storage that does not
-    answer a StorageError)."""
+    answer a StorageError), and its manifest under `out_root` (manifest_problems)."""
 
     url: str
     shard: dict
     rows: list[tuple]
     decode: bool
     ext: str = "webp"
+    out_root: str | None = None  # its manifest is checked there too (manifest_problems)
 
     def prefetch(self, readers) -> None:
         return None
 
     def run(self, _state, mark) -> list[str]:
         mark(0)  # a death from here on was this shard's check
-        return verify_catalog_shard(self.url, self.shard, self.rows, self.decode, self.ext)
+        problems = verify_catalog_shard(self.url, self.shard, self.rows, self.decode, self.ext)
+        return problems + (manifest_problems(self.out_root, self.shard) if self.out_root else [])
 
 
 @dataclass
@@ -81,7 +94,8 @@ def checked_shards(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], de
                    first_done: Callable, out_root: str | None = None) -> Iterator[Checked]:
     """A Checked per task (shard record, url, catalog rows), as they finish, checked in `jobs`
     worker processes. `first_done(futures)`: the done ones, waiting until one is (the CLI's, which
-    stays responsive to Ctrl-C). `out_root`: a shard its bytes fail loses its commit record there
+    stays responsive to Ctrl-C). `out_root`: each shard's manifest is checked there too
+    (`manifest_problems`), and a shard its bytes or its manifest fail loses its commit record there
     (`forget_failed`), so the next build writes it again."""
     pool = verify_pool(max(jobs, 1))
     pending: dict = {}  # future -> (job, deaths while checking it, deaths while it was held)
@@ -116,7 +130,7 @@ def checked_shards(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], de
                     yield done
 
     for sh, url, rows in tasks:
-        job = ShardCheckJob(url, sh, rows, decode, ext)
+        job = ShardCheckJob(url, sh, rows, decode, ext, out_root)
         del rows
         pending[pool.submit(job)] = (job, [], [])
         yield from drain(jobs + 1)
@@ -140,3 +154,45 @@ def forget_failed(out_root: str, shard: dict) -> list[str]:
         return [f"its commit record could not be removed ({fs.redact(str(e))}): move the shard aside and "
                 "run `imnet build`"]
     return ["its commit record is removed: the next `imnet build` writes this shard again"] if gone else []
+
+
+def manifest_problems(out_root: str, shard: dict) -> list[str]:
+    """`imnet verify`'s check of a shard's manifest against the commit the catalog records
+    (`shard`: its catalog record, `sha256` and `run_id` among it): the sha256 of its bytes against
+    the one its commit record carries (`manifest_sha256`), when the record is that commit's and
+    carries one; else it is parsed and its head (shard, bytes, sha256, run, number of samples, the
+    samples it lists) compared to the catalog's. An empty list: the manifest is that commit's.
+    Storage that does not answer raises StorageError (no verdict)."""
+    key = shard["shard"]
+    url = manifest_url(out_root, key)
+    try:
+        data = fs.read_bytes(url, limit=MANIFEST_MAX_BYTES, kind="a shard's manifest")
+    except FileNotFoundError:
+        return [f"its manifest {fs.redact(url)} is missing"]
+    except fs.TooLarge:
+        return [f"its manifest {fs.redact(url)} is damaged (over {MANIFEST_MAX_BYTES} bytes)"]
+    except fs.StorageError:
+        raise
+    except (IsADirectoryError, NotADirectoryError):
+        return [f"its manifest {fs.redact(url)} is not a file"]
+    except OSError as e:  # the machinery's read (EIO, EACCES), not the manifest's bytes: no verdict
+        raise ReadBackFailed(f"cannot read {fs.redact(url)}: {type(e).__name__}: {fs.redact(str(e))}") from None
+    try:
+        record = fs.read_json(state_url(out_root, key), limit=RECORD_MAX_BYTES, kind="a commit record")
+    except fs.TooLarge:  # not a record: the manifest is parsed instead
+        record = None
+    if (isinstance(record, dict) and "manifest_sha256" in record
+            and committed_as(record) == committed_as({"sha256": shard["sha256"], "run_id": shard.get("run_id") or ""})):
+        if hashlib.sha256(data).hexdigest() == record["manifest_sha256"]:
+            return []
+        return [f"its manifest {fs.redact(url)} is damaged (its sha256 is not the one committed)"]
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        doc = None
+    want = {"shard": key, "bytes": shard["bytes"], "sha256": shard["sha256"], "num_samples": shard["num_samples"]}
+    if (not isinstance(doc, dict) or any(doc.get(k) != v for k, v in want.items())
+            or (shard.get("run_id") and doc.get("run_id") != shard["run_id"])
+            or not isinstance(doc.get("samples"), list) or len(doc["samples"]) != shard["num_samples"]):
+        return [f"its manifest {fs.redact(url)} is damaged (does not parse, or is not the commit the catalog records)"]
+    return []

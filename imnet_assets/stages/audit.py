@@ -28,7 +28,7 @@ from imnet_assets.release.outroot import (
     forget_commit_unless_held,
     manifest_url,
     stray_problem,
-    unchanged_on_storage,
+    what_changed,
     written_elsewhere,
 )
 from imnet_assets.release.plan import read_index
@@ -178,16 +178,16 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
         present, missing, stale, bad = [], [], [], []
         lengths: dict[str, int] = {}
         for key in settings.partition_keys:
-            url = manifest_url(settings.out_root, key)
-            manifest = manifests.get(key)
-            shard_url = fs.join(settings.out_root, settings.shard_name(key))
-            on_storage = look.shards[key].tar
-            if manifest is None or on_storage is None:
+            url, manifest = manifest_url(settings.out_root, key), manifests.get(key)
+            on_storage, state = look.shards[key].tar, look.shards[key].state
+            replaced = state and on_storage and what_changed(state, on_storage, look.shards[key].manifest)
+            if manifest is None or on_storage is None or replaced == "its manifest":  # not the committed one: not loaded
                 missing.append(key)
-                if on_storage is not None and forget_commit_unless_held(settings.out_root, key, look.shards[key].state,
+                if on_storage is not None and forget_commit_unless_held(settings.out_root, key, state,
                                                                            f"the audit of run {run_id}"):
                     bad.append(f"shard {key}: its manifest {fs.redact(url)} is missing or damaged (does not "
-                               "parse): its commit record is removed, so `imnet build` builds the shard again")
+                               "parse, or its size or stamp is not the committed one's): its commit record is "
+                               "removed, so `imnet build` builds the shard again")
                 continue
             if manifest.get("fingerprint") != expected.get(key):
                 stale.append(key)
@@ -195,7 +195,7 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
             size, _stamp = on_storage
             if size != manifest["bytes"]:
                 bad.append(f"shard {key}: {size} bytes on storage, manifest says {manifest['bytes']}")
-            elif changed := _changed_in_place(key, shard_url, look.shards[key].state, on_storage):
+            elif changed := _changed_in_place(key, state, on_storage):
                 bad.append(changed)
             present.append(url)
             lengths[key] = manifest["num_samples"]
@@ -262,11 +262,11 @@ def conservation_problems(cat: Catalog, release: str = "") -> list[str]:
     return found
 
 
-def _changed_in_place(key: str, shard_url: str, state: dict | None, size_stamp: tuple[int, str]) -> str | None:
+def _changed_in_place(key: str, state: dict | None, size_stamp: tuple[int, str]) -> str | None:
     """A problem when the shard file (of the manifest's size) is not the one its run committed
     (`state`, its commit record): another stamp (edited in place, or copied without keeping
-    times; see outroot.unchanged_on_storage)."""
-    if state is None or unchanged_on_storage(shard_url, state, size_stamp):
+    times; see outroot.what_changed)."""
+    if state is None or what_changed(state, size_stamp, None) != "the shard file":
         return None
     return (f"shard {key}: the file on storage is not the one run {state.get('run_id')} committed (its mtime or "
             "ETag changed: edited in place, or copied without keeping times): `imnet build` writes it again")

@@ -129,7 +129,8 @@ def build_shard(
 
     The commit record's stamp (size and mtime / ETag) is the one read right after the commit,
     before the check; it is read again once the check passed, and if it changed the record is
-    not written and ShardChangedDuringCheck names the shard.
+    not written and ShardChangedDuringCheck names the shard. So are the manifest's size and stamp
+    (and its sha256, for `imnet verify`): a manifest removed or changed is not fresh either.
     """
     started = time.perf_counter()
     final = fs.join(out_root, shard_name)
@@ -189,7 +190,9 @@ def build_shard(
         "samples": samples,
         "excluded": excluded,
     }
-    atomic.write_atomic(mf_url, json.dumps(manifest, separators=(",", ":")).encode())
+    manifest_data = json.dumps(manifest, separators=(",", ":")).encode()
+    atomic.write_atomic(mf_url, manifest_data)
+    mf_committed = fs.stat(mf_url)  # (size, stamp) of the manifest: a change to it is not fresh (outroot.what_changed)
     if after_commit is not None:
         after_commit(final)
     planned = {r.key: r for r in rows}
@@ -201,14 +204,18 @@ def build_shard(
     if not problems:
         if after_check is not None:
             after_check(final)
-        now = fs.stat(final)
-        if now != committed:
-            raise ShardChangedDuringCheck(
-                f"shard {shard_key}: {final} changed on storage while it was being checked (size and stamp "
-                f"{committed[0]} {committed[1]} at the commit, {now[0]} {now[1]} after the check): not recorded "
-                "as committed; another writer? Build the shard again")
+        for url, then in ((final, committed), (mf_url, mf_committed)):
+            now = fs.stat(url)
+            if now != then:
+                raise ShardChangedDuringCheck(
+                    f"shard {shard_key}: {url} changed on storage while it was being checked (size and stamp "
+                    f"{then[0]} {then[1]} at the commit, {now[0]} {now[1]} after the check): not recorded "
+                    "as committed; another writer? Build the shard again")
         state = {k: manifest[k] for k in ("shard", "path", "fingerprint", "bytes", "sha256", "num_samples", "run_id")}
         state["stamp"] = committed[1]  # the checked bytes' stamp: an edit in place changes it (freshness.verdict)
+        # the manifest's, likewise (freshness), and its sha256 (`imnet verify`: verify_runs.manifest_problems)
+        state.update(manifest_bytes=mf_committed[0], manifest_stamp=mf_committed[1],
+                     manifest_sha256=hashlib.sha256(manifest_data).hexdigest())
         atomic.write_atomic(st_url, json.dumps(state, sort_keys=True).encode())
         remember(out_root, shard_key, state)
     else:

@@ -16,7 +16,7 @@ import pytest
 import webdataset as wds
 
 from imnet_assets.release.info import DATASET_NAME, info_url
-from imnet_assets.release.outroot import manifest_url
+from imnet_assets.release.outroot import manifest_url, state_url
 from imnet_assets.release.plan import read_index, shard_sizes
 from imnet_assets.sample.sample_raw import write_sample_raw
 from imnet_assets.settings import Settings
@@ -178,14 +178,43 @@ def test_missing_manifest_counts_as_missing_shard(copy):
     assert not os.path.exists(info_url(s))
 
 
+def test_a_manifest_not_the_committed_one_is_not_loaded_and_its_commit_is_forgotten(copy):
+    """A manifest edited after its run committed it (still valid JSON, the catalog would take it) is
+    not what a catalog may be rebuilt from: the audit names it, does not load it, and removes its
+    shard's commit record so the next build writes the shard again."""
+    s = copy.settings
+    key = s.partition_keys[0]
+    path = Path(manifest_url(s.out_root, key))
+    data = path.read_bytes()
+    at = data.index(b'"webp_sha256":"') + 20
+    path.write_bytes(data[:at] + (b"0" if data[at:at + 1] != b"0" else b"1") + data[at + 1:])
+    report = run_audit(s, "run", log=QUIET)
+    assert report.missing == [key] and not report.info_written
+    assert any(p.startswith(f"shard {key}: its manifest") and "missing or damaged" in p for p in report.problems)
+    assert not os.path.exists(state_url(s.out_root, key))
+    assert query(s, f"SELECT count(*) FROM shard_samples WHERE shard = '{key}'") == [(0,)]
+
+
+def committed_manifest(s: Settings, key: str, manifest: dict) -> None:
+    """Write `manifest` as `key`'s run would have committed it: its commit record names the
+    manifest's size, stamp and sha256 (else the audit takes it for damage and does not load it)."""
+    url = manifest_url(s.out_root, key)
+    data = json.dumps(manifest).encode()
+    Path(url).write_bytes(data)
+    st = os.stat(url)
+    record = json.loads(Path(state_url(s.out_root, key)).read_bytes())
+    record.update(manifest_bytes=st.st_size, manifest_stamp=str(st.st_mtime),
+                  manifest_sha256=hashlib.sha256(data).hexdigest())
+    Path(state_url(s.out_root, key)).write_text(json.dumps(record, sort_keys=True))
+
+
 def test_duplicated_sample_in_a_manifest_is_reported(copy):
     s = copy.settings
     key = s.partition_keys[0]
     path = manifest_url(s.out_root, key)
     manifest = json.loads(open(path).read())
     manifest["samples"].append(dict(manifest["samples"][0]))
-    with open(path, "w") as f:
-        json.dump(manifest, f)
+    committed_manifest(s, key, manifest)
     report = run_audit(s, "run", log=QUIET)
     assert report.reconcile["duplicated"] == 1
     assert any("duplicated" in p for p in report.problems)
@@ -199,9 +228,8 @@ def test_sample_in_the_wrong_shard_is_misplaced(copy):
     ma, mb = json.loads(open(a).read()), json.loads(open(b).read())
     moved = ma["samples"].pop()
     mb["samples"].append(moved)
-    for path, m in ((a, ma), (b, mb)):
-        with open(path, "w") as f:
-            json.dump(m, f)
+    for k, m in zip(s.partition_keys[:2], (ma, mb)):
+        committed_manifest(s, k, m)
     report = run_audit(s, "run", log=QUIET)
     assert report.reconcile["misplaced"] == 1
     assert report.reconcile["lost"] == 1 and report.reconcile["lost_examples"] == [moved["key"]]
@@ -239,7 +267,8 @@ def test_remote_out_root_loads_every_manifest_in_one_statement(copy):
         if path.is_file():
             data = path.read_bytes()
             if path.name.endswith(".state.json"):  # the memory store has no mtime to compare with
-                data = json.dumps({k: v for k, v in json.loads(data).items() if k != "stamp"}).encode()
+                data = json.dumps({k: v for k, v in json.loads(data).items()
+                                   if k not in ("stamp", "manifest_stamp", "manifest_bytes")}).encode()
             mem.pipe(f"/audit-remote/out/{path.relative_to(local).as_posix()}", data)
     s = settings_for(copy.raw, copy.folder, IMNET_OUT_ROOT=root)
     catalog_folder = Path(s.catalog).resolve().parent
@@ -356,7 +385,6 @@ def test_the_audit_fails_naming_a_shard_whose_samples_do_not_add_up(copy):
     with open(url) as f:
         manifest = json.load(f)
     manifest["samples"].pop()
-    with open(url, "w") as f:
-        json.dump(manifest, f)
+    committed_manifest(copy.settings, "0001", manifest)
     report = run_audit(copy.settings, "run-damaged", log=QUIET)
     assert any(p.startswith("shard 0001: ") and "planned" in p for p in report.conservation), report.conservation

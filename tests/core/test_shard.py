@@ -196,6 +196,9 @@ def test_manifest_and_state_agree_with_the_tar(built):
         assert s["webp_bytes"] == len(webps[s["key"]])
         assert s["repaired"] is False
     assert state.pop("stamp") == str(os.stat(built.out / manifest["path"]).st_mtime)  # the tar's, as committed
+    mf = built.out / "_manifests" / f"{KEY}.json"  # the manifest's, likewise, and its sha256 (imnet verify)
+    assert state.pop("manifest_stamp") == str(os.stat(mf).st_mtime) and state.pop("manifest_bytes") == mf.stat().st_size
+    assert state.pop("manifest_sha256") == hashlib.sha256(mf.read_bytes()).hexdigest()
     assert state == {k: manifest[k] for k in ("shard", "path", "fingerprint", "bytes", "sha256", "num_samples", "run_id")}
     assert built.result.path == str(built.tar)
 

@@ -176,14 +176,17 @@ def test_a_damaged_plan_slice_fails_the_shard_run_naming_it_and_the_next_build_r
     imnet(["verify"], env, cwd=tmp)
 
 
-@pytest.mark.parametrize("kind", ["byte", "empty"])
-def test_a_damaged_manifest_is_named_when_the_catalog_is_rebuilt_and_its_shard_built_again(release, copy, kind):
+def test_a_damaged_manifest_is_named_when_the_catalog_is_rebuilt_and_its_shard_built_again(release, copy):
     """The manifests are what a catalog moved aside is rebuilt from (SPEC "Failure behaviour"): one
-    that does not parse fails that audit naming it and takes its shard's commit record away, so the
-    next build writes that shard alone again, and ends byte-equal to the clean build."""
+    that does not parse (a byte changed with its mtime kept: freshness does not see it) fails that
+    audit naming it and takes its shard's commit record away, so the next build writes that shard
+    alone again, and ends byte-equal to the clean build."""
     tmp, env = copy
     clean = files(release[0] / "out")
-    damage(tmp / "out" / "_manifests" / "0000.json", kind)
+    manifest = tmp / "out" / "_manifests" / "0000.json"
+    kept = manifest.stat()
+    damage(manifest, "byte", 0)
+    os.utime(manifest, ns=(kept.st_atime_ns, kept.st_mtime_ns))
     os.rename(tmp / "catalog.duckdb", tmp / "catalog.aside")
     failed = imnet(["build"], env, cwd=tmp, check=False)
     said = failed.stdout + failed.stderr
@@ -191,6 +194,71 @@ def test_a_damaged_manifest_is_named_when_the_catalog_is_rebuilt_and_its_shard_b
     lines = status_lines(env, tmp)
     assert "not fresh: 0000" in line(lines, "  not fresh") and line(lines, "shard_audit").split()[1] != "fresh"
     build_rewrites_shard0_alone(release, copy, clean)
+
+
+@pytest.mark.parametrize("kind", ["removed", "short"])
+def test_a_manifest_removed_or_cut_is_not_fresh_and_build_writes_its_shard_alone(release, copy, kind):
+    """A shard's manifest is part of its commit: its commit record holds the manifest's size and
+    stamp as listed right after it was committed, so a manifest removed or cut short (its mtime kept)
+    makes the shard stale at once, and the next build writes that shard alone again."""
+    tmp, env = copy
+    clean = files(release[0] / "out")
+    manifest = tmp / "out" / "_manifests" / "0000.json"
+    kept = manifest.stat()
+    if kind == "removed":
+        manifest.unlink()
+    else:
+        damage(manifest, kind)
+        os.utime(manifest, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    lines = status_lines(env, tmp)
+    assert "not fresh: 0000" in line(lines, "  not fresh"), lines
+    assert line(lines, "shard_audit").split()[1] != "fresh"
+    build_rewrites_shard0_alone(release, copy, clean)
+
+
+def test_a_manifest_byte_changed_with_its_stamp_kept_fails_verify_naming_it_then_is_rebuilt(release, copy):
+    """A byte of a manifest changed with its size and mtime kept is fresh to status (stamps are
+    trusted), and the JSON may still parse: `imnet verify` hashes it against the sha256 its commit
+    record carries, fails the shard naming its manifest and removes its commit record; the next build
+    writes that shard alone again."""
+    tmp, env = copy
+    clean = files(release[0] / "out")
+    manifest = tmp / "out" / "_manifests" / "0000.json"
+    kept = manifest.stat()
+    damage(manifest, "byte", manifest.read_bytes().index(b'"sha256":"') + 12)  # still valid JSON
+    os.utime(manifest, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    assert line(status_lines(env, tmp), "wds_shards").split()[1:3] == ["3", "fresh"]
+    verify = imnet(["verify"], env, cwd=tmp, check=False)
+    said = verify.stdout + verify.stderr
+    assert verify.returncode != 0 and "FAILED (0000)" in said, said
+    assert f"FAIL shard 0000 ({SHARD0}): its manifest" in said and "0000.json is damaged" in said, said
+    assert f"FAIL shard 0000 ({SHARD0}): its commit record is removed" in said, said
+    assert "not fresh: 0000" in line(status_lines(env, tmp), "  not fresh")
+    build_rewrites_shard0_alone(release, copy, clean)
+
+
+def test_a_commit_record_from_before_manifest_stamps_keeps_its_shard_fresh_and_verify_parses_its_manifest(
+        release, copy):
+    """A commit record written before it held the manifest's size, stamp and sha256 does not make
+    its shard stale (that would rewrite every shard of an existing release); its manifest must still
+    be there, and `imnet verify` parses it against the catalog instead of hashing it."""
+    import json
+
+    tmp, env = copy
+    record = tmp / "out" / "_manifests" / "0000.state.json"
+    older = {k: v for k, v in json.loads(record.read_bytes()).items() if not k.startswith("manifest_")}
+    assert len(older) < len(json.loads(record.read_bytes()))  # the record did hold them
+    record.write_text(json.dumps(older, sort_keys=True))
+    assert line(status_lines(env, tmp), "wds_shards").split()[1:3] == ["3", "fresh"]
+    imnet(["verify"], env, cwd=tmp)
+    manifest = tmp / "out" / "_manifests" / "0000.json"
+    os.rename(manifest, tmp / "manifest.aside")
+    assert "not fresh: 0000" in line(status_lines(env, tmp), "  not fresh")
+    os.rename(tmp / "manifest.aside", manifest)
+    damage(manifest, "byte", manifest.read_bytes().index(b'"sha256":"') + 12)  # parses, names another tar
+    verify = imnet(["verify"], env, cwd=tmp, check=False)
+    said = verify.stdout + verify.stderr
+    assert verify.returncode != 0 and "0000.json is damaged" in said, said
 
 
 @pytest.mark.parametrize("where", ["json", "image", "end"])
@@ -257,3 +325,20 @@ def test_shards_left_under_an_old_pattern_fail_the_audit_and_verify_naming_them(
     imnet(["build"], env, cwd=tmp)  # the audit passes now, and verify
     imnet(["verify"], env, cwd=tmp)
     assert mine.exists()
+
+
+def test_a_read_error_on_a_manifest_is_not_checked_and_keeps_its_commit(release, copy):
+    """verify's manifest check, like its shard check: a local read error on the manifest (a link to
+    /proc/self/mem, which every read refuses with EIO) is no verdict on it: NOT CHECKED naming it,
+    never FAIL, and the shard's commit record stays."""
+    tmp, env = copy
+    manifest = tmp / "out" / "_manifests" / "0000.json"
+    record = tmp / "out" / "_manifests" / "0000.state.json"
+    kept = record.read_bytes()
+    os.rename(manifest, tmp / "manifest.aside")
+    os.symlink("/proc/self/mem", manifest)
+    verify = imnet(["verify"], env, cwd=tmp, check=False)
+    said = verify.stdout + verify.stderr
+    assert verify.returncode != 0 and f"NOT CHECKED shard 0000 ({SHARD0}): not checked:" in said, said
+    assert "0000.json" in said and "Input/output error" in said and "FAIL" not in said, said
+    assert record.read_bytes() == kept

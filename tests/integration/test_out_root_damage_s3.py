@@ -97,6 +97,29 @@ def test_a_damaged_slice_and_shard_on_s3_fail_naming_the_slice_then_are_repaired
     imnet(["verify"], env, cwd=tmp)
 
 
+@pytest.mark.parametrize("kind", ["removed", "byte"])
+def test_a_manifest_removed_or_changed_on_s3_is_not_fresh_and_build_writes_its_shard_alone(s3_release, kind):
+    """A shard's commit record holds its manifest's size and stamp (the ETag): a manifest removed, or
+    with a byte changed (still valid JSON), makes the shard stale at once, the ledger's cached record
+    notwithstanding; verify fails it naming the manifest; the next build writes that shard alone."""
+    tmp, env, client, clean = s3_release
+    name = "wds/_manifests/0000.json"
+    if kind == "removed":
+        client.delete_object(Bucket=OUT_BUCKET, Key=name)
+    else:
+        data = get(client, name)
+        put(client, name, flipped(data, data.index(b'"sha256":"') + 12))
+    assert "not fresh: 0000" in status(env, tmp)
+    verify = imnet(["verify"], env, cwd=tmp, check=False)
+    said = verify.stdout + verify.stderr
+    assert verify.returncode != 0 and "FAIL shard 0000" in said and "0000.json is " in said, said
+    built = imnet(["build"], env, cwd=tmp)
+    assert "1 to build" in built.stdout, built.stdout
+    assert objects(client) == clean
+    assert "not fresh" not in status(env, tmp)
+    imnet(["verify"], env, cwd=tmp)
+
+
 def _batch_delete(method: str, target: str, headers: dict) -> bool:
     return method == "POST" and "delete" in target.partition("?")[2]  # s3fs removes a key by DeleteObjects
 
