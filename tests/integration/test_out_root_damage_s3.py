@@ -130,17 +130,19 @@ def test_verify_never_forgets_the_commit_of_a_shard_a_build_rewrote_meanwhile(s3
     but the storage throttles that request (503 SlowDown, retried); meanwhile `imnet build` writes
     the shard again, correct, and commits it. The throttled remove must never take the new commit
     away: the shard the build wrote stays fresh, or the build was told to wait for verify."""
+    import os
+    import shutil
     import subprocess
+    import sys
     import time
 
-    from tests.conftest import REPO
     from tests.latency_proxy import LatencyProxy
 
     tmp, env, client, clean = s3_release
     put(client, SHARD0, flipped(get(client, SHARD0), 5000))
     with LatencyProxy(env["AWS_ENDPOINT_URL"], latency_ms=0) as proxy:
         throttled = proxy.slowdown(600, match=_batch_delete, after=1)
-        exe = str(REPO / ".venv" / "bin" / "imnet")
+        exe = shutil.which("imnet", path=os.path.dirname(sys.executable)) or "imnet"  # as conftest.imnet
         verifying = subprocess.Popen([exe, "verify"], env={**env, "AWS_ENDPOINT_URL": proxy.endpoint}, cwd=tmp,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 120
