@@ -18,7 +18,7 @@ from imnet_assets.release.releases import by_name
 from imnet_assets.release.releases import from_env as read_releases
 from imnet_assets.settings import Settings, SettingsError, apply_env_file, shard_key
 from imnet_assets.storage.atomic import FULL
-from imnet_assets.storage.fs import StorageError
+from imnet_assets.storage.fs import StorageError, TooLarge
 
 DEMO_SHARDS = 8
 
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         print(f"imnet: configuration error: {e}", file=sys.stderr)
         return 2
-    except (CatalogDamaged, FileNotFoundError, StorageError, OutRootBusy) as e:  # each one line saying what to do
+    except (CatalogDamaged, FileNotFoundError, StorageError, TooLarge, OutRootBusy) as e:  # each one line saying what to do
         print(f"imnet: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `imnet status | head`: the reader has gone; say nothing more (an OSError: before it)

@@ -327,3 +327,22 @@ def test_shards_left_under_an_old_pattern_fail_the_audit_and_verify_naming_them(
     imnet(["build"], env, cwd=tmp)  # the audit passes now, and verify
     imnet(["verify"], env, cwd=tmp)
     assert mine.exists()
+
+
+def test_a_commit_record_too_large_to_be_one_is_one_line_naming_it_and_build_repairs_it_once_moved(copy):
+    """A file at a commit record's name far larger than one can be (fs.TooLarge): `imnet status`
+    and `imnet build` refuse in one line naming it and what to do (SPEC: damage is named), never a
+    traceback; moved aside, the next build writes that shard alone again."""
+    from imnet_assets.release.outroot import RECORD_MAX_BYTES
+
+    tmp, env = copy
+    record = tmp / "out" / "_manifests" / "0001.state.json"
+    record.write_bytes(b"{" + b" " * (RECORD_MAX_BYTES + 10) + b"}")
+    for args in (["status"], ["build"]):
+        proc = imnet(args, env, cwd=tmp, check=False)
+        said = proc.stdout + proc.stderr
+        assert proc.returncode == 1 and "Traceback" not in said, said
+        assert "0001.state.json holds more than" in said and "move it aside" in said, said
+    record.rename(tmp / "record.aside")
+    assert "1 to build" in imnet(["build"], env, cwd=tmp).stdout
+    assert line(status_lines(env, tmp), "wds_shards").split()[1:3] == ["3", "fresh"]
