@@ -33,13 +33,13 @@ from dataclasses import dataclass
 from imnet_assets.release.outroot import (
     MANIFEST_DIR,
     RECORD_MAX_BYTES,
+    STATE_SUFFIX,
     manifest_url,
     state_url,
     unchanged_on_storage,
 )
 from imnet_assets.storage import atomic, fs
 
-_STATE_SUFFIX = ".state.json"
 LEDGER_NAME = "_commit_records.json"
 LEDGER_FORMAT = 1
 _cache: dict[str, tuple[tuple[int, str], dict | None]] = {}  # state url -> ((size, stamp), document)
@@ -71,13 +71,13 @@ def look_at_shards(out_root: str, keys: list[str], names: list[str]) -> OutRootL
     named `names[i]`)."""
     listing = {e["name"]: (e["size"], e["stamp"]) for e in fs.listdir(out_root)}
     listed = {e["name"]: (e["size"], e["stamp"]) for e in fs.listdir(fs.join(out_root, MANIFEST_DIR))}
-    records = {name: seen for name, seen in listed.items() if name.endswith(_STATE_SUFFIX)}
+    records = {name: seen for name, seen in listed.items() if name.endswith(STATE_SUFFIX)}
     urls = {key: state_url(out_root, key) for key in keys}
     states: dict[str, dict | None] = {}
     to_read = []
     with _cache_lock:
         for key, url in urls.items():
-            seen = records.get(f"{key}{_STATE_SUFFIX}")
+            seen = records.get(f"{key}{STATE_SUFFIX}")
             if seen is None:
                 states[key] = None
                 continue
@@ -111,7 +111,7 @@ def look_at_shards(out_root: str, keys: list[str], names: list[str]) -> OutRootL
                 else:
                     _cache.pop(url, None)
         if fs.is_remote(out_root) and any(isinstance(doc, dict) for doc in docs.values()):
-            _write_ledger(out_root, {f"{key}{_STATE_SUFFIX}": (records[f"{key}{_STATE_SUFFIX}"], doc)
+            _write_ledger(out_root, {f"{key}{STATE_SUFFIX}": (records[f"{key}{STATE_SUFFIX}"], doc)
                                      for key, doc in states.items() if doc is not None})
     shards = {}
     for key, name in zip(keys, names):

@@ -27,7 +27,7 @@ def manifest_url(out_root: str, shard_key: str) -> str:
 
 
 def state_url(out_root: str, shard_key: str) -> str:
-    return fs.join(out_root, MANIFEST_DIR, f"{shard_key}.state.json")
+    return fs.join(out_root, MANIFEST_DIR, f"{shard_key}{STATE_SUFFIX}")
 
 
 def committed_as(state: dict) -> str:
