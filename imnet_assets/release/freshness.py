@@ -50,13 +50,14 @@ _ledger_cache: dict[str, tuple[tuple[int, str], dict]] = {}  # ledger url -> ((s
 @dataclass(frozen=True)
 class ShardLook:
     """What the out root holds for one shard: its commit record (None: none, or unreadable), its
-    tar's and its manifest's (size, stamp) from the listings (None: no such file)."""
+    tar's and its manifest's (size, stamp) from the listings (None: no such file). Every field is
+    required: a manifest left out would read as "gone", and every such shard would be stale."""
 
     key: str
     name: str
     state: dict | None
     tar: tuple[int, str] | None
-    manifest: tuple[int, str] | None = None
+    manifest: tuple[int, str] | None
 
 
 @dataclass(frozen=True)
