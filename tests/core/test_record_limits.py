@@ -180,3 +180,21 @@ def test_a_huge_lookup_of_staged_encodes_counts_as_absent_naming_it_local_and_s3
         else:
             assert _thread_rchar() - before < 2 * limit  # (the file: 40 times that)
         assert len(said) == 1 and f"{url} holds more than {limit:,} bytes" in said[0], said
+
+
+def test_read_many_with_a_limit_per_file_gives_none_for_one_over_its_own_local_and_s3(s3, tmp_path):
+    """The audit's read of the shards' manifests (spooled on S3, read in Python where DuckDB cannot
+    load one): each within its own limit (outroot.manifest_limits), one over it None (damaged)."""
+    server, client, bucket = s3
+    for out in (str(tmp_path / "many"), f"s3://{bucket}/many"):
+        small, big = fs.join(out, "a.json"), fs.join(out, "b.json")
+        _put(client, bucket, small, RECORD)
+        _put(client, bucket, big, RECORD + b" " * HUGE)
+        limits = {small: len(RECORD), big: 2 * len(RECORD)}
+        mark = server.mark()
+        assert fs.read_many([small, big], limit=limits, too_large_as_none=True) == {small: RECORD, big: None}
+        if fs.is_remote(out):
+            ranges = {r.key: r.range for r in server.since(mark) if r.method == "GET"}
+            assert ranges == {"many/a.json": f"bytes=0-{len(RECORD)}", "many/b.json": f"bytes=0-{2 * len(RECORD)}"}
+        with pytest.raises(fs.TooLarge, match="b.json"):
+            fs.read_many([small, big], limit=limits)
