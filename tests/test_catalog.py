@@ -75,8 +75,10 @@ def test_read_only_catalog_reads_but_cannot_write(tmp_path):
 def sql_dir(tmp_path, monkeypatch):
     folder = tmp_path / "sql"
     folder.mkdir()
-    # every writer asks whether the catalog predates releases (Catalog.migrate_releases)
-    shutil.copy(catalog_mod.SQL_DIR / "catalog_before_releases.sql", folder)
+    # every writer asks whether the catalog predates releases (Catalog.migrate_releases), and every
+    # connection sets DuckDB's memory limit and spill folder (Catalog._hold_memory)
+    for name in ("catalog_before_releases", "catalog_settings", "catalog_memory", "catalog_spill"):
+        shutil.copy(catalog_mod.SQL_DIR / f"{name}.sql", folder)
     monkeypatch.setattr(catalog_mod, "SQL_DIR", folder)
     sql.cache_clear()
     yield folder

@@ -22,11 +22,17 @@ listed size and stamp (its ETag) are still the ones recorded, so a lost or stale
 reads, never a wrong verdict. Writers do not coordinate (the last write wins; an entry it drops
 is read again next time), and a ledger that cannot be written (read-only credentials) is skipped.
 Local out roots have no ledger: reading 1,024 local files is milliseconds.
+
+The ledger is read with a limit (`ledger_limit`: it grows with the commit records listed beside
+it, LEDGER_ENTRY_MAX_BYTES each); one listed or read larger is ignored with a warning line on
+stderr, never read whole and never an error: its records are read instead, and the ledger is
+written again.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -45,18 +51,29 @@ LEDGER_FORMAT = 1
 _cache: dict[str, tuple[tuple[int, str], dict | None]] = {}  # state url -> ((size, stamp), document)
 _cache_lock = threading.Lock()
 _ledger_cache: dict[str, tuple[tuple[int, str], dict]] = {}  # ledger url -> ((size, stamp), its entries)
+# A ledger entry is one commit record (~500 bytes: a dozen fields, the shard run writes them) and
+# its name, size and stamp; 4 KiB is eight times that. RECORD_MAX_BYTES more: entries of records
+# removed since the ledger was written.
+LEDGER_ENTRY_MAX_BYTES = 4096
+MAX_RECORDS = 10_000  # shard keys are four digits (plan.split_shards): no out root holds more records
+
+
+def ledger_limit(records: int) -> int:
+    """The most bytes a ledger can hold beside `records` commit records."""
+    return RECORD_MAX_BYTES + LEDGER_ENTRY_MAX_BYTES * records
 
 
 @dataclass(frozen=True)
 class ShardLook:
     """What the out root holds for one shard: its commit record (None: none, or unreadable), its
-    tar's and its manifest's (size, stamp) from the listings (None: no such file)."""
+    tar's and its manifest's (size, stamp) from the listings (None: no such file). Every field is
+    required: a manifest left out would read as "gone", and every such shard would be stale."""
 
     key: str
     name: str
     state: dict | None
     tar: tuple[int, str] | None
-    manifest: tuple[int, str] | None = None
+    manifest: tuple[int, str] | None
 
 
 @dataclass(frozen=True)
@@ -88,7 +105,7 @@ def look_at_shards(out_root: str, keys: list[str], names: list[str]) -> OutRootL
                 to_read.append(url)
     by_url = {url: key for key, url in urls.items()}
     if to_read and LEDGER_NAME in listed:
-        entries = _ledger_entries(out_root, listed[LEDGER_NAME])
+        entries = _ledger_entries(out_root, listed[LEDGER_NAME], ledger_limit(len(records)))
         unread = []
         with _cache_lock:
             for url in to_read:
@@ -127,19 +144,34 @@ def ledger_url(out_root: str) -> str:
     return fs.join(out_root, MANIFEST_DIR, LEDGER_NAME)
 
 
-def _ledger_entries(out_root: str, seen: tuple[int, str]) -> dict[str, tuple[tuple[int, str], dict]]:
+def _ledger_entries(out_root: str, seen: tuple[int, str], limit: int) -> dict[str, tuple[tuple[int, str], dict]]:
     """record name -> ((size, stamp) the record was listed with, its document), from the ledger
     (remembered by this process while the ledger's own listing is unchanged). A ledger that does
-    not parse or is not this format gives nothing."""
+    not parse or is not this format gives nothing; nor does one listed or read larger than `limit`
+    (with a warning line: it is not read further)."""
     url = ledger_url(out_root)
     with _cache_lock:
         cached = _ledger_cache.get(url)
     if cached is not None and cached[0] == seen:
         return cached[1]
-    entries = _parse_ledger(fs.read_json(url))
+    entries = _parse_ledger(_read_ledger(url, limit, listed_bytes=seen[0]))
     with _cache_lock:
         _ledger_cache[url] = (seen, entries)
     return entries
+
+
+def _read_ledger(url: str, limit: int, listed_bytes: int = 0):
+    """The ledger's document; None (with a warning line) where it is larger than `limit`, as listed
+    (not read at all) or as read (replaced since: read no further than the limit)."""
+    try:
+        if listed_bytes <= limit:
+            return fs.read_json(url, limit=limit, kind="a ledger of commit records")
+    except fs.TooLarge:
+        pass
+    print(fs.redact(f"warning: {url} holds more than {limit:,} bytes, more than the ledger of the commit records "
+                    "beside it can: ignored (it is a cache), the records are read instead and it is written again"),
+          file=sys.stderr, flush=True)
+    return None
 
 
 def _parse_ledger(doc) -> dict[str, tuple[tuple[int, str], dict]]:
@@ -173,7 +205,7 @@ def remember(out_root: str, shard_key: str, record: dict) -> None:
     url = state_url(out_root, shard_key)
     try:
         seen = fs.stat(url)
-        entries = _parse_ledger(fs.read_json(ledger_url(out_root)))
+        entries = _parse_ledger(_read_ledger(ledger_url(out_root), ledger_limit(MAX_RECORDS)))
     except (fs.StorageError, OSError):
         return
     _write_ledger(out_root, {**entries, fs.basename(url): (seen, record)})

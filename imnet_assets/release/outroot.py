@@ -18,6 +18,14 @@ MANIFEST_DIR = "_manifests"
 # of one refuses a larger object (fs.TooLarge naming it), never fetched whole (lease.py's objects:
 # LEASE_MAX_BYTES).
 RECORD_MAX_BYTES = 1 << 20
+# A shard's manifest holds a head (the encode settings, counts: ~1 KB) and one row per planned
+# sample: a sample (~260 bytes: its key, sizes, a sha256) or an exclusion (its key and reason). The
+# plan bounds it (manifest_limit): MANIFEST_ROW_MAX_BYTES a planned row, MANIFEST_BASE_BYTES for the
+# head; a larger manifest is damaged, never read whole. MANIFEST_MAX_BYTES where the plan is not
+# known (DuckDB's maximum_object_size in sql/audit_load.sql).
+MANIFEST_ROW_MAX_BYTES = 4096
+MANIFEST_BASE_BYTES = 1 << 20
+MANIFEST_MAX_BYTES = 1 << 28
 STATE_SUFFIX = ".state.json"
 SUPERSEDED_SUFFIX = ".superseded.json"  # <key>.superseded.json: names the shard had before (note_superseded)
 
@@ -67,8 +75,37 @@ def forget_commit_unless_held(out_root: str, shard_key: str, state: dict | None,
         return False
 
 
-def read_manifest(out_root: str, shard_key: str) -> dict | None:
-    return fs.read_json(manifest_url(out_root, shard_key))
+def manifest_limit(planned: int | None) -> int:
+    """The most bytes the manifest of a shard of `planned` samples can hold (None: not known)."""
+    return MANIFEST_MAX_BYTES if planned is None else MANIFEST_BASE_BYTES + MANIFEST_ROW_MAX_BYTES * planned
+
+
+def manifest_limits(keys: list[str], index: dict | None) -> dict[str, int]:
+    """Shard key -> manifest_limit of its planned samples, from the plan's index (its
+    `shard_lengths`, in partition key order); MANIFEST_MAX_BYTES for all where it has none."""
+    lengths = index.get("shard_lengths") if isinstance(index, dict) else None
+    if not isinstance(lengths, list) or len(lengths) != len(keys):
+        return dict.fromkeys(keys, MANIFEST_MAX_BYTES)
+    return {key: manifest_limit(n if isinstance(n, int) else None) for key, n in zip(keys, lengths)}
+
+
+def read_manifests(out_root: str, limits: dict[str, int]) -> dict[str, dict | None]:
+    """Shard key -> its manifest, for every key of `limits` (read at once); None where it is absent,
+    does not parse or holds more than its limit (damaged: read no further)."""
+    urls = {key: manifest_url(out_root, key) for key in limits}
+    docs = fs.read_json_many(list(urls.values()), limit={urls[k]: limits[k] for k in urls},
+                             kind="a shard's manifest", too_large_as_none=True)
+    return {key: docs[url] if isinstance(docs[url], dict) else None for key, url in urls.items()}
+
+
+def read_manifest(out_root: str, shard_key: str, planned: int | None = None) -> dict | None:
+    """A shard's manifest; None when it is absent, does not parse, or holds more bytes than one of
+    `planned` samples can (damaged: read no further)."""
+    try:
+        return fs.read_json(manifest_url(out_root, shard_key), limit=manifest_limit(planned),
+                            kind="a shard's manifest")
+    except fs.TooLarge:
+        return None
 
 
 def unchanged_on_storage(url: str, state: dict, size_stamp: tuple[int, str] | None = None, *,

@@ -25,6 +25,7 @@ from imnet_assets.release.outroot import (
     RECORD_MAX_BYTES,
     committed_as,
     forget_commit,
+    manifest_limit,
     manifest_url,
     state_url,
 )
@@ -37,9 +38,6 @@ preload(__name__)  # the forkserver imports this module once for all workers
 
 CHECK_DEATHS = 4  # deaths of the worker checking one shard before it is reported not checked
 HELD_DEATHS = 8  # deaths of a worker that held the shard queued, not yet checking it
-# A manifest lists its shard's samples (~300 bytes each: ~4 MB at 12,000 samples a shard): one
-# larger than this is damaged, never read whole.
-MANIFEST_MAX_BYTES = 1 << 28
 
 
 @dataclass
@@ -164,13 +162,14 @@ def manifest_problems(out_root: str, shard: dict) -> list[str]:
     samples it lists) compared to the catalog's. An empty list: the manifest is that commit's.
     Storage that does not answer raises StorageError (no verdict)."""
     key = shard["shard"]
-    url = manifest_url(out_root, key)
+    url, limit = manifest_url(out_root, key), manifest_limit(shard.get("planned"))  # (its planned samples)
     try:
-        data = fs.read_bytes(url, limit=MANIFEST_MAX_BYTES, kind="a shard's manifest")
+        data = fs.read_bytes(url, limit=limit, kind="a shard's manifest")
     except FileNotFoundError:
         return [f"its manifest {fs.redact(url)} is missing"]
     except fs.TooLarge:
-        return [f"its manifest {fs.redact(url)} is damaged (over {MANIFEST_MAX_BYTES} bytes)"]
+        return [f"its manifest {fs.redact(url)} is damaged (over {limit:,} bytes, more than a manifest of its "
+                "planned samples can hold)"]
     except fs.StorageError:
         raise
     except (IsADirectoryError, NotADirectoryError):

@@ -50,3 +50,39 @@ def _boot_time() -> float:
             if line.startswith(b"btime "):
                 return float(line.split()[1])
     return 0.0
+
+
+def memory_limit(cgroup_root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> int:
+    """The bytes this process and those it starts may hold: the host's physical memory, or less
+    where a cgroup limits it (a container's or a Kubernetes pod's limit, which /proc/meminfo and
+    DuckDB's default of 80% of RAM do not see). This process's cgroups and those above them are
+    looked at as this host mounts them (v2 `memory.max`, also under `unified/` on a hybrid host;
+    v1 `memory.limit_in_bytes`); a container that sees its own cgroup as the root finds its limit
+    there. A file that is not there or says "max" limits nothing."""
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:  # not Linux
+        lines = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            places = [(cgroup_root, "memory.max"), (os.path.join(cgroup_root, "unified"), "memory.max")]
+        elif "memory" in controllers.split(","):
+            places = [(os.path.join(cgroup_root, "memory"), "memory.limit_in_bytes")]
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        for base, name in places:
+            for depth in range(len(parts), -1, -1):
+                limits += [n for n in [_limit_in(os.path.join(base, *parts[:depth], name))] if n]
+    return min(limits)
+
+
+def _limit_in(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):  # not there, or "max"
+        return None

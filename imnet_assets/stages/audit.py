@@ -26,7 +26,9 @@ from imnet_assets.release.outroot import (
     MANIFEST_DIR,
     committed_as,
     forget_commit_unless_held,
+    manifest_limits,
     manifest_url,
+    read_manifests,
     stray_problem,
     what_changed,
     written_elsewhere,
@@ -162,19 +164,17 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
     # One look at every shard's tar and commit record, taken before the manifests are loaded.
     look = look_at_release(settings)
     audit_inputs = _audit_inputs(settings, look)
-    expected = _shard_fingerprints(settings, require_current_plan(settings))
+    index = require_current_plan(settings)
+    expected = _shard_fingerprints(settings, index)
+    limits = manifest_limits(settings.partition_keys, index)  # a larger manifest is damaged: never read whole
     with Catalog(settings.catalog) as cat:
         cat.check_intact()  # the audit vouches for the whole catalog: damage raises CatalogDamaged
         cat.run("audit_memory")
         if fs.is_remote(settings.out_root):  # the fallback's audit_load reads the manifests there
             cat.con.register_filesystem(fs.filesystem(settings.out_root)[0])
-        heads = _load_manifests(cat, settings)
-        if heads is None:  # a manifest DuckDB could not load: each one is read in Python instead
-            urls = {key: manifest_url(settings.out_root, key) for key in settings.partition_keys}
-            docs = fs.read_json_many(list(urls.values()))
-            manifests = {key: docs[url] if isinstance(docs[url], dict) else None for key, url in urls.items()}
-        else:
-            manifests = heads
+        heads = _load_manifests(cat, settings, limits)
+        # a manifest DuckDB could not load: each one is read in Python instead
+        manifests = read_manifests(settings.out_root, limits) if heads is None else heads
         present, missing, stale, bad = [], [], [], []
         lengths: dict[str, int] = {}
         for key in settings.partition_keys:
@@ -185,9 +185,11 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
                 missing.append(key)
                 if on_storage is not None and forget_commit_unless_held(settings.out_root, key, state,
                                                                            f"the audit of run {run_id}"):
-                    bad.append(f"shard {key}: its manifest {fs.redact(url)} is missing or damaged (does not "
-                               "parse, or its size or stamp is not the committed one's): its commit record is "
-                               "removed, so `imnet build` builds the shard again")
+                    why = (f"holds more than {limits[key]:,} bytes, more than a manifest of its planned samples can"
+                           if (look.shards[key].manifest or (0,))[0] > limits[key] else
+                           "does not parse, or its size or stamp is not the committed one's")
+                    bad.append(f"shard {key}: its manifest {fs.redact(url)} is missing or damaged ({why}): its "
+                               "commit record is removed, so `imnet build` builds the shard again")
                 continue
             if manifest.get("fingerprint") != expected.get(key):
                 stale.append(key)
@@ -275,7 +277,7 @@ def _changed_in_place(key: str, state: dict | None, size_stamp: tuple[int, str])
 SPOOL_PREFIX = ".audit-manifests-"
 
 
-def _load_manifests(cat: Catalog, settings: Settings) -> dict[str, dict] | None:
+def _load_manifests(cat: Catalog, settings: Settings, limits: dict[str, int] | None = None) -> dict[str, dict] | None:
     """Load every manifest present under the out root into the `manifests` temp table with one
     SQL statement, and return the fields the audit checks per manifest, by shard key.
 
@@ -286,10 +288,12 @@ def _load_manifests(cat: Catalog, settings: Settings) -> dict[str, dict] | None:
     is deleted once they are loaded, and a leftover of a killed audit at the next audit.
     Returns None when a manifest cannot be loaded that way (unreadable, not the layout shard runs
     write): the caller then reads each manifest in Python, as `read_manifest` does, so a damaged
-    manifest counts as a missing shard either way.
+    manifest counts as a missing shard either way. `limits`: shard key -> the most bytes its
+    manifest can hold (outroot.manifest_limits); one listed or read larger is not loaded (damaged).
     """
-    names = {e["name"] for e in fs.listdir(fs.join(settings.out_root, MANIFEST_DIR))}
-    keys = [k for k in settings.partition_keys if f"{k}.json" in names]
+    limits = limits or manifest_limits(settings.partition_keys, None)
+    sizes = {e["name"]: e["size"] for e in fs.listdir(fs.join(settings.out_root, MANIFEST_DIR))}
+    keys = [k for k in settings.partition_keys if f"{k}.json" in sizes and sizes[f"{k}.json"] <= limits[k]]
     if not keys:
         return {}
     folder = Path(settings.catalog).resolve().parent
@@ -297,7 +301,8 @@ def _load_manifests(cat: Catalog, settings: Settings) -> dict[str, dict] | None:
         shutil.rmtree(leftover, ignore_errors=True)
     spool = Path(tempfile.mkdtemp(prefix=SPOOL_PREFIX, dir=folder)) if fs.is_remote(settings.out_root) else None
     try:
-        files = _spool_manifests(settings, keys, spool) if spool else [manifest_url(settings.out_root, k) for k in keys]
+        files = _spool_manifests(settings, keys, spool, limits) if spool else [manifest_url(settings.out_root, k)
+                                                                                for k in keys]
         if not files:
             return {}
         cat.run("audit_load", {"files": files})
@@ -318,13 +323,14 @@ def _load_manifests(cat: Catalog, settings: Settings) -> dict[str, dict] | None:
 SPOOL_BATCH = 128  # manifests in flight, and held in memory at once (~330 MB at the real size)
 
 
-def _spool_manifests(settings: Settings, keys: list[str], spool: Path) -> list[str]:
+def _spool_manifests(settings: Settings, keys: list[str], spool: Path, limits: dict[str, int]) -> list[str]:
     """Copy the keys' manifests from the out root into `spool` (`<key>.json`); the local paths of
-    those that are there (one that went away since the listing is left out: a missing shard)."""
+    those that are there (one gone since the listing, or over its limit now: a missing shard)."""
     files = []
     for i in range(0, len(keys), SPOOL_BATCH):
         urls = {manifest_url(settings.out_root, k): k for k in keys[i:i + SPOOL_BATCH]}
-        for url, data in fs.read_many(list(urls)).items():
+        for url, data in fs.read_many(list(urls), limit={u: limits[k] for u, k in urls.items()},
+                                      kind="a shard's manifest", too_large_as_none=True).items():
             if data is not None:
                 path = spool / f"{urls[url]}.json"
                 path.write_bytes(data)
@@ -335,8 +341,7 @@ def _spool_manifests(settings: Settings, keys: list[str], spool: Path) -> list[s
 def _mark_repaired(cat: Catalog, release: str = "", batch: int = 64) -> None:
     """audit_mark_repaired over ranges of `batch` shards of the release (one UPDATE of every image is slow)."""
     shards = [shard for (shard,) in cat.rows("audit_sample_shards", {"release": release})]
-    for i in range(0, len(shards), batch):
-        chunk = shards[i:i + batch]
+    for chunk in (shards[i:i + batch] for i in range(0, len(shards), batch)):
         cat.run("audit_mark_repaired", {"first": chunk[0], "last": chunk[-1], "release": release})
 
 
@@ -358,13 +363,11 @@ def check_info(settings: Settings, lengths: dict[str, int] | None = None) -> lis
     except ValueError as e:  # not JSON (a storage fault propagates: no verdict on the release)
         return [f"{url} unreadable: {e}"]
     if lengths is None or set(lengths) != set(settings.partition_keys):
-        urls = {key: manifest_url(settings.out_root, key) for key in settings.partition_keys}
-        docs = fs.read_json_many(list(urls.values()))
+        docs = read_manifests(settings.out_root, manifest_limits(settings.partition_keys, read_index(settings.out_root)))
         lengths = {}
-        for key, url in urls.items():
-            manifest = docs[url]
-            if not isinstance(manifest, dict):
-                return [f"shard {key} has no manifest: _info.json cannot be checked against it"]
+        for key, manifest in docs.items():
+            if manifest is None:
+                return [f"shard {key} has no manifest (or a damaged one): _info.json cannot be checked against it"]
             lengths[key] = manifest["num_samples"]
     return info_differences(doc, info_document(settings, lengths))
 

@@ -139,7 +139,7 @@ def build_shard(
     for leftover in [gone for url in (final, mf_url, st_url) for gone in atomic.remove_partials(url, warn=log)]:
         log(f"removed leftover of an interrupted run: {leftover}")
     rows, plan_digest = read_slice(out_root, shard_key, index=plan_index)  # the run's index, when it read one
-    staged = read_lookup(out_root, shard_key, rows, settings)  # issue 25: encoded by the index's pass
+    staged = read_lookup(out_root, shard_key, rows, settings, log)  # issue 25: encoded by the index's pass
     # runs sharing the worker pool are served oldest first; a run encoded ahead (shard_ahead.Ahead)
     # keeps the place its first jobs took
     priority = ahead.priority if ahead is not None else next_priority()

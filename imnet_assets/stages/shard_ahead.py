@@ -45,7 +45,7 @@ def start(out_root: str, raw_root: str, shard_key: str, settings, workers: int, 
           encode: Callable | None = None) -> Ahead:
     """Submit the first jobs of `shard_key` (as its run would make them) to this process's pool."""
     rows, _digest = read_slice(out_root, shard_key, set_aside=False)  # the run itself sets a damaged one aside
-    staged = read_lookup(out_root, shard_key, rows, settings)
+    staged = read_lookup(out_root, shard_key, rows, settings, log=lambda _m: None)  # the run reads it again, and says so
     budget = min(AHEAD_MAX_IMAGES, AHEAD_IMAGES_PER_WORKER * workers)
     pool = shared_pool(workers)
     ahead = Ahead(next_priority())

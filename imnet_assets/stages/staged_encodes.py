@@ -32,6 +32,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -52,6 +54,11 @@ STAGED_DIR = "_staged"
 LOOKUP_SUFFIX = ".staged.json"
 LOOKUP_BATCH = 32  # shards per lookup query at plan time (~13k rows each at the real size)
 LOOKUP_WRITERS = 32  # lookup files committed at once (each a few requests on S3)
+# A lookup holds at most one row per slice row (~200 bytes: numbers, a sha256, a refusal's reason)
+# and at most one file URL per row (an S3 key is at most 1,024 bytes): LOOKUP_ROW_MAX_BYTES a row,
+# LOOKUP_BASE_BYTES for the rest, is the most one can hold (read_lookup reads no further)
+LOOKUP_ROW_MAX_BYTES = 2048
+LOOKUP_BASE_BYTES = 64 << 10
 STAGED_FIELDS = ["codec", "key", "tar", "source_sha256", "url", "offset", "size", "sha256", "width", "height",
                  "orig_width", "orig_height", "repaired", "reason"]
 
@@ -203,10 +210,20 @@ class StagedRef(NamedTuple):
     reason: str | None
 
 
-def read_lookup(out_root: str, shard_key: str, rows, settings: EncodeSettings) -> tuple | None:
+def read_lookup(out_root: str, shard_key: str, rows, settings: EncodeSettings,
+                log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> tuple | None:
     """Per slice row its StagedRef, or None where it has none; None for a shard without a lookup,
-    or one made for another codec identity than `settings` have (the release's codec changed)."""
-    doc = fs.read_json(lookup_url(out_root, shard_key))  # None: absent (or torn)
+    or one made for another codec identity than `settings` have (the release's codec changed).
+    A lookup larger than one for `rows` can be (`lookup_limit`) is read no further and counts as
+    absent, with a line to `log` naming it: the run encodes its images from their sources."""
+    url, limit = lookup_url(out_root, shard_key), lookup_limit(len(rows))
+    try:
+        doc = fs.read_json(url, limit=limit, kind="a lookup of staged encodes")  # None: absent (or torn)
+    except fs.TooLarge:
+        log(fs.redact(f"warning: {url} holds more than {limit:,} bytes, more than the lookup of staged encodes "
+                      f"for {len(rows):,} rows can: not used, shard {shard_key}'s images are encoded from their "
+                      "sources"))
+        return None
     if not isinstance(doc, dict) or doc.get("codec") != codec_identity(settings):
         return None
     files = doc["files"]
@@ -217,6 +234,11 @@ def read_lookup(out_root: str, shard_key: str, rows, settings: EncodeSettings) -
         refs.append(None if r is None or r[1] != row.key
                     else StagedRef(files[r[2]], r[3], r[4], r[5], r[6], r[7], r[8], r[9], bool(r[10]), r[11]))
     return tuple(refs) if any(refs) else None
+
+
+def lookup_limit(rows: int) -> int:
+    """The most bytes a shard's lookup of staged encodes can hold for a slice of `rows` rows."""
+    return LOOKUP_BASE_BYTES + LOOKUP_ROW_MAX_BYTES * rows
 
 
 def read_staged(reader, ref: StagedRef) -> Encoded | None:

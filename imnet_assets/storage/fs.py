@@ -17,6 +17,7 @@ import os
 import posixpath
 import threading
 import time
+from collections.abc import Callable
 from functools import lru_cache
 
 import fsspec
@@ -267,8 +268,8 @@ def read_bytes(url: str, limit: int | None = None, kind: str = "such a file") ->
             time.sleep(retry.wait(e))
 
 
-def read_many(urls: list[str], batch: int = READ_BATCH, limit: int | None = None,
-              kind: str = "such a file") -> dict[str, bytes | None]:
+def read_many(urls: list[str], batch: int = READ_BATCH, limit: int | dict[str, int] | None = None,
+              kind: str = "such a file", too_large_as_none: bool = False) -> dict[str, bytes | None]:
     """url -> the whole object's bytes, or None where there is none, for many small files at once.
 
     On S3, `batch` GETs are kept in flight (threads, each a `read_bytes`: one ranged GET whose
@@ -279,7 +280,23 @@ def read_many(urls: list[str], batch: int = READ_BATCH, limit: int | None = None
     Local files are read in turn. A storage error other than a missing file is raised
     (StorageError naming the first such URL), never reported as an absent file. `limit`: as
     `read_bytes`'s, for each file (an object replaced by a huge one since it was listed is
-    TooLarge, read no further than the limit)."""
+    TooLarge, read no further than the limit), or per URL (a dict). `too_large_as_none`: a file
+    over its limit is None, as an absent one (the caller takes it for damaged), not TooLarge."""
+    def lim(url: str) -> int | None:
+        return limit.get(url) if isinstance(limit, dict) else limit
+
+    def within(url: str, read: Callable[[], bytes | None]) -> bytes | None:
+        try:
+            data = read()
+            return data if data is None else _within(url, data, lim(url), kind)
+        except TooLarge:
+            if too_large_as_none:
+                return None
+            raise
+
+    def one(url: str) -> bytes | None:
+        return within(url, lambda: _bytes_or_none(url, lim(url), kind))
+
     out: dict[str, bytes | None] = {}
     remote: dict[str, list[str]] = {}
     for url in urls:
@@ -288,7 +305,7 @@ def read_many(urls: list[str], batch: int = READ_BATCH, limit: int | None = None
             continue
         try:
             with open(filesystem(url)[1], "rb") as f:
-                out[url] = _within(url, f.read(-1 if limit is None else limit + 1), limit, kind)
+                out[url] = within(url, lambda: f.read(-1 if lim(url) is None else lim(url) + 1))  # noqa: B023
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             out[url] = None
     s3 = [url for proto in ("s3", "s3a") for url in remote.pop(proto, [])]
@@ -296,13 +313,13 @@ def read_many(urls: list[str], batch: int = READ_BATCH, limit: int | None = None
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(min(batch, len(s3))) as pool:
-            out.update(zip(s3, pool.map(functools.partial(_bytes_or_none, limit=limit, kind=kind), s3)))
+            out.update(zip(s3, pool.map(one, s3)))
     for group in remote.values():
         fs, _ = filesystem(group[0])
         paths = [filesystem(u)[1] for u in group]
         try:
             # max_concurrency=1: one GET per object (s3fs otherwise asks each object's size first)
-            ends = None if limit is None else [limit + 1] * len(paths)
+            ends = None if limit is None else [None if lim(u) is None else lim(u) + 1 for u in group]
             results = fs.cat_ranges(paths, [0] * len(paths) if ends else None, ends, batch_size=batch,
                                     on_error="return", max_concurrency=1)
         except Exception as e:  # noqa: BLE001 - botocore's errors are not OSErrors
@@ -311,9 +328,9 @@ def read_many(urls: list[str], batch: int = READ_BATCH, limit: int | None = None
             if isinstance(result, FileNotFoundError):
                 out[url] = None
             elif isinstance(result, BaseException):  # read again on its own, within the retry budget
-                out[url] = _bytes_or_none(url, limit, kind)  # (removed meanwhile: absent)
+                out[url] = one(url)  # (removed meanwhile: absent)
             else:
-                out[url] = _within(url, bytes(result), limit, kind)
+                out[url] = within(url, lambda: bytes(result))  # noqa: B023
     return out
 
 
@@ -325,12 +342,13 @@ def _bytes_or_none(url: str, limit: int | None = None, kind: str = "such a file"
         return None
 
 
-def read_json_many(urls: list[str], batch: int = READ_BATCH, limit: int | None = None,
-                   kind: str = "such a file") -> dict[str, object]:
+def read_json_many(urls: list[str], batch: int = READ_BATCH, limit: int | dict[str, int] | None = None,
+                   kind: str = "such a file", too_large_as_none: bool = False) -> dict[str, object]:
     """url -> its JSON document, or None (absent, or not parsing), as `read_json` for each; read
-    concurrently (`read_many`, with its `limit`: TooLarge is raised, never taken for a torn file)."""
+    concurrently (`read_many`, with its `limit`: TooLarge is raised, never taken for a torn file,
+    unless `too_large_as_none`)."""
     out: dict[str, object] = {}
-    for url, data in read_many(urls, batch, limit, kind).items():
+    for url, data in read_many(urls, batch, limit, kind, too_large_as_none).items():
         try:
             out[url] = None if data is None else json.loads(data)
         except ValueError:

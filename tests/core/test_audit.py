@@ -16,7 +16,7 @@ import pytest
 import webdataset as wds
 
 from imnet_assets.release.info import DATASET_NAME, info_url
-from imnet_assets.release.outroot import manifest_url, state_url
+from imnet_assets.release.outroot import manifest_limits, manifest_url, state_url
 from imnet_assets.release.plan import read_index, shard_sizes
 from imnet_assets.sample.sample_raw import write_sample_raw
 from imnet_assets.settings import Settings
@@ -195,17 +195,53 @@ def test_a_manifest_not_the_committed_one_is_not_loaded_and_its_commit_is_forgot
     assert query(s, f"SELECT count(*) FROM shard_samples WHERE shard = '{key}'") == [(0,)]
 
 
-def committed_manifest(s: Settings, key: str, manifest: dict) -> None:
+def committed_manifest(s: Settings, key: str, manifest: dict, pad: int = 0) -> None:
     """Write `manifest` as `key`'s run would have committed it: its commit record names the
-    manifest's size, stamp and sha256 (else the audit takes it for damage and does not load it)."""
+    manifest's size, stamp and sha256 (else the audit takes it for damage and does not load it).
+    `pad`: spaces after the document (it still parses)."""
     url = manifest_url(s.out_root, key)
-    data = json.dumps(manifest).encode()
+    data = json.dumps(manifest).encode() + b" " * pad
     Path(url).write_bytes(data)
     st = os.stat(url)
     record = json.loads(Path(state_url(s.out_root, key)).read_bytes())
     record.update(manifest_bytes=st.st_size, manifest_stamp=str(st.st_mtime),
                   manifest_sha256=hashlib.sha256(data).hexdigest())
     Path(state_url(s.out_root, key)).write_text(json.dumps(record, sort_keys=True))
+
+
+def _process_rchar() -> int:
+    """Bytes this process has read through read(2) and pread(2), DuckDB's threads included."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def test_a_manifest_larger_than_its_plan_allows_is_damaged_and_never_read_whole(copy):
+    """A manifest far larger than one of its shard's planned samples can be (here even committed
+    so: its record names its size, stamp and sha256, and it parses) is damaged, as one that is not
+    the committed one: not loaded, its commit forgotten, the shard built again; never read whole
+    (a huge one would take the audit's memory), nor by `imnet verify`'s check of it."""
+    from imnet_assets.release.verify_runs import manifest_problems
+
+    s = copy.settings
+    key = s.partition_keys[0]
+    limit = manifest_limits(s.partition_keys, read_index(s.out_root))[key]
+    manifest = json.loads(Path(manifest_url(s.out_root, key)).read_bytes())
+    committed_manifest(s, key, manifest, pad=48 << 20)
+    huge = os.stat(manifest_url(s.out_root, key)).st_size
+    assert limit < (2 << 20) < huge
+    record = json.loads(Path(state_url(s.out_root, key)).read_bytes())
+    shard = {"shard": key, "planned": manifest["planned"], "sha256": record["sha256"], "run_id": record["run_id"]}
+    assert manifest_problems(s.out_root, shard) == [
+        f"its manifest {manifest_url(s.out_root, key)} is damaged (over {limit:,} bytes, more than a manifest of "
+        "its planned samples can hold)"]
+    before = _process_rchar()
+    report = run_audit(s, "run", log=QUIET)
+    assert _process_rchar() - before < huge / 4
+    assert report.missing == [key] and not report.info_written
+    assert any(p.startswith(f"shard {key}: its manifest") and f"holds more than {limit:,} bytes" in p
+               for p in report.problems), report.problems
+    assert not os.path.exists(state_url(s.out_root, key))
+    assert query(s, f"SELECT count(*) FROM shard_samples WHERE shard = '{key}'") == [(0,)]
 
 
 def test_duplicated_sample_in_a_manifest_is_reported(copy):

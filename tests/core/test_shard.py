@@ -17,7 +17,7 @@ import webdataset as wds
 from PIL import Image
 
 from imnet_assets.image.encode import EncodeSettings
-from imnet_assets.release import changed_sources
+from imnet_assets.release import changed_sources, freshness
 from imnet_assets.release.changed_sources import SourceChanged
 from imnet_assets.release.outroot import read_manifest, state_url
 from imnet_assets.release.plan import SliceRow, read_slice, write_slice
@@ -427,6 +427,13 @@ def test_shard_state_transitions(raw, tmp_path):
     build(out, raw.root)
     os.unlink(out / "_manifests" / f"{KEY}.state.json")
     assert shard_verdict(str(out), KEY, NAME, new_want) == "missing"
+
+
+def test_a_shard_look_needs_its_manifest_listing():
+    # None means "the manifest is gone: stale"; a caller that forgot it would make every shard stale
+    with pytest.raises(TypeError, match="manifest"):
+        freshness.ShardLook(KEY, NAME, {"fingerprint": "f"}, (10, "s"))
+    assert freshness.ShardLook(KEY, NAME, None, None, None).manifest is None
 
 
 def test_fingerprint_depends_on_plan_quality_method_and_size():

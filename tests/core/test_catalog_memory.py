@@ -1,0 +1,80 @@
+"""DuckDB's memory in the catalog: every connection holds it to a share of the memory this process
+may hold (its cgroup's limit included, not the host's RAM that DuckDB's default of 80% sees), and
+spills beside the catalog file beyond it, so a big settle spills instead of being OOM-killed."""
+
+from __future__ import annotations
+
+import os
+
+from imnet_assets.runtime import host
+from imnet_assets.stages.decontam import settle_keys_and_copies
+from imnet_assets.storage.catalog import (
+    MEMORY_SHARE,
+    Catalog,
+    memory_limit_bytes,
+    setting_bytes,
+    spill_folder,
+)
+from tests.conftest import local_settings
+
+GIB = 1 << 30
+
+
+def test_memory_limit_is_the_smallest_of_ram_and_this_process_cgroups_v2_v1_and_hybrid(tmp_path):
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert host.memory_limit() <= ram
+    root, proc = tmp_path / "cgroup", tmp_path / "proc-self-cgroup"
+
+    def limit(lines: str, files: dict[str, str]) -> int:
+        for name, text in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+        proc.write_text(lines)
+        return host.memory_limit(str(root), str(proc))
+
+    # v2: a pod's limit on the level above this container's own cgroup ("max": none)
+    assert limit("0::/kubepods/pod1/c1\n", {"kubepods/pod1/memory.max": f"{2 * GIB}\n",
+                                            "kubepods/pod1/c1/memory.max": "max\n"}) == min(ram, 2 * GIB)
+    # v1, the container's own cgroup seen as the root of its mount (its path names the host's)
+    assert limit("4:memory:/docker/abc\n3:cpuset:/\n", {"memory/memory.limit_in_bytes": f"{GIB}\n"}) == min(ram, GIB)
+    # v1 "no limit" (a page-rounded 2**63), and a hybrid host's v2 hierarchy under unified/
+    assert limit("4:memory:/\n0::/x\n", {"memory/memory.limit_in_bytes": "9223372036854771712\n",
+                                         "unified/x/memory.max": f"{3 * GIB}\n"}) == min(ram, 3 * GIB)
+    assert host.memory_limit(str(tmp_path / "none"), str(tmp_path / "none")) == ram  # no cgroups at all
+
+
+def test_the_index_s_catalog_connection_holds_duckdb_to_its_share_and_spills_beside_the_file(tmp_path):
+    s = local_settings(tmp_path / "raw", tmp_path)
+    want = memory_limit_bytes()
+    assert want == int(host.memory_limit() * MEMORY_SHARE) >> 20 << 20
+    with Catalog(s.catalog) as cat:  # as stages/filtered_index.py opens it
+        now = cat.con.execute("SELECT current_setting('memory_limit'), current_setting('temp_directory')").fetchone()
+        assert abs(setting_bytes(now[0]) - want) <= want // 100, now  # (DuckDB shows it rounded: "11.7 GiB")
+        assert now[1] == spill_folder(s.catalog) == f"{os.path.abspath(s.catalog)}.tmp"
+        # a lower limit a stage sets (sql/audit_memory.sql: 3 GB) is kept by a connection opened meanwhile
+        cat.run("catalog_memory", {"memory_limit": "100MiB"})
+        with Catalog(s.catalog) as other:
+            assert other.one("catalog_settings")["memory_limit"] == "100.0 MiB"
+    with Catalog(s.catalog, read_only=True) as reader:
+        assert abs(setting_bytes(reader.one("catalog_settings")["memory_limit"]) - want) <= want // 100
+
+
+def test_an_exact_dedup_settle_under_a_small_limit_finishes_by_spilling(tmp_path):
+    """The settle of bench/catalog_memory.py's synthetic rows (400k; ~150 MB of DuckDB's memory
+    unbounded) held to 48 MiB: it spills to the folder beside the catalog and decides the same."""
+    from bench.catalog_memory import GEN_IMAGES
+
+    path = str(tmp_path / "catalog.duckdb")
+    with Catalog(path) as cat:
+        cat.con.execute(GEN_IMAGES, {"rows": 400_000})
+        cat.con.execute("CHECKPOINT")
+    with Catalog(path) as cat:
+        cat.run("catalog_memory", {"memory_limit": "48MiB"})
+        assert not os.path.exists(spill_folder(path))
+        settle_keys_and_copies(cat)
+        assert os.path.isdir(spill_folder(path))  # DuckDB made it as it spilled
+        keys, total = cat.con.execute("SELECT count(*) FILTER (WHERE starts_with(reason, 'duplicate key')), count(*) "
+                                      "FROM images WHERE status = 'excluded'").fetchone()
+    # one in 100 rows is another file under the row before's key; one in 50 holds the row before's
+    # bytes (a copy of a row excluded for its key stays: that row is no copy kept before it)
+    assert (keys, total) == (4_000, 8_000)
