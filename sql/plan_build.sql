@@ -4,7 +4,7 @@
 -- key) and the wide columns are joined back afterwards, and DuckDB is held to 3 GB (it spills
 -- beyond): sorting the wide rows took ~8 GB. The plan table is not stored in any particular order,
 -- so DuckDB need not keep one while writing it (a third faster at 13M rows).
-SET memory_limit = '3GB';
+SET memory_limit = $memory_limit;
 SET preserve_insertion_order = false;
 -- One release's plan (issue 25): the table holds every release's rows, each release's replaced here.
 -- Its images are the kept images of its synsets (release_synsets, with its labels); those chosen for
@@ -52,4 +52,4 @@ RESET preserve_insertion_order;
 -- The slice queries that follow read the plan back 128 shards at a time while Python holds two
 -- batches of their text: a smaller buffer pool keeps the stage under 4 GB (DuckDB would otherwise
 -- keep the whole uncompressed table cached). The stage's connection closes after it.
-SET memory_limit = '2GB';
+SET memory_limit = $slices_memory_limit;

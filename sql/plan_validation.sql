@@ -4,7 +4,7 @@
 -- (it gives N - 1 ... 0 to validation: counted by plan_validation_short.sql). Held in a temp table
 -- of row ids for plan_build.sql; empty when N = 0.
 -- Held to plan_build's memory limit (a window over every kept image of the release at 13M rows).
-SET memory_limit = '3GB';
+SET memory_limit = $memory_limit;
 CREATE OR REPLACE TEMP TABLE plan_validation AS
 SELECT rid FROM (
     SELECT i.rowid AS rid,

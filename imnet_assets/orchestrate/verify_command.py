@@ -28,7 +28,7 @@ def _catalog_rows(path: str, shards: list[dict], release: str = "") -> Iterator[
     import tempfile
     import zlib
 
-    from imnet_assets.storage.catalog import open_reader
+    from imnet_assets.storage.catalog import held_to, open_reader
 
     with tempfile.TemporaryFile(prefix="imnet-verify-") as spool:
         where: dict[str, tuple[int, int]] = {}
@@ -40,7 +40,7 @@ def _catalog_rows(path: str, shards: list[dict], release: str = "") -> Iterator[
                 spool.write(data)
 
         with open_reader(path) as cat:
-            cat.run("verify_memory")
+            cat.run("verify_memory", {"memory_limit": held_to(512 << 20)})
             cur = cat.run("verify_samples", {"shards": [sh["shard"] for sh in shards], "release": release})
             shard, rows = None, []
             while chunk := cur.fetchmany(8192):

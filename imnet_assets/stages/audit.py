@@ -37,7 +37,7 @@ from imnet_assets.release.plan import read_index
 from imnet_assets.settings import Settings, validation_pattern
 from imnet_assets.stages.shard import fingerprint
 from imnet_assets.storage import atomic, fs
-from imnet_assets.storage.catalog import Catalog
+from imnet_assets.storage.catalog import Catalog, held_to
 
 
 class PlanOutdated(RuntimeError):
@@ -169,7 +169,7 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
     limits = manifest_limits(settings.partition_keys, index)  # a larger manifest is damaged: never read whole
     with Catalog(settings.catalog) as cat:
         cat.check_intact()  # the audit vouches for the whole catalog: damage raises CatalogDamaged
-        cat.run("audit_memory")
+        cat.run("audit_memory", {"memory_limit": held_to(3 << 30)})
         if fs.is_remote(settings.out_root):  # the fallback's audit_load reads the manifests there
             cat.con.register_filesystem(fs.filesystem(settings.out_root)[0])
         heads = _load_manifests(cat, settings, limits)

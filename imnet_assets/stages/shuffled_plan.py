@@ -23,7 +23,7 @@ from imnet_assets.stages.csvstage import staged_csv
 from imnet_assets.stages.fingerprints import Log, expected_fingerprints
 from imnet_assets.stages.staged_encodes import LOOKUP_SUFFIX, publish_lookups
 from imnet_assets.storage import atomic, fs
-from imnet_assets.storage.catalog import Catalog
+from imnet_assets.storage.catalog import Catalog, held_to
 
 
 def build_shuffled_plan(settings: Settings, run_id: str, log: Log = print,
@@ -40,7 +40,8 @@ def build_shuffled_plan(settings: Settings, run_id: str, log: Log = print,
     splits = release_splits(settings)  # (a holdout split named validation beside val_per_class: an error)
     keys = settings.partition_keys
     params = {"release": settings.release, "seed": settings.seed, "num_shards": settings.num_shards,
-              "validation_shards": settings.validation_shards, "val_per_class": settings.val_per_class}
+              "validation_shards": settings.validation_shards, "val_per_class": settings.val_per_class,
+              "memory_limit": held_to(3 << 30), "slices_memory_limit": held_to(2 << 30)}
     with Catalog(settings.catalog) as cat:
         chosen = selection.select(settings.synsets, [w for (w,) in cat.rows("synsets_wnids")])
         if note := chosen.note():

@@ -39,6 +39,14 @@ def memory_limit_bytes() -> int:
     return int(host.memory_limit() * MEMORY_SHARE) >> 20 << 20
 
 
+def held_to(wanted: int) -> str:
+    """The memory limit a stage sets for its own work (sql/audit_memory.sql, plan_build.sql,
+    plan_validation.sql, verify_memory.sql): what it wants, or the connection's share
+    (memory_limit_bytes) where that is smaller, so a stage never raises DuckDB above what this
+    process may hold (a pod limited to 4 GiB: 2 GiB, not the audit's 3 GB)."""
+    return f"{min(wanted, memory_limit_bytes()) >> 20}MiB"
+
+
 def spill_folder(path: str) -> str:
     """Where a catalog's queries spill beyond their memory limit: beside the file (DuckDB's own
     default for a database file, named absolute: the same place whatever the working directory)."""

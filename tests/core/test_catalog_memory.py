@@ -78,3 +78,24 @@ def test_an_exact_dedup_settle_under_a_small_limit_finishes_by_spilling(tmp_path
     # one in 100 rows is another file under the row before's key; one in 50 holds the row before's
     # bytes (a copy of a row excluded for its key stays: that row is no copy kept before it)
     assert (keys, total) == (4_000, 8_000)
+
+
+def test_a_stage_never_raises_duckdb_above_the_share_this_process_may_hold(tmp_path, monkeypatch):
+    """The audit (3 GB), the plan (3 GB, then 2 GB) and verify (512 MB) hold DuckDB to their own
+    limits: in a pod limited to 2 GiB (share 1 GiB) each is held to the share instead, never above."""
+    import re
+    from pathlib import Path
+
+    from imnet_assets.storage.catalog import held_to
+
+    assert held_to(512 << 20) == f"{min(512 << 20, memory_limit_bytes()) >> 20}MiB"
+    monkeypatch.setattr(host, "memory_limit", lambda *a, **k: 2 * GIB)  # the pod's cgroup, as read
+    assert held_to(3 << 30) == held_to(2 << 30) == "1024MiB" and held_to(512 << 20) == "512MiB"
+    s = local_settings(tmp_path / "raw", tmp_path)
+    with Catalog(s.catalog) as cat:
+        cat.run("audit_memory", {"memory_limit": held_to(3 << 30)})
+        assert setting_bytes(cat.one("catalog_settings")["memory_limit"]) <= GIB
+    # one place for the rule: no SQL file sets a memory limit of its own
+    sql_dir = Path(__file__).resolve().parents[2] / "sql"
+    literal = [p.name for p in sql_dir.glob("*.sql") if re.search(r"SET\s+memory_limit\s*=\s*'", p.read_text())]
+    assert literal == []
