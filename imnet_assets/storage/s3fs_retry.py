@@ -36,9 +36,6 @@ class S3FileSystem(s3fs.S3FileSystem):
         while True:
             try:
                 answer = await call(**args)
-                if faulted and method == "create_multipart_upload":
-                    await self._abort_lost_creates(kwargs, answer, time.monotonic() - began)
-                return answer
             except Exception as e:  # noqa: BLE001 - botocore's errors are not OSErrors
                 if faulted and method == "complete_multipart_upload" and _error_code(e) == "NoSuchUpload":
                     done = await self._completed(kwargs)
@@ -49,6 +46,10 @@ class S3FileSystem(s3fs.S3FileSystem):
                     raise translated from e  # s3fs's meaning (a missing key, a refused request)
                 faulted = True
                 await asyncio.sleep(retry.wait(e))
+            else:
+                if faulted and method == "create_multipart_upload":
+                    await self._abort_lost_creates(kwargs, answer, time.monotonic() - began)
+                return answer
 
     async def _completed(self, kwargs) -> dict | None:
         """The answer a CompleteMultipartUpload whose reply was lost would have had, when the object

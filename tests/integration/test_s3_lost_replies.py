@@ -250,6 +250,26 @@ def test_a_multipart_upload_whose_reply_was_lost_is_committed_whole(proxied, req
     assert [u["UploadId"] for u in uploads] == [earlier], uploads
 
 
+def test_a_lost_creates_upload_the_storage_will_not_list_is_a_warning_and_the_write_goes_on(proxied, capfd):
+    """The create's reply is lost and the look for the upload it began is refused (403: a policy
+    without s3:ListBucketMultipartUploads): the file is written whole all the same, with a line
+    saying what was left and what clears it."""
+    s3, client, proxy = proxied
+    url = f"s3://{s3.bucket}/wds/imagenet12k-train-0003.tar"
+    data = os.urandom(17 << 20)
+    proxy.date_uploads = True
+    proxy.lose(match=lambda method, target, headers: method == "POST" and target.endswith("?uploads"))
+    proxy.answer(403, "AccessDenied", times=None,
+                 match=lambda method, target, headers: method == "GET" and "?uploads" in target)
+    atomic.write_atomic(url, data)
+    assert proxy.injected["lost"] == 1 and proxy.injected["status"] >= 1
+    assert MotoS3.all_objects(client, s3.bucket) == {"wds/imagenet12k-train-0003.tar": data}
+    err = capfd.readouterr().err
+    assert f"warning: cannot abort the upload that a lost reply to beginning {url}'s upload left" in err, err
+    assert "AccessDenied" in err and "lifecycle rule" in err and s3.secret not in err, err
+    assert len(client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", [])) == 1
+
+
 def test_a_completion_refused_for_another_object_at_the_key_still_fails_naming_it(proxied):
     """The completion's retry answered NoSuchUpload while the key holds another object (a writer
     that came after it, before the look at the key): not taken for this upload's; the write fails
