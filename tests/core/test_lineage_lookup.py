@@ -20,10 +20,10 @@ from imnet_assets.storage.catalog import Catalog
 WNID = "n01440764"
 # Raw member names as tars (and folders, under their paths) hold them
 NAMES = [
-    f"{WNID}_1.JPEG", f"{WNID}_2.jpeg", f"{WNID}_3", f"sub/{WNID}_1.JPEG",  # plain; a key in two places
+    f"{WNID}_1.JPEG", f"{WNID}_2.jpeg", f"{WNID}_3", "x.", f"sub/{WNID}_1.JPEG",  # plain; a key in two places
     f"{WNID}_1.5.JPEG", f"a/{WNID}_1.5.JPEG", f"b/c/{WNID}_1.5.JPEG",  # a dot in the stem: three keys
     f"{WNID}_{'x' * 70}.JPEG", f"d/{WNID}_{'x' * 70}.JPEG",  # too long for a key
-    f"{WNID} 4.JPEG", f"{WNID}_5.tar.gz", "caf\udce9.JPEG", "new\nline.JPEG", "x.",  # sanitized
+    f"{WNID} 4.JPEG", f"{WNID}_5.tar.gz", "caf\udce9.JPEG", "new\nline.JPEG",  # sanitized
     f"../{WNID}_15.JPEG", f"/abs/{WNID}_16.JPEG", f"d/../{WNID}_17.JPEG", "back\\slash.JPEG",  # refused
     ".JPEG", "___.JPEG", f"../{WNID}_1.JPEG",  # refused, beside a plain name of the same last part
 ]
