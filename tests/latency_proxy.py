@@ -41,6 +41,11 @@ counts the 301s, by method.
 Completed uploads (`forget_completed`): AWS S3 (and moto) answer a CompleteMultipartUpload retried
 after it succeeded with the object it made; other stores (MinIO, Ceph) have forgotten the upload and
 answer 404 NoSuchUpload, which the proxy then answers in their place.
+
+Upload times (`date_uploads`): moto lists every unfinished multipart upload as initiated on
+2010-11-10; S3 lists the time it began it. With `date_uploads` a listing of uploads
+(ListMultipartUploads) names, for each upload whose create passed through the proxy, the time its
+answer came from upstream (answered or lost), as S3 would.
 """
 
 from __future__ import annotations
@@ -188,6 +193,8 @@ class LatencyProxy:
         # thousands does on S3, without making thousands
         self.page_size: int | None = None
         self.completed: set[str] = set()  # upload ids completed upstream
+        self.date_uploads = False  # list unfinished uploads with the time they began (moto: 2010-11-10)
+        self.initiated: dict[str, str] = {}  # upload id -> when its create was answered upstream (ISO, UTC)
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -245,6 +252,29 @@ class LatencyProxy:
                 return None
         return 404, {}, (f"<Error><Code>NoSuchUpload</Code><Message>The specified upload does not exist."
                          f"</Message><UploadId>{upload}</UploadId></Error>").encode()
+
+    def _dated(self, method: str, target: str, body: bytes) -> bytes:
+        """Notes when an upload's create was answered upstream; a listing of uploads with those times
+        in place of moto's (`date_uploads`; the same length: the Content-Length stands)."""
+        query = target.partition("?")[2].split("&")
+        if method == "POST" and "uploads" in query:
+            found = re.search(rb"<UploadId>([^<]+)</UploadId>", body)
+            t = time.time()
+            now = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+            if found:
+                with self._lock:
+                    self.initiated[found.group(1).decode()] = now
+            return body
+        if not (method == "GET" and "uploads" in query and self.date_uploads):
+            return body
+
+        def dated(m: re.Match) -> bytes:
+            when = self.initiated.get(m.group(2).decode())
+            return m.group(0) if when is None else m.group(1) + re.sub(
+                rb"<Initiated>[^<]+</Initiated>", f"<Initiated>{when}</Initiated>".encode(), m.group(3))
+
+        with self._lock:
+            return re.sub(rb"(<Upload>.*?<UploadId>([^<]+)</UploadId>)(.*?</Upload>)", dated, body, flags=re.S)
 
     def _paged(self, line: bytes) -> bytes:
         """The request line of a ListObjectsV2 as passed on: asking for pages of `page_size` entries
@@ -431,6 +461,8 @@ class LatencyProxy:
                                 self.completed.add(_completion(method, entry[1]))
                         no_body = method == "HEAD" or status in (204, 304) or 100 <= status < 200
                         rbody = b"" if no_body else await _read_body(up_reader, rheaders, request=False)
+                        if status == 200:
+                            rbody = self._dated(method, entry[1], rbody)
                         framed = no_body or "content-length" in rheaders or "chunked" in rheaders.get(
                             "transfer-encoding", "").lower()
                         if not framed:  # read to the upstream's close: give the client a length instead

@@ -37,6 +37,21 @@ def member_key(name: str) -> tuple[str | None, str | None]:
     return key, None
 
 
+def stem_keys(stem: str) -> tuple[str, str] | None:
+    """The keys `member_key` gives a member whose last path part's stem is `stem`, whatever its folder
+    and extension, as a range (lowest, highest; both included): the stem alone when it is a key as it
+    stands; else every key that begins with its sanitized, cut form and "_h" (a digest of the whole
+    name follows, in hex). None: such a member gets no key (its row is keyed by where it is). A
+    name the stem does not show may be refused all the same (absolute, `..` or a backslash in it)."""
+    key = _KEY_UNSAFE.sub("_", stem)
+    if not key.strip("_"):
+        return None
+    if key == stem and len(key) <= MAX_KEY_CHARS:
+        return key, key
+    prefix = f"{key[: MAX_KEY_CHARS - 14]}_h"
+    return prefix, prefix + "\x7f"  # keys are ASCII: all that follows the prefix sorts below DEL
+
+
 def printable_name(name: str) -> str:
     """A member name as valid, printable UTF-8 (for the catalog, CSV staging and logs): bytes that
     are not UTF-8 and control characters (a newline in a name) become backslash escapes."""

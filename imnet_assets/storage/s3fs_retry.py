@@ -5,7 +5,12 @@ process that imports storage, the encode workers' forkserver among them)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import email.utils
 import hashlib
+import sys
+import time
+from datetime import datetime, timedelta, timezone
 
 import s3fs
 from fsspec.asyn import sync_wrapper
@@ -27,9 +32,10 @@ class S3FileSystem(s3fs.S3FileSystem):
         target = "/".join(str(kwargs[k]) for k in ("Bucket", "Key", "Prefix") if kwargs.get(k))
         retry = s3read.Retry(f"{method} s3://{target}")
         faulted = False  # an attempt failed in transport: it may have been carried out all the same
+        began = time.monotonic()
         while True:
             try:
-                return await call(**args)
+                answer = await call(**args)
             except Exception as e:  # noqa: BLE001 - botocore's errors are not OSErrors
                 if faulted and method == "complete_multipart_upload" and _error_code(e) == "NoSuchUpload":
                     done = await self._completed(kwargs)
@@ -40,6 +46,10 @@ class S3FileSystem(s3fs.S3FileSystem):
                     raise translated from e  # s3fs's meaning (a missing key, a refused request)
                 faulted = True
                 await asyncio.sleep(retry.wait(e))
+            else:
+                if faulted and method == "create_multipart_upload":
+                    await self._abort_lost_creates(kwargs, answer, time.monotonic() - began)
+                return answer
 
     async def _completed(self, kwargs) -> dict | None:
         """The answer a CompleteMultipartUpload whose reply was lost would have had, when the object
@@ -63,6 +73,39 @@ class S3FileSystem(s3fs.S3FileSystem):
             return None
         done = {"Bucket": kwargs["Bucket"], "Key": kwargs["Key"], "ETag": head["ETag"]}
         return {**done, "VersionId": head["VersionId"]} if head.get("VersionId") else done
+
+    async def _abort_lost_creates(self, kwargs, created: dict, elapsed: float) -> None:
+        """A multipart upload's create answered after an attempt failed in transport: the store may
+        have carried out that attempt (its reply lost), beginning an upload whose id this process
+        never learned. Never completed, it is never visible, but nothing would ever complete or
+        abort it: it cost storage until a lifecycle rule or a sweep a day later (atomic.remove_partials,
+        STALE_UPLOAD_SECONDS) aborted it. Aborts the uploads for the key that the store began
+        between the first attempt and the answer (by the store's clock: the answer's Date, less the
+        time since the first attempt was sent, a second's margin each side for the Date's
+        resolution), other than the one answered. The key is this process's to write meanwhile (the
+        build lease: one build per out root; a shard's runs: one at a time), so those are its own
+        lost creates. A list or abort the storage does not let happen is a warning line: the write
+        goes on (an unfinished upload is never visible, it only costs storage)."""
+        bucket, key = kwargs["Bucket"], kwargs["Key"]
+        try:
+            answered = email.utils.parsedate_to_datetime(created["ResponseMetadata"]["HTTPHeaders"]["date"])
+        except (KeyError, TypeError, ValueError):
+            answered = datetime.now(timezone.utc)
+        since, until = answered - timedelta(seconds=elapsed + 1), answered + timedelta(seconds=1)
+        try:
+            listed = await self._call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key)
+            for up in listed.get("Uploads", []):
+                initiated = up.get("Initiated")
+                if up.get("Key") != key or up.get("UploadId") == created.get("UploadId") or not isinstance(
+                        initiated, datetime) or not since <= initiated <= until:
+                    continue
+                with contextlib.suppress(FileNotFoundError):  # gone already: an abort whose reply was lost
+                    await self._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=up["UploadId"])
+        except Exception as e:  # noqa: BLE001 - botocore's errors are not OSErrors
+            print(f"warning: cannot abort the upload that a lost reply to beginning s3://{bucket}/{key}'s upload "
+                  f"left ({type(e).__name__}: {s3read.brief(e)}): never visible, it costs storage until a later "
+                  "run's sweep, or a bucket lifecycle rule that aborts incomplete multipart uploads, clears it",
+                  file=sys.stderr, flush=True)
 
     call_s3 = sync_wrapper(_call_s3)  # s3fs's files call this, bound to the class's own _call_s3
 

@@ -11,7 +11,8 @@ build's, no lease and no upload left behind; the next build finds every shard fr
 At the storage level: a lease whose create's reply was lost is its taker's (generation 1, never
 taken over from itself), its renewal and release too; a multipart upload whose create, part or
 completion lost its reply is committed whole, also on a store that forgets a completed upload at
-once and answers the retried completion NoSuchUpload (MinIO, Ceph), with no upload lease left.
+once and answers the retried completion NoSuchUpload (MinIO, Ceph), with no upload lease and no
+unfinished upload left (the one a lost create began is aborted).
 """
 
 from __future__ import annotations
@@ -221,11 +222,14 @@ def test_a_lease_whose_create_reply_was_lost_is_its_takers_own_renewed_and_relea
                                           "upload-lease-removal"])
 def test_a_multipart_upload_whose_reply_was_lost_is_committed_whole(proxied, request_kind):
     """17 MiB: two parts of 16 MiB blocks, and the upload's lease naming its writer (written once
-    the upload began, removed once committed). A retried create leaves its first upload behind
-    (never visible, and empty); the rest leave nothing."""
+    the upload began, removed once committed). Nothing is left: a retried create aborts the upload
+    its lost first attempt began (s3fs_retry: it had been left for a day, empty); an upload of the
+    key begun before the write (a killed writer's: atomic.remove_partials' to sweep) is kept."""
     s3, client, proxy = proxied
     url = f"s3://{s3.bucket}/wds/imagenet12k-train-0000.tar"
     data = os.urandom(17 << 20)
+    proxy.date_uploads = True  # listed with the times S3 would give (moto's: 2010-11-10)
+    earlier = client.create_multipart_upload(Bucket=s3.bucket, Key="wds/imagenet12k-train-0000.tar")["UploadId"]
 
     def selected(method: str, target: str, headers: dict) -> bool:
         query = target.partition("?")[2]
@@ -243,7 +247,27 @@ def test_a_multipart_upload_whose_reply_was_lost_is_committed_whole(proxied, req
     assert objects.get("wds/imagenet12k-train-0000.tar") == data
     assert sorted(objects) == ["wds/imagenet12k-train-0000.tar"]  # no upload lease left
     uploads = client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", [])
-    assert len(uploads) == (request_kind == "create"), uploads
+    assert [u["UploadId"] for u in uploads] == [earlier], uploads
+
+
+def test_a_lost_creates_upload_the_storage_will_not_list_is_a_warning_and_the_write_goes_on(proxied, capfd):
+    """The create's reply is lost and the look for the upload it began is refused (403: a policy
+    without s3:ListBucketMultipartUploads): the file is written whole all the same, with a line
+    saying what was left and what clears it."""
+    s3, client, proxy = proxied
+    url = f"s3://{s3.bucket}/wds/imagenet12k-train-0003.tar"
+    data = os.urandom(17 << 20)
+    proxy.date_uploads = True
+    proxy.lose(match=lambda method, target, headers: method == "POST" and target.endswith("?uploads"))
+    proxy.answer(403, "AccessDenied", times=None,
+                 match=lambda method, target, headers: method == "GET" and "?uploads" in target)
+    atomic.write_atomic(url, data)
+    assert proxy.injected["lost"] == 1 and proxy.injected["status"] >= 1
+    assert MotoS3.all_objects(client, s3.bucket) == {"wds/imagenet12k-train-0003.tar": data}
+    err = capfd.readouterr().err
+    assert f"warning: cannot abort the upload that a lost reply to beginning {url}'s upload left" in err, err
+    assert "AccessDenied" in err and "lifecycle rule" in err and s3.secret not in err, err
+    assert len(client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", [])) == 1
 
 
 def test_a_completion_refused_for_another_object_at_the_key_still_fails_naming_it(proxied):
