@@ -75,12 +75,13 @@ def sealed(settings: Settings, inputs: str) -> str:
 def read_info(settings: Settings) -> tuple[dict | None, list[str]]:
     """(`_info.json`'s document, []) or (None, the problem: missing, not JSON, larger than any of
     this release's can be). A storage fault propagates: no verdict on the release."""
-    url = info_url(settings)
+    url, limit = info_url(settings), info_limit(settings)
     try:
-        return json.loads(fs.read_bytes(url, limit=info_limit(settings), kind="this release's _info.json")), []
+        return json.loads(fs.read_bytes(url, limit=limit, kind="this release's _info.json")), []
     except FileNotFoundError:
         return None, [f"{url} is missing"]
-    except fs.TooLarge as e:
-        return None, [f"{e} (the audit writes it again)"]
+    except fs.TooLarge:
+        return None, [fs.redact(f"{url} holds more than {limit:,} bytes, more than this release's _info.json can "
+                                "(not read further): `imnet build` audits again and writes it anew")]
     except ValueError as e:  # not JSON
         return None, [f"{url} unreadable: {e}"]
