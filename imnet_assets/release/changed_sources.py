@@ -100,13 +100,14 @@ def digest(markers: dict[str, Marker]) -> str:
 
 def clear(out_root: str, acted_on: dict[str, Marker]) -> list[str]:
     """Remove the markers acted on, each only while it still holds the bytes read then (a shard run
-    that marked the tar again since keeps its marker: the next build scans the tar once more)."""
+    that marked the tar again since keeps its marker: the next build scans the tar once more). A
+    marker holds those bytes only if it is no longer than them: it is read no further."""
     removed = []
     for tar, marker in acted_on.items():
         url = marker_url(out_root, tar)
         try:
-            now = fs.read_bytes(url)
-        except FileNotFoundError:
+            now = fs.read_bytes(url, limit=len(marker.raw), kind="the marker acted on")
+        except (FileNotFoundError, fs.TooLarge):  # gone, or another marker now: kept
             continue
         if now == marker.raw:
             fs.remove(url)

@@ -24,6 +24,21 @@ SLICE_BATCH = 128  # shards rendered per query by publish_slices (~2.3 MB of tex
 SLICE_WRITERS = 32  # slice files committed at once by publish_slices (each is a few requests on S3)
 SLICE_COLUMNS = ["position", "key", "wnid", "label", "tar", "member", "offset", "size", "sha256",
                  "width", "height", "needs_repair"]
+# A slice row is its position, key, wnid, label, source tar, member, offset, size, sha256, width,
+# height and needs_repair: ~150 bytes at the real size (13k rows, ~2 MB a slice); a tar's name (an S3
+# key) and a member's are at most ~1 KiB each, the key shorter, and CSV quoting at most doubles them:
+# SLICE_ROW_MAX_BYTES a planned row (the index's shard_lengths), SLICE_BASE_BYTES for the header. A
+# larger slice is damaged, never read whole; SLICE_MAX_BYTES where the index does not say.
+SLICE_ROW_MAX_BYTES = 8192
+SLICE_BASE_BYTES = 64 << 10
+SLICE_MAX_BYTES = 1 << 28
+# The index holds per shard its slice's digest (~80 bytes as written), its length and its key in its
+# split (~20 bytes), besides a head of a few hundred bytes: INDEX_SHARD_MAX_BYTES a shard, for the
+# most shards keys of four digits allow (split_shards), and INDEX_BASE_BYTES: ~11 MiB. A larger
+# index is damaged (made again), never read whole.
+INDEX_SHARD_MAX_BYTES = 1024
+INDEX_BASE_BYTES = 1 << 20
+MAX_SHARDS = 10_000
 
 
 def shard_sizes(n: int, s: int) -> list[int]:
@@ -113,10 +128,10 @@ def write_slice(out_root: str, shard_key: str, rows: list[tuple]) -> str:
 def _commit_slice(out_root: str, shard_key: str, data: bytes) -> str:
     url = slice_url(out_root, shard_key)
     digest = hashlib.sha256(data).hexdigest()
-    try:
-        if hashlib.sha256(fs.read_bytes(url)).hexdigest() == digest:
+    try:  # one larger than the new slice is not it: read no further
+        if hashlib.sha256(fs.read_bytes(url, limit=len(data), kind="this slice")).hexdigest() == digest:
             return digest
-    except (FileNotFoundError, OSError):
+    except (FileNotFoundError, OSError, fs.TooLarge):
         pass
     atomic.write_atomic(url, data)
     return digest
@@ -183,11 +198,22 @@ def read_slice(out_root: str, shard_key: str, set_aside: bool = True,
     is stale (`slices_missing`), and the next build makes it again, rewriting that slice alone.
     `set_aside=False` (a head start's look, shard_ahead): raise, leaving the slice to the run.
     `index`: the plan's index as the caller read it (a shard run's `require_current_plan`), not read
-    again (at 1,024 shards on S3, one GET fewer per run of a file that grows with the shards)."""
+    again (at 1,024 shards on S3, one GET fewer per run of a file that grows with the shards).
+    A slice larger than one of the shard's planned rows can be (slice_limit) is damaged likewise,
+    read no further: removed (it is not kept aside: that would copy it whole)."""
     url = slice_url(out_root, shard_key)
-    data = fs.read_bytes(url)
-    digest = hashlib.sha256(data).hexdigest()
     index = read_index(out_root) if index is None else index
+    limit = slice_limit(planned_rows(index, shard_key))
+    try:
+        data = fs.read_bytes(url, limit=limit, kind="a plan slice of the shard's planned samples")
+    except fs.TooLarge as e:
+        if set_aside:
+            fs.remove(url)
+        raise PlanSliceDamaged(f"plan slice {fs.redact(url)} is damaged: it holds more than {limit:,} bytes, more "
+                               "than a slice of the shard's planned samples can"
+                               + (" (removed; `imnet build` makes the plan again, then this shard)" if set_aside
+                                  else "")) from e
+    digest = hashlib.sha256(data).hexdigest()
     want = index.get("digests", {}).get(shard_key) if index else None
     if want is not None and digest != want:
         if not set_aside:
@@ -206,6 +232,27 @@ def read_slice(out_root: str, shard_key: str, set_aside: bool = True,
         for p, k, w, lb, t, m, o, sz, sh, wd, ht, nr in reader
     ]
     return rows, digest
+
+
+def planned_rows(index: dict | None, shard_key: str) -> int | None:
+    """The rows the plan's index says a shard's slice holds (its `shard_lengths`, in key order);
+    None where the index does not say."""
+    lengths = index.get("shard_lengths") if isinstance(index, dict) else None
+    keys = sorted(index.get("digests") or {}) if isinstance(index, dict) else []
+    if not isinstance(lengths, list) or len(lengths) != len(keys) or shard_key not in keys:
+        return None
+    n = lengths[keys.index(shard_key)]
+    return n if isinstance(n, int) else None
+
+
+def slice_limit(rows: int | None) -> int:
+    """The most bytes a slice of `rows` planned rows can hold (None: not known)."""
+    return SLICE_MAX_BYTES if rows is None else SLICE_BASE_BYTES + SLICE_ROW_MAX_BYTES * rows
+
+
+def index_limit(shards: int = MAX_SHARDS) -> int:
+    """The most bytes the plan's index can hold for `shards` shards."""
+    return INDEX_BASE_BYTES + INDEX_SHARD_MAX_BYTES * shards
 
 
 def slices_missing(out_root: str, index: dict) -> list[str]:
@@ -229,9 +276,13 @@ def write_index(out_root: str, index: dict) -> None:
 
 def read_index(out_root: str) -> dict | None:
     """The plan's index, or None when there is none or it is damaged (does not parse, or does not
-    match its seal: a changed byte): either way the plan is stale and is made again. An index
-    written before seals were (no seal) is taken as it is."""
-    doc = fs.read_json(index_url(out_root))
+    match its seal: a changed byte, or holds more bytes than any index can: index_limit, read no
+    further): either way the plan is stale and is made again. An index written before seals were
+    (no seal) is taken as it is."""
+    try:
+        doc = fs.read_json(index_url(out_root), limit=index_limit(), kind="the plan's index")
+    except fs.TooLarge:
+        return None
     if not isinstance(doc, dict) or (INDEX_SEAL in doc and doc[INDEX_SEAL] != _seal(doc)):
         return None
     return doc

@@ -35,6 +35,7 @@ from imnet_assets.release.outroot import (
 )
 from imnet_assets.release.plan import read_index
 from imnet_assets.settings import Settings, validation_pattern
+from imnet_assets.stages.published import classes_url, read_info, render_classes, sealed
 from imnet_assets.stages.shard import fingerprint
 from imnet_assets.storage import atomic, fs
 from imnet_assets.storage.catalog import Catalog, held_to
@@ -131,24 +132,6 @@ class AuditReport:
         out.extend(self.conservation)
         out.extend(f"{c}: the index is stale (`imnet build` indexes it again)" for c in self.changed_sources)
         return out
-
-
-CLASSES_NAME = "classes.tsv"
-CLASSES_COLUMNS = ("label", "wnid", "lemma", "gloss", "count")
-
-
-def classes_url(settings: Settings) -> str:
-    return fs.join(settings.out_root, CLASSES_NAME)
-
-
-def render_classes(rows: list[tuple]) -> bytes:
-    """classes.tsv: a header line, then one line per label (tabs and line breaks inside a lemma or
-    gloss become spaces, so every line is one row of five fields)."""
-    def field(value) -> str:
-        return " ".join(str(value).replace("\t", " ").splitlines())
-
-    lines = ["\t".join(CLASSES_COLUMNS), *("\t".join(field(v) for v in row) for row in rows)]
-    return ("\n".join(lines) + "\n").encode("utf-8")
 
 
 def look_at_release(settings: Settings) -> OutRootLook:
@@ -355,13 +338,9 @@ def check_info(settings: Settings, lengths: dict[str, int] | None = None) -> lis
     """`_info.json` is exactly the document the shards' manifests give (names, order, splits,
     lengths, totals). `lengths`: shard key -> samples as the audit loaded them from the manifests
     (AuditReport.lengths), so that no manifest is read twice; else the manifests are read (at once)."""
-    url = info_url(settings)
-    try:
-        doc = json.loads(fs.read_bytes(url))
-    except FileNotFoundError:
-        return [f"{url} is missing"]
-    except ValueError as e:  # not JSON (a storage fault propagates: no verdict on the release)
-        return [f"{url} unreadable: {e}"]
+    doc, problems = read_info(settings)  # (one larger than this release's can be: read no further)
+    if problems:
+        return problems
     if lengths is None or set(lengths) != set(settings.partition_keys):
         docs = read_manifests(settings.out_root, manifest_limits(settings.partition_keys, read_index(settings.out_root)))
         lengths = {}
@@ -469,20 +448,6 @@ def audit_fingerprint(settings: Settings, look: OutRootLook | None = None) -> st
     writes them anew (no shard rewritten). `look`: as `look_at_release` read it (else read now)."""
     inputs = _audit_inputs(settings, look)
     return None if inputs is None else sealed(settings, inputs)
-
-
-def published_urls(settings: Settings) -> list[str]:
-    """The files a clean audit writes beside the shards."""
-    return [info_url(settings), classes_url(settings), card.card_url(settings)]
-
-
-def sealed(settings: Settings, inputs: str) -> str:
-    """`inputs` joined with the sha256 of each published file as storage holds it (one concurrent
-    read of three small files; "-" for one that is not there)."""
-    urls = published_urls(settings)
-    found = fs.read_many(urls)
-    parts = [inputs] + [hashlib.sha256(found[u]).hexdigest() if found[u] is not None else "-" for u in urls]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
 def _audit_inputs(settings: Settings, look: OutRootLook | None = None) -> str | None:

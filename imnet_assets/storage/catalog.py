@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -47,10 +49,17 @@ def held_to(wanted: int) -> str:
     return f"{min(wanted, memory_limit_bytes()) >> 20}MiB"
 
 
-def spill_folder(path: str) -> str:
+def spill_folder(path: str, read_only: bool = False) -> str:
     """Where a catalog's queries spill beyond their memory limit: beside the file (DuckDB's own
-    default for a database file, named absolute: the same place whatever the working directory)."""
-    return f"{os.path.abspath(path)}.tmp"
+    default for a database file, named absolute: the same place whatever the working directory).
+    A reader of a catalog whose folder it cannot write (a read-only mount: `imnet verify` in a pod
+    given the catalog's volume read-only) spills under the system's temporary folder instead:
+    beside the file, the first query to spill would fail. DuckDB names its files there by process,
+    so readers in two processes share either folder."""
+    beside = f"{os.path.abspath(path)}.tmp"
+    if not read_only or os.access(os.path.dirname(beside), os.W_OK | os.X_OK) or os.access(beside, os.W_OK | os.X_OK):
+        return beside
+    return os.path.join(tempfile.gettempdir(), f"imnet-catalog-{hashlib.sha256(beside.encode()).hexdigest()[:16]}.tmp")
 
 
 _UNITS = {"bytes": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -229,7 +238,7 @@ class Catalog:
     recovery) from opening it and from `run`, `rows`, `dicts`, `one` and `transaction`."""
 
     def __init__(self, path: str, read_only: bool = False, retries: float = 30.0):
-        self.path = path
+        self.path, self.read_only = path, read_only
         if not read_only:
             check_catalog_volume(path)
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -279,11 +288,13 @@ class Catalog:
         stage set meanwhile (sql/audit_memory.sql, verify_memory.sql) is kept, and the spill
         folder is set only while DuckDB has not spilled (it refuses to move one it used)."""
         limit, now = memory_limit_bytes(), self.one("catalog_settings")
-        if (setting_bytes(now["memory_limit"]) or limit + 1) > limit:
+        held = setting_bytes(now["memory_limit"])  # (None: not a size this reads, e.g. "16383.9 PiB": none)
+        if held is None or held > limit:
             self.run("catalog_memory", {"memory_limit": f"{limit >> 20}MiB"})
-        if now["temp_directory"] != spill_folder(self.path):
+        spill = spill_folder(self.path, self.read_only)
+        if now["temp_directory"] != spill:
             with contextlib.suppress(duckdb.NotImplementedException):  # spilled already: where it did
-                self.run("catalog_spill", {"temp_directory": spill_folder(self.path)})
+                self.run("catalog_spill", {"temp_directory": spill})
 
     def _looked_up(self, name: str) -> list[tuple]:
         """The rows of sql/<name>.sql, asked while opening: on any error the connection is closed."""

@@ -5,6 +5,9 @@ spills beside the catalog file beyond it, so a big settle spills instead of bein
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+import pytest
 
 from imnet_assets.runtime import host
 from imnet_assets.stages.decontam import settle_keys_and_copies
@@ -99,3 +102,55 @@ def test_a_stage_never_raises_duckdb_above_the_share_this_process_may_hold(tmp_p
     sql_dir = Path(__file__).resolve().parents[2] / "sql"
     literal = [p.name for p in sql_dir.glob("*.sql") if re.search(r"SET\s+memory_limit\s*=\s*'", p.read_text())]
     assert literal == []
+
+
+QUERY = "SELECT count(DISTINCT h) FROM (SELECT md5(key || r::VARCHAR) AS h FROM images, range(16) t(r) ORDER BY h)"
+READER = """
+import os, sys
+from imnet_assets.storage.catalog import open_reader, spill_folder
+QUERY = @QUERY@
+path = sys.argv[1]
+assert not os.access(os.path.dirname(path), os.W_OK), "the catalog's folder is writable"
+with open_reader(path, intact=False) as cat:
+    cat.run("catalog_memory", {"memory_limit": "64MiB"})
+    cat.con.execute("SET threads = 2")
+    n, = cat.con.execute(QUERY).fetchone()
+    spill = spill_folder(path, read_only=True)
+    print(n, cat.one("catalog_settings")["temp_directory"], spill, os.path.isdir(spill))
+""".replace("@QUERY@", repr(QUERY))
+
+
+def test_a_reader_of_a_catalog_on_a_read_only_filesystem_spills_in_the_temporary_folder(tmp_path):
+    """A catalog given read-only (a read-only mount, or a folder this user cannot write): a reader's
+    query held past its memory limit spills under the system's temporary folder. Beside the file
+    (DuckDB's default) it failed: "Failed to create directory ... Read-only file system"."""
+    import subprocess
+    import sys
+
+    from bench.catalog_memory import GEN_IMAGES
+
+    folder = tmp_path / "catalog"
+    path = str(folder / "catalog.duckdb")
+    with Catalog(path) as cat:
+        cat.con.execute(GEN_IMAGES, {"rows": 100_000})
+        cat.con.execute("CHECKPOINT")
+        want, = cat.con.execute(QUERY).fetchone()
+    root = str(Path(__file__).resolve().parents[2])
+    command = [sys.executable, "-c", READER, path]
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+    else:  # root writes any folder: a read-only bind mount of it, in a mount namespace of its own
+        script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+        command = ["unshare", "-m", "sh", "-c", script, "sh", str(folder), *command]
+        probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+        if probe.returncode != 0:
+            pytest.skip(f"no read-only folder to be had here (root, and unshare -m: {probe.stderr.decode()[:80]})")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": root})
+    finally:
+        folder.chmod(0o755)
+    assert done.returncode == 0, done.stderr[-2000:]
+    n, used, spill, spilled = done.stdout.split()
+    assert int(n) == want and used == spill and not spill.startswith(str(folder)) and spilled == "True"
+    assert spill_folder(path, read_only=True) == spill_folder(path)  # writable again: beside the file

@@ -1,0 +1,137 @@
+"""The plan's files, the files the audit publishes and a changed-source marker acted on are read
+with limits derived from the plan and the release (plan.index_limit, slice_limit; published.py;
+changed_sources.clear): a file far larger than one can be takes its damage path (an index or slice:
+the plan is made again; a published file: not fresh, or a problem naming it; a marker: kept), read
+no further than the limit, never whole: counted in bytes read locally (a sparse file), and in the
+Range header of each GET on S3."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from imnet_assets.release import changed_sources, plan
+from imnet_assets.stages import published
+from imnet_assets.stages.audit import check_info
+from imnet_assets.storage import fs
+from tests.conftest import environ, local_settings
+from tests.core.test_record_limits import _put, _thread_rchar
+from tests.s3server import MotoS3
+
+SPARSE = 96 << 20  # a local file's size: sparse, so no disk; read whole, it shows in the bytes read
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with MotoS3(secret=f"readLimits-{uuid.uuid4().hex}") as server:
+        client = server.client()
+        bucket = f"readlimits-{uuid.uuid4().hex[:12]}"
+        MotoS3.fresh_buckets(client, bucket)
+        with environ(**server.env(), IMNET_STORAGE_RETRY_SECONDS="10"):
+            yield server, client, bucket
+
+
+def _huge(client, bucket: str, url: str, remote_size: int, head: bytes = b"{") -> None:
+    """A file at `url` far larger than the limit: sparse locally (SPARSE bytes), `remote_size` on S3."""
+    if fs.is_remote(url):
+        _put(client, bucket, url, head + b" " * remote_size)
+    else:
+        fs.makedirs(fs.dirname(url))
+        with open(url, "wb") as f:
+            f.write(head)
+            f.truncate(SPARSE)
+
+
+def _gets(server, mark: int, name: str) -> list:
+    return [r for r in server.since(mark) if r.method == "GET" and r.key.endswith(name)]
+
+
+def _index(out: str, rows: int) -> None:
+    plan.write_index(out, {"fingerprint": "f", "seed": 1, "num_shards": 1, "num_samples": rows,
+                           "shard_lengths": [rows], "digests": {"0000": "0" * 64}})
+
+
+def test_a_huge_plan_index_is_damaged_read_no_further_local_and_s3(s3, tmp_path):
+    server, client, bucket = s3
+    limit = plan.index_limit()
+    assert limit > 10_000 * 100 + 200_000  # a real index: ~100 bytes a shard and a head, at the most shards
+    for out in (str(tmp_path / "out"), f"s3://{bucket}/idx"):
+        _huge(client, bucket, plan.index_url(out), limit + 4096)
+        mark, before = server.mark(), _thread_rchar()
+        assert plan.read_index(out) is None  # damaged: the plan is stale, made again
+        assert _thread_rchar() - before < 2 * limit
+        assert all(r.range == f"bytes=0-{limit}" for r in _gets(server, mark, plan.PLAN_INDEX))
+
+
+def test_a_huge_slice_is_damaged_removed_and_read_no_further_local_and_s3(s3, tmp_path):
+    server, client, bucket = s3
+    rows = 3
+    limit = plan.slice_limit(rows)
+    assert plan.slice_limit(12_844) > 12_844 * 400  # the real size: ~150 bytes a row
+    for out in (str(tmp_path / "out"), f"s3://{bucket}/slices"):
+        _index(out, rows)
+        url = plan.slice_url(out, "0000")
+        _huge(client, bucket, url, limit + 4096, head=b"position,key\n")
+        assert plan.planned_rows(plan.read_index(out), "0000") == rows
+        mark, before = server.mark(), _thread_rchar()
+        with pytest.raises(plan.PlanSliceDamaged, match=f"more than {limit:,} bytes"):
+            plan.read_slice(out, "0000", set_aside=False)  # a head start's look: left to the run
+        assert fs.exists(url)
+        with pytest.raises(plan.PlanSliceDamaged, match="removed; `imnet build` makes the plan again"):
+            plan.read_slice(out, "0000")
+        assert _thread_rchar() - before < 4 * limit
+        assert not fs.exists(url) and not fs.exists(url + plan.DAMAGED_SUFFIX)  # never copied aside whole
+        assert plan.slices_missing(out, plan.read_index(out)) == ["0000"]  # so the plan is made again
+        gets = _gets(server, mark, "0000.csv")
+        assert all(r.range == f"bytes=0-{limit}" for r in gets), gets
+        # a plan made again commits the slice over a huge one, reading no more of it than the new one's bytes
+        _huge(client, bucket, url, limit + 4096)
+        body = plan.render_slice([(0, "k", "n01", 0, "t.tar", "m.JPEG", 0, 5, "0" * 64, 1, 1, False)])
+        mark, before = server.mark(), _thread_rchar()
+        plan.write_slice(out, "0000", [(0, "k", "n01", 0, "t.tar", "m.JPEG", 0, 5, "0" * 64, 1, 1, False)])
+        assert _thread_rchar() - before < 4 * limit and fs.read_bytes(url) == body
+        assert all(r.range == f"bytes=0-{len(body)}" for r in _gets(server, mark, "0000.csv")[:1])
+
+
+def test_a_changed_source_marker_replaced_by_a_huge_one_is_kept_read_no_further(s3, tmp_path):
+    server, client, bucket = s3
+    for out in (str(tmp_path / "out"), f"s3://{bucket}/marks"):
+        raw = json.dumps({"tar": "n01.tar", "found": "x"}).encode()
+        url = changed_sources.marker_url(out, "n01.tar")
+        _put(client, bucket, url, raw)
+        acted = changed_sources.pending(out)
+        _huge(client, bucket, url, 1 << 20)  # a shard run marked the tar again (here: a huge marker)
+        mark, before = server.mark(), _thread_rchar()
+        assert changed_sources.clear(out, acted) == [] and fs.exists(url)
+        assert _thread_rchar() - before < 1 << 20
+        assert all(r.range == f"bytes=0-{len(raw)}" for r in _gets(server, mark, "n01.tar.json"))
+
+
+def test_huge_published_files_are_not_fresh_and_a_problem_read_no_further_local_and_s3(s3, tmp_path, monkeypatch):
+    server, client, bucket = s3
+    monkeypatch.setattr(published, "CLASSES_MAX_ROWS", 100)  # (the real bound, ~160 MiB, is slow to test past)
+    for out in (str(tmp_path / "out"), f"s3://{bucket}/pub"):
+        settings = local_settings(tmp_path / "raw", tmp_path, IMNET_OUT_ROOT=out, IMNET_NUM_SHARDS=2)
+        limits = published.published_limits(settings)
+        urls = published.published_urls(settings)
+        assert limits[urls[0]] > 2 * 4 * 1024 and limits[urls[1]] > 100 * 1024
+        for url in urls:
+            _put(client, bucket, url, b"{}")
+        small = published.sealed(settings, "inputs")
+        for url in urls[1:]:  # classes.tsv and the card, each huge in turn
+            remote = limits[url] + 4096
+            _huge(client, bucket, url, remote)
+            mark, before = server.mark(), _thread_rchar()
+            seal = published.sealed(settings, "inputs")
+            assert _thread_rchar() - before < 2 * limits[url] + (1 << 20)
+            assert all(r.range == f"bytes=0-{limits[u]}" for u in urls for r in _gets(server, mark, fs.basename(u)))
+            fs.remove(url)
+            assert seal not in (small, published.sealed(settings, "inputs"))  # not fresh: audited again
+            _put(client, bucket, url, b"{}")
+        _huge(client, bucket, urls[0], limits[urls[0]] + 4096)
+        before = _thread_rchar()
+        problems = check_info(settings, {"0000": 1, "0001": 1})
+        assert _thread_rchar() - before < 2 * limits[urls[0]]
+        assert len(problems) == 1 and f"more than {limits[urls[0]]:,} bytes" in problems[0], problems
