@@ -114,7 +114,7 @@ def _within(url: str, data: bytes, limit: int | None, kind: str) -> bytes:
 def storage_error(url: str, what: str, e: BaseException) -> StorageError:
     if isinstance(e, StorageError):  # named already, with what to check
         return StorageError(redact(f"cannot {what} {url}: {e}"))
-    text = f"{type(e).__name__}: {s3read.brief(e)}"
+    text = f"{type(e).__name__}: {s3read.said(e)}"
     endpoint = s3read.endpoint_url()
     if isinstance(e, PermissionError) or any(
         s in text for s in ("AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch")

@@ -144,6 +144,21 @@ def brief(e: BaseException) -> str:
     return str(e).split("\n\nDebug source:", 1)[0].strip()
 
 
+_ERROR_DOCUMENT = re.compile(r"<\?xml[^>]*>\s*<Error>(.*?)</Error>", re.DOTALL)
+_FIELD = re.compile(r"<(Code|Message)>(.*?)</\1>", re.DOTALL)
+
+
+def said(e: BaseException) -> str:
+    """`brief(e)` on one line, for a message: an S3 error document obstore quotes whole (several
+    lines of XML with its request ids) as its code and message."""
+
+    def document(m: re.Match) -> str:
+        fields = dict((k, v.strip()) for k, v in _FIELD.findall(m.group(1)))
+        return ": ".join(v for v in (fields.get("Code"), fields.get("Message")) if v) or "(an error document)"
+
+    return " ".join(_ERROR_DOCUMENT.sub(document, brief(e)).split())
+
+
 class ShortRead(ConnectionError):
     """An answer that is not the bytes asked for (cut short, another range): a transport fault."""
 
@@ -187,7 +202,7 @@ class Retry:
             return e
         took = time.monotonic() - self.start
         where = endpoint_url() or "AWS S3"
-        text = (f"{self.what} at {where}: {type(e).__name__}: {brief(e)} ({self.attempts} attempt"
+        text = (f"{self.what} at {where}: {type(e).__name__}: {said(e)} ({self.attempts} attempt"
                 f"{'s' if self.attempts != 1 else ''} in {took:.0f} s")
         if kind == "unreachable":
             hint = "the endpoint cannot be reached: check AWS_ENDPOINT_URL and the network"

@@ -173,3 +173,58 @@ def test_demo_builds_every_release_the_projects_releases_file_names(tmp_path):
         assert train["num_samples"] > 0 and len(list((root / "data/out" / name).glob("*.tar"))) == 2, train
     assert list((root / "data/out/webp/_staged").glob("webp-*/*.bin")), "the index staged no WebP encodes"
     assert not (root / "data/out/_info.json").exists()  # the default release's out root is not built
+
+
+# ---------------------------------------------------------------- S3 behind TLS with a private CA
+
+S3_SECRET = "firstHourSecretKey42"
+S3_BUCKET = "first-hour"
+
+
+@pytest.fixture(scope="module")
+def tls_s3(tmp_path_factory):
+    from ..s3server import MotoS3, private_ca
+
+    ca, ctx = private_ca(tmp_path_factory.mktemp("ca"))
+    with MotoS3(secret=S3_SECRET, ssl_context=ctx, ca_bundle=ca) as s3:
+        MotoS3.fresh_buckets(s3.client(), S3_BUCKET)
+        yield s3
+
+
+def s3_project(folder: Path, s3, **env_lines: str | None) -> Path:
+    """A project folder whose .env holds what the README says for S3 (roots, endpoint, CA bundle,
+    credentials), with `env_lines` changed (None: left out)."""
+    root = folder.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("pyproject.toml", "dagster.yaml", "workspace.yaml"):
+        shutil.copy(REPO / name, root / name)
+    lines = {"IMNET_RAW_ROOT": f"s3://{S3_BUCKET}/raw", "IMNET_OUT_ROOT": f"s3://{S3_BUCKET}/out",
+             "IMNET_NUM_SHARDS": "4", "DAGSTER_HOME": str(root / "data" / "dagster_home"), **s3.env(), **env_lines}
+    (root / ".env").write_text("".join(f"{k}={v}\n" for k, v in lines.items() if v is not None))
+    return root
+
+
+def s3_clean_env(**extra: str) -> dict[str, str]:
+    return {**{k: v for k, v in clean_env().items() if not k.startswith("AWS_")}, **extra}
+
+
+def one_line_error(proc, secret: str = S3_SECRET) -> str:
+    """The command failed with one line on stderr, no traceback and no secret anywhere."""
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert secret not in proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imnet: "), proc.stderr
+    return lines[0]
+
+
+def test_credentials_the_store_refuses_are_one_line_naming_its_error_code(tls_s3, tmp_path, monkeypatch):
+    """moto checking signatures (every key is unknown to it then): obstore quotes S3's error document
+    whole, several lines of XML; the message keeps its code and text on one line."""
+    import moto.settings
+
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    root = s3_project(tmp_path / "refused", tls_s3)
+    line = one_line_error(imnet(["status"], s3_clean_env(), cwd=root, check=False))
+    assert "InvalidAccessKeyId: The AWS Access Key Id you provided does not exist" in line, line
+    assert "<" not in line and "RequestId" not in line, line
+    assert "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in line, line
