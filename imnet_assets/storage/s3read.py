@@ -210,7 +210,7 @@ class Retry:
             hint = (f"the endpoint did not connect within {CONNECT_TIMEOUT} s or answer within {REQUEST_TIMEOUT} s: "
                     "check AWS_ENDPOINT_URL and the network")
         elif kind == "certificate":
-            hint = "its TLS certificate is not trusted: give the CA that signed it in AWS_CA_BUNDLE"
+            hint = _untrusted()
         elif kind in ("throttled", "connection"):
             hint = (f"throttled or broken connections, retried for up to {retry_seconds():.0f} s "
                     f"({RETRY_SECONDS_VARIABLE}): check AWS_ENDPOINT_URL and the network")
@@ -224,6 +224,26 @@ class Retry:
         else:
             hint = ""
         return StorageError(f"{text}{'; ' + hint if hint else ''})")
+
+
+def _untrusted() -> str:
+    """What to do about a certificate nobody vouched for: the bundle in use, and where the project's
+    `.env` sets another one that the environment's overrides (a shell or image exporting the
+    system's bundle: the environment wins over `.env`)."""
+    from imnet_assets.settings import env_file, read_env_file
+
+    bundle = os.environ.get("AWS_CA_BUNDLE") or ""
+    if not bundle:
+        return "its TLS certificate is not trusted and AWS_CA_BUNDLE is not set: set it to the CA's PEM file"
+    hint = f"its TLS certificate is not trusted by AWS_CA_BUNDLE={bundle}: give the PEM file of the CA that signed it"
+    try:
+        path = env_file()
+        in_file = read_env_file(path).get("AWS_CA_BUNDLE")
+    except (OSError, ValueError):  # an unreadable .env says so elsewhere
+        return hint
+    if in_file and in_file != bundle:
+        hint += f"; that one is set in the environment, which wins over AWS_CA_BUNDLE={in_file} in {path}: unset it there"
+    return hint
 
 
 # ----------------------------------------------------------------------------- obstore

@@ -217,6 +217,20 @@ def one_line_error(proc, secret: str = S3_SECRET) -> str:
     return lines[0]
 
 
+def test_a_certificate_the_bundle_does_not_vouch_for_names_the_bundle_and_where_it_came_from(tls_s3, tmp_path):
+    """A shell or image exporting the system's AWS_CA_BUNDLE wins over the private CA's in .env:
+    the line names the bundle in use and the one .env sets; with none set, it says so."""
+    import certifi
+
+    root = s3_project(tmp_path / "env-wins", tls_s3)
+    line = one_line_error(imnet(["status"], s3_clean_env(AWS_CA_BUNDLE=certifi.where()), cwd=root, check=False))
+    assert f"not trusted by AWS_CA_BUNDLE={certifi.where()}: " in line, line
+    assert f"wins over AWS_CA_BUNDLE={tls_s3.ca_bundle} in {root / '.env'}" in line, line
+    root = s3_project(tmp_path / "no-ca", tls_s3, AWS_CA_BUNDLE=None)
+    line = one_line_error(imnet(["status"], s3_clean_env(), cwd=root, check=False))
+    assert "not trusted and AWS_CA_BUNDLE is not set" in line, line
+
+
 def test_credentials_the_store_refuses_are_one_line_naming_its_error_code(tls_s3, tmp_path, monkeypatch):
     """moto checking signatures (every key is unknown to it then): obstore quotes S3's error document
     whole, several lines of XML; the message keeps its code and text on one line."""
