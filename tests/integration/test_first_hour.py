@@ -242,3 +242,22 @@ def test_credentials_the_store_refuses_are_one_line_naming_its_error_code(tls_s3
     assert "InvalidAccessKeyId: The AWS Access Key Id you provided does not exist" in line, line
     assert "<" not in line and "RequestId" not in line, line
     assert "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in line, line
+
+
+def test_read_dataset_uses_the_aws_variables_of_the_projects_env(demo, tls_s3, tmp_path, monkeypatch):
+    """README's S3 settings live in .env; `dataset()` in the project reads its IMNET_OUT_ROOT and,
+    as `imnet` does, its endpoint, CA bundle and credentials (the environment holds none of them)."""
+    from imnet_assets.read import dataset
+
+    demo_root, _ = demo
+    out = demo_root / "data" / "out"
+    client = tls_s3.client()
+    for name in ["_info.json", "classes.tsv", *json.loads((out / "_info.json").read_text())["splits"]["train"]
+                 ["filenames"]]:
+        client.upload_file(str(out / name), S3_BUCKET, f"read/{name}")
+    root = s3_project(tmp_path / "reader", tls_s3, IMNET_OUT_ROOT=f"s3://{S3_BUCKET}/read")
+    for name in [k for k in os.environ if k.startswith(("AWS_", "IMNET_"))] + list(tls_s3.env()):
+        monkeypatch.setenv(name, "")  # recorded, so that what .env puts there is taken away afterwards
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(root)
+    assert Counter(label for _, label in dataset()) == expected_labels(demo_root)
