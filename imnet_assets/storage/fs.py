@@ -160,6 +160,23 @@ def exists(url: str) -> bool:
     return fs.exists(path)
 
 
+def missing_bucket(url: str) -> str | None:
+    """What to check where an `s3://` URL's bucket does not exist (HeadBucket: 404), naming it and
+    the endpoint; else None (local, the bucket is there, or no answer: the caller's error stands)."""
+    if not is_remote(url):
+        return None
+    fsys, path = filesystem(url)
+    bucket = path.partition("/")[0]
+    try:
+        fsys.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        where = s3read.endpoint_url() or "AWS S3"
+        return f"the bucket {bucket} does not exist at {where}: check its name (`aws s3 ls` lists the buckets)"
+    except Exception:  # noqa: BLE001 - refused, unreachable: the error being explained says what
+        return None
+    return None
+
+
 @_names_remote_errors("get the size of")
 def size(url: str) -> int:
     fs, path = filesystem(url)

@@ -261,3 +261,17 @@ def test_read_dataset_uses_the_aws_variables_of_the_projects_env(demo, tls_s3, t
         monkeypatch.delenv(name)
     monkeypatch.chdir(root)
     assert Counter(label for _, label in dataset()) == expected_labels(demo_root)
+
+
+def test_a_bucket_that_does_not_exist_is_named(tls_s3, tmp_path):
+    """A typo in a root's bucket: the line names the bucket and the endpoint, not 'empty or missing'
+    (with `imnet sample-raw` there as the way on) nor only a lease's FileNotFoundError."""
+    root = s3_project(tmp_path / "raw-typo", tls_s3, IMNET_RAW_ROOT="s3://frist-hour/raw")
+    proc = imnet(["build"], s3_clean_env(), cwd=root, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    assert f"IMNET_RAW_ROOT=s3://frist-hour/raw: the bucket frist-hour does not exist at {tls_s3.endpoint}: " \
+           "check its name" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert S3_SECRET not in proc.stdout + proc.stderr
+    root = s3_project(tmp_path / "out-typo", tls_s3, IMNET_OUT_ROOT="s3://frist-hour/out")
+    line = one_line_error(imnet(["build"], s3_clean_env(), cwd=root, check=False))
+    assert f"(the bucket frist-hour does not exist at {tls_s3.endpoint}: check its name" in line, line
