@@ -72,10 +72,12 @@ def dataset(out_root: str | None = None, split: str = "train", lemmas: bool = Fa
     (PIL image, label, lemma) with `lemmas`. `shuffle` > 0 shuffles the shard order and keeps a
     buffer of that many samples to shuffle from (seeded by `seed`); 0 reads in order.
     With IMNET_ALT_LABELS=in1k, `split="train_in1k"` yields the ImageNet-1k label and skips the
-    samples of other synsets, as timm does."""
-    if out_root is None:
-        from imnet_assets.settings import Settings
+    samples of other synsets, as timm does. The project's `.env` applies under the environment, as for
+    `imnet`: its AWS variables (credentials, endpoint, CA bundle) reach an `s3://` out root."""
+    from imnet_assets.settings import Settings, apply_env_file
 
+    apply_env_file()  # the project's .env under the environment, AWS_* too, as every `imnet` command reads it
+    if out_root is None:
         out_root = Settings.from_env().out_root
     out_root = out_root.rstrip("/")
     doc = info(out_root)

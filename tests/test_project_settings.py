@@ -68,7 +68,8 @@ def test_imnet_status_from_another_folder_reads_the_projects_env_and_prints_its_
     assert f"  out root       {root / 'data' / 'out'}\n" in out
     assert f"  catalog        {root / 'cat' / 'c.duckdb'}\n" in out
     assert f"  DAGSTER_HOME   {root / 'data' / 'dagster_home'}" in out
-    assert "wds_shards       3 missing" in out and "shard_audit      unknown here" in out
+    assert "wds_shards       3 missing" in out and "shard_audit      not built yet" in out  # nothing built anywhere
+    assert "catalog stages   not built yet: " in out and "`imnet build` makes them" in out
     # found from a subfolder too, by the pyproject.toml above it
     (root / "a" / "b").mkdir(parents=True)
     assert f"  raw root       {root / 'data' / 'raw'}\n" in imnet(["status"], clean_env(), cwd=root / "a" / "b").stdout

@@ -33,8 +33,11 @@ def report(releases: list[Settings], raw: bool, out=sys.stdout) -> int:
     root = project_root()
     home = dagster_home(root)
     has_home = home.is_dir()
+    planned = False  # a plan published under some out root: built somewhere, if not here
     for r in releases:
-        if why := plan_mismatch(r, read_index(r.out_root)):
+        index = read_index(r.out_root)
+        planned = planned or index is not None
+        if why := plan_mismatch(r, index):
             say(f"note: {r.release + ': ' if r.release else ''}{why}")
     # Comparing the stages with the raw root means listing it: 19,167 tars are 20 listing pages,
     # seconds of requests and of parsing on object storage. There, that is asked for (--raw).
@@ -63,6 +66,10 @@ def report(releases: list[Settings], raw: bool, out=sys.stdout) -> int:
             audit_unknown = "unknown now (the catalog is being written)"
             say(f"catalog stages   unknown now: {e} (waited {STATUS_WAIT_S:.0f}s; `imnet status` again "
                 "once it is done)")
+    elif not planned:  # a first look, before any build
+        audit_unknown = "not built yet"
+        say(f"catalog stages   not built yet: no catalog at {base.catalog} (IMNET_CATALOG) and no plan under the "
+            "out root: `imnet build` makes them")
     else:
         say(f"catalog stages   unknown here: no catalog at {base.catalog} (IMNET_CATALOG; it lives on the "
             "machine that builds the stages and runs the audit)")

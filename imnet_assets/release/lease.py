@@ -274,7 +274,9 @@ def _create(url: str, data: bytes) -> bool:
             text = f"{type(e).__name__}: {e}"
             if "PreconditionFailed" in text or "412" in text or "ConditionalRequestConflict" in text:
                 return True
-            raise fs.StorageError(fs.redact(f"cannot create the lease {url}: {text}")) from e
+            gone = fs.missing_bucket(url) if isinstance(e, FileNotFoundError) else None
+            raise fs.StorageError(fs.redact(f"cannot create the lease {url}: {text}"
+                                            + (f" ({gone}; the out root's bucket must exist)" if gone else ""))) from e
         return True
     folder, name = os.path.split(os.path.abspath(url))
     tmp = os.path.join(folder, f".{name}{atomic.TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")

@@ -114,7 +114,7 @@ def _within(url: str, data: bytes, limit: int | None, kind: str) -> bytes:
 def storage_error(url: str, what: str, e: BaseException) -> StorageError:
     if isinstance(e, StorageError):  # named already, with what to check
         return StorageError(redact(f"cannot {what} {url}: {e}"))
-    text = f"{type(e).__name__}: {s3read.brief(e)}"
+    text = f"{type(e).__name__}: {s3read.said(e)}"
     endpoint = s3read.endpoint_url()
     if isinstance(e, PermissionError) or any(
         s in text for s in ("AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch")
@@ -158,6 +158,23 @@ def _names_remote_errors(what: str):
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
     return fs.exists(path)
+
+
+def missing_bucket(url: str) -> str | None:
+    """What to check where an `s3://` URL's bucket does not exist (HeadBucket: 404), naming it and
+    the endpoint; else None (local, the bucket is there, or no answer: the caller's error stands)."""
+    if not is_remote(url):
+        return None
+    fsys, path = filesystem(url)
+    bucket = path.partition("/")[0]
+    try:
+        fsys.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        where = s3read.endpoint_url() or "AWS S3"
+        return f"the bucket {bucket} does not exist at {where}: check its name (`aws s3 ls` lists the buckets)"
+    except Exception:  # noqa: BLE001 - refused, unreachable: the error being explained says what
+        return None
+    return None
 
 
 @_names_remote_errors("get the size of")

@@ -49,6 +49,8 @@ class RawListing:
         """Why this listing holds no synset to build from: what the root holds, the layouts accepted."""
         files, folders = len(self.ignored) + len(self.texts), len(self.ignored_folders)
         if not files and not folders:
+            if gone := fs.missing_bucket(raw_root):
+                return f"no raw release under IMNET_RAW_ROOT={raw_root}: {gone}"
             return (f"no raw release under IMNET_RAW_ROOT={raw_root}: it is empty or missing (accepted layouts: "
                     f"{ACCEPTED_LAYOUTS}; `imnet sample-raw {raw_root}` writes a small synthetic release there)")
         examples = ", ".join([*self.ignored, *self.texts, *(f + "/" for f in self.ignored_folders)][:5])

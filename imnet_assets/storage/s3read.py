@@ -144,6 +144,21 @@ def brief(e: BaseException) -> str:
     return str(e).split("\n\nDebug source:", 1)[0].strip()
 
 
+_ERROR_DOCUMENT = re.compile(r"<\?xml[^>]*>\s*<Error>(.*?)</Error>", re.DOTALL)
+_FIELD = re.compile(r"<(Code|Message)>(.*?)</\1>", re.DOTALL)
+
+
+def said(e: BaseException) -> str:
+    """`brief(e)` on one line, for a message: an S3 error document obstore quotes whole (several
+    lines of XML with its request ids) as its code and message."""
+
+    def document(m: re.Match) -> str:
+        fields = dict((k, v.strip()) for k, v in _FIELD.findall(m.group(1)))
+        return ": ".join(v for v in (fields.get("Code"), fields.get("Message")) if v) or "(an error document)"
+
+    return " ".join(_ERROR_DOCUMENT.sub(document, brief(e)).split())
+
+
 class ShortRead(ConnectionError):
     """An answer that is not the bytes asked for (cut short, another range): a transport fault."""
 
@@ -187,7 +202,7 @@ class Retry:
             return e
         took = time.monotonic() - self.start
         where = endpoint_url() or "AWS S3"
-        text = (f"{self.what} at {where}: {type(e).__name__}: {brief(e)} ({self.attempts} attempt"
+        text = (f"{self.what} at {where}: {type(e).__name__}: {said(e)} ({self.attempts} attempt"
                 f"{'s' if self.attempts != 1 else ''} in {took:.0f} s")
         if kind == "unreachable":
             hint = "the endpoint cannot be reached: check AWS_ENDPOINT_URL and the network"
@@ -195,7 +210,7 @@ class Retry:
             hint = (f"the endpoint did not connect within {CONNECT_TIMEOUT} s or answer within {REQUEST_TIMEOUT} s: "
                     "check AWS_ENDPOINT_URL and the network")
         elif kind == "certificate":
-            hint = "its TLS certificate is not trusted: give the CA that signed it in AWS_CA_BUNDLE"
+            hint = _untrusted()
         elif kind in ("throttled", "connection"):
             hint = (f"throttled or broken connections, retried for up to {retry_seconds():.0f} s "
                     f"({RETRY_SECONDS_VARIABLE}): check AWS_ENDPOINT_URL and the network")
@@ -209,6 +224,26 @@ class Retry:
         else:
             hint = ""
         return StorageError(f"{text}{'; ' + hint if hint else ''})")
+
+
+def _untrusted() -> str:
+    """What to do about a certificate nobody vouched for: the bundle in use, and where the project's
+    `.env` sets another one that the environment's overrides (a shell or image exporting the
+    system's bundle: the environment wins over `.env`)."""
+    from imnet_assets.settings import env_file, read_env_file
+
+    bundle = os.environ.get("AWS_CA_BUNDLE") or ""
+    if not bundle:
+        return "its TLS certificate is not trusted and AWS_CA_BUNDLE is not set: set it to the CA's PEM file"
+    hint = f"its TLS certificate is not trusted by AWS_CA_BUNDLE={bundle}: give the PEM file of the CA that signed it"
+    try:
+        path = env_file()
+        in_file = read_env_file(path).get("AWS_CA_BUNDLE")
+    except (OSError, ValueError):  # an unreadable .env says so elsewhere
+        return hint
+    if in_file and in_file != bundle:
+        hint += f"; that one is set in the environment, which wins over AWS_CA_BUNDLE={in_file} in {path}: unset it there"
+    return hint
 
 
 # ----------------------------------------------------------------------------- obstore

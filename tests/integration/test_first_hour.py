@@ -173,3 +173,105 @@ def test_demo_builds_every_release_the_projects_releases_file_names(tmp_path):
         assert train["num_samples"] > 0 and len(list((root / "data/out" / name).glob("*.tar"))) == 2, train
     assert list((root / "data/out/webp/_staged").glob("webp-*/*.bin")), "the index staged no WebP encodes"
     assert not (root / "data/out/_info.json").exists()  # the default release's out root is not built
+
+
+# ---------------------------------------------------------------- S3 behind TLS with a private CA
+
+S3_SECRET = "firstHourSecretKey42"
+S3_BUCKET = "first-hour"
+
+
+@pytest.fixture(scope="module")
+def tls_s3(tmp_path_factory):
+    from ..s3server import MotoS3, private_ca
+
+    ca, ctx = private_ca(tmp_path_factory.mktemp("ca"))
+    with MotoS3(secret=S3_SECRET, ssl_context=ctx, ca_bundle=ca) as s3:
+        MotoS3.fresh_buckets(s3.client(), S3_BUCKET)
+        yield s3
+
+
+def s3_project(folder: Path, s3, **env_lines: str | None) -> Path:
+    """A project folder whose .env holds what the README says for S3 (roots, endpoint, CA bundle,
+    credentials), with `env_lines` changed (None: left out)."""
+    root = folder.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("pyproject.toml", "dagster.yaml", "workspace.yaml"):
+        shutil.copy(REPO / name, root / name)
+    lines = {"IMNET_RAW_ROOT": f"s3://{S3_BUCKET}/raw", "IMNET_OUT_ROOT": f"s3://{S3_BUCKET}/out",
+             "IMNET_NUM_SHARDS": "4", "DAGSTER_HOME": str(root / "data" / "dagster_home"), **s3.env(), **env_lines}
+    (root / ".env").write_text("".join(f"{k}={v}\n" for k, v in lines.items() if v is not None))
+    return root
+
+
+def s3_clean_env(**extra: str) -> dict[str, str]:
+    return {**{k: v for k, v in clean_env().items() if not k.startswith("AWS_")}, **extra}
+
+
+def one_line_error(proc, secret: str = S3_SECRET) -> str:
+    """The command failed with one line on stderr, no traceback and no secret anywhere."""
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert secret not in proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imnet: "), proc.stderr
+    return lines[0]
+
+
+def test_a_certificate_the_bundle_does_not_vouch_for_names_the_bundle_and_where_it_came_from(tls_s3, tmp_path):
+    """A shell or image exporting the system's AWS_CA_BUNDLE wins over the private CA's in .env:
+    the line names the bundle in use and the one .env sets; with none set, it says so."""
+    import certifi
+
+    root = s3_project(tmp_path / "env-wins", tls_s3)
+    line = one_line_error(imnet(["status"], s3_clean_env(AWS_CA_BUNDLE=certifi.where()), cwd=root, check=False))
+    assert f"not trusted by AWS_CA_BUNDLE={certifi.where()}: " in line, line
+    assert f"wins over AWS_CA_BUNDLE={tls_s3.ca_bundle} in {root / '.env'}" in line, line
+    root = s3_project(tmp_path / "no-ca", tls_s3, AWS_CA_BUNDLE=None)
+    line = one_line_error(imnet(["status"], s3_clean_env(), cwd=root, check=False))
+    assert "not trusted and AWS_CA_BUNDLE is not set" in line, line
+
+
+def test_credentials_the_store_refuses_are_one_line_naming_its_error_code(tls_s3, tmp_path, monkeypatch):
+    """moto checking signatures (every key is unknown to it then): obstore quotes S3's error document
+    whole, several lines of XML; the message keeps its code and text on one line."""
+    import moto.settings
+
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    root = s3_project(tmp_path / "refused", tls_s3)
+    line = one_line_error(imnet(["status"], s3_clean_env(), cwd=root, check=False))
+    assert "InvalidAccessKeyId: The AWS Access Key Id you provided does not exist" in line, line
+    assert "<" not in line and "RequestId" not in line, line
+    assert "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in line, line
+
+
+def test_read_dataset_uses_the_aws_variables_of_the_projects_env(demo, tls_s3, tmp_path, monkeypatch):
+    """README's S3 settings live in .env; `dataset()` in the project reads its IMNET_OUT_ROOT and,
+    as `imnet` does, its endpoint, CA bundle and credentials (the environment holds none of them)."""
+    from imnet_assets.read import dataset
+
+    demo_root, _ = demo
+    out = demo_root / "data" / "out"
+    client = tls_s3.client()
+    for name in ["_info.json", "classes.tsv", *json.loads((out / "_info.json").read_text())["splits"]["train"]
+                 ["filenames"]]:
+        client.upload_file(str(out / name), S3_BUCKET, f"read/{name}")
+    root = s3_project(tmp_path / "reader", tls_s3, IMNET_OUT_ROOT=f"s3://{S3_BUCKET}/read")
+    for name in [k for k in os.environ if k.startswith(("AWS_", "IMNET_"))] + list(tls_s3.env()):
+        monkeypatch.setenv(name, "")  # recorded, so that what .env puts there is taken away afterwards
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(root)
+    assert Counter(label for _, label in dataset()) == expected_labels(demo_root)
+
+
+def test_a_bucket_that_does_not_exist_is_named(tls_s3, tmp_path):
+    """A typo in a root's bucket: the line names the bucket and the endpoint, not 'empty or missing'
+    (with `imnet sample-raw` there as the way on) nor only a lease's FileNotFoundError."""
+    root = s3_project(tmp_path / "raw-typo", tls_s3, IMNET_RAW_ROOT="s3://frist-hour/raw")
+    proc = imnet(["build"], s3_clean_env(), cwd=root, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    assert f"IMNET_RAW_ROOT=s3://frist-hour/raw: the bucket frist-hour does not exist at {tls_s3.endpoint}: " \
+           "check its name" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert S3_SECRET not in proc.stdout + proc.stderr
+    root = s3_project(tmp_path / "out-typo", tls_s3, IMNET_OUT_ROOT="s3://frist-hour/out")
+    line = one_line_error(imnet(["build"], s3_clean_env(), cwd=root, check=False))
+    assert f"(the bucket frist-hour does not exist at {tls_s3.endpoint}: check its name" in line, line
