@@ -135,3 +135,46 @@ def test_huge_published_files_are_not_fresh_and_a_problem_read_no_further_local_
         problems = check_info(settings, {"0000": 1, "0001": 1})
         assert _thread_rchar() - before < 2 * limits[urls[0]]
         assert len(problems) == 1 and f"more than {limits[urls[0]]:,} bytes" in problems[0], problems
+
+
+def _long_named_copy(raw, wnid: str, folders: int) -> str:
+    """Appends to `<wnid>.tar` a copy of its first image under a legal name `folders` folders deep (a
+    pax long name: rawtar reads names up to MAX_HEADER_DATA); returns the copy's key."""
+    import io
+    import tarfile
+
+    path = raw / f"{wnid}.tar"
+    with tarfile.open(path) as tf:
+        members = [(m, tf.extractfile(m).read() if m.isfile() else None) for m in tf.getmembers()]
+    first = next(data for m, data in members if data is not None)
+    name = "deep/" * folders + f"{wnid}_999.JPEG"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as out:
+        for m, data in members:
+            out.addfile(m, None if data is None else io.BytesIO(data))
+        info = tarfile.TarInfo(name)
+        info.size = len(first)
+        out.addfile(info, io.BytesIO(first))
+    return f"{wnid}_999"
+
+
+@pytest.mark.parametrize("folders", [20_000])
+def test_a_kept_image_with_a_long_member_name_is_built_in_a_shard_of_few_samples(tmp_path, folders):
+    """A kept image whose member name is ~100 KB (folders deep; legal) in a shard of one or two
+    planned samples: its slice is the plan's, whatever a row is taken to hold at most. Read with a
+    limit of 8 KiB a planned row, it was "damaged", removed, the plan made again and the slice
+    removed again at every build: the shard never built."""
+    from imnet_assets.sample.sample_raw import write_sample_raw
+    from tests.conftest import build_env, imnet
+
+    raw = tmp_path / "raw"
+    write_sample_raw(raw, synsets=2, images=6, seed=0)
+    key = _long_named_copy(raw, sorted(p.stem for p in raw.glob("n*.tar"))[0], folders)
+    env = build_env(tmp_path, raw, IMNET_NUM_SHARDS="6")
+    imnet(["build"], env, cwd=tmp_path)
+    index = plan.read_index(str(tmp_path / "out"))
+    sizes = {k: fs.size(plan.slice_url(str(tmp_path / "out"), k)) for k in sorted(index["digests"])}
+    assert index["slice_bytes"] == list(sizes.values()) and max(sizes.values()) > folders * 5
+    out = imnet(["lineage", key], env, cwd=tmp_path).stdout
+    assert "kept" in out and ".tar" in out.split("shard", 1)[-1], out
+    again = imnet(["build"], env, cwd=tmp_path).stdout
+    assert "6 of 6 selected shards fresh" in again and "shuffled_plan    materialized" not in again, again
