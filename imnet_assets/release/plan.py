@@ -230,6 +230,9 @@ def read_slice(out_root: str, shard_key: str, set_aside: bool = True,
         raise PlanSliceDamaged(f"plan slice {fs.redact(url)} is damaged: sha256 {digest}, the plan's index says "
                                f"{want} (moved aside to {fs.basename(url)}{DAMAGED_SUFFIX}; `imnet build` makes "
                                "the plan again, then this shard)")
+    # a field as long as the slice: a member's name may be (a pax name of up to rawtar.MAX_HEADER_DATA bytes,
+    # each byte that is not UTF-8 four in the slice); csv's own limit (128 KiB) failed every run of the shard
+    csv.field_size_limit(max(csv.field_size_limit(), len(data)))
     reader = csv.reader(io.StringIO(data.decode("utf-8")))
     header = next(reader)
     if header != SLICE_COLUMNS:
