@@ -186,3 +186,9 @@ def test_a_kept_image_with_a_long_member_name_is_built_in_a_shard_of_few_samples
     assert ".tar" in out.split("shard", 1)[-1], out
     again = imnet(["build"], env, cwd=tmp_path).stdout
     assert "6 of 6 selected shards fresh" in again and "shuffled_plan    materialized" not in again, again
+    small = min(sizes, key=sizes.get)  # one byte more than the index says: not the plan's, read no further
+    with open(plan.slice_url(out_root, small), "ab") as f:
+        f.write(b"\n")
+    with pytest.raises(plan.PlanSliceDamaged, match=f"more than {sizes[small]:,} bytes"):
+        plan.read_slice(out_root, small)
+    assert plan.slices_missing(out_root, index) == [small]
