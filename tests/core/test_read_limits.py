@@ -1,9 +1,9 @@
 """The plan's files, the files the audit publishes and a changed-source marker acted on are read
-with limits derived from the plan and the release (plan.index_limit, slice_limit; published.py;
-changed_sources.clear): a file far larger than one can be takes its damage path (an index or slice:
-the plan is made again; a published file: not fresh, or a problem naming it; a marker: kept), read
-no further than the limit, never whole: counted in bytes read locally (a sparse file), and in the
-Range header of each GET on S3."""
+with limits derived from the plan and the release (plan.index_limit, the index's slice_bytes or
+slice_limit; published.py; changed_sources.clear): a file far larger than one can be takes its
+damage path (an index or slice: the plan is made again; a published file: not fresh, or a problem
+naming it; a marker: kept), read no further than the limit, never whole: counted in bytes read
+locally (a sparse file), and in the Range header of each GET on S3."""
 
 from __future__ import annotations
 
