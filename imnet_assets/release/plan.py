@@ -25,10 +25,12 @@ SLICE_WRITERS = 32  # slice files committed at once by publish_slices (each is a
 SLICE_COLUMNS = ["position", "key", "wnid", "label", "tar", "member", "offset", "size", "sha256",
                  "width", "height", "needs_repair"]
 # A slice row is its position, key, wnid, label, source tar, member, offset, size, sha256, width,
-# height and needs_repair: ~150 bytes at the real size (13k rows, ~2 MB a slice); a tar's name (an S3
-# key) and a member's are at most ~1 KiB each, the key shorter, and CSV quoting at most doubles them:
-# SLICE_ROW_MAX_BYTES a planned row (the index's shard_lengths), SLICE_BASE_BYTES for the header. A
-# larger slice is damaged, never read whole; SLICE_MAX_BYTES where the index does not say.
+# height and needs_repair: ~150 bytes at the real size (13k rows, ~2 MB a slice). The index says each
+# slice's bytes (`slice_bytes`): a slice of another length is not the plan's, and is read no further.
+# An index written before it said them: SLICE_ROW_MAX_BYTES a planned row (its shard_lengths),
+# SLICE_BASE_BYTES for the header (a member's name may be longer: a pax or GNU long name holds up to
+# rawtar.MAX_HEADER_DATA, so a slice of a few rows over this is made again, then read by its bytes);
+# SLICE_MAX_BYTES where the index says neither.
 SLICE_ROW_MAX_BYTES = 8192
 SLICE_BASE_BYTES = 64 << 10
 SLICE_MAX_BYTES = 1 << 28
@@ -125,7 +127,9 @@ def write_slice(out_root: str, shard_key: str, rows: list[tuple]) -> str:
     return _commit_slice(out_root, shard_key, render_slice(rows))
 
 
-def _commit_slice(out_root: str, shard_key: str, data: bytes) -> str:
+def _commit_slice(out_root: str, shard_key: str, data: bytes, sizes: dict[str, int] | None = None) -> str:
+    if sizes is not None:
+        sizes[shard_key] = len(data)
     url = slice_url(out_root, shard_key)
     digest = hashlib.sha256(data).hexdigest()
     try:  # one larger than the new slice is not it: read no further
@@ -138,9 +142,10 @@ def _commit_slice(out_root: str, shard_key: str, data: bytes) -> str:
 
 
 def publish_slices(cat, out_root: str, shard_keys: list[str], batch: int = SLICE_BATCH,
-                   release: str = "") -> dict[str, str]:
+                   release: str = "", sizes: dict[str, int] | None = None) -> dict[str, str]:
     """Commit the slice file of every shard in `shard_keys` from the catalog's plan table; returns
-    shard key -> digest. `release`: whose plan rows (the catalog holds every release's).
+    shard key -> digest. `release`: whose plan rows (the catalog holds every release's). `sizes`:
+    filled with shard key -> the slice's bytes (the index's `slice_bytes`).
 
     The CSV text is rendered by DuckDB (`sql/plan_slices_text.sql`), `batch` shards per query, and
     is byte for byte what `write_slice` writes for the same rows, so digests (and with them every
@@ -153,7 +158,7 @@ def publish_slices(cat, out_root: str, shard_keys: list[str], batch: int = SLICE
     digests: dict[str, str] = {}
 
     def commit(files: list[tuple[str, bytes]]) -> None:
-        for key, digest in zip([k for k, _ in files], writers.map(lambda f: _commit_slice(out_root, *f), files)):
+        for key, digest in zip([k for k, _ in files], writers.map(lambda f: _commit_slice(out_root, *f, sizes), files)):
             digests[key] = digest
 
     with ThreadPoolExecutor(SLICE_WRITERS) as writers, ThreadPoolExecutor(1) as writer:
@@ -199,18 +204,20 @@ def read_slice(out_root: str, shard_key: str, set_aside: bool = True,
     `set_aside=False` (a head start's look, shard_ahead): raise, leaving the slice to the run.
     `index`: the plan's index as the caller read it (a shard run's `require_current_plan`), not read
     again (at 1,024 shards on S3, one GET fewer per run of a file that grows with the shards).
-    A slice larger than one of the shard's planned rows can be (slice_limit) is damaged likewise,
-    read no further: removed (it is not kept aside: that would copy it whole)."""
+    A slice larger than the index says it is (`slice_bytes`; an older index: than one of the shard's
+    planned rows can be, slice_limit) is damaged likewise, read no further: removed (it is not kept
+    aside: that would copy it whole)."""
     url = slice_url(out_root, shard_key)
     index = read_index(out_root) if index is None else index
-    limit = slice_limit(planned_rows(index, shard_key))
+    limit = _per_shard(index, "slice_bytes", shard_key)
+    limit = slice_limit(planned_rows(index, shard_key)) if limit is None else limit
     try:
         data = fs.read_bytes(url, limit=limit, kind="a plan slice of the shard's planned samples")
     except fs.TooLarge as e:
         if set_aside:
             fs.remove(url)
         raise PlanSliceDamaged(f"plan slice {fs.redact(url)} is damaged: it holds more than {limit:,} bytes, more "
-                               "than a slice of the shard's planned samples can"
+                               "than the plan's slice of the shard does"
                                + (" (removed; `imnet build` makes the plan again, then this shard)" if set_aside
                                   else "")) from e
     digest = hashlib.sha256(data).hexdigest()
@@ -223,6 +230,9 @@ def read_slice(out_root: str, shard_key: str, set_aside: bool = True,
         raise PlanSliceDamaged(f"plan slice {fs.redact(url)} is damaged: sha256 {digest}, the plan's index says "
                                f"{want} (moved aside to {fs.basename(url)}{DAMAGED_SUFFIX}; `imnet build` makes "
                                "the plan again, then this shard)")
+    # a field as long as the slice: a member's name may be (a pax name of up to rawtar.MAX_HEADER_DATA bytes,
+    # each byte that is not UTF-8 four in the slice); csv's own limit (128 KiB) failed every run of the shard
+    csv.field_size_limit(max(csv.field_size_limit(), len(data)))
     reader = csv.reader(io.StringIO(data.decode("utf-8")))
     header = next(reader)
     if header != SLICE_COLUMNS:
@@ -237,12 +247,17 @@ def read_slice(out_root: str, shard_key: str, set_aside: bool = True,
 def planned_rows(index: dict | None, shard_key: str) -> int | None:
     """The rows the plan's index says a shard's slice holds (its `shard_lengths`, in key order);
     None where the index does not say."""
-    lengths = index.get("shard_lengths") if isinstance(index, dict) else None
+    return _per_shard(index, "shard_lengths", shard_key)
+
+
+def _per_shard(index: dict | None, field: str, shard_key: str) -> int | None:
+    """A shard's number in an index list of one per shard in key order (shard_lengths, slice_bytes)."""
+    values = index.get(field) if isinstance(index, dict) else None
     keys = sorted(index.get("digests") or {}) if isinstance(index, dict) else []
-    if not isinstance(lengths, list) or len(lengths) != len(keys) or shard_key not in keys:
+    if not isinstance(values, list) or len(values) != len(keys) or shard_key not in keys:
         return None
-    n = lengths[keys.index(shard_key)]
-    return n if isinstance(n, int) else None
+    n = values[keys.index(shard_key)]
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 def slice_limit(rows: int | None) -> int:

@@ -51,7 +51,8 @@ def build_shuffled_plan(settings: Settings, run_id: str, log: Log = print,
             cat.run("release_synsets_replace", {"release": settings.release, "path": path})
             cat.run("plan_validation", params)
             cat.run("plan_build", params)
-        digests = publish_slices(cat, settings.out_root, keys, release=settings.release)
+        sizes: dict[str, int] = {}
+        digests = publish_slices(cat, settings.out_root, keys, release=settings.release, sizes=sizes)
         staged = publish_lookups(cat, settings, keys, log)  # issue 25: images the index encoded for it
         facts = cat.one("plan_summary", params)
         planned = dict(cat.rows("plan_shard_lengths", params))
@@ -69,7 +70,8 @@ def build_shuffled_plan(settings: Settings, run_id: str, log: Log = print,
     n = sum(lengths)
     index = {
         "fingerprint": fps["shuffled_plan"], "seed": settings.seed, "num_shards": settings.num_shards,
-        "num_samples": n, "shard_lengths": lengths, "holdout": [list(h) for h in settings.holdout],
+        "num_samples": n, "shard_lengths": lengths, "slice_bytes": [sizes[k] for k in sorted(digests)],
+        "holdout": [list(h) for h in settings.holdout],
         "digests": digests, "empty_slice_digest": hashlib.sha256(render_slice([])).hexdigest(),
     }
     if settings.release or settings.synsets != selection.ALL or settings.val_per_class:

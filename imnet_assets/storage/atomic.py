@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import re
@@ -22,11 +21,8 @@ from collections.abc import Callable, Iterator
 
 from imnet_assets.runtime.host import pid_alive, pid_namespace
 from imnet_assets.storage.fs import (
-    basename,
-    dirname,
     filesystem,
     is_remote,
-    join,
     read_json,
     remove,
     storage_error,
@@ -97,13 +93,18 @@ def removed_on_error(f, tmp: str, url: str) -> Iterator[None]:
         raise
 
 
-UPLOADS_DIR = "_uploads"  # beside a file being uploaded: leases naming the writer of each upload
+UPLOADS_DIR = "_uploads"  # beside a file being uploaded: leases naming the writer of each upload (s3fs_retry's)
 STALE_UPLOAD_SECONDS = 24 * 3600  # an upload this old is abandoned, whoever began it
 
 
 def _lease_url(url: str, upload_id: str) -> str:
-    digest = hashlib.sha256(upload_id.encode()).hexdigest()[:32]
-    return join(dirname(url), UPLOADS_DIR, f"{basename(url)}.{digest}.json")
+    """Where the lease of upload `upload_id` of `url` is (s3fs_retry.upload_lease_key: a retried
+    create looks there before it aborts an upload it takes for its lost first try's)."""
+    from imnet_assets.storage.s3fs_retry import upload_lease_key  # remote only: s3fs is loaded already
+
+    scheme, _, path = url.partition("://")
+    bucket, _, key = path.partition("/")
+    return f"{scheme}://{bucket}/{upload_lease_key(key, upload_id)}"
 
 
 class _LeasedUpload:

@@ -55,11 +55,13 @@ def spill_folder(path: str, read_only: bool = False) -> str:
     A reader of a catalog whose folder it cannot write (a read-only mount: `imnet verify` in a pod
     given the catalog's volume read-only) spills under the system's temporary folder instead:
     beside the file, the first query to spill would fail. DuckDB names its files there by process,
-    so readers in two processes share either folder."""
+    so readers in two processes share either folder; the one under the temporary folder is named
+    by user too (DuckDB makes it 0755: another user's reader could not spill in it)."""
     beside = f"{os.path.abspath(path)}.tmp"
     if not read_only or os.access(os.path.dirname(beside), os.W_OK | os.X_OK) or os.access(beside, os.W_OK | os.X_OK):
         return beside
-    return os.path.join(tempfile.gettempdir(), f"imnet-catalog-{hashlib.sha256(beside.encode()).hexdigest()[:16]}.tmp")
+    digest = hashlib.sha256(beside.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"imnet-catalog-{os.geteuid()}-{digest}.tmp")
 
 
 _UNITS = {"bytes": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

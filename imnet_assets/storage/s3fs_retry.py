@@ -17,6 +17,15 @@ from fsspec.asyn import sync_wrapper
 
 from imnet_assets.storage import s3read
 
+UPLOADS_DIR = "_uploads"  # beside a file being uploaded: leases naming the writer of each upload (atomic.py)
+
+
+def upload_lease_key(key: str, upload_id: str) -> str:
+    """The key of the lease naming the writer of upload `upload_id` of `key` (storage/atomic.py)."""
+    folder, _, name = key.rpartition("/")
+    lease = f"{UPLOADS_DIR}/{name}.{hashlib.sha256(upload_id.encode()).hexdigest()[:32]}.json"
+    return f"{folder}/{lease}" if folder else lease
+
 
 class S3FileSystem(s3fs.S3FileSystem):
     """s3fs whose requests follow s3read.Retry (throttling and broken connections retried for
@@ -82,9 +91,13 @@ class S3FileSystem(s3fs.S3FileSystem):
         STALE_UPLOAD_SECONDS) aborted it. Aborts the uploads for the key that the store began
         between the first attempt and the answer (by the store's clock: the answer's Date, less the
         time since the first attempt was sent, a second's margin each side for the Date's
-        resolution), other than the one answered. The key is this process's to write meanwhile (the
-        build lease: one build per out root; a shard's runs: one at a time), so those are its own
-        lost creates. A list or abort the storage does not let happen is a warning line: the write
+        resolution), other than the one answered, and other than any whose upload lease exists
+        (storage/atomic.py: every writer names itself beside its upload once it began it; a lost
+        create's upload has none, its id unknown to its writer). The key is this process's to write
+        meanwhile (the build lease: one build per out root; a shard's runs: one at a time), but a
+        lease taken over from a holder whose storage was out of reach past its expiry has two
+        writers for a while: the other's upload, begun within the window, is theirs, not a lost
+        create's. A list or abort the storage does not let happen is a warning line: the write
         goes on (an unfinished upload is never visible, it only costs storage)."""
         bucket, key = kwargs["Bucket"], kwargs["Key"]
         try:
@@ -99,6 +112,11 @@ class S3FileSystem(s3fs.S3FileSystem):
                 if up.get("Key") != key or up.get("UploadId") == created.get("UploadId") or not isinstance(
                         initiated, datetime) or not since <= initiated <= until:
                     continue
+                try:  # a writer's lease names it: another process's upload
+                    await self._call_s3("head_object", Bucket=bucket, Key=upload_lease_key(key, up["UploadId"]))
+                    continue
+                except FileNotFoundError:
+                    pass
                 with contextlib.suppress(FileNotFoundError):  # gone already: an abort whose reply was lost
                     await self._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=up["UploadId"])
         except Exception as e:  # noqa: BLE001 - botocore's errors are not OSErrors

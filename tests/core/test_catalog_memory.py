@@ -154,3 +154,68 @@ def test_a_reader_of_a_catalog_on_a_read_only_filesystem_spills_in_the_temporary
     n, used, spill, spilled = done.stdout.split()
     assert int(n) == want and used == spill and not spill.startswith(str(folder)) and spilled == "True"
     assert spill_folder(path, read_only=True) == spill_folder(path)  # writable again: beside the file
+
+
+SPILLER = """
+import os, signal, sys
+from imnet_assets.storage.catalog import open_reader
+QUERY = @QUERY@
+with open_reader(sys.argv[1], intact=False) as cat:
+    cat.run("catalog_memory", {"memory_limit": "64MiB"})
+    cat.con.execute("SET threads = 2")
+    n, = cat.con.execute(QUERY).fetchone()
+    print(n, cat.one("catalog_settings")["temp_directory"], flush=True)
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9 with the spill folder in use: it stays behind
+""".replace("@QUERY@", repr(QUERY))
+
+
+def test_two_users_readers_of_one_read_only_catalog_each_spill_in_a_folder_of_their_own(tmp_path):
+    """Two users on one host read the same catalog, given read-only (a folder neither may write):
+    the first's reader spills under the system's temporary folder and is killed (kill -9), leaving
+    its spill folder (its mode 0755: DuckDB's own). The second user's query spilled into the same
+    folder, named by the catalog alone, and failed ("Permission denied") for as long as it stayed."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from bench.catalog_memory import GEN_IMAGES
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs two users: root, to run each reader as another user (setpriv)")
+    shared = Path(tempfile.mkdtemp(prefix="imnet-two-users-"))  # tmp_path's parents are root's alone (0700)
+    try:
+        shared.chmod(0o755)
+        systmp = shared / "tmp"
+        systmp.mkdir()
+        systmp.chmod(0o1777)  # the system's temporary folder, as /tmp is
+        folder = shared / "catalog"
+        folder.mkdir()  # root's, 0755: neither user may write beside the file
+        path = str(folder / "catalog.duckdb")
+        with Catalog(path) as cat:
+            cat.con.execute(GEN_IMAGES, {"rows": 100_000})
+            cat.con.execute("CHECKPOINT")
+            want, = cat.con.execute(QUERY).fetchone()
+        os.chmod(path, 0o644)
+        root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": root, "TMPDIR": str(systmp), "PYTHONDONTWRITEBYTECODE": "1"}
+
+        def as_user(uid: int, then: str) -> subprocess.CompletedProcess:
+            # another user, who may still read (not write) root's folders: the venv and repository are there
+            command = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                       "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
+                       sys.executable, "-c", SPILLER, path, then]
+            return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=shared, env=env)
+
+        first = as_user(65533, "kill")
+        assert first.returncode == -9 and int(first.stdout.split()[0]) == want, first.stderr[-2000:]
+        left = Path(first.stdout.split()[1])
+        assert left.parent == systmp and left.stat().st_uid == 65533 and any(left.iterdir())
+        second = as_user(65534, "close")
+        assert second.returncode == 0, second.stderr[-2000:]
+        n, used = second.stdout.split()
+        assert int(n) == want and Path(used).parent == systmp and used != str(left)
+        assert any(left.iterdir())  # the first user's leftovers are theirs (its next spilling reader sweeps them)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

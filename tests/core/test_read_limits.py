@@ -1,9 +1,9 @@
 """The plan's files, the files the audit publishes and a changed-source marker acted on are read
-with limits derived from the plan and the release (plan.index_limit, slice_limit; published.py;
-changed_sources.clear): a file far larger than one can be takes its damage path (an index or slice:
-the plan is made again; a published file: not fresh, or a problem naming it; a marker: kept), read
-no further than the limit, never whole: counted in bytes read locally (a sparse file), and in the
-Range header of each GET on S3."""
+with limits derived from the plan and the release (plan.index_limit, the index's slice_bytes or
+slice_limit; published.py; changed_sources.clear): a file far larger than one can be takes its
+damage path (an index or slice: the plan is made again; a published file: not fresh, or a problem
+naming it; a marker: kept), read no further than the limit, never whole: counted in bytes read
+locally (a sparse file), and in the Range header of each GET on S3."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from imnet_assets.release import changed_sources, plan
 from imnet_assets.stages import published
 from imnet_assets.stages.audit import check_info
 from imnet_assets.storage import fs
+from imnet_assets.storage.catalog import Catalog
 from tests.conftest import environ, local_settings
 from tests.core.test_record_limits import _put, _thread_rchar
 from tests.s3server import MotoS3
@@ -135,3 +136,59 @@ def test_huge_published_files_are_not_fresh_and_a_problem_read_no_further_local_
         problems = check_info(settings, {"0000": 1, "0001": 1})
         assert _thread_rchar() - before < 2 * limits[urls[0]]
         assert len(problems) == 1 and f"more than {limits[urls[0]]:,} bytes" in problems[0], problems
+
+
+def _long_named_copy(raw, wnid: str) -> str:
+    """Appends to `<wnid>.tar` a copy of its first image named by its key's start and 600,000 bytes
+    that are not UTF-8 (a GNU long name: rawtar reads names up to MAX_HEADER_DATA; the key is
+    sanitized, the image kept; the catalog's name escapes each byte, 2.4 MB); returns the key's start."""
+    import io
+    import tarfile
+
+    path = raw / f"{wnid}.tar"
+    with tarfile.open(path) as tf:
+        members = [(m, tf.extractfile(m).read() if m.isfile() else None) for m in tf.getmembers()]
+    first = next(data for m, data in members if data is not None)
+    name = f"{wnid}_999" + "\udcff" * 600_000 + ".JPEG"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as out:
+        for m, data in members:
+            out.addfile(m, None if data is None else io.BytesIO(data))
+        info = tarfile.TarInfo(name)
+        info.size = len(first)
+        out.addfile(info, io.BytesIO(first))
+    return f"{wnid}_999_"
+
+
+def test_a_kept_image_with_a_long_member_name_is_built_in_a_shard_of_few_samples(tmp_path):
+    """A kept image whose member name is 600 KB of bytes that are not UTF-8 (SPEC: kept under a
+    sanitized key, never a crash) in a shard of one or two planned samples. Its index row (a 5 MB
+    CSV line) failed the index ("Maximum line size of 2000000 bytes exceeded"): no stage after it
+    ran. Its slice is the plan's, whatever a row is taken to hold at most: read with a limit of
+    8 KiB a planned row, it was "damaged", removed, the plan made again and the slice removed again
+    at every build (the shard never built); and csv refused its 2.4 MB field ("field larger than
+    field limit") at every run of the shard."""
+    from imnet_assets.sample.sample_raw import write_sample_raw
+    from tests.conftest import build_env, imnet
+
+    raw = tmp_path / "raw"
+    write_sample_raw(raw, synsets=2, images=6, seed=0)
+    start = _long_named_copy(raw, sorted(p.stem for p in raw.glob("n*.tar"))[0])
+    env = build_env(tmp_path, raw, IMNET_NUM_SHARDS="6")
+    imnet(["build"], env, cwd=tmp_path)
+    out_root = str(tmp_path / "out")
+    index = plan.read_index(out_root)
+    sizes = {k: fs.size(plan.slice_url(out_root, k)) for k in sorted(index["digests"])}
+    assert index["slice_bytes"] == list(sizes.values()) and max(sizes.values()) > 2_400_000
+    with Catalog(str(tmp_path / "catalog.duckdb"), read_only=True) as cat:
+        (key, status), = cat.con.execute("SELECT key, status FROM images WHERE starts_with(key, ?)", [start]).fetchall()
+    assert status == "kept"
+    out = imnet(["lineage", key], env, cwd=tmp_path).stdout
+    assert ".tar" in out.split("shard", 1)[-1], out
+    again = imnet(["build"], env, cwd=tmp_path).stdout
+    assert "6 of 6 selected shards fresh" in again and "shuffled_plan    materialized" not in again, again
+    small = min(sizes, key=sizes.get)  # one byte more than the index says: not the plan's, read no further
+    with open(plan.slice_url(out_root, small), "ab") as f:
+        f.write(b"\n")
+    with pytest.raises(plan.PlanSliceDamaged, match=f"more than {sizes[small]:,} bytes"):
+        plan.read_slice(out_root, small)
+    assert plan.slices_missing(out_root, index) == [small]

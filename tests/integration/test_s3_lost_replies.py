@@ -250,6 +250,41 @@ def test_a_multipart_upload_whose_reply_was_lost_is_committed_whole(proxied, req
     assert [u["UploadId"] for u in uploads] == [earlier], uploads
 
 
+def test_a_retried_create_keeps_another_writers_upload_of_the_key_begun_meanwhile(proxied):
+    """Another writer of the same key (another host's build that took the shard's lease over from
+    this one, whose storage was out of reach past the lease's expiry) begins its upload while this
+    process's create lost its reply: it is in the window of the lost create's upload, by the
+    store's clock, but its lease names its writer (a lost create's upload never has one, its id
+    unknown to its writer). It is kept and completes; only the lost create's own upload is aborted."""
+    s3, client, proxy = proxied
+    key = "wds/imagenet12k-train-0001.tar"
+    url, data, theirs = f"s3://{s3.bucket}/{key}", os.urandom(17 << 20), os.urandom(5 << 20)
+    proxy.date_uploads = True
+    begun: dict[str, str] = {}
+
+    def lost_create_and_another_writer_begins(method: str, target: str, headers: dict) -> bool:
+        if not (method == "POST" and target.partition("?")[2] == "uploads") or begun:
+            return False
+        upload = client.create_multipart_upload(Bucket=s3.bucket, Key=key)["UploadId"]  # straight to the store
+        t = time.time()
+        proxy.initiated[upload] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+        writer = {"host": "another-host", "pid_namespace": "pid:[1]", "pid": 4242, "written": t, "key": url}
+        lease_key = atomic._lease_url(url, upload).removeprefix(f"s3://{s3.bucket}/")
+        client.put_object(Bucket=s3.bucket, Key=lease_key, Body=json.dumps(writer).encode())
+        begun.update(upload=upload, lease=lease_key)
+        return True
+
+    proxy.lose(match=lost_create_and_another_writer_begins)
+    atomic.write_atomic(url, data)
+    assert proxy.injected["lost"] == 1 and begun
+    uploads = client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", [])
+    assert [u["UploadId"] for u in uploads] == [begun["upload"]], uploads  # the lost create's own: aborted
+    part = client.upload_part(Bucket=s3.bucket, Key=key, UploadId=begun["upload"], PartNumber=1, Body=theirs)
+    client.complete_multipart_upload(Bucket=s3.bucket, Key=key, UploadId=begun["upload"],
+                                     MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]})
+    assert MotoS3.all_objects(client, s3.bucket)[key] == theirs
+
+
 def test_a_lost_creates_upload_the_storage_will_not_list_is_a_warning_and_the_write_goes_on(proxied, capfd):
     """The create's reply is lost and the look for the upload it began is refused (403: a policy
     without s3:ListBucketMultipartUploads): the file is written whole all the same, with a line
