@@ -6,11 +6,15 @@ import hashlib
 import io
 import struct
 import types
+import uuid
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image, ImageCms
+
+from tests.conftest import environ
+from tests.s3server import MotoS3
 
 
 def to_bytes(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -122,3 +126,15 @@ def raw(tmp_path):
             rows.append([name[:-5], wnid, label, f"{wnid}.tar", name, offset, size,
                          hashlib.sha256(data).hexdigest(), w, h, False])
     return types.SimpleNamespace(root=root, rows=rows)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server of the module's own, one fresh bucket, and its variables in the environment
+    (storage retries held to 10 s): (server, client, bucket), for the byte-limit tests."""
+    with MotoS3(secret=f"limits-{uuid.uuid4().hex}") as server:
+        client = server.client()
+        bucket = f"limits-{uuid.uuid4().hex[:12]}"
+        MotoS3.fresh_buckets(client, bucket)
+        with environ(**server.env(), IMNET_STORAGE_RETRY_SECONDS="10"):
+            yield server, client, bucket

@@ -8,7 +8,6 @@ locally (a sparse file), and in the Range header of each GET on S3."""
 from __future__ import annotations
 
 import json
-import uuid
 
 import pytest
 
@@ -17,21 +16,11 @@ from imnet_assets.stages import published
 from imnet_assets.stages.audit import check_info
 from imnet_assets.storage import fs
 from imnet_assets.storage.catalog import Catalog
-from tests.conftest import environ, local_settings
+from tests.conftest import local_settings
 from tests.core.test_record_limits import _put, _thread_rchar
-from tests.s3server import MotoS3
 
 SPARSE = 96 << 20  # a local file's size: sparse, so no disk; read whole, it shows in the bytes read
 
-
-@pytest.fixture(scope="module")
-def s3():
-    with MotoS3(secret=f"readLimits-{uuid.uuid4().hex}") as server:
-        client = server.client()
-        bucket = f"readlimits-{uuid.uuid4().hex[:12]}"
-        MotoS3.fresh_buckets(client, bucket)
-        with environ(**server.env(), IMNET_STORAGE_RETRY_SECONDS="10"):
-            yield server, client, bucket
 
 
 def _huge(client, bucket: str, url: str, remote_size: int, head: bytes = b"{") -> None:

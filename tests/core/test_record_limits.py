@@ -7,28 +7,16 @@ file so large is a damaged lease (release/lease.py: an unknown holder, named).""
 from __future__ import annotations
 
 import json
-import uuid
 
 import pytest
 
 from imnet_assets.release import changed_sources, freshness, lease
 from imnet_assets.release.outroot import RECORD_MAX_BYTES, state_url
 from imnet_assets.storage import fs
-from tests.conftest import environ
-from tests.s3server import MotoS3
 
 HUGE = 3 * RECORD_MAX_BYTES + 17
 RECORD = json.dumps({"sha256": "0" * 64, "run_id": "r", "bytes": 10, "stamp": "x"}).encode()
 
-
-@pytest.fixture(scope="module")
-def s3():
-    with MotoS3(secret=f"limitSecret-{uuid.uuid4().hex}") as server:
-        client = server.client()
-        bucket = f"limits-{uuid.uuid4().hex[:12]}"
-        MotoS3.fresh_buckets(client, bucket)
-        with environ(**server.env(), IMNET_STORAGE_RETRY_SECONDS="10"):
-            yield server, client, bucket
 
 
 def test_a_commit_record_replaced_by_a_huge_object_after_its_listing_is_refused_not_read_whole(s3, monkeypatch):
