@@ -81,6 +81,9 @@ def lease_folder(out_root: str, name: str) -> str:
 SHARD_LEASE_PREFIX = "shard-"
 
 
+RUN_PREFIX = "run "  # a shard run's holder: `run <run id>` (defs/assets/wds_shards.py)
+
+
 def shard_lease_name(key: str) -> str:
     """The lease of shard partition `key`'s run: <out root>/_locks/shard-<key>/."""
     return f"{SHARD_LEASE_PREFIX}{key}"

@@ -38,6 +38,8 @@ preload(__name__)  # the forkserver imports this module once for all workers
 
 CHECK_DEATHS = 4  # deaths of the worker checking one shard before it is reported not checked
 HELD_DEATHS = 8  # deaths of a worker that held the shard queued, not yet checking it
+# What `imnet verify` names itself as, holding a shard's lease while it removes its commit record
+FORGETTING = "imnet verify (removing the commit record of a shard it failed)"
 
 
 @dataclass
@@ -145,9 +147,9 @@ def forget_failed(out_root: str, shard: dict) -> list[str]:
     key = shard["shard"]
     try:
         gone = forget_commit(out_root, key, {"sha256": shard["sha256"], "run_id": shard.get("run_id") or ""},
-                             "imnet verify (removing the commit record of a shard it failed)")
-    except LeaseHeld as e:  # a run is writing the shard again: its commit is its own
-        return [f"its commit record is left to the run writing the shard again: {e}"]
+                             FORGETTING)
+    except LeaseHeld as e:  # a run writing the shard again (its commit is its own), or another verify
+        return [f"its commit record is left alone: {e}"]
     except (fs.StorageError, OSError) as e:  # read-only credentials: the verdict stands, unmarked
         return [f"its commit record could not be removed ({fs.redact(str(e))}): move the shard aside and "
                 "run `imnet build`"]

@@ -132,7 +132,7 @@ def test_a_commit_record_is_left_to_a_run_holding_the_shards_lease(tmp_path):
     failed = {"shard": "0000", "sha256": "ab" * 32, "run_id": "r1"}
     with lease.acquire(out, lease.shard_lease_name("0000"), "run r2"):
         said = verify_runs.forget_failed(out, failed)
-    assert said and said[0].startswith("its commit record is left to the run writing the shard again: run r2")
+    assert said and said[0].startswith("its commit record is left alone: run r2 (host ")
     assert os.path.exists(record)
     assert verify_runs.forget_failed(out, failed) == [
         "its commit record is removed: the next `imnet build` writes this shard again"]
