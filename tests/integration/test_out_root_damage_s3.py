@@ -162,3 +162,56 @@ def test_verify_never_forgets_the_commit_of_a_shard_a_build_rewrote_meanwhile(s3
         assert "1 to build" in imnet(["build"], env, cwd=tmp).stdout
     assert objects(client) == clean
     imnet(["verify"], env, cwd=tmp)
+
+
+SHARD1 = "wds/imagenet12k-train-0001.tar"
+
+
+def _shard1_request(method: str, target: str, headers: dict) -> bool:
+    return method in ("HEAD", "GET") and target.partition("?")[0] == f"/{OUT_BUCKET}/{SHARD1}"
+
+
+def test_a_shard_a_build_rewrites_while_verify_checks_it_is_not_checked_never_failed(s3_release):
+    """`imnet verify` reads the catalog (the spool of every shard's rows) and shard 0001's commit
+    record, then goes to read the shard (a byte of it changed: damaged, and stale); its first request
+    for the tar is held (answered 503 SlowDown, which it retries) while `imnet build`, a real build
+    of the same out root, writes the shard again and commits it with its own record, and its audit
+    records the new commit in the catalog. Released, verify reads what the build wrote against the
+    catalog as it read it: a shard changed under verify is no damage. It says NOT CHECKED, naming
+    the change (exit 1, as for any shard not checked), never FAIL, and the new commit stays: fresh,
+    and the next verify passes."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from tests.latency_proxy import LatencyProxy
+
+    tmp, env, client, clean = s3_release
+    put(client, SHARD1, flipped(get(client, SHARD1), 5000))  # damaged (another stamp: not fresh)
+    record = get(client, "wds/_manifests/0001.state.json")
+    with LatencyProxy(env["AWS_ENDPOINT_URL"], latency_ms=0) as proxy:
+        held = proxy.slowdown(600, match=_shard1_request, after=1)
+        exe = shutil.which("imnet", path=os.path.dirname(sys.executable)) or "imnet"  # as conftest.imnet
+        verifying = subprocess.Popen([exe, "verify", "--jobs", "1"], env={**env, "AWS_ENDPOINT_URL": proxy.endpoint},
+                                     cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while not proxy.injected["slowdown"] and verifying.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proxy.injected["slowdown"], "verify never went to read shard 0001"
+        built = imnet(["build"], env, cwd=tmp)  # the same out root, while verify waits on the shard
+        proxy.clear_faults()
+        held.until = 0
+        said = verifying.communicate(timeout=300)[0]
+    assert "1 to build" in built.stdout, built.stdout
+    rewritten = get(client, "wds/_manifests/0001.state.json")
+    assert rewritten != record  # the build's commit
+    assert verifying.returncode == 1, said
+    assert "FAIL" not in said, said
+    assert "NOT CHECKED shard 0001 (imagenet12k-train-0001.tar): it changed while it was checked: " in said, said
+    assert "3 of 4 shards ok, 1 NOT CHECKED (0001)" in said, said
+    assert get(client, "wds/_manifests/0001.state.json") == rewritten  # the new commit is never forgotten
+    assert objects(client) == clean
+    assert "not fresh" not in status(env, tmp)
+    imnet(["verify"], env, cwd=tmp)
