@@ -215,3 +215,57 @@ def test_a_shard_a_build_rewrites_while_verify_checks_it_is_not_checked_never_fa
     assert objects(client) == clean
     assert "not fresh" not in status(env, tmp)
     imnet(["verify"], env, cwd=tmp)
+
+
+def _manifest2_get(method: str, target: str, headers: dict) -> bool:
+    return method == "GET" and target.partition("?")[0] == f"/{OUT_BUCKET}/wds/_manifests/0002.json"
+
+
+def test_a_manifest_replaced_between_the_audits_look_and_its_load_is_never_recorded(s3_release):
+    """The audit looks at the out root (listings, commit records), then loads every manifest; shard
+    0002's manifest is replaced in between (its read is held, answered 503 SlowDown, while another
+    valid manifest of the same size, another run's, takes its place): the audit must not record it
+    (the bytes it loaded are not the sha256 the commit record committed). It names the manifest and
+    removes the shard's commit record; no catalog row names the other run; the next build writes
+    that shard again, and all ends as the clean build."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from tests.checks import catalog
+    from tests.latency_proxy import LatencyProxy
+
+    tmp, env, client, clean = s3_release
+    put(client, "wds/_info.json", flipped(get(client, "wds/_info.json"), 40))  # the audit runs again
+    name = "wds/_manifests/0002.json"
+    committed = get(client, name)
+    run = json.loads(committed)["run_id"]
+    other = committed.replace(f'"run_id":"{run}"'.encode(), f'"run_id":"{run[::-1]}"'.encode())
+    assert other != committed and len(other) == len(committed)
+    with LatencyProxy(env["AWS_ENDPOINT_URL"], latency_ms=0) as proxy:
+        held = proxy.slowdown(600, match=_manifest2_get, after=1)
+        exe = shutil.which("imnet", path=os.path.dirname(sys.executable)) or "imnet"  # as conftest.imnet
+        building = subprocess.Popen([exe, "build"], env={**env, "AWS_ENDPOINT_URL": proxy.endpoint}, cwd=tmp,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while not proxy.injected["slowdown"] and building.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proxy.injected["slowdown"], "the audit never went to load manifest 0002"
+        put(client, name, other)  # between the audit's look and its load
+        proxy.clear_faults()
+        held.until = 0
+        said = building.communicate(timeout=300)[0]
+    assert building.returncode != 0, said
+    assert "shard 0002: its manifest s3://out-bucket/wds/_manifests/0002.json is missing or damaged" in said, said
+    with catalog(tmp / "catalog.duckdb") as con:
+        runs = {r[0] for r in con.execute("SELECT DISTINCT run_id FROM shards").fetchall()}
+    assert run[::-1] not in runs, runs
+    assert "0002.state.json" not in "".join(MotoS3.all_objects(client, OUT_BUCKET, "wds/_manifests/"))
+    built = imnet(["build"], env, cwd=tmp)
+    assert "1 to build" in built.stdout, built.stdout
+    assert objects(client) == clean
+    assert "not fresh" not in status(env, tmp)
+    imnet(["verify"], env, cwd=tmp)
