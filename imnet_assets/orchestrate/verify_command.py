@@ -61,17 +61,19 @@ def _catalog_rows(path: str, shards: list[dict], release: str = "") -> Iterator[
 
 
 class _Progress:
-    """A progress line every 5% of the shards or every PROGRESS_EVERY_S, whichever comes first."""
+    """A progress line every 5% of the shards or every PROGRESS_EVERY_S, whichever comes first: those
+    that failed, and apart from them those not checked (no verdict: not failed, not ok either)."""
 
     def __init__(self, total: int, total_bytes: int):
         self.total, self.total_bytes = total, total_bytes
-        self.done = self.failed = self.bytes = 0
+        self.done = self.failed = self.lost = self.bytes = 0
         self.started = self.last = time.perf_counter()
         self.step = max(1, total // 20)
 
-    def add(self, nbytes: int, ok: bool) -> None:
+    def add(self, nbytes: int, failed: bool, lost: bool = False) -> None:
         self.done += 1
-        self.failed += not ok
+        self.failed += failed
+        self.lost += lost and not failed
         self.bytes += nbytes
         now = time.perf_counter()
         if self.done % self.step == 0 or self.done == self.total or now - self.last >= PROGRESS_EVERY_S:
@@ -79,7 +81,8 @@ class _Progress:
             elapsed = max(now - self.started, 1e-9)
             rate = self.done / elapsed
             eta = (self.total - self.done) / rate if rate else 0
-            print(f"verify: {self.done}/{self.total} shards checked ({self.failed} failed), {rate:.1f} shards/s, "
+            print(f"verify: {self.done}/{self.total} shards checked ({self.failed} failed"
+                  + (f", {self.lost} not checked" if self.lost else "") + f"), {rate:.1f} shards/s, "
                   f"{self.bytes / 1e6 / elapsed:.0f} MB/s, eta {eta:.0f}s", flush=True)
 
 
@@ -165,7 +168,7 @@ def _verify_release(s: Settings, wanted_of: Callable[[list[str]], list[str]], jo
             bad.append(sh["shard"])
         elif verbose and not done.lost:
             print(f"ok   {label}: {sh['num_samples']} samples")
-        progress.add(sh["bytes"] or 0, not problems and not done.lost)
+        progress.add(sh["bytes"] or 0, bool(problems), bool(done.lost))
     info_problems, stray = [], []
     if every:
         info_problems = _verify_info(s, list(recorded.values()))

@@ -196,15 +196,16 @@ def _write_ledger(out_root: str, entries: dict[str, tuple[tuple[int, str], dict]
         pass
 
 
-def remember(out_root: str, shard_key: str, record: dict) -> None:
+def remember(out_root: str, shard_key: str, record: dict, seen: tuple[int, str] | None = None) -> None:
     """Add a just-written commit record to the out root's ledger (S3 only; see the module's
-    docstring), so that the next cold look does not have to read it. Best effort: an error, or
-    another writer's ledger written in between, only means the record is read next time."""
+    docstring), so that the next cold look does not have to read it. `seen`: the record's (size,
+    stamp) as its write gave them (atomic.write_stamped; None: looked at here). Best effort: an
+    error, or another writer's ledger written in between, only means the record is read next time."""
     if not fs.is_remote(out_root):
         return
     url = state_url(out_root, shard_key)
     try:
-        seen = fs.stat(url)
+        seen = seen or fs.stat(url)
         entries = _parse_ledger(_read_ledger(ledger_url(out_root), ledger_limit(MAX_RECORDS)))
     except (fs.StorageError, OSError):
         return

@@ -81,6 +81,16 @@ def lease_folder(out_root: str, name: str) -> str:
 SHARD_LEASE_PREFIX = "shard-"
 
 
+RUN_PREFIX = "run "  # a shard run's holder: `run <run id>` (defs/assets/wds_shards.py)
+
+
+def writes_shard(holder: dict) -> bool:
+    """Whether the holder of a shard's lease may be writing the shard: a run (`RUN_PREFIX`), or an
+    unknown holder (its lease object damaged); not `imnet verify` or the audit removing its commit
+    record (their `what` says so), which write no shard."""
+    return bool(holder.get("damaged")) or str(holder.get("what", "")).startswith(RUN_PREFIX)
+
+
 def shard_lease_name(key: str) -> str:
     """The lease of shard partition `key`'s run: <out root>/_locks/shard-<key>/."""
     return f"{SHARD_LEASE_PREFIX}{key}"

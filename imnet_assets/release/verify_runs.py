@@ -8,8 +8,11 @@ it and the shard is checked again from the start in a fresh worker, up to CHECK_
 reported not checked, naming it and the deaths, never as bad: a verdict comes only from its bytes
 (SPEC "Failure behaviour"). So is a shard whose bytes the storage did not give within the retries
 (StorageError: throttling, broken connections past IMNET_STORAGE_RETRY_SECONDS), or a local read
-error (ReadBackFailed: EIO, EACCES). The command still
-fails (verify is non-zero when a shard could not be checked).
+error (ReadBackFailed: EIO, EACCES). So is a shard with problems that a run wrote again while it
+was checked, or since the catalog recorded it (`changed_while_checking`: its commit record, read
+before its bytes and again after, changed, or names another commit than the catalog's, or a run
+holds its lease): its differences from the catalog are that run's doing, not damage, and its new
+commit is left to it. The command still fails (verify is non-zero when a shard could not be checked).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from imnet_assets.release.lease import LeaseHeld
+from imnet_assets.release.lease import LeaseHeld, describe, holder_of, shard_lease_name, writes_shard
 from imnet_assets.release.outroot import (
     RECORD_MAX_BYTES,
     committed_as,
@@ -38,6 +41,8 @@ preload(__name__)  # the forkserver imports this module once for all workers
 
 CHECK_DEATHS = 4  # deaths of the worker checking one shard before it is reported not checked
 HELD_DEATHS = 8  # deaths of a worker that held the shard queued, not yet checking it
+# What `imnet verify` names itself as, holding a shard's lease while it removes its commit record
+FORGETTING = "imnet verify (removing the commit record of a shard it failed)"
 
 
 @dataclass
@@ -56,10 +61,68 @@ class ShardCheckJob:
     def prefetch(self, readers) -> None:
         return None
 
-    def run(self, _state, mark) -> list[str]:
+    def run(self, _state, mark) -> list[str] | Changed:
         mark(0)  # a death from here on was this shard's check
+        before = record_now(self.out_root, self.shard["shard"]) if self.out_root else None
         problems = verify_catalog_shard(self.url, self.shard, self.rows, self.decode, self.ext)
-        return problems + (manifest_problems(self.out_root, self.shard) if self.out_root else [])
+        if not self.out_root:
+            return problems
+        problems += manifest_problems(self.out_root, self.shard)
+        why = changed_while_checking(self.out_root, self.shard, before) if problems else None
+        return Changed(why) if why else problems
+
+
+@dataclass
+class Changed:
+    """A shard that a run wrote again while verify checked it (or since the catalog recorded it):
+    what verify read is not the commit the catalog describes, so its problems are no verdict on
+    the shard (SPEC "Failure behaviour": nothing is damaged that a run changed meanwhile)."""
+
+    why: str
+
+
+def record_now(out_root: str, key: str) -> bytes | str | None:
+    """The bytes of shard `key`'s commit record as they are now (None: there is none; a string for
+    what is there but cannot be one). A read the machinery fails raises (no verdict)."""
+    url = state_url(out_root, key)
+    try:
+        return fs.read_bytes(url, limit=RECORD_MAX_BYTES, kind="a commit record")
+    except FileNotFoundError:
+        return None
+    except fs.TooLarge:
+        return "too large"
+    except fs.StorageError:
+        raise
+    except (IsADirectoryError, NotADirectoryError):
+        return "not a file"
+    except OSError as e:  # EIO, EACCES: the machinery's read
+        raise ReadBackFailed(f"cannot read {fs.redact(url)}: {type(e).__name__}: {fs.redact(str(e))}") from None
+
+
+def changed_while_checking(out_root: str, shard: dict, before: bytes | str | None) -> str | None:
+    """Why the problems verify found in `shard` (its catalog record) may be a run's doing rather than
+    damage, or None: its commit record changed since `before` (read before its bytes were), the record
+    is another commit than the catalog's (written again since the catalog recorded it: the audit of
+    the build that wrote it records it), or a run holds its lease (writing it now). Looked at only for
+    a shard with problems: a shard verify passes is the catalog's commit, whatever runs meanwhile."""
+    key = shard["shard"]
+    now = record_now(out_root, key)
+    if now != before:
+        return "its commit record changed while it was checked: a run wrote the shard again meanwhile"
+    try:
+        record = json.loads(now) if isinstance(now, bytes) else None
+    except ValueError:
+        record = None
+    if isinstance(record, dict) and isinstance(record.get("sha256"), str) and (
+            record["sha256"] != shard["sha256"]
+            or (shard.get("run_id") and record.get("run_id") != shard["run_id"])):
+        return (f"its commit record is of another commit (run {record.get('run_id') or '?'}) than the catalog's "
+                f"(run {shard.get('run_id') or '?'}): a run wrote the shard again since the catalog recorded it, "
+                "and the audit of the build that wrote it records it in the catalog")
+    held = holder_of(out_root, shard_lease_name(key))
+    if held is not None and writes_shard(held[0]):
+        return f"{describe(held[0])} holds its lease: it is writing the shard again"
+    return None
 
 
 @dataclass
@@ -102,6 +165,9 @@ def checked_shards(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], de
         job, deaths, held = pending.pop(fut)
         try:
             problems = fut.result()
+            if isinstance(problems, Changed):  # a run's doing, not damage: no verdict, its commit left to it
+                return Checked(job.shard, [], f"it changed while it was checked: {problems.why}; no verdict on its "
+                                              "bytes: run verify again once the build writing it is done")
             if problems and out_root:
                 problems += forget_failed(out_root, job.shard)
             return Checked(job.shard, problems)
@@ -145,9 +211,9 @@ def forget_failed(out_root: str, shard: dict) -> list[str]:
     key = shard["shard"]
     try:
         gone = forget_commit(out_root, key, {"sha256": shard["sha256"], "run_id": shard.get("run_id") or ""},
-                             "imnet verify (removing the commit record of a shard it failed)")
-    except LeaseHeld as e:  # a run is writing the shard again: its commit is its own
-        return [f"its commit record is left to the run writing the shard again: {e}"]
+                             FORGETTING)
+    except LeaseHeld as e:  # a run writing the shard again (its commit is its own), or another verify
+        return [f"its commit record is left alone: {e}"]
     except (fs.StorageError, OSError) as e:  # read-only credentials: the verdict stands, unmarked
         return [f"its commit record could not be removed ({fs.redact(str(e))}): move the shard aside and "
                 "run `imnet build`"]

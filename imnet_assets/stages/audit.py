@@ -164,6 +164,9 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
             url, manifest = manifest_url(settings.out_root, key), manifests.get(key)
             on_storage, state = look.shards[key].tar, look.shards[key].state
             replaced = state and on_storage and what_changed(state, on_storage, look.shards[key].manifest)
+            if manifest is not None and heads is not None and _not_as_looked(manifest["read"], look.shards[key].manifest,
+                                                                             state):
+                replaced = "its manifest"  # replaced since the look: what was loaded is not the committed one
             if manifest is None or on_storage is None or replaced == "its manifest":  # not the committed one: not loaded
                 missing.append(key)
                 if on_storage is not None and forget_commit_unless_held(settings.out_root, key, state,
@@ -273,6 +276,8 @@ def _load_manifests(cat: Catalog, settings: Settings, limits: dict[str, int] | N
     write): the caller then reads each manifest in Python, as `read_manifest` does, so a damaged
     manifest counts as a missing shard either way. `limits`: shard key -> the most bytes its
     manifest can hold (outroot.manifest_limits); one listed or read larger is not loaded (damaged).
+    Each head's `read`: what was loaded (`size`, and the `sha256` of the spooled bytes on S3, or the
+    `stamp` of the local file once loaded: one replaced before the load has another; `_not_as_looked`).
     """
     limits = limits or manifest_limits(settings.partition_keys, None)
     sizes = {e["name"]: e["size"] for e in fs.listdir(fs.join(settings.out_root, MANIFEST_DIR))}
@@ -283,8 +288,9 @@ def _load_manifests(cat: Catalog, settings: Settings, limits: dict[str, int] | N
     for leftover in folder.glob(f"{SPOOL_PREFIX}*"):
         shutil.rmtree(leftover, ignore_errors=True)
     spool = Path(tempfile.mkdtemp(prefix=SPOOL_PREFIX, dir=folder)) if fs.is_remote(settings.out_root) else None
+    read: dict[str, dict] = {}
     try:
-        files = _spool_manifests(settings, keys, spool, limits) if spool else [manifest_url(settings.out_root, k)
+        files = _spool_manifests(settings, keys, spool, limits, read) if spool else [manifest_url(settings.out_root, k)
                                                                                 for k in keys]
         if not files:
             return {}
@@ -300,15 +306,37 @@ def _load_manifests(cat: Catalog, settings: Settings, limits: dict[str, int] | N
              for filename, fp, size, n in rows}
     if len(rows) != len(files) or set(heads) != {fs.basename(f)[: -len(".json")] for f in files}:  # one object per file
         return None
+    for key, head in heads.items():
+        if spool is None:  # DuckDB read the file in place: as it is once loaded (a stat, no request)
+            try:
+                size, stamp = fs.stat(head["filename"])
+            except FileNotFoundError:
+                size = stamp = None
+            read[key] = {"size": size, "stamp": stamp}
+        head["read"] = read.get(key, {})
     return heads
+
+
+def _not_as_looked(read: dict, looked: tuple[int, str] | None, state: dict | None) -> bool:
+    """Whether a manifest as loaded (`read`: _load_manifests's) is not the one the audit's look listed
+    (`looked`: size and stamp) and its commit record `state` committed (`manifest_sha256`): replaced
+    in between. What a read did not give is not compared."""
+    if looked is None:
+        return False  # none was listed: the look's own verdict
+    if "size" in read and read["size"] != looked[0] or "stamp" in read and read["stamp"] != looked[1]:
+        return True
+    committed = state.get("manifest_sha256") if isinstance(state, dict) else None
+    return bool(committed and read.get("sha256") and read["sha256"] != committed)
 
 
 SPOOL_BATCH = 128  # manifests in flight, and held in memory at once (~330 MB at the real size)
 
 
-def _spool_manifests(settings: Settings, keys: list[str], spool: Path, limits: dict[str, int]) -> list[str]:
+def _spool_manifests(settings: Settings, keys: list[str], spool: Path, limits: dict[str, int],
+                     read: dict[str, dict]) -> list[str]:
     """Copy the keys' manifests from the out root into `spool` (`<key>.json`); the local paths of
-    those that are there (one gone since the listing, or over its limit now: a missing shard)."""
+    those that are there (one gone since the listing, or over its limit now: a missing shard).
+    `read`: filled with each one's size and sha256, as copied."""
     files = []
     for i in range(0, len(keys), SPOOL_BATCH):
         urls = {manifest_url(settings.out_root, k): k for k in keys[i:i + SPOOL_BATCH]}
@@ -318,6 +346,7 @@ def _spool_manifests(settings: Settings, keys: list[str], spool: Path, limits: d
                 path = spool / f"{urls[url]}.json"
                 path.write_bytes(data)
                 files.append(str(path))
+                read[urls[url]] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     return files
 
 

@@ -129,8 +129,9 @@ def build_shard(
 
     The commit record's stamp (size and mtime / ETag) is the one read right after the commit,
     before the check; it is read again once the check passed, and if it changed the record is
-    not written and ShardChangedDuringCheck names the shard. So are the manifest's size and stamp
-    (and its sha256, for `imnet verify`): a manifest removed or changed is not fresh either.
+    not written and ShardChangedDuringCheck names the shard. The manifest's size and stamp (as its
+    write gave them: on S3 the PUT's ETag) and its sha256 (for `imnet verify`) are recorded too: a
+    manifest removed or changed is not fresh either.
     """
     started = time.perf_counter()
     final = fs.join(out_root, shard_name)
@@ -191,8 +192,9 @@ def build_shard(
         "excluded": excluded,
     }
     manifest_data = json.dumps(manifest, separators=(",", ":")).encode()
-    atomic.write_atomic(mf_url, manifest_data)
-    mf_committed = fs.stat(mf_url)  # (size, stamp) of the manifest: a change to it is not fresh (outroot.what_changed)
+    # (size, stamp) of the manifest as written (on S3 the PUT's reply has its ETag: no HEAD): a change
+    # to it from here on, during the check or after, is not fresh (outroot.what_changed compares it)
+    mf_committed = atomic.write_stamped(mf_url, manifest_data)
     if after_commit is not None:
         after_commit(final)
     planned = {r.key: r for r in rows}
@@ -204,20 +206,23 @@ def build_shard(
     if not problems:
         if after_check is not None:
             after_check(final)
-        for url, then in ((final, committed), (mf_url, mf_committed)):
-            now = fs.stat(url)
-            if now != then:
-                raise ShardChangedDuringCheck(
-                    f"shard {shard_key}: {url} changed on storage while it was being checked (size and stamp "
-                    f"{then[0]} {then[1]} at the commit, {now[0]} {now[1]} after the check): not recorded "
-                    "as committed; another writer? Build the shard again")
+        # The tar only: the check read its bytes, which must be the ones whose stamp is recorded. The
+        # manifest's stamp is recorded as it was written; one changed since (during the check or
+        # after the record) is caught by every look at the shard (freshness, the audit, verify), so
+        # a look at it here would cost a HEAD and catch nothing they do not.
+        now = fs.stat(final)
+        if now != committed:
+            raise ShardChangedDuringCheck(
+                f"shard {shard_key}: {final} changed on storage while it was being checked (size and stamp "
+                f"{committed[0]} {committed[1]} at the commit, {now[0]} {now[1]} after the check): not recorded "
+                "as committed; another writer? Build the shard again")
         state = {k: manifest[k] for k in ("shard", "path", "fingerprint", "bytes", "sha256", "num_samples", "run_id")}
         state["stamp"] = committed[1]  # the checked bytes' stamp: an edit in place changes it (freshness.verdict)
         # the manifest's, likewise (freshness), and its sha256 (`imnet verify`: verify_runs.manifest_problems)
         state.update(manifest_bytes=mf_committed[0], manifest_stamp=mf_committed[1],
                      manifest_sha256=hashlib.sha256(manifest_data).hexdigest())
-        atomic.write_atomic(st_url, json.dumps(state, sort_keys=True).encode())
-        remember(out_root, shard_key, state)
+        seen = atomic.write_stamped(st_url, json.dumps(state, sort_keys=True).encode())
+        remember(out_root, shard_key, state, seen)
     else:
         log(f"shard {shard_key}: the check failed, not recorded as committed: {'; '.join(problems[:5])}")
     return ShardResult(

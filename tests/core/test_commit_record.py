@@ -67,3 +67,23 @@ def test_the_record_holds_the_stamp_of_the_checked_tar(raw, tmp_path):
     st = os.stat(out / NAME)
     assert state["bytes"] == st.st_size and state["stamp"] == str(st.st_mtime)
     assert shard_verdict(str(out), KEY, NAME, state["fingerprint"]) == "fresh"
+
+
+def test_a_manifest_changed_after_its_write_leaves_the_shard_not_fresh(raw, tmp_path):
+    """The manifest's stamp is recorded as its write gave it (no second look after the check): a
+    manifest changed while the tar is checked (or at any time after) makes the shard stale at the
+    next look, as freshness and the audit judge it, never fresh over it."""
+    out = tmp_path / "out"
+    write_slice(str(out), KEY, planned(raw.rows, ORDER))
+    manifest = out / "_manifests" / f"{KEY}.json"
+
+    def rewrite_manifest(_url: str) -> None:
+        data = manifest.read_bytes()
+        st = os.stat(manifest)
+        manifest.write_bytes(data.replace(b'"run-test"', b'"run-tset"'))  # same size, other bytes
+        os.utime(manifest, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+
+    build(out, raw.root, after_check=rewrite_manifest)
+    state = read_json(state_url(str(out), KEY))
+    assert state["manifest_stamp"] != str(os.stat(manifest).st_mtime)
+    assert shard_verdict(str(out), KEY, NAME, state["fingerprint"]) == "stale"

@@ -139,8 +139,55 @@ def test_a_commit_record_is_left_to_a_run_holding_the_shards_lease(tmp_path):
     failed = {"shard": "0000", "sha256": "ab" * 32, "run_id": "r1"}
     with lease.acquire(out, lease.shard_lease_name("0000"), "run r2"):
         said = verify_runs.forget_failed(out, failed)
-    assert said and said[0].startswith("its commit record is left to the run writing the shard again: run r2")
+    assert said and said[0].startswith("its commit record is left alone: run r2 (host ")
     assert os.path.exists(record)
     assert verify_runs.forget_failed(out, failed) == [
         "its commit record is removed: the next `imnet build` writes this shard again"]
     assert not os.path.exists(record) and not os.path.exists(os.path.join(out, "_locks"))
+
+
+def test_a_shard_a_run_is_writing_is_not_checked_and_a_lease_verify_holds_leaves_the_verdict(shards):
+    """Damaged shard 0000 (a flipped image byte) checked with its out root while a run holds its lease
+    (writing it again): no verdict, NOT CHECKED naming the run, its record left; the other shard is
+    ok. While another `imnet verify` holds the lease instead (removing the record: it writes no
+    shard), the FAIL stands, and the record is left to that verify, which the line names."""
+    from imnet_assets.release import lease
+    from imnet_assets.release.outroot import state_url
+
+    out = os.path.dirname(shards.tasks[0][1])
+
+    def check() -> dict[str, tuple[list[str], str | None]]:
+        done = verify_runs.checked_shards(2, iter(shards.tasks), True, "webp", first_done, out)
+        return {c.shard["shard"]: (c.problems, c.lost) for c in done}
+
+    with lease.acquire(out, lease.shard_lease_name("0000"), "run r9"):
+        got = check()
+    assert got["0001"] == ([], None)
+    problems, lost = got["0000"]
+    assert problems == [] and lost.startswith("it changed while it was checked: run r9 (host "), got
+    assert "holds its lease: it is writing the shard again" in lost
+    assert os.path.exists(state_url(out, "0000"))
+    with lease.acquire(out, lease.shard_lease_name("0000"), verify_runs.FORGETTING):
+        got = check()
+    problems, lost = got["0000"]
+    assert lost is None and problems[:-1] == verify(shards)["0000"][0], got
+    assert problems[-1].startswith(f"its commit record is left alone: {verify_runs.FORGETTING} (host "), problems
+    assert os.path.exists(state_url(out, "0000"))
+
+
+def test_a_shard_whose_commit_record_is_another_commit_than_the_catalogs_is_not_checked(shards):
+    """The catalog verify read names run "run-old" for damaged shard 0000, its commit record another
+    ("run-verify": a run wrote the shard since the catalog recorded it, whose audit has not recorded
+    it yet): no verdict against a catalog that does not describe the commit there, and the record
+    (that run's commit) is kept."""
+    from imnet_assets.release.outroot import state_url
+
+    out = os.path.dirname(shards.tasks[0][1])
+    tasks = [(dict(sh, run_id="run-old") if sh["shard"] == "0000" else sh, url, rows) for sh, url, rows in shards.tasks]
+    done = {c.shard["shard"]: (c.problems, c.lost)
+            for c in verify_runs.checked_shards(2, iter(tasks), True, "webp", first_done, out)}
+    problems, lost = done["0000"]
+    assert problems == [] and lost.startswith("it changed while it was checked: its commit record is of another "
+                                              "commit (run run-verify) than the catalog's (run run-old)"), done
+    assert done["0001"] == ([], None)
+    assert os.path.exists(state_url(out, "0000"))

@@ -256,6 +256,41 @@ def test_one_partition_materialized_by_two_processes_is_built_once(planned, tmp_
     no_leases_left(out)
 
 
+HOLD_AS_VERIFY = """
+import sys, time
+from imnet_assets.release.lease import acquire, shard_lease_name
+from imnet_assets.release.verify_runs import FORGETTING
+with acquire(sys.argv[1], shard_lease_name("0001"), FORGETTING):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_partition_whose_lease_imnet_verify_holds_fails_naming_verify_not_another_run(planned, tmp_path):
+    """A run of partition 0001 while `imnet verify` holds the shard's lease (as it does for a moment
+    while it removes the commit record of a shard it failed: a real process holding it as verify
+    does): the run fails naming what holds the lease (imnet verify, its host and pid), never "being
+    built by another run" (no run is building it), and wrote nothing."""
+    env = copy_of(planned, tmp_path, IMNET_WORKERS="1")
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_AS_VERIFY, str(out)], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        run = subprocess.run([os.path.join(BIN, "dagster"), *MATERIALIZE], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    text = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert "being built by another run" not in text, text
+    assert (f"shard 0001 is held by another holder, not a run building it: imnet verify (removing the commit "
+            f"record of a shard it failed) (host {socket.gethostname()}, pid {holder.pid},") in text, text
+    assert not (out / "imagenet12k-train-0001.tar").exists()
+    assert not (out / "_manifests" / "0001.json").exists()
+
+
 INSTANCE = "from imnet_assets.orchestrate.instance import dagster_instance; dagster_instance().get_runs(limit=1)"
 
 

@@ -162,3 +162,111 @@ def test_verify_never_forgets_the_commit_of_a_shard_a_build_rewrote_meanwhile(s3
         assert "1 to build" in imnet(["build"], env, cwd=tmp).stdout
     assert objects(client) == clean
     imnet(["verify"], env, cwd=tmp)
+
+
+SHARD1 = "wds/imagenet12k-train-0001.tar"
+
+
+def _shard1_request(method: str, target: str, headers: dict) -> bool:
+    return method in ("HEAD", "GET") and target.partition("?")[0] == f"/{OUT_BUCKET}/{SHARD1}"
+
+
+def test_a_shard_a_build_rewrites_while_verify_checks_it_is_not_checked_never_failed(s3_release):
+    """`imnet verify` reads the catalog (the spool of every shard's rows) and shard 0001's commit
+    record, then goes to read the shard (a byte of it changed: damaged, and stale); its first request
+    for the tar is held (answered 503 SlowDown, which it retries) while `imnet build`, a real build
+    of the same out root, writes the shard again and commits it with its own record, and its audit
+    records the new commit in the catalog. Released, verify reads what the build wrote against the
+    catalog as it read it: a shard changed under verify is no damage. It says NOT CHECKED, naming
+    the change (exit 1, as for any shard not checked), never FAIL, and the new commit stays: fresh,
+    and the next verify passes."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from tests.latency_proxy import LatencyProxy
+
+    tmp, env, client, clean = s3_release
+    put(client, SHARD1, flipped(get(client, SHARD1), 5000))  # damaged (another stamp: not fresh)
+    record = get(client, "wds/_manifests/0001.state.json")
+    with LatencyProxy(env["AWS_ENDPOINT_URL"], latency_ms=0) as proxy:
+        held = proxy.slowdown(600, match=_shard1_request, after=1)
+        exe = shutil.which("imnet", path=os.path.dirname(sys.executable)) or "imnet"  # as conftest.imnet
+        verifying = subprocess.Popen([exe, "verify", "--jobs", "1"], env={**env, "AWS_ENDPOINT_URL": proxy.endpoint},
+                                     cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while not proxy.injected["slowdown"] and verifying.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proxy.injected["slowdown"], "verify never went to read shard 0001"
+        built = imnet(["build"], env, cwd=tmp)  # the same out root, while verify waits on the shard
+        proxy.clear_faults()
+        held.until = 0
+        said = verifying.communicate(timeout=300)[0]
+    assert "1 to build" in built.stdout, built.stdout
+    rewritten = get(client, "wds/_manifests/0001.state.json")
+    assert rewritten != record  # the build's commit
+    assert verifying.returncode == 1, said
+    assert "FAIL" not in said, said
+    assert "NOT CHECKED shard 0001 (imagenet12k-train-0001.tar): it changed while it was checked: " in said, said
+    assert "3 of 4 shards ok, 1 NOT CHECKED (0001)" in said, said
+    assert "verify: 4/4 shards checked (0 failed, 1 not checked)" in said, said  # not counted as failed
+    assert get(client, "wds/_manifests/0001.state.json") == rewritten  # the new commit is never forgotten
+    assert objects(client) == clean
+    assert "not fresh" not in status(env, tmp)
+    imnet(["verify"], env, cwd=tmp)
+
+
+def _manifest2_get(method: str, target: str, headers: dict) -> bool:
+    return method == "GET" and target.partition("?")[0] == f"/{OUT_BUCKET}/wds/_manifests/0002.json"
+
+
+def test_a_manifest_replaced_between_the_audits_look_and_its_load_is_never_recorded(s3_release):
+    """The audit looks at the out root (listings, commit records), then loads every manifest; shard
+    0002's manifest is replaced in between (its read is held, answered 503 SlowDown, while another
+    valid manifest of the same size, another run's, takes its place): the audit must not record it
+    (the bytes it loaded are not the sha256 the commit record committed). It names the manifest and
+    removes the shard's commit record; no catalog row names the other run; the next build writes
+    that shard again, and all ends as the clean build."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from tests.checks import catalog
+    from tests.latency_proxy import LatencyProxy
+
+    tmp, env, client, clean = s3_release
+    put(client, "wds/_info.json", flipped(get(client, "wds/_info.json"), 40))  # the audit runs again
+    name = "wds/_manifests/0002.json"
+    committed = get(client, name)
+    run = json.loads(committed)["run_id"]
+    other = committed.replace(f'"run_id":"{run}"'.encode(), f'"run_id":"{run[::-1]}"'.encode())
+    assert other != committed and len(other) == len(committed)
+    with LatencyProxy(env["AWS_ENDPOINT_URL"], latency_ms=0) as proxy:
+        held = proxy.slowdown(600, match=_manifest2_get, after=1)
+        exe = shutil.which("imnet", path=os.path.dirname(sys.executable)) or "imnet"  # as conftest.imnet
+        building = subprocess.Popen([exe, "build"], env={**env, "AWS_ENDPOINT_URL": proxy.endpoint}, cwd=tmp,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while not proxy.injected["slowdown"] and building.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proxy.injected["slowdown"], "the audit never went to load manifest 0002"
+        put(client, name, other)  # between the audit's look and its load
+        proxy.clear_faults()
+        held.until = 0
+        said = building.communicate(timeout=300)[0]
+    assert building.returncode != 0, said
+    assert "shard 0002: its manifest s3://out-bucket/wds/_manifests/0002.json is missing or damaged" in said, said
+    with catalog(tmp / "catalog.duckdb") as con:
+        runs = {r[0] for r in con.execute("SELECT DISTINCT run_id FROM shards").fetchall()}
+    assert run[::-1] not in runs, runs
+    assert "0002.state.json" not in "".join(MotoS3.all_objects(client, OUT_BUCKET, "wds/_manifests/"))
+    built = imnet(["build"], env, cwd=tmp)
+    assert "1 to build" in built.stdout, built.stdout
+    assert objects(client) == clean
+    assert "not fresh" not in status(env, tmp)
+    imnet(["verify"], env, cwd=tmp)

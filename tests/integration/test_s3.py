@@ -114,6 +114,41 @@ def test_shard_runs_range_read_each_member_once_and_never_a_whole_tar(s3_build):
     )
 
 
+def _shard_object(key: str, shard: str) -> str | None:
+    """Which of a shard run's objects `key` (of the out bucket) is, or None: another's."""
+    kinds = {f"wds/imagenet12k-train-{shard}.tar": "tar", f"wds/_manifests/{shard}.json": "manifest",
+             f"wds/_manifests/{shard}.state.json": "record", f"wds/_plan/{shard}.csv": "plan slice",
+             f"wds/_plan/{shard}.staged.json": "staged encodes"}
+    return "lease" if key.startswith(f"wds/_locks/shard-{shard}/") else kinds.get(key)
+
+
+def test_a_shard_run_on_s3_makes_no_request_it_does_not_need(s3_build):
+    """The requests each shard run of step two made for its own objects (the audit's read of its
+    manifest, one GET, apart), counted: a request added to a shard run fails this. The manifest
+    and the commit record are each one PUT, whose reply gives the ETag the record keeps (no HEAD
+    of either); the tar: its upload, a HEAD for its stamp before the check and one after it, and
+    per chunk of the check a HEAD and one ranged GET. The lease's requests (its take: a PUT and
+    the read back; its release: a GET; a renewal every 30 s of a longer run) are counted apart.
+    Deletes (the old record's, the lease's) are POSTs to the bucket, named by no key here."""
+    for shard in ("0001", "0002", "0003"):
+        mine = [r for r in s3_build.second_requests if r.bucket == OUT_BUCKET and _shard_object(r.key, shard)]
+        seen = Counter((r.method, _shard_object(r.key, shard)) for r in mine)
+        lease = {m: seen.pop((m, "lease"), 0) for m in ("PUT", "GET")}
+        assert lease["GET"] - lease["PUT"] == 1 and lease["PUT"] >= 1, (shard, lease)  # renewals: a GET and a PUT
+        chunks = seen[("GET", "tar")]
+        assert chunks >= 1, (shard, seen)
+        # the build's first shard had its first jobs encoded ahead of its run, from the slice read
+        # then (stages/shard_ahead.py); its run reads the slice as always
+        reads = 2 if shard == "0001" else 1
+        assert seen == Counter({
+            ("GET", "plan slice"): reads, ("GET", "staged encodes"): reads,  # (none staged: a 404)
+            ("GET", "record"): 1,  # the last record's name (outroot.note_superseded): none yet, a 404
+            ("PUT", "tar"): 1, ("HEAD", "tar"): 2 + chunks, ("GET", "tar"): chunks,
+            ("PUT", "manifest"): 1, ("PUT", "record"): 1,
+            ("GET", "manifest"): 1,  # the audit's load
+        }), (shard, [(r.method, r.key, r.range) for r in mine])
+
+
 def test_audit_loads_manifests_from_s3(s3_build):
     """The audit of step two read each manifest from S3 exactly once, with one GET of the whole object
     (a range from byte 0 past its end, whose answer names the object's size: fs.read_bytes) (they

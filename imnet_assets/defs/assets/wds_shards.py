@@ -13,7 +13,7 @@ from imnet_assets.defs.assets.common import human_bytes, logger, reason_counts
 from imnet_assets.defs.checks import SHARD_COMPLETE, result, wds_shards_checks
 from imnet_assets.defs.release_keys import RELEASE_TAG, asset_key, group, key_prefix
 from imnet_assets.defs.schedules import HOST_TAG, worker_place
-from imnet_assets.release.lease import LeaseHeld, shard_lease_name
+from imnet_assets.release.lease import RUN_PREFIX, LeaseHeld, shard_lease_name
 from imnet_assets.release.lease import acquire as take_lease
 from imnet_assets.settings import Settings
 from imnet_assets.stages import shard_ahead
@@ -25,7 +25,20 @@ NO_RETRY_TAG = "dagster/retry_on_asset_or_op_failure"  # "false": run_retries (d
 
 
 class ShardBusy(RuntimeError):
-    """Another run holds this shard partition's lease: it is building the shard now."""
+    """Another holder has this shard partition's lease: a run building the shard now, or something
+    else that holds it for a moment (`imnet verify` removing the commit record of a shard it failed,
+    the audit forgetting one whose manifest is damaged); the message names which (its `what`)."""
+
+
+def busy_message(key: str, e: LeaseHeld) -> str:
+    """Why a run of shard `key` wrote nothing: who holds its lease, as the holder names itself."""
+    what = str(e.holder.get("what", "")) if isinstance(e.holder, dict) else ""
+    if what.startswith(RUN_PREFIX):
+        return f"shard {key} is being built by another run: {e}; this run wrote nothing"
+    if e.holder.get("damaged"):  # no one known: what it says is in `e`
+        return f"shard {key} is busy: {e}; this run wrote nothing"
+    return (f"shard {key} is held by another holder, not a run building it: {e}; this run wrote nothing "
+            "(run the partition again once it lets go)")
 
 
 def make(settings: Settings):
@@ -60,10 +73,10 @@ def make(settings: Settings):
         # a retry): the lease is taken before anything is written, and a second run fails at once
         # naming the holder, without a retry (the run holding it builds the shard).
         try:
-            lease = take_lease(settings.out_root, shard_lease_name(key), f"run {context.run.run_id}")
+            lease = take_lease(settings.out_root, shard_lease_name(key), f"{RUN_PREFIX}{context.run.run_id}")
         except LeaseHeld as e:
             context.instance.add_run_tags(context.run.run_id, {NO_RETRY_TAG: "false"})
-            raise ShardBusy(f"shard {key} is being built by another run: {e}; this run wrote nothing") from None
+            raise ShardBusy(busy_message(key, e)) from None
         with lease:
             index = require_current_plan(settings)  # a clear error, not a shard cut from another layout's plan
             res = build_shard(
