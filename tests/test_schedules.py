@@ -551,6 +551,15 @@ def test_audit_sensor_asks_for_no_audit_the_build_already_made(site, release):
     s = site
     for f in release[0].glob("catalog.duckdb*"):  # the catalog that recorded the build's audit
         shutil.copy2(f, Path(s.settings.catalog).parent / f.name)
+    writer = subprocess.Popen([sys.executable, "-c", "import duckdb, sys; c = duckdb.connect(sys.argv[1]); "
+                               "print('held', flush=True); sys.stdin.read()", s.settings.catalog],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:  # another process writes the catalog (the audit, say): asked again next tick, nothing recorded
+        assert writer.stdout.readline() == "held\n"
+        data = sense(s.settings, s.instance)
+        assert data.run_requests == [] and "being written" in data.skip_message and data.cursor is None
+    finally:
+        writer.communicate("")
     data = sense(s.settings, s.instance)
     assert data.run_requests == [] and "already fresh" in data.skip_message
     assert data.cursor
