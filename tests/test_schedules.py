@@ -544,6 +544,37 @@ def test_audit_sensor_waits_for_every_shard_then_asks_once_per_change(site):
     assert data.run_requests == [] and data.skip_message
 
 
+def test_audit_sensor_asks_for_no_audit_the_build_already_made(site, release):
+    """A sensor with no cursor (a new instance, or the sensor turned on again) right after `imnet
+    build` audited these very shards: no run requested, the cursor recorded; once a shard is
+    removed and built again by a real run, the audit is asked for."""
+    s = site
+    for f in release[0].glob("catalog.duckdb*"):  # the catalog that recorded the build's audit
+        shutil.copy2(f, Path(s.settings.catalog).parent / f.name)
+    writer = subprocess.Popen([sys.executable, "-c", "import duckdb, sys; c = duckdb.connect(sys.argv[1]); "
+                               "print('held', flush=True); sys.stdin.read()", s.settings.catalog],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:  # another process writes the catalog (the audit, say): asked again next tick, nothing recorded
+        assert writer.stdout.readline() == "held\n"
+        data = sense(s.settings, s.instance)
+        assert data.run_requests == [] and "being written" in data.skip_message and data.cursor is None
+    finally:
+        writer.communicate("")
+    data = sense(s.settings, s.instance)
+    assert data.run_requests == [] and "already fresh" in data.skip_message
+    assert data.cursor
+    again = sense(s.settings, s.instance, data.cursor)
+    assert again.run_requests == [] and "already asked" in again.skip_message
+
+    s.tar("0003").unlink()
+    s.state("0003").unlink()
+    assert "shard 0003" in sense(s.settings, s.instance, data.cursor).skip_message
+    assert s.run_shard("0003").success
+    for cursor in (data.cursor, None):
+        changed = sense(s.settings, s.instance, cursor).run_requests
+        assert len(changed) == 1 and list(changed[0].asset_selection) == [AUDIT]
+
+
 def test_a_partition_that_keeps_failing_is_backed_off_and_the_tick_says_so(site, monkeypatch):
     """Real runs of one partition fail (its plan slice is unreadable): after BACKOFF_AFTER failures
     in a row the schedule stops asking for it until a wait that doubles with each further failure

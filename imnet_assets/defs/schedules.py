@@ -6,7 +6,8 @@ IMNET_SCHEDULE_MAX_RUNS per tick, skipping partitions that already have a run qu
 a failed run that Dagster's run retries are about to launch again, or a run building them now
 whatever launched it (its lease under `<out root>/_locks/` is held: one listing of that folder).
 The sensor requests `shard_audit` once every shard is in and fresh, once per change of the shards
-(or of stray shard files beside them).
+(or of stray shard files beside them), unless the audit's record in the catalog already matches the
+shards as they are (`imnet build` audited them: the rule `imnet status` calls "fresh").
 """
 
 from __future__ import annotations
@@ -42,7 +43,12 @@ from imnet_assets.release.lease import describe, held_shard_leases
 from imnet_assets.release.plan import read_index
 from imnet_assets.runtime.host import pid_alive, pid_namespace
 from imnet_assets.settings import Settings
-from imnet_assets.stages.audit import expected_shard_fingerprints, plan_mismatch, shards_as_they_are
+from imnet_assets.stages.audit import (
+    audit_recorded_fresh,
+    expected_shard_fingerprints,
+    looked_at_shards,
+    plan_mismatch,
+)
 
 IN_FLIGHT = [
     DagsterRunStatus.QUEUED,
@@ -373,10 +379,11 @@ def make(settings: Settings):
         minimum_interval_seconds=30,
         # Off (IMNET_AUDIT_SENSOR=off) where ordinary run pods cannot reach the catalog (deploy/k8s).
         default_status=DefaultSensorStatus.RUNNING if settings.audit_sensor else DefaultSensorStatus.STOPPED,
-        description="Materializes shard_audit once every shard partition is in and fresh.",
+        description=("Materializes shard_audit once every shard partition is in and fresh, unless the audit "
+                     "is already fresh for them."),
     )
     def shard_audit_when_complete(context: SensorEvaluationContext):
-        shards_now, why = shards_as_they_are(settings)
+        shards_now, why, look = looked_at_shards(settings)
         if shards_now is None:
             return SkipReason(why)
         # One request per change of the shards, including a change back to an earlier one (strays
@@ -384,7 +391,18 @@ def make(settings: Settings):
         seen = json.loads(context.cursor) if context.cursor else {}
         if seen.get("state") == shards_now:
             return SkipReason("shard_audit was already asked for with the shards as they are")
-        n = int(seen.get("n", 0)) + 1
+        n = int(seen.get("n", 0))
+        # A first tick (no cursor), or shards changed back: the audit may have been made already
+        # (`imnet build` audits what it built), which is known from its record, as status knows it.
+        fresh = audit_recorded_fresh(settings, look)
+        if fresh is None:
+            return SkipReason("the catalog is being written (perhaps by shard_audit itself): "
+                              "whether the audit is fresh is looked at again on the next tick")
+        if fresh:
+            context.update_cursor(json.dumps({"state": shards_now, "n": n}))
+            return SkipReason("shard_audit is already fresh for the shards as they are (its record in the "
+                              "catalog matches them, as `imnet status` says): not asked for")
+        n += 1
         context.update_cursor(json.dumps({"state": shards_now, "n": n}))
         return RunRequest(run_key=f"{shards_now}-{n}", asset_selection=[asset_key(settings, "shard_audit")],
                           tags=release_tags)

@@ -284,7 +284,7 @@ def encode_or_refusal(data, settings: EncodeSettings, encode=None) -> Encoded | 
     except (MemoryError, MachineryFault):
         raise
     except Exception as e:  # noqa: BLE001 - one bad image never crashes a stage or shard
-        reason, error, repairing = f"encoder error: {type(e).__name__}: {e}", e, False
+        reason, error, repairing = f"encoder error: {describe_error(e)}", e, False
     if error is not None:
         settle(f"encoding ({path_settings(settings)})", error, data, functools.partial(_encodes, encode=encode,
                settings=settings), settings.max_short, cut=repairing or None)

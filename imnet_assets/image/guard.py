@@ -44,9 +44,17 @@ class MachineryFault(RuntimeError):
     the stage or shard run that met it, and nothing is recorded for the image."""
 
 
+ERROR_CHARS = 500  # an exception's message in a reason or a fault: the first this many characters
+
+
 def describe_error(exc: BaseException) -> str:
-    """``Type: message`` with object addresses removed, so reasons are deterministic."""
+    """``Type: message`` with object addresses removed, so reasons are deterministic, and a message
+    longer than ERROR_CHARS cut there, its length said (a decoder's message can quote the bytes it
+    read; an exclusion's reason goes into the manifest, the catalog and the card). The one place
+    an exception's text becomes part of an exclusion's reason."""
     msg = re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc)).strip()
+    if len(msg) > ERROR_CHARS:
+        msg = f"{msg[:ERROR_CHARS]}… ({len(msg):,} characters)"
     name = type(exc).__name__
     return f"{name}: {msg}" if msg else name
 

@@ -7,6 +7,7 @@ from `winter21_whole.tar.gz`), or per-synset folders `<wnid>/` of extracted file
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -78,24 +79,40 @@ def _digest(entries: list[tuple]) -> str:
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
-def list_raw(raw_root: str, unpack: bool = False, log: Callable[[str], None] = print) -> RawListing:
+def _to_unpack(entries: list[dict], synset_folders: list[str]) -> bool:
+    """Whether the root holds `winter21_whole.tar.gz` still to unpack: no synset tar beside it, or
+    an unpack's mark (it did not finish)."""
+    names = {e["name"] for e in entries}
+    return WHOLE_RELEASE in names and not synset_folders and (
+        UNPACKING_MARK in names or not any(WNID_TAR.match(n) for n in names))
+
+
+def list_raw(raw_root: str, unpack: bool = False, log: Callable[[str], None] = print,
+             holding: Callable[[], contextlib.AbstractContextManager] | None = None) -> RawListing:
     """List the raw release. When the root holds only `winter21_whole.tar.gz`, unpack it first.
 
     Per-synset tars, or else per-synset folders (each listed whole: every file's size and stamp,
     storage/rawfolders.py); a root holding both is refused (RawLayoutError), as the labels would
-    depend on which one is meant."""
+    depend on which one is meant. `holding`: the unpack's lease (stages/raw_tars.py), held while
+    the root is looked at again and unpacked: of two builds sharing a raw root, one unpacks it and
+    the other, once it holds the lease, finds it unpacked (else each rewrote every tar, and the
+    stamps one recorded were gone: its stages stale at once)."""
     entries, folders = fs.listdir_and_folders(raw_root)
-    names = {e["name"] for e in entries}
     synset_folders = [f for f in folders if WNID_FOLDER.match(f)]
-    interrupted = UNPACKING_MARK in names
-    if unpack and WHOLE_RELEASE in names and not synset_folders and (
-            interrupted or not any(WNID_TAR.match(n) for n in names)):
-        again = " again (an earlier unpack did not finish)" if interrupted else ""
-        log(f"unpacking {WHOLE_RELEASE} into {raw_root}{again} (one pass, per-synset tars)")
-        atomic.write_atomic(fs.join(raw_root, UNPACKING_MARK), b"unpack in progress\n")
-        unpack_whole_release(fs.join(raw_root, WHOLE_RELEASE), raw_root)
-        fs.remove(fs.join(raw_root, UNPACKING_MARK))
-        entries = fs.listdir(raw_root)
+    if unpack and _to_unpack(entries, synset_folders):
+        with holding() if holding is not None else contextlib.nullcontext():
+            entries, folders = fs.listdir_and_folders(raw_root)  # as the last holder left it
+            synset_folders = [f for f in folders if WNID_FOLDER.match(f)]
+            if _to_unpack(entries, synset_folders):
+                interrupted = any(e["name"] == UNPACKING_MARK for e in entries)
+                for leftover in atomic.sweep_partials(raw_root):  # a killed unpack's partial tar
+                    log(f"removed leftover of an interrupted unpack: {leftover}")
+                again = " again (an earlier unpack did not finish)" if interrupted else ""
+                log(f"unpacking {WHOLE_RELEASE} into {raw_root}{again} (one pass, per-synset tars)")
+                atomic.write_atomic(fs.join(raw_root, UNPACKING_MARK), b"unpack in progress\n")
+                unpack_whole_release(fs.join(raw_root, WHOLE_RELEASE), raw_root)
+                fs.remove(fs.join(raw_root, UNPACKING_MARK))
+                entries = fs.listdir(raw_root)
     tars = [dict(e, wnid=e["name"][: -len(".tar")]) for e in entries if WNID_TAR.match(e["name"])]
     texts = {e["name"]: e for e in entries if e["name"] in TEXT_FILES}
     # by name: `e not in tars` compared dicts against the whole list, 10 s at 19,167 tars

@@ -171,3 +171,28 @@ def test_a_broken_perceptual_hash_fails_the_index_and_decontamination_and_record
     assert eval_rows(settings) == [("README.txt", False), ("val_1.JPEG", True)]  # as it was
     build_filtered_index(settings, "run", quiet)
     assert eval_rows(settings) == [("README.txt", False), ("val_1.JPEG", True), ("val_2.JPEG", True)]
+
+
+def quoting_error_on(victim_sha256: str, data, settings):
+    """A codec whose error on one image quotes that image's bytes, as a decoder's message can."""
+    if hashlib.sha256(data).hexdigest() == victim_sha256:
+        raise ValueError(f"cannot decode {bytes(data)!r}")
+    return encode_image(data, settings)
+
+
+def test_a_reason_quoting_the_image_is_cut_and_the_same_at_every_build(photos, tmp_path):
+    """The exclusion's reason, in the manifest, holds the first 500 characters of the message and
+    its length; a second build gives the same reason and the same shard bytes."""
+    victim = photos.rows[3]
+    data = (photos.root / victim[3]).read_bytes()[victim[5]:victim[5] + victim[6]]
+    message = f"cannot decode {data!r}"
+    assert len(message) > 10_000
+    built = []
+    for out in (tmp_path / "a", tmp_path / "b"):
+        write_slice(str(out), KEY, planned(photos.rows, list(range(len(photos.rows)))))
+        result = build(out, photos, workers=2, encode=functools.partial(quoting_error_on, victim[7]))
+        assert result.excluded == [{"key": victim[0], "position": 3, "reason": (
+            f"encoder error: ValueError: {message[:500]}… ({len(message):,} characters)")}]
+        assert read_manifest(str(out), KEY)["excluded"] == result.excluded
+        built.append((out / NAME).read_bytes())
+    assert built[0] == built[1]
