@@ -43,12 +43,8 @@ from imnet_assets.release.lease import describe, held_shard_leases
 from imnet_assets.release.plan import read_index
 from imnet_assets.runtime.host import pid_alive, pid_namespace
 from imnet_assets.settings import Settings
-from imnet_assets.stages.audit import (
-    audit_recorded_fresh,
-    expected_shard_fingerprints,
-    looked_at_shards,
-    plan_mismatch,
-)
+from imnet_assets.stages.audit import expected_shard_fingerprints, plan_mismatch
+from imnet_assets.stages.audit_due import audit_recorded_fresh, looked_at_shards
 
 IN_FLIGHT = [
     DagsterRunStatus.QUEUED,

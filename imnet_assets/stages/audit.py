@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -21,7 +20,7 @@ import duckdb
 
 from imnet_assets.image.encode import encode_settings
 from imnet_assets.release import card, changed_sources
-from imnet_assets.release.freshness import OutRootLook, look_at_shards, verdict
+from imnet_assets.release.freshness import OutRootLook, look_at_shards
 from imnet_assets.release.info import info_document, info_url, render_info
 from imnet_assets.release.outroot import (
     MANIFEST_DIR,
@@ -39,7 +38,7 @@ from imnet_assets.settings import Settings, validation_pattern
 from imnet_assets.stages.published import classes_url, read_info, render_classes, sealed
 from imnet_assets.stages.shard import fingerprint
 from imnet_assets.storage import atomic, fs
-from imnet_assets.storage.catalog import Catalog, CatalogBusy, held_to, open_reader
+from imnet_assets.storage.catalog import Catalog, held_to
 
 
 class PlanOutdated(RuntimeError):
@@ -83,10 +82,10 @@ def require_current_plan(settings: Settings) -> dict:
 def expected_shard_fingerprints(settings: Settings) -> dict[str, str]:
     """Partition key -> the fingerprint a fresh shard carries under the current plan and settings
     (none when the plan is missing or made for other settings: then no shard is fresh)."""
-    return _shard_fingerprints(settings, read_index(settings.out_root))
+    return shard_fingerprints(settings, read_index(settings.out_root))
 
 
-def _shard_fingerprints(settings: Settings, index: dict | None) -> dict[str, str]:
+def shard_fingerprints(settings: Settings, index: dict | None) -> dict[str, str]:
     if index is None or plan_mismatch(settings, index):
         return {}
     enc = encode_settings(settings)
@@ -149,7 +148,7 @@ def run_audit(settings: Settings, run_id: str, log: Callable[[str], None] = prin
     look = look_at_release(settings)
     audit_inputs = _audit_inputs(settings, look)
     index = require_current_plan(settings)
-    expected = _shard_fingerprints(settings, index)
+    expected = shard_fingerprints(settings, index)
     limits = manifest_limits(settings.partition_keys, index)  # a larger manifest is damaged: never read whole
     with Catalog(settings.catalog) as cat:
         cat.check_intact()  # the audit vouches for the whole catalog: damage raises CatalogDamaged
@@ -445,52 +444,6 @@ def stray_shards(settings: Settings, names: list[str] | None = None, manifests: 
                   and pattern.format(shard=m.group(1)) == n]
     elsewhere = written_elsewhere(settings.out_root, list(settings.partition_keys), manifests) & set(names)
     return found + sorted(elsewhere - ours - set(found))
-
-
-def shards_as_they_are(settings: Settings) -> tuple[str | None, str]:
-    """(a digest of every shard's commit, strays included, reason) once every shard is in: committed,
-    on storage as committed and fresh; else (None, which shard is not in and why). Two listings
-    and one concurrent batch of commit-record reads (`look_at_release`), whatever the shard count."""
-    return looked_at_shards(settings)[:2]
-
-
-def looked_at_shards(settings: Settings) -> tuple[str | None, str, OutRootLook | None]:
-    """`shards_as_they_are`, and the look it took (None where there was no plan to look with)."""
-    index = read_index(settings.out_root)
-    expected = _shard_fingerprints(settings, index)
-    if not expected:
-        return None, plan_mismatch(settings, index) or "no plan yet", None
-    look = look_at_release(settings)
-    commits = []
-    for key in settings.partition_keys:
-        shard = look.shards[key]
-        state = verdict(settings.out_root, shard, expected.get(key))
-        if state == "missing":
-            return None, f"shard {key} is not in yet (missing)", look
-        if state != "fresh":
-            return None, (f"shard {key} is not in yet (stale: written from another plan or settings, "
-                          "or changed on storage)"), look
-        commits.append(committed_as(shard.state))
-    # Stray shard files fail the audit, so they are part of what it is asked for with.
-    commits += stray_shards(settings, look.names, look.manifests)
-    return hashlib.sha256("".join(commits).encode()).hexdigest()[:32], "every shard is in", look
-
-
-def audit_recorded_fresh(settings: Settings, look: OutRootLook | None = None) -> bool | None:
-    """Whether shard_audit's record in the catalog is the fingerprint of the shards (and of the files
-    it published) as they are now: the rule by which `imnet status` says "fresh" and `imnet build`
-    "fresh, skipped". For the audit sensor's tick, so without the catalog's integrity read (seconds
-    at the real size; the audit itself makes it): one read-only look at one row, no waiting. None
-    when another process is writing the catalog (it may be this very audit); False without one.
-    `look`: as `look_at_release` read it (else read now)."""
-    if not os.path.exists(settings.catalog):
-        return False
-    try:
-        with open_reader(settings.catalog, say=lambda _m: None, wait_s=0, intact=False) as cat:
-            recorded = cat.stage_fingerprint("shard_audit", settings.release)
-    except CatalogBusy:
-        return None
-    return recorded is not None and audit_fingerprint(settings, look) == recorded
 
 
 def audit_fingerprint(settings: Settings, look: OutRootLook | None = None) -> str | None:

@@ -29,8 +29,8 @@ from imnet_assets.stages.audit import (
     expected_shard_fingerprints,
     plan_mismatch,
     run_audit,
-    shards_as_they_are,
 )
+from imnet_assets.stages.audit_due import shards_as_they_are
 from imnet_assets.stages.filtered_index import build_filtered_index
 from imnet_assets.stages.fingerprints import listing_fingerprints, stale_stages
 from imnet_assets.stages.shard import build_shard

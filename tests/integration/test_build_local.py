@@ -208,7 +208,8 @@ def test_a_shard_edited_in_place_fails_the_audit_and_is_rebuilt_alone(built, tmp
     import shutil
 
     from imnet_assets.settings import Settings
-    from imnet_assets.stages.audit import run_audit, shards_as_they_are
+    from imnet_assets.stages.audit import run_audit
+    from imnet_assets.stages.audit_due import shards_as_they_are
 
     tmp, env, _, _ = built
     shutil.copytree(tmp / "out", tmp_path / "out")

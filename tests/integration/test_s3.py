@@ -466,7 +466,7 @@ def test_status_schedule_and_sensor_look_at_every_shard_in_a_few_round_trips(s3_
     reads only the listings again while no shard changed; a rewritten record is read again."""
     from imnet_assets.defs import schedules
     from imnet_assets.release import freshness
-    from imnet_assets.stages.audit import shards_as_they_are
+    from imnet_assets.stages.audit_due import shards_as_they_are
     from tests.conftest import settings_of
 
     settings = settings_of(s3_build.env)
