@@ -295,12 +295,25 @@ def test_a_read_error_while_verify_reads_is_not_checked_and_keeps_its_commit(rel
     os.symlink("/proc/self/mem", path)
     verify = imnet(["verify"], env, cwd=tmp, check=False)
     said = verify.stdout + verify.stderr
-    assert verify.returncode != 0 and f"NOT CHECKED shard 0000 ({SHARD0}): not checked:" in said, said
+    assert verify.returncode == 3 and f"NOT CHECKED shard 0000 ({SHARD0}): not checked:" in said, said
     assert path.name in said and "Input/output error" in said and "FAIL" not in said, said
+    assert ("verify: 2 of 3 shards ok, 1 NOT CHECKED (0000); nothing failed, run verify again to check the 1 "
+            "not checked (exit 3)") in said, said
     assert record.read_bytes() == kept
     os.remove(path)
     os.rename(tmp / "aside", path)
     imnet(["verify"], env, cwd=tmp)
+    if which == "manifest":  # damage beside a shard not checked: exit 1 (FAIL), whatever else was not checked
+        os.rename(path, tmp / "aside")
+        os.symlink("/proc/self/mem", path)
+        other = tmp / "out" / SHARD0.replace("0000", "0001")
+        stamp = other.stat()
+        damage(other, "byte", shard_offset(other, "image"))
+        os.utime(other, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        both = imnet(["verify"], env, cwd=tmp, check=False)
+        said = both.stdout + both.stderr
+        assert both.returncode == 1 and "1 of 3 shards ok, 1 FAILED (0001), 1 NOT CHECKED (0000)" in said, said
+        assert "nothing failed" not in said, said
 
 
 def test_shards_left_under_an_old_pattern_fail_the_audit_and_verify_naming_them(copy):
