@@ -65,8 +65,9 @@ def _catalog_rows(path: str, shards: list[dict], release: str = "") -> Iterator[
 
 
 class _Progress:
-    """A progress line every 5% of the shards or every PROGRESS_EVERY_S, whichever comes first: those
-    that failed, and apart from them those not checked (no verdict: not failed, not ok either)."""
+    """A progress line every 5% of the shards or every PROGRESS_EVERY_S, whichever comes first: the
+    shards done with (checked or not), those that failed, and apart from them those not checked (no
+    verdict: not failed, not ok either)."""
 
     def __init__(self, total: int, total_bytes: int):
         self.total, self.total_bytes = total, total_bytes
@@ -85,7 +86,7 @@ class _Progress:
             elapsed = max(now - self.started, 1e-9)
             rate = self.done / elapsed
             eta = (self.total - self.done) / rate if rate else 0
-            print(f"verify: {self.done}/{self.total} shards checked ({self.failed} failed"
+            print(f"verify: {self.done}/{self.total} shards done ({self.failed} failed"
                   + (f", {self.lost} not checked" if self.lost else "") + f"), {rate:.1f} shards/s, "
                   f"{self.bytes / 1e6 / elapsed:.0f} MB/s, eta {eta:.0f}s", flush=True)
 
@@ -169,6 +170,8 @@ def _verify_release(s: Settings, wanted_of: Callable[[list[str]], list[str]], jo
             print(f"FAIL {label}: {p}")
         if len(problems) > VERIFY_SHOWN:
             print(f"FAIL {label}: ... and {len(problems) - VERIFY_SHOWN} more problems")
+        for did in done.done:  # what verify did about it, not another problem (ASCII: any locale prints it)
+            print(f"  -> {did}")
         if problems:
             bad.append(sh["shard"])
         elif verbose and not done.lost:
