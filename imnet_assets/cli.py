@@ -268,10 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("verify", help="re-read every shard and check it against the catalog",
                         description="Re-read every shard and check it against the catalog.",
                         epilog="exit status: 0 every shard ok; 1 something FAILED (damage: the next `imnet build` "
-                        "writes a failed shard again), or verify could not run (its message says why); 3 nothing failed but some shards were NOT CHECKED (no "
-                        "verdict: the storage did not answer, their checking process kept dying, or a build "
-                        "wrote them meanwhile; run verify again); 2 a usage or configuration error; "
-                        "130 interrupted")
+                        "writes a failed shard again), or verify could not run (its message says why); 3 nothing "
+                        "failed but some shards were NOT CHECKED (no verdict: the storage did not answer, their "
+                        "checking process kept dying, or a build wrote them meanwhile; run verify again); 2 a "
+                        "usage or configuration error; 130 interrupted")
     sp.add_argument("--shards", help="shards to check, e.g. 0000-0015,0042 (default all; _info.json and stray "
                     "shard files are checked only with all)")
     sp.add_argument("--jobs", type=_positive, metavar="N", help="processes checking shards (default IMNET_WORKERS)")
