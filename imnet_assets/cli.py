@@ -216,7 +216,8 @@ def _print_placement(r: dict, release: Settings) -> None:
 
 
 def cmd_verify(args) -> int:
-    """Every selected release (`--release NAME`; default all), one after another: non-zero when any fails."""
+    """Every selected release (`--release NAME`; default all), one after another: 1 when any fails, 3 when
+    none fails but a shard could not be checked (verify_command.NOT_CHECKED), else 0."""
     from imnet_assets.orchestrate.verify_command import verify
 
     releases = read_releases()
