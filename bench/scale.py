@@ -331,7 +331,7 @@ def stage_verify(args) -> dict:
     text = out.getvalue()
     missing = text.count(": missing from the out root")
     return {"rows": rows, "exit": code, "missing_reported": missing, "verify_seconds": seconds,
-            "progress_lines": text.count(" shards checked (")}
+            "progress_lines": text.count(" shards done (")}
 
 
 STAGES = {"catalog": stage_catalog, "plan": stage_plan, "manifests": stage_manifests, "audit": stage_audit,

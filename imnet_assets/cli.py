@@ -216,7 +216,8 @@ def _print_placement(r: dict, release: Settings) -> None:
 
 
 def cmd_verify(args) -> int:
-    """Every selected release (`--release NAME`; default all), one after another: non-zero when any fails."""
+    """Every selected release (`--release NAME`; default all), one after another: 1 when any fails, 3 when
+    none fails but a shard could not be checked (verify_command.NOT_CHECKED), else 0."""
     from imnet_assets.orchestrate.verify_command import verify
 
     releases = read_releases()
@@ -265,7 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("lineage", help="where a sample came from and where it went")
     sp.add_argument("key")
     sp.set_defaults(func=cmd_lineage)
-    sp = sub.add_parser("verify", help="re-read every shard and check it against the catalog")
+    sp = sub.add_parser("verify", help="re-read every shard and check it against the catalog",
+                        description="Re-read every shard and check it against the catalog.",
+                        epilog="exit status: 0 every shard ok; 1 something FAILED (damage: the next `imnet build` "
+                        "writes a failed shard again), or verify could not run (its message says why); 3 nothing "
+                        "failed but some shards were NOT CHECKED (no verdict: the storage did not answer, their "
+                        "checking process kept dying, or a build wrote them meanwhile; run verify again); 2 a "
+                        "usage or configuration error; 130 interrupted")
     sp.add_argument("--shards", help="shards to check, e.g. 0000-0015,0042 (default all; _info.json and stray "
                     "shard files are checked only with all)")
     sp.add_argument("--jobs", type=_positive, metavar="N", help="processes checking shards (default IMNET_WORKERS)")

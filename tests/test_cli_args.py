@@ -107,6 +107,22 @@ def test_counts_must_be_whole_numbers_of_at_least_one(argv, capsys):
     assert "is not a whole number >= 1" in capsys.readouterr().err
 
 
+def test_verify_help_names_its_exit_statuses(capsys):
+    """A script tells damage (1: rebuild) from shards not checked (3: check again) by `imnet verify`'s
+    exit status, which --help lists with the CLI's own (2 usage, 130 interrupted)."""
+    from imnet_assets.cli import main
+    from imnet_assets.orchestrate.verify_command import FAILED, NOT_CHECKED, OK
+
+    assert (OK, FAILED, NOT_CHECKED) == (0, 1, 3)
+    with pytest.raises(SystemExit) as exc:
+        main(["verify", "--help"])
+    assert exc.value.code == 0
+    said = " ".join(capsys.readouterr().out.split())
+    for status in ("0 every shard ok", "1 something FAILED", "3 nothing failed but some shards were NOT CHECKED",
+                   "2 a usage or configuration error", "130 interrupted"):
+        assert status in said, said
+
+
 def test_lock_holder_names_the_writing_process():
     """DuckDB's message when another process holds the catalog, read into a pid and its command."""
     import os

@@ -14,6 +14,10 @@ from imnet_assets.settings import Settings
 
 VERIFY_SHOWN = 20  # problems printed per shard; the rest are counted
 PROGRESS_EVERY_S = 10.0
+# exit statuses: every shard ok; something FAILED (damage: the next `imnet build` rewrites it); nothing
+# failed but some shards were NOT CHECKED (no verdict: run verify again). 2 (usage, configuration) and
+# 130 (interrupted) are the CLI's (cli.py).
+OK, FAILED, NOT_CHECKED = 0, 1, 3
 
 
 def _catalog_rows(path: str, shards: list[dict], release: str = "") -> Iterator[tuple[dict, list[tuple]]]:
@@ -61,8 +65,9 @@ def _catalog_rows(path: str, shards: list[dict], release: str = "") -> Iterator[
 
 
 class _Progress:
-    """A progress line every 5% of the shards or every PROGRESS_EVERY_S, whichever comes first: those
-    that failed, and apart from them those not checked (no verdict: not failed, not ok either)."""
+    """A progress line every 5% of the shards or every PROGRESS_EVERY_S, whichever comes first: the
+    shards done with (checked or not), those that failed, and apart from them those not checked (no
+    verdict: not failed, not ok either)."""
 
     def __init__(self, total: int, total_bytes: int):
         self.total, self.total_bytes = total, total_bytes
@@ -81,7 +86,7 @@ class _Progress:
             elapsed = max(now - self.started, 1e-9)
             rate = self.done / elapsed
             eta = (self.total - self.done) / rate if rate else 0
-            print(f"verify: {self.done}/{self.total} shards checked ({self.failed} failed"
+            print(f"verify: {self.done}/{self.total} shards done ({self.failed} failed"
                   + (f", {self.lost} not checked" if self.lost else "") + f"), {rate:.1f} shards/s, "
                   f"{self.bytes / 1e6 / elapsed:.0f} MB/s, eta {eta:.0f}s", flush=True)
 
@@ -115,7 +120,8 @@ def _as_built(s: Settings) -> Settings:
 
 def verify(selected: list[Settings], wanted_of: Callable[[list[str]], list[str]] = list, jobs: int | None = None,
            decode: bool = False, verbose: bool = False) -> int:
-    """Every release of `selected`, one after another: non-zero when any fails. `wanted_of`: the keys to
+    """Every release of `selected`, one after another: FAILED when any fails, else NOT_CHECKED when a
+    shard of any could not be checked, else OK. `wanted_of`: the keys to
     check of a release's shard keys as built (`--shards`: cli.parse_shards; default all); `jobs`:
     processes checking shards (default IMNET_WORKERS); `decode`: also decode every stored image;
     `verbose`: a line for each shard that is ok too."""
@@ -124,7 +130,7 @@ def verify(selected: list[Settings], wanted_of: Callable[[list[str]], list[str]]
         if r.release:
             print(f"release {r.release}: {r.out_root}", flush=True)
         codes.append(_verify_release(_as_built(r), wanted_of, jobs, decode, verbose))
-    return max(codes)
+    return FAILED if FAILED in codes else NOT_CHECKED if NOT_CHECKED in codes else OK
 
 
 def _verify_release(s: Settings, wanted_of: Callable[[list[str]], list[str]], jobs: int | None, decode: bool,
@@ -143,7 +149,7 @@ def _verify_release(s: Settings, wanted_of: Callable[[list[str]], list[str]], jo
         conservation = conservation_problems(cat, s.release)
     if not recorded:
         print(f"no shards recorded in {s.catalog}: run `imnet build` first", file=sys.stderr)
-        return 1
+        return FAILED
     jobs = jobs or s.workers
     unrecorded = [k for k in wanted if k not in recorded]
     shards = [recorded[k] for k in wanted if k in recorded]
@@ -164,6 +170,8 @@ def _verify_release(s: Settings, wanted_of: Callable[[list[str]], list[str]], jo
             print(f"FAIL {label}: {p}")
         if len(problems) > VERIFY_SHOWN:
             print(f"FAIL {label}: ... and {len(problems) - VERIFY_SHOWN} more problems")
+        for did in done.done:  # what verify did about it, not another problem (ASCII: any locale prints it)
+            print(f"  -> {did}")
         if problems:
             bad.append(sh["shard"])
         elif verbose and not done.lost:
@@ -180,12 +188,16 @@ def _verify_release(s: Settings, wanted_of: Callable[[list[str]], list[str]], jo
     failed = len(bad) + len(unrecorded)
     for p in conservation:
         print(f"FAIL conservation: {p}")
+    damaged = failed or info_problems or stray or conservation
     print(f"verify: {len(shards) - len(bad) - len(lost)} of {len(wanted)} shards ok"
           + (f", {failed} FAILED" if failed else "")
           + (f" ({', '.join(sorted(bad + unrecorded)[:16])}{' ...' if failed > 16 else ''})" if failed else "")
-          + (f", {len(lost)} NOT CHECKED ({', '.join(sorted(lost)[:16])})" if lost else "")
+          + (f", {len(lost)} NOT CHECKED ({', '.join(sorted(lost)[:16])}{' ...' if len(lost) > 16 else ''})"
+             if lost else "")
           + (", _info.json FAILED" if info_problems else "")
           + (f", {len(stray)} stray shard files" if stray else "")
           + (f", {len(conservation)} conservation differences" if conservation else "")
-          + ("" if every else "; _info.json and stray files not checked (only some shards selected)"))
-    return 1 if failed or lost or info_problems or stray or conservation else 0
+          + ("" if every else "; _info.json and stray files not checked (only some shards selected)")
+          + ("" if damaged or not lost else
+             f"; nothing failed, run verify again to check the {len(lost)} not checked (exit {NOT_CHECKED})"))
+    return FAILED if damaged else NOT_CHECKED if lost else OK

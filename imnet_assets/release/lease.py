@@ -47,6 +47,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -58,6 +59,7 @@ RENEW_SECONDS = 30.0  # how often a held lease is renewed
 EXPIRE_SECONDS = 300.0  # a lease of another host not renewed for this long is taken over
 TAKE_ATTEMPTS = 8  # looks at a lease whose generation others keep creating before giving up
 LEASE_MAX_BYTES = 1 << 20  # a lease object is ~300 bytes: a larger one is damaged, never read whole
+MOMENT_SECONDS = 30.0  # how long a shard's run waits out a holder of its lease that holds it for a moment
 SETTLE_ATTEMPTS = 10  # rounds of the renewer that try to remove a failed take's object (_settle_all)
 _GENERATION = re.compile(r"^(\d{8})\.json$")
 
@@ -363,6 +365,29 @@ def acquire(out_root: str, name: str, what: str) -> Lease:
         return lease
     holder = _holder_at(fs.join(folder, f"{max(_generations(folder) or [0]):08d}.json"), time.time()) or {}
     raise LeaseHeld(f"others keep taking it at once (the last: {describe(holder)})", holder)
+
+
+def acquire_waiting(out_root: str, name: str, what: str, waits_for: Callable[[dict], bool],
+                    seconds: float = MOMENT_SECONDS, poll: float = 0.5,
+                    waiting: Callable[[str], None] | None = None) -> Lease:
+    """acquire, waiting up to `seconds` (looking every `poll`) while the holder is one `waits_for`
+    says holds the lease only for a moment (for a shard's lease: `imnet verify` or the audit removing
+    its commit record, not writes_shard); any other holder raises LeaseHeld at once, and one that
+    holds it past `seconds` raises it naming the holder and the wait. `waiting(line)` is told once
+    when it starts to wait, naming the holder."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return acquire(out_root, name, what)
+        except LeaseHeld as e:
+            if not waits_for(e.holder):
+                raise
+            if time.monotonic() >= deadline:
+                raise LeaseHeld(f"{e} (waited {seconds:.0f}s for it to let go)", e.holder) from None
+            if waiting is not None:
+                waiting(f"waiting up to {seconds:.0f}s for the lease {name}: {e}")
+                waiting = None
+        time.sleep(poll)
 
 
 def holder_of(out_root: str, name: str) -> tuple[dict, str] | None:

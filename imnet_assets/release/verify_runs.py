@@ -21,7 +21,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from imnet_assets.release.lease import LeaseHeld, describe, holder_of, shard_lease_name, writes_shard
 from imnet_assets.release.outroot import (
@@ -108,7 +108,7 @@ def changed_while_checking(out_root: str, shard: dict, before: bytes | str | Non
     key = shard["shard"]
     now = record_now(out_root, key)
     if now != before:
-        return "its commit record changed while it was checked: a run wrote the shard again meanwhile"
+        return "its commit record is not the one read before its bytes: a run wrote the shard again meanwhile"
     try:
         record = json.loads(now) if isinstance(now, bytes) else None
     except ValueError:
@@ -128,11 +128,13 @@ def changed_while_checking(out_root: str, shard: dict, before: bytes | str | Non
 @dataclass
 class Checked:
     """A shard's outcome: `problems` (empty: it is correct), or `lost`, why it could not be checked
-    (its workers kept dying, the storage did not give its bytes): no verdict on its bytes."""
+    (its workers kept dying, the storage did not give its bytes): no verdict on its bytes. `done`:
+    what verify did about a failed shard (forget_failed), each a line of its own, not a problem."""
 
     shard: dict
     problems: list[str]
     lost: str | None = None
+    done: list[str] = field(default_factory=list)
 
 
 _pool: WorkerPool | None = None
@@ -168,11 +170,9 @@ def checked_shards(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], de
             if isinstance(problems, Changed):  # a run's doing, not damage: no verdict, its commit left to it
                 return Checked(job.shard, [], f"it changed while it was checked: {problems.why}; no verdict on its "
                                               "bytes: run verify again once the build writing it is done")
-            if problems and out_root:
-                problems += forget_failed(out_root, job.shard)
-            return Checked(job.shard, problems)
+            return Checked(job.shard, problems, done=forget_failed(out_root, job.shard) if problems and out_root else [])
         except (fs.StorageError, ReadBackFailed) as e:  # the storage, not the shard: no verdict on its bytes
-            return Checked(job.shard, [], f"not checked: {fs.redact(str(e))}; run verify again")
+            return Checked(job.shard, [], f"{fs.redact(str(e))}; run verify again")
         except WorkerDied as died:
             if died.culprit is None:
                 held.append(died.named)
@@ -180,7 +180,7 @@ def checked_shards(jobs: int, tasks: Iterator[tuple[dict, str, list[tuple]]], de
                 deaths.append(died.named)
             if len(deaths) >= CHECK_DEATHS or len(held) >= HELD_DEATHS:
                 return Checked(job.shard, [], (
-                    f"not checked: the process checking it died {len(deaths) + len(held)} times "
+                    f"the process checking it died {len(deaths) + len(held)} times "
                     f"({', '.join(deaths + held)}), each time in a fresh process; no verdict on its bytes: "
                     "give verify more memory or fewer --jobs, and run it again"))
             pending[pool.submit(job)] = (job, deaths, held)  # from the start, in a fresh worker
@@ -207,17 +207,16 @@ def forget_failed(out_root: str, shard: dict) -> list[str]:
     one while it is looked at: outroot.forget_commit holds the shard's lease), is removed, and the
     next `imnet build` writes the shard again. Freshness trusts a shard's size and stamp (its bytes
     are not hashed on every look), so a byte that rots with the stamp unchanged is found only here.
-    The line it adds says so (none when the record was not that commit's)."""
+    What it did is said in a line (none when the record was not that commit's)."""
     key = shard["shard"]
     try:
         gone = forget_commit(out_root, key, {"sha256": shard["sha256"], "run_id": shard.get("run_id") or ""},
                              FORGETTING)
     except LeaseHeld as e:  # a run writing the shard again (its commit is its own), or another verify
-        return [f"its commit record is left alone: {e}"]
+        return [f"commit record left alone: {e}"]
     except (fs.StorageError, OSError) as e:  # read-only credentials: the verdict stands, unmarked
-        return [f"its commit record could not be removed ({fs.redact(str(e))}): move the shard aside and "
-                "run `imnet build`"]
-    return ["its commit record is removed: the next `imnet build` writes this shard again"] if gone else []
+        return [f"commit record not removed ({fs.redact(str(e))}): move the shard aside and run `imnet build`"]
+    return ["commit record removed: the next `imnet build` writes this shard again"] if gone else []
 
 
 def manifest_problems(out_root: str, shard: dict) -> list[str]:

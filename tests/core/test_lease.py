@@ -83,6 +83,70 @@ time.sleep(600)
 """
 
 
+MOMENT_HOLDER = """
+import sys
+from imnet_assets.release import lease
+held = lease.acquire(sys.argv[1], "shard-0001", sys.argv[2])
+print("held", flush=True)
+sys.stdin.readline()
+held.release()
+print("released", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_moments_holder_is_waited_out_a_run_is_not(root):
+    """acquire_waiting against a real process holding the lease: one that holds it for a moment
+    (`imnet verify`, as waits_for says) is waited out when it lets go within the wait; past the wait
+    it is refused naming the holder and the wait; a run holding it is refused at once."""
+    from imnet_assets.release.verify_runs import FORGETTING
+
+    moment = lambda holder: not lease.writes_shard(holder)  # noqa: E731
+
+    def holding(what: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", MOMENT_HOLDER, root, what], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+        assert proc.stdout.readline() == "held\n"
+        return proc
+
+    def let_go(proc: subprocess.Popen, after: float) -> threading.Thread:
+        def go():
+            time.sleep(after)
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        t = threading.Thread(target=go)
+        t.start()
+        return t
+
+    verify = holding(FORGETTING)
+    try:
+        started = time.monotonic()
+        with pytest.raises(lease.LeaseHeld, match=f"pid {verify.pid},.*waited 1s for it to let go"):
+            lease.acquire_waiting(root, "shard-0001", "run r1", moment, seconds=1, poll=0.1)
+        assert time.monotonic() - started >= 1
+        said = []
+        t = let_go(verify, 1.5)
+        started = time.monotonic()
+        with lease.acquire_waiting(root, "shard-0001", "run r1", moment, seconds=30, poll=0.1,
+                                   waiting=said.append) as taken:
+            assert time.monotonic() - started >= 1.4 and taken.holder["what"] == "run r1"
+            assert verify.stdout.readline() == "released\n"
+        t.join()
+        assert len(said) == 1 and said[0].startswith(f"waiting up to 30s for the lease shard-0001: {FORGETTING} "), said
+    finally:
+        verify.kill()
+        verify.wait()
+    run = holding("run r2")
+    try:
+        started = time.monotonic()
+        with pytest.raises(lease.LeaseHeld, match=f"^run r2 \\(host .*, pid {run.pid},") as held:
+            lease.acquire_waiting(root, "shard-0001", "run r1", moment, seconds=30, poll=0.1)
+        assert time.monotonic() - started < 10 and "waited" not in str(held.value)  # at once, not after 30 s
+    finally:
+        run.kill()
+        run.wait()
+
+
 def test_a_holder_killed_with_sigkill_is_taken_over_at_once(root):
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, root], stdout=subprocess.PIPE, text=True,
                             env=os.environ.copy())

@@ -118,7 +118,7 @@ def test_a_shard_whose_checker_is_killed_every_time_is_not_checked_and_never_bad
     assert [k for k, _ in killed] == ["0001"] * verify_runs.CHECK_DEATHS
     problems, lost = got["0001"]
     assert problems == [], problems  # no verdict on its bytes
-    assert lost.startswith(f"not checked: the process checking it died {verify_runs.CHECK_DEATHS} times "
+    assert lost.startswith(f"the process checking it died {verify_runs.CHECK_DEATHS} times "
                            "(signal 9 (SIGKILL), "), lost
     assert got["0000"] == verify(shards)["0000"]  # the other shard's verdict stands
 
@@ -139,10 +139,10 @@ def test_a_commit_record_is_left_to_a_run_holding_the_shards_lease(tmp_path):
     failed = {"shard": "0000", "sha256": "ab" * 32, "run_id": "r1"}
     with lease.acquire(out, lease.shard_lease_name("0000"), "run r2"):
         said = verify_runs.forget_failed(out, failed)
-    assert said and said[0].startswith("its commit record is left alone: run r2 (host ")
+    assert said and said[0].startswith("commit record left alone: run r2 (host ")
     assert os.path.exists(record)
     assert verify_runs.forget_failed(out, failed) == [
-        "its commit record is removed: the next `imnet build` writes this shard again"]
+        "commit record removed: the next `imnet build` writes this shard again"]
     assert not os.path.exists(record) and not os.path.exists(os.path.join(out, "_locks"))
 
 
@@ -158,20 +158,20 @@ def test_a_shard_a_run_is_writing_is_not_checked_and_a_lease_verify_holds_leaves
 
     def check() -> dict[str, tuple[list[str], str | None]]:
         done = verify_runs.checked_shards(2, iter(shards.tasks), True, "webp", first_done, out)
-        return {c.shard["shard"]: (c.problems, c.lost) for c in done}
+        return {c.shard["shard"]: (c.problems, c.lost, c.done) for c in done}
 
     with lease.acquire(out, lease.shard_lease_name("0000"), "run r9"):
         got = check()
-    assert got["0001"] == ([], None)
-    problems, lost = got["0000"]
-    assert problems == [] and lost.startswith("it changed while it was checked: run r9 (host "), got
+    assert got["0001"] == ([], None, [])
+    problems, lost, did = got["0000"]
+    assert problems == [] and did == [] and lost.startswith("it changed while it was checked: run r9 (host "), got
     assert "holds its lease: it is writing the shard again" in lost
     assert os.path.exists(state_url(out, "0000"))
     with lease.acquire(out, lease.shard_lease_name("0000"), verify_runs.FORGETTING):
         got = check()
-    problems, lost = got["0000"]
-    assert lost is None and problems[:-1] == verify(shards)["0000"][0], got
-    assert problems[-1].startswith(f"its commit record is left alone: {verify_runs.FORGETTING} (host "), problems
+    problems, lost, did = got["0000"]
+    assert lost is None and problems == verify(shards)["0000"][0], got  # what verify did is no problem
+    assert len(did) == 1 and did[0].startswith(f"commit record left alone: {verify_runs.FORGETTING} (host "), did
     assert os.path.exists(state_url(out, "0000"))
 
 

@@ -262,33 +262,81 @@ from imnet_assets.release.lease import acquire, shard_lease_name
 from imnet_assets.release.verify_runs import FORGETTING
 with acquire(sys.argv[1], shard_lease_name("0001"), FORGETTING):
     print("held", flush=True)
-    time.sleep(600)
+    sys.stdin.readline()  # until told to let go
+print("released", flush=True)
+time.sleep(600)
 """
 
 
-def test_a_partition_whose_lease_imnet_verify_holds_fails_naming_verify_not_another_run(planned, tmp_path):
+def holding_as_verify(env, tmp_path) -> subprocess.Popen:
+    """A real process holding partition 0001's lease as `imnet verify` does while it removes a commit
+    record, until a line on its stdin."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_AS_VERIFY, str(tmp_path / "out")], env=env,
+                              cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_partition_whose_lease_imnet_verify_holds_past_the_wait_fails_naming_verify_not_another_run(
+        planned, tmp_path):
     """A run of partition 0001 while `imnet verify` holds the shard's lease (as it does for a moment
     while it removes the commit record of a shard it failed: a real process holding it as verify
-    does): the run fails naming what holds the lease (imnet verify, its host and pid), never "being
-    built by another run" (no run is building it), and wrote nothing."""
+    does) past the time a run waits out such a holder (lease.MOMENT_SECONDS): the run fails naming
+    what holds the lease (imnet verify, its host and pid) and the wait, never "being built by another
+    run" (no run is building it), and wrote nothing."""
+    from imnet_assets.release.lease import MOMENT_SECONDS
+
     env = copy_of(planned, tmp_path, IMNET_WORKERS="1")
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_AS_VERIFY, str(out)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, text=True)
+    holder = holding_as_verify(env, tmp_path)
     try:
-        assert holder.stdout.readline() == "held\n"
+        started = time.monotonic()
         run = subprocess.run([os.path.join(BIN, "dagster"), *MATERIALIZE], env=env, cwd=tmp_path,
                              capture_output=True, text=True, timeout=300)
+        took = time.monotonic() - started
     finally:
         holder.kill()
         holder.wait()
     text = run.stdout + run.stderr
     assert run.returncode != 0
+    assert took >= MOMENT_SECONDS, took  # waited it out first
     assert "being built by another run" not in text, text
     assert (f"shard 0001 is held by another holder, not a run building it: imnet verify (removing the commit "
             f"record of a shard it failed) (host {socket.gethostname()}, pid {holder.pid},") in text, text
+    assert f"(waited {MOMENT_SECONDS:.0f}s for it to let go)" in text, text
     assert not (out / "imagenet12k-train-0001.tar").exists()
     assert not (out / "_manifests" / "0001.json").exists()
+
+
+def test_a_run_waits_out_imnet_verify_holding_its_partitions_lease_for_a_moment_then_builds(planned, tmp_path):
+    """`imnet verify` (a real process holding the lease as verify does) lets go of partition 0001's
+    lease ~2 s after the run found it held: the run waits, saying so, then takes the lease and builds
+    the shard, the same bytes as a clean build's."""
+    env = copy_of(planned, tmp_path, IMNET_WORKERS="1")
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    holder = holding_as_verify(env, tmp_path)
+    waits = "waiting up to 30s for the lease shard-0001: imnet verify (removing the commit record"
+    try:
+        with open(log, "wb") as f:
+            run = subprocess.Popen([os.path.join(BIN, "dagster"), *MATERIALIZE], env=env, cwd=tmp_path, stdout=f,
+                                   stderr=subprocess.STDOUT)
+        try:
+            wait_for("the run waiting for the lease", lambda: waits in log.read_text(), run, log, timeout=300)
+            time.sleep(2)
+            holder.stdin.write("go\n")
+            holder.stdin.flush()
+            assert holder.stdout.readline() == "released\n"
+            assert run.wait(timeout=300) == 0, log.read_text()
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+    finally:
+        holder.kill()
+        holder.wait()
+    clean = planned[2] / "imagenet12k-train-0001.tar"
+    assert (out / "imagenet12k-train-0001.tar").read_bytes() == clean.read_bytes()
+    no_leases_left(out)
 
 
 INSTANCE = "from imnet_assets.orchestrate.instance import dagster_instance; dagster_instance().get_runs(limit=1)"

@@ -333,12 +333,12 @@ def test_verify_checks_the_selected_shards_in_parallel_with_progress(damaged, tm
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert out.splitlines()[0].startswith("verify: 3 shards under ") and out.splitlines()[0].endswith(", 2 processes")
-    progress = re.findall(r"^verify: (\d)/3 shards checked \(0 failed\), [\d.]+ shards/s, \d+ MB/s, eta \d+s$", out, re.M)
+    progress = re.findall(r"^verify: (\d)/3 shards done \(0 failed\), [\d.]+ shards/s, \d+ MB/s, eta \d+s$", out, re.M)
     assert progress == ["1", "2", "3"], out
     assert "3 of 3 shards ok; _info.json and stray files not checked (only some shards selected)" in out, out
     bad = imnet(["verify", "--shards", "0000,0003", "--jobs", "2"], env, cwd=tmp_path, check=False)
     assert bad.returncode == 1 and "1 of 2 shards ok, 1 FAILED (0000)" in bad.stdout, bad.stdout
-    assert "verify: 2/2 shards checked (1 failed)" in bad.stdout, bad.stdout
+    assert "verify: 2/2 shards done (1 failed)" in bad.stdout, bad.stdout
     nosuch = imnet(["verify", "--shards", "0009"], env, cwd=tmp_path, check=False)
     assert nosuch.returncode == 2 and "--shards: shard 0009 does not exist" in nosuch.stderr
 

@@ -13,8 +13,7 @@ from imnet_assets.defs.assets.common import human_bytes, logger, reason_counts
 from imnet_assets.defs.checks import SHARD_COMPLETE, result, wds_shards_checks
 from imnet_assets.defs.release_keys import RELEASE_TAG, asset_key, group, key_prefix
 from imnet_assets.defs.schedules import HOST_TAG, worker_place
-from imnet_assets.release.lease import RUN_PREFIX, LeaseHeld, shard_lease_name
-from imnet_assets.release.lease import acquire as take_lease
+from imnet_assets.release.lease import RUN_PREFIX, LeaseHeld, acquire_waiting, shard_lease_name, writes_shard
 from imnet_assets.settings import Settings
 from imnet_assets.stages import shard_ahead
 from imnet_assets.stages.audit import encode_settings, require_current_plan
@@ -27,7 +26,8 @@ NO_RETRY_TAG = "dagster/retry_on_asset_or_op_failure"  # "false": run_retries (d
 class ShardBusy(RuntimeError):
     """Another holder has this shard partition's lease: a run building the shard now, or something
     else that holds it for a moment (`imnet verify` removing the commit record of a shard it failed,
-    the audit forgetting one whose manifest is damaged); the message names which (its `what`)."""
+    the audit forgetting one whose manifest is damaged: a run waits that out, up to lease.MOMENT_SECONDS,
+    before it gives up); the message names which (its `what`)."""
 
 
 def busy_message(key: str, e: LeaseHeld) -> str:
@@ -71,9 +71,12 @@ def make(settings: Settings):
             context.instance.add_run_tags(context.run.run_id, {RELEASE_TAG: settings.release})
         # One run of a partition at a time, however each was launched (CLI, UI, schedule, sensor,
         # a retry): the lease is taken before anything is written, and a second run fails at once
-        # naming the holder, without a retry (the run holding it builds the shard).
+        # naming the holder, without a retry (the run holding it builds the shard). A holder that
+        # writes no shard (`imnet verify`, the audit: removing its commit record, for a moment) is
+        # waited out, up to lease.MOMENT_SECONDS; one holding it longer fails the run naming it.
         try:
-            lease = take_lease(settings.out_root, shard_lease_name(key), f"{RUN_PREFIX}{context.run.run_id}")
+            lease = acquire_waiting(settings.out_root, shard_lease_name(key), f"{RUN_PREFIX}{context.run.run_id}",
+                                    waits_for=lambda holder: not writes_shard(holder), waiting=context.log.info)
         except LeaseHeld as e:
             context.instance.add_run_tags(context.run.run_id, {NO_RETRY_TAG: "false"})
             raise ShardBusy(busy_message(key, e)) from None
