@@ -188,7 +188,9 @@ def _conditional_put(method: str, target: str, headers: dict) -> bool:
 
 
 def _lock_keys(client, bucket: str) -> list[str]:
-    return sorted(k for k in MotoS3.all_objects(client, bucket) if "/_locks/" in k)
+    """The lease objects' keys, listed only (a heartbeat may remove one between a listing and a GET)."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []) if "/_locks/" in o["Key"])
 
 
 def test_a_lease_whose_create_reply_was_lost_is_its_takers_own_renewed_and_released(proxied):
