@@ -120,6 +120,25 @@ def test_a_manifest_removed_or_changed_on_s3_is_not_fresh_and_build_writes_its_s
     imnet(["verify"], env, cwd=tmp)
 
 
+def _held_at_fault(proxy, args: list[str], env: dict, cwd, what: str):
+    """A real `imnet ARGS` process through `proxy`, once it has met the proxy's first injected fault
+    (held there while the fault lasts): the caller acts meanwhile, then clears the fault."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    exe = shutil.which("imnet", path=os.path.dirname(sys.executable)) or "imnet"  # as conftest.imnet
+    process = subprocess.Popen([exe, *args], env={**env, "AWS_ENDPOINT_URL": proxy.endpoint}, cwd=cwd,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not proxy.injected["slowdown"] and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proxy.injected["slowdown"], f"imnet {' '.join(args)} never went to {what}"
+    return process
+
+
 def _batch_delete(method: str, target: str, headers: dict) -> bool:
     return method == "POST" and "delete" in target.partition("?")[2]  # s3fs removes a key by DeleteObjects
 
@@ -130,11 +149,6 @@ def test_verify_never_forgets_the_commit_of_a_shard_a_build_rewrote_meanwhile(s3
     but the storage throttles that request (503 SlowDown, retried); meanwhile `imnet build` writes
     the shard again, correct, and commits it. The throttled remove must never take the new commit
     away: the shard the build wrote stays fresh, or the build was told to wait for verify."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import time
 
     from tests.latency_proxy import LatencyProxy
 
@@ -142,13 +156,7 @@ def test_verify_never_forgets_the_commit_of_a_shard_a_build_rewrote_meanwhile(s3
     put(client, SHARD0, flipped(get(client, SHARD0), 5000))
     with LatencyProxy(env["AWS_ENDPOINT_URL"], latency_ms=0) as proxy:
         throttled = proxy.slowdown(600, match=_batch_delete, after=1)
-        exe = shutil.which("imnet", path=os.path.dirname(sys.executable)) or "imnet"  # as conftest.imnet
-        verifying = subprocess.Popen([exe, "verify"], env={**env, "AWS_ENDPOINT_URL": proxy.endpoint}, cwd=tmp,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 120
-        while not proxy.injected["slowdown"] and verifying.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert proxy.injected["slowdown"], "verify never went to remove the commit record"
+        verifying = _held_at_fault(proxy, ["verify"], env, tmp, "remove the commit record")
         built = imnet(["build"], env, cwd=tmp, check=False)  # the same out root, while verify waits
         proxy.clear_faults()
         throttled.until = 0
@@ -180,11 +188,6 @@ def test_a_shard_a_build_rewrites_while_verify_checks_it_is_not_checked_never_fa
     catalog as it read it: a shard changed under verify is no damage. It says NOT CHECKED, naming
     the change (exit 3, as for any shard not checked while nothing failed), never FAIL, and the new commit stays: fresh,
     and the next verify passes."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import time
 
     from tests.latency_proxy import LatencyProxy
 
@@ -193,13 +196,7 @@ def test_a_shard_a_build_rewrites_while_verify_checks_it_is_not_checked_never_fa
     record = get(client, "wds/_manifests/0001.state.json")
     with LatencyProxy(env["AWS_ENDPOINT_URL"], latency_ms=0) as proxy:
         held = proxy.slowdown(600, match=_shard1_request, after=1)
-        exe = shutil.which("imnet", path=os.path.dirname(sys.executable)) or "imnet"  # as conftest.imnet
-        verifying = subprocess.Popen([exe, "verify", "--jobs", "1"], env={**env, "AWS_ENDPOINT_URL": proxy.endpoint},
-                                     cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 120
-        while not proxy.injected["slowdown"] and verifying.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proxy.injected["slowdown"], "verify never went to read shard 0001"
+        verifying = _held_at_fault(proxy, ["verify", "--jobs", "1"], env, tmp, "read shard 0001")
         built = imnet(["build"], env, cwd=tmp)  # the same out root, while verify waits on the shard
         proxy.clear_faults()
         held.until = 0
@@ -230,11 +227,6 @@ def test_a_manifest_replaced_between_the_audits_look_and_its_load_is_never_recor
     removes the shard's commit record; no catalog row names the other run; the next build writes
     that shard again, and all ends as the clean build."""
     import json
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import time
 
     from tests.checks import catalog
     from tests.latency_proxy import LatencyProxy
@@ -248,13 +240,7 @@ def test_a_manifest_replaced_between_the_audits_look_and_its_load_is_never_recor
     assert other != committed and len(other) == len(committed)
     with LatencyProxy(env["AWS_ENDPOINT_URL"], latency_ms=0) as proxy:
         held = proxy.slowdown(600, match=_manifest2_get, after=1)
-        exe = shutil.which("imnet", path=os.path.dirname(sys.executable)) or "imnet"  # as conftest.imnet
-        building = subprocess.Popen([exe, "build"], env={**env, "AWS_ENDPOINT_URL": proxy.endpoint}, cwd=tmp,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 120
-        while not proxy.injected["slowdown"] and building.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proxy.injected["slowdown"], "the audit never went to load manifest 0002"
+        building = _held_at_fault(proxy, ["build"], env, tmp, "load manifest 0002 (the audit)")
         put(client, name, other)  # between the audit's look and its load
         proxy.clear_faults()
         held.until = 0
