@@ -397,7 +397,9 @@ def test_a_lease_whose_read_back_failed_does_not_make_its_taker_refuse_itself(pr
     assert _lock_keys(client, s3.bucket) == ["wds/_locks/build/00000001.json"]  # created; never known to be
     proxy.clear_faults()
     with lease.acquire(root, "build", "imnet build, again") as held:
-        assert held.generation == 2
+        # generation 2 beside the failed take's object, or 1 again where the heartbeat removed that
+        # object first (it does, once the storage answers): either way taken, never refused naming itself
+        assert held.generation in (1, 2) and held.holder["what"] == "imnet build, again", held
 
 
 def test_a_failed_takes_object_the_storage_will_not_remove_is_given_up_with_a_line_renewals_going_on(
