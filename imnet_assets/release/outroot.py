@@ -11,6 +11,7 @@ import json
 import shlex
 import tarfile
 
+from imnet_assets.release.plan import per_shard
 from imnet_assets.storage import fs
 
 MANIFEST_DIR = "_manifests"
@@ -82,11 +83,9 @@ def manifest_limit(planned: int | None) -> int:
 
 def manifest_limits(keys: list[str], index: dict | None) -> dict[str, int]:
     """Shard key -> manifest_limit of its planned samples, from the plan's index (its
-    `shard_lengths`, in partition key order); MANIFEST_MAX_BYTES for all where it has none."""
-    lengths = index.get("shard_lengths") if isinstance(index, dict) else None
-    if not isinstance(lengths, list) or len(lengths) != len(keys):
-        return dict.fromkeys(keys, MANIFEST_MAX_BYTES)
-    return {key: manifest_limit(n if isinstance(n, int) else None) for key, n in zip(keys, lengths)}
+    `shard_lengths`, plan.per_shard); MANIFEST_MAX_BYTES for a key it does not say."""
+    planned = per_shard(index, "shard_lengths")
+    return {key: manifest_limit(planned.get(key)) for key in keys}
 
 
 def read_manifests(out_root: str, limits: dict[str, int]) -> dict[str, dict | None]:

@@ -209,7 +209,7 @@ def read_slice(out_root: str, shard_key: str, set_aside: bool = True,
     aside: that would copy it whole)."""
     url = slice_url(out_root, shard_key)
     index = read_index(out_root) if index is None else index
-    limit = _per_shard(index, "slice_bytes", shard_key)
+    limit = per_shard(index, "slice_bytes").get(shard_key)
     limit = slice_limit(planned_rows(index, shard_key)) if limit is None else limit
     try:
         data = fs.read_bytes(url, limit=limit, kind="a plan slice of the shard's planned samples")
@@ -247,17 +247,17 @@ def read_slice(out_root: str, shard_key: str, set_aside: bool = True,
 def planned_rows(index: dict | None, shard_key: str) -> int | None:
     """The rows the plan's index says a shard's slice holds (its `shard_lengths`, in key order);
     None where the index does not say."""
-    return _per_shard(index, "shard_lengths", shard_key)
+    return per_shard(index, "shard_lengths").get(shard_key)
 
 
-def _per_shard(index: dict | None, field: str, shard_key: str) -> int | None:
-    """A shard's number in an index list of one per shard in key order (shard_lengths, slice_bytes)."""
+def per_shard(index: dict | None, field: str) -> dict[str, int]:
+    """Shard key -> its number in an index list of one per shard in key order (shard_lengths,
+    slice_bytes); a key without one (not a number, or a list of another length: none) is left out."""
     values = index.get(field) if isinstance(index, dict) else None
     keys = sorted(index.get("digests") or {}) if isinstance(index, dict) else []
-    if not isinstance(values, list) or len(values) != len(keys) or shard_key not in keys:
-        return None
-    n = values[keys.index(shard_key)]
-    return n if isinstance(n, int) and not isinstance(n, bool) else None
+    if not isinstance(values, list) or len(values) != len(keys):
+        return {}
+    return {k: n for k, n in zip(keys, values) if isinstance(n, int) and not isinstance(n, bool)}
 
 
 def slice_limit(rows: int | None) -> int:
